@@ -1,0 +1,1 @@
+"""inferbox REST API: Litestar app factory (KServe v2, OpenAI embeddings, metrics)."""

@@ -1,0 +1,1 @@
+"""The appliance: settings, state, audit log, key store, CLI, batch, systemd units."""

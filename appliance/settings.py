@@ -1,0 +1,277 @@
+"""The appliance's settings: one immutable object, built once by an entry point.
+
+Precedence, lowest to highest: defaults < TOML file < ``INFERBOX_*`` environment
+variables < CLI flags.  Every problem is reported at once in one
+:class:`~runtime.errors.ConfigError`.
+
+The TOML file groups keys in tables (``[server]``, ``[models]``, ...) for
+readability; every key is unique across tables, and its environment variable is
+``INFERBOX_`` + the key in upper case (``port`` -> ``INFERBOX_PORT``).
+The file is ``$INFERBOX_CONFIG``, else ``<home>/inferbox.toml`` when it exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import ConfigError
+
+__all__ = ["FIELDS", "Field", "Settings", "default_home", "load_settings"]
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: type
+    default: Any
+    section: str
+    help: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+
+FIELDS: tuple[Field, ...] = (
+    # paths ([paths]); None means "derived from home"
+    Field("home", Path, None, "paths", "state directory (models, databases, keys)"),
+    Field("repository", Path, None, "paths", "model repository (default <home>/models)"),
+    Field("public_key", Path, None, "paths", "Ed25519 public key (PEM) that package manifests must be signed with"),
+    Field("signing_key", Path, None, "paths", "Ed25519 private key (PEM, 0600) signing packages and audit checkpoints"),
+    # server
+    Field("host", str, "127.0.0.1", "server", "address to listen on"),
+    Field("port", int, 8080, "server", "TCP port", minimum=1),
+    Field("workers", int, 1, "server", "uvicorn worker processes", minimum=1),
+    Field("auth", bool, True, "server", "require API keys"),
+    Field("docs", bool, True, "server", "serve OpenAPI docs at /docs"),
+    Field("log_level", str, "info", "server", "logging level", choices=("debug", "info", "warning", "error")),
+    # models
+    Field("default_model", str, "minilm", "models", "model built by `inferbox init` and served by default"),
+    Field("backend", str, "auto", "models", "backend name to force, or auto"),
+    Field("autotune", bool, False, "models", "time every admissible candidate at load and keep the fastest"),
+    Field("allow_fallback", bool, False, "models", "accept a session that silently runs on another device (recorded)"),
+    Field("threads", int, 0, "models", "intra-op threads per session (0 = physical cores)", minimum=0),
+    Field("truncate", bool, True, "models", "truncate texts over the model's maximum length (else 400)"),
+    # batching
+    Field("max_batch_size", int, 32, "batching", "largest batch the dynamic batcher forms", minimum=1),
+    Field("max_queue_delay_ms", float, 2.0, "batching", "longest a request waits for a batch to fill", minimum=0),
+    Field("queue_limit", int, 1024, "batching", "queued requests per model before 429", minimum=1),
+    Field("request_timeout_s", float, 30.0, "batching", "a request waiting longer gets 504", minimum=0.001),
+    # limits
+    Field("max_body_bytes", int, 16 << 20, "limits", "largest request body, also after decompression", minimum=1),
+    Field("max_inputs", int, 256, "limits", "most inputs (texts / batch rows) per request", minimum=1),
+    Field("max_tensor_elements", int, 16 * 1024 * 1024, "limits", "most elements in one tensor", minimum=1),
+    Field("max_json_depth", int, 32, "limits", "deepest JSON nesting accepted", minimum=1),
+    Field("rate_limit_per_minute", int, 0, "limits", "requests per key per minute (0 = unlimited)", minimum=0),
+    # audit
+    Field("audit", bool, True, "audit", "write the tamper-evident audit log"),
+    Field("checkpoint_every", int, 1000, "audit", "sign a checkpoint every N records", minimum=1),
+    Field("checkpoint_minutes", float, 10.0, "audit", "sign a checkpoint every T minutes even when idle", minimum=0.01),
+    Field("retention_days", int, 365, "audit", "audit records are kept this long", minimum=1),
+    Field("min_retention_days", int, 183, "audit", "prune refuses to cut newer records unless forced", minimum=0),
+    Field("digest_key_days", int, 30, "audit", "rotate the HMAC digest key after this many days", minimum=1),
+)
+
+_BY_NAME = {f.name: f for f in FIELDS}
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    """``$STATE_DIRECTORY`` under systemd, else ``~/.inferbox``."""
+    state = environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0])
+    return Path(environ.get("HOME", str(Path.home()))) / ".inferbox"
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    repository: Path
+    public_key: Path | None
+    signing_key: Path
+    host: str
+    port: int
+    workers: int
+    auth: bool
+    docs: bool
+    log_level: str
+    default_model: str
+    backend: str
+    autotune: bool
+    allow_fallback: bool
+    threads: int
+    truncate: bool
+    max_batch_size: int
+    max_queue_delay_ms: float
+    queue_limit: int
+    request_timeout_s: float
+    max_body_bytes: int
+    max_inputs: int
+    max_tensor_elements: int
+    max_json_depth: int
+    rate_limit_per_minute: int
+    audit: bool
+    checkpoint_every: int
+    checkpoint_minutes: float
+    retention_days: int
+    min_retention_days: int
+    digest_key_days: int
+    #: where each value came from (default / file / env / cli), for `inferbox config`
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def state_db(self) -> Path:
+        return self.home / "state.db"
+
+    @property
+    def audit_db(self) -> Path:
+        return self.home / "audit.db"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def spool(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def outbox(self) -> Path:
+        return self.home / "outbox"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    def public_dict(self) -> dict[str, Any]:
+        """Settings as plain values (paths as strings), for logs and the audit log."""
+        out: dict[str, Any] = {}
+        for f in FIELDS:
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else v
+        return out
+
+
+def _coerce(field: Field, raw: Any, where: str, problems: list[str]) -> Any:
+    label = f"{field.name} ({where})"
+    try:
+        if field.type is bool:
+            if isinstance(raw, bool):
+                value: Any = raw
+            elif isinstance(raw, str) and raw.strip().lower() in {"1", "true", "yes", "on"}:
+                value = True
+            elif isinstance(raw, str) and raw.strip().lower() in {"0", "false", "no", "off"}:
+                value = False
+            else:
+                raise ValueError("expected true or false")
+        elif field.type is int:
+            if isinstance(raw, bool):
+                raise ValueError("expected an integer")
+            value = int(raw)
+        elif field.type is float:
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            value = float(raw)
+        elif field.type is Path:
+            if not isinstance(raw, str | Path) or not str(raw):
+                raise ValueError("expected a path")
+            value = Path(raw).expanduser()
+        else:
+            if not isinstance(raw, str):
+                raise ValueError("expected a string")
+            value = raw
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{label}: {raw!r} is not valid: {exc}")
+        return None
+    if field.choices and value not in field.choices:
+        problems.append(f"{label}: {value!r} is not one of {', '.join(field.choices)}")
+        return None
+    if field.minimum is not None and isinstance(value, int | float) and value < field.minimum:
+        problems.append(f"{label}: {value!r} is below the minimum {field.minimum:g}")
+        return None
+    return value
+
+
+def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problems.append(f"config file {path}: cannot read it: {exc.strerror}")
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(f"config file {path}: not valid TOML: {exc}")
+        return {}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                f = _BY_NAME.get(k)
+                if f is None:
+                    problems.append(f"config file {path}: unknown key [{key}] {k}")
+                elif f.section != key:
+                    problems.append(f"config file {path}: {k} belongs in [{f.section}], not [{key}]")
+                else:
+                    flat[k] = v
+        elif key in _BY_NAME:
+            flat[key] = value
+        else:
+            problems.append(f"config file {path}: unknown key {key}")
+    return flat
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Build the settings. ``overrides`` are CLI flags (None values are ignored)."""
+    env = dict(os.environ if environ is None else environ)
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    problems: list[str] = []
+    for k in cli:
+        if k not in _BY_NAME:
+            problems.append(f"unknown setting {k!r}")
+
+    env_values: dict[str, str] = {}
+    known_env = {"INFERBOX_" + f.name.upper() for f in FIELDS} | {"INFERBOX_CONFIG"}
+    for key, value in env.items():
+        if key.startswith("INFERBOX_"):
+            if key not in known_env:
+                problems.append(f"environment variable {key} is not an inferbox setting")
+            elif key != "INFERBOX_CONFIG":
+                env_values[key.removeprefix("INFERBOX_").lower()] = value
+
+    # home decides where the default config file is; resolve it first.
+    home_raw = cli.get("home", env_values.get("home"))
+    home = Path(home_raw).expanduser() if home_raw else default_home(env)
+    if config_file is None:
+        explicit = env.get("INFERBOX_CONFIG")
+        if explicit:
+            config_file = Path(explicit)
+        elif (home / "inferbox.toml").is_file():
+            config_file = home / "inferbox.toml"
+    file_values = _read_toml(config_file, problems) if config_file is not None else {}
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in FIELDS:
+        raw, src = f.default, "default"
+        if f.name in file_values:
+            raw, src = file_values[f.name], f"file {config_file}"
+        if f.name in env_values:
+            raw, src = env_values[f.name], f"env INFERBOX_{f.name.upper()}"
+        if f.name in cli:
+            raw, src = cli[f.name], "cli"
+        values[f.name] = None if raw is None else _coerce(f, raw, src, problems)
+        sources[f.name] = src
+
+    if problems:
+        raise ConfigError(problems)
+    values["home"] = values["home"] or home
+    values["repository"] = values["repository"] or values["home"] / "models"
+    values["signing_key"] = values["signing_key"] or values["home"] / "keys" / "signing.key"
+    return Settings(**values, sources=sources)

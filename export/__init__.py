@@ -1,0 +1,1 @@
+"""inferbox export pipeline: a model the customer has -> a validated, signed package."""

@@ -1,0 +1,180 @@
+"""The one exception hierarchy of inferbox.
+
+Every error the four packages raise on purpose derives from :class:`InferboxError`.
+Each message says what was wrong and what to do about it (which field, which
+value, which install extra).  The tree::
+
+    InferboxError
+    ├── ConfigError                 settings: bad value, unknown key, bad file
+    ├── PackageError                a model package cannot be used
+    │   ├── ManifestError           manifest.json missing, unreadable or invalid
+    │   ├── IntegrityError          a file's sha256/size differs, a file is missing or extra
+    │   ├── UnsafePathError         symlink, hard link, absolute or `..` path,
+    │   │                           ONNX external data outside the package
+    │   └── SignatureError          manifest.sig missing / bad / wrong key
+    ├── ModelNotFoundError          no such model or version in the repository
+    ├── BackendError                a backend could not open or run a session
+    │   ├── BackendUnavailableError the backend's library / device is not here
+    │   └── FallbackError           the session silently runs somewhere else
+    ├── SelectionError              no (backend, variant) can run this package
+    ├── InputError                  request data does not fit the model (field named)
+    ├── ExportError                 the export pipeline failed
+    │   ├── SourceError             bad source: missing file, wrong task, unreadable ONNX
+    │   ├── CalibrationError        calibration / validation sample file has bad rows
+    │   └── GateError               no variant passed its accuracy gate
+    ├── AuthError                   missing / wrong / revoked / expired key (401)
+    │   └── ForbiddenError          key lacks the scope (403)
+    ├── OverloadError               queue full (429/503, has retry_after)
+    ├── RequestTimeoutError         request waited longer than its timeout (504)
+    ├── AuditError                  the audit log cannot be written or read
+    │   └── VerificationError       the chain or a checkpoint does not verify
+    └── BatchError                  spool / job problems
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuditError",
+    "AuthError",
+    "BackendError",
+    "BackendUnavailableError",
+    "BatchError",
+    "CalibrationError",
+    "ConfigError",
+    "ExportError",
+    "FallbackError",
+    "ForbiddenError",
+    "GateError",
+    "InferboxError",
+    "InputError",
+    "IntegrityError",
+    "ManifestError",
+    "ModelNotFoundError",
+    "OverloadError",
+    "PackageError",
+    "RequestTimeoutError",
+    "SelectionError",
+    "SignatureError",
+    "SourceError",
+    "UnsafePathError",
+    "VerificationError",
+]
+
+
+class InferboxError(Exception):
+    """Base of every deliberate inferbox error."""
+
+
+class ConfigError(InferboxError):
+    """Settings are invalid. ``problems`` lists every problem found at once."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("invalid settings:\n  - " + "\n  - ".join(self.problems))
+
+
+class PackageError(InferboxError):
+    """A model package cannot be used. ``path`` names the offending file if any."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class ManifestError(PackageError):
+    pass
+
+
+class IntegrityError(PackageError):
+    pass
+
+
+class UnsafePathError(PackageError):
+    pass
+
+
+class SignatureError(PackageError):
+    pass
+
+
+class ModelNotFoundError(InferboxError):
+    pass
+
+
+class BackendError(InferboxError):
+    pass
+
+
+class BackendUnavailableError(BackendError):
+    pass
+
+
+class FallbackError(BackendError):
+    """The session does not run where it was asked to (e.g. CUDA EP -> CPU)."""
+
+    def __init__(self, message: str, requested: str, active: list[str]) -> None:
+        self.requested = requested
+        self.active = active
+        super().__init__(message)
+
+
+class SelectionError(InferboxError):
+    pass
+
+
+class InputError(InferboxError):
+    """Request data does not fit. ``field`` names the offending field (client-facing)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class ExportError(InferboxError):
+    pass
+
+
+class SourceError(ExportError):
+    pass
+
+
+class CalibrationError(ExportError):
+    pass
+
+
+class GateError(ExportError):
+    pass
+
+
+class AuthError(InferboxError):
+    pass
+
+
+class ForbiddenError(AuthError):
+    pass
+
+
+class OverloadError(InferboxError):
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class RequestTimeoutError(InferboxError):
+    pass
+
+
+class AuditError(InferboxError):
+    pass
+
+
+class VerificationError(AuditError):
+    """The audit chain does not verify. ``seq`` is the first failing record, if any."""
+
+    def __init__(self, message: str, seq: int | None = None) -> None:
+        self.seq = seq
+        super().__init__(message)
+
+
+class BatchError(InferboxError):
+    pass
