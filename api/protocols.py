@@ -1,0 +1,84 @@
+"""The small interfaces the API needs from its host; ``appliance`` implements them.
+
+The API never imports SQLite or the appliance: ``create_app()`` receives an
+:class:`AuditSink` and a :class:`KeyVerifier`.  The batch worker uses the same
+:class:`AuditEvent` so that both processes write one chain of one shape.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import msgspec
+
+__all__ = ["AuditEvent", "AuditSink", "Digest", "KeyVerifier", "Principal"]
+
+Outcome = Literal["success", "failure"]
+
+
+class Digest(msgspec.Struct, frozen=True):
+    """HMAC-SHA256 of some bytes under the audit digest key ``key_id`` (hex)."""
+
+    key_id: str
+    hexdigest: str
+
+
+class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One thing that happened. Never holds a payload, text, tensor or secret.
+
+    ``event``: inference | metadata | admin | auth_failure | key_create |
+    key_revoke | model_load | model_unload | config | service_start |
+    service_stop | audit_read | audit_export | audit_prune | batch_start |
+    batch_end.  ``details`` holds small facts (counts, a Merkle root), never data.
+    """
+
+    event: str
+    action: str  # e.g. "POST /v1/embeddings", "inferbox keys revoke"
+    actor: str  # key id, "system", or the systemd unit
+    origin: str  # client address, or the unit / host for batch and CLI
+    outcome: Outcome
+    status: int  # HTTP status, or 0 / 1 for non-HTTP events
+    started_at: str  # UTC ISO 8601 with microseconds and "Z"
+    ended_at: str
+    request_id: str = ""
+    credential_id: str = ""
+    model_name: str = ""
+    model_version: str = ""
+    model_sha256: str = ""
+    backend: str = ""
+    variant: str = ""
+    job_id: str = ""
+    input_digest: str = ""
+    output_digest: str = ""
+    digest_key_id: str = ""
+    details: dict[str, str] = {}
+
+
+class AuditSink(Protocol):
+    def digest(self, data: bytes) -> Digest:
+        """HMAC-SHA256 of ``data`` under the current digest key."""
+        ...
+
+    async def record(self, event: AuditEvent) -> None:
+        """Append ``event``; return only once it is durable (group commit)."""
+        ...
+
+
+class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    """Who is calling: an API key's id and scopes (never its secret)."""
+
+    key_id: str
+    scopes: tuple[str, ...]
+    rate_limit_per_minute: int = 0
+
+    def allows(self, scope: str, model: str | None = None) -> bool:
+        """``infer`` grants every model; ``infer:<model>`` one model."""
+        if scope in self.scopes:
+            return True
+        return scope == "infer" and model is not None and f"infer:{model}" in self.scopes
+
+
+class KeyVerifier(Protocol):
+    def verify(self, secret: str) -> Principal:
+        """Return the key's principal or raise AuthError (missing/wrong/revoked/expired)."""
+        ...
