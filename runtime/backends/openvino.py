@@ -1,0 +1,271 @@
+"""Native OpenVINO backends: ``ov-cpu``, ``ov-gpu``, ``ov-npu``, ``ov-auto``.
+
+The compute precision is always set explicitly (``INFERENCE_PRECISION_HINT``):
+OpenVINO's CPU plugin runs an "fp32" model in bf16 by default on CPUs with
+bf16/AMX support.  After compiling, :meth:`OpenVinoBackend.open` *proves* what
+runs: ``EXECUTION_DEVICES`` (AUTO may pick any device) and the precision read
+back from the compiled model (for AUTO: from ``DEVICE_PROPERTIES`` of the
+device it picked).  A device or precision other than the one asked for is a
+:class:`~runtime.errors.FallbackError`, or a recorded ``fallback`` when allowed
+(e.g. fp16 asked on a CPU without fp16 compute: OpenVINO silently uses bf16).
+
+Models are read from ``.onnx`` or OpenVINO IR ``.xml`` (with its ``.bin``);
+nothing is reshaped, dynamic dimensions stay dynamic.
+
+An :class:`OvSession` holds one infer request; ``run`` takes a lock, so calls
+from several threads are serialized (one inference at a time per session).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from runtime.backends.base import OpenOptions, Probe
+from runtime.backends.checks import TensorInfo, check_inputs, check_outputs, physical_threads
+from runtime.errors import BackendError, BackendUnavailableError, FallbackError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from runtime.hardware import HardwareProfile, OvDevice
+
+__all__ = ["OV_BACKENDS", "OpenVinoBackend", "OvSession", "ov_precision_name"]
+
+logger = logging.getLogger(__name__)
+
+#: name -> (OpenVINO device, speed_class, install hint when the device is missing)
+OV_BACKENDS: dict[str, tuple[str, int, str]] = {
+    "ov-cpu": ("CPU", 20, "pip install inferbox"),
+    "ov-gpu": ("GPU", 30, "install the Intel GPU compute runtime (intel-opencl-icd) and check /dev/dri"),
+    "ov-npu": ("NPU", 25, "install the Intel NPU driver (linux-npu-driver) and check /dev/accel"),
+    "ov-auto": ("AUTO", 19, "pip install inferbox"),
+}
+
+#: inferbox exec precision -> OpenVINO INFERENCE_PRECISION_HINT
+_TO_OV = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_FROM_OV = {v: k for k, v in _TO_OV.items()}
+
+
+def ov_precision_name(value: object) -> str:
+    """An OpenVINO element type (or its name) in inferbox spelling: f32 -> fp32, f16 -> fp16."""
+    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return _FROM_OV.get(name, name)
+
+
+def _device_precisions(device: OvDevice) -> tuple[str, ...]:
+    caps = set(device.capabilities)
+    out = ["fp32"]
+    if "BF16" in caps:
+        out.append("bf16")
+    if "FP16" in caps and not device.name.startswith("CPU"):
+        out.append("fp16")
+    return tuple(out)
+
+
+class OvSession:
+    """A compiled OpenVINO model whose device and precision were proved."""
+
+    def __init__(
+        self,
+        backend: str,
+        compiled: Any,
+        active: tuple[str, ...],
+        exec_precision: str,
+        fallback: str | None,
+    ) -> None:
+        self.backend = backend
+        self.active = active
+        self.exec_precision = exec_precision
+        self.fallback = fallback
+        self._compiled = compiled
+        self._request: Any = compiled.create_infer_request()
+        self._lock = threading.Lock()
+        self._inputs = tuple(_tensor_info(port) for port in compiled.inputs)
+        self.input_names: tuple[str, ...] = tuple(i.name for i in self._inputs)
+        self._outputs = list(compiled.outputs)
+        self.output_names: tuple[str, ...] = tuple(_port_name(p, i, "output") for i, p in enumerate(self._outputs))
+
+    def run(
+        self, inputs: dict[str, npt.NDArray[np.generic]], outputs: list[str] | None = None
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        if self._request is None:
+            raise BackendError(f"{self.backend} session is closed; open a new one")
+        check_inputs(inputs, self._inputs)
+        names = check_outputs(outputs, self.output_names)
+        with self._lock:
+            try:
+                results = self._request.infer(inputs, share_inputs=False, share_outputs=False)
+            except Exception as exc:
+                raise BackendError(f"{self.backend} failed to run the model: {exc}") from exc
+            by_name = {
+                name: np.asarray(results[port]) for name, port in zip(self.output_names, self._outputs, strict=True)
+            }
+        return {name: by_name[name] for name in names}
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+
+def _port_name(port: Any, index: int, kind: str) -> str:
+    try:
+        return str(port.get_any_name())
+    except Exception:
+        return f"{kind}{index}"
+
+
+def _tensor_info(port: Any) -> TensorInfo:
+    try:
+        dtype: np.dtype[np.generic] | None = np.dtype(port.get_element_type().to_dtype())
+    except Exception:
+        dtype = None
+    pshape = port.get_partial_shape()
+    shape: tuple[int | None, ...] | None = None
+    if pshape.rank.is_static:
+        shape = tuple(d.get_length() if d.is_static else None for d in pshape)
+    return TensorInfo(name=_port_name(port, 0, "input"), dtype=dtype, shape=shape)
+
+
+class OpenVinoBackend:
+    """One OpenVINO device (CPU, GPU, NPU or AUTO)."""
+
+    def __init__(self, name: str) -> None:
+        if name not in OV_BACKENDS:
+            raise BackendUnavailableError(f"unknown OpenVINO backend {name!r}; known: {sorted(OV_BACKENDS)}")
+        self.name = name
+        self.device, self.speed_class, self._hint = OV_BACKENDS[name]
+        self._core: Any = None
+
+    def probe(self, profile: HardwareProfile | None = None) -> Probe:
+        if profile is None:
+            from runtime.hardware import probe_hardware
+
+            profile = probe_hardware()
+        ov = profile.openvino
+
+        def result(usable: bool, reason: str, precisions: tuple[str, ...] = ("fp32",), **details: str) -> Probe:
+            if ov is not None:
+                details = {"version": ov.version, "devices": ",".join(d.name for d in ov.devices), **details}
+            return Probe(
+                name=self.name,
+                usable=usable,
+                reason=reason,
+                runtime="openvino",
+                device=self.device,
+                precisions=precisions,
+                formats=("onnx", "openvino"),
+                speed_class=self.speed_class,
+                details=details,
+            )
+
+        if ov is None:
+            return result(False, "openvino not installed: pip install inferbox")
+        names = [d.name for d in ov.devices]
+        if self.device == "AUTO":
+            if not ov.devices:
+                return result(False, "OpenVINO lists no devices; check the OpenVINO install (pip install inferbox)")
+            # AUTO may pick any device: only what all of them can do is safe.
+            common = set.intersection(*(set(_device_precisions(d)) for d in ov.devices))
+            precisions = tuple(p for p in ("fp32", "bf16", "fp16") if p in common)
+            return result(True, f"AUTO over {names} in openvino {ov.version}", precisions)
+        device = profile.ov_device(self.device)
+        if device is None:
+            return result(False, f"no {self.device} device in OpenVINO (devices: {names}); {self._hint}")
+        return result(
+            True,
+            f"{device.name} ({device.full_name or 'unnamed'}) in openvino {ov.version}",
+            _device_precisions(device),
+            full_name=device.full_name,
+            capabilities=",".join(device.capabilities),
+        )
+
+    def _get_core(self) -> Any:
+        if self._core is None:
+            try:
+                import openvino
+            except ImportError as exc:
+                raise BackendUnavailableError(f"openvino not installed ({exc}): pip install inferbox") from exc
+            self._core = openvino.Core()
+        return self._core
+
+    def compile_config(self, options: OpenOptions) -> dict[str, Any]:
+        """The compile_model config for ``options`` (precision always explicit)."""
+        if options.exec_precision not in _TO_OV:
+            raise BackendError(f"{self.name}: exec_precision {options.exec_precision!r} is not one of {sorted(_TO_OV)}")
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _TO_OV[options.exec_precision]}
+        if self.device in ("CPU", "AUTO"):
+            config["INFERENCE_NUM_THREADS"] = physical_threads(options.intra_op_threads)
+        if options.performance_hint is not None:
+            config["PERFORMANCE_HINT"] = options.performance_hint.upper()
+        if options.num_streams is not None:
+            config["NUM_STREAMS"] = options.num_streams
+        if options.cache_dir is not None:
+            cache = options.cache_dir / "openvino"
+            cache.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache)
+        return config
+
+    def open(self, model_path: Path, options: OpenOptions) -> OvSession:
+        config = self.compile_config(options)
+        core = self._get_core()
+        try:
+            model = core.read_model(str(model_path))
+        except Exception as exc:
+            raise BackendError(f"{self.name} cannot read {model_path}: {exc}") from exc
+        try:
+            compiled = core.compile_model(model, self.device, config)
+        except Exception as exc:
+            text = str(exc)
+            if (
+                self.device != "AUTO"
+                and self.device not in core.available_devices
+                and not any(d.startswith(self.device + ".") for d in core.available_devices)
+            ):
+                raise BackendUnavailableError(
+                    f"{self.name}: OpenVINO has no {self.device} device ({core.available_devices}); {self._hint}"
+                ) from exc
+            raise BackendError(f"{self.name} cannot compile {model_path} for {self.device}: {text}") from exc
+        devices = tuple(str(d) for d in compiled.get_property("EXECUTION_DEVICES"))
+        precision = _read_precision(compiled, self.device, devices)
+        requested = f"{self.device}/{options.exec_precision}"
+        actual = f"{','.join(devices) or '?'}/{precision}"
+        device_ok = self.device == "AUTO" or any(d == self.device or d.startswith(self.device + ".") for d in devices)
+        fallback: str | None = None
+        if not device_ok or precision != options.exec_precision:
+            message = f"{self.name}: asked OpenVINO for {requested}, the compiled model runs {actual}"
+            if not options.allow_fallback:
+                raise FallbackError(
+                    f"{message}; pick a precision this device supports (see `inferbox doctor`), "
+                    "another backend, or allow fallback (allow_fallback = true)",
+                    requested=requested,
+                    active=[actual],
+                )
+            fallback = f"{requested} -> {actual}"
+            logger.warning("%s; running anyway because fallback is allowed", message)
+        return OvSession(self.name, compiled, devices, precision, fallback)
+
+
+def _read_precision(compiled: Any, device: str, devices: tuple[str, ...]) -> str:
+    """The INFERENCE_PRECISION_HINT the compiled model really uses ("unknown" if unreadable)."""
+    if device != "AUTO":
+        try:
+            return ov_precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        except Exception as exc:
+            logger.warning("cannot read INFERENCE_PRECISION_HINT back from %s: %s", device, exc)
+            return "unknown"
+    try:
+        props = compiled.get_property("DEVICE_PROPERTIES")
+    except Exception as exc:
+        logger.warning("cannot read DEVICE_PROPERTIES back from AUTO: %s", exc)
+        return "unknown"
+    found = set()
+    for d in devices:
+        entry = props.get(d) or props.get(d.split(".")[0]) or {}
+        hint = entry.get("INFERENCE_PRECISION_HINT")
+        found.add(ov_precision_name(hint) if hint is not None else "unknown")
+    return found.pop() if len(found) == 1 else ",".join(sorted(found)) or "unknown"

