@@ -1,0 +1,294 @@
+"""``inferbox doctor``: what this box has, what each backend can do, what each model would run on.
+
+Prints the hardware profile, every backend probe (usable, or why not), and for
+every model in the repository (or one package folder) every candidate
+(backend, variant, precision), admissible or rejected with the reason, and the
+final choice.  Exit status 0 when every model can run (or there is none), 1 when
+a model cannot run at all (package refused, or no admissible candidate).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from appliance.commands.options import build_settings, state_options
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from runtime.backends.base import Probe
+    from runtime.hardware import HardwareProfile
+    from runtime.package import Package
+    from runtime.selection import Decision, Preference
+
+__all__ = ["ModelReport", "doctor", "model_reports"]
+
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """One package: whether it verified, and (when it did) the selection decision."""
+
+    name: str
+    version: int | None
+    path: Path
+    ok: bool
+    error: str | None
+    sha256: str | None = None
+    signed_by: str | None = None
+    decision: Decision | None = None
+
+    @property
+    def runnable(self) -> bool:
+        return self.ok and self.decision is not None and self.decision.choice is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.decision
+        return {
+            "name": self.name,
+            "version": self.version,
+            "path": str(self.path),
+            "ok": self.ok,
+            "error": self.error,
+            "sha256": self.sha256,
+            "signed_by": self.signed_by,
+            "runnable": self.runnable,
+            "choice": str(d.choice) if d is not None and d.choice is not None else None,
+            "source": d.source if d is not None else None,
+            "verdicts": [
+                {
+                    "candidate": str(v.candidate),
+                    **asdict(v.candidate),
+                    "admissible": v.admissible,
+                    "reason": v.reason,
+                    "score": v.score,
+                }
+                for v in (d.verdicts if d is not None else ())
+            ],
+        }
+
+
+def _decide(
+    package: Package, probes: list[Probe], preference: Preference, fingerprint: str, cache_path: Path
+) -> Decision:
+    from runtime.autotune import DecisionCache, decide
+
+    # a cached autotune result is what `serve` would use; otherwise the ranking
+    return decide(package, probes, preference, fingerprint=fingerprint, cache=DecisionCache(cache_path), autotune=False)
+
+
+def model_reports(
+    probes: list[Probe],
+    preference: Preference,
+    *,
+    repository: Path,
+    public_key: Ed25519PublicKey | None = None,
+    package: Path | None = None,
+    fingerprint: str = "",
+    cache_path: Path | None = None,
+) -> list[ModelReport]:
+    """Verify each package (all of ``repository``, or the folder ``package``) and decide for it. Never raises."""
+    from runtime.package import read_package
+    from runtime.repository import Repository
+    from runtime.selection import rank
+
+    def report(name: str, version: int | None, path: Path, opener: Callable[[], Package]) -> ModelReport:
+        try:
+            pkg = opener()
+        except Exception as exc:  # doctor reports every refusal, it never stops at the first
+            return ModelReport(name, version, path, ok=False, error=f"{type(exc).__name__}: {exc}")
+        try:
+            if cache_path is not None:
+                decision = _decide(pkg, probes, preference, fingerprint, cache_path)
+            else:
+                decision = rank(probes, pkg.manifest, preference)
+        except Exception as exc:
+            return ModelReport(name, version, path, ok=False, error=f"{type(exc).__name__}: {exc}")
+        return ModelReport(
+            pkg.manifest.name,
+            pkg.manifest.version,
+            path,
+            ok=True,
+            error=None,
+            sha256=pkg.sha256,
+            signed_by=pkg.signed_by,
+            decision=decision,
+        )
+
+    if package is not None:
+        return [report(package.name, None, package, partial(read_package, package, public_key=public_key))]
+    repo = Repository(repository, public_key=public_key)
+    out: list[ModelReport] = []
+    for name in repo.models():
+        for version in repo.versions(name):
+            out.append(report(name, version, repo.path(name, version), partial(repo.open, name, version)))
+    return out
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _hardware_lines(hw: HardwareProfile) -> list[str]:
+    from runtime.hardware import ISA_FLAGS
+
+    lines = [
+        f"  cpu:         {hw.cpu_model} ({hw.physical_cores} physical / {hw.logical_cores} logical cores)",
+        "  isa:         " + ", ".join(f"{f} {_yes(hw.has_flag(f))}" for f in ISA_FLAGS),
+        f"  memory:      {hw.memory_total_bytes / _GIB:.1f} GiB total, "
+        f"{hw.memory_available_bytes / _GIB:.1f} GiB available",
+        "  numa:        " + (f"nodes {', '.join(map(str, hw.numa_nodes))}" if hw.numa_nodes else "not visible"),
+    ]
+    if hw.onnxruntime is not None:
+        providers = ", ".join(hw.onnxruntime.providers) or "none"
+        lines.append(f"  onnxruntime: {hw.onnxruntime.version} (providers listed: {providers})")
+    else:
+        lines.append("  onnxruntime: not installed")
+    if hw.openvino is not None:
+        devices = "; ".join(
+            f"{d.name} {d.full_name} [{', '.join(d.capabilities)}]".replace("  ", " ") for d in hw.openvino.devices
+        )
+        lines.append(f"  openvino:    {hw.openvino.version} (devices: {devices or 'none'})")
+    else:
+        lines.append("  openvino:    not installed")
+    if hw.gpus:
+        for gpu in hw.gpus:
+            mem = f", {gpu.memory_total_mib} MiB" if gpu.memory_total_mib is not None else ""
+            lines.append(f"  gpu:         {gpu.name}{mem}, driver {gpu.driver_version}")
+    else:
+        lines.append("  gpus:        none (" + ("nvidia-smi lists none" if hw.nvidia_smi else "no nvidia-smi") + ")")
+    lines.append(f"  fingerprint: {hw.fingerprint()}")
+    lines.extend(f"  note:        {note}" for note in hw.notes)
+    return lines
+
+
+def _probe_lines(probes: list[Probe]) -> list[str]:
+    width = max((len(p.name) for p in probes), default=0)
+    lines = []
+    for p in probes:
+        if p.usable:
+            lines.append(
+                f"  [usable]   {p.name:<{width}}  {p.device}: {p.reason} "
+                f"(precisions {', '.join(p.precisions)}; formats {', '.join(p.formats)})"
+            )
+        else:
+            lines.append(f"  [rejected] {p.name:<{width}}  {p.reason}")
+    return lines
+
+
+def _model_lines(m: ModelReport) -> list[str]:
+    title = f"{m.name}/{m.version}" if m.version is not None else m.name
+    if not m.ok or m.decision is None:
+        return [f"  {title}  ({m.path})", f"    REFUSED: {m.error}"]
+    d = m.decision
+    signed = f", signed by {m.signed_by}" if m.signed_by else ""
+    lines = [f"  {title}  ({m.path}; sha256 {m.sha256}{signed})"]
+    if d.choice is not None:
+        lines.append(f"    choice: {d.choice} (by {d.source})")
+    else:
+        lines.append("    choice: NONE: no candidate can run this model here (reasons below)")
+    for v in d.admissible:
+        lines.append(f"    [admissible] {v.candidate}: {v.reason}")
+    # candidates of one backend rejected for one reason (an unusable backend) fold into one line
+    by_backend: dict[str, list[str]] = {}
+    for v in d.rejected:
+        by_backend.setdefault(v.candidate.backend, []).append(v.reason)
+    for v in d.rejected:
+        reasons = by_backend.get(v.candidate.backend)
+        if reasons is None:
+            continue
+        if len(reasons) > 1 and len(set(reasons)) == 1:
+            lines.append(f"    [rejected]   {v.candidate.backend}/* ({len(reasons)} candidates): {reasons[0]}")
+            del by_backend[v.candidate.backend]
+        else:
+            lines.append(f"    [rejected]   {v.candidate}: {v.reason}")
+    return lines
+
+
+@click.command()
+@state_options
+@click.option(
+    "--package",
+    "package",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="Check this package folder instead of the repository.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--backend", default=None, help="Force this backend (as the backend setting does), or auto.")
+def doctor(
+    home: Path | None, repository: Path | None, package: Path | None, as_json: bool, backend: str | None
+) -> None:
+    """Show the hardware, every backend probe, and what each model would run on (and why not the rest).
+
+    Exits 1 when a model in the repository cannot run at all.
+    """
+    from runtime.backends.registry import BACKENDS, probe_all
+    from runtime.errors import ConfigError
+    from runtime.hardware import probe_hardware
+    from runtime.selection import Preference
+
+    settings = build_settings(home=home, repository=repository, backend=backend)
+    if settings.backend != "auto" and settings.backend not in BACKENDS:
+        raise ConfigError(
+            f"backend ({settings.sources.get('backend')}): {settings.backend!r} is not a backend; "
+            f"use auto or one of {', '.join(BACKENDS)}"
+        )
+    public_key = None
+    if settings.public_key is not None:
+        from runtime.signing import load_public_key
+
+        public_key = load_public_key(settings.public_key)
+
+    hardware = probe_hardware()
+    probes = probe_all(hardware)
+    # the preference `serve` uses (runtime.loader), so cached autotune decisions are found
+    preference = Preference(backend=settings.backend, allow_fake=settings.backend == "fake")
+    reports = model_reports(
+        probes,
+        preference,
+        repository=settings.repository,
+        public_key=public_key,
+        package=package,
+        fingerprint=hardware.fingerprint(),
+        cache_path=settings.cache_dir / "decisions.json",
+    )
+    failed = [m for m in reports if not m.runnable]
+    hint = None
+    if not reports:
+        hint = f"no models in {settings.repository}: run `inferbox init` to build the default model"
+
+    if as_json:
+        out = {
+            "hardware": hardware.to_dict(),
+            "backends": [asdict(p) for p in probes],
+            "preference": asdict(preference),
+            "repository": str(settings.repository),
+            "models": [m.to_dict() for m in reports],
+            "ok": not failed,
+            "hint": hint,
+        }
+        click.echo(json.dumps(out, indent=2, default=str))
+    else:
+        lines = ["hardware", *_hardware_lines(hardware), "backends", *_probe_lines(probes)]
+        where = str(package) if package is not None else str(settings.repository)
+        lines.append(f"models ({where}; backend={preference.backend}, objective={preference.objective})")
+        if hint:
+            lines.append(f"  {hint}")
+        for m in reports:
+            lines.extend(_model_lines(m))
+        if failed:
+            names = ", ".join(f"{m.name}/{m.version}" if m.version is not None else m.name for m in failed)
+            lines.append(f"PROBLEM: cannot run {names}; see the reasons above")
+        click.echo("\n".join(lines))
+    if failed:
+        sys.exit(1)
