@@ -1,0 +1,188 @@
+"""Audit records and their canonical bytes.
+
+A record is an :class:`~api.protocols.AuditEvent` plus what the log adds: its
+``seq``, the ``prev_hash`` it links to, the log id and the time it was written.
+:func:`canonical_bytes` serializes every field in one fixed order, each one
+length-prefixed (8-byte big-endian length, then UTF-8), so no two distinct
+records share a serialization whatever characters their fields hold.
+``leaf_hash = SHA-256(0x00 || canonical_bytes(record))`` (the RFC 6962 leaf
+prefix); the first record links to ``SHA-256(log_id)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+
+import msgspec
+
+from api.protocols import AuditEvent
+from runtime.errors import AuditError
+
+__all__ = [
+    "DOMAIN",
+    "EVENT_FIELDS",
+    "RECORD_FIELDS",
+    "AuditRecord",
+    "canonical_bytes",
+    "format_time",
+    "genesis_hash",
+    "is_hex64",
+    "leaf_hash",
+    "parse_canonical",
+    "parse_time",
+    "record_event",
+]
+
+#: first field of every canonical serialization (domain separation + version)
+DOMAIN = "inferbox-audit-record/1"
+
+#: the AuditEvent fields, in canonical order (``details`` last, as sorted pairs)
+EVENT_FIELDS: tuple[str, ...] = (
+    "event",
+    "action",
+    "actor",
+    "credential_id",
+    "origin",
+    "outcome",
+    "status",
+    "started_at",
+    "ended_at",
+    "request_id",
+    "model_name",
+    "model_version",
+    "model_sha256",
+    "backend",
+    "variant",
+    "job_id",
+    "input_digest",
+    "output_digest",
+    "digest_key_id",
+)
+
+#: every field a record's leaf hash covers, in canonical order
+RECORD_FIELDS: tuple[str, ...] = ("seq", "log_id", "prev_hash", "recorded_at", *EVENT_FIELDS, "details")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class AuditRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored record: the event, its place in the chain, and its leaf hash."""
+
+    seq: int
+    log_id: str
+    prev_hash: str
+    recorded_at: str
+    event: str
+    action: str
+    actor: str
+    credential_id: str
+    origin: str
+    outcome: str
+    status: int
+    started_at: str
+    ended_at: str
+    request_id: str
+    model_name: str
+    model_version: str
+    model_sha256: str
+    backend: str
+    variant: str
+    job_id: str
+    input_digest: str
+    output_digest: str
+    digest_key_id: str
+    details: dict[str, str]
+    leaf_hash: str = ""
+
+
+def is_hex64(value: str) -> bool:
+    """True for a lower-case hex SHA-256 (the only spelling the log writes)."""
+    return _HEX64.fullmatch(value) is not None
+
+
+def format_time(moment: datetime) -> str:
+    """UTC ISO 8601 with microseconds and ``Z`` (the one time format of the log)."""
+    if moment.tzinfo is None:
+        raise AuditError("audit times must be timezone-aware; pass datetime.now(UTC)")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO 8601 date or time; naive values are taken as UTC."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError as exc:
+        raise AuditError(f"{text!r} is not an ISO 8601 date or time (e.g. 2026-05-01 or 2026-05-01T12:00:00Z)") from exc
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def genesis_hash(log_id: str) -> str:
+    """What the first record's ``prev_hash`` must be."""
+    return hashlib.sha256(log_id.encode("utf-8")).hexdigest()
+
+
+def _field(out: bytearray, value: str) -> None:
+    data = value.encode("utf-8")
+    out += len(data).to_bytes(8, "big")
+    out += data
+
+
+def canonical_bytes(record: AuditRecord) -> bytes:
+    """The fixed-order, length-prefixed serialization the leaf hash covers."""
+    out = bytearray()
+    _field(out, DOMAIN)
+    _field(out, str(record.seq))
+    _field(out, record.log_id)
+    _field(out, record.prev_hash)
+    _field(out, record.recorded_at)
+    for name in EVENT_FIELDS:
+        _field(out, str(getattr(record, name)))
+    pairs = sorted(record.details.items())
+    _field(out, str(len(pairs)))
+    for key, value in pairs:
+        _field(out, key)
+        _field(out, value)
+    return bytes(out)
+
+
+def parse_canonical(data: bytes) -> AuditRecord:
+    """Inverse of :func:`canonical_bytes` (``leaf_hash`` is recomputed)."""
+    pos = 0
+
+    def take() -> str:
+        nonlocal pos
+        if pos + 8 > len(data):
+            raise AuditError("canonical record bytes are truncated")
+        size = int.from_bytes(data[pos : pos + 8], "big")
+        pos += 8
+        if pos + size > len(data):
+            raise AuditError("canonical record bytes are truncated")
+        value = data[pos : pos + size].decode("utf-8")
+        pos += size
+        return value
+
+    if take() != DOMAIN:
+        raise AuditError(f"not an audit record serialization (expected {DOMAIN})")
+    values: dict[str, object] = {"seq": int(take())}
+    for name in ("log_id", "prev_hash", "recorded_at", *EVENT_FIELDS):
+        values[name] = take()
+    values["status"] = int(str(values["status"]))
+    count = int(take())
+    values["details"] = {take(): take() for _ in range(count)}
+    if pos != len(data):
+        raise AuditError("canonical record bytes have trailing data")
+    record = msgspec.convert(values, AuditRecord)
+    return msgspec.structs.replace(record, leaf_hash=leaf_hash(record))
+
+
+def leaf_hash(record: AuditRecord) -> str:
+    """``SHA-256(0x00 || canonical_bytes(record))`` as lower-case hex."""
+    return hashlib.sha256(b"\x00" + canonical_bytes(record)).hexdigest()
+
+
+def record_event(record: AuditRecord) -> AuditEvent:
+    """The AuditEvent a record was made from."""
+    values = {name: getattr(record, name) for name in EVENT_FIELDS}
+    return AuditEvent(details=dict(record.details), **values)

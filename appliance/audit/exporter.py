@@ -1,0 +1,192 @@
+"""JSONL export of the log for off-box copies (PCI DSS 10.3.3).
+
+One JSON object per line, in canonical form (``msgspec`` with sorted keys, no
+whitespace; the verifier re-encodes every line and rejects any other
+spelling), tagged by ``type``:
+
+1. ``header``: format, log id, export time, the ``since`` / ``until`` window
+   (``null`` = from the log's start / up to its head) and the seq range;
+2. ``record`` lines in seq order (every field of the leaf hash, plus it);
+3. ``checkpoint`` lines: every signed checkpoint and prune anchor of the log;
+4. ``trailer``: line count, SHA-256 of every byte before it, and an Ed25519
+   signature over both with the log's signing key.
+
+A window export (``since`` given) starts at the first record written at or
+after ``since``; its records are authenticated by the checkpoints inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from appliance.audit.canonical import AuditRecord, format_time
+from appliance.audit.checkpoint import Checkpoint, load_checkpoints
+from appliance.audit.schema import connect, read_log_id
+from appliance.audit.store import iter_records
+from runtime import signing
+
+__all__ = [
+    "EXPORT_DOMAIN",
+    "EXPORT_FORMAT",
+    "CheckpointLine",
+    "ExportSummary",
+    "Header",
+    "Line",
+    "RecordLine",
+    "Trailer",
+    "encode_line",
+    "export_jsonl",
+    "trailer_signed_bytes",
+]
+
+EXPORT_FORMAT = "inferbox-audit-export/1"
+EXPORT_DOMAIN = "inferbox-audit-export-trailer/1"
+
+
+class Header(msgspec.Struct, frozen=True, kw_only=True, tag="header", tag_field="type", forbid_unknown_fields=True):
+    format: str
+    log_id: str
+    exported_at: str
+    since: str | None
+    until: str | None
+    first_seq: int  #: 0 when the export holds no records
+    last_seq: int
+
+
+class RecordLine(AuditRecord, frozen=True, kw_only=True, tag="record", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class CheckpointLine(
+    Checkpoint, frozen=True, kw_only=True, tag="checkpoint", tag_field="type", forbid_unknown_fields=True
+):
+    pass
+
+
+class Trailer(msgspec.Struct, frozen=True, kw_only=True, tag="trailer", tag_field="type", forbid_unknown_fields=True):
+    lines: int  #: lines before the trailer
+    sha256: str  #: of every byte before the trailer
+    key_id: str
+    signature: str
+
+
+Line = Header | RecordLine | CheckpointLine | Trailer
+
+_ENCODER = msgspec.json.Encoder(order="sorted")
+
+
+def encode_line(line: Line) -> bytes:
+    """The one canonical spelling of a line (newline included)."""
+    return _ENCODER.encode(line) + b"\n"
+
+
+def trailer_signed_bytes(lines: int, sha256: str) -> bytes:
+    out = bytearray()
+    for value in (EXPORT_DOMAIN, str(lines), sha256):
+        data = value.encode("utf-8")
+        out += len(data).to_bytes(8, "big") + data
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    records: int
+    first_seq: int
+    last_seq: int
+    checkpoints: int
+    sha256: str  #: of the whole file
+    bytes: int
+
+
+def _window(conn: sqlite3.Connection, since: datetime | None, until: datetime | None) -> tuple[int, int]:
+    lo = "9999" if since is None else format_time(since)
+    hi = "9999" if until is None else format_time(until)
+    if since is None:
+        first = conn.execute("SELECT min(seq) FROM records").fetchone()[0]
+    else:
+        first = conn.execute("SELECT min(seq) FROM records WHERE recorded_at >= ?", (lo,)).fetchone()[0]
+    last = conn.execute("SELECT max(seq) FROM records WHERE recorded_at < ?", (hi,)).fetchone()[0]
+    if first is None or last is None or last < first:
+        return 0, 0
+    return int(first), int(last)
+
+
+def export_jsonl(
+    db_path: Path,
+    out: BinaryIO,
+    *,
+    signing_key: Ed25519PrivateKey,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    now: datetime,
+) -> ExportSummary:
+    """Write the records of ``[since, until)`` and every checkpoint to ``out``."""
+    conn = connect(db_path, read_only=True)
+    digest = hashlib.sha256()
+    whole = hashlib.sha256()
+    count = 0
+    size = 0
+
+    def emit(line: Line) -> None:
+        nonlocal count, size
+        data = encode_line(line)
+        digest.update(data)
+        whole.update(data)
+        out.write(data)
+        count += 1
+        size += len(data)
+
+    try:
+        conn.execute("BEGIN")  # one snapshot for records and checkpoints
+        log_id = read_log_id(conn)
+        first, last = _window(conn, since, until)
+        emit(
+            Header(
+                format=EXPORT_FORMAT,
+                log_id=log_id,
+                exported_at=format_time(now),
+                since=format_time(since) if since else None,
+                until=format_time(until) if until else None,
+                first_seq=first,
+                last_seq=last,
+            )
+        )
+        records = 0
+        if first:
+            for rec in iter_records(conn, log_id, first, last):
+                emit(RecordLine(**{f: getattr(rec, f) for f in rec.__struct_fields__}))
+                records += 1
+        checkpoints = load_checkpoints(conn)
+        for cp in checkpoints:
+            emit(CheckpointLine(**{f: getattr(cp, f) for f in cp.__struct_fields__}))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    body_sha = digest.hexdigest()
+    sig = signing.sign(signing_key, trailer_signed_bytes(count, body_sha))
+    key_id = signing.key_id(signing_key)
+    trailer = encode_line(Trailer(lines=count, sha256=body_sha, key_id=key_id, signature=sig.hex()))
+    out.write(trailer)
+    whole.update(trailer)
+    out.flush()
+    if hasattr(out, "fileno"):
+        with contextlib.suppress(OSError, ValueError):  # not a real file (BytesIO)
+            os.fsync(out.fileno())
+    return ExportSummary(
+        records=records,
+        first_seq=first,
+        last_seq=last,
+        checkpoints=len(checkpoints),
+        sha256=whole.hexdigest(),
+        bytes=size + len(trailer),
+    )

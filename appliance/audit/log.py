@@ -1,0 +1,420 @@
+"""The audit log writer: hash-chained appends with group commit and signed checkpoints.
+
+One background thread owns the writes: callers enqueue events; the thread
+drains the queue, appends everything it took in one ``BEGIN IMMEDIATE``
+transaction (reading the head inside it, so the API process and the batch
+worker extend one chain), commits (one fsync: WAL + ``synchronous=FULL``) and
+only then resolves the callers.  A checkpoint is signed into the same
+transaction every ``checkpoint_every`` records, by the idle timer every
+``checkpoint_interval_s`` seconds, and at :meth:`AuditLog.close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from api.protocols import AuditEvent, Digest
+from appliance.audit.canonical import AuditRecord, format_time, leaf_hash, parse_time
+from appliance.audit.checkpoint import Checkpoint, make_checkpoint, store_checkpoint
+from appliance.audit.digest import DigestKeyring
+from appliance.audit.prune import PruneResult, prune_prefix
+from appliance.audit.schema import connect, ensure_schema, read_log_id
+from appliance.audit.store import head, insert_record, last_checkpoint, query_records, tail_records
+from runtime.errors import AuditError
+
+if TYPE_CHECKING:
+    from appliance.settings import Settings
+
+__all__ = ["AuditLog"]
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _Item:
+    event: AuditEvent
+    future: concurrent.futures.Future[int] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    afuture: asyncio.Future[int] | None = None
+
+
+_STOP = object()
+
+
+def _set_result(fut: asyncio.Future[int], seq: int) -> None:
+    if not fut.done():
+        fut.set_result(seq)
+
+
+def _set_exception(fut: asyncio.Future[int], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class AuditLog:
+    """Implements :class:`api.protocols.AuditSink`; also ``append`` for the CLI and batch worker."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        signing_key: Ed25519PrivateKey,
+        digest_keys_dir: Path,
+        checkpoint_every: int = 1000,
+        checkpoint_interval_s: float = 600.0,
+        digest_key_days: int = 30,
+        clock: Callable[[], datetime] = _now,
+        max_batch: int = 512,
+        idle_poll_s: float = 1.0,
+        on_checkpoint: Callable[[Checkpoint], None] | None = None,
+    ) -> None:
+        if checkpoint_every < 1 or checkpoint_interval_s <= 0:
+            raise AuditError("checkpoint_every must be >= 1 and checkpoint_interval_s > 0")
+        self.db_path = Path(db_path)
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval = timedelta(seconds=checkpoint_interval_s)
+        self.keyring = DigestKeyring(digest_keys_dir, rotate_days=digest_key_days, clock=clock)
+        self.commits = 0  #: committed write transactions (group commit metric)
+        self.records_written = 0
+        self._key = signing_key
+        self._clock = clock
+        self._max_batch = max_batch
+        self._idle_poll_s = idle_poll_s
+        self._on_checkpoint = on_checkpoint
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._inherited: list[sqlite3.Connection] = []
+        self._log_id = ""
+        self._opened_at = clock()
+        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @classmethod
+    def open(cls, settings: Settings, **kwargs: object) -> AuditLog:
+        """The appliance's audit log (``settings.audit_db``, keys under ``settings.keys_dir``)."""
+        from runtime.signing import load_private_key
+
+        key = load_private_key(settings.signing_key)
+        return cls(
+            settings.audit_db,
+            signing_key=key,
+            digest_keys_dir=settings.keys_dir / "digest",
+            checkpoint_every=settings.checkpoint_every,
+            checkpoint_interval_s=settings.checkpoint_minutes * 60.0,
+            digest_key_days=settings.digest_key_days,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    # -- connection -------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """This process's connection (a connection never crosses a fork)."""
+        if self._conn is None or self._pid != os.getpid():
+            if self._conn is not None:
+                # inherited across a fork: never use it, never close it here (keep it referenced)
+                self._inherited.append(self._conn)
+            self._conn = connect(self.db_path)
+            self._pid = os.getpid()
+            ensure_schema(self._conn)
+            self._log_id = read_log_id(self._conn)
+        return self._conn
+
+    @property
+    def log_id(self) -> str:
+        with self._lock:
+            self._connection()
+            return self._log_id
+
+    # -- the AuditSink protocol -------------------------------------------
+
+    def digest(self, data: bytes) -> Digest:
+        """HMAC-SHA256 of ``data`` under the current digest key."""
+        return self.keyring.digest(data)
+
+    async def record(self, event: AuditEvent) -> None:
+        """Append ``event``; return once the transaction holding it has committed."""
+        await self.record_seq(event)
+
+    async def record_seq(self, event: AuditEvent) -> int:
+        if self._thread is None or self._closed:
+            raise AuditError("the audit log is not started; call AuditLog.start() (the app lifespan does)")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._queue.put(_Item(event, loop=loop, afuture=fut))
+        return await fut
+
+    # -- synchronous API ---------------------------------------------------
+
+    def append(self, event: AuditEvent) -> int:
+        """Append ``event`` durably and return its seq (via the writer thread when started)."""
+        if self._closed:
+            raise AuditError("the audit log is closed")
+        if self._thread is None:
+            return self._write_batch([event])[0]
+        fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._queue.put(_Item(event, future=fut))
+        return fut.result()
+
+    def start(self) -> None:
+        """Open the database and start the writer thread (idempotent)."""
+        if self._thread is not None:
+            return
+        with self._lock:
+            self._connection()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Drain the queue, write a checkpoint (clean shutdown) and close the database."""
+        if self._closed:
+            return
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        self._closed = True
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._write_checkpoint()
+                self._conn.close()
+            elif self._conn is not None:
+                self._inherited.append(self._conn)  # another process's connection: leave it alone
+            self._conn = None
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- checkpoints, prune, reads -----------------------------------------
+
+    def checkpoint(self) -> Checkpoint:
+        """Sign a checkpoint of the current head now."""
+        with self._lock:
+            return self._write_checkpoint()
+
+    def maybe_checkpoint(self) -> Checkpoint | None:
+        """Sign a checkpoint if the newest is older than the interval (the idle timer calls this)."""
+        with self._lock:
+            conn = self._connection()
+            if not self._time_due(conn):
+                return None
+            return self._write_checkpoint()
+
+    def prune(self, before: datetime, *, min_retention_days: int, force: bool = False) -> PruneResult:
+        """Remove the prefix of records written before ``before``; see :func:`prune_prefix`."""
+        with self._lock:
+            conn = self._connection()
+            result = prune_prefix(
+                conn,
+                log_id=self._log_id,
+                key=self._key,
+                before=before,
+                now=self._clock(),
+                min_retention_days=min_retention_days,
+                force=force,
+            )
+            if result.checkpoint is not None:
+                self.commits += 1
+                self._notify(result.checkpoint)
+            return result
+
+    def tail(self, n: int = 20) -> list[AuditRecord]:
+        """The newest ``n`` records, oldest first (the caller records the read as ``audit_read``)."""
+        with self._lock:
+            return tail_records(self._connection(), self._log_id, n)
+
+    def query(self, **filters: Any) -> list[AuditRecord]:
+        """Filtered, paged records: see :func:`appliance.audit.store.query_records` for the filters.
+
+        Runs on this log's connection; callers on an event loop should use ``asyncio.to_thread``.
+        The caller records the read as ``audit_read``.
+        """
+        with self._lock:
+            return query_records(self._connection(), self._log_id, **filters)
+
+    # -- internals ----------------------------------------------------------
+
+    def _time_due(self, conn: sqlite3.Connection) -> bool:
+        last = last_checkpoint(conn)
+        since = parse_time(last[1]) if last is not None else self._opened_at
+        return self._clock() - since >= self.checkpoint_interval
+
+    def _notify(self, cp: Checkpoint) -> None:
+        if self._on_checkpoint is not None:
+            try:
+                self._on_checkpoint(cp)
+            except Exception:
+                log.exception("on_checkpoint callback failed")
+
+    def _write_checkpoint(self) -> Checkpoint:
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cp = self._sign_head(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        self._notify(cp)
+        return cp
+
+    def _sign_head(self, conn: sqlite3.Connection) -> Checkpoint:
+        size, head_hash = head(conn, self._log_id)
+        cp = make_checkpoint(
+            self._key,
+            kind="checkpoint",
+            log_id=self._log_id,
+            size=size,
+            head_hash=head_hash,
+            created_at=format_time(self._clock()),
+        )
+        store_checkpoint(conn, cp)
+        return cp
+
+    def _write_batch(self, events: list[AuditEvent]) -> list[int]:
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            cp: Checkpoint | None = None
+            try:
+                size, prev = head(conn, self._log_id)  # inside the write lock: no other writer moves it
+                recorded_at = format_time(self._clock())
+                seqs = []
+                for event in events:
+                    size += 1
+                    rec = AuditRecord(
+                        seq=size,
+                        log_id=self._log_id,
+                        prev_hash=prev,
+                        recorded_at=recorded_at,
+                        event=event.event,
+                        action=event.action,
+                        actor=event.actor,
+                        credential_id=event.credential_id,
+                        origin=event.origin,
+                        outcome=event.outcome,
+                        status=event.status,
+                        started_at=event.started_at,
+                        ended_at=event.ended_at,
+                        request_id=event.request_id,
+                        model_name=event.model_name,
+                        model_version=event.model_version,
+                        model_sha256=event.model_sha256,
+                        backend=event.backend,
+                        variant=event.variant,
+                        job_id=event.job_id,
+                        input_digest=event.input_digest,
+                        output_digest=event.output_digest,
+                        digest_key_id=event.digest_key_id,
+                        details=dict(event.details),
+                    )
+                    prev = leaf_hash(rec)
+                    insert_record(conn, msgspec.structs.replace(rec, leaf_hash=prev))
+                    seqs.append(size)
+                last = last_checkpoint(conn)
+                if (size - (last[0] if last else 0) >= self.checkpoint_every) or self._time_due(conn):
+                    cp = self._sign_head(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self.commits += 1
+            self.records_written += len(events)
+        if cp is not None:
+            self._notify(cp)
+        return seqs
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            try:
+                first = self._queue.get(timeout=self._idle_poll_s)
+            except queue.Empty:
+                self._tick()
+                continue
+            items: list[_Item] = []
+            if first is _STOP:
+                stop = True
+            else:
+                assert isinstance(first, _Item)
+                items.append(first)
+            while len(items) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                assert isinstance(nxt, _Item)
+                items.append(nxt)
+            if items:
+                self._flush(items)
+        # anything enqueued after the stop marker was not accepted
+        while True:
+            try:
+                late = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(late, _Item):
+                self._flush([late])
+
+    def _tick(self) -> None:
+        try:
+            self.maybe_checkpoint()
+        except Exception:
+            log.exception("audit idle checkpoint failed")
+
+    def _flush(self, items: list[_Item]) -> None:
+        try:
+            seqs = self._write_batch([i.event for i in items])
+        except Exception as exc:
+            log.error("audit append failed: %s", exc)
+            err = exc if isinstance(exc, AuditError) else AuditError(f"audit log {self.db_path}: append failed: {exc}")
+            for item in items:
+                self._resolve(item, None, err)
+            return
+        for item, seq in zip(items, seqs, strict=True):
+            self._resolve(item, seq, None)
+
+    @staticmethod
+    def _resolve(item: _Item, seq: int | None, exc: BaseException | None) -> None:
+        if item.future is not None:
+            if exc is not None:
+                item.future.set_exception(exc)
+            else:
+                assert seq is not None
+                item.future.set_result(seq)
+        elif item.loop is not None and item.afuture is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                if exc is not None:
+                    item.loop.call_soon_threadsafe(_set_exception, item.afuture, exc)
+                else:
+                    assert seq is not None
+                    item.loop.call_soon_threadsafe(_set_result, item.afuture, seq)

@@ -1,0 +1,104 @@
+"""The GDPR Art. 30 record-of-processing facts the appliance itself knows.
+
+``inferbox audit report`` prints these; the controller adds what only it knows
+(its name, the data subjects, the legal basis).  Nothing here reads payloads:
+the appliance never stores them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from appliance.settings import Settings
+
+__all__ = ["art30_facts", "format_facts"]
+
+
+def _models(repository: Path) -> list[dict[str, Any]]:
+    if not repository.is_dir():
+        return []
+    from runtime.repository import Repository
+
+    out: list[dict[str, Any]] = []
+    for entry in Repository(repository).entries(verify_hashes=False):
+        out.append({"name": entry.name, "version": entry.version, "package_sha256": entry.sha256 or "", "ok": entry.ok})
+    return out
+
+
+def _log_facts(db_path: Path) -> dict[str, Any]:
+    if not db_path.is_file():
+        return {"records": 0, "oldest": None, "newest": None, "checkpoints": 0}
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        count, oldest, newest = conn.execute(
+            "SELECT count(*), min(recorded_at), max(recorded_at) FROM records"
+        ).fetchone()
+        cps = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
+    finally:
+        conn.close()
+    return {"records": count, "oldest": oldest, "newest": newest, "checkpoints": cps}
+
+
+def art30_facts(settings: Settings) -> dict[str, Any]:
+    """Facts for a GDPR Art. 30(1) record of processing activities, as plain data."""
+    return {
+        "purposes": [
+            "inference (embeddings, classification, other model outputs) on data the customer's own "
+            "applications submit, on the customer's premises",
+            "security and accountability logging of that processing (this audit log)",
+        ],
+        "categories_of_data": {
+            "processed": "whatever the customer's applications submit (texts, tensors); held in memory for the "
+            "duration of a request or batch job only",
+            "stored_in_audit_log": [
+                "who: API key id / credential id / service unit (never key secrets)",
+                "what: event, action, model name, version and package sha256, backend and variant, job id",
+                "when: UTC start and end; where from: client address or unit",
+                "outcome and status code; request id",
+                "HMAC-SHA256 digests of inputs and outputs under a rotating secret key (never payloads)",
+            ],
+            "never_stored": ["request bodies", "texts", "tensors", "Authorization headers", "API-key secrets"],
+        },
+        "recipients": "none off the box: no telemetry, no cloud calls; exports are written only when an "
+        "operator runs `inferbox audit export`",
+        "retention": {
+            "audit_retention_days": settings.retention_days,
+            "min_retention_days": settings.min_retention_days,
+            "digest_key_rotation_days": settings.digest_key_days,
+            "audit_log": _log_facts(settings.audit_db),
+        },
+        "technical_measures": [
+            "hash-chained audit records (SHA-256 over length-prefixed canonical fields)",
+            f"Ed25519-signed checkpoints every {settings.checkpoint_every} records and every "
+            f"{settings.checkpoint_minutes:g} minutes; private key outside the database (mode 0600)",
+            "HMAC-SHA256 pseudonymised digests (GDPR Art. 32(1)(a)); keys rotated, kept for retention",
+            "per-key API scopes; reading or exporting the audit log needs its own scope and is itself logged",
+            "offline verifier (`inferbox audit verify`) with the public key only",
+            "TLS: terminate in front of the appliance (reverse proxy) or on a trusted local network; "
+            f"the API listens on {settings.host}:{settings.port}",
+            "authentication " + ("required" if settings.auth else "DISABLED (auth = false)"),
+        ],
+        "models": _models(settings.repository),
+    }
+
+
+def format_facts(facts: dict[str, Any], indent: int = 0) -> str:
+    """Plain-text rendering of :func:`art30_facts`."""
+    lines: list[str] = []
+    pad = "  " * indent
+    for key, value in facts.items():
+        title = key.replace("_", " ")
+        if isinstance(value, dict):
+            lines.append(f"{pad}{title}:")
+            lines.append(format_facts(value, indent + 1))
+        elif isinstance(value, list):
+            lines.append(f"{pad}{title}:" + ("" if value else " none"))
+            for item in value:
+                text = ", ".join(f"{k}={v}" for k, v in item.items()) if isinstance(item, dict) else str(item)
+                lines.append(f"{pad}  - {text}")
+        else:
+            lines.append(f"{pad}{title}: {value}")
+    return "\n".join(lines)

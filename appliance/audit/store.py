@@ -1,0 +1,126 @@
+"""Rows <-> records: the SQL the writer, the exporter, ``tail`` and the verifier share."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+
+import msgspec
+
+from appliance.audit.canonical import EVENT_FIELDS, AuditRecord, genesis_hash
+
+__all__ = ["COLUMNS", "head", "insert_record", "iter_records", "last_checkpoint", "query_records", "tail_records"]
+
+#: the columns of ``records`` in insert/select order (log_id lives in ``meta``)
+COLUMNS: tuple[str, ...] = ("seq", "prev_hash", "recorded_at", *EVENT_FIELDS, "details", "leaf_hash")
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM records"  # noqa: S608 (fixed column names)
+_INSERT = f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"  # noqa: S608
+_DETAILS = msgspec.json.Decoder(dict[str, str])
+
+
+def insert_record(conn: sqlite3.Connection, record: AuditRecord) -> None:
+    values: list[object] = []
+    for name in COLUMNS:
+        if name == "details":
+            values.append(msgspec.json.encode(dict(sorted(record.details.items()))).decode("utf-8"))
+        else:
+            values.append(getattr(record, name))
+    conn.execute(_INSERT, values)
+
+
+def _record(log_id: str, row: tuple[object, ...]) -> AuditRecord:
+    values = dict(zip(COLUMNS, row, strict=True))
+    raw = values.pop("details")
+    try:
+        details = _DETAILS.decode(str(raw))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        # keep the row verifiable: an unreadable details column fails its leaf hash
+        details = {"<unreadable details>": str(raw)}
+    try:
+        return msgspec.convert({**values, "details": details, "log_id": log_id}, AuditRecord, strict=False)
+    except msgspec.ValidationError:
+        # a column of the wrong type: stringify so the leaf hash check reports the record
+        fixed = {k: (v if k in ("seq", "status") and isinstance(v, int) else str(v)) for k, v in values.items()}
+        for k in ("seq", "status"):
+            if not isinstance(fixed[k], int):
+                fixed[k] = -1
+        return msgspec.convert({**fixed, "details": details, "log_id": log_id}, AuditRecord)
+
+
+def iter_records(
+    conn: sqlite3.Connection, log_id: str, first_seq: int | None = None, last_seq: int | None = None
+) -> Iterator[AuditRecord]:
+    """Records in seq order, optionally within ``first_seq..last_seq``."""
+    lo = first_seq if first_seq is not None else -(1 << 62)
+    hi = last_seq if last_seq is not None else 1 << 62
+    for row in conn.execute(_SELECT + " WHERE seq BETWEEN ? AND ? ORDER BY seq", (lo, hi)):
+        yield _record(log_id, tuple(row))
+
+
+def tail_records(conn: sqlite3.Connection, log_id: str, n: int) -> list[AuditRecord]:
+    """The newest ``n`` records, oldest first."""
+    rows = conn.execute(_SELECT + " ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
+    return [_record(log_id, tuple(r)) for r in reversed(rows)]
+
+
+def query_records(
+    conn: sqlite3.Connection,
+    log_id: str,
+    *,
+    after_seq: int = 0,
+    limit: int = 100,
+    since: str | None = None,
+    until: str | None = None,
+    event: str | None = None,
+    actor: str | None = None,
+    model_name: str | None = None,
+    outcome: str | None = None,
+    request_id: str | None = None,
+    job_id: str | None = None,
+) -> list[AuditRecord]:
+    """Records with ``seq > after_seq`` matching every given filter, oldest first (keyset paging).
+
+    ``since`` / ``until`` compare ``recorded_at`` (UTC ISO 8601 strings): ``since <= t < until``.
+    """
+    where = ["seq > ?"]
+    params: list[object] = [after_seq]
+    if since is not None:
+        where.append("recorded_at >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("recorded_at < ?")
+        params.append(until)
+    for column, value in (
+        ("event", event),
+        ("actor", actor),
+        ("model_name", model_name),
+        ("outcome", outcome),
+        ("request_id", request_id),
+        ("job_id", job_id),
+    ):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    params.append(max(0, limit))
+    sql = _SELECT + " WHERE " + " AND ".join(where) + " ORDER BY seq LIMIT ?"
+    return [_record(log_id, tuple(r)) for r in conn.execute(sql, params).fetchall()]
+
+
+def head(conn: sqlite3.Connection, log_id: str) -> tuple[int, str]:
+    """(size, head hash) of the log: newest record, else the newest prune anchor, else the genesis."""
+    row = conn.execute("SELECT seq, leaf_hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+    if row is not None:
+        return int(row[0]), str(row[1])
+    row = conn.execute(
+        "SELECT size, head_hash FROM checkpoints WHERE kind = 'prune' ORDER BY size DESC LIMIT 1"
+    ).fetchone()
+    if row is not None:
+        return int(row[0]), str(row[1])
+    return 0, genesis_hash(log_id)
+
+
+def last_checkpoint(conn: sqlite3.Connection) -> tuple[int, str] | None:
+    """(size, created_at) of the newest regular checkpoint."""
+    row = conn.execute("SELECT size, created_at FROM checkpoints WHERE kind = 'checkpoint' ORDER BY id DESC LIMIT 1")
+    found = row.fetchone()
+    return None if found is None else (int(found[0]), str(found[1]))

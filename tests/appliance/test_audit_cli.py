@@ -1,0 +1,132 @@
+"""``inferbox audit ...`` end to end through the click group, on a real home folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from appliance.audit.verify import verify_export
+from appliance.cli import COMMANDS, main
+from runtime.signing import public_key_pem, write_private_key
+
+
+def _load_tamper() -> ModuleType:
+    if "audit_tamper" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("audit_tamper", Path(__file__).with_name("audit_tamper.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["audit_tamper"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["audit_tamper"]
+
+
+T = _load_tamper()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in list(os.environ):
+        if name.startswith("INFERBOX_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    key = Ed25519PrivateKey.generate()
+    write_private_key(key, home / "keys" / "signing.key")
+    (home / "keys" / "signing.key.pub").write_text(public_key_pem(key))
+    from appliance.audit.log import AuditLog
+
+    log = AuditLog(home / "audit.db", signing_key=key, digest_keys_dir=home / "keys" / "digest", checkpoint_every=3)
+    for i in range(7):
+        log.append(T.event(i))
+    log.close()
+    return home
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["audit", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def _events(home: Path) -> list[str]:
+    conn = sqlite3.connect(home / "audit.db")
+    try:
+        return [r[0] for r in conn.execute("SELECT event FROM records ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+def test_audit_is_registered_with_every_subcommand() -> None:
+    assert COMMANDS["audit"] == "appliance.commands.audit:audit"
+    code, out = _run("--help")
+    assert code == 0
+    for name in ("verify", "export", "tail", "prune", "report", "public-key"):
+        assert name in out
+
+
+def test_verify_ok_then_tampered_exits_non_zero_naming_the_seq(home: Path) -> None:
+    code, out = _run("verify", "--home", str(home))
+    assert code == 0 and out.startswith("OK"), out
+    code, out = _run("verify", "--home", str(home), "--public-key", str(home / "keys" / "signing.key.pub"), "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+    T.change_field(home / "audit.db", 4, "actor", "mallory")
+    code, out = _run("verify", "--home", str(home))
+    assert code == 1
+    assert "FAILED at seq 4" in out
+
+
+def test_export_is_verifiable_and_recorded(home: Path, tmp_path: Path) -> None:
+    out_file = tmp_path / "export.jsonl"
+    code, out = _run("export", "--home", str(home), "--out", str(out_file))
+    assert code == 0, out
+    report = verify_export(out_file, Ed25519PrivateKey.generate().public_key())
+    assert not report.ok  # another key
+    pub = home / "keys" / "signing.key.pub"
+    code, out = _run("verify", "--home", str(home), "--export", str(out_file), "--public-key", str(pub))
+    assert code == 0, out
+    assert _events(home)[-1] == "audit_export"
+    code, out = _run("export", "--home", str(home), "--since", "2999-01-01", "--until", "2999-02-01T00:00:00Z")
+    assert code == 0
+    assert out.splitlines()[0].startswith('{"exported_at"')
+
+
+def test_tail_prints_records_and_is_recorded(home: Path) -> None:
+    code, out = _run("tail", "--home", str(home), "-n", "3", "--json")
+    assert code == 0, out
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["seq"] for r in rows] == [5, 6, 7]
+    assert _events(home)[-1] == "audit_read"
+    code, out = _run("tail", "--home", str(home), "-n", "2")
+    assert code == 0 and "audit_read" in out
+
+
+def test_prune_refuses_recent_records_then_forced_prune_verifies(home: Path) -> None:
+    code, out = _run("prune", "--home", str(home), "--before", "2999-01-01")
+    assert code == 2 and "min_retention_days" in out
+    code, out = _run("prune", "--home", str(home), "--before", "2000-01-01")
+    assert code == 0 and "pruned 0 records" in out
+    code, out = _run("prune", "--home", str(home), "--before", "2999-01-01", "--force")
+    assert code == 0 and "pruned 8 records" in out, out  # 7 + the audit_prune of the first run
+    assert _events(home) == ["audit_prune"]
+    code, out = _run("verify", "--home", str(home))
+    assert code == 0, out
+
+
+def test_report_and_public_key(home: Path) -> None:
+    code, out = _run("report", "--home", str(home), "--json")
+    assert code == 0
+    facts = json.loads(out)
+    assert facts["retention"]["audit_retention_days"] == 365
+    assert facts["retention"]["audit_log"]["records"] == 7
+    assert facts["recipients"].startswith("none off the box")
+    code, out = _run("report", "--home", str(home))
+    assert code == 0 and "technical measures" in out
+    code, out = _run("public-key", "--home", str(home))
+    assert code == 0 and out == (home / "keys" / "signing.key.pub").read_text()

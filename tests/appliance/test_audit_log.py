@@ -1,0 +1,275 @@
+"""The writer: group commit, durability, checkpoints (every N, idle timer, close), prune, digests, canaries."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import sqlite3
+import stat
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+from types import ModuleType
+
+import msgspec
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from api.protocols import AuditEvent, AuditSink
+from appliance.audit.checkpoint import Checkpoint, load_checkpoints
+from appliance.audit.log import AuditLog
+from appliance.audit.schema import connect
+from appliance.audit.verify import verify_db
+from runtime.errors import AuditError
+
+
+def _load_tamper() -> ModuleType:
+    if "audit_tamper" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("audit_tamper", Path(__file__).with_name("audit_tamper.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["audit_tamper"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["audit_tamper"]
+
+
+T = _load_tamper()
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def _log(tmp_path: Path, key: Ed25519PrivateKey, **kwargs: object) -> AuditLog:
+    return AuditLog(tmp_path / "audit.db", signing_key=key, digest_keys_dir=tmp_path / "keys" / "digest", **kwargs)  # type: ignore[arg-type]
+
+
+def _checkpoints(db: Path) -> list[Checkpoint]:
+    conn = sqlite3.connect(db)
+    try:
+        return load_checkpoints(conn)
+    finally:
+        conn.close()
+
+
+def test_audit_log_is_an_audit_sink(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    sink: AuditSink = _log(tmp_path, key)  # mypy checks the protocol; this checks it at run time too
+    assert callable(sink.digest) and asyncio.iscoroutinefunction(sink.record)
+
+
+def test_group_commit_uses_fewer_transactions_than_records(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    log = _log(tmp_path, key, checkpoint_every=50)
+    log.start()
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(log.record_seq(T.event(i)) for i in range(300)))
+
+    seqs = asyncio.run(main())
+    assert sorted(seqs) == list(range(1, 301))
+    assert log.records_written == 300
+    assert log.commits < 300 // 4  # one transaction (one fsync) served many records
+    log.close()
+    report = verify_db(tmp_path / "audit.db", key.public_key())
+    assert report.ok and report.last_seq == 300
+
+
+def test_a_record_is_visible_to_another_connection_when_its_await_returns(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    log = _log(tmp_path, key)
+    log.start()
+    other = connect(tmp_path / "audit.db", read_only=True)
+    missing: list[int] = []
+
+    async def one(i: int) -> None:
+        seq = await log.record_seq(T.event(i))
+        if other.execute("SELECT count(*) FROM records WHERE seq = ?", (seq,)).fetchone()[0] != 1:
+            missing.append(seq)
+
+    async def main() -> None:
+        await asyncio.gather(*(one(i) for i in range(64)))
+        await log.record(T.event(999))  # the protocol method returns None
+
+    asyncio.run(main())
+    assert missing == []
+    assert other.execute("SELECT count(*) FROM records").fetchone()[0] == 65
+    other.close()
+    log.close()
+
+
+def test_record_before_start_names_the_fix(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    log = _log(tmp_path, key)
+    with pytest.raises(AuditError, match="start"):
+        asyncio.run(log.record(T.event()))
+
+
+def test_sync_append_works_with_and_without_the_writer_thread(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    log = _log(tmp_path, key)
+    assert [log.append(T.event(i)) for i in range(3)] == [1, 2, 3]
+    log.start()
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(log.append(T.event(0)))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(4, 12))
+    log.close()
+    with pytest.raises(AuditError, match="closed"):
+        log.append(T.event())
+
+
+def test_checkpoint_every_n_records_and_at_close(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    log = _log(tmp_path, key, checkpoint_every=5)
+    for i in range(12):
+        log.append(T.event(i))
+    assert [c.size for c in _checkpoints(tmp_path / "audit.db")] == [5, 10]
+    log.close()
+    cps = _checkpoints(tmp_path / "audit.db")
+    assert [c.size for c in cps] == [5, 10, 12]
+    assert cps[-1].head_hash == T.records(tmp_path / "audit.db")[-1].leaf_hash
+
+
+def test_idle_timer_checkpoints_even_without_new_records(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    clock = T.FakeClock()
+    log = _log(tmp_path, key, checkpoint_interval_s=600, clock=clock)
+    log.append(T.event())
+    assert log.maybe_checkpoint() is None
+    clock.advance(seconds=599)
+    assert log.maybe_checkpoint() is None
+    clock.advance(seconds=2)
+    first = log.maybe_checkpoint()
+    assert first is not None and first.size == 1
+    assert log.maybe_checkpoint() is None
+    clock.advance(minutes=10)
+    second = log.maybe_checkpoint()  # idle: same size, later time
+    assert second is not None and second.size == 1 and second.created_at > first.created_at
+    log.close()
+    assert verify_db(tmp_path / "audit.db", key.public_key()).ok
+
+
+def test_the_writer_thread_runs_the_idle_timer(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    clock = T.FakeClock()
+    written = threading.Event()
+    log = _log(
+        tmp_path, key, checkpoint_interval_s=60, clock=clock, idle_poll_s=0.01, on_checkpoint=lambda cp: written.set()
+    )
+    log.start()
+    log.append(T.event())
+    assert not written.is_set()
+    clock.advance(seconds=61)
+    assert written.wait(timeout=30), "the idle timer did not checkpoint"
+    log.close()
+
+
+def test_prune_refuses_inside_min_retention_unless_forced(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    clock = T.FakeClock()
+    log = _log(tmp_path, key, clock=clock)
+    for i in range(3):
+        log.append(T.event(i))
+    clock.advance(days=300)
+    for i in range(3):
+        log.append(T.event(i))
+    with pytest.raises(AuditError, match="min_retention_days"):
+        log.prune(clock.now - timedelta(days=100), min_retention_days=183)
+    assert len(T.records(tmp_path / "audit.db")) == 6
+    result = log.prune(clock.now - timedelta(days=200), min_retention_days=183)
+    assert (result.pruned, result.last_pruned_seq) == (3, 3)
+    assert result.checkpoint is not None and result.checkpoint.kind == "prune"
+    assert log.prune(clock.now - timedelta(days=200), min_retention_days=183).pruned == 0
+    forced = log.prune(clock.now + timedelta(seconds=1), min_retention_days=183, force=True)
+    assert forced.pruned == 3 and forced.last_pruned_seq == 6
+    assert log.append(T.event(7)) == 7  # the chain continues from the anchor
+    log.close()
+    report = verify_db(tmp_path / "audit.db", key.public_key())
+    assert report.ok, report.problems
+    assert (report.first_seq, report.last_seq) == (7, 7)
+
+
+def test_digest_is_hmac_under_a_rotating_key(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    clock = T.FakeClock()
+    log = _log(tmp_path, key, digest_key_days=30, clock=clock)
+    data = b"patient 4711: chest pain"
+    d1 = log.digest(data)
+    assert d1 == log.digest(data)
+    assert d1.hexdigest != hashlib.sha256(data).hexdigest()  # canary: never a plain SHA-256
+    assert len(d1.hexdigest) == 64
+    key_file = tmp_path / "keys" / "digest" / f"{d1.key_id}.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    clock.advance(days=31)
+    d2 = log.digest(data)
+    assert d2.key_id != d1.key_id and d2.hexdigest != d1.hexdigest
+    # the old key is kept: an auditor holding the candidate input recomputes the old digest
+    assert log.keyring.digest_with(d1.key_id, data) == d1
+    assert log.keyring.key_ids() == sorted([d1.key_id, d2.key_id])
+
+
+def test_canary_no_payload_field_and_no_plain_text_in_the_database(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    assert not {"payload", "body", "text", "input", "output", "secret"} & set(AuditEvent.__struct_fields__)
+    with pytest.raises(TypeError):
+        AuditEvent(payload="x", **msgspec.structs.asdict(T.event()))  # type: ignore[call-arg]
+    secret_text = "CANARY-Jane-Doe-diagnosis-F32.1"
+    log = _log(tmp_path, key)
+    d = log.digest(secret_text.encode())
+    log.append(T.event(input_digest=d.hexdigest, digest_key_id=d.key_id))
+    log.close()
+    blob = b"".join(p.read_bytes() for p in tmp_path.glob("audit.db*"))
+    assert secret_text.encode() not in blob
+    assert hashlib.sha256(secret_text.encode()).hexdigest().encode() not in blob
+    assert d.hexdigest.encode() in blob
+
+
+def test_two_logs_in_one_process_extend_one_chain(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    a, b = _log(tmp_path, key, checkpoint_every=3), _log(tmp_path, key, checkpoint_every=3)
+    for i in range(10):
+        (a if i % 2 else b).append(T.event(i))
+    a.close()
+    b.close()
+    assert verify_db(tmp_path / "audit.db", key.public_key()).ok
+
+
+def test_query_filters_and_pages_by_seq(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    clock = T.FakeClock()
+    log = _log(tmp_path, key, clock=clock)
+    for i in range(10):
+        clock.advance(seconds=1)
+        log.append(
+            T.event(i, event="inference" if i % 2 else "auth_failure", outcome="success" if i % 2 else "failure")
+        )
+    page1 = log.query(event="inference", limit=3)
+    assert [r.seq for r in page1] == [2, 4, 6]
+    page2 = log.query(event="inference", after_seq=page1[-1].seq, limit=3)
+    assert [r.seq for r in page2] == [8, 10]
+    assert [r.seq for r in log.query(outcome="failure", request_id="req-4")] == [5]
+    recs = log.query(limit=100)
+    window = log.query(since=recs[2].recorded_at, until=recs[5].recorded_at)
+    assert [r.seq for r in window] == [3, 4, 5]
+    assert log.query(actor="nobody") == []
+    assert [r.seq for r in log.tail(2)] == [9, 10]
+    log.close()
+
+
+def test_public_surface_is_pinned() -> None:
+    import appliance.audit as audit
+
+    assert sorted(audit.__all__) == [
+        "AuditLog",
+        "AuditRecord",
+        "Checkpoint",
+        "ExportSummary",
+        "PruneResult",
+        "VerifyReport",
+        "canonical_bytes",
+        "export_jsonl",
+        "leaf_hash",
+        "merkle_proof",
+        "merkle_root",
+        "verify_db",
+        "verify_export",
+        "verify_proof",
+    ]
+    for name in audit.__all__:
+        assert getattr(audit, name) is not None
