@@ -18,6 +18,7 @@ value, which install extra).  The tree::
     │   └── FallbackError           the session silently runs somewhere else
     ├── SelectionError              no (backend, variant) can run this package
     ├── InputError                  request data does not fit the model (field named)
+    │   └── PayloadTooLargeError    request body over the size limit, also after decompression (413)
     ├── ExportError                 the export pipeline failed
     │   ├── SourceError             bad source: missing file, wrong task, unreadable ONNX
     │   ├── CalibrationError        calibration / validation sample file has bad rows
@@ -52,6 +53,7 @@ __all__ = [
     "ModelNotFoundError",
     "OverloadError",
     "PackageError",
+    "PayloadTooLargeError",
     "RequestTimeoutError",
     "SelectionError",
     "SignatureError",
@@ -128,6 +130,10 @@ class InputError(InferboxError):
     def __init__(self, message: str, field: str | None = None) -> None:
         self.field = field
         super().__init__(message)
+
+
+class PayloadTooLargeError(InputError):
+    pass
 
 
 class ExportError(InferboxError):

@@ -1,0 +1,94 @@
+"""The app factory: ``create_app(registry=..., config=..., audit=..., keys=...)`` -> Litestar.
+
+The factory receives every collaborator (the composition root is
+``appliance``); it builds the shared :class:`~api.server.Server`, the auth guard,
+one exception map, metrics and the outer envelope (request id + audit), and a
+lifespan that stops the batchers on shutdown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response, get
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from api import kserve, openai
+from api.auth import Authenticator, RateLimiter, auth_guard
+from api.config import ApiConfig
+from api.envelope import envelope
+from api.errors import exception_handlers
+from api.metrics import CONTENT_TYPE, Metrics
+from api.protocols import AuditSink, KeyVerifier
+from api.server import Server
+from runtime.errors import ConfigError
+from runtime.serving import ModelRegistry
+
+__all__ = ["create_app"]
+
+
+@get("/metrics", include_in_schema=False)
+async def metrics_route(request: Request[Any, Any, Any]) -> Response[str]:
+    server: Server = request.app.state["server"]
+    return Response(server.render_metrics(), media_type=CONTENT_TYPE)
+
+
+def create_app(
+    *,
+    registry: ModelRegistry,
+    config: ApiConfig,
+    audit: AuditSink | None,
+    keys: KeyVerifier | None,
+    clock: Callable[[], float] = time.time,
+    lifespan: Sequence[Callable[[Litestar], AbstractAsyncContextManager[None]]] = (),
+) -> Litestar:
+    """A Litestar app serving ``registry``. ``audit=None``: audit off; ``keys`` is required when auth is on.
+
+    ``lifespan``: extra context managers entered at startup, before serving (e.g. start and
+    close the audit log, load the models); the batchers stop before they exit.
+    """
+    if config.auth and keys is None:
+        raise ConfigError("auth is on but no key store was given; pass keys=KeyStore(...) or set auth = false")
+    metrics = Metrics()
+    server = Server(registry, config, metrics, clock)
+    authenticator = Authenticator(
+        keys, enabled=config.auth, default_rate=config.rate_limit_per_minute, limiter=RateLimiter(clock)
+    )
+
+    @asynccontextmanager
+    async def batchers(_app: Litestar) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await server.stop()
+
+    openapi = (
+        OpenAPIConfig(
+            title="inferbox",
+            version=config.server_version,
+            path="/docs",
+            render_plugins=[SwaggerRenderPlugin(path="/")],
+        )
+        if config.docs
+        else None
+    )
+    app = Litestar(
+        route_handlers=[*kserve.routes, *openai.routes, metrics_route],
+        guards=[auth_guard],
+        exception_handlers=exception_handlers,
+        lifespan=[*lifespan, batchers],
+        openapi_config=openapi,
+        request_max_body_size=None,
+        state=None,
+        debug=False,
+        logging_config=None,  # logging is configured by the entry point only
+    )
+    app.state["server"] = server
+    app.state["auth"] = authenticator
+    app.state["config"] = config
+    app.asgi_handler = envelope(app.asgi_handler, audit=audit, metrics=metrics, clock=clock)  # type: ignore[assignment,arg-type]
+    return app

@@ -1,0 +1,106 @@
+"""Authentication, scopes and per-key rate limits.
+
+A route declares what it needs in its ``opt``: ``{"scope": "infer"}`` (model from
+the path, or any ``infer``/``infer:<model>`` scope when the model is in the body),
+``{"scope": "models:admin"}``, ... or no scope (open: health, docs, metrics).
+:func:`auth_guard` reads ``Authorization: Bearer <key>``, asks the
+:class:`~api.protocols.KeyVerifier`, checks the scope and the key's token bucket.
+Rate limits are keyed on the key id, never on client-supplied headers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from api.envelope import context_of
+from api.protocols import KeyVerifier, Principal
+from runtime.errors import AuthError, ForbiddenError, OverloadError
+
+__all__ = ["ANONYMOUS", "Authenticator", "RateLimiter", "auth_guard"]
+
+#: the principal when auth is off: every scope
+ANONYMOUS = Principal(key_id="anonymous", scopes=("infer", "models:admin", "keys:admin", "audit:read"))
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """Token buckets per key id: ``per_minute`` tokens, refilled continuously; burst = per_minute."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, _Bucket] = {}
+
+    def take(self, key_id: str, per_minute: int) -> None:
+        if per_minute <= 0:
+            return
+        now = self._clock()
+        rate = per_minute / 60.0
+        with self._lock:
+            b = self._buckets.get(key_id)
+            if b is None:
+                b = self._buckets[key_id] = _Bucket(float(per_minute), now)
+            b.tokens = min(float(per_minute), b.tokens + (now - b.updated) * rate)
+            b.updated = now
+            if b.tokens < 1.0:
+                wait = (1.0 - b.tokens) / rate
+                raise OverloadError(
+                    f"rate limit of {per_minute} requests per minute reached for key {key_id}; retry later",
+                    retry_after=max(1.0, wait),
+                )
+            b.tokens -= 1.0
+
+
+class Authenticator:
+    """Turns an Authorization header into a :class:`Principal`, or raises AuthError/Forbidden/Overload."""
+
+    def __init__(self, keys: KeyVerifier | None, *, enabled: bool, default_rate: int, limiter: RateLimiter) -> None:
+        self.keys = keys
+        self.enabled = enabled
+        self.default_rate = default_rate
+        self.limiter = limiter
+
+    def principal(self, authorization: str | None) -> Principal:
+        if not self.enabled or self.keys is None:
+            return ANONYMOUS
+        if not authorization:
+            raise AuthError("Authorization: missing; send 'Authorization: Bearer <api key>'")
+        kind, _, secret = authorization.partition(" ")
+        if kind.lower() != "bearer" or not secret.strip():
+            raise AuthError("Authorization: expected 'Bearer <api key>'")
+        return self.keys.verify(secret.strip())
+
+    def check(self, principal: Principal, scope: str, model: str | None, any_model: bool) -> None:
+        if principal is ANONYMOUS:
+            return
+        if scope == "infer" and any_model:
+            ok = "infer" in principal.scopes or any(s.startswith("infer:") for s in principal.scopes)
+        else:
+            ok = principal.allows(scope, model)
+        if not ok:
+            what = f"{scope} on model {model!r}" if model else scope
+            raise ForbiddenError(f"key {principal.key_id} lacks the scope {what}; create a key with --scope {scope}")
+        rate = principal.rate_limit_per_minute or self.default_rate
+        self.limiter.take(principal.key_id, rate)
+
+
+def auth_guard(connection: Any, handler: Any) -> None:
+    """Litestar guard for every route; sets the request context's route and principal."""
+    ctx = context_of(connection.scope)
+    ctx.route = str(connection.scope.get("path_template", ""))
+    needed = handler.opt.get("scope")
+    if needed is None:
+        return
+    auth: Authenticator = connection.app.state["auth"]
+    principal = auth.principal(connection.headers.get("authorization"))
+    ctx.principal = principal
+    model = connection.path_params.get("name") if needed == "infer" else None
+    auth.check(principal, needed, model, any_model=needed == "infer" and model is None)

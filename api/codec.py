@@ -1,0 +1,403 @@
+"""Tensor codec of the Open Inference Protocol: JSON and binary tensor data <-> numpy.
+
+Request bodies are decoded with msgspec; ``data`` may be flat or nested (row
+major), and with the binary tensor data extension an input's bytes follow the
+JSON header (``Inference-Header-Content-Length``) in input order, sized by its
+``parameters.binary_data_size``.  BYTES elements in binary form are a 4-byte
+little-endian length followed by the bytes.  Every problem raises
+:class:`~runtime.errors.InputError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from runtime.errors import InputError
+
+__all__ = [
+    "DATATYPES",
+    "DecodedInput",
+    "InferRequest",
+    "InferRequestBody",
+    "RequestInput",
+    "RequestOutput",
+    "datatype_of",
+    "decode_bytes_elements",
+    "decode_infer_request",
+    "encode_bytes_elements",
+    "encode_infer_response",
+    "field_of",
+    "json_depth",
+    "tensor_from_data",
+]
+
+Array = npt.NDArray[Any]
+
+#: v2 datatype -> numpy dtype (little endian); BYTES is handled apart
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_BY_KIND = {np.dtype(v).newbyteorder("=").str: k for k, v in DATATYPES.items()}
+
+
+def datatype_of(dtype: np.dtype[Any] | str) -> str:
+    """numpy dtype (or name) -> v2 datatype; strings/objects are BYTES."""
+    dt = np.dtype(dtype)
+    if dt.kind in "OSU":
+        return "BYTES"
+    name = _BY_KIND.get(dt.newbyteorder("=").str)
+    if name is None:
+        raise InputError(f"dtype {dt} has no Open Inference Protocol datatype")
+    return name
+
+
+class RequestInput(msgspec.Struct, kw_only=True):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = {}
+    data: Any = None
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+class InferRequestBody(msgspec.Struct, kw_only=True):
+    inputs: list[RequestInput]
+    id: str | None = None
+    parameters: dict[str, Any] = {}
+    outputs: list[RequestOutput] | None = None
+
+
+@dataclass(frozen=True)
+class DecodedInput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    #: numeric tensor, or a flat list of str for BYTES
+    array: Array | None
+    texts: list[str] | None
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: str | None
+    parameters: dict[str, Any]
+    inputs: list[DecodedInput]
+    #: requested output names (None = all) and whether each is wanted in binary
+    outputs: list[str] | None
+    binary_outputs: dict[str, bool] = field(default_factory=dict)
+    binary_default: bool = False
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of ``[`` / ``{`` in JSON bytes (strings ignored); vectorized."""
+    stripped = _STRING.sub(b'""', raw)
+    buf = np.frombuffer(stripped, dtype=np.uint8)
+    step = np.zeros(buf.shape, dtype=np.int32)
+    step[(buf == ord("[")) | (buf == ord("{"))] = 1
+    step[(buf == ord("]")) | (buf == ord("}"))] = -1
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _check_shape(shape: list[int], where: str, max_elements: int) -> tuple[int, ...]:
+    if any((not isinstance(d, int)) or isinstance(d, bool) or d < 0 for d in shape):
+        raise InputError(f"{where}.shape: {shape} must be a list of non-negative integers", field=f"{where}.shape")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise InputError(
+            f"{where}.shape: {shape} has {count} elements, over the limit of {max_elements} (max_tensor_elements)",
+            field=f"{where}.shape",
+        )
+    return tuple(shape)
+
+
+def _flatten_strings(data: Any, where: str) -> list[str]:
+    out: list[str] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            out.append(item)
+        else:
+            raise InputError(
+                f"{where}.data: BYTES data must hold strings, got {type(item).__name__}", field=f"{where}.data"
+            )
+    return out
+
+
+def tensor_from_data(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> Array:
+    """JSON ``data`` (flat or nested) -> numpy array of ``shape`` and ``datatype``."""
+    dtype = DATATYPES[datatype]
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        raw = np.asarray(data)
+    except ValueError:
+        raise InputError(
+            f"{where}.data: nested lists are ragged; use flat data or a full nesting", field=f"{where}.data"
+        ) from None
+    count = math.prod(shape)
+    if raw.size != count:
+        raise InputError(
+            f"{where}.data: shape {list(shape)} needs {count} elements, data has {raw.size}", field=f"{where}.data"
+        )
+    kind = raw.dtype.kind if raw.size else dtype.kind
+    if dtype.kind in "iu" and kind in "fO":  # integers beyond int64 make numpy pick float64 / object
+        flat = np.asarray(data, dtype=object).ravel().tolist()
+        if all(type(v) is int for v in flat):
+            try:
+                return np.array(flat, dtype=dtype).reshape(shape)
+            except OverflowError:
+                raise InputError(
+                    f"{where}.data: a value is out of range for {datatype}", field=f"{where}.data"
+                ) from None
+    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
+    if kind not in allowed:
+        raise InputError(
+            f"{where}.data: {datatype} data must be {'booleans' if dtype.kind == 'b' else 'numbers'}"
+            + (" (integers)" if dtype.kind in "iu" else "")
+            + f", got {raw.dtype.name if kind != 'O' else 'mixed values'}",
+            field=f"{where}.data",
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = raw.astype(dtype)
+    if dtype.kind in "iu" and raw.size and not np.array_equal(arr, raw):
+        raise InputError(f"{where}.data: a value is out of range for {datatype}", field=f"{where}.data")
+    if dtype.kind == "f" and raw.size and not bool(np.isfinite(arr).all()):
+        raise InputError(f"{where}.data: a value overflows or is not finite for {datatype}", field=f"{where}.data")
+    return arr.reshape(shape)
+
+
+def decode_bytes_elements(buf: bytes, where: str) -> list[str]:
+    """Binary BYTES tensor (4-byte LE length + bytes, repeated) -> list of str (UTF-8)."""
+    out: list[str] = []
+    pos = 0
+    while pos < len(buf):
+        if pos + 4 > len(buf):
+            raise InputError(f"{where}: truncated BYTES element length", field=where)
+        (n,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if pos + n > len(buf):
+            raise InputError(f"{where}: BYTES element of {n} bytes runs past the binary data", field=where)
+        try:
+            out.append(buf[pos : pos + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"{where}: BYTES element is not UTF-8 text", field=where) from None
+        pos += n
+    return out
+
+
+def encode_bytes_elements(items: list[str] | list[bytes]) -> bytes:
+    parts: list[bytes] = []
+    for item in items:
+        b = item.encode("utf-8") if isinstance(item, str) else item
+        parts.append(struct.pack("<I", len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def decode_infer_request(
+    body: bytes,
+    *,
+    header_length: int | None,
+    max_inputs: int,
+    max_tensor_elements: int,
+    max_json_depth: int,
+) -> InferRequest:
+    """Decode an infer request (JSON, or JSON header + binary data when ``header_length`` is set)."""
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise InputError(
+                f"Inference-Header-Content-Length: {header_length} is outside the body of {len(body)} bytes",
+                field="Inference-Header-Content-Length",
+            )
+        header, binary = body[:header_length], body[header_length:]
+    else:
+        header, binary = body, b""
+    depth = json_depth(header)
+    if depth > max_json_depth:
+        raise InputError(f"body: JSON nesting depth {depth} is over the limit of {max_json_depth}", field="body")
+    try:
+        req = msgspec.json.decode(header, type=InferRequestBody)
+    except msgspec.ValidationError as exc:
+        raise InputError(f"body: {exc}", field=field_of(str(exc))) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise InputError(f"body: not valid JSON: {exc}", field="body") from None
+    if not req.inputs:
+        raise InputError("inputs: at least one input is required", field="inputs")
+    if len(req.inputs) > max_inputs:
+        raise InputError(f"inputs: {len(req.inputs)} inputs is over the limit of {max_inputs}", field="inputs")
+    decoded: list[DecodedInput] = []
+    offset = 0
+    names: set[str] = set()
+    for i, inp in enumerate(req.inputs):
+        where = f"inputs[{i}]"
+        if inp.name in names:
+            raise InputError(f"{where}.name: input {inp.name!r} appears twice", field=f"{where}.name")
+        names.add(inp.name)
+        if inp.datatype != "BYTES" and inp.datatype not in DATATYPES:
+            raise InputError(
+                f"{where}.datatype: {inp.datatype!r} is not supported; use one of {[*DATATYPES, 'BYTES']}",
+                field=f"{where}.datatype",
+            )
+        shape = _check_shape(inp.shape, where, max_tensor_elements)
+        size = inp.parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+                raise InputError(
+                    f"{where}.parameters.binary_data_size: {size!r} does not fit the {len(binary) - offset} "
+                    "binary bytes left",
+                    field=f"{where}.parameters.binary_data_size",
+                )
+            chunk = binary[offset : offset + size]
+            offset += size
+            if inp.datatype == "BYTES":
+                texts = decode_bytes_elements(chunk, f"{where}.binary_data")
+                if len(texts) != math.prod(shape):
+                    raise InputError(
+                        f"{where}.binary_data: shape {list(shape)} needs {math.prod(shape)} elements, got {len(texts)}",
+                        field=f"{where}.binary_data",
+                    )
+                decoded.append(DecodedInput(inp.name, "BYTES", shape, None, texts))
+                continue
+            dtype = DATATYPES[inp.datatype]
+            if size != math.prod(shape) * dtype.itemsize:
+                raise InputError(
+                    f"{where}.parameters.binary_data_size: shape {list(shape)} of {inp.datatype} needs "
+                    f"{math.prod(shape) * dtype.itemsize} bytes, got {size}",
+                    field=f"{where}.parameters.binary_data_size",
+                )
+            if dtype.kind == "b":  # one byte per element; any non-zero byte is true
+                arr = np.frombuffer(chunk, dtype=np.uint8).reshape(shape).astype(np.bool_)
+            else:
+                arr = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+            decoded.append(DecodedInput(inp.name, inp.datatype, shape, arr, None))
+            continue
+        if inp.data is None:
+            raise InputError(f"{where}.data: missing (or give parameters.binary_data_size)", field=f"{where}.data")
+        if inp.datatype == "BYTES":
+            texts = _flatten_strings(inp.data, where)
+            if len(texts) != math.prod(shape):
+                raise InputError(
+                    f"{where}.data: shape {list(shape)} needs {math.prod(shape)} elements, data has {len(texts)}",
+                    field=f"{where}.data",
+                )
+            decoded.append(DecodedInput(inp.name, "BYTES", shape, None, texts))
+        else:
+            decoded.append(
+                DecodedInput(
+                    inp.name, inp.datatype, shape, tensor_from_data(inp.data, inp.datatype, shape, where), None
+                )
+            )
+    if offset != len(binary):
+        raise InputError(
+            f"body: {len(binary) - offset} binary bytes are not claimed by any input's binary_data_size",
+            field="Inference-Header-Content-Length",
+        )
+    binary_default = bool(req.parameters.get("binary_data_output", False))
+    outputs: list[str] | None = None
+    binary_outputs: dict[str, bool] = {}
+    if req.outputs is not None:
+        outputs = []
+        for out in req.outputs:
+            outputs.append(out.name)
+            if "binary_data" in out.parameters:
+                binary_outputs[out.name] = bool(out.parameters["binary_data"])
+    return InferRequest(req.id, req.parameters, decoded, outputs, binary_outputs, binary_default)
+
+
+def field_of(message: str) -> str:
+    """msgspec's ``... - at `$.inputs[0].shape` `` (and ``missing required field `x` ``) -> our field name."""
+    m = re.search(r"at `\$\.?([^`]*)`", message)
+    path = m.group(1) if m else ""
+    missing = re.search(r"missing required field `([^`]+)`", message)
+    if missing:
+        path = f"{path}.{missing.group(1)}" if path else missing.group(1)
+    return path or "body"
+
+
+class _OutputJson(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] = {}
+    data: Any = None
+
+
+class _ResponseJson(msgspec.Struct, kw_only=True, omit_defaults=True):
+    model_name: str
+    model_version: str
+    outputs: list[_OutputJson]
+    id: str | None = None
+    parameters: dict[str, Any] = {}
+
+
+def encode_infer_response(
+    *,
+    model_name: str,
+    model_version: str,
+    outputs: list[tuple[str, Array | list[str]]],
+    binary: dict[str, bool],
+    request_id: str | None,
+    parameters: dict[str, Any] | None = None,
+) -> tuple[bytes, int | None]:
+    """Response bytes and the JSON header length (None when no output is binary)."""
+    items: list[_OutputJson] = []
+    chunks: list[bytes] = []
+    for name, value in outputs:
+        if isinstance(value, list):
+            datatype, shape = "BYTES", [len(value)]
+        else:
+            datatype, shape = datatype_of(value.dtype), list(value.shape)
+        if binary.get(name, False):
+            if isinstance(value, list):
+                chunk = encode_bytes_elements(value)
+            else:
+                arr = np.ascontiguousarray(value, dtype=DATATYPES[datatype])
+                chunk = arr.tobytes()
+            chunks.append(chunk)
+            items.append(
+                _OutputJson(name=name, datatype=datatype, shape=shape, parameters={"binary_data_size": len(chunk)})
+            )
+        else:
+            data = value if isinstance(value, list) else np.asarray(value).ravel().tolist()
+            items.append(_OutputJson(name=name, datatype=datatype, shape=shape, data=data))
+    header = msgspec.json.encode(
+        _ResponseJson(
+            model_name=model_name,
+            model_version=model_version,
+            outputs=items,
+            id=request_id,
+            parameters=parameters or {},
+        )
+    )
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)

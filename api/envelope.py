@@ -1,0 +1,185 @@
+"""The outermost ASGI layer: request id, in-flight/latency metrics, and the audit record.
+
+Every HTTP request (including 404/405 answered by the router) gets a
+:class:`RequestContext` in ``scope["state"]``, an ``X-Request-ID`` header on its
+response, one metrics observation, and exactly one audit record.  The response
+is held until :meth:`AuditSink.record` has returned: no answer (and so no
+inference result) leaves the box unrecorded.  If the audit sink fails, the client
+gets 503 instead of the held answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from api.metrics import Metrics
+from api.protocols import AuditEvent, AuditSink, Principal
+
+__all__ = ["RequestContext", "context_of", "envelope", "utc_iso"]
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+STATE_KEY = "inferbox_ctx"
+
+
+def utc_iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class RequestContext:
+    """What the handlers learn about a request, for the audit record and metrics."""
+
+    request_id: str
+    started: float
+    origin: str
+    action: str
+    event: str = "metadata"
+    route: str = ""
+    principal: Principal | None = None
+    model_name: str = ""
+    model_version: str = ""
+    model_sha256: str = ""
+    backend: str = ""
+    variant: str = ""
+    raw_body: bytes = b""
+    details: dict[str, str] = field(default_factory=dict)
+
+    def set_model(self, model: Any) -> None:
+        """Record the serving facts of a :class:`runtime.serving.LoadedModel`."""
+        self.model_name = model.name
+        self.model_version = str(model.version)
+        self.model_sha256 = model.package_sha256
+        self.backend = model.backend
+        self.variant = model.variant
+
+
+def context_of(scope: Any) -> RequestContext:
+    ctx = scope.get("state", {}).get(STATE_KEY)
+    if ctx is None:  # a scope that did not pass the envelope (should not happen)
+        ctx = RequestContext(request_id=uuid.uuid4().hex, started=0.0, origin="", action="")
+        scope.setdefault("state", {})[STATE_KEY] = ctx
+    assert isinstance(ctx, RequestContext)
+    return ctx
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k.lower() == name:
+            return bytes(v).decode("latin-1")
+    return None
+
+
+def envelope(
+    app: ASGIApp,
+    *,
+    audit: AuditSink | None,
+    metrics: Metrics,
+    clock: Callable[[], float],
+) -> ASGIApp:
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        client_id = _header(scope, b"x-request-id")
+        request_id = client_id if client_id and _SANE_ID.fullmatch(client_id) else uuid.uuid4().hex
+        client = scope.get("client") or ("", 0)
+        ctx = RequestContext(
+            request_id=request_id,
+            started=clock(),
+            origin=str(client[0]),
+            action=f"{scope.get('method', '')} {scope.get('path', '')}",
+        )
+        scope.setdefault("state", {})[STATE_KEY] = ctx
+        start_message: Message | None = None
+        chunks: list[bytes] = []
+        metrics.request_started()
+
+        async def hold(message: Message) -> None:
+            nonlocal start_message
+            if message["type"] == "http.response.start":
+                start_message = message
+            elif message["type"] == "http.response.body":
+                chunks.append(bytes(message.get("body", b"")))
+
+        status = 500
+        try:
+            await app(scope, receive, hold)
+            if start_message is None:  # the app sent nothing: answer 500 ourselves
+                start_message = {"type": "http.response.start", "status": 500, "headers": []}
+                chunks = [msgspec.json.encode({"error": f"internal error (request id {request_id})"})]
+            status = int(start_message["status"])
+            body = b"".join(chunks)
+            if audit is not None:
+                try:
+                    await audit.record(_event(ctx, audit, status, body, clock()))
+                except Exception:
+                    logger.exception("audit record failed for request %s; answering 503", request_id)
+                    status = 503
+                    body = msgspec.json.encode(
+                        {"error": f"the audit log cannot be written; request refused (request id {request_id})"}
+                    )
+                    start_message = {
+                        "type": "http.response.start",
+                        "status": 503,
+                        "headers": [(b"content-type", b"application/json"), (b"retry-after", b"5")],
+                    }
+            headers = [
+                (k, v)
+                for k, v in start_message.get("headers", [])
+                if bytes(k).lower() not in (b"x-request-id", b"content-length")
+            ]
+            headers.append((b"x-request-id", request_id.encode("latin-1")))
+            headers.append((b"content-length", str(len(body)).encode("ascii")))
+            await send({**start_message, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        finally:
+            metrics.request_finished(
+                model=ctx.model_name, route=ctx.route or "unmatched", status=status, seconds=clock() - ctx.started
+            )
+
+    return handle
+
+
+def _event(ctx: RequestContext, audit: AuditSink, status: int, body: bytes, ended: float) -> AuditEvent:
+    digest_in = audit.digest(ctx.raw_body)
+    digest_out = audit.digest(body)
+    event = ctx.event
+    if status in (401, 403) and event not in ("key_create", "key_revoke"):
+        event = "auth_failure"
+    return AuditEvent(
+        event=event,
+        action=ctx.action,
+        actor=ctx.principal.key_id if ctx.principal is not None else "anonymous",
+        origin=ctx.origin,
+        outcome="success" if status < 400 else "failure",
+        status=status,
+        started_at=utc_iso(ctx.started),
+        ended_at=utc_iso(ended),
+        request_id=ctx.request_id,
+        credential_id=ctx.principal.key_id if ctx.principal is not None else "",
+        model_name=ctx.model_name,
+        model_version=ctx.model_version,
+        model_sha256=ctx.model_sha256,
+        backend=ctx.backend,
+        variant=ctx.variant,
+        input_digest=digest_in.hexdigest,
+        output_digest=digest_out.hexdigest,
+        digest_key_id=digest_in.key_id,
+        details=dict(ctx.details),
+    )

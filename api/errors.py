@@ -1,0 +1,120 @@
+"""One map from errors to HTTP answers; handlers hold no try/except for domain errors.
+
+KServe routes answer ``{"error": "..."}``; OpenAI routes (``/v1/...``) answer
+``{"error": {"message", "type", "param", "code"}}``.  A 500 never carries a
+trace or an exception's text: a generic message and the request id only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from api.envelope import context_of
+from runtime.errors import (
+    AuthError,
+    ForbiddenError,
+    InferboxError,
+    InputError,
+    ModelNotFoundError,
+    OverloadError,
+    PackageError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    SelectionError,
+)
+
+__all__ = ["exception_handlers", "status_of"]
+
+logger = logging.getLogger(__name__)
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_OPENAI_CODES = {
+    401: "invalid_api_key",
+    404: "model_not_found",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    504: "timeout",
+}
+
+
+def status_of(exc: BaseException) -> int:
+    if isinstance(exc, PayloadTooLargeError):
+        return 413
+    if isinstance(exc, InputError):
+        return 400
+    if isinstance(exc, ModelNotFoundError):
+        return 404
+    if isinstance(exc, ForbiddenError):
+        return 403
+    if isinstance(exc, AuthError):
+        return 401
+    if isinstance(exc, OverloadError):
+        return 429
+    if isinstance(exc, RequestTimeoutError):
+        return 504
+    if isinstance(exc, PackageError | SelectionError):
+        return 409
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    return 500
+
+
+def _answer(
+    request: Request[Any, Any, Any], status: int, message: str, param: str | None, headers: dict[str, str]
+) -> Response[bytes]:
+    if request.url.path.startswith("/v1/"):
+        body: dict[str, Any] = {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(status, "server_error"),
+                "param": param,
+                "code": _OPENAI_CODES.get(status),
+            }
+        }
+    else:
+        body = {"error": message}
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    ctx = context_of(request.scope)
+    status = status_of(exc)
+    headers: dict[str, str] = {}
+    param: str | None = None
+    if (isinstance(exc, InferboxError) and status < 500) or isinstance(exc, PackageError | SelectionError):
+        message = str(exc)
+        if isinstance(exc, InputError):
+            param = exc.field
+        if isinstance(exc, AuthError) and not isinstance(exc, ForbiddenError):
+            headers["WWW-Authenticate"] = 'Bearer realm="inferbox"'
+        if isinstance(exc, OverloadError):
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif isinstance(exc, RequestTimeoutError):
+        message = str(exc)
+    elif isinstance(exc, HTTPException) and status < 500:
+        message = str(exc.detail)
+        if exc.extra:
+            message += f": {exc.extra}"
+        headers.update(exc.headers or {})
+    else:
+        logger.error("request %s failed", ctx.request_id, exc_info=exc)
+        message = f"internal error; the server log has the details under request id {ctx.request_id}"
+    ctx.details.setdefault("error", type(exc).__name__)
+    return _answer(request, status, message, param, headers)
+
+
+exception_handlers: dict[type[Exception] | int, Any] = {Exception: _handle}

@@ -1,0 +1,251 @@
+"""KServe v2 / Open Inference Protocol routes, with the binary tensor data and repository extensions.
+
+Health is open; server and model metadata and inference need an ``infer`` scope
+(``infer:<model>`` for one model); the repository extension needs ``models:admin``.
+A text model is presented as one BYTES input ``text`` (shape ``[-1]``) and its
+embedding output (FP32 ``[-1, D]``): send strings, get vectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.handlers import HTTPRouteHandler
+
+from api.codec import InferRequest, datatype_of, decode_infer_request, encode_infer_response
+from api.envelope import context_of
+from api.server import Server
+from runtime.errors import InputError, ModelNotFoundError
+from runtime.serving import LoadedModel
+
+__all__ = ["EXTENSIONS", "TEXT_INPUT", "embedding_dim", "model_metadata", "routes"]
+
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+TEXT_INPUT = "text"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+Req = Request[Any, Any, Any]
+
+
+def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+    return Response(msgspec.json.encode(value), status_code=status, media_type="application/json", headers=headers)
+
+
+def _server(request: Req) -> Server:
+    server = request.app.state["server"]
+    assert isinstance(server, Server)
+    return server
+
+
+def _model(request: Req, name: str, version: int | None) -> LoadedModel:
+    model = _server(request).registry.get(name, version)
+    context_of(request.scope).set_model(model)
+    return model
+
+
+def _text_output(model: LoadedModel) -> tuple[str, list[int]]:
+    cfg = model.manifest.text
+    name = (cfg.output if cfg is not None and cfg.output else "") or model.manifest.outputs[0].name
+    dim = -1
+    for spec in model.manifest.outputs:
+        if spec.name == name and spec.shape:
+            dim = spec.shape[-1]
+    return name, [-1, dim]
+
+
+def embedding_dim(model: LoadedModel) -> int:
+    """The embedding width from the manifest (-1 when dynamic)."""
+    return _text_output(model)[1][-1]
+
+
+def model_metadata(model: LoadedModel) -> dict[str, Any]:
+    if model.is_text:
+        out_name, out_shape = _text_output(model)
+        inputs = [{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1]}]
+        outputs = [{"name": out_name, "datatype": "FP32", "shape": out_shape}]
+    else:
+        inputs = [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": s.shape} for s in model.manifest.inputs]
+        outputs = [{"name": s.name, "datatype": datatype_of(s.dtype), "shape": s.shape} for s in model.manifest.outputs]
+    return {
+        "name": model.name,
+        "versions": [str(model.version)],
+        "platform": f"inferbox_{model.backend}",
+        "inputs": inputs,
+        "outputs": outputs,
+        "parameters": {"task": model.manifest.task, "variant": model.variant, "backend": model.backend},
+    }
+
+
+@get("/v2", opt={"scope": "infer"})
+async def server_metadata(request: Req) -> Response[bytes]:
+    c = _server(request).config
+    return _json({"name": c.server_name, "version": c.server_version, "extensions": EXTENSIONS})
+
+
+@get("/v2/health/live")
+async def health_live() -> Response[bytes]:
+    return _json({"live": True})
+
+
+@get("/v2/health/ready")
+async def health_ready(request: Req) -> Response[bytes]:
+    ready = bool(_server(request).registry.loaded())
+    return _json({"ready": ready}, status=200 if ready else 503)
+
+
+@get(["/v2/models/{name:str}", "/v2/models/{name:str}/versions/{version:int}"], opt={"scope": "infer"})
+async def metadata(request: Req, name: str, version: int | None = None) -> Response[bytes]:
+    return _json(model_metadata(_model(request, name, version)))
+
+
+@get(["/v2/models/{name:str}/ready", "/v2/models/{name:str}/versions/{version:int}/ready"], opt={"scope": "infer"})
+async def model_ready(request: Req, name: str, version: int | None = None) -> Response[bytes]:
+    server = _server(request)
+    try:
+        _model(request, name, version)
+    except ModelNotFoundError:
+        known = any(e.name == name and (version is None or e.version == version) for e in server.registry.index())
+        if not known:
+            raise
+        return _json({"name": name, "ready": False}, status=503)
+    return _json({"name": name, "ready": True})
+
+
+async def _infer(request: Req, name: str, version: int | None) -> Response[bytes]:
+    server = _server(request)
+    ctx = context_of(request.scope)
+    ctx.event = "inference"
+    model = _model(request, name, version)
+    body = await server.read_body(request)
+    header = request.headers.get(HEADER_LENGTH)
+    if header is not None and not header.strip().isdigit():
+        raise InputError(f"{HEADER_LENGTH}: {header!r} is not a byte count", field=HEADER_LENGTH)
+    c = server.config
+    req = decode_infer_request(
+        body,
+        header_length=int(header) if header is not None else None,
+        max_inputs=c.max_inputs,
+        max_tensor_elements=c.max_tensor_elements,
+        max_json_depth=c.max_json_depth,
+    )
+    results = await (_infer_text(server, model, req) if model.is_text else _infer_tensor(server, model, req))
+    binary = {name: req.binary_outputs.get(name, req.binary_default) for name, _ in results}
+    params = {k: v for k, v in req.parameters.items() if k != "binary_data_output"}
+    payload, header_len = encode_infer_response(
+        model_name=model.name,
+        model_version=str(model.version),
+        outputs=results,
+        binary=binary,
+        request_id=req.id,
+        parameters=params,
+    )
+    ctx.details["outputs"] = str(len(results))
+    if header_len is None:
+        return Response(payload, media_type="application/json")
+    return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len)})
+
+
+async def _infer_tensor(server: Server, model: LoadedModel, req: InferRequest) -> list[tuple[str, Any]]:
+    inputs: dict[str, Any] = {}
+    for i, inp in enumerate(req.inputs):
+        if inp.array is None:
+            raise InputError(
+                f"inputs[{i}].datatype: model {model.name!r} takes tensors, not BYTES", field=f"inputs[{i}].datatype"
+            )
+        inputs[inp.name] = inp.array
+    result = await server.infer(model, inputs, req.outputs)
+    names = req.outputs if req.outputs is not None else model.output_names()
+    return [(n, result[n]) for n in names]
+
+
+async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> list[tuple[str, Any]]:
+    out_name, _ = _text_output(model)
+    if len(req.inputs) != 1 or req.inputs[0].texts is None:
+        raise InputError(
+            f"inputs: model {model.name!r} takes one BYTES input {TEXT_INPUT!r} holding the texts", field="inputs"
+        )
+    if req.outputs is not None:
+        for i, n in enumerate(req.outputs):
+            if n != out_name:
+                raise InputError(
+                    f"outputs[{i}].name: model {model.name!r} has no output {n!r}; it has [{out_name!r}]",
+                    field=f"outputs[{i}].name",
+                )
+    vectors, _counts = await server.embed(model, req.inputs[0].texts)
+    return [(out_name, vectors)]
+
+
+@post(
+    ["/v2/models/{name:str}/infer", "/v2/models/{name:str}/versions/{version:int}/infer"],
+    opt={"scope": "infer"},
+    status_code=200,
+)
+async def infer(request: Req, name: str, version: int | None = None) -> Response[bytes]:
+    return await _infer(request, name, version)
+
+
+class _IndexRequest(msgspec.Struct, kw_only=True):
+    ready: bool = False
+
+
+@post("/v2/repository/index", opt={"scope": "models:admin"}, status_code=200)
+async def repository_index(request: Req) -> Response[bytes]:
+    server = _server(request)
+    body = await server.read_body(request)
+    ready_only = False
+    if body.strip():
+        try:
+            ready_only = msgspec.json.decode(body, type=_IndexRequest).ready
+        except msgspec.ValidationError as exc:
+            raise InputError(f"body: {exc}", field="ready") from None
+        except msgspec.DecodeError as exc:
+            raise InputError(f"body: not valid JSON: {exc}", field="body") from None
+    entries = [
+        {"name": e.name, "version": str(e.version), "state": e.state, "reason": e.reason}
+        for e in server.registry.index()
+        if not ready_only or e.state == "READY"
+    ]
+    return _json(entries)
+
+
+@post("/v2/repository/models/{name:str}/load", opt={"scope": "models:admin"}, status_code=200)
+async def repository_load(request: Req, name: str) -> Response[bytes]:
+    import anyio.to_thread
+
+    server = _server(request)
+    ctx = context_of(request.scope)
+    ctx.event = "model_load"
+    ctx.model_name = name
+    await server.read_body(request)
+    model = await anyio.to_thread.run_sync(server.registry.load, name, None)
+    ctx.set_model(model)
+    return _json({})
+
+
+@post("/v2/repository/models/{name:str}/unload", opt={"scope": "models:admin"}, status_code=200)
+async def repository_unload(request: Req, name: str) -> Response[bytes]:
+    server = _server(request)
+    ctx = context_of(request.scope)
+    ctx.event = "model_unload"
+    ctx.model_name = name
+    await server.read_body(request)
+    model = server.registry.get(name)
+    ctx.set_model(model)
+    await server.drop(name)
+    server.registry.unload(name)
+    return _json({})
+
+
+routes: list[HTTPRouteHandler] = [
+    server_metadata,
+    health_live,
+    health_ready,
+    metadata,
+    model_ready,
+    infer,
+    repository_index,
+    repository_load,
+    repository_unload,
+]

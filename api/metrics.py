@@ -1,0 +1,170 @@
+"""Prometheus metrics, written by hand in the text exposition format (no dependency).
+
+Series (all prefixed ``inferbox_``): ``requests_total{model,route,status}``,
+``request_duration_seconds{route}`` (histogram), ``queue_seconds{model}``,
+``batch_size{model}``, ``inference_seconds{model}`` (histograms, from the
+batchers), ``in_flight_requests``, ``queue_depth{model}``, and
+``model_info{model,version,backend,variant,exec_precision}`` (always 1: the
+backend in use).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from runtime.batcher import BatchStats
+
+__all__ = ["CONTENT_TYPE", "Histogram", "Metrics", "ModelInfo"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: Sequence[tuple[str, str]]) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+
+
+def _num(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * len(self.buckets)
+
+    def observe(self, value: float, n: int = 1) -> None:
+        i = bisect.bisect_left(self.buckets, value)
+        if i < len(self.counts):
+            self.counts[i] += n
+        self.total += value * n
+        self.count += n
+
+    def lines(self, name: str, labels: Sequence[tuple[str, str]]) -> Iterable[str]:
+        running = 0
+        for le, c in zip(self.buckets, self.counts, strict=True):
+            running += c
+            yield f"{name}_bucket{_labels([*labels, ('le', _num(le))])} {running}"
+        yield f"{name}_bucket{_labels([*labels, ('le', '+Inf')])} {self.count}"
+        yield f"{name}_sum{_labels(labels)} {_num(self.total)}"
+        yield f"{name}_count{_labels(labels)} {self.count}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: str
+    version: str
+    backend: str
+    variant: str
+    exec_precision: str
+
+
+class Metrics:
+    """Process-local metrics; thread-safe. Render with :meth:`render`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.durations: dict[str, Histogram] = {}
+        self.queue: dict[str, Histogram] = {}
+        self.inference: dict[str, Histogram] = {}
+        self.in_flight = 0
+
+    def request_started(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def request_finished(self, *, model: str, route: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            key = (model, route, str(status))
+            self.requests[key] = self.requests.get(key, 0) + 1
+            self.durations.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
+
+    def _absorb(self, model: str, stats: BatchStats) -> None:
+        queue_times, inference_times = stats.drain()
+        q = self.queue.setdefault(model, Histogram(LATENCY_BUCKETS))
+        for t in queue_times:
+            q.observe(t)
+        h = self.inference.setdefault(model, Histogram(LATENCY_BUCKETS))
+        for t in inference_times:
+            h.observe(t)
+
+    def render(self, batchers: dict[str, BatchStats], models: Sequence[ModelInfo]) -> str:
+        out: list[str] = []
+        with self._lock:
+            for model, stats in batchers.items():
+                self._absorb(model, stats)
+            out += [
+                "# HELP inferbox_requests_total HTTP requests by model, route and status.",
+                "# TYPE inferbox_requests_total counter",
+            ]
+            for (model, route, status), n in sorted(self.requests.items()):
+                out.append(
+                    f"inferbox_requests_total{_labels([('model', model), ('route', route), ('status', status)])} {n}"
+                )
+            out += [
+                "# HELP inferbox_request_duration_seconds Request latency by route.",
+                "# TYPE inferbox_request_duration_seconds histogram",
+            ]
+            for route, h in sorted(self.durations.items()):
+                out += h.lines("inferbox_request_duration_seconds", [("route", route)])
+            out += [
+                "# HELP inferbox_in_flight_requests Requests being served now.",
+                "# TYPE inferbox_in_flight_requests gauge",
+                f"inferbox_in_flight_requests {self.in_flight}",
+            ]
+            out += [
+                "# HELP inferbox_queue_seconds Time a request waited in the batch queue.",
+                "# TYPE inferbox_queue_seconds histogram",
+            ]
+            for model, h in sorted(self.queue.items()):
+                out += h.lines("inferbox_queue_seconds", [("model", model)])
+            out += [
+                "# HELP inferbox_inference_seconds Time one batch spent in the session.",
+                "# TYPE inferbox_inference_seconds histogram",
+            ]
+            for model, h in sorted(self.inference.items()):
+                out += h.lines("inferbox_inference_seconds", [("model", model)])
+        out += ["# HELP inferbox_batch_size Rows per batch run.", "# TYPE inferbox_batch_size histogram"]
+        for model, stats in sorted(batchers.items()):
+            h = Histogram(BATCH_BUCKETS)
+            for size, n in stats.batch_sizes.items():
+                h.observe(size, n)
+            out += h.lines("inferbox_batch_size", [("model", model)])
+        out += ["# HELP inferbox_queue_depth Requests waiting in the batch queue.", "# TYPE inferbox_queue_depth gauge"]
+        for model, stats in sorted(batchers.items()):
+            out.append(f"inferbox_queue_depth{_labels([('model', model)])} {stats.queue_depth}")
+        out += [
+            "# HELP inferbox_model_info The backend and variant serving each loaded model.",
+            "# TYPE inferbox_model_info gauge",
+        ]
+        for m in models:
+            labels = [
+                ("model", m.model),
+                ("version", m.version),
+                ("backend", m.backend),
+                ("variant", m.variant),
+                ("exec_precision", m.exec_precision),
+            ]
+            out.append(f"inferbox_model_info{_labels(labels)} 1")
+        return "\n".join(out) + "\n"

@@ -1,0 +1,127 @@
+"""OpenAI-compatible routes: ``POST /v1/embeddings`` and ``GET /v1/models``.
+
+``input`` is a string or a list of strings (token arrays are refused: the server
+tokenizes with the model's own tokenizer); ``encoding_format`` is ``float`` or
+``base64`` (little-endian float32, as OpenAI sends it); ``dimensions`` is refused
+unless it equals the model's.  ``usage.prompt_tokens`` counts the model's tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+from litestar import Request, Response, get, post
+from litestar.handlers import HTTPRouteHandler
+
+from api.codec import field_of, json_depth
+from api.envelope import context_of
+from api.kserve import embedding_dim
+from api.server import Server
+from runtime.errors import ForbiddenError, InputError, ModelNotFoundError
+
+__all__ = ["EmbeddingsRequest", "routes"]
+
+Req = Request[Any, Any, Any]
+
+
+class EmbeddingsRequest(msgspec.Struct, kw_only=True):
+    input: Any
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class _Embedding(msgspec.Struct):
+    index: int
+    embedding: list[float] | str
+    object: str = "embedding"
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class _EmbeddingsResponse(msgspec.Struct):
+    data: list[_Embedding]
+    model: str
+    usage: _Usage
+    object: str = "list"
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise InputError("input: must be a string or a list of strings", field="input")
+    if not value:
+        raise InputError("input: must not be empty", field="input")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            what = "token arrays are not accepted; send text" if isinstance(item, list | int) else "must be a string"
+            raise InputError(f"input[{i}]: {what}", field=f"input[{i}]")
+    return list(value)
+
+
+def _check_dimensions(wanted: int | None, dim: int, model: str) -> None:
+    if wanted is not None and dim > 0 and wanted != dim:
+        raise InputError(
+            f"dimensions: model {model!r} gives {dim} dimensions and cannot shorten them; omit dimensions",
+            field="dimensions",
+        )
+
+
+@post("/v1/embeddings", opt={"scope": "infer"}, status_code=200)
+async def embeddings(request: Req) -> Response[bytes]:
+    server: Server = request.app.state["server"]
+    ctx = context_of(request.scope)
+    ctx.event = "inference"
+    body = await server.read_body(request)
+    depth = json_depth(body)
+    if depth > server.config.max_json_depth:
+        raise InputError(f"body: JSON nesting depth {depth} is over the limit", field="body")
+    try:
+        req = msgspec.json.decode(body, type=EmbeddingsRequest)
+    except msgspec.ValidationError as exc:
+        field = field_of(str(exc))
+        raise InputError(f"{field}: {exc}", field=field) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise InputError(f"body: not valid JSON: {exc}", field="body") from None
+    ctx.model_name = req.model
+    model = server.registry.get(req.model)
+    ctx.set_model(model)
+    if not model.is_embedding:
+        raise ModelNotFoundError(f"model: {req.model!r} is not an embedding model; see GET /v1/models")
+    principal = ctx.principal
+    if principal is not None and principal.key_id != "anonymous" and not principal.allows("infer", model.name):
+        raise ForbiddenError(f"key {principal.key_id} lacks the scope infer on model {model.name!r}")
+    texts = _texts(req.input)
+    _check_dimensions(req.dimensions, embedding_dim(model), model.name)
+    vectors, counts = await server.embed(model, texts)
+    _check_dimensions(req.dimensions, int(vectors.shape[1]), model.name)
+    data: list[_Embedding] = []
+    for i, vec in enumerate(vectors):
+        if req.encoding_format == "base64":
+            emb: list[float] | str = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
+        else:
+            emb = np.asarray(vec, dtype=np.float32).tolist()
+        data.append(_Embedding(index=i, embedding=emb))
+    total = int(sum(counts))
+    ctx.details["inputs"] = str(len(texts))
+    ctx.details["tokens"] = str(total)
+    out = _EmbeddingsResponse(data=data, model=model.name, usage=_Usage(prompt_tokens=total, total_tokens=total))
+    return Response(msgspec.json.encode(out), media_type="application/json")
+
+
+@get("/v1/models", opt={"scope": "infer"})
+async def list_models(request: Req) -> Response[bytes]:
+    server: Server = request.app.state["server"]
+    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "inferbox"} for m in server.registry.loaded()]
+    return Response(msgspec.json.encode({"object": "list", "data": data}), media_type="application/json")
+
+
+routes: list[HTTPRouteHandler] = [embeddings, list_models]

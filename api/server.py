@@ -1,0 +1,189 @@
+"""What the handlers share: the registry, one batcher per loaded model, limits, metrics.
+
+Handlers reach it as ``request.app.state["server"]``.  Batchers are created
+lazily on the event loop for the model version in use and stopped when a model
+is unloaded or the app shuts down.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from litestar import Request
+
+from api.config import ApiConfig
+from api.envelope import context_of
+from api.metrics import Metrics, ModelInfo
+from runtime.batcher import BatchStats, DynamicBatcher, length_bucket
+from runtime.errors import InputError, PayloadTooLargeError
+from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
+
+__all__ = ["Server", "TextItem"]
+
+logger = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]
+
+
+class TextItem:
+    """One text queued for embedding; grouped by its token-length bucket."""
+
+    __slots__ = ("bucket", "text")
+
+    def __init__(self, text: str, tokens: int) -> None:
+        self.text = text
+        self.bucket = length_bucket(tokens)
+
+
+class Server:
+    def __init__(
+        self, registry: ModelRegistry, config: ApiConfig, metrics: Metrics, clock: Callable[[], float]
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self._tensor: dict[str, tuple[LoadedModel, DynamicBatcher[TensorRequest, dict[str, Array]]]] = {}
+        self._text: dict[str, tuple[LoadedModel, DynamicBatcher[TextItem, tuple[Array, int]]]] = {}
+
+    # -- life cycle -------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        for name in list({*self._tensor, *self._text}):
+            await self.drop(name)
+
+    async def drop(self, name: str) -> None:
+        tensor = self._tensor.pop(name, None)
+        text = self._text.pop(name, None)
+        if tensor is not None:
+            await tensor[1].stop()
+        if text is not None:
+            await text[1].stop()
+
+    def _batcher_kwargs(self, model: LoadedModel) -> dict[str, Any]:
+        c = self.config
+        return {
+            "max_batch_size": c.max_batch_size,
+            "max_delay_s": c.max_queue_delay_s,
+            "queue_limit": c.queue_limit,
+            "timeout_s": c.request_timeout_s,
+            "clock": self.clock,
+            "name": model.name,
+        }
+
+    async def tensor_batcher(self, model: LoadedModel) -> DynamicBatcher[TensorRequest, dict[str, Array]]:
+        current = self._tensor.get(model.name)
+        if current is not None and current[0] is model:
+            return current[1]
+        if current is not None:
+            await self.drop(model.name)
+        batcher: DynamicBatcher[TensorRequest, dict[str, Array]] = DynamicBatcher(
+            run_tensor_batch(model), group=tensor_group(model), rows=lambda r: r.rows, **self._batcher_kwargs(model)
+        )
+        batcher.start()
+        self._tensor[model.name] = (model, batcher)
+        return batcher
+
+    async def text_batcher(self, model: LoadedModel) -> DynamicBatcher[TextItem, tuple[Array, int]]:
+        current = self._text.get(model.name)
+        if current is not None and current[0] is model:
+            return current[1]
+        if current is not None:
+            await self.drop(model.name)
+        truncate = self.config.truncate
+
+        def run(items: list[TextItem]) -> list[tuple[Array, int]]:
+            vectors, counts = model.embed([i.text for i in items], truncate=truncate)
+            return [(vectors[i], counts[i]) for i in range(len(items))]
+
+        batcher: DynamicBatcher[TextItem, tuple[Array, int]] = DynamicBatcher(
+            run, group=lambda i: i.bucket, **self._batcher_kwargs(model)
+        )
+        batcher.start()
+        self._text[model.name] = (model, batcher)
+        return batcher
+
+    # -- work -------------------------------------------------------------------------------------
+    async def embed(self, model: LoadedModel, texts: list[str]) -> tuple[Array, list[int]]:
+        """Embeddings [N, D] and token counts; each text is batched on its own (grouped by length)."""
+        import asyncio
+
+        if len(texts) > self.config.max_inputs:
+            raise InputError(
+                f"input: {len(texts)} texts is over the limit of {self.config.max_inputs} per request",
+                field="input",
+            )
+        counts = model.count_tokens(texts, truncate=self.config.truncate)
+        batcher = await self.text_batcher(model)
+        results = await asyncio.gather(*(batcher.submit(TextItem(t, n)) for t, n in zip(texts, counts, strict=True)))
+        if not results:
+            return np.zeros((0, 0), dtype=np.float32), []
+        return np.stack([r[0] for r in results]), [r[1] for r in results]
+
+    async def infer(self, model: LoadedModel, inputs: dict[str, Array], outputs: list[str] | None) -> dict[str, Array]:
+        feeds = model.check_inputs(inputs)
+        wanted = model.check_outputs(outputs)
+        request = TensorRequest(feeds, tuple(wanted) if wanted is not None else None)
+        if model.batchable and request.rows > self.config.max_inputs:
+            raise InputError(
+                f"inputs: {request.rows} rows is over the limit of {self.config.max_inputs} per request",
+                field="inputs",
+            )
+        batcher = await self.tensor_batcher(model)
+        return await batcher.submit(request)
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def read_body(self, request: Request[Any, Any, Any]) -> bytes:
+        """The body, decompressed (gzip / deflate), at most ``max_body_bytes`` before and after."""
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise PayloadTooLargeError(
+                f"body: {length} bytes is over the limit of {limit} (max_body_bytes)", field="body"
+            )
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"body: over the limit of {limit} bytes (max_body_bytes)", field="body")
+            parts.append(chunk)
+        raw = b"".join(parts)
+        context_of(request.scope).raw_body = raw
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return raw
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            raise InputError(
+                f"Content-Encoding: {encoding!r} is not supported; send gzip, deflate or identity",
+                field="Content-Encoding",
+            )
+        # wbits 47: zlib or gzip header, auto-detected; raw deflate as a fallback for "deflate"
+        for wbits in (47,) if encoding != "deflate" else (47, -15):
+            inflater = zlib.decompressobj(wbits)
+            try:
+                out = inflater.decompress(raw, limit + 1)
+            except zlib.error:
+                continue
+            if len(out) > limit or inflater.unconsumed_tail:
+                raise PayloadTooLargeError(
+                    f"body: over the limit of {limit} bytes after decompression (max_body_bytes)", field="body"
+                )
+            return out
+        raise InputError(f"body: not valid {encoding} data", field="Content-Encoding")
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def render_metrics(self) -> str:
+        stats: dict[str, BatchStats] = {}
+        for name, (_, b) in self._tensor.items():
+            stats[name] = b.stats
+        for name, (_, tb) in self._text.items():
+            stats[name if name not in stats else f"{name}:text"] = tb.stats
+        models = [
+            ModelInfo(m.name, str(m.version), m.backend, m.variant, m.exec_precision) for m in self.registry.loaded()
+        ]
+        return self.metrics.render(stats, models)

@@ -1,0 +1,167 @@
+"""``inferbox keys create | list | revoke``: manage API keys (a thin shell over :mod:`appliance.keys`).
+
+Key creation and revocation are recorded to the audit log (``key_create`` /
+``key_revoke``) when audit is on: the log is opened *before* the key is touched,
+so an audit log that cannot be written stops the command.  The recorder is
+built by :data:`recorder_factory` (settings -> ``record(event)`` or None), which a
+composition root or a test may replace.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from api.protocols import AuditEvent
+from appliance.commands.options import build_settings, state_options
+from appliance.keys import KeyStore, parse_expiry
+from appliance.settings import Settings
+
+__all__ = ["Recorder", "keys", "recorder_factory"]
+
+Recorder = Callable[[AuditEvent], None]
+
+
+@contextmanager
+def _audit_log_recorder(settings: Settings) -> Iterator[Recorder | None]:
+    """The appliance's audit log when ``settings.audit`` is on, else None."""
+    if not settings.audit:
+        yield None
+        return
+    from appliance.audit.log import AuditLog
+
+    log = AuditLog.open(settings)
+
+    def record(event: AuditEvent) -> None:
+        log.append(event)
+
+    try:
+        yield record
+    finally:
+        log.close()
+
+
+#: settings -> context manager yielding a recorder (or None: not recorded)
+recorder_factory: Callable[[Settings], AbstractContextManager[Recorder | None]] = _audit_log_recorder
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _event(kind: str, action: str, key_id: str, details: dict[str, str], started: str) -> AuditEvent:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return AuditEvent(
+        event=kind,
+        action=action,
+        actor=f"cli:{user}",
+        origin=socket.gethostname(),
+        outcome="success",
+        status=0,
+        started_at=started,
+        ended_at=_now(),
+        credential_id=key_id,
+        details=details,
+    )
+
+
+@click.group()
+def keys() -> None:
+    """Create, list and revoke API keys (shown once, stored only as a hash)."""
+
+
+@keys.command("create")
+@state_options
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    help="infer | infer:<model> | models:admin | keys:admin | audit:read (repeatable).",
+)
+@click.option("--model", default=None, help="Narrow the infer scope to this model.")
+@click.option("--expires", default=None, help="Expiry: YYYY-MM-DD (00:00 UTC) or an ISO 8601 time.")
+@click.option("--name", default="", help="A label for the key (who or what uses it).")
+@click.option("--rate-limit", "rate_limit", type=int, default=0, help="Requests per minute for this key (0 = default).")
+@click.option("--json", "as_json", is_flag=True, help='Print {"id": ..., "key": ...}.')
+def create(
+    *,
+    home: Path | None,
+    repository: Path | None,
+    scopes: tuple[str, ...],
+    model: str | None,
+    expires: str | None,
+    name: str,
+    rate_limit: int,
+    as_json: bool,
+) -> None:
+    """Create a key and print it once."""
+    settings = build_settings(home=home, repository=repository)
+    started = _now()
+    expiry = parse_expiry(expires) if expires else None
+    with recorder_factory(settings) as record:
+        store = KeyStore(settings.state_db)
+        try:
+            rec, secret = store.create(scopes, model=model, expires=expiry, name=name, rate_limit_per_minute=rate_limit)
+        finally:
+            store.close()
+        if record is not None:
+            details = {"scopes": ",".join(rec.scopes), "name": name, "expires_at": rec.expires_at or ""}
+            record(_event("key_create", "inferbox keys create", rec.id, details, started))
+    if as_json:
+        click.echo(json.dumps({"id": rec.id, "key": secret}))
+        return
+    click.echo(f"created key {rec.id} (scopes: {', '.join(rec.scopes)})")
+    click.echo(secret)
+    click.echo("This key is shown only once: store it now. Only its hash is kept.", err=True)
+
+
+@keys.command("list")
+@state_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_keys(home: Path | None, repository: Path | None, as_json: bool) -> None:
+    """List keys (ids, scopes, state; never the secrets)."""
+    settings = build_settings(home=home, repository=repository)
+    store = KeyStore(settings.state_db)
+    try:
+        records = store.list()
+    finally:
+        store.close()
+    now = datetime.now(UTC)
+    if as_json:
+        click.echo(json.dumps([{**r.as_dict(), "state": r.state(now)} for r in records], indent=2))
+        return
+    if not records:
+        click.echo("no keys; create one with `inferbox keys create --scope infer`")
+        return
+    for r in records:
+        expiry = r.expires_at or "never"
+        click.echo(f"{r.id}  {r.state(now):8}  {','.join(r.scopes):30}  expires {expiry}  {r.name}")
+
+
+@keys.command("revoke")
+@state_options
+@click.argument("key_id")
+def revoke(home: Path | None, repository: Path | None, key_id: str) -> None:
+    """Revoke a key at once."""
+    settings = build_settings(home=home, repository=repository)
+    started = _now()
+    with recorder_factory(settings) as record:
+        store = KeyStore(settings.state_db)
+        try:
+            rec = store.revoke(key_id)
+        finally:
+            store.close()
+        if record is not None:
+            record(_event("key_revoke", "inferbox keys revoke", rec.id, {}, started))
+    click.echo(f"revoked key {rec.id}")

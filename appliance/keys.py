@@ -1,0 +1,270 @@
+"""API keys: shown once, stored only as a SHA-256 hash, compared in constant time.
+
+A key is ``ibx_<id>_<secret>`` (``id``: 12 hex characters, public, the audit
+actor; ``secret``: 32 random bytes, URL-safe base64).  The table ``api_keys`` in
+the state database (``settings.state_db``; WAL, busy timeout, ``BEGIN
+IMMEDIATE`` for writes, so the server and the CLI share it) holds the id, a
+name, the scopes, the SHA-256 of the whole key, creation / expiry / revocation
+times and an optional per-key rate limit.  :class:`KeyStore` implements
+:class:`api.protocols.KeyVerifier`.
+
+Scopes: ``infer`` (every model), ``infer:<model>`` (one model), ``models:admin``,
+``keys:admin``, ``audit:read``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from api.protocols import Principal
+from runtime.errors import AuthError, InputError
+
+__all__ = ["SCOPES", "KeyRecord", "KeyStore", "parse_expiry"]
+
+SCOPES = ("infer", "models:admin", "keys:admin", "audit:read")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_KEY = re.compile(r"ibx_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+_DUMMY_HASH = hashlib.sha256(b"inferbox: no such key").hexdigest()
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    scopes TEXT NOT NULL,
+    key_sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT,
+    revoked_at TEXT,
+    rate_limit_per_minute INTEGER NOT NULL DEFAULT 0
+)
+"""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def parse_expiry(text: str) -> datetime:
+    """``YYYY-MM-DD`` (the key expires at 00:00 UTC that day) or an ISO 8601 time (UTC if no zone)."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InputError(
+            f"--expires: {text!r} is not a date; use YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS][+HH:MM]", field="expires"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A key as stored (never the secret)."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    rate_limit_per_minute: int = 0
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and _parse_iso(self.expires_at) <= now:
+            return "expired"
+        return "active"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "scopes": list(self.scopes),
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+            "rate_limit_per_minute": self.rate_limit_per_minute,
+        }
+
+
+def _check_scopes(scopes: Sequence[str], model: str | None) -> tuple[str, ...]:
+    if not scopes:
+        raise InputError(f"--scope: give at least one of {', '.join(SCOPES)} or infer:<model>", field="scope")
+    if model is not None and not _MODEL_NAME.fullmatch(model):
+        raise InputError(f"--model: {model!r} is not a model name", field="model")
+    out: list[str] = []
+    for scope in scopes:
+        if scope.startswith("infer:") and _MODEL_NAME.fullmatch(scope.removeprefix("infer:")):
+            out.append(scope)
+        elif scope == "infer" and model is not None:
+            out.append(f"infer:{model}")
+        elif scope in SCOPES:
+            out.append(scope)
+        else:
+            raise InputError(
+                f"--scope: {scope!r} is not a scope; use one of {', '.join(SCOPES)} or infer:<model>", field="scope"
+            )
+    if model is not None and not any(s.startswith("infer:") for s in out):
+        raise InputError("--model: only narrows the infer scope; add --scope infer", field="model")
+    return tuple(dict.fromkeys(out))
+
+
+class KeyStore:
+    """SQLite-backed API keys. Thread-safe; one connection, serialized by a lock."""
+
+    def __init__(self, db_path: Path, *, clock: Callable[[], datetime] = _now) -> None:
+        import sqlite_utils
+
+        db_path = Path(db_path)
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = db_path
+        self._clock = clock
+        self._lock = threading.Lock()
+        conn = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None, timeout=10.0)
+        self.db = sqlite_utils.Database(conn)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        self.db.enable_wal()
+        conn.execute("PRAGMA synchronous = FULL")
+        with self._write():
+            conn.execute(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self.db.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # -- managing ---------------------------------------------------------------------------------
+    def create(
+        self,
+        scopes: Sequence[str],
+        *,
+        model: str | None = None,
+        expires: datetime | None = None,
+        name: str = "",
+        rate_limit_per_minute: int = 0,
+    ) -> tuple[KeyRecord, str]:
+        """A new key: its record and the secret (shown once; only its hash is kept)."""
+        checked = _check_scopes(scopes, model)
+        now = self._clock()
+        if expires is not None and expires <= now:
+            raise InputError(f"--expires: {_iso(expires)} is in the past", field="expires")
+        if rate_limit_per_minute < 0:
+            raise InputError("rate_limit_per_minute: must be >= 0", field="rate_limit_per_minute")
+        key_id = secrets.token_hex(6)
+        secret = f"ibx_{key_id}_{secrets.token_urlsafe(32)}"
+        record = KeyRecord(
+            id=key_id,
+            name=name,
+            scopes=checked,
+            created_at=_iso(now),
+            expires_at=_iso(expires) if expires is not None else None,
+            revoked_at=None,
+            rate_limit_per_minute=rate_limit_per_minute,
+        )
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO api_keys (id, name, scopes, key_sha256, created_at, expires_at, revoked_at, "
+                "rate_limit_per_minute) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                (
+                    key_id,
+                    name,
+                    json.dumps(list(checked)),
+                    hashlib.sha256(secret.encode()).hexdigest(),
+                    record.created_at,
+                    record.expires_at,
+                    rate_limit_per_minute,
+                ),
+            )
+        return record, secret
+
+    def list(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = list(self.db.query("SELECT * FROM api_keys ORDER BY created_at, id"))
+        return [_record(r) for r in rows]
+
+    def get(self, key_id: str) -> KeyRecord:
+        with self._lock:
+            rows = list(self.db.query("SELECT * FROM api_keys WHERE id = ?", [key_id]))
+        if not rows:
+            raise InputError(f"key {key_id!r} does not exist; see `inferbox keys list`", field="id")
+        return _record(rows[0])
+
+    def revoke(self, key_id: str) -> KeyRecord:
+        """Revoke a key at once (idempotent); an unknown id is an error."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (_iso(self._clock()), key_id)
+            )
+            found = cur.rowcount
+        if not found:
+            raise InputError(f"key {key_id!r} does not exist; see `inferbox keys list`", field="id")
+        return self.get(key_id)
+
+    def count(self) -> int:
+        with self._lock:
+            rows = list(self.db.query("SELECT COUNT(*) AS n FROM api_keys"))
+        return int(rows[0]["n"])
+
+    # -- verifying ---------------------------------------------------------------------------------
+    def verify(self, secret: str) -> Principal:
+        """The key's principal, or AuthError (malformed / unknown / wrong / revoked / expired)."""
+        match = _KEY.fullmatch(secret)
+        digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+        row: dict[str, Any] | None = None
+        if match is not None:
+            with self._lock:
+                rows = list(self.db.query("SELECT * FROM api_keys WHERE id = ?", [match.group(1)]))
+            row = rows[0] if rows else None
+        stored = str(row["key_sha256"]) if row is not None else _DUMMY_HASH
+        same = hmac.compare_digest(digest, stored)
+        if row is None or not same:
+            raise AuthError("the API key is not valid; check it, or create one with `inferbox keys create`")
+        record = _record(row)
+        state = record.state(self._clock())
+        if state == "revoked":
+            raise AuthError(f"API key {record.id} was revoked at {record.revoked_at}; create a new key")
+        if state == "expired":
+            raise AuthError(f"API key {record.id} expired at {record.expires_at}; create a new key")
+        return Principal(key_id=record.id, scopes=record.scopes, rate_limit_per_minute=record.rate_limit_per_minute)
+
+
+def _record(row: dict[str, Any]) -> KeyRecord:
+    return KeyRecord(
+        id=str(row["id"]),
+        name=str(row["name"]),
+        scopes=tuple(json.loads(row["scopes"])),
+        created_at=str(row["created_at"]),
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+        rate_limit_per_minute=int(row["rate_limit_per_minute"]),
+    )

@@ -1,0 +1,342 @@
+"""Models as the server holds them: one opened version (:class:`LoadedModel`) and the registry.
+
+:class:`LoadedModel` validates request tensors against the manifest (names,
+dtypes, shapes, NaN/Inf) and raises :class:`~runtime.errors.InputError` naming the
+field; :meth:`LoadedModel.embed` runs a text model end to end (tokenize -> session
+-> pooling).  :class:`ModelRegistry` is the thread-safe set of loaded models; the
+package loader (package -> backend -> session) is passed in as a callable, so
+this module knows nothing about repositories on disk.
+
+:func:`run_tensor_batch` and :func:`tensor_group` let a
+:class:`~runtime.batcher.DynamicBatcher` concatenate requests along the batch axis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.backends.base import Session
+from runtime.errors import InferboxError, InputError, ModelNotFoundError
+from runtime.manifest import Manifest, TensorSpec
+from runtime.text import TextEncoder, postprocess
+
+__all__ = [
+    "IndexEntry",
+    "LoadedModel",
+    "ModelRegistry",
+    "TensorRequest",
+    "run_tensor_batch",
+    "tensor_group",
+]
+
+logger = logging.getLogger(__name__)
+
+Array = npt.NDArray[Any]
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """A model version in the repository, as the repository extension reports it."""
+
+    name: str
+    version: int
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str = ""
+
+
+def _is_float(dtype: np.dtype[Any]) -> bool:
+    return bool(np.issubdtype(dtype, np.floating))
+
+
+@dataclass
+class LoadedModel:
+    """One version of one model, opened and ready."""
+
+    name: str
+    version: int
+    manifest: Manifest
+    package_sha256: str
+    backend: str
+    variant: str
+    exec_precision: str
+    session: Session
+    text: TextEncoder | None = None
+
+    # -- facts --------------------------------------------------------------------------
+    @property
+    def is_text(self) -> bool:
+        return self.text is not None and self.manifest.text is not None
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.is_text and self.manifest.task == "feature-extraction"
+
+    @property
+    def max_length(self) -> int:
+        return self.manifest.text.max_length if self.manifest.text is not None else 0
+
+    @property
+    def batchable(self) -> bool:
+        """True when every input and output has a dynamic first (batch) dimension."""
+        specs = [*self.manifest.inputs, *self.manifest.outputs]
+        return all(s.shape and s.shape[0] == -1 for s in specs)
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.manifest.outputs]
+
+    # -- validation -----------------------------------------------------------------------
+    def check_outputs(self, outputs: Sequence[str] | None) -> list[str] | None:
+        if outputs is None:
+            return None
+        known = self.output_names()
+        for i, name in enumerate(outputs):
+            if name not in known:
+                raise InputError(
+                    f"outputs[{i}].name: model {self.name!r} has no output {name!r}; it has {known}",
+                    field=f"outputs[{i}].name",
+                )
+        return list(outputs)
+
+    def check_inputs(self, inputs: dict[str, Array]) -> dict[str, Array]:
+        """Names, dtypes, ranks, fixed dims, equal batch dims, no NaN/Inf. Returns the feeds."""
+        specs = {s.name: s for s in self.manifest.inputs}
+        for name in inputs:
+            if name not in specs:
+                raise InputError(
+                    f"inputs: model {self.name!r} has no input {name!r}; it has {list(specs)}",
+                    field=f"inputs[{name}]",
+                )
+        batch: int | None = None
+        for spec in self.manifest.inputs:
+            if spec.name not in inputs:
+                raise InputError(
+                    f"inputs: input {spec.name!r} ({spec.dtype} {spec.shape}) is missing", field=f"inputs[{spec.name}]"
+                )
+            arr = inputs[spec.name]
+            _check_tensor(spec, arr)
+            if spec.shape and spec.shape[0] == -1 and arr.ndim:
+                if batch is not None and arr.shape[0] != batch:
+                    raise InputError(
+                        f"inputs[{spec.name}].shape: batch dimension {arr.shape[0]} differs from the other "
+                        f"inputs' {batch}",
+                        field=f"inputs[{spec.name}].shape",
+                    )
+                batch = arr.shape[0]
+        return {s.name: inputs[s.name] for s in self.manifest.inputs}
+
+    # -- running ----------------------------------------------------------------------------
+    def infer(self, inputs: dict[str, Array], outputs: list[str] | None = None) -> dict[str, Array]:
+        """Validate and run one request's tensors. Unknown input/output names -> InputError."""
+        feeds = self.check_inputs(inputs)
+        wanted = self.check_outputs(outputs)
+        return dict(self.session.run(feeds, wanted))
+
+    def count_tokens(self, texts: Sequence[str], *, truncate: bool) -> list[int]:
+        """Token counts (capped at max_length when truncating); too long and not truncating -> InputError."""
+        if self.text is None:
+            raise InputError(f"model {self.name!r} is not a text model; send tensors", field="input")
+        counts = self.text.count_tokens(texts)
+        limit = self.max_length
+        out: list[int] = []
+        for i, count in enumerate(counts):
+            n = count
+            if limit and n > limit:
+                if not truncate:
+                    raise InputError(
+                        f"input[{i}]: {n} tokens is over the model's maximum of {limit}; shorten the text "
+                        "or enable truncation",
+                        field=f"input[{i}]",
+                    )
+                n = limit
+            out.append(n)
+        return out
+
+    def embed(self, texts: Sequence[str], *, truncate: bool) -> tuple[Array, list[int]]:
+        """Embeddings [N, D] float32 and token counts for ``texts``."""
+        if self.text is None or self.manifest.text is None:
+            raise InputError(f"model {self.name!r} is not a text model; send tensors", field="model")
+        config = self.manifest.text
+        encoded = self.text.encode(list(texts), truncate=truncate)
+        output = config.output or self.manifest.outputs[0].name
+        feeds: dict[str, Array] = dict(encoded.feeds)
+        result = self.session.run(feeds, [output])
+        vectors = postprocess({output: result[output]}, encoded.attention_mask, config)
+        return vectors, [int(n) for n in encoded.lengths]
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _check_tensor(spec: TensorSpec, arr: Array) -> None:
+    where = f"inputs[{spec.name}]"
+    if arr.dtype != np.dtype(spec.dtype):
+        raise InputError(
+            f"{where}.datatype: got {arr.dtype.name}, the model expects {spec.dtype}", field=f"{where}.datatype"
+        )
+    if arr.ndim != len(spec.shape):
+        raise InputError(
+            f"{where}.shape: got {list(arr.shape)} (rank {arr.ndim}), the model expects {spec.shape} "
+            f"(rank {len(spec.shape)}; -1 is any size)",
+            field=f"{where}.shape",
+        )
+    for got, want in zip(arr.shape, spec.shape, strict=True):
+        if want not in (-1, got):
+            raise InputError(
+                f"{where}.shape: got {list(arr.shape)}, the model expects {spec.shape} (-1 is any size)",
+                field=f"{where}.shape",
+            )
+    if _is_float(arr.dtype) and arr.size and not bool(np.isfinite(arr).all()):
+        raise InputError(f"{where}.data: NaN or Inf is not allowed in a model input", field=f"{where}.data")
+
+
+# -- tensor batching -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRequest:
+    """One validated tensor request, as queued in a batcher."""
+
+    feeds: dict[str, Array]
+    outputs: tuple[str, ...] | None
+
+    @property
+    def rows(self) -> int:
+        first = next(iter(self.feeds.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def tensor_group(model: LoadedModel) -> Callable[[TensorRequest], Hashable]:
+    """Requests that concatenate along axis 0 share a group; unbatchable models batch nothing."""
+
+    def group(req: TensorRequest) -> Hashable:
+        if not model.batchable:
+            return id(req)
+        shapes = tuple((k, v.dtype.str, v.shape[1:]) for k, v in req.feeds.items())
+        return (shapes, req.outputs)
+
+    return group
+
+
+def run_tensor_batch(model: LoadedModel) -> Callable[[list[TensorRequest]], list[dict[str, Array]]]:
+    """A ``run_batch`` for the batcher: concatenate, run once, split by rows."""
+
+    def run(batch: list[TensorRequest]) -> list[dict[str, Array]]:
+        outputs = list(batch[0].outputs) if batch[0].outputs is not None else None
+        if len(batch) == 1:
+            return [dict(model.session.run(batch[0].feeds, outputs))]
+        feeds = {name: np.concatenate([r.feeds[name] for r in batch], axis=0) for name in batch[0].feeds}
+        result = model.session.run(feeds, outputs)
+        bounds = np.cumsum([r.rows for r in batch])[:-1]
+        parts = {name: np.split(arr, bounds, axis=0) for name, arr in result.items()}
+        return [{name: parts[name][i] for name in parts} for i in range(len(batch))]
+
+    return run
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+
+class ModelRegistry:
+    """The models the API serves. Thread-safe; ``loader(name, version)`` opens a package."""
+
+    def __init__(
+        self,
+        loader: Callable[[str, int | None], LoadedModel],
+        index: Callable[[], list[IndexEntry]],
+    ) -> None:
+        self._loader = loader
+        self._index = index
+        self._lock = threading.RLock()
+        #: serializes loads (slow: opening a session) without blocking get()
+        self._load_lock = threading.Lock()
+        self._models: dict[str, LoadedModel] = {}
+        self._errors: dict[tuple[str, int], str] = {}
+        #: called with (event, model) on "load" / "unload", e.g. to start / stop a batcher
+        self.listeners: list[Callable[[str, LoadedModel], None]] = []
+
+    def add(self, model: LoadedModel) -> None:
+        """Register an already opened model (replaces and closes another version of it)."""
+        with self._lock:
+            old = self._models.get(model.name)
+            self._models[model.name] = model
+        if old is not None and old is not model:
+            self._notify("unload", old)
+            old.close()
+        self._notify("load", model)
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        with self._lock:
+            model = self._models.get(name)
+        if model is None:
+            raise ModelNotFoundError(
+                f"model {name!r} is not loaded; loaded models: {sorted(self._models)} "
+                "(load it with POST /v2/repository/models/{name}/load)"
+            )
+        if version is not None and model.version != version:
+            raise ModelNotFoundError(f"model {name!r} version {version} is not loaded; version {model.version} is")
+        return model
+
+    def load(self, name: str, version: int | None = None) -> LoadedModel:
+        """Open ``name`` (newest version when None) unless that version is loaded; serving goes on meanwhile."""
+        with self._load_lock:
+            with self._lock:
+                current = self._models.get(name)
+            if current is not None and (version is None or current.version == version):
+                return current
+            try:
+                model = self._loader(name, version)
+            except InferboxError as exc:
+                if version is not None:
+                    with self._lock:
+                        self._errors[(name, version)] = str(exc)
+                raise
+            with self._lock:
+                self._errors.pop((name, model.version), None)
+            self.add(model)
+        return model
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            model = self._models.pop(name, None)
+        if model is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded; loaded models: {sorted(self._models)}")
+        self._notify("unload", model)
+        model.close()
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._lock:
+            return sorted(self._models.values(), key=lambda m: m.name)
+
+    def index(self) -> list[IndexEntry]:
+        """Every version on disk (from ``index``) plus what is loaded, with READY/UNAVAILABLE."""
+        with self._lock:
+            loaded = {(m.name, m.version) for m in self._models.values()}
+            errors = dict(self._errors)
+        seen: dict[tuple[str, int], IndexEntry] = {}
+        for entry in self._index():
+            key = (entry.name, entry.version)
+            if key in loaded:
+                seen[key] = IndexEntry(entry.name, entry.version, "READY", "")
+            else:
+                seen[key] = IndexEntry(entry.name, entry.version, "UNAVAILABLE", errors.get(key, entry.reason))
+        for name, version in loaded:
+            seen.setdefault((name, version), IndexEntry(name, version, "READY", ""))
+        return [seen[k] for k in sorted(seen)]
+
+    def close(self) -> None:
+        for model in self.loaded():
+            self.unload(model.name)
+
+    def _notify(self, event: str, model: LoadedModel) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, model)
+            except Exception:
+                logger.exception("registry listener failed on %s of %s", event, model.name)

@@ -1,0 +1,152 @@
+"""API keys on the wire: 401 / 403 / 429 with a real KeyStore on SQLite, and the audit trail."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from appliance.keys import KeyStore
+
+from .conftest import MemoryAudit, infer_json
+
+X = np.zeros((1, 4), dtype=np.float32)
+IDS = np.zeros((1, 3), dtype=np.int64)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 6, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> Any:
+    s = KeyStore(tmp_path / "state.db", clock=clock)
+    yield s
+    s.close()
+
+
+def _h(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_missing_wrong_revoked_expired_are_401(
+    client_factory: Any, store: KeyStore, clock: Clock, audit: MemoryAudit
+) -> None:
+    c = client_factory(keys=store)
+    _, good = store.create(["infer"])
+    _, soon = store.create(["infer"], expires=clock.now + timedelta(hours=1))
+    revoked_rec, revoked = store.create(["infer"])
+    store.revoke(revoked_rec.id)
+    assert c.get("/v2/models/tabular", headers=_h(good)).status_code == 200
+    assert c.get("/v2/models/tabular", headers=_h(soon)).status_code == 200
+    clock.now += timedelta(hours=2)
+    tampered = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    cases = {
+        "missing": {},
+        "not bearer": {"Authorization": f"Basic {good}"},
+        "wrong": _h(tampered),
+        "garbage": _h("ibx_nothing"),
+        "revoked": _h(revoked),
+        "expired": _h(soon),
+    }
+    for what, headers in cases.items():
+        r = c.get("/v2/models/tabular", headers=headers)
+        assert r.status_code == 401, what
+        assert r.headers["www-authenticate"].startswith("Bearer"), what
+        assert "error" in r.json(), what
+    assert "revoked" in c.get("/v2", headers=_h(revoked)).json()["error"]
+    assert "expired" in c.get("/v2", headers=_h(soon)).json()["error"]
+    r = c.post("/v1/embeddings", json={"input": "x", "model": "minilm"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    failures = [e for e in audit.events if e.event == "auth_failure"]
+    assert len(failures) == 9
+    assert all(e.outcome == "failure" and e.status == 401 for e in failures)
+    assert good not in repr(audit.events) and soon not in repr(audit.events)
+
+
+def test_scopes_403(client_factory: Any, store: KeyStore) -> None:
+    c = client_factory(keys=store)
+    _, only_minilm = store.create(["infer:minilm"])
+    _, admin = store.create(["models:admin"])
+    _, audit_reader = store.create(["audit:read"])
+    body = infer_json({"x": X, "ids": IDS})
+    assert c.post("/v2/models/tabular/infer", json=body, headers=_h(only_minilm)).status_code == 403
+    r = c.post("/v1/embeddings", json={"input": "x", "model": "minilm"}, headers=_h(only_minilm))
+    assert r.status_code == 200
+    _, only_tabular = store.create(["infer:tabular"])
+    r = c.post("/v1/embeddings", json={"input": "x", "model": "minilm"}, headers=_h(only_tabular))
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert c.post("/v2/models/tabular/infer", json=body, headers=_h(admin)).status_code == 403
+    assert c.post("/v2/repository/index", headers=_h(only_minilm)).status_code == 403
+    assert c.post("/v2/repository/index", headers=_h(admin)).status_code == 200
+    assert c.get("/v2", headers=_h(audit_reader)).status_code == 403
+    r = c.get("/v1/models", headers=_h(audit_reader))
+    assert r.status_code == 403 and "www-authenticate" not in r.headers
+
+
+def test_open_routes_need_no_key(client_factory: Any, store: KeyStore) -> None:
+    c = client_factory(keys=store)
+    assert c.get("/v2/health/live").status_code == 200
+    assert c.get("/v2/health/ready").status_code == 200
+    assert c.get("/metrics").status_code == 200
+    assert c.get("/v2").status_code == 401
+
+
+def test_rate_limit_per_key_not_per_header(client_factory: Any, store: KeyStore) -> None:
+    t = [1000.0]
+    c = client_factory(keys=store, rate_limit_per_minute=2, clock=lambda: t[0])
+    _, a = store.create(["infer"])
+    _, b = store.create(["infer"])
+    assert c.get("/v2", headers=_h(a)).status_code == 200
+    assert c.get("/v2", headers={**_h(a), "X-Forwarded-For": "10.0.0.9"}).status_code == 200
+    r = c.get("/v2", headers={**_h(a), "X-Forwarded-For": "10.0.0.10"})
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) >= 1
+    assert c.get("/v2", headers=_h(b)).status_code == 200  # another key has its own bucket
+    t[0] += 30.0  # one token back after half a minute at 2/min
+    assert c.get("/v2", headers=_h(a)).status_code == 200
+    assert c.get("/v2", headers=_h(a)).status_code == 429
+
+
+def test_per_key_rate_limit_overrides_default(client_factory: Any, store: KeyStore) -> None:
+    c = client_factory(keys=store, rate_limit_per_minute=0, clock=lambda: 5.0)
+    _, k = store.create(["infer"], rate_limit_per_minute=1)
+    assert c.get("/v2", headers=_h(k)).status_code == 200
+    assert c.get("/v2", headers=_h(k)).status_code == 429
+
+
+def test_auth_on_without_a_key_store_is_refused() -> None:
+    from api.app import create_app
+    from api.config import ApiConfig
+    from runtime.errors import ConfigError
+
+    from .conftest import make_registry
+
+    with pytest.raises(ConfigError, match="key store"):
+        create_app(registry=make_registry([]), config=ApiConfig(auth=True), audit=None, keys=None)
+
+
+def test_audit_records_actor_and_model(client_factory: Any, store: KeyStore, audit: MemoryAudit) -> None:
+    c = client_factory(keys=store)
+    rec, key = store.create(["infer"])
+    r = c.post("/v2/models/tabular/infer", json=infer_json({"x": X, "ids": IDS}), headers=_h(key))
+    assert r.status_code == 200
+    event = audit.events[-1]
+    assert event.event == "inference" and event.actor == rec.id and event.credential_id == rec.id
+    assert event.model_name == "tabular" and event.model_version == "1" and len(event.model_sha256) == 64
+    assert event.backend == "fake" and event.variant == "onnx-fp32"
+    assert event.input_digest == audit.digest(r.request.content).hexdigest
+    assert event.output_digest == audit.digest(r.content).hexdigest
+    assert event.request_id == r.headers["x-request-id"]

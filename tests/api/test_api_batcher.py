@@ -1,0 +1,228 @@
+"""The dynamic batcher, driven deterministically: a blocked first batch lets the queue fill."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Hashable
+
+import pytest
+
+from runtime.batcher import DynamicBatcher, length_bucket
+from runtime.errors import OverloadError, RequestTimeoutError
+
+
+class Gate:
+    """run_batch that records batches and blocks the first one until released."""
+
+    def __init__(self, block_first: bool = True) -> None:
+        self.batches: list[list[object]] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        if not block_first:
+            self.release.set()
+
+    def __call__(self, items: list[object]) -> list[object]:
+        self.batches.append(list(items))
+        self.entered.set()
+        assert self.release.wait(10)
+        return [("done", i) for i in items]
+
+
+def make(gate: Gate, **kw: object) -> DynamicBatcher[object, object]:
+    args: dict[str, object] = {"max_batch_size": 4, "max_delay_s": 0.0, "queue_limit": 16, "timeout_s": 10.0}
+    args.update(kw)
+    return DynamicBatcher(gate, **args)  # type: ignore[arg-type]
+
+
+async def _entered(gate: Gate) -> None:
+    assert await asyncio.to_thread(gate.entered.wait, 10)
+
+
+def run(coro: object) -> object:
+    return asyncio.run(asyncio.wait_for(coro, 20))  # type: ignore[arg-type]
+
+
+def test_full_batch_forms_without_waiting_for_the_delay() -> None:
+    async def main() -> None:
+        gate = Gate(block_first=False)
+        b = make(gate, max_delay_s=60.0)  # only a full batch can run before a minute passes
+        b.start()
+        results = await asyncio.gather(*(b.submit(i) for i in range(4)))
+        assert results == [("done", i) for i in range(4)]
+        assert gate.batches == [[0, 1, 2, 3]]
+        assert b.stats.batch_sizes == {4: 1}
+        await b.stop()
+
+    run(main())
+
+
+def test_queued_requests_are_batched_together_and_results_routed() -> None:
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate)
+        b.start()
+        first = asyncio.ensure_future(b.submit("a"))
+        await _entered(gate)
+        rest = [asyncio.ensure_future(b.submit(x)) for x in "bcdef"]
+        await asyncio.sleep(0)  # let the submits enqueue (not an assertion)
+        assert b.stats.queue_depth == 5
+        gate.release.set()
+        assert await first == ("done", "a")
+        assert [await r for r in rest] == [("done", x) for x in "bcdef"]
+        assert gate.batches == [["a"], ["b", "c", "d", "e"], ["f"]]
+        await b.stop()
+
+    run(main())
+
+
+def test_groups_are_never_mixed() -> None:
+    def group(item: object) -> Hashable:
+        return str(item)[0]
+
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate, group=group)
+        b.start()
+        first = asyncio.ensure_future(b.submit("x0"))
+        await _entered(gate)
+        rest = [asyncio.ensure_future(b.submit(x)) for x in ("a1", "b1", "a2", "b2", "a3")]
+        await asyncio.sleep(0)
+        gate.release.set()
+        await asyncio.gather(first, *rest)
+        assert gate.batches == [["x0"], ["a1", "a2", "a3"], ["b1", "b2"]]
+        await b.stop()
+
+    run(main())
+
+
+def test_rows_count_towards_the_batch_size() -> None:
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate, rows=lambda item: int(item))  # type: ignore[arg-type]
+        b.start()
+        first = asyncio.ensure_future(b.submit(1))
+        await _entered(gate)
+        rest = [asyncio.ensure_future(b.submit(n)) for n in (3, 2, 2, 5)]
+        await asyncio.sleep(0)
+        gate.release.set()
+        await asyncio.gather(first, *rest)
+        # 3 fits, 3+2 > 4 -> next batch [2, 2], then 5 alone (over the max, runs alone)
+        assert gate.batches == [[1], [3], [2, 2], [5]]
+        await b.stop()
+
+    run(main())
+
+
+def test_full_queue_is_overload_with_retry_after() -> None:
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate, queue_limit=1)
+        b.start()
+        first = asyncio.ensure_future(b.submit("running"))
+        await _entered(gate)
+        queued = asyncio.ensure_future(b.submit("queued"))
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadError) as err:
+            await b.submit("rejected")
+        assert err.value.retry_after >= 1
+        assert b.stats.rejected == 1
+        gate.release.set()
+        assert await first == ("done", "running")
+        assert await queued == ("done", "queued")
+        await b.stop()
+
+    run(main())
+
+
+def test_timed_out_request_is_dropped_and_never_run() -> None:
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate)
+        b.start()
+        first = asyncio.ensure_future(b.submit("running"))
+        await _entered(gate)
+        with pytest.raises(RequestTimeoutError, match="timeout"):
+            await b.submit("late", timeout_s=0.01)
+        assert b.stats.queue_depth == 0
+        gate.release.set()
+        await first
+        later = await b.submit("next")
+        assert later == ("done", "next")
+        assert ["late"] not in gate.batches and all("late" not in batch for batch in gate.batches)
+        assert b.stats.timed_out == 1
+        await b.stop()
+
+    run(main())
+
+
+def test_expired_entries_are_dropped_by_the_clock() -> None:
+    now = [100.0]
+
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate, clock=lambda: now[0])
+        b.start()
+        first = asyncio.ensure_future(b.submit("running"))
+        await _entered(gate)
+        stale = asyncio.ensure_future(b.submit("stale", timeout_s=5.0))
+        await asyncio.sleep(0)
+        now[0] += 6.0  # the injected clock passes the deadline while the worker is busy
+        gate.release.set()
+        await first
+        with pytest.raises(RequestTimeoutError):
+            await stale
+        assert all("stale" not in batch for batch in gate.batches)
+        await b.stop()
+
+    run(main())
+
+
+def test_batch_errors_reach_every_caller() -> None:
+    def boom(items: list[object]) -> list[object]:
+        raise ValueError("bad batch")
+
+    async def main() -> None:
+        b: DynamicBatcher[object, object] = DynamicBatcher(
+            boom, max_batch_size=4, max_delay_s=0.0, queue_limit=4, timeout_s=5.0
+        )
+        b.start()
+        with pytest.raises(ValueError, match="bad batch"):
+            await b.submit(1)
+        assert b.stats.failed == 1
+        await b.stop()
+
+    run(main())
+
+
+def test_stop_fails_queued_items() -> None:
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate)
+        b.start()
+        first = asyncio.ensure_future(b.submit("running"))
+        await _entered(gate)
+        queued = asyncio.ensure_future(b.submit("queued"))
+        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(b.stop())
+        with pytest.raises(OverloadError, match="unloaded"):
+            await queued
+        with pytest.raises(OverloadError, match="unloaded"):
+            await first  # its batch was in the session: the caller is told to retry, not left hanging
+        assert not stopping.done()  # stop() waits for the session to be left
+        gate.release.set()
+        await stopping
+        assert gate.batches == [["running"]]
+
+    run(main())
+
+
+@pytest.mark.parametrize(("n", "bucket"), [(1, 16), (16, 16), (17, 32), (32, 32), (33, 64), (200, 256)])
+def test_length_bucket(n: int, bucket: int) -> None:
+    assert length_bucket(n) == bucket
+
+
+def test_submit_before_start_is_an_error() -> None:
+    b = make(Gate())
+    with pytest.raises(RuntimeError, match="start"):
+        asyncio.run(b.submit(1))

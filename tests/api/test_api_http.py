@@ -1,0 +1,69 @@
+"""One real HTTP round: uvicorn serving create_app(...) on 127.0.0.1, hit with httpx."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from api.app import create_app
+from api.config import ApiConfig
+from appliance.keys import KeyStore
+
+from .conftest import MemoryAudit, infer_json, make_registry, tensor_model, text_model
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, str, MemoryAudit]]:
+    store = KeyStore(tmp_path / "state.db")
+    _, key = store.create(["infer"])
+    audit = MemoryAudit()
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path), text_model(tmp_path)]),
+        config=ApiConfig(auth=True),
+        audit=audit,
+        keys=store,
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:  # waiting for readiness, not asserting on time
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}", key, audit
+    server.should_exit = True
+    thread.join(20)
+    sock.close()
+    store.close()
+
+
+def test_real_http_round(served: tuple[str, str, MemoryAudit], tmp_path: Path) -> None:
+    base, key, audit = served
+    auth = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base, timeout=20) as c:
+        assert c.get("/v2/health/live").json() == {"live": True}
+        assert c.get("/v2").status_code == 401
+        x = np.arange(4, dtype=np.float32).reshape(1, 4)
+        ids = np.arange(3, dtype=np.int64).reshape(1, 3)
+        r = c.post("/v2/models/tabular/infer", json=infer_json({"x": x, "ids": ids}), headers=auth)
+        assert r.status_code == 200 and r.headers["x-request-id"]
+        expected = tensor_model(tmp_path, name="ref").session.run({"x": x, "ids": ids})
+        y = np.asarray(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(1, 3)
+        np.testing.assert_array_equal(y, expected["y"])
+        r = c.post("/v1/embeddings", json={"input": ["hello there"], "model": "minilm"}, headers=auth)
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 8
+        assert "inferbox_requests_total" in c.get("/metrics").text
+    assert [e.status for e in audit.events] == [200, 401, 200, 200, 200]

@@ -1,0 +1,235 @@
+"""Serving under pressure: 429, 504, concurrent batching, 500 without traces, body limits, metrics, ids."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import numpy as np
+
+from api.app import create_app
+from api.config import ApiConfig
+
+from .conftest import BlockingSession, ExplodingSession, MemoryAudit, infer_json, make_registry, tensor_model
+
+X = np.ones((1, 4), dtype=np.float32)
+IDS = np.ones((1, 3), dtype=np.int64)
+BODY = infer_json({"x": X, "ids": IDS})
+
+
+def _blocked_app(tmp_path: Path, **config: Any) -> tuple[Any, BlockingSession]:
+    inner = tensor_model(tmp_path, name="ref").session
+    session = BlockingSession(inner)
+    model = tensor_model(tmp_path, session=session)
+    app = create_app(registry=make_registry([model]), config=ApiConfig(auth=False, **config), audit=None, keys=None)
+    return app, session
+
+
+async def _until(predicate: Any, what: str) -> None:
+    for _ in range(10_000):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
+def _stats(app: Any) -> Any:
+    return app.state["server"]._tensor["tabular"][1].stats
+
+
+def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
+    app, session = _blocked_app(tmp_path, queue_limit=1, max_batch_size=1)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY))
+            await asyncio.to_thread(session.entered.wait, 10)
+            second = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY))
+            await _until(lambda: _stats(app).queue_depth == 1, "second request queued")
+            r = await c.post("/v2/models/tabular/infer", json=BODY)
+            assert r.status_code == 429
+            assert int(r.headers["retry-after"]) >= 1
+            assert "full" in r.json()["error"]
+            session.release.set()
+            assert (await first).status_code == 200
+            assert (await second).status_code == 200
+            assert session.calls == [1, 1]
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_timeout_answers_504_and_the_request_is_not_run(tmp_path: Path) -> None:
+    app, session = _blocked_app(tmp_path, request_timeout_s=0.05, max_batch_size=1)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=infer_json({"x": X * 2, "ids": IDS})))
+            await asyncio.to_thread(session.entered.wait, 10)
+            r = await c.post("/v2/models/tabular/infer", json=BODY)
+            assert r.status_code == 504
+            assert "timeout" in r.json()["error"]
+            session.release.set()
+            assert (await first).status_code == 504  # it ran, but past its own timeout too
+            assert session.calls == [1]
+            assert _stats(app).queue_depth == 0
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_concurrent_requests_equal_unbatched(tmp_path: Path) -> None:
+    app, session = _blocked_app(tmp_path, max_batch_size=8, max_queue_delay_s=0.0)
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((1 + i % 3, 4)).astype(np.float32) for i in range(16)]
+    ids = [rng.integers(0, 9, (r.shape[0], 3)).astype(np.int64) for r in rows]
+    reference = tensor_model(tmp_path, name="ref2").session
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            warm = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY))
+            await asyncio.to_thread(session.entered.wait, 10)
+            tasks = [
+                asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=infer_json({"x": x, "ids": i})))
+                for x, i in zip(rows, ids, strict=True)
+            ]
+            await _until(lambda: _stats(app).queue_depth == 16, "all queued")
+            session.release.set()
+            assert (await warm).status_code == 200
+            for r, x, i in zip(await asyncio.gather(*tasks), rows, ids, strict=True):
+                assert r.status_code == 200
+                out = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in r.json()["outputs"]}
+                expected = reference.run({"x": x, "ids": i})
+                np.testing.assert_array_equal(out["y"].astype(np.float32), expected["y"])
+                np.testing.assert_array_equal(out["z"].astype(np.int32), expected["z"])
+        assert max(session.calls[1:]) > 1  # they really were batched
+        assert sum(session.calls[1:]) == sum(r.shape[0] for r in rows)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_500_has_no_trace_but_a_request_id(client_factory: Any, tmp_path: Path, audit: MemoryAudit) -> None:
+    inner = tensor_model(tmp_path, name="ref").session
+    c = client_factory([tensor_model(tmp_path, session=ExplodingSession(inner))])
+    r = c.post("/v2/models/tabular/infer", json=BODY)
+    assert r.status_code == 500
+    rid = r.headers["x-request-id"]
+    assert r.json() == {"error": f"internal error; the server log has the details under request id {rid}"}
+    assert "secret" not in r.text and "Traceback" not in r.text
+    assert audit.events[-1].outcome == "failure" and audit.events[-1].status == 500
+
+
+def test_body_limits_including_a_gzip_bomb(client_factory: Any) -> None:
+    c = client_factory(max_body_bytes=100_000)
+    raw = msgspec.json.encode(BODY)
+    r = c.post("/v2/models/tabular/infer", content=gzip.compress(raw), headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200, r.text
+    r = c.post("/v2/models/tabular/infer", content=zlib.compress(raw), headers={"Content-Encoding": "deflate"})
+    assert r.status_code == 200, r.text
+    big = raw[:-1] + b" " * 100_000 + b"}"
+    r = c.post("/v2/models/tabular/infer", content=big)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]
+    bomb = gzip.compress(b"[" + b" " * 50_000_000 + b"]")
+    assert len(bomb) < 100_000  # 50 MB inflated
+    r = c.post("/v2/models/tabular/infer", content=bomb, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 413 and "after decompression" in r.json()["error"]
+    r = c.post("/v1/embeddings", content=bomb, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = c.post("/v2/models/tabular/infer", content=b"junk", headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400
+    r = c.post("/v2/models/tabular/infer", content=raw, headers={"Content-Encoding": "br"})
+    assert r.status_code == 400 and "Content-Encoding" in r.json()["error"]
+
+
+def test_metrics_series(client_factory: Any) -> None:
+    c = client_factory()
+    assert c.post("/v2/models/tabular/infer", json=BODY).status_code == 200
+    assert c.post("/v1/embeddings", json={"input": ["a", "b"], "model": "minilm"}).status_code == 200
+    assert c.post("/v2/models/tabular/infer", json={"inputs": []}).status_code == 400
+    r = c.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for series in [
+        'inferbox_requests_total{model="tabular",route="/v2/models/{name}/infer",status="200"} 1',
+        'inferbox_requests_total{model="tabular",route="/v2/models/{name}/infer",status="400"} 1',
+        'inferbox_requests_total{model="minilm",route="/v1/embeddings",status="200"} 1',
+        'inferbox_request_duration_seconds_count{route="/v1/embeddings"} 1',
+        'inferbox_batch_size_bucket{model="tabular",le="1"} 1',
+        'inferbox_queue_seconds_count{model="tabular"} 1',
+        'inferbox_inference_seconds_count{model="tabular"} 1',
+        'inferbox_queue_depth{model="tabular"} 0',
+        "inferbox_in_flight_requests 1",  # the /metrics request itself
+        'inferbox_model_info{model="tabular",version="1",backend="fake",variant="onnx-fp32",exec_precision="fp32"} 1',
+        "# TYPE inferbox_request_duration_seconds histogram",
+    ]:
+        assert series in text, series
+    assert 'inferbox_queue_seconds_count{model="minilm"} 2' in text  # two texts, one item each
+
+
+def test_request_id_header(client_factory: Any) -> None:
+    c = client_factory()
+    assert c.get("/v2", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+    generated = c.get("/v2", headers={"X-Request-ID": "bad id\twith<junk>"}).headers["x-request-id"]
+    assert generated != "bad id\twith<junk>" and len(generated) == 32
+    assert c.get("/nowhere").headers["x-request-id"]
+    assert c.delete("/v2").headers["x-request-id"]
+
+
+def test_every_request_is_audited_once(client_factory: Any, audit: MemoryAudit) -> None:
+    c = client_factory()
+    c.get("/v2/health/live")
+    c.get("/nowhere")
+    c.post("/v2/models/tabular/infer", json=BODY)
+    assert [(e.action, e.status) for e in audit.events] == [
+        ("GET /v2/health/live", 200),
+        ("GET /nowhere", 404),
+        ("POST /v2/models/tabular/infer", 200),
+    ]
+
+
+def test_audit_failure_means_no_answer(client_factory: Any, audit: MemoryAudit) -> None:
+    c = client_factory()
+    audit.fail = True
+    r = c.post("/v2/models/tabular/infer", json=BODY)
+    assert r.status_code == 503
+    assert "outputs" not in r.text and "audit" in r.json()["error"]
+
+
+def test_audit_off(client_factory: Any) -> None:
+    c = client_factory(audit_sink=None)
+    assert c.post("/v2/models/tabular/infer", json=BODY).status_code == 200
+
+
+def test_docs_switch(client_factory: Any) -> None:
+    assert client_factory(docs=True).get("/docs/openapi.json").status_code == 200
+    assert client_factory(docs=False).get("/docs/openapi.json").status_code == 404
+
+
+def test_extra_lifespan_hooks_wrap_serving(tmp_path: Path) -> None:
+    from contextlib import asynccontextmanager
+
+    from litestar.testing import TestClient
+
+    seen: list[str] = []
+
+    @asynccontextmanager
+    async def hook(app: Any) -> Any:
+        seen.append("start")
+        yield
+        seen.append("stop")
+
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]),
+        config=ApiConfig(auth=False),
+        audit=None,
+        keys=None,
+        lifespan=[hook],
+    )
+    with TestClient(app) as c:
+        assert seen == ["start"]
+        assert c.post("/v2/models/tabular/infer", json=BODY).status_code == 200
+    assert seen == ["start", "stop"]
+    assert app.state["server"]._tensor == {}  # batchers stopped at shutdown

@@ -1,0 +1,97 @@
+"""``inferbox keys create | list | revoke`` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import appliance.commands.keys as keys_cmd
+from api.protocols import AuditEvent
+from appliance.cli import main
+from appliance.keys import KeyStore
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"INFERBOX_HOME": str(tmp_path), "INFERBOX_AUDIT": "false"}
+
+
+def _run(env: dict[str, str], *args: str) -> Any:
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return result
+
+
+def test_create_json_list_revoke(env: dict[str, str], tmp_path: Path) -> None:
+    r = _run(env, "keys", "create", "--scope", "infer", "--model", "minilm", "--name", "team", "--json")
+    assert r.exit_code == 0, r.output
+    made = json.loads(r.stdout)
+    assert set(made) == {"id", "key"}
+    store = KeyStore(tmp_path / "state.db")
+    assert store.verify(made["key"]).scopes == ("infer:minilm",)
+    r = _run(env, "keys", "list", "--json")
+    listed = json.loads(r.stdout)
+    assert [k["id"] for k in listed] == [made["id"]] and listed[0]["state"] == "active"
+    assert made["key"] not in r.stdout
+    r = _run(env, "keys", "revoke", made["id"])
+    assert r.exit_code == 0 and made["id"] in r.stdout
+    assert json.loads(_run(env, "keys", "list", "--json").stdout)[0]["state"] == "revoked"
+    store.close()
+
+
+def test_plain_create_warns_it_is_shown_once(env: dict[str, str]) -> None:
+    r = _run(env, "keys", "create", "--scope", "models:admin", "--expires", "2099-01-01")
+    assert r.exit_code == 0
+    assert "shown only once" in r.stderr
+    assert any(line.startswith("ibx_") for line in r.stdout.splitlines())
+    listing = _run(env, "keys", "list").stdout
+    assert "models:admin" in listing and "2099-01-01" in listing
+
+
+def test_errors_name_the_fix(env: dict[str, str]) -> None:
+    r = _run(env, "keys", "create", "--scope", "root")
+    assert r.exit_code == 2 and "--scope" in r.stderr
+    r = _run(env, "keys", "revoke", "abcdefabcdef")
+    assert r.exit_code == 2 and "keys list" in r.stderr
+    r = _run(env, "keys", "create", "--scope", "infer", "--expires", "soon")
+    assert r.exit_code == 2 and "YYYY-MM-DD" in r.stderr
+
+
+def test_create_and_revoke_are_recorded(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[AuditEvent] = []
+
+    @contextmanager
+    def recorder(settings: Any) -> Any:
+        yield events.append
+
+    monkeypatch.setattr(keys_cmd, "recorder_factory", recorder)
+    made = json.loads(_run(env, "keys", "create", "--scope", "infer", "--json").stdout)
+    _run(env, "keys", "revoke", made["id"])
+    assert [(e.event, e.credential_id) for e in events] == [("key_create", made["id"]), ("key_revoke", made["id"])]
+    assert made["key"] not in repr(events)
+
+
+def test_keys_is_a_registered_command(env: dict[str, str]) -> None:
+    r = _run(env, "--help")
+    assert "keys" in r.stdout
+
+
+def test_real_audit_log_records_key_create(tmp_path: Path) -> None:
+    from appliance.audit.log import AuditLog
+    from appliance.settings import load_settings
+    from runtime.signing import generate_private_key, write_private_key
+
+    env = {"INFERBOX_HOME": str(tmp_path), "INFERBOX_AUDIT": "true"}
+    settings = load_settings({"home": tmp_path}, environ={})
+    write_private_key(generate_private_key(), settings.signing_key)
+    made = json.loads(_run(env, "keys", "create", "--scope", "infer", "--json").stdout)
+    with AuditLog.open(settings) as log:
+        records = log.tail(10)
+    created = [r for r in records if r.event == "key_create"]
+    assert len(created) == 1 and created[0].credential_id == made["id"]
+    assert created[0].details["scopes"] == "infer"
+    assert made["key"] not in repr(records)
