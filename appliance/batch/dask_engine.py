@@ -1,0 +1,183 @@
+"""``inferbox batch run --engine dask``: the same per-chunk unit on a Dask cluster.
+
+The coordinator (this process) keeps the job state: it accepts spooled jobs,
+leases chunks in SQLite, submits :func:`dask_unit` for each to the cluster,
+and records each outcome exactly as the local worker does.  A Dask worker
+loads a model once per process (:data:`_MODELS`, keyed by the loader and the
+model) and reuses it for every chunk it runs.
+
+When a Dask worker dies mid-chunk, Dask runs the task again elsewhere; when
+it gives up (``KilledWorker``) the coordinator releases the chunk and leases
+it again.  Either way the unit starts from scratch and renames files with
+deterministic names, so the outputs are those of a local run.
+
+Without ``scheduler`` a :class:`distributed.LocalCluster` is started (worker
+processes, one thread each, dashboard off, on 127.0.0.1).  With a remote
+scheduler, the spool and outbox must be on storage every worker mounts at the
+same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import logging
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from appliance.batch.model import BatchModel, LoaderFactory
+from appliance.batch.unit import ChunkOutcome, ChunkTask, check_model_fits, run_chunk, verify_chunk
+from appliance.batch.worker import BatchWorker, RunSummary
+from runtime.errors import BatchError, InferboxError
+
+__all__ = ["DaskEngine", "dask_unit", "loaded_models", "local_cluster"]
+
+log = logging.getLogger(__name__)
+
+#: per Dask worker process: (loader key, name, version) -> model, created once
+_MODELS: dict[tuple[str, str, int | None], BatchModel] = {}
+_LOADS: list[tuple[str, int | None]] = []
+
+
+def _distributed() -> Any:
+    """``distributed``, typed loosely (its annotations are partial)."""
+    return importlib.import_module("distributed")
+
+
+def _loader_key(factory: LoaderFactory) -> str:
+    try:
+        return hashlib.sha256(pickle.dumps(factory)).hexdigest()
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return f"id:{id(factory)}"
+
+
+def dask_unit(task: ChunkTask, factory: LoaderFactory) -> ChunkOutcome:
+    """Run one chunk on a Dask worker (the model is loaded on the first chunk, then reused)."""
+    key = (_loader_key(factory), task.model, task.version)
+    model = _MODELS.get(key)
+    if model is None:
+        model = factory()(task.model, task.version)
+        _MODELS[key] = model
+        _LOADS.append((task.model, task.version))
+    return verify_chunk(task) or run_chunk(task, model)
+
+
+def loaded_models() -> dict[str, Any]:
+    """This process's model cache (run on workers with ``client.run``): pid, loads."""
+    return {"pid": os.getpid(), "loads": list(_LOADS), "cached": len(_MODELS)}
+
+
+@contextlib.contextmanager
+def local_cluster(n_workers: int = 2) -> Iterator[Any]:
+    """A LocalCluster of worker processes with one thread each, on 127.0.0.1, no dashboard."""
+    try:
+        distributed = _distributed()
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise BatchError(
+            "--engine dask needs dask.distributed; install the batch extra: pip install 'inferbox[batch]'"
+        ) from exc
+    cluster = distributed.LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        host="127.0.0.1",
+        scheduler_port=0,
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+class DaskEngine:
+    """Runs a :class:`BatchWorker`'s chunks on a Dask cluster."""
+
+    def __init__(
+        self,
+        worker: BatchWorker,
+        factory: LoaderFactory,
+        *,
+        scheduler: str | None = None,
+        n_workers: int = 2,
+        in_flight_per_thread: int = 2,
+        on_submit: Callable[[ChunkTask], None] | None = None,
+    ) -> None:
+        self.worker = worker
+        self.factory = factory
+        self.scheduler = scheduler
+        self.n_workers = n_workers
+        self.in_flight_per_thread = in_flight_per_thread
+        self.on_submit = on_submit or (lambda _task: None)
+        self.client: Any = None
+
+    @contextlib.contextmanager
+    def connected(self) -> Iterator[Any]:
+        """A client to the scheduler, or to a local cluster started for the duration."""
+        distributed = _distributed()
+        if self.scheduler:
+            with distributed.Client(self.scheduler) as client:
+                self.client = client
+                yield client
+            return
+        with local_cluster(self.n_workers) as cluster, distributed.Client(cluster) as client:
+            self.client = client
+            yield client
+
+    def _submit(self, client: Any, lease: Any, summary: RunSummary) -> Any | None:
+        job = lease.job
+        try:
+            model = self.worker.model(job.model, job.version)
+            check_model_fits(model, job.format)
+        except InferboxError as exc:
+            self.worker._job_failed(job, str(exc), summary)
+            return None
+        self.worker.start_job(job, model)
+        task = self.worker.task_for(lease)
+        future = client.submit(
+            dask_unit,
+            task,
+            self.factory,
+            key=f"inferbox-chunk-{job.job_id}-{lease.plan.idx}-{lease.attempts}",
+            pure=False,
+        )
+        self.on_submit(task)
+        return future
+
+    def run_once(self) -> RunSummary:
+        """Accept new jobs and run every leasable chunk on the cluster; finish complete jobs."""
+        wait = _distributed().wait
+        summary = RunSummary()
+        summary.accepted = self.worker.accept_new()
+        self.worker.reclaim_dead()
+        with self.connected() as client:
+            threads = max(1, sum(client.nthreads().values()))
+            limit = threads * self.in_flight_per_thread
+            in_flight: dict[Any, Any] = {}
+            while True:
+                for job_id in self.worker.store.finishable():
+                    self.worker.finish(job_id)
+                    summary.finished.append(job_id)
+                while len(in_flight) < limit:
+                    lease = self.worker.store.lease(self.worker.worker_id, self.worker.config.lease_s)
+                    if lease is None:
+                        break
+                    future = self._submit(client, lease, summary)
+                    if future is not None:
+                        in_flight[future] = lease
+                if not in_flight:
+                    break
+                done, _ = wait(list(in_flight), return_when="FIRST_COMPLETED")
+                for future in done:
+                    lease = in_flight.pop(future)
+                    try:
+                        outcome = future.result()
+                    except Exception as exc:  # KilledWorker, or the unit's own error
+                        self.worker.fail_chunk(lease, exc, summary)
+                        continue
+                    self.worker.record(outcome)
+                    summary.chunks += 1
+        return summary

@@ -1,0 +1,340 @@
+"""Job and chunk state in SQLite (``settings.state_db``, tables ``batch_jobs`` / ``batch_chunks``).
+
+Every write is one ``BEGIN IMMEDIATE`` transaction on a WAL database with a busy
+timeout, so any number of worker processes (and ``inferbox batch status``) can
+share the file.  A chunk moves ``pending -> leased(lease_until, worker) -> done``;
+``done`` is written in the same transaction that records the chunk's final file
+name and counts.  A lease whose ``lease_until`` has passed belongs to a dead or
+stuck worker: the next ``lease()`` takes the chunk again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import sqlite_utils
+
+from appliance.batch.readers import ChunkPlan
+from appliance.batch.spool import JobRequest
+from runtime.errors import BatchError
+
+__all__ = ["Job", "JobStore", "Lease"]
+
+JOBS = "batch_jobs"
+CHUNKS = "batch_chunks"
+
+
+class Job(msgspec.Struct, frozen=True, kw_only=True):
+    """A job as ``inferbox batch status`` shows it. ``state``: queued | running | done | failed."""
+
+    job_id: str
+    model: str
+    version: int | None
+    format: str
+    text_field: str
+    input_path: str
+    out_dir: str
+    state: str
+    submitted_at: str
+    accepted_at: str
+    started_at: str | None
+    ended_at: str | None
+    chunks: int
+    chunks_done: int
+    records: int
+    ok: int
+    rejected: int
+    merkle_root: str
+    audit_started: bool
+    error: str
+
+
+class Lease(msgspec.Struct, frozen=True, kw_only=True):
+    job: Job
+    plan: ChunkPlan
+    worker: str
+    lease_until: float
+    attempts: int
+
+
+_JOB_SELECT = (
+    "SELECT j.*, (SELECT COUNT(*) FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state = 'done') "
+    "AS chunks_done FROM batch_jobs j "
+)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class JobStore:
+    """The batch tables of the state database. One instance per process (not thread-safe)."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time, busy_timeout_s: float = 30.0) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.clock = clock
+        self._conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self.db = sqlite_utils.Database(self._conn)
+        self.db.enable_wal()
+        with self._tx():
+            self._create()
+
+    def _create(self) -> None:
+        self.db.table(JOBS).create(
+            {
+                "job_id": str,
+                "model": str,
+                "version": int,
+                "format": str,
+                "text_field": str,
+                "input_path": str,
+                "out_dir": str,
+                "state": str,
+                "submitted_at": str,
+                "accepted_at": str,
+                "started_at": str,
+                "ended_at": str,
+                "chunks": int,
+                "records": int,
+                "ok": int,
+                "rejected": int,
+                "merkle_root": str,
+                "audit_started": int,
+                "error": str,
+            },
+            pk="job_id",
+            not_null=["model", "format", "state", "input_path", "out_dir"],
+            defaults={"ok": 0, "rejected": 0, "records": 0, "merkle_root": "", "audit_started": 0, "error": ""},
+            if_not_exists=True,
+        )
+        self.db.table(CHUNKS).create(
+            {
+                "job_id": str,
+                "idx": int,
+                "rec_start": int,
+                "rec_count": int,
+                "byte_start": int,
+                "byte_end": int,
+                "state": str,
+                "worker": str,
+                "lease_until": float,
+                "attempts": int,
+                "part": str,
+                "ok": int,
+                "rejected": int,
+                "digests": str,
+                "error": str,
+            },
+            pk=("job_id", "idx"),
+            not_null=["state"],
+            defaults={"attempts": 0, "ok": 0, "rejected": 0, "error": ""},
+            if_not_exists=True,
+        )
+        self._conn.execute("CREATE INDEX IF NOT EXISTS batch_chunks_state ON batch_chunks (state, job_id, idx)")
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        cur = self._conn.execute(sql, params)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # -- jobs -----------------------------------------------------------------------------
+    def add_job(self, request: JobRequest, input_path: Path, out_dir: Path, plans: list[ChunkPlan]) -> bool:
+        """Record an accepted job and its chunks; False when it was recorded before."""
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM batch_jobs WHERE job_id = ?", (request.job_id,)).fetchone():
+                return False
+            conn.execute(
+                "INSERT INTO batch_jobs (job_id, model, version, format, text_field, input_path, out_dir, state, "
+                "submitted_at, accepted_at, chunks, records) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                (
+                    request.job_id,
+                    request.model,
+                    request.version,
+                    request.format,
+                    request.text_field,
+                    str(input_path),
+                    str(out_dir),
+                    request.submitted_at,
+                    _iso(self.clock()),
+                    len(plans),
+                    sum(p.rec_count for p in plans),
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO batch_chunks (job_id, idx, rec_start, rec_count, byte_start, byte_end, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                [(request.job_id, p.idx, p.rec_start, p.rec_count, p.byte_start, p.byte_end) for p in plans],
+            )
+        return True
+
+    def job(self, job_id: str) -> Job | None:
+        rows = self._job_rows(_JOB_SELECT + "WHERE j.job_id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def jobs(self) -> list[Job]:
+        return self._job_rows(_JOB_SELECT + "ORDER BY j.job_id", ())
+
+    def _job_rows(self, sql: str, params: tuple[Any, ...]) -> list[Job]:
+        rows = self._rows(sql, params)
+        out = []
+        for r in rows:
+            r["audit_started"] = bool(r["audit_started"])
+            r["text_field"] = r["text_field"] or ""
+            r["error"] = r["error"] or ""
+            r["merkle_root"] = r["merkle_root"] or ""
+            out.append(msgspec.convert(r, Job))
+        return out
+
+    def mark_audit_started(self, job_id: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE batch_jobs SET audit_started = 1 WHERE job_id = ?", (job_id,))
+
+    def fail_job(self, job_id: str, error: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ? WHERE job_id = ? AND state != 'done'",
+                (error, _iso(self.clock()), job_id),
+            )
+
+    def finishable(self) -> list[str]:
+        """Jobs not yet done or failed whose every chunk is done."""
+        rows = self._rows(
+            "SELECT job_id FROM batch_jobs j WHERE state IN ('queued', 'running') AND NOT EXISTS "
+            "(SELECT 1 FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state != 'done') ORDER BY job_id"
+        )
+        return [r["job_id"] for r in rows]
+
+    def chunk_results(self, job_id: str) -> list[dict[str, Any]]:
+        """Done chunks in order: idx, part, ok, rejected, digests (list of hex)."""
+        rows = self._rows(
+            "SELECT idx, part, ok, rejected, digests, state FROM batch_chunks WHERE job_id = ? ORDER BY idx", (job_id,)
+        )
+        for r in rows:
+            r["digests"] = json.loads(r["digests"]) if r["digests"] else []
+        return rows
+
+    def finish(self, job_id: str, *, ok: int, rejected: int, merkle_root: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE batch_jobs SET state = 'done', ok = ?, rejected = ?, merkle_root = ?, ended_at = ? "
+                "WHERE job_id = ?",
+                (ok, rejected, merkle_root, _iso(self.clock()), job_id),
+            )
+
+    # -- chunks ---------------------------------------------------------------------------
+    def lease(self, worker: str, lease_s: float) -> Lease | None:
+        """Take the oldest pending chunk, or one whose lease expired; None when there is none."""
+        now = self.clock()
+        with self._tx() as conn:
+            rows = self._rows(
+                "SELECT c.* FROM batch_chunks c JOIN batch_jobs j ON j.job_id = c.job_id "
+                "WHERE j.state IN ('queued', 'running') AND (c.state = 'pending' OR "
+                "(c.state = 'leased' AND c.lease_until < ?)) ORDER BY c.job_id, c.idx LIMIT 1",
+                (now,),
+            )
+            if not rows:
+                return None
+            row = rows[0]
+            until = now + lease_s
+            conn.execute(
+                "UPDATE batch_chunks SET state = 'leased', worker = ?, lease_until = ?, attempts = attempts + 1 "
+                "WHERE job_id = ? AND idx = ?",
+                (worker, until, row["job_id"], row["idx"]),
+            )
+            conn.execute(
+                "UPDATE batch_jobs SET state = 'running', started_at = COALESCE(started_at, ?) "
+                "WHERE job_id = ? AND state = 'queued'",
+                (_iso(now), row["job_id"]),
+            )
+        job = self.job(row["job_id"])
+        assert job is not None
+        plan = ChunkPlan(
+            idx=row["idx"],
+            rec_start=row["rec_start"],
+            rec_count=row["rec_count"],
+            byte_start=row["byte_start"],
+            byte_end=row["byte_end"],
+        )
+        return Lease(job=job, plan=plan, worker=worker, lease_until=until, attempts=row["attempts"] + 1)
+
+    def complete(self, job_id: str, idx: int, *, part: str, ok: int, rejected: int, digests: list[str]) -> bool:
+        """Mark a chunk done with its final file name and counts; False if it already was."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE batch_chunks SET state = 'done', part = ?, ok = ?, rejected = ?, digests = ?, "
+                "lease_until = NULL WHERE job_id = ? AND idx = ? AND state != 'done'",
+                (part, ok, rejected, json.dumps(digests, separators=(",", ":")), job_id, idx),
+            )
+            return cur.rowcount == 1
+
+    def release(self, job_id: str, idx: int, *, error: str, max_attempts: int) -> bool:
+        """Give a chunk back after a failure; after ``max_attempts`` fail the job. True if the job failed."""
+        with self._tx() as conn:
+            row = conn.execute(
+                "SELECT attempts FROM batch_chunks WHERE job_id = ? AND idx = ? AND state = 'leased'", (job_id, idx)
+            ).fetchone()
+            if row is None:
+                return False
+            if row[0] >= max_attempts:
+                conn.execute(
+                    "UPDATE batch_chunks SET state = 'failed', error = ? WHERE job_id = ? AND idx = ?",
+                    (error, job_id, idx),
+                )
+                conn.execute(
+                    "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ? WHERE job_id = ?",
+                    (f"chunk {idx} failed {row[0]} times: {error}", _iso(self.clock()), job_id),
+                )
+                return True
+            conn.execute(
+                "UPDATE batch_chunks SET state = 'pending', error = ?, lease_until = NULL WHERE job_id = ? AND idx = ?",
+                (error, job_id, idx),
+            )
+            return False
+
+    def leased_workers(self) -> list[str]:
+        """Workers holding a lease now."""
+        rows = self._rows("SELECT DISTINCT worker FROM batch_chunks WHERE state = 'leased' ORDER BY worker")
+        return [r["worker"] for r in rows]
+
+    def expire_worker(self, worker: str) -> int:
+        """Give every chunk leased by ``worker`` (known dead) back; return how many."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE batch_chunks SET state = 'pending', lease_until = NULL WHERE state = 'leased' AND worker = ?",
+                (worker,),
+            )
+            return cur.rowcount
+
+    def integrity_check(self) -> str:
+        row = self._conn.execute("PRAGMA integrity_check").fetchone()
+        return str(row[0])
+
+    def require_job(self, job_id: str) -> Job:
+        job = self.job(job_id)
+        if job is None:
+            raise BatchError(f"no batch job {job_id!r}; `inferbox batch status` lists the jobs")
+        return job

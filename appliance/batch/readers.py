@@ -1,0 +1,290 @@
+"""Read input files as records, split them into deterministic chunks, validate records.
+
+A *record* is one line of JSONL, one row of CSV (after the header), or one row of
+Parquet.  Every record counts: a blank line or an unparsable row is a record
+that goes to the rejects with its reason, so that "every input record appears
+exactly once in the outputs or the rejects" can be checked by counting.
+
+Chunks are planned once, when a job is accepted: ``chunk_size`` records each,
+with the byte range of each chunk for text formats, so a worker reads only its
+chunk.  The plan depends only on the file and ``chunk_size``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from runtime.errors import BatchError
+from runtime.manifest import TensorSpec
+
+__all__ = [
+    "ChunkPlan",
+    "RawRecord",
+    "RecordError",
+    "csv_header",
+    "parse_record",
+    "plan_chunks",
+    "read_chunk",
+    "record_id",
+]
+
+
+class Buffer(Protocol):
+    """``bytes`` or ``mmap``: what record scanning needs."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: slice, /) -> bytes: ...
+
+    def find(self, sub: bytes, start: int = ..., /) -> int: ...
+
+
+class ChunkPlan(msgspec.Struct, frozen=True, kw_only=True):
+    """Records ``[rec_start, rec_start + rec_count)``; bytes ``[byte_start, byte_end)`` for JSONL/CSV."""
+
+    idx: int
+    rec_start: int
+    rec_count: int
+    byte_start: int = 0
+    byte_end: int = 0
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """One input record: its index in the file, its bytes, and the parsed object (or why not)."""
+
+    index: int
+    raw: bytes
+    obj: dict[str, Any] | None
+    error: str | None = None
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message is the reject reason."""
+
+
+def _text_records(data: Buffer, pos: int, csv_mode: bool) -> Iterator[tuple[int, int]]:
+    """Yield (start, end) byte offsets of the records in ``data[pos:]`` (end excludes the newline).
+
+    JSONL: one record per line.  CSV: a newline inside double quotes does not end
+    a record (RFC 4180 quoting keeps the quote count even outside fields).
+    ``data`` may be ``bytes`` or an ``mmap`` (large files are never read whole).
+    """
+    n = len(data)
+    while pos < n:
+        end = data.find(b"\n", pos)
+        if csv_mode:
+            quotes = 0
+            scan = pos
+            while True:
+                stop = n if end < 0 else end
+                quotes += data[scan:stop].count(b'"')
+                if quotes % 2 == 0 or end < 0:
+                    break
+                scan = end + 1
+                end = data.find(b"\n", scan)
+        if end < 0:
+            yield pos, n
+            return
+        yield pos, end
+        pos = end + 1
+
+
+def csv_header(path: Path) -> tuple[list[str], int]:
+    """The header row's fields and the byte offset where the records start."""
+    size = 1 << 16
+    with path.open("rb") as f:
+        while True:
+            f.seek(0)
+            data = f.read(size)
+            complete = len(data) < size
+            for start, end in _text_records(data, 0, csv_mode=True):
+                if end == len(data) and not complete:
+                    break  # the header may go on past what was read
+                line = data[start:end].rstrip(b"\r").decode("utf-8-sig", errors="replace")
+                fields = next(csv.reader([line]), [])
+                return fields, min(end + 1, len(data))
+            if complete:
+                return [], 0
+            size *= 4
+
+
+def plan_chunks(path: Path, fmt: str, chunk_size: int) -> list[ChunkPlan]:
+    """Split ``path`` into chunks of ``chunk_size`` records (the last may be shorter)."""
+    if chunk_size < 1:
+        raise BatchError(f"chunk size {chunk_size} is not valid; use 1 or more records per chunk")
+    plans: list[ChunkPlan] = []
+    if fmt == "parquet":
+        total = _parquet_file(path).metadata.num_rows
+        for idx, start in enumerate(range(0, total, chunk_size)):
+            plans.append(ChunkPlan(idx=idx, rec_start=start, rec_count=min(chunk_size, total - start)))
+        return plans
+    offset = csv_header(path)[1] if fmt == "csv" else 0
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return plans
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            first_start, count, last_end, total = 0, 0, 0, 0
+            for start, end in _text_records(data, offset, csv_mode=fmt == "csv"):
+                if count == 0:
+                    first_start = start
+                count += 1
+                last_end = end
+                if count == chunk_size:
+                    plans.append(_plan(len(plans), total, count, first_start, last_end, size))
+                    total += count
+                    count = 0
+            if count:
+                plans.append(_plan(len(plans), total, count, first_start, last_end, size))
+    return plans
+
+
+def _plan(idx: int, rec_start: int, count: int, byte_start: int, last_end: int, size: int) -> ChunkPlan:
+    return ChunkPlan(
+        idx=idx, rec_start=rec_start, rec_count=count, byte_start=byte_start, byte_end=min(last_end + 1, size)
+    )
+
+
+def _parquet_file(path: Path) -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise BatchError("Parquet needs pyarrow; install the batch extra: pip install 'inferbox[batch]'") from exc
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid and friends
+        raise BatchError(f"{path} is not a readable Parquet file ({exc}); check the file or its --format") from exc
+
+
+def read_chunk(path: Path, fmt: str, plan: ChunkPlan) -> Iterator[RawRecord]:
+    """The records of one chunk, in file order."""
+    if fmt == "parquet":
+        yield from _read_parquet(path, plan)
+        return
+    with path.open("rb") as f:
+        f.seek(plan.byte_start)
+        data = f.read(plan.byte_end - plan.byte_start)
+    header: list[str] = []
+    if fmt == "csv":
+        header, _ = csv_header(path)
+    bounds = list(_text_records(data, 0, csv_mode=fmt == "csv"))
+    if len(bounds) != plan.rec_count:
+        raise BatchError(
+            f"chunk {plan.idx} of {path} holds {len(bounds)} records, the plan says {plan.rec_count}: "
+            "the input file changed after it was accepted; submit it again as a new job"
+        )
+    for i, (start, end) in enumerate(bounds):
+        raw = data[start:end].rstrip(b"\r")
+        index = plan.rec_start + i
+        if not raw.strip():
+            yield RawRecord(index, raw, None, "empty line")
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield RawRecord(index, raw, None, f"not valid UTF-8 at byte {exc.start}")
+            continue
+        if fmt == "jsonl":
+            yield _jsonl_record(index, raw, text)
+        else:
+            yield _csv_record(index, raw, text, header)
+
+
+def _jsonl_record(index: int, raw: bytes, text: str) -> RawRecord:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RawRecord(index, raw, None, f"not valid JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(obj, dict):
+        return RawRecord(index, raw, None, f"a record must be a JSON object, got {type(obj).__name__}")
+    return RawRecord(index, raw, obj)
+
+
+def _csv_record(index: int, raw: bytes, text: str, header: list[str]) -> RawRecord:
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        return RawRecord(index, raw, None, f"not valid CSV: {exc}")
+    if len(rows) != 1:
+        return RawRecord(index, raw, None, "not valid CSV: unbalanced quotes")
+    row = rows[0]
+    if len(row) != len(header):
+        return RawRecord(index, raw, None, f"row has {len(row)} fields, the header has {len(header)}")
+    return RawRecord(index, raw, dict(zip(header, row, strict=True)))
+
+
+def _read_parquet(path: Path, plan: ChunkPlan) -> Iterator[RawRecord]:
+    pf = _parquet_file(path)
+    meta = pf.metadata
+    groups: list[int] = []
+    first_row = 0
+    row = 0
+    end = plan.rec_start + plan.rec_count
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        if row + n > plan.rec_start and row < end:
+            if not groups:
+                first_row = row
+            groups.append(g)
+        row += n
+    table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+    rows = table.slice(plan.rec_start - first_row, plan.rec_count).to_pylist()
+    for i, obj in enumerate(rows):
+        raw = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode("utf-8")
+        yield RawRecord(plan.rec_start + i, raw, obj)
+
+
+def record_id(record: RawRecord) -> str | int:
+    """The record's ``id`` field when it has a usable one, else its index in the file."""
+    if record.obj is not None:
+        value = record.obj.get("id")
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return record.index
+
+
+def parse_record(
+    obj: dict[str, Any], *, text_field: str | None, inputs: list[TensorSpec]
+) -> str | dict[str, npt.NDArray[Any]]:
+    """The model input of one record: its text, or its tensors (one example, no batch axis).
+
+    Raises :class:`RecordError` with the reject reason.
+    """
+    if text_field is not None:
+        if text_field not in obj:
+            raise RecordError(f"missing text field {text_field!r}")
+        value = obj[text_field]
+        if value is None:
+            raise RecordError(f"text field {text_field!r} is null")
+        if not isinstance(value, str):
+            raise RecordError(f"text field {text_field!r} must be a string, got {type(value).__name__}")
+        return value
+    tensors: dict[str, npt.NDArray[Any]] = {}
+    for spec in inputs:
+        if spec.name not in obj:
+            raise RecordError(f"missing tensor field {spec.name!r}")
+        try:
+            array = np.asarray(obj[spec.name], dtype=np.dtype(spec.dtype))
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"tensor field {spec.name!r} is not a {spec.dtype} array: {exc}") from exc
+        want = spec.shape[1:]
+        if array.ndim != len(want) or any(w not in (-1, g) for w, g in zip(want, array.shape, strict=True)):
+            shown = ["?" if w == -1 else w for w in want]
+            raise RecordError(f"tensor field {spec.name!r} has shape {list(array.shape)}, the model expects {shown}")
+        tensors[spec.name] = array
+    return tensors

@@ -1,0 +1,182 @@
+"""The spool: maildir-style job submission that is atomic under any crash.
+
+Layout under ``settings.spool``::
+
+    tmp/<job>/      being written by ``submit`` (never read by the worker)
+    new/<job>/      complete, waiting for a worker (``inferbox-batch.path`` watches it)
+    cur/<job>/      accepted: the job is in the state database
+    bad/<job>/      a folder in new/ without a readable job.json (set aside, logged)
+
+Each job folder holds ``job.json`` (:class:`JobRequest`) and ``input.<format>``.
+``submit`` writes both into ``tmp/``, fsyncs them, and renames the folder into
+``new/`` in one step, so a worker sees a whole job or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from runtime.errors import BatchError
+
+__all__ = [
+    "FORMATS",
+    "Format",
+    "JobRequest",
+    "accept",
+    "detect_format",
+    "fsync_dir",
+    "new_job_id",
+    "pending",
+    "read_request",
+    "submit",
+]
+
+log = logging.getLogger(__name__)
+
+Format = Literal["jsonl", "csv", "parquet"]
+FORMATS: tuple[str, ...] = ("jsonl", "csv", "parquet")
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class JobRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``inferbox batch submit`` asked for (``job.json``)."""
+
+    job_id: str
+    model: str
+    version: int | None
+    format: Format
+    text_field: str
+    source: str  # the submitted file's original path, for the operator
+    submitted_at: str
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_job_id(now: Callable[[], float] = time.time) -> str:
+    """Sortable and unique: ``20261128T141103Z-3f9a0c1d``."""
+    stamp = datetime.fromtimestamp(now(), UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{secrets.token_hex(4)}"
+
+
+def detect_format(path: Path, given: str | None = None) -> Format:
+    if given is not None:
+        if given not in FORMATS:
+            raise BatchError(f"--format {given!r} is not one of {', '.join(FORMATS)}")
+        return given  # type: ignore[return-value]
+    fmt = _SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise BatchError(
+            f"cannot tell the format of {path.name} from its suffix; name it .jsonl, .csv or .parquet, "
+            "or pass --format jsonl|csv|parquet"
+        )
+    return fmt  # type: ignore[return-value]
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def submit(
+    spool: Path,
+    source: Path,
+    *,
+    model: str,
+    version: int | None = None,
+    fmt: str | None = None,
+    text_field: str = "text",
+    now: Callable[[], float] = time.time,
+) -> str:
+    """Place ``source`` in the spool atomically; return the job id."""
+    if not source.is_file():
+        raise BatchError(f"input file {source} does not exist or is not a file; pass a JSONL, CSV or Parquet file")
+    if not model:
+        raise BatchError("no model given; pass --model NAME (see `inferbox models`)")
+    if version is not None and version < 1:
+        raise BatchError(f"--version {version} is not valid; versions are integers from 1")
+    format_ = detect_format(source, fmt)
+    if format_ == "csv":
+        from appliance.batch.readers import csv_header
+
+        header, _ = csv_header(source)
+        if text_field not in header:
+            raise BatchError(
+                f"{source.name} has no column {text_field!r} (its header is {header}); "
+                "pass --text-field with the column that holds the text"
+            )
+    for sub in ("tmp", "new", "cur"):
+        (spool / sub).mkdir(parents=True, exist_ok=True)
+    job_id = new_job_id(now)
+    request = JobRequest(
+        job_id=job_id,
+        model=model,
+        version=version,
+        format=format_,
+        text_field=text_field,
+        source=str(source),
+        submitted_at=datetime.fromtimestamp(now(), UTC).isoformat().replace("+00:00", "Z"),
+    )
+    staging = spool / "tmp" / job_id
+    staging.mkdir()
+    try:
+        _copy_durably(source, staging / f"input.{format_}")
+        with (staging / "job.json").open("wb") as f:
+            f.write(msgspec.json.encode(request))
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(staging)
+        staging.rename(spool / "new" / job_id)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(spool / "new")
+    log.info("submitted job %s (%s, model %s)", job_id, format_, model)
+    return job_id
+
+
+def read_request(job_dir: Path) -> JobRequest:
+    try:
+        return msgspec.json.decode((job_dir / "job.json").read_bytes(), type=JobRequest)
+    except (OSError, msgspec.DecodeError) as exc:
+        raise BatchError(f"spool entry {job_dir} has no valid job.json ({exc}); remove it and submit again") from exc
+
+
+def pending(spool: Path) -> list[Path]:
+    """Job folders in ``new/``, oldest first (job ids sort by time)."""
+    new = spool / "new"
+    if not new.is_dir():
+        return []
+    return sorted(p for p in new.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def accept(spool: Path, job_id: str) -> Path:
+    """Move ``new/<job>`` to ``cur/<job>`` (idempotent); return the ``cur`` folder."""
+    cur = spool / "cur" / job_id
+    src = spool / "new" / job_id
+    if src.exists():
+        cur.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(cur)
+        fsync_dir(cur.parent)
+        fsync_dir(src.parent)
+    if not cur.is_dir():
+        raise BatchError(f"job {job_id} is neither in {src.parent} nor in {cur.parent}; submit it again")
+    return cur

@@ -1,0 +1,229 @@
+"""The per-chunk unit of work: read a chunk, run the model, write its files.
+
+:func:`run_chunk` is a function of (input file, chunk plan, model) only: the
+local worker and Dask workers run the same code, and running it twice gives
+identical files.  It writes ``rejects-NNNNN.jsonl`` first and the result part
+``part-NNNNN.<fmt>`` last, so "the part file exists" means the chunk's files are
+complete (:func:`verify_chunk` checks that and recounts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from appliance.batch.model import BatchModel
+from appliance.batch.readers import ChunkPlan, RawRecord, RecordError, parse_record, read_chunk, record_id
+from appliance.batch.writers import (
+    atomic_write,
+    encode_results,
+    part_name,
+    read_results,
+    rejects_name,
+    remove_temp_files,
+)
+from runtime.errors import BatchError, InputError
+
+__all__ = ["TEXT_TASKS", "ChunkOutcome", "ChunkTask", "check_model_fits", "run_chunk", "verify_chunk"]
+
+log = logging.getLogger(__name__)
+
+TEXT_TASKS = ("feature-extraction", "text-classification")
+
+
+class ChunkTask(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a worker needs to do one chunk (picklable, sent to Dask workers)."""
+
+    job_id: str
+    input_path: str
+    format: str
+    text_field: str
+    model: str
+    version: int | None
+    out_dir: str
+    plan: ChunkPlan
+    batch_size: int = 32
+    truncate: bool = True
+
+
+class ChunkOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What a finished chunk produced; ``digests`` are SHA-256 of each record's bytes, in record order."""
+
+    job_id: str
+    idx: int
+    part: str
+    ok: int
+    rejected: int
+    digests: list[str]
+
+
+def _digests(records: Sequence[RawRecord]) -> list[str]:
+    return [hashlib.sha256(r.raw).hexdigest() for r in records]
+
+
+def _reject(record: RawRecord, reason: str) -> dict[str, Any]:
+    return {
+        "index": record.index,
+        "id": record_id(record),
+        "reason": reason,
+        "record": record.raw.decode("utf-8", errors="replace"),
+    }
+
+
+def _softmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    out: npt.NDArray[np.float32] = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def _text_rows(model: BatchModel, texts: list[str], task: ChunkTask) -> list[dict[str, Any] | str]:
+    """Per text: a result row, or a reject reason when the model refused that text."""
+    try:
+        vectors, _ = model.embed(texts, truncate=task.truncate)
+    except InputError as exc:
+        if len(texts) == 1:
+            return [f"the model refused the input: {exc}"]
+        out: list[dict[str, Any] | str] = []
+        for t in texts:  # find the culprit(s); the others still get results
+            out.extend(_text_rows(model, [t], task))
+        return out
+    labels = model.manifest.labels
+    if model.manifest.task == "text-classification" and labels:
+        scores = _softmax(vectors)
+        return [
+            {"label": labels[int(np.argmax(s))], "scores": {lab: float(p) for lab, p in zip(labels, s, strict=True)}}
+            for s in scores
+        ]
+    return [{"embedding": [float(x) for x in np.asarray(v, dtype=np.float32)]} for v in vectors]
+
+
+def _tensor_rows(model: BatchModel, examples: list[dict[str, npt.NDArray[Any]]]) -> list[dict[str, Any] | str]:
+    try:
+        stacked = {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+        outputs = model.infer(stacked)
+    except InputError as exc:
+        if len(examples) == 1:
+            return [f"the model refused the input: {exc}"]
+        out: list[dict[str, Any] | str] = []
+        for e in examples:
+            out.extend(_tensor_rows(model, [e]))
+        return out
+    labels = model.manifest.labels
+    rows: list[dict[str, Any] | str] = []
+    for i in range(len(examples)):
+        row: dict[str, Any] = {"outputs": {k: v[i].tolist() for k, v in outputs.items()}}
+        if labels and model.manifest.task == "image-classification":
+            first = next(iter(outputs.values()))[i]
+            probs = _softmax(np.asarray(first).reshape(-1))
+            row["label"] = labels[int(np.argmax(probs))]
+            row["scores"] = {lab: float(p) for lab, p in zip(labels, probs, strict=True)}
+        rows.append(row)
+    return rows
+
+
+def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None] | None = None) -> ChunkOutcome:
+    """Do one chunk from scratch and rename its files into place.
+
+    ``on_step`` (tests, progress) is called after each durable step: ``computed``,
+    ``rejects-written``, ``part-written``.
+    """
+    step = on_step or (lambda _name: None)
+    out_dir = Path(task.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = part_name(task.plan.idx, task.format)
+    rejects_file = rejects_name(task.plan.idx)
+    for name in (part, rejects_file):
+        remove_temp_files(out_dir, name)
+    records = list(read_chunk(Path(task.input_path), task.format, task.plan))
+    text_mode = model.manifest.task in TEXT_TASKS
+    results: dict[int, dict[str, Any]] = {}
+    rejects: dict[int, dict[str, Any]] = {}
+    valid: list[tuple[RawRecord, Any]] = []
+    for record in records:
+        if record.obj is None:
+            rejects[record.index] = _reject(record, record.error or "unreadable record")
+            continue
+        try:
+            value = parse_record(
+                record.obj, text_field=task.text_field if text_mode else None, inputs=model.manifest.inputs
+            )
+        except RecordError as exc:
+            rejects[record.index] = _reject(record, str(exc))
+            continue
+        valid.append((record, value))
+
+    groups: dict[Any, list[tuple[RawRecord, Any]]] = {}
+    for record, value in valid:
+        key = "text" if text_mode else tuple((k, v.shape) for k, v in value.items())
+        groups.setdefault(key, []).append((record, value))
+    for members in groups.values():
+        if text_mode:  # similar lengths batch together (less padding), as the server's batcher does
+            members.sort(key=lambda m: len(m[1]))
+        for start in range(0, len(members), task.batch_size):
+            batch = members[start : start + task.batch_size]
+            values = [v for _, v in batch]
+            rows = _text_rows(model, values, task) if text_mode else _tensor_rows(model, values)
+            for (record, _), row in zip(batch, rows, strict=True):
+                if isinstance(row, str):
+                    rejects[record.index] = _reject(record, row)
+                else:
+                    results[record.index] = {"id": record_id(record), **row}
+
+    ordered_rejects = [rejects[i] for i in sorted(rejects)]
+    ordered_results = [results[i] for i in sorted(results)]
+    step("computed")
+    atomic_write(out_dir / rejects_file, encode_results(ordered_rejects, "jsonl"))
+    step("rejects-written")
+    atomic_write(out_dir / part, encode_results(ordered_results, task.format))
+    step("part-written")
+    return ChunkOutcome(
+        job_id=task.job_id,
+        idx=task.plan.idx,
+        part=part,
+        ok=len(ordered_results),
+        rejected=len(ordered_rejects),
+        digests=_digests(records),
+    )
+
+
+def verify_chunk(task: ChunkTask) -> ChunkOutcome | None:
+    """The outcome of a chunk whose files were renamed into place before a crash, or None.
+
+    The files count only when results + rejects hold exactly the chunk's records.
+    """
+    out_dir = Path(task.out_dir)
+    part = part_name(task.plan.idx, task.format)
+    part_path, rejects_path = out_dir / part, out_dir / rejects_name(task.plan.idx)
+    if not part_path.is_file() or not rejects_path.is_file():
+        return None
+    try:
+        ok = len(read_results(part_path))
+        rejected = [json.loads(line) for line in rejects_path.read_text("utf-8").splitlines() if line]
+    except Exception as exc:  # a damaged file is recomputed
+        log.warning("chunk %s/%s: existing files unreadable (%s); recomputing", task.job_id, task.plan.idx, exc)
+        return None
+    if ok + len(rejected) != task.plan.rec_count:
+        log.warning("chunk %s/%s: existing files hold the wrong count; recomputing", task.job_id, task.plan.idx)
+        return None
+    records = list(read_chunk(Path(task.input_path), task.format, task.plan))
+    return ChunkOutcome(
+        job_id=task.job_id, idx=task.plan.idx, part=part, ok=ok, rejected=len(rejected), digests=_digests(records)
+    )
+
+
+def check_model_fits(model: BatchModel, fmt: str) -> None:
+    """Refuse combinations no record could pass (CSV has no tensors)."""
+    if model.manifest.task not in TEXT_TASKS and fmt == "csv":
+        raise BatchError(
+            f"model {model.name!r} takes tensors, and CSV carries only text; submit JSONL or Parquet with "
+            f"fields {[s.name for s in model.manifest.inputs]}"
+        )

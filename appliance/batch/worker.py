@@ -1,0 +1,359 @@
+"""The batch worker: accept spooled jobs, lease chunks, run them, finish jobs.
+
+``run_once`` works until no chunk can be leased (what ``inferbox-batch.service``
+runs when the spool path unit fires); ``watch`` repeats it until stopped.
+Several workers may run at once on one state database.
+
+Exactly once: a record's result exists iff its chunk's part file was renamed
+into place; the chunk is marked ``done`` with that file name in one
+transaction.  A worker that dies leaves a lease; it is taken again when it
+expires, or at once when its process is gone (same host), and the chunk is
+redone from scratch (temp files discarded; the final rename is idempotent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Protocol
+
+import msgspec
+
+from api.protocols import AuditEvent, Digest
+from appliance.batch.jobs import Job, JobStore, Lease
+from appliance.batch.model import BatchModel, ModelLoader
+from appliance.batch.readers import plan_chunks
+from appliance.batch.spool import accept, pending, read_request
+from appliance.batch.unit import ChunkOutcome, ChunkTask, check_model_fits, run_chunk, verify_chunk
+from appliance.batch.writers import atomic_write, rejects_name, remove_temp_files
+from runtime.errors import BatchError, InferboxError
+
+__all__ = ["AuditAppender", "BatchWorker", "RunSummary", "WorkerConfig", "finish_outputs", "merkle_root_of"]
+
+log = logging.getLogger(__name__)
+
+
+class AuditAppender(Protocol):
+    """What the worker needs of the audit log (``appliance.audit`` ``AuditLog``)."""
+
+    def digest(self, data: bytes) -> Digest: ...
+
+    def append(self, event: AuditEvent) -> int: ...
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    chunk_size: int = 256  # records per chunk
+    batch_size: int = 32  # records per model call
+    lease_s: float = 600.0  # a chunk not done by then is taken again
+    max_attempts: int = 3  # failures of one chunk before its job fails
+    truncate: bool = True
+
+
+@dataclass
+class RunSummary:
+    accepted: list[str] = field(default_factory=list)
+    chunks: int = 0
+    finished: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def merkle_root_of(digests: list[str], audit: AuditAppender | None) -> tuple[str, str]:
+    """(root, digest key id): RFC 6962 root over the records' digests, keyed by the audit HMAC when there is one."""
+    from appliance.audit.merkle import merkle_root
+
+    if audit is None:
+        return merkle_root([bytes.fromhex(d) for d in digests]), ""
+    keyed = [audit.digest(bytes.fromhex(d)) for d in digests]
+    key_id = keyed[0].key_id if keyed else ""
+    return merkle_root([bytes.fromhex(k.hexdigest) for k in keyed]), key_id
+
+
+def finish_outputs(out_dir: Path, chunks: int) -> None:
+    """Merge the per-chunk rejects into ``rejects.jsonl`` and drop temp files (idempotent)."""
+    final = out_dir / "rejects.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not final.exists():
+        parts = [out_dir / rejects_name(i) for i in range(chunks)]
+        missing = [p.name for p in parts if not p.is_file()]
+        if missing:
+            raise BatchError(f"{out_dir}: chunk rejects {missing[:3]} are missing although the chunks are done")
+
+        def write(f: IO[bytes]) -> None:
+            for p in parts:
+                f.write(p.read_bytes())
+
+        atomic_write(final, write)
+    for i in range(chunks):
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / rejects_name(i)).unlink()
+    remove_temp_files(out_dir)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class BatchWorker:
+    """Works the spool and the chunk table. Build one per process."""
+
+    def __init__(
+        self,
+        *,
+        spool: Path,
+        outbox: Path,
+        store: JobStore,
+        loader: ModelLoader,
+        audit: AuditAppender | None = None,
+        config: WorkerConfig | None = None,
+        actor: str = "cli",
+        worker_id: str | None = None,
+        progress: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spool = spool
+        self.outbox = outbox
+        self.store = store
+        self.loader = loader
+        self.audit = audit
+        self.config = config or WorkerConfig()
+        self.host = socket.gethostname()
+        self.worker_id = worker_id or f"{self.host}:{os.getpid()}"
+        self.actor = actor
+        self.origin = f"inferbox-batch.service@{self.host}"
+        self.progress = progress or (lambda _event: None)
+        self.clock = clock
+        self._models: dict[tuple[str, int | None], BatchModel] = {}
+
+    # -- models --------------------------------------------------------------------------
+    def model(self, name: str, version: int | None) -> BatchModel:
+        key = (name, version)
+        if key not in self._models:
+            self._models[key] = self.loader(name, version)
+        return self._models[key]
+
+    # -- spool ---------------------------------------------------------------------------
+    def accept_new(self) -> list[str]:
+        """Record every job waiting in ``spool/new`` and move it to ``spool/cur``."""
+        accepted = []
+        for job_dir in pending(self.spool):
+            job_id = job_dir.name
+            try:
+                request = read_request(job_dir)
+            except BatchError as exc:
+                log.error("%s", exc)
+                bad = self.spool / "bad"
+                bad.mkdir(exist_ok=True)
+                job_dir.rename(bad / job_id)
+                continue
+            if self.store.job(job_id) is None:
+                input_name = f"input.{request.format}"
+                error = ""
+                try:
+                    plans = plan_chunks(job_dir / input_name, request.format, self.config.chunk_size)
+                except (BatchError, OSError) as exc:
+                    plans, error = [], str(exc)
+                cur = self.spool / "cur" / job_id
+                self.store.add_job(request, cur / input_name, self.outbox / job_id, plans)
+                if error:
+                    self.store.fail_job(job_id, error)
+            accept(self.spool, job_id)
+            accepted.append(job_id)
+            self.progress(f"accepted {job_id}")
+            log.info("accepted batch job %s", job_id)
+        return accepted
+
+    def reclaim_dead(self) -> int:
+        """Expire at once the leases of dead worker processes on this host."""
+        prefix = f"{self.host}:"
+        reclaimed = 0
+        for worker in self.store.leased_workers():
+            if not worker.startswith(prefix):
+                continue
+            pid_text = worker[len(prefix) :].split(":")[0]
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+                reclaimed += self.store.expire_worker(worker)
+        return reclaimed
+
+    # -- chunks --------------------------------------------------------------------------
+    def task_for(self, lease: Lease) -> ChunkTask:
+        job = lease.job
+        return ChunkTask(
+            job_id=job.job_id,
+            input_path=job.input_path,
+            format=job.format,
+            text_field=job.text_field,
+            model=job.model,
+            version=job.version,
+            out_dir=job.out_dir,
+            plan=lease.plan,
+            batch_size=self.config.batch_size,
+            truncate=self.config.truncate,
+        )
+
+    def start_job(self, job: Job, model: BatchModel) -> None:
+        """Write ``batch_start`` once (at least once if the worker dies right after)."""
+        if job.audit_started:
+            return
+        if self.audit is not None:
+            now = _utc(self.clock())
+            self.audit.append(self._event("batch_start", job, model, "success", now, now, {}))
+        self.store.mark_audit_started(job.job_id)
+
+    def record(self, outcome: ChunkOutcome) -> None:
+        """Mark a chunk done; finish its job when it was the last."""
+        self.store.complete(
+            outcome.job_id,
+            outcome.idx,
+            part=outcome.part,
+            ok=outcome.ok,
+            rejected=outcome.rejected,
+            digests=outcome.digests,
+        )
+        self.progress(f"completed {outcome.job_id} {outcome.idx}")
+
+    def fail_chunk(self, lease: Lease, exc: BaseException, summary: RunSummary | None = None) -> None:
+        job = lease.job
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("job %s chunk %d failed (attempt %d): %s", job.job_id, lease.plan.idx, lease.attempts, message)
+        if self.store.release(job.job_id, lease.plan.idx, error=message, max_attempts=self.config.max_attempts):
+            self._job_failed(job, message, summary, marked=True)
+
+    def _job_failed(self, job: Job, message: str, summary: RunSummary | None, *, marked: bool = False) -> None:
+        if not marked:
+            self.store.fail_job(job.job_id, message)
+        if self.audit is not None:
+            now = _utc(self.clock())
+            self.audit.append(self._event("batch_end", job, None, "failure", now, now, {"error": message[:500]}))
+        if summary is not None:
+            summary.failed.append(job.job_id)
+
+    def process(self, lease: Lease, summary: RunSummary | None = None) -> bool:
+        """Run one leased chunk here; False when the job cannot run (it is failed)."""
+        job = lease.job
+        self.progress(f"leased {job.job_id} {lease.plan.idx}")
+        try:
+            model = self.model(job.model, job.version)
+            check_model_fits(model, job.format)
+        except InferboxError as exc:
+            self._job_failed(job, str(exc), summary)
+            return False
+        self.start_job(job, model)
+        task = self.task_for(lease)
+        try:
+            outcome = verify_chunk(task) or run_chunk(task, model, on_step=lambda s: self.progress(f"{s} {job.job_id}"))
+        except Exception as exc:
+            self.fail_chunk(lease, exc, summary)
+            return False
+        self.record(outcome)
+        return True
+
+    # -- jobs ----------------------------------------------------------------------------
+    def finish(self, job_id: str) -> None:
+        """Merge rejects, write ``job.json``, write ``batch_end``, mark the job done (idempotent)."""
+        job = self.store.require_job(job_id)
+        chunks = self.store.chunk_results(job_id)
+        out_dir = Path(job.out_dir)
+        finish_outputs(out_dir, job.chunks)
+        digests = [d for c in chunks for d in c["digests"]]
+        ok = sum(c["ok"] for c in chunks)
+        rejected = sum(c["rejected"] for c in chunks)
+        root, key_id = merkle_root_of(digests, self.audit)
+        summary = {
+            "job_id": job_id,
+            "model": job.model,
+            "version": job.version,
+            "format": job.format,
+            "records": job.records,
+            "ok": ok,
+            "rejected": rejected,
+            "parts": [c["part"] for c in chunks],
+            "rejects": "rejects.jsonl",
+            "merkle_root": root,
+            "digest_key_id": key_id,
+        }
+        body = msgspec.json.format(msgspec.json.encode(summary)) + b"\n"
+        atomic_write(out_dir / "job.json", lambda f: f.write(body))
+        self.progress(f"summarized {job_id}")
+        if self.audit is not None:
+            try:
+                model: BatchModel | None = self.model(job.model, job.version)
+            except InferboxError:
+                model = None
+            details = {"records": str(job.records), "ok": str(ok), "rejected": str(rejected), "merkle_root": root}
+            started = job.started_at or job.accepted_at
+            event = self._event("batch_end", job, model, "success", started, _utc(self.clock()), details)
+            self.audit.append(msgspec.structs.replace(event, digest_key_id=key_id))
+        self.store.finish(job_id, ok=ok, rejected=rejected, merkle_root=root)
+        self.progress(f"finished {job_id}")
+        log.info("batch job %s done: %d ok, %d rejected", job_id, ok, rejected)
+
+    def _event(
+        self,
+        event: str,
+        job: Job,
+        model: BatchModel | None,
+        outcome: str,
+        started: str,
+        ended: str,
+        details: dict[str, str],
+    ) -> AuditEvent:
+        return AuditEvent(
+            event=event,
+            action=f"inferbox batch run ({event.removeprefix('batch_')})",
+            actor=self.actor,
+            origin=self.origin,
+            outcome="success" if outcome == "success" else "failure",
+            status=0 if outcome == "success" else 1,
+            started_at=started,
+            ended_at=ended,
+            job_id=job.job_id,
+            model_name=job.model,
+            model_version=str(model.version if model is not None else job.version or ""),
+            model_sha256=model.package_sha256 if model is not None else "",
+            backend=model.backend if model is not None else "",
+            variant=model.variant if model is not None else "",
+            details=details,
+        )
+
+    # -- loops ---------------------------------------------------------------------------
+    def run_once(self) -> RunSummary:
+        """Accept new jobs, then run chunks until none can be leased; finish the jobs that are complete."""
+        summary = RunSummary()
+        summary.accepted = self.accept_new()
+        self.reclaim_dead()
+        while True:
+            for job_id in self.store.finishable():
+                self.finish(job_id)
+                summary.finished.append(job_id)
+            lease = self.store.lease(self.worker_id, self.config.lease_s)
+            if lease is None:
+                break
+            if self.process(lease, summary):
+                summary.chunks += 1
+        return summary
+
+    def watch(self, stop: threading.Event, poll_s: float = 2.0) -> None:
+        """``run_once`` until ``stop`` is set, waiting ``poll_s`` between empty rounds."""
+        while not stop.is_set():
+            summary = self.run_once()
+            if not (summary.accepted or summary.chunks):
+                stop.wait(poll_s)

@@ -1,0 +1,137 @@
+"""The Dask engine: same outputs as the local worker, one model per worker, survives a killed worker."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from distributed import Client
+
+from appliance.batch import fake
+from appliance.batch.dask_engine import DaskEngine, loaded_models, local_cluster
+from appliance.batch.jobs import JobStore
+from appliance.batch.spool import submit
+from appliance.batch.worker import BatchWorker, WorkerConfig
+
+CONFIG = WorkerConfig(chunk_size=5, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    with local_cluster(n_workers=2) as c:
+        yield c
+
+
+def _inputs(tmp: Path) -> list[tuple[Path, str]]:
+    lines = [
+        json.dumps({"id": f"r{i}", "text": f"text {i}"}) if i % 7 else '{"id": 1, "text": null}' for i in range(37)
+    ]
+    a = tmp / "a.jsonl"
+    a.write_text("\n".join(lines) + "\n")
+    b = tmp / "b.parquet"
+    pq.write_table(
+        pa.table({"id": [f"p{i}" for i in range(12)], "text": [f"t{i}" if i != 3 else None for i in range(12)]}), b
+    )
+    return [(a, "fake-embed"), (b, "fake-classify")]
+
+
+def _run(root: Path, inputs: list[tuple[Path, str]], engine: str, **kw: Any) -> dict[str, dict[str, bytes]]:
+    store = JobStore(root / "state.db")
+    jobs = [submit(root / "spool", path, model=model) for path, model in inputs]
+    worker = BatchWorker(
+        spool=root / "spool",
+        outbox=root / "outbox",
+        store=store,
+        loader=fake.loader,
+        config=CONFIG,
+        progress=kw.pop("progress", None),
+    )
+    if engine == "local":
+        worker.run_once()
+    else:
+        DaskEngine(worker, kw.pop("factory"), **kw).run_once()
+    try:
+        assert store.integrity_check() == "ok"
+        out = {}
+        for i, job_id in enumerate(jobs):
+            assert store.require_job(job_id).state == "done"
+            folder = root / "outbox" / job_id
+            files = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "job.json"}
+            summary = json.loads((folder / "job.json").read_text())
+            files["summary"] = json.dumps({k: v for k, v in summary.items() if k != "job_id"}).encode()
+            out[f"job{i}"] = files
+        return out
+    finally:
+        store.close()
+
+
+def test_dask_engine_gives_the_local_outputs_with_one_model_per_worker(tmp_path: Path, cluster: Any) -> None:
+    inputs = _inputs(tmp_path)
+    local = _run(tmp_path / "local", inputs, "local")
+    factory = functools.partial(functools.partial, fake.loader, delay_s=0.0)
+    dask = _run(tmp_path / "dask", inputs, "dask", factory=factory, scheduler=cluster.scheduler_address)
+    assert dask == local
+    assert sorted(local["job0"]) == [f"part-{i:05d}.jsonl" for i in range(8)] + ["rejects.jsonl", "summary"]
+    with Client(cluster.scheduler_address) as client:
+        per_worker = client.run(loaded_models)
+    loads = [load for info in per_worker.values() for load in info["loads"]]
+    # each worker process opened each model at most once, however many chunks it ran
+    for info in per_worker.values():
+        assert len(info["loads"]) == len(set(info["loads"])) == info["cached"]
+    assert {name for name, _ in loads} <= {"fake-embed", "fake-classify"}
+
+
+def test_dask_engine_survives_a_worker_killed_mid_job(tmp_path: Path, cluster: Any) -> None:
+    inputs = _inputs(tmp_path)
+    local = _run(tmp_path / "local", inputs, "local")
+    with Client(cluster.scheduler_address) as client:
+        pids = sorted(client.run(os.getpid).values())
+    assert len(pids) == 2
+    killed: list[int] = []
+
+    def progress(event: str) -> None:
+        if event.startswith("completed") and not killed:
+            os.kill(pids[0], signal.SIGKILL)  # the other worker is busy too: chunks are in flight on both
+            killed.append(pids[0])
+
+    factory = functools.partial(functools.partial, fake.loader, delay_s=0.05)
+    dask = _run(
+        tmp_path / "dask", inputs, "dask", factory=factory, scheduler=cluster.scheduler_address, progress=progress
+    )
+    assert killed == [pids[0]]
+    assert dask == local
+    with Client(cluster.scheduler_address) as client:
+        client.wait_for_workers(2, timeout=60)
+        assert pids[0] not in client.run(os.getpid).values()  # the nanny started a new process
+
+
+def test_cli_batch_run_engine_dask(tmp_path: Path, cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    for key in list(os.environ):
+        if key.startswith("INFERBOX_"):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(7)))
+    runner = CliRunner()
+    r = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)])
+    job_id = r.output.strip()
+    args = ["batch", "run", "--once", "--engine", "dask", "--scheduler", cluster.scheduler_address, "--chunk-size", "3"]
+    r = runner.invoke(main, [*args, "--home", str(home), "--loader", "appliance.batch.fake:settings_loader"])
+    assert r.exit_code == 0, r.output
+    assert "ran 3 chunk(s), finished 1" in r.output
+    summary = json.loads((home / "outbox" / job_id / "job.json").read_text())
+    assert (summary["ok"], summary["rejected"]) == (7, 0)
+    r = runner.invoke(main, ["batch", "run", "--scheduler", "tcp://127.0.0.1:1", "--home", str(home)])
+    assert r.exit_code == 2 and "--scheduler needs --engine dask" in r.output

@@ -1,0 +1,305 @@
+"""Spool, job/chunk state, leases and recovery, and the ``inferbox batch`` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from appliance.batch import fake
+from appliance.batch.jobs import JobStore
+from appliance.batch.readers import plan_chunks
+from appliance.batch.spool import accept, pending, read_request, submit
+from appliance.batch.unit import run_chunk
+from appliance.batch.worker import BatchWorker, WorkerConfig
+from appliance.cli import main
+from runtime.errors import BatchError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _input(tmp: Path, n: int = 10) -> Path:
+    src = tmp / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "text": f"t{i}"}) + "\n" for i in range(n)))
+    return src
+
+
+def _worker(root: Path, store: JobStore, clock: Clock, worker_id: str, loads: list[str] | None = None) -> BatchWorker:
+    def load(name: str, version: int | None) -> fake.FakeModel:
+        if loads is not None:
+            loads.append(name)
+        return fake.loader(name, version)
+
+    return BatchWorker(
+        spool=root / "spool",
+        outbox=root / "outbox",
+        store=store,
+        loader=load,
+        config=WorkerConfig(chunk_size=4, batch_size=2, lease_s=60),
+        worker_id=worker_id,
+        clock=clock,
+    )
+
+
+def test_submit_is_atomic_and_accept_is_idempotent(tmp_path: Path) -> None:
+    src = _input(tmp_path)
+    job_id = submit(tmp_path / "spool", src, model="fake-embed", version=2, text_field="body")
+    assert [p.name for p in pending(tmp_path / "spool")] == [job_id]
+    assert list((tmp_path / "spool/tmp").iterdir()) == []
+    req = read_request(tmp_path / "spool/new" / job_id)
+    assert (req.model, req.version, req.format, req.text_field) == ("fake-embed", 2, "jsonl", "body")
+    cur = accept(tmp_path / "spool", job_id)
+    assert accept(tmp_path / "spool", job_id) == cur  # a second accept after a crash is fine
+    assert pending(tmp_path / "spool") == []
+    with pytest.raises(BatchError, match="submit it again"):
+        accept(tmp_path / "spool", "no-such-job")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model": ""}, "pass --model"),
+        ({"model": "m", "version": 0}, "versions are integers from 1"),
+        ({"model": "m", "fmt": "xml"}, "not one of jsonl, csv, parquet"),
+    ],
+)
+def test_submit_refuses_bad_requests_with_the_fix(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(BatchError, match=message):
+        submit(tmp_path / "spool", _input(tmp_path), **kwargs)  # type: ignore[arg-type]
+
+
+def test_submit_needs_a_known_suffix_or_format(tmp_path: Path) -> None:
+    src = tmp_path / "data.txt"
+    src.write_text("x\n")
+    with pytest.raises(BatchError, match="--format jsonl"):
+        submit(tmp_path / "spool", src, model="m")
+    assert submit(tmp_path / "spool", src, model="m", fmt="jsonl")
+
+
+def test_an_expired_lease_is_taken_again_and_done_once(tmp_path: Path) -> None:
+    clock = Clock()
+    store = JobStore(tmp_path / "state.db", clock=clock)
+    job_id = submit(tmp_path / "spool", _input(tmp_path), model="fake-embed")
+    a = _worker(tmp_path, store, clock, "otherhost:1")
+    a.accept_new()
+    lease = store.lease("otherhost:1", 60)
+    assert lease is not None and lease.plan.idx == 0 and lease.attempts == 1
+    # worker a "hangs"; b runs the rest but cannot take chunk 0 while a's lease is live
+    b = _worker(tmp_path, store, clock, "otherhost:2")
+    summary = b.run_once()
+    assert summary.chunks == 2 and summary.finished == []
+    assert store.require_job(job_id).state == "running"
+    clock.t += 61  # a's lease expires
+    summary = b.run_once()
+    assert summary.chunks == 1 and summary.finished == [job_id]
+    rows = {r["idx"]: r for r in store._rows("SELECT idx, attempts, worker, state FROM batch_chunks")}
+    assert rows[0]["attempts"] == 2 and rows[0]["worker"] == "otherhost:2"
+    assert all(r["state"] == "done" for r in rows.values())
+    # a wakes up and reports its chunk: it is already done, nothing changes
+    assert store.complete(job_id, 0, part="part-00000.jsonl", ok=4, rejected=0, digests=[]) is False
+    assert store.require_job(job_id).ok == 10
+    store.close()
+
+
+def test_a_dead_local_workers_lease_is_reclaimed_at_once(tmp_path: Path) -> None:
+    clock = Clock()
+    store = JobStore(tmp_path / "state.db", clock=clock)
+    job_id = submit(tmp_path / "spool", _input(tmp_path), model="fake-embed")
+    w = _worker(tmp_path, store, clock, "x")
+    w.accept_new()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # that process has exited
+    assert store.lease(f"{w.host}:{dead_pid}", 3600) is not None
+    assert store.lease(f"{w.host}:{os.getpid()}", 3600) is not None  # alive (this process): kept
+    fresh = _worker(tmp_path, store, clock, f"{w.host}:{os.getpid()}")
+    assert fresh.reclaim_dead() == 1
+    summary = fresh.run_once()
+    assert summary.chunks == 2  # the reclaimed chunk 0 and chunk 2; chunk 1 is leased by a live worker
+    clock.t += 3601
+    assert fresh.run_once().finished == [job_id]
+    store.close()
+
+
+def test_a_chunk_renamed_before_a_crash_is_verified_not_recomputed(tmp_path: Path) -> None:
+    clock = Clock()
+    store = JobStore(tmp_path / "state.db", clock=clock)
+    job_id = submit(tmp_path / "spool", _input(tmp_path), model="fake-embed")
+    loads: list[str] = []
+    w = _worker(tmp_path, store, clock, "otherhost:9", loads)
+    w.accept_new()
+    lease = store.lease("otherhost:9", 60)
+    assert lease is not None
+    model = fake.loader("fake-embed")
+    run_chunk(w.task_for(lease), model)  # files renamed into place, then "crash" before complete()
+    assert model.calls == 2
+    clock.t += 61
+    other = fake.FakeModel()
+    w2 = BatchWorker(
+        spool=tmp_path / "spool",
+        outbox=tmp_path / "outbox",
+        store=store,
+        loader=lambda n, v: other,
+        config=WorkerConfig(chunk_size=4, batch_size=2),
+        worker_id="otherhost:10",
+        clock=clock,
+    )
+    w2.run_once()
+    assert other.calls == 3  # chunk 1 (2 calls) and chunk 2 (1 call); chunk 0 was verified from its files
+    job = store.require_job(job_id)
+    assert (job.state, job.ok) == ("done", 10)
+    store.close()
+
+
+def test_a_failing_chunk_fails_its_job_after_max_attempts(tmp_path: Path) -> None:
+    clock = Clock()
+    store = JobStore(tmp_path / "state.db", clock=clock)
+    job_id = submit(tmp_path / "spool", _input(tmp_path, 3), model="fake-embed")
+
+    class Broken(fake.FakeModel):
+        def embed(self, texts, *, truncate=True):  # type: ignore[no-untyped-def]
+            raise RuntimeError("device lost")
+
+    w = BatchWorker(
+        spool=tmp_path / "spool",
+        outbox=tmp_path / "outbox",
+        store=store,
+        loader=lambda n, v: Broken(),
+        config=WorkerConfig(max_attempts=3),
+        worker_id="h:1",
+        clock=clock,
+    )
+    summary = w.run_once()
+    assert summary.failed == [job_id]
+    job = store.require_job(job_id)
+    assert job.state == "failed" and "failed 3 times: RuntimeError: device lost" in job.error
+    store.close()
+
+
+def test_plan_refuses_chunk_size_zero(tmp_path: Path) -> None:
+    with pytest.raises(BatchError, match="chunk size"):
+        plan_chunks(_input(tmp_path), "jsonl", 0)
+
+
+def test_cli_submit_run_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("INFERBOX_"):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    runner = CliRunner()
+    src = tmp_path / "in.csv"
+    src.write_text("id,body\n1,hello\n2,\n3,world\n")
+    r = runner.invoke(
+        main, ["batch", "submit", str(src), "--model", "fake-embed", "--text-field", "body", "--home", str(home)]
+    )
+    assert r.exit_code == 0, r.output
+    job_id = r.output.strip()
+    r = runner.invoke(main, ["batch", "status", "--home", str(home)])
+    assert f"{job_id}  spooled" in r.output
+    r = runner.invoke(
+        main, ["batch", "run", "--once", "--home", str(home), "--loader", "appliance.batch.fake:settings_loader"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "accepted 1 job(s), ran 1 chunk(s), finished 1, failed 0" in r.output
+    r = runner.invoke(main, ["batch", "status", job_id, "--json", "--home", str(home)])
+    body = json.loads(r.output)
+    assert body["spooled"] == []
+    assert body["jobs"][0]["state"] == "done" and body["jobs"][0]["ok"] == 3
+    r = runner.invoke(main, ["batch", "status", "nope", "--home", str(home)])
+    assert r.exit_code == 2 and "no batch job 'nope'" in r.output
+    # the audit log got the job's start and end
+    from appliance.audit.log import AuditLog
+    from appliance.settings import load_settings
+
+    with AuditLog.open(load_settings({"home": home}, environ={})) as log:
+        events = [(e.event, e.job_id, e.actor) for e in log.tail(10) if e.job_id]
+    assert events == [("batch_start", job_id, "cli"), ("batch_end", job_id, "cli")]
+
+
+def test_watch_works_jobs_until_stopped(tmp_path: Path) -> None:
+    import threading
+
+    store = JobStore(tmp_path / "state.db")
+    stop = threading.Event()
+    finished: list[str] = []
+
+    def progress(event: str) -> None:
+        if event.startswith("finished"):
+            finished.append(event.split()[1])
+            if len(finished) == 2:
+                stop.set()
+
+    w = BatchWorker(
+        spool=tmp_path / "spool", outbox=tmp_path / "outbox", store=store, loader=fake.loader, progress=progress
+    )
+    jobs = [submit(tmp_path / "spool", _input(tmp_path), model="fake-embed")]
+    thread = threading.Thread(target=w.watch, args=(stop,), kwargs={"poll_s": 0.01})
+    thread.start()
+    jobs.append(submit(tmp_path / "spool", _input(tmp_path, 3), model="fake-embed"))
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert sorted(finished) == sorted(jobs)
+    store.close()
+
+
+def test_submit_checks_the_csv_text_column(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("id,body\n1,hello\n")
+    with pytest.raises(BatchError, match=r"has no column 'text' \(its header is \['id', 'body'\]\); pass --text-field"):
+        submit(tmp_path / "spool", src, model="fake-embed")
+    assert submit(tmp_path / "spool", src, model="fake-embed", text_field="body")
+
+
+def test_a_spool_entry_without_job_json_is_set_aside(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "state.db")
+    broken = tmp_path / "spool/new/20260101T000000Z-deadbeef"
+    broken.mkdir(parents=True)
+    (broken / "job.json").write_text("{not json")
+    good = submit(tmp_path / "spool", _input(tmp_path, 2), model="fake-embed")
+    w = BatchWorker(spool=tmp_path / "spool", outbox=tmp_path / "outbox", store=store, loader=fake.loader)
+    summary = w.run_once()
+    assert summary.accepted == [good] and summary.finished == [good]
+    assert (tmp_path / "spool/bad/20260101T000000Z-deadbeef/job.json").is_file()
+    assert pending(tmp_path / "spool") == []
+    store.close()
+
+
+def test_a_text_the_model_refuses_is_rejected_and_its_batch_mates_still_run(tmp_path: Path) -> None:
+    from runtime.errors import InputError
+
+    class Picky(fake.FakeModel):
+        def embed(self, texts, *, truncate=True):  # type: ignore[no-untyped-def]
+            if any("BAD" in t for t in texts):
+                raise InputError("input[0]: 600 tokens is over the model's maximum of 512", field="input[0]")
+            return super().embed(texts, truncate=truncate)
+
+    src = tmp_path / "in.jsonl"
+    texts = ["a", "b BAD", "c", "d"]
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    store = JobStore(tmp_path / "state.db")
+    w = BatchWorker(
+        spool=tmp_path / "spool",
+        outbox=tmp_path / "outbox",
+        store=store,
+        loader=lambda n, v: Picky(),
+        config=WorkerConfig(batch_size=4),
+    )
+    job_id = submit(tmp_path / "spool", src, model="picky")
+    w.run_once()
+    rejects = [json.loads(x) for x in (tmp_path / "outbox" / job_id / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"]) for r in rejects] == [
+        (1, "the model refused the input: input[0]: 600 tokens is over the model's maximum of 512")
+    ]
+    rows = [json.loads(x) for x in (tmp_path / "outbox" / job_id / "part-00000.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 2, 3]
+    store.close()

@@ -1,0 +1,102 @@
+"""``inferbox install --root``: the tree, modes, configuration file, key, units, .wants links."""
+
+from __future__ import annotations
+
+import stat
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli import main
+from appliance.install import InstallOptions, config_toml, install
+from appliance.settings import FIELDS, load_settings
+from appliance.systemd import UNITS
+from runtime.signing import load_private_key
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_install_under_root_builds_the_whole_tree(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["install", "--root", str(tmp_path), "--no-venv", "--prefix", "/opt/ib"])
+    assert result.exit_code == 0, result.output
+    assert "did not create user 'inferbox' (--root is given)" in result.output
+
+    sysusers = tmp_path / "usr/lib/sysusers.d/inferbox.conf"
+    assert sysusers.read_text() == 'u inferbox - "inferbox appliance" /var/lib/inferbox /usr/sbin/nologin\n'
+    state = tmp_path / "var/lib/inferbox"
+    assert _mode(state) == 0o700
+    for sub in ("spool/new", "spool/tmp", "spool/cur", "outbox", "keys", "models"):
+        assert (state / sub).is_dir()
+    key = state / "keys/signing.key"
+    assert _mode(key) == 0o600
+    load_private_key(key)
+    assert (state / "keys/signing.key.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+
+    config = tmp_path / "etc/inferbox/inferbox.toml"
+    assert _mode(config) == 0o644 and _mode(config.parent) == 0o755  # the service user must read it; no secrets
+    units = tmp_path / "etc/systemd/system"
+    for name in UNITS:
+        text = (units / name).read_text()
+        assert "@PREFIX@" not in text and "@STATEDIR@" not in text and "@CONFDIR@" not in text
+    api = (units / "inferbox-api.service").read_text()
+    assert "ExecStart=/opt/ib/venv/bin/inferbox serve" in api
+    assert "Environment=INFERBOX_CONFIG=/etc/inferbox/inferbox.toml" in api
+    assert "DirectoryNotEmpty=/var/lib/inferbox/spool/new" in (units / "inferbox-batch.path").read_text()
+    wants = units / "multi-user.target.wants/inferbox-api.service"
+    assert wants.is_symlink() and str(wants.readlink()) == "/etc/systemd/system/inferbox-api.service"
+    assert (units / "paths.target.wants/inferbox-batch.path").is_symlink()
+    assert not (units / "timers.target.wants").exists()  # the timer is optional
+
+    # a second run keeps the key and the configuration
+    before = key.read_bytes()
+    report = install(InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib")))
+    assert key.read_bytes() == before
+    assert str(tmp_path / "etc/inferbox/inferbox.toml") in report.kept
+
+
+def test_config_file_documents_every_setting_and_each_line_is_valid(tmp_path: Path) -> None:
+    text = config_toml()
+    assert tomllib.loads(text) == {f.section: {} for f in FIELDS}  # all commented out
+    for f in FIELDS:
+        assert f"# env INFERBOX_{f.name.upper()}" in text
+        assert f"# {f.help}" in text
+        assert f"\n# {f.name} = " in text
+    # uncommenting every setting gives a file the settings loader accepts, at the defaults
+    keys = tuple(f"# {f.name} = " for f in FIELDS)
+    live = "\n".join(line[2:] if line.startswith(keys) else line for line in text.splitlines())
+    path = tmp_path / "inferbox.toml"
+    path.write_text(live)
+    settings = load_settings(environ={}, config_file=path)
+    defaults = load_settings(environ={"HOME": "/nonexistent"}, overrides={"home": Path("/var/lib/inferbox")})
+    for f in FIELDS:
+        if f.name != "public_key":
+            assert getattr(settings, f.name) == getattr(defaults, f.name), f.name
+        assert settings.sources[f.name].startswith("file")
+
+
+def test_install_live_runs_the_commands_it_should(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    # root "/" would touch the real system: point every path of a live install into tmp via a fake root check
+    import appliance.install as mod
+
+    monkeypatch.setattr(mod, "_under", lambda root, path: tmp_path / path.relative_to("/"))
+    monkeypatch.setattr(mod.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(mod.os, "chown", lambda *a: None)
+    report = install(
+        InstallOptions(root=Path("/"), venv=True, source="/src/inferbox", python="/usr/bin/python3"),
+        run=lambda argv: calls.append(list(argv)),
+        is_root=True,
+    )
+    venv = tmp_path / "opt/inferbox/venv"
+    assert calls == [
+        ["systemd-sysusers", "/usr/lib/sysusers.d/inferbox.conf"],
+        ["/usr/bin/python3", "-m", "venv", str(venv)],
+        [str(venv / "bin/python"), "-m", "pip", "install", "--upgrade", "/src/inferbox"],
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", "inferbox-api.service", "inferbox-batch.path"],
+    ]
+    assert report.enabled == ["inferbox-api.service", "inferbox-batch.path"]
