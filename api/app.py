@@ -17,13 +17,13 @@ from litestar import Litestar, Request, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
-from api import kserve, openai
+from api import audit_routes, kserve, openai
 from api.auth import Authenticator, RateLimiter, auth_guard
 from api.config import ApiConfig
 from api.envelope import envelope
 from api.errors import exception_handlers
 from api.metrics import CONTENT_TYPE, Metrics
-from api.protocols import AuditSink, KeyVerifier
+from api.protocols import AuditReader, AuditSink, KeyVerifier
 from api.server import Server
 from runtime.errors import ConfigError
 from runtime.serving import ModelRegistry
@@ -45,6 +45,7 @@ def create_app(
     keys: KeyVerifier | None,
     clock: Callable[[], float] = time.time,
     lifespan: Sequence[Callable[[Litestar], AbstractAsyncContextManager[None]]] = (),
+    audit_reader: AuditReader | None = None,
 ) -> Litestar:
     """A Litestar app serving ``registry``. ``audit=None``: audit off; ``keys`` is required when auth is on.
 
@@ -77,7 +78,7 @@ def create_app(
         else None
     )
     app = Litestar(
-        route_handlers=[*kserve.routes, *openai.routes, metrics_route],
+        route_handlers=[*kserve.routes, *openai.routes, *audit_routes.routes, metrics_route],
         guards=[auth_guard],
         exception_handlers=exception_handlers,
         lifespan=[*lifespan, batchers],
@@ -90,5 +91,6 @@ def create_app(
     app.state["server"] = server
     app.state["auth"] = authenticator
     app.state["config"] = config
+    app.state["audit_reader"] = audit_reader
     app.asgi_handler = envelope(app.asgi_handler, audit=audit, metrics=metrics, clock=clock)  # type: ignore[assignment,arg-type]
     return app

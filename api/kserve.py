@@ -24,6 +24,8 @@ __all__ = ["EXTENSIONS", "TEXT_INPUT", "embedding_dim", "model_metadata", "route
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 TEXT_INPUT = "text"
+#: output name of a text embedding model whose pooling runs in the server
+POOLED_OUTPUT = "sentence_embedding"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 Req = Request[Any, Any, Any]
@@ -52,6 +54,9 @@ def _text_output(model: LoadedModel) -> tuple[str, list[int]]:
     for spec in model.manifest.outputs:
         if spec.name == name and spec.shape:
             dim = spec.shape[-1]
+    if cfg is not None and cfg.pooling != "none":
+        # The server pools the graph's token embeddings: what it answers is a sentence embedding.
+        name = POOLED_OUTPUT
     return name, [-1, dim]
 
 

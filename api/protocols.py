@@ -7,11 +7,12 @@ The API never imports SQLite or the appliance: ``create_app()`` receives an
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
 import msgspec
 
-__all__ = ["AuditEvent", "AuditSink", "Digest", "KeyVerifier", "Principal"]
+__all__ = ["AuditEvent", "AuditReader", "AuditSink", "Digest", "KeyVerifier", "Principal"]
 
 Outcome = Literal["success", "failure"]
 
@@ -81,4 +82,10 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
 class KeyVerifier(Protocol):
     def verify(self, secret: str) -> Principal:
         """Return the key's principal or raise AuthError (missing/wrong/revoked/expired)."""
+        ...
+
+
+class AuditReader(Protocol):
+    def query(self, **filters: Any) -> Sequence[Any]:
+        """Records (msgspec Structs) with ``seq > after_seq`` matching the filters, oldest first."""
         ...

@@ -153,7 +153,7 @@ def test_text_model_takes_bytes_json_and_binary(client_factory: Any, tmp_path: P
     )
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
-    assert out["name"] == "token_embeddings" and out["shape"] == [2, 8]
+    assert out["name"] == "sentence_embedding" and out["shape"] == [2, 8]
     np.testing.assert_allclose(np.asarray(out["data"], dtype=np.float32).reshape(2, 8), expected, rtol=1e-6)
     raw = encode_bytes_elements(texts)
     header = msgspec.json.encode(

@@ -1,0 +1,70 @@
+"""``GET /v1/audit``: read the audit log over the API (scope ``audit:read``).
+
+The read is itself recorded (event ``audit_read``) by the request envelope, like
+every request.  Filters: ``event``, ``actor``, ``model``, ``outcome``,
+``request_id``, ``job_id``, ``since`` / ``until`` (UTC ISO 8601); paging with
+``after_seq`` + ``limit`` (at most 1000); the answer's ``next_after_seq`` is the
+cursor for the next page (null at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+from litestar import Request, get
+from litestar.handlers import HTTPRouteHandler
+
+from api.envelope import context_of
+from api.protocols import AuditReader
+from runtime.errors import InputError, ModelNotFoundError
+
+__all__ = ["MAX_PAGE", "routes"]
+
+MAX_PAGE = 1000
+
+
+@get("/v1/audit", opt={"scope": "audit:read"})
+async def read_audit(
+    request: Request[Any, Any, Any],
+    after_seq: int = 0,
+    limit: int = 100,
+    event: str | None = None,
+    actor: str | None = None,
+    model: str | None = None,
+    outcome: str | None = None,
+    request_id: str | None = None,
+    job_id: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+) -> dict[str, Any]:
+    context_of(request.scope).event = "audit_read"
+    reader: AuditReader | None = request.app.state.get("audit_reader")
+    if reader is None:
+        raise ModelNotFoundError("the audit log is off on this server (setting audit = false)")
+    if not 1 <= limit <= MAX_PAGE:
+        raise InputError(f"limit: must be between 1 and {MAX_PAGE}, got {limit}", field="limit")
+    if after_seq < 0:
+        raise InputError(f"after_seq: must be >= 0, got {after_seq}", field="after_seq")
+    if outcome is not None and outcome not in ("success", "failure"):
+        raise InputError(f"outcome: must be success or failure, got {outcome!r}", field="outcome")
+    records = await asyncio.to_thread(
+        reader.query,
+        after_seq=after_seq,
+        limit=limit,
+        event=event,
+        actor=actor,
+        model_name=model,
+        outcome=outcome,
+        request_id=request_id,
+        job_id=job_id,
+        since=since,
+        until=until,
+    )
+    rows = [msgspec.to_builtins(r) for r in records]
+    cursor = rows[-1]["seq"] if len(rows) == limit else None
+    return {"records": rows, "next_after_seq": cursor}
+
+
+routes: list[HTTPRouteHandler] = [read_audit]
