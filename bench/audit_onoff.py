@@ -1,0 +1,96 @@
+"""What the audit log costs: the same HTTP run with ``INFERBOX_AUDIT=false`` and ``true``.
+
+Two fresh servers in turn (audit off, then on), each measured on
+``POST /v1/embeddings`` at concurrency 32 with the same texts; the target is
+audit-on throughput >= 95 % of audit-off.  With audit on, every request's
+response waits until its record is durable (group commit), so this is the
+price of "no inference without a record".
+
+``python -m bench.audit_onoff [--quick] [--out DIR]`` runs this part alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import Config, format_table, ratio, skipped, workspace, write_json
+
+__all__ = ["run"]
+
+logger = logging.getLogger(__name__)
+
+CONCURRENCY = 32
+
+
+def run(cfg: Config, *, workdir: Path | None = None) -> dict[str, Any]:
+    """Audit off vs on at concurrency 32; writes ``audit_onoff.json``."""
+    with workspace(workdir) as root:
+        return _run(cfg, root)
+
+
+def _run(cfg: Config, root: Path) -> dict[str, Any]:
+    from bench.http import measure_endpoints, server_texts
+    from bench.inprocess import load_package
+    from bench.server import fresh_home, running_server
+
+    result: dict[str, Any] = {"part": "audit_onoff", "quick": cfg.quick, "concurrency": CONCURRENCY}
+    try:
+        package = load_package(cfg)
+    except Exception as exc:
+        result.update(skipped(f"no package: {type(exc).__name__}: {exc} (build it with `inferbox init`)"))
+        write_json(cfg.out / "audit_onoff.json", result)
+        return result
+    texts = server_texts(cfg)
+    rows: list[dict[str, Any]] = []
+    for audit in (False, True):
+        name = "audit-on" if audit else "audit-off"
+        try:
+            with running_server(package.path.parent.parent, fresh_home(root, name), audit=audit) as srv:
+                (row,) = measure_endpoints(
+                    srv.base_url,
+                    srv.headers,
+                    package.name,
+                    texts,
+                    cfg,
+                    endpoints=("/v1/embeddings",),
+                    levels=(CONCURRENCY,),
+                )
+                row.update({"audit": audit, "mode": srv.mode})
+                audit_db = srv.home / "audit.db"
+                row["audit_db_bytes"] = audit_db.stat().st_size if audit_db.exists() else 0
+                rows.append(row)
+        except Exception as exc:
+            logger.warning("%s failed: %s", name, exc)
+            rows.append({"audit": audit, **skipped(f"{type(exc).__name__}: {exc}")})
+    result["rows"] = rows
+    off = next((r for r in rows if not r["audit"] and "skipped" not in r), None)
+    on = next((r for r in rows if r["audit"] and "skipped" not in r), None)
+    result["on_vs_off"] = ratio(on["rps"] if on else None, off["rps"] if off else None)
+    good = [r for r in rows if "skipped" not in r]
+    result["table"] = format_table(("audit", "rps", "p50_ms", "p99_ms", "ok", "audit_db_bytes"), good)
+    print(result["table"])
+    print(f"audit on / off: {result['on_vs_off']}")
+    write_json(cfg.out / "audit_onoff.json", result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="audit on/off benchmark")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--home", type=Path, default=None)
+    p.add_argument("--repository", type=Path, default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    run(Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Offline batch vs in-process: ``inferbox batch`` on a JSONL file against the same session.
+
+Two jobs in a fresh private home: a small one (32 records) and the measured
+one (N records of the mixed corpus), each ``inferbox batch submit FILE --model M``
+then ``inferbox batch run --once``, timed around the ``run`` process.  Gross
+throughput is N / run time (process start and model load included); net
+throughput subtracts the small job's time, which carries the same fixed costs:
+(N - 32) / (t_N - t_32).  The in-process reference is the candidate the server
+would pick, in this process, on the same texts in length-sorted batches of 32.
+Target: net >= 90 % of in-process.
+
+``python -m bench.batch_vs_inprocess [--quick] [--out DIR]`` runs this part alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import Config, ratio, skipped, workspace, write_json
+from bench.corpus import mixed_corpus
+
+__all__ = ["run", "timed_job", "write_jsonl"]
+
+logger = logging.getLogger(__name__)
+
+SMALL = 32
+
+
+def write_jsonl(path: Path, texts: Sequence[str]) -> Path:
+    """One ``{"id": i, "text": ...}`` per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": i, "text": t}) + "\n")
+    return path
+
+
+def _cli(args: Sequence[str], env: Mapping[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    from bench.server import inferbox_command
+
+    return subprocess.run(
+        [*inferbox_command(), *args], env=dict(env), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def timed_job(path: Path, model: str, env: Mapping[str, str], *, timeout: float = 900.0) -> dict[str, Any]:
+    """Submit ``path`` and time ``batch run --once``; returns seconds, job id and status."""
+    sub = _cli(["batch", "submit", str(path), "--model", model], env, 120)
+    if sub.returncode != 0:
+        raise RuntimeError(f"batch submit failed ({sub.returncode}): {sub.stderr.strip()[-400:]}")
+    job = sub.stdout.strip().splitlines()[-1]
+    t0 = time.perf_counter()
+    run = _cli(["batch", "run", "--once"], env, timeout)
+    seconds = time.perf_counter() - t0
+    if run.returncode != 0:
+        raise RuntimeError(f"batch run failed ({run.returncode}): {run.stderr.strip()[-400:]}")
+    st = _cli(["batch", "status", job, "--json"], env, 120)
+    status: Any = None
+    if st.returncode == 0:
+        try:
+            status = json.loads(st.stdout)
+        except json.JSONDecodeError:
+            status = st.stdout[-400:]
+    return {"job": job, "seconds": seconds, "status": status}
+
+
+def run(cfg: Config, *, workdir: Path | None = None) -> dict[str, Any]:
+    """Small and measured batch jobs vs in-process; writes ``batch.json``."""
+    with workspace(workdir) as root:
+        return _run(cfg, root)
+
+
+def _run(cfg: Config, root: Path) -> dict[str, Any]:
+    from bench.http import inprocess_reference
+    from bench.inprocess import load_package
+    from bench.server import ensure_signing_key, fresh_home, server_env
+
+    result: dict[str, Any] = {"part": "batch", "quick": cfg.quick}
+    try:
+        package = load_package(cfg)
+    except Exception as exc:
+        result.update(skipped(f"no package: {type(exc).__name__}: {exc} (build it with `inferbox init`)"))
+        write_json(cfg.out / "batch.json", result)
+        return result
+    n = cfg.pick(256, 3000)
+    texts = mixed_corpus(n, seed=31)
+    home = fresh_home(root, "batch")
+    ensure_signing_key(home)
+    env = server_env(home, package.path.parent.parent, audit=True, auth=True, extra=None)
+    try:
+        small = timed_job(write_jsonl(root / "small.jsonl", texts[:SMALL]), package.name, env)
+        big = timed_job(write_jsonl(root / "big.jsonl", texts), package.name, env)
+    except Exception as exc:
+        logger.warning("batch bench failed: %s", exc)
+        result.update(skipped(f"{type(exc).__name__}: {exc}"))
+        write_json(cfg.out / "batch.json", result)
+        return result
+    result["small"] = {"records": SMALL, **small}
+    result["big"] = {"records": n, **big}
+    result["gross_per_s"] = n / big["seconds"]
+    dt = big["seconds"] - small["seconds"]
+    result["net_per_s"] = (n - SMALL) / dt if dt > 0 else None
+    try:
+        result["inprocess"] = inprocess_reference(cfg, texts)
+    except Exception as exc:
+        result["inprocess"] = skipped(f"{type(exc).__name__}: {exc}")
+    ref = result["inprocess"].get("items_per_s")
+    result["net_vs_inprocess"] = ratio(result["net_per_s"], ref)
+    result["gross_vs_inprocess"] = ratio(result["gross_per_s"], ref)
+    print(
+        f"batch: {n} records in {big['seconds']:.1f} s (small job {small['seconds']:.1f} s); "
+        f"gross {result['gross_per_s']:.1f}/s, net {result['net_per_s'] or 0:.1f}/s; "
+        f"in-process {ref or 0:.1f}/s; net/in-process {result['net_vs_inprocess']}"
+    )
+    write_json(cfg.out / "batch.json", result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="batch vs in-process benchmark")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--home", type=Path, default=None)
+    p.add_argument("--repository", type=Path, default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run(Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

