@@ -1,0 +1,38 @@
+# The two commands of the README:
+#   make run    sets up (venv + everything) and runs the appliance on the default model
+#   make test   sets up and runs lint, types and the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup run test lint typecheck pytest bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[export,batch,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/inferbox serve $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check runtime export api appliance tests bench
+	$(BIN)/ruff format --check runtime export api appliance tests bench
+
+typecheck: setup
+	$(BIN)/mypy runtime export api appliance
+
+pytest: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run_all $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

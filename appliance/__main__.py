@@ -1,0 +1,5 @@
+"""``python -m appliance`` is ``inferbox``."""
+
+from appliance.cli import main
+
+main()

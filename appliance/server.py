@@ -1,0 +1,248 @@
+"""The composition root of the API process: settings -> key store, audit log, registry -> app.
+
+``prepare(settings)`` does the once-per-box work (state directory, signing key,
+default model, first admin key) and ``build_app(settings)`` wires the
+collaborators into :func:`api.create_app`.  ``app_factory()`` is what each
+uvicorn worker imports when ``--workers`` > 1 (settings from ``INFERBOX_*``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import AsyncGenerator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from appliance.settings import Settings, load_settings
+from runtime.errors import ConfigError, InferboxError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from litestar import Litestar
+
+    from appliance.audit.log import AuditLog
+    from runtime.serving import LoadedModel, ModelRegistry
+
+__all__ = ["Prepared", "app_factory", "build_app", "model_loader", "prepare", "public_key_of"]
+
+log = logging.getLogger(__name__)
+
+ADMIN_SCOPES = ("infer", "models:admin", "keys:admin", "audit:read")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What ``prepare`` did, for the CLI to tell the operator."""
+
+    built_default: bool
+    admin_key: str | None  # the secret, shown once
+    admin_key_id: str | None
+
+
+def public_key_of(settings: Settings) -> Ed25519PublicKey | None:
+    """The key package manifests must be signed with (None: signatures not required)."""
+    if settings.public_key is None:
+        return None
+    from runtime.signing import load_public_key
+
+    return load_public_key(settings.public_key)
+
+
+def ensure_signing_key(settings: Settings) -> None:
+    """The audit checkpoints (and signed exports) need a private key; create it on a new box."""
+    if settings.signing_key.exists():
+        return
+    from runtime.signing import generate_private_key, write_private_key
+
+    write_private_key(generate_private_key(), settings.signing_key)
+    log.info("created signing key %s (mode 0600)", settings.signing_key)
+
+
+def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
+    """Make the box ready: directories, signing key, the default model, the first admin key."""
+    for path in (settings.home, settings.keys_dir, settings.repository):
+        path.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.home, 0o700)
+    os.chmod(settings.keys_dir, 0o700)
+    ensure_signing_key(settings)
+
+    built = False
+    from runtime.repository import Repository
+
+    if build_default and not Repository(settings.repository).models():
+        try:
+            from export.default import build_default as export_default
+        except ImportError as exc:  # serving-only install
+            raise ConfigError(
+                f"the repository {settings.repository} is empty and the export toolchain is not installed "
+                f"({exc.name}); install it with `pip install 'inferbox[export]'` and run `inferbox init`, "
+                "or copy a package into the repository"
+            ) from exc
+        log.info("repository %s is empty: building the default model %s", settings.repository, settings.default_model)
+        from runtime.hardware import default_threads
+        from runtime.signing import load_private_key
+
+        export_default(
+            settings.repository,
+            name=settings.default_model,
+            threads=settings.threads or default_threads(),
+            signing_key=load_private_key(settings.signing_key),
+        )
+        built = True
+
+    admin_key = admin_id = None
+    if settings.auth:
+        from appliance.keys import KeyStore
+
+        store = KeyStore(settings.state_db)
+        try:
+            if store.count() == 0:
+                record, admin_key = store.create(ADMIN_SCOPES, name="first admin (created by serve)")
+                admin_id = record.id
+        finally:
+            store.close()
+    return Prepared(built_default=built, admin_key=admin_key, admin_key_id=admin_id)
+
+
+def model_loader(settings: Settings) -> Callable[[str, int | None], LoadedModel]:
+    """``loader(name, version)`` for the registry and the batch worker, configured by ``settings``."""
+    from runtime.loader import LoaderOptions, load_model
+
+    options = LoaderOptions(
+        public_key=public_key_of(settings),
+        backend=settings.backend,
+        threads=settings.threads,
+        allow_fallback=settings.allow_fallback,
+        autotune=settings.autotune,
+        decision_cache=settings.cache_dir / "decisions.json",
+        cache_dir=settings.cache_dir,
+    )
+
+    def load(name: str, version: int | None) -> LoadedModel:
+        return load_model(settings.repository, name, version, options=options)
+
+    return load
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    from runtime.loader import repository_index
+    from runtime.repository import Repository
+    from runtime.serving import ModelRegistry
+
+    public_key = public_key_of(settings)
+    registry = ModelRegistry(model_loader(settings), lambda: repository_index(settings.repository, public_key))
+    for name in Repository(settings.repository).models():
+        try:
+            registry.load(name)
+        except InferboxError as exc:
+            # One broken package must not keep the others from serving; the index shows why.
+            log.error("model %s not loaded: %s", name, exc)
+    return registry
+
+
+def _event(event: str, action: str, outcome: str = "success", **details: str) -> Any:
+    from api.protocols import AuditEvent
+
+    now = utc_now()
+    return AuditEvent(
+        event=event,
+        action=action,
+        actor="system",
+        origin=f"inferbox-api@{socket.gethostname()}",
+        outcome="success" if outcome == "success" else "failure",
+        status=0,
+        started_at=now,
+        ended_at=now,
+        details=dict(details),
+    )
+
+
+def build_app(settings: Settings) -> Litestar:
+    """The API app with its real collaborators; the lifespan records start / stop and closes them."""
+    from api.app import create_app
+    from api.config import ApiConfig
+
+    registry = build_registry(settings)
+    keys = None
+    if settings.auth:
+        from appliance.keys import KeyStore
+
+        keys = KeyStore(settings.state_db)
+    audit: AuditLog | None = None
+    if settings.audit:
+        from appliance.audit.log import AuditLog
+
+        audit = AuditLog.open(settings)
+        audit.start()
+        audit.append(_event("service_start", "inferbox serve", pid=str(os.getpid())))
+        config_details = {k: str(v) for k, v in settings.public_dict().items()}
+        audit.append(_event("config", "settings at start", **config_details))
+        for model in registry.loaded():
+            audit.append(
+                _event(
+                    "model_load",
+                    f"load {model.name}/{model.version}",
+                    model=f"{model.name}/{model.version}",
+                    sha256=model.package_sha256,
+                    backend=model.backend,
+                    variant=model.variant,
+                    exec_precision=model.exec_precision,
+                )
+            )
+
+    @asynccontextmanager
+    async def resources(_app: Litestar) -> AsyncGenerator[None, None]:
+        from appliance.systemd.notify import Watchdog
+
+        # READY=1 is sent by the serve command once the socket listens; here only the watchdog.
+        watchdog = Watchdog.from_environment()
+        await watchdog.start()
+        try:
+            yield
+        finally:
+            await watchdog.stop()
+            registry.close()
+            if keys is not None:
+                keys.close()
+            if audit is not None:
+                audit.append(_event("service_stop", "inferbox serve", pid=str(os.getpid())))
+                audit.close()
+
+    return create_app(
+        registry=registry,
+        config=ApiConfig.from_settings(settings),
+        audit=audit,
+        keys=keys,
+        lifespan=[resources],
+        audit_reader=audit,
+    )
+
+
+def app_factory() -> Litestar:
+    """For uvicorn workers: settings from the environment the serve command exported."""
+    return build_app(load_settings())
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """``INFERBOX_*`` variables that rebuild ``settings`` in a worker process."""
+    env: dict[str, str] = {}
+    for key, value in settings.public_dict().items():
+        if value is None:
+            continue
+        env[f"INFERBOX_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
+def repository_is_empty(repository: Path) -> bool:
+    from runtime.repository import Repository
+
+    return not Repository(repository).models()

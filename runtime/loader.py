@@ -1,0 +1,116 @@
+"""From a repository entry to a model ready to serve: package -> selection -> session.
+
+``load_model`` verifies the package (hashes, paths, signature), ranks every
+(backend, variant, precision) candidate on this box (or autotunes them, with the
+decision cached per hardware fingerprint + package sha256), opens the chosen
+session — which proves what really runs — and wraps it as a
+:class:`~runtime.serving.LoadedModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from runtime.autotune import DecisionCache, decide, load_samples, session_opener
+from runtime.backends.base import Probe
+from runtime.repository import Repository
+from runtime.selection import Decision, Preference, require_choice
+from runtime.serving import IndexEntry, LoadedModel
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+__all__ = ["LoaderOptions", "load_model", "repository_index"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    public_key: Ed25519PublicKey | None = None
+    backend: str = "auto"
+    objective: str = "throughput"
+    threads: int = 0
+    allow_fallback: bool = False
+    autotune: bool = False
+    force_autotune: bool = False
+    #: decision cache file (JSON); None disables caching
+    decision_cache: Path | None = None
+    #: OpenVINO CACHE_DIR / TensorRT engine cache
+    cache_dir: Path | None = None
+
+
+def _preference(options: LoaderOptions) -> Preference:
+    if options.objective == "latency":
+        return Preference(backend=options.backend, objective="latency", allow_fake=options.backend == "fake")
+    return Preference(backend=options.backend, objective="throughput", allow_fake=options.backend == "fake")
+
+
+def load_model(
+    repository: Path,
+    name: str,
+    version: int | None = None,
+    *,
+    options: LoaderOptions | None = None,
+    probes: Sequence[Probe] | None = None,
+) -> LoadedModel:
+    """Open ``name`` (latest version unless given) on the best admissible backend here."""
+    from runtime.backends.registry import probe_all
+    from runtime.hardware import probe_hardware
+    from runtime.text import TextEncoder
+
+    opts = options or LoaderOptions()
+    package = Repository(repository, public_key=opts.public_key).open(name, version)
+    profile = probe_hardware()
+    found = list(probes) if probes is not None else probe_all(profile)
+    open_session = session_opener(
+        package, threads=opts.threads, allow_fallback=opts.allow_fallback, cache_dir=opts.cache_dir
+    )
+    decision: Decision = decide(
+        package,
+        found,
+        _preference(opts),
+        fingerprint=profile.fingerprint(),
+        cache=DecisionCache(opts.decision_cache) if opts.decision_cache is not None else None,
+        autotune=opts.autotune,
+        force=opts.force_autotune,
+        open_session=open_session,
+        samples=load_samples(package) if opts.autotune else None,
+    )
+    where = f"{package.manifest.name}/{package.manifest.version}"
+    choice = require_choice(decision, where)
+    session = open_session(choice)
+    manifest = package.manifest
+    text = None
+    if manifest.text is not None:
+        text = TextEncoder.from_dir(package.path / manifest.text.tokenizer_dir, manifest.text)
+    log.info(
+        "loaded %s on %s (%s, %s; active %s; decided by %s)",
+        where,
+        choice.backend,
+        choice.variant,
+        choice.exec_precision,
+        ",".join(session.active),
+        decision.source,
+    )
+    return LoadedModel(
+        name=manifest.name,
+        version=manifest.version,
+        manifest=manifest,
+        package_sha256=package.sha256,
+        backend=choice.backend,
+        variant=choice.variant,
+        exec_precision=choice.exec_precision,
+        session=session,
+        text=text,
+    )
+
+
+def repository_index(repository: Path, public_key: Ed25519PublicKey | None = None) -> list[IndexEntry]:
+    """Every version on disk; never raises (a broken package is UNAVAILABLE with its reason)."""
+    entries = Repository(repository, public_key=public_key).entries(verify_hashes=False)
+    return [IndexEntry(e.name, e.version, "UNAVAILABLE", "" if e.ok else (e.error or "unreadable")) for e in entries]
