@@ -14,12 +14,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from litestar import Litestar, Request, Response, get
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from api import audit_routes, kserve, openai
 from api.auth import Authenticator, RateLimiter, auth_guard
 from api.config import ApiConfig
+from api.docs import docs_routes, openapi_config
 from api.envelope import envelope
 from api.errors import exception_handlers
 from api.metrics import CONTENT_TYPE, Metrics
@@ -67,18 +66,10 @@ def create_app(
         finally:
             await server.stop()
 
-    openapi = (
-        OpenAPIConfig(
-            title="inferbox",
-            version=config.server_version,
-            path="/docs",
-            render_plugins=[SwaggerRenderPlugin(path="/")],
-        )
-        if config.docs
-        else None
-    )
+    openapi = openapi_config("inferbox", config.server_version) if config.docs else None
+    docs = docs_routes() if config.docs else []
     app = Litestar(
-        route_handlers=[*kserve.routes, *openai.routes, *audit_routes.routes, metrics_route],
+        route_handlers=[*kserve.routes, *openai.routes, *audit_routes.routes, metrics_route, *docs],
         guards=[auth_guard],
         exception_handlers=exception_handlers,
         lifespan=[*lifespan, batchers],

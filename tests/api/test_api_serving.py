@@ -233,3 +233,16 @@ def test_extra_lifespan_hooks_wrap_serving(tmp_path: Path) -> None:
         assert c.post("/v2/models/tabular/infer", json=BODY).status_code == 200
     assert seen == ["start", "stop"]
     assert app.state["server"]._tensor == {}  # batchers stopped at shutdown
+
+
+def test_docs_page_works_offline_from_local_assets(client_factory: Any) -> None:
+    from api.docs import ASSETS_PATH
+
+    c = client_factory(docs=True)
+    page = c.get("/docs")
+    assert page.status_code == 200
+    assert f"{ASSETS_PATH}/swagger-ui-bundle.js" in page.text
+    assert "cdn." not in page.text and "unpkg" not in page.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "swagger-ui-standalone-preset.js"):
+        assert c.get(f"{ASSETS_PATH}/{asset}").status_code == 200, asset
+    assert client_factory(docs=False).get(f"{ASSETS_PATH}/swagger-ui.css").status_code == 404
