@@ -20,6 +20,15 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, str] = {
     "doctor": "appliance.commands.doctor:doctor",
     "config": "appliance.commands.config:config",
+    "serve": "appliance.commands.serve:serve",
+    "audit": "appliance.commands.audit:audit",
+    "keys": "appliance.commands.keys:keys",
+    "signing-key": "appliance.commands.signing_key:signing_key",
+    "batch": "appliance.commands.batch:batch",
+    "install": "appliance.commands.install:install",
+    "bench": "appliance.commands.bench:bench",
+    "export": "appliance.commands.export:export_cmd",
+    "init": "appliance.commands.init:init",
 }
 
 

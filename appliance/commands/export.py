@@ -1,0 +1,137 @@
+"""``inferbox export``: a thin shell over :func:`export.pipeline.export_model`.
+
+Progress goes to stderr, one line per step; the final report (every variant and
+every attempt with accuracy, verdict and timings) to stdout, or the report as
+JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from appliance.commands.options import build_settings, state_options
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from appliance.settings import Settings
+
+__all__ = ["export_cmd", "resolve_signing_key", "resolve_threads"]
+
+_TASKS = ("feature-extraction", "text-classification", "image-classification", "tensor")
+
+
+def resolve_signing_key(settings: Settings, sign: bool | None) -> Ed25519PrivateKey | None:
+    """``--sign``: the key must exist; default: use it when the file exists; ``--no-sign``: none."""
+    from runtime.errors import ConfigError
+    from runtime.signing import load_private_key
+
+    path = settings.signing_key
+    if sign is False:
+        return None
+    if sign is None and not path.exists():
+        return None
+    if sign and not path.exists():
+        raise ConfigError(
+            f"--sign: the signing key {path} does not exist; create one with `inferbox signing-key create`"
+        )
+    return load_private_key(path)
+
+
+def resolve_threads(settings: Settings) -> int:
+    if settings.threads > 0:
+        return settings.threads
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return os.cpu_count() or 1
+
+
+def _progress(step: str, message: str) -> None:
+    click.echo(f"[{step}] {message}", err=True)
+
+
+def _source(source: str) -> tuple[Any, dict[str, Any] | None]:
+    """A path, or ``FILE.py:FACTORY`` (the factory returns a module with ``example_inputs``, or (module, inputs))."""
+    path_part, sep, _attr = source.rpartition(":")
+    if sep and path_part.endswith(".py"):
+        from export.sources.pytorch import load_factory
+        from runtime.errors import SourceError
+
+        made = load_factory(source)
+        module, example = made if isinstance(made, tuple) else (made, getattr(made, "example_inputs", None))
+        if not isinstance(example, dict):
+            raise SourceError(
+                f"{source}: the factory must return (module, example_inputs) or a module with an example_inputs dict"
+            )
+        return module, example
+    return Path(source), None
+
+
+@click.command("export")
+@click.argument("source")
+@click.option("--task", required=True, type=click.Choice(_TASKS), help="What the model does.")
+@click.option("--name", required=True, help="Model name in the repository.")
+@click.option("--version", type=int, default=None, help="Package version [default: next free].")
+@click.option(
+    "--calibration", type=click.Path(path_type=Path), default=None, help="Calibration samples (JSONL/CSV/NPZ)."
+)
+@click.option("--validation", type=click.Path(path_type=Path), default=None, help="Validation samples (JSONL/CSV/NPZ).")
+@click.option("--gate", "gates", multiple=True, metavar="KEY=VALUE", help="Override a gate, e.g. min_cosine_min=0.98.")
+@click.option("--variants", default="onnx-fp32,onnx-opt,onnx-int8,ov-fp32,ov-int8", show_default=True)
+@click.option("--sign/--no-sign", default=None, help="Sign the manifest [default: when the signing key exists].")
+@click.option("--timing", type=click.Choice(["quick", "full"]), default="full", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@state_options
+def export_cmd(
+    source: str,
+    task: str,
+    name: str,
+    version: int | None,
+    calibration: Path | None,
+    validation: Path | None,
+    gates: tuple[str, ...],
+    variants: str,
+    sign: bool | None,
+    timing: str,
+    as_json: bool,
+    home: Path | None,
+    repository: Path | None,
+) -> None:
+    """Export SOURCE (HF folder, .onnx file, or FILE.py:FACTORY) into a validated package."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # entry point: the appliance never downloads
+    from export.pipeline import export_model
+    from export.report import format_report, report_dict
+    from export.spec import ExportSpec, parse_gate, parse_variants
+
+    settings = build_settings(home=home, repository=repository)
+    src, example = _source(source)
+    spec = ExportSpec(
+        source=src,
+        task=task,
+        name=name,
+        repository=settings.repository,
+        version=version,
+        calibration=calibration,
+        validation=validation,
+        gates=dict(parse_gate(g) for g in gates),
+        variants=parse_variants(variants),
+        timing=timing,
+        threads=resolve_threads(settings),
+        example_inputs=example,
+        signing_key=resolve_signing_key(settings, sign),
+    )
+    manifest = export_model(spec, progress=_progress)
+    if as_json:
+        click.echo(json.dumps(report_dict(manifest), indent=2, sort_keys=True))
+    else:
+        click.echo(format_report(manifest))
+    sys.stdout.flush()

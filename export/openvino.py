@@ -1,0 +1,142 @@
+"""OpenVINO IR: fp32 conversion and the NNCF INT8 recipes, in the order the pipeline tries them.
+
+``ov.save_model`` is always called with ``compress_to_fp16=False`` (its default
+silently stores FP16 weights).  INT8 recipes:
+
+1. ``nncf-quantize``: full INT8 (weights and activations), calibrated on the
+   customer's samples, ``ModelType.TRANSFORMER`` for transformer graphs;
+2. ``nncf-quantize-skip-sensitive`` (transformers): SmoothQuant alpha 0.5
+   (migrates activation outliers into the weights), FFN down projections and
+   the last layer left in fp32;
+3. ``nncf-compress-weights``: INT8 weight-only compression (activations stay
+   in the exec precision); slower than full INT8, much closer to fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from export.sources import Prepared
+
+__all__ = ["OvRecipe", "bf16_supported", "convert", "count_ov_ops", "ov_recipes", "save"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OvRecipe:
+    name: str
+    description: str
+    #: returns the compressed ov.Model (saved by the pipeline)
+    build: Callable[[], Any]
+
+
+def convert(onnx_path: Path) -> Any:
+    import openvino as ov
+
+    return ov.convert_model(str(onnx_path))
+
+
+def save(model: Any, xml_path: Path) -> None:
+    import openvino as ov
+
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)
+
+
+def bf16_supported() -> bool:
+    """True when OpenVINO's CPU plugin lists BF16 among its optimization capabilities."""
+    try:
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception as exc:  # a missing plugin means "no"
+        logger.info("cannot read OpenVINO CPU capabilities: %s", exc)
+        return False
+
+
+def count_ov_ops(xml_path: Path) -> dict[str, int]:
+    """op type -> count in an IR (FakeQuantize / FakeConvert mark full INT8, int8 Constants weight compression)."""
+    import openvino as ov
+
+    counts: dict[str, int] = {}
+    for op in ov.Core().read_model(str(xml_path)).get_ops():
+        t = op.get_type_name()
+        if t == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8"):
+            t = "Constant:int8"
+        counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def ov_recipes(prepared: Prepared, onnx_path: Path) -> list[OvRecipe]:
+    import nncf
+
+    transformer = prepared.bert is not None or prepared.text is not None
+    names = {i.name for i in prepared.inputs}
+    samples = [{k: v for k, v in s.items() if k in names} for s in prepared.calibration]
+
+    def quantize(ignored: list[str] | None, alpha: float | None) -> Callable[[], Any]:
+        def build() -> Any:
+            advanced = (
+                nncf.AdvancedQuantizationParameters(
+                    smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha)
+                )
+                if alpha is not None
+                else None
+            )
+            scope = nncf.IgnoredScope(patterns=ignored, validate=False) if ignored else None
+            return nncf.quantize(
+                convert(onnx_path),
+                nncf.Dataset(samples),
+                model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+                subset_size=len(samples),
+                ignored_scope=scope,
+                advanced_parameters=advanced,
+            )
+
+        return build
+
+    def compress() -> Any:
+        return nncf.compress_weights(convert(onnx_path), mode=nncf.CompressWeightsMode.INT8_ASYM)
+
+    n = len(samples)
+    if transformer:
+        recipes = [
+            OvRecipe(
+                "nncf-quantize",
+                f"nncf.quantize full INT8, ModelType.TRANSFORMER (its default SmoothQuant), {n} calibration samples",
+                quantize(None, None),
+            )
+        ]
+        last = _last_layer(onnx_path)
+        ignored = [r"^(?!.*/attention/).*/output/dense/MatMul$"]
+        ignored += [rf".*/layer\.{last}/.*"] if last is not None else []
+        recipes.append(
+            OvRecipe(
+                "nncf-quantize-skip-sensitive",
+                "nncf.quantize full INT8, ModelType.TRANSFORMER, SmoothQuant alpha 0.5, FFN down projections "
+                f"and the last layer in fp32, {n} calibration samples",
+                quantize(ignored, 0.5),
+            )
+        )
+    else:
+        recipes = [OvRecipe("nncf-quantize", f"nncf.quantize full INT8, {n} calibration samples", quantize(None, None))]
+    recipes.append(OvRecipe("nncf-compress-weights", "nncf.compress_weights INT8_ASYM (weights only)", compress))
+    return recipes
+
+
+def _last_layer(onnx_path: Path) -> int | None:
+    import re
+
+    import onnx
+
+    found = {
+        int(m.group(1))
+        for node in onnx.load(str(onnx_path), load_external_data=False).graph.node
+        if (m := re.search(r"layer\.(\d+)/", node.name))
+    }
+    return max(found) if found else None

@@ -1,0 +1,532 @@
+"""``export_model(spec) -> Manifest``: source -> ONNX -> optimize -> INT8 -> OpenVINO -> validate -> time -> package.
+
+Every candidate (fp32 export, optimized graph, each INT8 recipe, each OpenVINO
+form) is run through the *runtime's* backends (``ort-cpu``, ``ov-cpu``) on the
+validation samples and compared with the reference, so what was validated is
+what will run.  Candidates become :class:`~runtime.manifest.Attempt` records;
+those that pass their gate at some exec precision are kept as variants and
+timed at every passing precision.  INT8 recipes are tried in order and the
+first one that passes is kept.  Everything is built in a staging folder and
+published by :func:`runtime.package.finalize_package` (atomic rename); any
+failure removes the staging folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from export.provenance import provenance_of
+from export.sources import Feeds, Prepared
+from export.spec import TIMING_RUNS, ExportSpec, Progress, check_gate, gates_for, metric_kind
+from export.timing import time_session
+from export.validate import classification_metrics, embedding_metrics, tensor_metrics
+from runtime.backends.base import OpenOptions, Session
+from runtime.errors import BackendError, ExportError, GateError, SourceError
+from runtime.manifest import Accuracy, Attempt, Manifest, Timing, Variant
+
+__all__ = ["ONNX_BACKENDS", "OV_BACKENDS", "export_model", "run_answers"]
+
+logger = logging.getLogger(__name__)
+
+ONNX_BACKENDS = ["ort-cpu", "ort-cuda", "ort-tensorrt", "ort-openvino"]
+OV_BACKENDS = ["ov-cpu", "ov-gpu", "ov-npu", "ov-auto"]
+SAMPLE_ROWS = 8
+
+
+def _log_progress(step: str, message: str) -> None:
+    logger.info("[%s] %s", step, message)
+
+
+@dataclass
+class _Candidate:
+    """A file validated on (backend, precision) pairs; sessions stay open for timing."""
+
+    accuracy: list[Accuracy]
+    sessions: dict[tuple[str, str], Session]
+
+    def close(self) -> None:
+        for s in self.sessions.values():
+            s.close()
+        self.sessions.clear()
+
+    @property
+    def passed(self) -> bool:
+        return any(a.passed for a in self.accuracy)
+
+
+class _Exporter:
+    def __init__(self, spec: ExportSpec, say: Progress) -> None:
+        self.spec = spec
+        self.say = say
+        self.attempts: list[Attempt] = []
+        self.variants: list[Variant] = []
+        self.prepared: Prepared | None = None
+        self.gate: dict[str, float] = {}
+        self._bf16: bool | None = None
+
+    # ---------------------------------------------------------------- running
+    def open(self, backend: str, path: Path, precision: str) -> Session:
+        from runtime.backends.registry import get_backend
+
+        options = OpenOptions(exec_precision=precision, intra_op_threads=self.spec.threads)
+        return get_backend(backend).open(path, options)
+
+    def precisions(self, fmt: str) -> list[tuple[str, str, str]]:
+        """(backend, runtime, exec precision) a variant of this format is validated on."""
+        if fmt == "onnx":
+            return [("ort-cpu", "onnxruntime", "fp32")]
+        if self._bf16 is None:
+            from export.openvino import bf16_supported
+
+            self._bf16 = bf16_supported()
+        out = [("ov-cpu", "openvino", "fp32")]
+        if self._bf16:
+            out.append(("ov-cpu", "openvino", "bf16"))
+        return out
+
+    def validate(self, path: Path, fmt: str) -> _Candidate:
+        p = self.prepared
+        assert p is not None
+        cand = _Candidate([], {})
+        for backend, runtime, precision in self.precisions(fmt):
+            try:
+                session = self.open(backend, path, precision)
+                out = run_answers(p, session, p.validation)
+            except BackendError as exc:
+                logger.warning("%s on %s/%s: %s", path.name, backend, precision, exc)
+                self.say("validate", f"{path.name} cannot run on {backend}/{precision}: {exc}")
+                continue
+            metrics = _metrics(p, out)
+            passed, _ = check_gate(metrics, self.gate)
+            cand.accuracy.append(
+                Accuracy(
+                    runtime=runtime,  # type: ignore[arg-type]
+                    exec_precision=precision,  # type: ignore[arg-type]
+                    samples=len(out),
+                    metrics=metrics,
+                    gate=dict(self.gate),
+                    passed=passed,
+                    reference=p.reference_name,
+                )
+            )
+            if passed:
+                cand.sessions[(backend, precision)] = session
+            else:
+                session.close()
+        return cand
+
+    def time(self, cand: _Candidate) -> list[Timing]:
+        p = self.prepared
+        assert p is not None
+        warmup, runs = TIMING_RUNS[self.spec.timing]
+        timings: list[Timing] = []
+        for (backend, precision), session in cand.sessions.items():
+            for scenario, (feeds, seq_len) in p.timing.items():
+                m = time_session(session, feeds, warmup=warmup, runs=runs)
+                timings.append(
+                    Timing(
+                        backend=backend,
+                        exec_precision=precision,  # type: ignore[arg-type]
+                        scenario=scenario,
+                        batch=m.batch,
+                        seq_len=seq_len,
+                        p50_ms=round(m.p50_ms, 3),
+                        p99_ms=round(m.p99_ms, 3),
+                        items_per_s=round(m.items_per_s, 2),
+                        threads=self.spec.threads,
+                    )
+                )
+        return timings
+
+    # ---------------------------------------------------------------- recording
+    def record(
+        self,
+        variant_id: str,
+        recipe: str,
+        cand: _Candidate,
+        *,
+        fmt: str,
+        precision: str,
+        files: list[str],
+        keep: bool,
+        description: str,
+    ) -> None:
+        summary = (
+            "; ".join(
+                f"{a.runtime}/{a.exec_precision}: "
+                + ("pass" if a.passed else "fail (" + ", ".join(check_gate(a.metrics, a.gate)[1]) + ")")
+                for a in cand.accuracy
+            )
+            or "could not run"
+        )
+        self.say("validate", f"{variant_id} [{recipe}] {summary}")
+        reason = f"{description}; {summary}"
+        self.attempts.append(
+            Attempt(variant=variant_id, recipe=recipe, kept=keep, reason=reason, accuracy=cand.accuracy)
+        )
+        if keep:
+            self.say("time", f"{variant_id}: timing {len(cand.sessions)} backend/precision pair(s)")
+            timings = self.time(cand)
+            self.variants.append(
+                Variant(
+                    id=variant_id,
+                    format=fmt,  # type: ignore[arg-type]
+                    precision=precision,  # type: ignore[arg-type]
+                    files=files,
+                    backends=list(ONNX_BACKENDS if fmt == "onnx" else OV_BACKENDS),
+                    recipe=recipe,
+                    accuracy=cand.accuracy,
+                    timings=timings,
+                )
+            )
+        cand.close()
+
+    # ---------------------------------------------------------------- steps
+    def run(self, staging: Path, work: Path) -> Manifest:
+        spec = self.spec
+        self.say("source", f"preparing {spec.task} model from {_describe(spec.source)}")
+        p = self.prepared = _prepare(spec, staging, self)
+        self.gate = gates_for(spec.task, spec.gates, labelled=p.validation_labels is not None)
+        self.say(
+            "source",
+            f"fp32 ONNX written; {sum(len(next(iter(b.values()))) for b in p.validation)} "
+            f"validation samples, reference {p.reference_name}; gate {self.gate}",
+        )
+        wanted = set(spec.variants)
+        fp32 = p.onnx_path
+        cand = self.validate(fp32, "onnx")
+        keep_fp32 = "onnx-fp32" in wanted and cand.passed
+        self.record(
+            "onnx-fp32",
+            "export",
+            cand,
+            fmt="onnx",
+            precision="fp32",
+            files=["onnx/model.onnx"],
+            keep=keep_fp32,
+            description=f"fp32 ONNX from the {p.kind} source",
+        )
+        optimized: Path | None = None
+        if "onnx-opt" in wanted or "onnx-int8" in wanted:
+            optimized = self.optimize(fp32, staging, keep="onnx-opt" in wanted)
+        if "onnx-int8" in wanted:
+            self.quantize_onnx(fp32, optimized, staging, work)
+        if optimized is not None and "onnx-opt" not in wanted:
+            optimized.unlink(missing_ok=True)
+        if "ov-fp32" in wanted:
+            self.openvino_fp32(fp32, staging)
+        if "ov-int8" in wanted:
+            self.openvino_int8(fp32, staging, work)
+        if not keep_fp32:
+            fp32.unlink()
+        if not self.variants:
+            raise GateError(
+                "no variant passed its accuracy gate; attempts: "
+                + "; ".join(f"{a.variant}[{a.recipe}]: {a.reason}" for a in self.attempts)
+                + ". Check the source and samples, or relax a gate with --gate KEY=VALUE"
+            )
+        samples = self.write_samples(staging)
+        return Manifest(
+            name=spec.name,
+            version=0,  # set by export_model
+            task=spec.task,  # type: ignore[arg-type]
+            inputs=p.inputs,
+            outputs=p.outputs,
+            variants=self.variants,
+            files=[],
+            provenance=provenance_of(p),
+            text=p.text,
+            labels=p.labels,
+            samples=samples,
+            attempts=self.attempts,
+            notes={**p.notes, "gate": ", ".join(f"{k}={v:g}" for k, v in self.gate.items()), "timing": spec.timing},
+        )
+
+    def optimize(self, fp32: Path, staging: Path, keep: bool) -> Path | None:
+        from export.optimize import optimize_onnx
+
+        p = self.prepared
+        assert p is not None
+        dst = staging / "onnx" / "model.opt.onnx"
+        self.say("optimize", "graph optimization")
+        try:
+            description = optimize_onnx(fp32, dst, p.bert)
+        except Exception as exc:
+            logger.warning("graph optimization failed: %s", exc)
+            self.attempts.append(
+                Attempt(
+                    variant="onnx-opt",
+                    recipe="optimize",
+                    kept=False,
+                    reason=f"optimization failed: {type(exc).__name__}: {exc}",
+                )
+            )
+            dst.unlink(missing_ok=True)
+            return None
+        cand = self.validate(dst, "onnx")
+        ok = cand.passed
+        self.record(
+            "onnx-opt",
+            "optimize",
+            cand,
+            fmt="onnx",
+            precision="fp32",
+            files=["onnx/model.opt.onnx"],
+            keep=keep and ok,
+            description=description,
+        )
+        if not ok:
+            dst.unlink(missing_ok=True)
+            return None
+        return dst
+
+    def quantize_onnx(self, fp32: Path, optimized: Path | None, staging: Path, work: Path) -> None:
+        from export.quantize import QUANT_OPS, count_ops, ort_recipes
+
+        p = self.prepared
+        assert p is not None
+        for recipe in ort_recipes(p, fp32, optimized):
+            candidate = work / f"int8-{recipe.name}.onnx"
+            self.say("quantize", f"onnx-int8 recipe {recipe.name}")
+            try:
+                recipe.build(candidate)
+            except Exception as exc:
+                logger.warning("recipe %s failed: %s", recipe.name, exc)
+                self.attempts.append(
+                    Attempt(
+                        variant="onnx-int8",
+                        recipe=recipe.name,
+                        kept=False,
+                        reason=f"{recipe.description}; failed: {type(exc).__name__}: {exc}",
+                    )
+                )
+                continue
+            ops = count_ops(candidate)
+            quant = {k: v for k, v in sorted(ops.items()) if k in QUANT_OPS}
+            cand = self.validate(candidate, "onnx")
+            keep = cand.passed
+            if keep:
+                dst = staging / "onnx" / "model.int8.onnx"
+                shutil.move(candidate, dst)
+                for (backend, precision), session in list(cand.sessions.items()):  # reopen on the final path
+                    session.close()
+                    cand.sessions[(backend, precision)] = self.open(backend, dst, precision)
+            self.record(
+                "onnx-int8",
+                recipe.name,
+                cand,
+                fmt="onnx",
+                precision="int8",
+                files=["onnx/model.int8.onnx"],
+                keep=keep,
+                description=f"{recipe.description}; quantized nodes {quant}",
+            )
+            candidate.unlink(missing_ok=True)
+            if keep:
+                return
+
+    def openvino_fp32(self, fp32: Path, staging: Path) -> None:
+        from export.openvino import convert, save
+
+        self.say("openvino", "converting to OpenVINO IR (fp32 weights)")
+        xml = staging / "openvino" / "model.xml"
+        try:
+            save(convert(fp32), xml)
+        except Exception as exc:
+            logger.warning("OpenVINO conversion failed: %s", exc)
+            self.attempts.append(
+                Attempt(
+                    variant="ov-fp32",
+                    recipe="convert",
+                    kept=False,
+                    reason=f"ov.convert_model failed: {type(exc).__name__}: {exc}",
+                )
+            )
+            return
+        cand = self.validate(xml, "openvino")
+        keep = cand.passed
+        self.record(
+            "ov-fp32",
+            "convert",
+            cand,
+            fmt="openvino",
+            precision="fp32",
+            files=["openvino/model.xml", "openvino/model.bin"],
+            keep=keep,
+            description="ov.convert_model + save_model(compress_to_fp16=False)",
+        )
+        if not keep:
+            xml.unlink(missing_ok=True)
+            xml.with_suffix(".bin").unlink(missing_ok=True)
+
+    def openvino_int8(self, fp32: Path, staging: Path, work: Path) -> None:
+        from export.openvino import count_ov_ops, ov_recipes, save
+
+        p = self.prepared
+        assert p is not None
+        for recipe in ov_recipes(p, fp32):
+            self.say("quantize", f"ov-int8 recipe {recipe.name}")
+            xml = work / f"ov-{recipe.name}.xml"
+            try:
+                save(recipe.build(), xml)
+            except Exception as exc:
+                logger.warning("recipe %s failed: %s", recipe.name, exc)
+                self.attempts.append(
+                    Attempt(
+                        variant="ov-int8",
+                        recipe=recipe.name,
+                        kept=False,
+                        reason=f"{recipe.description}; failed: {type(exc).__name__}: {exc}",
+                    )
+                )
+                continue
+            ops = count_ov_ops(xml)
+            quant = {k: v for k, v in sorted(ops.items()) if k in ("FakeQuantize", "FakeConvert", "Constant:int8")}
+            cand = self.validate(xml, "openvino")
+            keep = cand.passed
+            if keep:
+                dst = staging / "openvino" / "model.int8.xml"
+                for (backend, precision), session in list(cand.sessions.items()):
+                    session.close()
+                    del cand.sessions[(backend, precision)]
+                shutil.move(xml, dst)
+                shutil.move(xml.with_suffix(".bin"), dst.with_suffix(".bin"))
+                for a in cand.accuracy:
+                    if a.passed:
+                        cand.sessions[("ov-cpu", a.exec_precision)] = self.open("ov-cpu", dst, a.exec_precision)
+            self.record(
+                "ov-int8",
+                recipe.name,
+                cand,
+                fmt="openvino",
+                precision="int8",
+                files=["openvino/model.int8.xml", "openvino/model.int8.bin"],
+                keep=keep,
+                description=f"{recipe.description}; int8 ops {quant}",
+            )
+            if keep:
+                return
+
+    def write_samples(self, staging: Path) -> str:
+        p = self.prepared
+        assert p is not None
+        first = p.validation[0]
+        names = [i.name for i in p.inputs]
+        rows = {k: np.ascontiguousarray(first[k][:SAMPLE_ROWS]) for k in names}
+        (staging / "samples").mkdir(exist_ok=True)
+        np.savez(staging / "samples" / "samples.npz", **rows)  # type: ignore[arg-type]
+        return "samples/samples.npz"
+
+
+def run_answers(p: Prepared, session: Session, batches: list[Feeds]) -> npt.NDArray[np.float32]:
+    """Run ``batches`` through ``session`` and turn the outputs into the task's answers (concatenated)."""
+    from runtime.text import postprocess
+
+    wanted = set(session.input_names)
+    out = []
+    for b in batches:
+        res = session.run({k: v for k, v in b.items() if k in wanted})
+        if p.text is not None and p.task == "feature-extraction":
+            mask_name = next((g for g, kind in p.text.input_map.items() if kind == "attention_mask"), "attention_mask")
+            out.append(postprocess(res, b[mask_name], p.text))
+        else:
+            out.append(np.asarray(res[p.output], dtype=np.float32))
+    return np.concatenate(out)
+
+
+def _metrics(p: Prepared, out: npt.NDArray[np.float32]) -> dict[str, float]:
+    kind = metric_kind(p.task)
+    if kind == "embeddings":
+        m = embedding_metrics(out, p.reference)
+    elif kind == "classification":
+        m = classification_metrics(out, p.reference, labels=p.validation_labels)
+    else:
+        m = tensor_metrics(out, p.reference)
+    return {k: round(v, 6) for k, v in m.items()}
+
+
+def _describe(source: Any) -> str:
+    return str(source) if isinstance(source, str | Path) else type(source).__name__
+
+
+def _prepare(spec: ExportSpec, staging: Path, exporter: _Exporter) -> Prepared:
+    source = spec.source
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.exists():
+            raise SourceError(
+                f"source {path} does not exist; give a Hugging Face model folder, an .onnx file or FILE.py:FACTORY"
+            )
+        if path.is_file() and path.suffix.lower() == ".onnx":
+            from export.sources import onnx_file
+
+            def reference_run(onnx_path: Path, batches: list[Feeds], output: str) -> npt.NDArray[np.float32]:
+                session = exporter.open("ort-cpu", onnx_path, "fp32")
+                try:
+                    return np.concatenate([np.asarray(session.run(b)[output], dtype=np.float32) for b in batches])
+                finally:
+                    session.close()
+
+            return onnx_file.prepare(spec, staging, reference_run)
+        if path.is_dir():
+            from export.sources import hf
+
+            return hf.prepare(spec, staging)
+        raise SourceError(f"source {path} is neither a model folder nor an .onnx file")
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - the export extra brings torch
+        raise SourceError(f"a module source needs torch: pip install 'inferbox[export]' ({exc})") from exc
+    if isinstance(source, torch.nn.Module):
+        from export.sources import pytorch
+
+        return pytorch.prepare(spec, staging)
+    raise SourceError(f"source {source!r} is not a path or a torch.nn.Module")
+
+
+def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest:
+    """Export ``spec.source`` into ``spec.repository`` as one new package version; returns its manifest.
+
+    Raises :class:`~runtime.errors.SourceError` / ``CalibrationError`` for bad
+    inputs and :class:`~runtime.errors.GateError` when no variant passes.  A
+    failure leaves nothing in the repository.
+    """
+    import msgspec
+
+    from runtime.package import check_model_name, finalize_package, next_version, staging_dir
+
+    say: Progress = progress or _log_progress
+    check_model_name(spec.name)
+    repository = Path(spec.repository)
+    version = spec.version if spec.version is not None else next_version(repository, spec.name)
+    if (repository / spec.name / str(version)).exists():
+        raise ExportError(
+            f"{spec.name} version {version} already exists in {repository}; pass --version "
+            f"{next_version(repository, spec.name)} or remove it"
+        )
+    staging = staging_dir(repository)
+    exporter = _Exporter(spec, say)
+    try:
+        # the toolchain (NNCF's progress bars, optimum) prints to stdout; keep stdout for the caller's report
+        with tempfile.TemporaryDirectory(prefix="inferbox-work-") as work, contextlib.redirect_stdout(sys.stderr):
+            manifest = exporter.run(staging, Path(work))
+        manifest = msgspec.structs.replace(manifest, version=version)
+        if spec.before_finalize is not None:
+            spec.before_finalize(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say("package", f"writing {spec.name}/{version} ({len(manifest.variants)} variants)")
+    package = finalize_package(staging, manifest, repository, signing_key=spec.signing_key)
+    say("package", f"done: {package.path}")
+    return package.manifest

@@ -1,0 +1,112 @@
+"""Sources: turn what the customer has into an fp32 ONNX file, a reference, and sample batches.
+
+Every source module has ``prepare(spec, staging, report) -> Prepared``: it writes
+``onnx/model.onnx`` (plus ``tokenizer/`` for text) into the staging folder and
+computes the reference answers on the validation batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from runtime.errors import SourceError
+from runtime.manifest import TensorSpec, TextConfig
+
+__all__ = ["Feeds", "Prepared", "hash_path", "onnx_io", "tile_rows"]
+
+Feeds = dict[str, npt.NDArray[np.generic]]
+
+_ONNX_DTYPES = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+}
+
+
+@dataclass
+class Prepared:
+    """What a source hands to the pipeline. ``reference`` answers line up with ``validation`` batches."""
+
+    kind: Literal["hf", "pytorch", "onnx"]
+    task: str
+    source: str
+    source_sha256: str
+    onnx_path: Path
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    reference_name: str  # "pytorch" | "onnx-fp32"
+    validation: list[Feeds]
+    calibration: list[Feeds]  # one sample per entry, unpadded
+    reference: npt.NDArray[np.generic]  # task answers for the concatenated validation batches
+    timing: dict[str, tuple[Feeds, int | None]]  # scenario -> (feeds, seq_len)
+    #: output name holding the answer (classification logits / tensor output); text: text.output
+    output: str
+    text: TextConfig | None = None
+    labels: list[str] | None = None
+    validation_labels: npt.NDArray[np.generic] | None = None
+    #: (num_heads, hidden_size) when the ORT transformer optimizer applies (BERT-like)
+    bert: tuple[int, int] | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+    #: text sources: texts -> feeds (for the reference and the report); None otherwise
+    encode: Callable[[list[str]], Feeds] | None = None
+
+
+def hash_path(path: Path) -> str:
+    """sha256 of a file, or of a folder: every file in sorted relative-path order (path + NUL + bytes)."""
+    h = hashlib.sha256()
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX file (dynamic dimensions as -1); unreadable files are a SourceError."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise SourceError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); check the file") from exc
+    init = {i.name for i in model.graph.initializer}
+
+    def spec(v: onnx.ValueInfoProto) -> TensorSpec:
+        t = v.type.tensor_type
+        dtype = _ONNX_DTYPES.get(t.elem_type)
+        if dtype is None:
+            raise SourceError(f"{path}: tensor {v.name!r} has an unsupported element type {t.elem_type}")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        return TensorSpec(name=v.name, dtype=dtype, shape=dims)
+
+    inputs = [spec(v) for v in model.graph.input if v.name not in init]
+    outputs = [spec(v) for v in model.graph.output]
+    if not inputs or not outputs:
+        raise SourceError(f"{path}: the graph has no inputs or no outputs; is it a complete model?")
+    return inputs, outputs
+
+
+def tile_rows(feeds: Feeds, n: int) -> Feeds:
+    """``n`` rows from ``feeds`` (repeating them when there are fewer)."""
+    out: Feeds = {}
+    for k, v in feeds.items():
+        reps = -(-n // len(v))
+        out[k] = np.ascontiguousarray(np.concatenate([v] * reps)[:n])
+    return out

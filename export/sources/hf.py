@@ -1,0 +1,319 @@
+"""A Hugging Face model folder (local, offline) -> ONNX via optimum, reference = the PyTorch original.
+
+Embeddings (``feature-extraction``): the graph is exported with the plain
+``transformers`` library, giving ``last_hidden_state``; the runtime mean-pools
+over real tokens and L2-normalises (``TextConfig(pooling="mean",
+normalize=True)``).  Why not keep the pooling in the graph (sentence-transformers
+export)?  The plain BERT graph is what ORT's transformer optimizer fuses
+(Attention, SkipLayerNorm, BiasGelu), which the INT8 recipes build on; pooling
+in numpy costs microseconds and stays in fp32 whatever the variant, so the
+quantized graph ends at the last LayerNorm and nothing after it is quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from export.samples import default_texts, read_arrays, read_texts
+from export.sources import Feeds, Prepared, hash_path, onnx_io, tile_rows
+from runtime.errors import SourceError
+from runtime.manifest import TensorSpec, TextConfig
+
+if TYPE_CHECKING:
+    from export.spec import ExportSpec
+
+__all__ = ["TOKENIZER_FILES", "VALIDATION_BATCH", "prepare"]
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+#: validation runs in batches of this size, in file order (mixed lengths, padded as the server pads)
+VALIDATION_BATCH = 16
+_TEXT_TASKS = ("feature-extraction", "text-classification")
+_HF_TASKS = (*_TEXT_TASKS, "image-classification")
+
+
+def prepare(spec: ExportSpec, staging: Path) -> Prepared:
+    folder = Path(spec.source)
+    if not folder.exists():
+        raise SourceError(f"source {folder} does not exist; give a Hugging Face model folder, an .onnx file or module")
+    if not (folder / "config.json").is_file():
+        raise SourceError(f"{folder} is not a Hugging Face model folder (no config.json); pass the folder holding it")
+    if spec.task not in _HF_TASKS:
+        raise SourceError(f"task {spec.task!r} is not supported for a Hugging Face folder; use one of {_HF_TASKS}")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if spec.task in _TEXT_TASKS and not (folder / "tokenizer.json").is_file():
+        raise SourceError(f"{folder} has no tokenizer.json; a text task needs the fast tokenizer file in the folder")
+    onnx_path = staging / "onnx" / "model.onnx"
+    _export_onnx(folder, spec.task, onnx_path)
+    inputs, outputs = onnx_io(onnx_path)
+    base: dict[str, Any] = {
+        "kind": "hf",
+        "task": spec.task,
+        "source": str(folder.resolve()),
+        "source_sha256": hash_path(folder),
+        "onnx_path": onnx_path,
+        "inputs": inputs,
+        "outputs": outputs,
+        "reference_name": "pytorch",
+        "bert": _bert_dims(config),
+    }
+    if spec.task in _TEXT_TASKS:
+        return _prepare_text(spec, folder, staging, config, base)
+    return _prepare_image(spec, folder, config, base)
+
+
+def _export_onnx(folder: Path, task: str, onnx_path: Path) -> None:
+    from optimum.exporters.onnx import main_export
+
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="inferbox-export-") as tmp:
+        try:
+            main_export(
+                str(folder),
+                output=tmp,
+                task=task,
+                library_name="transformers",
+                do_validation=False,
+                local_files_only=True,
+            )
+        except Exception as exc:
+            raise SourceError(
+                f"optimum could not export {folder} for task {task!r} ({type(exc).__name__}: {exc}); "
+                "check that the folder holds a model of a supported architecture for this task"
+            ) from exc
+        produced = Path(tmp) / "model.onnx"
+        if not produced.is_file():
+            raise SourceError(
+                f"optimum exported no model.onnx for {folder}; got {sorted(p.name for p in Path(tmp).iterdir())}"
+            )
+        if any(p.name.startswith("model.onnx_data") for p in Path(tmp).iterdir()):
+            import onnx
+
+            onnx.save(onnx.load(str(produced)), str(onnx_path))  # fold external data into one file
+        else:
+            shutil.move(str(produced), onnx_path)
+
+
+def _bert_dims(config: dict[str, Any]) -> tuple[int, int] | None:
+    if config.get("model_type") in ("bert", "roberta", "distilbert", "xlm-roberta", "mpnet"):
+        heads = config.get("num_attention_heads") or config.get("n_heads")
+        hidden = config.get("hidden_size") or config.get("dim")
+        if heads and hidden:
+            return int(heads), int(hidden)
+    return None
+
+
+def _max_length(spec: ExportSpec, folder: Path, config: dict[str, Any]) -> int:
+    if spec.max_length:
+        return spec.max_length
+    st = folder / "sentence_bert_config.json"
+    if st.is_file():
+        value = json.loads(st.read_text(encoding="utf-8")).get("max_seq_length")
+        if value:
+            return int(value)
+    limit = int(config.get("max_position_embeddings") or 512)
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        value = json.loads(tc.read_text(encoding="utf-8")).get("model_max_length")
+        if isinstance(value, int) and 0 < value < limit:
+            limit = value
+    return limit
+
+
+def _texts(given: Path | Sequence[str] | Any, kind: str) -> list[str]:
+    if given is None:
+        return default_texts(kind)
+    if isinstance(given, str | Path):
+        return read_texts(Path(given))
+    texts = list(given)
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise SourceError(f"{kind} samples for a text task must be non-empty strings")
+    return texts
+
+
+def _prepare_text(
+    spec: ExportSpec, folder: Path, staging: Path, config: dict[str, Any], base: dict[str, Any]
+) -> Prepared:
+    from runtime.text import FEED_KINDS, TextEncoder
+
+    tok_dir = staging / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, tok_dir / name)
+    names = [i.name for i in base["inputs"]]
+    unknown = [n for n in names if n not in FEED_KINDS]
+    if unknown:
+        raise SourceError(f"the exported graph has inputs {unknown} that are not {list(FEED_KINDS)}")
+    embeddings = spec.task == "feature-extraction"
+    output = "last_hidden_state" if embeddings else "logits"
+    if output not in [o.name for o in base["outputs"]]:
+        raise SourceError(f"the exported graph has no {output!r} output; got {[o.name for o in base['outputs']]}")
+    text = TextConfig(
+        max_length=_max_length(spec, folder, config),
+        input_map={n: n for n in names},
+        output=output,
+        pooling="mean" if embeddings else "none",
+        normalize=embeddings,
+    )
+    encoder = TextEncoder.from_dir(tok_dir, text)
+
+    def encode(texts: list[str]) -> Feeds:
+        return dict(encoder.encode(texts, truncate=True).feeds)
+
+    val_texts = _texts(spec.validation, "validation")
+    cal_texts = _texts(spec.calibration, "calibration")
+    validation = [encode(val_texts[i : i + VALIDATION_BATCH]) for i in range(0, len(val_texts), VALIDATION_BATCH)]
+    calibration = [encode([t]) for t in cal_texts]
+    if embeddings:
+        reference = _embed_reference(folder, val_texts, validation, text.max_length)
+    else:
+        reference = _logits_reference(folder, "AutoModelForSequenceClassification", validation)
+    lengths = [int(b["attention_mask"].sum(axis=1).max()) if "attention_mask" in b else 0 for b in validation]
+    typical = min(128, text.max_length)
+    longest = max(val_texts, key=len)
+    timing: dict[str, tuple[Feeds, int | None]] = {
+        "b1": (_timing_feeds(encode, longest, 1, typical), typical),
+        "b32-typical": (_timing_feeds(encode, longest, 32, typical), typical),
+        "b32-max": (_timing_feeds(encode, longest, 32, text.max_length), text.max_length),
+    }
+    labels = _labels(config) if not embeddings else None
+    return Prepared(
+        **base,
+        validation=validation,
+        calibration=calibration,
+        reference=reference,
+        timing=timing,
+        output=output,
+        text=text,
+        labels=labels,
+        validation_labels=spec.validation_labels,
+        notes={
+            "validation_samples": str(len(val_texts)),
+            "calibration_samples": str(len(cal_texts)),
+            "validation_max_tokens": str(max(lengths, default=0)),
+        },
+        encode=encode,
+    )
+
+
+def _timing_feeds(encode: Any, text: str, batch: int, length: int) -> Feeds:
+    """``batch`` rows of exactly ``length`` real tokens (the longest validation text, repeated as needed)."""
+    feeds: Feeds = encode([text])
+    ids = feeds["input_ids"][0]
+    body = ids[1:-1] if len(ids) > 2 else ids
+    reps = -(-max(length - 2, 1) // len(body))
+    row = np.concatenate([ids[:1], np.tile(body, reps)[: max(length - 2, 0)], ids[-1:]])[:length]
+    out: Feeds = {}
+    for name, value in feeds.items():
+        if name == "input_ids":
+            out[name] = np.tile(row, (batch, 1)).astype(value.dtype)
+        elif name == "attention_mask":
+            out[name] = np.ones((batch, len(row)), dtype=value.dtype)
+        else:
+            out[name] = np.zeros((batch, len(row)), dtype=value.dtype)
+    return out
+
+
+def _embed_reference(folder: Path, texts: list[str], batches: list[Feeds], max_length: int) -> npt.NDArray[np.float32]:
+    """Sentence embeddings from the original model: sentence-transformers when the folder is one."""
+    if (folder / "modules.json").is_file():
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+        model.max_seq_length = max_length
+        emb = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+        return np.asarray(emb, dtype=np.float32)
+    import torch
+    from transformers import AutoModel
+
+    hf = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    out = []
+    with torch.inference_mode():
+        for b in batches:
+            h = hf(**{k: torch.from_numpy(v) for k, v in b.items()}).last_hidden_state
+            m = torch.from_numpy(b["attention_mask"]).unsqueeze(-1).to(h.dtype)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(e, dim=-1).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def _logits_reference(folder: Path, auto_class: str, batches: list[Feeds]) -> npt.NDArray[np.float32]:
+    import torch
+    import transformers
+
+    model = getattr(transformers, auto_class).from_pretrained(str(folder), local_files_only=True).eval()
+    out = []
+    with torch.inference_mode():
+        for b in batches:
+            out.append(model(**{k: torch.from_numpy(np.asarray(v)) for k, v in b.items()}).logits.float().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def _labels(config: dict[str, Any]) -> list[str] | None:
+    id2label = config.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(id2label))]
+
+
+def _prepare_image(spec: ExportSpec, folder: Path, config: dict[str, Any], base: dict[str, Any]) -> Prepared:
+    inputs = base["inputs"]
+    if [i.name for i in inputs] != ["pixel_values"]:
+        raise SourceError(f"image-classification expects one input pixel_values; the graph has {inputs}")
+    expected = {"pixel_values": "float32"}
+    shape = _image_shape(folder, config, inputs[0].shape)
+    # the graph leaves every axis dynamic; the model only accepts this image size
+    base["inputs"] = [TensorSpec(name="pixel_values", dtype=inputs[0].dtype, shape=[-1, *shape])]
+    rng = np.random.default_rng(0)
+
+    def samples(given: Any, n: int) -> Feeds:
+        if given is None:
+            return {"pixel_values": rng.standard_normal((n, *shape)).astype(np.float32)}
+        if isinstance(given, str | Path):
+            return read_arrays(Path(given), expected)
+        return {"pixel_values": np.asarray(given["pixel_values"], dtype=np.float32)}
+
+    val = samples(spec.validation, 64)
+    cal = samples(spec.calibration, 32)
+    n = len(val["pixel_values"])
+    validation = [{"pixel_values": val["pixel_values"][i : i + 32]} for i in range(0, n, 32)]
+    calibration = [{"pixel_values": cal["pixel_values"][i : i + 1]} for i in range(len(cal["pixel_values"]))]
+    reference = _logits_reference(folder, "AutoModelForImageClassification", validation)
+    return Prepared(
+        **base,
+        validation=validation,
+        calibration=calibration,
+        reference=reference,
+        timing={"b1": (tile_rows(val, 1), None), "b32-typical": (tile_rows(val, 32), None)},
+        output="logits",
+        labels=_labels(config),
+        validation_labels=spec.validation_labels,
+        notes={"validation_samples": str(n), "calibration_samples": str(len(calibration))},
+    )
+
+
+def _image_shape(folder: Path, config: dict[str, Any], graph_shape: list[int]) -> tuple[int, ...]:
+    if len(graph_shape) == 4 and all(d > 0 for d in graph_shape[1:]):
+        return tuple(graph_shape[1:])
+    channels = int(config.get("num_channels", 3))
+    size = config.get("image_size", 224)
+    pre = folder / "preprocessor_config.json"
+    if pre.is_file():
+        s = json.loads(pre.read_text(encoding="utf-8")).get("size")
+        if isinstance(s, dict):
+            size = s.get("height") or s.get("shortest_edge") or size
+        elif isinstance(s, int):
+            size = s
+    side = int(size[0] if isinstance(size, list | tuple) else size)
+    return (channels, side, side)

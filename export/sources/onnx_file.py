@@ -1,0 +1,90 @@
+"""An existing ONNX file -> a generic tensor model, reference = the fp32 ONNX itself (on ort-cpu).
+
+Samples come from the customer (``.npz`` / ``.jsonl``, one array per input) or
+are generated from the declared shapes: dynamic dimensions become 1 for the
+batch axis and 16 elsewhere; integer inputs get values 0..255, floats a normal
+distribution.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from export.samples import read_arrays
+from export.sources import Feeds, Prepared, hash_path, onnx_io, tile_rows
+from runtime.errors import SourceError
+from runtime.manifest import TensorSpec
+
+if TYPE_CHECKING:
+    from export.spec import ExportSpec
+
+__all__ = ["generate", "prepare"]
+
+DYNAMIC_SIZE = 16
+
+
+def generate(inputs: list[TensorSpec], n: int, seed: int) -> Feeds:
+    rng = np.random.default_rng(seed)
+    out: Feeds = {}
+    for spec in inputs:
+        shape = [n] + [d if d > 0 else DYNAMIC_SIZE for d in spec.shape[1:]]
+        dtype = np.dtype(spec.dtype)
+        if np.issubdtype(dtype, np.floating):
+            out[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            out[spec.name] = rng.integers(0, 2, size=shape).astype(dtype)
+        else:
+            out[spec.name] = rng.integers(0, 256, size=shape).astype(dtype)
+    return out
+
+
+def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
+    """``reference_run(onnx_path, batches) -> array`` runs the fp32 file on ort-cpu (the pipeline's runner)."""
+    path = Path(spec.source)
+    if not path.exists():
+        raise SourceError(f"source {path} does not exist; give an .onnx file, a Hugging Face folder or a module")
+    if spec.task != "tensor":
+        raise SourceError(f"an ONNX file imports as task 'tensor', not {spec.task!r}; pass --task tensor")
+    inputs, outputs = onnx_io(path)
+    onnx_path = staging / "onnx" / "model.onnx"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, onnx_path)
+    expected = {i.name: i.dtype for i in inputs}
+
+    def samples(given: Any, n: int, seed: int) -> Feeds:
+        if given is None:
+            return generate(inputs, n, seed)
+        if isinstance(given, str | Path):
+            return read_arrays(Path(given), expected)
+        missing = [k for k in expected if k not in given]
+        if missing:
+            raise SourceError(f"samples lack inputs {missing}; give every input of the model")
+        return {k: np.asarray(given[k]).astype(expected[k]) for k in expected}
+
+    val = samples(spec.validation, 64, 1)
+    cal = samples(spec.calibration, 32, 2)
+    n = len(next(iter(val.values())))
+    validation = [{k: v[i : i + 32] for k, v in val.items()} for i in range(0, n, 32)]
+    calibration = [{k: v[i : i + 1] for k, v in cal.items()} for i in range(len(next(iter(cal.values()))))]
+    output = outputs[0].name
+    return Prepared(
+        kind="onnx",
+        task="tensor",
+        source=str(path.resolve()),
+        source_sha256=hash_path(path),
+        onnx_path=onnx_path,
+        inputs=inputs,
+        outputs=outputs,
+        reference_name="onnx-fp32",
+        validation=validation,
+        calibration=calibration,
+        reference=reference_run(onnx_path, validation, output),
+        timing={"b1": (tile_rows(val, 1), None), "b32-typical": (tile_rows(val, 32), None)},
+        output=output,
+        validation_labels=spec.validation_labels,
+        notes={"validation_samples": str(n), "calibration_samples": str(len(calibration))},
+    )

@@ -1,0 +1,141 @@
+"""A PyTorch ``nn.Module`` with example inputs -> ONNX (TorchScript exporter), reference = the module.
+
+Every input and output gets a dynamic batch dimension (axis 0); other axes keep
+the example's sizes.  The answer is the first output (logits for
+classification tasks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from export.samples import read_arrays
+from export.sources import Feeds, Prepared, onnx_io, tile_rows
+from runtime.errors import SourceError
+
+if TYPE_CHECKING:
+    from export.spec import ExportSpec
+
+__all__ = ["OPSET", "generate_like", "load_factory", "prepare"]
+
+OPSET = 17
+_TASKS = ("image-classification", "text-classification", "tensor")
+
+
+def load_factory(ref: str) -> Any:
+    """``path/to/module.py:factory`` -> the object ``factory()`` returns (CLI sources)."""
+    import importlib.util
+
+    path_s, sep, attr = ref.rpartition(":")
+    path = Path(path_s)
+    if not sep or not path.is_file() or not attr:
+        raise SourceError(f"{ref!r} is not FILE.py:FACTORY with an existing file; e.g. models/net.py:build")
+    module_spec = importlib.util.spec_from_file_location(f"inferbox_user_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise SourceError(f"cannot import {path} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SourceError(f"{path} has no callable {attr!r}")
+    return factory()
+
+
+def generate_like(example: Mapping[str, npt.NDArray[np.generic]], n: int, seed: int) -> Feeds:
+    """``n`` rows shaped like ``example``: normal floats, or ints within the example's range."""
+    rng = np.random.default_rng(seed)
+    out: Feeds = {}
+    for k, v in example.items():
+        shape = (n, *np.shape(v)[1:])
+        if np.issubdtype(v.dtype, np.floating):
+            out[k] = rng.standard_normal(shape).astype(v.dtype)
+        else:
+            hi = max(int(np.max(v)) + 1, 2) if v.size else 2
+            out[k] = rng.integers(0, hi, size=shape).astype(v.dtype)
+    return out
+
+
+def _arrays(given: Any, example: Mapping[str, npt.NDArray[np.generic]], n: int, seed: int) -> Feeds:
+    expected = {k: str(v.dtype) for k, v in example.items()}
+    if given is None:
+        return generate_like(example, n, seed)
+    if isinstance(given, str | Path):
+        return read_arrays(Path(given), expected)
+    missing = [k for k in example if k not in given]
+    if missing:
+        raise SourceError(f"samples lack inputs {missing}; give every input of the example")
+    return {k: np.asarray(given[k]).astype(expected[k]) for k in example}
+
+
+def prepare(spec: ExportSpec, staging: Path) -> Prepared:
+    import torch
+
+    module = spec.source
+    if not isinstance(module, torch.nn.Module):
+        raise SourceError(f"source {module!r} is not a torch.nn.Module")
+    if spec.task not in _TASKS:
+        raise SourceError(f"task {spec.task!r} is not supported for a PyTorch module; use one of {_TASKS}")
+    if not spec.example_inputs:
+        raise SourceError("a PyTorch source needs example_inputs (input name -> array with a batch axis)")
+    example = {k: np.asarray(v) for k, v in spec.example_inputs.items()}
+    names = list(example)
+    out_names = list(spec.output_names or ["output"])
+    module = module.eval()
+    onnx_path = staging / "onnx" / "model.onnx"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = {n: {0: "batch"} for n in names + out_names}
+    try:
+        with torch.inference_mode():
+            torch.onnx.export(
+                module,
+                tuple(torch.from_numpy(example[n]) for n in names),
+                str(onnx_path),
+                input_names=names,
+                output_names=out_names,
+                dynamic_axes=dynamic,
+                opset_version=OPSET,
+                dynamo=False,
+            )
+    except Exception as exc:
+        raise SourceError(
+            f"torch.onnx.export failed for {type(module).__name__} ({type(exc).__name__}: {exc})"
+        ) from exc
+    inputs, outputs = onnx_io(onnx_path)
+    val = _arrays(spec.validation, example, 64, 1)
+    cal = _arrays(spec.calibration, example, 32, 2)
+    n = len(next(iter(val.values())))
+    validation = [{k: v[i : i + 32] for k, v in val.items()} for i in range(0, n, 32)]
+    calibration = [{k: v[i : i + 1] for k, v in cal.items()} for i in range(len(next(iter(cal.values()))))]
+    refs = []
+    with torch.inference_mode():
+        for b in validation:
+            y = module(*(torch.from_numpy(np.ascontiguousarray(b[k])) for k in names))
+            y = y[0] if isinstance(y, tuple | list) else y
+            refs.append(y.float().numpy())
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode() + b"\0" + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return Prepared(
+        kind="pytorch",
+        task=spec.task,
+        source=f"{type(module).__module__}.{type(module).__qualname__}",
+        source_sha256=digest.hexdigest(),
+        onnx_path=onnx_path,
+        inputs=inputs,
+        outputs=outputs,
+        reference_name="pytorch",
+        validation=validation,
+        calibration=calibration,
+        reference=np.concatenate(refs),
+        timing={"b1": (tile_rows(val, 1), None), "b32-typical": (tile_rows(val, 32), None)},
+        output=out_names[0],
+        labels=list(spec.labels) if spec.labels else None,
+        validation_labels=spec.validation_labels,
+        notes={"validation_samples": str(n), "calibration_samples": str(len(calibration))},
+    )

@@ -1,0 +1,150 @@
+"""What to export and how it is judged: :class:`ExportSpec`, the variant ids and the accuracy gates.
+
+A gate maps a metric name prefixed ``min_`` or ``max_`` to a threshold
+(``min_cosine_min=0.97`` means "cosine_min must be >= 0.97").  Each task has
+defaults (:data:`DEFAULT_GATES`); an export may override any of them
+(``--gate min_cosine_min=0.98``) or add one for another metric it computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from runtime.errors import ExportError, SourceError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+__all__ = [
+    "DEFAULT_GATES",
+    "TASKS",
+    "TIMING_RUNS",
+    "VARIANT_IDS",
+    "ExportSpec",
+    "Progress",
+    "check_gate",
+    "gates_for",
+    "metric_kind",
+    "parse_gate",
+    "parse_variants",
+]
+
+TASKS = ("feature-extraction", "text-classification", "image-classification", "tensor")
+VARIANT_IDS = ("onnx-fp32", "onnx-opt", "onnx-int8", "ov-fp32", "ov-int8")
+
+#: metric family per task: which numbers validation computes
+MetricKind = Literal["embeddings", "classification", "tensor"]
+
+DEFAULT_GATES: dict[str, dict[str, float]] = {
+    "embeddings": {"min_cosine_mean": 0.99, "min_cosine_min": 0.97},
+    "classification": {"min_top1_agreement": 0.98, "max_max_prob_diff": 0.05},
+    # max_rel_diff is max|out - ref| / max|ref| over the whole validation set
+    "tensor": {"max_max_rel_diff": 0.05},
+}
+#: extra default when the validation samples carry labels (digits: INT8 within 1 point of the reference)
+LABEL_GATE = {"max_label_accuracy_drop": 0.01}
+
+#: (warmup runs, timed runs) per scenario
+TIMING_RUNS: dict[str, tuple[int, int]] = {"quick": (1, 2), "full": (3, 20)}
+
+#: progress callback: (step name, human message)
+Progress = Callable[[str, str], None]
+
+
+def metric_kind(task: str) -> MetricKind:
+    if task == "feature-extraction":
+        return "embeddings"
+    if task in ("text-classification", "image-classification"):
+        return "classification"
+    if task == "tensor":
+        return "tensor"
+    raise SourceError(f"task {task!r} is not supported; use one of {', '.join(TASKS)}")
+
+
+def gates_for(task: str, overrides: Mapping[str, float], *, labelled: bool = False) -> dict[str, float]:
+    gates = dict(DEFAULT_GATES[metric_kind(task)])
+    if labelled:
+        gates.update(LABEL_GATE)
+    gates.update(overrides)
+    return gates
+
+
+def parse_gate(text: str) -> tuple[str, float]:
+    """``min_cosine_min=0.98`` -> (``min_cosine_min``, 0.98)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key.startswith(("min_", "max_")):
+        raise ExportError(
+            f"gate {text!r} is not KEY=VALUE with KEY starting min_ or max_ (e.g. --gate min_cosine_min=0.98)"
+        )
+    try:
+        return key, float(value)
+    except ValueError:
+        raise ExportError(f"gate {text!r}: {value!r} is not a number (e.g. --gate {key}=0.98)") from None
+
+
+def parse_variants(text: str | Sequence[str]) -> tuple[str, ...]:
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    unknown = [s for s in items if s not in VARIANT_IDS]
+    if unknown or not items:
+        raise ExportError(f"unknown variants {unknown or text!r}; choose from {','.join(VARIANT_IDS)}")
+    return tuple(v for v in VARIANT_IDS if v in items)
+
+
+def check_gate(metrics: Mapping[str, float], gate: Mapping[str, float]) -> tuple[bool, list[str]]:
+    """(passed, failures). A gate on a metric that was not computed fails (it cannot be checked)."""
+    failures: list[str] = []
+    for key, threshold in gate.items():
+        name = key[4:]
+        value = metrics.get(name)
+        if value is None:
+            failures.append(f"{name} not measured")
+        elif key.startswith("min_") and not value >= threshold:
+            failures.append(f"{name} {value:.4f} < {threshold:g}")
+        elif key.startswith("max_") and not value <= threshold:
+            failures.append(f"{name} {value:.4g} > {threshold:g}")
+    return not failures, failures
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """One export. ``source``: a folder (HF), an ``.onnx`` file, or a ``torch.nn.Module``.
+
+    Samples: for text tasks a JSONL/CSV file of texts or a list of strings; for
+    tensor / image / PyTorch sources an ``.npz`` file or a dict of arrays
+    (input name -> batch).  ``validation_labels`` (optional) lets the pipeline
+    measure label accuracy of every variant (gate ``max_label_accuracy_drop``).
+    """
+
+    source: Path | Any
+    task: str
+    name: str
+    repository: Path
+    version: int | None = None
+    calibration: Path | Sequence[str] | Mapping[str, npt.NDArray[np.generic]] | None = None
+    validation: Path | Sequence[str] | Mapping[str, npt.NDArray[np.generic]] | None = None
+    validation_labels: npt.NDArray[np.generic] | None = None
+    labels: Sequence[str] | None = None
+    gates: Mapping[str, float] = field(default_factory=dict)
+    variants: tuple[str, ...] = VARIANT_IDS
+    #: "quick" (tests) or "full" (CLI default): see TIMING_RUNS
+    timing: str = "full"
+    threads: int = 2
+    max_length: int | None = None
+    #: PyTorch sources: example inputs (input name -> array) fixing names, dtypes and ranks
+    example_inputs: Mapping[str, npt.NDArray[np.generic]] | None = None
+    output_names: Sequence[str] | None = None
+    signing_key: Ed25519PrivateKey | None = None
+    #: test hook / extension point: called with the staging folder just before finalizing
+    before_finalize: Callable[[Path], None] | None = None
+
+    def __post_init__(self) -> None:
+        metric_kind(self.task)
+        if self.timing not in TIMING_RUNS:
+            raise ExportError(f"timing {self.timing!r} is not one of {', '.join(TIMING_RUNS)}")
+        parse_variants(self.variants)

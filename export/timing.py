@@ -1,0 +1,53 @@
+"""Timing a session on this box: batch-1 latency and batch-32 throughput (p50 / p99 / items per second)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.sources import Feeds
+from runtime.backends.base import Session
+
+__all__ = ["Measured", "time_session"]
+
+
+@dataclass(frozen=True)
+class Measured:
+    p50_ms: float
+    p99_ms: float
+    items_per_s: float
+    batch: int
+
+
+def time_session(
+    session: Session,
+    feeds: Feeds,
+    *,
+    warmup: int,
+    runs: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Measured:
+    """Run ``warmup`` untimed then ``runs`` timed calls; items/s is batch / mean latency."""
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
+    wanted = set(session.input_names)
+    feed = {k: v for k, v in feeds.items() if not wanted or k in wanted}
+    for _ in range(warmup):
+        session.run(feed)
+    times = []
+    for _ in range(runs):
+        start = clock()
+        session.run(feed)
+        times.append(clock() - start)
+    batch = len(next(iter(feed.values())))
+    arr = np.asarray(times, dtype=np.float64)
+    mean = float(arr.mean())
+    return Measured(
+        p50_ms=float(np.percentile(arr, 50)) * 1e3,
+        p99_ms=float(np.percentile(arr, 99)) * 1e3,
+        items_per_s=batch / mean if mean > 0 else float("inf"),
+        batch=batch,
+    )

@@ -1,0 +1,339 @@
+"""End to end: a real ``inferbox serve`` process on 127.0.0.1 with the real MiniLM package.
+
+The server is started once per module as a user would start it (the CLI, a
+fresh home, auth and audit on), and stopped with SIGTERM so that the clean
+shutdown path (final checkpoint) runs before the audit assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CANARY_TEXT = "CANARY patient Zebedee Quibblesworth-7731 was admitted"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def cli(*args: str, home: Path, repository: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args, "--home", str(home), "--repository", str(repository)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        check=False,
+    )
+
+
+@dataclass
+class Served:
+    url: str
+    home: Path
+    repository: Path
+    key: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+
+@pytest.fixture(scope="module")
+def served(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    home = tmp_path_factory.mktemp("serve-home")
+    port = _free_port()
+    log = home.parent / f"{home.name}-server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "appliance",
+                "serve",
+                "--home",
+                str(home),
+                "--repository",
+                str(minilm_repository),
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=ROOT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    ready = False
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            ready = httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        if ready:
+            break
+        time.sleep(0.2)  # polling for start-up, not an assertion
+    if not ready:
+        proc.kill()
+        pytest.fail(f"inferbox serve did not become ready:\n{log.read_text(errors='replace')[-4000:]}")
+    key_file = home / "keys" / "first-admin.key"
+    key = key_file.read_text().strip()
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    srv = Served(url=url, home=home, repository=minilm_repository, key=key, proc=proc, log=log)
+    try:
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _embed(srv: Served, texts: list[str] | str, key: str | None = None) -> httpx.Response:
+    return httpx.post(
+        f"{srv.url}/v1/embeddings", json={"model": "minilm", "input": texts}, headers=srv.headers(key), timeout=60
+    )
+
+
+def _vectors(resp: httpx.Response) -> np.ndarray:
+    assert resp.status_code == 200, resp.text
+    data = resp.json()["data"]
+    return np.array([d["embedding"] for d in sorted(data, key=lambda d: d["index"])], dtype=np.float32)
+
+
+TEXTS = [
+    "?",
+    "hello",
+    "The patient was discharged after three days.",
+    "Quarterly revenue rose 12% on strong demand for cloud services in Europe and Asia.",
+    "Der Bericht ist fertig und liegt auf dem Tisch.",
+    " ".join(["A long paragraph about data protection and the duties of a controller."] * 30),
+]
+
+
+def test_embeddings_match_sentence_transformers_within_the_gate(served: Served) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from export.default import minilm_dir
+
+    got = _vectors(_embed(served, TEXTS))
+    reference = SentenceTransformer(str(minilm_dir()), device="cpu").encode(TEXTS, normalize_embeddings=True)
+    cos = np.sum(got * reference, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(reference, axis=1))
+    assert float(cos.mean()) >= 0.99, cos
+    assert float(cos.min()) >= 0.97, cos
+    usage = _embed(served, "hello world").json()["usage"]
+    assert usage["prompt_tokens"] == usage["total_tokens"] == 4  # [CLS] hello world [SEP]
+
+
+def test_kserve_bytes_input_equals_openai_route(served: Served) -> None:
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": TEXTS[1:3]}]}
+    resp = httpx.post(f"{served.url}/v2/models/minilm/infer", json=body, headers=served.headers(), timeout=60)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()["outputs"][0]
+    kserve = np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(kserve, _vectors(_embed(served, TEXTS[1:3])), atol=1e-5)
+
+
+def test_concurrent_requests_equal_unbatched(served: Served) -> None:
+    texts = [f"request number {i} about {'claims ' * (i % 7)}processing" for i in range(24)]
+    alone = {t: _vectors(_embed(served, [t]))[0] for t in texts}
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        together = list(pool.map(lambda t: _vectors(_embed(served, [t]))[0], texts))
+    for t, v in zip(texts, together, strict=True):
+        np.testing.assert_allclose(v, alone[t], atol=1e-4)
+
+
+def test_keys_through_the_cli_govern_access(served: Served) -> None:
+    assert _embed(served, "x", key="ibx_000000000000_wrong").status_code == 401
+    assert httpx.post(f"{served.url}/v1/embeddings", json={"model": "minilm", "input": "x"}).status_code == 401
+    made = cli(
+        "keys",
+        "create",
+        "--scope",
+        "infer",
+        "--model",
+        "other",
+        "--json",
+        home=served.home,
+        repository=served.repository,
+    )
+    assert made.returncode == 0, made.stderr
+    other = json.loads(made.stdout)
+    assert _embed(served, "x", key=other["key"]).status_code == 403
+    made = cli(
+        "keys",
+        "create",
+        "--scope",
+        "infer",
+        "--model",
+        "minilm",
+        "--json",
+        home=served.home,
+        repository=served.repository,
+    )
+    scoped = json.loads(made.stdout)
+    assert _embed(served, "x", key=scoped["key"]).status_code == 200
+    revoked = cli("keys", "revoke", scoped["id"], home=served.home, repository=served.repository)
+    assert revoked.returncode == 0, revoked.stderr
+    assert _embed(served, "x", key=scoped["key"]).status_code == 401
+
+
+def test_readme_curl_command_works(served: Served) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(curl .*?)```", readme, flags=re.S)
+    assert len(blocks) >= 2, "README lost its curl examples"
+    for block in blocks:
+        command = block.replace("http://127.0.0.1:8080", served.url)
+        done = subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, env={**_env(), "KEY": served.key}, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert "error" not in answer, answer
+        vector = answer["data"][0]["embedding"] if "data" in answer else answer["outputs"][0]["data"]
+        assert len(vector) == 384
+
+
+def test_audit_is_readable_over_the_api_with_its_own_scope(served: Served) -> None:
+    made = cli("keys", "create", "--scope", "infer", "--json", home=served.home, repository=served.repository)
+    infer_only = json.loads(made.stdout)["key"]
+    denied = httpx.get(f"{served.url}/v1/audit", headers=served.headers(infer_only), timeout=30)
+    assert denied.status_code == 403
+    page = httpx.get(f"{served.url}/v1/audit", params={"limit": 5}, headers=served.headers(), timeout=30)
+    assert page.status_code == 200, page.text
+    body = page.json()
+    assert [r["seq"] for r in body["records"]] == [1, 2, 3, 4, 5]
+    assert body["next_after_seq"] == 5
+    inferences = httpx.get(
+        f"{served.url}/v1/audit", params={"event": "inference", "limit": 1000}, headers=served.headers(), timeout=30
+    ).json()["records"]
+    assert inferences and all(r["model_name"] == "minilm" and len(r["model_sha256"]) == 64 for r in inferences)
+    assert all(r["input_digest"] and r["digest_key_id"] for r in inferences)
+    reads = httpx.get(
+        f"{served.url}/v1/audit", params={"event": "audit_read", "limit": 1000}, headers=served.headers(), timeout=30
+    ).json()["records"]
+    assert len(reads) >= 2  # the earlier reads were recorded
+    bad = httpx.get(f"{served.url}/v1/audit", params={"limit": 0}, headers=served.headers(), timeout=30)
+    assert bad.status_code == 400 and "limit" in bad.text
+
+
+def test_batch_job_results_equal_the_api_and_share_the_audit_chain(served: Served, tmp_path: Path) -> None:
+    texts = ["short", "", "a claim about a broken windscreen", 42, "Der Vertrag endet am 31. Dezember."]
+    source = tmp_path / "job.jsonl"
+    source.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    submitted = cli("batch", "submit", str(source), "--model", "minilm", home=served.home, repository=served.repository)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split()[-1]
+    # The batch worker is a second process appending to the same audit chain as the running API.
+    ran = cli("batch", "run", "--once", home=served.home, repository=served.repository)
+    assert ran.returncode == 0, ran.stderr
+    outbox = served.home / "outbox" / job
+    rows = [json.loads(line) for part in sorted(outbox.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+    rejects = [json.loads(line) for line in (outbox / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["r0", "r1", "r2", "r4"] or sorted(r["id"] for r in rows) == [
+        "r0",
+        "r2",
+        "r4",
+    ]
+    assert {r["id"] for r in rejects} | {r["id"] for r in rows} == {f"r{i}" for i in range(5)}
+    assert any(r["id"] == "r3" and "text" in r["reason"] for r in rejects)
+    good = [r for r in rows if texts[int(r["id"][1:])]]
+    api = _vectors(_embed(served, [str(texts[int(r["id"][1:])]) for r in good]))
+    batch = np.array([r["embedding"] for r in good], dtype=np.float32)
+    np.testing.assert_allclose(batch, api, atol=1e-4)
+    events = httpx.get(
+        f"{served.url}/v1/audit", params={"job_id": job, "limit": 100}, headers=served.headers(), timeout=30
+    ).json()["records"]
+    kinds = [e["event"] for e in events]
+    assert "batch_start" in kinds and "batch_end" in kinds
+    end = next(e for e in events if e["event"] == "batch_end")
+    assert len(end["details"]["merkle_root"]) == 64
+
+
+def test_audit_log_records_requests_verifies_and_holds_no_payload(served: Served) -> None:
+    assert _embed(served, [CANARY_TEXT]).status_code == 200
+    # Stop the server: the clean shutdown signs a final checkpoint.
+    served.proc.send_signal(signal.SIGTERM)
+    served.proc.wait(timeout=60)
+    verify = cli("audit", "verify", home=served.home, repository=served.repository)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    export = served.home / "audit-export.jsonl"
+    done = cli("audit", "export", "--out", str(export), home=served.home, repository=served.repository)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in export.read_text().splitlines()]
+    events = [line.get("event") for line in lines]
+    assert "service_start" in events and "service_stop" in events and "inference" in events
+    # The canary: neither the request text nor any key secret is stored anywhere.
+    secrets = [CANARY_TEXT.encode(), served.key.encode(), served.key.split("_")[-1].encode()]
+    places = [p for p in served.home.rglob("*") if p.is_file() and "keys" not in p.parts]
+    places.append(served.log)
+    assert any(p.suffix == ".db" for p in places)
+    for place in places:
+        data = place.read_bytes()
+        for secret in secrets:
+            assert secret not in data, f"{secret[:12]!r}... found in {place}"
+
+
+def test_tampering_with_the_served_log_is_caught(served: Served, tmp_path: Path) -> None:
+    """The chain written by the real API and batch processes, tampered with the ways audit-design.md lists."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "tests" / "appliance"))
+    import audit_tamper as tamper
+
+    from appliance.audit.verify import verify_db
+    from runtime.signing import load_private_key
+
+    if served.proc.poll() is None:
+        served.proc.send_signal(signal.SIGTERM)
+        served.proc.wait(timeout=60)
+    public = load_private_key(served.home / "keys" / "signing.key").public_key()
+    source = served.home / "audit.db"
+    assert verify_db(source, public).ok
+    records = tamper.records(source)
+    inference = next(r.seq for r in records if r.event == "inference")
+    batch_end = next(r.seq for r in records if r.event == "batch_end")
+    keep = len(records) // 2
+    cases = {
+        "changed field": (lambda db: tamper.change_field(db, inference, "actor", "someone-else"), inference),
+        "deleted batch record": (lambda db: tamper.delete_record(db, batch_end), batch_end),
+        "reordered": (lambda db: tamper.swap_records(db, inference, inference + 1), inference),
+        "tail cut below a checkpoint": (lambda db: tamper.cut_tail(db, keep), keep + 1),
+    }
+    for what, (damage, expected_seq) in cases.items():
+        db = tmp_path / f"{what.replace(' ', '-')}.db"
+        for suffix in ("", "-wal"):
+            if Path(f"{source}{suffix}").exists():
+                shutil.copy(f"{source}{suffix}", f"{db}{suffix}")
+        damage(db)
+        report = verify_db(db, public)
+        assert not report.ok, what
+        assert report.first_bad_seq == expected_seq, (what, report.summary())
