@@ -10,6 +10,7 @@ gets 503 instead of the held answer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -110,22 +111,32 @@ def envelope(
         chunks: list[bytes] = []
         metrics.request_started()
 
+        complete = asyncio.Event()
+
         async def hold(message: Message) -> None:
             nonlocal start_message
             if message["type"] == "http.response.start":
                 start_message = message
             elif message["type"] == "http.response.body":
                 chunks.append(bytes(message.get("body", b"")))
+                if not message.get("more_body", False):
+                    complete.set()
+
+        async def app_receive() -> Message:
+            # A streaming response (static files) waits for http.disconnect until the client has
+            # its answer; the client waits for the answer, which this envelope holds until the app
+            # returns.  Once the app has sent its last chunk, tell it the exchange is over.
+            return await _receive_until(receive, complete)
 
         status = 500
         try:
-            await app(scope, receive, hold)
+            await app(scope, app_receive, hold)
             if start_message is None:  # the app sent nothing: answer 500 ourselves
                 start_message = {"type": "http.response.start", "status": 500, "headers": []}
                 chunks = [msgspec.json.encode({"error": f"internal error (request id {request_id})"})]
             status = int(start_message["status"])
             body = b"".join(chunks)
-            if audit is not None:
+            if audit is not None and not _unaudited(scope):
                 try:
                     await audit.record(_event(ctx, audit, status, body, clock()))
                 except Exception:
@@ -154,6 +165,30 @@ def envelope(
             )
 
     return handle
+
+
+async def _receive_until(receive: Receive, complete: asyncio.Event) -> Message:
+    if complete.is_set():
+        return {"type": "http.disconnect"}
+    received = asyncio.ensure_future(receive())
+    finished = asyncio.ensure_future(complete.wait())
+    done, _ = await asyncio.wait({received, finished}, return_when=asyncio.FIRST_COMPLETED)
+    if received in done:
+        finished.cancel()
+        return received.result()
+    received.cancel()
+    return {"type": "http.disconnect"}
+
+
+#: Open routes that carry no data: liveness / readiness probes, metrics scrapes and the docs
+#: page.  A load balancer probing every second would otherwise flood the log with noise.
+UNAUDITED_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
+UNAUDITED_PREFIXES = ("/docs",)
+
+
+def _unaudited(scope: Scope) -> bool:
+    path = str(scope.get("path", ""))
+    return path in UNAUDITED_PATHS or path.startswith(UNAUDITED_PREFIXES)
 
 
 def _event(ctx: RequestContext, audit: AuditSink, status: int, body: bytes, ended: float) -> AuditEvent:

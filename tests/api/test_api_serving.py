@@ -180,11 +180,10 @@ def test_request_id_header(client_factory: Any) -> None:
 
 def test_every_request_is_audited_once(client_factory: Any, audit: MemoryAudit) -> None:
     c = client_factory()
-    c.get("/v2/health/live")
+    c.get("/v2/health/live")  # a probe: not recorded (see UNAUDITED_PATHS)
     c.get("/nowhere")
     c.post("/v2/models/tabular/infer", json=BODY)
     assert [(e.action, e.status) for e in audit.events] == [
-        ("GET /v2/health/live", 200),
         ("GET /nowhere", 404),
         ("POST /v2/models/tabular/infer", 200),
     ]
@@ -246,3 +245,12 @@ def test_docs_page_works_offline_from_local_assets(client_factory: Any) -> None:
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "swagger-ui-standalone-preset.js"):
         assert c.get(f"{ASSETS_PATH}/{asset}").status_code == 200, asset
     assert client_factory(docs=False).get(f"{ASSETS_PATH}/swagger-ui.css").status_code == 404
+
+
+def test_probes_and_scrapes_are_not_audited_but_metadata_is(client_factory: Any, audit: Any) -> None:
+    c = client_factory()
+    for path in ("/v2/health/live", "/v2/health/ready", "/metrics", "/docs/openapi.json"):
+        assert c.get(path).status_code == 200, path
+    assert audit.events == []
+    assert c.get("/v2").status_code == 200
+    assert [e.action for e in audit.events] == ["GET /v2"]
