@@ -11,13 +11,12 @@ price of "no inference without a record".
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Config, format_table, ratio, skipped, workspace, write_json
+from bench.common import Config, format_table, part_main, ratio, skipped, workspace, write_json
 
 __all__ = ["run"]
 
@@ -79,17 +78,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="audit on/off benchmark")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--home", type=Path, default=None)
-    p.add_argument("--repository", type=Path, default=None)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    run(Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository))
-    return 0
+    return part_main("audit on/off benchmark", run, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ start (``python -c pass``).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Config, format_table, skipped, summarize, workspace, write_json
+from bench.common import Config, format_table, part_main, skipped, summarize, workspace, write_json
 
 __all__ = ["IMPORTS", "import_seconds", "run"]
 
@@ -122,17 +121,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="cold start benchmark")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--home", type=Path, default=None)
-    p.add_argument("--repository", type=Path, default=None)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    run(Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository))
-    return 0
+    return part_main("cold start benchmark", run, argv)
 
 
 if __name__ == "__main__":

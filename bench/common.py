@@ -299,3 +299,21 @@ def workspace(workdir: Path | None = None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="inferbox-bench-") as tmp:
         yield Path(tmp)
+
+
+def part_main(description: str, run: Callable[[Config], object], argv: Sequence[str] | None = None) -> int:
+    """The command line of one benchmark part: ``python -m bench.<part> [--quick] [--out DIR] ...``."""
+    import argparse
+    import logging
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--home", type=Path, default=None)
+    p.add_argument("--repository", type=Path, default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    run(Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository))
+    return 0

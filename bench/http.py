@@ -17,7 +17,6 @@ with the server for the CPU, which the ratio includes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -26,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Config, format_table, percentile, ratio, skipped, workspace, write_chart, write_json
+from bench.common import Config, format_table, part_main, percentile, ratio, skipped, workspace, write_chart, write_json
 from bench.corpus import mixed_corpus
 
 __all__ = [
@@ -250,17 +249,7 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="HTTP benchmark")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--home", type=Path, default=None)
-    p.add_argument("--repository", type=Path, default=None)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    run(Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository))
-    return 0
+    return part_main("HTTP benchmark", run, argv)
 
 
 if __name__ == "__main__":
