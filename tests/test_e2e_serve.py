@@ -64,9 +64,9 @@ class Served:
         return {"Authorization": f"Bearer {key or self.key}"}
 
 
-@pytest.fixture(scope="module")
-def served(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    home = tmp_path_factory.mktemp("serve-home")
+def _start(
+    repository: Path, home: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = _free_port()
     log = home.parent / f"{home.name}-server.log"
     with log.open("wb") as out:
@@ -79,29 +79,42 @@ def served(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) ->
                 "--home",
                 str(home),
                 "--repository",
-                str(minilm_repository),
+                str(repository),
                 "--port",
                 str(port),
+                *args,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env={**_env(), **(env or {})},
             cwd=ROOT,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
-    ready = False
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            ready = httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return proc, url, log
         except httpx.HTTPError:
-            ready = False
-        if ready:
-            break
+            pass
         time.sleep(0.2)  # polling for start-up, not an assertion
-    if not ready:
-        proc.kill()
-        pytest.fail(f"inferbox serve did not become ready:\n{log.read_text(errors='replace')[-4000:]}")
+    proc.kill()
+    pytest.fail(f"inferbox serve did not become ready:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def served(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    home = tmp_path_factory.mktemp("serve-home")
+    proc, url, log = _start(minilm_repository, home)
     key_file = home / "keys" / "first-admin.key"
     key = key_file.read_text().strip()
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
@@ -109,12 +122,7 @@ def served(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) ->
     try:
         yield srv
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop(proc)
 
 
 def _embed(srv: Served, texts: list[str] | str, key: str | None = None) -> httpx.Response:
@@ -169,6 +177,71 @@ def test_concurrent_requests_equal_unbatched(served: Served) -> None:
         together = list(pool.map(lambda t: _vectors(_embed(served, [t]))[0], texts))
     for t, v in zip(texts, together, strict=True):
         np.testing.assert_allclose(v, alone[t], atol=1e-4)
+
+
+def test_binary_tensor_extension_over_real_http(served: Served) -> None:
+    from api.codec import encode_bytes_elements
+
+    texts = ["binary hello", "a second text"]
+    raw = encode_bytes_elements(texts)
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "text", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": len(raw)}}
+            ],
+            "outputs": [{"name": "sentence_embedding", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    resp = httpx.post(
+        f"{served.url}/v2/models/minilm/infer",
+        content=header + raw,
+        headers={
+            **served.headers(),
+            "Inference-Header-Content-Length": str(len(header)),
+            "Content-Type": "application/octet-stream",
+        },
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    n = int(resp.headers["inference-header-content-length"])
+    meta = json.loads(resp.content[:n])
+    out = meta["outputs"][0]
+    vectors = np.frombuffer(resp.content[n:], dtype="<f4").reshape(out["shape"])
+    np.testing.assert_allclose(vectors, _vectors(_embed(served, texts)), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("/v1/embeddings", {"model": "minilm"}, 400, "input"),
+        ("/v1/embeddings", {"model": "minilm", "input": [[101, 102]]}, 400, "input"),
+        ("/v1/embeddings", {"model": "nosuch", "input": "x"}, 404, "model"),
+        ("/v1/embeddings", {"model": "minilm", "input": "x", "encoding_format": "hex"}, 400, "encoding_format"),
+        (
+            "/v2/models/minilm/infer",
+            {"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+            400,
+            "BYTES",
+        ),
+        (
+            "/v2/models/minilm/infer",
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a"]}]},
+            400,
+            "shape",
+        ),
+        ("/v2/models/nosuch/infer", {"inputs": []}, 404, "nosuch"),
+        ("/v2/models/minilm/versions/9/infer", {"inputs": []}, 404, "version"),
+    ],
+)
+def test_error_table_over_real_http(
+    served: Served, path: str, body: dict[str, object], status: int, field: str
+) -> None:
+    resp = httpx.post(f"{served.url}{path}", json=body, headers=served.headers(), timeout=30)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    message = error["message"] if isinstance(error, dict) else error
+    assert field in message, message
+    assert "Traceback" not in resp.text and resp.headers["x-request-id"]
 
 
 def test_keys_through_the_cli_govern_access(served: Served) -> None:
@@ -235,8 +308,12 @@ def test_audit_is_readable_over_the_api_with_its_own_scope(served: Served) -> No
     inferences = httpx.get(
         f"{served.url}/v1/audit", params={"event": "inference", "limit": 1000}, headers=served.headers(), timeout=30
     ).json()["records"]
-    assert inferences and all(r["model_name"] == "minilm" and len(r["model_sha256"]) == 64 for r in inferences)
+    served_ok = [r for r in inferences if r["outcome"] == "success"]
+    assert served_ok and all(r["model_name"] == "minilm" and len(r["model_sha256"]) == 64 for r in served_ok)
+    assert all(r["backend"] and r["variant"] for r in served_ok)
     assert all(r["input_digest"] and r["digest_key_id"] for r in inferences)
+    # failures are recorded too (the error-table requests above), with their status
+    assert any(r["outcome"] == "failure" and r["status"] == 404 for r in inferences)
     reads = httpx.get(
         f"{served.url}/v1/audit", params={"event": "audit_read", "limit": 1000}, headers=served.headers(), timeout=30
     ).json()["records"]
@@ -337,3 +414,26 @@ def test_tampering_with_the_served_log_is_caught(served: Served, tmp_path: Path)
         report = verify_db(db, public)
         assert not report.ok, what
         assert report.first_bad_seq == expected_seq, (what, report.summary())
+
+
+def test_tiny_queue_answers_429_with_retry_after(minilm_repository: Path, tmp_path: Path) -> None:
+    home = tmp_path / "tiny-home"
+    env = {"INFERBOX_QUEUE_LIMIT": "1", "INFERBOX_MAX_BATCH_SIZE": "1", "INFERBOX_MAX_QUEUE_DELAY_MS": "0"}
+    proc, url, _log = _start(minilm_repository, home, "--no-auth", "--no-audit", env=env)
+    try:
+        text = " ".join(["a long text that keeps the single queue slot busy"] * 20)
+        with ThreadPoolExecutor(max_workers=24) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": text}, timeout=60),
+                    range(48),
+                )
+            )
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 429}, codes
+        assert 429 in codes and 200 in codes, codes
+        refused = next(a for a in answers if a.status_code == 429)
+        assert float(refused.headers["retry-after"]) > 0
+        assert "queue" in refused.json()["error"]["message"]
+    finally:
+        _stop(proc)
