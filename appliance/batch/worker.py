@@ -36,7 +36,15 @@ from appliance.batch.unit import ChunkOutcome, ChunkTask, check_model_fits, run_
 from appliance.batch.writers import atomic_write, rejects_name, remove_temp_files
 from runtime.errors import BatchError, InferboxError
 
-__all__ = ["AuditAppender", "BatchWorker", "RunSummary", "WorkerConfig", "finish_outputs", "merkle_root_of"]
+__all__ = [
+    "AuditAppender",
+    "BatchWorker",
+    "RunSummary",
+    "WorkerConfig",
+    "finish_outputs",
+    "keyed_digests",
+    "merkle_root_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +78,26 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def merkle_root_of(digests: list[str], audit: AuditAppender | None) -> tuple[str, str]:
-    """(root, digest key id): RFC 6962 root over the records' digests, keyed by the audit HMAC when there is one."""
+def keyed_digests(digests: list[str], audit: AuditAppender | None) -> list[str]:
+    """``key_id:hmac`` of each record's SHA-256 under the audit digest key; nothing without an audit log.
+
+    A plain SHA-256 of a short record can be reversed by guessing, so it is never stored.
+    """
+    if audit is None:
+        return []
+    keyed = (audit.digest(bytes.fromhex(d)) for d in digests)
+    return [f"{k.key_id}:{k.hexdigest}" for k in keyed]
+
+
+def merkle_root_of(keyed: list[str]) -> tuple[str, str]:
+    """(root, digest key ids): RFC 6962 root over the records' keyed digests, in record order ("" when none)."""
     from appliance.audit.merkle import merkle_root
 
-    if audit is None:
-        return merkle_root([bytes.fromhex(d) for d in digests]), ""
-    keyed = [audit.digest(bytes.fromhex(d)) for d in digests]
-    key_id = keyed[0].key_id if keyed else ""
-    return merkle_root([bytes.fromhex(k.hexdigest) for k in keyed]), key_id
+    if not keyed:
+        return "", ""
+    pairs = [k.split(":", 1) for k in keyed]
+    key_ids = ",".join(sorted({key_id for key_id, _ in pairs}))
+    return merkle_root([bytes.fromhex(hexdigest) for _, hexdigest in pairs]), key_ids
 
 
 def finish_outputs(out_dir: Path, chunks: int) -> None:
@@ -226,7 +245,7 @@ class BatchWorker:
             part=outcome.part,
             ok=outcome.ok,
             rejected=outcome.rejected,
-            digests=outcome.digests,
+            digests=keyed_digests(outcome.digests, self.audit),
         )
         self.progress(f"completed {outcome.job_id} {outcome.idx}")
 
@@ -276,7 +295,7 @@ class BatchWorker:
         digests = [d for c in chunks for d in c["digests"]]
         ok = sum(c["ok"] for c in chunks)
         rejected = sum(c["rejected"] for c in chunks)
-        root, key_id = merkle_root_of(digests, self.audit)
+        root, key_id = merkle_root_of(digests)
         summary = {
             "job_id": job_id,
             "model": job.model,

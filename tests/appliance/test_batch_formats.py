@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.audit.merkle import merkle_root
 from appliance.batch import fake
 from appliance.batch.jobs import JobStore
 from appliance.batch.readers import plan_chunks, read_chunk
@@ -93,10 +92,10 @@ def test_jsonl_text_job_gives_embeddings_and_rejects_with_reasons(env: Env, tmp_
     assert (job.state, job.records, job.ok, job.rejected, job.chunks) == ("done", 8, 3, 5, 3)
     summary = json.loads((env.outbox / job_id / "job.json").read_text())
     assert summary["ok"] == 3 and summary["rejected"] == 5
-    raw = src.read_bytes().split(b"\n")[:8]
-    import hashlib
-
-    assert summary["merkle_root"] == merkle_root([hashlib.sha256(r).digest() for r in raw])
+    # Without an audit log there is nothing to prove a record against: no digests are kept at all
+    # (a plain SHA-256 of a short record can be reversed by guessing).
+    assert summary["merkle_root"] == ""
+    assert all(c["digests"] == [] for c in env.store.chunk_results(job_id))
     # spool: accepted into cur/, nothing left in tmp/ or new/
     assert not list((env.spool / "new").iterdir()) and not list((env.spool / "tmp").iterdir())
     assert (env.spool / "cur" / job_id / "input.jsonl").read_bytes() == src.read_bytes()
@@ -278,3 +277,34 @@ def test_csv_chunking_round_trips_any_quoting(tmp_path: Path, rows: list[tuple[s
     assert [r.index for r in records] == list(range(len(rows)))
     assert got == expected
     assert all(p.rec_count <= chunk for p in plans)
+
+
+def test_with_an_audit_log_only_keyed_digests_are_kept_and_the_root_proves_a_record(tmp_path: Path) -> None:
+    import hashlib
+    import hmac
+
+    from appliance.audit.log import AuditLog
+    from appliance.audit.merkle import merkle_proof, merkle_root, verify_proof
+    from runtime.signing import generate_private_key
+
+    audit = AuditLog(tmp_path / "audit.db", signing_key=generate_private_key(), digest_keys_dir=tmp_path / "digest")
+    e = Env(tmp_path / "box")
+    e.worker.audit = audit
+    lines = [json.dumps({"id": i, "text": t}) for i, t in enumerate(["yes", "no", "?", "a longer record"])]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    _job, rows, _ = e.run(src, "fake-embed")
+    assert len(rows) == 4
+    state = (tmp_path / "box" / "state.db").read_bytes() + b"".join(
+        p.read_bytes() for p in (tmp_path / "box").glob("state.db-wal")
+    )
+    plain = [hashlib.sha256(line.encode()).hexdigest() for line in lines]
+    assert not any(p.encode() in state for p in plain), "a guessable plain SHA-256 reached the state database"
+    end = next(r for r in audit.query(limit=100) if r.event == "batch_end")
+    key = (tmp_path / "digest" / f"{end.digest_key_id}.key").read_bytes()
+    leaves = [hmac.new(key, bytes.fromhex(p), hashlib.sha256).digest() for p in plain]
+    assert end.details["merkle_root"] == merkle_root(leaves)
+    # An auditor holding record 2 and the digest key proves it was processed in this job.
+    assert verify_proof(leaves[2], 2, 4, merkle_proof(leaves, 2), end.details["merkle_root"])
+    e.store.close()
+    audit.close()
