@@ -410,3 +410,86 @@ def test_bench_command_is_registered_and_names_the_fix(tmp_path: Path) -> None:
     res = runner.invoke(main, ["bench", "nosuchmodel", "--home", str(tmp_path)])
     assert res.exit_code == 2
     assert "inferbox init" in res.output
+
+
+WRK_REPORT = """Running 2s test @ http://127.0.0.1:9
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    23.38ms    4.10ms  41.94ms   71.43%
+  Latency Distribution
+     50%   22.61ms
+     75%   25.00ms
+     90%   28.49ms
+     99%    1.20s
+  683 requests in 2.00s, 6.97MB read
+  Socket errors: connect 0, read 0, write 0, timeout 2
+  Non-2xx or 3xx responses: 3
+Requests/sec:    341.05
+"""
+
+
+def test_wrk_report_is_parsed_into_the_closed_loop_shape() -> None:
+    from bench import wrk
+
+    r = wrk.parse_output(WRK_REPORT, concurrency=8)
+    assert r["requests"] == 683 and r["ok"] == 680
+    assert r["errors"] == {"non-2xx": 3, "timeout": 2}
+    assert r["rps"] == pytest.approx(340.0)
+    assert r["p50_ms"] == pytest.approx(22.61) and r["p99_ms"] == pytest.approx(1200.0)
+
+
+def test_wrk_script_quotes_bodies_that_contain_lua_brackets() -> None:
+    from bench import wrk
+
+    script = wrk.lua_script("/v1/embeddings", [b'{"input": "a ]] b ]=] c"}'], {"Authorization": "Bearer k"})
+    assert '[==[{"input": "a ]] b ]=] c"}]==]' in script
+    assert "wrk.format(nil, [[/v1/embeddings]]" in script
+    assert "wrk.headers[ [[Authorization]] ] = [[Bearer k]]" in script
+
+
+def test_wrk_script_loads_in_wrk_and_sends_the_bodies(tmp_path: Path) -> None:
+    """Run the real wrk (when installed) against a tiny local server that records what it got."""
+    import http.server
+    import shutil
+    import threading
+
+    from bench import wrk
+
+    if shutil.which("wrk") is None:
+        # The bench then falls back to httpx; asking wrk directly names the install.
+        with pytest.raises(FileNotFoundError, match="apt-get install wrk"):
+            wrk.run("http://127.0.0.1:9", "/", [b"{}"], {}, concurrency=1, duration_s=1)
+        return
+    seen: list[tuple[str, str, bytes]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append((self.path, self.headers.get("Authorization", ""), body))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = wrk.run(
+            url,
+            "/v1/embeddings",
+            [b'{"a": 1}', b'{"b": "]]"}'],
+            {"Authorization": "Bearer k"},
+            concurrency=2,
+            duration_s=1,
+        )
+    finally:
+        server.shutdown()
+    assert result["ok"] > 0 and result["errors"] == {}
+    assert {(p, a) for p, a, _ in seen} == {("/v1/embeddings", "Bearer k")}
+    assert {b for _, _, b in seen} == {b'{"a": 1}', b'{"b": "]]"}'}
