@@ -103,7 +103,7 @@ def _text_rows(model: BatchModel, texts: list[str], task: ChunkTask) -> list[dic
             {"label": labels[int(np.argmax(s))], "scores": {lab: float(p) for lab, p in zip(labels, s, strict=True)}}
             for s in scores
         ]
-    return [{"embedding": [float(x) for x in np.asarray(v, dtype=np.float32)]} for v in vectors]
+    return [{"embedding": np.asarray(v, dtype=np.float32).tolist()} for v in vectors]
 
 
 def _tensor_rows(model: BatchModel, examples: list[dict[str, npt.NDArray[Any]]]) -> list[dict[str, Any] | str]:

@@ -59,7 +59,9 @@ class AuditAppender(Protocol):
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    chunk_size: int = 256  # records per chunk
+    # records per chunk: texts are length-sorted within a chunk, so larger chunks pad less
+    # (3000 mixed texts: 14.3 s at 256, 10.8 s at 1024, 10.3 s in one chunk); a crash redoes one chunk
+    chunk_size: int = 1024
     batch_size: int = 32  # records per model call
     lease_s: float = 600.0  # a chunk not done by then is taken again
     max_attempts: int = 3  # failures of one chunk before its job fails

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
+import msgspec
+
 from appliance.batch.spool import fsync_dir
 
 __all__ = [
@@ -83,7 +85,7 @@ def encode_results(rows: list[dict[str, Any]], fmt: str) -> Callable[[IO[bytes]]
 
         def write_jsonl(f: IO[bytes]) -> None:
             for row in rows:
-                f.write(json.dumps(row, separators=(",", ":")).encode("utf-8") + b"\n")
+                f.write(msgspec.json.encode(row) + b"\n")
 
         return write_jsonl
     if fmt == "csv":
