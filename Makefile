@@ -32,6 +32,7 @@ pytest: setup
 test: lint typecheck pytest
 
 bench: setup
+	@command -v wrk >/dev/null || echo "note: wrk not found (apt-get install wrk); the HTTP parts fall back to a Python client"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bench.run_all $(ARGS)
 
 clean:
