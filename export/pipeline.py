@@ -94,6 +94,12 @@ class _Exporter:
             out.append(("ov-cpu", "openvino", "bf16"))
         return out
 
+    def _recipe_failed(self, variant: str, recipe: str, description: str, exc: Exception) -> None:
+        """A recipe that raised: kept out of the package, its failure in the report."""
+        logger.warning("recipe %s failed: %s", recipe, exc)
+        reason = f"{description}; failed: {type(exc).__name__}: {exc}"
+        self.attempts.append(Attempt(variant=variant, recipe=recipe, kept=False, reason=reason))
+
     def validate(self, path: Path, fmt: str) -> _Candidate:
         p = self.prepared
         assert p is not None
@@ -301,15 +307,7 @@ class _Exporter:
             try:
                 recipe.build(candidate)
             except Exception as exc:
-                logger.warning("recipe %s failed: %s", recipe.name, exc)
-                self.attempts.append(
-                    Attempt(
-                        variant="onnx-int8",
-                        recipe=recipe.name,
-                        kept=False,
-                        reason=f"{recipe.description}; failed: {type(exc).__name__}: {exc}",
-                    )
-                )
+                self._recipe_failed("onnx-int8", recipe.name, recipe.description, exc)
                 continue
             ops = count_ops(candidate)
             quant = {k: v for k, v in sorted(ops.items()) if k in QUANT_OPS}
@@ -380,15 +378,7 @@ class _Exporter:
             try:
                 save(recipe.build(), xml)
             except Exception as exc:
-                logger.warning("recipe %s failed: %s", recipe.name, exc)
-                self.attempts.append(
-                    Attempt(
-                        variant="ov-int8",
-                        recipe=recipe.name,
-                        kept=False,
-                        reason=f"{recipe.description}; failed: {type(exc).__name__}: {exc}",
-                    )
-                )
+                self._recipe_failed("ov-int8", recipe.name, recipe.description, exc)
                 continue
             ops = count_ov_ops(xml)
             quant = {k: v for k, v in sorted(ops.items()) if k in ("FakeQuantize", "FakeConvert", "Constant:int8")}
