@@ -91,9 +91,12 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
         from runtime.hardware import default_threads
         from runtime.signing import load_private_key
 
+        # Quick timing: the first start takes ~2 minutes instead of ~6; the ranking it feeds chose
+        # the same backend here. `inferbox init --force --timing full` re-times a new version.
         export_default(
             settings.repository,
             name=settings.default_model,
+            timing="quick",
             threads=settings.threads or default_threads(),
             signing_key=load_private_key(settings.signing_key),
         )
