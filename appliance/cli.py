@@ -46,6 +46,9 @@ class LazyGroup(click.Group):
         return command
 
     def invoke(self, ctx: click.Context) -> Any:
+        from runtime.offline import stay_offline
+
+        stay_offline()  # before any subcommand imports OpenVINO / NNCF
         try:
             return super().invoke(ctx)
         except InferboxError as exc:

@@ -232,6 +232,9 @@ def build_app(settings: Settings) -> Litestar:
 
 def app_factory() -> Litestar:
     """For uvicorn workers: settings from the environment the serve command exported."""
+    from runtime.offline import stay_offline
+
+    stay_offline()
     return build_app(load_settings())
 
 

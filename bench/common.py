@@ -306,6 +306,10 @@ def part_main(description: str, run: Callable[[Config], object], argv: Sequence[
     import argparse
     import logging
 
+    from runtime.offline import stay_offline
+
+    stay_offline()
+
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results"))

@@ -312,6 +312,9 @@ def run(cfg: Config, parts: Sequence[str] = PARTS, *, init: bool = True) -> dict
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from runtime.offline import stay_offline
+
+    stay_offline()
     p = argparse.ArgumentParser(description="Run the whole inferbox benchmark suite.")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite end to end in a few minutes")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder [bench/results]")

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from runtime.offline import stay_offline
+
+stay_offline()  # the test session is an entry point: no OpenVINO / NNCF telemetry from tests
+
 
 @pytest.fixture(scope="session")
 def minilm_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

@@ -27,6 +27,9 @@ DEFAULT_LOADER = "appliance.server:model_loader"
 
 def settings_loader(target: str, settings: Settings) -> Any:
     """``target`` ("module:attr", a function of the settings) -> a model loader. Picklable via partial."""
+    from runtime.offline import stay_offline
+
+    stay_offline()  # also runs on Dask workers, before the loader imports OpenVINO
     module_name, _, attr = target.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
