@@ -80,7 +80,9 @@ def child(cfg: Config, target: str) -> dict[str, Any]:
         if backend.startswith("ort"):
             import onnxruntime  # noqa: F401
         elif backend.startswith("ov"):
-            import openvino  # noqa: F401
+            from runtime.offline import import_openvino
+
+            import_openvino()
         after_imports = rss_mb()
         assert package is not None
         runner = open_candidate(package, backend, variant, precision)

@@ -36,13 +36,17 @@ class OvRecipe:
 
 
 def convert(onnx_path: Path) -> Any:
-    import openvino as ov
+    from runtime.offline import import_openvino
+
+    ov = import_openvino()
 
     return ov.convert_model(str(onnx_path))
 
 
 def save(model: Any, xml_path: Path) -> None:
-    import openvino as ov
+    from runtime.offline import import_openvino
+
+    ov = import_openvino()
 
     xml_path.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
@@ -51,7 +55,9 @@ def save(model: Any, xml_path: Path) -> None:
 def bf16_supported() -> bool:
     """True when OpenVINO's CPU plugin lists BF16 among its optimization capabilities."""
     try:
-        import openvino as ov
+        from runtime.offline import import_openvino
+
+        ov = import_openvino()
 
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception as exc:  # a missing plugin means "no"
@@ -61,7 +67,9 @@ def bf16_supported() -> bool:
 
 def count_ov_ops(xml_path: Path) -> dict[str, int]:
     """op type -> count in an IR (FakeQuantize / FakeConvert mark full INT8, int8 Constants weight compression)."""
-    import openvino as ov
+    from runtime.offline import import_openvino
+
+    ov = import_openvino()
 
     counts: dict[str, int] = {}
     for op in ov.Core().read_model(str(xml_path)).get_ops():
@@ -73,6 +81,9 @@ def count_ov_ops(xml_path: Path) -> dict[str, int]:
 
 
 def ov_recipes(prepared: Prepared, onnx_path: Path) -> list[OvRecipe]:
+    from runtime.offline import stay_offline
+
+    stay_offline()  # NNCF starts the same telemetry client at import
     import nncf
 
     transformer = prepared.bert is not None or prepared.text is not None

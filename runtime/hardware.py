@@ -226,7 +226,9 @@ def _ov_precision(value: object) -> str | None:
 
 def _probe_ov(notes: list[str]) -> OvInfo | None:
     try:
-        import openvino
+        from runtime.offline import import_openvino
+
+        openvino = import_openvino()
     except ImportError as exc:
         notes.append(f"openvino not installed ({exc}): {_INSTALL_HINT}")
         return None

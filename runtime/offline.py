@@ -18,7 +18,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any
 
-__all__ = ["OFFLINE_ENV", "TELEMETRY_MODULES", "stay_offline"]
+__all__ = ["OFFLINE_ENV", "TELEMETRY_MODULES", "import_openvino", "stay_offline"]
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +46,15 @@ def stay_offline(
         if mods.get(name) is not None:
             log.warning("%s was imported before stay_offline(); call it first in the entry point", name)
         mods[name] = None
+
+
+def import_openvino() -> Any:
+    """``import openvino``, telemetry blocked first: OpenVINO starts its telemetry client at import.
+
+    Library code imports OpenVINO only through this, so even a caller that skipped
+    the entry points (a notebook, a script) does not phone home.
+    """
+    stay_offline()
+    import openvino
+
+    return openvino

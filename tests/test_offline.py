@@ -57,3 +57,31 @@ def test_the_cli_converts_a_model_without_telemetry(tmp_path: Path) -> None:
     assert nncf_telemetry == "MagicMock"  # nncf.telemetry.wrapper.NNCFTelemetryStub is MagicMock
     assert module == "None"
     assert not (home / "intel").exists()
+
+
+def test_library_use_without_an_entry_point_does_not_start_telemetry(tmp_path: Path) -> None:
+    """A script that skips the CLI (probe + OpenVINO session) still never creates ~/intel."""
+    model = tmp_path / "m.onnx"
+    code = (
+        "import numpy as np, onnx\n"
+        "from onnx import TensorProto, helper\n"
+        "x = helper.make_tensor_value_info('x', TensorProto.FLOAT, [-1, 2])\n"
+        "y = helper.make_tensor_value_info('y', TensorProto.FLOAT, [-1, 2])\n"
+        "g = helper.make_graph([helper.make_node('Relu', ['x'], ['y'])], 'g', [x], [y])\n"
+        f"onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid('', 17)]), {str(model)!r})\n"
+        "from pathlib import Path\n"
+        "from runtime.hardware import probe_hardware\n"
+        "from runtime.backends.base import OpenOptions\n"
+        "from runtime.backends.registry import get_backend\n"
+        "assert probe_hardware().openvino is not None\n"
+        f"s = get_backend('ov-cpu').open(Path({str(model)!r}), OpenOptions())\n"
+        "out = s.run({'x': np.array([[-1.0, 2.0]], dtype=np.float32)})\n"
+        "print(out['y'].tolist())\n"
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[[0.0, 2.0]]"
+    assert not (home / "intel").exists(), "OpenVINO's telemetry client started"

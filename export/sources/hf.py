@@ -73,6 +73,9 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
 
 
 def _export_onnx(folder: Path, task: str, onnx_path: Path) -> None:
+    from runtime.offline import stay_offline
+
+    stay_offline()  # HF hub offline / no telemetry before optimum and transformers load
     from optimum.exporters.onnx import main_export
 
     onnx_path.parent.mkdir(parents=True, exist_ok=True)

@@ -187,7 +187,9 @@ class OpenVinoBackend:
     def _get_core(self) -> Any:
         if self._core is None:
             try:
-                import openvino
+                from runtime.offline import import_openvino
+
+                openvino = import_openvino()
             except ImportError as exc:
                 raise BackendUnavailableError(f"openvino not installed ({exc}): pip install inferbox") from exc
             self._core = openvino.Core()
