@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from runtime.durable import fsync_dir
 from runtime.errors import IntegrityError, ManifestError, PackageError, SignatureError, UnsafePathError
 from runtime.manifest import FileEntry, Manifest, decode_manifest, encode_manifest
 from runtime.signing import key_id, sign, verify
@@ -484,7 +485,7 @@ def finalize_package(
         # the reader is the spec: a package that would not load is never published
         read_package(staging, public_key=public_key, verify_hashes=False)
         for folder, _dirs, _files in os.walk(staging, topdown=False):
-            _fsync_dir(Path(folder))
+            fsync_dir(Path(folder))
         target.parent.mkdir(parents=True, exist_ok=True)
         # mkdtemp made staging 0700; give the package the model folder's permissions
         os.chmod(staging, stat.S_IMODE(target.parent.stat().st_mode))
@@ -493,8 +494,8 @@ def finalize_package(
                 f"{target} appeared while writing; pass --version {next_version(repository, manifest.name)}"
             )
         os.rename(staging, target)
-        _fsync_dir(target.parent)
-        _fsync_dir(repository)
+        fsync_dir(target.parent)
+        fsync_dir(repository)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -545,14 +546,6 @@ def _write_new(path: Path, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -25,6 +25,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from runtime.durable import fsync_dir
 from runtime.errors import ConfigError, SignatureError
 
 __all__ = [
@@ -95,7 +96,7 @@ def write_private_key(key: Ed25519PrivateKey, path: Path, *, overwrite: bool = F
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(parent)
+    fsync_dir(parent)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -189,11 +190,3 @@ def verify(public_key: Ed25519PublicKey, data: bytes, signature: bytes, *, what:
             "or it was signed by another key; re-sign with the trusted key or check which public key is configured",
             path=what,
         ) from None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

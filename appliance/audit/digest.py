@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from api.protocols import Digest
+from runtime.durable import fsync_dir
 from runtime.errors import AuditError
 
 __all__ = ["KEY_BYTES", "DigestKeyring"]
@@ -82,11 +83,7 @@ class DigestKeyring:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.directory)
         log.info("created audit digest key %s", key_id)
         return key_id
 

@@ -26,6 +26,7 @@ from typing import Literal
 
 import msgspec
 
+from runtime.durable import fsync_dir
 from runtime.errors import BatchError
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "JobRequest",
     "accept",
     "detect_format",
-    "fsync_dir",
     "new_job_id",
     "pending",
     "read_request",
@@ -58,15 +58,6 @@ class JobRequest(msgspec.Struct, frozen=True, kw_only=True):
     text_field: str
     source: str  # the submitted file's original path, for the operator
     submitted_at: str
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def new_job_id(now: Callable[[], float] = time.time) -> str:

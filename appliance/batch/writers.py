@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import msgspec
 
-from appliance.batch.spool import fsync_dir
+from runtime.durable import fsync_dir
 
 __all__ = [
     "TEMP_PREFIX",
