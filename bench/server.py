@@ -5,8 +5,8 @@ home (so the bench never touches the operator's keys or audit log) and the
 real repository.  The API key comes from ``inferbox keys create --json`` run
 against that home beforehand, else from the admin key ``serve`` prints on its
 first start; when neither exists the server runs with auth off and the result
-says so.  Until ``serve`` exists, :mod:`bench.app_factory` composes the same
-pieces under uvicorn (marked ``mode: "uvicorn-fallback"``).
+says so.  It is always the real ``serve``: a stand-in composed here could hide a
+broken serve behind good numbers.
 
 Readiness is ``GET /v2/health/ready`` answering 200; the time from ``Popen``
 to that answer is the cold start.
@@ -36,7 +36,6 @@ __all__ = [
     "fresh_home",
     "inferbox_command",
     "running_server",
-    "serve_available",
     "server_env",
     "wait_ready",
 ]
@@ -52,7 +51,7 @@ class ServerError(RuntimeError):
 class ServerHandle:
     base_url: str
     api_key: str | None
-    mode: str  # "serve" | "uvicorn-fallback"
+    mode: str  # always "serve" (kept in the results for their shape)
     ready_s: float  # Popen -> /v2/health/ready 200
     home: Path
     pid: int
@@ -71,18 +70,6 @@ def inferbox_command() -> list[str]:
     if exe.is_file():
         return [str(exe)]
     return [sys.executable, "-c", "from appliance.cli import main; main()"]
-
-
-def _commands() -> Mapping[str, str]:
-    try:
-        from appliance.cli import COMMANDS
-    except ImportError:
-        return {}
-    return COMMANDS
-
-
-def serve_available() -> bool:
-    return "serve" in _commands()
 
 
 def server_env(
@@ -108,8 +95,6 @@ def server_env(
 
 
 def _create_key(env: Mapping[str, str]) -> str | None:
-    if "keys" not in _commands():
-        return None
     proc = subprocess.run(
         [*inferbox_command(), "keys", "create", "--scope", "infer", "--name", "bench", "--json"],
         env=dict(env),
@@ -173,13 +158,10 @@ def _stop(proc: subprocess.Popen[str], reader: threading.Thread) -> None:
 
 
 def _start(
-    mode: str, home: Path, env: Mapping[str, str], timeout_s: float
+    home: Path, env: Mapping[str, str], timeout_s: float
 ) -> tuple[subprocess.Popen[str], threading.Thread, ServerHandle]:
     port = free_port()
-    if mode == "serve":
-        cmd = [*inferbox_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--home", str(home)]
-    else:
-        cmd = [sys.executable, "-m", "bench.app_factory", "--port", str(port)]
+    cmd = [*inferbox_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--home", str(home)]
     base_url = f"http://127.0.0.1:{port}"
     output: list[str] = []
     t0 = time.perf_counter()
@@ -198,11 +180,11 @@ def _start(
     except ServerError as exc:
         _stop(proc, reader)
         tail = "\n".join(output[-12:])
-        raise ServerError(f"{mode}: {exc}\n{tail}") from None
+        raise ServerError(f"serve: {exc}\n{tail}") from None
     handle = ServerHandle(
         base_url=base_url,
         api_key=None,
-        mode=mode,
+        mode="serve",
         ready_s=time.perf_counter() - t0,
         home=home,
         pid=proc.pid,
@@ -219,32 +201,17 @@ def running_server(
     audit: bool = True,
     auth: bool = True,
     timeout_s: float = 120.0,
-    mode: str = "auto",
     extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[ServerHandle]:
     """Start a server, wait until ready, yield its handle, stop it (SIGTERM, then SIGKILL).
 
-    ``mode``: ``serve``, ``uvicorn-fallback``, or ``auto`` (serve when the
-    command exists; if it fails to come up, the fallback, with the failure
-    recorded in ``handle.serve_error``).
+    A server that does not come up raises :class:`ServerError` with its output's tail.
     """
     home.mkdir(parents=True, exist_ok=True)
     env = server_env(home, repository, audit, auth, extra_env)
     ensure_signing_key(home)
     key = _create_key(env) if auth else None
-    modes = [mode] if mode != "auto" else (["serve", "uvicorn-fallback"] if serve_available() else ["uvicorn-fallback"])
-    errors: list[str] = []
-    started = None
-    for m in modes:
-        try:
-            started = _start(m, home, env, timeout_s)
-            break
-        except ServerError as exc:
-            errors.append(str(exc))
-    if started is None:
-        raise ServerError("\n".join(errors))
-    proc, reader, handle = started
-    handle.serve_error = errors[0] if errors else None
+    proc, reader, handle = _start(home, env, timeout_s)
     if auth and key is None:
         found = [m.group(1) for line in handle.output for m in [_KEY.search(line)] if m]
         key = found[0] if found else None

@@ -36,7 +36,6 @@ MODULES = [
     "bench.batch_vs_inprocess",
     "bench.coldstart",
     "bench.memory",
-    "bench.app_factory",
     "bench.run_all",
     "appliance.commands.bench",
 ]
