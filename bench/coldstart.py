@@ -38,7 +38,11 @@ IMPORTS = (
 )
 _HEAVY = ("torch", "sentence_transformers")
 
-_SNIPPET = "import time; t = time.perf_counter(); import {m}; print(time.perf_counter() - t)"
+#: telemetry blocked first, as every inferbox entry point does (a bare ``import openvino`` phones home)
+_SNIPPET = (
+    "from runtime.offline import stay_offline; stay_offline(); "
+    "import time; t = time.perf_counter(); import {m}; print(time.perf_counter() - t)"
+)
 
 
 def import_seconds(module: str, *, python: str = sys.executable) -> float:
