@@ -107,6 +107,16 @@ class OvSession:
             }
         return {name: by_name[name] for name in names}
 
+    def compiled_property(self, name: str) -> str:
+        """A property of the compiled model as OpenVINO reports it (what really runs, e.g.
+        ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` set by the IR's ``rt_info/runtime_options``)."""
+        if self._compiled is None:
+            raise BackendError(f"{self.backend} session is closed; open a new one")
+        try:
+            return str(self._compiled.get_property(name))
+        except Exception as exc:
+            raise BackendError(f"{self.backend}: cannot read {name} from the compiled model: {exc}") from exc
+
     def close(self) -> None:
         self._request = None
         self._compiled = None
