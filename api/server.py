@@ -22,6 +22,7 @@ from api.metrics import Metrics, ModelInfo
 from runtime.batcher import BatchStats, DynamicBatcher, length_bucket
 from runtime.errors import InputError, PayloadTooLargeError
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
+from runtime.text import Tokens
 
 __all__ = ["Server", "TextItem"]
 
@@ -31,13 +32,13 @@ Array = npt.NDArray[Any]
 
 
 class TextItem:
-    """One text queued for embedding; grouped by its token-length bucket."""
+    """One text queued for embedding, tokenized once on the way in; grouped by its token-length bucket."""
 
-    __slots__ = ("bucket", "text")
+    __slots__ = ("bucket", "tokens")
 
-    def __init__(self, text: str, tokens: int) -> None:
-        self.text = text
-        self.bucket = length_bucket(tokens)
+    def __init__(self, tokens: Tokens) -> None:
+        self.tokens = tokens
+        self.bucket = length_bucket(len(tokens))
 
 
 class Server:
@@ -94,11 +95,11 @@ class Server:
             return current[1]
         if current is not None:
             await self.drop(model.name)
-        truncate = self.config.truncate
 
         def run(items: list[TextItem]) -> list[tuple[Array, int]]:
-            vectors, counts = model.embed([i.text for i in items], truncate=truncate)
-            return [(vectors[i], counts[i]) for i in range(len(items))]
+            # the inference thread only pads, runs and pools: tokenizing happened on the way in
+            vectors = model.embed_tokens([i.tokens for i in items])
+            return [(vectors[i], len(item.tokens)) for i, item in enumerate(items)]
 
         batcher: DynamicBatcher[TextItem, tuple[Array, int]] = DynamicBatcher(
             run, group=lambda i: i.bucket, **self._batcher_kwargs(model)
@@ -117,9 +118,9 @@ class Server:
                 f"input: {len(texts)} texts is over the limit of {self.config.max_inputs} per request",
                 field="input",
             )
-        counts = model.count_tokens(texts, truncate=self.config.truncate)
+        tokens = model.tokenize(texts, truncate=self.config.truncate)
         batcher = await self.text_batcher(model)
-        results = await asyncio.gather(*(batcher.submit(TextItem(t, n)) for t, n in zip(texts, counts, strict=True)))
+        results = await asyncio.gather(*(batcher.submit(TextItem(t)) for t in tokens))
         if not results:
             return np.zeros((0, 0), dtype=np.float32), []
         return np.stack([r[0] for r in results]), [r[1] for r in results]

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from runtime.backends.base import Session
 from runtime.errors import InferboxError, InputError, ModelNotFoundError
 from runtime.manifest import Manifest, TensorSpec
-from runtime.text import TextEncoder, postprocess
+from runtime.text import TextEncoder, Tokens, postprocess
 
 __all__ = [
     "IndexEntry",
@@ -138,37 +138,26 @@ class LoadedModel:
         wanted = self.check_outputs(outputs)
         return dict(self.session.run(feeds, wanted))
 
-    def count_tokens(self, texts: Sequence[str], *, truncate: bool) -> list[int]:
-        """Token counts (capped at max_length when truncating); too long and not truncating -> InputError."""
+    def tokenize(self, texts: Sequence[str], *, truncate: bool) -> list[Tokens]:
+        """Each text's tokens (capped at max_length when truncating); too long and not truncating -> InputError."""
         if self.text is None:
             raise InputError(f"model {self.name!r} is not a text model; send tensors", field="input")
-        counts = self.text.count_tokens(texts)
-        limit = self.max_length
-        out: list[int] = []
-        for i, count in enumerate(counts):
-            n = count
-            if limit and n > limit:
-                if not truncate:
-                    raise InputError(
-                        f"input[{i}]: {n} tokens is over the model's maximum of {limit}; shorten the text "
-                        "or enable truncation",
-                        field=f"input[{i}]",
-                    )
-                n = limit
-            out.append(n)
-        return out
+        return self.text.tokenize(texts, truncate=truncate)
 
-    def embed(self, texts: Sequence[str], *, truncate: bool) -> tuple[Array, list[int]]:
-        """Embeddings [N, D] float32 and token counts for ``texts``."""
+    def embed_tokens(self, tokens: Sequence[Tokens]) -> Array:
+        """Embeddings [N, D] float32 of tokenized texts (one padded batch)."""
         if self.text is None or self.manifest.text is None:
             raise InputError(f"model {self.name!r} is not a text model; send tensors", field="model")
         config = self.manifest.text
-        encoded = self.text.encode(list(texts), truncate=truncate)
+        encoded = self.text.pad(tokens)
         output = config.output or self.manifest.outputs[0].name
-        feeds: dict[str, Array] = dict(encoded.feeds)
-        result = self.session.run(feeds, [output])
-        vectors = postprocess({output: result[output]}, encoded.attention_mask, config)
-        return vectors, [int(n) for n in encoded.lengths]
+        result = self.session.run(dict(encoded.feeds), [output])
+        return postprocess({output: result[output]}, encoded.attention_mask, config)
+
+    def embed(self, texts: Sequence[str], *, truncate: bool) -> tuple[Array, list[int]]:
+        """Embeddings [N, D] float32 and token counts for ``texts``."""
+        tokens = self.tokenize(texts, truncate=truncate)
+        return self.embed_tokens(tokens), [len(t) for t in tokens]
 
     def close(self) -> None:
         self.session.close()

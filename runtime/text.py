@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from runtime.manifest import TextConfig
 
-__all__ = ["DEFAULT_INPUT_MAP", "FEED_KINDS", "Encoded", "TextEncoder", "postprocess"]
+__all__ = ["DEFAULT_INPUT_MAP", "FEED_KINDS", "Encoded", "TextEncoder", "Tokens", "postprocess"]
 
 FEED_KINDS = ("input_ids", "attention_mask", "token_type_ids")
 #: used when a TextConfig has an empty input_map
@@ -40,6 +40,17 @@ class Encoded:
     feeds: dict[str, npt.NDArray[np.int64]]
     lengths: list[int]  # real tokens per text (after truncation)
     attention_mask: npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One tokenized text, after truncation, before padding (what the batcher carries)."""
+
+    ids: list[int]
+    type_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 class TextEncoder:
@@ -98,33 +109,43 @@ class TextEncoder:
         prepared = self._prepare(texts)
         return [len(e.ids) for e in self._plain.encode_batch(prepared)] if prepared else []
 
-    def encode(self, texts: Sequence[str], *, truncate: bool = True) -> Encoded:
+    def tokenize(self, texts: Sequence[str], *, truncate: bool = True) -> list[Tokens]:
+        """Each text's tokens (special tokens included), truncated to ``max_length`` when ``truncate``;
+        a longer text without truncation -> InputError naming it."""
         prepared = self._prepare(texts)
         encodings = list(self._plain.encode_batch(prepared)) if prepared else []
         long = [i for i, e in enumerate(encodings) if len(e.ids) > self.max_length]
         if long and not truncate:
             i = long[0]
             raise InputError(
-                f"input[{i}] has {len(encodings[i].ids)} tokens, over the model's maximum {self.max_length}",
+                f"input[{i}] has {len(encodings[i].ids)} tokens, over the model's maximum {self.max_length}; "
+                "shorten the text or enable truncation",
                 field=f"input[{i}]",
             )
         if long:
             for i, e in zip(long, self._truncating.encode_batch([prepared[i] for i in long]), strict=True):
                 encodings[i] = e
-        lengths = [len(e.ids) for e in encodings]
+        return [Tokens(e.ids, e.type_ids) for e in encodings]
+
+    def pad(self, tokens: Sequence[Tokens]) -> Encoded:
+        """One batch of feeds from tokenized texts, padded to the longest."""
+        lengths = [len(t) for t in tokens]
         width = max(lengths, default=0)
-        n = len(encodings)
+        n = len(tokens)
         ids = np.full((n, width), self._pad_id, dtype=np.int64)
         types = np.full((n, width), self._pad_type_id, dtype=np.int64)
         mask = np.zeros((n, width), dtype=np.int64)
-        for row, (e, length) in enumerate(zip(encodings, lengths, strict=True)):
+        for row, (t, length) in enumerate(zip(tokens, lengths, strict=True)):
             cols = slice(width - length, width) if self._pad_left else slice(0, length)
-            ids[row, cols] = e.ids
-            types[row, cols] = e.type_ids
+            ids[row, cols] = t.ids
+            types[row, cols] = t.type_ids
             mask[row, cols] = 1
         by_kind = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         feeds = {graph_name: by_kind[kind] for graph_name, kind in self.input_map.items()}
         return Encoded(feeds=feeds, lengths=lengths, attention_mask=mask)
+
+    def encode(self, texts: Sequence[str], *, truncate: bool = True) -> Encoded:
+        return self.pad(self.tokenize(texts, truncate=truncate))
 
 
 def _find_pad_id(tokenizer: Any) -> int:

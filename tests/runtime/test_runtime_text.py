@@ -78,6 +78,20 @@ def test_truncation_and_counting(encoder: TextEncoder, hf_tokenizer) -> None:  #
     np.testing.assert_array_equal(enc.feeds["input_ids"], ref["input_ids"])
 
 
+def test_tokenize_then_pad_equals_encode(encoder: TextEncoder) -> None:
+    # the server tokenizes each text on its own as it arrives and pads a batch later
+    tokens = [encoder.tokenize([t])[0] for t in [*TEXTS, "word " * 40]]
+    assert [len(t) for t in tokens] == encoder.encode([*TEXTS, "word " * 40]).lengths
+    assert len(tokens[-1]) == 16  # truncated on the way in
+    batched, one_by_one = encoder.encode([*TEXTS, "word " * 40]), encoder.pad(tokens)
+    for name, arr in batched.feeds.items():
+        np.testing.assert_array_equal(one_by_one.feeds[name], arr)
+    np.testing.assert_array_equal(one_by_one.attention_mask, batched.attention_mask)
+    short = encoder.pad(tokens[:2])  # padded to the longest of the batch only
+    assert short.feeds["input_ids"].shape == (2, max(len(tokens[0]), len(tokens[1])))
+    assert encoder.pad([]).feeds["input_ids"].shape == (0, 0)
+
+
 def test_over_long_input_refused_without_truncation(encoder: TextEncoder) -> None:
     with pytest.raises(InputError, match=r"input\[1\] has 42 tokens, over the model's maximum 16") as err:
         encoder.encode(["fine", "word " * 40], truncate=False)
