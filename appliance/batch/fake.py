@@ -63,6 +63,16 @@ def _manifest(name: str, version: int, task: str, dim: int) -> Manifest:
     )
 
 
+@dataclass(frozen=True)
+class FakeTokens:
+    """A "tokenized" text for the fake: one token per word."""
+
+    text: str
+
+    def __len__(self) -> int:
+        return len(self.text.split())
+
+
 @dataclass
 class FakeModel:
     """A deterministic stand-in for ``runtime.serving.LoadedModel``."""
@@ -88,10 +98,16 @@ class FakeModel:
         return v
 
     def embed(self, texts: Sequence[str], *, truncate: bool = True) -> tuple[npt.NDArray[np.float32], list[int]]:
+        tokens = self.tokenize(texts, truncate=truncate)
+        return self.embed_tokens(tokens), [len(t) for t in tokens]
+
+    def tokenize(self, texts: Sequence[str], *, truncate: bool = True) -> list[FakeTokens]:
+        return [FakeTokens(t) for t in texts]
+
+    def embed_tokens(self, tokens: Sequence[FakeTokens]) -> npt.NDArray[np.float32]:
         self._tick()
         dim = 2 if self.task == "text-classification" else self.dim
-        out = np.stack([self._vector(t, dim) for t in texts]) if texts else np.zeros((0, dim), np.float32)
-        return out, [len(t.split()) for t in texts]
+        return np.stack([self._vector(t.text, dim) for t in tokens]) if tokens else np.zeros((0, dim), np.float32)
 
     def infer(
         self, inputs: dict[str, npt.NDArray[Any]], outputs: list[str] | None = None

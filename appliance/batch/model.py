@@ -6,7 +6,7 @@ deterministic fake backend, or :class:`appliance.batch.fake.FakeModel` alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -18,7 +18,12 @@ __all__ = ["BatchModel", "LoaderFactory", "ModelLoader"]
 
 
 class BatchModel(Protocol):
-    """A loaded model: ``embed`` for text tasks, ``infer`` for tensor tasks."""
+    """A loaded model: ``tokenize`` + ``embed_tokens`` for text tasks, ``infer`` for tensor tasks.
+
+    Texts are tokenized once per chunk so batches can be formed by token count
+    (sorting by characters padded measurably worse: 400 vs 510 texts/s on the
+    mixed corpus).
+    """
 
     @property
     def name(self) -> str: ...
@@ -42,7 +47,13 @@ class BatchModel(Protocol):
         self, inputs: dict[str, npt.NDArray[Any]], outputs: list[str] | None = None
     ) -> dict[str, npt.NDArray[Any]]: ...
 
-    def embed(self, texts: Sequence[str], *, truncate: bool) -> tuple[npt.NDArray[Any], list[int]]: ...
+    def tokenize(self, texts: Sequence[str], *, truncate: bool) -> Sequence[Sized]:
+        """One token sequence per text (its ``len`` is the token count); too long and not truncating -> InputError."""
+        ...
+
+    def embed_tokens(self, tokens: Sequence[Any]) -> npt.NDArray[Any]:
+        """Outputs ``[N, D]`` for sequences from :meth:`tokenize` (embeddings, or logits for classifiers)."""
+        ...
 
 
 #: ``loader(name, version)`` -> a loaded model (``appliance.models.model_loader(settings)`` returns one).

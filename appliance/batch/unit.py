@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +85,21 @@ def _softmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     return out
 
 
-def _text_rows(model: BatchModel, texts: list[str], task: ChunkTask) -> list[dict[str, Any] | str]:
-    """Per text: a result row, or a reject reason when the model refused that text."""
+def _tokenize(model: BatchModel, texts: list[str], task: ChunkTask) -> list[Sized | str]:
+    """Per text: its tokens, or a reject reason when the model refused that text."""
     try:
-        vectors, _ = model.embed(texts, truncate=task.truncate)
+        return list(model.tokenize(texts, truncate=task.truncate))
     except InputError as exc:
         if len(texts) == 1:
             return [f"the model refused the input: {exc}"]
-        out: list[dict[str, Any] | str] = []
+        out: list[Sized | str] = []
         for t in texts:  # find the culprit(s); the others still get results
-            out.extend(_text_rows(model, [t], task))
+            out.extend(_tokenize(model, [t], task))
         return out
+
+
+def _text_rows(model: BatchModel, tokens: list[Any]) -> list[dict[str, Any]]:
+    vectors = model.embed_tokens(tokens)
     labels = model.manifest.labels
     if model.manifest.task == "text-classification" and labels:
         scores = _softmax(vectors)
@@ -162,16 +166,23 @@ def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None]
         valid.append((record, value))
 
     groups: dict[Any, list[tuple[RawRecord, Any]]] = {}
-    for record, value in valid:
-        key = "text" if text_mode else tuple((k, v.shape) for k, v in value.items())
-        groups.setdefault(key, []).append((record, value))
+    if text_mode:  # tokenized once; similar token counts batch together (less padding), as in the server
+        tokenized = _tokenize(model, [value for _, value in valid], task)
+        texts: list[tuple[RawRecord, Any]] = []
+        for (record, _), tokens in zip(valid, tokenized, strict=True):
+            if isinstance(tokens, str):
+                rejects[record.index] = _reject(record, tokens)
+            else:
+                texts.append((record, tokens))
+        groups["text"] = sorted(texts, key=lambda m: len(m[1]))
+    else:
+        for record, value in valid:
+            groups.setdefault(tuple((k, v.shape) for k, v in value.items()), []).append((record, value))
     for members in groups.values():
-        if text_mode:  # similar lengths batch together (less padding), as the server's batcher does
-            members.sort(key=lambda m: len(m[1]))
         for start in range(0, len(members), task.batch_size):
             batch = members[start : start + task.batch_size]
             values = [v for _, v in batch]
-            rows = _text_rows(model, values, task) if text_mode else _tensor_rows(model, values)
+            rows = _text_rows(model, values) if text_mode else _tensor_rows(model, values)
             for (record, _), row in zip(batch, rows, strict=True):
                 if isinstance(row, str):
                     rejects[record.index] = _reject(record, row)

@@ -167,7 +167,7 @@ def test_a_failing_chunk_fails_its_job_after_max_attempts(tmp_path: Path) -> Non
     job_id = submit(tmp_path / "spool", _input(tmp_path, 3), model="fake-embed")
 
     class Broken(fake.FakeModel):
-        def embed(self, texts, *, truncate=True):  # type: ignore[no-untyped-def]
+        def embed_tokens(self, tokens):  # type: ignore[no-untyped-def]
             raise RuntimeError("device lost")
 
     w = BatchWorker(
@@ -278,10 +278,10 @@ def test_a_text_the_model_refuses_is_rejected_and_its_batch_mates_still_run(tmp_
     from runtime.errors import InputError
 
     class Picky(fake.FakeModel):
-        def embed(self, texts, *, truncate=True):  # type: ignore[no-untyped-def]
+        def tokenize(self, texts, *, truncate=True):  # type: ignore[no-untyped-def]
             if any("BAD" in t for t in texts):
                 raise InputError("input[0]: 600 tokens is over the model's maximum of 512", field="input[0]")
-            return super().embed(texts, truncate=truncate)
+            return super().tokenize(texts, truncate=truncate)
 
     src = tmp_path / "in.jsonl"
     texts = ["a", "b BAD", "c", "d"]
@@ -302,4 +302,32 @@ def test_a_text_the_model_refuses_is_rejected_and_its_batch_mates_still_run(tmp_
     ]
     rows = [json.loads(x) for x in (tmp_path / "outbox" / job_id / "part-00000.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 2, 3]
+    store.close()
+
+
+def test_texts_are_batched_by_token_count_not_characters(tmp_path: Path) -> None:
+    seen: list[list[int]] = []
+
+    class Recording(fake.FakeModel):
+        def embed_tokens(self, tokens):  # type: ignore[no-untyped-def]
+            seen.append(sorted(len(t) for t in tokens))
+            return super().embed_tokens(tokens)
+
+    # the fake has one token per word: long one-word texts are short in tokens
+    texts = ["x" * 30, "a b c d e f", "yy", "g h i j k l m n"]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    store = JobStore(tmp_path / "state.db")
+    w = BatchWorker(
+        spool=tmp_path / "spool",
+        outbox=tmp_path / "outbox",
+        store=store,
+        loader=lambda n, v: Recording(),
+        config=WorkerConfig(batch_size=2),
+    )
+    job_id = submit(tmp_path / "spool", src, model="fake-embed")
+    w.run_once()
+    assert seen == [[1, 1], [6, 8]]  # by characters it would have been [1, 6] and [1, 8]
+    rows = [json.loads(x) for x in (tmp_path / "outbox" / job_id / "part-00000.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2, 3]  # results keep the input order
     store.close()
