@@ -5,7 +5,8 @@ one (N records of the mixed corpus), each ``inferbox batch submit FILE --model M
 then ``inferbox batch run --once``, timed around the ``run`` process.  Gross
 throughput is N / run time (process start and model load included); net
 throughput subtracts the small job's time, which carries the same fixed costs:
-(N - 32) / (t_N - t_32).  The in-process reference is the candidate the server
+(N - 32) / (t_N - t_32).  The big job and the reference run twice each and
+the best of each counts (this box's speed drifts between runs).  The in-process reference is the candidate the server
 would pick, in this process, on the same texts in length-sorted batches of 32.
 Target: net >= 90 % of in-process.
 
@@ -31,6 +32,8 @@ __all__ = ["run", "timed_job", "write_jsonl"]
 logger = logging.getLogger(__name__)
 
 SMALL = 32
+#: the big job and the in-process reference are each measured this many times; the best of each counts
+ROUNDS = 2
 
 
 def write_jsonl(path: Path, texts: Sequence[str]) -> Path:
@@ -89,26 +92,31 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
         result.update(skipped(f"no package: {type(exc).__name__}: {exc} (build it with `inferbox init`)"))
         write_json(cfg.out / "batch.json", result)
         return result
-    n = cfg.pick(256, 3000)
+    n = cfg.pick(256, 10_000)  # over two default chunks (4096), so chunking costs what it costs
     texts = mixed_corpus(n, seed=31)
     home = fresh_home(root, "batch")
     ensure_signing_key(home)
     env = server_env(home, package.path.parent.parent, audit=True, auth=True, extra=None)
     try:
         small = timed_job(write_jsonl(root / "small.jsonl", texts[:SMALL]), package.name, env)
-        big = timed_job(write_jsonl(root / "big.jsonl", texts), package.name, env)
+        big_path = write_jsonl(root / "big.jsonl", texts)
+        # best of ROUNDS for the job and for the reference alike: this box's speed drifts by 10-20 %
+        bigs = [timed_job(big_path, package.name, env) for _ in range(ROUNDS)]
+        big = min(bigs, key=lambda b: float(b["seconds"]))
     except Exception as exc:
         logger.warning("batch bench failed: %s", exc)
         result.update(skipped(f"{type(exc).__name__}: {exc}"))
         write_json(cfg.out / "batch.json", result)
         return result
     result["small"] = {"records": SMALL, **small}
-    result["big"] = {"records": n, **big}
+    result["big"] = {"records": n, **big, "rounds_s": [round(float(b["seconds"]), 3) for b in bigs]}
     result["gross_per_s"] = n / big["seconds"]
     dt = big["seconds"] - small["seconds"]
     result["net_per_s"] = (n - SMALL) / dt if dt > 0 else None
     try:
-        result["inprocess"] = inprocess_reference(cfg, texts)
+        refs = [inprocess_reference(cfg, texts) for _ in range(ROUNDS)]
+        result["inprocess"] = max(refs, key=lambda r: float(r.get("items_per_s") or 0.0))
+        result["inprocess"]["rounds_per_s"] = [r.get("items_per_s") for r in refs]
     except Exception as exc:
         result["inprocess"] = skipped(f"{type(exc).__name__}: {exc}")
     ref = result["inprocess"].get("items_per_s")

@@ -79,7 +79,7 @@ def _actor(environ: dict[str, str]) -> str:
 @click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True)
 @click.option("--scheduler", default=None, help="Dask scheduler (tcp://host:8786) [default: a local cluster].")
 @click.option("--dask-workers", type=int, default=2, show_default=True, help="Workers of the local Dask cluster.")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Records per chunk.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Records per chunk.")
 @click.option("--lease-seconds", type=click.FloatRange(min=1), default=600.0, show_default=True)
 @click.option("--poll-seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="--watch pause.")
 @click.option("--loader", default=DEFAULT_LOADER, hidden=True, help="module:function(settings) -> model loader.")
