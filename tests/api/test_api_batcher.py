@@ -217,6 +217,37 @@ def test_stop_fails_queued_items() -> None:
     run(main())
 
 
+def test_next_batch_starts_while_the_event_loop_is_busy() -> None:
+    """The inference thread takes the next batch itself: a busy loop cannot leave the session idle."""
+
+    async def main() -> None:
+        gate = Gate()
+        second = threading.Event()
+
+        def run_batch(items: list[object]) -> list[object]:
+            if gate.batches:
+                second.set()
+            return gate(items)
+
+        b: DynamicBatcher[object, object] = DynamicBatcher(
+            run_batch, max_batch_size=4, max_delay_s=0.0, queue_limit=8, timeout_s=10.0
+        )
+        b.start()
+        first = asyncio.ensure_future(b.submit("a"))
+        await _entered(gate)
+        rest = [asyncio.ensure_future(b.submit(x)) for x in "bc"]
+        await asyncio.sleep(0)
+        gate.release.set()
+        # block the event loop (as 32 clients' parsing and encoding do): the second batch still starts
+        assert second.wait(5), "the second batch waited for the event loop"
+        assert await first == ("done", "a")
+        assert [await r for r in rest] == [("done", "b"), ("done", "c")]
+        assert gate.batches == [["a"], ["b", "c"]]
+        await b.stop()
+
+    run(main())
+
+
 @pytest.mark.parametrize(("n", "bucket"), [(1, 16), (16, 16), (17, 32), (32, 32), (33, 64), (200, 256)])
 def test_length_bucket(n: int, bucket: int) -> None:
     assert length_bucket(n) == bucket
