@@ -129,6 +129,10 @@ async def closed_loop(
     return out
 
 
+#: seconds of load before each measured wrk run (not counted)
+WARMUP_S = 3.0
+
+
 def measure_endpoints(
     base_url: str,
     headers: dict[str, str],
@@ -147,6 +151,16 @@ def measure_endpoints(
         for c in levels:
             if wrk.available():
                 # A C client: on a 2-core box the Python one would eat a third of the machine.
+                # Warm up first: a fresh server's first batches of each shape are slow (OpenVINO
+                # prepares kernels per input shape), and the audit on/off runs each start cold.
+                wrk.run(
+                    base_url,
+                    endpoint_path(endpoint, model),
+                    bodies,
+                    headers,
+                    concurrency=c,
+                    duration_s=cfg.pick(1.0, WARMUP_S),
+                )
                 r = wrk.run(
                     base_url,
                     endpoint_path(endpoint, model),
