@@ -283,26 +283,31 @@ def test_a_text_the_model_refuses_is_rejected_and_its_batch_mates_still_run(tmp_
                 raise InputError("input[0]: 600 tokens is over the model's maximum of 512", field="input[0]")
             return super().tokenize(texts, truncate=truncate)
 
+    job_dir = _run_texts(tmp_path, ["a", "b BAD", "c", "d"], Picky(), batch_size=4)
+    rejects = [json.loads(x) for x in (job_dir / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["reason"]) for r in rejects] == [
+        (1, "the model refused the input: input[0]: 600 tokens is over the model's maximum of 512")
+    ]
+    rows = [json.loads(x) for x in (job_dir / "part-00000.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 2, 3]
+
+
+def _run_texts(tmp_path: Path, texts: list[str], model: fake.FakeModel, *, batch_size: int) -> Path:
+    """Submit ``texts`` as one JSONL job, work it with ``model``; the job's outbox folder."""
     src = tmp_path / "in.jsonl"
-    texts = ["a", "b BAD", "c", "d"]
     src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
     store = JobStore(tmp_path / "state.db")
     w = BatchWorker(
         spool=tmp_path / "spool",
         outbox=tmp_path / "outbox",
         store=store,
-        loader=lambda n, v: Picky(),
-        config=WorkerConfig(batch_size=4),
+        loader=lambda n, v: model,
+        config=WorkerConfig(batch_size=batch_size),
     )
-    job_id = submit(tmp_path / "spool", src, model="picky")
+    job_id = submit(tmp_path / "spool", src, model=model.name)
     w.run_once()
-    rejects = [json.loads(x) for x in (tmp_path / "outbox" / job_id / "rejects.jsonl").read_text().splitlines()]
-    assert [(r["id"], r["reason"]) for r in rejects] == [
-        (1, "the model refused the input: input[0]: 600 tokens is over the model's maximum of 512")
-    ]
-    rows = [json.loads(x) for x in (tmp_path / "outbox" / job_id / "part-00000.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == [0, 2, 3]
     store.close()
+    return tmp_path / "outbox" / job_id
 
 
 def test_texts_are_batched_by_token_count_not_characters(tmp_path: Path) -> None:
@@ -314,20 +319,7 @@ def test_texts_are_batched_by_token_count_not_characters(tmp_path: Path) -> None
             return super().embed_tokens(tokens)
 
     # the fake has one token per word: long one-word texts are short in tokens
-    texts = ["x" * 30, "a b c d e f", "yy", "g h i j k l m n"]
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
-    store = JobStore(tmp_path / "state.db")
-    w = BatchWorker(
-        spool=tmp_path / "spool",
-        outbox=tmp_path / "outbox",
-        store=store,
-        loader=lambda n, v: Recording(),
-        config=WorkerConfig(batch_size=2),
-    )
-    job_id = submit(tmp_path / "spool", src, model="fake-embed")
-    w.run_once()
+    job_dir = _run_texts(tmp_path, ["x" * 30, "a b c d e f", "yy", "g h i j k l m n"], Recording(), batch_size=2)
     assert seen == [[1, 1], [6, 8]]  # by characters it would have been [1, 6] and [1, 8]
-    rows = [json.loads(x) for x in (tmp_path / "outbox" / job_id / "part-00000.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (job_dir / "part-00000.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2, 3]  # results keep the input order
-    store.close()
