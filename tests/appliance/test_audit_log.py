@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import sqlite3
 import stat
-import sys
 import threading
 from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 
 import msgspec
 import pytest
@@ -24,23 +21,7 @@ from appliance.audit.schema import connect
 from appliance.audit.verify import verify_db
 from runtime.errors import AuditError
 
-
-def _load_tamper() -> ModuleType:
-    if "audit_tamper" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("audit_tamper", Path(__file__).with_name("audit_tamper.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["audit_tamper"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["audit_tamper"]
-
-
-T = _load_tamper()
-
-
-@pytest.fixture(scope="module")
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
+from . import audit_tamper as T
 
 
 def _log(tmp_path: Path, key: Ed25519PrivateKey, **kwargs: object) -> AuditLog:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sqlite3
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -17,23 +14,7 @@ from appliance.audit.exporter import export_jsonl
 from appliance.audit.log import AuditLog
 from appliance.audit.verify import UNPROTECTED_EXPORT_BYTES, verify_db, verify_export, verify_export_bytes
 
-
-def _load_tamper() -> ModuleType:
-    if "audit_tamper" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("audit_tamper", Path(__file__).with_name("audit_tamper.py"))
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["audit_tamper"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["audit_tamper"]
-
-
-T = _load_tamper()
-
-
-@pytest.fixture(scope="module")
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
+from . import audit_tamper as T
 
 
 @pytest.fixture(scope="module")
