@@ -15,7 +15,6 @@ Target: net >= 90 % of in-process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -24,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Config, ratio, skipped, workspace, write_json
+from bench.common import Config, part_main, ratio, skipped, workspace, write_json
 from bench.corpus import mixed_corpus
 
 __all__ = ["run", "timed_job", "write_jsonl"]
@@ -132,16 +131,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="batch vs in-process benchmark")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--home", type=Path, default=None)
-    p.add_argument("--repository", type=Path, default=None)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run(Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository))
-    return 0
+    return part_main("batch vs in-process benchmark", run, argv)
 
 
 if __name__ == "__main__":

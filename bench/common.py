@@ -9,6 +9,7 @@ the whole run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -301,23 +302,30 @@ def workspace(workdir: Path | None = None) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def part_main(description: str, run: Callable[[Config], object], argv: Sequence[str] | None = None) -> int:
-    """The command line of one benchmark part: ``python -m bench.<part> [--quick] [--out DIR] ...``."""
-    import argparse
-    import logging
-
-    from runtime.offline import stay_offline
-
-    stay_offline()
-
+def part_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark part takes: ``[--quick] [--out DIR] [--model M] [--home H] [--repository R]``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--model", default="minilm")
     p.add_argument("--home", type=Path, default=None)
     p.add_argument("--repository", type=Path, default=None)
-    a = p.parse_args(argv)
+    return p
+
+
+def part_config(args: argparse.Namespace) -> Config:
+    """The :class:`Config` of parsed :func:`part_parser` options; also sets up logging, offline."""
+    import logging
+
+    from runtime.offline import stay_offline
+
+    stay_offline()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    run(Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository))
+    return Config(out=args.out, quick=args.quick, model=args.model, home=args.home, repository=args.repository)
+
+
+def part_main(description: str, run: Callable[[Config], object], argv: Sequence[str] | None = None) -> int:
+    """The command line of one benchmark part: ``python -m bench.<part> [--quick] [--out DIR] ...``."""
+    run(part_config(part_parser(description).parse_args(argv)))
     return 0

@@ -16,7 +16,6 @@ to both baselines, and the fraction of the machine's peak (:mod:`bench.roofline`
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import logging
@@ -29,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from bench.common import (
     Config,
     format_table,
+    part_config,
+    part_parser,
     physical_cores,
     ratio,
     skipped,
@@ -547,17 +548,10 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--home", type=Path, default=None)
-    p.add_argument("--repository", type=Path, default=None)
+    p = part_parser(__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--no-baselines", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository)
-    run(cfg, baselines=not a.no_baselines)
+    run(part_config(a), baselines=not a.no_baselines)
     return 0
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Config, format_table, skipped, write_json
+from bench.common import Config, format_table, part_config, part_parser, skipped, write_json
 
 __all__ = ["child", "rss_mb", "run"]
 
@@ -160,19 +160,13 @@ def run(cfg: Config, *, pytorch: bool = True) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="peak memory per backend")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--home", type=Path, default=None)
-    p.add_argument("--repository", type=Path, default=None)
+    p = part_parser("peak memory per backend")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    cfg = Config(out=a.out, quick=a.quick, model=a.model, home=a.home, repository=a.repository)
+    cfg = part_config(a)
     if a.child:
         print(json.dumps(child(cfg, a.child)))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run(cfg)
     return 0
 
