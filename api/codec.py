@@ -114,8 +114,16 @@ class InferRequest:
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
-def json_depth(raw: bytes) -> int:
-    """Deepest nesting of ``[`` / ``{`` in JSON bytes (strings ignored); vectorized."""
+def json_depth(raw: bytes, *, limit: int | None = None) -> int:
+    """Deepest nesting of ``[`` / ``{`` in JSON bytes (strings ignored); vectorized.
+
+    With ``limit``, a body holding at most ``limit`` brackets in all cannot nest deeper and
+    answers their count at once (an upper bound; every ordinary request takes this path).
+    """
+    if limit is not None:
+        brackets = raw.count(b"[") + raw.count(b"{")
+        if brackets <= limit:
+            return brackets
     stripped = _STRING.sub(b'""', raw)
     buf = np.frombuffer(stripped, dtype=np.uint8)
     step = np.zeros(buf.shape, dtype=np.int32)
@@ -241,7 +249,7 @@ def decode_infer_request(
         header, binary = body[:header_length], body[header_length:]
     else:
         header, binary = body, b""
-    depth = json_depth(header)
+    depth = json_depth(header, limit=max_json_depth)
     if depth > max_json_depth:
         raise InputError(f"body: JSON nesting depth {depth} is over the limit of {max_json_depth}", field="body")
     try:

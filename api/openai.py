@@ -81,7 +81,7 @@ async def embeddings(request: Req) -> Response[bytes]:
     ctx = context_of(request.scope)
     ctx.event = "inference"
     body = await server.read_body(request)
-    depth = json_depth(body)
+    depth = json_depth(body, limit=server.config.max_json_depth)
     if depth > server.config.max_json_depth:
         raise InputError(f"body: JSON nesting depth {depth} is over the limit", field="body")
     try:

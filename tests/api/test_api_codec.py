@@ -103,6 +103,16 @@ def test_json_depth_counts_nesting_not_strings(depth: int) -> None:
     assert json_depth(doc.encode()) == depth
 
 
+@settings(max_examples=40, deadline=None)
+@given(depth=st.integers(min_value=1, max_value=60), limit=st.integers(min_value=1, max_value=40))
+def test_json_depth_with_a_limit_decides_the_same(depth: int, limit: int) -> None:
+    # the bracket count short-cut must never let a too-deep body through, nor stop a shallow one
+    doc = ("[" * depth + '"[[[{{{"' + "]" * depth).encode()
+    assert (json_depth(doc, limit=limit) > limit) == (depth > limit)
+    wide = b'{"input": ["a", "b", "c"], "model": "m", "x": {"y": [1]}}'
+    assert json_depth(wide, limit=3) == 3 and json_depth(wide, limit=4) <= 4
+
+
 def test_bytes_json_and_binary_inputs() -> None:
     body = msgspec.json.encode({"inputs": [{"name": "t", "shape": [2], "datatype": "BYTES", "data": ["a", "bé"]}]})
     assert _decode(body).inputs[0].texts == ["a", "bé"]
