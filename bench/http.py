@@ -12,6 +12,15 @@ batches of 32 (the server's max batch).  The ratio ``http / in-process`` is
 items per second over items per second; on a 2-core box the client competes
 with the server for the CPU, which the ratio includes.
 
+A second reference splits that ratio in two: the same model in this process
+behind the server's own batching (``api.server.Server.embed``: tokenize, the
+dynamic batcher), fed by C closed-loop single-text submitters and no HTTP.
+``vs_batcher`` is HTTP over that at the same C: what HTTP, JSON, auth and audit
+cost; ``batcher / in-process`` is what forming batches from C single texts in
+arrival order costs against sorting the whole corpus.  ``server_cpu_ms`` is the
+server process's CPU time per request, which the client sharing the box does
+not change.
+
 ``python -m bench.http [--quick] [--out DIR]`` runs this part alone.
 """
 
@@ -36,6 +45,7 @@ __all__ = [
     "measure_endpoints",
     "request_body",
     "run",
+    "server_batching",
     "server_texts",
 ]
 
@@ -43,6 +53,18 @@ logger = logging.getLogger(__name__)
 
 ENDPOINTS = ("/v1/embeddings", "/v2/infer")
 LEVELS = (1, 8, 32)
+COLUMNS = (
+    "endpoint",
+    "concurrency",
+    "rps",
+    "p50_ms",
+    "p99_ms",
+    "vs_inprocess",
+    "vs_batcher",
+    "server_cpu_ms",
+    "ok",
+    "requests",
+)
 
 
 def request_body(endpoint: str, model: str, text: str) -> bytes:
@@ -142,8 +164,10 @@ def measure_endpoints(
     *,
     endpoints: Sequence[str] = ENDPOINTS,
     levels: Sequence[int] = LEVELS,
+    server_cpu_s: Callable[[], float] | None = None,
 ) -> list[dict[str, Any]]:
-    """One closed-loop run per (endpoint, concurrency)."""
+    """One closed-loop run per (endpoint, concurrency); ``server_cpu_s()`` (the server's CPU
+    seconds so far) adds ``server_cpu_ms`` per request to each row."""
     rows: list[dict[str, Any]] = []
     for endpoint in endpoints:
         bodies = [request_body(endpoint, model, t) for t in texts]
@@ -161,6 +185,7 @@ def measure_endpoints(
                     concurrency=c,
                     duration_s=cfg.pick(1.0, WARMUP_S),
                 )
+                cpu0 = server_cpu_s() if server_cpu_s is not None else None
                 r = wrk.run(
                     base_url,
                     endpoint_path(endpoint, model),
@@ -170,6 +195,7 @@ def measure_endpoints(
                     duration_s=cfg.pick(2.0, 12.0),
                 )
             else:
+                cpu0 = None
                 r = asyncio.run(
                     closed_loop(
                         url,
@@ -182,6 +208,8 @@ def measure_endpoints(
                     )
                 )
                 r["client"] = "httpx (wrk not installed: the client's CPU counts against the server)"
+            if cpu0 is not None and server_cpu_s is not None and r.get("ok"):
+                r["server_cpu_ms"] = 1000.0 * (server_cpu_s() - cpu0) / r["ok"]
             r["endpoint"] = endpoint
             rows.append(r)
             print(
@@ -191,28 +219,75 @@ def measure_endpoints(
     return rows
 
 
-def inprocess_reference(cfg: Config, texts: Sequence[str]) -> dict[str, Any]:
-    """Items/s of the server's candidate in this process on ``texts`` (batches of 32, by length)."""
-    from bench.inprocess import choice, corpus_throughput, load_package, open_candidate
+def inprocess_reference(cfg: Config, texts: Sequence[str], levels: Sequence[int] = LEVELS) -> dict[str, Any]:
+    """The server's candidate in this process on ``texts``: ``items_per_s`` in length-sorted
+    batches of 32, and ``batcher`` {C: items/s} through the server's batching (:func:`server_batching`)."""
+    from bench.inprocess import choice, corpus_throughput, load_package, open_model
 
     package = load_package(cfg)
     _, chosen = choice(package)
     if chosen is None:
         return skipped("no admissible candidate for the package on this box")
-    runner = open_candidate(package, chosen.backend, chosen.variant, chosen.exec_precision)
+    model = open_model(package, chosen.backend, chosen.variant, chosen.exec_precision)
     try:
-        assert package.manifest.text is not None
-        from runtime.text import TextEncoder
+        lengths = [len(t) for t in model.tokenize(list(texts), truncate=True)]
 
-        enc = TextEncoder.from_dir(package.path / package.manifest.text.tokenizer_dir, package.manifest.text)
-        lengths = enc.count_tokens(list(texts))
-        runner.encode(list(texts[:32]))  # warm up
+        def encode(batch: Sequence[str]) -> Any:
+            return model.embed(batch, truncate=True)[0]
+
+        encode(list(texts[:32]))  # warm up
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         per_s = corpus_throughput(
-            runner.encode, texts, lengths, batch_size=32, passes=cfg.pick(2, 2), budget_s=cfg.pick(5.0, 20.0)
+            encode, texts, lengths, batch_size=32, passes=cfg.pick(2, 2), budget_s=cfg.pick(5.0, 20.0)
         )
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        batcher = {
+            str(c): asyncio.run(
+                server_batching(model, texts, concurrency=c, duration_s=cfg.pick(1.0, 8.0), warmup_s=cfg.pick(0.3, 2.0))
+            )
+            for c in levels
+        }
     finally:
-        runner.close()
-    return {"candidate": str(chosen), "items_per_s": per_s}
+        model.close()
+    return {
+        "candidate": str(chosen),
+        "items_per_s": per_s,
+        "cpu_ms_per_item": 1000.0 * cpu / max(per_s * wall, 1.0),
+        "batcher": batcher,
+    }
+
+
+async def server_batching(
+    model: Any, texts: Sequence[str], *, concurrency: int, duration_s: float, warmup_s: float
+) -> dict[str, float]:
+    """Items/s and CPU ms per item of ``concurrency`` closed-loop submitters of one text each
+    through :meth:`api.server.Server.embed` (the server's tokenizing and batching, no HTTP)."""
+    from api.config import ApiConfig
+    from api.metrics import Metrics
+    from api.server import Server
+    from runtime.serving import ModelRegistry
+
+    server = Server(ModelRegistry(lambda _n, _v: model, list), ApiConfig(), Metrics(), time.monotonic)
+    counter = 0
+    done = 0
+
+    async def worker(until: float) -> None:
+        nonlocal counter, done
+        while time.perf_counter() < until:
+            i = counter
+            counter += 1
+            await server.embed(model, [texts[i % len(texts)]])
+            done += 1
+
+    try:
+        await asyncio.gather(*(worker(time.perf_counter() + warmup_s) for _ in range(concurrency)))
+        done = 0
+        cpu0, start = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker(start + duration_s) for _ in range(concurrency)))
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - start
+    finally:
+        await server.stop()
+    return {"items_per_s": done / wall, "cpu_ms_per_item": 1000.0 * cpu / max(done, 1)}
 
 
 def server_texts(cfg: Config) -> list[str]:
@@ -249,18 +324,20 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
                 "auth": srv.api_key is not None,
                 "serve_error": srv.serve_error,
             }
-            result["rows"] = measure_endpoints(srv.base_url, srv.headers, package.name, texts, cfg)
+            result["rows"] = measure_endpoints(
+                srv.base_url, srv.headers, package.name, texts, cfg, server_cpu_s=_cpu_of(srv.pid)
+            )
     except Exception as exc:
         logger.warning("http bench failed: %s", exc)
         result.update(skipped(f"{type(exc).__name__}: {exc}"))
         write_json(cfg.out / "http.json", result)
         return result
     ref = result["inprocess"].get("items_per_s")
+    batcher = result["inprocess"].get("batcher") or {}
     for r in result["rows"]:
         r["vs_inprocess"] = ratio(r["rps"], ref)
-    result["table"] = format_table(
-        ("endpoint", "concurrency", "rps", "p50_ms", "p99_ms", "vs_inprocess", "ok", "requests"), result["rows"]
-    )
+        r["vs_batcher"] = ratio(r["rps"], (batcher.get(str(r["concurrency"])) or {}).get("items_per_s"))
+    result["table"] = format_table(COLUMNS, result["rows"])
     print(f"in-process reference: {result['inprocess']}")
     print(result["table"])
     rows = result["rows"]
@@ -273,6 +350,22 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
     ) or str(cfg.out / "http.png")
     write_json(cfg.out / "http.json", result)
     return result
+
+
+def _cpu_of(pid: int) -> Callable[[], float] | None:
+    """CPU seconds (user + system, every thread) of process ``pid`` so far, or None without psutil."""
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+    except Exception:  # psutil missing or the process gone: the rows go without server_cpu_ms
+        return None
+
+    def cpu() -> float:
+        t = proc.cpu_times()
+        return float(t.user + t.system)
+
+    return cpu
 
 
 def main(argv: Sequence[str] | None = None) -> int:

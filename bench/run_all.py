@@ -206,14 +206,26 @@ def render_readme(report: dict[str, Any]) -> str:
                 continue
             lines.append(f"- {r['candidate']}: {r['reason']}")
         lines.append("")
-    lines += _section(
-        "HTTP (one text per request, closed loop)",
-        parts.get("http"),
-        ("endpoint", "concurrency", "rps", "p50_ms", "p99_ms", "vs_inprocess", "ok", "requests"),
-    )
+    from bench.http import COLUMNS as HTTP_COLUMNS
+
+    lines += _section("HTTP (one text per request, closed loop)", parts.get("http"), HTTP_COLUMNS)
     ref = _get(parts, "http", "inprocess")
     if isinstance(ref, dict) and "items_per_s" in ref:
-        lines += [f"In-process reference: {ref['candidate']} at {ref['items_per_s']:.1f} items/s.", ""]
+        lines += [
+            f"In-process reference (`vs_inprocess`): {ref['candidate']} at {ref['items_per_s']:.1f} items/s "
+            f"in length-sorted batches of 32 ({ref.get('cpu_ms_per_item', 0):.2f} CPU ms per item).",
+            "",
+        ]
+        batcher = ref.get("batcher") or {}
+        if batcher:
+            levels = ", ".join(
+                f"c={c} {v['items_per_s']:.1f} items/s ({v['cpu_ms_per_item']:.2f} CPU ms)" for c, v in batcher.items()
+            )
+            lines += [
+                "The same model behind the server's own batching, C single-text submitters in this process, "
+                f"no HTTP (`vs_batcher`): {levels}.",
+                "",
+            ]
     lines += _section(
         "Audit on / off (POST /v1/embeddings, c=32)",
         parts.get("audit_onoff"),

@@ -368,6 +368,40 @@ def _parts() -> dict[str, object]:
     }
 
 
+def test_server_batching_runs_single_texts_through_the_servers_batcher() -> None:
+    """The in-process reference behind the server's batching: C submitters of one text each."""
+    import asyncio
+    import threading
+    import time
+
+    from runtime.text import Tokens
+
+    class Model:
+        name = "fake"
+
+        def __init__(self) -> None:
+            self.batches: list[list[int]] = []
+            self.threads: set[str] = set()
+
+        def tokenize(self, texts: list[str], *, truncate: bool) -> list[Tokens]:
+            return [Tokens([1] * len(t.split()), [0] * len(t.split())) for t in texts]
+
+        def embed_tokens(self, tokens: list[Tokens]) -> np.ndarray:
+            self.threads.add(threading.current_thread().name)
+            self.batches.append([len(t) for t in tokens])
+            time.sleep(0.005)  # long enough for the other submitters to queue behind this batch
+            return np.ones((len(tokens), 4), dtype=np.float32)
+
+    model = Model()
+    texts = ["one", "two words", "three words here", "a b c d"]
+    r = asyncio.run(bench_http.server_batching(model, texts, concurrency=8, duration_s=0.3, warmup_s=0.05))
+    assert r["items_per_s"] > 0 and r["cpu_ms_per_item"] >= 0
+    # batched off the event loop by the server's own batcher, more than one text per batch
+    assert model.threads == {"batcher-fake"}
+    assert max(len(b) for b in model.batches) > 1
+    assert sum(len(b) for b in model.batches) >= r["items_per_s"] * 0.3
+
+
 def test_targets_are_judged() -> None:
     t = {x["target"]: x for x in run_all.targets(_parts())}  # type: ignore[arg-type]
     assert t["b32x128 throughput vs PyTorch bf16 autocast (best gate-passing candidate)"]["value"] == 2.5
