@@ -8,7 +8,8 @@ input ``text``).  Each level runs for a bounded time and request count.
 
 In-process reference: the candidate the server picks (the ranking without
 autotune), opened in this process, embedding the same texts in length-sorted
-batches of 32 (the server's max batch).  The ratio ``http / in-process`` is
+batches of 32 (the server's max batch), measured before and after the server's
+runs and averaged (:func:`around`).  The ratio ``http / in-process`` is
 items per second over items per second; on a 2-core box the client competes
 with the server for the CPU, which the ratio includes.
 
@@ -35,11 +36,23 @@ from pathlib import Path
 from typing import Any
 
 from bench import wrk
-from bench.common import Config, format_table, part_main, percentile, ratio, skipped, workspace, write_chart, write_json
+from bench.common import (
+    Config,
+    format_table,
+    is_skipped,
+    part_main,
+    percentile,
+    ratio,
+    skipped,
+    workspace,
+    write_chart,
+    write_json,
+)
 from bench.corpus import mixed_corpus
 
 __all__ = [
     "ENDPOINTS",
+    "around",
     "closed_loop",
     "inprocess_reference",
     "measure_endpoints",
@@ -257,6 +270,23 @@ def inprocess_reference(cfg: Config, texts: Sequence[str], levels: Sequence[int]
     }
 
 
+def around(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One reference from the in-process runs before and after the server's: the mean of each
+    figure (a linear drift of the machine's speed during the server runs cancels); the two
+    runs are kept under ``before`` / ``after``.  One failed run: the other alone."""
+    if is_skipped(before) or is_skipped(after):
+        return after if is_skipped(before) else before
+
+    def mean(a: Any, b: Any) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {k: mean(a[k], b[k]) for k in a if k in b}
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return (a + b) / 2.0
+        return a
+
+    return {**mean(before, after), "before": before, "after": after}
+
+
 async def server_batching(
     model: Any, texts: Sequence[str], *, concurrency: int, duration_s: float, warmup_s: float
 ) -> dict[str, float]:
@@ -313,9 +343,9 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
         return result
     texts = server_texts(cfg)
     try:
-        result["inprocess"] = inprocess_reference(cfg, texts)
+        before = inprocess_reference(cfg, texts)
     except Exception as exc:
-        result["inprocess"] = skipped(f"{type(exc).__name__}: {exc}")
+        before = skipped(f"{type(exc).__name__}: {exc}")
     try:
         with running_server(package.path.parent.parent, fresh_home(root, "http"), audit=audit) as srv:
             result["server"] = {
@@ -332,6 +362,11 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
         result.update(skipped(f"{type(exc).__name__}: {exc}"))
         write_json(cfg.out / "http.json", result)
         return result
+    try:
+        after = inprocess_reference(cfg, texts)
+    except Exception as exc:
+        after = skipped(f"{type(exc).__name__}: {exc}")
+    result["inprocess"] = around(before, after)
     ref = result["inprocess"].get("items_per_s")
     batcher = result["inprocess"].get("batcher") or {}
     for r in result["rows"]:

@@ -11,6 +11,11 @@ throughput, mixed-corpus throughput (sorted into length buckets of 32, as the
 server batches), cosine mean / min against PyTorch fp32 on the corpus, ratios
 to both baselines, and the fraction of the machine's peak (:mod:`bench.roofline`).
 
+Runners are measured one after another, minutes apart, and a VM's speed drifts
+by 10-20 % in that time.  So the target's ratio (best candidate vs PyTorch bf16
+at b32x128) comes from a head-to-head (:func:`head_to_head`): both open in this
+process, their batches alternating in ABBA order, the ratio of median times.
+
 ``python -m bench.inprocess [--quick] [--out DIR]`` runs this part alone.
 """
 
@@ -348,6 +353,51 @@ def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) ->
     return row, emb
 
 
+#: ABBA rounds of the head-to-head (each round: baseline, candidate, candidate, baseline)
+H2H_ROUNDS = 10
+#: pause before each head-to-head batch: the other runtime's worker threads stop spinning
+H2H_PAUSE_S = 0.05
+
+
+def head_to_head(
+    baseline: Runner,
+    candidate: Runner,
+    batch: Sequence[str],
+    *,
+    rounds: int = H2H_ROUNDS,
+    pause_s: float = H2H_PAUSE_S,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """``batch`` through ``baseline`` and ``candidate`` alternately, ABBA per round, after one
+    warm-up call each: items/s of each from its median batch time, and ``ratio`` =
+    candidate / baseline.  A drift of the machine's speed during the rounds hits both alike."""
+    baseline.encode(batch)
+    candidate.encode(batch)
+    times: dict[str, list[float]] = {"baseline": [], "candidate": []}
+    for _ in range(max(1, rounds)):
+        for who, runner in (
+            ("baseline", baseline),
+            ("candidate", candidate),
+            ("candidate", candidate),
+            ("baseline", baseline),
+        ):
+            sleep(pause_s)
+            t0 = clock()
+            runner.encode(batch)
+            times[who].append(clock() - t0)
+    base = summarize(times["baseline"]).median
+    cand = summarize(times["candidate"]).median
+    return {
+        "baseline": baseline.label,
+        "candidate": candidate.label,
+        "rounds": max(1, rounds),
+        "baseline_per_s": len(batch) / base,
+        "candidate_per_s": len(batch) / cand,
+        "ratio": base / cand,
+    }
+
+
 def _texts(cfg: Config, tokenizer_json: Path) -> Texts:
     from tokenizers import Tokenizer
 
@@ -528,6 +578,19 @@ def run(
     result["rows"] = rows
     result["table"] = format_table(COLUMNS, [r for r in rows if "skipped" not in r])
     echo(result["table"])
+    best = max(
+        (r for r in rows if "skipped" not in r and r.get("kind") == "candidate" and r.get("x_bf16")),
+        key=lambda r: r["x_bf16"],
+        default=None,
+    )
+    if best is not None and ref16 and base_dir is not None and package is not None:
+        result["head_to_head"] = _head_to_head(package, base_dir, best, texts, cfg, threads, max_length)
+        h = result["head_to_head"]
+        if "ratio" in h:
+            echo(
+                f"head to head (ABBA x {h['rounds']}): {h['candidate']} {h['candidate_per_s']:.1f}/s vs "
+                f"{h['baseline']} {h['baseline_per_s']:.1f}/s = {h['ratio']:.2f}x"
+            )
     for r in rows:
         if "skipped" in r:
             echo(f"  skipped {r['runner']}: {r['skipped']}")
@@ -545,6 +608,32 @@ def run(
     ) or str(cfg.out / "inprocess.png")
     write_json(cfg.out / "inprocess.json", result)
     return result
+
+
+def _head_to_head(
+    package: Package,
+    base_dir: Path,
+    best: dict[str, Any],
+    texts: Texts,
+    cfg: Config,
+    threads: int,
+    max_length: int | None,
+) -> dict[str, Any]:
+    """PyTorch bf16 autocast against ``best`` (a table row), both open at once, b32x128 ABBA."""
+    baseline: Runner | None = None
+    candidate: Runner | None = None
+    try:
+        baseline = pytorch_runner(base_dir, bf16=True, threads=threads, max_length=max_length)
+        candidate = open_candidate(package, best["backend"], best["variant"], best["exec_precision"])
+        return head_to_head(baseline, candidate, texts.b32, rounds=cfg.pick(1, H2H_ROUNDS))
+    except Exception as exc:
+        logger.warning("head to head failed: %s", exc)
+        return skipped(f"{type(exc).__name__}: {exc}")
+    finally:
+        for r in (baseline, candidate):
+            if r is not None:
+                r.close()
+        gc.collect()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 from bench import common, corpus, roofline, run_all
 from bench import http as bench_http
 from bench.common import Config
-from bench.inprocess import corpus_throughput, cosine_stats, embed_sorted
+from bench.inprocess import Runner, corpus_throughput, cosine_stats, embed_sorted, head_to_head
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = [
@@ -402,6 +402,36 @@ def test_server_batching_runs_single_texts_through_the_servers_batcher() -> None
     assert sum(len(b) for b in model.batches) >= r["items_per_s"] * 0.3
 
 
+def test_head_to_head_alternates_abba_and_divides_median_times() -> None:
+    now = [0.0]
+    calls: list[str] = []
+
+    def runner(label: str, seconds: float) -> Runner:
+        def encode(texts: object) -> None:
+            calls.append(label)
+            now[0] += seconds
+
+        return Runner(label=label, encode=encode)
+
+    base, cand = runner("torch", 0.4), runner("ov", 0.2)
+    h = head_to_head(base, cand, ["x"] * 32, rounds=2, clock=lambda: now[0], sleep=lambda s: None)
+    # one warm-up each, then baseline, candidate, candidate, baseline per round
+    assert calls == ["torch", "ov", *(["torch", "ov", "ov", "torch"] * 2)]
+    assert h["ratio"] == pytest.approx(2.0)
+    assert h["baseline_per_s"] == pytest.approx(80.0) and h["candidate_per_s"] == pytest.approx(160.0)
+    assert (h["baseline"], h["candidate"], h["rounds"]) == ("torch", "ov", 2)
+
+
+def test_http_reference_is_the_mean_of_before_and_after() -> None:
+    before = {"candidate": "ov", "items_per_s": 400.0, "batcher": {"32": {"items_per_s": 300.0}}}
+    after = {"candidate": "ov", "items_per_s": 500.0, "batcher": {"32": {"items_per_s": 340.0}}}
+    ref = bench_http.around(before, after)
+    assert ref["items_per_s"] == 450.0 and ref["batcher"]["32"]["items_per_s"] == 320.0
+    assert ref["candidate"] == "ov" and ref["before"] is before and ref["after"] is after
+    failed = common.skipped("no package")
+    assert bench_http.around(failed, after) is after and bench_http.around(before, failed) is before
+
+
 def test_targets_are_judged() -> None:
     t = {x["target"]: x for x in run_all.targets(_parts())}  # type: ignore[arg-type]
     assert t["b32x128 throughput vs PyTorch bf16 autocast (best gate-passing candidate)"]["value"] == 2.5
@@ -412,6 +442,15 @@ def test_targets_are_judged() -> None:
     assert t["audit on vs off"]["met"] is True
     assert t["batch (net) vs in-process"]["met"] is None
     assert t["cold start to ready (s)"]["met"] is True
+
+
+def test_the_2x_target_is_judged_head_to_head_when_there_is_one() -> None:
+    parts = _parts()
+    h2h = {"baseline": "pytorch bf16 autocast", "candidate": "a", "rounds": 6, "ratio": 1.9}
+    parts["inprocess"]["head_to_head"] = h2h  # type: ignore[index]
+    (row,) = [x for x in run_all.targets(parts) if x["target"].startswith("b32x128")]  # type: ignore[arg-type]
+    # the one-shot table says 2.5 for runner a; the alternating measurement decides
+    assert row["value"] == 1.9 and row["met"] is False and "ABBA x 6" in row["from"]
 
 
 def test_results_page_renders(tmp_path: Path) -> None:
