@@ -97,6 +97,8 @@ async def auth_guard(connection: Any, handler: Any) -> None:
 
     A coroutine on purpose: Litestar runs a plain-function guard in a worker thread, a
     thread hop per request that cost more than the work (one indexed SQLite read, WAL).
+    So the key lookup runs on the event loop: it must stay a point read that a writer
+    cannot block (WAL), or move behind ``anyio.to_thread`` again.
     """
     ctx = context_of(connection.scope)
     ctx.route = str(connection.scope.get("path_template", ""))

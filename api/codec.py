@@ -118,7 +118,8 @@ def json_depth(raw: bytes, *, limit: int | None = None) -> int:
     """Deepest nesting of ``[`` / ``{`` in JSON bytes (strings ignored); vectorized.
 
     With ``limit``, a body holding at most ``limit`` brackets in all cannot nest deeper and
-    answers their count at once (an upper bound; every ordinary request takes this path).
+    answers their count at once (an upper bound of the depth: single requests and a few
+    inputs take this path; bigger bodies get the full scan).
     """
     if limit is not None:
         brackets = raw.count(b"[") + raw.count(b"{")

@@ -31,9 +31,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import wrk
 from bench.common import (
@@ -58,11 +58,14 @@ __all__ = [
     "measure_endpoints",
     "request_body",
     "run",
+    "run_loop",
     "server_batching",
     "server_texts",
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ENDPOINTS = ("/v1/embeddings", "/v2/infer")
 LEVELS = (1, 8, 32)
@@ -177,7 +180,7 @@ def measure_endpoints(
     *,
     endpoints: Sequence[str] = ENDPOINTS,
     levels: Sequence[int] = LEVELS,
-    server_cpu_s: Callable[[], float] | None = None,
+    server_cpu_s: Callable[[], float | None] | None = None,
 ) -> list[dict[str, Any]]:
     """One closed-loop run per (endpoint, concurrency); ``server_cpu_s()`` (the server's CPU
     seconds so far) adds ``server_cpu_ms`` per request to each row."""
@@ -221,8 +224,9 @@ def measure_endpoints(
                     )
                 )
                 r["client"] = "httpx (wrk not installed: the client's CPU counts against the server)"
-            if cpu0 is not None and server_cpu_s is not None and r.get("ok"):
-                r["server_cpu_ms"] = 1000.0 * (server_cpu_s() - cpu0) / r["ok"]
+            cpu1 = server_cpu_s() if cpu0 is not None and server_cpu_s is not None else None
+            if cpu0 is not None and cpu1 is not None and r.get("ok"):
+                r["server_cpu_ms"] = 1000.0 * (cpu1 - cpu0) / r["ok"]
             r["endpoint"] = endpoint
             rows.append(r)
             print(
@@ -254,12 +258,17 @@ def inprocess_reference(cfg: Config, texts: Sequence[str], levels: Sequence[int]
             encode, texts, lengths, batch_size=32, passes=cfg.pick(2, 2), budget_s=cfg.pick(5.0, 20.0)
         )
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        batcher = {
-            str(c): asyncio.run(
-                server_batching(model, texts, concurrency=c, duration_s=cfg.pick(1.0, 8.0), warmup_s=cfg.pick(0.3, 2.0))
-            )
-            for c in levels
-        }
+        batcher: dict[str, Any] = {}
+        for c in levels:
+            try:
+                batcher[str(c)] = run_loop(
+                    server_batching(
+                        model, texts, concurrency=c, duration_s=cfg.pick(1.0, 8.0), warmup_s=cfg.pick(0.3, 2.0)
+                    )
+                )
+            except Exception as exc:  # one level failing keeps the sorted reference and the others
+                logger.warning("in-process batcher reference at c=%d failed: %s", c, exc)
+                batcher[str(c)] = skipped(f"{type(exc).__name__}: {exc}")
     finally:
         model.close()
     return {
@@ -287,11 +296,24 @@ def around(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {**mean(before, after), "before": before, "after": after}
 
 
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the event loop the server uses (uvloop where installed, as uvicorn picks it)."""
+    try:
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
 async def server_batching(
     model: Any, texts: Sequence[str], *, concurrency: int, duration_s: float, warmup_s: float
 ) -> dict[str, float]:
     """Items/s and CPU ms per item of ``concurrency`` closed-loop submitters of one text each
-    through :meth:`api.server.Server.embed` (the server's tokenizing and batching, no HTTP)."""
+    through :meth:`api.server.Server.embed` (the server's tokenizing and batching, no HTTP).
+    Run it with :func:`run_loop` to get the server's event loop."""
     from api.config import ApiConfig
     from api.metrics import Metrics
     from api.server import Server
@@ -309,11 +331,17 @@ async def server_batching(
             await server.embed(model, [texts[i % len(texts)]])
             done += 1
 
+    async def phase(until: float) -> None:
+        # a TaskGroup: one submitter failing cancels and awaits the others before the batcher stops
+        async with asyncio.TaskGroup() as group:
+            for _ in range(concurrency):
+                group.create_task(worker(until))
+
     try:
-        await asyncio.gather(*(worker(time.perf_counter() + warmup_s) for _ in range(concurrency)))
+        await phase(time.perf_counter() + warmup_s)
         done = 0
         cpu0, start = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(worker(start + duration_s) for _ in range(concurrency)))
+        await phase(start + duration_s)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - start
     finally:
         await server.stop()
@@ -360,6 +388,7 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
     except Exception as exc:
         logger.warning("http bench failed: %s", exc)
         result.update(skipped(f"{type(exc).__name__}: {exc}"))
+        result["inprocess"] = before
         write_json(cfg.out / "http.json", result)
         return result
     try:
@@ -387,17 +416,21 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
     return result
 
 
-def _cpu_of(pid: int) -> Callable[[], float] | None:
-    """CPU seconds (user + system, every thread) of process ``pid`` so far, or None without psutil."""
+def _cpu_of(pid: int) -> Callable[[], float | None] | None:
+    """CPU seconds (user + system, every thread) of process ``pid`` so far (None once it is
+    gone), or None without psutil: the rows then go without ``server_cpu_ms``."""
     try:
         import psutil
 
         proc = psutil.Process(pid)
-    except Exception:  # psutil missing or the process gone: the rows go without server_cpu_ms
+    except Exception:
         return None
 
-    def cpu() -> float:
-        t = proc.cpu_times()
+    def cpu() -> float | None:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:  # the server died: its rows keep their errors, without CPU figures
+            return None
         return float(t.user + t.system)
 
     return cpu

@@ -122,8 +122,11 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(h2h, dict) and "ratio" in h2h:  # alternating in one process: the drift cancels
         where = f"{h2h['candidate']} vs {h2h['baseline']}, ABBA x {h2h['rounds']}"
         add(f"{name[:-1]}, head to head)", h2h["ratio"], 2.0, True, where)
-    else:  # the one-shot table
-        add(name, best_tp and best_tp.get("x_bf16"), 2.0, True, best_tp["runner"] if best_tp else "inprocess")
+    else:  # the one-shot table (say why the head to head is missing)
+        where = best_tp["runner"] if best_tp else "inprocess"
+        if isinstance(h2h, dict) and is_skipped(h2h):
+            where += f" (one-shot; head to head skipped: {h2h['skipped']})"
+        add(name, best_tp and best_tp.get("x_bf16"), 2.0, True, where)
     add(
         "batch-1 p50 latency vs PyTorch fp32 (best gate-passing candidate)",
         best_lat and best_lat.get("b1_vs_fp32"),
@@ -220,15 +223,30 @@ def render_readme(report: dict[str, Any]) -> str:
     lines += _section("HTTP (one text per request, closed loop)", parts.get("http"), HTTP_COLUMNS)
     ref = _get(parts, "http", "inprocess")
     if isinstance(ref, dict) and "items_per_s" in ref:
+        sorted_runs = [_get(ref, side, "items_per_s") for side in ("before", "after")]
+        drift = (
+            f"; before {sorted_runs[0]:.1f}, after {sorted_runs[1]:.1f} the server runs"
+            if None not in sorted_runs
+            else ""
+        )
         lines += [
             f"In-process reference (`vs_inprocess`): {ref['candidate']} at {ref['items_per_s']:.1f} items/s "
-            f"in length-sorted batches of 32 ({ref.get('cpu_ms_per_item', 0):.2f} CPU ms per item).",
+            f"in length-sorted batches of 32 ({ref.get('cpu_ms_per_item', 0):.2f} CPU ms per item{drift}).",
             "",
         ]
         batcher = ref.get("batcher") or {}
         if batcher:
+
+            def spread(c: str) -> str:
+                # the references before and after the server runs: how far the box drifted
+                runs = [_get(ref, side, "batcher", c, "items_per_s") for side in ("before", "after")]
+                return f"; before {runs[0]:.1f}, after {runs[1]:.1f}" if None not in runs else ""
+
             levels = ", ".join(
-                f"c={c} {v['items_per_s']:.1f} items/s ({v['cpu_ms_per_item']:.2f} CPU ms)" for c, v in batcher.items()
+                f"c={c} {v['items_per_s']:.1f} items/s ({v['cpu_ms_per_item']:.2f} CPU ms{spread(c)})"
+                if "items_per_s" in v
+                else f"c={c} not measured ({v.get('skipped', 'failed')})"
+                for c, v in batcher.items()
             )
             lines += [
                 "The same model behind the server's own batching, C single-text submitters in this process, "

@@ -370,7 +370,6 @@ def _parts() -> dict[str, object]:
 
 def test_server_batching_runs_single_texts_through_the_servers_batcher() -> None:
     """The in-process reference behind the server's batching: C submitters of one text each."""
-    import asyncio
     import threading
     import time
 
@@ -394,12 +393,33 @@ def test_server_batching_runs_single_texts_through_the_servers_batcher() -> None
 
     model = Model()
     texts = ["one", "two words", "three words here", "a b c d"]
-    r = asyncio.run(bench_http.server_batching(model, texts, concurrency=8, duration_s=0.3, warmup_s=0.05))
-    assert r["items_per_s"] > 0 and r["cpu_ms_per_item"] >= 0
+    r = bench_http.run_loop(bench_http.server_batching(model, texts, concurrency=8, duration_s=0.3, warmup_s=0.05))
+    assert r["items_per_s"] > 0 and r["cpu_ms_per_item"] > 0
     # batched off the event loop by the server's own batcher, more than one text per batch
     assert model.threads == {"batcher-fake"}
     assert max(len(b) for b in model.batches) > 1
     assert sum(len(b) for b in model.batches) >= r["items_per_s"] * 0.3
+
+
+def test_server_batching_fails_whole_and_stops_its_batcher() -> None:
+    import threading
+
+    from runtime.text import Tokens
+
+    class Broken:
+        name = "broken"
+
+        def tokenize(self, texts: list[str], *, truncate: bool) -> list[Tokens]:
+            return [Tokens([1], [0]) for _ in texts]
+
+        def embed_tokens(self, tokens: list[Tokens]) -> np.ndarray:
+            raise RuntimeError("session lost")
+
+    with pytest.raises(ExceptionGroup) as info:
+        bench_http.run_loop(bench_http.server_batching(Broken(), ["x"], concurrency=4, duration_s=5, warmup_s=5))
+    assert info.group_contains(RuntimeError, match="session lost")
+    # every submitter was cancelled or failed before the batcher stopped: no thread left behind
+    assert not [t for t in threading.enumerate() if t.name == "batcher-broken"]
 
 
 def test_head_to_head_alternates_abba_and_divides_median_times() -> None:
@@ -448,9 +468,12 @@ def test_the_2x_target_is_judged_head_to_head_when_there_is_one() -> None:
     parts = _parts()
     h2h = {"baseline": "pytorch bf16 autocast", "candidate": "a", "rounds": 6, "ratio": 1.9}
     parts["inprocess"]["head_to_head"] = h2h  # type: ignore[index]
-    (row,) = [x for x in run_all.targets(parts) if x["target"].startswith("b32x128")]  # type: ignore[arg-type]
+    (row,) = [x for x in run_all.targets(parts) if x["target"].startswith("b32x128")]
     # the one-shot table says 2.5 for runner a; the alternating measurement decides
     assert row["value"] == 1.9 and row["met"] is False and "ABBA x 6" in row["from"]
+    parts["inprocess"]["head_to_head"] = common.skipped("torch missing")  # type: ignore[index]
+    (row,) = [x for x in run_all.targets(parts) if x["target"].startswith("b32x128")]
+    assert row["value"] == 2.5 and "head to head skipped: torch missing" in row["from"]
 
 
 def test_results_page_renders(tmp_path: Path) -> None:
@@ -470,6 +493,43 @@ def test_results_page_renders(tmp_path: Path) -> None:
     assert "2.870 GFLOP" in page
     assert "skipped c: cannot open" in page
     assert "skipped: batch not here" in page
+
+
+def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: Path) -> None:
+    parts = _parts()
+    parts["inprocess"]["head_to_head"] = {  # type: ignore[index]
+        "baseline": "pytorch bf16 autocast",
+        "candidate": "a",
+        "rounds": 10,
+        "baseline_per_s": 90.0,
+        "candidate_per_s": 171.0,
+        "ratio": 1.9,
+    }
+    before = {"candidate": "a", "items_per_s": 500.0, "cpu_ms_per_item": 4.0, "batcher": {"32": _level(380.0)}}
+    after = {
+        "candidate": "a",
+        "items_per_s": 460.0,
+        "cpu_ms_per_item": 4.0,
+        "batcher": {"32": _level(300.0), "8": common.skipped("boom")},
+    }
+    parts["http"]["inprocess"] = bench_http.around(before, after)  # type: ignore[index]
+    report = {
+        "started_at": "s",
+        "finished_at": "f",
+        "seconds": 1.0,
+        "quick": False,
+        "out": str(tmp_path),
+        "parts": parts,
+    }
+    report["targets"] = []
+    page = run_all.render_readme(report)
+    assert "ABBA x 10" in page and "a 171.0/s vs pytorch bf16 autocast 90.0/s = 1.90x" in page
+    assert "at 480.0 items/s" in page and "before 500.0, after 460.0 the server runs" in page
+    assert "c=32 340.0 items/s (5.00 CPU ms; before 380.0, after 300.0)" in page
+
+
+def _level(items_per_s: float) -> dict[str, float]:
+    return {"items_per_s": items_per_s, "cpu_ms_per_item": 5.0}
 
 
 def test_bench_command_is_registered_and_names_the_fix(tmp_path: Path) -> None:
