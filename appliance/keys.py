@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from api.protocols import Principal
+from appliance.sqlite import enable_wal
 from runtime.errors import AuthError, InputError
 
 __all__ = ["SCOPES", "KeyRecord", "KeyStore", "parse_expiry"]
@@ -142,7 +143,7 @@ class KeyStore:
         conn = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None, timeout=10.0)
         self.db = sqlite_utils.Database(conn)
         conn.execute("PRAGMA busy_timeout = 10000")
-        self.db.enable_wal()
+        enable_wal(conn, timeout_s=10.0)
         conn.execute("PRAGMA synchronous = FULL")
         with self._write():
             conn.execute(_SCHEMA)

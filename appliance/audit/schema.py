@@ -20,6 +20,7 @@ from pathlib import Path
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from appliance.sqlite import enable_wal
 from runtime.errors import AuditError
 
 __all__ = ["MIGRATIONS", "connect", "ensure_schema", "read_log_id"]
@@ -106,7 +107,7 @@ def connect(db_path: Path, *, busy_timeout_s: float = 30.0, read_only: bool = Fa
     else:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(db_path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        enable_wal(conn, timeout_s=busy_timeout_s)
         conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
     return conn

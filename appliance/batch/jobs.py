@@ -24,6 +24,7 @@ import sqlite_utils
 
 from appliance.batch.readers import ChunkPlan
 from appliance.batch.spool import JobRequest
+from appliance.sqlite import enable_wal
 from runtime.errors import BatchError
 
 __all__ = ["Job", "JobStore", "Lease"]
@@ -86,7 +87,7 @@ class JobStore:
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         self._conn.execute("PRAGMA synchronous = FULL")
         self.db = sqlite_utils.Database(self._conn)
-        self.db.enable_wal()
+        enable_wal(self._conn, timeout_s=busy_timeout_s)
         with self._tx():
             self._create()
 

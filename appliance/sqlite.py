@@ -1,0 +1,43 @@
+"""What every SQLite file of the appliance (state.db, audit.db) needs when it is opened."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+
+__all__ = ["enable_wal"]
+
+#: pause between tries while another process holds the lock the journal-mode switch needs
+RETRY_S = 0.01
+
+
+def enable_wal(
+    conn: sqlite3.Connection,
+    *,
+    timeout_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Put ``conn``'s database in WAL mode, retrying for up to ``timeout_s`` while it is locked.
+
+    The switch needs an exclusive lock, and when two processes open a fresh file at the
+    same moment (``inferbox serve`` and the batch service on a new box) SQLite answers
+    "database is locked" at once instead of calling the busy handler, or leaves the old
+    mode in place; both are retried.  Once a file is in WAL mode it stays so, and this is
+    one cheap pragma.
+    """
+    deadline = clock() + timeout_s
+    while True:
+        try:
+            row = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            if row is not None and str(row[0]).lower() == "wal":
+                return
+            problem = f"journal mode stayed {row[0] if row else None!r}"
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            problem = str(exc)
+        if clock() >= deadline:
+            raise sqlite3.OperationalError(f"cannot switch the database to WAL within {timeout_s:g} s: {problem}")
+        sleep(RETRY_S)
