@@ -71,6 +71,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
                     cfg,
                     endpoints=("/v1/embeddings",),
                     levels=(CONCURRENCY,),
+                    multi=None,
                 )
                 row.update({"audit": audit, "mode": srv.mode})
                 audit_db = srv.home / "audit.db"

@@ -69,10 +69,14 @@ T = TypeVar("T")
 
 ENDPOINTS = ("/v1/embeddings", "/v2/infer")
 LEVELS = (1, 8, 32)
+#: a client that batches: this many texts per /v1/embeddings request, at these concurrencies
+MULTI_TEXTS = 32
+MULTI_LEVELS = (1, 4)
 COLUMNS = (
     "endpoint",
     "concurrency",
     "rps",
+    "items_per_s",
     "p50_ms",
     "p99_ms",
     "vs_inprocess",
@@ -181,59 +185,72 @@ def measure_endpoints(
     endpoints: Sequence[str] = ENDPOINTS,
     levels: Sequence[int] = LEVELS,
     server_cpu_s: Callable[[], float | None] | None = None,
+    multi: tuple[int, Sequence[int]] | None = (MULTI_TEXTS, MULTI_LEVELS),
 ) -> list[dict[str, Any]]:
-    """One closed-loop run per (endpoint, concurrency); ``server_cpu_s()`` (the server's CPU
-    seconds so far) adds ``server_cpu_ms`` per request to each row."""
+    """One closed-loop run per (endpoint, concurrency), one text per request; then, with
+    ``multi`` = (k, levels), ``POST /v1/embeddings`` carrying k texts per request (a client
+    that batches).  ``server_cpu_s()`` (the server's CPU seconds so far) adds
+    ``server_cpu_ms`` per request to each row; ``texts_per_request`` says how many items a
+    request is."""
+    plans: list[tuple[str, str, list[bytes], int, Sequence[int]]] = [
+        (e, endpoint_path(e, model), [request_body(e, model, t) for t in texts], 1, levels) for e in endpoints
+    ]
+    if multi is not None and "/v1/embeddings" in endpoints:
+        k, multi_levels = multi
+        chunks = [list(texts[i : i + k]) for i in range(0, len(texts) - k + 1, k)]
+        bodies = [json.dumps({"model": model, "input": chunk}).encode() for chunk in chunks]
+        plans.append((f"/v1/embeddings x{k}", "/v1/embeddings", bodies, k, multi_levels))
     rows: list[dict[str, Any]] = []
-    for endpoint in endpoints:
-        bodies = [request_body(endpoint, model, t) for t in texts]
-        url = base_url + endpoint_path(endpoint, model)
-        for c in levels:
-            if wrk.available():
-                # A C client: on a 2-core box the Python one would eat a third of the machine.
-                # Warm up first: a fresh server's first batches of each shape are slow (OpenVINO
-                # prepares kernels per input shape), and the audit on/off runs each start cold.
-                wrk.run(
-                    base_url,
-                    endpoint_path(endpoint, model),
-                    bodies,
-                    headers,
-                    concurrency=c,
-                    duration_s=cfg.pick(1.0, WARMUP_S),
-                )
-                cpu0 = server_cpu_s() if server_cpu_s is not None else None
-                r = wrk.run(
-                    base_url,
-                    endpoint_path(endpoint, model),
-                    bodies,
-                    headers,
-                    concurrency=c,
-                    duration_s=cfg.pick(2.0, 12.0),
-                )
-            else:
-                cpu0 = None
-                r = asyncio.run(
-                    closed_loop(
-                        url,
-                        bodies,
-                        headers=headers,
-                        concurrency=c,
-                        max_requests=cfg.pick(40 * c, 400 * c),
-                        duration_s=cfg.pick(2.0, 12.0),
-                        warmup=min(len(bodies), cfg.pick(4, 32)),
-                    )
-                )
-                r["client"] = "httpx (wrk not installed: the client's CPU counts against the server)"
-            cpu1 = server_cpu_s() if cpu0 is not None and server_cpu_s is not None else None
-            if cpu0 is not None and cpu1 is not None and r.get("ok"):
-                r["server_cpu_ms"] = 1000.0 * (cpu1 - cpu0) / r["ok"]
-            r["endpoint"] = endpoint
+    for label, path, bodies, per_request, plan_levels in plans:
+        for c in plan_levels:
+            r = _measure(base_url + path, path, bodies, headers, c, cfg, server_cpu_s)
+            r["endpoint"] = label
+            r["texts_per_request"] = per_request
+            r["items_per_s"] = r["rps"] * per_request
             rows.append(r)
             print(
-                f"  {endpoint} c={c}: {r['rps']:.1f} req/s, p50 {r.get('p50_ms', 0):.1f} ms, errors {r['errors']}",
+                f"  {label} c={c}: {r['rps']:.1f} req/s, p50 {r.get('p50_ms', 0):.1f} ms, errors {r['errors']}",
                 flush=True,
             )
     return rows
+
+
+def _measure(
+    url: str,
+    path: str,
+    bodies: list[bytes],
+    headers: dict[str, str],
+    c: int,
+    cfg: Config,
+    server_cpu_s: Callable[[], float | None] | None,
+) -> dict[str, Any]:
+    """One closed-loop run at concurrency ``c`` (wrk when installed, else httpx)."""
+    base_url = url[: -len(path)]
+    if wrk.available():
+        # A C client: on a 2-core box the Python one would eat a third of the machine.
+        # Warm up first: a fresh server's first batches of each shape are slow (OpenVINO
+        # prepares kernels per input shape), and the audit on/off runs each start cold.
+        wrk.run(base_url, path, bodies, headers, concurrency=c, duration_s=cfg.pick(1.0, WARMUP_S))
+        cpu0 = server_cpu_s() if server_cpu_s is not None else None
+        r = wrk.run(base_url, path, bodies, headers, concurrency=c, duration_s=cfg.pick(2.0, 12.0))
+    else:
+        cpu0 = None
+        r = asyncio.run(
+            closed_loop(
+                url,
+                bodies,
+                headers=headers,
+                concurrency=c,
+                max_requests=cfg.pick(40 * c, 400 * c),
+                duration_s=cfg.pick(2.0, 12.0),
+                warmup=min(len(bodies), cfg.pick(4, 32)),
+            )
+        )
+        r["client"] = "httpx (wrk not installed: the client's CPU counts against the server)"
+    cpu1 = server_cpu_s() if cpu0 is not None and server_cpu_s is not None else None
+    if cpu0 is not None and cpu1 is not None and r.get("ok"):
+        r["server_cpu_ms"] = 1000.0 * (cpu1 - cpu0) / r["ok"]
+    return r
 
 
 def inprocess_reference(cfg: Config, texts: Sequence[str], levels: Sequence[int] = LEVELS) -> dict[str, Any]:
@@ -399,17 +416,18 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
     ref = result["inprocess"].get("items_per_s")
     batcher = result["inprocess"].get("batcher") or {}
     for r in result["rows"]:
-        r["vs_inprocess"] = ratio(r["rps"], ref)
-        r["vs_batcher"] = ratio(r["rps"], (batcher.get(str(r["concurrency"])) or {}).get("items_per_s"))
+        r["vs_inprocess"] = ratio(r["items_per_s"], ref)
+        if r["texts_per_request"] == 1:  # the batcher reference submits one text at a time
+            r["vs_batcher"] = ratio(r["rps"], (batcher.get(str(r["concurrency"])) or {}).get("items_per_s"))
     result["table"] = format_table(COLUMNS, result["rows"])
     print(f"in-process reference: {result['inprocess']}")
     print(result["table"])
     rows = result["rows"]
     result["chart"] = write_chart(
         cfg.out / "http.png",
-        "HTTP requests/s (one text per request) vs in-process items/s",
+        "HTTP items/s vs in-process items/s",
         [f"{r['endpoint']} c={r['concurrency']}" for r in rows] + ["in-process"],
-        {"items / s": [r["rps"] for r in rows] + [ref]},
+        {"items / s": [r["items_per_s"] for r in rows] + [ref]},
         ylabel="items / s",
     ) or str(cfg.out / "http.png")
     write_json(cfg.out / "http.json", result)
