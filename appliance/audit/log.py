@@ -60,6 +60,14 @@ class _Item:
 _STOP = object()
 
 
+def _items(queued: object) -> list[_Item]:
+    """What the writer's queue holds, one record or a group, as a list."""
+    if isinstance(queued, list):
+        return queued
+    assert isinstance(queued, _Item)
+    return [queued]
+
+
 def _set_result(fut: asyncio.Future[int], seq: int) -> None:
     if not fut.done():
         fut.set_result(seq)
@@ -106,8 +114,12 @@ class AuditLog:
         self._inherited: list[sqlite3.Connection] = []
         self._log_id = ""
         self._opened_at = clock()
-        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
+        #: one item, a list of items (one event-loop iteration's records), or _STOP
+        self._queue: queue.SimpleQueue[_Item | list[_Item] | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        #: records of the current event-loop iteration, per loop, not yet handed to the writer
+        self._handover: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
+        self._handover_lock = threading.Lock()
         self._closed = False
 
     @classmethod
@@ -161,8 +173,25 @@ class AuditLog:
             raise AuditError("the audit log is not started; call AuditLog.start() (the app lifespan does)")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
-        self._queue.put(_Item(event, loop=loop, afuture=fut))
+        # The records of one loop iteration (the answers of one inference batch) reach the
+        # writer together: one wake-up of its thread per group instead of one per request.
+        # At ~330 req/s it woke ~490 times a second, each time pre-empting an inference thread.
+        with self._handover_lock:
+            pending = self._handover.setdefault(loop, [])
+            pending.append(_Item(event, loop=loop, afuture=fut))
+            first = len(pending) == 1
+        if first:
+            loop.call_soon(self._hand_over, loop)
         return await fut
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Queue the waiting records of ``loop`` (every loop when None) as one group each."""
+        with self._handover_lock:
+            loops = [loop] if loop is not None else list(self._handover)
+            groups = [self._handover.pop(lp, []) for lp in loops]
+        for group in groups:
+            if group:
+                self._queue.put(group)
 
     # -- synchronous API ---------------------------------------------------
 
@@ -191,6 +220,7 @@ class AuditLog:
         if self._closed:
             return
         if self._thread is not None:
+            self._hand_over()  # records of a loop iteration still running go before the stop
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
@@ -362,8 +392,7 @@ class AuditLog:
             if first is _STOP:
                 stop = True
             else:
-                assert isinstance(first, _Item)
-                items.append(first)
+                items.extend(_items(first))
             while len(items) < self._max_batch:
                 try:
                     nxt = self._queue.get_nowait()
@@ -372,8 +401,7 @@ class AuditLog:
                 if nxt is _STOP:
                     stop = True
                     break
-                assert isinstance(nxt, _Item)
-                items.append(nxt)
+                items.extend(_items(nxt))
             if items:
                 self._flush(items)
         # anything enqueued after the stop marker was not accepted
@@ -382,8 +410,8 @@ class AuditLog:
                 late = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(late, _Item):
-                self._flush([late])
+            if late is not _STOP:
+                self._flush(_items(late))
 
     def _tick(self) -> None:
         try:

@@ -57,6 +57,54 @@ def test_group_commit_uses_fewer_transactions_than_records(tmp_path: Path, key: 
     assert report.ok and report.last_seq == 300
 
 
+def test_one_loop_iteration_of_records_reaches_the_writer_as_one_group(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """The answers of one batch are recorded in one loop iteration: they reach the writer's queue
+    as one item, so its thread wakes once for them (each wake-up pre-empted an inference thread)."""
+    log = _log(tmp_path, key, checkpoint_every=1000)
+    log.start()
+    puts: list[int] = []
+    inner = log._queue
+
+    class Counting:
+        def put(self, item: object) -> None:
+            puts.append(len(item) if isinstance(item, list) else 1)
+            inner.put(item)
+
+        def get(self, timeout: float | None = None) -> object:
+            return inner.get(timeout=timeout)
+
+        def get_nowait(self) -> object:
+            return inner.get_nowait()
+
+    log._queue = Counting()  # type: ignore[assignment]
+
+    async def main() -> list[int]:
+        seqs = await asyncio.gather(*(log.record_seq(T.event(i)) for i in range(20)))
+        more = await asyncio.gather(*(log.record_seq(T.event(i)) for i in range(20, 25)))
+        return [*seqs, *more]
+
+    assert sorted(asyncio.run(main())) == list(range(1, 26))
+    assert puts == [20, 5]
+    log.close()
+    assert verify_db(tmp_path / "audit.db", key.public_key()).ok
+
+
+def test_records_still_waiting_for_their_loop_iteration_are_written_at_close(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    log = _log(tmp_path, key)
+    log.start()
+
+    async def main() -> list[int]:
+        tasks = [asyncio.ensure_future(log.record_seq(T.event(i))) for i in range(3)]
+        await asyncio.sleep(0)  # the three have queued, the hand-over to the writer has not run
+        log.close()  # as a shutdown in this loop iteration would
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), 10))  # lost records: a timeout
+
+    assert sorted(asyncio.run(main())) == [1, 2, 3]
+    assert verify_db(tmp_path / "audit.db", key.public_key()).last_seq == 3
+
+
 def test_a_record_is_visible_to_another_connection_when_its_await_returns(
     tmp_path: Path, key: Ed25519PrivateKey
 ) -> None:
