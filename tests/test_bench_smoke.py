@@ -6,9 +6,11 @@ tiny graph built here, and statistics are checked on fixed numbers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
 
@@ -581,9 +583,7 @@ def test_wrk_script_quotes_bodies_that_contain_lua_brackets() -> None:
 
 def test_wrk_script_loads_in_wrk_and_sends_the_bodies(tmp_path: Path) -> None:
     """Run the real wrk (when installed) against a tiny local server that records what it got."""
-    import http.server
     import shutil
-    import threading
 
     from bench import wrk
 
@@ -592,6 +592,56 @@ def test_wrk_script_loads_in_wrk_and_sends_the_bodies(tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError, match="apt-get install wrk"):
             wrk.run("http://127.0.0.1:9", "/", [b"{}"], {}, concurrency=1, duration_s=1)
         return
+    with _recording_server() as (url, seen):
+        result = wrk.run(
+            url,
+            "/v1/embeddings",
+            [b'{"a": 1}', b'{"b": "]]"}'],
+            {"Authorization": "Bearer k"},
+            concurrency=2,
+            duration_s=1,
+        )
+    assert result["ok"] > 0 and result["errors"] == {}
+    assert {(p, a) for p, a, _ in seen} == {("/v1/embeddings", "Bearer k")}
+    assert {b for _, _, b in seen} == {b'{"a": 1}', b'{"b": "]]"}'}
+
+
+def test_measure_endpoints_adds_a_batching_client_counted_in_items(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single-text rows per endpoint and level, then /v1/embeddings with k texts per request."""
+    from bench import wrk
+
+    monkeypatch.setattr(wrk, "available", lambda: False)  # the httpx client: no timing needed
+    with _recording_server() as (url, seen):
+        rows = bench_http.measure_endpoints(
+            url,
+            {},
+            "m",
+            [f"text {i}" for i in range(10)],
+            Config(out=tmp_path, quick=True),
+            levels=(1,),
+            multi=(4, (2,)),
+        )
+    assert [(r["endpoint"], r["concurrency"], r["texts_per_request"]) for r in rows] == [
+        ("/v1/embeddings", 1, 1),
+        ("/v2/infer", 1, 1),
+        ("/v1/embeddings x4", 2, 4),
+    ]
+    assert all(r["items_per_s"] == pytest.approx(r["rps"] * r["texts_per_request"]) for r in rows)
+    bodies = [json.loads(body) for path, _, body in seen if path == "/v1/embeddings"]
+    multi = [b for b in bodies if isinstance(b["input"], list)]
+    # whole chunks of 4 texts only (10 texts -> 2 bodies), each sent as one request
+    assert multi and {tuple(b["input"]) for b in multi} <= {tuple(f"text {i}" for i in range(j, j + 4)) for j in (0, 4)}
+
+
+@contextlib.contextmanager
+def _recording_server() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
+    """A tiny local HTTP server answering every POST with ``{}``; yields its URL and what it got
+    (path, Authorization header, body)."""
+    import http.server
+    import threading
+
     seen: list[tuple[str, str, bytes]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -611,67 +661,6 @@ def test_wrk_script_loads_in_wrk_and_sends_the_bodies(tmp_path: Path) -> None:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        result = wrk.run(
-            url,
-            "/v1/embeddings",
-            [b'{"a": 1}', b'{"b": "]]"}'],
-            {"Authorization": "Bearer k"},
-            concurrency=2,
-            duration_s=1,
-        )
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
     finally:
         server.shutdown()
-    assert result["ok"] > 0 and result["errors"] == {}
-    assert {(p, a) for p, a, _ in seen} == {("/v1/embeddings", "Bearer k")}
-    assert {b for _, _, b in seen} == {b'{"a": 1}', b'{"b": "]]"}'}
-
-
-def test_measure_endpoints_adds_a_batching_client_counted_in_items(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Single-text rows per endpoint and level, then /v1/embeddings with k texts per request."""
-    import http.server
-    import threading
-
-    from bench import wrk
-
-    monkeypatch.setattr(wrk, "available", lambda: False)  # the httpx client: no timing needed
-    seen: list[tuple[str, dict[str, object]]] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        rows = bench_http.measure_endpoints(
-            f"http://127.0.0.1:{server.server_address[1]}",
-            {},
-            "m",
-            [f"text {i}" for i in range(10)],
-            Config(out=tmp_path, quick=True),
-            levels=(1,),
-            multi=(4, (2,)),
-        )
-    finally:
-        server.shutdown()
-    assert [(r["endpoint"], r["concurrency"], r["texts_per_request"]) for r in rows] == [
-        ("/v1/embeddings", 1, 1),
-        ("/v2/infer", 1, 1),
-        ("/v1/embeddings x4", 2, 4),
-    ]
-    assert all(r["items_per_s"] == pytest.approx(r["rps"] * r["texts_per_request"]) for r in rows)
-    multi = [body for path, body in seen if path == "/v1/embeddings" and isinstance(body["input"], list)]
-    # whole chunks of 4 texts only (10 texts -> 2 bodies), each sent as one request
-    assert multi and {tuple(b["input"]) for b in multi} <= {tuple(f"text {i}" for i in range(j, j + 4)) for j in (0, 4)}
