@@ -203,7 +203,7 @@ def measure_endpoints(
     rows: list[dict[str, Any]] = []
     for label, path, bodies, per_request, plan_levels in plans:
         for c in plan_levels:
-            r = _measure(base_url + path, path, bodies, headers, c, cfg, server_cpu_s)
+            r = _measure(base_url, path, bodies, headers, c, cfg, server_cpu_s)
             r["endpoint"] = label
             r["texts_per_request"] = per_request
             r["items_per_s"] = r["rps"] * per_request
@@ -216,7 +216,7 @@ def measure_endpoints(
 
 
 def _measure(
-    url: str,
+    base_url: str,
     path: str,
     bodies: list[bytes],
     headers: dict[str, str],
@@ -224,8 +224,7 @@ def _measure(
     cfg: Config,
     server_cpu_s: Callable[[], float | None] | None,
 ) -> dict[str, Any]:
-    """One closed-loop run at concurrency ``c`` (wrk when installed, else httpx)."""
-    base_url = url[: -len(path)]
+    """One closed-loop run at concurrency ``c`` on ``base_url + path`` (wrk when installed, else httpx)."""
     if wrk.available():
         # A C client: on a 2-core box the Python one would eat a third of the machine.
         # Warm up first: a fresh server's first batches of each shape are slow (OpenVINO
@@ -237,7 +236,7 @@ def _measure(
         cpu0 = None
         r = asyncio.run(
             closed_loop(
-                url,
+                base_url + path,
                 bodies,
                 headers=headers,
                 concurrency=c,

@@ -160,6 +160,13 @@ def _section(title: str, part: Any, columns: Sequence[str], rows_key: str = "row
     return [*lines, ""]
 
 
+def _spread(ref: dict[str, Any], *keys: str) -> str:
+    """``; before X, after Y``: a figure of the in-process runs before and after the server runs
+    (how far the box drifted meanwhile), or nothing when either is missing."""
+    runs = [_get(ref, side, *keys) for side in ("before", "after")]
+    return f"; before {runs[0]:.1f}, after {runs[1]:.1f}" if None not in runs else ""
+
+
 def render_readme(report: dict[str, Any]) -> str:
     """The markdown results page."""
     from bench.inprocess import COLUMNS
@@ -220,15 +227,13 @@ def render_readme(report: dict[str, Any]) -> str:
         lines.append("")
     from bench.http import COLUMNS as HTTP_COLUMNS
 
-    lines += _section("HTTP (one text per request, closed loop)", parts.get("http"), HTTP_COLUMNS)
+    lines += _section(
+        "HTTP (closed loop; one text per request unless the endpoint says xN)", parts.get("http"), HTTP_COLUMNS
+    )
     ref = _get(parts, "http", "inprocess")
     if isinstance(ref, dict) and "items_per_s" in ref:
-        sorted_runs = [_get(ref, side, "items_per_s") for side in ("before", "after")]
-        drift = (
-            f"; before {sorted_runs[0]:.1f}, after {sorted_runs[1]:.1f} the server runs"
-            if None not in sorted_runs
-            else ""
-        )
+        drift = _spread(ref, "items_per_s")
+        drift += " the server runs" if drift else ""
         lines += [
             f"In-process reference (`vs_inprocess`): {ref['candidate']} at {ref['items_per_s']:.1f} items/s "
             f"in length-sorted batches of 32 ({ref.get('cpu_ms_per_item', 0):.2f} CPU ms per item{drift}).",
@@ -236,14 +241,9 @@ def render_readme(report: dict[str, Any]) -> str:
         ]
         batcher = ref.get("batcher") or {}
         if batcher:
-
-            def spread(c: str) -> str:
-                # the references before and after the server runs: how far the box drifted
-                runs = [_get(ref, side, "batcher", c, "items_per_s") for side in ("before", "after")]
-                return f"; before {runs[0]:.1f}, after {runs[1]:.1f}" if None not in runs else ""
-
             levels = ", ".join(
-                f"c={c} {v['items_per_s']:.1f} items/s ({v['cpu_ms_per_item']:.2f} CPU ms{spread(c)})"
+                f"c={c} {v['items_per_s']:.1f} items/s ({v['cpu_ms_per_item']:.2f} CPU ms"
+                f"{_spread(ref, 'batcher', c, 'items_per_s')})"
                 if "items_per_s" in v
                 else f"c={c} not measured ({v.get('skipped', 'failed')})"
                 for c, v in batcher.items()
