@@ -369,7 +369,10 @@ def test_audit_log_records_requests_verifies_and_holds_no_payload(served: Served
     events = [line.get("event") for line in lines]
     assert "service_start" in events and "service_stop" in events and "inference" in events
     # The canary: neither the request text nor any key secret is stored anywhere.
-    secrets = [CANARY_TEXT.encode(), served.key.encode(), served.key.split("_")[-1].encode()]
+    # ``ibx_<id>_<secret>``: the secret is token_urlsafe and may itself hold "_".
+    key_secret = served.key.split("_", 2)[2]
+    assert len(key_secret) == 43, served.key
+    secrets = [CANARY_TEXT.encode(), served.key.encode(), key_secret.encode()]
     places = [p for p in served.home.rglob("*") if p.is_file() and "keys" not in p.parts]
     places.append(served.log)
     assert any(p.suffix == ".db" for p in places)
