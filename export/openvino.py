@@ -18,7 +18,12 @@ silently stores FP16 weights).  INT8 recipes:
 4. ``nncf-compress-weights``: INT8 weight-only compression (activations stay
    in the exec precision); slower than full INT8, much closer to fp32.
 
-Measured on all-MiniLM-L6-v2 (this box, b32 x 128 tokens, bf16 exec, cosine vs
+The static recipes quantize for the CPU they are validated on: on an x86 CPU
+without VNNI / AMX (:func:`runtime.hardware.int8_saturates`) with 7-bit weights
+(NNCF's overflow fix on every layer); elsewhere with 8-bit weights, and the
+variant then ``requires`` ``cpu-vnni``.
+
+Measured on all-MiniLM-L6-v2 (AVX-512 + VNNI box, b32 x 128 tokens, bf16 exec, cosine vs
 fp32 on the 230 validation sentences): full INT8 ~180/s but cosine min 0.96;
 dynamic-down ~175-185/s, cosine min 0.993; skip-sensitive ~140-155/s, 0.997;
 group sizes 32 / 128 / 512 / 1536 change cosine by < 0.001, 32 is ~15 % slower.
@@ -50,6 +55,8 @@ class OvRecipe:
     description: str
     #: returns the compressed ov.Model (saved by the pipeline)
     build: Callable[[], Any]
+    #: ``Variant.requires`` of what it builds
+    requires: tuple[str, ...] = ()
 
 
 def convert(onnx_path: Path) -> Any:
@@ -98,6 +105,7 @@ def count_ov_ops(xml_path: Path) -> dict[str, int]:
 
 
 def ov_recipes(prepared: Prepared, onnx_path: Path) -> list[OvRecipe]:
+    from runtime.hardware import int8_saturates, local_cpu_flags
     from runtime.offline import stay_offline
 
     stay_offline()  # NNCF starts the same telemetry client at import
@@ -106,16 +114,22 @@ def ov_recipes(prepared: Prepared, onnx_path: Path) -> list[OvRecipe]:
     transformer = prepared.bert is not None or prepared.text is not None
     names = {i.name for i in prepared.inputs}
     samples = [{k: v for k, v in s.items() if k in names} for s in prepared.calibration]
+    # Validated here, so quantized for here: 7-bit weights where 8-bit ones would saturate
+    # (NNCF's overflow fix on every layer); 8-bit weights are kept only where VNNI makes them
+    # exact, and the variant then requires such a CPU.
+    saturates = int8_saturates(local_cpu_flags())
+    overflow_fix = nncf.OverflowFix.ENABLE if saturates else None
+    static_requires: tuple[str, ...] = () if saturates else ("cpu-vnni",)
+    weights = ", 7-bit weights (no VNNI here)" if saturates else ""
 
     def quantize(ignored: list[str] | None, alpha: float | None) -> Callable[[], Any]:
         def build() -> Any:
-            advanced = (
-                nncf.AdvancedQuantizationParameters(
-                    smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha)
-                )
-                if alpha is not None
-                else None
-            )
+            options: dict[str, Any] = {}
+            if alpha is not None:
+                options["smooth_quant_alphas"] = nncf.AdvancedSmoothQuantParameters(matmul=alpha)
+            if overflow_fix is not None:
+                options["overflow_fix"] = overflow_fix
+            advanced = nncf.AdvancedQuantizationParameters(**options) if options else None
             scope = nncf.IgnoredScope(patterns=ignored, validate=False) if ignored else None
             return nncf.quantize(
                 convert(onnx_path),
@@ -142,8 +156,10 @@ def ov_recipes(prepared: Prepared, onnx_path: Path) -> list[OvRecipe]:
         recipes = [
             OvRecipe(
                 "nncf-quantize",
-                f"nncf.quantize full INT8, ModelType.TRANSFORMER (its default SmoothQuant), {n} calibration samples",
+                f"nncf.quantize full INT8, ModelType.TRANSFORMER (its default SmoothQuant), {n} calibration "
+                f"samples{weights}",
                 quantize(None, None),
+                static_requires,
             )
         ]
         recipes.append(
@@ -151,8 +167,9 @@ def ov_recipes(prepared: Prepared, onnx_path: Path) -> list[OvRecipe]:
                 "nncf-quantize-dynamic-down",
                 "nncf.quantize full INT8, ModelType.TRANSFORMER, SmoothQuant alpha 0.5, FFN down projections "
                 f"with INT8 weights and activations quantized at run time (groups of {DYNAMIC_GROUP}), "
-                f"{n} calibration samples",
+                f"{n} calibration samples{weights}",
                 quantize_dynamic_down,
+                static_requires,
             )
         )
         last = _last_layer(onnx_path)
@@ -162,12 +179,20 @@ def ov_recipes(prepared: Prepared, onnx_path: Path) -> list[OvRecipe]:
             OvRecipe(
                 "nncf-quantize-skip-sensitive",
                 "nncf.quantize full INT8, ModelType.TRANSFORMER, SmoothQuant alpha 0.5, FFN down projections "
-                f"and the last layer in fp32, {n} calibration samples",
+                f"and the last layer in fp32, {n} calibration samples{weights}",
                 quantize(ignored, 0.5),
+                static_requires,
             )
         )
     else:
-        recipes = [OvRecipe("nncf-quantize", f"nncf.quantize full INT8, {n} calibration samples", quantize(None, None))]
+        recipes = [
+            OvRecipe(
+                "nncf-quantize",
+                f"nncf.quantize full INT8, {n} calibration samples{weights}",
+                quantize(None, None),
+                static_requires,
+            )
+        ]
     recipes.append(OvRecipe("nncf-compress-weights", "nncf.compress_weights INT8_ASYM (weights only)", compress))
     return recipes
 

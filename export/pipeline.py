@@ -166,6 +166,7 @@ class _Exporter:
         files: list[str],
         keep: bool,
         description: str,
+        requires: tuple[str, ...] = (),
     ) -> None:
         summary = (
             "; ".join(
@@ -193,6 +194,7 @@ class _Exporter:
                     recipe=recipe,
                     accuracy=cand.accuracy,
                     timings=timings,
+                    requires=list(requires),
                 )
             )
         cand.close()
@@ -328,6 +330,7 @@ class _Exporter:
                 files=["onnx/model.int8.onnx"],
                 keep=keep,
                 description=f"{recipe.description}; quantized nodes {quant}",
+                requires=recipe.requires,
             )
             candidate.unlink(missing_ok=True)
             if keep:
@@ -403,6 +406,7 @@ class _Exporter:
                 files=["openvino/model.int8.xml", "openvino/model.int8.bin"],
                 keep=keep,
                 description=f"{recipe.description}; int8 ops {quant}",
+                requires=recipe.requires,
             )
             if keep:
                 return

@@ -14,6 +14,10 @@ Transformer graphs (measured on all-MiniLM-L6-v2, see the export report):
 
 Other graphs (CNNs, MLPs): static QDQ first (per-channel, calibrated), then
 dynamic per-channel, then static QDQ with the first and last node in fp32.
+
+Every recipe quantizes for the CPU it is validated on: ``reduce_range`` (7-bit
+weights) where INT8 saturates (x86 without VNNI / AMX), else 8-bit weights and
+``requires`` ``cpu-vnni``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class OrtRecipe:
     name: str
     description: str
     build: Callable[[Path], None]
+    #: ``Variant.requires`` of what it builds
+    requires: tuple[str, ...] = ()
 
 
 def count_ops(path: Path) -> dict[str, int]:
@@ -93,9 +99,17 @@ def ort_recipes(prepared: Prepared, fp32: Path, optimized: Path | None) -> list[
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    from runtime.hardware import int8_saturates, local_cpu_flags
+
     base = optimized if optimized is not None else fp32
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     input_names = {i.name for i in prepared.inputs}
+    # MLAS multiplies u8 activations by s8 weights with VPMADDUBSW unless the CPU has VNNI, and
+    # those int16 pair sums saturate on 8-bit weights: there, quantize weights to 7 bits
+    # (reduce_range); with VNNI keep 8 bits and require such a CPU (see runtime.hardware).
+    reduce = int8_saturates(local_cpu_flags())
+    requires: tuple[str, ...] = () if reduce else ("cpu-vnni",)
+    weights = ", 7-bit weights (no VNNI here)" if reduce else ""
 
     def dynamic(exclude: list[str]) -> Callable[[Path], None]:
         def build(dst: Path) -> None:
@@ -104,6 +118,7 @@ def ort_recipes(prepared: Prepared, fp32: Path, optimized: Path | None) -> list[
                 str(dst),
                 weight_type=QuantType.QInt8,
                 per_channel=True,
+                reduce_range=reduce,
                 nodes_to_exclude=exclude,
                 extra_options=extra,
             )
@@ -119,6 +134,7 @@ def ort_recipes(prepared: Prepared, fp32: Path, optimized: Path | None) -> list[
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul", "Gemm", "Conv"],
                 per_channel=True,
+                reduce_range=reduce,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude,
@@ -148,25 +164,30 @@ def ort_recipes(prepared: Prepared, fp32: Path, optimized: Path | None) -> list[
             OrtRecipe(
                 "dynamic-per-channel",
                 "quantize_dynamic per-channel QInt8, every MatMul/Attention of the "
-                f"{'fused' if optimized else 'fp32'} graph",
+                f"{'fused' if optimized else 'fp32'} graph{weights}",
                 dynamic([]),
+                requires,
             ),
             OrtRecipe(
                 "dynamic-per-channel-skip-sensitive",
                 f"quantize_dynamic per-channel; {len(sensitive)} nodes "
-                "in fp32 (attention core, FFN down projections, last layer)",
+                f"in fp32 (attention core, FFN down projections, last layer){weights}",
                 dynamic(sensitive),
+                requires,
             ),
             OrtRecipe(
                 "dynamic-per-channel-ffn-up",
-                f"quantize_dynamic per-channel on the {len(ffn_up)} FFN up projections only (last layer in fp32)",
+                f"quantize_dynamic per-channel on the {len(ffn_up)} FFN up projections only (last layer in fp32)"
+                f"{weights}",
                 dynamic([n for n in names if n not in ffn_up]),
+                requires,
             ),
             OrtRecipe(
                 "static-qdq",
                 f"quantize_static QDQ MinMax on {len(prepared.calibration)} calibration samples, "
-                f"per-channel weights, {len(static_exclude)} sensitive MatMuls in fp32",
+                f"per-channel weights, {len(static_exclude)} sensitive MatMuls in fp32{weights}",
                 static(static_exclude),
+                requires,
             ),
         ]
     nodes = _node_names(fp32, ("Conv", "MatMul", "Gemm"))
@@ -174,13 +195,23 @@ def ort_recipes(prepared: Prepared, fp32: Path, optimized: Path | None) -> list[
     return [
         OrtRecipe(
             "static-qdq",
-            f"quantize_static QDQ MinMax on {len(prepared.calibration)} calibration samples, per-channel weights",
+            f"quantize_static QDQ MinMax on {len(prepared.calibration)} calibration samples, per-channel "
+            f"weights{weights}",
             static([]),
+            requires,
         ),
         OrtRecipe(
             "dynamic-per-channel",
-            "quantize_dynamic per-channel QInt8 on every MatMul/Conv/Gemm",
-            lambda dst: quantize_dynamic(str(fp32), str(dst), weight_type=QuantType.QInt8, per_channel=True),
+            f"quantize_dynamic per-channel QInt8 on every MatMul/Conv/Gemm{weights}",
+            lambda dst: quantize_dynamic(
+                str(fp32), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce
+            ),
+            requires,
         ),
-        OrtRecipe("static-qdq-skip-edges", "quantize_static QDQ, first and last compute node in fp32", static(edge)),
+        OrtRecipe(
+            "static-qdq-skip-edges",
+            f"quantize_static QDQ, first and last compute node in fp32{weights}",
+            static(edge),
+            requires,
+        ),
     ]

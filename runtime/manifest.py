@@ -113,6 +113,9 @@ class Variant(msgspec.Struct, frozen=True, kw_only=True):
     recipe: str
     accuracy: list[Accuracy] = []
     timings: list[Timing] = []
+    #: what a box needs for the validated accuracy to hold: ``cpu-vnni`` (INT8 with full 8-bit
+    #: weights, validated on a CPU with VNNI / AMX; without them x86 INT8 kernels saturate)
+    requires: list[str] = []
 
     def passed(self, runtime: str, exec_precision: str) -> bool:
         return any(a.passed and a.runtime == runtime and a.exec_precision == exec_precision for a in self.accuracy)

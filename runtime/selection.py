@@ -58,6 +58,9 @@ __all__ = [
 #: Exec precisions in the order they are tried when nothing else decides.
 EXEC_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 
+#: what a variant may require of the box (``Variant.requires``) that this version can check
+KNOWN_REQUIREMENTS = frozenset({"cpu-vnni"})
+
 #: How much faster than fp32 a precision is assumed to be when nothing was measured
 #: (rough ratios seen on MiniLM: OpenVINO bf16 ~2.5x, INT8 ~3x; see ENVIRONMENT.md).
 PRECISION_SPEEDUP: dict[str, float] = {"fp32": 1.0, "fp16": 1.5, "bf16": 1.8, "int8": 2.4}
@@ -208,6 +211,15 @@ def _rejection(
         return f"{precision} is excluded by the preference (allowed: {', '.join(preference.precisions)})"
     if not fake and not variant.passed(probe.runtime, precision):
         return _gate_reason(variant, probe.runtime, precision)
+    unknown = sorted(set(variant.requires) - KNOWN_REQUIREMENTS)
+    if unknown:
+        return f"variant {variant.id} requires {', '.join(unknown)}, which this inferbox cannot check; upgrade inferbox"
+    if "cpu-vnni" in variant.requires and probe.int8_saturates:
+        return (
+            f"variant {variant.id} has 8-bit weights validated on a CPU with VNNI; this CPU has no VNNI / AMX, "
+            "where INT8 kernels saturate and accuracy falls below the gate: re-export the model on this box "
+            "(it then quantizes with 7-bit weights)"
+        )
     return None
 
 

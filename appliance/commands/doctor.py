@@ -144,6 +144,13 @@ def _hardware_lines(hw: HardwareProfile) -> list[str]:
     lines = [
         f"  cpu:         {hw.cpu_model} ({hw.physical_cores} physical / {hw.logical_cores} logical cores)",
         "  isa:         " + ", ".join(f"{f} {_yes(hw.has_flag(f))}" for f in ISA_FLAGS),
+        "  int8:        "
+        + (
+            "saturating on 8-bit weights (no VNNI / AMX): INT8 variants exported here use 7-bit weights; "
+            "ones that require cpu-vnni are refused"
+            if hw.int8_saturates()
+            else "exact (VNNI / AMX, or not an x86 CPU)"
+        ),
         f"  memory:      {hw.memory_total_bytes / _GIB:.1f} GiB total, "
         f"{hw.memory_available_bytes / _GIB:.1f} GiB available",
         "  numa:        " + (f"nodes {', '.join(map(str, hw.numa_nodes))}" if hw.numa_nodes else "not visible"),

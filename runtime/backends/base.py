@@ -39,6 +39,9 @@ class Probe:
     #: rough relative speed class used to break ties when no timings exist (higher = faster)
     speed_class: int = 0
     details: dict[str, str] = field(default_factory=dict)
+    #: INT8 kernels here saturate on 8-bit weights (a CPU device on x86 without VNNI / AMX):
+    #: a variant that ``requires`` ``cpu-vnni`` would lose the accuracy it was validated with
+    int8_saturates: bool = False
 
 
 @dataclass(frozen=True)

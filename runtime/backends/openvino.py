@@ -171,6 +171,7 @@ class OpenVinoBackend:
                 formats=("onnx", "openvino"),
                 speed_class=self.speed_class,
                 details=details,
+                int8_saturates=self.device in ("CPU", "AUTO") and profile.int8_saturates(),
             )
 
         if ov is None:

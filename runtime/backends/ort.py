@@ -149,6 +149,7 @@ class OrtBackend:
                 formats=("onnx",),
                 speed_class=self.speed_class,
                 details=details,
+                int8_saturates=self.device == "cpu" and profile.int8_saturates(),
             )
 
         if ort is None:

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from appliance.cli import main
 from runtime.backends.registry import probe_all
+from runtime.hardware import int8_saturates, probe_hardware
 from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Variant
 from runtime.package import Package, finalize_package, staging_dir
 
@@ -136,6 +137,9 @@ def test_text_report(home: Path) -> None:
     assert "onnxruntime: 1." in out and "CPUExecutionProvider" in out
     assert "openvino:    20" in out and "CPU" in out
     assert "GiB total" in out and "fingerprint: " in out
+    hw = probe_hardware()
+    assert ("int8:        saturating on 8-bit weights" in out) is hw.int8_saturates()
+    assert ("int8:        exact" in out) is not hw.int8_saturates()
     # probes
     assert "[usable]   ort-cpu" in out
     assert "[usable]   ov-cpu" in out
@@ -157,6 +161,7 @@ def test_json_report(home: Path) -> None:
     assert data["ok"] is True and data["hint"] is None
     hw = data["hardware"]
     assert {"cpu_model", "cpu_flags", "physical_cores", "memory_total_bytes", "numa_nodes", "fingerprint"} <= set(hw)
+    assert hw["int8_saturates"] is int8_saturates(tuple(hw["cpu_flags"]))
     assert hw["onnxruntime"]["version"].startswith("1.")
     assert "CPU" in [d["name"] for d in hw["openvino"]["devices"]]
     backends = {b["name"]: b for b in data["backends"]}

@@ -17,6 +17,7 @@ from export.samples import default_texts
 from runtime.backends.base import OpenOptions
 from runtime.backends.openvino import OvSession
 from runtime.backends.registry import get_backend
+from runtime.hardware import int8_saturates, local_cpu_flags
 from runtime.package import read_package
 from runtime.text import TextEncoder, postprocess
 
@@ -106,6 +107,11 @@ def test_failed_recipes_are_recorded_with_numbers(package) -> None:  # type: ign
             assert tried[-1].kept
 
 
+def _kept_reason(package, variant_id: str) -> str:  # type: ignore[no-untyped-def]
+    (kept,) = [a for a in package.manifest.attempts if a.variant == variant_id and a.kept]
+    return str(kept.reason)
+
+
 def test_quantized_graph_structure(package) -> None:  # type: ignore[no-untyped-def]
     ids = {v.id for v in package.manifest.variants}
     if "onnx-int8" in ids:
@@ -114,14 +120,22 @@ def test_quantized_graph_structure(package) -> None:  # type: ignore[no-untyped-
         assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) >= 1
         assert ops.get("MatMul", 0) < fp32_ops["MatMul"] + fp32_ops.get("Attention", 0)  # some MatMuls became INT8
         assert ops.get("Attention", 0) >= 1  # sensitive blocks stayed in fp32
+        onnx_int8 = package.manifest.variant("onnx-int8")
+        assert onnx_int8.requires == ([] if int8_saturates(local_cpu_flags()) else ["cpu-vnni"])
     if "ov-int8" in ids:
         ops = count_ov_ops(package.path / "openvino" / "model.int8.xml")
         assert ops.get("Constant:int8", 0) >= 1
         assert count_ov_ops(package.path / "openvino" / "model.xml").get("Constant:int8", 0) == 0
         # full INT8 fails the gate on MiniLM; the next recipe passes: static INT8 (FakeQuantize) for most
         # MatMuls, INT8 weights + run-time activation quantization for the FFN down projections
-        assert package.manifest.variant("ov-int8").recipe == "nncf-quantize-dynamic-down"
+        ov_int8 = package.manifest.variant("ov-int8")
+        assert ov_int8.recipe == "nncf-quantize-dynamic-down"
         assert ops.get("FakeQuantize", 0) >= 1
+        # quantized for this CPU: 7-bit weights where INT8 saturates, else 8-bit ones that require VNNI
+        if int8_saturates(local_cpu_flags()):
+            assert ov_int8.requires == [] and "7-bit weights" in _kept_reason(package, "ov-int8")
+        else:
+            assert ov_int8.requires == ["cpu-vnni"] and "7-bit" not in _kept_reason(package, "ov-int8")
         session = get_backend("ov-cpu").open(
             package.path / "openvino" / "model.int8.xml", OpenOptions(exec_precision="fp32", intra_op_threads=1)
         )

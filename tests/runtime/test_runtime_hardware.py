@@ -13,6 +13,8 @@ from runtime.hardware import (
     HardwareProfile,
     OrtInfo,
     default_threads,
+    int8_saturates,
+    local_cpu_flags,
     parse_cpu_flags,
     parse_cpu_model,
     parse_nvidia_smi,
@@ -25,13 +27,13 @@ vendor_id\t: GenuineIntel
 model name\t: Intel(R) Xeon(R) Platinum 8480+
 physical id\t: 0
 core id\t: 0
-flags\t\t: fpu vme sse2 avx avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8 ht
+flags\t\t: fpu vme sse2 avx avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8 ht
 
 processor\t: 1
 model name\t: Intel(R) Xeon(R) Platinum 8480+
 physical id\t: 0
 core id\t: 0
-flags\t\t: fpu vme sse2 avx avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8 ht
+flags\t\t: fpu vme sse2 avx avx2 avx512f avx512dq avx512bw avx512vl avx512_vnni avx_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8 ht
 """
 
 OLD_CPUINFO = """\
@@ -162,3 +164,54 @@ def test_missing_library_is_a_recorded_fact(monkeypatch: pytest.MonkeyPatch) -> 
     assert profile.onnxruntime is None and profile.openvino is None
     assert any(n.startswith("onnxruntime not installed") and "pip install inferbox" in n for n in profile.notes)
     assert any(n.startswith("openvino not installed") for n in profile.notes)
+
+
+AVX2_NO_VNNI_CPUINFO = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+ZEN4_CPUINFO = "model name\t: AMD EPYC 9654\nflags\t\t: avx2 avx512f avx512bw avx512vl avx512_vnni avx512_bf16\n"
+ALDER_LAKE_CPUINFO = "model name\t: 12th Gen Intel(R) Core(TM) i7-12700\nflags\t\t: avx2 avx_vnni\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "saturates"),
+    [
+        (AVX2_NO_VNNI_CPUINFO, True),
+        ("flags\t: avx2 avx512f avx512bw avx512vl\n", True),  # Skylake-SP: AVX-512 but no VNNI
+        (ZEN4_CPUINFO, False),
+        (ALDER_LAKE_CPUINFO, False),
+        (SPR_CPUINFO, False),
+        ("Features\t: fp asimd asimddp\n", False),  # ARM: its dot products do not saturate
+        ("", False),  # unknown: nothing to go on
+    ],
+)
+def test_int8_saturates_reads_vnni_from_the_flags(cpuinfo: str, saturates: bool) -> None:
+    flags = parse_cpu_flags(cpuinfo)
+    assert int8_saturates(flags) is saturates
+    assert HardwareProfile(cpu_flags=flags).int8_saturates() is saturates
+
+
+def test_local_cpu_flags_reads_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "cpuinfo"
+    path.write_text(ALDER_LAKE_CPUINFO)
+    assert local_cpu_flags(path) == ("avx2", "avx_vnni")
+    assert local_cpu_flags(tmp_path / "missing") == ()
+
+
+@pytest.mark.parametrize("cpuinfo", [AVX2_NO_VNNI_CPUINFO, ZEN4_CPUINFO])
+def test_cpu_probes_say_whether_int8_saturates(cpuinfo: str) -> None:
+    from runtime.backends.openvino import OpenVinoBackend
+    from runtime.backends.ort import OrtBackend
+    from runtime.hardware import OvDevice, OvInfo
+
+    profile = HardwareProfile(
+        cpu_flags=parse_cpu_flags(cpuinfo),
+        onnxruntime=OrtInfo(version="1", providers=("CPUExecutionProvider", "CUDAExecutionProvider")),
+        openvino=OvInfo(version="1", devices=(OvDevice(name="CPU", capabilities=("FP32", "INT8")),)),
+        gpus=(GpuInfo(name="H200"),),
+        nvidia_smi="/usr/bin/nvidia-smi",
+    )
+    saturates = int8_saturates(profile.cpu_flags)
+    assert OrtBackend("ort-cpu").probe(profile).int8_saturates is saturates
+    assert OpenVinoBackend("ov-cpu").probe(profile).int8_saturates is saturates
+    assert OpenVinoBackend("ov-auto").probe(profile).int8_saturates is saturates
+    cuda = OrtBackend("ort-cuda").probe(profile)
+    assert cuda.usable and cuda.int8_saturates is False  # a GPU's INT8 is not the CPU's

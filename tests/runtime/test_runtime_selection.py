@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -557,3 +559,30 @@ def test_rank_invariants(usable: list[bool], bf16: bool, passed: list[bool], obj
         assert man.variant(v.candidate.variant).passed(p.runtime, v.candidate.exec_precision)
     expected_any = any(v.admissible for v in decision.verdicts)
     assert (decision.choice is not None) == expected_any
+
+
+def test_int8_with_8bit_weights_needs_vnni_on_the_cpu() -> None:
+    """A variant validated with 8-bit weights on a VNNI CPU is refused where INT8 saturates."""
+    vnni_int8 = msgspec.structs.replace(
+        variant("ov-int8", [acc("openvino", "fp32")], [timing("ov-cpu", "fp32", "b32-typical", 300.0)]),
+        requires=["cpu-vnni"],
+    )
+    fp32 = variant("ov-fp32", [acc("openvino", "fp32")], [timing("ov-cpu", "fp32", "b32-typical", 100.0)])
+    man = manifest(fp32, vnni_int8)
+    saturating = dataclasses.replace(probe("ov-cpu"), int8_saturates=True)
+    decision = rank([saturating], man, Preference())
+    assert str(decision.choice) == "ov-cpu/ov-fp32/fp32"
+    (why,) = [v.reason for v in decision.rejected if v.candidate.variant == "ov-int8"]
+    assert "8-bit weights validated on a CPU with VNNI" in why and "re-export the model on this box" in why
+    # the same package on a VNNI CPU (or a GPU probe, which never saturates) takes the INT8 variant
+    assert str(rank([probe("ov-cpu")], man, Preference()).choice) == "ov-cpu/ov-int8/fp32"
+    # a variant with 7-bit weights requires nothing and runs on the saturating CPU
+    seven_bit = msgspec.structs.replace(vnni_int8, requires=[])
+    assert str(rank([saturating], manifest(fp32, seven_bit), Preference()).choice) == "ov-cpu/ov-int8/fp32"
+
+
+def test_a_requirement_this_version_cannot_check_is_refused() -> None:
+    future = msgspec.structs.replace(variant("ov-fp32", [acc("openvino", "fp32")]), requires=["gpu-fp8"])
+    decision = rank([probe("ov-cpu")], manifest(future), Preference())
+    assert decision.choice is None
+    assert "requires gpu-fp8, which this inferbox cannot check; upgrade inferbox" in decision.rejected[0].reason
