@@ -59,4 +59,8 @@ def format_report(manifest: Manifest) -> str:
                 f"  {v.id:<10} {t.backend:<8} {t.exec_precision:<5} {t.scenario:<12} "
                 f"{t.p50_ms:>9.2f} {t.p99_ms:>9.2f} {t.items_per_s:>9.1f}"
             )
+    needs = [v for v in manifest.variants if v.requires]
+    if needs:
+        lines += ["", "requirements (selection refuses these variants on a box without them):"]
+        lines += [f"  {v.id:<10} requires {', '.join(v.requires)}" for v in needs]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 from click.testing import CliRunner, Result
 
@@ -200,3 +201,16 @@ def test_export_from_module_factory(tmp_path: Path) -> None:
     assert all(a["reference"] == "pytorch" for v in report["variants"] for a in v["accuracy"])
     bad = _invoke(tmp_path / "home", "export", f"{src}:nope", "--task", "tensor", "--name", "net")
     assert bad.exit_code != 0 and "no callable 'nope'" in bad.output
+
+
+def test_text_report_lists_requirements(exported: tuple[Path, Result]) -> None:
+    from export.report import format_report
+
+    home, _ = exported
+    manifest = read_package(home / "models" / "mlp" / "1").manifest
+    assert ("requirements (" in format_report(manifest)) is any(v.requires for v in manifest.variants)
+    first, *rest = manifest.variants
+    needy = msgspec.structs.replace(manifest, variants=[msgspec.structs.replace(first, requires=["cpu-vnni"]), *rest])
+    text = format_report(needy)
+    assert "requirements (selection refuses these variants on a box without them):" in text
+    assert f"  {first.id:<10} requires cpu-vnni" in text
