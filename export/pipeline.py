@@ -29,7 +29,7 @@ from export.provenance import provenance_of
 from export.sources import Feeds, Prepared
 from export.spec import TIMING_RUNS, ExportSpec, Progress, check_gate, gates_for, metric_kind
 from export.timing import time_session
-from export.validate import classification_metrics, embedding_metrics, tensor_metrics
+from export.validate import batch_rel_diff, classification_metrics, embedding_metrics, tensor_metrics
 from runtime.backends.base import OpenOptions, Session
 from runtime.errors import BackendError, ExportError, GateError, SourceError
 from runtime.manifest import Accuracy, Attempt, Manifest, Timing, Variant
@@ -108,11 +108,13 @@ class _Exporter:
             try:
                 session = self.open(backend, path, precision)
                 out = run_answers(p, session, p.validation)
+                rows, alone = run_alone(p, session)
             except BackendError as exc:
                 logger.warning("%s on %s/%s: %s", path.name, backend, precision, exc)
                 self.say("validate", f"{path.name} cannot run on {backend}/{precision}: {exc}")
                 continue
             metrics = _metrics(p, out)
+            metrics["batch_rel_diff"] = round(batch_rel_diff(alone, out[rows]), 6)
             passed, _ = check_gate(metrics, self.gate)
             cand.accuracy.append(
                 Accuracy(
@@ -436,6 +438,36 @@ def run_answers(p: Prepared, session: Session, batches: list[Feeds]) -> npt.NDAr
         else:
             out.append(np.asarray(res[p.output], dtype=np.float32))
     return np.concatenate(out)
+
+
+#: rows per validation batch (of the first two) that are also answered alone
+ALONE_ROWS = 4
+
+
+def run_alone(p: Prepared, session: Session) -> tuple[list[int], npt.NDArray[np.float32]]:
+    """The first :data:`ALONE_ROWS` rows of the first two validation batches, each run as a batch of one.
+
+    Returns their indices in the concatenated answers and their answers.  Text rows lose the
+    batch's padding (a lone request is not padded), so the comparison sees what a server that
+    batches strangers' requests together would change.
+    """
+    indices: list[int] = []
+    feeds: list[Feeds] = []
+    offset = 0
+    mask_name = None
+    if p.text is not None:
+        mask_name = next((g for g, kind in p.text.input_map.items() if kind == "attention_mask"), "attention_mask")
+    for batch in p.validation[:2]:
+        n = len(next(iter(batch.values())))
+        for i in range(min(n, ALONE_ROWS)):
+            row = {k: v[i : i + 1] for k, v in batch.items()}
+            if mask_name is not None and mask_name in row:
+                length = max(1, int(np.asarray(row[mask_name]).sum()))
+                row = {k: v[:, :length] if v.ndim == 2 else v for k, v in row.items()}
+            indices.append(offset + i)
+            feeds.append(row)
+        offset += n
+    return indices, run_answers(p, session, feeds)
 
 
 def _metrics(p: Prepared, out: npt.NDArray[np.float32]) -> dict[str, float]:

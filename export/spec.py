@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
+    "BATCH_GATE",
     "DEFAULT_GATES",
     "TASKS",
     "TIMING_RUNS",
@@ -46,6 +47,8 @@ DEFAULT_GATES: dict[str, dict[str, float]] = {
     # max_rel_diff is max|out - ref| / max|ref| over the whole validation set
     "tensor": {"max_max_rel_diff": 0.05},
 }
+#: every task: a sample's answer alone vs in its validation batch (see export.validate.batch_rel_diff)
+BATCH_GATE = {"max_batch_rel_diff": 0.01}
 #: extra default when the validation samples carry labels (digits: INT8 within 1 point of the reference)
 LABEL_GATE = {"max_label_accuracy_drop": 0.01}
 
@@ -67,7 +70,7 @@ def metric_kind(task: str) -> MetricKind:
 
 
 def gates_for(task: str, overrides: Mapping[str, float], *, labelled: bool = False) -> dict[str, float]:
-    gates = dict(DEFAULT_GATES[metric_kind(task)])
+    gates = {**DEFAULT_GATES[metric_kind(task)], **BATCH_GATE}
     if labelled:
         gates.update(LABEL_GATE)
     gates.update(overrides)

@@ -60,7 +60,8 @@ def test_an_int8_variant_passes_the_cosine_gate_on_200_plus_sentences(package) -
         for a in passing:
             assert a.samples >= 200 and a.reference == "pytorch"
             assert a.metrics["cosine_mean"] >= 0.99 and a.metrics["cosine_min"] >= 0.97
-            assert a.gate == {"min_cosine_mean": 0.99, "min_cosine_min": 0.97}
+            assert a.gate == {"min_cosine_mean": 0.99, "min_cosine_min": 0.97, "max_batch_rel_diff": 0.01}
+            assert a.metrics["batch_rel_diff"] <= 0.01  # a request's answer does not depend on its batch
             assert 0.0 <= a.metrics["topk_agreement"] <= 1.0
 
 
@@ -114,23 +115,33 @@ def _kept_reason(package, variant_id: str) -> str:  # type: ignore[no-untyped-de
 
 def test_quantized_graph_structure(package) -> None:  # type: ignore[no-untyped-def]
     ids = {v.id for v in package.manifest.variants}
+    attempts = package.manifest.attempts
+    # a request's answer must not depend on what the server batched beside it: ORT's dynamic INT8
+    # (one activation scale per batch) moves MiniLM's answers by ~10 % and fails that gate
+    dynamic = [a for a in attempts if a.variant == "onnx-int8" and a.recipe.startswith("dynamic")]
+    assert dynamic and not any(a.kept for a in dynamic)
+    for a in dynamic:
+        assert a.accuracy and all(acc.metrics["batch_rel_diff"] > 0.01 for acc in a.accuracy), a.reason
+        assert "batch_rel_diff" in a.reason
     if "onnx-int8" in ids:
-        ops = count_ops(package.path / "onnx" / "model.int8.onnx")
-        fp32_ops = count_ops(package.path / "onnx" / "model.opt.onnx")
-        assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) >= 1
-        assert ops.get("MatMul", 0) < fp32_ops["MatMul"] + fp32_ops.get("Attention", 0)  # some MatMuls became INT8
-        assert ops.get("Attention", 0) >= 1  # sensitive blocks stayed in fp32
         onnx_int8 = package.manifest.variant("onnx-int8")
+        assert onnx_int8.recipe == "static-qdq"
+        ops = count_ops(package.path / "onnx" / "model.int8.onnx")
+        assert ops.get("QuantizeLinear", 0) >= 1 and ops.get("DequantizeLinear", 0) >= 1
+        assert ops.get("MatMul", 0) >= 1  # sensitive MatMuls stayed in fp32
         assert onnx_int8.requires == ([] if int8_saturates(local_cpu_flags()) else ["cpu-vnni"])
     if "ov-int8" in ids:
         ops = count_ov_ops(package.path / "openvino" / "model.int8.xml")
-        assert ops.get("Constant:int8", 0) >= 1
+        assert ops.get("Constant:int8", 0) >= 1 and ops.get("FakeQuantize", 0) >= 1
         assert count_ov_ops(package.path / "openvino" / "model.xml").get("Constant:int8", 0) == 0
-        # full INT8 fails the gate on MiniLM; the next recipe passes: static INT8 (FakeQuantize) for most
-        # MatMuls, INT8 weights + run-time activation quantization for the FFN down projections
+        # full INT8 fails the gate on MiniLM; then static INT8 (FakeQuantize) for most MatMuls with
+        # INT8 weights + run-time activation quantization for the FFN down projections, or, where
+        # that fails a gate on this CPU, the same with the down projections and last layer in fp32
         ov_int8 = package.manifest.variant("ov-int8")
-        assert ov_int8.recipe == "nncf-quantize-dynamic-down"
-        assert ops.get("FakeQuantize", 0) >= 1
+        assert ov_int8.recipe in ("nncf-quantize-dynamic-down", "nncf-quantize-skip-sensitive")
+        if ov_int8.recipe == "nncf-quantize-skip-sensitive":
+            (down,) = [a for a in attempts if a.recipe == "nncf-quantize-dynamic-down"]
+            assert not down.kept and "fail (" in down.reason
         # quantized for this CPU: 7-bit weights where INT8 saturates, else 8-bit ones that require VNNI
         if int8_saturates(local_cpu_flags()):
             assert ov_int8.requires == [] and "7-bit weights" in _kept_reason(package, "ov-int8")
@@ -141,7 +152,8 @@ def test_quantized_graph_structure(package) -> None:  # type: ignore[no-untyped-
         )
         try:
             assert isinstance(session, OvSession)
-            assert session.compiled_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == str(DYNAMIC_GROUP)
+            if ov_int8.recipe == "nncf-quantize-dynamic-down":
+                assert session.compiled_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == str(DYNAMIC_GROUP)
         finally:
             session.close()
 

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from export.spec import DEFAULT_GATES, VARIANT_IDS, ExportSpec, check_gate, gates_for, parse_gate, parse_variants
+from export.spec import (
+    BATCH_GATE,
+    DEFAULT_GATES,
+    VARIANT_IDS,
+    ExportSpec,
+    check_gate,
+    gates_for,
+    parse_gate,
+    parse_variants,
+)
 from runtime.errors import ExportError, SourceError
 
 
@@ -37,10 +46,15 @@ def test_check_gate_min_max_and_missing() -> None:
 
 
 def test_gates_for_defaults_overrides_and_labels() -> None:
-    assert gates_for("feature-extraction", {}) == {"min_cosine_mean": 0.99, "min_cosine_min": 0.97}
+    assert gates_for("feature-extraction", {}) == {
+        "min_cosine_mean": 0.99,
+        "min_cosine_min": 0.97,
+        "max_batch_rel_diff": 0.01,
+    }
+    assert gates_for("feature-extraction", {"max_batch_rel_diff": 0.5})["max_batch_rel_diff"] == 0.5
     assert gates_for("feature-extraction", {"min_cosine_min": 0.98})["min_cosine_min"] == 0.98
     assert "max_label_accuracy_drop" in gates_for("image-classification", {}, labelled=True)
-    assert gates_for("tensor", {}) == DEFAULT_GATES["tensor"]
+    assert gates_for("tensor", {}) == {**DEFAULT_GATES["tensor"], **BATCH_GATE}
     with pytest.raises(SourceError, match="not supported"):
         gates_for("translation", {})
 
