@@ -12,8 +12,8 @@ server batches), cosine mean / min against PyTorch fp32 on the corpus, ratios
 to both baselines, and the fraction of the machine's peak (:mod:`bench.roofline`).
 
 Runners are measured one after another, minutes apart, and a VM's speed drifts
-by 10-20 % in that time.  So the target's ratio (best candidate vs PyTorch bf16
-at b32x128) comes from a head-to-head (:func:`head_to_head`): both open in this
+by 10-20 % in that time.  So the target's ratio (best candidate vs the best
+PyTorch configuration of the run, bf16 autocast or fp32, at b32x128) comes from a head-to-head (:func:`head_to_head`): both open in this
 process, their batches alternating in ABBA order, the ratio of median times.
 
 ``python -m bench.inprocess [--quick] [--out DIR]`` runs this part alone.
@@ -79,6 +79,7 @@ COLUMNS = (
     "cos_min",
     "x_fp32",
     "x_bf16",
+    "x_best_pt",
     "b1_vs_fp32",
     "peak_frac",
 )
@@ -561,12 +562,17 @@ def run(
     by_label = {r["runner"]: r for r in rows if "skipped" not in r}
     ref32 = by_label.get("pytorch fp32") or {}
     ref16 = by_label.get("pytorch bf16 autocast") or {}
+    # The best PyTorch configuration of this run: bf16 autocast where the CPU computes bf16
+    # (AVX512_BF16 / AMX), but on a CPU without it autocast emulates bf16 and fp32 is faster.
+    best_pt = max((r for r in (ref32, ref16) if r), key=lambda r: r["b32x128_per_s"], default={})
+    result["best_pytorch"] = best_pt.get("runner")
     flops_item = flops.get("flops_per_item") if "skipped" not in flops else None
     for r in rows:
         if "skipped" in r:
             continue
         r["x_fp32"] = ratio(r["b32x128_per_s"], ref32.get("b32x128_per_s"))
         r["x_bf16"] = ratio(r["b32x128_per_s"], ref16.get("b32x128_per_s"))
+        r["x_best_pt"] = ratio(r["b32x128_per_s"], best_pt.get("b32x128_per_s"))
         r["corpus_x_bf16"] = ratio(r["corpus_per_s"], ref16.get("corpus_per_s"))
         r["b1_vs_fp32"] = ratio(r["b1_p50_ms"], ref32.get("b1_p50_ms"))
         peak = peak_for(peaks.peaks, r["compute"])
@@ -579,12 +585,13 @@ def run(
     result["table"] = format_table(COLUMNS, [r for r in rows if "skipped" not in r])
     echo(result["table"])
     best = max(
-        (r for r in rows if "skipped" not in r and r.get("kind") == "candidate" and r.get("x_bf16")),
-        key=lambda r: r["x_bf16"],
+        (r for r in rows if "skipped" not in r and r.get("kind") == "candidate" and r.get("x_best_pt")),
+        key=lambda r: r["x_best_pt"],
         default=None,
     )
-    if best is not None and ref16 and base_dir is not None and package is not None:
-        result["head_to_head"] = _head_to_head(package, base_dir, best, texts, cfg, threads, max_length)
+    if best is not None and best_pt and base_dir is not None and package is not None:
+        bf16 = best_pt is ref16
+        result["head_to_head"] = _head_to_head(package, base_dir, best, texts, cfg, threads, max_length, bf16=bf16)
         h = result["head_to_head"]
         if "ratio" in h:
             echo(
@@ -618,12 +625,15 @@ def _head_to_head(
     cfg: Config,
     threads: int,
     max_length: int | None,
+    *,
+    bf16: bool,
 ) -> dict[str, Any]:
-    """PyTorch bf16 autocast against ``best`` (a table row), both open at once, b32x128 ABBA."""
+    """The best PyTorch configuration (``bf16`` autocast or fp32) against ``best`` (a table row),
+    both open at once, b32x128 ABBA."""
     baseline: Runner | None = None
     candidate: Runner | None = None
     try:
-        baseline = pytorch_runner(base_dir, bf16=True, threads=threads, max_length=max_length)
+        baseline = pytorch_runner(base_dir, bf16=bf16, threads=threads, max_length=max_length)
         candidate = open_candidate(package, best["backend"], best["variant"], best["exec_precision"])
         return head_to_head(baseline, candidate, texts.b32, rounds=cfg.pick(1, H2H_ROUNDS))
     except Exception as exc:
