@@ -68,14 +68,15 @@ def _items(queued: object) -> list[_Item]:
     return [queued]
 
 
-def _set_result(fut: asyncio.Future[int], seq: int) -> None:
-    if not fut.done():
-        fut.set_result(seq)
-
-
-def _set_exception(fut: asyncio.Future[int], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+def _settle(outcomes: list[tuple[asyncio.Future[int], int | None, BaseException | None]]) -> None:
+    """On the futures' loop: resolve each (future, seq, error) that nobody cancelled."""
+    for fut, seq, exc in outcomes:
+        if fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(seq if seq is not None else 0)
 
 
 class AuditLog:
@@ -420,29 +421,26 @@ class AuditLog:
             log.exception("audit idle checkpoint failed")
 
     def _flush(self, items: list[_Item]) -> None:
+        outcomes: list[tuple[int | None, BaseException | None]]
         try:
-            seqs = self._write_batch([i.event for i in items])
+            outcomes = [(seq, None) for seq in self._write_batch([i.event for i in items])]
         except Exception as exc:
             log.error("audit append failed: %s", exc)
             err = exc if isinstance(exc, AuditError) else AuditError(f"audit log {self.db_path}: append failed: {exc}")
-            for item in items:
-                self._resolve(item, None, err)
-            return
-        for item, seq in zip(items, seqs, strict=True):
-            self._resolve(item, seq, None)
-
-    @staticmethod
-    def _resolve(item: _Item, seq: int | None, exc: BaseException | None) -> None:
-        if item.future is not None:
-            if exc is not None:
-                item.future.set_exception(exc)
-            else:
-                assert seq is not None
-                item.future.set_result(seq)
-        elif item.loop is not None and item.afuture is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
-                if exc is not None:
-                    item.loop.call_soon_threadsafe(_set_exception, item.afuture, exc)
+            outcomes = [(None, err)] * len(items)
+        # One wake-up per event loop for the whole group (call_soon_threadsafe writes to the
+        # loop's self-pipe each time), not one per record.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | None, BaseException | None]]]
+        by_loop = {}
+        for item, (seq, error) in zip(items, outcomes, strict=True):
+            if item.future is not None:
+                if error is not None:
+                    item.future.set_exception(error)
                 else:
                     assert seq is not None
-                    item.loop.call_soon_threadsafe(_set_result, item.afuture, seq)
+                    item.future.set_result(seq)
+            elif item.loop is not None and item.afuture is not None:
+                by_loop.setdefault(item.loop, []).append((item.afuture, seq, error))
+        for loop, settled in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle, settled)

@@ -9,12 +9,14 @@ import stat
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from api.protocols import AuditEvent, AuditSink
+from appliance.audit import log as audit_log
 from appliance.audit.checkpoint import Checkpoint, load_checkpoints
 from appliance.audit.log import AuditLog
 from appliance.audit.schema import connect
@@ -78,13 +80,25 @@ def test_one_loop_iteration_of_records_reaches_the_writer_as_one_group(tmp_path:
 
     log._queue = Counting()  # type: ignore[assignment]
 
+    settled: list[int] = []  # records resolved per wake-up of the event loop
+
     async def main() -> list[int]:
+        loop = asyncio.get_running_loop()
+        wake = loop.call_soon_threadsafe
+
+        def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            if callback is audit_log._settle:
+                settled.append(len(args[0]))
+            return wake(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
         seqs = await asyncio.gather(*(log.record_seq(T.event(i)) for i in range(20)))
         more = await asyncio.gather(*(log.record_seq(T.event(i)) for i in range(20, 25)))
         return [*seqs, *more]
 
     assert sorted(asyncio.run(main())) == list(range(1, 26))
     assert puts == [20, 5]
+    assert settled == [20, 5]  # and the writer wakes the loop once per group, not once per record
     log.close()
     assert verify_db(tmp_path / "audit.db", key.public_key()).ok
 
