@@ -27,7 +27,7 @@ import numpy.typing as npt
 
 from export.provenance import provenance_of
 from export.sources import Feeds, Prepared
-from export.spec import TIMING_RUNS, ExportSpec, Progress, check_gate, gates_for, metric_kind
+from export.spec import TIMING_BUDGET_S, TIMING_RUNS, ExportSpec, Progress, check_gate, gates_for, metric_kind
 from export.timing import time_session
 from export.validate import batch_rel_diff, classification_metrics, embedding_metrics, tensor_metrics
 from runtime.backends.base import OpenOptions, Session
@@ -140,7 +140,7 @@ class _Exporter:
         timings: list[Timing] = []
         for (backend, precision), session in cand.sessions.items():
             for scenario, (feeds, seq_len) in p.timing.items():
-                m = time_session(session, feeds, warmup=warmup, runs=runs)
+                m = time_session(session, feeds, warmup=warmup, runs=runs, budget_s=TIMING_BUDGET_S)
                 timings.append(
                     Timing(
                         backend=backend,

@@ -24,6 +24,7 @@ __all__ = [
     "BATCH_GATE",
     "DEFAULT_GATES",
     "TASKS",
+    "TIMING_BUDGET_S",
     "TIMING_RUNS",
     "VARIANT_IDS",
     "ExportSpec",
@@ -54,6 +55,8 @@ LABEL_GATE = {"max_label_accuracy_drop": 0.01}
 
 #: (warmup runs, timed runs) per scenario
 TIMING_RUNS: dict[str, tuple[int, int]] = {"quick": (1, 2), "full": (3, 20)}
+#: seconds of calls per scenario (warm-up included) after which "full" timing stops early
+TIMING_BUDGET_S = 5.0
 
 #: progress callback: (step name, human message)
 Progress = Callable[[str, str], None]
