@@ -26,13 +26,27 @@ from typing import Any
 from bench.common import Config, part_main, ratio, skipped, workspace, write_json
 from bench.corpus import mixed_corpus
 
-__all__ = ["run", "timed_job", "write_jsonl"]
+__all__ = ["job_size", "run", "timed_job", "write_jsonl"]
 
 logger = logging.getLogger(__name__)
 
 SMALL = 32
 #: the big job and the in-process reference are each measured this many times; the best of each counts
 ROUNDS = 2
+#: the measured job's size: about JOB_S seconds of work at the in-process speed (probed first
+#: on PROBE texts), at least MIN_RECORDS (more than one default chunk of 4096, so chunking
+#: costs what it costs) and at most MAX_RECORDS.  10,000 records took 77 s per run on an AVX2 box.
+JOB_S = 30.0
+PROBE = 1024
+MIN_RECORDS = 4500
+MAX_RECORDS = 10_000
+
+
+def job_size(items_per_s: float | None) -> int:
+    """Records for the measured job at ``items_per_s`` (the probe's in-process speed)."""
+    if not items_per_s or items_per_s <= 0:
+        return MAX_RECORDS
+    return max(MIN_RECORDS, min(MAX_RECORDS, round(items_per_s * JOB_S)))
 
 
 def write_jsonl(path: Path, texts: Sequence[str]) -> Path:
@@ -91,7 +105,11 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
         result.update(skipped(f"no package: {type(exc).__name__}: {exc} (build it with `inferbox init`)"))
         write_json(cfg.out / "batch.json", result)
         return result
-    n = cfg.pick(256, 10_000)  # over two default chunks (4096), so chunking costs what it costs
+    if cfg.quick:
+        n = 256
+    else:
+        probe = inprocess_reference(cfg, mixed_corpus(PROBE, seed=31), levels=(), passes=1, budget_s=5.0)
+        n = job_size(probe.get("items_per_s"))
     texts = mixed_corpus(n, seed=31)
     home = fresh_home(root, "batch")
     ensure_signing_key(home)

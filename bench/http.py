@@ -252,9 +252,17 @@ def _measure(
     return r
 
 
-def inprocess_reference(cfg: Config, texts: Sequence[str], levels: Sequence[int] = LEVELS) -> dict[str, Any]:
+def inprocess_reference(
+    cfg: Config,
+    texts: Sequence[str],
+    levels: Sequence[int] = LEVELS,
+    *,
+    passes: int = 2,
+    budget_s: float | None = None,
+) -> dict[str, Any]:
     """The server's candidate in this process on ``texts``: ``items_per_s`` in length-sorted
-    batches of 32, and ``batcher`` {C: items/s} through the server's batching (:func:`server_batching`)."""
+    batches of 32 (``passes`` over them in at most ``budget_s``), and ``batcher`` {C: items/s}
+    through the server's batching (:func:`server_batching`)."""
     from bench.inprocess import choice, corpus_throughput, load_package, open_model
 
     package = load_package(cfg)
@@ -271,7 +279,7 @@ def inprocess_reference(cfg: Config, texts: Sequence[str], levels: Sequence[int]
         encode(list(texts[:32]))  # warm up
         cpu0, wall0 = time.process_time(), time.perf_counter()
         per_s = corpus_throughput(
-            encode, texts, lengths, batch_size=32, passes=cfg.pick(2, 2), budget_s=cfg.pick(5.0, 20.0)
+            encode, texts, lengths, batch_size=32, passes=passes, budget_s=budget_s or cfg.pick(5.0, 12.0)
         )
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         batcher: dict[str, Any] = {}

@@ -666,3 +666,13 @@ def _recording_server() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
         yield f"http://127.0.0.1:{server.server_address[1]}", seen
     finally:
         server.shutdown()
+
+
+def test_batch_job_size_follows_the_in_process_speed() -> None:
+    from bench.batch_vs_inprocess import JOB_S, MAX_RECORDS, MIN_RECORDS, job_size
+
+    assert job_size(600.0) == MAX_RECORDS  # a fast box: capped
+    assert job_size(130.0) == MIN_RECORDS  # the AVX2 box: still more than one 4096-record chunk
+    assert job_size(200.0) == round(200.0 * JOB_S)
+    assert job_size(None) == MAX_RECORDS and job_size(0.0) == MAX_RECORDS  # no probe: the old size
+    assert MIN_RECORDS > 4096
