@@ -161,14 +161,25 @@ def check_rel_path(rel: str, where: str) -> None:
 
 
 def check_onnx_external_data(package: Path, rel: str, listed: set[str]) -> None:
-    """Every EXTERNAL tensor of the ONNX file ``rel`` must point at a listed file inside ``package``."""
-    import onnx
+    """Every EXTERNAL tensor of the ONNX file ``rel`` must point at a listed file inside ``package``.
 
+    A tensor points at external data through an entry whose key is ``location``, and protobuf
+    stores a string's bytes as they are: a file without the bytes ``location`` has no external
+    data, and only its top-level structure is checked.  Only the others are parsed with
+    ``onnx``, whose import alone took 1.0-1.5 s of the server's 2.6 s cold start on an AVX2 box.
+    """
     where = str(package / rel)
     fd = _open_nofollow(package / rel, rel)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    if b"location" not in data:
+        if (GRAPH_FIELD, 2) not in _top_level_fields(data):
+            raise IntegrityError(f"{where} is not a readable ONNX model (no graph); re-export the package", rel)
+        return
+    import onnx
+
     try:
-        with os.fdopen(fd, "rb") as f:
-            model = onnx.load_model_from_string(f.read())  # never follows external data
+        model = onnx.load_model_from_string(data)  # never follows external data
     except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX model
         raise IntegrityError(f"{where} is not a readable ONNX model ({exc}); re-export the package", rel) from exc
     base = posixpath.dirname(rel)
@@ -194,6 +205,54 @@ def check_onnx_external_data(package: Path, rel: str, listed: set[str]) -> None:
         resolved = full.resolve()
         if not resolved.is_relative_to(package.resolve()):
             raise UnsafePathError(f"{what} resolves outside the package ({resolved})", rel)
+
+
+#: ModelProto.graph's field number (onnx.proto)
+GRAPH_FIELD = 7
+
+
+def _top_level_fields(data: bytes) -> set[tuple[int, int]]:
+    """(field number, wire type) of every top-level field of a protobuf message; empty when
+    ``data`` is not a well-formed message (a bad key or wire type, a length past the end)."""
+    fields: set[tuple[int, int]] = set()
+    pos, end = 0, len(data)
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise ValueError("truncated varint")
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+
+    try:
+        while pos < end:
+            key = varint()
+            number, wire = key >> 3, key & 7
+            if number < 1:
+                raise ValueError("field number 0")
+            if wire == 0:
+                varint()
+            elif wire == 1:
+                pos += 8
+            elif wire == 2:
+                length = varint()  # not `pos += varint()`: that adds to pos as it was before the call
+                pos += length
+            elif wire == 5:
+                pos += 4
+            else:  # 3 / 4 (groups) are not in ONNX; 6 / 7 do not exist
+                raise ValueError(f"wire type {wire}")
+            if pos > end:
+                raise ValueError("field past the end")
+            fields.add((number, wire))
+    except ValueError:
+        return set()
+    return fields
 
 
 def _parents_inside(package: Path, target: str) -> Iterator[Path]:

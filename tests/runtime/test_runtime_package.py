@@ -477,6 +477,41 @@ def test_garbage_onnx_file_is_refused(signed: Package, key: Ed25519PrivateKey) -
         read_package(signed.path, public_key=key.public_key())
 
 
+def test_garbage_holding_the_word_location_is_parsed_and_refused(signed: Package, key: Ed25519PrivateKey) -> None:
+    (signed.path / "onnx" / "model.onnx").write_bytes(b"\xff\xfe location of nothing \x00\x01" * 3)
+    relist(signed.path, "onnx/model.onnx", key)
+    with pytest.raises(IntegrityError, match="not a readable ONNX model"):
+        read_package(signed.path, public_key=key.public_key())
+
+
+def test_top_level_fields_of_a_real_model_and_of_broken_bytes() -> None:
+    data = _model("g").SerializeToString()
+    fields = package_mod._top_level_fields(data)
+    assert (package_mod.GRAPH_FIELD, 2) in fields and (1, 0) in fields  # graph; ir_version
+    assert package_mod._top_level_fields(data[:-1]) == set()  # the graph's length runs past the end
+    assert package_mod._top_level_fields(b"\x80") == set()  # a truncated varint
+    assert package_mod._top_level_fields(b"\x0b") == set()  # wire type 3 (groups) is not ONNX
+    assert package_mod._top_level_fields(b"") == set()
+
+
+def test_checking_a_model_without_external_data_does_not_import_onnx(signed: Package) -> None:
+    """The server reads every package at start; importing onnx took ~1 s of its cold start."""
+    import subprocess
+    import sys
+
+    def onnx_imported(rel: str) -> str:
+        code = (
+            "import sys; from pathlib import Path; from runtime.package import check_onnx_external_data; "
+            f"check_onnx_external_data(Path({str(signed.path)!r}), {rel!r}, {{'onnx/weights.bin'}}); "
+            "print('onnx' in sys.modules)"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        return out.stdout.strip()
+
+    assert onnx_imported("onnx/model.onnx") == "False"
+    assert onnx_imported("onnx/model.ext.onnx") == "True"  # external data: parsed and checked in full
+
+
 # --------------------------------------------------------------------------- manifest paths
 
 
