@@ -1,17 +1,23 @@
-"""What the audit log costs: the same HTTP run with ``INFERBOX_AUDIT=false`` and ``true``.
+"""What the audit log costs: the same HTTP load with ``INFERBOX_AUDIT=false`` and ``true``.
 
-Four fresh servers in turn (audit off, on, on, off: drift hits both sides
-alike), each warmed up, then measured on ``POST /v1/embeddings`` at
-concurrency 32 with the same texts; the mean of each side counts.  The
-target is audit-on throughput >= 95 % of audit-off.  With audit on, every request's
-response waits until its record is durable (group commit), so this is the
-price of "no inference without a record".
+Four servers run side by side, two with audit off and two with it on, each
+warmed up; then the load (``POST /v1/embeddings`` at concurrency 32, the same
+texts) visits them in short windows, one server at a time, in the order off1
+on1 on2 off2, then backwards, for :data:`ROUNDS` rounds.  Each side's
+throughput is the mean of its windows.  One fresh server per side, measured
+once each for 12 s, read 0.88 and 0.92 on the AVX2 box although two audit-off
+servers alone differed by 13 %: the box drifts within a minute, and processes
+differ.  Short alternating windows spread both over the two sides alike.
+With audit on, every request's response waits until its record is durable
+(group commit), so this is the price of "no inference without a record".
+The target is audit-on throughput >= 95 % of audit-off.
 
 ``python -m bench.audit_onoff [--quick] [--out DIR]`` runs this part alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,17 +25,27 @@ from typing import Any
 
 from bench.common import Config, format_table, part_main, ratio, skipped, workspace, write_json
 
-__all__ = ["on_vs_off", "run"]
+__all__ = ["on_vs_off", "run", "window_order"]
 
 logger = logging.getLogger(__name__)
 
 CONCURRENCY = 32
-#: ABBA: each side measured twice; the means are compared
-ORDER = (False, True, True, False)
+#: the servers, by audit setting: two per side
+SERVERS = (False, True, True, False)
+#: rounds of one window per server (every other round backwards)
+ROUNDS = 3
+#: seconds per window (quick: 1)
+WINDOW_S = 4.0
+
+
+def window_order(rounds: int, servers: int = len(SERVERS)) -> list[int]:
+    """Server indices window by window: 0 1 2 3, 3 2 1 0, 0 1 2 3, ..."""
+    forward = list(range(servers))
+    return [i for r in range(rounds) for i in (forward if r % 2 == 0 else forward[::-1])]
 
 
 def on_vs_off(rows: Sequence[dict[str, Any]]) -> float | None:
-    """Mean requests/s with audit over mean without: with the ABBA order a linear drift cancels."""
+    """Mean requests/s with audit over mean without (over every window of each side)."""
     good = [r for r in rows if "skipped" not in r]
     on = [float(r["rps"]) for r in good if r["audit"]]
     off = [float(r["rps"]) for r in good if not r["audit"]]
@@ -58,32 +74,52 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
         return result
     texts = server_texts(cfg)
     rows: list[dict[str, Any]] = []
-    # off, on, on, off: a drift of the box's speed during the part hits both sides alike
-    for i, audit in enumerate(ORDER):
-        name = f"audit-{'on' if audit else 'off'}-{i}"
+    window_s = cfg.pick(1.0, WINDOW_S)
+
+    def measure(srv: Any, audit: bool, *, warmup: bool) -> dict[str, Any]:
+        (row,) = measure_endpoints(
+            srv.base_url,
+            srv.headers,
+            package.name,
+            texts,
+            cfg,
+            endpoints=("/v1/embeddings",),
+            levels=(CONCURRENCY,),
+            multi=None,
+            duration_s=window_s,
+            warmup_s=None if warmup else 0.0,
+        )
+        return {**row, "audit": audit}
+
+    with contextlib.ExitStack() as stack:
+        servers: list[Any] = []
         try:
-            with running_server(package.path.parent.parent, fresh_home(root, name), audit=audit) as srv:
-                (row,) = measure_endpoints(
-                    srv.base_url,
-                    srv.headers,
-                    package.name,
-                    texts,
-                    cfg,
-                    endpoints=("/v1/embeddings",),
-                    levels=(CONCURRENCY,),
-                    multi=None,
-                )
-                row.update({"audit": audit, "mode": srv.mode})
-                audit_db = srv.home / "audit.db"
-                row["audit_db_bytes"] = audit_db.stat().st_size if audit_db.exists() else 0
-                rows.append(row)
+            for i, audit in enumerate(SERVERS):
+                name = f"audit-{'on' if audit else 'off'}-{i}"
+                home = fresh_home(root, name)
+                servers.append(stack.enter_context(running_server(package.path.parent.parent, home, audit=audit)))
+            for srv, audit in zip(servers, SERVERS, strict=True):
+                measure(srv, audit, warmup=True)  # a fresh server's first batches of each shape are slow
         except Exception as exc:
-            logger.warning("%s failed: %s", name, exc)
-            rows.append({"audit": audit, **skipped(f"{type(exc).__name__}: {exc}")})
+            logger.warning("audit on/off servers failed: %s", exc)
+            result.update(skipped(f"{type(exc).__name__}: {exc}"))
+            write_json(cfg.out / "audit_onoff.json", result)
+            return result
+        for window, i in enumerate(window_order(cfg.pick(1, ROUNDS))):
+            try:
+                row = measure(servers[i], SERVERS[i], warmup=False)
+                row.update({"server": i, "window": window, "mode": servers[i].mode})
+            except Exception as exc:
+                logger.warning("audit window %d on server %d failed: %s", window, i, exc)
+                row = {"audit": SERVERS[i], "server": i, "window": window, **skipped(f"{type(exc).__name__}: {exc}")}
+            rows.append(row)
+        for i, srv in enumerate(servers):
+            audit_db = srv.home / "audit.db"
+            result.setdefault("audit_db_bytes", {})[str(i)] = audit_db.stat().st_size if audit_db.exists() else 0
     result["rows"] = rows
     result["on_vs_off"] = on_vs_off(rows)
     good = [r for r in rows if "skipped" not in r]
-    result["table"] = format_table(("audit", "rps", "p50_ms", "p99_ms", "ok", "audit_db_bytes"), good)
+    result["table"] = format_table(("window", "server", "audit", "rps", "p50_ms", "p99_ms", "ok"), good)
     print(result["table"])
     print(f"audit on / off: {result['on_vs_off']}")
     write_json(cfg.out / "audit_onoff.json", result)

@@ -186,12 +186,15 @@ def measure_endpoints(
     levels: Sequence[int] = LEVELS,
     server_cpu_s: Callable[[], float | None] | None = None,
     multi: tuple[int, Sequence[int]] | None = (MULTI_TEXTS, MULTI_LEVELS),
+    duration_s: float | None = None,
+    warmup_s: float | None = None,
 ) -> list[dict[str, Any]]:
     """One closed-loop run per (endpoint, concurrency), one text per request; then, with
     ``multi`` = (k, levels), ``POST /v1/embeddings`` carrying k texts per request (a client
     that batches).  ``server_cpu_s()`` (the server's CPU seconds so far) adds
     ``server_cpu_ms`` per request to each row; ``texts_per_request`` says how many items a
-    request is."""
+    request is.  ``duration_s`` / ``warmup_s`` override the run's and its warm-up's length
+    (``warmup_s=0``: none)."""
     plans: list[tuple[str, str, list[bytes], int, Sequence[int]]] = [
         (e, endpoint_path(e, model), [request_body(e, model, t) for t in texts], 1, levels) for e in endpoints
     ]
@@ -203,7 +206,7 @@ def measure_endpoints(
     rows: list[dict[str, Any]] = []
     for label, path, bodies, per_request, plan_levels in plans:
         for c in plan_levels:
-            r = _measure(base_url, path, bodies, headers, c, cfg, server_cpu_s)
+            r = _measure(base_url, path, bodies, headers, c, cfg, server_cpu_s, duration_s, warmup_s)
             r["endpoint"] = label
             r["texts_per_request"] = per_request
             r["items_per_s"] = r["rps"] * per_request
@@ -223,15 +226,20 @@ def _measure(
     c: int,
     cfg: Config,
     server_cpu_s: Callable[[], float | None] | None,
+    duration_s: float | None = None,
+    warmup_s: float | None = None,
 ) -> dict[str, Any]:
     """One closed-loop run at concurrency ``c`` on ``base_url + path`` (wrk when installed, else httpx)."""
+    duration = duration_s if duration_s is not None else cfg.pick(2.0, 12.0)
+    warmup = warmup_s if warmup_s is not None else cfg.pick(1.0, WARMUP_S)
     if wrk.available():
         # A C client: on a 2-core box the Python one would eat a third of the machine.
         # Warm up first: a fresh server's first batches of each shape are slow (OpenVINO
         # prepares kernels per input shape), and the audit on/off runs each start cold.
-        wrk.run(base_url, path, bodies, headers, concurrency=c, duration_s=cfg.pick(1.0, WARMUP_S))
+        if warmup > 0:
+            wrk.run(base_url, path, bodies, headers, concurrency=c, duration_s=warmup)
         cpu0 = server_cpu_s() if server_cpu_s is not None else None
-        r = wrk.run(base_url, path, bodies, headers, concurrency=c, duration_s=cfg.pick(2.0, 12.0))
+        r = wrk.run(base_url, path, bodies, headers, concurrency=c, duration_s=duration)
     else:
         cpu0 = None
         r = asyncio.run(
@@ -241,8 +249,8 @@ def _measure(
                 headers=headers,
                 concurrency=c,
                 max_requests=cfg.pick(40 * c, 400 * c),
-                duration_s=cfg.pick(2.0, 12.0),
-                warmup=min(len(bodies), cfg.pick(4, 32)),
+                duration_s=duration,
+                warmup=min(len(bodies), cfg.pick(4, 32)) if warmup > 0 else 0,
             )
         )
         r["client"] = "httpx (wrk not installed: the client's CPU counts against the server)"

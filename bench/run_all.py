@@ -255,9 +255,9 @@ def render_readme(report: dict[str, Any]) -> str:
                 "",
             ]
     lines += _section(
-        "Audit on / off (POST /v1/embeddings, c=32)",
+        "Audit on / off (POST /v1/embeddings, c=32; four live servers, short windows in turn)",
         parts.get("audit_onoff"),
-        ("audit", "rps", "p50_ms", "p99_ms", "ok", "audit_db_bytes"),
+        ("window", "server", "audit", "rps", "p50_ms", "p99_ms", "ok"),
     )
     b = parts.get("batch")
     lines += ["## Batch vs in-process", ""]

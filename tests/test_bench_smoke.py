@@ -676,3 +676,14 @@ def test_batch_job_size_follows_the_in_process_speed() -> None:
     assert job_size(200.0) == round(200.0 * JOB_S)
     assert job_size(None) == MAX_RECORDS and job_size(0.0) == MAX_RECORDS  # no probe: the old size
     assert MIN_RECORDS > 4096
+
+
+def test_audit_windows_visit_the_servers_forwards_then_backwards() -> None:
+    from bench.audit_onoff import SERVERS, on_vs_off, window_order
+
+    assert window_order(2) == [0, 1, 2, 3, 3, 2, 1, 0]
+    assert SERVERS == (False, True, True, False)  # each round is ABBA: a linear drift hits both sides alike
+    rows = [{"audit": SERVERS[i], "rps": 100.0 if SERVERS[i] else 110.0} for i in window_order(4)]
+    assert on_vs_off(rows) == pytest.approx(100 / 110)
+    assert on_vs_off([*rows, {"audit": True, "skipped": "window failed"}]) == pytest.approx(100 / 110)
+    assert on_vs_off([r for r in rows if r["audit"]]) is None
