@@ -46,10 +46,13 @@ def time_session(
     feed = {k: v for k, v in feeds.items() if not wanted or k in wanted}
     spent = 0.0
     for _ in range(warmup):
+        if budget_s is None:
+            session.run(feed)
+            continue
         start = clock()
         session.run(feed)
         spent += clock() - start
-        if budget_s is not None and spent >= budget_s / 2:
+        if spent >= budget_s / 2:
             break
     times: list[float] = []
     for _ in range(runs):
