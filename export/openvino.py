@@ -105,7 +105,7 @@ def count_ov_ops(xml_path: Path) -> dict[str, int]:
 
 
 def ov_recipes(prepared: Prepared, onnx_path: Path) -> list[OvRecipe]:
-    from runtime.hardware import int8_saturates, local_cpu_flags
+    from export.quantize import int8_target
     from runtime.offline import stay_offline
 
     stay_offline()  # NNCF starts the same telemetry client at import
@@ -117,10 +117,9 @@ def ov_recipes(prepared: Prepared, onnx_path: Path) -> list[OvRecipe]:
     # Validated here, so quantized for here: 7-bit weights where 8-bit ones would saturate
     # (NNCF's overflow fix on every layer); 8-bit weights are kept only where VNNI makes them
     # exact, and the variant then requires such a CPU.
-    saturates = int8_saturates(local_cpu_flags())
-    overflow_fix = nncf.OverflowFix.ENABLE if saturates else None
-    static_requires: tuple[str, ...] = () if saturates else ("cpu-vnni",)
-    weights = ", 7-bit weights (no VNNI here)" if saturates else ""
+    target = int8_target()
+    overflow_fix = nncf.OverflowFix.ENABLE if target.seven_bit else None
+    static_requires, weights = target.requires, target.note
 
     def quantize(ignored: list[str] | None, alpha: float | None) -> Callable[[], Any]:
         def build() -> Any:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from export.sources import Feeds, Prepared
 
-__all__ = ["QUANT_OPS", "OrtRecipe", "count_ops", "ort_recipes"]
+__all__ = ["QUANT_OPS", "Int8Target", "OrtRecipe", "count_ops", "int8_target", "ort_recipes"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,27 @@ class OrtRecipe:
     build: Callable[[Path], None]
     #: ``Variant.requires`` of what it builds
     requires: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Int8Target:
+    """How INT8 weights are quantized for the CPU that validates them (ORT and OpenVINO alike)."""
+
+    #: 7-bit weights: x86 INT8 kernels without VNNI / AMX saturate on 8-bit ones
+    seven_bit: bool
+    #: ``Variant.requires`` of an 8-bit-weight variant: a CPU where they are exact
+    requires: tuple[str, ...]
+    #: appended to recipe descriptions
+    note: str
+
+
+def int8_target() -> Int8Target:
+    """This CPU's :class:`Int8Target` (see :func:`runtime.hardware.int8_saturates`)."""
+    from runtime.hardware import int8_saturates, local_cpu_flags
+
+    if int8_saturates(local_cpu_flags()):
+        return Int8Target(seven_bit=True, requires=(), note=", 7-bit weights (no VNNI here)")
+    return Int8Target(seven_bit=False, requires=("cpu-vnni",), note="")
 
 
 def count_ops(path: Path) -> dict[str, int]:
@@ -99,17 +120,14 @@ def ort_recipes(prepared: Prepared, fp32: Path, optimized: Path | None) -> list[
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    from runtime.hardware import int8_saturates, local_cpu_flags
-
     base = optimized if optimized is not None else fp32
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     input_names = {i.name for i in prepared.inputs}
     # MLAS multiplies u8 activations by s8 weights with VPMADDUBSW unless the CPU has VNNI, and
     # those int16 pair sums saturate on 8-bit weights: there, quantize weights to 7 bits
     # (reduce_range); with VNNI keep 8 bits and require such a CPU (see runtime.hardware).
-    reduce = int8_saturates(local_cpu_flags())
-    requires: tuple[str, ...] = () if reduce else ("cpu-vnni",)
-    weights = ", 7-bit weights (no VNNI here)" if reduce else ""
+    target = int8_target()
+    reduce, requires, weights = target.seven_bit, target.requires, target.note
 
     def dynamic(exclude: list[str]) -> Callable[[Path], None]:
         def build(dst: Path) -> None:
