@@ -64,6 +64,7 @@ __all__ = [
     "open_model",
     "pytorch_runner",
     "run",
+    "spread_order",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,27 @@ def cosine_stats(a: Any, b: Any) -> tuple[float, float]:
     return float(cos.mean()), float(cos.min())
 
 
+def spread_order(k: int) -> list[int]:
+    """``0 .. k-1`` so that every prefix spreads over the whole range: both ends first, then
+    midpoints (van der Corput: 1/2, 1/4, 3/4, 1/8, ...)."""
+    if k <= 2:
+        return list(range(k))
+    order, seen = [0, k - 1], {0, k - 1}
+    j = 1
+    while len(order) < k:
+        f, denom, n = 0.0, 1.0, j
+        while n:
+            denom *= 2.0
+            f += (n & 1) / denom
+            n >>= 1
+        i = round(f * (k - 1))
+        if i not in seen:
+            seen.add(i)
+            order.append(i)
+        j += 1
+    return order
+
+
 def corpus_throughput(
     encode: Callable[[Sequence[str]], Any],
     texts: Sequence[str],
@@ -139,29 +161,50 @@ def corpus_throughput(
     budget_s: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    """Items per second over ``texts`` cut into length-sorted batches of ``batch_size``.
+    """Items per second of one pass over ``texts`` cut into length-sorted batches of ``batch_size``.
 
-    The batches are run in a fixed shuffled order (so a pass cut short by
-    ``budget_s`` still sees short and long batches alike), ``passes`` times;
-    the result is all items done over all the time taken.
+    Each batch is timed.  When ``budget_s`` ends the run before every batch ran, the time of
+    the batches not run is interpolated from the measured ones by padded length (seconds per
+    item against the batch's longest sequence).  The batches run shortest, longest, then
+    midpoints (:func:`spread_order`), so the measured ones span every length at any cut.
+    Items over elapsed time of the batches actually run would weigh whatever lengths the cut
+    happened to keep: on the mixed corpus a randomly ordered 12 s prefix read 0.92-1.32x of
+    the full pass, depending on the corpus size.  ``passes`` repeat the batches; a batch's
+    time is the mean of its runs.
     """
-    import random
+    import numpy as np
 
-    batches = [[texts[i] for i in idx] for idx in length_buckets(lengths, batch_size)]
-    random.Random(0).shuffle(batches)
-    done = 0
-    start = clock()
+    buckets = length_buckets(lengths, batch_size)
+    if not buckets:
+        return 0.0
+    batches = [[texts[i] for i in idx] for idx in buckets]
+    padded = [max(lengths[i] for i in idx) for idx in buckets]
+    times: dict[int, list[float]] = {}
+    start = last = clock()
+    stop = False
     for _ in range(max(1, passes)):
-        for b in batches:
-            encode(b)
-            done += len(b)
-            if budget_s is not None and clock() - start >= budget_s:
+        for b in spread_order(len(batches)):
+            encode(batches[b])
+            now = clock()
+            times.setdefault(b, []).append(now - last)
+            last = now
+            if budget_s is not None and now - start >= budget_s:
+                stop = True
                 break
-        else:
-            continue
-        break
-    elapsed = clock() - start
-    return done / elapsed if elapsed > 0 else float("inf")
+        if stop:
+            break
+    seconds = {b: sum(ts) / len(ts) for b, ts in times.items()}
+    missing = [b for b in range(len(batches)) if b not in seconds]
+    total = sum(seconds.values())
+    if missing:
+        per_item: dict[int, list[float]] = {}
+        for b, s in seconds.items():
+            per_item.setdefault(padded[b], []).append(s / len(batches[b]))
+        xs = sorted(per_item)
+        ys = [sum(per_item[x]) / len(per_item[x]) for x in xs]
+        total += sum(float(np.interp(padded[b], xs, ys)) * len(batches[b]) for b in missing)
+    items = sum(len(b) for b in batches)
+    return items / total if total > 0 else float("inf")
 
 
 def embed_sorted(

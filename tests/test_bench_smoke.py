@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import count
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from onnx import TensorProto, helper
 from bench import common, corpus, roofline, run_all
 from bench import http as bench_http
 from bench.common import Config
-from bench.inprocess import Runner, corpus_throughput, cosine_stats, embed_sorted, head_to_head
+from bench.inprocess import Runner, corpus_throughput, cosine_stats, embed_sorted, head_to_head, spread_order
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = [
@@ -156,9 +157,18 @@ def test_corpus_throughput_batches_by_length() -> None:
         batch_size=2,
         clock=lambda: float(next(ticks)),
     )
-    # length-sorted batches, each run once (in a fixed shuffled order)
-    assert sorted(seen) == [["a", "aa"], ["aaa", "aaaa"], ["aaaaa"]]
-    assert per_s == pytest.approx(5.0)  # the pass starts at tick 0 and ends at tick 1: 5 items in 1 s
+    # length-sorted batches, each run once: shortest, longest, then the middle
+    assert seen == [["a", "aa"], ["aaaaa"], ["aaa", "aaaa"]]
+    assert per_s == pytest.approx(5 / 3)  # each batch takes one tick: 5 items in 3 s
+
+
+def test_spread_order_starts_at_both_ends_and_covers_every_index() -> None:
+    for k in range(0, 40):
+        order = spread_order(k)
+        assert sorted(order) == list(range(k))
+        if k >= 2:
+            assert order[:2] == [0, k - 1]
+    assert spread_order(9)[:5] == [0, 8, 4, 2, 6]
 
 
 def test_embed_sorted_keeps_the_input_order() -> None:
@@ -187,8 +197,37 @@ def test_corpus_throughput_stops_at_the_budget() -> None:
         budget_s=1.0,
         clock=lambda: float(next(ticks)),
     )
-    assert len(seen) == 1  # the first check (tick 1) already reaches the budget
-    assert per_s == pytest.approx(2 / 2.0)  # 2 items; start at tick 0, end at tick 2
+    assert seen == [["a", "aa"]]  # the first check (tick 1) already reaches the budget
+    assert per_s == pytest.approx(2.0)  # 1 s per 2 items, extrapolated to the 3 batches not run
+
+
+def test_corpus_throughput_cut_short_estimates_the_whole_pass() -> None:
+    """A pass cut by the budget estimates the full pass, not the lengths the cut kept."""
+    rng = random.Random(5)
+    lengths = [rng.choice([4, 6, 8, 10, 12]) if rng.random() < 0.8 else rng.randint(60, 128) for _ in range(2000)]
+    texts = [str(i) for i in range(len(lengths))]
+    by_text = dict(zip(texts, lengths, strict=True))
+    now = [0.0]
+
+    def encode(batch: Sequence[str]) -> None:  # cost: padded tokens, plus attention
+        longest = max(by_text[t] for t in batch)
+        now[0] += len(batch) * longest * (1 + longest / 64) * 1e-4
+
+    full = corpus_throughput(encode, texts, lengths, batch_size=32, clock=lambda: now[0])
+    whole_s = len(texts) / full
+    cut = corpus_throughput(encode, texts, lengths, batch_size=32, budget_s=whole_s / 4, clock=lambda: now[0])
+    assert cut == pytest.approx(full, rel=0.03)
+    # more than a quarter of the batches is not run, so the estimate is not the full pass itself
+    ran = [0]
+    corpus_throughput(
+        lambda b: (ran.__setitem__(0, ran[0] + 1), encode(b)),
+        texts,
+        lengths,
+        batch_size=32,
+        budget_s=whole_s / 4,
+        clock=lambda: now[0],
+    )
+    assert ran[0] < len(corpus.length_buckets(lengths, 32)) * 3 // 4
 
 
 # ----------------------------------------------------------------------------- FLOPs and peaks
