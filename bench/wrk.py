@@ -88,8 +88,9 @@ def parse_output(text: str, concurrency: int) -> dict[str, Any]:
         "rps": ok / seconds if seconds > 0 else 0.0,
         "client": "wrk",
     }
+    # wrk pads a one-letter unit with a trailing space ("   99%    1.40s "): two-letter ones have none
     for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
-        m = re.search(rf"^\s+{pct}%\s+(\S+)$", text, flags=re.M)
+        m = re.search(rf"^\s+{pct}%\s+(\S+)\s*$", text, flags=re.M)
         if m:
             out[key] = _ms(m.group(1))
     return out

@@ -595,12 +595,11 @@ WRK_REPORT = """Running 2s test @ http://127.0.0.1:9
      50%   22.61ms
      75%   25.00ms
      90%   28.49ms
-     99%    1.20s
-  683 requests in 2.00s, 6.97MB read
+     99%    1.20s \n  683 requests in 2.00s, 6.97MB read
   Socket errors: connect 0, read 0, write 0, timeout 2
   Non-2xx or 3xx responses: 3
 Requests/sec:    341.05
-"""
+"""  # wrk writes "1.20s " with a trailing space
 
 
 def test_wrk_report_is_parsed_into_the_closed_loop_shape() -> None:
