@@ -19,7 +19,7 @@ from litestar import Request
 from api.config import ApiConfig
 from api.envelope import context_of
 from api.metrics import Metrics, ModelInfo
-from runtime.batcher import BatchStats, DynamicBatcher, length_bucket
+from runtime.batcher import BatchStats, DynamicBatcher
 from runtime.errors import InputError, PayloadTooLargeError
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
@@ -32,13 +32,13 @@ Array = npt.NDArray[Any]
 
 
 class TextItem:
-    """One text queued for embedding, tokenized once on the way in; grouped by its token-length bucket."""
+    """One text queued for embedding, tokenized once on the way in; batched by its token count."""
 
-    __slots__ = ("bucket", "tokens")
+    __slots__ = ("length", "tokens")
 
     def __init__(self, tokens: Tokens) -> None:
         self.tokens = tokens
-        self.bucket = length_bucket(len(tokens))
+        self.length = len(tokens)
 
 
 class Server:
@@ -102,7 +102,7 @@ class Server:
             return [(vectors[i], len(item.tokens)) for i, item in enumerate(items)]
 
         batcher: DynamicBatcher[TextItem, tuple[Array, int]] = DynamicBatcher(
-            run, group=lambda i: i.bucket, **self._batcher_kwargs(model)
+            run, length=lambda i: i.length, **self._batcher_kwargs(model)
         )
         batcher.start()
         self._text[model.name] = (model, batcher)
@@ -110,7 +110,7 @@ class Server:
 
     # -- work -------------------------------------------------------------------------------------
     async def embed(self, model: LoadedModel, texts: list[str]) -> tuple[Array, list[int]]:
-        """Embeddings [N, D] and token counts; each text is batched on its own (grouped by length)."""
+        """Embeddings [N, D] and token counts; each text is batched on its own (by token count)."""
         import asyncio
 
         if len(texts) > self.config.max_inputs:

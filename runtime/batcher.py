@@ -2,14 +2,26 @@
 
 ``DynamicBatcher.submit(item)`` queues one item and awaits its result.  One
 dedicated inference thread per batcher (sessions are not assumed thread-safe)
-forms a batch from the oldest waiting item and every later item in the same
-*group* (``group(item)``: e.g. a token-length bucket, so padding stays small, or
-the non-batch shape of a tensor, so rows concatenate) until the batch holds
-``max_batch_size`` rows or the oldest item has waited ``max_delay_s``, runs it,
-hands the results to the event loop and takes the next batch at once.  The
-thread never waits for the event loop: when the loop formed and dispatched
-batches itself, the session sat idle ~5 % of the time at 32 concurrent HTTP
-clients, waiting for a busy loop to get round to the next batch.
+forms a batch from the oldest waiting item and later items in the same *group*
+(``group(item)``: e.g. the non-batch shape of a tensor, so rows concatenate)
+until the batch holds ``max_batch_size`` rows or the oldest item has waited
+``max_delay_s``, runs it, hands the results to the event loop and takes the next
+batch at once.
+
+Items with a length (``length(item)``: a text's token count; the batch is padded
+to its longest) are batched by cost, not arrival order: the waiting items of the
+group are sorted by length and cut into the batches of least summed
+:func:`padded_cost` (:func:`plan_batches`), and the batch holding the oldest
+item runs (so nothing waits behind newer items for long).  Padding short texts
+to a long neighbour and running many small batches both cost; the model of that
+cost is fitted to measured call times.  Against power-of-two length buckets
+(the rule before), on the same texts in alternating 4 s windows in one process:
++3 % at 32 single-text submitters, +5 % at 8, +6 % / +12 % for 1 / 4 clients
+of 32 texts each; +8 % over HTTP at c=32 (AVX2 box, 2026-12-03).
+
+Only a batch started from idle waits up to ``max_delay_s`` to fill; back from a
+batch, the thread runs what is waiting at once (it used to wait out the delay
+whenever the oldest item's bucket was not full).
 
 A full queue raises :class:`~runtime.errors.OverloadError` (``retry_after`` from
 the measured service rate); an item not finished within ``timeout_s`` raises
@@ -31,7 +43,7 @@ from typing import Generic, TypeVar
 
 from runtime.errors import OverloadError, RequestTimeoutError
 
-__all__ = ["BatchStats", "DynamicBatcher", "length_bucket"]
+__all__ = ["BatchStats", "DynamicBatcher", "padded_cost", "plan_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +51,54 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-def length_bucket(length: int) -> int:
-    """Bucket a token length: exact up to 16, then powers of two (17-32 -> 32, ...)."""
-    if length <= 16:
-        return 16
-    return 1 << math.ceil(math.log2(length))
+#: the cost of one call on ``rows`` sequences padded to ``longest`` tokens, in padded tokens
+#: (``rows x longest``), fitted to ORT fp32 MiniLM on 2 AVX2 cores (b = 1..32, 8..256 tokens; within
+#: 9 %): small matrices use the cores worse (SMALL_CALL x sqrt(tokens): at 128 tokens in all, a
+#: token costs ~1.4x what it costs in a batch of 32 x 32), each row has a fixed part, attention
+#: grows with the square of the length
+SMALL_CALL = 8.0
+ROW_TOKENS = 0.4
+ATTENTION = 1.0 / 640.0
+#: the cost planner looks at this many of the oldest waiting items of a group (times max_batch_size)
+PLAN_WINDOW = 2
+
+
+def padded_cost(rows: int, longest: int) -> float:
+    """Relative cost of one call on ``rows`` sequences padded to ``longest`` tokens."""
+    tokens = max(rows, 1) * max(longest, 1)
+    return tokens + SMALL_CALL * math.sqrt(tokens) + rows * (ROW_TOKENS + longest * longest * ATTENTION)
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    max_rows: int,
+    rows: Sequence[int] | None = None,
+    cost: Callable[[int, int], float] = padded_cost,
+) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length and cut into consecutive batches of at most
+    ``max_rows`` rows (``rows[i]`` each, default 1) whose summed ``cost(rows, longest)`` is least."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    weight = [1 if rows is None else max(1, rows[i]) for i in order]
+    n = len(order)
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        total = 0
+        for i in range(j - 1, -1, -1):
+            total += weight[i]
+            if total > max_rows and i < j - 1:
+                break
+            value = best[i] + cost(total, longest)
+            if value < best[j]:
+                best[j], cut[j] = value, i
+    batches: list[list[int]] = []
+    j = n
+    while j > 0:
+        batches.append(order[cut[j] : j])
+        j = cut[j]
+    batches.reverse()
+    return batches
 
 
 @dataclass
@@ -80,6 +135,7 @@ class _Entry(Generic[Item, Result]):
     enqueued: float
     deadline: float
     future: asyncio.Future[Result]
+    length: int | None = None
     started: bool = False
 
 
@@ -96,6 +152,7 @@ class DynamicBatcher(Generic[Item, Result]):
         timeout_s: float,
         group: Callable[[Item], Hashable] | None = None,
         rows: Callable[[Item], int] | None = None,
+        length: Callable[[Item], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
     ) -> None:
@@ -108,6 +165,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self.timeout_s = timeout_s
         self._group = group or (lambda _item: None)
         self._rows = rows or (lambda _item: 1)
+        self._length = length
         self._clock = clock
         self.name = name
         #: written on the event loop (the thread hands its numbers over with the results), except
@@ -167,6 +225,7 @@ class DynamicBatcher(Generic[Item, Result]):
             enqueued=now,
             deadline=now + timeout,
             future=self._loop.create_future(),
+            length=None if self._length is None else self._length(item),
         )
         with self._cond:
             full = len(self._pending) >= self.queue_limit
@@ -211,9 +270,17 @@ class DynamicBatcher(Generic[Item, Result]):
             self._pending.remove(entry)
         return [e for e in gone if e.deadline <= now]
 
-    def _take(self, now: float) -> list[_Entry[Item, Result]] | None:
-        """The next batch if one is due now, else None (under the lock)."""
+    def _take(self, now: float, *, patient: bool = True) -> list[_Entry[Item, Result]] | None:
+        """The next batch if one is due now, else None (under the lock).
+
+        Only a ``patient`` take (the thread was idle before it) waits up to ``max_delay_s`` for a
+        batch to fill; back from a batch, the thread runs what is waiting at once.
+        """
         oldest = self._pending[0]
+        if not patient:
+            now = max(now, oldest.enqueued + self.max_delay_s)
+        if oldest.length is not None:
+            return self._take_by_cost(now, oldest)
         batch: list[_Entry[Item, Result]] = []
         rows = 0
         for entry in self._pending:
@@ -232,8 +299,28 @@ class DynamicBatcher(Generic[Item, Result]):
             self._pending.remove(entry)
         return batch
 
+    def _take_by_cost(self, now: float, oldest: _Entry[Item, Result]) -> list[_Entry[Item, Result]] | None:
+        """The oldest item's batch in the cheapest plan of the group's oldest waiting items."""
+        window: list[_Entry[Item, Result]] = []
+        rows = 0
+        for entry in self._pending:
+            if entry.group == oldest.group:
+                window.append(entry)
+                rows += entry.rows
+                if len(window) >= PLAN_WINDOW * self.max_batch_size:
+                    break
+        if rows < self.max_batch_size and now < oldest.enqueued + self.max_delay_s:
+            return None
+        plan = plan_batches([e.length or 0 for e in window], self.max_batch_size, [e.rows for e in window])
+        chosen = next(b for b in plan if 0 in b)
+        batch = [window[i] for i in sorted(chosen)]
+        for entry in batch:
+            self._pending.remove(entry)
+        return batch
+
     def _next_batch(self) -> tuple[list[_Entry[Item, Result]] | None, list[_Entry[Item, Result]]]:
         """Block until a batch is due (or stop); (batch, or None when stopping; expired entries)."""
+        idle = False
         with self._cond:
             while not self._stopping:
                 now = self._clock()
@@ -242,9 +329,10 @@ class DynamicBatcher(Generic[Item, Result]):
                 if expired:
                     return [], expired
                 if not self._pending:
+                    idle = True
                     self._cond.wait()
                     continue
-                batch = self._take(now)
+                batch = self._take(now, patient=idle)
                 if batch is not None:
                     self.stats.queue_depth = len(self._pending)
                     for entry in batch:

@@ -8,7 +8,7 @@ from collections.abc import Hashable
 
 import pytest
 
-from runtime.batcher import DynamicBatcher, length_bucket
+from runtime.batcher import DynamicBatcher, padded_cost, plan_batches
 from runtime.errors import OverloadError, RequestTimeoutError
 
 
@@ -248,9 +248,60 @@ def test_next_batch_starts_while_the_event_loop_is_busy() -> None:
     run(main())
 
 
-@pytest.mark.parametrize(("n", "bucket"), [(1, 16), (16, 16), (17, 32), (32, 32), (33, 64), (200, 256)])
-def test_length_bucket(n: int, bucket: int) -> None:
-    assert length_bucket(n) == bucket
+def test_plan_batches_keeps_short_texts_away_from_long_ones() -> None:
+    lengths = [8, 250, 9, 10, 240, 8]
+    plan = plan_batches(lengths, max_rows=32)
+    assert plan == [[0, 5, 2, 3], [4, 1]]  # sorted by length; never a short text padded to 250
+
+
+def test_plan_batches_joins_similar_lengths_and_respects_the_row_limit() -> None:
+    lengths = [30, 31, 32, 29, 33, 30, 31, 32]
+    assert plan_batches(lengths, max_rows=32) == [[3, 0, 5, 1, 6, 2, 7, 4]]  # one call beats eight
+    plan = plan_batches(lengths, max_rows=3)
+    assert sorted(i for b in plan for i in b) == list(range(8))
+    assert all(len(b) <= 3 for b in plan)
+    # rows: an item of 3 rows with max_rows=4 leaves room for one more
+    assert plan_batches([10, 10, 10], max_rows=4, rows=[3, 1, 1]) in ([[0, 1], [2]], [[0], [1, 2]])
+
+
+def test_plan_batches_minimises_the_summed_cost() -> None:
+    """Brute force over every cut of the sorted order agrees with the planner."""
+    import itertools
+    import random
+
+    rng = random.Random(3)
+    for _ in range(30):
+        lengths = [rng.choice([5, 12, 40, 64, 128, 256]) for _ in range(rng.randint(1, 9))]
+        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        best = min(
+            sum(padded_cost(b - a, lengths[order[b - 1]]) for a, b in itertools.pairwise((0, *cuts, len(order))))
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+            if all(b - a <= 4 for a, b in itertools.pairwise((0, *cuts, len(order))))
+        )
+        plan = plan_batches(lengths, max_rows=4)
+        got = sum(padded_cost(len(b), max(lengths[i] for i in b)) for b in plan)
+        assert got == pytest.approx(best)
+        assert all(len(b) <= 4 for b in plan)
+
+
+def test_items_with_a_length_are_batched_by_cost_and_the_oldest_goes_first() -> None:
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate, length=lambda item: int(str(item)[1:]), max_batch_size=8)
+        b.start()
+        first = asyncio.ensure_future(b.submit("x1"))
+        await _entered(gate)
+        # waiting, oldest first: a long one, short ones, another long one
+        rest = [asyncio.ensure_future(b.submit(x)) for x in ("L250", "s8", "s9", "L240", "s10", "s8")]
+        await asyncio.sleep(0)
+        gate.release.set()
+        await asyncio.gather(first, *rest)
+        # the oldest (L250) runs first, with the other long one; the short ones together after
+        assert gate.batches == [["x1"], ["L250", "L240"], ["s8", "s9", "s10", "s8"]]
+        await b.stop()
+
+    run(main())
 
 
 def test_submit_before_start_is_an_error() -> None:
