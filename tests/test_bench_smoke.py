@@ -507,6 +507,41 @@ def test_targets_are_judged() -> None:
     assert t["cold start to ready (s)"]["met"] is True
 
 
+def test_alternate_runs_server_and_inprocess_windows_in_turn() -> None:
+    calls: list[str] = []
+    speeds = iter([100.0, 90.0, 130.0, 110.0])
+
+    def server() -> float:
+        calls.append("s")
+        return 80.0
+
+    def inprocess() -> float:
+        calls.append("i")
+        return next(speeds)
+
+    out = bench_http.alternate(server, inprocess, rounds=4)
+    assert calls == ["s", "i", "i", "s", "s", "i", "i", "s"]
+    assert out["order"] == ["server", "inprocess", "inprocess", "server"] * 2
+    assert out["inprocess_per_s"] == [100.0, 90.0, 130.0, 110.0]
+    assert out["ratio"] == pytest.approx(80.0 / 107.5)
+
+
+def test_the_http_target_is_judged_on_the_alternating_windows() -> None:
+    parts = _parts()
+    parts["http"]["alternating"] = {  # type: ignore[index]
+        "server_per_s": [90.0, 92.0, 94.0],
+        "inprocess_per_s": [100.0, 100.0, 100.0],
+        "order": ["server", "inprocess"] * 3,
+        "window_s": 4.0,
+        "ratio": 0.92,
+    }
+    (row,) = [x for x in run_all.targets(parts) if x["target"] == "HTTP c=32 vs in-process"]
+    assert row["value"] == 0.92 and row["met"] is True and "3 server and 3 in-process windows" in row["from"]
+    parts["http"]["alternating"] = common.skipped("no model")  # type: ignore[index]
+    (row,) = [x for x in run_all.targets(parts) if x["target"] == "HTTP c=32 vs in-process"]
+    assert row["value"] == 0.8 and row["met"] is False and row["from"] == "http /v1/embeddings (one run)"
+
+
 def test_the_2x_target_is_judged_head_to_head_when_there_is_one() -> None:
     parts = _parts()
     h2h = {"baseline": "pytorch bf16 autocast", "candidate": "a", "rounds": 6, "ratio": 1.9}
@@ -556,6 +591,9 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
         "batcher": {"32": _level(300.0), "8": common.skipped("boom")},
     }
     parts["http"]["inprocess"] = bench_http.around(before, after)  # type: ignore[index]
+    parts["http"]["alternating"] = bench_http.alternate(  # type: ignore[index]
+        iter([90.0, 95.0]).__next__, iter([100.0, 100.0]).__next__, rounds=2
+    ) | {"window_s": 4.0}
     report = {
         "started_at": "s",
         "finished_at": "f",
@@ -569,6 +607,8 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
     assert "ABBA x 10" in page and "a 171.0/s vs pytorch bf16 autocast 90.0/s = 1.90x" in page
     assert "at 480.0 items/s" in page and "before 500.0, after 460.0 the server runs" in page
     assert "c=32 340.0 items/s (5.00 CPU ms; before 380.0, after 300.0)" in page
+    assert "order server inprocess inprocess server): server 90.0, 95.0 items/s; in-process 100.0, 100.0" in page
+    assert "ratio of the means 0.925" in page
 
 
 def _level(items_per_s: float) -> dict[str, float]:
