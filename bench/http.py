@@ -35,10 +35,11 @@ on the other in one run: the box drifts by 10-20 % within a minute.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,6 +65,7 @@ __all__ = [
     "closed_loop",
     "inprocess_reference",
     "measure_endpoints",
+    "reference_model",
     "request_body",
     "run",
     "run_loop",
@@ -271,6 +273,32 @@ def _measure(
     return r
 
 
+@contextlib.contextmanager
+def reference_model(
+    cfg: Config, texts: Sequence[str]
+) -> Iterator[tuple[Any, Any, Callable[[Sequence[str]], Any], list[int]] | None]:
+    """The candidate the server would pick, opened here and warmed up: (candidate, model,
+    ``encode(texts)``, token counts of ``texts``); None when no candidate is admissible."""
+    from bench.inprocess import choice, load_package, open_model
+
+    package = load_package(cfg)
+    _, chosen = choice(package)
+    if chosen is None:
+        yield None
+        return
+    model = open_model(package, chosen.backend, chosen.variant, chosen.exec_precision)
+    try:
+        lengths = [len(t) for t in model.tokenize(list(texts), truncate=True)]
+
+        def encode(batch: Sequence[str]) -> Any:
+            return model.embed(batch, truncate=True)[0]
+
+        encode(list(texts[:32]))  # warm up
+        yield chosen, model, encode, lengths
+    finally:
+        model.close()
+
+
 def inprocess_reference(
     cfg: Config,
     texts: Sequence[str],
@@ -282,20 +310,12 @@ def inprocess_reference(
     """The server's candidate in this process on ``texts``: ``items_per_s`` in length-sorted
     batches of 32 (``passes`` over them in at most ``budget_s``), and ``batcher`` {C: items/s}
     through the server's batching (:func:`server_batching`)."""
-    from bench.inprocess import choice, corpus_throughput, load_package, open_model
+    from bench.inprocess import corpus_throughput
 
-    package = load_package(cfg)
-    _, chosen = choice(package)
-    if chosen is None:
-        return skipped("no admissible candidate for the package on this box")
-    model = open_model(package, chosen.backend, chosen.variant, chosen.exec_precision)
-    try:
-        lengths = [len(t) for t in model.tokenize(list(texts), truncate=True)]
-
-        def encode(batch: Sequence[str]) -> Any:
-            return model.embed(batch, truncate=True)[0]
-
-        encode(list(texts[:32]))  # warm up
+    with reference_model(cfg, texts) as ref:
+        if ref is None:
+            return skipped("no admissible candidate for the package on this box")
+        chosen, model, encode, lengths = ref
         cpu0, wall0 = time.process_time(), time.perf_counter()
         per_s = corpus_throughput(
             encode, texts, lengths, batch_size=32, passes=passes, budget_s=budget_s or cfg.pick(5.0, 12.0)
@@ -312,8 +332,6 @@ def inprocess_reference(
             except Exception as exc:  # one level failing keeps the sorted reference and the others
                 logger.warning("in-process batcher reference at c=%d failed: %s", c, exc)
                 batcher[str(c)] = skipped(f"{type(exc).__name__}: {exc}")
-    finally:
-        model.close()
     return {
         "candidate": str(chosen),
         "items_per_s": per_s,
@@ -412,21 +430,13 @@ def alternate(server: Callable[[], float], inprocess: Callable[[], float], round
 
 def _alternate(cfg: Config, srv: Any, model_name: str, texts: Sequence[str]) -> dict[str, Any]:
     """:func:`alternate` for ``srv`` at c=32 on /v1/embeddings against the server's candidate here."""
-    from bench.inprocess import choice, corpus_throughput, load_package, open_model
+    from bench.inprocess import corpus_throughput
 
-    package = load_package(cfg)
-    _, chosen = choice(package)
-    if chosen is None:
-        return skipped("no admissible candidate for the package on this box")
     window = cfg.pick(1.0, ALTERNATE_S)
-    model = open_model(package, chosen.backend, chosen.variant, chosen.exec_precision)
-    try:
-        lengths = [len(t) for t in model.tokenize(list(texts), truncate=True)]
-
-        def encode(batch: Sequence[str]) -> Any:
-            return model.embed(batch, truncate=True)[0]
-
-        encode(list(texts[:32]))  # warm up
+    with reference_model(cfg, texts) as ref:
+        if ref is None:
+            return skipped("no admissible candidate for the package on this box")
+        chosen, _, encode, lengths = ref
 
         def server() -> float:
             (row,) = measure_endpoints(
@@ -449,8 +459,6 @@ def _alternate(cfg: Config, srv: Any, model_name: str, texts: Sequence[str]) -> 
             return corpus_throughput(encode, texts, lengths, batch_size=32, budget_s=window)
 
         out = alternate(server, inprocess, cfg.pick(1, ALTERNATE_ROUNDS))
-    finally:
-        model.close()
     return {"candidate": str(chosen), "concurrency": 32, "endpoint": "/v1/embeddings", "window_s": window, **out}
 
 
