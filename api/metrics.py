@@ -4,8 +4,8 @@ Series (all prefixed ``inferbox_``): ``requests_total{model,route,status}``,
 ``request_duration_seconds{route}`` (histogram), ``queue_seconds{model}``,
 ``batch_size{model}``, ``inference_seconds{model}`` (histograms, from the
 batchers), ``in_flight_requests``, ``queue_depth{model}``, and
-``model_info{model,version,backend,variant,exec_precision}`` (always 1: the
-backend in use).
+``model_info{model,version,backend,variant,exec_precision,streams}`` (always 1:
+the backend in use; ``streams``: sessions running batches side by side).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class ModelInfo:
     backend: str
     variant: str
     exec_precision: str
+    streams: int = 1
 
 
 class Metrics:
@@ -165,6 +166,7 @@ class Metrics:
                 ("backend", m.backend),
                 ("variant", m.variant),
                 ("exec_precision", m.exec_precision),
+                ("streams", str(m.streams)),
             ]
             out.append(f"inferbox_model_info{_labels(labels)} 1")
         return "\n".join(out) + "\n"

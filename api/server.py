@@ -74,6 +74,7 @@ class Server:
             "timeout_s": c.request_timeout_s,
             "clock": self.clock,
             "name": model.name,
+            "workers": max(1, model.streams),
         }
 
     async def tensor_batcher(self, model: LoadedModel) -> DynamicBatcher[TensorRequest, dict[str, Array]]:
@@ -185,6 +186,7 @@ class Server:
         for name, (_, tb) in self._text.items():
             stats[name if name not in stats else f"{name}:text"] = tb.stats
         models = [
-            ModelInfo(m.name, str(m.version), m.backend, m.variant, m.exec_precision) for m in self.registry.loaded()
+            ModelInfo(m.name, str(m.version), m.backend, m.variant, m.exec_precision, m.streams)
+            for m in self.registry.loaded()
         ]
         return self.metrics.render(stats, models)

@@ -116,8 +116,11 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
     return Prepared(built_default=built, admin_key=admin_key, admin_key_id=admin_id)
 
 
-def model_loader(settings: Settings) -> Callable[[str, int | None], LoadedModel]:
-    """``loader(name, version)`` for the registry and the batch worker, configured by ``settings``."""
+def model_loader(settings: Settings, *, streams: int = 1) -> Callable[[str, int | None], LoadedModel]:
+    """``loader(name, version)`` for the registry and the batch worker, configured by ``settings``.
+
+    ``streams``: sessions per model run side by side (0 = auto); the server passes ``settings.streams``,
+    the batch worker runs one batch at a time and keeps one session with every core."""
     from runtime.loader import LoaderOptions, load_model
 
     options = LoaderOptions(
@@ -128,6 +131,7 @@ def model_loader(settings: Settings) -> Callable[[str, int | None], LoadedModel]
         autotune=settings.autotune,
         decision_cache=settings.cache_dir / "decisions.json",
         cache_dir=settings.cache_dir,
+        streams=streams,
     )
 
     def load(name: str, version: int | None) -> LoadedModel:
@@ -142,7 +146,9 @@ def build_registry(settings: Settings) -> ModelRegistry:
     from runtime.serving import ModelRegistry
 
     public_key = public_key_of(settings)
-    registry = ModelRegistry(model_loader(settings), lambda: repository_index(settings.repository, public_key))
+    registry = ModelRegistry(
+        model_loader(settings, streams=settings.streams), lambda: repository_index(settings.repository, public_key)
+    )
     for name in Repository(settings.repository).models():
         try:
             registry.load(name)

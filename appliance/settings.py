@@ -54,7 +54,17 @@ FIELDS: tuple[Field, ...] = (
     Field("backend", str, "auto", "models", "backend name to force, or auto"),
     Field("autotune", bool, False, "models", "time every admissible candidate at load and keep the fastest"),
     Field("allow_fallback", bool, False, "models", "accept a session that silently runs on another device (recorded)"),
-    Field("threads", int, 0, "models", "intra-op threads per session (0 = physical cores)", minimum=0),
+    Field(
+        "threads", int, 0, "models", "intra-op threads per session (0 = physical cores, split among streams)", minimum=0
+    ),
+    Field(
+        "streams",
+        int,
+        0,
+        "models",
+        "sessions per served model running batches side by side (0 = auto: 2 on a CPU)",
+        minimum=0,
+    ),
     Field("truncate", bool, True, "models", "truncate texts over the model's maximum length (else 400)"),
     # batching
     Field("max_batch_size", int, 32, "batching", "largest batch the dynamic batcher forms", minimum=1),
@@ -104,6 +114,7 @@ class Settings:
     autotune: bool
     allow_fallback: bool
     threads: int
+    streams: int
     truncate: bool
     max_batch_size: int
     max_queue_delay_ms: float

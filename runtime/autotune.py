@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CACHE_FORMAT",
     "DecisionCache",
+    "OpenSession",
     "PackageLike",
     "autotune",
     "cache_key",
@@ -89,6 +90,7 @@ def session_opener(
     threads: int = 0,
     allow_fallback: bool = False,
     cache_dir: Path | None = None,
+    cpu_pinning: bool | None = None,
 ) -> OpenSession:
     """``open_session`` for :func:`autotune` / :func:`decide`: the registry's backend opens the variant's file."""
     from runtime.backends.base import OpenOptions
@@ -101,6 +103,7 @@ def session_opener(
             exec_precision=candidate.exec_precision,
             allow_fallback=allow_fallback,
             cache_dir=cache_dir,
+            cpu_pinning=cpu_pinning,
         )
         entry = package.manifest.file(variant.files[0])  # ManifestError when the file is not listed
         return get_backend(candidate.backend).open(Path(package.path) / entry.path, options)

@@ -19,6 +19,10 @@ cost is fitted to measured call times.  Against power-of-two length buckets
 +3 % at 32 single-text submitters, +5 % at 8, +6 % / +12 % for 1 / 4 clients
 of 32 texts each; +8 % over HTTP at c=32 (AVX2 box, 2026-12-03).
 
+With ``workers`` > 1 (a model opened as several streams, :mod:`runtime.streams`) that many
+inference threads take batches from the one queue and run them at once; each call
+borrows its own session from the pool.
+
 Only a batch started from idle waits up to ``max_delay_s`` to fill; back from a
 batch, the thread runs what is waiting at once (it used to wait out the delay
 whenever the oldest item's bucket was not full).
@@ -155,9 +159,10 @@ class DynamicBatcher(Generic[Item, Result]):
         length: Callable[[Item], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or queue_limit < 1 or timeout_s <= 0 or max_delay_s < 0:
-            raise ValueError("max_batch_size and queue_limit must be >= 1, timeout_s > 0, max_delay_s >= 0")
+        if max_batch_size < 1 or queue_limit < 1 or timeout_s <= 0 or max_delay_s < 0 or workers < 1:
+            raise ValueError("max_batch_size, queue_limit and workers must be >= 1, timeout_s > 0, max_delay_s >= 0")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -168,36 +173,41 @@ class DynamicBatcher(Generic[Item, Result]):
         self._length = length
         self._clock = clock
         self.name = name
+        #: inference threads: batches that run at once (one per stream of a SessionPool)
+        self.workers = workers
         #: written on the event loop (the thread hands its numbers over with the results), except
         #: ``queue_depth``, which whoever changes the queue sets under the lock
         self.stats = BatchStats()
         # shared with the inference thread: guarded by _cond
         self._cond = threading.Condition()
         self._pending: deque[_Entry[Item, Result]] = deque()
-        self._running: list[_Entry[Item, Result]] = []
+        self._running: set[_Entry[Item, Result]] = set()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         #: seconds per batch, smoothed; used for Retry-After
         self._batch_seconds = 0.05
 
     # -- life cycle ---------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is None:
+        if not self._threads:
             self._loop = asyncio.get_running_loop()
             with self._cond:
                 self._stopping = False
-            self._thread = threading.Thread(
-                target=self._work, name=f"batcher-{self.name}" if self.name else "batcher", daemon=True
-            )
-            self._thread.start()
+            base = f"batcher-{self.name}" if self.name else "batcher"
+            self._threads = [
+                threading.Thread(target=self._work, name=base if self.workers == 1 else f"{base}-{i}", daemon=True)
+                for i in range(self.workers)
+            ]
+            for thread in self._threads:
+                thread.start()
 
     async def stop(self) -> None:
         """Stop the worker; queued and running items fail with OverloadError (retry later).
 
-        Returns once a batch still running in the session has left it.
+        Returns once the batches still running in the session have left it.
         """
-        thread, self._thread = self._thread, None
+        threads, self._threads = self._threads, []
         with self._cond:
             self._stopping = True
             entries = [*self._running, *self._pending]
@@ -207,14 +217,14 @@ class DynamicBatcher(Generic[Item, Result]):
             if not entry.future.done():
                 entry.future.set_exception(OverloadError(f"model {self.name!r} is being unloaded; retry later", 1.0))
         self.stats.queue_depth = 0
-        if thread is not None:
+        for thread in threads:
             # wait for a batch still inside the session, so the caller may close the session after us
             await asyncio.to_thread(thread.join)
 
     # -- submitting -----------------------------------------------------------------
     async def submit(self, item: Item, *, timeout_s: float | None = None) -> Result:
         """Queue ``item``; return its result, or raise Overload/RequestTimeout/the batch's error."""
-        if self._thread is None or self._loop is None:
+        if not self._threads or self._loop is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         now = self._clock()
@@ -260,7 +270,7 @@ class DynamicBatcher(Generic[Item, Result]):
 
     def _retry_after(self) -> float:
         batches_ahead = math.ceil(len(self._pending) / self.max_batch_size)
-        return float(max(1, math.ceil(batches_ahead * self._batch_seconds)))
+        return float(max(1, math.ceil(batches_ahead * self._batch_seconds / self.workers)))
 
     # -- the inference thread -------------------------------------------------------------
     def _expire(self, now: float) -> list[_Entry[Item, Result]]:
@@ -337,7 +347,7 @@ class DynamicBatcher(Generic[Item, Result]):
                     self.stats.queue_depth = len(self._pending)
                     for entry in batch:
                         entry.started = True
-                    self._running = batch
+                    self._running.update(batch)
                     return batch, []
                 self._cond.wait(max(self._pending[0].enqueued + self.max_delay_s - now, 0.0))
             return None, []
@@ -361,7 +371,7 @@ class DynamicBatcher(Generic[Item, Result]):
                 error = exc
             elapsed = self._clock() - start
             with self._cond:
-                self._running = []
+                self._running.difference_update(batch)
             self._post(self._deliver, batch, results, error, start, elapsed)
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:

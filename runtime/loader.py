@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.autotune import DecisionCache, decide, load_samples, session_opener
+from runtime.autotune import DecisionCache, OpenSession, PackageLike, decide, load_samples, session_opener
 from runtime.backends.base import Probe
 from runtime.repository import Repository
 from runtime.selection import Decision, Preference, require_choice
 from runtime.serving import IndexEntry, LoadedModel
+from runtime.streams import auto_streams, open_pool, stream_threads
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -42,6 +43,8 @@ class LoaderOptions:
     decision_cache: Path | None = None
     #: OpenVINO CACHE_DIR / TensorRT engine cache
     cache_dir: Path | None = None
+    #: sessions run side by side (:mod:`runtime.streams`); 0 = auto (2 on a CPU, 1 on an accelerator)
+    streams: int = 1
 
 
 def _preference(options: LoaderOptions) -> Preference:
@@ -83,18 +86,20 @@ def load_model(
     )
     where = f"{package.manifest.name}/{package.manifest.version}"
     choice = require_choice(decision, where)
-    session = open_session(choice)
+    streams, stream_open = _streams(package, choice.backend, found, opts, open_session)
+    session = open_pool(lambda: stream_open(choice), streams, lambda: open_session(choice))
     manifest = package.manifest
     text = None
     if manifest.text is not None:
         text = TextEncoder.from_dir(package.path / manifest.text.tokenizer_dir, manifest.text)
     log.info(
-        "loaded %s on %s (%s, %s; active %s; decided by %s)",
+        "loaded %s on %s (%s, %s; active %s; %d stream(s); decided by %s)",
         where,
         choice.backend,
         choice.variant,
         choice.exec_precision,
         ",".join(session.active),
+        streams,
         decision.source,
     )
     return LoadedModel(
@@ -107,6 +112,28 @@ def load_model(
         exec_precision=choice.exec_precision,
         session=session,
         text=text,
+        streams=streams,
+    )
+
+
+def _streams(
+    package: PackageLike, backend: str, probes: Sequence[Probe], opts: LoaderOptions, open_session: OpenSession
+) -> tuple[int, OpenSession]:
+    """How many streams to open for ``backend`` and the opener giving each its share of the cores."""
+    from runtime.hardware import default_threads
+
+    if opts.streams == 1:
+        return 1, open_session
+    cores = default_threads()
+    device = next((p.device for p in probes if p.name == backend), "cpu")
+    streams = opts.streams or auto_streams(device, cores, objective=opts.objective)
+    if streams == 1:
+        return 1, open_session
+    threads = stream_threads(opts.threads, streams, cores)
+    # unpinned: OpenVINO pins each single-thread session's thread to the same first core (a pair
+    # of pinned streams ran at half the speed of one session)
+    return streams, session_opener(
+        package, threads=threads, allow_fallback=opts.allow_fallback, cache_dir=opts.cache_dir, cpu_pinning=False
     )
 
 

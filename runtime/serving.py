@@ -68,6 +68,8 @@ class LoadedModel:
     exec_precision: str
     session: Session
     text: TextEncoder | None = None
+    #: sessions in ``session`` that run side by side (a :class:`~runtime.streams.SessionPool` when > 1)
+    streams: int = 1
 
     # -- facts --------------------------------------------------------------------------
     @property

@@ -55,6 +55,9 @@ class OpenOptions:
     #: OpenVINO PERFORMANCE_HINT: LATENCY or THROUGHPUT; None leaves the default
     performance_hint: str | None = None
     num_streams: int | None = None
+    #: OpenVINO CPU ENABLE_CPU_PINNING; None leaves the default.  Streams opened as separate
+    #: single-thread sessions must not pin: each would pin its thread to the same first core
+    cpu_pinning: bool | None = None
     cache_dir: Path | None = None  # OpenVINO CACHE_DIR / TensorRT engine cache
 
 

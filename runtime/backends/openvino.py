@@ -107,6 +107,11 @@ class OvSession:
             }
         return {name: by_name[name] for name in names}
 
+    @property
+    def threads(self) -> int:
+        """``INFERENCE_NUM_THREADS`` as the compiled model reports it."""
+        return int(self.compiled_property("INFERENCE_NUM_THREADS"))
+
     def compiled_property(self, name: str) -> str:
         """A property of the compiled model as OpenVINO reports it (what really runs, e.g.
         ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` set by the IR's ``rt_info/runtime_options``)."""
@@ -217,6 +222,8 @@ class OpenVinoBackend:
             config["PERFORMANCE_HINT"] = options.performance_hint.upper()
         if options.num_streams is not None:
             config["NUM_STREAMS"] = options.num_streams
+        if options.cpu_pinning is not None and self.device == "CPU":
+            config["ENABLE_CPU_PINNING"] = options.cpu_pinning
         if options.cache_dir is not None:
             cache = options.cache_dir / "openvino"
             cache.mkdir(parents=True, exist_ok=True)

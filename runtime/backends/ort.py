@@ -96,6 +96,13 @@ class OrtSession:
         self.input_names: tuple[str, ...] = tuple(i.name for i in self._inputs)
         self.output_names: tuple[str, ...] = tuple(o.name for o in session.get_outputs())
 
+    @property
+    def threads(self) -> int:
+        """Intra-op threads as the open session reports them (0: onnxruntime's default)."""
+        if self._session is None:
+            raise BackendError(f"{self.backend} session is closed; open a new one")
+        return int(self._session.get_session_options().intra_op_num_threads)
+
     def run(
         self, inputs: dict[str, npt.NDArray[np.generic]], outputs: list[str] | None = None
     ) -> dict[str, npt.NDArray[np.generic]]:

@@ -217,6 +217,69 @@ def test_stop_fails_queued_items() -> None:
     run(main())
 
 
+def test_workers_run_batches_side_by_side_and_stop_waits_for_every_one() -> None:
+    """Two workers: a second batch runs while the first is still in its session (they meet at a
+    barrier that one worker alone could never pass); stop() fails both and waits for both."""
+
+    async def main() -> None:
+        together = threading.Barrier(2)
+        release = threading.Event()
+        seen: list[list[object]] = []
+
+        def run_batch(items: list[object]) -> list[object]:
+            seen.append(list(items))
+            together.wait(10)
+            assert release.wait(10)
+            return [("done", i) for i in items]
+
+        b: DynamicBatcher[object, object] = DynamicBatcher(
+            run_batch, max_batch_size=1, max_delay_s=0.0, queue_limit=16, timeout_s=10.0, workers=2
+        )
+        b.start()
+        first, second = (asyncio.ensure_future(b.submit(x)) for x in "ab")
+        queued = None
+        for _ in range(200):  # both batches inside run_batch at once
+            await asyncio.sleep(0.01)
+            if len(seen) == 2:
+                queued = asyncio.ensure_future(b.submit("c"))
+                break
+        assert sorted(map(str, seen)) == ["['a']", "['b']"]
+        assert queued is not None
+        await asyncio.sleep(0)
+        stopping = asyncio.ensure_future(b.stop())
+        for fut in (first, second, queued):
+            with pytest.raises(OverloadError, match="unloaded"):
+                await fut
+        assert not stopping.done()
+        release.set()
+        await stopping
+        assert len(seen) == 2  # "c" never ran
+
+    run(main())
+
+
+def test_workers_deliver_every_result_to_its_caller() -> None:
+    async def main() -> None:
+        def run_batch(items: list[object]) -> list[object]:
+            return [("done", i) for i in items]
+
+        b: DynamicBatcher[object, object] = DynamicBatcher(
+            run_batch, max_batch_size=3, max_delay_s=0.0, queue_limit=256, timeout_s=10.0, workers=3
+        )
+        b.start()
+        results = await asyncio.gather(*(b.submit(i) for i in range(100)))
+        assert results == [("done", i) for i in range(100)]
+        assert b.stats.completed == 100 and b.stats.rows == 100
+        await b.stop()
+
+    run(main())
+
+
+def test_workers_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        DynamicBatcher(lambda items: items, max_batch_size=1, max_delay_s=0.0, queue_limit=1, timeout_s=1.0, workers=0)
+
+
 def test_next_batch_starts_while_the_event_loop_is_busy() -> None:
     """The inference thread takes the next batch itself: a busy loop cannot leave the session idle."""
 
