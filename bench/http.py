@@ -273,30 +273,97 @@ def _measure(
     return r
 
 
+class Reference:
+    """The server's candidate opened in this process: one session with every core (``model``,
+    ``encode``) and, where the server runs several streams, one session per stream with its
+    share of the cores (``streams``: an ``encode`` each)."""
+
+    def __init__(self, chosen: Any, model: Any, streams: Sequence[Any], lengths: list[int]) -> None:
+        self.chosen = chosen
+        self.model = model
+        self.lengths = lengths
+        self._stream_models = list(streams)
+        self.streams = [_encoder(m) for m in streams]
+        self.encode = _encoder(model)
+
+    def throughput(self, texts: Sequence[str], budget_s: float, *, passes: int = 1) -> dict[str, float]:
+        """Items/s on ``texts`` in length-sorted batches of 32: ``one_session``, ``streams`` (the
+        stream sessions side by side; absent with one stream) and ``items_per_s``, the better."""
+        from bench.inprocess import corpus_throughput, parallel_corpus_throughput
+
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        one = corpus_throughput(self.encode, texts, self.lengths, batch_size=32, passes=passes, budget_s=budget_s)
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        out = {"one_session": one, "cpu_ms_per_item": 1000.0 * cpu / max(one * wall, 1.0)}
+        if len(self.streams) > 1:
+            out["streams"] = parallel_corpus_throughput(
+                self.streams, texts, self.lengths, batch_size=32, budget_s=budget_s
+            )
+        out["items_per_s"] = max(one, out.get("streams", 0.0))
+        return out
+
+    def served(self) -> Any:
+        """The model as the server holds it: the stream sessions and the wide one in one
+        :class:`~runtime.streams.SessionPool` (closing stays with :func:`reference_model`)."""
+        import dataclasses
+
+        from runtime.streams import SessionPool
+
+        if not self._stream_models:
+            return self.model
+        pool = SessionPool([m.session for m in self._stream_models], self.model.session)
+        return dataclasses.replace(self.model, session=pool, streams=len(self._stream_models))
+
+
+def _encoder(model: Any) -> Callable[[Sequence[str]], Any]:
+    def encode(batch: Sequence[str]) -> Any:
+        return model.embed(batch, truncate=True)[0]
+
+    return encode
+
+
 @contextlib.contextmanager
-def reference_model(
-    cfg: Config, texts: Sequence[str]
-) -> Iterator[tuple[Any, Any, Callable[[Sequence[str]], Any], list[int]] | None]:
-    """The candidate the server would pick, opened here and warmed up: (candidate, model,
-    ``encode(texts)``, token counts of ``texts``); None when no candidate is admissible."""
+def reference_model(cfg: Config, texts: Sequence[str]) -> Iterator[Reference | None]:
+    """The candidate the server would pick, opened here as the server opens it (one session with
+    every core, plus one per stream where it runs several: :func:`runtime.streams.auto_streams`)
+    and warmed up; None when no candidate is admissible."""
     from bench.inprocess import choice, load_package, open_model
+    from runtime.hardware import default_threads
+    from runtime.streams import auto_streams, stream_threads
 
     package = load_package(cfg)
     _, chosen = choice(package)
     if chosen is None:
         yield None
         return
-    model = open_model(package, chosen.backend, chosen.variant, chosen.exec_precision)
+    cores = default_threads()
+    device = "cpu" if chosen.backend.endswith("-cpu") else chosen.backend
+    n = auto_streams(device, cores)
+    opened: list[Any] = []
     try:
+        model = open_model(package, chosen.backend, chosen.variant, chosen.exec_precision)
+        opened.append(model)
+        streams: list[Any] = []
+        for _ in range(n if n > 1 else 0):
+            streams.append(
+                open_model(
+                    package,
+                    chosen.backend,
+                    chosen.variant,
+                    chosen.exec_precision,
+                    threads=stream_threads(0, n, cores),
+                    cpu_pinning=False,
+                )
+            )
+            opened.append(streams[-1])
         lengths = [len(t) for t in model.tokenize(list(texts), truncate=True)]
-
-        def encode(batch: Sequence[str]) -> Any:
-            return model.embed(batch, truncate=True)[0]
-
-        encode(list(texts[:32]))  # warm up
-        yield chosen, model, encode, lengths
+        ref = Reference(chosen, model, streams, lengths)
+        for encode in (ref.encode, *ref.streams):
+            encode(list(texts[:32]))  # warm up
+        yield ref
     finally:
-        model.close()
+        for m in opened:
+            m.close()
 
 
 def inprocess_reference(
@@ -310,17 +377,11 @@ def inprocess_reference(
     """The server's candidate in this process on ``texts``: ``items_per_s`` in length-sorted
     batches of 32 (``passes`` over them in at most ``budget_s``), and ``batcher`` {C: items/s}
     through the server's batching (:func:`server_batching`)."""
-    from bench.inprocess import corpus_throughput
-
     with reference_model(cfg, texts) as ref:
         if ref is None:
             return skipped("no admissible candidate for the package on this box")
-        chosen, model, encode, lengths = ref
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        per_s = corpus_throughput(
-            encode, texts, lengths, batch_size=32, passes=passes, budget_s=budget_s or cfg.pick(5.0, 12.0)
-        )
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        sorted_corpus = ref.throughput(texts, budget_s or cfg.pick(5.0, 12.0), passes=passes)
+        model = ref.served()
         batcher: dict[str, Any] = {}
         for c in levels:
             try:
@@ -332,12 +393,7 @@ def inprocess_reference(
             except Exception as exc:  # one level failing keeps the sorted reference and the others
                 logger.warning("in-process batcher reference at c=%d failed: %s", c, exc)
                 batcher[str(c)] = skipped(f"{type(exc).__name__}: {exc}")
-    return {
-        "candidate": str(chosen),
-        "items_per_s": per_s,
-        "cpu_ms_per_item": 1000.0 * cpu / max(per_s * wall, 1.0),
-        "batcher": batcher,
-    }
+    return {"candidate": str(ref.chosen), "streams": max(1, len(ref.streams)), **sorted_corpus, "batcher": batcher}
 
 
 def around(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -430,13 +486,11 @@ def alternate(server: Callable[[], float], inprocess: Callable[[], float], round
 
 def _alternate(cfg: Config, srv: Any, model_name: str, texts: Sequence[str]) -> dict[str, Any]:
     """:func:`alternate` for ``srv`` at c=32 on /v1/embeddings against the server's candidate here."""
-    from bench.inprocess import corpus_throughput
-
     window = cfg.pick(1.0, ALTERNATE_S)
+    windows: list[dict[str, float]] = []
     with reference_model(cfg, texts) as ref:
         if ref is None:
             return skipped("no admissible candidate for the package on this box")
-        chosen, _, encode, lengths = ref
 
         def server() -> float:
             (row,) = measure_endpoints(
@@ -456,10 +510,19 @@ def _alternate(cfg: Config, srv: Any, model_name: str, texts: Sequence[str]) -> 
             return float(row["items_per_s"])
 
         def inprocess() -> float:
-            return corpus_throughput(encode, texts, lengths, batch_size=32, budget_s=window)
+            windows.append(ref.throughput(texts, window))
+            return windows[-1]["items_per_s"]
 
         out = alternate(server, inprocess, cfg.pick(1, ALTERNATE_ROUNDS))
-    return {"candidate": str(chosen), "concurrency": 32, "endpoint": "/v1/embeddings", "window_s": window, **out}
+    return {
+        "candidate": str(ref.chosen),
+        "concurrency": 32,
+        "endpoint": "/v1/embeddings",
+        "window_s": window,
+        **out,
+        "inprocess_one_session_per_s": [w["one_session"] for w in windows],
+        "inprocess_streams_per_s": [w["streams"] for w in windows if "streams" in w],
+    }
 
 
 def server_texts(cfg: Config) -> list[str]:

@@ -62,6 +62,7 @@ __all__ = [
     "measure",
     "open_candidate",
     "open_model",
+    "parallel_corpus_throughput",
     "pytorch_runner",
     "run",
     "spread_order",
@@ -172,8 +173,6 @@ def corpus_throughput(
     the full pass, depending on the corpus size.  ``passes`` repeat the batches; a batch's
     time is the mean of its runs.
     """
-    import numpy as np
-
     buckets = length_buckets(lengths, batch_size)
     if not buckets:
         return 0.0
@@ -193,18 +192,74 @@ def corpus_throughput(
                 break
         if stop:
             break
+    return _pass_rate(times, [len(b) for b in batches], padded)
+
+
+def _pass_rate(times: dict[int, list[float]], sizes: Sequence[int], padded: Sequence[int], workers: int = 1) -> float:
+    """Items per second of a whole pass from the timed batches (``times[b]``: seconds of each run of
+    batch ``b``), the ones not run interpolated by padded length; ``workers`` ran side by side."""
+    import numpy as np
+
     seconds = {b: sum(ts) / len(ts) for b, ts in times.items()}
-    missing = [b for b in range(len(batches)) if b not in seconds]
+    missing = [b for b in range(len(sizes)) if b not in seconds]
     total = sum(seconds.values())
     if missing:
         per_item: dict[int, list[float]] = {}
         for b, s in seconds.items():
-            per_item.setdefault(padded[b], []).append(s / len(batches[b]))
+            per_item.setdefault(padded[b], []).append(s / sizes[b])
         xs = sorted(per_item)
         ys = [sum(per_item[x]) / len(per_item[x]) for x in xs]
-        total += sum(float(np.interp(padded[b], xs, ys)) * len(batches[b]) for b in missing)
-    items = sum(len(b) for b in batches)
-    return items / total if total > 0 else float("inf")
+        total += sum(float(np.interp(padded[b], xs, ys)) * sizes[b] for b in missing)
+    return sum(sizes) * max(1, workers) / total if total > 0 else float("inf")
+
+
+def parallel_corpus_throughput(
+    encoders: Sequence[Callable[[Sequence[str]], Any]],
+    texts: Sequence[str],
+    lengths: Sequence[int],
+    *,
+    batch_size: int = 32,
+    budget_s: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """:func:`corpus_throughput` with one thread per encoder (e.g. one session per stream) taking
+    the next batch from the same order; each batch is timed in its own thread, the whole pass is
+    the summed batch times over the number of encoders."""
+    import threading
+
+    buckets = length_buckets(lengths, batch_size)
+    if not buckets or not encoders:
+        return 0.0
+    batches = [[texts[i] for i in idx] for idx in buckets]
+    padded = [max(lengths[i] for i in idx) for idx in buckets]
+    order = iter(spread_order(len(batches)))
+    lock = threading.Lock()
+    times: dict[int, list[float]] = {}
+    errors: list[BaseException] = []
+    start = clock()
+
+    def work(encode: Callable[[Sequence[str]], Any]) -> None:
+        try:
+            while True:
+                with lock:
+                    b = next(order, None)
+                if b is None or (budget_s is not None and clock() - start >= budget_s):
+                    return
+                t0 = clock()
+                encode(batches[b])
+                with lock:
+                    times.setdefault(b, []).append(clock() - t0)
+        except BaseException as exc:  # re-raised in the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(e,), daemon=True) for e in encoders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return _pass_rate(times, [len(b) for b in batches], padded, workers=len(encoders))
 
 
 def embed_sorted(
@@ -262,6 +317,7 @@ def open_model(
     *,
     threads: int = 0,
     cache_dir: Path | None = None,
+    cpu_pinning: bool | None = None,
 ) -> LoadedModel:
     """Open one candidate of a text package as the server does: a :class:`LoadedModel`."""
     from runtime.backends.base import OpenOptions
@@ -270,7 +326,9 @@ def open_model(
     from runtime.text import TextEncoder
 
     manifest = package.manifest
-    options = OpenOptions(exec_precision=exec_precision, intra_op_threads=threads, cache_dir=cache_dir)
+    options = OpenOptions(
+        exec_precision=exec_precision, intra_op_threads=threads, cache_dir=cache_dir, cpu_pinning=cpu_pinning
+    )
     session = get_backend(backend).open(package.variant_path(variant), options)
     encoder = None
     if manifest.text is not None:

@@ -11,7 +11,8 @@ import json
 import random
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from itertools import count
 from pathlib import Path
 
@@ -25,7 +26,15 @@ from onnx import TensorProto, helper
 from bench import common, corpus, roofline, run_all
 from bench import http as bench_http
 from bench.common import Config
-from bench.inprocess import Runner, corpus_throughput, cosine_stats, embed_sorted, head_to_head, spread_order
+from bench.inprocess import (
+    Runner,
+    corpus_throughput,
+    cosine_stats,
+    embed_sorted,
+    head_to_head,
+    parallel_corpus_throughput,
+    spread_order,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = [
@@ -230,6 +239,36 @@ def test_corpus_throughput_cut_short_estimates_the_whole_pass() -> None:
     assert ran[0] < len(corpus.length_buckets(lengths, 32)) * 3 // 4
 
 
+def test_parallel_corpus_throughput_runs_every_batch_once_on_each_encoders_thread() -> None:
+    """Two encoders take batches from one order, side by side; the pass's time is the summed batch
+    times over two (each batch here takes one tick of its own thread's clock)."""
+    texts = ["a" * n for n in range(1, 9)]
+    seen: dict[str, list[list[str]]] = {"x": [], "y": []}
+    both = threading.Barrier(2)
+    local = threading.local()
+
+    def clock() -> float:
+        local.t = getattr(local, "t", 0.0) + 0.5
+        return float(local.t)
+
+    def encoder(name: str) -> Callable[[Sequence[str]], None]:
+        def encode(batch: Sequence[str]) -> None:
+            if not seen[name]:
+                both.wait(10)  # the first batches meet: one thread alone would break the barrier
+            seen[name].append(list(batch))
+
+        return encode
+
+    per_s = parallel_corpus_throughput(
+        [encoder("x"), encoder("y")], texts, [len(t) for t in texts], batch_size=2, clock=clock
+    )
+    ran = sorted(map(tuple, seen["x"] + seen["y"]))
+    assert ran == sorted(map(tuple, ([t for t in texts[i : i + 2]] for i in range(0, 8, 2))))
+    assert seen["x"] and seen["y"]
+    # 4 batches x 0.5 s each (two clock reads per batch on the thread's own clock), 2 side by side
+    assert per_s == pytest.approx(8 / (4 * 0.5 / 2))
+
+
 # ----------------------------------------------------------------------------- FLOPs and peaks
 
 
@@ -419,6 +458,7 @@ def test_server_batching_runs_single_texts_through_the_servers_batcher() -> None
 
     class Model:
         name = "fake"
+        streams = 1
 
         def __init__(self) -> None:
             self.batches: list[list[int]] = []
@@ -450,6 +490,7 @@ def test_server_batching_fails_whole_and_stops_its_batcher() -> None:
 
     class Broken:
         name = "broken"
+        streams = 1
 
         def tokenize(self, texts: list[str], *, truncate: bool) -> list[Tokens]:
             return [Tokens([1], [0]) for _ in texts]
