@@ -186,6 +186,18 @@ def test_concurrent_requests_equal_unbatched(served: Served) -> None:
         np.testing.assert_allclose(v, alone[t], atol=_batch_tolerance(alone[t]))
 
 
+def test_the_served_model_runs_as_streams_on_a_cpu(served: Served) -> None:
+    """``streams`` auto: two on a CPU with two or more cores (the concurrent test above went
+    through them); /metrics says what runs."""
+    from runtime.hardware import default_threads
+
+    text = httpx.get(f"{served.url}/metrics", headers=served.headers(), timeout=30).text
+    (line,) = [x for x in text.splitlines() if x.startswith("inferbox_model_info{") and 'model="minilm"' in x]
+    cpu = any(f'backend="{b}"' in line for b in ("ort-cpu", "ov-cpu"))
+    expected = 2 if cpu and default_threads() >= 2 else 1
+    assert f'streams="{expected}"' in line, line
+
+
 def test_binary_tensor_extension_over_real_http(served: Served) -> None:
     from api.codec import encode_bytes_elements
 
