@@ -129,28 +129,79 @@ def test_under_load_calls_never_outnumber_the_narrow_sessions_nor_share_the_core
     assert most <= 2 and not wide_shared
 
 
-def test_close_closes_every_session_and_a_failed_open_closes_those_already_open() -> None:
+def test_close_closes_every_session() -> None:
     hold = threading.Event()
     pool, _, sessions = _pool(hold)
     pool.close()
     assert all(s.closed for s in sessions.values())
 
+
+def test_open_pool_serves_on_the_wide_session_while_the_narrow_ones_open() -> None:
+    hold = threading.Event()
+    hold.set()
+    opening = threading.Event()
+    log: list[tuple[str, str]] = []
+    lock = threading.Lock()
     opened: list[Recorder] = []
 
     def narrow() -> Recorder:
-        r = Recorder(f"n{len(opened)}", [], threading.Lock(), hold)
-        opened.append(r)
-        return r
+        assert opening.wait(10)  # held until the pool has served on the wide session
+        opened.append(Recorder(f"n{len(opened)}", log, lock, hold))
+        return opened[-1]
+
+    wide = Recorder("wide", log, lock, hold)
+    pool = open_pool(narrow, 2, lambda: wide)
+    assert isinstance(pool, SessionPool) and pool.streams == 0
+    # no narrow session yet: concurrent calls take the wide one in turn, never two at once
+    callers = [threading.Thread(target=pool.run, args=({"x": np.array([i])},)) for i in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(10)
+    assert pool.calls == {"wide": 4, "narrow": 0}
+    assert _max_overlap(log) == (1, False)
+    assert not pool.wait_ready(0.05)
+    opening.set()
+    assert pool.wait_ready(10)
+    assert pool.streams == 2 and pool.narrow == opened
+    pool.close()
+    assert wide.closed and all(r.closed for r in opened)
+
+
+def test_a_narrow_session_failing_to_open_leaves_the_pool_serving() -> None:
+    hold = threading.Event()
+    hold.set()
+    wide = Recorder("wide", [], threading.Lock(), hold)
+    calls = [0]
+
+    def narrow() -> Recorder:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("cannot open")
+        return Recorder("n", [], threading.Lock(), hold)
+
+    pool = open_pool(narrow, 3, lambda: wide)
+    assert isinstance(pool, SessionPool)
+    assert pool.wait_ready(10)
+    assert pool.streams == 1 and calls[0] == 2  # stopped at the first failure
+    assert pool.run({"x": np.array([1])})["y"].tolist() == [2]
+    # a session arriving after close is closed at once
+    late = Recorder("late", [], threading.Lock(), hold)
+    pool.close()
+    pool.attach(late)
+    assert late.closed and wide.closed
+
+
+def test_a_failing_wide_session_fails_the_open_and_one_stream_is_the_session_itself() -> None:
+    hold = threading.Event()
 
     def wide() -> Recorder:
         raise RuntimeError("cannot open")
 
     with pytest.raises(RuntimeError, match="cannot open"):
-        open_pool(narrow, 2, wide)
-    assert len(opened) == 2 and all(r.closed for r in opened)
-    # one stream: the wide session itself, no pool
+        open_pool(lambda: Recorder("n", [], threading.Lock(), hold), 2, wide)
     single = Recorder("w", [], threading.Lock(), hold)
-    assert open_pool(narrow, 1, lambda: single) is single
+    assert open_pool(lambda: Recorder("n", [], threading.Lock(), hold), 1, lambda: single) is single
 
 
 def test_auto_streams_and_threads() -> None:
@@ -179,6 +230,7 @@ def test_the_loader_opens_streams_on_the_real_package_and_they_embed_like_one_se
         assert one.streams == 1 and not isinstance(one.session, SessionPool)
         assert two.streams == 2 and isinstance(two.session, SessionPool)
         assert two.backend == backend and two.session.backend == backend
+        assert two.session.wait_ready(120)  # the narrow sessions open after the model is ready
         cores = default_threads()
         # what the open sessions report, not what was asked
         assert [s.threads for s in two.session.narrow] == [max(1, cores // 2)] * 2
