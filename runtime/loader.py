@@ -20,7 +20,7 @@ from runtime.backends.base import Probe
 from runtime.repository import Repository
 from runtime.selection import Decision, Preference, require_choice
 from runtime.serving import IndexEntry, LoadedModel
-from runtime.streams import auto_streams, open_pool, stream_threads
+from runtime.streams import open_pool, plan_streams
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -126,10 +126,9 @@ def _streams(
         return 1, open_session
     cores = default_threads()
     device = next((p.device for p in probes if p.name == backend), "cpu")
-    streams = opts.streams or auto_streams(device, cores, objective=opts.objective)
+    streams, threads = plan_streams(opts.streams, device, cores, threads=opts.threads, objective=opts.objective)
     if streams == 1:
         return 1, open_session
-    threads = stream_threads(opts.threads, streams, cores)
     # unpinned: OpenVINO pins each single-thread session's thread to the same first core (a pair
     # of pinned streams ran at half the speed of one session)
     return streams, session_opener(

@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from runtime.backends.base import Session
 
-__all__ = ["SessionPool", "auto_streams", "open_pool", "stream_threads"]
+__all__ = ["SessionPool", "auto_streams", "describe_plan", "open_pool", "plan_streams", "stream_threads"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,27 @@ def stream_threads(threads: int, streams: int, cores: int) -> int:
     if threads > 0:
         return threads
     return max(1, cores // max(1, streams))
+
+
+def plan_streams(
+    setting: int, device: str, cores: int, *, threads: int = 0, objective: str = "throughput"
+) -> tuple[int, int]:
+    """(streams, intra-op threads per stream) for the ``streams`` setting (0 = auto) and the
+    ``threads`` setting (0 = the cores, split among the streams); one stream is one session."""
+    streams = setting or auto_streams(device, cores, objective=objective)
+    return streams, (stream_threads(threads, streams, cores) if streams > 1 else (threads or cores))
+
+
+def describe_plan(streams: int, threads: int, wide: int) -> str:
+    """``2 streams x 1 thread + 1 session x 2 threads`` (what the server opens: ``streams`` of
+    ``threads`` each and the all-core session of ``wide`` threads), for people."""
+
+    def n(count: int, word: str) -> str:
+        return f"{count} {word}{'' if count == 1 else 's'}"
+
+    if streams <= 1:
+        return f"1 session x {n(threads, 'thread')}"
+    return f"{n(streams, 'stream')} x {n(threads, 'thread')} + 1 session x {n(wide, 'thread')}"
 
 
 class SessionPool:
@@ -204,5 +225,7 @@ def open_pool(open_narrow: Callable[[], Session], streams: int, open_wide: Calla
                 return
             pool.attach(session)
 
-    threading.Thread(target=open_rest, name="open-streams", daemon=True).start()
+    # not a daemon: a process leaving while a session is being opened in native code would abort
+    # ("terminate called without an active exception"); the interpreter waits for the thread instead
+    threading.Thread(target=open_rest, name="open-streams", daemon=False).start()
     return pool

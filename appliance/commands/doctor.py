@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +46,8 @@ class ModelReport:
     sha256: str | None = None
     signed_by: str | None = None
     decision: Decision | None = None
+    #: how `serve` would open the choice: (streams, threads per stream, threads of the all-core session)
+    serving: tuple[int, int, int] | None = None
 
     @property
     def runnable(self) -> bool:
@@ -62,6 +64,11 @@ class ModelReport:
             "sha256": self.sha256,
             "signed_by": self.signed_by,
             "runnable": self.runnable,
+            "serving": (
+                dict(zip(("streams", "threads_per_stream", "all_core_threads"), self.serving, strict=True))
+                if self.serving is not None
+                else None
+            ),
             "choice": str(d.choice) if d is not None and d.choice is not None else None,
             "source": d.source if d is not None else None,
             "verdicts": [
@@ -201,6 +208,11 @@ def _model_lines(m: ModelReport) -> list[str]:
     lines = [f"  {title}  ({m.path}; sha256 {m.sha256}{signed})"]
     if d.choice is not None:
         lines.append(f"    choice: {d.choice} (by {d.source})")
+        if m.serving is not None:
+            from runtime.streams import describe_plan
+
+            streams, threads, wide = m.serving
+            lines.append(f"    serving: {describe_plan(streams, threads, wide)} (settings streams, threads)")
     else:
         lines.append("    choice: NONE: no candidate can run this model here (reasons below)")
     for v in d.admissible:
@@ -241,8 +253,9 @@ def doctor(
     """
     from runtime.backends.registry import BACKENDS, probe_all
     from runtime.errors import ConfigError
-    from runtime.hardware import probe_hardware
+    from runtime.hardware import default_threads, probe_hardware
     from runtime.selection import Preference
+    from runtime.streams import plan_streams
 
     settings = build_settings(home=home, repository=repository, backend=backend)
     if settings.backend != "auto" and settings.backend not in BACKENDS:
@@ -269,6 +282,13 @@ def doctor(
         fingerprint=hardware.fingerprint(),
         cache_path=settings.cache_dir / "decisions.json",
     )
+    cores = default_threads()
+    for i, m in enumerate(reports):
+        if m.runnable and m.decision is not None and m.decision.choice is not None:
+            chosen = m.decision.choice.backend
+            device = next((p.device for p in probes if p.name == chosen), "cpu")
+            streams, threads = plan_streams(settings.streams, device, cores, threads=settings.threads)
+            reports[i] = replace(m, serving=(streams, threads, settings.threads or cores))
     failed = [m for m in reports if not m.runnable]
     hint = None
     if not reports:

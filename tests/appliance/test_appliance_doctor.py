@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from appliance.cli import main
 from runtime.backends.registry import probe_all
-from runtime.hardware import int8_saturates, probe_hardware
+from runtime.hardware import default_threads, int8_saturates, probe_hardware
 from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Variant
 from runtime.package import Package, finalize_package, staging_dir
 
@@ -147,6 +147,13 @@ def test_text_report(home: Path) -> None:
     # the model, its choice, its rejections
     assert f"tiny/1  ({home / 'models' / 'tiny' / '1'}; sha256 " in out
     assert "choice: ov-cpu/ov-fp32/fp32 (by rank)" in out
+    cores = default_threads()
+    serving = (
+        f"2 streams x {cores // 2} thread{'s' if cores // 2 > 1 else ''} + 1 session x {cores} threads"
+        if cores >= 2
+        else "1 session x 1 thread"
+    )
+    assert f"    serving: {serving} (settings streams, threads)" in out
     assert "[admissible] ort-cpu/onnx-fp32/fp32: #" in out
     assert "[rejected]   ort-cuda/* (" in out
     assert "[rejected]   ov-cpu/onnx-fp32/fp32: variant onnx-fp32 of tiny is allowed on ort-cpu, ort-cuda" in out
@@ -176,6 +183,12 @@ def test_json_report(home: Path) -> None:
         True,
     )
     assert model["choice"] == "ov-cpu/ov-fp32/fp32" and model["source"] == "rank"
+    cores = default_threads()
+    assert model["serving"] == {
+        "streams": 2 if cores >= 2 else 1,
+        "threads_per_stream": max(1, cores // 2) if cores >= 2 else cores,
+        "all_core_threads": cores,
+    }
     verdicts = {v["candidate"]: v for v in model["verdicts"]}
     assert verdicts["ov-cpu/ov-fp32/fp32"]["admissible"]
     assert verdicts["ort-cpu/onnx-fp32/fp32"]["admissible"]

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from runtime.streams import SessionPool, auto_streams, open_pool, stream_threads
+from runtime.streams import SessionPool, auto_streams, describe_plan, open_pool, plan_streams, stream_threads
 
 
 class Recorder:
@@ -215,6 +215,13 @@ def test_auto_streams_and_threads() -> None:
     assert stream_threads(0, 2, 16) == 8
     assert stream_threads(0, 4, 2) == 1
     assert stream_threads(3, 2, 16) == 3
+    assert plan_streams(0, "cpu", 2) == (2, 1)
+    assert plan_streams(0, "cpu", 16) == (2, 8)
+    assert plan_streams(1, "cpu", 16) == (1, 16)
+    assert plan_streams(0, "cuda:0", 16, threads=4) == (1, 4)
+    assert plan_streams(3, "cpu", 12) == (3, 4)
+    assert describe_plan(2, 1, 2) == "2 streams x 1 thread + 1 session x 2 threads"
+    assert describe_plan(1, 8, 8) == "1 session x 8 threads"
 
 
 @pytest.mark.parametrize("backend", ["ort-cpu", "ov-cpu"])
@@ -256,3 +263,23 @@ def test_the_loader_opens_streams_on_the_real_package_and_they_embed_like_one_se
     finally:
         one.close()
         two.close()
+
+
+def test_a_process_leaving_while_streams_still_open_exits_cleanly(minilm_repository: Path) -> None:
+    """The narrow sessions open in a thread; a process that exits meanwhile (a server stopped
+    right after start) must wait for it, not abort in native code (a daemon thread did: rc 134,
+    "terminate called without an active exception"; with four streams in about half the runs of
+    this very script, and in every run of the app build in tests/test_layering.py)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pathlib import Path\n"
+        "from runtime.loader import LoaderOptions, load_model\n"
+        f"m = load_model(Path({str(minilm_repository)!r}), 'minilm', "
+        "options=LoaderOptions(backend='ov-cpu', streams=4))\n"
+        "print(type(m.session).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "SessionPool"
