@@ -328,11 +328,11 @@ def _encoder(model: Any) -> Callable[[Sequence[str]], Any]:
 @contextlib.contextmanager
 def reference_model(cfg: Config, texts: Sequence[str]) -> Iterator[Reference | None]:
     """The candidate the server would pick, opened here as the server opens it (one session with
-    every core, plus one per stream where it runs several: :func:`runtime.streams.auto_streams`)
+    every core, plus one per stream where it runs several: :func:`runtime.streams.plan_streams`)
     and warmed up; None when no candidate is admissible."""
     from bench.inprocess import choice, load_package, open_model
     from runtime.hardware import default_threads
-    from runtime.streams import auto_streams, stream_threads
+    from runtime.streams import plan_streams
 
     package = load_package(cfg)
     _, chosen = choice(package)
@@ -341,7 +341,7 @@ def reference_model(cfg: Config, texts: Sequence[str]) -> Iterator[Reference | N
         return
     cores = default_threads()
     device = "cpu" if chosen.backend.endswith("-cpu") else chosen.backend
-    n = auto_streams(device, cores)
+    n, threads = plan_streams(0, device, cores)
     opened: list[Any] = []
     try:
         model = open_model(package, chosen.backend, chosen.variant, chosen.exec_precision)
@@ -354,7 +354,7 @@ def reference_model(cfg: Config, texts: Sequence[str]) -> Iterator[Reference | N
                     chosen.backend,
                     chosen.variant,
                     chosen.exec_precision,
-                    threads=stream_threads(0, n, cores),
+                    threads=threads,
                     cpu_pinning=False,
                 )
             )

@@ -173,11 +173,9 @@ def corpus_throughput(
     the full pass, depending on the corpus size.  ``passes`` repeat the batches; a batch's
     time is the mean of its runs.
     """
-    buckets = length_buckets(lengths, batch_size)
-    if not buckets:
+    batches, padded = _sorted_batches(texts, lengths, batch_size)
+    if not batches:
         return 0.0
-    batches = [[texts[i] for i in idx] for idx in buckets]
-    padded = [max(lengths[i] for i in idx) for idx in buckets]
     times: dict[int, list[float]] = {}
     start = last = clock()
     stop = False
@@ -193,6 +191,12 @@ def corpus_throughput(
         if stop:
             break
     return _pass_rate(times, [len(b) for b in batches], padded)
+
+
+def _sorted_batches(texts: Sequence[str], lengths: Sequence[int], batch_size: int) -> tuple[list[list[str]], list[int]]:
+    """``texts`` in length-sorted batches of ``batch_size``, and each batch's padded length."""
+    buckets = length_buckets(lengths, batch_size)
+    return [[texts[i] for i in idx] for idx in buckets], [max(lengths[i] for i in idx) for idx in buckets]
 
 
 def _pass_rate(times: dict[int, list[float]], sizes: Sequence[int], padded: Sequence[int], workers: int = 1) -> float:
@@ -227,11 +231,9 @@ def parallel_corpus_throughput(
     the summed batch times over the number of encoders."""
     import threading
 
-    buckets = length_buckets(lengths, batch_size)
-    if not buckets or not encoders:
+    batches, padded = _sorted_batches(texts, lengths, batch_size)
+    if not batches or not encoders:
         return 0.0
-    batches = [[texts[i] for i in idx] for idx in buckets]
-    padded = [max(lengths[i] for i in idx) for idx in buckets]
     order = iter(spread_order(len(batches)))
     lock = threading.Lock()
     times: dict[int, list[float]] = {}

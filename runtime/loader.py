@@ -20,7 +20,7 @@ from runtime.backends.base import Probe
 from runtime.repository import Repository
 from runtime.selection import Decision, Preference, require_choice
 from runtime.serving import IndexEntry, LoadedModel
-from runtime.streams import open_pool, plan_streams
+from runtime.streams import open_pool, plan_for
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -124,9 +124,9 @@ def _streams(
 
     if opts.streams == 1:
         return 1, open_session
-    cores = default_threads()
-    device = next((p.device for p in probes if p.name == backend), "cpu")
-    streams, threads = plan_streams(opts.streams, device, cores, threads=opts.threads, objective=opts.objective)
+    streams, threads = plan_for(
+        backend, probes, opts.streams, default_threads(), threads=opts.threads, objective=opts.objective
+    )
     if streams == 1:
         return 1, open_session
     # unpinned: OpenVINO pins each single-thread session's thread to the same first core (a pair

@@ -28,9 +28,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from runtime.backends.base import Session
+from runtime.backends.base import Probe, Session
 
-__all__ = ["SessionPool", "auto_streams", "describe_plan", "open_pool", "plan_streams", "stream_threads"]
+__all__ = [
+    "SessionPool",
+    "auto_streams",
+    "describe_plan",
+    "open_pool",
+    "plan_for",
+    "plan_streams",
+    "stream_threads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +69,21 @@ def plan_streams(
     ``threads`` setting (0 = the cores, split among the streams); one stream is one session."""
     streams = setting or auto_streams(device, cores, objective=objective)
     return streams, (stream_threads(threads, streams, cores) if streams > 1 else (threads or cores))
+
+
+def plan_for(
+    backend: str,
+    probes: Sequence[Probe],
+    setting: int,
+    cores: int,
+    *,
+    threads: int = 0,
+    objective: str = "throughput",
+) -> tuple[int, int]:
+    """:func:`plan_streams` for ``backend`` on the device its probe reports (the loader and
+    ``inferbox doctor`` both ask this)."""
+    device = next((p.device for p in probes if p.name == backend), "cpu")
+    return plan_streams(setting, device, cores, threads=threads, objective=objective)
 
 
 def describe_plan(streams: int, threads: int, wide: int) -> str:
@@ -107,7 +130,7 @@ class SessionPool:
         self._closed = False
         #: narrow sessions still being opened (:func:`open_pool`)
         self._expected = 0
-        #: calls served by the wide / narrow sessions (for tests and metrics)
+        #: calls served by the wide / narrow sessions (what tests check)
         self.calls = {"wide": 0, "narrow": 0}
 
     @property

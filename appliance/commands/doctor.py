@@ -255,7 +255,7 @@ def doctor(
     from runtime.errors import ConfigError
     from runtime.hardware import default_threads, probe_hardware
     from runtime.selection import Preference
-    from runtime.streams import plan_streams
+    from runtime.streams import plan_for
 
     settings = build_settings(home=home, repository=repository, backend=backend)
     if settings.backend != "auto" and settings.backend not in BACKENDS:
@@ -285,9 +285,9 @@ def doctor(
     cores = default_threads()
     for i, m in enumerate(reports):
         if m.runnable and m.decision is not None and m.decision.choice is not None:
-            chosen = m.decision.choice.backend
-            device = next((p.device for p in probes if p.name == chosen), "cpu")
-            streams, threads = plan_streams(settings.streams, device, cores, threads=settings.threads)
+            streams, threads = plan_for(
+                m.decision.choice.backend, probes, settings.streams, cores, threads=settings.threads
+            )
             reports[i] = replace(m, serving=(streams, threads, settings.threads or cores))
     failed = [m for m in reports if not m.runnable]
     hint = None
