@@ -38,9 +38,9 @@ ORDER = ("job", "ref", "ref", "job")
 #: the measured job's size: about JOB_S seconds of work at the in-process speed (probed first
 #: on PROBE texts), at least MIN_RECORDS (more than one default chunk of 4096, so chunking
 #: costs what it costs) and at most MAX_RECORDS.  10,000 records took 77 s per run on an AVX2 box.
-JOB_S = 30.0
+JOB_S = 25.0
 PROBE = 1024
-MIN_RECORDS = 4500
+MIN_RECORDS = 4200
 MAX_RECORDS = 10_000
 
 

@@ -25,7 +25,7 @@ not change.
 The target line (c=32 >= 0.85 of in-process) is judged on a third measurement,
 :func:`alternate`: the server at c=32 on ``/v1/embeddings`` and the in-process
 reference in turn, in short windows (server, in-process, in-process, server,
-...), the model open in this process meanwhile.  Each 12 s row against
+...), the model open in this process meanwhile.  Each 12 s row (8 s since) against
 references taken minutes before and after read 0.71 on one endpoint and 0.90
 on the other in one run: the box drifts by 10-20 % within a minute.
 
@@ -184,8 +184,14 @@ async def closed_loop(
     return out
 
 
-#: seconds of load before each measured wrk run (not counted)
-WARMUP_S = 3.0
+#: seconds of each measured row, and of load before it (not counted)
+ROW_S = 8.0
+WARMUP_S = 2.0
+#: seconds of the in-process reference in sorted batches (split between its two ways), and of
+#: each level of the in-process batcher reference (after its warm-up)
+REFERENCE_S = 8.0
+BATCHER_S = 5.0
+BATCHER_WARMUP_S = 1.5
 
 
 def measure_endpoints(
@@ -243,7 +249,7 @@ def _measure(
     warmup_s: float | None = None,
 ) -> dict[str, Any]:
     """One closed-loop run at concurrency ``c`` on ``base_url + path`` (wrk when installed, else httpx)."""
-    duration = duration_s if duration_s is not None else cfg.pick(2.0, 12.0)
+    duration = duration_s if duration_s is not None else cfg.pick(2.0, ROW_S)
     warmup = warmup_s if warmup_s is not None else cfg.pick(1.0, WARMUP_S)
     if wrk.available():
         # A C client: on a 2-core box the Python one would eat a third of the machine.
@@ -383,14 +389,18 @@ def inprocess_reference(
     with reference_model(cfg, texts) as ref:
         if ref is None:
             return skipped("no admissible candidate for the package on this box")
-        sorted_corpus = ref.throughput(texts, budget_s or cfg.pick(5.0, 12.0), passes=passes)
+        sorted_corpus = ref.throughput(texts, budget_s or cfg.pick(5.0, REFERENCE_S), passes=passes)
         model = ref.served()
         batcher: dict[str, Any] = {}
         for c in levels:
             try:
                 batcher[str(c)] = run_loop(
                     server_batching(
-                        model, texts, concurrency=c, duration_s=cfg.pick(1.0, 8.0), warmup_s=cfg.pick(0.3, 2.0)
+                        model,
+                        texts,
+                        concurrency=c,
+                        duration_s=cfg.pick(1.0, BATCHER_S),
+                        warmup_s=cfg.pick(0.3, BATCHER_WARMUP_S),
                     )
                 )
             except Exception as exc:  # one level failing keeps the sorted reference and the others

@@ -428,12 +428,12 @@ def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) ->
             lambda: runner.encode(texts.b32),
             warmup=cfg.pick(1, 2),
             runs=cfg.pick(2, 12),
-            budget_s=cfg.pick(3.0, 6.0),
+            budget_s=cfg.pick(3.0, 4.0),
         )
     )
     runner.encode(texts.corpus[: len(texts.b32)])  # warm-up: first calls compile shapes
     corpus = corpus_throughput(
-        runner.encode, texts.corpus, texts.corpus_lengths, passes=cfg.pick(1, 2), budget_s=cfg.pick(2.0, 6.0)
+        runner.encode, texts.corpus, texts.corpus_lengths, passes=cfg.pick(1, 2), budget_s=cfg.pick(2.0, 4.0)
     )
     emb = embed_sorted(runner.encode, texts.accuracy, texts.accuracy_lengths)
     row: dict[str, Any] = {

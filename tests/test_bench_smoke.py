@@ -548,6 +548,17 @@ def test_targets_are_judged() -> None:
     assert t["cold start to ready (s)"]["met"] is True
 
 
+def test_the_suite_time_is_a_target_of_full_runs_only() -> None:
+    report = {"quick": False, "seconds": 850.0, "package": {"built": True, "init_s": 131.0}}
+    (row,) = run_all.suite_target(report, run_all.PARTS)
+    assert row["met"] is True and row["value"] == 850.0 and row["goal"] == "<= 900"
+    assert row["from"] == "this run, package built first (131 s of it)"
+    (row,) = run_all.suite_target({**report, "seconds": 901.0, "package": {"built": False}}, run_all.PARTS)
+    assert row["met"] is False and row["from"] == "this run, package already built"
+    assert run_all.suite_target({**report, "quick": True}, run_all.PARTS) == []
+    assert run_all.suite_target(report, ("inprocess", "http")) == []
+
+
 def test_alternate_runs_server_and_inprocess_windows_in_turn() -> None:
     calls: list[str] = []
     speeds = iter([100.0, 90.0, 130.0, 110.0])
