@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runtime.errors import ExportError, SourceError
+from runtime.selection import STREAM_SCENARIO
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_GATE",
     "DEFAULT_GATES",
+    "STREAM_BATCH",
+    "STREAM_SCENARIO",
+    "STREAM_TOKENS",
     "TASKS",
     "TIMING_BUDGET_S",
     "TIMING_RUNS",
@@ -57,6 +61,13 @@ LABEL_GATE = {"max_label_accuracy_drop": 0.01}
 TIMING_RUNS: dict[str, tuple[int, int]] = {"quick": (1, 2), "full": (3, 20)}
 #: seconds of calls per scenario (warm-up included) after which "full" timing stops early
 TIMING_BUDGET_S = 5.0
+#: the timing scenario of a server's batches: STREAM_BATCH rows of STREAM_TOKENS tokens (text) on
+#: one stream's session (its share of the cores, :mod:`runtime.streams`), timed for CPU backends
+#: when this box would serve as several streams.  A server at 32 concurrent single-text requests
+#: formed batches of ~5 texts of ~35 tokens (MiniLM, 2 AVX2 cores, 2026-12-03); there ORT ran
+#: them 5 % faster than OpenVINO on one thread while OpenVINO led at batch 32 x 128 on two.
+STREAM_BATCH = 4
+STREAM_TOKENS = 32
 
 #: progress callback: (step name, human message)
 Progress = Callable[[str, str], None]

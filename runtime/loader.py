@@ -25,7 +25,7 @@ from runtime.streams import open_pool, plan_for
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["LoaderOptions", "load_model", "repository_index"]
+__all__ = ["LoaderOptions", "load_model", "preference_for", "repository_index"]
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,13 @@ class LoaderOptions:
     streams: int = 1
 
 
-def _preference(options: LoaderOptions) -> Preference:
+def preference_for(options: LoaderOptions) -> Preference:
+    """The ranking preference of a load with ``options``: a server running streams (``streams``
+    not 1) ranks by the ``stream`` timings (:func:`runtime.selection.rank`)."""
+    fake = options.backend == "fake"
     if options.objective == "latency":
-        return Preference(backend=options.backend, objective="latency", allow_fake=options.backend == "fake")
-    return Preference(backend=options.backend, objective="throughput", allow_fake=options.backend == "fake")
+        return Preference(backend=options.backend, objective="latency", allow_fake=fake)
+    return Preference(backend=options.backend, objective="throughput", allow_fake=fake, streams=options.streams != 1)
 
 
 def load_model(
@@ -76,7 +79,7 @@ def load_model(
     decision: Decision = decide(
         package,
         found,
-        _preference(opts),
+        preference_for(opts),
         fingerprint=profile.fingerprint(),
         cache=DecisionCache(opts.decision_cache) if opts.decision_cache is not None else None,
         autotune=opts.autotune,

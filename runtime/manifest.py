@@ -83,7 +83,8 @@ class Accuracy(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Timing(msgspec.Struct, frozen=True, kw_only=True):
-    """A timing on the exporting machine. ``scenario``: ``b1``, ``b32-typical``, ``b32-max``."""
+    """A timing on the exporting machine. ``scenario``: ``b1``, ``b32-typical``, ``b32-max``, ``stream``
+    (a server's small batches on one stream's share of the cores, ``threads``; ranks ``serve``'s choice)."""
 
     backend: str
     exec_precision: ExecPrecision

@@ -22,7 +22,11 @@ gate (rules 5 and 8 do not apply to it).
 
 Admissible candidates are ordered by the manifest's timings (throughput: best
 ``items_per_s`` of scenario ``b32-typical``, else any ``b32*``; latency: 1000 /
-``p50_ms`` of scenario ``b1``).  A candidate without a timing is estimated as
+``p50_ms`` of scenario ``b1``).  For a server running streams
+(``Preference.streams``) throughput is the ``stream`` scenario instead (a server's
+small batches on one stream's session), when every timed candidate has one: on
+2 AVX2 cores OpenVINO led at batch 32 x 128 on two threads while ORT ran a
+server's batches 5 % faster on one.  A candidate without a timing is estimated as
 the backend's speed class times :data:`PRECISION_SPEEDUP` of its precision
 (int8 > bf16 > fp16 > fp32); such candidates rank above every timed one when
 their estimate beats the estimate of every timed one (a GPU the exporting
@@ -45,6 +49,7 @@ from runtime.manifest import Accuracy, Manifest, Variant
 __all__ = [
     "EXEC_PRECISIONS",
     "PRECISION_SPEEDUP",
+    "STREAM_SCENARIO",
     "Candidate",
     "Decision",
     "Preference",
@@ -96,6 +101,10 @@ class Preference:
     objective: Literal["throughput", "latency"] = "throughput"
     precisions: tuple[str, ...] = EXEC_PRECISIONS
     allow_fake: bool = False
+    #: the choice serves online requests as streams (``serve``; :mod:`runtime.streams`): rank by
+    #: the ``stream`` timings (a server's small batches on one stream's session) when every
+    #: timed candidate has one, else as for a batch job (``b32``)
+    streams: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,9 +232,25 @@ def _rejection(
     return None
 
 
-def _measured(variant: Variant, backend: str, precision: str, objective: str) -> tuple[float, str] | None:
-    """Score (items/s, higher is better) and a description from the manifest's timings."""
+#: the timing scenario of a server's batches on one stream's session (timed by ``export``)
+STREAM_SCENARIO = "stream"
+
+
+def _measured(
+    variant: Variant, backend: str, precision: str, objective: str, *, streams: bool = False
+) -> tuple[float, str] | None:
+    """Score (items/s, higher is better) and a description from the manifest's timings;
+    ``streams``: from the ``stream`` scenario only (None without one)."""
     timings = [t for t in variant.timings if t.backend == backend and t.exec_precision == precision]
+    if streams:
+        stream = [t for t in timings if t.scenario == STREAM_SCENARIO and t.items_per_s > 0]
+        if not stream:
+            return None
+        best = max(stream, key=lambda t: t.items_per_s)
+        return best.items_per_s, (
+            f"measured {best.items_per_s:.4g} items/s at export on one stream "
+            f"({best.threads} thread(s), batch {best.batch}, a server's batches)"
+        )
     if objective == "latency":
         b1 = [t for t in timings if t.scenario == "b1" and t.p50_ms > 0]
         if not b1:
@@ -248,6 +273,25 @@ def _effective_precision(variant: Variant, exec_precision: str) -> str:
     return variant.precision
 
 
+_Ranked = tuple[Candidate, Probe, tuple[float, str] | None, float, str]
+
+
+def _by_stream_timings(admissible: list[_Ranked], variants: dict[str, Variant]) -> list[_Ranked]:
+    """The candidates scored by their ``stream`` timings instead, when every timed one has one
+    (items/s of a batch of 4 on one thread and of 32 on all cores do not compare); else as given."""
+    stream = [
+        _measured(variants[c.variant], c.backend, c.exec_precision, "throughput", streams=True)
+        for c, _, _, _, _ in admissible
+    ]
+    timed = [i for i, (_, _, measured, _, _) in enumerate(admissible) if measured is not None]
+    if not timed or any(stream[i] is None for i in timed):
+        return admissible
+    return [
+        (c, probe, stream[i] if measured is not None else None, est, eff)
+        for i, (c, probe, measured, est, eff) in enumerate(admissible)
+    ]
+
+
 def rank(probes: Sequence[Probe], manifest: Manifest, preference: Preference) -> Decision:
     """Rank every candidate; a pure function. ``choice`` is None when nothing is admissible."""
     by_name = {p.name: p for p in probes}
@@ -268,6 +312,8 @@ def rank(probes: Sequence[Probe], manifest: Manifest, preference: Preference) ->
         estimate = probe.speed_class * PRECISION_SPEEDUP.get(eff, 1.0)
         measured = _measured(variant, cand.backend, cand.exec_precision, preference.objective)
         admissible.append((cand, probe, measured, estimate, eff))
+    if preference.streams and preference.objective == "throughput":
+        admissible = _by_stream_timings(admissible, variants)
 
     timed_estimates = [est for _, _, m, est, _ in admissible if m is not None]
     top_timed = max(timed_estimates) if timed_estimates else None

@@ -254,7 +254,7 @@ def doctor(
     from runtime.backends.registry import BACKENDS, probe_all
     from runtime.errors import ConfigError
     from runtime.hardware import default_threads, probe_hardware
-    from runtime.selection import Preference
+    from runtime.loader import LoaderOptions, preference_for
     from runtime.streams import plan_for
 
     settings = build_settings(home=home, repository=repository, backend=backend)
@@ -272,7 +272,7 @@ def doctor(
     hardware = probe_hardware()
     probes = probe_all(hardware)
     # the preference `serve` uses (runtime.loader), so cached autotune decisions are found
-    preference = Preference(backend=settings.backend, allow_fake=settings.backend == "fake")
+    preference = preference_for(LoaderOptions(backend=settings.backend, streams=settings.streams))
     reports = model_reports(
         probes,
         preference,

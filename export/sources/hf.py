@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from export.samples import default_texts, read_arrays, read_texts
 from export.sources import Feeds, Prepared, hash_path, onnx_io, tile_rows
+from export.spec import STREAM_BATCH, STREAM_SCENARIO, STREAM_TOKENS
 from runtime.errors import SourceError
 from runtime.manifest import TensorSpec, TextConfig
 
@@ -184,11 +185,13 @@ def _prepare_text(
         reference = _logits_reference(folder, "AutoModelForSequenceClassification", validation)
     lengths = [int(b["attention_mask"].sum(axis=1).max()) if "attention_mask" in b else 0 for b in validation]
     typical = min(128, text.max_length)
+    stream_tokens = min(STREAM_TOKENS, text.max_length)
     longest = max(val_texts, key=len)
     timing: dict[str, tuple[Feeds, int | None]] = {
         "b1": (_timing_feeds(encode, longest, 1, typical), typical),
         "b32-typical": (_timing_feeds(encode, longest, 32, typical), typical),
         "b32-max": (_timing_feeds(encode, longest, 32, text.max_length), text.max_length),
+        STREAM_SCENARIO: (_timing_feeds(encode, longest, STREAM_BATCH, stream_tokens), stream_tokens),
     }
     labels = _labels(config) if not embeddings else None
     return Prepared(
@@ -298,7 +301,11 @@ def _prepare_image(spec: ExportSpec, folder: Path, config: dict[str, Any], base:
         validation=validation,
         calibration=calibration,
         reference=reference,
-        timing={"b1": (tile_rows(val, 1), None), "b32-typical": (tile_rows(val, 32), None)},
+        timing={
+            "b1": (tile_rows(val, 1), None),
+            "b32-typical": (tile_rows(val, 32), None),
+            STREAM_SCENARIO: (tile_rows(val, STREAM_BATCH), None),
+        },
         output="logits",
         labels=_labels(config),
         validation_labels=spec.validation_labels,

@@ -16,6 +16,7 @@ import numpy as np
 
 from export.samples import read_arrays
 from export.sources import Feeds, Prepared, hash_path, onnx_io, tile_rows
+from export.spec import STREAM_BATCH, STREAM_SCENARIO
 from runtime.errors import SourceError
 from runtime.manifest import TensorSpec
 
@@ -83,7 +84,11 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
         validation=validation,
         calibration=calibration,
         reference=reference_run(onnx_path, validation, output),
-        timing={"b1": (tile_rows(val, 1), None), "b32-typical": (tile_rows(val, 32), None)},
+        timing={
+            "b1": (tile_rows(val, 1), None),
+            "b32-typical": (tile_rows(val, 32), None),
+            STREAM_SCENARIO: (tile_rows(val, STREAM_BATCH), None),
+        },
         output=output,
         validation_labels=spec.validation_labels,
         notes={"validation_samples": str(n), "calibration_samples": str(len(calibration))},

@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from export.samples import read_arrays
 from export.sources import Feeds, Prepared, onnx_io, tile_rows
+from export.spec import STREAM_BATCH, STREAM_SCENARIO
 from runtime.errors import SourceError
 
 if TYPE_CHECKING:
@@ -133,7 +134,11 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
         validation=validation,
         calibration=calibration,
         reference=np.concatenate(refs),
-        timing={"b1": (tile_rows(val, 1), None), "b32-typical": (tile_rows(val, 32), None)},
+        timing={
+            "b1": (tile_rows(val, 1), None),
+            "b32-typical": (tile_rows(val, 32), None),
+            STREAM_SCENARIO: (tile_rows(val, STREAM_BATCH), None),
+        },
         output=out_names[0],
         labels=list(spec.labels) if spec.labels else None,
         validation_labels=spec.validation_labels,

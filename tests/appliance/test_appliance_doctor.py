@@ -262,7 +262,8 @@ def test_one_package_folder(home: Path, tmp_path: Path) -> None:
 def test_cached_autotune_decision_is_shown(home: Path) -> None:
     from runtime.autotune import DecisionCache, cache_key
     from runtime.hardware import probe_hardware
-    from runtime.selection import Candidate, Decision, Preference, Verdict
+    from runtime.loader import LoaderOptions, preference_for
+    from runtime.selection import Candidate, Decision, Verdict
 
     _, before = doctor_json("--home", str(home))
     sha = before["models"][0]["sha256"]
@@ -271,7 +272,8 @@ def test_cached_autotune_decision_is_shown(home: Path) -> None:
         choice=chosen, verdicts=(Verdict(chosen, True, "autotuned: median 0.010 ms", 1e5),), source="autotune"
     )
     cache = DecisionCache(home / "cache" / "decisions.json")
-    cache.put(cache_key(probe_hardware().fingerprint(), sha, Preference()), tuned)
+    # keyed by the preference `serve` ranks with (streams auto: the stream timings)
+    cache.put(cache_key(probe_hardware().fingerprint(), sha, preference_for(LoaderOptions(streams=0))), tuned)
     result = doctor("--home", str(home))
     assert result.exit_code == 0
     assert "choice: ort-cpu/onnx-fp32/fp32 (by cache)" in result.output

@@ -151,7 +151,10 @@ def test_image_classification_folder(tmp_path: Path) -> None:
     assert fp32.accuracy[0].passed and fp32.accuracy[0].samples == 64
     assert fp32.accuracy[0].metrics["top1_agreement"] == 1.0
     assert manifest.text is None and manifest.labels is not None and len(manifest.labels) == 4
-    assert {t.scenario for t in fp32.timings} == {"b1", "b32-typical"}
+    # the export's 2 threads: a server would run 2 streams, so the stream scenario is timed on one
+    assert {t.scenario for t in fp32.timings} == {"b1", "b32-typical", "stream"}
+    (stream,) = [t for t in fp32.timings if t.scenario == "stream"]
+    assert (stream.batch, stream.threads) == (4, 1)
     assert {a.variant for a in manifest.attempts} >= {"onnx-fp32", "ov-fp32", "ov-int8"}
 
 

@@ -586,3 +586,47 @@ def test_a_requirement_this_version_cannot_check_is_refused() -> None:
     decision = rank([probe("ov-cpu")], manifest(future), Preference())
     assert decision.choice is None
     assert "requires gpu-fp8, which this inferbox cannot check; upgrade inferbox" in decision.rejected[0].reason
+
+
+def _served_box() -> tuple[Manifest, list[Probe]]:
+    """OpenVINO leads at batch 32 on every core, ORT on a server's batches on one stream (as
+    measured on 2 AVX2 cores)."""
+    man = manifest(
+        variant(
+            "onnx-fp32",
+            [acc("onnxruntime", "fp32")],
+            [timing("ort-cpu", "fp32", "b32-typical", 45.0), timing("ort-cpu", "fp32", "stream", 110.0)],
+        ),
+        variant(
+            "ov-fp32",
+            [acc("openvino", "fp32")],
+            [timing("ov-cpu", "fp32", "b32-typical", 48.0), timing("ov-cpu", "fp32", "stream", 104.0)],
+        ),
+    )
+    return man, [probe("ort-cpu"), probe("ov-cpu")]
+
+
+def test_a_server_running_streams_ranks_by_the_stream_timings() -> None:
+    man, probes = _served_box()
+    batch = rank(probes, man, Preference())
+    assert batch.choice == Candidate("ov-cpu", "ov-fp32", "fp32")  # a batch job: b32
+    served = rank(probes, man, Preference(streams=True))
+    assert served.choice == Candidate("ort-cpu", "onnx-fp32", "fp32")
+    assert served.admissible[0].score == 110.0
+    assert "at export on one stream (2 thread(s), batch 32" in served.admissible[0].reason
+    # streams change nothing for the latency objective (b1; none here: both ranked by class)
+    latency = rank(probes, man, Preference(objective="latency", streams=True))
+    assert [v.score for v in latency.admissible] == [
+        v.score for v in rank(probes, man, Preference(objective="latency")).admissible
+    ]
+
+
+def test_stream_timings_rank_only_when_every_timed_candidate_has_one() -> None:
+    man, probes = _served_box()
+    ov = man.variants[1]
+    no_stream = msgspec.structs.replace(ov, timings=[t for t in ov.timings if t.scenario != "stream"])
+    mixed = msgspec.structs.replace(man, variants=[man.variants[0], no_stream])
+    # items/s of a batch of 4 on one thread and of 32 on all cores do not compare: b32 for all
+    decision = rank(probes, mixed, Preference(streams=True))
+    assert decision.choice == Candidate("ov-cpu", "ov-fp32", "fp32")
+    assert decision.admissible[0].score == 48.0

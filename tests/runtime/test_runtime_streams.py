@@ -224,6 +224,37 @@ def test_auto_streams_and_threads() -> None:
     assert describe_plan(1, 8, 8) == "1 session x 8 threads"
 
 
+def test_a_load_with_streams_ranks_by_the_stream_timings() -> None:
+    from runtime.loader import LoaderOptions, preference_for
+
+    assert preference_for(LoaderOptions(streams=0)).streams  # serve, streams auto
+    assert preference_for(LoaderOptions(streams=2)).streams
+    assert not preference_for(LoaderOptions(streams=1)).streams  # the batch worker: one session, b32
+    latency = preference_for(LoaderOptions(streams=0, objective="latency"))
+    assert latency.objective == "latency" and not latency.streams
+
+
+def test_serve_and_the_batch_worker_choose_from_the_real_package_by_their_timings(minilm_repository: Path) -> None:
+    from runtime.backends.registry import probe_all
+    from runtime.package import read_package
+    from runtime.selection import Preference, rank
+
+    manifest = read_package(minilm_repository / "minilm" / "1").manifest
+    probes = probe_all()
+
+    def fastest(scenario: str) -> tuple[str, str] | None:
+        timed = [
+            (t.items_per_s, v.id, t.backend) for v in manifest.variants for t in v.timings if t.scenario == scenario
+        ]
+        return max(timed)[1:] if timed else None
+
+    served = rank(probes, manifest, Preference(streams=True)).admissible[0].candidate
+    batch = rank(probes, manifest, Preference()).admissible[0].candidate
+    assert (batch.variant, batch.backend) == fastest("b32-typical")
+    # a box that would serve one stream has no stream timings: serve ranks as the batch worker
+    assert (served.variant, served.backend) == (fastest("stream") or fastest("b32-typical"))
+
+
 @pytest.mark.parametrize("backend", ["ort-cpu", "ov-cpu"])
 def test_the_loader_opens_streams_on_the_real_package_and_they_embed_like_one_session(
     minilm_repository: Path, backend: str
