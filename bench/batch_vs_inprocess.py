@@ -7,8 +7,9 @@ throughput is N / run time (process start and model load included); net
 throughput subtracts the small job's time, which carries the same fixed costs:
 (N - 32) / (t_N - t_32).  The big job and the reference run twice each, in the
 order job, reference, reference, job, and the best of each counts (this box's
-speed drifts between runs).  The in-process reference is the candidate the server
-would pick, in this process, on the same texts in length-sorted batches of 32.
+speed drifts between runs).  The in-process reference is the candidate the batch worker
+would pick (ranked by the b32 timings; ``serve`` ranks by the stream timings), in this process,
+on the same texts in length-sorted batches of 32.
 Target: net >= 90 % of in-process.
 
 ``python -m bench.batch_vs_inprocess [--quick] [--out DIR]`` runs this part alone.
@@ -110,7 +111,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
     if cfg.quick:
         n = 256
     else:
-        probe = inprocess_reference(cfg, mixed_corpus(PROBE, seed=31), levels=(), passes=1, budget_s=5.0)
+        probe = inprocess_reference(cfg, mixed_corpus(PROBE, seed=31), levels=(), passes=1, budget_s=5.0, streams=False)
         n = job_size(probe.get("items_per_s"))
     texts = mixed_corpus(n, seed=31)
     home = fresh_home(root, "batch")
@@ -130,7 +131,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
                 bigs.append(timed_job(big_path, package.name, env))
                 continue
             try:
-                refs.append(inprocess_reference(cfg, texts, levels=()))
+                refs.append(inprocess_reference(cfg, texts, levels=(), streams=False))
             except Exception as exc:
                 ref_error = f"{type(exc).__name__}: {exc}"
         big = min(bigs, key=lambda b: float(b["seconds"]))

@@ -332,16 +332,16 @@ def _encoder(model: Any) -> Callable[[Sequence[str]], Any]:
 
 
 @contextlib.contextmanager
-def reference_model(cfg: Config, texts: Sequence[str]) -> Iterator[Reference | None]:
-    """The candidate the server would pick, opened here as the server opens it (one session with
-    every core, plus one per stream where it runs several: :func:`runtime.streams.plan_streams`)
-    and warmed up; None when no candidate is admissible."""
+def reference_model(cfg: Config, texts: Sequence[str], *, streams: bool = True) -> Iterator[Reference | None]:
+    """The candidate the server would pick (``streams=False``: the batch worker), opened here as
+    the server opens it (one session with every core, plus one per stream where it runs several:
+    :func:`runtime.streams.plan_streams`) and warmed up; None when no candidate is admissible."""
     from bench.inprocess import choice, load_package, open_model
     from runtime.hardware import default_threads
     from runtime.streams import plan_streams
 
     package = load_package(cfg)
-    _, chosen = choice(package)
+    _, chosen = choice(package, streams=streams)
     if chosen is None:
         yield None
         return
@@ -382,11 +382,13 @@ def inprocess_reference(
     *,
     passes: int = 2,
     budget_s: float | None = None,
+    streams: bool = True,
 ) -> dict[str, Any]:
     """The server's candidate in this process on ``texts``: ``items_per_s`` in length-sorted
     batches of 32 (``passes`` over them in at most ``budget_s``), and ``batcher`` {C: items/s}
-    through the server's batching (:func:`server_batching`)."""
-    with reference_model(cfg, texts) as ref:
+    through the server's batching (:func:`server_batching`).  ``streams=False``: the batch
+    worker's candidate (:func:`bench.inprocess.choice`)."""
+    with reference_model(cfg, texts, streams=streams) as ref:
         if ref is None:
             return skipped("no admissible candidate for the package on this box")
         sorted_corpus = ref.throughput(texts, budget_s or cfg.pick(5.0, REFERENCE_S), passes=passes)
@@ -526,6 +528,11 @@ def _alternate(cfg: Config, srv: Any, model_name: str, texts: Sequence[str]) -> 
             windows.append(ref.throughput(texts, window))
             return windows[-1]["items_per_s"]
 
+        # One untimed in-process window first (the server is warm from its rows).  Without it
+        # the first in-process window read 87-109/s against 125-155/s for the next two in all
+        # three ORT-served runs of 2026-12-03 (a fresh ORT session's first pass over the shapes
+        # is ~4 % slower, which explains only part of it): the line read 0.97-1.00 for 0.88-0.90.
+        ref.throughput(texts, window)
         out = alternate(server, inprocess, cfg.pick(1, ALTERNATE_ROUNDS))
     return {
         "candidate": str(ref.chosen),

@@ -295,12 +295,13 @@ def load_package(cfg: Config) -> Package:
     return Repository(settings.repository, public_key=public_key).open(cfg.model)
 
 
-def choice(package: Package) -> tuple[Decision, Candidate | None]:
-    """The ranking on this box and the candidate the server would pick (no autotune)."""
+def choice(package: Package, *, streams: bool = True) -> tuple[Decision, Candidate | None]:
+    """The ranking on this box and the candidate ``inferbox serve`` would pick (no autotune);
+    ``streams=False``: the batch worker's (one session, ranked by the b32 timings)."""
     from runtime.backends.registry import probe_all
     from runtime.selection import Preference, rank
 
-    decision = rank(probe_all(), package.manifest, Preference())
+    decision = rank(probe_all(), package.manifest, Preference(streams=streams))
     return decision, decision.choice
 
 
