@@ -35,7 +35,7 @@ SERVERS = (False, True, True, False)
 #: rounds of one window per server (every other round backwards)
 ROUNDS = 3
 #: seconds per window (quick: 1)
-WINDOW_S = 3.0
+WINDOW_S = 4.0
 
 
 def window_order(rounds: int, servers: int = len(SERVERS)) -> list[int]:

@@ -185,7 +185,7 @@ async def closed_loop(
 
 
 #: seconds of each measured row, and of load before it (not counted)
-ROW_S = 8.0
+ROW_S = 6.0
 WARMUP_S = 2.0
 #: seconds of the in-process reference in sorted batches (split between its two ways), and of
 #: each level of the in-process batcher reference (after its warm-up)
@@ -413,14 +413,15 @@ def inprocess_reference(
 
 def around(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """One reference from the in-process runs before and after the server's: the mean of each
-    figure (a linear drift of the machine's speed during the server runs cancels); the two
+    figure (a linear drift of the machine's speed during the server runs cancels); a figure
+    only ``before`` has (the batcher levels, measured before only) is kept as it is; the two
     runs are kept under ``before`` / ``after``.  One failed run: the other alone."""
     if is_skipped(before) or is_skipped(after):
         return after if is_skipped(before) else before
 
     def mean(a: Any, b: Any) -> Any:
         if isinstance(a, dict) and isinstance(b, dict):
-            return {k: mean(a[k], b[k]) for k in a if k in b}
+            return {k: mean(a[k], b[k]) if k in b else a[k] for k in a}
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             return (a + b) / 2.0
         return a
@@ -594,7 +595,7 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
         write_json(cfg.out / "http.json", result)
         return result
     try:
-        after = inprocess_reference(cfg, texts)
+        after = inprocess_reference(cfg, texts, levels=())  # the batcher levels: before only
     except Exception as exc:
         after = skipped(f"{type(exc).__name__}: {exc}")
     result["inprocess"] = around(before, after)

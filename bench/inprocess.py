@@ -459,7 +459,7 @@ def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) ->
 
 
 #: ABBA rounds of the head-to-head (each round: baseline, candidate, candidate, baseline)
-H2H_ROUNDS = 10
+H2H_ROUNDS = 8
 #: pause before each head-to-head batch: the other runtime's worker threads stop spinning
 H2H_PAUSE_S = 0.05
 
