@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from appliance.audit.log import AuditLog
     from runtime.serving import LoadedModel, ModelRegistry
 
-__all__ = ["Prepared", "app_factory", "build_app", "model_loader", "prepare", "public_key_of"]
+__all__ = ["Prepared", "app_factory", "batch_loader", "build_app", "model_loader", "prepare", "public_key_of"]
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,14 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
     return Prepared(built_default=built, admin_key=admin_key, admin_key_id=admin_id)
 
 
-def model_loader(settings: Settings, *, streams: int = 1) -> Callable[[str, int | None], LoadedModel]:
+def model_loader(
+    settings: Settings, *, streams: int = 1, workload: str = "online"
+) -> Callable[[str, int | None], LoadedModel]:
     """``loader(name, version)`` for the registry and the batch worker, configured by ``settings``.
 
-    ``streams``: sessions per model run side by side (0 = auto); the server passes ``settings.streams``,
-    the batch worker runs one batch at a time and keeps one session with every core."""
+    ``streams``: sessions per model run side by side (0 = auto; the server and the batch worker
+    pass ``settings.streams``); ``workload``: ``online`` or ``batch`` (how the choice is ranked,
+    :class:`runtime.loader.LoaderOptions`)."""
     from runtime.loader import LoaderOptions, load_model
 
     options = LoaderOptions(
@@ -132,12 +135,20 @@ def model_loader(settings: Settings, *, streams: int = 1) -> Callable[[str, int 
         decision_cache=settings.cache_dir / "decisions.json",
         cache_dir=settings.cache_dir,
         streams=streams,
+        workload=workload,
     )
 
     def load(name: str, version: int | None) -> LoadedModel:
         return load_model(settings.repository, name, version, options=options)
 
     return load
+
+
+def batch_loader(settings: Settings) -> Callable[[str, int | None], LoadedModel]:
+    """The batch worker's loader: the choice ranked for length-sorted batches of 32, opened as
+    ``settings.streams`` streams (a chunk's batches run on them side by side,
+    :func:`appliance.batch.unit.run_chunk`)."""
+    return model_loader(settings, streams=settings.streams, workload="batch")
 
 
 def build_registry(settings: Settings) -> ModelRegistry:

@@ -45,15 +45,23 @@ class LoaderOptions:
     cache_dir: Path | None = None
     #: sessions run side by side (:mod:`runtime.streams`); 0 = auto (2 on a CPU, 1 on an accelerator)
     streams: int = 1
+    #: what the model will run: ``online`` (a server's small batches; with streams, ranked by the
+    #: ``stream`` timings) or ``batch`` (length-sorted batches of a job: ranked by the ``b32``
+    #: timings whatever ``streams`` is)
+    workload: str = "online"
 
 
 def preference_for(options: LoaderOptions) -> Preference:
     """The ranking preference of a load with ``options``: a server running streams (``streams``
-    not 1) ranks by the ``stream`` timings (:func:`runtime.selection.rank`)."""
+    not 1, ``workload`` online) ranks by the ``stream`` timings (:func:`runtime.selection.rank`);
+    a batch job by the ``b32`` ones."""
     fake = options.backend == "fake"
     if options.objective == "latency":
         return Preference(backend=options.backend, objective="latency", allow_fake=fake)
-    return Preference(backend=options.backend, objective="throughput", allow_fake=fake, streams=options.streams != 1)
+    online = options.workload != "batch"
+    return Preference(
+        backend=options.backend, objective="throughput", allow_fake=fake, streams=online and options.streams != 1
+    )
 
 
 def load_model(

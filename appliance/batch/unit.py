@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -32,11 +33,14 @@ from appliance.batch.writers import (
 )
 from runtime.errors import BatchError, InputError
 
-__all__ = ["TEXT_TASKS", "ChunkOutcome", "ChunkTask", "check_model_fits", "run_chunk", "verify_chunk"]
+__all__ = ["TEXT_TASKS", "ChunkOutcome", "ChunkTask", "check_model_fits", "run_chunk", "streams_of", "verify_chunk"]
 
 log = logging.getLogger(__name__)
 
 TEXT_TASKS = ("feature-extraction", "text-classification")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class ChunkTask(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,6 +138,25 @@ def _tensor_rows(model: BatchModel, examples: list[dict[str, npt.NDArray[Any]]])
     return rows
 
 
+def streams_of(model: BatchModel) -> int:
+    """Sessions of ``model`` that run side by side (``LoadedModel.streams``; 1 for a model without)."""
+    streams = getattr(model, "streams", 1)
+    return streams if isinstance(streams, int) and streams > 1 else 1
+
+
+def _run_batches(compute: Callable[[T], R], batches: Sequence[T], streams: int) -> Iterator[R]:
+    """``compute(batch)`` for every batch, results in order: one after another, or with ``streams``
+    > 1 on that many threads, so that a model opened as streams (:mod:`runtime.streams`) runs
+    that many batches at once, each on its own session (2 single-thread OpenVINO bf16 sessions
+    ran length-sorted batches of 32 ~10 % faster than one two-thread session on 2 AMX cores,
+    2026-12-04).  An exception is raised in order, once the batches before it are done."""
+    if streams <= 1 or len(batches) <= 1:
+        yield from map(compute, batches)
+        return
+    with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="batch-stream") as pool:
+        yield from pool.map(compute, batches)
+
+
 def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None] | None = None) -> ChunkOutcome:
     """Do one chunk from scratch and rename its files into place.
 
@@ -178,16 +201,22 @@ def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None]
     else:
         for record, value in valid:
             groups.setdefault(tuple((k, v.shape) for k, v in value.items()), []).append((record, value))
-    for members in groups.values():
-        for start in range(0, len(members), task.batch_size):
-            batch = members[start : start + task.batch_size]
-            values = [v for _, v in batch]
-            rows = _text_rows(model, values) if text_mode else _tensor_rows(model, values)
-            for (record, _), row in zip(batch, rows, strict=True):
-                if isinstance(row, str):
-                    rejects[record.index] = _reject(record, row)
-                else:
-                    results[record.index] = {"id": record_id(record), **row}
+    batches = [
+        members[start : start + task.batch_size]
+        for members in groups.values()
+        for start in range(0, len(members), task.batch_size)
+    ]
+
+    def compute(batch: list[tuple[RawRecord, Any]]) -> Sequence[dict[str, Any] | str]:
+        values = [v for _, v in batch]
+        return _text_rows(model, values) if text_mode else _tensor_rows(model, values)
+
+    for batch, rows in zip(batches, _run_batches(compute, batches, streams_of(model)), strict=True):
+        for (record, _), row in zip(batch, rows, strict=True):
+            if isinstance(row, str):
+                rejects[record.index] = _reject(record, row)
+            else:
+                results[record.index] = {"id": record_id(record), **row}
 
     ordered_rejects = [rejects[i] for i in sorted(rejects)]
     ordered_results = [results[i] for i in sorted(results)]

@@ -22,7 +22,7 @@ __all__ = ["batch", "settings_loader"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOADER = "appliance.server:model_loader"
+DEFAULT_LOADER = "appliance.server:batch_loader"
 
 
 def settings_loader(target: str, settings: Settings) -> Any:

@@ -323,3 +323,42 @@ def test_texts_are_batched_by_token_count_not_characters(tmp_path: Path) -> None
     assert seen == [[1, 1], [6, 8]]  # by characters it would have been [1, 6] and [1, 8]
     rows = [json.loads(x) for x in (job_dir / "part-00000.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 1, 2, 3]  # results keep the input order
+
+
+def test_a_model_opened_as_streams_runs_a_chunks_batches_side_by_side_in_order(tmp_path: Path) -> None:
+    """Two batches meet at a barrier (only possible when they run at once); the files are
+    byte-identical to one stream's."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=30)
+    met: list[bool] = []
+
+    class TwoStreams(fake.FakeModel):
+        streams = 2
+
+        def embed_tokens(self, tokens):  # type: ignore[no-untyped-def]
+            if not met:
+                barrier.wait()  # BrokenBarrierError after 30 s if the batches ran one after another
+                met.append(True)
+            return super().embed_tokens(tokens)
+
+    texts = [" ".join(["w"] * (1 + i % 7)) + f" {i}" for i in range(40)]
+    for d in ("two", "one"):
+        (tmp_path / d).mkdir()
+    two = _run_texts(tmp_path / "two", texts, TwoStreams(), batch_size=4)
+    one = _run_texts(tmp_path / "one", texts, fake.FakeModel(), batch_size=4)
+    assert met
+    assert (two / "part-00000.jsonl").read_bytes() == (one / "part-00000.jsonl").read_bytes()
+    rows = [json.loads(x) for x in (two / "part-00000.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(40))
+
+
+def test_the_batch_worker_loads_streams_ranked_for_batches() -> None:
+    from appliance.batch.unit import streams_of
+    from appliance.commands.batch import DEFAULT_LOADER
+    from runtime.loader import LoaderOptions, preference_for
+
+    assert DEFAULT_LOADER == "appliance.server:batch_loader"
+    batch = preference_for(LoaderOptions(streams=0, workload="batch"))
+    assert batch.objective == "throughput" and not batch.streams  # ranked by the b32 timings
+    assert streams_of(fake.FakeModel()) == 1

@@ -229,7 +229,8 @@ def test_a_load_with_streams_ranks_by_the_stream_timings() -> None:
 
     assert preference_for(LoaderOptions(streams=0)).streams  # serve, streams auto
     assert preference_for(LoaderOptions(streams=2)).streams
-    assert not preference_for(LoaderOptions(streams=1)).streams  # the batch worker: one session, b32
+    assert not preference_for(LoaderOptions(streams=1)).streams  # one session: b32
+    assert not preference_for(LoaderOptions(streams=0, workload="batch")).streams  # the batch worker: b32
     latency = preference_for(LoaderOptions(streams=0, objective="latency"))
     assert latency.objective == "latency" and not latency.streams
 
