@@ -141,12 +141,24 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
     if isinstance(alternating, dict) and alternating.get("ratio") is not None:
         rounds = len(alternating.get("server_per_s") or [])
         where = f"http /v1/embeddings, {rounds} server and {rounds} in-process windows in turn"
-        add("HTTP c=32 vs in-process", alternating["ratio"], 0.85, True, where)
+        add("HTTP c=32 vs in-process", alternating["ratio"], 0.85, True, where + _http_context(c32))
     else:
-        add("HTTP c=32 vs in-process", c32 and c32.get("vs_inprocess"), 0.85, True, "http /v1/embeddings (one run)")
+        where = "http /v1/embeddings (one run)" + _http_context(c32)
+        add("HTTP c=32 vs in-process", c32 and c32.get("vs_inprocess"), 0.85, True, where)
     add("audit on vs off", _get(parts, "audit_onoff", "on_vs_off"), 0.95, True, "audit_onoff")
     add("batch (net) vs in-process", _get(parts, "batch", "net_vs_inprocess"), 0.90, True, "batch")
     add("cold start to ready (s)", _get(parts, "coldstart", "server", "ready_s_median"), 3.0, False, "coldstart")
+    return out
+
+
+def _http_context(c32: dict[str, Any] | None) -> str:
+    """The c=32 row's load client (a Python client shares the cores with the server) and its
+    ratio to the same 32 single-text callers through the server's batching in process."""
+    if not c32:
+        return ""
+    out = f"; client {c32.get('client', '?')}"
+    if isinstance(c32.get("vs_batcher"), (int, float)):
+        out += f"; vs the server's batching in process (same callers, no HTTP): {c32['vs_batcher']:.2f}"
     return out
 
 

@@ -594,7 +594,10 @@ def test_the_http_target_is_judged_on_the_alternating_windows() -> None:
     assert row["value"] == 0.92 and row["met"] is True and "3 server and 3 in-process windows" in row["from"]
     parts["http"]["alternating"] = common.skipped("no model")  # type: ignore[index]
     (row,) = [x for x in run_all.targets(parts) if x["target"] == "HTTP c=32 vs in-process"]
-    assert row["value"] == 0.8 and row["met"] is False and row["from"] == "http /v1/embeddings (one run)"
+    assert row["value"] == 0.8 and row["met"] is False and row["from"] == "http /v1/embeddings (one run); client ?"
+    parts["http"]["rows"][0].update(client="wrk", vs_batcher=0.834)  # type: ignore[index]
+    (row,) = [x for x in run_all.targets(parts) if x["target"] == "HTTP c=32 vs in-process"]
+    assert row["from"].endswith("client wrk; vs the server's batching in process (same callers, no HTTP): 0.83")
 
 
 def test_the_2x_target_is_judged_head_to_head_when_there_is_one() -> None:
