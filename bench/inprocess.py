@@ -54,6 +54,7 @@ __all__ = [
     "COLUMNS",
     "Runner",
     "Texts",
+    "auto_aliases",
     "choice",
     "corpus_throughput",
     "cosine_stats",
@@ -303,6 +304,30 @@ def choice(package: Package, *, streams: bool = True) -> tuple[Decision, Candida
 
     decision = rank(probe_all(), package.manifest, Preference(streams=streams))
     return decision, decision.choice
+
+
+def openvino_devices() -> list[str]:
+    """OpenVINO's devices here ([] without OpenVINO)."""
+    try:
+        import openvino as ov
+
+        return [str(d) for d in ov.Core().available_devices]
+    except Exception:
+        return []
+
+
+def auto_aliases(candidates: Sequence[Candidate], devices: Sequence[str] | None = None) -> dict[Candidate, str]:
+    """The ``ov-auto`` candidates that would run exactly as an ``ov-cpu`` one of the list (AUTO over
+    the CPU alone loads the CPU plugin), each with the reason it is not measured again."""
+    found = list(openvino_devices() if devices is None else devices)
+    if found != ["CPU"]:
+        return {}
+    cpu = {(c.variant, c.exec_precision) for c in candidates if c.backend == "ov-cpu"}
+    return {
+        c: f"ov-auto runs the CPU plugin here (OpenVINO devices: {found}): measured as ov-cpu/{c.variant}/{c.exec_precision}"
+        for c in candidates
+        if c.backend == "ov-auto" and (c.variant, c.exec_precision) in cpu
+    }
 
 
 def _compute_kind(package: Package, variant_id: str, exec_precision: str) -> str:
@@ -633,7 +658,11 @@ def run(
                     reference_label = str(plain[0])
                     admissible.remove(plain[0])
                     admissible.insert(0, plain[0])
+            aliases = auto_aliases(admissible)
             for c in admissible:
+                if c in aliases:
+                    rows.append({"runner": str(c), **skipped(aliases[c])})
+                    continue
                 plan.append(
                     (str(c), functools.partial(open_candidate, package, c.backend, c.variant, c.exec_precision))
                 )

@@ -99,14 +99,17 @@ def child(cfg: Config, target: str) -> dict[str, Any]:
 
 
 def _targets(cfg: Config) -> list[str]:
-    from bench.inprocess import choice, load_package
+    from bench.inprocess import auto_aliases, choice, load_package
 
     package = load_package(cfg)
     decision, _ = choice(package)
+    admissible = [v.candidate for v in decision.admissible]
+    aliases = auto_aliases(admissible)
     targets: list[str] = []
     seen: set[str] = set()
-    for v in decision.admissible:
-        c = v.candidate
+    for c in admissible:
+        if c in aliases:
+            continue
         key = c.backend if cfg.quick else f"{c.backend}/{c.variant}"  # quick: one per backend
         if key in seen:
             continue

@@ -823,3 +823,19 @@ def test_audit_windows_visit_the_servers_forwards_then_backwards() -> None:
     assert on_vs_off(rows) == pytest.approx(100 / 110)
     assert on_vs_off([*rows, {"audit": True, "skipped": "window failed"}]) == pytest.approx(100 / 110)
     assert on_vs_off([r for r in rows if r["audit"]]) is None
+
+
+def test_ov_auto_over_the_cpu_alone_is_not_measured_twice() -> None:
+    from bench.inprocess import auto_aliases
+    from runtime.selection import Candidate
+
+    cands = [
+        Candidate("ov-cpu", "ov-fp32", "bf16"),
+        Candidate("ov-auto", "ov-fp32", "bf16"),
+        Candidate("ov-auto", "ov-int8", "fp32"),  # no ov-cpu twin in the list: measured
+        Candidate("ort-cpu", "onnx-fp32", "fp32"),
+    ]
+    aliases = auto_aliases(cands, ["CPU"])
+    assert list(aliases) == [Candidate("ov-auto", "ov-fp32", "bf16")]
+    assert "measured as ov-cpu/ov-fp32/bf16" in aliases[cands[1]]
+    assert auto_aliases(cands, ["CPU", "GPU.0"]) == {}  # AUTO may pick the GPU: measured
