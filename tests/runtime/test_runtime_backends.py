@@ -263,15 +263,20 @@ def test_openvino_auto_proves_device_and_precision(tiny_mlp: Path) -> None:
 
 
 def test_openvino_precision_mismatch_is_detected(
-    tiny_mlp: Path, hardware: HardwareProfile, caplog: pytest.LogCaptureFixture
+    tiny_mlp: Path, hardware: HardwareProfile, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # fp16 on a CPU: OpenVINO computes in bf16 (or fp32) instead, without a word.
+    # fp16 on a CPU without fp16 compute: OpenVINO computes in bf16 (or fp32) instead, without a word.
+    import runtime.backends.openvino as ov_backend
+
     backend = OpenVinoBackend("ov-cpu")
     options = OpenOptions(intra_op_threads=1, exec_precision="fp16")
     cpu = hardware.ov_device("CPU")
     assert cpu is not None
     if "FP16" in cpu.capabilities:
-        pytest.fail("this CPU computes fp16 natively; the mismatch case needs another precision here")
+        # This CPU computes fp16 (AVX512-FP16 / AMX, seen on the 2026-12-04 box) and OpenVINO
+        # honours the hint: no precision is swapped here, so the compiled model's answer is made
+        # to be what a CPU without fp16 reads back, and the detection on it is what is tested.
+        monkeypatch.setattr(ov_backend, "_read_precision", lambda compiled, device, devices: "bf16")
     with pytest.raises(FallbackError, match=r"asked OpenVINO for CPU/fp16, the compiled model runs CPU/") as err:
         backend.open(tiny_mlp, options)
     assert err.value.requested == "CPU/fp16"
