@@ -12,6 +12,7 @@ prefix); the first record links to ``SHA-256(log_id)``.
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 from datetime import UTC, datetime
 
@@ -123,28 +124,30 @@ def genesis_hash(log_id: str) -> str:
     return hashlib.sha256(log_id.encode("utf-8")).hexdigest()
 
 
-def _field(out: bytearray, value: str) -> None:
+def _field(value: str) -> bytes:
     data = value.encode("utf-8")
-    out += len(data).to_bytes(8, "big")
-    out += data
+    return len(data).to_bytes(8, "big") + data
+
+
+_DOMAIN_FIELD = _field(DOMAIN)
+_EVENT_VALUES = operator.attrgetter(*EVENT_FIELDS)
 
 
 def canonical_bytes(record: AuditRecord) -> bytes:
     """The fixed-order, length-prefixed serialization the leaf hash covers."""
-    out = bytearray()
-    _field(out, DOMAIN)
-    _field(out, str(record.seq))
-    _field(out, record.log_id)
-    _field(out, record.prev_hash)
-    _field(out, record.recorded_at)
-    for name in EVENT_FIELDS:
-        _field(out, str(getattr(record, name)))
+    values = [str(record.seq), record.log_id, record.prev_hash, record.recorded_at]
+    values.extend(str(v) for v in _EVENT_VALUES(record))
     pairs = sorted(record.details.items())
-    _field(out, str(len(pairs)))
+    values.append(str(len(pairs)))
     for key, value in pairs:
-        _field(out, key)
-        _field(out, value)
-    return bytes(out)
+        values.append(key)
+        values.append(value)
+    parts = [_DOMAIN_FIELD]
+    for value in values:
+        data = value.encode("utf-8")
+        parts.append(len(data).to_bytes(8, "big"))
+        parts.append(data)
+    return b"".join(parts)
 
 
 def parse_canonical(data: bytes) -> AuditRecord:

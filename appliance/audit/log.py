@@ -34,7 +34,7 @@ from appliance.audit.checkpoint import Checkpoint, make_checkpoint, store_checkp
 from appliance.audit.digest import DigestKeyring
 from appliance.audit.prune import PruneResult, prune_prefix
 from appliance.audit.schema import connect, ensure_schema, read_log_id
-from appliance.audit.store import head, insert_record, last_checkpoint, query_records, tail_records
+from appliance.audit.store import head, insert_records, last_checkpoint, query_records, tail_records
 from runtime.errors import AuditError
 
 if TYPE_CHECKING:
@@ -290,7 +290,10 @@ class AuditLog:
     # -- internals ----------------------------------------------------------
 
     def _time_due(self, conn: sqlite3.Connection) -> bool:
-        last = last_checkpoint(conn)
+        return self._interval_passed(last_checkpoint(conn))
+
+    def _interval_passed(self, last: tuple[int, str] | None) -> bool:
+        """Whether ``checkpoint_interval`` has passed since ``last`` (as :func:`last_checkpoint` gives it)."""
         since = parse_time(last[1]) if last is not None else self._opened_at
         return self._clock() - since >= self.checkpoint_interval
 
@@ -336,6 +339,7 @@ class AuditLog:
                 size, prev = head(conn, self._log_id)  # inside the write lock: no other writer moves it
                 recorded_at = format_time(self._clock())
                 seqs = []
+                records: list[AuditRecord] = []
                 for event in events:
                     size += 1
                     rec = AuditRecord(
@@ -365,10 +369,11 @@ class AuditLog:
                         details=dict(event.details),
                     )
                     prev = leaf_hash(rec)
-                    insert_record(conn, msgspec.structs.replace(rec, leaf_hash=prev))
+                    records.append(msgspec.structs.replace(rec, leaf_hash=prev))
                     seqs.append(size)
+                insert_records(conn, records)
                 last = last_checkpoint(conn)
-                if (size - (last[0] if last else 0) >= self.checkpoint_every) or self._time_due(conn):
+                if (size - (last[0] if last else 0) >= self.checkpoint_every) or self._interval_passed(last):
                     cp = self._sign_head(conn)
                 conn.execute("COMMIT")
             except BaseException:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import operator
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import msgspec
 
 from appliance.audit.canonical import EVENT_FIELDS, AuditRecord, genesis_hash
 
-__all__ = ["COLUMNS", "head", "insert_record", "iter_records", "last_checkpoint", "query_records", "tail_records"]
+__all__ = [
+    "COLUMNS",
+    "head",
+    "insert_record",
+    "insert_records",
+    "iter_records",
+    "last_checkpoint",
+    "query_records",
+    "record_row",
+    "tail_records",
+]
 
 #: the columns of ``records`` in insert/select order (log_id lives in ``meta``)
 COLUMNS: tuple[str, ...] = ("seq", "prev_hash", "recorded_at", *EVENT_FIELDS, "details", "leaf_hash")
@@ -18,14 +29,22 @@ _INSERT = f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 
 _DETAILS = msgspec.json.Decoder(dict[str, str])
 
 
+_BEFORE_DETAILS = operator.attrgetter(*COLUMNS[: COLUMNS.index("details")])
+
+
+def record_row(record: AuditRecord) -> tuple[object, ...]:
+    """``record`` as a row of ``records`` (``COLUMNS`` order; details as sorted JSON)."""
+    details = msgspec.json.encode(dict(sorted(record.details.items()))).decode("utf-8")
+    return (*_BEFORE_DETAILS(record), details, record.leaf_hash)
+
+
 def insert_record(conn: sqlite3.Connection, record: AuditRecord) -> None:
-    values: list[object] = []
-    for name in COLUMNS:
-        if name == "details":
-            values.append(msgspec.json.encode(dict(sorted(record.details.items()))).decode("utf-8"))
-        else:
-            values.append(getattr(record, name))
-    conn.execute(_INSERT, values)
+    conn.execute(_INSERT, record_row(record))
+
+
+def insert_records(conn: sqlite3.Connection, records: Iterable[AuditRecord]) -> None:
+    """Insert ``records`` in one statement run (the writer's group of one transaction)."""
+    conn.executemany(_INSERT, (record_row(r) for r in records))
 
 
 def _record(log_id: str, row: tuple[object, ...]) -> AuditRecord:

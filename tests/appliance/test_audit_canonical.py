@@ -131,3 +131,38 @@ def test_every_merkle_proof_verifies_and_wrong_ones_fail(size: int) -> None:
             assert not verify_proof(leaf, (i + 1) % size, size, proof, root)
     with pytest.raises(IndexError):
         merkle_proof(leaves, size)
+
+
+def test_the_leaf_hash_of_a_fixed_record_never_changes() -> None:
+    """Logs written by earlier versions must keep verifying: the serialization is a format, not
+    an implementation detail (the value was computed by the first implementation, 2026-12-04)."""
+    record = AuditRecord(
+        seq=7,
+        log_id="L1",
+        prev_hash="p" * 64,
+        recorded_at="2026-12-04T18:00:00.000001Z",
+        event="inference",
+        action="POST /v1/embeddings",
+        actor="k_1",
+        credential_id="k_1",
+        origin="127.0.0.1",
+        outcome="success",
+        status=200,
+        started_at="2026-12-04T18:00:00.000000Z",
+        ended_at="2026-12-04T18:00:00.000001Z",
+        request_id="r1",
+        model_name="minilm",
+        model_version="1",
+        model_sha256="s" * 64,
+        backend="ov-cpu",
+        variant="ov-fp32",
+        job_id="",
+        input_digest="i" * 64,
+        output_digest="o" * 64,
+        digest_key_id="20261204T180000Z",
+        details={"texts": "1", "b": "é"},
+    )
+    data = canonical_bytes(record)
+    assert data.startswith((23).to_bytes(8, "big") + b"inferbox-audit-record/1" + (1).to_bytes(8, "big") + b"7")
+    assert data.endswith((1).to_bytes(8, "big") + b"1")  # the last pair, sorted: ("texts", "1")
+    assert leaf_hash(record) == "54ee05b8d5e6a8c50453919155a30de9a53d65ff6d508699a9d5372ca12e721c"
