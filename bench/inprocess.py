@@ -307,13 +307,11 @@ def choice(package: Package, *, streams: bool = True) -> tuple[Decision, Candida
 
 
 def openvino_devices() -> list[str]:
-    """OpenVINO's devices here ([] without OpenVINO)."""
-    try:
-        import openvino as ov
+    """OpenVINO's devices here, as the hardware probe sees them ([] without OpenVINO)."""
+    from runtime.hardware import probe_hardware
 
-        return [str(d) for d in ov.Core().available_devices]
-    except Exception:
-        return []
+    found = probe_hardware().openvino
+    return [d.name for d in found.devices] if found is not None else []
 
 
 def auto_aliases(candidates: Sequence[Candidate], devices: Sequence[str] | None = None) -> dict[Candidate, str]:

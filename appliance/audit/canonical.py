@@ -142,12 +142,7 @@ def canonical_bytes(record: AuditRecord) -> bytes:
     for key, value in pairs:
         values.append(key)
         values.append(value)
-    parts = [_DOMAIN_FIELD]
-    for value in values:
-        data = value.encode("utf-8")
-        parts.append(len(data).to_bytes(8, "big"))
-        parts.append(data)
-    return b"".join(parts)
+    return b"".join([_DOMAIN_FIELD, *map(_field, values)])
 
 
 def parse_canonical(data: bytes) -> AuditRecord:
