@@ -5,7 +5,8 @@ Series (all prefixed ``inferbox_``): ``requests_total{model,route,status}``,
 ``batch_size{model}``, ``inference_seconds{model}`` (histograms, from the
 batchers), ``in_flight_requests``, ``queue_depth{model}``, and
 ``model_info{model,version,backend,variant,exec_precision,streams}`` (always 1:
-the backend in use; ``streams``: sessions running batches side by side).
+the backend in use; ``streams``: sessions running batches side by side) and
+``static_shapes{model}`` (static-shape copies compiled so far, OpenVINO).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class ModelInfo:
     variant: str
     exec_precision: str
     streams: int = 1
+    static_shapes: int = 0
 
 
 class Metrics:
@@ -169,4 +171,10 @@ class Metrics:
                 ("streams", str(m.streams)),
             ]
             out.append(f"inferbox_model_info{_labels(labels)} 1")
+        out += [
+            "# HELP inferbox_static_shapes Static-shape copies of the model compiled for shapes that repeat.",
+            "# TYPE inferbox_static_shapes gauge",
+        ]
+        for m in models:
+            out.append(f"inferbox_static_shapes{_labels([('model', m.model)])} {m.static_shapes}")
         return "\n".join(out) + "\n"

@@ -136,6 +136,7 @@ def model_loader(
         cache_dir=settings.cache_dir,
         streams=streams,
         workload=workload,
+        static_shapes=settings.static_shapes,
     )
 
     def load(name: str, version: int | None) -> LoadedModel:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.backends.static_shapes import DEFAULT_STATIC_SHAPES
 from runtime.errors import ConfigError
 
 __all__ = ["FIELDS", "Field", "Settings", "default_home", "load_settings"]
@@ -63,6 +64,15 @@ FIELDS: tuple[Field, ...] = (
         0,
         "models",
         "sessions per served model running batches side by side (0 = auto: 2 on a CPU)",
+        minimum=0,
+    ),
+    Field(
+        "static_shapes",
+        int,
+        DEFAULT_STATIC_SHAPES,
+        "models",
+        "OpenVINO: static-shape copies of a model's all-core session for input shapes that repeat "
+        "(0 = none; each costs a compiled model's memory)",
         minimum=0,
     ),
     Field("truncate", bool, True, "models", "truncate texts over the model's maximum length (else 400)"),
@@ -115,6 +125,7 @@ class Settings:
     allow_fallback: bool
     threads: int
     streams: int
+    static_shapes: int
     truncate: bool
     max_batch_size: int
     max_queue_delay_ms: float

@@ -337,6 +337,7 @@ def reference_model(cfg: Config, texts: Sequence[str], *, streams: bool = True) 
     the server opens it (one session with every core, plus one per stream where it runs several:
     :func:`runtime.streams.plan_streams`) and warmed up; None when no candidate is admissible."""
     from bench.inprocess import choice, load_package, open_model
+    from runtime.backends.static_shapes import DEFAULT_STATIC_SHAPES
     from runtime.hardware import default_threads
     from runtime.streams import plan_streams
 
@@ -350,7 +351,9 @@ def reference_model(cfg: Config, texts: Sequence[str], *, streams: bool = True) 
     n, threads = plan_streams(0, device, cores)
     opened: list[Any] = []
     try:
-        model = open_model(package, chosen.backend, chosen.variant, chosen.exec_precision)
+        model = open_model(
+            package, chosen.backend, chosen.variant, chosen.exec_precision, static_shapes=DEFAULT_STATIC_SHAPES
+        )
         opened.append(model)
         streams: list[Any] = []
         for _ in range(n if n > 1 else 0):

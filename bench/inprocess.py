@@ -102,6 +102,9 @@ class Runner:
     #: compute kind for the roofline: fp32 | bf16 | int8
     compute: str = "fp32"
     open_s: float = 0.0
+    #: waits for what the warm-up calls started (an OpenVINO session's static-shape copies)
+    settle: Callable[[], None] = lambda: None
+    #: facts for the table; a callable value is read when the row is written (after the timings)
     facts: dict[str, Any] = field(default_factory=dict)
 
 
@@ -344,8 +347,10 @@ def open_model(
     threads: int = 0,
     cache_dir: Path | None = None,
     cpu_pinning: bool | None = None,
+    static_shapes: int = 0,
 ) -> LoadedModel:
-    """Open one candidate of a text package as the server does: a :class:`LoadedModel`."""
+    """Open one candidate of a text package as the server does: a :class:`LoadedModel`
+    (``static_shapes``: as the server's all-core session has them, OpenVINO only)."""
     from runtime.backends.base import OpenOptions
     from runtime.backends.registry import get_backend
     from runtime.serving import LoadedModel
@@ -353,7 +358,11 @@ def open_model(
 
     manifest = package.manifest
     options = OpenOptions(
-        exec_precision=exec_precision, intra_op_threads=threads, cache_dir=cache_dir, cpu_pinning=cpu_pinning
+        exec_precision=exec_precision,
+        intra_op_threads=threads,
+        cache_dir=cache_dir,
+        cpu_pinning=cpu_pinning,
+        static_shapes=static_shapes,
     )
     session = get_backend(backend).open(package.variant_path(variant), options)
     encoder = None
@@ -373,12 +382,23 @@ def open_model(
 
 
 def open_candidate(package: Package, backend: str, variant: str, exec_precision: str, *, threads: int = 0) -> Runner:
-    """Open one candidate as the server would and wrap ``LoadedModel.embed``."""
+    """Open one candidate as the server would (its all-core session: static-shape copies for the
+    shapes that repeat, OpenVINO) and wrap ``LoadedModel.embed``."""
+    from runtime.backends.static_shapes import DEFAULT_STATIC_SHAPES
+
     if package.manifest.text is None:
         raise ValueError(f"{package.name} is not a text model; the in-process bench measures text models")
     t0 = time.perf_counter()
-    model = open_model(package, backend, variant, exec_precision, threads=threads)
+    model = open_model(package, backend, variant, exec_precision, threads=threads, static_shapes=DEFAULT_STATIC_SHAPES)
     open_s = time.perf_counter() - t0
+    facts: dict[str, Any] = {"active": list(model.session.active), "fallback": model.session.fallback}
+    session: Any = model.session
+    if hasattr(session, "static_shapes"):
+        facts["static_shapes"] = lambda: len(session.static_shapes)
+
+    def settle() -> None:
+        if hasattr(session, "wait_static"):
+            session.wait_static(60.0)
 
     def encode(texts: Sequence[str]) -> Any:
         return model.embed(texts, truncate=True)[0]
@@ -392,7 +412,8 @@ def open_candidate(package: Package, backend: str, variant: str, exec_precision:
         exec_precision=exec_precision,
         compute=_compute_kind(package, variant, exec_precision),
         open_s=open_s,
-        facts={"active": list(model.session.active), "fallback": model.session.fallback},
+        settle=settle,
+        facts=facts,
     )
 
 
@@ -438,7 +459,10 @@ def pytorch_runner(model_dir: Path, *, bf16: bool, threads: int, max_length: int
 
 
 def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) -> tuple[dict[str, Any], Any]:
-    """Time one runner on every scenario. Returns (row, accuracy-set embeddings)."""
+    """Time one runner on every scenario, each after warm-up calls have settled (a shape seen
+    twice gets a static-shape copy on OpenVINO, as in the server). Returns (row, accuracy-set
+    embeddings)."""
+    warm(runner, [texts.short])
     b1 = summarize(
         time_calls(
             lambda: runner.encode([texts.short]),
@@ -447,6 +471,7 @@ def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) ->
             budget_s=cfg.pick(2.0, 5.0),
         )
     )
+    warm(runner, texts.b32)
     b32 = summarize(
         time_calls(
             lambda: runner.encode(texts.b32),
@@ -474,7 +499,7 @@ def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) ->
         "b32x128_per_s": len(texts.b32) / b32.median,
         "b32_runs": b32.n,
         "corpus_per_s": corpus,
-        **runner.facts,
+        **{k: v() if callable(v) else v for k, v in runner.facts.items()},
     }
     if reference is not None:
         row["cos_mean"], row["cos_min"] = cosine_stats(emb, reference)
@@ -487,6 +512,13 @@ H2H_ROUNDS = 8
 H2H_PAUSE_S = 0.05
 
 
+def warm(runner: Runner, texts: Sequence[str]) -> None:
+    """Two calls on ``texts`` (a repeated shape), then wait for what they started."""
+    runner.encode(texts)
+    runner.encode(texts)
+    runner.settle()
+
+
 def head_to_head(
     baseline: Runner,
     candidate: Runner,
@@ -497,11 +529,11 @@ def head_to_head(
     clock: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """``batch`` through ``baseline`` and ``candidate`` alternately, ABBA per round, after one
-    warm-up call each: items/s of each from its median batch time, and ``ratio`` =
+    """``batch`` through ``baseline`` and ``candidate`` alternately, ABBA per round, after warm-up
+    calls (:func:`warm` for the candidate): items/s of each from its median batch time, and ``ratio`` =
     candidate / baseline.  A drift of the machine's speed during the rounds hits both alike."""
     baseline.encode(batch)
-    candidate.encode(batch)
+    warm(candidate, batch)
     times: dict[str, list[float]] = {"baseline": [], "candidate": []}
     for _ in range(max(1, rounds)):
         for who, runner in (

@@ -91,8 +91,10 @@ def session_opener(
     allow_fallback: bool = False,
     cache_dir: Path | None = None,
     cpu_pinning: bool | None = None,
+    static_shapes: int = 0,
 ) -> OpenSession:
-    """``open_session`` for :func:`autotune` / :func:`decide`: the registry's backend opens the variant's file."""
+    """``open_session`` for :func:`autotune` / :func:`decide`: the registry's backend opens the variant's file
+    (``static_shapes``: :attr:`runtime.backends.base.OpenOptions.static_shapes`)."""
     from runtime.backends.base import OpenOptions
     from runtime.backends.registry import get_backend
 
@@ -104,6 +106,7 @@ def session_opener(
             allow_fallback=allow_fallback,
             cache_dir=cache_dir,
             cpu_pinning=cpu_pinning,
+            static_shapes=static_shapes,
         )
         entry = package.manifest.file(variant.files[0])  # ManifestError when the file is not listed
         return get_backend(candidate.backend).open(Path(package.path) / entry.path, options)

@@ -49,6 +49,9 @@ class LoaderOptions:
     #: ``stream`` timings) or ``batch`` (length-sorted batches of a job: ranked by the ``b32``
     #: timings whatever ``streams`` is)
     workload: str = "online"
+    #: OpenVINO static-shape copies of the all-core session (the one a lone caller gets) for
+    #: input shapes that repeat (:mod:`runtime.backends.static_shapes`); 0 = none
+    static_shapes: int = 0
 
 
 def preference_for(options: LoaderOptions) -> Preference:
@@ -98,7 +101,16 @@ def load_model(
     where = f"{package.manifest.name}/{package.manifest.version}"
     choice = require_choice(decision, where)
     streams, stream_open = _streams(package, choice.backend, found, opts, open_session)
-    session = open_pool(lambda: stream_open(choice), streams, lambda: open_session(choice))
+    open_wide = open_session
+    if opts.static_shapes:
+        open_wide = session_opener(
+            package,
+            threads=opts.threads,
+            allow_fallback=opts.allow_fallback,
+            cache_dir=opts.cache_dir,
+            static_shapes=opts.static_shapes,
+        )
+    session = open_pool(lambda: stream_open(choice), streams, lambda: open_wide(choice))
     manifest = package.manifest
     text = None
     if manifest.text is not None:

@@ -90,6 +90,12 @@ class LoadedModel:
         specs = [*self.manifest.inputs, *self.manifest.outputs]
         return all(s.shape and s.shape[0] == -1 for s in specs)
 
+    @property
+    def static_shapes(self) -> int:
+        """Static-shape copies compiled so far (OpenVINO; in a pool, the all-core session's)."""
+        session = getattr(self.session, "wide", None) or self.session
+        return len(getattr(session, "static_shapes", ()))
+
     def output_names(self) -> list[str]:
         return [o.name for o in self.manifest.outputs]
 
@@ -151,7 +157,11 @@ class LoadedModel:
         if self.text is None or self.manifest.text is None:
             raise InputError(f"model {self.name!r} is not a text model; send tensors", field="model")
         config = self.manifest.text
-        encoded = self.text.pad(tokens)
+        # a lone text is the latency path: padded to a multiple of a few tokens when the session
+        # keeps static-shape copies (runtime.backends.static_shapes), so its shape repeats; a
+        # batch keeps its exact width (padding it would cost the sessions that have no copies)
+        multiple = int(getattr(self.session, "pad_multiple", 1)) if len(tokens) == 1 else 1
+        encoded = self.text.pad(tokens, multiple=multiple)
         output = config.output or self.manifest.outputs[0].name
         result = self.session.run(dict(encoded.feeds), [output])
         return postprocess({output: result[output]}, encoded.attention_mask, config)

@@ -122,6 +122,8 @@ class SessionPool:
         self.fallback = first.fallback
         self.input_names = first.input_names
         self.output_names = first.output_names
+        #: a lone caller runs on the wide session: the text path pads for it
+        self.pad_multiple = int(getattr(first, "pad_multiple", 1))
         self._cond = threading.Condition()
         self._free = list(self.narrow)
         self._busy = 0

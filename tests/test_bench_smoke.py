@@ -514,12 +514,13 @@ def test_head_to_head_alternates_abba_and_divides_median_times() -> None:
             calls.append(label)
             now[0] += seconds
 
-        return Runner(label=label, encode=encode)
+        return Runner(label=label, encode=encode, settle=lambda: calls.append(f"{label} settled"))
 
     base, cand = runner("torch", 0.4), runner("ov", 0.2)
     h = head_to_head(base, cand, ["x"] * 32, rounds=2, clock=lambda: now[0], sleep=lambda s: None)
-    # one warm-up each, then baseline, candidate, candidate, baseline per round
-    assert calls == ["torch", "ov", *(["torch", "ov", "ov", "torch"] * 2)]
+    # one warm-up for the baseline, two for the candidate (a repeated shape gets its static copy)
+    # and the wait for what they started, then baseline, candidate, candidate, baseline per round
+    assert calls == ["torch", "ov", "ov", "ov settled", *(["torch", "ov", "ov", "torch"] * 2)]
     assert h["ratio"] == pytest.approx(2.0)
     assert h["baseline_per_s"] == pytest.approx(80.0) and h["candidate_per_s"] == pytest.approx(160.0)
     assert (h["baseline"], h["candidate"], h["rounds"]) == ("torch", "ov", 2)

@@ -198,6 +198,35 @@ def test_the_served_model_runs_as_streams_on_a_cpu(served: Served) -> None:
     assert f'streams="{expected}"' in line, line
 
 
+def test_a_repeated_lone_query_gets_a_static_shape_copy_on_openvino(served: Served) -> None:
+    """A lone client's text runs on the all-core session; on OpenVINO its padded shape gets a
+    static-shape copy once it repeats (``static_shapes`` setting, default 4) and /metrics counts
+    the copies; the answer stays the one computed before."""
+    import time
+
+    def metrics() -> tuple[str, int]:
+        text = httpx.get(f"{served.url}/metrics", headers=served.headers(), timeout=30).text
+        (info,) = [x for x in text.splitlines() if x.startswith("inferbox_model_info{") and 'model="minilm"' in x]
+        (count,) = [x for x in text.splitlines() if x.startswith('inferbox_static_shapes{model="minilm"}')]
+        return info, int(count.rsplit(" ", 1)[1])
+
+    info, _ = metrics()
+    query = ["what does the audit log record about this static shape query"]
+    first = _vectors(_embed(served, query))[0]
+    answers = [_vectors(_embed(served, query))[0] for _ in range(3)]
+    if 'backend="ov-' not in info:
+        assert metrics()[1] == 0  # ONNX Runtime: no copies
+        return
+    deadline = time.monotonic() + 60
+    # at least one copy (earlier tests' lone texts may already have filled the four)
+    while metrics()[1] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metrics()[1] >= 1
+    answers.append(_vectors(_embed(served, query))[0])  # on the copy
+    for answer in answers:
+        np.testing.assert_allclose(answer, first, atol=_batch_tolerance(first))
+
+
 def test_binary_tensor_extension_over_real_http(served: Served) -> None:
     from api.codec import encode_bytes_elements
 

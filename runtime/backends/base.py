@@ -59,6 +59,9 @@ class OpenOptions:
     #: single-thread sessions must not pin: each would pin its thread to the same first core
     cpu_pinning: bool | None = None
     cache_dir: Path | None = None  # OpenVINO CACHE_DIR / TensorRT engine cache
+    #: OpenVINO: static-shape copies compiled for input shapes that repeat (0 = none; each costs a
+    #: compiled model's memory), :mod:`runtime.backends.static_shapes`
+    static_shapes: int = 0
 
 
 @runtime_checkable

@@ -66,6 +66,21 @@ def test_pads_to_longest_not_to_max(encoder: TextEncoder) -> None:
     assert enc.feeds["input_ids"][1, 3] == 0  # [PAD]
 
 
+def test_pads_to_a_multiple_when_asked_but_never_past_the_maximum(encoder: TextEncoder) -> None:
+    tokens = encoder.tokenize(["a b", "a"])  # 4 and 3 tokens
+    enc = encoder.pad(tokens, multiple=8)
+    assert enc.feeds["input_ids"].shape == (2, 8)
+    assert enc.lengths == [4, 3]
+    assert enc.attention_mask.tolist() == [[1] * 4 + [0] * 4, [1] * 3 + [0] * 5]
+    assert (enc.feeds["input_ids"][:, 4:] == 0).all()  # [PAD]
+    assert encoder.pad(tokens, multiple=1).feeds["input_ids"].shape == (2, 4)
+    eleven = encoder.tokenize(["one two three four five six seven eight nine"])
+    assert len(eleven[0]) == 11
+    assert encoder.pad(eleven, multiple=8).feeds["input_ids"].shape == (1, 16)  # max_length 16
+    assert encoder.pad(eleven, multiple=32).feeds["input_ids"].shape == (1, 16)  # capped at max_length
+    assert encoder.pad([], multiple=8).feeds["input_ids"].shape == (0, 0)
+
+
 def test_truncation_and_counting(encoder: TextEncoder, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
     long = "word " * 40
     counts = encoder.count_tokens([long, "hi"])

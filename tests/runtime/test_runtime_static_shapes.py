@@ -1,0 +1,239 @@
+"""Static-shape copies: compiled in the background for shapes that repeat, bounded, never
+retried after a failure; on real OpenVINO sessions they give the dynamic model's answers, and
+the text path pads a lone text so its shape repeats."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.backends.static_shapes import PAD_MULTIPLE, ShapeKey, StaticShapes
+
+A: ShapeKey = ((1, 16), (1, 16))
+B: ShapeKey = ((1, 24), (1, 24))
+C: ShapeKey = ((2, 8), (2, 8))
+
+
+class Compiler:
+    """Records the keys it compiles; ``fail`` keys raise; blocks while ``gate`` is clear."""
+
+    def __init__(self, fail: tuple[ShapeKey, ...] = ()) -> None:
+        self.calls: list[ShapeKey] = []
+        self.fail = fail
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+
+    def __call__(self, key: ShapeKey) -> str:
+        self.calls.append(key)
+        self.started.set()
+        assert self.gate.wait(10)
+        if key in self.fail:
+            raise RuntimeError("cannot reshape")
+        return f"copy{key}"
+
+
+def test_a_shape_is_compiled_once_it_repeats_and_then_served_from_the_copy() -> None:
+    compiler = Compiler()
+    static = StaticShapes(compiler, capacity=4, after=2)
+    assert static.get(A) is None and compiler.calls == []  # seen once: nothing compiled
+    assert static.get(A) is None  # seen twice: compiling starts, this call still runs dynamic
+    assert static.wait(10)
+    assert compiler.calls == [A]
+    assert static.get(A) == f"copy{A}"
+    assert static.get(A) == f"copy{A}" and compiler.calls == [A]  # compiled once
+    assert static.shapes == [A]
+
+
+def test_no_more_than_capacity_copies_and_none_evicted() -> None:
+    compiler = Compiler()
+    static = StaticShapes(compiler, capacity=2, after=1)
+    for key in (A, B, C, C, C):
+        static.get(key)
+        assert static.wait(10)
+    assert compiler.calls == [A, B]
+    assert static.shapes == [A, B]
+    assert static.get(C) is None
+
+
+def test_capacity_zero_never_compiles() -> None:
+    compiler = Compiler()
+    static = StaticShapes(compiler, capacity=0, after=1)
+    for _ in range(5):
+        assert static.get(A) is None
+    assert static.wait(1) and compiler.calls == []
+
+
+def test_one_compile_at_a_time() -> None:
+    compiler = Compiler()
+    compiler.gate.clear()
+    static = StaticShapes(compiler, capacity=4, after=1)
+    static.get(A)
+    assert compiler.started.wait(10)
+    static.get(B)  # A still compiling: B is counted, not started
+    assert compiler.calls == [A]
+    compiler.gate.set()
+    assert static.wait(10)
+    static.get(B)  # seen again with the compiler free: now it starts
+    assert static.wait(10)
+    assert compiler.calls == [A, B]
+    assert static.shapes == [A, B]
+
+
+def test_a_shape_that_fails_to_compile_stays_dynamic_and_is_never_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    compiler = Compiler(fail=(A,))
+    static = StaticShapes(compiler, capacity=4, after=1, name="ov-cpu model.xml")
+    with caplog.at_level(logging.WARNING, logger="runtime.backends.static_shapes"):
+        static.get(A)
+        assert static.wait(10)
+    assert "no static-shape copy" in caplog.text and "stays dynamic" in caplog.text
+    for _ in range(3):
+        assert static.get(A) is None
+        assert static.wait(10)
+    assert compiler.calls == [A]
+    static.get(B)  # other shapes still get copies
+    assert static.wait(10)
+    assert static.get(B) == f"copy{B}"
+
+
+def test_close_waits_for_a_compile_in_progress_and_drops_every_copy() -> None:
+    compiler = Compiler()
+    static = StaticShapes(compiler, capacity=4, after=1)
+    static.get(A)
+    assert static.wait(10)
+    compiler.gate.clear()
+    static.get(B)
+    assert compiler.started.wait(10)
+    closer = threading.Thread(target=static.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waiting for B's compile
+    compiler.gate.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert static.shapes == []
+    assert static.get(C) is None and static.get(C) is None
+    assert compiler.calls == [A, B]
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError):
+        StaticShapes(Compiler(), capacity=-1)
+    with pytest.raises(ValueError):
+        StaticShapes(Compiler(), capacity=1, after=0)
+
+
+# -- real OpenVINO sessions -------------------------------------------------------------------
+
+
+def _feeds(rows: int, width: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(rows * 100 + width)
+    mask = np.ones((rows, width), np.int64)
+    mask[0, width // 2 :] = 0
+    return {"input_ids": rng.integers(0, 64, (rows, width)).astype(np.int64), "attention_mask": mask}
+
+
+def test_an_openvino_session_serves_a_repeated_shape_from_a_static_copy_with_the_same_answers(
+    tiny_embedder: Path,
+) -> None:
+    from runtime.backends.base import OpenOptions
+    from runtime.backends.openvino import OpenVinoBackend
+
+    backend = OpenVinoBackend("ov-cpu")
+    plain = backend.open(tiny_embedder, OpenOptions(intra_op_threads=1))
+    static = backend.open(tiny_embedder, OpenOptions(intra_op_threads=1, static_shapes=1))
+    try:
+        assert plain.pad_multiple == 1 and plain.static_shapes == []
+        assert static.pad_multiple == PAD_MULTIPLE
+        first, second = _feeds(1, 8), _feeds(2, 5)
+        for _ in range(3):
+            static.run(first)
+            assert static._static is not None and static._static.wait(60)
+        assert static.static_shapes == [((1, 8), (1, 8))]
+        for _ in range(3):
+            static.run(second)
+            assert static._static.wait(60)
+        assert static.static_shapes == [((1, 8), (1, 8))]  # capacity 1
+        for feeds in (first, second):
+            np.testing.assert_array_equal(static.run(feeds)["token_embeddings"], plain.run(feeds)["token_embeddings"])
+        # the copy is a real static model: it was compiled for exactly that shape
+        copy = static._static.get(((1, 8), (1, 8)))
+        assert copy is not None
+        assert [list(p.get_partial_shape().to_shape()) for p in copy.compiled.inputs] == [[1, 8], [1, 8]]
+    finally:
+        plain.close()
+        static.close()
+    assert static.static_shapes == []
+
+
+def test_a_static_copy_that_does_not_run_what_the_session_runs_is_refused(
+    tiny_embedder: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import runtime.backends.openvino as ov_backend
+    from runtime.backends.base import OpenOptions
+
+    session = ov_backend.OpenVinoBackend("ov-cpu").open(tiny_embedder, OpenOptions(intra_op_threads=1, static_shapes=2))
+    try:
+        assert session.exec_precision == "fp32"
+        monkeypatch.setattr(ov_backend, "_read_precision", lambda compiled, device, devices: "bf16")
+        feeds = _feeds(1, 16)
+        with caplog.at_level(logging.WARNING, logger="runtime.backends.static_shapes"):
+            for _ in range(3):
+                out = session.run(feeds)
+                assert session._static is not None and session._static.wait(60)
+        assert session.static_shapes == []
+        assert "the static copy runs CPU/bf16, the session CPU/fp32" in caplog.text
+        assert out["token_embeddings"].shape == (1, 16, 8)
+    finally:
+        session.close()
+
+
+def test_an_onnx_runtime_session_has_no_static_copies(tiny_embedder: Path) -> None:
+    from runtime.backends.base import OpenOptions
+    from runtime.backends.ort import OrtBackend
+
+    session = OrtBackend("ort-cpu").open(tiny_embedder, OpenOptions(intra_op_threads=1, static_shapes=4))
+    try:
+        assert getattr(session, "pad_multiple", 1) == 1
+    finally:
+        session.close()
+
+
+def test_the_loader_gives_static_copies_to_the_wide_session_and_a_lone_text_is_padded_to_repeat(
+    minilm_repository: Path,
+) -> None:
+    from runtime.loader import LoaderOptions, load_model
+    from runtime.streams import SessionPool
+
+    plain = load_model(minilm_repository, "minilm", options=LoaderOptions(backend="ov-cpu", streams=1))
+    model = load_model(minilm_repository, "minilm", options=LoaderOptions(backend="ov-cpu", streams=2, static_shapes=2))
+    try:
+        pool = model.session
+        assert isinstance(pool, SessionPool) and pool.wait_ready(120)
+        assert pool.wide is not None and pool.pad_multiple == PAD_MULTIPLE
+        assert all(s.static_shapes == [] and s.pad_multiple == 1 for s in pool.narrow)  # type: ignore[attr-defined]
+        text = ["an audit log"]  # [CLS] + 3-4 tokens + [SEP]: padded to 8
+        tokens = model.tokenize(text, truncate=True)
+        assert len(tokens[0]) < PAD_MULTIPLE
+        expected = plain.embed_tokens(plain.tokenize(text, truncate=True))
+        got = [model.embed_tokens(tokens) for _ in range(3)]
+        assert pool.wide._static.wait(60)  # type: ignore[attr-defined]
+        got.append(model.embed_tokens(tokens))
+        assert pool.wide.static_shapes == [((1, 8),) * len(pool.input_names)]  # type: ignore[attr-defined]
+        assert pool.calls["narrow"] == 0  # a lone caller: every call ran on the wide session
+        for value in got:
+            cosine = float(np.sum(value * expected) / (np.linalg.norm(value) * np.linalg.norm(expected)))
+            assert cosine > 0.9999, cosine
+        # a batch keeps its exact width
+        pair = model.tokenize(["an audit log", "who ran which model"], truncate=True)
+        assert model.text is not None
+        assert model.text.pad(pair).feeds["input_ids"].shape[1] == max(len(t) for t in pair)
+    finally:
+        plain.close()
+        model.close()
