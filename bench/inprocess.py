@@ -104,6 +104,9 @@ class Runner:
     open_s: float = 0.0
     #: waits for what the warm-up calls started (an OpenVINO session's static-shape copies)
     settle: Callable[[], None] = lambda: None
+    #: warm-up time per scenario before timing (a session with static-shape copies compiles a
+    #: shape once its calls took ``runtime.backends.static_shapes.STATIC_AFTER_S``)
+    warm_s: float = 0.0
     #: facts for the table; a callable value is read when the row is written (after the timings)
     facts: dict[str, Any] = field(default_factory=dict)
 
@@ -393,8 +396,10 @@ def open_candidate(package: Package, backend: str, variant: str, exec_precision:
     open_s = time.perf_counter() - t0
     facts: dict[str, Any] = {"active": list(model.session.active), "fallback": model.session.fallback}
     session: Any = model.session
+    warm_s = 0.0
     if hasattr(session, "static_shapes"):
         facts["static_shapes"] = lambda: len(session.static_shapes)
+        warm_s = WARM_S
 
     def settle() -> None:
         if hasattr(session, "wait_static"):
@@ -413,6 +418,7 @@ def open_candidate(package: Package, backend: str, variant: str, exec_precision:
         compute=_compute_kind(package, variant, exec_precision),
         open_s=open_s,
         settle=settle,
+        warm_s=warm_s,
         facts=facts,
     )
 
@@ -510,12 +516,19 @@ def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) ->
 H2H_ROUNDS = 8
 #: pause before each head-to-head batch: the other runtime's worker threads stop spinning
 H2H_PAUSE_S = 0.05
+#: warm-up per scenario of a candidate with static-shape copies: its calls must have taken
+#: STATIC_AFTER_S (1 s) of model time for the shape to be compiled, as in a server after a while
+WARM_S = 1.5
 
 
-def warm(runner: Runner, texts: Sequence[str]) -> None:
-    """Two calls on ``texts`` (a repeated shape), then wait for what they started."""
+def warm(runner: Runner, texts: Sequence[str], clock: Callable[[], float] = time.perf_counter) -> None:
+    """Calls on ``texts`` (a repeated shape) for ``runner.warm_s`` (at least two), then wait for
+    what they started: the steady state of a server that has seen this shape for a while."""
+    start = clock()
     runner.encode(texts)
     runner.encode(texts)
+    while clock() - start < runner.warm_s:
+        runner.encode(texts)
     runner.settle()
 
 

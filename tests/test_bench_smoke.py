@@ -526,6 +526,24 @@ def test_head_to_head_alternates_abba_and_divides_median_times() -> None:
     assert (h["baseline"], h["candidate"], h["rounds"]) == ("torch", "ov", 2)
 
 
+def test_warm_up_runs_for_warm_s_then_waits_for_what_it_started() -> None:
+    from bench.inprocess import warm
+
+    now = [0.0]
+    calls: list[str] = []
+
+    def encode(texts: object) -> None:
+        calls.append("call")
+        now[0] += 0.3
+
+    runner = Runner(label="ov", encode=encode, settle=lambda: calls.append("settled"), warm_s=1.0)
+    warm(runner, ["x"], clock=lambda: now[0])
+    assert calls == ["call"] * 4 + ["settled"]  # 0.3, 0.6, 0.9, 1.2 s
+    calls.clear()
+    warm(Runner(label="ort", encode=encode, settle=lambda: calls.append("settled")), ["x"], clock=lambda: now[0])
+    assert calls == ["call", "call", "settled"]  # no static copies: two calls
+
+
 def test_http_reference_is_the_mean_of_before_and_after() -> None:
     before = {"candidate": "ov", "items_per_s": 400.0, "batcher": {"32": {"items_per_s": 300.0}}}
     after = {"candidate": "ov", "items_per_s": 500.0, "batcher": {"32": {"items_per_s": 340.0}}}

@@ -7,13 +7,18 @@ MiniLM), and the kernels it picks for dynamic shapes are slower (32 x 128 tokens
 bf16, 2 threads, 2026-12-04).  A 1 x 9-token query took 1.48 ms dynamic and 1.22 ms
 through a model compiled for 1 x 16 (padded), 0.82x.
 
-:class:`StaticShapes` counts the shapes a session is called with; once a shape has
-been seen :data:`STATIC_AFTER` times it compiles a copy of the model reshaped to it
-on a background thread (0.17-0.4 s for MiniLM; calls keep running on the dynamic
-model meanwhile) and later calls of that shape run on the copy.  At most
-``capacity`` copies are kept and none is ever evicted: each costs a compiled
-model's memory (MiniLM in bf16: 33-70 MB), and a fixed set cannot thrash
-compiling.  The text path pads a batch's length to a multiple of
+:class:`StaticShapes` adds up the time a session's calls of each input shape
+take; once a shape's calls have taken :data:`STATIC_AFTER_S` seconds (and it was
+called at least :data:`STATIC_AFTER` times) it compiles a copy of the model
+reshaped to it on a background thread (0.17-0.4 s of one core for MiniLM; calls
+keep running on the dynamic model meanwhile) and later calls of that shape run
+on the copy.  The time rule keeps the compile for shapes that pay it back: a lone
+client's query shape (1.5 ms a call: after ~700 calls) or a batch shape a client
+sends again and again (100 ms: after ~10), not the widths of one pass over a
+length-sorted corpus, each seen a few times (compiling those cost one all-core
+session 15 % of its throughput over a 4 s pass).  At most ``capacity`` copies
+are kept and none is ever evicted: each costs a compiled model's memory (MiniLM
+in bf16: 33-70 MB), and a fixed set cannot thrash compiling.  The text path pads a batch's length to a multiple of
 :data:`PAD_MULTIPLE` tokens when its session has static shapes, so the shapes of
 real traffic repeat (1 x 16, 1 x 24, ...).
 
@@ -27,13 +32,15 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["DEFAULT_STATIC_SHAPES", "PAD_MULTIPLE", "STATIC_AFTER", "ShapeKey", "StaticShapes"]
+__all__ = ["DEFAULT_STATIC_SHAPES", "PAD_MULTIPLE", "STATIC_AFTER", "STATIC_AFTER_S", "ShapeKey", "StaticShapes"]
 
 logger = logging.getLogger(__name__)
 
 #: static-shape copies a served OpenVINO session keeps by default (its all-core session only)
 DEFAULT_STATIC_SHAPES = 4
-#: a shape is compiled once it has been called this many times
+#: a shape is compiled once its calls on the dynamic model took this many seconds in all ...
+STATIC_AFTER_S = 1.0
+#: ... and it was called at least this many times
 STATIC_AFTER = 2
 #: the text path pads a batch to a multiple of this many tokens when its session has static shapes
 PAD_MULTIPLE = 8
@@ -48,21 +55,31 @@ class StaticShapes(Generic[Compiled]):
     """Up to ``capacity`` compiled copies, by input shapes; compiled in the background.
 
     ``compile(key)`` returns the copy for ``key`` (the shapes of the inputs, in the
-    session's input order) or raises; a key that failed is never tried again.
+    session's input order) or raises; a key that failed is never tried again.  The
+    session asks :meth:`get` before a call and reports a call that ran on the dynamic
+    model with :meth:`observe`.
     """
 
     def __init__(
-        self, compile: Callable[[ShapeKey], Compiled], capacity: int, *, after: int = STATIC_AFTER, name: str = ""
+        self,
+        compile: Callable[[ShapeKey], Compiled],
+        capacity: int,
+        *,
+        after: int = STATIC_AFTER,
+        after_s: float | None = None,
+        name: str = "",
     ) -> None:
-        if capacity < 0 or after < 1:
-            raise ValueError("capacity must be >= 0 and after >= 1")
+        if capacity < 0 or after < 1 or (after_s is not None and after_s < 0):
+            raise ValueError("capacity must be >= 0, after >= 1 and after_s >= 0")
         self._compile = compile
         self.capacity = capacity
         self.after = after
+        self.after_s = STATIC_AFTER_S if after_s is None else after_s
         self.name = name
         self._lock = threading.Lock()
         self._ready: dict[ShapeKey, Compiled] = {}
-        self._seen: dict[ShapeKey, int] = {}
+        #: shape -> (calls, seconds) on the dynamic model
+        self._seen: dict[ShapeKey, tuple[int, float]] = {}
         self._failed: set[ShapeKey] = set()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -74,24 +91,25 @@ class StaticShapes(Generic[Compiled]):
             return list(self._ready)
 
     def get(self, key: ShapeKey) -> Compiled | None:
-        """The copy for ``key`` if compiled; else counts the call and may start compiling it."""
+        """The copy for ``key``, if one is compiled."""
+        return self._ready.get(key)
+
+    def observe(self, key: ShapeKey, seconds: float) -> None:
+        """A call of ``key`` ran on the dynamic model in ``seconds``; may start compiling it."""
         with self._lock:
-            found = self._ready.get(key)
-            if found is not None or self.capacity == 0:
-                return found
-            if self._closed or len(self._ready) >= self.capacity or key in self._failed:
-                return None
+            if self._closed or len(self._ready) >= self.capacity or key in self._failed or key in self._ready:
+                return
             if len(self._seen) >= MAX_COUNTED and key not in self._seen:
                 self._seen.clear()
-            count = self._seen.get(key, 0) + 1
-            self._seen[key] = count
-            if count < self.after or self._thread is not None:
-                return None
+            calls, spent = self._seen.get(key, (0, 0.0))
+            calls, spent = calls + 1, spent + max(seconds, 0.0)
+            self._seen[key] = (calls, spent)
+            if calls < self.after or spent < self.after_s or self._thread is not None:
+                return
             # not a daemon: a process leaving while OpenVINO compiles in native code would abort
             self._thread = threading.Thread(target=self._build, args=(key,), name="static-shape", daemon=False)
             thread = self._thread
         thread.start()
-        return None
 
     def _build(self, key: ShapeKey) -> None:
         try:

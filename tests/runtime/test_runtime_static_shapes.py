@@ -37,48 +37,70 @@ class Compiler:
         return f"copy{key}"
 
 
+def call(static: StaticShapes[str], key: ShapeKey, seconds: float = 0.0) -> str | None:
+    """What a session does: the copy if there is one, else a dynamic call of ``seconds``."""
+    copy = static.get(key)
+    if copy is None:
+        static.observe(key, seconds)
+    return copy
+
+
 def test_a_shape_is_compiled_once_it_repeats_and_then_served_from_the_copy() -> None:
     compiler = Compiler()
-    static = StaticShapes(compiler, capacity=4, after=2)
-    assert static.get(A) is None and compiler.calls == []  # seen once: nothing compiled
-    assert static.get(A) is None  # seen twice: compiling starts, this call still runs dynamic
+    static = StaticShapes(compiler, capacity=4, after=2, after_s=0.0)
+    assert call(static, A) is None and compiler.calls == []  # seen once: nothing compiled
+    assert call(static, A) is None  # seen twice: compiling starts, this call still ran dynamic
     assert static.wait(10)
     assert compiler.calls == [A]
-    assert static.get(A) == f"copy{A}"
-    assert static.get(A) == f"copy{A}" and compiler.calls == [A]  # compiled once
+    assert call(static, A) == f"copy{A}"
+    assert call(static, A) == f"copy{A}" and compiler.calls == [A]  # compiled once
     assert static.shapes == [A]
+
+
+def test_a_shape_is_compiled_only_once_its_calls_took_after_s_seconds() -> None:
+    compiler = Compiler()
+    static = StaticShapes(compiler, capacity=4, after=2, after_s=1.0)
+    for _ in range(7):
+        call(static, A, 0.125)  # 0.875 s in all
+        call(static, B, 0.625)  # 1.25 s after the second call: compiled
+        assert static.wait(10)
+    assert compiler.calls == [B]
+    call(static, A, 0.125)  # 1.0 s
+    assert static.wait(10)
+    assert compiler.calls == [B, A]
+    assert static.shapes == [B, A]
 
 
 def test_no_more_than_capacity_copies_and_none_evicted() -> None:
     compiler = Compiler()
-    static = StaticShapes(compiler, capacity=2, after=1)
+    static = StaticShapes(compiler, capacity=2, after=1, after_s=0.0)
     for key in (A, B, C, C, C):
-        static.get(key)
+        call(static, key)
         assert static.wait(10)
     assert compiler.calls == [A, B]
     assert static.shapes == [A, B]
-    assert static.get(C) is None
+    assert call(static, C) is None
 
 
 def test_capacity_zero_never_compiles() -> None:
     compiler = Compiler()
-    static = StaticShapes(compiler, capacity=0, after=1)
+    static = StaticShapes(compiler, capacity=0, after=1, after_s=0.0)
     for _ in range(5):
-        assert static.get(A) is None
+        assert call(static, A, 1.0) is None
     assert static.wait(1) and compiler.calls == []
 
 
 def test_one_compile_at_a_time() -> None:
     compiler = Compiler()
     compiler.gate.clear()
-    static = StaticShapes(compiler, capacity=4, after=1)
-    static.get(A)
+    static = StaticShapes(compiler, capacity=4, after=1, after_s=0.0)
+    call(static, A)
     assert compiler.started.wait(10)
-    static.get(B)  # A still compiling: B is counted, not started
+    call(static, B)  # A still compiling: B is counted, not started
     assert compiler.calls == [A]
     compiler.gate.set()
     assert static.wait(10)
-    static.get(B)  # seen again with the compiler free: now it starts
+    call(static, B)  # seen again with the compiler free: now it starts
     assert static.wait(10)
     assert compiler.calls == [A, B]
     assert static.shapes == [A, B]
@@ -88,27 +110,27 @@ def test_a_shape_that_fails_to_compile_stays_dynamic_and_is_never_tried_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     compiler = Compiler(fail=(A,))
-    static = StaticShapes(compiler, capacity=4, after=1, name="ov-cpu model.xml")
+    static = StaticShapes(compiler, capacity=4, after=1, after_s=0.0, name="ov-cpu model.xml")
     with caplog.at_level(logging.WARNING, logger="runtime.backends.static_shapes"):
-        static.get(A)
+        call(static, A)
         assert static.wait(10)
     assert "no static-shape copy" in caplog.text and "stays dynamic" in caplog.text
     for _ in range(3):
-        assert static.get(A) is None
+        assert call(static, A) is None
         assert static.wait(10)
     assert compiler.calls == [A]
-    static.get(B)  # other shapes still get copies
+    call(static, B)  # other shapes still get copies
     assert static.wait(10)
-    assert static.get(B) == f"copy{B}"
+    assert call(static, B) == f"copy{B}"
 
 
 def test_close_waits_for_a_compile_in_progress_and_drops_every_copy() -> None:
     compiler = Compiler()
-    static = StaticShapes(compiler, capacity=4, after=1)
-    static.get(A)
+    static = StaticShapes(compiler, capacity=4, after=1, after_s=0.0)
+    call(static, A)
     assert static.wait(10)
     compiler.gate.clear()
-    static.get(B)
+    call(static, B)
     assert compiler.started.wait(10)
     closer = threading.Thread(target=static.close)
     closer.start()
@@ -118,7 +140,7 @@ def test_close_waits_for_a_compile_in_progress_and_drops_every_copy() -> None:
     closer.join(10)
     assert not closer.is_alive()
     assert static.shapes == []
-    assert static.get(C) is None and static.get(C) is None
+    assert call(static, C) is None and call(static, C) is None
     assert compiler.calls == [A, B]
 
 
@@ -127,9 +149,18 @@ def test_bad_arguments_are_refused() -> None:
         StaticShapes(Compiler(), capacity=-1)
     with pytest.raises(ValueError):
         StaticShapes(Compiler(), capacity=1, after=0)
+    with pytest.raises(ValueError):
+        StaticShapes(Compiler(), capacity=1, after_s=-1.0)
 
 
 # -- real OpenVINO sessions -------------------------------------------------------------------
+
+
+@pytest.fixture
+def compile_after_two_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real sessions compile a shape after two calls, however long they took (a test's calls
+    are far under STATIC_AFTER_S)."""
+    monkeypatch.setattr("runtime.backends.static_shapes.STATIC_AFTER_S", 0.0)
 
 
 def _feeds(rows: int, width: int) -> dict[str, np.ndarray]:
@@ -139,6 +170,7 @@ def _feeds(rows: int, width: int) -> dict[str, np.ndarray]:
     return {"input_ids": rng.integers(0, 64, (rows, width)).astype(np.int64), "attention_mask": mask}
 
 
+@pytest.mark.usefixtures("compile_after_two_calls")
 def test_an_openvino_session_serves_a_repeated_shape_from_a_static_copy_with_the_same_answers(
     tiny_embedder: Path,
 ) -> None:
@@ -172,6 +204,22 @@ def test_an_openvino_session_serves_a_repeated_shape_from_a_static_copy_with_the
     assert static.static_shapes == []
 
 
+def test_a_few_quick_calls_compile_nothing(tiny_embedder: Path) -> None:
+    """By default a shape must have taken STATIC_AFTER_S of calls: five tiny calls do not."""
+    from runtime.backends.base import OpenOptions
+    from runtime.backends.openvino import OpenVinoBackend
+
+    session = OpenVinoBackend("ov-cpu").open(tiny_embedder, OpenOptions(intra_op_threads=1, static_shapes=4))
+    try:
+        for _ in range(5):
+            session.run(_feeds(1, 8))
+        assert session.wait_static(60)
+        assert session.static_shapes == []
+    finally:
+        session.close()
+
+
+@pytest.mark.usefixtures("compile_after_two_calls")
 def test_a_static_copy_that_does_not_run_what_the_session_runs_is_refused(
     tiny_embedder: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -205,6 +253,7 @@ def test_an_onnx_runtime_session_has_no_static_copies(tiny_embedder: Path) -> No
         session.close()
 
 
+@pytest.mark.usefixtures("compile_after_two_calls")
 def test_the_loader_gives_static_copies_to_the_wide_session_and_a_lone_text_is_padded_to_repeat(
     minilm_repository: Path,
 ) -> None:
