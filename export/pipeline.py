@@ -30,6 +30,7 @@ from export.sources import Feeds, Prepared
 from export.spec import (
     STREAM_SCENARIO,
     TIMING_BUDGET_S,
+    TIMING_MIN_S,
     TIMING_RUNS,
     ExportSpec,
     Progress,
@@ -153,6 +154,7 @@ class _Exporter:
         p = self.prepared
         assert p is not None
         warmup, runs = TIMING_RUNS[self.spec.timing]
+        min_s = TIMING_MIN_S if self.spec.timing == "full" else 0.0
         timings: list[Timing] = []
         for (backend, precision), session in cand.sessions.items():
             for scenario, (feeds, seq_len) in p.timing.items():
@@ -163,11 +165,11 @@ class _Exporter:
                         continue  # this box serves this backend as one session: b32 ranks it
                     narrow = self.open(backend, cand.path, precision, threads=threads)
                     try:
-                        m = time_session(narrow, feeds, warmup=warmup, runs=runs, budget_s=TIMING_BUDGET_S)
+                        m = time_session(narrow, feeds, warmup=warmup, runs=runs, budget_s=TIMING_BUDGET_S, min_s=min_s)
                     finally:
                         narrow.close()
                 else:
-                    m = time_session(session, feeds, warmup=warmup, runs=runs, budget_s=TIMING_BUDGET_S)
+                    m = time_session(session, feeds, warmup=warmup, runs=runs, budget_s=TIMING_BUDGET_S, min_s=min_s)
                 timings.append(
                     Timing(
                         backend=backend,

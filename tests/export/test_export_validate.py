@@ -112,6 +112,16 @@ def test_a_slow_session_stops_at_the_budget() -> None:
     assert s.calls == 1 + 2  # never fewer timed calls than asked when that is below the minimum
 
 
+def test_a_fast_session_is_timed_for_at_least_min_s() -> None:
+    s = _TimedSession(0.004)  # 20 calls would be a 0.08 s window
+    m = time_session(s, FEEDS, warmup=3, runs=20, budget_s=5.0, min_s=1.0, clock=s.clock)  # type: ignore[arg-type]
+    assert s.calls == 3 + 250
+    assert m.items_per_s == pytest.approx(32 / 0.004)
+    s = _TimedSession(0.5)  # the budget still bounds it: 3 warm-ups (1.5 s), timed until 5 s
+    time_session(s, FEEDS, warmup=3, runs=1, budget_s=5.0, min_s=60.0, clock=s.clock)  # type: ignore[arg-type]
+    assert s.calls == 3 + 7
+
+
 def test_runs_must_be_positive() -> None:
     s = _TimedSession(0.1)
     with pytest.raises(ValueError, match="at least 1"):
