@@ -402,8 +402,8 @@ def open_candidate(package: Package, backend: str, variant: str, exec_precision:
         warm_s = WARM_S
 
     def settle() -> None:
-        if hasattr(session, "wait_static"):
-            session.wait_static(60.0)
+        if hasattr(session, "wait_static") and not session.wait_static(60.0):
+            logger.warning("%s/%s/%s: a static-shape copy still compiles after 60 s", backend, variant, exec_precision)
 
     def encode(texts: Sequence[str]) -> Any:
         return model.embed(texts, truncate=True)[0]
@@ -465,8 +465,8 @@ def pytorch_runner(model_dir: Path, *, bf16: bool, threads: int, max_length: int
 
 
 def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) -> tuple[dict[str, Any], Any]:
-    """Time one runner on every scenario, each after warm-up calls have settled (a shape seen
-    twice gets a static-shape copy on OpenVINO, as in the server). Returns (row, accuracy-set
+    """Time one runner on every scenario, each after :func:`warm` (on OpenVINO a shape whose
+    calls took 1 s gets a static-shape copy, as in the server). Returns (row, accuracy-set
     embeddings)."""
     warm(runner, [texts.short])
     b1 = summarize(

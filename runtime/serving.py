@@ -158,9 +158,12 @@ class LoadedModel:
             raise InputError(f"model {self.name!r} is not a text model; send tensors", field="model")
         config = self.manifest.text
         # a lone text is the latency path: padded to a multiple of a few tokens when the session
-        # keeps static-shape copies (runtime.backends.static_shapes), so its shape repeats; a
-        # batch keeps its exact width (padding it would cost the sessions that have no copies)
-        multiple = int(getattr(self.session, "pad_multiple", 1)) if len(tokens) == 1 else 1
+        # keeps static-shape copies (runtime.backends.static_shapes), so its shape repeats, and
+        # only where padding changes no answer (right padding, the mask fed, pooled); a batch
+        # keeps its exact width (padding it would cost the sessions that have no copies)
+        multiple = 1
+        if len(tokens) == 1 and config.pooling in ("mean", "cls") and self.text.pads_invisibly:
+            multiple = int(getattr(self.session, "pad_multiple", 1))
         encoded = self.text.pad(tokens, multiple=multiple)
         output = config.output or self.manifest.outputs[0].name
         result = self.session.run(dict(encoded.feeds), [output])

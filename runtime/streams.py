@@ -122,8 +122,6 @@ class SessionPool:
         self.fallback = first.fallback
         self.input_names = first.input_names
         self.output_names = first.output_names
-        #: a lone caller runs on the wide session: the text path pads for it
-        self.pad_multiple = int(getattr(first, "pad_multiple", 1))
         self._cond = threading.Condition()
         self._free = list(self.narrow)
         self._busy = 0
@@ -138,6 +136,11 @@ class SessionPool:
     @property
     def streams(self) -> int:
         return len(self.narrow)
+
+    @property
+    def pad_multiple(self) -> int:
+        """A lone caller runs on the wide session: the text path pads for it."""
+        return int(getattr(self.wide or self.narrow[0], "pad_multiple", 1))
 
     # -- sessions joining --------------------------------------------------------------------
     def expect(self, count: int) -> None:

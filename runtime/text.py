@@ -79,6 +79,12 @@ class TextEncoder:
         self._truncating = type(tokenizer).from_str(tokenizer.to_str())
         self._truncating.enable_truncation(max_length=config.max_length)
 
+    @property
+    def pads_invisibly(self) -> bool:
+        """Padding more than the longest text changes no answer: the pads go right (positions of
+        the real tokens unchanged) and the model is fed the attention mask."""
+        return not self._pad_left and "attention_mask" in self.input_map.values()
+
     @classmethod
     def from_dir(cls, tokenizer_dir: Path, config: TextConfig) -> TextEncoder:
         """Load ``tokenizer_dir/tokenizer.json``."""

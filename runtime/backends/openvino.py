@@ -109,8 +109,17 @@ class OvSession:
         self._outputs = list(compiled.outputs)
         self.output_names: tuple[str, ...] = tuple(_port_name(p, i, "output") for i, p in enumerate(self._outputs))
         self._static = static
-        #: the text path pads a batch's length to a multiple of this (> 1 when static copies are made)
-        self.pad_multiple = 1 if static is None else PAD_MULTIPLE
+
+    @property
+    def pad_multiple(self) -> int:
+        """The text path pads a lone text to a multiple of this many tokens: ``PAD_MULTIPLE``
+        while such a shape has a static copy or may still get one, else 1 (padding for nothing)."""
+        static = self._static
+        if static is None:
+            return 1
+        if not static.full or any(key and key[0] and key[0][0] == 1 for key in static.shapes):
+            return PAD_MULTIPLE
+        return 1
 
     def wait_static(self, timeout: float | None = None) -> bool:
         """Wait for a static-shape copy being compiled (what a benchmark's warm-up waits for);

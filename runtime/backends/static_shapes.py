@@ -55,7 +55,8 @@ class StaticShapes(Generic[Compiled]):
     """Up to ``capacity`` compiled copies, by input shapes; compiled in the background.
 
     ``compile(key)`` returns the copy for ``key`` (the shapes of the inputs, in the
-    session's input order) or raises; a key that failed is never tried again.  The
+    session's input order) or raises; a key that failed is never tried again and takes
+    a place of the capacity (at most ``capacity`` compiles in all).  The
     session asks :meth:`get` before a call and reports a call that ran on the dynamic
     model with :meth:`observe`.
     """
@@ -71,7 +72,7 @@ class StaticShapes(Generic[Compiled]):
     ) -> None:
         if capacity < 0 or after < 1 or (after_s is not None and after_s < 0):
             raise ValueError("capacity must be >= 0, after >= 1 and after_s >= 0")
-        self._compile = compile
+        self._compile: Callable[[ShapeKey], Compiled] | None = compile
         self.capacity = capacity
         self.after = after
         self.after_s = STATIC_AFTER_S if after_s is None else after_s
@@ -94,10 +95,18 @@ class StaticShapes(Generic[Compiled]):
         """The copy for ``key``, if one is compiled."""
         return self._ready.get(key)
 
+    @property
+    def full(self) -> bool:
+        """No more copies will be compiled (capacity reached by copies and failed shapes, or closed)."""
+        with self._lock:
+            return self._closed or len(self._ready) + len(self._failed) >= self.capacity
+
     def observe(self, key: ShapeKey, seconds: float) -> None:
         """A call of ``key`` ran on the dynamic model in ``seconds``; may start compiling it."""
         with self._lock:
-            if self._closed or len(self._ready) >= self.capacity or key in self._failed or key in self._ready:
+            if self._closed or len(self._ready) + len(self._failed) >= self.capacity:
+                return
+            if key in self._failed or key in self._ready:
                 return
             if len(self._seen) >= MAX_COUNTED and key not in self._seen:
                 self._seen.clear()
@@ -107,25 +116,39 @@ class StaticShapes(Generic[Compiled]):
             if calls < self.after or spent < self.after_s or self._thread is not None:
                 return
             # not a daemon: a process leaving while OpenVINO compiles in native code would abort
+            # (the interpreter joins it at exit); started under the lock so that wait() never
+            # joins a thread not yet started
             self._thread = threading.Thread(target=self._build, args=(key,), name="static-shape", daemon=False)
-            thread = self._thread
-        thread.start()
+            self._thread.start()
 
     def _build(self, key: ShapeKey) -> None:
+        compile_copy = self._compile
         try:
-            compiled = self._compile(key)
+            if compile_copy is None:
+                raise RuntimeError("no compiler left")
+            compiled = compile_copy(key)
         except Exception as exc:
+            # a failed shape takes a place of the capacity: at most ``capacity`` compiles in all
             logger.warning("%s: no static-shape copy for %s (%s); that shape stays dynamic", self.name, key, exc)
             with self._lock:
                 self._failed.add(key)
                 self._thread = None
+                self._release()
             return
         with self._lock:
             if not self._closed:
                 self._ready[key] = compiled
                 self._seen.pop(key, None)
             self._thread = None
+            self._release()
         logger.debug("%s: static-shape copy for %s ready", self.name, key)
+
+    def _release(self) -> None:
+        """(Under the lock.) Drop the compiler once nothing more will be compiled: it holds the
+        source model."""
+        if self._closed or len(self._ready) + len(self._failed) >= self.capacity:
+            self._compile = None
+            self._seen.clear()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a compile in progress; False when it is still running after ``timeout``."""
@@ -137,10 +160,9 @@ class StaticShapes(Generic[Compiled]):
         return not thread.is_alive()
 
     def close(self) -> None:
-        """Stop compiling new copies, wait for one in progress, drop them all."""
+        """Drop every copy and compile no more, without waiting: a compile in progress finishes
+        on its thread and its copy is thrown away (the interpreter waits for it at exit)."""
         with self._lock:
             self._closed = True
-        self.wait()
-        with self._lock:
             self._ready.clear()
-            self._seen.clear()
+            self._release()
