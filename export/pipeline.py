@@ -32,6 +32,7 @@ from export.spec import (
     TIMING_BUDGET_S,
     TIMING_MIN_S,
     TIMING_RUNS,
+    TIMING_WINDOWS,
     ExportSpec,
     Progress,
     check_gate,
@@ -154,7 +155,8 @@ class _Exporter:
         p = self.prepared
         assert p is not None
         warmup, runs = TIMING_RUNS[self.spec.timing]
-        min_s = TIMING_MIN_S if self.spec.timing == "full" else 0.0
+        full = self.spec.timing == "full"
+        min_s, windows = (TIMING_MIN_S, TIMING_WINDOWS) if full else (0.0, 1)
         timings: list[Timing] = []
         for (backend, precision), session in cand.sessions.items():
             for scenario, (feeds, seq_len) in p.timing.items():
@@ -169,7 +171,9 @@ class _Exporter:
                     finally:
                         narrow.close()
                 else:
-                    m = time_session(session, feeds, warmup=warmup, runs=runs, budget_s=TIMING_BUDGET_S, min_s=min_s)
+                    m = time_session(
+                        session, feeds, warmup=warmup, runs=runs, budget_s=TIMING_BUDGET_S, min_s=min_s, windows=windows
+                    )
                 timings.append(
                     Timing(
                         backend=backend,

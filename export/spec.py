@@ -31,6 +31,7 @@ __all__ = [
     "TIMING_BUDGET_S",
     "TIMING_MIN_S",
     "TIMING_RUNS",
+    "TIMING_WINDOWS",
     "VARIANT_IDS",
     "ExportSpec",
     "Progress",
@@ -65,6 +66,8 @@ TIMING_BUDGET_S = 5.0
 #: "full" timing goes on past its runs until the timed calls took this long (a 0.1 s window of
 #: 20 fast calls let one slow spell of the VM decide serve's choice)
 TIMING_MIN_S = 1.0
+#: "full" timing's items/s is the best of this many consecutive windows of its timed calls
+TIMING_WINDOWS = 3
 #: the timing scenario of a server's batches: STREAM_BATCH rows of STREAM_TOKENS tokens (text) on
 #: one stream's session (its share of the cores, :mod:`runtime.streams`), timed for CPU backends
 #: when this box would serve as several streams.  A server at 32 concurrent single-text requests

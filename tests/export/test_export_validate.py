@@ -122,6 +122,29 @@ def test_a_fast_session_is_timed_for_at_least_min_s() -> None:
     assert s.calls == 3 + 7
 
 
+class _SpellSession(_TimedSession):
+    """Calls take ``seconds``, except the first ``slow`` calls, which take three times as long."""
+
+    def __init__(self, seconds: float, slow: int) -> None:
+        super().__init__(seconds)
+        self.slow = slow
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        self.calls += 1
+        self.now += self.seconds * (3 if self.calls <= self.slow else 1)
+        return {"y": feeds["x"]}
+
+
+def test_items_per_s_is_the_best_window_so_a_slow_spell_does_not_decide() -> None:
+    s = _SpellSession(0.01, slow=3 + 10)  # the warm-ups and the first 10 of 30 timed calls slow
+    m = time_session(s, FEEDS, warmup=3, runs=30, budget_s=5.0, windows=3, clock=s.clock)  # type: ignore[arg-type]
+    assert m.items_per_s == pytest.approx(32 / 0.01)
+    assert m.p50_ms == pytest.approx(10.0)
+    s = _SpellSession(0.01, slow=3 + 10)
+    one = time_session(s, FEEDS, warmup=3, runs=30, budget_s=5.0, windows=1, clock=s.clock)  # type: ignore[arg-type]
+    assert one.items_per_s == pytest.approx(32 / (0.01 * 50 / 30))  # the mean of all calls
+
+
 def test_runs_must_be_positive() -> None:
     s = _TimedSession(0.1)
     with pytest.raises(ValueError, match="at least 1"):
