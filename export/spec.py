@@ -25,6 +25,7 @@ __all__ = [
     "BATCH_GATE",
     "DEFAULT_GATES",
     "STREAM_BATCH",
+    "STREAM_ROUNDS",
     "STREAM_SCENARIO",
     "STREAM_TOKENS",
     "TASKS",
@@ -75,6 +76,9 @@ TIMING_WINDOWS = 3
 #: them 5 % faster than OpenVINO on one thread while OpenVINO led at batch 32 x 128 on two.
 STREAM_BATCH = 4
 STREAM_TOKENS = 32
+#: the stream scenarios of all candidates are timed side by side at the end of an export, in this
+#: many rounds ("full"); a candidate's best round counts
+STREAM_ROUNDS = 3
 
 #: progress callback: (step name, human message)
 Progress = Callable[[str, str], None]

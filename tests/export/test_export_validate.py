@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -149,3 +150,58 @@ def test_runs_must_be_positive() -> None:
     s = _TimedSession(0.1)
     with pytest.raises(ValueError, match="at least 1"):
         time_session(s, FEEDS, warmup=0, runs=0, clock=s.clock)  # type: ignore[arg-type]
+
+
+def test_stream_scenarios_are_timed_side_by_side_in_rounds_and_the_best_round_counts(tmp_path: Path) -> None:
+    """Two candidates of equal speed on a box that slows down as time passes: timed one after
+    the other each would read the drift; in alternating rounds both see the same box."""
+    from export.pipeline import _Exporter, _StreamJob
+    from export.spec import STREAM_ROUNDS, STREAM_SCENARIO, ExportSpec
+    from runtime.manifest import Variant
+
+    now = [0.0]
+    order: list[str] = []
+
+    class Drifting:
+        input_names = ("x",)
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.closed = False
+
+        def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+            order.append(self.name)
+            now[0] += 0.005 * (1.0 + 0.1 * now[0])  # 5 ms a call, slower by 10 % per second passed
+            return {"y": feeds["x"]}
+
+        def close(self) -> None:
+            self.closed = True
+
+    spec = ExportSpec(source=tmp_path, task="tensor", name="m", repository=tmp_path, timing="full")
+    exporter = _Exporter(spec, lambda step, message: None)
+    exporter.variants = [
+        Variant(id=v, format="openvino", precision="fp32", files=[], backends=[], recipe="t") for v in ("a", "b")
+    ]
+    sessions: dict[str, Drifting] = {}
+
+    def open_(backend: str, path: Path, precision: str, *, threads: int | None = None) -> Drifting:
+        sessions[path.name] = Drifting(path.name)
+        return sessions[path.name]
+
+    exporter.open = open_  # type: ignore[method-assign]
+    feeds = {"x": np.zeros((4, 2), np.float32)}
+    for v in ("a", "b"):
+        exporter._streams.append(_StreamJob(v, "ov-cpu", "fp32", tmp_path / v, 1, feeds, 32))
+    exporter.time_streams(clock=lambda: now[0])
+    # rounds alternate: a, b, a, b, a, b
+    runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+    assert runs == ["a", "b"] * STREAM_ROUNDS
+    assert all(s.closed for s in sessions.values())
+    stream = {v.id: [t for t in v.timings if t.scenario == STREAM_SCENARIO] for v in exporter.variants}
+    assert [len(t) for t in stream.values()] == [1, 1]
+    a, b = stream["a"][0].items_per_s, stream["b"][0].items_per_s
+    # side by side the two read the same box (within 5 %); one after the other (1 s each) b's
+    # best window would come a second later, at 10 % slower
+    assert a == pytest.approx(b, rel=0.05)
+    assert stream["a"][0].threads == 1 and stream["a"][0].seq_len == 32
+    assert exporter._streams == []
