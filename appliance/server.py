@@ -91,8 +91,9 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
         from runtime.hardware import default_threads
         from runtime.signing import load_private_key
 
-        # Quick timing: the first start takes ~2 minutes instead of ~6; the ranking it feeds chose
-        # the same backend here. `inferbox init --force --timing full` re-times a new version.
+        # Quick timing: the first start takes ~2 minutes instead of ~6; the stream scenario serve
+        # ranks by is still timed side by side in rounds (export.pipeline time_streams), so the
+        # choice holds. `inferbox init --force --timing full` re-times a new version.
         export_default(
             settings.repository,
             name=settings.default_model,

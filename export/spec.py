@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_GATE",
     "DEFAULT_GATES",
+    "QUICK_STREAM_MIN_S",
     "STREAM_BATCH",
     "STREAM_ROUNDS",
     "STREAM_SCENARIO",
@@ -79,6 +80,8 @@ STREAM_TOKENS = 32
 #: the stream scenarios of all candidates are timed side by side at the end of an export, in this
 #: many rounds ("full"); a candidate's best round counts
 STREAM_ROUNDS = 3
+#: with "quick" timing the stream scenario is still timed side by side, for this long in all
+QUICK_STREAM_MIN_S = 0.3
 
 #: progress callback: (step name, human message)
 Progress = Callable[[str, str], None]
