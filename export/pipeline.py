@@ -234,12 +234,14 @@ class _Exporter:
         finally:
             for _, session in opened:
                 session.close()
+        extra: dict[str, list[Timing]] = {}
         for i, (job, _) in enumerate(opened):
             timing = _timing(job.backend, job.precision, STREAM_SCENARIO, job.seq_len, job.threads, best[i])
-            self.variants = [
-                msgspec.structs.replace(v, timings=[*v.timings, timing]) if v.id == job.variant else v
-                for v in self.variants
-            ]
+            extra.setdefault(job.variant, []).append(timing)
+        self.variants = [
+            msgspec.structs.replace(v, timings=[*v.timings, *extra[v.id]]) if v.id in extra else v
+            for v in self.variants
+        ]
 
     def stream_plan(self, backend: str) -> tuple[int, int]:
         """(streams, threads per stream) a server on this box runs ``backend`` with (auto); the

@@ -38,9 +38,9 @@ def time_session(
     fastest of ``windows`` consecutive windows of the timed calls; p50 / p99 are of all).
 
     ``min_s`` keeps timing past ``runs`` calls until the timed calls took that long (only with
-    a budget, which bounds it): 20 calls of a fast scenario are a 0.1 s window, and one slow spell of the VM
-    in it decides the ranking (a stream timing read 490 items/s in one build and 714-717 in
-    two others, and serve's choice flipped).
+    a budget, which bounds it): 20 calls of a fast scenario are a 0.1 s window, and one slow
+    spell of the VM in it decides the ranking (a stream timing read 490 items/s in one build
+    and 714-717 in two others, and serve's choice flipped).
 
     With ``budget_s``, a slow box times fewer calls instead of taking minutes: warm-up stops
     after the first call once half the budget is spent, timing once the whole budget is

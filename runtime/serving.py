@@ -93,8 +93,7 @@ class LoadedModel:
     @property
     def static_shapes(self) -> int:
         """Static-shape copies compiled so far (OpenVINO; in a pool, the all-core session's)."""
-        session = getattr(self.session, "wide", None) or self.session
-        return len(getattr(session, "static_shapes", ()))
+        return len(getattr(self.session, "static_shapes", ()))
 
     def output_names(self) -> list[str]:
         return [o.name for o in self.manifest.outputs]

@@ -142,6 +142,11 @@ class SessionPool:
         """A lone caller runs on the wide session: the text path pads for it."""
         return int(getattr(self.wide or self.narrow[0], "pad_multiple", 1))
 
+    @property
+    def static_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
+        """The wide session's static-shape copies (the only session that keeps any)."""
+        return list(getattr(self.wide or self.narrow[0], "static_shapes", ()))
+
     # -- sessions joining --------------------------------------------------------------------
     def expect(self, count: int) -> None:
         with self._cond:

@@ -18,9 +18,12 @@ sends again and again (100 ms: after ~10), not the widths of one pass over a
 length-sorted corpus, each seen a few times (compiling those cost one all-core
 session 15 % of its throughput over a 4 s pass).  At most ``capacity`` copies
 are kept and none is ever evicted: each costs a compiled model's memory (MiniLM
-in bf16: 33-70 MB), and a fixed set cannot thrash compiling.  The text path pads a batch's length to a multiple of
-:data:`PAD_MULTIPLE` tokens when its session has static shapes, so the shapes of
-real traffic repeat (1 x 16, 1 x 24, ...).
+in bf16: 33-70 MB), and a fixed set cannot thrash compiling.
+
+The text path (:meth:`runtime.serving.LoadedModel.embed_tokens`) pads a lone text
+to a multiple of :data:`PAD_MULTIPLE` tokens while its session may serve that
+shape from a copy, and only where padding changes no answer, so the shapes of
+real queries repeat (1 x 16, 1 x 24, ...); a batch keeps its exact width.
 
 Nothing here knows OpenVINO: ``compile(key)`` is given by the backend.
 """
@@ -42,7 +45,7 @@ DEFAULT_STATIC_SHAPES = 4
 STATIC_AFTER_S = 1.0
 #: ... and it was called at least this many times
 STATIC_AFTER = 2
-#: the text path pads a batch to a multiple of this many tokens when its session has static shapes
+#: the text path pads a lone text to a multiple of this many tokens for a session with copies
 PAD_MULTIPLE = 8
 #: distinct shapes counted before the counts start over (bounds memory on traffic of many shapes)
 MAX_COUNTED = 1024
