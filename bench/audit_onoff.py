@@ -12,6 +12,10 @@ With audit on, every request's response waits until its record is durable
 (group commit), so this is the price of "no inference without a record".
 The target is audit-on throughput >= 95 % of audit-off.
 
+Each window also reads the server's threads' CPU (:mod:`bench.cpu`), so the
+result says where the audit's price is paid: microseconds of CPU per request
+on the event loop, the inference threads, the audit writer and the rest, per side.
+
 ``python -m bench.audit_onoff [--quick] [--out DIR]`` runs this part alone.
 """
 
@@ -24,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Config, format_table, part_main, ratio, skipped, workspace, write_json
+from bench.cpu import KINDS, mean_per_request, per_request, thread_cpu
 
-__all__ = ["on_vs_off", "run", "window_order"]
+__all__ = ["cpu_split", "on_vs_off", "run", "window_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,15 @@ def on_vs_off(rows: Sequence[dict[str, Any]]) -> float | None:
     return ratio(sum(on) / len(on), sum(off) / len(off))
 
 
+def cpu_split(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean CPU microseconds per request by thread kind, per side (``off`` / ``on``), where read."""
+    sides = {
+        "off": mean_per_request([r.get("cpu_us_per_request") or {} for r in rows if not r["audit"]]),
+        "on": mean_per_request([r.get("cpu_us_per_request") or {} for r in rows if r["audit"]]),
+    }
+    return sides if all(sides.values()) else {}
+
+
 def run(cfg: Config, *, workdir: Path | None = None) -> dict[str, Any]:
     """Audit off vs on at concurrency 32; writes ``audit_onoff.json``."""
     with workspace(workdir) as root:
@@ -77,6 +91,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
     window_s = cfg.pick(1.0, WINDOW_S)
 
     def measure(srv: Any, audit: bool, *, warmup: bool) -> dict[str, Any]:
+        before = thread_cpu(srv.pid)
         (row,) = measure_endpoints(
             srv.base_url,
             srv.headers,
@@ -89,7 +104,8 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
             duration_s=window_s,
             warmup_s=None if warmup else 0.0,
         )
-        return {**row, "audit": audit}
+        cpu = per_request(before, thread_cpu(srv.pid), int(row.get("ok") or 0))
+        return {**row, "audit": audit, **({"cpu_us_per_request": cpu} if cpu else {})}
 
     with contextlib.ExitStack() as stack:
         servers: list[Any] = []
@@ -122,6 +138,10 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
     result["table"] = format_table(("window", "server", "audit", "rps", "p50_ms", "p99_ms", "ok"), good)
     print(result["table"])
     print(f"audit on / off: {result['on_vs_off']}")
+    cpu = cpu_split(good)
+    if cpu:
+        result["cpu_us_per_request"] = cpu
+        print(format_table(("side", *KINDS, "total"), [{"side": f"audit {side}", **v} for side, v in cpu.items()]))
     write_json(cfg.out / "audit_onoff.json", result)
     return result
 

@@ -315,6 +315,21 @@ def render_readme(report: dict[str, Any]) -> str:
         parts.get("audit_onoff"),
         ("window", "server", "audit", "rps", "p50_ms", "p99_ms", "ok"),
     )
+    split = _get(parts, "audit_onoff", "cpu_us_per_request")
+    if isinstance(split, dict) and split:
+        lines += [
+            "CPU per request by thread, in microseconds (mean of each side's windows; `loop`: the event loop, "
+            "`inference`: the model's threads, `audit`: the audit writer):",
+            "",
+            markdown_table(
+                ("audit", "loop", "inference", "audit_writer", "other", "total"),
+                [
+                    {"audit": side, **{("audit_writer" if k == "audit" else k): round(v) for k, v in cpu.items()}}
+                    for side, cpu in split.items()
+                ],
+            ),
+            "",
+        ]
     b = parts.get("batch")
     lines += ["## Batch vs in-process", ""]
     if isinstance(b, dict) and not is_skipped(b):

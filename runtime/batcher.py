@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from runtime.errors import OverloadError, RequestTimeoutError
+from runtime.threads import named_thread, os_thread_name
 
 __all__ = ["BatchStats", "DynamicBatcher", "padded_cost", "plan_batches"]
 
@@ -196,7 +197,12 @@ class DynamicBatcher(Generic[Item, Result]):
                 self._stopping = False
             base = f"batcher-{self.name}" if self.name else "batcher"
             self._threads = [
-                threading.Thread(target=self._work, name=base if self.workers == 1 else f"{base}-{i}", daemon=True)
+                named_thread(
+                    self._work,
+                    name=base if self.workers == 1 else f"{base}-{i}",
+                    os_name=os_thread_name(f"infer-{self.name}" if self.name else "infer", f"-{i}"),
+                    daemon=True,
+                )
                 for i in range(self.workers)
             ]
             for thread in self._threads:

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.backends.base import Probe, Session
+from runtime.threads import named_thread
 
 __all__ = [
     "SessionPool",
@@ -260,5 +261,5 @@ def open_pool(open_narrow: Callable[[], Session], streams: int, open_wide: Calla
 
     # not a daemon: a process leaving while a session is being opened in native code would abort
     # ("terminate called without an active exception"); the interpreter waits for the thread instead
-    threading.Thread(target=open_rest, name="open-streams", daemon=False).start()
+    named_thread(open_rest, name="open-streams", daemon=False).start()
     return pool

@@ -36,6 +36,7 @@ from appliance.audit.prune import PruneResult, prune_prefix
 from appliance.audit.schema import connect, ensure_schema, read_log_id
 from appliance.audit.store import head, insert_records, last_checkpoint, query_records, tail_records
 from runtime.errors import AuditError
+from runtime.threads import named_thread
 
 if TYPE_CHECKING:
     from appliance.settings import Settings
@@ -213,7 +214,7 @@ class AuditLog:
         with self._lock:
             self._connection()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread = named_thread(self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
     def close(self) -> None:

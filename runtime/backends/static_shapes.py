@@ -35,6 +35,8 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from runtime.threads import named_thread
+
 __all__ = ["DEFAULT_STATIC_SHAPES", "PAD_MULTIPLE", "STATIC_AFTER", "STATIC_AFTER_S", "ShapeKey", "StaticShapes"]
 
 logger = logging.getLogger(__name__)
@@ -121,7 +123,7 @@ class StaticShapes(Generic[Compiled]):
             # not a daemon: a process leaving while OpenVINO compiles in native code would abort
             # (the interpreter joins it at exit); started under the lock so that wait() never
             # joins a thread not yet started
-            self._thread = threading.Thread(target=self._build, args=(key,), name="static-shape", daemon=False)
+            self._thread = named_thread(self._build, args=(key,), name="static-shape", daemon=False)
             self._thread.start()
 
     def _build(self, key: ShapeKey) -> None:
