@@ -5,8 +5,10 @@ Series (all prefixed ``inferbox_``): ``requests_total{model,route,status}``,
 ``batch_size{model}``, ``inference_seconds{model}`` (histograms, from the
 batchers), ``in_flight_requests``, ``queue_depth{model}``, and
 ``model_info{model,version,backend,variant,exec_precision,streams}`` (always 1:
-the backend in use; ``streams``: sessions running batches side by side) and
-``static_shapes{model}`` (static-shape copies compiled so far, OpenVINO).
+the backend in use; ``streams``: sessions running batches side by side),
+``static_shapes{model}`` (static-shape copies compiled so far, OpenVINO) and
+``thread_cpu_seconds_total{thread}`` (this process's CPU by thread kind: ``loop``,
+``inference``, ``audit``, ``other``; Linux only, :class:`runtime.threads.ThreadCpu`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from runtime.batcher import BatchStats
+from runtime.threads import ThreadCpu
 
 __all__ = ["CONTENT_TYPE", "Histogram", "Metrics", "ModelInfo"]
 
@@ -84,8 +87,9 @@ class ModelInfo:
 class Metrics:
     """Process-local metrics; thread-safe. Render with :meth:`render`."""
 
-    def __init__(self) -> None:
+    def __init__(self, thread_cpu: ThreadCpu | None = None) -> None:
         self._lock = threading.Lock()
+        self.thread_cpu = thread_cpu if thread_cpu is not None else ThreadCpu()
         self.requests: dict[tuple[str, str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.queue: dict[str, Histogram] = {}
@@ -177,4 +181,12 @@ class Metrics:
         ]
         for m in models:
             out.append(f"inferbox_static_shapes{_labels([('model', m.model)])} {m.static_shapes}")
+        cpu = self.thread_cpu.totals()
+        if cpu:
+            out += [
+                "# HELP inferbox_thread_cpu_seconds_total CPU time of this process by thread: loop (the event "
+                "loop), inference (the models' threads), audit (the audit writer), other.",
+                "# TYPE inferbox_thread_cpu_seconds_total counter",
+            ]
+            out += [f"inferbox_thread_cpu_seconds_total{_labels([('thread', k)])} {_num(v)}" for k, v in cpu.items()]
         return "\n".join(out) + "\n"

@@ -1,51 +1,19 @@
-"""Where a server's CPU goes: seconds per thread kind, read from ``/proc/<pid>/task`` (Linux).
+"""Where a server's CPU goes: microseconds per request by thread kind.
 
-The server names its threads in the kernel (:mod:`runtime.threads`): the event
-loop is the process's main thread, ``infer-*`` run the model, ``audit-writer``
-appends the audit log; everything else (OpenVINO's and uvicorn's helpers, a
-static-shape compile) is ``other``.  Elsewhere than Linux every reading is empty.
+The readings come from :func:`runtime.threads.thread_cpu` (``/proc/<pid>/task``,
+Linux; the server names its threads in the kernel): ``loop`` is the process's
+main thread (the event loop), ``inference`` the ``infer-*`` threads,
+``audit`` the ``audit-writer``, ``other`` the rest.  Elsewhere every reading is empty.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
-__all__ = ["KINDS", "kind_of", "mean_per_request", "per_request", "thread_cpu"]
+from runtime.threads import THREAD_KINDS as KINDS
+from runtime.threads import thread_cpu
 
-KINDS = ("loop", "inference", "audit", "other")
-
-
-def kind_of(tid: int, pid: int, comm: str) -> str:
-    """The kind of thread ``tid`` of process ``pid``, named ``comm`` in the kernel."""
-    if tid == pid:
-        return "loop"
-    if comm.startswith("infer-") or comm == "infer":
-        return "inference"
-    if comm == "audit-writer":
-        return "audit"
-    return "other"
-
-
-def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) so far of each live thread of ``pid``: tid -> (kind, seconds)."""
-    tasks = Path(f"/proc/{pid}/task")
-    try:
-        tids = [int(t) for t in os.listdir(tasks)]
-    except (FileNotFoundError, PermissionError, NotADirectoryError):
-        return {}
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, tuple[str, float]] = {}
-    for tid in tids:
-        try:
-            stat = (tasks / str(tid) / "stat").read_text()
-            comm = (tasks / str(tid) / "comm").read_text().strip()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue  # the thread ended between the listing and the read
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[tid] = (kind_of(tid, pid, comm), (int(fields[11]) + int(fields[12])) / tick)
-    return out
+__all__ = ["KINDS", "mean_per_request", "per_request", "thread_cpu"]
 
 
 def per_request(

@@ -230,6 +230,19 @@ def test_a_repeated_lone_query_gets_a_static_shape_copy_on_openvino(served: Serv
         np.testing.assert_allclose(answer, first, atol=_batch_tolerance(first))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread CPU is read from /proc")
+def test_metrics_split_the_servers_cpu_by_thread(served: Served) -> None:
+    """The server names its threads in the kernel; /metrics sums their CPU by kind, and the
+    requests of the tests before ran on the event loop and the model's inference threads."""
+    text = httpx.get(f"{served.url}/metrics", headers=served.headers(), timeout=30).text
+    found = re.findall(r'^inferbox_thread_cpu_seconds_total\{thread="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    seconds = {kind: float(value) for kind, value in found}
+    assert set(seconds) == {"loop", "inference", "audit", "other"}, text
+    assert seconds["loop"] > 0 and seconds["inference"] > 0
+    names = {p.read_text().strip() for p in Path(f"/proc/{served.proc.pid}/task").glob("*/comm")}
+    assert "audit-writer" in names and any(n.startswith("infer-minilm") for n in names), names
+
+
 def test_binary_tensor_extension_over_real_http(served: Served) -> None:
     from api.codec import encode_bytes_elements
 

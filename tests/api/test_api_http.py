@@ -67,3 +67,17 @@ def test_real_http_round(served: tuple[str, str, MemoryAudit], tmp_path: Path) -
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 8
         assert "inferbox_requests_total" in c.get("/metrics").text
     assert [e.status for e in audit.events] == [401, 200, 200]  # health and /metrics are not audited
+
+
+def test_metrics_show_the_thread_cpu_split_only_where_it_can_be_read() -> None:
+    from api.metrics import Metrics
+    from runtime.threads import ThreadCpu
+
+    readings = [{1: ("loop", 1.25), 2: ("inference", 4.0)}, {}]
+    metrics = Metrics(thread_cpu=ThreadCpu(lambda: readings.pop(0)))
+    text = metrics.render({}, [])
+    assert "# TYPE inferbox_thread_cpu_seconds_total counter" in text
+    assert 'inferbox_thread_cpu_seconds_total{thread="loop"} 1.25' in text
+    assert 'inferbox_thread_cpu_seconds_total{thread="inference"} 4' in text
+    assert 'inferbox_thread_cpu_seconds_total{thread="audit"} 0' in text
+    assert "inferbox_thread_cpu_seconds_total" not in metrics.render({}, [])  # not Linux: no series

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from runtime.batcher import DynamicBatcher
-from runtime.threads import OS_NAME_BYTES, named_thread, os_thread_name
+from runtime.threads import OS_NAME_BYTES, ThreadCpu, named_thread, os_thread_name, thread_cpu, thread_kind
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel thread names are read from /proc")
 
@@ -69,3 +71,59 @@ def test_inference_threads_are_named_per_model_and_worker() -> None:
 
     asyncio.run(asyncio.wait_for(main(), 20))
     assert names == {"infer-minilm-0", "infer-minilm-1"}
+
+
+def test_thread_kinds() -> None:
+    assert [thread_kind(7, 7, "inferbox"), thread_kind(8, 7, "infer-minilm-0"), thread_kind(9, 7, "audit-writer")] == [
+        "loop",
+        "inference",
+        "audit",
+    ]
+    assert thread_kind(10, 7, "static-shape") == "other"
+    assert thread_kind(11, 7, "inferbox") == "other"  # only the main thread is the loop
+
+
+@linux
+def test_thread_cpu_reads_this_process_by_kernel_name() -> None:
+    spun = threading.Event()
+    done = threading.Event()
+
+    def spin() -> None:
+        end = time.thread_time() + 0.3
+        while time.thread_time() < end:
+            pass
+        spun.set()
+        done.wait(10)  # stay alive to be read
+
+    thread = named_thread(spin, name="batcher-x", os_name="infer-x-0", daemon=True)
+    thread.start()
+    try:
+        assert spun.wait(10)
+        threads = thread_cpu()
+        kind, seconds = threads[thread.native_id or 0]
+        assert kind == "inference" and seconds >= 0.2
+        assert threads[os.getpid()][0] == "loop"
+        assert thread_cpu(2**22 + 12345) == {}  # no such process
+    finally:
+        done.set()
+
+
+def test_thread_cpu_totals_never_decrease() -> None:
+    readings = [
+        {1: ("loop", 1.0), 2: ("inference", 5.0), 3: ("other", 0.5)},
+        {1: ("loop", 1.5), 2: ("inference", 6.0)},  # thread 3 ended: its 0.5 s still count
+        {1: ("loop", 2.0), 2: ("inference", 7.0), 3: ("audit", 0.1)},  # id 3 reused by another thread
+        {},  # nothing readable (not Linux): no series
+    ]
+    cpu = ThreadCpu(lambda: readings.pop(0))
+    assert cpu.totals() == {"loop": 1.0, "inference": 5.0, "audit": 0.0, "other": 0.5}
+    assert cpu.totals() == {"loop": 1.5, "inference": 6.0, "audit": 0.0, "other": 0.5}
+    assert cpu.totals() == {"loop": 2.0, "inference": 7.0, "audit": 0.1, "other": 0.5}
+    assert cpu.totals() == {}
+
+
+def test_a_reused_thread_id_of_the_same_kind_keeps_both_threads_time() -> None:
+    readings = [{5: ("other", 3.0)}, {5: ("other", 0.2)}]  # the first thread ended; a new one got id 5
+    cpu = ThreadCpu(lambda: readings.pop(0))
+    assert cpu.totals()["other"] == 3.0
+    assert cpu.totals()["other"] == pytest.approx(3.2)
