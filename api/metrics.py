@@ -14,6 +14,7 @@ the backend in use; ``streams``: sessions running batches side by side),
 from __future__ import annotations
 
 import bisect
+import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from runtime.batcher import BatchStats
 from runtime.threads import ThreadCpu
 
 __all__ = ["CONTENT_TYPE", "Histogram", "Metrics", "ModelInfo"]
+
+logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -181,7 +184,11 @@ class Metrics:
         ]
         for m in models:
             out.append(f"inferbox_static_shapes{_labels([('model', m.model)])} {m.static_shapes}")
-        cpu = self.thread_cpu.totals()
+        try:
+            cpu = self.thread_cpu.totals()
+        except Exception:  # a scrape never fails for this series: it is left out
+            logger.exception("could not read the threads' CPU time")
+            cpu = {}
         if cpu:
             out += [
                 "# HELP inferbox_thread_cpu_seconds_total CPU time of this process by thread: loop (the event "

@@ -19,8 +19,9 @@ __all__ = ["KINDS", "mean_per_request", "per_request", "thread_cpu"]
 def per_request(
     before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]], requests: int
 ) -> dict[str, float]:
-    """Microseconds of CPU per request by kind between two readings (threads born between count whole);
-    ``{}`` without readings or requests."""
+    """Microseconds of CPU per request by kind between two readings (threads born between count
+    whole; a thread that ended between loses its share, a reused thread id counts from the old
+    thread's time); ``{}`` without readings or requests."""
     if not after or requests <= 0:
         return {}
     spent = dict.fromkeys(KINDS, 0.0)

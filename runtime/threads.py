@@ -9,9 +9,11 @@ threads, ``audit-writer``, ``static-shape``, ``open-streams``.
 :func:`thread_cpu` reads each thread's CPU seconds and kind from
 ``/proc/<pid>/task`` (``loop``: the process's main thread, which runs the event
 loop in ``inferbox serve``; ``inference``: ``infer-*``; ``audit``:
-``audit-writer``; ``other``: OpenVINO's and uvicorn's helpers, a static-shape
-compile).  ``/metrics`` sums it by kind (:class:`ThreadCpu`) and the bench
-divides it by requests (``bench/audit_onoff.py``).
+``audit-writer``; ``other``: uvicorn's helpers, a static-shape compile).  A
+thread starts with its creator's name: a library's pool started from an
+``infer-*`` thread (OpenVINO's, ONNX Runtime's) counts as ``inference``.
+``/metrics`` sums it by kind (:class:`ThreadCpu`) and the bench divides it by
+requests (``bench/audit_onoff.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ __all__ = [
     "set_os_thread_name",
     "thread_cpu",
     "thread_kind",
+    "thread_ticks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,7 +70,8 @@ def set_os_thread_name(name: str) -> bool:
     if prctl is None:
         return False
     data = os_thread_name(name).encode("utf-8")
-    ok = prctl(_PR_SET_NAME, ctypes.c_char_p(data), 0, 0, 0) == 0
+    zero = ctypes.c_ulong(0)
+    ok = prctl(_PR_SET_NAME, ctypes.c_char_p(data), zero, zero, zero) == 0
     if not ok:
         logger.debug("could not name thread %r: errno %d", name, ctypes.get_errno())
     return ok
@@ -106,38 +110,52 @@ def thread_kind(tid: int, pid: int, comm: str) -> str:
     return "other"
 
 
-def thread_cpu(pid: int | None = None) -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) so far of each live thread of ``pid`` (default: this process):
-    tid -> (kind, seconds); ``{}`` where ``/proc`` cannot say (not Linux, no such process)."""
+def thread_ticks(pid: int | None = None) -> dict[int, tuple[str, int]]:
+    """CPU time (user + system, in clock ticks) so far of each live thread of ``pid`` (default:
+    this process): tid -> (kind, ticks); ``{}`` where ``/proc`` cannot say (not Linux, no such
+    process, no file descriptor left).  A thread whose file cannot be read or parsed is left out."""
     pid = os.getpid() if pid is None else pid
     tasks = Path(f"/proc/{pid}/task")
     try:
         tids = [int(t) for t in os.listdir(tasks)]
-    except (FileNotFoundError, PermissionError, NotADirectoryError, ProcessLookupError):
+    except (OSError, ValueError):
         return {}
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, tuple[str, float]] = {}
+    out: dict[int, tuple[str, int]] = {}
     for tid in tids:
         try:
-            stat = (tasks / str(tid) / "stat").read_text()
-            comm = (tasks / str(tid) / "comm").read_text().strip()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue  # the thread ended between the listing and the read
-        fields = stat[stat.rindex(")") + 2 :].split()
-        out[tid] = (thread_kind(tid, pid, comm), (int(fields[11]) + int(fields[12])) / tick)
+            # "tid (comm) state ppid ...": comm may hold spaces, parentheses, any bytes
+            stat = (tasks / str(tid) / "stat").read_bytes().decode("utf-8", "replace")
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[tid] = (thread_kind(tid, pid, comm), int(fields[11]) + int(fields[12]))
+        except (OSError, ValueError, IndexError):
+            continue  # ended between the listing and the read, or unreadable
     return out
 
 
-class ThreadCpu:
-    """This process's CPU seconds by thread kind, never decreasing: a thread that ended keeps
-    counting what it had at the last reading (what it spent after that is lost), so the sums
-    make a Prometheus counter.  Thread-safe."""
+def thread_cpu(pid: int | None = None) -> dict[int, tuple[str, float]]:
+    """:func:`thread_ticks` in seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return {tid: (kind, ticks / tick) for tid, (kind, ticks) in thread_ticks(pid).items()}
 
-    def __init__(self, read: Callable[[], dict[int, tuple[str, float]]] = thread_cpu) -> None:
+
+class ThreadCpu:
+    """This process's CPU seconds by thread kind, never decreasing, for a Prometheus counter.
+
+    Kept in whole clock ticks (sums of floats added in a different order could go down by
+    1e-16, which Prometheus reads as a restart).  A thread that ended keeps counting what it had
+    at the last reading (what it spent after that is lost); a thread renamed since (a new thread
+    carries its creator's name until it names itself) keeps what it spent under the old name
+    there and counts only what came after under the new one.  Thread-safe.
+    """
+
+    def __init__(self, read: Callable[[], dict[int, tuple[str, int]]] = thread_ticks, tick: int | None = None) -> None:
         self._read = read
+        self._tick = tick or os.sysconf("SC_CLK_TCK")
         self._lock = threading.Lock()
-        self._seen: dict[int, tuple[str, float]] = {}
-        self._retired = dict.fromkeys(THREAD_KINDS, 0.0)
+        #: tid -> (kind, ticks at the last reading, ticks counted under earlier kinds)
+        self._seen: dict[int, tuple[str, int, int]] = {}
+        self._retired = dict.fromkeys(THREAD_KINDS, 0)
 
     def totals(self) -> dict[str, float]:
         """Seconds per kind (every kind of :data:`THREAD_KINDS`), or ``{}`` where nothing can be read."""
@@ -145,12 +163,25 @@ class ThreadCpu:
             now = self._read()
             if not now:
                 return {}
-            for tid, (kind, seconds) in self._seen.items():
-                later = now.get(tid)
-                if later is None or later[0] != kind or later[1] < seconds:  # ended (its id maybe reused)
-                    self._retired[kind] += seconds
-            self._seen = dict(now)
+            seen: dict[int, tuple[str, int, int]] = {}
+            for tid, (kind, ticks) in now.items():
+                before = self._seen.get(tid)
+                offset = 0
+                if before is not None:
+                    old_kind, old_ticks, old_offset = before
+                    if ticks < old_ticks:  # the id was reused by a new thread: the old one ended
+                        self._retired[old_kind] += old_ticks - old_offset
+                    elif kind != old_kind:  # renamed: what it spent so far stays with the old kind
+                        self._retired[old_kind] += old_ticks - old_offset
+                        offset = old_ticks
+                    else:
+                        offset = old_offset
+                seen[tid] = (kind, ticks, offset)
+            for tid, (kind, ticks, offset) in self._seen.items():
+                if tid not in now:  # ended
+                    self._retired[kind] += ticks - offset
+            self._seen = seen
             out = dict(self._retired)
-            for kind, seconds in now.values():
-                out[kind] = out.get(kind, 0.0) + seconds
-            return out
+            for kind, ticks, offset in seen.values():
+                out[kind] = out.get(kind, 0) + ticks - offset
+            return {kind: ticks / self._tick for kind, ticks in out.items()}

@@ -233,7 +233,10 @@ def test_a_repeated_lone_query_gets_a_static_shape_copy_on_openvino(served: Serv
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread CPU is read from /proc")
 def test_metrics_split_the_servers_cpu_by_thread(served: Served) -> None:
     """The server names its threads in the kernel; /metrics sums their CPU by kind, and the
-    requests of the tests before ran on the event loop and the model's inference threads."""
+    requests ran on the event loop and the model's inference threads."""
+    texts = [f"where does the CPU of request {i} go, thread by thread" for i in range(32)]
+    for _ in range(10):  # enough model time for a clock tick (10 ms) even when run alone
+        _vectors(_embed(served, texts))
     text = httpx.get(f"{served.url}/metrics", headers=served.headers(), timeout=30).text
     found = re.findall(r'^inferbox_thread_cpu_seconds_total\{thread="(\w+)"\} (\S+)$', text, re.MULTILINE)
     seconds = {kind: float(value) for kind, value in found}

@@ -73,11 +73,17 @@ def test_metrics_show_the_thread_cpu_split_only_where_it_can_be_read() -> None:
     from api.metrics import Metrics
     from runtime.threads import ThreadCpu
 
-    readings = [{1: ("loop", 1.25), 2: ("inference", 4.0)}, {}]
-    metrics = Metrics(thread_cpu=ThreadCpu(lambda: readings.pop(0)))
+    readings = [{1: ("loop", 125), 2: ("inference", 400)}, {}]
+    metrics = Metrics(thread_cpu=ThreadCpu(lambda: readings.pop(0), tick=100))
     text = metrics.render({}, [])
     assert "# TYPE inferbox_thread_cpu_seconds_total counter" in text
     assert 'inferbox_thread_cpu_seconds_total{thread="loop"} 1.25' in text
     assert 'inferbox_thread_cpu_seconds_total{thread="inference"} 4' in text
     assert 'inferbox_thread_cpu_seconds_total{thread="audit"} 0' in text
     assert "inferbox_thread_cpu_seconds_total" not in metrics.render({}, [])  # not Linux: no series
+
+    def broken() -> dict[int, tuple[str, int]]:
+        raise OSError("too many open files")
+
+    text = Metrics(thread_cpu=ThreadCpu(broken)).render({}, [])  # the scrape still answers
+    assert "inferbox_thread_cpu_seconds_total" not in text and "inferbox_in_flight_requests 0" in text

@@ -110,12 +110,12 @@ def test_thread_cpu_reads_this_process_by_kernel_name() -> None:
 
 def test_thread_cpu_totals_never_decrease() -> None:
     readings = [
-        {1: ("loop", 1.0), 2: ("inference", 5.0), 3: ("other", 0.5)},
-        {1: ("loop", 1.5), 2: ("inference", 6.0)},  # thread 3 ended: its 0.5 s still count
-        {1: ("loop", 2.0), 2: ("inference", 7.0), 3: ("audit", 0.1)},  # id 3 reused by another thread
+        {1: ("loop", 100), 2: ("inference", 500), 3: ("other", 50)},
+        {1: ("loop", 150), 2: ("inference", 600)},  # thread 3 ended: its 0.5 s still count
+        {1: ("loop", 200), 2: ("inference", 700), 3: ("audit", 10)},  # id 3 reused by a new thread
         {},  # nothing readable (not Linux): no series
     ]
-    cpu = ThreadCpu(lambda: readings.pop(0))
+    cpu = ThreadCpu(lambda: readings.pop(0), tick=100)
     assert cpu.totals() == {"loop": 1.0, "inference": 5.0, "audit": 0.0, "other": 0.5}
     assert cpu.totals() == {"loop": 1.5, "inference": 6.0, "audit": 0.0, "other": 0.5}
     assert cpu.totals() == {"loop": 2.0, "inference": 7.0, "audit": 0.1, "other": 0.5}
@@ -123,7 +123,45 @@ def test_thread_cpu_totals_never_decrease() -> None:
 
 
 def test_a_reused_thread_id_of_the_same_kind_keeps_both_threads_time() -> None:
-    readings = [{5: ("other", 3.0)}, {5: ("other", 0.2)}]  # the first thread ended; a new one got id 5
-    cpu = ThreadCpu(lambda: readings.pop(0))
+    readings = [{5: ("other", 300)}, {5: ("other", 20)}]  # the first thread ended; a new one got id 5
+    cpu = ThreadCpu(lambda: readings.pop(0), tick=100)
     assert cpu.totals()["other"] == 3.0
-    assert cpu.totals()["other"] == pytest.approx(3.2)
+    assert cpu.totals()["other"] == 3.2
+
+
+def test_a_renamed_thread_is_counted_once() -> None:
+    # a new thread carries its creator's name until it names itself
+    readings = [{2: ("other", 40)}, {2: ("inference", 50)}, {2: ("inference", 90)}]
+    cpu = ThreadCpu(lambda: readings.pop(0), tick=100)
+    assert cpu.totals() == {"loop": 0.0, "inference": 0.0, "audit": 0.0, "other": 0.4}
+    assert cpu.totals() == {"loop": 0.0, "inference": 0.1, "audit": 0.0, "other": 0.4}
+    assert cpu.totals() == {"loop": 0.0, "inference": 0.5, "audit": 0.0, "other": 0.4}
+
+
+@linux
+def test_thread_cpu_reads_odd_kernel_names() -> None:
+    """A name with spaces, parentheses or bytes that are not UTF-8 (the kernel cuts names at 15
+    bytes, inside a character) is still read, not an error."""
+    from runtime.threads import _prctl
+
+    prctl = _prctl()
+    assert prctl is not None
+    done = threading.Event()
+    named = threading.Event()
+
+    def odd() -> None:
+        import ctypes
+
+        zero = ctypes.c_ulong(0)
+        prctl(15, ctypes.c_char_p(b"a (b) \xe9\xff"), zero, zero, zero)
+        named.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=odd, daemon=True)
+    thread.start()
+    try:
+        assert named.wait(10)
+        kind, seconds = thread_cpu()[thread.native_id or 0]
+        assert kind == "other" and seconds >= 0
+    finally:
+        done.set()
