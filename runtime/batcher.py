@@ -25,7 +25,10 @@ borrows its own session from the pool.
 
 Only a batch started from idle waits up to ``max_delay_s`` to fill; back from a
 batch, the thread runs what is waiting at once (it used to wait out the delay
-whenever the oldest item's bucket was not full).
+whenever the oldest item's bucket was not full).  And it waits only while most
+items have come within ``max_delay_s`` of the one before (a smoothed share of
+arrivals): a lone client's request, whose next one comes only after its
+answer, runs at once instead of waiting for batch-mates that cannot come.
 
 A full queue raises :class:`~runtime.errors.OverloadError` (``retry_after`` from
 the measured service rate); an item not finished within ``timeout_s`` raises
@@ -66,6 +69,11 @@ ROW_TOKENS = 0.4
 ATTENTION = 1.0 / 640.0
 #: the cost planner looks at this many of the oldest waiting items of a group (times max_batch_size)
 PLAN_WINDOW = 2
+#: weight of the newest arrival in the smoothed share of items that came within max_delay_s of
+#: the one before; a batch started from idle waits for batch-mates while that share is at least
+#: COMPANY_SHARE
+ARRIVAL_SMOOTHING = 0.25
+COMPANY_SHARE = 0.5
 
 
 def padded_cost(rows: int, longest: int) -> float:
@@ -188,6 +196,10 @@ class DynamicBatcher(Generic[Item, Result]):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: seconds per batch, smoothed; used for Retry-After
         self._batch_seconds = 0.05
+        #: the share of items that came within max_delay_s of the one before, smoothed (None
+        #: before the second item); guarded by _cond
+        self._close_arrivals: float | None = None
+        self._last_arrival: float | None = None
 
     # -- life cycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -246,6 +258,7 @@ class DynamicBatcher(Generic[Item, Result]):
         with self._cond:
             full = len(self._pending) >= self.queue_limit
             if not full:
+                self._arrived(now)
                 self._pending.append(entry)
                 self.stats.queue_depth = len(self._pending)
                 self._cond.notify()
@@ -264,6 +277,18 @@ class DynamicBatcher(Generic[Item, Result]):
                 f"the request waited longer than its timeout ({timeout:g} s) for model {self.name!r}; "
                 "retry later or raise request_timeout_s"
             ) from None
+
+    def _arrived(self, now: float) -> None:
+        """Fold whether this item came within ``max_delay_s`` of the last into the share (under the lock)."""
+        if self._last_arrival is not None:
+            close = 1.0 if now - self._last_arrival <= self.max_delay_s else 0.0
+            last = self._close_arrivals
+            self._close_arrivals = close if last is None else last + ARRIVAL_SMOOTHING * (close - last)
+        self._last_arrival = now
+
+    def _company_expected(self) -> bool:
+        """Whether another item is likely within ``max_delay_s`` (under the lock): worth waiting for."""
+        return self._close_arrivals is None or self._close_arrivals >= COMPANY_SHARE
 
     def _drop(self, entry: _Entry[Item, Result]) -> None:
         self.stats.timed_out += 1
@@ -290,10 +315,11 @@ class DynamicBatcher(Generic[Item, Result]):
         """The next batch if one is due now, else None (under the lock).
 
         Only a ``patient`` take (the thread was idle before it) waits up to ``max_delay_s`` for a
-        batch to fill; back from a batch, the thread runs what is waiting at once.
+        batch to fill, and only while items arrive closer together than that; back from a batch,
+        the thread runs what is waiting at once.
         """
         oldest = self._pending[0]
-        if not patient:
+        if not patient or not self._company_expected():
             now = max(now, oldest.enqueued + self.max_delay_s)
         if oldest.length is not None:
             return self._take_by_cost(now, oldest)

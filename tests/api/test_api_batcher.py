@@ -57,6 +57,47 @@ def test_full_batch_forms_without_waiting_for_the_delay() -> None:
     run(main())
 
 
+def test_a_lone_clients_request_does_not_wait_for_batch_mates() -> None:
+    """Items that come further apart than the delay (one client waiting for each answer) run at
+    once; waiting the delay out (a minute here) would time the test out."""
+
+    async def main() -> None:
+        now = [0.0]
+        gate = Gate(block_first=False)
+        b = make(gate, max_batch_size=2, max_delay_s=60.0, timeout_s=1000.0, clock=lambda: now[0])
+        b.start()
+        first = asyncio.ensure_future(b.submit(1))  # no history yet: may wait for company
+        await asyncio.sleep(0.05)
+        now[0] = 100.0
+        assert await b.submit(2) == ("done", 2)  # past the delay either way: 1 and 2 run
+        assert await first == ("done", 1)
+        for i, t in ((3, 200.0), (4, 300.0)):  # 100 s apart, over the 60 s delay
+            await asyncio.sleep(0.05)  # the thread is idle again: its take may wait
+            now[0] = t
+            assert await b.submit(i) == ("done", i)  # at once, not after a minute
+        assert gate.batches[-2:] == [[3], [4]]
+        await b.stop()
+
+    run(main())
+
+
+def test_items_that_come_close_together_still_wait_for_batch_mates() -> None:
+    async def main() -> None:
+        gate = Gate(block_first=False)
+        b = make(gate, max_batch_size=2, max_delay_s=60.0, clock=lambda: 0.0)  # every gap 0
+        b.start()
+        await asyncio.gather(b.submit(1), b.submit(2))
+        await asyncio.sleep(0.05)  # the thread is idle again: its next take may wait
+        third = asyncio.ensure_future(b.submit(3))
+        await asyncio.sleep(0.1)  # the idle thread waits for a batch-mate instead of running [3]
+        assert await b.submit(4) == ("done", 4)
+        await third
+        assert gate.batches == [[1, 2], [3, 4]]
+        await b.stop()
+
+    run(main())
+
+
 def test_queued_requests_are_batched_together_and_results_routed() -> None:
     async def main() -> None:
         gate = Gate()
