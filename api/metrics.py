@@ -192,7 +192,8 @@ class Metrics:
         if cpu:
             out += [
                 "# HELP inferbox_thread_cpu_seconds_total CPU time of this process by thread: loop (the event "
-                "loop), inference (the models' threads), audit (the audit writer), other.",
+                "loop), inference (the infer-* threads that run batches), audit (the audit writer), other (the "
+                "rest, e.g. OpenVINO's own threads that run a lone request).",
                 "# TYPE inferbox_thread_cpu_seconds_total counter",
             ]
             out += [f"inferbox_thread_cpu_seconds_total{_labels([('thread', k)])} {_num(v)}" for k, v in cpu.items()]

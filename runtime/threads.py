@@ -9,10 +9,12 @@ threads, ``audit-writer``, ``static-shape``, ``open-streams``.
 :func:`thread_cpu` reads each thread's CPU seconds and kind from
 ``/proc/<pid>/task`` (``loop``: the process's main thread, which runs the event
 loop in ``inferbox serve``; ``inference``: ``infer-*``; ``audit``:
-``audit-writer``; ``other``: uvicorn's helpers, a static-shape compile).  A
-thread starts with its creator's name: a library's pool started from an
-``infer-*`` thread (OpenVINO's, ONNX Runtime's) counts as ``inference``.
-``/metrics`` sums it by kind (:class:`ThreadCpu`) and the bench divides it by
+``audit-writer``; ``other``: everything else).  A thread starts with its
+creator's name, so a runtime's own worker pool counts where it was created:
+OpenVINO's threads for the all-core session (which runs a lone request) are
+created while the model opens, from the main thread or ``open-streams``, and
+count as ``other``; a single-thread stream session runs on its ``infer-*``
+thread.  ``/metrics`` sums it by kind (:class:`ThreadCpu`) and the bench divides it by
 requests (``bench/audit_onoff.py``).
 """
 
