@@ -319,7 +319,7 @@ def render_readme(report: dict[str, Any]) -> str:
     if isinstance(split, dict) and split:
         lines += [
             "CPU per request by thread, in microseconds (mean of each side's windows; `loop`: the event loop, "
-            "`inference`: the model's threads, `audit`: the audit writer):",
+            "`inference`: the infer-* threads that run batches, `audit`: the audit writer):",
             "",
             markdown_table(
                 ("audit", "loop", "inference", "audit_writer", "other", "total"),

@@ -9,6 +9,7 @@ session — which proves what really runs — and wraps it as a
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,9 +85,10 @@ def load_model(
     package = Repository(repository, public_key=opts.public_key).open(name, version)
     profile = probe_hardware()
     found = list(probes) if probes is not None else probe_all(profile)
-    open_session = session_opener(
-        package, threads=opts.threads, allow_fallback=opts.allow_fallback, cache_dir=opts.cache_dir
+    opener = functools.partial(
+        session_opener, package, threads=opts.threads, allow_fallback=opts.allow_fallback, cache_dir=opts.cache_dir
     )
+    open_session = opener()
     decision: Decision = decide(
         package,
         found,
@@ -101,15 +103,8 @@ def load_model(
     where = f"{package.manifest.name}/{package.manifest.version}"
     choice = require_choice(decision, where)
     streams, stream_open = _streams(package, choice.backend, found, opts, open_session)
-    open_wide = open_session
-    if opts.static_shapes:
-        open_wide = session_opener(
-            package,
-            threads=opts.threads,
-            allow_fallback=opts.allow_fallback,
-            cache_dir=opts.cache_dir,
-            static_shapes=opts.static_shapes,
-        )
+    # only the all-core session (the one a lone caller gets) keeps static-shape copies
+    open_wide = opener(static_shapes=opts.static_shapes) if opts.static_shapes else open_session
     session = open_pool(lambda: stream_open(choice), streams, lambda: open_wide(choice))
     manifest = package.manifest
     text = None

@@ -104,12 +104,16 @@ class StaticShapes(Generic[Compiled]):
     def full(self) -> bool:
         """No more copies will be compiled (capacity reached by copies and failed shapes, or closed)."""
         with self._lock:
-            return self._closed or len(self._ready) + len(self._failed) >= self.capacity
+            return self._done()
+
+    def _done(self) -> bool:
+        """(Under the lock.) Closed, or the capacity taken by copies and failed shapes."""
+        return self._closed or len(self._ready) + len(self._failed) >= self.capacity
 
     def observe(self, key: ShapeKey, seconds: float) -> None:
         """A call of ``key`` ran on the dynamic model in ``seconds``; may start compiling it."""
         with self._lock:
-            if self._closed or len(self._ready) + len(self._failed) >= self.capacity:
+            if self._done():
                 return
             if key in self._failed or key in self._ready:
                 return
@@ -151,7 +155,7 @@ class StaticShapes(Generic[Compiled]):
     def _release(self) -> None:
         """(Under the lock.) Drop the compiler once nothing more will be compiled: it holds the
         source model."""
-        if self._closed or len(self._ready) + len(self._failed) >= self.capacity:
+        if self._done():
             self._compile = None
             self._seen.clear()
 
