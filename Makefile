@@ -24,7 +24,7 @@ lint: setup
 	$(BIN)/ruff format --check runtime export api appliance tests bench
 
 typecheck: setup
-	$(BIN)/mypy runtime export api appliance
+	$(BIN)/mypy runtime export api appliance bench
 
 pytest: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)

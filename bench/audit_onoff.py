@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Config, format_table, part_main, ratio, skipped, workspace, write_json
+from bench.common import Config, format_table, is_skipped, part_main, ratio, skipped, workspace, write_json
 from bench.cpu import KINDS, mean_per_request, per_request, thread_cpu
 
-__all__ = ["cpu_split", "on_vs_off", "run", "window_order"]
+__all__ = ["check_window", "cpu_split", "on_vs_off", "run", "window_order"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,14 @@ def window_order(rounds: int, servers: int = len(SERVERS)) -> list[int]:
     """Server indices window by window: 0 1 2 3, 3 2 1 0, 0 1 2 3, ..."""
     forward = list(range(servers))
     return [i for r in range(rounds) for i in (forward if r % 2 == 0 else forward[::-1])]
+
+
+def check_window(row: dict[str, Any]) -> None:
+    """Raise if any request of a window failed: such a window is not the server's throughput (a
+    503 from a broken audit log answers fast), so it leaves the ratio, recorded with its reason."""
+    if is_skipped(row) or row.get("errors") or not row.get("ok"):
+        why = row.get("skipped") or row.get("errors") or "no request answered"
+        raise RuntimeError(f"requests failed in the window: {why}")
 
 
 def on_vs_off(rows: Sequence[dict[str, Any]]) -> float | None:
@@ -104,6 +112,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
             duration_s=window_s,
             warmup_s=None if warmup else 0.0,
         )
+        check_window(row)
         cpu = per_request(before, thread_cpu(srv.pid), int(row.get("ok") or 0))
         return {**row, "audit": audit, **({"cpu_us_per_request": cpu} if cpu else {})}
 

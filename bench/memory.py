@@ -28,6 +28,10 @@ __all__ = ["child", "rss_mb", "run"]
 logger = logging.getLogger(__name__)
 
 
+#: seconds one child (imports, open, three batches) may take
+CHILD_TIMEOUT_S = 600.0
+
+
 def rss_mb() -> float:
     """Current RSS of this process in MiB."""
     import psutil
@@ -127,6 +131,31 @@ def _child_args(cfg: Config) -> list[str]:
     return args
 
 
+def _child_row(target: str, cfg: Config, root: str) -> dict[str, Any]:
+    """One child's measurement, or a skipped row saying why (one bad child costs one row)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.memory", "--child", target, *_child_args(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+            check=False,
+            cwd=root,
+        )
+    except subprocess.TimeoutExpired:
+        return {"target": target, **skipped(f"child ran past {CHILD_TIMEOUT_S:.0f} s")}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return {"target": target, **skipped(f"child exited {proc.returncode}: {proc.stderr.strip()[-400:]}")}
+    try:
+        row = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return {"target": target, **skipped(f"child printed no JSON: {lines[-1][-200:]!r}")}
+    if not isinstance(row, dict) or "peak_rss_mb" not in row:
+        return {"target": target, **skipped(f"child printed no peak_rss_mb: {lines[-1][-200:]!r}")}
+    return row
+
+
 def run(cfg: Config, *, pytorch: bool = True) -> dict[str, Any]:
     """One child per candidate (+ PyTorch); writes ``memory.json``."""
     result: dict[str, Any] = {"part": "memory", "quick": cfg.quick}
@@ -140,20 +169,12 @@ def run(cfg: Config, *, pytorch: bool = True) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     root = str(Path(__file__).resolve().parent.parent)
     for t in targets:
-        proc = subprocess.run(
-            [sys.executable, "-m", "bench.memory", "--child", t, *_child_args(cfg)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-            cwd=root,
-        )
-        lines = proc.stdout.strip().splitlines()
-        if proc.returncode != 0 or not lines:
-            rows.append({"target": t, **skipped(f"child exited {proc.returncode}: {proc.stderr.strip()[-400:]}")})
-            continue
-        rows.append(json.loads(lines[-1]))
-        print(f"  {t}: peak {rows[-1]['peak_rss_mb']:.0f} MiB", flush=True)
+        row = _child_row(t, cfg, root)
+        rows.append(row)
+        if "skipped" in row:
+            print(f"  {t}: skipped: {row['skipped']}", flush=True)
+        else:
+            print(f"  {t}: peak {row['peak_rss_mb']:.0f} MiB", flush=True)
     result["rows"] = rows
     good = [r for r in rows if "skipped" not in r]
     result["table"] = format_table(("target", "rss_after_imports_mb", "rss_after_open_mb", "peak_rss_mb"), good)

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench.common import Config, is_skipped, markdown_table, skipped, write_json
 
-__all__ = ["PARTS", "SUITE_GOAL_S", "main", "render_readme", "run", "suite_target", "targets"]
+__all__ = ["PARTS", "SUITE_GOAL_S", "main", "nested_skips", "render_readme", "run", "suite_target", "targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [r for r in _get(parts, "inprocess", "rows") or [] if not is_skipped(r) and r.get("kind") == "candidate"]
     best_tp = max(rows, key=lambda r: r.get("x_best_pt") or 0, default=None)
     best_lat = min(rows, key=lambda r: r.get("b1_vs_fp32") or float("inf"), default=None)
-    best_pt = _get(parts, "inprocess", "best_pytorch") or "PyTorch bf16 autocast"
+    best_pt = _get(parts, "inprocess", "best_pytorch") or "none ran"
     name = f"b32x128 throughput vs the best PyTorch ({best_pt}; best gate-passing candidate)"
     h2h = _get(parts, "inprocess", "head_to_head")
     if isinstance(h2h, dict) and "ratio" in h2h:  # alternating in one process: the drift cancels
@@ -143,7 +143,10 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"http /v1/embeddings, {rounds} server and {rounds} in-process windows in turn"
         add("HTTP c=32 vs in-process", alternating["ratio"], 0.85, True, where + _http_context(c32))
     else:
-        where = "http /v1/embeddings (one run)" + _http_context(c32)
+        where = "http /v1/embeddings (one run"
+        if isinstance(alternating, dict) and is_skipped(alternating):
+            where += f"; windows in turn skipped: {alternating['skipped']}"
+        where += ")" + _http_context(c32)
         add("HTTP c=32 vs in-process", c32 and c32.get("vs_inprocess"), 0.85, True, where)
     add("audit on vs off", _get(parts, "audit_onoff", "on_vs_off"), 0.95, True, "audit_onoff")
     add("batch (net) vs in-process", _get(parts, "batch", "net_vs_inprocess"), 0.90, True, "batch")
@@ -188,6 +191,28 @@ def suite_target(report: dict[str, Any], parts: Sequence[str]) -> list[dict[str,
     ]
 
 
+def nested_skips(part: Any, path: str) -> list[tuple[str, str]]:
+    """(path, reason) of every ``skipped`` record inside ``part`` below its top level, except its
+    table rows (the part's own skip and its rows' are shown with its table)."""
+    found: list[tuple[str, str]] = []
+
+    def walk(value: Any, where: str, top: bool) -> None:
+        if isinstance(value, dict):
+            if not top and is_skipped(value):
+                found.append((where, str(value["skipped"])))
+                return
+            for key, item in value.items():
+                if not (top and key == "rows"):
+                    walk(item, f"{where}.{key}", False)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]", False)
+
+    if isinstance(part, dict) and not is_skipped(part):
+        walk(part, path, True)
+    return found
+
+
 def _section(title: str, part: Any, columns: Sequence[str], rows_key: str = "rows") -> list[str]:
     lines = [f"## {title}", ""]
     if not isinstance(part, dict):
@@ -201,15 +226,19 @@ def _section(title: str, part: Any, columns: Sequence[str], rows_key: str = "row
     for r in rows:
         if is_skipped(r):
             label = r.get("runner") or r.get("target") or r.get("audit") or "?"
+            if "endpoint" in r:
+                label = f"{r['endpoint']} c={r.get('concurrency', '?')}"
+            elif "window" in r:
+                label = f"window {r['window']} (server {r.get('server')}, audit {'on' if r.get('audit') else 'off'})"
             lines.append(f"- skipped {label}: {r['skipped']}")
     return [*lines, ""]
 
 
 def _spread(ref: dict[str, Any], *keys: str) -> str:
-    """``; before X, after Y``: a figure of the in-process runs before and after the server runs
-    (how far the box drifted meanwhile), or nothing when either is missing."""
+    """``; X before the server runs, Y after``: a figure of the in-process runs before and after
+    the server's (how far the box drifted meanwhile), or nothing when either is missing."""
     runs = [_get(ref, side, *keys) for side in ("before", "after")]
-    return f"; before {runs[0]:.1f}, after {runs[1]:.1f}" if None not in runs else ""
+    return f"; {runs[0]:.1f} before the server runs, {runs[1]:.1f} after" if None not in runs else ""
 
 
 def render_readme(report: dict[str, Any]) -> str:
@@ -277,11 +306,15 @@ def render_readme(report: dict[str, Any]) -> str:
     )
     ref = _get(parts, "http", "inprocess")
     if isinstance(ref, dict) and "items_per_s" in ref:
-        drift = _spread(ref, "items_per_s")
-        drift += " the server runs" if drift else ""
+        way = {
+            "streams": "on the stream sessions side by side",
+            "one_session": "on one session",
+            "mixed": "on the faster of one session and the stream sessions (which differed between the runs)",
+        }.get(str(ref.get("way")), "")
+        cpu = f"{ref['cpu_ms_per_item']:.2f} CPU ms per item" if "cpu_ms_per_item" in ref else "CPU not measured"
         lines += [
-            f"In-process reference (`vs_inprocess`): {ref['candidate']} at {ref['items_per_s']:.1f} items/s "
-            f"in length-sorted batches of 32 ({ref.get('cpu_ms_per_item', 0):.2f} CPU ms per item{drift}).",
+            f"In-process reference (`vs_inprocess`): {ref.get('candidate', '?')} at {ref['items_per_s']:.1f} items/s "
+            f"in length-sorted batches of 32 {way} ({cpu}{_spread(ref, 'items_per_s')}).".replace("  ", " "),
             "",
         ]
         batcher = ref.get("batcher") or {}
@@ -305,7 +338,7 @@ def render_readme(report: dict[str, Any]) -> str:
         lines += [
             f"Server and in-process in turn (the target; c=32 on /v1/embeddings, {alternating.get('window_s')} s "
             f"windows, order {' '.join(alternating.get('order') or [])}): server {server} items/s; in-process "
-            f"{inproc} items/s; ratio of the means {alternating['ratio']}.",
+            f"{inproc} items/s; ratio of the means {alternating['ratio']:.3f}.",
             "",
         ]
     elif isinstance(alternating, dict) and "skipped" in alternating:
@@ -363,6 +396,9 @@ def render_readme(report: dict[str, Any]) -> str:
         parts.get("memory"),
         ("target", "rss_after_imports_mb", "rss_after_open_mb", "peak_rss_mb"),
     )
+    missing = [f"- {path}: {reason}" for name in PARTS for path, reason in nested_skips(parts.get(name), name)]
+    if missing:
+        lines += ["## Not measured in this run", "", *missing, ""]
     charts = sorted(p.name for p in Path(report["out"]).glob("*.png"))
     if charts:
         lines += ["## Charts", ""] + [f"![{n}]({n})" for n in charts] + [""]

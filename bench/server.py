@@ -2,11 +2,11 @@
 
 It runs ``inferbox serve --host 127.0.0.1 --port P --home H`` with a private
 home (so the bench never touches the operator's keys or audit log) and the
-real repository.  The API key comes from ``inferbox keys create --json`` run
-against that home beforehand, else from the admin key ``serve`` prints on its
-first start; when neither exists the server runs with auth off and the result
-says so.  It is always the real ``serve``: a stand-in composed here could hide a
-broken serve behind good numbers.
+real repository.  With auth on (the default), the API key comes from
+``inferbox keys create --json`` run against that home beforehand; when that
+fails, :class:`ServerError` says why (a server every request of which got a 401
+would measure nothing).  It is always the real ``serve``: a stand-in composed
+here could hide a broken serve behind good numbers.
 
 Readiness is ``GET /v2/health/ready`` answering 200; the time from ``Popen``
 to that answer is the cold start.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -39,8 +38,6 @@ __all__ = [
     "server_env",
     "wait_ready",
 ]
-
-_KEY = re.compile(r"\b(ibx_[A-Za-z0-9_\-]{8,})")
 
 
 class ServerError(RuntimeError):
@@ -94,7 +91,7 @@ def server_env(
     return env
 
 
-def _create_key(env: Mapping[str, str]) -> str | None:
+def _create_key(env: Mapping[str, str]) -> str:
     proc = subprocess.run(
         [*inferbox_command(), "keys", "create", "--scope", "infer", "--name", "bench", "--json"],
         env=dict(env),
@@ -104,12 +101,14 @@ def _create_key(env: Mapping[str, str]) -> str | None:
         check=False,
     )
     if proc.returncode != 0:
-        return None
+        raise ServerError(f"inferbox keys create failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
     try:
         key = json.loads(proc.stdout).get("key")
     except (json.JSONDecodeError, AttributeError):
-        return None
-    return key if isinstance(key, str) else None
+        key = None
+    if not isinstance(key, str) or not key:
+        raise ServerError(f"inferbox keys create --json printed no key: {proc.stdout.strip()[-200:]!r}")
+    return key
 
 
 def ensure_signing_key(home: Path) -> None:
@@ -212,9 +211,6 @@ def running_server(
     ensure_signing_key(home)
     key = _create_key(env) if auth else None
     proc, reader, handle = _start(home, env, timeout_s)
-    if auth and key is None:
-        found = [m.group(1) for line in handle.output for m in [_KEY.search(line)] if m]
-        key = found[0] if found else None
     handle.api_key = key
     try:
         yield handle

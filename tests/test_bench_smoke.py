@@ -555,7 +555,15 @@ def test_http_reference_is_the_mean_of_before_and_after() -> None:
     assert alone["items_per_s"] == 450.0 and alone["batcher"]["32"]["items_per_s"] == 300.0
     assert ref["candidate"] == "ov" and ref["before"] is before and ref["after"] is after
     failed = common.skipped("no package")
-    assert bench_http.around(failed, after) is after and bench_http.around(before, failed) is before
+    # one failed run: the other's figures, and the failed one's reason under its side
+    one = bench_http.around(failed, after)
+    assert one["items_per_s"] == 500.0 and one["before"] == failed and one["after"] is after
+    assert bench_http.around(before, failed)["after"] == failed
+    ways = bench_http.around({**before, "way": "streams"}, {**after, "way": "one_session"})
+    assert ways["way"] == "mixed" and bench_http.around({**before, "way": "streams"}, before)["way"] == "mixed"
+    assert bench_http.around({**before, "way": "streams"}, {**after, "way": "streams"})["way"] == "streams"
+    both = bench_http.around(failed, common.skipped("server gone"))
+    assert both == common.skipped("before the server runs: no package; after: server gone")
 
 
 def test_targets_are_judged() -> None:
@@ -614,7 +622,11 @@ def test_the_http_target_is_judged_on_the_alternating_windows() -> None:
     assert row["value"] == 0.92 and row["met"] is True and "3 server and 3 in-process windows" in row["from"]
     parts["http"]["alternating"] = common.skipped("no model")  # type: ignore[index]
     (row,) = [x for x in run_all.targets(parts) if x["target"] == "HTTP c=32 vs in-process"]
-    assert row["value"] == 0.8 and row["met"] is False and row["from"] == "http /v1/embeddings (one run); client ?"
+    assert (
+        row["value"] == 0.8
+        and row["met"] is False
+        and row["from"] == "http /v1/embeddings (one run; windows in turn skipped: no model); client ?"
+    )
     parts["http"]["rows"][0].update(client="wrk", vs_batcher=0.834)  # type: ignore[index]
     (row,) = [x for x in run_all.targets(parts) if x["target"] == "HTTP c=32 vs in-process"]
     assert row["from"].endswith("client wrk; vs the server's batching in process (same callers, no HTTP): 0.83")
@@ -683,8 +695,8 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
     report["targets"] = []
     page = run_all.render_readme(report)
     assert "ABBA x 10" in page and "a 171.0/s vs pytorch bf16 autocast 90.0/s = 1.90x" in page
-    assert "at 480.0 items/s" in page and "before 500.0, after 460.0 the server runs" in page
-    assert "c=32 340.0 items/s (5.00 CPU ms; before 380.0, after 300.0)" in page
+    assert "at 480.0 items/s" in page and "500.0 before the server runs, 460.0 after" in page
+    assert "c=32 340.0 items/s (5.00 CPU ms; 380.0 before the server runs, 300.0 after)" in page
     assert "order server inprocess inprocess server): server 90.0, 95.0 items/s; in-process 100.0, 100.0" in page
     assert "ratio of the means 0.925" in page
 
@@ -793,10 +805,37 @@ def test_measure_endpoints_adds_a_batching_client_counted_in_items(
     assert multi and {tuple(b["input"]) for b in multi} <= {tuple(f"text {i}" for i in range(j, j + 4)) for j in (0, 4)}
 
 
+def test_a_level_where_every_request_failed_is_skipped_with_the_error_not_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that answers 401 (the bench's key missing) gives no throughput: the row says why."""
+    from bench import wrk
+
+    monkeypatch.setattr(wrk, "available", lambda: False)
+    with _recording_server(status=401) as (url, seen):
+        rows = bench_http.measure_endpoints(
+            url,
+            {},
+            "m",
+            ["a", "b"],
+            Config(out=tmp_path, quick=True),
+            endpoints=("/v1/embeddings",),
+            levels=(1,),
+            multi=None,
+        )
+    assert seen  # requests were sent
+    (row,) = rows
+    assert row["endpoint"] == "/v1/embeddings" and row["concurrency"] == 1
+    assert "401" in row["skipped"] and "rps" not in row and "vs_inprocess" not in row
+    report = {"started_at": "s", "finished_at": "f", "seconds": 1.0, "quick": True, "out": str(tmp_path)}
+    page = run_all.render_readme({**report, "parts": {"http": {"rows": rows}}, "targets": []})
+    assert "- skipped /v1/embeddings c=1: no successful request" in page
+
+
 @contextlib.contextmanager
-def _recording_server() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
-    """A tiny local HTTP server answering every POST with ``{}``; yields its URL and what it got
-    (path, Authorization header, body)."""
+def _recording_server(status: int = 200) -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
+    """A tiny local HTTP server answering every POST with ``status`` and ``{}``; yields its URL
+    and what it got (path, Authorization header, body)."""
     import http.server
     import threading
 
@@ -808,7 +847,7 @@ def _recording_server() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             seen.append((self.path, self.headers.get("Authorization", ""), body))
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Length", "2")
             self.end_headers()
             self.wfile.write(b"{}")
