@@ -138,11 +138,13 @@ class StaticShapes(Generic[Compiled]):
             compiled = compile_copy(key)
         except Exception as exc:
             # a failed shape takes a place of the capacity: at most ``capacity`` compiles in all
-            logger.warning("%s: no static-shape copy for %s (%s); that shape stays dynamic", self.name, key, exc)
             with self._lock:
+                closed = self._closed  # closed before this thread began: nothing failed
                 self._failed.add(key)
                 self._thread = None
                 self._release()
+            if not closed:
+                logger.warning("%s: no static-shape copy for %s (%s); that shape stays dynamic", self.name, key, exc)
             return
         with self._lock:
             if not self._closed:

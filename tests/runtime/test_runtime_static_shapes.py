@@ -130,6 +130,7 @@ def test_close_drops_every_copy_at_once_and_a_copy_compiling_meanwhile_is_thrown
     call(static, A)
     assert static.wait(10)
     compiler.gate.clear()
+    compiler.started.clear()  # set by A's compile: wait for B's to begin, not A's
     call(static, B)
     assert compiler.started.wait(10)
     static.close()  # does not wait for B (an unload on the event loop must not block)
