@@ -27,8 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import Config, format_table, is_skipped, part_main, ratio, skipped, workspace, write_json
+from bench.common import Config, format_table, part_main, ratio, skipped, workspace, write_json
 from bench.cpu import KINDS, mean_per_request, per_request, thread_cpu
+from bench.http import row_failure
 
 __all__ = ["check_window", "cpu_split", "on_vs_off", "run", "window_order"]
 
@@ -50,11 +51,12 @@ def window_order(rounds: int, servers: int = len(SERVERS)) -> list[int]:
 
 
 def check_window(row: dict[str, Any]) -> None:
-    """Raise if any request of a window failed: such a window is not the server's throughput (a
-    503 from a broken audit log answers fast), so it leaves the ratio, recorded with its reason."""
-    if is_skipped(row) or row.get("errors") or not row.get("ok"):
-        why = row.get("skipped") or row.get("errors") or "no request answered"
-        raise RuntimeError(f"requests failed in the window: {why}")
+    """Raise if any request of a measured window failed: such a window is not the server's
+    throughput (a 503 from a broken audit log answers fast), so it leaves the ratio, recorded
+    with its reason."""
+    failure = row_failure(row, any_error=True)
+    if failure is not None:
+        raise RuntimeError(f"in the window: {failure}")
 
 
 def on_vs_off(rows: Sequence[dict[str, Any]]) -> float | None:
@@ -99,6 +101,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
     window_s = cfg.pick(1.0, WINDOW_S)
 
     def measure(srv: Any, audit: bool, *, warmup: bool) -> dict[str, Any]:
+        """One window on ``srv``; the warm-up pass (not counted) fails only when nothing answered."""
         before = thread_cpu(srv.pid)
         (row,) = measure_endpoints(
             srv.base_url,
@@ -112,7 +115,11 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
             duration_s=window_s,
             warmup_s=None if warmup else 0.0,
         )
-        check_window(row)
+        if warmup:
+            if (failure := row_failure(row)) is not None:
+                raise RuntimeError(f"warming up: {failure}")
+        else:
+            check_window(row)
         cpu = per_request(before, thread_cpu(srv.pid), int(row.get("ok") or 0))
         return {**row, "audit": audit, **({"cpu_us_per_request": cpu} if cpu else {})}
 

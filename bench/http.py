@@ -68,6 +68,7 @@ __all__ = [
     "measure_endpoints",
     "reference_model",
     "request_body",
+    "row_failure",
     "run",
     "run_loop",
     "server_batching",
@@ -227,10 +228,10 @@ def measure_endpoints(
     for label, path, bodies, per_request, plan_levels in plans:
         for c in plan_levels:
             r = _measure(base_url, path, bodies, headers, c, cfg, server_cpu_s, duration_s, warmup_s)
-            if not r.get("ok"):  # every request failed (a 401, a dead server): no throughput to report
-                reason = r.get("first_error") or r.get("errors") or "no request answered"
-                rows.append({"endpoint": label, "concurrency": c, **skipped(f"no successful request: {reason}")})
-                print(f"  {label} c={c}: no successful request ({reason})", flush=True)
+            failure = row_failure(r)
+            if failure is not None:  # every request failed (a 401, a dead server): no throughput
+                rows.append({"endpoint": label, "concurrency": c, **skipped(failure)})
+                print(f"  {label} c={c}: {failure}", flush=True)
                 continue
             r["endpoint"] = label
             r["texts_per_request"] = per_request
@@ -241,6 +242,19 @@ def measure_endpoints(
                 flush=True,
             )
     return rows
+
+
+def row_failure(row: dict[str, Any], *, any_error: bool = False) -> str | None:
+    """Why a closed-loop row is no throughput of the server, or None: it was skipped, no request
+    succeeded, or (``any_error``) any request failed."""
+    if is_skipped(row):
+        return str(row["skipped"])
+    errors = row.get("errors") or {}
+    if not row.get("ok"):
+        return f"no successful request: {row.get('first_error') or errors or 'none answered'}"
+    if any_error and errors:
+        return f"requests failed: {errors}" + (f" (first: {row['first_error']})" if row.get("first_error") else "")
+    return None
 
 
 def _measure(
@@ -326,8 +340,8 @@ class Reference:
             out |= {"streams_per_s": par, "streams_cpu_ms_per_item": par_cpu}
             if par > one:
                 way = "streams"
-        out |= {"way": way, "items_per_s": out[way if way == "one_session" else "streams_per_s"]}
-        out["cpu_ms_per_item"] = out[f"{way}_cpu_ms_per_item"]
+        rate = {"one_session": "one_session", "streams": "streams_per_s"}[way]
+        out |= {"way": way, "items_per_s": out[rate], "cpu_ms_per_item": out[f"{way}_cpu_ms_per_item"]}
         return out
 
     def served(self) -> Any:
@@ -550,8 +564,9 @@ def _alternate(cfg: Config, srv: Any, model_name: str, texts: Sequence[str]) -> 
                 duration_s=window,
                 warmup_s=0.0,
             )
-            if not row.get("ok"):
-                raise RuntimeError(f"no successful request in the window: {row.get('first_error') or row['errors']}")
+            failure = row_failure(row)
+            if failure is not None:
+                raise RuntimeError(failure)
             return float(row["items_per_s"])
 
         def inprocess() -> float:

@@ -769,7 +769,9 @@ def run(
         key=lambda r: r["x_best_pt"],
         default=None,
     )
-    if not best_pt:
+    if not baselines:
+        result["head_to_head"] = skipped("no PyTorch baseline was asked for")
+    elif not best_pt:
         result["head_to_head"] = skipped("no PyTorch baseline ran (see baselines and the pytorch rows)")
     elif best is None or base_dir is None or package is None:
         result["head_to_head"] = skipped("no candidate of the package was measured")

@@ -193,7 +193,9 @@ def suite_target(report: dict[str, Any], parts: Sequence[str]) -> list[dict[str,
 
 def nested_skips(part: Any, path: str) -> list[tuple[str, str]]:
     """(path, reason) of every ``skipped`` record inside ``part`` below its top level, except its
-    table rows (the part's own skip and its rows' are shown with its table)."""
+    table rows (the part's own skip and its rows' are shown with its table) and inside the
+    ``before`` / ``after`` runs a reference averaged (their skips are in the mean; a side that
+    failed whole is listed)."""
     found: list[tuple[str, str]] = []
 
     def walk(value: Any, where: str, top: bool) -> None:
@@ -202,7 +204,8 @@ def nested_skips(part: Any, path: str) -> list[tuple[str, str]]:
                 found.append((where, str(value["skipped"])))
                 return
             for key, item in value.items():
-                if not (top and key == "rows"):
+                copy = key in ("before", "after") and isinstance(item, dict) and not is_skipped(item)
+                if not (top and key == "rows") and not copy:
                     walk(item, f"{where}.{key}", False)
         elif isinstance(value, list):
             for i, item in enumerate(value):

@@ -15,7 +15,7 @@ from bench import audit_onoff, memory, run_all
 from bench import server as bench_server
 from bench.batch_vs_inprocess import check_job_done
 from bench.common import Config, skipped
-from bench.http import Reference
+from bench.http import Reference, row_failure
 
 
 def _status(**job: Any) -> dict[str, Any]:
@@ -72,15 +72,32 @@ def test_a_memory_child_that_fails_costs_its_row_only(
 
 def test_an_audit_window_with_failed_requests_is_not_a_throughput() -> None:
     audit_onoff.check_window({"rps": 500.0, "ok": 2000, "errors": {}})
-    for bad in ({"rps": 900.0, "ok": 100, "errors": {"non-2xx": 1900}}, {"rps": 0.0, "ok": 0, "errors": {}}):
-        with pytest.raises(RuntimeError, match="requests failed in the window"):
-            audit_onoff.check_window(bad)
+    with pytest.raises(RuntimeError, match=r"in the window: requests failed: \{'non-2xx': 1900\}"):
+        audit_onoff.check_window({"rps": 900.0, "ok": 100, "errors": {"non-2xx": 1900}})
+    with pytest.raises(RuntimeError, match="in the window: no successful request"):
+        audit_onoff.check_window({"rps": 0.0, "ok": 0, "errors": {}})
+    with pytest.raises(RuntimeError, match="in the window: server gone"):
+        audit_onoff.check_window(skipped("server gone"))
     rows = [
         {"audit": False, "rps": 500.0},
         {"audit": True, "rps": 480.0},
         {"audit": True, **skipped("requests failed in the window: {'non-2xx': 1900}")},
     ]
     assert audit_onoff.on_vs_off(rows) == pytest.approx(0.96)
+
+
+def test_a_row_is_a_throughput_only_when_its_requests_succeeded() -> None:
+    assert row_failure({"rps": 500.0, "ok": 3000, "errors": {}}) is None
+    assert row_failure({"rps": 500.0, "ok": 3000, "errors": {"timeout": 2}}) is None  # a few: still measured
+    assert row_failure({"rps": 500.0, "ok": 3000, "errors": {"timeout": 2}}, any_error=True) == (
+        "requests failed: {'timeout': 2}"
+    )
+    assert row_failure({"ok": 0, "errors": {"401": 40}, "first_error": "401 Unauthorized"}) == (
+        "no successful request: 401 Unauthorized"
+    )
+    # a level measure_endpoints already skipped keeps its reason (the windows in turn used to
+    # raise KeyError('errors') on it and lose the cause)
+    assert row_failure(skipped("no successful request: 401")) == "no successful request: 401"
 
 
 def test_the_results_page_lists_every_skip_inside_a_part(tmp_path: Path) -> None:
@@ -90,7 +107,15 @@ def test_the_results_page_lists_every_skip_inside_a_part(tmp_path: Path) -> None
             "head_to_head": skipped("no PyTorch baseline ran"),
             "rows": [{"runner": "c", **skipped("cannot open")}],
         },
-        "http": {"rows": [], "inprocess": {"items_per_s": 5.0, "after": skipped("the box ran out of memory")}},
+        "http": {
+            "rows": [],
+            "inprocess": {
+                "items_per_s": 5.0,
+                "batcher": {"8": skipped("boom")},
+                "before": {"items_per_s": 5.0, "batcher": {"8": skipped("boom")}},
+                "after": skipped("the box ran out of memory"),
+            },
+        },
         "coldstart": {
             "server": {},
             "imports": [{"module": "onnx", "import_s": 0.1}, {"module": "x", **skipped("gone")}],
@@ -107,8 +132,10 @@ def test_the_results_page_lists_every_skip_inside_a_part(tmp_path: Path) -> None
         "- coldstart.imports[1]: gone",
     ):
         assert line in section
-    # a part's own skip and its table rows' are shown with the part, not again
+    # a part's own skip and its table rows' are shown with the part, not again; a skip inside
+    # an averaged run is listed once, from the mean
     assert "batch not here" not in section and "cannot open" not in section
+    assert section.count("boom") == 1 and "- http.inprocess.batcher.8: boom" in section
     (row,) = [t for t in run_all.targets(parts) if t["target"].startswith("b32x128")]
     assert row["value"] is None and "none ran" in row["target"] and "no PyTorch baseline ran" in row["from"]
 
@@ -136,3 +163,35 @@ def test_the_in_process_reference_names_its_faster_way_and_that_ways_cpu() -> No
     alone = Reference("c", _FakeModel(0.0001), [], [len(t) for t in texts]).throughput(texts, 0.2)
     assert alone["way"] == "one_session" and alone["items_per_s"] == alone["one_session"]
     assert alone["cpu_ms_per_item"] == alone["one_session_cpu_ms_per_item"] and "streams_per_s" not in alone
+
+
+def test_inferbox_bench_without_pytorch_says_so_and_scores_accuracy_against_the_plainest_fp32(
+    minilm_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``inferbox bench --with-pytorch`` on a box without torch: every candidate is measured, the
+    plainest fp32 one is the accuracy reference, and the head to head says why it did not run."""
+    import importlib.util
+    import json
+
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name in ("torch", "sentence_transformers") else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    args = ["bench", "minilm", "--quick", "--json", "--with-pytorch", "--repository", str(minilm_repository)]
+    res = CliRunner().invoke(main, [*args, "--home", str(tmp_path)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output[-2000:]
+    out = json.loads(res.stdout)
+    assert out["baselines"] == skipped("not installed here: torch, sentence_transformers (make bench installs them)")
+    assert out["head_to_head"]["skipped"].startswith("no PyTorch baseline ran")
+    rows = [r for r in out["rows"] if "skipped" not in r]
+    assert rows and not [r for r in rows if r["runner"].startswith("pytorch")]
+    assert out["reference"] is not None and out["reference"].endswith("/fp32")
+    (ref,) = [r for r in rows if r["runner"] == out["reference"]]
+    assert ref["cos_min"] == 1.0
+    assert all(isinstance(r["cos_min"], float) and r["cos_min"] > 0.9 for r in rows)

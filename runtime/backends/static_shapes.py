@@ -132,19 +132,19 @@ class StaticShapes(Generic[Compiled]):
 
     def _build(self, key: ShapeKey) -> None:
         compile_copy = self._compile
+        if compile_copy is None:  # closed before this thread began: nothing to compile, nothing failed
+            with self._lock:
+                self._thread = None
+            return
         try:
-            if compile_copy is None:
-                raise RuntimeError("no compiler left")
             compiled = compile_copy(key)
         except Exception as exc:
             # a failed shape takes a place of the capacity: at most ``capacity`` compiles in all
+            logger.warning("%s: no static-shape copy for %s (%s); that shape stays dynamic", self.name, key, exc)
             with self._lock:
-                closed = self._closed  # closed before this thread began: nothing failed
                 self._failed.add(key)
                 self._thread = None
                 self._release()
-            if not closed:
-                logger.warning("%s: no static-shape copy for %s (%s); that shape stays dynamic", self.name, key, exc)
             return
         with self._lock:
             if not self._closed:

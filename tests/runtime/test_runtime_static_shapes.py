@@ -289,9 +289,13 @@ def test_the_loader_gives_static_copies_to_the_wide_session_and_a_lone_text_is_p
     from runtime.loader import LoaderOptions, load_model
     from runtime.streams import SessionPool
 
-    plain = load_model(minilm_repository, "minilm", options=LoaderOptions(backend="ov-cpu", streams=1))
+    # the same ranking as the model under test (streams rank by the package's stream timings,
+    # one session by its b32 ones: on a loaded box those two can pick different variants)
+    plain = load_model(minilm_repository, "minilm", options=LoaderOptions(backend="ov-cpu", streams=2))
     model = load_model(minilm_repository, "minilm", options=LoaderOptions(backend="ov-cpu", streams=2, static_shapes=2))
     try:
+        assert (plain.variant, plain.exec_precision) == (model.variant, model.exec_precision)
+        assert getattr(plain.session, "static_shapes", []) == []
         pool = model.session
         assert isinstance(pool, SessionPool) and pool.wait_ready(120)
         assert pool.wide is not None and pool.pad_multiple == PAD_MULTIPLE
