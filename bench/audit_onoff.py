@@ -50,13 +50,13 @@ def window_order(rounds: int, servers: int = len(SERVERS)) -> list[int]:
     return [i for r in range(rounds) for i in (forward if r % 2 == 0 else forward[::-1])]
 
 
-def check_window(row: dict[str, Any]) -> None:
+def check_window(row: dict[str, Any], *, warmup: bool = False) -> None:
     """Raise if any request of a measured window failed: such a window is not the server's
     throughput (a 503 from a broken audit log answers fast), so it leaves the ratio, recorded
-    with its reason."""
-    failure = row_failure(row, any_error=True)
+    with its reason.  A ``warmup`` window (not counted) fails only when nothing answered."""
+    failure = row_failure(row, any_error=not warmup)
     if failure is not None:
-        raise RuntimeError(f"in the window: {failure}")
+        raise RuntimeError(f"{'warming up' if warmup else 'in the window'}: {failure}")
 
 
 def on_vs_off(rows: Sequence[dict[str, Any]]) -> float | None:
@@ -115,11 +115,7 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
             duration_s=window_s,
             warmup_s=None if warmup else 0.0,
         )
-        if warmup:
-            if (failure := row_failure(row)) is not None:
-                raise RuntimeError(f"warming up: {failure}")
-        else:
-            check_window(row)
+        check_window(row, warmup=warmup)
         cpu = per_request(before, thread_cpu(srv.pid), int(row.get("ok") or 0))
         return {**row, "audit": audit, **({"cpu_us_per_request": cpu} if cpu else {})}
 
