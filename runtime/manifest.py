@@ -36,6 +36,7 @@ __all__ = [
     "Variant",
     "decode_manifest",
     "encode_manifest",
+    "fixed_batch",
 ]
 
 SCHEMA_VERSION = 1
@@ -54,6 +55,16 @@ class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     dtype: str  # numpy dtype name: float32, int64, int32, uint8, ...
     shape: list[int]
+
+
+def fixed_batch(inputs: list[TensorSpec]) -> int | None:
+    """The rows every call must have when each input fixes its first (batch) axis to the same
+    size (an ONNX file exported with batch 1, say), else None (a dynamic batch axis)."""
+    firsts = {spec.shape[0] for spec in inputs if spec.shape}
+    if len(firsts) != 1 or -1 in firsts:
+        return None
+    size = firsts.pop()
+    return size if size > 0 else None
 
 
 class FileEntry(msgspec.Struct, frozen=True, kw_only=True):

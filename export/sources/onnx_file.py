@@ -3,7 +3,9 @@
 Samples come from the customer (``.npz`` / ``.jsonl``, one array per input) or
 are generated from the declared shapes: dynamic dimensions become 1 for the
 batch axis and 16 elsewhere; integer inputs get values 0..255, floats a normal
-distribution.
+distribution.  A file whose inputs all fix the batch axis (to B rows) is run in
+calls of exactly B rows (:func:`runtime.manifest.fixed_batch`); the server then
+runs each request as sent, never batching requests together.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from export.samples import read_arrays
 from export.sources import Feeds, Prepared, hash_path, onnx_io, tile_rows
 from export.spec import STREAM_BATCH, STREAM_SCENARIO
 from runtime.errors import SourceError
-from runtime.manifest import TensorSpec
+from runtime.manifest import TensorSpec, fixed_batch
 
 if TYPE_CHECKING:
     from export.spec import ExportSpec
@@ -69,8 +71,18 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
     val = samples(spec.validation, 64, 1)
     cal = samples(spec.calibration, 32, 2)
     n = len(next(iter(val.values())))
-    validation = [{k: v[i : i + 32] for k, v in val.items()} for i in range(0, n, 32)]
-    calibration = [{k: v[i : i + 1] for k, v in cal.items()} for i in range(len(next(iter(cal.values()))))]
+    # a file whose inputs fix the batch axis (exported with batch 1, say) takes exactly that many
+    # rows per call: validation, calibration and timing calls are cut (and the last filled) to it
+    fixed = fixed_batch(inputs)
+    step = fixed or 32
+    validation = [{k: v[i : i + step] for k, v in val.items()} for i in range(0, n, step)]
+    one = fixed or 1
+    n_cal = len(next(iter(cal.values())))
+    calibration = [{k: v[i : i + one] for k, v in cal.items()} for i in range(0, n_cal, one)]
+    if fixed is not None:
+        validation = [tile_rows(b, fixed) for b in validation]
+        calibration = [tile_rows(b, fixed) for b in calibration]
+        n = len(validation) * fixed
     output = outputs[0].name
     return Prepared(
         kind="onnx",
@@ -85,9 +97,9 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
         calibration=calibration,
         reference=reference_run(onnx_path, validation, output),
         timing={
-            "b1": (tile_rows(val, 1), None),
-            "b32-typical": (tile_rows(val, 32), None),
-            STREAM_SCENARIO: (tile_rows(val, STREAM_BATCH), None),
+            "b1": (tile_rows(val, fixed or 1), None),
+            "b32-typical": (tile_rows(val, fixed or 32), None),
+            STREAM_SCENARIO: (tile_rows(val, fixed or STREAM_BATCH), None),
         },
         output=output,
         validation_labels=spec.validation_labels,
