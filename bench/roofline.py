@@ -1,11 +1,13 @@
 """The machine's physical limit: FLOPs per item from the graph, peak FLOP/s from the ISA.
 
 FLOPs are counted, not assumed: :func:`count_matmul_flops` runs the ONNX graph
-once in ONNX Runtime with every MatMul / Gemm input exposed as an extra graph
-output, reads the real operand shapes, and adds ``2 * M * K * N`` (times the
-broadcast batch dimensions) per product.  Only matrix products are counted
-(they are > 98 % of a transformer encoder's arithmetic); count on the plain
-fp32 variant — fused or quantized graphs hide products inside other ops.
+once in ONNX Runtime with every MatMul / Gemm input (and every Conv's weight and
+output) exposed as an extra graph output, reads the real operand shapes, and adds
+``2 * M * K * N`` (times the broadcast batch dimensions) per product and
+``2 * |Y| * C_in / group * kernel`` per convolution.  Only matrix products and
+convolutions are counted (they are > 98 % of a transformer encoder's or a CNN's
+arithmetic); count on the plain fp32 variant — fused or quantized graphs hide
+products inside other ops.
 
 Peak throughput per core and cycle (``ops`` = 2 per multiply-accumulate):
 
@@ -38,6 +40,7 @@ from typing import Any
 __all__ = [
     "FlopCount",
     "MachinePeaks",
+    "conv_flops",
     "count_matmul_flops",
     "machine_peaks",
     "matmul_flops",
@@ -64,6 +67,14 @@ def matmul_flops(a: Sequence[int], b: Sequence[int]) -> int:
     return 2 * batch * m * k * n
 
 
+def conv_flops(weight: Sequence[int], output: Sequence[int]) -> int:
+    """FLOPs of an ONNX ``Conv`` with weight ``[C_out, C_in / group, k...]`` and output
+    ``[N, C_out, spatial...]`` (2 per MAC): every output element sums C_in / group x kernel products."""
+    if len(weight) < 3 or len(output) != len(weight) or output[1] != weight[0]:
+        raise ValueError(f"conv shapes do not fit: weight {list(weight)}, output {list(output)}")
+    return 2 * math.prod(output) * math.prod(weight[1:])
+
+
 def _gemm_flops(a: Sequence[int], b: Sequence[int], attrs: Mapping[str, int]) -> int:
     m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
     n = b[0] if attrs.get("transB", 0) else b[1]
@@ -76,7 +87,7 @@ class FlopCount:
 
     total: int
     by_op: dict[str, int]
-    products: int  # how many MatMul / Gemm nodes were counted
+    products: int  # how many MatMul / Gemm / Conv nodes were counted
     feeds: dict[str, list[int]] = field(default_factory=dict)  # the input shapes it was counted at
 
     def per_item(self, batch: int) -> float:
@@ -84,21 +95,24 @@ class FlopCount:
 
 
 def count_matmul_flops(model_path: Path, feeds: Mapping[str, Any]) -> FlopCount:
-    """Run ``model_path`` once on ``feeds`` and count every MatMul / Gemm's FLOPs."""
+    """Run ``model_path`` once on ``feeds`` and count every MatMul / Gemm / Conv's FLOPs."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(model_path))
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
-    products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
     existing = {o.name for o in model.graph.output}
     wanted: list[str] = []
     for node in products:
-        for name in node.input[:2]:
-            if name not in inits and name not in existing and name not in wanted:
+        # a Conv's FLOPs follow from its weight and its output: 2 x |Y| x (C_in / group x kernel)
+        names = [node.input[1], node.output[0]] if node.op_type == "Conv" else list(node.input[:2])
+        for name in names:
+            if name not in inits and name not in wanted:
                 wanted.append(name)
     for name in wanted:
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -108,12 +122,13 @@ def count_matmul_flops(model_path: Path, feeds: Mapping[str, Any]) -> FlopCount:
     total = 0
     by_op: dict[str, int] = {}
     for node in products:
-        a, b = shapes[node.input[0]], shapes[node.input[1]]
-        if node.op_type == "Gemm":
+        if node.op_type == "Conv":
+            flops = conv_flops(shapes[node.input[1]], shapes[node.output[0]])
+        elif node.op_type == "Gemm":
             attrs = {x.name: int(x.i) for x in node.attribute}
-            flops = _gemm_flops(a, b, attrs)
+            flops = _gemm_flops(shapes[node.input[0]], shapes[node.input[1]], attrs)
         else:
-            flops = matmul_flops(a, b)
+            flops = matmul_flops(shapes[node.input[0]], shapes[node.input[1]])
         total += flops
         by_op[node.op_type] = by_op.get(node.op_type, 0) + flops
     return FlopCount(

@@ -1,10 +1,15 @@
 """``inferbox bench MODEL``: time every admissible candidate of a package on this box.
 
-A thin shell over :func:`bench.inprocess.run` (the in-process part of the
-benchmark suite): batch-1 latency, batch 32 x 128 tokens and mixed-corpus
-throughput, and the fraction of the CPU's peak, for every (backend, variant,
-exec precision) the ranking admits here.  ``--with-pytorch`` adds the PyTorch
-fp32 / bf16 baselines and the accuracy columns (needs the ``export`` extra).
+A thin shell over the in-process part of the benchmark suite, for every
+(backend, variant, exec precision) the ranking admits here:
+
+- a text model (:func:`bench.inprocess.run`): batch-1 latency, batch 32 x 128
+  tokens (the model's maximum length if shorter) and mixed-corpus throughput,
+  and the fraction of the CPU's peak; ``--with-pytorch`` adds the PyTorch fp32 /
+  bf16 baselines (needs the ``export`` extra);
+- a tensor or image model (:func:`bench.tensors.run`): batch-1 latency and
+  rows/s in calls of 32 on the package's own sample inputs, agreement with the
+  plain fp32 candidate, and the fraction of the CPU's peak.
 """
 
 from __future__ import annotations
@@ -72,17 +77,22 @@ def bench(
     settings = build_settings(home=home, repository=repository)
     public_key = load_public_key(settings.public_key) if settings.public_key is not None else None
     package = Repository(settings.repository, public_key=public_key).open(model)
-    if package.manifest.text is None:
-        raise click.ClickException(
-            f"{model} is a {package.manifest.task} model; `inferbox bench` measures text models for now"
-        )
 
     def echo(line: str) -> None:
         click.echo(line, err=as_json)
 
     with tempfile.TemporaryDirectory(prefix="inferbox-bench-") as tmp:
         cfg = Config(out=out or Path(tmp), quick=quick, model=model, home=settings.home, repository=settings.repository)
-        result = run(cfg, baselines=with_pytorch, package=package, echo=echo)
+        if package.manifest.text is not None:
+            result = run(cfg, baselines=with_pytorch, package=package, echo=echo)
+        else:
+            from bench import tensors
+
+            if with_pytorch:
+                echo(f"  no PyTorch baseline for {model}: it is a {package.manifest.task} model")
+            result = tensors.run(cfg, package=package, echo=echo)
+            if "skipped" in result:
+                raise click.ClickException(str(result["skipped"]))
     if as_json:
         json.dump(result, sys.stdout, indent=2, default=str)
         click.echo()

@@ -11,6 +11,7 @@ from export.pipeline import export_model
 from export.spec import ExportSpec
 from runtime.backends.base import OpenOptions
 from runtime.backends.registry import get_backend
+from runtime.manifest import Manifest
 from runtime.package import read_package
 from runtime.text import TextEncoder
 
@@ -92,7 +93,10 @@ def _tiny_vit_folder(folder: Path) -> Path:
     return folder
 
 
-def test_text_classification_folder(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tinycls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Manifest]:
+    """(the tiny BERT classifier's folder, the repository holding its package ``tinycls/1``, manifest)."""
+    tmp_path = tmp_path_factory.mktemp("tinycls")
     folder = _tiny_bert_folder(tmp_path / "bert")
     texts = [" ".join(WORDS[i % len(WORDS) : i % len(WORDS) + 1 + i % 7]) for i in range(40)]
     manifest = export_model(
@@ -107,7 +111,30 @@ def test_text_classification_folder(tmp_path: Path) -> None:
             variants=("onnx-fp32", "onnx-opt", "onnx-int8", "ov-fp32"),
         )
     )
-    path = tmp_path / "repo" / "tinycls" / "1"
+    return folder, tmp_path / "repo", manifest
+
+
+@pytest.fixture(scope="module")
+def tinyvit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
+    """(the repository holding the tiny ViT classifier's package ``tinyvit/1``, manifest)."""
+    tmp_path = tmp_path_factory.mktemp("tinyvit")
+    folder = _tiny_vit_folder(tmp_path / "vit")
+    manifest = export_model(
+        ExportSpec(
+            source=folder,
+            task="image-classification",
+            name="tinyvit",
+            repository=tmp_path / "repo",
+            timing="quick",
+            variants=("onnx-fp32", "ov-fp32", "ov-int8"),
+        )
+    )
+    return tmp_path / "repo", manifest
+
+
+def test_text_classification_folder(tinycls: tuple[Path, Path, Manifest]) -> None:
+    folder, repo, manifest = tinycls
+    path = repo / "tinycls" / "1"
     pkg = read_package(path)
     assert manifest.labels == ["neg", "neutral", "pos"]
     assert manifest.text is not None and manifest.text.output == "logits" and manifest.text.pooling == "none"
@@ -134,18 +161,8 @@ def test_text_classification_folder(tmp_path: Path) -> None:
     np.testing.assert_allclose(logits, ref, atol=1e-4)
 
 
-def test_image_classification_folder(tmp_path: Path) -> None:
-    folder = _tiny_vit_folder(tmp_path / "vit")
-    manifest = export_model(
-        ExportSpec(
-            source=folder,
-            task="image-classification",
-            name="tinyvit",
-            repository=tmp_path / "repo",
-            timing="quick",
-            variants=("onnx-fp32", "ov-fp32", "ov-int8"),
-        )
-    )
+def test_image_classification_folder(tinyvit: tuple[Path, Manifest]) -> None:
+    _repo, manifest = tinyvit
     assert [(i.name, i.shape[1:]) for i in manifest.inputs] == [("pixel_values", [3, 16, 16])]
     fp32 = manifest.variant("onnx-fp32")
     assert fp32.accuracy[0].passed and fp32.accuracy[0].samples == 64
@@ -167,3 +184,66 @@ def test_wrong_task_for_folder(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="not supported for a Hugging Face folder"):
         export_model(ExportSpec(source=folder, task="tensor", name="x", repository=tmp_path / "r"))
     assert not any((tmp_path / "r" / ".staging").iterdir())
+
+
+def _bench_json(repo: Path, home: Path, *args: str) -> dict[str, object]:
+    """``inferbox bench ... --quick --json`` on ``repo``; the parsed JSON (stdout) and the progress (stderr)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    res = CliRunner().invoke(
+        main, ["bench", *args, "--quick", "--json", "--repository", str(repo), "--home", str(home)]
+    )
+    assert res.exit_code == 0, res.output[-3000:]
+    out: dict[str, object] = json.loads(res.stdout)
+    out["_progress"] = res.stderr
+    return out
+
+
+def test_inferbox_bench_measures_a_text_classifier_at_its_own_length(
+    tinycls: tuple[Path, Path, Manifest], tmp_path: Path
+) -> None:
+    """A classifier with max_length 32: batches of 32 x 32 tokens (the 128-token batch would not fit
+    its position table), FLOPs counted at that width, arg-max agreement per candidate, and no
+    MiniLM PyTorch baseline standing in for a different model."""
+    _folder, repo, manifest = tinycls
+    assert manifest.text is not None and manifest.text.max_length == 32
+    out = _bench_json(repo, tmp_path, "tinycls", "--with-pytorch")
+    texts = out["texts"]
+    assert isinstance(texts, dict) and texts["b32_tokens"] == 32
+    flops = out["flops"]
+    assert isinstance(flops, dict) and flops.get("tokens") == 32 and flops["flops_per_item"] > 0
+    baselines = out["baselines"]
+    assert isinstance(baselines, dict) and "text-classification" in baselines["skipped"]
+    assert "no PyTorch baselines" in str(out["_progress"])
+    rows = [r for r in out["rows"] if "skipped" not in r]  # type: ignore[attr-defined]
+    assert {r["runner"] for r in rows} >= {"ort-cpu/onnx-fp32/fp32", "ov-cpu/ov-fp32/fp32"}
+    assert not [r for r in rows if r["runner"].startswith("pytorch")]
+    assert out["reference"] == "ort-cpu/onnx-fp32/fp32"
+    for r in rows:
+        assert r["b32x128_per_s"] > 0 and r["peak_frac"] > 0
+        assert r["top1_agree"] == 1.0 and r["cos_min"] > 0.99, r
+    assert "top1_agree" in str(out["table"])
+
+
+def test_inferbox_bench_measures_an_image_classifier_on_its_samples(
+    tinyvit: tuple[Path, Manifest], tmp_path: Path
+) -> None:
+    repo, _manifest = tinyvit
+    out = _bench_json(repo, tmp_path, "tinyvit", "--with-pytorch")
+    assert out["kind"] == "tensor" and out["task"] == "image-classification" and out["batch"] == 32
+    assert "no PyTorch baseline for tinyvit" in str(out["_progress"])
+    flops = out["flops"]
+    assert isinstance(flops, dict) and flops["flops_per_item"] > 0
+    by_op = flops["by_op_per_item"]
+    assert isinstance(by_op, dict) and by_op.get("Conv", 0) > 0 and by_op.get("MatMul", 0) > 0  # patch embedding
+    rows = [r for r in out["rows"] if "skipped" not in r]  # type: ignore[attr-defined]
+    assert {r["runner"].split("/")[1] for r in rows} == {"onnx-fp32", "ov-fp32", "ov-int8"}
+    (ref,) = [r for r in rows if r["runner"] == out["reference"]]
+    assert ref["max_abs_diff"] == 0.0 and ref["top1_agree"] == 1.0
+    for r in rows:
+        assert r["rows_per_s"] > 0 and r["b1_p50_ms"] > 0 and r["rows_compared"] == 8
+        assert r["cos_min"] > 0.98 and r["top1_agree"] >= 0.75, r

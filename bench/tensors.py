@@ -1,0 +1,300 @@
+"""In-process timings of a tensor package (task ``tensor`` or ``image-classification``).
+
+The text part (:mod:`bench.inprocess`) feeds texts; a model exported from an
+ONNX file or a PyTorch module takes tensors instead.  This part times every
+(backend, variant, exec precision) the ranking admits here on the package's own
+sample inputs (``samples/samples.npz``, written by the export), each opened as
+``inferbox serve`` opens it:
+
+- ``b1_p50_ms`` / ``b1_p99_ms``: one sample row per call;
+- ``rows_per_s``: rows per second in calls of ``batch`` rows: 32 (the samples
+  repeated), or the size a model fixes its batch axis to (an ONNX file exported
+  with batch 1 takes one row per call; the server then runs each request as sent);
+- accuracy against the plainest fp32 candidate (ONNX Runtime on the plain
+  ONNX file first) on every sample row: ``max_abs_diff`` over all outputs,
+  the cosine per row of the first output (``cos_mean`` / ``cos_min``) and, for
+  a classifier, ``top1_agree`` (the share of rows whose arg-max agrees);
+- ``peak_frac``: rows/s x FLOPs per row (matrix products and convolutions,
+  counted on the plain fp32 ONNX file, :mod:`bench.roofline`) over the CPU's
+  peak for the compute kind.
+
+There is no PyTorch baseline here: the source of a tensor package may be an
+ONNX file.  The accuracy the export measured against the source is in the
+package's manifest (``inferbox models show``).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from bench.common import (
+    Config,
+    format_table,
+    ratio,
+    skipped,
+    summarize,
+    time_calls,
+    write_chart,
+    write_json,
+)
+from bench.inprocess import Runner, auto_aliases, choice, open_candidate, plainest_fp32_first, warm
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from runtime.package import Package
+
+    Feeds = dict[str, npt.NDArray[np.generic]]
+
+__all__ = ["BATCH", "COLUMNS", "accuracy_stats", "repeat_rows", "run"]
+
+logger = logging.getLogger(__name__)
+
+#: rows per call of the throughput scenario
+BATCH = 32
+#: the table's columns, in order
+COLUMNS = (
+    "runner",
+    "b1_p50_ms",
+    "b1_p99_ms",
+    "rows_per_s",
+    "batch",
+    "max_abs_diff",
+    "cos_mean",
+    "cos_min",
+    "top1_agree",
+    "peak_frac",
+)
+
+
+def repeat_rows(samples: Mapping[str, Any], rows: int) -> Feeds:
+    """``samples`` (every input's rows along axis 0) repeated or cut to exactly ``rows`` rows."""
+    import numpy as np
+
+    out: Feeds = {}
+    for name, array in samples.items():
+        have = int(array.shape[0]) if array.ndim else 0
+        if have < 1:
+            raise ValueError(f"sample input {name!r} has no rows (shape {list(array.shape)})")
+        index = np.arange(rows) % have
+        out[name] = np.ascontiguousarray(array[index])
+    return out
+
+
+def accuracy_stats(outputs: Mapping[str, Any], reference: Mapping[str, Any], *, classifier: bool) -> dict[str, Any]:
+    """``max_abs_diff`` over every output both have, the cosine per row of the first shared
+    output (mean, min) and, for a classifier, the share of rows whose arg-max agrees."""
+    import numpy as np
+
+    names = [n for n in reference if n in outputs]
+    if not names:
+        raise ValueError(f"no output in common: {sorted(outputs)} vs reference {sorted(reference)}")
+    diff = 0.0
+    for n in names:
+        a = np.asarray(outputs[n], dtype=np.float64)
+        b = np.asarray(reference[n], dtype=np.float64)
+        if a.shape != b.shape:
+            raise ValueError(f"output {n!r}: shape {list(a.shape)} vs the reference's {list(b.shape)}")
+        diff = max(diff, float(np.max(np.abs(a - b))) if a.size else 0.0)
+    first_a = np.asarray(outputs[names[0]], dtype=np.float64)
+    first_b = np.asarray(reference[names[0]], dtype=np.float64)
+    rows = first_a.shape[0] if first_a.ndim else 1
+    a2, b2 = first_a.reshape(rows, -1), first_b.reshape(rows, -1)
+    norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+    same = np.all(a2 == b2, axis=1)
+    cos = np.where(same, 1.0, np.sum(a2 * b2, axis=1) / np.where(norms == 0, 1.0, norms))
+    stats: dict[str, Any] = {
+        "max_abs_diff": diff,
+        "cos_mean": float(np.mean(cos)),
+        "cos_min": float(np.min(cos)),
+        "rows_compared": int(rows),
+    }
+    if classifier and a2.shape[1] > 1:
+        stats["top1_agree"] = float(np.mean(np.argmax(a2, axis=1) == np.argmax(b2, axis=1)))
+    return stats
+
+
+def _measure_one(runner: Runner, b1: Feeds, bn: Feeds, rows: int, cfg: Config) -> dict[str, Any]:
+    warm(runner, b1)
+    one = summarize(
+        time_calls(
+            lambda: runner.encode(b1), warmup=cfg.pick(2, 10), runs=cfg.pick(10, 200), budget_s=cfg.pick(1.0, 4.0)
+        )
+    )
+    warm(runner, bn)
+    many = summarize(
+        time_calls(lambda: runner.encode(bn), warmup=cfg.pick(1, 3), runs=cfg.pick(5, 50), budget_s=cfg.pick(1.0, 4.0))
+    )
+    return {
+        "runner": runner.label,
+        "kind": "candidate",
+        "backend": runner.backend,
+        "variant": runner.variant,
+        "exec_precision": runner.exec_precision,
+        "compute": runner.compute,
+        "open_s": runner.open_s,
+        "b1_p50_ms": one.p50 * 1000,
+        "b1_p99_ms": one.p99 * 1000,
+        "b1_runs": one.n,
+        "rows_per_s": rows / many.median,
+        "batch": rows,
+        "batch_runs": many.n,
+    }
+
+
+def _flops(package: Package, b1: Feeds, rows: int) -> dict[str, Any]:
+    """FLOPs per row, counted on the plain fp32 ONNX variant with ``b1`` (``rows`` rows)."""
+    from bench.roofline import count_matmul_flops
+
+    fp32 = [v for v in package.manifest.variants if v.format == "onnx" and v.precision == "fp32"]
+    if not fp32:
+        return skipped("no fp32 ONNX variant to count FLOPs on")
+    plain = next((v for v in fp32 if v.id == "onnx-fp32"), fp32[0])
+    count = count_matmul_flops(package.variant_path(plain.id), b1)
+    if count.total <= 0:
+        return skipped(f"no matrix product or convolution in {plain.id}: nothing to compare with the peak")
+    by_op = {op: flops / rows for op, flops in count.by_op.items()}
+    return {
+        "variant": plain.id,
+        "flops_per_item": count.per_item(rows),
+        "products": count.products,
+        "by_op_per_item": by_op,
+    }
+
+
+def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every admissible candidate of a tensor package; print the table (through
+    ``echo``); write ``inprocess.json`` (+ PNG) under ``cfg.out``."""
+    from bench.roofline import machine_peaks, peak_for
+    from runtime.autotune import load_samples
+    from runtime.manifest import fixed_batch
+
+    result: dict[str, Any] = {
+        "part": "inprocess",
+        "kind": "tensor",
+        "quick": cfg.quick,
+        "package": {"name": package.name, "version": package.version, "sha256": package.sha256},
+        "task": package.manifest.task,
+    }
+    peaks = machine_peaks()
+    result["machine"] = peaks.to_dict()
+    result["baselines"] = skipped(
+        f"no PyTorch baseline for a {package.manifest.task} model (its source may be an ONNX file)"
+    )
+    samples = load_samples(package)
+    if not samples:
+        result["skipped"] = (
+            f"{package.name} has no sample inputs (samples/samples.npz): re-export it with calibration or "
+            "validation samples (`inferbox export ... --validation FILE`)"
+        )
+        echo(f"  skipped: {result['skipped']}")
+        return result
+    wanted = [s.name for s in package.manifest.inputs]
+    missing = [n for n in wanted if n not in samples]
+    if missing:
+        result["skipped"] = f"the package's samples lack the inputs {missing}; re-export it"
+        echo(f"  skipped: {result['skipped']}")
+        return result
+    samples = {n: samples[n] for n in wanted}
+    fixed = fixed_batch(package.manifest.inputs)
+    rows = fixed or BATCH
+    b1 = repeat_rows(samples, fixed or 1)
+    bn = repeat_rows(samples, rows)
+    sample_rows = min(int(a.shape[0]) for a in samples.values())
+    accuracy_feeds = repeat_rows(samples, sample_rows)
+    result["inputs"] = {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in samples.items()}
+    result["batch"] = rows
+    try:
+        flops = _flops(package, b1, fixed or 1)
+    except Exception as exc:
+        flops = skipped(f"FLOP count failed: {type(exc).__name__}: {exc}")
+    result["flops"] = flops
+    classifier = package.manifest.task == "image-classification" or bool(package.manifest.labels)
+
+    rows_out: list[dict[str, Any]] = []
+    decision, chosen = choice(package)
+    result["choice"] = str(chosen) if chosen else None
+    result["rejected"] = [{"candidate": str(v.candidate), "reason": v.reason} for v in decision.rejected]
+    candidates = [v.candidate for v in decision.admissible]
+    reference_candidate = plainest_fp32_first(candidates, package)
+    aliases = auto_aliases(candidates)
+    reference: dict[str, Any] | None = None
+    for c in candidates:
+        if c in aliases:
+            rows_out.append({"runner": str(c), **skipped(aliases[c])})
+            continue
+        try:
+            runner = open_candidate(package, c.backend, c.variant, c.exec_precision, tensors=True)
+        except Exception as exc:
+            logger.warning("%s: cannot open: %s", c, exc)
+            rows_out.append({"runner": str(c), **skipped(f"{type(exc).__name__}: {exc}")})
+            continue
+        try:
+            row = _measure_one(runner, b1, bn, rows, cfg)
+            outputs = _accuracy_outputs(runner, accuracy_feeds, fixed)
+            if c == reference_candidate:
+                reference = outputs
+            if reference is not None:
+                row.update(accuracy_stats(outputs, reference, classifier=classifier))
+            rows_out.append(row)
+            echo(
+                f"  {row['runner']}: {row['rows_per_s']:.1f} rows/s in calls of {rows}, b1 p50 {row['b1_p50_ms']:.3f} ms"
+            )
+        except Exception as exc:
+            logger.warning("%s: failed: %s", c, exc)
+            rows_out.append({"runner": str(c), **skipped(f"{type(exc).__name__}: {exc}")})
+        finally:
+            runner.close()
+            del runner
+            gc.collect()
+    result["reference"] = str(reference_candidate) if reference is not None else None
+    flops_item = flops.get("flops_per_item") if "skipped" not in flops else None
+    for r in rows_out:
+        if "skipped" in r:
+            continue
+        peak = peak_for(peaks.peaks, r["compute"])
+        if flops_item and peak and peak[1] > 0:
+            r["peak_kind"] = peak[0]
+            r["achieved_gflops"] = r["rows_per_s"] * flops_item / 1e9
+            r["peak_frac"] = ratio(r["rows_per_s"] * flops_item, peak[1])
+    result["rows"] = rows_out
+    good = [r for r in rows_out if "skipped" not in r]
+    columns = [c for c in COLUMNS if c == "runner" or any(r.get(c) is not None for r in good)]
+    result["table"] = format_table(columns, good)
+    echo(result["table"])
+    if reference is not None:
+        echo(f"accuracy against {result['reference']} on the package's {sample_rows} sample rows")
+    for r in rows_out:
+        if "skipped" in r:
+            echo(f"  skipped {r['runner']}: {r['skipped']}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    result["chart"] = write_chart(
+        cfg.out / "inprocess.png",
+        f"In-process throughput of {package.name} (rows/s in calls of {rows}, higher is better)",
+        [r["runner"] for r in good],
+        {f"batch {rows}": [r["rows_per_s"] for r in good]},
+        ylabel="rows / s",
+    ) or str(cfg.out / "inprocess.png")
+    write_json(cfg.out / "inprocess.json", result)
+    return result
+
+
+def _accuracy_outputs(runner: Runner, feeds: Feeds, fixed: int | None) -> dict[str, Any]:
+    """Every output on the accuracy rows: one call, or calls of the fixed batch size (the last
+    filled up with the first rows and cut back)."""
+    import numpy as np
+
+    if fixed is None:
+        outputs: dict[str, Any] = runner.encode(feeds)
+        return outputs
+    total = min(int(a.shape[0]) for a in feeds.values())
+    parts: list[dict[str, Any]] = []
+    for start in range(0, total, fixed):
+        chunk = {n: a[start : start + fixed] for n, a in feeds.items()}
+        parts.append(runner.encode(repeat_rows(chunk, fixed)))
+    names = list(parts[0])
+    return {n: np.concatenate([p[n] for p in parts])[:total] for n in names}
