@@ -69,6 +69,7 @@ __all__ = [
     "pytorch_runner",
     "run",
     "spread_order",
+    "top1_agreement",
 ]
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ class Texts:
 
 
 def cosine_stats(a: Any, b: Any) -> tuple[float, float]:
-    """Row-wise cosine between two [N, D] arrays: (mean, min)."""
+    """Row-wise cosine between two [N, D] arrays: (mean, min); identical rows count 1 (also
+    all-zero ones), a row with NaN or Inf makes both NaN."""
     import numpy as np
 
     x = np.asarray(a, dtype=np.float64)
@@ -137,8 +139,15 @@ def cosine_stats(a: Any, b: Any) -> tuple[float, float]:
         raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
     num = (x * y).sum(axis=1)
     den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    cos = num / np.maximum(den, 1e-12)
+    cos = np.where(np.all(x == y, axis=1), 1.0, num / np.maximum(den, 1e-12))
     return float(cos.mean()), float(cos.min())
+
+
+def top1_agreement(a: Any, b: Any) -> float:
+    """The share of rows of two [N, C] arrays whose arg-max agrees (a classifier's answers)."""
+    import numpy as np
+
+    return float(np.mean(np.argmax(np.asarray(a), axis=1) == np.argmax(np.asarray(b), axis=1)))
 
 
 def spread_order(k: int) -> list[int]:
@@ -537,9 +546,7 @@ def measure(
     if reference is not None:
         row["cos_mean"], row["cos_min"] = cosine_stats(emb, reference)
         if classifier:
-            import numpy as np
-
-            row["top1_agree"] = float(np.mean(np.argmax(emb, axis=1) == np.argmax(reference, axis=1)))
+            row["top1_agree"] = top1_agreement(emb, reference)
     return row, emb
 
 
@@ -607,16 +614,19 @@ def head_to_head(
 B32_TOKENS = 128
 
 
-def _texts(cfg: Config, tokenizer_json: Path, b32_tokens: int = B32_TOKENS) -> Texts:
+def _texts(cfg: Config, tokenizer_json: Path, b32_tokens: int = B32_TOKENS, max_length: int | None = None) -> Texts:
+    """The inputs of every runner; token counts as the model sees them (cut at ``max_length``, as
+    every runner truncates)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_json))
     tok.no_padding()
     tok.no_truncation()
+    cap = max_length or 1 << 30
     corpus = mixed_corpus(cfg.pick(96, 1000))
-    lengths = [len(e.ids) for e in tok.encode_batch(corpus)]
+    lengths = [min(len(e.ids), cap) for e in tok.encode_batch(corpus)]
     accuracy = [SHORT_QUERY, "?", "a", *corpus[: cfg.pick(61, 197)]]
-    accuracy_lengths = [len(e.ids) for e in tok.encode_batch(accuracy)]
+    accuracy_lengths = [min(len(e.ids), cap) for e in tok.encode_batch(accuracy)]
     return Texts(
         short=SHORT_QUERY,
         b32=exact_length_texts(tokenizer_json, 32, b32_tokens),
@@ -701,7 +711,7 @@ def run(
         return result
     max_length = package.manifest.text.max_length if package is not None and package.manifest.text else None
     b32_tokens = min(B32_TOKENS, max_length) if max_length else B32_TOKENS
-    texts = _texts(cfg, tokenizer_json, b32_tokens)
+    texts = _texts(cfg, tokenizer_json, b32_tokens, max_length)
     result["texts"] = {
         "b1": texts.short,
         "b32_tokens": texts.tokens_b32,
@@ -721,7 +731,7 @@ def run(
     rows: list[dict[str, Any]] = []
     reference: Any | None = None
     classifier = package is not None and package.manifest.task == "text-classification"
-    base_dir = _baseline_dir(package)
+    base_dir = _baseline_dir(package) if baselines else None
     plan: list[tuple[str, Callable[[], Runner]]] = []
     reference_label: str | None = None
     if baselines:

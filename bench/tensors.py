@@ -6,7 +6,8 @@ ONNX file or a PyTorch module takes tensors instead.  This part times every
 sample inputs (``samples/samples.npz``, written by the export), each opened as
 ``inferbox serve`` opens it:
 
-- ``b1_p50_ms`` / ``b1_p99_ms``: one sample row per call;
+- ``b1_p50_ms`` / ``b1_p99_ms``: one sample row per call (B rows for a model
+  that fixes its batch axis to B: its smallest call);
 - ``rows_per_s``: rows per second in calls of ``batch`` rows: 32 (the samples
   repeated), or the size a model fixes its batch axis to (an ONNX file exported
   with batch 1 takes one row per call; the server then runs each request as sent);
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +42,16 @@ from bench.common import (
     write_chart,
     write_json,
 )
-from bench.inprocess import Runner, auto_aliases, choice, open_candidate, plainest_fp32_first, warm
+from bench.inprocess import (
+    Runner,
+    auto_aliases,
+    choice,
+    cosine_stats,
+    open_candidate,
+    plainest_fp32_first,
+    top1_agreement,
+    warm,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,7 +61,7 @@ if TYPE_CHECKING:
 
     Feeds = dict[str, npt.NDArray[np.generic]]
 
-__all__ = ["BATCH", "COLUMNS", "accuracy_stats", "repeat_rows", "run"]
+__all__ = ["BATCH", "COLUMNS", "accuracy_stats", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,23 +82,10 @@ COLUMNS = (
 )
 
 
-def repeat_rows(samples: Mapping[str, Any], rows: int) -> Feeds:
-    """``samples`` (every input's rows along axis 0) repeated or cut to exactly ``rows`` rows."""
-    import numpy as np
-
-    out: Feeds = {}
-    for name, array in samples.items():
-        have = int(array.shape[0]) if array.ndim else 0
-        if have < 1:
-            raise ValueError(f"sample input {name!r} has no rows (shape {list(array.shape)})")
-        index = np.arange(rows) % have
-        out[name] = np.ascontiguousarray(array[index])
-    return out
-
-
 def accuracy_stats(outputs: Mapping[str, Any], reference: Mapping[str, Any], *, classifier: bool) -> dict[str, Any]:
-    """``max_abs_diff`` over every output both have, the cosine per row of the first shared
-    output (mean, min) and, for a classifier, the share of rows whose arg-max agrees."""
+    """``max_abs_diff`` over every output both have (``inf`` when an output holds NaN or Inf: a
+    broken answer never reads as agreement), the cosine per row of the first shared output
+    (mean, min) and, for a classifier, the share of rows whose arg-max agrees."""
     import numpy as np
 
     names = [n for n in reference if n in outputs]
@@ -99,22 +97,18 @@ def accuracy_stats(outputs: Mapping[str, Any], reference: Mapping[str, Any], *, 
         b = np.asarray(reference[n], dtype=np.float64)
         if a.shape != b.shape:
             raise ValueError(f"output {n!r}: shape {list(a.shape)} vs the reference's {list(b.shape)}")
-        diff = max(diff, float(np.max(np.abs(a - b))) if a.size else 0.0)
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+            diff = math.inf
+        elif a.size:
+            diff = max(diff, float(np.max(np.abs(a - b))))
     first_a = np.asarray(outputs[names[0]], dtype=np.float64)
-    first_b = np.asarray(reference[names[0]], dtype=np.float64)
     rows = first_a.shape[0] if first_a.ndim else 1
-    a2, b2 = first_a.reshape(rows, -1), first_b.reshape(rows, -1)
-    norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-    same = np.all(a2 == b2, axis=1)
-    cos = np.where(same, 1.0, np.sum(a2 * b2, axis=1) / np.where(norms == 0, 1.0, norms))
-    stats: dict[str, Any] = {
-        "max_abs_diff": diff,
-        "cos_mean": float(np.mean(cos)),
-        "cos_min": float(np.min(cos)),
-        "rows_compared": int(rows),
-    }
+    a2 = first_a.reshape(rows, -1)
+    b2 = np.asarray(reference[names[0]], dtype=np.float64).reshape(rows, -1)
+    cos_mean, cos_min = cosine_stats(a2, b2)
+    stats: dict[str, Any] = {"max_abs_diff": diff, "cos_mean": cos_mean, "cos_min": cos_min, "rows_compared": rows}
     if classifier and a2.shape[1] > 1:
-        stats["top1_agree"] = float(np.mean(np.argmax(a2, axis=1) == np.argmax(b2, axis=1)))
+        stats["top1_agree"] = top1_agreement(a2, b2)
     return stats
 
 
@@ -170,6 +164,7 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
     """Measure every admissible candidate of a tensor package; print the table (through
     ``echo``); write ``inprocess.json`` (+ PNG) under ``cfg.out``."""
     from bench.roofline import machine_peaks, peak_for
+    from export.sources import tile_rows
     from runtime.autotune import load_samples
     from runtime.manifest import fixed_batch
 
@@ -188,8 +183,8 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
     samples = load_samples(package)
     if not samples:
         result["skipped"] = (
-            f"{package.name} has no sample inputs (samples/samples.npz): re-export it with calibration or "
-            "validation samples (`inferbox export ... --validation FILE`)"
+            f"{package.name} has no sample inputs (samples/samples.npz): re-export it (`inferbox export`; "
+            "every export writes them)"
         )
         echo(f"  skipped: {result['skipped']}")
         return result
@@ -202,10 +197,15 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
     samples = {n: samples[n] for n in wanted}
     fixed = fixed_batch(package.manifest.inputs)
     rows = fixed or BATCH
-    b1 = repeat_rows(samples, fixed or 1)
-    bn = repeat_rows(samples, rows)
-    sample_rows = min(int(a.shape[0]) for a in samples.values())
-    accuracy_feeds = repeat_rows(samples, sample_rows)
+    if min(int(a.shape[0]) if a.ndim else 0 for a in samples.values()) < 1:
+        result["skipped"] = f"the package's samples have no rows ({ {n: list(a.shape) for n, a in samples.items()} })"
+        echo(f"  skipped: {result['skipped']}")
+        return result
+    b1 = tile_rows(samples, fixed or 1)
+    bn = tile_rows(samples, rows)
+    # every sample row once (a model with a fixed batch axis: one call of its rows)
+    accuracy_feeds = tile_rows(samples, fixed) if fixed else samples
+    sample_rows = min(int(a.shape[0]) for a in accuracy_feeds.values())
     result["inputs"] = {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in samples.items()}
     result["batch"] = rows
     try:
@@ -235,7 +235,7 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
             continue
         try:
             row = _measure_one(runner, b1, bn, rows, cfg)
-            outputs = _accuracy_outputs(runner, accuracy_feeds, fixed)
+            outputs: dict[str, Any] = runner.encode(accuracy_feeds)
             if c == reference_candidate:
                 reference = outputs
             if reference is not None:
@@ -268,6 +268,10 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
     echo(result["table"])
     if reference is not None:
         echo(f"accuracy against {result['reference']} on the package's {sample_rows} sample rows")
+    else:
+        echo("  no accuracy columns: no fp32 candidate was measured here to compare with")
+    if "skipped" in flops:
+        echo(f"  no peak_frac: {flops['skipped']}")
     for r in rows_out:
         if "skipped" in r:
             echo(f"  skipped {r['runner']}: {r['skipped']}")
@@ -281,20 +285,3 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
     ) or str(cfg.out / "inprocess.png")
     write_json(cfg.out / "inprocess.json", result)
     return result
-
-
-def _accuracy_outputs(runner: Runner, feeds: Feeds, fixed: int | None) -> dict[str, Any]:
-    """Every output on the accuracy rows: one call, or calls of the fixed batch size (the last
-    filled up with the first rows and cut back)."""
-    import numpy as np
-
-    if fixed is None:
-        outputs: dict[str, Any] = runner.encode(feeds)
-        return outputs
-    total = min(int(a.shape[0]) for a in feeds.values())
-    parts: list[dict[str, Any]] = []
-    for start in range(0, total, fixed):
-        chunk = {n: a[start : start + fixed] for n, a in feeds.items()}
-        parts.append(runner.encode(repeat_rows(chunk, fixed)))
-    names = list(parts[0])
-    return {n: np.concatenate([p[n] for p in parts])[:total] for n in names}

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.roofline import conv_flops, count_matmul_flops
-from bench.tensors import accuracy_stats, repeat_rows
+from bench.tensors import accuracy_stats
 
 #: the CNN below: Conv 1 -> 8 channels, 3 x 3, on 8 x 8 (padded): 2 x (8 x 8 x 8) x (1 x 3 x 3);
 #: Gemm 8 -> 3: 2 x 8 x 3
@@ -87,15 +87,6 @@ def test_count_flops_reads_an_operand_that_is_also_a_graph_output(tmp_path: Path
     assert count.by_op == {"MatMul": 2 * 3 * 4 * 2}
 
 
-def test_repeat_rows_cycles_or_cuts_every_input_alike() -> None:
-    samples = {"a": np.arange(3)[:, None] * np.ones((1, 2)), "b": np.arange(3)}
-    out = repeat_rows(samples, 7)
-    assert out["b"].tolist() == [0, 1, 2, 0, 1, 2, 0] and out["a"][:, 0].tolist() == out["b"].tolist()
-    assert repeat_rows(samples, 2)["b"].tolist() == [0, 1]
-    with pytest.raises(ValueError, match="no rows"):
-        repeat_rows({"a": np.zeros((0, 2))}, 4)
-
-
 def test_accuracy_stats_compare_every_output_and_the_arg_max() -> None:
     ref = {"logits": np.array([[1.0, 0.0], [0.0, 1.0]]), "extra": np.zeros((2, 1))}
     same = accuracy_stats(ref, ref, classifier=True)
@@ -108,6 +99,14 @@ def test_accuracy_stats_compare_every_output_and_the_arg_max() -> None:
         accuracy_stats({"logits": np.zeros((3, 2))}, ref, classifier=False)
     with pytest.raises(ValueError, match="no output in common"):
         accuracy_stats({"other": np.zeros((2, 2))}, ref, classifier=False)
+
+
+def test_a_broken_answer_never_reads_as_agreement() -> None:
+    ref = {"y": np.array([[1.0, 2.0], [3.0, 4.0]])}
+    nan = accuracy_stats({"y": np.array([[1.0, np.nan], [3.0, 4.0]])}, ref, classifier=False)
+    assert nan["max_abs_diff"] == float("inf") and np.isnan(nan["cos_min"])
+    zeros = {"y": np.zeros((2, 2))}
+    assert accuracy_stats(zeros, zeros, classifier=False)["cos_min"] == 1.0  # identical, not 0 / 0
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +179,21 @@ def test_inferbox_bench_table_on_a_terminal(cnn_repository: Path, tmp_path: Path
     assert res.exit_code == 0, res.output[-3000:]
     assert "accuracy against ort-cpu/onnx-fp32/fp32 on the package's 8 sample rows" in res.stdout
     assert "runner" in res.stdout and "rows_per_s" in res.stdout
+
+
+def test_inferbox_bench_fails_when_no_candidate_could_be_measured(
+    cnn_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every candidate failing to open is exit 1 naming the reasons, not an empty table and exit 0;
+    with --json the record still comes out first."""
+    import bench.tensors
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the backend broke")
+
+    monkeypatch.setattr(bench.tensors, "open_candidate", broken)
+    res = _bench(cnn_repository, tmp_path, "cnn", "--json")
+    assert res.exit_code == 1
+    assert "no candidate of cnn could be measured here" in res.stderr and "the backend broke" in res.stderr
+    out = json.loads(res.stdout)
+    assert out["rows"] and all("skipped" in r for r in out["rows"])

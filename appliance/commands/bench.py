@@ -91,8 +91,23 @@ def bench(
             if with_pytorch:
                 echo(f"  no PyTorch baseline for {model}: it is a {package.manifest.task} model")
             result = tensors.run(cfg, package=package, echo=echo)
-            if "skipped" in result:
-                raise click.ClickException(str(result["skipped"]))
     if as_json:
         json.dump(result, sys.stdout, indent=2, default=str)
         click.echo()
+    _fail_unless_measured(model, result)
+
+
+def _fail_unless_measured(model: str, result: dict[str, object]) -> None:
+    """A run in which no candidate of the package was measured is a failure (exit 1 naming the
+    reasons), not an empty table."""
+    if "skipped" in result:
+        raise click.ClickException(str(result["skipped"]))
+    rows = result.get("rows")
+    rows = rows if isinstance(rows, list) else []
+    if any("skipped" not in r and r.get("kind") == "candidate" for r in rows):
+        return
+    reasons = "; ".join(f"{r.get('runner')}: {r['skipped']}" for r in rows if "skipped" in r)
+    raise click.ClickException(
+        f"no candidate of {model} could be measured here ({reasons or 'the ranking admitted none'}); "
+        "`inferbox doctor` shows what each backend needs"
+    )

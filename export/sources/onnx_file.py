@@ -4,8 +4,9 @@ Samples come from the customer (``.npz`` / ``.jsonl``, one array per input) or
 are generated from the declared shapes: dynamic dimensions become 1 for the
 batch axis and 16 elsewhere; integer inputs get values 0..255, floats a normal
 distribution.  A file whose inputs all fix the batch axis (to B rows) is run in
-calls of exactly B rows (:func:`runtime.manifest.fixed_batch`); the server then
-runs each request as sent, never batching requests together.
+calls of exactly B rows (:func:`runtime.manifest.fixed_batch`; whole calls only,
+rows left over are dropped); the server then runs each request as sent, never
+batching requests together.
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ def generate(inputs: list[TensorSpec], n: int, seed: int) -> Feeds:
     return out
 
 
+def _batch_axis(inputs: list[TensorSpec]) -> int | None:
+    """The rows of every call when the inputs fix the batch axis, None when it is dynamic; inputs
+    that fix different sizes (or mix fixed and dynamic) have no common batch axis to run."""
+    fixed = fixed_batch(inputs)
+    firsts = {spec.name: spec.shape[0] for spec in inputs if spec.shape}
+    if fixed is None and any(size > 0 for size in firsts.values()):
+        raise SourceError(
+            f"the inputs' first axes are {firsts} (-1: dynamic): a batch axis must be dynamic in every input or "
+            "fixed to the same size in every input; re-export the ONNX file that way"
+        )
+    return fixed
+
+
 def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
     """``reference_run(onnx_path, batches) -> array`` runs the fp32 file on ort-cpu (the pipeline's runner)."""
     path = Path(spec.source)
@@ -72,17 +86,19 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
     cal = samples(spec.calibration, 32, 2)
     n = len(next(iter(val.values())))
     # a file whose inputs fix the batch axis (exported with batch 1, say) takes exactly that many
-    # rows per call: validation, calibration and timing calls are cut (and the last filled) to it
-    fixed = fixed_batch(inputs)
+    # rows per call: validation, calibration and timing run in calls of that size
+    fixed = _batch_axis(inputs)
     step = fixed or 32
+    if fixed is not None:
+        # whole calls only (rows left over are not validated twice); fewer rows than one call
+        # are repeated to fill it
+        val = tile_rows(val, fixed) if n < fixed else {k: v[: n - n % fixed] for k, v in val.items()}
+        cal = tile_rows(cal, fixed) if len(next(iter(cal.values()))) < fixed else cal
+        n = len(next(iter(val.values())))
     validation = [{k: v[i : i + step] for k, v in val.items()} for i in range(0, n, step)]
     one = fixed or 1
     n_cal = len(next(iter(cal.values())))
-    calibration = [{k: v[i : i + one] for k, v in cal.items()} for i in range(0, n_cal, one)]
-    if fixed is not None:
-        validation = [tile_rows(b, fixed) for b in validation]
-        calibration = [tile_rows(b, fixed) for b in calibration]
-        n = len(validation) * fixed
+    calibration = [{k: v[i : i + one] for k, v in cal.items()} for i in range(0, n_cal - n_cal % one, one)]
     output = outputs[0].name
     return Prepared(
         kind="onnx",

@@ -223,9 +223,12 @@ def test_inferbox_bench_measures_a_text_classifier_at_its_own_length(
     assert {r["runner"] for r in rows} >= {"ort-cpu/onnx-fp32/fp32", "ov-cpu/ov-fp32/fp32"}
     assert not [r for r in rows if r["runner"].startswith("pytorch")]
     assert out["reference"] == "ort-cpu/onnx-fp32/fp32"
+    (ref,) = [r for r in rows if r["runner"] == out["reference"]]
+    assert ref["top1_agree"] == 1.0
     for r in rows:
+        # a random tiny model's logits can nearly tie: INT8 may flip a few arg-maxes on some CPUs
         assert r["b32x128_per_s"] > 0 and r["peak_frac"] > 0
-        assert r["top1_agree"] == 1.0 and r["cos_min"] > 0.99, r
+        assert r["top1_agree"] >= 0.9 and r["cos_min"] > 0.99, r
     assert "top1_agree" in str(out["table"])
 
 
