@@ -19,7 +19,7 @@ import numpy.typing as npt
 from runtime.errors import SourceError
 from runtime.manifest import TensorSpec, TextConfig
 
-__all__ = ["Feeds", "Prepared", "hash_path", "onnx_io", "tile_rows"]
+__all__ = ["Feeds", "Prepared", "hash_files", "hash_path", "onnx_io", "tile_rows"]
 
 Feeds = dict[str, npt.NDArray[np.generic]]
 
@@ -62,6 +62,18 @@ class Prepared:
     notes: dict[str, str] = field(default_factory=dict)
     #: text sources: texts -> feeds (for the reference and the report); None otherwise
     encode: Callable[[list[str]], Feeds] | None = None
+
+
+def hash_files(root: Path, files: list[Path]) -> str:
+    """sha256 of ``files`` in order, each as its path relative to ``root`` + NUL + bytes (a folder's
+    hash, :func:`hash_path`, over the files one model is made of)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).resolve().relative_to(Path(root).resolve()).as_posix().encode() + b"\0")
+        with Path(f).open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def hash_path(path: Path) -> str:

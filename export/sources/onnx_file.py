@@ -6,19 +6,23 @@ batch axis and 16 elsewhere; integer inputs get values 0..255, floats a normal
 distribution.  A file whose inputs all fix the batch axis (to B rows) is run in
 calls of exactly B rows (:func:`runtime.manifest.fixed_batch`; whole calls only,
 rows left over are dropped); the server then runs each request as sent, never
-batching requests together.
+batching requests together.  Weights kept in external files beside the
+``.onnx`` file (as ``torch.onnx.export`` writes them for large models) are read
+and saved into the package's one ``model.onnx`` (up to protobuf's 2 GiB), and
+the source hash covers them.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from export.samples import read_arrays
-from export.sources import Feeds, Prepared, hash_path, onnx_io, tile_rows
+from export.sources import Feeds, Prepared, hash_files, hash_path, onnx_io, tile_rows
 from export.spec import STREAM_BATCH, STREAM_SCENARIO
 from runtime.errors import SourceError
 from runtime.manifest import TensorSpec, fixed_batch
@@ -26,7 +30,7 @@ from runtime.manifest import TensorSpec, fixed_batch
 if TYPE_CHECKING:
     from export.spec import ExportSpec
 
-__all__ = ["generate", "prepare"]
+__all__ = ["external_files", "generate", "prepare"]
 
 DYNAMIC_SIZE = 16
 
@@ -44,6 +48,70 @@ def generate(inputs: list[TensorSpec], n: int, seed: int) -> Feeds:
         else:
             out[spec.name] = rng.integers(0, 256, size=shape).astype(dtype)
     return out
+
+
+#: protobuf's limit on one serialized model; a larger model keeps its weights in external files
+PROTOBUF_LIMIT = 2 * 1024**3 - 1
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
+    from onnx import AttributeProto
+
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == AttributeProto.GRAPH:
+                yield from _tensors(attr.g)
+            elif attr.type == AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _tensors(sub)
+
+
+def external_files(path: Path) -> list[Path]:
+    """The files beside ``path`` that its tensors keep their data in (``torch.onnx.export`` writes
+    ``model.onnx.data`` for large models), sorted; each must exist inside the model's folder."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    folder = path.parent.resolve()
+    found: set[Path] = set()
+    for tensor in _tensors(model.graph):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        target = (folder / location).resolve()
+        if not target.is_relative_to(folder):
+            raise SourceError(
+                f"{path.name}: tensor {tensor.name!r} keeps its data in {location!r}, outside the model's folder; "
+                "only files beside the .onnx file are read"
+            )
+        if not target.is_file():
+            raise SourceError(
+                f"{path.name}: tensor {tensor.name!r} keeps its data in {location!r}, which is not in {folder}; "
+                "copy the weights file next to the .onnx file"
+            )
+        found.add(target)
+    return sorted(found)
+
+
+def _inline_external_data(path: Path, external: list[Path], target: Path) -> None:
+    """Save the model with its external weights as one self-contained file (under protobuf's
+    2 GB limit), so every later step (optimizer, quantizers, OpenVINO) reads one file."""
+    import onnx
+
+    size = path.stat().st_size + sum(f.stat().st_size for f in external)
+    if size > PROTOBUF_LIMIT:
+        raise SourceError(
+            f"{path.name} and its weights ({', '.join(f.name for f in external)}) take {size / 1024**3:.1f} GiB: "
+            "models over 2 GiB are not supported yet; export a smaller model"
+        )
+    onnx.save(onnx.load(str(path)), str(target))
 
 
 def _batch_axis(inputs: list[TensorSpec]) -> int | None:
@@ -69,7 +137,11 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
     inputs, outputs = onnx_io(path)
     onnx_path = staging / "onnx" / "model.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, onnx_path)
+    external = external_files(path)
+    if external:
+        _inline_external_data(path, external, onnx_path)
+    else:
+        shutil.copyfile(path, onnx_path)
     expected = {i.name: i.dtype for i in inputs}
 
     def samples(given: Any, n: int, seed: int) -> Feeds:
@@ -104,7 +176,7 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
         kind="onnx",
         task="tensor",
         source=str(path.resolve()),
-        source_sha256=hash_path(path),
+        source_sha256=hash_path(path) if not external else hash_files(path.parent, [path, *external]),
         onnx_path=onnx_path,
         inputs=inputs,
         outputs=outputs,

@@ -12,7 +12,7 @@ from export.quantize import count_ops
 from export.spec import ExportSpec
 from runtime.backends.base import OpenOptions
 from runtime.backends.registry import get_backend
-from runtime.errors import GateError
+from runtime.errors import GateError, SourceError
 from runtime.manifest import Manifest
 from runtime.package import read_package
 
@@ -110,3 +110,96 @@ def test_no_passing_variant_is_a_gate_error(tmp_path: Path, tiny_onnx: Path) -> 
         export_model(spec)
     assert not (tmp_path / "mlp").exists()
     assert not any((tmp_path / ".staging").iterdir())
+
+
+def _external_data_model(folder: Path, location: str = "weights.bin") -> Path:
+    """A MatMul whose weight is kept in an external file beside the .onnx (as torch.onnx.export
+    writes large models)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "ext",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = folder / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location=location, size_threshold=0)
+    return path
+
+
+def test_weights_in_an_external_file_are_packaged_into_one_model(tmp_path: Path) -> None:
+    """The .onnx alone used to be copied: every backend then failed on a missing weights file under
+    the staging folder. Now the weights are read and saved into the package's one model.onnx,
+    and the source hash covers them."""
+    source = _external_data_model(tmp_path / "src")
+    manifest = export_model(
+        ExportSpec(
+            source=source,
+            task="tensor",
+            name="ext",
+            repository=tmp_path / "repo",
+            timing="quick",
+            variants=("onnx-fp32", "ov-fp32"),
+        )
+    )
+    package = tmp_path / "repo" / "ext" / "1"
+    assert sorted(p.name for p in (package / "onnx").iterdir()) == ["model.onnx"]
+    assert manifest.variant("onnx-fp32").accuracy[0].passed and manifest.variant("ov-fp32").accuracy[0].passed
+    x = np.ones((2, 16), np.float32)
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(package / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    from export.sources import hash_path
+
+    assert manifest.provenance.source_sha256 != hash_path(source)  # the weights count too
+    first = manifest.provenance.source_sha256
+    (tmp_path / "src" / "weights.bin").write_bytes(b"\0" * (16 * 8 * 4))
+    again = export_model(
+        ExportSpec(
+            source=source,
+            task="tensor",
+            name="ext2",
+            repository=tmp_path / "repo",
+            timing="quick",
+            variants=("onnx-fp32",),
+        )
+    )
+    assert again.provenance.source_sha256 != first
+
+
+def test_a_missing_or_outside_weights_file_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from export.sources import onnx_file
+
+    source = _external_data_model(tmp_path / "a")
+    (tmp_path / "a" / "weights.bin").unlink()
+    spec = ExportSpec(source=source, task="tensor", name="x", repository=tmp_path / "repo")
+    with pytest.raises(SourceError, match=r"'weights\.bin', which is not in .*copy the weights file next to"):
+        export_model(spec)
+    import onnx
+
+    outside = _external_data_model(tmp_path / "b")  # then pointed at a file outside its folder
+    (tmp_path / "secret.bin").write_bytes((tmp_path / "b" / "weights.bin").read_bytes())
+    model = onnx.load(str(outside), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../secret.bin"
+    outside.write_bytes(model.SerializeToString())
+    spec = ExportSpec(source=outside, task="tensor", name="x", repository=tmp_path / "repo")
+    with pytest.raises(SourceError, match=r"outside the model's folder"):
+        export_model(spec)
+    big = _external_data_model(tmp_path / "c")
+    monkeypatch.setattr(onnx_file, "PROTOBUF_LIMIT", 100)
+    spec = ExportSpec(source=big, task="tensor", name="x", repository=tmp_path / "repo")
+    with pytest.raises(SourceError, match=r"over 2 GiB are not supported yet"):
+        export_model(spec)
