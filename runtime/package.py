@@ -59,6 +59,7 @@ __all__ = [
     "finalize_package",
     "list_versions",
     "next_version",
+    "onnx_tensors",
     "read_package",
     "sha256_file",
     "staging_dir",
@@ -183,7 +184,7 @@ def check_onnx_external_data(package: Path, rel: str, listed: set[str]) -> None:
     except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX model
         raise IntegrityError(f"{where} is not a readable ONNX model ({exc}); re-export the package", rel) from exc
     base = posixpath.dirname(rel)
-    for tensor in _all_tensors(model):
+    for tensor in onnx_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -261,7 +262,7 @@ def _parents_inside(package: Path, target: str) -> Iterator[Path]:
         yield package.joinpath(*parts[:i])
 
 
-def _all_tensors(model: ModelProto) -> Iterator[TensorProto]:
+def onnx_tensors(model: ModelProto) -> Iterator[TensorProto]:
     """Initializers, sparse initializers and tensor attributes, in graphs, subgraphs and functions."""
     yield from _graph_tensors(model.graph)
     for info in model.training_info:

@@ -49,7 +49,7 @@ class Prepared:
     outputs: list[TensorSpec]
     reference_name: str  # "pytorch" | "onnx-fp32"
     validation: list[Feeds]
-    calibration: list[Feeds]  # one sample per entry, unpadded
+    calibration: list[Feeds]  # one sample per entry (B rows for a model fixing its batch axis to B), unpadded
     reference: npt.NDArray[np.generic]  # task answers for the concatenated validation batches
     timing: dict[str, tuple[Feeds, int | None]]  # scenario -> (feeds, seq_len)
     #: output name holding the answer (classification logits / tensor output); text: text.output
@@ -64,12 +64,12 @@ class Prepared:
     encode: Callable[[list[str]], Feeds] | None = None
 
 
-def hash_files(root: Path, files: list[Path]) -> str:
-    """sha256 of ``files`` in order, each as its path relative to ``root`` + NUL + bytes (a folder's
-    hash, :func:`hash_path`, over the files one model is made of)."""
+def hash_files(files: list[tuple[str, Path]]) -> str:
+    """sha256 of named files in order, each as name + NUL + bytes (a folder's hash,
+    :func:`hash_path`, over the files one model is made of, named as the model names them)."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).resolve().relative_to(Path(root).resolve()).as_posix().encode() + b"\0")
+    for name, f in files:
+        h.update(name.encode() + b"\0")
         with Path(f).open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)

@@ -101,9 +101,9 @@ def _export_onnx(folder: Path, task: str, onnx_path: Path) -> None:
                 f"optimum exported no model.onnx for {folder}; got {sorted(p.name for p in Path(tmp).iterdir())}"
             )
         if any(p.name.startswith("model.onnx_data") for p in Path(tmp).iterdir()):
-            import onnx
+            from export.sources.onnx_file import inline_external_data
 
-            onnx.save(onnx.load(str(produced)), str(onnx_path))  # fold external data into one file
+            inline_external_data(produced, onnx_path)  # fold external data into one file (up to 2 GiB)
         else:
             shutil.move(str(produced), onnx_path)
 

@@ -7,7 +7,7 @@ distribution.  A file whose inputs all fix the batch axis (to B rows) is run in
 calls of exactly B rows (:func:`runtime.manifest.fixed_batch`; whole calls only,
 rows left over are dropped); the server then runs each request as sent, never
 batching requests together.  Weights kept in external files beside the
-``.onnx`` file (as ``torch.onnx.export`` writes them for large models) are read
+``.onnx`` file (as ``torch.onnx.export``'s dynamo exporter writes them) are read
 and saved into the package's one ``model.onnx`` (up to protobuf's 2 GiB), and
 the source hash covers them.
 """
@@ -15,8 +15,7 @@ the source hash covers them.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from runtime.manifest import TensorSpec, fixed_batch
 if TYPE_CHECKING:
     from export.spec import ExportSpec
 
-__all__ = ["external_files", "generate", "prepare"]
+__all__ = ["external_files", "generate", "inline_external_data", "prepare"]
 
 DYNAMIC_SIZE = 16
 
@@ -54,64 +53,64 @@ def generate(inputs: list[TensorSpec], n: int, seed: int) -> Feeds:
 PROTOBUF_LIMIT = 2 * 1024**3 - 1
 
 
-def _tensors(graph: Any) -> Iterator[Any]:
-    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
-    from onnx import AttributeProto
-
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == AttributeProto.TENSORS:
-                yield from attr.tensors
-            elif attr.type == AttributeProto.GRAPH:
-                yield from _tensors(attr.g)
-            elif attr.type == AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _tensors(sub)
-
-
-def external_files(path: Path) -> list[Path]:
-    """The files beside ``path`` that its tensors keep their data in (``torch.onnx.export`` writes
-    ``model.onnx.data`` for large models), sorted; each must exist inside the model's folder."""
+def external_files(path: Path) -> dict[str, Path]:
+    """Location -> file, for every tensor of ``path`` that keeps its data in a file beside it
+    (``torch.onnx.export`` writes ``model.onnx.data``), sorted by location.  Each must be a
+    regular file (not a link) inside the model's folder, and what the tensors read from them
+    must fit in one model (protobuf's 2 GiB)."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    from onnx.external_data_helper import ExternalDataInfo
+
+    from runtime.package import onnx_tensors
 
     model = onnx.load(str(path), load_external_data=False)
-    folder = path.parent.resolve()
-    found: set[Path] = set()
-    for tensor in _tensors(model.graph):
-        if not uses_external_data(tensor):
+    folder = path.parent.absolute()
+    found: dict[str, Path] = {}
+    size = path.stat().st_size
+    for tensor in onnx_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = ExternalDataInfo(tensor).location
-        target = (folder / location).resolve()
-        if not target.is_relative_to(folder):
-            raise SourceError(
-                f"{path.name}: tensor {tensor.name!r} keeps its data in {location!r}, outside the model's folder; "
-                "only files beside the .onnx file are read"
-            )
+        info = ExternalDataInfo(tensor)
+        location = str(info.location)
+        what = f"{path.name}: tensor {tensor.name!r} keeps its data in {location!r}"
+        parts = PurePosixPath(location.replace("\\", "/")).parts
+        if not location or PurePosixPath(location).is_absolute() or Path(location).is_absolute() or ".." in parts:
+            raise SourceError(f"{what}, outside the model's folder; only files beside the .onnx file are read")
+        target = folder / location
+        if not target.resolve().is_relative_to(folder.resolve()) and not target.is_symlink():
+            raise SourceError(f"{what}, outside the model's folder; only files beside the .onnx file are read")
+        if target.is_symlink():
+            raise SourceError(f"{what}, which is a link; copy the file itself next to the .onnx file")
         if not target.is_file():
-            raise SourceError(
-                f"{path.name}: tensor {tensor.name!r} keeps its data in {location!r}, which is not in {folder}; "
-                "copy the weights file next to the .onnx file"
-            )
-        found.add(target)
-    return sorted(found)
-
-
-def _inline_external_data(path: Path, external: list[Path], target: Path) -> None:
-    """Save the model with its external weights as one self-contained file (under protobuf's
-    2 GB limit), so every later step (optimizer, quantizers, OpenVINO) reads one file."""
-    import onnx
-
-    size = path.stat().st_size + sum(f.stat().st_size for f in external)
+            raise SourceError(f"{what}, which is not in {folder}; copy the weights file next to the .onnx file")
+        found[location] = target
+        length = int(info.length) if info.length else target.stat().st_size - int(info.offset or 0)
+        size += max(0, length)
     if size > PROTOBUF_LIMIT:
         raise SourceError(
-            f"{path.name} and its weights ({', '.join(f.name for f in external)}) take {size / 1024**3:.1f} GiB: "
+            f"{path.name} and the weights its tensors read ({', '.join(found)}) take {size / 1024**3:.1f} GiB: "
             "models over 2 GiB are not supported yet; export a smaller model"
         )
-    onnx.save(onnx.load(str(path)), str(target))
+    return dict(sorted(found.items()))
+
+
+def inline_external_data(path: Path, target: Path) -> None:
+    """Save the model with its external weights as one self-contained file, so every later step
+    (optimizer, quantizers, OpenVINO) reads one file."""
+    import onnx
+
+    from runtime.package import onnx_tensors
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx's checks of locations, offsets and lengths
+        raise SourceError(f"{path.name}: its external weights cannot be read ({exc}); re-export the model") from exc
+    left = [t.name for t in onnx_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if left:
+        raise SourceError(f"{path.name}: tensors {left} stay external after loading (sparse tensors?); not supported")
+    if model.ByteSize() > PROTOBUF_LIMIT:
+        raise SourceError(f"{path.name} with its weights is over 2 GiB: not supported yet; export a smaller model")
+    onnx.save(model, str(target))
 
 
 def _batch_axis(inputs: list[TensorSpec]) -> int | None:
@@ -139,7 +138,7 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     external = external_files(path)
     if external:
-        _inline_external_data(path, external, onnx_path)
+        inline_external_data(path, onnx_path)
     else:
         shutil.copyfile(path, onnx_path)
     expected = {i.name: i.dtype for i in inputs}
@@ -152,7 +151,11 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
         missing = [k for k in expected if k not in given]
         if missing:
             raise SourceError(f"samples lack inputs {missing}; give every input of the model")
-        return {k: np.asarray(given[k]).astype(expected[k]) for k in expected}
+        arrays = {k: np.asarray(given[k]).astype(expected[k]) for k in expected}
+        rows = {k: int(a.shape[0]) if a.ndim else 0 for k, a in arrays.items()}
+        if len(set(rows.values())) != 1 or 0 in rows.values():
+            raise SourceError(f"samples need the same number of rows (at least one) in every input; got {rows}")
+        return arrays
 
     val = samples(spec.validation, 64, 1)
     cal = samples(spec.calibration, 32, 2)
@@ -176,7 +179,7 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
         kind="onnx",
         task="tensor",
         source=str(path.resolve()),
-        source_sha256=hash_path(path) if not external else hash_files(path.parent, [path, *external]),
+        source_sha256=hash_files([(path.name, path), *external.items()]) if external else hash_path(path),
         onnx_path=onnx_path,
         inputs=inputs,
         outputs=outputs,

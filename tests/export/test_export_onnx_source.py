@@ -114,14 +114,20 @@ def test_no_passing_variant_is_a_gate_error(tmp_path: Path, tiny_onnx: Path) -> 
 
 def _external_data_model(folder: Path, location: str = "weights.bin") -> Path:
     """A MatMul whose weight is kept in an external file beside the .onnx (as torch.onnx.export
-    writes large models)."""
+    writes), plus a bias in a Constant node's attribute tensor, kept there too."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     folder.mkdir(parents=True, exist_ok=True)
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "w")
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bias")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [
+            helper.make_node("Constant", [], ["b"], value=bias),
+            helper.make_node("MatMul", ["x", "w"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["y"]),
+        ],
         "ext",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
@@ -130,7 +136,7 @@ def _external_data_model(folder: Path, location: str = "weights.bin") -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = folder / "ext.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location=location, size_threshold=0)
+    onnx.save(model, str(path), save_as_external_data=True, location=location, size_threshold=0, convert_attribute=True)
     return path
 
 
@@ -163,8 +169,17 @@ def test_weights_in_an_external_file_are_packaged_into_one_model(tmp_path: Path)
     from export.sources import hash_path
 
     assert manifest.provenance.source_sha256 != hash_path(source)  # the weights count too
+    from export.sources.onnx_file import external_files
+
+    assert list(external_files(source)) == ["weights.bin"]
+    import onnx
+
+    kept = onnx.load(str(source), load_external_data=False)
+    constant = kept.graph.node[0].attribute[0].t
+    assert constant.data_location == onnx.TensorProto.EXTERNAL  # the Constant's bias was external too
     first = manifest.provenance.source_sha256
-    (tmp_path / "src" / "weights.bin").write_bytes(b"\0" * (16 * 8 * 4))
+    weights = tmp_path / "src" / "weights.bin"
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # other weights, same layout
     again = export_model(
         ExportSpec(
             source=source,
@@ -197,6 +212,17 @@ def test_a_missing_or_outside_weights_file_names_the_fix(tmp_path: Path, monkeyp
     outside.write_bytes(model.SerializeToString())
     spec = ExportSpec(source=outside, task="tensor", name="x", repository=tmp_path / "repo")
     with pytest.raises(SourceError, match=r"outside the model's folder"):
+        export_model(spec)
+    linked = _external_data_model(tmp_path / "d")
+    (tmp_path / "d" / "weights.bin").rename(tmp_path / "elsewhere.bin")
+    (tmp_path / "d" / "weights.bin").symlink_to(tmp_path / "elsewhere.bin")
+    spec = ExportSpec(source=linked, task="tensor", name="x", repository=tmp_path / "repo")
+    with pytest.raises(SourceError, match=r"which is a link; copy the file itself"):
+        export_model(spec)
+    short = _external_data_model(tmp_path / "e")
+    (tmp_path / "e" / "weights.bin").write_bytes(b"\0" * 16)  # cut short: the tensors read past its end
+    spec = ExportSpec(source=short, task="tensor", name="x", repository=tmp_path / "repo")
+    with pytest.raises(SourceError, match=r"its external weights cannot be read .*re-export the model"):
         export_model(spec)
     big = _external_data_model(tmp_path / "c")
     monkeypatch.setattr(onnx_file, "PROTOBUF_LIMIT", 100)
