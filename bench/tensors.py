@@ -267,7 +267,9 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
     result["table"] = format_table(columns, good)
     echo(result["table"])
     if reference is not None:
-        echo(f"accuracy against {result['reference']} on the package's {sample_rows} sample rows")
+        echo(
+            f"accuracy against {result['reference']} on the package's {sample_rows} sample row{'s' * (sample_rows != 1)}"
+        )
     else:
         echo("  no accuracy columns: no fp32 candidate was measured here to compare with")
     if "skipped" in flops:
