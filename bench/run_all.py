@@ -31,13 +31,27 @@ __all__ = ["PARTS", "SUITE_GOAL_S", "main", "nested_skips", "render_readme", "ru
 logger = logging.getLogger(__name__)
 
 PARTS = ("inprocess", "http", "audit_onoff", "batch", "coldstart", "memory")
+#: the parts that feed texts, with what they send: a tensor or image package skips them
+TEXT_PARTS = {
+    "http": "sends texts to /v1/embeddings",
+    "audit_onoff": "sends texts to /v1/embeddings",
+    "batch": "submits jobs of texts",
+    "memory": "runs batches of 32 x 128 tokens",
+}
 
 
-def _part(name: str) -> Callable[[Config], dict[str, Any]]:
+def _tensor_inprocess(cfg: Config) -> dict[str, Any]:
+    from bench.inprocess import load_package
+    from bench.tensors import run
+
+    return run(cfg, package=load_package(cfg))
+
+
+def _part(name: str, *, text: bool = True) -> Callable[[Config], dict[str, Any]]:
     if name == "inprocess":
         from bench.inprocess import run as inprocess
 
-        return inprocess
+        return inprocess if text else _tensor_inprocess
     if name == "http":
         from bench.http import run as http
 
@@ -62,14 +76,26 @@ def _part(name: str) -> Callable[[Config], dict[str, Any]]:
 
 
 def ensure_package(cfg: Config, *, init: bool) -> dict[str, Any]:
-    """Open the package, building it with ``inferbox init`` first when it is missing."""
+    """Open the package, building it with ``inferbox init`` first when it is missing (the
+    default model only: another one is exported by its owner)."""
+    from appliance.settings import load_settings
     from bench.inprocess import load_package
     from runtime.errors import ModelNotFoundError
 
     try:
         p = load_package(cfg)
-        return {"name": p.name, "version": p.version, "path": str(p.path), "built": False}
+        return {
+            "name": p.name,
+            "version": p.version,
+            "path": str(p.path),
+            "built": False,
+            "task": p.manifest.task,
+            "text": p.manifest.text is not None,
+        }
     except ModelNotFoundError as exc:
+        default = load_settings({"home": cfg.home, "repository": cfg.repository}).default_model
+        if cfg.model != default:
+            return skipped(f"{exc} (`inferbox init` builds only the default model {default!r})")
         if not init:
             return skipped(f"{exc} (run `inferbox init`)")
     from bench.server import inferbox_command
@@ -91,6 +117,8 @@ def ensure_package(cfg: Config, *, init: bool) -> dict[str, Any]:
         "path": str(p.path),
         "built": True,
         "init_s": time.perf_counter() - t0,
+        "task": p.manifest.task,
+        "text": p.manifest.text is not None,
     }
 
 
@@ -246,6 +274,7 @@ def _spread(ref: dict[str, Any], *keys: str) -> str:
 
 def render_readme(report: dict[str, Any]) -> str:
     """The markdown results page."""
+    from bench import tensors
     from bench.inprocess import COLUMNS
 
     parts = report.get("parts", {})
@@ -274,12 +303,19 @@ def render_readme(report: dict[str, Any]) -> str:
     ]
     flops = _get(parts, "inprocess", "flops") or {}
     if flops.get("flops_per_item"):
+        per = f"sentence at {flops['tokens']} tokens" if "tokens" in flops else "row"
+        amount = flops["flops_per_item"]
+        shown = f"{amount / 1e9:.3f} GFLOP" if amount >= 1e7 else f"{amount:,.0f} FLOP"
         lines += [
-            f"FLOPs per sentence at 128 tokens (MatMul/Gemm of `{flops['variant']}`, counted from the graph): "
-            f"{flops['flops_per_item'] / 1e9:.3f} GFLOP.",
+            f"FLOPs per {per} (matrix products and convolutions of `{flops['variant']}`, counted from the graph): "
+            f"{shown}.",
             "",
         ]
-    lines += _section("In-process (items/s; latency in ms; x_ = throughput ratio)", parts.get("inprocess"), COLUMNS)
+    if _get(parts, "inprocess", "kind") == "tensor":
+        title = f"In-process, on the package's samples (rows/s in calls of {_get(parts, 'inprocess', 'batch')})"
+        lines += _section(title, parts.get("inprocess"), tensors.COLUMNS)
+    else:
+        lines += _section("In-process (items/s; latency in ms; x_ = throughput ratio)", parts.get("inprocess"), COLUMNS)
     h2h = _get(parts, "inprocess", "head_to_head")
     if isinstance(h2h, dict) and "ratio" in h2h:
         lines += [
@@ -442,11 +478,17 @@ def run(cfg: Config, parts: Sequence[str] = PARTS, *, init: bool = True) -> dict
     }
     cfg.out.mkdir(parents=True, exist_ok=True)
     report["package"] = ensure_package(cfg, init=init)
+    text = report["package"].get("text", True)
     for name in parts:
         print(f"== {name} (at {time.perf_counter() - t0:.0f} s)", flush=True)
         t = time.perf_counter()
+        if not text and name in TEXT_PARTS:
+            task = report["package"].get("task")
+            report["parts"][name] = skipped(f"this part {TEXT_PARTS[name]}; {cfg.model} is a {task} model")
+            report["part_seconds"][name] = 0.0
+            continue
         try:
-            report["parts"][name] = _part(name)(cfg)
+            report["parts"][name] = _part(name, text=text)(cfg)
         except Exception as exc:  # a part must never sink the run
             logger.exception("part %s failed", name)
             report["parts"][name] = skipped(f"{type(exc).__name__}: {exc}")

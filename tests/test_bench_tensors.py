@@ -197,3 +197,37 @@ def test_inferbox_bench_fails_when_no_candidate_could_be_measured(
     assert "no candidate of cnn could be measured here" in res.stderr and "the backend broke" in res.stderr
     out = json.loads(res.stdout)
     assert out["rows"] and all("skipped" in r for r in out["rows"])
+
+
+def test_the_suite_on_a_tensor_model_runs_its_tensor_part_and_says_why_the_text_parts_do_not(
+    cnn_repository: Path, tmp_path: Path
+) -> None:
+    """``python -m bench.run_all --model cnn``: the in-process part is the tensor one, the parts that
+    send texts are skipped with the reason, and the page shows the tensor table."""
+    from bench import run_all
+    from bench.common import Config
+
+    cfg = Config(out=tmp_path / "out", quick=True, model="cnn", home=tmp_path / "home", repository=cnn_repository)
+    report = run_all.run(cfg, parts=("inprocess", "http", "memory"), init=False)
+    assert report["package"]["task"] == "tensor" and report["package"]["text"] is False
+    inprocess = report["parts"]["inprocess"]
+    assert inprocess["kind"] == "tensor" and [r for r in inprocess["rows"] if "skipped" not in r]
+    assert report["parts"]["http"] == {"skipped": "this part sends texts to /v1/embeddings; cnn is a tensor model"}
+    assert report["parts"]["memory"]["skipped"].startswith("this part runs batches of 32 x 128 tokens")
+    page = (tmp_path / "out" / "README.md").read_text()
+    assert "rows/s in calls of 32" in page and "rows_per_s" in page
+    assert (
+        f"FLOPs per row (matrix products and convolutions of `onnx-fp32`, counted from the graph): {CNN_CONV_FLOPS + CNN_GEMM_FLOPS:,} FLOP."
+        in page
+    )
+
+
+def test_the_suite_does_not_build_the_default_model_for_another_missing_one(tmp_path: Path) -> None:
+    from bench import run_all
+    from bench.common import Config
+
+    cfg = Config(out=tmp_path / "out", quick=True, model="mine", home=tmp_path / "home", repository=tmp_path / "repo")
+    (tmp_path / "repo").mkdir()
+    package = run_all.ensure_package(cfg, init=True)
+    assert "`inferbox init` builds only the default model 'minilm'" in package["skipped"]
+    assert not (tmp_path / "repo" / "minilm").exists()
