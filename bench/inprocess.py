@@ -47,6 +47,7 @@ from bench.common import (
 from bench.corpus import SHORT_QUERY, exact_length_texts, length_buckets, minilm_dir, mixed_corpus
 
 if TYPE_CHECKING:
+    from runtime.manifest import Variant
     from runtime.package import Package
     from runtime.selection import Candidate, Decision
     from runtime.serving import LoadedModel
@@ -55,6 +56,7 @@ __all__ = [
     "COLUMNS",
     "Runner",
     "Texts",
+    "add_peak",
     "auto_aliases",
     "choice",
     "corpus_throughput",
@@ -65,6 +67,7 @@ __all__ = [
     "open_candidate",
     "open_model",
     "parallel_corpus_throughput",
+    "plain_fp32_onnx",
     "plainest_fp32_first",
     "pytorch_runner",
     "run",
@@ -113,6 +116,18 @@ class Runner:
     warm_s: float = 0.0
     #: facts for the table; a callable value is read when the row is written (after the timings)
     facts: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """The first fields of this runner's table row: what it is and how long it took to open."""
+        return {
+            "runner": self.label,
+            "kind": self.kind,
+            "backend": self.backend,
+            "variant": self.variant,
+            "exec_precision": self.exec_precision,
+            "compute": self.compute,
+            "open_s": self.open_s,
+        }
 
 
 @dataclass(frozen=True)
@@ -528,13 +543,7 @@ def measure(
     )
     emb = embed_sorted(runner.encode, texts.accuracy, texts.accuracy_lengths)
     row: dict[str, Any] = {
-        "runner": runner.label,
-        "kind": runner.kind,
-        "backend": runner.backend,
-        "variant": runner.variant,
-        "exec_precision": runner.exec_precision,
-        "compute": runner.compute,
-        "open_s": runner.open_s,
+        **runner.identity(),
         "b1_p50_ms": b1.p50 * 1000,
         "b1_p99_ms": b1.p99 * 1000,
         "b1_runs": b1.n,
@@ -658,6 +667,26 @@ def _baseline_dir(package: Package | None) -> Path | None:
     return None
 
 
+def plain_fp32_onnx(package: Package) -> Variant | None:
+    """The variant FLOPs are counted on: the plain fp32 ONNX file (fused or quantized graphs hide
+    products inside other operators), None when the package has no fp32 ONNX variant."""
+    fp32 = [v for v in package.manifest.variants if v.format == "onnx" and v.precision == "fp32"]
+    return next((v for v in fp32 if v.id == "onnx-fp32"), fp32[0] if fp32 else None)
+
+
+def add_peak(row: dict[str, Any], per_s: float, flops_item: float | None, peaks: Mapping[str, float]) -> None:
+    """``row``'s share of the CPU's peak for its compute kind at ``per_s`` items of ``flops_item``
+    FLOPs each (``peak_kind``, ``achieved_gflops``, ``peak_frac``); nothing without a FLOP count
+    or a peak."""
+    from bench.roofline import peak_for
+
+    peak = peak_for(peaks, row["compute"])
+    if flops_item and peak and peak[1] > 0:
+        row["peak_kind"] = peak[0]
+        row["achieved_gflops"] = per_s * flops_item / 1e9
+        row["peak_frac"] = per_s * flops_item / peak[1]
+
+
 def _flops(package: Package, tokens: int = B32_TOKENS) -> dict[str, Any]:
     """FLOPs per sentence at ``tokens`` tokens, counted on the plain fp32 ONNX variant."""
     import numpy as np
@@ -665,10 +694,9 @@ def _flops(package: Package, tokens: int = B32_TOKENS) -> dict[str, Any]:
     from bench.roofline import count_matmul_flops
 
     text = package.manifest.text
-    fp32 = [v for v in package.manifest.variants if v.format == "onnx" and v.precision == "fp32"]
-    if text is None or not fp32:
+    plain = plain_fp32_onnx(package)
+    if text is None or plain is None:
         return skipped("no fp32 ONNX variant (or not a text model) to count FLOPs on")
-    plain = next((v for v in fp32 if v.id == "onnx-fp32"), fp32[0])
     feeds = {}
     for spec in package.manifest.inputs:
         role = text.input_map.get(spec.name, spec.name)
@@ -819,11 +847,9 @@ def run(
         r["x_best_pt"] = ratio(r["b32x128_per_s"], best_pt.get("b32x128_per_s"))
         r["corpus_x_bf16"] = ratio(r["corpus_per_s"], ref16.get("corpus_per_s"))
         r["b1_vs_fp32"] = ratio(r["b1_p50_ms"], ref32.get("b1_p50_ms"))
+        add_peak(r, r["b32x128_per_s"], flops_item, peaks.peaks)
         peak = peak_for(peaks.peaks, r["compute"])
-        if flops_item and peak and peak[1] > 0:
-            r["peak_kind"] = peak[0]
-            r["achieved_gflops"] = r["b32x128_per_s"] * flops_item / 1e9
-            r["peak_frac"] = r["b32x128_per_s"] * flops_item / peak[1]
+        if "peak_frac" in r and flops_item and peak:
             r["ceiling_per_s"] = peak[1] / flops_item
     result["rows"] = rows
     columns = [*COLUMNS[:7], "top1_agree", *COLUMNS[7:]] if classifier else list(COLUMNS)

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 from bench.common import (
     Config,
     format_table,
-    ratio,
     skipped,
     summarize,
     time_calls,
@@ -44,10 +43,12 @@ from bench.common import (
 )
 from bench.inprocess import (
     Runner,
+    add_peak,
     auto_aliases,
     choice,
     cosine_stats,
     open_candidate,
+    plain_fp32_onnx,
     plainest_fp32_first,
     top1_agreement,
     warm,
@@ -124,13 +125,7 @@ def _measure_one(runner: Runner, b1: Feeds, bn: Feeds, rows: int, cfg: Config) -
         time_calls(lambda: runner.encode(bn), warmup=cfg.pick(1, 3), runs=cfg.pick(5, 50), budget_s=cfg.pick(1.0, 4.0))
     )
     return {
-        "runner": runner.label,
-        "kind": "candidate",
-        "backend": runner.backend,
-        "variant": runner.variant,
-        "exec_precision": runner.exec_precision,
-        "compute": runner.compute,
-        "open_s": runner.open_s,
+        **runner.identity(),
         "b1_p50_ms": one.p50 * 1000,
         "b1_p99_ms": one.p99 * 1000,
         "b1_runs": one.n,
@@ -144,10 +139,9 @@ def _flops(package: Package, b1: Feeds, rows: int) -> dict[str, Any]:
     """FLOPs per row, counted on the plain fp32 ONNX variant with ``b1`` (``rows`` rows)."""
     from bench.roofline import count_matmul_flops
 
-    fp32 = [v for v in package.manifest.variants if v.format == "onnx" and v.precision == "fp32"]
-    if not fp32:
+    plain = plain_fp32_onnx(package)
+    if plain is None:
         return skipped("no fp32 ONNX variant to count FLOPs on")
-    plain = next((v for v in fp32 if v.id == "onnx-fp32"), fp32[0])
     count = count_matmul_flops(package.variant_path(plain.id), b1)
     if count.total <= 0:
         return skipped(f"no matrix product or convolution in {plain.id}: nothing to compare with the peak")
@@ -163,7 +157,7 @@ def _flops(package: Package, b1: Feeds, rows: int) -> dict[str, Any]:
 def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every admissible candidate of a tensor package; print the table (through
     ``echo``); write ``inprocess.json`` (+ PNG) under ``cfg.out``."""
-    from bench.roofline import machine_peaks, peak_for
+    from bench.roofline import machine_peaks
     from export.sources import tile_rows
     from runtime.autotune import load_samples
     from runtime.manifest import fixed_batch
@@ -256,11 +250,7 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
     for r in rows_out:
         if "skipped" in r:
             continue
-        peak = peak_for(peaks.peaks, r["compute"])
-        if flops_item and peak and peak[1] > 0:
-            r["peak_kind"] = peak[0]
-            r["achieved_gflops"] = r["rows_per_s"] * flops_item / 1e9
-            r["peak_frac"] = ratio(r["rows_per_s"] * flops_item, peak[1])
+        add_peak(r, r["rows_per_s"], flops_item, peaks.peaks)
     result["rows"] = rows_out
     good = [r for r in rows_out if "skipped" not in r]
     columns = [c for c in COLUMNS if c == "runner" or any(r.get(c) is not None for r in good)]

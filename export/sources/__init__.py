@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -64,29 +64,30 @@ class Prepared:
     encode: Callable[[list[str]], Feeds] | None = None
 
 
+def _hash_into(h: Any, path: Path) -> None:
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+
+
 def hash_files(files: list[tuple[str, Path]]) -> str:
     """sha256 of named files in order, each as name + NUL + bytes (a folder's hash,
     :func:`hash_path`, over the files one model is made of, named as the model names them)."""
     h = hashlib.sha256()
     for name, f in files:
         h.update(name.encode() + b"\0")
-        with Path(f).open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _hash_into(h, f)
     return h.hexdigest()
 
 
 def hash_path(path: Path) -> str:
     """sha256 of a file, or of a folder: every file in sorted relative-path order (path + NUL + bytes)."""
-    h = hashlib.sha256()
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return hash_files([(f.relative_to(path).as_posix(), f) for f in files])
+    h = hashlib.sha256()
+    _hash_into(h, path)
     return h.hexdigest()
 
 

@@ -15,7 +15,7 @@ the source hash covers them.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,14 +73,11 @@ def external_files(path: Path) -> dict[str, Path]:
         info = ExternalDataInfo(tensor)
         location = str(info.location)
         what = f"{path.name}: tensor {tensor.name!r} keeps its data in {location!r}"
-        parts = PurePosixPath(location.replace("\\", "/")).parts
-        if not location or PurePosixPath(location).is_absolute() or Path(location).is_absolute() or ".." in parts:
-            raise SourceError(f"{what}, outside the model's folder; only files beside the .onnx file are read")
-        target = folder / location
-        if not target.resolve().is_relative_to(folder.resolve()) and not target.is_symlink():
-            raise SourceError(f"{what}, outside the model's folder; only files beside the .onnx file are read")
+        target = folder / location  # an absolute location replaces the folder: caught below
         if target.is_symlink():
             raise SourceError(f"{what}, which is a link; copy the file itself next to the .onnx file")
+        if not location or not target.resolve().is_relative_to(folder.resolve()):
+            raise SourceError(f"{what}, outside the model's folder; only files beside the .onnx file are read")
         if not target.is_file():
             raise SourceError(f"{what}, which is not in {folder}; copy the weights file next to the .onnx file")
         found[location] = target
