@@ -363,12 +363,21 @@ def auto_aliases(candidates: Sequence[Candidate], devices: Sequence[str] | None 
 
 def plainest_fp32_first(candidates: list[Candidate], package: Package) -> Candidate | None:
     """Move the plainest fp32 candidate (ONNX Runtime on the plain ONNX file first) to the front
-    of ``candidates`` and return it (None when none computes fp32 on fp32 weights): the accuracy
-    reference when no PyTorch baseline runs."""
+    of ``candidates`` and return it (None when none computes fp32 on unquantized weights): the
+    accuracy reference when no PyTorch baseline runs.  fp32 weights come first; a package whose
+    source stored fp16 weights has only those, and its reference then computes on them at exec
+    precision fp32."""
+    rank = {"fp32": 0, "fp16": 1}
     plain = [
-        c for c in candidates if c.exec_precision == "fp32" and package.manifest.variant(c.variant).precision == "fp32"
+        c for c in candidates if c.exec_precision == "fp32" and package.manifest.variant(c.variant).precision in rank
     ]
-    plain.sort(key=lambda c: (c.backend != "ort-cpu", c.variant != "onnx-fp32"))
+    plain.sort(
+        key=lambda c: (
+            rank[package.manifest.variant(c.variant).precision],
+            c.backend != "ort-cpu",
+            c.variant != "onnx-fp32",
+        )
+    )
     if not plain:
         return None
     candidates.remove(plain[0])
@@ -668,10 +677,12 @@ def _baseline_dir(package: Package | None) -> Path | None:
 
 
 def plain_fp32_onnx(package: Package) -> Variant | None:
-    """The variant FLOPs are counted on: the plain fp32 ONNX file (fused or quantized graphs hide
-    products inside other operators), None when the package has no fp32 ONNX variant."""
-    fp32 = [v for v in package.manifest.variants if v.format == "onnx" and v.precision == "fp32"]
-    return next((v for v in fp32 if v.id == "onnx-fp32"), fp32[0] if fp32 else None)
+    """The variant FLOPs are counted on: the plain unquantized ONNX file, fp32 (or fp16 when the
+    source stored its weights so), since fused or quantized graphs hide products inside other
+    operators; None when the package has no such variant."""
+    plain = [v for v in package.manifest.variants if v.format == "onnx" and v.precision in ("fp32", "fp16")]
+    plain.sort(key=lambda v: (v.precision != "fp32", v.id != "onnx-fp32"))
+    return plain[0] if plain else None
 
 
 def add_peak(row: dict[str, Any], per_s: float, flops_item: float | None, peaks: Mapping[str, float]) -> None:

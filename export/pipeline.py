@@ -22,14 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
 from export.provenance import provenance_of
-from export.sources import Feeds, Prepared, tile_rows
+from export.sources import Feeds, Prepared, tile_rows, weights_precision
 from export.spec import (
     QUICK_STREAM_MIN_S,
     STREAM_ROUNDS,
@@ -103,6 +103,8 @@ class _Exporter:
         self.variants: list[Variant] = []
         self.prepared: Prepared | None = None
         self.gate: dict[str, float] = {}
+        #: the float precision the source's weights are stored in (fp16 sources stay fp16)
+        self.stored: Literal["fp32", "fp16"] = "fp32"
         self._bf16: bool | None = None
         #: stream scenarios waiting for :meth:`time_streams`
         self._streams: list[_StreamJob] = []
@@ -309,6 +311,7 @@ class _Exporter:
         )
         wanted = set(spec.variants)
         fp32 = p.onnx_path
+        self.stored = weights_precision(fp32)
         cand = self.validate(fp32, "onnx")
         keep_fp32 = "onnx-fp32" in wanted and cand.passed
         self.record(
@@ -316,10 +319,10 @@ class _Exporter:
             "export",
             cand,
             fmt="onnx",
-            precision="fp32",
+            precision=self.stored,
             files=["onnx/model.onnx"],
             keep=keep_fp32,
-            description=f"fp32 ONNX from the {p.kind} source",
+            description=f"{self.stored} ONNX from the {p.kind} source",
         )
         optimized: Path | None = None
         if "onnx-opt" in wanted or "onnx-int8" in wanted:
@@ -386,7 +389,7 @@ class _Exporter:
             "optimize",
             cand,
             fmt="onnx",
-            precision="fp32",
+            precision=self.stored,
             files=["onnx/model.opt.onnx"],
             keep=keep and ok,
             description=description,
@@ -438,7 +441,7 @@ class _Exporter:
     def openvino_fp32(self, fp32: Path, staging: Path) -> None:
         from export.openvino import convert, save
 
-        self.say("openvino", "converting to OpenVINO IR (fp32 weights)")
+        self.say("openvino", f"converting to OpenVINO IR ({self.stored} weights, as the source)")
         xml = staging / "openvino" / "model.xml"
         try:
             save(convert(fp32), xml)
@@ -460,7 +463,7 @@ class _Exporter:
             "convert",
             cand,
             fmt="openvino",
-            precision="fp32",
+            precision=self.stored,
             files=["openvino/model.xml", "openvino/model.bin"],
             keep=keep,
             description="ov.convert_model + save_model(compress_to_fp16=False)",

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from runtime.errors import SourceError
 from runtime.manifest import TensorSpec, TextConfig
 
-__all__ = ["Feeds", "Prepared", "hash_files", "hash_path", "onnx_io", "tile_rows"]
+__all__ = ["Feeds", "Prepared", "hash_files", "hash_path", "onnx_io", "tile_rows", "weights_precision"]
 
 Feeds = dict[str, npt.NDArray[np.generic]]
 
@@ -114,6 +114,24 @@ def onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     if not inputs or not outputs:
         raise SourceError(f"{path}: the graph has no inputs or no outputs; is it a complete model?")
     return inputs, outputs
+
+
+def weights_precision(path: Path) -> Literal["fp32", "fp16"]:
+    """The float precision an ONNX file stores its weights in: ``fp16`` when half-precision
+    initializers (and ``Constant`` tensors) hold more bytes than single-precision ones, else
+    ``fp32``.  Written into the manifest of the variants that keep the source's weights as they
+    are (the plain and graph-optimized ONNX, the OpenVINO IR converted without compression)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = list(model.graph.initializer)
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.HasField("t")]
+    size: dict[int, int] = {}
+    for t in tensors:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        size[t.data_type] = size.get(t.data_type, 0) + n
+    half, single = size.get(onnx.TensorProto.FLOAT16, 0) * 2, size.get(onnx.TensorProto.FLOAT, 0) * 4
+    return "fp16" if half > single else "fp32"
 
 
 def tile_rows(feeds: Feeds, n: int) -> Feeds:

@@ -229,3 +229,70 @@ def test_a_missing_or_outside_weights_file_names_the_fix(tmp_path: Path, monkeyp
     spec = ExportSpec(source=big, task="tensor", name="x", repository=tmp_path / "repo")
     with pytest.raises(SourceError, match=r"over 2 GiB are not supported yet"):
         export_model(spec)
+
+
+def _to_fp16_weights(source: Path, target: Path) -> Path:
+    """``source`` with every float initializer stored as fp16 and the graph computing in fp16
+    between a Cast of its float32 input and a Cast back (what fp16 converters write with
+    ``keep_io_types``)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    halves = [numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name) for t in graph.initializer]
+    del graph.initializer[:]
+    graph.initializer.extend(halves)
+    (x,), (y,) = graph.input, graph.output
+    for node in graph.node:
+        node.input[:] = [f"{x.name}_16" if i == x.name else i for i in node.input]
+        node.output[:] = [f"{y.name}_16" if o == y.name else o for o in node.output]
+    graph.node.insert(0, helper.make_node("Cast", [x.name], [f"{x.name}_16"], to=TensorProto.FLOAT16))
+    graph.node.append(helper.make_node("Cast", [f"{y.name}_16"], [y.name], to=TensorProto.FLOAT))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(target))
+    return target
+
+
+def test_a_source_with_fp16_weights_is_labelled_fp16(tmp_path: Path, tiny_onnx: Path) -> None:
+    """The manifest says what the variants store: the plain ONNX, its optimized graph and the
+    OpenVINO IR keep an fp16 source's weights in fp16 (they were labelled fp32), and the bench
+    still finds the plain ONNX file to count FLOPs on and to compare with."""
+    from bench.inprocess import plain_fp32_onnx
+    from export.sources import weights_precision
+
+    source = _to_fp16_weights(tiny_onnx, tmp_path / "mlp16.onnx")
+    assert weights_precision(tiny_onnx) == "fp32" and weights_precision(source) == "fp16"
+    rng = np.random.default_rng(0)
+    manifest = export_model(
+        ExportSpec(
+            source=source,
+            task="tensor",
+            name="mlp16",
+            repository=tmp_path / "repo",
+            timing="quick",
+            validation={"x": rng.standard_normal((16, 16)).astype(np.float32)},
+            variants=("onnx-fp32", "onnx-opt", "ov-fp32"),
+        )
+    )
+    labels = {v.id: v.precision for v in manifest.variants}
+    assert labels == {"onnx-fp32": "fp16", "onnx-opt": "fp16", "ov-fp32": "fp16"}, labels
+    attempt = next(a for a in manifest.attempts if a.variant == "onnx-fp32")
+    assert attempt.reason.startswith("fp16 ONNX from the onnx source"), attempt.reason
+    package = read_package(tmp_path / "repo" / "mlp16" / "1")
+    plain = plain_fp32_onnx(package)
+    assert plain is not None and plain.id == "onnx-fp32"
+
+    import json
+
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    args = ["bench", "mlp16", "--quick", "--json", "--repository", str(tmp_path / "repo"), "--home", str(tmp_path)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output[-3000:]
+    out = json.loads(res.stdout)
+    assert out["reference"] == "ort-cpu/onnx-fp32/fp32"
+    assert out["flops"]["flops_per_item"] == 2 * (16 * 32 + 32 * 4)
+    assert all(r["cos_min"] > 0.99 for r in out["rows"] if "skipped" not in r), out["rows"]
