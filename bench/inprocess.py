@@ -47,6 +47,7 @@ from bench.common import (
 from bench.corpus import SHORT_QUERY, exact_length_texts, length_buckets, minilm_dir, mixed_corpus
 
 if TYPE_CHECKING:
+    from bench.roofline import MachinePeaks
     from runtime.manifest import Variant
     from runtime.package import Package
     from runtime.selection import Candidate, Decision
@@ -108,6 +109,8 @@ class Runner:
     exec_precision: str = ""
     #: compute kind for the roofline: fp32 | bf16 | int8
     compute: str = "fp32"
+    #: where it ran (:func:`bench.roofline.device_of`): cpu | nvidia | an accelerator's name
+    device: str = "cpu"
     open_s: float = 0.0
     #: waits for what the warm-up calls started (an OpenVINO session's static-shape copies)
     settle: Callable[[], None] = lambda: None
@@ -126,6 +129,7 @@ class Runner:
             "variant": self.variant,
             "exec_precision": self.exec_precision,
             "compute": self.compute,
+            "device": self.device,
             "open_s": self.open_s,
         }
 
@@ -441,6 +445,7 @@ def open_candidate(
     """Open one candidate as the server would (its all-core session: static-shape copies for the
     shapes that repeat, OpenVINO) and wrap ``LoadedModel.embed`` (texts -> embeddings), or with
     ``tensors`` ``LoadedModel.infer`` (feeds -> outputs by name: :mod:`bench.tensors`)."""
+    from bench.roofline import device_of
     from runtime.backends.static_shapes import DEFAULT_STATIC_SHAPES
 
     if package.manifest.text is None and not tensors:
@@ -473,6 +478,7 @@ def open_candidate(
         variant=variant,
         exec_precision=exec_precision,
         compute=_compute_kind(package, variant, exec_precision),
+        device=device_of(model.session.active),
         open_s=open_s,
         settle=settle,
         warm_s=warm_s,
@@ -685,17 +691,21 @@ def plain_fp32_onnx(package: Package) -> Variant | None:
     return plain[0] if plain else None
 
 
-def add_peak(row: dict[str, Any], per_s: float, flops_item: float | None, peaks: Mapping[str, float]) -> None:
-    """``row``'s share of the CPU's peak for its compute kind at ``per_s`` items of ``flops_item``
-    FLOPs each (``peak_kind``, ``achieved_gflops``, ``peak_frac``); nothing without a FLOP count
-    or a peak."""
-    from bench.roofline import peak_for
-
-    peak = peak_for(peaks, row["compute"])
-    if flops_item and peak and peak[1] > 0:
-        row["peak_kind"] = peak[0]
-        row["achieved_gflops"] = per_s * flops_item / 1e9
-        row["peak_frac"] = per_s * flops_item / peak[1]
+def add_peak(row: dict[str, Any], per_s: float, flops_item: float | None, machine: MachinePeaks) -> float | None:
+    """``row``'s share of the peak of the device it ran on, for its compute kind, at ``per_s``
+    items of ``flops_item`` FLOPs each (``peak_kind``, ``achieved_gflops``, ``peak_frac``);
+    returns that peak (ops/s). Nothing without a FLOP count, and nothing (with ``peak_note``)
+    when no peak is known for the device."""
+    device = row.get("device", "cpu")
+    peak = machine.peak(row["compute"], device)
+    if peak is None and device != "cpu":
+        row["peak_note"] = f"no peak known for {machine.gpu if device == 'nvidia' else device}"
+    if not (flops_item and peak and peak[1] > 0):
+        return None
+    row["peak_kind"] = peak[0]
+    row["achieved_gflops"] = per_s * flops_item / 1e9
+    row["peak_frac"] = per_s * flops_item / peak[1]
+    return peak[1]
 
 
 def _flops(package: Package, tokens: int = B32_TOKENS) -> dict[str, Any]:
@@ -725,7 +735,7 @@ def run(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure every runner; print the table (through ``echo``); write ``inprocess.json`` (+ PNG)."""
-    from bench.roofline import machine_peaks, peak_for
+    from bench.roofline import machine_peaks
 
     threads = physical_cores()
     result: dict[str, Any] = {"part": "inprocess", "quick": cfg.quick, "threads": threads}
@@ -858,10 +868,9 @@ def run(
         r["x_best_pt"] = ratio(r["b32x128_per_s"], best_pt.get("b32x128_per_s"))
         r["corpus_x_bf16"] = ratio(r["corpus_per_s"], ref16.get("corpus_per_s"))
         r["b1_vs_fp32"] = ratio(r["b1_p50_ms"], ref32.get("b1_p50_ms"))
-        add_peak(r, r["b32x128_per_s"], flops_item, peaks.peaks)
-        peak = peak_for(peaks.peaks, r["compute"])
-        if "peak_frac" in r and flops_item and peak:
-            r["ceiling_per_s"] = peak[1] / flops_item
+        peak = add_peak(r, r["b32x128_per_s"], flops_item, peaks)
+        if peak and flops_item:
+            r["ceiling_per_s"] = peak / flops_item
     result["rows"] = rows
     columns = [*COLUMNS[:7], "top1_agree", *COLUMNS[7:]] if classifier else list(COLUMNS)
     result["table"] = format_table(columns, [r for r in rows if "skipped" not in r])

@@ -20,6 +20,12 @@ bf16, AMX             1024  (TDPBF16PS: 16x16x32 MACs per 16 cycles)
 int8, AMX             2048  (TDPBSSD: 16x16x64 MACs per 16 cycles)
 ====================  ======================================================
 
+A row that ran on an NVIDIA GPU (its session's active provider is CUDA or
+TensorRT) is held to that GPU's datasheet peak instead (:data:`GPU_PEAKS`,
+dense, no sparsity: fp32 on the CUDA cores, bf16 / fp16 / int8 on the tensor
+cores), matched on the name ``nvidia-smi`` gives; a GPU not in the table, or
+another accelerator, gets no fraction rather than the CPU's.
+
 ``fma_units`` is 2 on Intel cores with AVX-512 and 1 on AMD Zen 4 (which runs
 512-bit operations on two 256-bit halves).  Peak = physical cores x clock x
 ops/cycle.  The clock is psutil's ``cpu_freq().max`` when known, else
@@ -38,10 +44,13 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "GPU_PEAKS",
     "FlopCount",
     "MachinePeaks",
     "conv_flops",
     "count_matmul_flops",
+    "device_of",
+    "gpu_peaks",
     "machine_peaks",
     "matmul_flops",
     "peak_for",
@@ -141,7 +150,8 @@ def count_matmul_flops(model_path: Path, feeds: Mapping[str, Any]) -> FlopCount:
 
 @dataclass(frozen=True)
 class MachinePeaks:
-    """Peak ops/s of this CPU per compute kind, with the facts they came from."""
+    """Peak ops/s of this CPU per compute kind, with the facts they came from, and of the NVIDIA
+    GPUs ``nvidia-smi`` lists (datasheet)."""
 
     cpu: str
     vendor: str
@@ -151,9 +161,13 @@ class MachinePeaks:
     fma_units: int
     #: kind ("fp32-avx512", "bf16-amx", ...) -> ops per second
     peaks: dict[str, float]
+    #: the first NVIDIA GPU's name, and its kinds ("bf16-tensor", ...) -> ops per second (empty
+    #: when it is not in :data:`GPU_PEAKS`)
+    gpu: str | None = None
+    gpu_peaks: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "cpu": self.cpu,
             "vendor": self.vendor,
             "cores": self.cores,
@@ -162,6 +176,63 @@ class MachinePeaks:
             "fma_units_512": self.fma_units,
             "peak_gops": {k: v / 1e9 for k, v in self.peaks.items()},
         }
+        if self.gpu is not None:
+            out["gpu"] = self.gpu
+            out["gpu_peak_gops"] = {k: v / 1e9 for k, v in self.gpu_peaks.items()}
+        return out
+
+    def peak(self, kind: str, device: str = "cpu") -> tuple[str, float] | None:
+        """The peak a row of compute ``kind`` that ran on ``device`` (:func:`device_of`) is held
+        to; None when no peak is known for it."""
+        if device == "cpu":
+            return peak_for(self.peaks, kind)
+        if device == "nvidia":
+            order = {
+                "fp32": ("fp32-cuda",),
+                "bf16": ("bf16-tensor",),
+                "fp16": ("fp16-tensor",),
+                "int8": ("int8-tensor",),
+            }.get(kind, ())
+            return next(((k, self.gpu_peaks[k]) for k in order if k in self.gpu_peaks), None)
+        return None
+
+
+#: NVIDIA datasheet peaks in T ops/s, dense (no structured sparsity): (name part, fp32 on the CUDA
+#: cores, bf16, fp16, int8 on the tensor cores; 0 = not supported).  Matched in order on the name
+#: ``nvidia-smi`` gives, so the more specific names come first.
+GPU_PEAKS: tuple[tuple[str, float, float, float, float], ...] = (
+    ("H200 NVL", 60.0, 835.0, 835.0, 1671.0),
+    ("H200", 67.0, 989.0, 989.0, 1979.0),
+    ("H100 NVL", 60.0, 835.0, 835.0, 1671.0),
+    ("H100 PCIe", 51.0, 756.0, 756.0, 1513.0),
+    ("H100", 67.0, 989.0, 989.0, 1979.0),
+    ("A100", 19.5, 312.0, 312.0, 624.0),
+    ("L40S", 91.6, 362.0, 362.0, 733.0),
+    ("L4", 30.3, 121.0, 121.0, 242.0),
+    ("A10", 31.2, 125.0, 125.0, 250.0),
+    ("T4", 8.1, 0.0, 65.0, 130.0),
+)
+
+
+def gpu_peaks(name: str) -> dict[str, float]:
+    """Ops/s per kind for the NVIDIA GPU called ``name`` (``nvidia-smi``'s spelling, e.g.
+    "NVIDIA H200"); empty when the table does not know it."""
+    for part, fp32, bf16, fp16, int8 in GPU_PEAKS:
+        if re.search(rf"(^|[\s-]){re.escape(part)}($|[\s-])", name):
+            kinds = {"fp32-cuda": fp32, "bf16-tensor": bf16, "fp16-tensor": fp16, "int8-tensor": int8}
+            return {k: v * 1e12 for k, v in kinds.items() if v > 0}
+    return {}
+
+
+def device_of(active: Sequence[str]) -> str:
+    """Where a session runs, from what it proved active (ONNX Runtime's providers, OpenVINO's
+    execution devices): ``cpu``, ``nvidia``, or the device's name lower-cased (``gpu.0``)."""
+    first = active[0] if active else ""
+    if first in ("CPUExecutionProvider", "OpenVINOExecutionProvider") or first.upper().startswith("CPU"):
+        return "cpu"
+    if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        return "nvidia"
+    return first.lower() or "unknown"
 
 
 def peaks_from(flags: set[str], *, vendor: str, cores: int, ghz: float) -> tuple[int, dict[str, float]]:
@@ -201,8 +272,9 @@ def peak_for(peaks: Mapping[str, float], kind: str) -> tuple[str, float] | None:
     return None
 
 
-def machine_peaks(cpuinfo: str | None = None) -> MachinePeaks:
-    """Read this machine's CPU facts (or ``cpuinfo`` text) and compute its peaks."""
+def machine_peaks(cpuinfo: str | None = None, gpus: Sequence[str] | None = None) -> MachinePeaks:
+    """Read this machine's CPU facts (or ``cpuinfo`` text) and its NVIDIA GPUs' names (or
+    ``gpus``) and compute their peaks."""
     from bench.common import physical_cores
 
     if cpuinfo is None:
@@ -229,4 +301,19 @@ def machine_peaks(cpuinfo: str | None = None) -> MachinePeaks:
         ghz, source = float(mhz_m.group(1)) / 1000.0, "/proc/cpuinfo cpu MHz"
     cores = physical_cores()
     units, peaks = peaks_from(flags, vendor=vendor, cores=cores, ghz=ghz)
-    return MachinePeaks(cpu=cpu, vendor=vendor, cores=cores, ghz=ghz, clock_source=source, fma_units=units, peaks=peaks)
+    if gpus is None:
+        from runtime.hardware import nvidia_gpus
+
+        gpus = [g.name for g in nvidia_gpus()]
+    gpu = gpus[0] if gpus else None
+    return MachinePeaks(
+        cpu=cpu,
+        vendor=vendor,
+        cores=cores,
+        ghz=ghz,
+        clock_source=source,
+        fma_units=units,
+        peaks=peaks,
+        gpu=gpu,
+        gpu_peaks=gpu_peaks(gpu) if gpu else {},
+    )

@@ -294,7 +294,13 @@ def render_readme(report: dict[str, Any]) -> str:
     lines += [
         f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} physical cores at "
         f"{machine.get('ghz', 0):.2f} GHz ({machine.get('clock_source', '?')}); peaks (G ops/s): "
-        + ", ".join(f"{k} {v:,.0f}" for k, v in (machine.get("peak_gops") or {}).items()),
+        + ", ".join(f"{k} {v:,.0f}" for k, v in (machine.get("peak_gops") or {}).items())
+        + (
+            f"; GPU: {machine['gpu']}, peaks (G ops/s, datasheet): "
+            + (", ".join(f"{k} {v:,.0f}" for k, v in machine["gpu_peak_gops"].items()) or "not known")
+            if machine.get("gpu")
+            else ""
+        ),
         "",
         "## Targets (issue 7)",
         "",

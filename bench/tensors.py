@@ -250,7 +250,7 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
     for r in rows_out:
         if "skipped" in r:
             continue
-        add_peak(r, r["rows_per_s"], flops_item, peaks.peaks)
+        add_peak(r, r["rows_per_s"], flops_item, peaks)
     result["rows"] = rows_out
     good = [r for r in rows_out if "skipped" not in r]
     columns = [c for c in COLUMNS if c == "runner" or any(r.get(c) is not None for r in good)]

@@ -34,6 +34,7 @@ __all__ = [
     "default_threads",
     "int8_saturates",
     "local_cpu_flags",
+    "nvidia_gpus",
     "parse_cpu_flags",
     "parse_cpu_model",
     "parse_nvidia_smi",
@@ -303,6 +304,11 @@ def _probe_gpus(nvidia_smi: str | None, notes: list[str]) -> tuple[GpuInfo, ...]
         notes.append(f"nvidia-smi exited {done.returncode}: {(done.stderr or done.stdout).strip()[:300]}")
         return ()
     return parse_nvidia_smi(done.stdout)
+
+
+def nvidia_gpus(nvidia_smi: str | None = None) -> tuple[GpuInfo, ...]:
+    """The NVIDIA GPUs ``nvidia-smi`` lists (none without it); never raises."""
+    return _probe_gpus(nvidia_smi if nvidia_smi is not None else shutil.which("nvidia-smi"), [])
 
 
 def probe_hardware(

@@ -355,6 +355,40 @@ def test_machine_peaks_parses_cpuinfo() -> None:
     assert m.to_dict()["peak_gops"]["bf16-amx"] == pytest.approx(m.cores * m.ghz * 1024)
 
 
+def test_a_row_that_ran_on_a_gpu_is_held_to_the_gpus_peak_not_the_cpus() -> None:
+    """A CUDA row against the CPU's peak read a fraction far over 1; it now gets its GPU's
+    datasheet peak, and no fraction (with the reason) for a GPU the table does not know."""
+    from bench.inprocess import add_peak
+
+    assert roofline.device_of(["CUDAExecutionProvider", "CPUExecutionProvider"]) == "nvidia"
+    assert roofline.device_of(["TensorrtExecutionProvider"]) == "nvidia"
+    assert roofline.device_of(["CPUExecutionProvider"]) == roofline.device_of(["CPU"]) == "cpu"
+    assert roofline.device_of(["GPU.0"]) == "gpu.0"
+    assert roofline.gpu_peaks("NVIDIA H200")["bf16-tensor"] == 989e12
+    assert roofline.gpu_peaks("NVIDIA H100 PCIe")["fp32-cuda"] == 51e12
+    assert roofline.gpu_peaks("NVIDIA A100-SXM4-80GB")["int8-tensor"] == 624e12
+    assert roofline.gpu_peaks("NVIDIA A10")["fp32-cuda"] == 31.2e12  # not the A100
+    assert "bf16-tensor" not in roofline.gpu_peaks("Tesla T4")
+    assert roofline.gpu_peaks("NVIDIA GeForce GTX 1080") == {}
+
+    cpuinfo = "model name\t: Intel(R) Xeon(R)\ncpu MHz\t\t: 2000.000\nflags\t\t: avx2 fma avx512f amx_bf16\n"
+    m = roofline.machine_peaks(cpuinfo, gpus=["NVIDIA H200"])
+    assert m.to_dict()["gpu"] == "NVIDIA H200" and m.to_dict()["gpu_peak_gops"]["fp32-cuda"] == 67e3
+    cpu_row = {"compute": "bf16", "device": "cpu"}
+    assert add_peak(cpu_row, 1000.0, 1e9, m) == m.peaks["bf16-amx"] and cpu_row["peak_kind"] == "bf16-amx"
+    gpu_row = {"compute": "fp32", "device": "nvidia"}
+    assert add_peak(gpu_row, 1000.0, 1e9, m) == 67e12
+    assert gpu_row["peak_kind"] == "fp32-cuda" and gpu_row["peak_frac"] == pytest.approx(1e12 / 67e12)
+    unknown = roofline.machine_peaks(cpuinfo, gpus=["NVIDIA GeForce GTX 1080"])
+    row = {"compute": "fp32", "device": "nvidia"}
+    assert add_peak(row, 1000.0, 1e9, unknown) is None
+    assert "peak_frac" not in row and row["peak_note"] == "no peak known for NVIDIA GeForce GTX 1080"
+    assert (
+        roofline.machine_peaks(cpuinfo, gpus=[]).gpu is None
+        and "gpu" not in roofline.machine_peaks(cpuinfo, gpus=[]).to_dict()
+    )
+
+
 # ----------------------------------------------------------------------------- texts
 
 
