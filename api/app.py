@@ -61,6 +61,7 @@ def create_app(
 
     @asynccontextmanager
     async def batchers(_app: Litestar) -> AsyncGenerator[None, None]:
+        server.attach()
         try:
             yield
         finally:

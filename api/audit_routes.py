@@ -10,6 +10,7 @@ cursor for the next page (null at the end).
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -20,9 +21,28 @@ from api.envelope import context_of
 from api.protocols import AuditReader
 from runtime.errors import InputError, ModelNotFoundError
 
-__all__ = ["MAX_PAGE", "routes"]
+__all__ = ["MAX_PAGE", "MAX_SEQ", "routes"]
 
 MAX_PAGE = 1000
+#: SQLite's largest integer: the highest sequence number a record can have
+MAX_SEQ = 2**63 - 1
+
+
+def _utc(value: str | None, field: str) -> str | None:
+    """``value`` (an ISO 8601 date or time; naive means UTC) in the log's own time format, which
+    compares as text; a 400 naming ``field`` when it is not one."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InputError(
+            f"{field}: {value[:64]!r} is not an ISO 8601 date or time (e.g. 2026-05-01 or 2026-05-01T12:00:00Z)",
+            field=field,
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @get("/v1/audit", opt={"scope": "audit:read"})
@@ -45,8 +65,9 @@ async def read_audit(
         raise ModelNotFoundError("the audit log is off on this server (setting audit = false)")
     if not 1 <= limit <= MAX_PAGE:
         raise InputError(f"limit: must be between 1 and {MAX_PAGE}, got {limit}", field="limit")
-    if after_seq < 0:
-        raise InputError(f"after_seq: must be >= 0, got {after_seq}", field="after_seq")
+    if not 0 <= after_seq <= MAX_SEQ:
+        raise InputError(f"after_seq: must be between 0 and {MAX_SEQ}, got {after_seq}", field="after_seq")
+    since, until = _utc(since, "since"), _utc(until, "until")
     if outcome is not None and outcome not in ("success", "failure"):
         raise InputError(f"outcome: must be success or failure, got {outcome!r}", field="outcome")
     records = await asyncio.to_thread(

@@ -36,6 +36,7 @@ __all__ = [
     "encode_infer_response",
     "field_of",
     "json_depth",
+    "not_utf8",
     "tensor_from_data",
 ]
 
@@ -257,6 +258,8 @@ def decode_infer_request(
         req = msgspec.json.decode(header, type=InferRequestBody)
     except msgspec.ValidationError as exc:
         raise InputError(f"body: {exc}", field=field_of(str(exc))) from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8(exc) from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise InputError(f"body: not valid JSON: {exc}", field="body") from None
     if not req.inputs:
@@ -333,13 +336,20 @@ def decode_infer_request(
     binary_default = bool(req.parameters.get("binary_data_output", False))
     outputs: list[str] | None = None
     binary_outputs: dict[str, bool] = {}
-    if req.outputs is not None:
+    if req.outputs:  # absent or [] (as Triton reads it): every output
         outputs = []
-        for out in req.outputs:
+        for j, out in enumerate(req.outputs):
+            if out.name in outputs:
+                raise InputError(f"outputs[{j}].name: {out.name!r} is asked for twice", field=f"outputs[{j}].name")
             outputs.append(out.name)
             if "binary_data" in out.parameters:
                 binary_outputs[out.name] = bool(out.parameters["binary_data"])
     return InferRequest(req.id, req.parameters, decoded, outputs, binary_outputs, binary_default)
+
+
+def not_utf8(exc: UnicodeDecodeError) -> InputError:
+    """The 400 for a JSON body whose strings are not UTF-8 (a Latin-1 or cp1252 client)."""
+    return InputError(f"body: not UTF-8 ({exc.reason} at byte {exc.start}); send JSON in UTF-8", field="body")
 
 
 def field_of(message: str) -> str:

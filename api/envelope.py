@@ -42,6 +42,10 @@ def utc_iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+#: the longest model name a request may put in its audit record as asked (longer names are cut)
+MAX_ASKED_NAME = 200
+
+
 @dataclass
 class RequestContext:
     """What the handlers learn about a request, for the audit record and metrics."""
@@ -53,7 +57,12 @@ class RequestContext:
     event: str = "metadata"
     route: str = ""
     principal: Principal | None = None
+    #: the model the request named (the audit record's ``model_name``; cut to
+    #: :data:`MAX_ASKED_NAME` characters) until :meth:`set_model` finds it
     model_name: str = ""
+    #: the model's name once found: the metrics label (a client's made-up names never become
+    #: series on the open ``/metrics``)
+    metric_model: str = ""
     model_version: str = ""
     model_sha256: str = ""
     backend: str = ""
@@ -61,9 +70,13 @@ class RequestContext:
     raw_body: bytes = b""
     details: dict[str, str] = field(default_factory=dict)
 
+    def ask_model(self, name: str) -> None:
+        """The request names model ``name`` (for the audit record, before it is looked up)."""
+        self.model_name = name if len(name) <= MAX_ASKED_NAME else name[: MAX_ASKED_NAME - 1] + "\u2026"
+
     def set_model(self, model: Any) -> None:
         """Record the serving facts of a :class:`runtime.serving.LoadedModel`."""
-        self.model_name = model.name
+        self.model_name = self.metric_model = model.name
         self.model_version = str(model.version)
         self.model_sha256 = model.package_sha256
         self.backend = model.backend
@@ -161,7 +174,7 @@ def envelope(
             await send({"type": "http.response.body", "body": body, "more_body": False})
         finally:
             metrics.request_finished(
-                model=ctx.model_name, route=ctx.route or "unmatched", status=status, seconds=clock() - ctx.started
+                model=ctx.metric_model, route=ctx.route or "unmatched", status=status, seconds=clock() - ctx.started
             )
 
     return handle

@@ -42,8 +42,10 @@ def _server(request: Req) -> Server:
 
 
 def _model(request: Req, name: str, version: int | None) -> LoadedModel:
+    ctx = context_of(request.scope)
+    ctx.ask_model(name)
     model = _server(request).registry.get(name, version)
-    context_of(request.scope).set_model(model)
+    ctx.set_model(model)
     return model
 
 
@@ -125,7 +127,7 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
     model = _model(request, name, version)
     body = await server.read_body(request)
     header = request.headers.get(HEADER_LENGTH)
-    if header is not None and not header.strip().isdigit():
+    if header is not None and not (header.strip().isascii() and header.strip().isdigit()):
         raise InputError(f"{HEADER_LENGTH}: {header!r} is not a byte count", field=HEADER_LENGTH)
     c = server.config
     req = decode_infer_request(
@@ -205,7 +207,7 @@ async def repository_index(request: Req) -> Response[bytes]:
             ready_only = msgspec.json.decode(body, type=_IndexRequest).ready
         except msgspec.ValidationError as exc:
             raise InputError(f"body: {exc}", field="ready") from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"body: not valid JSON: {exc}", field="body") from None
     entries = [
         {"name": e.name, "version": str(e.version), "state": e.state, "reason": e.reason}
@@ -222,7 +224,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     server = _server(request)
     ctx = context_of(request.scope)
     ctx.event = "model_load"
-    ctx.model_name = name
+    ctx.ask_model(name)
     await server.read_body(request)
     model = await anyio.to_thread.run_sync(server.registry.load, name, None)
     ctx.set_model(model)
@@ -234,12 +236,12 @@ async def repository_unload(request: Req, name: str) -> Response[bytes]:
     server = _server(request)
     ctx = context_of(request.scope)
     ctx.event = "model_unload"
-    ctx.model_name = name
+    ctx.ask_model(name)
     await server.read_body(request)
     model = server.registry.get(name)
     ctx.set_model(model)
-    await server.drop(name)
-    server.registry.unload(name)
+    server.registry.unload(name)  # new requests: 404 from here on
+    await server.retired(model)  # its batches done, its session closed
     return _json({})
 
 

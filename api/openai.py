@@ -16,7 +16,7 @@ import numpy as np
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
-from api.codec import field_of, json_depth
+from api.codec import field_of, json_depth, not_utf8
 from api.envelope import context_of
 from api.kserve import embedding_dim
 from api.server import Server
@@ -89,9 +89,11 @@ async def embeddings(request: Req) -> Response[bytes]:
     except msgspec.ValidationError as exc:
         field = field_of(str(exc))
         raise InputError(f"{field}: {exc}", field=field) from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8(exc) from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise InputError(f"body: not valid JSON: {exc}", field="body") from None
-    ctx.model_name = req.model
+    ctx.ask_model(req.model)
     model = server.registry.get(req.model)
     ctx.set_model(model)
     if not model.is_embedding:

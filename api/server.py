@@ -7,6 +7,8 @@ is unloaded or the app shuts down.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import zlib
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from api.config import ApiConfig
 from api.envelope import context_of
 from api.metrics import Metrics, ModelInfo
 from runtime.batcher import BatchStats, DynamicBatcher
-from runtime.errors import InputError, PayloadTooLargeError
+from runtime.errors import InputError, ModelNotFoundError, PayloadTooLargeError
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
 
@@ -51,11 +53,30 @@ class Server:
         self.clock = clock
         self._tensor: dict[str, tuple[LoadedModel, DynamicBatcher[TensorRequest, dict[str, Array]]]] = {}
         self._text: dict[str, tuple[LoadedModel, DynamicBatcher[TextItem, tuple[Array, int]]]] = {}
+        #: batchers of a model version another one replaced, until that version is retired
+        self._stale: list[tuple[LoadedModel, DynamicBatcher[Any, Any]]] = []
+        #: models the registry let go of -> their retirement (batchers stopped, then closed)
+        self._retiring: dict[int, concurrent.futures.Future[None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
+    def attach(self) -> None:
+        """Take over closing the models the registry lets go of, while the app runs: a model
+        unloaded or replaced by a new version is closed only after its batches are done (on
+        the running loop; call from it)."""
+        self._loop = asyncio.get_running_loop()
+        self.registry.retire = self._retire_soon
+
     async def stop(self) -> None:
+        """Stop every batcher (at shutdown); the registry closes its models at once again."""
+        self.registry.retire = lambda model: model.close()
         for name in list({*self._tensor, *self._text}):
             await self.drop(name)
+        stale, self._stale = self._stale, []
+        for _, batcher in stale:
+            await batcher.stop()
+        for fut in list(self._retiring.values()):
+            await asyncio.wrap_future(fut)
 
     async def drop(self, name: str) -> None:
         tensor = self._tensor.pop(name, None)
@@ -64,6 +85,40 @@ class Server:
             await tensor[1].stop()
         if text is not None:
             await text[1].stop()
+
+    def _retire_soon(self, model: LoadedModel) -> None:
+        """The registry's retire hook (any thread): schedule :meth:`retire` on the loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            model.close()
+            return
+        fut = asyncio.run_coroutine_threadsafe(self.retire(model), loop)
+        self._retiring[id(model)] = fut
+        fut.add_done_callback(lambda _f: self._retiring.pop(id(model), None))
+
+    async def retire(self, model: LoadedModel) -> None:
+        """Stop ``model``'s batchers once they answered what they accepted, then close it."""
+        batchers: list[DynamicBatcher[Any, Any]] = []
+        for table in (self._tensor, self._text):
+            current = table.get(model.name)
+            if current is not None and current[0] is model:
+                del table[model.name]
+                batchers.append(current[1])
+        batchers += [b for m, b in self._stale if m is model]
+        self._stale = [(m, b) for m, b in self._stale if m is not model]
+        for batcher in batchers:
+            await batcher.stop(drain=True)
+        await asyncio.to_thread(model.close)
+
+    async def retired(self, model: LoadedModel) -> None:
+        """Wait until ``model``, which the registry let go of, is closed."""
+        fut = self._retiring.get(id(model))
+        if fut is not None:
+            await asyncio.wrap_future(fut)
+
+    def _check_held(self, model: LoadedModel) -> None:
+        if not self.registry.holds(model):
+            raise ModelNotFoundError(f"model {model.name!r} was unloaded or replaced while the request waited; retry")
 
     def _batcher_kwargs(self, model: LoadedModel) -> dict[str, Any]:
         c = self.config
@@ -81,8 +136,9 @@ class Server:
         current = self._tensor.get(model.name)
         if current is not None and current[0] is model:
             return current[1]
-        if current is not None:
-            await self.drop(model.name)
+        self._check_held(model)
+        if current is not None:  # another version: stopped when the registry retires it
+            self._stale.append(current)
         batcher: DynamicBatcher[TensorRequest, dict[str, Array]] = DynamicBatcher(
             run_tensor_batch(model), group=tensor_group(model), rows=lambda r: r.rows, **self._batcher_kwargs(model)
         )
@@ -94,8 +150,9 @@ class Server:
         current = self._text.get(model.name)
         if current is not None and current[0] is model:
             return current[1]
-        if current is not None:
-            await self.drop(model.name)
+        self._check_held(model)
+        if current is not None:  # another version: stopped when the registry retires it
+            self._stale.append(current)
 
         def run(items: list[TextItem]) -> list[tuple[Array, int]]:
             # the inference thread only pads, runs and pools: tokenizing happened on the way in
@@ -143,7 +200,7 @@ class Server:
         """The body, decompressed (gzip / deflate), at most ``max_body_bytes`` before and after."""
         limit = self.config.max_body_bytes
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
             raise PayloadTooLargeError(
                 f"body: {length} bytes is over the limit of {limit} (max_body_bytes)", field="body"
             )

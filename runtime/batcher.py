@@ -192,6 +192,8 @@ class DynamicBatcher(Generic[Item, Result]):
         self._pending: deque[_Entry[Item, Result]] = deque()
         self._running: set[_Entry[Item, Result]] = set()
         self._stopping = False
+        #: taking no more items, running what is queued, then stopping (:meth:`stop` ``drain``)
+        self._draining = False
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         #: seconds per batch, smoothed; used for Retry-After
@@ -206,7 +208,7 @@ class DynamicBatcher(Generic[Item, Result]):
         if not self._threads:
             self._loop = asyncio.get_running_loop()
             with self._cond:
-                self._stopping = False
+                self._stopping = self._draining = False
             base = f"batcher-{self.name}" if self.name else "batcher"
             self._threads = [
                 named_thread(
@@ -220,12 +222,20 @@ class DynamicBatcher(Generic[Item, Result]):
             for thread in self._threads:
                 thread.start()
 
-    async def stop(self) -> None:
+    async def stop(self, *, drain: bool = False) -> None:
         """Stop the worker; queued and running items fail with OverloadError (retry later).
+        ``drain``: take no more items, but answer every queued and running one first (a model
+        version being replaced answers what it accepted).
 
         Returns once the batches still running in the session have left it.
         """
         threads, self._threads = self._threads, []
+        if drain:
+            with self._cond:
+                self._draining = True
+                self._cond.notify_all()
+            for thread in threads:
+                await asyncio.to_thread(thread.join)
         with self._cond:
             self._stopping = True
             entries = [*self._running, *self._pending]
@@ -242,7 +252,7 @@ class DynamicBatcher(Generic[Item, Result]):
     # -- submitting -----------------------------------------------------------------
     async def submit(self, item: Item, *, timeout_s: float | None = None) -> Result:
         """Queue ``item``; return its result, or raise Overload/RequestTimeout/the batch's error."""
-        if not self._threads or self._loop is None:
+        if self._loop is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         now = self._clock()
@@ -256,6 +266,8 @@ class DynamicBatcher(Generic[Item, Result]):
             length=None if self._length is None else self._length(item),
         )
         with self._cond:
+            if self._stopping or self._draining:  # a model being unloaded or replaced: it takes no more
+                raise OverloadError(f"model {self.name!r} is being unloaded; retry later", 1.0)
             full = len(self._pending) >= self.queue_limit
             if not full:
                 self._arrived(now)
@@ -371,10 +383,12 @@ class DynamicBatcher(Generic[Item, Result]):
                 if expired:
                     return [], expired
                 if not self._pending:
+                    if self._draining:
+                        return None, []
                     idle = True
                     self._cond.wait()
                     continue
-                batch = self._take(now, patient=idle)
+                batch = self._take(now, patient=idle and not self._draining)
                 if batch is not None:
                     self.stats.queue_depth = len(self._pending)
                     for entry in batch:

@@ -246,6 +246,10 @@ def run_tensor_batch(model: LoadedModel) -> Callable[[list[TensorRequest]], list
 # -- the registry -------------------------------------------------------------------------------
 
 
+def _close_now(model: LoadedModel) -> None:
+    model.close()
+
+
 class ModelRegistry:
     """The models the API serves. Thread-safe; ``loader(name, version)`` opens a package."""
 
@@ -263,6 +267,10 @@ class ModelRegistry:
         self._errors: dict[tuple[str, int], str] = {}
         #: called with (event, model) on "load" / "unload", e.g. to start / stop a batcher
         self.listeners: list[Callable[[str, LoadedModel], None]] = []
+        #: what becomes of a model the registry lets go of (unloaded, or replaced by another
+        #: version): closed at once by default; a server that may still be running it installs
+        #: a hook that closes it once its in-flight batches are done
+        self.retire: Callable[[LoadedModel], None] = _close_now
 
     def add(self, model: LoadedModel) -> None:
         """Register an already opened model (replaces and closes another version of it)."""
@@ -271,8 +279,13 @@ class ModelRegistry:
             self._models[model.name] = model
         if old is not None and old is not model:
             self._notify("unload", old)
-            old.close()
+            self.retire(old)
         self._notify("load", model)
+
+    def holds(self, model: LoadedModel) -> bool:
+        """Whether ``model`` (this very object) is still the loaded version of its name."""
+        with self._lock:
+            return self._models.get(model.name) is model
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
         with self._lock:
@@ -311,7 +324,7 @@ class ModelRegistry:
         if model is None:
             raise ModelNotFoundError(f"model {name!r} is not loaded; loaded models: {sorted(self._models)}")
         self._notify("unload", model)
-        model.close()
+        self.retire(model)
 
     def loaded(self) -> list[LoadedModel]:
         with self._lock:

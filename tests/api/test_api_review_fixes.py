@@ -1,0 +1,158 @@
+"""Client mistakes that were 500s or leaks, and a model unloaded or replaced while requests use
+it (found by a review of the API against its docs)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from api.app import create_app
+from api.config import ApiConfig
+from runtime.errors import ModelNotFoundError
+
+from .conftest import BlockingSession, infer_json, make_registry, tensor_model
+
+X = np.ones((1, 4), dtype=np.float32)
+IDS = np.ones((1, 3), dtype=np.int64)
+BODY = infer_json({"x": X, "ids": IDS})
+
+
+def test_a_body_that_is_not_utf8_is_a_400_naming_it(client_factory: Any) -> None:
+    c = client_factory()
+    latin = '{"input": "caf\u00e9", "model": "minilm"}'.encode("cp1252")
+    r = c.post("/v1/embeddings", content=latin, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not UTF-8" in r.json()["error"]["message"], r.text
+    body = b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a\xffb"]}]}'
+    r = c.post("/v2/models/minilm/infer", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not UTF-8" in r.json()["error"], r.text
+    r = c.post("/v2/repository/index", content=b'{"ready": "\xff"}')
+    assert r.status_code == 400, r.text
+
+
+def test_made_up_model_names_never_become_metric_series_and_are_cut_in_the_audit(
+    client_factory: Any, audit: Any
+) -> None:
+    c = client_factory()
+    for i in range(5):
+        r = c.post("/v1/embeddings", json={"input": "hi", "model": f"ghost-{i}-" + "x" * 5000})
+        assert r.status_code == 404
+    assert c.post("/v2/models/ghost/infer", json=BODY).status_code == 404
+    series = [line for line in c.get("/metrics").text.splitlines() if line.startswith("inferbox_requests_total")]
+    assert series and not any("ghost" in line for line in series), series
+    assert all('model=""' in line for line in series if "404" in line), series
+    asked = [e.model_name for e in audit.events if e.model_name.startswith("ghost")]
+    assert len(asked) == 6 and all(len(n) <= 200 for n in asked) and asked[0].endswith("\u2026")
+    assert c.post("/v1/embeddings", json={"input": "hi", "model": "minilm"}).status_code == 200
+    assert 'model="minilm"' in c.get("/metrics").text
+
+
+def test_an_inference_header_length_in_other_digits_is_a_400(client_factory: Any) -> None:
+    c = client_factory()
+    r = c.post(
+        "/v2/models/tabular/infer", json=BODY, headers={"Inference-Header-Content-Length": b"\xb9"}
+    )  # latin-1 "¹"
+    assert r.status_code == 400 and "Inference-Header-Content-Length" in r.text
+
+
+def test_empty_outputs_means_every_output_and_a_repeated_one_is_refused(client_factory: Any) -> None:
+    c = client_factory()
+    r = c.post("/v2/models/tabular/infer", json={**BODY, "outputs": []})
+    assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["y", "z"]
+    r = c.post("/v2/models/tabular/infer", json={**BODY, "outputs": [{"name": "y"}, {"name": "y"}]})
+    assert r.status_code == 400 and "outputs[1].name" in r.json()["error"]
+    texts = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}], "outputs": []}
+    r = c.post("/v2/models/minilm/infer", json=texts)
+    assert r.status_code == 200 and len(r.json()["outputs"]) == 1
+
+
+def test_audit_paging_and_times_are_checked(tmp_path: Path) -> None:
+    from litestar.testing import TestClient
+
+    class Reader:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Any]] = []
+
+        def query(self, **kw: Any) -> list[Any]:
+            self.calls.append(kw)
+            return []
+
+    reader = Reader()
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]),
+        config=ApiConfig(auth=False),
+        audit=None,
+        keys=None,
+        audit_reader=reader,
+    )
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/v1/audit", params={"after_seq": "99999999999999999999"})
+        assert r.status_code == 400 and "after_seq" in r.text
+        r = c.get("/v1/audit", params={"since": "garbage"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "since"
+        r = c.get("/v1/audit", params={"since": "2026-05-01T14:00:00+02:00", "until": "2026-05-02"})
+        assert r.status_code == 200, r.text
+    assert reader.calls[-1]["since"] == "2026-05-01T12:00:00.000000Z"
+    assert reader.calls[-1]["until"] == "2026-05-02T00:00:00.000000Z"
+
+
+def _replace_model_while_a_batch_runs(tmp_path: Path, unload: bool) -> None:
+    """A request is inside the old version's session when the model is replaced (a new version
+    loads) or unloaded: it is answered from the old version, which is closed only afterwards;
+    the next request runs the new version (or gets a 404)."""
+    old_session = BlockingSession(tensor_model(tmp_path, name="ref").session)
+    old = tensor_model(tmp_path, session=old_session)
+    new = tensor_model(tmp_path, version=2)
+    registry = make_registry([old], extra={"tabular": lambda: new})
+    app = create_app(registry=registry, config=ApiConfig(auth=False, max_batch_size=1), audit=None, keys=None)
+    server = app.state["server"]
+
+    async def main() -> None:
+        server.attach()  # what the app's lifespan does (ASGITransport runs none)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY))
+            await asyncio.to_thread(old_session.entered.wait, 10)
+            if unload:
+                change = asyncio.ensure_future(c.post("/v2/repository/models/tabular/unload"))
+            else:
+                change = asyncio.ensure_future(asyncio.to_thread(registry.add, new))
+            for _ in range(50):
+                await asyncio.sleep(0.01)
+            assert not change.done() if unload else True
+            assert not old_session.inner._closed, "closed while a batch ran in it"
+            with_old = None
+            if not unload:
+                await change
+                r = await c.post("/v2/models/tabular/infer", json=BODY)  # the new version, at once
+                assert r.status_code == 200 and r.json()["model_version"] == "2", r.text
+                # a request that still holds the old version object gets no new batcher for it
+                try:
+                    await server.tensor_batcher(old)
+                except ModelNotFoundError as exc:
+                    with_old = str(exc)
+                assert with_old is not None and "replaced" in with_old
+            else:
+                assert (await c.post("/v2/models/tabular/infer", json=BODY)).status_code == 404
+            old_session.release.set()
+            r = await first
+            assert r.status_code == 200 and r.json()["model_version"] == "1", r.text
+            if unload:
+                assert (await change).status_code == 200
+            await server.retired(old)
+            assert old_session.inner._closed
+            assert server._stale == []
+            assert "tabular" not in server._tensor or server._tensor["tabular"][0] is new
+        await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_new_version_replaces_the_old_only_after_its_batches(tmp_path: Path) -> None:
+    _replace_model_while_a_batch_runs(tmp_path, unload=False)
+
+
+def test_unload_waits_for_the_batch_in_the_session_and_refuses_new_requests(tmp_path: Path) -> None:
+    _replace_model_while_a_batch_runs(tmp_path, unload=True)
