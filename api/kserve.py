@@ -173,6 +173,11 @@ async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> 
         raise InputError(
             f"inputs: model {model.name!r} takes one BYTES input {TEXT_INPUT!r} holding the texts", field="inputs"
         )
+    if req.inputs[0].name != TEXT_INPUT:
+        raise InputError(
+            f"inputs[0].name: model {model.name!r} has no input {req.inputs[0].name!r}; it has [{TEXT_INPUT!r}]",
+            field="inputs[0].name",
+        )
     if req.outputs is not None:
         for i, n in enumerate(req.outputs):
             if n != out_name:

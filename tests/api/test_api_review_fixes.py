@@ -156,3 +156,10 @@ def test_a_new_version_replaces_the_old_only_after_its_batches(tmp_path: Path) -
 
 def test_unload_waits_for_the_batch_in_the_session_and_refuses_new_requests(tmp_path: Path) -> None:
     _replace_model_while_a_batch_runs(tmp_path, unload=True)
+
+
+def test_a_text_model_names_its_one_input(client_factory: Any) -> None:
+    c = client_factory()
+    body = {"inputs": [{"name": "zzz", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
+    r = c.post("/v2/models/minilm/infer", json=body)
+    assert r.status_code == 400 and "inputs[0].name" in r.json()["error"] and "'text'" in r.json()["error"]
