@@ -94,13 +94,14 @@ async def embeddings(request: Req) -> Response[bytes]:
     except (msgspec.DecodeError, RecursionError) as exc:
         raise InputError(f"body: not valid JSON: {exc}", field="body") from None
     ctx.ask_model(req.model)
+    principal = ctx.principal
+    # the scope first: a key for one model learns nothing about the others (not even which are loaded)
+    if principal is not None and principal.key_id != "anonymous" and not principal.allows("infer", req.model):
+        raise ForbiddenError(f"key {principal.key_id} lacks the scope infer on model {req.model[:200]!r}")
     model = server.registry.get(req.model)
     ctx.set_model(model)
     if not model.is_embedding:
         raise ModelNotFoundError(f"model: {req.model!r} is not an embedding model; see GET /v1/models")
-    principal = ctx.principal
-    if principal is not None and principal.key_id != "anonymous" and not principal.allows("infer", model.name):
-        raise ForbiddenError(f"key {principal.key_id} lacks the scope infer on model {model.name!r}")
     texts = _texts(req.input)
     _check_dimensions(req.dimensions, embedding_dim(model), model.name)
     vectors, counts = await server.embed(model, texts)

@@ -88,6 +88,10 @@ def test_scopes_403(client_factory: Any, store: KeyStore) -> None:
     _, only_tabular = store.create(["infer:tabular"])
     r = c.post("/v1/embeddings", json={"input": "x", "model": "minilm"}, headers=_h(only_tabular))
     assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    # a model the key may not use: 403 whether it is loaded or not, never a list of what is loaded
+    r = c.post("/v1/embeddings", json={"input": "x", "model": "ghost"}, headers=_h(only_tabular))
+    assert r.status_code == 403 and "minilm" not in r.text
+    assert c.post("/v2/models/ghost/infer", json=body, headers=_h(only_tabular)).status_code == 403
     assert c.post("/v2/models/tabular/infer", json=body, headers=_h(admin)).status_code == 403
     assert c.post("/v2/repository/index", headers=_h(only_minilm)).status_code == 403
     assert c.post("/v2/repository/index", headers=_h(admin)).status_code == 200
