@@ -162,6 +162,10 @@ def _flatten_strings(data: Any, where: str) -> list[str]:
     return out
 
 
+#: how a refused JSON array reads in an error, by numpy's kind for it
+_KIND_NAMES = {"U": "text", "S": "text", "O": "mixed values", "b": "booleans", "f": "fractional numbers"}
+
+
 def tensor_from_data(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> Array:
     """JSON ``data`` (flat or nested) -> numpy array of ``shape`` and ``datatype``."""
     dtype = DATATYPES[datatype]
@@ -193,7 +197,7 @@ def tensor_from_data(data: Any, datatype: str, shape: tuple[int, ...], where: st
         raise InputError(
             f"{where}.data: {datatype} data must be {'booleans' if dtype.kind == 'b' else 'numbers'}"
             + (" (integers)" if dtype.kind in "iu" else "")
-            + f", got {raw.dtype.name if kind != 'O' else 'mixed values'}",
+            + f", got {_KIND_NAMES.get(kind, raw.dtype.name)}",
             field=f"{where}.data",
         )
     with np.errstate(over="ignore", invalid="ignore"):

@@ -163,3 +163,18 @@ def test_a_text_model_names_its_one_input(client_factory: Any) -> None:
     body = {"inputs": [{"name": "zzz", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}
     r = c.post("/v2/models/minilm/infer", json=body)
     assert r.status_code == 400 and "inputs[0].name" in r.json()["error"] and "'text'" in r.json()["error"]
+
+
+def test_refused_tensor_data_is_named_in_words() -> None:
+    import pytest
+
+    from api.codec import tensor_from_data
+    from runtime.errors import InputError
+
+    for data, datatype, said in (
+        (["a"], "FP32", "got text"),
+        ([1.5], "INT64", "got fractional numbers"),
+        ([True], "FP32", "got booleans"),
+    ):
+        with pytest.raises(InputError, match=said):
+            tensor_from_data(data, datatype, (1,), "inputs[0]")
