@@ -499,7 +499,9 @@ async def server_batching(
     from api.server import Server
     from runtime.serving import ModelRegistry
 
-    server = Server(ModelRegistry(lambda _n, _v: model, list), ApiConfig(), Metrics(), time.monotonic)
+    registry = ModelRegistry(lambda _n, _v: model, list)
+    registry.add(model)  # the server batches only a model its registry holds
+    server = Server(registry, ApiConfig(), Metrics(), time.monotonic)
     counter = 0
     done = 0
 
