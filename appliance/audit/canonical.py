@@ -27,6 +27,7 @@ __all__ = [
     "RECORD_FIELDS",
     "AuditRecord",
     "canonical_bytes",
+    "checked_event",
     "format_time",
     "genesis_hash",
     "is_hex64",
@@ -145,6 +146,66 @@ def canonical_bytes(record: AuditRecord) -> bytes:
     return b"".join([_DOMAIN_FIELD, *map(_field, values)])
 
 
+_STR_FIELDS: tuple[str, ...] = tuple(f for f in EVENT_FIELDS if f != "status")
+_STR_VALUES = operator.attrgetter(*_STR_FIELDS)
+_SQLITE_INT = (-(1 << 63), (1 << 63) - 1)
+
+
+def _plain(event: AuditEvent) -> AuditEvent:
+    """``event`` with str / int subclasses (a StrEnum, an IntEnum) made plain, or AuditError naming the field."""
+    changes: dict[str, object] = {}
+    for name, value in zip(_STR_FIELDS, _STR_VALUES(event), strict=True):
+        if not isinstance(value, str):
+            raise AuditError(f"field {name!r} must be a str, not {type(value).__name__}")
+        if type(value) is not str:
+            changes[name] = str.__str__(value)  # what SQLite stores of a str subclass
+    status = event.status
+    if isinstance(status, bool) or not isinstance(status, int):
+        raise AuditError(f"field 'status' must be an int, not {type(status).__name__}")
+    if type(status) is not int:
+        changes["status"] = int(status)
+    details = event.details
+    if not isinstance(details, dict):
+        raise AuditError(f"field 'details' must be a dict, not {type(details).__name__}")
+    plain: dict[str, str] = {}
+    for key, value in details.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise AuditError(f"details must map str to str; {key!r}: {type(value).__name__}")
+        plain[str.__str__(key)] = str.__str__(value)
+    changes["details"] = plain
+    return msgspec.structs.replace(event, **changes)
+
+
+def checked_event(event: AuditEvent) -> AuditEvent:
+    """``event`` with exactly the types the log stores and hashes alike; :class:`AuditError` naming a bad field.
+
+    ``AuditEvent`` is not validated on construction: ``status=True`` would be
+    stored as 1 but hashed as ``"True"``, and a non-string ``details`` value
+    would fail the whole transaction.  The usual event passes a few type
+    checks unchanged; str and int subclasses are made plain, anything else is refused.
+    """
+    if not (
+        all(type(v) is str for v in _STR_VALUES(event))
+        and type(event.status) is int
+        and type(event.details) is dict
+        and all(type(k) is str and type(v) is str for k, v in event.details.items())
+    ):
+        event = _plain(event)
+    if not _SQLITE_INT[0] <= event.status <= _SQLITE_INT[1]:
+        raise AuditError(f"field 'status' is out of range ({event.status})")
+    if event.outcome not in ("success", "failure"):
+        raise AuditError(f"field 'outcome' must be 'success' or 'failure', not {event.outcome!r}")
+    return event
+
+
+def _int_text(text: str) -> int:
+    """The int a canonical decimal spells (no sign, padding or other digits: an exact inverse)."""
+    value = int(text) if text.isascii() else None
+    if value is None or str(value) != text:
+        raise AuditError(f"canonical record bytes hold {text!r} where a decimal integer belongs")
+    return value
+
+
 def parse_canonical(data: bytes) -> AuditRecord:
     """Inverse of :func:`canonical_bytes` (``leaf_hash`` is recomputed)."""
     pos = 0
@@ -163,12 +224,23 @@ def parse_canonical(data: bytes) -> AuditRecord:
 
     if take() != DOMAIN:
         raise AuditError(f"not an audit record serialization (expected {DOMAIN})")
-    values: dict[str, object] = {"seq": int(take())}
-    for name in ("log_id", "prev_hash", "recorded_at", *EVENT_FIELDS):
-        values[name] = take()
-    values["status"] = int(str(values["status"]))
-    count = int(take())
-    values["details"] = {take(): take() for _ in range(count)}
+    try:
+        values: dict[str, object] = {"seq": _int_text(take())}
+        for name in ("log_id", "prev_hash", "recorded_at", *EVENT_FIELDS):
+            values[name] = take()
+        values["status"] = _int_text(str(values["status"]))
+        count = _int_text(take())
+        details: dict[str, str] = {}
+        last_key: str | None = None
+        for _ in range(count):
+            key = take()
+            if last_key is not None and key <= last_key:
+                raise AuditError("canonical record bytes hold details keys out of order or twice")
+            last_key = key
+            details[key] = take()
+    except ValueError as exc:  # int() of a non-number, or bytes that are not UTF-8
+        raise AuditError(f"canonical record bytes are malformed: {exc}") from exc
+    values["details"] = details
     if pos != len(data):
         raise AuditError("canonical record bytes have trailing data")
     record = msgspec.convert(values, AuditRecord)

@@ -6,13 +6,24 @@ spelling), tagged by ``type``:
 
 1. ``header``: format, log id, export time, the ``since`` / ``until`` window
    (``null`` = from the log's start / up to its head) and the seq range;
-2. ``record`` lines in seq order (every field of the leaf hash, plus it);
-3. ``checkpoint`` lines: every signed checkpoint and prune anchor of the log;
-4. ``trailer``: line count, SHA-256 of every byte before it, and an Ed25519
+2. for a window export, an ``edge`` line with ``side`` ``before``: the record
+   just before the window (the newest one written before ``since``), unless
+   the window starts at the log's start (or its prune anchor);
+3. ``record`` lines in seq order (every field of the leaf hash, plus it);
+4. for a window export, an ``edge`` line with ``side`` ``after``: the record
+   just after the window (the oldest written at or after ``until``), unless
+   the window reaches the log's head;
+5. ``checkpoint`` lines: every signed checkpoint and prune anchor of the log,
+   in the order written;
+6. ``trailer``: line count, SHA-256 of every byte before it, and an Ed25519
    signature over both with the log's signing key.
 
-A window export (``since`` given) starts at the first record written at or
-after ``since``; its records are authenticated by the checkpoints inside it.
+A window export starts at the first record written at or after ``since``.  The
+edge records tie it to the rest of the log: the verifier checks that the first
+record links to the record before the window and the last one to the record
+after it, so records removed from the database at either edge before the
+export show as a gap, and that every checkpoint signed inside the window names
+a size inside it.  Format ``inferbox-audit-export/1`` (no edges) still verifies.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -38,7 +49,9 @@ from runtime import signing
 __all__ = [
     "EXPORT_DOMAIN",
     "EXPORT_FORMAT",
+    "EXPORT_FORMAT_V1",
     "CheckpointLine",
+    "EdgeLine",
     "ExportSummary",
     "Header",
     "Line",
@@ -49,7 +62,8 @@ __all__ = [
     "trailer_signed_bytes",
 ]
 
-EXPORT_FORMAT = "inferbox-audit-export/1"
+EXPORT_FORMAT = "inferbox-audit-export/2"
+EXPORT_FORMAT_V1 = "inferbox-audit-export/1"  #: no edge lines; still verifies
 EXPORT_DOMAIN = "inferbox-audit-export-trailer/1"
 
 
@@ -67,6 +81,12 @@ class RecordLine(AuditRecord, frozen=True, kw_only=True, tag="record", tag_field
     pass
 
 
+class EdgeLine(AuditRecord, frozen=True, kw_only=True, tag="edge", tag_field="type", forbid_unknown_fields=True):
+    """The record just before (``side="before"``) or just after a window export."""
+
+    side: Literal["before", "after"]
+
+
 class CheckpointLine(
     Checkpoint, frozen=True, kw_only=True, tag="checkpoint", tag_field="type", forbid_unknown_fields=True
 ):
@@ -80,7 +100,7 @@ class Trailer(msgspec.Struct, frozen=True, kw_only=True, tag="trailer", tag_fiel
     signature: str
 
 
-Line = Header | RecordLine | CheckpointLine | Trailer
+Line = Header | RecordLine | EdgeLine | CheckpointLine | Trailer
 
 _ENCODER = msgspec.json.Encoder(order="sorted")
 
@@ -108,17 +128,46 @@ class ExportSummary:
     bytes: int
 
 
-def _window(conn: sqlite3.Connection, since: datetime | None, until: datetime | None) -> tuple[int, int]:
-    lo = "9999" if since is None else format_time(since)
-    hi = "9999" if until is None else format_time(until)
+@dataclass(frozen=True)
+class _Window:
+    first: int  #: 0 when the window holds no records
+    last: int
+    before: int | None  #: seq of the record just before the window (since given), None: none
+    after: int | None  #: seq of the record just after the window (until given), None: none
+
+
+def _one(conn: sqlite3.Connection, sql: str, *params: object) -> int | None:
+    value = conn.execute(sql, params).fetchone()[0]
+    return None if value is None else int(value)
+
+
+def _window(conn: sqlite3.Connection, since: datetime | None, until: datetime | None) -> _Window:
     if since is None:
-        first = conn.execute("SELECT min(seq) FROM records").fetchone()[0]
+        first = _one(conn, "SELECT min(seq) FROM records")
     else:
-        first = conn.execute("SELECT min(seq) FROM records WHERE recorded_at >= ?", (lo,)).fetchone()[0]
-    last = conn.execute("SELECT max(seq) FROM records WHERE recorded_at < ?", (hi,)).fetchone()[0]
+        first = _one(conn, "SELECT min(seq) FROM records WHERE recorded_at >= ?", format_time(since))
+    if until is None:
+        last = _one(conn, "SELECT max(seq) FROM records")
+    else:
+        last = _one(conn, "SELECT max(seq) FROM records WHERE recorded_at < ?", format_time(until))
+    before = after = None
+    if since is not None:
+        if first is None:
+            before = _one(conn, "SELECT max(seq) FROM records")
+        else:
+            before = _one(conn, "SELECT max(seq) FROM records WHERE seq < ?", first)
+    if until is not None:
+        if last is None:
+            after = _one(conn, "SELECT min(seq) FROM records")
+        else:
+            after = _one(conn, "SELECT min(seq) FROM records WHERE seq > ?", last)
     if first is None or last is None or last < first:
-        return 0, 0
-    return int(first), int(last)
+        first = last = 0
+    return _Window(first, last, before, after)
+
+
+def _fields(obj: msgspec.Struct) -> dict[str, Any]:
+    return {f: getattr(obj, f) for f in obj.__struct_fields__}
 
 
 def export_jsonl(
@@ -149,7 +198,8 @@ def export_jsonl(
     try:
         conn.execute("BEGIN")  # one snapshot for records and checkpoints
         log_id = read_log_id(conn)
-        first, last = _window(conn, since, until)
+        window = _window(conn, since, until)
+        first, last = window.first, window.last
         emit(
             Header(
                 format=EXPORT_FORMAT,
@@ -162,13 +212,19 @@ def export_jsonl(
             )
         )
         records = 0
+        if window.before is not None:
+            for rec in iter_records(conn, log_id, window.before, window.before):
+                emit(EdgeLine(side="before", **_fields(rec)))
         if first:
             for rec in iter_records(conn, log_id, first, last):
-                emit(RecordLine(**{f: getattr(rec, f) for f in rec.__struct_fields__}))
+                emit(RecordLine(**_fields(rec)))
                 records += 1
+        if window.after is not None:
+            for rec in iter_records(conn, log_id, window.after, window.after):
+                emit(EdgeLine(side="after", **_fields(rec)))
         checkpoints = load_checkpoints(conn)
         for cp in checkpoints:
-            emit(CheckpointLine(**{f: getattr(cp, f) for f in cp.__struct_fields__}))
+            emit(CheckpointLine(**_fields(cp)))
         conn.execute("COMMIT")
     finally:
         conn.close()

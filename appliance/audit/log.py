@@ -5,8 +5,15 @@ drains the queue, appends everything it took in one ``BEGIN IMMEDIATE``
 transaction (reading the head inside it, so the API process and the batch
 worker extend one chain), commits (one fsync: WAL + ``synchronous=FULL``) and
 only then resolves the callers.  A checkpoint is signed into the same
-transaction every ``checkpoint_every`` records, by the idle timer every
-``checkpoint_interval_s`` seconds, and at :meth:`AuditLog.close`.
+transaction before a log's first records (of the empty log: size 0) and
+whenever ``checkpoint_every`` records or ``checkpoint_interval_s`` seconds have
+passed since the newest checkpoint (keeping the pace that checkpoint signs when
+it is stricter: another writer's); outside a write, by the idle timer every
+``checkpoint_interval_s`` seconds and at :meth:`AuditLog.close`.  The verifier
+holds the log to exactly this rule.
+
+Each event is type-checked in the writer (:func:`checked_event`): a malformed
+event fails alone, with an :class:`AuditError`, and never the group it came in.
 """
 
 from __future__ import annotations
@@ -19,22 +26,29 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from api.protocols import AuditEvent, Digest
-from appliance.audit.canonical import AuditRecord, format_time, leaf_hash, parse_time
-from appliance.audit.checkpoint import Checkpoint, make_checkpoint, store_checkpoint
+from appliance.audit.canonical import AuditRecord, checked_event, format_time, leaf_hash, parse_time
+from appliance.audit.checkpoint import Checkpoint, Pace, make_checkpoint, next_in_sequence, store_checkpoint
 from appliance.audit.digest import DigestKeyring
 from appliance.audit.prune import PruneResult, prune_prefix
 from appliance.audit.schema import connect, ensure_schema, read_log_id
-from appliance.audit.store import head, insert_records, last_checkpoint, query_records, tail_records
+from appliance.audit.store import (
+    LastCheckpoint,
+    head,
+    insert_records,
+    last_checkpoint,
+    query_records,
+    tail_records,
+)
 from runtime.errors import AuditError
 from runtime.threads import named_thread
 
@@ -102,6 +116,10 @@ class AuditLog:
         self.db_path = Path(db_path)
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval = timedelta(seconds=checkpoint_interval_s)
+        if self.checkpoint_interval < timedelta(microseconds=1):
+            raise AuditError("checkpoint_interval_s must be at least a microsecond")
+        #: the pace every checkpoint of this writer signs
+        self.pace = Pace.of(checkpoint_every, self.checkpoint_interval)
         self.keyring = DigestKeyring(digest_keys_dir, rotate_days=digest_key_days, clock=clock)
         self.commits = 0  #: committed write transactions (group commit metric)
         self.records_written = 0
@@ -202,7 +220,10 @@ class AuditLog:
         if self._closed:
             raise AuditError("the audit log is closed")
         if self._thread is None:
-            return self._write_batch([event])[0]
+            outcome = self._write_batch([event])[0]
+            if isinstance(outcome, AuditError):
+                raise outcome
+            return outcome
         fut: concurrent.futures.Future[int] = concurrent.futures.Future()
         self._queue.put(_Item(event, future=fut))
         return fut.result()
@@ -256,10 +277,35 @@ class AuditLog:
                 return None
             return self._write_checkpoint()
 
-    def prune(self, before: datetime, *, min_retention_days: int, force: bool = False) -> PruneResult:
-        """Remove the prefix of records written before ``before``; see :func:`prune_prefix`."""
+    def prune(
+        self,
+        before: datetime,
+        *,
+        min_retention_days: int,
+        force: bool = False,
+        trusted_keys: Sequence[Ed25519PublicKey] = (),
+        record: Callable[[PruneResult], AuditEvent] | None = None,
+    ) -> PruneResult:
+        """Remove the prefix of records written before ``before``; see :func:`prune_prefix`.
+
+        The prefix must verify first (``trusted_keys``: public keys besides this
+        writer's that signed checkpoints, e.g. before a key rotation).  ``record``
+        builds the event recording the prune, appended in the prune's own
+        transaction: the prune and its record commit together or not at all.
+        """
         with self._lock:
             conn = self._connection()
+            signed: list[Checkpoint] = []
+
+            def in_transaction(result: PruneResult) -> None:
+                if record is None:
+                    return
+                outcomes, cps = self._append_in_transaction(conn, [record(result)])
+                if isinstance(outcomes[0], AuditError):
+                    raise outcomes[0]
+                self.records_written += 1
+                signed.extend(cps)
+
             result = prune_prefix(
                 conn,
                 log_id=self._log_id,
@@ -268,10 +314,15 @@ class AuditLog:
                 now=self._clock(),
                 min_retention_days=min_retention_days,
                 force=force,
+                public_keys=(self._key.public_key(), *trusted_keys),
+                pace=self.pace,
+                in_transaction=in_transaction,
             )
-            if result.checkpoint is not None:
+            if result.checkpoint is not None or signed or record is not None:
                 self.commits += 1
-                self._notify(result.checkpoint)
+            for cp in (result.checkpoint, *signed):
+                if cp is not None:
+                    self._notify(cp)
             return result
 
     def tail(self, n: int = 20) -> list[AuditRecord]:
@@ -291,12 +342,27 @@ class AuditLog:
     # -- internals ----------------------------------------------------------
 
     def _time_due(self, conn: sqlite3.Connection) -> bool:
-        return self._interval_passed(last_checkpoint(conn))
+        last = last_checkpoint(conn)
+        since = parse_time(last.created_at) if last is not None else self._opened_at
+        return self._clock() - since >= self._pace_after(last)[1]
 
-    def _interval_passed(self, last: tuple[int, str] | None) -> bool:
-        """Whether ``checkpoint_interval`` has passed since ``last`` (as :func:`last_checkpoint` gives it)."""
-        since = parse_time(last[1]) if last is not None else self._opened_at
-        return self._clock() - since >= self.checkpoint_interval
+    def _pace_after(self, last: LastCheckpoint | None) -> tuple[int, timedelta]:
+        """(every, interval) this writer keeps after ``last``: its own, or the one ``last`` signs if stricter."""
+        every, interval = self.checkpoint_every, self.checkpoint_interval
+        if last is not None and last.every >= 1 and last.interval_us >= 1:
+            every = min(every, last.every)
+            interval = min(interval, timedelta(microseconds=last.interval_us))
+        return every, interval
+
+    def _due(self, size: int, written: datetime, last: LastCheckpoint) -> bool:
+        """Whether the transaction that ends at ``size``, written at ``written``, must sign a checkpoint.
+
+        Exactly the rule the verifier holds the log to (``written`` is the
+        records' ``recorded_at`` itself): ``every`` records or ``interval``
+        after the newest checkpoint.
+        """
+        every, interval = self._pace_after(last)
+        return size - last.size >= every or written - parse_time(last.created_at) >= interval
 
     def _notify(self, cp: Checkpoint) -> None:
         if self._on_checkpoint is not None:
@@ -318,74 +384,106 @@ class AuditLog:
         self._notify(cp)
         return cp
 
-    def _sign_head(self, conn: sqlite3.Connection) -> Checkpoint:
+    def _sign_head(self, conn: sqlite3.Connection, created_at: str | None = None) -> Checkpoint:
         size, head_hash = head(conn, self._log_id)
+        index, prev = next_in_sequence(conn)
         cp = make_checkpoint(
             self._key,
             kind="checkpoint",
             log_id=self._log_id,
             size=size,
             head_hash=head_hash,
-            created_at=format_time(self._clock()),
+            created_at=created_at if created_at is not None else format_time(self._clock()),
+            index=index,
+            prev=prev,
+            pace=self.pace,
         )
         store_checkpoint(conn, cp)
         return cp
 
-    def _write_batch(self, events: list[AuditEvent]) -> list[int]:
+    def _write_batch(self, events: list[AuditEvent]) -> list[int | AuditError]:
+        """Append ``events`` in one transaction: each one's seq, or why that one was rejected."""
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
-            cp: Checkpoint | None = None
             try:
-                size, prev = head(conn, self._log_id)  # inside the write lock: no other writer moves it
-                recorded_at = format_time(self._clock())
-                seqs = []
-                records: list[AuditRecord] = []
-                for event in events:
-                    size += 1
-                    rec = AuditRecord(
-                        seq=size,
-                        log_id=self._log_id,
-                        prev_hash=prev,
-                        recorded_at=recorded_at,
-                        event=event.event,
-                        action=event.action,
-                        actor=event.actor,
-                        credential_id=event.credential_id,
-                        origin=event.origin,
-                        outcome=event.outcome,
-                        status=event.status,
-                        started_at=event.started_at,
-                        ended_at=event.ended_at,
-                        request_id=event.request_id,
-                        model_name=event.model_name,
-                        model_version=event.model_version,
-                        model_sha256=event.model_sha256,
-                        backend=event.backend,
-                        variant=event.variant,
-                        job_id=event.job_id,
-                        input_digest=event.input_digest,
-                        output_digest=event.output_digest,
-                        digest_key_id=event.digest_key_id,
-                        details=dict(event.details),
-                    )
-                    prev = leaf_hash(rec)
-                    records.append(msgspec.structs.replace(rec, leaf_hash=prev))
-                    seqs.append(size)
-                insert_records(conn, records)
-                last = last_checkpoint(conn)
-                if (size - (last[0] if last else 0) >= self.checkpoint_every) or self._interval_passed(last):
-                    cp = self._sign_head(conn)
+                outcomes, signed = self._append_in_transaction(conn, events)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
             self.commits += 1
-            self.records_written += len(events)
-        if cp is not None:
+            self.records_written += sum(1 for o in outcomes if not isinstance(o, AuditError))
+        for cp in signed:
             self._notify(cp)
-        return seqs
+        return outcomes
+
+    def _append_in_transaction(
+        self, conn: sqlite3.Connection, events: list[AuditEvent]
+    ) -> tuple[list[int | AuditError], list[Checkpoint]]:
+        """Append ``events`` inside the caller's write transaction (and sign the checkpoints due)."""
+        size, prev = head(conn, self._log_id)  # inside the write lock: no other writer moves it
+        recorded_at = format_time(self._clock())
+        outcomes: list[int | AuditError] = []
+        records: list[AuditRecord] = []
+        for given in events:
+            why: str | None = None
+            try:
+                event = checked_event(given)
+            except AuditError as exc:
+                why = str(exc)
+            else:
+                rec = AuditRecord(
+                    seq=size + 1,
+                    log_id=self._log_id,
+                    prev_hash=prev,
+                    recorded_at=recorded_at,
+                    event=event.event,
+                    action=event.action,
+                    actor=event.actor,
+                    credential_id=event.credential_id,
+                    origin=event.origin,
+                    outcome=event.outcome,
+                    status=event.status,
+                    started_at=event.started_at,
+                    ended_at=event.ended_at,
+                    request_id=event.request_id,
+                    model_name=event.model_name,
+                    model_version=event.model_version,
+                    model_sha256=event.model_sha256,
+                    backend=event.backend,
+                    variant=event.variant,
+                    job_id=event.job_id,
+                    input_digest=event.input_digest,
+                    output_digest=event.output_digest,
+                    digest_key_id=event.digest_key_id,
+                    details=dict(event.details),
+                )
+                try:
+                    leaf = leaf_hash(rec)
+                except UnicodeEncodeError as exc:  # a lone surrogate: not storable as UTF-8
+                    why = f"a field holds text that is not valid Unicode ({exc.reason})"
+            if why is not None:
+                outcomes.append(AuditError(f"audit event not recorded: {why}"))
+                continue
+            size += 1
+            prev = leaf
+            records.append(msgspec.structs.replace(rec, leaf_hash=leaf))
+            outcomes.append(size)
+        signed: list[Checkpoint] = []
+        if records:
+            last = last_checkpoint(conn)
+            if last is None:
+                # a log's first records (or a log without checkpoints): sign the head they extend
+                # first (size 0 for a new log), so every record follows a signed checkpoint and its pace
+                genesis = self._sign_head(conn, recorded_at)
+                last = LastCheckpoint(genesis.size, genesis.created_at, genesis.every, genesis.interval_us)
+                signed.append(genesis)
+            insert_records(conn, records)
+            if self._due(size, parse_time(recorded_at), last):
+                signed.append(self._sign_head(conn, recorded_at))
+        return outcomes, signed
 
     def _run(self) -> None:
         stop = False
@@ -429,7 +527,10 @@ class AuditLog:
     def _flush(self, items: list[_Item]) -> None:
         outcomes: list[tuple[int | None, BaseException | None]]
         try:
-            outcomes = [(seq, None) for seq in self._write_batch([i.event for i in items])]
+            outcomes = [
+                (None, o) if isinstance(o, AuditError) else (o, None)
+                for o in self._write_batch([i.event for i in items])
+            ]
         except Exception as exc:
             log.error("audit append failed: %s", exc)
             err = exc if isinstance(exc, AuditError) else AuditError(f"audit log {self.db_path}: append failed: {exc}")

@@ -1,7 +1,8 @@
 """The audit database: schema (sqlite-utils migrations), connections, triggers.
 
 Tables: ``meta`` (the log id), ``records`` (``seq`` is the rowid, so it is unique
-and ordered), ``checkpoints`` (signed heads and prune anchors) and
+and ordered), ``checkpoints`` (signed heads and prune anchors; migration 0002
+adds the format 2 columns: version, sequence index and link, writer pace) and
 ``prune_guard``.  ``BEFORE UPDATE`` / ``BEFORE DELETE`` triggers abort every
 change to records and checkpoints (defence in depth: anyone who can write the
 file can drop them; the hash chain and signatures are the real protection).
@@ -96,6 +97,16 @@ def _initial(db: sqlite_utils.Database) -> None:
         """CREATE TRIGGER meta_no_update BEFORE UPDATE ON meta
         BEGIN SELECT RAISE(ABORT, 'the audit log id never changes'); END"""
     )
+
+
+@MIGRATIONS(name="0002_checkpoint_sequence_and_pace")
+def _checkpoint_v2(db: sqlite_utils.Database) -> None:
+    """Format 2 checkpoints: their place in the sequence and the writer's pace (see checkpoint.py)."""
+    db.execute("ALTER TABLE checkpoints ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN idx INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN prev TEXT NOT NULL DEFAULT ''")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN every INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE checkpoints ADD COLUMN interval_us INTEGER NOT NULL DEFAULT 0")
 
 
 def connect(db_path: Path, *, busy_timeout_s: float = 30.0, read_only: bool = False) -> sqlite3.Connection:

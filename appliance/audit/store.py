@@ -5,6 +5,7 @@ from __future__ import annotations
 import operator
 import sqlite3
 from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import msgspec
 
@@ -12,6 +13,7 @@ from appliance.audit.canonical import EVENT_FIELDS, AuditRecord, genesis_hash
 
 __all__ = [
     "COLUMNS",
+    "LastCheckpoint",
     "head",
     "insert_record",
     "insert_records",
@@ -19,6 +21,7 @@ __all__ = [
     "last_checkpoint",
     "query_records",
     "record_row",
+    "table_stats",
     "tail_records",
 ]
 
@@ -69,11 +72,24 @@ def _record(log_id: str, row: tuple[object, ...]) -> AuditRecord:
 def iter_records(
     conn: sqlite3.Connection, log_id: str, first_seq: int | None = None, last_seq: int | None = None
 ) -> Iterator[AuditRecord]:
-    """Records in seq order, optionally within ``first_seq..last_seq``."""
-    lo = first_seq if first_seq is not None else -(1 << 62)
-    hi = last_seq if last_seq is not None else 1 << 62
-    for row in conn.execute(_SELECT + " WHERE seq BETWEEN ? AND ? ORDER BY seq", (lo, hi)):
+    """Records in seq order, optionally within ``first_seq..last_seq`` (no bound when None: every row)."""
+    where: list[str] = []
+    params: list[int] = []
+    if first_seq is not None:
+        where.append("seq >= ?")
+        params.append(first_seq)
+    if last_seq is not None:
+        where.append("seq <= ?")
+        params.append(last_seq)
+    sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
+    for row in conn.execute(sql, params):
         yield _record(log_id, tuple(row))
+
+
+def table_stats(conn: sqlite3.Connection) -> tuple[int, int | None, int | None]:
+    """(count, min seq, max seq) of the records table, whatever the seqs are."""
+    count, lo, hi = conn.execute("SELECT count(*), min(seq), max(seq) FROM records").fetchone()
+    return int(count), (None if lo is None else int(lo)), (None if hi is None else int(hi))
 
 
 def tail_records(conn: sqlite3.Connection, log_id: str, n: int) -> list[AuditRecord]:
@@ -138,8 +154,19 @@ def head(conn: sqlite3.Connection, log_id: str) -> tuple[int, str]:
     return 0, genesis_hash(log_id)
 
 
-def last_checkpoint(conn: sqlite3.Connection) -> tuple[int, str] | None:
-    """(size, created_at) of the newest regular checkpoint."""
-    row = conn.execute("SELECT size, created_at FROM checkpoints WHERE kind = 'checkpoint' ORDER BY id DESC LIMIT 1")
-    found = row.fetchone()
-    return None if found is None else (int(found[0]), str(found[1]))
+class LastCheckpoint(NamedTuple):
+    size: int
+    created_at: str
+    every: int  #: the pace it signs (0: a format 1 checkpoint, no pace)
+    interval_us: int
+
+
+def last_checkpoint(conn: sqlite3.Connection) -> LastCheckpoint | None:
+    """The newest regular checkpoint: size, created_at and the pace it signs (schema migrated)."""
+    found = conn.execute(
+        "SELECT size, created_at, every, interval_us FROM checkpoints WHERE kind = 'checkpoint' "
+        "ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    if found is None:
+        return None
+    return LastCheckpoint(int(found[0]), str(found[1]), int(found[2]), int(found[3]))

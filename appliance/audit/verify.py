@@ -1,26 +1,41 @@
-"""The offline verifier: needs only the database (or an export) and the public key.
+"""The offline verifier: needs only the database (or an export) and the public key(s).
 
 It recomputes every leaf hash and link, checks every checkpoint signature, that
-checkpoints agree with each other and with the records, that no signed
-checkpoint reaches past the last record (tail cut), and that a log starting
-after seq 1 has a signed prune anchor for the gap.  The report names the first
-failing seq and what failed.  See ``docs/audit.md`` for what it cannot detect.
+checkpoints agree with each other and with the records, that none is missing
+from the signed checkpoint sequence, that no signed checkpoint reaches past the
+last record (tail cut), that a log starting after seq 1 has a signed prune
+anchor for the gap, and that the records after the newest checkpoint are no
+more than the writer's own pace allows (every other record is covered by a
+signed checkpoint).  The report names the first failing seq and what failed.
+See ``docs/audit.md`` for what it cannot detect.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
+import sqlite3
 from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from appliance.audit.canonical import AuditRecord, genesis_hash, is_hex64, leaf_hash
-from appliance.audit.checkpoint import Checkpoint, signature_problem, verify_signature
+from appliance.audit.canonical import AuditRecord, genesis_hash, is_hex64, leaf_hash, parse_time
+from appliance.audit.checkpoint import (
+    Checkpoint,
+    Pace,
+    load_checkpoints,
+    sequence_link,
+    signature_problem,
+    verify_signature,
+)
 from appliance.audit.exporter import (
     EXPORT_FORMAT,
+    EXPORT_FORMAT_V1,
     CheckpointLine,
+    EdgeLine,
     Header,
     Line,
     RecordLine,
@@ -29,11 +44,12 @@ from appliance.audit.exporter import (
     trailer_signed_bytes,
 )
 from appliance.audit.schema import connect, read_log_id
-from appliance.audit.store import iter_records
+from appliance.audit.store import iter_records, table_stats
 from runtime import signing
 from runtime.errors import AuditError, SignatureError, VerificationError
 
 __all__ = [
+    "DEFAULT_PACE",
     "UNPROTECTED_EXPORT_BYTES",
     "Problem",
     "VerifyReport",
@@ -47,6 +63,12 @@ __all__ = [
 #: Every line must be in canonical form (re-encoded and compared), and the
 #: signed trailer covers every byte before it.
 UNPROTECTED_EXPORT_BYTES: tuple[str, ...] = ()
+
+#: The pace a log is held to after a checkpoint that does not sign one (format 1,
+#: written before checkpoints carried their pace): the settings' defaults.
+DEFAULT_PACE = Pace.of(1000, timedelta(minutes=10))
+
+PublicKeys = Ed25519PublicKey | Sequence[Ed25519PublicKey]
 
 
 class Problem(msgspec.Struct, frozen=True):
@@ -64,12 +86,16 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
     covered_to: int  #: highest seq bound to a valid signed checkpoint (later records: chain only)
     first_bad_seq: int | None
     problems: list[Problem]
+    newest_checkpoint_at: str = ""  #: created_at of the newest valid regular checkpoint
+    key_ids: list[str] = []  #: the keys that signed the valid checkpoints
 
     def summary(self) -> str:
         if self.ok:
+            newest = f" (newest {self.newest_checkpoint_at})" if self.newest_checkpoint_at else ""
+            keys = f"; signed by {', '.join(self.key_ids)}" if len(self.key_ids) > 1 else ""
             return (
                 f"OK: log {self.log_id}: records {self.first_seq}..{self.last_seq} ({self.records}) verify; "
-                f"{self.checkpoints} signed checkpoints; signed up to seq {self.covered_to}"
+                f"{self.checkpoints} signed checkpoints{newest}; signed up to seq {self.covered_to}{keys}"
             )
         first = self.problems[0]
         where = f"seq {self.first_bad_seq}" if self.first_bad_seq is not None else "export"
@@ -89,6 +115,8 @@ def _report(
     last_seq: int = 0,
     checkpoints: int = 0,
     covered_to: int = 0,
+    newest_checkpoint_at: str = "",
+    key_ids: Sequence[str] = (),
 ) -> VerifyReport:
     seqs = [p.seq for p in problems if p.seq is not None]
     first_bad = min(seqs) if seqs else None
@@ -103,24 +131,96 @@ def _report(
         covered_to=covered_to,
         first_bad_seq=first_bad,
         problems=ordered,
+        newest_checkpoint_at=newest_checkpoint_at,
+        key_ids=sorted(key_ids),
     )
+
+
+def _with_problems(report: VerifyReport, more: Sequence[Problem]) -> VerifyReport:
+    if not more:
+        return report
+    return _report(
+        report.log_id,
+        [*report.problems, *more],
+        records=report.records,
+        first_seq=report.first_seq,
+        last_seq=report.last_seq,
+        checkpoints=report.checkpoints,
+        covered_to=report.covered_to,
+        newest_checkpoint_at=report.newest_checkpoint_at,
+        key_ids=report.key_ids,
+    )
+
+
+def _minutes(delta: timedelta) -> str:
+    return f"{delta.total_seconds() / 60:g}"
+
+
+def _sequence_problems(checkpoints: Sequence[Checkpoint], valid_ids: set[int]) -> list[Problem]:
+    """Format 2 checkpoints sign their position and the previous checkpoint's signature: find gaps."""
+    problems: list[Problem] = []
+    for position, cp in enumerate(checkpoints, start=1):
+        if cp.version < 2 or id(cp) not in valid_ids:
+            continue
+        seq = max(cp.size, 1)
+        if cp.index != position:
+            if cp.index > position:
+                what = (
+                    f"signed checkpoints were deleted: the {cp.kind} at size {cp.size} ({cp.created_at}) is "
+                    f"checkpoint #{cp.index} of the log, but only {position - 1} checkpoint(s) precede it"
+                )
+            else:
+                what = (
+                    f"checkpoints were inserted or repeated: the {cp.kind} at size {cp.size} ({cp.created_at}) is "
+                    f"checkpoint #{cp.index} of the log, but {position - 1} checkpoint(s) precede it"
+                )
+            problems.append(Problem(seq, what))
+            continue
+        expected = sequence_link(checkpoints[position - 2].signature) if position > 1 else ""
+        if cp.prev != expected:
+            problems.append(
+                Problem(
+                    seq,
+                    f"the checkpoint before the {cp.kind} at size {cp.size} ({cp.created_at}) is not the one it "
+                    f"was signed after: a checkpoint was replaced or deleted",
+                )
+            )
+    return problems
 
 
 def check_chain(
     log_id: str,
     records: Iterable[AuditRecord],
     checkpoints: Sequence[Checkpoint],
-    public_key: Ed25519PublicKey,
+    public_key: PublicKeys,
     *,
     from_start: bool = True,
     to_head: bool = True,
     extra: Sequence[Problem] = (),
+    before: AuditRecord | None = None,
+    after: AuditRecord | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    window: bool = False,
+    check_pace: bool = True,
+    legacy_pace: Pace | None = None,
+    now: datetime | None = None,
+    max_age: timedelta | None = None,
 ) -> VerifyReport:
     """Verify ``records`` (in stored order) against ``checkpoints`` (in written order).
 
-    ``from_start``: the records start at the log's start (seq 1, or the newest
-    prune anchor).  ``to_head``: they end at the log's head, so no signed
-    checkpoint may be larger.  A window export passes False for either.
+    ``public_key``: one trusted key or several (a log signed before and after a
+    key rotation).  ``from_start``: the records start at the log's start (seq 1,
+    or the newest prune anchor).  ``to_head``: they end at the log's head, so no
+    signed checkpoint may be larger.  A window export passes False for either,
+    and ``before`` / ``after``: the records just outside it (checked for their
+    leaf hash and link, not counted), ``since`` / ``until``: its bounds, and
+    ``window=True`` to hold the checkpoints signed inside it to its seq range.
+
+    ``check_pace``: the records after the newest checkpoint before the end must
+    be fewer than the pace that checkpoint signs (``legacy_pace``, default
+    :data:`DEFAULT_PACE`, for a format 1 checkpoint).  ``now`` / ``max_age``:
+    fail when the newest checkpoint is older than ``max_age``.
     """
     problems = list(extra)
     valid: list[Checkpoint] = []
@@ -133,6 +233,7 @@ def check_chain(
             problems.append(Problem(max(cp.size, 1), f"bad checkpoint signature: {why}"))
         else:
             valid.append(cp)
+    problems.extend(_sequence_problems(checkpoints, {id(cp) for cp in valid}))
     heads: dict[int, Checkpoint] = {}
     for kind in ("checkpoint", "prune"):
         prev: Checkpoint | None = None
@@ -155,6 +256,11 @@ def check_chain(
                     f"inconsistent checkpoints: two signed checkpoints disagree on the head at size {cp.size}",
                 )
             )
+    regular = [c for c in valid if c.kind == "checkpoint"]
+    #: the newest regular checkpoint at each size (a later one at the same size: an idle checkpoint)
+    newest_at: dict[int, Checkpoint] = {}
+    for cp in regular:
+        newest_at[cp.size] = cp
     prunes = [c for c in valid if c.kind == "prune"]
     anchor = max(prunes, key=lambda c: c.size) if prunes else None
     expected_seq: int | None = None
@@ -164,20 +270,27 @@ def check_chain(
         expected_prev = anchor.head_hash if anchor else genesis_hash(log_id)
     start_seq = expected_seq
     first_seq = 0
+    last_in_window: AuditRecord | None = None
+    first_in_window: AuditRecord | None = None
     count = 0
     broken = False
     covered = 0
-    for rec in records:
+    # the newest recorded_at (and its seq) since the last regular checkpoint size walked past (pace rule)
+    segment_max: tuple[str, int] | None = None
+    edge_before = [before] if before is not None else []
+    edge_after = [after] if after is not None else []
+    walk = itertools.chain(
+        ((r, True) for r in edge_before), ((r, False) for r in records), ((r, True) for r in edge_after)
+    )
+    for rec, is_edge in walk:
         if broken:
             continue
         if expected_seq is None:
             expected_seq, expected_prev, start_seq = rec.seq, rec.prev_hash, rec.seq
-        if not first_seq:
-            first_seq = rec.seq
         seq = expected_seq
         if rec.seq != seq:
             broken = True
-            if rec.seq > seq and count == 0 and from_start:
+            if rec.seq > seq and count == 0 and from_start and before is None:
                 problems.append(
                     Problem(
                         seq,
@@ -227,20 +340,49 @@ def check_chain(
             covered = seq
         expected_prev = computed
         expected_seq = seq + 1
+        if not is_edge or rec is before:
+            if seq in newest_at:
+                segment_max = None
+            elif segment_max is None or rec.recorded_at > segment_max[0]:
+                segment_max = (rec.recorded_at, seq)
+        if is_edge:
+            continue
+        if not first_seq:
+            first_seq = rec.seq
+            first_in_window = rec
+        last_in_window = rec
         count += 1
-    last_seq = (expected_seq - 1) if expected_seq is not None else 0
+    last_seq = last_in_window.seq if last_in_window is not None else 0
+    walked_to = (expected_seq - 1) if expected_seq is not None else 0
     if not broken and to_head and expected_seq is not None:
-        beyond = [c for c in valid if c.size > last_seq]
+        beyond = [c for c in valid if c.size > walked_to]
         if beyond:
             top = max(c.size for c in beyond)
             problems.append(
                 Problem(
-                    last_seq + 1,
-                    f"tail cut: a signed checkpoint says the log had {top} records, but it ends at seq {last_seq}",
+                    walked_to + 1,
+                    f"tail cut: a signed checkpoint says the log had {top} records, but it ends at seq {walked_to}",
                 )
             )
     if not broken and from_start and anchor is not None and start_seq == anchor.size + 1:
-        covered = max(covered, anchor.size) if count == 0 else covered
+        covered = max(covered, anchor.size) if count == 0 and before is None else covered
+    if not broken and check_pace and last_in_window is not None and (to_head or after is not None or until):
+        problems.extend(_pace_problems(first_seq, last_in_window.seq, segment_max, regular, newest_at, legacy_pace))
+    if not broken and window:
+        problems.extend(_window_problems(first_in_window, last_in_window, before, after, since, until, regular))
+    newest = regular[-1].created_at if regular else ""
+    if now is not None and max_age is not None:
+        if not regular:
+            problems.append(Problem(None, "no signed checkpoint at all (--max-age)"))
+        elif now - parse_time(newest) > max_age:
+            problems.append(
+                Problem(
+                    None,
+                    f"the newest signed checkpoint was made at {newest}, more than {_minutes(max_age)} minutes "
+                    f"ago (--max-age): a running service signs one every checkpoint_minutes; the service is "
+                    f"stopped, or the newest checkpoints were deleted with the records after them",
+                )
+            )
     return _report(
         log_id,
         problems,
@@ -248,39 +390,223 @@ def check_chain(
         first_seq=first_seq if count else 0,
         last_seq=last_seq if count else 0,
         checkpoints=len(valid),
-        covered_to=covered,
+        covered_to=min(covered, last_seq) if count and after is not None else covered,
+        newest_checkpoint_at=newest,
+        key_ids=sorted({c.key_id for c in valid}),
     )
 
 
-def verify_db(db_path: Path, public_key: Ed25519PublicKey) -> VerifyReport:
+def _pace_problems(
+    start: int,
+    end: int,
+    segment_max: tuple[str, int] | None,
+    regular: Sequence[Checkpoint],
+    newest_at: dict[int, Checkpoint],
+    legacy_pace: Pace | None,
+) -> list[Problem]:
+    """Records ``start..end`` (``end``: a transaction's last record) after the newest checkpoint before ``end``.
+
+    The writer checks after every transaction whether ``checkpoint_every``
+    records or the checkpoint interval have passed since the newest checkpoint
+    and, if so, signs one in that same transaction.  So in an honest log every
+    record is covered by a checkpoint, except fewer than ``checkpoint_every``
+    records written less than the interval after the newest checkpoint.
+    """
+    if end in newest_at:
+        return []
+    earlier = [s for s in newest_at if s < end]
+    if not earlier:
+        if any(c.size > end for c in regular):
+            # a window ending before the first checkpoint of a log from before format 2 (which signed
+            # its first checkpoint only after checkpoint_every records, or at close)
+            pace = legacy_pace or DEFAULT_PACE
+            if end >= pace.every:
+                return [
+                    Problem(
+                        pace.every,
+                        f"records 1..{end} have no signed checkpoint, but the writer signs one every "
+                        f"{pace.every} records (checkpoint_every): signed checkpoints were deleted",
+                    )
+                ]
+            return []
+        return [
+            Problem(
+                start,
+                f"no signed checkpoint covers records {start}..{end}: the writer signs one with a log's "
+                f"first records, every checkpoint_every records, every checkpoint_minutes and at close "
+                f"(checkpoints deleted?)",
+            )
+        ]
+    cp = newest_at[max(earlier)]
+    signed = cp.pace
+    pace = signed if signed is not None else (legacy_pace or DEFAULT_PACE)
+    legacy = ""
+    if signed is None:
+        legacy = (
+            f" (that checkpoint predates signed pace, so the log is held to {pace.describe()} from the local "
+            f"settings; if it was written with a slower pace, pass --checkpoint-every / --checkpoint-minutes)"
+        )
+    out: list[Problem] = []
+    behind = end - cp.size
+    if behind >= pace.every:
+        out.append(
+            Problem(
+                cp.size + pace.every,
+                f"records {cp.size + 1}..{end} ({behind}) follow the newest signed checkpoint before them "
+                f"(size {cp.size}, {cp.created_at}) but the writer signs one every {pace.every} records: "
+                f"no signed checkpoint covers them (checkpoints deleted?){legacy}",
+            )
+        )
+    if segment_max is not None:
+        written, seq = segment_max
+        try:
+            late = parse_time(written) - parse_time(cp.created_at) >= pace.interval
+        except AuditError:
+            late = False  # a malformed time fails the record's own checks
+        if late:
+            out.append(
+                Problem(
+                    seq,
+                    f"record {seq} was written at {written}, {_minutes(pace.interval)} minutes or more after the "
+                    f"newest signed checkpoint before it (size {cp.size}, {cp.created_at}), but the writer signs "
+                    f"one within that time: no signed checkpoint covers it (checkpoints deleted?){legacy}",
+                )
+            )
+    return out
+
+
+def _window_problems(
+    first: AuditRecord | None,
+    last: AuditRecord | None,
+    before: AuditRecord | None,
+    after: AuditRecord | None,
+    since: str | None,
+    until: str | None,
+    regular: Sequence[Checkpoint],
+) -> list[Problem]:
+    """A window export's edges and the checkpoints signed inside it."""
+    out: list[Problem] = []
+    if since is not None:
+        if before is not None and not before.recorded_at < since:
+            out.append(
+                Problem(before.seq, f"the record before the window (seq {before.seq}) was not written before {since}")
+            )
+        if first is not None and first.recorded_at < since:
+            out.append(Problem(first.seq, f"the window's first record (seq {first.seq}) was written before {since}"))
+    if until is not None:
+        if after is not None and after.recorded_at < until:
+            out.append(Problem(after.seq, f"the record after the window (seq {after.seq}) was written before {until}"))
+        if last is not None and not last.recorded_at < until:
+            out.append(Problem(last.seq, f"the window's last record (seq {last.seq}) was not written before {until}"))
+    # with a monotonic clock, a checkpoint signed at time t inside [since, until) names the head at t,
+    # which lies between the record before the window and the window's last record (no record before
+    # the window: it starts at the prune anchor, and checkpoints older than the anchor are legitimate)
+    lo = before.seq if before is not None else None
+    hi = after.seq - 1 if after is not None else None
+    for cp in regular:
+        if (since is not None and cp.created_at < since) or (until is not None and cp.created_at >= until):
+            continue
+        if lo is not None and cp.size < lo:
+            out.append(
+                Problem(
+                    lo + 1,
+                    f"a checkpoint signed inside the window ({cp.created_at}) says the log had {cp.size} records, "
+                    f"but the record before the window is seq {lo}: records were removed at the window's start",
+                )
+            )
+        elif hi is not None and cp.size > hi:
+            out.append(
+                Problem(
+                    hi + 1,
+                    f"a checkpoint signed inside the window ({cp.created_at}) says the log had {cp.size} records, "
+                    f"but the record after the window is seq {hi + 1}: records were removed at the window's end",
+                )
+            )
+    return out
+
+
+def verify_db(
+    db_path: Path,
+    public_key: PublicKeys,
+    *,
+    legacy_pace: Pace | None = None,
+    now: datetime | None = None,
+    max_age: timedelta | None = None,
+) -> VerifyReport:
     """Verify an audit database file (opened read-only)."""
     conn = connect(Path(db_path), read_only=True)
     try:
         conn.execute("BEGIN")  # one snapshot
         log_id = read_log_id(conn)
-        from appliance.audit.checkpoint import load_checkpoints
-
         checkpoints = load_checkpoints(conn)
-        report = check_chain(log_id, iter_records(conn, log_id), checkpoints, public_key)
+        report = check_chain(
+            log_id,
+            iter_records(conn, log_id),
+            checkpoints,
+            public_key,
+            legacy_pace=legacy_pace,
+            now=now,
+            max_age=max_age,
+        )
+        rows, lo, hi = table_stats(conn)
         conn.execute("COMMIT")
-        return report
+    except sqlite3.DatabaseError as exc:  # e.g. text that is not UTF-8, a damaged file
+        raise VerificationError(
+            f"audit database {db_path} cannot be read ({exc}): it was damaged or edited by hand; "
+            f"keep a copy and compare it with the last off-box export"
+        ) from exc
     finally:
         conn.close()
+    if report.ok and (rows, lo or 0, hi or 0) != (report.records, report.first_seq, report.last_seq):
+        report = _with_problems(
+            report,
+            [
+                Problem(
+                    None,
+                    f"the records table holds {rows} rows (seq {lo}..{hi}) but {report.records} were verified "
+                    f"(seq {report.first_seq}..{report.last_seq}): rows the verifier did not see",
+                )
+            ],
+        )
+    return report
 
 
 _DECODER = msgspec.json.Decoder(Line)
+_RANK = {Header: 0, RecordLine: 2, CheckpointLine: 4, Trailer: 5}
 
 
-def verify_export(path: Path, public_key: Ed25519PublicKey) -> VerifyReport:
-    """Verify a JSONL export on its own (records, checkpoints, prune anchors, signed trailer)."""
+def _rank(line: Line) -> int:
+    if isinstance(line, EdgeLine):
+        return 1 if line.side == "before" else 3
+    return _RANK[type(line)]
+
+
+def verify_export(path: Path, public_key: PublicKeys, *, legacy_pace: Pace | None = None) -> VerifyReport:
+    """Verify a JSONL export on its own (records, edges, checkpoints, prune anchors, signed trailer)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise AuditError(f"cannot read export {path}: {exc.strerror}") from exc
-    return verify_export_bytes(data, public_key)
+    return verify_export_bytes(data, public_key, legacy_pace=legacy_pace)
 
 
-def verify_export_bytes(data: bytes, public_key: Ed25519PublicKey) -> VerifyReport:
+def _trailer_problem(trailer: Trailer, public_key: PublicKeys) -> str | None:
+    keys = (public_key,) if isinstance(public_key, Ed25519PublicKey) else tuple(public_key)
+    by_id = {signing.key_id(k): k for k in keys}
+    try:
+        sig = bytes.fromhex(trailer.signature)
+        key = by_id.get(trailer.key_id)
+        if sig.hex() != trailer.signature or key is None:
+            raise SignatureError(f"export trailer is not signed by {' or '.join(sorted(by_id)) or 'a trusted key'}")
+        why = verify_signature(key, trailer_signed_bytes(trailer.lines, trailer.sha256), sig)
+        if why is not None:
+            raise SignatureError(why)
+    except (ValueError, SignatureError) as exc:
+        return f"export signature: {exc}"
+    return None
+
+
+def verify_export_bytes(data: bytes, public_key: PublicKeys, *, legacy_pace: Pace | None = None) -> VerifyReport:
     """:func:`verify_export` on the export's bytes."""
     problems: list[Problem] = []
     if not data.endswith(b"\n"):
@@ -317,27 +643,32 @@ def verify_export_bytes(data: bytes, public_key: Ed25519PublicKey) -> VerifyRepo
             problems.append(Problem(None, f"trailer counts {trailer.lines} lines, the export has {len(raw_lines) - 1}"))
         if hashlib.sha256(body).hexdigest() != trailer.sha256:
             problems.append(Problem(None, "export bytes changed after it was signed (trailer sha256 differs)"))
-        try:
-            sig = bytes.fromhex(trailer.signature)
-            if sig.hex() != trailer.signature or trailer.key_id != signing.key_id(public_key):
-                raise SignatureError(f"export trailer is not signed by key {signing.key_id(public_key)}")
-            why = verify_signature(public_key, trailer_signed_bytes(trailer.lines, trailer.sha256), sig)
-            if why is not None:
-                raise SignatureError(why)
-        except (ValueError, SignatureError) as exc:
-            problems.append(Problem(None, f"export signature: {exc}"))
+        if (why := _trailer_problem(trailer, public_key)) is not None:
+            problems.append(Problem(None, why))
     header = headers[0] if headers else None
     if header is None:
         return _report("", problems)
-    if header.format != EXPORT_FORMAT:
+    if header.format not in (EXPORT_FORMAT, EXPORT_FORMAT_V1):
         problems.append(Problem(None, f"export format {header.format!r} is not {EXPORT_FORMAT}"))
-    kinds = [type(ln) for _, ln in parsed]
-    last_record = max((i for i, k in enumerate(kinds) if k is RecordLine), default=-1)
-    first_cp = min((i for i, k in enumerate(kinds) if k is CheckpointLine), default=len(kinds))
-    if last_record > first_cp:
-        problems.append(Problem(None, "export lines out of order: a record follows a checkpoint"))
+    ranks = [_rank(ln) for _, ln in parsed]
+    if ranks != sorted(ranks):
+        problems.append(
+            Problem(None, "export lines out of order: header, edge before, records, edge after, checkpoints, trailer")
+        )
     records = [ln for _, ln in parsed if isinstance(ln, RecordLine)]
     checkpoints: list[Checkpoint] = [ln for _, ln in parsed if isinstance(ln, CheckpointLine)]
+    edges = [ln for _, ln in parsed if isinstance(ln, EdgeLine)]
+    befores = [e for e in edges if e.side == "before"]
+    afters = [e for e in edges if e.side == "after"]
+    v2 = header.format == EXPORT_FORMAT
+    if edges and not v2:
+        problems.append(Problem(None, f"edge lines in an export of format {header.format}"))
+    if len(befores) > 1 or len(afters) > 1:
+        problems.append(Problem(None, "an export holds at most one edge record on each side"))
+    if (befores and header.since is None) or (afters and header.until is None):
+        problems.append(Problem(None, "edge records in an export that is not bounded on that side"))
+    before = befores[0] if befores else None
+    after = afters[0] if afters else None
     if records:
         if records[0].seq != header.first_seq:
             problems.append(Problem(header.first_seq, f"export header says it starts at seq {header.first_seq}"))
@@ -350,12 +681,25 @@ def verify_export_bytes(data: bytes, public_key: Ed25519PublicKey) -> VerifyRepo
             )
     elif header.first_seq:
         problems.append(Problem(header.first_seq, "export header names records but the export holds none"))
+    if v2:
+        # no record before the window: it starts at the log's start (or its prune anchor);
+        # none after it: it reaches the log's head
+        from_start = header.since is None or before is None
+        to_head = header.until is None or after is None
+    else:
+        from_start, to_head = header.since is None, header.until is None
     return check_chain(
         header.log_id,
         records,
         checkpoints,
         public_key,
-        from_start=header.since is None,
-        to_head=header.until is None,
+        from_start=from_start,
+        to_head=to_head,
         extra=problems,
+        before=before,
+        after=after,
+        since=header.since if v2 else None,
+        until=header.until if v2 else None,
+        window=v2 and (header.since is not None or header.until is not None),
+        legacy_pace=legacy_pace,
     )

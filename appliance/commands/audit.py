@@ -1,27 +1,41 @@
 """``inferbox audit ...``: verify, export, tail, prune, report, public-key.
 
 Reading, exporting and pruning the log are themselves recorded
-(``audit_read`` / ``audit_export`` / ``audit_prune``).  ``verify`` only reads
-(it may run on another machine, on a copy, with the public key alone).
+(``audit_read`` / ``audit_export`` / ``audit_prune``), never after the fact:
+a prune and its record commit in one transaction, and an export file appears
+(is renamed into place, or copied to stdout) only once its record is durable.
+A refused prune or a failed export is recorded too (outcome ``failure``).
+``verify`` only reads (it may run on another machine, on a copy, with the
+public key(s) alone).
 """
 
 from __future__ import annotations
 
-import getpass
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import socket
 import sys
-from datetime import UTC, datetime
+import tempfile
+import unicodedata
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 import msgspec
 
 from appliance.commands.options import build_settings, state_options
 
-__all__ = ["audit"]
+if TYPE_CHECKING:
+    from api.protocols import AuditEvent
+    from appliance.settings import Settings
+    from runtime.signing import Ed25519PublicKey
+
+__all__ = ["audit", "printable"]
 
 
 def _now() -> datetime:
@@ -34,25 +48,73 @@ def _date(value: str | None) -> datetime | None:
     return None if value is None else parse_time(value)
 
 
-def _record(settings: Any, event: str, action: str, started: datetime, details: dict[str, str]) -> int:
+def _event(event: str, action: str, started: datetime, details: dict[str, str], *, ok: bool = True) -> AuditEvent:
     from api.protocols import AuditEvent
     from appliance.audit.canonical import format_time
+    from appliance.commands.keys import cli_user
+
+    return AuditEvent(
+        event=event,
+        action=action,
+        actor=f"cli:{cli_user()}",
+        origin=f"{socket.gethostname()} pid {os.getpid()}",
+        outcome="success" if ok else "failure",
+        status=0 if ok else 1,
+        started_at=format_time(started),
+        ended_at=format_time(_now()),
+        details=details,
+    )
+
+
+def _record(
+    settings: Any, event: str, action: str, started: datetime, details: dict[str, str], *, ok: bool = True
+) -> int:
+    """Append one record durably (the command goes on only once it is committed)."""
     from appliance.audit.log import AuditLog
 
     with AuditLog.open(settings) as log:
-        return log.append(
-            AuditEvent(
-                event=event,
-                action=action,
-                actor=f"cli:{getpass.getuser()}",
-                origin=f"{socket.gethostname()} pid {os.getpid()}",
-                outcome="success",
-                status=0,
-                started_at=format_time(started),
-                ended_at=format_time(_now()),
-                details=details,
-            )
-        )
+        return log.append(_event(event, action, started, details, ok=ok))
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc)[:500]
+
+
+def _trusted_keys(settings: Settings, paths: Sequence[Path]) -> list[Ed25519PublicKey]:
+    """The public keys given (``--public-key``), else the signing key's and those in ``<home>/keys/retired/``."""
+    from runtime import signing
+
+    if paths:
+        return [signing.load_public_key(p) for p in paths]
+    keys = [signing.load_private_key(settings.signing_key).public_key()]
+    retired = settings.keys_dir / "retired"
+    if retired.is_dir():
+        keys.extend(signing.load_public_key(p) for p in sorted(retired.glob("*.pub")))
+    return keys
+
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` safe for one terminal line: control, format and separator characters escaped.
+
+    A stored value (a client's model name, say) can hold a newline or an
+    escape sequence; printed raw it would forge lines of ``audit tail`` or
+    drive the terminal.  Backslashes are escaped too, so the output is unambiguous.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 @click.group()
@@ -68,8 +130,30 @@ def audit() -> None:
 )
 @click.option(
     "--public-key",
+    "public_keys",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Ed25519 public key PEM [default: derived from the signing key].",
+    multiple=True,
+    help="Ed25519 public key PEM; repeat it for a log signed before and after a key rotation "
+    "[default: the signing key's, plus <home>/keys/retired/*.pub].",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pace for checkpoints that do not sign their own (written before format 2) [default: the setting].",
+)
+@click.option(
+    "--checkpoint-minutes",
+    type=click.FloatRange(min=0.01),
+    default=None,
+    help="Interval for checkpoints that do not sign their own pace [default: the setting].",
+)
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0.01),
+    default=None,
+    help="Also fail when the newest signed checkpoint is older than this many minutes (for a log whose "
+    "service runs: it signs one every checkpoint_minutes).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(
@@ -77,29 +161,52 @@ def verify(
     repository: Path | None,
     db_path: Path | None,
     export_path: Path | None,
-    public_key: Path | None,
+    public_keys: tuple[Path, ...],
+    checkpoint_every: int | None,
+    checkpoint_minutes: float | None,
+    max_age: float | None,
     as_json: bool,
 ) -> None:
-    """Check the hash chain and every signed checkpoint; exit 1 at the first failure."""
+    """Check the hash chain, every signed checkpoint and the checkpoint pace; exit 1 at the first failure."""
+    from appliance.audit.checkpoint import Pace
     from appliance.audit.verify import verify_db, verify_export
-    from runtime import signing
 
     if db_path and export_path:
         raise click.UsageError("give --db or --export, not both")
+    if max_age is not None and export_path:
+        raise click.UsageError("--max-age checks a live database, not an export")
     settings = build_settings(home=home, repository=repository)
-    if public_key is not None:
-        pub = signing.load_public_key(public_key)
+    keys = _trusted_keys(settings, public_keys)
+    pace = Pace.of(
+        checkpoint_every or settings.checkpoint_every,
+        timedelta(minutes=checkpoint_minutes or settings.checkpoint_minutes),
+    )
+    if export_path:
+        report = verify_export(export_path, keys, legacy_pace=pace)
     else:
-        pub = signing.load_private_key(settings.signing_key).public_key()
-    report = verify_export(export_path, pub) if export_path else verify_db(db_path or settings.audit_db, pub)
+        report = verify_db(
+            db_path or settings.audit_db,
+            keys,
+            legacy_pace=pace,
+            now=_now(),
+            max_age=None if max_age is None else timedelta(minutes=max_age),
+        )
     if as_json:
         click.echo(msgspec.json.encode(report).decode())
     else:
-        click.echo(report.summary())
+        click.echo(printable(report.summary()))
         for p in report.problems[:20]:
-            click.echo(f"  seq {p.seq if p.seq is not None else '-'}: {p.what}")
+            click.echo(f"  seq {p.seq if p.seq is not None else '-'}: {printable(p.what)}")
     if not report.ok:
         sys.exit(1)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished export into place, durably."""
+    from runtime.durable import fsync_dir
+
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
 
 
 @audit.command()
@@ -108,29 +215,63 @@ def verify(
 @click.option("--until", help="ISO 8601 date/time: records written before it [default: the head].")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Output file [default: stdout].")
 def export(home: Path | None, repository: Path | None, since: str | None, until: str | None, out: Path | None) -> None:
-    """Write records and signed checkpoints as JSONL (for an off-box copy); recorded as audit_export."""
+    """Write records and signed checkpoints as JSONL (for an off-box copy); recorded as audit_export.
+
+    The export is written to a temporary file first; it is renamed to --out
+    (or copied to stdout) only once its audit_export record is durable.
+    """
     from appliance.audit.exporter import export_jsonl
+    from runtime.errors import AuditError, InferboxError
     from runtime.signing import load_private_key
 
     settings = build_settings(home=home, repository=repository)
     started = _now()
-    key = load_private_key(settings.signing_key)
-    lo, hi = _date(since), _date(until)
-    if out is None:
-        summary = export_jsonl(settings.audit_db, sys.stdout.buffer, signing_key=key, since=lo, until=hi, now=started)
-    else:
-        with out.open("wb") as f:
-            summary = export_jsonl(settings.audit_db, f, signing_key=key, since=lo, until=hi, now=started)
-    details = {
-        "records": str(summary.records),
-        "first_seq": str(summary.first_seq),
-        "last_seq": str(summary.last_seq),
-        "sha256": summary.sha256,
-        "since": since or "",
-        "until": until or "",
-        "out": str(out) if out else "-",
-    }
-    _record(settings, "audit_export", "inferbox audit export", started, details)
+    action = "inferbox audit export"
+    window = {"since": since or "", "until": until or "", "out": str(out) if out else "-"}
+    tmp: Path | None = None
+    sink: IO[bytes]
+    try:
+        key = load_private_key(settings.signing_key)
+        lo, hi = _date(since), _date(until)
+        if out is not None:
+            tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+            try:
+                sink = tmp.open("xb")
+            except OSError as exc:
+                tmp = None
+                raise AuditError(
+                    f"cannot write the export next to {out}: {exc.strerror}; pick a writable folder"
+                ) from exc
+        else:
+            sink = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
+        with sink:
+            summary = export_jsonl(settings.audit_db, sink, signing_key=key, since=lo, until=hi, now=started)
+            details = {
+                **window,
+                "records": str(summary.records),
+                "first_seq": str(summary.first_seq),
+                "last_seq": str(summary.last_seq),
+                "sha256": summary.sha256,
+            }
+            _record(settings, "audit_export", action, started, details)  # durable before anything is released
+            if out is None:
+                sink.seek(0)
+                shutil.copyfileobj(sink, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+        if tmp is not None and out is not None:
+            try:
+                _publish(tmp, out)
+            except OSError as exc:
+                raise AuditError(f"cannot move the export to {out}: {exc.strerror}") from exc
+            tmp = None
+    except InferboxError as exc:
+        with contextlib.suppress(InferboxError):
+            _record(settings, "audit_export", action, started, {**window, "error": _error_text(exc)}, ok=False)
+        raise
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     if out is not None:
         click.echo(f"exported {summary.records} records (seq {summary.first_seq}..{summary.last_seq}) to {out}")
 
@@ -140,7 +281,7 @@ def export(home: Path | None, repository: Path | None, since: str | None, until:
 @click.option("-n", "count", type=click.IntRange(min=1), default=20, show_default=True, help="How many records.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def tail(home: Path | None, repository: Path | None, count: int, as_json: bool) -> None:
-    """Print the newest records; recorded as audit_read."""
+    """Print the newest records; recorded as audit_read (control characters in values are escaped)."""
     from appliance.audit.log import AuditLog
 
     settings = build_settings(home=home, repository=repository)
@@ -152,10 +293,10 @@ def tail(home: Path | None, repository: Path | None, count: int, as_json: bool) 
         if as_json:
             click.echo(msgspec.json.encode(r).decode())
         else:
-            model = f" {r.model_name}/{r.model_version}" if r.model_name else ""
+            model = f" {printable(r.model_name)}/{printable(r.model_version)}" if r.model_name else ""
             click.echo(
-                f"{r.seq:>8} {r.recorded_at} {r.event:<13} {r.outcome:<7} {r.status:>3} "
-                f"{r.actor} {r.origin} {r.action}{model}"
+                f"{r.seq:>8} {printable(r.recorded_at)} {printable(r.event):<13} {printable(r.outcome):<7} "
+                f"{r.status:>3} {printable(r.actor)} {printable(r.origin)} {printable(r.action)}{model}"
             )
 
 
@@ -163,24 +304,53 @@ def tail(home: Path | None, repository: Path | None, count: int, as_json: bool) 
 @state_options
 @click.option("--before", required=True, help="ISO 8601 date/time: remove records written before it.")
 @click.option("--force", is_flag=True, help="Allow cutting inside the minimum retention (min_retention_days).")
-def prune(home: Path | None, repository: Path | None, before: str, force: bool) -> None:
-    """Remove the oldest records (a prefix only) and sign a prune checkpoint; recorded as audit_prune."""
+@click.option(
+    "--public-key",
+    "public_keys",
+    type=click.Path(path_type=Path, dir_okay=False),
+    multiple=True,
+    help="Public key of an earlier signing key that signed checkpoints (after a rotation); repeatable "
+    "[default: those in <home>/keys/retired/].",
+)
+def prune(home: Path | None, repository: Path | None, before: str, force: bool, public_keys: tuple[Path, ...]) -> None:
+    """Remove the oldest records (a prefix only) and sign a prune checkpoint; recorded as audit_prune.
+
+    The prefix must verify first; the prune and its audit_prune record commit together.
+    """
     from appliance.audit.log import AuditLog
+    from appliance.audit.prune import PruneResult
+    from runtime.errors import InferboxError
 
     settings = build_settings(home=home, repository=repository)
     started = _now()
-    cutoff = _date(before)
-    assert cutoff is not None
+    action = "inferbox audit prune"
+    asked = {"before": before, "force": str(force).lower()}
+
+    def recorded(result: PruneResult) -> AuditEvent:
+        details = {
+            **asked,
+            "pruned": str(result.pruned),
+            "last_pruned_seq": str(result.last_pruned_seq),
+            "anchor": result.checkpoint.head_hash if result.checkpoint else "",
+        }
+        return _event("audit_prune", action, started, details)
+
     with AuditLog.open(settings) as log:
-        result = log.prune(cutoff, min_retention_days=settings.min_retention_days, force=force)
-    details = {
-        "before": before,
-        "force": str(force).lower(),
-        "pruned": str(result.pruned),
-        "last_pruned_seq": str(result.last_pruned_seq),
-        "anchor": result.checkpoint.head_hash if result.checkpoint else "",
-    }
-    _record(settings, "audit_prune", "inferbox audit prune", started, details)
+        try:
+            cutoff = _date(before)
+            assert cutoff is not None
+            trusted = _trusted_keys(settings, public_keys)
+            result = log.prune(
+                cutoff,
+                min_retention_days=settings.min_retention_days,
+                force=force,
+                trusted_keys=trusted,
+                record=recorded,
+            )
+        except InferboxError as exc:
+            with contextlib.suppress(InferboxError):
+                log.append(_event("audit_prune", action, started, {**asked, "error": _error_text(exc)}, ok=False))
+            raise
     click.echo(f"pruned {result.pruned} records (through seq {result.last_pruned_seq})")
 
 

@@ -24,7 +24,7 @@ from appliance.commands.options import build_settings, state_options
 from appliance.keys import KeyStore, parse_expiry
 from appliance.settings import Settings
 
-__all__ = ["Recorder", "keys", "recorder_factory"]
+__all__ = ["Recorder", "cli_user", "keys", "recorder_factory"]
 
 Recorder = Callable[[AuditEvent], None]
 
@@ -56,15 +56,24 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _event(kind: str, action: str, key_id: str, details: dict[str, str], started: str) -> AuditEvent:
+def cli_user() -> str:
+    """The login name for a record's ``actor`` (``cli:<user>``), or ``"unknown"`` when there is none.
+
+    ``getpass.getuser()`` raises when the uid has no passwd entry and no
+    ``LOGNAME`` / ``USER`` is set (containers, ``docker --user 4242``); a command
+    that records what it did must not die on that. Shared with ``inferbox audit``.
+    """
     try:
-        user = getpass.getuser()
+        return getpass.getuser()
     except (KeyError, OSError):
-        user = "unknown"
+        return "unknown"
+
+
+def _event(kind: str, action: str, key_id: str, details: dict[str, str], started: str) -> AuditEvent:
     return AuditEvent(
         event=kind,
         action=action,
-        actor=f"cli:{user}",
+        actor=f"cli:{cli_user()}",
         origin=socket.gethostname(),
         outcome="success",
         status=0,

@@ -24,7 +24,7 @@ def other_key() -> Ed25519PrivateKey:
 
 @pytest.fixture
 def db(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
-    # 10 records; checkpoints at sizes 4 and 8 (every 4) and 10 (close)
+    # 10 records; checkpoints at sizes 0 (the empty log, before record 1), 4 and 8 (every 4) and 10 (close)
     db: Path = T.build_log(tmp_path, key, 10, checkpoint_every=4)
     return db
 
@@ -39,7 +39,7 @@ def test_untouched_log_verifies(db: Path, key: Ed25519PrivateKey) -> None:
     report = verify_db(db, key.public_key())
     assert report.ok, report.problems
     assert (report.first_seq, report.last_seq, report.records) == (1, 10, 10)
-    assert report.checkpoints == 3
+    assert report.checkpoints == 4
     assert report.covered_to == 10
     assert report.first_bad_seq is None
 
