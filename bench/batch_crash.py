@@ -43,7 +43,9 @@ audit = AuditLog(root / "audit.db", signing_key=load_private_key(root / "signing
 BatchWorker(
     spool=root / "spool", outbox=root / "outbox", store=JobStore(root / "state.db"),
     loader=functools.partial(fake.loader, delay_s=0.002), audit=audit,
-    config=WorkerConfig(chunk_size=8, batch_size=4, lease_s=3600),
+    # a chunk whose worker dies max_attempts times fails its job (a poison record); these random
+    # kills are not the chunk's fault, so they must not use up its attempts
+    config=WorkerConfig(chunk_size=8, batch_size=4, lease_s=3600, max_attempts=1_000_000),
     progress=lambda event: print(event, flush=True),
 ).run_once()
 audit.close()

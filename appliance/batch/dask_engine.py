@@ -12,7 +12,9 @@ it again.  Either way the unit starts from scratch and renames files with
 deterministic names, so the outputs are those of a local run.
 
 Without ``scheduler`` a :class:`distributed.LocalCluster` is started (worker
-processes, one thread each, dashboard off, on 127.0.0.1).  With a remote
+processes, one thread each, on 127.0.0.1; no dashboard: the scheduler's HTTP
+server, which Dask always starts, serves no route and listens on a random
+loopback port, never 8787).  With a remote
 scheduler, the spool and outbox must be on storage every worker mounts at the
 same path.
 """
@@ -29,9 +31,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from appliance.batch.model import BatchModel, LoaderFactory
-from appliance.batch.unit import ChunkOutcome, ChunkTask, check_model_fits, run_chunk, verify_chunk
+from appliance.batch.unit import ChunkOutcome, ChunkTask, run_chunk, verify_chunk
 from appliance.batch.worker import BatchWorker, RunSummary
-from runtime.errors import BatchError, InferboxError
+from runtime.errors import BatchError
 
 __all__ = ["DaskEngine", "dask_unit", "loaded_models", "local_cluster"]
 
@@ -44,7 +46,12 @@ _LOADS: list[tuple[str, int | None]] = []
 
 def _distributed() -> Any:
     """``distributed``, typed loosely (its annotations are partial)."""
-    return importlib.import_module("distributed")
+    try:
+        return importlib.import_module("distributed")
+    except ImportError as exc:  # depends on the install
+        raise BatchError(
+            "--engine dask needs dask.distributed; install the batch extra: pip install 'inferbox[batch]'"
+        ) from exc
 
 
 def _loader_key(factory: LoaderFactory) -> str:
@@ -54,14 +61,30 @@ def _loader_key(factory: LoaderFactory) -> str:
         return f"id:{id(factory)}"
 
 
-def dask_unit(task: ChunkTask, factory: LoaderFactory) -> ChunkOutcome:
-    """Run one chunk on a Dask worker (the model is loaded on the first chunk, then reused)."""
+def _load(factory: LoaderFactory, task: ChunkTask, *, fresh: bool = False) -> BatchModel:
     key = (_loader_key(factory), task.model, task.version)
-    model = _MODELS.get(key)
+    model = None if fresh else _MODELS.get(key)
     if model is None:
         model = factory()(task.model, task.version)
         _MODELS[key] = model
         _LOADS.append((task.model, task.version))
+    return model
+
+
+def dask_unit(task: ChunkTask, factory: LoaderFactory) -> ChunkOutcome:
+    """Run one chunk on a Dask worker (the model is loaded on the first chunk, then reused).
+
+    The task names the job's pinned version and package; another package is refused.
+    """
+    model = _load(factory, task)
+    if task.model_sha256 and model.package_sha256 != task.model_sha256:
+        model = _load(factory, task, fresh=True)  # reinstalled since this worker loaded it?
+        if model.package_sha256 != task.model_sha256:
+            raise BatchError(
+                f"model {task.model!r} version {task.version} on this Dask worker is package "
+                f"{model.package_sha256[:12]}..., job {task.job_id} runs on {task.model_sha256[:12]}...; "
+                "every worker needs the same model repository"
+            )
     return verify_chunk(task) or run_chunk(task, model)
 
 
@@ -72,21 +95,27 @@ def loaded_models() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def local_cluster(n_workers: int = 2) -> Iterator[Any]:
-    """A LocalCluster of worker processes with one thread each, on 127.0.0.1, no dashboard."""
-    try:
-        distributed = _distributed()
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise BatchError(
-            "--engine dask needs dask.distributed; install the batch extra: pip install 'inferbox[batch]'"
-        ) from exc
-    cluster = distributed.LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        host="127.0.0.1",
-        scheduler_port=0,
-    )
+    """A LocalCluster of worker processes with one thread each, on 127.0.0.1, no dashboard.
+
+    Dask's scheduler starts an HTTP server even with the dashboard off (it would serve
+    ``/health``, ``/json/...`` and ``/info/...`` on 127.0.0.1:8787): here it gets no route and a
+    random loopback port.
+    """
+    if n_workers < 1:
+        raise BatchError(f"--dask-workers {n_workers} is not valid; a local cluster needs 1 or more workers")
+    distributed = _distributed()
+    import dask
+
+    with dask.config.set({"distributed.scheduler.http.routes": []}):
+        cluster = distributed.LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+            scheduler_port=0,
+            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+        )
     try:
         yield cluster
     finally:
@@ -119,7 +148,14 @@ class DaskEngine:
         """A client to the scheduler, or to a local cluster started for the duration."""
         distributed = _distributed()
         if self.scheduler:
-            with distributed.Client(self.scheduler) as client:
+            try:
+                client = distributed.Client(self.scheduler)
+            except (OSError, TimeoutError, ValueError, TypeError) as exc:
+                raise BatchError(
+                    f"cannot reach the Dask scheduler {self.scheduler} ({exc}); check that it runs and the "
+                    "address (--scheduler tcp://host:8786), or leave out --scheduler for a local cluster"
+                ) from exc
+            with client:
                 self.client = client
                 yield client
             return
@@ -128,47 +164,43 @@ class DaskEngine:
             yield client
 
     def _submit(self, client: Any, lease: Any, summary: RunSummary) -> Any | None:
-        job = lease.job
-        try:
-            model = self.worker.model(job.model, job.version)
-            check_model_fits(model, job.format)
-        except InferboxError as exc:
-            self.worker._job_failed(job, str(exc), summary)
+        prepared = self.worker.prepare(lease, summary)
+        if prepared is None:
             return None
-        self.worker.start_job(job, model)
-        task = self.worker.task_for(lease)
+        _, task = prepared
         future = client.submit(
             dask_unit,
             task,
             self.factory,
-            key=f"inferbox-chunk-{job.job_id}-{lease.plan.idx}-{lease.attempts}",
+            key=f"inferbox-chunk-{task.job_id}-{lease.plan.idx}-{lease.attempts}",
             pure=False,
         )
         self.on_submit(task)
         return future
 
-    def run_once(self) -> RunSummary:
+    def run_once(self, *, wait_for_retries: bool = True) -> RunSummary:
         """Accept new jobs and run every leasable chunk on the cluster; finish complete jobs."""
         wait = _distributed().wait
         summary = RunSummary()
-        summary.accepted = self.worker.accept_new()
+        summary.accepted = self.worker.accept_new(summary)
         self.worker.reclaim_dead()
         with self.connected() as client:
             threads = max(1, sum(client.nthreads().values()))
             limit = threads * self.in_flight_per_thread
             in_flight: dict[Any, Any] = {}
             while True:
-                for job_id in self.worker.store.finishable():
-                    self.worker.finish(job_id)
-                    summary.finished.append(job_id)
+                self.worker.fail_exhausted(summary)
+                self.worker.finish_ready(summary)
                 while len(in_flight) < limit:
-                    lease = self.worker.store.lease(self.worker.worker_id, self.worker.config.lease_s)
+                    lease = self.worker.lease()
                     if lease is None:
                         break
                     future = self._submit(client, lease, summary)
                     if future is not None:
                         in_flight[future] = lease
                 if not in_flight:
+                    if wait_for_retries and self.worker.wait_for_retry():
+                        continue
                     break
                 done, _ = wait(list(in_flight), return_when="FIRST_COMPLETED")
                 for future in done:

@@ -5,7 +5,10 @@ timeout, so any number of worker processes (and ``inferbox batch status``) can
 share the file.  A chunk moves ``pending -> leased(lease_until, worker) -> done``;
 ``done`` is written in the same transaction that records the chunk's final file
 name and counts.  A lease whose ``lease_until`` has passed belongs to a dead or
-stuck worker: the next ``lease()`` takes the chunk again.
+stuck worker: the next ``lease()`` takes the chunk again, unless the chunk was
+already leased ``max_attempts`` times (:meth:`JobStore.fail_exhausted` fails its
+job then).  A chunk given back after a failure stays ``pending`` with
+``lease_until`` set to when it may be retried (a backoff).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
 
     job_id: str
     model: str
-    version: int | None
+    version: int | None  # pinned when the job first loads its model (the latest version, unless given)
     format: str
     text_field: str
     input_path: str
@@ -56,6 +59,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     merkle_root: str
     audit_started: bool
     error: str
+    model_sha256: str = ""  # the pinned package's sha256
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +76,10 @@ _JOB_SELECT = (
 )
 
 
+def _retry_hint(job_id: str) -> str:
+    return f"fix the cause, then `inferbox batch retry {job_id}` runs the chunks not done"
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -83,13 +91,19 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.clock = clock
-        self._conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        self._conn.execute("PRAGMA synchronous = FULL")
-        self.db = sqlite_utils.Database(self._conn)
-        enable_wal(self._conn, timeout_s=busy_timeout_s)
-        with self._tx():
-            self._create()
+        try:
+            self._conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self.db = sqlite_utils.Database(self._conn)
+            enable_wal(self._conn, timeout_s=busy_timeout_s)
+            with self._tx():
+                self._create()
+        except sqlite3.Error as exc:
+            raise BatchError(
+                f"the state database {path} cannot be opened ({exc}); check that {path.parent} is writable "
+                "and has free space (or pass --home / set INFERBOX_HOME)"
+            ) from exc
 
     def _create(self) -> None:
         self.db.table(JOBS).create(
@@ -113,12 +127,24 @@ class JobStore:
                 "merkle_root": str,
                 "audit_started": int,
                 "error": str,
+                "model_sha256": str,
             },
             pk="job_id",
             not_null=["model", "format", "state", "input_path", "out_dir"],
-            defaults={"ok": 0, "rejected": 0, "records": 0, "merkle_root": "", "audit_started": 0, "error": ""},
+            defaults={
+                "ok": 0,
+                "rejected": 0,
+                "records": 0,
+                "merkle_root": "",
+                "audit_started": 0,
+                "error": "",
+                "model_sha256": "",
+            },
             if_not_exists=True,
         )
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(batch_jobs)")}
+        if "model_sha256" not in columns:  # a state database from before versions were pinned
+            self._conn.execute("ALTER TABLE batch_jobs ADD COLUMN model_sha256 TEXT DEFAULT ''")
         self.db.table(CHUNKS).create(
             {
                 "job_id": str,
@@ -149,10 +175,13 @@ class JobStore:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
+            self._conn.execute("COMMIT")
         except BaseException:
-            self._conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (disk full): keep the original error visible
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
 
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         cur = self._conn.execute(sql, params)
@@ -163,14 +192,22 @@ class JobStore:
         self._conn.close()
 
     # -- jobs -----------------------------------------------------------------------------
-    def add_job(self, request: JobRequest, input_path: Path, out_dir: Path, plans: list[ChunkPlan]) -> bool:
-        """Record an accepted job and its chunks; False when it was recorded before."""
+    def add_job(
+        self, request: JobRequest, input_path: Path, out_dir: Path, plans: list[ChunkPlan], *, error: str = ""
+    ) -> bool:
+        """Record an accepted job and its chunks; False when it was recorded before.
+
+        With ``error`` (its input could not be planned) the job is recorded ``failed`` in the same
+        transaction: a crash can never leave it queued with no chunks (which would "finish" it).
+        """
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM batch_jobs WHERE job_id = ?", (request.job_id,)).fetchone():
                 return False
+            now = _iso(self.clock())
             conn.execute(
                 "INSERT INTO batch_jobs (job_id, model, version, format, text_field, input_path, out_dir, state, "
-                "submitted_at, accepted_at, chunks, records) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                "submitted_at, accepted_at, chunks, records, error, ended_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     request.job_id,
                     request.model,
@@ -179,10 +216,13 @@ class JobStore:
                     request.text_field,
                     str(input_path),
                     str(out_dir),
+                    "failed" if error else "queued",
                     request.submitted_at,
-                    _iso(self.clock()),
+                    now,
                     len(plans),
                     sum(p.rec_count for p in plans),
+                    error,
+                    now if error else None,
                 ),
             )
             conn.executemany(
@@ -207,8 +247,54 @@ class JobStore:
             r["text_field"] = r["text_field"] or ""
             r["error"] = r["error"] or ""
             r["merkle_root"] = r["merkle_root"] or ""
+            r["model_sha256"] = r.get("model_sha256") or ""
             out.append(msgspec.convert(r, Job))
         return out
+
+    def pin_model(self, job_id: str, version: int, sha256: str) -> tuple[int, str]:
+        """Pin the job to a model version and package (the first caller wins); the pinned pair."""
+        with self._tx() as conn:
+            conn.execute("UPDATE batch_jobs SET version = ? WHERE job_id = ? AND version IS NULL", (version, job_id))
+            conn.execute(
+                "UPDATE batch_jobs SET model_sha256 = ? WHERE job_id = ? AND version = ? "
+                "AND (model_sha256 IS NULL OR model_sha256 = '')",
+                (sha256, job_id, version),
+            )
+            row = conn.execute("SELECT version, model_sha256 FROM batch_jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise BatchError(f"no batch job {job_id!r}; `inferbox batch status` lists the jobs")
+        return int(row[0]), str(row[1] or "")
+
+    def retry_job(self, job_id: str) -> int:
+        """Queue a failed job again: its chunks not done get their attempts back; how many to run."""
+        with self._tx() as conn:
+            row = conn.execute("SELECT state, chunks, error FROM batch_jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise BatchError(f"no batch job {job_id!r}; `inferbox batch status` lists the jobs")
+            state, chunks, error = row
+            if state != "failed":
+                raise BatchError(f"job {job_id} is {state}; only a failed job can be retried")
+            if not chunks:
+                raise BatchError(
+                    f"job {job_id} failed before its input was split into chunks ({error}); "
+                    "fix the input and submit it again"
+                )
+            # a chunk still leased when its job failed is given back too: should its worker still
+            # run it, the two write identical files and the second ``done`` is a no-op
+            conn.execute(
+                "UPDATE batch_chunks SET state = 'pending', attempts = 0, error = '', lease_until = NULL "
+                "WHERE job_id = ? AND state != 'done'",
+                (job_id,),
+            )
+            conn.execute(
+                "UPDATE batch_jobs SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END, "
+                "error = '', ended_at = NULL WHERE job_id = ?",
+                (job_id,),
+            )
+            left = conn.execute(
+                "SELECT COUNT(*) FROM batch_chunks WHERE job_id = ? AND state != 'done'", (job_id,)
+            ).fetchone()
+        return int(left[0])
 
     def mark_audit_started(self, job_id: str) -> None:
         with self._tx() as conn:
@@ -247,15 +333,18 @@ class JobStore:
             )
 
     # -- chunks ---------------------------------------------------------------------------
-    def lease(self, worker: str, lease_s: float) -> Lease | None:
-        """Take the oldest pending chunk, or one whose lease expired; None when there is none."""
+    def lease(self, worker: str, lease_s: float, max_attempts: int = 3) -> Lease | None:
+        """Take the oldest pending chunk whose retry time has come, or one whose lease expired;
+        None when there is none.  A chunk leased ``max_attempts`` times already is not taken
+        (:meth:`fail_exhausted`)."""
         now = self.clock()
         with self._tx() as conn:
             rows = self._rows(
                 "SELECT c.* FROM batch_chunks c JOIN batch_jobs j ON j.job_id = c.job_id "
-                "WHERE j.state IN ('queued', 'running') AND (c.state = 'pending' OR "
+                "WHERE j.state IN ('queued', 'running') AND c.attempts < ? AND "
+                "((c.state = 'pending' AND (c.lease_until IS NULL OR c.lease_until <= ?)) OR "
                 "(c.state = 'leased' AND c.lease_until < ?)) ORDER BY c.job_id, c.idx LIMIT 1",
-                (now,),
+                (max_attempts, now, now),
             )
             if not rows:
                 return None
@@ -292,8 +381,9 @@ class JobStore:
             )
             return cur.rowcount == 1
 
-    def release(self, job_id: str, idx: int, *, error: str, max_attempts: int) -> bool:
-        """Give a chunk back after a failure; after ``max_attempts`` fail the job. True if the job failed."""
+    def release(self, job_id: str, idx: int, *, error: str, max_attempts: int, retry_after_s: float = 0.0) -> bool:
+        """Give a chunk back after a failure, to be retried ``retry_after_s`` from now; after
+        ``max_attempts`` fail the job. True if the job failed."""
         with self._tx() as conn:
             row = conn.execute(
                 "SELECT attempts FROM batch_chunks WHERE job_id = ? AND idx = ? AND state = 'leased'", (job_id, idx)
@@ -307,14 +397,56 @@ class JobStore:
                 )
                 conn.execute(
                     "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ? WHERE job_id = ?",
-                    (f"chunk {idx} failed {row[0]} times: {error}", _iso(self.clock()), job_id),
+                    (f"chunk {idx} failed {row[0]} times: {error}; {_retry_hint(job_id)}", _iso(self.clock()), job_id),
                 )
                 return True
             conn.execute(
-                "UPDATE batch_chunks SET state = 'pending', error = ?, lease_until = NULL WHERE job_id = ? AND idx = ?",
-                (error, job_id, idx),
+                "UPDATE batch_chunks SET state = 'pending', error = ?, lease_until = ? WHERE job_id = ? AND idx = ?",
+                (error, self.clock() + retry_after_s if retry_after_s > 0 else None, job_id, idx),
             )
             return False
+
+    def fail_exhausted(self, max_attempts: int) -> list[tuple[str, str]]:
+        """Fail the jobs of chunks taken ``max_attempts`` times whose worker never reported back
+        (killed, out of memory, or stuck past its lease): ``(job_id, error)`` of each job failed."""
+        now = self.clock()
+        failed: list[tuple[str, str]] = []
+        with self._tx() as conn:
+            rows = conn.execute(
+                "SELECT c.job_id, c.idx, c.attempts FROM batch_chunks c JOIN batch_jobs j ON j.job_id = c.job_id "
+                "WHERE j.state IN ('queued', 'running') AND c.attempts >= ? AND "
+                "(c.state = 'pending' OR (c.state = 'leased' AND c.lease_until < ?)) ORDER BY c.job_id, c.idx",
+                (max_attempts, now),
+            ).fetchall()
+            for job_id, idx, attempts in rows:
+                if any(job_id == j for j, _ in failed):
+                    continue
+                chunk_error = (
+                    f"the worker running chunk {idx} stopped {attempts} times before finishing it (killed? "
+                    "out of memory? or --lease-seconds shorter than one chunk); see the batch service's log"
+                )
+                conn.execute(
+                    "UPDATE batch_chunks SET state = 'failed', error = ?, lease_until = NULL "
+                    "WHERE job_id = ? AND idx = ?",
+                    (chunk_error, job_id, idx),
+                )
+                error = f"{chunk_error}; {_retry_hint(job_id)}"
+                conn.execute(
+                    "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ? WHERE job_id = ?",
+                    (error, _iso(now), job_id),
+                )
+                failed.append((job_id, error))
+        return failed
+
+    def next_retry_at(self, max_attempts: int) -> float | None:
+        """When the earliest chunk given back after a failure may be taken again (None: no such chunk)."""
+        row = self._conn.execute(
+            "SELECT MIN(c.lease_until) FROM batch_chunks c JOIN batch_jobs j ON j.job_id = c.job_id "
+            "WHERE j.state IN ('queued', 'running') AND c.state = 'pending' AND c.lease_until IS NOT NULL "
+            "AND c.attempts < ?",
+            (max_attempts,),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def leased_workers(self) -> list[str]:
         """Workers holding a lease now."""

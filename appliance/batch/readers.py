@@ -17,6 +17,7 @@ import io
 import json
 import mmap
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from runtime.errors import BatchError
 from runtime.manifest import TensorSpec
 
 __all__ = [
+    "MAX_RECORD_BYTES",
     "ChunkPlan",
     "RawRecord",
     "RecordError",
@@ -41,6 +43,14 @@ __all__ = [
 ]
 
 
+#: The largest record (a JSONL line, a CSV row, also a CSV field) that is read; a larger one is
+#: rejected.  The same bound for every text format, and ``csv.field_size_limit`` (128 KiB by
+#: default) is raised to it, so a long document in a CSV cell is treated as it is in JSONL.
+MAX_RECORD_BYTES = 64 << 20
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 class Buffer(Protocol):
     """``bytes`` or ``mmap``: what record scanning needs."""
 
@@ -48,7 +58,7 @@ class Buffer(Protocol):
 
     def __getitem__(self, key: slice, /) -> bytes: ...
 
-    def find(self, sub: bytes, start: int = ..., /) -> int: ...
+    def find(self, sub: bytes, start: int = ..., end: int = ..., /) -> int: ...
 
 
 class ChunkPlan(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,26 +85,53 @@ class RecordError(ValueError):
     """A record that cannot be used; the message is the reject reason."""
 
 
+def _csv_record_end(data: Buffer, pos: int, n: int) -> int:
+    """The offset of the newline that ends the CSV record starting at ``pos`` (``n`` at the end of
+    ``data``), or -1 when a quoted field does not close (before the end, or within
+    :data:`MAX_RECORD_BYTES`).
+
+    Quoting as Python's ``csv`` (and Excel) read it: a ``"`` opens a quoted field only at the
+    start of a field; inside one, ``""`` is a quote and a lone ``"`` closes it (what follows up
+    to the next comma is plain text); elsewhere a ``"`` is an ordinary character.  Works field
+    by field with ``find`` (lines without quotes cost one search).
+    """
+    limit = min(n, pos + MAX_RECORD_BYTES)
+    i = pos  # the start of a field
+    while True:
+        if data[i : i + 1] == b'"':
+            j = i + 1
+            while True:
+                q = data.find(b'"', j, limit)
+                if q < 0:
+                    return -1
+                if data[q + 1 : q + 2] != b'"':
+                    break
+                j = q + 2
+            i = q + 1  # after the closing quote: plain text up to the next comma
+        line_end = data.find(b"\n", i)
+        if line_end < 0:
+            line_end = n
+        if data.find(b'"', i, line_end) < 0:
+            return line_end
+        comma = data.find(b",", i, line_end)
+        if comma < 0:
+            return line_end
+        i = comma + 1
+
+
 def _text_records(data: Buffer, pos: int, csv_mode: bool) -> Iterator[tuple[int, int]]:
     """Yield (start, end) byte offsets of the records in ``data[pos:]`` (end excludes the newline).
 
-    JSONL: one record per line.  CSV: a newline inside double quotes does not end
-    a record (RFC 4180 quoting keeps the quote count even outside fields).
+    JSONL: one record per line.  CSV: a newline inside a quoted field does not end a record
+    (:func:`_csv_record_end`); a quoted field that never closes ends its record at the end of
+    its line, so one stray quote costs one record, not the rest of the file.
     ``data`` may be ``bytes`` or an ``mmap`` (large files are never read whole).
     """
     n = len(data)
     while pos < n:
-        end = data.find(b"\n", pos)
-        if csv_mode:
-            quotes = 0
-            scan = pos
-            while True:
-                stop = n if end < 0 else end
-                quotes += data[scan:stop].count(b'"')
-                if quotes % 2 == 0 or end < 0:
-                    break
-                scan = end + 1
-                end = data.find(b"\n", scan)
+        end = _csv_record_end(data, pos, n) if csv_mode else -1
+        if end < 0:
+            end = data.find(b"\n", pos)
         if end < 0:
             yield pos, n
             return
@@ -102,8 +139,14 @@ def _text_records(data: Buffer, pos: int, csv_mode: bool) -> Iterator[tuple[int,
         pos = end + 1
 
 
+def _raise_csv_field_limit() -> None:
+    if csv.field_size_limit() < MAX_RECORD_BYTES:
+        csv.field_size_limit(MAX_RECORD_BYTES)
+
+
 def csv_header(path: Path) -> tuple[list[str], int]:
     """The header row's fields and the byte offset where the records start."""
+    _raise_csv_field_limit()
     size = 1 << 16
     with path.open("rb") as f:
         while True:
@@ -114,7 +157,12 @@ def csv_header(path: Path) -> tuple[list[str], int]:
                 if end == len(data) and not complete:
                     break  # the header may go on past what was read
                 line = data[start:end].rstrip(b"\r").decode("utf-8-sig", errors="replace")
-                fields = next(csv.reader([line]), [])
+                try:
+                    fields = next(csv.reader([line]), [])
+                except csv.Error as exc:
+                    raise BatchError(
+                        f"the header row of {path.name} is not valid CSV ({exc}); check the file or its --format"
+                    ) from exc
                 return fields, min(end + 1, len(data))
             if complete:
                 return [], 0
@@ -177,6 +225,8 @@ def read_chunk(path: Path, fmt: str, plan: ChunkPlan) -> Iterator[RawRecord]:
     with path.open("rb") as f:
         f.seek(plan.byte_start)
         data = f.read(plan.byte_end - plan.byte_start)
+    if fmt == "jsonl" and plan.byte_start == 0 and data.startswith(_UTF8_BOM):
+        data = data[len(_UTF8_BOM) :]  # a UTF-8 BOM (Windows tools write one) is not part of record 0
     header: list[str] = []
     if fmt == "csv":
         header, _ = csv_header(path)
@@ -191,6 +241,10 @@ def read_chunk(path: Path, fmt: str, plan: ChunkPlan) -> Iterator[RawRecord]:
         index = plan.rec_start + i
         if not raw.strip():
             yield RawRecord(index, raw, None, "empty line")
+            continue
+        if len(raw) > MAX_RECORD_BYTES:
+            reason = f"the record is {len(raw)} bytes, over the limit of {MAX_RECORD_BYTES} bytes per record"
+            yield RawRecord(index, raw, None, reason)
             continue
         try:
             text = raw.decode("utf-8")
@@ -208,12 +262,29 @@ def _jsonl_record(index: int, raw: bytes, text: str) -> RawRecord:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return RawRecord(index, raw, None, f"not valid JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return RawRecord(index, raw, None, "not valid JSON: nested too deeply")
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        if "digits" in str(exc):
+            return RawRecord(index, raw, None, f"not valid JSON: a number of more than {_max_digits()} digits")
+        return RawRecord(index, raw, None, f"not valid JSON: {_short(str(exc))}")
     if not isinstance(obj, dict):
         return RawRecord(index, raw, None, f"a record must be a JSON object, got {type(obj).__name__}")
     return RawRecord(index, raw, obj)
 
 
+def _max_digits() -> int:
+    return sys.get_int_max_str_digits()
+
+
+def _short(message: str, limit: int = 200) -> str:
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
 def _csv_record(index: int, raw: bytes, text: str, header: list[str]) -> RawRecord:
+    if _csv_record_end(raw, 0, len(raw)) < 0:
+        return RawRecord(index, raw, None, 'not valid CSV: a quoted field is not closed (a stray " at a field start?)')
+    _raise_csv_field_limit()
     try:
         rows = list(csv.reader(io.StringIO(text)))
     except csv.Error as exc:
@@ -248,14 +319,25 @@ def _read_parquet(path: Path, plan: ChunkPlan) -> Iterator[RawRecord]:
 
 
 def record_id(record: RawRecord) -> str | int:
-    """The record's ``id`` field when it has a usable one, else its index in the file."""
+    """The record's ``id`` field when it has a usable one, else its index in the file.
+
+    A string id must be writable as UTF-8 (JSON may carry a lone surrogate such as ``"\\ud800"``).
+    """
     if record.obj is not None:
         value = record.obj.get("id")
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and _utf8_ok(value):
             return value
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return record.index
+
+
+def _utf8_ok(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_record(
@@ -273,6 +355,13 @@ def parse_record(
             raise RecordError(f"text field {text_field!r} is null")
         if not isinstance(value, str):
             raise RecordError(f"text field {text_field!r} must be a string, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RecordError(
+                f"text field {text_field!r} is not valid Unicode text: it holds a lone surrogate "
+                f"({value[exc.start]!r}) at character {exc.start}"
+            ) from exc
         return value
     tensors: dict[str, npt.NDArray[Any]] = {}
     for spec in inputs:
@@ -280,8 +369,8 @@ def parse_record(
             raise RecordError(f"missing tensor field {spec.name!r}")
         try:
             array = np.asarray(obj[spec.name], dtype=np.dtype(spec.dtype))
-        except (TypeError, ValueError) as exc:
-            raise RecordError(f"tensor field {spec.name!r} is not a {spec.dtype} array: {exc}") from exc
+        except (TypeError, ValueError, ArithmeticError, RecursionError) as exc:  # OverflowError: 2**1100
+            raise RecordError(f"tensor field {spec.name!r} is not a {spec.dtype} array: {_short(str(exc))}") from exc
         want = spec.shape[1:]
         if array.ndim != len(want) or any(w not in (-1, g) for w, g in zip(want, array.shape, strict=True)):
             shown = ["?" if w == -1 else w for w in want]

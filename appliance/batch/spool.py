@@ -5,7 +5,9 @@ Layout under ``settings.spool``::
     tmp/<job>/      being written by ``submit`` (never read by the worker)
     new/<job>/      complete, waiting for a worker (``inferbox-batch.path`` watches it)
     cur/<job>/      accepted: the job is in the state database
-    bad/<job>/      a folder in new/ without a readable job.json (set aside, logged)
+    bad/<job>/      a folder in new/ that cannot be accepted (no readable job.json, a job id
+                    that is not its folder's name, ...): set aside, logged, the reason in
+                    ``bad/<job>/REASON``
 
 Each job folder holds ``job.json`` (:class:`JobRequest`) and ``input.<format>``.
 ``submit`` writes both into ``tmp/``, fsyncs them, and renames the folder into
@@ -34,6 +36,7 @@ __all__ = [
     "Format",
     "JobRequest",
     "accept",
+    "check_encoding",
     "detect_format",
     "new_job_id",
     "pending",
@@ -80,6 +83,34 @@ def detect_format(path: Path, given: str | None = None) -> Format:
     return fmt  # type: ignore[return-value]
 
 
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32LE"),
+    (b"\x00\x00\xfe\xff", "UTF-32BE"),
+    (b"\xff\xfe", "UTF-16LE"),
+    (b"\xfe\xff", "UTF-16BE"),
+)
+
+
+def check_encoding(source: Path) -> None:
+    """Refuse a JSONL / CSV file that is not UTF-8 (UTF-16 or UTF-32: a BOM, or NUL bytes at the
+    start), naming the fix; otherwise its records would be rejected one by one, or misread."""
+    with source.open("rb") as f:
+        head = f.read(4096)
+    encoding = next((name[:6] for bom, name in _BOMS if head.startswith(bom)), None)  # iconv reads the BOM
+    if encoding is None and b"\x00" in head:
+        encoding = "UTF-16LE" if head[1:2] == b"\x00" else "UTF-16BE" if head[:1] == b"\x00" else None
+        if encoding is None:
+            raise BatchError(
+                f"{source.name} holds NUL bytes, so it is not UTF-8 text; inputs must be UTF-8 "
+                "JSONL or CSV (or Parquet): check the file or its --format"
+            )
+    if encoding is not None:
+        raise BatchError(
+            f"{source.name} is {encoding[:6]} text, not UTF-8; convert it to UTF-8 first, e.g. "
+            f"`iconv -f {encoding} -t UTF-8 {source.name} > {source.stem}.utf8{source.suffix}`"
+        )
+
+
 def _copy_durably(src: Path, dst: Path) -> None:
     with src.open("rb") as fin, dst.open("wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
@@ -105,6 +136,8 @@ def submit(
     if version is not None and version < 1:
         raise BatchError(f"--version {version} is not valid; versions are integers from 1")
     format_ = detect_format(source, fmt)
+    if format_ != "parquet":
+        check_encoding(source)
     if format_ == "csv":
         from appliance.batch.readers import csv_header
 
@@ -136,8 +169,10 @@ def submit(
             os.fsync(f.fileno())
         fsync_dir(staging)
         staging.rename(spool / "new" / job_id)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and not exc.filename:
+            exc.filename = str(staging)  # where it was writing (a disk full names no file)
         raise
     fsync_dir(spool / "new")
     log.info("submitted job %s (%s, model %s)", job_id, format_, model)

@@ -14,6 +14,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,11 +52,12 @@ class ChunkTask(msgspec.Struct, frozen=True, kw_only=True):
     format: str
     text_field: str
     model: str
-    version: int | None
+    version: int | None  # the job's pinned version (None only for a job recorded before pinning)
     out_dir: str
     plan: ChunkPlan
     batch_size: int = 32
     truncate: bool = True
+    model_sha256: str = ""  # the pinned package's sha256: a chunk refuses to run on another package
 
 
 class ChunkOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -74,12 +76,58 @@ def _digests(records: Sequence[RawRecord]) -> list[str]:
 
 
 def _reject(record: RawRecord, reason: str) -> dict[str, Any]:
+    if len(reason) > 500:
+        reason = reason[:497] + "..."
     return {
         "index": record.index,
         "id": record_id(record),
-        "reason": reason,
+        "reason": reason.encode("utf-8", errors="replace").decode("utf-8"),  # an exception may quote a bad text
         "record": record.raw.decode("utf-8", errors="replace"),
     }
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """One record the model could not take: ``reason`` for the rejects; ``exc`` when the model
+    raised something other than :class:`InputError` (that record, or the model itself, is at fault)."""
+
+    reason: str
+    exc: Exception | None = None
+
+
+def _each(call: Callable[[list[T]], Sequence[R]], items: list[T], failed: Exception | None = None) -> list[R | _Failed]:
+    """``call(items)``, or, when it raises (``failed``: it did already), its result per item: the
+    batch is split in halves until the failing items are alone.  ``InputError`` on one item is
+    that item's reject; any other exception on one item is tried once more, then kept as a
+    :class:`_Failed` with the exception (whether that is the record's fault: :func:`_blame`)."""
+    if failed is None:
+        try:
+            return list(call(items))
+        except Exception as exc:
+            failed = exc
+    if len(items) > 1:
+        mid = len(items) // 2
+        return [*_each(call, items[:mid]), *_each(call, items[mid:])]
+    if isinstance(failed, InputError):
+        return [_Failed(f"the model refused the input: {failed}")]
+    try:
+        out: list[R | _Failed] = list(call(items))
+    except InputError as again:
+        return [_Failed(f"the model refused the input: {again}")]
+    except Exception as again:
+        return [_Failed(f"the model failed on this record: {type(again).__name__}: {again}", again)]
+    log.warning("a record failed once (%s), then passed", type(failed).__name__)
+    return out
+
+
+def _blame(outcomes: Sequence[object]) -> None:
+    """Failures count as the records' own only if the model worked on some other record here;
+    else the model (or the machine) is at fault: raise, and the chunk fails (retried, then the job)."""
+    failed = [o for o in outcomes if isinstance(o, _Failed) and o.exc is not None]
+    if failed and all(isinstance(o, _Failed) for o in outcomes):
+        exc = failed[0].exc
+        assert exc is not None
+        raise exc
 
 
 def _softmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
@@ -89,17 +137,13 @@ def _softmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     return out
 
 
-def _tokenize(model: BatchModel, texts: list[str], task: ChunkTask) -> list[Sized | str]:
-    """Per text: its tokens, or a reject reason when the model refused that text."""
-    try:
-        return list(model.tokenize(texts, truncate=task.truncate))
-    except InputError as exc:
-        if len(texts) == 1:
-            return [f"the model refused the input: {exc}"]
-        out: list[Sized | str] = []
-        for t in texts:  # find the culprit(s); the others still get results
-            out.extend(_tokenize(model, [t], task))
-        return out
+def _tokenize(model: BatchModel, texts: list[str], task: ChunkTask) -> list[Sized | _Failed]:
+    """Per text: its tokens, or why the model could not take that text (the others still run)."""
+    if not texts:
+        return []
+    out = _each(lambda batch: model.tokenize(batch, truncate=task.truncate), texts)
+    _blame(out)
+    return out
 
 
 def _text_rows(model: BatchModel, tokens: list[Any]) -> list[dict[str, Any]]:
@@ -114,19 +158,11 @@ def _text_rows(model: BatchModel, tokens: list[Any]) -> list[dict[str, Any]]:
     return [{"embedding": np.asarray(v, dtype=np.float32).tolist()} for v in vectors]
 
 
-def _tensor_rows(model: BatchModel, examples: list[dict[str, npt.NDArray[Any]]]) -> list[dict[str, Any] | str]:
-    try:
-        stacked = {name: np.stack([e[name] for e in examples]) for name in examples[0]}
-        outputs = model.infer(stacked)
-    except InputError as exc:
-        if len(examples) == 1:
-            return [f"the model refused the input: {exc}"]
-        out: list[dict[str, Any] | str] = []
-        for e in examples:
-            out.extend(_tensor_rows(model, [e]))
-        return out
+def _tensor_rows(model: BatchModel, examples: list[dict[str, npt.NDArray[Any]]]) -> list[dict[str, Any]]:
+    stacked = {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+    outputs = model.infer(stacked)
     labels = model.manifest.labels
-    rows: list[dict[str, Any] | str] = []
+    rows: list[dict[str, Any]] = []
     for i in range(len(examples)):
         row: dict[str, Any] = {"outputs": {k: v[i].tolist() for k, v in outputs.items()}}
         if labels and model.manifest.task == "image-classification":
@@ -142,6 +178,16 @@ def streams_of(model: BatchModel) -> int:
     """Sessions of ``model`` that run side by side (``LoadedModel.streams``; 1 for a model without)."""
     streams = getattr(model, "streams", 1)
     return streams if isinstance(streams, int) and streams > 1 else 1
+
+
+def _guarded(compute: Callable[[T], R]) -> Callable[[T], R | Exception]:
+    def call(batch: T) -> R | Exception:
+        try:
+            return compute(batch)
+        except Exception as exc:  # sorted out per record by the caller
+            return exc
+
+    return call
 
 
 def _run_batches(compute: Callable[[T], R], batches: Sequence[T], streams: int) -> Iterator[R]:
@@ -193,8 +239,8 @@ def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None]
         tokenized = _tokenize(model, [value for _, value in valid], task)
         texts: list[tuple[RawRecord, Any]] = []
         for (record, _), tokens in zip(valid, tokenized, strict=True):
-            if isinstance(tokens, str):
-                rejects[record.index] = _reject(record, tokens)
+            if isinstance(tokens, _Failed):
+                rejects[record.index] = _reject(record, tokens.reason)
             else:
                 texts.append((record, tokens))
         groups["text"] = sorted(texts, key=lambda m: len(m[1]))
@@ -207,14 +253,41 @@ def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None]
         for start in range(0, len(members), task.batch_size)
     ]
 
-    def compute(batch: list[tuple[RawRecord, Any]]) -> Sequence[dict[str, Any] | str]:
-        values = [v for _, v in batch]
-        return _text_rows(model, values) if text_mode else _tensor_rows(model, values)
+    def compute(values: list[Any]) -> list[dict[str, Any]]:
+        rows = _text_rows(model, values) if text_mode else _tensor_rows(model, values)
+        if len(rows) != len(values):
+            raise BatchError(f"the model returned {len(rows)} results for {len(values)} inputs")
+        return rows
 
-    for batch, rows in zip(batches, _run_batches(compute, batches, streams_of(model)), strict=True):
-        for (record, _), row in zip(batch, rows, strict=True):
-            if isinstance(row, str):
-                rejects[record.index] = _reject(record, row)
+    def compute_batch(batch: list[tuple[RawRecord, Any]]) -> list[dict[str, Any]]:
+        return compute([v for _, v in batch])
+
+    # Batches run as usual (side by side on streams); a batch that raises is split to find the
+    # record(s) at fault, which go to the rejects.  While the model has worked on no record of the
+    # chunk yet, a failed batch is split at once; two that fail on every record mean the model (or
+    # the machine) is at fault, not the records: the chunk fails without running the rest.
+    per_batch: dict[int, list[dict[str, Any] | _Failed]] = {}
+    failed: dict[int, Exception] = {}
+    worked, hopeless = False, 0
+    for i, rows in enumerate(_run_batches(_guarded(compute_batch), batches, streams_of(model))):
+        if not isinstance(rows, Exception):
+            per_batch[i], worked = list(rows), True
+            continue
+        if worked:
+            failed[i] = rows
+            continue
+        per_batch[i] = _each(compute, [v for _, v in batches[i]], rows)
+        worked = any(not isinstance(row, _Failed) for row in per_batch[i])
+        if not worked and any(isinstance(row, _Failed) and row.exc is not None for row in per_batch[i]):
+            hopeless += 1
+            if hopeless == 2 or i == len(batches) - 1:
+                _blame([row for j in sorted(per_batch) for row in per_batch[j]])
+    for i, error in failed.items():
+        per_batch[i] = _each(compute, [v for _, v in batches[i]], error)
+    for i, batch in enumerate(batches):
+        for (record, _), row in zip(batch, per_batch[i], strict=True):
+            if isinstance(row, _Failed):
+                rejects[record.index] = _reject(record, row.reason)
             else:
                 results[record.index] = {"id": record_id(record), **row}
 

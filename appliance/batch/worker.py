@@ -9,6 +9,16 @@ into place; the chunk is marked ``done`` with that file name in one
 transaction.  A worker that dies leaves a lease; it is taken again when it
 expires, or at once when its process is gone (same host), and the chunk is
 redone from scratch (temp files discarded; the final rename is idempotent).
+
+One job cannot stop the queue: a spool entry that cannot be accepted is set
+aside in ``spool/bad/``, a chunk that failed or whose worker died
+``max_attempts`` times fails its job, and an error while finishing a job fails
+that job; the other jobs go on.  A chunk that failed is retried after a backoff
+(``retry_backoff_s``, x4 each time), not at once.
+
+A job runs on one model version and package: the first chunk leased resolves
+"latest" and pins the version and the package sha256 in the job's row; every
+chunk, in every process, loads that version and refuses another package.
 """
 
 from __future__ import annotations
@@ -16,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +43,7 @@ from api.protocols import AuditEvent, Digest
 from appliance.batch.jobs import Job, JobStore, Lease
 from appliance.batch.model import BatchModel, ModelLoader
 from appliance.batch.readers import plan_chunks
-from appliance.batch.spool import accept, pending, read_request
+from appliance.batch.spool import JobRequest, accept, pending, read_request
 from appliance.batch.unit import ChunkOutcome, ChunkTask, check_model_fits, run_chunk, verify_chunk
 from appliance.batch.writers import atomic_write, rejects_name, remove_temp_files
 from runtime.errors import BatchError, InferboxError
@@ -44,9 +56,12 @@ __all__ = [
     "finish_outputs",
     "keyed_digests",
     "merkle_root_of",
+    "retry_delay",
 ]
 
 log = logging.getLogger(__name__)
+
+_RETRY = "fix the cause, then `inferbox batch retry {job_id}`"
 
 
 class AuditAppender(Protocol):
@@ -65,8 +80,14 @@ class WorkerConfig:
     chunk_size: int = 4096
     batch_size: int = 32  # records per model call
     lease_s: float = 600.0  # a chunk not done by then is taken again
-    max_attempts: int = 3  # failures of one chunk before its job fails
+    max_attempts: int = 3  # failures of one chunk (or deaths of its worker) before its job fails
     truncate: bool = True
+    retry_backoff_s: float = 5.0  # a failed chunk waits this long before its 2nd attempt, x4 before each next
+
+
+def retry_delay(config: WorkerConfig, attempts: int) -> float:
+    """Seconds a chunk that failed its ``attempts``-th attempt waits before the next (at most 5 min)."""
+    return float(min(config.retry_backoff_s * 4.0 ** max(0, attempts - 1), 300.0))
 
 
 @dataclass
@@ -75,6 +96,7 @@ class RunSummary:
     chunks: int = 0
     finished: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # spool entries set aside in spool/bad/
 
 
 def _utc(ts: float) -> str:
@@ -150,6 +172,7 @@ class BatchWorker:
         worker_id: str | None = None,
         progress: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.spool = spool
         self.outbox = outbox
@@ -163,6 +186,7 @@ class BatchWorker:
         self.origin = f"inferbox-batch.service@{self.host}"
         self.progress = progress or (lambda _event: None)
         self.clock = clock
+        self.sleep = sleep
         self._models: dict[tuple[str, int | None], BatchModel] = {}
 
     # -- models --------------------------------------------------------------------------
@@ -172,36 +196,111 @@ class BatchWorker:
             self._models[key] = self.loader(name, version)
         return self._models[key]
 
+    def model_for(self, job: Job) -> tuple[BatchModel, Job]:
+        """The job's model, and the job with its version and package pinned.
+
+        A job without a version resolves "latest" here, with a fresh load (never a cached
+        "latest": a long-running ``--watch`` serves new jobs the version installed now), and pins
+        it; a job that has one gets exactly that version and package.
+        """
+        if job.version is None:
+            fresh = self.loader(job.model, None)
+            version, sha = self.store.pin_model(job.job_id, fresh.version, fresh.package_sha256)
+            if version == fresh.version:
+                self._models.setdefault((job.model, version), fresh)
+        else:
+            version, sha = self.store.pin_model(
+                job.job_id, job.version, self.model(job.model, job.version).package_sha256
+            )
+        job = msgspec.structs.replace(job, version=version, model_sha256=sha)
+        model = self.model(job.model, version)
+        if sha and model.package_sha256 != sha:
+            self._models.pop((job.model, version), None)  # reinstalled under the same version? load it again
+            model = self.model(job.model, version)
+        if sha and model.package_sha256 != sha:
+            raise BatchError(
+                f"model {job.model!r} version {version} is not the package job {job.job_id} started with "
+                f"(sha256 {sha[:12]}..., now {model.package_sha256[:12]}...); a job never mixes packages: "
+                "reinstall that package, or submit the input again as a new job"
+            )
+        return model, job
+
     # -- spool ---------------------------------------------------------------------------
-    def accept_new(self) -> list[str]:
-        """Record every job waiting in ``spool/new`` and move it to ``spool/cur``."""
+    def accept_new(self, summary: RunSummary | None = None) -> list[str]:
+        """Record every job waiting in ``spool/new`` and move it to ``spool/cur``.
+
+        An entry that cannot be accepted is set aside in ``spool/bad/`` (logged, with a
+        ``REASON`` file) and the others are still accepted.  State database and file system
+        errors (disk full, read-only) stop the run: nothing is set aside for them.
+        """
         accepted = []
         for job_dir in pending(self.spool):
-            job_id = job_dir.name
             try:
-                request = read_request(job_dir)
-            except BatchError as exc:
-                log.error("%s", exc)
-                bad = self.spool / "bad"
-                bad.mkdir(exist_ok=True)
-                job_dir.rename(bad / job_id)
+                job_id = self._accept_one(job_dir, summary)
+            except (OSError, sqlite3.Error):
+                raise
+            except Exception as exc:
+                job_id = None
+                self._set_aside(
+                    job_dir, f"spool entry {job_dir.name} could not be accepted: {type(exc).__name__}: {exc}"
+                )
+            if job_id is None:
+                if summary is not None:
+                    summary.refused.append(job_dir.name)
                 continue
-            if self.store.job(job_id) is None:
-                input_name = f"input.{request.format}"
-                error = ""
-                try:
-                    plans = plan_chunks(job_dir / input_name, request.format, self.config.chunk_size)
-                except (BatchError, OSError) as exc:
-                    plans, error = [], str(exc)
-                cur = self.spool / "cur" / job_id
-                self.store.add_job(request, cur / input_name, self.outbox / job_id, plans)
-                if error:
-                    self.store.fail_job(job_id, error)
-            accept(self.spool, job_id)
             accepted.append(job_id)
             self.progress(f"accepted {job_id}")
             log.info("accepted batch job %s", job_id)
         return accepted
+
+    def _accept_one(self, job_dir: Path, summary: RunSummary | None) -> str | None:
+        """Accept one spool entry; None when it was set aside."""
+        job_id = job_dir.name
+        try:
+            request = read_request(job_dir)
+        except BatchError as exc:
+            self._set_aside(job_dir, str(exc))
+            return None
+        if request.job_id != job_id:
+            self._set_aside(
+                job_dir,
+                f"spool entry {job_id}: its job.json is for job {request.job_id}, not {job_id} (a copied job "
+                f"folder?); to run an input again, submit it: inferbox batch submit FILE --model {request.model}",
+            )
+            return None
+        cur = self.spool / "cur" / job_id
+        if self.store.job(job_id) is None:
+            input_name = f"input.{request.format}"
+            error = ""
+            try:
+                plans = plan_chunks(job_dir / input_name, request.format, self.config.chunk_size)
+            except (BatchError, OSError) as exc:
+                plans, error = [], str(exc)
+            except Exception as exc:  # anything else about this input fails this job only
+                plans, error = [], f"{job_dir / input_name} cannot be read: {type(exc).__name__}: {exc}"
+            if error:
+                log.error("batch job %s failed: %s", job_id, error)
+                self._audit_failure(request, error)  # before the state: at least once, like every event
+            self.store.add_job(request, cur / input_name, self.outbox / job_id, plans, error=error)
+            if error and summary is not None:
+                summary.failed.append(job_id)
+        elif cur.exists():
+            self._set_aside(job_dir, f"spool entry {job_id}: a job {job_id} was accepted before (in {cur})")
+            return None
+        accept(self.spool, job_id)
+        return job_id
+
+    def _set_aside(self, job_dir: Path, reason: str) -> None:
+        """Move a spool entry to ``spool/bad/`` (a unique name there), with its reason."""
+        log.error("%s; set aside in %s", reason, self.spool / "bad")
+        bad = self.spool / "bad"
+        bad.mkdir(exist_ok=True)
+        target = bad / job_dir.name
+        if target.exists():
+            target = bad / f"{job_dir.name}.{int(self.clock())}-{secrets.token_hex(3)}"
+        job_dir.rename(target)
+        with contextlib.suppress(OSError):
+            (target / "REASON").write_text(reason + "\n", encoding="utf-8")
 
     def reclaim_dead(self) -> int:
         """Expire at once the leases of dead worker processes on this host."""
@@ -229,6 +328,7 @@ class BatchWorker:
             plan=lease.plan,
             batch_size=self.config.batch_size,
             truncate=self.config.truncate,
+            model_sha256=job.model_sha256,
         )
 
     def start_job(self, job: Job, model: BatchModel) -> None:
@@ -256,7 +356,14 @@ class BatchWorker:
         job = lease.job
         message = f"{type(exc).__name__}: {exc}"
         log.error("job %s chunk %d failed (attempt %d): %s", job.job_id, lease.plan.idx, lease.attempts, message)
-        if self.store.release(job.job_id, lease.plan.idx, error=message, max_attempts=self.config.max_attempts):
+        failed = self.store.release(
+            job.job_id,
+            lease.plan.idx,
+            error=message,
+            max_attempts=self.config.max_attempts,
+            retry_after_s=retry_delay(self.config, lease.attempts),
+        )
+        if failed:
             self._job_failed(job, message, summary, marked=True)
 
     def _job_failed(self, job: Job, message: str, summary: RunSummary | None, *, marked: bool = False) -> None:
@@ -268,24 +375,62 @@ class BatchWorker:
         if summary is not None:
             summary.failed.append(job.job_id)
 
-    def process(self, lease: Lease, summary: RunSummary | None = None) -> bool:
-        """Run one leased chunk here; False when the job cannot run (it is failed)."""
+    def _audit_failure(self, request: JobRequest, message: str) -> None:
+        if self.audit is not None:
+            now = _utc(self.clock())
+            self.audit.append(self._event("batch_end", request, None, "failure", now, now, {"error": message[:500]}))
+
+    def fail_exhausted(self, summary: RunSummary | None = None) -> None:
+        """Fail the jobs whose chunk's worker died ``max_attempts`` times (see :meth:`JobStore.fail_exhausted`)."""
+        for job_id, error in self.store.fail_exhausted(self.config.max_attempts):
+            log.error("batch job %s failed: %s", job_id, error)
+            self._job_failed(self.store.require_job(job_id), error, summary, marked=True)
+
+    def prepare(self, lease: Lease, summary: RunSummary | None = None) -> tuple[BatchModel, ChunkTask] | None:
+        """The model and the task for a leased chunk; None when it cannot run now (its job failed,
+        or the model load failed and the chunk was given back)."""
         job = lease.job
         self.progress(f"leased {job.job_id} {lease.plan.idx}")
         try:
-            model = self.model(job.model, job.version)
+            model, job = self.model_for(job)
             check_model_fits(model, job.format)
         except InferboxError as exc:
             self._job_failed(job, str(exc), summary)
-            return False
+            return None
+        except sqlite3.Error:
+            raise
+        except Exception as exc:  # a load that failed some other way counts as an attempt of the chunk
+            self.fail_chunk(lease, exc, summary)
+            return None
         self.start_job(job, model)
-        task = self.task_for(lease)
+        return model, self.task_for(msgspec.structs.replace(lease, job=job))
+
+    def process(self, lease: Lease, summary: RunSummary | None = None) -> bool:
+        """Run one leased chunk here; False when it did not complete (given back, or its job failed)."""
+        prepared = self.prepare(lease, summary)
+        if prepared is None:
+            return False
+        model, task = prepared
+        job_id = task.job_id
         try:
-            outcome = verify_chunk(task) or run_chunk(task, model, on_step=lambda s: self.progress(f"{s} {job.job_id}"))
+            outcome = verify_chunk(task) or run_chunk(task, model, on_step=lambda s: self.progress(f"{s} {job_id}"))
         except Exception as exc:
             self.fail_chunk(lease, exc, summary)
             return False
         self.record(outcome)
+        return True
+
+    def lease(self) -> Lease | None:
+        return self.store.lease(self.worker_id, self.config.lease_s, self.config.max_attempts)
+
+    def wait_for_retry(self) -> bool:
+        """Sleep until the next chunk given back after a failure may be retried; False if none is waiting."""
+        at = self.store.next_retry_at(self.config.max_attempts)
+        if at is None:
+            return False
+        delay = max(0.0, at - self.store.clock())
+        log.info("waiting %.1f s before retrying a chunk that failed", delay)
+        self.sleep(delay)
         return True
 
     # -- jobs ----------------------------------------------------------------------------
@@ -318,7 +463,7 @@ class BatchWorker:
         if self.audit is not None:
             try:
                 model: BatchModel | None = self.model(job.model, job.version)
-            except InferboxError:
+            except Exception:  # the event still records the job; the model fields stay empty
                 model = None
             details = {"records": str(job.records), "ok": str(ok), "rejected": str(rejected), "merkle_root": root}
             started = job.started_at or job.accepted_at
@@ -328,10 +473,25 @@ class BatchWorker:
         self.progress(f"finished {job_id}")
         log.info("batch job %s done: %d ok, %d rejected", job_id, ok, rejected)
 
+    def finish_ready(self, summary: RunSummary) -> None:
+        """Finish every job whose chunks are all done; one that cannot be finished is failed."""
+        for job_id in self.store.finishable():
+            try:
+                self.finish(job_id)
+            except sqlite3.Error:
+                raise
+            except Exception as exc:
+                job = self.store.require_job(job_id)
+                message = f"finishing the job failed: {type(exc).__name__}: {exc}; {_RETRY.format(job_id=job_id)}"
+                log.error("batch job %s: %s", job_id, message)
+                self._job_failed(job, message, summary)
+                continue
+            summary.finished.append(job_id)
+
     def _event(
         self,
         event: str,
-        job: Job,
+        job: Job | JobRequest,
         model: BatchModel | None,
         outcome: str,
         started: str,
@@ -357,17 +517,22 @@ class BatchWorker:
         )
 
     # -- loops ---------------------------------------------------------------------------
-    def run_once(self) -> RunSummary:
-        """Accept new jobs, then run chunks until none can be leased; finish the jobs that are complete."""
+    def run_once(self, *, wait_for_retries: bool = True) -> RunSummary:
+        """Accept new jobs, then run chunks until none can be leased; finish the jobs that are complete.
+
+        With ``wait_for_retries`` a chunk given back after a failure is waited for (its backoff)
+        and retried in this run; without (``--watch``), a later round takes it.
+        """
         summary = RunSummary()
-        summary.accepted = self.accept_new()
+        summary.accepted = self.accept_new(summary)
         self.reclaim_dead()
         while True:
-            for job_id in self.store.finishable():
-                self.finish(job_id)
-                summary.finished.append(job_id)
-            lease = self.store.lease(self.worker_id, self.config.lease_s)
+            self.fail_exhausted(summary)
+            self.finish_ready(summary)
+            lease = self.lease()
             if lease is None:
+                if wait_for_retries and self.wait_for_retry():
+                    continue
                 break
             if self.process(lease, summary):
                 summary.chunks += 1
@@ -376,6 +541,6 @@ class BatchWorker:
     def watch(self, stop: threading.Event, poll_s: float = 2.0) -> None:
         """``run_once`` until ``stop`` is set, waiting ``poll_s`` between empty rounds."""
         while not stop.is_set():
-            summary = self.run_once()
+            summary = self.run_once(wait_for_retries=False)
             if not (summary.accepted or summary.chunks):
                 stop.wait(poll_s)

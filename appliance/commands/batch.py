@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import importlib
 import json
 import logging
 import os
 import signal
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,36 @@ def settings_loader(target: str, settings: Settings) -> Any:
     return factory(settings)
 
 
-@click.group()
+def environment_error(exc: OSError | sqlite3.Error) -> BatchError:
+    """A disk, permission or database error as one line that names the fix (no stack trace)."""
+    if isinstance(exc, sqlite3.Error):
+        return BatchError(
+            f"a database under the inferbox home cannot be used ({exc}); check its free space and write "
+            "permission (or pass --home / set INFERBOX_HOME), then run the command again"
+        )
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        place = "there" if exc.filename else "in the inferbox home"
+        fix = (
+            f"free space {place} (or raise the quota / file size limit), then run the command again (work done is kept)"
+        )
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "the inferbox home must be writable by this user: fix its permissions, or pass --home / set INFERBOX_HOME"
+    else:
+        fix = "check that path, its free space and its permissions, then run the command again"
+    return BatchError(f"{exc.strerror or exc}{where}; {fix}")
+
+
+class _BatchGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("batch command failed", exc_info=True)
+            raise environment_error(exc) from exc
+
+
+@click.group(cls=_BatchGroup)
 def batch() -> None:
     """Offline batch jobs: JSONL, CSV or Parquet files in, the same format out (see docs/batch.md)."""
 
@@ -78,7 +110,13 @@ def _actor(environ: dict[str, str]) -> str:
 @click.option("--watch", "mode", flag_value="watch", help="Keep working the spool until SIGTERM.")
 @click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True)
 @click.option("--scheduler", default=None, help="Dask scheduler (tcp://host:8786) [default: a local cluster].")
-@click.option("--dask-workers", type=int, default=2, show_default=True, help="Workers of the local Dask cluster.")
+@click.option(
+    "--dask-workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Workers of the local Dask cluster.",
+)
 @click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Records per chunk.")
 @click.option("--lease-seconds", type=click.FloatRange(min=1), default=600.0, show_default=True)
 @click.option("--poll-seconds", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="--watch pause.")
@@ -104,56 +142,77 @@ def run(
     if scheduler and engine != "dask":
         raise BatchError("--scheduler needs --engine dask")
     factory = functools.partial(settings_loader, loader, settings)
-    audit = None
-    if settings.audit:
-        from appliance.audit import AuditLog
-        from appliance.server import ensure_signing_key
-
-        ensure_signing_key(settings)
-        audit = AuditLog.open(settings)
-    store = JobStore(settings.state_db)
-    worker = BatchWorker(
-        spool=settings.spool,
-        outbox=settings.outbox,
-        store=store,
-        loader=factory(),
-        audit=audit,
-        config=WorkerConfig(
-            chunk_size=chunk_size,
-            batch_size=settings.max_batch_size,
-            lease_s=lease_seconds,
-            truncate=settings.truncate,
-        ),
-        actor=_actor(dict(os.environ)),
-    )
-    runner: Any = worker
-    if engine == "dask":
-        from appliance.batch.dask_engine import DaskEngine
-
-        runner = DaskEngine(
-            worker,
-            factory,
-            scheduler=scheduler,
-            n_workers=dask_workers,
-        )
+    audit: Any = None
+    store: JobStore | None = None
     try:
+        if settings.audit:
+            from appliance.audit import AuditLog
+            from appliance.server import ensure_signing_key
+
+            ensure_signing_key(settings)
+            audit = AuditLog.open(settings)
+        store = JobStore(settings.state_db)
+        worker = BatchWorker(
+            spool=settings.spool,
+            outbox=settings.outbox,
+            store=store,
+            loader=factory(),
+            audit=audit,
+            config=WorkerConfig(
+                chunk_size=chunk_size,
+                batch_size=settings.max_batch_size,
+                lease_s=lease_seconds,
+                truncate=settings.truncate,
+            ),
+            actor=_actor(dict(os.environ)),
+        )
+        runner: Any = worker
+        if engine == "dask":
+            from appliance.batch.dask_engine import DaskEngine
+
+            runner = DaskEngine(worker, factory, scheduler=scheduler, n_workers=dask_workers)
         if mode == "once":
             summary = runner.run_once()
+            refused = f", set aside {len(summary.refused)} (see spool/bad/)" if summary.refused else ""
             click.echo(
                 f"accepted {len(summary.accepted)} job(s), ran {summary.chunks} chunk(s), "
-                f"finished {len(summary.finished)}, failed {len(summary.failed)}"
+                f"finished {len(summary.finished)}, failed {len(summary.failed)}{refused}"
             )
         else:
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             while not stop.is_set():
-                summary = runner.run_once()
+                summary = runner.run_once(wait_for_retries=False)  # a later round takes a chunk due for a retry
                 if not (summary.accepted or summary.chunks):
                     stop.wait(poll_seconds)
+    except BaseException:
+        # closing must not hide the error that stopped the run (e.g. a full disk)
+        for resource in (store, audit):
+            if resource is not None:
+                with contextlib.suppress(Exception):
+                    resource.close()
+        raise
+    store.close()
+    if audit is not None:
+        audit.close()
+
+
+@batch.command()
+@state_options
+@click.argument("job_id")
+def retry(home: Path | None, repository: Path | None, job_id: str) -> None:
+    """Queue the failed job JOB_ID again: its chunks not done are retried (attempts reset), done ones kept."""
+    from appliance.batch.jobs import JobStore
+
+    settings = build_settings(home=home, repository=repository)
+    store = JobStore(settings.state_db)
+    try:
+        left = store.retry_job(job_id)
     finally:
         store.close()
-        if audit is not None:
-            audit.close()
+    click.echo(
+        f"job {job_id} queued again: {left} chunk(s) to run; `inferbox batch run` (or the batch service) runs them"
+    )
 
 
 @batch.command()
@@ -175,6 +234,10 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
             jobs = [store.require_job(job_id)]
         else:
             jobs = [] if job_id is not None else store.jobs()
+        # a job recorded just before a crash is still in spool/new: show it once, as recorded
+        queued = [q for q in queued if store.job(q) is None]
+        if job_id is not None and job_id not in queued and not jobs:
+            jobs = [store.require_job(job_id)]
     finally:
         store.close()
     if job_id is not None:

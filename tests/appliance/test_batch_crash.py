@@ -43,7 +43,9 @@ worker = BatchWorker(
     loader=functools.partial(fake.loader, delay_s=0.003),
     audit=audit,
     actor="inferbox-batch.service",
-    config=WorkerConfig(chunk_size=6, batch_size=2, lease_s=3600),
+    # a chunk whose worker dies max_attempts times fails its job (a poison record); these kills are
+    # not the chunk's fault and may hit one chunk many times
+    config=WorkerConfig(chunk_size=6, batch_size=2, lease_s=3600, max_attempts=1000),
     progress=lambda event: print(event, flush=True),
 )
 worker.run_once()

@@ -178,6 +178,7 @@ def test_a_failing_chunk_fails_its_job_after_max_attempts(tmp_path: Path) -> Non
         config=WorkerConfig(max_attempts=3),
         worker_id="h:1",
         clock=clock,
+        sleep=lambda s: setattr(clock, "t", clock.t + s),  # the retry backoff passes on the test clock
     )
     summary = w.run_once()
     assert summary.failed == [job_id]
