@@ -172,6 +172,14 @@ def test_kserve_bytes_input_equals_openai_route(served: Served) -> None:
     np.testing.assert_allclose(kserve, _vectors(_embed(served, TEXTS[1:3])), atol=1e-5)
 
 
+def _served_variant(served: Served, request_id: str) -> tuple[str, str]:
+    """(backend, variant) the server answered request ``request_id`` with, from its audit record."""
+    (record,) = httpx.get(
+        f"{served.url}/v1/audit", params={"request_id": request_id}, headers=served.headers(), timeout=30
+    ).json()["records"]
+    return record["backend"], record["variant"]
+
+
 def _batch_tolerance(answer: np.ndarray) -> float:
     """What batching may change in an answer: the export's gate (the served variant passed it)."""
     return max(1e-4, BATCH_GATE["max_batch_rel_diff"] * float(np.abs(answer).max()))
@@ -410,9 +418,9 @@ def test_batch_job_results_equal_the_api_and_share_the_audit_chain(served: Serve
     assert {r["id"] for r in rejects} | {r["id"] for r in rows} == {f"r{i}" for i in range(5)}
     assert any(r["id"] == "r3" and "text" in r["reason"] for r in rejects)
     good = [r for r in rows if texts[int(r["id"][1:])]]
-    api = _vectors(_embed(served, [str(texts[int(r["id"][1:])]) for r in good]))
+    answered = _embed(served, [str(texts[int(r["id"][1:])]) for r in good])
+    api = _vectors(answered)
     batch = np.array([r["embedding"] for r in good], dtype=np.float32)
-    np.testing.assert_allclose(batch, api, atol=_batch_tolerance(api))
     events = httpx.get(
         f"{served.url}/v1/audit", params={"job_id": job, "limit": 100}, headers=served.headers(), timeout=30
     ).json()["records"]
@@ -420,6 +428,16 @@ def test_batch_job_results_equal_the_api_and_share_the_audit_chain(served: Serve
     assert "batch_start" in kinds and "batch_end" in kinds
     end = next(e for e in events if e["event"] == "batch_end")
     assert len(end["details"]["merkle_root"]) == 64
+    # The server ranks the package's variants by their stream timings, a batch job by its b32 ones:
+    # on the same variant the answers agree within what batching may change; on two variants (close
+    # timings on a busy box) each passed the export's accuracy gate, so they agree as embeddings.
+    start = next(e for e in events if e["event"] == "batch_start")
+    served_variant = _served_variant(served, answered.headers["x-request-id"])
+    if (start["backend"], start["variant"]) == served_variant:
+        np.testing.assert_allclose(batch, api, atol=_batch_tolerance(api))
+    else:
+        cos = np.sum(batch * api, axis=1) / (np.linalg.norm(batch, axis=1) * np.linalg.norm(api, axis=1))
+        assert float(cos.min()) > 0.97, (cos, start["variant"], served_variant)
 
 
 def test_audit_log_records_requests_verifies_and_holds_no_payload(served: Served) -> None:
