@@ -22,7 +22,7 @@ from api.config import ApiConfig
 from api.envelope import context_of
 from api.metrics import Metrics, ModelInfo
 from runtime.batcher import BatchStats, DynamicBatcher
-from runtime.errors import InputError, ModelNotFoundError, PayloadTooLargeError
+from runtime.errors import InputError, OverloadError, PayloadTooLargeError
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
 
@@ -117,8 +117,13 @@ class Server:
             await asyncio.wrap_future(fut)
 
     def _check_held(self, model: LoadedModel) -> None:
+        """The version a request found must still be loaded to get a batcher; else the request
+        is asked to retry (429 with Retry-After, as a full queue): the name may well be loaded
+        again, as another version or the same one reloaded."""
         if not self.registry.holds(model):
-            raise ModelNotFoundError(f"model {model.name!r} was unloaded or replaced while the request waited; retry")
+            raise OverloadError(
+                f"model {model.name!r} was unloaded or replaced while the request waited; retry", retry_after=1.0
+            )
 
     def _batcher_kwargs(self, model: LoadedModel) -> dict[str, Any]:
         c = self.config

@@ -12,7 +12,7 @@ import numpy as np
 
 from api.app import create_app
 from api.config import ApiConfig
-from runtime.errors import ModelNotFoundError
+from runtime.errors import OverloadError
 
 from .conftest import BlockingSession, infer_json, make_registry, tensor_model
 
@@ -131,7 +131,7 @@ def _replace_model_while_a_batch_runs(tmp_path: Path, unload: bool) -> None:
                 # a request that still holds the old version object gets no new batcher for it
                 try:
                     await server.tensor_batcher(old)
-                except ModelNotFoundError as exc:
+                except OverloadError as exc:
                     with_old = str(exc)
                 assert with_old is not None and "replaced" in with_old
             else:
@@ -178,3 +178,23 @@ def test_refused_tensor_data_is_named_in_words() -> None:
     ):
         with pytest.raises(InputError, match=said):
             tensor_from_data(data, datatype, (1,), "inputs[0]")
+
+
+def test_audit_times_out_of_range_are_a_400(tmp_path: Path) -> None:
+    from litestar.testing import TestClient
+
+    class Reader:
+        def query(self, **kw: Any) -> list[Any]:
+            return []
+
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]),
+        config=ApiConfig(auth=False),
+        audit=None,
+        keys=None,
+        audit_reader=Reader(),
+    )
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for value in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+            r = c.get("/v1/audit", params={"since": value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "since", r.text
