@@ -68,14 +68,14 @@ class Server:
         self.registry.retire = self._retire_soon
 
     async def stop(self) -> None:
-        """Stop every batcher (at shutdown); the registry closes its models at once again."""
-        self.registry.retire = lambda model: model.close()
+        """Stop every batcher (at shutdown), then let the registry close its models at once again."""
         for name in list({*self._tensor, *self._text}):
             await self.drop(name)
         stale, self._stale = self._stale, []
         for _, batcher in stale:
             await batcher.stop()
-        for fut in list(self._retiring.values()):
+        self.registry.retire = lambda model: model.close()
+        for fut in list(self._retiring.values()):  # those scheduled before the hook went back
             await asyncio.wrap_future(fut)
 
     async def drop(self, name: str) -> None:
