@@ -45,6 +45,7 @@ from appliance.audit.checkpoint import Checkpoint, load_checkpoints
 from appliance.audit.schema import connect, read_log_id
 from appliance.audit.store import iter_records
 from runtime import signing
+from runtime.errors import AuditError
 
 __all__ = [
     "EXPORT_DOMAIN",
@@ -180,6 +181,11 @@ def export_jsonl(
     now: datetime,
 ) -> ExportSummary:
     """Write the records of ``[since, until)`` and every checkpoint to ``out``."""
+    if since is not None and until is not None and since >= until:
+        raise AuditError(
+            f"the export window is empty: since ({since.isoformat()}) is not before until ({until.isoformat()}); "
+            "swap them"
+        )
     conn = connect(db_path, read_only=True)
     digest = hashlib.sha256()
     whole = hashlib.sha256()

@@ -204,6 +204,7 @@ def check_chain(
     window: bool = False,
     check_pace: bool = True,
     legacy_pace: Pace | None = None,
+    legacy_start: bool = False,
     now: datetime | None = None,
     max_age: timedelta | None = None,
 ) -> VerifyReport:
@@ -219,7 +220,10 @@ def check_chain(
 
     ``check_pace``: the records after the newest checkpoint before the end must
     be fewer than the pace that checkpoint signs (``legacy_pace``, default
-    :data:`DEFAULT_PACE`, for a format 1 checkpoint).  ``now`` / ``max_age``:
+    :data:`DEFAULT_PACE`, for a format 1 checkpoint).  ``legacy_start``: the log
+    was started by a writer before format 2, which signed its first checkpoint
+    only after ``checkpoint_every`` records (or at close): records with no
+    checkpoint at all are then held to that count instead of failing.  ``now`` / ``max_age``:
     fail when the newest checkpoint is older than ``max_age``.
     """
     problems = list(extra)
@@ -367,7 +371,9 @@ def check_chain(
     if not broken and from_start and anchor is not None and start_seq == anchor.size + 1:
         covered = max(covered, anchor.size) if count == 0 and before is None else covered
     if not broken and check_pace and last_in_window is not None and (to_head or after is not None or until):
-        problems.extend(_pace_problems(first_seq, last_in_window.seq, segment_max, regular, newest_at, legacy_pace))
+        problems.extend(
+            _pace_problems(first_seq, last_in_window.seq, segment_max, regular, newest_at, legacy_pace, legacy_start)
+        )
     if not broken and window:
         problems.extend(_window_problems(first_in_window, last_in_window, before, after, since, until, regular))
     newest = regular[-1].created_at if regular else ""
@@ -403,6 +409,7 @@ def _pace_problems(
     regular: Sequence[Checkpoint],
     newest_at: dict[int, Checkpoint],
     legacy_pace: Pace | None,
+    legacy_start: bool = False,
 ) -> list[Problem]:
     """Records ``start..end`` (``end``: a transaction's last record) after the newest checkpoint before ``end``.
 
@@ -416,7 +423,7 @@ def _pace_problems(
         return []
     earlier = [s for s in newest_at if s < end]
     if not earlier:
-        if any(c.size > end for c in regular):
+        if legacy_start or any(c.size > end for c in regular):
             # a window ending before the first checkpoint of a log from before format 2 (which signed
             # its first checkpoint only after checkpoint_every records, or at close)
             pace = legacy_pace or DEFAULT_PACE
@@ -434,7 +441,8 @@ def _pace_problems(
                 start,
                 f"no signed checkpoint covers records {start}..{end}: the writer signs one with a log's "
                 f"first records, every checkpoint_every records, every checkpoint_minutes and at close "
-                f"(checkpoints deleted?)",
+                f"(checkpoints deleted?). A log started by an inferbox before checkpoint format 2, whose "
+                f"writer stopped before its first checkpoint, verifies with --legacy-start",
             )
         ]
     cp = newest_at[max(earlier)]
@@ -530,10 +538,11 @@ def verify_db(
     public_key: PublicKeys,
     *,
     legacy_pace: Pace | None = None,
+    legacy_start: bool = False,
     now: datetime | None = None,
     max_age: timedelta | None = None,
 ) -> VerifyReport:
-    """Verify an audit database file (opened read-only)."""
+    """Verify an audit database file (opened read-only); ``legacy_start``: see :func:`check_chain`."""
     conn = connect(Path(db_path), read_only=True)
     try:
         conn.execute("BEGIN")  # one snapshot
@@ -545,6 +554,7 @@ def verify_db(
             checkpoints,
             public_key,
             legacy_pace=legacy_pace,
+            legacy_start=legacy_start,
             now=now,
             max_age=max_age,
         )
@@ -702,4 +712,7 @@ def verify_export_bytes(data: bytes, public_key: PublicKeys, *, legacy_pace: Pac
         until=header.until if v2 else None,
         window=v2 and (header.since is not None or header.until is not None),
         legacy_pace=legacy_pace,
+        # a format 1 export comes from a writer that signed its first checkpoint only after
+        # checkpoint_every records (its header is covered by the signed trailer)
+        legacy_start=not v2,
     )

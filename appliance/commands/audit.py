@@ -155,6 +155,13 @@ def audit() -> None:
     help="Also fail when the newest signed checkpoint is older than this many minutes (for a log whose "
     "service runs: it signs one every checkpoint_minutes).",
 )
+@click.option(
+    "--legacy-start",
+    is_flag=True,
+    help="The log was started by an inferbox before checkpoint format 2 and its writer stopped before "
+    "signing a first checkpoint: hold its records to that writer's rule (a checkpoint every "
+    "checkpoint_every records) instead of failing them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(
     home: Path | None,
@@ -165,6 +172,7 @@ def verify(
     checkpoint_every: int | None,
     checkpoint_minutes: float | None,
     max_age: float | None,
+    legacy_start: bool,
     as_json: bool,
 ) -> None:
     """Check the hash chain, every signed checkpoint and the checkpoint pace; exit 1 at the first failure."""
@@ -188,6 +196,7 @@ def verify(
             db_path or settings.audit_db,
             keys,
             legacy_pace=pace,
+            legacy_start=legacy_start,
             now=_now(),
             max_age=None if max_age is None else timedelta(minutes=max_age),
         )

@@ -262,6 +262,50 @@ def test_logs_written_before_format_2_still_verify_and_continue(tmp_path: Path, 
     assert "signed checkpoints were deleted" in verify_db(db2, key.public_key()).problems[0].what
 
 
+def test_an_old_log_whose_writer_never_signed_verifies_with_legacy_start(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The code before format 2 signed its first checkpoint after 1000 records or at close; a log
+    it wrote and left without one is honest. By default it fails (the same state is what deleting
+    every checkpoint leaves); ``--legacy-start`` holds it to the old writer's count."""
+    db = tmp_path / "audit.db"
+    _old_format_log(db, key, 5, every=4)
+    _delete_checkpoints(db, "1 = 1")
+    report = verify_db(db, key.public_key())
+    assert not report.ok and "--legacy-start" in report.problems[0].what
+    assert verify_db(db, key.public_key(), legacy_start=True).ok
+    # the old writer would have signed after checkpoint_every records: more is still caught
+    report = verify_db(db, key.public_key(), legacy_start=True, legacy_pace=Pace.of(4, timedelta(minutes=10)))
+    assert not report.ok and "signed checkpoints were deleted" in report.problems[0].what
+    home = tmp_path / "home"
+    runner = CliRunner()
+    pub = tmp_path / "k.pub"
+    pub.write_text(public_key_pem(key.public_key()))
+    base = ["audit", "verify", "--home", str(home), "--db", str(db), "--public-key", str(pub)]
+    from appliance.cli import main
+
+    assert runner.invoke(main, base).exit_code == 1
+    done = runner.invoke(main, [*base, "--legacy-start"])
+    assert done.exit_code == 0, done.output
+
+
+def test_a_format_1_export_without_any_checkpoint_verifies(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    db = tmp_path / "audit.db"
+    _old_format_log(db, key, 5, every=4)
+    _delete_checkpoints(db, "1 = 1")  # its writer had not signed one yet when it was exported
+    lines = T.export_lines(_export(db, key, tmp_path / "e.jsonl"))
+    lines[0] = lines[0].replace(b"inferbox-audit-export/2", b"inferbox-audit-export/1")
+    report = verify_export_bytes(_resign(lines, key), key.public_key())
+    assert report.ok, report.problems
+
+
+def test_an_export_window_that_ends_before_it_starts_is_refused(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    clock = T.FakeClock()
+    db = T.build_log(tmp_path, key, 3, checkpoint_every=4, clock=clock)
+    with pytest.raises(AuditError, match="swap them"):
+        _export(db, key, tmp_path / "w.jsonl", since=_at("2026-01-02T00:00:00Z"), until=_at("2026-01-01T00:00:00Z"))
+
+
 def test_max_age_flags_a_log_whose_newest_checkpoint_is_stale(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     clock = T.FakeClock()
     db = T.build_log(tmp_path, key, 5, checkpoint_every=4, clock=clock)
