@@ -74,7 +74,8 @@ def _load(factory: LoaderFactory, task: ChunkTask, *, fresh: bool = False) -> Ba
 def dask_unit(task: ChunkTask, factory: LoaderFactory) -> ChunkOutcome:
     """Run one chunk on a Dask worker (the model is loaded on the first chunk, then reused).
 
-    The task names the job's pinned version and package; another package is refused.
+    The task names the job's pinned version and package; another package is refused.  A chunk
+    that fails drops the model here (a session left broken is not reused).
     """
     model = _load(factory, task)
     if task.model_sha256 and model.package_sha256 != task.model_sha256:
@@ -85,7 +86,11 @@ def dask_unit(task: ChunkTask, factory: LoaderFactory) -> ChunkOutcome:
                 f"{model.package_sha256[:12]}..., job {task.job_id} runs on {task.model_sha256[:12]}...; "
                 "every worker needs the same model repository"
             )
-    return verify_chunk(task) or run_chunk(task, model)
+    try:
+        return verify_chunk(task) or run_chunk(task, model)
+    except Exception:
+        _MODELS.pop((_loader_key(factory), task.model, task.version), None)  # the next attempt loads it again
+        raise
 
 
 def loaded_models() -> dict[str, Any]:

@@ -324,6 +324,15 @@ class JobStore:
             r["digests"] = json.loads(r["digests"]) if r["digests"] else []
         return rows
 
+    def canary_chunk(self, job_id: str, idx: int) -> ChunkPlan | None:
+        """A done chunk of the job other than ``idx`` that the model gave results on (the first), or None."""
+        rows = self._rows(
+            "SELECT idx, rec_start, rec_count, byte_start, byte_end FROM batch_chunks "
+            "WHERE job_id = ? AND state = 'done' AND ok > 0 AND idx != ? ORDER BY idx LIMIT 1",
+            (job_id, idx),
+        )
+        return msgspec.convert(rows[0], ChunkPlan) if rows else None
+
     def finish(self, job_id: str, *, ok: int, rejected: int, merkle_root: str) -> None:
         with self._tx() as conn:
             conn.execute(

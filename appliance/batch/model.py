@@ -6,7 +6,9 @@ deterministic fake backend, or :class:`appliance.batch.fake.FakeModel` alike.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence, Sized
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -14,7 +16,7 @@ if TYPE_CHECKING:
 
     from runtime.manifest import Manifest
 
-__all__ = ["BatchModel", "LoaderFactory", "ModelLoader"]
+__all__ = ["BatchModel", "LatestVersion", "LoaderFactory", "ModelLoader", "repository_latest"]
 
 
 class BatchModel(Protocol):
@@ -60,3 +62,23 @@ class BatchModel(Protocol):
 ModelLoader = Callable[[str, "int | None"], BatchModel]
 #: A picklable zero-argument callable that builds a :data:`ModelLoader` (sent to Dask workers).
 LoaderFactory = Callable[[], ModelLoader]
+#: ``latest(name)`` -> (the latest version of ``name``, that package's sha256), read cheaply (no
+#: session); it may raise, and then the worker loads "latest" to find out (and to name the error).
+LatestVersion = Callable[[str], tuple[int, str]]
+
+
+def repository_latest(root: Path) -> LatestVersion:
+    """:data:`LatestVersion` of the model repository at ``root``: the highest version folder and
+    the sha256 of its ``manifest.json`` (a package's identity, ``runtime.package.Package.sha256``).
+    Nothing is verified here: the loader verifies the package whenever it loads it."""
+
+    def latest(name: str) -> tuple[int, str]:
+        from runtime.package import MANIFEST
+        from runtime.repository import Repository
+
+        repository = Repository(root)
+        version = repository.latest(name)
+        data = (repository.path(name, version) / MANIFEST).read_bytes()
+        return version, hashlib.sha256(data).hexdigest()
+
+    return latest

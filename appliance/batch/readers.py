@@ -92,13 +92,18 @@ def _csv_record_end(data: Buffer, pos: int, n: int) -> int:
 
     Quoting as Python's ``csv`` (and Excel) read it: a ``"`` opens a quoted field only at the
     start of a field; inside one, ``""`` is a quote and a lone ``"`` closes it (what follows up
-    to the next comma is plain text); elsewhere a ``"`` is an ordinary character.  Works field
-    by field with ``find`` (lines without quotes cost one search).
+    to the next comma is plain text); elsewhere a ``"`` is an ordinary character.
+
+    Linear in the record's length: ``find`` jumps from quote to quote, each search starting
+    where the last one stopped, and a line's end is searched for once (again only after a quoted
+    field that ran past it).  A quote outside a quoted field opens one only right after a comma.
     """
     limit = min(n, pos + MAX_RECORD_BYTES)
-    i = pos  # the start of a field
+    i = pos  # where the scan stands: the start of a field, or plain text after a closing quote
+    line_end = -1  # the end of the line holding ``i`` (-1: not searched for since ``i`` moved past it)
+    opens = data[pos : pos + 1] == b'"'  # the field at ``i`` starts with a quote
     while True:
-        if data[i : i + 1] == b'"':
+        if opens:
             j = i + 1
             while True:
                 q = data.find(b'"', j, limit)
@@ -108,15 +113,18 @@ def _csv_record_end(data: Buffer, pos: int, n: int) -> int:
                     break
                 j = q + 2
             i = q + 1  # after the closing quote: plain text up to the next comma
-        line_end = data.find(b"\n", i)
+            if line_end < i:
+                line_end = -1
         if line_end < 0:
-            line_end = n
-        if data.find(b'"', i, line_end) < 0:
+            line_end = data.find(b"\n", i)
+            if line_end < 0:
+                line_end = n
+        q = data.find(b'"', i, line_end)
+        while q >= 0 and data[q - 1 : q] != b",":  # a quote inside a plain field: text
+            q = data.find(b'"', q + 1, line_end)
+        if q < 0:
             return line_end
-        comma = data.find(b",", i, line_end)
-        if comma < 0:
-            return line_end
-        i = comma + 1
+        i, opens = q, True  # a field that starts with a quote
 
 
 def _text_records(data: Buffer, pos: int, csv_mode: bool) -> Iterator[tuple[int, int]]:

@@ -16,6 +16,7 @@ Each job folder holds ``job.json`` (:class:`JobRequest`) and ``input.<format>``.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import secrets
@@ -91,19 +92,50 @@ _BOMS = (
 )
 
 
+def _wide_encoding(head: bytes) -> str | None:
+    """UTF-32 or UTF-16 without a BOM, told by where the zero bytes sit: the Latin letters, digits
+    and punctuation of JSONL and CSV leave zero bytes in fixed columns (UTF-32: the two high bytes
+    of every code unit; UTF-16: every other byte), while a NUL in a UTF-8 file falls anywhere.
+    Text that is mostly CJK has few such zeros in UTF-16: there they count when they are not
+    scattered (4 or more, on one side) and the sample is not UTF-8 anyway.  None otherwise."""
+    size = len(head) - len(head) % 4
+    quads = size // 4
+    if quads:
+        col = [head[k:size:4].count(0) for k in range(4)]
+        if min(col[2], col[3]) * 4 >= quads * 3 and col[0] * 4 < quads:
+            return "UTF-32LE"
+        if min(col[0], col[1]) * 4 >= quads * 3 and col[3] * 4 < quads:
+            return "UTF-32BE"
+    pairs = len(head) // 2
+    even, odd = head[0 : pairs * 2 : 2].count(0), head[1 : pairs * 2 : 2].count(0)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        utf8 = True
+    except UnicodeDecodeError:
+        utf8 = False
+
+    def one_side(zeros: int, other: int) -> bool:
+        return zeros > 0 and other * 8 <= zeros and (zeros * 8 >= pairs or (zeros >= 4 and not utf8))
+
+    if one_side(odd, even):
+        return "UTF-16LE"
+    if one_side(even, odd):
+        return "UTF-16BE"
+    return None
+
+
 def check_encoding(source: Path) -> None:
-    """Refuse a JSONL / CSV file that is not UTF-8 (UTF-16 or UTF-32: a BOM, or NUL bytes at the
-    start), naming the fix; otherwise its records would be rejected one by one, or misread."""
+    """Refuse a JSONL / CSV file that is UTF-16 or UTF-32 (a BOM, or zero bytes in the columns
+    those encodings give Latin text: :func:`_wide_encoding`), naming the fix; otherwise its
+    records would all be rejected, or misread.  A NUL byte elsewhere does not refuse the file:
+    the record holding it is judged on its own (a JSON string may not hold one raw)."""
     with source.open("rb") as f:
         head = f.read(4096)
-    encoding = next((name[:6] for bom, name in _BOMS if head.startswith(bom)), None)  # iconv reads the BOM
-    if encoding is None and b"\x00" in head:
-        encoding = "UTF-16LE" if head[1:2] == b"\x00" else "UTF-16BE" if head[:1] == b"\x00" else None
-        if encoding is None:
-            raise BatchError(
-                f"{source.name} holds NUL bytes, so it is not UTF-8 text; inputs must be UTF-8 "
-                "JSONL or CSV (or Parquet): check the file or its --format"
-            )
+    encoding = next((name for bom, name in _BOMS if head.startswith(bom)), None)
+    if encoding is not None:
+        encoding = encoding[:6]  # iconv reads the BOM
+    elif b"\x00" in head:
+        encoding = _wide_encoding(head)
     if encoding is not None:
         raise BatchError(
             f"{source.name} is {encoding[:6]} text, not UTF-8; convert it to UTF-8 first, e.g. "

@@ -1,10 +1,14 @@
 """The per-chunk unit of work: read a chunk, run the model, write its files.
 
 :func:`run_chunk` is a function of (input file, chunk plan, model) only: the
-local worker and Dask workers run the same code, and running it twice gives
-identical files.  It writes ``rejects-NNNNN.jsonl`` first and the result part
-``part-NNNNN.<fmt>`` last, so "the part file exists" means the chunk's files are
-complete (:func:`verify_chunk` checks that and recounts).
+local worker and Dask workers run the same code, and for a model whose answers
+do not change from one call to the next, running it twice gives identical
+files.  A model that fails only sometimes can make two runs differ: a record
+that failed alone twice in one run (rejected) may pass in the other, and a run
+may fail where the other completes (see :class:`_Judge`).  It writes
+``rejects-NNNNN.jsonl`` first and the result part ``part-NNNNN.<fmt>`` last, so
+"the part file exists" means the chunk's files are complete
+(:func:`verify_chunk` checks that and recounts).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import numpy as np
@@ -58,6 +62,9 @@ class ChunkTask(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int = 32
     truncate: bool = True
     model_sha256: str = ""  # the pinned package's sha256: a chunk refuses to run on another package
+    #: a done chunk of the same job the model gave results on: when the model fails on every record
+    #: of this chunk, one of that chunk's records tells whether the model still works (:class:`_Canary`)
+    canary: ChunkPlan | None = None
 
 
 class ChunkOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,45 +96,184 @@ def _reject(record: RawRecord, reason: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class _Failed:
     """One record the model could not take: ``reason`` for the rejects; ``exc`` when the model
-    raised something other than :class:`InputError` (that record, or the model itself, is at fault)."""
+    raised something other than :class:`InputError` (that record, or the model itself, is at fault:
+    :class:`_Judge` decides)."""
 
     reason: str
     exc: Exception | None = None
 
 
-def _each(call: Callable[[list[T]], Sequence[R]], items: list[T], failed: Exception | None = None) -> list[R | _Failed]:
-    """``call(items)``, or, when it raises (``failed``: it did already), its result per item: the
-    batch is split in halves until the failing items are alone.  ``InputError`` on one item is
-    that item's reject; any other exception on one item is tried once more, then kept as a
-    :class:`_Failed` with the exception (whether that is the record's fault: :func:`_blame`)."""
-    if failed is None:
-        try:
-            return list(call(items))
-        except Exception as exc:
-            failed = exc
-    if len(items) > 1:
-        mid = len(items) // 2
-        return [*_each(call, items[:mid]), *_each(call, items[mid:])]
-    if isinstance(failed, InputError):
-        return [_Failed(f"the model refused the input: {failed}")]
-    try:
-        out: list[R | _Failed] = list(call(items))
-    except InputError as again:
-        return [_Failed(f"the model refused the input: {again}")]
-    except Exception as again:
-        return [_Failed(f"the model failed on this record: {type(again).__name__}: {again}", again)]
-    log.warning("a record failed once (%s), then passed", type(failed).__name__)
-    return out
+class _Judge(Generic[T, R]):
+    """Sorts out the batches of one stage of a chunk (tokenizing, or running the model) that raised.
 
+    A batch that raised is split in halves until the failing items are alone.  ``InputError`` on
+    one item is that item's reject.  An item that fails alone twice with another error is only a
+    *suspect*: it is rejected ("the model failed on this record") only when the model
+    demonstrably works around it, i.e. when a call made after that failure succeeded: a later
+    part of the split, or a probe, ``call([good])`` on an item the model took before (one of this
+    chunk, else ``canary``: a record of a done chunk of the job).  Otherwise the model (or the
+    machine) is at fault and the first error is raised, so that the chunk fails (retried after a
+    backoff, then its job fails, and ``inferbox batch retry`` runs it again):
 
-def _blame(outcomes: Sequence[object]) -> None:
-    """Failures count as the records' own only if the model worked on some other record here;
-    else the model (or the machine) is at fault: raise, and the chunk fails (retried, then the job)."""
-    failed = [o for o in outcomes if isinstance(o, _Failed) and o.exc is not None]
-    if failed and all(isinstance(o, _Failed) for o in outcomes):
-        exc = failed[0].exc
+    - a batch raises and the probe fails (a model that broke partway: two calls, no split);
+    - two whole batches in a row fail on every item while nothing (no item of the chunk, no
+      canary) shows that the model works;
+    - at the end of the stage, a suspect that no later call worked around, and the probe fails
+      or there is nothing to probe with (every record of a chunk failing, with no done chunk
+      of the job to compare with).
+
+    The calls made here (splits and probes) run one after another in this thread, in order; the
+    batches' own calls (possibly on several streams) only provide known-good items.
+    """
+
+    def __init__(self, call: Callable[[list[T]], Sequence[R]], canary: Callable[[], bool | None]) -> None:
+        self._call = call
+        self._canary = canary
+        self._good: list[T] = []  # an item the model took
+        self._seq = 0  # calls made here, in order
+        self._last_ok = 0  # the number of the last of them that succeeded
+        self._suspects: list[tuple[int, _Failed]] = []  # (the call it failed at, the failure)
+        self._hopeless = 0  # whole batches in a row that failed on every item, with nothing to probe
+
+    def settle(self, items: list[T], result: Sequence[R] | Exception) -> list[R | _Failed]:
+        """The per-item outcome of a batch, given what its call returned or raised."""
+        if not isinstance(result, Exception):
+            if items and not self._good:
+                self._good.append(items[0])
+            return list(result)
+        verdict = None if isinstance(result, InputError) else self._works()
+        if verdict is False:
+            raise result
+        out = self._split(items, result)
+        if any(isinstance(o, _Failed) and o.exc is not None for o in out) and all(isinstance(o, _Failed) for o in out):
+            if verdict is None and not self._good:
+                self._hopeless += 1
+                if self._hopeless >= 2:
+                    raise self._first_suspect()
+        else:
+            self._hopeless = 0
+        return out
+
+    def finish(self) -> None:
+        """Raise unless every suspect was worked around (a later call, or a probe now, succeeded)."""
+        if any(seq > self._last_ok for seq, _ in self._suspects) and self._works() is not True:
+            raise self._first_suspect()
+
+    def _first_suspect(self) -> Exception:
+        exc = next(f.exc for _, f in self._suspects if f.exc is not None)
         assert exc is not None
-        raise exc
+        return exc
+
+    def _try(self, items: list[T]) -> list[R | _Failed]:
+        self._seq += 1
+        seq = self._seq
+        try:
+            out: list[R | _Failed] = list(self._call(items))
+        except Exception as exc:
+            return self._split(items, exc)
+        self._passed(seq, items)
+        return out
+
+    def _passed(self, seq: int, items: list[T]) -> None:
+        self._last_ok = seq
+        if items and not self._good:
+            self._good.append(items[0])
+
+    def _split(self, items: list[T], failed: Exception) -> list[R | _Failed]:
+        if len(items) > 1:
+            mid = len(items) // 2
+            return [*self._try(items[:mid]), *self._try(items[mid:])]
+        if isinstance(failed, InputError):
+            return [_Failed(f"the model refused the input: {failed}")]
+        self._seq += 1
+        seq = self._seq
+        try:
+            out: list[R | _Failed] = list(self._call(items))
+        except InputError as again:
+            return [_Failed(f"the model refused the input: {again}")]
+        except Exception as again:
+            failure = _Failed(f"the model failed on this record: {type(again).__name__}: {again}", again)
+            self._suspects.append((seq, failure))
+            return [failure]
+        log.warning("a record failed once (%s), then passed", type(failed).__name__)
+        self._passed(seq, items)
+        return out
+
+    def _works(self) -> bool | None:
+        """Whether the model takes a known-good item now; None when there is none."""
+        self._seq += 1
+        seq = self._seq
+        if self._good:
+            try:
+                self._call(self._good[:1])
+            except Exception as exc:
+                log.warning("the model failed on an item it took before: %s: %s", type(exc).__name__, exc)
+                return False
+        else:
+            verdict = self._canary()
+            if verdict is not True:
+                return verdict
+        self._last_ok = seq
+        return True
+
+
+class _Canary:
+    """A record of a done chunk of the same job (``task.canary``) that the model gave a result on:
+    read only when nothing in this chunk shows yet whether the model works.  The records rejected
+    there (``rejects-NNNNN.jsonl``) are skipped."""
+
+    def __init__(self, task: ChunkTask, model: BatchModel, text_mode: bool) -> None:
+        self.task, self.model, self.text_mode = task, model, text_mode
+        self._read = False
+        self._value: Any = None
+
+    def value(self) -> Any:
+        if not self._read:
+            self._read = True
+            self._value = self._first_good()
+        return self._value
+
+    def _first_good(self) -> Any:
+        task, plan = self.task, self.task.canary
+        if plan is None:
+            return None
+        try:
+            rejects = Path(task.out_dir) / rejects_name(plan.idx)
+            lines = rejects.read_text("utf-8").splitlines() if rejects.is_file() else []
+            rejected = {json.loads(line)["index"] for line in lines if line}
+            for record in read_chunk(Path(task.input_path), task.format, plan):
+                if record.obj is None or record.index in rejected:
+                    continue
+                text_field = task.text_field if self.text_mode else None
+                try:
+                    return parse_record(record.obj, text_field=text_field, inputs=self.model.manifest.inputs)
+                except RecordError:
+                    continue
+        except Exception as exc:  # then there is nothing to compare with
+            log.warning("chunk %s/%s: done chunk %s unreadable (%s)", task.job_id, task.plan.idx, plan.idx, exc)
+        return None
+
+    def tokenizes(self) -> bool | None:
+        value = self.value()
+        if value is None:
+            return None
+        try:
+            self.model.tokenize([value], truncate=self.task.truncate)
+        except Exception:
+            return False
+        return True
+
+    def computes(self, compute: Callable[[list[Any]], object]) -> bool | None:
+        value = self.value()
+        if value is None:
+            return None
+        try:
+            if self.text_mode:
+                value = self.model.tokenize([value], truncate=self.task.truncate)[0]
+            compute([value])
+        except Exception:
+            return False
+        return True
 
 
 def _softmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
@@ -137,13 +283,18 @@ def _softmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     return out
 
 
-def _tokenize(model: BatchModel, texts: list[str], task: ChunkTask) -> list[Sized | _Failed]:
+def _tokenize(model: BatchModel, texts: list[str], task: ChunkTask, canary: _Canary) -> list[Sized | _Failed]:
     """Per text: its tokens, or why the model could not take that text (the others still run)."""
     if not texts:
         return []
-    out = _each(lambda batch: model.tokenize(batch, truncate=task.truncate), texts)
-    _blame(out)
-    return out
+
+    def tokenize(batch: list[str]) -> Sequence[Sized]:
+        return model.tokenize(batch, truncate=task.truncate)
+
+    judge: _Judge[str, Sized] = _Judge(tokenize, canary.tokenizes)
+    tokens = judge.settle(texts, _guarded(tokenize)(texts))
+    judge.finish()
+    return tokens
 
 
 def _text_rows(model: BatchModel, tokens: list[Any]) -> list[dict[str, Any]]:
@@ -234,9 +385,10 @@ def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None]
             continue
         valid.append((record, value))
 
+    canary = _Canary(task, model, text_mode)
     groups: dict[Any, list[tuple[RawRecord, Any]]] = {}
     if text_mode:  # tokenized once; similar token counts batch together (less padding), as in the server
-        tokenized = _tokenize(model, [value for _, value in valid], task)
+        tokenized = _tokenize(model, [value for _, value in valid], task, canary)
         texts: list[tuple[RawRecord, Any]] = []
         for (record, _), tokens in zip(valid, tokenized, strict=True):
             if isinstance(tokens, _Failed):
@@ -263,27 +415,13 @@ def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None]
         return compute([v for _, v in batch])
 
     # Batches run as usual (side by side on streams); a batch that raises is split to find the
-    # record(s) at fault, which go to the rejects.  While the model has worked on no record of the
-    # chunk yet, a failed batch is split at once; two that fail on every record mean the model (or
-    # the machine) is at fault, not the records: the chunk fails without running the rest.
+    # record(s) at fault, which go to the rejects only if the model demonstrably works around
+    # them; else the model (or the machine) is at fault and the chunk fails (:class:`_Judge`).
+    judge: _Judge[Any, dict[str, Any]] = _Judge(compute, lambda: canary.computes(compute))
     per_batch: dict[int, list[dict[str, Any] | _Failed]] = {}
-    failed: dict[int, Exception] = {}
-    worked, hopeless = False, 0
     for i, rows in enumerate(_run_batches(_guarded(compute_batch), batches, streams_of(model))):
-        if not isinstance(rows, Exception):
-            per_batch[i], worked = list(rows), True
-            continue
-        if worked:
-            failed[i] = rows
-            continue
-        per_batch[i] = _each(compute, [v for _, v in batches[i]], rows)
-        worked = any(not isinstance(row, _Failed) for row in per_batch[i])
-        if not worked and any(isinstance(row, _Failed) and row.exc is not None for row in per_batch[i]):
-            hopeless += 1
-            if hopeless == 2 or i == len(batches) - 1:
-                _blame([row for j in sorted(per_batch) for row in per_batch[j]])
-    for i, error in failed.items():
-        per_batch[i] = _each(compute, [v for _, v in batches[i]], error)
+        per_batch[i] = judge.settle([v for _, v in batches[i]], rows)
+    judge.finish()
     for i, batch in enumerate(batches):
         for (record, _), row in zip(batch, per_batch[i], strict=True):
             if isinstance(row, _Failed):

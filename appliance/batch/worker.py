@@ -19,6 +19,8 @@ that job; the other jobs go on.  A chunk that failed is retried after a backoff
 A job runs on one model version and package: the first chunk leased resolves
 "latest" and pins the version and the package sha256 in the job's row; every
 chunk, in every process, loads that version and refuses another package.
+"Latest" is read from the repository on disk (``latest``, no model load), and a
+model already loaded here for that version and package is reused.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import msgspec
 
 from api.protocols import AuditEvent, Digest
 from appliance.batch.jobs import Job, JobStore, Lease
-from appliance.batch.model import BatchModel, ModelLoader
+from appliance.batch.model import BatchModel, LatestVersion, ModelLoader
 from appliance.batch.readers import plan_chunks
 from appliance.batch.spool import JobRequest, accept, pending, read_request
 from appliance.batch.unit import ChunkOutcome, ChunkTask, check_model_fits, run_chunk, verify_chunk
@@ -173,11 +175,13 @@ class BatchWorker:
         progress: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        latest: LatestVersion | None = None,
     ) -> None:
         self.spool = spool
         self.outbox = outbox
         self.store = store
         self.loader = loader
+        self.latest = latest
         self.audit = audit
         self.config = config or WorkerConfig()
         self.host = socket.gethostname()
@@ -199,15 +203,17 @@ class BatchWorker:
     def model_for(self, job: Job) -> tuple[BatchModel, Job]:
         """The job's model, and the job with its version and package pinned.
 
-        A job without a version resolves "latest" here, with a fresh load (never a cached
-        "latest": a long-running ``--watch`` serves new jobs the version installed now), and pins
-        it; a job that has one gets exactly that version and package.
+        A job without a version resolves "latest" here, as the repository holds it now (a
+        long-running ``--watch`` serves new jobs the version installed now), and pins it: with
+        ``latest`` the version and package sha256 are read from disk and a model loaded here
+        for that package is reused (a load only for a new version or package); without, a fresh
+        load of "latest" tells.  A job that has a version gets exactly that version and package.
         """
         if job.version is None:
-            fresh = self.loader(job.model, None)
-            version, sha = self.store.pin_model(job.job_id, fresh.version, fresh.package_sha256)
-            if version == fresh.version:
-                self._models.setdefault((job.model, version), fresh)
+            model = self._latest_model(job.model)
+            version, sha = self.store.pin_model(job.job_id, model.version, model.package_sha256)
+            if version == model.version and sha == model.package_sha256:
+                self._models[(job.model, version)] = model
         else:
             version, sha = self.store.pin_model(
                 job.job_id, job.version, self.model(job.model, job.version).package_sha256
@@ -224,6 +230,27 @@ class BatchWorker:
                 "reinstall that package, or submit the input again as a new job"
             )
         return model, job
+
+    def _latest_model(self, name: str) -> BatchModel:
+        """The latest version of ``name``: the model loaded here when it is that package, else a load."""
+        resolved = None
+        if self.latest is not None:
+            try:
+                resolved = self.latest(name)
+            except Exception as exc:  # the load below says what is wrong (no such model, a bad package)
+                log.debug("latest version of %s not read from the repository: %s", name, exc)
+        if resolved is None:
+            return self.loader(name, None)
+        version, sha = resolved
+        cached = self._models.get((name, version))
+        if cached is not None and cached.package_sha256 == sha:
+            return cached
+        return self.loader(name, version)
+
+    def forget_model(self, name: str, version: int | None) -> None:
+        """Drop a loaded model (a chunk failed on it: the next attempt loads it again, so that a
+        session left broken, e.g. by a lost device, is not reused)."""
+        self._models.pop((name, version), None)
 
     # -- spool ---------------------------------------------------------------------------
     def accept_new(self, summary: RunSummary | None = None) -> list[str]:
@@ -329,6 +356,7 @@ class BatchWorker:
             batch_size=self.config.batch_size,
             truncate=self.config.truncate,
             model_sha256=job.model_sha256,
+            canary=self.store.canary_chunk(job.job_id, lease.plan.idx),
         )
 
     def start_job(self, job: Job, model: BatchModel) -> None:
@@ -415,6 +443,7 @@ class BatchWorker:
         try:
             outcome = verify_chunk(task) or run_chunk(task, model, on_step=lambda s: self.progress(f"{s} {job_id}"))
         except Exception as exc:
+            self.forget_model(task.model, task.version)
             self.fail_chunk(lease, exc, summary)
             return False
         self.record(outcome)

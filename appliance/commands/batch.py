@@ -135,6 +135,7 @@ def run(
 ) -> None:
     """Work the spool: accept new jobs, run their chunks, write outputs to <home>/outbox/<job>/."""
     from appliance.batch.jobs import JobStore
+    from appliance.batch.model import repository_latest
     from appliance.batch.worker import BatchWorker, WorkerConfig
 
     settings = build_settings(home=home, repository=repository)
@@ -165,6 +166,9 @@ def run(
                 truncate=settings.truncate,
             ),
             actor=_actor(dict(os.environ)),
+            # the default loader loads from the repository: its latest version is read there, so a
+            # model loaded for it is reused (another loader tells "latest" by loading it)
+            latest=repository_latest(settings.repository) if loader == DEFAULT_LOADER else None,
         )
         runner: Any = worker
         if engine == "dask":
