@@ -353,7 +353,7 @@ def decode_infer_request(
 
 def not_utf8(exc: UnicodeDecodeError) -> InputError:
     """The 400 for a JSON body whose strings are not UTF-8 (a Latin-1 or cp1252 client)."""
-    return InputError(f"body: not UTF-8 ({exc.reason} at byte {exc.start}); send JSON in UTF-8", field="body")
+    return InputError(f"body: not UTF-8 text ({exc.reason}); send JSON in UTF-8", field="body")
 
 
 def field_of(message: str) -> str:
