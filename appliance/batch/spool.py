@@ -96,8 +96,10 @@ def _wide_encoding(head: bytes) -> str | None:
     """UTF-32 or UTF-16 without a BOM, told by where the zero bytes sit: the Latin letters, digits
     and punctuation of JSONL and CSV leave zero bytes in fixed columns (UTF-32: the two high bytes
     of every code unit; UTF-16: every other byte), while a NUL in a UTF-8 file falls anywhere.
-    Text that is mostly CJK has few such zeros in UTF-16: there they count when they are not
-    scattered (4 or more, on one side) and the sample is not UTF-8 anyway.  None otherwise."""
+    A sample that is valid UTF-8 counts as UTF-16 only when zeros fill one side of at least half
+    of its byte pairs (Latin text in UTF-16 fills nearly all); text that is mostly CJK has few
+    such zeros in UTF-16, but is not valid UTF-8: there any zeros on one side count.  None
+    otherwise."""
     size = len(head) - len(head) % 4
     quads = size // 4
     if quads:
@@ -115,7 +117,9 @@ def _wide_encoding(head: bytes) -> str | None:
         utf8 = False
 
     def one_side(zeros: int, other: int) -> bool:
-        return zeros > 0 and other * 8 <= zeros and (zeros * 8 >= pairs or (zeros >= 4 and not utf8))
+        if zeros == 0 or other * 8 > zeros:
+            return False
+        return zeros * 2 >= pairs if utf8 else True
 
     if one_side(odd, even):
         return "UTF-16LE"

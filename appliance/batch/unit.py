@@ -146,6 +146,11 @@ class _Judge(Generic[T, R]):
             raise result
         out = self._split(items, result)
         if any(isinstance(o, _Failed) and o.exc is not None for o in out) and all(isinstance(o, _Failed) for o in out):
+            if verdict is None and not self._good and isinstance(result, InputError):
+                # the batch was refused, but its records alone raised: ask the canary now
+                verdict = self._works()
+                if verdict is False:
+                    raise self._first_suspect()
             if verdict is None and not self._good:
                 self._hopeless += 1
                 if self._hopeless >= 2:

@@ -474,3 +474,45 @@ def test_a_utf8_file_with_many_scattered_nuls_is_accepted(tmp_path: Path) -> Non
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"".join(b'{"id": %d, "text": "x\x00y\x00\x00z"}\n' % i for i in range(200)))
     check_encoding(src)  # no error: the records holding NUL are rejected one by one
+
+
+def test_a_batch_refused_whole_whose_records_raise_alone_asks_the_done_chunk(tmp_path: Path) -> None:
+    """A batch the model refuses (InputError) whose records then raise alone: the done chunk of the
+    job shows the model works, so they are rejects, not a failed chunk (it skipped that check)."""
+    from appliance.batch import fake
+    from runtime.errors import InputError
+
+    refuse = "R" + POISON[1:]
+
+    class Model(fake.FakeModel):
+        def embed_tokens(self, tokens: Any) -> Any:
+            texts = [t.text for t in tokens]
+            if refuse in texts:
+                raise InputError("too long")
+            if POISON in texts:
+                raise RuntimeError("cannot take this record")
+            return super().embed_tokens(tokens)
+
+    model = Model()
+    box = Box(tmp_path, lambda n, v: model, chunk_size=20, batch_size=4)
+    lines = [json.dumps({"id": i, "text": f"text number {i}"}) for i in range(20)]
+    lines += [json.dumps({"id": i, "text": refuse if i % 4 == 0 else POISON}) for i in range(20, 28)]
+    job_id = box.submit(lines)
+    box.worker.run_once()
+    job = box.store.require_job(job_id)
+    assert (job.state, job.ok, job.rejected) == ("done", 20, 8), job.error
+
+
+def test_valid_utf8_with_some_nul_bytes_on_one_side_is_not_taken_for_utf16(tmp_path: Path) -> None:
+    for name, data in (
+        ("rows.csv", b"id,text\n" + b"".join(b"%04d,ab\x00c\n" % i for i in range(100))),
+        ("cjk.csv", b"id,text\n" + b"".join(b"%04d," % i + "\u540d".encode() + b"\x00\n" for i in range(100))),
+        ("tiny.csv", b"text\n\x00\n"),
+    ):
+        src = tmp_path / name
+        src.write_bytes(data)
+        check_encoding(src)  # accepted: a record holding NUL is judged on its own
+    latin16 = tmp_path / "latin16.csv"
+    latin16.write_bytes("id,text\n1,hello\n2,world\n".encode("utf-16-le"))
+    with pytest.raises(BatchError, match="UTF-16"):
+        check_encoding(latin16)
