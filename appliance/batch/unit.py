@@ -117,7 +117,8 @@ class _Judge(Generic[T, R]):
 
     - a batch raises and the probe fails (a model that broke partway: two calls, no split);
     - two whole batches in a row fail on every item while nothing (no item of the chunk, no
-      canary) shows that the model works;
+      canary) shows that the model works, and no later batch of the chunk works either (the
+      batches failing meanwhile wait, unsplit: :meth:`defers`);
     - at the end of the stage, a suspect that no later call worked around, and the probe fails
       or there is nothing to probe with (every record of a chunk failing, with no done chunk
       of the job to compare with).
@@ -153,11 +154,21 @@ class _Judge(Generic[T, R]):
                     raise self._first_suspect()
             if verdict is None and not self._good:
                 self._hopeless += 1
-                if self._hopeless >= 2:
-                    raise self._first_suspect()
         else:
             self._hopeless = 0
         return out
+
+    def defers(self) -> bool:
+        """Whether a batch that raised should wait instead of being split now: two whole batches in
+        a row failed on every item and nothing shows the model works.  A broken model then costs
+        one call per batch, not a split; a later batch that works (records sorted by length put
+        the short bad ones first) lets the waiting ones be split and judged after all."""
+        return self._hopeless >= 2 and not self._good
+
+    def give_up(self) -> None:
+        """Raise (the chunk fails) when batches waited (:meth:`defers`) and none worked since."""
+        if not self._good:
+            raise self._first_suspect()
 
     def finish(self) -> None:
         """Raise unless every suspect was worked around (a later call, or a probe now, succeeded)."""
@@ -424,8 +435,16 @@ def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None]
     # them; else the model (or the machine) is at fault and the chunk fails (:class:`_Judge`).
     judge: _Judge[Any, dict[str, Any]] = _Judge(compute, lambda: canary.computes(compute))
     per_batch: dict[int, list[dict[str, Any] | _Failed]] = {}
+    waiting: dict[int, Exception] = {}
     for i, rows in enumerate(_run_batches(_guarded(compute_batch), batches, streams_of(model))):
+        if isinstance(rows, Exception) and judge.defers():
+            waiting[i] = rows
+            continue
         per_batch[i] = judge.settle([v for _, v in batches[i]], rows)
+    if waiting:
+        judge.give_up()
+        for i, raised in waiting.items():
+            per_batch[i] = judge.settle([v for _, v in batches[i]], raised)
     judge.finish()
     for i, batch in enumerate(batches):
         for (record, _), row in zip(batch, per_batch[i], strict=True):

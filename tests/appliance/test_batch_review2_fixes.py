@@ -516,3 +516,27 @@ def test_valid_utf8_with_some_nul_bytes_on_one_side_is_not_taken_for_utf16(tmp_p
     latin16.write_bytes("id,text\n1,hello\n2,world\n".encode("utf-16-le"))
     with pytest.raises(BatchError, match="UTF-16"):
         check_encoding(latin16)
+
+
+def test_short_bad_records_filling_the_first_batches_do_not_fail_a_one_chunk_job(tmp_path: Path) -> None:
+    """Batches are sorted by length: short records the model raises on fill the first two batches.
+    The batches after them work, so the waiting ones are split and only the bad records rejected
+    (it failed the chunk after two whole batches, with no done chunk to ask)."""
+    from appliance.batch import fake
+
+    bad = "zz"
+
+    class Model(fake.FakeModel):
+        def embed_tokens(self, tokens: Any) -> Any:
+            if any(t.text == bad for t in tokens):
+                raise RuntimeError("cannot take this record")
+            return super().embed_tokens(tokens)
+
+    model = Model()
+    box = Box(tmp_path, lambda n, v: model, chunk_size=100, batch_size=8)
+    lines = [json.dumps({"id": i, "text": bad}) for i in range(16)]
+    lines += [json.dumps({"id": i, "text": f"a longer good text number {i}"}) for i in range(16, 100)]
+    job_id = box.submit(lines)
+    box.worker.run_once()
+    job = box.store.require_job(job_id)
+    assert (job.state, job.ok, job.rejected) == ("done", 84, 16), job.error
