@@ -525,3 +525,29 @@ def test_tiny_queue_answers_429_with_retry_after(minilm_repository: Path, tmp_pa
         assert "queue" in refused.json()["error"]["message"]
     finally:
         _stop(proc)
+
+
+def test_unload_load_and_stop_leave_a_clean_exit(minilm_repository: Path, tmp_path: Path) -> None:
+    """Unload as soon as the server is ready (its stream sessions may still be opening), load again,
+    serve, unload, then SIGTERM: each process exits as a stopped server does. Closing the unloaded
+    OpenVINO model from a worker thread made the process die of SIGSEGV at exit."""
+    body = {"model": "minilm", "input": "a text"}
+    for round_ in ("unload at once", "unload, load, unload"):
+        home = tmp_path / round_.replace(" ", "-").replace(",", "")
+        proc, url, log = _start(minilm_repository, home, "--no-auth")
+        try:
+            assert httpx.post(f"{url}/v2/repository/models/minilm/unload", timeout=60).status_code == 200
+            assert httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).status_code == 404
+            if round_ != "unload at once":
+                assert httpx.post(f"{url}/v2/repository/models/minilm/load", timeout=120).status_code == 200
+                assert httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).status_code == 200
+                assert httpx.post(f"{url}/v2/repository/models/minilm/unload", timeout=60).status_code == 200
+        finally:
+            _stop(proc)
+        assert proc.returncode in (0, -signal.SIGTERM), (
+            round_,
+            proc.returncode,
+            log.read_text(errors="replace")[-3000:],
+        )
+        verify = cli("audit", "verify", home=home, repository=minilm_repository)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
