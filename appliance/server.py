@@ -67,6 +67,29 @@ def ensure_signing_key(settings: Settings) -> None:
     log.info("created signing key %s (mode 0600)", settings.signing_key)
 
 
+def _build_default_child(repository: str, name: str, threads: int, signing_key: str) -> None:
+    """The default model's export, run in a spawned child of :func:`prepare` (its logs go to stderr)."""
+    import sys
+
+    from export.default import build_default
+    from runtime.offline import stay_offline
+    from runtime.signing import load_private_key
+
+    stay_offline()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        build_default(
+            Path(repository),
+            name=name,
+            timing="quick",
+            threads=threads,
+            signing_key=load_private_key(Path(signing_key)),
+        )
+    except InferboxError as exc:
+        log.error("building the default model failed: %s", exc)
+        sys.exit(1)
+
+
 def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
     """Make the box ready: directories, signing key, the default model, the first admin key."""
     for path in (settings.home, settings.keys_dir, settings.repository):
@@ -87,20 +110,35 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
                 f"({exc.name}); install it with `pip install 'inferbox[export]'` and run `inferbox init`, "
                 "or copy a package into the repository"
             ) from exc
+        del export_default  # built in a child process (below)
         log.info("repository %s is empty: building the default model %s", settings.repository, settings.default_model)
-        from runtime.hardware import default_threads
-        from runtime.signing import load_private_key
+        # In a child process: the export loads torch, transformers and the converters, which the
+        # server must not hold (memory; and a server that had run the export in-process sometimes
+        # died of SIGSEGV at exit after a model unload). Quick timing: the first start takes ~2
+        # minutes instead of ~6; the stream scenario serve ranks by is still timed side by side in
+        # rounds (export.pipeline time_streams), so the choice holds. `inferbox init --force
+        # --timing full` re-times a new version.
+        import multiprocessing
 
-        # Quick timing: the first start takes ~2 minutes instead of ~6; the stream scenario serve
-        # ranks by is still timed side by side in rounds (export.pipeline time_streams), so the
-        # choice holds. `inferbox init --force --timing full` re-times a new version.
-        export_default(
-            settings.repository,
-            name=settings.default_model,
-            timing="quick",
-            threads=settings.threads or default_threads(),
-            signing_key=load_private_key(settings.signing_key),
+        from runtime.hardware import default_threads
+
+        child = multiprocessing.get_context("spawn").Process(
+            target=_build_default_child,
+            args=(
+                str(settings.repository),
+                settings.default_model,
+                settings.threads or default_threads(),
+                str(settings.signing_key),
+            ),
+            name="inferbox-build-default",
         )
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise ConfigError(
+                f"building the default model {settings.default_model} into {settings.repository} failed "
+                f"(exit code {child.exitcode}; its log is above); run `inferbox init` to see the whole report"
+            )
         built = True
 
     admin_key = admin_id = None
