@@ -49,6 +49,7 @@ __all__ = [
     "make_checkpoint",
     "next_in_sequence",
     "sequence_link",
+    "sign_next",
     "signature_problem",
     "signed_bytes",
     "store_checkpoint",
@@ -276,6 +277,35 @@ def store_checkpoint(conn: sqlite3.Connection, cp: Checkpoint) -> None:
             cp.interval_us,
         ),
     )
+
+
+def sign_next(
+    conn: sqlite3.Connection,
+    key: Ed25519PrivateKey,
+    *,
+    kind: CheckpointKind,
+    log_id: str,
+    size: int,
+    head_hash: str,
+    created_at: str,
+    pace: Pace | None,
+) -> Checkpoint:
+    """Sign the log's next checkpoint (format 2: its place in the sequence, the previous one's
+    link, ``pace``) and store it; the caller holds the write transaction."""
+    index, prev = next_in_sequence(conn)
+    cp = make_checkpoint(
+        key,
+        kind=kind,
+        log_id=log_id,
+        size=size,
+        head_hash=head_hash,
+        created_at=created_at,
+        index=index,
+        prev=prev,
+        pace=pace,
+    )
+    store_checkpoint(conn, cp)
+    return cp
 
 
 def next_in_sequence(conn: sqlite3.Connection) -> tuple[int, str]:

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from api.protocols import AuditEvent, Digest
 from appliance.audit.canonical import AuditRecord, checked_event, format_time, leaf_hash, parse_time
-from appliance.audit.checkpoint import Checkpoint, Pace, make_checkpoint, next_in_sequence, store_checkpoint
+from appliance.audit.checkpoint import Checkpoint, Pace, sign_next
 from appliance.audit.digest import DigestKeyring
 from appliance.audit.prune import PruneResult, prune_prefix
 from appliance.audit.schema import connect, ensure_schema, read_log_id
@@ -386,20 +386,16 @@ class AuditLog:
 
     def _sign_head(self, conn: sqlite3.Connection, created_at: str | None = None) -> Checkpoint:
         size, head_hash = head(conn, self._log_id)
-        index, prev = next_in_sequence(conn)
-        cp = make_checkpoint(
+        return sign_next(
+            conn,
             self._key,
             kind="checkpoint",
             log_id=self._log_id,
             size=size,
             head_hash=head_hash,
             created_at=created_at if created_at is not None else format_time(self._clock()),
-            index=index,
-            prev=prev,
             pace=self.pace,
         )
-        store_checkpoint(conn, cp)
-        return cp
 
     def _write_batch(self, events: list[AuditEvent]) -> list[int | AuditError]:
         """Append ``events`` in one transaction: each one's seq, or why that one was rejected."""

@@ -30,9 +30,7 @@ from appliance.audit.checkpoint import (
     Checkpoint,
     Pace,
     load_checkpoints,
-    make_checkpoint,
-    next_in_sequence,
-    store_checkpoint,
+    sign_next,
 )
 from appliance.audit.store import iter_records
 from runtime.errors import AuditError
@@ -158,19 +156,16 @@ def prune_prefix(
             conn.execute("INSERT INTO prune_guard (token) VALUES (?)", (token,))
             cur = conn.execute("DELETE FROM records WHERE seq <= ?", (last_now,))
             conn.execute("DELETE FROM prune_guard WHERE token = ?", (token,))
-            index, prev = next_in_sequence(conn)
-            cp = make_checkpoint(
+            cp = sign_next(
+                conn,
                 key,
                 kind="prune",
                 log_id=log_id,
                 size=last_now,
                 head_hash=anchor,
                 created_at=format_time(now),
-                index=index,
-                prev=prev,
                 pace=pace,
             )
-            store_checkpoint(conn, cp)
             result = PruneResult(cur.rowcount, last_now, cp)
         if in_transaction is not None:
             in_transaction(result)
