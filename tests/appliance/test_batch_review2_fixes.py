@@ -20,69 +20,19 @@ from typing import Any
 import pytest
 
 from appliance.batch import fake, readers
-from appliance.batch.jobs import JobStore
 from appliance.batch.readers import plan_chunks, read_chunk
 from appliance.batch.spool import check_encoding, submit
 from appliance.batch.unit import ChunkTask, run_chunk
-from appliance.batch.worker import BatchWorker, WorkerConfig
-from appliance.batch.writers import read_results
 from runtime.errors import BatchError, ModelNotFoundError
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.t += seconds
+from . import batch_box
 
 
-class Box:
-    """A spool, an outbox and a state database under ``root``, worked by one BatchWorker."""
+class Box(batch_box.Box):
+    """This file's boxes run batches of 8 records unless told otherwise."""
 
-    def __init__(
-        self,
-        root: Path,
-        loader: Callable[[str, int | None], Any],
-        *,
-        chunk_size: int = 100,
-        batch_size: int = 8,
-        latest: Callable[[str], tuple[int, str]] | None = None,
-    ) -> None:
-        self.root = root
-        self.clock = Clock()
-        self.store = JobStore(root / "state.db", clock=self.clock)
-        self.worker = BatchWorker(
-            spool=root / "spool",
-            outbox=root / "outbox",
-            store=self.store,
-            loader=loader,
-            config=WorkerConfig(chunk_size=chunk_size, batch_size=batch_size, lease_s=60),
-            worker_id="otherhost:1",
-            clock=self.clock,
-            sleep=self.clock.sleep,
-            **({"latest": latest} if latest is not None else {}),
-        )
-
-    def submit(self, lines: Sequence[str], model: str = "fake-embed", name: str = "in.jsonl") -> str:
-        src = self.root / name
-        src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        return submit(self.root / "spool", src, model=model)
-
-    def out(self, job_id: str) -> Path:
-        return self.root / "outbox" / job_id
-
-    def rows(self, job_id: str) -> list[dict[str, Any]]:
-        return [r for p in sorted(self.out(job_id).glob("part-*")) for r in read_results(p)]
-
-    def rejects(self, job_id: str) -> list[dict[str, Any]]:
-        lines = (self.out(job_id) / "rejects.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines]
+    def __init__(self, root: Path, loader: Callable[[str, int | None], Any], *, batch_size: int = 8, **kw: Any) -> None:
+        super().__init__(root, loader, batch_size=batch_size, **kw)
 
 
 POISON = "POISON, a text the model raises on (longer than the others: its batch is the last)"

@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,88 +25,19 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from api.protocols import AuditEvent, Digest
 from appliance.batch import fake, readers
 from appliance.batch import worker as worker_module
 from appliance.batch.jobs import JobStore
 from appliance.batch.readers import plan_chunks, read_chunk
 from appliance.batch.spool import pending, submit
 from appliance.batch.unit import ChunkTask
-from appliance.batch.worker import BatchWorker, WorkerConfig
-from appliance.batch.writers import read_results
+from appliance.batch.worker import BatchWorker
 from appliance.cli import main
 from runtime.errors import BatchError, InputError
 
+from .batch_box import Audit, Box, Clock
+
 FAKE = "appliance.batch.fake:settings_loader"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_800_000_000.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.t += seconds
-
-
-class Audit:
-    """An in-memory audit appender (what the worker needs of ``AuditLog``)."""
-
-    def __init__(self) -> None:
-        self.events: list[AuditEvent] = []
-
-    def digest(self, data: bytes) -> Digest:
-        return Digest(key_id="k", hexdigest=data.hex())
-
-    def append(self, event: AuditEvent) -> int:
-        self.events.append(event)
-        return len(self.events)
-
-
-class Box:
-    """A spool, an outbox and a state database under ``root``, worked by one BatchWorker."""
-
-    def __init__(
-        self,
-        root: Path,
-        loader: Callable[[str, int | None], Any] = fake.loader,
-        *,
-        chunk_size: int = 100,
-        batch_size: int = 4,
-        audit: Audit | None = None,
-        worker_id: str = "otherhost:1",
-        max_attempts: int = 3,
-    ) -> None:
-        self.root = root
-        self.clock = Clock()
-        self.store = JobStore(root / "state.db", clock=self.clock)
-        self.events: list[str] = []
-        self.worker = BatchWorker(
-            spool=root / "spool",
-            outbox=root / "outbox",
-            store=self.store,
-            loader=loader,
-            audit=audit,
-            config=WorkerConfig(chunk_size=chunk_size, batch_size=batch_size, lease_s=60, max_attempts=max_attempts),
-            worker_id=worker_id,
-            clock=self.clock,
-            sleep=self.clock.sleep,
-            progress=self.events.append,
-        )
-
-    def submit(self, path: Path, model: str = "fake-embed", **kw: Any) -> str:
-        return submit(self.root / "spool", path, model=model, **kw)
-
-    def rows(self, job_id: str) -> list[dict[str, Any]]:
-        return [r for p in sorted((self.root / "outbox" / job_id).glob("part-*")) for r in read_results(p)]
-
-    def rejects(self, job_id: str) -> list[dict[str, Any]]:
-        lines = (self.root / "outbox" / job_id / "rejects.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines]
 
 
 def _jsonl(path: Path, lines: Sequence[str]) -> Path:
