@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from api.protocols import AuditEvent
 from appliance.audit.canonical import AuditRecord, format_time, leaf_hash
-from appliance.audit.checkpoint import make_checkpoint, store_checkpoint
+from appliance.audit.checkpoint import Checkpoint, load_checkpoints, make_checkpoint, store_checkpoint
 from appliance.audit.log import AuditLog
 from appliance.audit.store import COLUMNS, insert_record, iter_records
+from runtime.signing import public_key_pem, write_private_key
 
 
 class FakeClock:
@@ -176,3 +177,24 @@ def record_line_index(lines: list[bytes], seq: int) -> int:
 
 def write_lines(path: Path, lines: list[bytes]) -> None:
     path.write_bytes(b"".join(lines))
+
+
+def checkpoints(db: Path) -> list[Checkpoint]:
+    """Every checkpoint of the log in ``db``, in written order."""
+    conn = sqlite3.connect(db)
+    try:
+        return load_checkpoints(conn)
+    finally:
+        conn.close()
+
+
+def cli_home(home: Path, key: Ed25519PrivateKey) -> Path:
+    """An appliance home for the CLI tests: ``key`` as signing key (and its ``.pub``), and an audit
+    log of 7 records signed every 3."""
+    write_private_key(key, home / "keys" / "signing.key")
+    (home / "keys" / "signing.key.pub").write_text(public_key_pem(key))
+    log = AuditLog(home / "audit.db", signing_key=key, digest_keys_dir=home / "keys" / "digest", checkpoint_every=3)
+    for i in range(7):
+        log.append(event(i))
+    log.close()
+    return home

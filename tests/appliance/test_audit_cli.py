@@ -16,7 +16,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.audit.verify import verify_export
 from appliance.cli import COMMANDS, main
-from runtime.signing import public_key_pem, write_private_key
 
 
 def _load_tamper() -> ModuleType:
@@ -37,17 +36,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in list(os.environ):
         if name.startswith("INFERBOX_"):
             monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    key = Ed25519PrivateKey.generate()
-    write_private_key(key, home / "keys" / "signing.key")
-    (home / "keys" / "signing.key.pub").write_text(public_key_pem(key))
-    from appliance.audit.log import AuditLog
-
-    log = AuditLog(home / "audit.db", signing_key=key, digest_keys_dir=home / "keys" / "digest", checkpoint_every=3)
-    for i in range(7):
-        log.append(T.event(i))
-    log.close()
-    return home
+    return T.cli_home(tmp_path / "home", Ed25519PrivateKey.generate())
 
 
 def _run(*args: str) -> tuple[int, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sqlite3
 import stat
 import threading
 from datetime import timedelta
@@ -17,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from api.protocols import AuditEvent, AuditSink
 from appliance.audit import log as audit_log
-from appliance.audit.checkpoint import Checkpoint, load_checkpoints
+from appliance.audit.checkpoint import Checkpoint
 from appliance.audit.log import AuditLog
 from appliance.audit.schema import connect
 from appliance.audit.verify import verify_db
@@ -31,11 +30,7 @@ def _log(tmp_path: Path, key: Ed25519PrivateKey, **kwargs: object) -> AuditLog:
 
 
 def _checkpoints(db: Path) -> list[Checkpoint]:
-    conn = sqlite3.connect(db)
-    try:
-        return load_checkpoints(conn)
-    finally:
-        conn.close()
+    return T.checkpoints(db)
 
 
 def test_audit_log_is_an_audit_sink(tmp_path: Path, key: Ed25519PrivateKey) -> None:

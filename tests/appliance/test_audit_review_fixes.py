@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from api.protocols import AuditEvent
 from appliance.audit import prune as prune_module
 from appliance.audit.canonical import AuditRecord, canonical_bytes, genesis_hash, leaf_hash, parse_canonical
-from appliance.audit.checkpoint import Checkpoint, Pace, load_checkpoints, make_checkpoint
+from appliance.audit.checkpoint import Checkpoint, Pace, make_checkpoint
 from appliance.audit.exporter import Header, encode_line, export_jsonl, trailer_signed_bytes
 from appliance.audit.log import AuditLog
 from appliance.audit.schema import MIGRATIONS, connect
@@ -53,11 +53,7 @@ def _log(db: Path, key: Ed25519PrivateKey, clock: T.FakeClock, **kwargs: object)
 
 
 def _checkpoints(db: Path) -> list[Checkpoint]:
-    conn = sqlite3.connect(db)
-    try:
-        return load_checkpoints(conn)
-    finally:
-        conn.close()
+    return T.checkpoints(db)
 
 
 def _sizes(db: Path) -> list[int]:
@@ -544,14 +540,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: Ed25519PrivateKey
     for name in list(os.environ):
         if name.startswith("INFERBOX_"):
             monkeypatch.delenv(name)
-    home = tmp_path / "home"
-    write_private_key(key, home / "keys" / "signing.key")
-    (home / "keys" / "signing.key.pub").write_text(public_key_pem(key))
-    log = AuditLog(home / "audit.db", signing_key=key, digest_keys_dir=home / "keys" / "digest", checkpoint_every=3)
-    for i in range(7):
-        log.append(T.event(i))
-    log.close()
-    return home
+    return T.cli_home(tmp_path / "home", key)
 
 
 def _cli(*args: str) -> tuple[int, str]:
