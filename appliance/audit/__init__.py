@@ -5,6 +5,7 @@ their canonical bytes), :mod:`~appliance.audit.schema` (SQLite schema and
 triggers), :mod:`~appliance.audit.log` (the writer), :mod:`~appliance.audit.digest`
 (HMAC digest keys), :mod:`~appliance.audit.checkpoint`, :mod:`~appliance.audit.prune`,
 :mod:`~appliance.audit.exporter`, :mod:`~appliance.audit.verify`,
+:mod:`~appliance.audit.compare` (a log against earlier off-box exports),
 :mod:`~appliance.audit.merkle`, :mod:`~appliance.audit.report`.
 """
 

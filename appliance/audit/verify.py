@@ -88,18 +88,25 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
     problems: list[Problem]
     newest_checkpoint_at: str = ""  #: created_at of the newest valid regular checkpoint
     key_ids: list[str] = []  #: the keys that signed the valid checkpoints
+    compared_with: list[str] = []  #: the earlier off-box copies (exports) it was held to (``--against``)
 
     def summary(self) -> str:
         if self.ok:
             newest = f" (newest {self.newest_checkpoint_at})" if self.newest_checkpoint_at else ""
             keys = f"; signed by {', '.join(self.key_ids)}" if len(self.key_ids) > 1 else ""
+            copies = f"; holds all of {len(self.compared_with)} off-box copy(ies)" if self.compared_with else ""
             return (
                 f"OK: log {self.log_id}: records {self.first_seq}..{self.last_seq} ({self.records}) verify; "
-                f"{self.checkpoints} signed checkpoints{newest}; signed up to seq {self.covered_to}{keys}"
+                f"{self.checkpoints} signed checkpoints{newest}; signed up to seq {self.covered_to}{keys}{copies}"
             )
         first = self.problems[0]
         where = f"seq {self.first_bad_seq}" if self.first_bad_seq is not None else "export"
         return f"FAILED at {where}: {first.what} ({len(self.problems)} problem(s))"
+
+    def compared(self, copies: Sequence[str], problems: Sequence[tuple[int | None, str]]) -> VerifyReport:
+        """This report, held to earlier off-box ``copies`` too (:mod:`appliance.audit.compare`)."""
+        report = _with_problems(self, [Problem(seq, what) for seq, what in problems])
+        return msgspec.structs.replace(report, compared_with=list(copies))
 
     def raise_for_problems(self) -> None:
         if not self.ok:

@@ -32,6 +32,8 @@ from appliance.commands.options import build_settings, state_options
 
 if TYPE_CHECKING:
     from api.protocols import AuditEvent
+    from appliance.audit.checkpoint import Pace
+    from appliance.audit.verify import VerifyReport
     from appliance.settings import Settings
     from runtime.signing import Ed25519PublicKey
 
@@ -162,6 +164,14 @@ def audit() -> None:
     "signing a first checkpoint: hold its records to that writer's rule (a checkpoint every "
     "checkpoint_every records) instead of failing them.",
 )
+@click.option(
+    "--against",
+    "against",
+    type=click.Path(path_type=Path, dir_okay=False),
+    multiple=True,
+    help="An earlier export kept off the box (repeatable): also fail unless the log still holds every "
+    "record and signed checkpoint of it (catches a cut back to an earlier checkpoint).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(
     home: Path | None,
@@ -173,9 +183,13 @@ def verify(
     checkpoint_minutes: float | None,
     max_age: float | None,
     legacy_start: bool,
+    against: tuple[Path, ...],
     as_json: bool,
 ) -> None:
-    """Check the hash chain, every signed checkpoint and the checkpoint pace; exit 1 at the first failure."""
+    """Check the hash chain, every signed checkpoint and the checkpoint pace; exit 1 at the first failure.
+
+    With ``--against``, also hold the log to earlier exports kept off the box.
+    """
     from appliance.audit.checkpoint import Pace
     from appliance.audit.verify import verify_db, verify_export
 
@@ -200,6 +214,8 @@ def verify(
             now=_now(),
             max_age=None if max_age is None else timedelta(minutes=max_age),
         )
+    if against:
+        report = _hold_to_copies(report, against, keys, pace, export_path, db_path or settings.audit_db)
     if as_json:
         click.echo(msgspec.json.encode(report).decode())
     else:
@@ -208,6 +224,35 @@ def verify(
             click.echo(f"  seq {p.seq if p.seq is not None else '-'}: {printable(p.what)}")
     if not report.ok:
         sys.exit(1)
+
+
+def _hold_to_copies(
+    report: VerifyReport,
+    against: Sequence[Path],
+    keys: Sequence[Ed25519PublicKey],
+    pace: Pace,
+    export_path: Path | None,
+    db_path: Path,
+) -> VerifyReport:
+    """``report`` with every way the log disagrees with the earlier exports ``against``."""
+    from appliance.audit.compare import Copy, compare_with, db_view, export_view, read_copy
+    from appliance.audit.verify import verify_export_bytes
+
+    copies: list[Copy] = []
+    problems: list[tuple[int | None, str]] = []
+    for path in against:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise click.ClickException(f"cannot read the off-box copy {path}: {exc.strerror}") from exc
+        own = verify_export_bytes(data, keys, legacy_pace=pace)
+        if not own.ok:
+            problems.append((None, f"the off-box copy {path} does not verify on its own: {own.summary()}"))
+            continue
+        copies.append(read_copy(path, data))
+    view = export_view(read_copy(export_path)) if export_path else db_view(db_path)
+    problems.extend(compare_with(view, copies))
+    return report.compared([c.name for c in copies], problems)
 
 
 def _publish(tmp: Path, out: Path) -> None:
