@@ -10,7 +10,8 @@
   default and environment variable (an existing file is kept);
 * the signing key ``var/lib/inferbox/keys/signing.key`` (0600) and ``.pub``;
 * the units in ``etc/systemd/system`` with the paths substituted, enabled with
-  ``systemctl`` on a live system or as ``.wants`` symlinks under ``root``.
+  ``systemctl`` on a live system or as ``.wants`` symlinks under ``root`` (the
+  audit ship timer only when ``ship_dir``, an off-box folder, is given).
 
 Every step is idempotent: running it again fixes what is missing and keeps the rest.
 """
@@ -42,8 +43,12 @@ STATE_DIR = Path("/var/lib/inferbox")
 CONF_DIR = Path("/etc/inferbox")
 UNIT_DIR = Path("/etc/systemd/system")
 SYSUSERS = Path("/usr/lib/sysusers.d/inferbox.conf")
-#: unit -> the target whose .wants it is enabled in (the timer is optional: not enabled by default)
+#: unit -> the target whose .wants it is enabled in (the batch timer is optional: not enabled by default)
 ENABLE = {"inferbox-api.service": "multi-user.target", "inferbox-batch.path": "paths.target"}
+#: enabled too when an off-box folder is given (``--ship-dir``)
+SHIP_TIMER = "inferbox-audit-ship.timer"
+#: the ship unit's folder when none is given (the timer then stays disabled)
+DEFAULT_SHIP_DIR = Path("/mnt/inferbox-audit")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class InstallOptions:
     api_memory_max: str = "8G"
     batch_memory_max: str = "8G"
     python: str = sys.executable
+    #: an off-box folder (a mounted share) for ``inferbox audit ship``; given: its hourly timer is enabled
+    ship_dir: Path | None = None
 
 
 @dataclass
@@ -73,10 +80,18 @@ def _under(root: Path, path: Path) -> Path:
     return root / path.relative_to("/")
 
 
-def render_unit(text: str, *, prefix: Path, api_memory_max: str = "8G", batch_memory_max: str = "8G") -> str:
+def render_unit(
+    text: str,
+    *,
+    prefix: Path,
+    api_memory_max: str = "8G",
+    batch_memory_max: str = "8G",
+    ship_dir: Path = DEFAULT_SHIP_DIR,
+) -> str:
     """Substitute the install paths into a unit template."""
     out = (
         text.replace("@PREFIX@", str(prefix))
+        .replace("@SHIPDIR@", str(ship_dir))
         .replace("@CONFDIR@", str(CONF_DIR))
         .replace("@STATEDIR@", str(STATE_DIR))
         .replace("@API_MEMORY_MAX@", api_memory_max)
@@ -102,8 +117,15 @@ def _shown_default(f: Field) -> Any:
         "repository": STATE_DIR / "models",
         "signing_key": STATE_DIR / "keys" / "signing.key",
         "public_key": CONF_DIR / "signing.key.pub",
+        "ship_dir": DEFAULT_SHIP_DIR,
     }
     return derived.get(f.name, f.default)
+
+
+_UNSET = {
+    "public_key": "default: unset (signatures not required)",
+    "ship_dir": "default: unset (`inferbox audit ship` needs it or --to; the ship unit sets it)",
+}
 
 
 def config_toml() -> str:
@@ -127,7 +149,7 @@ def config_toml() -> str:
         if f.minimum is not None:
             facts.append(f"minimum {f.minimum:g}")
         if f.default is None:
-            facts.append("default derived" if f.name != "public_key" else "default: unset (signatures not required)")
+            facts.append(_UNSET.get(f.name, "default derived"))
         lines.append("# " + "; ".join(facts))
         lines.append(f"# {f.name} = {_toml_value(_shown_default(f))}")
         lines.append("")
@@ -237,13 +259,14 @@ def install(
             prefix=options.prefix,
             api_memory_max=options.api_memory_max,
             batch_memory_max=options.batch_memory_max,
+            ship_dir=options.ship_dir or DEFAULT_SHIP_DIR,
         )
         target = units / name
         target.write_text(text)
         target.chmod(0o644)
         report.created.append(str(target))
     docs = Path(__file__).resolve().parents[1] / "docs"
-    for doc in ("batch.md", "operations.md"):
+    for doc in ("audit.md", "batch.md", "operations.md"):
         if (docs / doc).is_file():
             dest = prefix / "share" / "doc" / "inferbox" / doc
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -261,13 +284,21 @@ def install(
                     os.chown(name, entry.pw_uid, entry.pw_gid)
 
     # 8. enable
+    enable = dict(ENABLE)
+    if options.ship_dir is not None:
+        enable[SHIP_TIMER] = "timers.target"
+    else:
+        report.notes.append(
+            f"{SHIP_TIMER} is not enabled: mount a folder of another machine and run install again with "
+            "--ship-dir FOLDER, so the audit log is copied off the box hourly (docs/audit.md)"
+        )
     if options.enable:
         if live:
             run(["systemctl", "daemon-reload"])
-            run(["systemctl", "enable", *ENABLE])
-            report.enabled = list(ENABLE)
+            run(["systemctl", "enable", *enable])
+            report.enabled = list(enable)
         else:
-            for unit, wanted_by in ENABLE.items():
+            for unit, wanted_by in enable.items():
                 wants = units / f"{wanted_by}.wants"
                 wants.mkdir(exist_ok=True)
                 link = wants / unit

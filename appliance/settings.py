@@ -94,6 +94,13 @@ FIELDS: tuple[Field, ...] = (
     Field("retention_days", int, 365, "audit", "audit records are kept this long", minimum=1),
     Field("min_retention_days", int, 183, "audit", "prune refuses to cut newer records unless forced", minimum=0),
     Field("digest_key_days", int, 30, "audit", "rotate the HMAC digest key after this many days", minimum=1),
+    Field(
+        "ship_dir",
+        Path,
+        None,
+        "audit",
+        "folder on another machine (a mounted share) that `inferbox audit ship` copies the log to",
+    ),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -142,6 +149,7 @@ class Settings:
     retention_days: int
     min_retention_days: int
     digest_key_days: int
+    ship_dir: Path | None
     #: where each value came from (default / file / env / cli), for `inferbox config`
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 

@@ -31,7 +31,7 @@ from appliance.audit.exporter import EXPORT_FORMAT_V1, CheckpointLine, EdgeLine,
 from appliance.audit.schema import connect, read_log_id
 from runtime.errors import AuditError
 
-__all__ = ["Copy", "LogView", "compare_with", "db_view", "export_view", "read_copy"]
+__all__ = ["Copy", "LogView", "compare_with", "db_view", "export_view", "newest_copy", "read_copy"]
 
 _DECODER = msgspec.json.Decoder(Line)
 _CHUNK = 500  # seqs per SQL lookup
@@ -47,6 +47,7 @@ class Copy:
     hashes: dict[int, str]  #: seq -> leaf hash of every record and edge record
     checkpoints: list[Checkpoint]
     reaches_head: bool  #: it ran to the log's head when it was made (no ``until``, or no record after it)
+    last_recorded_at: str = ""  #: when its highest-seq record (or edge record) was written
 
     @property
     def last_seq(self) -> int:
@@ -60,6 +61,7 @@ def read_copy(path: Path, data: bytes | None = None) -> Copy:
     hashes: dict[int, str] = {}
     checkpoints: list[Checkpoint] = []
     after = False
+    last: tuple[int, str] = (0, "")
     for line in raw.splitlines():
         try:
             item = _DECODER.decode(line)
@@ -69,13 +71,32 @@ def read_copy(path: Path, data: bytes | None = None) -> Copy:
             header = item
         elif isinstance(item, RecordLine | EdgeLine):
             hashes[item.seq] = item.leaf_hash
+            last = max(last, (item.seq, item.recorded_at))
             after = after or (isinstance(item, EdgeLine) and item.side == "after")
         elif isinstance(item, CheckpointLine):
             checkpoints.append(item)
     if header is None:
         raise AuditError(f"{path} is not an inferbox audit export (no header line)")
     reaches_head = header.until is None or (header.format != EXPORT_FORMAT_V1 and not after)
-    return Copy(str(path), header.log_id, header.exported_at, hashes, checkpoints, reaches_head)
+    return Copy(str(path), header.log_id, header.exported_at, hashes, checkpoints, reaches_head, last[1])
+
+
+def newest_copy(folder: Path, log_id: str) -> Path | None:
+    """The export of log ``log_id`` in ``folder`` made last (``audit ship``'s files; by their headers)."""
+    best: tuple[str, Path] | None = None
+    for path in sorted(folder.glob(f"audit-{log_id}-*.jsonl")):
+        try:
+            with path.open("rb") as f:
+                header = _DECODER.decode(f.readline())
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            header = None
+        if not isinstance(header, Header) or header.log_id != log_id:
+            raise AuditError(
+                f"{path} is not a readable inferbox audit export of log {log_id}: move it out of the ship folder"
+            )
+        if best is None or header.exported_at > best[0]:
+            best = (header.exported_at, path)
+    return None if best is None else best[1]
 
 
 Leaves = Callable[[Sequence[int]], dict[int, str]]  #: seqs -> the leaf hashes of those the log holds

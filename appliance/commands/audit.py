@@ -1,4 +1,4 @@
-"""``inferbox audit ...``: verify, export, tail, prune, report, public-key.
+"""``inferbox audit ...``: verify, export, ship, tail, prune, report, public-key.
 
 Reading, exporting and pruning the log are themselves recorded
 (``audit_read`` / ``audit_export`` / ``audit_prune``), never after the fact:
@@ -33,6 +33,7 @@ from appliance.commands.options import build_settings, state_options
 if TYPE_CHECKING:
     from api.protocols import AuditEvent
     from appliance.audit.checkpoint import Pace
+    from appliance.audit.exporter import ExportSummary
     from appliance.audit.verify import VerifyReport
     from appliance.settings import Settings
     from runtime.signing import Ed25519PublicKey
@@ -274,19 +275,32 @@ def export(home: Path | None, repository: Path | None, since: str | None, until:
     The export is written to a temporary file first; it is renamed to --out
     (or copied to stdout) only once its audit_export record is durable.
     """
+    settings = build_settings(home=home, repository=repository)
+    started = _now()
+    window = {"since": since or "", "until": until or "", "out": str(out) if out else "-"}
+    summary = _export_to(settings, "inferbox audit export", started, window, _date(since), _date(until), out)
+    if out is not None:
+        click.echo(f"exported {summary.records} records (seq {summary.first_seq}..{summary.last_seq}) to {out}")
+
+
+def _export_to(
+    settings: Settings,
+    action: str,
+    started: datetime,
+    window: dict[str, str],
+    lo: datetime | None,
+    hi: datetime | None,
+    out: Path | None,
+) -> ExportSummary:
+    """Export ``[lo, hi)`` to ``out`` (stdout when None) once its audit_export record is durable."""
     from appliance.audit.exporter import export_jsonl
     from runtime.errors import AuditError, InferboxError
     from runtime.signing import load_private_key
 
-    settings = build_settings(home=home, repository=repository)
-    started = _now()
-    action = "inferbox audit export"
-    window = {"since": since or "", "until": until or "", "out": str(out) if out else "-"}
     tmp: Path | None = None
     sink: IO[bytes]
     try:
         key = load_private_key(settings.signing_key)
-        lo, hi = _date(since), _date(until)
         if out is not None:
             tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
             try:
@@ -326,8 +340,77 @@ def export(home: Path | None, repository: Path | None, since: str | None, until:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-    if out is not None:
-        click.echo(f"exported {summary.records} records (seq {summary.first_seq}..{summary.last_seq}) to {out}")
+    return summary
+
+
+@audit.command()
+@state_options
+@click.option(
+    "--to",
+    "to",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder on another machine (a mounted share) [default: the ship_dir setting].",
+)
+@click.option(
+    "--public-key",
+    "public_keys",
+    type=click.Path(path_type=Path, dir_okay=False),
+    multiple=True,
+    help="Trusted public key(s) for the copies already there [default: as for verify].",
+)
+def ship(home: Path | None, repository: Path | None, to: Path | None, public_keys: tuple[Path, ...]) -> None:
+    """Copy what the log gained since the last copy to an off-box folder, after checking the log still holds it.
+
+    Each run first verifies the newest copy of this log in the folder and holds
+    the log to it (every record and signed checkpoint of it still there,
+    unchanged: ``verify --against``); if the log no longer holds it, nothing is
+    shipped and the command exits 1 (an alert: a cut back or a rewrite). Then
+    it exports the records from the copy's last one to the head, as
+    ``audit-<log id>-<UTC time>.jsonl``. Recorded as audit_export.
+    """
+    from appliance.audit.checkpoint import Pace
+    from appliance.audit.compare import compare_with, db_view, newest_copy, read_copy
+    from appliance.audit.verify import verify_export_bytes
+
+    settings = build_settings(home=home, repository=repository)
+    folder = to or settings.ship_dir
+    if folder is None:
+        raise click.UsageError(
+            "say where to ship: --to FOLDER, or set ship_dir in [audit] of inferbox.toml (INFERBOX_SHIP_DIR): "
+            "a folder on another machine (a mounted share), not on this box's disks"
+        )
+    if not folder.is_dir():
+        raise click.ClickException(
+            f"the ship folder {folder} does not exist or is not a folder: is the off-box share mounted? "
+            "(ship never creates it, so a missing mount is not mistaken for an empty copy)"
+        )
+    keys = _trusted_keys(settings, public_keys)
+    view = db_view(settings.audit_db)
+    since: datetime | None = None
+    previous = newest_copy(folder, view.log_id)
+    if previous is not None:
+        data = previous.read_bytes()
+        pace = Pace.of(settings.checkpoint_every, timedelta(minutes=settings.checkpoint_minutes))
+        own = verify_export_bytes(data, keys, legacy_pace=pace)
+        if not own.ok:
+            click.echo(f"ALERT: the newest off-box copy {previous} does not verify: {printable(own.summary())}")
+            click.echo("nothing was shipped; see docs/audit.md (On a failed verify)")
+            sys.exit(1)
+        copy = read_copy(previous, data)
+        problems = compare_with(view, [copy])
+        if problems:
+            click.echo(f"ALERT: the log no longer holds the off-box copy {previous}:")
+            for seq, what in problems[:20]:
+                click.echo(f"  seq {seq if seq is not None else '-'}: {printable(what)}")
+            click.echo("nothing was shipped; see docs/audit.md (On a failed verify)")
+            sys.exit(1)
+        since = _date(copy.last_recorded_at) if copy.last_recorded_at else None
+    started = _now()
+    out = folder / f"audit-{view.log_id}-{started.strftime('%Y%m%dT%H%M%S%fZ')}.jsonl"
+    window = {"since": "" if since is None else since.isoformat(), "until": "", "out": str(out)}
+    summary = _export_to(settings, "inferbox audit ship", started, window, since, None, out)
+    held = f"; the log holds the previous copy {previous.name}" if previous is not None else " (the first copy)"
+    click.echo(f"shipped records {summary.first_seq}..{summary.last_seq} ({summary.records}) to {out}{held}")
 
 
 @audit.command()

@@ -30,6 +30,13 @@ __all__ = ["install"]
 )
 @click.option("--api-memory-max", default="8G", show_default=True, help="MemoryMax= of inferbox-api.service.")
 @click.option("--batch-memory-max", default="8G", show_default=True, help="MemoryMax= of inferbox-batch.service.")
+@click.option(
+    "--ship-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="A mounted folder of another machine: enables inferbox-audit-ship.timer, which copies the audit "
+    "log there hourly (docs/audit.md).",
+)
 def install(
     prefix: Path,
     root: Path,
@@ -39,6 +46,7 @@ def install(
     wheelhouse: Path | None,
     api_memory_max: str,
     batch_memory_max: str,
+    ship_dir: Path | None,
 ) -> None:
     """Install inferbox as systemd services (see docs/operations.md)."""
     from appliance.install import InstallOptions
@@ -46,6 +54,8 @@ def install(
 
     if not prefix.is_absolute():
         raise click.BadParameter("must be an absolute path", param_hint="--prefix")
+    if ship_dir is not None and not ship_dir.is_absolute():
+        raise click.BadParameter("must be an absolute path (the unit's ReadWritePaths=)", param_hint="--ship-dir")
     report = do_install(
         InstallOptions(
             prefix=prefix,
@@ -57,6 +67,7 @@ def install(
             api_memory_max=api_memory_max,
             batch_memory_max=batch_memory_max,
             python=sys.executable,
+            ship_dir=ship_dir,
         )
     )
     for path in report.created:

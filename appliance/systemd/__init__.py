@@ -16,6 +16,8 @@ UNITS: tuple[str, ...] = (
     "inferbox-batch.service",
     "inferbox-batch.path",
     "inferbox-batch.timer",
+    "inferbox-audit-ship.service",
+    "inferbox-audit-ship.timer",
 )
 
 

@@ -194,3 +194,80 @@ def test_cli_verify_against(tmp_path: Path, key: Ed25519PrivateKey, monkeypatch:
     assert code == 1 and "does not verify on its own" in out, out
     code, out = _cli("verify", "--home", str(home), "--against", str(tmp_path / "missing.jsonl"))
     assert code != 0 and "cannot read the off-box copy" in out and "Traceback" not in out, out
+
+
+# -- inferbox audit ship ------------------------------------------------------------------------------
+
+
+def _ship_home(tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("INFERBOX_"):
+            monkeypatch.delenv(name)
+    return T.cli_home(tmp_path / "home", key)  # 7 records, a checkpoint every 3
+
+
+def _more(home: Path, key: Ed25519PrivateKey, n: int, first: int) -> None:
+    log = AuditLog(home / "audit.db", signing_key=key, digest_keys_dir=home / "keys" / "digest", checkpoint_every=3)
+    for i in range(first, first + n):
+        log.append(T.event(i))
+    log.close()
+
+
+def test_ship_copies_each_new_stretch_after_checking_the_last_copy(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = _ship_home(tmp_path, key, monkeypatch)
+    share = tmp_path / "share"
+    share.mkdir()
+    code, out = _cli("ship", "--home", str(home), "--to", str(share))
+    assert code == 0 and "(the first copy)" in out, out
+    first = sorted(share.glob("audit-*.jsonl"))
+    assert len(first) == 1 and read_copy(first[0]).reaches_head
+    _more(home, key, 5, first=100)
+    monkeypatch.setenv("INFERBOX_SHIP_DIR", str(share))  # the setting, as the unit gives it
+    code, out = _cli("ship", "--home", str(home))
+    assert code == 0 and f"holds the previous copy {first[0].name}" in out, out
+    copies = sorted(share.glob("audit-*.jsonl"))
+    assert len(copies) == 2
+    newer = read_copy(copies[1])
+    older = read_copy(copies[0])
+    # the second copy starts where the first ended (they overlap in its last record) and runs to the head
+    assert older.last_seq in newer.hashes and min(newer.hashes) <= older.last_seq < newer.last_seq
+    assert verify_export(copies[1], key.public_key()).ok
+    assert compare_with(export_view(newer), [older]) == []
+    # the database holds both; a ship is recorded like an export
+    code, out = _cli("verify", "--home", str(home), "--against", str(copies[0]), "--against", str(copies[1]))
+    assert code == 0, out
+    assert any(r.event == "audit_export" and r.action == "inferbox audit ship" for r in T.records(home / "audit.db"))
+
+
+def test_ship_refuses_and_alerts_when_the_log_lost_what_the_last_copy_holds(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = _ship_home(tmp_path, key, monkeypatch)
+    share = tmp_path / "share"
+    share.mkdir()
+    assert _cli("ship", "--home", str(home), "--to", str(share))[0] == 0
+    _cut_back(home / "audit.db", 3)
+    _more(home, key, 4, first=200)  # the service went on writing over the cut
+    code, out = _cli("ship", "--home", str(home), "--to", str(share))
+    assert code == 1 and "ALERT: the log no longer holds the off-box copy" in out and "nothing was shipped" in out
+    assert len(list(share.glob("audit-*.jsonl"))) == 1
+    # a copy that does not verify (edited on the share) stops the ship too
+    copy = next(share.glob("audit-*.jsonl"))
+    copy.write_bytes(copy.read_bytes().replace(b'"status":200', b'"status":201', 1))
+    code, out = _cli("ship", "--home", str(home), "--to", str(share))
+    assert code == 1 and "does not verify" in out and "Traceback" not in out, out
+
+
+def test_ship_says_where_to_ship_and_never_creates_a_missing_mount(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = _ship_home(tmp_path, key, monkeypatch)
+    code, out = _cli("ship", "--home", str(home))
+    assert code == 2 and "--to FOLDER" in out and "ship_dir" in out
+    code, out = _cli("ship", "--home", str(home), "--to", str(tmp_path / "not-mounted"))
+    assert code == 1 and "is the off-box share mounted?" in out
+    assert not (tmp_path / "not-mounted").exists()

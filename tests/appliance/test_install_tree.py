@@ -49,7 +49,8 @@ def test_install_under_root_builds_the_whole_tree(tmp_path: Path) -> None:
     wants = units / "multi-user.target.wants/inferbox-api.service"
     assert wants.is_symlink() and str(wants.readlink()) == "/etc/systemd/system/inferbox-api.service"
     assert (units / "paths.target.wants/inferbox-batch.path").is_symlink()
-    assert not (units / "timers.target.wants").exists()  # the timer is optional
+    assert not (units / "timers.target.wants").exists()  # the timers are optional
+    assert "not enabled: mount a folder of another machine" in result.output
 
     # a second run keeps the key and the configuration
     before = key.read_bytes()
@@ -73,7 +74,7 @@ def test_config_file_documents_every_setting_and_each_line_is_valid(tmp_path: Pa
     settings = load_settings(environ={}, config_file=path)
     defaults = load_settings(environ={"HOME": "/nonexistent"}, overrides={"home": Path("/var/lib/inferbox")})
     for f in FIELDS:
-        if f.name != "public_key":
+        if f.name not in ("public_key", "ship_dir"):  # unset by default; the file shows an example
             assert getattr(settings, f.name) == getattr(defaults, f.name), f.name
         assert settings.sources[f.name].startswith("file")
 
@@ -100,3 +101,19 @@ def test_install_live_runs_the_commands_it_should(tmp_path: Path, monkeypatch: p
         ["systemctl", "enable", "inferbox-api.service", "inferbox-batch.path"],
     ]
     assert report.enabled == ["inferbox-api.service", "inferbox-batch.path"]
+
+
+def test_ship_dir_enables_the_hourly_ship_timer_and_is_the_one_folder_it_writes(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["install", "--root", str(tmp_path), "--no-venv", "--prefix", "/opt/ib", "--ship-dir", "/srv/offbox"]
+    )
+    assert result.exit_code == 0, result.output
+    units = tmp_path / "etc/systemd/system"
+    ship = (units / "inferbox-audit-ship.service").read_text()
+    assert "ReadWritePaths=/srv/offbox\n" in ship and "Environment=INFERBOX_SHIP_DIR=/srv/offbox\n" in ship
+    assert "RequiresMountsFor=/srv/offbox\n" in ship
+    assert (units / "timers.target.wants/inferbox-audit-ship.timer").is_symlink()
+    assert not (units / "timers.target.wants/inferbox-batch.timer").exists()
+    assert (tmp_path / "opt/ib/share/doc/inferbox/audit.md").is_file()  # the unit's Documentation=
+    relative = CliRunner().invoke(main, ["install", "--root", str(tmp_path), "--no-venv", "--ship-dir", "offbox"])
+    assert relative.exit_code == 2 and "--ship-dir" in relative.output and "absolute" in relative.output
