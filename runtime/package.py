@@ -75,6 +75,7 @@ _CHUNK = 1 << 20
 _VERSION_RE = re.compile(r"(0|[1-9][0-9]*)")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 @dataclass(frozen=True)
@@ -301,9 +302,15 @@ def _attribute_tensors(attribute: AttributeProto) -> Iterator[TensorProto]:
 
 
 def _open_nofollow(path: Path, rel: str) -> int:
-    """Open a regular file read-only, refusing a symlink or a hard link."""
+    """Open a regular file read-only, refusing a symlink, a hard link or a special file.
+
+    The open never waits: ``O_NONBLOCK`` makes a FIFO (or a device) named like a package
+    file open at once instead of blocking until a writer appears, which would hang the
+    repository index, doctor and serve on one bad folder.  ``fstat`` then refuses anything
+    but a regular file before a byte is read, and the descriptor is made blocking again.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing file listed in the manifest; re-export the package", rel) from None
     except OSError as exc:
@@ -317,6 +324,8 @@ def _open_nofollow(path: Path, rel: str) -> int:
     if st.st_nlink > 1:
         os.close(fd)
         raise UnsafePathError(f"{path} is a hard link ({st.st_nlink} names); copy the file so the package owns it", rel)
+    if _NONBLOCK:
+        os.set_blocking(fd, True)
     return fd
 
 

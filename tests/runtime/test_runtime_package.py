@@ -6,6 +6,8 @@ import hashlib
 import os
 import shutil
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -43,6 +45,7 @@ from runtime.package import (
     sha256_file,
     staging_dir,
 )
+from runtime.repository import RepoEntry, Repository
 from runtime.signing import Ed25519PrivateKey, generate_private_key, key_id, sign
 
 # The files the builder lays out; the flip-a-byte test is parametrized over them.
@@ -364,6 +367,74 @@ def test_special_file_is_refused(signed: Package, key: Ed25519PrivateKey) -> Non
     os.mkfifo(signed.path / "onnx" / "pipe")
     with pytest.raises(UnsafePathError, match="not a regular file"):
         read_package(signed.path, public_key=key.public_key())
+
+
+def _refused_without_blocking(fifo: Path, read: Callable[[], object]) -> BaseException | None:
+    """Run ``read`` in a thread; if it is stuck in ``open()`` on ``fifo``, unblock it and fail the test.
+
+    The join timeout only guards against a hang (the old code waited forever for a writer);
+    nothing is asserted about how long a passing read takes.
+    """
+    raised: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            read()
+        except BaseException as exc:  # handed to the test
+            raised.append(exc)
+        else:
+            raised.append(None)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer comes and goes: open() returns
+        thread.join(10)
+        pytest.fail(f"reading blocked in open() on the FIFO {fifo}")
+    return raised[0]
+
+
+@pytest.mark.parametrize("rel", [MANIFEST, SIGNATURE])
+def test_fifo_manifest_or_signature_is_refused_without_blocking(
+    signed: Package, key: Ed25519PrivateKey, rel: str
+) -> None:
+    fifo = signed.path / rel
+    fifo.unlink()
+    os.mkfifo(fifo)
+    exc = _refused_without_blocking(fifo, lambda: read_package(signed.path, public_key=key.public_key()))
+    assert isinstance(exc, UnsafePathError) and "not a regular file" in str(exc)
+
+
+def test_fifo_manifest_is_one_bad_entry_of_the_repository(repo: Path, signed: Package, key: Ed25519PrivateKey) -> None:
+    """One bad folder is reported as a bad package; the index of the others still comes back."""
+    bad = repo / "tiny" / "2"
+    bad.mkdir()
+    os.mkfifo(bad / MANIFEST)
+    entries: list[RepoEntry] = []
+    exc = _refused_without_blocking(
+        bad / MANIFEST, lambda: entries.extend(Repository(repo, public_key=key.public_key()).entries())
+    )
+    assert exc is None
+    by_version = {e.version: e for e in entries}
+    assert by_version[1].ok
+    assert not by_version[2].ok and "not a regular file" in (by_version[2].error or "")
+
+
+def test_sha256_file_of_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    exc = _refused_without_blocking(fifo, lambda: sha256_file(fifo))
+    assert isinstance(exc, UnsafePathError) and "not a regular file" in str(exc)
+
+
+def test_opened_package_file_reads_blocking(signed: Package) -> None:
+    """The non-blocking open is undone once the file is known to be regular."""
+    fd = package_mod._open_nofollow(signed.path / MANIFEST, MANIFEST)
+    try:
+        assert os.get_blocking(fd)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- ONNX external data
