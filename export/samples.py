@@ -2,13 +2,16 @@
 
 Every bad row is reported with its row number (1-based line of the file) in a
 :class:`~runtime.errors.CalibrationError`, so the customer can fix the file.
+Files are UTF-8; a byte-order mark (Excel's "CSV UTF-8") is allowed.  Tensor rows
+holding NaN or infinity are refused: the server refuses them too, and a reference
+that is NaN fails every accuracy gate for no fixable reason.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -20,10 +23,18 @@ from runtime.errors import CalibrationError
 __all__ = ["default_texts", "read_arrays", "read_texts"]
 
 _MAX_ERRORS = 5
+#: UTF-8, with or without a byte-order mark
+_ENCODING = "utf-8-sig"
+_NOT_UTF8 = "is not UTF-8 ({exc}); save it as UTF-8"
 
 
 def read_texts(path: Path) -> list[str]:
-    """Texts from ``.jsonl`` (``{"text": ...}`` or a JSON string per line) or ``.csv`` (a ``text`` column)."""
+    """Texts from ``.jsonl`` (``{"text": ...}`` or a JSON string per line) or ``.csv`` (a ``text`` column).
+
+    Only the text is read: other fields or columns (an id, a ``label``) are ignored, so a
+    labelled data set can be given as it is; labels are not read from files (the export
+    CLI has no label gate; see docs/cli.md).
+    """
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"sample file {path} does not exist; give a JSONL or CSV file of texts")
@@ -47,11 +58,7 @@ def _fail(path: Path, errors: list[str]) -> None:
 def _read_jsonl_texts(path: Path) -> list[str]:
     texts: list[str] = []
     errors: list[str] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise CalibrationError(f"sample file {path} is not UTF-8 ({exc}); save it as UTF-8") from None
-    for row, line in enumerate(lines, start=1):
+    for row, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -73,7 +80,7 @@ def _read_csv_texts(path: Path, delimiter: str) -> list[str]:
     texts: list[str] = []
     errors: list[str] = []
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding=_ENCODING) as f:
             reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
             if header is None:
@@ -91,7 +98,7 @@ def _read_csv_texts(path: Path, delimiter: str) -> list[str]:
                 else:
                     texts.append(record[column])
     except UnicodeDecodeError as exc:
-        raise CalibrationError(f"sample file {path} is not UTF-8 ({exc}); save it as UTF-8") from None
+        raise CalibrationError(f"sample file {path} " + _NOT_UTF8.format(exc=exc)) from None
     except csv.Error as exc:
         raise CalibrationError(f"sample file {path}: not valid CSV: {exc}") from None
     if errors:
@@ -99,22 +106,33 @@ def _read_csv_texts(path: Path, delimiter: str) -> list[str]:
     return texts
 
 
-def read_arrays(path: Path, expected: Mapping[str, str] | None = None) -> dict[str, npt.NDArray[np.generic]]:
+def read_arrays(
+    path: Path,
+    expected: Mapping[str, str] | None = None,
+    *,
+    shapes: Mapping[str, Sequence[int | None]] | None = None,
+) -> dict[str, npt.NDArray[np.generic]]:
     """Input batches from ``.npz`` (one array per input name) or ``.jsonl`` (one object per row).
 
     ``expected`` maps input name -> numpy dtype name; every input must be present
-    and values are cast to that dtype.
+    and values are cast to that dtype.  ``shapes`` maps input name -> the shape of one
+    sample (the batch axis left out; ``None`` or a negative size for a free axis), checked
+    so that, say, 64x64 or channels-last images are refused naming the shape the model takes.
+    Float rows holding NaN or infinity are refused by row number.
     """
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"sample file {path} does not exist; give an .npz or .jsonl file of inputs")
     arrays: dict[str, npt.NDArray[np.generic]]
-    if path.suffix.lower() == ".npz":
+    npz = path.suffix.lower() == ".npz"
+    if npz:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: np.asarray(data[k]) for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise CalibrationError(f"sample file {path} is not a readable .npz ({exc})") from None
+        except Exception as exc:  # a damaged file fails anywhere: zip, zlib, even numpy's header parser
+            raise CalibrationError(
+                f"sample file {path} is not a readable .npz ({exc}); write it again with numpy.savez"
+            ) from None
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
         arrays = _read_jsonl_arrays(path, expected)
     else:
@@ -123,26 +141,87 @@ def read_arrays(path: Path, expected: Mapping[str, str] | None = None) -> dict[s
         missing = [k for k in expected if k not in arrays]
         if missing:
             raise CalibrationError(f"sample file {path} lacks inputs {missing}; it has {sorted(arrays)}")
-        arrays = {k: arrays[k].astype(expected[k]) for k in expected}
+        arrays = {k: _cast(path, k, arrays[k], expected[k]) for k in expected}
+    for k, a in arrays.items():
+        if a.ndim == 0:
+            raise CalibrationError(
+                f"sample file {path}: input {k!r} is a single value (shape ()); give one row per sample, "
+                "an array of shape [N, ...]"
+            )
+        if npz:  # JSONL rows were checked as they were read, by line
+            _check_finite_rows(path, k, a)
     sizes = {len(a) for a in arrays.values()}
     if len(sizes) != 1 or 0 in sizes:
         raise CalibrationError(f"sample file {path}: inputs have different or zero batch sizes {sorted(sizes)}")
+    for k, want in (shapes or {}).items():
+        if k in arrays:
+            _check_shape(path, k, arrays[k], want)
     return arrays
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding=_ENCODING).splitlines()
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"sample file {path} " + _NOT_UTF8.format(exc=exc)) from None
+
+
+def _cast(path: Path, name: str, array: npt.NDArray[np.generic], dtype: str) -> npt.NDArray[np.generic]:
+    try:
+        with np.errstate(over="ignore"):  # a value too large for dtype becomes inf: refused as a bad row
+            return array.astype(dtype)
+    except (ValueError, TypeError) as exc:
+        raise CalibrationError(
+            f"sample file {path}: input {name!r} holds {array.dtype} values that do not convert to {dtype} "
+            f"({exc}); save numbers of that type"
+        ) from None
+
+
+def _check_finite_rows(path: Path, name: str, array: npt.NDArray[np.generic]) -> None:
+    if not np.issubdtype(array.dtype, np.inexact):
+        return
+    bad = np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))
+    if bad.size:
+        rows = ", ".join(str(int(i) + 1) for i in bad[:_MAX_ERRORS])
+        more = f" (and {bad.size - _MAX_ERRORS} more)" if bad.size > _MAX_ERRORS else ""
+        raise CalibrationError(
+            f"sample file {path}: input {name!r} rows {rows}{more} (counted from 1 along the first axis) "
+            "hold NaN or infinity; the server refuses such inputs: fix or drop those rows"
+        )
+
+
+def _check_shape(path: Path, name: str, array: npt.NDArray[np.generic], want: Sequence[int | None]) -> None:
+    got = array.shape[1:]
+    fits = len(got) == len(want) and all(w is None or w < 0 or g == w for g, w in zip(got, want, strict=True))
+    if not fits:
+        model = "[N, " + ", ".join("?" if w is None or w < 0 else str(w) for w in want) + "]"
+        raise CalibrationError(
+            f"sample file {path}: input {name!r} has shape {list(array.shape)}, the model takes {model} "
+            "(? is any size); resize or transpose the samples to that shape"
+        )
 
 
 def _read_jsonl_arrays(path: Path, expected: Mapping[str, str] | None) -> dict[str, npt.NDArray[np.generic]]:
     rows: dict[str, list[npt.NDArray[np.generic]]] = {}
     errors: list[str] = []
-    for row, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for row, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
             if not isinstance(obj, dict):
                 raise ValueError("expected an object {input name: nested list}")
+            values: dict[str, npt.NDArray[np.generic]] = {}
             for k, v in obj.items():
                 dtype = expected.get(k, "float32") if expected else "float32"
-                rows.setdefault(k, []).append(np.asarray(v, dtype=dtype))
+                with np.errstate(over="ignore"):  # a value too large for dtype becomes inf: refused below
+                    values[k] = np.asarray(v, dtype=dtype)
+                if np.issubdtype(values[k].dtype, np.inexact) and not np.isfinite(values[k]).all():
+                    raise ValueError(
+                        f"input {k!r} holds NaN or infinity, which the server refuses: fix or drop the row"
+                    )
+            for k, a in values.items():
+                rows.setdefault(k, []).append(a)
         except (json.JSONDecodeError, ValueError, TypeError) as exc:
             errors.append(f"row {row}: {exc}")
     if errors:
