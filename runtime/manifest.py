@@ -49,12 +49,20 @@ Precision = Literal["fp32", "fp16", "int8"]
 ExecPrecision = Literal["fp32", "bf16", "fp16"]
 
 
-class TensorSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """One model input or output. ``shape`` uses -1 for a dynamic dimension."""
+class TensorSpec(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One model input or output. ``shape`` uses -1 for a dynamic dimension.
+
+    ``dim_names`` holds the ONNX symbolic name of each dimension (``dim_param``; "" for a fixed
+    or unnamed one); None in packages exported before it was kept (and then left out of
+    manifest.json, so their bytes and signatures stay as they were).  The server batches a
+    tensor model's requests only when every output's first dimension bears the inputs' batch
+    name (:attr:`runtime.serving.LoadedModel.batchable`).
+    """
 
     name: str
     dtype: str  # numpy dtype name: float32, int64, int32, uint8, ...
     shape: list[int]
+    dim_names: list[str] | None = None
 
 
 def fixed_batch(inputs: list[TensorSpec]) -> int | None:

@@ -86,9 +86,20 @@ class LoadedModel:
 
     @property
     def batchable(self) -> bool:
-        """True when every input and output has a dynamic first (batch) dimension."""
+        """True when every input and output has a dynamic first dimension and it is the same
+        (batch) axis: requests may then be concatenated along it and the outputs split by rows.
+
+        The ONNX symbolic names decide (:attr:`~runtime.manifest.TensorSpec.dim_names`): an
+        output whose first dimension is named otherwise (``[num_boxes, 7]``, a ``Reshape(-1,
+        ...)``, a sequence-first ``[T, N, F]``) or not at all is not the batch axis.  A package
+        exported before the names were kept has none: it batches as before, and
+        :func:`run_tensor_batch` checks each output's rows before splitting.
+        """
         specs = [*self.manifest.inputs, *self.manifest.outputs]
-        return all(s.shape and s.shape[0] == -1 for s in specs)
+        if not all(s.shape and s.shape[0] == -1 for s in specs):
+            return False
+        named = {s.dim_names[0] if s.dim_names else "" for s in specs if s.dim_names is not None}
+        return not named or (len(named) == 1 and "" not in named)
 
     @property
     def static_shapes(self) -> int:
@@ -228,15 +239,40 @@ def tensor_group(model: LoadedModel) -> Callable[[TensorRequest], Hashable]:
 
 
 def run_tensor_batch(model: LoadedModel) -> Callable[[list[TensorRequest]], list[dict[str, Array]]]:
-    """A ``run_batch`` for the batcher: concatenate, run once, split by rows."""
+    """A ``run_batch`` for the batcher: concatenate, run once, split by rows.
+
+    Splitting is sound only when every output has one row per input row.  When an output of
+    the batched run has another number of rows (its first axis is not the batch axis, which a
+    package without dimension names cannot tell beforehand), nothing is split: each request is
+    run again on its own, and from then on this model's requests always run one at a time, so
+    no client ever receives rows computed from another client's input.
+    """
+    alone = False
+
+    def one_by_one(batch: list[TensorRequest], outputs: list[str] | None) -> list[dict[str, Array]]:
+        return [dict(model.session.run(r.feeds, outputs)) for r in batch]
 
     def run(batch: list[TensorRequest]) -> list[dict[str, Array]]:
+        nonlocal alone
         outputs = list(batch[0].outputs) if batch[0].outputs is not None else None
-        if len(batch) == 1:
-            return [dict(model.session.run(batch[0].feeds, outputs))]
+        if len(batch) == 1 or alone:
+            return one_by_one(batch, outputs)
         feeds = {name: np.concatenate([r.feeds[name] for r in batch], axis=0) for name in batch[0].feeds}
         result = model.session.run(feeds, outputs)
-        bounds = np.cumsum([r.rows for r in batch])[:-1]
+        rows = [r.rows for r in batch]
+        total = sum(rows)
+        odd = {name: list(arr.shape) for name, arr in result.items() if arr.ndim == 0 or arr.shape[0] != total}
+        if odd:
+            alone = True
+            logger.warning(
+                "model %s: output shapes %s of a batch of %d rows do not follow the batch axis; "
+                "its requests run one at a time from now on",
+                model.name,
+                odd,
+                total,
+            )
+            return one_by_one(batch, outputs)
+        bounds = np.cumsum(rows)[:-1]
         parts = {name: np.split(arr, bounds, axis=0) for name, arr in result.items()}
         return [{name: parts[name][i] for name in parts} for i in range(len(batch))]
 

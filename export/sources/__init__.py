@@ -92,7 +92,8 @@ def hash_path(path: Path) -> str:
 
 
 def onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of an ONNX file (dynamic dimensions as -1); unreadable files are a SourceError."""
+    """Inputs and outputs of an ONNX file (dynamic dimensions as -1, with their symbolic names in
+    ``dim_names``); unreadable files are a SourceError."""
     import onnx
 
     try:
@@ -107,7 +108,10 @@ def onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         if dtype is None:
             raise SourceError(f"{path}: tensor {v.name!r} has an unsupported element type {t.elem_type}")
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-        return TensorSpec(name=v.name, dtype=dtype, shape=dims)
+        # the symbolic names say which dynamic axes are one and the same (the batch axis of the
+        # inputs and of each output): the server batches requests only where they agree
+        names = [d.dim_param if d.HasField("dim_param") and not d.HasField("dim_value") else "" for d in t.shape.dim]
+        return TensorSpec(name=v.name, dtype=dtype, shape=dims, dim_names=names)
 
     inputs = [spec(v) for v in model.graph.input if v.name not in init]
     outputs = [spec(v) for v in model.graph.output]
