@@ -1,9 +1,13 @@
 """A Hugging Face model folder (local, offline) -> ONNX via optimum, reference = the PyTorch original.
 
 Embeddings (``feature-extraction``): the graph is exported with the plain
-``transformers`` library, giving ``last_hidden_state``; the runtime mean-pools
-over real tokens and L2-normalises (``TextConfig(pooling="mean",
-normalize=True)``).  Why not keep the pooling in the graph (sentence-transformers
+``transformers`` library, giving ``last_hidden_state``; the runtime pools and
+L2-normalises as the folder says.  A sentence-transformers folder
+(``modules.json``) gives the pooling of its ``Pooling`` module (``cls`` or
+``mean``; ``1_Pooling/config.json``) and normalizes when it has a ``Normalize``
+module; any other module (``Dense``, ``max`` pooling, ...) or a default prompt is
+refused with a SourceError naming it, as the package could not compute it.  A
+plain transformers folder is mean-pooled and normalized.  Why not keep the pooling in the graph (sentence-transformers
 export)?  The plain BERT graph is what ORT's transformer optimizer fuses
 (Attention, SkipLayerNorm, BiasGelu), which the INT8 recipes build on; pooling
 in numpy costs microseconds and stays in fp32 whatever the variant, so the
@@ -51,9 +55,13 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
         raise SourceError(f"{folder} is not a Hugging Face model folder (no config.json); pass the folder holding it")
     if spec.task not in _HF_TASKS:
         raise SourceError(f"task {spec.task!r} is not supported for a Hugging Face folder; use one of {_HF_TASKS}")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise SourceError(f"{folder / 'config.json'} holds no JSON object; is it the model's config.json?")
     if spec.task in _TEXT_TASKS and not (folder / "tokenizer.json").is_file():
         raise SourceError(f"{folder} has no tokenizer.json; a text task needs the fast tokenizer file in the folder")
+    if spec.task == "feature-extraction":
+        _st_pipeline(folder)  # refuse modules the package cannot reproduce before the slow export
     onnx_path = staging / "onnx" / "model.onnx"
     _export_onnx(folder, spec.task, onnx_path)
     inputs, outputs = onnx_io(onnx_path)
@@ -71,6 +79,85 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
     if spec.task in _TEXT_TASKS:
         return _prepare_text(spec, folder, staging, config, base)
     return _prepare_image(spec, folder, config, base)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of the source folder; unreadable or malformed -> SourceError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SourceError(
+            f"{path} is not readable JSON ({type(exc).__name__}: {exc}); fix or replace the file"
+        ) from exc
+
+
+#: sentence-transformers modules the package reproduces (by class name)
+_ST_SUPPORTED = ("Transformer", "Pooling", "Normalize")
+_ST_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+
+
+def _st_modes(path: Path) -> list[str]:
+    """The pooling modes a sentence-transformers ``Pooling`` config turns on (new or legacy keys)."""
+    cfg = _read_json(path)
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{path} holds no JSON object; is it a sentence-transformers Pooling config?")
+    mode = cfg.get("pooling_mode")
+    if isinstance(mode, str):
+        return [mode]
+    if isinstance(mode, list) and all(isinstance(m, str) for m in mode):
+        return list(mode)
+    return [name for key, name in _ST_POOLING_KEYS.items() if cfg.get(key) is True]
+
+
+def _st_pipeline(folder: Path) -> tuple[str, bool] | None:
+    """(pooling, normalize) of a sentence-transformers folder (``modules.json``); None for a plain
+    transformers folder.  Modules the package cannot reproduce -> SourceError naming them."""
+    path = folder / "modules.json"
+    if not path.is_file():
+        return None
+    modules = _read_json(path)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise SourceError(f"{path} is not a list of modules; is it a sentence-transformers modules.json?")
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    unsupported = [
+        f"{m.get('path') or m.get('name')} ({m.get('type')})"
+        for m, k in zip(modules, kinds, strict=True)
+        if k not in _ST_SUPPORTED
+    ]
+    if unsupported:
+        raise SourceError(
+            f"{path}: modules {', '.join(unsupported)} are not supported (a package runs only "
+            f"{', '.join(_ST_SUPPORTED)}); export a model without them or use a plain transformers folder"
+        )
+    if not kinds or kinds[0] != "Transformer" or modules[0].get("path", "") not in ("", "."):
+        raise SourceError(f"{path}: the first module must be the Transformer in the folder itself; got {kinds}")
+    if kinds.count("Pooling") != 1 or kinds.count("Normalize") > 1 or kinds.count("Transformer") != 1:
+        raise SourceError(f"{path}: expected Transformer, one Pooling and at most one Normalize; got {kinds}")
+    if "Normalize" in kinds and kinds.index("Normalize") < kinds.index("Pooling"):
+        raise SourceError(f"{path}: Normalize before Pooling is not supported; got {kinds}")
+    pooling_dir = folder / str(modules[kinds.index("Pooling")].get("path", ""))
+    modes = _st_modes(pooling_dir / "config.json")
+    if modes not in (["cls"], ["mean"]):
+        raise SourceError(
+            f"{pooling_dir / 'config.json'}: pooling {modes or 'none'} is not supported; "
+            "a package pools with 'cls' or 'mean' only"
+        )
+    st_config = folder / "config_sentence_transformers.json"
+    if st_config.is_file():
+        cfg = _read_json(st_config)
+        if isinstance(cfg, dict) and cfg.get("default_prompt_name"):
+            raise SourceError(
+                f"{st_config}: default_prompt_name {cfg['default_prompt_name']!r} is not supported (the package "
+                "does not add prompts); remove it and add the prompt to the texts sent instead"
+            )
+    return modes[0], "Normalize" in kinds
 
 
 def _export_onnx(folder: Path, task: str, onnx_path: Path) -> None:
@@ -122,16 +209,23 @@ def _max_length(spec: ExportSpec, folder: Path, config: dict[str, Any]) -> int:
         return spec.max_length
     st = folder / "sentence_bert_config.json"
     if st.is_file():
-        value = json.loads(st.read_text(encoding="utf-8")).get("max_seq_length")
+        value = _dict(st).get("max_seq_length")
         if value:
             return int(value)
     limit = int(config.get("max_position_embeddings") or 512)
     tc = folder / "tokenizer_config.json"
     if tc.is_file():
-        value = json.loads(tc.read_text(encoding="utf-8")).get("model_max_length")
+        value = _dict(tc).get("model_max_length")
         if isinstance(value, int) and 0 < value < limit:
             limit = value
     return limit
+
+
+def _dict(path: Path) -> dict[str, Any]:
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise SourceError(f"{path} holds no JSON object; fix or replace the file")
+    return data
 
 
 def _texts(given: Path | Sequence[str] | Any, kind: str) -> list[str]:
@@ -163,12 +257,16 @@ def _prepare_text(
     output = "last_hidden_state" if embeddings else "logits"
     if output not in [o.name for o in base["outputs"]]:
         raise SourceError(f"the exported graph has no {output!r} output; got {[o.name for o in base['outputs']]}")
+    pooling, normalize = "none", False
+    if embeddings:
+        # a sentence-transformers folder pools (and normalizes) as its modules say; plain: mean, normalized
+        pooling, normalize = _st_pipeline(folder) or ("mean", True)
     text = TextConfig(
         max_length=_max_length(spec, folder, config),
         input_map={n: n for n in names},
         output=output,
-        pooling="mean" if embeddings else "none",
-        normalize=embeddings,
+        pooling=pooling,  # type: ignore[arg-type]
+        normalize=normalize,
     )
     encoder = TextEncoder.from_dir(tok_dir, text)
 
@@ -238,7 +336,8 @@ def _embed_reference(folder: Path, texts: list[str], batches: list[Feeds], max_l
 
         model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
         model.max_seq_length = max_length
-        emb = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+        # the folder's own modules decide pooling and normalization (checked by _st_pipeline)
+        emb = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=False)
         return np.asarray(emb, dtype=np.float32)
     import torch
     from transformers import AutoModel
@@ -320,7 +419,7 @@ def _image_shape(folder: Path, config: dict[str, Any], graph_shape: list[int]) -
     size = config.get("image_size", 224)
     pre = folder / "preprocessor_config.json"
     if pre.is_file():
-        s = json.loads(pre.read_text(encoding="utf-8")).get("size")
+        s = _dict(pre).get("size")
         if isinstance(s, dict):
             size = s.get("height") or s.get("shortest_edge") or size
         elif isinstance(s, int):
