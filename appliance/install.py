@@ -14,15 +14,24 @@
   audit ship timer only when ``ship_dir``, an off-box folder, is given).
 
 Every step is idempotent: running it again fixes what is missing and keeps the rest.
+
+The state folder belongs to the service user, who could plant links in it, so a
+second run (as root) never follows a link there: every folder is opened with
+``O_NOFOLLOW`` relative to its parent's descriptor, and modes and owners are set
+on the open descriptor (``fchmod`` / ``fchown``); only the folders and key files
+install itself manages are chowned, never a walk of what the service wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -34,7 +43,7 @@ from appliance.settings import FIELDS, Field
 from appliance.systemd import UNITS, unit_dir
 from runtime.errors import ConfigError
 
-__all__ = ["InstallOptions", "InstallReport", "config_toml", "install", "render_unit"]
+__all__ = ["InstallError", "InstallOptions", "InstallReport", "config_toml", "install", "project_source", "render_unit"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,21 @@ ENABLE = {"inferbox-api.service": "multi-user.target", "inferbox-batch.path": "p
 SHIP_TIMER = "inferbox-audit-ship.timer"
 #: the ship unit's folder when none is given (the timer then stays disabled)
 DEFAULT_SHIP_DIR = Path("/mnt/inferbox-audit")
+#: the state folder's sub-folders install creates (0700, owned by the service user)
+STATE_SUBDIRS = ("models", "keys", "spool", "spool/tmp", "spool/new", "spool/cur", "outbox", "cache")
+#: a systemd memory size (MemoryMax=): bytes with an optional K/M/G/T/P/E suffix, a percentage, or infinity
+_MEMORY_SIZE = re.compile(r"(?:\d+(?:\.\d+)?[KMGTPE]?|\d+(?:\.\d+)?%|infinity)")
+#: characters a path substituted into a unit must not hold (word splitting, specifiers, quoting)
+_UNIT_UNSAFE = re.compile(r"[\s%$\\\"';]")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class InstallError(ConfigError):
+    """``inferbox install`` cannot go on; the message names the path or option and the fix."""
+
+    def __init__(self, message: str) -> None:
+        self.problems = [message]
+        Exception.__init__(self, message)
 
 
 @dataclass(frozen=True)
@@ -148,6 +172,8 @@ def config_toml() -> str:
             facts.append("one of " + ", ".join(f.choices))
         if f.minimum is not None:
             facts.append(f"minimum {f.minimum:g}")
+        if f.maximum is not None:
+            facts.append(f"maximum {f.maximum:g}")
         if f.default is None:
             facts.append(_UNSET.get(f.name, "default derived"))
         lines.append("# " + "; ".join(facts))
@@ -162,26 +188,147 @@ def _write_new(path: Path, data: bytes, mode: int, report: InstallReport) -> Non
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # a leftover (or a planted link: unlink removes the link, never its target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(tmp, mode)
     os.replace(tmp, path)
     report.created.append(str(path))
 
 
-def _mkdir(path: Path, mode: int, report: InstallReport) -> None:
-    if not path.is_dir():
-        path.mkdir(parents=True, mode=mode)
-        report.created.append(str(path))
-    path.chmod(mode)
+def _open_dir(name: str, shown: Path, mode: int, report: InstallReport, *, dir_fd: int | None = None) -> int:
+    """Open the folder ``name`` (relative to ``dir_fd``), creating it with ``mode``; never through a link."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+        report.created.append(str(shown))
+        fd = _open_dir(name, shown, mode, report, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        what = "a symbolic link" if os.path.islink(shown) else "not a folder"
+        raise InstallError(
+            f"{shown} is {what}, where install expects a folder; install never follows links there. "
+            "Check who made it (the service user can write the state folder), move it away, and run install again"
+        ) from None
+    return fd
 
 
-def _project_source() -> str:
+def _mkdir(path: Path, mode: int, report: InstallReport, owner: tuple[int, int] | None = None) -> None:
+    """``path`` as a real folder with ``mode`` (and ``owner``): a link there is refused, never followed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parent = _parent_fd(path)
+    try:
+        fd = _open_dir(path.name, path, mode, report, dir_fd=parent)
+    finally:
+        os.close(parent)
+    try:
+        _own(fd, mode, owner)
+    finally:
+        os.close(fd)
+
+
+def _parent_fd(path: Path) -> int:
+    # the folders above the state folder (/var/lib) belong to root; they are opened as they are
+    return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _state_tree(state: Path, report: InstallReport, owner: tuple[int, int] | None) -> None:
+    """The state folder and its sub-folders, 0700 (and owned by ``owner``), walked by descriptor, no links."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    parent = _parent_fd(state)
+    try:
+        top = _open_dir(state.name, state, 0o700, report, dir_fd=parent)
+    finally:
+        os.close(parent)
+    try:
+        _own(top, 0o700, owner)
+        for sub in STATE_SUBDIRS:
+            fds = [top]
+            try:
+                for depth, part in enumerate(sub.split("/"), start=1):
+                    shown = state.joinpath(*sub.split("/")[:depth])
+                    fds.append(_open_dir(part, shown, 0o700, report, dir_fd=fds[-1]))
+                _own(fds[-1], 0o700, owner)
+            finally:
+                for fd in fds[1:]:
+                    os.close(fd)
+        if owner is not None:
+            for name in ("signing.key", "signing.key.pub"):
+                _own_key_file(top, state, name, owner)
+    finally:
+        os.close(top)
+
+
+def _own(fd: int, mode: int, owner: tuple[int, int] | None) -> None:
+    os.fchmod(fd, mode)
+    if owner is not None:
+        os.fchown(fd, *owner)
+
+
+def _own_key_file(top: int, state: Path, name: str, owner: tuple[int, int]) -> None:
+    """Give ``keys/name`` to the service user: only a plain file with one link (not a link to elsewhere)."""
+    keys = os.open("keys", _DIR_FLAGS, dir_fd=top)
+    try:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=keys)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise InstallError(
+                f"{state / 'keys' / name} is a symbolic link; install never follows links in the state folder. "
+                "Check who made it, move it away, and run install again"
+            ) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise InstallError(
+                    f"{state / 'keys' / name} is not a plain file with one link; install does not give it to "
+                    f"{USER!r}. Check who made it, move it away, and run install again"
+                )
+            os.fchown(fd, *owner)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(keys)
+
+
+def project_source() -> str:
+    """What pip installs when no ``--source`` is given: this source tree, else exactly this version."""
     here = Path(__file__).resolve().parents[1]
-    return str(here) if (here / "pyproject.toml").is_file() else "inferbox"
+    if (here / "pyproject.toml").is_file():
+        return str(here)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"inferbox=={version('inferbox')}"
+    except PackageNotFoundError:
+        raise InstallError(
+            "cannot tell which inferbox to install into the venv (no source tree and no installed version); "
+            "pass --source (a folder or a pinned requirement such as inferbox==1.2.3) or --wheelhouse DIR"
+        ) from None
+
+
+def _check_options(options: InstallOptions) -> None:
+    for flag, value in (("--api-memory-max", options.api_memory_max), ("--batch-memory-max", options.batch_memory_max)):
+        if not _MEMORY_SIZE.fullmatch(value):
+            raise InstallError(
+                f"{flag}: {value!r} is not a systemd memory size (MemoryMax=); use bytes with an optional "
+                "K, M, G or T suffix (8G, 512M), a percentage of the RAM (50%) or infinity"
+            )
+    for flag, path in (("--prefix", options.prefix), ("--ship-dir", options.ship_dir)):
+        if path is not None and _UNIT_UNSAFE.search(str(path)):
+            raise InstallError(
+                f"{flag}: {str(path)!r} holds a space or one of % $ \\ \" ' ; which the systemd units "
+                "cannot take in a path (ExecStart=, ReadWritePaths=); choose a path without them"
+            )
 
 
 def install(
@@ -189,14 +336,46 @@ def install(
     *,
     run: Callable[[Sequence[str]], Any] | None = None,
     is_root: bool | None = None,
+    say: Callable[[str], None] = log.info,
 ) -> InstallReport:
-    """Install as described in the module docstring; return what was done."""
+    """Install as described in the module docstring; return what was done (``say`` tells what pip gets)."""
     run = run or (lambda argv: subprocess.run(list(argv), check=True))
+    _check_options(options)
     root = options.root
     live = root.resolve() == Path("/")
     is_root = os.geteuid() == 0 if is_root is None else is_root
+    if live and not is_root:
+        raise InstallError(
+            "installing on this system needs root: run it as root (sudo inferbox install ...), "
+            "or pass --root DIR to install into a folder tree (images, tests)"
+        )
     report = InstallReport()
+    previous_umask = os.umask(0o022)  # the venv and the units must be readable by the service user
+    try:
+        _install(options, run, root, live, is_root, report, say)
+    finally:
+        os.umask(previous_umask)
+    return report
 
+
+def _service_owner(report: InstallReport) -> tuple[int, int] | None:
+    try:
+        entry = pwd.getpwnam(USER)
+    except KeyError:
+        report.notes.append(f"user {USER!r} does not exist yet; chown {STATE_DIR} after creating it")
+        return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _install(
+    options: InstallOptions,
+    run: Callable[[Sequence[str]], Any],
+    root: Path,
+    live: bool,
+    is_root: bool,
+    report: InstallReport,
+    say: Callable[[str], None],
+) -> None:
     # 1. the user: sysusers.d always; created now only on a live system as root
     sysusers = f'u {USER} - "inferbox appliance" {STATE_DIR} /usr/sbin/nologin\n'
     _write_new(_under(root, SYSUSERS), sysusers.encode(), 0o644, report)
@@ -209,14 +388,11 @@ def install(
             except KeyError:
                 run(["useradd", "--system", "--home-dir", str(STATE_DIR), "--shell", "/usr/sbin/nologin", USER])
     else:
-        why = "--root is given" if not live else "not running as root"
-        report.notes.append(f"did not create user {USER!r} ({why}); {SYSUSERS} creates it at boot")
+        report.notes.append(f"did not create user {USER!r} (--root is given); {SYSUSERS} creates it at boot")
 
-    # 2. directories
+    # 2. directories (the state folder's owner is set in step 7, once the key is there)
     state = _under(root, STATE_DIR)
-    _mkdir(state, 0o700, report)
-    for sub in ("models", "keys", "spool", "spool/tmp", "spool/new", "spool/cur", "outbox", "cache"):
-        _mkdir(state / sub, 0o700, report)
+    _state_tree(state, report, None)
     _mkdir(_under(root, CONF_DIR), 0o755, report)  # holds no secret; the service user reads it
 
     # 3. the virtual environment
@@ -229,7 +405,10 @@ def install(
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--upgrade"]
         if options.wheelhouse is not None:
             pip += ["--no-index", "--find-links", str(options.wheelhouse)]
-        run([*pip, options.source or _project_source()])
+        what = options.source or project_source()
+        origin = f"the wheels in {options.wheelhouse}" if options.wheelhouse is not None else "pip's configured index"
+        say(f"installing {what} into {venv} from {origin}")
+        run([*pip, what])
     else:
         report.notes.append(
             f"did not create {prefix / 'venv'} (--no-venv); the units run {options.prefix}/venv/bin/inferbox"
@@ -272,16 +451,14 @@ def install(
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(docs / doc, dest)
 
-    # 7. ownership of the state folder (live system as root, the user exists)
+    # 7. ownership of the state folder (live system as root, the user exists): the folders install
+    # manages and the key files, by descriptor and never through a link (the service user writes
+    # there); what the service writes is its own already. systemd's StateDirectory= does the same
+    # for the folder itself at each start.
     if live and is_root:
-        try:
-            entry = pwd.getpwnam(USER)
-        except KeyError:
-            report.notes.append(f"user {USER!r} does not exist yet; chown {STATE_DIR} after creating it")
-        else:
-            for dirpath, _dirs, files in os.walk(state):
-                for name in [dirpath, *(os.path.join(dirpath, f) for f in files)]:
-                    os.chown(name, entry.pw_uid, entry.pw_gid)
+        owner = _service_owner(report)
+        if owner is not None:
+            _state_tree(state, report, owner)
 
     # 8. enable
     enable = dict(ENABLE)
@@ -305,4 +482,3 @@ def install(
                 if not link.is_symlink():
                     link.symlink_to(UNIT_DIR / unit)
                 report.enabled.append(unit)
-    return report

@@ -21,7 +21,11 @@ __all__ = ["install"]
 )
 @click.option("--no-enable", is_flag=True, help="Install the units without enabling them.")
 @click.option("--no-venv", is_flag=True, help="Do not create <prefix>/venv (it exists, or tests).")
-@click.option("--source", default=None, help="What pip installs into the venv [default: this project].")
+@click.option(
+    "--source",
+    default=None,
+    help="What pip installs into the venv [default: this source tree, else inferbox==<this version>].",
+)
 @click.option(
     "--wheelhouse",
     type=click.Path(path_type=Path, file_okay=False, exists=True),
@@ -68,7 +72,8 @@ def install(
             batch_memory_max=batch_memory_max,
             python=sys.executable,
             ship_dir=ship_dir,
-        )
+        ),
+        say=lambda line: click.echo(line, err=True),
     )
     for path in report.created:
         click.echo(f"created  {path}")
