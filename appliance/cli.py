@@ -8,6 +8,9 @@ export toolchain).  Each entry of :data:`COMMANDS` is ``name -> "module:attr"``.
 from __future__ import annotations
 
 import importlib
+import os
+import sqlite3
+import subprocess
 import sys
 from typing import Any
 
@@ -49,12 +52,47 @@ class LazyGroup(click.Group):
         from runtime.offline import stay_offline
 
         stay_offline()  # before any subcommand imports OpenVINO / NNCF
+        # What the CLI writes (state.db, audit.db, keys, outputs) is private to its user; install
+        # sets its own umask for the venv and units the service user must read.
+        previous_umask = os.umask(0o077)
         try:
             return super().invoke(ctx)
         except InferboxError as exc:
             # Errors we raise on purpose name the fix; no stack trace for users.
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _fail(str(exc))
+        except PermissionError as exc:
+            if ctx.invoked_subcommand == "install":
+                _fail(f"{_os_problem(exc)}: run install as root (sudo), or pass --root DIR (a folder you can write)")
+            _fail(
+                f"{_os_problem(exc)}: run the command as the user that owns it (on an installed box: "
+                "sudo -u inferbox env INFERBOX_HOME=/var/lib/inferbox INFERBOX_CONFIG=/etc/inferbox/inferbox.toml "
+                "/opt/inferbox/venv/bin/inferbox ...)"
+            )
+        except OSError as exc:
+            _fail(f"{_os_problem(exc)}; check the path and its permissions")
+        except sqlite3.Error as exc:
+            _fail(
+                f"a database in the state folder cannot be used ({exc}); check that the state folder and its "
+                "*.db files belong to the user running the command and are writable (on an installed box run it "
+                "as the inferbox user: sudo -u inferbox env INFERBOX_HOME=/var/lib/inferbox ...)"
+            )
+        except subprocess.CalledProcessError as exc:
+            command = " ".join(str(a) for a in exc.cmd) if isinstance(exc.cmd, list | tuple) else str(exc.cmd)
+            _fail(f"`{command}` failed with exit code {exc.returncode} (its output is above); fix that and run again")
+        finally:
+            os.umask(previous_umask)
+
+
+def _os_problem(exc: OSError) -> str:
+    where = f" {exc.filename}" if exc.filename is not None else ""
+    if exc.filename2 is not None:
+        where += f" -> {exc.filename2}"
+    return f"{exc.strerror or exc}:{where}" if where else str(exc.strerror or exc)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

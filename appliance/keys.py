@@ -30,7 +30,7 @@ from typing import Any
 
 from api.protocols import Principal
 from appliance.sqlite import enable_wal
-from runtime.errors import AuthError, InputError
+from runtime.errors import AuthError, ConfigError, InputError
 
 __all__ = ["SCOPES", "KeyRecord", "KeyStore", "parse_expiry"]
 
@@ -124,8 +124,12 @@ def _check_scopes(scopes: Sequence[str], model: str | None) -> tuple[str, ...]:
             raise InputError(
                 f"--scope: {scope!r} is not a scope; use one of {', '.join(SCOPES)} or infer:<model>", field="scope"
             )
-    if model is not None and not any(s.startswith("infer:") for s in out):
-        raise InputError("--model: only narrows the infer scope; add --scope infer", field="model")
+    if model is not None and "infer" not in scopes:
+        raise InputError(
+            f"--model: {model!r} narrows only a plain --scope infer (given: {', '.join(scopes)}); "
+            "give --scope infer --model M, or --scope infer:M without --model",
+            field="model",
+        )
     return tuple(dict.fromkeys(out))
 
 
@@ -136,7 +140,12 @@ class KeyStore:
         import sqlite_utils
 
         db_path = Path(db_path)
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        if not db_path.parent.is_dir():
+            # never a new state folder by accident (a mistyped --home): serve and install make it
+            raise ConfigError(
+                f"there is no state folder at {db_path.parent}; point at the one the server uses "
+                "(--home or INFERBOX_HOME), or create it with `inferbox serve` or `inferbox install`"
+            )
         self.path = db_path
         self._clock = clock
         self._lock = threading.Lock()

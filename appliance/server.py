@@ -148,11 +148,46 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
         store = KeyStore(settings.state_db)
         try:
             if store.count() == 0:
-                record, admin_key = store.create(ADMIN_SCOPES, name="first admin (created by serve)")
-                admin_id = record.id
+                admin_id, admin_key = _create_first_admin_key(settings, store)
         finally:
             store.close()
     return Prepared(built_default=built, admin_key=admin_key, admin_key_id=admin_id)
+
+
+def _create_first_admin_key(settings: Settings, store: Any) -> tuple[str, str]:
+    """The first admin key, recorded as ``key_create`` like ``inferbox keys create`` records its keys.
+
+    The audit log is opened before the key is made, so a log that cannot be written stops serve."""
+    from api.protocols import AuditEvent
+
+    audit = None
+    if settings.audit:
+        from appliance.audit.log import AuditLog
+
+        audit = AuditLog.open(settings)
+    try:
+        started = utc_now()
+        name = "first admin (created by serve)"
+        record, secret = store.create(ADMIN_SCOPES, name=name)
+        if audit is not None:
+            audit.append(
+                AuditEvent(
+                    event="key_create",
+                    action="inferbox serve (first admin key)",
+                    actor="system:first-start",
+                    origin=f"inferbox-api@{socket.gethostname()}",
+                    outcome="success",
+                    status=0,
+                    started_at=started,
+                    ended_at=utc_now(),
+                    credential_id=record.id,
+                    details={"scopes": ",".join(record.scopes), "name": name, "expires_at": ""},
+                )
+            )
+    finally:
+        if audit is not None:
+            audit.close()
+    return record.id, secret
 
 
 def model_loader(

@@ -23,6 +23,7 @@ from api.protocols import AuditEvent
 from appliance.commands.options import build_settings, state_options
 from appliance.keys import KeyStore, parse_expiry
 from appliance.settings import Settings
+from runtime.errors import ConfigError
 
 __all__ = ["Recorder", "cli_user", "keys", "recorder_factory"]
 
@@ -67,6 +68,19 @@ def cli_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+def _settings(home: Path | None, repository: Path | None) -> Settings:
+    """The settings, refusing a state folder that does not exist (a mistyped or default home)."""
+    settings = build_settings(home=home, repository=repository)
+    if not settings.home.is_dir():
+        raise ConfigError(
+            f"home ({settings.sources.get('home', 'default')}): there is no state folder at {settings.home}; "
+            "keys live in the state folder the server uses: pass --home or set INFERBOX_HOME (on an installed "
+            "box: sudo -u inferbox env INFERBOX_HOME=/var/lib/inferbox INFERBOX_CONFIG=/etc/inferbox/inferbox.toml "
+            "/opt/inferbox/venv/bin/inferbox keys ...), or create it first with `inferbox serve` or `inferbox install`"
+        )
+    return settings
 
 
 def _event(kind: str, action: str, key_id: str, details: dict[str, str], started: str) -> AuditEvent:
@@ -115,7 +129,7 @@ def create(
     as_json: bool,
 ) -> None:
     """Create a key and print it once."""
-    settings = build_settings(home=home, repository=repository)
+    settings = _settings(home, repository)
     started = _now()
     expiry = parse_expiry(expires) if expires else None
     with recorder_factory(settings) as record:
@@ -140,7 +154,7 @@ def create(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_keys(home: Path | None, repository: Path | None, as_json: bool) -> None:
     """List keys (ids, scopes, state; never the secrets)."""
-    settings = build_settings(home=home, repository=repository)
+    settings = _settings(home, repository)
     store = KeyStore(settings.state_db)
     try:
         records = store.list()
@@ -163,7 +177,7 @@ def list_keys(home: Path | None, repository: Path | None, as_json: bool) -> None
 @click.argument("key_id")
 def revoke(home: Path | None, repository: Path | None, key_id: str) -> None:
     """Revoke a key at once."""
-    settings = build_settings(home=home, repository=repository)
+    settings = _settings(home, repository)
     started = _now()
     with recorder_factory(settings) as record:
         store = KeyStore(settings.state_db)

@@ -10,10 +10,38 @@ from typing import Any
 import click
 
 from appliance.commands.options import build_settings, state_options
+from appliance.settings import Settings
 
-__all__ = ["ADMIN_KEY_FILE", "serve"]
+__all__ = ["ADMIN_KEY_FILE", "check_auth_off_is_loopback", "is_loopback", "serve"]
 
 ADMIN_KEY_FILE = "first-admin.key"
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 or ::1 (a name other than localhost may resolve anywhere)."""
+    import ipaddress
+
+    name = host.strip().removeprefix("[").removesuffix("]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth_off_is_loopback(settings: Settings) -> None:
+    """Refuse to serve without API keys on an address other machines reach: every client would be admin."""
+    if settings.auth or is_loopback(settings.host):
+        return
+    from runtime.errors import ConfigError
+
+    raise ConfigError(
+        f"auth is off ({settings.sources.get('auth', 'default')}) and host is {settings.host!r} "
+        f"({settings.sources.get('host', 'default')}), not a loopback address: every client that reaches it "
+        "would have every scope (admin). Keep auth on and give clients keys (`inferbox keys create`), "
+        "or serve on 127.0.0.1 / ::1 / localhost to test without keys"
+    )
 
 
 @click.command()
@@ -52,7 +80,12 @@ def serve(
         auth=False if no_auth else None,
         audit=False if no_audit else None,
     )
+    check_auth_off_is_loopback(settings)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.auth:
+        logging.getLogger(__name__).warning(
+            "auth is off (%s): every client on this machine has every scope", settings.sources.get("auth", "")
+        )
     from appliance.server import prepare
 
     prepared = prepare(settings)
