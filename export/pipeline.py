@@ -6,9 +6,15 @@ validation samples and compared with the reference, so what was validated is
 what will run.  Candidates become :class:`~runtime.manifest.Attempt` records;
 those that pass their gate at some exec precision are kept as variants and
 timed at every passing precision.  INT8 recipes are tried in order and the
-first one that passes is kept.  Everything is built in a staging folder and
-published by :func:`runtime.package.finalize_package` (atomic rename); any
-failure removes the staging folder.
+first one that passes is kept; a recipe that quantized nothing (no quantized op
+in the ONNX file, no FakeQuantize / int8 constant in the IR) is dropped, never
+kept as "int8".  Every output the server returns is gated: the answer with the
+task's metrics, each other output of a tensor model with ``max_abs_diff`` /
+``max_rel_diff`` (per output as ``max_rel_diff[NAME]``, the worst as
+``max_rel_diff``).  Everything is built in a staging folder and published by
+:func:`runtime.package.finalize_package` (atomic rename; without ``--version``
+the next free version at that moment); any failure removes the staging folder,
+and an export first removes the staging folders of exports that died.
 """
 
 from __future__ import annotations
@@ -41,16 +47,23 @@ from export.spec import (
     ExportSpec,
     Progress,
     check_gate,
+    check_version,
     gates_for,
     metric_kind,
 )
 from export.timing import Measured, time_session
-from export.validate import batch_rel_diff, classification_metrics, embedding_metrics, tensor_metrics
+from export.validate import (
+    batch_rel_diff,
+    classification_metrics,
+    embedding_metrics,
+    looks_like_probabilities,
+    tensor_metrics,
+)
 from runtime.backends.base import OpenOptions, Session
 from runtime.errors import BackendError, ExportError, GateError, SourceError
 from runtime.manifest import Accuracy, Attempt, Manifest, Timing, Variant, fixed_batch
 
-__all__ = ["ONNX_BACKENDS", "OV_BACKENDS", "export_model", "run_answers"]
+__all__ = ["ONNX_BACKENDS", "OV_BACKENDS", "export_model", "run_answers", "run_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +153,14 @@ class _Exporter:
         reason = f"{description}; failed: {type(exc).__name__}: {exc}"
         self.attempts.append(Attempt(variant=variant, recipe=recipe, kept=False, reason=reason))
 
+    def _nothing_quantized(self, variant: str, recipe: str, description: str, ops: dict[str, int]) -> None:
+        """A recipe whose file holds no quantized op: an fp32 copy labelled int8 (and refused on
+        boxes without VNNI) is never kept; its attempt says why."""
+        found = ", ".join(f"{k}={v}" for k, v in sorted(ops.items()))
+        reason = f"{description}; nothing quantized: the file has no quantized op (ops: {found})"
+        self.say("quantize", f"{variant} [{recipe}] nothing quantized; dropped")
+        self.attempts.append(Attempt(variant=variant, recipe=recipe, kept=False, reason=reason))
+
     def validate(self, path: Path, fmt: str) -> _Candidate:
         p = self.prepared
         assert p is not None
@@ -147,14 +168,19 @@ class _Exporter:
         for backend, runtime, precision in self.precisions(fmt):
             try:
                 session = self.open(backend, path, precision)
-                out = run_answers(p, session, p.validation)
-                rows, alone = run_alone(p, session)
+                out, others = run_outputs(p, session, p.validation)
+                rows, alone, alone_others = run_alone(p, session)
             except BackendError as exc:
                 logger.warning("%s on %s/%s: %s", path.name, backend, precision, exc)
                 self.say("validate", f"{path.name} cannot run on {backend}/{precision}: {exc}")
                 continue
-            metrics = _metrics(p, out)
-            metrics["batch_rel_diff"] = round(batch_rel_diff(alone, out[rows]), 6)
+            metrics = _metrics(p, out, others)
+            # every output the server returns must not depend on the rows batched beside it
+            batch = max(
+                [batch_rel_diff(alone, out[rows])]
+                + [batch_rel_diff(alone_others[k], others[k][rows]) for k in alone_others]
+            )
+            metrics["batch_rel_diff"] = round(batch, 6)
             passed, _ = check_gate(metrics, self.gate)
             cand.accuracy.append(
                 Accuracy(
@@ -253,6 +279,25 @@ class _Exporter:
         device = "cpu" if backend.endswith("-cpu") else backend
         return plan_streams(0, device, max(1, self.spec.threads))
 
+    def complete_references(self, p: Prepared) -> None:
+        """A reference for every output the server returns: a tensor model's KServe answer holds
+        all its outputs (a text model's only its answer).  Outputs the source has no reference for
+        are compared with the fp32 ONNX file's answers on ort-cpu."""
+        if p.text is not None:
+            p.output_references = {}
+            return
+        missing = [o.name for o in p.outputs if o.name != p.output and o.name not in p.output_references]
+        if not missing:
+            return
+        session = self.open("ort-cpu", p.onnx_path, "fp32")
+        try:
+            runs = [session.run({k: v for k, v in b.items() if k in set(session.input_names)}) for b in p.validation]
+        finally:
+            session.close()
+        for name in missing:
+            p.output_references[name] = np.concatenate([np.asarray(r[name], dtype=np.float32) for r in runs])
+        p.notes["output_references"] = f"{', '.join(missing)}: onnx-fp32"
+
     # ---------------------------------------------------------------- recording
     def record(
         self,
@@ -303,7 +348,10 @@ class _Exporter:
         spec = self.spec
         self.say("source", f"preparing {spec.task} model from {_describe(spec.source)}")
         p = self.prepared = _prepare(spec, staging, self)
-        self.gate = gates_for(spec.task, spec.gates, labelled=p.validation_labels is not None)
+        self.complete_references(p)
+        self.gate = gates_for(
+            spec.task, spec.gates, labelled=p.validation_labels is not None, other_outputs=bool(p.output_references)
+        )
         self.say(
             "source",
             f"fp32 ONNX written; {sum(len(next(iter(b.values()))) for b in p.validation)} "
@@ -414,6 +462,10 @@ class _Exporter:
                 continue
             ops = count_ops(candidate)
             quant = {k: v for k, v in sorted(ops.items()) if k in QUANT_OPS}
+            if not quant:
+                self._nothing_quantized("onnx-int8", recipe.name, recipe.description, ops)
+                candidate.unlink(missing_ok=True)
+                continue
             cand = self.validate(candidate, "onnx")
             keep = cand.passed
             if keep:
@@ -487,6 +539,11 @@ class _Exporter:
                 continue
             ops = count_ov_ops(xml)
             quant = {k: v for k, v in sorted(ops.items()) if k in ("FakeQuantize", "FakeConvert", "Constant:int8")}
+            if not quant:
+                self._nothing_quantized("ov-int8", recipe.name, recipe.description, ops)
+                xml.unlink(missing_ok=True)
+                xml.with_suffix(".bin").unlink(missing_ok=True)
+                continue
             cand = self.validate(xml, "openvino")
             keep = cand.passed
             if keep:
@@ -541,12 +598,16 @@ def _timing(backend: str, precision: str, scenario: str, seq_len: int | None, th
     )
 
 
-def run_answers(p: Prepared, session: Session, batches: list[Feeds]) -> npt.NDArray[np.float32]:
-    """Run ``batches`` through ``session`` and turn the outputs into the task's answers (concatenated)."""
+def run_outputs(
+    p: Prepared, session: Session, batches: list[Feeds]
+) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
+    """Run ``batches`` through ``session``: the task's answers (concatenated) and every other
+    output the server returns, by name (``p.output_references``' outputs; none for text)."""
     from runtime.text import postprocess
 
     wanted = set(session.input_names)
     out = []
+    others: dict[str, list[npt.NDArray[np.float32]]] = {k: [] for k in p.output_references}
     for b in batches:
         res = session.run({k: v for k, v in b.items() if k in wanted})
         if p.text is not None and p.task == "feature-extraction":
@@ -554,19 +615,28 @@ def run_answers(p: Prepared, session: Session, batches: list[Feeds]) -> npt.NDAr
             out.append(postprocess(res, b[mask_name], p.text))
         else:
             out.append(np.asarray(res[p.output], dtype=np.float32))
-    return np.concatenate(out)
+        for k, acc in others.items():
+            acc.append(np.asarray(res[k], dtype=np.float32))
+    return np.concatenate(out), {k: np.concatenate(v) for k, v in others.items()}
+
+
+def run_answers(p: Prepared, session: Session, batches: list[Feeds]) -> npt.NDArray[np.float32]:
+    """Run ``batches`` through ``session`` and turn the outputs into the task's answers (concatenated)."""
+    return run_outputs(p, session, batches)[0]
 
 
 #: rows per validation batch (of the first two) that are also answered alone
 ALONE_ROWS = 4
 
 
-def run_alone(p: Prepared, session: Session) -> tuple[list[int], npt.NDArray[np.float32]]:
+def run_alone(
+    p: Prepared, session: Session
+) -> tuple[list[int], npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
     """The first :data:`ALONE_ROWS` rows of the first two validation batches, each run as a batch of one.
 
-    Returns their indices in the concatenated answers and their answers.  Text rows lose the
-    batch's padding (a lone request is not padded), so the comparison sees what a server that
-    batches strangers' requests together would change.
+    Returns their indices in the concatenated answers, their answers and their other outputs.
+    Text rows lose the batch's padding (a lone request is not padded), so the comparison sees
+    what a server that batches strangers' requests together would change.
     """
     indices: list[int] = []
     feeds: list[Feeds] = []
@@ -587,17 +657,36 @@ def run_alone(p: Prepared, session: Session) -> tuple[list[int], npt.NDArray[np.
             indices.append(offset + i)
             feeds.append(tile_rows(row, fixed) if fixed > 1 else row)
         offset += n
-    return indices, run_answers(p, session, feeds)[::fixed]
+    answers, others = run_outputs(p, session, feeds)
+    return indices, answers[::fixed], {k: v[::fixed] for k, v in others.items()}
 
 
-def _metrics(p: Prepared, out: npt.NDArray[np.float32]) -> dict[str, float]:
+def _metrics(
+    p: Prepared, out: npt.NDArray[np.float32], others: dict[str, npt.NDArray[np.float32]] | None = None
+) -> dict[str, float]:
+    """The task's metrics of the answer; with other outputs (a tensor model's KServe answer holds
+    them all) also ``max_abs_diff[NAME]`` / ``max_rel_diff[NAME]`` per output and the worst of
+    every output compared as a tensor as ``max_abs_diff`` / ``max_rel_diff`` (the gated ones)."""
     kind = metric_kind(p.task)
     if kind == "embeddings":
         m = embedding_metrics(out, p.reference)
     elif kind == "classification":
-        m = classification_metrics(out, p.reference, labels=p.validation_labels)
+        m = classification_metrics(
+            out, p.reference, labels=p.validation_labels, probabilities=looks_like_probabilities(p.reference)
+        )
     else:
         m = tensor_metrics(out, p.reference)
+    if others:
+        per = {k: tensor_metrics(v, p.output_references[k]) for k, v in others.items()}
+        if kind == "tensor":
+            per = {p.output: dict(m), **per}
+        else:
+            m.pop("max_rel_diff", None)  # a single-logit head's score diff: the answer's, not the worst
+        for name, tm in per.items():
+            for metric, value in tm.items():
+                m[f"{metric}[{name}]"] = value
+        for metric in ("max_abs_diff", "max_rel_diff"):
+            m[metric] = max(tm[metric] for tm in per.values())
     return {k: round(v, 6) for k, v in m.items()}
 
 
@@ -616,12 +705,13 @@ def _prepare(spec: ExportSpec, staging: Path, exporter: _Exporter) -> Prepared:
         if path.is_file() and path.suffix.lower() == ".onnx":
             from export.sources import onnx_file
 
-            def reference_run(onnx_path: Path, batches: list[Feeds], output: str) -> npt.NDArray[np.float32]:
+            def reference_run(onnx_path: Path, batches: list[Feeds]) -> dict[str, npt.NDArray[np.float32]]:
                 session = exporter.open("ort-cpu", onnx_path, "fp32")
                 try:
-                    return np.concatenate([np.asarray(session.run(b)[output], dtype=np.float32) for b in batches])
+                    runs = [session.run(b) for b in batches]
                 finally:
                     session.close()
+                return {k: np.concatenate([np.asarray(r[k], dtype=np.float32) for r in runs]) for k in runs[0]}
 
             return onnx_file.prepare(spec, staging, reference_run)
         if path.is_dir():
@@ -649,17 +739,31 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
     """
     import msgspec
 
-    from runtime.package import check_model_name, finalize_package, next_version, staging_dir
+    from runtime.package import (
+        check_model_name,
+        clean_stale_staging,
+        discard_staging,
+        finalize_package,
+        next_version,
+        staging_dir,
+    )
 
     say: Progress = progress or _log_progress
     check_model_name(spec.name)
+    check_version(spec.version)
     repository = Path(spec.repository)
+    pinned = spec.version is not None
+    # without --version the number is the next free one when the package is written (another
+    # export of this model may land first): this one is where it would go now
     version = spec.version if spec.version is not None else next_version(repository, spec.name)
     if (repository / spec.name / str(version)).exists():
         raise ExportError(
             f"{spec.name} version {version} already exists in {repository}; pass --version "
             f"{next_version(repository, spec.name)} or remove it"
         )
+    removed = clean_stale_staging(repository)
+    if removed:
+        say("staging", f"removed {len(removed)} stale staging folder(s) of exports that died: {', '.join(removed)}")
     staging = staging_dir(repository)
     exporter = _Exporter(spec, say)
     try:
@@ -670,9 +774,9 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
         if spec.before_finalize is not None:
             spec.before_finalize(staging)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
-    say("package", f"writing {spec.name}/{version} ({len(manifest.variants)} variants)")
-    package = finalize_package(staging, manifest, repository, signing_key=spec.signing_key)
-    say("package", f"done: {package.path}")
+    say("package", f"writing {spec.name} ({len(manifest.variants)} variants)")
+    package = finalize_package(staging, manifest, repository, signing_key=spec.signing_key, next_free=not pinned)
+    say("package", f"done: {spec.name} version {package.manifest.version} at {package.path}")
     return package.manifest

@@ -37,6 +37,8 @@ def report_dict(manifest: Manifest) -> dict[str, Any]:
 
 def _metrics(a: Accuracy) -> str:
     parts = [f"{k}={a.metrics[k]:.4g}" for k in _KEY_METRICS if k in a.metrics]
+    # a model with several served outputs: each output's own numbers (max_rel_diff[NAME])
+    parts += [f"{k}={v:.4g}" for k, v in a.metrics.items() if k.startswith("max_rel_diff[")]
     return " ".join(parts)
 
 

@@ -3,7 +3,8 @@
 A gate maps a metric name prefixed ``min_`` or ``max_`` to a threshold
 (``min_cosine_min=0.97`` means "cosine_min must be >= 0.97").  Each task has
 defaults (:data:`DEFAULT_GATES`); an export may override any of them
-(``--gate min_cosine_min=0.98``) or add one for another metric it computes.
+(``--gate min_cosine_min=0.98``) or add one for another metric it computes, also
+one output's of a model with several (``--gate max_max_rel_diff[logits]=0.01``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "ExportSpec",
     "Progress",
     "check_gate",
+    "check_version",
     "gates_for",
     "metric_kind",
     "parse_gate",
@@ -97,10 +99,17 @@ def metric_kind(task: str) -> MetricKind:
     raise SourceError(f"task {task!r} is not supported; use one of {', '.join(TASKS)}")
 
 
-def gates_for(task: str, overrides: Mapping[str, float], *, labelled: bool = False) -> dict[str, float]:
+def gates_for(
+    task: str, overrides: Mapping[str, float], *, labelled: bool = False, other_outputs: bool = False
+) -> dict[str, float]:
+    """The task's default gates, the batch gate, the label gate when labelled, and the tensor
+    gate when the server returns outputs besides the answer (``other_outputs``: a classifier
+    with more graph outputs; ``max_rel_diff`` is then the worst of those), then ``overrides``."""
     gates = {**DEFAULT_GATES[metric_kind(task)], **BATCH_GATE}
     if labelled:
         gates.update(LABEL_GATE)
+    if other_outputs:
+        gates = {**DEFAULT_GATES["tensor"], **gates}
     gates.update(overrides)
     return gates
 
@@ -179,3 +188,10 @@ class ExportSpec:
         if self.timing not in TIMING_RUNS:
             raise ExportError(f"timing {self.timing!r} is not one of {', '.join(TIMING_RUNS)}")
         parse_variants(self.variants)
+        check_version(self.version)
+
+
+def check_version(version: int | None) -> None:
+    """A pinned version must be a usable folder name (>= 1); checked before any work is done."""
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise ExportError(f"version {version!r} is not usable; pass --version N with N >= 1 (or leave it out)")

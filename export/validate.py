@@ -4,7 +4,15 @@
   ``topk_agreement`` (mean overlap of the top-5 neighbours of every sample within
   the validation set, variant vs reference);
 * classification: ``top1_agreement``, ``max_prob_diff`` (softmax of logits), and
-  ``label_accuracy`` / ``label_accuracy_drop`` when labels are known;
+  ``label_accuracy`` / ``label_accuracy_drop`` when labels are known.  Outputs that already
+  are probabilities (every reference row non-negative and summing to 1,
+  :func:`looks_like_probabilities`) are compared as they are, not softmaxed again.  A
+  single-logit head (``[N, 1]``: rerankers, binary classifiers) goes through a sigmoid
+  instead (a softmax over one class is always 1, so no gate could fail): ``top1_agreement``
+  is then the agreement of the decisions (logit > 0, or probability > 0.5 when the
+  reference holds values in [0, 1] only), ``max_prob_diff`` the largest sigmoid difference,
+  and ``max_rel_diff`` of the raw scores is reported too (gate it with
+  ``--gate max_max_rel_diff=...`` when the ranking matters);
 * tensor: ``max_abs_diff`` and ``max_rel_diff`` = max|out - ref| / max|ref|;
 * every task: ``batch_rel_diff``, how much a sample's answer changes with the
   samples batched beside it: max|alone - in batch| / max|in batch| over the first
@@ -21,9 +29,21 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["TOPK", "batch_rel_diff", "classification_metrics", "embedding_metrics", "softmax", "tensor_metrics"]
+__all__ = [
+    "PROB_TOLERANCE",
+    "TOPK",
+    "batch_rel_diff",
+    "classification_metrics",
+    "embedding_metrics",
+    "looks_like_probabilities",
+    "sigmoid",
+    "softmax",
+    "tensor_metrics",
+]
 
 TOPK = 5
+#: how far a row of probabilities may sum from 1 (float32 softmax outputs: ~1e-6)
+PROB_TOLERANCE = 1e-3
 
 F32 = npt.NDArray[np.float32]
 
@@ -60,6 +80,25 @@ def softmax(logits: npt.NDArray[np.generic]) -> F32:
     return probs
 
 
+def sigmoid(logits: npt.NDArray[np.generic]) -> F32:
+    x = np.asarray(logits, dtype=np.float64)
+    probs: F32 = (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # no overflow for large |x|
+    return probs
+
+
+def looks_like_probabilities(ref: npt.NDArray[np.generic]) -> bool:
+    """True when ``ref`` ``[N, C]`` already holds probabilities: for ``C >= 2`` every row is
+    non-negative and sums to 1 (within :data:`PROB_TOLERANCE`); for ``C == 1`` every value lies in
+    [0, 1] (a sigmoid output; logits that happen to stay there are then held to the stricter
+    raw difference)."""
+    a = np.asarray(ref, dtype=np.float64)
+    if a.ndim != 2 or not a.size or not bool(np.isfinite(a).all()) or float(a.min()) < 0:
+        return False
+    if a.shape[1] == 1:
+        return float(a.max()) <= 1.0
+    return bool(np.all(np.abs(a.sum(axis=1) - 1.0) <= PROB_TOLERANCE))
+
+
 def classification_metrics(
     out: npt.NDArray[np.generic],
     ref: npt.NDArray[np.generic],
@@ -67,14 +106,28 @@ def classification_metrics(
     labels: Sequence[int] | npt.NDArray[np.generic] | None = None,
     probabilities: bool = False,
 ) -> dict[str, float]:
-    """``out``/``ref`` are logits (or probabilities when ``probabilities``) ``[N, C]``."""
-    pa = np.asarray(out, dtype=np.float32) if probabilities else softmax(out)
-    pb = np.asarray(ref, dtype=np.float32) if probabilities else softmax(ref)
-    top_a, top_b = pa.argmax(axis=1), pb.argmax(axis=1)
+    """``out``/``ref`` are logits (or probabilities when ``probabilities``) ``[N, C]``.
+
+    ``C == 1`` (one score per sample): sigmoid probabilities, the decision is the score above
+    0 (above 0.5 for probabilities), and ``max_rel_diff`` of the raw scores is added.
+    """
+    a = np.asarray(out, dtype=np.float32)
+    b = np.asarray(ref, dtype=np.float32)
+    single = a.ndim == 2 and a.shape[1] == 1
+    if single:
+        pa = a if probabilities else sigmoid(a)
+        pb = b if probabilities else sigmoid(b)
+        top_a, top_b = (pa[:, 0] > 0.5).astype(np.intp), (pb[:, 0] > 0.5).astype(np.intp)
+    else:
+        pa = a if probabilities else softmax(a)
+        pb = b if probabilities else softmax(b)
+        top_a, top_b = pa.argmax(axis=1), pb.argmax(axis=1)
     metrics = {
         "top1_agreement": float((top_a == top_b).mean()),
-        "max_prob_diff": float(np.abs(pa - pb).max()),
+        "max_prob_diff": float(np.abs(pa.astype(np.float64) - pb).max()),
     }
+    if single:
+        metrics["max_rel_diff"] = tensor_metrics(a, b)["max_rel_diff"]
     if labels is not None:
         y = np.asarray(labels).reshape(-1)
         acc, ref_acc = float((top_a == y).mean()), float((top_b == y).mean())

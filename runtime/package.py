@@ -56,6 +56,8 @@ __all__ = [
     "check_model_name",
     "check_onnx_external_data",
     "check_rel_path",
+    "clean_stale_staging",
+    "discard_staging",
     "finalize_package",
     "list_versions",
     "next_version",
@@ -506,11 +508,111 @@ def check_model_name(name: str) -> None:
 # --------------------------------------------------------------------------- writing
 
 
+#: staging folder -> the descriptor of its flock'ed owner lock, for as long as this process builds it
+_STAGING_LOCKS: dict[Path, int] = {}
+#: a staging folder without its lock file (made by an older inferbox) counts as stale after this long
+STALE_UNLOCKED_S = 24 * 3600
+_STAGING_RETRIES = 100
+
+
+def _lock_path(staging: Path) -> Path:
+    return staging.with_name(staging.name + ".lock")
+
+
 def staging_dir(repository: Path) -> Path:
-    """A fresh, private folder under ``<repository>/.staging`` (same filesystem: the final rename is atomic)."""
+    """A fresh, private folder under ``<repository>/.staging`` (same filesystem: the final rename is atomic).
+
+    Its owner holds an ``flock`` on ``<folder>.lock`` beside it until :func:`finalize_package` or
+    :func:`discard_staging` ends it (or the process dies, which releases it): a folder whose lock
+    anyone can take has no live owner, and :func:`clean_stale_staging` removes it.  The lock file
+    is made and locked before the folder exists, so a live export's folder always has a held lock.
+    """
+    import fcntl
+
     root = Path(repository) / STAGING
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Path(tempfile.mkdtemp(prefix="pkg-", dir=root))
+    for _ in range(_STAGING_RETRIES):
+        fd, name = tempfile.mkstemp(prefix="pkg-", suffix=".lock", dir=root)
+        lock = Path(name)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # a cleaner may have taken and removed the lock file between mkstemp and flock
+            if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                raise BlockingIOError
+            staging = lock.with_name(lock.name[: -len(".lock")])
+            staging.mkdir(mode=0o700)
+        except (BlockingIOError, FileNotFoundError, FileExistsError):
+            os.close(fd)
+            continue
+        except BaseException:
+            os.close(fd)
+            lock.unlink(missing_ok=True)
+            raise
+        _STAGING_LOCKS[staging] = fd
+        return staging
+    raise PackageError(f"could not make a staging folder in {root}; check that folder", path=str(root))
+
+
+def discard_staging(staging: Path) -> None:
+    """Remove a staging folder and end its owner lock (a failed or finished export)."""
+    staging = Path(staging)
+    shutil.rmtree(staging, ignore_errors=True)
+    _release_staging(staging)
+
+
+def _release_staging(staging: Path) -> None:
+    fd = _STAGING_LOCKS.pop(staging, None)
+    if fd is not None:
+        _lock_path(staging).unlink(missing_ok=True)
+        os.close(fd)
+
+
+def clean_stale_staging(repository: Path, *, now: float | None = None) -> list[str]:
+    """Remove the staging folders of exports that died (killed, out of memory, power loss):
+    those whose lock file nobody holds, lock files without a folder, and folders without a lock
+    file (an older inferbox's) untouched for :data:`STALE_UNLOCKED_S`.  Returns the names removed."""
+    import fcntl
+    import time
+
+    root = Path(repository) / STAGING
+    if not root.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    for entry in sorted(root.iterdir()):
+        if not entry.name.startswith("pkg-") or entry.is_symlink():
+            continue
+        if entry.name.endswith(".lock"):
+            folder = entry.with_name(entry.name[: -len(".lock")])
+            if Path(folder) in _STAGING_LOCKS:
+                continue
+            try:
+                fd = os.open(entry, os.O_RDWR | _NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: a live export
+                os.close(fd)
+                continue
+            try:
+                if folder.is_dir() and not folder.is_symlink():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder.name)
+                entry.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+        elif entry.is_dir() and not _lock_path(entry).exists() and entry not in _STAGING_LOCKS:
+            try:
+                age = now - entry.stat().st_mtime
+            except OSError:
+                continue
+            if age > STALE_UNLOCKED_S:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+    for name in removed:
+        log.info("removed the stale staging folder %s", root / name)
+    return removed
 
 
 def finalize_package(
@@ -519,12 +621,16 @@ def finalize_package(
     repository: Path,
     *,
     signing_key: Ed25519PrivateKey | None = None,
+    next_free: bool = False,
 ) -> Package:
     """List, hash, write (and sign) the manifest, verify, then rename ``staging`` to ``<repository>/<name>/<version>``.
 
     ``manifest.files`` is replaced by the files found in ``staging`` (sorted by path);
-    empty folders are removed first.  On any failure ``staging`` is removed and no
-    version appears.
+    empty folders are removed first.  With ``next_free`` (no ``--version`` given) the version
+    is the next free one when the folder is renamed, ``manifest.version`` at least: another
+    export of the same model that lands first takes its number and this one the next.  A
+    taken version otherwise is a :class:`~runtime.errors.PackageError` naming ``--version``.
+    On any failure ``staging`` is removed and no version appears.
     """
     staging = Path(staging)
     repository = Path(repository)
@@ -532,6 +638,10 @@ def finalize_package(
         check_model_name(manifest.name)
         if manifest.version < 1:
             raise ManifestError(f"version {manifest.version} is not usable; pass --version N with N >= 1")
+        if next_free:
+            manifest = msgspec.structs.replace(
+                manifest, version=max(manifest.version, next_version(repository, manifest.name))
+            )
         target = repository / manifest.name / str(manifest.version)
         if target.exists() or target.is_symlink():
             raise PackageError(
@@ -544,30 +654,48 @@ def finalize_package(
                 raise PackageError(f"{staging / name} exists in the staging folder; finalize_package writes it")
         _prune_empty_dirs(staging)
         entries = _file_entries(staging)
-        manifest = msgspec.structs.replace(manifest, files=entries)
-        data = encode_manifest(manifest)
-        _write_new(staging / MANIFEST, data)
-        public_key = None
-        if signing_key is not None:
-            _write_new(staging / SIGNATURE, sign(signing_key, data))
-            public_key = signing_key.public_key()
-        # the reader is the spec: a package that would not load is never published
-        read_package(staging, public_key=public_key, verify_hashes=False)
-        for folder, _dirs, _files in os.walk(staging, topdown=False):
-            fsync_dir(Path(folder))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # mkdtemp made staging 0700; give the package the model folder's permissions
-        os.chmod(staging, stat.S_IMODE(target.parent.stat().st_mode))
-        if target.exists() or target.is_symlink():  # lost a race with another writer
+        for _ in range(_STAGING_RETRIES):
+            manifest = msgspec.structs.replace(manifest, files=entries)
+            data = encode_manifest(manifest)
+            _write_new(staging / MANIFEST, data)
+            public_key = None
+            if signing_key is not None:
+                _write_new(staging / SIGNATURE, sign(signing_key, data))
+                public_key = signing_key.public_key()
+            # the reader is the spec: a package that would not load is never published
+            read_package(staging, public_key=public_key, verify_hashes=False)
+            for folder, _dirs, _files in os.walk(staging, topdown=False):
+                fsync_dir(Path(folder))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # staging is private (0700); give the package the model folder's permissions
+            os.chmod(staging, stat.S_IMODE(target.parent.stat().st_mode))
+            if _rename_into_place(staging, target):
+                break
+            if not next_free:  # lost a race with another writer of this version
+                raise PackageError(
+                    f"{target} appeared while writing (another export of {manifest.name}?); pass --version "
+                    f"{next_version(repository, manifest.name)} (the next free one) or leave --version out",
+                    path=str(target),
+                )
+            # another export took this version first: take the next free one (manifest and
+            # signature name the version, so both are written again)
+            (staging / MANIFEST).unlink()
+            (staging / SIGNATURE).unlink(missing_ok=True)
+            version = max(manifest.version + 1, next_version(repository, manifest.name))
+            log.info("%s version %s was taken while writing; trying %s", manifest.name, manifest.version, version)
+            manifest = msgspec.structs.replace(manifest, version=version)
+            target = repository / manifest.name / str(version)
+        else:
             raise PackageError(
-                f"{target} appeared while writing; pass --version {next_version(repository, manifest.name)}"
+                f"no free version of {manifest.name} after {_STAGING_RETRIES} tries; pass --version N",
+                path=str(target),
             )
-        os.rename(staging, target)
         fsync_dir(target.parent)
         fsync_dir(repository)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
+    _release_staging(staging)
     log.info("package %s/%s written to %s (%d files)", manifest.name, manifest.version, target, len(entries))
     return Package(
         path=target,
@@ -575,6 +703,22 @@ def finalize_package(
         sha256=hashlib.sha256(data).hexdigest(),
         signed_by=key_id(signing_key) if signing_key is not None else None,
     )
+
+
+def _rename_into_place(staging: Path, target: Path) -> bool:
+    """Rename ``staging`` to ``target``; False when ``target`` is taken (exists, or another
+    writer renamed there first: ENOTEMPTY / EEXIST).  Other failures (disk full) propagate."""
+    import errno
+
+    if target.exists() or target.is_symlink():
+        return False
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            return False
+        raise
+    return True
 
 
 def _prune_empty_dirs(staging: Path) -> None:

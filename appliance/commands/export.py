@@ -80,7 +80,12 @@ def _source(source: str) -> tuple[Any, dict[str, Any] | None]:
 @click.argument("source")
 @click.option("--task", required=True, type=click.Choice(_TASKS), help="What the model does.")
 @click.option("--name", required=True, help="Model name in the repository.")
-@click.option("--version", type=int, default=None, help="Package version [default: next free].")
+@click.option(
+    "--version",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Package version, 1 or more [default: the next free one when the package is written].",
+)
 @click.option(
     "--calibration", type=click.Path(path_type=Path), default=None, help="Calibration samples (JSONL/CSV/NPZ)."
 )

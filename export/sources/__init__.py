@@ -62,6 +62,10 @@ class Prepared:
     notes: dict[str, str] = field(default_factory=dict)
     #: text sources: texts -> feeds (for the reference and the report); None otherwise
     encode: Callable[[list[str]], Feeds] | None = None
+    #: the reference of every other graph output the server returns (a tensor model's KServe
+    #: answer holds all of them), by name, lined up with ``validation``; an output the source
+    #: has no reference for is compared with the fp32 ONNX file's (see export.pipeline)
+    output_references: dict[str, npt.NDArray[np.generic]] = field(default_factory=dict)
 
 
 def _hash_into(h: Any, path: Path) -> None:

@@ -124,7 +124,8 @@ def _batch_axis(inputs: list[TensorSpec]) -> int | None:
 
 
 def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
-    """``reference_run(onnx_path, batches) -> array`` runs the fp32 file on ort-cpu (the pipeline's runner)."""
+    """``reference_run(onnx_path, batches) -> {output: array}`` runs the fp32 file on ort-cpu (the
+    pipeline's runner) and returns every output (the server returns them all)."""
     path = Path(spec.source)
     if not path.exists():
         raise SourceError(f"source {path} does not exist; give an .onnx file, a Hugging Face folder or a module")
@@ -172,6 +173,7 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
     n_cal = len(next(iter(cal.values())))
     calibration = [{k: v[i : i + one] for k, v in cal.items()} for i in range(0, n_cal - n_cal % one, one)]
     output = outputs[0].name
+    references = reference_run(onnx_path, validation)
     return Prepared(
         kind="onnx",
         task="tensor",
@@ -183,7 +185,8 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
         reference_name="onnx-fp32",
         validation=validation,
         calibration=calibration,
-        reference=reference_run(onnx_path, validation, output),
+        reference=references[output],
+        output_references={k: v for k, v in references.items() if k != output},
         timing={
             "b1": (tile_rows(val, fixed or 1), None),
             "b32-typical": (tile_rows(val, fixed or 32), None),

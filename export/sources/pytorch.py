@@ -2,7 +2,8 @@
 
 Every input and output gets a dynamic batch dimension (axis 0); other axes keep
 the example's sizes.  The answer is the first output (logits for
-classification tasks).
+classification tasks); the module's other outputs (a tuple) are the reference of
+the graph's other outputs, which the server returns too.
 """
 
 from __future__ import annotations
@@ -113,12 +114,17 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
     n = len(next(iter(val.values())))
     validation = [{k: v[i : i + 32] for k, v in val.items()} for i in range(0, n, 32)]
     calibration = [{k: v[i : i + 1] for k, v in cal.items()} for i in range(len(next(iter(cal.values()))))]
-    refs = []
+    graph_outputs = [o.name for o in outputs]
+    refs: dict[str, list[npt.NDArray[np.float32]]] = {}
     with torch.inference_mode():
         for b in validation:
             y = module(*(torch.from_numpy(np.ascontiguousarray(b[k])) for k in names))
-            y = y[0] if isinstance(y, tuple | list) else y
-            refs.append(y.float().numpy())
+            ys = list(y) if isinstance(y, tuple | list) else [y]
+            if len(ys) != len(graph_outputs) or not all(isinstance(t, torch.Tensor) for t in ys):
+                ys = ys[:1]  # nested outputs: the others are compared with the fp32 ONNX file's
+            for name, t in zip(graph_outputs, ys, strict=False):
+                refs.setdefault(name, []).append(t.float().numpy())
+    answer = graph_outputs[0]
     digest = hashlib.sha256()
     for key, tensor in module.state_dict().items():
         digest.update(key.encode() + b"\0" + tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -133,13 +139,14 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
         reference_name="pytorch",
         validation=validation,
         calibration=calibration,
-        reference=np.concatenate(refs),
+        reference=np.concatenate(refs[answer]),
+        output_references={k: np.concatenate(v) for k, v in refs.items() if k != answer},
         timing={
             "b1": (tile_rows(val, 1), None),
             "b32-typical": (tile_rows(val, 32), None),
             STREAM_SCENARIO: (tile_rows(val, STREAM_BATCH), None),
         },
-        output=out_names[0],
+        output=answer,
         labels=list(spec.labels) if spec.labels else None,
         validation_labels=spec.validation_labels,
         notes={"validation_samples": str(n), "calibration_samples": str(len(calibration))},
