@@ -13,6 +13,7 @@ The file is ``$INFERBOX_CONFIG``, else ``<home>/inferbox.toml`` when it exists.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ class Field:
     help: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    maximum: float | None = None
 
 
 FIELDS: tuple[Field, ...] = (
@@ -45,7 +47,7 @@ FIELDS: tuple[Field, ...] = (
     Field("signing_key", Path, None, "paths", "Ed25519 private key (PEM, 0600) signing packages and audit checkpoints"),
     # server
     Field("host", str, "127.0.0.1", "server", "address to listen on"),
-    Field("port", int, 8080, "server", "TCP port", minimum=1),
+    Field("port", int, 8080, "server", "TCP port", minimum=1, maximum=65535),
     Field("workers", int, 1, "server", "uvicorn worker processes", minimum=1),
     Field("auth", bool, True, "server", "require API keys"),
     Field("docs", bool, True, "server", "serve OpenAPI docs at /docs"),
@@ -201,11 +203,15 @@ def _coerce(field: Field, raw: Any, where: str, problems: list[str]) -> Any:
         elif field.type is int:
             if isinstance(raw, bool):
                 raise ValueError("expected an integer")
+            if isinstance(raw, float) and not (math.isfinite(raw) and raw.is_integer()):
+                raise ValueError("expected a whole number (a fraction would be cut off)")
             value = int(raw)
         elif field.type is float:
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
             value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError("expected a finite number")
         elif field.type is Path:
             if not isinstance(raw, str | Path) or not str(raw):
                 raise ValueError("expected a path")
@@ -213,6 +219,8 @@ def _coerce(field: Field, raw: Any, where: str, problems: list[str]) -> Any:
         else:
             if not isinstance(raw, str):
                 raise ValueError("expected a string")
+            if not raw.strip():
+                raise ValueError("must not be empty (remove the setting to use the default)")
             value = raw
     except (TypeError, ValueError) as exc:
         problems.append(f"{label}: {raw!r} is not valid: {exc}")
@@ -222,6 +230,9 @@ def _coerce(field: Field, raw: Any, where: str, problems: list[str]) -> Any:
         return None
     if field.minimum is not None and isinstance(value, int | float) and value < field.minimum:
         problems.append(f"{label}: {value!r} is below the minimum {field.minimum:g}")
+        return None
+    if field.maximum is not None and isinstance(value, int | float) and value > field.maximum:
+        problems.append(f"{label}: {value!r} is above the maximum {field.maximum:g}")
         return None
     return value
 
