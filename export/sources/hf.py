@@ -30,7 +30,7 @@ import numpy.typing as npt
 from export.samples import default_texts, read_arrays, read_texts
 from export.sources import Feeds, Prepared, hash_path, onnx_io, tile_rows
 from export.spec import STREAM_BATCH, STREAM_SCENARIO, STREAM_TOKENS
-from runtime.errors import SourceError
+from runtime.errors import CalibrationError, SourceError
 from runtime.manifest import TensorSpec, TextConfig
 
 if TYPE_CHECKING:
@@ -386,8 +386,14 @@ def _prepare_image(spec: ExportSpec, folder: Path, config: dict[str, Any], base:
         if given is None:
             return {"pixel_values": rng.standard_normal((n, *shape)).astype(np.float32)}
         if isinstance(given, str | Path):
-            return read_arrays(Path(given), expected)
-        return {"pixel_values": np.asarray(given["pixel_values"], dtype=np.float32)}
+            return read_arrays(Path(given), expected, shapes={"pixel_values": shape})
+        pixels = np.asarray(given["pixel_values"], dtype=np.float32)
+        if pixels.ndim != 1 + len(shape) or tuple(pixels.shape[1:]) != tuple(shape):
+            raise CalibrationError(
+                f"pixel_values samples have shape {list(pixels.shape)}, the model takes [N, "
+                f"{', '.join(map(str, shape))}]; resize or transpose the images to that shape"
+            )
+        return {"pixel_values": pixels}
 
     val = samples(spec.validation, 64)
     cal = samples(spec.calibration, 32)

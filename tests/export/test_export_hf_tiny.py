@@ -250,3 +250,26 @@ def test_inferbox_bench_measures_an_image_classifier_on_its_samples(
     for r in rows:
         assert r["rows_per_s"] > 0 and r["b1_p50_ms"] > 0 and r["rows_compared"] == 8
         assert r["cos_min"] > 0.98 and r["top1_agree"] >= 0.75, r
+
+
+def test_images_of_the_wrong_size_or_layout_are_refused_naming_the_shape(tmp_path: Path) -> None:
+    from runtime.errors import CalibrationError
+
+    folder = _tiny_vit_folder(tmp_path / "vit")  # takes [N, 3, 16, 16]
+    for i, pixels in enumerate((np.zeros((4, 3, 32, 32), np.float32), np.zeros((4, 16, 16, 3), np.float32))):
+        npz = tmp_path / f"val{i}.npz"
+        np.savez(npz, pixel_values=pixels)
+        spec = ExportSpec(
+            source=folder, task="image-classification", name="v", repository=tmp_path / "r", validation=npz
+        )
+        with pytest.raises(CalibrationError, match=r"the model takes \[N, 3, 16, 16\]"):
+            export_model(spec)
+        in_memory = ExportSpec(
+            source=folder,
+            task="image-classification",
+            name="v",
+            repository=tmp_path / "r",
+            validation={"pixel_values": pixels},
+        )
+        with pytest.raises(CalibrationError, match=r"the model takes \[N, 3, 16, 16\]"):
+            export_model(in_memory)
