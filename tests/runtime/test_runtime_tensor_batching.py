@@ -11,6 +11,7 @@ not add up.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import msgspec
@@ -85,29 +86,43 @@ C = np.array([[5, 6, 7, 8]], np.float32)
 
 
 async def _two_clients(model: LoadedModel) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[int]]:
-    """Two one-row requests queued together (a long delay: they do form one batch if allowed)."""
+    """Two one-row requests queued together behind a first one that holds the inference thread,
+    so that they do form one batch if the model allows it. Returns their answers and the rows
+    of each session call after the first."""
     calls: list[int] = []
+    entered, release = threading.Event(), threading.Event()
     inner = model.session.run
 
-    def counting(feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        calls.append(int(next(iter(feeds.values())).shape[0]))
+    def gated(feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(10)
+        else:
+            calls.append(int(next(iter(feeds.values())).shape[0]))
         return dict(inner(feeds, outputs))
 
-    model.session.run = counting  # type: ignore[method-assign]
+    model.session.run = gated  # type: ignore[method-assign]
     batcher: DynamicBatcher[TensorRequest, dict[str, np.ndarray]] = DynamicBatcher(
         run_tensor_batch(model),
         group=tensor_group(model),
         rows=lambda r: r.rows,
-        max_batch_size=2,
-        max_delay_s=60.0,
+        max_batch_size=8,
+        max_delay_s=0.0,
         queue_limit=8,
         timeout_s=20.0,
     )
     batcher.start()
     try:
-        ra, rc = await asyncio.gather(
+        first = asyncio.ensure_future(batcher.submit(TensorRequest({"x": A}, None)))
+        assert await asyncio.to_thread(entered.wait, 10)
+        both = asyncio.gather(
             batcher.submit(TensorRequest({"x": A}, None)), batcher.submit(TensorRequest({"x": C}, None))
         )
+        while batcher.stats.queue_depth < 2:
+            await asyncio.sleep(0)
+        release.set()
+        await first
+        ra, rc = await both
     finally:
         await batcher.stop()
     return ra, rc, calls
