@@ -18,6 +18,7 @@ An :class:`OrtSession` is safe to call from several threads (onnxruntime's
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,10 @@ __all__ = ["ORT_BACKENDS", "OrtBackend", "OrtSession", "ort_backend"]
 logger = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+#: TensorRT has no per-session TF32 switch (onnxruntime 1.32); NVIDIA_TF32_OVERRIDE=0 turns its
+#: TF32 off for the process (it is read when CUDA starts)
+TF32_OVERRIDE = "NVIDIA_TF32_OVERRIDE"
 
 _ORT_TYPES: dict[str, str] = {
     "tensor(float)": "float32",
@@ -58,7 +63,7 @@ _ORT_TYPES: dict[str, str] = {
 #: name -> (provider, device, speed_class, needs an NVIDIA GPU, install hint when the provider is missing)
 ORT_BACKENDS: dict[str, tuple[str, str, int, bool, str]] = {
     "ort-cpu": (CPU, "cpu", 15, False, "pip install inferbox"),
-    "ort-cuda": ("CUDAExecutionProvider", "cuda:0", 40, True, "install the gpu profile: onnxruntime-gpu"),
+    "ort-cuda": (CUDA, "cuda:0", 40, True, "install the gpu profile: onnxruntime-gpu"),
     "ort-tensorrt": (
         "TensorrtExecutionProvider",
         "cuda:0",
@@ -127,7 +132,8 @@ class OrtBackend:
     """One onnxruntime execution provider.
 
     ``providers`` overrides the provider list handed to ``InferenceSession``
-    (default: the requested provider, then CPU for the nodes it cannot take).
+    (default: the requested provider, then CUDA after TensorRT, then CPU for the nodes it cannot
+    take; the CUDA EP with ``use_tf32 = 0``, so fp32 is computed in fp32).
     """
 
     def __init__(self, name: str, *, providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None) -> None:
@@ -177,16 +183,21 @@ class OrtBackend:
         if self.provider == CPU:
             return [CPU]
         opts: dict[str, Any] = {}
-        if self.provider == "CUDAExecutionProvider":
-            opts["device_id"] = 0
-        elif self.provider == "TensorrtExecutionProvider":
+        # fp32 means fp32: the CUDA EP's default use_tf32=1 runs fp32 MatMul/Conv in TF32 (10-bit
+        # mantissa) on Ampere and newer, a precision no gate was measured in
+        cuda: tuple[str, dict[str, Any]] = (CUDA, {"device_id": 0, "use_tf32": 0})
+        if self.provider == CUDA:
+            return [cuda, CPU]
+        if self.provider == "TensorrtExecutionProvider":
             opts["device_id"] = 0
             if options.cache_dir is not None:
                 trt = options.cache_dir / "trt"
                 trt.mkdir(parents=True, exist_ok=True)
                 opts["trt_engine_cache_enable"] = True
                 opts["trt_engine_cache_path"] = str(trt)
-        elif self.provider == "OpenVINOExecutionProvider":
+            # the nodes TensorRT rejects run on CUDA, not on the CPU with copies to and fro
+            return [(self.provider, opts), cuda, CPU]
+        if self.provider == "OpenVINOExecutionProvider":
             # explicit, like the native backends: OpenVINO would pick bf16 on AMX CPUs
             opts["device_type"] = "CPU"
             opts["precision"] = "FP32"
@@ -212,6 +223,13 @@ class OrtBackend:
         so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = self._provider_list(options)
         requested = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if requested == "TensorrtExecutionProvider" and os.environ.setdefault(TF32_OVERRIDE, "0") != "0":
+            logger.warning(
+                "%s: %s=%s lets TensorRT compute fp32 in TF32; unset it for fp32 results",
+                self.name,
+                TF32_OVERRIDE,
+                os.environ[TF32_OVERRIDE],
+            )
         fallback: str | None = None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -436,10 +436,15 @@ def test_ort_provider_options(tmp_path: Path) -> None:
             "TensorrtExecutionProvider",
             {"device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "trt")},
         ),
+        # the nodes TensorRT rejects run on CUDA (in fp32), not on the CPU
+        ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0}),
         "CPUExecutionProvider",
     ]
     assert (tmp_path / "trt").is_dir()
-    assert OrtBackend("ort-cuda")._provider_list(OpenOptions())[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    assert OrtBackend("ort-cuda")._provider_list(OpenOptions())[0] == (
+        "CUDAExecutionProvider",
+        {"device_id": 0, "use_tf32": 0},
+    )
     ov_name, ov_opts = OrtBackend("ort-openvino")._provider_list(OpenOptions())[0]
     assert ov_name == "OpenVINOExecutionProvider" and ov_opts == {"device_type": "CPU", "precision": "FP32"}
     assert OrtBackend("ort-cpu")._provider_list(options) == ["CPUExecutionProvider"]
