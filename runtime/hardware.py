@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -26,13 +28,17 @@ import msgspec
 __all__ = [
     "ISA_FLAGS",
     "VNNI_FLAGS",
+    "CpuBudget",
     "GpuInfo",
     "HardwareProfile",
     "OrtInfo",
     "OvDevice",
     "OvInfo",
+    "cgroup_cpu_limit",
+    "cpu_budget",
     "default_threads",
     "int8_saturates",
+    "is_x86",
     "local_cpu_flags",
     "nvidia_gpus",
     "parse_cpu_flags",
@@ -117,13 +123,18 @@ class HardwareProfile(msgspec.Struct, frozen=True, kw_only=True):
     #: path of the nvidia-smi binary, None when absent
     nvidia_smi: str | None = None
     notes: tuple[str, ...] = ()
+    #: False when /proc/cpuinfo could not be read or has no flags line: ``cpu_flags`` is then
+    #: empty for want of knowledge, not because the CPU lacks them
+    cpu_flags_known: bool = True
+    #: ``platform.machine()`` (x86_64, aarch64, ...); empty when not probed
+    machine: str = ""
 
     def has_flag(self, flag: str) -> bool:
         return flag in self.cpu_flags
 
     def int8_saturates(self) -> bool:
         """See :func:`int8_saturates`."""
-        return int8_saturates(self.cpu_flags)
+        return int8_saturates(self.cpu_flags, known=self.cpu_flags_known, machine=self.machine)
 
     def ov_device(self, prefix: str) -> OvDevice | None:
         """The first OpenVINO device whose name is ``prefix`` or ``prefix.N`` (``GPU`` -> ``GPU.0``)."""
@@ -165,12 +176,23 @@ def parse_cpu_flags(cpuinfo: str) -> tuple[str, ...]:
     return ()
 
 
-def int8_saturates(cpu_flags: tuple[str, ...]) -> bool:
+def is_x86(machine: str) -> bool:
+    """``platform.machine()`` names an x86 CPU (x86_64, AMD64, i686, ...)."""
+    m = machine.lower()
+    return m in ("x86_64", "amd64", "x64", "x86") or bool(re.fullmatch(r"i[3-6]86", m))
+
+
+def int8_saturates(cpu_flags: tuple[str, ...], *, known: bool = True, machine: str = "") -> bool:
     """True on an x86 CPU without VNNI / AMX, where INT8 kernels saturate on 8-bit weights.
 
-    Read from the flags (x86 with AVX2 and none of :data:`VNNI_FLAGS`); False where the
-    flags are unknown or not x86 (ARM's dot products do not saturate).
+    Read from the flags (x86 with AVX2 and none of :data:`VNNI_FLAGS`); False on a CPU
+    that is not x86 (ARM's dot products do not saturate).  When the flags are not
+    ``known`` (/proc/cpuinfo unreadable or without a flags line: gVisor, ``ProcSubset=pid``)
+    on an x86 ``machine``, True: VNNI cannot be shown, so the box is taken to saturate
+    (fail closed) rather than admit a variant that needs VNNI.
     """
+    if not known:
+        return is_x86(machine)
     return "avx2" in cpu_flags and not any(f in cpu_flags for f in VNNI_FLAGS)
 
 
@@ -180,6 +202,13 @@ def local_cpu_flags(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> tuple[str, ..
         return parse_cpu_flags(cpuinfo_path.read_text(errors="replace"))
     except OSError:
         return ()
+
+
+def _has_flags_line(cpuinfo: str) -> bool:
+    return any(
+        sep and key.strip() in ("flags", "Features")
+        for key, sep, _ in (line.partition(":") for line in cpuinfo.splitlines())
+    )
 
 
 def parse_cpu_model(cpuinfo: str) -> str:
@@ -219,16 +248,128 @@ def parse_nvidia_smi(text: str) -> tuple[GpuInfo, ...]:
     return tuple(gpus)
 
 
-def default_threads() -> int:
-    """Physical cores this process may use (what ``threads = 0`` means)."""
+def _read_cgroup_file(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _cgroup_dirs(mount: Path, rel: str) -> list[Path]:
+    """``mount/rel`` and every folder above it up to ``mount`` (a quota anywhere on the path applies)."""
+    parts = [p for p in rel.strip("/").split("/") if p and p not in (".", "..")]
+    return [mount.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def cgroup_cpu_limit(
+    root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")
+) -> tuple[float, str] | None:
+    """The CPU quota of this process's cgroup, in CPUs, and where it was read; None when unlimited.
+
+    cgroup v2: ``cpu.max`` (``QUOTA PERIOD`` or ``max PERIOD``); v1: ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` (quota -1 = unlimited).  Read in the process's own cgroup (from
+    ``self_cgroup``) and every cgroup above it; the smallest quota applies.  ``root`` is the
+    cgroup mount (a test passes a folder of fake files).  Never raises.
+    """
+    v2_rel: str | None = None
+    v1_rel: str | None = None
+    text = _read_cgroup_file(self_cgroup) or ""
+    for line in text.splitlines():
+        hier, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if hier == "0" and controllers == "":
+            v2_rel = rel
+        elif "cpu" in controllers.split(","):
+            v1_rel = rel
+    found: list[tuple[float, str]] = []
+    for d in _cgroup_dirs(root, v2_rel or "/"):
+        raw = _read_cgroup_file(d / "cpu.max")
+        if raw is None:
+            continue
+        fields = raw.split()
+        try:
+            if len(fields) == 2 and fields[0] != "max" and int(fields[1]) > 0 and int(fields[0]) > 0:
+                found.append((int(fields[0]) / int(fields[1]), f"{d / 'cpu.max'}: {raw}"))
+        except ValueError:
+            logger.info("cgroup file %s is not QUOTA PERIOD: %r", d / "cpu.max", raw)
+    for mount in (root / "cpu,cpuacct", root / "cpu"):
+        if not mount.is_dir():
+            continue
+        for d in _cgroup_dirs(mount, v1_rel or "/"):
+            quota = _read_cgroup_file(d / "cpu.cfs_quota_us")
+            period = _read_cgroup_file(d / "cpu.cfs_period_us")
+            if quota is None or period is None:
+                continue
+            try:
+                q, p = int(quota), int(period)
+            except ValueError:
+                continue
+            if q > 0 and p > 0:
+                found.append((q / p, f"{d / 'cpu.cfs_quota_us'}: {q} / cpu.cfs_period_us: {p}"))
+        break
+    return min(found, key=lambda f: f[0]) if found else None
+
+
+class CpuBudget(msgspec.Struct, frozen=True, kw_only=True):
+    """The threads ``threads = 0`` means for this process, and which bound decided it."""
+
+    threads: int
+    physical_cores: int
+    #: CPUs in the affinity mask (None where the OS does not say)
+    affinity: int | None
+    #: ceil(quota / period) of the cgroup CPU quota, None when unlimited
+    cgroup_cpus: int | None
+    cgroup_source: str = ""
+    workers: int = 1
+    #: "physical cores", "CPU affinity" or "cgroup CPU quota"
+    bound: str = "physical cores"
+
+    def describe(self) -> str:
+        """``2 (cgroup CPU quota: /sys/fs/cgroup/cpu.max: 200000 100000; 32 physical cores)``."""
+        why = self.bound
+        if self.bound == "cgroup CPU quota":
+            why += f" {self.cgroup_source}"
+        elif self.bound == "CPU affinity":
+            why += f" {self.affinity} CPUs"
+        per = f", shared by {self.workers} workers" if self.workers > 1 else ""
+        return f"{self.threads} per process (bound: {why}; {self.physical_cores} physical cores{per})"
+
+
+def cpu_budget(
+    workers: int = 1, *, cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")
+) -> CpuBudget:
+    """Physical cores, bounded by the affinity mask and the cgroup CPU quota, divided among ``workers``."""
     import psutil
 
     physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     try:
-        allowed = len(os.sched_getaffinity(0))
+        affinity: int | None = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        allowed = physical
-    return max(1, min(physical, allowed))
+        affinity = None
+    limit = cgroup_cpu_limit(cgroup_root, self_cgroup)
+    quota = max(1, math.ceil(limit[0] - 1e-9)) if limit is not None else None
+    cores, bound = physical, "physical cores"
+    if affinity is not None and affinity < cores:
+        cores, bound = affinity, "CPU affinity"
+    if quota is not None and quota < cores:
+        cores, bound = quota, "cgroup CPU quota"
+    workers = max(1, workers)
+    return CpuBudget(
+        threads=max(1, cores // workers),
+        physical_cores=physical,
+        affinity=affinity,
+        cgroup_cpus=quota,
+        cgroup_source=limit[1] if limit is not None else "",
+        workers=workers,
+        bound=bound,
+    )
+
+
+def default_threads(workers: int = 1) -> int:
+    """Physical cores this process may use (what ``threads = 0`` means): bounded by the affinity
+    mask and the cgroup CPU quota (``docker --cpus``, a Kubernetes CPU limit), divided among
+    ``workers`` server processes (:func:`cpu_budget`)."""
+    return cpu_budget(workers).threads
 
 
 def _numa_nodes(node_dir: Path) -> tuple[int, ...]:
@@ -340,6 +481,18 @@ def probe_hardware(
         physical = _physical_from_cpuinfo(cpuinfo) or logical
         mem_total = mem_available = 0
     smi = nvidia_smi if nvidia_smi is not None else shutil.which("nvidia-smi")
+    machine = platform.machine()
+    flags_known = _has_flags_line(cpuinfo)
+    if not flags_known:
+        why = "it could not be read" if not cpuinfo else "it has no flags line"
+        if is_x86(machine):
+            notes.append(
+                f"CPU ISA flags unknown ({cpuinfo_path}: {why}) on {machine}: VNNI / AMX cannot be shown, so INT8 "
+                "is taken to saturate and variants that require cpu-vnni are refused; make /proc/cpuinfo "
+                "readable (e.g. no ProcSubset=pid) to use them"
+            )
+        else:
+            notes.append(f"CPU ISA flags unknown ({cpuinfo_path}: {why}) on {machine or 'an unknown machine'}")
     profile = HardwareProfile(
         cpu_model=parse_cpu_model(cpuinfo),
         physical_cores=physical,
@@ -353,6 +506,8 @@ def probe_hardware(
         gpus=_probe_gpus(smi, notes),
         nvidia_smi=smi,
         notes=tuple(notes),
+        cpu_flags_known=flags_known,
+        machine=machine,
     )
     for note in notes:
         logger.info("hardware probe: %s", note)

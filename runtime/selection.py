@@ -225,9 +225,10 @@ def _rejection(
         return f"variant {variant.id} requires {', '.join(unknown)}, which this inferbox cannot check; upgrade inferbox"
     if "cpu-vnni" in variant.requires and probe.int8_saturates:
         return (
-            f"variant {variant.id} has 8-bit weights validated on a CPU with VNNI; this CPU has no VNNI / AMX, "
-            "where INT8 kernels saturate and accuracy falls below the gate: re-export the model on this box "
-            "(it then quantizes with 7-bit weights)"
+            f"variant {variant.id} has 8-bit weights validated on a CPU with VNNI; this CPU has no VNNI / AMX "
+            "(or its ISA flags could not be read: see the notes of `inferbox doctor`), where INT8 kernels "
+            "saturate and accuracy falls below the gate: re-export the model on this box (it then quantizes "
+            "with 7-bit weights)"
         )
     return None
 

@@ -155,6 +155,9 @@ def _hardware_lines(hw: HardwareProfile) -> list[str]:
         + (
             "saturating on 8-bit weights (no VNNI / AMX): INT8 variants exported here use 7-bit weights; "
             "ones that require cpu-vnni are refused"
+            if hw.int8_saturates() and hw.cpu_flags_known
+            else "saturating on 8-bit weights assumed (ISA flags unknown on x86, see the note): INT8 variants "
+            "that require cpu-vnni are refused"
             if hw.int8_saturates()
             else "exact (VNNI / AMX, or not an x86 CPU)"
         ),
@@ -251,9 +254,11 @@ def doctor(
 
     Exits 1 when a model in the repository cannot run at all.
     """
+    import msgspec
+
     from runtime.backends.registry import BACKENDS, probe_all
     from runtime.errors import ConfigError
-    from runtime.hardware import default_threads, probe_hardware
+    from runtime.hardware import cpu_budget, probe_hardware
     from runtime.loader import LoaderOptions, preference_for
     from runtime.streams import plan_for
 
@@ -282,7 +287,8 @@ def doctor(
         fingerprint=hardware.fingerprint(),
         cache_path=settings.cache_dir / "decisions.json",
     )
-    cores = default_threads()
+    budget = cpu_budget(settings.workers)
+    cores = budget.threads
     for i, m in enumerate(reports):
         if m.runnable and m.decision is not None and m.decision.choice is not None:
             streams, threads = plan_for(
@@ -296,7 +302,10 @@ def doctor(
 
     if as_json:
         out = {
-            "hardware": hardware.to_dict(),
+            "hardware": {
+                **hardware.to_dict(),
+                "threads": {**msgspec.to_builtins(budget), "bound_by": budget.describe()},
+            },
             "backends": [asdict(p) for p in probes],
             "preference": asdict(preference),
             "repository": str(settings.repository),
@@ -306,7 +315,8 @@ def doctor(
         }
         click.echo(json.dumps(out, indent=2, default=str))
     else:
-        lines = ["hardware", *_hardware_lines(hardware), "backends", *_probe_lines(probes)]
+        lines = ["hardware", *_hardware_lines(hardware)]
+        lines += [f"  threads:     {budget.describe()} (threads = 0)", "backends", *_probe_lines(probes)]
         where = str(package) if package is not None else str(settings.repository)
         lines.append(f"models ({where}; backend={preference.backend}, objective={preference.objective})")
         if hint:
