@@ -81,6 +81,9 @@ class RequestContext:
         self.model_sha256 = model.package_sha256
         self.backend = model.backend
         self.variant = model.variant
+        fallback = getattr(model.session, "fallback", None)
+        if fallback:  # the backend above is what ran; the record also says what it fell back from
+            self.details["fallback"] = str(fallback)
 
 
 def context_of(scope: Any) -> RequestContext:

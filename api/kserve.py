@@ -81,7 +81,14 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
         "platform": f"inferbox_{model.backend}",
         "inputs": inputs,
         "outputs": outputs,
-        "parameters": {"task": model.manifest.task, "variant": model.variant, "backend": model.backend},
+        "parameters": {
+            "task": model.manifest.task,
+            "variant": model.variant,
+            "backend": model.backend,
+            "exec_precision": model.exec_precision,
+            # what the session fell back from and to (allow_fallback), or empty
+            "fallback": getattr(model.session, "fallback", None) or "",
+        },
     }
 
 

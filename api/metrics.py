@@ -4,8 +4,10 @@ Series (all prefixed ``inferbox_``): ``requests_total{model,route,status}``,
 ``request_duration_seconds{route}`` (histogram), ``queue_seconds{model}``,
 ``batch_size{model}``, ``inference_seconds{model}`` (histograms, from the
 batchers), ``in_flight_requests``, ``queue_depth{model}``, and
-``model_info{model,version,backend,variant,exec_precision,streams}`` (always 1:
-the backend in use; ``streams``: sessions running batches side by side),
+``model_info{model,version,backend,variant,exec_precision,streams,fallback}`` (always 1:
+the backend and precision the proved session runs in; ``streams``: sessions running
+batches side by side; ``fallback``: empty, or what the session fell back from and to
+when ``allow_fallback`` let it run elsewhere),
 ``static_shapes{model}`` (static-shape copies compiled so far, OpenVINO) and
 ``thread_cpu_seconds_total{thread}`` (this process's CPU by thread kind: ``loop``,
 ``inference``, ``audit``, ``other``; Linux only, :class:`runtime.threads.ThreadCpu`).
@@ -18,9 +20,13 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from runtime.batcher import BatchStats
 from runtime.threads import ThreadCpu
+
+if TYPE_CHECKING:
+    from runtime.serving import LoadedModel
 
 __all__ = ["CONTENT_TYPE", "Histogram", "Metrics", "ModelInfo"]
 
@@ -85,6 +91,22 @@ class ModelInfo:
     exec_precision: str
     streams: int = 1
     static_shapes: int = 0
+    #: ``CUDAExecutionProvider -> CPUExecutionProvider`` when the session fell back; else empty
+    fallback: str = ""
+
+    @classmethod
+    def of(cls, model: LoadedModel) -> ModelInfo:
+        """The facts of a :class:`runtime.serving.LoadedModel` (its fallback read from the session)."""
+        return cls(
+            model.name,
+            str(model.version),
+            model.backend,
+            model.variant,
+            model.exec_precision,
+            model.streams,
+            model.static_shapes,
+            fallback=getattr(model.session, "fallback", None) or "",
+        )
 
 
 class Metrics:
@@ -176,6 +198,7 @@ class Metrics:
                 ("variant", m.variant),
                 ("exec_precision", m.exec_precision),
                 ("streams", str(m.streams)),
+                ("fallback", m.fallback),
             ]
             out.append(f"inferbox_model_info{_labels(labels)} 1")
         out += [

@@ -191,13 +191,14 @@ def _create_first_admin_key(settings: Settings, store: Any) -> tuple[str, str]:
 
 
 def model_loader(
-    settings: Settings, *, streams: int = 1, workload: str = "online"
+    settings: Settings, *, streams: int = 1, workload: str = "online", workers: int = 1
 ) -> Callable[[str, int | None], LoadedModel]:
     """``loader(name, version)`` for the registry and the batch worker, configured by ``settings``.
 
     ``streams``: sessions per model run side by side (0 = auto; the server and the batch worker
     pass ``settings.streams``); ``workload``: ``online`` or ``batch`` (how the choice is ranked,
-    :class:`runtime.loader.LoaderOptions`)."""
+    :class:`runtime.loader.LoaderOptions`); ``workers``: server processes sharing the cores (the
+    server passes ``settings.workers``: with ``threads = 0`` each takes its share)."""
     from runtime.loader import LoaderOptions, load_model
 
     options = LoaderOptions(
@@ -211,6 +212,7 @@ def model_loader(
         streams=streams,
         workload=workload,
         static_shapes=settings.static_shapes,
+        workers=workers,
     )
 
     def load(name: str, version: int | None) -> LoadedModel:
@@ -233,7 +235,8 @@ def build_registry(settings: Settings) -> ModelRegistry:
 
     public_key = public_key_of(settings)
     registry = ModelRegistry(
-        model_loader(settings, streams=settings.streams), lambda: repository_index(settings.repository, public_key)
+        model_loader(settings, streams=settings.streams, workers=settings.workers),
+        lambda: repository_index(settings.repository, public_key),
     )
     for name in Repository(settings.repository).models():
         try:
@@ -291,6 +294,7 @@ def build_app(settings: Settings) -> Litestar:
                     backend=model.backend,
                     variant=model.variant,
                     exec_precision=model.exec_precision,
+                    fallback=model.session.fallback or "",
                 )
             )
 

@@ -5,28 +5,36 @@
 decision cached per hardware fingerprint + package sha256), opens the chosen
 session — which proves what really runs — and wraps it as a
 :class:`~runtime.serving.LoadedModel`.
+
+With ``backend = auto`` a choice whose session cannot be proved (onnxruntime-gpu lists
+TensorRT with no TensorRT installed) is recorded as a rejected verdict and the next
+admissible candidate is opened, in ranked order; the load fails only when every one
+fails, listing each.  A forced backend fails at once.  The ``LoadedModel`` names what
+the proved session runs on (with ``allow_fallback``, the backend and precision it fell
+back to; ``session.fallback`` says from what).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime.autotune import DecisionCache, OpenSession, PackageLike, decide, load_samples, session_opener
-from runtime.backends.base import Probe
+from runtime.backends.base import Probe, Session
+from runtime.errors import BackendError, SelectionError
 from runtime.repository import Repository
-from runtime.selection import Decision, Preference, require_choice
+from runtime.selection import Candidate, Decision, Preference, Verdict, rank, require_choice
 from runtime.serving import IndexEntry, LoadedModel
 from runtime.streams import open_pool, plan_for
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["LoaderOptions", "load_model", "preference_for", "repository_index"]
+__all__ = ["LoaderOptions", "Opened", "load_model", "open_first", "preference_for", "repository_index"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,9 @@ class LoaderOptions:
     #: OpenVINO static-shape copies of the all-core session (the one a lone caller gets) for
     #: input shapes that repeat (:mod:`runtime.backends.static_shapes`); 0 = none
     static_shapes: int = 0
+    #: server processes sharing this box (``serve --workers``): with ``threads = 0`` each gets
+    #: its share of the cores (:func:`runtime.hardware.cpu_budget`)
+    workers: int = 1
 
 
 def preference_for(options: LoaderOptions) -> Preference:
@@ -78,21 +89,28 @@ def load_model(
 ) -> LoadedModel:
     """Open ``name`` (latest version unless given) on the best admissible backend here."""
     from runtime.backends.registry import probe_all
-    from runtime.hardware import probe_hardware
+    from runtime.hardware import default_threads, probe_hardware
     from runtime.text import TextEncoder
 
     opts = options or LoaderOptions()
     package = Repository(repository, public_key=opts.public_key).open(name, version)
     profile = probe_hardware()
     found = list(probes) if probes is not None else probe_all(profile)
+    cores = default_threads(opts.workers)
+    # explicit: with several workers `threads = 0` is this process's share, not every core
     opener = functools.partial(
-        session_opener, package, threads=opts.threads, allow_fallback=opts.allow_fallback, cache_dir=opts.cache_dir
+        session_opener,
+        package,
+        threads=opts.threads or cores,
+        allow_fallback=opts.allow_fallback,
+        cache_dir=opts.cache_dir,
     )
     open_session = opener()
+    preference = preference_for(opts)
     decision: Decision = decide(
         package,
         found,
-        preference_for(opts),
+        preference,
         fingerprint=profile.fingerprint(),
         cache=DecisionCache(opts.decision_cache) if opts.decision_cache is not None else None,
         autotune=opts.autotune,
@@ -101,50 +119,139 @@ def load_model(
         samples=load_samples(package) if opts.autotune else None,
     )
     where = f"{package.manifest.name}/{package.manifest.version}"
-    choice = require_choice(decision, where)
-    streams, stream_open = _streams(package, choice.backend, found, opts, open_session)
+    require_choice(decision, where)
     # only the all-core session (the one a lone caller gets) keeps static-shape copies
     open_wide = opener(static_shapes=opts.static_shapes) if opts.static_shapes else open_session
-    session = open_pool(lambda: stream_open(choice), streams, lambda: open_wide(choice))
+
+    def open_candidate(cand: Candidate) -> tuple[Session, Session, int]:
+        streams, stream_open = _streams(package, cand.backend, found, opts, cores, open_session)
+        wide: list[Session] = []
+
+        def first() -> Session:
+            wide.append(open_wide(cand))
+            return wide[0]
+
+        session = open_pool(functools.partial(stream_open, cand), streams, first)
+        return session, wide[0], streams
+
+    fresh = rank(found, package.manifest, preference) if decision.source != "rank" else decision
+    opened = open_first(decision, open_candidate, where=where, forced=opts.backend != "auto", fresh=fresh)
+    choice, session = opened.candidate, opened.session
     manifest = package.manifest
     text = None
     if manifest.text is not None:
         text = TextEncoder.from_dir(package.path / manifest.text.tokenizer_dir, manifest.text)
     log.info(
-        "loaded %s on %s (%s, %s; active %s; %d stream(s); decided by %s)",
+        "loaded %s on %s (%s, %s; active %s; %d stream(s); decided by %s%s%s)",
         where,
-        choice.backend,
+        opened.backend,
         choice.variant,
-        choice.exec_precision,
+        opened.exec_precision,
         ",".join(session.active),
-        streams,
+        opened.streams,
         decision.source,
+        f"; FALLBACK from {choice}: {session.fallback}" if session.fallback else "",
+        f"; {len(opened.failed)} candidate(s) before it failed their proof" if opened.failed else "",
     )
     return LoadedModel(
         name=manifest.name,
         version=manifest.version,
         manifest=manifest,
         package_sha256=package.sha256,
-        backend=choice.backend,
+        backend=opened.backend,
         variant=choice.variant,
-        exec_precision=choice.exec_precision,
+        exec_precision=opened.exec_precision,
         session=session,
         text=text,
-        streams=streams,
+        streams=opened.streams,
+    )
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What :func:`open_first` opened: the candidate, its session, and what the proof found."""
+
+    candidate: Candidate
+    session: Session
+    streams: int
+    #: the backend the proved session runs on (the candidate's unless it fell back)
+    backend: str
+    #: the precision the proved session computes in (read back by OpenVINO; fp32 for ORT)
+    exec_precision: str
+    #: the candidates tried before it whose session could not be proved, as rejected verdicts
+    failed: tuple[Verdict, ...]
+    #: ``decision`` with the opened candidate as its choice and the failed ones rejected
+    decision: Decision
+
+
+def open_first(
+    decision: Decision,
+    open_candidate: Callable[[Candidate], tuple[Session, Session, int]],
+    *,
+    where: str,
+    forced: bool = False,
+    fresh: Decision | None = None,
+) -> Opened:
+    """Open ``decision``'s choice; when its session cannot be proved (:class:`BackendError`, a
+    :class:`FallbackError` included) and the backend is not ``forced``, the next admissible
+    candidate in ranked order, and so on (those still admissible in ``fresh``, the ranking on this
+    box now, when ``decision`` came from a cache).  ``open_candidate(c)`` returns (the session to
+    serve, the session whose proof it carries, streams).  Each failure is logged and kept as a
+    rejected verdict; :class:`SelectionError` listing every one when none opens."""
+    from runtime.backends.registry import ran_on
+
+    choice = require_choice(decision, where)
+    order = [choice]
+    if not forced:
+        for v in decision.admissible:
+            still = fresh.verdict(v.candidate) if fresh is not None else v
+            if v.candidate != choice and still is not None and still.admissible:
+                order.append(v.candidate)
+    failed: list[Verdict] = []
+    for cand in order:
+        try:
+            session, proved, streams = open_candidate(cand)
+        except BackendError as exc:
+            if forced:
+                raise
+            why = f"{type(exc).__name__}: {exc}"
+            failed.append(Verdict(cand, False, f"could not be opened and proved here: {why}", 0.0))
+            log.warning("%s: %s could not be opened and proved (%s); trying the next candidate", where, cand, why)
+            continue
+        rest = tuple(v for v in decision.verdicts if v.candidate not in (cand, *(f.candidate for f in failed)))
+        chosen = decision.verdict(cand) or Verdict(cand, True, "opened", 0.0)
+        return Opened(
+            candidate=cand,
+            session=session,
+            streams=streams,
+            backend=ran_on(cand.backend, proved.active) if proved.fallback else cand.backend,
+            exec_precision=str(getattr(proved, "exec_precision", cand.exec_precision)),
+            failed=tuple(failed),
+            decision=Decision(
+                choice=cand,
+                verdicts=(chosen, *(v for v in rest if v.admissible), *failed, *(v for v in rest if not v.admissible)),
+                source=decision.source,
+            ),
+        )
+    lines = "\n  - ".join(f"{v.candidate}: {v.reason}" for v in failed)
+    raise SelectionError(
+        f"{where}: every admissible (backend, variant, precision) failed to open here; fix one of them, "
+        f"force another backend, or allow fallback (allow_fallback = true):\n  - {lines}"
     )
 
 
 def _streams(
-    package: PackageLike, backend: str, probes: Sequence[Probe], opts: LoaderOptions, open_session: OpenSession
+    package: PackageLike,
+    backend: str,
+    probes: Sequence[Probe],
+    opts: LoaderOptions,
+    cores: int,
+    open_session: OpenSession,
 ) -> tuple[int, OpenSession]:
-    """How many streams to open for ``backend`` and the opener giving each its share of the cores."""
-    from runtime.hardware import default_threads
-
+    """How many streams to open for ``backend`` and the opener giving each its share of ``cores``."""
     if opts.streams == 1:
         return 1, open_session
-    streams, threads = plan_for(
-        backend, probes, opts.streams, default_threads(), threads=opts.threads, objective=opts.objective
-    )
+    streams, threads = plan_for(backend, probes, opts.streams, cores, threads=opts.threads, objective=opts.objective)
     if streams == 1:
         return 1, open_session
     # unpinned: OpenVINO pins each single-thread session's thread to the same first core (a pair

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from runtime.backends.base import Backend, Probe
@@ -21,7 +21,7 @@ from runtime.errors import BackendUnavailableError
 if TYPE_CHECKING:
     from runtime.hardware import HardwareProfile
 
-__all__ = ["BACKENDS", "get_backend", "probe_all"]
+__all__ = ["BACKENDS", "get_backend", "probe_all", "ran_on"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,35 @@ def get_backend(name: str) -> Backend:
     if factory is None:
         raise BackendUnavailableError(f"unknown backend {name!r}; known backends: {', '.join(sorted(BACKENDS))}")
     return factory()
+
+
+def ran_on(backend: str, active: Sequence[str]) -> str:
+    """The backend that really runs a session opened by ``backend`` whose proof found ``active``
+    (its providers / execution devices): ``backend`` itself unless the session fell back to another
+    provider or device (``ort-cuda`` running on ``CPUExecutionProvider`` ran as ``ort-cpu``)."""
+    from runtime.backends.openvino import OV_BACKENDS
+    from runtime.backends.ort import ORT_BACKENDS
+
+    if not active:
+        return backend
+    first = active[0]
+    if backend in ORT_BACKENDS:
+        if first == ORT_BACKENDS[backend][0]:
+            return backend
+        return next((name for name, spec in ORT_BACKENDS.items() if spec[0] == first), backend)
+    if backend in OV_BACKENDS:
+        device = OV_BACKENDS[backend][0]
+        if device in ("AUTO", first) or first.startswith(device + "."):
+            return backend
+        return next(
+            (
+                name
+                for name, spec in OV_BACKENDS.items()
+                if spec[0] != "AUTO" and (first == spec[0] or first.startswith(spec[0] + "."))
+            ),
+            backend,
+        )
+    return backend
 
 
 def _runtime_of(name: str) -> str:
