@@ -3,7 +3,8 @@
 ``input`` is a string or a list of strings (token arrays are refused: the server
 tokenizes with the model's own tokenizer); ``encoding_format`` is ``float`` or
 ``base64`` (little-endian float32, as OpenAI sends it); ``dimensions`` is refused
-unless it equals the model's.  ``usage.prompt_tokens`` counts the model's tokens.
+unless it equals the model's.  ``usage.prompt_tokens`` counts the model's tokens; texts cut
+to the model's maximum length are listed by index in the ``X-Truncated-Inputs`` header.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from api.kserve import embedding_dim
 from api.server import Server
 from runtime.errors import ForbiddenError, InputError, ModelNotFoundError
 
-__all__ = ["EmbeddingsRequest", "routes"]
+__all__ = ["TRUNCATED_HEADER", "EmbeddingsRequest", "routes"]
+
+#: indices of the texts cut to the model's max_length, comma-separated (absent when none was)
+TRUNCATED_HEADER = "X-Truncated-Inputs"
 
 Req = Request[Any, Any, Any]
 
@@ -104,7 +108,7 @@ async def embeddings(request: Req) -> Response[bytes]:
         raise ModelNotFoundError(f"model: {req.model!r} is not an embedding model; see GET /v1/models")
     texts = _texts(req.input)
     _check_dimensions(req.dimensions, embedding_dim(model), model.name)
-    vectors, counts = await server.embed(model, texts)
+    vectors, counts, truncated = await server.embed_texts(model, texts)
     _check_dimensions(req.dimensions, int(vectors.shape[1]), model.name)
     data: list[_Embedding] = []
     for i, vec in enumerate(vectors):
@@ -117,7 +121,9 @@ async def embeddings(request: Req) -> Response[bytes]:
     ctx.details["inputs"] = str(len(texts))
     ctx.details["tokens"] = str(total)
     out = _EmbeddingsResponse(data=data, model=model.name, usage=_Usage(prompt_tokens=total, total_tokens=total))
-    return Response(msgspec.json.encode(out), media_type="application/json")
+    # texts cut to the model's max_length (usage counts only what the model saw): their indices
+    headers = {TRUNCATED_HEADER: ",".join(map(str, truncated))} if truncated else None
+    return Response(msgspec.json.encode(out), media_type="application/json", headers=headers)
 
 
 @get("/v1/models", opt={"scope": "infer"})

@@ -22,7 +22,7 @@ from api.config import ApiConfig
 from api.envelope import context_of
 from api.metrics import Metrics, ModelInfo
 from runtime.batcher import BatchStats, DynamicBatcher
-from runtime.errors import InputError, OverloadError, PayloadTooLargeError
+from runtime.errors import ConfigError, InputError, OverloadError, PayloadTooLargeError
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
 
@@ -47,6 +47,13 @@ class Server:
     def __init__(
         self, registry: ModelRegistry, config: ApiConfig, metrics: Metrics, clock: Callable[[], float]
     ) -> None:
+        if config.max_inputs > config.queue_limit:
+            # a request's texts are queued all or none: more than the queue holds never fits
+            raise ConfigError(
+                f"max_inputs ({config.max_inputs}) is over queue_limit ({config.queue_limit}): a request's "
+                "texts are queued all or none, so a request of more than queue_limit texts could never be "
+                "served; lower max_inputs or raise queue_limit"
+            )
         self.registry = registry
         self.config = config
         self.metrics = metrics
@@ -176,8 +183,11 @@ class Server:
     # -- work -------------------------------------------------------------------------------------
     async def embed(self, model: LoadedModel, texts: list[str]) -> tuple[Array, list[int]]:
         """Embeddings [N, D] and token counts; each text is batched on its own (by token count)."""
-        import asyncio
+        vectors, counts, _truncated = await self.embed_texts(model, texts)
+        return vectors, counts
 
+    async def embed_texts(self, model: LoadedModel, texts: list[str]) -> tuple[Array, list[int], list[int]]:
+        """:meth:`embed`, and the indices of the texts cut to the model's max_length."""
         if len(texts) > self.config.max_inputs:
             raise InputError(
                 f"input: {len(texts)} texts is over the limit of {self.config.max_inputs} per request",
@@ -185,10 +195,13 @@ class Server:
             )
         tokens = model.tokenize(texts, truncate=self.config.truncate)
         batcher = await self.text_batcher(model)
-        results = await asyncio.gather(*(batcher.submit(TextItem(t)) for t in tokens))
+        # all of the request's texts are queued or none (a full queue refuses the whole request,
+        # leaving nothing of it to compute); a failed text or a client gone withdraws the rest
+        results = await batcher.submit_many([TextItem(t) for t in tokens])
+        truncated = [i for i, t in enumerate(tokens) if t.truncated]
         if not results:
-            return np.zeros((0, 0), dtype=np.float32), []
-        return np.stack([r[0] for r in results]), [r[1] for r in results]
+            return np.zeros((0, 0), dtype=np.float32), [], truncated
+        return np.stack([r[0] for r in results]), [r[1] for r in results], truncated
 
     async def infer(self, model: LoadedModel, inputs: dict[str, Array], outputs: list[str] | None) -> dict[str, Array]:
         feeds = model.check_inputs(inputs)

@@ -1,6 +1,7 @@
 """Dynamic batching: one queue per model, batches by size or delay, inference off the loop.
 
-``DynamicBatcher.submit(item)`` queues one item and awaits its result.  One
+``DynamicBatcher.submit(item)`` queues one item and awaits its result
+(``submit_many(items)``: the items of one request, admitted all or none).  One
 dedicated inference thread per batcher (sessions are not assumed thread-safe)
 forms a batch from the oldest waiting item and later items in the same *group*
 (``group(item)``: e.g. the non-batch shape of a tensor, so rows concatenate)
@@ -33,7 +34,8 @@ answer, runs at once instead of waiting for batch-mates that cannot come.
 A full queue raises :class:`~runtime.errors.OverloadError` (``retry_after`` from
 the measured service rate); an item not finished within ``timeout_s`` raises
 :class:`~runtime.errors.RequestTimeoutError` and, if it was still queued, is
-dropped and never run.  No Litestar here: plain asyncio.
+dropped and never run; so are the queued items of a request whose caller is cancelled or
+one of whose items failed.  No Litestar here: plain asyncio.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from runtime.errors import OverloadError, RequestTimeoutError
+from runtime.errors import InputError, OverloadError, RequestTimeoutError
 from runtime.threads import named_thread, os_thread_name
 
 __all__ = ["BatchStats", "DynamicBatcher", "padded_cost", "plan_batches"]
@@ -252,43 +254,80 @@ class DynamicBatcher(Generic[Item, Result]):
     # -- submitting -----------------------------------------------------------------
     async def submit(self, item: Item, *, timeout_s: float | None = None) -> Result:
         """Queue ``item``; return its result, or raise Overload/RequestTimeout/the batch's error."""
+        return (await self.submit_many([item], timeout_s=timeout_s))[0]
+
+    async def submit_many(self, items: Sequence[Item], *, timeout_s: float | None = None) -> list[Result]:
+        """Queue the items of one request, all or none; return their results in order.
+
+        Admission is one check under the lock: when the queue has no room for every item, none
+        is queued and :class:`OverloadError` is raised (so a refused request leaves nothing
+        behind to compute).  When one item fails (its batch's error, a timeout, a stop), or the
+        caller is cancelled (the client went away), the request's items still queued are
+        withdrawn and never run; the error (or the cancellation) goes on to the caller.
+        """
         if self._loop is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
+        if not items:
+            return []
+        if len(items) > self.queue_limit:
+            raise InputError(
+                f"input: {len(items)} items in one request can never fit the queue of model {self.name!r} "
+                f"({self.queue_limit}, queue_limit); send fewer",
+                field="input",
+            )
         timeout = self.timeout_s if timeout_s is None else timeout_s
         now = self._clock()
-        entry: _Entry[Item, Result] = _Entry(
-            item=item,
-            rows=max(1, self._rows(item)),
-            group=self._group(item),
-            enqueued=now,
-            deadline=now + timeout,
-            future=self._loop.create_future(),
-            length=None if self._length is None else self._length(item),
-        )
+        entries: list[_Entry[Item, Result]] = [
+            _Entry(
+                item=item,
+                rows=max(1, self._rows(item)),
+                group=self._group(item),
+                enqueued=now,
+                deadline=now + timeout,
+                future=self._loop.create_future(),
+                length=None if self._length is None else self._length(item),
+            )
+            for item in items
+        ]
         with self._cond:
             if self._stopping or self._draining:  # a model being unloaded or replaced: it takes no more
                 raise OverloadError(f"model {self.name!r} is being unloaded; retry later", 1.0)
-            full = len(self._pending) >= self.queue_limit
+            full = len(self._pending) + len(entries) > self.queue_limit
             if not full:
-                self._arrived(now)
-                self._pending.append(entry)
+                for entry in entries:
+                    self._arrived(now)
+                    self._pending.append(entry)
                 self.stats.queue_depth = len(self._pending)
-                self._cond.notify()
+                if len(entries) > 1:
+                    self._cond.notify_all()
+                else:
+                    self._cond.notify()
         if full:
-            self.stats.rejected += 1
+            self.stats.rejected += len(entries)
             raise OverloadError(
                 f"the queue of model {self.name!r} is full ({self.queue_limit} requests); retry later",
                 retry_after=self._retry_after(),
             )
-        self.stats.submitted += 1
+        self.stats.submitted += len(entries)
+        futures = [e.future for e in entries]
         try:
-            return await asyncio.wait_for(asyncio.shield(entry.future), timeout)
-        except TimeoutError:
-            self._drop(entry)
+            _done, waiting = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
+        except BaseException:  # cancelled: the caller went away; what is still queued never runs
+            self._withdraw(entries)
+            raise
+        # every error read (none is left "never retrieved"); the first, in item order, is raised
+        errors = [f.exception() for f in futures if f.done() and not f.cancelled()]
+        error = next((e for e in errors if e is not None), None)
+        if waiting:
+            self._withdraw(entries, timed_out=error is None)
+        if error is not None:
+            raise error
+        if waiting:
             raise RequestTimeoutError(
                 f"the request waited longer than its timeout ({timeout:g} s) for model {self.name!r}; "
                 "retry later or raise request_timeout_s"
-            ) from None
+            )
+        return [f.result() for f in futures]
 
     def _arrived(self, now: float) -> None:
         """Fold whether this item came within ``max_delay_s`` of the last into the share (under the lock)."""
@@ -302,14 +341,23 @@ class DynamicBatcher(Generic[Item, Result]):
         """Whether another item is likely within ``max_delay_s`` (under the lock): worth waiting for."""
         return self._close_arrivals is None or self._close_arrivals >= COMPANY_SHARE
 
-    def _drop(self, entry: _Entry[Item, Result]) -> None:
-        self.stats.timed_out += 1
+    def _withdraw(self, entries: list[_Entry[Item, Result]], *, timed_out: bool = False) -> None:
+        """Take the entries still queued off the queue, and leave no future of theirs pending
+        (one already in a batch runs; its result is dropped).  ``timed_out`` counts them."""
+        gone = {id(e) for e in entries if not e.future.done()}
+        if not gone:
+            return
+        if timed_out:
+            self.stats.timed_out += len(gone)
         with self._cond:
-            if entry in self._pending:
-                self._pending.remove(entry)
+            kept = [e for e in self._pending if id(e) not in gone]
+            if len(kept) != len(self._pending):
+                self._pending.clear()
+                self._pending.extend(kept)
             self.stats.queue_depth = len(self._pending)
-        if not entry.future.done():
-            entry.future.cancel()
+        for entry in entries:
+            if not entry.future.done():
+                entry.future.cancel()
 
     def _retry_after(self) -> float:
         batches_ahead = math.ceil(len(self._pending) / self.max_batch_size)

@@ -4,8 +4,9 @@ Uses the ``tokenizers`` library directly (never transformers).  A batch is
 padded to its longest text, not to the model's maximum (a tokenizer.json that
 asks for fixed-length padding is overridden); rounded up to a multiple of a few
 tokens when asked (so that shapes repeat for a session with static-shape copies).  Texts over the maximum length
-are truncated (keeping the special tokens) or refused with an
-:class:`~runtime.errors.InputError` naming the input.
+are truncated (keeping the special tokens; :attr:`Tokens.truncated` says so) or refused with
+an :class:`~runtime.errors.InputError` naming the input; so is a text that has no tokens at all
+(with a tokenizer that adds no special tokens, ``""`` would pool to a zero vector).
 
 A :class:`TextEncoder` is never mutated after construction, so one encoder may
 be shared by threads.
@@ -49,6 +50,8 @@ class Tokens:
 
     ids: list[int]
     type_ids: list[int]
+    #: cut to the model's max_length (the text had more tokens)
+    truncated: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -118,9 +121,16 @@ class TextEncoder:
 
     def tokenize(self, texts: Sequence[str], *, truncate: bool = True) -> list[Tokens]:
         """Each text's tokens (special tokens included), truncated to ``max_length`` when ``truncate``;
-        a longer text without truncation -> InputError naming it."""
+        a longer text without truncation, or a text of no tokens at all -> InputError naming it."""
         prepared = self._prepare(texts)
         encodings = list(self._plain.encode_batch(prepared)) if prepared else []
+        for i, e in enumerate(encodings):
+            if not e.ids:  # a tokenizer without [CLS]/[SEP] on "" or "  ": nothing to embed
+                raise InputError(
+                    f"input[{i}] has no tokens after tokenization (empty, or only characters the model's "
+                    "tokenizer drops); send some text",
+                    field=f"input[{i}]",
+                )
         long = [i for i, e in enumerate(encodings) if len(e.ids) > self.max_length]
         if long and not truncate:
             i = long[0]
@@ -132,7 +142,8 @@ class TextEncoder:
         if long:
             for i, e in zip(long, self._truncating.encode_batch([prepared[i] for i in long]), strict=True):
                 encodings[i] = e
-        return [Tokens(e.ids, e.type_ids) for e in encodings]
+        cut = set(long)
+        return [Tokens(e.ids, e.type_ids, truncated=i in cut) for i, e in enumerate(encodings)]
 
     def pad(self, tokens: Sequence[Tokens], *, multiple: int = 1) -> Encoded:
         """One batch of feeds from tokenized texts, padded to the longest, rounded up to a

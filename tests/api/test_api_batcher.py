@@ -9,7 +9,7 @@ from collections.abc import Hashable
 import pytest
 
 from runtime.batcher import DynamicBatcher, padded_cost, plan_batches
-from runtime.errors import OverloadError, RequestTimeoutError
+from runtime.errors import InputError, OverloadError, RequestTimeoutError
 
 
 class Gate:
@@ -412,3 +412,103 @@ def test_submit_before_start_is_an_error() -> None:
     b = make(Gate())
     with pytest.raises(RuntimeError, match="start"):
         asyncio.run(b.submit(1))
+
+
+def test_a_request_is_admitted_all_or_none() -> None:
+    """The items of one request are queued together or not at all: a request the queue has no
+    room for leaves nothing behind to compute (it used to queue the items that fitted)."""
+
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate, queue_limit=4, max_batch_size=1)
+        b.start()
+        first = asyncio.ensure_future(b.submit("running"))
+        await _entered(gate)
+        queued = asyncio.ensure_future(b.submit_many(["q0", "q1"]))
+        await asyncio.sleep(0)
+        assert b.stats.queue_depth == 2
+        with pytest.raises(OverloadError, match="full"):
+            await b.submit_many(["r0", "r1", "r2"])  # 2 + 3 > 4: none of the three
+        assert b.stats.queue_depth == 2
+        assert b.stats.rejected == 3
+        fits = asyncio.ensure_future(b.submit_many(["f0", "f1"]))  # 2 + 2 = 4: both
+        await asyncio.sleep(0)
+        assert b.stats.queue_depth == 4
+        gate.release.set()
+        assert await first == ("done", "running")
+        assert await queued == [("done", "q0"), ("done", "q1")]
+        assert await fits == [("done", "f0"), ("done", "f1")]
+        assert [i for batch in gate.batches for i in batch] == ["running", "q0", "q1", "f0", "f1"]
+        await b.stop()
+
+    run(main())
+
+
+def test_a_request_of_more_items_than_the_queue_holds_is_a_clear_error() -> None:
+    async def main() -> None:
+        b = make(Gate(block_first=False), queue_limit=2)
+        b.start()
+        with pytest.raises(InputError, match=r"3 items .* queue_limit") as err:
+            await b.submit_many(["a", "b", "c"])
+        assert err.value.field == "input"
+        assert b.stats.queue_depth == 0
+        await b.stop()
+
+    run(main())
+
+
+def test_a_cancelled_caller_withdraws_its_queued_items() -> None:
+    """A client gone while its items wait: they leave the queue (room for others) and never run."""
+
+    async def main() -> None:
+        gate = Gate()
+        b = make(gate, queue_limit=4, max_batch_size=1)
+        b.start()
+        first = asyncio.ensure_future(b.submit("first"))
+        await _entered(gate)
+        waiting = [asyncio.ensure_future(b.submit(f"w{i}")) for i in range(3)]
+        many = asyncio.ensure_future(b.submit_many(["m0"]))
+        await asyncio.sleep(0)
+        assert b.stats.queue_depth == 4
+        for task in (*waiting, many):
+            task.cancel()
+        await asyncio.gather(*waiting, many, return_exceptions=True)
+        assert b.stats.queue_depth == 0
+        new = [asyncio.ensure_future(b.submit(f"new{i}")) for i in range(4)]  # the room is back
+        await asyncio.sleep(0)
+        gate.release.set()
+        assert await first == ("done", "first")
+        assert await asyncio.gather(*new) == [("done", f"new{i}") for i in range(4)]
+        assert [i for batch in gate.batches for i in batch] == ["first", "new0", "new1", "new2", "new3"]
+        assert b.stats.timed_out == 0
+        await b.stop()
+
+    run(main())
+
+
+def test_a_failed_item_withdraws_the_rest_of_its_request() -> None:
+    """One text of a request fails: its caller gets the error, and its items still queued never run."""
+    ran: list[str] = []
+    release = threading.Event()
+
+    def run_batch(items: list[str]) -> list[str]:
+        ran.extend(items)
+        if items == ["bad"]:
+            raise RuntimeError("boom")
+        assert release.wait(10)  # "a" holds the thread while the request fails
+        return items
+
+    async def main() -> None:
+        b: DynamicBatcher[str, str] = DynamicBatcher(
+            run_batch, max_batch_size=1, max_delay_s=0.0, queue_limit=8, timeout_s=10.0
+        )
+        b.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit_many(["bad", "a", "b", "c"])
+        assert b.stats.queue_depth == 0  # the rest withdrawn ("a" may have started already)
+        release.set()
+        assert await b.submit("next") == "next"
+        assert ran in (["bad", "a", "next"], ["bad", "next"])  # b and c never ran
+        await b.stop()
+
+    run(main())

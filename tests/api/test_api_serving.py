@@ -43,22 +43,23 @@ def _stats(app: Any) -> Any:
 
 
 def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
-    app, session = _blocked_app(tmp_path, queue_limit=1, max_batch_size=1)
+    # max_inputs (2 here: the request's two input tensors) may not exceed queue_limit
+    app, session = _blocked_app(tmp_path, queue_limit=2, max_inputs=2, max_batch_size=1)
 
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             first = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY))
             await asyncio.to_thread(session.entered.wait, 10)
-            second = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY))
-            await _until(lambda: _stats(app).queue_depth == 1, "second request queued")
+            queued = [asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY)) for _ in range(2)]
+            await _until(lambda: _stats(app).queue_depth == 2, "two requests queued")
             r = await c.post("/v2/models/tabular/infer", json=BODY)
             assert r.status_code == 429
             assert int(r.headers["retry-after"]) >= 1
             assert "full" in r.json()["error"]
             session.release.set()
             assert (await first).status_code == 200
-            assert (await second).status_code == 200
-            assert session.calls == [1, 1]
+            assert [(await q).status_code for q in queued] == [200, 200]
+            assert session.calls == [1, 1, 1]
 
     asyncio.run(asyncio.wait_for(main(), 30))
 

@@ -114,6 +114,32 @@ def test_over_long_input_refused_without_truncation(encoder: TextEncoder) -> Non
     assert encoder.encode(["exactly " * 14], truncate=False).lengths == [16]
 
 
+def test_a_text_of_no_tokens_is_refused_naming_it() -> None:
+    """A tokenizer that adds no special tokens makes "" (or blanks) zero tokens: refused, naming
+    the input, instead of a [1, 0] tensor or an all-zero "normalized" embedding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "hello": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    plain = TextEncoder(tok, TextConfig(max_length=16, input_map={"input_ids": "input_ids"}))
+    assert [len(t) for t in plain.tokenize(["hello", "hello hello"])] == [1, 2]
+    for texts, where in ((["hello", ""], 1), (["  "], 0), (["hello", "hello", "\t\n"], 2)):
+        with pytest.raises(InputError, match=rf"input\[{where}\] has no tokens") as err:
+            plain.tokenize(texts)
+        assert err.value.field == f"input[{where}]"
+
+
+def test_the_empty_text_keeps_its_special_tokens_with_minilm(encoder: TextEncoder) -> None:
+    """MiniLM's tokenizer adds [CLS] and [SEP]: "" is 2 tokens and embeds as before."""
+    assert [len(t) for t in encoder.tokenize(["", "   "])] == [2, 2]
+
+
+def test_tokens_say_whether_they_were_truncated(encoder: TextEncoder) -> None:
+    tokens = encoder.tokenize(["hi", "word " * 40, "exactly " * 14])
+    assert [t.truncated for t in tokens] == [False, True, False]
+    assert [len(t) for t in tokens] == [3, 16, 16]
+
+
 def test_feeds_follow_input_map_and_bad_inputs(minilm_dir: Path) -> None:
     enc = TextEncoder.from_dir(minilm_dir, TextConfig(input_map={"ids": "input_ids", "mask": "attention_mask"}))
     out = enc.encode(["x"])
