@@ -262,8 +262,5 @@ class Server:
             stats[name] = b.stats
         for name, (_, tb) in self._text.items():
             stats[name if name not in stats else f"{name}:text"] = tb.stats
-        models = [
-            ModelInfo(m.name, str(m.version), m.backend, m.variant, m.exec_precision, m.streams, m.static_shapes)
-            for m in self.registry.loaded()
-        ]
+        models = [ModelInfo.of(m) for m in self.registry.loaded()]
         return self.metrics.render(stats, models)

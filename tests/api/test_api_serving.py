@@ -163,7 +163,7 @@ def test_metrics_series(client_factory: Any) -> None:
         'inferbox_inference_seconds_count{model="tabular"} 1',
         'inferbox_queue_depth{model="tabular"} 0',
         "inferbox_in_flight_requests 1",  # the /metrics request itself
-        'inferbox_model_info{model="tabular",version="1",backend="fake",variant="onnx-fp32",exec_precision="fp32",streams="1"} 1',
+        'inferbox_model_info{model="tabular",version="1",backend="fake",variant="onnx-fp32",exec_precision="fp32",streams="1",fallback=""} 1',
         'inferbox_static_shapes{model="tabular"} 0',  # a fake session compiles no copies
         "# TYPE inferbox_request_duration_seconds histogram",
     ]:
