@@ -24,6 +24,7 @@ from runtime.backends.base import Probe, Session
 from runtime.errors import PackageError, UnsafePathError
 from runtime.manifest import Manifest
 from runtime.selection import Candidate, Decision, Preference, Verdict, preference_hash, rank
+from runtime.verified import VerifiedCopy
 
 if TYPE_CHECKING:
     import numpy as np
@@ -67,6 +68,8 @@ def load_samples(package: PackageLike) -> Samples | None:
     rel = package.manifest.samples
     if not rel:
         return None
+    if isinstance(package, VerifiedCopy):
+        package.file(rel)  # copied (and checked) before it is read
     root = Path(package.path).resolve()
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
@@ -108,6 +111,8 @@ def session_opener(
             cpu_pinning=cpu_pinning,
             static_shapes=static_shapes,
         )
+        if isinstance(package, VerifiedCopy):  # the private copy, made from the bytes it checked
+            return get_backend(candidate.backend).open(package.variant_file(candidate.variant), options)
         entry = package.manifest.file(variant.files[0])  # ManifestError when the file is not listed
         return get_backend(candidate.backend).open(Path(package.path) / entry.path, options)
 

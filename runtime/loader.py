@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from runtime.repository import Repository
 from runtime.selection import Candidate, Decision, Preference, Verdict, rank, require_choice
 from runtime.serving import IndexEntry, LoadedModel
 from runtime.streams import open_pool, plan_for
+from runtime.verified import VerifiedCopy
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -88,12 +90,25 @@ def load_model(
     probes: Sequence[Probe] | None = None,
 ) -> LoadedModel:
     """Open ``name`` (latest version unless given) on the best admissible backend here."""
+    opts = options or LoaderOptions()
+    source = Repository(repository, public_key=opts.public_key).open(name, version)
+    # every file is opened from a private copy made from the bytes that were checked (runtime/verified.py)
+    package = VerifiedCopy.under(source, opts.cache_dir)
+    try:
+        loaded = _load(package, opts, probes)
+    except BaseException:
+        package.close()  # a temporary copy; one in the cache folder is kept for the next load
+        raise
+    if package.temporary:  # no cache folder: the copy lives as long as the model (stream sessions open later)
+        weakref.finalize(loaded, package.close)
+    return loaded
+
+
+def _load(package: VerifiedCopy, opts: LoaderOptions, probes: Sequence[Probe] | None) -> LoadedModel:
     from runtime.backends.registry import probe_all
     from runtime.hardware import default_threads, probe_hardware
     from runtime.text import TextEncoder
 
-    opts = options or LoaderOptions()
-    package = Repository(repository, public_key=opts.public_key).open(name, version)
     profile = probe_hardware()
     found = list(probes) if probes is not None else probe_all(profile)
     cores = default_threads(opts.workers)
@@ -140,7 +155,7 @@ def load_model(
     manifest = package.manifest
     text = None
     if manifest.text is not None:
-        text = TextEncoder.from_dir(package.path / manifest.text.tokenizer_dir, manifest.text)
+        text = TextEncoder.from_dir(package.folder(manifest.text.tokenizer_dir), manifest.text)
     log.info(
         "loaded %s on %s (%s, %s; active %s; %d stream(s); decided by %s%s%s)",
         where,
@@ -153,7 +168,7 @@ def load_model(
         f"; FALLBACK from {choice}: {session.fallback}" if session.fallback else "",
         f"; {len(opened.failed)} candidate(s) before it failed their proof" if opened.failed else "",
     )
-    return LoadedModel(
+    loaded = LoadedModel(
         name=manifest.name,
         version=manifest.version,
         manifest=manifest,
@@ -165,6 +180,7 @@ def load_model(
         text=text,
         streams=opened.streams,
     )
+    return loaded
 
 
 @dataclass(frozen=True)
