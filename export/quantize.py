@@ -70,9 +70,9 @@ class Int8Target:
 
 def int8_target() -> Int8Target:
     """This CPU's :class:`Int8Target` (see :func:`runtime.hardware.int8_saturates`)."""
-    from runtime.hardware import int8_saturates, local_cpu_flags
+    from runtime.hardware import local_int8_saturates
 
-    if int8_saturates(local_cpu_flags()):
+    if local_int8_saturates():
         return Int8Target(seven_bit=True, requires=(), note=", 7-bit weights (no VNNI here)")
     return Int8Target(seven_bit=False, requires=("cpu-vnni",), note="")
 

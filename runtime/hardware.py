@@ -40,6 +40,7 @@ __all__ = [
     "int8_saturates",
     "is_x86",
     "local_cpu_flags",
+    "local_int8_saturates",
     "nvidia_gpus",
     "parse_cpu_flags",
     "parse_cpu_model",
@@ -202,6 +203,15 @@ def local_cpu_flags(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> tuple[str, ..
         return parse_cpu_flags(cpuinfo_path.read_text(errors="replace"))
     except OSError:
         return ()
+
+
+def local_int8_saturates(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> bool:
+    """:func:`int8_saturates` for this machine, cheaply (no runtimes): unreadable flags on x86 fail closed."""
+    try:
+        cpuinfo = cpuinfo_path.read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    return int8_saturates(parse_cpu_flags(cpuinfo), known=_has_flags_line(cpuinfo), machine=platform.machine())
 
 
 def _has_flags_line(cpuinfo: str) -> bool:

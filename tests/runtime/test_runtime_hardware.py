@@ -215,3 +215,26 @@ def test_cpu_probes_say_whether_int8_saturates(cpuinfo: str) -> None:
     assert OpenVinoBackend("ov-auto").probe(profile).int8_saturates is saturates
     cuda = OrtBackend("ort-cuda").probe(profile)
     assert cuda.usable and cuda.int8_saturates is False  # a GPU's INT8 is not the CPU's
+
+
+def test_local_int8_saturates_fails_closed_when_the_flags_cannot_be_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import platform
+
+    from runtime.hardware import local_int8_saturates
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("flags\t\t: avx2 avx512_vnni\n")
+    plain = tmp_path / "plain"
+    plain.write_text("flags\t\t: avx2\n")
+    no_flags = tmp_path / "noflags"
+    no_flags.write_text("processor\t: 0\n")
+    assert not local_int8_saturates(vnni)
+    assert local_int8_saturates(plain)
+    # export quantizes with 7-bit weights (exact everywhere) when VNNI cannot be shown
+    assert local_int8_saturates(no_flags)
+    assert local_int8_saturates(tmp_path / "missing")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not local_int8_saturates(no_flags)  # ARM's dot products do not saturate
