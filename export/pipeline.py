@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from export.provenance import provenance_of
-from export.sources import Feeds, Prepared, tile_rows, weights_precision
+from export.sources import Feeds, Prepared, join_parts, tile_rows, weights_precision
 from export.spec import (
     QUICK_STREAM_MIN_S,
     STREAM_ROUNDS,
@@ -175,10 +175,17 @@ class _Exporter:
                 self.say("validate", f"{path.name} cannot run on {backend}/{precision}: {exc}")
                 continue
             metrics = _metrics(p, out, others)
-            # every output the server returns must not depend on the rows batched beside it
+            # every output the server returns must not depend on the rows batched beside it (the
+            # ones with a row per input row: a server never batches a model with any other kind)
+            total = sum(_rows(b) for b in p.validation)
+            pairs = [(alone, out), *((alone_others[k], others[k]) for k in alone_others)]
             batch = max(
-                [batch_rel_diff(alone, out[rows])]
-                + [batch_rel_diff(alone_others[k], others[k][rows]) for k in alone_others]
+                [0.0]
+                + [
+                    batch_rel_diff(lone, joined[rows])
+                    for lone, joined in pairs
+                    if row_aligned(joined, total) and row_aligned(lone, len(rows))
+                ]
             )
             metrics["batch_rel_diff"] = round(batch, 6)
             passed, _ = check_gate(metrics, self.gate)
@@ -294,8 +301,9 @@ class _Exporter:
             runs = [session.run({k: v for k, v in b.items() if k in set(session.input_names)}) for b in p.validation]
         finally:
             session.close()
+        rows = [_rows(b) for b in p.validation]
         for name in missing:
-            p.output_references[name] = np.concatenate([np.asarray(r[name], dtype=np.float32) for r in runs])
+            p.output_references[name] = join_parts([np.asarray(r[name], dtype=np.float32) for r in runs], rows)
         p.notes["output_references"] = f"{', '.join(missing)}: onnx-fp32"
 
     # ---------------------------------------------------------------- recording
@@ -448,7 +456,7 @@ class _Exporter:
         return dst
 
     def quantize_onnx(self, fp32: Path, optimized: Path | None, staging: Path, work: Path) -> None:
-        from export.quantize import QUANT_OPS, count_ops, ort_recipes
+        from export.quantize import count_ops, is_quantized, ort_recipes
 
         p = self.prepared
         assert p is not None
@@ -461,7 +469,7 @@ class _Exporter:
                 self._recipe_failed("onnx-int8", recipe.name, recipe.description, exc)
                 continue
             ops = count_ops(candidate)
-            quant = {k: v for k, v in sorted(ops.items()) if k in QUANT_OPS}
+            quant = {k: v for k, v in sorted(ops.items()) if is_quantized(k)}
             if not quant:
                 self._nothing_quantized("onnx-int8", recipe.name, recipe.description, ops)
                 candidate.unlink(missing_ok=True)
@@ -598,6 +606,15 @@ def _timing(backend: str, precision: str, scenario: str, seq_len: int | None, th
     )
 
 
+def row_aligned(answer: npt.NDArray[np.float32], rows: int) -> bool:
+    """An output whose first axis holds one entry per input row (what a server may batch and split)."""
+    return answer.ndim >= 1 and answer.shape[0] == rows
+
+
+def _rows(batch: Feeds) -> int:
+    return len(next(iter(batch.values())))
+
+
 def run_outputs(
     p: Prepared, session: Session, batches: list[Feeds]
 ) -> tuple[npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
@@ -617,7 +634,8 @@ def run_outputs(
             out.append(np.asarray(res[p.output], dtype=np.float32))
         for k, acc in others.items():
             acc.append(np.asarray(res[k], dtype=np.float32))
-    return np.concatenate(out), {k: np.concatenate(v) for k, v in others.items()}
+    rows = [_rows(b) for b in batches]
+    return join_parts(out, rows), {k: join_parts(v, rows) for k, v in others.items()}
 
 
 def run_answers(p: Prepared, session: Session, batches: list[Feeds]) -> npt.NDArray[np.float32]:
@@ -711,7 +729,8 @@ def _prepare(spec: ExportSpec, staging: Path, exporter: _Exporter) -> Prepared:
                     runs = [session.run(b) for b in batches]
                 finally:
                     session.close()
-                return {k: np.concatenate([np.asarray(r[k], dtype=np.float32) for r in runs]) for k in runs[0]}
+                rows = [_rows(b) for b in batches]
+                return {k: join_parts([np.asarray(r[k], dtype=np.float32) for r in runs], rows) for k in runs[0]}
 
             return onnx_file.prepare(spec, staging, reference_run)
         if path.is_dir():

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from export.sources import Feeds, Prepared
 
-__all__ = ["QUANT_OPS", "Int8Target", "OrtRecipe", "count_ops", "int8_target", "ort_recipes"]
+__all__ = ["QUANT_OPS", "Int8Target", "OrtRecipe", "count_ops", "int8_target", "is_quantized", "ort_recipes"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,17 @@ QUANT_OPS = (
     "QLinearMatMul",
     "QAttention",
     "DynamicQuantizeLinear",
+    "QGemm",
+    "DynamicQuantizeLSTM",
 )
+#: prefixes of the quantized ops ONNX Runtime's quantizer writes besides those (QLinearAdd, QLinearMul,
+#: QLinearSigmoid, DynamicQuantizeLSTM, ...): every op whose name starts so computes in INT8
+QUANT_PREFIXES = ("QLinear", "DynamicQuantize", "MatMulInteger", "ConvInteger")
+
+
+def is_quantized(op_type: str) -> bool:
+    """Whether an ONNX op computes in (or converts to) INT8: what makes a file an INT8 variant."""
+    return op_type in QUANT_OPS or op_type.startswith(QUANT_PREFIXES)
 
 
 @dataclass(frozen=True)

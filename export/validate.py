@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -140,6 +141,8 @@ def classification_metrics(
 def tensor_metrics(out: npt.NDArray[np.generic], ref: npt.NDArray[np.generic]) -> dict[str, float]:
     a = np.asarray(out, dtype=np.float64)
     b = np.asarray(ref, dtype=np.float64)
+    if a.shape != b.shape:  # another number of detections, say: not the reference's answer
+        return {"max_abs_diff": math.inf, "max_rel_diff": math.inf}
     diff = float(np.abs(a - b).max()) if a.size else 0.0
     scale = float(np.abs(b).max()) if b.size else 0.0
     return {"max_abs_diff": diff, "max_rel_diff": diff / scale if scale > 0 else diff}

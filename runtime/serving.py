@@ -91,7 +91,8 @@ class LoadedModel:
 
         The ONNX symbolic names decide (:attr:`~runtime.manifest.TensorSpec.dim_names`): an
         output whose first dimension is named otherwise (``[num_boxes, 7]``, a ``Reshape(-1,
-        ...)``, a sequence-first ``[T, N, F]``) or not at all is not the batch axis.  A package
+        ...)``, a sequence-first ``[T, N, F]``) or not at all is not the batch axis, nor is a
+        name that also names another axis of some input or output.  A package
         exported before the names were kept has none: it batches as before, and
         :func:`run_tensor_batch` checks each output's rows before splitting.
         """
@@ -99,7 +100,13 @@ class LoadedModel:
         if not all(s.shape and s.shape[0] == -1 for s in specs):
             return False
         named = {s.dim_names[0] if s.dim_names else "" for s in specs if s.dim_names is not None}
-        return not named or (len(named) == 1 and "" not in named)
+        if not named:
+            return True
+        if len(named) != 1 or "" in named:
+            return False
+        # the batch name on another axis too (a [T, N, F] output whose T is also named so) is not one batch axis
+        (batch,) = named
+        return not any(batch in (s.dim_names or [])[1:] for s in specs)
 
     @property
     def static_shapes(self) -> int:

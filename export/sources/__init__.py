@@ -19,7 +19,7 @@ import numpy.typing as npt
 from runtime.errors import SourceError
 from runtime.manifest import TensorSpec, TextConfig
 
-__all__ = ["Feeds", "Prepared", "hash_files", "hash_path", "onnx_io", "tile_rows", "weights_precision"]
+__all__ = ["Feeds", "Prepared", "hash_files", "hash_path", "join_parts", "onnx_io", "tile_rows", "weights_precision"]
 
 Feeds = dict[str, npt.NDArray[np.generic]]
 
@@ -149,3 +149,13 @@ def tile_rows(feeds: Feeds, n: int) -> Feeds:
         reps = -(-n // len(v))
         out[k] = np.ascontiguousarray(np.concatenate([v] * reps)[:n])
     return out
+
+
+def join_parts(parts: list[npt.NDArray[np.float32]], rows: list[int]) -> npt.NDArray[np.float32]:
+    """One output's answers to several batches, joined for comparison: concatenated along the
+    batch axis when each part has its batch's rows there, else each part flattened, in order (a
+    scalar, a statistic over the batch, a ``[T, N, F]`` or ``Reshape(-1, ...)`` output: compared
+    element by element, as the same batches give them)."""
+    if all(part.ndim >= 1 and part.shape[0] == n for part, n in zip(parts, rows, strict=True)):
+        return np.concatenate(parts)
+    return np.concatenate([part.reshape(-1) for part in parts])

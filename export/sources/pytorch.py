@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from export.samples import read_arrays
-from export.sources import Feeds, Prepared, onnx_io, tile_rows
+from export.sources import Feeds, Prepared, join_parts, onnx_io, tile_rows
 from export.spec import STREAM_BATCH, STREAM_SCENARIO
 from runtime.errors import SourceError
 
@@ -91,7 +91,10 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
     module = module.eval()
     onnx_path = staging / "onnx" / "model.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = {n: {0: "batch"} for n in names + out_names}
+    # only the inputs' batch axis is named: torch carries the name to each output axis that really is
+    # it (a [T, N, F] output gets it on axis 1, a Reshape(-1, ...) gets its own names), so the server
+    # never splits an output along an axis that is not the batch (runtime.serving.LoadedModel.batchable)
+    dynamic = {n: {0: "batch"} for n in names}
     try:
         with torch.inference_mode():
             torch.onnx.export(
@@ -125,6 +128,7 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
             for name, t in zip(graph_outputs, ys, strict=False):
                 refs.setdefault(name, []).append(t.float().numpy())
     answer = graph_outputs[0]
+    rows = [len(next(iter(b.values()))) for b in validation]
     digest = hashlib.sha256()
     for key, tensor in module.state_dict().items():
         digest.update(key.encode() + b"\0" + tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -139,8 +143,8 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
         reference_name="pytorch",
         validation=validation,
         calibration=calibration,
-        reference=np.concatenate(refs[answer]),
-        output_references={k: np.concatenate(v) for k, v in refs.items() if k != answer},
+        reference=join_parts(refs[answer], rows),
+        output_references={k: join_parts(v, rows) for k, v in refs.items() if k != answer},
         timing={
             "b1": (tile_rows(val, 1), None),
             "b32-typical": (tile_rows(val, 32), None),

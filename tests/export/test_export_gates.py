@@ -178,3 +178,41 @@ def test_int8_variant_without_int8_is_not_kept(tmp_path: Path) -> None:
     assert not (package / "onnx" / "model.int8.onnx").exists()
     assert not (package / "openvino").exists()
     assert not set(count_ops(package / "onnx" / "model.onnx")) & set(QUANT_OPS)
+
+
+@pytest.mark.parametrize("second", ["scalar", "stat"])
+def test_outputs_without_a_row_per_input_row_are_compared_element_by_element(tmp_path: Path, second: str) -> None:
+    """A scalar or a per-call statistic beside the answer (review 2: once every output was
+    gated, their references were concatenated by rows and the export died in a traceback)."""
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])
+    nodes = [helper.make_node("Add", ["x", "x"], ["y"])]
+    if second == "scalar":
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [])
+        nodes.append(helper.make_node("ReduceSum", ["x"], ["z"], keepdims=0))
+    else:
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 16])
+        nodes.append(helper.make_node("ReduceMean", ["x"], ["z"], axes=[0], keepdims=1))
+    path = _save(tmp_path / "m.onnx", nodes, [y, z], [])
+    spec = ExportSpec(
+        source=path, task="tensor", name="m", repository=tmp_path / "r", variants=("onnx-fp32",), timing="quick"
+    )
+    manifest = export_model(spec)
+    (acc,) = manifest.variant("onnx-fp32").accuracy
+    assert acc.passed and acc.metrics["max_rel_diff[z]"] == 0.0
+
+
+def test_an_answer_of_another_shape_fails_the_gate() -> None:
+    from export.validate import tensor_metrics
+
+    assert tensor_metrics(np.zeros((3, 2)), np.zeros((2, 2)))["max_rel_diff"] == float("inf")
+
+
+def test_every_kind_of_quantized_op_counts_as_int8() -> None:
+    """Review 2: an LSTM quantizes to DynamicQuantizeLSTM alone, element-wise ops to QLinearAdd /
+    QLinearMul: such files are INT8 variants, not copies to drop."""
+    from export.quantize import is_quantized
+
+    for op in ("DynamicQuantizeLSTM", "QGemm", "QLinearAdd", "QLinearMul", "MatMulInteger", "QuantizeLinear"):
+        assert is_quantized(op), op
+    for op in ("MatMul", "Add", "LSTM", "Gemm", "Softmax"):
+        assert not is_quantized(op), op

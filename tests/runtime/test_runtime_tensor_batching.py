@@ -210,3 +210,62 @@ def test_run_tensor_batch_remembers_a_model_that_does_not_split(tmp_path: Path) 
     assert [r["y"].tolist() for r in first] == [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]
     assert [r["y"].tolist() for r in second] == [[[1, 2], [3, 4]], [[5, 6], [7, 8]]]
     assert calls == [2, 1, 1, 1, 1]
+
+
+def seq_first_model(path: Path) -> Path:
+    """x [N, 2, 2] -> y = Transpose(x, [1, 0, 2]): [2, N, 2], declared as ``[N, N, 2]`` (what the
+    PyTorch source wrote when it named every output's axis 0 ``batch``: torch's inference names
+    axis 1 too)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "N", 2])
+    node = helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0, 2])
+    return _save(helper.make_graph([node], "seqfirst", [x], [y]), path)
+
+
+def test_a_batch_name_on_another_axis_too_is_not_one_batch_axis(tmp_path: Path) -> None:
+    path = seq_first_model(tmp_path / "s.onnx")
+    inputs, outputs = onnx_io(path)
+    assert outputs[0].dim_names == ["N", "N", ""]
+    assert not loaded(path, inputs, outputs).batchable
+
+
+def test_a_pytorch_export_names_only_the_batch_axes_torch_can_follow(tmp_path: Path) -> None:
+    """Through the PyTorch source: a sequence-first output and a flattening reshape are not
+    batched; a plain [N, C] output is (review 2: every output's axis 0 was named ``batch``)."""
+    import torch
+
+    from export.pipeline import export_model
+    from export.spec import ExportSpec
+    from runtime.package import read_package
+
+    class SeqFirst(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(0, 1)
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x)
+
+    cases = [
+        ("seqfirst", SeqFirst(), np.ones((4, 3, 2), np.float32), False),
+        ("plain", Plain(), np.ones((4, 2), np.float32), True),
+    ]
+    for name, module, example, batchable in cases:
+        spec = ExportSpec(
+            source=module,
+            task="tensor",
+            name=name,
+            repository=tmp_path / "repo",
+            example_inputs={"x": example},
+            variants=("onnx-fp32",),
+            timing="quick",
+            threads=1,
+        )
+        export_model(spec, progress=lambda step, message: None)
+        package = read_package(tmp_path / "repo" / name / "1")
+        model = loaded(package.variant_path("onnx-fp32"), package.manifest.inputs, package.manifest.outputs)
+        assert model.batchable is batchable, (name, package.manifest.outputs)
