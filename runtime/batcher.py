@@ -314,6 +314,9 @@ class DynamicBatcher(Generic[Item, Result]):
             _done, waiting = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
         except BaseException:  # cancelled: the caller went away; what is still queued never runs
             self._withdraw(entries)
+            for f in futures:  # an error some item already got is read: never logged as "never retrieved"
+                if f.done() and not f.cancelled():
+                    f.exception()
             raise
         # every error read (none is left "never retrieved"); the first, in item order, is raised
         errors = [f.exception() for f in futures if f.done() and not f.cancelled()]

@@ -512,3 +512,39 @@ def test_a_failed_item_withdraws_the_rest_of_its_request() -> None:
         await b.stop()
 
     run(main())
+
+
+def test_a_caller_cancelled_after_its_batch_failed_leaves_no_unread_error() -> None:
+    """The batch's error lands on the request's futures, then the caller is cancelled before it
+    reads them (review 2: the loop logged "Future exception was never retrieved" at ERROR)."""
+    import gc
+
+    def run_batch(items: list[str]) -> list[str]:
+        raise RuntimeError("boom")
+
+    async def main() -> list[dict[str, object]]:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, object]] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        b: DynamicBatcher[str, str] = DynamicBatcher(
+            run_batch, max_batch_size=2, max_delay_s=0.05, queue_limit=8, timeout_s=10.0
+        )
+        b.start()
+        tasks = [asyncio.ensure_future(b.submit_many(["bad", "worse"]))]
+        deliver = b._deliver
+
+        def deliver_then_cancel(*args: object) -> None:
+            deliver(*args)  # type: ignore[arg-type]
+            tasks[0].cancel()  # the client goes away before its task reads the errors
+
+        b._deliver = deliver_then_cancel  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        await b.stop()
+        tasks.clear()
+        gc.collect()
+        await asyncio.sleep(0)
+        return reported
+
+    reported = run(main())
+    assert not [c for c in reported if "never retrieved" in str(c.get("message", ""))]
