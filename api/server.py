@@ -22,7 +22,7 @@ from api.config import ApiConfig
 from api.envelope import context_of
 from api.metrics import Metrics, ModelInfo
 from runtime.batcher import BatchStats, DynamicBatcher
-from runtime.errors import ConfigError, InputError, OverloadError, PayloadTooLargeError
+from runtime.errors import InputError, OverloadError, PayloadTooLargeError
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
 
@@ -47,13 +47,6 @@ class Server:
     def __init__(
         self, registry: ModelRegistry, config: ApiConfig, metrics: Metrics, clock: Callable[[], float]
     ) -> None:
-        if config.max_inputs > config.queue_limit:
-            # a request's texts are queued all or none: more than the queue holds never fits
-            raise ConfigError(
-                f"max_inputs ({config.max_inputs}) is over queue_limit ({config.queue_limit}): a request's "
-                "texts are queued all or none, so a request of more than queue_limit texts could never be "
-                "served; lower max_inputs or raise queue_limit"
-            )
         self.registry = registry
         self.config = config
         self.metrics = metrics

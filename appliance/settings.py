@@ -310,14 +310,6 @@ def load_settings(
         values[f.name] = None if raw is None else _coerce(f, raw, src, problems)
         sources[f.name] = src
 
-    inputs, queue = values.get("max_inputs"), values.get("queue_limit")
-    if isinstance(inputs, int) and isinstance(queue, int) and inputs > queue:
-        # a request's texts are queued all or none (runtime.batcher.DynamicBatcher.submit_many)
-        problems.append(
-            f"max_inputs = {inputs} ({sources['max_inputs']}) is over queue_limit = {queue} "
-            f"({sources['queue_limit']}): a request's texts are queued all or none, so a request of more "
-            "than queue_limit texts could never be served; lower max_inputs or raise queue_limit"
-        )
     if problems:
         raise ConfigError(problems)
     values["home"] = values["home"] or home

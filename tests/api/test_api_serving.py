@@ -43,8 +43,7 @@ def _stats(app: Any) -> Any:
 
 
 def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
-    # max_inputs (2 here: the request's two input tensors) may not exceed queue_limit
-    app, session = _blocked_app(tmp_path, queue_limit=2, max_inputs=2, max_batch_size=1)
+    app, session = _blocked_app(tmp_path, queue_limit=2, max_batch_size=1)
 
     async def main() -> None:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
