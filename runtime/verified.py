@@ -49,6 +49,8 @@ class VerifiedCopy:
     root: Path  #: the private folder holding this package's copied files
     _done: set[str] = field(default_factory=set)
     _temporary: bool = False
+    #: ONNX file -> the files its external data lives in (read once: the file may be gigabytes)
+    _external: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def under(cls, source: Package, cache_dir: Path | None) -> VerifiedCopy:
@@ -100,7 +102,9 @@ class VerifiedCopy:
         self.files(variant.files)
         first = variant.files[0]
         if first.endswith(".onnx"):
-            self.files(_external_data(self.root, first))
+            if first not in self._external:
+                self._external[first] = _external_data(self.root, first)
+            self.files(self._external[first])
         return self.root / self.manifest.file(first).path
 
     def folder(self, rel_dir: str) -> Path:
