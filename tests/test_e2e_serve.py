@@ -227,12 +227,18 @@ def test_a_repeated_lone_query_gets_a_static_shape_copy_on_openvino(served: Serv
         assert metrics()[1] == 0  # ONNX Runtime: no copies
         return
     # the shape is compiled once its calls took STATIC_AFTER_S (1 s): a few hundred queries; one
-    # more copy must come, unless earlier tests' lone texts already took the four
+    # more copy must come, unless earlier tests' lone texts already took the four, or the copy
+    # answered otherwise than the dynamic model on its first call and was dropped (said in the log:
+    # an INT8 variant's copy can pick other kernels)
     wanted = min(before + 1, 4)
+
+    def dropped() -> bool:
+        return re.search(r"static-shape copy for .* dropped", served.log.read_text(errors="replace")) is not None
+
     deadline = time.monotonic() + 90
-    while metrics()[1] < wanted and time.monotonic() < deadline:
+    while metrics()[1] < wanted and not dropped() and time.monotonic() < deadline:
         answers += [_vectors(_embed(served, query))[0] for _ in range(50)]
-    assert metrics()[1] >= wanted
+    assert metrics()[1] >= wanted or dropped()
     answers.append(_vectors(_embed(served, query))[0])  # on the copy
     for answer in answers:
         np.testing.assert_allclose(answer, first, atol=_batch_tolerance(first))

@@ -25,6 +25,12 @@ to a multiple of :data:`PAD_MULTIPLE` tokens while its session may serve that
 shape from a copy, and only where padding changes no answer, so the shapes of
 real queries repeat (1 x 16, 1 x 24, ...); a batch keeps its exact width.
 
+A copy must answer as the dynamic model does: the session runs a copy's first call on
+both and drops the copy (:meth:`StaticShapes.reject`) when an output differs by more
+than :data:`COPY_TOLERANCE` of its largest value (an INT8 model's copy for a static
+shape can pick other INT8 kernels than the dynamic model the export validated: MiniLM's
+OpenVINO INT8 variant moved by 2.4 % of its largest value on the AMX box).
+
 Nothing here knows OpenVINO: ``compile(key)`` is given by the backend.
 """
 
@@ -37,7 +43,15 @@ from typing import Generic, TypeVar
 
 from runtime.threads import named_thread
 
-__all__ = ["DEFAULT_STATIC_SHAPES", "PAD_MULTIPLE", "STATIC_AFTER", "STATIC_AFTER_S", "ShapeKey", "StaticShapes"]
+__all__ = [
+    "COPY_TOLERANCE",
+    "DEFAULT_STATIC_SHAPES",
+    "PAD_MULTIPLE",
+    "STATIC_AFTER",
+    "STATIC_AFTER_S",
+    "ShapeKey",
+    "StaticShapes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +63,9 @@ STATIC_AFTER_S = 1.0
 STATIC_AFTER = 2
 #: the text path pads a lone text to a multiple of this many tokens for a session with copies
 PAD_MULTIPLE = 8
+#: the most a copy's answer may differ from the dynamic model's, relative to the largest value of each
+#: output (the export's batch gate, ``max_batch_rel_diff``: what batching may change in an answer)
+COPY_TOLERANCE = 0.01
 #: distinct shapes counted before the counts start over (bounds memory on traffic of many shapes)
 MAX_COUNTED = 1024
 
@@ -160,6 +177,15 @@ class StaticShapes(Generic[Compiled]):
         if self._done():
             self._compile = None
             self._seen.clear()
+
+    def reject(self, key: ShapeKey, why: str) -> None:
+        """Drop the copy for ``key`` for good (it answered otherwise than the dynamic model): the
+        shape stays dynamic and keeps its place of the capacity, like a shape that failed to compile."""
+        with self._lock:
+            self._ready.pop(key, None)
+            self._failed.add(key)
+            self._release()
+        logger.warning("%s: static-shape copy for %s dropped: %s; that shape stays dynamic", self.name, key, why)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a compile in progress; False when it is still running after ``timeout``."""

@@ -284,7 +284,7 @@ def test_an_onnx_runtime_session_has_no_static_copies(tiny_embedder: Path) -> No
 
 @pytest.mark.usefixtures("compile_after_two_calls")
 def test_the_loader_gives_static_copies_to_the_wide_session_and_a_lone_text_is_padded_to_repeat(
-    minilm_repository: Path,
+    minilm_repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from runtime.loader import LoaderOptions, load_model
     from runtime.streams import SessionPool
@@ -306,8 +306,14 @@ def test_the_loader_gives_static_copies_to_the_wide_session_and_a_lone_text_is_p
         expected = plain.embed_tokens(plain.tokenize(text, truncate=True))
         got = [model.embed_tokens(tokens) for _ in range(3)]
         assert pool.wide._static.wait(60)  # type: ignore[attr-defined]
-        got.append(model.embed_tokens(tokens))
-        assert pool.wide.static_shapes == [((1, 8),) * len(pool.input_names)]  # type: ignore[attr-defined]
+        with caplog.at_level(logging.WARNING, logger="runtime.backends.static_shapes"):
+            got.append(model.embed_tokens(tokens))  # the copy's first call: compared with the dynamic model
+            got.append(model.embed_tokens(tokens))
+        key = ((1, 8),) * len(pool.input_names)
+        if pool.wide.static_shapes != [key]:  # type: ignore[attr-defined]
+            # the copy answered otherwise (the INT8 variant, when the ranking picks it): dropped, said so
+            assert pool.wide.static_shapes == []  # type: ignore[attr-defined]
+            assert f"static-shape copy for {key} dropped" in caplog.text
         assert pool.calls["narrow"] == 0  # a lone caller: every call ran on the wide session
         for value in got:
             cosine = float(np.sum(value * expected) / (np.linalg.norm(value) * np.linalg.norm(expected)))
@@ -391,3 +397,44 @@ def test_a_lone_text_is_padded_only_where_padding_changes_no_answer(
     model.embed_tokens(tokens)
     model.embed_tokens(tokens * 2)  # a batch is never padded past its longest
     assert session.widths == [PAD_MULTIPLE if padded else len(tokens[0]), len(tokens[0])]
+
+
+@pytest.mark.usefixtures("compile_after_two_calls")
+def test_a_static_copy_that_answers_otherwise_is_dropped_and_the_dynamic_answer_kept(
+    tiny_embedder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy's first call also runs on the dynamic model; a copy that answers otherwise (an
+    INT8 model's copy can pick other kernels: MiniLM's moved by 2.4 %) is dropped for good."""
+    import runtime.backends.openvino as ov_backend
+    from runtime.backends.base import OpenOptions
+    from tests.runtime.conftest import build_embedder
+
+    other = build_embedder(tmp_path / "other.onnx", seed=7)  # same inputs, other weights
+    real = ov_backend.OpenVinoBackend._copy_compiler
+
+    def copy_of_another_model(self: ov_backend.OpenVinoBackend, model: object, *args: object) -> object:
+        return real(self, self._get_core().read_model(str(other)), *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ov_backend.OpenVinoBackend, "_copy_compiler", copy_of_another_model)
+    backend = ov_backend.OpenVinoBackend("ov-cpu")
+    plain = backend.open(tiny_embedder, OpenOptions(intra_op_threads=1))
+    session = backend.open(tiny_embedder, OpenOptions(intra_op_threads=1, static_shapes=2))
+    try:
+        feeds = _feeds(1, 8)
+        want = plain.run(feeds)["token_embeddings"]
+        with caplog.at_level(logging.WARNING, logger="runtime.backends.static_shapes"):
+            for _ in range(2):
+                session.run(feeds)
+                assert session._static is not None and session._static.wait(60)
+            assert session.static_shapes == [((1, 8), (1, 8))]  # compiled, not yet compared
+            first = session.run(feeds)["token_embeddings"]  # the copy's first call: compared, dropped
+        np.testing.assert_allclose(first, want, rtol=1e-6, atol=1e-6)
+        assert session.static_shapes == []
+        assert "static-shape copy for ((1, 8), (1, 8)) dropped: output 'token_embeddings' differs" in caplog.text
+        for _ in range(3):  # never compiled again: the shape stays dynamic
+            np.testing.assert_allclose(session.run(feeds)["token_embeddings"], want, rtol=1e-6, atol=1e-6)
+            assert session._static.wait(60)
+        assert session.static_shapes == []
+    finally:
+        plain.close()
+        session.close()
