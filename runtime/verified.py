@@ -11,10 +11,12 @@ have an unsigned model served under the signed package's identity, the
 read once, hashed *while* it is copied into a private folder
 (``<cache>/verified/<package sha256>/``, mode 0700), checked against the
 manifest, and renamed into place; every open then goes to the copy.  A file
-changed after the package was verified fails with an :class:`IntegrityError`
+changed after the package was signed fails with an :class:`IntegrityError`
 instead of being served.  Only the files actually opened are copied (the chosen
-variant, the tokenizer, the samples), so a load costs one extra write of the
-chosen variant, not of the whole package.  A copy already made for the same
+variant, the tokenizer, the samples), and the loader leaves their hashing to
+the copy (``Repository.open(verify_hashes=False)`` still checks the signature,
+listing, sizes and paths of the whole package): a file is read once, and a
+variant never used is never hashed at load (``inferbox doctor`` checks them all).  A copy already made for the same
 package (the same manifest sha256) is reused: it lives in the service's own
 folder, written only after its hash matched; copies no load has used for 30
 days are removed.
@@ -148,8 +150,9 @@ class VerifiedCopy:
             actual = digest.hexdigest()
             if size != entry.bytes or actual != entry.sha256:
                 raise IntegrityError(
-                    f"{src_path} changed after the package was verified (sha256 {actual}, the manifest says "
-                    f"{entry.sha256}): not served; find who writes the model repository, then re-copy the package",
+                    f"{src_path}: sha256 {actual} does not match the manifest's {entry.sha256}: the file changed "
+                    "(after the package was signed, or while it was being loaded); not served: re-copy the "
+                    "package, and find who writes the model repository",
                     rel,
                 )
             os.replace(tmp, dest)

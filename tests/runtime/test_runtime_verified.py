@@ -83,7 +83,7 @@ def test_a_file_swapped_after_it_was_verified_is_not_served(tmp_path: Path, monk
         return real()
 
     monkeypatch.setattr(hardware, "probe_hardware", probe_and_swap)
-    with pytest.raises(IntegrityError, match="changed after the package was verified"):
+    with pytest.raises(IntegrityError, match="does not match the manifest"):
         load_model(tmp_path / "repo", "mlp", options=LoaderOptions(backend="ort-cpu", cache_dir=tmp_path / "cache"))
 
 
@@ -136,3 +136,15 @@ def test_without_a_cache_folder_the_copy_goes_with_the_model(tmp_path: Path, mon
     with pytest.raises(InferboxError):
         load_model(tmp_path / "repo", "mlp", options=LoaderOptions(backend="no-such-backend"))
     assert list(scratch.iterdir()) == []
+
+
+def test_a_file_changed_before_the_load_is_refused_by_the_copy(tmp_path: Path) -> None:
+    """The loader leaves the hashing of the files it uses to the copy: a changed one still fails."""
+    pkg = _publish(tmp_path / "repo")
+    model = pkg / "onnx" / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1  # same size: only the hash can tell
+    model.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match the manifest"):
+        load_model(tmp_path / "repo", "mlp", options=LoaderOptions(backend="ort-cpu", cache_dir=tmp_path / "cache"))
+    assert not list((tmp_path / "cache" / "verified").rglob("model.onnx"))  # nothing unverified kept
