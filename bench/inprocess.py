@@ -412,7 +412,7 @@ def open_model(
     from runtime.backends.base import OpenOptions
     from runtime.backends.registry import get_backend
     from runtime.serving import LoadedModel
-    from runtime.text import TextEncoder
+    from runtime.text import TextEncoder, answers_agree
 
     manifest = package.manifest
     options = OpenOptions(
@@ -421,6 +421,7 @@ def open_model(
         cache_dir=cache_dir,
         cpu_pinning=cpu_pinning,
         static_shapes=static_shapes,
+        copy_check=answers_agree(manifest.text) if manifest.text is not None else None,  # as the loader
     )
     session = get_backend(backend).open(package.variant_path(variant), options)
     encoder = None

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from runtime.backends.base import Probe, Session
+from runtime.backends.base import CopyCheck, Probe, Session
 from runtime.errors import PackageError, UnsafePathError
 from runtime.manifest import Manifest
 from runtime.selection import Candidate, Decision, Preference, Verdict, preference_hash, rank
@@ -95,6 +95,7 @@ def session_opener(
     cache_dir: Path | None = None,
     cpu_pinning: bool | None = None,
     static_shapes: int = 0,
+    copy_check: CopyCheck | None = None,
 ) -> OpenSession:
     """``open_session`` for :func:`autotune` / :func:`decide`: the registry's backend opens the variant's file
     (``static_shapes``: :attr:`runtime.backends.base.OpenOptions.static_shapes`)."""
@@ -110,6 +111,7 @@ def session_opener(
             cache_dir=cache_dir,
             cpu_pinning=cpu_pinning,
             static_shapes=static_shapes,
+            copy_check=copy_check,
         )
         if isinstance(package, VerifiedCopy):  # the private copy, made from the bytes it checked
             return get_backend(candidate.backend).open(package.variant_file(candidate.variant), options)

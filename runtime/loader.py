@@ -109,7 +109,7 @@ def load_model(
 def _load(package: VerifiedCopy, opts: LoaderOptions, probes: Sequence[Probe] | None) -> LoadedModel:
     from runtime.backends.registry import probe_all
     from runtime.hardware import default_threads, probe_hardware
-    from runtime.text import TextEncoder
+    from runtime.text import TextEncoder, answers_agree
 
     profile = probe_hardware()
     found = list(probes) if probes is not None else probe_all(profile)
@@ -138,7 +138,9 @@ def _load(package: VerifiedCopy, opts: LoaderOptions, probes: Sequence[Probe] | 
     where = f"{package.manifest.name}/{package.manifest.version}"
     require_choice(decision, where)
     # only the all-core session (the one a lone caller gets) keeps static-shape copies
-    open_wide = opener(static_shapes=opts.static_shapes) if opts.static_shapes else open_session
+    # its copies must give the answers the gate held (a text model: the pooled embeddings)
+    check = answers_agree(package.manifest.text) if package.manifest.text is not None else None
+    open_wide = opener(static_shapes=opts.static_shapes, copy_check=check) if opts.static_shapes else open_session
 
     def open_candidate(cand: Candidate) -> tuple[Session, Session, int]:
         streams, stream_open = _streams(package, cand.backend, found, opts, cores, open_session)

@@ -26,9 +26,10 @@ from runtime.errors import InputError, ManifestError
 if TYPE_CHECKING:
     import numpy.typing as npt
 
+    from runtime.backends.base import CopyCheck
     from runtime.manifest import TextConfig
 
-__all__ = ["DEFAULT_INPUT_MAP", "FEED_KINDS", "Encoded", "TextEncoder", "Tokens", "postprocess"]
+__all__ = ["DEFAULT_INPUT_MAP", "FEED_KINDS", "Encoded", "TextEncoder", "Tokens", "answers_agree", "postprocess"]
 
 FEED_KINDS = ("input_ids", "attention_mask", "token_type_ids")
 #: used when a TextConfig has an empty input_map
@@ -214,3 +215,35 @@ def postprocess(
         norms = np.linalg.norm(pooled, axis=-1, keepdims=True)
         pooled = pooled / np.clip(norms, 1e-12, None)
     return np.ascontiguousarray(pooled, dtype=np.float32)
+
+
+def answers_agree(config: TextConfig, tolerance: float | None = None) -> CopyCheck:
+    """A static-shape copy check for a text model: the copy's *answers* (pooled, normalized as
+    :func:`postprocess` makes them) must be within ``tolerance`` (default ``COPY_TOLERANCE``, the
+    export's batch gate) of the dynamic model's, relative to their largest value: what the gate
+    held, not the raw hidden states (bf16 moves those by 1-3 % of their largest value where the
+    embeddings agree to cosine > 0.9999)."""
+    from runtime.backends.static_shapes import COPY_TOLERANCE
+
+    limit = COPY_TOLERANCE if tolerance is None else tolerance
+    input_map = dict(config.input_map) or dict(DEFAULT_INPUT_MAP)
+    mask_name = next((g for g, kind in input_map.items() if kind == "attention_mask"), "attention_mask")
+
+    def check(
+        inputs: dict[str, npt.NDArray[np.generic]],
+        mine: dict[str, npt.NDArray[np.generic]],
+        theirs: dict[str, npt.NDArray[np.generic]],
+    ) -> str | None:
+        mask = inputs.get(mask_name)
+        if mask is None:
+            return f"no {mask_name!r} input to pool with"
+        a = postprocess(mine, np.asarray(mask), config).astype(np.float64)
+        b = postprocess(theirs, np.asarray(mask), config).astype(np.float64)
+        scale = float(np.abs(a).max()) if a.size else 0.0
+        diff = float(np.abs(a - b).max()) if a.size else 0.0
+        if np.isfinite(diff) and diff <= limit * max(scale, 1e-12):
+            return None
+        share = diff / scale if scale else diff
+        return f"its answers differ by {diff:.3g} ({share:.2%} of their largest value; at most {limit:.0%})"
+
+    return check

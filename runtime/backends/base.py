@@ -10,6 +10,7 @@ OpenVINO's AUTO picks a device at will.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
@@ -62,6 +63,15 @@ class OpenOptions:
     #: OpenVINO: static-shape copies compiled for input shapes that repeat (0 = none; each costs a
     #: compiled model's memory), :mod:`runtime.backends.static_shapes`
     static_shapes: int = 0
+    #: compares a static-shape copy's outputs with the dynamic model's on a copy's first call (the
+    #: inputs, the dynamic model's outputs, the copy's): None when they agree, else why not.  None
+    #: compares every output within ``COPY_TOLERANCE`` of its largest value; a text model compares
+    #: its answers, the pooled embeddings the gate held (:func:`runtime.text.answers_agree`)
+    copy_check: CopyCheck | None = None
+
+
+Arrays = dict[str, "npt.NDArray[np.generic]"]
+CopyCheck = Callable[[Arrays, Arrays, Arrays], "str | None"]
 
 
 @runtime_checkable

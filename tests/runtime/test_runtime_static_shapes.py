@@ -438,3 +438,28 @@ def test_a_static_copy_that_answers_otherwise_is_dropped_and_the_dynamic_answer_
     finally:
         plain.close()
         session.close()
+
+
+def test_a_text_models_copies_are_held_to_its_answers_not_its_raw_hidden_states() -> None:
+    """bf16 moves MiniLM's raw hidden states by 1-3 % of their largest value where the pooled,
+    normalized embeddings (what the gate held) agree: the loader's check compares those."""
+    from runtime.manifest import TextConfig
+    from runtime.text import answers_agree
+
+    config = TextConfig(tokenizer_dir="tokenizer", max_length=8, pooling="mean", normalize=True, output="h")
+    check = answers_agree(config)
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    hidden[0, 0, 0] = 40.0  # an outlier dimension sets the raw scale
+    mask = np.ones((2, 4), np.int64)
+    feeds = {"input_ids": np.zeros((2, 4), np.int64), "attention_mask": mask}
+    nudged = hidden.copy()
+    nudged[0, 0, 0] = 40.8  # 2 % of the largest raw value, on the outlier dimension only
+    from runtime.backends.openvino import _disagreement
+
+    assert _disagreement({"h": hidden}, {"h": nudged}) is not None  # the raw check would drop it
+    assert check(feeds, {"h": hidden}, {"h": nudged}) is None  # the answers agree
+    moved = hidden.copy()
+    moved[1] += 0.5  # every token of the second text moved: its embedding turns
+    why = check(feeds, {"h": hidden}, {"h": moved})
+    assert why is not None and "answers differ" in why
