@@ -113,3 +113,41 @@ def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def hardware() -> HardwareProfile:
     return probe_hardware()
+
+
+def publish_mlp(root: Path, backends: list[str], name: str = "mlp") -> Path:
+    """A one-variant tensor package ``<name>/1`` (onnx-fp32, gate passed) under ``root``; returns ``root``."""
+    from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Variant
+    from runtime.package import finalize_package, staging_dir
+
+    staging = staging_dir(root)
+    (staging / "onnx").mkdir()
+    build_mlp(staging / "onnx" / "model.onnx")
+    ok = Accuracy(
+        runtime="onnxruntime", exec_precision="fp32", samples=4, metrics={}, gate={}, passed=True, reference="onnx-fp32"
+    )
+    manifest = Manifest(
+        name=name,
+        version=1,
+        task="tensor",
+        inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 8])],
+        outputs=[
+            TensorSpec(name="hidden", dtype="float32", shape=[-1, 16]),
+            TensorSpec(name="logits", dtype="float32", shape=[-1, 4]),
+        ],
+        variants=[
+            Variant(
+                id="onnx-fp32",
+                format="onnx",
+                precision="fp32",
+                files=["onnx/model.onnx"],
+                backends=backends,
+                recipe="",
+                accuracy=[ok],
+            )
+        ],
+        files=[],
+        provenance=Provenance(source_kind="onnx", source="x", source_sha256="", created_at="2026-11-28T00:00:00Z"),
+    )
+    finalize_package(staging, manifest, root)
+    return root

@@ -17,46 +17,10 @@ from runtime.backends.registry import probe_all, ran_on
 from runtime.errors import FallbackError, SelectionError
 from runtime.hardware import GpuInfo, HardwareProfile, default_threads, probe_hardware
 from runtime.loader import LoaderOptions, load_model, open_first
-from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Variant
-from runtime.package import finalize_package, staging_dir
 from runtime.selection import Candidate, Decision, Verdict
-from tests.runtime.conftest import build_mlp
+from tests.runtime.conftest import publish_mlp
 
 ORT_ALL = ["ort-tensorrt", "ort-cuda", "ort-cpu"]
-
-
-def _publish(root: Path, backends: list[str], name: str = "mlp") -> Path:
-    staging = staging_dir(root)
-    (staging / "onnx").mkdir()
-    build_mlp(staging / "onnx" / "model.onnx")
-    ok = Accuracy(
-        runtime="onnxruntime", exec_precision="fp32", samples=4, metrics={}, gate={}, passed=True, reference="onnx-fp32"
-    )
-    manifest = Manifest(
-        name=name,
-        version=1,
-        task="tensor",
-        inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 8])],
-        outputs=[
-            TensorSpec(name="hidden", dtype="float32", shape=[-1, 16]),
-            TensorSpec(name="logits", dtype="float32", shape=[-1, 4]),
-        ],
-        variants=[
-            Variant(
-                id="onnx-fp32",
-                format="onnx",
-                precision="fp32",
-                files=["onnx/model.onnx"],
-                backends=backends,
-                recipe="",
-                accuracy=[ok],
-            )
-        ],
-        files=[],
-        provenance=Provenance(source_kind="onnx", source="x", source_sha256="", created_at="2026-11-28T00:00:00Z"),
-    )
-    finalize_package(staging, manifest, root)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +40,7 @@ def gpu_probes() -> list[Probe]:
 def test_auto_moves_on_to_the_next_candidate_and_logs_each_failed_proof(
     tmp_path: Path, gpu_probes: list[Probe], caplog: pytest.LogCaptureFixture
 ) -> None:
-    repo = _publish(tmp_path / "models", ORT_ALL)
+    repo = publish_mlp(tmp_path / "models", ORT_ALL)
     with caplog.at_level(logging.WARNING, logger="runtime.loader"):
         model = load_model(repo, "mlp", options=LoaderOptions(), probes=gpu_probes)
     try:
@@ -93,13 +57,13 @@ def test_auto_moves_on_to_the_next_candidate_and_logs_each_failed_proof(
 
 
 def test_a_forced_backend_still_fails_loudly(tmp_path: Path, gpu_probes: list[Probe]) -> None:
-    repo = _publish(tmp_path / "models", ORT_ALL)
+    repo = publish_mlp(tmp_path / "models", ORT_ALL)
     with pytest.raises(FallbackError, match="TensorrtExecutionProvider"):
         load_model(repo, "mlp", options=LoaderOptions(backend="ort-tensorrt"), probes=gpu_probes)
 
 
 def test_when_every_candidate_fails_the_error_lists_each(tmp_path: Path, gpu_probes: list[Probe]) -> None:
-    repo = _publish(tmp_path / "models", ["ort-tensorrt", "ort-cuda"])
+    repo = publish_mlp(tmp_path / "models", ["ort-tensorrt", "ort-cuda"])
     with pytest.raises(SelectionError) as err:
         load_model(repo, "mlp", options=LoaderOptions(), probes=gpu_probes)
     text = str(err.value)
@@ -109,7 +73,7 @@ def test_when_every_candidate_fails_the_error_lists_each(tmp_path: Path, gpu_pro
 
 
 def test_an_allowed_fallback_reports_the_backend_that_ran(tmp_path: Path, gpu_probes: list[Probe]) -> None:
-    repo = _publish(tmp_path / "models", ORT_ALL)
+    repo = publish_mlp(tmp_path / "models", ORT_ALL)
     model = load_model(repo, "mlp", options=LoaderOptions(backend="ort-cuda", allow_fallback=True), probes=gpu_probes)
     try:
         assert model.session.active[0] == "CPUExecutionProvider"
@@ -120,7 +84,7 @@ def test_an_allowed_fallback_reports_the_backend_that_ran(tmp_path: Path, gpu_pr
 
 
 def test_workers_share_the_cores_of_a_threads_0_session(tmp_path: Path) -> None:
-    repo = _publish(tmp_path / "models", ["ort-cpu"])
+    repo = publish_mlp(tmp_path / "models", ["ort-cpu"])
     for workers in (1, 2):
         model = load_model(repo, "mlp", options=LoaderOptions(backend="ort-cpu", workers=workers))
         try:

@@ -19,45 +19,14 @@ import pytest
 import runtime.hardware as hardware
 from runtime.errors import InferboxError, IntegrityError
 from runtime.loader import LoaderOptions, load_model
-from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Variant
-from runtime.package import finalize_package, read_package, staging_dir
+from runtime.package import read_package
 from runtime.verified import STALE_S, VerifiedCopy
-from tests.runtime.conftest import build_mlp
+from tests.runtime.conftest import build_mlp, publish_mlp
 
 
 def _publish(root: Path) -> Path:
     """A one-variant tensor package ``mlp/1`` under ``root``; returns the package folder."""
-    staging = staging_dir(root)
-    (staging / "onnx").mkdir()
-    build_mlp(staging / "onnx" / "model.onnx", seed=0)
-    ok = Accuracy(
-        runtime="onnxruntime", exec_precision="fp32", samples=4, metrics={}, gate={}, passed=True, reference="onnx-fp32"
-    )
-    manifest = Manifest(
-        name="mlp",
-        version=1,
-        task="tensor",
-        inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 8])],
-        outputs=[
-            TensorSpec(name="hidden", dtype="float32", shape=[-1, 16]),
-            TensorSpec(name="logits", dtype="float32", shape=[-1, 4]),
-        ],
-        variants=[
-            Variant(
-                id="onnx-fp32",
-                format="onnx",
-                precision="fp32",
-                files=["onnx/model.onnx"],
-                backends=["ort-cpu"],
-                recipe="",
-                accuracy=[ok],
-            )
-        ],
-        files=[],
-        provenance=Provenance(source_kind="onnx", source="x", source_sha256="", created_at="2026-11-28T00:00:00Z"),
-    )
-    finalize_package(staging, manifest, root)
-    return root / "mlp" / "1"
+    return publish_mlp(root, ["ort-cpu"]) / "mlp" / "1"
 
 
 def _evil(tmp: Path) -> Path:
