@@ -193,6 +193,12 @@ def tensor_from_data(data: Any, datatype: str, shape: tuple[int, ...], where: st
                     f"{where}.data: a value is out of range for {datatype}", field=f"{where}.data"
                 ) from None
     allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
+    if dtype.kind != "b" and raw.size and kind in "iuf" and _holds_bool(data):
+        # numpy reads [1, true] as integers: a boolean where a number belongs is a client's mistake
+        raise InputError(
+            f"{where}.data: {datatype} data must be numbers, got true/false; send 1/0 or use datatype BOOL",
+            field=f"{where}.data",
+        )
     if kind not in allowed:
         raise InputError(
             f"{where}.data: {datatype} data must be {'booleans' if dtype.kind == 'b' else 'numbers'}"
@@ -207,6 +213,19 @@ def tensor_from_data(data: Any, datatype: str, shape: tuple[int, ...], where: st
     if dtype.kind == "f" and raw.size and not bool(np.isfinite(arr).all()):
         raise InputError(f"{where}.data: a value overflows or is not finite for {datatype}", field=f"{where}.data")
     return arr.reshape(shape)
+
+
+def _holds_bool(data: list[Any]) -> bool:
+    """Whether a (nested) JSON array holds true or false anywhere."""
+    stack = [data]
+    while stack:
+        items = stack.pop()
+        for item in items:
+            if item is True or item is False:
+                return True
+            if isinstance(item, list):
+                stack.append(item)
+    return False
 
 
 def decode_bytes_elements(buf: bytes, where: str) -> list[str]:

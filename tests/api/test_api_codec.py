@@ -177,3 +177,22 @@ def test_binary_size_mismatches() -> None:
     bad = struct.pack("<I", 10) + b"abc"
     with pytest.raises(InputError):
         decode_bytes_elements(bad, "x")
+
+
+@pytest.mark.parametrize("datatype", ["INT64", "INT32", "FP32", "FP64", "UINT8"])
+@pytest.mark.parametrize("data", [[1, True, 3, 4], [[1, 2], [3, False]], [True, False, True, True]])
+def test_booleans_in_numeric_data_are_refused(datatype: str, data: list[object]) -> None:
+    """numpy reads [1, true] as integers: a true/false where a number belongs is a 400 naming the field."""
+    from api.codec import tensor_from_data
+
+    with pytest.raises(InputError, match=r"x\.data: .* must be numbers") as err:
+        tensor_from_data(data, datatype, (2, 2), "x")
+    assert err.value.field == "x.data"
+
+
+def test_booleans_stay_welcome_in_bool_data_and_numbers_in_numeric_data() -> None:
+    from api.codec import tensor_from_data
+
+    assert tensor_from_data([True, False], "BOOL", (2,), "x").tolist() == [True, False]
+    assert tensor_from_data([[1, 2], [3, 4]], "INT64", (2, 2), "x").tolist() == [[1, 2], [3, 4]]
+    assert tensor_from_data([1.5, 2], "FP32", (2,), "x").dtype == np.float32
