@@ -58,3 +58,40 @@ def magika_onnx() -> Path:
     found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("models/*/model.onnx"))
     assert found, "magika ships no ONNX model"
     return found[-1]
+
+
+def tiny_bert_parts(words: list[str], **config: object) -> tuple[object, object]:
+    """A WordPiece tokenizer over ``words`` (BERT's special tokens first, [CLS] a [SEP] b [SEP])
+    and a 2-layer, 32-wide ``BertConfig`` for it (``config``: more fields, e.g. labels); seeds torch.
+    Returns (PreTrainedTokenizerFast, BertConfig)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=32,
+    )
+    bert = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        **config,
+    )
+    return fast, bert

@@ -14,6 +14,7 @@ from runtime.backends.registry import get_backend
 from runtime.manifest import Manifest
 from runtime.package import read_package
 from runtime.text import TextEncoder
+from tests.export.conftest import tiny_bert_parts
 
 WORDS = [
     "the",
@@ -37,40 +38,16 @@ WORDS = [
 
 
 def _tiny_bert_folder(folder: Path) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import BertForSequenceClassification
 
-    torch.manual_seed(0)
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=32,
-    )
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
+    fast, config = tiny_bert_parts(
+        WORDS,
         num_labels=3,
         id2label={0: "neg", 1: "neutral", 2: "pos"},
         label2id={"neg": 0, "neutral": 1, "pos": 2},
     )
     BertForSequenceClassification(config).eval().save_pretrained(folder)
-    fast.save_pretrained(folder)
+    fast.save_pretrained(folder)  # type: ignore[attr-defined]
     return folder
 
 

@@ -12,41 +12,17 @@ import pytest
 from export.pipeline import export_model
 from export.spec import ExportSpec
 from runtime.errors import SourceError
+from tests.export.conftest import tiny_bert_parts
 
 WORDS = ["the", "a", "patient", "loan", "bank", "account", "card", "pay", "refund", "night", "day", "good", "bad"]
 TEXTS = [" ".join(WORDS[i % len(WORDS) : i % len(WORDS) + 1 + i % 5]) for i in range(24)]
 
 
 def _tiny_bert(folder: Path) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from transformers import BertModel
 
-    torch.manual_seed(0)
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=32,
-    ).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    tokenizer, config = tiny_bert_parts(WORDS)
+    tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
     BertModel(config).eval().save_pretrained(folder)
     return folder
 
