@@ -20,10 +20,10 @@ import socket
 import sys
 import tempfile
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import click
 import msgspec
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from runtime.signing import Ed25519PublicKey
 
 __all__ = ["audit", "printable"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _now() -> datetime:
@@ -120,6 +122,17 @@ def printable(text: str) -> str:
     return "".join(out)
 
 
+def _public_keys_option(help: str) -> Callable[[F], F]:
+    """``--public-key PEM`` (repeatable) as ``public_keys``: the trusted keys of verify, ship and prune."""
+    return click.option(
+        "--public-key",
+        "public_keys",
+        type=click.Path(path_type=Path, dir_okay=False),
+        multiple=True,
+        help=help,
+    )
+
+
 @click.group()
 def audit() -> None:
     """The tamper-evident audit log: verify it, export it, read it, prune it."""
@@ -131,13 +144,9 @@ def audit() -> None:
 @click.option(
     "--export", "export_path", type=click.Path(path_type=Path, dir_okay=False), help="JSONL export to verify."
 )
-@click.option(
-    "--public-key",
-    "public_keys",
-    type=click.Path(path_type=Path, dir_okay=False),
-    multiple=True,
-    help="Ed25519 public key PEM; repeat it for a log signed before and after a key rotation "
-    "[default: the signing key's, plus <home>/keys/retired/*.pub].",
+@_public_keys_option(
+    "Ed25519 public key PEM; repeat it for a log signed before and after a key rotation "
+    "[default: the signing key's, plus <home>/keys/retired/*.pub]."
 )
 @click.option(
     "--checkpoint-every",
@@ -351,13 +360,7 @@ def _export_to(
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder on another machine (a mounted share) [default: the ship_dir setting].",
 )
-@click.option(
-    "--public-key",
-    "public_keys",
-    type=click.Path(path_type=Path, dir_okay=False),
-    multiple=True,
-    help="Trusted public key(s) for the copies already there [default: as for verify].",
-)
+@_public_keys_option("Trusted public key(s) for the copies already there [default: as for verify].")
 def ship(home: Path | None, repository: Path | None, to: Path | None, public_keys: tuple[Path, ...]) -> None:
     """Copy what the log gained since the last copy to an off-box folder, after checking the log still holds it.
 
@@ -441,13 +444,9 @@ def tail(home: Path | None, repository: Path | None, count: int, as_json: bool) 
 @state_options
 @click.option("--before", required=True, help="ISO 8601 date/time: remove records written before it.")
 @click.option("--force", is_flag=True, help="Allow cutting inside the minimum retention (min_retention_days).")
-@click.option(
-    "--public-key",
-    "public_keys",
-    type=click.Path(path_type=Path, dir_okay=False),
-    multiple=True,
-    help="Public key of an earlier signing key that signed checkpoints (after a rotation); repeatable "
-    "[default: those in <home>/keys/retired/].",
+@_public_keys_option(
+    "Public key of an earlier signing key that signed checkpoints (after a rotation); repeatable "
+    "[default: those in <home>/keys/retired/]."
 )
 def prune(home: Path | None, repository: Path | None, before: str, force: bool, public_keys: tuple[Path, ...]) -> None:
     """Remove the oldest records (a prefix only) and sign a prune checkpoint; recorded as audit_prune.
