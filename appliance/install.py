@@ -142,6 +142,9 @@ def _shown_default(f: Field) -> Any:
         "signing_key": STATE_DIR / "keys" / "signing.key",
         "public_key": CONF_DIR / "signing.key.pub",
         "ship_dir": DEFAULT_SHIP_DIR,
+        "tls_cert": CONF_DIR / "tls" / "server.crt",
+        "tls_key": CONF_DIR / "tls" / "server.key",
+        "tls_client_ca": CONF_DIR / "tls" / "clients-ca.crt",
     }
     return derived.get(f.name, f.default)
 
@@ -149,6 +152,9 @@ def _shown_default(f: Field) -> Any:
 _UNSET = {
     "public_key": "default: unset (signatures not required)",
     "ship_dir": "default: unset (`inferbox audit ship` needs it or --to; the ship unit sets it)",
+    "tls_cert": "default: unset (plain HTTP, refused on a non-loopback host without allow_plaintext)",
+    "tls_key": "default: unset (root:inferbox, mode 0640; docs/operations.md)",
+    "tls_client_ca": "default: unset (no client certificates asked for)",
 }
 
 

@@ -281,7 +281,18 @@ def build_app(settings: Settings) -> Litestar:
 
         audit = AuditLog.open(settings)
         audit.start()
-        audit.append(_event("service_start", "inferbox serve", pid=str(os.getpid())))
+        from appliance.tls import plan_tls
+
+        tls = plan_tls(settings)  # what clients are served over, for the record (serve checked it already)
+        audit.append(
+            _event(
+                "service_start",
+                "inferbox serve",
+                pid=str(os.getpid()),
+                transport="http" if tls is None else tls.mode,
+                tls_cert_sha256="" if tls is None else tls.certificate.sha256,
+            )
+        )
         config_details = {k: str(v) for k, v in settings.public_dict().items()}
         audit.append(_event("config", "settings at start", **config_details))
         for model in registry.loaded():

@@ -52,6 +52,23 @@ FIELDS: tuple[Field, ...] = (
     Field("auth", bool, True, "server", "require API keys"),
     Field("docs", bool, True, "server", "serve OpenAPI docs at /docs"),
     Field("log_level", str, "info", "server", "logging level", choices=("debug", "info", "warning", "error")),
+    Field(
+        "allow_plaintext",
+        bool,
+        False,
+        "server",
+        "serve plain HTTP on a non-loopback host (only behind a TLS proxy that terminates HTTPS)",
+    ),
+    # tls
+    Field("tls_cert", Path, None, "tls", "PEM certificate (with its chain) the API serves HTTPS with"),
+    Field("tls_key", Path, None, "tls", "PEM private key of tls_cert (unencrypted; mode 0600 or 0640)"),
+    Field(
+        "tls_client_ca",
+        Path,
+        None,
+        "tls",
+        "PEM CA bundle: clients must present a certificate it signed (mutual TLS, on top of API keys)",
+    ),
     # models
     Field("default_model", str, "minilm", "models", "model built by `inferbox init` and served by default"),
     Field("backend", str, "auto", "models", "backend name to force, or auto"),
@@ -128,6 +145,10 @@ class Settings:
     auth: bool
     docs: bool
     log_level: str
+    allow_plaintext: bool
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_client_ca: Path | None
     default_model: str
     backend: str
     autotune: bool

@@ -4,13 +4,19 @@
 by the same code path as ``inferbox init`` (quick timing), in a temporary
 repository.  Depend on it freely; it returns the repository Path, holding
 ``minilm/1``.  Treat the repository as read-only.
+
+``tls_files``: a private CA with a server certificate for 127.0.0.1 /
+localhost and a client certificate it signed (:func:`make_tls_files` makes
+other sets, e.g. one about to expire).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,3 +44,90 @@ def minilm_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     if result.exit_code != 0 or not (repository / "minilm" / "1" / "manifest.json").is_file():
         pytest.fail(f"building the MiniLM package failed (exit {result.exit_code}):\n{result.output[-4000:]}")
     yield repository
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A private CA, a server certificate for 127.0.0.1 / localhost it signed, and a client certificate."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+    folder: Path
+
+
+def _keypair_files(
+    folder: Path,
+    name: str,
+    *,
+    issuer: tuple[Any, Any] | None,
+    days: float = 30,
+    sans: tuple[str, ...] = (),
+    is_ca: bool = False,
+) -> tuple[Path, Path, Any, Any]:
+    """A certificate (and its key) signed by ``issuer`` (cert, key), or self-signed; PEM files, key 0600."""
+    import ipaddress
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_cert, issuer_key = issuer if issuer is not None else (None, key)
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert is not None else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
+    if sans:
+        entries: list[x509.GeneralName] = []
+        for san in sans:
+            try:
+                entries.append(x509.IPAddress(ipaddress.ip_address(san)))
+            except ValueError:
+                entries.append(x509.DNSName(san))
+        builder = builder.add_extension(x509.SubjectAlternativeName(entries), critical=False)
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path, cert, key
+
+
+def make_tls_files(folder: Path, *, server_days: float = 30) -> TlsFiles:
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_path, _, ca_cert, ca_key = _keypair_files(folder, "test-ca", issuer=None, days=365, is_ca=True)
+    cert, key, _, _ = _keypair_files(
+        folder, "server", issuer=(ca_cert, ca_key), days=server_days, sans=("127.0.0.1", "localhost")
+    )
+    client_cert, client_key, _, _ = _keypair_files(folder, "client", issuer=(ca_cert, ca_key))
+    return TlsFiles(ca_path, cert, key, client_cert, client_key, folder)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def tls_factory(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``tls_factory(server_days=...)``: another CA / server / client set (e.g. a certificate near expiry)."""
+
+    def make(*, server_days: float = 30) -> TlsFiles:
+        return make_tls_files(tmp_path_factory.mktemp("tls"), server_days=server_days)
+
+    return make

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -67,7 +69,11 @@ class Served:
 
 
 def _start(
-    repository: Path, home: Path, *args: str, env: dict[str, str] | None = None
+    repository: Path,
+    home: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    client_tls: ssl.SSLContext | None = None,
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = _free_port()
     log = home.parent / f"{home.name}-server.log"
@@ -91,11 +97,12 @@ def _start(
             env={**_env(), **(env or {})},
             cwd=ROOT,
         )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'http' if client_tls is None else 'https'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+            ready = httpx.get(f"{url}/v2/health/ready", timeout=2, verify=client_tls or True)
+            if ready.status_code == 200:
                 return proc, url, log
         except httpx.HTTPError:
             pass
@@ -508,6 +515,74 @@ def test_tampering_with_the_served_log_is_caught(served: Served, tmp_path: Path)
         report = verify_db(db, public)
         assert not report.ok, what
         assert report.first_bad_seq == expected_seq, (what, report.summary())
+
+
+def _client_tls(tls: Any, *, with_certificate: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(tls.ca))
+    if with_certificate:
+        ctx.load_cert_chain(str(tls.client_cert), str(tls.client_key))
+    return ctx
+
+
+def test_mutual_tls_serves_https_and_refuses_everything_else(
+    minilm_repository: Path, tmp_path: Path, tls_files: Any
+) -> None:
+    """A real server with ``--tls-cert/--tls-key/--tls-client-ca``: what a client on the network meets."""
+    home = tmp_path / "tls-home"
+    client = _client_tls(tls_files, with_certificate=True)
+    proc, url, log = _start(
+        minilm_repository,
+        home,
+        "--tls-cert",
+        str(tls_files.cert),
+        "--tls-key",
+        str(tls_files.key),
+        "--tls-client-ca",
+        str(tls_files.ca),
+        client_tls=client,
+    )
+    try:
+        assert url.startswith("https://")
+        key = (home / "keys" / "first-admin.key").read_text().strip()
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": "minilm", "input": ["over an encrypted connection"]}
+        ok = httpx.post(f"{url}/v1/embeddings", json=body, headers=headers, timeout=60, verify=client)
+        assert ok.status_code == 200, ok.text
+        assert len(ok.json()["data"][0]["embedding"]) == 384
+        # no client certificate: the handshake (or, with TLS 1.3, the first read) fails
+        with pytest.raises(httpx.TransportError):
+            httpx.post(
+                f"{url}/v1/embeddings",
+                json=body,
+                headers=headers,
+                timeout=10,
+                verify=_client_tls(tls_files, with_certificate=False),
+            )
+        # plain HTTP to the HTTPS port gets no answer
+        with pytest.raises(httpx.TransportError):
+            httpx.post(url.replace("https://", "http://"), json=body, headers=headers, timeout=10)
+        # a client that offers at most TLS 1.1 is refused by the server
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.check_hostname = False
+        old.verify_mode = ssl.CERT_NONE
+        old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        old.set_ciphers("ALL:@SECLEVEL=0")
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, pytest.raises(ssl.SSLError) as err:
+            old.wrap_socket(raw).do_handshake()
+        assert "ALERT_PROTOCOL_VERSION" in str(err.value).upper()  # the server's alert, not this client's limit
+        # the audit log records what clients were served over, and which certificate
+        records = httpx.get(
+            f"{url}/v1/audit", params={"event": "service_start"}, headers=headers, timeout=30, verify=client
+        ).json()["records"]
+        assert records and records[-1]["details"]["transport"] == "mutual-tls"
+        from appliance.tls import certificate_info
+
+        assert records[-1]["details"]["tls_cert_sha256"] == certificate_info(tls_files.cert).sha256
+    finally:
+        _stop(proc)
+    assert "HTTPS (mutual-tls)" in log.read_text(errors="replace")
 
 
 def test_tiny_queue_answers_429_with_retry_after(minilm_repository: Path, tmp_path: Path) -> None:

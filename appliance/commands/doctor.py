@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from appliance.commands.options import build_settings, state_options
+from appliance.settings import Settings
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -236,6 +237,69 @@ def _model_lines(m: ModelReport) -> list[str]:
     return lines
 
 
+def server_report(settings: Settings) -> dict[str, Any]:
+    """How `serve` would expose the API with these settings: address, keys, HTTPS; a problem stops it."""
+    from appliance.exposure import check_auth_off_is_loopback, check_plaintext
+    from appliance.tls import EXPIRY_WARNING_DAYS, plan_tls
+    from runtime.errors import ConfigError
+
+    out: dict[str, Any] = {
+        "listen": f"{settings.host}:{settings.port}",
+        "auth": settings.auth,
+        "tls": "off",
+        "certificate": None,
+        "problem": None,
+        "warning": None,
+    }
+    try:
+        check_auth_off_is_loopback(settings)
+        plan = plan_tls(settings)
+        check_plaintext(settings, plan)
+    except ConfigError as exc:
+        out["problem"] = str(exc)
+        return out
+    if plan is None:
+        if settings.allow_plaintext:
+            out["warning"] = "plain HTTP (allow_plaintext): a TLS proxy in front must terminate HTTPS"
+        return out
+    cert = plan.certificate
+    days = cert.days_left()
+    out["tls"] = plan.mode
+    out["certificate"] = {
+        "file": str(plan.cert),
+        "subject": cert.subject,
+        "issuer": cert.issuer,
+        "names": list(cert.names),
+        "not_after": cert.not_after.isoformat(),
+        "days_left": round(days, 1),
+        "sha256": cert.sha256,
+    }
+    if days < 0:
+        out["problem"] = f"the TLS certificate {plan.cert} expired on {cert.not_after.date()}: clients will refuse it"
+    elif days < EXPIRY_WARNING_DAYS:
+        out["warning"] = f"the TLS certificate {plan.cert} expires in {days:.0f} days ({cert.not_after.date()})"
+    return out
+
+
+def _server_lines(server: dict[str, Any]) -> list[str]:
+    lines = [
+        "server",
+        f"  listen:      {server['listen']} ({'https' if server['tls'] != 'off' else 'http'})",
+        f"  auth:        {'API keys' if server['auth'] else 'OFF'}",
+        f"  tls:         {server['tls']}",
+    ]
+    cert = server["certificate"]
+    if cert is not None:
+        names = ", ".join(cert["names"]) or "no subject alternative names"
+        lines.append(f"  certificate: {cert['subject']} ({names})")
+        lines.append(f"               until {cert['not_after']} ({cert['days_left']} days), sha256 {cert['sha256']}")
+    if server["warning"]:
+        lines.append(f"  WARNING: {server['warning']}")
+    if server["problem"]:
+        lines.append(f"  PROBLEM: serve would refuse to start: {server['problem']}")
+    return lines
+
+
 @click.command()
 @state_options
 @click.option(
@@ -252,7 +316,8 @@ def doctor(
 ) -> None:
     """Show the hardware, every backend probe, and what each model would run on (and why not the rest).
 
-    Exits 1 when a model in the repository cannot run at all.
+    Exits 1 when a model in the repository cannot run at all, or when `serve` would refuse
+    the server settings (plain HTTP on a network address, TLS files wrong, certificate expired).
     """
     import msgspec
 
@@ -296,6 +361,7 @@ def doctor(
             )
             reports[i] = replace(m, serving=(streams, threads, settings.threads or cores))
     failed = [m for m in reports if not m.runnable]
+    server = server_report(settings)
     hint = None
     if not reports:
         hint = f"no models in {settings.repository}: run `inferbox init` to build the default model"
@@ -310,7 +376,8 @@ def doctor(
             "preference": asdict(preference),
             "repository": str(settings.repository),
             "models": [m.to_dict() for m in reports],
-            "ok": not failed,
+            "server": server,
+            "ok": not failed and server["problem"] is None,
             "hint": hint,
         }
         click.echo(json.dumps(out, indent=2, default=str))
@@ -326,6 +393,7 @@ def doctor(
         if failed:
             names = ", ".join(f"{m.name}/{m.version}" if m.version is not None else m.name for m in failed)
             lines.append(f"PROBLEM: cannot run {names}; see the reasons above")
+        lines.extend(_server_lines(server))
         click.echo("\n".join(lines))
-    if failed:
+    if failed or server["problem"] is not None:
         sys.exit(1)

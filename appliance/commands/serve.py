@@ -5,43 +5,19 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from appliance.commands.options import build_settings, state_options
-from appliance.settings import Settings
+from appliance.exposure import is_loopback
 
-__all__ = ["ADMIN_KEY_FILE", "check_auth_off_is_loopback", "is_loopback", "serve"]
+if TYPE_CHECKING:
+    from appliance.tls import TlsPlan
+
+__all__ = ["ADMIN_KEY_FILE", "serve"]
 
 ADMIN_KEY_FILE = "first-admin.key"
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost``, 127.0.0.0/8 or ::1 (a name other than localhost may resolve anywhere)."""
-    import ipaddress
-
-    name = host.strip().removeprefix("[").removesuffix("]")
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def check_auth_off_is_loopback(settings: Settings) -> None:
-    """Refuse to serve without API keys on an address other machines reach: every client would be admin."""
-    if settings.auth or is_loopback(settings.host):
-        return
-    from runtime.errors import ConfigError
-
-    raise ConfigError(
-        f"auth is off ({settings.sources.get('auth', 'default')}) and host is {settings.host!r} "
-        f"({settings.sources.get('host', 'default')}), not a loopback address: every client that reaches it "
-        "would have every scope (admin). Keep auth on and give clients keys (`inferbox keys create`), "
-        "or serve on 127.0.0.1 / ::1 / localhost to test without keys"
-    )
 
 
 @click.command()
@@ -51,6 +27,24 @@ def check_auth_off_is_loopback(settings: Settings) -> None:
 @click.option("--workers", type=int, default=None, help="Worker processes [env INFERBOX_WORKERS; default 1].")
 @click.option("--backend", default=None, help="Force a backend (ort-cpu, ov-cpu, ...) [default auto].")
 @click.option("--autotune/--no-autotune", default=None, help="Time every admissible candidate at load.")
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Serve HTTPS with this PEM certificate (and chain) [env INFERBOX_TLS_CERT].",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The certificate's PEM private key, unencrypted, mode 0600/0640 [env INFERBOX_TLS_KEY].",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Require client certificates signed by this PEM CA (mutual TLS) [env INFERBOX_TLS_CLIENT_CA].",
+)
 @click.option("--no-auth", is_flag=True, default=False, help="Serve without API keys (loopback testing only).")
 @click.option("--no-audit", is_flag=True, default=False, help="Do not write the audit log.")
 def serve(
@@ -61,6 +55,9 @@ def serve(
     workers: int | None,
     backend: str | None,
     autotune: bool | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_client_ca: Path | None,
     no_auth: bool,
     no_audit: bool,
 ) -> None:
@@ -77,15 +74,26 @@ def serve(
         workers=workers,
         backend=backend,
         autotune=autotune,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
         auth=False if no_auth else None,
         audit=False if no_audit else None,
     )
+    from appliance.exposure import check_auth_off_is_loopback, check_plaintext
+    from appliance.tls import plan_tls, ssl_options
+
     check_auth_off_is_loopback(settings)
+    tls = plan_tls(settings)
+    check_plaintext(settings, tls)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger(__name__)
     if not settings.auth:
-        logging.getLogger(__name__).warning(
-            "auth is off (%s): every client on this machine has every scope", settings.sources.get("auth", "")
-        )
+        log.warning("auth is off (%s): every client on this machine has every scope", settings.sources.get("auth", ""))
+    if tls is not None:
+        _log_certificate(log, tls)
+    elif settings.allow_plaintext and not is_loopback(settings.host):
+        log.warning("plain HTTP on %s (allow_plaintext): a TLS proxy in front must terminate HTTPS", settings.host)
     from appliance.server import prepare
 
     prepared = prepare(settings)
@@ -107,6 +115,7 @@ def serve(
             workers=settings.workers,
             log_level=settings.log_level,
             access_log=False,
+            **ssl_options(tls),
         )
         return
 
@@ -114,11 +123,37 @@ def serve(
 
     app = build_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False, lifespan="on"
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        **ssl_options(tls),
     )
     server = _NotifyingServer(config)
-    click.echo(f"inferbox serving on http://{settings.host}:{settings.port}", err=True)
+    scheme = "http" if tls is None else "https"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True)
     server.run()
+
+
+def _log_certificate(log: logging.Logger, tls: TlsPlan) -> None:
+    from appliance.tls import EXPIRY_WARNING_DAYS
+
+    cert = tls.certificate
+    days = cert.days_left()
+    log.info(
+        "HTTPS (%s): certificate %s, sha256 %s, valid until %s",
+        tls.mode,
+        cert.subject,
+        cert.sha256,
+        cert.not_after.isoformat(),
+    )
+    if days < 0:
+        log.error("the TLS certificate %s expired on %s: clients will refuse it", tls.cert, cert.not_after.date())
+    elif days < EXPIRY_WARNING_DAYS:
+        log.warning("the TLS certificate %s expires in %.0f days (%s)", tls.cert, days, cert.not_after.date())
 
 
 def _hand_over_admin_key(keys_dir: Path, key_id: str, secret: str) -> None:

@@ -164,7 +164,8 @@ def test_text_report(home: Path) -> None:
 def test_json_report(home: Path) -> None:
     code, data = doctor_json("--home", str(home))
     assert code == 0
-    assert set(data) == {"hardware", "backends", "preference", "repository", "models", "ok", "hint"}
+    assert set(data) == {"hardware", "backends", "preference", "repository", "models", "server", "ok", "hint"}
+    assert data["server"]["tls"] == "off" and data["server"]["problem"] is None
     assert data["ok"] is True and data["hint"] is None
     hw = data["hardware"]
     assert {"cpu_model", "cpu_flags", "physical_cores", "memory_total_bytes", "numa_nodes", "fingerprint"} <= set(hw)

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.cli import main
-from appliance.install import InstallOptions, config_toml, install
+from appliance.install import _UNSET, InstallOptions, config_toml, install
 from appliance.settings import FIELDS, load_settings
 from appliance.systemd import UNITS
 from runtime.signing import load_private_key
@@ -74,7 +74,7 @@ def test_config_file_documents_every_setting_and_each_line_is_valid(tmp_path: Pa
     settings = load_settings(environ={}, config_file=path)
     defaults = load_settings(environ={"HOME": "/nonexistent"}, overrides={"home": Path("/var/lib/inferbox")})
     for f in FIELDS:
-        if f.name not in ("public_key", "ship_dir"):  # unset by default; the file shows an example
+        if f.name not in _UNSET:  # unset by default; the file shows an example
             assert getattr(settings, f.name) == getattr(defaults, f.name), f.name
         assert settings.sources[f.name].startswith("file")
 
