@@ -134,13 +134,25 @@ def json_depth(raw: bytes, *, limit: int | None = None) -> int:
     return int(np.cumsum(step).max(initial=0))
 
 
+#: the most dimensions a tensor may have (numpy's own limit is 32 or 64, by version)
+MAX_RANK = 32
+
+
 def _check_shape(shape: list[int], where: str, max_elements: int) -> tuple[int, ...]:
     if any((not isinstance(d, int)) or isinstance(d, bool) or d < 0 for d in shape):
         raise InputError(f"{where}.shape: {shape} must be a list of non-negative integers", field=f"{where}.shape")
-    count = math.prod(shape)
-    if count > max_elements:
+    if len(shape) > MAX_RANK:
         raise InputError(
-            f"{where}.shape: {shape} has {count} elements, over the limit of {max_elements} (max_tensor_elements)",
+            f"{where}.shape: {len(shape)} dimensions is over the limit of {MAX_RANK}", field=f"{where}.shape"
+        )
+    count = math.prod(shape)
+    # a 0 dimension makes the count 0 but not the others harmless: numpy refuses to shape an
+    # empty array whose other dimensions multiply past its index range
+    span = math.prod(d or 1 for d in shape)
+    if span > max_elements:
+        what = f"has {count} elements" if count else f"has dimensions multiplying to {span}"
+        raise InputError(
+            f"{where}.shape: {shape} {what}, over the limit of {max_elements} (max_tensor_elements)",
             field=f"{where}.shape",
         )
     return tuple(shape)

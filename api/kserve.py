@@ -133,13 +133,10 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
     ctx.event = "inference"
     model = _model(request, name, version)
     body = await server.read_body(request)
-    header = request.headers.get(HEADER_LENGTH)
-    if header is not None and not (header.strip().isascii() and header.strip().isdigit()):
-        raise InputError(f"{HEADER_LENGTH}: {header!r} is not a byte count", field=HEADER_LENGTH)
     c = server.config
     req = decode_infer_request(
         body,
-        header_length=int(header) if header is not None else None,
+        header_length=_header_length(request.headers.get(HEADER_LENGTH), len(body)),
         max_inputs=c.max_inputs,
         max_tensor_elements=c.max_tensor_elements,
         max_json_depth=c.max_json_depth,
@@ -159,6 +156,21 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
     if header_len is None:
         return Response(payload, media_type="application/json")
     return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len)})
+
+
+def _header_length(header: str | None, body: int) -> int | None:
+    """``Inference-Header-Content-Length`` as a byte count (None when absent)."""
+    if header is None:
+        return None
+    text = header.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise InputError(f"{HEADER_LENGTH}: {header!r:.40} is not a byte count", field=HEADER_LENGTH)
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(body)):  # past the body; and int() refuses over 4300 digits with a 500
+        raise InputError(
+            f"{HEADER_LENGTH}: a {len(digits)}-digit value is outside the body of {body} bytes", field=HEADER_LENGTH
+        )
+    return int(digits)
 
 
 async def _infer_tensor(server: Server, model: LoadedModel, req: InferRequest) -> list[tuple[str, Any]]:

@@ -1,0 +1,133 @@
+"""The binary tensor data extension at its edges: what tritonclient sends and decodes, and the
+client mistakes (sizes, shapes, flags, other extensions' parameters) that must be 400s naming
+the field, never 500s or answers the client reads otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+
+from api.codec import encode_bytes_elements
+
+from .conftest import tensor_model
+
+X = np.arange(8, dtype=np.float32).reshape(2, 4) / 7
+IDS = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
+HEADER = "Inference-Header-Content-Length"
+
+
+def _binary_body(inputs: list[tuple[str, np.ndarray, str]], **extra: Any) -> tuple[bytes, int]:
+    """A request as tritonclient.http builds it: JSON, then each input's raw bytes in order."""
+    raws = [a.tobytes() if dt != "BYTES" else encode_bytes_elements(list(a.ravel())) for _, a, dt in inputs]
+    header = msgspec.json.encode(
+        {
+            "inputs": [
+                {"name": n, "shape": list(a.shape), "datatype": dt, "parameters": {"binary_data_size": len(raw)}}
+                for (n, a, dt), raw in zip(inputs, raws, strict=True)
+            ],
+            **extra,
+        }
+    )
+    return header + b"".join(raws), len(header)
+
+
+def _post(c: Any, body: bytes, header_length: int | str | None, model: str = "tabular") -> Any:
+    headers = {"Content-Type": "application/octet-stream"}
+    if header_length is not None:
+        headers[HEADER] = str(header_length)
+    return c.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+
+
+def _as_numpy(r: Any) -> dict[str, np.ndarray]:
+    """tritonclient.http.InferResult's decoding: binary outputs at offsets summed in JSON order."""
+    n = int(r.headers[HEADER])
+    meta, buf = msgspec.json.decode(r.content[:n]), r.content[n:]
+    out, offset = {}, 0
+    dtypes = {"FP32": "<f4", "INT32": "<i4"}
+    for o in meta["outputs"]:
+        size = o.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            out[o["name"]] = np.array(o["data"], dtype=dtypes[o["datatype"]]).reshape(o["shape"])
+        else:
+            out[o["name"]] = np.frombuffer(buf[offset : offset + size], dtype=dtypes[o["datatype"]]).reshape(o["shape"])
+            offset += size
+    assert offset == len(buf)
+    return out
+
+
+def test_tritonclient_shaped_requests_decode_as_tritonclient_reads_them(client_factory: Any, tmp_path: Path) -> None:
+    c = client_factory()
+    expected = tensor_model(tmp_path, name="ref").session.run({"x": X, "ids": IDS})
+    inputs = [("x", X, "FP32"), ("ids", IDS, "INT64")]
+    # no outputs named: tritonclient asks binary_data_output
+    body, n = _binary_body(inputs, parameters={"binary_data_output": True})
+    r = _post(c, body, n)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    got = _as_numpy(r)
+    np.testing.assert_array_equal(got["y"], expected["y"])
+    np.testing.assert_array_equal(got["z"], expected["z"])
+    # outputs named in reverse, the first in JSON: the binary one's offset is still 0
+    body, n = _binary_body(
+        inputs,
+        outputs=[
+            {"name": "z", "parameters": {"binary_data": False}},
+            {"name": "y", "parameters": {"binary_data": True}},
+        ],
+        parameters={"binary_data_output": True},
+    )
+    r = _post(c, body, n)
+    got = _as_numpy(r)
+    assert list(got) == ["z", "y"]
+    np.testing.assert_array_equal(got["y"], expected["y"])
+    np.testing.assert_array_equal(got["z"], expected["z"])
+    # zero rows: binary_data_size 0 for each output, and their shapes
+    body, n = _binary_body([("x", X[:0], "FP32"), ("ids", IDS[:0], "INT64")], parameters={"binary_data_output": True})
+    got = _as_numpy(_post(c, body, n))
+    assert got["y"].shape == (0, 3) and got["z"].shape == (0, 2)
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "1" + "0" * 30])
+def test_a_header_length_past_any_body_is_a_400(client_factory: Any, value: str) -> None:
+    # 5000 digits made int() raise (Python's 4300-digit limit): a 500 with a trace in the log
+    c = client_factory()
+    body, _ = _binary_body([("x", X, "FP32"), ("ids", IDS, "INT64")])
+    r = _post(c, body, value)
+    assert r.status_code == 400, r.text
+    assert HEADER in r.json()["error"] and "outside the body" in r.json()["error"]
+    assert len(r.json()["error"]) < 200
+
+
+def test_a_header_length_with_leading_zeros_is_read_as_its_value(client_factory: Any) -> None:
+    c = client_factory()
+    body, n = _binary_body([("x", X, "FP32"), ("ids", IDS, "INT64")])
+    assert _post(c, body, "0000000" + str(n)).status_code == 200
+
+
+SHAPES = [
+    ("rank over numpy's", [1] * 100, [1.0], 4),
+    ("a 0 dim beside huge dims", [0, 2**62, 2**62], [], 0),
+    ("a huge dim beside a 0", [2**70, 0], [], 0),
+]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+@pytest.mark.parametrize(("what", "shape", "data", "size"), SHAPES, ids=[s[0] for s in SHAPES])
+def test_shapes_numpy_cannot_hold_are_400s(
+    client_factory: Any, what: str, shape: list[int], data: list[float], size: int, binary: bool
+) -> None:
+    # these reached numpy's reshape: ValueError, a 500
+    c = client_factory()
+    inp: dict[str, Any] = {"name": "x", "shape": shape, "datatype": "FP32"}
+    if binary:
+        inp["parameters"] = {"binary_data_size": size}
+    else:
+        inp["data"] = data
+    header = msgspec.json.encode({"inputs": [inp]})
+    r = _post(c, header + b"\0" * size, len(header)) if binary else _post(c, header, None)
+    assert r.status_code == 400, r.text
+    assert "inputs[0].shape" in r.json()["error"]
