@@ -129,7 +129,13 @@ async def embeddings(request: Req) -> Response[bytes]:
 @get("/v1/models", opt={"scope": "infer"})
 async def list_models(request: Req) -> Response[bytes]:
     server: Server = request.app.state["server"]
-    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "inferbox"} for m in server.registry.loaded()]
+    # a key narrowed to some models sees only those: the names of the others are not its business
+    principal = context_of(request.scope).principal
+    data = [
+        {"id": m.name, "object": "model", "created": 0, "owned_by": "inferbox"}
+        for m in server.registry.loaded()
+        if principal is None or principal.allows("infer", m.name)
+    ]
     return Response(msgspec.json.encode({"object": "list", "data": data}), media_type="application/json")
 
 

@@ -98,6 +98,12 @@ def test_scopes_403(client_factory: Any, store: KeyStore) -> None:
     assert c.get("/v2", headers=_h(audit_reader)).status_code == 403
     r = c.get("/v1/models", headers=_h(audit_reader))
     assert r.status_code == 403 and "www-authenticate" not in r.headers
+    # /v1/models lists only the models a key may use (metadata of the others is a 403 too)
+    listed = {m["id"] for m in c.get("/v1/models", headers=_h(only_tabular)).json()["data"]}
+    assert listed == {"tabular"}
+    assert c.get("/v2/models/minilm", headers=_h(only_tabular)).status_code == 403
+    _, everything = store.create(["infer"])
+    assert {m["id"] for m in c.get("/v1/models", headers=_h(everything)).json()["data"]} >= {"tabular", "minilm"}
 
 
 def test_open_routes_need_no_key(client_factory: Any, store: KeyStore) -> None:
