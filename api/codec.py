@@ -315,6 +315,7 @@ def decode_infer_request(
                 field=f"{where}.datatype",
             )
         shape = _check_shape(inp.shape, where, max_tensor_elements)
+        _refuse_unsupported(inp.parameters, f"{where}.parameters")
         size = inp.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
@@ -368,7 +369,7 @@ def decode_infer_request(
             f"body: {len(binary) - offset} binary bytes are not claimed by any input's binary_data_size",
             field="Inference-Header-Content-Length",
         )
-    binary_default = bool(req.parameters.get("binary_data_output", False))
+    binary_default = _bool_parameter(req.parameters, "binary_data_output", "parameters")
     outputs: list[str] | None = None
     binary_outputs: dict[str, bool] = {}
     if req.outputs:  # absent or [] (as Triton reads it): every output
@@ -377,9 +378,38 @@ def decode_infer_request(
             if out.name in outputs:
                 raise InputError(f"outputs[{j}].name: {out.name!r} is asked for twice", field=f"outputs[{j}].name")
             outputs.append(out.name)
+            _refuse_unsupported(out.parameters, f"outputs[{j}].parameters")
             if "binary_data" in out.parameters:
-                binary_outputs[out.name] = bool(out.parameters["binary_data"])
+                binary_outputs[out.name] = _bool_parameter(out.parameters, "binary_data", f"outputs[{j}].parameters")
     return InferRequest(req.id, req.parameters, decoded, outputs, binary_outputs, binary_default)
+
+
+#: parameters of Triton extensions this server does not implement (shared memory,
+#: classification): ignoring one would answer something else than what the client reads
+_UNSUPPORTED = {
+    "shared_memory_region": "the shared memory extension",
+    "shared_memory_byte_size": "the shared memory extension",
+    "shared_memory_offset": "the shared memory extension",
+    "classification": "the classification extension",
+}
+
+
+def _refuse_unsupported(parameters: dict[str, Any], where: str) -> None:
+    for key, extension in _UNSUPPORTED.items():
+        if key in parameters:
+            raise InputError(
+                f"{where}.{key}: {extension} is not supported here; send the tensor data in the request "
+                "(JSON or binary_data_size) and read it from the response",
+                field=f"{where}.{key}",
+            )
+
+
+def _bool_parameter(parameters: dict[str, Any], key: str, where: str) -> bool:
+    """A boolean extension parameter (false when absent); anything but true/false is a 400."""
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise InputError(f"{where}.{key}: must be true or false, got {value!r:.40}", field=f"{where}.{key}")
+    return value
 
 
 def not_utf8(exc: UnicodeDecodeError) -> InputError:

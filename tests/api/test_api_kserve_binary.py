@@ -131,3 +131,53 @@ def test_shapes_numpy_cannot_hold_are_400s(
     r = _post(c, header + b"\0" * size, len(header)) if binary else _post(c, header, None)
     assert r.status_code == 400, r.text
     assert "inputs[0].shape" in r.json()["error"]
+
+
+FLAGS = [
+    ("binary_data 'false'", {"outputs": [{"name": "y", "parameters": {"binary_data": "false"}}]}, "outputs[0]"),
+    ("binary_data 1", {"outputs": [{"name": "y", "parameters": {"binary_data": 1}}]}, "outputs[0]"),
+    ("binary_data_output 'false'", {"parameters": {"binary_data_output": "false"}}, "parameters.binary_data_output"),
+]
+
+
+@pytest.mark.parametrize(("what", "extra", "field"), FLAGS, ids=[f[0] for f in FLAGS])
+def test_binary_output_flags_must_be_booleans(client_factory: Any, what: str, extra: Any, field: str) -> None:
+    # bool("false") is True: the client asked JSON and got binary it could not read
+    c = client_factory()
+    body, n = _binary_body([("x", X, "FP32"), ("ids", IDS, "INT64")], **extra)
+    r = _post(c, body, n)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"] and "true or false" in r.json()["error"]
+
+
+UNSUPPORTED = [
+    ("shm output", {"name": "y", "parameters": {"shared_memory_region": "r0", "shared_memory_byte_size": 24}}),
+    ("classification", {"name": "y", "parameters": {"classification": 2, "binary_data": True}}),
+]
+
+
+@pytest.mark.parametrize(("what", "output"), UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
+def test_other_extensions_parameters_are_refused_not_ignored(client_factory: Any, what: str, output: Any) -> None:
+    # ignored, a shared-memory client read its (stale) region and a classification client got
+    # the raw FP32 tensor instead of its class strings, both with a 200
+    c = client_factory()
+    body, n = _binary_body([("x", X, "FP32"), ("ids", IDS, "INT64")], outputs=[output])
+    r = _post(c, body, n)
+    assert r.status_code == 400, r.text
+    key = next(k for k in output["parameters"] if k != "binary_data" and k != "shared_memory_byte_size")
+    assert f"outputs[0].parameters.{key}" in r.json()["error"] and "not supported" in r.json()["error"]
+
+
+def test_a_shared_memory_input_names_the_extension(client_factory: Any) -> None:
+    c = client_factory()
+    body = msgspec.json.encode(
+        {
+            "inputs": [
+                {"name": "x", "shape": [2, 4], "datatype": "FP32", "parameters": {"shared_memory_region": "r0"}},
+                {"name": "ids", "shape": [2, 3], "datatype": "INT64", "data": IDS.ravel().tolist()},
+            ]
+        }
+    )
+    r = c.post("/v2/models/tabular/infer", content=body)
+    assert r.status_code == 400
+    assert "inputs[0].parameters.shared_memory_region" in r.json()["error"]
