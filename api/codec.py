@@ -240,11 +240,20 @@ def _holds_bool(data: list[Any]) -> bool:
     return False
 
 
-def decode_bytes_elements(buf: bytes, where: str) -> list[str]:
-    """Binary BYTES tensor (4-byte LE length + bytes, repeated) -> list of str (UTF-8)."""
+def decode_bytes_elements(buf: bytes, where: str, count: int | None = None) -> list[str]:
+    """Binary BYTES tensor (4-byte LE length + bytes, repeated) -> list of str (UTF-8).
+
+    With ``count`` (the elements the shape holds), bytes left after that many elements are
+    refused at once, never decoded: a body of empty elements would otherwise cost a Python
+    loop turn per 4 bytes.
+    """
     out: list[str] = []
     pos = 0
     while pos < len(buf):
+        if count is not None and len(out) == count:
+            raise InputError(
+                f"{where}: {len(buf) - pos} bytes are left after the {count} elements of the shape", field=where
+            )
         if pos + 4 > len(buf):
             raise InputError(f"{where}: truncated BYTES element length", field=where)
         (n,) = struct.unpack_from("<I", buf, pos)
@@ -316,6 +325,14 @@ def decode_infer_request(
             )
         shape = _check_shape(inp.shape, where, max_tensor_elements)
         _refuse_unsupported(inp.parameters, f"{where}.parameters")
+        if inp.datatype == "BYTES" and math.prod(shape) > max_inputs:
+            # BYTES inputs are texts, and a request holds at most max_inputs of them: refused
+            # before their strings are walked one by one in Python
+            raise InputError(
+                f"{where}.shape: {list(shape)} holds {math.prod(shape)} BYTES elements (texts), over the limit "
+                f"of {max_inputs} (max_inputs)",
+                field=f"{where}.shape",
+            )
         size = inp.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
@@ -327,7 +344,7 @@ def decode_infer_request(
             chunk = binary[offset : offset + size]
             offset += size
             if inp.datatype == "BYTES":
-                texts = decode_bytes_elements(chunk, f"{where}.binary_data")
+                texts = decode_bytes_elements(chunk, f"{where}.binary_data", math.prod(shape))
                 if len(texts) != math.prod(shape):
                     raise InputError(
                         f"{where}.binary_data: shape {list(shape)} needs {math.prod(shape)} elements, got {len(texts)}",

@@ -4,6 +4,7 @@ the field, never 500s or answers the client reads otherwise."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from api.codec import encode_bytes_elements
+from api.codec import decode_bytes_elements, encode_bytes_elements
+from runtime.errors import InputError
 
 from .conftest import tensor_model
 
@@ -181,3 +183,24 @@ def test_a_shared_memory_input_names_the_extension(client_factory: Any) -> None:
     r = c.post("/v2/models/tabular/infer", content=body)
     assert r.status_code == 400
     assert "inputs[0].parameters.shared_memory_region" in r.json()["error"]
+
+
+def test_bytes_elements_past_max_inputs_are_refused_before_decoding(client_factory: Any) -> None:
+    # 16 MiB of empty elements was a 4M-turn Python loop (seconds of a stalled event loop)
+    # before the texts were counted against max_inputs
+    c = client_factory(max_inputs=4)
+    texts = np.array([""] * 5, dtype=object)
+    body, n = _binary_body([("text", texts, "BYTES")])
+    r = _post(c, body, n, model="minilm")
+    assert r.status_code == 400, r.text
+    assert "inputs[0].shape" in r.json()["error"] and "max_inputs" in r.json()["error"]
+    body = msgspec.json.encode({"inputs": [{"name": "text", "shape": [5], "datatype": "BYTES", "data": [""] * 5}]})
+    r = c.post("/v2/models/minilm/infer", content=body)
+    assert r.status_code == 400 and "inputs[0].shape" in r.json()["error"]
+
+
+def test_bytes_decoding_stops_at_the_shapes_count() -> None:
+    buf = struct.pack("<I", 0) * 1000
+    with pytest.raises(InputError, match="3996 bytes are left after the 1 elements"):
+        decode_bytes_elements(buf, "inputs[0].binary_data", 1)
+    assert decode_bytes_elements(encode_bytes_elements(["a", "bc"]), "w", 2) == ["a", "bc"]
