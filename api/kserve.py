@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import numpy as np
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
@@ -205,6 +206,9 @@ async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> 
                     field=f"outputs[{i}].name",
                 )
     vectors, _counts = await server.embed(model, req.inputs[0].texts)
+    dim = embedding_dim(model)
+    if not len(vectors) and dim > 0:  # no texts: [0, D] as the metadata says, not [0, 0]
+        vectors = np.zeros((0, dim), dtype=np.float32)
     return [(out_name, vectors)]
 
 

@@ -204,3 +204,15 @@ def test_bytes_decoding_stops_at_the_shapes_count() -> None:
     with pytest.raises(InputError, match="3996 bytes are left after the 1 elements"):
         decode_bytes_elements(buf, "inputs[0].binary_data", 1)
     assert decode_bytes_elements(encode_bytes_elements(["a", "bc"]), "w", 2) == ["a", "bc"]
+
+
+def test_a_text_model_asked_no_texts_answers_0_by_its_width(client_factory: Any) -> None:
+    # it answered shape [0, 0] where the metadata says [-1, 8]
+    c = client_factory()
+    body, n = _binary_body([("text", np.array([], dtype=object), "BYTES")], parameters={"binary_data_output": True})
+    r = _post(c, body, n, model="minilm")
+    assert r.status_code == 200, r.text
+    meta = msgspec.json.decode(r.content[: int(r.headers[HEADER])])
+    out = meta["outputs"][0]
+    assert out["shape"] == [0, 8] and out["parameters"]["binary_data_size"] == 0
+    assert c.get("/v2/models/minilm").json()["outputs"][0]["shape"] == [-1, 8]
