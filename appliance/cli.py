@@ -68,6 +68,11 @@ class LazyGroup(click.Group):
                 "sudo -u inferbox env INFERBOX_HOME=/var/lib/inferbox INFERBOX_CONFIG=/etc/inferbox/inferbox.toml "
                 "/opt/inferbox/venv/bin/inferbox ...)"
             )
+        except BrokenPipeError:
+            # the reader went away (`inferbox audit tail --json | head`): nothing is wrong with any file
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not complain again
+            sys.exit(1)
         except OSError as exc:
             _fail(f"{_os_problem(exc)}; check the path and its permissions")
         except sqlite3.Error as exc:

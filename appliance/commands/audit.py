@@ -91,6 +91,15 @@ def _trusted_keys(settings: Settings, paths: Sequence[Path]) -> list[Ed25519Publ
 
     if paths:
         return [signing.load_public_key(p) for p in paths]
+    if not settings.signing_key.exists() and not settings.signing_key.is_symlink():
+        from runtime.errors import ConfigError
+
+        # off the box (an auditor's machine): a new key would verify nothing; the log's public key is needed
+        raise ConfigError(
+            f"no signing key here ({settings.signing_key}) to take the public key from: pass the log's public key "
+            "with --public-key FILE (on the appliance: `inferbox audit public-key > signing.key.pub`; after a "
+            "rotation, one --public-key per key)"
+        )
     keys = [signing.load_private_key(settings.signing_key).public_key()]
     retired = settings.keys_dir / "retired"
     if retired.is_dir():

@@ -120,3 +120,32 @@ def test_report_and_public_key(home: Path) -> None:
     assert code == 0 and "technical measures" in out
     code, out = _run("public-key", "--home", str(home))
     assert code == 0 and out == (home / "keys" / "signing.key.pub").read_text()
+
+
+def test_verify_off_the_box_without_a_key_names_public_key(home: Path, tmp_path: Path) -> None:
+    """An auditor's machine has no signing key: the hint is --public-key, not a new (useless) key."""
+    out_file = tmp_path / "export.jsonl"
+    assert _run("export", "--home", str(home), "--out", str(out_file))[0] == 0
+    auditor = tmp_path / "auditor-home"
+    result = CliRunner().invoke(main, ["audit", "verify", "--home", str(auditor), "--export", str(out_file)])
+    assert result.exit_code == 2
+    assert "--public-key" in result.output and "signing-key create" not in result.output
+
+
+def test_a_closed_pipe_is_not_reported_as_a_file_problem(home: Path) -> None:
+    """`inferbox audit tail --json | head`: the reader leaving is no error worth a message."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "audit", "tail", "--home", str(home), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes its first line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert proc.returncode == 1
+    assert "error:" not in err and "Traceback" not in err and "Broken pipe" not in err, err
