@@ -61,10 +61,13 @@ def ensure_signing_key(settings: Settings) -> None:
     """The audit checkpoints (and signed exports) need a private key; create it on a new box."""
     if settings.signing_key.exists():
         return
-    from runtime.signing import generate_private_key, write_private_key
+    from runtime.signing import generate_private_key, write_private_key, write_public_key
 
-    write_private_key(generate_private_key(), settings.signing_key)
-    log.info("created signing key %s (mode 0600)", settings.signing_key)
+    key = generate_private_key()
+    write_private_key(key, settings.signing_key)
+    # the public half, for auditors (audit verify --public-key) and for requiring signed packages
+    pub = write_public_key(key, settings.signing_key)
+    log.info("created signing key %s (mode 0600) and its public key %s", settings.signing_key, pub)
 
 
 def _build_default_child(repository: str, name: str, threads: int, signing_key: str) -> None:

@@ -37,10 +37,12 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "private_key_pem",
+    "public_key_path",
     "public_key_pem",
     "sign",
     "verify",
     "write_private_key",
+    "write_public_key",
 ]
 
 SIGNATURE_BYTES = 64
@@ -133,6 +135,21 @@ def public_key_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
         encoding=serialization.Encoding.PEM,
         format=serialization.PublicFormat.SubjectPublicKeyInfo,
     ).decode("ascii")
+
+
+def public_key_path(private_key_path: Path) -> Path:
+    """Where the public half of a private key file is kept: ``<key>.pub``."""
+    return private_key_path.with_name(private_key_path.name + ".pub")
+
+
+def write_public_key(key: Ed25519PrivateKey, private_key_path: Path) -> Path:
+    """Write ``<key>.pub`` (PEM, mode 0644: auditors and serving machines get it) atomically; return its path."""
+    pub = public_key_path(private_key_path)
+    tmp = pub.with_name(f".{pub.name}.{secrets.token_hex(6)}.tmp")
+    tmp.write_text(public_key_pem(key), encoding="ascii")
+    tmp.chmod(0o644)
+    os.replace(tmp, pub)
+    return pub
 
 
 def load_public_key(path_or_pem: Path | str | bytes) -> Ed25519PublicKey:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from appliance.commands.options import build_settings, state_options
-from runtime.signing import generate_private_key, key_id, load_private_key, public_key_pem, write_private_key
+from runtime.signing import (
+    generate_private_key,
+    key_id,
+    load_private_key,
+    public_key_pem,
+    write_private_key,
+    write_public_key,
+)
 
 __all__ = ["signing_key"]
-
-
-def _pub_path(key_path: Path) -> Path:
-    return key_path.with_name(key_path.name + ".pub")
 
 
 @click.group(name="signing-key")
@@ -37,11 +39,7 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
     key = generate_private_key()
     write_private_key(key, path, overwrite=force)
     pem = public_key_pem(key)
-    pub = _pub_path(path)
-    tmp = pub.with_name(pub.name + ".tmp")
-    tmp.write_text(pem, encoding="ascii")
-    tmp.chmod(0o644)
-    os.replace(tmp, pub)
+    pub = write_public_key(key, path)
     click.echo(f"private key: {path} (mode 0600; back it up, never copy it to serving machines)")
     click.echo(f"public key:  {pub}")
     click.echo(f"key id:      {key_id(key)}")
