@@ -27,7 +27,9 @@ import importlib
 import logging
 import os
 import pickle
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from typing import Any
 
 from appliance.batch.model import BatchModel, LoaderFactory
@@ -147,26 +149,34 @@ class DaskEngine:
         self.in_flight_per_thread = in_flight_per_thread
         self.on_submit = on_submit or (lambda _task: None)
         self.client: Any = None
+        self._keep: contextlib.ExitStack | None = None  # set by :meth:`watch`: the connection outlives a round
 
     @contextlib.contextmanager
     def connected(self) -> Iterator[Any]:
-        """A client to the scheduler, or to a local cluster started for the duration."""
+        """A client to the scheduler, or to a local cluster started for the duration
+        (:meth:`run_once` reuses it while it is open: ``--watch`` starts one cluster, not one a round)."""
+        if self.client is not None:
+            yield self.client
+            return
         distributed = _distributed()
-        if self.scheduler:
-            try:
-                client = distributed.Client(self.scheduler)
-            except (OSError, TimeoutError, ValueError, TypeError) as exc:
-                raise BatchError(
-                    f"cannot reach the Dask scheduler {self.scheduler} ({exc}); check that it runs and the "
-                    "address (--scheduler tcp://host:8786), or leave out --scheduler for a local cluster"
-                ) from exc
-            with client:
+        try:
+            if self.scheduler:
+                try:
+                    client = distributed.Client(self.scheduler)
+                except (OSError, TimeoutError, ValueError, TypeError) as exc:
+                    raise BatchError(
+                        f"cannot reach the Dask scheduler {self.scheduler} ({exc}); check that it runs and the "
+                        "address (--scheduler tcp://host:8786), or leave out --scheduler for a local cluster"
+                    ) from exc
+                with client:
+                    self.client = client
+                    yield client
+                return
+            with local_cluster(self.n_workers) as cluster, distributed.Client(cluster) as client:
                 self.client = client
                 yield client
-            return
-        with local_cluster(self.n_workers) as cluster, distributed.Client(cluster) as client:
-            self.client = client
-            yield client
+        finally:
+            self.client = None
 
     def _submit(self, client: Any, lease: Any, summary: RunSummary) -> Any | None:
         prepared = self.worker.prepare(lease, summary)
@@ -184,37 +194,96 @@ class DaskEngine:
         return future
 
     def run_once(self, *, wait_for_retries: bool = True) -> RunSummary:
-        """Accept new jobs and run every leasable chunk on the cluster; finish complete jobs."""
-        wait = _distributed().wait
+        """Accept new jobs and run every leasable chunk on the cluster; finish complete jobs.
+
+        The cluster is reached (a local one started) only when there is a chunk to run.  Chunks
+        stay leased while they wait on the cluster (renewed every third of ``lease_s``); if the
+        run stops on an error (the scheduler lost, SIGINT), the chunks in flight are given back.
+        """
         summary = RunSummary()
         summary.accepted = self.worker.accept_new(summary)
         self.worker.reclaim_dead()
-        with self.connected() as client:
-            threads = max(1, sum(client.nthreads().values()))
-            limit = threads * self.in_flight_per_thread
-            in_flight: dict[Any, Any] = {}
-            while True:
-                self.worker.fail_exhausted(summary)
-                self.worker.finish_ready(summary)
-                while len(in_flight) < limit:
-                    lease = self.worker.lease()
-                    if lease is None:
-                        break
-                    future = self._submit(client, lease, summary)
-                    if future is not None:
-                        in_flight[future] = lease
-                if not in_flight:
-                    if wait_for_retries and self.worker.wait_for_retry():
-                        continue
-                    break
-                done, _ = wait(list(in_flight), return_when="FIRST_COMPLETED")
-                for future in done:
-                    lease = in_flight.pop(future)
-                    try:
-                        outcome = future.result()
-                    except Exception as exc:  # KilledWorker, or the unit's own error
-                        self.worker.fail_chunk(lease, exc, summary)
-                        continue
-                    self.worker.record(outcome)
-                    summary.chunks += 1
+        self.worker.fail_exhausted(summary)
+        self.worker.finish_ready(summary)
+        first = self.worker.lease()
+        config = self.worker.config
+        if first is None and not (
+            wait_for_retries and self.worker.store.next_retry_at(config.max_attempts) is not None
+        ):
+            return summary
+        try:
+            if self._keep is not None and self.client is None:
+                self._keep.enter_context(self.connected())  # kept open across rounds
+            with self.connected() as client:
+                self._work(client, first, summary, wait_for_retries)
+        except BaseException:
+            # whatever is still leased here runs nowhere now: the next run takes it at once
+            with contextlib.suppress(Exception):
+                self.worker.store.expire_worker(self.worker.worker_id)
+            raise
         return summary
+
+    def _work(self, client: Any, first: Any, summary: RunSummary, wait_for_retries: bool) -> None:
+        wait = _distributed().wait
+        lease_s = self.worker.config.lease_s
+        try:
+            threads = max(1, sum(client.nthreads().values()))
+        except OSError as exc:
+            raise self._lost(exc) from exc
+        limit = threads * self.in_flight_per_thread
+        in_flight: dict[Any, Any] = {}
+        while True:
+            self.worker.fail_exhausted(summary)
+            self.worker.finish_ready(summary)
+            while len(in_flight) < limit:
+                lease, first = first or self.worker.lease(), None
+                if lease is None:
+                    break
+                future = self._submit(client, lease, summary)
+                if future is not None:
+                    in_flight[future] = lease
+            if not in_flight:
+                if wait_for_retries and self.worker.wait_for_retry():
+                    continue
+                break
+            # a chunk waiting on the cluster (queued behind others, or rerun after a worker died)
+            # keeps its lease: else this or another coordinator would take it again
+            chunks = [(lease.job.job_id, lease.plan.idx) for lease in in_flight.values()]
+            self.worker.store.renew(self.worker.worker_id, chunks, lease_s)
+            try:
+                done, _ = wait(list(in_flight), timeout=lease_s / 3, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                continue
+            except (CancelledError, OSError) as exc:
+                raise self._lost(exc) from exc
+            for future in done:
+                lease = in_flight.pop(future)
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # KilledWorker, or the unit's own error
+                    self.worker.fail_chunk(lease, exc, summary)
+                    continue
+                self.worker.record(outcome)
+                summary.chunks += 1
+
+    def _lost(self, exc: BaseException) -> BatchError:
+        where = self.scheduler or "of the local cluster"
+        # Dask's own text spans lines and lists task keys: one line here
+        reason = type(exc).__name__ if isinstance(exc, CancelledError) else " ".join(f"{exc}".split())[:200]
+        return BatchError(
+            f"lost the connection to the Dask scheduler {where} ({reason}); the chunks in flight are given "
+            "back and finished chunks are kept: check the scheduler, then run the command again"
+        )
+
+    def watch(self, stop: threading.Event, poll_s: float = 2.0) -> None:
+        """``run_once`` until ``stop`` is set, on one connection: a local cluster is started once
+        (when there is a first chunk to run), not once a round, and closed when stopped."""
+        with contextlib.ExitStack() as stack:
+            self._keep = stack
+            try:
+                while not stop.is_set():
+                    summary = self.run_once(wait_for_retries=False)
+                    if not (summary.accepted or summary.chunks):
+                        stop.wait(poll_s)
+            finally:
+                self._keep = None

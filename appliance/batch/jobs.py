@@ -462,6 +462,18 @@ class JobStore:
         rows = self._rows("SELECT DISTINCT worker FROM batch_chunks WHERE state = 'leased' ORDER BY worker")
         return [r["worker"] for r in rows]
 
+    def renew(self, worker: str, chunks: list[tuple[str, int]], lease_s: float) -> int:
+        """Extend ``worker``'s leases of ``chunks`` (job id, idx) to ``lease_s`` from now: chunks
+        handed to a Dask cluster stay leased while they wait there; how many were extended."""
+        until = self.clock() + lease_s
+        with self._tx() as conn:
+            cur = conn.executemany(
+                "UPDATE batch_chunks SET lease_until = ? "
+                "WHERE job_id = ? AND idx = ? AND state = 'leased' AND worker = ?",
+                [(until, job_id, idx, worker) for job_id, idx in chunks],
+            )
+            return cur.rowcount
+
     def expire_worker(self, worker: str) -> int:
         """Give every chunk leased by ``worker`` (known dead) back; return how many."""
         with self._tx() as conn:

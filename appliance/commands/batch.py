@@ -185,10 +185,9 @@ def run(
         else:
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            while not stop.is_set():
-                summary = runner.run_once(wait_for_retries=False)  # a later round takes a chunk due for a retry
-                if not (summary.accepted or summary.chunks):
-                    stop.wait(poll_seconds)
+            # rounds of run_once(wait_for_retries=False): a later round takes a chunk due for a retry
+            # (the Dask engine keeps one cluster for all rounds)
+            runner.watch(stop, poll_seconds)
     except BaseException:
         # closing must not hide the error that stopped the run (e.g. a full disk)
         for resource in (store, audit):

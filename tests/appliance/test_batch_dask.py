@@ -135,3 +135,114 @@ def test_cli_batch_run_engine_dask(tmp_path: Path, cluster: Any, monkeypatch: py
     assert (summary["ok"], summary["rejected"]) == (7, 0)
     r = runner.invoke(main, ["batch", "run", "--scheduler", "tcp://127.0.0.1:1", "--home", str(home)])
     assert r.exit_code == 2 and "--scheduler needs --engine dask" in r.output
+
+
+def _one_job(root: Path, records: int, chunk_size: int = 2, **config: Any) -> tuple[str, JobStore, BatchWorker]:
+    src = root / "in.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
+    src.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(records)))
+    job_id = submit(root / "spool", src, model="fake-embed")
+    store = JobStore(root / "state.db")
+    worker = BatchWorker(
+        spool=root / "spool",
+        outbox=root / "outbox",
+        store=store,
+        loader=fake.loader,
+        config=WorkerConfig(chunk_size=chunk_size, batch_size=chunk_size, **config),
+    )
+    return job_id, store, worker
+
+
+def test_dask_engine_keeps_the_lease_of_a_chunk_queued_on_the_cluster(tmp_path: Path, cluster: Any) -> None:
+    # 8 chunks of 1 s each, 6 in flight on 2 workers: most wait on the cluster longer than the
+    # 1 s lease; before, the coordinator leased them again while they waited (each ran twice, and
+    # a chunk leased 3 times failed its job as if its worker had died)
+    job_id, store, worker = _one_job(tmp_path, 16, lease_s=1.0, max_attempts=3)
+    submitted: list[int] = []
+    factory = functools.partial(functools.partial, fake.loader, delay_s=1.0)
+    engine = DaskEngine(
+        worker,
+        factory,
+        scheduler=cluster.scheduler_address,
+        in_flight_per_thread=3,
+        on_submit=lambda task: submitted.append(task.plan.idx),
+    )
+    try:
+        summary = engine.run_once()
+        assert sorted(submitted) == list(range(8))
+        assert (summary.chunks, summary.finished, summary.failed) == (8, [job_id], [])
+        assert {c["attempts"] for c in store._rows("SELECT attempts FROM batch_chunks")} == {1}
+    finally:
+        store.close()
+
+
+def test_dask_engine_that_loses_its_scheduler_says_so_and_gives_the_chunks_back(tmp_path: Path) -> None:
+    from runtime.errors import BatchError
+
+    job_id, store, worker = _one_job(tmp_path, 24)
+    with local_cluster(n_workers=1) as doomed:
+        closed: list[bool] = []
+
+        def progress(event: str) -> None:
+            if event.startswith("completed") and not closed:
+                closed.append(True)
+                doomed.close()  # the scheduler goes away with chunks in flight
+
+        worker.progress = progress
+        factory = functools.partial(functools.partial, fake.loader, delay_s=0.2)
+        engine = DaskEngine(worker, factory, scheduler=doomed.scheduler_address)
+        try:
+            with pytest.raises(BatchError, match=r"lost the connection to the Dask scheduler .*run the command again"):
+                engine.run_once()
+            rows = store._rows("SELECT state FROM batch_chunks")
+            assert "leased" not in {r["state"] for r in rows}  # the next run takes them at once
+            assert store.require_job(job_id).state == "running"
+        finally:
+            store.close()
+
+
+def test_dask_engine_starts_no_cluster_for_nothing_and_one_for_a_whole_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from appliance.batch import dask_engine
+
+    started: list[int] = []
+    real = dask_engine.local_cluster
+
+    def counting(n_workers: int = 2) -> Any:
+        started.append(n_workers)
+        return real(n_workers)
+
+    monkeypatch.setattr(dask_engine, "local_cluster", counting)
+    root = tmp_path / "home"
+    store = JobStore(root / "state.db")
+    worker = BatchWorker(spool=root / "spool", outbox=root / "outbox", store=store, loader=fake.loader, config=CONFIG)
+    factory = functools.partial(functools.partial, fake.loader)
+    engine = DaskEngine(worker, factory, n_workers=1)
+    try:
+        assert engine.run_once().chunks == 0
+        assert started == []  # an empty spool (the nightly timer) starts no cluster
+        src = tmp_path / "in.jsonl"
+        src.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(7)))
+        first = submit(root / "spool", src, model="fake-embed")
+        stop = threading.Event()
+        watching = threading.Thread(target=engine.watch, args=(stop, 0.05))
+        watching.start()
+        second = None
+        try:
+            for _ in range(600):
+                if second is None and (j := store.job(first)) is not None and j.state == "done":
+                    second = submit(root / "spool", src, model="fake-embed")  # after some idle rounds
+                if second is not None and (k := store.job(second)) is not None and k.state == "done":
+                    break
+                stop.wait(0.1)
+        finally:
+            stop.set()
+            watching.join(60)
+        assert second is not None and store.require_job(second).state == "done"
+        assert started == [1]  # one cluster for the whole watch, not one per round
+        assert engine.client is None  # and closed when stopped
+    finally:
+        store.close()
