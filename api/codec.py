@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from api.classification import BytesTensor, classification_count
 from runtime.errors import InputError
 
 __all__ = [
@@ -110,6 +111,8 @@ class InferRequest:
     outputs: list[str] | None
     binary_outputs: dict[str, bool] = field(default_factory=dict)
     binary_default: bool = False
+    #: outputs asked for as their top classes (Triton's classification extension): name -> count
+    classification: dict[str, int] = field(default_factory=dict)
 
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
@@ -389,6 +392,7 @@ def decode_infer_request(
     binary_default = _bool_parameter(req.parameters, "binary_data_output", "parameters")
     outputs: list[str] | None = None
     binary_outputs: dict[str, bool] = {}
+    classification: dict[str, int] = {}
     if req.outputs:  # absent or [] (as Triton reads it): every output
         outputs = []
         for j, out in enumerate(req.outputs):
@@ -398,16 +402,18 @@ def decode_infer_request(
             _refuse_unsupported(out.parameters, f"outputs[{j}].parameters")
             if "binary_data" in out.parameters:
                 binary_outputs[out.name] = _bool_parameter(out.parameters, "binary_data", f"outputs[{j}].parameters")
-    return InferRequest(req.id, req.parameters, decoded, outputs, binary_outputs, binary_default)
+            count = classification_count(out.parameters, f"outputs[{j}].parameters")
+            if count is not None:
+                classification[out.name] = count
+    return InferRequest(req.id, req.parameters, decoded, outputs, binary_outputs, binary_default, classification)
 
 
-#: parameters of Triton extensions this server does not implement (shared memory,
-#: classification): ignoring one would answer something else than what the client reads
+#: parameters of a Triton extension this server does not implement (shared memory):
+#: ignoring one would answer something else than what the client reads
 _UNSUPPORTED = {
     "shared_memory_region": "the shared memory extension",
     "shared_memory_byte_size": "the shared memory extension",
     "shared_memory_offset": "the shared memory extension",
-    "classification": "the classification extension",
 }
 
 
@@ -464,7 +470,7 @@ def encode_infer_response(
     *,
     model_name: str,
     model_version: str,
-    outputs: list[tuple[str, Array | list[str]]],
+    outputs: list[tuple[str, Array | list[str] | BytesTensor]],
     binary: dict[str, bool],
     request_id: str | None,
     parameters: dict[str, Any] | None = None,
@@ -472,11 +478,16 @@ def encode_infer_response(
     """Response bytes and the JSON header length (None when no output is binary)."""
     items: list[_OutputJson] = []
     chunks: list[bytes] = []
-    for name, value in outputs:
-        if isinstance(value, list):
-            datatype, shape = "BYTES", [len(value)]
+    for name, output in outputs:
+        if isinstance(output, BytesTensor):
+            value: Array | list[str] = output.values
+            datatype, shape = "BYTES", output.shape
+        elif isinstance(output, list):
+            value = output
+            datatype, shape = "BYTES", [len(output)]
         else:
-            datatype, shape = datatype_of(value.dtype), list(value.shape)
+            value = output
+            datatype, shape = datatype_of(output.dtype), list(output.shape)
         if binary.get(name, False):
             if isinstance(value, list):
                 chunk = encode_bytes_elements(value)

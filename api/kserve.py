@@ -1,4 +1,4 @@
-"""KServe v2 / Open Inference Protocol routes, with the binary tensor data and repository extensions.
+"""KServe v2 / Open Inference Protocol routes, with the binary tensor data, classification and repository extensions.
 
 Health is open; server and model metadata and inference need an ``infer`` scope
 (``infer:<model>`` for one model); the repository extension needs ``models:admin``.
@@ -15,6 +15,7 @@ import numpy as np
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
+from api.classification import classify
 from api.codec import InferRequest, datatype_of, decode_infer_request, encode_infer_response
 from api.envelope import context_of
 from api.server import Server
@@ -23,7 +24,7 @@ from runtime.serving import LoadedModel
 
 __all__ = ["EXTENSIONS", "TEXT_INPUT", "embedding_dim", "model_metadata", "routes"]
 
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 TEXT_INPUT = "text"
 #: output name of a text embedding model whose pooling runs in the server
 POOLED_OUTPUT = "sentence_embedding"
@@ -89,6 +90,8 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
             "exec_precision": model.exec_precision,
             # what the session fell back from and to (allow_fallback), or empty
             "fallback": getattr(model.session, "fallback", None) or "",
+            # class names of the main output, by index (what `classification` answers with), or empty
+            "labels": list(model.manifest.labels or []),
         },
     }
 
@@ -142,7 +145,11 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
         max_tensor_elements=c.max_tensor_elements,
         max_json_depth=c.max_json_depth,
     )
-    results = await (_infer_text(server, model, req) if model.is_text else _infer_tensor(server, model, req))
+    results: list[tuple[str, Any]] = await (
+        _infer_text(server, model, req) if model.is_text else _infer_tensor(server, model, req)
+    )
+    if req.classification:
+        results = _classified(model, req, results)
     binary = {name: req.binary_outputs.get(name, req.binary_default) for name, _ in results}
     params = {k: v for k, v in req.parameters.items() if k != "binary_data_output"}
     payload, header_len = encode_infer_response(
@@ -157,6 +164,21 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
     if header_len is None:
         return Response(payload, media_type="application/json")
     return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len)})
+
+
+def _classified(model: LoadedModel, req: InferRequest, results: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Outputs asked for with ``classification``: their top classes (labels on the model's main output)."""
+    main = _text_output(model)[0] if model.is_text else model.manifest.outputs[0].name
+    asked = req.outputs or []
+    out: list[tuple[str, Any]] = []
+    for name, value in results:
+        count = req.classification.get(name)
+        if count is None:
+            out.append((name, value))
+            continue
+        labels = model.manifest.labels if name == main else None
+        out.append((name, classify(name, value, count, labels, f"outputs[{asked.index(name)}].parameters")))
+    return out
 
 
 def _header_length(header: str | None, body: int) -> int | None:

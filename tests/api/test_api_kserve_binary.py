@@ -154,14 +154,12 @@ def test_binary_output_flags_must_be_booleans(client_factory: Any, what: str, ex
 
 UNSUPPORTED = [
     ("shm output", {"name": "y", "parameters": {"shared_memory_region": "r0", "shared_memory_byte_size": 24}}),
-    ("classification", {"name": "y", "parameters": {"classification": 2, "binary_data": True}}),
-]
+]  # classification is implemented (test_api_kserve_classification.py)
 
 
 @pytest.mark.parametrize(("what", "output"), UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
 def test_other_extensions_parameters_are_refused_not_ignored(client_factory: Any, what: str, output: Any) -> None:
-    # ignored, a shared-memory client read its (stale) region and a classification client got
-    # the raw FP32 tensor instead of its class strings, both with a 200
+    # ignored, a shared-memory client read its (stale) region with a 200
     c = client_factory()
     body, n = _binary_body([("x", X, "FP32"), ("ids", IDS, "INT64")], outputs=[output])
     r = _post(c, body, n)

@@ -250,3 +250,45 @@ def test_images_of_the_wrong_size_or_layout_are_refused_naming_the_shape(tmp_pat
         )
         with pytest.raises(CalibrationError, match=r"the model takes \[N, 3, 16, 16\]"):
             export_model(in_memory)
+
+
+def test_served_text_classifier_answers_its_labels_through_classification(
+    tinycls: tuple[Path, Path, Manifest], tmp_path: Path
+) -> None:
+    """The real package, loaded as serve loads it (ORT), asked over KServe for its top class by name."""
+    import torch
+    from litestar.testing import TestClient
+    from transformers import AutoModelForSequenceClassification
+
+    from api.app import create_app
+    from api.config import ApiConfig
+    from runtime.loader import LoaderOptions, load_model
+    from runtime.serving import ModelRegistry
+
+    folder, repo, manifest = tinycls
+    model = load_model(repo, "tinycls", options=LoaderOptions(backend="ort-cpu", cache_dir=tmp_path / "cache"))
+    registry = ModelRegistry(lambda name, version: model, lambda: [])
+    registry.add(model)
+    texts = ["good day", "the patient", "open the account now"]
+    body = {
+        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": texts}],
+        "outputs": [{"name": "logits", "parameters": {"classification": 2}}],
+    }
+    with TestClient(create_app(registry=registry, config=ApiConfig(auth=False), audit=None, keys=None)) as client:
+        r = client.post("/v2/models/tinycls/infer", json=body)
+        assert client.get("/v2/models/tinycls").json()["parameters"]["labels"] == ["neg", "neutral", "pos"]
+    registry.close()
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["datatype"] == "BYTES" and out["shape"] == [3, 2]
+    enc = TextEncoder.from_dir(repo / "tinycls" / "1" / "tokenizer", manifest.text).encode(texts)
+    with torch.inference_mode():
+        ref = (
+            AutoModelForSequenceClassification.from_pretrained(folder)
+            .eval()(**{k: torch.from_numpy(v) for k, v in enc.feeds.items()})
+            .logits.numpy()
+        )
+    firsts = [out["data"][2 * i].split(":") for i in range(3)]
+    assert [int(f[1]) for f in firsts] == ref.argmax(axis=1).tolist()
+    assert [f[2] for f in firsts] == [["neg", "neutral", "pos"][i] for i in ref.argmax(axis=1)]
+    np.testing.assert_allclose([float(f[0]) for f in firsts], ref.max(axis=1), atol=1e-4)

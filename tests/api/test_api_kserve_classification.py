@@ -1,0 +1,141 @@
+"""Triton's classification extension: an output answered as its top-k "value:index[:label]" strings."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+
+from api.codec import decode_bytes_elements
+from runtime.backends.fake import FakeBackend
+from runtime.manifest import TensorSpec
+from runtime.text import TextEncoder
+
+from .conftest import TOKENIZER_DIR, _open_fake, infer_json, tensor_model, text_model
+
+X = np.arange(20, dtype=np.float32).reshape(5, 4) / 7.0
+IDS = np.arange(15, dtype=np.int64).reshape(5, 3)
+LABELS = ["cat", "dog", "bird"]
+
+
+def labelled(tmp: Path) -> Any:
+    model = tensor_model(tmp)
+    return replace(model, manifest=msgspec.structs.replace(model.manifest, labels=LABELS))
+
+
+def _raw(c: Any, output: str) -> np.ndarray:
+    r = c.post("/v2/models/tabular/infer", json=infer_json({"x": X, "ids": IDS}, outputs=[{"name": output}]))
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    return np.array(out["data"]).reshape(out["shape"])
+
+
+def _expected(raw: np.ndarray, k: int, labels: list[str] | None) -> list[str]:
+    out = []
+    for row in raw:
+        order = sorted(range(len(row)), key=lambda i: (-float(row[i]), i))[:k]
+        for i in order:
+            value = f"{float(row[i]):f}" if raw.dtype.kind == "f" else str(int(row[i]))
+            out.append(f"{value}:{i}:{labels[i]}" if labels else f"{value}:{i}")
+    return out
+
+
+def test_top_k_of_the_main_output_with_its_labels(client_factory: Any, tmp_path: Path) -> None:
+    c = client_factory([labelled(tmp_path)])
+    raw = _raw(c, "y")
+    body = infer_json({"x": X, "ids": IDS}, outputs=[{"name": "y", "parameters": {"classification": 2}}])
+    r = c.post("/v2/models/tabular/infer", json=body)
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    assert out["datatype"] == "BYTES" and out["shape"] == [5, 2]
+    assert out["data"] == _expected(raw, 2, LABELS)
+    best = [s.split(":") for s in out["data"][::2]]
+    assert [int(b[1]) for b in best] == raw.argmax(axis=1).tolist()
+    assert [b[2] for b in best] == [LABELS[i] for i in raw.argmax(axis=1)]
+
+
+def test_other_outputs_have_no_labels_and_ints_stay_ints(client_factory: Any, tmp_path: Path) -> None:
+    c = client_factory([labelled(tmp_path)])
+    raw = _raw(c, "z")
+    body = infer_json(
+        {"x": X, "ids": IDS},
+        outputs=[{"name": "z", "parameters": {"classification": 1}}, {"name": "y"}],
+    )
+    r = c.post("/v2/models/tabular/infer", json=body)
+    assert r.status_code == 200, r.text
+    z, y = r.json()["outputs"]
+    assert z["name"] == "z" and z["shape"] == [5, 1] and z["data"] == _expected(raw, 1, None)
+    assert y["datatype"] == "FP32" and y["shape"] == [5, 3]  # the other output stays a tensor
+
+
+def test_more_classes_than_the_model_has_gives_them_all(client_factory: Any, tmp_path: Path) -> None:
+    c = client_factory([labelled(tmp_path)])
+    body = infer_json({"x": X, "ids": IDS}, outputs=[{"name": "y", "parameters": {"classification": 10}}])
+    out = c.post("/v2/models/tabular/infer", json=body).json()["outputs"][0]
+    assert out["shape"] == [5, 3]
+    assert out["data"] == _expected(_raw(c, "y"), 3, LABELS)
+
+
+def test_classification_as_binary_output_decodes_as_tritonclient_reads_it(client_factory: Any, tmp_path: Path) -> None:
+    c = client_factory([labelled(tmp_path)])
+    body = infer_json(
+        {"x": X, "ids": IDS}, outputs=[{"name": "y", "parameters": {"classification": 3, "binary_data": True}}]
+    )
+    r = c.post("/v2/models/tabular/infer", json=body)
+    assert r.status_code == 200
+    n = int(r.headers["inference-header-content-length"])
+    header = msgspec.json.decode(r.content[:n])
+    (out,) = header["outputs"]
+    assert out["datatype"] == "BYTES" and out["shape"] == [5, 3]
+    values = decode_bytes_elements(r.content[n:], "response")
+    assert values == _expected(_raw(c, "y"), 3, LABELS)
+
+
+@pytest.mark.parametrize("count", [0, -1, "2", True, 1.5, None])
+def test_a_bad_count_is_a_400_naming_it(client_factory: Any, count: Any) -> None:
+    c = client_factory()
+    body = infer_json(
+        {"x": X, "ids": IDS}, outputs=[{"name": "y"}, {"name": "z", "parameters": {"classification": count}}]
+    )
+    r = c.post("/v2/models/tabular/infer", json=body)
+    assert r.status_code == 400, r.text
+    assert "outputs[1].parameters.classification" in r.json()["error"]
+
+
+def test_a_text_classifier_answers_with_its_labels(client_factory: Any, tmp_path: Path) -> None:
+    """A text model whose output is per-text scores (pooling none): top classes of each text."""
+    base = text_model(tmp_path, name="sentiment")
+    assert base.manifest.text is not None
+    config = msgspec.structs.replace(base.manifest.text, pooling="none", normalize=False, output="logits")
+    manifest = msgspec.structs.replace(
+        base.manifest,
+        task="text-classification",
+        text=config,
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 2])],
+        labels=["NEGATIVE", "POSITIVE"],
+    )
+    session = _open_fake(tmp_path, manifest, FakeBackend())
+    model = replace(base, manifest=manifest, session=session, text=TextEncoder.from_dir(TOKENIZER_DIR, config))
+    c = client_factory([model])
+    texts = ["great product", "terrible service", "fine"]
+    raw_body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": texts}]}
+    raw = c.post("/v2/models/sentiment/infer", json=raw_body).json()["outputs"][0]
+    scores = np.array(raw["data"], dtype=np.float32).reshape(raw["shape"])
+    r = c.post(
+        "/v2/models/sentiment/infer",
+        json={**raw_body, "outputs": [{"name": "logits", "parameters": {"classification": 1}}]},
+    )
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["shape"] == [3, 1]
+    assert [s.rsplit(":", 1)[1] for s in out["data"]] == [["NEGATIVE", "POSITIVE"][i] for i in scores.argmax(1)]
+
+
+def test_extension_and_labels_are_announced(client_factory: Any, tmp_path: Path) -> None:
+    c = client_factory([labelled(tmp_path)])
+    assert "classification" in c.get("/v2").json()["extensions"]
+    assert c.get("/v2/models/tabular").json()["parameters"]["labels"] == LABELS
