@@ -76,7 +76,8 @@ def _load(factory: LoaderFactory, task: ChunkTask, *, fresh: bool = False) -> Ba
 def dask_unit(task: ChunkTask, factory: LoaderFactory) -> ChunkOutcome:
     """Run one chunk on a Dask worker (the model is loaded on the first chunk, then reused).
 
-    The task names the job's pinned version and package; another package is refused.  A chunk
+    The task names the job's pinned version and package, and the backend and variant the
+    coordinator opened it on; another package, or the same opened otherwise, is refused.  A chunk
     that fails drops the model here (a session left broken is not reused).
     """
     model = _load(factory, task)
@@ -88,6 +89,13 @@ def dask_unit(task: ChunkTask, factory: LoaderFactory) -> ChunkOutcome:
                 f"{model.package_sha256[:12]}..., job {task.job_id} runs on {task.model_sha256[:12]}...; "
                 "every worker needs the same model repository"
             )
+    if task.variant and (model.backend, model.variant) != (task.backend, task.variant):
+        raise BatchError(
+            f"model {task.model!r} version {task.version} opened on this Dask worker as {model.backend} "
+            f"{model.variant}, job {task.job_id} runs on {task.backend} {task.variant} (what the coordinator "
+            "opened and the audit log records); a job never mixes variants: give every worker the same hardware "
+            "and model settings (backend, allow_fallback), or run the job with --engine local"
+        )
     try:
         return verify_chunk(task) or run_chunk(task, model)
     except Exception:
@@ -149,6 +157,7 @@ class DaskEngine:
         self.in_flight_per_thread = in_flight_per_thread
         self.on_submit = on_submit or (lambda _task: None)
         self.client: Any = None
+        _distributed()  # not installed: said now, not once there is work
         self._keep: contextlib.ExitStack | None = None  # set by :meth:`watch`: the connection outlives a round
 
     @contextlib.contextmanager
@@ -196,7 +205,8 @@ class DaskEngine:
     def run_once(self, *, wait_for_retries: bool = True) -> RunSummary:
         """Accept new jobs and run every leasable chunk on the cluster; finish complete jobs.
 
-        The cluster is reached (a local one started) only when there is a chunk to run.  Chunks
+        A local cluster is started only when there is a chunk to run (a remote scheduler is
+        reached every time: a wrong address is said even with nothing to do).  Chunks
         stay leased while they wait on the cluster (renewed every third of ``lease_s``); if the
         run stops on an error (the scheduler lost, SIGINT), the chunks in flight are given back.
         """
@@ -207,10 +217,11 @@ class DaskEngine:
         self.worker.finish_ready(summary)
         first = self.worker.lease()
         config = self.worker.config
-        if first is None and not (
+        idle = first is None and not (
             wait_for_retries and self.worker.store.next_retry_at(config.max_attempts) is not None
-        ):
-            return summary
+        )
+        if idle and not self.scheduler:
+            return summary  # a local cluster (processes, models) is started only for work; a remote one is asked
         try:
             if self._keep is not None and self.client is None:
                 self._keep.enter_context(self.connected())  # kept open across rounds

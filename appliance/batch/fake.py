@@ -122,12 +122,12 @@ class FakeModel:
             time.sleep(self.delay_s)
 
 
-def loader(name: str, version: int | None = None, *, delay_s: float = 0.0) -> FakeModel:
+def loader(name: str, version: int | None = None, *, delay_s: float = 0.0, variant: str = "fake") -> FakeModel:
     """Load one of :data:`FAKE_MODELS` (version defaults to 1)."""
     task = FAKE_MODELS.get(name)
     if task is None:
         raise ModelNotFoundError(f"no fake model {name!r}; the fakes are {sorted(FAKE_MODELS)}")
-    return FakeModel(name=name, version=version or 1, task=task, delay_s=delay_s)
+    return FakeModel(name=name, version=version or 1, task=task, delay_s=delay_s, variant=variant)
 
 
 def settings_loader(settings: object) -> Callable[[str, int | None], FakeModel]:

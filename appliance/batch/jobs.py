@@ -392,18 +392,23 @@ class JobStore:
 
     def release(self, job_id: str, idx: int, *, error: str, max_attempts: int, retry_after_s: float = 0.0) -> bool:
         """Give a chunk back after a failure, to be retried ``retry_after_s`` from now; after
-        ``max_attempts`` fail the job. True if the job failed."""
+        ``max_attempts`` fail the job. True if the job failed here (not when it had failed before,
+        e.g. through another of its chunks running at the same time on Dask)."""
         with self._tx() as conn:
             row = conn.execute(
-                "SELECT attempts FROM batch_chunks WHERE job_id = ? AND idx = ? AND state = 'leased'", (job_id, idx)
+                "SELECT c.attempts, j.state FROM batch_chunks c JOIN batch_jobs j ON j.job_id = c.job_id "
+                "WHERE c.job_id = ? AND c.idx = ? AND c.state = 'leased'",
+                (job_id, idx),
             ).fetchone()
             if row is None:
                 return False
-            if row[0] >= max_attempts:
+            if row[0] >= max_attempts or row[1] not in ("queued", "running"):
                 conn.execute(
                     "UPDATE batch_chunks SET state = 'failed', error = ? WHERE job_id = ? AND idx = ?",
                     (error, job_id, idx),
                 )
+                if row[1] not in ("queued", "running"):
+                    return False  # another chunk in flight failed the job first: one batch_end
                 conn.execute(
                     "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ? WHERE job_id = ?",
                     (f"chunk {idx} failed {row[0]} times: {error}; {_retry_hint(job_id)}", _iso(self.clock()), job_id),

@@ -62,6 +62,10 @@ class ChunkTask(msgspec.Struct, frozen=True, kw_only=True):
     batch_size: int = 32
     truncate: bool = True
     model_sha256: str = ""  # the pinned package's sha256: a chunk refuses to run on another package
+    #: where the coordinator opened that package (its audit events name them): a Dask worker that
+    #: opens it otherwise (other hardware, a fallback) refuses the chunk ("" = not checked)
+    backend: str = ""
+    variant: str = ""
     #: a done chunk of the same job the model gave results on: when the model fails on every record
     #: of this chunk, one of that chunk's records tells whether the model still works (:class:`_Canary`)
     canary: ChunkPlan | None = None

@@ -431,7 +431,8 @@ class BatchWorker:
             self.fail_chunk(lease, exc, summary)
             return None
         self.start_job(job, model)
-        return model, self.task_for(msgspec.structs.replace(lease, job=job))
+        task = self.task_for(msgspec.structs.replace(lease, job=job))
+        return model, msgspec.structs.replace(task, backend=model.backend, variant=model.variant)
 
     def process(self, lease: Lease, summary: RunSummary | None = None) -> bool:
         """Run one leased chunk here; False when it did not complete (given back, or its job failed)."""

@@ -21,6 +21,8 @@ from appliance.batch.jobs import JobStore
 from appliance.batch.spool import submit
 from appliance.batch.worker import BatchWorker, WorkerConfig
 
+from .batch_box import Audit
+
 CONFIG = WorkerConfig(chunk_size=5, batch_size=2)
 
 
@@ -244,5 +246,41 @@ def test_dask_engine_starts_no_cluster_for_nothing_and_one_for_a_whole_watch(
         assert second is not None and store.require_job(second).state == "done"
         assert started == [1]  # one cluster for the whole watch, not one per round
         assert engine.client is None  # and closed when stopped
+    finally:
+        store.close()
+
+
+def test_dask_worker_refuses_a_variant_other_than_the_one_the_audit_log_records(tmp_path: Path, cluster: Any) -> None:
+    # the coordinator opens the package as "fake" (batch_start / batch_end record that variant);
+    # a Dask worker on other hardware opens it as another: before, its outputs went into the job
+    job_id, store, worker = _one_job(tmp_path, 4, max_attempts=1)
+    worker.audit = audit = Audit()
+    factory = functools.partial(functools.partial, fake.loader, variant="int8-elsewhere")
+    try:
+        summary = DaskEngine(worker, factory, scheduler=cluster.scheduler_address).run_once()
+        assert summary.failed == [job_id] and summary.chunks == 0
+        error = store.require_job(job_id).error
+        assert "opened on this Dask worker as fake int8-elsewhere" in error
+        assert "runs on fake fake" in error and "a job never mixes variants" in error
+        # both chunks failed in flight: the job failed once, with one batch_end
+        assert [(e.event, e.outcome, e.variant) for e in audit.events] == [
+            ("batch_start", "success", "fake"),
+            ("batch_end", "failure", ""),
+        ]
+    finally:
+        store.close()
+
+
+def test_a_chunk_failing_after_another_failed_its_job_does_not_fail_it_again(tmp_path: Path) -> None:
+    # on Dask several chunks of a job are in flight: each failing at its last attempt used to
+    # fail the job again (a second batch_end failure event, the job twice in the summary)
+    job_id, store, worker = _one_job(tmp_path, 4, max_attempts=1)
+    try:
+        worker.accept_new()
+        leases = [worker.lease(), worker.lease()]
+        assert all(lease is not None for lease in leases)
+        failed = [store.release(job_id, i, error="boom", max_attempts=1) for i in (0, 1)]
+        assert failed == [True, False]
+        assert store.require_job(job_id).error.startswith("chunk 0 failed 1 times: boom")
     finally:
         store.close()
