@@ -10,6 +10,10 @@ When a Dask worker dies mid-chunk, Dask runs the task again elsewhere; when
 it gives up (``KilledWorker``) the coordinator releases the chunk and leases
 it again.  Either way the unit starts from scratch and renames files with
 deterministic names, so the outputs are those of a local run.
+The coordinator renews the leases of the chunks it has in flight (a chunk
+queued on the cluster is not leased again), and gives them back when it stops
+on an error.  A worker refuses a chunk when it opens the model on another
+backend or variant than the coordinator did (the one the audit log records).
 
 Without ``scheduler`` a :class:`distributed.LocalCluster` is started (worker
 processes, one thread each, on 127.0.0.1; no dashboard: the scheduler's HTTP
