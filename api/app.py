@@ -15,7 +15,7 @@ from typing import Any
 
 from litestar import Litestar, Request, Response, get
 
-from api import audit_routes, kserve, openai
+from api import audit_routes, kserve, openai, rerank
 from api.auth import Authenticator, RateLimiter, auth_guard
 from api.config import ApiConfig
 from api.docs import docs_routes, openapi_config
@@ -70,7 +70,7 @@ def create_app(
     openapi = openapi_config("inferbox", config.server_version) if config.docs else None
     docs = docs_routes() if config.docs else []
     app = Litestar(
-        route_handlers=[*kserve.routes, *openai.routes, *audit_routes.routes, metrics_route, *docs],
+        route_handlers=[*kserve.routes, *openai.routes, *rerank.routes, *audit_routes.routes, metrics_route, *docs],
         guards=[auth_guard],
         exception_handlers=exception_handlers,
         lifespan=[*lifespan, batchers],

@@ -10,7 +10,7 @@ to the model's maximum length are listed by index in the ``X-Truncated-Inputs`` 
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -22,13 +22,15 @@ from api.envelope import context_of
 from api.kserve import embedding_dim
 from api.server import Server
 from runtime.errors import ForbiddenError, InputError, ModelNotFoundError
+from runtime.serving import LoadedModel
 
-__all__ = ["TRUNCATED_HEADER", "EmbeddingsRequest", "routes"]
+__all__ = ["TRUNCATED_HEADER", "EmbeddingsRequest", "decode_body", "model_named", "routes"]
 
 #: indices of the texts cut to the model's max_length, comma-separated (absent when none was)
 TRUNCATED_HEADER = "X-Truncated-Inputs"
 
 Req = Request[Any, Any, Any]
+T = TypeVar("T")
 
 
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
@@ -79,17 +81,14 @@ def _check_dimensions(wanted: int | None, dim: int, model: str) -> None:
         )
 
 
-@post("/v1/embeddings", opt={"scope": "infer"}, status_code=200)
-async def embeddings(request: Req) -> Response[bytes]:
-    server: Server = request.app.state["server"]
-    ctx = context_of(request.scope)
-    ctx.event = "inference"
+async def decode_body(request: Req, server: Server, kind: type[T]) -> T:
+    """The request's JSON body as ``kind``; any problem is a 400 naming the field."""
     body = await server.read_body(request)
     depth = json_depth(body, limit=server.config.max_json_depth)
     if depth > server.config.max_json_depth:
         raise InputError(f"body: JSON nesting depth {depth} is over the limit", field="body")
     try:
-        req = msgspec.json.decode(body, type=EmbeddingsRequest)
+        return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         field = field_of(str(exc))
         raise InputError(f"{field}: {exc}", field=field) from None
@@ -97,13 +96,28 @@ async def embeddings(request: Req) -> Response[bytes]:
         raise not_utf8(exc) from None
     except (msgspec.DecodeError, RecursionError) as exc:
         raise InputError(f"body: not valid JSON: {exc}", field="body") from None
-    ctx.ask_model(req.model)
+
+
+def model_named(request: Req, server: Server, name: str) -> LoadedModel:
+    """The loaded model a body names, once the key may use it (else 403, whether it is loaded or not)."""
+    ctx = context_of(request.scope)
+    ctx.ask_model(name)
     principal = ctx.principal
     # the scope first: a key for one model learns nothing about the others (not even which are loaded)
-    if principal is not None and principal.key_id != "anonymous" and not principal.allows("infer", req.model):
-        raise ForbiddenError(f"key {principal.key_id} lacks the scope infer on model {req.model[:200]!r}")
-    model = server.registry.get(req.model)
+    if principal is not None and principal.key_id != "anonymous" and not principal.allows("infer", name):
+        raise ForbiddenError(f"key {principal.key_id} lacks the scope infer on model {name[:200]!r}")
+    model = server.registry.get(name)
     ctx.set_model(model)
+    return model
+
+
+@post("/v1/embeddings", opt={"scope": "infer"}, status_code=200)
+async def embeddings(request: Req) -> Response[bytes]:
+    server: Server = request.app.state["server"]
+    ctx = context_of(request.scope)
+    ctx.event = "inference"
+    req = await decode_body(request, server, EmbeddingsRequest)
+    model = model_named(request, server, req.model)
     if not model.is_embedding:
         raise ModelNotFoundError(f"model: {req.model!r} is not an embedding model; see GET /v1/models")
     texts = _texts(req.input)

@@ -196,6 +196,22 @@ class Server:
             return np.zeros((0, 0), dtype=np.float32), [], truncated
         return np.stack([r[0] for r in results]), [r[1] for r in results], truncated
 
+    async def rerank(self, model: LoadedModel, query: str, documents: list[str]) -> tuple[Array, list[int], list[int]]:
+        """A cross-encoder's score of each ``(query, document)`` pair (sigmoid of its logit, as
+        sentence-transformers' CrossEncoder gives it), tokens per pair, and the pairs cut to the
+        model's max_length.  Pairs share the model's text batcher with its other requests."""
+        if len(documents) > self.config.max_inputs:
+            raise InputError(
+                f"documents: {len(documents)} documents is over the limit of {self.config.max_inputs} per request",
+                field="documents",
+            )
+        tokens = model.tokenize_pairs(query, documents, truncate=self.config.truncate)
+        batcher = await self.text_batcher(model)
+        results = await batcher.submit_many([TextItem(t) for t in tokens])
+        logits = np.array([float(r[0].reshape(-1)[0]) for r in results], dtype=np.float64)
+        scores = 1.0 / (1.0 + np.exp(-logits))
+        return scores, [r[1] for r in results], [i for i, t in enumerate(tokens) if t.truncated]
+
     async def infer(self, model: LoadedModel, inputs: dict[str, Array], outputs: list[str] | None) -> dict[str, Array]:
         feeds = model.check_inputs(inputs)
         wanted = model.check_outputs(outputs)

@@ -81,6 +81,19 @@ class LoadedModel:
         return self.is_text and self.manifest.task == "feature-extraction"
 
     @property
+    def is_reranker(self) -> bool:
+        """A cross-encoder: a text classifier with one score per text (a single logit), fed
+        ``(query, document)`` pairs by ``POST /v1/rerank``."""
+        if not self.is_text or self.manifest.task != "text-classification":
+            return False
+        config = self.manifest.text
+        if config is None or config.pooling != "none":
+            return False
+        name = config.output or self.manifest.outputs[0].name
+        spec = next((o for o in self.manifest.outputs if o.name == name), None)
+        return spec is not None and len(spec.shape) == 2 and spec.shape[-1] == 1
+
+    @property
     def max_length(self) -> int:
         return self.manifest.text.max_length if self.manifest.text is not None else 0
 
@@ -168,6 +181,12 @@ class LoadedModel:
         if self.text is None:
             raise InputError(f"model {self.name!r} is not a text model; send tensors", field="input")
         return self.text.tokenize(texts, truncate=truncate)
+
+    def tokenize_pairs(self, query: str, documents: Sequence[str], *, truncate: bool) -> list[Tokens]:
+        """``(query, document)`` pairs tokenized for a cross-encoder (see :attr:`is_reranker`)."""
+        if self.text is None:
+            raise InputError(f"model {self.name!r} is not a text model; send tensors", field="model")
+        return self.text.tokenize_pairs(query, documents, truncate=truncate)
 
     def embed_tokens(self, tokens: Sequence[Tokens]) -> Array:
         """Embeddings [N, D] float32 of tokenized texts (one padded batch)."""

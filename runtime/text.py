@@ -106,12 +106,15 @@ class TextEncoder:
         return cls(tokenizer, config)
 
     def _prepare(self, texts: Sequence[str]) -> list[str]:
+        return self._prepare_named(texts, "input")
+
+    def _prepare_named(self, texts: Sequence[str], field: str) -> list[str]:
         if isinstance(texts, str):
-            raise InputError("texts must be a list of strings, not one string", field="input")
+            raise InputError(f"{field}: must be a list of strings, not one string", field=field)
         out = []
         for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise InputError(f"input[{i}] must be a string, got {type(t).__name__}", field=f"input[{i}]")
+                raise InputError(f"{field}[{i}] must be a string, got {type(t).__name__}", field=f"{field}[{i}]")
             out.append(t.lower() if self.config.do_lower_case else t)
         return out
 
@@ -142,6 +145,33 @@ class TextEncoder:
             )
         if long:
             for i, e in zip(long, self._truncating.encode_batch([prepared[i] for i in long]), strict=True):
+                encodings[i] = e
+        cut = set(long)
+        return [Tokens(e.ids, e.type_ids, truncated=i in cut) for i, e in enumerate(encodings)]
+
+    def tokenize_pairs(self, query: str, documents: Sequence[str], *, truncate: bool = True) -> list[Tokens]:
+        """``(query, document)`` pairs as a cross-encoder reads them (``[CLS] q [SEP] d [SEP]``, type
+        ids 0 then 1), one per document; over ``max_length`` the longer part is cut first, as
+        transformers' ``truncation=True`` does (or, without truncation, an InputError naming it)."""
+        if not isinstance(query, str):
+            raise InputError("query: must be a string", field="query")
+        (prepared_query,) = self._prepare([query])
+        prepared = self._prepare_named(documents, "documents")
+        pairs = [(prepared_query, d) for d in prepared]
+        encodings = list(self._plain.encode_batch(pairs)) if pairs else []
+        for i, e in enumerate(encodings):
+            if not e.ids:  # a tokenizer without special tokens, on an empty query and document
+                raise InputError(f"documents[{i}] and the query have no tokens; send text", field=f"documents[{i}]")
+        long = [i for i, e in enumerate(encodings) if len(e.ids) > self.max_length]
+        if long and not truncate:
+            i = long[0]
+            raise InputError(
+                f"documents[{i}] with the query has {len(encodings[i].ids)} tokens, over the model's maximum "
+                f"{self.max_length}; shorten the query or the document, or enable truncation",
+                field=f"documents[{i}]",
+            )
+        if long:
+            for i, e in zip(long, self._truncating.encode_batch([pairs[i] for i in long]), strict=True):
                 encodings[i] = e
         cut = set(long)
         return [Tokens(e.ids, e.type_ids, truncated=i in cut) for i, e in enumerate(encodings)]

@@ -292,3 +292,85 @@ def test_served_text_classifier_answers_its_labels_through_classification(
     assert [int(f[1]) for f in firsts] == ref.argmax(axis=1).tolist()
     assert [f[2] for f in firsts] == [["neg", "neutral", "pos"][i] for i in ref.argmax(axis=1)]
     np.testing.assert_allclose([float(f[0]) for f in firsts], ref.max(axis=1), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tinyrerank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Manifest]:
+    """(a tiny one-label BERT cross-encoder's folder, the repository holding ``tinyrerank/1``, manifest)."""
+    from transformers import BertForSequenceClassification
+
+    tmp_path = tmp_path_factory.mktemp("tinyrerank")
+    folder = tmp_path / "bert"
+    fast, config = tiny_bert_parts(WORDS, num_labels=1)
+    BertForSequenceClassification(config).eval().save_pretrained(folder)
+    fast.save_pretrained(folder)  # type: ignore[attr-defined]
+    texts = [" ".join(WORDS[i % len(WORDS) : i % len(WORDS) + 1 + i % 5]) for i in range(20)]
+    manifest = export_model(
+        ExportSpec(
+            source=folder,
+            task="text-classification",
+            name="tinyrerank",
+            repository=tmp_path / "repo",
+            timing="quick",
+            validation=texts,
+            variants=("onnx-fp32",),
+        )
+    )
+    return folder, tmp_path / "repo", manifest
+
+
+def test_served_cross_encoder_reranks_as_transformers_scores_the_pairs(
+    tinyrerank: tuple[Path, Path, Manifest], tmp_path: Path
+) -> None:
+    """POST /v1/rerank on the real package (ORT): each (query, document) pair scored as
+    transformers scores it (sigmoid of the one logit), long pairs cut as truncation=True cuts them."""
+    import torch
+    from litestar.testing import TestClient
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from api.app import create_app
+    from api.config import ApiConfig
+    from runtime.loader import LoaderOptions, load_model
+    from runtime.serving import ModelRegistry
+
+    folder, repo, manifest = tinyrerank
+    assert manifest.text is not None
+    model = load_model(repo, "tinyrerank", options=LoaderOptions(backend="ort-cpu", cache_dir=tmp_path / "cache"))
+    assert model.is_reranker
+    registry = ModelRegistry(lambda name, version: model, lambda: [])
+    registry.add(model)
+    query = "refund the card"
+    documents = [
+        "the bank will refund a card pay",
+        "good night",
+        {"text": "open the account"},
+        " ".join(WORDS * 6),  # over the model's maximum with the query: cut
+    ]
+    body = {"model": "tinyrerank", "query": query, "documents": documents, "return_documents": True}
+    with TestClient(create_app(registry=registry, config=ApiConfig(auth=False), audit=None, keys=None)) as client:
+        r = client.post("/v1/rerank", json=body)
+        top = client.post("/v1/rerank", json={**body, "top_n": 2, "return_documents": False})
+    registry.close()
+    assert r.status_code == 200, r.text
+    texts = [d["text"] if isinstance(d, dict) else d for d in documents]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    feeds = tokenizer(
+        [query] * len(texts),
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=manifest.text.max_length,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        logits = AutoModelForSequenceClassification.from_pretrained(folder).eval()(**feeds).logits[:, 0].numpy()
+    want = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    got = r.json()
+    assert [x["index"] for x in got["results"]] == sorted(range(4), key=lambda i: (-want[i], i))
+    for x in got["results"]:
+        assert abs(x["relevance_score"] - want[x["index"]]) < 1e-4
+        assert x["document"]["text"] == texts[x["index"]]
+    assert got["usage"]["total_tokens"] == int(feeds["attention_mask"].sum())
+    assert r.headers["x-truncated-inputs"] == "3"
+    assert [x["index"] for x in top.json()["results"]] == [x["index"] for x in got["results"]][:2]
+    assert "document" not in top.json()["results"][0]
