@@ -28,8 +28,12 @@ log = logging.getLogger(__name__)
 DEFAULT_LOADER = "appliance.server:batch_loader"
 
 
-def settings_loader(target: str, settings: Settings) -> Any:
-    """``target`` ("module:attr", a function of the settings) -> a model loader. Picklable via partial."""
+def settings_loader(target: str, settings: Settings, workers: int = 1) -> Any:
+    """``target`` ("module:attr", a function of the settings) -> a model loader. Picklable via partial.
+
+    ``workers`` > 1: the loader runs in one of that many processes sharing this box's cores (a
+    local Dask cluster), and is called ``target(settings, workers=workers)`` so that with
+    ``threads = 0`` each process opens its sessions on its share, not on every core."""
     from runtime.offline import stay_offline
 
     stay_offline()  # also runs on Dask workers, before the loader imports OpenVINO
@@ -38,7 +42,7 @@ def settings_loader(target: str, settings: Settings) -> Any:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise BatchError(f"--loader {target!r} cannot be imported ({exc}); use module:function") from exc
-    return factory(settings)
+    return factory(settings, workers=workers) if workers > 1 else factory(settings)
 
 
 def environment_error(exc: OSError | sqlite3.Error) -> BatchError:
@@ -174,7 +178,10 @@ def run(
         if engine == "dask":
             from appliance.batch.dask_engine import DaskEngine
 
-            runner = DaskEngine(worker, factory, scheduler=scheduler, n_workers=dask_workers)
+            # a local cluster's worker processes share this box's cores; a remote one's are elsewhere
+            shared = dask_workers if scheduler is None else 1
+            on_cluster = functools.partial(settings_loader, loader, settings, shared)
+            runner = DaskEngine(worker, on_cluster, scheduler=scheduler, n_workers=dask_workers)
         if mode == "once":
             summary = runner.run_once()
             refused = f", set aside {len(summary.refused)} (see spool/bad/)" if summary.refused else ""
