@@ -305,9 +305,16 @@ def decode_infer_request(
         req = msgspec.json.decode(header, type=InferRequestBody)
     except msgspec.ValidationError as exc:
         raise InputError(f"body: {exc}", field=field_of(str(exc))) from None
-    except UnicodeDecodeError as exc:
-        raise not_utf8(exc) from None
-    except (msgspec.DecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, msgspec.DecodeError, RecursionError) as exc:
+        if header_length is None and b'"binary_data_size"' in header:
+            # binary tensor data after the JSON, without the header that says where the JSON ends
+            raise InputError(
+                "Inference-Header-Content-Length: missing; the body holds binary tensor data "
+                "(binary_data_size), so send this header with the byte length of the body's JSON part",
+                field="Inference-Header-Content-Length",
+            ) from None
+        if isinstance(exc, UnicodeDecodeError):
+            raise not_utf8(exc) from None
         raise InputError(f"body: not valid JSON: {exc}", field="body") from None
     if not req.inputs:
         raise InputError("inputs: at least one input is required", field="inputs")

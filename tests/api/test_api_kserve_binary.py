@@ -214,3 +214,15 @@ def test_a_text_model_asked_no_texts_answers_0_by_its_width(client_factory: Any)
     out = meta["outputs"][0]
     assert out["shape"] == [0, 8] and out["parameters"]["binary_data_size"] == 0
     assert c.get("/v2/models/minilm").json()["outputs"][0]["shape"] == [-1, 8]
+
+
+def test_binary_data_without_the_header_says_the_header_is_missing(client_factory: Any) -> None:
+    """A client that forgot Inference-Header-Content-Length got 'not valid JSON: trailing characters'."""
+    c = client_factory()
+    body, _n = _binary_body([("x", X, "FP32"), ("ids", IDS, "INT64")])
+    r = _post(c, body, None)
+    assert r.status_code == 400
+    assert "Inference-Header-Content-Length: missing" in r.json()["error"]
+    # plain JSON that is broken is still named as such
+    r = _post(c, b'{"inputs": [', None)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
