@@ -2,7 +2,9 @@
 
 A request asks for it per output, ``"outputs": [{"name": "logits",
 "parameters": {"classification": 3}}]``; that output then comes back as a
-BYTES tensor of shape ``[N, k]`` (``[k]`` for an unbatched ``[C]`` output),
+BYTES tensor of shape ``[N, k]`` for a model that batches (each row's values
+ranked: ``[N]`` gives ``[N, 1]``, ``[N, H, W]`` ranks each row's ``H*W``), else
+``[k]`` of all the output's values,
 each element ``"<value>:<index>"`` or, when the package knows the class names
 (``labels`` in the manifest: a Hugging Face model's ``id2label``),
 ``"<value>:<index>:<label>"``, highest value first (ties: lower index first),
@@ -46,17 +48,24 @@ def classification_count(parameters: dict[str, Any], where: str) -> int | None:
     return value
 
 
-def classify(name: str, value: Any, count: int, labels: Sequence[str] | None, where: str) -> BytesTensor:
-    """The top ``count`` classes of each row of output ``name`` (``[C]`` or ``[N, C]``)."""
+def classify(
+    name: str, value: Any, count: int, labels: Sequence[str] | None, where: str, *, batched: bool
+) -> BytesTensor:
+    """The top ``count`` classes of output ``name``: of each row's values when the model batches
+    (its first axis is the batch: ``[N, ...]`` -> ``[N, k]``), else of all its values (``[k]``),
+    as Triton reads an output."""
     arr = np.asarray(value)
-    if arr.ndim not in (1, 2) or arr.dtype.kind not in "iuf" or arr.shape[-1] == 0:
+    if arr.dtype.kind not in "iuf" or (batched and arr.ndim < 1):
         raise InputError(
             f"{where}.{PARAMETER}: output {name!r} is {arr.dtype.name} {list(arr.shape)}; classification needs "
-            "numeric scores shaped [C] or [N, C]; ask for the tensor itself instead",
+            "numeric scores; ask for the tensor itself instead",
             field=f"{where}.{PARAMETER}",
         )
-    rows = arr.reshape(-1, arr.shape[-1])
+    rows = arr.reshape(arr.shape[0], -1) if batched else arr.reshape(1, -1)
     classes = rows.shape[1]
+    if classes == 0:
+        shape = [arr.shape[0], 0] if batched else [0]
+        return BytesTensor([], shape)
     k = min(count, classes)
     names = list(labels) if labels is not None and len(labels) == classes else None
     # highest first; a stable sort of the negated scores keeps the lower index first among ties
@@ -68,5 +77,5 @@ def classify(name: str, value: Any, count: int, labels: Sequence[str] | None, wh
             score = row[index]
             text = f"{float(score):f}" if is_float else str(int(score))
             values.append(f"{text}:{index}:{names[index]}" if names is not None else f"{text}:{index}")
-    shape = [k] if arr.ndim == 1 else [arr.shape[0], k]
+    shape = [rows.shape[0], k] if batched else [k]
     return BytesTensor(values, shape)

@@ -177,7 +177,10 @@ def _classified(model: LoadedModel, req: InferRequest, results: list[tuple[str, 
             out.append((name, value))
             continue
         labels = model.manifest.labels if name == main else None
-        out.append((name, classify(name, value, count, labels, f"outputs[{asked.index(name)}].parameters")))
+        where = f"outputs[{asked.index(name)}].parameters"
+        # a text model's answers always have a row per text; a tensor model's only when it batches
+        batched = model.is_text or model.batchable
+        out.append((name, classify(name, value, count, labels, where, batched=batched)))
     return out
 
 

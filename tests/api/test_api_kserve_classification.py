@@ -139,3 +139,53 @@ def test_extension_and_labels_are_announced(client_factory: Any, tmp_path: Path)
     c = client_factory([labelled(tmp_path)])
     assert "classification" in c.get("/v2").json()["extensions"]
     assert c.get("/v2/models/tabular").json()["parameters"]["labels"] == LABELS
+
+
+def _model_with_output(tmp: Path, name: str, out_shape: list[int], in_shape: list[int]) -> Any:
+    import hashlib
+
+    from runtime.serving import LoadedModel
+
+    from .conftest import _manifest
+
+    manifest = _manifest(
+        name,
+        [TensorSpec(name="x", dtype="float32", shape=in_shape)],
+        [TensorSpec(name="p", dtype="float32", shape=out_shape)],
+        labels=["ham", "spam"],
+    )
+    return LoadedModel(
+        name=name,
+        version=1,
+        manifest=manifest,
+        package_sha256=hashlib.sha256(name.encode()).hexdigest(),
+        backend="fake",
+        variant="onnx-fp32",
+        exec_precision="fp32",
+        session=_open_fake(tmp, manifest, FakeBackend()),
+    )
+
+
+def test_a_batched_score_per_row_is_ranked_per_row_not_across_rows(client_factory: Any, tmp_path: Path) -> None:
+    """Output [N] (one score per row): each row answers its own 'v:0', as Triton does; the rows
+    were ranked against each other and given the class labels of row numbers."""
+    model = _model_with_output(tmp_path, "scorer", [-1], [-1, 4])
+    assert model.batchable
+    c = client_factory([model])
+    body = infer_json({"x": X[:2]}, outputs=[{"name": "p", "parameters": {"classification": 1}}])
+    r = c.post("/v2/models/scorer/infer", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["shape"] == [2, 1]
+    assert all(s.endswith(":0") for s in out["data"])  # one value per row: index 0, no label (1 != 2 classes)
+
+
+def test_an_unbatched_output_is_ranked_as_a_whole(client_factory: Any, tmp_path: Path) -> None:
+    model = _model_with_output(tmp_path, "fixed", [1, 2], [1, 4])
+    assert not model.batchable
+    c = client_factory([model])
+    body = infer_json({"x": X[:1]}, outputs=[{"name": "p", "parameters": {"classification": 2}}])
+    r = c.post("/v2/models/fixed/infer", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    assert out["shape"] == [2] and {s.rsplit(":", 1)[1] for s in out["data"]} == {"ham", "spam"}
