@@ -161,19 +161,33 @@ def _check_shape(shape: list[int], where: str, max_elements: int) -> tuple[int, 
     return tuple(shape)
 
 
-def _flatten_strings(data: Any, where: str) -> list[str]:
+def _flatten_strings(data: Any, where: str, shape: tuple[int, ...]) -> list[str]:
+    """The strings of (nested) ``data``, exactly as many as ``shape`` holds, else a 400; stops as
+    soon as there are more (a body of millions of tiny strings would hold the event loop)."""
+    expected = math.prod(shape)
+    too_many = InputError(
+        f"{where}.data: shape {list(shape)} needs {expected} elements, data has more", field=f"{where}.data"
+    )
     out: list[str] = []
     stack = [data]
     while stack:
         item = stack.pop()
         if isinstance(item, list):
+            if len(item) > expected:
+                raise too_many
             stack.extend(reversed(item))
         elif isinstance(item, str):
             out.append(item)
+            if len(out) > expected:
+                raise too_many
         else:
             raise InputError(
                 f"{where}.data: BYTES data must hold strings, got {type(item).__name__}", field=f"{where}.data"
             )
+    if len(out) != expected:
+        raise InputError(
+            f"{where}.data: shape {list(shape)} needs {expected} elements, data has {len(out)}", field=f"{where}.data"
+        )
     return out
 
 
@@ -378,12 +392,7 @@ def decode_infer_request(
         if inp.data is None:
             raise InputError(f"{where}.data: missing (or give parameters.binary_data_size)", field=f"{where}.data")
         if inp.datatype == "BYTES":
-            texts = _flatten_strings(inp.data, where)
-            if len(texts) != math.prod(shape):
-                raise InputError(
-                    f"{where}.data: shape {list(shape)} needs {math.prod(shape)} elements, data has {len(texts)}",
-                    field=f"{where}.data",
-                )
+            texts = _flatten_strings(inp.data, where, shape)
             decoded.append(DecodedInput(inp.name, "BYTES", shape, None, texts))
         else:
             decoded.append(

@@ -226,3 +226,16 @@ def test_binary_data_without_the_header_says_the_header_is_missing(client_factor
     # plain JSON that is broken is still named as such
     r = _post(c, b'{"inputs": [', None)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
+
+
+def test_json_bytes_data_longer_than_its_shape_is_refused_without_reading_it_all(client_factory: Any) -> None:
+    """fddfe78 bounded the binary path; JSON BYTES data of millions of "" still ran a Python loop
+    over every string (0.7 s of a held event loop for 16 MiB) before the count check refused it."""
+    c = client_factory()
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": [[""] * 100_000]}]}
+    r = c.post("/v2/models/minilm/infer", json=body)
+    assert r.status_code == 400
+    assert "inputs[0].data: shape [2] needs 2 elements, data has more" in r.json()["error"]
+    flat = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a", "b"]}]}
+    r = c.post("/v2/models/minilm/infer", json=flat)
+    assert r.status_code == 400 and "needs 3 elements, data has 2" in r.json()["error"]
