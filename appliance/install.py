@@ -25,11 +25,13 @@ install itself manages are chowned, never a walk of what the service wrote.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import pwd
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -306,6 +308,61 @@ def _own_key_file(top: int, state: Path, name: str, owner: tuple[int, int]) -> N
         os.close(keys)
 
 
+def _dropin_environment(root: Path, unit: str) -> dict[str, str]:
+    """``INFERBOX_*`` variables a unit's drop-ins set (``systemctl edit``: ``<unit>.d/*.conf``)."""
+    env: dict[str, str] = {}
+    folder = _under(root, UNIT_DIR) / f"{unit}.d"
+    if not folder.is_dir():
+        return env
+    for conf in sorted(folder.glob("*.conf")):
+        try:
+            lines = conf.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for line in lines:
+            key, _, value = line.strip().partition("=")
+            if key.strip() != "Environment" or not value.strip():
+                continue
+            try:
+                words = shlex.split(value)
+            except ValueError:
+                continue
+            for word in words:
+                name, eq, val = word.partition("=")
+                if eq and name.startswith("INFERBOX_"):
+                    env[name] = val
+    return env
+
+
+def serving_problem(root: Path) -> str | None:
+    """Why ``inferbox serve`` would refuse the configuration installed under ``root`` (the config
+    file and the API unit's drop-ins), or None.  An upgrade that adds a refusal (plain HTTP on a
+    network address) must say so before the service restarts into it."""
+    from appliance.commands.doctor import server_report
+    from appliance.settings import load_settings
+
+    env = {"INFERBOX_HOME": str(STATE_DIR), **_dropin_environment(root, "inferbox-api.service")}
+    env.pop("INFERBOX_CONFIG", None)
+    config = _under(root, CONF_DIR) / "inferbox.toml"
+    try:
+        settings = load_settings(environ=env, config_file=config if config.is_file() else None)
+    except ConfigError as exc:
+        return str(exc)
+
+    def here(path: Path | None) -> Path | None:  # the files as this install sees them (--root)
+        return _under(root, path) if path is not None and path.is_absolute() else path
+
+    moved = dataclasses.replace(
+        settings,
+        tls_cert=here(settings.tls_cert),
+        tls_key=here(settings.tls_key),
+        tls_client_ca=here(settings.tls_client_ca),
+    )
+    report = server_report(moved)
+    problem = report["problem"]
+    return str(problem) if problem is not None else None
+
+
 def project_source() -> str:
     """What pip installs when no ``--source`` is given: this source tree, else exactly this version."""
     here = Path(__file__).resolve().parents[1]
@@ -466,7 +523,15 @@ def _install(
         if owner is not None:
             _state_tree(state, report, owner)
 
-    # 8. enable
+    # 8. would the API start with the configuration already on this box (an upgrade)?
+    problem = serving_problem(root)
+    if problem is not None:
+        report.notes.append(
+            f"WARNING: inferbox-api would refuse to start with this box's configuration ({problem}); "
+            "fix it before the service restarts (docs/operations.md, 'Serving the network')"
+        )
+
+    # 9. enable
     enable = dict(ENABLE)
     if options.ship_dir is not None:
         enable[SHIP_TIMER] = "timers.target"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -117,3 +118,34 @@ def test_ship_dir_enables_the_hourly_ship_timer_and_is_the_one_folder_it_writes(
     assert (tmp_path / "opt/ib/share/doc/inferbox/audit.md").is_file()  # the unit's Documentation=
     relative = CliRunner().invoke(main, ["install", "--root", str(tmp_path), "--no-venv", "--ship-dir", "offbox"])
     assert relative.exit_code == 2 and "--ship-dir" in relative.output and "absolute" in relative.output
+
+
+def test_an_upgrade_warns_when_the_api_would_refuse_the_boxs_configuration(tmp_path: Path, tls_files: Any) -> None:
+    """The docs used to serve the network with a drop-in setting INFERBOX_HOST=0.0.0.0 and no TLS;
+    serve now refuses that, so a reinstall (upgrade) must say it before the service restarts."""
+    options = InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib"))
+    report = install(options)
+    assert not [n for n in report.notes if n.startswith("WARNING")]  # defaults: loopback
+    dropin = tmp_path / "etc/systemd/system/inferbox-api.service.d"
+    dropin.mkdir(parents=True)
+    (dropin / "override.conf").write_text(
+        '[Service]\nEnvironment=INFERBOX_HOST=0.0.0.0 "INFERBOX_LOG_LEVEL=info"\nIPAddressAllow=10.0.0.0/8\n'
+    )
+    warnings = [n for n in install(options).notes if n.startswith("WARNING")]
+    assert len(warnings) == 1 and "clear text" in warnings[0] and "would refuse to start" in warnings[0]
+    # with the certificate configured (paths as on the box, files under the install root) it is quiet
+    tls_dir = tmp_path / "etc/inferbox/tls"
+    tls_dir.mkdir(parents=True)
+    for src, name in ((tls_files.cert, "server.crt"), (tls_files.key, "server.key")):
+        (tls_dir / name).write_bytes(src.read_bytes())
+    (tls_dir / "server.key").chmod(0o600)
+    config = tmp_path / "etc/inferbox/inferbox.toml"
+    config.write_text('[tls]\ntls_cert = "/etc/inferbox/tls/server.crt"\ntls_key = "/etc/inferbox/tls/server.key"\n')
+    assert not [n for n in install(options).notes if n.startswith("WARNING")]
+
+
+def test_the_api_unit_does_not_restart_into_a_refused_configuration() -> None:
+    from appliance.systemd import unit_dir
+
+    text = (unit_dir() / "inferbox-api.service").read_text()
+    assert "Restart=on-failure" in text and "RestartPreventExitStatus=2" in text
