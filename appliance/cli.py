@@ -72,7 +72,8 @@ class LazyGroup(click.Group):
             # the reader went away (`inferbox audit tail --json | head`): nothing is wrong with any file
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not complain again
-            sys.exit(1)
+            # 128 + SIGPIPE, as a command killed by the closed pipe ends: 1 means "verification failed"
+            sys.exit(141)
         except OSError as exc:
             _fail(f"{_os_problem(exc)}; check the path and its permissions")
         except sqlite3.Error as exc:

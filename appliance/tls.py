@@ -48,6 +48,7 @@ class CertificateInfo:
 
     subject: str
     issuer: str
+    not_before: datetime
     not_after: datetime
     sha256: str  #: fingerprint of the leaf certificate (DER)
     names: tuple[str, ...]  #: subject alternative names (DNS and IP)
@@ -95,7 +96,9 @@ def plan_tls(settings: Settings) -> TlsPlan | None:
     problems = [p for p in (_readable(cert, "tls_cert"), _readable(key, "tls_key")) if p]
     if client_ca is not None and (p := _readable(client_ca, "tls_client_ca")):
         problems.append(p)
-    if not problems and (p := _key_exposed(key)):
+    if not problems and (p := _key_exposed(key, "tls_key")):
+        problems.append(p)
+    if not problems and cert != key and _holds_private_key(cert) and (p := _key_exposed(cert, "tls_cert")):
         problems.append(p)
     if problems:
         raise ConfigError(problems)
@@ -123,14 +126,22 @@ def _readable(path: Path, name: str) -> str | None:
     return None
 
 
-def _key_exposed(key: Path) -> str | None:
+def _key_exposed(key: Path, name: str) -> str | None:
     mode = key.stat().st_mode
     if mode & stat.S_IROTH or mode & stat.S_IWOTH or mode & stat.S_IWGRP:
         return (
-            f"tls_key: {key} has mode {stat.S_IMODE(mode):04o}: other users can read or change the private key; "
-            f"chmod 0600 (or 0640 with the service's group) {key}"
+            f"{name}: {key} has mode {stat.S_IMODE(mode):04o} and holds a private key: other users can read or "
+            f"change it; chmod 0600 (or 0640 with the service's group) {key}"
         )
     return None
+
+
+def _holds_private_key(path: Path) -> bool:
+    """A PEM file with the key in it too (certificate and key concatenated)."""
+    try:
+        return b"PRIVATE KEY-----" in path.read_bytes()
+    except OSError:
+        return False
 
 
 def server_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
@@ -186,6 +197,7 @@ def certificate_info(cert: Path) -> CertificateInfo:
     return CertificateInfo(
         subject=leaf.subject.rfc4514_string(),
         issuer=leaf.issuer.rfc4514_string(),
+        not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
         sha256=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
         names=names,

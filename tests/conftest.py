@@ -64,6 +64,7 @@ def _keypair_files(
     *,
     issuer: tuple[Any, Any] | None,
     days: float = 30,
+    start_days: float = -1,
     sans: tuple[str, ...] = (),
     is_ca: bool = False,
 ) -> tuple[Path, Path, Any, Any]:
@@ -86,7 +87,7 @@ def _keypair_files(
         .issuer_name(issuer_cert.subject if issuer_cert is not None else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
+        .not_valid_before(now + timedelta(days=start_days))
         .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
     )
@@ -108,11 +109,17 @@ def _keypair_files(
     return cert_path, key_path, cert, key
 
 
-def make_tls_files(folder: Path, *, server_days: float = 30) -> TlsFiles:
+def make_tls_files(folder: Path, *, server_days: float = 30, server_start_days: float = -1) -> TlsFiles:
+    """``server_days``: the server certificate's validity from now; ``server_start_days``: from when."""
     folder.mkdir(parents=True, exist_ok=True)
     ca_path, _, ca_cert, ca_key = _keypair_files(folder, "test-ca", issuer=None, days=365, is_ca=True)
     cert, key, _, _ = _keypair_files(
-        folder, "server", issuer=(ca_cert, ca_key), days=server_days, sans=("127.0.0.1", "localhost")
+        folder,
+        "server",
+        issuer=(ca_cert, ca_key),
+        days=server_days,
+        start_days=server_start_days,
+        sans=("127.0.0.1", "localhost"),
     )
     client_cert, client_key, _, _ = _keypair_files(folder, "client", issuer=(ca_cert, ca_key))
     return TlsFiles(ca_path, cert, key, client_cert, client_key, folder)
@@ -127,7 +134,9 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 def tls_factory(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``tls_factory(server_days=...)``: another CA / server / client set (e.g. a certificate near expiry)."""
 
-    def make(*, server_days: float = 30) -> TlsFiles:
-        return make_tls_files(tmp_path_factory.mktemp("tls"), server_days=server_days)
+    def make(*, server_days: float = 30, server_start_days: float = -1) -> TlsFiles:
+        return make_tls_files(
+            tmp_path_factory.mktemp("tls"), server_days=server_days, server_start_days=server_start_days
+        )
 
     return make

@@ -239,6 +239,8 @@ def _model_lines(m: ModelReport) -> list[str]:
 
 def server_report(settings: Settings) -> dict[str, Any]:
     """How `serve` would expose the API with these settings: address, keys, HTTPS; a problem stops it."""
+    from datetime import UTC, datetime
+
     from appliance.exposure import check_auth_off_is_loopback, check_plaintext
     from appliance.tls import EXPIRY_WARNING_DAYS, plan_tls
     from runtime.errors import ConfigError
@@ -256,7 +258,7 @@ def server_report(settings: Settings) -> dict[str, Any]:
         plan = plan_tls(settings)
         check_plaintext(settings, plan)
     except ConfigError as exc:
-        out["problem"] = str(exc)
+        out["problem"] = f"serve would refuse to start: {exc}"
         return out
     if plan is None:
         if settings.allow_plaintext:
@@ -270,12 +272,18 @@ def server_report(settings: Settings) -> dict[str, Any]:
         "subject": cert.subject,
         "issuer": cert.issuer,
         "names": list(cert.names),
+        "not_before": cert.not_before.isoformat(),
         "not_after": cert.not_after.isoformat(),
         "days_left": round(days, 1),
         "sha256": cert.sha256,
     }
     if days < 0:
         out["problem"] = f"the TLS certificate {plan.cert} expired on {cert.not_after.date()}: clients will refuse it"
+    elif cert.not_before > datetime.now(UTC):
+        out["problem"] = (
+            f"the TLS certificate {plan.cert} is not valid before {cert.not_before.isoformat()}: clients will "
+            "refuse it until then (or this box's clock is wrong)"
+        )
     elif days < EXPIRY_WARNING_DAYS:
         out["warning"] = f"the TLS certificate {plan.cert} expires in {days:.0f} days ({cert.not_after.date()})"
     return out
@@ -296,7 +304,7 @@ def _server_lines(server: dict[str, Any]) -> list[str]:
     if server["warning"]:
         lines.append(f"  WARNING: {server['warning']}")
     if server["problem"]:
-        lines.append(f"  PROBLEM: serve would refuse to start: {server['problem']}")
+        lines.append(f"  PROBLEM: {server['problem']}")
     return lines
 
 

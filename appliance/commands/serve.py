@@ -139,6 +139,8 @@ def serve(
 
 
 def _log_certificate(log: logging.Logger, tls: TlsPlan) -> None:
+    from datetime import UTC, datetime
+
     from appliance.tls import EXPIRY_WARNING_DAYS
 
     cert = tls.certificate
@@ -152,6 +154,8 @@ def _log_certificate(log: logging.Logger, tls: TlsPlan) -> None:
     )
     if days < 0:
         log.error("the TLS certificate %s expired on %s: clients will refuse it", tls.cert, cert.not_after.date())
+    elif cert.not_before > datetime.now(UTC):
+        log.error("the TLS certificate %s is not valid before %s: clients will refuse it", tls.cert, cert.not_before)
     elif days < EXPIRY_WARNING_DAYS:
         log.warning("the TLS certificate %s expires in %.0f days (%s)", tls.cert, days, cert.not_after.date())
 

@@ -192,3 +192,23 @@ def test_doctor_exits_1_when_serve_would_refuse(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     out = json.loads(result.output)
     assert out["ok"] is False and "clear text" in out["server"]["problem"]
+
+
+def test_a_certificate_file_holding_the_key_gets_the_keys_permission_check(tmp_path: Path, tls_files: Any) -> None:
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(tls_files.cert.read_bytes() + tls_files.key.read_bytes())
+    combined.chmod(0o644)
+    with pytest.raises(ConfigError) as err:
+        plan_tls(settings(tmp_path, tls_cert=combined, tls_key=tls_files.key))
+    assert "tls_cert" in str(err.value) and "holds a private key" in str(err.value)
+    combined.chmod(0o600)
+    assert plan_tls(settings(tmp_path, tls_cert=combined, tls_key=tls_files.key)) is not None
+    assert plan_tls(settings(tmp_path, tls_cert=combined, tls_key=combined)) is not None
+
+
+def test_doctor_names_a_certificate_not_valid_yet(tmp_path: Path, tls_factory: Any) -> None:
+    future = tls_factory(server_days=30, server_start_days=2)
+    report = server_report(settings(tmp_path, tls_cert=future.cert, tls_key=future.key))
+    assert "not valid before" in report["problem"] and "clients will refuse it" in report["problem"]
+    report = server_report(settings(tmp_path, host="0.0.0.0"))
+    assert report["problem"].startswith("serve would refuse to start:")
