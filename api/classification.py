@@ -14,6 +14,7 @@ The values are the model's own (logits stay logits), as in Triton.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,8 @@ def classify(
             "numeric scores; ask for the tensor itself instead",
             field=f"{where}.{PARAMETER}",
         )
-    rows = arr.reshape(arr.shape[0], -1) if batched else arr.reshape(1, -1)
+    # explicit widths: reshape(0, -1) cannot infer the width of an empty batch
+    rows = arr.reshape(arr.shape[0], math.prod(arr.shape[1:])) if batched else arr.reshape(1, arr.size)
     classes = rows.shape[1]
     if classes == 0:
         shape = [arr.shape[0], 0] if batched else [0]

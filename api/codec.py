@@ -170,11 +170,17 @@ def _flatten_strings(data: Any, where: str, shape: tuple[int, ...]) -> list[str]
     )
     out: list[str] = []
     stack = [data]
+    # data shaped as ``shape`` (flat or nested) holds at most this many lists; a tree of empty
+    # lists holds no string to count and would otherwise be walked whole
+    lists_left = (expected + 1) * (len(shape) + 1)
     while stack:
         item = stack.pop()
         if isinstance(item, list):
             if len(item) > expected:
                 raise too_many
+            lists_left -= 1
+            if lists_left < 0:
+                raise InputError(f"{where}.data: nested lists do not match shape {list(shape)}", field=f"{where}.data")
             stack.extend(reversed(item))
         elif isinstance(item, str):
             out.append(item)

@@ -189,3 +189,12 @@ def test_an_unbatched_output_is_ranked_as_a_whole(client_factory: Any, tmp_path:
     assert r.status_code == 200, r.text
     out = r.json()["outputs"][0]
     assert out["shape"] == [2] and {s.rsplit(":", 1)[1] for s in out["data"]} == {"ham", "spam"}
+
+
+def test_an_empty_batch_asked_for_classes_answers_an_empty_tensor(client_factory: Any, tmp_path: Path) -> None:
+    c = client_factory([labelled(tmp_path)])
+    empty = {"x": np.zeros((0, 4), np.float32), "ids": np.zeros((0, 3), np.int64)}
+    body = infer_json(empty, outputs=[{"name": "y", "parameters": {"classification": 2}}])
+    r = c.post("/v2/models/tabular/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["shape"] == [0, 2] and r.json()["outputs"][0]["data"] == []
