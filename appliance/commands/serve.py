@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +16,11 @@ from appliance.exposure import is_loopback
 if TYPE_CHECKING:
     from appliance.tls import TlsPlan
 
-__all__ = ["ADMIN_KEY_FILE", "serve"]
+__all__ = ["ADMIN_KEY_FILE", "EXIT_CONFIG", "serve"]
 
 ADMIN_KEY_FILE = "first-admin.key"
+#: exit status of a refused configuration (sysexits' EX_CONFIG): the unit does not restart on it
+EXIT_CONFIG = 78
 
 
 @click.command()
@@ -66,26 +69,31 @@ def serve(
     On an empty repository the default model (all-MiniLM-L6-v2) is built first.
     On a new box an admin key is created and printed once.
     """
-    settings = build_settings(
-        home=home,
-        repository=repository,
-        host=host,
-        port=port,
-        workers=workers,
-        backend=backend,
-        autotune=autotune,
-        tls_cert=tls_cert,
-        tls_key=tls_key,
-        tls_client_ca=tls_client_ca,
-        auth=False if no_auth else None,
-        audit=False if no_audit else None,
-    )
     from appliance.exposure import check_auth_off_is_loopback, check_plaintext
     from appliance.tls import plan_tls, ssl_options
+    from runtime.errors import ConfigError
 
-    check_auth_off_is_loopback(settings)
-    tls = plan_tls(settings)
-    check_plaintext(settings, tls)
+    try:  # the configuration, checked before anything loads: a refusal is EXIT_CONFIG (no restart)
+        settings = build_settings(
+            home=home,
+            repository=repository,
+            host=host,
+            port=port,
+            workers=workers,
+            backend=backend,
+            autotune=autotune,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            auth=False if no_auth else None,
+            audit=False if no_audit else None,
+        )
+        check_auth_off_is_loopback(settings)
+        tls = plan_tls(settings)
+        check_plaintext(settings, tls)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger(__name__)
     if not settings.auth:

@@ -148,4 +148,4 @@ def test_the_api_unit_does_not_restart_into_a_refused_configuration() -> None:
     from appliance.systemd import unit_dir
 
     text = (unit_dir() / "inferbox-api.service").read_text()
-    assert "Restart=on-failure" in text and "RestartPreventExitStatus=2" in text
+    assert "Restart=on-failure" in text and "RestartPreventExitStatus=78" in text

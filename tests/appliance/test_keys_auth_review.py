@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import appliance.commands.keys as keys_cmd
 from appliance.cli import main
+from appliance.commands.serve import EXIT_CONFIG
 from appliance.exposure import check_auth_off_is_loopback, is_loopback
 from appliance.keys import KeyStore
 from appliance.settings import load_settings
@@ -49,13 +50,13 @@ def test_loopback_addresses(host: str, loopback: bool) -> None:
 def test_serve_refuses_no_auth_on_a_network_address(tmp_path: Path) -> None:
     home = tmp_path / "home"
     r = CliRunner().invoke(main, ["serve", "--home", str(home), "--no-auth", "--host", "0.0.0.0"])
-    assert r.exit_code == 2, r.output
+    assert r.exit_code == EXIT_CONFIG, r.output
     assert "auth is off (cli)" in r.stderr and "'0.0.0.0' (cli)" in r.stderr and "loopback" in r.stderr
     assert not home.exists()  # refused before anything was prepared
     r = CliRunner().invoke(
         main, ["serve"], env={"INFERBOX_HOME": str(home), "INFERBOX_AUTH": "false", "INFERBOX_HOST": "10.0.0.5"}
     )
-    assert r.exit_code == 2 and "env INFERBOX_AUTH" in r.stderr and "env INFERBOX_HOST" in r.stderr
+    assert r.exit_code == EXIT_CONFIG and "env INFERBOX_AUTH" in r.stderr and "env INFERBOX_HOST" in r.stderr
 
 
 def test_auth_off_on_loopback_and_auth_on_anywhere_are_accepted(tmp_path: Path) -> None:

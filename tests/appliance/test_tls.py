@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from appliance.cli import main
 from appliance.commands.doctor import server_report
+from appliance.commands.serve import EXIT_CONFIG
 from appliance.exposure import check_plaintext
 from appliance.settings import load_settings
 from appliance.tls import plan_tls, server_context, ssl_options
@@ -147,7 +148,7 @@ def test_tls_settings_come_from_the_config_file_and_the_environment(tmp_path: Pa
 
 def test_serve_refuses_plain_http_on_a_network_address_before_loading(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["serve", "--home", str(tmp_path / "h"), "--host", "0.0.0.0"], env={})
-    assert result.exit_code == 2
+    assert result.exit_code == EXIT_CONFIG == 78  # the unit's RestartPreventExitStatus
     assert "clear text" in result.output and "tls_cert" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "h" / "models").exists()  # refused before building or loading anything
@@ -167,7 +168,7 @@ def test_serve_names_a_mismatched_key_before_loading(tmp_path: Path, tls_files: 
         ],
         env={},
     )
-    assert result.exit_code == 2 and "tls_key" in result.output
+    assert result.exit_code == EXIT_CONFIG and "tls_key" in result.output
     assert not (tmp_path / "h" / "models").exists()
 
 
@@ -212,3 +213,8 @@ def test_doctor_names_a_certificate_not_valid_yet(tmp_path: Path, tls_factory: A
     assert "not valid before" in report["problem"] and "clients will refuse it" in report["problem"]
     report = server_report(settings(tmp_path, host="0.0.0.0"))
     assert report["problem"].startswith("serve would refuse to start:")
+
+
+def test_a_settings_error_at_serve_is_a_config_refusal_too(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["serve", "--home", str(tmp_path / "h")], env={"INFERBOX_PORT": "70000"})
+    assert result.exit_code == EXIT_CONFIG and "port" in result.output
