@@ -1,11 +1,15 @@
-"""``POST /v1/rerank``: a cross-encoder scores each document against a query (Cohere / Jina style).
+"""``POST /v1/rerank`` and ``/v2/rerank``: a cross-encoder scores documents against a query (Cohere's API).
 
 The request is ``{"model", "query", "documents": [str | {"text": str}],
-"top_n"?, "return_documents"?}``; the answer lists ``{"index",
+"top_n"?, "return_documents"?}`` (other fields Cohere's clients send, such as
+``max_tokens_per_doc``, are ignored); the answer lists ``{"index",
 "relevance_score", "document"?: {"text"}}`` best first (ties: lower index
-first), at most ``top_n`` of them, with ``usage.total_tokens``.  The score is
-the sigmoid of the model's single logit for the pair, as sentence-transformers'
-``CrossEncoder.predict`` gives it.  The model is a package exported with
+first), at most ``top_n`` of them, with ``id``, ``meta`` (Cohere's) and
+``usage.total_tokens`` (Jina's).  ``/v2/rerank`` is where Cohere's v2 client
+(``cohere.ClientV2(base_url=...)``, which LangChain's and LlamaIndex's
+``CohereRerank`` use) posts.  The score is the sigmoid of the model's single
+logit for the pair, sentence-transformers' default for a one-label
+``CrossEncoder`` (a model whose config sets another activation ranks the same).  The model is a package exported with
 ``--task text-classification`` from a cross-encoder folder (one label); pairs
 are tokenized as the model was trained (``[CLS] query [SEP] document [SEP]``)
 and the longer part is cut first past its maximum length (the pairs cut are
@@ -54,10 +58,33 @@ class _Usage(msgspec.Struct):
     total_tokens: int
 
 
+class _Version(msgspec.Struct):
+    version: str
+
+
+class _BilledUnits(msgspec.Struct):
+    search_units: int
+
+
+class _Tokens(msgspec.Struct):
+    input_tokens: int
+    output_tokens: int = 0
+
+
+class _Meta(msgspec.Struct):
+    """Cohere's ``meta``: a request is one search unit; the tokens are the model's."""
+
+    api_version: _Version
+    billed_units: _BilledUnits
+    tokens: _Tokens
+
+
 class _RerankResponse(msgspec.Struct):
+    id: str
     model: str
     results: list[_Result]
     usage: _Usage
+    meta: _Meta
 
 
 def _documents(value: list[Any]) -> list[str]:
@@ -74,7 +101,7 @@ def _documents(value: list[Any]) -> list[str]:
     return texts
 
 
-@post("/v1/rerank", opt={"scope": "infer"}, status_code=200)
+@post(["/v1/rerank", "/v2/rerank"], opt={"scope": "infer"}, status_code=200)
 async def rerank(request: Req) -> Response[bytes]:
     server: Server = request.app.state["server"]
     ctx = context_of(request.scope)
@@ -103,7 +130,11 @@ async def rerank(request: Req) -> Response[bytes]:
     total = int(sum(counts))
     ctx.details["inputs"] = str(len(documents))
     ctx.details["tokens"] = str(total)
-    out = _RerankResponse(model=model.name, results=results, usage=_Usage(total_tokens=total))
+    version = "2" if request.url.path.startswith("/v2/") else "1"
+    meta = _Meta(_Version(version), _BilledUnits(search_units=1), _Tokens(input_tokens=total))
+    out = _RerankResponse(
+        id=ctx.request_id, model=model.name, results=results, usage=_Usage(total_tokens=total), meta=meta
+    )
     headers = {TRUNCATED_HEADER: ",".join(map(str, truncated))} if truncated else None
     return Response(msgspec.json.encode(out), media_type="application/json", headers=headers)
 

@@ -22,7 +22,7 @@ from api.config import ApiConfig
 from api.envelope import context_of
 from api.metrics import Metrics, ModelInfo
 from runtime.batcher import BatchStats, DynamicBatcher
-from runtime.errors import InputError, OverloadError, PayloadTooLargeError
+from runtime.errors import BackendError, InputError, OverloadError, PayloadTooLargeError
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
 
@@ -209,6 +209,8 @@ class Server:
         batcher = await self.text_batcher(model)
         results = await batcher.submit_many([TextItem(t) for t in tokens])
         logits = np.array([float(r[0].reshape(-1)[0]) for r in results], dtype=np.float64)
+        if not bool(np.isfinite(logits).all()):  # would be "relevance_score": null, which clients cannot parse
+            raise BackendError(f"model {model.name!r} answered NaN or Inf for a document; its package needs a look")
         scores = 1.0 / (1.0 + np.exp(-logits))
         return scores, [r[1] for r in results], [i for i, t in enumerate(tokens) if t.truncated]
 

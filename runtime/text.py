@@ -152,29 +152,42 @@ class TextEncoder:
     def tokenize_pairs(self, query: str, documents: Sequence[str], *, truncate: bool = True) -> list[Tokens]:
         """``(query, document)`` pairs as a cross-encoder reads them (``[CLS] q [SEP] d [SEP]``, type
         ids 0 then 1), one per document; over ``max_length`` the longer part is cut first, as
-        transformers' ``truncation=True`` does (or, without truncation, an InputError naming it)."""
+        transformers' ``truncation=True`` does (or, without truncation, an InputError naming it).
+
+        The query is tokenized once, not once per document: each pair is the two encodings put
+        together by the tokenizer's own post-processor (the same ids and type ids as encoding the
+        pair; a query far over the maximum is first cut to one token more than the longest of it
+        could survive, which leaves ``longest_first``'s choice unchanged)."""
         if not isinstance(query, str):
             raise InputError("query: must be a string", field="query")
         (prepared_query,) = self._prepare([query])
         prepared = self._prepare_named(documents, "documents")
-        pairs = [(prepared_query, d) for d in prepared]
-        encodings = list(self._plain.encode_batch(pairs)) if pairs else []
-        for i, e in enumerate(encodings):
-            if not e.ids:  # a tokenizer without special tokens, on an empty query and document
+        if not prepared:
+            return []
+        q = self._plain.encode(prepared_query, add_special_tokens=False)
+        docs = list(self._plain.encode_batch(prepared, add_special_tokens=False))
+        query_tokens = len(q.ids)
+        cap = max(self.max_length, *(len(d.ids) for d in docs)) + 1
+        if query_tokens > cap:
+            q.truncate(cap)
+        out: list[Tokens] = []
+        for i, d in enumerate(docs):
+            pair = self._plain.post_process(q, d, add_special_tokens=True)
+            specials = len(pair.ids) - len(q.ids) - len(d.ids)
+            total = query_tokens + len(d.ids) + specials
+            if not pair.ids:  # a tokenizer without special tokens, on an empty query and document
                 raise InputError(f"documents[{i}] and the query have no tokens; send text", field=f"documents[{i}]")
-        long = [i for i, e in enumerate(encodings) if len(e.ids) > self.max_length]
-        if long and not truncate:
-            i = long[0]
-            raise InputError(
-                f"documents[{i}] with the query has {len(encodings[i].ids)} tokens, over the model's maximum "
-                f"{self.max_length}; shorten the query or the document, or enable truncation",
-                field=f"documents[{i}]",
-            )
-        if long:
-            for i, e in zip(long, self._truncating.encode_batch([pairs[i] for i in long]), strict=True):
-                encodings[i] = e
-        cut = set(long)
-        return [Tokens(e.ids, e.type_ids, truncated=i in cut) for i, e in enumerate(encodings)]
+            cut = total > self.max_length
+            if cut and not truncate:
+                raise InputError(
+                    f"documents[{i}] with the query has {total} tokens, over the model's maximum "
+                    f"{self.max_length}; shorten the query or the document, or enable truncation",
+                    field=f"documents[{i}]",
+                )
+            if cut:
+                pair = self._truncating.post_process(q, d, add_special_tokens=True)
+            out.append(Tokens(pair.ids, pair.type_ids, truncated=cut))
+        return out
 
     def pad(self, tokens: Sequence[Tokens], *, multiple: int = 1) -> Encoded:
         """One batch of feeds from tokenized texts, padded to the longest, rounded up to a

@@ -150,3 +150,44 @@ def test_scope_and_audit(client_factory: Any, tmp_path: Path, audit: MemoryAudit
         and done[-1].action == "POST /v1/rerank"
     )
     assert QUERY not in repr(audit.events) and DOCS[0] not in repr(audit.events)  # no payloads in the log
+
+
+class _NaNSession:
+    """A session whose logits are NaN (a broken package)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.active = inner.active
+        self.fallback = None
+        self.input_names = inner.input_names
+        self.output_names = inner.output_names
+
+    def run(self, inputs: dict[str, Any], outputs: list[str] | None = None) -> dict[str, Any]:
+        return {k: np.full_like(v, np.nan) for k, v in self.inner.run(inputs, outputs).items()}
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_nan_score_is_a_500_not_a_null_score(client_factory: Any, tmp_path: Path) -> None:
+    model = reranker(tmp_path)
+    c = client_factory([replace(model, session=_NaNSession(model.session))])
+    r = c.post("/v1/rerank", json={"model": "rr", "query": QUERY, "documents": DOCS})
+    assert r.status_code == 500 and "results" not in r.json()
+
+
+def test_cohere_v2_path_and_answer_shape(client_factory: Any, tmp_path: Path) -> None:
+    """cohere.ClientV2(base_url=...) posts to /v2/rerank (LangChain's and LlamaIndex's CohereRerank
+    use it) with fields this server ignores, and reads id / results / meta."""
+    c = client_factory([reranker(tmp_path)])
+    body = {"model": "rr", "query": QUERY, "documents": DOCS, "top_n": 2, "max_tokens_per_doc": 4096}
+    r = c.post("/v2/rerank", json=body, headers={"X-Request-Id": "req-42"})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["id"] == "req-42" and len(got["results"]) == 2
+    assert got["meta"]["api_version"]["version"] == "2" and got["meta"]["billed_units"]["search_units"] == 1
+    assert got["meta"]["tokens"]["input_tokens"] == got["usage"]["total_tokens"] > 0
+    v1 = c.post("/v1/rerank", json=body).json()
+    assert v1["meta"]["api_version"]["version"] == "1"
+    assert [x["index"] for x in v1["results"]] == [x["index"] for x in got["results"]]

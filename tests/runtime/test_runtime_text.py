@@ -234,3 +234,45 @@ def test_serving_modules_import_no_heavy_toolchain() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_pairs_equal_the_tokenizer_encoding_each_pair_truncation_included(minilm_dir: Path) -> None:
+    """The query is tokenized once and joined to each document by the post-processor; that must
+    give exactly what encoding the pair gives (transformers' truncation=True: longest_first)."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    encoder = TextEncoder.from_dir(minilm_dir, TextConfig(max_length=24, input_map=MINILM_MAP))
+    whole = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+    whole.no_padding()
+    whole.no_truncation()
+    cut = Tokenizer.from_str(whole.to_str())
+    cut.enable_truncation(max_length=24)
+    words = [
+        "the",
+        "bank",
+        "will",
+        "refund",
+        "a",
+        "card",
+        "payment",
+        "good",
+        "night",
+        "open",
+        "account",
+        "patient",
+        "loan",
+    ]
+    rng = random.Random(7)
+    for _ in range(60):
+        query = " ".join(rng.choice(words) for _ in range(rng.choice([0, 3, 11, 30, 400])))
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 40))) for _ in range(4)]
+        got = encoder.tokenize_pairs(query, docs, truncate=True)
+        for doc, tokens in zip(docs, got, strict=True):
+            want = cut.encode(query, doc)
+            assert (tokens.ids, tokens.type_ids) == (want.ids, want.type_ids)
+            assert tokens.truncated == (len(whole.encode(query, doc).ids) > 24)
+    with pytest.raises(InputError) as err:
+        encoder.tokenize_pairs("open the account " * 50, ["good night", "a"], truncate=False)
+    assert err.value.field == "documents[0]" and "over the model's maximum 24" in str(err.value)
