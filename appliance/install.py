@@ -308,59 +308,111 @@ def _own_key_file(top: int, state: Path, name: str, owner: tuple[int, int]) -> N
         os.close(keys)
 
 
-def _dropin_environment(root: Path, unit: str) -> dict[str, str]:
-    """``INFERBOX_*`` variables a unit's drop-ins set (``systemctl edit``: ``<unit>.d/*.conf``)."""
-    env: dict[str, str] = {}
-    folder = _under(root, UNIT_DIR) / f"{unit}.d"
-    if not folder.is_dir():
-        return env
-    for conf in sorted(folder.glob("*.conf")):
-        try:
-            lines = conf.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
+def _unit_lines(path: Path) -> list[str]:
+    """A unit file's logical lines (a trailing backslash continues a line), comments dropped."""
+    lines: list[str] = []
+    pending = ""
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        if not pending and raw.lstrip().startswith(("#", ";")):
             continue
-        for line in lines:
-            key, _, value = line.strip().partition("=")
-            if key.strip() != "Environment" or not value.strip():
+        if raw.endswith("\\"):
+            pending += raw[:-1] + " "
+            continue
+        lines.append((pending + raw).strip())
+        pending = ""
+    if pending:
+        lines.append(pending.strip())
+    return lines
+
+
+def _env_file(root: Path, spec: str) -> dict[str, str]:
+    optional = spec.startswith("-")
+    path = Path(spec.removeprefix("-"))
+    target = _under(root, path) if path.is_absolute() else path
+    try:
+        text = target.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if optional:
+            return {}
+        raise
+    env: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        name, eq, value = line.partition("=")
+        if eq:
+            words = shlex.split(value) or [""]
+            env[name.strip()] = words[0]
+    return env
+
+
+def _service_environment(root: Path, unit: str) -> dict[str, str]:
+    """The environment systemd gives ``unit``: its own and its drop-ins' ``Environment=`` lines in
+    order (an empty one resets them), then its ``EnvironmentFile=`` files, which win."""
+    units = _under(root, UNIT_DIR)
+    files = [units / unit]
+    folder = units / f"{unit}.d"
+    if folder.is_dir():
+        files += sorted(folder.glob("*.conf"))
+    env: dict[str, str] = {}
+    env_files: list[str] = []
+    for path in files:
+        if not path.is_file():
+            continue
+        for line in _unit_lines(path):
+            key, eq, value = line.partition("=")
+            key, value = key.strip(), value.strip()
+            if not eq:
                 continue
-            try:
-                words = shlex.split(value)
-            except ValueError:
-                continue
-            for word in words:
-                name, eq, val = word.partition("=")
-                if eq and name.startswith("INFERBOX_"):
-                    env[name] = val
+            if key == "Environment":
+                if not value:
+                    env.clear()
+                for word in shlex.split(value):
+                    name, has, val = word.partition("=")
+                    if has:
+                        env[name] = val
+            elif key == "EnvironmentFile":
+                if not value:
+                    env_files.clear()
+                else:
+                    env_files.append(value)
+    for spec in env_files:
+        env.update(_env_file(root, spec))
     return env
 
 
 def serving_problem(root: Path) -> str | None:
-    """Why ``inferbox serve`` would refuse the configuration installed under ``root`` (the config
-    file and the API unit's drop-ins), or None.  An upgrade that adds a refusal (plain HTTP on a
-    network address) must say so before the service restarts into it."""
-    from appliance.commands.doctor import server_report
+    """Why ``inferbox serve`` would refuse the configuration installed under ``root`` (the API
+    unit's environment, drop-ins included, and the configuration file it names), or None.  An
+    upgrade that adds a refusal (plain HTTP on a network address) must say so before the service
+    restarts into it.  Only what serve refuses counts: an expiring certificate is doctor's news."""
+    from appliance.exposure import check_auth_off_is_loopback, check_plaintext
     from appliance.settings import load_settings
-
-    env = {"INFERBOX_HOME": str(STATE_DIR), **_dropin_environment(root, "inferbox-api.service")}
-    env.pop("INFERBOX_CONFIG", None)
-    config = _under(root, CONF_DIR) / "inferbox.toml"
-    try:
-        settings = load_settings(environ=env, config_file=config if config.is_file() else None)
-    except ConfigError as exc:
-        return str(exc)
+    from appliance.tls import plan_tls
 
     def here(path: Path | None) -> Path | None:  # the files as this install sees them (--root)
         return _under(root, path) if path is not None and path.is_absolute() else path
 
-    moved = dataclasses.replace(
-        settings,
-        tls_cert=here(settings.tls_cert),
-        tls_key=here(settings.tls_key),
-        tls_client_ca=here(settings.tls_client_ca),
-    )
-    report = server_report(moved)
-    problem = report["problem"]
-    return str(problem) if problem is not None else None
+    try:
+        env = {k: v for k, v in _service_environment(root, "inferbox-api.service").items() if k.startswith("INFERBOX_")}
+        env.setdefault("INFERBOX_HOME", str(STATE_DIR))
+        config = here(Path(env.pop("INFERBOX_CONFIG", str(CONF_DIR / "inferbox.toml"))))
+        settings = load_settings(environ=env, config_file=config if config is not None and config.is_file() else None)
+        settings = dataclasses.replace(
+            settings,
+            tls_cert=here(settings.tls_cert),
+            tls_key=here(settings.tls_key),
+            tls_client_ca=here(settings.tls_client_ca),
+        )
+        check_auth_off_is_loopback(settings)
+        check_plaintext(settings, plan_tls(settings))
+    except ConfigError as exc:
+        return f"inferbox-api would refuse to start with this box's configuration: {exc}"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.debug("could not read the service's configuration", exc_info=True)
+        return f"install could not read the API service's configuration to check it ({exc}); run `inferbox doctor`"
+    return None
 
 
 def project_source() -> str:
@@ -527,8 +579,7 @@ def _install(
     problem = serving_problem(root)
     if problem is not None:
         report.notes.append(
-            f"WARNING: inferbox-api would refuse to start with this box's configuration ({problem}); "
-            "fix it before the service restarts (docs/operations.md, 'Serving the network')"
+            f"WARNING: {problem}; fix it before the service restarts (docs/operations.md, 'Serving the network')"
         )
 
     # 9. enable

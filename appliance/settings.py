@@ -264,6 +264,9 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
     except OSError as exc:
         problems.append(f"config file {path}: cannot read it: {exc.strerror}")
         return {}
+    except UnicodeDecodeError as exc:
+        problems.append(f"config file {path}: not UTF-8 text (byte {exc.start}); save it as UTF-8")
+        return {}
     except tomllib.TOMLDecodeError as exc:
         problems.append(f"config file {path}: not valid TOML: {exc}")
         return {}

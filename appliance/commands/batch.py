@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -42,7 +43,9 @@ def settings_loader(target: str, settings: Settings, workers: int = 1) -> Any:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise BatchError(f"--loader {target!r} cannot be imported ({exc}); use module:function") from exc
-    return factory(settings, workers=workers) if workers > 1 else factory(settings)
+    if workers > 1 and "workers" in inspect.signature(factory).parameters:
+        return factory(settings, workers=workers)
+    return factory(settings)  # a loader of the settings alone opens sessions as it likes
 
 
 def environment_error(exc: OSError | sqlite3.Error) -> BatchError:
@@ -69,6 +72,8 @@ class _BatchGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            raise  # the reader left (`batch status | head`): the CLI ends quietly, no file is at fault
         except (OSError, sqlite3.Error) as exc:
             log.debug("batch command failed", exc_info=True)
             raise environment_error(exc) from exc

@@ -330,3 +330,41 @@ def test_local_cluster_workers_open_sessions_on_their_share_of_the_cores(
 
     batch_loader(load_settings({"home": str(tmp_path / "h")}, environ={}), workers=shared)("m", None)
     assert options[0].workers == shared
+
+
+def _settings_only_loader(settings: Any) -> Any:
+    """A --loader that takes the settings alone (as loaders did before the cores were shared)."""
+    from appliance.batch import fake
+
+    return fake.loader
+
+
+def test_a_loader_of_the_settings_alone_still_works_on_a_shared_box(tmp_path: Path) -> None:
+    from appliance.batch import fake
+    from appliance.commands.batch import settings_loader
+    from appliance.settings import load_settings
+
+    settings = load_settings({"home": str(tmp_path)}, environ={})
+    target = "tests.appliance.test_batch_dask:_settings_only_loader"
+    assert settings_loader(target, settings, 2) is fake.loader  # was a TypeError on every chunk
+
+
+def test_batch_status_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
+    home = tmp_path / "home"
+    (home / "spool").mkdir(parents=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "batch", "status", "--home", str(home)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert proc.returncode == 141, err
+    assert "error:" not in err and "Traceback" not in err

@@ -149,3 +149,43 @@ def test_the_api_unit_does_not_restart_into_a_refused_configuration() -> None:
 
     text = (unit_dir() / "inferbox-api.service").read_text()
     assert "Restart=on-failure" in text and "RestartPreventExitStatus=78" in text
+
+
+def test_the_upgrade_check_reads_the_environment_as_systemd_does(tmp_path: Path, tls_factory: Any) -> None:
+    options = InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib"))
+    install(options)
+    dropins = tmp_path / "etc/systemd/system/inferbox-api.service.d"
+    dropins.mkdir(parents=True)
+
+    def warnings() -> list[str]:
+        return [n for n in install(options).notes if n.startswith("WARNING")]
+
+    # a later empty Environment= resets the earlier assignments: nothing to warn about
+    (dropins / "10-host.conf").write_text("[Service]\nEnvironment=INFERBOX_HOST=0.0.0.0\n")
+    (dropins / "20-reset.conf").write_text("[Service]\nEnvironment=\n")
+    assert warnings() == []
+    # an EnvironmentFile= sets it (and wins over Environment=), a continued line too
+    (dropins / "20-reset.conf").unlink()
+    (dropins / "10-host.conf").write_text(
+        "[Service]\nEnvironment=INFERBOX_HOST=127.0.0.1\nEnvironmentFile=/etc/ib.env\n"
+    )
+    (tmp_path / "etc/ib.env").write_text("# site\nINFERBOX_HOST=10.1.2.3\n")
+    assert len(warnings()) == 1
+    (dropins / "10-host.conf").write_text(
+        "[Service]\nEnvironment=INFERBOX_LOG_LEVEL=info \\\n  INFERBOX_HOST=0.0.0.0\n"
+    )
+    assert len(warnings()) == 1
+    # a certificate near or past its end is doctor's news, not a refusal
+    old = tls_factory(server_days=-1)
+    tls_dir = tmp_path / "etc/inferbox/tls"
+    tls_dir.mkdir(parents=True)
+    (tls_dir / "s.crt").write_bytes(old.cert.read_bytes())
+    (tls_dir / "s.key").write_bytes(old.key.read_bytes())
+    (tls_dir / "s.key").chmod(0o600)
+    config = tmp_path / "etc/inferbox/inferbox.toml"
+    config.write_text('[tls]\ntls_cert = "/etc/inferbox/tls/s.crt"\ntls_key = "/etc/inferbox/tls/s.key"\n')
+    assert warnings() == []
+    # a configuration that is no UTF-8 is named (serve refuses it too), and install goes on
+    config.write_bytes(b'[server]\nhost = "\xff\xfe"\n')
+    notes = warnings()
+    assert len(notes) == 1 and "not UTF-8" in notes[0]
