@@ -275,8 +275,22 @@ def _prepare_text(
 
     val_texts = _texts(spec.validation, "validation")
     cal_texts = _texts(spec.calibration, "calibration")
-    validation = [encode(val_texts[i : i + VALIDATION_BATCH]) for i in range(0, len(val_texts), VALIDATION_BATCH)]
-    calibration = [encode([t]) for t in cal_texts]
+    cross_encoder = not embeddings and _one_label(config)
+    if cross_encoder:
+        # a reranker reads (query, document) pairs ([CLS] q [SEP] d [SEP], type ids 0/1): validated
+        # and calibrated on single sentences its scores sit near one end and a gate cannot fail
+        def encode_pairs(pairs: list[tuple[str, str]]) -> Feeds:
+            tokens = [encoder.tokenize_pairs(q, [d], truncate=True)[0] for q, d in pairs]
+            return dict(encoder.pad(tokens).feeds)
+
+        val_pairs = _pairs(val_texts)
+        validation = [
+            encode_pairs(val_pairs[i : i + VALIDATION_BATCH]) for i in range(0, len(val_pairs), VALIDATION_BATCH)
+        ]
+        calibration = [encode_pairs([p]) for p in _pairs(cal_texts)]
+    else:
+        validation = [encode(val_texts[i : i + VALIDATION_BATCH]) for i in range(0, len(val_texts), VALIDATION_BATCH)]
+        calibration = [encode([t]) for t in cal_texts]
     if embeddings:
         reference = _embed_reference(folder, val_texts, validation, text.max_length)
     else:
@@ -306,9 +320,26 @@ def _prepare_text(
             "validation_samples": str(len(val_texts)),
             "calibration_samples": str(len(cal_texts)),
             "validation_max_tokens": str(max(lengths, default=0)),
+            **({"validation_inputs": "query-document pairs of the samples"} if cross_encoder else {}),
         },
         encode=encode,
     )
+
+
+def _one_label(config: dict[str, Any]) -> bool:
+    """A sequence classifier with one output score: a cross-encoder (reranker)."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label) == 1
+    return config.get("num_labels") == 1
+
+
+def _pairs(texts: list[str]) -> list[tuple[str, str]]:
+    """(query, document) pairs from a list of samples: every other sample with itself (a
+    relevant pair, scored high by a trained cross-encoder) and the rest with a sample half the
+    list away (mostly irrelevant, scored low), so that validation sees both ends of the scores."""
+    n = len(texts)
+    return [(t, t if i % 2 == 0 else texts[(i + n // 2) % n]) for i, t in enumerate(texts)]
 
 
 def _timing_feeds(encode: Any, text: str, batch: int, length: int) -> Feeds:

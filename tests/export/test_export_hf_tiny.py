@@ -114,6 +114,7 @@ def test_text_classification_folder(tinycls: tuple[Path, Path, Manifest]) -> Non
     path = repo / "tinycls" / "1"
     pkg = read_package(path)
     assert manifest.labels == ["neg", "neutral", "pos"]
+    assert "validation_inputs" not in manifest.notes  # three labels: a classifier of single texts
     assert manifest.text is not None and manifest.text.output == "logits" and manifest.text.pooling == "none"
     assert manifest.text.max_length == 32
     assert set(manifest.text.input_map.values()) <= {"input_ids", "attention_mask", "token_type_ids"}
@@ -335,6 +336,8 @@ def test_served_cross_encoder_reranks_as_transformers_scores_the_pairs(
 
     folder, repo, manifest = tinyrerank
     assert manifest.text is not None
+    # validated on (query, document) pairs, as it is served, not on single sentences
+    assert manifest.notes["validation_inputs"] == "query-document pairs of the samples"
     model = load_model(repo, "tinyrerank", options=LoaderOptions(backend="ort-cpu", cache_dir=tmp_path / "cache"))
     assert model.is_reranker
     registry = ModelRegistry(lambda name, version: model, lambda: [])
