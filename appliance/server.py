@@ -224,12 +224,11 @@ def model_loader(
     return load
 
 
-def batch_loader(settings: Settings, workers: int = 1) -> Callable[[str, int | None], LoadedModel]:
+def batch_loader(settings: Settings) -> Callable[[str, int | None], LoadedModel]:
     """The batch worker's loader: the choice ranked for length-sorted batches of 32, opened as
     ``settings.streams`` streams (a chunk's batches run on them side by side,
-    :func:`appliance.batch.unit.run_chunk`); ``workers``: processes sharing the cores (a local
-    Dask cluster's), each taking its share with ``threads = 0``."""
-    return model_loader(settings, streams=settings.streams, workload="batch", workers=workers)
+    :func:`appliance.batch.unit.run_chunk`)."""
+    return model_loader(settings, streams=settings.streams, workload="batch")
 
 
 def build_registry(settings: Settings) -> ModelRegistry:

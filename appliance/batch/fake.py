@@ -130,6 +130,6 @@ def loader(name: str, version: int | None = None, *, delay_s: float = 0.0, varia
     return FakeModel(name=name, version=version or 1, task=task, delay_s=delay_s, variant=variant)
 
 
-def settings_loader(settings: object, workers: int = 1) -> Callable[[str, int | None], FakeModel]:
+def settings_loader(settings: object) -> Callable[[str, int | None], FakeModel]:
     """For ``inferbox batch run --loader appliance.batch.fake:settings_loader`` (tests, dry runs)."""
     return loader

@@ -286,69 +286,6 @@ def test_a_chunk_failing_after_another_failed_its_job_does_not_fail_it_again(tmp
         store.close()
 
 
-@pytest.mark.parametrize(("scheduler", "shared"), [(None, 3), ("tcp://127.0.0.1:8786", 1)])
-def test_local_cluster_workers_open_sessions_on_their_share_of_the_cores(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheduler: str | None, shared: int
-) -> None:
-    """With threads = 0 every Dask worker process used to open its sessions on all the box's cores:
-    --dask-workers 3 ran 3x the cores' threads.  A local cluster's workers now get a third each."""
-    from click.testing import CliRunner
-
-    import appliance.batch.dask_engine as engine_mod
-    from appliance.cli import main
-    from appliance.commands.batch import settings_loader
-    from appliance.server import batch_loader
-    from runtime import loader as runtime_loader
-
-    seen: dict[str, Any] = {}
-
-    class Capturing:
-        def __init__(self, worker: Any, factory: Any, **kwargs: Any) -> None:
-            seen["factory"] = factory
-
-        def run_once(self) -> Any:
-            from appliance.batch.worker import RunSummary
-
-            return RunSummary()
-
-    monkeypatch.setattr(engine_mod, "DaskEngine", Capturing)
-    for key in list(os.environ):
-        if key.startswith("INFERBOX_"):
-            monkeypatch.delenv(key)
-    args = ["batch", "run", "--once", "--engine", "dask", "--dask-workers", "3", "--home", str(tmp_path / "h")]
-    args += ["--loader", "appliance.batch.fake:settings_loader"]
-    if scheduler:
-        args += ["--scheduler", scheduler]
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0, r.output
-    factory = seen["factory"]
-    assert factory.func is settings_loader and factory.args[2] == shared
-    # and the default loader hands the share to the runtime, which divides the cores by it
-    options: list[Any] = []
-    monkeypatch.setattr(runtime_loader, "load_model", lambda *a, **kw: options.append(kw["options"]))
-    from appliance.settings import load_settings
-
-    batch_loader(load_settings({"home": str(tmp_path / "h")}, environ={}), workers=shared)("m", None)
-    assert options[0].workers == shared
-
-
-def _settings_only_loader(settings: Any) -> Any:
-    """A --loader that takes the settings alone (as loaders did before the cores were shared)."""
-    from appliance.batch import fake
-
-    return fake.loader
-
-
-def test_a_loader_of_the_settings_alone_still_works_on_a_shared_box(tmp_path: Path) -> None:
-    from appliance.batch import fake
-    from appliance.commands.batch import settings_loader
-    from appliance.settings import load_settings
-
-    settings = load_settings({"home": str(tmp_path)}, environ={})
-    target = "tests.appliance.test_batch_dask:_settings_only_loader"
-    assert settings_loader(target, settings, 2) is fake.loader  # was a TypeError on every chunk
-
-
 def test_batch_status_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     import subprocess
     import sys
