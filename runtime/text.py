@@ -29,7 +29,16 @@ if TYPE_CHECKING:
     from runtime.backends.base import CopyCheck
     from runtime.manifest import TextConfig
 
-__all__ = ["DEFAULT_INPUT_MAP", "FEED_KINDS", "Encoded", "TextEncoder", "Tokens", "answers_agree", "postprocess"]
+__all__ = [
+    "DEFAULT_INPUT_MAP",
+    "FEED_KINDS",
+    "Encoded",
+    "TextEncoder",
+    "Tokens",
+    "answers_agree",
+    "longest_first",
+    "postprocess",
+]
 
 FEED_KINDS = ("input_ids", "attention_mask", "token_type_ids")
 #: used when a TextConfig has an empty input_map
@@ -82,6 +91,7 @@ class TextEncoder:
         self._plain = tokenizer
         self._truncating = type(tokenizer).from_str(tokenizer.to_str())
         self._truncating.enable_truncation(max_length=config.max_length)
+        self._pair_template = _PairTemplate.learn(tokenizer)
 
     @property
     def pads_invisibly(self) -> bool:
@@ -154,28 +164,31 @@ class TextEncoder:
         ids 0 then 1), one per document; over ``max_length`` the longer part is cut first, as
         transformers' ``truncation=True`` does (or, without truncation, an InputError naming it).
 
-        The query is tokenized once, not once per document: each pair is the two encodings put
-        together by the tokenizer's own post-processor (the same ids and type ids as encoding the
-        pair; a query far over the maximum is first cut to one token more than the longest of it
-        could survive, which leaves ``longest_first``'s choice unchanged)."""
+        The query and the documents are each tokenized once; a pair is their heads put in the
+        tokenizer's pair template (the special tokens and type ids it adds, learned from the
+        tokenizer itself), cut to the lengths ``longest_first`` keeps.  Letting the tokenizer
+        truncate each pair instead tokenized the query once per document and, for a long query
+        and a long document, built every combination of their overflowing pieces (a 1 MB query
+        and document: over 20 GB)."""
         if not isinstance(query, str):
             raise InputError("query: must be a string", field="query")
         (prepared_query,) = self._prepare([query])
         prepared = self._prepare_named(documents, "documents")
         if not prepared:
             return []
+        template = self._pair_template
+        if template is None:  # a post-processor this cannot mirror: the tokenizer pairs them itself
+            return self._tokenize_pairs_slowly(prepared_query, prepared, truncate=truncate)
         q = self._plain.encode(prepared_query, add_special_tokens=False)
-        docs = list(self._plain.encode_batch(prepared, add_special_tokens=False))
-        query_tokens = len(q.ids)
-        cap = max(self.max_length, *(len(d.ids) for d in docs)) + 1
-        if query_tokens > cap:
-            q.truncate(cap)
+        docs = self._plain.encode_batch(prepared, add_special_tokens=False)
+        budget = self.max_length - template.specials
+        q_ids = q.ids  # a fresh list per access: read once
         out: list[Tokens] = []
         for i, d in enumerate(docs):
-            pair = self._plain.post_process(q, d, add_special_tokens=True)
-            specials = len(pair.ids) - len(q.ids) - len(d.ids)
-            total = query_tokens + len(d.ids) + specials
-            if not pair.ids:  # a tokenizer without special tokens, on an empty query and document
+            d_ids = d.ids
+            n_q, n_d = len(q_ids), len(d_ids)
+            total = n_q + n_d + template.specials
+            if total == 0:  # a tokenizer without special tokens, on an empty query and document
                 raise InputError(f"documents[{i}] and the query have no tokens; send text", field=f"documents[{i}]")
             cut = total > self.max_length
             if cut and not truncate:
@@ -184,8 +197,28 @@ class TextEncoder:
                     f"{self.max_length}; shorten the query or the document, or enable truncation",
                     field=f"documents[{i}]",
                 )
+            keep_q, keep_d = longest_first(n_q, n_d, budget) if cut else (n_q, n_d)
+            ids, types = template.join(q_ids[:keep_q], d_ids[:keep_d])
+            out.append(Tokens(ids, types, truncated=cut))
+        return out
+
+    def _tokenize_pairs_slowly(self, query: str, documents: list[str], *, truncate: bool) -> list[Tokens]:
+        """Each pair through the tokenizer (exact for any post-processor; no protection from the
+        cost of a long query and document)."""
+        out: list[Tokens] = []
+        for i, d in enumerate(documents):
+            pair = self._plain.encode(query, d)
+            cut = len(pair.ids) > self.max_length
+            if not pair.ids:
+                raise InputError(f"documents[{i}] and the query have no tokens; send text", field=f"documents[{i}]")
+            if cut and not truncate:
+                raise InputError(
+                    f"documents[{i}] with the query has {len(pair.ids)} tokens, over the model's maximum "
+                    f"{self.max_length}; shorten the query or the document, or enable truncation",
+                    field=f"documents[{i}]",
+                )
             if cut:
-                pair = self._truncating.post_process(q, d, add_special_tokens=True)
+                pair = self._truncating.encode(query, d)
             out.append(Tokens(pair.ids, pair.type_ids, truncated=cut))
         return out
 
@@ -211,6 +244,95 @@ class TextEncoder:
 
     def encode(self, texts: Sequence[str], *, truncate: bool = True) -> Encoded:
         return self.pad(self.tokenize(texts, truncate=truncate))
+
+
+def longest_first(n_first: int, n_second: int, budget: int) -> tuple[int, int]:
+    """How many tokens of each sequence transformers' ``longest_first`` truncation keeps when the
+    pair's ``n_first + n_second`` content tokens must fit ``budget``: tokens come off the longer
+    one until both are as long, then alternately (the longer keeps the odd one)."""
+    budget = max(budget, 0)
+    if n_first + n_second <= budget:
+        return n_first, n_second
+    swap = n_first > n_second
+    short, long = (n_second, n_first) if swap else (n_first, n_second)
+    long = short if short > budget else max(short, budget - short)
+    if short + long > budget:
+        short = budget // 2
+        long = short + budget % 2
+    return (long, short) if swap else (short, long)
+
+
+@dataclass(frozen=True)
+class _PairTemplate:
+    """What a tokenizer's ``encode(a, b)`` puts around the two sequences: fixed special tokens
+    before, between and after them, and one type id per part (BERT: ``[CLS] a [SEP] b [SEP]``,
+    0 / 1; RoBERTa: ``<s> a </s></s> b </s>``).  Learned once from the tokenizer itself."""
+
+    before: tuple[tuple[int, int], ...]  #: (id, type id) of each special token
+    between: tuple[tuple[int, int], ...]
+    after: tuple[tuple[int, int], ...]
+    first_type: int
+    second_type: int
+
+    @property
+    def specials(self) -> int:
+        return len(self.before) + len(self.between) + len(self.after)
+
+    def join(self, first: Sequence[int], second: Sequence[int]) -> tuple[list[int], list[int]]:
+        parts = (
+            list(self.before),
+            [(t, self.first_type) for t in first],
+            list(self.between),
+            [(t, self.second_type) for t in second],
+            list(self.after),
+        )
+        pairs = [p for part in parts for p in part]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    @classmethod
+    def learn(cls, tokenizer: Any) -> _PairTemplate | None:
+        """The template, checked against the tokenizer on a second probe; None when it does not
+        fit this shape (the tokenizer then pairs every pair itself)."""
+        probes = (("hello world", "good day"), ("a b c", "d"))
+        try:
+            template = cls._from_probe(tokenizer, *probes[0])
+            if template is None:
+                return None
+            a, b = probes[1]
+            want = tokenizer.encode(a, b)
+            ids, types = template.join(
+                tokenizer.encode(a, add_special_tokens=False).ids, tokenizer.encode(b, add_special_tokens=False).ids
+            )
+            return template if (ids, types) == (list(want.ids), list(want.type_ids)) else None
+        except Exception:  # a tokenizer this cannot read pairs its pairs itself
+            return None
+
+    @classmethod
+    def _from_probe(cls, tokenizer: Any, a: str, b: str) -> _PairTemplate | None:
+        a_ids = list(tokenizer.encode(a, add_special_tokens=False).ids)
+        b_ids = list(tokenizer.encode(b, add_special_tokens=False).ids)
+        pair = tokenizer.encode(a, b)
+        ids, types, special = list(pair.ids), list(pair.type_ids), list(pair.special_tokens_mask)
+        content = [i for i, s in enumerate(special) if not s]
+        if not a_ids or not b_ids or len(content) != len(a_ids) + len(b_ids):
+            return None
+        a_at, b_at = content[: len(a_ids)], content[len(a_ids) :]
+        contiguous = a_at == list(range(a_at[0], a_at[-1] + 1)) and b_at == list(range(b_at[0], b_at[-1] + 1))
+        if not contiguous or [ids[i] for i in a_at] != a_ids or [ids[i] for i in b_at] != b_ids:
+            return None
+        if len({types[i] for i in a_at}) != 1 or len({types[i] for i in b_at}) != 1:
+            return None
+
+        def specials(lo: int, hi: int) -> tuple[tuple[int, int], ...]:
+            return tuple((ids[i], types[i]) for i in range(lo, hi))
+
+        return cls(
+            before=specials(0, a_at[0]),
+            between=specials(a_at[-1] + 1, b_at[0]),
+            after=specials(b_at[-1] + 1, len(ids)),
+            first_type=types[a_at[0]],
+            second_type=types[b_at[0]],
+        )
 
 
 def _find_pad_id(tokenizer: Any) -> int:

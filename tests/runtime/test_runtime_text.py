@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -236,43 +237,82 @@ def test_serving_modules_import_no_heavy_toolchain() -> None:
     assert done.stdout.strip() == ""
 
 
-def test_pairs_equal_the_tokenizer_encoding_each_pair_truncation_included(minilm_dir: Path) -> None:
-    """The query is tokenized once and joined to each document by the post-processor; that must
-    give exactly what encoding the pair gives (transformers' truncation=True: longest_first)."""
+def _pair_tokenizers(minilm_dir: Path) -> dict[str, Any]:
+    """BERT's (MiniLM's), and RoBERTa-, XLM-R-style and bare (no post-processor) ones built here."""
+    from tokenizers import Tokenizer, processors
+
+    bert = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+    roberta = Tokenizer.from_str(bert.to_str())
+    roberta.post_processor = processors.RobertaProcessing(sep=("[SEP]", 102), cls=("[CLS]", 101))
+    xlmr = Tokenizer.from_str(bert.to_str())
+    xlmr.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 101), ("[SEP]", 102)],
+    )
+    bare = Tokenizer.from_str(bert.to_str())
+    bare.post_processor = None
+    return {"bert": bert, "roberta": roberta, "xlmr": xlmr, "bare": bare}
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "xlmr", "bare"])
+@pytest.mark.parametrize("max_length", [24, 25])
+def test_pairs_equal_the_tokenizer_encoding_each_pair_truncation_included(
+    minilm_dir: Path, kind: str, max_length: int
+) -> None:
+    """A pair is the query's and the document's heads in the tokenizer's pair template, cut to
+    the lengths transformers' truncation=True (longest_first) keeps: it must equal encoding the pair."""
     import random
 
     from tokenizers import Tokenizer
 
-    encoder = TextEncoder.from_dir(minilm_dir, TextConfig(max_length=24, input_map=MINILM_MAP))
-    whole = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
+    tok = _pair_tokenizers(minilm_dir)[kind]
+    encoder = TextEncoder(Tokenizer.from_str(tok.to_str()), TextConfig(max_length=max_length, input_map=MINILM_MAP))
+    assert encoder._pair_template is not None  # the fast path is the one under test
+    whole = Tokenizer.from_str(tok.to_str())
     whole.no_padding()
     whole.no_truncation()
     cut = Tokenizer.from_str(whole.to_str())
-    cut.enable_truncation(max_length=24)
-    words = [
-        "the",
-        "bank",
-        "will",
-        "refund",
-        "a",
-        "card",
-        "payment",
-        "good",
-        "night",
-        "open",
-        "account",
-        "patient",
-        "loan",
-    ]
+    cut.enable_truncation(max_length=max_length)
+    words = ["the", "bank", "will", "refund", "a", "card", "payment", "good", "night", "open", "account", "loan"]
     rng = random.Random(7)
-    for _ in range(60):
-        query = " ".join(rng.choice(words) for _ in range(rng.choice([0, 3, 11, 30, 400])))
-        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 40))) for _ in range(4)]
+    for _ in range(80):
+        # (without special tokens an empty query and document are no pair at all: refused, tested apart)
+        sizes = [1, 3, 11, 12, 13, 30, 400] if kind == "bare" else [0, 1, 3, 11, 12, 13, 30, 400]
+        query = " ".join(rng.choice(words) for _ in range(rng.choice(sizes)))
+        docs = [" ".join(rng.choice(words) for _ in range(rng.choice([0, 1, 10, 11, 12, 40, 300]))) for _ in range(4)]
         got = encoder.tokenize_pairs(query, docs, truncate=True)
         for doc, tokens in zip(docs, got, strict=True):
             want = cut.encode(query, doc)
-            assert (tokens.ids, tokens.type_ids) == (want.ids, want.type_ids)
-            assert tokens.truncated == (len(whole.encode(query, doc).ids) > 24)
-    with pytest.raises(InputError) as err:
-        encoder.tokenize_pairs("open the account " * 50, ["good night", "a"], truncate=False)
-    assert err.value.field == "documents[0]" and "over the model's maximum 24" in str(err.value)
+            assert (tokens.ids, tokens.type_ids) == (want.ids, want.type_ids), (kind, query, doc)
+            assert tokens.truncated == (len(whole.encode(query, doc).ids) > max_length)
+    if kind == "bare":
+        with pytest.raises(InputError, match="no tokens"):
+            encoder.tokenize_pairs("", [""], truncate=True)
+    if kind == "bert":
+        with pytest.raises(InputError) as err:
+            encoder.tokenize_pairs("open the account " * 50, ["good night", "a"], truncate=False)
+        assert err.value.field == "documents[0]" and f"over the model's maximum {max_length}" in str(err.value)
+
+
+def test_a_long_query_and_document_are_paired_without_their_overflowing_pieces(minilm_dir: Path) -> None:
+    """Letting the tokenizer truncate the pair built every combination of the two texts'
+    overflowing pieces: a 100 KB query and document took 2 GB (1 MB each: over 20 GB)."""
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from pathlib import Path
+from typing import Any
+from runtime.manifest import TextConfig
+from runtime.text import TextEncoder
+enc = TextEncoder.from_dir(Path({str(minilm_dir)!r}), TextConfig(max_length=512))
+text = " ".join(["refund", "card", "account", "payment"] * 5000)  # ~100 KB, ~20,000 tokens
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+(pair,) = enc.tokenize_pairs(text, [text], truncate=True)
+assert len(pair) == 512 and pair.truncated
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    grown_kib = int(done.stdout.strip().splitlines()[-1])
+    assert grown_kib < 200 * 1024, f"pairing grew the process by {grown_kib / 1024:.0f} MiB"
