@@ -1,6 +1,6 @@
 """One map from errors to HTTP answers; handlers hold no try/except for domain errors.
 
-KServe routes answer ``{"error": "..."}``; OpenAI routes (``/v1/...``) answer
+KServe routes answer ``{"error": "..."}``; OpenAI routes (``/v1/...``) and ``/v2/rerank`` answer
 ``{"error": {"message", "type", "param", "code"}}``.  A 500 never carries a
 trace or an exception's text: a generic message and the request id only.
 """
@@ -76,7 +76,7 @@ def status_of(exc: BaseException) -> int:
 def _answer(
     request: Request[Any, Any, Any], status: int, message: str, param: str | None, headers: dict[str, str]
 ) -> Response[bytes]:
-    if request.url.path.startswith("/v1/"):
+    if request.url.path.startswith("/v1/") or request.url.path == "/v2/rerank":  # /v2/rerank: Cohere's, not KServe's
         body: dict[str, Any] = {
             "error": {
                 "message": message,

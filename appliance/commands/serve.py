@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,10 +72,10 @@ def serve(
     On a new box an admin key is created and printed once.
     """
     from appliance.exposure import check_auth_off_is_loopback, check_plaintext
+    from appliance.server import public_key_of
     from appliance.tls import plan_tls, ssl_options
-    from runtime.errors import ConfigError
 
-    try:  # the configuration, checked before anything loads: a refusal is EXIT_CONFIG (no restart)
+    with _refusal():  # the configuration, checked before anything loads (and before workers fork)
         settings = build_settings(
             home=home,
             repository=repository,
@@ -91,9 +93,7 @@ def serve(
         check_auth_off_is_loopback(settings)
         tls = plan_tls(settings)
         check_plaintext(settings, tls)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+        public_key_of(settings)  # the key packages must be signed with: a missing file is named here
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger(__name__)
     if not settings.auth:
@@ -104,7 +104,8 @@ def serve(
         log.warning("plain HTTP on %s (allow_plaintext): a TLS proxy in front must terminate HTTPS", settings.host)
     from appliance.server import prepare
 
-    prepared = prepare(settings)
+    with _refusal():  # an empty serving-only repository, a default model that did not build
+        prepared = prepare(settings)
     if prepared.built_default:
         click.echo(f"built the default model into {settings.repository}", err=True)
     if prepared.admin_key is not None:
@@ -129,7 +130,8 @@ def serve(
 
     from appliance.server import build_app
 
-    app = build_app(settings)
+    with _refusal():
+        app = build_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -144,6 +146,19 @@ def serve(
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True)
     server.run()
+
+
+@contextlib.contextmanager
+def _refusal() -> Iterator[None]:
+    """A :class:`ConfigError` (what serve refuses: its settings, files they name, a repository it
+    cannot serve) ends the command with :data:`EXIT_CONFIG`, which the unit does not restart."""
+    from runtime.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def _log_certificate(log: logging.Logger, tls: TlsPlan) -> None:

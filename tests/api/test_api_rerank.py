@@ -191,3 +191,10 @@ def test_cohere_v2_path_and_answer_shape(client_factory: Any, tmp_path: Path) ->
     v1 = c.post("/v1/rerank", json=body).json()
     assert v1["meta"]["api_version"]["version"] == "1"
     assert [x["index"] for x in v1["results"]] == [x["index"] for x in got["results"]]
+
+
+def test_v2_rerank_errors_have_the_shape_of_v1_not_kserve(client_factory: Any, tmp_path: Path) -> None:
+    c = client_factory([reranker(tmp_path)])
+    for path in ("/v1/rerank", "/v2/rerank"):
+        r = c.post(path, json={"model": "rr", "query": QUERY, "documents": []})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "documents", (path, r.text)

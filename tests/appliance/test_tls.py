@@ -218,3 +218,26 @@ def test_doctor_names_a_certificate_not_valid_yet(tmp_path: Path, tls_factory: A
 def test_a_settings_error_at_serve_is_a_config_refusal_too(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["serve", "--home", str(tmp_path / "h")], env={"INFERBOX_PORT": "70000"})
     assert result.exit_code == EXIT_CONFIG and "port" in result.output
+
+
+def test_every_refusal_before_serving_exits_config_not_a_restartable_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A missing public_key was found only when the registry loaded (exit 2: the unit restarted it,
+    and with --workers 2 uvicorn respawned crashing workers forever); a default model that did not
+    build exited 2 and was rebuilt every 2 s."""
+    missing = tmp_path / "nope.pub"
+    result = CliRunner().invoke(
+        main, ["serve", "--home", str(tmp_path / "h")], env={"INFERBOX_PUBLIC_KEY": str(missing)}
+    )
+    assert result.exit_code == EXIT_CONFIG and str(missing) in result.output
+    assert not (tmp_path / "h").exists()  # before anything was prepared
+
+    import appliance.server as server_mod
+
+    def failing_prepare(settings: Any) -> Any:
+        raise ConfigError("building the default model minilm failed (exit code 1)")
+
+    monkeypatch.setattr(server_mod, "prepare", failing_prepare)
+    result = CliRunner().invoke(main, ["serve", "--home", str(tmp_path / "h2")], env={})
+    assert result.exit_code == EXIT_CONFIG and "building the default model" in result.output
