@@ -313,7 +313,7 @@ def _unit_lines(path: Path) -> list[str]:
     lines: list[str] = []
     pending = ""
     for raw in path.read_text(encoding="utf-8").splitlines():
-        if not pending and raw.lstrip().startswith(("#", ";")):
+        if raw.lstrip().startswith(("#", ";")):  # also inside a continued line, as systemd reads it
             continue
         if raw.endswith("\\"):
             pending += raw[:-1] + " "
@@ -396,9 +396,22 @@ def serving_problem(root: Path) -> str | None:
 
     try:
         env = {k: v for k, v in _service_environment(root, "inferbox-api.service").items() if k.startswith("INFERBOX_")}
-        env.setdefault("INFERBOX_HOME", str(STATE_DIR))
-        config = here(Path(env.pop("INFERBOX_CONFIG", str(CONF_DIR / "inferbox.toml"))))
-        settings = load_settings(environ=env, config_file=config if config is not None and config.is_file() else None)
+        unresolved = sorted(k for k, v in env.items() if "%" in v.replace("%%", ""))
+        if unresolved:  # systemd specifiers (%E, %d, %h ...): what they expand to is systemd's to say
+            return (
+                f"install could not check the API service's configuration: {', '.join(unresolved)} use systemd "
+                "specifiers; run `inferbox doctor` with the service's environment"
+            )
+        env = {k: v.replace("%%", "%") for k, v in env.items()}
+        # the unit's StateDirectory= gives serve $STATE_DIRECTORY as its home; here, under --root
+        home = here(Path(env.get("INFERBOX_HOME", str(STATE_DIR))))
+        env["INFERBOX_HOME"] = str(home)
+        named = env.pop("INFERBOX_CONFIG", None)
+        # a file the environment names is read (a missing one is serve's refusal too); else <home>'s
+        config = here(Path(named)) if named else (home / "inferbox.toml" if home is not None else None)
+        if not named and config is not None and not config.is_file():
+            config = None
+        settings = load_settings(environ=env, config_file=config)
         settings = dataclasses.replace(
             settings,
             tls_cert=here(settings.tls_cert),

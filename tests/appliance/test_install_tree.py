@@ -189,3 +189,33 @@ def test_the_upgrade_check_reads_the_environment_as_systemd_does(tmp_path: Path,
     config.write_bytes(b'[server]\nhost = "\xff\xfe"\n')
     notes = warnings()
     assert len(notes) == 1 and "not UTF-8" in notes[0]
+
+
+def test_the_upgrade_check_names_what_it_cannot_see_and_stays_under_root(tmp_path: Path) -> None:
+    options = InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib"))
+    install(options)
+    dropins = tmp_path / "etc/systemd/system/inferbox-api.service.d"
+    dropins.mkdir(parents=True)
+
+    def warnings() -> list[str]:
+        return [n for n in install(options).notes if n.startswith("WARNING")]
+
+    # a configuration file the environment names but that is missing: serve refuses it, so does the check
+    (dropins / "10.conf").write_text("[Service]\nEnvironment=INFERBOX_CONFIG=/etc/inferbox/net.toml\n")
+    notes = warnings()
+    assert len(notes) == 1 and "net.toml" in notes[0] and "would refuse" in notes[0]
+    # systemd specifiers are not guessed at
+    (dropins / "10.conf").write_text("[Service]\nEnvironment=INFERBOX_CONFIG=%E/inferbox/net.toml\n")
+    notes = warnings()
+    assert len(notes) == 1 and "specifiers" in notes[0] and "INFERBOX_CONFIG" in notes[0]
+    # a comment inside a continued line is dropped, as systemd drops it
+    (dropins / "10.conf").write_text(
+        "[Service]\nEnvironment=INFERBOX_LOG_LEVEL=info \\\n# INFERBOX_HOST=0.0.0.0 \\\n  INFERBOX_PORT=8081\n"
+    )
+    assert warnings() == []
+    # a home named in a drop-in is read under the install root, never outside it
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    (outside / "h").mkdir(parents=True)
+    (outside / "h" / "inferbox.toml").write_text('[server]\nhost = "0.0.0.0"\n')
+    (dropins / "10.conf").write_text(f"[Service]\nEnvironment=\nEnvironment=INFERBOX_HOME={outside / 'h'}\n")
+    assert warnings() == []
