@@ -165,6 +165,7 @@ def _flatten_strings(data: Any, where: str, shape: tuple[int, ...]) -> list[str]
     """The strings of (nested) ``data``, exactly as many as ``shape`` holds, else a 400; stops as
     soon as there are more (a body of millions of tiny strings would hold the event loop)."""
     expected = math.prod(shape)
+    widest = max(expected, *shape, 0)  # a list holds at most this many items ([[], []] for [2, 0])
     too_many = InputError(
         f"{where}.data: shape {list(shape)} needs {expected} elements, data has more", field=f"{where}.data"
     )
@@ -176,7 +177,7 @@ def _flatten_strings(data: Any, where: str, shape: tuple[int, ...]) -> list[str]
     while stack:
         item = stack.pop()
         if isinstance(item, list):
-            if len(item) > expected:
+            if len(item) > widest:
                 raise too_many
             lists_left -= 1
             if lists_left < 0:

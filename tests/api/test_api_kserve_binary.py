@@ -253,3 +253,11 @@ def test_json_bytes_data_of_nested_empty_lists_is_refused_early(client_factory: 
     assert "inputs[0].data: nested lists do not match shape [2]" in r.json()["error"]
     nested = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 2], "data": [["a", "b"], ["c", "d"]]}]}
     assert c.post("/v2/models/minilm/infer", json=nested).status_code == 200
+
+
+def test_json_bytes_data_of_an_empty_shape_may_be_nested(client_factory: Any) -> None:
+    c = client_factory()
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 0], "data": [[], []]}]}
+    r = c.post("/v2/models/minilm/infer", json=body)
+    assert r.status_code == 200, r.text  # [[], []] is [2, 0]: no texts, answered [0, D]
+    assert r.json()["outputs"][0]["shape"][0] == 0
