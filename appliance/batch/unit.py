@@ -320,6 +320,11 @@ def _tokenize(model: BatchModel, texts: list[str], task: ChunkTask, canary: _Can
 def _text_rows(model: BatchModel, tokens: list[Any]) -> list[dict[str, Any]]:
     vectors = model.embed_tokens(tokens)
     labels = model.manifest.labels
+    if model.manifest.task == "text-classification" and labels and np.asarray(vectors).shape[-1] == 1:
+        # one logit (a binary head, a cross-encoder): its sigmoid, as the export's gate reads it;
+        # a softmax over one value is always 1.0. The label is given when the score is above 0.5.
+        probs = 1.0 / (1.0 + np.exp(-np.asarray(vectors, dtype=np.float64).reshape(-1)))
+        return [{"label": labels[0] if p > 0.5 else None, "scores": {labels[0]: float(p)}} for p in probs]
     if model.manifest.task == "text-classification" and labels:
         scores = _softmax(vectors)
         return [

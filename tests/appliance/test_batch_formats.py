@@ -308,3 +308,26 @@ def test_with_an_audit_log_only_keyed_digests_are_kept_and_the_root_proves_a_rec
     assert verify_proof(leaves[2], 2, 4, merkle_proof(leaves, 2), end.details["merkle_root"])
     e.store.close()
     audit.close()
+
+
+def test_a_one_logit_classifier_gets_its_sigmoid_not_a_softmax_of_one(tmp_path: Path) -> None:
+    """softmax over a single logit is 1.0 for every record: a binary head or a cross-encoder run as
+    a batch job answered {"LABEL_0": 1.0} whatever the text."""
+    import io
+    from types import SimpleNamespace
+
+    from appliance.batch.unit import _text_rows
+    from appliance.batch.writers import encode_results
+
+    logits = np.array([[2.0], [-1.0], [0.0]], dtype=np.float32)
+    model = SimpleNamespace(
+        manifest=SimpleNamespace(task="text-classification", labels=["relevant"]),
+        embed_tokens=lambda tokens: logits,
+    )
+    rows = _text_rows(model, [object()] * 3)  # type: ignore[arg-type]
+    assert [r["label"] for r in rows] == ["relevant", None, None]
+    np.testing.assert_allclose([r["scores"]["relevant"] for r in rows], 1 / (1 + np.exp([-2.0, 1.0, 0.0])), atol=1e-6)
+    buf = io.BytesIO()
+    encode_results([{"id": i, **r} for i, r in enumerate(rows)], "parquet")(buf)
+    table = pq.read_table(io.BytesIO(buf.getvalue()))
+    assert table.column("label").to_pylist() == ["relevant", None, None]
