@@ -173,7 +173,14 @@ def _flatten_strings(data: Any, where: str, shape: tuple[int, ...]) -> list[str]
     stack = [data]
     # data shaped as ``shape`` (flat or nested) holds at most this many lists; a tree of empty
     # lists holds no string to count and would otherwise be walked whole
-    lists_left = (expected + 1) * (len(shape) + 1)
+    nested = 1  # the lists of the fully nested form: one per prefix of the shape, down to a 0
+    width = 1
+    for dim in shape[:-1]:
+        width *= dim
+        if width == 0:
+            break
+        nested += width
+    lists_left = max(nested, (expected + 1) * (len(shape) + 1))
     while stack:
         item = stack.pop()
         if isinstance(item, list):

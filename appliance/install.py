@@ -347,9 +347,10 @@ def _env_file(root: Path, spec: str) -> dict[str, str]:
     return env
 
 
-def _service_environment(root: Path, unit: str) -> dict[str, str]:
+def _service_environment(root: Path, unit: str) -> tuple[dict[str, str], set[str]]:
     """The environment systemd gives ``unit``: its own and its drop-ins' ``Environment=`` lines in
-    order (an empty one resets them), then its ``EnvironmentFile=`` files, which win."""
+    order (an empty one resets them), then its ``EnvironmentFile=`` files, which win; and the
+    names whose value came from an ``Environment=`` line (systemd expands specifiers only there)."""
     units = _under(root, UNIT_DIR)
     files = [units / unit]
     folder = units / f"{unit}.d"
@@ -377,9 +378,12 @@ def _service_environment(root: Path, unit: str) -> dict[str, str]:
                     env_files.clear()
                 else:
                     env_files.append(value)
+    from_lines = set(env)
     for spec in env_files:
-        env.update(_env_file(root, spec))
-    return env
+        from_file = _env_file(root, spec)
+        env.update(from_file)
+        from_lines -= set(from_file)
+    return env, from_lines
 
 
 def serving_problem(root: Path) -> str | None:
@@ -395,14 +399,15 @@ def serving_problem(root: Path) -> str | None:
         return _under(root, path) if path is not None and path.is_absolute() else path
 
     try:
-        env = {k: v for k, v in _service_environment(root, "inferbox-api.service").items() if k.startswith("INFERBOX_")}
-        unresolved = sorted(k for k, v in env.items() if "%" in v.replace("%%", ""))
+        service_env, expanded = _service_environment(root, "inferbox-api.service")
+        env = {k: v for k, v in service_env.items() if k.startswith("INFERBOX_")}
+        unresolved = sorted(k for k, v in env.items() if k in expanded and "%" in v.replace("%%", ""))
         if unresolved:  # systemd specifiers (%E, %d, %h ...): what they expand to is systemd's to say
             return (
                 f"install could not check the API service's configuration: {', '.join(unresolved)} use systemd "
                 "specifiers; run `inferbox doctor` with the service's environment"
             )
-        env = {k: v.replace("%%", "%") for k, v in env.items()}
+        env = {k: v.replace("%%", "%") if k in expanded else v for k, v in env.items()}
         # the unit's StateDirectory= gives serve $STATE_DIRECTORY as its home; here, under --root
         home = here(Path(env.get("INFERBOX_HOME", str(STATE_DIR))))
         env["INFERBOX_HOME"] = str(home)

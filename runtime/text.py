@@ -182,6 +182,11 @@ class TextEncoder:
         q = self._plain.encode(prepared_query, add_special_tokens=False)
         docs = self._plain.encode_batch(prepared, add_special_tokens=False)
         budget = self.max_length - template.specials
+        if budget < 1:
+            raise ManifestError(
+                f"text.max_length = {self.max_length} leaves no room for a pair's tokens beside its "
+                f"{template.specials} special tokens; fix the manifest"
+            )
         q_ids = q.ids  # a fresh list per access: read once
         out: list[Tokens] = []
         for i, d in enumerate(docs):

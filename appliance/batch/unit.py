@@ -323,7 +323,7 @@ def _text_rows(model: BatchModel, tokens: list[Any]) -> list[dict[str, Any]]:
     if model.manifest.task == "text-classification" and labels and np.asarray(vectors).shape[-1] == 1:
         # one logit (a binary head, a cross-encoder): its sigmoid, as the export's gate reads it;
         # a softmax over one value is always 1.0. The label is given when the score is above 0.5.
-        probs = 1.0 / (1.0 + np.exp(-np.asarray(vectors, dtype=np.float64).reshape(-1)))
+        probs = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(vectors, dtype=np.float64).reshape(-1)))  # sigmoid
         return [{"label": labels[0] if p > 0.5 else None, "scores": {labels[0]: float(p)}} for p in probs]
     if model.manifest.task == "text-classification" and labels:
         scores = _softmax(vectors)

@@ -257,7 +257,8 @@ def test_json_bytes_data_of_nested_empty_lists_is_refused_early(client_factory: 
 
 def test_json_bytes_data_of_an_empty_shape_may_be_nested(client_factory: Any) -> None:
     c = client_factory()
-    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 0], "data": [[], []]}]}
-    r = c.post("/v2/models/minilm/infer", json=body)
-    assert r.status_code == 200, r.text  # [[], []] is [2, 0]: no texts, answered [0, D]
-    assert r.json()["outputs"][0]["shape"][0] == 0
+    for shape, data in (([2, 0], [[], []]), ([3, 0], [[], [], []]), ([2, 2, 0], [[[], []], [[], []]])):
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": shape, "data": data}]}
+        r = c.post("/v2/models/minilm/infer", json=body)
+        assert r.status_code == 200, (shape, r.text)  # no texts, answered [0, D]
+        assert r.json()["outputs"][0]["shape"][0] == 0

@@ -320,6 +320,15 @@ def test_a_one_logit_classifier_gets_its_sigmoid_not_a_softmax_of_one(tmp_path: 
     from appliance.batch.writers import encode_results
 
     logits = np.array([[2.0], [-1.0], [0.0]], dtype=np.float32)
+    with np.errstate(over="raise"):  # no overflow on extreme logits either
+        extreme = _text_rows(
+            SimpleNamespace(  # type: ignore[arg-type]
+                manifest=SimpleNamespace(task="text-classification", labels=["x"]),
+                embed_tokens=lambda tokens: np.array([[-1000.0], [1000.0]], dtype=np.float32),
+            ),
+            [object()] * 2,
+        )
+    assert [r["scores"]["x"] for r in extreme] == [0.0, 1.0]
     model = SimpleNamespace(
         manifest=SimpleNamespace(task="text-classification", labels=["relevant"]),
         embed_tokens=lambda tokens: logits,

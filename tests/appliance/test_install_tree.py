@@ -208,6 +208,10 @@ def test_the_upgrade_check_names_what_it_cannot_see_and_stays_under_root(tmp_pat
     (dropins / "10.conf").write_text("[Service]\nEnvironment=INFERBOX_CONFIG=%E/inferbox/net.toml\n")
     notes = warnings()
     assert len(notes) == 1 and "specifiers" in notes[0] and "INFERBOX_CONFIG" in notes[0]
+    # a % in an EnvironmentFile= value is literal there (systemd expands specifiers only in Environment=)
+    (tmp_path / "etc/ib.env").write_text("INFERBOX_REPOSITORY=/srv/models%2024\n")
+    (dropins / "10.conf").write_text("[Service]\nEnvironmentFile=/etc/ib.env\n")
+    assert warnings() == []
     # a comment inside a continued line is dropped, as systemd drops it
     (dropins / "10.conf").write_text(
         "[Service]\nEnvironment=INFERBOX_LOG_LEVEL=info \\\n# INFERBOX_HOST=0.0.0.0 \\\n  INFERBOX_PORT=8081\n"

@@ -316,3 +316,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
     assert done.returncode == 0, done.stderr[-2000:]
     grown_kib = int(done.stdout.strip().splitlines()[-1])
     assert grown_kib < 200 * 1024, f"pairing grew the process by {grown_kib / 1024:.0f} MiB"
+
+
+def test_a_max_length_with_no_room_for_a_pair_is_named(minilm_dir: Path) -> None:
+    encoder = TextEncoder.from_dir(minilm_dir, TextConfig(max_length=3, input_map=MINILM_MAP))
+    with pytest.raises(ManifestError, match="no room for a pair"):
+        encoder.tokenize_pairs("hello world", ["good day"], truncate=True)
