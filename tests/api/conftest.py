@@ -123,6 +123,30 @@ def text_model(tmp: Path, name: str = "minilm", version: int = 1, session: Any =
     )
 
 
+def text_classifier(tmp: Path, name: str, labels: list[str]) -> LoadedModel:
+    """A fake text classifier: per-text scores (pooling none), one column per label (one: a cross-encoder)."""
+    from dataclasses import replace
+
+    import msgspec
+
+    base = text_model(tmp, name=name)
+    assert base.manifest.text is not None
+    config = msgspec.structs.replace(base.manifest.text, pooling="none", normalize=False, output="logits")
+    manifest = msgspec.structs.replace(
+        base.manifest,
+        task="text-classification",
+        text=config,
+        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, len(labels)])],
+        labels=labels,
+    )
+    return replace(
+        base,
+        manifest=manifest,
+        session=_open_fake(tmp, manifest, FakeBackend()),
+        text=TextEncoder.from_dir(TOKENIZER_DIR, config),
+    )
+
+
 class MemoryAudit:
     """An AuditSink that keeps events in a list (HMAC under a fixed key)."""
 

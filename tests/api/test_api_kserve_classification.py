@@ -13,9 +13,8 @@ import pytest
 from api.codec import decode_bytes_elements
 from runtime.backends.fake import FakeBackend
 from runtime.manifest import TensorSpec
-from runtime.text import TextEncoder
 
-from .conftest import TOKENIZER_DIR, _open_fake, infer_json, tensor_model, text_model
+from .conftest import _open_fake, infer_json, tensor_model, text_classifier
 
 X = np.arange(20, dtype=np.float32).reshape(5, 4) / 7.0
 IDS = np.arange(15, dtype=np.int64).reshape(5, 3)
@@ -108,18 +107,7 @@ def test_a_bad_count_is_a_400_naming_it(client_factory: Any, count: Any) -> None
 
 def test_a_text_classifier_answers_with_its_labels(client_factory: Any, tmp_path: Path) -> None:
     """A text model whose output is per-text scores (pooling none): top classes of each text."""
-    base = text_model(tmp_path, name="sentiment")
-    assert base.manifest.text is not None
-    config = msgspec.structs.replace(base.manifest.text, pooling="none", normalize=False, output="logits")
-    manifest = msgspec.structs.replace(
-        base.manifest,
-        task="text-classification",
-        text=config,
-        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 2])],
-        labels=["NEGATIVE", "POSITIVE"],
-    )
-    session = _open_fake(tmp_path, manifest, FakeBackend())
-    model = replace(base, manifest=manifest, session=session, text=TextEncoder.from_dir(TOKENIZER_DIR, config))
+    model = text_classifier(tmp_path, "sentiment", ["NEGATIVE", "POSITIVE"])
     c = client_factory([model])
     texts = ["great product", "terrible service", "fine"]
     raw_body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": texts}]}

@@ -10,38 +10,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import numpy as np
 import pytest
 
-from runtime.backends.fake import FakeBackend
-from runtime.manifest import TensorSpec
 from runtime.serving import LoadedModel
-from runtime.text import TextEncoder
 
-from .conftest import TOKENIZER_DIR, MemoryAudit, _open_fake, text_model
+from .conftest import MemoryAudit, text_classifier, text_model
 
 QUERY = "how do I get a refund"
 DOCS = ["refunds take five days", "the weather is fine", "open an account online", "card payments"]
 
 
 def reranker(tmp: Path, name: str = "rr") -> LoadedModel:
-    base = text_model(tmp, name=name)
-    assert base.manifest.text is not None
-    config = msgspec.structs.replace(base.manifest.text, pooling="none", normalize=False, output="logits")
-    manifest = msgspec.structs.replace(
-        base.manifest,
-        task="text-classification",
-        text=config,
-        outputs=[TensorSpec(name="logits", dtype="float32", shape=[-1, 1])],
-        labels=["LABEL_0"],
-    )
-    return replace(
-        base,
-        manifest=manifest,
-        session=_open_fake(tmp, manifest, FakeBackend()),
-        text=TextEncoder.from_dir(TOKENIZER_DIR, config),
-    )
+    return text_classifier(tmp, name, ["LABEL_0"])
 
 
 def _expected(model: LoadedModel, query: str, docs: list[str]) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,14 +152,21 @@ def test_the_api_unit_does_not_restart_into_a_refused_configuration() -> None:
     assert "Restart=on-failure" in text and "RestartPreventExitStatus=78" in text
 
 
-def test_the_upgrade_check_reads_the_environment_as_systemd_does(tmp_path: Path, tls_factory: Any) -> None:
-    options = InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib"))
+def _installed_with_dropins(root: Path) -> tuple[Path, Callable[[], list[str]]]:
+    """An install under ``root``, the API unit's drop-in folder, and install run again -> its WARNINGs."""
+    options = InstallOptions(root=root, venv=False, prefix=Path("/opt/ib"))
     install(options)
-    dropins = tmp_path / "etc/systemd/system/inferbox-api.service.d"
+    dropins = root / "etc/systemd/system/inferbox-api.service.d"
     dropins.mkdir(parents=True)
 
     def warnings() -> list[str]:
         return [n for n in install(options).notes if n.startswith("WARNING")]
+
+    return dropins, warnings
+
+
+def test_the_upgrade_check_reads_the_environment_as_systemd_does(tmp_path: Path, tls_factory: Any) -> None:
+    dropins, warnings = _installed_with_dropins(tmp_path)
 
     # a later empty Environment= resets the earlier assignments: nothing to warn about
     (dropins / "10-host.conf").write_text("[Service]\nEnvironment=INFERBOX_HOST=0.0.0.0\n")
@@ -192,13 +200,7 @@ def test_the_upgrade_check_reads_the_environment_as_systemd_does(tmp_path: Path,
 
 
 def test_the_upgrade_check_names_what_it_cannot_see_and_stays_under_root(tmp_path: Path) -> None:
-    options = InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib"))
-    install(options)
-    dropins = tmp_path / "etc/systemd/system/inferbox-api.service.d"
-    dropins.mkdir(parents=True)
-
-    def warnings() -> list[str]:
-        return [n for n in install(options).notes if n.startswith("WARNING")]
+    dropins, warnings = _installed_with_dropins(tmp_path)
 
     # a configuration file the environment names but that is missing: serve refuses it, so does the check
     (dropins / "10.conf").write_text("[Service]\nEnvironment=INFERBOX_CONFIG=/etc/inferbox/net.toml\n")
