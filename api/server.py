@@ -23,6 +23,7 @@ from api.envelope import context_of
 from api.metrics import Metrics, ModelInfo
 from runtime.batcher import BatchStats, DynamicBatcher
 from runtime.errors import BackendError, InputError, OverloadError, PayloadTooLargeError
+from runtime.scores import sigmoid
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
 
@@ -211,7 +212,7 @@ class Server:
         logits = np.array([float(r[0].reshape(-1)[0]) for r in results], dtype=np.float64)
         if not bool(np.isfinite(logits).all()):  # would be "relevance_score": null, which clients cannot parse
             raise BackendError(f"model {model.name!r} answered NaN or Inf for a document; its package needs a look")
-        scores = 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without exp's overflow warning
+        scores = sigmoid(logits)
         return scores, [r[1] for r in results], [i for i, t in enumerate(tokens) if t.truncated]
 
     async def infer(self, model: LoadedModel, inputs: dict[str, Array], outputs: list[str] | None) -> dict[str, Array]:

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from runtime import scores
+
 __all__ = [
     "PROB_TOLERANCE",
     "TOPK",
@@ -74,17 +76,11 @@ def embedding_metrics(out: npt.NDArray[np.generic], ref: npt.NDArray[np.generic]
 
 
 def softmax(logits: npt.NDArray[np.generic]) -> F32:
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(x)
-    probs: F32 = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-    return probs
+    return scores.softmax(logits)
 
 
 def sigmoid(logits: npt.NDArray[np.generic]) -> F32:
-    x = np.asarray(logits, dtype=np.float64)
-    probs: F32 = (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # no overflow for large |x|
-    return probs
+    return scores.sigmoid(logits).astype(np.float32)
 
 
 def looks_like_probabilities(ref: npt.NDArray[np.generic]) -> bool:

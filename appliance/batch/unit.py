@@ -37,6 +37,7 @@ from appliance.batch.writers import (
     remove_temp_files,
 )
 from runtime.errors import BatchError, InputError
+from runtime.scores import sigmoid, softmax
 
 __all__ = ["TEXT_TASKS", "ChunkOutcome", "ChunkTask", "check_model_fits", "run_chunk", "streams_of", "verify_chunk"]
 
@@ -296,13 +297,6 @@ class _Canary:
         return True
 
 
-def _softmax(logits: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
-    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    out: npt.NDArray[np.float32] = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-    return out
-
-
 def _tokenize(model: BatchModel, texts: list[str], task: ChunkTask, canary: _Canary) -> list[Sized | _Failed]:
     """Per text: its tokens, or why the model could not take that text (the others still run)."""
     if not texts:
@@ -323,10 +317,10 @@ def _text_rows(model: BatchModel, tokens: list[Any]) -> list[dict[str, Any]]:
     if model.manifest.task == "text-classification" and labels and np.asarray(vectors).shape[-1] == 1:
         # one logit (a binary head, a cross-encoder): its sigmoid, as the export's gate reads it;
         # a softmax over one value is always 1.0. The label is given when the score is above 0.5.
-        probs = 0.5 * (1.0 + np.tanh(0.5 * np.asarray(vectors, dtype=np.float64).reshape(-1)))  # sigmoid
+        probs = sigmoid(np.asarray(vectors).reshape(-1))
         return [{"label": labels[0] if p > 0.5 else None, "scores": {labels[0]: float(p)}} for p in probs]
     if model.manifest.task == "text-classification" and labels:
-        scores = _softmax(vectors)
+        scores = softmax(vectors)
         return [
             {"label": labels[int(np.argmax(s))], "scores": {lab: float(p) for lab, p in zip(labels, s, strict=True)}}
             for s in scores
@@ -343,7 +337,7 @@ def _tensor_rows(model: BatchModel, examples: list[dict[str, npt.NDArray[Any]]])
         row: dict[str, Any] = {"outputs": {k: v[i].tolist() for k, v in outputs.items()}}
         if labels and model.manifest.task == "image-classification":
             first = next(iter(outputs.values()))[i]
-            probs = _softmax(np.asarray(first).reshape(-1))
+            probs = softmax(np.asarray(first).reshape(-1))
             row["label"] = labels[int(np.argmax(probs))]
             row["scores"] = {lab: float(p) for lab, p in zip(labels, probs, strict=True)}
         rows.append(row)
