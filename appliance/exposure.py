@@ -12,10 +12,10 @@ from __future__ import annotations
 import ipaddress
 
 from appliance.settings import Settings
-from appliance.tls import TlsPlan
+from appliance.tls import TlsPlan, plan_tls
 from runtime.errors import ConfigError
 
-__all__ = ["check_auth_off_is_loopback", "check_plaintext", "is_loopback"]
+__all__ = ["check_auth_off_is_loopback", "check_exposure", "check_plaintext", "is_loopback"]
 
 
 def is_loopback(host: str) -> bool:
@@ -55,3 +55,12 @@ def check_plaintext(settings: Settings, plan: TlsPlan | None) -> None:
         "(PEM files; docs/operations.md, 'Serving the network over HTTPS'), or, when a TLS proxy in front "
         "of this box terminates HTTPS, set allow_plaintext = true"
     )
+
+
+def check_exposure(settings: Settings) -> TlsPlan | None:
+    """Everything serve refuses about who can reach it and how (serve, doctor and install ask
+    the same); returns the checked TLS files, or None for plain HTTP."""
+    check_auth_off_is_loopback(settings)
+    plan = plan_tls(settings)
+    check_plaintext(settings, plan)
+    return plan

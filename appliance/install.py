@@ -391,9 +391,8 @@ def serving_problem(root: Path) -> str | None:
     unit's environment, drop-ins included, and the configuration file it names), or None.  An
     upgrade that adds a refusal (plain HTTP on a network address) must say so before the service
     restarts into it.  Only what serve refuses counts: an expiring certificate is doctor's news."""
-    from appliance.exposure import check_auth_off_is_loopback, check_plaintext
+    from appliance.exposure import check_exposure
     from appliance.settings import load_settings
-    from appliance.tls import plan_tls
 
     def here(path: Path | None) -> Path | None:  # the files as this install sees them (--root)
         return _under(root, path) if path is not None and path.is_absolute() else path
@@ -423,8 +422,7 @@ def serving_problem(root: Path) -> str | None:
             tls_key=here(settings.tls_key),
             tls_client_ca=here(settings.tls_client_ca),
         )
-        check_auth_off_is_loopback(settings)
-        check_plaintext(settings, plan_tls(settings))
+        check_exposure(settings)
     except ConfigError as exc:
         return f"inferbox-api would refuse to start with this box's configuration: {exc}"
     except (OSError, UnicodeDecodeError, ValueError) as exc:

@@ -241,8 +241,8 @@ def server_report(settings: Settings) -> dict[str, Any]:
     """How `serve` would expose the API with these settings: address, keys, HTTPS; a problem stops it."""
     from datetime import UTC, datetime
 
-    from appliance.exposure import check_auth_off_is_loopback, check_plaintext
-    from appliance.tls import EXPIRY_WARNING_DAYS, plan_tls
+    from appliance.exposure import check_exposure
+    from appliance.tls import EXPIRY_WARNING_DAYS
     from runtime.errors import ConfigError
 
     out: dict[str, Any] = {
@@ -254,9 +254,7 @@ def server_report(settings: Settings) -> dict[str, Any]:
         "warning": None,
     }
     try:
-        check_auth_off_is_loopback(settings)
-        plan = plan_tls(settings)
-        check_plaintext(settings, plan)
+        plan = check_exposure(settings)
     except ConfigError as exc:
         out["problem"] = f"serve would refuse to start: {exc}"
         return out

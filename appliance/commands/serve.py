@@ -71,9 +71,9 @@ def serve(
     On an empty repository the default model (all-MiniLM-L6-v2) is built first.
     On a new box an admin key is created and printed once.
     """
-    from appliance.exposure import check_auth_off_is_loopback, check_plaintext
+    from appliance.exposure import check_exposure
     from appliance.server import public_key_of
-    from appliance.tls import plan_tls, ssl_options
+    from appliance.tls import ssl_options
 
     with _refusal():  # the configuration, checked before anything loads (and before workers fork)
         settings = build_settings(
@@ -90,9 +90,7 @@ def serve(
             auth=False if no_auth else None,
             audit=False if no_audit else None,
         )
-        check_auth_off_is_loopback(settings)
-        tls = plan_tls(settings)
-        check_plaintext(settings, tls)
+        tls = check_exposure(settings)
         public_key_of(settings)  # the key packages must be signed with: a missing file is named here
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger(__name__)
