@@ -10,7 +10,7 @@ to the model's maximum length are listed by index in the ``X-Truncated-Inputs`` 
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 import numpy as np
@@ -18,13 +18,13 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from api.codec import field_of, json_depth, not_utf8
-from api.envelope import context_of
+from api.envelope import RequestContext, context_of
 from api.kserve import embedding_dim
 from api.server import Server
 from runtime.errors import ForbiddenError, InputError, ModelNotFoundError
 from runtime.serving import LoadedModel
 
-__all__ = ["TRUNCATED_HEADER", "EmbeddingsRequest", "decode_body", "model_named", "routes"]
+__all__ = ["TRUNCATED_HEADER", "EmbeddingsRequest", "inference_body", "routes"]
 
 #: indices of the texts cut to the model's max_length, comma-separated (absent when none was)
 TRUNCATED_HEADER = "X-Truncated-Inputs"
@@ -111,13 +111,26 @@ def model_named(request: Req, server: Server, name: str) -> LoadedModel:
     return model
 
 
-@post("/v1/embeddings", opt={"scope": "infer"}, status_code=200)
-async def embeddings(request: Req) -> Response[bytes]:
+class _NamesModel(Protocol):
+    model: str
+
+
+B = TypeVar("B", bound=_NamesModel)
+
+
+async def inference_body(request: Req, kind: type[B]) -> tuple[Server, RequestContext, B, LoadedModel]:
+    """An inference route's start: its body decoded as ``kind`` and the model it names, which
+    the key may use (the request is recorded as an ``inference``)."""
     server: Server = request.app.state["server"]
     ctx = context_of(request.scope)
     ctx.event = "inference"
-    req = await decode_body(request, server, EmbeddingsRequest)
-    model = model_named(request, server, req.model)
+    req = await decode_body(request, server, kind)
+    return server, ctx, req, model_named(request, server, req.model)
+
+
+@post("/v1/embeddings", opt={"scope": "infer"}, status_code=200)
+async def embeddings(request: Req) -> Response[bytes]:
+    server, ctx, req, model = await inference_body(request, EmbeddingsRequest)
     if not model.is_embedding:
         raise ModelNotFoundError(f"model: {req.model!r} is not an embedding model; see GET /v1/models")
     texts = _texts(req.input)

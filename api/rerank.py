@@ -26,9 +26,7 @@ import numpy as np
 from litestar import Request, Response, post
 from litestar.handlers import HTTPRouteHandler
 
-from api.envelope import context_of
-from api.openai import TRUNCATED_HEADER, decode_body, model_named
-from api.server import Server
+from api.openai import TRUNCATED_HEADER, inference_body
 from runtime.errors import InputError, ModelNotFoundError
 
 __all__ = ["RerankRequest", "routes"]
@@ -103,11 +101,7 @@ def _documents(value: list[Any]) -> list[str]:
 
 @post(["/v1/rerank", "/v2/rerank"], opt={"scope": "infer"}, status_code=200)
 async def rerank(request: Req) -> Response[bytes]:
-    server: Server = request.app.state["server"]
-    ctx = context_of(request.scope)
-    ctx.event = "inference"
-    req = await decode_body(request, server, RerankRequest)
-    model = model_named(request, server, req.model)
+    server, ctx, req, model = await inference_body(request, RerankRequest)
     if not model.is_reranker:
         raise ModelNotFoundError(
             f"model: {req.model!r} is not a reranker (a cross-encoder exported as text-classification with "
