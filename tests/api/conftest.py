@@ -163,14 +163,11 @@ class MemoryAudit:
         self.events.append(event)
 
 
-class BlockingSession:
-    """Wraps a session; ``run`` waits for ``release`` (set by the test), counting calls."""
+class WrappedSession:
+    """A session standing in for ``inner`` (its names and backend); subclasses change ``run``."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.release = threading.Event()
-        self.entered = threading.Event()
-        self.calls: list[int] = []
         self.backend = inner.backend
         self.active = inner.active
         self.fallback = None
@@ -178,13 +175,26 @@ class BlockingSession:
         self.output_names = inner.output_names
 
     def run(self, inputs: dict[str, Any], outputs: list[str] | None = None) -> dict[str, Any]:
+        return dict(self.inner.run(inputs, outputs))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class BlockingSession(WrappedSession):
+    """Wraps a session; ``run`` waits for ``release`` (set by the test), counting calls."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[int] = []
+
+    def run(self, inputs: dict[str, Any], outputs: list[str] | None = None) -> dict[str, Any]:
         self.calls.append(int(next(iter(inputs.values())).shape[0]))
         self.entered.set()
         assert self.release.wait(10), "test never released the session"
         return self.inner.run(inputs, outputs)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class ExplodingSession(BlockingSession):

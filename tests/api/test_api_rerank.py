@@ -15,7 +15,7 @@ import pytest
 
 from runtime.serving import LoadedModel
 
-from .conftest import MemoryAudit, text_classifier, text_model
+from .conftest import MemoryAudit, WrappedSession, text_classifier, text_model
 
 QUERY = "how do I get a refund"
 DOCS = ["refunds take five days", "the weather is fine", "open an account online", "card payments"]
@@ -133,22 +133,11 @@ def test_scope_and_audit(client_factory: Any, tmp_path: Path, audit: MemoryAudit
     assert QUERY not in repr(audit.events) and DOCS[0] not in repr(audit.events)  # no payloads in the log
 
 
-class _NaNSession:
+class _NaNSession(WrappedSession):
     """A session whose logits are NaN (a broken package)."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.backend = inner.backend
-        self.active = inner.active
-        self.fallback = None
-        self.input_names = inner.input_names
-        self.output_names = inner.output_names
 
     def run(self, inputs: dict[str, Any], outputs: list[str] | None = None) -> dict[str, Any]:
         return {k: np.full_like(v, np.nan) for k, v in self.inner.run(inputs, outputs).items()}
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_a_nan_score_is_a_500_not_a_null_score(client_factory: Any, tmp_path: Path) -> None:
