@@ -192,20 +192,25 @@ class TextEncoder:
         for i, d in enumerate(docs):
             d_ids = d.ids
             n_q, n_d = len(q_ids), len(d_ids)
-            total = n_q + n_d + template.specials
-            if total == 0:  # a tokenizer without special tokens, on an empty query and document
-                raise InputError(f"documents[{i}] and the query have no tokens; send text", field=f"documents[{i}]")
-            cut = total > self.max_length
-            if cut and not truncate:
-                raise InputError(
-                    f"documents[{i}] with the query has {total} tokens, over the model's maximum "
-                    f"{self.max_length}; shorten the query or the document, or enable truncation",
-                    field=f"documents[{i}]",
-                )
+            cut = self._pair_is_cut(i, n_q + n_d + template.specials, truncate)
             keep_q, keep_d = longest_first(n_q, n_d, budget) if cut else (n_q, n_d)
             ids, types = template.join(q_ids[:keep_q], d_ids[:keep_d])
             out.append(Tokens(ids, types, truncated=cut))
         return out
+
+    def _pair_is_cut(self, i: int, total: int, truncate: bool) -> bool:
+        """Whether pair ``i`` of ``total`` tokens must be cut; a pair of no tokens, or one too long
+        without truncation, is an InputError naming ``documents[i]``."""
+        if total == 0:  # a tokenizer without special tokens, on an empty query and document
+            raise InputError(f"documents[{i}] and the query have no tokens; send text", field=f"documents[{i}]")
+        cut = total > self.max_length
+        if cut and not truncate:
+            raise InputError(
+                f"documents[{i}] with the query has {total} tokens, over the model's maximum "
+                f"{self.max_length}; shorten the query or the document, or enable truncation",
+                field=f"documents[{i}]",
+            )
+        return cut
 
     def _tokenize_pairs_slowly(self, query: str, documents: list[str], *, truncate: bool) -> list[Tokens]:
         """Each pair through the tokenizer (exact for any post-processor; no protection from the
@@ -213,15 +218,7 @@ class TextEncoder:
         out: list[Tokens] = []
         for i, d in enumerate(documents):
             pair = self._plain.encode(query, d)
-            cut = len(pair.ids) > self.max_length
-            if not pair.ids:
-                raise InputError(f"documents[{i}] and the query have no tokens; send text", field=f"documents[{i}]")
-            if cut and not truncate:
-                raise InputError(
-                    f"documents[{i}] with the query has {len(pair.ids)} tokens, over the model's maximum "
-                    f"{self.max_length}; shorten the query or the document, or enable truncation",
-                    field=f"documents[{i}]",
-                )
+            cut = self._pair_is_cut(i, len(pair.ids), truncate)
             if cut:
                 pair = self._truncating.encode(query, d)
             out.append(Tokens(pair.ids, pair.type_ids, truncated=cut))
