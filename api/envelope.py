@@ -5,14 +5,17 @@ Every HTTP request (including 404/405 answered by the router) gets a
 response, one metrics observation, and exactly one audit record.  The response
 is held until :meth:`AuditSink.record` has returned: no answer (and so no
 inference result) leaves the box unrecorded.  If the audit sink fails, the client
-gets 503 instead of the held answer.
+gets 503 instead of the held answer.  On a mutual-TLS server the record also
+names the client's certificate (:func:`client_certificate`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ import msgspec
 from api.metrics import Metrics
 from api.protocols import AuditEvent, AuditSink, Principal
 
-__all__ = ["RequestContext", "context_of", "envelope", "utc_iso"]
+__all__ = ["RequestContext", "client_certificate", "context_of", "envelope", "utc_iso"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,29 @@ def context_of(scope: Any) -> RequestContext:
     return ctx
 
 
+#: the longest client certificate subject an audit record keeps (its fingerprint is kept whole)
+MAX_CERT_NAME = 1024
+
+
+def client_certificate(scope: Scope) -> tuple[str, str] | None:
+    """(subject, SHA-256 of the DER) of the client's certificate, from ASGI's TLS extension, or None.
+
+    The server fills the extension on mutual-TLS connections (``appliance.client_cert``); the
+    fingerprint is computed from the PEM when a server gives only the standard keys.
+    """
+    tls = (scope.get("extensions") or {}).get("tls")
+    if not tls:
+        return None
+    chain = tls.get("client_cert_chain") or ()
+    if not chain:
+        return None
+    sha256 = tls.get("client_cert_sha256") or hashlib.sha256(ssl.PEM_cert_to_DER_cert(chain[0])).hexdigest()
+    name = str(tls.get("client_cert_name") or "")
+    if len(name) > MAX_CERT_NAME:
+        name = name[: MAX_CERT_NAME - 1] + "\u2026"
+    return name, str(sha256)
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for k, v in scope.get("headers", []):
         if k.lower() == name:
@@ -122,6 +148,9 @@ def envelope(
             origin=str(client[0]),
             action=f"{scope.get('method', '')} {scope.get('path', '')}",
         )
+        certificate = client_certificate(scope)
+        if certificate is not None:  # mutual TLS: who the organisation's CA says the caller is
+            ctx.details["client_cert"], ctx.details["client_cert_sha256"] = certificate
         scope.setdefault("state", {})[STATE_KEY] = ctx
         start_message: Message | None = None
         chunks: list[bytes] = []

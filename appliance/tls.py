@@ -205,7 +205,11 @@ def certificate_info(cert: Path) -> CertificateInfo:
 
 
 def ssl_options(plan: TlsPlan | None) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` (empty without TLS)."""
+    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` (empty without TLS).
+
+    With mutual TLS, ``http`` is :class:`appliance.client_cert.ClientCertificateProtocol`, so each
+    request's scope carries the client's certificate (ASGI's TLS extension).
+    """
     if plan is None:
         return {}
     options: dict[str, Any] = {
@@ -214,6 +218,9 @@ def ssl_options(plan: TlsPlan | None) -> dict[str, Any]:
         "ssl_ciphers": CIPHERS,
     }
     if plan.client_ca is not None:
+        from appliance.client_cert import PROTOCOL
+
         options["ssl_ca_certs"] = str(plan.client_ca)
         options["ssl_cert_reqs"] = int(ssl.CERT_REQUIRED)
+        options["http"] = PROTOCOL  # passes the client's certificate on to the audit records
     return options

@@ -609,6 +609,17 @@ def test_mutual_tls_serves_https_and_refuses_everything_else(
         from appliance.tls import certificate_info
 
         assert records[-1]["details"]["tls_cert_sha256"] == certificate_info(tls_files.cert).sha256
+        # and who called: the client certificate beside the API key, in the request's own record
+        (record,) = httpx.get(
+            f"{url}/v1/audit",
+            params={"request_id": ok.headers["x-request-id"]},
+            headers=headers,
+            timeout=30,
+            verify=client,
+        ).json()["records"]
+        client_info = certificate_info(tls_files.client_cert)
+        assert record["details"]["client_cert"] == client_info.subject == "CN=client"
+        assert record["details"]["client_cert_sha256"] == client_info.sha256
     finally:
         _stop(proc)
     assert "HTTPS (mutual-tls)" in log.read_text(errors="replace")

@@ -1,0 +1,74 @@
+"""The envelope puts the mutual-TLS client's certificate (ASGI's TLS extension) in the audit record."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from pathlib import Path
+from typing import Any
+
+from api.envelope import MAX_CERT_NAME, client_certificate, envelope
+from api.metrics import Metrics
+from tests.api.conftest import MemoryAudit
+
+
+def _run(scope: dict[str, Any], audit: MemoryAudit) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    wrapped = envelope(app, audit=audit, metrics=Metrics(), clock=lambda: 1.0)
+    asyncio.run(wrapped(scope, receive, send))
+    assert sent[0]["status"] == 200
+
+
+def _scope(**extensions: Any) -> dict[str, Any]:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v2/models",
+        "headers": [],
+        "client": ("10.0.0.7", 50000),
+    }
+    if extensions:
+        scope["extensions"] = extensions
+    return scope
+
+
+def test_the_client_certificate_goes_into_the_audit_record(tls_files: Any) -> None:
+    pem = tls_files.client_cert.read_text()
+    der = ssl.PEM_cert_to_DER_cert(pem)
+    audit = MemoryAudit()
+    tls = {"client_cert_chain": [pem], "client_cert_name": "CN=client", "client_cert_sha256": "ab" * 32}
+    _run(_scope(tls=tls), audit)
+    (event,) = audit.events
+    assert event.details["client_cert"] == "CN=client"
+    assert event.details["client_cert_sha256"] == "ab" * 32  # the server's, computed once per connection
+    # a server that fills only the standard keys: the fingerprint comes from the PEM
+    del tls["client_cert_sha256"]
+    assert client_certificate(_scope(tls=tls)) == ("CN=client", hashlib.sha256(der).hexdigest())
+
+
+def test_no_certificate_no_fields(tmp_path: Path) -> None:
+    for scope in (_scope(), _scope(tls={"client_cert_chain": [], "client_cert_name": None}), _scope(other={})):
+        audit = MemoryAudit()
+        _run(scope, audit)
+        (event,) = audit.events
+        assert "client_cert" not in event.details and "client_cert_sha256" not in event.details
+
+
+def test_a_huge_subject_is_cut_and_the_fingerprint_kept(tls_files: Any) -> None:
+    pem = tls_files.client_cert.read_text()
+    tls = {"client_cert_chain": [pem], "client_cert_name": "CN=" + "x" * 5000, "client_cert_sha256": "cd" * 32}
+    name, sha256 = client_certificate(_scope(tls=tls)) or ("", "")
+    assert len(name) == MAX_CERT_NAME and name.endswith("\u2026") and name.startswith("CN=xxx")
+    assert sha256 == "cd" * 32
