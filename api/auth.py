@@ -5,11 +5,14 @@ the path, or any ``infer``/``infer:<model>`` scope when the model is in the body
 ``{"scope": "models:admin"}``, ... or no scope (open: health, docs, metrics).
 :func:`auth_guard` reads ``Authorization: Bearer <key>``, asks the
 :class:`~api.protocols.KeyVerifier`, checks the scope and the key's token bucket.
-Rate limits are keyed on the key id, never on client-supplied headers.
+Rate limits are keyed on the key id, never on client-supplied headers.  A key
+bound to a client certificate (``inferbox keys create --client-cert``) works only
+on a mutual-TLS connection that presented that certificate.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,7 +71,8 @@ class Authenticator:
         self.default_rate = default_rate
         self.limiter = limiter
 
-    def principal(self, authorization: str | None) -> Principal:
+    def principal(self, authorization: str | None, client_cert_sha256: str | None = None) -> Principal:
+        """``client_cert_sha256``: the fingerprint of the certificate the connection presented (mutual TLS)."""
         if not self.enabled or self.keys is None:
             return ANONYMOUS
         if not authorization:
@@ -76,7 +80,15 @@ class Authenticator:
         kind, _, secret = authorization.partition(" ")
         if kind.lower() != "bearer" or not secret.strip():
             raise AuthError("Authorization: expected 'Bearer <api key>'")
-        return self.keys.verify(secret.strip())
+        principal = self.keys.verify(secret.strip())
+        bound = principal.client_cert_sha256
+        if bound is not None and not hmac.compare_digest(bound, client_cert_sha256 or ""):
+            presented = "presented another" if client_cert_sha256 else "presented none"
+            raise AuthError(
+                f"API key {principal.key_id} is bound to a client certificate and this connection {presented}; "
+                "connect with that certificate (mutual TLS)"
+            )
+        return principal
 
     def check(self, principal: Principal, scope: str, model: str | None, any_model: bool) -> None:
         if principal is ANONYMOUS:
@@ -106,7 +118,7 @@ async def auth_guard(connection: Any, handler: Any) -> None:
     if needed is None:
         return
     auth: Authenticator = connection.app.state["auth"]
-    principal = auth.principal(connection.headers.get("authorization"))
+    principal = auth.principal(connection.headers.get("authorization"), ctx.details.get("client_cert_sha256"))
     ctx.principal = principal
     model = connection.path_params.get("name") if needed == "infer" else None
     auth.check(principal, needed, model, any_model=needed == "infer" and model is None)

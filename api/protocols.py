@@ -71,6 +71,8 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     key_id: str
     scopes: tuple[str, ...]
     rate_limit_per_minute: int = 0
+    #: the key works only on a connection presenting the client certificate of this SHA-256 (mutual TLS)
+    client_cert_sha256: str | None = None
 
     def allows(self, scope: str, model: str | None = None) -> bool:
         """``infer`` grants every model; ``infer:<model>`` one model."""

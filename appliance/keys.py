@@ -5,7 +5,9 @@ actor; ``secret``: 32 random bytes, URL-safe base64).  The table ``api_keys`` in
 the state database (``settings.state_db``; WAL, busy timeout, ``BEGIN
 IMMEDIATE`` for writes, so the server and the CLI share it) holds the id, a
 name, the scopes, the SHA-256 of the whole key, creation / expiry / revocation
-times and an optional per-key rate limit.  :class:`KeyStore` implements
+times, an optional per-key rate limit and an optional client certificate the
+key is bound to (its SHA-256: the key then works only over mutual TLS with that
+certificate, so a leaked key alone is not enough).  :class:`KeyStore` implements
 :class:`api.protocols.KeyVerifier`.
 
 Scopes: ``infer`` (every model), ``infer:<model>`` (one model), ``models:admin``,
@@ -32,7 +34,7 @@ from api.protocols import Principal
 from appliance.sqlite import enable_wal
 from runtime.errors import AuthError, ConfigError, InputError
 
-__all__ = ["SCOPES", "KeyRecord", "KeyStore", "parse_expiry"]
+__all__ = ["SCOPES", "KeyRecord", "KeyStore", "certificate_sha256", "parse_expiry"]
 
 SCOPES = ("infer", "models:admin", "keys:admin", "audit:read")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -48,9 +50,13 @@ CREATE TABLE IF NOT EXISTS api_keys (
     created_at TEXT NOT NULL,
     expires_at TEXT,
     revoked_at TEXT,
-    rate_limit_per_minute INTEGER NOT NULL DEFAULT 0
+    rate_limit_per_minute INTEGER NOT NULL DEFAULT 0,
+    client_cert_sha256 TEXT
 )
 """
+#: added after the first release: tables created before it get the column on open
+_ADDED_COLUMNS = {"client_cert_sha256": "ALTER TABLE api_keys ADD COLUMN client_cert_sha256 TEXT"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _now() -> datetime:
@@ -87,6 +93,8 @@ class KeyRecord:
     expires_at: str | None
     revoked_at: str | None
     rate_limit_per_minute: int = 0
+    #: usable only on a mutual-TLS connection presenting the certificate of this SHA-256
+    client_cert_sha256: str | None = None
 
     def state(self, now: datetime) -> str:
         if self.revoked_at is not None:
@@ -104,6 +112,7 @@ class KeyRecord:
             "expires_at": self.expires_at,
             "revoked_at": self.revoked_at,
             "rate_limit_per_minute": self.rate_limit_per_minute,
+            "client_cert_sha256": self.client_cert_sha256,
         }
 
 
@@ -156,6 +165,10 @@ class KeyStore:
         conn.execute("PRAGMA synchronous = FULL")
         with self._write():
             conn.execute(_SCHEMA)
+            columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(api_keys)")}
+            for column, alter in _ADDED_COLUMNS.items():
+                if column not in columns:
+                    conn.execute(alter)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -182,9 +195,18 @@ class KeyStore:
         expires: datetime | None = None,
         name: str = "",
         rate_limit_per_minute: int = 0,
+        client_cert_sha256: str | None = None,
     ) -> tuple[KeyRecord, str]:
-        """A new key: its record and the secret (shown once; only its hash is kept)."""
+        """A new key: its record and the secret (shown once; only its hash is kept).
+
+        ``client_cert_sha256``: bind the key to a client certificate (see :func:`certificate_sha256`).
+        """
         checked = _check_scopes(scopes, model)
+        if client_cert_sha256 is not None and not _SHA256.fullmatch(client_cert_sha256):
+            raise InputError(
+                "client_cert_sha256: must be the SHA-256 of a certificate, 64 lowercase hex digits",
+                field="client_cert_sha256",
+            )
         now = self._clock()
         if expires is not None and expires <= now:
             raise InputError(f"--expires: {_iso(expires)} is in the past", field="expires")
@@ -200,11 +222,12 @@ class KeyStore:
             expires_at=_iso(expires) if expires is not None else None,
             revoked_at=None,
             rate_limit_per_minute=rate_limit_per_minute,
+            client_cert_sha256=client_cert_sha256,
         )
         with self._write() as conn:
             conn.execute(
                 "INSERT INTO api_keys (id, name, scopes, key_sha256, created_at, expires_at, revoked_at, "
-                "rate_limit_per_minute) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
+                "rate_limit_per_minute, client_cert_sha256) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
                 (
                     key_id,
                     name,
@@ -213,6 +236,7 @@ class KeyStore:
                     record.created_at,
                     record.expires_at,
                     rate_limit_per_minute,
+                    client_cert_sha256,
                 ),
             )
         return record, secret
@@ -265,7 +289,12 @@ class KeyStore:
             raise AuthError(f"API key {record.id} was revoked at {record.revoked_at}; create a new key")
         if state == "expired":
             raise AuthError(f"API key {record.id} expired at {record.expires_at}; create a new key")
-        return Principal(key_id=record.id, scopes=record.scopes, rate_limit_per_minute=record.rate_limit_per_minute)
+        return Principal(
+            key_id=record.id,
+            scopes=record.scopes,
+            rate_limit_per_minute=record.rate_limit_per_minute,
+            client_cert_sha256=record.client_cert_sha256,
+        )
 
 
 def _record(row: dict[str, Any]) -> KeyRecord:
@@ -277,4 +306,26 @@ def _record(row: dict[str, Any]) -> KeyRecord:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         rate_limit_per_minute=int(row["rate_limit_per_minute"]),
+        client_cert_sha256=row.get("client_cert_sha256"),
     )
+
+
+def certificate_sha256(path: Path) -> str:
+    """SHA-256 of the DER of the (first) certificate in ``path``, PEM or DER: what a key is bound to."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"--client-cert: cannot read {path}: {exc.strerror or exc}", field="client_cert") from None
+    try:
+        cert = (
+            x509.load_pem_x509_certificates(data)[0] if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+        )
+    except ValueError:
+        raise InputError(
+            f"--client-cert: {path} holds no certificate (PEM or DER); give the client's certificate file",
+            field="client_cert",
+        ) from None
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()

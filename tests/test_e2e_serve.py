@@ -25,7 +25,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from appliance.cli import main
 from export.spec import BATCH_GATE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -553,7 +555,7 @@ def _tls11_handshake_with_a_permissive_server(client: ssl.SSLContext, tls: Any) 
 
 
 def test_mutual_tls_serves_https_and_refuses_everything_else(
-    minilm_repository: Path, tmp_path: Path, tls_files: Any
+    minilm_repository: Path, tmp_path: Path, tls_files: Any, tls_factory: Any
 ) -> None:
     """A real server with ``--tls-cert/--tls-key/--tls-client-ca``: what a client on the network meets."""
     home = tmp_path / "tls-home"
@@ -620,6 +622,24 @@ def test_mutual_tls_serves_https_and_refuses_everything_else(
         client_info = certificate_info(tls_files.client_cert)
         assert record["details"]["client_cert"] == client_info.subject == "CN=client"
         assert record["details"]["client_cert_sha256"] == client_info.sha256
+        # keys bound to a certificate: this client's works, one bound to another certificate does not
+        for cert, status in ((tls_files.client_cert, 200), (tls_factory().client_cert, 401)):
+            made = CliRunner().invoke(
+                main,
+                ["keys", "create", "--home", str(home), "--scope", "infer", "--client-cert", str(cert), "--json"],
+                catch_exceptions=False,
+            )
+            assert made.exit_code == 0, made.output
+            bound_key = json.loads(made.stdout)["key"]
+            answer = httpx.post(
+                f"{url}/v1/embeddings",
+                json=body,
+                headers={"Authorization": f"Bearer {bound_key}"},
+                timeout=60,
+                verify=client,
+            )
+            assert answer.status_code == status, answer.text
+        assert "bound to a client certificate" in answer.text
     finally:
         _stop(proc)
     assert "HTTPS (mutual-tls)" in log.read_text(errors="replace")

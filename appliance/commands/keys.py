@@ -21,7 +21,7 @@ import click
 
 from api.protocols import AuditEvent
 from appliance.commands.options import build_settings, state_options
-from appliance.keys import KeyStore, parse_expiry
+from appliance.keys import KeyStore, certificate_sha256, parse_expiry
 from appliance.settings import Settings
 from runtime.errors import ConfigError
 
@@ -116,6 +116,13 @@ def keys() -> None:
 @click.option("--expires", default=None, help="Expiry: YYYY-MM-DD (00:00 UTC) or an ISO 8601 time.")
 @click.option("--name", default="", help="A label for the key (who or what uses it).")
 @click.option("--rate-limit", "rate_limit", type=int, default=0, help="Requests per minute for this key (0 = default).")
+@click.option(
+    "--client-cert",
+    "client_cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Bind the key to this client certificate (PEM or DER): it then works only over mutual TLS with it.",
+)
 @click.option("--json", "as_json", is_flag=True, help='Print {"id": ..., "key": ...}.')
 def create(
     *,
@@ -126,25 +133,43 @@ def create(
     expires: str | None,
     name: str,
     rate_limit: int,
+    client_cert: Path | None,
     as_json: bool,
 ) -> None:
     """Create a key and print it once."""
     settings = _settings(home, repository)
     started = _now()
     expiry = parse_expiry(expires) if expires else None
+    bound = certificate_sha256(client_cert) if client_cert is not None else None
+    if bound is not None and settings.tls_client_ca is None:
+        click.echo(
+            "warning: this server asks for no client certificates (tls_client_ca is not set), so a key bound to "
+            "one is refused until it does; see docs/operations.md (Mutual TLS)",
+            err=True,
+        )
     with recorder_factory(settings) as record:
         store = KeyStore(settings.state_db)
         try:
-            rec, secret = store.create(scopes, model=model, expires=expiry, name=name, rate_limit_per_minute=rate_limit)
+            rec, secret = store.create(
+                scopes,
+                model=model,
+                expires=expiry,
+                name=name,
+                rate_limit_per_minute=rate_limit,
+                client_cert_sha256=bound,
+            )
         finally:
             store.close()
         if record is not None:
             details = {"scopes": ",".join(rec.scopes), "name": name, "expires_at": rec.expires_at or ""}
+            if bound is not None:
+                details["client_cert_sha256"] = bound
             record(_event("key_create", "inferbox keys create", rec.id, details, started))
     if as_json:
         click.echo(json.dumps({"id": rec.id, "key": secret}))
         return
-    click.echo(f"created key {rec.id} (scopes: {', '.join(rec.scopes)})")
+    binding = f"; only with the client certificate sha256 {bound}" if bound is not None else ""
+    click.echo(f"created key {rec.id} (scopes: {', '.join(rec.scopes)}{binding})")
     click.echo(secret)
     click.echo("This key is shown only once: store it now. Only its hash is kept.", err=True)
 
@@ -169,7 +194,8 @@ def list_keys(home: Path | None, repository: Path | None, as_json: bool) -> None
         return
     for r in records:
         expiry = r.expires_at or "never"
-        click.echo(f"{r.id}  {r.state(now):8}  {','.join(r.scopes):30}  expires {expiry}  {r.name}")
+        cert = f"  cert {r.client_cert_sha256[:16]}" if r.client_cert_sha256 else ""
+        click.echo(f"{r.id}  {r.state(now):8}  {','.join(r.scopes):30}  expires {expiry}{cert}  {r.name}")
 
 
 @keys.command("revoke")
