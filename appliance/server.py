@@ -8,8 +8,10 @@ uvicorn worker imports when ``--workers`` > 1 (settings from ``INFERBOX_*``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import socket
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from litestar import Litestar
 
     from appliance.audit.log import AuditLog
+    from appliance.tls_reload import CertificateReloader
     from runtime.serving import LoadedModel, ModelRegistry
 
 __all__ = ["Prepared", "app_factory", "batch_loader", "build_app", "model_loader", "prepare", "public_key_of"]
@@ -267,8 +270,13 @@ def _event(event: str, action: str, outcome: str = "success", **details: str) ->
     )
 
 
-def build_app(settings: Settings) -> Litestar:
-    """The API app with its real collaborators; the lifespan records start / stop and closes them."""
+def build_app(settings: Settings, *, reloads: bool = False, reloader: CertificateReloader | None = None) -> Litestar:
+    """The API app with its real collaborators; the lifespan records start / stop and closes them.
+
+    ``reloads``: this process owns SIGHUP (``systemctl reload``): it loads a renewed certificate
+    into ``reloader``'s live context, and says so in the log and the audit log (without TLS there
+    is nothing to reload, and SIGHUP must still not end the service).
+    """
     from api.app import create_app
     from api.config import ApiConfig
 
@@ -319,9 +327,14 @@ def build_app(settings: Settings) -> Litestar:
         # READY=1 is sent by the serve command once the socket listens; here only the watchdog.
         watchdog = Watchdog.from_environment()
         await watchdog.start()
+        loop = asyncio.get_running_loop()
+        if reloads:
+            loop.add_signal_handler(signal.SIGHUP, reload_certificate, reloader, audit)
         try:
             yield
         finally:
+            if reloads:
+                loop.remove_signal_handler(signal.SIGHUP)
             await watchdog.stop()
             registry.close()
             if keys is not None:
@@ -338,6 +351,47 @@ def build_app(settings: Settings) -> Litestar:
         lifespan=[resources],
         audit_reader=audit,
     )
+
+
+def reload_certificate(tls: CertificateReloader | None, audit: AuditLog | None) -> None:
+    """SIGHUP: load the renewed certificate (or say why not; the running one stays) and record it."""
+    if tls is None:
+        log.warning("SIGHUP: this server speaks plain HTTP; there is no certificate to reload")
+        return
+    try:
+        done = tls.reload()
+    except (ConfigError, OSError) as exc:
+        log.error("SIGHUP: the certificate was not reloaded, the running one stays: %s", exc)
+        if audit is not None:
+            audit.append(
+                _event(
+                    "tls_reload",
+                    "reload certificate",
+                    "failure",
+                    tls_cert_sha256=tls.plan.certificate.sha256,
+                    reason=str(exc)[:500],
+                )
+            )
+        return
+    log.info(
+        "SIGHUP: reloaded the certificate %s, sha256 %s, valid until %s (was %s)",
+        done.after.subject,
+        done.after.sha256,
+        done.after.not_after.isoformat(),
+        done.before.sha256,
+    )
+    if done.client_ca_changed:
+        log.warning("tls_client_ca changed: a restart applies it (systemctl restart inferbox-api); a reload does not")
+    if audit is not None:
+        audit.append(
+            _event(
+                "tls_reload",
+                "reload certificate",
+                tls_cert_sha256=done.after.sha256,
+                previous_tls_cert_sha256=done.before.sha256,
+                client_ca_changed=str(done.client_ca_changed).lower(),
+            )
+        )
 
 
 def app_factory() -> Litestar:

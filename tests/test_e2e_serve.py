@@ -7,9 +7,11 @@ shutdown path (final checkpoint) runs before the audit assertions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -648,7 +650,7 @@ def test_mutual_tls_serves_https_and_refuses_everything_else(
 def test_tiny_queue_answers_429_with_retry_after(minilm_repository: Path, tmp_path: Path) -> None:
     home = tmp_path / "tiny-home"
     env = {"INFERBOX_QUEUE_LIMIT": "1", "INFERBOX_MAX_BATCH_SIZE": "1", "INFERBOX_MAX_QUEUE_DELAY_MS": "0"}
-    proc, url, _log = _start(minilm_repository, home, "--no-auth", "--no-audit", env=env)
+    proc, url, log = _start(minilm_repository, home, "--no-auth", "--no-audit", env=env)
     try:
         text = " ".join(["a long text that keeps the single queue slot busy"] * 20)
         with ThreadPoolExecutor(max_workers=24) as pool:
@@ -664,6 +666,82 @@ def test_tiny_queue_answers_429_with_retry_after(minilm_repository: Path, tmp_pa
         refused = next(a for a in answers if a.status_code == 429)
         assert float(refused.headers["retry-after"]) > 0
         assert "queue" in refused.json()["error"]["message"]
+        # systemctl reload (SIGHUP) on a plain-HTTP server: said in the log, and it keeps serving
+        proc.send_signal(signal.SIGHUP)
+        _wait_for_log(log, "no certificate to reload")
+        assert proc.poll() is None
+        assert httpx.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        _stop(proc)
+
+
+def _wait_for_log(log: Path, text: str) -> None:
+    deadline = time.monotonic() + 30
+    while text not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{log.read_text(errors='replace')[-3000:]}"
+        time.sleep(0.1)  # polling the log, not an assertion
+
+
+def _presented_certificate(url: str, client: ssl.SSLContext) -> str:
+    """SHA-256 of the certificate a new handshake with the server presents."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, client.wrap_socket(raw) as tls_sock:
+        der = tls_sock.getpeercert(binary_form=True)
+    assert der is not None
+    return hashlib.sha256(der).hexdigest()
+
+
+def test_sighup_loads_a_renewed_certificate_without_a_restart(
+    minilm_repository: Path, tmp_path: Path, tls_files: Any, tls_factory: Any
+) -> None:
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    cert, key = folder / "server.crt", folder / "server.key"
+    shutil.copy(tls_files.cert, cert)
+    shutil.copy(tls_files.key, key)
+    key.chmod(0o600)
+    home = tmp_path / "reload-home"
+    proc, url, log = _start(
+        minilm_repository,
+        home,
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        client_tls=_client_tls(tls_files, with_certificate=False),
+    )
+    try:
+        anyone = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        anyone.check_hostname = False
+        anyone.verify_mode = ssl.CERT_NONE
+        from appliance.tls import certificate_info
+
+        assert _presented_certificate(url, anyone) == certificate_info(tls_files.cert).sha256
+        renewed = tls_factory(server_days=90)
+        shutil.copy(renewed.cert, cert)
+        shutil.copy(renewed.key, key)
+        proc.send_signal(signal.SIGHUP)
+        _wait_for_log(log, "reloaded the certificate")
+        assert proc.poll() is None
+        assert _presented_certificate(url, anyone) == certificate_info(renewed.cert).sha256
+        # the renewed certificate serves requests (checked against its own CA)
+        key_text = (home / "keys" / "first-admin.key").read_text().strip()
+        headers = {"Authorization": f"Bearer {key_text}"}
+        renewed_ca = _client_tls(renewed, with_certificate=False)
+        ok = httpx.post(
+            f"{url}/v1/embeddings",
+            json={"model": "minilm", "input": "x"},
+            headers=headers,
+            timeout=60,
+            verify=renewed_ca,
+        )
+        assert ok.status_code == 200, ok.text
+        (record,) = httpx.get(
+            f"{url}/v1/audit", params={"event": "tls_reload"}, headers=headers, timeout=30, verify=renewed_ca
+        ).json()["records"]
+        assert record["outcome"] == "success"
+        assert record["details"]["tls_cert_sha256"] == certificate_info(renewed.cert).sha256
+        assert record["details"]["previous_tls_cert_sha256"] == certificate_info(tls_files.cert).sha256
     finally:
         _stop(proc)
 

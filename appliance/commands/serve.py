@@ -128,8 +128,15 @@ def serve(
 
     from appliance.server import build_app
 
+    reloader = None
+    tls_options = ssl_options(tls)
+    if tls is not None:  # one process: it keeps its context, so SIGHUP can load a renewed certificate
+        from appliance.tls_reload import CertificateReloader
+
+        reloader = CertificateReloader(settings, tls)
+        tls_options = {"ssl_context_factory": reloader.context_factory, "http": tls_options.get("http", "auto")}
     with _refusal():
-        app = build_app(settings)
+        app = build_app(settings, reloads=True, reloader=reloader)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -137,7 +144,7 @@ def serve(
         log_level=settings.log_level,
         access_log=False,
         lifespan="on",
-        **ssl_options(tls),
+        **tls_options,
     )
     server = _NotifyingServer(config)
     scheme = "http" if tls is None else "https"

@@ -59,6 +59,7 @@ def test_units_carry_the_required_settings() -> None:
     batch = (unit_dir() / "inferbox-batch.service").read_text()
     for key in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "StartLimitIntervalSec=", "StartLimitBurst="):
         assert key in api
+    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in api  # systemctl reload: a renewed certificate
     ship = (unit_dir() / "inferbox-audit-ship.service").read_text()
     assert "ExecStart=@PREFIX@/venv/bin/inferbox batch run --once" in batch
     assert "ExecStart=@PREFIX@/venv/bin/inferbox audit ship\n" in ship

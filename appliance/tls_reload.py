@@ -1,0 +1,87 @@
+"""A renewed certificate without a restart: ``systemctl reload inferbox-api`` (SIGHUP).
+
+``serve`` builds the server's SSL context itself (uvicorn's
+``ssl_context_factory``) and keeps it, so a reload can load the renewed
+certificate and key into the same context: connections already open keep
+theirs, new handshakes get the new one, nothing is dropped and the model stays
+loaded.  The files are checked exactly as at start (:func:`plan_tls`) and then
+loaded from one private copy of their bytes, so the check and the load see the
+same certificate and key even if the files change meanwhile; a failed check
+leaves the running certificate in place.
+
+``tls_client_ca`` is not reloaded: OpenSSL can add CAs to a live context but
+never remove one, and a CA removed from the bundle (a compromised one) must not
+stay trusted.  A changed bundle is named in the outcome: a restart applies it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from appliance.settings import Settings
+from appliance.tls import CertificateInfo, TlsPlan, certificate_info, plan_tls, server_context
+from runtime.errors import ConfigError
+
+__all__ = ["CertificateReloader", "Reloaded"]
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What a reload did: the certificate before and after, and what it could not apply."""
+
+    before: CertificateInfo
+    after: CertificateInfo
+    client_ca_changed: bool
+
+
+def _digest(path: Path | None) -> str:
+    if path is None:
+        return ""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
+
+
+class CertificateReloader:
+    """The live context of a serving process and how to load a renewed certificate into it."""
+
+    def __init__(self, settings: Settings, plan: TlsPlan) -> None:
+        self.settings = settings
+        self.plan = plan
+        self._client_ca = _digest(plan.client_ca)
+        self._context: ssl.SSLContext | None = None
+
+    def context_factory(self, _config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        """uvicorn's ``ssl_context_factory``: the context uvicorn would build, kept for reloads."""
+        self._context = server_context(self.plan.cert, self.plan.key, self.plan.client_ca)
+        return self._context
+
+    def reload(self) -> Reloaded:
+        """Check the files again and load them into the live context; ConfigError leaves it as it was."""
+        if self._context is None:
+            raise ConfigError("the server has no TLS context yet; nothing to reload")
+        plan = plan_tls(self.settings)
+        if plan is None:  # the settings object is the one the server started with: cannot happen
+            raise ConfigError("TLS is off in the settings this server started with; nothing to reload")
+        with tempfile.TemporaryDirectory(prefix="inferbox-tls-") as folder:
+            cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+            cert.write_bytes(plan.cert.read_bytes())
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(plan.key.read_bytes())
+            server_context(cert, key, None)  # this very pair belongs together (else ConfigError, nothing loaded)
+            try:
+                self._context.load_cert_chain(str(cert), str(key))
+            except ssl.SSLError as exc:  # checked a moment ago on the same bytes: not expected
+                raise ConfigError(f"OpenSSL refused the renewed certificate: {exc.reason or exc}") from None
+            after = certificate_info(cert)
+        before, self.plan = self.plan.certificate, TlsPlan(plan.cert, plan.key, plan.client_ca, after)
+        return Reloaded(before=before, after=after, client_ca_changed=_digest(plan.client_ca) != self._client_ca)
