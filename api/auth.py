@@ -86,7 +86,8 @@ class Authenticator:
             presented = "presented another" if client_cert_sha256 else "presented none"
             raise AuthError(
                 f"API key {principal.key_id} is bound to a client certificate and this connection {presented}; "
-                "connect with that certificate (mutual TLS)"
+                "connect with that certificate (mutual TLS)",
+                key_id=principal.key_id,
             )
         return principal
 
@@ -118,7 +119,12 @@ async def auth_guard(connection: Any, handler: Any) -> None:
     if needed is None:
         return
     auth: Authenticator = connection.app.state["auth"]
-    principal = auth.principal(connection.headers.get("authorization"), ctx.details.get("client_cert_sha256"))
+    try:
+        principal = auth.principal(connection.headers.get("authorization"), ctx.client_cert_sha256)
+    except AuthError as exc:
+        if exc.key_id is not None:  # a real key, refused: the audit record names it
+            ctx.details["refused_key_id"] = exc.key_id
+        raise
     ctx.principal = principal
     model = connection.path_params.get("name") if needed == "infer" else None
     auth.check(principal, needed, model, any_model=needed == "infer" and model is None)

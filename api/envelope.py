@@ -72,6 +72,8 @@ class RequestContext:
     variant: str = ""
     raw_body: bytes = b""
     details: dict[str, str] = field(default_factory=dict)
+    #: SHA-256 of the client certificate the connection presented (mutual TLS), for key bindings
+    client_cert_sha256: str | None = None
 
     def ask_model(self, name: str) -> None:
         """The request names model ``name`` (for the audit record, before it is looked up)."""
@@ -151,6 +153,7 @@ def envelope(
         certificate = client_certificate(scope)
         if certificate is not None:  # mutual TLS: who the organisation's CA says the caller is
             ctx.details["client_cert"], ctx.details["client_cert_sha256"] = certificate
+            ctx.client_cert_sha256 = certificate[1]
         scope.setdefault("state", {})[STATE_KEY] = ctx
         start_message: Message | None = None
         chunks: list[bytes] = []

@@ -69,4 +69,7 @@ class ClientCertificateProtocol(HttpToolsProtocol):
         super().on_message_begin()
         if self._tls is not None:
             tls: dict[object, object] = dict(self._tls.items())  # a copy per request: the app may not share it
-            self.scope["extensions"] = {"tls": tls}
+            tls["client_cert_chain"] = list(self._tls["client_cert_chain"])
+            extensions = dict(self.scope.get("extensions") or {})  # what uvicorn may put there one day stays
+            extensions["tls"] = tls
+            self.scope["extensions"] = extensions

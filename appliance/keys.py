@@ -232,7 +232,7 @@ class KeyStore:
                     key_id,
                     name,
                     json.dumps(list(checked)),
-                    hashlib.sha256(secret.encode()).hexdigest(),
+                    _key_hash(secret, client_cert_sha256),
                     record.created_at,
                     record.expires_at,
                     rate_limit_per_minute,
@@ -273,12 +273,12 @@ class KeyStore:
     def verify(self, secret: str) -> Principal:
         """The key's principal, or AuthError (malformed / unknown / wrong / revoked / expired)."""
         match = _KEY.fullmatch(secret)
-        digest = hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
         row: dict[str, Any] | None = None
         if match is not None:
             with self._lock:
                 rows = list(self.db.query("SELECT * FROM api_keys WHERE id = ?", [match.group(1)]))
             row = rows[0] if rows else None
+        digest = _key_hash(secret, row.get("client_cert_sha256") if row is not None else None)
         stored = str(row["key_sha256"]) if row is not None else _DUMMY_HASH
         same = hmac.compare_digest(digest, stored)
         if row is None or not same:
@@ -286,15 +286,25 @@ class KeyStore:
         record = _record(row)
         state = record.state(self._clock())
         if state == "revoked":
-            raise AuthError(f"API key {record.id} was revoked at {record.revoked_at}; create a new key")
+            raise AuthError(
+                f"API key {record.id} was revoked at {record.revoked_at}; create a new key", key_id=record.id
+            )
         if state == "expired":
-            raise AuthError(f"API key {record.id} expired at {record.expires_at}; create a new key")
+            raise AuthError(f"API key {record.id} expired at {record.expires_at}; create a new key", key_id=record.id)
         return Principal(
             key_id=record.id,
             scopes=record.scopes,
             rate_limit_per_minute=record.rate_limit_per_minute,
             client_cert_sha256=record.client_cert_sha256,
         )
+
+
+def _key_hash(secret: str, client_cert_sha256: str | None) -> str:
+    """What is stored of a key: SHA-256 of the secret, and for a bound key of the secret and the
+    fingerprint, so that an older inferbox, which knows nothing of bindings, refuses a bound key
+    instead of accepting it from any connection."""
+    data = secret if client_cert_sha256 is None else f"{secret}\nclient-cert-sha256:{client_cert_sha256}"
+    return hashlib.sha256(data.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _record(row: dict[str, Any]) -> KeyRecord:
@@ -320,12 +330,29 @@ def certificate_sha256(path: Path) -> str:
     except OSError as exc:
         raise InputError(f"--client-cert: cannot read {path}: {exc.strerror or exc}", field="client_cert") from None
     try:
-        cert = (
-            x509.load_pem_x509_certificates(data)[0] if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
-        )
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
     except ValueError:
         raise InputError(
             f"--client-cert: {path} holds no certificate (PEM or DER); give the client's certificate file",
             field="client_cert",
         ) from None
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    if len(certs) > 1:
+        raise InputError(
+            f"--client-cert: {path} holds {len(certs)} certificates (a chain or a CA bundle?); "
+            "give a file with the client's own certificate only",
+            field="client_cert",
+        )
+    try:
+        is_ca = certs[0].extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if is_ca:
+        raise InputError(
+            f"--client-cert: {path} is a CA certificate ({certs[0].subject.rfc4514_string()}); "
+            "give the client's own certificate, which that CA signed",
+            field="client_cert",
+        )
+    return hashlib.sha256(certs[0].public_bytes(serialization.Encoding.DER)).hexdigest()

@@ -153,7 +153,12 @@ class GateError(ExportError):
 
 
 class AuthError(InferboxError):
-    pass
+    """Not authenticated. ``key_id``: the id of a real key that was refused (revoked, expired, bound
+    to another certificate), for the audit record; None when no key could be identified."""
+
+    def __init__(self, message: str, key_id: str | None = None) -> None:
+        self.key_id = key_id
+        super().__init__(message)
 
 
 class ForbiddenError(AuthError):

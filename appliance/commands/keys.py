@@ -143,8 +143,8 @@ def create(
     bound = certificate_sha256(client_cert) if client_cert is not None else None
     if bound is not None and settings.tls_client_ca is None:
         click.echo(
-            "warning: this server asks for no client certificates (tls_client_ca is not set), so a key bound to "
-            "one is refused until it does; see docs/operations.md (Mutual TLS)",
+            "warning: the settings this command reads set no tls_client_ca; a server without it asks for no "
+            "client certificates and refuses a key bound to one; see docs/operations.md (Mutual TLS)",
             err=True,
         )
     with recorder_factory(settings) as record:

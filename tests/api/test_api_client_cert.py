@@ -35,7 +35,7 @@ def _scope(**extensions: Any) -> dict[str, Any]:
     scope: dict[str, Any] = {
         "type": "http",
         "method": "GET",
-        "path": "/v2/models",
+        "path": "/v1/models",
         "headers": [],
         "client": ("10.0.0.7", 50000),
     }
@@ -72,3 +72,48 @@ def test_a_huge_subject_is_cut_and_the_fingerprint_kept(tls_files: Any) -> None:
     name, sha256 = client_certificate(_scope(tls=tls)) or ("", "")
     assert len(name) == MAX_CERT_NAME and name.endswith("\u2026") and name.startswith("CN=xxx")
     assert sha256 == "cd" * 32
+
+
+def _with_certificate(client: Any, holder: dict[str, Any]) -> None:
+    """Give each request the TLS extension in ``holder`` (what the mutual-TLS protocol sets)."""
+    inner = client.app.asgi_handler
+
+    async def handler(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and holder:
+            scope["extensions"] = {"tls": dict(holder)}
+        await inner(scope, receive, send)
+
+    client.app.asgi_handler = handler
+
+
+def test_a_bound_key_through_the_app(tmp_path: Path, tls_files: Any, client_factory: Any, audit: MemoryAudit) -> None:
+    from appliance.keys import KeyStore, certificate_sha256
+
+    store = KeyStore(tmp_path / "state.db")
+    fingerprint = certificate_sha256(tls_files.client_cert)
+    bound, secret = store.create(["infer"], client_cert_sha256=fingerprint)
+    client = client_factory(keys=store)
+    holder: dict[str, Any] = {}
+    _with_certificate(client, holder)
+    headers = {"Authorization": f"Bearer {secret}"}
+    pem = tls_files.client_cert.read_text()
+
+    holder.update(client_cert_chain=[pem], client_cert_name="CN=client", client_cert_sha256=fingerprint)
+    assert client.get("/v1/models", headers=headers).status_code == 200
+    holder["client_cert_sha256"] = "0" * 64
+    refused = client.get("/v1/models", headers=headers)
+    assert refused.status_code == 401 and "bound to a client certificate" in refused.text
+    holder.clear()
+    assert client.get("/v1/models", headers=headers).status_code == 401
+    ok, other, none = audit.events[-3:]
+    assert (ok.actor, ok.details["client_cert_sha256"]) == (bound.id, fingerprint)
+    for failed, presented in ((other, "0" * 64), (none, None)):
+        assert failed.event == "auth_failure" and failed.details["refused_key_id"] == bound.id
+        assert failed.details.get("client_cert_sha256") == presented
+    # a revoked key is named in its refusal's record too; an unknown one is not
+    store.revoke(bound.id)
+    holder.update(client_cert_chain=[pem], client_cert_name="CN=client", client_cert_sha256=fingerprint)
+    assert client.get("/v1/models", headers=headers).status_code == 401
+    assert audit.events[-1].details["refused_key_id"] == bound.id
+    assert client.get("/v1/models", headers={"Authorization": "Bearer ibx_0123456789ab_" + "x" * 43}).status_code == 401
+    assert "refused_key_id" not in audit.events[-1].details

@@ -62,3 +62,61 @@ def test_mutual_tls_serves_with_the_protocol_and_plain_tls_without(tmp_path: Any
     from uvicorn.importer import import_from_string
 
     assert import_from_string(PROTOCOL).__name__ == "ClientCertificateProtocol"
+
+
+def test_a_real_uvicorn_passes_the_certificate_to_every_request_on_a_connection(tls_files: Any) -> None:
+    """uvicorn with the protocol, over mutual TLS: two requests on one kept-alive connection."""
+    import asyncio
+
+    import httpx
+    import uvicorn
+
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(scope.get("extensions", {}).get("tls"))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    env_plan = plan_tls(
+        load_settings(
+            {
+                "home": "/nonexistent",
+                "tls_cert": str(tls_files.cert),
+                "tls_key": str(tls_files.key),
+                "tls_client_ca": str(tls_files.ca),
+            },
+            environ={},
+        )
+    )
+    config = uvicorn.Config(app, lifespan="off", log_level="warning", **ssl_options(env_plan))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        client = ssl.create_default_context(cafile=str(tls_files.ca))
+        client.load_cert_chain(str(tls_files.client_cert), str(tls_files.client_key))
+        with httpx.Client(verify=client, base_url=f"https://127.0.0.1:{port}") as http:
+            for _ in range(100):  # the server thread starting: polled, not timed
+                try:
+                    http.get("/")
+                    break
+                except httpx.TransportError:
+                    import time
+
+                    time.sleep(0.05)
+            seen.clear()
+            assert http.get("/a").status_code == 200 and http.get("/b").status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    info = certificate_info(tls_files.client_cert)
+    assert len(seen) == 2
+    for ext in seen:
+        assert ext is not None and ext["client_cert_sha256"] == info.sha256 and ext["client_cert_name"] == "CN=client"
+    assert seen[0] is not seen[1]  # each request its own copy

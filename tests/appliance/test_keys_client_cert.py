@@ -89,7 +89,7 @@ def test_cli_binds_lists_and_warns_without_mutual_tls(tmp_path: Path, tls_files:
     args = ["keys", "create", "--scope", "infer", "--client-cert", str(tls_files.client_cert), "--json"]
     made = runner.invoke(main, args, env=env, catch_exceptions=False)
     assert made.exit_code == 0, made.output
-    assert "tls_client_ca is not set" in made.stderr
+    assert "set no tls_client_ca" in made.stderr
     key = json.loads(made.stdout)
     fingerprint = certificate_info(tls_files.client_cert).sha256
     assert KeyStore(tmp_path / "state.db").verify(key["key"]).client_cert_sha256 == fingerprint
@@ -100,10 +100,31 @@ def test_cli_binds_lists_and_warns_without_mutual_tls(tmp_path: Path, tls_files:
     # with mutual TLS configured: no warning
     mutual = {**env, "INFERBOX_TLS_CLIENT_CA": str(tls_files.ca)}
     again = runner.invoke(main, args, env=mutual, catch_exceptions=False)
-    assert again.exit_code == 0 and "tls_client_ca is not set" not in again.stderr
+    assert again.exit_code == 0 and "set no tls_client_ca" not in again.stderr
     # a file that is no certificate is named, and no key is made
     junk = tmp_path / "junk.pem"
     junk.write_text("no")
     bad = runner.invoke(main, [*args[:-1], "--client-cert", str(junk)], env=env)
     assert bad.exit_code != 0 and "holds no certificate" in bad.output
     assert len(KeyStore(tmp_path / "state.db").list()) == 2
+
+
+def test_a_bound_keys_stored_hash_is_not_its_secrets_so_older_code_refuses_it(tmp_path: Path) -> None:
+    import hashlib
+
+    store = KeyStore(tmp_path / "state.db")
+    bound, bound_secret = store.create(["infer"], client_cert_sha256="ab" * 32)
+    free, free_secret = store.create(["infer"])
+    stored = dict(sqlite3.connect(tmp_path / "state.db").execute("SELECT id, key_sha256 FROM api_keys").fetchall())
+    assert stored[free.id] == hashlib.sha256(free_secret.encode()).hexdigest()
+    assert stored[bound.id] != hashlib.sha256(bound_secret.encode()).hexdigest()  # what a release before checks
+    assert store.verify(bound_secret).key_id == bound.id
+
+
+def test_a_bundle_or_a_ca_certificate_is_not_a_client_certificate(tmp_path: Path, tls_files: Any) -> None:
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(tls_files.client_cert.read_text() + tls_files.ca.read_text())
+    with pytest.raises(InputError, match="holds 2 certificates"):
+        certificate_sha256(bundle)
+    with pytest.raises(InputError, match="is a CA certificate"):
+        certificate_sha256(tls_files.ca)
