@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+from msgspec import Meta
 
 from api.envelope import context_of
 from runtime.errors import (
@@ -29,7 +30,7 @@ from runtime.errors import (
     SelectionError,
 )
 
-__all__ = ["exception_handlers", "status_of"]
+__all__ = ["KServeError", "OpenAIError", "OpenAIErrorDetail", "exception_handlers", "status_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,39 @@ _OPENAI_CODES = {
     429: "rate_limit_exceeded",
     504: "timeout",
 }
+
+
+class KServeError(msgspec.Struct):
+    """The error answer of the KServe v2 routes, and of every route when the audit log cannot be written (503)."""
+
+    error: Annotated[str, Meta(description="What was wrong; a 400 names the field.")]
+
+
+class OpenAIErrorDetail(msgspec.Struct):
+    """What was wrong, in OpenAI's terms."""
+
+    message: str
+    type: Annotated[
+        str,
+        Meta(
+            description="invalid_request_error (400, 404, 413), authentication_error (401), permission_error (403), "
+            "rate_limit_error (429) or server_error"
+        ),
+    ]
+    param: Annotated[str | None, Meta(description="The field the message is about (a 400 or 413), else null.")]
+    code: Annotated[
+        str | None,
+        Meta(
+            description="invalid_api_key (401), model_not_found (404), request_too_large (413), "
+            "rate_limit_exceeded (429), timeout (504), else null"
+        ),
+    ]
+
+
+class OpenAIError(msgspec.Struct):
+    """The error answer of ``/v1/...`` and ``/v2/rerank`` (OpenAI's shape)."""
+
+    error: OpenAIErrorDetail
 
 
 def status_of(exc: BaseException) -> int:
@@ -76,17 +110,12 @@ def status_of(exc: BaseException) -> int:
 def _answer(
     request: Request[Any, Any, Any], status: int, message: str, param: str | None, headers: dict[str, str]
 ) -> Response[bytes]:
+    body: OpenAIError | KServeError
     if request.url.path.startswith("/v1/") or request.url.path == "/v2/rerank":  # /v2/rerank: Cohere's, not KServe's
-        body: dict[str, Any] = {
-            "error": {
-                "message": message,
-                "type": _OPENAI_TYPES.get(status, "server_error"),
-                "param": param,
-                "code": _OPENAI_CODES.get(status),
-            }
-        }
+        detail = OpenAIErrorDetail(message, _OPENAI_TYPES.get(status, "server_error"), param, _OPENAI_CODES.get(status))
+        body = OpenAIError(detail)
     else:
-        body = {"error": message}
+        body = KServeError(message)
     return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
 
 
