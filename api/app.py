@@ -67,10 +67,11 @@ def create_app(
         finally:
             await server.stop()
 
-    openapi = openapi_config("inferbox", config.server_version) if config.docs else None
+    handlers = [*kserve.routes, *openai.routes, *rerank.routes, *audit_routes.routes, metrics_route]
+    openapi = openapi_config("inferbox", config.server_version, handlers) if config.docs else None
     docs = docs_routes() if config.docs else []
     app = Litestar(
-        route_handlers=[*kserve.routes, *openai.routes, *rerank.routes, *audit_routes.routes, metrics_route, *docs],
+        route_handlers=[*handlers, *docs],
         guards=[auth_guard],
         exception_handlers=exception_handlers,
         lifespan=[*lifespan, batchers],

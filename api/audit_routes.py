@@ -17,8 +17,11 @@ import msgspec
 from litestar import Request, get
 from litestar.handlers import HTTPRouteHandler
 
+from api.docs import KEY, documented
 from api.envelope import context_of
+from api.errors import OpenAIError
 from api.protocols import AuditReader
+from api.schemas import AuditPage
 from runtime.errors import InputError, ModelNotFoundError
 
 __all__ = ["MAX_PAGE", "MAX_SEQ", "routes"]
@@ -46,7 +49,20 @@ def _utc(value: str | None, field: str) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-@get("/v1/audit", opt={"scope": "audit:read"})
+@get(
+    "/v1/audit",
+    opt={"scope": "audit:read"},
+    security=KEY,
+    operation_class=documented(
+        AuditPage,
+        OpenAIError,
+        "A page of audit records; the read is itself recorded (audit_read).",
+        (400, 404),
+        description="The audit log, oldest first, filtered and paged (scope audit:read); 404 when the server "
+        "runs without the audit log. since/until: an ISO 8601 date or time (without an offset: UTC).",
+        tag="Audit",
+    ),
+)
 async def read_audit(
     request: Request[Any, Any, Any],
     after_seq: int = 0,

@@ -14,22 +14,26 @@ import math
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
+from msgspec import Meta
 
 from api.classification import BytesTensor, classification_count
 from runtime.errors import InputError
 
 __all__ = [
     "DATATYPES",
+    "MAX_RANK",
     "DecodedInput",
     "InferRequest",
     "InferRequestBody",
+    "InferenceResponse",
     "RequestInput",
     "RequestOutput",
+    "ResponseOutput",
     "datatype_of",
     "decode_bytes_elements",
     "decode_infer_request",
@@ -480,20 +484,27 @@ def field_of(message: str) -> str:
     return path or "body"
 
 
-class _OutputJson(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ResponseOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One output tensor of an answer."""
+
     name: str
     datatype: str
     shape: list[int]
-    parameters: dict[str, Any] = {}
-    data: Any = None
+    parameters: Annotated[
+        dict[str, Any],
+        Meta(description="binary_data_size: the byte length of this output's bytes after the JSON (binary answers)."),
+    ] = {}
+    data: Annotated[Any, Meta(description="The values, flat (row major); absent for a binary output.")] = None
 
 
-class _ResponseJson(msgspec.Struct, kw_only=True, omit_defaults=True):
+class InferenceResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """KServe v2 inference answer (with binary outputs, the JSON part of the body)."""
+
     model_name: str
     model_version: str
-    outputs: list[_OutputJson]
-    id: str | None = None
-    parameters: dict[str, Any] = {}
+    outputs: list[ResponseOutput]
+    id: Annotated[str | None, Meta(description="The request's id, when it had one.")] = None
+    parameters: Annotated[dict[str, Any], Meta(description="The request's parameters, less binary_data_output.")] = {}
 
 
 def encode_infer_response(
@@ -506,7 +517,7 @@ def encode_infer_response(
     parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """Response bytes and the JSON header length (None when no output is binary)."""
-    items: list[_OutputJson] = []
+    items: list[ResponseOutput] = []
     chunks: list[bytes] = []
     for name, output in outputs:
         if isinstance(output, BytesTensor):
@@ -526,13 +537,13 @@ def encode_infer_response(
                 chunk = arr.tobytes()
             chunks.append(chunk)
             items.append(
-                _OutputJson(name=name, datatype=datatype, shape=shape, parameters={"binary_data_size": len(chunk)})
+                ResponseOutput(name=name, datatype=datatype, shape=shape, parameters={"binary_data_size": len(chunk)})
             )
         else:
             data = value if isinstance(value, list) else np.asarray(value).ravel().tolist()
-            items.append(_OutputJson(name=name, datatype=datatype, shape=shape, data=data))
+            items.append(ResponseOutput(name=name, datatype=datatype, shape=shape, data=data))
     header = msgspec.json.encode(
-        _ResponseJson(
+        InferenceResponse(
             model_name=model_name,
             model_version=model_version,
             outputs=items,

@@ -16,8 +16,23 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from api.classification import classify
-from api.codec import InferRequest, datatype_of, decode_infer_request, encode_infer_response
+from api.codec import InferenceResponse, InferRequest, datatype_of, decode_infer_request, encode_infer_response
+from api.docs import KEY, documented
 from api.envelope import context_of
+from api.errors import KServeError
+from api.schemas import (
+    INFER_DESCRIPTION,
+    INFER_EXAMPLES,
+    Empty,
+    InferenceRequest,
+    Live,
+    ModelMetadata,
+    ModelReady,
+    Ready,
+    RepositoryEntry,
+    RepositoryModelRequest,
+    ServerMetadata,
+)
 from api.server import Server
 from runtime.errors import InputError, ModelNotFoundError
 from runtime.serving import LoadedModel
@@ -31,6 +46,9 @@ POOLED_OUTPUT = "sentence_embedding"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 Req = Request[Any, Any, Any]
+KSERVE = "KServe v2"
+HEALTH = "Health"
+REPOSITORY = "Model repository"
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
@@ -96,29 +114,58 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-@get("/v2", opt={"scope": "infer"})
+@get(
+    "/v2",
+    opt={"scope": "infer"},
+    security=KEY,
+    operation_class=documented(ServerMetadata, KServeError, "The server's name, version and extensions.", tag=KSERVE),
+)
 async def server_metadata(request: Req) -> Response[bytes]:
     c = _server(request).config
     return _json({"name": c.server_name, "version": c.server_version, "extensions": EXTENSIONS})
 
 
-@get("/v2/health/live")
+@get("/v2/health/live", operation_class=documented(Live, KServeError, "The server is up.", tag=HEALTH))
 async def health_live() -> Response[bytes]:
     return _json({"live": True})
 
 
-@get("/v2/health/ready")
+@get(
+    "/v2/health/ready",
+    operation_class=documented(
+        Ready, KServeError, "A model is loaded.", tag=HEALTH, also={503: ("No model is loaded yet.", Ready)}
+    ),
+)
 async def health_ready(request: Req) -> Response[bytes]:
     ready = bool(_server(request).registry.loaded())
     return _json({"ready": ready}, status=200 if ready else 503)
 
 
-@get(["/v2/models/{name:str}", "/v2/models/{name:str}/versions/{version:int}"], opt={"scope": "infer"})
+@get(
+    ["/v2/models/{name:str}", "/v2/models/{name:str}/versions/{version:int}"],
+    opt={"scope": "infer"},
+    security=KEY,
+    operation_class=documented(
+        ModelMetadata, KServeError, "The model's inputs, outputs and what serves it.", (404,), tag=KSERVE
+    ),
+)
 async def metadata(request: Req, name: str, version: int | None = None) -> Response[bytes]:
     return _json(model_metadata(_model(request, name, version)))
 
 
-@get(["/v2/models/{name:str}/ready", "/v2/models/{name:str}/versions/{version:int}/ready"], opt={"scope": "infer"})
+@get(
+    ["/v2/models/{name:str}/ready", "/v2/models/{name:str}/versions/{version:int}/ready"],
+    opt={"scope": "infer"},
+    security=KEY,
+    operation_class=documented(
+        ModelReady,
+        KServeError,
+        "The model is loaded.",
+        (404,),
+        tag=KSERVE,
+        also={503: ("The model's package is in the repository but not loaded.", ModelReady)},
+    ),
+)
 async def model_ready(request: Req, name: str, version: int | None = None) -> Response[bytes]:
     server = _server(request)
     try:
@@ -241,23 +288,53 @@ async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> 
     ["/v2/models/{name:str}/infer", "/v2/models/{name:str}/versions/{version:int}/infer"],
     opt={"scope": "infer"},
     status_code=200,
+    security=KEY,
+    operation_class=documented(
+        InferenceResponse,
+        KServeError,
+        "The outputs (application/octet-stream with Inference-Header-Content-Length when an output is binary).",
+        (400, 404, 413, 504),
+        body=InferenceRequest,
+        examples=INFER_EXAMPLES,
+        description=INFER_DESCRIPTION,
+        tag=KSERVE,
+        binary=True,
+        answer_headers=(HEADER_LENGTH,),
+    ),
 )
 async def infer(request: Req, name: str, version: int | None = None) -> Response[bytes]:
     return await _infer(request, name, version)
 
 
-class _IndexRequest(msgspec.Struct, kw_only=True):
+class RepositoryIndexRequest(msgspec.Struct, kw_only=True):
+    """Optional: with `ready` true, only the loaded models."""
+
     ready: bool = False
 
 
-@post("/v2/repository/index", opt={"scope": "models:admin"}, status_code=200)
+@post(
+    "/v2/repository/index",
+    opt={"scope": "models:admin"},
+    status_code=200,
+    security=KEY,
+    operation_class=documented(
+        list[RepositoryEntry],
+        KServeError,
+        "The models in the repository, loaded or not (scope models:admin).",
+        (400, 413),
+        body=RepositoryIndexRequest,
+        body_required=False,
+        examples={"ready": ("Only the loaded models", {"ready": True})},
+        tag=REPOSITORY,
+    ),
+)
 async def repository_index(request: Req) -> Response[bytes]:
     server = _server(request)
     body = await server.read_body(request)
     ready_only = False
     if body.strip():
         try:
-            ready_only = msgspec.json.decode(body, type=_IndexRequest).ready
+            ready_only = msgspec.json.decode(body, type=RepositoryIndexRequest).ready
         except msgspec.ValidationError as exc:
             raise InputError(f"body: {exc}", field="ready") from None
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
@@ -270,7 +347,22 @@ async def repository_index(request: Req) -> Response[bytes]:
     return _json(entries)
 
 
-@post("/v2/repository/models/{name:str}/load", opt={"scope": "models:admin"}, status_code=200)
+@post(
+    "/v2/repository/models/{name:str}/load",
+    opt={"scope": "models:admin"},
+    status_code=200,
+    security=KEY,
+    operation_class=documented(
+        Empty,
+        KServeError,
+        "Loaded (the newest version); serving went on meanwhile.",
+        (400, 404, 409, 413),
+        body=RepositoryModelRequest,
+        body_required=False,
+        examples={"empty": ("No parameters", {})},
+        tag=REPOSITORY,
+    ),
+)
 async def repository_load(request: Req, name: str) -> Response[bytes]:
     import anyio.to_thread
 
@@ -284,7 +376,22 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     return _json({})
 
 
-@post("/v2/repository/models/{name:str}/unload", opt={"scope": "models:admin"}, status_code=200)
+@post(
+    "/v2/repository/models/{name:str}/unload",
+    opt={"scope": "models:admin"},
+    status_code=200,
+    security=KEY,
+    operation_class=documented(
+        Empty,
+        KServeError,
+        "Closed: new requests get 404, the ones already accepted were answered first.",
+        (400, 404, 413),
+        body=RepositoryModelRequest,
+        body_required=False,
+        examples={"empty": ("No parameters", {})},
+        tag=REPOSITORY,
+    ),
+)
 async def repository_unload(request: Req, name: str) -> Response[bytes]:
     server = _server(request)
     ctx = context_of(request.scope)

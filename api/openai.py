@@ -10,21 +10,25 @@ to the model's maximum length are listed by index in the ``X-Truncated-Inputs`` 
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import msgspec
 import numpy as np
 from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
+from msgspec import Meta
 
 from api.codec import field_of, json_depth, not_utf8
+from api.docs import KEY, documented
 from api.envelope import RequestContext, context_of
+from api.errors import OpenAIError
 from api.kserve import embedding_dim
+from api.schemas import ModelList
 from api.server import Server
 from runtime.errors import ForbiddenError, InputError, ModelNotFoundError
 from runtime.serving import LoadedModel
 
-__all__ = ["TRUNCATED_HEADER", "EmbeddingsRequest", "inference_body", "routes"]
+__all__ = ["TRUNCATED_HEADER", "EmbeddingsBody", "EmbeddingsRequest", "EmbeddingsResponse", "inference_body", "routes"]
 
 #: indices of the texts cut to the model's max_length, comma-separated (absent when none was)
 TRUNCATED_HEADER = "X-Truncated-Inputs"
@@ -33,30 +37,61 @@ Req = Request[Any, Any, Any]
 T = TypeVar("T")
 
 
-class EmbeddingsRequest(msgspec.Struct, kw_only=True):
+OPENAI = "OpenAI"
+
+
+class EmbeddingsBody(msgspec.Struct, kw_only=True):
+    """The body as the handler decodes it: ``input`` is checked by ``_texts``, whose errors name the item."""
+
     input: Any
-    model: str
-    encoding_format: Literal["float", "base64"] = "float"
+    model: Annotated[str, Meta(description="A loaded embedding model (GET /v1/models).")]
+    encoding_format: Annotated[
+        Literal["float", "base64"], Meta(description="base64: little-endian float32, as OpenAI sends it.")
+    ] = "float"
     dimensions: int | None = None
-    user: str | None = None
+    user: Annotated[str | None, Meta(description="Accepted and ignored.")] = None
 
 
-class _Embedding(msgspec.Struct):
+# The body the OpenAPI document publishes: EmbeddingsBody with the fields the handler checks itself
+# narrowed to what those checks accept (tests/api/test_api_openapi.py holds the two together).
+class EmbeddingsRequest(EmbeddingsBody, kw_only=True):
+    """OpenAI's embeddings request; other fields are ignored."""
+
+    input: Annotated[
+        str | Annotated[list[str], Meta(min_length=1)],
+        Meta(
+            description="A text or a list of texts (at most max_inputs); token arrays are refused. A text longer "
+            "than the model's maximum length is cut (X-Truncated-Inputs) or refused, by the server's truncate setting."
+        ),
+    ]
+    dimensions: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        Meta(description="The model's own dimension (it cannot shorten its embeddings), or null."),
+    ] = None
+
+
+class Embedding(msgspec.Struct):
     index: int
-    embedding: list[float] | str
-    object: str = "embedding"
+    embedding: Annotated[
+        list[float] | str, Meta(description="The vector, or with encoding_format base64 its float32 bytes in base64.")
+    ]
+    object: Literal["embedding"] = "embedding"
 
 
-class _Usage(msgspec.Struct):
+class EmbeddingsUsage(msgspec.Struct):
+    """The model's tokens (special tokens included; of a cut text, those the model saw)."""
+
     prompt_tokens: int
     total_tokens: int
 
 
-class _EmbeddingsResponse(msgspec.Struct):
-    data: list[_Embedding]
+class EmbeddingsResponse(msgspec.Struct):
+    """OpenAI's embeddings answer, one embedding per text in input order."""
+
+    data: list[Embedding]
     model: str
-    usage: _Usage
-    object: str = "list"
+    usage: EmbeddingsUsage
+    object: Literal["list"] = "list"
 
 
 def _texts(value: Any) -> list[str]:
@@ -128,32 +163,62 @@ async def inference_body(request: Req, kind: type[B]) -> tuple[Server, RequestCo
     return server, ctx, req, model_named(request, server, req.model)
 
 
-@post("/v1/embeddings", opt={"scope": "infer"}, status_code=200)
+@post(
+    "/v1/embeddings",
+    opt={"scope": "infer"},
+    status_code=200,
+    security=KEY,
+    operation_class=documented(
+        EmbeddingsResponse,
+        OpenAIError,
+        "The embeddings.",
+        (400, 404, 413, 504),
+        body=EmbeddingsRequest,
+        examples={
+            "texts": (
+                "Two texts",
+                {"model": "minilm", "input": ["The patient was discharged.", "Der Bericht ist fertig."]},
+            ),
+            "base64": ("One text, base64 float32", {"model": "minilm", "input": "hello", "encoding_format": "base64"}),
+        },
+        description="OpenAI's embeddings API (the openai client with base_url=http://<host>/v1 works). "
+        "The body may be gzip or deflate (Content-Encoding).",
+        tag=OPENAI,
+        answer_headers=(TRUNCATED_HEADER,),
+    ),
+)
 async def embeddings(request: Req) -> Response[bytes]:
-    server, ctx, req, model = await inference_body(request, EmbeddingsRequest)
+    server, ctx, req, model = await inference_body(request, EmbeddingsBody)
     if not model.is_embedding:
         raise ModelNotFoundError(f"model: {req.model!r} is not an embedding model; see GET /v1/models")
     texts = _texts(req.input)
     _check_dimensions(req.dimensions, embedding_dim(model), model.name)
     vectors, counts, truncated = await server.embed_texts(model, texts)
     _check_dimensions(req.dimensions, int(vectors.shape[1]), model.name)
-    data: list[_Embedding] = []
+    data: list[Embedding] = []
     for i, vec in enumerate(vectors):
         if req.encoding_format == "base64":
             emb: list[float] | str = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
         else:
             emb = np.asarray(vec, dtype=np.float32).tolist()
-        data.append(_Embedding(index=i, embedding=emb))
+        data.append(Embedding(index=i, embedding=emb))
     total = int(sum(counts))
     ctx.details["inputs"] = str(len(texts))
     ctx.details["tokens"] = str(total)
-    out = _EmbeddingsResponse(data=data, model=model.name, usage=_Usage(prompt_tokens=total, total_tokens=total))
+    out = EmbeddingsResponse(
+        data=data, model=model.name, usage=EmbeddingsUsage(prompt_tokens=total, total_tokens=total)
+    )
     # texts cut to the model's max_length (usage counts only what the model saw): their indices
     headers = {TRUNCATED_HEADER: ",".join(map(str, truncated))} if truncated else None
     return Response(msgspec.json.encode(out), media_type="application/json", headers=headers)
 
 
-@get("/v1/models", opt={"scope": "infer"})
+@get(
+    "/v1/models",
+    opt={"scope": "infer"},
+    security=KEY,
+    operation_class=documented(ModelList, OpenAIError, "The loaded models the key may use.", tag=OPENAI),
+)
 async def list_models(request: Req) -> Response[bytes]:
     server: Server = request.app.state["server"]
     # a key narrowed to some models sees only those: the names of the others are not its business

@@ -19,70 +19,96 @@ requests by token count.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import numpy as np
 from litestar import Request, Response, post
 from litestar.handlers import HTTPRouteHandler
+from msgspec import Meta
 
+from api.docs import KEY, documented
+from api.errors import OpenAIError
 from api.openai import TRUNCATED_HEADER, inference_body
 from runtime.errors import InputError, ModelNotFoundError
 
-__all__ = ["RerankRequest", "routes"]
+__all__ = ["RerankBody", "RerankRequest", "RerankResponse", "routes"]
 
 Req = Request[Any, Any, Any]
 
 
-class RerankRequest(msgspec.Struct, kw_only=True):
-    model: str
+class RerankBody(msgspec.Struct, kw_only=True):
+    """The body as the handler decodes it: ``documents`` and ``top_n`` are checked by the handler, whose
+    errors name the item."""
+
+    model: Annotated[str, Meta(description="A loaded cross-encoder (GET /v1/models).")]
     query: str
     documents: list[Any]
     top_n: int | None = None
-    return_documents: bool = False
+    return_documents: Annotated[bool, Meta(description="Answer each document's text with its score.")] = False
 
 
-class _Document(msgspec.Struct):
+class RerankDocument(msgspec.Struct):
     text: str
 
 
-class _Result(msgspec.Struct, omit_defaults=True):
-    index: int
-    relevance_score: float
-    document: _Document | None = None
+# The body the OpenAPI document publishes: RerankBody with the fields the handler checks itself
+# narrowed to what those checks accept (tests/api/test_api_openapi.py holds the two together).
+class RerankRequest(RerankBody, kw_only=True):
+    """Cohere's rerank request; other fields Cohere's clients send, such as max_tokens_per_doc, are ignored."""
+
+    documents: Annotated[
+        list[str | RerankDocument],
+        Meta(
+            min_length=1,
+            description="At most max_inputs. A pair longer than the model's maximum length is cut (X-Truncated-Inputs) "
+            "or refused, by the server's truncate setting.",
+        ),
+    ]
+    top_n: Annotated[
+        Annotated[int, Meta(ge=1)] | None, Meta(description="Answer the best top_n only; null or absent: all.")
+    ] = None
 
 
-class _Usage(msgspec.Struct):
+class RerankResult(msgspec.Struct, omit_defaults=True):
+    index: Annotated[int, Meta(description="The document's index in the request.")]
+    relevance_score: Annotated[float, Meta(description="The sigmoid of the model's logit for the pair (0 to 1).")]
+    document: Annotated[RerankDocument | None, Meta(description="With return_documents only.")] = None
+
+
+class RerankUsage(msgspec.Struct):
     total_tokens: int
 
 
-class _Version(msgspec.Struct):
+class ApiVersion(msgspec.Struct):
     version: str
 
 
-class _BilledUnits(msgspec.Struct):
+class BilledUnits(msgspec.Struct):
     search_units: int
 
 
-class _Tokens(msgspec.Struct):
+class RerankTokens(msgspec.Struct):
     input_tokens: int
     output_tokens: int = 0
 
 
-class _Meta(msgspec.Struct):
+class RerankMeta(msgspec.Struct):
     """Cohere's ``meta``: a request is one search unit; the tokens are the model's."""
 
-    api_version: _Version
-    billed_units: _BilledUnits
-    tokens: _Tokens
+    api_version: ApiVersion
+    billed_units: BilledUnits
+    tokens: RerankTokens
 
 
-class _RerankResponse(msgspec.Struct):
-    id: str
+class RerankResponse(msgspec.Struct):
+    """The documents, best first (ties: lower index first), at most top_n."""
+
+    id: Annotated[str, Meta(description="The request id (X-Request-ID).")]
     model: str
-    results: list[_Result]
-    usage: _Usage
-    meta: _Meta
+    results: list[RerankResult]
+    usage: Annotated[RerankUsage, Meta(description="The model's tokens over all pairs.")]
+    meta: RerankMeta
 
 
 def _documents(value: list[Any]) -> list[str]:
@@ -99,9 +125,41 @@ def _documents(value: list[Any]) -> list[str]:
     return texts
 
 
-@post(["/v1/rerank", "/v2/rerank"], opt={"scope": "infer"}, status_code=200)
+@post(
+    ["/v1/rerank", "/v2/rerank"],
+    opt={"scope": "infer"},
+    status_code=200,
+    security=KEY,
+    operation_class=documented(
+        RerankResponse,
+        OpenAIError,
+        "The documents ranked against the query.",
+        (400, 404, 413, 504),
+        body=RerankRequest,
+        examples={
+            "rerank": (
+                "Three documents, the best two with their texts",
+                {
+                    "model": "reranker",
+                    "query": "How do I reset my password?",
+                    "documents": [
+                        "Open Settings > Account and choose Reset password.",
+                        {"text": "Our offices are closed on public holidays."},
+                        "Passwords must be at least 12 characters long.",
+                    ],
+                    "top_n": 2,
+                    "return_documents": True,
+                },
+            )
+        },
+        description="Cohere's rerank API (/v2/rerank is where cohere.ClientV2(base_url=...) posts): a "
+        "cross-encoder scores each (query, document) pair. The body may be gzip or deflate (Content-Encoding).",
+        tag="Rerank",
+        answer_headers=(TRUNCATED_HEADER,),
+    ),
+)
 async def rerank(request: Req) -> Response[bytes]:
-    server, ctx, req, model = await inference_body(request, RerankRequest)
+    server, ctx, req, model = await inference_body(request, RerankBody)
     if not model.is_reranker:
         raise ModelNotFoundError(
             f"model: {req.model!r} is not a reranker (a cross-encoder exported as text-classification with "
@@ -114,10 +172,10 @@ async def rerank(request: Req) -> Response[bytes]:
     # best first; a stable sort keeps the lower index first among equal scores
     order = np.argsort(-scores, kind="stable")[: req.top_n or len(documents)]
     results = [
-        _Result(
+        RerankResult(
             index=int(i),
             relevance_score=float(scores[i]),
-            document=_Document(documents[i]) if req.return_documents else None,
+            document=RerankDocument(documents[i]) if req.return_documents else None,
         )
         for i in order
     ]
@@ -125,9 +183,9 @@ async def rerank(request: Req) -> Response[bytes]:
     ctx.details["inputs"] = str(len(documents))
     ctx.details["tokens"] = str(total)
     version = "2" if request.url.path.startswith("/v2/") else "1"
-    meta = _Meta(_Version(version), _BilledUnits(search_units=1), _Tokens(input_tokens=total))
-    out = _RerankResponse(
-        id=ctx.request_id, model=model.name, results=results, usage=_Usage(total_tokens=total), meta=meta
+    meta = RerankMeta(ApiVersion(version), BilledUnits(search_units=1), RerankTokens(input_tokens=total))
+    out = RerankResponse(
+        id=ctx.request_id, model=model.name, results=results, usage=RerankUsage(total_tokens=total), meta=meta
     )
     headers = {TRUNCATED_HEADER: ",".join(map(str, truncated))} if truncated else None
     return Response(msgspec.json.encode(out), media_type="application/json", headers=headers)
