@@ -335,6 +335,7 @@ def build_app(settings: Settings, *, reloads: bool = False, reloader: Certificat
         finally:
             if reloads:
                 loop.remove_signal_handler(signal.SIGHUP)
+                hold_sighup()  # removing it restored the default action, which ends the process
             await watchdog.stop()
             registry.close()
             if keys is not None:
@@ -351,6 +352,17 @@ def build_app(settings: Settings, *, reloads: bool = False, reloader: Certificat
         lifespan=[resources],
         audit_reader=audit,
     )
+
+
+def hold_sighup() -> None:
+    """Log and ignore SIGHUP while the server starts or stops (its own handler is in place only
+    while it serves): the default action ends the process, which systemd counts as a clean exit
+    and so does not restart; a renewal hook's ``kill -HUP`` during a model load would stop it."""
+    signal.signal(signal.SIGHUP, _sighup_not_serving)
+
+
+def _sighup_not_serving(_signum: int, _frame: Any) -> None:
+    log.warning("SIGHUP while the server is starting or stopping: ignored; reload once it serves")
 
 
 def reload_certificate(tls: CertificateReloader | None, audit: AuditLog | None) -> None:

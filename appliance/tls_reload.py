@@ -9,6 +9,10 @@ loaded from one private copy of their bytes, so the check and the load see the
 same certificate and key even if the files change meanwhile; a failed check
 leaves the running certificate in place.
 
+A certificate whose key is of another kind (RSA after ECDSA) is refused:
+OpenSSL keeps one certificate per key kind, so the old one would go on serving
+the clients that prefer its kind.
+
 ``tls_client_ca`` is not reloaded: OpenSSL can add CAs to a live context but
 never remove one, and a CA removed from the bundle (a compromised one) must not
 stay trusted.  A changed bundle is named in the outcome: a restart applies it.
@@ -50,6 +54,23 @@ def _digest(path: Path | None) -> str:
         return "unreadable"
 
 
+def _write_pair(folder: Path, pair: tuple[bytes, bytes]) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    cert.write_bytes(pair[0])
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pair[1])
+    return cert, key
+
+
+def _key_kind(cert_pem: bytes) -> str:
+    """The kind of the leaf certificate's key (RSA, EC, Ed25519, ...): OpenSSL's slot for it."""
+    from cryptography import x509
+
+    name = type(x509.load_pem_x509_certificates(cert_pem)[0].public_key()).__name__
+    return name.removeprefix("_").replace("PublicKey", "") or name
+
+
 class CertificateReloader:
     """The live context of a serving process and how to load a renewed certificate into it."""
 
@@ -58,11 +79,20 @@ class CertificateReloader:
         self.plan = plan
         self._client_ca = _digest(plan.client_ca)
         self._context: ssl.SSLContext | None = None
+        #: the certificate and key the live context holds (a failed load puts them back)
+        self._pair = (plan.cert.read_bytes(), plan.key.read_bytes())
 
     def context_factory(self, _config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         """uvicorn's ``ssl_context_factory``: the context uvicorn would build, kept for reloads."""
         self._context = server_context(self.plan.cert, self.plan.key, self.plan.client_ca)
         return self._context
+
+    def _restore(self) -> None:
+        """Load the running pair again: a load that failed half-way has dropped the old key."""
+        assert self._context is not None
+        with tempfile.TemporaryDirectory(prefix="inferbox-tls-") as folder:
+            cert, key = _write_pair(Path(folder), self._pair)
+            self._context.load_cert_chain(str(cert), str(key))
 
     def reload(self) -> Reloaded:
         """Check the files again and load them into the live context; ConfigError leaves it as it was."""
@@ -71,17 +101,23 @@ class CertificateReloader:
         plan = plan_tls(self.settings)
         if plan is None:  # the settings object is the one the server started with: cannot happen
             raise ConfigError("TLS is off in the settings this server started with; nothing to reload")
+        pair = (plan.cert.read_bytes(), plan.key.read_bytes())
         with tempfile.TemporaryDirectory(prefix="inferbox-tls-") as folder:
-            cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
-            cert.write_bytes(plan.cert.read_bytes())
-            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(plan.key.read_bytes())
+            cert, key = _write_pair(Path(folder), pair)
             server_context(cert, key, None)  # this very pair belongs together (else ConfigError, nothing loaded)
+            running, renewed = _key_kind(self._pair[0]), _key_kind(pair[0])
+            if running != renewed:
+                # OpenSSL keeps one certificate per key type: the old one would go on serving beside it
+                raise ConfigError(
+                    f"the renewed certificate has a {renewed} key and the running one a {running} key; a reload "
+                    "would keep serving the old certificate to some clients: systemctl restart inferbox-api"
+                )
             try:
                 self._context.load_cert_chain(str(cert), str(key))
             except ssl.SSLError as exc:  # checked a moment ago on the same bytes: not expected
+                self._restore()
                 raise ConfigError(f"OpenSSL refused the renewed certificate: {exc.reason or exc}") from None
             after = certificate_info(cert)
+        self._pair = pair
         before, self.plan = self.plan.certificate, TlsPlan(plan.cert, plan.key, plan.client_ca, after)
         return Reloaded(before=before, after=after, client_ca_changed=_digest(plan.client_ca) != self._client_ca)

@@ -100,8 +100,9 @@ def serve(
         _log_certificate(log, tls)
     elif settings.allow_plaintext and not is_loopback(settings.host):
         log.warning("plain HTTP on %s (allow_plaintext): a TLS proxy in front must terminate HTTPS", settings.host)
-    from appliance.server import prepare
+    from appliance.server import hold_sighup, prepare
 
+    hold_sighup()  # a reload (SIGHUP) during the start must not end the service
     with _refusal():  # an empty serving-only repository, a default model that did not build
         prepared = prepare(settings)
     if prepared.built_default:
@@ -114,6 +115,13 @@ def serve(
         from appliance.server import settings_environment
 
         os.environ.update(settings_environment(settings))
+        import inspect
+
+        # SIGHUP (a reload) makes uvicorn replace each worker once the new one is ready; ours load a
+        # model first, far longer than its default 5 s wait, after which it gives the restart up
+        patience: dict[str, Any] = {"timeout_worker_healthcheck": 600}
+        if "timeout_worker_healthcheck" not in inspect.signature(uvicorn.run).parameters:
+            patience = {}
         uvicorn.run(
             "appliance.server:app_factory",
             factory=True,
@@ -122,6 +130,7 @@ def serve(
             workers=settings.workers,
             log_level=settings.log_level,
             access_log=False,
+            **patience,
             **ssl_options(tls),
         )
         return

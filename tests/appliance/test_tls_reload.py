@@ -143,3 +143,87 @@ def test_the_sighup_handler_logs_and_records_each_outcome(
 
     reload_certificate(None, audit)  # type: ignore[arg-type]  # plain HTTP: said, nothing recorded
     assert len(audit.events) == 2 and "no certificate to reload" in caplog.text
+
+
+def _rsa_pair(folder: Path, ca: Any) -> tuple[Path, Path]:
+    """An RSA server certificate (the test CA's other certificates are ECDSA)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rsa")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "rsa.crt", folder / "rsa.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_a_key_of_another_kind_is_refused_as_it_would_serve_beside_the_old(tmp_path: Path, tls_files: Any) -> None:
+    settings = _settings(tmp_path, tls_files)
+    reloader, context = _reloader(settings)
+    old = certificate_info(tls_files.cert).sha256
+    extra = tmp_path / "rsa"
+    extra.mkdir()
+    rsa_cert, rsa_key = _rsa_pair(extra, None)
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    shutil.copy(rsa_cert, settings.tls_cert)
+    shutil.copy(rsa_key, settings.tls_key)
+    with pytest.raises(ConfigError, match="RSA key and the running one a EC key"):
+        reloader.reload()
+    assert _served_fingerprint(context) == old
+
+
+def test_a_load_that_fails_half_way_puts_the_running_pair_back(
+    tmp_path: Path, tls_files: Any, tls_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path, tls_files)
+    reloader, context = _reloader(settings)
+    old = certificate_info(tls_files.cert).sha256
+    _renew(settings, tls_factory())
+    real = ssl.SSLContext.load_cert_chain
+    failed: list[bool] = []
+
+    def half_way(self: ssl.SSLContext, certfile: Any, keyfile: Any = None, password: Any = None) -> None:
+        if self is context and not failed:  # the renewal: its certificate goes in, then a key is refused
+            failed.append(True)
+            real(self, certfile, str(tls_files.key))  # OpenSSL: new certificate loaded, key mismatch
+        real(self, certfile, keyfile)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", half_way)
+    with pytest.raises(ConfigError, match="OpenSSL refused"):
+        reloader.reload()
+    monkeypatch.undo()
+    assert _served_fingerprint(context) == old  # a working context, still the running certificate
+
+
+def test_sighup_outside_serving_is_logged_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    import os
+    import signal
+
+    from appliance.server import hold_sighup
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        hold_sighup()
+        os.kill(os.getpid(), signal.SIGHUP)  # the default action would end this test process
+        assert "SIGHUP while the server is starting or stopping" in caplog.text
+    finally:
+        signal.signal(signal.SIGHUP, before)
