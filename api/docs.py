@@ -166,8 +166,7 @@ class RouteDoc:
                 shapes.append(shape)
             if status in errors:
                 texts.append(_STATUS[status])
-                # the audit log's refusal comes from the request envelope, in the KServe shape on every route
-                shapes.append(KServeError if status == 503 else self.shape)
+                shapes.append(self.shape)
             schema = _schema(shapes[0]) if len(shapes) == 1 else {"anyOf": [_schema(s) for s in shapes]}
             headers = ("X-Request-ID", *_ERROR_HEADERS.get(status, ()))
             out[str(status)] = _response(" Or: ".join(texts), {"application/json": {"schema": schema}}, headers)

@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
-
 from api.metrics import Metrics
 from api.protocols import AuditEvent, AuditSink, Principal
 
@@ -123,6 +121,13 @@ def client_certificate(scope: Scope) -> tuple[str, str] | None:
     return name, str(sha256)
 
 
+def _error(scope: Scope, status: int, message: str) -> bytes:
+    """The envelope's own error answer, in the shape of the route family the client called."""
+    from api.errors import error_body  # api.errors reads the request context from this module
+
+    return error_body(str(scope.get("path", "")), status, message)
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for k, v in scope.get("headers", []):
         if k.lower() == name:
@@ -180,8 +185,12 @@ def envelope(
         try:
             await app(scope, app_receive, hold)
             if start_message is None:  # the app sent nothing: answer 500 ourselves
-                start_message = {"type": "http.response.start", "status": 500, "headers": []}
-                chunks = [msgspec.json.encode({"error": f"internal error (request id {request_id})"})]
+                start_message = {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+                chunks = [_error(scope, 500, f"internal error (request id {request_id})")]
             status = int(start_message["status"])
             body = b"".join(chunks)
             if audit is not None and not _unaudited(scope):
@@ -190,8 +199,8 @@ def envelope(
                 except Exception:
                     logger.exception("audit record failed for request %s; answering 503", request_id)
                     status = 503
-                    body = msgspec.json.encode(
-                        {"error": f"the audit log cannot be written; request refused (request id {request_id})"}
+                    body = _error(
+                        scope, 503, f"the audit log cannot be written; request refused (request id {request_id})"
                     )
                     start_message = {
                         "type": "http.response.start",

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, ValidationException
 from msgspec import Meta
 
 from api.envelope import context_of
@@ -107,16 +107,35 @@ def status_of(exc: BaseException) -> int:
     return 500
 
 
-def _answer(
-    request: Request[Any, Any, Any], status: int, message: str, param: str | None, headers: dict[str, str]
-) -> Response[bytes]:
+def speaks_openai(path: str) -> bool:
+    """Whether ``path`` answers errors in OpenAI's shape (``/v1/...``; ``/v2/rerank``: Cohere's, not KServe's)."""
+    return path.startswith("/v1/") or path == "/v2/rerank"
+
+
+def error_body(
+    path: str, status: int, message: str, param: str | None = None, *, code: str | bool | None = True
+) -> bytes:
+    """The error answer of ``path`` in its route family's shape (also for the envelope's own 500 / 503).
+
+    ``code``: OpenAI's ``code``; True (the default): the one of ``status``.
+    """
     body: OpenAIError | KServeError
-    if request.url.path.startswith("/v1/") or request.url.path == "/v2/rerank":  # /v2/rerank: Cohere's, not KServe's
-        detail = OpenAIErrorDetail(message, _OPENAI_TYPES.get(status, "server_error"), param, _OPENAI_CODES.get(status))
-        body = OpenAIError(detail)
+    if speaks_openai(path):
+        code_text = _OPENAI_CODES.get(status) if code is True else (code or None)
+        body = OpenAIError(OpenAIErrorDetail(message, _OPENAI_TYPES.get(status, "server_error"), param, code_text))
     else:
         body = KServeError(message)
-    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json", headers=headers)
+    return msgspec.json.encode(body)
+
+
+def _validation_message(exc: HTTPException) -> tuple[str, str | None]:
+    """Litestar's parameter validation, as ``key: problem`` (not the repr of its internal list)."""
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    named = [p for p in problems if isinstance(p, dict) and p.get("key")]
+    if not named:
+        return str(exc.detail) + (f": {exc.extra}" if exc.extra else ""), None
+    parts = [f"{p['key']}: {p.get('message', 'not valid')}" for p in named]
+    return "; ".join(parts), str(named[0]["key"])
 
 
 def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -134,6 +153,8 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     elif isinstance(exc, RequestTimeoutError):
         message = str(exc)
+    elif isinstance(exc, ValidationException):
+        message, param = _validation_message(exc)
     elif isinstance(exc, HTTPException) and status < 500:
         message = str(exc.detail)
         if exc.extra:
@@ -143,7 +164,10 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         logger.error("request %s failed", ctx.request_id, exc_info=exc)
         message = f"internal error; the server log has the details under request id {ctx.request_id}"
     ctx.details.setdefault("error", type(exc).__name__)
-    return _answer(request, status, message, param, headers)
+    # OpenAI's model_not_found only for a model that is not there, not for a path that is not
+    known = not (status == 404 and not isinstance(exc, ModelNotFoundError))
+    body = error_body(request.url.path, status, message, param, code=True if known else None)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 exception_handlers: dict[type[Exception] | int, Any] = {Exception: _handle}
