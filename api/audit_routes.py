@@ -49,6 +49,18 @@ def _utc(value: str | None, field: str) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _fingerprint(value: str) -> str:
+    """A SHA-256 fingerprint as stored (64 lowercase hex digits) from how tools print it
+    (``openssl x509 -fingerprint -sha256``: upper case, colons)."""
+    digits = value.replace(":", "").strip().lower()
+    if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
+        raise InputError(
+            f"client_cert_sha256: {value[:100]!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)",
+            field="client_cert_sha256",
+        )
+    return digits
+
+
 @get(
     "/v1/audit",
     opt={"scope": "audit:read"},
@@ -59,7 +71,8 @@ def _utc(value: str | None, field: str) -> str | None:
         "A page of audit records; the read is itself recorded (audit_read).",
         (400, 404),
         description="The audit log, oldest first, filtered and paged (scope audit:read); 404 when the server "
-        "runs without the audit log. since/until: an ISO 8601 date or time (without an offset: UTC).",
+        "runs without the audit log. since/until: an ISO 8601 date or time (without an offset: UTC). "
+        "client_cert_sha256: the requests made over a mutual-TLS connection with that client certificate.",
         tag="Audit",
     ),
 )
@@ -75,6 +88,7 @@ async def read_audit(
     job_id: str | None = None,
     since: str | None = None,
     until: str | None = None,
+    client_cert_sha256: str | None = None,
 ) -> dict[str, Any]:
     context_of(request.scope).event = "audit_read"
     reader: AuditReader | None = request.app.state.get("audit_reader")
@@ -87,6 +101,8 @@ async def read_audit(
     since, until = _utc(since, "since"), _utc(until, "until")
     if outcome is not None and outcome not in ("success", "failure"):
         raise InputError(f"outcome: must be success or failure, got {outcome!r}", field="outcome")
+    if client_cert_sha256 is not None:
+        client_cert_sha256 = _fingerprint(client_cert_sha256)
     records = await asyncio.to_thread(
         reader.query,
         after_seq=after_seq,
@@ -99,6 +115,7 @@ async def read_audit(
         job_id=job_id,
         since=since,
         until=until,
+        client_cert_sha256=client_cert_sha256,
     )
     rows = [msgspec.to_builtins(r) for r in records]
     cursor = rows[-1]["seq"] if len(rows) == limit else None

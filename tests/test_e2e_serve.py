@@ -624,6 +624,15 @@ def test_mutual_tls_serves_https_and_refuses_everything_else(
         client_info = certificate_info(tls_files.client_cert)
         assert record["details"]["client_cert"] == client_info.subject == "CN=client"
         assert record["details"]["client_cert_sha256"] == client_info.sha256
+        by_certificate = httpx.get(
+            f"{url}/v1/audit",
+            params={"client_cert_sha256": client_info.sha256.upper()},
+            headers=headers,
+            timeout=30,
+            verify=client,
+        ).json()["records"]
+        assert record["seq"] in [r["seq"] for r in by_certificate]
+        assert all(r["details"]["client_cert_sha256"] == client_info.sha256 for r in by_certificate)
         # keys bound to a certificate: this client's works, one bound to another certificate does not
         for cert, status in ((tls_files.client_cert, 200), (tls_factory().client_cert, 401)):
             made = CliRunner().invoke(

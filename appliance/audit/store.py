@@ -112,10 +112,12 @@ def query_records(
     outcome: str | None = None,
     request_id: str | None = None,
     job_id: str | None = None,
+    client_cert_sha256: str | None = None,
 ) -> list[AuditRecord]:
     """Records with ``seq > after_seq`` matching every given filter, oldest first (keyset paging).
 
     ``since`` / ``until`` compare ``recorded_at`` (UTC ISO 8601 strings): ``since <= t < until``.
+    ``client_cert_sha256``: the ``details`` fact of that name (requests over mutual TLS).
     """
     where = ["seq > ?"]
     params: list[object] = [after_seq]
@@ -136,6 +138,10 @@ def query_records(
         if value is not None:
             where.append(f"{column} = ?")
             params.append(value)
+    if client_cert_sha256 is not None:
+        # CASE: a details column that is not JSON (tampering, which verify reports) must not fail the query
+        where.append("CASE WHEN json_valid(details) THEN json_extract(details, '$.client_cert_sha256') END = ?")
+        params.append(client_cert_sha256)
     params.append(max(0, limit))
     sql = _SELECT + " WHERE " + " AND ".join(where) + " ORDER BY seq LIMIT ?"
     return [_record(log_id, tuple(r)) for r in conn.execute(sql, params).fetchall()]

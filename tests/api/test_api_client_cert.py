@@ -117,3 +117,36 @@ def test_a_bound_key_through_the_app(tmp_path: Path, tls_files: Any, client_fact
     assert audit.events[-1].details["refused_key_id"] == bound.id
     assert client.get("/v1/models", headers={"Authorization": "Bearer ibx_0123456789ab_" + "x" * 43}).status_code == 401
     assert "refused_key_id" not in audit.events[-1].details
+
+
+def test_the_audit_api_filters_by_certificate_as_openssl_prints_it(tmp_path: Path) -> None:
+    from litestar.testing import TestClient
+
+    from api.app import create_app
+    from api.config import ApiConfig
+    from tests.api.conftest import make_registry, tensor_model
+
+    class Reader:
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Any]] = []
+
+        def query(self, **kw: Any) -> list[Any]:
+            self.calls.append(kw)
+            return []
+
+    reader = Reader()
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]),
+        config=ApiConfig(auth=False),
+        audit=None,
+        keys=None,
+        audit_reader=reader,
+    )
+    printed = ":".join(["AB"] * 32)  # openssl x509 -fingerprint -sha256
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert c.get("/v1/audit", params={"client_cert_sha256": printed}).status_code == 200
+        assert reader.calls[-1]["client_cert_sha256"] == "ab" * 32
+        assert c.get("/v1/audit").status_code == 200
+        assert reader.calls[-1]["client_cert_sha256"] is None
+        bad = c.get("/v1/audit", params={"client_cert_sha256": "CN=client"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "client_cert_sha256"

@@ -314,3 +314,23 @@ def test_public_surface_is_pinned() -> None:
     ]
     for name in audit.__all__:
         assert getattr(audit, name) is not None
+
+
+def test_query_by_client_certificate(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    log = _log(tmp_path, key)
+    mine, other = "ab" * 32, "cd" * 32
+    for i, fingerprint in enumerate([mine, None, other, mine]):
+        details = {"n": str(i)} if fingerprint is None else {"client_cert_sha256": fingerprint, "client_cert": "CN=x"}
+        log.append(T.event(i, details=details))
+    assert [r.seq for r in log.query(client_cert_sha256=mine)] == [1, 4]
+    assert [r.seq for r in log.query(client_cert_sha256=other, request_id="req-2")] == [3]
+    assert log.query(client_cert_sha256="ef" * 32) == []
+    log.close()
+    # a details column that is not JSON (tampered) is reported by verify; it does not break the query
+    conn = connect(tmp_path / "audit.db")
+    conn.execute("DROP TRIGGER records_no_update")
+    conn.execute("UPDATE records SET details = 'not json' WHERE seq = 2")
+    conn.close()
+    log = _log(tmp_path, key)
+    assert [r.seq for r in log.query(client_cert_sha256=mine)] == [1, 4]
+    log.close()
