@@ -104,6 +104,9 @@ class FakeModel:
     def tokenize(self, texts: Sequence[str], *, truncate: bool = True) -> list[FakeTokens]:
         return [FakeTokens(t) for t in texts]
 
+    def tokenize_pairs(self, query: str, documents: Sequence[str], *, truncate: bool = True) -> list[FakeTokens]:
+        return [FakeTokens(f"{query} [SEP] {d}") for d in documents]
+
     def embed_tokens(self, tokens: Sequence[FakeTokens]) -> npt.NDArray[np.float32]:
         self._tick()
         dim = 2 if self.task == "text-classification" else self.dim

@@ -60,6 +60,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     audit_started: bool
     error: str
     model_sha256: str = ""  # the pinned package's sha256
+    pair_field: str = ""  # each record's second text: the job scores pairs ("" = single texts)
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +129,7 @@ class JobStore:
                 "audit_started": int,
                 "error": str,
                 "model_sha256": str,
+                "pair_field": str,
             },
             pk="job_id",
             not_null=["model", "format", "state", "input_path", "out_dir"],
@@ -139,12 +141,15 @@ class JobStore:
                 "audit_started": 0,
                 "error": "",
                 "model_sha256": "",
+                "pair_field": "",
             },
             if_not_exists=True,
         )
         columns = {row[1] for row in self._conn.execute("PRAGMA table_info(batch_jobs)")}
         if "model_sha256" not in columns:  # a state database from before versions were pinned
             self._conn.execute("ALTER TABLE batch_jobs ADD COLUMN model_sha256 TEXT DEFAULT ''")
+        if "pair_field" not in columns:  # from before pair jobs
+            self._conn.execute("ALTER TABLE batch_jobs ADD COLUMN pair_field TEXT DEFAULT ''")
         self.db.table(CHUNKS).create(
             {
                 "job_id": str,
@@ -205,15 +210,16 @@ class JobStore:
                 return False
             now = _iso(self.clock())
             conn.execute(
-                "INSERT INTO batch_jobs (job_id, model, version, format, text_field, input_path, out_dir, state, "
-                "submitted_at, accepted_at, chunks, records, error, ended_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO batch_jobs (job_id, model, version, format, text_field, pair_field, input_path, "
+                "out_dir, state, submitted_at, accepted_at, chunks, records, error, ended_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     request.job_id,
                     request.model,
                     request.version,
                     request.format,
                     request.text_field,
+                    request.pair_field,
                     str(input_path),
                     str(out_dir),
                     "failed" if error else "queued",
@@ -248,6 +254,7 @@ class JobStore:
             r["error"] = r["error"] or ""
             r["merkle_root"] = r["merkle_root"] or ""
             r["model_sha256"] = r.get("model_sha256") or ""
+            r["pair_field"] = r.get("pair_field") or ""
             out.append(msgspec.convert(r, Job))
         return out
 

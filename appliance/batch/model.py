@@ -53,6 +53,10 @@ class BatchModel(Protocol):
         """One token sequence per text (its ``len`` is the token count); too long and not truncating -> InputError."""
         ...
 
+    def tokenize_pairs(self, query: str, documents: Sequence[str], *, truncate: bool) -> Sequence[Sized]:
+        """``(query, document)`` pairs as the model was trained on them (a cross-encoder, NLI)."""
+        ...
+
     def embed_tokens(self, tokens: Sequence[Any]) -> npt.NDArray[Any]:
         """Outputs ``[N, D]`` for sequences from :meth:`tokenize` (embeddings, or logits for classifiers)."""
         ...

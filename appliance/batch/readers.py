@@ -340,6 +340,24 @@ def record_id(record: RawRecord) -> str | int:
     return record.index
 
 
+def _text(obj: dict[str, Any], name: str, kind: str) -> str:
+    if name not in obj:
+        raise RecordError(f"missing {kind} {name!r}")
+    value = obj[name]
+    if value is None:
+        raise RecordError(f"{kind} {name!r} is null")
+    if not isinstance(value, str):
+        raise RecordError(f"{kind} {name!r} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RecordError(
+            f"{kind} {name!r} is not valid Unicode text: it holds a lone surrogate "
+            f"({value[exc.start]!r}) at character {exc.start}"
+        ) from exc
+    return value
+
+
 def _utf8_ok(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -349,28 +367,16 @@ def _utf8_ok(text: str) -> bool:
 
 
 def parse_record(
-    obj: dict[str, Any], *, text_field: str | None, inputs: list[TensorSpec]
-) -> str | dict[str, npt.NDArray[Any]]:
-    """The model input of one record: its text, or its tensors (one example, no batch axis).
+    obj: dict[str, Any], *, text_field: str | None, inputs: list[TensorSpec], pair_field: str = ""
+) -> str | tuple[str, str] | dict[str, npt.NDArray[Any]]:
+    """The model input of one record: its text, its (text, pair) with ``pair_field``, or its
+    tensors (one example, no batch axis).
 
     Raises :class:`RecordError` with the reject reason.
     """
     if text_field is not None:
-        if text_field not in obj:
-            raise RecordError(f"missing text field {text_field!r}")
-        value = obj[text_field]
-        if value is None:
-            raise RecordError(f"text field {text_field!r} is null")
-        if not isinstance(value, str):
-            raise RecordError(f"text field {text_field!r} must be a string, got {type(value).__name__}")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise RecordError(
-                f"text field {text_field!r} is not valid Unicode text: it holds a lone surrogate "
-                f"({value[exc.start]!r}) at character {exc.start}"
-            ) from exc
-        return value
+        text = _text(obj, text_field, "text field")
+        return (text, _text(obj, pair_field, "pair field")) if pair_field else text
     tensors: dict[str, npt.NDArray[Any]] = {}
     for spec in inputs:
         if spec.name not in obj:

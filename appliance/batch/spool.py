@@ -62,6 +62,9 @@ class JobRequest(msgspec.Struct, frozen=True, kw_only=True):
     text_field: str
     source: str  # the submitted file's original path, for the operator
     submitted_at: str
+    #: the field / column of each record's second text (a cross-encoder's document, an NLI
+    #: hypothesis): the model then scores (text, pair) pairs; "" = single texts
+    pair_field: str = ""
 
 
 def new_job_id(now: Callable[[], float] = time.time) -> str:
@@ -162,15 +165,24 @@ def submit(
     version: int | None = None,
     fmt: str | None = None,
     text_field: str = "text",
+    pair_field: str = "",
     now: Callable[[], float] = time.time,
 ) -> str:
-    """Place ``source`` in the spool atomically; return the job id."""
+    """Place ``source`` in the spool atomically; return the job id.
+
+    ``pair_field``: score (``text_field``, ``pair_field``) pairs with a text classifier.
+    """
     if not source.is_file():
         raise BatchError(f"input file {source} does not exist or is not a file; pass a JSONL, CSV or Parquet file")
     if not model:
         raise BatchError("no model given; pass --model NAME (see `inferbox models`)")
     if version is not None and version < 1:
         raise BatchError(f"--version {version} is not valid; versions are integers from 1")
+    if pair_field and pair_field == text_field:
+        raise BatchError(
+            f"--pair-field {pair_field!r} is also the --text-field; name the two fields of each pair "
+            "(e.g. --text-field query --pair-field document)"
+        )
     format_ = detect_format(source, fmt)
     if format_ != "parquet":
         check_encoding(source)
@@ -183,6 +195,11 @@ def submit(
                 f"{source.name} has no column {text_field!r} (its header is {header}); "
                 "pass --text-field with the column that holds the text"
             )
+        if pair_field and pair_field not in header:
+            raise BatchError(
+                f"{source.name} has no column {pair_field!r} (its header is {header}); "
+                "pass --pair-field with the column that holds each pair's second text"
+            )
     for sub in ("tmp", "new", "cur"):
         (spool / sub).mkdir(parents=True, exist_ok=True)
     job_id = new_job_id(now)
@@ -192,6 +209,7 @@ def submit(
         version=version,
         format=format_,
         text_field=text_field,
+        pair_field=pair_field,
         source=str(source),
         submitted_at=datetime.fromtimestamp(now(), UTC).isoformat().replace("+00:00", "Z"),
     )

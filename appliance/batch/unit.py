@@ -14,6 +14,7 @@ may fail where the other completes (see :class:`_Judge`).  It writes
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence, Sized
@@ -56,6 +57,8 @@ class ChunkTask(msgspec.Struct, frozen=True, kw_only=True):
     input_path: str
     format: str
     text_field: str
+    #: each record's second text: (text, pair) pairs scored by a text classifier ("" = single texts)
+    pair_field: str = ""
     model: str
     version: int | None  # the job's pinned version (None only for a job recorded before pinning)
     out_dir: str
@@ -267,7 +270,9 @@ class _Canary:
                     continue
                 text_field = task.text_field if self.text_mode else None
                 try:
-                    return parse_record(record.obj, text_field=text_field, inputs=self.model.manifest.inputs)
+                    return parse_record(
+                        record.obj, text_field=text_field, inputs=self.model.manifest.inputs, pair_field=task.pair_field
+                    )
                 except RecordError:
                     continue
         except Exception as exc:  # then there is nothing to compare with
@@ -279,7 +284,7 @@ class _Canary:
         if value is None:
             return None
         try:
-            self.model.tokenize([value], truncate=self.task.truncate)
+            _tokenizer(self.model, self.task)([value])
         except Exception:
             return False
         return True
@@ -290,30 +295,45 @@ class _Canary:
             return None
         try:
             if self.text_mode:
-                value = self.model.tokenize([value], truncate=self.task.truncate)[0]
+                value = _tokenizer(self.model, self.task)([value])[0]
             compute([value])
         except Exception:
             return False
         return True
 
 
-def _tokenize(model: BatchModel, texts: list[str], task: ChunkTask, canary: _Canary) -> list[Sized | _Failed]:
-    """Per text: its tokens, or why the model could not take that text (the others still run)."""
+def _tokenizer(model: BatchModel, task: ChunkTask) -> Callable[[list[Any]], Sequence[Sized]]:
+    """Texts -> tokens; for a pair job, (text, pair) -> the pair's tokens, as ``/v1/rerank`` forms them
+    (a run of records with the same first text, one query and its documents, tokenizes it once)."""
+    if not task.pair_field:
+        return lambda texts: model.tokenize(texts, truncate=task.truncate)
+
+    def pairs(batch: list[tuple[str, str]]) -> Sequence[Sized]:
+        out: list[Sized] = []
+        for first, run in itertools.groupby(batch, key=lambda pair: pair[0]):
+            out.extend(model.tokenize_pairs(first, [second for _, second in run], truncate=task.truncate))
+        return out
+
+    return pairs
+
+
+def _tokenize(model: BatchModel, texts: list[Any], task: ChunkTask, canary: _Canary) -> list[Sized | _Failed]:
+    """Per text (or pair): its tokens, or why the model could not take it (the others still run)."""
     if not texts:
         return []
-
-    def tokenize(batch: list[str]) -> Sequence[Sized]:
-        return model.tokenize(batch, truncate=task.truncate)
-
-    judge: _Judge[str, Sized] = _Judge(tokenize, canary.tokenizes)
+    tokenize = _tokenizer(model, task)
+    judge: _Judge[Any, Sized] = _Judge(tokenize, canary.tokenizes)
     tokens = judge.settle(texts, _guarded(tokenize)(texts))
     judge.finish()
     return tokens
 
 
-def _text_rows(model: BatchModel, tokens: list[Any]) -> list[dict[str, Any]]:
+def _text_rows(model: BatchModel, tokens: list[Any], pairs: bool = False) -> list[dict[str, Any]]:
     vectors = model.embed_tokens(tokens)
     labels = model.manifest.labels
+    if pairs and np.asarray(vectors).shape[-1] == 1:
+        # a cross-encoder's pairs: the sigmoid of its one logit, named as /v1/rerank names it
+        return [{"relevance_score": float(p)} for p in sigmoid(np.asarray(vectors).reshape(-1))]
     if model.manifest.task == "text-classification" and labels and np.asarray(vectors).shape[-1] == 1:
         # one logit (a binary head, a cross-encoder): its sigmoid, as the export's gate reads it;
         # a softmax over one value is always 1.0. The label is given when the score is above 0.5.
@@ -397,7 +417,10 @@ def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None]
             continue
         try:
             value = parse_record(
-                record.obj, text_field=task.text_field if text_mode else None, inputs=model.manifest.inputs
+                record.obj,
+                text_field=task.text_field if text_mode else None,
+                inputs=model.manifest.inputs,
+                pair_field=task.pair_field,
             )
         except RecordError as exc:
             rejects[record.index] = _reject(record, str(exc))
@@ -425,7 +448,7 @@ def run_chunk(task: ChunkTask, model: BatchModel, on_step: Callable[[str], None]
     ]
 
     def compute(values: list[Any]) -> list[dict[str, Any]]:
-        rows = _text_rows(model, values) if text_mode else _tensor_rows(model, values)
+        rows = _text_rows(model, values, bool(task.pair_field)) if text_mode else _tensor_rows(model, values)
         if len(rows) != len(values):
             raise BatchError(f"the model returned {len(rows)} results for {len(values)} inputs")
         return rows
@@ -498,8 +521,13 @@ def verify_chunk(task: ChunkTask) -> ChunkOutcome | None:
     )
 
 
-def check_model_fits(model: BatchModel, fmt: str) -> None:
-    """Refuse combinations no record could pass (CSV has no tensors)."""
+def check_model_fits(model: BatchModel, fmt: str, pair_field: str = "") -> None:
+    """Refuse combinations no record could pass (CSV has no tensors; pairs need a text classifier)."""
+    if pair_field and model.manifest.task != "text-classification":
+        raise BatchError(
+            f"the job scores pairs (--pair-field {pair_field}), which needs a text classifier such as a "
+            f"cross-encoder; model {model.name!r} is {model.manifest.task}: submit it without --pair-field"
+        )
     if model.manifest.task not in TEXT_TASKS and fmt == "csv":
         raise BatchError(
             f"model {model.name!r} takes tensors, and CSV carries only text; submit JSONL or Parquet with "

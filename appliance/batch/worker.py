@@ -349,6 +349,7 @@ class BatchWorker:
             input_path=job.input_path,
             format=job.format,
             text_field=job.text_field,
+            pair_field=job.pair_field,
             model=job.model,
             version=job.version,
             out_dir=job.out_dir,
@@ -365,7 +366,8 @@ class BatchWorker:
             return
         if self.audit is not None:
             now = _utc(self.clock())
-            self.audit.append(self._event("batch_start", job, model, "success", now, now, {}))
+            details = {"pair_field": job.pair_field} if job.pair_field else {}
+            self.audit.append(self._event("batch_start", job, model, "success", now, now, details))
         self.store.mark_audit_started(job.job_id)
 
     def record(self, outcome: ChunkOutcome) -> None:
@@ -421,7 +423,7 @@ class BatchWorker:
         self.progress(f"leased {job.job_id} {lease.plan.idx}")
         try:
             model, job = self.model_for(job)
-            check_model_fits(model, job.format)
+            check_model_fits(model, job.format, job.pair_field)
         except InferboxError as exc:
             self._job_failed(job, str(exc), summary)
             return None

@@ -133,6 +133,8 @@ def _arrow_table(pa: Any, rows: list[dict[str, Any]]) -> Any:
             fields.append(pa.field(c, pa.map_(pa.string(), pa.float32())))
         elif c == "label":
             fields.append(pa.field(c, pa.string()))
+        elif c == "relevance_score":
+            fields.append(pa.field(c, pa.float64()))
         else:
             fields.append(pa.field(c, pa.string()))
     data: dict[str, list[Any]] = {c: [] for c in columns}
@@ -143,7 +145,7 @@ def _arrow_table(pa: Any, rows: list[dict[str, Any]]) -> Any:
                 v = str(v)
             elif c == "scores":
                 v = list((v or {}).items())
-            elif c not in ("embedding", "label"):
+            elif c not in ("embedding", "label", "relevance_score"):
                 v = json.dumps(v)
             data[c].append(v)
     return pa.table(data, schema=pa.schema(fields))

@@ -84,6 +84,12 @@ def batch() -> None:
 @click.option("--version", "model_version", type=int, default=None, help="Model version [default: the latest].")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default=None, help="[default: suffix]")
 @click.option("--text-field", default="text", show_default=True, help="Field / column holding the text.")
+@click.option(
+    "--pair-field",
+    default="",
+    help="Field / column of each pair's second text: a text classifier (a cross-encoder, NLI) scores "
+    "(text, pair) pairs, e.g. --text-field query --pair-field document.",
+)
 def submit(
     home: Path | None,
     repository: Path | None,
@@ -92,12 +98,15 @@ def submit(
     model_version: int | None,
     fmt: str | None,
     text_field: str,
+    pair_field: str,
 ) -> None:
     """Place FILE in the spool atomically and print the job id."""
     from appliance.batch.spool import submit as submit_file
 
     settings = build_settings(home=home, repository=repository)
-    job_id = submit_file(settings.spool, file, model=model, version=model_version, fmt=fmt, text_field=text_field)
+    job_id = submit_file(
+        settings.spool, file, model=model, version=model_version, fmt=fmt, text_field=text_field, pair_field=pair_field
+    )
     click.echo(job_id)
 
 

@@ -377,3 +377,61 @@ def test_served_cross_encoder_reranks_as_transformers_scores_the_pairs(
     assert r.headers["x-truncated-inputs"] == "3"
     assert [x["index"] for x in top.json()["results"]] == [x["index"] for x in got["results"]][:2]
     assert "document" not in top.json()["results"][0]
+
+
+def test_a_batch_pair_job_scores_as_transformers_scores_the_pairs(
+    tinyrerank: tuple[Path, Path, Manifest], tmp_path: Path
+) -> None:
+    """``batch submit --text-field query --pair-field document`` on the real package (ORT): each
+    record's relevance_score is transformers' sigmoid of the pair's logit, long pairs cut alike."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from appliance.batch.jobs import JobStore
+    from appliance.batch.spool import submit
+    from appliance.batch.worker import BatchWorker, WorkerConfig
+    from appliance.batch.writers import read_results
+    from runtime.loader import LoaderOptions, load_model
+
+    folder, repo, manifest = tinyrerank
+    assert manifest.text is not None
+    model = load_model(repo, "tinyrerank", options=LoaderOptions(backend="ort-cpu", cache_dir=tmp_path / "cache"))
+    pairs = [
+        ("refund the card", "the bank will refund a card pay"),
+        ("refund the card", "good night"),
+        ("open the account", "open the account now"),
+        ("good day", " ".join(WORDS * 6)),  # over the maximum with the query: cut
+    ]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "query": q, "document": d}) + "\n" for i, (q, d) in enumerate(pairs)))
+    store = JobStore(tmp_path / "state.db")
+    worker = BatchWorker(
+        spool=tmp_path / "spool",
+        outbox=tmp_path / "outbox",
+        store=store,
+        loader=lambda name, version: model,
+        config=WorkerConfig(batch_size=3),
+    )
+    job_id = submit(tmp_path / "spool", src, model="tinyrerank", text_field="query", pair_field="document")
+    worker.run_once()
+    job = store.job(job_id)
+    store.close()
+    model.close()
+    assert job is not None and job.state == "done", job
+    rows = [r for p in sorted((tmp_path / "outbox" / job_id).glob("part-*")) for r in read_results(p)]
+    assert [r["id"] for r in rows] == [0, 1, 2, 3] and all(set(r) == {"id", "relevance_score"} for r in rows)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    feeds = tokenizer(
+        [q for q, _ in pairs],
+        [d for _, d in pairs],
+        padding=True,
+        truncation=True,
+        max_length=manifest.text.max_length,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        logits = AutoModelForSequenceClassification.from_pretrained(folder).eval()(**feeds).logits[:, 0].numpy()
+    want = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    np.testing.assert_allclose([r["relevance_score"] for r in rows], want, atol=1e-4)
