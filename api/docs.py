@@ -168,7 +168,9 @@ class RouteDoc:
                 texts.append(_STATUS[status])
                 shapes.append(self.shape)
             schema = _schema(shapes[0]) if len(shapes) == 1 else {"anyOf": [_schema(s) for s in shapes]}
-            headers = ("X-Request-ID", *_ERROR_HEADERS.get(status, ()))
+            # Retry-After and WWW-Authenticate come with the keyed routes' errors, not a route's own (a
+            # health probe's 503 has none)
+            headers = ("X-Request-ID", *(_ERROR_HEADERS.get(status, ()) if status in errors else ()))
             out[str(status)] = _response(" Or: ".join(texts), {"application/json": {"schema": schema}}, headers)
         return out
 

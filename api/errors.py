@@ -53,7 +53,7 @@ _OPENAI_CODES = {
 
 
 class KServeError(msgspec.Struct):
-    """The error answer of the KServe v2 routes, and of every route when the audit log cannot be written (503)."""
+    """The error answer of the KServe v2 routes (``/v1/...`` and ``/v2/rerank`` answer :class:`OpenAIError`)."""
 
     error: Annotated[str, Meta(description="What was wrong; a 400 names the field.")]
 
@@ -73,8 +73,8 @@ class OpenAIErrorDetail(msgspec.Struct):
     code: Annotated[
         str | None,
         Meta(
-            description="invalid_api_key (401), model_not_found (404), request_too_large (413), "
-            "rate_limit_exceeded (429), timeout (504), else null"
+            description="invalid_api_key (401), model_not_found (404 for a model that is not there; another "
+            "404 has null), request_too_large (413), rate_limit_exceeded (429), timeout (504), else null"
         ),
     ]
 

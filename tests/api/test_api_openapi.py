@@ -498,3 +498,45 @@ def test_the_document_costs_the_serving_path_nothing(client: TestClient[Any], mo
         ).status_code
         == 200
     )
+
+
+def _documented_shape(doc: dict[str, Any], template: str, method: str, status: int) -> Any:
+    schema = doc["paths"][template][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+    refs = [schema["$ref"]] if "$ref" in schema else [s["$ref"] for s in schema.get("anyOf", [])]
+    shapes = {"KServeError": KServeError, "OpenAIError": OpenAIError}
+    return [shapes[r.rsplit("/", 1)[-1]] for r in refs if r.rsplit("/", 1)[-1] in shapes]
+
+
+def test_the_audit_refusal_and_a_missing_key_have_the_documented_shape_on_every_keyed_route(
+    tmp_path: Path, doc: dict[str, Any]
+) -> None:
+    """The 503 of an audit log that cannot be written (the envelope's) and the guard's 401, route by route."""
+    from .conftest import MemoryAudit
+
+    class Keys:
+        def verify(self, secret: str) -> Any:
+            raise AuthError("the API key is not valid")
+
+    failing = MemoryAudit()
+    failing.fail = True
+    models = [text_model(tmp_path), tensor_model(tmp_path), text_classifier(tmp_path, "reranker", ["LABEL_0"])]
+    calls = [
+        ("post", "/v1/embeddings", "/v1/embeddings", {"model": "minilm", "input": "x"}),
+        ("post", "/v1/rerank", "/v1/rerank", {**RERANK, "documents": ["a"]}),
+        ("post", "/v2/rerank", "/v2/rerank", {**RERANK, "documents": ["a"]}),
+        ("post", "/v2/models/{name}/infer", "/v2/models/tabular/infer", {"inputs": TABULAR}),
+        ("get", "/v1/models", "/v1/models", None),
+        ("get", "/v2/models/{name}", "/v2/models/tabular", None),
+    ]
+    for audit, keys, status in ((failing, None, 503), (None, Keys(), 401)):
+        app = create_app(
+            registry=make_registry(models), config=ApiConfig(auth=keys is not None), audit=audit, keys=keys
+        )
+        with TestClient(app, raise_server_exceptions=False) as c:
+            for method, template, url, body in calls:
+                r = c.post(url, json=body) if method == "post" else c.get(url)
+                assert r.status_code == status, (url, r.text)
+                shapes = _documented_shape(doc, template, method, status)
+                assert len(shapes) == 1, (template, status, shapes)
+                _same(shapes[0], r.content)
+                assert ("retry-after" in r.headers) is (status == 503)
