@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, get
+from litestar.exceptions import NotFoundException
 from litestar.handlers import HTTPRouteHandler
 
 from api.docs import KEY, documented
@@ -22,7 +23,7 @@ from api.envelope import context_of
 from api.errors import OpenAIError
 from api.protocols import AuditReader
 from api.schemas import AuditPage
-from runtime.errors import InputError, ModelNotFoundError
+from runtime.errors import InputError
 
 __all__ = ["MAX_PAGE", "MAX_SEQ", "routes"]
 
@@ -72,7 +73,8 @@ def _fingerprint(value: str) -> str:
         (400, 404),
         description="The audit log, oldest first, filtered and paged (scope audit:read); 404 when the server "
         "runs without the audit log. since/until: an ISO 8601 date or time (without an offset: UTC). "
-        "client_cert_sha256: the requests made over a mutual-TLS connection with that client certificate.",
+        "client_cert_sha256: the records naming that client certificate (requests over mutual TLS with it, "
+        "keys bound to it).",
         tag="Audit",
     ),
 )
@@ -93,7 +95,7 @@ async def read_audit(
     context_of(request.scope).event = "audit_read"
     reader: AuditReader | None = request.app.state.get("audit_reader")
     if reader is None:
-        raise ModelNotFoundError("the audit log is off on this server (setting audit = false)")
+        raise NotFoundException("the audit log is off on this server (setting audit = false)")
     if not 1 <= limit <= MAX_PAGE:
         raise InputError(f"limit: must be between 1 and {MAX_PAGE}, got {limit}", field="limit")
     if not 0 <= after_seq <= MAX_SEQ:

@@ -130,6 +130,11 @@ class AuditLog:
         self._on_checkpoint = on_checkpoint
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        #: reads (tail, query) have their own connection: WAL lets them read while the writer
+        #: commits, so a long filtered read never holds up the records that requests wait for
+        self._reader: sqlite3.Connection | None = None
+        self._reader_pid = 0
+        self._read_lock = threading.Lock()
         self._pid = 0
         self._inherited: list[sqlite3.Connection] = []
         self._log_id = ""
@@ -171,6 +176,15 @@ class AuditLog:
             ensure_schema(self._conn)
             self._log_id = read_log_id(self._conn)
         return self._conn
+
+    def _read_connection(self) -> sqlite3.Connection:
+        """This process's read connection (opened after the writer's, which makes the schema)."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            with self._lock:
+                self._connection()
+            self._reader = connect(self.db_path, read_only=True)
+            self._reader_pid = os.getpid()
+        return self._reader
 
     @property
     def log_id(self) -> str:
@@ -248,6 +262,10 @@ class AuditLog:
             self._thread.join()
             self._thread = None
         self._closed = True
+        with self._read_lock:
+            if self._reader is not None and self._reader_pid == os.getpid():
+                self._reader.close()
+            self._reader = None
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._write_checkpoint()
@@ -327,17 +345,18 @@ class AuditLog:
 
     def tail(self, n: int = 20) -> list[AuditRecord]:
         """The newest ``n`` records, oldest first (the caller records the read as ``audit_read``)."""
-        with self._lock:
-            return tail_records(self._connection(), self._log_id, n)
+        with self._read_lock:
+            return tail_records(self._read_connection(), self._log_id, n)
 
     def query(self, **filters: Any) -> list[AuditRecord]:
         """Filtered, paged records: see :func:`appliance.audit.store.query_records` for the filters.
 
-        Runs on this log's connection; callers on an event loop should use ``asyncio.to_thread``.
+        Runs on this log's read connection, beside the writer; callers on an event loop should use
+        ``asyncio.to_thread``.
         The caller records the read as ``audit_read``.
         """
-        with self._lock:
-            return query_records(self._connection(), self._log_id, **filters)
+        with self._read_lock:
+            return query_records(self._read_connection(), self._log_id, **filters)
 
     # -- internals ----------------------------------------------------------
 

@@ -114,7 +114,9 @@ def connect(db_path: Path, *, busy_timeout_s: float = 30.0, read_only: bool = Fa
     if read_only:
         if not db_path.is_file():
             raise AuditError(f"audit database {db_path} does not exist; pass the path of an existing audit.db")
-        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=busy_timeout_s, isolation_level=None)
+        conn = sqlite3.connect(
+            f"file:{db_path}?mode=ro", uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
     else:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(db_path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)

@@ -334,3 +334,37 @@ def test_query_by_client_certificate(tmp_path: Path, key: Ed25519PrivateKey) -> 
     log = _log(tmp_path, key)
     assert [r.seq for r in log.query(client_cert_sha256=mine)] == [1, 4]
     log.close()
+
+
+def test_a_slow_read_does_not_hold_up_the_writer(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filtered read of a big log scans it; requests wait for their records meanwhile unless
+    reads have their own connection (WAL: readers and the writer do not block each other)."""
+    log = _log(tmp_path, key)
+    log.append(T.event(0))
+    entered, release = threading.Event(), threading.Event()
+    real = audit_log.query_records
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(audit_log, "query_records", slow)
+    found: list[Any] = []
+    reader = threading.Thread(target=lambda: found.extend(log.query(limit=10)))
+    reader.start()
+    assert entered.wait(10)
+    written = threading.Event()
+    writer = threading.Thread(target=lambda: (log.append(T.event(1)), written.set()))
+    writer.start()
+    try:
+        assert written.wait(10), "the append waited for the read"
+    finally:
+        release.set()
+        reader.join(10)
+        writer.join(10)
+    assert [r.seq for r in found] in ([1], [1, 2])
+    assert [r.seq for r in log.query(limit=10)] == [1, 2]
+    log.close()
