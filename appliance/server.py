@@ -334,8 +334,13 @@ def build_app(settings: Settings, *, reloads: bool = False, reloader: Certificat
             yield
         finally:
             if reloads:
-                loop.remove_signal_handler(signal.SIGHUP)
-                hold_sighup()  # removing it restored the default action, which ends the process
+                # removing it restores the default action, which ends the process: held meanwhile
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+                try:
+                    loop.remove_signal_handler(signal.SIGHUP)
+                    hold_sighup()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             await watchdog.stop()
             registry.close()
             if keys is not None:
@@ -372,8 +377,11 @@ def reload_certificate(tls: CertificateReloader | None, audit: AuditLog | None) 
         return
     try:
         done = tls.reload()
-    except (ConfigError, OSError) as exc:
-        log.error("SIGHUP: the certificate was not reloaded, the running one stays: %s", exc)
+    except Exception as exc:  # a handler's error would only reach asyncio's log, unrecorded
+        if tls.broken:
+            log.critical("SIGHUP: the certificate was not reloaded: %s", exc)
+        else:
+            log.error("SIGHUP: the certificate was not reloaded, the running one stays: %s", exc)
         if audit is not None:
             audit.append(
                 _event(

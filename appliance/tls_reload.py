@@ -63,12 +63,30 @@ def _write_pair(folder: Path, pair: tuple[bytes, bytes]) -> tuple[Path, Path]:
     return cert, key
 
 
+#: OpenSSL's certificate slots by the leaf's public key algorithm (RSA-PSS has its own)
+_KINDS = {
+    "1.2.840.113549.1.1.1": "RSA",
+    "1.2.840.113549.1.1.10": "RSA-PSS",
+    "1.2.840.10045.2.1": "EC",
+    "1.3.101.112": "Ed25519",
+    "1.3.101.113": "Ed448",
+    "1.2.840.10040.4.1": "DSA",
+}
+
+
 def _key_kind(cert_pem: bytes) -> str:
-    """The kind of the leaf certificate's key (RSA, EC, Ed25519, ...): OpenSSL's slot for it."""
+    """The kind of the leaf certificate's key (RSA, RSA-PSS, EC, Ed25519, ...): OpenSSL's slot for it."""
     from cryptography import x509
 
-    name = type(x509.load_pem_x509_certificates(cert_pem)[0].public_key()).__name__
-    return name.removeprefix("_").replace("PublicKey", "") or name
+    oid = x509.load_pem_x509_certificates(cert_pem)[0].public_key_algorithm_oid.dotted_string
+    return _KINDS.get(oid, oid)
+
+
+def _named(exc: ConfigError, folder: Path, plan: TlsPlan) -> ConfigError:
+    """``exc`` naming the operator's files instead of the private copies the check read."""
+    text = "\n".join(exc.problems)
+    text = text.replace(str(folder / "cert.pem"), str(plan.cert)).replace(str(folder / "key.pem"), str(plan.key))
+    return ConfigError(text)
 
 
 class CertificateReloader:
@@ -79,20 +97,36 @@ class CertificateReloader:
         self.plan = plan
         self._client_ca = _digest(plan.client_ca)
         self._context: ssl.SSLContext | None = None
-        #: the certificate and key the live context holds (a failed load puts them back)
+        #: the certificate and key the live context holds, as read once (a failed load puts them
+        #: back; the context is built from these very bytes, so the two never differ)
         self._pair = (plan.cert.read_bytes(), plan.key.read_bytes())
+        #: a failed load that could not be undone: new handshakes fail until a restart
+        self.broken = False
 
     def context_factory(self, _config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         """uvicorn's ``ssl_context_factory``: the context uvicorn would build, kept for reloads."""
-        self._context = server_context(self.plan.cert, self.plan.key, self.plan.client_ca)
+        with tempfile.TemporaryDirectory(prefix="inferbox-tls-") as folder:
+            cert, key = _write_pair(Path(folder), self._pair)
+            try:
+                self._context = server_context(cert, key, self.plan.client_ca)
+            except ConfigError as exc:  # the files changed since start's check (a renewal during the load)
+                raise _named(exc, Path(folder), self.plan) from None
+            self.plan = TlsPlan(self.plan.cert, self.plan.key, self.plan.client_ca, certificate_info(cert))
         return self._context
 
     def _restore(self) -> None:
         """Load the running pair again: a load that failed half-way has dropped the old key."""
         assert self._context is not None
-        with tempfile.TemporaryDirectory(prefix="inferbox-tls-") as folder:
-            cert, key = _write_pair(Path(folder), self._pair)
-            self._context.load_cert_chain(str(cert), str(key))
+        try:
+            with tempfile.TemporaryDirectory(prefix="inferbox-tls-") as folder:
+                cert, key = _write_pair(Path(folder), self._pair)
+                self._context.load_cert_chain(str(cert), str(key))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self.broken = True
+            raise ConfigError(
+                f"the renewed certificate did not load and the running one could not be put back ({exc}); "
+                "new connections fail until systemctl restart inferbox-api"
+            ) from None
 
     def reload(self) -> Reloaded:
         """Check the files again and load them into the live context; ConfigError leaves it as it was."""
@@ -104,7 +138,10 @@ class CertificateReloader:
         pair = (plan.cert.read_bytes(), plan.key.read_bytes())
         with tempfile.TemporaryDirectory(prefix="inferbox-tls-") as folder:
             cert, key = _write_pair(Path(folder), pair)
-            server_context(cert, key, None)  # this very pair belongs together (else ConfigError, nothing loaded)
+            try:
+                server_context(cert, key, None)  # this very pair belongs together (else nothing is loaded)
+            except ConfigError as exc:
+                raise _named(exc, Path(folder), plan) from None
             running, renewed = _key_kind(self._pair[0]), _key_kind(pair[0])
             if running != renewed:
                 # OpenSSL keeps one certificate per key type: the old one would go on serving beside it

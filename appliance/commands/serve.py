@@ -115,13 +115,6 @@ def serve(
         from appliance.server import settings_environment
 
         os.environ.update(settings_environment(settings))
-        import inspect
-
-        # SIGHUP (a reload) makes uvicorn replace each worker once the new one is ready; ours load a
-        # model first, far longer than its default 5 s wait, after which it gives the restart up
-        patience: dict[str, Any] = {"timeout_worker_healthcheck": 600}
-        if "timeout_worker_healthcheck" not in inspect.signature(uvicorn.run).parameters:
-            patience = {}
         uvicorn.run(
             "appliance.server:app_factory",
             factory=True,
@@ -130,7 +123,6 @@ def serve(
             workers=settings.workers,
             log_level=settings.log_level,
             access_log=False,
-            **patience,
             **ssl_options(tls),
         )
         return

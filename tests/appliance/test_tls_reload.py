@@ -227,3 +227,66 @@ def test_sighup_outside_serving_is_logged_not_fatal(caplog: pytest.LogCaptureFix
         assert "SIGHUP while the server is starting or stopping" in caplog.text
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_renewal_during_the_model_load_is_not_half_seen(tmp_path: Path, tls_files: Any, tls_factory: Any) -> None:
+    """The files change between the start's check and uvicorn building the context: the context and
+    what the reloader reports are the same certificate (the one read at the check)."""
+    settings = _settings(tmp_path, tls_files)
+    plan = plan_tls(settings)
+    assert plan is not None
+    reloader = CertificateReloader(settings, plan)
+    renewed = tls_factory()
+    _renew(settings, renewed)  # while the model loads
+    context = reloader.context_factory(None, ssl.create_default_context)
+    old, new = certificate_info(tls_files.cert).sha256, certificate_info(renewed.cert).sha256
+    assert _served_fingerprint(context) == old == reloader.plan.certificate.sha256
+    done = reloader.reload()
+    assert (done.before.sha256, done.after.sha256) == (old, new) and _served_fingerprint(context) == new
+
+
+def test_a_refused_renewal_names_the_operators_files_not_the_private_copies(
+    tmp_path: Path, tls_files: Any, tls_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tmp_path, tls_files)
+    reloader, _ = _reloader(settings)
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    shutil.copy(tls_factory().cert, settings.tls_cert)
+    # the start's check passes on the files; the copy's check refuses (the files changed in between)
+    monkeypatch.setattr("appliance.tls_reload.plan_tls", lambda s: reloader.plan)
+    with pytest.raises(ConfigError) as refused:
+        reloader.reload()
+    text = str(refused.value)
+    assert str(settings.tls_key) in text and "inferbox-tls-" not in text
+
+
+def test_a_context_that_cannot_be_put_back_is_said_to_be_broken(
+    tmp_path: Path,
+    tls_files: Any,
+    tls_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = _settings(tmp_path, tls_files)
+    reloader, context = _reloader(settings)
+    _renew(settings, tls_factory())
+    real = ssl.SSLContext.load_cert_chain
+
+    def never_on_the_live_one(self: ssl.SSLContext, certfile: Any, keyfile: Any = None, password: Any = None) -> None:
+        if self is context:
+            raise ssl.SSLError("simulated")
+        real(self, certfile, keyfile)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", never_on_the_live_one)
+    audit = _Audit()
+    reload_certificate(reloader, audit)  # type: ignore[arg-type]
+    assert reloader.broken and "could not be put back" in audit.events[-1].details["reason"]
+    assert any(r.levelname == "CRITICAL" for r in caplog.records) and "the running one stays" not in caplog.text
+
+
+def test_key_kinds_are_openssls_slots(tmp_path: Path, tls_files: Any) -> None:
+    from appliance.tls_reload import _key_kind
+
+    assert _key_kind(tls_files.cert.read_bytes()) == "EC"
+    rsa_cert, _ = _rsa_pair(tmp_path, None)
+    assert _key_kind(rsa_cert.read_bytes()) == "RSA"
