@@ -200,6 +200,19 @@ def submit(
                 f"{source.name} has no column {pair_field!r} (its header is {header}); "
                 "pass --pair-field with the column that holds each pair's second text"
             )
+    if format_ == "parquet" and pair_field:
+        import pyarrow.parquet as pq
+
+        try:
+            names = pq.read_schema(source).names
+        except Exception as exc:  # not Parquet: the job's reader names it per record
+            log.debug("no Parquet schema in %s: %s", source, exc)
+            names = None
+        for flag, name in (("--text-field", text_field), ("--pair-field", pair_field)):
+            if names is not None and name not in names:
+                raise BatchError(
+                    f"{source.name} has no column {name!r} (its columns are {names}); pass {flag} with the column"
+                )
     for sub in ("tmp", "new", "cur"):
         (spool / sub).mkdir(parents=True, exist_ok=True)
     job_id = new_job_id(now)

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -311,7 +312,13 @@ def _tokenizer(model: BatchModel, task: ChunkTask) -> Callable[[list[Any]], Sequ
     def pairs(batch: list[tuple[str, str]]) -> Sequence[Sized]:
         out: list[Sized] = []
         for first, run in itertools.groupby(batch, key=lambda pair: pair[0]):
-            out.extend(model.tokenize_pairs(first, [second for _, second in run], truncate=task.truncate))
+            try:
+                out.extend(model.tokenize_pairs(first, [second for _, second in run], truncate=task.truncate))
+            except InputError as exc:  # in the route's terms (documents[i], the query): say the fields
+                fields = f"{task.text_field!r} and {task.pair_field!r}"
+                text = re.sub(r"documents\[\d+\] with the query", f"the pair of {fields}", str(exc))
+                text = text.replace("shorten the query or the document", f"shorten {fields}")
+                raise InputError(text.replace("enable truncation", "set truncate = true")) from None
         return out
 
     return pairs
@@ -331,6 +338,10 @@ def _tokenize(model: BatchModel, texts: list[Any], task: ChunkTask, canary: _Can
 def _text_rows(model: BatchModel, tokens: list[Any], pairs: bool = False) -> list[dict[str, Any]]:
     vectors = model.embed_tokens(tokens)
     labels = model.manifest.labels
+    if model.manifest.task == "text-classification" and not np.isfinite(vectors).all():
+        # a NaN score would be written as null (or "nan" in CSV): the batch is split to find the
+        # record(s), rejected as the model failing on them, as /v1/rerank answers 500
+        raise BatchError("the model gave a score that is not a number (NaN or infinite)")
     if pairs and np.asarray(vectors).shape[-1] == 1:
         # a cross-encoder's pairs: the sigmoid of its one logit, named as /v1/rerank names it
         return [{"relevance_score": float(p)} for p in sigmoid(np.asarray(vectors).reshape(-1))]

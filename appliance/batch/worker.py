@@ -481,6 +481,8 @@ class BatchWorker:
             "model": job.model,
             "version": job.version,
             "format": job.format,
+            "text_field": job.text_field,
+            "pair_field": job.pair_field,
             "records": job.records,
             "ok": ok,
             "rejected": rejected,

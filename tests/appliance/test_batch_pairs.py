@@ -138,3 +138,51 @@ def test_a_cross_encoders_pair_job_answers_relevance_scores_in_every_format(tmp_
 
         part = next(box.out(job_id).glob("part-*"))
         assert str(pq.read_schema(part).field("relevance_score").type) == "double"
+
+
+def test_a_bad_pair_in_a_run_of_one_query_is_rejected_alone_with_the_fields_named(tmp_path: Path) -> None:
+    """One query's documents tokenize together; the one over the maximum (truncate off) is
+    rejected alone, its reason in the job's terms; a pair the model scores NaN is rejected too."""
+    from runtime.errors import InputError
+
+    class Picky(fake.FakeModel):
+        def tokenize_pairs(self, query: str, documents: Any, *, truncate: bool = True) -> Any:
+            for i, d in enumerate(documents):
+                if "LONG" in d:
+                    raise InputError(
+                        f"documents[{i}] with the query has 99 tokens, over the model's maximum 32; "
+                        "shorten the query or the document, or enable truncation",
+                        field=f"documents[{i}]",
+                    )
+            return super().tokenize_pairs(query, documents, truncate=truncate)
+
+        def embed_tokens(self, tokens: Any) -> Any:
+            return np.array([[np.nan if "NAN" in t.text else 1.0] for t in tokens], dtype=np.float32)
+
+    model = Picky(name="fake-classify", task="text-classification")
+    box = Box(tmp_path, loader=lambda n, v: model, batch_size=8)
+    docs = ["a", "b LONG", "c", "d NAN", "e"]
+    lines = [json.dumps({"id": i, "q": "refund", "d": d}) for i, d in enumerate(docs)]
+    job_id = box.submit(lines, model="fake-classify", text_field="q", pair_field="d")
+    box.worker.run_once()
+    assert [r["id"] for r in box.rows(job_id)] == [0, 2, 4]
+    reasons = {r["id"]: r["reason"] for r in box.rejects(job_id)}
+    assert set(reasons) == {1, 3}
+    assert "the pair of 'q' and 'd' has 99 tokens" in reasons[1] and "shorten 'q' and 'd'" in reasons[1]
+    assert "set truncate = true" in reasons[1] and "documents[" not in reasons[1]
+    assert "not a number" in reasons[3]
+    summary = json.loads((box.out(job_id) / "job.json").read_text())
+    assert (summary["text_field"], summary["pair_field"]) == ("q", "d")
+
+
+def test_submit_checks_a_parquet_files_pair_columns(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"query": ["q"], "doc": ["d"]}), src)
+    with pytest.raises(BatchError, match=r"no column 'document'.*--pair-field"):
+        submit(tmp_path / "spool", src, model="m", text_field="query", pair_field="document")
+    with pytest.raises(BatchError, match=r"no column 'text'.*--text-field"):
+        submit(tmp_path / "spool", src, model="m", pair_field="doc")
+    assert submit(tmp_path / "spool", src, model="m", text_field="query", pair_field="doc")
