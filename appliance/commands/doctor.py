@@ -258,9 +258,10 @@ def server_report(settings: Settings) -> dict[str, Any]:
     except ConfigError as exc:
         out["problem"] = f"serve would refuse to start: {exc}"
         return out
+    _warn_unusable_bound_keys(settings, plan, out)
     if plan is None:
         if settings.allow_plaintext:
-            out["warning"] = "plain HTTP (allow_plaintext): a TLS proxy in front must terminate HTTPS"
+            _warn(out, "plain HTTP (allow_plaintext): a TLS proxy in front must terminate HTTPS")
         return out
     cert = plan.certificate
     days = cert.days_left()
@@ -283,8 +284,34 @@ def server_report(settings: Settings) -> dict[str, Any]:
             "refuse it until then (or this box's clock is wrong)"
         )
     elif days < EXPIRY_WARNING_DAYS:
-        out["warning"] = f"the TLS certificate {plan.cert} expires in {days:.0f} days ({cert.not_after.date()})"
+        _warn(out, f"the TLS certificate {plan.cert} expires in {days:.0f} days ({cert.not_after.date()})")
     return out
+
+
+def _warn(out: dict[str, Any], text: str) -> None:
+    out["warning"] = text if not out["warning"] else f"{out['warning']}; {text}"
+
+
+def _warn_unusable_bound_keys(settings: Settings, plan: Any, out: dict[str, Any]) -> None:
+    """Keys bound to a client certificate work only over mutual TLS: say so when it is off."""
+    if not settings.auth or (plan is not None and plan.mode == "mutual-tls") or not settings.state_db.is_file():
+        return
+    from datetime import UTC, datetime
+
+    from appliance.keys import KeyStore
+
+    store = KeyStore(settings.state_db)
+    try:
+        now = datetime.now(UTC)
+        bound = [k.id for k in store.list() if k.client_cert_sha256 and k.state(now) == "active"]
+    finally:
+        store.close()
+    if bound:
+        _warn(
+            out,
+            f"{len(bound)} active API key(s) bound to a client certificate ({', '.join(bound[:5])}) are refused: "
+            "this server asks for no client certificates (set tls_client_ca for mutual TLS)",
+        )
 
 
 def _server_lines(server: dict[str, Any]) -> list[str]:

@@ -128,3 +128,26 @@ def test_a_bundle_or_a_ca_certificate_is_not_a_client_certificate(tmp_path: Path
         certificate_sha256(bundle)
     with pytest.raises(InputError, match="is a CA certificate"):
         certificate_sha256(tls_files.ca)
+
+
+def test_doctor_warns_of_bound_keys_a_server_without_mutual_tls_refuses(tmp_path: Path, tls_factory: Any) -> None:
+    from appliance.commands.doctor import server_report
+    from appliance.settings import load_settings
+
+    tls_files = tls_factory(server_days=90)  # no expiry warning beside the one looked for
+    base = {"home": str(tmp_path), "tls_cert": str(tls_files.cert), "tls_key": str(tls_files.key)}
+    plain = load_settings(base, environ={})
+    assert server_report(plain)["warning"] is None  # no state database yet: nothing to say
+    store = KeyStore(tmp_path / "state.db")
+    store.create(["infer"])
+    assert server_report(plain)["warning"] is None  # no bound key
+    bound, _ = store.create(["infer"], client_cert_sha256="ab" * 32)
+    store.close()
+    warning = server_report(plain)["warning"]
+    assert warning is not None and bound.id in warning and "tls_client_ca" in warning
+    mutual = load_settings({**base, "tls_client_ca": str(tls_files.ca)}, environ={})
+    assert server_report(mutual)["warning"] is None
+    revoked = KeyStore(tmp_path / "state.db")
+    revoked.revoke(bound.id)
+    revoked.close()
+    assert server_report(plain)["warning"] is None  # a revoked key is no loss
