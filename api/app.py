@@ -30,10 +30,14 @@ from runtime.serving import ModelRegistry
 __all__ = ["create_app"]
 
 
-@get("/metrics", include_in_schema=False)
-async def metrics_route(request: Request[Any, Any, Any]) -> Response[str]:
+async def _metrics(request: Request[Any, Any, Any]) -> Response[str]:
     server: Server = request.app.state["server"]
     return Response(server.render_metrics(), media_type=CONTENT_TYPE)
+
+
+#: open, as Prometheus scrapes by default; with ``metrics_auth`` the keyed route instead
+metrics_route = get("/metrics", include_in_schema=False, name="metrics")(_metrics)
+keyed_metrics_route = get("/metrics", include_in_schema=False, name="metrics", opt={"scope": "metrics:read"})(_metrics)
 
 
 def create_app(
@@ -69,7 +73,8 @@ def create_app(
         finally:
             await server.stop()
 
-    handlers = [*kserve.routes, *openai.routes, *rerank.routes, *audit_routes.routes, metrics_route]
+    metrics_handler = keyed_metrics_route if config.metrics_auth else metrics_route
+    handlers = [*kserve.routes, *openai.routes, *rerank.routes, *audit_routes.routes, metrics_handler]
     openapi = openapi_config("inferbox", config.server_version, handlers) if config.docs else None
     docs = docs_routes() if config.docs else []
     app = Litestar(

@@ -25,7 +25,7 @@ from runtime.errors import AuthError, ForbiddenError, OverloadError
 __all__ = ["ANONYMOUS", "Authenticator", "RateLimiter", "auth_guard"]
 
 #: the principal when auth is off: every scope
-ANONYMOUS = Principal(key_id="anonymous", scopes=("infer", "models:admin", "keys:admin", "audit:read"))
+ANONYMOUS = Principal(key_id="anonymous", scopes=("infer", "models:admin", "keys:admin", "audit:read", "metrics:read"))
 
 
 @dataclass

@@ -14,6 +14,8 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     auth: bool = True
     docs: bool = True
+    #: ``/metrics`` asks for a key with the ``metrics:read`` scope (else it is open, as scrapers expect)
+    metrics_auth: bool = False
     truncate: bool = True
     # limits
     max_body_bytes: int = 16 << 20
@@ -36,6 +38,7 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
         values: dict[str, Any] = {
             "auth": bool(settings.auth),
             "docs": bool(settings.docs),
+            "metrics_auth": bool(settings.metrics_auth),
             "truncate": bool(settings.truncate),
             "max_body_bytes": int(settings.max_body_bytes),
             "max_inputs": int(settings.max_inputs),

@@ -193,7 +193,7 @@ def envelope(
                 chunks = [_error(scope, 500, f"internal error (request id {request_id})")]
             status = int(start_message["status"])
             body = b"".join(chunks)
-            if audit is not None and not _unaudited(scope):
+            if audit is not None and not _unaudited(scope, status):
                 try:
                     await audit.record(_event(ctx, audit, status, body, clock()))
                 except Exception:
@@ -243,8 +243,10 @@ UNAUDITED_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
 UNAUDITED_PREFIXES = ("/docs",)
 
 
-def _unaudited(scope: Scope) -> bool:
+def _unaudited(scope: Scope, status: int) -> bool:
     path = str(scope.get("path", ""))
+    if status in (401, 403) and path == "/metrics":  # a refused scrape (metrics_auth) is an auth failure
+        return False
     return path in UNAUDITED_PATHS or path.startswith(UNAUDITED_PREFIXES)
 
 

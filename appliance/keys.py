@@ -11,7 +11,7 @@ certificate, so a leaked key alone is not enough).  :class:`KeyStore` implements
 :class:`api.protocols.KeyVerifier`.
 
 Scopes: ``infer`` (every model), ``infer:<model>`` (one model), ``models:admin``,
-``keys:admin``, ``audit:read``.
+``keys:admin``, ``audit:read``, ``metrics:read`` (``/metrics`` with ``metrics_auth``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from runtime.errors import AuthError, ConfigError, InputError
 
 __all__ = ["SCOPES", "KeyRecord", "KeyStore", "certificate_sha256", "parse_expiry"]
 
-SCOPES = ("infer", "models:admin", "keys:admin", "audit:read")
+SCOPES = ("infer", "models:admin", "keys:admin", "audit:read", "metrics:read")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _KEY = re.compile(r"ibx_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _DUMMY_HASH = hashlib.sha256(b"inferbox: no such key").hexdigest()

@@ -35,7 +35,7 @@ __all__ = ["Prepared", "app_factory", "batch_loader", "build_app", "model_loader
 
 log = logging.getLogger(__name__)
 
-ADMIN_SCOPES = ("infer", "models:admin", "keys:admin", "audit:read")
+ADMIN_SCOPES = ("infer", "models:admin", "keys:admin", "audit:read", "metrics:read")
 
 
 def utc_now() -> str:

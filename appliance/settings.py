@@ -51,6 +51,7 @@ FIELDS: tuple[Field, ...] = (
     Field("workers", int, 1, "server", "uvicorn worker processes", minimum=1),
     Field("auth", bool, True, "server", "require API keys"),
     Field("docs", bool, True, "server", "serve OpenAPI docs at /docs"),
+    Field("metrics_auth", bool, False, "server", "/metrics needs an API key with the metrics:read scope"),
     Field("log_level", str, "info", "server", "logging level", choices=("debug", "info", "warning", "error")),
     Field(
         "allow_plaintext",
@@ -144,6 +145,7 @@ class Settings:
     workers: int
     auth: bool
     docs: bool
+    metrics_auth: bool
     log_level: str
     allow_plaintext: bool
     tls_cert: Path | None
