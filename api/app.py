@@ -40,6 +40,14 @@ metrics_route = get("/metrics", include_in_schema=False, name="metrics")(_metric
 keyed_metrics_route = get("/metrics", include_in_schema=False, name="metrics", opt={"scope": "metrics:read"})(_metrics)
 
 
+def _build_document(app: Litestar) -> None:
+    """Build and cache the OpenAPI document as its route serves it (Litestar caches the dict lazily)."""
+    try:
+        app.plugins.get("OpenAPIPlugin").provide_openapi_schema()
+    except (KeyError, AttributeError):  # another Litestar: the object at least
+        _ = app.openapi_schema
+
+
 def create_app(
     *,
     registry: ModelRegistry,
@@ -66,7 +74,7 @@ def create_app(
     @asynccontextmanager
     async def batchers(app: Litestar) -> AsyncGenerator[None, None]:
         if config.docs:  # the OpenAPI document (~40 ms) is built here, not on the open /docs's first request
-            _ = app.openapi_schema
+            _build_document(app)
         server.attach()
         try:
             yield

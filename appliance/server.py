@@ -334,13 +334,9 @@ def build_app(settings: Settings, *, reloads: bool = False, reloader: Certificat
             yield
         finally:
             if reloads:
-                # removing it restores the default action, which ends the process: held meanwhile
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-                try:
-                    loop.remove_signal_handler(signal.SIGHUP)
-                    hold_sighup()
-                finally:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+                # replaced, never removed: removing restores the default action, which ends the
+                # process (and would skip the audit log's closing checkpoint)
+                loop.add_signal_handler(signal.SIGHUP, _sighup_not_serving, signal.SIGHUP, None)
             await watchdog.stop()
             registry.close()
             if keys is not None:

@@ -155,6 +155,6 @@ class CertificateReloader:
                 self._restore()
                 raise ConfigError(f"OpenSSL refused the renewed certificate: {exc.reason or exc}") from None
             after = certificate_info(cert)
-        self._pair = pair
+        self._pair, self.broken = pair, False
         before, self.plan = self.plan.certificate, TlsPlan(plan.cert, plan.key, plan.client_ca, after)
         return Reloaded(before=before, after=after, client_ca_changed=_digest(plan.client_ca) != self._client_ca)

@@ -180,6 +180,8 @@ class AuditLog:
     def _read_connection(self) -> sqlite3.Connection:
         """This process's read connection (opened after the writer's, which makes the schema)."""
         if self._reader is None or self._reader_pid != os.getpid():
+            if self._reader is not None:  # inherited across a fork: never used, never closed here
+                self._inherited.append(self._reader)
             with self._lock:
                 self._connection()
             self._reader = connect(self.db_path, read_only=True)

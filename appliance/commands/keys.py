@@ -110,7 +110,7 @@ def keys() -> None:
     "scopes",
     multiple=True,
     required=True,
-    help="infer | infer:<model> | models:admin | keys:admin | audit:read (repeatable).",
+    help="infer | infer:<model> | models:admin | keys:admin | audit:read | metrics:read (repeatable).",
 )
 @click.option("--model", default=None, help="Narrow the infer scope to this model.")
 @click.option("--expires", default=None, help="Expiry: YYYY-MM-DD (00:00 UTC) or an ISO 8601 time.")

@@ -96,6 +96,8 @@ def serve(
     log = logging.getLogger(__name__)
     if not settings.auth:
         log.warning("auth is off (%s): every client on this machine has every scope", settings.sources.get("auth", ""))
+        if settings.metrics_auth:
+            log.warning("metrics_auth is set, but with auth off /metrics is open like every other route")
     if tls is not None:
         _log_certificate(log, tls)
     elif settings.allow_plaintext and not is_loopback(settings.host):

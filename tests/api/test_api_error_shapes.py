@@ -68,3 +68,8 @@ def test_the_envelopes_own_500_has_each_familys_shape() -> None:
         assert sent[0]["status"] == 500 and (b"content-type", b"application/json") in sent[0]["headers"]
         body = json.loads(sent[1]["body"])
         assert isinstance(body["error"], dict) is openai, (path, body)
+
+
+def test_the_audit_api_on_a_server_without_the_audit_log_is_a_plain_404(client_factory: Any) -> None:
+    error = _openai(client_factory().get("/v1/audit"), 404)
+    assert error["code"] is None and "audit log is off" in error["message"]

@@ -540,3 +540,17 @@ def test_the_audit_refusal_and_a_missing_key_have_the_documented_shape_on_every_
                 assert len(shapes) == 1, (template, status, shapes)
                 _same(shapes[0], r.content)
                 assert ("retry-after" in r.headers) is (status == 503)
+
+
+def test_the_document_is_built_at_start_not_on_the_first_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/docs is open: its first request must not build the document on the event loop (~36 ms)."""
+    with TestClient(_app(tmp_path), raise_server_exceptions=False) as c:
+
+        def refuse(*_: Any, **__: Any) -> Any:
+            raise AssertionError("the document was built on a request")
+
+        monkeypatch.setattr(msgspec.json, "schema_components", refuse)
+        r = c.get("/docs/openapi.json")
+        assert r.status_code == 200 and r.json()["paths"]

@@ -151,3 +151,17 @@ def test_doctor_warns_of_bound_keys_a_server_without_mutual_tls_refuses(tmp_path
     revoked.revoke(bound.id)
     revoked.close()
     assert server_report(plain)["warning"] is None  # a revoked key is no loss
+
+
+def test_doctor_reports_an_unreadable_key_table_instead_of_failing(tmp_path: Path, tls_factory: Any) -> None:
+    from appliance.commands.doctor import server_report
+    from appliance.settings import load_settings
+
+    files = tls_factory(server_days=90)
+    (tmp_path / "state.db").write_bytes(b"not a database, " * 100)
+    settings = load_settings(
+        {"home": str(tmp_path), "tls_cert": str(files.cert), "tls_key": str(files.key)}, environ={}
+    )
+    report = server_report(settings)
+    assert report["problem"] is None and "could not be read" in (report["warning"] or "")
+    assert (tmp_path / "state.db").read_bytes() == b"not a database, " * 100  # doctor wrote nothing

@@ -282,6 +282,9 @@ def test_a_context_that_cannot_be_put_back_is_said_to_be_broken(
     reload_certificate(reloader, audit)  # type: ignore[arg-type]
     assert reloader.broken and "could not be put back" in audit.events[-1].details["reason"]
     assert any(r.levelname == "CRITICAL" for r in caplog.records) and "the running one stays" not in caplog.text
+    monkeypatch.undo()  # the next reload works: the context is whole again
+    reloader.reload()
+    assert not reloader.broken
 
 
 def test_key_kinds_are_openssls_slots(tmp_path: Path, tls_files: Any) -> None:
