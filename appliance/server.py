@@ -270,12 +270,20 @@ def _event(event: str, action: str, outcome: str = "success", **details: str) ->
     )
 
 
-def build_app(settings: Settings, *, reloads: bool = False, reloader: CertificateReloader | None = None) -> Litestar:
+def build_app(
+    settings: Settings,
+    *,
+    reloads: bool = False,
+    reloader: CertificateReloader | None = None,
+    announces_ready: bool = False,
+) -> Litestar:
     """The API app with its real collaborators; the lifespan records start / stop and closes them.
 
     ``reloads``: this process owns SIGHUP (``systemctl reload``): it loads a renewed certificate
     into ``reloader``'s live context, and says so in the log and the audit log (without TLS there
-    is nothing to reload, and SIGHUP must still not end the service).
+    is nothing to reload, and SIGHUP must still not end the service).  ``announces_ready``: a
+    worker of ``--workers N`` says ``READY=1`` once started (to the main process's relay,
+    :mod:`appliance.systemd.relay`); one process says it from ``serve`` once the socket listens.
     """
     from api.app import create_app
     from api.config import ApiConfig
@@ -324,9 +332,11 @@ def build_app(settings: Settings, *, reloads: bool = False, reloader: Certificat
     async def resources(_app: Litestar) -> AsyncGenerator[None, None]:
         from appliance.systemd.notify import Watchdog
 
-        # READY=1 is sent by the serve command once the socket listens; here only the watchdog.
+        # READY=1 is sent by the serve command once the socket listens (a worker: here); the watchdog here
         watchdog = Watchdog.from_environment()
         await watchdog.start()
+        if announces_ready:
+            watchdog.ready()
         loop = asyncio.get_running_loop()
         if reloads:
             loop.add_signal_handler(signal.SIGHUP, reload_certificate, reloader, audit)
@@ -415,7 +425,7 @@ def app_factory() -> Litestar:
     from runtime.offline import stay_offline
 
     stay_offline()
-    return build_app(load_settings())
+    return build_app(load_settings(), announces_ready=True)
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

@@ -779,3 +779,44 @@ def test_unload_load_and_stop_leave_a_clean_exit(minilm_repository: Path, tmp_pa
         )
         verify = cli("audit", "verify", home=home, repository=minilm_repository)
         assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_workers_under_systemd_are_heard_through_the_main_process(minilm_repository: Path, tmp_path: Path) -> None:
+    """``--workers 2`` with a Type=notify unit's NotifyAccess=main: READY=1, WATCHDOG=1 and
+    STOPPING=1 all come from the process systemd started (uvicorn's supervisor), which relays its
+    workers'; a worker writing to systemd's socket itself would be ignored by systemd."""
+    import struct
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    path = tmp_path / "systemd.sock"
+    sock.bind(str(path))
+    heard: list[tuple[int, bytes]] = []
+
+    def listen(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                data, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                return
+            pid = next(
+                struct.unpack("3i", d[:12])[0]
+                for level, kind, d in ancdata
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+            )
+            heard.append((pid, data))
+
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000000"}
+    proc, url, _log = _start(minilm_repository, tmp_path / "workers-home", "--workers", "2", "--no-auth", env=env)
+    try:
+        listen(3.5)  # the workers ping every second; the relay forwards every second
+        assert httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": "x"}, timeout=60).status_code == 200
+    finally:
+        _stop(proc)
+    listen(2)
+    sock.close()
+    states = [data for _, data in heard]
+    assert {pid for pid, _ in heard} == {proc.pid}, heard
+    assert states.count(b"READY=1") == 1 and b"WATCHDOG=1" in states and states[-1] == b"STOPPING=1", states

@@ -115,18 +115,26 @@ def serve(
 
     if settings.workers > 1:
         from appliance.server import settings_environment
+        from appliance.systemd.relay import NotifyRelay
 
         os.environ.update(settings_environment(settings))
-        uvicorn.run(
-            "appliance.server:app_factory",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_level=settings.log_level,
-            access_log=False,
-            **ssl_options(tls),
-        )
+        relay = NotifyRelay.for_workers()  # systemd hears this process only: the workers' READY / WATCHDOG via it
+        if relay is not None:
+            relay.start()
+        try:
+            uvicorn.run(
+                "appliance.server:app_factory",
+                factory=True,
+                host=settings.host,
+                port=settings.port,
+                workers=settings.workers,
+                log_level=settings.log_level,
+                access_log=False,
+                **ssl_options(tls),
+            )
+        finally:
+            if relay is not None:
+                relay.stop()
         return
 
     from appliance.server import build_app

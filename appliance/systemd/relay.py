@@ -1,0 +1,110 @@
+"""systemd notifications for ``serve --workers N``: the workers' ``READY=1`` and ``WATCHDOG=1`` go
+through the main process, the only one a ``NotifyAccess=main`` unit hears.
+
+With workers, the process systemd started is uvicorn's supervisor, which runs no app; the app
+(and its event loop) lives in the worker processes.  :class:`NotifyRelay` binds a private
+datagram socket and hands the workers its path as their ``$NOTIFY_SOCKET`` (with systemd's
+``$WATCHDOG_USEC``), so their usual notifications (``appliance.systemd.notify``) reach it:
+
+- the first worker's ``READY=1`` (its model loaded, its lifespan started) becomes the
+  service's ``READY=1``; a worker uvicorn restarts later says it again, which is not repeated;
+- ``WATCHDOG=1`` is sent to systemd every half interval only while some worker pinged within
+  the last interval: with every worker's event loop hung, systemd's watchdog fires and
+  restarts the service, as it does for one process;
+- a worker's ``STOPPING=1`` is one worker stopping, not the service: the relay says
+  ``STOPPING=1`` itself when the supervisor returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+
+from appliance.systemd.notify import notify, socket_address, watchdog_interval
+
+__all__ = ["NotifyRelay"]
+
+log = logging.getLogger(__name__)
+
+
+class NotifyRelay:
+    """The main process's relay of its workers' notifications to systemd (see the module)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        #: where systemd listens, captured before the workers' environment points elsewhere
+        self._systemd = {"NOTIFY_SOCKET": env.get("NOTIFY_SOCKET", "")}
+        self.interval_s = watchdog_interval(env)
+        self._folder = tempfile.mkdtemp(prefix="inferbox-notify-")
+        self.path = os.path.join(self._folder, "notify.sock")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.bind(self.path)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="notify-relay", daemon=True)
+        self.ready_sent = False
+        self.pings_sent = 0
+        self._last_ping: float | None = None
+
+    @classmethod
+    def for_workers(cls, environ: Mapping[str, str] | None = None) -> NotifyRelay | None:
+        """A relay when this process runs under systemd (``$NOTIFY_SOCKET``), else None."""
+        return cls(environ) if socket_address(environ) is not None else None
+
+    def worker_environment(self) -> dict[str, str]:
+        """What the workers inherit: the relay as their notify socket, systemd's watchdog interval."""
+        env = {"NOTIFY_SOCKET": self.path}
+        if self.interval_s is not None:
+            env["WATCHDOG_USEC"] = str(int(self.interval_s * 1_000_000))
+        return env
+
+    def start(self) -> None:
+        """Point the workers (spawned after this) at the relay and start relaying."""
+        os.environ.update(self.worker_environment())
+        os.environ.pop("WATCHDOG_PID", None)  # systemd's names this process: the workers' pings are theirs
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop relaying and tell systemd the service is stopping."""
+        self._stop.set()
+        self._thread.join(5)
+        notify("STOPPING=1", self._systemd)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _run(self) -> None:
+        period = self.interval_s / 2 if self.interval_s is not None else 1.0
+        due = time.monotonic() + period
+        while not self._stop.is_set():
+            self._sock.settimeout(max(0.01, min(0.5, due - time.monotonic())))
+            try:
+                self._relay(self._sock.recv(4096))
+            except TimeoutError:
+                pass
+            except OSError as exc:  # closed under us at stop
+                if not self._stop.is_set():
+                    log.warning("the notify relay stopped: %s", exc)
+                return
+            now = time.monotonic()
+            if now >= due:
+                due = now + period
+                if self._workers_alive(now) and notify("WATCHDOG=1", self._systemd):
+                    self.pings_sent += 1
+
+    def _workers_alive(self, now: float) -> bool:
+        """Some worker pinged within the watchdog interval (systemd asked for one)."""
+        return self.interval_s is not None and self._last_ping is not None and now - self._last_ping < self.interval_s
+
+    def _relay(self, datagram: bytes) -> None:
+        for line in datagram.decode("utf-8", "replace").splitlines():
+            if line == "READY=1" and not self.ready_sent:
+                self.ready_sent = notify("READY=1", self._systemd)
+            elif line == "WATCHDOG=1":
+                self._last_ping = time.monotonic()
