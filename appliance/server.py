@@ -425,7 +425,13 @@ def app_factory() -> Litestar:
     from runtime.offline import stay_offline
 
     stay_offline()
-    return build_app(load_settings(), announces_ready=True)
+    try:
+        return build_app(load_settings(), announces_ready=True)
+    except Exception:
+        # uvicorn restarts a worker that dies, forever, except one exiting with its start-up failure
+        # code (3), after which it stops the service: serve then exits 1 and systemd restarts it
+        log.exception("this worker could not build the app")
+        raise SystemExit(3) from None
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

@@ -115,26 +115,19 @@ def serve(
 
     if settings.workers > 1:
         from appliance.server import settings_environment
-        from appliance.systemd.relay import NotifyRelay
+        from appliance.workers import run_workers
 
         os.environ.update(settings_environment(settings))
-        relay = NotifyRelay.for_workers()  # systemd hears this process only: the workers' READY / WATCHDOG via it
-        if relay is not None:
-            relay.start()
-        try:
-            uvicorn.run(
-                "appliance.server:app_factory",
-                factory=True,
-                host=settings.host,
-                port=settings.port,
-                workers=settings.workers,
-                log_level=settings.log_level,
-                access_log=False,
+        run_workers(
+            {
+                "host": settings.host,
+                "port": settings.port,
+                "workers": settings.workers,
+                "log_level": settings.log_level,
+                "access_log": False,
                 **ssl_options(tls),
-            )
-        finally:
-            if relay is not None:
-                relay.stop()
+            }
+        )
         return
 
     from appliance.server import build_app
@@ -162,6 +155,7 @@ def serve(
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True)
     server.run()
+    hold_sighup()  # the loop's handler went with the loop: a late SIGHUP must not end the exit early
 
 
 @contextlib.contextmanager

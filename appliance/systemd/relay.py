@@ -11,6 +11,10 @@ datagram socket and hands the workers its path as their ``$NOTIFY_SOCKET`` (with
 - ``WATCHDOG=1`` is sent to systemd every half interval only while some worker pinged within
   the last interval: with every worker's event loop hung, systemd's watchdog fires and
   restarts the service, as it does for one process;
+- a worker (a child of this process, known by the pid the kernel attaches to its datagrams)
+  whose pings stop for longer than the interval while it lives has a hung event loop: it is
+  killed, and uvicorn's supervisor starts another (uvicorn's own health check runs in a thread
+  of its own and answers while the loop is stuck);
 - a worker's ``STOPPING=1`` is one worker stopping, not the service: the relay says
   ``STOPPING=1`` itself when the supervisor returns.
 """
@@ -21,7 +25,9 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -45,12 +51,15 @@ class NotifyRelay:
         self._folder = tempfile.mkdtemp(prefix="inferbox-notify-")
         self.path = os.path.join(self._folder, "notify.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # each datagram's sender pid
         self._sock.bind(self.path)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="notify-relay", daemon=True)
         self.ready_sent = False
         self.pings_sent = 0
-        self._last_ping: float | None = None
+        self.killed: list[int] = []
+        #: the last ping of each worker pid
+        self._pings: dict[int, float] = {}
 
     @classmethod
     def for_workers(cls, environ: Mapping[str, str] | None = None) -> NotifyRelay | None:
@@ -85,7 +94,8 @@ class NotifyRelay:
         while not self._stop.is_set():
             self._sock.settimeout(max(0.01, min(0.5, due - time.monotonic())))
             try:
-                self._relay(self._sock.recv(4096))
+                data, ancdata, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
+                self._relay(data, _sender(ancdata))
             except TimeoutError:
                 pass
             except OSError as exc:  # closed under us at stop
@@ -95,16 +105,57 @@ class NotifyRelay:
             now = time.monotonic()
             if now >= due:
                 due = now + period
+                self._end_hung_workers(now)
                 if self._workers_alive(now) and notify("WATCHDOG=1", self._systemd):
                     self.pings_sent += 1
 
     def _workers_alive(self, now: float) -> bool:
         """Some worker pinged within the watchdog interval (systemd asked for one)."""
-        return self.interval_s is not None and self._last_ping is not None and now - self._last_ping < self.interval_s
+        interval = self.interval_s
+        return interval is not None and any(now - last < interval for last in self._pings.values())
 
-    def _relay(self, datagram: bytes) -> None:
+    def _end_hung_workers(self, now: float) -> None:
+        if self.interval_s is None:
+            return
+        for pid, last in list(self._pings.items()):
+            if not _is_child(pid):  # gone (uvicorn started another, which pings anew)
+                del self._pings[pid]
+            elif now - last > self.interval_s:
+                log.error(
+                    "worker %d has not pinged for %.0f s (its event loop is stuck): killing it, uvicorn starts another",
+                    pid,
+                    now - last,
+                )
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                self.killed.append(pid)
+                del self._pings[pid]
+
+    def _relay(self, datagram: bytes, pid: int | None) -> None:
         for line in datagram.decode("utf-8", "replace").splitlines():
             if line == "READY=1" and not self.ready_sent:
                 self.ready_sent = notify("READY=1", self._systemd)
-            elif line == "WATCHDOG=1":
-                self._last_ping = time.monotonic()
+            elif line == "WATCHDOG=1" and pid is not None:
+                self._pings[pid] = time.monotonic()
+
+
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _sender(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= _CREDENTIALS.size:
+            pid: int = _CREDENTIALS.unpack(data[: _CREDENTIALS.size])[0]
+            return pid
+    return None
+
+
+def _is_child(pid: int) -> bool:
+    """``pid`` is alive and a child of this process (never another process that reused the number)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+    return len(fields) > 1 and fields[0] != "Z" and fields[1] == str(os.getpid())

@@ -1,26 +1,27 @@
-"""The main process relays its workers' READY / WATCHDOG to systemd (NotifyAccess=main)."""
+"""The main process relays its workers' READY / WATCHDOG to systemd (NotifyAccess=main) and ends a
+worker whose pings stop (a hung event loop) while it lives."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from appliance.systemd.notify import notify
 from appliance.systemd.relay import NotifyRelay
 
 
 @pytest.fixture
 def systemd(tmp_path: Path) -> Iterator[tuple[socket.socket, dict[str, str]]]:
-    """A stand-in for systemd's notify socket, asking for a watchdog ping every 0.4 s."""
+    """A stand-in for systemd's notify socket, asking for a watchdog ping every 0.6 s."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = str(tmp_path / "systemd.sock")
     sock.bind(path)
-    sock.settimeout(5)
-    yield sock, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    yield sock, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "600000"}
     sock.close()
 
 
@@ -34,7 +35,27 @@ def _received(sock: socket.socket, timeout: float) -> list[bytes]:
         return out
 
 
-def test_the_first_ready_is_relayed_once_and_pings_only_while_workers_ping(
+#: a worker: READY=1 (twice, as a restarted one would), WATCHDOG=1 every 0.1 s for ``PING_S``,
+#: STOPPING=1, then a hang (alive, silent) of ``HANG_S``
+WORKER = """
+import os, sys, time
+from appliance.systemd.notify import notify
+ping_s, hang_s = float(sys.argv[1]), float(sys.argv[2])
+notify("READY=1"); notify("READY=1")
+end = time.monotonic() + ping_s
+while time.monotonic() < end:
+    notify("WATCHDOG=1"); time.sleep(0.1)
+notify("STOPPING=1")
+time.sleep(hang_s)
+"""
+
+
+def _worker(relay: NotifyRelay, ping_s: float, hang_s: float) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **relay.worker_environment(), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(ping_s), str(hang_s)], env=env)
+
+
+def test_ready_once_pings_while_workers_ping_and_a_silent_worker_is_killed(
     systemd: tuple[socket.socket, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sock, env = systemd
@@ -44,25 +65,43 @@ def test_the_first_ready_is_relayed_once_and_pings_only_while_workers_ping(
     relay = NotifyRelay.for_workers()
     assert relay is not None
     relay.start()
+    worker = None
     try:
         # what a worker spawned now inherits: the relay, systemd's interval, no WATCHDOG_PID
-        assert os.environ["NOTIFY_SOCKET"] == relay.path and os.environ["WATCHDOG_USEC"] == "400000"
+        assert os.environ["NOTIFY_SOCKET"] == relay.path and os.environ["WATCHDOG_USEC"] == "600000"
         assert "WATCHDOG_PID" not in os.environ
-        worker = relay.worker_environment()
-        assert _received(sock, 0.6) == []  # no worker has pinged: nothing for systemd's watchdog
-        assert notify("WATCHDOG=1", worker) and notify("READY=1", worker)
-        assert notify("READY=1", worker)  # a second worker (or one uvicorn restarted): not repeated
-        assert notify("STOPPING=1", worker)  # one worker stopping is not the service stopping
-        got = _received(sock, 0.5)
-        assert got.count(b"READY=1") == 1 and b"STOPPING=1" not in got
-        assert b"WATCHDOG=1" in got
-        # the workers stop pinging (their loops hung): the pings to systemd stop within an interval
-        _received(sock, 1.0)  # pings already due (the last worker ping was under 0.4 s ago)
-        assert _received(sock, 0.8) == []
+        assert _received(sock, 0.7) == []  # no worker has pinged: nothing for systemd's watchdog
+        worker = _worker(relay, ping_s=2.0, hang_s=60)
+        got = _received(sock, 1.5)  # while it pings
+        assert got.count(b"READY=1") == 1 and b"WATCHDOG=1" in got and b"STOPPING=1" not in got
+        assert worker.wait(timeout=15) == -9  # silent past the interval while alive: killed
+        assert relay.killed == [worker.pid]
+        _received(sock, 1.0)
+        assert _received(sock, 1.0) == []  # no worker pings: systemd's watchdog would fire
     finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
         relay.stop()
     assert _received(sock, 0.5) == [b"STOPPING=1"]
     assert not os.path.exists(relay.path)
+
+
+def test_a_worker_that_exits_is_forgotten_not_killed(
+    systemd: tuple[socket.socket, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock, env = systemd
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    relay = NotifyRelay.for_workers()
+    assert relay is not None
+    relay.start()
+    try:
+        worker = _worker(relay, ping_s=0.5, hang_s=0)
+        assert worker.wait(timeout=15) == 0
+        _received(sock, 2.0)
+        assert relay.killed == []
+    finally:
+        relay.stop()
 
 
 def test_no_relay_outside_systemd() -> None:

@@ -1,0 +1,64 @@
+"""``serve --workers N``: uvicorn's supervisor, with the exit status and signals a systemd unit needs.
+
+``uvicorn.run`` with workers returns normally however its supervisor ended, so a service whose
+replacement worker could not start (uvicorn then stops every worker) exited 0, which
+``Restart=on-failure`` takes for a clean stop.  :func:`run_workers` runs the same supervisor
+and exits 1 unless SIGTERM or SIGINT asked it to stop.  SIGHUP is logged, not uvicorn's
+replace-every-worker: a worker loads its own model, longer than uvicorn waits for a replacement,
+so each ``systemctl reload`` would load an extra model copy and then give it up.  The workers'
+systemd notifications go through :class:`appliance.systemd.relay.NotifyRelay`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+__all__ = ["run_workers"]
+
+log = logging.getLogger(__name__)
+
+
+def run_workers(options: dict[str, Any]) -> None:
+    """Serve ``appliance.server:app_factory`` in ``options["workers"]`` processes (uvicorn options)."""
+    from uvicorn import Config
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    from appliance.systemd.relay import NotifyRelay
+
+    class Supervisor(Multiprocess):
+        stopped_by_signal = False
+
+        def handle_int(self) -> None:
+            self.stopped_by_signal = True
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            self.stopped_by_signal = True
+            super().handle_term()
+
+        def handle_hup(self) -> None:
+            log.warning(
+                "SIGHUP with %d workers: ignored (each worker loads its own model); "
+                "to load a renewed certificate, systemctl restart inferbox-api",
+                self.processes_num,
+            )
+
+    config = Config("appliance.server:app_factory", factory=True, **options)
+    relay = NotifyRelay.for_workers()  # systemd hears this process only: the workers' READY / WATCHDOG via it
+    if relay is not None:
+        relay.start()
+    try:
+        sock = config.bind_socket()
+        supervisor = Supervisor(config, sockets=[sock])
+        supervisor.run()
+    finally:
+        if relay is not None:
+            relay.stop()
+        if config.uds and os.path.exists(config.uds):
+            os.remove(config.uds)
+    if not supervisor.stopped_by_signal:
+        log.error("the workers stopped without being asked to (see above); exiting 1 so systemd restarts the service")
+        sys.exit(1)

@@ -1,0 +1,73 @@
+"""``serve --workers N``: the supervisor's exit status and SIGHUP, as a systemd unit needs them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: run_workers on a free port with settings from the environment
+RUN = """
+import sys
+from appliance.workers import run_workers
+run_workers({"host": "127.0.0.1", "port": int(sys.argv[1]), "workers": 2, "log_level": "info", "access_log": False})
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "INFERBOX_HOME": str(tmp_path / "home"), **env}
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, str(_port())],
+        env=full,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def test_workers_that_cannot_start_end_the_service_with_a_failure(tmp_path: Path) -> None:
+    """A worker that cannot build the app exits with uvicorn's start-up failure code (uvicorn would
+    restart any other death forever); uvicorn then stops every worker, which must not read as a clean
+    stop (0): Restart=on-failure would leave the service stopped."""
+    proc = _run(tmp_path, {"INFERBOX_PUBLIC_KEY": str(tmp_path / "no-such-key.pem")})
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out.decode(errors="replace")[-3000:]
+    assert b"stopped without being asked to" in out
+
+
+def test_sigterm_is_a_clean_stop_and_sighup_is_logged_not_a_restart(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    proc = _run(
+        tmp_path,
+        {"INFERBOX_REPOSITORY": str(tmp_path / "repo"), "INFERBOX_AUDIT": "false", "INFERBOX_AUTH": "false"},
+    )
+    try:
+        assert proc.stdout is not None
+        seen = b""
+        deadline = time.monotonic() + 120
+        while b"Application startup complete" not in seen:  # a worker serves: read until it says so
+            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")[-3000:]
+            seen += proc.stdout.readline()
+        proc.send_signal(signal.SIGHUP)
+        while b"SIGHUP with 2 workers: ignored" not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")[-3000:]
+            seen += proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, (seen + rest).decode(errors="replace")[-3000:]
+    assert b"restarting processes" not in seen + rest
