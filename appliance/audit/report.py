@@ -31,7 +31,7 @@ def _models(repository: Path) -> list[dict[str, Any]]:
 def _log_facts(db_path: Path) -> dict[str, Any]:
     if not db_path.is_file():
         return {"records": 0, "oldest": None, "newest": None, "checkpoints": 0}
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    conn = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True)
     try:
         count, oldest, newest = conn.execute(
             "SELECT count(*), min(recorded_at), max(recorded_at) FROM records"

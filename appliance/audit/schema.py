@@ -115,7 +115,12 @@ def connect(db_path: Path, *, busy_timeout_s: float = 30.0, read_only: bool = Fa
         if not db_path.is_file():
             raise AuditError(f"audit database {db_path} does not exist; pass the path of an existing audit.db")
         conn = sqlite3.connect(
-            f"file:{db_path}?mode=ro", uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            # as a URI: a '#' or '?' in the path would otherwise end it (and drop mode=ro)
+            Path(db_path).resolve().as_uri() + "?mode=ro",
+            uri=True,
+            timeout=busy_timeout_s,
+            isolation_level=None,
+            check_same_thread=False,
         )
     else:
         db_path.parent.mkdir(parents=True, exist_ok=True)

@@ -301,7 +301,7 @@ def _warn_unusable_bound_keys(settings: Settings, plan: Any, out: dict[str, Any]
 
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     try:  # read-only: doctor changes nothing (a key table from before bindings has no such column)
-        conn = sqlite3.connect(f"file:{settings.state_db}?mode=ro", uri=True, timeout=5)
+        conn = sqlite3.connect(settings.state_db.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)
         try:
             rows = conn.execute(
                 "SELECT id FROM api_keys WHERE client_cert_sha256 IS NOT NULL AND revoked_at IS NULL "

@@ -368,3 +368,17 @@ def test_a_slow_read_does_not_hold_up_the_writer(
     assert [r.seq for r in found] in ([1], [1, 2])
     assert [r.seq for r in log.query(limit=10)] == [1, 2]
     log.close()
+
+
+def test_read_only_opens_take_paths_with_uri_characters(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    """A '#' or '?' in a folder name ended the ``file:`` URI (and dropped ``mode=ro``)."""
+    folder = tmp_path / "a#b?c"
+    folder.mkdir()
+    log = _log(folder, key)
+    log.append(T.event(1))
+    assert [r.seq for r in log.query(limit=5)] == [1]  # the read connection
+    log.close()
+    conn = connect(folder / "audit.db", read_only=True)
+    assert conn.execute("SELECT count(*) FROM records").fetchone() == (1,)
+    conn.close()
+    assert not (tmp_path / "a").exists()  # nothing made where the URI was cut
