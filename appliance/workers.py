@@ -13,12 +13,26 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import sys
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["run_workers"]
+__all__ = ["run_workers", "worker_ssl_context"]
 
 log = logging.getLogger(__name__)
+
+
+def worker_ssl_context(_config: Any, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """A worker's TLS context, built as uvicorn builds it; files it cannot load (a renewal half
+    written when uvicorn restarts a worker) exit with uvicorn's start-up failure code, which stops
+    the service (systemd restarts it, and serve's own check names the files), instead of dying with
+    1, which uvicorn answers with another worker at once, forever."""
+    try:
+        return default()
+    except Exception:
+        log.exception("this worker could not load the TLS certificate and key")
+        raise SystemExit(3) from None
 
 
 def run_workers(options: dict[str, Any]) -> None:
@@ -46,6 +60,8 @@ def run_workers(options: dict[str, Any]) -> None:
                 self.processes_num,
             )
 
+    if options.get("ssl_certfile"):  # a worker that cannot read them stops the service (see worker_ssl_context)
+        options = {**options, "ssl_context_factory": worker_ssl_context}
     config = Config("appliance.server:app_factory", factory=True, **options)
     relay = NotifyRelay.for_workers()  # systemd hears this process only: the workers' READY / WATCHDOG via it
     if relay is not None:

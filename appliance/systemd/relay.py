@@ -15,8 +15,8 @@ datagram socket and hands the workers its path as their ``$NOTIFY_SOCKET`` (with
   whose pings stop for longer than the interval while it lives has a hung event loop: it is
   killed, and uvicorn's supervisor starts another (uvicorn's own health check runs in a thread
   of its own and answers while the loop is stuck);
-- a worker's ``STOPPING=1`` is one worker stopping, not the service: the relay says
-  ``STOPPING=1`` itself when the supervisor returns.
+- a worker's ``STOPPING=1`` is one worker stopping, not the service (it is no longer watched):
+  the relay says ``STOPPING=1`` itself when the supervisor returns.
 """
 
 from __future__ import annotations
@@ -118,9 +118,10 @@ class NotifyRelay:
         if self.interval_s is None:
             return
         for pid, last in list(self._pings.items()):
-            if not _is_child(pid):  # gone (uvicorn started another, which pings anew)
-                del self._pings[pid]
-            elif now - last > self.interval_s:
+            if now - last <= self.interval_s:
+                continue  # fresh: kept whatever /proc says (a pid namespace may hide it there)
+            del self._pings[pid]
+            if _is_child(pid):  # silent while it lives: its event loop is stuck
                 log.error(
                     "worker %d has not pinged for %.0f s (its event loop is stuck): killing it, uvicorn starts another",
                     pid,
@@ -129,7 +130,6 @@ class NotifyRelay:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                 self.killed.append(pid)
-                del self._pings[pid]
 
     def _relay(self, datagram: bytes, pid: int | None) -> None:
         for line in datagram.decode("utf-8", "replace").splitlines():
@@ -137,6 +137,8 @@ class NotifyRelay:
                 self.ready_sent = notify("READY=1", self._systemd)
             elif line == "WATCHDOG=1" and pid is not None:
                 self._pings[pid] = time.monotonic()
+            elif line == "STOPPING=1" and pid is not None:
+                self._pings.pop(pid, None)  # it closes its audit log on its loop: not a hang
 
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid

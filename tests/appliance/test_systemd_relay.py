@@ -17,11 +17,11 @@ from appliance.systemd.relay import NotifyRelay
 
 @pytest.fixture
 def systemd(tmp_path: Path) -> Iterator[tuple[socket.socket, dict[str, str]]]:
-    """A stand-in for systemd's notify socket, asking for a watchdog ping every 0.6 s."""
+    """A stand-in for systemd's notify socket, asking for a watchdog ping every 2 s."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = str(tmp_path / "systemd.sock")
     sock.bind(path)
-    yield sock, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "600000"}
+    yield sock, {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}
     sock.close()
 
 
@@ -35,24 +35,26 @@ def _received(sock: socket.socket, timeout: float) -> list[bytes]:
         return out
 
 
-#: a worker: READY=1 (twice, as a restarted one would), WATCHDOG=1 every 0.1 s for ``PING_S``,
-#: STOPPING=1, then a hang (alive, silent) of ``HANG_S``
+#: a worker: READY=1 (twice, as a restarted one would), WATCHDOG=1 every 0.1 s for ``ping_s``;
+#: then, with ``stop``, STOPPING=1; then ``hang_s`` alive and silent
 WORKER = """
-import os, sys, time
+import sys, time
 from appliance.systemd.notify import notify
-ping_s, hang_s = float(sys.argv[1]), float(sys.argv[2])
+ping_s, hang_s, stop = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "stop"
 notify("READY=1"); notify("READY=1")
 end = time.monotonic() + ping_s
 while time.monotonic() < end:
     notify("WATCHDOG=1"); time.sleep(0.1)
-notify("STOPPING=1")
+if stop:
+    notify("STOPPING=1")
 time.sleep(hang_s)
 """
 
 
-def _worker(relay: NotifyRelay, ping_s: float, hang_s: float) -> subprocess.Popen[bytes]:
+def _worker(relay: NotifyRelay, ping_s: float, hang_s: float, *, stop: bool = False) -> subprocess.Popen[bytes]:
     env = {**os.environ, **relay.worker_environment(), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(ping_s), str(hang_s)], env=env)
+    args = [sys.executable, "-c", WORKER, str(ping_s), str(hang_s), "stop" if stop else "run"]
+    return subprocess.Popen(args, env=env)
 
 
 def test_ready_once_pings_while_workers_ping_and_a_silent_worker_is_killed(
@@ -68,16 +70,16 @@ def test_ready_once_pings_while_workers_ping_and_a_silent_worker_is_killed(
     worker = None
     try:
         # what a worker spawned now inherits: the relay, systemd's interval, no WATCHDOG_PID
-        assert os.environ["NOTIFY_SOCKET"] == relay.path and os.environ["WATCHDOG_USEC"] == "600000"
+        assert os.environ["NOTIFY_SOCKET"] == relay.path and os.environ["WATCHDOG_USEC"] == "2000000"
         assert "WATCHDOG_PID" not in os.environ
-        assert _received(sock, 0.7) == []  # no worker has pinged: nothing for systemd's watchdog
-        worker = _worker(relay, ping_s=2.0, hang_s=60)
-        got = _received(sock, 1.5)  # while it pings
-        assert got.count(b"READY=1") == 1 and b"WATCHDOG=1" in got and b"STOPPING=1" not in got
-        assert worker.wait(timeout=15) == -9  # silent past the interval while alive: killed
+        assert _received(sock, 1.5) == []  # no worker has pinged: nothing for systemd's watchdog
+        worker = _worker(relay, ping_s=4.0, hang_s=60)
+        got = _received(sock, 3.0)  # while it pings (the relay forwards once a second)
+        assert got.count(b"READY=1") == 1 and b"WATCHDOG=1" in got
+        assert worker.wait(timeout=20) == -9  # silent past the interval while alive: killed
         assert relay.killed == [worker.pid]
-        _received(sock, 1.0)
-        assert _received(sock, 1.0) == []  # no worker pings: systemd's watchdog would fire
+        _received(sock, 2.5)
+        assert _received(sock, 2.0) == []  # no worker pings: systemd's watchdog would fire
     finally:
         if worker is not None and worker.poll() is None:
             worker.kill()
@@ -86,9 +88,11 @@ def test_ready_once_pings_while_workers_ping_and_a_silent_worker_is_killed(
     assert not os.path.exists(relay.path)
 
 
-def test_a_worker_that_exits_is_forgotten_not_killed(
+def test_a_stopping_or_exited_worker_is_not_killed(
     systemd: tuple[socket.socket, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One that said STOPPING=1 (closing its audit log on its loop) is no longer watched; one that
+    exited is forgotten; and a worker's STOPPING=1 is not the service's."""
     sock, env = systemd
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -96,10 +100,11 @@ def test_a_worker_that_exits_is_forgotten_not_killed(
     assert relay is not None
     relay.start()
     try:
-        worker = _worker(relay, ping_s=0.5, hang_s=0)
-        assert worker.wait(timeout=15) == 0
-        _received(sock, 2.0)
-        assert relay.killed == []
+        stopping = _worker(relay, ping_s=0.5, hang_s=4.0, stop=True)
+        exiting = _worker(relay, ping_s=0.5, hang_s=0)
+        assert exiting.wait(timeout=20) == 0 and stopping.wait(timeout=20) == 0
+        got = _received(sock, 2.5)
+        assert relay.killed == [] and b"STOPPING=1" not in got
     finally:
         relay.stop()
 

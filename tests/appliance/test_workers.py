@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,3 +72,32 @@ def test_sigterm_is_a_clean_stop_and_sighup_is_logged_not_a_restart(tmp_path: Pa
             proc.kill()
     assert proc.returncode == 0, (seen + rest).decode(errors="replace")[-3000:]
     assert b"restarting processes" not in seen + rest
+
+
+def test_a_worker_that_cannot_load_the_tls_files_stops_the_service(
+    tmp_path: Path, tls_files: Any, tls_factory: Any
+) -> None:
+    """Not a restart loop (uvicorn answers a worker dying with 1 by another, at once, forever)."""
+    other = tls_factory()
+    (tmp_path / "repo").mkdir()
+    run = RUN.replace(
+        '"access_log": False', '"access_log": False, "ssl_certfile": sys.argv[2], "ssl_keyfile": sys.argv[3]'
+    )
+    full = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "INFERBOX_HOME": str(tmp_path / "home"),
+        "INFERBOX_REPOSITORY": str(tmp_path / "repo"),
+        "INFERBOX_AUDIT": "false",
+        "INFERBOX_AUTH": "false",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", run, str(_port()), str(tls_files.cert), str(other.key)],  # a key of another cert
+        env=full,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
+    out = (proc.stdout + proc.stderr).decode(errors="replace")
+    assert proc.returncode == 1, out[-3000:]
+    assert "could not load the TLS certificate and key" in out and out.count("Child process") < 6
