@@ -15,6 +15,7 @@ import logging
 import os
 import ssl
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,17 +23,24 @@ __all__ = ["run_workers", "worker_ssl_context"]
 
 log = logging.getLogger(__name__)
 
+#: a worker tries the TLS files this many times, a second apart, before stopping the service
+_TLS_TRIES = 3
+
 
 def worker_ssl_context(_config: Any, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     """A worker's TLS context, built as uvicorn builds it; files it cannot load (a renewal half
     written when uvicorn restarts a worker) exit with uvicorn's start-up failure code, which stops
     the service (systemd restarts it, and serve's own check names the files), instead of dying with
     1, which uvicorn answers with another worker at once, forever."""
-    try:
-        return default()
-    except Exception:
-        log.exception("this worker could not load the TLS certificate and key")
-        raise SystemExit(3) from None
+    for attempt in range(_TLS_TRIES):
+        try:
+            return default()
+        except Exception:
+            if attempt + 1 == _TLS_TRIES:
+                log.exception("this worker could not load the TLS certificate and key")
+                raise SystemExit(3) from None
+            time.sleep(1.0)  # a renewal being written: a moment later the pair may agree again
+    raise AssertionError("unreachable")
 
 
 def run_workers(options: dict[str, Any]) -> None:

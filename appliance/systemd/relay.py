@@ -82,7 +82,8 @@ class NotifyRelay:
     def stop(self) -> None:
         """Stop relaying and tell systemd the service is stopping."""
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
         notify("STOPPING=1", self._systemd)
         with contextlib.suppress(OSError):
             self._sock.close()
@@ -92,22 +93,47 @@ class NotifyRelay:
         period = self.interval_s / 2 if self.interval_s is not None else 1.0
         due = time.monotonic() + period
         while not self._stop.is_set():
-            self._sock.settimeout(max(0.01, min(0.5, due - time.monotonic())))
             try:
+                self._receive(max(0.01, min(0.5, due - time.monotonic())))
+                now = time.monotonic()
+                if now >= due:
+                    late = now - due
+                    due = now + period
+                    self._drain()  # the pings that queued meanwhile count before any judgement
+                    self._tick(now, late)
+            except Exception:  # a relay that stops would starve systemd's watchdog: log, go on
+                if self._stop.is_set():
+                    return
+                log.exception("the notify relay failed; it goes on")
+                self._stop.wait(0.5)
+
+    def _receive(self, timeout: float) -> None:
+        self._sock.settimeout(timeout)
+        try:
+            data, ancdata, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
+        except TimeoutError:
+            return
+        self._relay(data, _sender(ancdata))
+
+    def _drain(self) -> None:
+        self._sock.setblocking(False)
+        try:
+            while True:
                 data, ancdata, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
                 self._relay(data, _sender(ancdata))
-            except TimeoutError:
-                pass
-            except OSError as exc:  # closed under us at stop
-                if not self._stop.is_set():
-                    log.warning("the notify relay stopped: %s", exc)
-                return
-            now = time.monotonic()
-            if now >= due:
-                due = now + period
-                self._end_hung_workers(now)
-                if self._workers_alive(now) and notify("WATCHDOG=1", self._systemd):
-                    self.pings_sent += 1
+        except BlockingIOError:
+            pass
+
+    def _tick(self, now: float, late: float) -> None:
+        if self.interval_s is not None and late > self.interval_s:
+            # this thread itself did not run (the unit frozen, the box paused): the workers' silence
+            # is its own, not theirs; nobody is judged this time
+            log.warning("the notify relay ran %.0f s late; the workers' pings count from now", late)
+            self._pings = dict.fromkeys(self._pings, now)
+        else:
+            self._end_hung_workers(now)
+        if self._workers_alive(now) and notify("WATCHDOG=1", self._systemd):
+            self.pings_sent += 1
 
     def _workers_alive(self, now: float) -> bool:
         """Some worker pinged within the watchdog interval (systemd asked for one)."""

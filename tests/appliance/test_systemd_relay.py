@@ -111,3 +111,25 @@ def test_a_stopping_or_exited_worker_is_not_killed(
 
 def test_no_relay_outside_systemd() -> None:
     assert NotifyRelay.for_workers({}) is None
+
+
+def test_a_late_relay_judges_nobody(systemd: tuple[socket.socket, dict[str, str]]) -> None:
+    """After the relay's own thread stalled (the unit frozen), every worker looks silent; none is
+    killed: their pings count from now. On time, a silent live child is killed."""
+    _, env = systemd
+    relay = NotifyRelay(env)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import time
+
+        now = time.monotonic()
+        relay._pings = {child.pid: now - 10.0}
+        relay._tick(now, late=5.0)  # the relay was 5 s late, more than the 2 s interval
+        assert relay.killed == [] and relay._pings == {child.pid: now}
+        relay._pings = {child.pid: now - 10.0}
+        relay._tick(now, late=0.0)
+        assert relay.killed == [child.pid] and child.wait(timeout=10) == -9
+    finally:
+        if child.poll() is None:
+            child.kill()
+        relay.stop()

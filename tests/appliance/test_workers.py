@@ -101,3 +101,4 @@ def test_a_worker_that_cannot_load_the_tls_files_stops_the_service(
     out = (proc.stdout + proc.stderr).decode(errors="replace")
     assert proc.returncode == 1, out[-3000:]
     assert "could not load the TLS certificate and key" in out and out.count("Child process") < 6
+    assert "failed to start, stopping the parent process" in out  # uvicorn's reading of exit 3
