@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from api.protocols import Principal
-from appliance.sqlite import enable_wal
+from appliance.sqlite import enable_wal, open_read_only
 from runtime.errors import AuthError, ConfigError, InputError
 
-__all__ = ["SCOPES", "KeyRecord", "KeyStore", "certificate_sha256", "parse_expiry"]
+__all__ = ["SCOPES", "KeyRecord", "KeyStore", "bound_key_ids", "certificate_sha256", "parse_expiry"]
 
 SCOPES = ("infer", "models:admin", "keys:admin", "audit:read", "metrics:read")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -297,6 +297,25 @@ class KeyStore:
             rate_limit_per_minute=record.rate_limit_per_minute,
             client_cert_sha256=record.client_cert_sha256,
         )
+
+
+def bound_key_ids(db_path: Path, now: datetime | None = None) -> list[str]:
+    """Ids of the active keys bound to a client certificate, read without writing (``doctor``);
+    none from a state database that has no key table, or one from before bindings."""
+    conn = open_read_only(db_path)
+    try:
+        rows = conn.execute(
+            "SELECT id FROM api_keys WHERE client_cert_sha256 IS NOT NULL AND revoked_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > ?) ORDER BY id",
+            (_iso(now or _now()),),
+        ).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such" in str(exc):  # no such table / column
+            return []
+        raise
+    finally:
+        conn.close()
+    return [str(r[0]) for r in rows]
 
 
 def _key_hash(secret: str, client_cert_sha256: str | None) -> str:

@@ -5,11 +5,27 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-__all__ = ["enable_wal"]
+__all__ = ["enable_wal", "open_read_only"]
 
 #: pause between tries while another process holds the lock the journal-mode switch needs
 RETRY_S = 0.01
+
+
+def open_read_only(path: Path, *, timeout_s: float = 5.0, any_thread: bool = False) -> sqlite3.Connection:
+    """A connection that cannot write ``path`` (and never creates it), in autocommit mode.
+
+    Opened as a ``file:`` URI with ``mode=ro``, built by :meth:`Path.as_uri` so that a ``#``,
+    ``?`` or ``%`` in a folder name is part of the path, not the end of it.
+    """
+    return sqlite3.connect(
+        Path(path).resolve().as_uri() + "?mode=ro",
+        uri=True,
+        timeout=timeout_s,
+        isolation_level=None,
+        check_same_thread=not any_thread,
+    )
 
 
 def enable_wal(

@@ -32,15 +32,16 @@ def worker_ssl_context(_config: Any, default: Callable[[], ssl.SSLContext]) -> s
     written when uvicorn restarts a worker) exit with uvicorn's start-up failure code, which stops
     the service (systemd restarts it, and serve's own check names the files), instead of dying with
     1, which uvicorn answers with another worker at once, forever."""
-    for attempt in range(_TLS_TRIES):
+    for _ in range(_TLS_TRIES - 1):
         try:
             return default()
         except Exception:
-            if attempt + 1 == _TLS_TRIES:
-                log.exception("this worker could not load the TLS certificate and key")
-                raise SystemExit(3) from None
             time.sleep(1.0)  # a renewal being written: a moment later the pair may agree again
-    raise AssertionError("unreachable")
+    try:
+        return default()
+    except Exception:
+        log.exception("this worker could not load the TLS certificate and key")
+        raise SystemExit(3) from None
 
 
 def run_workers(options: dict[str, Any]) -> None:

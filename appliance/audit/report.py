@@ -7,9 +7,10 @@ the appliance never stores them.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from appliance.sqlite import open_read_only
 
 if TYPE_CHECKING:
     from appliance.settings import Settings
@@ -31,7 +32,7 @@ def _models(repository: Path) -> list[dict[str, Any]]:
 def _log_facts(db_path: Path) -> dict[str, Any]:
     if not db_path.is_file():
         return {"records": 0, "oldest": None, "newest": None, "checkpoints": 0}
-    conn = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True)
+    conn = open_read_only(db_path)
     try:
         count, oldest, newest = conn.execute(
             "SELECT count(*), min(recorded_at), max(recorded_at) FROM records"

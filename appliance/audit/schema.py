@@ -21,7 +21,7 @@ from pathlib import Path
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from appliance.sqlite import enable_wal
+from appliance.sqlite import enable_wal, open_read_only
 from runtime.errors import AuditError
 
 __all__ = ["MIGRATIONS", "connect", "ensure_schema", "read_log_id"]
@@ -114,14 +114,7 @@ def connect(db_path: Path, *, busy_timeout_s: float = 30.0, read_only: bool = Fa
     if read_only:
         if not db_path.is_file():
             raise AuditError(f"audit database {db_path} does not exist; pass the path of an existing audit.db")
-        conn = sqlite3.connect(
-            # as a URI: a '#' or '?' in the path would otherwise end it (and drop mode=ro)
-            Path(db_path).resolve().as_uri() + "?mode=ro",
-            uri=True,
-            timeout=busy_timeout_s,
-            isolation_level=None,
-            check_same_thread=False,
-        )
+        conn = open_read_only(db_path, timeout_s=busy_timeout_s, any_thread=True)
     else:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(db_path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)

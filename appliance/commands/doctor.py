@@ -297,24 +297,14 @@ def _warn_unusable_bound_keys(settings: Settings, plan: Any, out: dict[str, Any]
     if not settings.auth or (plan is not None and plan.mode == "mutual-tls") or not settings.state_db.is_file():
         return
     import sqlite3
-    from datetime import UTC, datetime
 
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    try:  # read-only: doctor changes nothing (a key table from before bindings has no such column)
-        conn = sqlite3.connect(settings.state_db.resolve().as_uri() + "?mode=ro", uri=True, timeout=5)
-        try:
-            rows = conn.execute(
-                "SELECT id FROM api_keys WHERE client_cert_sha256 IS NOT NULL AND revoked_at IS NULL "
-                "AND (expires_at IS NULL OR expires_at > ?) ORDER BY id",
-                (now,),
-            ).fetchall()
-        finally:
-            conn.close()
+    from appliance.keys import bound_key_ids
+
+    try:  # read-only: doctor changes nothing
+        bound = bound_key_ids(settings.state_db)
     except sqlite3.Error as exc:
-        if "no such" not in str(exc):  # no key table or column yet: no bound keys
-            _warn(out, f"the key table in {settings.state_db} could not be read ({exc})")
+        _warn(out, f"the key table in {settings.state_db} could not be read ({exc})")
         return
-    bound = [str(r[0]) for r in rows]
     if bound:
         _warn(
             out,

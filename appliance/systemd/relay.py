@@ -108,21 +108,21 @@ class NotifyRelay:
                 self._stop.wait(0.5)
 
     def _receive(self, timeout: float) -> None:
+        """Relay one datagram, waiting up to ``timeout``."""
         self._sock.settimeout(timeout)
-        try:
-            data, ancdata, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
-        except TimeoutError:
-            return
-        self._relay(data, _sender(ancdata))
+        with contextlib.suppress(TimeoutError):
+            self._relay_next()
 
     def _drain(self) -> None:
+        """Relay every datagram already queued."""
         self._sock.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             while True:
-                data, ancdata, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
-                self._relay(data, _sender(ancdata))
-        except BlockingIOError:
-            pass
+                self._relay_next()
+
+    def _relay_next(self) -> None:
+        data, ancdata, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
+        self._relay(data, _sender(ancdata))
 
     def _tick(self, now: float, late: float) -> None:
         if self.interval_s is not None and late > self.interval_s:
