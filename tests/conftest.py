@@ -57,6 +57,17 @@ class TlsFiles:
     client_key: Path
     folder: Path
 
+    def copy_server_pair(self, folder: Path) -> tuple[Path, Path]:
+        """The server certificate and key copied into ``folder`` (key 0600): files a test may renew."""
+        import shutil
+
+        folder.mkdir(parents=True, exist_ok=True)
+        cert, key = folder / "server.crt", folder / "server.key"
+        shutil.copy(self.cert, cert)
+        shutil.copy(self.key, key)
+        key.chmod(0o600)
+        return cert, key
+
 
 def _keypair_files(
     folder: Path,

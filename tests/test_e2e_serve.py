@@ -703,12 +703,7 @@ def _presented_certificate(url: str, client: ssl.SSLContext) -> str:
 def test_sighup_loads_a_renewed_certificate_without_a_restart(
     minilm_repository: Path, tmp_path: Path, tls_files: Any, tls_factory: Any
 ) -> None:
-    folder = tmp_path / "tls"
-    folder.mkdir()
-    cert, key = folder / "server.crt", folder / "server.key"
-    shutil.copy(tls_files.cert, cert)
-    shutil.copy(tls_files.key, key)
-    key.chmod(0o600)
+    cert, key = tls_files.copy_server_pair(tmp_path / "tls")
     home = tmp_path / "reload-home"
     proc, url, log = _start(
         minilm_repository,

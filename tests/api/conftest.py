@@ -287,3 +287,27 @@ def infer_json(inputs: dict[str, np.ndarray], **extra: Any) -> dict[str, Any]:
         ],
         **extra,
     }
+
+
+class RecordingReader:
+    """An audit reader that finds nothing and keeps the filters of each query."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def query(self, **filters: Any) -> list[Any]:
+        self.calls.append(filters)
+        return []
+
+
+def audit_api_app(tmp_path: Path) -> tuple[Any, RecordingReader]:
+    """An app (auth off, no audit sink) whose ``/v1/audit`` reads from a :class:`RecordingReader`."""
+    reader = RecordingReader()
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]),
+        config=ApiConfig(auth=False),
+        audit=None,
+        keys=None,
+        audit_reader=reader,
+    )
+    return app, reader

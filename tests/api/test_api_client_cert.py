@@ -122,26 +122,9 @@ def test_a_bound_key_through_the_app(tmp_path: Path, tls_files: Any, client_fact
 def test_the_audit_api_filters_by_certificate_as_openssl_prints_it(tmp_path: Path) -> None:
     from litestar.testing import TestClient
 
-    from api.app import create_app
-    from api.config import ApiConfig
-    from tests.api.conftest import make_registry, tensor_model
+    from tests.api.conftest import audit_api_app
 
-    class Reader:
-        def __init__(self) -> None:
-            self.calls: list[dict[str, Any]] = []
-
-        def query(self, **kw: Any) -> list[Any]:
-            self.calls.append(kw)
-            return []
-
-    reader = Reader()
-    app = create_app(
-        registry=make_registry([tensor_model(tmp_path)]),
-        config=ApiConfig(auth=False),
-        audit=None,
-        keys=None,
-        audit_reader=reader,
-    )
+    app, reader = audit_api_app(tmp_path)
     printed = ":".join(["AB"] * 32)  # openssl x509 -fingerprint -sha256
     with TestClient(app, raise_server_exceptions=False) as c:
         assert c.get("/v1/audit", params={"client_cert_sha256": printed}).status_code == 200

@@ -14,7 +14,7 @@ from api.app import create_app
 from api.config import ApiConfig
 from runtime.errors import OverloadError
 
-from .conftest import BlockingSession, infer_json, make_registry, tensor_model
+from .conftest import BlockingSession, audit_api_app, infer_json, make_registry, tensor_model
 
 X = np.ones((1, 4), dtype=np.float32)
 IDS = np.ones((1, 3), dtype=np.int64)
@@ -72,22 +72,7 @@ def test_empty_outputs_means_every_output_and_a_repeated_one_is_refused(client_f
 def test_audit_paging_and_times_are_checked(tmp_path: Path) -> None:
     from litestar.testing import TestClient
 
-    class Reader:
-        def __init__(self) -> None:
-            self.calls: list[dict[str, Any]] = []
-
-        def query(self, **kw: Any) -> list[Any]:
-            self.calls.append(kw)
-            return []
-
-    reader = Reader()
-    app = create_app(
-        registry=make_registry([tensor_model(tmp_path)]),
-        config=ApiConfig(auth=False),
-        audit=None,
-        keys=None,
-        audit_reader=reader,
-    )
+    app, reader = audit_api_app(tmp_path)
     with TestClient(app, raise_server_exceptions=False) as c:
         r = c.get("/v1/audit", params={"after_seq": "99999999999999999999"})
         assert r.status_code == 400 and "after_seq" in r.text
@@ -183,17 +168,7 @@ def test_refused_tensor_data_is_named_in_words() -> None:
 def test_audit_times_out_of_range_are_a_400(tmp_path: Path) -> None:
     from litestar.testing import TestClient
 
-    class Reader:
-        def query(self, **kw: Any) -> list[Any]:
-            return []
-
-    app = create_app(
-        registry=make_registry([tensor_model(tmp_path)]),
-        config=ApiConfig(auth=False),
-        audit=None,
-        keys=None,
-        audit_reader=Reader(),
-    )
+    app, _ = audit_api_app(tmp_path)
     with TestClient(app, raise_server_exceptions=False) as c:
         for value in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
             r = c.get("/v1/audit", params={"since": value})

@@ -44,11 +44,7 @@ def _served_fingerprint(context: ssl.SSLContext) -> str:
 def _settings(tmp_path: Path, tls_files: Any, *, client_ca: bool = False) -> Settings:
     """Settings naming copies of the test certificate (the files a renewal overwrites)."""
     folder = tmp_path / "tls"
-    folder.mkdir()
-    cert, key = folder / "server.crt", folder / "server.key"
-    shutil.copy(tls_files.cert, cert)
-    shutil.copy(tls_files.key, key)
-    key.chmod(0o600)
+    cert, key = tls_files.copy_server_pair(folder)
     overrides = {"home": str(tmp_path / "home"), "tls_cert": str(cert), "tls_key": str(key)}
     if client_ca:
         ca = folder / "ca.crt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -320,14 +321,28 @@ def tinyrerank(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Ma
     return folder, tmp_path / "repo", manifest
 
 
+def _transformers_pair_scores(
+    folder: Path, max_length: int, firsts: list[str], seconds: list[str]
+) -> tuple[np.ndarray, Any]:
+    """transformers' sigmoid of the one logit for each (first, second) pair, cut as truncation=True
+    cuts it, and the tokenizer's feeds (their attention mask counts the tokens)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    feeds = AutoTokenizer.from_pretrained(folder)(
+        firsts, seconds, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        logits = AutoModelForSequenceClassification.from_pretrained(folder).eval()(**feeds).logits[:, 0].numpy()
+    return 1 / (1 + np.exp(-logits.astype(np.float64))), feeds
+
+
 def test_served_cross_encoder_reranks_as_transformers_scores_the_pairs(
     tinyrerank: tuple[Path, Path, Manifest], tmp_path: Path
 ) -> None:
     """POST /v1/rerank on the real package (ORT): each (query, document) pair scored as
     transformers scores it (sigmoid of the one logit), long pairs cut as truncation=True cuts them."""
-    import torch
     from litestar.testing import TestClient
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from api.app import create_app
     from api.config import ApiConfig
@@ -356,18 +371,7 @@ def test_served_cross_encoder_reranks_as_transformers_scores_the_pairs(
     registry.close()
     assert r.status_code == 200, r.text
     texts = [d["text"] if isinstance(d, dict) else d for d in documents]
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    feeds = tokenizer(
-        [query] * len(texts),
-        texts,
-        padding=True,
-        truncation=True,
-        max_length=manifest.text.max_length,
-        return_tensors="pt",
-    )
-    with torch.inference_mode():
-        logits = AutoModelForSequenceClassification.from_pretrained(folder).eval()(**feeds).logits[:, 0].numpy()
-    want = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    want, feeds = _transformers_pair_scores(folder, manifest.text.max_length, [query] * len(texts), texts)
     got = r.json()
     assert [x["index"] for x in got["results"]] == sorted(range(4), key=lambda i: (-want[i], i))
     for x in got["results"]:
@@ -385,9 +389,6 @@ def test_a_batch_pair_job_scores_as_transformers_scores_the_pairs(
     """``batch submit --text-field query --pair-field document`` on the real package (ORT): each
     record's relevance_score is transformers' sigmoid of the pair's logit, long pairs cut alike."""
     import json
-
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from appliance.batch.jobs import JobStore
     from appliance.batch.spool import submit
@@ -422,16 +423,5 @@ def test_a_batch_pair_job_scores_as_transformers_scores_the_pairs(
     assert job is not None and job.state == "done", job
     rows = [r for p in sorted((tmp_path / "outbox" / job_id).glob("part-*")) for r in read_results(p)]
     assert [r["id"] for r in rows] == [0, 1, 2, 3] and all(set(r) == {"id", "relevance_score"} for r in rows)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    feeds = tokenizer(
-        [q for q, _ in pairs],
-        [d for _, d in pairs],
-        padding=True,
-        truncation=True,
-        max_length=manifest.text.max_length,
-        return_tensors="pt",
-    )
-    with torch.inference_mode():
-        logits = AutoModelForSequenceClassification.from_pretrained(folder).eval()(**feeds).logits[:, 0].numpy()
-    want = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    want, _ = _transformers_pair_scores(folder, manifest.text.max_length, [q for q, _ in pairs], [d for _, d in pairs])
     np.testing.assert_allclose([r["relevance_score"] for r in rows], want, atol=1e-4)
