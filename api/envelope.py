@@ -245,7 +245,7 @@ UNAUDITED_PREFIXES = ("/docs",)
 
 def _unaudited(scope: Scope, status: int) -> bool:
     path = str(scope.get("path", ""))
-    if status in (401, 403) and path == "/metrics":  # a refused scrape (metrics_auth) is an auth failure
+    if status in (401, 403):  # an auth failure is always recorded (a refused scrape with metrics_auth)
         return False
     return path in UNAUDITED_PATHS or path.startswith(UNAUDITED_PREFIXES)
 
