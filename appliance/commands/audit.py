@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from appliance.settings import Settings
     from runtime.signing import Ed25519PublicKey
 
-__all__ = ["audit", "printable"]
+__all__ = ["audit", "cli_event", "printable", "record_cli_event"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,7 +53,7 @@ def _date(value: str | None) -> datetime | None:
     return None if value is None else parse_time(value)
 
 
-def _event(event: str, action: str, started: datetime, details: dict[str, str], *, ok: bool = True) -> AuditEvent:
+def cli_event(event: str, action: str, started: datetime, details: dict[str, str], *, ok: bool = True) -> AuditEvent:
     from api.protocols import AuditEvent
     from appliance.audit.canonical import format_time
     from appliance.commands.keys import cli_user
@@ -71,14 +71,14 @@ def _event(event: str, action: str, started: datetime, details: dict[str, str], 
     )
 
 
-def _record(
+def record_cli_event(
     settings: Any, event: str, action: str, started: datetime, details: dict[str, str], *, ok: bool = True
 ) -> int:
     """Append one record durably (the command goes on only once it is committed)."""
     from appliance.audit.log import AuditLog
 
     with AuditLog.open(settings) as log:
-        return log.append(_event(event, action, started, details, ok=ok))
+        return log.append(cli_event(event, action, started, details, ok=ok))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -87,24 +87,9 @@ def _error_text(exc: BaseException) -> str:
 
 def _trusted_keys(settings: Settings, paths: Sequence[Path]) -> list[Ed25519PublicKey]:
     """The public keys given (``--public-key``), else the signing key's and those in ``<home>/keys/retired/``."""
-    from runtime import signing
+    from appliance.audit.trust import trusted_keys
 
-    if paths:
-        return [signing.load_public_key(p) for p in paths]
-    if not settings.signing_key.exists() and not settings.signing_key.is_symlink():
-        from runtime.errors import ConfigError
-
-        # off the box (an auditor's machine): a new key would verify nothing; the log's public key is needed
-        raise ConfigError(
-            f"no signing key here ({settings.signing_key}) to take the public key from: pass the log's public key "
-            "with --public-key FILE (on the appliance: `inferbox audit public-key > signing.key.pub`; after a "
-            "rotation, one --public-key per key)"
-        )
-    keys = [signing.load_private_key(settings.signing_key).public_key()]
-    retired = settings.keys_dir / "retired"
-    if retired.is_dir():
-        keys.extend(signing.load_public_key(p) for p in sorted(retired.glob("*.pub")))
-    return keys
+    return trusted_keys(settings.signing_key, settings.keys_dir, paths)
 
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -339,7 +324,7 @@ def _export_to(
                 "last_seq": str(summary.last_seq),
                 "sha256": summary.sha256,
             }
-            _record(settings, "audit_export", action, started, details)  # durable before anything is released
+            record_cli_event(settings, "audit_export", action, started, details)  # durable before anything is released
             if out is None:
                 sink.seek(0)
                 shutil.copyfileobj(sink, sys.stdout.buffer)
@@ -352,7 +337,7 @@ def _export_to(
             tmp = None
     except InferboxError as exc:
         with contextlib.suppress(InferboxError):
-            _record(settings, "audit_export", action, started, {**window, "error": _error_text(exc)}, ok=False)
+            record_cli_event(settings, "audit_export", action, started, {**window, "error": _error_text(exc)}, ok=False)
         raise
     finally:
         if tmp is not None:
@@ -437,7 +422,7 @@ def tail(home: Path | None, repository: Path | None, count: int, as_json: bool) 
     started = _now()
     with AuditLog.open(settings) as log:
         records = log.tail(count)
-    _record(settings, "audit_read", "inferbox audit tail", started, {"records": str(len(records))})
+    record_cli_event(settings, "audit_read", "inferbox audit tail", started, {"records": str(len(records))})
     for r in records:
         if as_json:
             click.echo(msgspec.json.encode(r).decode())
@@ -478,7 +463,7 @@ def prune(home: Path | None, repository: Path | None, before: str, force: bool, 
             "last_pruned_seq": str(result.last_pruned_seq),
             "anchor": result.checkpoint.head_hash if result.checkpoint else "",
         }
-        return _event("audit_prune", action, started, details)
+        return cli_event("audit_prune", action, started, details)
 
     with AuditLog.open(settings) as log:
         try:
@@ -494,7 +479,7 @@ def prune(home: Path | None, repository: Path | None, before: str, force: bool, 
             )
         except InferboxError as exc:
             with contextlib.suppress(InferboxError):
-                log.append(_event("audit_prune", action, started, {**asked, "error": _error_text(exc)}, ok=False))
+                log.append(cli_event("audit_prune", action, started, {**asked, "error": _error_text(exc)}, ok=False))
             raise
     click.echo(f"pruned {result.pruned} records (through seq {result.last_pruned_seq})")
 
