@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "config": "appliance.commands.config:config",
     "serve": "appliance.commands.serve:serve",
     "audit": "appliance.commands.audit:audit",
+    "backup": "appliance.commands.backup:backup",
     "keys": "appliance.commands.keys:keys",
     "signing-key": "appliance.commands.signing_key:signing_key",
     "batch": "appliance.commands.batch:batch",

@@ -177,6 +177,8 @@ class Settings:
     ship_dir: Path | None
     #: where each value came from (default / file / env / cli), for `inferbox config`
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+    #: the configuration file that was read (``$INFERBOX_CONFIG`` or ``<home>/inferbox.toml``), if any
+    config_file: Path | None = dataclasses.field(default=None, compare=False)
 
     @property
     def state_db(self) -> Path:
@@ -341,4 +343,4 @@ def load_settings(
     values["home"] = values["home"] or home
     values["repository"] = values["repository"] or values["home"] / "models"
     values["signing_key"] = values["signing_key"] or values["home"] / "keys" / "signing.key"
-    return Settings(**values, sources=sources)
+    return Settings(**values, sources=sources, config_file=config_file)

@@ -39,6 +39,7 @@ __all__ = [
     "AuthError",
     "BackendError",
     "BackendUnavailableError",
+    "BackupError",
     "BatchError",
     "CalibrationError",
     "ConfigError",
@@ -189,3 +190,7 @@ class VerificationError(AuditError):
 
 class BatchError(InferboxError):
     pass
+
+
+class BackupError(InferboxError):
+    """A backup cannot be written, or an archive cannot be restored (it names the file and the fix)."""

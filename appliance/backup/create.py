@@ -1,0 +1,399 @@
+"""``inferbox backup create``: one archive of everything the appliance would lose with its disk.
+
+The databases are copied with SQLite's online backup (one read transaction each:
+a consistent snapshot while the server and the batch worker keep writing), the
+state database first and the files after it, so a batch job that moves on meanwhile
+is restored a step behind, never ahead, and the worker redoes that step.  The archive
+is written under a hidden name, fsynced, and renamed into place only once the
+``backup_create`` audit record that names it is durable (when the caller records one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sqlite3
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import msgspec
+
+from appliance.backup.manifest import (
+    FORMAT,
+    MANIFEST,
+    ROOT,
+    SIGNING_KEY,
+    SIGNING_PUB,
+    AuditFacts,
+    BackupManifest,
+    FileEntry,
+    ModelEntry,
+)
+from appliance.settings import Settings
+from appliance.sqlite import open_read_only
+from runtime.durable import fsync_dir
+from runtime.errors import BackupError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+__all__ = ["BackupResult", "archive_name", "create_backup"]
+
+CHUNK = 1 << 20
+#: never copied: a plaintext API key meant to be read once and deleted
+SECRET_NAMES = frozenset({"first-admin.key"})
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    path: Path
+    sha256: str
+    size: int
+    manifest: BackupManifest
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def archive_name(moment: datetime) -> str:
+    return f"inferbox-backup-{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}.tar"
+
+
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+class _HashingReader:
+    """Reads at most ``size`` bytes of ``raw``, hashing them (tarfile stops at the member's size)."""
+
+    def __init__(self, raw: IO[bytes], size: int) -> None:
+        self.raw = raw
+        self.left = size
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        want = self.left if n < 0 else min(n, self.left)
+        data = self.raw.read(want)
+        self.left -= len(data)
+        self.hash.update(data)
+        return data
+
+
+def _snapshot(source: Path, target: Path) -> None:
+    """A consistent copy of the SQLite database ``source`` (the live one keeps being written)."""
+    src = open_read_only(source, timeout_s=30.0)
+    try:
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file (the appliance turns WAL back on)
+            problem = dst.execute("PRAGMA integrity_check").fetchone()
+            if problem is None or problem[0] != "ok":
+                raise BackupError(
+                    f"{source} does not pass SQLite's integrity check ({problem[0] if problem else 'no answer'}); "
+                    "nothing was written: copy the file aside and investigate before backing it up"
+                )
+        finally:
+            dst.close()
+    finally:
+        src.close()
+
+
+def _table_counts(db: Path, sql: str, params: tuple[str, ...] = ()) -> dict[str, int]:
+    conn = open_read_only(db)
+    try:
+        return {str(state): int(n) for state, n in conn.execute(sql, params).fetchall()}
+    except sqlite3.OperationalError:  # the table was never created (no key made, no job submitted)
+        return {}
+    finally:
+        conn.close()
+
+
+def _api_key_states(db: Path, now: str) -> dict[str, int]:
+    return _table_counts(
+        db,
+        "SELECT CASE WHEN revoked_at IS NOT NULL THEN 'revoked' "
+        "WHEN expires_at IS NOT NULL AND expires_at <= ? THEN 'expired' ELSE 'active' END AS s, "
+        "count(*) FROM api_keys GROUP BY s",
+        (now,),
+    )
+
+
+def _audit_facts(db: Path, keys: Sequence[Ed25519PublicKey] | None) -> AuditFacts:
+    from appliance.audit.schema import connect, read_log_id
+    from appliance.audit.store import head, table_stats
+    from appliance.audit.verify import verify_db
+
+    conn = connect(db, read_only=True)
+    try:
+        log_id = read_log_id(conn)
+        rows, lo, hi = table_stats(conn)
+        size, head_hash = head(conn, log_id)
+    finally:
+        conn.close()
+    if keys is None:
+        verified, problem = False, "not verified: no signing key on this box to take the public key from"
+    else:
+        report = verify_db(db, keys)
+        verified, problem = report.ok, "" if report.ok else report.summary()
+    return AuditFacts(
+        log_id=log_id,
+        records=rows,
+        first_seq=lo or 0,
+        last_seq=hi or size,
+        head_hash=head_hash,
+        verified=verified,
+        problem=problem,
+    )
+
+
+def _walk(
+    root: Path, prefix: str, skipped: list[str], *, skip_top: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, Path]]:
+    """(archive path, file) for every regular file under ``root``; links and the like are skipped and listed."""
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        here = Path(folder)
+        rel_folder = here.relative_to(root)
+        if rel_folder == Path("."):
+            dirs[:] = [d for d in dirs if d not in skip_top and not d.startswith(".")]
+        for d in list(dirs):
+            if (here / d).is_symlink():
+                dirs.remove(d)
+                skipped.append(f"{here / d}: a link to a folder (not followed)")
+        dirs.sort()
+        for name in sorted(files):
+            path = here / name
+            if rel_folder == Path(".") and name in skip_top:
+                continue
+            if name in SECRET_NAMES:
+                skipped.append(f"{path}: a plaintext API key (never backed up; the key itself is in state.db)")
+                continue
+            mode = path.lstat().st_mode
+            if not stat.S_ISREG(mode):
+                skipped.append(f"{path}: not a plain file ({'a link' if stat.S_ISLNK(mode) else 'special'})")
+                continue
+            yield (f"{prefix}/{(rel_folder / name).as_posix()}".replace("/./", "/"), path)
+
+
+def _files(settings: Settings, *, models: bool, batch: bool, skipped: list[str]) -> list[tuple[str, Path]]:
+    """Every file the archive copies as it is (the databases are snapshots, added apart)."""
+    out: list[tuple[str, Path]] = []
+    home_config = settings.home / "inferbox.toml"
+    if home_config.is_file():
+        out.append(("inferbox.toml", home_config))
+    config = settings.config_file
+    if config is not None and config.is_file() and config.resolve() != home_config.resolve():
+        out.append(("config/inferbox.toml", config))
+    if settings.signing_key.exists():
+        out.append((SIGNING_KEY, settings.signing_key))
+        pub = settings.signing_key.with_name(settings.signing_key.name + ".pub")
+        if pub.exists():
+            out.append((SIGNING_PUB, pub))
+    if settings.keys_dir.is_dir():
+        own = {settings.signing_key.name, settings.signing_key.name + ".pub"}
+        in_keys = settings.signing_key.parent.resolve() == settings.keys_dir.resolve()
+        out.extend(_walk(settings.keys_dir, "keys", skipped, skip_top=frozenset(own) if in_keys else frozenset()))
+    if models and settings.repository.is_dir():
+        out.extend(_walk(settings.repository, "models", skipped))
+    elif not models:
+        skipped.append(f"{settings.repository}: the model repository (--no-models)")
+    if batch:
+        spool = settings.spool
+        if spool.is_dir():
+            for sub in sorted(p.name for p in spool.iterdir() if p.is_dir() and not p.is_symlink()):
+                if sub != "tmp":  # submissions still being written: never a whole job
+                    out.extend(_walk(spool / sub, f"spool/{sub}", skipped))
+        if settings.outbox.is_dir():
+            out.extend(_walk(settings.outbox, "outbox", skipped))
+    else:
+        skipped.append(f"{settings.spool}, {settings.outbox}: batch inputs and results (--no-batch)")
+    return out
+
+
+def _add(tar: tarfile.TarFile, arcname: str, path: Path, mtime: float | None = None) -> FileEntry:
+    """Add the file at ``path`` (a link is followed only for the signing key, the caller's choice)."""
+    flags = os.O_RDONLY | (0 if arcname.startswith("signing/") else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise BackupError(f"cannot read {path} ({exc.strerror}); nothing was written") from exc
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BackupError(f"{path} is not a plain file; nothing was written")
+        info = tarfile.TarInfo(f"{ROOT}/{arcname}")
+        info.size = st.st_size
+        info.mode = 0o600
+        info.mtime = int(st.st_mtime if mtime is None else mtime)
+        reader = _HashingReader(f, st.st_size)
+        try:
+            tar.addfile(info, reader)
+        except OSError as exc:
+            raise BackupError(
+                f"{path} changed size while it was copied ({exc}); nothing was written: run the backup again"
+            ) from exc
+        return FileEntry(arcname, st.st_size, reader.hash.hexdigest())
+
+
+def _models(settings: Settings) -> tuple[list[ModelEntry], list[str]]:
+    from runtime.repository import Repository
+
+    entries, problems = [], []
+    for e in Repository(settings.repository).entries(verify_hashes=True):
+        if e.ok and e.sha256 is not None:
+            entries.append(ModelEntry(e.name, e.version, e.sha256))
+        else:
+            problems.append(f"{e.path}: the package does not verify ({e.error}); backed up as it is")
+    return entries, problems
+
+
+def create_backup(
+    settings: Settings,
+    folder: Path,
+    *,
+    models: bool = True,
+    batch: bool = True,
+    trusted_keys: Sequence[Ed25519PublicKey] | None = None,
+    record: Callable[[BackupResult], None] | None = None,
+    clock: Callable[[], datetime] = _now,
+) -> BackupResult:
+    """Write ``<folder>/inferbox-backup-<UTC time>.tar``; ``record`` is called before it appears."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BackupError(
+            f"there is no folder {folder} to write the backup to; mount the backup disk or share, or create "
+            "the folder (backup never creates it: a share that is not mounted must not fill the box's own disk)"
+        )
+    real = folder.resolve()
+    for inside in (settings.home, settings.repository):
+        if real == inside.resolve() or inside.resolve() in real.parents:
+            raise BackupError(
+                f"{folder} is inside {inside}: a backup must go where the box's disk is not "
+                "(another disk, a mounted share), and would copy itself; pick another folder"
+            )
+    if not settings.home.is_dir():
+        raise BackupError(
+            f"there is no state folder at {settings.home} to back up; pass --home or set INFERBOX_HOME "
+            "(on an installed box: /var/lib/inferbox)"
+        )
+    moment = clock()
+    created_at = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    final = folder / archive_name(moment)
+    if final.exists():
+        raise BackupError(f"{final} already exists; wait a second and run the backup again")
+    skipped: list[str] = []
+    parts: list[str] = []
+    scratch = Path(tempfile.mkdtemp(prefix=".inferbox-backup-", dir=folder))
+    partial = scratch / final.name
+    try:
+        snapshots: list[tuple[str, Path]] = []
+        api_keys: dict[str, int] = {}
+        jobs: dict[str, int] = {}
+        audit: AuditFacts | None = None
+        if settings.state_db.is_file():
+            _snapshot(settings.state_db, scratch / "state.db")
+            snapshots.append(("state.db", scratch / "state.db"))
+            api_keys = _api_key_states(scratch / "state.db", created_at)
+            jobs = _table_counts(scratch / "state.db", "SELECT state, count(*) FROM batch_jobs GROUP BY state")
+            parts.append("state")
+        if settings.audit_db.is_file():
+            _snapshot(settings.audit_db, scratch / "audit.db")
+            snapshots.append(("audit.db", scratch / "audit.db"))
+            audit = _audit_facts(scratch / "audit.db", trusted_keys)
+            parts.append("audit")
+        files = _files(settings, models=models, batch=batch, skipped=skipped)
+        packages: list[ModelEntry] = []
+        if models:
+            packages, problems = _models(settings)
+            skipped.extend(problems)
+        names = {arc.split("/")[0] for arc, _ in files}
+        named = (("keys", "keys"), ("signing_key", "signing"), ("config", "inferbox.toml"))
+        parts += [part for part, top in named if top in names]
+        parts += ["models"] if models and "models" in names else []
+        parts += ["batch"] if batch and names & {"spool", "outbox"} else []
+        entries: list[FileEntry] = []
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as raw:
+            out = _HashingWriter(raw)
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                for arcname, path in snapshots:
+                    entries.append(_add(tar, arcname, path, mtime=moment.timestamp()))
+                for arcname, path in files:
+                    entries.append(_add(tar, arcname, path))
+                manifest = BackupManifest(
+                    format=FORMAT,
+                    created_at=created_at,
+                    inferbox_version=_version(),
+                    host=socket.gethostname(),
+                    home=str(settings.home),
+                    parts=parts,
+                    files=entries,
+                    audit=audit,
+                    models=packages,
+                    api_keys=api_keys,
+                    batch_jobs=jobs,
+                    config_file=str(settings.config_file) if "config" in names else "",
+                    skipped=skipped,
+                )
+                data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
+                info = tarfile.TarInfo(f"{ROOT}/{MANIFEST}")
+                info.size, info.mode, info.mtime = len(data), 0o600, int(moment.timestamp())
+                tar.addfile(info, _BytesReader(data))
+            raw.flush()
+            os.fsync(raw.fileno())
+        result = BackupResult(final, out.hash.hexdigest(), out.size, manifest)
+        if record is not None:
+            record(result)
+        os.rename(partial, final)
+        fsync_dir(folder)
+        return result
+    except sqlite3.Error as exc:
+        raise BackupError(f"a database could not be copied ({exc}); nothing was written") from exc
+    except OSError as exc:
+        raise BackupError(f"the backup could not be written to {folder} ({exc}); nothing was kept") from exc
+    finally:
+        for leftover in scratch.iterdir():
+            leftover.unlink()
+        scratch.rmdir()
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.at = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else min(len(self.data), self.at + n)
+        chunk = bytes(self.data[self.at : end])
+        self.at = end
+        return chunk
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("inferbox")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,394 @@
+"""``inferbox backup check | restore``: prove an archive whole, then put it back on an empty box.
+
+An archive is unpacked into a private folder first, every file checked against the
+manifest (size and SHA-256; no file missing, none extra, no link, no path outside
+the layout), the audit log verified with the keys the backup holds, the state
+database checked by SQLite and every model package verified.  Only then does
+restore move the files into place, the databases last, into a home that holds no
+state of its own: restore never overwrites anything.  The restored log then records
+the restore itself (``backup_restore``), so the log says where its history was cut
+back to the backup.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+from appliance.backup.manifest import (
+    MANIFEST,
+    SIGNING_KEY,
+    SIGNING_PUB,
+    BackupManifest,
+    FileEntry,
+    decode_manifest,
+    member_path,
+)
+from appliance.settings import Settings
+from runtime.durable import fsync_dir
+from runtime.errors import BackupError, InferboxError
+
+if TYPE_CHECKING:
+    from appliance.audit.verify import VerifyReport
+
+__all__ = ["Checked", "RestoreResult", "check_archive", "destination", "restore_backup", "unpack"]
+
+CHUNK = 1 << 20
+#: a manifest larger than this is not one inferbox wrote
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An archive unpacked into ``folder`` and checked; ``problems`` empty when it can be restored."""
+
+    manifest: BackupManifest
+    sha256: str  #: of the whole archive file
+    size: int
+    folder: Path
+    problems: list[str]
+    audit: VerifyReport | None = None
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    checked: Checked
+    placed: int  #: files written into the home, the repository and the signing key's place
+    audit: VerifyReport | None  #: the restored log, after its restore record
+    notes: list[str] = field(default_factory=list)
+
+
+class _Reader:
+    """Hashes every byte tarfile reads from the archive."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+
+def _copy_member(source: IO[bytes], dest: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        left = size
+        while left:
+            chunk = source.read(min(CHUNK, left))
+            if not chunk:
+                raise BackupError(f"the archive ends inside {dest.name}: it is truncated; use another copy")
+            digest.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry], str, int]:
+    """Extract ``archive`` into the empty ``folder``: (manifest, files as found, archive sha256, size)."""
+    try:
+        raw = open(archive, "rb")  # noqa: SIM115 - closed below, after the trailing blocks are hashed
+    except OSError as exc:
+        raise BackupError(f"cannot read the archive {archive} ({exc.strerror})") from exc
+    found: list[FileEntry] = []
+    manifest_bytes: bytes | None = None
+    with raw:
+        reader = _Reader(raw)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    if manifest_bytes is not None:
+                        raise BackupError(f"archive member {member.name!r} comes after {MANIFEST}: not a backup")
+                    if member.isdir():
+                        member_path(member.name + "/x")  # a folder must sit inside the layout too
+                        continue
+                    if not member.isreg():
+                        kind = "link" if member.issym() or member.islnk() else "special file"
+                        raise BackupError(f"archive member {member.name!r} is a {kind}: not an inferbox backup")
+                    rel = member_path(member.name)
+                    source = tar.extractfile(member)
+                    assert source is not None  # a regular member always has data
+                    if rel == MANIFEST:
+                        if member.size > MAX_MANIFEST_BYTES:
+                            raise BackupError(f"the archive's {MANIFEST} is {member.size} bytes: not a backup")
+                        manifest_bytes = source.read()
+                        continue
+                    dest = folder / rel
+                    try:
+                        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                        sha = _copy_member(source, dest, member.size)
+                    except FileExistsError as exc:
+                        raise BackupError(f"archive member {member.name!r} appears twice: not a backup") from exc
+                    except (NotADirectoryError, IsADirectoryError) as exc:
+                        raise BackupError(f"archive member {member.name!r} clashes with another member's path") from exc
+                    found.append(FileEntry(rel, member.size, sha))
+            while reader.read(CHUNK):  # the end-of-archive blocks count in the archive's hash
+                pass
+        except (tarfile.TarError, EOFError) as exc:
+            raise BackupError(
+                f"{archive} is not a whole tar archive ({exc}): it is damaged or truncated; use another copy"
+            ) from exc
+    if manifest_bytes is None:
+        raise BackupError(f"{archive} has no {MANIFEST}: it is truncated, or not an inferbox backup")
+    return decode_manifest(manifest_bytes), found, reader.hash.hexdigest(), reader.size
+
+
+def _mismatches(manifest: BackupManifest, found: list[FileEntry]) -> list[str]:
+    listed = {f.path: f for f in manifest.files}
+    problems = []
+    for f in found:
+        want = listed.pop(f.path, None)
+        if want is None:
+            problems.append(f"{f.path}: in the archive but not in its manifest")
+        elif (want.size, want.sha256) != (f.size, f.sha256):
+            problems.append(
+                f"{f.path}: differs from the manifest (sha256 {f.sha256[:16]}..., expected {want.sha256[:16]}...)"
+            )
+    problems += [f"{path}: in the manifest but not in the archive" for path in sorted(listed)]
+    return problems
+
+
+def _backup_keys(folder: Path) -> list[object]:
+    """The public keys the backup's own checkpoints must be signed with: its signing key and retired keys."""
+    from runtime import signing
+
+    keys: list[object] = []
+    if (folder / SIGNING_PUB).is_file():
+        keys.append(signing.load_public_key(folder / SIGNING_PUB))
+    elif (folder / SIGNING_KEY).is_file():
+        keys.append(signing.load_private_key(folder / SIGNING_KEY).public_key())
+    retired = folder / "keys" / "retired"
+    if retired.is_dir():
+        keys.extend(signing.load_public_key(p) for p in sorted(retired.glob("*.pub")))
+    return keys
+
+
+def _content_problems(folder: Path, manifest: BackupManifest) -> tuple[list[str], VerifyReport | None]:
+    from appliance.audit.verify import verify_db
+    from runtime.repository import RepoEntry, Repository
+
+    problems: list[str] = []
+    audit: VerifyReport | None = None
+    if (folder / "state.db").is_file():
+        conn = sqlite3.connect(f"{(folder / 'state.db').resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = conn.execute("PRAGMA integrity_check").fetchone()
+        except sqlite3.DatabaseError as exc:
+            row = (str(exc),)
+        finally:
+            conn.close()
+        if row is None or row[0] != "ok":
+            problems.append(f"state.db: fails SQLite's integrity check ({row[0] if row else 'no answer'})")
+    if (folder / "audit.db").is_file():
+        try:
+            keys = _backup_keys(folder)
+            if not keys:
+                problems.append("audit.db: the backup holds no signing key to verify its checkpoints with")
+            else:
+                audit = verify_db(folder / "audit.db", keys)  # type: ignore[arg-type]
+                if not audit.ok:
+                    problems.append(f"audit.db: {audit.summary()}")
+        except InferboxError as exc:
+            problems.append(f"audit.db: {exc}")
+    if (folder / "models").is_dir():
+        entries = Repository(folder / "models").entries(verify_hashes=True)
+        have: dict[tuple[str, int], RepoEntry] = {(e.name, e.version): e for e in entries}
+        for e in entries:
+            if not e.ok:
+                problems.append(f"models/{e.name}/{e.version}: {e.error}")
+        for m in manifest.models:
+            found = have.get((m.name, m.version))
+            if found is None:
+                problems.append(f"models/{m.name}/{m.version}: in the manifest but not in the archive")
+            elif found.ok and found.sha256 != m.sha256:
+                problems.append(f"models/{m.name}/{m.version}: not the package that was backed up")
+    return problems, audit
+
+
+def check_archive(archive: Path, folder: Path) -> Checked:
+    """Unpack ``archive`` into the empty ``folder`` and check everything in it (raises only if unreadable)."""
+    manifest, found, sha, size = unpack(archive, folder)
+    problems = _mismatches(manifest, found)
+    audit = None
+    if not problems:
+        more, audit = _content_problems(folder, manifest)
+        problems += more
+    return Checked(manifest, sha, size, folder, problems, audit)
+
+
+def destination(settings: Settings, rel: str) -> Path | None:
+    """Where the archive's file ``rel`` goes on this box (None: kept in the archive only)."""
+    top, _, rest = rel.partition("/")
+    if rel in ("state.db", "audit.db", "inferbox.toml"):
+        return settings.home / rel
+    if rel == SIGNING_KEY:
+        return settings.signing_key
+    if rel == SIGNING_PUB:
+        return settings.signing_key.with_name(settings.signing_key.name + ".pub")
+    if top == "keys":
+        return settings.keys_dir / rest
+    if top == "models":
+        return settings.repository / rest
+    if top in ("spool", "outbox"):
+        return settings.home / rel
+    return None  # config/: the configuration outside the home, for the operator to compare
+
+
+def occupied(settings: Settings) -> list[str]:
+    """What in the target says it already holds an appliance's state (restore writes only into none)."""
+    found = [str(p) for p in (settings.state_db, settings.audit_db) if p.exists() or p.is_symlink()]
+    digest = settings.keys_dir / "digest"
+    if digest.is_dir() and any(digest.iterdir()):
+        found.append(f"{digest} (digest keys)")
+    if settings.repository.is_dir() and any(not p.name.startswith(".") for p in settings.repository.iterdir()):
+        found.append(f"{settings.repository} (model packages)")
+    for folder in (settings.spool / "new", settings.spool / "cur", settings.outbox):
+        if folder.is_dir() and any(folder.iterdir()):
+            found.append(f"{folder} (batch jobs)")
+    return found
+
+
+def _move(src: Path, dest: Path) -> None:
+    try:
+        os.rename(src, dest)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dest.with_name(f".{dest.name}.restoring")
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o600)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.rename(tmp, dest)
+        src.unlink()
+
+
+def _relocate_jobs(state_db: Path, old_home: str, new_home: Path) -> int:
+    """Point batch jobs' input and output paths at the new home (they are stored absolute)."""
+    old, new = old_home.rstrip("/") + "/", str(new_home).rstrip("/") + "/"
+    conn = sqlite3.connect(state_db)
+    try:
+        with conn:
+            cur = conn.execute(
+                "UPDATE batch_jobs SET input_path = ? || substr(input_path, ?), out_dir = ? || substr(out_dir, ?) "
+                "WHERE substr(input_path, 1, ?) = ? AND substr(out_dir, 1, ?) = ?",
+                (new, len(old) + 1, new, len(old) + 1, len(old), old, len(old), old),
+            )
+            return cur.rowcount
+    except sqlite3.OperationalError:  # no batch job was ever submitted on the backed-up box
+        return 0
+    finally:
+        conn.close()
+
+
+def _chown_to_home(settings: Settings, paths: list[Path]) -> None:
+    """Run as root into a home another user owns (``sudo inferbox backup restore``): hand the files over."""
+    if os.geteuid() != 0:
+        return
+    st = settings.home.stat()
+    if st.st_uid == 0:
+        return
+    for p in paths:
+        os.chown(p, st.st_uid, st.st_gid, follow_symlinks=False)
+
+
+def restore_backup(
+    settings: Settings,
+    archive: Path,
+    *,
+    record: Callable[[Checked], None] | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> RestoreResult:
+    """Check ``archive`` and put it back into ``settings``' home, repository and signing-key place."""
+    taken = occupied(settings)
+    if taken:
+        raise BackupError(
+            "restore writes only into a box without state, and this one holds: " + "; ".join(taken) + ". "
+            f"Stop the services (systemctl stop inferbox-api inferbox-batch.path inferbox-batch), move {settings.home} "
+            f"aside (mv {settings.home} {settings.home}.before-restore), then run restore again; nothing was changed"
+        )
+    settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=settings.home))
+    try:
+        checked = check_archive(archive, staging)
+        if checked.problems:
+            raise BackupError(
+                f"{archive} cannot be restored, nothing was changed: "
+                + "; ".join(checked.problems[:5])
+                + (f" (and {len(checked.problems) - 5} more)" if len(checked.problems) > 5 else "")
+            )
+        notes: list[str] = []
+        moves = [(staging / f.path, destination(settings, f.path)) for f in checked.manifest.files]
+        placed = [(src, dest) for src, dest in moves if dest is not None]
+        stamp = clock().astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        if any(dest == settings.signing_key for _, dest in placed):
+            for key in (settings.signing_key, settings.signing_key.with_name(settings.signing_key.name + ".pub")):
+                if key.exists():  # the fresh key `inferbox install` made: kept, not overwritten
+                    aside = key.with_name(f"{key.name}.before-restore-{stamp}")
+                    os.rename(key, aside)
+                    notes.append(f"the signing key that was here is kept as {aside}")
+        clash = [str(dest) for _, dest in placed if dest.exists() or dest.is_symlink()]
+        if clash:
+            raise BackupError(f"restore would overwrite {', '.join(clash[:5])}; move them aside and run it again")
+        databases = [(s, d) for s, d in placed if d in (settings.state_db, settings.audit_db)]
+        touched: list[Path] = []
+        for src, dest in [m for m in placed if m not in databases] + databases:
+            made = _mkdirs(dest.parent)
+            touched += made
+            _move(src, dest)
+            touched.append(dest)
+        for folder in {d.parent for _, d in placed}:
+            fsync_dir(folder)
+        if checked.manifest.home != str(settings.home) and settings.state_db.exists():
+            moved = _relocate_jobs(settings.state_db, checked.manifest.home, settings.home)
+            if moved:
+                notes.append(f"{moved} batch job(s) now point at {settings.home} instead of {checked.manifest.home}")
+        if record is not None:
+            record(checked)
+        _chown_to_home(settings, touched + _new_files(settings))
+        audit = None
+        if settings.audit_db.exists():
+            from appliance.audit.trust import trusted_keys
+            from appliance.audit.verify import verify_db
+
+            audit = verify_db(settings.audit_db, trusted_keys(settings.signing_key, settings.keys_dir))
+        return RestoreResult(checked, len(placed), audit, notes)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _mkdirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents (0700); the ones it made."""
+    made: list[Path] = []
+    p = folder
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    for d in reversed(made):
+        d.mkdir(mode=0o700)
+    return made
+
+
+def _new_files(settings: Settings) -> list[Path]:
+    """Files the restore record may have made (a new digest key, the database's WAL files)."""
+    out = [p for p in (settings.home / "audit.db-wal", settings.home / "audit.db-shm") if p.exists()]
+    digest = settings.keys_dir / "digest"
+    if digest.is_dir():
+        out += [digest, *digest.iterdir()]
+    return out

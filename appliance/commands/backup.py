@@ -1,0 +1,263 @@
+"""``inferbox backup create | check | restore``: the appliance's state in one archive, and back."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import msgspec
+
+from appliance.commands.options import build_settings, state_options
+from appliance.settings import Settings
+from runtime.errors import BackupError
+
+__all__ = ["backup"]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none"
+
+
+def _describe(manifest: object, echo: bool = True) -> list[str]:
+    from appliance.backup.manifest import BackupManifest
+
+    assert isinstance(manifest, BackupManifest)
+    m = manifest
+    lines = [
+        f"  taken {m.created_at} on {m.host} from {m.home} (inferbox {m.inferbox_version}); holds: {', '.join(m.parts)}"
+    ]
+    if "state" in m.parts:
+        lines.append(f"  API keys: {_counts(m.api_keys)}; batch jobs: {_counts(m.batch_jobs)}")
+    if m.audit is not None:
+        a = m.audit
+        state = "verified when taken" if a.verified else f"NOT verified when taken ({a.problem})"
+        lines.append(f"  audit log {a.log_id}: records {a.first_seq}..{a.last_seq} ({a.records}), {state}")
+    for model in m.models:
+        lines.append(f"  model {model.name} version {model.version} (package {model.sha256[:16]}...)")
+    lines += [f"  left out: {s}" for s in m.skipped]
+    return lines
+
+
+@click.group()
+def backup() -> None:
+    """One archive of the appliance's state (databases, keys, models, batch jobs), and restoring it."""
+
+
+@backup.command()
+@state_options
+@click.option(
+    "--to",
+    "folder",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Folder to write inferbox-backup-<UTC time>.tar into (another disk or a mounted share; never created).",
+)
+@click.option("--no-models", is_flag=True, help="Leave the model repository out (packages can be exported again).")
+@click.option("--no-batch", is_flag=True, help="Leave the batch spool and outbox (inputs and results) out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def create(
+    home: Path | None, repository: Path | None, folder: Path, no_models: bool, no_batch: bool, as_json: bool
+) -> None:
+    """Write a consistent backup while the services run; recorded in the audit log.
+
+    Exit 1 when the backup was written but its audit log did not verify.
+    """
+    from appliance.audit.trust import trusted_keys
+    from appliance.backup.create import BackupResult, create_backup
+    from appliance.commands.audit import record_cli_event
+
+    settings = build_settings(home=home, repository=repository)
+    started = _now()
+    trusted = trusted_keys(settings.signing_key, settings.keys_dir) if settings.signing_key.exists() else None
+
+    def record(result: BackupResult) -> None:
+        if not (settings.audit and settings.audit_db.exists()):
+            return
+        details = {
+            "archive": result.path.name,
+            "folder": str(result.path.parent),
+            "sha256": result.sha256,
+            "bytes": str(result.size),
+            "parts": ",".join(result.manifest.parts),
+        }
+        if result.manifest.audit is not None:
+            details["audit_last_seq"] = str(result.manifest.audit.last_seq)
+        record_cli_event(settings, "backup_create", "inferbox backup create", started, details)
+
+    result = create_backup(
+        settings, folder, models=not no_models, batch=not no_batch, trusted_keys=trusted, record=record
+    )
+    audit = result.manifest.audit
+    if as_json:
+        out = {"path": str(result.path), "sha256": result.sha256, "bytes": result.size, "manifest": result.manifest}
+        click.echo(msgspec.json.encode(out).decode())
+    else:
+        click.echo(f"wrote {result.path} ({_mb(result.size)}, sha256 {result.sha256})")
+        for line in _describe(result.manifest):
+            click.echo(line)
+        click.echo(
+            "The archive holds the signing key, the digest keys and the API keys' hashes: keep it as you keep the "
+            "box's disk (encrypted, access-controlled). `inferbox backup check FILE` proves a copy whole.",
+            err=True,
+        )
+    if audit is not None and not audit.verified and trusted is not None:
+        click.echo(f"ALERT: the audit log in this backup does not verify: {audit.problem}", err=True)
+        sys.exit(1)
+
+
+@backup.command()
+@click.argument("archive", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "--scratch",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="Folder to unpack into while checking (needs the archive's size free) [default: the system's temp folder].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check(archive: Path, scratch: Path | None, as_json: bool) -> None:
+    """Prove an archive whole: every file's hash, its audit log, its state database, its model packages.
+
+    Exit 1 when anything fails; nothing on the box is read or changed.
+    """
+    from appliance.backup.restore import check_archive
+
+    folder = Path(tempfile.mkdtemp(prefix="inferbox-backup-check-", dir=scratch))
+    try:
+        try:
+            checked = check_archive(archive, folder)
+        except BackupError as exc:
+            if as_json:
+                click.echo(msgspec.json.encode({"ok": False, "problems": [str(exc)]}).decode())
+            else:
+                click.echo(f"FAILED: {exc}")
+            sys.exit(1)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    ok = not checked.problems
+    if as_json:
+        payload = {
+            "ok": ok,
+            "sha256": checked.sha256,
+            "bytes": checked.size,
+            "problems": checked.problems,
+            "manifest": checked.manifest,
+            "audit": checked.audit,
+        }
+        click.echo(msgspec.json.encode(payload).decode())
+    else:
+        click.echo(f"{'OK' if ok else 'FAILED'}: {archive} ({_mb(checked.size)}, sha256 {checked.sha256})")
+        for line in _describe(checked.manifest):
+            click.echo(line)
+        if checked.audit is not None:
+            click.echo(f"  audit log now: {checked.audit.summary()}")
+        for p in checked.problems[:20]:
+            click.echo(f"  problem: {p}")
+    if not ok:
+        sys.exit(1)
+
+
+@backup.command()
+@state_options
+@click.argument("archive", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def restore(home: Path | None, repository: Path | None, archive: Path, as_json: bool) -> None:
+    """Check ARCHIVE, then put it back on a box without state (stop the services first).
+
+    Writes the state folder, the model repository and the signing key where this box's settings
+    put them; refuses a box that already holds state, and never overwrites a file.
+    """
+    from appliance.backup.restore import Checked, restore_backup
+
+    settings = build_settings(home=home, repository=repository)
+    started = _now()
+
+    def record(checked: Checked) -> None:
+        if not (settings.audit and settings.audit_db.exists()):
+            return
+        _record_restore(settings, archive, checked, started)
+
+    result = restore_backup(settings, archive, record=record)
+    m = result.checked.manifest
+    if as_json:
+        payload = {
+            "archive": str(archive),
+            "sha256": result.checked.sha256,
+            "placed": result.placed,
+            "manifest": m,
+            "audit": result.audit,
+            "notes": result.notes,
+        }
+        click.echo(msgspec.json.encode(payload).decode())
+    else:
+        click.echo(f"restored {archive} into {settings.home} ({result.placed} files)")
+        for line in _describe(m):
+            click.echo(line)
+        if result.audit is not None:
+            click.echo(f"  audit log now: {result.audit.summary()}")
+        for note in result.notes:
+            click.echo(f"  note: {note}")
+        for line in _next_steps(settings, m):
+            click.echo(line, err=True)
+    if result.audit is not None and not result.audit.ok:
+        sys.exit(1)
+
+
+def _record_restore(settings: Settings, archive: Path, checked: object, started: datetime) -> None:
+    from appliance.backup.restore import Checked
+    from appliance.commands.audit import record_cli_event
+
+    assert isinstance(checked, Checked)
+    m = checked.manifest
+    details = {
+        "archive": archive.name,
+        "sha256": checked.sha256,
+        "backup_created_at": m.created_at,
+        "backup_host": m.host,
+        "parts": ",".join(m.parts),
+    }
+    if m.audit is not None:
+        details["backup_last_seq"] = str(m.audit.last_seq)
+    record_cli_event(settings, "backup_restore", "inferbox backup restore", started, details)
+
+
+def _next_steps(settings: Settings, manifest: object) -> list[str]:
+    from appliance.backup.manifest import BackupManifest
+
+    assert isinstance(manifest, BackupManifest)
+    out = ["next:"]
+    if manifest.audit is not None:
+        out.append(
+            f"  - records written after {manifest.created_at} (after seq {manifest.audit.last_seq}) are not in this "
+            "backup; the log records this restore. Off-box copies (`audit ship`) made since hold the later records, "
+            "and the next `inferbox audit ship` into that folder reports the cut back (ALERT) as it must: keep "
+            "those copies, move them to a subfolder, and ship starts a new series from the restored log."
+        )
+    if manifest.config_file:
+        out.append(
+            f"  - the configuration file {manifest.config_file} was backed up, not restored: compare it with this "
+            "box's (tar -xOf ARCHIVE inferbox-backup/config/inferbox.toml)"
+        )
+    if "models" not in manifest.parts:
+        out.append("  - the backup holds no model packages: `inferbox init` (the default) or `inferbox export` again")
+    unfinished = sum(n for s, n in manifest.batch_jobs.items() if s in ("queued", "running"))
+    if unfinished:
+        out.append(
+            f"  - {unfinished} batch job(s) were not finished when the backup was taken: the worker runs them again"
+        )
+    out.append(
+        "  - keys/first-admin.key is never backed up; the API keys themselves are restored. "
+        "Start the services: systemctl start inferbox-api inferbox-batch.path"
+    )
+    return out

@@ -1,0 +1,349 @@
+"""``inferbox backup create | check | restore`` on a real home: databases, keys, a package, a batch job."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from appliance.audit.log import AuditLog
+from appliance.audit.verify import verify_db
+from appliance.backup import restore as restore_mod
+from appliance.backup.manifest import ROOT
+from appliance.cli import main
+from appliance.keys import KeyStore
+from appliance.settings import load_settings
+from runtime.repository import Repository
+from runtime.signing import load_public_key
+from tests.runtime.conftest import publish_mlp
+
+from . import audit_tamper as T
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for key in list(os.environ):
+        if key.startswith("INFERBOX_") or key == "STATE_DIRECTORY":
+            monkeypatch.delenv(key)
+    yield
+
+
+def run(home: Path, *args: str, **env: str) -> Result:
+    return CliRunner().invoke(main, list(args), env={"INFERBOX_HOME": str(home), **env}, catch_exceptions=False)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A home as a box leaves it: signing key, an API key, a package, audit records."""
+    home = tmp_path_factory.mktemp("box") / "home"
+    home.mkdir()
+    publish_mlp(home / "models", ["ort-cpu"])
+    assert run(home, "signing-key", "create").exit_code == 0
+    made = run(home, "keys", "create", "--scope", "infer", "--json")
+    assert made.exit_code == 0, made.output
+    (home / "keys" / "first-admin.key").write_text("ibx_000000000000_secret-that-must-not-travel\n")
+    return {"home": home, "key": json.loads(made.stdout)["key"]}
+
+
+@pytest.fixture
+def box(built: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """A private copy of the built box (tests write to it), with a finished batch job of its own."""
+    home = tmp_path / "home"
+    shutil.copytree(built["home"], home)
+    (tmp_path / "out").mkdir()
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "x": [0.1 * i] * 8}) + "\n" for i in range(5)))
+    job = run(home, "batch", "submit", str(source), "--model", "mlp")
+    assert job.exit_code == 0, job.output
+    ran = run(home, "batch", "run", "--once")
+    assert ran.exit_code == 0, ran.output
+    return {**built, "home": home, "out": tmp_path / "out", "job": job.stdout.strip().split()[-1]}
+
+
+def create(box: dict[str, Any], *args: str) -> Path:
+    result = run(box["home"], "backup", "create", "--to", str(box["out"]), *args)
+    assert result.exit_code == 0, result.output
+    (archive,) = box["out"].glob("inferbox-backup-*.tar")
+    return archive
+
+
+def members(archive: Path) -> list[str]:
+    with tarfile.open(archive) as tar:
+        return tar.getnames()
+
+
+def test_round_trip_restores_keys_log_packages_and_batch_results(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    names = members(archive)
+    assert names[-1] == f"{ROOT}/MANIFEST.json"
+    assert f"{ROOT}/keys/first-admin.key" not in names  # a plaintext API key never travels
+    assert f"{ROOT}/signing/signing.key" in names and f"{ROOT}/keys/signing.key" not in names
+
+    # the backup is in the live log, with the archive's hash
+    live = AuditLog.open(load_settings({"home": box["home"]}))
+    try:
+        last = live.tail(1)[0]
+    finally:
+        live.close()
+    assert last.event == "backup_create" and last.details["sha256"] == sha256(archive)
+
+    checked = run(box["home"], "backup", "check", str(archive))
+    assert checked.exit_code == 0 and checked.stdout.startswith("OK:"), checked.output
+
+    new = tmp_path / "elsewhere" / "home"
+    restored = run(new, "backup", "restore", str(archive))
+    assert restored.exit_code == 0, restored.output
+    assert "records written after" in restored.stderr
+
+    assert KeyStore(new / "state.db").verify(box["key"]).scopes == ("infer",)
+    assert Repository(new / "models").open("mlp").manifest.name == "mlp"
+    assert sha256(new / "keys" / "signing.key") == sha256(box["home"] / "keys" / "signing.key")
+    assert not (new / "keys" / "first-admin.key").exists()
+    outbox = sorted(p.relative_to(box["home"]) for p in (box["home"] / "outbox").rglob("*") if p.is_file())
+    assert outbox and all(sha256(new / p) == sha256(box["home"] / p) for p in outbox)
+    assert all((new / p).stat().st_mode & 0o077 == 0 for p in outbox)
+
+    # the restored log verifies and says it was restored, naming the archive
+    settings = load_settings({"home": new})
+    report = verify_db(settings.audit_db, [load_public_key(new / "keys" / "signing.key.pub")])
+    assert report.ok, report.summary()
+    log = AuditLog.open(settings)
+    try:
+        tail = log.tail(1)[0]
+    finally:
+        log.close()
+    assert tail.event == "backup_restore"
+    assert tail.details["sha256"] == sha256(archive) and tail.details["archive"] == archive.name
+
+    # the batch job's paths follow the home (they are stored absolute)
+    status = run(new, "batch", "status", box["job"], "--json")
+    assert status.exit_code == 0, status.output
+    (job,) = json.loads(status.stdout)["jobs"]
+    assert job["state"] == "done"
+    assert str(new) in json.dumps(job) and str(box["home"]) not in json.dumps(job)
+
+
+def test_backup_is_consistent_while_the_log_is_written(box: dict[str, Any]) -> None:
+    settings = load_settings({"home": box["home"], "checkpoint_every": 7})
+    log = AuditLog.open(settings)
+    log.start()
+    stop = threading.Event()
+    written: list[int] = []
+
+    def writer() -> None:
+        while not stop.is_set():
+            written.append(log.append(T.event(len(written))))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while len(written) < 20:
+            stop.wait(0.01)
+        archive = create(box, "--no-models")
+    finally:
+        stop.set()
+        thread.join()
+        log.close()
+    checked = run(box["home"], "backup", "check", str(archive), "--json")
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.stdout)
+    assert report["ok"] and report["audit"]["ok"] and report["audit"]["last_seq"] >= 20
+
+
+def _rewrite_member(archive: Path, target: Path, change: Any) -> None:
+    """Copy ``archive`` to ``target`` with ``change(name, data) -> (name, data) | None`` applied to each member."""
+    with tarfile.open(archive) as src, tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()  # type: ignore[union-attr]
+            out = change(m.name, data)
+            if out is None:
+                continue
+            name, data = out
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda n, d: (n, d[:-1] + bytes([d[-1] ^ 1])) if n.endswith("model.onnx") else (n, d), "model.onnx: differs"),
+        (lambda n, d: None if n.endswith("state.db") else (n, d), "state.db: in the manifest but not in the archive"),
+        (lambda n, d: None if n.endswith("MANIFEST.json") else (n, d), "has no MANIFEST.json"),
+        (lambda n, d: (n.replace("models/", "models/../../"), d) if "models/" in n else (n, d), "'..'"),
+        (lambda n, d: (n.replace(ROOT + "/", ""), d), "not under inferbox-backup/"),
+    ],
+    ids=["flipped-byte", "missing-file", "no-manifest", "dot-dot", "outside-root"],
+)
+def test_check_and_restore_refuse_a_damaged_archive(
+    box: dict[str, Any], tmp_path: Path, change: Any, problem: str
+) -> None:
+    bad = tmp_path / "bad.tar"
+    _rewrite_member(create(box), bad, change)
+    checked = run(box["home"], "backup", "check", str(bad))
+    assert checked.exit_code == 1 and problem in checked.stdout, checked.output
+    target = tmp_path / "target"
+    restored = run(target, "backup", "restore", str(bad))
+    assert restored.exit_code == 2 and problem in restored.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path.parent / "models").exists()
+    assert not target.exists() or not [p for p in target.rglob("*")]  # nothing was placed, no staging left
+
+
+def test_a_truncated_or_linked_archive_is_refused(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    checked = run(box["home"], "backup", "check", str(cut))
+    assert checked.exit_code == 1 and "FAILED" in checked.stdout
+    linked = tmp_path / "linked.tar"
+    with tarfile.open(linked, "w") as tar:
+        info = tarfile.TarInfo(f"{ROOT}/keys/evil")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    checked = run(box["home"], "backup", "check", str(linked))
+    assert checked.exit_code == 1 and "is a link" in checked.stdout
+
+
+def test_restore_never_overwrites_a_box_with_state(box: dict[str, Any]) -> None:
+    archive = create(box)
+    before = {p: sha256(p) for p in box["home"].rglob("*") if p.is_file()}
+    result = run(box["home"], "backup", "restore", str(archive))
+    assert result.exit_code == 2
+    assert "state.db" in result.stderr and "move" in result.stderr and "nothing was changed" in result.stderr
+    assert {p: sha256(p) for p in box["home"].rglob("*") if p.is_file()} == before
+
+
+def test_restore_keeps_the_fresh_signing_key_of_a_new_install(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    new = tmp_path / "installed"
+    assert run(new, "signing-key", "create").exit_code == 0  # what `inferbox install` leaves
+    fresh = sha256(new / "keys" / "signing.key")
+    result = run(new, "backup", "restore", str(archive))
+    assert result.exit_code == 0, result.output
+    assert sha256(new / "keys" / "signing.key") == sha256(box["home"] / "keys" / "signing.key")
+    (kept,) = (new / "keys").glob("signing.key.before-restore-*")
+    assert sha256(kept) == fresh
+
+
+def test_a_log_that_does_not_verify_is_backed_up_with_an_alert_and_never_restored(
+    box: dict[str, Any], tmp_path: Path
+) -> None:
+    T.change_field(box["home"] / "audit.db", 1, "actor", "someone-else")
+    result = run(box["home"], "backup", "create", "--to", str(box["out"]))
+    assert result.exit_code == 1 and "ALERT" in result.stderr
+    (archive,) = box["out"].glob("inferbox-backup-*.tar")  # written all the same: it is evidence
+    with tarfile.open(archive) as tar:
+        manifest = json.loads(tar.extractfile(f"{ROOT}/MANIFEST.json").read())  # type: ignore[union-attr]
+    assert manifest["audit"]["verified"] is False and "seq 1" in manifest["audit"]["problem"]
+    restored = run(tmp_path / "new", "backup", "restore", str(archive))
+    assert restored.exit_code == 2 and "audit.db: FAILED at seq 1" in restored.stderr
+
+
+def test_parts_can_be_left_out(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box, "--no-models", "--no-batch")
+    names = members(archive)
+    assert not any("/models/" in n or "/outbox/" in n or "/spool/" in n for n in names)
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(archive))
+    assert result.exit_code == 0, result.output
+    assert "holds no model packages" in result.stderr
+    assert KeyStore(new / "state.db").verify(box["key"]).key_id
+
+
+def test_signing_key_outside_the_home_goes_where_the_target_setting_says(box: dict[str, Any], tmp_path: Path) -> None:
+    outside = tmp_path / "credstore"
+    outside.mkdir()
+    for name in ("signing.key", "signing.key.pub"):
+        shutil.move(box["home"] / "keys" / name, outside / name)
+    result = run(
+        box["home"], "backup", "create", "--to", str(box["out"]), INFERBOX_SIGNING_KEY=str(outside / "signing.key")
+    )
+    assert result.exit_code == 0, result.output
+    (archive,) = box["out"].glob("*.tar")
+    target_key = tmp_path / "elsewhere" / "signing.key"
+    new = tmp_path / "new"
+    restored = run(new, "backup", "restore", str(archive), INFERBOX_SIGNING_KEY=str(target_key))
+    assert restored.exit_code == 0, restored.output
+    assert sha256(target_key) == sha256(outside / "signing.key")
+    assert not (new / "keys" / "signing.key").exists()
+
+
+def test_the_folder_must_exist_and_be_off_the_state_folder(box: dict[str, Any], tmp_path: Path) -> None:
+    missing = run(box["home"], "backup", "create", "--to", str(tmp_path / "not-mounted"))
+    assert missing.exit_code == 2 and "mount the backup disk" in missing.stderr
+    assert not (tmp_path / "not-mounted").exists()
+    (box["home"] / "backups").mkdir()
+    inside = run(box["home"], "backup", "create", "--to", str(box["home"] / "backups"))
+    assert inside.exit_code == 2 and "inside" in inside.stderr
+    assert not list((box["home"] / "backups").iterdir())
+
+
+def test_a_failed_record_leaves_no_archive(box: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import appliance.commands.audit as audit_cmd
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(audit_cmd, "record_cli_event", broken)
+    result = run(box["home"], "backup", "create", "--to", str(box["out"]))
+    assert result.exit_code == 2 and "disk full" in result.stderr
+    assert list(box["out"].iterdir()) == []
+
+
+def test_run_as_root_hands_the_files_to_the_homes_owner(
+    box: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = create(box)
+    new = tmp_path / "var-lib-inferbox"
+    new.mkdir()
+    owned: list[tuple[Path, int]] = []
+    real_stat = Path.stat
+
+    def stat(self: Path, **kw: Any) -> Any:
+        st = real_stat(self, **kw)
+        if self == new:
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, 4242, 4343, *tuple(st)[6:]))
+        return st
+
+    monkeypatch.setattr(restore_mod.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(restore_mod.os, "chown", lambda p, uid, gid, **kw: owned.append((Path(p), uid)))
+    monkeypatch.setattr(Path, "stat", stat)
+    result = run(new, "backup", "restore", str(archive))
+    assert result.exit_code == 0, result.output
+    chowned = {p for p, uid in owned if uid == 4242}
+    assert new / "state.db" in chowned and new / "audit.db" in chowned and new / "models" / "mlp" in chowned
+    assert new / "keys" / "signing.key" in chowned
+    assert any(p.parent == new / "keys" / "digest" for p in chowned)  # the digest keys (batch records)
+
+
+def test_configuration_in_the_home_is_restored_and_one_outside_is_kept_for_reference(
+    box: dict[str, Any], tmp_path: Path
+) -> None:
+    (box["home"] / "inferbox.toml").write_text("[server]\nport = 9001\n")
+    etc = tmp_path / "etc" / "inferbox.toml"
+    etc.parent.mkdir()
+    etc.write_text("[limits]\nmax_inputs = 64\n")
+    result = run(box["home"], "backup", "create", "--to", str(box["out"]), INFERBOX_CONFIG=str(etc))
+    assert result.exit_code == 0, result.output
+    (archive,) = box["out"].glob("*.tar")
+    assert {f"{ROOT}/inferbox.toml", f"{ROOT}/config/inferbox.toml"} <= set(members(archive))
+    new = tmp_path / "new"
+    restored = run(new, "backup", "restore", str(archive))
+    assert restored.exit_code == 0, restored.output
+    assert (new / "inferbox.toml").read_text() == "[server]\nport = 9001\n"
+    assert str(etc) in restored.stderr and "not restored" in restored.stderr
+    assert not (new / "config").exists()
