@@ -39,6 +39,9 @@ from runtime.durable import fsync_dir
 from runtime.errors import BackupError, InferboxError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from appliance.audit.catch_up import CatchUp
     from appliance.audit.verify import VerifyReport
 
 __all__ = ["Checked", "RestoreResult", "check_archive", "destination", "restore_backup", "unpack"]
@@ -66,6 +69,8 @@ class RestoreResult:
     placed: int  #: files written into the home, the repository and the signing key's place
     audit: VerifyReport | None  #: the restored log, after its restore record
     notes: list[str] = field(default_factory=list)
+    #: what the off-box copies added to the log after the backup's last record (``audit_from``)
+    caught_up: CatchUp | None = None
 
 
 class _Reader:
@@ -164,11 +169,11 @@ def _mismatches(manifest: BackupManifest, found: list[FileEntry]) -> list[str]:
     return problems
 
 
-def _backup_keys(folder: Path) -> list[object]:
+def _backup_keys(folder: Path) -> list[Ed25519PublicKey]:
     """The public keys the backup's own checkpoints must be signed with: its signing key and retired keys."""
     from runtime import signing
 
-    keys: list[object] = []
+    keys: list[Ed25519PublicKey] = []
     if (folder / SIGNING_PUB).is_file():
         keys.append(signing.load_public_key(folder / SIGNING_PUB))
     elif (folder / SIGNING_KEY).is_file():
@@ -201,7 +206,7 @@ def _content_problems(folder: Path, manifest: BackupManifest) -> tuple[list[str]
             if not keys:
                 problems.append("audit.db: the backup holds no signing key to verify its checkpoints with")
             else:
-                audit = verify_db(folder / "audit.db", keys)  # type: ignore[arg-type]
+                audit = verify_db(folder / "audit.db", keys)
                 if not audit.ok:
                     problems.append(f"audit.db: {audit.summary()}")
         except InferboxError as exc:
@@ -312,10 +317,15 @@ def restore_backup(
     settings: Settings,
     archive: Path,
     *,
-    record: Callable[[Checked], None] | None = None,
+    record: Callable[[Checked, CatchUp | None], None] | None = None,
+    audit_from: Path | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> RestoreResult:
-    """Check ``archive`` and put it back into ``settings``' home, repository and signing-key place."""
+    """Check ``archive`` and put it back into ``settings``' home, repository and signing-key place.
+
+    ``audit_from``: a folder of off-box copies of the log (``audit ship``'s) to bring the restored log
+    forward from, before anything is placed (:func:`appliance.audit.catch_up.catch_up`).
+    """
     taken = occupied(settings)
     if taken:
         raise BackupError(
@@ -334,6 +344,13 @@ def restore_backup(
                 + (f" (and {len(checked.problems) - 5} more)" if len(checked.problems) > 5 else "")
             )
         notes: list[str] = []
+        caught_up = None
+        if audit_from is not None and (staging / "audit.db").is_file():
+            from appliance.audit.catch_up import catch_up
+
+            caught_up = catch_up(
+                staging / "audit.db", audit_from, _backup_keys(staging), digest_dir=staging / "keys" / "digest"
+            )
         moves = [(staging / f.path, destination(settings, f.path)) for f in checked.manifest.files]
         placed = [(src, dest) for src, dest in moves if dest is not None]
         stamp = clock().astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -360,7 +377,7 @@ def restore_backup(
             if moved:
                 notes.append(f"{moved} batch job(s) now point at {settings.home} instead of {checked.manifest.home}")
         if record is not None:
-            record(checked)
+            record(checked, caught_up)
         _chown_to_home(settings, touched + _new_files(settings))
         audit = None
         if settings.audit_db.exists():
@@ -368,7 +385,7 @@ def restore_backup(
             from appliance.audit.verify import verify_db
 
             audit = verify_db(settings.audit_db, trusted_keys(settings.signing_key, settings.keys_dir))
-        return RestoreResult(checked, len(placed), audit, notes)
+        return RestoreResult(checked, len(placed), audit, notes, caught_up)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -7,6 +7,7 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import msgspec
@@ -14,6 +15,9 @@ import msgspec
 from appliance.commands.options import build_settings, state_options
 from appliance.settings import Settings
 from runtime.errors import BackupError
+
+if TYPE_CHECKING:
+    from appliance.audit.catch_up import CatchUp
 
 __all__ = ["backup"]
 
@@ -171,24 +175,44 @@ def check(archive: Path, scratch: Path | None, as_json: bool) -> None:
 @backup.command()
 @state_options
 @click.argument("archive", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option(
+    "--audit-from",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Folder of off-box copies of the audit log (`audit ship`'s) to bring the restored log forward from "
+    "[default: the ship_dir setting, when set].",
+)
+@click.option("--no-catch-up", is_flag=True, help="Restore the audit log as the backup holds it, ignoring ship_dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def restore(home: Path | None, repository: Path | None, archive: Path, as_json: bool) -> None:
+def restore(
+    home: Path | None,
+    repository: Path | None,
+    archive: Path,
+    audit_from: Path | None,
+    no_catch_up: bool,
+    as_json: bool,
+) -> None:
     """Check ARCHIVE, then put it back on a box without state (stop the services first).
 
     Writes the state folder, the model repository and the signing key where this box's settings
-    put them; refuses a box that already holds state, and never overwrites a file.
+    put them; refuses a box that already holds state, and never overwrites a file. With off-box
+    copies of the audit log (--audit-from, or the ship_dir setting), the records written after
+    the backup that they hold are put back too.
     """
     from appliance.backup.restore import Checked, restore_backup
 
     settings = build_settings(home=home, repository=repository)
+    if no_catch_up and audit_from is not None:
+        raise click.UsageError("give --audit-from or --no-catch-up, not both")
+    copies = None if no_catch_up else (audit_from or settings.ship_dir)
     started = _now()
 
-    def record(checked: Checked) -> None:
+    def record(checked: Checked, caught_up: CatchUp | None) -> None:
         if not (settings.audit and settings.audit_db.exists()):
             return
-        _record_restore(settings, archive, checked, started)
+        _record_restore(settings, archive, checked, started, caught_up)
 
-    result = restore_backup(settings, archive, record=record)
+    result = restore_backup(settings, archive, record=record, audit_from=copies)
     m = result.checked.manifest
     if as_json:
         payload = {
@@ -198,6 +222,7 @@ def restore(home: Path | None, repository: Path | None, archive: Path, as_json: 
             "manifest": m,
             "audit": result.audit,
             "notes": result.notes,
+            "caught_up": result.caught_up,
         }
         click.echo(msgspec.json.encode(payload).decode())
     else:
@@ -206,15 +231,28 @@ def restore(home: Path | None, repository: Path | None, archive: Path, as_json: 
             click.echo(line)
         if result.audit is not None:
             click.echo(f"  audit log now: {result.audit.summary()}")
+        c = result.caught_up
+        if c is not None and c.records:
+            click.echo(
+                f"  audit: seq {c.first_seq}..{c.last_seq} ({c.records} records, {c.checkpoints} checkpoints) "
+                f"brought back from {len(c.copies)} off-box copy(ies) in {c.folder}, the newest made {c.exported_at}"
+            )
+            if c.missing_digest_keys:
+                click.echo(
+                    f"  note: digest key(s) {', '.join(c.missing_digest_keys)} named by those records are not in "
+                    "the backup: their digests cannot be recomputed here"
+                )
         for note in result.notes:
             click.echo(f"  note: {note}")
-        for line in _next_steps(settings, m):
+        for line in _next_steps(settings, m, c):
             click.echo(line, err=True)
     if result.audit is not None and not result.audit.ok:
         sys.exit(1)
 
 
-def _record_restore(settings: Settings, archive: Path, checked: object, started: datetime) -> None:
+def _record_restore(
+    settings: Settings, archive: Path, checked: object, started: datetime, caught_up: CatchUp | None
+) -> None:
     from appliance.backup.restore import Checked
     from appliance.commands.audit import record_cli_event
 
@@ -229,15 +267,29 @@ def _record_restore(settings: Settings, archive: Path, checked: object, started:
     }
     if m.audit is not None:
         details["backup_last_seq"] = str(m.audit.last_seq)
+    if caught_up is not None and caught_up.records:
+        details["caught_up_to_seq"] = str(caught_up.last_seq)
+        details["caught_up_from"] = caught_up.folder
     record_cli_event(settings, "backup_restore", "inferbox backup restore", started, details)
 
 
-def _next_steps(settings: Settings, manifest: object) -> list[str]:
+def _next_steps(settings: Settings, manifest: object, caught_up: CatchUp | None) -> list[str]:
     from appliance.backup.manifest import BackupManifest
 
     assert isinstance(manifest, BackupManifest)
     out = ["next:"]
-    if manifest.audit is not None:
+    if caught_up is not None and caught_up.records:
+        out.append(
+            f"  - the log holds what the newest off-box copy held (seq {caught_up.last_seq}, made "
+            f"{caught_up.exported_at}), then this restore: only records written after that copy are lost. "
+            "`inferbox audit ship` goes on into the same folder."
+        )
+    elif caught_up is not None and caught_up.copies:
+        out.append(
+            f"  - the off-box copies in {caught_up.folder} hold nothing after the backup: `inferbox audit ship` "
+            "goes on into the same folder."
+        )
+    elif manifest.audit is not None:
         out.append(
             f"  - records written after {manifest.created_at} (after seq {manifest.audit.last_seq}) are not in this "
             "backup; the log records this restore. Off-box copies (`audit ship`) made since hold the later records, "

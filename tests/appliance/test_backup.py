@@ -347,3 +347,122 @@ def test_configuration_in_the_home_is_restored_and_one_outside_is_kept_for_refer
     assert (new / "inferbox.toml").read_text() == "[server]\nport = 9001\n"
     assert str(etc) in restored.stderr and "not restored" in restored.stderr
     assert not (new / "config").exists()
+
+
+def _more_records(home: Path, n: int) -> None:
+    log = AuditLog.open(load_settings({"home": home}))
+    try:
+        for i in range(n):
+            log.append(T.event(i))
+    finally:
+        log.close()
+
+
+def _ship(home: Path, folder: Path) -> Result:
+    return run(home, "audit", "ship", "--to", str(folder))
+
+
+def _seqs(home: Path) -> tuple[int, str]:
+    log = AuditLog.open(load_settings({"home": home}))
+    try:
+        last = log.tail(1)[0]
+    finally:
+        log.close()
+    return last.seq, last.event
+
+
+@pytest.fixture
+def shipped(box: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """copy 1, the backup, more records, copy 2, then records no copy holds (lost with the box)."""
+    ship = tmp_path / "ship"
+    ship.mkdir()
+    assert _ship(box["home"], ship).exit_code == 0
+    _more_records(box["home"], 3)
+    archive = create(box)
+    _more_records(box["home"], 4)
+    second = _ship(box["home"], ship)
+    assert second.exit_code == 0, second.output
+    copies = sorted(ship.glob("audit-*.jsonl"))
+    assert len(copies) == 2
+    held_to = int(second.stdout.split("..")[1].split(" ")[0])
+    _more_records(box["home"], 2)
+    return {**box, "ship": ship, "archive": archive, "copies": copies, "held_to": held_to}
+
+
+def test_restore_brings_the_log_forward_from_the_off_box_copies(shipped: dict[str, Any], tmp_path: Path) -> None:
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(shipped["archive"]), "--audit-from", str(shipped["ship"]))
+    assert result.exit_code == 0, result.output
+    assert f"..{shipped['held_to']} " in result.stdout and "brought back from 2 off-box copy(ies)" in result.stdout
+    # the log is the log as the newest copy held it, then the restore
+    assert _seqs(new) == (shipped["held_to"] + 1, "backup_restore")
+    verified = run(new, "audit", "verify", "--against", str(shipped["copies"][-1]))
+    assert verified.exit_code == 0, verified.output
+    # so shipping goes on into the same folder without a cut back
+    again = _ship(new, shipped["ship"])
+    assert again.exit_code == 0 and "ALERT" not in again.stdout, again.output
+
+
+def test_without_the_copies_the_next_ship_reports_the_cut_back(shipped: dict[str, Any], tmp_path: Path) -> None:
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(shipped["archive"]), INFERBOX_SHIP_DIR=str(tmp_path / "unused"))
+    assert result.exit_code == 2 and "mount the ship share" in result.stderr  # ship_dir is the default source
+    assert not (new / "audit.db").exists()
+    result = run(new, "backup", "restore", str(shipped["archive"]), "--no-catch-up")
+    assert result.exit_code == 0, result.output
+    assert "reports the cut back" in result.stderr
+    again = _ship(new, shipped["ship"])
+    assert again.exit_code == 1 and "ALERT" in again.stdout
+
+
+def test_the_ship_dir_setting_is_where_restore_looks_by_default(shipped: dict[str, Any], tmp_path: Path) -> None:
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(shipped["archive"]), INFERBOX_SHIP_DIR=str(shipped["ship"]))
+    assert result.exit_code == 0, result.output
+    assert _seqs(new) == (shipped["held_to"] + 1, "backup_restore")
+
+
+def test_copies_that_do_not_continue_the_backup_change_nothing(shipped: dict[str, Any], tmp_path: Path) -> None:
+    # a tampered copy
+    bad = tmp_path / "bad-ship"
+    shutil.copytree(shipped["ship"], bad)
+    newest = sorted(bad.glob("*.jsonl"))[-1]
+    data = bytearray(newest.read_bytes())
+    at = data.index(b'"actor":"') + len(b'"actor":"')
+    data[at] = ord("X") if data[at] != ord("X") else ord("Y")
+    newest.write_bytes(bytes(data))
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(shipped["archive"]), "--audit-from", str(bad))
+    assert result.exit_code == 2 and "does not verify" in result.stderr
+    assert not (new / "audit.db").exists() and not (new / "state.db").exists()
+    # a missing copy: the backup's last record is in the first, what follows it only in the second
+    gap = tmp_path / "gap-ship"
+    gap.mkdir()
+    shutil.copy(shipped["copies"][0], gap)
+    box_home = shipped["home"]
+    _more_records(box_home, 1)
+    third = _ship(box_home, shipped["ship"])  # a copy that starts after the missing one
+    assert third.exit_code == 0, third.output
+    shutil.copy(sorted(shipped["ship"].glob("*.jsonl"))[-1], gap)
+    result = run(new, "backup", "restore", str(shipped["archive"]), "--audit-from", str(gap))
+    assert result.exit_code == 2 and "do not continue this log" in result.stderr, result.output
+    assert not (new / "audit.db").exists()
+
+
+def test_a_copy_missing_between_others_is_named(box: dict[str, Any], tmp_path: Path) -> None:
+    ship, gap = tmp_path / "ship", tmp_path / "gap"
+    ship.mkdir()
+    gap.mkdir()
+    archive = create(box)
+    for _ in range(3):  # copies 1 (from the start), 2 and 3, records between them
+        _more_records(box["home"], 2)
+        assert _ship(box["home"], ship).exit_code == 0
+    first, second, third = sorted(ship.glob("*.jsonl"))
+    shutil.copy(first, gap)
+    shutil.copy(third, gap)
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(archive), "--audit-from", str(gap))
+    assert result.exit_code == 2 and "miss seq" in result.stderr and "add the copy" in result.stderr, result.output
+    shutil.copy(second, gap)
+    result = run(new, "backup", "restore", str(archive), "--audit-from", str(gap))
+    assert result.exit_code == 0, result.output

@@ -1,0 +1,173 @@
+"""Bring a restored log forward from its off-box copies (``inferbox backup restore --audit-from``).
+
+A backup holds the log up to the moment it was taken; the exports ``audit ship``
+made since hold what came after.  :func:`catch_up` appends those later records and
+checkpoints to the restored database exactly as they were (the same fields, the
+same leaf hashes, the same signatures), after checking that every copy verifies
+with the trusted keys, that the copies agree with each other and with the log
+where they overlap (the log's head record and every checkpoint it holds), and
+that nothing between the log's head and the copies' newest record is missing.
+The result must verify as a whole before it is committed.  The log is then the
+log as the newest copy held it: ``audit ship`` goes on from there without a cut
+back, and only what was written after the last copy is lost.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from appliance.audit.canonical import AuditRecord
+from appliance.audit.checkpoint import Checkpoint, load_checkpoints, store_checkpoint
+from appliance.audit.exporter import CheckpointLine, EdgeLine, Header, Line, RecordLine
+from appliance.audit.schema import connect, read_log_id
+from appliance.audit.store import head, insert_records, iter_records
+from appliance.audit.verify import check_chain, verify_export_bytes
+from runtime.errors import AuditError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+__all__ = ["CatchUp", "catch_up"]
+
+_DECODER = msgspec.json.Decoder(Line)
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    folder: str
+    copies: list[str]  #: the exports read, oldest first
+    records: int  #: records appended
+    checkpoints: int  #: checkpoints appended
+    first_seq: int  #: the first record appended (0: none)
+    last_seq: int  #: the log's head afterwards
+    exported_at: str  #: when the newest copy was made ("" when there was none)
+    #: digest keys named by the appended records that this box does not hold (their digests cannot be recomputed)
+    missing_digest_keys: list[str]
+
+
+@dataclass(frozen=True)
+class _Copy:
+    path: Path
+    header: Header
+    records: list[AuditRecord]
+    checkpoints: list[Checkpoint]
+
+
+def _read(path: Path, keys: Sequence[Ed25519PublicKey]) -> _Copy:
+    data = path.read_bytes()
+    report = verify_export_bytes(data, keys)
+    if not report.ok:
+        raise AuditError(
+            f"the off-box copy {path} does not verify with the backup's keys ({report.summary()}); "
+            "nothing was changed: move it out of the folder if it is not a copy of this log"
+        )
+    header: Header | None = None
+    records: list[AuditRecord] = []
+    checkpoints: list[Checkpoint] = []
+    for line in data.splitlines():
+        item = _DECODER.decode(line)
+        if isinstance(item, Header):
+            header = item
+        elif isinstance(item, RecordLine | EdgeLine):
+            fields = msgspec.structs.asdict(item)
+            fields.pop("side", None)
+            records.append(AuditRecord(**fields))
+        elif isinstance(item, CheckpointLine):
+            checkpoints.append(Checkpoint(**msgspec.structs.asdict(item)))
+    assert header is not None  # a verified export has one
+    return _Copy(path, header, records, checkpoints)
+
+
+def _copies(folder: Path, log_id: str, keys: Sequence[Ed25519PublicKey]) -> list[_Copy]:
+    copies = [_read(p, keys) for p in sorted(folder.glob(f"audit-{log_id}-*.jsonl"))]
+    for c in copies:
+        if c.header.log_id != log_id:
+            raise AuditError(f"{c.path} is an export of log {c.header.log_id}, not {log_id}: move it out of {folder}")
+    return sorted(copies, key=lambda c: c.header.exported_at)
+
+
+def _same(a: Checkpoint, b: Checkpoint) -> bool:
+    return (a.kind, a.size, a.head_hash, a.signature) == (b.kind, b.size, b.head_hash, b.signature)
+
+
+def catch_up(db: Path, folder: Path, keys: Sequence[Ed25519PublicKey], *, digest_dir: Path | None = None) -> CatchUp:
+    """Append to the log in ``db`` what the exports in ``folder`` hold after its head; raise and change nothing else."""
+    if not folder.is_dir():
+        raise AuditError(
+            f"there is no folder {folder} to read the off-box copies from; mount the ship share "
+            "(or leave --audit-from out to restore the log as the backup holds it)"
+        )
+    conn = connect(db)
+    try:
+        log_id = read_log_id(conn)
+        copies = _copies(folder, log_id, keys)
+        size, head_hash = head(conn, log_id)
+        if not copies:
+            return CatchUp(str(folder), [], 0, 0, 0, size, "", [])
+        merged: dict[int, AuditRecord] = {}
+        for c in copies:
+            for r in c.records:
+                seen = merged.setdefault(r.seq, r)
+                if seen.leaf_hash != r.leaf_hash:
+                    raise AuditError(
+                        f"the off-box copies disagree at seq {r.seq} ({c.path} and an older one): "
+                        "nothing was changed; verify each with `inferbox audit verify --export FILE --against ...`"
+                    )
+        newest = copies[-1]
+        names = [str(c.path) for c in copies]
+        last = max(merged, default=0)
+        if last <= size:
+            # the backup is as new as the copies: nothing to bring back (ship holds the log to them as ever)
+            return CatchUp(str(folder), names, 0, 0, 0, size, newest.header.exported_at, [])
+        if size > 0 and (size not in merged or merged[size].leaf_hash != head_hash):
+            have = min(merged)
+            raise AuditError(
+                f"the off-box copies in {folder} hold seq {have}..{last} but not the backup's last record "
+                f"(seq {size}) as the backup holds it: they do not continue this log; nothing was changed "
+                "(restore without --audit-from, or add the earlier copies to the folder)"
+            )
+        gaps = [s for s in range(size + 1, last + 1) if s not in merged]
+        if gaps:
+            raise AuditError(
+                f"the off-box copies in {folder} miss seq {gaps[0]} (between the backup's seq {size} and "
+                f"their seq {last}): add the copy holding it; nothing was changed"
+            )
+        held = load_checkpoints(conn)
+        later = newest.checkpoints[len(held) :]
+        if len(newest.checkpoints) < len(held) or not all(
+            _same(a, b) for a, b in zip(held, newest.checkpoints, strict=False)
+        ):
+            raise AuditError(
+                f"the checkpoints of {newest.path} do not continue the backup's ({len(held)} held): "
+                "it is not a later copy of this log as the backup holds it; nothing was changed"
+            )
+        added = [merged[s] for s in range(size + 1, last + 1)]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            insert_records(conn, added)
+            for cp in later:
+                store_checkpoint(conn, cp)
+            report = check_chain(log_id, iter_records(conn, log_id), load_checkpoints(conn), keys)
+            if not report.ok:
+                raise AuditError(
+                    f"the log with the off-box copies' records does not verify ({report.summary()}); "
+                    "nothing was changed"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise AuditError(f"the restored audit log could not be brought forward ({exc}); nothing was changed") from exc
+    finally:
+        conn.close()
+    key_ids = sorted({r.digest_key_id for r in added if r.digest_key_id})
+    missing = [k for k in key_ids if digest_dir is None or not (digest_dir / f"{k}.key").is_file()]
+    return CatchUp(str(folder), names, len(added), len(later), size + 1, last, newest.header.exported_at, missing)
