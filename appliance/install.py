@@ -60,6 +60,10 @@ ENABLE = {"inferbox-api.service": "multi-user.target", "inferbox-batch.path": "p
 SHIP_TIMER = "inferbox-audit-ship.timer"
 #: the ship unit's folder when none is given (the timer then stays disabled)
 DEFAULT_SHIP_DIR = Path("/mnt/inferbox-audit")
+#: enabled too when a backup folder is given (``--backup-dir``)
+BACKUP_TIMER = "inferbox-backup.timer"
+#: the backup unit's folder when none is given (the timer then stays disabled)
+DEFAULT_BACKUP_DIR = Path("/mnt/inferbox-backup")
 #: the state folder's sub-folders install creates (0700, owned by the service user)
 STATE_SUBDIRS = ("models", "keys", "spool", "spool/tmp", "spool/new", "spool/cur", "outbox", "cache")
 #: a systemd memory size (MemoryMax=): bytes with an optional K/M/G/T/P/E suffix, a percentage, or infinity
@@ -92,6 +96,8 @@ class InstallOptions:
     python: str = sys.executable
     #: an off-box folder (a mounted share) for ``inferbox audit ship``; given: its hourly timer is enabled
     ship_dir: Path | None = None
+    #: a folder on another disk or machine for ``inferbox backup create``; given: its daily timer is enabled
+    backup_dir: Path | None = None
 
 
 @dataclass
@@ -113,11 +119,13 @@ def render_unit(
     api_memory_max: str = "8G",
     batch_memory_max: str = "8G",
     ship_dir: Path = DEFAULT_SHIP_DIR,
+    backup_dir: Path = DEFAULT_BACKUP_DIR,
 ) -> str:
     """Substitute the install paths into a unit template."""
     out = (
         text.replace("@PREFIX@", str(prefix))
         .replace("@SHIPDIR@", str(ship_dir))
+        .replace("@BACKUPDIR@", str(backup_dir))
         .replace("@CONFDIR@", str(CONF_DIR))
         .replace("@STATEDIR@", str(STATE_DIR))
         .replace("@API_MEMORY_MAX@", api_memory_max)
@@ -144,6 +152,7 @@ def _shown_default(f: Field) -> Any:
         "signing_key": STATE_DIR / "keys" / "signing.key",
         "public_key": CONF_DIR / "signing.key.pub",
         "ship_dir": DEFAULT_SHIP_DIR,
+        "backup_dir": DEFAULT_BACKUP_DIR,
         "tls_cert": CONF_DIR / "tls" / "server.crt",
         "tls_key": CONF_DIR / "tls" / "server.key",
         "tls_client_ca": CONF_DIR / "tls" / "clients-ca.crt",
@@ -154,6 +163,7 @@ def _shown_default(f: Field) -> Any:
 _UNSET = {
     "public_key": "default: unset (signatures not required)",
     "ship_dir": "default: unset (`inferbox audit ship` needs it or --to; the ship unit sets it)",
+    "backup_dir": "default: unset (`inferbox backup create` needs it or --to; the backup unit sets it)",
     "tls_cert": "default: unset (plain HTTP, refused on a non-loopback host without allow_plaintext)",
     "tls_key": "default: unset (root:inferbox, mode 0640; docs/operations.md)",
     "tls_client_ca": "default: unset (no client certificates asked for)",
@@ -454,7 +464,11 @@ def _check_options(options: InstallOptions) -> None:
                 f"{flag}: {value!r} is not a systemd memory size (MemoryMax=); use bytes with an optional "
                 "K, M, G or T suffix (8G, 512M), a percentage of the RAM (50%) or infinity"
             )
-    for flag, path in (("--prefix", options.prefix), ("--ship-dir", options.ship_dir)):
+    for flag, path in (
+        ("--prefix", options.prefix),
+        ("--ship-dir", options.ship_dir),
+        ("--backup-dir", options.backup_dir),
+    ):
         if path is not None and _UNIT_UNSAFE.search(str(path)):
             raise InstallError(
                 f"{flag}: {str(path)!r} holds a space or one of % $ \\ \" ' ; which the systemd units "
@@ -570,6 +584,7 @@ def _install(
             api_memory_max=options.api_memory_max,
             batch_memory_max=options.batch_memory_max,
             ship_dir=options.ship_dir or DEFAULT_SHIP_DIR,
+            backup_dir=options.backup_dir or DEFAULT_BACKUP_DIR,
         )
         target = units / name
         target.write_text(text)
@@ -606,6 +621,13 @@ def _install(
         report.notes.append(
             f"{SHIP_TIMER} is not enabled: mount a folder of another machine and run install again with "
             "--ship-dir FOLDER, so the audit log is copied off the box hourly (docs/audit.md)"
+        )
+    if options.backup_dir is not None:
+        enable[BACKUP_TIMER] = "timers.target"
+    else:
+        report.notes.append(
+            f"{BACKUP_TIMER} is not enabled: mount another disk or a share and run install again with "
+            "--backup-dir FOLDER, so the state is backed up daily (docs/operations.md, 'Backup and restore')"
         )
     if options.enable:
         if live:

@@ -121,6 +121,22 @@ FIELDS: tuple[Field, ...] = (
         "audit",
         "folder on another machine (a mounted share) that `inferbox audit ship` copies the log to",
     ),
+    # backup
+    Field(
+        "backup_dir",
+        Path,
+        None,
+        "backup",
+        "folder on another disk or machine (a mounted share) that `inferbox backup create` writes to",
+    ),
+    Field(
+        "backup_keep",
+        int,
+        7,
+        "backup",
+        "`inferbox backup create` keeps this many archives in its folder, removing older ones (0: keep all)",
+        minimum=0,
+    ),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -175,6 +191,8 @@ class Settings:
     min_retention_days: int
     digest_key_days: int
     ship_dir: Path | None
+    backup_dir: Path | None
+    backup_keep: int
     #: where each value came from (default / file / env / cli), for `inferbox config`
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
     #: the configuration file that was read (``$INFERBOX_CONFIG`` or ``<home>/inferbox.toml``), if any

@@ -10,8 +10,10 @@ is written under a hidden name, fsynced, and renamed into place only once the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import re
 import socket
 import sqlite3
 import stat
@@ -57,6 +59,10 @@ class BackupResult:
     sha256: str
     size: int
     manifest: BackupManifest
+    #: older archives of the folder past ``keep``, removed once this one is in place
+    removed: tuple[Path, ...] = ()
+    #: removals that failed, each with its reason (the archive itself is in place)
+    problems: tuple[str, ...] = ()
 
 
 def _now() -> datetime:
@@ -65,6 +71,19 @@ def _now() -> datetime:
 
 def archive_name(moment: datetime) -> str:
     return f"inferbox-backup-{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}.tar"
+
+
+_ARCHIVE = re.compile(r"inferbox-backup-\d{8}T\d{6}Z\.tar")
+
+
+def _older(folder: Path, keep: int) -> list[Path]:
+    """The archives of ``folder`` to remove so that ``keep`` remain with the new one (0: none removed)."""
+    if keep <= 0:
+        return []
+    found = sorted(
+        p for p in folder.iterdir() if _ARCHIVE.fullmatch(p.name) and stat.S_ISREG(p.lstat().st_mode)
+    )  # the UTC time in the name sorts them oldest first
+    return found[: max(0, len(found) - (keep - 1))]
 
 
 class _HashingWriter:
@@ -276,9 +295,14 @@ def create_backup(
     batch: bool = True,
     trusted_keys: Sequence[Ed25519PublicKey] | None = None,
     record: Callable[[BackupResult], None] | None = None,
+    keep: int = 0,
     clock: Callable[[], datetime] = _now,
 ) -> BackupResult:
-    """Write ``<folder>/inferbox-backup-<UTC time>.tar``; ``record`` is called before it appears."""
+    """Write ``<folder>/inferbox-backup-<UTC time>.tar``; ``record`` is called before it appears.
+
+    ``keep`` > 0: once it is in place, remove the oldest archives of the folder so that ``keep`` remain
+    (the result and the record name them; only files named as this function names archives).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise BackupError(
@@ -362,12 +386,11 @@ def create_backup(
                 tar.addfile(info, _BytesReader(data))
             raw.flush()
             os.fsync(raw.fileno())
-        result = BackupResult(final, out.hash.hexdigest(), out.size, manifest)
+        result = BackupResult(final, out.hash.hexdigest(), out.size, manifest, tuple(_older(folder, keep)))
         if record is not None:
             record(result)
         os.rename(partial, final)
         fsync_dir(folder)
-        return result
     except sqlite3.Error as exc:
         raise BackupError(f"a database could not be copied ({exc}); nothing was written") from exc
     except OSError as exc:
@@ -376,6 +399,17 @@ def create_backup(
         for leftover in scratch.iterdir():
             leftover.unlink()
         scratch.rmdir()
+    problems = []
+    for old in result.removed:
+        try:
+            old.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            problems.append(f"{old}: not removed ({exc.strerror})")
+    if result.removed:
+        fsync_dir(folder)
+    return dataclasses.replace(result, problems=tuple(problems))
 
 
 class _BytesReader:

@@ -65,14 +65,28 @@ def backup() -> None:
     "--to",
     "folder",
     type=click.Path(path_type=Path, file_okay=False),
-    required=True,
-    help="Folder to write inferbox-backup-<UTC time>.tar into (another disk or a mounted share; never created).",
+    default=None,
+    help="Folder to write inferbox-backup-<UTC time>.tar into (another disk or a mounted share; never created) "
+    "[default: the backup_dir setting].",
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Then remove the folder's oldest archives so that this many remain; 0 keeps all "
+    "[default: the backup_keep setting, 7].",
 )
 @click.option("--no-models", is_flag=True, help="Leave the model repository out (packages can be exported again).")
 @click.option("--no-batch", is_flag=True, help="Leave the batch spool and outbox (inputs and results) out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def create(
-    home: Path | None, repository: Path | None, folder: Path, no_models: bool, no_batch: bool, as_json: bool
+    home: Path | None,
+    repository: Path | None,
+    folder: Path | None,
+    keep: int | None,
+    no_models: bool,
+    no_batch: bool,
+    as_json: bool,
 ) -> None:
     """Write a consistent backup while the services run; recorded in the audit log.
 
@@ -83,6 +97,12 @@ def create(
     from appliance.commands.audit import record_cli_event
 
     settings = build_settings(home=home, repository=repository)
+    target = folder or settings.backup_dir
+    if target is None:
+        raise click.UsageError(
+            "say where to write the backup: --to FOLDER, or set backup_dir in [backup] of inferbox.toml "
+            "(INFERBOX_BACKUP_DIR): a folder on another disk or a mounted share"
+        )
     started = _now()
     trusted = trusted_keys(settings.signing_key, settings.keys_dir) if settings.signing_key.exists() else None
 
@@ -98,24 +118,43 @@ def create(
         }
         if result.manifest.audit is not None:
             details["audit_last_seq"] = str(result.manifest.audit.last_seq)
+        if result.removed:
+            details["removed"] = ",".join(p.name for p in result.removed)
         record_cli_event(settings, "backup_create", "inferbox backup create", started, details)
 
     result = create_backup(
-        settings, folder, models=not no_models, batch=not no_batch, trusted_keys=trusted, record=record
+        settings,
+        target,
+        models=not no_models,
+        batch=not no_batch,
+        trusted_keys=trusted,
+        record=record,
+        keep=settings.backup_keep if keep is None else keep,
     )
     audit = result.manifest.audit
     if as_json:
-        out = {"path": str(result.path), "sha256": result.sha256, "bytes": result.size, "manifest": result.manifest}
+        out = {
+            "path": str(result.path),
+            "sha256": result.sha256,
+            "bytes": result.size,
+            "manifest": result.manifest,
+            "removed": [str(p) for p in result.removed],
+            "problems": list(result.problems),
+        }
         click.echo(msgspec.json.encode(out).decode())
     else:
         click.echo(f"wrote {result.path} ({_mb(result.size)}, sha256 {result.sha256})")
         for line in _describe(result.manifest):
             click.echo(line)
+        for old in result.removed:
+            click.echo(f"  removed the older {old.name}")
         click.echo(
             "The archive holds the signing key, the digest keys and the API keys' hashes: keep it as you keep the "
             "box's disk (encrypted, access-controlled). `inferbox backup check FILE` proves a copy whole.",
             err=True,
         )
+    for problem in result.problems:
+        click.echo(f"WARNING: {problem}", err=True)
     if audit is not None and not audit.verified and trusted is not None:
         click.echo(f"ALERT: the audit log in this backup does not verify: {audit.problem}", err=True)
         sys.exit(1)

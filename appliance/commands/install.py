@@ -41,6 +41,13 @@ __all__ = ["install"]
     help="A mounted folder of another machine: enables inferbox-audit-ship.timer, which copies the audit "
     "log there hourly (docs/audit.md).",
 )
+@click.option(
+    "--backup-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="A mounted folder on another disk or machine: enables inferbox-backup.timer, which writes a backup "
+    "of the state there daily and keeps the newest backup_keep (docs/operations.md).",
+)
 def install(
     prefix: Path,
     root: Path,
@@ -51,6 +58,7 @@ def install(
     api_memory_max: str,
     batch_memory_max: str,
     ship_dir: Path | None,
+    backup_dir: Path | None,
 ) -> None:
     """Install inferbox as systemd services (see docs/operations.md)."""
     from appliance.install import InstallOptions
@@ -60,6 +68,8 @@ def install(
         raise click.BadParameter("must be an absolute path", param_hint="--prefix")
     if ship_dir is not None and not ship_dir.is_absolute():
         raise click.BadParameter("must be an absolute path (the unit's ReadWritePaths=)", param_hint="--ship-dir")
+    if backup_dir is not None and not backup_dir.is_absolute():
+        raise click.BadParameter("must be an absolute path (the unit's ReadWritePaths=)", param_hint="--backup-dir")
     report = do_install(
         InstallOptions(
             prefix=prefix,
@@ -72,6 +82,7 @@ def install(
             batch_memory_max=batch_memory_max,
             python=sys.executable,
             ship_dir=ship_dir,
+            backup_dir=backup_dir,
         ),
         say=lambda line: click.echo(line, err=True),
     )

@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 from appliance.audit.log import AuditLog
 from appliance.audit.verify import verify_db
 from appliance.backup import restore as restore_mod
+from appliance.backup.create import _older
 from appliance.backup.manifest import ROOT
 from appliance.cli import main
 from appliance.keys import KeyStore
@@ -466,3 +467,32 @@ def test_a_copy_missing_between_others_is_named(box: dict[str, Any], tmp_path: P
     shutil.copy(second, gap)
     result = run(new, "backup", "restore", str(archive), "--audit-from", str(gap))
     assert result.exit_code == 0, result.output
+
+
+def test_older_archives_past_keep_are_removed_and_named_in_the_record(box: dict[str, Any]) -> None:
+    out = box["out"]
+    old = [out / f"inferbox-backup-2026010{d}T000000Z.tar" for d in (1, 2, 3)]
+    for p in old:
+        p.write_bytes(b"an older backup")
+    (out / "notes.txt").write_text("not an archive")
+    (out / "inferbox-backup-20250101T000000Z.tar.sig").write_text("not an archive either")
+    result = run(box["home"], "backup", "create", "--keep", "2", INFERBOX_BACKUP_DIR=str(out))
+    assert result.exit_code == 0, result.output
+    archives = sorted(p.name for p in out.glob("inferbox-backup-*.tar"))
+    assert len(archives) == 2 and archives[0] == old[2].name  # the newest older one and the new one
+    assert (out / "notes.txt").exists() and (out / "inferbox-backup-20250101T000000Z.tar.sig").exists()
+    assert f"removed the older {old[0].name}" in result.stdout
+    live = AuditLog.open(load_settings({"home": box["home"]}))
+    try:
+        last = live.tail(1)[0]
+    finally:
+        live.close()
+    assert last.event == "backup_create" and last.details["removed"] == f"{old[0].name},{old[1].name}"
+    # keep 0 keeps everything; keep 1 leaves only the new one
+    assert _older(out, 0) == []
+    assert [p.name for p in _older(out, 1)] == archives
+
+
+def test_the_folder_comes_from_the_setting_or_the_error_names_it(box: dict[str, Any]) -> None:
+    result = run(box["home"], "backup", "create")
+    assert result.exit_code == 2 and "backup_dir" in result.output and "--to" in result.output

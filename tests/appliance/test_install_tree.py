@@ -225,3 +225,26 @@ def test_the_upgrade_check_names_what_it_cannot_see_and_stays_under_root(tmp_pat
     (outside / "h" / "inferbox.toml").write_text('[server]\nhost = "0.0.0.0"\n')
     (dropins / "10.conf").write_text(f"[Service]\nEnvironment=\nEnvironment=INFERBOX_HOME={outside / 'h'}\n")
     assert warnings() == []
+
+
+def test_backup_dir_enables_the_daily_backup_timer_and_is_the_one_folder_it_writes(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["install", "--root", str(tmp_path), "--no-venv", "--prefix", "/opt/ib", "--backup-dir", "/srv/bk"]
+    )
+    assert result.exit_code == 0, result.output
+    units = tmp_path / "etc/systemd/system"
+    unit = (units / "inferbox-backup.service").read_text()
+    assert "ExecStart=/opt/ib/venv/bin/inferbox backup create\n" in unit
+    assert "ReadWritePaths=/srv/bk\n" in unit and "Environment=INFERBOX_BACKUP_DIR=/srv/bk\n" in unit
+    assert "RequiresMountsFor=/srv/bk\n" in unit
+    assert (units / "timers.target.wants/inferbox-backup.timer").is_symlink()
+    config = (tmp_path / "etc/inferbox/inferbox.toml").read_text()
+    assert "[backup]" in config and "backup_keep" in config
+
+    without = tmp_path / "plain"
+    plain = CliRunner().invoke(main, ["install", "--root", str(without), "--no-venv"])
+    assert plain.exit_code == 0 and "inferbox-backup.timer is not enabled" in plain.output
+    assert not (without / "etc/systemd/system/timers.target.wants/inferbox-backup.timer").exists()
+
+    relative = CliRunner().invoke(main, ["install", "--root", str(tmp_path), "--no-venv", "--backup-dir", "bk"])
+    assert relative.exit_code == 2 and "--backup-dir" in relative.output and "absolute" in relative.output

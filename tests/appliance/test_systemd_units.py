@@ -44,7 +44,10 @@ def test_verify_catches_a_broken_unit(installed: Path, tmp_path: Path) -> None:
     assert "Failed to parse service type" in proc.stderr
 
 
-@pytest.mark.parametrize("unit", ["inferbox-api.service", "inferbox-batch.service", "inferbox-audit-ship.service"])
+@pytest.mark.parametrize(
+    "unit",
+    ["inferbox-api.service", "inferbox-batch.service", "inferbox-audit-ship.service", "inferbox-backup.service"],
+)
 def test_security_exposure_is_at_most_2(installed: Path, unit: str) -> None:
     proc = subprocess.run(
         [ANALYZE, "security", "--offline=yes", "--no-pager", str(installed / unit)], capture_output=True, text=True
@@ -66,7 +69,11 @@ def test_units_carry_the_required_settings() -> None:
     # the off-box folder is the one path outside the state directory it may write, and the one it ships to
     assert "ReadWritePaths=@SHIPDIR@" in ship and "Environment=INFERBOX_SHIP_DIR=@SHIPDIR@" in ship
     assert "\nMemoryDenyWriteExecute=yes" in ship  # it loads no model: nothing generates code
-    for text in (api, batch, ship):
+    backup = (unit_dir() / "inferbox-backup.service").read_text()
+    assert "ExecStart=@PREFIX@/venv/bin/inferbox backup create\n" in backup
+    assert "ReadWritePaths=@BACKUPDIR@" in backup and "Environment=INFERBOX_BACKUP_DIR=@BACKUPDIR@" in backup
+    assert "\nMemoryDenyWriteExecute=yes" in backup
+    for text in (api, batch, ship, backup):
         for key in (
             "User=inferbox",
             "StateDirectory=inferbox",
@@ -83,7 +90,7 @@ def test_units_carry_the_required_settings() -> None:
             "IPAddressDeny=any",
         ):
             assert key in text, key
-        if text is not ship:
+        if text not in (ship, backup):
             assert "\nMemoryDenyWriteExecute=" not in text  # OpenVINO's JIT breaks under it (see the unit's comment)
 
 
