@@ -14,6 +14,7 @@ back, and only what was written after the last copy is lost.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ class CatchUp:
     exported_at: str  #: when the newest copy was made ("" when there was none)
     #: digest keys named by the appended records that this box does not hold (their digests cannot be recomputed)
     missing_digest_keys: list[str]
+    #: archive name -> (seq, SHA-256) of the ``backup_create`` records among the appended ones
+    archives: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -170,4 +173,11 @@ def catch_up(db: Path, folder: Path, keys: Sequence[Ed25519PublicKey], *, digest
         conn.close()
     key_ids = sorted({r.digest_key_id for r in added if r.digest_key_id})
     missing = [k for k in key_ids if digest_dir is None or not (digest_dir / f"{k}.key").is_file()]
-    return CatchUp(str(folder), names, len(added), len(later), size + 1, last, newest.header.exported_at, missing)
+    archives = {
+        r.details["archive"]: (r.seq, r.details.get("sha256", ""))
+        for r in added
+        if r.event == "backup_create" and "archive" in r.details
+    }
+    return CatchUp(
+        str(folder), names, len(added), len(later), size + 1, last, newest.header.exported_at, missing, archives
+    )

@@ -11,9 +11,11 @@ is written under a hidden name, fsynced, and renamed into place only once the
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import stat
@@ -119,6 +121,43 @@ class _HashingReader:
         return data
 
 
+def _claim(parent: Path, prefix: str) -> tuple[Path, int]:
+    """A new private folder ``<parent>/<prefix>XXXX`` and the held lock that says its owner lives.
+
+    The lock file (``<folder>.lock``) is made and locked before the folder exists; folders of
+    earlier runs whose lock anyone can take (killed, power lost) are removed first, so a backup
+    that died leaves neither a copy of the secrets nor a full disk behind for long.
+    """
+    for lock in parent.glob(f"{prefix}*.lock"):
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live run's
+        try:
+            stale = lock.with_suffix("")
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".lock", dir=parent)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    folder = Path(name).with_suffix("")
+    folder.mkdir(mode=0o700)
+    return folder, fd
+
+
+def _release(folder: Path, fd: int) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.with_suffix(".lock").unlink(missing_ok=True)
+    os.close(fd)
+
+
 def _snapshot(source: Path, target: Path) -> None:
     """A consistent copy of the SQLite database ``source`` (the live one keeps being written)."""
     src = open_read_only(source, timeout_s=30.0)
@@ -215,8 +254,8 @@ def _walk(
             yield (f"{prefix}/{(rel_folder / name).as_posix()}".replace("/./", "/"), path)
 
 
-def _files(settings: Settings, *, models: bool, batch: bool, skipped: list[str]) -> list[tuple[str, Path]]:
-    """Every file the archive copies as it is (the databases are snapshots, added apart)."""
+def _files(settings: Settings, *, models: bool, skipped: list[str]) -> list[tuple[str, Path]]:
+    """Every file the archive copies as it is, batch files aside (the databases are snapshots, added apart)."""
     out: list[tuple[str, Path]] = []
     home_config = settings.home / "inferbox.toml"
     if home_config.is_file():
@@ -237,24 +276,55 @@ def _files(settings: Settings, *, models: bool, batch: bool, skipped: list[str])
         out.extend(_walk(settings.repository, "models", skipped))
     elif not models:
         skipped.append(f"{settings.repository}: the model repository (--no-models)")
-    if batch:
-        spool = settings.spool
-        if spool.is_dir():
-            for sub in sorted(p.name for p in spool.iterdir() if p.is_dir() and not p.is_symlink()):
-                if sub != "tmp":  # submissions still being written: never a whole job
-                    out.extend(_walk(spool / sub, f"spool/{sub}", skipped))
-        if settings.outbox.is_dir():
-            out.extend(_walk(settings.outbox, "outbox", skipped))
-    else:
-        skipped.append(f"{settings.spool}, {settings.outbox}: batch inputs and results (--no-batch)")
     return out
 
 
-def _add(tar: tarfile.TarFile, arcname: str, path: Path, mtime: float | None = None) -> FileEntry:
-    """Add the file at ``path`` (a link is followed only for the signing key, the caller's choice)."""
+def _batch_files(settings: Settings, known_jobs: set[str], skipped: list[str]) -> Iterator[tuple[str, Path]]:
+    """The spool and outbox as the state snapshot knows them, listed lazily while the worker runs.
+
+    ``new`` is walked before ``cur``: a job the worker accepts meanwhile is found in one of them.
+    A job in ``cur`` that the snapshot does not know (accepted after it) is archived as waiting in
+    ``new``, so the restored worker accepts it again; the outbox of such a job is left out (it is
+    written again).  ``tmp`` (submissions still being written) never is.
+    """
+    for sub in ("new", "cur", "bad"):
+        folder = settings.spool / sub
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for found, path in _walk(folder, f"spool/{sub}", skipped):
+            job = found.split("/")[2]
+            accepted_later = sub == "cur" and job not in known_jobs
+            yield ("spool/new/" + found.split("/", 2)[2] if accepted_later else found), path
+    if settings.outbox.is_dir() and not settings.outbox.is_symlink():
+        for arcname, path in _walk(settings.outbox, "outbox", skipped):
+            if arcname.split("/")[1] in known_jobs:
+                yield arcname, path
+
+
+def _known_jobs(state_db: Path | None) -> set[str]:
+    if state_db is None:
+        return set()
+    conn = open_read_only(state_db)
+    try:
+        return {str(r[0]) for r in conn.execute("SELECT job_id FROM batch_jobs")}
+    except sqlite3.OperationalError:  # no job was ever submitted
+        return set()
+    finally:
+        conn.close()
+
+
+def _add(tar: tarfile.TarFile, arcname: str, path: Path, mtime: float | None = None) -> FileEntry | None:
+    """Add the file at ``path`` (a link is followed only for the signing key, the caller's choice).
+
+    None: a batch file the worker moved or removed since it was listed (the job moved on).
+    """
     flags = os.O_RDONLY | (0 if arcname.startswith("signing/") else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
+    except FileNotFoundError:
+        if arcname.startswith(("spool/", "outbox/")):
+            return None
+        raise BackupError(f"{path} disappeared while the backup ran; nothing was written: run it again") from None
     except OSError as exc:
         raise BackupError(f"cannot read {path} ({exc.strerror}); nothing was written") from exc
     with os.fdopen(fd, "rb") as f:
@@ -296,6 +366,7 @@ def create_backup(
     trusted_keys: Sequence[Ed25519PublicKey] | None = None,
     record: Callable[[BackupResult], None] | None = None,
     keep: int = 0,
+    same_disk: bool = False,
     clock: Callable[[], datetime] = _now,
 ) -> BackupResult:
     """Write ``<folder>/inferbox-backup-<UTC time>.tar``; ``record`` is called before it appears.
@@ -321,63 +392,82 @@ def create_backup(
             f"there is no state folder at {settings.home} to back up; pass --home or set INFERBOX_HOME "
             "(on an installed box: /var/lib/inferbox)"
         )
+    if not same_disk and os.stat(folder).st_dev == os.stat(settings.home).st_dev:
+        raise BackupError(
+            f"{folder} is on the same disk as the state folder {settings.home}: a backup there is lost with the "
+            "disk it should outlive (and the mount point of a share that is not mounted looks just like it); "
+            "mount the backup disk or share, or pass --same-disk to write there all the same"
+        )
     moment = clock()
     created_at = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     final = folder / archive_name(moment)
     if final.exists():
         raise BackupError(f"{final} already exists; wait a second and run the backup again")
     skipped: list[str] = []
-    parts: list[str] = []
-    scratch = Path(tempfile.mkdtemp(prefix=".inferbox-backup-", dir=folder))
-    partial = scratch / final.name
+    # the snapshots on the box's own disk (SQLite on a network share is not reliable), the archive
+    # on the target folder (renamed into place there)
+    local, local_lock = _claim(settings.home, ".backup-")
+    try:
+        remote, remote_lock = _claim(folder, ".inferbox-backup-")
+    except BaseException:
+        _release(local, local_lock)
+        raise
+    partial = remote / final.name
     try:
         snapshots: list[tuple[str, Path]] = []
         api_keys: dict[str, int] = {}
         jobs: dict[str, int] = {}
         audit: AuditFacts | None = None
+        state: Path | None = None
         if settings.state_db.is_file():
-            _snapshot(settings.state_db, scratch / "state.db")
-            snapshots.append(("state.db", scratch / "state.db"))
-            api_keys = _api_key_states(scratch / "state.db", created_at)
-            jobs = _table_counts(scratch / "state.db", "SELECT state, count(*) FROM batch_jobs GROUP BY state")
-            parts.append("state")
+            state = local / "state.db"
+            _snapshot(settings.state_db, state)
+            snapshots.append(("state.db", state))
+            api_keys = _api_key_states(state, created_at)
+            jobs = _table_counts(state, "SELECT state, count(*) FROM batch_jobs GROUP BY state")
         if settings.audit_db.is_file():
-            _snapshot(settings.audit_db, scratch / "audit.db")
-            snapshots.append(("audit.db", scratch / "audit.db"))
-            audit = _audit_facts(scratch / "audit.db", trusted_keys)
-            parts.append("audit")
-        files = _files(settings, models=models, batch=batch, skipped=skipped)
+            _snapshot(settings.audit_db, local / "audit.db")
+            snapshots.append(("audit.db", local / "audit.db"))
+            audit = _audit_facts(local / "audit.db", trusted_keys)
+        files = _files(settings, models=models, skipped=skipped)
         packages: list[ModelEntry] = []
         if models:
             packages, problems = _models(settings)
             skipped.extend(problems)
-        names = {arc.split("/")[0] for arc, _ in files}
-        named = (("keys", "keys"), ("signing_key", "signing"), ("config", "inferbox.toml"))
-        parts += [part for part, top in named if top in names]
-        parts += ["models"] if models and "models" in names else []
-        parts += ["batch"] if batch and names & {"spool", "outbox"} else []
+        batch_files = _batch_files(settings, _known_jobs(state), skipped) if batch else iter(())
+        if not batch:
+            skipped.append(f"{settings.spool}, {settings.outbox}: batch inputs and results (--no-batch)")
         entries: list[FileEntry] = []
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as raw:
             out = _HashingWriter(raw)
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
-                for arcname, path in snapshots:
-                    entries.append(_add(tar, arcname, path, mtime=moment.timestamp()))
-                for arcname, path in files:
-                    entries.append(_add(tar, arcname, path))
+                added: set[str] = set()
+                for arcname, path in [(a, p) for a, p in snapshots] + files:
+                    entry = _add(tar, arcname, path, mtime=moment.timestamp() if path.parent == local else None)
+                    assert entry is not None  # only batch files may vanish
+                    entries.append(entry)
+                for arcname, path in batch_files:
+                    if arcname in added:  # a job moved from new to cur while it was copied: once is enough
+                        continue
+                    entry = _add(tar, arcname, path)
+                    if entry is None:
+                        continue
+                    added.add(arcname)
+                    entries.append(entry)
                 manifest = BackupManifest(
                     format=FORMAT,
                     created_at=created_at,
                     inferbox_version=_version(),
                     host=socket.gethostname(),
                     home=str(settings.home),
-                    parts=parts,
+                    parts=_parts(entries),
                     files=entries,
                     audit=audit,
                     models=packages,
                     api_keys=api_keys,
                     batch_jobs=jobs,
-                    config_file=str(settings.config_file) if "config" in names else "",
+                    config_file=str(settings.config_file) if any(e.path.startswith("config/") for e in entries) else "",
                     skipped=skipped,
                 )
                 data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
@@ -386,7 +476,10 @@ def create_backup(
                 tar.addfile(info, _BytesReader(data))
             raw.flush()
             os.fsync(raw.fileno())
-        result = BackupResult(final, out.hash.hexdigest(), out.size, manifest, tuple(_older(folder, keep)))
+        # never remove older archives next to one whose audit log did not verify: they may be the last good ones
+        alert = audit is not None and not audit.verified and trusted_keys is not None
+        older = () if alert else tuple(_older(folder, keep))
+        result = BackupResult(final, out.hash.hexdigest(), out.size, manifest, older)
         if record is not None:
             record(result)
         os.rename(partial, final)
@@ -396,9 +489,8 @@ def create_backup(
     except OSError as exc:
         raise BackupError(f"the backup could not be written to {folder} ({exc}); nothing was kept") from exc
     finally:
-        for leftover in scratch.iterdir():
-            leftover.unlink()
-        scratch.rmdir()
+        _release(remote, remote_lock)
+        _release(local, local_lock)
     problems = []
     for old in result.removed:
         try:
@@ -410,6 +502,20 @@ def create_backup(
     if result.removed:
         fsync_dir(folder)
     return dataclasses.replace(result, problems=tuple(problems))
+
+
+def _parts(entries: list[FileEntry]) -> list[str]:
+    tops = {e.path.split("/")[0] for e in entries}
+    named = (
+        ("state", "state.db"),
+        ("audit", "audit.db"),
+        ("keys", "keys"),
+        ("signing_key", "signing"),
+        ("config", "inferbox.toml"),
+        ("models", "models"),
+    )
+    parts = [part for part, top in named if top in tops]
+    return parts + (["batch"] if tops & {"spool", "outbox"} else [])
 
 
 class _BytesReader:

@@ -12,6 +12,7 @@ back to the backup.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -19,7 +20,7 @@ import shutil
 import sqlite3
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import IO, TYPE_CHECKING
 
 from appliance.backup.manifest import (
     MANIFEST,
+    ROOT,
     SIGNING_KEY,
     SIGNING_PUB,
     BackupManifest,
@@ -61,6 +63,8 @@ class Checked:
     folder: Path
     problems: list[str]
     audit: VerifyReport | None = None
+    #: what vouches for the archive beyond its own manifest (empty: nothing did)
+    integrity: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class RestoreResult:
     notes: list[str] = field(default_factory=list)
     #: what the off-box copies added to the log after the backup's last record (``audit_from``)
     caught_up: CatchUp | None = None
+    #: the settings the files were placed by (the archive's inferbox.toml when the box read none)
+    settings: Settings | None = None
 
 
 class _Reader:
@@ -114,6 +120,13 @@ def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry]
     found: list[FileEntry] = []
     manifest_bytes: bytes | None = None
     with raw:
+        budget = os.fstat(raw.fileno()).st_size  # no member can unpack to more than the archive holds
+        free = shutil.disk_usage(folder).free
+        if free < budget:
+            raise BackupError(
+                f"unpacking {archive} needs {budget / 1e6:.0f} MB free in {folder} and has {free / 1e6:.0f} MB; "
+                "free space there (for check: --scratch DIR, a folder with room)"
+            )
         reader = _Reader(raw)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
@@ -121,12 +134,21 @@ def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry]
                     if manifest_bytes is not None:
                         raise BackupError(f"archive member {member.name!r} comes after {MANIFEST}: not a backup")
                     if member.isdir():
-                        member_path(member.name + "/x")  # a folder must sit inside the layout too
+                        if member.name.rstrip("/") != ROOT:
+                            member_path(member.name.rstrip("/") + "/x")  # a folder must sit inside the layout too
                         continue
+                    if member.issparse():
+                        raise BackupError(f"archive member {member.name!r} is a sparse file: not an inferbox backup")
                     if not member.isreg():
                         kind = "link" if member.issym() or member.islnk() else "special file"
                         raise BackupError(f"archive member {member.name!r} is a {kind}: not an inferbox backup")
                     rel = member_path(member.name)
+                    budget -= member.size
+                    if budget < 0:
+                        raise BackupError(
+                            f"archive member {member.name!r} says it is {member.size} bytes, more than the archive "
+                            "holds: not an inferbox backup"
+                        )
                     source = tar.extractfile(member)
                     assert source is not None  # a regular member always has data
                     if rel == MANIFEST:
@@ -170,18 +192,37 @@ def _mismatches(manifest: BackupManifest, found: list[FileEntry]) -> list[str]:
 
 
 def _backup_keys(folder: Path) -> list[Ed25519PublicKey]:
-    """The public keys the backup's own checkpoints must be signed with: its signing key and retired keys."""
+    """The public keys the backup's own checkpoints must be signed with: its signing key's and retired keys."""
     from runtime import signing
 
     keys: list[Ed25519PublicKey] = []
-    if (folder / SIGNING_PUB).is_file():
-        keys.append(signing.load_public_key(folder / SIGNING_PUB))
-    elif (folder / SIGNING_KEY).is_file():
+    if (folder / SIGNING_KEY).is_file():
         keys.append(signing.load_private_key(folder / SIGNING_KEY).public_key())
+    elif (folder / SIGNING_PUB).is_file():
+        keys.append(signing.load_public_key(folder / SIGNING_PUB))
     retired = folder / "keys" / "retired"
     if retired.is_dir():
         keys.extend(signing.load_public_key(p) for p in sorted(retired.glob("*.pub")))
     return keys
+
+
+def _trust_problems(folder: Path, public_keys: Sequence[Ed25519PublicKey]) -> list[str]:
+    """The backup's signing key against the public keys the operator trusts, and against its own ``.pub``."""
+    from runtime import signing
+
+    problems = []
+    if not (folder / SIGNING_KEY).is_file():
+        return ["the backup holds no signing key"] if public_keys else []
+    own = signing.key_id(signing.load_private_key(folder / SIGNING_KEY))
+    if (folder / SIGNING_PUB).is_file() and signing.key_id(signing.load_public_key(folder / SIGNING_PUB)) != own:
+        problems.append(f"{SIGNING_PUB} is not the public half of {SIGNING_KEY} (key {own})")
+    if public_keys and own not in {signing.key_id(k) for k in public_keys}:
+        problems.append(
+            f"the backup's signing key ({own}) is none of the public keys given ("
+            + ", ".join(signing.key_id(k) for k in public_keys)
+            + "): it is not this appliance's backup, or its key was replaced"
+        )
+    return problems
 
 
 def _content_problems(folder: Path, manifest: BackupManifest) -> tuple[list[str], VerifyReport | None]:
@@ -226,15 +267,36 @@ def _content_problems(folder: Path, manifest: BackupManifest) -> tuple[list[str]
     return problems, audit
 
 
-def check_archive(archive: Path, folder: Path) -> Checked:
-    """Unpack ``archive`` into the empty ``folder`` and check everything in it (raises only if unreadable)."""
+def check_archive(
+    archive: Path,
+    folder: Path,
+    *,
+    expect_sha256: str | None = None,
+    public_keys: Sequence[Ed25519PublicKey] = (),
+) -> Checked:
+    """Unpack ``archive`` into the empty ``folder`` and check everything in it (raises only if unreadable).
+
+    Without ``expect_sha256`` (the ``backup_create`` record's) or ``public_keys`` (this appliance's
+    published key), the archive is checked against itself only: anyone who could rewrite it could
+    also rewrite its manifest.  ``integrity`` says which held.
+    """
     manifest, found, sha, size = unpack(archive, folder)
-    problems = _mismatches(manifest, found)
+    problems = []
+    integrity = []
+    if expect_sha256 is not None:
+        if sha != expect_sha256.lower():
+            problems.append(f"the archive's SHA-256 is {sha}, not the expected {expect_sha256}")
+        else:
+            integrity.append("its SHA-256 is the one expected")
+    problems += _mismatches(manifest, found)
     audit = None
     if not problems:
+        problems += _trust_problems(folder, public_keys)
+        if public_keys and not problems:
+            integrity.append("its signing key is one of the public keys given")
         more, audit = _content_problems(folder, manifest)
         problems += more
-    return Checked(manifest, sha, size, folder, problems, audit)
+    return Checked(manifest, sha, size, folder, problems, audit, integrity)
 
 
 def destination(settings: Settings, rel: str) -> Path | None:
@@ -270,18 +332,22 @@ def occupied(settings: Settings) -> list[str]:
 
 
 def _move(src: Path, dest: Path) -> None:
+    """Move ``src`` to ``dest``, failing (FileExistsError) rather than replacing anything there."""
     try:
-        os.rename(src, dest)
+        os.link(src, dest)  # unlike rename, link never replaces an existing file
     except OSError as exc:
-        if exc.errno != errno.EXDEV:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
             raise
-        tmp = dest.with_name(f".{dest.name}.restoring")
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o600)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.rename(tmp, dest)
-        src.unlink()
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+                shutil.copyfileobj(f, out, CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            dest.unlink(missing_ok=True)
+            raise
+    src.unlink()
 
 
 def _relocate_jobs(state_db: Path, old_home: str, new_home: Path) -> int:
@@ -313,30 +379,73 @@ def _chown_to_home(settings: Settings, paths: list[Path]) -> None:
         os.chown(p, st.st_uid, st.st_gid, follow_symlinks=False)
 
 
+def _refuse_occupied(settings: Settings) -> None:
+    taken = occupied(settings)
+    if taken:
+        aside = [settings.home] + [
+            p for p in (settings.repository,) if p.exists() and settings.home not in p.parents and p != settings.home
+        ]
+        moves = "; ".join(f"mv {p} {p}.before-restore" for p in aside)
+        raise BackupError(
+            "restore writes only into a box without state, and this one holds: " + "; ".join(taken) + ". "
+            "Stop the services (systemctl stop inferbox-api inferbox-batch.path inferbox-batch), move the state "
+            f"aside ({moves}), then run restore again; nothing was changed"
+        )
+
+
+def _place(placed: list[tuple[Path, Path]], settings: Settings) -> list[Path]:
+    """Move every (staged, destination) pair, the databases last, never replacing a file; undo all on failure."""
+    databases = [(s, d) for s, d in placed if d in (settings.state_db, settings.audit_db)]
+    done: list[tuple[Path, Path]] = []
+    made: list[Path] = []
+    try:
+        for src, dest in [m for m in placed if m not in databases] + databases:
+            made += _mkdirs(dest.parent)
+            _move(src, dest)
+            done.append((src, dest))
+        for folder in {d.parent for _, d in placed}:
+            fsync_dir(folder)
+    except OSError as exc:
+        left = []
+        for src, dest in reversed(done):
+            try:
+                _move(dest, src)
+            except OSError:
+                left.append(str(dest))
+        for d in sorted(made, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        where = f"; could not take back {', '.join(left[:5])}: remove them before running restore again" if left else ""
+        raise BackupError(
+            f"restore stopped writing {exc.filename or ''} ({exc.strerror or exc}){where}; what it had placed "
+            "was taken back: free space (the home needs the archive's size twice while restoring) and run it again"
+        ) from exc
+    return made + [d for _, d in done]
+
+
 def restore_backup(
     settings: Settings,
     archive: Path,
     *,
-    record: Callable[[Checked, CatchUp | None], None] | None = None,
+    record: Callable[[Checked, CatchUp | None, Settings], None] | None = None,
     audit_from: Path | None = None,
+    expect_sha256: str | None = None,
+    public_keys: Sequence[Ed25519PublicKey] = (),
+    reload: Callable[[Path], Settings] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> RestoreResult:
     """Check ``archive`` and put it back into ``settings``' home, repository and signing-key place.
 
     ``audit_from``: a folder of off-box copies of the log (``audit ship``'s) to bring the restored log
     forward from, before anything is placed (:func:`appliance.audit.catch_up.catch_up`).
+    ``reload(config_file)``: the settings with the archive's ``inferbox.toml`` as the configuration
+    file, used when the target reads none of its own (the restored file decides where things go).
     """
-    taken = occupied(settings)
-    if taken:
-        raise BackupError(
-            "restore writes only into a box without state, and this one holds: " + "; ".join(taken) + ". "
-            f"Stop the services (systemctl stop inferbox-api inferbox-batch.path inferbox-batch), move {settings.home} "
-            f"aside (mv {settings.home} {settings.home}.before-restore), then run restore again; nothing was changed"
-        )
+    _refuse_occupied(settings)
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=settings.home))
     try:
-        checked = check_archive(archive, staging)
+        checked = check_archive(archive, staging, expect_sha256=expect_sha256, public_keys=public_keys)
         if checked.problems:
             raise BackupError(
                 f"{archive} cannot be restored, nothing was changed: "
@@ -344,40 +453,62 @@ def restore_backup(
                 + (f" (and {len(checked.problems) - 5} more)" if len(checked.problems) > 5 else "")
             )
         notes: list[str] = []
+        if reload is not None and settings.config_file is None and (staging / "inferbox.toml").is_file():
+            settings = reload(staging / "inferbox.toml")
+            _refuse_occupied(settings)  # the restored configuration may name another repository
         caught_up = None
         if audit_from is not None and (staging / "audit.db").is_file():
             from appliance.audit.catch_up import catch_up
 
-            caught_up = catch_up(
-                staging / "audit.db", audit_from, _backup_keys(staging), digest_dir=staging / "keys" / "digest"
+            keys = list(public_keys) or _backup_keys(staging)
+            caught_up = catch_up(staging / "audit.db", audit_from, keys, digest_dir=staging / "keys" / "digest")
+            recorded = caught_up.archives.get(archive.name)
+            if recorded is not None and recorded[1] != checked.sha256:
+                raise BackupError(
+                    f"the audit log recorded {archive.name} with SHA-256 {recorded[1]} (seq {recorded[0]}), "
+                    f"but this archive's is {checked.sha256}: it is not the archive that was written; "
+                    "nothing was changed"
+                )
+            if recorded is not None:
+                checked.integrity.append(f"its SHA-256 is the one the audit log recorded (seq {recorded[0]})")
+        placed = [(staging / f.path, destination(settings, f.path)) for f in checked.manifest.files]
+        pairs = [(src, dest) for src, dest in placed if dest is not None]
+        targets: dict[Path, str] = {}
+        for src, dest in pairs:
+            other = targets.setdefault(dest, src.relative_to(staging).as_posix())
+            if other != src.relative_to(staging).as_posix():
+                raise BackupError(
+                    f"the archive's {other} and {src.relative_to(staging).as_posix()} would both go to {dest} with "
+                    "this box's settings (a signing key kept outside the key folder when the backup was taken?); "
+                    "set INFERBOX_SIGNING_KEY to another path for the restore; nothing was changed"
+                )
+        signing_pair = (settings.signing_key, settings.signing_key.with_name(settings.signing_key.name + ".pub"))
+        clash = [str(d) for d in targets if (d.exists() or d.is_symlink()) and d not in signing_pair]
+        if clash:
+            raise BackupError(
+                f"restore would overwrite {', '.join(clash[:5])}; move them aside and run it again; nothing was changed"
             )
-        moves = [(staging / f.path, destination(settings, f.path)) for f in checked.manifest.files]
-        placed = [(src, dest) for src, dest in moves if dest is not None]
         stamp = clock().astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-        if any(dest == settings.signing_key for _, dest in placed):
-            for key in (settings.signing_key, settings.signing_key.with_name(settings.signing_key.name + ".pub")):
+        set_aside: list[tuple[Path, Path]] = []
+        if settings.signing_key in targets:
+            for key in signing_pair:
                 if key.exists():  # the fresh key `inferbox install` made: kept, not overwritten
                     aside = key.with_name(f"{key.name}.before-restore-{stamp}")
                     os.rename(key, aside)
+                    set_aside.append((key, aside))
                     notes.append(f"the signing key that was here is kept as {aside}")
-        clash = [str(dest) for _, dest in placed if dest.exists() or dest.is_symlink()]
-        if clash:
-            raise BackupError(f"restore would overwrite {', '.join(clash[:5])}; move them aside and run it again")
-        databases = [(s, d) for s, d in placed if d in (settings.state_db, settings.audit_db)]
-        touched: list[Path] = []
-        for src, dest in [m for m in placed if m not in databases] + databases:
-            made = _mkdirs(dest.parent)
-            touched += made
-            _move(src, dest)
-            touched.append(dest)
-        for folder in {d.parent for _, d in placed}:
-            fsync_dir(folder)
+        try:
+            touched = _place(pairs, settings)
+        except BackupError:
+            for key, aside in set_aside:
+                os.rename(aside, key)
+            raise
         if checked.manifest.home != str(settings.home) and settings.state_db.exists():
             moved = _relocate_jobs(settings.state_db, checked.manifest.home, settings.home)
             if moved:
                 notes.append(f"{moved} batch job(s) now point at {settings.home} instead of {checked.manifest.home}")
         if record is not None:
-            record(checked, caught_up)
+            record(checked, caught_up, settings)
         _chown_to_home(settings, touched + _new_files(settings))
         audit = None
         if settings.audit_db.exists():
@@ -385,7 +516,7 @@ def restore_backup(
             from appliance.audit.verify import verify_db
 
             audit = verify_db(settings.audit_db, trusted_keys(settings.signing_key, settings.keys_dir))
-        return RestoreResult(checked, len(placed), audit, notes, caught_up)
+        return RestoreResult(checked, len(pairs), audit, notes, caught_up, settings)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import msgspec
@@ -17,7 +18,11 @@ from appliance.settings import Settings
 from runtime.errors import BackupError
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from appliance.audit.catch_up import CatchUp
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["backup"]
 
@@ -54,6 +59,42 @@ def _describe(manifest: object, echo: bool = True) -> list[str]:
     return lines
 
 
+def _trust_options(func: F) -> F:
+    func = click.option(
+        "--public-key",
+        "public_keys",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        multiple=True,
+        help="This appliance's published public key (`inferbox audit public-key`; repeatable): the backup's "
+        "signing key must be one of them, and the audit log must verify with them.",
+    )(func)
+    func = click.option(
+        "--expect-sha256",
+        default=None,
+        help="The archive's SHA-256 as `backup create` printed it and its backup_create audit record holds.",
+    )(func)
+    return func
+
+
+def _load_keys(paths: tuple[Path, ...]) -> list[Ed25519PublicKey]:
+    from runtime import signing
+
+    return [signing.load_public_key(p) for p in paths]
+
+
+def _integrity(integrity: list[str]) -> None:
+    if integrity:
+        click.echo(f"  vouched for: {'; '.join(integrity)}")
+    else:
+        click.echo(
+            "WARNING: the archive was checked against its own manifest only, which whoever could change the "
+            "archive could rewrite too; pass --expect-sha256 (printed by `backup create`, and in its "
+            "backup_create audit record) or --public-key (the appliance's published key) to prove it is the "
+            "archive that was written",
+            err=True,
+        )
+
+
 @click.group()
 def backup() -> None:
     """One archive of the appliance's state (databases, keys, models, batch jobs), and restoring it."""
@@ -78,6 +119,11 @@ def backup() -> None:
 )
 @click.option("--no-models", is_flag=True, help="Leave the model repository out (packages can be exported again).")
 @click.option("--no-batch", is_flag=True, help="Leave the batch spool and outbox (inputs and results) out.")
+@click.option(
+    "--same-disk",
+    is_flag=True,
+    help="Write to a folder on the state folder's own disk all the same (lost with that disk).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def create(
     home: Path | None,
@@ -86,6 +132,7 @@ def create(
     keep: int | None,
     no_models: bool,
     no_batch: bool,
+    same_disk: bool,
     as_json: bool,
 ) -> None:
     """Write a consistent backup while the services run; recorded in the audit log.
@@ -130,6 +177,7 @@ def create(
         trusted_keys=trusted,
         record=record,
         keep=settings.backup_keep if keep is None else keep,
+        same_disk=same_disk,
     )
     audit = result.manifest.audit
     if as_json:
@@ -168,8 +216,11 @@ def create(
     default=None,
     help="Folder to unpack into while checking (needs the archive's size free) [default: the system's temp folder].",
 )
+@_trust_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def check(archive: Path, scratch: Path | None, as_json: bool) -> None:
+def check(
+    archive: Path, scratch: Path | None, expect_sha256: str | None, public_keys: tuple[Path, ...], as_json: bool
+) -> None:
     """Prove an archive whole: every file's hash, its audit log, its state database, its model packages.
 
     Exit 1 when anything fails; nothing on the box is read or changed.
@@ -179,7 +230,7 @@ def check(archive: Path, scratch: Path | None, as_json: bool) -> None:
     folder = Path(tempfile.mkdtemp(prefix="inferbox-backup-check-", dir=scratch))
     try:
         try:
-            checked = check_archive(archive, folder)
+            checked = check_archive(archive, folder, expect_sha256=expect_sha256, public_keys=_load_keys(public_keys))
         except BackupError as exc:
             if as_json:
                 click.echo(msgspec.json.encode({"ok": False, "problems": [str(exc)]}).decode())
@@ -197,6 +248,7 @@ def check(archive: Path, scratch: Path | None, as_json: bool) -> None:
             "problems": checked.problems,
             "manifest": checked.manifest,
             "audit": checked.audit,
+            "integrity": checked.integrity,
         }
         click.echo(msgspec.json.encode(payload).decode())
     else:
@@ -207,6 +259,8 @@ def check(archive: Path, scratch: Path | None, as_json: bool) -> None:
             click.echo(f"  audit log now: {checked.audit.summary()}")
         for p in checked.problems[:20]:
             click.echo(f"  problem: {p}")
+        if ok:
+            _integrity(checked.integrity)
     if not ok:
         sys.exit(1)
 
@@ -222,6 +276,7 @@ def check(archive: Path, scratch: Path | None, as_json: bool) -> None:
     "[default: the ship_dir setting, when set].",
 )
 @click.option("--no-catch-up", is_flag=True, help="Restore the audit log as the backup holds it, ignoring ship_dir.")
+@_trust_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def restore(
     home: Path | None,
@@ -229,6 +284,8 @@ def restore(
     archive: Path,
     audit_from: Path | None,
     no_catch_up: bool,
+    expect_sha256: str | None,
+    public_keys: tuple[Path, ...],
     as_json: bool,
 ) -> None:
     """Check ARCHIVE, then put it back on a box without state (stop the services first).
@@ -246,12 +303,26 @@ def restore(
     copies = None if no_catch_up else (audit_from or settings.ship_dir)
     started = _now()
 
-    def record(checked: Checked, caught_up: CatchUp | None) -> None:
-        if not (settings.audit and settings.audit_db.exists()):
+    def record(checked: Checked, caught_up: CatchUp | None, placed_by: Settings) -> None:
+        if not (placed_by.audit and placed_by.audit_db.exists()):
             return
-        _record_restore(settings, archive, checked, started, caught_up)
+        _record_restore(placed_by, archive, checked, started, caught_up)
 
-    result = restore_backup(settings, archive, record=record, audit_from=copies)
+    def reload(config_file: Path) -> Settings:
+        from appliance.settings import load_settings
+
+        return load_settings({"home": settings.home, "repository": repository}, config_file=config_file)
+
+    result = restore_backup(
+        settings,
+        archive,
+        record=record,
+        audit_from=copies,
+        expect_sha256=expect_sha256,
+        public_keys=_load_keys(public_keys),
+        reload=reload,
+    )
+    settings = result.settings or settings
     m = result.checked.manifest
     if as_json:
         payload = {
@@ -262,6 +333,7 @@ def restore(
             "audit": result.audit,
             "notes": result.notes,
             "caught_up": result.caught_up,
+            "integrity": result.checked.integrity,
         }
         click.echo(msgspec.json.encode(payload).decode())
     else:
@@ -283,6 +355,7 @@ def restore(
                 )
         for note in result.notes:
             click.echo(f"  note: {note}")
+        _integrity(result.checked.integrity)
         for line in _next_steps(settings, m, c):
             click.echo(line, err=True)
     if result.audit is not None and not result.audit.ok:

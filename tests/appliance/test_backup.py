@@ -76,7 +76,7 @@ def box(built: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
 
 
 def create(box: dict[str, Any], *args: str) -> Path:
-    result = run(box["home"], "backup", "create", "--to", str(box["out"]), *args)
+    result = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), *args)
     assert result.exit_code == 0, result.output
     (archive,) = box["out"].glob("inferbox-backup-*.tar")
     return archive
@@ -244,7 +244,7 @@ def test_a_log_that_does_not_verify_is_backed_up_with_an_alert_and_never_restore
     box: dict[str, Any], tmp_path: Path
 ) -> None:
     T.change_field(box["home"] / "audit.db", 1, "actor", "someone-else")
-    result = run(box["home"], "backup", "create", "--to", str(box["out"]))
+    result = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]))
     assert result.exit_code == 1 and "ALERT" in result.stderr
     (archive,) = box["out"].glob("inferbox-backup-*.tar")  # written all the same: it is evidence
     with tarfile.open(archive) as tar:
@@ -271,7 +271,13 @@ def test_signing_key_outside_the_home_goes_where_the_target_setting_says(box: di
     for name in ("signing.key", "signing.key.pub"):
         shutil.move(box["home"] / "keys" / name, outside / name)
     result = run(
-        box["home"], "backup", "create", "--to", str(box["out"]), INFERBOX_SIGNING_KEY=str(outside / "signing.key")
+        box["home"],
+        "backup",
+        "create",
+        "--same-disk",
+        "--to",
+        str(box["out"]),
+        INFERBOX_SIGNING_KEY=str(outside / "signing.key"),
     )
     assert result.exit_code == 0, result.output
     (archive,) = box["out"].glob("*.tar")
@@ -283,12 +289,15 @@ def test_signing_key_outside_the_home_goes_where_the_target_setting_says(box: di
     assert not (new / "keys" / "signing.key").exists()
 
 
-def test_the_folder_must_exist_and_be_off_the_state_folder(box: dict[str, Any], tmp_path: Path) -> None:
-    missing = run(box["home"], "backup", "create", "--to", str(tmp_path / "not-mounted"))
+def test_the_folder_must_exist_and_be_off_the_state_folder_and_its_disk(box: dict[str, Any], tmp_path: Path) -> None:
+    same = run(box["home"], "backup", "create", "--to", str(box["out"]))
+    assert same.exit_code == 2 and "same disk" in same.stderr and "--same-disk" in same.stderr
+    assert list(box["out"].iterdir()) == []
+    missing = run(box["home"], "backup", "create", "--same-disk", "--to", str(tmp_path / "not-mounted"))
     assert missing.exit_code == 2 and "mount the backup disk" in missing.stderr
     assert not (tmp_path / "not-mounted").exists()
     (box["home"] / "backups").mkdir()
-    inside = run(box["home"], "backup", "create", "--to", str(box["home"] / "backups"))
+    inside = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["home"] / "backups"))
     assert inside.exit_code == 2 and "inside" in inside.stderr
     assert not list((box["home"] / "backups").iterdir())
 
@@ -300,7 +309,7 @@ def test_a_failed_record_leaves_no_archive(box: dict[str, Any], monkeypatch: pyt
         raise OSError("disk full")
 
     monkeypatch.setattr(audit_cmd, "record_cli_event", broken)
-    result = run(box["home"], "backup", "create", "--to", str(box["out"]))
+    result = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]))
     assert result.exit_code == 2 and "disk full" in result.stderr
     assert list(box["out"].iterdir()) == []
 
@@ -338,7 +347,7 @@ def test_configuration_in_the_home_is_restored_and_one_outside_is_kept_for_refer
     etc = tmp_path / "etc" / "inferbox.toml"
     etc.parent.mkdir()
     etc.write_text("[limits]\nmax_inputs = 64\n")
-    result = run(box["home"], "backup", "create", "--to", str(box["out"]), INFERBOX_CONFIG=str(etc))
+    result = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), INFERBOX_CONFIG=str(etc))
     assert result.exit_code == 0, result.output
     (archive,) = box["out"].glob("*.tar")
     assert {f"{ROOT}/inferbox.toml", f"{ROOT}/config/inferbox.toml"} <= set(members(archive))
@@ -476,7 +485,7 @@ def test_older_archives_past_keep_are_removed_and_named_in_the_record(box: dict[
         p.write_bytes(b"an older backup")
     (out / "notes.txt").write_text("not an archive")
     (out / "inferbox-backup-20250101T000000Z.tar.sig").write_text("not an archive either")
-    result = run(box["home"], "backup", "create", "--keep", "2", INFERBOX_BACKUP_DIR=str(out))
+    result = run(box["home"], "backup", "create", "--same-disk", "--keep", "2", INFERBOX_BACKUP_DIR=str(out))
     assert result.exit_code == 0, result.output
     archives = sorted(p.name for p in out.glob("inferbox-backup-*.tar"))
     assert len(archives) == 2 and archives[0] == old[2].name  # the newest older one and the new one
@@ -496,3 +505,231 @@ def test_older_archives_past_keep_are_removed_and_named_in_the_record(box: dict[
 def test_the_folder_comes_from_the_setting_or_the_error_names_it(box: dict[str, Any]) -> None:
     result = run(box["home"], "backup", "create")
     assert result.exit_code == 2 and "backup_dir" in result.output and "--to" in result.output
+
+
+def _repack(archive: Path, target: Path, edit: Any) -> None:
+    """Unpack ``archive``, let ``edit(folder)`` change files, then write a consistent manifest and archive."""
+    folder = target.parent / "unpacked"
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    root = folder / ROOT
+    edit(root)
+    manifest = json.loads((root / "MANIFEST.json").read_text())
+    for entry in manifest["files"]:
+        data = (root / entry["path"]).read_bytes()
+        entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (root / "MANIFEST.json").write_text(json.dumps(manifest))
+    with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as tar:
+        for entry in manifest["files"]:
+            tar.add(root / entry["path"], f"{ROOT}/{entry['path']}")
+        tar.add(root / "MANIFEST.json", f"{ROOT}/MANIFEST.json")
+
+
+def test_an_archive_rewritten_with_its_manifest_is_caught_by_what_vouches_for_it(
+    box: dict[str, Any], tmp_path: Path
+) -> None:
+    archive = create(box)
+    made = run(box["home"], "backup", "create", "--same-disk", "--to", str(tmp_path), "--json", "--no-models")
+    sha = sha256(archive)
+
+    def add_key(root: Path) -> None:  # another box's admin key, smuggled into the state
+        import sqlite3
+
+        conn = sqlite3.connect(root / "state.db")
+        with conn:
+            conn.execute(
+                "INSERT INTO api_keys (id, name, scopes, key_sha256, created_at) VALUES "
+                "('aaaaaaaaaaaa', 'smuggled', 'keys:admin', ?, '2026-01-01T00:00:00.000000Z')",
+                ("0" * 64,),
+            )
+        conn.close()
+
+    forged = tmp_path / "forged.tar"
+    _repack(archive, forged, add_key)
+    alone = run(box["home"], "backup", "check", str(forged))
+    assert alone.exit_code == 0 and "checked against its own manifest only" in alone.stderr  # said, not hidden
+    pinned = run(box["home"], "backup", "check", str(forged), "--expect-sha256", sha)
+    assert pinned.exit_code == 1 and "not the expected" in pinned.stdout
+    good = run(box["home"], "backup", "check", str(archive), "--expect-sha256", sha)
+    assert good.exit_code == 0 and "vouched for: its SHA-256 is the one expected" in good.stdout
+    restored = run(tmp_path / "new", "backup", "restore", str(forged), "--expect-sha256", sha)
+    assert restored.exit_code == 2 and not (tmp_path / "new" / "state.db").exists()
+    assert made.exit_code == 0
+
+    # a backup re-keyed by whoever forged it fails against the appliance's published key
+    from runtime.signing import generate_private_key, public_key_pem, write_private_key
+
+    def rekey(root: Path) -> None:
+        key = generate_private_key()
+        (root / "signing" / "signing.key").unlink()
+        write_private_key(key, root / "signing" / "signing.key")
+        (root / "signing" / "signing.key.pub").write_text(public_key_pem(key))
+
+    rekeyed = tmp_path / "rekeyed.tar"
+    (tmp_path / "unpacked").rename(tmp_path / "unpacked-1")
+    _repack(archive, rekeyed, rekey)
+    published = box["home"] / "keys" / "signing.key.pub"
+    result = run(box["home"], "backup", "check", str(rekeyed), "--public-key", str(published))
+    assert result.exit_code == 1 and "none of the public keys given" in result.stdout
+    result = run(box["home"], "backup", "check", str(archive), "--public-key", str(published))
+    assert result.exit_code == 0 and "one of the public keys given" in result.stdout
+
+
+def test_restore_holds_the_archive_to_its_backup_create_record_in_the_copies(
+    shipped: dict[str, Any], tmp_path: Path
+) -> None:
+    archive = shipped["archive"]
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(archive), "--audit-from", str(shipped["ship"]))
+    assert result.exit_code == 0 and "the audit log recorded" in result.stdout, result.output
+    shutil.rmtree(new)
+    swapped = tmp_path / archive.name  # same name, other bytes: an older backup passed off as this one
+    _rewrite_member(archive, swapped, lambda n, d: (n, d))
+    assert sha256(swapped) != sha256(archive)
+    result = run(new, "backup", "restore", str(swapped), "--audit-from", str(shipped["ship"]))
+    assert result.exit_code == 2 and "not the archive that was written" in result.stderr, result.output
+    assert not (new / "state.db").exists()
+
+
+def test_a_job_the_worker_accepts_during_the_backup_comes_back_waiting(
+    box: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import appliance.backup.create as create_mod
+
+    source = tmp_path / "late.jsonl"
+    source.write_text(json.dumps({"id": 1, "x": [0.5] * 8}) + "\n")
+    job = run(box["home"], "batch", "submit", str(source), "--model", "mlp").stdout.strip().split()[-1]
+    real_models = create_mod._models
+
+    def accepted_meanwhile(settings: Any) -> Any:  # after the state snapshot, before the spool is walked
+        (box["home"] / "spool" / "new" / job).rename(box["home"] / "spool" / "cur" / job)
+        return real_models(settings)
+
+    monkeypatch.setattr(create_mod, "_models", accepted_meanwhile)
+    archive = create(box)
+    names = members(archive)
+    assert f"{ROOT}/spool/new/{job}/job.json" in names and not any(f"/cur/{job}/" in n for n in names)
+    new = tmp_path / "new"
+    assert run(new, "backup", "restore", str(archive)).exit_code == 0
+    ran = run(new, "batch", "run", "--once")
+    assert ran.exit_code == 0 and "accepted 1 job" in ran.output, ran.output
+    (status,) = json.loads(run(new, "batch", "status", job, "--json").stdout)["jobs"]
+    assert status["state"] == "done"
+
+
+def test_a_batch_file_removed_while_it_is_copied_is_skipped(
+    box: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import appliance.backup.create as create_mod
+
+    real_add = create_mod._add
+    gone: list[str] = []
+
+    def vanish(tar: Any, arcname: str, path: Path, mtime: float | None = None) -> Any:
+        if arcname.startswith("outbox/") and not gone:
+            path.unlink()
+            gone.append(arcname)
+        return real_add(tar, arcname, path, mtime)
+
+    monkeypatch.setattr(create_mod, "_add", vanish)
+    archive = create(box)
+    assert gone and f"{ROOT}/{gone[0]}" not in members(archive)
+    checked = run(box["home"], "backup", "check", str(archive))
+    assert checked.exit_code == 0, checked.output
+
+
+def test_two_files_for_one_place_are_refused_before_anything_changes(box: dict[str, Any], tmp_path: Path) -> None:
+    outside = tmp_path / "credstore"
+    outside.mkdir()
+    for name in ("signing.key", "signing.key.pub"):
+        shutil.copy(box["home"] / "keys" / name, outside / name)  # a stale copy stays in keys/
+    result = run(
+        box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]),
+        INFERBOX_SIGNING_KEY=str(outside / "signing.key"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (archive,) = box["out"].glob("*.tar")
+    new = tmp_path / "new"
+    assert run(new, "signing-key", "create").exit_code == 0
+    fresh = sha256(new / "keys" / "signing.key")
+    restored = run(new, "backup", "restore", str(archive))
+    assert (
+        restored.exit_code == 2 and "would both go to" in restored.stderr and "INFERBOX_SIGNING_KEY" in restored.stderr
+    )
+    assert sha256(new / "keys" / "signing.key") == fresh and not list((new / "keys").glob("*.before-restore-*"))
+
+
+def test_the_restored_configuration_decides_where_files_go(box: dict[str, Any], tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    shutil.move(box["home"] / "keys" / "signing.key", secrets / "box.key")
+    shutil.move(box["home"] / "keys" / "signing.key.pub", secrets / "box.key.pub")
+    (box["home"] / "inferbox.toml").write_text(f'[paths]\nsigning_key = "{secrets / "box.key"}"\n')
+    archive = create(box)
+    secrets.rename(tmp_path / "lost-with-the-old-box")
+    new = tmp_path / "new"
+    restored = run(new, "backup", "restore", str(archive))
+    assert restored.exit_code == 0, restored.output
+    assert (secrets / "box.key").is_file() and not (new / "keys" / "signing.key").exists()
+    verified = run(new, "audit", "verify")
+    assert verified.exit_code == 0, verified.output
+
+
+def test_a_restore_that_fails_while_placing_takes_back_what_it_placed(
+    box: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    archive = create(box)
+    new = tmp_path / "new"
+    real_move = restore_mod._move
+
+    def full(src: Path, dest: Path) -> None:
+        if dest.name == "state.db":
+            raise OSError(28, "No space left on device", str(dest))
+        real_move(src, dest)
+
+    monkeypatch.setattr(restore_mod, "_move", full)
+    result = run(new, "backup", "restore", str(archive))
+    assert result.exit_code == 2 and "No space left" in result.stderr and "taken back" in result.stderr
+    assert [p for p in new.rglob("*")] == []  # nothing placed is left, and no staging
+    monkeypatch.setattr(restore_mod, "_move", real_move)
+    assert run(new, "backup", "restore", str(archive)).exit_code == 0  # so it can simply run again
+
+
+def test_sparse_or_oversized_members_are_refused_before_they_fill_the_disk(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    big = tmp_path / "big.tar"
+    with tarfile.open(big, "w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(f"{ROOT}/models/x/1/weights.bin")
+        info.size = 10**12  # a header that claims a terabyte
+        tar.addfile(info)  # no data: only the header
+    checked = run(box["home"], "backup", "check", str(big))
+    assert checked.exit_code == 1 and "more than the archive holds" in checked.stdout, checked.output
+    assert sha256(archive)  # the good archive is untouched
+
+
+def test_a_root_folder_entry_as_gnu_tar_writes_it_is_accepted(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    repacked = tmp_path / "gnu.tar"
+    with tarfile.open(archive) as src, tarfile.open(repacked, "w", format=tarfile.GNU_FORMAT) as dst:
+        root = tarfile.TarInfo(f"{ROOT}/")
+        root.type = tarfile.DIRTYPE
+        dst.addfile(root)
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+    checked = run(box["home"], "backup", "check", str(repacked))
+    assert checked.exit_code == 0, checked.output
+
+
+def test_a_dead_runs_leftovers_are_removed_and_keep_spares_the_last_good_backups_on_an_alert(
+    box: dict[str, Any],
+) -> None:
+    stale = box["out"] / ".inferbox-backup-dead"
+    stale.mkdir()
+    (stale / "inferbox-backup-20260101T000000Z.tar").write_bytes(b"secrets of a killed run")
+    (box["out"] / ".inferbox-backup-dead.lock").write_text("")
+    old = box["out"] / "inferbox-backup-20200101T000000Z.tar"
+    old.write_bytes(b"the last good backup")
+    T.change_field(box["home"] / "audit.db", 1, "actor", "someone-else")
+    result = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--keep", "1")
+    assert result.exit_code == 1 and "ALERT" in result.stderr
+    assert not stale.exists() and old.exists()
