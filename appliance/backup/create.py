@@ -23,12 +23,13 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import msgspec
 
+from appliance.audit.checkpoint import Pace
 from appliance.backup.manifest import (
     FORMAT,
     MANIFEST,
@@ -71,19 +72,23 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def archive_name(moment: datetime) -> str:
-    return f"inferbox-backup-{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}.tar"
+def box_name() -> str:
+    """This box in archive names: its host name, cut to letters, digits, ``.`` and ``-``."""
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63] or "box"
 
 
-_ARCHIVE = re.compile(r"inferbox-backup-\d{8}T\d{6}Z\.tar")
+def archive_name(moment: datetime, box: str | None = None) -> str:
+    """``inferbox-backup-<box>-<UTC time>.tar``: boxes that share a backup folder never touch each other's."""
+    return f"inferbox-backup-{box or box_name()}-{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}.tar"
 
 
-def _older(folder: Path, keep: int) -> list[Path]:
-    """The archives of ``folder`` to remove so that ``keep`` remain with the new one (0: none removed)."""
+def _older(folder: Path, keep: int, box: str | None = None) -> list[Path]:
+    """This box's archives in ``folder`` to remove so that ``keep`` remain with the new one (0: none removed)."""
     if keep <= 0:
         return []
+    pattern = re.compile(rf"inferbox-backup-{re.escape(box or box_name())}-\d{{8}}T\d{{6}}Z\.tar")
     found = sorted(
-        p for p in folder.iterdir() if _ARCHIVE.fullmatch(p.name) and stat.S_ISREG(p.lstat().st_mode)
+        p for p in folder.iterdir() if pattern.fullmatch(p.name) and stat.S_ISREG(p.lstat().st_mode)
     )  # the UTC time in the name sorts them oldest first
     return found[: max(0, len(found) - (keep - 1))]
 
@@ -145,11 +150,19 @@ def _claim(parent: Path, prefix: str) -> tuple[Path, int]:
             lock.unlink(missing_ok=True)
         finally:
             os.close(fd)
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".lock", dir=parent)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    folder = Path(name).with_suffix("")
-    folder.mkdir(mode=0o700)
-    return folder, fd
+    for _ in range(10):
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".lock", dir=parent)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(name).st_ino
+        except FileNotFoundError:  # another run's cleanup took it between mkstemp and flock
+            same = False
+        if same:
+            folder = Path(name).with_suffix("")
+            folder.mkdir(mode=0o700)
+            return folder, fd
+        os.close(fd)
+    raise BackupError(f"could not make a private folder in {parent}: another run keeps removing it")
 
 
 def _release(folder: Path, fd: int) -> None:
@@ -198,7 +211,7 @@ def _api_key_states(db: Path, now: str) -> dict[str, int]:
     )
 
 
-def _audit_facts(db: Path, keys: Sequence[Ed25519PublicKey] | None) -> AuditFacts:
+def _audit_facts(db: Path, keys: Sequence[Ed25519PublicKey] | None, pace: Pace) -> AuditFacts:
     from appliance.audit.schema import connect, read_log_id
     from appliance.audit.store import head, table_stats
     from appliance.audit.verify import verify_db
@@ -213,7 +226,7 @@ def _audit_facts(db: Path, keys: Sequence[Ed25519PublicKey] | None) -> AuditFact
     if keys is None:
         verified, problem = False, "not verified: no signing key on this box to take the public key from"
     else:
-        report = verify_db(db, keys)
+        report = verify_db(db, keys, legacy_pace=pace)
         verified, problem = report.ok, "" if report.ok else report.summary()
     return AuditFacts(
         log_id=log_id,
@@ -392,11 +405,13 @@ def create_backup(
             f"there is no state folder at {settings.home} to back up; pass --home or set INFERBOX_HOME "
             "(on an installed box: /var/lib/inferbox)"
         )
-    if not same_disk and os.stat(folder).st_dev == os.stat(settings.home).st_dev:
+    device = os.stat(folder).st_dev
+    if not same_disk and device in (os.stat(settings.home).st_dev, os.stat("/").st_dev):
+        where = "the state folder " + str(settings.home) if device == os.stat(settings.home).st_dev else "/"
         raise BackupError(
-            f"{folder} is on the same disk as the state folder {settings.home}: a backup there is lost with the "
-            "disk it should outlive (and the mount point of a share that is not mounted looks just like it); "
-            "mount the backup disk or share, or pass --same-disk to write there all the same"
+            f"{folder} is on the same filesystem as {where}: a backup there is lost with the disk it should "
+            "outlive, and the mount point of a share that is not mounted looks just like it; mount the backup "
+            "disk or share there, or pass --same-disk to write there all the same"
         )
     moment = clock()
     created_at = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -428,7 +443,8 @@ def create_backup(
         if settings.audit_db.is_file():
             _snapshot(settings.audit_db, local / "audit.db")
             snapshots.append(("audit.db", local / "audit.db"))
-            audit = _audit_facts(local / "audit.db", trusted_keys)
+            pace = Pace.of(settings.checkpoint_every, timedelta(minutes=settings.checkpoint_minutes))
+            audit = _audit_facts(local / "audit.db", trusted_keys, pace)
         files = _files(settings, models=models, skipped=skipped)
         packages: list[ModelEntry] = []
         if models:
@@ -482,7 +498,11 @@ def create_backup(
         result = BackupResult(final, out.hash.hexdigest(), out.size, manifest, older)
         if record is not None:
             record(result)
-        os.rename(partial, final)
+        try:
+            os.link(partial, final)  # never over an archive another run of the same second recorded
+        except FileExistsError:
+            raise BackupError(f"{final} appeared while this backup was written; run it again") from None
+        partial.unlink()
         fsync_dir(folder)
     except sqlite3.Error as exc:
         raise BackupError(f"a database could not be copied ({exc}); nothing was written") from exc

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from appliance.audit.catch_up import CatchUp
+    from appliance.audit.checkpoint import Pace
     from appliance.audit.verify import VerifyReport
 
 __all__ = ["Checked", "RestoreResult", "check_archive", "destination", "restore_backup", "unpack"]
@@ -216,16 +217,27 @@ def _trust_problems(folder: Path, public_keys: Sequence[Ed25519PublicKey]) -> li
     own = signing.key_id(signing.load_private_key(folder / SIGNING_KEY))
     if (folder / SIGNING_PUB).is_file() and signing.key_id(signing.load_public_key(folder / SIGNING_PUB)) != own:
         problems.append(f"{SIGNING_PUB} is not the public half of {SIGNING_KEY} (key {own})")
-    if public_keys and own not in {signing.key_id(k) for k in public_keys}:
+    given = {signing.key_id(k) for k in public_keys}
+    if public_keys and own not in given:
         problems.append(
-            f"the backup's signing key ({own}) is none of the public keys given ("
-            + ", ".join(signing.key_id(k) for k in public_keys)
-            + "): it is not this appliance's backup, or its key was replaced"
+            f"the backup's signing key ({own}) is none of the public keys given ({', '.join(sorted(given))}): "
+            "it is not this appliance's backup, or its key was replaced"
         )
+    retired = folder / "keys" / "retired"
+    if public_keys and retired.is_dir():
+        for pub in sorted(retired.glob("*.pub")):
+            kid = signing.key_id(signing.load_public_key(pub))
+            if kid not in given:
+                problems.append(
+                    f"keys/retired/{pub.name} ({kid}) is none of the public keys given: a restored box would trust "
+                    "it; pass every retired key's public half too, or remove it from the archive"
+                )
     return problems
 
 
-def _content_problems(folder: Path, manifest: BackupManifest) -> tuple[list[str], VerifyReport | None]:
+def _content_problems(
+    folder: Path, manifest: BackupManifest, public_keys: Sequence[Ed25519PublicKey], legacy_pace: Pace | None
+) -> tuple[list[str], VerifyReport | None]:
     from appliance.audit.verify import verify_db
     from runtime.repository import RepoEntry, Repository
 
@@ -243,11 +255,11 @@ def _content_problems(folder: Path, manifest: BackupManifest) -> tuple[list[str]
             problems.append(f"state.db: fails SQLite's integrity check ({row[0] if row else 'no answer'})")
     if (folder / "audit.db").is_file():
         try:
-            keys = _backup_keys(folder)
+            keys = list(public_keys) or _backup_keys(folder)
             if not keys:
                 problems.append("audit.db: the backup holds no signing key to verify its checkpoints with")
             else:
-                audit = verify_db(folder / "audit.db", keys)
+                audit = verify_db(folder / "audit.db", keys, legacy_pace=legacy_pace)
                 if not audit.ok:
                     problems.append(f"audit.db: {audit.summary()}")
         except InferboxError as exc:
@@ -273,12 +285,14 @@ def check_archive(
     *,
     expect_sha256: str | None = None,
     public_keys: Sequence[Ed25519PublicKey] = (),
+    legacy_pace: Pace | None = None,
 ) -> Checked:
     """Unpack ``archive`` into the empty ``folder`` and check everything in it (raises only if unreadable).
 
-    Without ``expect_sha256`` (the ``backup_create`` record's) or ``public_keys`` (this appliance's
-    published key), the archive is checked against itself only: anyone who could rewrite it could
-    also rewrite its manifest.  ``integrity`` says which held.
+    Without ``expect_sha256`` (the ``backup_create`` record's) the archive is checked against itself
+    only: anyone who could rewrite it could also rewrite its manifest (``integrity`` says what held).
+    ``public_keys`` (this appliance's published keys) are the keys its log must verify with, and
+    its signing key and retired keys must be among them.
     """
     manifest, found, sha, size = unpack(archive, folder)
     problems = []
@@ -291,10 +305,10 @@ def check_archive(
     problems += _mismatches(manifest, found)
     audit = None
     if not problems:
+        # the public keys pin which keys the log must verify with; they say nothing of the other files
+        # (the archive holds the private key: whoever rewrites it can keep it)
         problems += _trust_problems(folder, public_keys)
-        if public_keys and not problems:
-            integrity.append("its signing key is one of the public keys given")
-        more, audit = _content_problems(folder, manifest)
+        more, audit = _content_problems(folder, manifest, public_keys, legacy_pace)
         problems += more
     return Checked(manifest, sha, size, folder, problems, audit, integrity)
 
@@ -362,8 +376,10 @@ def _relocate_jobs(state_db: Path, old_home: str, new_home: Path) -> int:
                 (new, len(old) + 1, new, len(old) + 1, len(old), old, len(old), old),
             )
             return cur.rowcount
-    except sqlite3.OperationalError:  # no batch job was ever submitted on the backed-up box
-        return 0
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # no batch job was ever submitted on the backed-up box
+            return 0
+        raise
     finally:
         conn.close()
 
@@ -405,7 +421,7 @@ def _place(placed: list[tuple[Path, Path]], settings: Settings) -> list[Path]:
             done.append((src, dest))
         for folder in {d.parent for _, d in placed}:
             fsync_dir(folder)
-    except OSError as exc:
+    except BaseException as exc:  # a full disk, or Ctrl-C / SIGTERM half-way: take it all back
         left = []
         for src, dest in reversed(done):
             try:
@@ -415,6 +431,8 @@ def _place(placed: list[tuple[Path, Path]], settings: Settings) -> list[Path]:
         for d in sorted(made, key=lambda p: len(p.parts), reverse=True):  # the deepest first
             with contextlib.suppress(OSError):
                 d.rmdir()
+        if not isinstance(exc, OSError):
+            raise
         where = f"; could not take back {', '.join(left[:5])}: remove them before running restore again" if left else ""
         raise BackupError(
             f"restore stopped writing {exc.filename or ''} ({exc.strerror or exc}){where}; what it had placed "
@@ -431,6 +449,7 @@ def restore_backup(
     audit_from: Path | None = None,
     expect_sha256: str | None = None,
     public_keys: Sequence[Ed25519PublicKey] = (),
+    legacy_pace: Pace | None = None,
     reload: Callable[[Path], Settings] | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> RestoreResult:
@@ -445,7 +464,9 @@ def restore_backup(
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=settings.home))
     try:
-        checked = check_archive(archive, staging, expect_sha256=expect_sha256, public_keys=public_keys)
+        checked = check_archive(
+            archive, staging, expect_sha256=expect_sha256, public_keys=public_keys, legacy_pace=legacy_pace
+        )
         if checked.problems:
             raise BackupError(
                 f"{archive} cannot be restored, nothing was changed: "
@@ -459,18 +480,30 @@ def restore_backup(
         caught_up = None
         if audit_from is not None and (staging / "audit.db").is_file():
             from appliance.audit.catch_up import catch_up
+            from runtime import signing
 
             keys = list(public_keys) or _backup_keys(staging)
-            caught_up = catch_up(staging / "audit.db", audit_from, keys, digest_dir=staging / "keys" / "digest")
-            recorded = caught_up.archives.get(archive.name)
-            if recorded is not None and recorded[1] != checked.sha256:
+            own = staging / SIGNING_KEY
+            caught_up = catch_up(
+                staging / "audit.db",
+                audit_from,
+                keys,
+                digest_dir=staging / "keys" / "digest",
+                signing_key_id=signing.key_id(signing.load_private_key(own)) if own.is_file() else None,
+                legacy_pace=legacy_pace,
+            )
+            seq = caught_up.backups.get(checked.sha256)
+            if seq is not None:
+                checked.integrity.append(f"its SHA-256 is the one the audit log recorded (seq {seq})")
+            elif caught_up.copies_last_seq > caught_up.backup_last_seq:
+                # the box recorded each archive right after its snapshot: copies that reach past the
+                # archive's own log must hold that record
                 raise BackupError(
-                    f"the audit log recorded {archive.name} with SHA-256 {recorded[1]} (seq {recorded[0]}), "
-                    f"but this archive's is {checked.sha256}: it is not the archive that was written; "
+                    f"the off-box copies in {audit_from} reach past this backup's last record (seq "
+                    f"{caught_up.backup_last_seq}) but hold no backup_create record with its SHA-256 "
+                    f"{checked.sha256}: it is not an archive this box wrote, or not as it was written; "
                     "nothing was changed"
                 )
-            if recorded is not None:
-                checked.integrity.append(f"its SHA-256 is the one the audit log recorded (seq {recorded[0]})")
         placed = [(staging / f.path, destination(settings, f.path)) for f in checked.manifest.files]
         pairs = [(src, dest) for src, dest in placed if dest is not None]
         targets: dict[Path, str] = {}
@@ -499,26 +532,47 @@ def restore_backup(
                     notes.append(f"the signing key that was here is kept as {aside}")
         try:
             touched = _place(pairs, settings)
-        except BackupError:
+        except BaseException:
             for key, aside in set_aside:
-                os.rename(aside, key)
+                with contextlib.suppress(OSError):
+                    _move(aside, key)  # never over a restored key that could not be taken back
             raise
-        if checked.manifest.home != str(settings.home) and settings.state_db.exists():
-            moved = _relocate_jobs(settings.state_db, checked.manifest.home, settings.home)
-            if moved:
-                notes.append(f"{moved} batch job(s) now point at {settings.home} instead of {checked.manifest.home}")
-        if record is not None:
-            record(checked, caught_up, settings)
-        _chown_to_home(settings, touched + _new_files(settings))
-        audit = None
-        if settings.audit_db.exists():
-            from appliance.audit.trust import trusted_keys
-            from appliance.audit.verify import verify_db
-
-            audit = verify_db(settings.audit_db, trusted_keys(settings.signing_key, settings.keys_dir))
-        return RestoreResult(checked, len(pairs), audit, notes, caught_up, settings)
+        try:
+            return _after_placing(settings, checked, caught_up, record, touched, notes, len(pairs))
+        except (InferboxError, OSError, sqlite3.Error) as exc:
+            raise BackupError(
+                f"the files of {archive} are in place, but the restore did not finish: {exc}. Fix that, then check "
+                f"the box with `inferbox audit verify` and `inferbox doctor`; running restore again would refuse "
+                "the box it now holds"
+            ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _after_placing(
+    settings: Settings,
+    checked: Checked,
+    caught_up: CatchUp | None,
+    record: Callable[[Checked, CatchUp | None, Settings], None] | None,
+    touched: list[Path],
+    notes: list[str],
+    placed: int,
+) -> RestoreResult:
+    """Relocate batch jobs, record the restore, hand the files over, verify the log."""
+    if checked.manifest.home != str(settings.home) and settings.state_db.exists():
+        moved = _relocate_jobs(settings.state_db, checked.manifest.home, settings.home)
+        if moved:
+            notes.append(f"{moved} batch job(s) now point at {settings.home} instead of {checked.manifest.home}")
+    if record is not None:
+        record(checked, caught_up, settings)
+    _chown_to_home(settings, touched + _new_files(settings))
+    audit = None
+    if settings.audit_db.exists():
+        from appliance.audit.trust import trusted_keys
+        from appliance.audit.verify import verify_db
+
+        audit = verify_db(settings.audit_db, trusted_keys(settings.signing_key, settings.keys_dir))
+    return RestoreResult(checked, placed, audit, notes, caught_up, settings)
 
 
 def _mkdirs(folder: Path) -> list[Path]:

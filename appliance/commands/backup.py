@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from appliance.audit.catch_up import CatchUp
+    from appliance.audit.checkpoint import Pace
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,6 +75,15 @@ def _trust_options(func: F) -> F:
         help="The archive's SHA-256 as `backup create` printed it and its backup_create audit record holds.",
     )(func)
     return func
+
+
+def _pace(settings: Settings) -> Pace:
+    """The pace checkpoints written before they signed their own are held to (as `audit verify` does)."""
+    from datetime import timedelta
+
+    from appliance.audit.checkpoint import Pace
+
+    return Pace.of(settings.checkpoint_every, timedelta(minutes=settings.checkpoint_minutes))
 
 
 def _load_keys(paths: tuple[Path, ...]) -> list[Ed25519PublicKey]:
@@ -320,6 +330,7 @@ def restore(
         audit_from=copies,
         expect_sha256=expect_sha256,
         public_keys=_load_keys(public_keys),
+        legacy_pace=_pace(settings),
         reload=reload,
     )
     settings = result.settings or settings

@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from appliance.audit.log import AuditLog
 from appliance.audit.verify import verify_db
 from appliance.backup import restore as restore_mod
-from appliance.backup.create import _older
+from appliance.backup.create import _older, box_name
 from appliance.backup.manifest import ROOT
 from appliance.cli import main
 from appliance.keys import KeyStore
@@ -291,7 +291,7 @@ def test_signing_key_outside_the_home_goes_where_the_target_setting_says(box: di
 
 def test_the_folder_must_exist_and_be_off_the_state_folder_and_its_disk(box: dict[str, Any], tmp_path: Path) -> None:
     same = run(box["home"], "backup", "create", "--to", str(box["out"]))
-    assert same.exit_code == 2 and "same disk" in same.stderr and "--same-disk" in same.stderr
+    assert same.exit_code == 2 and "same filesystem" in same.stderr and "--same-disk" in same.stderr
     assert list(box["out"].iterdir()) == []
     missing = run(box["home"], "backup", "create", "--same-disk", "--to", str(tmp_path / "not-mounted"))
     assert missing.exit_code == 2 and "mount the backup disk" in missing.stderr
@@ -480,16 +480,20 @@ def test_a_copy_missing_between_others_is_named(box: dict[str, Any], tmp_path: P
 
 def test_older_archives_past_keep_are_removed_and_named_in_the_record(box: dict[str, Any]) -> None:
     out = box["out"]
-    old = [out / f"inferbox-backup-2026010{d}T000000Z.tar" for d in (1, 2, 3)]
+    me = box_name()
+    old = [out / f"inferbox-backup-{me}-2026010{d}T000000Z.tar" for d in (1, 2, 3)]
     for p in old:
         p.write_bytes(b"an older backup")
     (out / "notes.txt").write_text("not an archive")
-    (out / "inferbox-backup-20250101T000000Z.tar.sig").write_text("not an archive either")
+    (out / f"inferbox-backup-{me}-20250101T000000Z.tar.sig").write_text("not an archive either")
+    other = out / "inferbox-backup-otherbox-20200101T000000Z.tar"  # another box sharing the folder
+    other.write_bytes(b"not ours to remove")
     result = run(box["home"], "backup", "create", "--same-disk", "--keep", "2", INFERBOX_BACKUP_DIR=str(out))
     assert result.exit_code == 0, result.output
-    archives = sorted(p.name for p in out.glob("inferbox-backup-*.tar"))
+    archives = sorted(p.name for p in out.glob(f"inferbox-backup-{me}-*.tar"))
     assert len(archives) == 2 and archives[0] == old[2].name  # the newest older one and the new one
-    assert (out / "notes.txt").exists() and (out / "inferbox-backup-20250101T000000Z.tar.sig").exists()
+    assert (out / "notes.txt").exists() and (out / f"inferbox-backup-{me}-20250101T000000Z.tar.sig").exists()
+    assert other.exists()
     assert f"removed the older {old[0].name}" in result.stdout
     live = AuditLog.open(load_settings({"home": box["home"]}))
     try:
@@ -515,9 +519,11 @@ def _repack(archive: Path, target: Path, edit: Any) -> None:
     root = folder / ROOT
     edit(root)
     manifest = json.loads((root / "MANIFEST.json").read_text())
-    for entry in manifest["files"]:
-        data = (root / entry["path"]).read_bytes()
-        entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    manifest["files"] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "MANIFEST.json"):
+        data = path.read_bytes()
+        rel = path.relative_to(root).as_posix()
+        manifest["files"].append({"path": rel, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     (root / "MANIFEST.json").write_text(json.dumps(manifest))
     with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as tar:
         for entry in manifest["files"]:
@@ -572,7 +578,18 @@ def test_an_archive_rewritten_with_its_manifest_is_caught_by_what_vouches_for_it
     result = run(box["home"], "backup", "check", str(rekeyed), "--public-key", str(published))
     assert result.exit_code == 1 and "none of the public keys given" in result.stdout
     result = run(box["home"], "backup", "check", str(archive), "--public-key", str(published))
-    assert result.exit_code == 0 and "one of the public keys given" in result.stdout
+    assert result.exit_code == 0 and "own manifest only" in result.stderr  # a key pins the log, not the files
+
+    # a retired key planted in the archive would be trusted by the restored box: refused unless given
+    def plant(root: Path) -> None:
+        (root / "keys" / "retired").mkdir(parents=True, exist_ok=True)
+        (root / "keys" / "retired" / "old.pub").write_text(public_key_pem(generate_private_key()))
+
+    planted = tmp_path / "planted.tar"
+    (tmp_path / "unpacked").rename(tmp_path / "unpacked-2")
+    _repack(archive, planted, plant)
+    result = run(box["home"], "backup", "check", str(planted), "--public-key", str(published))
+    assert result.exit_code == 1 and "keys/retired/old.pub" in result.stdout
 
 
 def test_restore_holds_the_archive_to_its_backup_create_record_in_the_copies(
@@ -587,7 +604,7 @@ def test_restore_holds_the_archive_to_its_backup_create_record_in_the_copies(
     _rewrite_member(archive, swapped, lambda n, d: (n, d))
     assert sha256(swapped) != sha256(archive)
     result = run(new, "backup", "restore", str(swapped), "--audit-from", str(shipped["ship"]))
-    assert result.exit_code == 2 and "not the archive that was written" in result.stderr, result.output
+    assert result.exit_code == 2 and "not an archive this box wrote" in result.stderr, result.output
     assert not (new / "state.db").exists()
 
 
@@ -727,9 +744,53 @@ def test_a_dead_runs_leftovers_are_removed_and_keep_spares_the_last_good_backups
     stale.mkdir()
     (stale / "inferbox-backup-20260101T000000Z.tar").write_bytes(b"secrets of a killed run")
     (box["out"] / ".inferbox-backup-dead.lock").write_text("")
-    old = box["out"] / "inferbox-backup-20200101T000000Z.tar"
+    old = box["out"] / f"inferbox-backup-{box_name()}-20200101T000000Z.tar"
     old.write_bytes(b"the last good backup")
     T.change_field(box["home"] / "audit.db", 1, "actor", "someone-else")
     result = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--keep", "1")
     assert result.exit_code == 1 and "ALERT" in result.stderr
     assert not stale.exists() and old.exists()
+
+
+def test_catch_up_follows_a_prune_made_after_the_backup(box: dict[str, Any], tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    ship = tmp_path / "ship"
+    ship.mkdir()
+    archive = create(box)
+    _more_records(box["home"], 3)
+    assert _ship(box["home"], ship).exit_code == 0
+    pruned = run(
+        box["home"], "audit", "prune", "--before", datetime.now(UTC).isoformat(), "--force",
+        INFERBOX_MIN_RETENTION_DAYS="0",
+    )  # fmt: skip
+    assert pruned.exit_code == 0, pruned.output
+    _more_records(box["home"], 2)
+    assert _ship(box["home"], ship).exit_code == 0
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(archive), "--audit-from", str(ship))
+    assert result.exit_code == 0, result.output
+    verified = run(new, "audit", "verify", "--against", str(sorted(ship.glob("*.jsonl"))[-1]))
+    assert verified.exit_code == 0, verified.output
+    assert _ship(new, ship).exit_code == 0
+
+
+def test_catch_up_refuses_copies_signed_after_a_key_rotation(box: dict[str, Any], tmp_path: Path) -> None:
+    ship = tmp_path / "ship"
+    ship.mkdir()
+    assert _ship(box["home"], ship).exit_code == 0
+    archive = create(box)
+    keys = box["home"] / "keys"
+    (keys / "retired").mkdir()
+    shutil.copy(keys / "signing.key.pub", keys / "retired" / "old.pub")
+    assert run(box["home"], "signing-key", "create", "--force").exit_code == 0
+    _more_records(box["home"], 2)
+    shipped = _ship(box["home"], ship)
+    assert shipped.exit_code == 0, shipped.output
+    new = tmp_path / "new"
+    result = run(
+        new, "backup", "restore", str(archive), "--audit-from", str(ship),
+        "--public-key", str(keys / "signing.key.pub"), "--public-key", str(keys / "retired" / "old.pub"),
+    )  # fmt: skip
+    assert result.exit_code == 2 and "key rotation" in result.stderr and "--no-catch-up" in result.stderr
+    assert not (new / "audit.db").exists() and not (new / "state.db").exists()
