@@ -1,17 +1,27 @@
-"""Which public keys a log's checkpoints may be signed with (verify, ship, prune, backup)."""
+"""What a log is held to: which public keys its checkpoints may be signed with, and the pace
+checkpoints written before format 2 are held to (verify, ship, prune, backup)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.audit.checkpoint import Pace
 from runtime.errors import ConfigError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["trusted_keys"]
+    from appliance.settings import Settings
+
+__all__ = ["settings_pace", "trusted_keys"]
+
+
+def settings_pace(settings: Settings, every: int | None = None, minutes: float | None = None) -> Pace:
+    """The settings' checkpoint pace (``every`` / ``minutes`` override them), for checkpoints that sign none."""
+    return Pace.of(every or settings.checkpoint_every, timedelta(minutes=minutes or settings.checkpoint_minutes))
 
 
 def trusted_keys(signing_key: Path, keys_dir: Path, paths: Sequence[Path] = ()) -> list[Ed25519PublicKey]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -23,13 +24,14 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import msgspec
 
 from appliance.audit.checkpoint import Pace
+from appliance.audit.trust import settings_pace
 from appliance.backup.manifest import (
     FORMAT,
     MANIFEST,
@@ -49,7 +51,7 @@ from runtime.errors import BackupError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["BackupResult", "archive_name", "create_backup"]
+__all__ = ["BackupResult", "HashingReader", "archive_name", "create_backup"]
 
 CHUNK = 1 << 20
 #: never copied: a plaintext API key meant to be read once and deleted
@@ -110,19 +112,24 @@ class _HashingWriter:
         self.raw.flush()
 
 
-class _HashingReader:
-    """Reads at most ``size`` bytes of ``raw``, hashing them (tarfile stops at the member's size)."""
+class HashingReader:
+    """Hashes and counts what is read from ``raw``; with ``limit``, reads at most that many bytes
+    (a member being archived: tarfile stops at its size; unpacking reads the whole archive)."""
 
-    def __init__(self, raw: IO[bytes], size: int) -> None:
+    def __init__(self, raw: IO[bytes], limit: int | None = None) -> None:
         self.raw = raw
-        self.left = size
+        self.left = limit
         self.hash = hashlib.sha256()
+        self.size = 0
 
     def read(self, n: int = -1) -> bytes:
-        want = self.left if n < 0 else min(n, self.left)
-        data = self.raw.read(want)
-        self.left -= len(data)
+        if self.left is not None:
+            n = self.left if n < 0 else min(n, self.left)
+        data = self.raw.read(n)
+        if self.left is not None:
+            self.left -= len(data)
         self.hash.update(data)
+        self.size += len(data)
         return data
 
 
@@ -348,7 +355,7 @@ def _add(tar: tarfile.TarFile, arcname: str, path: Path, mtime: float | None = N
         info.size = st.st_size
         info.mode = 0o600
         info.mtime = int(st.st_mtime if mtime is None else mtime)
-        reader = _HashingReader(f, st.st_size)
+        reader = HashingReader(f, st.st_size)
         try:
             tar.addfile(info, reader)
         except OSError as exc:
@@ -443,8 +450,7 @@ def create_backup(
         if settings.audit_db.is_file():
             _snapshot(settings.audit_db, local / "audit.db")
             snapshots.append(("audit.db", local / "audit.db"))
-            pace = Pace.of(settings.checkpoint_every, timedelta(minutes=settings.checkpoint_minutes))
-            audit = _audit_facts(local / "audit.db", trusted_keys, pace)
+            audit = _audit_facts(local / "audit.db", trusted_keys, settings_pace(settings))
         files = _files(settings, models=models, skipped=skipped)
         packages: list[ModelEntry] = []
         if models:
@@ -489,7 +495,7 @@ def create_backup(
                 data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
                 info = tarfile.TarInfo(f"{ROOT}/{MANIFEST}")
                 info.size, info.mode, info.mtime = len(data), 0o600, int(moment.timestamp())
-                tar.addfile(info, _BytesReader(data))
+                tar.addfile(info, io.BytesIO(data))
             raw.flush()
             os.fsync(raw.fileno())
         # never remove older archives next to one whose audit log did not verify: they may be the last good ones
@@ -536,18 +542,6 @@ def _parts(entries: list[FileEntry]) -> list[str]:
     )
     parts = [part for part, top in named if top in tops]
     return parts + (["batch"] if tops & {"spool", "outbox"} else [])
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self.data = memoryview(data)
-        self.at = 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else min(len(self.data), self.at + n)
-        chunk = bytes(self.data[self.at : end])
-        self.at = end
-        return chunk
 
 
 def _version() -> str:

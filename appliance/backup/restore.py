@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from appliance.backup.create import HashingReader
 from appliance.backup.manifest import (
     MANIFEST,
     ROOT,
@@ -37,6 +38,7 @@ from appliance.backup.manifest import (
     member_path,
 )
 from appliance.settings import Settings
+from appliance.sqlite import open_read_only
 from runtime.durable import fsync_dir
 from runtime.errors import BackupError, InferboxError
 
@@ -80,21 +82,6 @@ class RestoreResult:
     settings: Settings | None = None
 
 
-class _Reader:
-    """Hashes every byte tarfile reads from the archive."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
-
-
 def _copy_member(source: IO[bytes], dest: Path, size: int) -> str:
     digest = hashlib.sha256()
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -128,7 +115,7 @@ def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry]
                 f"unpacking {archive} needs {budget / 1e6:.0f} MB free in {folder} and has {free / 1e6:.0f} MB; "
                 "free space there (for check: --scratch DIR, a folder with room)"
             )
-        reader = _Reader(raw)
+        reader = HashingReader(raw)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
@@ -244,7 +231,7 @@ def _content_problems(
     problems: list[str] = []
     audit: VerifyReport | None = None
     if (folder / "state.db").is_file():
-        conn = sqlite3.connect(f"{(folder / 'state.db').resolve().as_uri()}?mode=ro", uri=True)
+        conn = open_read_only(folder / "state.db")
         try:
             row = conn.execute("PRAGMA integrity_check").fetchone()
         except sqlite3.DatabaseError as exc:

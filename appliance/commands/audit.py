@@ -194,7 +194,7 @@ def verify(
 
     With ``--against``, also hold the log to earlier exports kept off the box.
     """
-    from appliance.audit.checkpoint import Pace
+    from appliance.audit.trust import settings_pace
     from appliance.audit.verify import verify_db, verify_export
 
     if db_path and export_path:
@@ -203,10 +203,7 @@ def verify(
         raise click.UsageError("--max-age checks a live database, not an export")
     settings = build_settings(home=home, repository=repository)
     keys = _trusted_keys(settings, public_keys)
-    pace = Pace.of(
-        checkpoint_every or settings.checkpoint_every,
-        timedelta(minutes=checkpoint_minutes or settings.checkpoint_minutes),
-    )
+    pace = settings_pace(settings, checkpoint_every, checkpoint_minutes)
     if export_path:
         report = verify_export(export_path, keys, legacy_pace=pace)
     else:
@@ -365,8 +362,8 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
     it exports the records from the copy's last one to the head, as
     ``audit-<log id>-<UTC time>.jsonl``. Recorded as audit_export.
     """
-    from appliance.audit.checkpoint import Pace
     from appliance.audit.compare import compare_with, db_view, newest_copy, read_copy
+    from appliance.audit.trust import settings_pace
     from appliance.audit.verify import verify_export_bytes
 
     settings = build_settings(home=home, repository=repository)
@@ -387,7 +384,7 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
     previous = newest_copy(folder, view.log_id)
     if previous is not None:
         data = previous.read_bytes()
-        pace = Pace.of(settings.checkpoint_every, timedelta(minutes=settings.checkpoint_minutes))
+        pace = settings_pace(settings)
         own = verify_export_bytes(data, keys, legacy_pace=pace)
         if not own.ok:
             click.echo(f"ALERT: the newest off-box copy {previous} does not verify: {printable(own.summary())}")

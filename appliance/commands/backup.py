@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from appliance.audit.catch_up import CatchUp
-    from appliance.audit.checkpoint import Pace
+    from appliance.backup.manifest import BackupManifest
+    from appliance.backup.restore import Checked
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,11 +41,7 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none"
 
 
-def _describe(manifest: object, echo: bool = True) -> list[str]:
-    from appliance.backup.manifest import BackupManifest
-
-    assert isinstance(manifest, BackupManifest)
-    m = manifest
+def _describe(m: BackupManifest) -> list[str]:
     lines = [
         f"  taken {m.created_at} on {m.host} from {m.home} (inferbox {m.inferbox_version}); holds: {', '.join(m.parts)}"
     ]
@@ -75,15 +72,6 @@ def _trust_options(func: F) -> F:
         help="The archive's SHA-256 as `backup create` printed it and its backup_create audit record holds.",
     )(func)
     return func
-
-
-def _pace(settings: Settings) -> Pace:
-    """The pace checkpoints written before they signed their own are held to (as `audit verify` does)."""
-    from datetime import timedelta
-
-    from appliance.audit.checkpoint import Pace
-
-    return Pace.of(settings.checkpoint_every, timedelta(minutes=settings.checkpoint_minutes))
 
 
 def _load_keys(paths: tuple[Path, ...]) -> list[Ed25519PublicKey]:
@@ -235,12 +223,19 @@ def check(
 
     Exit 1 when anything fails; nothing on the box is read or changed.
     """
+    from appliance.audit.trust import settings_pace
     from appliance.backup.restore import check_archive
 
     folder = Path(tempfile.mkdtemp(prefix="inferbox-backup-check-", dir=scratch))
     try:
         try:
-            checked = check_archive(archive, folder, expect_sha256=expect_sha256, public_keys=_load_keys(public_keys))
+            checked = check_archive(
+                archive,
+                folder,
+                expect_sha256=expect_sha256,
+                public_keys=_load_keys(public_keys),
+                legacy_pace=settings_pace(build_settings()),
+            )
         except BackupError as exc:
             if as_json:
                 click.echo(msgspec.json.encode({"ok": False, "problems": [str(exc)]}).decode())
@@ -305,7 +300,8 @@ def restore(
     copies of the audit log (--audit-from, or the ship_dir setting), the records written after
     the backup that they hold are put back too.
     """
-    from appliance.backup.restore import Checked, restore_backup
+    from appliance.audit.trust import settings_pace
+    from appliance.backup.restore import restore_backup
 
     settings = build_settings(home=home, repository=repository)
     if no_catch_up and audit_from is not None:
@@ -330,7 +326,7 @@ def restore(
         audit_from=copies,
         expect_sha256=expect_sha256,
         public_keys=_load_keys(public_keys),
-        legacy_pace=_pace(settings),
+        legacy_pace=settings_pace(settings),
         reload=reload,
     )
     settings = result.settings or settings
@@ -374,12 +370,10 @@ def restore(
 
 
 def _record_restore(
-    settings: Settings, archive: Path, checked: object, started: datetime, caught_up: CatchUp | None
+    settings: Settings, archive: Path, checked: Checked, started: datetime, caught_up: CatchUp | None
 ) -> None:
-    from appliance.backup.restore import Checked
     from appliance.commands.audit import record_cli_event
 
-    assert isinstance(checked, Checked)
     m = checked.manifest
     details = {
         "archive": archive.name,
@@ -396,10 +390,7 @@ def _record_restore(
     record_cli_event(settings, "backup_restore", "inferbox backup restore", started, details)
 
 
-def _next_steps(settings: Settings, manifest: object, caught_up: CatchUp | None) -> list[str]:
-    from appliance.backup.manifest import BackupManifest
-
-    assert isinstance(manifest, BackupManifest)
+def _next_steps(settings: Settings, manifest: BackupManifest, caught_up: CatchUp | None) -> list[str]:
     out = ["next:"]
     if caught_up is not None and caught_up.records:
         out.append(
