@@ -191,6 +191,14 @@ def _served_variant(served: Served, request_id: str) -> tuple[str, str]:
     return record["backend"], record["variant"]
 
 
+def _served_precision(served: Served) -> str:
+    """The exec precision the server runs MiniLM in, from its ``inferbox_model_info`` metric."""
+    text = httpx.get(f"{served.url}/metrics", headers=served.headers(), timeout=30).text
+    found = re.search(r'inferbox_model_info\{[^}]*model="minilm"[^}]*exec_precision="(\w+)"', text)
+    assert found is not None, text[:2000]
+    return found[1]
+
+
 def _batch_tolerance(answer: np.ndarray) -> float:
     """What batching may change in an answer: the export's gate (the served variant passed it)."""
     return max(1e-4, BATCH_GATE["max_batch_rel_diff"] * float(np.abs(answer).max()))
@@ -445,12 +453,16 @@ def test_batch_job_results_equal_the_api_and_share_the_audit_chain(served: Serve
     assert "batch_start" in kinds and "batch_end" in kinds
     end = next(e for e in events if e["event"] == "batch_end")
     assert len(end["details"]["merkle_root"]) == 64
-    # The server ranks the package's variants by their stream timings, a batch job by its b32 ones:
-    # on the same variant the answers agree within what batching may change; on two variants (close
-    # timings on a busy box) each passed the export's accuracy gate, so they agree as embeddings.
+    # The server ranks the package's candidates by their stream timings, a batch job by its b32 ones:
+    # on the same candidate (backend, variant and exec precision) the answers agree within what
+    # batching may change; on two (close timings: OV INT8 run in fp32 by one and in bf16 by the
+    # other, say) each passed the export's accuracy gate, so they agree as embeddings.
     start = next(e for e in events if e["event"] == "batch_start")
     served_variant = _served_variant(served, answered.headers["x-request-id"])
-    if (start["backend"], start["variant"]) == served_variant:
+    worker = re.search(r"loaded minilm/\d+ on (\S+) \(([^,]+), (\w+);", ran.stderr)
+    assert worker is not None, ran.stderr
+    assert (worker[1], worker[2]) == (start["backend"], start["variant"])
+    if (*served_variant, _served_precision(served)) == (worker[1], worker[2], worker[3]):
         np.testing.assert_allclose(batch, api, atol=_batch_tolerance(api))
     else:
         cos = np.sum(batch * api, axis=1) / (np.linalg.norm(batch, axis=1) * np.linalg.norm(api, axis=1))
