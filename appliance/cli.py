@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "audit": "appliance.commands.audit:audit",
     "backup": "appliance.commands.backup:backup",
     "keys": "appliance.commands.keys:keys",
+    "models": "appliance.commands.models:models",
     "signing-key": "appliance.commands.signing_key:signing_key",
     "batch": "appliance.commands.batch:batch",
     "install": "appliance.commands.install:install",

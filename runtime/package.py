@@ -62,7 +62,11 @@ __all__ = [
     "list_versions",
     "next_version",
     "onnx_tensors",
+    "place_staged",
+    "read_manifest_bytes",
     "read_package",
+    "read_signature",
+    "resign",
     "sha256_file",
     "staging_dir",
 ]
@@ -348,6 +352,20 @@ def _read_manifest_bytes(package: Path) -> bytes:
     fd = _open_nofollow(path, MANIFEST)
     with os.fdopen(fd, "rb") as f:
         return f.read()
+
+
+def read_manifest_bytes(package: Path) -> bytes:
+    """The exact bytes of ``package``'s manifest (what its sha256 and signature cover); no checks beyond a
+    regular file."""
+    return _read_manifest_bytes(Path(package))
+
+
+def read_signature(package: Path) -> bytes | None:
+    """``package``'s ``manifest.sig`` (regular file, at most 4 KiB read), or None when it has none."""
+    package = Path(package)
+    if not (package / SIGNATURE).exists() and not (package / SIGNATURE).is_symlink():
+        return None
+    return _read_signature(package)
 
 
 def _read_signature(package: Path) -> bytes:
@@ -703,6 +721,43 @@ def finalize_package(
         sha256=hashlib.sha256(data).hexdigest(),
         signed_by=key_id(signing_key) if signing_key is not None else None,
     )
+
+
+def resign(folder: Path, signing_key: Ed25519PrivateKey) -> None:
+    """Replace ``folder``'s ``manifest.sig`` with ``signing_key``'s signature of its manifest (atomically).
+
+    The manifest's bytes, and so the package's identity, do not change: an imported package
+    keeps its sha256 and is signed by the box that verified its publisher's signature.
+    """
+    folder = Path(folder)
+    data = _read_manifest_bytes(folder)
+    tmp = folder / (SIGNATURE + ".new")
+    tmp.unlink(missing_ok=True)
+    _write_new(tmp, sign(signing_key, data))
+    os.replace(tmp, folder / SIGNATURE)
+    fsync_dir(folder)
+
+
+def place_staged(staging: Path, repository: Path, name: str, version: int) -> Path:
+    """Rename the verified staging folder to ``<repository>/<name>/<version>`` (never over one
+    that exists) and end its owner lock; the caller removes ``staging`` if this raises."""
+    staging = Path(staging)
+    repository = Path(repository)
+    target = repository / name / str(version)
+    for folder, _dirs, _files in os.walk(staging, topdown=False):
+        fsync_dir(Path(folder))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(staging, stat.S_IMODE(target.parent.stat().st_mode))
+    if not _rename_into_place(staging, target):
+        raise PackageError(
+            f"{target} appeared meanwhile (another import or export of {name}?); check it with "
+            "`inferbox models list --verify`",
+            path=str(target),
+        )
+    fsync_dir(target.parent)
+    fsync_dir(repository)
+    _release_staging(staging)
+    return target
 
 
 def _rename_into_place(staging: Path, target: Path) -> bool:

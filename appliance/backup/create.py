@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import io
 import os
 import re
@@ -26,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -43,6 +42,7 @@ from appliance.backup.manifest import (
     FileEntry,
     ModelEntry,
 )
+from appliance.hashio import HashingReader, HashingWriter
 from appliance.settings import Settings
 from appliance.sqlite import open_read_only
 from runtime.durable import fsync_dir
@@ -51,7 +51,7 @@ from runtime.errors import BackupError
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["BackupResult", "HashingReader", "archive_name", "create_backup"]
+__all__ = ["BackupResult", "archive_name", "create_backup"]
 
 CHUNK = 1 << 20
 #: never copied: a plaintext API key meant to be read once and deleted
@@ -93,44 +93,6 @@ def _older(folder: Path, keep: int, box: str | None = None) -> list[Path]:
         p for p in folder.iterdir() if pattern.fullmatch(p.name) and stat.S_ISREG(p.lstat().st_mode)
     )  # the UTC time in the name sorts them oldest first
     return found[: max(0, len(found) - (keep - 1))]
-
-
-class _HashingWriter:
-    """A write-only file object that hashes and counts what passes through it."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        return self.raw.write(data)
-
-    def flush(self) -> None:
-        self.raw.flush()
-
-
-class HashingReader:
-    """Hashes and counts what is read from ``raw``; with ``limit``, reads at most that many bytes
-    (a member being archived: tarfile stops at its size; unpacking reads the whole archive)."""
-
-    def __init__(self, raw: IO[bytes], limit: int | None = None) -> None:
-        self.raw = raw
-        self.left = limit
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        if self.left is not None:
-            n = self.left if n < 0 else min(n, self.left)
-        data = self.raw.read(n)
-        if self.left is not None:
-            self.left -= len(data)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
 
 
 def _claim(parent: Path, prefix: str) -> tuple[Path, int]:
@@ -462,7 +424,7 @@ def create_backup(
         entries: list[FileEntry] = []
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as raw:
-            out = _HashingWriter(raw)
+            out = HashingWriter(raw)
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 added: set[str] = set()
                 for arcname, path in [(a, p) for a, p in snapshots] + files:

@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from appliance.backup.create import HashingReader
 from appliance.backup.manifest import (
     MANIFEST,
     ROOT,
@@ -37,6 +36,7 @@ from appliance.backup.manifest import (
     decode_manifest,
     member_path,
 )
+from appliance.hashio import HashingReader
 from appliance.settings import Settings
 from appliance.sqlite import open_read_only
 from runtime.durable import fsync_dir
