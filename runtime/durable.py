@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
-__all__ = ["fsync_dir"]
+__all__ = ["fsync_dir", "publish_new"]
+
+#: a filesystem without hard links answers link() with one of these (vfat / exFAT disks, some SMB and NAS shares)
+_NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
 
 
 def fsync_dir(path: Path) -> None:
@@ -15,3 +19,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_new(partial: Path, final: Path) -> None:
+    """Give the finished file ``partial`` the name ``final`` in the same folder, never over a file that exists.
+
+    A hard link is atomic and fails if ``final`` exists (``FileExistsError``); on a filesystem
+    without hard links (a USB disk formatted vfat or exFAT, some network shares) the file is
+    renamed after checking that ``final`` does not exist (another writer could slip in between:
+    such folders are not shared by writers of one name).  ``partial`` is gone afterwards.
+    """
+    try:
+        os.link(partial, final)
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        if final.exists() or final.is_symlink():
+            raise FileExistsError(errno.EEXIST, "file exists", str(final)) from exc
+        os.rename(partial, final)
+    else:
+        os.unlink(partial)

@@ -73,7 +73,10 @@ def _read(path: Path, keys: Sequence[Ed25519PublicKey], legacy_pace: Pace | None
     if not report.ok:
         raise AuditError(
             f"the off-box copy {path} does not verify with the backup's keys ({report.summary()}); "
-            "nothing was changed: move it out of the folder if it is not a copy of this log"
+            "nothing was changed. If the signing key was rotated after this backup, its later checkpoints are "
+            "signed with the new key: take a backup after each rotation, or restore this one with --no-catch-up "
+            "(keep the copies) and rotate the key again (docs/audit.md, Key rotation). If it is not a copy of "
+            "this log, move it out of the folder"
         )
     header: Header | None = None
     records: list[AuditRecord] = []

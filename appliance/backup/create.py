@@ -32,6 +32,7 @@ import msgspec
 from appliance.audit.checkpoint import Pace
 from appliance.audit.trust import settings_pace
 from appliance.backup.manifest import (
+    DAMAGED_NOTE,
     FORMAT,
     MANIFEST,
     ROOT,
@@ -45,8 +46,8 @@ from appliance.backup.manifest import (
 from appliance.hashio import HashingReader, HashingWriter
 from appliance.settings import Settings
 from appliance.sqlite import open_read_only
-from runtime.durable import fsync_dir
-from runtime.errors import BackupError
+from runtime.durable import fsync_dir, publish_new
+from runtime.errors import BackupError, InferboxError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -74,9 +75,23 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def box_name() -> str:
-    """This box in archive names: its host name, cut to letters, digits, ``.`` and ``-``."""
-    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63] or "box"
+def box_name(settings: Settings | None = None) -> str:
+    """This box in archive names: its host name, cut to letters, digits, ``.`` and ``-``, then the first 8
+    hex digits of its audit log's id when it has one (clones of one image share a host name, never a log)."""
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:63] or "box"
+    if settings is None or not settings.audit_db.is_file():
+        return host
+    from appliance.audit.schema import read_log_id
+
+    try:
+        conn = open_read_only(settings.audit_db, timeout_s=30.0)
+        try:
+            log_id = read_log_id(conn)
+        finally:
+            conn.close()
+    except (sqlite3.Error, InferboxError):
+        return host
+    return f"{host}-{log_id.replace('-', '')[:8]}"
 
 
 def archive_name(moment: datetime, box: str | None = None) -> str:
@@ -208,6 +223,20 @@ def _audit_facts(db: Path, keys: Sequence[Ed25519PublicKey] | None, pace: Pace) 
     )
 
 
+def _utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: Path) -> str:
+    """``path`` as text any JSON writer takes (bytes that are not UTF-8 as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _walk(
     root: Path, prefix: str, skipped: list[str], *, skip_top: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, Path]]:
@@ -220,11 +249,17 @@ def _walk(
         for d in list(dirs):
             if (here / d).is_symlink():
                 dirs.remove(d)
-                skipped.append(f"{here / d}: a link to a folder (not followed)")
+                skipped.append(f"{_shown(here / d)}: a link to a folder (not followed)")
+            elif not _utf8(d):
+                dirs.remove(d)
+                skipped.append(f"{_shown(here / d)}: a folder name that is not UTF-8 (rename it to back it up)")
         dirs.sort()
         for name in sorted(files):
             path = here / name
             if rel_folder == Path(".") and name in skip_top:
+                continue
+            if not _utf8(name) or not _utf8(str(here)):
+                skipped.append(f"{_shown(path)}: a file name that is not UTF-8 (rename it to back it up)")
                 continue
             if name in SECRET_NAMES:
                 skipped.append(f"{path}: a plaintext API key (never backed up; the key itself is in state.db)")
@@ -327,16 +362,18 @@ def _add(tar: tarfile.TarFile, arcname: str, path: Path, mtime: float | None = N
         return FileEntry(arcname, st.st_size, reader.hash.hexdigest())
 
 
-def _models(settings: Settings) -> tuple[list[ModelEntry], list[str]]:
+def _models(settings: Settings) -> tuple[list[ModelEntry], list[str], list[str]]:
+    """(packages that verify, problems, ``name/version`` of those that do not: archived as they are)."""
     from runtime.repository import Repository
 
-    entries, problems = [], []
+    entries, problems, damaged = [], [], []
     for e in Repository(settings.repository).entries(verify_hashes=True):
         if e.ok and e.sha256 is not None:
             entries.append(ModelEntry(e.name, e.version, e.sha256))
         else:
-            problems.append(f"{e.path}: the package does not verify ({e.error}); backed up as it is")
-    return entries, problems
+            problems.append(f"{_shown(e.path)}: the package does not verify ({e.error}){DAMAGED_NOTE}")
+            damaged.append(f"{e.name}/{e.version}")
+    return entries, problems, damaged
 
 
 def create_backup(
@@ -347,11 +384,13 @@ def create_backup(
     batch: bool = True,
     trusted_keys: Sequence[Ed25519PublicKey] | None = None,
     record: Callable[[BackupResult], None] | None = None,
+    record_failed: Callable[[BackupResult, BaseException], None] | None = None,
     keep: int = 0,
     same_disk: bool = False,
     clock: Callable[[], datetime] = _now,
 ) -> BackupResult:
-    """Write ``<folder>/inferbox-backup-<UTC time>.tar``; ``record`` is called before it appears.
+    """Write ``<folder>/inferbox-backup-<box>-<UTC time>.tar``; ``record`` is called before it appears,
+    ``record_failed`` when it then could not appear.
 
     ``keep`` > 0: once it is in place, remove the oldest archives of the folder so that ``keep`` remain
     (the result and the record name them; only files named as this function names archives).
@@ -384,7 +423,8 @@ def create_backup(
         )
     moment = clock()
     created_at = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    final = folder / archive_name(moment)
+    box = box_name(settings)
+    final = folder / archive_name(moment, box)
     if final.exists():
         raise BackupError(f"{final} already exists; wait a second and run the backup again")
     skipped: list[str] = []
@@ -415,8 +455,9 @@ def create_backup(
             audit = _audit_facts(local / "audit.db", trusted_keys, settings_pace(settings))
         files = _files(settings, models=models, skipped=skipped)
         packages: list[ModelEntry] = []
+        damaged: list[str] = []
         if models:
-            packages, problems = _models(settings)
+            packages, problems, damaged = _models(settings)
             skipped.extend(problems)
         batch_files = _batch_files(settings, _known_jobs(state), skipped) if batch else iter(())
         if not batch:
@@ -453,6 +494,7 @@ def create_backup(
                     batch_jobs=jobs,
                     config_file=str(settings.config_file) if any(e.path.startswith("config/") for e in entries) else "",
                     skipped=skipped,
+                    damaged=damaged,
                 )
                 data = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
                 info = tarfile.TarInfo(f"{ROOT}/{MANIFEST}")
@@ -462,16 +504,19 @@ def create_backup(
             os.fsync(raw.fileno())
         # never remove older archives next to one whose audit log did not verify: they may be the last good ones
         alert = audit is not None and not audit.verified and trusted_keys is not None
-        older = () if alert else tuple(_older(folder, keep))
+        older = () if alert or damaged else tuple(_older(folder, keep, box))
         result = BackupResult(final, out.hash.hexdigest(), out.size, manifest, older)
         if record is not None:
             record(result)
         try:
-            os.link(partial, final)  # never over an archive another run of the same second recorded
-        except FileExistsError:
-            raise BackupError(f"{final} appeared while this backup was written; run it again") from None
-        partial.unlink()
-        fsync_dir(folder)
+            publish_new(partial, final)  # never over an archive another run of the same second recorded
+            fsync_dir(folder)
+        except BaseException as exc:
+            if record_failed is not None and record is not None:
+                record_failed(result, exc)  # the record above named an archive that did not appear
+            if isinstance(exc, FileExistsError):
+                raise BackupError(f"{final} appeared while this backup was written; run it again") from None
+            raise
     except sqlite3.Error as exc:
         raise BackupError(f"a database could not be copied ({exc}); nothing was written") from exc
     except OSError as exc:

@@ -25,6 +25,7 @@ import msgspec
 from runtime.errors import BackupError
 
 __all__ = [
+    "DAMAGED_NOTE",
     "FORMAT",
     "MANIFEST",
     "ROOT",
@@ -91,6 +92,12 @@ class BackupManifest(msgspec.Struct, frozen=True, kw_only=True):
     config_file: str = ""
     #: what was left out, each with its reason
     skipped: list[str] = []
+    #: packages (``name/version``) that did not verify when the backup was taken, archived as they were
+    damaged: list[str] = []
+
+
+#: how ``skipped`` ends for a package that did not verify when the backup was taken (it is archived all the same)
+DAMAGED_NOTE = "; archived as it was, listed as damaged"
 
 
 def decode_manifest(data: bytes) -> BackupManifest:
@@ -112,10 +119,10 @@ def member_path(name: str) -> str:
     """The path under ``inferbox-backup/`` of an archive member named ``name``, or BackupError.
 
     Refuses what could write outside the folder being restored: an absolute name, ``..``,
-    an empty or ``.`` component, a backslash or NUL, and anything outside the known layout.
+    an empty or ``.`` component, a NUL, and anything outside the known layout.
     """
-    if "\\" in name or "\x00" in name:
-        raise BackupError(f"archive member {name!r} has a backslash or NUL in its name: not an inferbox backup")
+    if "\x00" in name:  # a backslash is an ordinary character in a Linux file name (a job named C:\x)
+        raise BackupError(f"archive member {name!r} has a NUL in its name: not an inferbox backup")
     parts = PurePosixPath(name).parts
     if len(parts) < 2 or parts[0] != ROOT or name.startswith("/"):
         raise BackupError(f"archive member {name!r} is not under {ROOT}/: not an inferbox backup")

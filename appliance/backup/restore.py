@@ -16,6 +16,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 import sqlite3
 import tarfile
@@ -254,9 +255,15 @@ def _content_problems(
     if (folder / "models").is_dir():
         entries = Repository(folder / "models").entries(verify_hashes=True)
         have: dict[tuple[str, int], RepoEntry] = {(e.name, e.version): e for e in entries}
+        listed = {(m.name, m.version) for m in manifest.models}
+        damaged = set(manifest.damaged)
         for e in entries:
+            if f"{e.name}/{e.version}" in damaged and (e.name, e.version) not in listed:
+                continue  # did not verify when the backup was taken: restored as it was, as the box held it
             if not e.ok:
                 problems.append(f"models/{e.name}/{e.version}: {e.error}")
+            elif (e.name, e.version) not in listed:
+                problems.append(f"models/{e.name}/{e.version}: in the archive but not in its manifest's packages")
         for m in manifest.models:
             found = have.get((m.name, m.version))
             if found is None:
@@ -294,10 +301,70 @@ def check_archive(
     if not problems:
         # the public keys pin which keys the log must verify with; they say nothing of the other files
         # (the archive holds the private key: whoever rewrites it can keep it)
-        problems += _trust_problems(folder, public_keys)
-        more, audit = _content_problems(folder, manifest, public_keys, legacy_pace)
+        try:
+            problems += _trust_problems(folder, public_keys)
+            more, audit = _content_problems(folder, manifest, public_keys, legacy_pace)
+        except InferboxError as exc:  # a key file in the archive that does not load, say
+            more = [str(exc)]
         problems += more
     return Checked(manifest, sha, size, folder, problems, audit, integrity)
+
+
+def _refuse_foreign_copies(staging: Path, folder: Path) -> None:
+    """Copies of a log in ``folder`` that the archive does not hold: nothing could check the archive against them.
+
+    An archive rewritten without its audit log, or with a log of a new id, would otherwise pass
+    the check that off-box copies reaching past a backup hold its ``backup_create`` record.
+    """
+    from appliance.audit.schema import connect, read_log_id
+
+    logs = sorted({m.group(1) for p in folder.glob("audit-*.jsonl") if (m := _COPY_NAME.fullmatch(p.name))})
+    if not logs:
+        return
+    if not (staging / "audit.db").is_file():
+        raise BackupError(
+            f"{folder} holds off-box copies of the audit log ({', '.join(logs)}) but the archive holds no audit "
+            "log to check against them: pass --expect-sha256 (its backup_create record's) to restore it, or "
+            "--no-catch-up; nothing was changed"
+        )
+    conn = connect(staging / "audit.db")
+    try:
+        log_id = read_log_id(conn)
+    finally:
+        conn.close()
+    if log_id not in logs:
+        raise BackupError(
+            f"{folder} holds off-box copies of the audit log {', '.join(logs)}, the archive's log is {log_id}: "
+            "it is another box's archive, or one rewritten; pass --expect-sha256 (its backup_create record's) "
+            "or --audit-from the folder of its own log's copies, or --no-catch-up; nothing was changed"
+        )
+
+
+#: ``audit ship``'s file names: ``audit-<log id>-<UTC time>.jsonl``
+_COPY_NAME = re.compile(r"audit-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-.+\.jsonl")
+
+
+def _outside_home(settings: Settings) -> list[str]:
+    """The settings that would place restored files outside the home (``name = path``)."""
+    home = settings.home.resolve()
+    places = {"repository": settings.repository, "signing_key": settings.signing_key, "keys": settings.keys_dir}
+    return [f"{name} = {path}" for name, path in places.items() if home not in path.resolve().parents]
+
+
+def _is_key(path: Path) -> bool:
+    """``path`` is a regular file holding an Ed25519 key (private, or a ``.pub``), so it may be set aside."""
+    from runtime import signing
+
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        if path.name.endswith(".pub"):
+            signing.load_public_key(path)
+        else:
+            signing.load_private_key(path)
+    except (InferboxError, OSError, ValueError):
+        return False
+    return True
 
 
 def destination(settings: Settings, rel: str) -> Path | None:
@@ -461,10 +528,9 @@ def restore_backup(
                 + (f" (and {len(checked.problems) - 5} more)" if len(checked.problems) > 5 else "")
             )
         notes: list[str] = []
-        if reload is not None and settings.config_file is None and (staging / "inferbox.toml").is_file():
-            settings = reload(staging / "inferbox.toml")
-            _refuse_occupied(settings)  # the restored configuration may name another repository
         caught_up = None
+        if audit_from is not None and not checked.integrity:
+            _refuse_foreign_copies(staging, audit_from)
         if audit_from is not None and (staging / "audit.db").is_file():
             from appliance.audit.catch_up import catch_up
             from runtime import signing
@@ -491,6 +557,17 @@ def restore_backup(
                     f"{checked.sha256}: it is not an archive this box wrote, or not as it was written; "
                     "nothing was changed"
                 )
+        if reload is not None and settings.config_file is None and (staging / "inferbox.toml").is_file():
+            reloaded = reload(staging / "inferbox.toml")
+            outside = _outside_home(reloaded)
+            if outside and not checked.integrity:
+                raise BackupError(
+                    f"the archive's inferbox.toml puts {'; '.join(outside)} outside the home {reloaded.home}, and "
+                    "nothing vouches for the archive: pass --expect-sha256 (its backup_create record's), or "
+                    "restore with INFERBOX_CONFIG set to the configuration the box should use; nothing was changed"
+                )
+            settings = reloaded
+            _refuse_occupied(settings)  # the restored configuration may name another repository
         placed = [(staging / f.path, destination(settings, f.path)) for f in checked.manifest.files]
         pairs = [(src, dest) for src, dest in placed if dest is not None]
         targets: dict[Path, str] = {}
@@ -503,7 +580,9 @@ def restore_backup(
                     "set INFERBOX_SIGNING_KEY to another path for the restore; nothing was changed"
                 )
         signing_pair = (settings.signing_key, settings.signing_key.with_name(settings.signing_key.name + ".pub"))
-        clash = [str(d) for d in targets if (d.exists() or d.is_symlink()) and d not in signing_pair]
+        clash = [
+            str(d) for d in targets if (d.exists() or d.is_symlink()) and (d not in signing_pair or not _is_key(d))
+        ]
         if clash:
             raise BackupError(
                 f"restore would overwrite {', '.join(clash[:5])}; move them aside and run it again; nothing was changed"

@@ -42,6 +42,8 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _describe(m: BackupManifest) -> list[str]:
+    from appliance.backup.manifest import DAMAGED_NOTE
+
     lines = [
         f"  taken {m.created_at} on {m.host} from {m.home} (inferbox {m.inferbox_version}); holds: {', '.join(m.parts)}"
     ]
@@ -53,7 +55,8 @@ def _describe(m: BackupManifest) -> list[str]:
         lines.append(f"  audit log {a.log_id}: records {a.first_seq}..{a.last_seq} ({a.records}), {state}")
     for model in m.models:
         lines.append(f"  model {model.name} version {model.version} (package {model.sha256[:16]}...)")
-    lines += [f"  left out: {s}" for s in m.skipped]
+    lines += [f"  left out: {s}" for s in m.skipped if not s.endswith(DAMAGED_NOTE)]
+    lines += [f"  damaged: {s}" for s in m.skipped if s.endswith(DAMAGED_NOTE)]
     return lines
 
 
@@ -87,8 +90,8 @@ def _integrity(integrity: list[str]) -> None:
         click.echo(
             "WARNING: the archive was checked against its own manifest only, which whoever could change the "
             "archive could rewrite too; pass --expect-sha256 (printed by `backup create`, and in its "
-            "backup_create audit record) or --public-key (the appliance's published key) to prove it is the "
-            "archive that was written",
+            "backup_create audit record), or restore with --audit-from the off-box copies that hold that "
+            "record, to prove it is the archive that was written",
             err=True,
         )
 
@@ -105,8 +108,8 @@ def backup() -> None:
     "folder",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
-    help="Folder to write inferbox-backup-<UTC time>.tar into (another disk or a mounted share; never created) "
-    "[default: the backup_dir setting].",
+    help="Folder to write inferbox-backup-<host>-<log id>-<UTC time>.tar into (another disk or a mounted share; "
+    "never created) [default: the backup_dir setting].",
 )
 @click.option(
     "--keep",
@@ -167,6 +170,11 @@ def create(
             details["removed"] = ",".join(p.name for p in result.removed)
         record_cli_event(settings, "backup_create", "inferbox backup create", started, details)
 
+    def record_failed(result: BackupResult, exc: BaseException) -> None:
+        details = {"archive": result.path.name, "folder": str(result.path.parent), "sha256": result.sha256}
+        details["error"] = f"the archive did not appear: {exc}"[:500]
+        record_cli_event(settings, "backup_create", "inferbox backup create", started, details, ok=False)
+
     result = create_backup(
         settings,
         target,
@@ -174,6 +182,7 @@ def create(
         batch=not no_batch,
         trusted_keys=trusted,
         record=record,
+        record_failed=record_failed,
         keep=settings.backup_keep if keep is None else keep,
         same_disk=same_disk,
     )
@@ -201,8 +210,19 @@ def create(
         )
     for problem in result.problems:
         click.echo(f"WARNING: {problem}", err=True)
+    alert = False
+    if result.manifest.damaged:
+        click.echo(
+            f"ALERT: {len(result.manifest.damaged)} model package(s) do not verify and were archived as they are "
+            f"({', '.join(result.manifest.damaged)}); older archives were kept. `inferbox models list --verify` "
+            "names what changed; export or import a good copy, or `inferbox models remove` the version",
+            err=True,
+        )
+        alert = True
     if audit is not None and not audit.verified and trusted is not None:
         click.echo(f"ALERT: the audit log in this backup does not verify: {audit.problem}", err=True)
+        alert = True
+    if alert:
         sys.exit(1)
 
 

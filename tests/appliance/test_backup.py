@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import shutil
+import sqlite3
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,8 @@ from click.testing import CliRunner, Result
 from appliance.audit.log import AuditLog
 from appliance.audit.verify import verify_db
 from appliance.backup import restore as restore_mod
-from appliance.backup.create import _older, box_name
-from appliance.backup.manifest import ROOT
+from appliance.backup.create import _older, box_name, create_backup
+from appliance.backup.manifest import MANIFEST, ROOT, SIGNING_KEY, SIGNING_PUB
 from appliance.cli import main
 from appliance.keys import KeyStore
 from appliance.settings import load_settings
@@ -480,7 +483,7 @@ def test_a_copy_missing_between_others_is_named(box: dict[str, Any], tmp_path: P
 
 def test_older_archives_past_keep_are_removed_and_named_in_the_record(box: dict[str, Any]) -> None:
     out = box["out"]
-    me = box_name()
+    me = box_name(load_settings({"home": box["home"]}))
     old = [out / f"inferbox-backup-{me}-2026010{d}T000000Z.tar" for d in (1, 2, 3)]
     for p in old:
         p.write_bytes(b"an older backup")
@@ -502,8 +505,8 @@ def test_older_archives_past_keep_are_removed_and_named_in_the_record(box: dict[
         live.close()
     assert last.event == "backup_create" and last.details["removed"] == f"{old[0].name},{old[1].name}"
     # keep 0 keeps everything; keep 1 leaves only the new one
-    assert _older(out, 0) == []
-    assert [p.name for p in _older(out, 1)] == archives
+    assert _older(out, 0, me) == []
+    assert [p.name for p in _older(out, 1, me)] == archives
 
 
 def test_the_folder_comes_from_the_setting_or_the_error_names_it(box: dict[str, Any]) -> None:
@@ -685,7 +688,11 @@ def test_the_restored_configuration_decides_where_files_go(box: dict[str, Any], 
     archive = create(box)
     secrets.rename(tmp_path / "lost-with-the-old-box")
     new = tmp_path / "new"
-    restored = run(new, "backup", "restore", str(archive))
+    # a configuration that places files outside the home is followed only for an archive vouched for
+    refused = run(new, "backup", "restore", str(archive))
+    assert refused.exit_code == 2 and "outside the home" in refused.stderr and "--expect-sha256" in refused.stderr
+    assert not (secrets / "box.key").exists() and not (new / "state.db").exists()
+    restored = run(new, "backup", "restore", str(archive), "--expect-sha256", sha256(archive))
     assert restored.exit_code == 0, restored.output
     assert (secrets / "box.key").is_file() and not (new / "keys" / "signing.key").exists()
     verified = run(new, "audit", "verify")
@@ -744,7 +751,7 @@ def test_a_dead_runs_leftovers_are_removed_and_keep_spares_the_last_good_backups
     stale.mkdir()
     (stale / "inferbox-backup-20260101T000000Z.tar").write_bytes(b"secrets of a killed run")
     (box["out"] / ".inferbox-backup-dead.lock").write_text("")
-    old = box["out"] / f"inferbox-backup-{box_name()}-20200101T000000Z.tar"
+    old = box["out"] / f"inferbox-backup-{box_name(load_settings({'home': box['home']}))}-20200101T000000Z.tar"
     old.write_bytes(b"the last good backup")
     T.change_field(box["home"] / "audit.db", 1, "actor", "someone-else")
     result = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--keep", "1")
@@ -794,3 +801,236 @@ def test_catch_up_refuses_copies_signed_after_a_key_rotation(box: dict[str, Any]
     )  # fmt: skip
     assert result.exit_code == 2 and "key rotation" in result.stderr and "--no-catch-up" in result.stderr
     assert not (new / "audit.db").exists() and not (new / "state.db").exists()
+
+
+# -- review round 3: each test failed on the code before its fix
+
+Change = Callable[[str, bytes], tuple[str, bytes] | None]
+
+
+def rewrite(archive: Path, target: Path, change: Change, add: dict[str, bytes] | None = None) -> None:
+    """What whoever can write the archive can do: change members, add some, and make the manifest match."""
+    with tarfile.open(archive) as src:
+        members = {m.name: src.extractfile(m).read() for m in src.getmembers() if m.isreg()}  # type: ignore[union-attr]
+    manifest = json.loads(members.pop(f"{ROOT}/{MANIFEST}"))
+    out: dict[str, bytes] = {}
+    for name, data in members.items():
+        changed = change(name, data)
+        if changed is not None:
+            out[changed[0]] = changed[1]
+    out.update(add or {})
+    manifest["files"] = [
+        {"path": n.split("/", 1)[1], "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in out.items()
+    ]
+    out[f"{ROOT}/{MANIFEST}"] = json.dumps(manifest).encode()
+    with tarfile.open(target, "w", format=tarfile.PAX_FORMAT) as dst:
+        for name, data in out.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
+def _older_name(archive: Path) -> Path:
+    """The archive renamed as if written years ago (a second backup in the same second is refused)."""
+    older = archive.with_name(archive.name[: -len("20261205T000000Z.tar")] + "20200101T000000Z.tar")
+    archive.rename(older)
+    return older
+
+
+def last_record(home: Path) -> Any:
+    log = AuditLog.open(load_settings({"home": home}))
+    try:
+        return log.tail(1)[0]
+    finally:
+        log.close()
+
+
+def test_a_damaged_package_is_archived_restorable_and_older_archives_are_kept(
+    box: dict[str, Any], tmp_path: Path
+) -> None:
+    good = _older_name(create(box))
+    weights = box["home"] / "models" / "mlp" / "1" / "onnx" / "model.onnx"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    later = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--keep", "1")
+    assert later.exit_code == 1, later.output
+    assert "ALERT" in later.stderr and "mlp/1" in later.stderr and "models list --verify" in later.stderr
+    assert good.exists()  # keep 1 would have removed it: the last archive with a good package stays
+    (damaged,) = [p for p in box["out"].glob("inferbox-backup-*.tar") if p != good]
+    checked = run(box["home"], "backup", "check", str(damaged))
+    assert checked.exit_code == 0, checked.output
+    new = tmp_path / "new"
+    restored = run(new, "backup", "restore", str(damaged))
+    assert restored.exit_code == 0, restored.output
+    assert (new / "models" / "mlp" / "1" / "onnx" / "model.onnx").read_bytes() == weights.read_bytes()
+    assert run(new, "models", "list", "--verify").exit_code == 1  # restored as the box held it: still broken
+
+
+def test_a_verified_package_the_manifest_does_not_list_is_refused(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    other = publish_mlp(tmp_path / "other", ["ort-cpu"], name="extra")
+    extra = {
+        f"{ROOT}/models/{p.relative_to(other).as_posix()}": p.read_bytes()
+        for p in other.rglob("*")
+        if p.is_file() and ".staging" not in p.parts
+    }
+    evil = tmp_path / "evil.tar"
+    rewrite(archive, evil, lambda n, d: (n, d), add=extra)
+    checked = run(box["home"], "backup", "check", str(evil))
+    assert checked.exit_code == 1
+    assert "models/extra/1" in checked.output and "not in its manifest's packages" in checked.output
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isreg()}  # type: ignore[union-attr]
+
+
+def test_a_backslash_in_a_job_name_backs_up_and_restores(box: dict[str, Any], tmp_path: Path) -> None:
+    odd = box["home"] / "spool" / "bad" / "C:\\Users\\ops\\job1"
+    odd.mkdir(parents=True)
+    (odd / "REASON").write_text("not a job\n")
+    archive = create(box)
+    assert run(box["home"], "backup", "check", str(archive)).exit_code == 0
+    new = tmp_path / "new"
+    assert run(new, "backup", "restore", str(archive)).exit_code == 0
+    assert (new / "spool" / "bad" / "C:\\Users\\ops\\job1" / "REASON").read_text() == "not a job\n"
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_with_its_reason(box: dict[str, Any]) -> None:
+    bad = box["home"] / "spool" / "bad"
+    bad.mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(os.fsencode(bad), b"job-\xff.jsonl"), "wb") as f:
+        f.write(b"x\n")
+    result = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]))
+    assert result.exit_code == 0, result.output
+    assert "job-\\xff.jsonl: a file name that is not UTF-8" in result.stdout
+
+
+def test_an_unvouched_configuration_cannot_place_files_outside_the_home(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    outside = tmp_path / "outside" / "profile.d"
+    evil = tmp_path / "evil.tar"
+    toml = f'[paths]\nrepository = "{outside}"\n'.encode()
+    add = {f"{ROOT}/inferbox.toml": toml, f"{ROOT}/models/zz-evil.sh": b"echo pwned\n"}
+    rewrite(archive, evil, lambda n, d: (n, d), add=add)
+    new = tmp_path / "new"
+    restored = run(new, "backup", "restore", str(evil))
+    assert restored.exit_code == 2
+    assert "outside the home" in restored.stderr
+    assert not (tmp_path / "outside").exists() and not (new / "state.db").exists()
+
+
+def test_only_a_key_is_set_aside_where_the_signing_key_goes(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    victim = tmp_path / "etc" / "passwd"
+    victim.parent.mkdir()
+    victim.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    config = tmp_path / "operator.toml"  # the operator's own configuration, naming a wrong file
+    config.write_text(f'[paths]\nsigning_key = "{victim}"\n')
+    restored = run(tmp_path / "new", "backup", "restore", str(archive), INFERBOX_CONFIG=str(config))
+    assert restored.exit_code == 2 and "would overwrite" in restored.stderr and str(victim) in restored.stderr
+    assert victim.read_text().startswith("root:") and sorted(p.name for p in victim.parent.iterdir()) == ["passwd"]
+
+
+@pytest.mark.parametrize("how", ["no audit log", "a log of another id"])
+def test_copies_of_a_log_the_archive_does_not_hold_refuse_the_restore(
+    box: dict[str, Any], tmp_path: Path, how: str
+) -> None:
+    archive = create(box)
+    ship = tmp_path / "ship"
+    ship.mkdir()
+    assert run(box["home"], "audit", "ship", "--to", str(ship)).exit_code == 0
+
+    def admin_scopes(data: bytes) -> bytes:
+        db = tmp_path / "s.db"
+        db.write_bytes(data)
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE api_keys SET scopes = 'admin'")
+        conn.commit()
+        conn.close()
+        return db.read_bytes()
+
+    other = tmp_path / "other"  # another box's log, with its own key: a log that verifies, of another id
+    assert run(other, "signing-key", "create").exit_code == 0
+    assert run(other, "keys", "create", "--scope", "infer").exit_code == 0
+    snapshot = tmp_path / "other-audit.db"
+    source, target = sqlite3.connect(other / "audit.db"), sqlite3.connect(snapshot)
+    source.backup(target)
+    target.execute("PRAGMA journal_mode=DELETE")
+    source.close()
+    target.close()
+    replaced = {
+        "/audit.db": snapshot.read_bytes(),
+        f"/{SIGNING_KEY}": (other / "keys" / "signing.key").read_bytes(),
+        f"/{SIGNING_PUB}": (other / "keys" / "signing.key.pub").read_bytes(),
+    }
+
+    def change(name: str, data: bytes) -> tuple[str, bytes] | None:
+        if name.endswith("/state.db"):
+            return name, admin_scopes(data)
+        for suffix, data_there in replaced.items():
+            if name.endswith(suffix):
+                return None if how == "no audit log" and suffix == "/audit.db" else (name, data_there)
+        return name, data
+
+    evil = tmp_path / "evil.tar"
+    rewrite(archive, evil, change)
+    new = tmp_path / "new"
+    restored = run(new, "backup", "restore", str(evil), "--audit-from", str(ship))
+    assert restored.exit_code == 2, restored.output
+    assert "--expect-sha256" in restored.stderr and "--no-catch-up" in restored.stderr
+    assert not (new / "state.db").exists()
+
+
+def test_a_folder_without_hard_links_gets_the_archive_and_a_failure_is_recorded(
+    box: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+
+    monkeypatch.setattr("runtime.durable.os.link", no_links)
+    archive = _older_name(create(box))  # a vfat / exFAT disk, some SMB shares
+    record = last_record(box["home"])
+    assert record.event == "backup_create" and record.outcome == "success"
+    assert record.details["sha256"] == sha256(archive)
+
+    def disk_gone(src: Any, dst: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(src))
+
+    monkeypatch.setattr("appliance.backup.create.publish_new", disk_gone)
+    failed = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]))
+    assert failed.exit_code == 2
+    record = last_record(box["home"])
+    assert record.event == "backup_create" and record.outcome == "failure"
+    assert "did not appear" in record.details["error"]
+    assert sorted(box["out"].glob("inferbox-backup-*.tar")) == [archive]
+
+
+def test_boxes_with_one_host_name_keep_each_others_archives(box: dict[str, Any], tmp_path: Path) -> None:
+    other = tmp_path / "clone"
+    assert run(other, "signing-key", "create").exit_code == 0
+    assert run(other, "keys", "create", "--scope", "infer").exit_code == 0
+    shared = box["out"]
+    t0 = datetime.now(UTC)
+    first = create_backup(load_settings({"home": box["home"]}), shared, same_disk=True, keep=2, clock=lambda: t0)
+    for day in (1, 2):
+        later = create_backup(
+            load_settings({"home": other}),
+            shared,
+            same_disk=True,
+            keep=2,
+            clock=lambda day=day: t0 + timedelta(days=day),
+        )
+    assert first.path.exists()
+    assert len([p for p in shared.glob("*.tar") if p != first.path]) == 2 and later.path.exists()
+
+
+def test_a_key_that_does_not_load_is_a_problem_not_a_crash(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    evil = tmp_path / "evil.tar"
+    rewrite(archive, evil, lambda n, d: (n, b"not a key\n") if n.endswith("/signing.key") else (n, d))
+    checked = run(box["home"], "backup", "check", str(evil), "--json")
+    assert checked.exit_code == 1, checked.output
+    problems = json.loads(checked.stdout)["problems"]
+    assert any("signing" in p for p in problems), problems
