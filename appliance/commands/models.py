@@ -132,7 +132,7 @@ def pack(
 
     The package is verified first (every file's hash) and packed from the bytes verified.
     """
-    from appliance.models.archive import pack_package
+    from appliance.models.archive import Packed, pack_package
     from appliance.server import public_key_of
     from runtime.repository import Repository
 
@@ -140,15 +140,19 @@ def pack(
     started = _now()
     package = Repository(settings.repository, public_key=public_key_of(settings)).open(name, version)
     target = out if out is not None else Path.cwd() / f"{package.name}-{package.version}.tar"
-    _record(
-        settings,
-        "model_pack",
-        "inferbox models pack",
-        started,
-        (package.name, package.version, package.sha256),
-        {"file": str(target.resolve())},
-    )
-    packed = pack_package(package, target)
+    identity = (package.name, package.version, package.sha256)
+
+    def details(packed: Packed) -> dict[str, str]:
+        return {"file": str(target.resolve()), "archive_sha256": packed.sha256, "bytes": str(packed.size)}
+
+    def before_publish(packed: Packed) -> None:
+        _record(settings, "model_pack", "inferbox models pack", started, identity, details(packed))
+
+    def publish_failed(packed: Packed, exc: BaseException) -> None:
+        failed = {**details(packed), "error": f"the file did not appear: {exc}"[:500]}
+        _record(settings, "model_pack", "inferbox models pack", started, identity, failed, ok=False)
+
+    packed = pack_package(package, target, before_publish=before_publish, publish_failed=publish_failed)
     result = {
         "file": str(packed.path),
         "bytes": packed.size,

@@ -17,12 +17,13 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from appliance.hashio import HashingReader, HashingWriter
-from runtime.durable import fsync_dir
+from runtime.durable import fsync_dir, publish_new
 from runtime.errors import PackageError, UnsafePathError
 from runtime.package import MANIFEST, SIGNATURE, Package, check_model_name, check_rel_path
 
@@ -63,11 +64,19 @@ def _add_bytes(tar: tarfile.TarFile, arcname: str, data: bytes) -> None:
     tar.addfile(_info(arcname, len(data)), io.BytesIO(data))
 
 
-def pack_package(package: Package, out: Path) -> Packed:
+def pack_package(
+    package: Package,
+    out: Path,
+    *,
+    before_publish: Callable[[Packed], None] | None = None,
+    publish_failed: Callable[[Packed, BaseException], None] | None = None,
+) -> Packed:
     """Write ``package`` (already verified) to the new file ``out``; never replaces a file.
 
-    The tar is written beside ``out`` under a temporary name, fsynced, and linked to ``out``
-    only when whole: a failed or interrupted pack leaves no ``out``.
+    The tar is written beside ``out`` under a temporary name, fsynced, and given the name
+    ``out`` only when whole and after ``before_publish`` (the CLI's durable audit record):
+    a failed or interrupted pack leaves no ``out``; ``publish_failed`` hears of a failure
+    after ``before_publish``.
     """
     out = Path(out)
     if out.exists() or out.is_symlink():
@@ -93,12 +102,19 @@ def pack_package(package: Package, out: Path) -> Packed:
                     _add_file(tar, f"{prefix}/{entry.path}", package.path / entry.path, entry.bytes, entry.sha256)
             raw.flush()
             os.fsync(raw.fileno())
+        packed = Packed(out, writer.hash.hexdigest(), writer.size)
+        if before_publish is not None:
+            before_publish(packed)
         try:
-            os.link(partial, out)
-        except FileExistsError:
-            raise PackageError(f"{out} appeared while packing; name another file with --out", str(out)) from None
-        fsync_dir(out.parent)
-        return Packed(out, writer.hash.hexdigest(), writer.size)
+            publish_new(partial, out)  # a USB disk formatted vfat or exFAT has no hard links: renamed there
+            fsync_dir(out.parent)
+        except BaseException as exc:
+            if publish_failed is not None:
+                publish_failed(packed, exc)
+            if isinstance(exc, FileExistsError):
+                raise PackageError(f"{out} appeared while packing; name another file with --out", str(out)) from None
+            raise
+        return packed
     finally:
         partial.unlink(missing_ok=True)
 

@@ -124,6 +124,7 @@ def test_pack_then_import_on_another_box_serves_the_same_package(boxes: dict[str
     # the build box recorded that the weights left it, before the file appeared
     (rec,) = records(build, "model_pack")
     assert (rec.model_name, rec.model_version, rec.model_sha256) == ("mlp", "1", original.sha256)
+    assert rec.details["archive_sha256"] == packed["archive_sha256"]
 
     result = run(
         serving,
@@ -466,3 +467,19 @@ def test_import_module_leaves_no_staging_when_interrupted(
         )
     assert not (boxes["serving"] / "models" / "mlp").exists()
     no_leftovers(boxes["serving"])
+
+
+def test_pack_writes_to_a_disk_without_hard_links(
+    boxes: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def no_links(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+
+    monkeypatch.setattr("runtime.durable.os.link", no_links)  # a USB disk formatted vfat or exFAT
+    packed = pack(boxes["build"], tmp_path / "usb.tar")
+    assert hashlib.sha256((tmp_path / "usb.tar").read_bytes()).hexdigest() == packed["archive_sha256"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+    again = run(boxes["build"], "models", "pack", "mlp", "--out", str(tmp_path / "usb.tar"))
+    assert again.exit_code == 2 and "already exists" in again.output
