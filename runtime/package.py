@@ -33,6 +33,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,6 +61,7 @@ __all__ = [
     "discard_staging",
     "finalize_package",
     "list_versions",
+    "model_lock",
     "next_version",
     "onnx_tensors",
     "place_staged",
@@ -672,42 +674,8 @@ def finalize_package(
                 raise PackageError(f"{staging / name} exists in the staging folder; finalize_package writes it")
         _prune_empty_dirs(staging)
         entries = _file_entries(staging)
-        for _ in range(_STAGING_RETRIES):
-            manifest = msgspec.structs.replace(manifest, files=entries)
-            data = encode_manifest(manifest)
-            _write_new(staging / MANIFEST, data)
-            public_key = None
-            if signing_key is not None:
-                _write_new(staging / SIGNATURE, sign(signing_key, data))
-                public_key = signing_key.public_key()
-            # the reader is the spec: a package that would not load is never published
-            read_package(staging, public_key=public_key, verify_hashes=False)
-            for folder, _dirs, _files in os.walk(staging, topdown=False):
-                fsync_dir(Path(folder))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # staging is private (0700); give the package the model folder's permissions
-            os.chmod(staging, stat.S_IMODE(target.parent.stat().st_mode))
-            if _rename_into_place(staging, target):
-                break
-            if not next_free:  # lost a race with another writer of this version
-                raise PackageError(
-                    f"{target} appeared while writing (another export of {manifest.name}?); pass --version "
-                    f"{next_version(repository, manifest.name)} (the next free one) or leave --version out",
-                    path=str(target),
-                )
-            # another export took this version first: take the next free one (manifest and
-            # signature name the version, so both are written again)
-            (staging / MANIFEST).unlink()
-            (staging / SIGNATURE).unlink(missing_ok=True)
-            version = max(manifest.version + 1, next_version(repository, manifest.name))
-            log.info("%s version %s was taken while writing; trying %s", manifest.name, manifest.version, version)
-            manifest = msgspec.structs.replace(manifest, version=version)
-            target = repository / manifest.name / str(version)
-        else:
-            raise PackageError(
-                f"no free version of {manifest.name} after {_STAGING_RETRIES} tries; pass --version N",
-                path=str(target),
-            )
+        with model_lock(repository, manifest.name):
+            manifest, target, data = _publish(staging, manifest, repository, entries, signing_key, next_free)
         fsync_dir(target.parent)
         fsync_dir(repository)
     except BaseException:
@@ -721,6 +689,56 @@ def finalize_package(
         sha256=hashlib.sha256(data).hexdigest(),
         signed_by=key_id(signing_key) if signing_key is not None else None,
     )
+
+
+def _publish(
+    staging: Path,
+    manifest: Manifest,
+    repository: Path,
+    entries: list[FileEntry],
+    signing_key: Ed25519PrivateKey | None,
+    next_free: bool,
+) -> tuple[Manifest, Path, bytes]:
+    """Write (and sign) the manifest and rename ``staging`` into place; the next free version when taken
+    and ``next_free``.  Returns the manifest, the folder and the manifest's bytes."""
+    target = repository / manifest.name / str(manifest.version)
+    for _ in range(_STAGING_RETRIES):
+        manifest = msgspec.structs.replace(manifest, files=entries)
+        data = encode_manifest(manifest)
+        _write_new(staging / MANIFEST, data)
+        public_key = None
+        if signing_key is not None:
+            _write_new(staging / SIGNATURE, sign(signing_key, data))
+            public_key = signing_key.public_key()
+        # the reader is the spec: a package that would not load is never published
+        read_package(staging, public_key=public_key, verify_hashes=False)
+        for folder, _dirs, _files in os.walk(staging, topdown=False):
+            fsync_dir(Path(folder))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # staging is private (0700); give the package the model folder's permissions
+        os.chmod(staging, stat.S_IMODE(target.parent.stat().st_mode))
+        if _rename_into_place(staging, target):
+            break
+        if not next_free:  # lost a race with another writer of this version
+            raise PackageError(
+                f"{target} appeared while writing (another export of {manifest.name}?); pass --version "
+                f"{next_version(repository, manifest.name)} (the next free one) or leave --version out",
+                path=str(target),
+            )
+        # another export took this version first: take the next free one (manifest and
+        # signature name the version, so both are written again)
+        (staging / MANIFEST).unlink()
+        (staging / SIGNATURE).unlink(missing_ok=True)
+        version = max(manifest.version + 1, next_version(repository, manifest.name))
+        log.info("%s version %s was taken while writing; trying %s", manifest.name, manifest.version, version)
+        manifest = msgspec.structs.replace(manifest, version=version)
+        target = repository / manifest.name / str(version)
+    else:
+        raise PackageError(
+            f"no free version of {manifest.name} after {_STAGING_RETRIES} tries; pass --version N",
+            path=str(target),
+        )
+    return manifest, target, data
 
 
 def resign(folder: Path, signing_key: Ed25519PrivateKey) -> None:
@@ -738,11 +756,32 @@ def resign(folder: Path, signing_key: Ed25519PrivateKey) -> None:
     fsync_dir(folder)
 
 
+@contextmanager
+def model_lock(repository: Path, name: str) -> Iterator[None]:
+    """Hold ``name``'s lock in the repository while a version of it is checked, recorded and placed or
+    removed (import, remove, export): the audit record names what really happened, not what a
+    concurrent writer of the same version did in between."""
+    import fcntl
+
+    check_model_name(name)
+    root = Path(repository) / STAGING
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(root / f"model-{name}.lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def place_staged(staging: Path, repository: Path, name: str, version: int) -> Path:
     """Rename the verified staging folder to ``<repository>/<name>/<version>`` (never over one
     that exists) and end its owner lock; the caller removes ``staging`` if this raises."""
     staging = Path(staging)
     repository = Path(repository)
+    check_model_name(name)
+    if version < 1:
+        raise ManifestError(f"version {version} is not usable (versions are 1 or more)", path=str(staging))
     target = repository / name / str(version)
     for folder, _dirs, _files in os.walk(staging, topdown=False):
         fsync_dir(Path(folder))

@@ -40,6 +40,7 @@ from appliance.backup.manifest import (
 from appliance.hashio import HashingReader
 from appliance.settings import Settings
 from appliance.sqlite import open_read_only
+from appliance.tarlimits import SmallHeaders
 from runtime.durable import fsync_dir
 from runtime.errors import BackupError, InferboxError
 
@@ -118,7 +119,7 @@ def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry]
             )
         reader = HashingReader(raw)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=reader, mode="r|", tarinfo=SmallHeaders) as tar:  # type: ignore[call-overload]
                 for member in tar:
                     if manifest_bytes is not None:
                         raise BackupError(f"archive member {member.name!r} comes after {MANIFEST}: not a backup")

@@ -238,18 +238,28 @@ def import_cmd(
                 out[f"exported_on_{key}"] = imported.exported_on[key]
         return out
 
+    recorded: list[Imported] = []
+
     def before_publish(imported: Imported) -> None:
         p = imported.package
         _record(settings, "model_import", action, started, (p.name, p.version, p.sha256), details(imported))
+        recorded.append(imported)
 
-    imported = import_package(
-        settings,
-        source,
-        publisher_keys=keys,
-        expect_sha256=expect_sha256,
-        allow_unsigned=allow_unsigned,
-        before_publish=before_publish,
-    )
+    try:
+        imported = import_package(
+            settings,
+            source,
+            publisher_keys=keys,
+            expect_sha256=expect_sha256,
+            allow_unsigned=allow_unsigned,
+            before_publish=before_publish,
+        )
+    except BaseException as exc:
+        for done in recorded:  # the record said it would be placed: say it was not
+            p = done.package
+            failed = {**details(done), "error": f"not placed: {exc}"[:500]}
+            _record(settings, "model_import", action, started, (p.name, p.version, p.sha256), failed, ok=False)
+        raise
     p = imported.package
     if as_json:
         click.echo(json.dumps(_import_json(imported), indent=2))
@@ -270,7 +280,8 @@ def import_cmd(
             "`serve --autotune` picks by timings taken here"
         )
     click.echo(
-        f"serve it: restart the server, or load it into a running one (POST /v2/repository/models/{p.name}/load)"
+        f"serve it: restart the server, or in a running one unload the model, then load it (POST "
+        f"/v2/repository/models/{p.name}/unload, then .../load: the newest version)"
     )
 
 
@@ -327,13 +338,23 @@ def remove(home: Path | None, repository: Path | None, name: str, version: int, 
             raise click.UsageError(f"removing {name} version {version} cannot be undone: pass --yes to confirm")
         click.confirm(f"remove {name} version {version} from {settings.repository}?", abort=True)
 
+    recorded: list[tuple[Removed, dict[str, str]]] = []
+
     def before_remove(removed: Removed) -> None:
         details = {"remaining": ",".join(map(str, removed.remaining)) or "none"}
         if not removed.sha256:
             details["note"] = "the manifest could not be read; the identity is unknown"
         _record(settings, "model_remove", "inferbox models remove", started, (name, version, removed.sha256), details)
+        recorded.append((removed, details))
 
-    removed = remove_package(settings, name, version, before_remove=before_remove)
+    try:
+        removed = remove_package(settings, name, version, before_remove=before_remove)
+    except BaseException as exc:
+        for done, details in recorded:  # the record said it would be removed: say it was not
+            failed = {**details, "error": f"not removed: {exc}"[:500]}
+            named = (name, version, done.sha256)
+            _record(settings, "model_remove", "inferbox models remove", started, named, failed, ok=False)
+        raise
     if as_json:
         click.echo(
             json.dumps(

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from appliance.hashio import HashingReader, HashingWriter
+from appliance.tarlimits import SmallHeaders
 from runtime.durable import fsync_dir, publish_new
 from runtime.errors import PackageError, UnsafePathError
 from runtime.package import MANIFEST, SIGNATURE, Package, check_model_name, check_rel_path
@@ -163,7 +164,7 @@ def unpack_package(archive: Path, dest: Path) -> Unpacked:
             )
         reader = HashingReader(raw)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=reader, mode="r|", tarinfo=SmallHeaders) as tar:  # type: ignore[call-overload]
                 for member in tar:
                     name, version, rel = _split(member.name, archive)
                     if prefix is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,11 @@ from runtime.package import (
     MANIFEST,
     SIGNATURE,
     Package,
+    check_model_name,
     clean_stale_staging,
     discard_staging,
     list_versions,
+    model_lock,
     place_staged,
     read_package,
     read_signature,
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = ["Imported", "import_package"]
 
 _CHUNK = 1 << 20
+_VERSION = re.compile(r"[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,17 @@ def import_package(
     staging = staging_dir(repository)
     try:
         imported = _stage(settings, source, staging, publisher_keys, expect_sha256, allow_unsigned)
-        if imported.already:
-            discard_staging(staging)
-            return imported
-        if before_publish is not None:
-            before_publish(imported)
-        target = place_staged(staging, repository, imported.package.name, imported.package.version)
+        name, version = imported.package.name, imported.package.version
+        # checked, recorded and placed under the model's lock: no other import, export or removal
+        # of this model lands in between, so the record names what was placed
+        with model_lock(repository, name):
+            if version in list_versions(repository, name):
+                already = _already_there(settings, imported, repository / name / str(version))
+                discard_staging(staging)
+                return already
+            if before_publish is not None:
+                before_publish(imported)
+            target = place_staged(staging, repository, name, version)
     except BaseException:
         discard_staging(staging)
         raise
@@ -147,6 +156,9 @@ def _stage(
     except PackageError as exc:
         raise type(exc)(f"{source} is not a whole package: {str(exc).replace(str(staging), where)}") from None
     name, version = package.name, package.version
+    check_model_name(name)  # the manifest names the folder it goes to: no '..', '/' or absolute path
+    if version < 1:
+        raise ManifestError(f"{source}: version {version} is not usable (versions are 1 or more)", path=where)
     if named is not None and named != (name, version):
         raise ManifestError(
             f"{source}: its folder says {named[0]}/{named[1]} but its manifest is for {name} version {version}: "
@@ -174,10 +186,6 @@ def _stage(
         size=size,
         exported_on=dict(package.manifest.provenance.machine),
     )
-
-    target = settings.repository / name / str(version)
-    if version in list_versions(settings.repository, name):
-        return _already_there(settings, found, target)
 
     publisher_signature = ""
     signed_by: str | None = publisher if publisher_key is not None else None
@@ -232,7 +240,7 @@ def _copy_folder(source: Path, staging: Path) -> None:
     from runtime.package import _open_nofollow
 
     if not (source / MANIFEST).exists():
-        inner = sorted(int(p.name) for p in source.iterdir() if p.is_dir() and p.name.isdigit())
+        inner = sorted(int(p.name) for p in source.iterdir() if p.is_dir() and _VERSION.fullmatch(p.name))
         hint = (
             f"; it holds version folders ({', '.join(map(str, inner))}): pass one, e.g. {source / str(inner[-1])}"
             if inner

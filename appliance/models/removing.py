@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 
 from runtime.durable import fsync_dir
 from runtime.errors import ModelNotFoundError, PackageError
-from runtime.package import discard_staging, list_versions, read_manifest_bytes, staging_dir
+from runtime.package import (
+    check_model_name,
+    discard_staging,
+    list_versions,
+    model_lock,
+    read_manifest_bytes,
+    staging_dir,
+)
 
 if TYPE_CHECKING:
     from appliance.settings import Settings
@@ -42,29 +49,31 @@ def remove_package(
     settings: Settings, name: str, version: int, *, before_remove: Callable[[Removed], None] | None = None
 ) -> Removed:
     repository = settings.repository
-    versions = list_versions(repository, name) if name and "/" not in name and not name.startswith(".") else []
-    if version not in versions:
-        have = ", ".join(map(str, versions)) if versions else "none"
-        raise ModelNotFoundError(
-            f"{name} version {version} is not in the repository {repository} (versions of {name}: {have}); "
-            "`inferbox models list` shows what is there"
-        )
-    path = repository / name / str(version)
-    if path.is_symlink():
-        raise PackageError(f"{path} is a symlink, not a package folder; remove the link by hand", path=str(path))
-    try:
-        sha256 = hashlib.sha256(read_manifest_bytes(path)).hexdigest()
-    except PackageError:
-        sha256 = ""  # a broken package can still be removed; the record says its identity was unreadable
-    removed = Removed(name, version, path, sha256, [v for v in versions if v != version])
-    if before_remove is not None:
-        before_remove(removed)
-    trash = staging_dir(repository)
-    try:
-        os.rename(path, trash / "removed")
-        fsync_dir(path.parent)
-    finally:
-        discard_staging(trash)
+    check_model_name(name)
+    with model_lock(repository, name):  # no import or export of this model between the record and the removal
+        versions = list_versions(repository, name)
+        if version not in versions:
+            have = ", ".join(map(str, versions)) if versions else "none"
+            raise ModelNotFoundError(
+                f"{name} version {version} is not in the repository {repository} (versions of {name}: {have}); "
+                "`inferbox models list` shows what is there"
+            )
+        path = repository / name / str(version)
+        if path.is_symlink():
+            raise PackageError(f"{path} is a symlink, not a package folder; remove the link by hand", path=str(path))
+        try:
+            sha256 = hashlib.sha256(read_manifest_bytes(path)).hexdigest()
+        except PackageError:
+            sha256 = ""  # a broken package can still be removed; the record says its identity was unreadable
+        removed = Removed(name, version, path, sha256, [v for v in versions if v != version])
+        if before_remove is not None:
+            before_remove(removed)
+        trash = staging_dir(repository)
+        try:
+            os.rename(path, trash / "removed")
+            fsync_dir(path.parent)
+        finally:
+            discard_staging(trash)
     if not removed.remaining:
         try:
             path.parent.rmdir()  # the model's folder, now empty

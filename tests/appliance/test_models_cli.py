@@ -112,7 +112,8 @@ def pack(home: Path, out: Path, *args: str) -> dict[str, Any]:
 
 def no_leftovers(home: Path) -> None:
     staging = home / "models" / ".staging"
-    assert not staging.exists() or not any(staging.iterdir()), list(staging.iterdir())
+    left = [p.name for p in staging.iterdir() if not p.name.startswith("model-")] if staging.exists() else []
+    assert left == [], left  # the models' lock files (model-<name>.lock) stay
 
 
 def test_pack_then_import_on_another_box_serves_the_same_package(boxes: dict[str, Path], tmp_path: Path) -> None:
@@ -483,3 +484,116 @@ def test_pack_writes_to_a_disk_without_hard_links(
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
     again = run(boxes["build"], "models", "pack", "mlp", "--out", str(tmp_path / "usb.tar"))
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+# -- review round 1: each test failed on the code before its fix
+
+
+def _unsigned_copy(boxes: dict[str, Path], tmp_path: Path, **changes: Any) -> Path:
+    folder = tmp_path / "copy"
+    shutil.copytree(boxes["build"] / "models" / "mlp" / "1", folder)
+    (folder / SIGNATURE).unlink()
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest.update(changes)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize("changes", [{"name": "../../escaped"}, {"name": "ABSOLUTE"}, {"version": 0}])
+def test_a_manifest_cannot_name_a_folder_outside_the_repository(
+    boxes: dict[str, Path], tmp_path: Path, changes: dict[str, Any]
+) -> None:
+    if changes.get("name") == "ABSOLUTE":
+        changes = {"name": str(tmp_path / "absolute")}
+    folder = _unsigned_copy(boxes, tmp_path, **changes)
+    result = run(boxes["serving"], "models", "import", str(folder), "--allow-unsigned")
+    assert result.exit_code == 2, result.output
+    assert "not usable" in result.output
+    assert not (tmp_path / "escaped").exists() and not (boxes["serving"].parent / "escaped").exists()
+    assert not (tmp_path / "absolute").exists()
+    assert records(boxes["serving"], "model_import") == []
+    no_leftovers(boxes["serving"])
+
+
+def test_concurrent_removals_of_one_version_record_one_removal(boxes: dict[str, Path]) -> None:
+    import subprocess
+    import sys
+
+    build = boxes["build"]
+    for version in (2, 3, 4):
+        publish(build, version=version, seed=version)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
+    env["INFERBOX_HOME"] = str(build)
+    for version in (1, 2, 3):
+        command = [sys.executable, "-m", "appliance", "models", "remove", "mlp", str(version), "--yes"]
+        procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        codes = sorted(p.wait(timeout=120) for p in procs)
+        assert codes == [0, 2], codes
+    removals = records(build, "model_remove")
+    assert [r.model_version for r in removals] == ["1", "2", "3"]
+    assert all(r.outcome == "success" for r in removals)
+
+
+def test_a_placement_that_fails_after_the_record_is_recorded_as_failed(
+    boxes: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(*args: Any, **kwargs: Any) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("appliance.models.importing.place_staged", disk_full)
+    result = run(
+        boxes["serving"],
+        "models",
+        "import",
+        str(boxes["build"] / "models/mlp/1"),
+        "--publisher-key",
+        str(boxes["build_pub"]),
+    )
+    assert result.exit_code == 2
+    done, failed = records(boxes["serving"], "model_import")
+    assert (done.outcome, failed.outcome) == ("success", "failure")
+    assert "not placed" in failed.details["error"] and failed.model_sha256 == done.model_sha256
+    no_leftovers(boxes["serving"])
+
+
+def test_pack_records_nothing_when_the_file_cannot_be_written(boxes: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "taken.tar").write_bytes(b"someone else's file")
+    taken = run(boxes["build"], "models", "pack", "mlp", "--out", str(tmp_path / "taken.tar"))
+    nowhere = run(boxes["build"], "models", "pack", "mlp", "--out", str(tmp_path / "nodir" / "x.tar"))
+    assert taken.exit_code == 2 and nowhere.exit_code == 2
+    assert (tmp_path / "taken.tar").read_bytes() == b"someone else's file"
+    assert records(boxes["build"], "model_pack") == []
+
+
+def test_a_huge_header_block_is_refused_before_it_is_read(boxes: dict[str, Path], tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.tar"
+    long_name = "mlp/1/" + "x" * (1 << 20)  # a 1 MiB GNU long name: read whole into memory by tarfile
+    with tarfile.open(bomb, "w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo(long_name)
+        tar.addfile(info, io.BytesIO(b""))
+    result = run(boxes["serving"], "models", "import", str(bomb), "--allow-unsigned")
+    assert result.exit_code == 2
+    assert "header block" in result.output
+    no_leftovers(boxes["serving"])
+
+
+def test_import_says_how_a_running_server_takes_the_new_version(boxes: dict[str, Path]) -> None:
+    result = run(
+        boxes["serving"],
+        "models",
+        "import",
+        str(boxes["build"] / "models/mlp/1"),
+        "--publisher-key",
+        str(boxes["build_pub"]),
+    )
+    assert result.exit_code == 0, result.output
+    assert "unload the model, then load it" in result.output
+
+
+def test_a_folder_of_odd_subfolders_gets_a_message_not_a_traceback(boxes: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "odd"
+    (folder / "²").mkdir(parents=True)
+    (folder / "01").mkdir()
+    result = run(boxes["serving"], "models", "import", str(folder))
+    assert result.exit_code == 2
+    assert "holds no manifest.json" in result.output and "version folders" not in result.output
