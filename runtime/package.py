@@ -24,6 +24,7 @@ place: a version appears whole or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -766,8 +767,12 @@ def model_lock(repository: Path, name: str) -> Iterator[None]:
     check_model_name(name)
     root = Path(repository) / STAGING
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(root / f"model-{name}.lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+    # read-only is enough for flock, and 0644 lets every user of the repository (root running a
+    # command, the service user exporting) take the lock whoever made the file
+    fd = os.open(root / f"model-{name}.lock", os.O_RDONLY | os.O_CREAT | _NOFOLLOW, 0o644)
     try:
+        with contextlib.suppress(PermissionError):
+            os.fchmod(fd, 0o644)  # the CLI's umask is 077
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

@@ -39,6 +39,7 @@ from runtime.errors import IntegrityError, ManifestError, PackageError, Signatur
 from runtime.package import (
     MANIFEST,
     SIGNATURE,
+    STAGING,
     Package,
     check_model_name,
     clean_stale_staging,
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
     from appliance.settings import Settings
 
-__all__ = ["Imported", "import_package"]
+__all__ = ["Imported", "give_to_owner", "import_package"]
 
 _CHUNK = 1 << 20
 _VERSION = re.compile(r"[1-9][0-9]*")
@@ -110,6 +111,11 @@ def import_package(
                 already = _already_there(settings, imported, repository / name / str(version))
                 discard_staging(staging)
                 return already
+            owner = _owner(repository)
+            if owner is not None:
+                _chown_tree(staging, *owner)
+                (repository / name).mkdir(mode=0o700, exist_ok=True)
+                give_to_owner(repository, name)
             if before_publish is not None:
                 before_publish(imported)
             target = place_staged(staging, repository, name, version)
@@ -117,6 +123,37 @@ def import_package(
         discard_staging(staging)
         raise
     return dataclasses.replace(imported, package=dataclasses.replace(imported.package, path=target))
+
+
+def _owner(repository: Path) -> tuple[int, int] | None:
+    """Run as root into a repository another user owns (``sudo inferbox models import`` on an installed box):
+    that user and group, who serve the files (the service user cannot read root's 0600 files); else None."""
+    if os.geteuid() != 0:
+        return None
+    st = repository.stat()
+    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
+
+
+def give_to_owner(repository: Path, name: str) -> None:
+    """Run as root into a repository another user owns: the folders and the lock file root made here
+    (``.staging``, its ``model-<name>.lock``, the model's folder) go to that user, or its own exports fail."""
+    owner = _owner(repository)
+    if owner is None:
+        return
+    for path in (repository / STAGING, repository / STAGING / f"model-{name}.lock", repository / name):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid == 0:
+            os.chown(path, *owner, follow_symlinks=False)
+
+
+def _chown_tree(folder: Path, uid: int, gid: int) -> None:
+    for here, dirs, files in os.walk(folder):
+        os.chown(here, uid, gid, follow_symlinks=False)
+        for name in dirs + files:
+            os.chown(Path(here) / name, uid, gid, follow_symlinks=False)
 
 
 def _stage(

@@ -74,6 +74,9 @@ def remove_package(
             fsync_dir(path.parent)
         finally:
             discard_staging(trash)
+    from appliance.models.importing import give_to_owner
+
+    give_to_owner(repository, name)  # run as root: the lock file and staging folder root made go to the owner
     if not removed.remaining:
         try:
             path.parent.rmdir()  # the model's folder, now empty

@@ -597,3 +597,30 @@ def test_a_folder_of_odd_subfolders_gets_a_message_not_a_traceback(boxes: dict[s
     result = run(boxes["serving"], "models", "import", str(folder))
     assert result.exit_code == 2
     assert "holds no manifest.json" in result.output and "version folders" not in result.output
+
+
+def test_run_as_root_the_files_go_to_the_repositorys_owner(
+    boxes: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chowned: list[tuple[str, int, int]] = []
+
+    def chown(path: Any, uid: int, gid: int, **kwargs: Any) -> None:
+        chowned.append((Path(path).name, uid, gid))
+
+    monkeypatch.setattr("appliance.models.importing._owner", lambda repository: (998, 997))  # root, an owned repo
+    monkeypatch.setattr("appliance.models.importing.os.chown", chown)
+    result = run(
+        boxes["serving"],
+        "models",
+        "import",
+        str(boxes["build"] / "models/mlp/1"),
+        "--publisher-key",
+        str(boxes["build_pub"]),
+    )
+    assert result.exit_code == 0, result.output
+    assert {name for name, uid, gid in chowned if (uid, gid) == (998, 997)} >= {
+        "manifest.json",
+        "manifest.sig",
+        "onnx",
+        "model.onnx",
+    }, chowned
