@@ -504,7 +504,8 @@ def create_backup(
             os.fsync(raw.fileno())
         # never remove older archives next to one whose audit log did not verify: they may be the last good ones
         alert = audit is not None and not audit.verified and trusted_keys is not None
-        older = () if alert or damaged else tuple(_older(folder, keep, box))
+        anonymous = keep > 0 and box == box_name()  # no audit log id: a clone's archives carry the same name
+        older = () if alert or damaged or anonymous else tuple(_older(folder, keep, box))
         result = BackupResult(final, out.hash.hexdigest(), out.size, manifest, older)
         if record is not None:
             record(result)
@@ -525,6 +526,11 @@ def create_backup(
         _release(remote, remote_lock)
         _release(local, local_lock)
     problems = []
+    if anonymous:
+        problems.append(
+            f"older archives were not removed: without an audit log this box's archives are named by its host "
+            f"alone ({box}), as a clone's would be; remove old ones by hand"
+        )
     for old in result.removed:
         try:
             old.unlink()

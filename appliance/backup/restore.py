@@ -346,10 +346,31 @@ _COPY_NAME = re.compile(r"audit-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}
 
 
 def _outside_home(settings: Settings) -> list[str]:
-    """The settings that would place restored files outside the home (``name = path``)."""
+    """The settings the archive's file sets that would place restored files outside the home (``name = path``);
+    what the operator set (flags, environment) is the operator's to decide."""
     home = settings.home.resolve()
-    places = {"repository": settings.repository, "signing_key": settings.signing_key, "keys": settings.keys_dir}
-    return [f"{name} = {path}" for name, path in places.items() if home not in path.resolve().parents]
+    places = {"repository": settings.repository, "signing_key": settings.signing_key}
+    return [
+        f"{name} = {path}"
+        for name, path in places.items()
+        if settings.sources.get(name, "").startswith("file ") and home not in path.resolve().parents
+    ]
+
+
+def _refuse_another_home(config: Path, home: Path) -> None:
+    """The archive's ``inferbox.toml`` naming another home: the box would start there, not where the files go."""
+    import tomllib
+
+    try:
+        named = tomllib.loads(config.read_text(encoding="utf-8")).get("paths", {}).get("home")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        return  # reload read the same file and said what is wrong with it
+    if named is not None and Path(str(named)).expanduser().resolve() != home.resolve():
+        raise BackupError(
+            f"the archive's inferbox.toml sets home = {named}, but the files go to {home}: the box would start in "
+            f"{named}, without them; restore with --home {named}, or with INFERBOX_CONFIG set to the configuration "
+            "the box should use; nothing was changed"
+        )
 
 
 def _is_key(path: Path) -> bool:
@@ -560,6 +581,7 @@ def restore_backup(
                 )
         if reload is not None and settings.config_file is None and (staging / "inferbox.toml").is_file():
             reloaded = reload(staging / "inferbox.toml")
+            _refuse_another_home(staging / "inferbox.toml", settings.home)
             outside = _outside_home(reloaded)
             if outside and not checked.integrity:
                 raise BackupError(

@@ -154,6 +154,8 @@ def create(
     started = _now()
     trusted = trusted_keys(settings.signing_key, settings.keys_dir) if settings.signing_key.exists() else None
 
+    recorded: list[BackupResult] = []
+
     def record(result: BackupResult) -> None:
         if not (settings.audit and settings.audit_db.exists()):
             return
@@ -169,8 +171,11 @@ def create(
         if result.removed:
             details["removed"] = ",".join(p.name for p in result.removed)
         record_cli_event(settings, "backup_create", "inferbox backup create", started, details)
+        recorded.append(result)
 
     def record_failed(result: BackupResult, exc: BaseException) -> None:
+        if not recorded:  # nothing was recorded (audit off, no log yet): nothing to take back
+            return
         details = {"archive": result.path.name, "folder": str(result.path.parent), "sha256": result.sha256}
         details["error"] = f"the archive did not appear: {exc}"[:500]
         record_cli_event(settings, "backup_create", "inferbox backup create", started, details, ok=False)

@@ -1034,3 +1034,58 @@ def test_a_key_that_does_not_load_is_a_problem_not_a_crash(box: dict[str, Any], 
     assert checked.exit_code == 1, checked.output
     problems = json.loads(checked.stdout)["problems"]
     assert any("signing" in p for p in problems), problems
+
+
+# -- review round 4
+
+
+def test_an_archive_configuration_naming_another_home_is_refused(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    evil = tmp_path / "evil.tar"
+    toml = f'[paths]\nhome = "{tmp_path / "attacker-chosen"}"\n'.encode()
+    rewrite(archive, evil, lambda n, d: (n, d), add={f"{ROOT}/inferbox.toml": toml})
+    restored = run(tmp_path / "new", "backup", "restore", str(evil))
+    assert restored.exit_code == 2 and "sets home" in restored.stderr
+    assert not (tmp_path / "new" / "state.db").exists() and not (tmp_path / "attacker-chosen").exists()
+
+
+def test_paths_the_operator_chose_are_not_blamed_on_the_archive(box: dict[str, Any], tmp_path: Path) -> None:
+    (box["home"] / "inferbox.toml").write_text("[server]\nport = 9001\n")
+    archive = create(box)
+    new, models = tmp_path / "new", tmp_path / "bigdisk-models"
+    restored = run(new, "backup", "restore", str(archive), "--repository", str(models))
+    assert restored.exit_code == 0, restored.output
+    assert Repository(models).open("mlp").manifest.name == "mlp"
+
+
+def test_without_an_audit_log_keep_removes_nothing_a_clone_could_own(box: dict[str, Any], tmp_path: Path) -> None:
+    shared = box["out"]
+    clones = []
+    for name in ("a", "b"):
+        home = tmp_path / name
+        assert run(home, "signing-key", "create").exit_code == 0
+        (home / "inferbox.toml").write_text("[audit]\naudit = false\n")
+        clones.append(home)
+    t0 = datetime.now(UTC)
+    first = create_backup(load_settings({"home": clones[0]}), shared, same_disk=True, keep=1, clock=lambda: t0)
+    later = create_backup(
+        load_settings({"home": clones[1]}), shared, same_disk=True, keep=1, clock=lambda: t0 + timedelta(days=1)
+    )
+    assert first.path.exists() and later.removed == ()
+    assert any("not removed" in p for p in later.problems)
+
+
+def test_a_failed_publish_on_a_box_without_an_audit_log_writes_none(
+    box: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "quiet"
+    assert run(home, "signing-key", "create").exit_code == 0
+    (home / "inferbox.toml").write_text("[audit]\naudit = false\n")
+
+    def disk_gone(src: Any, dst: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error", str(src))
+
+    monkeypatch.setattr("appliance.backup.create.publish_new", disk_gone)
+    failed = run(home, "backup", "create", "--same-disk", "--to", str(box["out"]))
+    assert failed.exit_code == 2 and "Input/output error" in failed.stderr
+    assert not (home / "audit.db").exists()
