@@ -22,9 +22,22 @@ _HEADER_TYPES = frozenset(
 
 
 class SmallHeaders(tarfile.TarInfo):
-    """``tarfile.open(..., tarinfo=SmallHeaders)``: a header block over :data:`MAX_HEADER_BYTES` is a ReadError."""
+    """``tarfile.open(..., tarinfo=SmallHeaders)``: a header block over :data:`MAX_HEADER_BYTES`, or a sparse
+    member of any kind (whose map tarfile reads into memory whole, from the member's data for GNU sparse 1.0),
+    is a ReadError before it is read."""
 
     def _proc_member(self, tarfile_: Any) -> Any:
         if self.type in _HEADER_TYPES and self.size > MAX_HEADER_BYTES:
             raise tarfile.ReadError(f"a {self.size}-byte header block, far over what a real archive holds")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise tarfile.ReadError("a sparse member: not an archive inferbox wrote")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+    def _proc_gnusparse_00(self, *args: Any) -> Any:
+        raise tarfile.ReadError("a sparse member: not an archive inferbox wrote")
+
+    def _proc_gnusparse_01(self, *args: Any) -> Any:
+        raise tarfile.ReadError("a sparse member: not an archive inferbox wrote")
+
+    def _proc_gnusparse_10(self, *args: Any) -> Any:
+        raise tarfile.ReadError("a sparse member: not an archive inferbox wrote")

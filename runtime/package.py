@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from onnx import AttributeProto, GraphProto, ModelProto, TensorProto
 
 __all__ = [
+    "LOCKS",
     "MANIFEST",
     "SIGNATURE",
     "STAGING",
@@ -80,6 +81,8 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 #: folder under the repository where packages are assembled before the rename
 STAGING = ".staging"
+#: folder under the repository holding each model's lock file (``model-<name>.lock``)
+LOCKS = ".locks"
 _CHUNK = 1 << 20
 _VERSION_RE = re.compile(r"(0|[1-9][0-9]*)")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -765,8 +768,8 @@ def model_lock(repository: Path, name: str) -> Iterator[None]:
     import fcntl
 
     check_model_name(name)
-    root = Path(repository) / STAGING
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    root = Path(repository) / LOCKS
+    root.mkdir(parents=True, exist_ok=True, mode=0o755)
     # read-only is enough for flock, and 0644 lets every user of the repository (root running a
     # command, the service user exporting) take the lock whoever made the file
     fd = os.open(root / f"model-{name}.lock", os.O_RDONLY | os.O_CREAT | _NOFOLLOW, 0o644)

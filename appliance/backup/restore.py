@@ -157,7 +157,7 @@ def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry]
                     found.append(FileEntry(rel, member.size, sha))
             while reader.read(CHUNK):  # the end-of-archive blocks count in the archive's hash
                 pass
-        except (tarfile.TarError, EOFError) as exc:
+        except (tarfile.TarError, EOFError, ValueError) as exc:  # a damaged header can raise ValueError
             raise BackupError(
                 f"{archive} is not a whole tar archive ({exc}): it is damaged or truncated; use another copy"
             ) from exc

@@ -32,6 +32,21 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
+def _settings(home: Path | None, repository: Path | None) -> Settings:
+    """The settings, refusing a state folder that does not exist (a mistyped or default home, or root's)."""
+    from runtime.errors import ConfigError
+
+    settings = build_settings(home=home, repository=repository)
+    if not settings.home.is_dir():
+        raise ConfigError(
+            f"home ({settings.sources.get('home', 'default')}): there is no state folder at {settings.home}; the "
+            "models go to the repository of the state folder the server uses: pass --home or set INFERBOX_HOME (on "
+            "an installed box: sudo -u inferbox env INFERBOX_HOME=/var/lib/inferbox "
+            "INFERBOX_CONFIG=/etc/inferbox/inferbox.toml /opt/inferbox/venv/bin/inferbox models ...)"
+        )
+    return settings
+
+
 def _record(
     settings: Settings,
     event: str,
@@ -214,8 +229,9 @@ def import_cmd(
     """
     from appliance.models.importing import import_package
     from runtime import signing
+    from runtime.package import list_versions
 
-    settings = build_settings(home=home, repository=repository)
+    settings = _settings(home, repository)
     started = _now()
     keys = [signing.load_public_key(p) for p in publisher_keys]
     action = "inferbox models import"
@@ -279,10 +295,17 @@ def import_cmd(
             f"({here}, {_cpu_count()} CPUs): `inferbox bench {p.name}` times the candidates here, and "
             "`serve --autotune` picks by timings taken here"
         )
-    click.echo(
-        f"serve it: restart the server, or in a running one unload the model, then load it (POST "
-        f"/v2/repository/models/{p.name}/unload, then .../load: the newest version)"
-    )
+    newest = max(list_versions(settings.repository, p.name), default=p.version)
+    if newest > p.version:
+        click.echo(
+            f"the server serves the newest version of {p.name}, {newest}, not this one: `inferbox models remove "
+            f"{p.name} {newest}` retires it"
+        )
+    else:
+        click.echo(
+            f"serve it: restart the server, or in a running one unload the model, then load it (POST "
+            f"/v2/repository/models/{p.name}/unload, then .../load: the newest version)"
+        )
 
 
 def _import_json(imported: Imported) -> dict[str, Any]:
@@ -331,7 +354,7 @@ def remove(home: Path | None, repository: Path | None, name: str, version: int, 
     """
     from appliance.models.removing import Removed, remove_package
 
-    settings = build_settings(home=home, repository=repository)
+    settings = _settings(home, repository)
     started = _now()
     if not yes:
         if not sys.stdin.isatty():

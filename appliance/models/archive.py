@@ -201,7 +201,7 @@ def unpack_package(archive: Path, dest: Path) -> Unpacked:
                     _write_member(source, dest, rel, member.size, archive)
             while reader.read(_CHUNK):  # the end-of-archive blocks count in the archive's hash
                 pass
-        except (tarfile.TarError, EOFError) as exc:
+        except (tarfile.TarError, EOFError, ValueError) as exc:  # a damaged header can raise ValueError
             raise PackageError(
                 f"{archive} is not a whole tar archive ({exc}): it is damaged or truncated; copy it again",
                 str(archive),

@@ -37,6 +37,7 @@ from appliance.models.archive import unpack_package
 from appliance.models.trust import box_keys, signer
 from runtime.errors import IntegrityError, ManifestError, PackageError, SignatureError
 from runtime.package import (
+    LOCKS,
     MANIFEST,
     SIGNATURE,
     STAGING,
@@ -136,11 +137,12 @@ def _owner(repository: Path) -> tuple[int, int] | None:
 
 def give_to_owner(repository: Path, name: str) -> None:
     """Run as root into a repository another user owns: the folders and the lock file root made here
-    (``.staging``, its ``model-<name>.lock``, the model's folder) go to that user, or its own exports fail."""
+    (``.staging``, ``.locks/model-<name>.lock``, the model's folder) go to that user, or its own exports fail."""
     owner = _owner(repository)
     if owner is None:
         return
-    for path in (repository / STAGING, repository / STAGING / f"model-{name}.lock", repository / name):
+    locks = repository / LOCKS
+    for path in (repository / STAGING, locks, locks / f"model-{name}.lock", repository / name):
         try:
             st = path.lstat()
         except FileNotFoundError:

@@ -74,13 +74,13 @@ def remove_package(
             fsync_dir(path.parent)
         finally:
             discard_staging(trash)
+        if not removed.remaining:  # the model's folder, now empty (under the lock: an import may be placing one)
+            try:
+                path.parent.rmdir()
+                fsync_dir(repository)
+            except OSError:
+                pass  # something else lives there; leave it
     from appliance.models.importing import give_to_owner
 
     give_to_owner(repository, name)  # run as root: the lock file and staging folder root made go to the owner
-    if not removed.remaining:
-        try:
-            path.parent.rmdir()  # the model's folder, now empty
-            fsync_dir(repository)
-        except OSError:
-            pass  # something else lives there; leave it
     return removed
