@@ -753,10 +753,18 @@ def resign(folder: Path, signing_key: Ed25519PrivateKey) -> None:
     """
     folder = Path(folder)
     data = _read_manifest_bytes(folder)
-    tmp = folder / (SIGNATURE + ".new")
-    tmp.unlink(missing_ok=True)
-    _write_new(tmp, sign(signing_key, data))
-    os.replace(tmp, folder / SIGNATURE)
+    # the new signature is written beside the folder, never under a name a package could list
+    fd, name = tempfile.mkstemp(prefix=".sig-", dir=folder.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(sign(signing_key, data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(name, 0o644)
+        os.replace(name, folder / SIGNATURE)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     fsync_dir(folder)
 
 

@@ -37,6 +37,14 @@ def _settings(home: Path | None, repository: Path | None) -> Settings:
     from runtime.errors import ConfigError
 
     settings = build_settings(home=home, repository=repository)
+    owner = _foreign_owner(settings.home)
+    if owner is not None:
+        raise ConfigError(
+            f"the state folder {settings.home} belongs to {owner}, and this command runs as root: files root "
+            f"writes there the service cannot read, and folders {owner} can write are no place for root to work "
+            f"in; run it as {owner}: sudo -u {owner} env INFERBOX_HOME={settings.home} "
+            "INFERBOX_CONFIG=/etc/inferbox/inferbox.toml /opt/inferbox/venv/bin/inferbox models ..."
+        )
     if not settings.home.is_dir():
         raise ConfigError(
             f"home ({settings.sources.get('home', 'default')}): there is no state folder at {settings.home}; the "
@@ -45,6 +53,25 @@ def _settings(home: Path | None, repository: Path | None) -> Settings:
             "INFERBOX_CONFIG=/etc/inferbox/inferbox.toml /opt/inferbox/venv/bin/inferbox models ...)"
         )
     return settings
+
+
+def _foreign_owner(home: Path) -> str | None:
+    """Run as root on a state folder another user owns: that user's name (or uid); else None."""
+    import os
+    import pwd
+
+    if os.geteuid() != 0:
+        return None
+    try:
+        uid = home.stat().st_uid
+    except OSError:
+        return None
+    if uid == 0:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _record(
@@ -250,8 +277,8 @@ def import_cmd(
         if imported.signed_by:
             out["signed_by"] = imported.signed_by
         for key in ("cpu", "cpus"):
-            if key in imported.exported_on:
-                out[f"exported_on_{key}"] = imported.exported_on[key]
+            if key in imported.exported_on:  # the publisher's words: short and printable
+                out[f"exported_on_{key}"] = _fact(imported.exported_on[key])
         return out
 
     recorded: list[Imported] = []
@@ -288,10 +315,11 @@ def import_cmd(
     who = "unsigned (--allow-unsigned)" if imported.publisher == "unsigned" else f"key {imported.publisher}"
     click.echo(f"  published by: {who}; signed for this box by: {imported.signed_by or 'nobody (no signing key)'}")
     here = _this_cpu()
-    there = imported.exported_on.get("cpu", "")
-    if there and here and (there != here or imported.exported_on.get("cpus") != str(_cpu_count())):
+    there = _fact(imported.exported_on.get("cpu", ""))
+    cpus = _fact(imported.exported_on.get("cpus", "?"))
+    if there and here and (there != here or cpus != str(_cpu_count())):
         click.echo(
-            f"  its timings were measured on {there} ({imported.exported_on.get('cpus', '?')} CPUs), not on this box "
+            f"  its timings were measured on {there} ({cpus} CPUs), not on this box "
             f"({here}, {_cpu_count()} CPUs): `inferbox bench {p.name}` times the candidates here, and "
             "`serve --autotune` picks by timings taken here"
         )
@@ -323,6 +351,13 @@ def _import_json(imported: Imported) -> dict[str, Any]:
         "bytes": imported.size,
         "exported_on": imported.exported_on,
     }
+
+
+def _fact(text: str, limit: int = 100) -> str:
+    """A value the publisher wrote (its manifest), made safe for a terminal line and an audit record."""
+    from appliance.commands.audit import printable
+
+    return printable(text[:limit])
 
 
 def _this_cpu() -> str:

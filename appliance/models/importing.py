@@ -37,10 +37,8 @@ from appliance.models.archive import unpack_package
 from appliance.models.trust import box_keys, signer
 from runtime.errors import IntegrityError, ManifestError, PackageError, SignatureError
 from runtime.package import (
-    LOCKS,
     MANIFEST,
     SIGNATURE,
-    STAGING,
     Package,
     check_model_name,
     clean_stale_staging,
@@ -59,7 +57,7 @@ if TYPE_CHECKING:
 
     from appliance.settings import Settings
 
-__all__ = ["Imported", "give_to_owner", "import_package"]
+__all__ = ["Imported", "import_package"]
 
 _CHUNK = 1 << 20
 _VERSION = re.compile(r"[1-9][0-9]*")
@@ -112,11 +110,6 @@ def import_package(
                 already = _already_there(settings, imported, repository / name / str(version))
                 discard_staging(staging)
                 return already
-            owner = _owner(repository)
-            if owner is not None:
-                _chown_tree(staging, *owner)
-                (repository / name).mkdir(mode=0o700, exist_ok=True)
-                give_to_owner(repository, name)
             if before_publish is not None:
                 before_publish(imported)
             target = place_staged(staging, repository, name, version)
@@ -124,38 +117,6 @@ def import_package(
         discard_staging(staging)
         raise
     return dataclasses.replace(imported, package=dataclasses.replace(imported.package, path=target))
-
-
-def _owner(repository: Path) -> tuple[int, int] | None:
-    """Run as root into a repository another user owns (``sudo inferbox models import`` on an installed box):
-    that user and group, who serve the files (the service user cannot read root's 0600 files); else None."""
-    if os.geteuid() != 0:
-        return None
-    st = repository.stat()
-    return None if st.st_uid == 0 else (st.st_uid, st.st_gid)
-
-
-def give_to_owner(repository: Path, name: str) -> None:
-    """Run as root into a repository another user owns: the folders and the lock file root made here
-    (``.staging``, ``.locks/model-<name>.lock``, the model's folder) go to that user, or its own exports fail."""
-    owner = _owner(repository)
-    if owner is None:
-        return
-    locks = repository / LOCKS
-    for path in (repository / STAGING, locks, locks / f"model-{name}.lock", repository / name):
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            continue
-        if st.st_uid == 0:
-            os.chown(path, *owner, follow_symlinks=False)
-
-
-def _chown_tree(folder: Path, uid: int, gid: int) -> None:
-    for here, dirs, files in os.walk(folder):
-        os.chown(here, uid, gid, follow_symlinks=False)
-        for name in dirs + files:
-            os.chown(Path(here) / name, uid, gid, follow_symlinks=False)
 
 
 def _stage(
@@ -178,7 +139,8 @@ def _stage(
         archive_sha256 = unpacked.sha256
         named = (unpacked.name, unpacked.version)
 
-    keys = list(publisher_keys) if publisher_keys else box_keys(settings)
+    # the box's current keys only: a retired key may be a compromised one (docs/audit.md, Key rotation)
+    keys = list(publisher_keys) if publisher_keys else box_keys(settings, retired=False)
     where = f"{source}"
     try:
         publisher_key = signer(staging, keys)

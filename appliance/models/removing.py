@@ -80,7 +80,4 @@ def remove_package(
                 fsync_dir(repository)
             except OSError:
                 pass  # something else lives there; leave it
-    from appliance.models.importing import give_to_owner
-
-    give_to_owner(repository, name)  # run as root: the lock file and staging folder root made go to the owner
     return removed

@@ -16,14 +16,18 @@ if TYPE_CHECKING:
 __all__ = ["box_keys", "signer"]
 
 
-def box_keys(settings: Settings) -> list[Ed25519PublicKey]:
-    """This box's own keys: the signing key's public half, its retired keys, and ``public_key``."""
+def box_keys(settings: Settings, *, retired: bool = True) -> list[Ed25519PublicKey]:
+    """This box's own keys: the signing key's public half, its retired keys (unless ``retired`` is False:
+    what a key rotation retired may have been stolen), and ``public_key``."""
     from appliance.audit.trust import trusted_keys
-    from runtime.signing import key_id, load_public_key
+    from runtime.signing import key_id, load_private_key, load_public_key
 
     keys: list[Ed25519PublicKey] = []
     if settings.signing_key.exists():
-        keys.extend(trusted_keys(settings.signing_key, settings.keys_dir))
+        if retired:
+            keys.extend(trusted_keys(settings.signing_key, settings.keys_dir))
+        else:
+            keys.append(load_private_key(settings.signing_key).public_key())
     if settings.public_key is not None:
         keys.append(load_public_key(settings.public_key))
     unique: dict[str, Ed25519PublicKey] = {}

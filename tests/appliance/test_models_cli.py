@@ -598,33 +598,6 @@ def test_a_folder_of_odd_subfolders_gets_a_message_not_a_traceback(boxes: dict[s
     assert "holds no manifest.json" in result.output and "version folders" not in result.output
 
 
-def test_run_as_root_the_files_go_to_the_repositorys_owner(
-    boxes: dict[str, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    chowned: list[tuple[str, int, int]] = []
-
-    def chown(path: Any, uid: int, gid: int, **kwargs: Any) -> None:
-        chowned.append((Path(path).name, uid, gid))
-
-    monkeypatch.setattr("appliance.models.importing._owner", lambda repository: (998, 997))  # root, an owned repo
-    monkeypatch.setattr("appliance.models.importing.os.chown", chown)
-    result = run(
-        boxes["serving"],
-        "models",
-        "import",
-        str(boxes["build"] / "models/mlp/1"),
-        "--publisher-key",
-        str(boxes["build_pub"]),
-    )
-    assert result.exit_code == 0, result.output
-    assert {name for name, uid, gid in chowned if (uid, gid) == (998, 997)} >= {
-        "manifest.json",
-        "manifest.sig",
-        "onnx",
-        "model.onnx",
-    }, chowned
-
-
 # -- review round 2
 
 
@@ -690,3 +663,80 @@ def test_importing_an_older_version_says_the_newer_one_stays_served(boxes: dict[
     )
     assert result.exit_code == 0, result.output
     assert "serves the newest version of mlp, 5" in result.output and "restart the server" not in result.output
+
+
+# -- review round 3
+
+
+def test_root_is_refused_on_a_state_folder_another_user_owns(
+    boxes: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root working in folders the service user can write could be led through its links (and would leave
+    files the service cannot read): the command says to run as that user instead."""
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("appliance.commands.models._foreign_owner", lambda home: "inferbox")
+    for command in (
+        ["models", "import", str(boxes["build"] / "models/mlp/1"), "--publisher-key", str(boxes["build_pub"])],
+        ["models", "remove", "mlp", "1", "--yes"],
+    ):
+        result = run(boxes["serving"], *command)
+        assert result.exit_code == 2 and "sudo -u inferbox" in result.output, result.output
+    assert not (boxes["serving"] / "models").exists()
+
+
+def test_a_retired_key_is_not_trusted_by_default(boxes: dict[str, Path], tmp_path: Path) -> None:
+    """After a rotation (the old key may have been stolen) a package signed with it needs --publisher-key."""
+    serving = boxes["serving"]
+    retired = serving / "keys" / "retired"
+    retired.mkdir()
+    old_private = tmp_path / "stolen.key"
+    shutil.copy(serving / "keys" / "signing.key", old_private)
+    shutil.copy(serving / "keys" / "signing.key.pub", retired / "old.pub")
+    assert run(serving, "signing-key", "create", "--force").exit_code == 0
+    attacker = tmp_path / "attacker"
+    (attacker / "keys").mkdir(parents=True)
+    shutil.copy(old_private, attacker / "keys" / "signing.key")
+    publish(attacker, version=7, seed=4)
+    result = run(serving, "models", "import", str(attacker / "models" / "mlp" / "7"))
+    assert result.exit_code == 2 and "verifies with none" in result.output
+    assert not (serving / "models" / "mlp").exists()
+    listed = run(attacker, "models", "list", "--json")
+    assert listed.exit_code == 0
+
+
+def test_the_publishers_words_reach_the_terminal_and_the_log_short_and_printable(
+    boxes: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "copy"
+    shutil.copytree(boxes["build"] / "models" / "mlp" / "1", folder)
+    (folder / SIGNATURE).unlink()
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["provenance"]["machine"]["cpu"] = "x\x1b[2A\r\n  published by: key 0000TRUSTED" + "A" * 5000
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    result = run(boxes["serving"], "models", "import", str(folder), "--allow-unsigned")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\n  published by: key 0000" not in result.output
+    (rec,) = records(boxes["serving"], "model_import")
+    assert len(rec.details["exported_on_cpu"]) <= 400 and "\x1b" not in rec.details["exported_on_cpu"]
+
+
+def test_a_package_listing_a_file_named_like_a_temporary_signature_imports(
+    boxes: dict[str, Path], tmp_path: Path
+) -> None:
+    from runtime.manifest import decode_manifest
+
+    build = boxes["build"]
+    staging = staging_dir(build / "models")
+    (staging / "onnx").mkdir()
+    build_mlp(staging / "onnx" / "model.onnx")
+    (staging / "manifest.sig.new").write_text("a file of the package\n")
+    base = decode_manifest((build / "models" / "mlp" / "1" / MANIFEST).read_bytes())
+    import msgspec
+
+    manifest = msgspec.structs.replace(base, version=3)
+    finalize_package(staging, manifest, build / "models", signing_key=load_private_key(build / "keys" / "signing.key"))
+    result = run(
+        boxes["serving"], "models", "import", str(build / "models/mlp/3"), "--publisher-key", str(boxes["build_pub"])
+    )
+    assert result.exit_code == 0, result.output
+    assert (boxes["serving"] / "models" / "mlp" / "3" / "manifest.sig.new").read_text() == "a file of the package\n"
