@@ -362,11 +362,19 @@ class ModelRegistry:
         return model
 
     def load(self, name: str, version: int | None = None) -> LoadedModel:
-        """Open ``name`` (newest version when None) unless that version is loaded; serving goes on meanwhile."""
+        """Open ``name`` (newest version when None) unless that version is loaded; serving goes on meanwhile.
+
+        With ``version`` None and an older version loaded (a newer one was exported or imported since),
+        the newest replaces it, as Triton's load does: the old one answers what it accepted, then closes.
+        """
         with self._load_lock:
             with self._lock:
                 current = self._models.get(name)
-            if current is not None and (version is None or current.version == version):
+            if current is not None and version is None:
+                newest = max((e.version for e in self._index() if e.name == name), default=current.version)
+                if newest <= current.version:
+                    return current
+            elif current is not None and current.version == version:
                 return current
             try:
                 model = self._loader(name, version)

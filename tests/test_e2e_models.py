@@ -4,6 +4,7 @@ with the imported weights, and recorded in the same audit chain as the requests.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import httpx
@@ -67,8 +68,25 @@ def test_an_imported_version_is_loaded_into_a_running_server_and_audited(tmp_pat
         index = httpx.post(f"{url}/v2/repository/index", json={}, timeout=30).json()
         states = {(e["name"], e["version"]): e["state"] for e in index}
         assert states == {("mlp", "1"): "READY", ("mlp", "2"): "UNAVAILABLE"}, index
-        assert httpx.post(f"{url}/v2/repository/models/mlp/unload", timeout=60).status_code == 200
-        assert httpx.post(f"{url}/v2/repository/models/mlp/load", timeout=120).status_code == 200
+        # load alone swaps the newest version in; a client sending meanwhile never sees a gap
+        statuses: list[tuple[int, str]] = []
+        swapped = threading.Event()
+
+        def client() -> None:
+            with httpx.Client(timeout=60) as http:
+                while not swapped.is_set() or len(statuses) < 5:
+                    resp = http.post(f"{url}/v2/models/mlp/infer", json=body)
+                    statuses.append((resp.status_code, resp.json().get("model_version", resp.text)))
+
+        sender = threading.Thread(target=client)
+        sender.start()
+        try:
+            assert httpx.post(f"{url}/v2/repository/models/mlp/load", timeout=120).status_code == 200
+        finally:
+            swapped.set()
+            sender.join(60)
+        assert statuses and {code for code, _ in statuses} == {200}, statuses
+        assert statuses[-1][1] == "2"
         version, logits = served_logits()
         assert version == "2"
         np.testing.assert_allclose(logits, expected(2), rtol=1e-5, atol=1e-6)

@@ -331,8 +331,8 @@ def import_cmd(
         )
     else:
         click.echo(
-            f"serve it: restart the server, or in a running one unload the model, then load it (POST "
-            f"/v2/repository/models/{p.name}/unload, then .../load: the newest version)"
+            f"serve it: POST /v2/repository/models/{p.name}/load on the running server (a models:admin key) swaps "
+            "the newest version in without a gap, or restart the server"
         )
 
 

@@ -586,7 +586,7 @@ def test_import_says_how_a_running_server_takes_the_new_version(boxes: dict[str,
         str(boxes["build_pub"]),
     )
     assert result.exit_code == 0, result.output
-    assert "unload the model, then load it" in result.output
+    assert "/v2/repository/models/mlp/load" in result.output and "without a gap" in result.output
 
 
 def test_a_folder_of_odd_subfolders_gets_a_message_not_a_traceback(boxes: dict[str, Path], tmp_path: Path) -> None:
