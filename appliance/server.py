@@ -138,6 +138,7 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
             ),
             name="inferbox-build-default",
         )
+        started = datetime.now(UTC)
         child.start()
         child.join()
         if child.exitcode != 0:
@@ -146,6 +147,14 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
                 f"(exit code {child.exitcode}; its log is above); run `inferbox init` to see the whole report"
             )
         built = True
+        from appliance.commands.export import record_export
+        from runtime.package import list_versions, read_package
+
+        version = list_versions(settings.repository, settings.default_model)[-1]
+        default = read_package(settings.repository / settings.default_model / str(version), verify_hashes=False)
+        record_export(
+            settings, default.manifest, started, "inferbox serve (first start: the default model)", create_log=True
+        )
 
     admin_key = admin_id = None
     if settings.auth:

@@ -53,11 +53,21 @@ def _date(value: str | None) -> datetime | None:
     return None if value is None else parse_time(value)
 
 
-def cli_event(event: str, action: str, started: datetime, details: dict[str, str], *, ok: bool = True) -> AuditEvent:
+def cli_event(
+    event: str,
+    action: str,
+    started: datetime,
+    details: dict[str, str],
+    *,
+    ok: bool = True,
+    model: tuple[str, int, str] | None = None,
+) -> AuditEvent:
+    """A CLI command's record; ``model`` (name, version, package sha256) names the package it concerns."""
     from api.protocols import AuditEvent
     from appliance.audit.canonical import format_time
     from appliance.commands.keys import cli_user
 
+    name, version, sha256 = model if model is not None else ("", "", "")
     return AuditEvent(
         event=event,
         action=action,
@@ -67,18 +77,28 @@ def cli_event(event: str, action: str, started: datetime, details: dict[str, str
         status=0 if ok else 1,
         started_at=format_time(started),
         ended_at=format_time(_now()),
+        model_name=name,
+        model_version=str(version),
+        model_sha256=sha256,
         details=details,
     )
 
 
 def record_cli_event(
-    settings: Any, event: str, action: str, started: datetime, details: dict[str, str], *, ok: bool = True
+    settings: Any,
+    event: str,
+    action: str,
+    started: datetime,
+    details: dict[str, str],
+    *,
+    ok: bool = True,
+    model: tuple[str, int, str] | None = None,
 ) -> int:
     """Append one record durably (the command goes on only once it is committed)."""
     from appliance.audit.log import AuditLog
 
     with AuditLog.open(settings) as log:
-        return log.append(cli_event(event, action, started, details, ok=ok))
+        return log.append(cli_event(event, action, started, details, ok=ok, model=model))
 
 
 def _error_text(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,9 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from appliance.settings import Settings
+    from runtime.manifest import Manifest
 
-__all__ = ["export_cmd", "resolve_signing_key", "resolve_threads"]
+__all__ = ["export_cmd", "record_export", "resolve_signing_key", "resolve_threads"]
 
 _TASKS = ("feature-extraction", "text-classification", "image-classification", "tensor")
 
@@ -42,6 +44,39 @@ def resolve_signing_key(settings: Settings, sign: bool | None) -> Ed25519Private
             f"--sign: the signing key {path} does not exist; create one with `inferbox signing-key create`"
         )
     return load_private_key(path)
+
+
+def record_export(
+    settings: Settings, manifest: Manifest, started: datetime, action: str, *, create_log: bool = False
+) -> None:
+    """``model_export`` in the box's audit log (when it keeps one, or ``create_log``: the first start): who
+    put which package into the repository, from what source.  A package that cannot be recorded is taken
+    out again: the box holds none unrecorded."""
+    if not settings.audit or not (create_log or settings.audit_db.exists()):
+        return  # a build box that never served keeps no log
+    import hashlib
+
+    from appliance.commands.audit import record_cli_event
+    from runtime.package import read_manifest_bytes
+
+    path = settings.repository / manifest.name / str(manifest.version)
+    sha256 = hashlib.sha256(read_manifest_bytes(path)).hexdigest()
+    p = manifest.provenance
+    details = {
+        "source_kind": p.source_kind,
+        "source": p.source[:300],
+        "source_sha256": p.source_sha256,
+        "variants": ",".join(v.id for v in manifest.variants if any(a.passed for a in v.accuracy)),
+    }
+    try:
+        record_cli_event(
+            settings, "model_export", action, started, details, model=(manifest.name, manifest.version, sha256)
+        )
+    except BaseException:
+        from appliance.models.removing import remove_package
+
+        remove_package(settings, manifest.name, manifest.version)
+        raise
 
 
 def resolve_threads(settings: Settings) -> int:
@@ -134,7 +169,9 @@ def export_cmd(
         example_inputs=example,
         signing_key=resolve_signing_key(settings, sign),
     )
+    started = datetime.now(UTC)
     manifest = export_model(spec, progress=_progress)
+    record_export(settings, manifest, started, "inferbox export")
     if as_json:
         click.echo(json.dumps(report_dict(manifest), indent=2, sort_keys=True))
     else:

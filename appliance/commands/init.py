@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from appliance.commands.export import resolve_signing_key, resolve_threads
+from appliance.commands.export import record_export, resolve_signing_key, resolve_threads
 from appliance.commands.options import build_settings, state_options
 
 __all__ = ["init"]
@@ -30,6 +31,7 @@ def init(home: Path | None, repository: Path | None, force: bool, timing: str) -
     if versions and not force:
         click.echo(f"{name} is already in {settings.repository} (versions {versions}); use --force to rebuild")
         return
+    started = datetime.now(UTC)
     manifest = build_default(
         settings.repository,
         name=name,
@@ -38,4 +40,5 @@ def init(home: Path | None, repository: Path | None, force: bool, timing: str) -
         signing_key=resolve_signing_key(settings, None),
         progress=lambda step, message: click.echo(f"[{step}] {message}", err=True),
     )
+    record_export(settings, manifest, started, "inferbox init")
     click.echo(format_report(manifest))

@@ -87,20 +87,9 @@ def _record(
     """Append one durable audit record naming the package (nothing when audit is off)."""
     if not settings.audit:
         return
-    import msgspec
+    from appliance.commands.audit import record_cli_event
 
-    from appliance.audit.log import AuditLog
-    from appliance.commands.audit import cli_event
-
-    name, version, sha256 = model
-    record = msgspec.structs.replace(
-        cli_event(event, action, started, details, ok=ok),
-        model_name=name,
-        model_version=str(version),
-        model_sha256=sha256,
-    )
-    with AuditLog.open(settings) as log:
-        log.append(record)
+    record_cli_event(settings, event, action, started, details, ok=ok, model=model)
 
 
 @click.group()

@@ -214,3 +214,63 @@ def test_text_report_lists_requirements(exported: tuple[Path, Result]) -> None:
     text = format_report(needy)
     assert "requirements (selection refuses these variants on a box without them):" in text
     assert f"  {first.id:<10} requires cpu-vnni" in text
+
+
+def test_an_export_on_a_box_with_an_audit_log_is_recorded_or_taken_out(
+    tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.audit.log import AuditLog
+    from appliance.settings import load_settings
+
+    home = tmp_path / "box"
+    assert _invoke(home, "signing-key", "create").exit_code == 0
+    assert _invoke(home, "keys", "create", "--scope", "infer").exit_code == 0  # the box keeps a log
+    args = (
+        "export",
+        str(tiny_onnx),
+        "--task",
+        "tensor",
+        "--name",
+        "mlp",
+        "--timing",
+        "quick",
+        "--variants",
+        "onnx-fp32",
+    )
+    result = _invoke(home, *args)
+    assert result.exit_code == 0, result.output
+    package = read_package(home / "models" / "mlp" / "1")
+    with AuditLog.open(load_settings({"home": home})) as log:
+        (rec,) = [r for r in log.tail(50) if r.event == "model_export"]
+    assert (rec.model_name, rec.model_version, rec.model_sha256) == ("mlp", "1", package.sha256)
+    assert rec.details["source_sha256"] == package.manifest.provenance.source_sha256
+    assert rec.details["variants"] == "onnx-fp32"
+
+    # a package the log cannot record is taken out again
+    from runtime.errors import AuditError
+
+    def broken(*a: object, **k: object) -> None:
+        raise AuditError("the audit log cannot be written (test)")
+
+    monkeypatch.setattr("appliance.commands.audit.record_cli_event", broken)
+    failed = _invoke(home, *args)
+    assert failed.exit_code == 2 and "cannot be written" in failed.output
+    assert not (home / "models" / "mlp" / "2").exists()
+
+
+def test_an_export_on_a_build_box_without_a_log_makes_none(tmp_path: Path, tiny_onnx: Path) -> None:
+    home = tmp_path / "build"
+    args = (
+        "export",
+        str(tiny_onnx),
+        "--task",
+        "tensor",
+        "--name",
+        "mlp",
+        "--timing",
+        "quick",
+        "--variants",
+        "onnx-fp32",
+    )
+    assert _invoke(home, *args).exit_code == 0
+    assert not (home / "audit.db").exists()
