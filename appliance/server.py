@@ -153,7 +153,12 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
         version = list_versions(settings.repository, settings.default_model)[-1]
         default = read_package(settings.repository / settings.default_model / str(version), verify_hashes=False)
         record_export(
-            settings, default.manifest, started, "inferbox serve (first start: the default model)", create_log=True
+            settings,
+            default.manifest,
+            started,
+            "inferbox serve (first start: the default model)",
+            create_log=True,
+            actor="system:first-start",
         )
 
     admin_key = admin_id = None

@@ -61,6 +61,7 @@ def cli_event(
     *,
     ok: bool = True,
     model: tuple[str, int, str] | None = None,
+    actor: str | None = None,
 ) -> AuditEvent:
     """A CLI command's record; ``model`` (name, version, package sha256) names the package it concerns."""
     from api.protocols import AuditEvent
@@ -71,7 +72,7 @@ def cli_event(
     return AuditEvent(
         event=event,
         action=action,
-        actor=f"cli:{cli_user()}",
+        actor=actor or f"cli:{cli_user()}",
         origin=f"{socket.gethostname()} pid {os.getpid()}",
         outcome="success" if ok else "failure",
         status=0 if ok else 1,
@@ -93,12 +94,13 @@ def record_cli_event(
     *,
     ok: bool = True,
     model: tuple[str, int, str] | None = None,
+    actor: str | None = None,
 ) -> int:
     """Append one record durably (the command goes on only once it is committed)."""
     from appliance.audit.log import AuditLog
 
     with AuditLog.open(settings) as log:
-        return log.append(cli_event(event, action, started, details, ok=ok, model=model))
+        return log.append(cli_event(event, action, started, details, ok=ok, model=model, actor=actor))
 
 
 def _error_text(exc: BaseException) -> str:

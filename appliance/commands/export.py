@@ -47,7 +47,13 @@ def resolve_signing_key(settings: Settings, sign: bool | None) -> Ed25519Private
 
 
 def record_export(
-    settings: Settings, manifest: Manifest, started: datetime, action: str, *, create_log: bool = False
+    settings: Settings,
+    manifest: Manifest,
+    started: datetime,
+    action: str,
+    *,
+    create_log: bool = False,
+    actor: str | None = None,
 ) -> None:
     """``model_export`` in the box's audit log (when it keeps one, or ``create_log``: the first start): who
     put which package into the repository, from what source.  A package that cannot be recorded is taken
@@ -69,9 +75,8 @@ def record_export(
         "variants": ",".join(v.id for v in manifest.variants if any(a.passed for a in v.accuracy)),
     }
     try:
-        record_cli_event(
-            settings, "model_export", action, started, details, model=(manifest.name, manifest.version, sha256)
-        )
+        identity = (manifest.name, manifest.version, sha256)
+        record_cli_event(settings, "model_export", action, started, details, model=identity, actor=actor)
     except BaseException:
         from appliance.models.removing import remove_package
 

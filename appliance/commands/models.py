@@ -184,6 +184,7 @@ def pack(
         _record(settings, "model_pack", "inferbox models pack", started, identity, failed, ok=False)
 
     packed = pack_package(package, target, before_publish=before_publish, publish_failed=publish_failed)
+    signed_by = package.signed_by or _signer_id(settings, package.path)
     result = {
         "file": str(packed.path),
         "bytes": packed.size,
@@ -191,7 +192,7 @@ def pack(
         "model": package.name,
         "version": package.version,
         "package_sha256": package.sha256,
-        "signed_by": package.signed_by,
+        "signed_by": signed_by,
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -199,8 +200,11 @@ def pack(
     click.echo(f"packed {package.name} version {package.version} into {packed.path} ({_mb(packed.size)})")
     click.echo(f"  package (identity): {package.sha256}")
     click.echo(f"  file sha256:        {packed.sha256}")
-    signed = f"signed by key {package.signed_by}" if package.signed_by else "signature not checked (no public_key set)"
-    click.echo(f"  {signed}")
+    click.echo(
+        f"  signed by key {signed_by}"
+        if signed_by
+        else "  NOT signed by a key of this box: the serving box needs the signer's key, or --allow-unsigned"
+    )
     click.echo(
         f"on the serving box: inferbox models import {packed.path.name} --publisher-key <this box's public key> "
         f"--expect-sha256 {package.sha256}"
@@ -340,6 +344,19 @@ def _import_json(imported: Imported) -> dict[str, Any]:
         "bytes": imported.size,
         "exported_on": imported.exported_on,
     }
+
+
+def _signer_id(settings: Settings, folder: Path) -> str | None:
+    """The key id of this box's key (current or retired, or ``public_key``) that signed the package; else None."""
+    from appliance.models.trust import box_keys, signer
+    from runtime.errors import SignatureError
+    from runtime.signing import key_id
+
+    try:
+        key = signer(folder, box_keys(settings))
+    except SignatureError:
+        return None
+    return key_id(key) if key is not None else None
 
 
 def _fact(text: str, limit: int = 100) -> str:

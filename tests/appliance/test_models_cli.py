@@ -120,6 +120,7 @@ def test_pack_then_import_on_another_box_serves_the_same_package(boxes: dict[str
     packed = pack(build, tmp_path / "mlp-1.tar")
     original = read_package(build / "models" / "mlp" / "1")
     assert packed["package_sha256"] == original.sha256
+    assert packed["signed_by"] == key_id(load_public_key(boxes["build_pub"]))  # no public_key set: still named
     assert packed["archive_sha256"] == hashlib.sha256((tmp_path / "mlp-1.tar").read_bytes()).hexdigest()
     # the build box recorded that the weights left it, before the file appeared
     (rec,) = records(build, "model_pack")
