@@ -117,6 +117,8 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
                 "or copy a package into the repository"
             ) from exc
         del export_default  # built in a child process (below)
+        if settings.audit:
+            _check_audit_log(settings)  # the build is recorded: a log that cannot be written stops it first
         log.info("repository %s is empty: building the default model %s", settings.repository, settings.default_model)
         # In a child process: the export loads torch, transformers and the converters, which the
         # server must not hold (memory; and a server that had run the export in-process sometimes
@@ -172,6 +174,26 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
         finally:
             store.close()
     return Prepared(built_default=built, admin_key=admin_key, admin_key_id=admin_id)
+
+
+def _check_audit_log(settings: Settings) -> None:
+    """Open the audit log once (made on a new box): a log that cannot be written is a refused configuration
+    (exit 78: systemd does not restart into a two-minute model build that cannot be recorded)."""
+    import sqlite3
+
+    from appliance.audit.log import AuditLog
+
+    try:
+        log = AuditLog.open(settings)
+        try:
+            _ = log.log_id  # opens it: the schema is made or read
+        finally:
+            log.close()
+    except (sqlite3.Error, OSError, InferboxError) as exc:
+        raise ConfigError(
+            f"the audit log {settings.audit_db} cannot be opened ({exc}): the default model's build would not be "
+            "recorded; move the file aside and investigate it (inferbox audit verify), then start again"
+        ) from exc
 
 
 def _create_first_admin_key(settings: Settings, store: Any) -> tuple[str, str]:

@@ -385,6 +385,10 @@ class ModelRegistry:
                 raise
             with self._lock:
                 self._errors.pop((name, model.version), None)
+                unloaded = current is not None and self._models.get(name) is not current
+            if unloaded:  # unloaded while the newer version opened: an unload that answered 200 stands
+                model.close()
+                raise ModelNotFoundError(f"model {name!r} was unloaded while version {model.version} was loading")
             self.add(model)
         return model
 

@@ -62,7 +62,6 @@ def record_export(
         return  # a build box that never served keeps no log
     import hashlib
 
-    from appliance.commands.audit import record_cli_event
     from runtime.package import read_manifest_bytes
 
     path = settings.repository / manifest.name / str(manifest.version)
@@ -74,14 +73,23 @@ def record_export(
         "source_sha256": p.source_sha256,
         "variants": ",".join(v.id for v in manifest.variants if any(a.passed for a in v.accuracy)),
     }
+    from appliance.audit.log import AuditLog
+    from appliance.commands.audit import cli_event
+
+    identity = (manifest.name, manifest.version, sha256)
+    event = cli_event("model_export", action, started, details, model=identity, actor=actor)
+    log = None
     try:
-        identity = (manifest.name, manifest.version, sha256)
-        record_cli_event(settings, "model_export", action, started, details, model=identity, actor=actor)
+        log = AuditLog.open(settings)
+        log.append(event)
     except BaseException:
         from appliance.models.removing import remove_package
 
-        remove_package(settings, manifest.name, manifest.version)
+        if log is not None:
+            log.close()
+        remove_package(settings, manifest.name, manifest.version)  # not recorded: not on the box
         raise
+    log.close()  # the record is committed: a failure from here on (a checkpoint) leaves the package
 
 
 def resolve_threads(settings: Settings) -> int:

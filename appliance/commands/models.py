@@ -37,10 +37,11 @@ def _settings(home: Path | None, repository: Path | None) -> Settings:
     from runtime.errors import ConfigError
 
     settings = build_settings(home=home, repository=repository)
-    owner = _foreign_owner(settings.home)
+    owner = _foreign_owner(settings.home) or _foreign_owner(settings.repository)
     if owner is not None:
         raise ConfigError(
-            f"the state folder {settings.home} belongs to {owner}, and this command runs as root: files root "
+            f"the state folder {settings.home} or its repository {settings.repository} belongs to {owner}, and this "
+            "command runs as root: files root "
             f"writes there the service cannot read, and folders {owner} can write are no place for root to work "
             f"in; run it as {owner}: sudo -u {owner} env INFERBOX_HOME={settings.home} "
             "INFERBOX_CONFIG=/etc/inferbox/inferbox.toml /opt/inferbox/venv/bin/inferbox models ..."
@@ -183,8 +184,8 @@ def pack(
         failed = {**details(packed), "error": f"the file did not appear: {exc}"[:500]}
         _record(settings, "model_pack", "inferbox models pack", started, identity, failed, ok=False)
 
-    packed = pack_package(package, target, before_publish=before_publish, publish_failed=publish_failed)
     signed_by = package.signed_by or _signer_id(settings, package.path)
+    packed = pack_package(package, target, before_publish=before_publish, publish_failed=publish_failed)
     result = {
         "file": str(packed.path),
         "bytes": packed.size,
@@ -349,12 +350,12 @@ def _import_json(imported: Imported) -> dict[str, Any]:
 def _signer_id(settings: Settings, folder: Path) -> str | None:
     """The key id of this box's key (current or retired, or ``public_key``) that signed the package; else None."""
     from appliance.models.trust import box_keys, signer
-    from runtime.errors import SignatureError
+    from runtime.errors import InferboxError
     from runtime.signing import key_id
 
     try:
         key = signer(folder, box_keys(settings))
-    except SignatureError:
+    except (InferboxError, OSError, ValueError):  # signed by none of them, or a key file that does not load
         return None
     return key_id(key) if key is not None else None
 

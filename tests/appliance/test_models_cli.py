@@ -675,14 +675,20 @@ def test_root_is_refused_on_a_state_folder_another_user_owns(
     """Root working in folders the service user can write could be led through its links (and would leave
     files the service cannot read): the command says to run as that user instead."""
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    monkeypatch.setattr("appliance.commands.models._foreign_owner", lambda home: "inferbox")
-    for command in (
-        ["models", "import", str(boxes["build"] / "models/mlp/1"), "--publisher-key", str(boxes["build_pub"])],
-        ["models", "remove", "mlp", "1", "--yes"],
-    ):
-        result = run(boxes["serving"], *command)
-        assert result.exit_code == 2 and "sudo -u inferbox" in result.output, result.output
-    assert not (boxes["serving"] / "models").exists()
+    owned = boxes["serving"] / "elsewhere"  # the service's repository, passed to root's own home
+    monkeypatch.setattr(
+        "appliance.commands.models._foreign_owner",
+        lambda path: "inferbox" if path in (boxes["serving"], owned) else None,
+    )
+    for home, extra in ((boxes["serving"], []), (boxes["build"], ["--repository", str(owned)])):
+        for command in (
+            ["models", "import", str(boxes["build"] / "models/mlp/1"), "--publisher-key", str(boxes["build_pub"])],
+            ["models", "remove", "mlp", "1", "--yes"],
+        ):
+            result = run(home, *command, *extra)
+            assert result.exit_code == 2 and "sudo -u inferbox" in result.output, result.output
+    assert not (boxes["serving"] / "models").exists() and not owned.exists()
+    assert (boxes["build"] / "models" / "mlp" / "1").is_dir()
 
 
 def test_a_retired_key_is_not_trusted_by_default(boxes: dict[str, Path], tmp_path: Path) -> None:

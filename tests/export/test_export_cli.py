@@ -252,7 +252,7 @@ def test_an_export_on_a_box_with_an_audit_log_is_recorded_or_taken_out(
     def broken(*a: object, **k: object) -> None:
         raise AuditError("the audit log cannot be written (test)")
 
-    monkeypatch.setattr("appliance.commands.audit.record_cli_event", broken)
+    monkeypatch.setattr(AuditLog, "append", broken)
     failed = _invoke(home, *args)
     assert failed.exit_code == 2 and "cannot be written" in failed.output
     assert not (home / "models" / "mlp" / "2").exists()
@@ -274,3 +274,63 @@ def test_an_export_on_a_build_box_without_a_log_makes_none(tmp_path: Path, tiny_
     )
     assert _invoke(home, *args).exit_code == 0
     assert not (home / "audit.db").exists()
+
+
+def test_a_failure_after_the_export_record_is_committed_leaves_the_package(
+    tmp_path: Path, tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record is in the log: taking the package out then would make the log say what is not so."""
+    import sqlite3
+
+    from appliance.audit.log import AuditLog
+    from appliance.settings import load_settings
+
+    home = tmp_path / "box"
+    assert _invoke(home, "signing-key", "create").exit_code == 0
+    assert _invoke(home, "keys", "create", "--scope", "infer").exit_code == 0
+    real_close = AuditLog.close
+
+    def close_fails(self: AuditLog) -> None:
+        real_close(self)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(AuditLog, "close", close_fails)
+    args = (
+        "export",
+        str(tiny_onnx),
+        "--task",
+        "tensor",
+        "--name",
+        "mlp",
+        "--timing",
+        "quick",
+        "--variants",
+        "onnx-fp32",
+    )
+    result = _invoke(home, *args)
+    assert result.exit_code == 2
+    monkeypatch.setattr(AuditLog, "close", real_close)
+    assert (home / "models" / "mlp" / "1").is_dir()
+    with AuditLog.open(load_settings({"home": home})) as log:
+        assert [r.event for r in log.tail(10)].count("model_export") == 1
+
+
+def test_a_first_start_with_an_unwritable_audit_log_builds_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import multiprocessing
+
+    from appliance.server import prepare
+    from appliance.settings import load_settings
+    from runtime.errors import ConfigError
+
+    home = tmp_path / "new"
+    home.mkdir()
+    (home / "audit.db").write_bytes(b"not a database at all" * 100)
+
+    def no_build(*a: object, **k: object) -> None:
+        raise AssertionError("the default model was built although its record could not be written")
+
+    monkeypatch.setattr(multiprocessing, "get_context", no_build)
+    with pytest.raises(ConfigError, match="cannot be opened"):
+        prepare(load_settings({"home": home}))
