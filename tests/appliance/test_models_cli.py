@@ -24,7 +24,7 @@ from appliance.settings import load_settings
 from runtime.package import MANIFEST, SIGNATURE, finalize_package, read_package, staging_dir
 from runtime.repository import Repository
 from runtime.signing import key_id, load_private_key, load_public_key, verify
-from tests.runtime.conftest import build_mlp
+from tests.runtime.conftest import build_mlp, publish_mlp
 
 
 @pytest.fixture(autouse=True)
@@ -41,46 +41,10 @@ def run(home: Path, *args: str, **env: str) -> Result:
 
 def publish(home: Path, *, version: int = 1, name: str = "mlp", sign: bool = True, seed: int = 0) -> Path:
     """A one-variant ONNX tensor package ``<name>/<version>`` in ``home``'s repository, signed with its key."""
-    from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Variant
-
-    root = home / "models"
-    staging = staging_dir(root)
-    (staging / "onnx").mkdir()
-    build_mlp(staging / "onnx" / "model.onnx", seed=seed)
-    ok = Accuracy(
-        runtime="onnxruntime", exec_precision="fp32", samples=4, metrics={}, gate={}, passed=True, reference="onnx-fp32"
-    )
-    manifest = Manifest(
-        name=name,
-        version=version,
-        task="tensor",
-        inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 8])],
-        outputs=[
-            TensorSpec(name="hidden", dtype="float32", shape=[-1, 16]),
-            TensorSpec(name="logits", dtype="float32", shape=[-1, 4]),
-        ],
-        variants=[
-            Variant(
-                id="onnx-fp32",
-                format="onnx",
-                precision="fp32",
-                files=["onnx/model.onnx"],
-                backends=["ort-cpu"],
-                recipe="",
-                accuracy=[ok],
-            )
-        ],
-        files=[],
-        provenance=Provenance(
-            source_kind="onnx",
-            source="mlp.onnx",
-            source_sha256="",
-            created_at="2026-12-05T00:00:00Z",
-            machine={"cpu": "Build Box CPU 9000", "cpus": "64"},
-        ),
-    )
     key = load_private_key(home / "keys" / "signing.key") if sign else None
-    return finalize_package(staging, manifest, root, signing_key=key).path
+    machine = {"cpu": "Build Box CPU 9000", "cpus": "64"}
+    publish_mlp(home / "models", ["ort-cpu"], name, version=version, seed=seed, signing_key=key, machine=machine)
+    return home / "models" / name / str(version)
 
 
 def records(home: Path, event: str) -> list[Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -115,20 +116,30 @@ def hardware() -> HardwareProfile:
     return probe_hardware()
 
 
-def publish_mlp(root: Path, backends: list[str], name: str = "mlp") -> Path:
-    """A one-variant tensor package ``<name>/1`` (onnx-fp32, gate passed) under ``root``; returns ``root``."""
+def publish_mlp(
+    root: Path,
+    backends: list[str],
+    name: str = "mlp",
+    *,
+    version: int = 1,
+    seed: int = 0,
+    signing_key: Any = None,
+    machine: dict[str, str] | None = None,
+) -> Path:
+    """A one-variant tensor package ``<name>/<version>`` (onnx-fp32, gate passed) under ``root``, signed with
+    ``signing_key`` when given; returns ``root``."""
     from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Variant
     from runtime.package import finalize_package, staging_dir
 
     staging = staging_dir(root)
     (staging / "onnx").mkdir()
-    build_mlp(staging / "onnx" / "model.onnx")
+    build_mlp(staging / "onnx" / "model.onnx", seed=seed)
     ok = Accuracy(
         runtime="onnxruntime", exec_precision="fp32", samples=4, metrics={}, gate={}, passed=True, reference="onnx-fp32"
     )
     manifest = Manifest(
         name=name,
-        version=1,
+        version=version,
         task="tensor",
         inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 8])],
         outputs=[
@@ -147,7 +158,9 @@ def publish_mlp(root: Path, backends: list[str], name: str = "mlp") -> Path:
             )
         ],
         files=[],
-        provenance=Provenance(source_kind="onnx", source="x", source_sha256="", created_at="2026-11-28T00:00:00Z"),
+        provenance=Provenance(
+            source_kind="onnx", source="x", source_sha256="", created_at="2026-11-28T00:00:00Z", machine=machine or {}
+        ),
     )
-    finalize_package(staging, manifest, root)
+    finalize_package(staging, manifest, root, signing_key=signing_key)
     return root
