@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import IO
 
-__all__ = ["HashingReader", "HashingWriter"]
+__all__ = ["HashingReader", "HashingWriter", "write_new"]
+
+_CHUNK = 1 << 20
 
 
 class HashingWriter:
@@ -44,3 +48,26 @@ class HashingReader:
         self.hash.update(data)
         self.size += len(data)
         return data
+
+
+def write_new(source: IO[bytes], dest: Path, size: int | None = None, *, mode: int = 0o600) -> str:
+    """Copy ``size`` bytes of ``source`` (all of it when None) into the new file ``dest``: never over a file
+    that exists (``FileExistsError``), never through a link, fsynced.  Returns its SHA-256; ``EOFError``
+    when ``source`` ends before ``size`` bytes (the file written so far stays for the caller to remove)."""
+    digest = hashlib.sha256()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as out:
+        left = size
+        while left is None or left:
+            chunk = source.read(_CHUNK if left is None else min(_CHUNK, left))
+            if not chunk:
+                if left is None:
+                    break
+                raise EOFError(f"{dest.name}: the source ended {left} bytes early")
+            digest.update(chunk)
+            out.write(chunk)
+            if left is not None:
+                left -= len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()

@@ -716,12 +716,7 @@ def _publish(
             public_key = signing_key.public_key()
         # the reader is the spec: a package that would not load is never published
         read_package(staging, public_key=public_key, verify_hashes=False)
-        for folder, _dirs, _files in os.walk(staging, topdown=False):
-            fsync_dir(Path(folder))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # staging is private (0700); give the package the model folder's permissions
-        os.chmod(staging, stat.S_IMODE(target.parent.stat().st_mode))
-        if _rename_into_place(staging, target):
+        if _move_into_place(staging, target):
             break
         if not next_free:  # lost a race with another writer of this version
             raise PackageError(
@@ -799,11 +794,7 @@ def place_staged(staging: Path, repository: Path, name: str, version: int) -> Pa
     if version < 1:
         raise ManifestError(f"version {version} is not usable (versions are 1 or more)", path=str(staging))
     target = repository / name / str(version)
-    for folder, _dirs, _files in os.walk(staging, topdown=False):
-        fsync_dir(Path(folder))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(staging, stat.S_IMODE(target.parent.stat().st_mode))
-    if not _rename_into_place(staging, target):
+    if not _move_into_place(staging, target):
         raise PackageError(
             f"{target} appeared meanwhile (another import or export of {name}?); check it with "
             "`inferbox models list --verify`",
@@ -813,6 +804,16 @@ def place_staged(staging: Path, repository: Path, name: str, version: int) -> Pa
     fsync_dir(repository)
     _release_staging(staging)
     return target
+
+
+def _move_into_place(staging: Path, target: Path) -> bool:
+    """fsync the staged tree, give it the model folder's permissions (staging is private, 0700) and rename
+    it to ``target``; False when ``target`` is taken."""
+    for folder, _dirs, _files in os.walk(staging, topdown=False):
+        fsync_dir(Path(folder))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(staging, stat.S_IMODE(target.parent.stat().st_mode))
+    return _rename_into_place(staging, target)
 
 
 def _rename_into_place(staging: Path, target: Path) -> bool:

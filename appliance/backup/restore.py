@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -37,7 +36,7 @@ from appliance.backup.manifest import (
     decode_manifest,
     member_path,
 )
-from appliance.hashio import HashingReader
+from appliance.hashio import HashingReader, write_new
 from appliance.settings import Settings
 from appliance.sqlite import open_read_only
 from appliance.tarlimits import SmallHeaders
@@ -85,20 +84,10 @@ class RestoreResult:
 
 
 def _copy_member(source: IO[bytes], dest: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        left = size
-        while left:
-            chunk = source.read(min(CHUNK, left))
-            if not chunk:
-                raise BackupError(f"the archive ends inside {dest.name}: it is truncated; use another copy")
-            digest.update(chunk)
-            out.write(chunk)
-            left -= len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return digest.hexdigest()
+    try:
+        return write_new(source, dest, size)
+    except EOFError:
+        raise BackupError(f"the archive ends inside {dest.name}: it is truncated; use another copy") from None
 
 
 def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry], str, int]:

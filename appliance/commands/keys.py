@@ -20,10 +20,9 @@ from pathlib import Path
 import click
 
 from api.protocols import AuditEvent
-from appliance.commands.options import build_settings, state_options
+from appliance.commands.options import build_settings, existing_home, state_options
 from appliance.keys import KeyStore, certificate_sha256, parse_expiry
 from appliance.settings import Settings
-from runtime.errors import ConfigError
 
 __all__ = ["Recorder", "cli_user", "keys", "recorder_factory"]
 
@@ -73,14 +72,7 @@ def cli_user() -> str:
 def _settings(home: Path | None, repository: Path | None) -> Settings:
     """The settings, refusing a state folder that does not exist (a mistyped or default home)."""
     settings = build_settings(home=home, repository=repository)
-    if not settings.home.is_dir():
-        raise ConfigError(
-            f"home ({settings.sources.get('home', 'default')}): there is no state folder at {settings.home}; "
-            "keys live in the state folder the server uses: pass --home or set INFERBOX_HOME (on an installed "
-            "box: sudo -u inferbox env INFERBOX_HOME=/var/lib/inferbox INFERBOX_CONFIG=/etc/inferbox/inferbox.toml "
-            "/opt/inferbox/venv/bin/inferbox keys ...), or create it first with `inferbox serve` or `inferbox install`"
-        )
-    return settings
+    return existing_home(settings, "keys", "keys live in the state folder the server uses")
 
 
 def _event(kind: str, action: str, key_id: str, details: dict[str, str], started: str) -> AuditEvent:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from appliance.commands.options import build_settings, state_options
+from appliance.commands.options import build_settings, existing_home, state_options
 
 if TYPE_CHECKING:
     from appliance.models.importing import Imported
@@ -46,14 +46,7 @@ def _settings(home: Path | None, repository: Path | None) -> Settings:
             f"in; run it as {owner}: sudo -u {owner} env INFERBOX_HOME={settings.home} "
             "INFERBOX_CONFIG=/etc/inferbox/inferbox.toml /opt/inferbox/venv/bin/inferbox models ..."
         )
-    if not settings.home.is_dir():
-        raise ConfigError(
-            f"home ({settings.sources.get('home', 'default')}): there is no state folder at {settings.home}; the "
-            "models go to the repository of the state folder the server uses: pass --home or set INFERBOX_HOME (on "
-            "an installed box: sudo -u inferbox env INFERBOX_HOME=/var/lib/inferbox "
-            "INFERBOX_CONFIG=/etc/inferbox/inferbox.toml /opt/inferbox/venv/bin/inferbox models ...)"
-        )
-    return settings
+    return existing_home(settings, "models", "the models go to the repository of the state folder the server uses")
 
 
 def _foreign_owner(home: Path) -> str | None:

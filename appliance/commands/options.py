@@ -10,7 +10,7 @@ import click
 
 from appliance.settings import Settings, load_settings
 
-__all__ = ["build_settings", "state_options"]
+__all__ = ["build_settings", "existing_home", "state_options"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,3 +35,19 @@ def state_options(func: F) -> F:
 def build_settings(**overrides: Any) -> Settings:
     """Settings from defaults < file < env < these CLI values (None = not given)."""
     return load_settings(overrides)
+
+
+def existing_home(settings: Settings, command: str, why: str) -> Settings:
+    """``settings``, refusing a state folder that does not exist (a mistyped home, or the default
+    ``~/.inferbox`` of a user who is not the service): ``why`` says where the command's data belongs."""
+    from runtime.errors import ConfigError
+
+    if not settings.home.is_dir():
+        raise ConfigError(
+            f"home ({settings.sources.get('home', 'default')}): there is no state folder at {settings.home}; "
+            f"{why}: pass --home or set INFERBOX_HOME (on an installed box: sudo -u inferbox env "
+            "INFERBOX_HOME=/var/lib/inferbox INFERBOX_CONFIG=/etc/inferbox/inferbox.toml "
+            f"/opt/inferbox/venv/bin/inferbox {command} ...), or create it first with `inferbox serve` or "
+            "`inferbox install`"
+        )
+    return settings

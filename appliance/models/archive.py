@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from appliance.hashio import HashingReader, HashingWriter
+from appliance.hashio import HashingReader, HashingWriter, write_new
 from appliance.tarlimits import SmallHeaders
 from runtime.durable import fsync_dir, publish_new
 from runtime.errors import PackageError, UnsafePathError
@@ -236,18 +236,10 @@ def _write_member(source: IO[bytes], dest: Path, rel: str, size: int, archive: P
     target = dest / rel
     try:
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        write_new(source, target, size, mode=0o644)
     except FileExistsError:
         raise PackageError(f"{archive}: member {rel!r} appears twice: damaged or not a package") from None
     except (NotADirectoryError, IsADirectoryError):
         raise PackageError(f"{archive}: member {rel!r} clashes with another member's path") from None
-    with os.fdopen(fd, "wb") as out:
-        left = size
-        while left:
-            chunk = source.read(min(_CHUNK, left))
-            if not chunk:
-                raise PackageError(f"{archive} ends inside {rel}: it is truncated; copy it again", str(archive))
-            out.write(chunk)
-            left -= len(chunk)
-        out.flush()
-        os.fsync(out.fileno())
+    except EOFError:
+        raise PackageError(f"{archive} ends inside {rel}: it is truncated; copy it again", str(archive)) from None

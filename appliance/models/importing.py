@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from appliance.hashio import write_new
 from appliance.models.archive import unpack_package
 from appliance.models.trust import box_keys, signer
 from runtime.errors import IntegrityError, ManifestError, PackageError, SignatureError
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Imported", "import_package"]
 
-_CHUNK = 1 << 20
 _VERSION = re.compile(r"[1-9][0-9]*")
 
 
@@ -255,11 +255,5 @@ def _copy_folder(source: Path, staging: Path) -> None:
     for rel in rels:
         fd = _open_nofollow(source / rel, rel)
         with os.fdopen(fd, "rb") as src:
-            dest = staging / rel
-            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            out_fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(out_fd, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            write_new(src, staging / rel, mode=0o644)
