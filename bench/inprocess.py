@@ -15,6 +15,12 @@ Runners are measured one after another, minutes apart, and a VM's speed drifts
 by 10-20 % in that time.  So the target's ratio (best candidate vs the best
 PyTorch configuration of the run, bf16 autocast or fp32, at b32x128) comes from a head-to-head (:func:`head_to_head`): both open in this
 process, their batches alternating in ABBA order, the ratio of median times.
+The same drift also decides which row looks best, so the head-to-head runs for
+the best ``H2H_CANDIDATES`` (2) gate-passing rows, each against the baseline,
+and the target takes the best of them (the others are kept as
+``contenders``): on the AMD box of 2026-12-06 one run's table put OpenVINO fp32
+in bf16 first, whose head-to-head read 1.61x, while INT8 read 1.83x in the run
+before.
 
 ``python -m bench.inprocess [--quick] [--out DIR]`` runs this part alone.
 """
@@ -577,6 +583,8 @@ def measure(
 
 #: ABBA rounds of the head-to-head (each round: baseline, candidate, candidate, baseline)
 H2H_ROUNDS = 8
+#: the best gate-passing rows of the table that get a head-to-head (quick mode: the best one)
+H2H_CANDIDATES = 2
 #: pause before each head-to-head batch: the other runtime's worker threads stop spinning
 H2H_PAUSE_S = 0.05
 #: warm-up per scenario of a candidate with static-shape copies: its calls must have taken
@@ -878,11 +886,12 @@ def run(
     echo(result["table"])
     if texts.tokens_b32 != B32_TOKENS:
         echo(f"b32x128_per_s: batches of 32 texts of {texts.tokens_b32} tokens (the model's maximum length)")
-    best = max(
+    ranked = sorted(
         (r for r in rows if "skipped" not in r and r.get("kind") == "candidate" and r.get("x_best_pt")),
         key=lambda r: r["x_best_pt"],
-        default=None,
+        reverse=True,
     )
+    best = ranked[0] if ranked else None
     if not baselines:
         result["head_to_head"] = skipped("no PyTorch baseline was asked for")
     elif not best_pt:
@@ -891,13 +900,17 @@ def run(
         result["head_to_head"] = skipped("no candidate of the package was measured")
     else:
         bf16 = best_pt is ref16
-        result["head_to_head"] = _head_to_head(package, base_dir, best, texts, cfg, threads, max_length, bf16=bf16)
-        h = result["head_to_head"]
-        if "ratio" in h:
-            echo(
-                f"head to head (ABBA x {h['rounds']}): {h['candidate']} {h['candidate_per_s']:.1f}/s vs "
-                f"{h['baseline']} {h['baseline_per_s']:.1f}/s = {h['ratio']:.2f}x"
-            )
+        tried = [
+            _head_to_head(package, base_dir, r, texts, cfg, threads, max_length, bf16=bf16)
+            for r in ranked[: cfg.pick(1, H2H_CANDIDATES)]
+        ]
+        for h in tried:
+            if "ratio" in h:
+                echo(
+                    f"head to head (ABBA x {h['rounds']}): {h['candidate']} {h['candidate_per_s']:.1f}/s vs "
+                    f"{h['baseline']} {h['baseline_per_s']:.1f}/s = {h['ratio']:.2f}x"
+                )
+        result["head_to_head"] = best_head_to_head(tried)
     for r in rows:
         if "skipped" in r:
             echo(f"  skipped {r['runner']}: {r['skipped']}")
@@ -917,6 +930,16 @@ def run(
     ) or str(cfg.out / "inprocess.png")
     write_json(cfg.out / "inprocess.json", result)
     return result
+
+
+def best_head_to_head(tried: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The head-to-head of the highest ratio among ``tried`` (one per candidate; a failed one is
+    skipped), with the others under ``contenders``; the first failure when none measured."""
+    measured = [h for h in tried if "ratio" in h]
+    if not measured:
+        return dict(tried[0]) if tried else skipped("no candidate of the package was measured")
+    best = max(measured, key=lambda h: float(h["ratio"]))
+    return {**best, "contenders": [h for h in tried if h is not best]}
 
 
 def _head_to_head(

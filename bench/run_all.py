@@ -331,6 +331,13 @@ def render_readme(report: dict[str, Any]) -> str:
             f"{h2h['ratio']:.2f}x.",
             "",
         ]
+        others = [h for h in h2h.get("contenders") or [] if isinstance(h, dict)]
+        if others:
+            said = [
+                f"{h['candidate']} {h['ratio']:.2f}x" if "ratio" in h else f"skipped: {h.get('skipped')}"
+                for h in others
+            ]
+            lines += [f"Also head to head (the next best rows of the table): {'; '.join(said)}.", ""]
     rejected = _get(parts, "inprocess", "rejected") or []
     if rejected:
         lines += ["Candidates not run (rejected by the ranking; unusable backends once each):", ""]

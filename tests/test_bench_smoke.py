@@ -561,6 +561,18 @@ def test_head_to_head_alternates_abba_and_divides_median_times() -> None:
     assert (h["baseline"], h["candidate"], h["rounds"]) == ("torch", "ov", 2)
 
 
+def test_the_target_takes_the_best_of_the_head_to_heads_and_keeps_the_others() -> None:
+    from bench.inprocess import best_head_to_head
+
+    a = {"candidate": "ov-int8", "ratio": 1.83}
+    b = {"candidate": "ov-fp32", "ratio": 1.61}
+    failed = common.skipped("did not open")
+    # the table's order put ov-fp32 first; the alternating measurement decides
+    assert best_head_to_head([b, failed, a]) == {**a, "contenders": [b, failed]}
+    assert best_head_to_head([failed]) == failed
+    assert common.is_skipped(best_head_to_head([]))
+
+
 def test_warm_up_runs_for_warm_s_then_waits_for_what_it_started() -> None:
     from bench.inprocess import warm
 
@@ -706,6 +718,7 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
         "baseline_per_s": 90.0,
         "candidate_per_s": 171.0,
         "ratio": 1.9,
+        "contenders": [{"candidate": "b", "ratio": 1.61}, common.skipped("b2 did not open")],
     }
     before = {"candidate": "a", "items_per_s": 500.0, "cpu_ms_per_item": 4.0, "batcher": {"32": _level(380.0)}}
     after = {
@@ -729,6 +742,7 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
     report["targets"] = []
     page = run_all.render_readme(report)
     assert "ABBA x 10" in page and "a 171.0/s vs pytorch bf16 autocast 90.0/s = 1.90x" in page
+    assert "Also head to head (the next best rows of the table): b 1.61x; skipped: b2 did not open." in page
     assert "at 480.0 items/s" in page and "500.0 before the server runs, 460.0 after" in page
     assert "c=32 340.0 items/s (5.00 CPU ms; 380.0 before the server runs, 300.0 after)" in page
     assert "order server inprocess inprocess server): server 90.0, 95.0 items/s; in-process 100.0, 100.0" in page
