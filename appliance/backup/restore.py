@@ -449,17 +449,6 @@ def _relocate_jobs(state_db: Path, old_home: str, new_home: Path) -> int:
         conn.close()
 
 
-def _chown_to_home(settings: Settings, paths: list[Path]) -> None:
-    """Run as root into a home another user owns (``sudo inferbox backup restore``): hand the files over."""
-    if os.geteuid() != 0:
-        return
-    st = settings.home.stat()
-    if st.st_uid == 0:
-        return
-    for p in paths:
-        os.chown(p, st.st_uid, st.st_gid, follow_symlinks=False)
-
-
 def _refuse_occupied(settings: Settings) -> None:
     taken = occupied(settings)
     if taken:
@@ -474,7 +463,7 @@ def _refuse_occupied(settings: Settings) -> None:
         )
 
 
-def _place(placed: list[tuple[Path, Path]], settings: Settings) -> list[Path]:
+def _place(placed: list[tuple[Path, Path]], settings: Settings) -> None:
     """Move every (staged, destination) pair, the databases last, never replacing a file; undo all on failure."""
     databases = [(s, d) for s, d in placed if d in (settings.state_db, settings.audit_db)]
     done: list[tuple[Path, Path]] = []
@@ -503,7 +492,6 @@ def _place(placed: list[tuple[Path, Path]], settings: Settings) -> list[Path]:
             f"restore stopped writing {exc.filename or ''} ({exc.strerror or exc}){where}; what it had placed "
             "was taken back: free space (the home needs the archive's size twice while restoring) and run it again"
         ) from exc
-    return made + [d for _, d in done]
 
 
 def restore_backup(
@@ -609,14 +597,14 @@ def restore_backup(
                     set_aside.append((key, aside))
                     notes.append(f"the signing key that was here is kept as {aside}")
         try:
-            touched = _place(pairs, settings)
+            _place(pairs, settings)
         except BaseException:
             for key, aside in set_aside:
                 with contextlib.suppress(OSError):
                     _move(aside, key)  # never over a restored key that could not be taken back
             raise
         try:
-            return _after_placing(settings, checked, caught_up, record, touched, notes, len(pairs))
+            return _after_placing(settings, checked, caught_up, record, notes, len(pairs))
         except (InferboxError, OSError, sqlite3.Error) as exc:
             raise BackupError(
                 f"the files of {archive} are in place, but the restore did not finish: {exc}. Fix that, then check "
@@ -632,18 +620,16 @@ def _after_placing(
     checked: Checked,
     caught_up: CatchUp | None,
     record: Callable[[Checked, CatchUp | None, Settings], None] | None,
-    touched: list[Path],
     notes: list[str],
     placed: int,
 ) -> RestoreResult:
-    """Relocate batch jobs, record the restore, hand the files over, verify the log."""
+    """Relocate batch jobs, record the restore, verify the log."""
     if checked.manifest.home != str(settings.home) and settings.state_db.exists():
         moved = _relocate_jobs(settings.state_db, checked.manifest.home, settings.home)
         if moved:
             notes.append(f"{moved} batch job(s) now point at {settings.home} instead of {checked.manifest.home}")
     if record is not None:
         record(checked, caught_up, settings)
-    _chown_to_home(settings, touched + _new_files(settings))
     audit = None
     if settings.audit_db.exists():
         from appliance.audit.trust import trusted_keys
@@ -663,12 +649,3 @@ def _mkdirs(folder: Path) -> list[Path]:
     for d in reversed(made):
         d.mkdir(mode=0o700)
     return made
-
-
-def _new_files(settings: Settings) -> list[Path]:
-    """Files the restore record may have made (a new digest key, the database's WAL files)."""
-    out = [p for p in (settings.home / "audit.db-wal", settings.home / "audit.db-shm") if p.exists()]
-    digest = settings.keys_dir / "digest"
-    if digest.is_dir():
-        out += [digest, *digest.iterdir()]
-    return out

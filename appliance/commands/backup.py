@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import msgspec
 
-from appliance.commands.options import build_settings, state_options
+from appliance.commands.options import build_settings, refuse_root_in_foreign_state, state_options
 from appliance.settings import Settings
 from runtime.errors import BackupError
 
@@ -25,6 +25,13 @@ if TYPE_CHECKING:
     from appliance.backup.restore import Checked
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: what root must do first for restore to run as the owner of the state folder
+ROOT_RESTORE = (
+    " (files that user cannot read, an archive or off-box copies written by the old box's uid, copy first: "
+    "sudo install -d -o inferbox -m 0700 /var/tmp/restore && sudo cp -r ARCHIVE COPIES /var/tmp/restore && "
+    "sudo chown -R inferbox: /var/tmp/restore)"
+)
 
 __all__ = ["backup"]
 
@@ -259,7 +266,7 @@ def check(
                 folder,
                 expect_sha256=expect_sha256,
                 public_keys=_load_keys(public_keys),
-                legacy_pace=settings_pace(build_settings()),
+                legacy_pace=settings_pace(build_settings(root_ok=True)),  # the archive only
             )
         except BackupError as exc:
             if as_json:
@@ -328,7 +335,8 @@ def restore(
     from appliance.audit.trust import settings_pace
     from appliance.backup.restore import restore_backup
 
-    settings = build_settings(home=home, repository=repository)
+    settings = build_settings(home=home, repository=repository, root_ok=True)
+    refuse_root_in_foreign_state(settings, also=ROOT_RESTORE)
     if no_catch_up and audit_from is not None:
         raise click.UsageError("give --audit-from or --no-catch-up, not both")
     copies = None if no_catch_up else (audit_from or settings.ship_dir)
@@ -342,7 +350,9 @@ def restore(
     def reload(config_file: Path) -> Settings:
         from appliance.settings import load_settings
 
-        return load_settings({"home": settings.home, "repository": repository}, config_file=config_file)
+        restored = load_settings({"home": settings.home, "repository": repository}, config_file=config_file)
+        refuse_root_in_foreign_state(restored, also=ROOT_RESTORE)
+        return restored
 
     result = restore_backup(
         settings,

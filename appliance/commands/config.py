@@ -18,7 +18,7 @@ __all__ = ["config"]
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def config(home: Path | None, repository: Path | None, as_json: bool) -> None:
     """Show every setting, its value and its source (default, file, env, cli)."""
-    s = build_settings(home=home, repository=repository)
+    s = build_settings(home=home, repository=repository, root_ok=True)  # only reads the settings
     values = s.public_dict()
     if as_json:
         click.echo(json.dumps({"settings": values, "sources": dict(s.sources)}, indent=2))

@@ -34,38 +34,9 @@ def _mb(size: int) -> str:
 
 def _settings(home: Path | None, repository: Path | None) -> Settings:
     """The settings, refusing a state folder that does not exist (a mistyped or default home, or root's)."""
-    from runtime.errors import ConfigError
 
     settings = build_settings(home=home, repository=repository)
-    owner = _foreign_owner(settings.home) or _foreign_owner(settings.repository)
-    if owner is not None:
-        raise ConfigError(
-            f"the state folder {settings.home} or its repository {settings.repository} belongs to {owner}, and this "
-            "command runs as root: files root "
-            f"writes there the service cannot read, and folders {owner} can write are no place for root to work "
-            f"in; run it as {owner}: sudo -u {owner} env INFERBOX_HOME={settings.home} "
-            "INFERBOX_CONFIG=/etc/inferbox/inferbox.toml /opt/inferbox/venv/bin/inferbox models ..."
-        )
     return existing_home(settings, "models", "the models go to the repository of the state folder the server uses")
-
-
-def _foreign_owner(home: Path) -> str | None:
-    """Run as root on a state folder another user owns: that user's name (or uid); else None."""
-    import os
-    import pwd
-
-    if os.geteuid() != 0:
-        return None
-    try:
-        uid = home.stat().st_uid
-    except OSError:
-        return None
-    if uid == 0:
-        return None
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _record(

@@ -58,7 +58,11 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
 )
 def show(home: Path | None, repository: Path | None, key_path: Path | None) -> None:
     """Print the public key (PEM) and key id of the existing signing key."""
-    path = key_path if key_path is not None else build_settings(home=home, repository=repository).signing_key
+    path = (
+        key_path
+        if key_path is not None
+        else build_settings(home=home, repository=repository, root_ok=True).signing_key  # only reads the key
+    )
     key = load_private_key(path)
     click.echo(f"key id: {key_id(key)}")
     click.echo(public_key_pem(key), nl=False)

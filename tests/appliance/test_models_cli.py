@@ -641,7 +641,7 @@ def test_root_is_refused_on_a_state_folder_another_user_owns(
     monkeypatch.setattr("os.geteuid", lambda: 0)
     owned = boxes["serving"] / "elsewhere"  # the service's repository, passed to root's own home
     monkeypatch.setattr(
-        "appliance.commands.models._foreign_owner",
+        "appliance.commands.options.foreign_owner",
         lambda path: "inferbox" if path in (boxes["serving"], owned) else None,
     )
     for home, extra in ((boxes["serving"], []), (boxes["build"], ["--repository", str(owned)])):
