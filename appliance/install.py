@@ -164,6 +164,8 @@ _UNSET = {
     "public_key": "default: unset (signatures not required)",
     "ship_dir": "default: unset (`inferbox audit ship` needs it or --to; the ship unit sets it)",
     "backup_dir": "default: unset (`inferbox backup create` needs it or --to; the backup unit sets it)",
+    "backup_encrypt_to": "default: unset (plain archives; `inferbox backup keygen` makes a key, e.g. "
+    "/etc/inferbox/backup.pub)",
     "tls_cert": "default: unset (plain HTTP, refused on a non-loopback host without allow_plaintext)",
     "tls_key": "default: unset (root:inferbox, mode 0640; docs/operations.md)",
     "tls_client_ca": "default: unset (no client certificates asked for)",

@@ -137,6 +137,14 @@ FIELDS: tuple[Field, ...] = (
         "`inferbox backup create` keeps this many archives in its folder, removing older ones (0: keep all)",
         minimum=0,
     ),
+    Field(
+        "backup_encrypt_to",
+        Path,
+        None,
+        "backup",
+        "public key (`inferbox backup keygen`'s .pub) that `inferbox backup create` encrypts archives to; its "
+        "private key stays off the box",
+    ),
 )
 
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -193,6 +201,7 @@ class Settings:
     ship_dir: Path | None
     backup_dir: Path | None
     backup_keep: int
+    backup_encrypt_to: Path | None
     #: where each value came from (default / file / env / cli), for `inferbox config`
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
     #: the configuration file that was read (``$INFERBOX_CONFIG`` or ``<home>/inferbox.toml``), if any

@@ -31,6 +31,7 @@ import msgspec
 
 from appliance.audit.checkpoint import Pace
 from appliance.audit.trust import settings_pace
+from appliance.backup.crypt import EncryptingWriter, recipient_id
 from appliance.backup.manifest import (
     DAMAGED_NOTE,
     FORMAT,
@@ -51,6 +52,7 @@ from runtime.errors import BackupError, InferboxError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 __all__ = ["BackupResult", "archive_name", "create_backup"]
 
@@ -69,6 +71,8 @@ class BackupResult:
     removed: tuple[Path, ...] = ()
     #: removals that failed, each with its reason (the archive itself is in place)
     problems: tuple[str, ...] = ()
+    #: the key id of the recipient the archive is encrypted to (:mod:`appliance.backup.crypt`); None: plain
+    encrypted_to: str | None = None
 
 
 def _now() -> datetime:
@@ -94,16 +98,18 @@ def box_name(settings: Settings | None = None) -> str:
     return f"{host}-{log_id.replace('-', '')[:8]}"
 
 
-def archive_name(moment: datetime, box: str | None = None) -> str:
-    """``inferbox-backup-<box>-<UTC time>.tar``: boxes that share a backup folder never touch each other's."""
-    return f"inferbox-backup-{box or box_name()}-{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}.tar"
+def archive_name(moment: datetime, box: str | None = None, *, encrypted: bool = False) -> str:
+    """``inferbox-backup-<box>-<UTC time>.tar`` (``.tar.enc`` encrypted): boxes that share a backup folder
+    never touch each other's."""
+    suffix = ".tar.enc" if encrypted else ".tar"
+    return f"inferbox-backup-{box or box_name()}-{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}{suffix}"
 
 
 def _older(folder: Path, keep: int, box: str | None = None) -> list[Path]:
     """This box's archives in ``folder`` to remove so that ``keep`` remain with the new one (0: none removed)."""
     if keep <= 0:
         return []
-    pattern = re.compile(rf"inferbox-backup-{re.escape(box or box_name())}-\d{{8}}T\d{{6}}Z\.tar")
+    pattern = re.compile(rf"inferbox-backup-{re.escape(box or box_name())}-\d{{8}}T\d{{6}}Z\.tar(\.enc)?")
     found = sorted(
         p for p in folder.iterdir() if pattern.fullmatch(p.name) and stat.S_ISREG(p.lstat().st_mode)
     )  # the UTC time in the name sorts them oldest first
@@ -387,10 +393,12 @@ def create_backup(
     record_failed: Callable[[BackupResult, BaseException], None] | None = None,
     keep: int = 0,
     same_disk: bool = False,
+    recipient: X25519PublicKey | None = None,
     clock: Callable[[], datetime] = _now,
 ) -> BackupResult:
     """Write ``<folder>/inferbox-backup-<box>-<UTC time>.tar``; ``record`` is called before it appears,
-    ``record_failed`` when it then could not appear.
+    ``record_failed`` when it then could not appear.  With ``recipient``, the archive is encrypted to
+    that key (``.tar.enc``, :mod:`appliance.backup.crypt`): only its private key opens it.
 
     ``keep`` > 0: once it is in place, remove the oldest archives of the folder so that ``keep`` remain
     (the result and the record name them; only files named as this function names archives).
@@ -424,7 +432,7 @@ def create_backup(
     moment = clock()
     created_at = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     box = box_name(settings)
-    final = folder / archive_name(moment, box)
+    final = folder / archive_name(moment, box, encrypted=recipient is not None)
     if final.exists():
         raise BackupError(f"{final} already exists; wait a second and run the backup again")
     skipped: list[str] = []
@@ -465,8 +473,9 @@ def create_backup(
         entries: list[FileEntry] = []
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as raw:
-            out = HashingWriter(raw)
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            out = HashingWriter(raw)  # the stored bytes: encrypted ones, when encrypted
+            sealed = EncryptingWriter(out, recipient) if recipient is not None else None
+            with tarfile.open(fileobj=sealed or out, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
                 added: set[str] = set()
                 for arcname, path in [(a, p) for a, p in snapshots] + files:
                     entry = _add(tar, arcname, path, mtime=moment.timestamp() if path.parent == local else None)
@@ -500,13 +509,22 @@ def create_backup(
                 info = tarfile.TarInfo(f"{ROOT}/{MANIFEST}")
                 info.size, info.mode, info.mtime = len(data), 0o600, int(moment.timestamp())
                 tar.addfile(info, io.BytesIO(data))
+            if sealed is not None:
+                sealed.finish()
             raw.flush()
             os.fsync(raw.fileno())
         # never remove older archives next to one whose audit log did not verify: they may be the last good ones
         alert = audit is not None and not audit.verified and trusted_keys is not None
         anonymous = keep > 0 and box == box_name()  # no audit log id: a clone's archives carry the same name
         older = () if alert or damaged or anonymous else tuple(_older(folder, keep, box))
-        result = BackupResult(final, out.hash.hexdigest(), out.size, manifest, older)
+        result = BackupResult(
+            final,
+            out.hash.hexdigest(),
+            out.size,
+            manifest,
+            older,
+            encrypted_to=recipient_id(recipient) if recipient is not None else None,
+        )
         if record is not None:
             record(result)
         try:

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from appliance.backup.crypt import DecryptingReader, Source, encrypted_to
 from appliance.backup.manifest import (
     MANIFEST,
     ROOT,
@@ -45,6 +46,7 @@ from runtime.errors import BackupError, InferboxError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from appliance.audit.catch_up import CatchUp
     from appliance.audit.checkpoint import Pace
@@ -90,8 +92,19 @@ def _copy_member(source: IO[bytes], dest: Path, size: int) -> str:
         raise BackupError(f"the archive ends inside {dest.name}: it is truncated; use another copy") from None
 
 
-def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry], str, int]:
-    """Extract ``archive`` into the empty ``folder``: (manifest, files as found, archive sha256, size)."""
+def unpack(
+    archive: Path, folder: Path, identity: X25519PrivateKey | None = None
+) -> tuple[BackupManifest, list[FileEntry], str, int]:
+    """Extract ``archive`` into the empty ``folder``: (manifest, files as found, archive sha256, size).
+
+    An encrypted archive (:mod:`appliance.backup.crypt`) needs ``identity``, the private key it is
+    encrypted to; the SHA-256 and size are of the stored (encrypted) bytes."""
+    recipient = encrypted_to(archive)
+    if recipient is not None and identity is None:
+        raise BackupError(
+            f"{archive} is encrypted to the backup key {recipient or '(unreadable header)'}: pass --identity FILE, "
+            "the private key `inferbox backup keygen` wrote (kept off the box)"
+        )
     try:
         raw = open(archive, "rb")  # noqa: SIM115 - closed below, after the trailing blocks are hashed
     except OSError as exc:
@@ -106,9 +119,12 @@ def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry]
                 f"unpacking {archive} needs {budget / 1e6:.0f} MB free in {folder} and has {free / 1e6:.0f} MB; "
                 "free space there (for check: --scratch DIR, a folder with room)"
             )
-        reader = HashingReader(raw)
+        reader = HashingReader(raw)  # the stored bytes
         try:
-            with tarfile.open(fileobj=reader, mode="r|", tarinfo=SmallHeaders) as tar:  # type: ignore[call-overload]
+            plain: Source = reader
+            if recipient is not None and identity is not None:
+                plain = DecryptingReader(reader, identity, name=str(archive))
+            with tarfile.open(fileobj=plain, mode="r|", tarinfo=SmallHeaders) as tar:  # type: ignore[call-overload]
                 for member in tar:
                     if manifest_bytes is not None:
                         raise BackupError(f"archive member {member.name!r} comes after {MANIFEST}: not a backup")
@@ -144,7 +160,9 @@ def unpack(archive: Path, folder: Path) -> tuple[BackupManifest, list[FileEntry]
                     except (NotADirectoryError, IsADirectoryError) as exc:
                         raise BackupError(f"archive member {member.name!r} clashes with another member's path") from exc
                     found.append(FileEntry(rel, member.size, sha))
-            while reader.read(CHUNK):  # the end-of-archive blocks count in the archive's hash
+            while plain.read(CHUNK):  # the end-of-archive blocks count in the archive's hash (and seal the stream)
+                pass
+            while reader.read(CHUNK):
                 pass
         except (tarfile.TarError, EOFError, ValueError) as exc:  # a damaged header can raise ValueError
             raise BackupError(
@@ -270,15 +288,17 @@ def check_archive(
     expect_sha256: str | None = None,
     public_keys: Sequence[Ed25519PublicKey] = (),
     legacy_pace: Pace | None = None,
+    identity: X25519PrivateKey | None = None,
 ) -> Checked:
     """Unpack ``archive`` into the empty ``folder`` and check everything in it (raises only if unreadable).
 
     Without ``expect_sha256`` (the ``backup_create`` record's) the archive is checked against itself
     only: anyone who could rewrite it could also rewrite its manifest (``integrity`` says what held).
     ``public_keys`` (this appliance's published keys) are the keys its log must verify with, and
-    its signing key and retired keys must be among them.
+    its signing key and retired keys must be among them.  ``identity``: the private key an encrypted
+    archive is encrypted to.
     """
-    manifest, found, sha, size = unpack(archive, folder)
+    manifest, found, sha, size = unpack(archive, folder, identity)
     problems = []
     integrity = []
     if expect_sha256 is not None:
@@ -504,6 +524,7 @@ def restore_backup(
     public_keys: Sequence[Ed25519PublicKey] = (),
     legacy_pace: Pace | None = None,
     reload: Callable[[Path], Settings] | None = None,
+    identity: X25519PrivateKey | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> RestoreResult:
     """Check ``archive`` and put it back into ``settings``' home, repository and signing-key place.
@@ -518,7 +539,12 @@ def restore_backup(
     staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=settings.home))
     try:
         checked = check_archive(
-            archive, staging, expect_sha256=expect_sha256, public_keys=public_keys, legacy_pace=legacy_pace
+            archive,
+            staging,
+            expect_sha256=expect_sha256,
+            public_keys=public_keys,
+            legacy_pace=legacy_pace,
+            identity=identity,
         )
         if checked.problems:
             raise BackupError(

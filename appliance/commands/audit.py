@@ -520,5 +520,5 @@ def public_key(home: Path | None, repository: Path | None) -> None:
     """Print the public key (PEM) that verifies checkpoints: give it to auditors."""
     from runtime.signing import load_private_key, public_key_pem
 
-    settings = build_settings(home=home, repository=repository)
+    settings = build_settings(home=home, repository=repository, root_ok=True)  # only reads the key
     click.echo(public_key_pem(load_private_key(settings.signing_key)), nl=False)

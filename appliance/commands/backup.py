@@ -19,6 +19,7 @@ from runtime.errors import BackupError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
     from appliance.audit.catch_up import CatchUp
     from appliance.backup.manifest import BackupManifest
@@ -26,11 +27,11 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: what root must do first for restore to run as the owner of the state folder
+#: what root must do first for restore to run as the owner of the state folder ({owner} filled in)
 ROOT_RESTORE = (
-    " (files that user cannot read, an archive or off-box copies written by the old box's uid, copy first: "
-    "sudo install -d -o inferbox -m 0700 /var/tmp/restore && sudo cp -r ARCHIVE COPIES /var/tmp/restore && "
-    "sudo chown -R inferbox: /var/tmp/restore)"
+    "; first put the archive, the off-box copies and the public keys where {owner} can read them (the old box's "
+    'uid wrote them): D=$(sudo mktemp -d) && sudo cp -r ARCHIVE COPIES KEY-FILES "$D" && sudo chown -R {owner}: '
+    '"$D", then pass their paths in "$D"'
 )
 
 __all__ = ["backup"]
@@ -69,6 +70,12 @@ def _describe(m: BackupManifest) -> list[str]:
 
 def _trust_options(func: F) -> F:
     func = click.option(
+        "--identity",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        default=None,
+        help="The private key an encrypted archive (.tar.enc) is encrypted to (`inferbox backup keygen`'s).",
+    )(func)
+    func = click.option(
         "--public-key",
         "public_keys",
         type=click.Path(path_type=Path, dir_okay=False, exists=True),
@@ -82,6 +89,21 @@ def _trust_options(func: F) -> F:
         help="The archive's SHA-256 as `backup create` printed it and its backup_create audit record holds.",
     )(func)
     return func
+
+
+def _load_identity(archive: Path, path: Path | None) -> X25519PrivateKey | None:
+    """The private key ``--identity`` names; an encrypted archive without one is a usage error (exit 2)."""
+    from appliance.backup.crypt import encrypted_to, load_identity
+
+    if path is None:
+        recipient = encrypted_to(archive)
+        if recipient is not None:
+            raise click.UsageError(
+                f"{archive} is encrypted to the backup key {recipient or '(unreadable header)'}: pass --identity "
+                "FILE, the private key `inferbox backup keygen` wrote (kept off the box)"
+            )
+        return None
+    return load_identity(path)
 
 
 def _load_keys(paths: tuple[Path, ...]) -> list[Ed25519PublicKey]:
@@ -125,6 +147,13 @@ def backup() -> None:
     help="Then remove the folder's oldest archives so that this many remain; 0 keeps all "
     "[default: the backup_keep setting, 7].",
 )
+@click.option(
+    "--encrypt-to",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="Encrypt the archive (.tar.enc) to this public key (`inferbox backup keygen`'s .pub), whose private key "
+    "stays off the box [default: the backup_encrypt_to setting; none: a plain tar].",
+)
 @click.option("--no-models", is_flag=True, help="Leave the model repository out (packages can be exported again).")
 @click.option("--no-batch", is_flag=True, help="Leave the batch spool and outbox (inputs and results) out.")
 @click.option(
@@ -138,6 +167,7 @@ def create(
     repository: Path | None,
     folder: Path | None,
     keep: int | None,
+    encrypt_to: Path | None,
     no_models: bool,
     no_batch: bool,
     same_disk: bool,
@@ -149,9 +179,12 @@ def create(
     """
     from appliance.audit.trust import trusted_keys
     from appliance.backup.create import BackupResult, create_backup
+    from appliance.backup.crypt import load_recipient
     from appliance.commands.audit import record_cli_event
 
     settings = build_settings(home=home, repository=repository)
+    recipient_path = encrypt_to or settings.backup_encrypt_to
+    recipient = load_recipient(recipient_path) if recipient_path is not None else None
     target = folder or settings.backup_dir
     if target is None:
         raise click.UsageError(
@@ -173,6 +206,8 @@ def create(
             "bytes": str(result.size),
             "parts": ",".join(result.manifest.parts),
         }
+        if result.encrypted_to is not None:
+            details["encrypted_to"] = result.encrypted_to
         if result.manifest.audit is not None:
             details["audit_last_seq"] = str(result.manifest.audit.last_seq)
         if result.removed:
@@ -197,6 +232,7 @@ def create(
         record_failed=record_failed,
         keep=settings.backup_keep if keep is None else keep,
         same_disk=same_disk,
+        recipient=recipient,
     )
     audit = result.manifest.audit
     if as_json:
@@ -207,6 +243,7 @@ def create(
             "manifest": result.manifest,
             "removed": [str(p) for p in result.removed],
             "problems": list(result.problems),
+            "encrypted_to": result.encrypted_to,
         }
         click.echo(msgspec.json.encode(out).decode())
     else:
@@ -215,11 +252,20 @@ def create(
             click.echo(line)
         for old in result.removed:
             click.echo(f"  removed the older {old.name}")
-        click.echo(
-            "The archive holds the signing key, the digest keys and the API keys' hashes: keep it as you keep the "
-            "box's disk (encrypted, access-controlled). `inferbox backup check FILE` proves a copy whole.",
-            err=True,
-        )
+        if result.encrypted_to is not None:
+            click.echo(
+                f"Encrypted to the backup key {result.encrypted_to}: only its private key opens the archive (keep "
+                "it, and a second copy of it, off this box: without it no archive can be restored). `inferbox "
+                "backup check FILE --identity KEY` proves a copy whole.",
+                err=True,
+            )
+        else:
+            click.echo(
+                "The archive holds the signing key, the digest keys and the API keys' hashes in the clear: keep it "
+                "as you keep the box's disk, or encrypt it to a key kept off the box (`inferbox backup keygen`, "
+                "then --encrypt-to or backup_encrypt_to). `inferbox backup check FILE` proves a copy whole.",
+                err=True,
+            )
     for problem in result.problems:
         click.echo(f"WARNING: {problem}", err=True)
     alert = False
@@ -249,7 +295,12 @@ def create(
 @_trust_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def check(
-    archive: Path, scratch: Path | None, expect_sha256: str | None, public_keys: tuple[Path, ...], as_json: bool
+    archive: Path,
+    scratch: Path | None,
+    expect_sha256: str | None,
+    public_keys: tuple[Path, ...],
+    identity: Path | None,
+    as_json: bool,
 ) -> None:
     """Prove an archive whole: every file's hash, its audit log, its state database, its model packages.
 
@@ -267,6 +318,7 @@ def check(
                 expect_sha256=expect_sha256,
                 public_keys=_load_keys(public_keys),
                 legacy_pace=settings_pace(build_settings(root_ok=True)),  # the archive only
+                identity=_load_identity(archive, identity),
             )
         except BackupError as exc:
             if as_json:
@@ -323,6 +375,7 @@ def restore(
     no_catch_up: bool,
     expect_sha256: str | None,
     public_keys: tuple[Path, ...],
+    identity: Path | None,
     as_json: bool,
 ) -> None:
     """Check ARCHIVE, then put it back on a box without state (stop the services first).
@@ -363,6 +416,7 @@ def restore(
         public_keys=_load_keys(public_keys),
         legacy_pace=settings_pace(settings),
         reload=reload,
+        identity=_load_identity(archive, identity),
     )
     settings = result.settings or settings
     m = result.checked.manifest
@@ -462,3 +516,24 @@ def _next_steps(settings: Settings, manifest: BackupManifest, caught_up: CatchUp
         "Start the services: systemctl start inferbox-api inferbox-batch.path"
     )
     return out
+
+
+@backup.command()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="Where to write the private key (mode 0600; <out>.pub next to it). Never over an existing file.",
+)
+def keygen(out: Path) -> None:
+    """Make a key pair that backups are encrypted to: the .pub goes to the box, the private key stays off it."""
+    from appliance.backup.crypt import generate_identity
+
+    pub, rid = generate_identity(out)
+    click.echo(f"private key: {out} (mode 0600): keep it, and a second copy, OFF the box; restore needs it")
+    click.echo(f"public key:  {pub}")
+    click.echo(f"key id:      {rid}")
+    click.echo(
+        f"on the box: copy {pub.name} there and set backup_encrypt_to = '<its path>' in [backup] of inferbox.toml "
+        "(or pass --encrypt-to to `inferbox backup create`)"
+    )

@@ -12,7 +12,14 @@ import click
 
 from appliance.settings import Settings, load_settings
 
-__all__ = ["build_settings", "existing_home", "foreign_owner", "refuse_root_in_foreign_state", "state_options"]
+__all__ = [
+    "build_settings",
+    "existing_home",
+    "foreign_owner",
+    "refuse_root_in_foreign_state",
+    "state_options",
+    "state_paths",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,45 +53,68 @@ def build_settings(*, root_ok: bool = False, **overrides: Any) -> Settings:
 
 
 def foreign_owner(path: Path) -> str | None:
-    """Run as root, the name (or uid) of the user other than root who owns ``path``; else None
-    (not root, the path missing, or owned by root)."""
+    """Run as root, the user other than root who owns ``path`` or, where it does not exist yet, its
+    nearest existing parent (what root would create there lands in that user's folder): their name,
+    or ``#uid`` without a passwd entry (as ``sudo -u`` takes it).  None when not root, or root owns it."""
     import pwd
 
     if os.geteuid() != 0:
         return None
-    try:
-        uid = path.stat().st_uid
-    except OSError:
-        return None
+    probe = Path(os.path.abspath(path))
+    while True:
+        try:
+            uid = probe.stat().st_uid
+            break
+        except FileNotFoundError:
+            if probe.parent == probe:
+                return None
+            probe = probe.parent
+        except OSError:
+            return None
     if uid == 0:
         return None
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid {uid}"
+        return f"#{uid}"
 
 
-def refuse_root_in_foreign_state(settings: Settings, *, also: str = "") -> None:
-    """Refuse (ConfigError naming the line to run instead) a command run as root on a state folder or
-    repository another user owns, as ``sudo inferbox keys create`` on an installed box would be.
+def state_paths(settings: Settings) -> list[Path]:
+    """Where commands write for this box: the state folder, the repository, the key folders and the
+    folders backups and audit copies go to."""
+    paths = [settings.home, settings.repository, settings.keys_dir, settings.signing_key.parent]
+    paths += [p for p in (settings.ship_dir, settings.backup_dir) if p is not None]
+    return paths
+
+
+def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: tuple[Path, ...] = ()) -> None:
+    """Refuse (ConfigError naming the line to run instead) a command run as root where another user
+    owns the state (:func:`state_paths`, and ``extra``), as ``sudo inferbox keys create`` on an
+    installed box would be.
 
     Root writing there leaves databases, their journals, keys and caches the service cannot open
     (mode 0600, owned by root: the next start fails), and whoever runs as that user can replace
     the folders root works in with links to anywhere between two of its steps.  ``also``: what
-    else the user must do for the command to work as the owner."""
+    else the user must do for the command to work as the owner (``{owner}`` is filled in)."""
     from runtime.errors import ConfigError
 
-    owner = foreign_owner(settings.home) or foreign_owner(settings.repository)
-    if owner is None:
+    for path in (*state_paths(settings), *extra):
+        owner = foreign_owner(path)
+        if owner is not None:
+            break
+    else:
         return
-    env = f"INFERBOX_HOME={settings.home}"
+    env = [f"INFERBOX_HOME={settings.home}"]
     if settings.config_file is not None and settings.home not in settings.config_file.parents:
-        env += f" INFERBOX_CONFIG={settings.config_file}"
+        env.append(f"INFERBOX_CONFIG={settings.config_file}")
+    for name, source in sorted(settings.sources.items()):
+        if source.startswith("env INFERBOX_") and name != "home":  # sudo starts with a clean environment
+            env.append(f"{source.removeprefix('env ')}={getattr(settings, name)}")
     raise ConfigError(
-        f"the state folder {settings.home} or its repository {settings.repository} belongs to {owner}, and this "
-        f"command runs as root: what root writes there (databases and their journals, keys, caches) the service "
-        f"cannot open, and folders {owner} can write are no place for root to work in; run it as {owner}: "
-        f"sudo -u {owner} env {env} {_this_command()} ...{also}"
+        f"{path} belongs to {owner}, and this command runs as root: what root writes there (databases and their "
+        f"journals, keys, caches) the service cannot open, and folders {owner} can write are no place for root "
+        f"to work in; run it as {owner}: sudo -u {owner} env {' '.join(env)} {_this_command()} ..."
+        + also.replace("{owner}", owner)
     )
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from appliance.commands.options import build_settings, state_options
+from appliance.commands.options import build_settings, refuse_root_in_foreign_state, state_options
 from runtime.signing import (
     generate_private_key,
     key_id,
@@ -35,7 +35,9 @@ def signing_key() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing key (packages signed with it stop verifying).")
 def create(home: Path | None, repository: Path | None, out: Path | None, force: bool) -> None:
     """Write a new private key (mode 0600) and <key>.pub; print the public key."""
-    path = out if out is not None else build_settings(home=home, repository=repository).signing_key
+    settings = build_settings(home=home, repository=repository)
+    path = out if out is not None else settings.signing_key
+    refuse_root_in_foreign_state(settings, extra=(path.parent,))  # a key root writes there, the owner cannot read
     key = generate_private_key()
     write_private_key(key, path, overwrite=force)
     pem = public_key_pem(key)

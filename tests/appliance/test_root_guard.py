@@ -4,6 +4,7 @@ could not open), and writes nothing; commands that only read settings still run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,10 @@ def test_a_repository_another_user_owns_is_refused_too(tmp_path: Path, monkeypat
     monkeypatch.setattr("appliance.commands.options.foreign_owner", lambda p: "svc" if p == repository else None)
     result = run(tmp_path / "root-home", "models", "list", "--repository", str(repository))
     assert result.exit_code == 2 and "sudo -u svc env" in result.stderr
+    result = CliRunner().invoke(
+        main, ["models", "list"], env={"INFERBOX_HOME": str(tmp_path), "INFERBOX_REPOSITORY": str(repository)}
+    )
+    assert result.exit_code == 2 and f"INFERBOX_REPOSITORY={repository} " in result.stderr  # sudo clears env
 
 
 def test_reading_the_settings_as_root_still_works(served: Path) -> None:
@@ -76,13 +81,45 @@ def test_reading_the_settings_as_root_still_works(served: Path) -> None:
     assert "sudo -u" not in result.output
 
 
-def test_root_on_its_own_state_folder_is_not_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real ownership check: a folder root owns (this test's, when it runs as root) or not root at all."""
+def test_the_real_owner_decides_and_a_folder_not_made_yet_belongs_to_its_parents_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No stand-in for the ownership check: a folder another user owns (chowned to an unused uid when the
+    tests run as root; any folder of this user's otherwise), and a home inside it that does not exist yet,
+    which root would otherwise create in that user's folder."""
+    import pwd
+
     from appliance.commands.options import foreign_owner
 
+    service = tmp_path / "var-lib-inferbox"
+    service.mkdir()
+    if os.geteuid() == 0:
+        os.chown(service, 4242, 4242)
+    uid = service.stat().st_uid
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        owner = f"#{uid}"  # as sudo -u takes a uid
+    root_home = tmp_path / "root-home"  # nothing of root's on a non-root run: only the patched euid
     monkeypatch.setattr("os.geteuid", lambda: 0)
-    assert foreign_owner(tmp_path / "missing") is None
-    owner = foreign_owner(tmp_path)
-    assert owner is None if tmp_path.stat().st_uid == 0 else owner
+    assert foreign_owner(service) == owner and foreign_owner(service / "sub" / "home") == owner
+    result = run(service / "sub" / "home", "keys", "list")
+    assert result.exit_code == 2 and f"sudo -u {owner} env INFERBOX_HOME={service}/sub/home" in result.stderr
+    assert not (service / "sub").exists()
+    # a key written by root into that user's folder, by --out or a signing_key setting
+    made = run(root_home, "signing-key", "create", "--out", str(service / "signing.key"))
+    assert made.exit_code == 2 and f"sudo -u {owner}" in made.stderr
+    made = CliRunner().invoke(
+        main,
+        ["signing-key", "create"],
+        env={"INFERBOX_HOME": str(root_home), "INFERBOX_SIGNING_KEY": str(service / "keys" / "k.key")},
+    )
+    assert made.exit_code == 2 and f"INFERBOX_SIGNING_KEY={service}/keys/k.key" in made.stderr  # sudo clears env
+    assert sorted(service.iterdir()) == []
     monkeypatch.setattr("os.geteuid", lambda: 1000)
-    assert foreign_owner(tmp_path) is None
+    assert foreign_owner(service) is None  # not root: nothing to refuse
+
+
+def test_audit_public_key_reads_the_key_as_root(served: Path) -> None:
+    result = run(served, "audit", "public-key")
+    assert "sudo -u" not in result.output

@@ -1,0 +1,198 @@
+"""Backups encrypted to a key kept off the box: ``backup keygen``, ``create --encrypt-to``, ``check`` and
+``restore --identity``; the stream format refuses every change, cut and swap."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.audit.log import AuditLog
+from appliance.backup import crypt
+from appliance.keys import KeyStore
+from appliance.settings import load_settings
+from runtime.errors import BackupError
+from runtime.repository import Repository
+
+# the fixtures of a real box, shared with test_backup (the tests take them by name: F811)
+# ruff: noqa: F811
+from tests.appliance.test_backup import box, built, clean_env, run  # noqa: F401
+
+HEADER = len(crypt.MAGIC)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("off-box")
+    made = run(folder, "backup", "keygen", "--out", str(folder / "backup.key"))
+    assert made.exit_code == 0, made.output
+    other = folder / "other.key"
+    crypt.generate_identity(other)
+    return {"private": folder / "backup.key", "public": folder / "backup.key.pub", "other": other}
+
+
+def seal(data: bytes, recipient: Any, write: int = 10_000) -> bytes:
+    buf = io.BytesIO()
+    w = crypt.EncryptingWriter(buf, recipient)
+    for i in range(0, len(data), write):
+        w.write(data[i : i + write])
+    w.finish()
+    return buf.getvalue()
+
+
+def header_size(sealed: bytes) -> int:
+    return HEADER + 2 + int.from_bytes(sealed[HEADER : HEADER + 2], "big")
+
+
+@pytest.mark.parametrize("size", [0, 1, crypt.CHUNK - 1, crypt.CHUNK, crypt.CHUNK + 1, 3 * crypt.CHUNK + 7])
+def test_the_stream_opens_to_what_was_written(keys: dict[str, Path], size: int) -> None:
+    data = os.urandom(size)
+    sealed = seal(data, crypt.load_recipient(keys["public"]))
+    assert data[:64] not in sealed or size == 0
+    reader = crypt.DecryptingReader(io.BytesIO(sealed), crypt.load_identity(keys["private"]))
+    assert b"".join(iter(lambda: reader.read(7_000), b"")) == data
+    # the key id in the header names the key it is for
+    assert crypt.recipient_id(crypt.load_recipient(keys["public"])) in sealed[:300].decode("latin-1")
+
+
+def _opens(sealed: bytes, identity: Any) -> bytes:
+    reader = crypt.DecryptingReader(io.BytesIO(sealed), identity)
+    return reader.read()
+
+
+def test_every_change_cut_and_swap_is_refused(keys: dict[str, Path]) -> None:
+    recipient, identity = crypt.load_recipient(keys["public"]), crypt.load_identity(keys["private"])
+    data = os.urandom(3 * crypt.CHUNK + 100)
+    sealed = seal(data, recipient)
+    start = header_size(sealed)
+    step = crypt.CHUNK + crypt.TAG
+    flipped = bytearray(sealed)
+    flipped[start + step + 5] ^= 1
+    second = seal(data, recipient)  # another archive to the same key: its chunks under another key
+    cases = {
+        "a flipped byte": bytes(flipped),
+        "cut at a chunk boundary": sealed[: start + 2 * step],
+        "cut inside a chunk": sealed[:-9],
+        "the last chunk dropped": sealed[: start + 3 * step],
+        "bytes after the end": sealed + b"\0" * 16,
+        "two chunks swapped": sealed[:start]
+        + sealed[start + step : start + 2 * step]
+        + sealed[start : start + step]
+        + sealed[start + 2 * step :],
+        "a chunk of another archive": sealed[: start + step] + second[header_size(second) + step :],
+        "the header of another archive": second[: header_size(second)] + sealed[start:],
+    }
+    for case, bad in cases.items():
+        with pytest.raises(BackupError):
+            _opens(bad, identity)
+            pytest.fail(case)
+    assert _opens(sealed, identity) == data
+    with pytest.raises(BackupError, match="encrypted to the backup key"):
+        _opens(sealed, crypt.load_identity(keys["other"]))
+
+
+def test_keygen_never_overwrites_and_keeps_the_private_key_private(keys: dict[str, Path]) -> None:
+    assert keys["private"].stat().st_mode & 0o077 == 0
+    again = run(keys["private"].parent, "backup", "keygen", "--out", str(keys["private"]))
+    assert again.exit_code == 2 and "exists" in again.stderr
+    with pytest.raises(BackupError, match="not a PEM public key"):
+        crypt.load_recipient(Path(__file__))  # not a key at all: a clear error, not a traceback
+
+
+def test_an_encrypted_backup_holds_no_secret_in_the_clear_and_restores_with_its_key(
+    box: dict[str, Any], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    made = run(
+        box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--encrypt-to", str(keys["public"])
+    )
+    assert made.exit_code == 0, made.output
+    (archive,) = box["out"].glob("inferbox-backup-*.tar.enc")
+    stored = archive.read_bytes()
+    signing = (box["home"] / "keys" / "signing.key").read_bytes()
+    assert signing[30:60] not in stored and b"MANIFEST.json" not in stored and b"state.db" not in stored
+    with pytest.raises(tarfile.TarError):
+        tarfile.open(archive).close()
+    rid = crypt.recipient_id(crypt.load_recipient(keys["public"]))
+    assert f"Encrypted to the backup key {rid}" in made.stderr
+
+    # the box recorded the stored (encrypted) bytes' hash and the key they are for
+    live = AuditLog.open(load_settings({"home": box["home"]}))
+    try:
+        record = live.tail(1)[0]
+    finally:
+        live.close()
+    assert record.event == "backup_create"
+    assert record.details["sha256"] == hashlib.sha256(stored).hexdigest() and record.details["encrypted_to"] == rid
+
+    missing = run(box["home"], "backup", "check", str(archive))
+    assert missing.exit_code == 2 and f"encrypted to the backup key {rid}" in missing.stderr
+    assert "--identity" in missing.stderr
+    wrong = run(box["home"], "backup", "check", str(archive), "--identity", str(keys["other"]))
+    assert wrong.exit_code == 1 and "encrypted to the backup key" in wrong.output
+    checked = run(
+        box["home"],
+        "backup",
+        "check",
+        str(archive),
+        "--identity",
+        str(keys["private"]),
+        "--expect-sha256",
+        record.details["sha256"],
+    )
+    assert checked.exit_code == 0 and checked.stdout.startswith("OK:"), checked.output
+
+    new = tmp_path / "new" / "home"
+    refused = run(new, "backup", "restore", str(archive))
+    assert refused.exit_code == 2 and "--identity" in refused.stderr and not new.exists()
+    restored = run(new, "backup", "restore", str(archive), "--identity", str(keys["private"]))
+    assert restored.exit_code == 0, restored.output
+    assert KeyStore(new / "state.db").verify(box["key"]).scopes == ("infer",)
+    assert Repository(new / "models").open("mlp").manifest.name == "mlp"
+    assert (new / "keys" / "signing.key").read_bytes() == signing
+
+
+def test_a_damaged_encrypted_archive_is_refused_whole(
+    box: dict[str, Any], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    made = run(
+        box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--encrypt-to", str(keys["public"])
+    )
+    assert made.exit_code == 0, made.output
+    (archive,) = box["out"].glob("inferbox-backup-*.tar.enc")
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    archive.write_bytes(bytes(data))
+    checked = run(box["home"], "backup", "check", str(archive), "--identity", str(keys["private"]))
+    assert checked.exit_code == 1 and "does not authenticate" in checked.output
+    new = tmp_path / "new" / "home"
+    restored = run(new, "backup", "restore", str(archive), "--identity", str(keys["private"]))
+    assert restored.exit_code == 2 and "does not authenticate" in restored.stderr
+    assert not (new / "state.db").exists()
+
+
+def test_the_setting_encrypts_the_scheduled_backups_and_old_archives_are_pruned_either_way(
+    box: dict[str, Any], keys: dict[str, Path]
+) -> None:
+    from appliance.backup.create import _older, box_name
+
+    settings = load_settings({"home": box["home"]})
+    plain = box["out"] / f"inferbox-backup-{box_name(settings)}-20200101T000000Z.tar"
+    plain.write_bytes(b"old")
+    made = run(
+        box["home"],
+        "backup",
+        "create",
+        "--same-disk",
+        "--to",
+        str(box["out"]),
+        INFERBOX_BACKUP_ENCRYPT_TO=str(keys["public"]),
+    )
+    assert made.exit_code == 0, made.output
+    (archive,) = box["out"].glob("inferbox-backup-*.tar.enc")
+    assert crypt.encrypted_to(archive) == crypt.recipient_id(crypt.load_recipient(keys["public"]))
+    assert _older(box["out"], 1, box_name(settings)) == [plain, archive]
