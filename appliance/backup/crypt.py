@@ -28,14 +28,17 @@ is of the encrypted file: what is stored is what is vouched for.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import os
+import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -62,6 +65,7 @@ TAG = 16
 _INFO = b"inferbox-backup-encrypted-1"
 _MAX_HEADER = 4096
 _LAST_INDEX = (1 << 88) - 1
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
 class Sink(Protocol):
@@ -93,17 +97,34 @@ def generate_identity(private_path: Path) -> tuple[Path, str]:
     for path in (private_path, pub_path):
         if path.exists() or path.is_symlink():
             raise BackupError(f"{path} exists; choose another --out (a key is never overwritten)")
-    _write_new(private_path, pem, 0o600)
+    # the .pub first: a half-written pair is only ever a public key, and the box's backup unit (another
+    # user) must read it whatever the umask
     _write_new(pub_path, pub_pem, 0o644)
+    _write_new(private_path, pem, 0o600)
     return pub_path, recipient_id(public)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """``data`` in a temporary file next to ``path``, then linked to ``path`` (never over a file): a
+    failure leaves no partial key to block the next try."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except OSError as exc:
+        raise BackupError(f"cannot write {path} ({exc.strerror or exc})") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_recipient(path: Path) -> X25519PublicKey:
@@ -112,7 +133,7 @@ def load_recipient(path: Path) -> X25519PublicKey:
         key = serialization.load_pem_public_key(path.read_bytes())
     except OSError as exc:
         raise BackupError(f"cannot read the recipient key {path} ({exc.strerror})") from exc
-    except ValueError as exc:
+    except (ValueError, UnsupportedAlgorithm) as exc:
         raise BackupError(f"{path} is not a PEM public key ({exc}); give the .pub that `backup keygen` wrote") from exc
     if not isinstance(key, X25519PublicKey):
         raise BackupError(f"{path} is not an X25519 key (backups are encrypted to keys from `inferbox backup keygen`)")
@@ -125,11 +146,40 @@ def load_identity(path: Path) -> X25519PrivateKey:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as exc:
         raise BackupError(f"cannot read the identity {path} ({exc.strerror})") from exc
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise BackupError(f"{path} is not an unencrypted PEM private key ({exc})") from exc
     if not isinstance(key, X25519PrivateKey):
         raise BackupError(f"{path} is not an X25519 private key (the one `inferbox backup keygen` wrote)")
     return key
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an encrypted archive's header says (checked: types, sizes, the key id's form)."""
+
+    raw: bytes
+    recipient: str
+    ephemeral: bytes
+    salt: bytes
+
+
+def parse_header(raw: bytes) -> Header:
+    """The header's fields, or BackupError: the header is whoever wrote the file's, so nothing in it
+    is trusted before it is checked (a deep JSON nesting, an infinite chunk size, a key of the wrong size)."""
+    try:
+        fields = json.loads(raw)
+        if not isinstance(fields, dict):
+            raise ValueError("not an object")
+        recipient, chunk = fields["recipient"], fields["chunk"]
+        ephemeral = base64.b64decode(fields["ephemeral"], validate=True)
+        salt = base64.b64decode(fields["salt"], validate=True)
+    except (ValueError, KeyError, TypeError, RecursionError, binascii.Error) as exc:
+        raise BackupError(f"its encryption header is damaged ({type(exc).__name__})") from None
+    if not isinstance(recipient, str) or not _KEY_ID.fullmatch(recipient):
+        raise BackupError("its encryption header names no backup key: damaged, or not a backup")
+    if type(chunk) is not int or chunk != CHUNK or len(ephemeral) != 32 or len(salt) != 16:
+        raise BackupError("its encryption header is not one this version of inferbox reads")
+    return Header(raw, recipient, ephemeral, salt)
 
 
 def encrypted_to(path: Path) -> str | None:
@@ -144,8 +194,8 @@ def encrypted_to(path: Path) -> str | None:
     except OSError:
         return None
     try:
-        return str(json.loads(header)["recipient"])
-    except (ValueError, KeyError, TypeError):
+        return parse_header(header).recipient
+    except BackupError:
         return ""
 
 
@@ -167,6 +217,10 @@ class EncryptingWriter:
     def __init__(self, raw: Sink, recipient: X25519PublicKey) -> None:
         ephemeral = X25519PrivateKey.generate()
         eph_raw = _raw(ephemeral.public_key())
+        try:
+            shared = ephemeral.exchange(recipient)
+        except ValueError as exc:  # a low-order point: no key to encrypt to
+            raise BackupError(f"the backup key {recipient_id(recipient)} is not usable ({exc})") from exc
         salt = os.urandom(16)
         header = json.dumps(
             {
@@ -178,7 +232,7 @@ class EncryptingWriter:
             sort_keys=True,
         ).encode()
         self._aad = header
-        self._aead = AESGCM(_key(ephemeral.exchange(recipient), salt, eph_raw, _raw(recipient)))
+        self._aead = AESGCM(_key(shared, salt, eph_raw, _raw(recipient)))
         self._raw = raw
         self._buffer = bytearray()
         self._index = 0
@@ -224,26 +278,22 @@ class DecryptingReader:
         (size,) = struct.unpack(">H", self._exactly(raw, 2))
         if size > _MAX_HEADER:
             raise BackupError(f"{name}: its encryption header is {size} bytes: damaged, or not a backup")
-        header = self._exactly(raw, size)
         try:
-            fields = json.loads(header)
-            eph_raw = base64.b64decode(fields["ephemeral"], validate=True)
-            salt = base64.b64decode(fields["salt"], validate=True)
-            chunk = int(fields["chunk"])
-            wanted = str(fields["recipient"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise BackupError(f"{name}: its encryption header is damaged ({exc})") from exc
-        if chunk != CHUNK or len(eph_raw) != 32:
-            raise BackupError(f"{name}: its encryption header is not one this version reads (chunk {chunk})")
+            parsed = parse_header(self._exactly(raw, size))
+        except BackupError as exc:
+            raise BackupError(f"{name}: {exc}") from None
         mine = identity.public_key()
-        if recipient_id(mine) != wanted:
+        if recipient_id(mine) != parsed.recipient:
             raise BackupError(
-                f"{name} is encrypted to the backup key {wanted}, and --identity is the key {recipient_id(mine)}; "
-                "give the private key whose .pub the box encrypts to (backup_encrypt_to)"
+                f"{name} is encrypted to the backup key {parsed.recipient}, and --identity is the key "
+                f"{recipient_id(mine)}; give the private key whose .pub the box encrypts to (backup_encrypt_to)"
             )
-        shared = identity.exchange(X25519PublicKey.from_public_bytes(eph_raw))
-        self._aead = AESGCM(_key(shared, salt, eph_raw, _raw(mine)))
-        self._aad = header
+        try:
+            shared = identity.exchange(X25519PublicKey.from_public_bytes(parsed.ephemeral))
+        except ValueError:  # a low-order point: an archive made to fail
+            raise BackupError(f"{name}: its encryption header is damaged (no shared key)") from None
+        self._aead = AESGCM(_key(shared, parsed.salt, parsed.ephemeral, _raw(mine)))
+        self._aad = parsed.raw
         self._raw = raw
         self._index = 0
         self._plain = b""

@@ -100,6 +100,12 @@ def unpack(
     An encrypted archive (:mod:`appliance.backup.crypt`) needs ``identity``, the private key it is
     encrypted to; the SHA-256 and size are of the stored (encrypted) bytes."""
     recipient = encrypted_to(archive)
+    if recipient is None and identity is not None:
+        raise BackupError(
+            f"{archive} is a plain archive, not an encrypted one, though --identity was given: one the box "
+            "encrypted cannot have become plain (it may have been swapped); check it with --expect-sha256 (its "
+            "backup_create record's), or leave out --identity for an archive written plain"
+        )
     if recipient is not None and identity is None:
         raise BackupError(
             f"{archive} is encrypted to the backup key {recipient or '(unreadable header)'}: pass --identity FILE, "

@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 import click
 import msgspec
 
-from appliance.commands.options import build_settings, state_options
+from appliance.commands.options import build_settings, refuse_root_in_foreign_state, state_options
 
 if TYPE_CHECKING:
     from api.protocols import AuditEvent
@@ -390,6 +390,8 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
 
     settings = build_settings(home=home, repository=repository)
     folder = to or settings.ship_dir
+    if folder is not None:
+        refuse_root_in_foreign_state(settings, extra=(folder,))  # the copies root writes there
     if folder is None:
         raise click.UsageError(
             "say where to ship: --to FOLDER, or set ship_dir in [audit] of inferbox.toml (INFERBOX_SHIP_DIR): "

@@ -27,11 +27,12 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: what root must do first for restore to run as the owner of the state folder ({owner} filled in)
+#: what root must do first for restore to run as the owner of the state folder ({chown}: the owner as chown takes it)
 ROOT_RESTORE = (
-    "; first put the archive, the off-box copies and the public keys where {owner} can read them (the old box's "
-    'uid wrote them): D=$(sudo mktemp -d) && sudo cp -r ARCHIVE COPIES KEY-FILES "$D" && sudo chown -R {owner}: '
-    '"$D", then pass their paths in "$D"'
+    "; first put the archive, the off-box copies and the keys where that user can read them (the old box's uid "
+    'wrote them): D=$(sudo mktemp -d) && sudo cp -r ARCHIVE COPIES PUBLIC-KEYS IDENTITY "$D" && sudo chown -R '
+    '{chown} "$D", then pass their paths in "$D" (--identity "$D/IDENTITY" for an encrypted archive), and '
+    'sudo rm -rf "$D" afterwards: it holds the backup key'
 )
 
 __all__ = ["backup"]
@@ -191,6 +192,7 @@ def create(
             "say where to write the backup: --to FOLDER, or set backup_dir in [backup] of inferbox.toml "
             "(INFERBOX_BACKUP_DIR): a folder on another disk or a mounted share"
         )
+    refuse_root_in_foreign_state(settings, extra=(target,))  # the archive root writes there
     started = _now()
     trusted = trusted_keys(settings.signing_key, settings.keys_dir) if settings.signing_key.exists() else None
 
@@ -309,6 +311,13 @@ def check(
     from appliance.audit.trust import settings_pace
     from appliance.backup.restore import check_archive
 
+    try:
+        key = _load_identity(archive, identity)
+    except click.UsageError as exc:
+        if not as_json:
+            raise
+        click.echo(msgspec.json.encode({"ok": False, "problems": [exc.message]}).decode())
+        sys.exit(2)
     folder = Path(tempfile.mkdtemp(prefix="inferbox-backup-check-", dir=scratch))
     try:
         try:
@@ -318,7 +327,7 @@ def check(
                 expect_sha256=expect_sha256,
                 public_keys=_load_keys(public_keys),
                 legacy_pace=settings_pace(build_settings(root_ok=True)),  # the archive only
-                identity=_load_identity(archive, identity),
+                identity=key,
             )
         except BackupError as exc:
             if as_json:

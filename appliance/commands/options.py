@@ -53,25 +53,19 @@ def build_settings(*, root_ok: bool = False, **overrides: Any) -> Settings:
 
 
 def foreign_owner(path: Path) -> str | None:
-    """Run as root, the user other than root who owns ``path`` or, where it does not exist yet, its
-    nearest existing parent (what root would create there lands in that user's folder): their name,
-    or ``#uid`` without a passwd entry (as ``sudo -u`` takes it).  None when not root, or root owns it."""
+    """Run as root, a user other than root who owns ``path`` or a folder or link on the way to it (from
+    ``/`` down, links not followed, then the real path's folders): whoever owns one of them can swap
+    what lies below it; where ``path`` does not exist yet, what root would create lands under the
+    last part that does.  Their name, or ``#uid`` without a passwd entry; None when not root, or
+    root owns every part."""
     import pwd
 
     if os.geteuid() != 0:
         return None
-    probe = Path(os.path.abspath(path))
-    while True:
-        try:
-            uid = probe.stat().st_uid
-            break
-        except FileNotFoundError:
-            if probe.parent == probe:
-                return None
-            probe = probe.parent
-        except OSError:
-            return None
-    if uid == 0:
+    uid = _first_foreign_uid(Path(os.path.abspath(path)))
+    if uid is None:
+        uid = _first_foreign_uid(Path(os.path.realpath(path)))
+    if uid is None:
         return None
     try:
         return pwd.getpwuid(uid).pw_name
@@ -79,23 +73,36 @@ def foreign_owner(path: Path) -> str | None:
         return f"#{uid}"
 
 
+def _first_foreign_uid(path: Path) -> int | None:
+    current = Path(path.anchor)
+    for part in path.parts[1:]:
+        current = current / part
+        try:
+            uid = current.lstat().st_uid
+        except OSError:  # not made yet (root would make it under the parts checked), or not reachable
+            return None
+        if uid != 0:
+            return uid
+    return None
+
+
 def state_paths(settings: Settings) -> list[Path]:
-    """Where commands write for this box: the state folder, the repository, the key folders and the
-    folders backups and audit copies go to."""
-    paths = [settings.home, settings.repository, settings.keys_dir, settings.signing_key.parent]
-    paths += [p for p in (settings.ship_dir, settings.backup_dir) if p is not None]
-    return paths
+    """Where every command may write for this box: the state folder, the repository and the key folders
+    (the folders of backups and audit copies are checked by the commands that write there)."""
+    return [settings.home, settings.repository, settings.keys_dir, settings.signing_key.parent]
 
 
 def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: tuple[Path, ...] = ()) -> None:
     """Refuse (ConfigError naming the line to run instead) a command run as root where another user
-    owns the state (:func:`state_paths`, and ``extra``), as ``sudo inferbox keys create`` on an
-    installed box would be.
+    owns the state (:func:`state_paths`, and ``extra``: where this command writes besides), as
+    ``sudo inferbox keys create`` on an installed box would be.
 
     Root writing there leaves databases, their journals, keys and caches the service cannot open
     (mode 0600, owned by root: the next start fails), and whoever runs as that user can replace
     the folders root works in with links to anywhere between two of its steps.  ``also``: what
     else the user must do for the command to work as the owner (``{owner}`` is filled in)."""
+    import shlex
+
     from runtime.errors import ConfigError
 
     for path in (*state_paths(settings), *extra):
@@ -105,16 +112,23 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
     else:
         return
     env = [f"INFERBOX_HOME={settings.home}"]
-    if settings.config_file is not None and settings.home not in settings.config_file.parents:
-        env.append(f"INFERBOX_CONFIG={settings.config_file}")
+    config = settings.config_file
+    if config is not None and config != settings.home / "inferbox.toml":
+        env.append(f"INFERBOX_CONFIG={config}")
     for name, source in sorted(settings.sources.items()):
         if source.startswith("env INFERBOX_") and name != "home":  # sudo starts with a clean environment
             env.append(f"{source.removeprefix('env ')}={getattr(settings, name)}")
+    if owner.startswith("#"):  # no passwd entry: sudo -u refuses an unknown uid by default
+        uid = owner[1:]
+        runner = f"sudo setpriv --reuid={uid} --regid={uid} --clear-groups"
+        chown = f"{uid}:{uid}"
+    else:
+        runner, chown = f"sudo -u {shlex.quote(owner)}", f"{shlex.quote(owner)}:"
+    line = " ".join([runner, "env", *(shlex.quote(e) for e in env), _this_command(), "..."])
     raise ConfigError(
-        f"{path} belongs to {owner}, and this command runs as root: what root writes there (databases and their "
-        f"journals, keys, caches) the service cannot open, and folders {owner} can write are no place for root "
-        f"to work in; run it as {owner}: sudo -u {owner} env {' '.join(env)} {_this_command()} ..."
-        + also.replace("{owner}", owner)
+        f"{path} belongs to {owner} (or a folder on the way to it does), and this command runs as root: what root "
+        f"writes there (databases and their journals, keys, caches) the service cannot open, and folders {owner} "
+        f"can write are no place for root to work in; run it as {owner}: {line}" + also.replace("{chown}", chown)
     )
 
 
@@ -127,7 +141,9 @@ def _this_command() -> str:
     while ctx is not None and ctx.parent is not None:
         names.append(ctx.info_name or "")
         ctx = ctx.parent
-    return " ".join([program, *reversed([n for n in names if n])])
+    import shlex
+
+    return " ".join(shlex.quote(w) for w in [program, *reversed([n for n in names if n])])
 
 
 def existing_home(settings: Settings, command: str, why: str) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -53,7 +54,7 @@ def header_size(sealed: bytes) -> int:
 def test_the_stream_opens_to_what_was_written(keys: dict[str, Path], size: int) -> None:
     data = os.urandom(size)
     sealed = seal(data, crypt.load_recipient(keys["public"]))
-    assert data[:64] not in sealed or size == 0
+    assert size < 32 or data[:32] not in sealed  # (a byte or two may occur anywhere)
     reader = crypt.DecryptingReader(io.BytesIO(sealed), crypt.load_identity(keys["private"]))
     assert b"".join(iter(lambda: reader.read(7_000), b"")) == data
     # the key id in the header names the key it is for
@@ -96,8 +97,52 @@ def test_every_change_cut_and_swap_is_refused(keys: dict[str, Path]) -> None:
         _opens(sealed, crypt.load_identity(keys["other"]))
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"[" * 2000 + b"]" * 2000,  # nesting deep enough to exhaust the parser's recursion
+        b'{"recipient": "0123456789abcdef", "ephemeral": "AAAA", "salt": "AAAA", "chunk": Infinity}',
+        b'{"recipient": "\\u001b[2J0123456789abcdef", "ephemeral": "", "salt": "", "chunk": 65536}',
+        b'{"recipient": "0123456789abcdef", "ephemeral": "!!", "salt": "", "chunk": 65536}',
+        b"null",
+    ],
+    ids=["deep-nesting", "infinite-chunk", "escape-in-key-id", "bad-base64", "not-an-object"],
+)
+def test_a_crafted_header_is_a_clear_refusal_never_a_crash(
+    keys: dict[str, Path], tmp_path: Path, fields: bytes
+) -> None:
+    crafted = crypt.MAGIC + len(fields).to_bytes(2, "big") + fields + b"\0" * 64
+    with pytest.raises(BackupError, match="encryption header"):
+        crypt.DecryptingReader(io.BytesIO(crafted), crypt.load_identity(keys["private"]))
+    path = tmp_path / "crafted.tar.enc"
+    path.write_bytes(crafted)
+    assert crypt.encrypted_to(path) == ""  # printed as "(unreadable header)", never the raw field
+    result = run(tmp_path, "backup", "check", str(path))
+    assert result.exit_code == 2 and "(unreadable header)" in result.stderr and "\x1b" not in result.stderr
+
+
+def test_an_ephemeral_key_without_a_shared_secret_is_refused(keys: dict[str, Path]) -> None:
+    import base64
+    import json
+
+    fields = json.dumps(
+        {
+            "recipient": crypt.recipient_id(crypt.load_recipient(keys["public"])),
+            "ephemeral": base64.b64encode(bytes(32)).decode(),  # the zero point: no key agreement
+            "salt": base64.b64encode(bytes(16)).decode(),
+            "chunk": crypt.CHUNK,
+        }
+    ).encode()
+    crafted = crypt.MAGIC + len(fields).to_bytes(2, "big") + fields + b"\0" * 64
+    with pytest.raises(BackupError, match="no shared key"):
+        crypt.DecryptingReader(io.BytesIO(crafted), crypt.load_identity(keys["private"]))
+
+
 def test_keygen_never_overwrites_and_keeps_the_private_key_private(keys: dict[str, Path]) -> None:
-    assert keys["private"].stat().st_mode & 0o077 == 0
+    assert keys["private"].stat().st_mode & 0o777 == 0o600
+    # the box's backup unit runs as another user: the .pub is readable whatever the CLI's umask (0077)
+    assert keys["public"].stat().st_mode & 0o777 == 0o644
+    assert not [p for p in keys["private"].parent.iterdir() if p.name.startswith(".")]  # no temporary left
     again = run(keys["private"].parent, "backup", "keygen", "--out", str(keys["private"]))
     assert again.exit_code == 2 and "exists" in again.stderr
     with pytest.raises(BackupError, match="not a PEM public key"):
@@ -132,6 +177,8 @@ def test_an_encrypted_backup_holds_no_secret_in_the_clear_and_restores_with_its_
     missing = run(box["home"], "backup", "check", str(archive))
     assert missing.exit_code == 2 and f"encrypted to the backup key {rid}" in missing.stderr
     assert "--identity" in missing.stderr
+    as_json = run(box["home"], "backup", "check", str(archive), "--json")
+    assert as_json.exit_code == 2 and json.loads(as_json.stdout)["ok"] is False
     wrong = run(box["home"], "backup", "check", str(archive), "--identity", str(keys["other"]))
     assert wrong.exit_code == 1 and "encrypted to the backup key" in wrong.output
     checked = run(
@@ -156,6 +203,22 @@ def test_an_encrypted_backup_holds_no_secret_in_the_clear_and_restores_with_its_
     assert (new / "keys" / "signing.key").read_bytes() == signing
 
 
+def test_an_identity_with_a_plain_archive_is_refused(
+    box: dict[str, Any], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    """A plain tar where the box writes encrypted ones was swapped in: whoever holds the .pub could
+    encrypt a forged archive too, but nobody can make the box's encrypted archive plain."""
+    made = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]))
+    assert made.exit_code == 0 and "in the clear" in made.stderr, made.output
+    (archive,) = box["out"].glob("inferbox-backup-*.tar")
+    new = tmp_path / "new" / "home"
+    restored = run(new, "backup", "restore", str(archive), "--identity", str(keys["private"]))
+    assert restored.exit_code == 2 and "plain archive" in restored.stderr
+    assert not (new / "state.db").exists()
+    checked = run(box["home"], "backup", "check", str(archive), "--identity", str(keys["private"]))
+    assert checked.exit_code == 1 and "plain archive" in checked.output
+
+
 def test_a_damaged_encrypted_archive_is_refused_whole(
     box: dict[str, Any], keys: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -175,24 +238,21 @@ def test_a_damaged_encrypted_archive_is_refused_whole(
     assert not (new / "state.db").exists()
 
 
-def test_the_setting_encrypts_the_scheduled_backups_and_old_archives_are_pruned_either_way(
+def test_the_setting_encrypts_the_scheduled_backups_and_keep_prunes_plain_and_encrypted_alike(
     box: dict[str, Any], keys: dict[str, Path]
 ) -> None:
-    from appliance.backup.create import _older, box_name
+    from appliance.backup.create import box_name
 
-    settings = load_settings({"home": box["home"]})
-    plain = box["out"] / f"inferbox-backup-{box_name(settings)}-20200101T000000Z.tar"
-    plain.write_bytes(b"old")
-    made = run(
-        box["home"],
-        "backup",
-        "create",
-        "--same-disk",
-        "--to",
-        str(box["out"]),
-        INFERBOX_BACKUP_ENCRYPT_TO=str(keys["public"]),
-    )
+    (box["home"] / "inferbox.toml").write_text(f"[backup]\nbackup_encrypt_to = {str(keys['public'])!r}\n")
+    name = box_name(load_settings({"home": box["home"]}))
+    older = [
+        box["out"] / f"inferbox-backup-{name}-20200101T000000Z.tar",
+        box["out"] / f"inferbox-backup-{name}-20200102T000000Z.tar.enc",
+    ]
+    for path in older:
+        path.write_bytes(b"old")
+    made = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--keep", "2")
     assert made.exit_code == 0, made.output
-    (archive,) = box["out"].glob("inferbox-backup-*.tar.enc")
+    (archive,) = [p for p in box["out"].glob("inferbox-backup-*.tar.enc") if p not in older]
     assert crypt.encrypted_to(archive) == crypt.recipient_id(crypt.load_recipient(keys["public"]))
-    assert _older(box["out"], 1, box_name(settings)) == [plain, archive]
+    assert sorted(box["out"].iterdir()) == [older[1], archive]  # the oldest went, plain or not

@@ -98,17 +98,19 @@ def test_the_real_owner_decides_and_a_folder_not_made_yet_belongs_to_its_parents
     uid = service.stat().st_uid
     try:
         owner = pwd.getpwuid(uid).pw_name
+        runner = f"sudo -u {owner}"
     except KeyError:
-        owner = f"#{uid}"  # as sudo -u takes a uid
+        owner = f"#{uid}"
+        runner = f"sudo setpriv --reuid={uid} --regid={uid} --clear-groups"  # sudo -u refuses unknown uids
     root_home = tmp_path / "root-home"  # nothing of root's on a non-root run: only the patched euid
     monkeypatch.setattr("os.geteuid", lambda: 0)
     assert foreign_owner(service) == owner and foreign_owner(service / "sub" / "home") == owner
     result = run(service / "sub" / "home", "keys", "list")
-    assert result.exit_code == 2 and f"sudo -u {owner} env INFERBOX_HOME={service}/sub/home" in result.stderr
+    assert result.exit_code == 2 and f"{runner} env INFERBOX_HOME={service}/sub/home" in result.stderr
     assert not (service / "sub").exists()
     # a key written by root into that user's folder, by --out or a signing_key setting
     made = run(root_home, "signing-key", "create", "--out", str(service / "signing.key"))
-    assert made.exit_code == 2 and f"sudo -u {owner}" in made.stderr
+    assert made.exit_code == 2 and f"{runner} env" in made.stderr
     made = CliRunner().invoke(
         main,
         ["signing-key", "create"],
@@ -123,3 +125,70 @@ def test_the_real_owner_decides_and_a_folder_not_made_yet_belongs_to_its_parents
 def test_audit_public_key_reads_the_key_as_root(served: Path) -> None:
     result = run(served, "audit", "public-key")
     assert "sudo -u" not in result.output
+
+
+def _foreign(path: Path, *, link: bool = False) -> None:
+    """``path`` owned by an unused uid when the tests run as root (as another user, every path of the
+    test's is already that user's, so the refusals hold on both)."""
+    if os.geteuid() == 0:
+        os.chown(path, 4242, 4242, follow_symlinks=not link)
+
+
+def test_a_folder_or_link_on_the_way_that_another_user_owns_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever owns a folder on the way can swap what is below it (a root-owned folder inside theirs), and a
+    link they own can point anywhere: both count, not only the last part."""
+    service = tmp_path / "svc"
+    (service / "box").mkdir(parents=True)  # root's own folder, inside the service user's
+    _foreign(service)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "lnk").symlink_to(tmp_path / "real")
+    _foreign(tmp_path / "lnk", link=True)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    for home in (service / "box", tmp_path / "lnk" / "home"):
+        result = run(home, "keys", "list")
+        assert result.exit_code == 2 and "sudo " in result.stderr, result.output
+    assert list((service / "box").iterdir()) == [] and list((tmp_path / "real").iterdir()) == []
+
+
+def test_the_line_to_run_survives_the_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paths with spaces are quoted, and every INFERBOX_ variable the command read is carried (sudo clears
+    them): the printed line, split as a shell splits it, runs the same command on the same files."""
+    import shlex
+
+    home = tmp_path / "state folder"
+    home.mkdir()
+    config = tmp_path / "conf" / "alt.toml"
+    config.parent.mkdir()
+    config.write_text("")
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("appliance.commands.options.foreign_owner", lambda p: "svc" if p == home else None)
+    result = CliRunner().invoke(
+        main, ["keys", "list"], env={"INFERBOX_HOME": str(home), "INFERBOX_CONFIG": str(config)}
+    )
+    assert result.exit_code == 2
+    line = result.stderr.split("run it as svc: ", 1)[1].split(" ...", 1)[0]
+    words = shlex.split(line)
+    assert words[:4] == ["sudo", "-u", "svc", "env"]
+    assert f"INFERBOX_HOME={home}" in words and f"INFERBOX_CONFIG={config}" in words
+    assert words[-2:] == ["keys", "list"]
+
+
+def test_an_off_box_folder_is_checked_only_by_the_commands_that_write_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A share another uid owns (NFS) as ship_dir or backup_dir does not stop commands that never write
+    there; backup create --to it and audit ship are refused (root's archive or copies would land there)."""
+    home, share = tmp_path / "home", tmp_path / "share"
+    home.mkdir()
+    share.mkdir()
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("appliance.commands.options.foreign_owner", lambda p: "svc" if p == share else None)
+    env = {"INFERBOX_HOME": str(home), "INFERBOX_SHIP_DIR": str(share), "INFERBOX_BACKUP_DIR": str(share)}
+    listed = CliRunner().invoke(main, ["keys", "list"], env=env)
+    assert listed.exit_code == 0, listed.output
+    for command in (["backup", "create", "--same-disk"], ["backup", "create", "--to", str(share)], ["audit", "ship"]):
+        result = CliRunner().invoke(main, command, env=env)
+        assert result.exit_code == 2 and f"{share} belongs to svc" in result.stderr, (command, result.output)
+    assert list(share.iterdir()) == []
