@@ -512,6 +512,12 @@ def list_versions(repository: Path, name: str) -> list[int]:
             names = [e.name for e in it if e.is_dir(follow_symlinks=False) or e.is_symlink()]
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except PermissionError as exc:
+        raise PackageError(
+            f"{folder}: cannot list its versions ({exc.strerror}); make it readable by the user that runs inferbox "
+            f"(on an installed box: sudo chown -R inferbox: {folder})",
+            path=str(folder),
+        ) from None
     return sorted(int(n) for n in names if _VERSION_RE.fullmatch(n))
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.errors import ManifestError, ModelNotFoundError
+from runtime.errors import ManifestError, ModelNotFoundError, PackageError
 from runtime.package import Package, list_versions, read_package
 
 if TYPE_CHECKING:
@@ -52,7 +52,13 @@ class Repository:
                 names = [e.name for e in it if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(n for n in names if list_versions(self.root, n))
+        return sorted(n for n in names if self._listed(n))
+
+    def _listed(self, name: str) -> bool:
+        try:
+            return bool(list_versions(self.root, name))
+        except PackageError:  # unreadable: listed, so that whoever opens it is told why (not skipped unseen)
+            return True
 
     def versions(self, name: str) -> list[int]:
         if not name or name.startswith(".") or "/" in name or "\\" in name or "\x00" in name:
@@ -111,7 +117,8 @@ class Repository:
         for name in names:
             try:
                 versions = self.versions(name)
-            except OSError:
+            except (OSError, PackageError) as exc:  # version 0: the model's folder, not a version of it
+                out.append(RepoEntry(name, 0, self.root / name, ok=False, error=f"{type(exc).__name__}: {exc}"))
                 continue
             for version in versions:
                 path = self.path(name, version)

@@ -105,6 +105,7 @@ def model_reports(
     cache_path: Path | None = None,
 ) -> list[ModelReport]:
     """Verify each package (all of ``repository``, or the folder ``package``) and decide for it. Never raises."""
+    from runtime.errors import PackageError
     from runtime.package import read_package
     from runtime.repository import Repository
     from runtime.selection import rank
@@ -137,7 +138,12 @@ def model_reports(
     repo = Repository(repository, public_key=public_key)
     out: list[ModelReport] = []
     for name in repo.models():
-        for version in repo.versions(name):
+        try:
+            versions = repo.versions(name)
+        except PackageError as exc:  # an unreadable model folder: reported, the others still are
+            out.append(ModelReport(name, None, repository / name, ok=False, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        for version in versions:
             out.append(report(name, version, repo.path(name, version), partial(repo.open, name, version)))
     return out
 

@@ -51,7 +51,12 @@ def list_packages(settings: Settings, *, verify: bool = False) -> list[Listed]:
     own = key_id(keys[0]) if settings.signing_key.exists() and keys else None
     out: list[Listed] = []
     for name in repo.models():
-        for version in repo.versions(name):
+        try:
+            versions = repo.versions(name)
+        except PackageError as exc:  # an unreadable model folder: one broken row, the others still listed
+            out.append(Listed(name, 0, repo.root / name, ok=False, problem=str(exc), sha256="", signed=""))
+            continue
+        for version in versions:
             path = repo.path(name, version)
             problem = ""
             try:

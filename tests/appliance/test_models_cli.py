@@ -711,3 +711,31 @@ def test_a_package_listing_a_file_named_like_a_temporary_signature_imports(
     )
     assert result.exit_code == 0, result.output
     assert (boxes["serving"] / "models" / "mlp" / "3" / "manifest.sig.new").read_text() == "a file of the package\n"
+
+
+def test_an_unreadable_model_folder_is_one_broken_row_and_the_server_loads_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model folder the service cannot list (root copied it in, mode 0700) once stopped the server at
+    start; now `models list` names it with the fix and the server serves the other models."""
+    import appliance.server as server_mod
+    from runtime import package as package_mod
+
+    home = tmp_path / "home"
+    publish_mlp(home / "models", ["ort-cpu"])
+    (home / "models" / "locked" / "1").mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if Path(str(path)) == home / "models" / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(package_mod.os, "scandir", scandir)
+    listed = run(home, "models", "list")
+    assert listed.exit_code == 1 and "cannot list its versions" in listed.output and "mlp" in listed.output
+    registry = server_mod.build_registry(load_settings({"home": home}))
+    try:
+        assert [m.name for m in registry.loaded()] == ["mlp"]
+    finally:
+        registry.close()

@@ -182,3 +182,32 @@ def test_entries_without_public_key_accept_unsigned(root: Path) -> None:
     entries = Repository(root).entries()
     assert all(e.ok for e in entries), [e.error for e in entries if not e.ok]
     assert {e.signed_by for e in entries} == {None}
+
+
+def test_an_unreadable_model_folder_is_named_and_the_others_still_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder the service cannot list (copied in by root, mode 0700) once stopped `serve` at start with a
+    traceback; now it is one broken entry that says how to fix it, and the other models are still there."""
+    import os
+
+    from runtime import package as package_mod
+    from runtime.errors import PackageError
+
+    _publish(tmp_path, "good", 1)
+    (tmp_path / "locked" / "1").mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path: object) -> object:
+        if Path(str(path)) == tmp_path / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(package_mod.os, "scandir", scandir)
+    repo = Repository(tmp_path)
+    assert repo.models() == ["good", "locked"]
+    with pytest.raises(PackageError, match="chown -R inferbox:"):
+        repo.versions("locked")
+    entries = {(e.name, e.version): e for e in repo.entries()}
+    assert entries[("good", 1)].ok
+    assert not entries[("locked", 0)].ok and "cannot list its versions" in (entries[("locked", 0)].error or "")
