@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import os
@@ -93,6 +94,8 @@ def generate_identity(private_path: Path) -> tuple[Path, str]:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     public = key.public_key()
     pub_pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not private_path.name or private_path.name in (".", ".."):
+        raise BackupError(f"--out {str(private_path)!r} names no file; give a file name, e.g. backup.key")
     pub_path = private_path.with_name(private_path.name + ".pub")
     for path in (private_path, pub_path):
         if path.exists() or path.is_symlink():
@@ -100,27 +103,35 @@ def generate_identity(private_path: Path) -> tuple[Path, str]:
     # the .pub first: a half-written pair is only ever a public key, and the box's backup unit (another
     # user) must read it whatever the umask
     _write_new(pub_path, pub_pem, 0o644)
-    _write_new(private_path, pem, 0o600)
+    try:
+        _write_new(private_path, pem, 0o600)
+    except BaseException:
+        pub_path.unlink(missing_ok=True)  # a .pub without its private key would block the next try
+        raise
     return pub_path, recipient_id(public)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """``data`` in a temporary file next to ``path``, then linked to ``path`` (never over a file): a
-    failure leaves no partial key to block the next try."""
+    """``data`` in a temporary file next to ``path``, then published as ``path`` (never over a file;
+    renamed where the filesystem has no hard links, a vfat or exFAT USB stick): a failure leaves no
+    partial key to block the next try."""
+    from runtime.durable import publish_new
+
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
+            with contextlib.suppress(PermissionError):  # vfat: modes are the mount's, not the file's
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)
+        publish_new(tmp, path)
     except OSError as exc:
         raise BackupError(f"cannot write {path} ({exc.strerror or exc})") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -278,8 +289,9 @@ class DecryptingReader:
         (size,) = struct.unpack(">H", self._exactly(raw, 2))
         if size > _MAX_HEADER:
             raise BackupError(f"{name}: its encryption header is {size} bytes: damaged, or not a backup")
+        header = self._exactly(raw, size)
         try:
-            parsed = parse_header(self._exactly(raw, size))
+            parsed = parse_header(header)
         except BackupError as exc:
             raise BackupError(f"{name}: {exc}") from None
         mine = identity.public_key()

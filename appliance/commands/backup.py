@@ -310,13 +310,23 @@ def check(
     """
     from appliance.audit.trust import settings_pace
     from appliance.backup.restore import check_archive
+    from appliance.commands.options import foreign_owner
 
+    under = scratch or Path(tempfile.gettempdir())
+    owner = foreign_owner(under)
+    if owner is not None:  # root unpacking secrets where another user can swap the folder for a link
+        raise click.UsageError(
+            f"--scratch {under} belongs to {owner} (or a folder on the way to it does), and check runs as root: "
+            f"{owner} could swap the unpacked folder for a link and have the archive's keys written anywhere; "
+            "pass --scratch with a folder root owns"
+        )
     try:
         key = _load_identity(archive, identity)
-    except click.UsageError as exc:
+    except (click.UsageError, BackupError) as exc:
         if not as_json:
             raise
-        click.echo(msgspec.json.encode({"ok": False, "problems": [exc.message]}).decode())
+        message = exc.message if isinstance(exc, click.UsageError) else str(exc)
+        click.echo(msgspec.json.encode({"ok": False, "problems": [message]}).decode())
         sys.exit(2)
     folder = Path(tempfile.mkdtemp(prefix="inferbox-backup-check-", dir=scratch))
     try:

@@ -62,7 +62,8 @@ def foreign_owner(path: Path) -> str | None:
 
     if os.geteuid() != 0:
         return None
-    uid = _first_foreign_uid(Path(os.path.abspath(path)))
+    # every part as the kernel walks it, ".." included (abspath would drop the folder before it)
+    uid = _first_foreign_uid(path if path.is_absolute() else Path.cwd() / path)
     if uid is None:
         uid = _first_foreign_uid(Path(os.path.realpath(path)))
     if uid is None:
@@ -89,7 +90,7 @@ def _first_foreign_uid(path: Path) -> int | None:
 def state_paths(settings: Settings) -> list[Path]:
     """Where every command may write for this box: the state folder, the repository and the key folders
     (the folders of backups and audit copies are checked by the commands that write there)."""
-    return [settings.home, settings.repository, settings.keys_dir, settings.signing_key.parent]
+    return [settings.home, settings.repository, settings.keys_dir, settings.signing_key]
 
 
 def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: tuple[Path, ...] = ()) -> None:
@@ -111,6 +112,12 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
             break
     else:
         return
+    if path not in state_paths(settings):  # the state is root's; only where this command writes besides is not
+        raise ConfigError(
+            f"{path} belongs to {owner} (or a folder on the way to it does), and this command runs as root on "
+            f"root's state: {owner} could swap what root writes there for links; write to a folder root owns, or "
+            f"make {path} root's"
+        )
     env = [f"INFERBOX_HOME={settings.home}"]
     config = settings.config_file
     if config is not None and config != settings.home / "inferbox.toml":

@@ -37,7 +37,7 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
     """Write a new private key (mode 0600) and <key>.pub; print the public key."""
     settings = build_settings(home=home, repository=repository)
     path = out if out is not None else settings.signing_key
-    refuse_root_in_foreign_state(settings, extra=(path.parent,))  # a key root writes there, the owner cannot read
+    refuse_root_in_foreign_state(settings, extra=(path,))  # a key root writes there, the owner cannot read
     key = generate_private_key()
     write_private_key(key, path, overwrite=force)
     pem = public_key_pem(key)

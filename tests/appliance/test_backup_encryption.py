@@ -147,6 +147,40 @@ def test_keygen_never_overwrites_and_keeps_the_private_key_private(keys: dict[st
     assert again.exit_code == 2 and "exists" in again.stderr
     with pytest.raises(BackupError, match="not a PEM public key"):
         crypt.load_recipient(Path(__file__))  # not a key at all: a clear error, not a traceback
+    empty = run(keys["private"].parent, "backup", "keygen", "--out", "")
+    assert empty.exit_code == 2 and "names no file" in empty.stderr
+
+
+def test_keygen_writes_where_there_are_no_hard_links_and_a_failure_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vfat / exFAT USB stick (the documented place for the key) has no hard links; a full disk while
+    writing the private key must not leave a .pub that blocks the next try."""
+    import errno
+
+    real_link = os.link
+
+    def no_links(src: object, dst: object, **kw: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    pub, _ = crypt.generate_identity(tmp_path / "usb.key")
+    assert pub.is_file() and (tmp_path / "usb.key").is_file()
+    monkeypatch.setattr(os, "link", real_link)
+
+    real_write = crypt._write_new
+
+    def full(path: Path, data: bytes, mode: int) -> None:
+        if not path.name.endswith(".pub"):
+            raise BackupError(f"cannot write {path} (No space left on device)")
+        real_write(path, data, mode)
+
+    monkeypatch.setattr(crypt, "_write_new", full)
+    with pytest.raises(BackupError, match="No space"):
+        crypt.generate_identity(tmp_path / "k2.key")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["usb.key", "usb.key.pub"]
+    monkeypatch.setattr(crypt, "_write_new", real_write)
+    crypt.generate_identity(tmp_path / "k2.key")  # the retry works
 
 
 def test_an_encrypted_backup_holds_no_secret_in_the_clear_and_restores_with_its_key(
@@ -179,6 +213,8 @@ def test_an_encrypted_backup_holds_no_secret_in_the_clear_and_restores_with_its_
     assert "--identity" in missing.stderr
     as_json = run(box["home"], "backup", "check", str(archive), "--json")
     assert as_json.exit_code == 2 and json.loads(as_json.stdout)["ok"] is False
+    as_json = run(box["home"], "backup", "check", str(archive), "--json", "--identity", str(keys["public"]))
+    assert as_json.exit_code == 2 and "private key" in json.loads(as_json.stdout)["problems"][0]
     wrong = run(box["home"], "backup", "check", str(archive), "--identity", str(keys["other"]))
     assert wrong.exit_code == 1 and "encrypted to the backup key" in wrong.output
     checked = run(

@@ -110,7 +110,7 @@ def test_the_real_owner_decides_and_a_folder_not_made_yet_belongs_to_its_parents
     assert not (service / "sub").exists()
     # a key written by root into that user's folder, by --out or a signing_key setting
     made = run(root_home, "signing-key", "create", "--out", str(service / "signing.key"))
-    assert made.exit_code == 2 and f"{runner} env" in made.stderr
+    assert made.exit_code == 2, made.output  # (as root: root's state, a key into that user's folder)
     made = CliRunner().invoke(
         main,
         ["signing-key", "create"],
@@ -192,3 +192,48 @@ def test_an_off_box_folder_is_checked_only_by_the_commands_that_write_there(
         result = CliRunner().invoke(main, command, env=env)
         assert result.exit_code == 2 and f"{share} belongs to svc" in result.stderr, (command, result.output)
     assert list(share.iterdir()) == []
+
+
+def test_dot_dot_is_walked_as_the_kernel_walks_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``svc/sub/../../ok/state`` passes through svc: whoever owns it can swap sub for a link later."""
+    service = tmp_path / "svc"
+    (service / "sub").mkdir(parents=True)
+    (tmp_path / "ok").mkdir()
+    _foreign(service)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    from appliance.commands.options import foreign_owner
+
+    assert foreign_owner(service / "sub" / ".." / ".." / "ok" / "state") is not None
+    monkeypatch.chdir(service / "sub")
+    assert foreign_owner(Path("../../ok/state")) is not None
+
+
+def test_the_signing_key_itself_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's key file in a folder of root's: replaced by root, the service could not read it."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    key = keys / "signing.key"
+    key.write_text("old")
+    _foreign(key)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    made = CliRunner().invoke(
+        main,
+        ["signing-key", "create", "--force"],
+        env={"INFERBOX_HOME": str(tmp_path / "home"), "INFERBOX_SIGNING_KEY": str(key)},
+    )
+    assert made.exit_code == 2 and key.read_text() == "old", made.output
+
+
+def test_check_as_root_refuses_a_scratch_folder_another_user_owns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They could swap the unpack folder for a link and have the archive's keys written anywhere."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    _foreign(scratch)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(b"")
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    result = run(tmp_path, "backup", "check", str(archive), "--scratch", str(scratch))
+    assert result.exit_code == 2 and "--scratch" in result.stderr and "root owns" in result.stderr
+    assert list(scratch.iterdir()) == []
