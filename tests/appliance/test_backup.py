@@ -489,11 +489,7 @@ def test_older_archives_past_keep_are_removed_and_named_in_the_record(box: dict[
     assert (out / "notes.txt").exists() and (out / f"inferbox-backup-{me}-20250101T000000Z.tar.sig").exists()
     assert other.exists()
     assert f"removed the older {old[0].name}" in result.stdout
-    live = AuditLog.open(load_settings({"home": box["home"]}))
-    try:
-        last = live.tail(1)[0]
-    finally:
-        live.close()
+    last = last_record(box["home"])
     assert last.event == "backup_create" and last.details["removed"] == f"{old[0].name},{old[1].name}"
     # keep 0 keeps everything; keep 1 leaves only the new one
     assert _older(out, 0, me) == []

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from appliance.audit.log import AuditLog
 from appliance.backup import crypt
 from appliance.keys import KeyStore
 from appliance.settings import load_settings
@@ -22,7 +21,7 @@ from runtime.repository import Repository
 
 # the fixtures of a real box, shared with test_backup (the tests take them by name: F811)
 # ruff: noqa: F811
-from tests.appliance.test_backup import box, built, clean_env, run  # noqa: F401
+from tests.appliance.test_backup import box, built, clean_env, last_record, run  # noqa: F401
 
 HEADER = len(crypt.MAGIC)
 
@@ -183,14 +182,20 @@ def test_keygen_writes_where_there_are_no_hard_links_and_a_failure_leaves_nothin
     crypt.generate_identity(tmp_path / "k2.key")  # the retry works
 
 
-def test_an_encrypted_backup_holds_no_secret_in_the_clear_and_restores_with_its_key(
-    box: dict[str, Any], keys: dict[str, Path], tmp_path: Path
-) -> None:
+def create_encrypted(box: dict[str, Any], keys: dict[str, Path]) -> tuple[Path, Any]:
+    """``backup create --encrypt-to`` the test key: (the archive, the command's result)."""
     made = run(
         box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--encrypt-to", str(keys["public"])
     )
     assert made.exit_code == 0, made.output
     (archive,) = box["out"].glob("inferbox-backup-*.tar.enc")
+    return archive, made
+
+
+def test_an_encrypted_backup_holds_no_secret_in_the_clear_and_restores_with_its_key(
+    box: dict[str, Any], keys: dict[str, Path], tmp_path: Path
+) -> None:
+    archive, made = create_encrypted(box, keys)
     stored = archive.read_bytes()
     signing = (box["home"] / "keys" / "signing.key").read_bytes()
     assert signing[30:60] not in stored and b"MANIFEST.json" not in stored and b"state.db" not in stored
@@ -200,11 +205,7 @@ def test_an_encrypted_backup_holds_no_secret_in_the_clear_and_restores_with_its_
     assert f"Encrypted to the backup key {rid}" in made.stderr
 
     # the box recorded the stored (encrypted) bytes' hash and the key they are for
-    live = AuditLog.open(load_settings({"home": box["home"]}))
-    try:
-        record = live.tail(1)[0]
-    finally:
-        live.close()
+    record = last_record(box["home"])
     assert record.event == "backup_create"
     assert record.details["sha256"] == hashlib.sha256(stored).hexdigest() and record.details["encrypted_to"] == rid
 
@@ -258,11 +259,7 @@ def test_an_identity_with_a_plain_archive_is_refused(
 def test_a_damaged_encrypted_archive_is_refused_whole(
     box: dict[str, Any], keys: dict[str, Path], tmp_path: Path
 ) -> None:
-    made = run(
-        box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--encrypt-to", str(keys["public"])
-    )
-    assert made.exit_code == 0, made.output
-    (archive,) = box["out"].glob("inferbox-backup-*.tar.enc")
+    archive, _ = create_encrypted(box, keys)
     data = bytearray(archive.read_bytes())
     data[len(data) // 2] ^= 0x40
     archive.write_bytes(bytes(data))
