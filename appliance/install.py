@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 USER = "inferbox"
 STATE_DIR = Path("/var/lib/inferbox")
 CONF_DIR = Path("/etc/inferbox")
+#: the public key backups are encrypted to (``--backup-encrypt-to``)
+BACKUP_PUB = CONF_DIR / "backup.pub"
 UNIT_DIR = Path("/etc/systemd/system")
 SYSUSERS = Path("/usr/lib/sysusers.d/inferbox.conf")
 #: unit -> the target whose .wants it is enabled in (the batch timer is optional: not enabled by default)
@@ -98,6 +100,9 @@ class InstallOptions:
     ship_dir: Path | None = None
     #: a folder on another disk or machine for ``inferbox backup create``; given: its daily timer is enabled
     backup_dir: Path | None = None
+    #: the public key (``inferbox backup keygen``'s .pub) backups are encrypted to: copied to
+    #: ``/etc/inferbox/backup.pub`` and set as ``backup_encrypt_to`` in a new configuration file
+    backup_encrypt_to: Path | None = None
 
 
 @dataclass
@@ -153,6 +158,7 @@ def _shown_default(f: Field) -> Any:
         "public_key": CONF_DIR / "signing.key.pub",
         "ship_dir": DEFAULT_SHIP_DIR,
         "backup_dir": DEFAULT_BACKUP_DIR,
+        "backup_encrypt_to": BACKUP_PUB,
         "tls_cert": CONF_DIR / "tls" / "server.crt",
         "tls_key": CONF_DIR / "tls" / "server.key",
         "tls_client_ca": CONF_DIR / "tls" / "clients-ca.crt",
@@ -164,8 +170,8 @@ _UNSET = {
     "public_key": "default: unset (signatures not required)",
     "ship_dir": "default: unset (`inferbox audit ship` needs it or --to; the ship unit sets it)",
     "backup_dir": "default: unset (`inferbox backup create` needs it or --to; the backup unit sets it)",
-    "backup_encrypt_to": "default: unset (plain archives; `inferbox backup keygen` makes a key, e.g. "
-    "/etc/inferbox/backup.pub)",
+    "backup_encrypt_to": "default: unset (plain archives; `inferbox backup keygen` makes a key, "
+    "`install --backup-encrypt-to` sets it)",
     "tls_cert": "default: unset (plain HTTP, refused on a non-loopback host without allow_plaintext)",
     "tls_key": "default: unset (root:inferbox, mode 0640; docs/operations.md)",
     "tls_client_ca": "default: unset (no client certificates asked for)",
@@ -200,6 +206,37 @@ def config_toml() -> str:
         lines.append(f"# {f.name} = {_toml_value(_shown_default(f))}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _sets(config: Path, section: str, key: str) -> bool:
+    """Whether the TOML file ``config`` sets ``key`` in ``[section]`` (False when it cannot be read)."""
+    import tomllib
+
+    try:
+        table = tomllib.loads(config.read_text(encoding="utf-8")).get(section, {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    return isinstance(table, dict) and key in table
+
+
+def _backup_key(source: Path, dest: Path, report: InstallReport) -> None:
+    """Copy the public key backups are encrypted to (checked by :func:`_check_options`) to ``dest``, mode
+    0644; one already there is kept, and a note says so when it is another key."""
+    from appliance.backup.crypt import load_recipient, recipient_id
+    from runtime.errors import BackupError
+
+    given = recipient_id(load_recipient(source))
+    if dest.exists():
+        try:
+            there = recipient_id(load_recipient(dest))
+        except BackupError:
+            there = "unreadable"
+        if there != given:
+            report.notes.append(
+                f"kept {dest} (key {there}), not the key {given} of {source}: remove it and run install again "
+                "to encrypt to the new key"
+            )
+    _write_new(dest, source.read_bytes(), 0o644, report)
 
 
 def _write_new(path: Path, data: bytes, mode: int, report: InstallReport) -> None:
@@ -460,6 +497,14 @@ def project_source() -> str:
 
 
 def _check_options(options: InstallOptions) -> None:
+    if options.backup_encrypt_to is not None:  # before anything is written
+        from appliance.backup.crypt import load_recipient
+        from runtime.errors import BackupError
+
+        try:
+            load_recipient(options.backup_encrypt_to)
+        except BackupError as exc:
+            raise InstallError(f"--backup-encrypt-to: {exc}") from None
     for flag, value in (("--api-memory-max", options.api_memory_max), ("--batch-memory-max", options.batch_memory_max)):
         if not _MEMORY_SIZE.fullmatch(value):
             raise InstallError(
@@ -561,8 +606,25 @@ def _install(
             f"did not create {prefix / 'venv'} (--no-venv); the units run {options.prefix}/venv/bin/inferbox"
         )
 
-    # 4. configuration
-    _write_new(_under(root, CONF_DIR) / "inferbox.toml", config_toml().encode(), 0o644, report)
+    # 4. configuration (and the key backups are encrypted to: public, read by the backup unit)
+    config = _under(root, CONF_DIR) / "inferbox.toml"
+    text = config_toml()
+    if options.backup_encrypt_to is not None:
+        _backup_key(options.backup_encrypt_to, _under(root, BACKUP_PUB), report)
+        shown = f"# backup_encrypt_to = {_toml_value(BACKUP_PUB)}"
+        assert shown in text  # the documented line, set
+        text = text.replace(shown, shown[2:])
+        if config.exists() and not _sets(config, "backup", "backup_encrypt_to"):
+            report.notes.append(
+                f'{config} is kept as it is: add backup_encrypt_to = "{BACKUP_PUB}" to its [backup] table, so that '
+                "every backup (the timer's and one run by hand) is encrypted"
+            )
+    elif options.backup_dir is not None and not (config.exists() and _sets(config, "backup", "backup_encrypt_to")):
+        report.notes.append(
+            "backups will be plain tars holding the signing key and the digest keys: make a key off the box "
+            "(`inferbox backup keygen --out backup.key`) and run install again with --backup-encrypt-to backup.key.pub"
+        )
+    _write_new(config, text.encode(), 0o644, report)
 
     # 5. signing key (0600) and its public half
     key_path = state / "keys" / "signing.key"

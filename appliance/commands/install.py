@@ -48,6 +48,13 @@ __all__ = ["install"]
     help="A mounted folder on another disk or machine: enables inferbox-backup.timer, which writes a backup "
     "of the state there daily and keeps the newest backup_keep (docs/operations.md).",
 )
+@click.option(
+    "--backup-encrypt-to",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="The public key (`inferbox backup keygen`'s .pub; its private key stays off the box) every backup is "
+    "encrypted to: copied to /etc/inferbox/backup.pub and set as backup_encrypt_to in a new inferbox.toml.",
+)
 def install(
     prefix: Path,
     root: Path,
@@ -59,6 +66,7 @@ def install(
     batch_memory_max: str,
     ship_dir: Path | None,
     backup_dir: Path | None,
+    backup_encrypt_to: Path | None,
 ) -> None:
     """Install inferbox as systemd services (see docs/operations.md)."""
     from appliance.install import InstallOptions
@@ -83,6 +91,7 @@ def install(
             python=sys.executable,
             ship_dir=ship_dir,
             backup_dir=backup_dir,
+            backup_encrypt_to=backup_encrypt_to,
         ),
         say=lambda line: click.echo(line, err=True),
     )

@@ -248,3 +248,35 @@ def test_backup_dir_enables_the_daily_backup_timer_and_is_the_one_folder_it_writ
 
     relative = CliRunner().invoke(main, ["install", "--root", str(tmp_path), "--no-venv", "--backup-dir", "bk"])
     assert relative.exit_code == 2 and "--backup-dir" in relative.output and "absolute" in relative.output
+
+
+def test_backup_encrypt_to_installs_the_public_key_and_sets_it_for_every_backup(tmp_path: Path) -> None:
+    from appliance.backup.crypt import generate_identity, load_recipient, recipient_id
+
+    off_box = tmp_path / "usb"
+    off_box.mkdir()
+    pub, rid = generate_identity(off_box / "backup.key")
+    root = tmp_path / "root"
+    args = ["install", "--root", str(root), "--no-venv", "--backup-dir", "/srv/bk"]
+    result = CliRunner().invoke(main, [*args, "--backup-encrypt-to", str(pub)])
+    assert result.exit_code == 0, result.output
+    installed = root / "etc/inferbox/backup.pub"
+    assert _mode(installed) == 0o644 and recipient_id(load_recipient(installed)) == rid  # the unit's user reads it
+    config = root / "etc/inferbox/inferbox.toml"
+    assert tomllib.loads(config.read_text())["backup"] == {"backup_encrypt_to": "/etc/inferbox/backup.pub"}
+    assert not (root / "etc/inferbox/backup.key").exists()
+    # an upgrade keeps the operator's configuration and key, and says what to add
+    other, _ = generate_identity(off_box / "other.key")
+    config.write_text("[server]\nport = 9000\n")
+    again = CliRunner().invoke(main, [*args, "--backup-encrypt-to", str(other)])
+    assert again.exit_code == 0, again.output
+    assert "add backup_encrypt_to" in again.output and "remove it and run install again" in again.output
+    assert recipient_id(load_recipient(installed)) == rid
+    # without it, install says backups will be plain; a private key given by mistake installs nothing
+    plain = CliRunner().invoke(main, ["install", "--root", str(tmp_path / "p"), "--no-venv", "--backup-dir", "/bk"])
+    assert plain.exit_code == 0 and "plain tars" in plain.output
+    wrong = tmp_path / "w"
+    bad = CliRunner().invoke(
+        main, ["install", "--root", str(wrong), "--no-venv", "--backup-encrypt-to", str(off_box / "backup.key")]
+    )
+    assert bad.exit_code == 2 and "--backup-encrypt-to" in bad.output and not wrong.exists()
