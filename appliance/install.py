@@ -208,35 +208,46 @@ def config_toml() -> str:
     return "\n".join(lines)
 
 
-def _sets(config: Path, section: str, key: str) -> bool:
-    """Whether the TOML file ``config`` sets ``key`` in ``[section]`` (False when it cannot be read)."""
+#: the configuration file could not be read or parsed (:func:`_setting`)
+_UNREADABLE = object()
+
+
+def _setting(config: Path, section: str, key: str) -> object:
+    """What the TOML file ``config`` sets ``key`` to (in ``[section]`` or at the top, as the settings
+    loader reads both), None when it does not, ``_UNREADABLE`` when the file cannot be read."""
     import tomllib
 
     try:
-        table = tomllib.loads(config.read_text(encoding="utf-8")).get(section, {})
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False
-    return isinstance(table, dict) and key in table
+        return _UNREADABLE
+    table = data.get(section, {})
+    if isinstance(table, dict) and key in table:
+        return table[key]
+    return data.get(key)
 
 
-def _backup_key(source: Path, dest: Path, report: InstallReport) -> None:
-    """Copy the public key backups are encrypted to (checked by :func:`_check_options`) to ``dest``, mode
-    0644; one already there is kept, and a note says so when it is another key."""
+def _backup_key_problem(source: Path, dest: Path) -> str | None:
+    """Why the key at ``source`` cannot become ``dest`` (it is not a key, or ``dest`` holds another): the
+    backups would go on to a key the operator meant to replace."""
     from appliance.backup.crypt import load_recipient, recipient_id
     from runtime.errors import BackupError
 
-    given = recipient_id(load_recipient(source))
-    if dest.exists():
+    try:
+        given = recipient_id(load_recipient(source))
+    except BackupError as exc:
+        return str(exc)
+    if dest.exists() or dest.is_symlink():
         try:
             there = recipient_id(load_recipient(dest))
         except BackupError:
-            there = "unreadable"
+            there = "no key it can read"
         if there != given:
-            report.notes.append(
-                f"kept {dest} (key {there}), not the key {given} of {source}: remove it and run install again "
-                "to encrypt to the new key"
+            return (
+                f"{dest} holds {there if there.startswith('no ') else 'the key ' + there}, not the key {given} of "
+                f"{source}: remove it (sudo rm {dest}) and run install again"
             )
-    _write_new(dest, source.read_bytes(), 0o644, report)
+    return None
 
 
 def _write_new(path: Path, data: bytes, mode: int, report: InstallReport) -> None:
@@ -498,13 +509,9 @@ def project_source() -> str:
 
 def _check_options(options: InstallOptions) -> None:
     if options.backup_encrypt_to is not None:  # before anything is written
-        from appliance.backup.crypt import load_recipient
-        from runtime.errors import BackupError
-
-        try:
-            load_recipient(options.backup_encrypt_to)
-        except BackupError as exc:
-            raise InstallError(f"--backup-encrypt-to: {exc}") from None
+        problem = _backup_key_problem(options.backup_encrypt_to, _under(options.root, BACKUP_PUB))
+        if problem is not None:
+            raise InstallError(f"--backup-encrypt-to: {problem}")
     for flag, value in (("--api-memory-max", options.api_memory_max), ("--batch-memory-max", options.batch_memory_max)):
         if not _MEMORY_SIZE.fullmatch(value):
             raise InstallError(
@@ -609,17 +616,22 @@ def _install(
     # 4. configuration (and the key backups are encrypted to: public, read by the backup unit)
     config = _under(root, CONF_DIR) / "inferbox.toml"
     text = config_toml()
+    configured = _setting(config, "backup", "backup_encrypt_to") if config.exists() else None
     if options.backup_encrypt_to is not None:
-        _backup_key(options.backup_encrypt_to, _under(root, BACKUP_PUB), report)
         shown = f"# backup_encrypt_to = {_toml_value(BACKUP_PUB)}"
-        assert shown in text  # the documented line, set
+        if shown not in text:  # never a backup left plain because the template changed
+            raise InstallError(f"the configuration template has no line {shown!r}: a bug in this inferbox")
         text = text.replace(shown, shown[2:])
-        if config.exists() and not _sets(config, "backup", "backup_encrypt_to"):
+        _write_new(_under(root, BACKUP_PUB), options.backup_encrypt_to.read_bytes(), 0o644, report)
+        if configured is _UNREADABLE:
+            report.notes.append(f'{config} cannot be read as TOML: fix it, and set backup_encrypt_to = "{BACKUP_PUB}"')
+        elif configured != str(BACKUP_PUB) and config.exists():
+            now = "sets no backup_encrypt_to" if configured is None else f"sets backup_encrypt_to = {configured!r}"
             report.notes.append(
-                f'{config} is kept as it is: add backup_encrypt_to = "{BACKUP_PUB}" to its [backup] table, so that '
-                "every backup (the timer's and one run by hand) is encrypted"
+                f'{config} is kept as it is and {now}: set backup_encrypt_to = "{BACKUP_PUB}" in its [backup] '
+                "table, so that every backup (the timer's and one run by hand) is encrypted to the new key"
             )
-    elif options.backup_dir is not None and not (config.exists() and _sets(config, "backup", "backup_encrypt_to")):
+    elif options.backup_dir is not None and configured in (None, _UNREADABLE):
         report.notes.append(
             "backups will be plain tars holding the signing key and the digest keys: make a key off the box "
             "(`inferbox backup keygen --out backup.key`) and run install again with --backup-encrypt-to backup.key.pub"

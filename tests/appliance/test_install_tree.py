@@ -264,14 +264,27 @@ def test_backup_encrypt_to_installs_the_public_key_and_sets_it_for_every_backup(
     assert _mode(installed) == 0o644 and recipient_id(load_recipient(installed)) == rid  # the unit's user reads it
     config = root / "etc/inferbox/inferbox.toml"
     assert tomllib.loads(config.read_text())["backup"] == {"backup_encrypt_to": "/etc/inferbox/backup.pub"}
-    assert not (root / "etc/inferbox/backup.key").exists()
-    # an upgrade keeps the operator's configuration and key, and says what to add
-    other, _ = generate_identity(off_box / "other.key")
-    config.write_text("[server]\nport = 9000\n")
-    again = CliRunner().invoke(main, [*args, "--backup-encrypt-to", str(other)])
+    settings = load_settings(environ={}, config_file=config)
+    assert settings.backup_encrypt_to == Path("/etc/inferbox/backup.pub")
+    assert "plain tars" not in result.output
+
+    # an upgrade with the same key keeps everything; a configuration that names another key is named
+    config.write_text('[backup]\nbackup_encrypt_to = "/etc/inferbox/old.pub"\n')
+    again = CliRunner().invoke(main, [*args, "--backup-encrypt-to", str(pub)])
     assert again.exit_code == 0, again.output
-    assert "add backup_encrypt_to" in again.output and "remove it and run install again" in again.output
-    assert recipient_id(load_recipient(installed)) == rid
+    assert "sets backup_encrypt_to = '/etc/inferbox/old.pub'" in again.output
+    config.write_text('backup_encrypt_to = "/etc/inferbox/backup.pub"\n')  # at the top: the loader reads it too
+    again = CliRunner().invoke(main, [*args, "--backup-encrypt-to", str(pub)])
+    notes = [line for line in again.output.splitlines() if line.startswith("note:")]
+    assert again.exit_code == 0 and not [n for n in notes if "set backup_encrypt_to" in n], notes
+
+    # a new key where another is installed: refused before anything changes (backups would go on to the old)
+    other, _ = generate_identity(off_box / "other.key")
+    before = installed.read_bytes()
+    refused = CliRunner().invoke(main, [*args, "--backup-encrypt-to", str(other)])
+    assert refused.exit_code == 2 and f"sudo rm {installed}" in refused.output, refused.output
+    assert installed.read_bytes() == before
+
     # without it, install says backups will be plain; a private key given by mistake installs nothing
     plain = CliRunner().invoke(main, ["install", "--root", str(tmp_path / "p"), "--no-venv", "--backup-dir", "/bk"])
     assert plain.exit_code == 0 and "plain tars" in plain.output
