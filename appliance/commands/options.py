@@ -131,7 +131,7 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
         chown = f"{uid}:{uid}"
     else:
         runner, chown = f"sudo -u {shlex.quote(owner)}", f"{shlex.quote(owner)}:"
-    line = " ".join([runner, "env", *(shlex.quote(e) for e in env), _this_command(), "..."])
+    line = " ".join([runner, "env", *(shlex.quote(e) for e in env), _this_command()])
     raise ConfigError(
         f"{path} belongs to {owner} (or a folder on the way to it does), and this command runs as root: what root "
         f"writes there (databases and their journals, keys, caches) the service cannot open, and folders {owner} "
@@ -140,17 +140,21 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
 
 
 def _this_command() -> str:
-    """``<venv>/bin/inferbox <subcommand>`` as this process was asked to run it."""
+    """``<venv>/bin/inferbox`` and the arguments this process was run with, quoted, so that the line runs
+    as printed; where they are not known (the CLI called in-process, ``python -m appliance``), the
+    subcommand and ``...`` for its arguments."""
+    import shlex
+
     exe = Path(sys.executable).parent / "inferbox"
     program = str(exe) if exe.is_file() else "inferbox"
+    if len(sys.argv) > 1 and Path(sys.argv[0]).name == "inferbox":
+        return shlex.join([program, *sys.argv[1:]])
     ctx = click.get_current_context(silent=True)
     names: list[str] = []
     while ctx is not None and ctx.parent is not None:
         names.append(ctx.info_name or "")
         ctx = ctx.parent
-    import shlex
-
-    return " ".join(shlex.quote(w) for w in [program, *reversed([n for n in names if n])])
+    return " ".join(shlex.quote(w) for w in [program, *reversed([n for n in names if n])]) + " ..."
 
 
 def existing_home(settings: Settings, command: str, why: str) -> Settings:

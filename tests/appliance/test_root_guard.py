@@ -237,3 +237,16 @@ def test_check_as_root_refuses_a_scratch_folder_another_user_owns(
     result = run(tmp_path, "backup", "check", str(archive), "--scratch", str(scratch))
     assert result.exit_code == 2 and "--scratch" in result.stderr and "root owns" in result.stderr
     assert list(scratch.iterdir()) == []
+
+
+def test_the_line_to_run_carries_the_arguments_typed(served: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from the installed command, the printed line is the whole command, runnable as it is."""
+    import shlex
+
+    argv = ["/usr/local/bin/inferbox", "keys", "create", "--scope", "infer", "--name", "team a"]
+    monkeypatch.setattr("sys.argv", argv)
+    result = run(served, *argv[1:])
+    assert result.exit_code == 2
+    line = result.stderr.split("run it as inferbox: ", 1)[1].strip()
+    words = shlex.split(line)
+    assert words[-6:] == argv[1:] and "..." not in words
