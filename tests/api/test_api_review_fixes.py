@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from api.app import create_app
 from api.config import ApiConfig
@@ -94,6 +95,7 @@ def _replace_model_while_a_batch_runs(tmp_path: Path, unload: bool) -> None:
     registry = make_registry([old], extra={"tabular": lambda: new})
     app = create_app(registry=registry, config=ApiConfig(auth=False, max_batch_size=1), audit=None, keys=None)
     server = app.state["server"]
+    server.replaced_grace_s = 3.0  # longer than the test takes to reach the old version again
 
     async def main() -> None:
         server.attach()  # what the app's lifespan does (ASGITransport runs none)
@@ -113,12 +115,10 @@ def _replace_model_while_a_batch_runs(tmp_path: Path, unload: bool) -> None:
                 await change
                 r = await c.post("/v2/models/tabular/infer", json=BODY)  # the new version, at once
                 assert r.status_code == 200 and r.json()["model_version"] == "2", r.text
-                # a request that still holds the old version object gets no new batcher for it
-                try:
-                    await server.tensor_batcher(old)
-                except OverloadError as exc:
-                    with_old = str(exc)
-                assert with_old is not None and "replaced" in with_old
+                # a request that found the old version before the swap is still answered by it (its
+                # grace), off the table: the new version keeps its batcher
+                graced = await server.tensor_batcher(old)
+                assert graced is not server._tensor["tabular"][1] and server._tensor["tabular"][0] is new
             else:
                 assert (await c.post("/v2/models/tabular/infer", json=BODY)).status_code == 404
             old_session.release.set()
@@ -129,6 +129,12 @@ def _replace_model_while_a_batch_runs(tmp_path: Path, unload: bool) -> None:
             await server.retired(old)
             assert old_session.inner._closed
             assert server._stale == []
+            if not unload:  # retired: a request still holding it is asked to retry, and gets no batcher
+                try:
+                    await server.tensor_batcher(old)
+                except OverloadError as exc:
+                    with_old = str(exc)
+                assert with_old is not None and "replaced" in with_old
             assert "tabular" not in server._tensor or server._tensor["tabular"][0] is new
         await server.stop()
 
@@ -173,3 +179,37 @@ def test_audit_times_out_of_range_are_a_400(tmp_path: Path) -> None:
         for value in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
             r = c.get("/v1/audit", params={"since": value})
             assert r.status_code == 400 and r.json()["error"]["param"] == "since", r.text
+
+
+def test_a_request_that_found_the_old_version_just_before_a_swap_is_answered_by_it(tmp_path: Path) -> None:
+    """The e2e swap test once saw a 429: a request resolved version 1, the swap happened while it read its
+    body, and it reached the batchers after the old version's were gone.  Now it is answered by version 1
+    (within the replaced version's grace), and the new version keeps its batcher."""
+    old = tensor_model(tmp_path, name="tabular")
+    new = tensor_model(tmp_path, version=2)
+    registry = make_registry([old], extra={"tabular": lambda: new})
+    app = create_app(registry=registry, config=ApiConfig(auth=False), audit=None, keys=None)
+    server = app.state["server"]
+
+    async def main() -> None:
+        server.attach()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            r = await c.post("/v2/models/tabular/infer", json=BODY)  # version 1 has a batcher
+            assert r.json()["model_version"] == "1"
+            found = registry.get("tabular")  # what a request resolved before the swap
+            feeds = {"x": np.array(X, dtype=np.float32), "ids": np.array(IDS)}
+            await asyncio.to_thread(registry.add, new)
+            assert set(await server.infer(found, feeds, None)) == {"y", "z"}  # before its retirement started
+            r = await c.post("/v2/models/tabular/infer", json=BODY)
+            assert r.status_code == 200 and r.json()["model_version"] == "2"
+            # after the new version took the name's batcher: the old one still answers what found it
+            assert set(await server.infer(found, feeds, None)) == {"y", "z"}
+            assert server._tensor["tabular"][0] is new
+            await server.retired(found)
+            with pytest.raises(OverloadError, match="replaced"):
+                await server.infer(found, feeds, None)
+            assert server._stale == []
+        await server.stop()
+
+    server.replaced_grace_s = 0.5
+    asyncio.run(asyncio.wait_for(main(), 30))
