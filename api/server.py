@@ -65,8 +65,7 @@ class Server:
         self._stale: list[tuple[LoadedModel, DynamicBatcher[Any, Any]]] = []
         #: models the registry let go of -> their retirement (batchers stopped, then closed)
         self._retiring: dict[int, concurrent.futures.Future[None]] = {}
-        #: replaced versions still taking the requests that found them (ids), and how long they do
-        self._grace: set[int] = set()
+        #: how long a replaced version still takes the requests that found it (:meth:`retire`)
         #: versions past their grace (being stopped, or closed), by id while the object lives: a request
         #: still holding one is asked to retry
         self._ended: set[int] = set()
@@ -118,12 +117,8 @@ class Server:
         """Stop ``model``'s batchers once they answered what they accepted, then close it.  A version
         another one replaced first takes the requests that found it for ``replaced_grace_s``."""
         if any(m.name == model.name for m in self.registry.loaded()) and self._no_grace is not None:
-            self._grace.add(id(model))
-            try:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._no_grace.wait(), self.replaced_grace_s)
-            finally:
-                self._grace.discard(id(model))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_grace.wait(), self.replaced_grace_s)
         self._ended.add(id(model))  # before its batchers are collected: none is made for it after
         weakref.finalize(model, self._ended.discard, id(model))
         batchers: list[DynamicBatcher[Any, Any]] = []
@@ -170,11 +165,11 @@ class Server:
     def _in_grace(self, model: LoadedModel) -> bool:
         """``model`` was replaced by another version and is not retired yet (its grace, or the moment
         between the swap and its retirement starting): a request that found it is answered by it."""
-        if id(model) in self._grace:
-            return True
+        if self._no_grace is None or self._no_grace.is_set():  # not attached, or stopping: closed at once
+            return False
         if id(model) in self._ended or self.registry.holds(model):
             return False
-        return any(m.name == model.name for m in self.registry.loaded())
+        return any(m.name == model.name for m in self.registry.loaded())  # unloaded since: no grace
 
     def _graced(self, model: LoadedModel) -> DynamicBatcher[Any, Any] | None:
         """A replaced version in its grace: its batcher off the table (retire stops it), if it has one."""

@@ -213,3 +213,35 @@ def test_a_request_that_found_the_old_version_just_before_a_swap_is_answered_by_
 
     server.replaced_grace_s = 0.5
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_no_grace_for_a_version_closed_at_once_or_whose_name_was_unloaded(tmp_path: Path) -> None:
+    """Without the app's lifespan (or once stopped) a replaced version is closed at once: a request still
+    holding it is asked to retry, never run on the closed session; and once the name is unloaded, a
+    request holding a version replaced before is refused at once too."""
+    feeds = {"x": np.array(X, dtype=np.float32), "ids": np.array(IDS)}
+
+    async def closed_at_once() -> None:
+        old, new = tensor_model(tmp_path, name="tabular"), tensor_model(tmp_path, version=2)
+        registry = make_registry([old], extra={"tabular": lambda: new})
+        server = create_app(registry=registry, config=ApiConfig(auth=False), audit=None, keys=None).state["server"]
+        registry.add(new)  # not attached: the registry closes the old version itself
+        with pytest.raises(OverloadError, match="replaced"):
+            await server.infer(old, feeds, None)
+        assert server._stale == []
+        await server.stop()
+
+    async def name_unloaded() -> None:
+        old, new = tensor_model(tmp_path, name="tabular"), tensor_model(tmp_path, version=2)
+        registry = make_registry([old], extra={"tabular": lambda: new})
+        server = create_app(registry=registry, config=ApiConfig(auth=False), audit=None, keys=None).state["server"]
+        server.attach()
+        await asyncio.to_thread(registry.add, new)
+        assert set(await server.infer(old, feeds, None)) == {"y", "z"}  # in its grace
+        registry.unload("tabular")
+        with pytest.raises(OverloadError):
+            await server.infer(old, feeds, None)
+        await server.stop()
+
+    asyncio.run(asyncio.wait_for(closed_at_once(), 30))
+    asyncio.run(asyncio.wait_for(name_unloaded(), 30))
