@@ -175,8 +175,15 @@ class Server:
         """A replaced version in its grace: its batcher off the table (retire stops it), if it has one."""
         return next((b for m, b in self._stale if m is model), None)
 
-    async def tensor_batcher(self, model: LoadedModel) -> DynamicBatcher[TensorRequest, dict[str, Array]]:
-        current = self._tensor.get(model.name)
+    def _batcher(
+        self,
+        table: dict[str, tuple[LoadedModel, DynamicBatcher[Any, Any]]],
+        model: LoadedModel,
+        make: Callable[[], DynamicBatcher[Any, Any]],
+    ) -> DynamicBatcher[Any, Any]:
+        """``model``'s batcher in ``table`` (its kind's), made by ``make`` the first time; a version
+        replaced a moment ago gets one off the table (:meth:`_in_grace`), one no longer loaded none."""
+        current = table.get(model.name)
         if current is not None and current[0] is model:
             return current[1]
         grace = self._in_grace(model)
@@ -187,43 +194,32 @@ class Server:
             self._check_held(model)
             if current is not None:  # another version: stopped when the registry retires it
                 self._stale.append(current)
-        batcher: DynamicBatcher[TensorRequest, dict[str, Array]] = DynamicBatcher(
-            run_tensor_batch(model), group=tensor_group(model), rows=lambda r: r.rows, **self._batcher_kwargs(model)
-        )
+        batcher = make()
         batcher.start()
         if grace:  # replaced a moment ago: off the table, stopped when it is retired
             self._stale.append((model, batcher))
         else:
-            self._tensor[model.name] = (model, batcher)
+            table[model.name] = (model, batcher)
         return batcher
 
-    async def text_batcher(self, model: LoadedModel) -> DynamicBatcher[TextItem, tuple[Array, int]]:
-        current = self._text.get(model.name)
-        if current is not None and current[0] is model:
-            return current[1]
-        grace = self._in_grace(model)
-        graced = self._graced(model) if grace else None
-        if graced is not None:
-            return graced
-        if not grace:
-            self._check_held(model)
-            if current is not None:  # another version: stopped when the registry retires it
-                self._stale.append(current)
+    async def tensor_batcher(self, model: LoadedModel) -> DynamicBatcher[TensorRequest, dict[str, Array]]:
+        def make() -> DynamicBatcher[TensorRequest, dict[str, Array]]:
+            return DynamicBatcher(
+                run_tensor_batch(model), group=tensor_group(model), rows=lambda r: r.rows, **self._batcher_kwargs(model)
+            )
 
+        return self._batcher(self._tensor, model, make)
+
+    async def text_batcher(self, model: LoadedModel) -> DynamicBatcher[TextItem, tuple[Array, int]]:
         def run(items: list[TextItem]) -> list[tuple[Array, int]]:
             # the inference thread only pads, runs and pools: tokenizing happened on the way in
             vectors = model.embed_tokens([i.tokens for i in items])
             return [(vectors[i], len(item.tokens)) for i, item in enumerate(items)]
 
-        batcher: DynamicBatcher[TextItem, tuple[Array, int]] = DynamicBatcher(
-            run, length=lambda i: i.length, **self._batcher_kwargs(model)
-        )
-        batcher.start()
-        if grace:  # replaced a moment ago: off the table, stopped when it is retired
-            self._stale.append((model, batcher))
-        else:
-            self._text[model.name] = (model, batcher)
-        return batcher
+        def make() -> DynamicBatcher[TextItem, tuple[Array, int]]:
+            return DynamicBatcher(run, length=lambda i: i.length, **self._batcher_kwargs(model))
+
+        return self._batcher(self._text, model, make)
 
     # -- work -------------------------------------------------------------------------------------
     async def embed(self, model: LoadedModel, texts: list[str]) -> tuple[Array, list[int]]:
