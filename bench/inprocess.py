@@ -900,10 +900,9 @@ def run(
         result["head_to_head"] = skipped("no candidate of the package was measured")
     else:
         bf16 = best_pt is ref16
-        tried = [
-            _head_to_head(package, base_dir, r, texts, cfg, threads, max_length, bf16=bf16)
-            for r in ranked[: cfg.pick(1, H2H_CANDIDATES)]
-        ]
+        tried = _head_to_heads(
+            package, base_dir, ranked[: cfg.pick(1, H2H_CANDIDATES)], texts, cfg, threads, max_length, bf16=bf16
+        )
         for h in tried:
             if "ratio" in h:
                 echo(
@@ -942,33 +941,42 @@ def best_head_to_head(tried: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {**best, "contenders": [h for h in tried if h is not best]}
 
 
-def _head_to_head(
+def _head_to_heads(
     package: Package,
     base_dir: Path,
-    best: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
     texts: Texts,
     cfg: Config,
     threads: int,
     max_length: int | None,
     *,
     bf16: bool,
-) -> dict[str, Any]:
-    """The best PyTorch configuration (``bf16`` autocast or fp32) against ``best`` (a table row),
-    both open at once, b32x128 ABBA."""
-    baseline: Runner | None = None
-    candidate: Runner | None = None
+) -> list[dict[str, Any]]:
+    """The best PyTorch configuration (``bf16`` autocast or fp32), opened once, against each of ``rows``
+    (table rows) in turn, both open at once, b32x128 ABBA; a failure is that row's skip reason."""
     try:
         baseline = pytorch_runner(base_dir, bf16=bf16, threads=threads, max_length=max_length)
-        candidate = open_candidate(package, best["backend"], best["variant"], best["exec_precision"])
-        return head_to_head(baseline, candidate, texts.b32, rounds=cfg.pick(1, H2H_ROUNDS))
     except Exception as exc:
         logger.warning("head to head failed: %s", exc)
-        return skipped(f"{type(exc).__name__}: {exc}")
+        return [skipped(f"{type(exc).__name__}: {exc}") for _ in rows]
+    out: list[dict[str, Any]] = []
+    try:
+        for row in rows:
+            candidate: Runner | None = None
+            try:
+                candidate = open_candidate(package, row["backend"], row["variant"], row["exec_precision"])
+                out.append(head_to_head(baseline, candidate, texts.b32, rounds=cfg.pick(1, H2H_ROUNDS)))
+            except Exception as exc:
+                logger.warning("head to head failed: %s", exc)
+                out.append(skipped(f"{type(exc).__name__}: {exc}"))
+            finally:
+                if candidate is not None:
+                    candidate.close()
+                gc.collect()
     finally:
-        for r in (baseline, candidate):
-            if r is not None:
-                r.close()
+        baseline.close()
         gc.collect()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
