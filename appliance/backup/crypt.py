@@ -115,7 +115,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     """``data`` in a temporary file next to ``path``, then published as ``path`` (never over a file;
     renamed where the filesystem has no hard links, a vfat or exFAT USB stick): a failure leaves no
     partial key to block the next try."""
-    from runtime.durable import publish_new
+    from runtime.durable import fsync_dir, publish_new
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -131,11 +131,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         raise BackupError(f"cannot write {path} ({exc.strerror or exc})") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def load_recipient(path: Path) -> X25519PublicKey:
