@@ -39,6 +39,19 @@ def run(home: Path, *args: str, **env: str) -> Result:
     return CliRunner().invoke(main, list(args), env={"INFERBOX_HOME": str(home), **env}, catch_exceptions=False)
 
 
+def import_build(boxes: dict[str, Path], **env: str) -> Result:
+    """``models import`` of the build box's mlp version 1 into the serving box, checked against its publisher key."""
+    return run(
+        boxes["serving"],
+        "models",
+        "import",
+        str(boxes["build"] / "models/mlp/1"),
+        "--publisher-key",
+        str(boxes["build_pub"]),
+        **env,
+    )
+
+
 def publish(home: Path, *, version: int = 1, name: str = "mlp", sign: bool = True, seed: int = 0) -> Path:
     """A one-variant ONNX tensor package ``<name>/<version>`` in ``home``'s repository, signed with its key."""
     key = load_private_key(home / "keys" / "signing.key") if sign else None
@@ -293,15 +306,7 @@ def test_a_server_requiring_the_publishers_key_keeps_its_signature(boxes: dict[s
     serving = boxes["serving"]
     config = tmp_path / "serving.toml"
     config.write_text(f'[paths]\npublic_key = "{boxes["build_pub"]}"\n')
-    result = run(
-        serving,
-        "models",
-        "import",
-        str(boxes["build"] / "models/mlp/1"),
-        "--publisher-key",
-        str(boxes["build_pub"]),
-        INFERBOX_CONFIG=str(config),
-    )
+    result = import_build(boxes, INFERBOX_CONFIG=str(config))
     assert result.exit_code == 0, result.output
     build_pub = load_public_key(boxes["build_pub"])
     assert Repository(serving / "models", public_key=build_pub).open("mlp").signed_by == key_id(build_pub)
@@ -329,14 +334,7 @@ def test_a_failed_audit_record_places_nothing(
         raise AuditError("the audit log cannot be written (test)")
 
     monkeypatch.setattr("appliance.commands.models._record", broken)
-    result = run(
-        boxes["serving"],
-        "models",
-        "import",
-        str(boxes["build"] / "models/mlp/1"),
-        "--publisher-key",
-        str(boxes["build_pub"]),
-    )
+    result = import_build(boxes)
     assert result.exit_code == 2
     assert "cannot be written" in result.output
     assert not (boxes["serving"] / "models" / "mlp").exists()
@@ -505,14 +503,7 @@ def test_a_placement_that_fails_after_the_record_is_recorded_as_failed(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("appliance.models.importing.place_staged", disk_full)
-    result = run(
-        boxes["serving"],
-        "models",
-        "import",
-        str(boxes["build"] / "models/mlp/1"),
-        "--publisher-key",
-        str(boxes["build_pub"]),
-    )
+    result = import_build(boxes)
     assert result.exit_code == 2
     done, failed = records(boxes["serving"], "model_import")
     assert (done.outcome, failed.outcome) == ("success", "failure")
@@ -542,14 +533,7 @@ def test_a_huge_header_block_is_refused_before_it_is_read(boxes: dict[str, Path]
 
 
 def test_import_says_how_a_running_server_takes_the_new_version(boxes: dict[str, Path]) -> None:
-    result = run(
-        boxes["serving"],
-        "models",
-        "import",
-        str(boxes["build"] / "models/mlp/1"),
-        "--publisher-key",
-        str(boxes["build_pub"]),
-    )
+    result = import_build(boxes)
     assert result.exit_code == 0, result.output
     assert "/v2/repository/models/mlp/load" in result.output and "without a gap" in result.output
 
@@ -567,17 +551,7 @@ def test_a_folder_of_odd_subfolders_gets_a_message_not_a_traceback(boxes: dict[s
 
 
 def test_model_locks_live_apart_from_staging_and_the_index(boxes: dict[str, Path]) -> None:
-    assert (
-        run(
-            boxes["serving"],
-            "models",
-            "import",
-            str(boxes["build"] / "models/mlp/1"),
-            "--publisher-key",
-            str(boxes["build_pub"]),
-        ).exit_code
-        == 0
-    )
+    assert import_build(boxes).exit_code == 0
     repository = boxes["serving"] / "models"
     assert (repository / ".locks" / "model-mlp.lock").is_file()
     assert not (repository / ".staging").exists() or list((repository / ".staging").iterdir()) == []
@@ -618,14 +592,7 @@ def test_a_missing_home_is_refused_before_anything_is_written(boxes: dict[str, P
 
 def test_importing_an_older_version_says_the_newer_one_stays_served(boxes: dict[str, Path]) -> None:
     publish(boxes["serving"], version=5, seed=9)
-    result = run(
-        boxes["serving"],
-        "models",
-        "import",
-        str(boxes["build"] / "models/mlp/1"),
-        "--publisher-key",
-        str(boxes["build_pub"]),
-    )
+    result = import_build(boxes)
     assert result.exit_code == 0, result.output
     assert "serves the newest version of mlp, 5" in result.output and "restart the server" not in result.output
 

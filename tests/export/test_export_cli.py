@@ -15,6 +15,11 @@ from runtime.package import read_package
 from runtime.signing import generate_private_key, load_public_key, public_key_pem, write_private_key
 
 
+def export_args(source: Path) -> tuple[str, ...]:
+    """``inferbox export`` of a tiny ONNX file as package mlp, one variant, quick timing."""
+    return ("export", str(source), "--task", "tensor", "--name", "mlp", "--timing", "quick", "--variants", "onnx-fp32")
+
+
 def _invoke(home: Path, *args: str) -> Result:
     env = {k: None for k in os.environ if k.startswith("INFERBOX_")}
     return CliRunner().invoke(main, [*args, "--home", str(home)], env=env, prog_name="inferbox")
@@ -225,18 +230,7 @@ def test_an_export_on_a_box_with_an_audit_log_is_recorded_or_taken_out(
     home = tmp_path / "box"
     assert _invoke(home, "signing-key", "create").exit_code == 0
     assert _invoke(home, "keys", "create", "--scope", "infer").exit_code == 0  # the box keeps a log
-    args = (
-        "export",
-        str(tiny_onnx),
-        "--task",
-        "tensor",
-        "--name",
-        "mlp",
-        "--timing",
-        "quick",
-        "--variants",
-        "onnx-fp32",
-    )
+    args = export_args(tiny_onnx)
     result = _invoke(home, *args)
     assert result.exit_code == 0, result.output
     package = read_package(home / "models" / "mlp" / "1")
@@ -260,18 +254,7 @@ def test_an_export_on_a_box_with_an_audit_log_is_recorded_or_taken_out(
 
 def test_an_export_on_a_build_box_without_a_log_makes_none(tmp_path: Path, tiny_onnx: Path) -> None:
     home = tmp_path / "build"
-    args = (
-        "export",
-        str(tiny_onnx),
-        "--task",
-        "tensor",
-        "--name",
-        "mlp",
-        "--timing",
-        "quick",
-        "--variants",
-        "onnx-fp32",
-    )
+    args = export_args(tiny_onnx)
     assert _invoke(home, *args).exit_code == 0
     assert not (home / "audit.db").exists()
 
@@ -295,18 +278,7 @@ def test_a_failure_after_the_export_record_is_committed_leaves_the_package(
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(AuditLog, "close", close_fails)
-    args = (
-        "export",
-        str(tiny_onnx),
-        "--task",
-        "tensor",
-        "--name",
-        "mlp",
-        "--timing",
-        "quick",
-        "--variants",
-        "onnx-fp32",
-    )
+    args = export_args(tiny_onnx)
     result = _invoke(home, *args)
     assert result.exit_code == 2
     monkeypatch.setattr(AuditLog, "close", real_close)
