@@ -188,19 +188,23 @@ class LoadedModel:
             raise InputError(f"model {self.name!r} is not a text model; send tensors", field="model")
         return self.text.tokenize_pairs(query, documents, truncate=truncate)
 
+    @property
+    def pad_multiple(self) -> int:
+        """A text batch's width is padded to a multiple of this many tokens: the session's
+        ``pad_multiple`` (OpenVINO: so input shapes repeat, see
+        :data:`runtime.backends.openvino.PAD_MULTIPLES`), and only where padding changes no
+        answer (right padding, the mask fed, pooled); else 1."""
+        config = self.manifest.text
+        if self.text is None or config is None or config.pooling not in ("mean", "cls") or not self.text.pads_invisibly:
+            return 1
+        return max(1, int(getattr(self.session, "pad_multiple", 1)))
+
     def embed_tokens(self, tokens: Sequence[Tokens]) -> Array:
         """Embeddings [N, D] float32 of tokenized texts (one padded batch)."""
         if self.text is None or self.manifest.text is None:
             raise InputError(f"model {self.name!r} is not a text model; send tensors", field="model")
         config = self.manifest.text
-        # a lone text is the latency path: padded to a multiple of a few tokens when the session
-        # keeps static-shape copies (runtime.backends.static_shapes), so its shape repeats, and
-        # only where padding changes no answer (right padding, the mask fed, pooled); a batch
-        # keeps its exact width (padding it would cost the sessions that have no copies)
-        multiple = 1
-        if len(tokens) == 1 and config.pooling in ("mean", "cls") and self.text.pads_invisibly:
-            multiple = int(getattr(self.session, "pad_multiple", 1))
-        encoded = self.text.pad(tokens, multiple=multiple)
+        encoded = self.text.pad(tokens, multiple=self.pad_multiple)
         output = config.output or self.manifest.outputs[0].name
         result = self.session.run(dict(encoded.feeds), [output])
         return postprocess({output: result[output]}, encoded.attention_mask, config)

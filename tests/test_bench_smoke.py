@@ -494,6 +494,7 @@ def test_server_batching_runs_single_texts_through_the_servers_batcher() -> None
     class Model:
         name = "fake"
         streams = 1
+        pad_multiple = 1
 
         def __init__(self) -> None:
             self.batches: list[list[int]] = []
@@ -526,6 +527,7 @@ def test_server_batching_fails_whole_and_stops_its_batcher() -> None:
     class Broken:
         name = "broken"
         streams = 1
+        pad_multiple = 1
 
         def tokenize(self, texts: list[str], *, truncate: bool) -> list[Tokens]:
             return [Tokens([1], [0]) for _ in texts]

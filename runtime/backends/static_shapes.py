@@ -20,10 +20,10 @@ session 15 % of its throughput over a 4 s pass).  At most ``capacity`` copies
 are kept and none is ever evicted: each costs a compiled model's memory (MiniLM
 in bf16: 33-70 MB), and a fixed set cannot thrash compiling.
 
-The text path (:meth:`runtime.serving.LoadedModel.embed_tokens`) pads a lone text
-to a multiple of :data:`PAD_MULTIPLE` tokens while its session may serve that
-shape from a copy, and only where padding changes no answer, so the shapes of
-real queries repeat (1 x 16, 1 x 24, ...); a batch keeps its exact width.
+The text path (:meth:`runtime.serving.LoadedModel.embed_tokens`) pads every
+call's width to a multiple of a few tokens (:data:`runtime.backends.openvino.PAD_MULTIPLES`),
+where padding changes no answer, so the shapes of real queries repeat (1 x 16,
+1 x 32, ...).
 
 A copy must answer as the dynamic model does: the session runs a copy's first call on
 both and drops the copy (:meth:`StaticShapes.reject`) when an output differs by more
@@ -46,7 +46,6 @@ from runtime.threads import named_thread
 __all__ = [
     "COPY_TOLERANCE",
     "DEFAULT_STATIC_SHAPES",
-    "PAD_MULTIPLE",
     "STATIC_AFTER",
     "STATIC_AFTER_S",
     "ShapeKey",
@@ -61,8 +60,6 @@ DEFAULT_STATIC_SHAPES = 4
 STATIC_AFTER_S = 1.0
 #: ... and it was called at least this many times
 STATIC_AFTER = 2
-#: the text path pads a lone text to a multiple of this many tokens for a session with copies
-PAD_MULTIPLE = 8
 #: the most a copy's answer may differ from the dynamic model's, relative to the largest value of each
 #: output (the export's batch gate, ``max_batch_rel_diff``: what batching may change in an answer)
 COPY_TOLERANCE = 0.01

@@ -91,9 +91,11 @@ def tensor_model(
     )
 
 
-def text_model(tmp: Path, name: str = "minilm", version: int = 1, session: Any = None) -> LoadedModel:
+def text_model(
+    tmp: Path, name: str = "minilm", version: int = 1, session: Any = None, max_length: int = MAX_LENGTH
+) -> LoadedModel:
     config = TextConfig(
-        max_length=MAX_LENGTH,
+        max_length=max_length,
         output="token_embeddings",
         pooling="mean",
         normalize=True,

@@ -75,3 +75,40 @@ def test_truncated_texts_are_named_in_a_header(client_factory: Any) -> None:
     r = c.post("/v1/embeddings", json={"input": ["short", ""], "model": "minilm"})
     assert r.status_code == 200
     assert TRUNCATED_HEADER not in r.headers
+
+
+@pytest.mark.parametrize(("multiple", "calls"), [(1, [1, 1, 1]), (16, [1, 2])])
+def test_the_planner_batches_texts_by_the_width_they_are_padded_to(
+    tmp_path: Path, multiple: int, calls: list[int]
+) -> None:
+    """Texts of 17 and 31 tokens cost about as much apart as together at their exact widths,
+    but both are padded to 32 when the session pads to 16: then they run as one batch."""
+    inner = text_model(tmp_path, name="ref").session
+    session = BlockingSession(inner)
+    session.pad_multiple = multiple  # type: ignore[attr-defined]
+    model = text_model(tmp_path, session=session, max_length=64)
+    assert model.pad_multiple == multiple
+    texts = [" ".join(["word"] * k) for k in (15, 29)]
+    assert [len(t) for t in model.tokenize(texts, truncate=False)] == [17, 31]
+    config = ApiConfig(auth=False, max_batch_size=8, max_queue_delay_s=0.0)
+    server = Server(make_registry([model]), config, Metrics(), time.monotonic)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(server.embed(model, ["one"]))
+        await asyncio.to_thread(session.entered.wait, 10)
+        queued = [asyncio.ensure_future(server.embed(model, [t])) for t in texts]
+        batcher = await server.text_batcher(model)
+        for _ in range(1000):
+            if batcher.stats.queue_depth == 2:
+                break
+            await asyncio.sleep(0)
+        assert batcher.stats.queue_depth == 2
+        session.release.set()
+        await first
+        for q in queued:
+            vectors, _ = await q
+            assert vectors.shape[0] == 1
+        assert session.calls == calls
+        await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -11,7 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.backends.static_shapes import PAD_MULTIPLE, ShapeKey, StaticShapes
+from runtime.backends.openvino import PAD_MULTIPLES
+from runtime.backends.static_shapes import ShapeKey, StaticShapes
+
+#: what an fp32 OpenVINO session (the tiny test models) pads a text's width to
+PAD_MULTIPLE = PAD_MULTIPLES["fp32"]
 
 A: ShapeKey = ((1, 16), (1, 16))
 B: ShapeKey = ((1, 24), (1, 24))
@@ -190,8 +194,8 @@ def test_an_openvino_session_serves_a_repeated_shape_from_a_static_copy_with_the
     plain = backend.open(tiny_embedder, OpenOptions(intra_op_threads=1))
     static = backend.open(tiny_embedder, OpenOptions(intra_op_threads=1, static_shapes=1))
     try:
-        assert plain.pad_multiple == 1 and plain.static_shapes == []
-        assert static.pad_multiple == PAD_MULTIPLE
+        assert plain.pad_multiple == static.pad_multiple == PAD_MULTIPLE  # copies or not
+        assert plain.static_shapes == []
         first, second = _feeds(1, 8), _feeds(2, 5)
         for _ in range(3):
             static.run(first)
@@ -201,7 +205,6 @@ def test_an_openvino_session_serves_a_repeated_shape_from_a_static_copy_with_the
             static.run(second)
             assert static._static.wait(60)
         assert static.static_shapes == [((1, 8), (1, 8))]  # capacity 1
-        assert static.pad_multiple == PAD_MULTIPLE  # full, but its copy is a lone text's shape
         for feeds in (first, second):
             np.testing.assert_allclose(
                 static.run(feeds)["token_embeddings"], plain.run(feeds)["token_embeddings"], rtol=1e-6, atol=1e-6
@@ -232,18 +235,40 @@ def test_a_few_quick_calls_compile_nothing(tiny_embedder: Path) -> None:
 
 
 @pytest.mark.usefixtures("compile_after_two_calls")
-def test_a_session_whose_copies_are_all_taken_by_batches_stops_padding_lone_texts(tiny_embedder: Path) -> None:
+def test_a_session_pads_by_its_precision_whatever_its_copies(tiny_embedder: Path) -> None:
+    """Padding is for shapes that repeat (OpenVINO prepares every node again for a new shape),
+    not only for the copies: a session whose copies are all taken by batches still pads."""
     from runtime.backends.base import OpenOptions
     from runtime.backends.openvino import OpenVinoBackend
 
     session = OpenVinoBackend("ov-cpu").open(tiny_embedder, OpenOptions(intra_op_threads=1, static_shapes=1))
     try:
-        assert session.pad_multiple == PAD_MULTIPLE
+        assert session.exec_precision == "fp32" and session.pad_multiple == PAD_MULTIPLE
         for _ in range(2):
             session.run(_feeds(2, 8))
         assert session.wait_static(60)
         assert session.static_shapes == [((2, 8), (2, 8))]
-        assert session.pad_multiple == 1  # no copy left for a lone text: padding would cost for nothing
+        assert session.pad_multiple == PAD_MULTIPLE
+    finally:
+        session.close()
+
+
+def test_a_static_model_is_not_padded(tmp_path: Path) -> None:
+    """A model without dynamic inputs runs one shape whatever the text path pads: 1."""
+    import openvino as ov
+
+    from runtime.backends.base import OpenOptions
+    from runtime.backends.openvino import OpenVinoBackend
+    from tests.runtime.conftest import build_embedder
+
+    path = build_embedder(tmp_path / "m.onnx")
+    model = ov.Core().read_model(str(path))
+    model.reshape({port.get_any_name(): [2, 8] for port in model.inputs})
+    static_path = tmp_path / "static.xml"
+    ov.save_model(model, str(static_path))
+    session = OpenVinoBackend("ov-cpu").open(static_path, OpenOptions(intra_op_threads=1))
+    try:
+        assert session.pad_multiple == 1
     finally:
         session.close()
 
@@ -288,6 +313,7 @@ def test_the_loader_gives_static_copies_to_the_wide_session_and_a_lone_text_is_p
 ) -> None:
     from runtime.loader import LoaderOptions, load_model
     from runtime.streams import SessionPool
+    from runtime.text import postprocess
 
     # the same ranking as the model under test (streams rank by the package's stream timings,
     # one session by its b32 ones: on a loaded box those two can pick different variants)
@@ -298,18 +324,19 @@ def test_the_loader_gives_static_copies_to_the_wide_session_and_a_lone_text_is_p
         assert getattr(plain.session, "static_shapes", []) == []
         pool = model.session
         assert isinstance(pool, SessionPool) and pool.wait_ready(120)
-        assert pool.wide is not None and pool.pad_multiple == PAD_MULTIPLE
-        assert all(s.static_shapes == [] and s.pad_multiple == 1 for s in pool.narrow)  # type: ignore[attr-defined]
-        text = ["an audit log"]  # [CLS] + 3-4 tokens + [SEP]: padded to 8
+        multiple = PAD_MULTIPLES[model.exec_precision]
+        assert pool.wide is not None and pool.pad_multiple == model.pad_multiple == multiple
+        assert all(s.static_shapes == [] and s.pad_multiple == multiple for s in pool.narrow)  # type: ignore[attr-defined]
+        text = ["an audit log"]  # [CLS] + 3-4 tokens + [SEP]: padded to 8 (fp32) or 16 (bf16)
         tokens = model.tokenize(text, truncate=True)
-        assert len(tokens[0]) < PAD_MULTIPLE
+        assert len(tokens[0]) < multiple
         expected = plain.embed_tokens(plain.tokenize(text, truncate=True))
         got = [model.embed_tokens(tokens) for _ in range(3)]
         assert pool.wide._static.wait(60)  # type: ignore[attr-defined]
         with caplog.at_level(logging.WARNING, logger="runtime.backends.static_shapes"):
             got.append(model.embed_tokens(tokens))  # the copy's first call: compared with the dynamic model
             got.append(model.embed_tokens(tokens))
-        key = ((1, 8),) * len(pool.input_names)
+        key = ((1, multiple),) * len(pool.input_names)
         if pool.wide.static_shapes != [key]:  # type: ignore[attr-defined]
             # the copy answered otherwise (the INT8 variant, when the ranking picks it): dropped, said so
             assert pool.wide.static_shapes == []  # type: ignore[attr-defined]
@@ -318,10 +345,18 @@ def test_the_loader_gives_static_copies_to_the_wide_session_and_a_lone_text_is_p
         for value in got:
             cosine = float(np.sum(value * expected) / (np.linalg.norm(value) * np.linalg.norm(expected)))
             assert cosine > 0.9999, cosine
-        # a batch keeps its exact width
+        # a batch is padded too, and its answers are the exact width's
         pair = model.tokenize(["an audit log", "who ran which model"], truncate=True)
-        assert model.text is not None
-        assert model.text.pad(pair).feeds["input_ids"].shape[1] == max(len(t) for t in pair)
+        assert max(len(t) for t in pair) < multiple
+        padded = plain.embed_tokens(pair)
+        assert plain.text is not None and plain.manifest.text is not None
+        exact = plain.text.pad(pair)
+        assert exact.feeds["input_ids"].shape[1] < multiple
+        output = plain.manifest.text.output or plain.manifest.outputs[0].name
+        raw = plain.session.run(dict(exact.feeds), [output])
+        unpadded = postprocess({output: raw[output]}, exact.attention_mask, plain.manifest.text)
+        for a, b in zip(padded, unpadded, strict=True):
+            assert float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.9999
     finally:
         plain.close()
         model.close()
@@ -359,7 +394,7 @@ class PadRecorder:
         ("mean", True, True, False),  # left padding: the real tokens would move
     ],
 )
-def test_a_lone_text_is_padded_only_where_padding_changes_no_answer(
+def test_a_text_is_padded_only_where_padding_changes_no_answer(
     pooling: str, mask: bool, left: bool, padded: bool
 ) -> None:
     import importlib.util
@@ -394,9 +429,11 @@ def test_a_lone_text_is_padded_only_where_padding_changes_no_answer(
     )
     tokens = model.tokenize(["an audit log"], truncate=True)
     assert len(tokens[0]) < PAD_MULTIPLE
+    assert model.pad_multiple == (PAD_MULTIPLE if padded else 1)
     model.embed_tokens(tokens)
-    model.embed_tokens(tokens * 2)  # a batch is never padded past its longest
-    assert session.widths == [PAD_MULTIPLE if padded else len(tokens[0]), len(tokens[0])]
+    model.embed_tokens(tokens * 2)  # a batch too: the shape repeats
+    width = PAD_MULTIPLE if padded else len(tokens[0])
+    assert session.widths == [width, width]
 
 
 @pytest.mark.usefixtures("compile_after_two_calls")
