@@ -193,10 +193,18 @@ class LoadedModel:
         """A text batch's width is padded to a multiple of this many tokens: the session's
         ``pad_multiple`` (OpenVINO: so input shapes repeat, see
         :data:`runtime.backends.openvino.PAD_MULTIPLES`), and only where padding changes no
-        answer (right padding, the mask fed, pooled); else 1."""
+        answer: right padding, the mask fed, and an answer without a length (pooled, or a
+        classifier's ``[N, C]`` scores; a token-level ``[N, L, D]`` output keeps its width); else 1.
+        Batching already pads a short text to its batch's longest, which the export's batch gate
+        held to the lone text's answer."""
         config = self.manifest.text
-        if self.text is None or config is None or config.pooling not in ("mean", "cls") or not self.text.pads_invisibly:
+        if self.text is None or config is None or not self.text.pads_invisibly:
             return 1
+        if config.pooling == "none":
+            name = config.output or self.manifest.outputs[0].name
+            spec = next((o for o in self.manifest.outputs if o.name == name), None)
+            if spec is None or len(spec.shape) != 2:
+                return 1
         return max(1, int(getattr(self.session, "pad_multiple", 1)))
 
     def embed_tokens(self, tokens: Sequence[Tokens]) -> Array:

@@ -385,17 +385,18 @@ class PadRecorder:
 
 
 @pytest.mark.parametrize(
-    ("pooling", "mask", "left", "padded"),
+    ("pooling", "rank", "mask", "left", "padded"),
     [
-        ("mean", True, False, True),
-        ("cls", True, False, True),
-        ("none", True, False, False),  # the answer is [L, D]: its length must not change
-        ("mean", False, False, False),  # no mask fed: the model would attend to the pads
-        ("mean", True, True, False),  # left padding: the real tokens would move
+        ("mean", 3, True, False, True),
+        ("cls", 3, True, False, True),
+        ("none", 3, True, False, False),  # the answer is [L, D]: its length must not change
+        ("none", 2, True, False, True),  # a classifier's [N, C] scores have no length
+        ("mean", 3, False, False, False),  # no mask fed: the model would attend to the pads
+        ("mean", 3, True, True, False),  # left padding: the real tokens would move
     ],
 )
 def test_a_text_is_padded_only_where_padding_changes_no_answer(
-    pooling: str, mask: bool, left: bool, padded: bool
+    pooling: str, rank: int, mask: bool, left: bool, padded: bool
 ) -> None:
     import importlib.util
     from types import SimpleNamespace
@@ -419,7 +420,9 @@ def test_a_text_is_padded_only_where_padding_changes_no_answer(
     model = LoadedModel(
         name="m",
         version=1,
-        manifest=SimpleNamespace(text=config, outputs=[SimpleNamespace(name="token_embeddings")]),  # type: ignore[arg-type]
+        manifest=SimpleNamespace(  # type: ignore[arg-type]
+            text=config, outputs=[SimpleNamespace(name="token_embeddings", shape=[-1, -1, 4][:rank])]
+        ),
         package_sha256="0" * 64,
         backend="fake",
         variant="v",
