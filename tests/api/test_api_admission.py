@@ -20,6 +20,15 @@ from runtime.errors import OverloadError
 from .conftest import MAX_LENGTH, BlockingSession, make_registry, text_model
 
 
+async def _queued(batcher: Any, depth: int) -> None:
+    """Wait (on the loop) until ``depth`` texts are queued behind the blocked batch."""
+    for _ in range(1000):
+        if batcher.stats.queue_depth == depth:
+            break
+        await asyncio.sleep(0)
+    assert batcher.stats.queue_depth == depth
+
+
 def test_a_multi_text_request_refused_for_a_full_queue_computes_nothing(tmp_path: Path) -> None:
     inner = text_model(tmp_path, name="ref").session
     session = BlockingSession(inner)
@@ -32,11 +41,7 @@ def test_a_multi_text_request_refused_for_a_full_queue_computes_nothing(tmp_path
         await asyncio.to_thread(session.entered.wait, 10)
         queued = asyncio.ensure_future(server.embed(model, ["a", "b", "c"]))
         batcher = await server.text_batcher(model)
-        for _ in range(1000):
-            if batcher.stats.queue_depth == 3:
-                break
-            await asyncio.sleep(0)
-        assert batcher.stats.queue_depth == 3
+        await _queued(batcher, 3)
         with pytest.raises(OverloadError, match="full"):
             await server.embed(model, ["x", "y"])  # 3 + 2 > 4: none of the two is queued
         assert batcher.stats.queue_depth == 3
@@ -98,11 +103,7 @@ def test_the_planner_batches_texts_by_the_width_they_are_padded_to(
         await asyncio.to_thread(session.entered.wait, 10)
         queued = [asyncio.ensure_future(server.embed(model, [t])) for t in texts]
         batcher = await server.text_batcher(model)
-        for _ in range(1000):
-            if batcher.stats.queue_depth == 2:
-                break
-            await asyncio.sleep(0)
-        assert batcher.stats.queue_depth == 2
+        await _queued(batcher, 2)
         session.release.set()
         await first
         for q in queued:
