@@ -216,14 +216,14 @@ class Server:
             vectors = model.embed_tokens([i.tokens for i in items])
             return [(vectors[i], len(item.tokens)) for i, item in enumerate(items)]
 
-        # the cost planner sees the width a batch is padded to: texts whose lengths round up to
-        # the same width batch together for nothing (runtime.serving.LoadedModel.pad_multiple)
-        multiple = model.pad_multiple
-
-        def width(item: TextItem) -> int:
-            return -(-item.length // multiple) * multiple
-
         def make() -> DynamicBatcher[TextItem, tuple[Array, int]]:
+            # the cost planner sees the width a batch is padded to: texts whose lengths round up to
+            # the same width batch together for nothing (runtime.serving.LoadedModel.pad_multiple)
+            multiple = model.pad_multiple
+
+            def width(item: TextItem) -> int:
+                return -(-item.length // multiple) * multiple
+
             return DynamicBatcher(run, length=width, **self._batcher_kwargs(model))
 
         return self._batcher(self._text, model, make)

@@ -13,6 +13,7 @@ this module knows nothing about repositories on disk.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
@@ -89,9 +90,14 @@ class LoadedModel:
         config = self.manifest.text
         if config is None or config.pooling != "none":
             return False
-        name = config.output or self.manifest.outputs[0].name
-        spec = next((o for o in self.manifest.outputs if o.name == name), None)
+        spec = self._text_output()
         return spec is not None and len(spec.shape) == 2 and spec.shape[-1] == 1
+
+    def _text_output(self) -> TensorSpec | None:
+        """The output a text model answers from (``text.output``, else the first)."""
+        config = self.manifest.text
+        name = (config.output if config is not None else None) or self.manifest.outputs[0].name
+        return next((o for o in self.manifest.outputs if o.name == name), None)
 
     @property
     def max_length(self) -> int:
@@ -188,7 +194,7 @@ class LoadedModel:
             raise InputError(f"model {self.name!r} is not a text model; send tensors", field="model")
         return self.text.tokenize_pairs(query, documents, truncate=truncate)
 
-    @property
+    @functools.cached_property
     def pad_multiple(self) -> int:
         """A text batch's width is padded to a multiple of this many tokens: the session's
         ``pad_multiple`` (OpenVINO: so input shapes repeat, see
@@ -196,13 +202,12 @@ class LoadedModel:
         answer: right padding, the mask fed, and an answer without a length (pooled, or a
         classifier's ``[N, C]`` scores; a token-level ``[N, L, D]`` output keeps its width); else 1.
         Batching already pads a short text to its batch's longest, which the export's batch gate
-        held to the lone text's answer."""
+        held to the lone text's answer.  Fixed once the model is open (read once)."""
         config = self.manifest.text
         if self.text is None or config is None or not self.text.pads_invisibly:
             return 1
         if config.pooling == "none":
-            name = config.output or self.manifest.outputs[0].name
-            spec = next((o for o in self.manifest.outputs if o.name == name), None)
+            spec = self._text_output()
             if spec is None or len(spec.shape) != 2:
                 return 1
         return max(1, int(getattr(self.session, "pad_multiple", 1)))
