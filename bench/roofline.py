@@ -26,12 +26,22 @@ dense, no sparsity: fp32 on the CUDA cores, bf16 / fp16 / int8 on the tensor
 cores), matched on the name ``nvidia-smi`` gives; a GPU not in the table, or
 another accelerator, gets no fraction rather than the CPU's.
 
-``fma_units`` is 2 on Intel cores with AVX-512 and 1 on AMD Zen 4 (which runs
-512-bit operations on two 256-bit halves).  Peak = physical cores x clock x
-ops/cycle.  The clock is psutil's ``cpu_freq().max`` when known, else
-``cpu MHz`` from /proc/cpuinfo (in a VM this is the nominal clock; turbo and
-AVX-512 / AMX frequency licences move the real one both ways).  The fractions
-are therefore an order-of-magnitude check, not a precise efficiency.
+``fma_units`` (512-bit FMA pipes a core issues to each cycle) is 2 on Intel cores
+with AVX-512 and on AMD Zen 5 server and desktop cores (family 26), and 1 on
+AMD Zen 4 (family 25) and the Zen 5 laptop cores, which run a 512-bit
+operation on two 256-bit halves.  Peak = physical cores x clock x ops/cycle.
+
+The clock is psutil's ``cpu_freq().max`` when known, else ``cpu MHz`` from
+/proc/cpuinfo; in a VM that is the nominal clock, and the cores run faster
+(turbo) or slower (AVX-512 / AMX frequency licences).  A bare matrix product
+cannot beat the peak, so :func:`gemm_rates` times one square product per
+compute kind in OpenVINO on this box, and the clock is raised to the lowest one
+those rates prove (:func:`clock_floor`) when the nominal one is lower.  On the
+2-core AMD EPYC (Zen 5) this project is benchmarked on, the nominal 2.60 GHz
+with one pipe put the fp32 peak at 166 G ops/s while a bare fp32 product ran
+at 430: rows read 1.1-2.3 of the "peak".  The fractions are an
+order-of-magnitude check of how much of the arithmetic units a row uses, not a
+precise efficiency.
 """
 
 from __future__ import annotations
@@ -47,9 +57,12 @@ __all__ = [
     "GPU_PEAKS",
     "FlopCount",
     "MachinePeaks",
+    "clock_floor",
     "conv_flops",
     "count_matmul_flops",
     "device_of",
+    "fma_units",
+    "gemm_rates",
     "gpu_peaks",
     "machine_peaks",
     "matmul_flops",
@@ -161,6 +174,9 @@ class MachinePeaks:
     fma_units: int
     #: kind ("fp32-avx512", "bf16-amx", ...) -> ops per second
     peaks: dict[str, float]
+    #: compute kind ("fp32", "bf16", "int8") -> ops per second a bare matrix product reached
+    #: here (:func:`gemm_rates`; empty when not measured)
+    gemm: dict[str, float] = field(default_factory=dict)
     #: the first NVIDIA GPU's name, and its kinds ("bf16-tensor", ...) -> ops per second (empty
     #: when it is not in :data:`GPU_PEAKS`)
     gpu: str | None = None
@@ -176,6 +192,8 @@ class MachinePeaks:
             "fma_units_512": self.fma_units,
             "peak_gops": {k: v / 1e9 for k, v in self.peaks.items()},
         }
+        if self.gemm:
+            out["gemm_gops"] = {k: v / 1e9 for k, v in self.gemm.items()}
         if self.gpu is not None:
             out["gpu"] = self.gpu
             out["gpu_peak_gops"] = {k: v / 1e9 for k, v in self.gpu_peaks.items()}
@@ -235,27 +253,124 @@ def device_of(active: Sequence[str]) -> str:
     return first.lower() or "unknown"
 
 
-def peaks_from(flags: set[str], *, vendor: str, cores: int, ghz: float) -> tuple[int, dict[str, float]]:
+def fma_units(vendor: str, family: int = 0, model: int = 0) -> int:
+    """512-bit FMA pipes per core (see the module docstring): 2 on Intel and on AMD family 26
+    and later (Zen 5) save its laptop models (0x20-0x2F Strix Point, 0x60-0x6F Krackan Point),
+    1 on older AMD (Zen 4 splits 512-bit operations in two)."""
+    if vendor == "AMD":
+        if family >= 26 and not (family == 26 and (0x20 <= model <= 0x2F or 0x60 <= model <= 0x6F)):
+            return 2
+        return 1
+    return 2
+
+
+def ops_per_cycle(flags: set[str], units: int) -> dict[str, float]:
+    """Ops per core and cycle per compute kind for these ISA flags (see the module docstring);
+    a kind is absent when the ISA lacks it."""
+    out: dict[str, float] = {}
+    if "avx512f" in flags:
+        out["fp32-avx512"] = units * 16 * 2
+    elif "avx2" in flags and "fma" in flags:
+        out["fp32-avx2"] = 2 * 8 * 2
+    if "avx512_bf16" in flags:
+        out["bf16-avx512"] = units * 32 * 2
+    if "avx512_vnni" in flags:
+        out["int8-vnni"] = units * 64 * 2
+    if "amx_bf16" in flags:
+        out["bf16-amx"] = 1024
+    if "amx_int8" in flags:
+        out["int8-amx"] = 2048
+    return out
+
+
+def peaks_from(
+    flags: set[str], *, vendor: str, cores: int, ghz: float, family: int = 0, model: int = 0
+) -> tuple[int, dict[str, float]]:
     """Ops per second per compute kind for these ISA flags (see the module docstring).
 
     Returns ``(fma_units, peaks)``; a kind is absent when the ISA lacks it.
     """
+    units = fma_units(vendor, family, model)
     hz = cores * ghz * 1e9
-    units = 1 if vendor == "AMD" else 2
-    peaks: dict[str, float] = {}
-    if "avx512f" in flags:
-        peaks["fp32-avx512"] = hz * units * 16 * 2
-    elif "avx2" in flags and "fma" in flags:
-        peaks["fp32-avx2"] = hz * 2 * 8 * 2
-    if "avx512_bf16" in flags:
-        peaks["bf16-avx512"] = hz * units * 32 * 2
-    if "avx512_vnni" in flags:
-        peaks["int8-vnni"] = hz * units * 64 * 2
-    if "amx_bf16" in flags:
-        peaks["bf16-amx"] = hz * 1024
-    if "amx_int8" in flags:
-        peaks["int8-amx"] = hz * 2048
-    return units, peaks
+    return units, {k: hz * per_cycle for k, per_cycle in ops_per_cycle(flags, units).items()}
+
+
+def clock_floor(rates: Mapping[str, float], per_cycle: Mapping[str, float], cores: int) -> tuple[float, str]:
+    """The lowest clock (GHz) at which ``cores`` cores reach every measured ``rates`` (compute
+    kind -> ops/s of a bare matrix product) at the ``per_cycle`` ops of that kind's best peak
+    (:func:`peak_for`), and the kind that sets it; ``(0.0, "")`` without rates."""
+    best, kind = 0.0, ""
+    for k, rate in rates.items():
+        peak = peak_for(per_cycle, k)
+        if peak is None or peak[1] <= 0 or cores <= 0 or rate <= 0:
+            continue
+        ghz = rate / (cores * peak[1]) / 1e9
+        if ghz > best:
+            best, kind = ghz, k
+    return best, kind
+
+
+def gemm_rates(flags: set[str] | None = None, *, n: int = 1024, seconds: float = 0.4) -> dict[str, float]:
+    """Ops per second of one bare ``n x n`` matrix product per compute kind (``fp32``; ``bf16``
+    and ``int8`` where the ISA ``flags`` have them), timed in OpenVINO's CPU plugin on every core
+    for about ``seconds`` each: what this box's arithmetic units reach at least. ``{}`` when
+    OpenVINO cannot run here. ``int8`` quantizes both operands (FakeQuantize, which the plugin
+    runs as an int8 product), so its time includes quantizing the activation."""
+    import time
+
+    import numpy as np
+
+    try:
+        import openvino as ov
+        import openvino.opset13 as ops
+    except ImportError:
+        return {}
+    flags = flags if flags is not None else _cpu_flags()
+    kinds = [("fp32", "f32", False)]
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        kinds.append(("bf16", "bf16", False))
+    if flags & {"avx512_vnni", "amx_int8"}:
+        kinds.append(("int8", "f32", True))
+    rng = np.random.default_rng(0)
+    weight = (rng.random((n, n), dtype=np.float32) - 0.5).astype(np.float32)
+    feed = (rng.random((n, n), dtype=np.float32) - 0.5).astype(np.float32)
+    core = ov.Core()
+    rates: dict[str, float] = {}
+    for kind, precision, int8 in kinds:
+        x = ops.parameter([n, n], np.float32, name="x")
+        a: Any = x
+        b: Any = ops.constant(weight)
+        if int8:
+            lo, hi = ops.constant(np.float32(-1.0)), ops.constant(np.float32(1.0))
+            a = ops.fake_quantize(a, lo, hi, lo, hi, 256)
+            b = ops.fake_quantize(b, lo, hi, lo, hi, 255)
+        graph = ov.Model([ops.matmul(a, b, False, True)], [x], f"gemm-{kind}")
+        try:
+            compiled = core.compile_model(
+                graph, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+            )
+        except RuntimeError:
+            continue
+        request = compiled.create_infer_request()
+        request.infer({0: feed})
+        calls, start = 0, time.perf_counter()
+        while True:
+            request.infer({0: feed})
+            calls += 1
+            spent = time.perf_counter() - start
+            if spent >= seconds:
+                break
+        rates[kind] = 2.0 * n**3 * calls / spent
+    return rates
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    return set(m.group(1).split()) if m else set()
 
 
 def peak_for(peaks: Mapping[str, float], kind: str) -> tuple[str, float] | None:
@@ -272,9 +387,17 @@ def peak_for(peaks: Mapping[str, float], kind: str) -> tuple[str, float] | None:
     return None
 
 
-def machine_peaks(cpuinfo: str | None = None, gpus: Sequence[str] | None = None) -> MachinePeaks:
+def machine_peaks(
+    cpuinfo: str | None = None,
+    gpus: Sequence[str] | None = None,
+    *,
+    measure: float = 0.0,
+    gemm: Mapping[str, float] | None = None,
+) -> MachinePeaks:
     """Read this machine's CPU facts (or ``cpuinfo`` text) and its NVIDIA GPUs' names (or
-    ``gpus``) and compute their peaks."""
+    ``gpus``) and compute their peaks. With ``measure`` > 0 (or given ``gemm`` rates: compute
+    kind -> ops/s), the clock is raised to what bare matrix products prove (:func:`clock_floor`;
+    ``measure`` times them here with :func:`gemm_rates`, that many seconds a kind)."""
     from bench.common import physical_cores
 
     if cpuinfo is None:
@@ -287,7 +410,13 @@ def machine_peaks(cpuinfo: str | None = None, gpus: Sequence[str] | None = None)
     mhz_m = re.search(r"^cpu MHz\s*:\s*([0-9.]+)$", cpuinfo, re.M)
     cpu = model.group(1).strip() if model else "unknown"
     flags = set(flags_m.group(1).split()) if flags_m else set()
-    vendor = "AMD" if "AMD" in cpu.upper() else ("Intel" if "INTEL" in cpu.upper() else "unknown")
+    vendor_m = re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo, re.M)
+    named = (vendor_m.group(1) if vendor_m else cpu).upper()
+    vendor = "AMD" if "AMD" in named else ("Intel" if "INTEL" in named else "unknown")
+    family_m = re.search(r"^cpu family\s*:\s*(\d+)", cpuinfo, re.M)
+    model_m = re.search(r"^model\s*:\s*(\d+)", cpuinfo, re.M)
+    family = int(family_m.group(1)) if family_m else 0
+    model_no = int(model_m.group(1)) if model_m else 0
     ghz, source = 0.0, "unknown"
     try:
         import psutil
@@ -300,7 +429,15 @@ def machine_peaks(cpuinfo: str | None = None, gpus: Sequence[str] | None = None)
     if not ghz and mhz_m:
         ghz, source = float(mhz_m.group(1)) / 1000.0, "/proc/cpuinfo cpu MHz"
     cores = physical_cores()
-    units, peaks = peaks_from(flags, vendor=vendor, cores=cores, ghz=ghz)
+    units = fma_units(vendor, family, model_no)
+    rates = dict(gemm) if gemm is not None else (gemm_rates(flags, seconds=measure) if measure > 0 else {})
+    floor, kind = clock_floor(rates, ops_per_cycle(flags, units), cores)
+    if floor > ghz:
+        source = (
+            f"{source} {ghz:.2f} GHz" if ghz else "no clock reported"
+        ) + f", raised to what a bare {kind} matrix product proves"
+        ghz = floor
+    units, peaks = peaks_from(flags, vendor=vendor, cores=cores, ghz=ghz, family=family, model=model_no)
     if gpus is None:
         from runtime.hardware import nvidia_gpus
 
@@ -314,6 +451,7 @@ def machine_peaks(cpuinfo: str | None = None, gpus: Sequence[str] | None = None)
         clock_source=source,
         fma_units=units,
         peaks=peaks,
+        gemm=rates,
         gpu=gpu,
         gpu_peaks=gpu_peaks(gpu) if gpu else {},
     )

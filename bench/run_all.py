@@ -296,6 +296,12 @@ def render_readme(report: dict[str, Any]) -> str:
         f"{machine.get('ghz', 0):.2f} GHz ({machine.get('clock_source', '?')}); peaks (G ops/s): "
         + ", ".join(f"{k} {v:,.0f}" for k, v in (machine.get("peak_gops") or {}).items())
         + (
+            "; a bare matrix product here (OpenVINO, every core) reached (G ops/s): "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in machine["gemm_gops"].items())
+            if machine.get("gemm_gops")
+            else ""
+        )
+        + (
             f"; GPU: {machine['gpu']}, peaks (G ops/s, datasheet): "
             + (", ".join(f"{k} {v:,.0f}" for k, v in machine["gpu_peak_gops"].items()) or "not known")
             if machine.get("gpu")

@@ -169,7 +169,7 @@ def run(cfg: Config, *, package: Package, echo: Callable[[str], None] = print) -
         "package": {"name": package.name, "version": package.version, "sha256": package.sha256},
         "task": package.manifest.task,
     }
-    peaks = machine_peaks()
+    peaks = machine_peaks(measure=0.1 if cfg.quick else 0.4)
     result["machine"] = peaks.to_dict()
     result["baselines"] = skipped(
         f"no PyTorch baseline for a {package.manifest.task} model (its source may be an ONNX file)"

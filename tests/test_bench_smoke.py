@@ -333,8 +333,13 @@ def test_peaks_from_isa_flags() -> None:
     assert p["int8-vnni"] == 2 * 2.0e9 * 2 * 64 * 2
     assert p["bf16-amx"] == 2 * 2.0e9 * 1024
     assert p["int8-amx"] == 2 * 2.0e9 * 2048
-    units, p = roofline.peaks_from({"avx512f", "avx512_bf16"}, vendor="AMD", cores=4, ghz=2.5)
+    units, p = roofline.peaks_from({"avx512f", "avx512_bf16"}, vendor="AMD", cores=4, ghz=2.5, family=25)
     assert units == 1 and p["fp32-avx512"] == 4 * 2.5e9 * 32
+    # Zen 5 servers and desktops issue to two full 512-bit pipes; its laptop cores split them
+    units, p = roofline.peaks_from({"avx512f", "avx512_vnni"}, vendor="AMD", cores=2, ghz=3.0, family=26, model=2)
+    assert units == 2 and p["int8-vnni"] == 2 * 3.0e9 * 2 * 64 * 2
+    assert roofline.fma_units("AMD", 26, 0x24) == roofline.fma_units("AMD", 26, 0x60) == 1
+    assert roofline.fma_units("AMD", 26, 0x44) == roofline.fma_units("AMD", 27) == 2
     assert "bf16-amx" not in p
     _, p = roofline.peaks_from({"avx2", "fma"}, vendor="Intel", cores=1, ghz=1.0)
     assert p == {"fp32-avx2": 1e9 * 32}
@@ -353,6 +358,46 @@ def test_machine_peaks_parses_cpuinfo() -> None:
     assert set(m.peaks) == {"fp32-avx512", "bf16-amx"}
     assert m.ghz > 0 and m.cores >= 1
     assert m.to_dict()["peak_gops"]["bf16-amx"] == pytest.approx(m.cores * m.ghz * 1024)
+
+
+ZEN5 = (
+    "vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    "cpu MHz\t\t: 2600.000\nflags\t\t: fpu avx2 fma avx512f avx512_bf16 avx512_vnni\n"
+)
+
+
+def test_the_clock_is_raised_to_what_a_bare_matrix_product_proves() -> None:
+    """The page held this box's rows to peaks from a nominal 2.6 GHz and read 1.1-2.3 "of the
+    peak": a measured product faster than the peak lifts the clock, a slower one leaves it."""
+    plain = roofline.machine_peaks(ZEN5, gpus=[])
+    assert plain.vendor == "AMD" and plain.fma_units == 2 and plain.gemm == {}
+    assert "gemm_gops" not in plain.to_dict()
+    nominal = plain.ghz
+    # a bf16 product at 1.5x the nominal bf16 peak proves a clock 1.5x the nominal one
+    fast = {"fp32": plain.peaks["fp32-avx512"] * 0.9, "bf16": plain.peaks["bf16-avx512"] * 1.5}
+    m = roofline.machine_peaks(ZEN5, gpus=[], gemm=fast)
+    assert m.ghz == pytest.approx(nominal * 1.5)
+    assert m.peaks["int8-vnni"] == pytest.approx(plain.peaks["int8-vnni"] * 1.5)
+    assert "raised to what a bare bf16 matrix product proves" in m.clock_source
+    assert m.to_dict()["gemm_gops"]["bf16"] == pytest.approx(fast["bf16"] / 1e9)
+    slow = {"fp32": plain.peaks["fp32-avx512"] * 0.5}
+    m = roofline.machine_peaks(ZEN5, gpus=[], gemm=slow)
+    assert m.ghz == nominal and m.clock_source == plain.clock_source and m.gemm == slow
+    ghz, kind = roofline.clock_floor({"int8": 2e12}, {"int8-vnni": 256.0}, cores=2)
+    assert kind == "int8" and ghz == pytest.approx(2e12 / (2 * 256) / 1e9)
+    assert roofline.clock_floor({}, {"fp32-avx2": 32.0}, cores=2) == (0.0, "")
+
+
+def test_bare_matrix_products_run_in_openvino_here() -> None:
+    """The rates that bound the clock are real OpenVINO runs on this box, one per compute kind
+    the ISA offers, and none beats the peak they are used to prove."""
+    rates = roofline.gemm_rates({"avx512_vnni"}, n=128, seconds=0.02)
+    assert set(rates) == {"fp32", "int8"}
+    assert all(r > 1e8 for r in rates.values())
+    m = roofline.machine_peaks(gpus=[], gemm=rates)
+    for kind, rate in rates.items():
+        peak = m.peak(kind)
+        assert peak is not None and rate <= peak[1] * (1 + 1e-9)
 
 
 def test_a_row_that_ran_on_a_gpu_is_held_to_the_gpus_peak_not_the_cpus() -> None:
@@ -709,6 +754,10 @@ def test_results_page_renders(tmp_path: Path) -> None:
     assert "2.870 GFLOP" in page
     assert "skipped c: cannot open" in page
     assert "skipped: batch not here" in page
+    assert "bare matrix product" not in page  # none was measured
+    parts["inprocess"]["machine"]["gemm_gops"] = {"fp32": 433.4, "bf16": 878.5}  # type: ignore[index]
+    page = run_all.render_readme({**report, "parts": parts})
+    assert "reached (G ops/s): fp32 433, bf16 878" in page
 
 
 def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: Path) -> None:
