@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -119,6 +119,8 @@ class Metrics:
         self.durations: dict[str, Histogram] = {}
         self.queue: dict[str, Histogram] = {}
         self.inference: dict[str, Histogram] = {}
+        #: rows per batch by model label, across the batchers a model had (versions replace them)
+        self.batch_size: dict[str, Histogram] = {}
         self.in_flight = 0
 
     def request_started(self) -> None:
@@ -133,19 +135,31 @@ class Metrics:
             self.durations.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
     def _absorb(self, model: str, stats: BatchStats) -> None:
-        queue_times, inference_times = stats.drain()
+        queue_times, inference_times, batch_rows = stats.drain()
         q = self.queue.setdefault(model, Histogram(LATENCY_BUCKETS))
         for t in queue_times:
             q.observe(t)
         h = self.inference.setdefault(model, Histogram(LATENCY_BUCKETS))
         for t in inference_times:
             h.observe(t)
+        b = self.batch_size.setdefault(model, Histogram(BATCH_BUCKETS))
+        for rows in batch_rows:
+            b.observe(rows)
 
-    def render(self, batchers: dict[str, BatchStats], models: Sequence[ModelInfo]) -> str:
+    def absorb(self, model: str, stats: BatchStats) -> None:
+        """Take the batches ``stats`` saw since the last scrape into ``model``'s histograms: for a
+        batcher that is going away (its model version retired), whose counts must outlive it."""
+        with self._lock:
+            self._absorb(model, stats)
+
+    def render(self, batchers: Mapping[str, Sequence[BatchStats]], models: Sequence[ModelInfo]) -> str:
+        """The exposition text. ``batchers``: every running batcher's stats by model label, those of
+        a replaced version still in its grace beside the new version's (their queues add up)."""
         out: list[str] = []
         with self._lock:
-            for model, stats in batchers.items():
-                self._absorb(model, stats)
+            for model, all_stats in batchers.items():
+                for stats in all_stats:
+                    self._absorb(model, stats)
             out += [
                 "# HELP inferbox_requests_total HTTP requests by model, route and status.",
                 "# TYPE inferbox_requests_total counter",
@@ -177,15 +191,13 @@ class Metrics:
             ]
             for model, h in sorted(self.inference.items()):
                 out += h.lines("inferbox_inference_seconds", [("model", model)])
-        out += ["# HELP inferbox_batch_size Rows per batch run.", "# TYPE inferbox_batch_size histogram"]
-        for model, stats in sorted(batchers.items()):
-            h = Histogram(BATCH_BUCKETS)
-            for size, n in stats.batch_sizes.items():
-                h.observe(size, n)
-            out += h.lines("inferbox_batch_size", [("model", model)])
+            out += ["# HELP inferbox_batch_size Rows per batch run.", "# TYPE inferbox_batch_size histogram"]
+            for model, h in sorted(self.batch_size.items()):
+                out += h.lines("inferbox_batch_size", [("model", model)])
         out += ["# HELP inferbox_queue_depth Requests waiting in the batch queue.", "# TYPE inferbox_queue_depth gauge"]
-        for model, stats in sorted(batchers.items()):
-            out.append(f"inferbox_queue_depth{_labels([('model', model)])} {stats.queue_depth}")
+        for model, all_stats in sorted(batchers.items()):
+            depth = sum(stats.queue_depth for stats in all_stats)
+            out.append(f"inferbox_queue_depth{_labels([('model', model)])} {depth}")
         out += [
             "# HELP inferbox_model_info The backend and variant serving each loaded model.",
             "# TYPE inferbox_model_info gauge",

@@ -61,8 +61,9 @@ class Server:
         self.clock = clock
         self._tensor: dict[str, tuple[LoadedModel, DynamicBatcher[TensorRequest, dict[str, Array]]]] = {}
         self._text: dict[str, tuple[LoadedModel, DynamicBatcher[TextItem, tuple[Array, int]]]] = {}
-        #: batchers of a model version another one replaced, until that version is retired
-        self._stale: list[tuple[LoadedModel, DynamicBatcher[Any, Any]]] = []
+        #: batchers of a model version another one replaced, until that version is retired, with
+        #: their kind (``tensor`` or ``text``)
+        self._stale: list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]] = []
         #: models the registry let go of -> their retirement (batchers stopped, then closed)
         self._retiring: dict[int, concurrent.futures.Future[None]] = {}
         #: how long a replaced version still takes the requests that found it (:meth:`retire`)
@@ -89,7 +90,7 @@ class Server:
         for name in list({*self._tensor, *self._text}):
             await self.drop(name)
         stale, self._stale = self._stale, []
-        for _, batcher in stale:
+        for _, _, batcher in stale:
             await batcher.stop()
         self.registry.retire = lambda model: model.close()
         for fut in list(self._retiring.values()):  # those scheduled before the hook went back
@@ -121,16 +122,19 @@ class Server:
                 await asyncio.wait_for(self._no_grace.wait(), self.replaced_grace_s)
         self._ended.add(id(model))  # before its batchers are collected: none is made for it after
         weakref.finalize(model, self._ended.discard, id(model))
-        batchers: list[DynamicBatcher[Any, Any]] = []
-        for table in (self._tensor, self._text):
+        labels = self._metric_labels()
+        batchers: list[tuple[str, DynamicBatcher[Any, Any]]] = []
+        for kind, table in (("tensor", self._tensor), ("text", self._text)):
             current = table.get(model.name)
             if current is not None and current[0] is model:
                 del table[model.name]
-                batchers.append(current[1])
-        batchers += [b for m, b in self._stale if m is model]
-        self._stale = [(m, b) for m, b in self._stale if m is not model]
-        for batcher in batchers:
+                batchers.append((kind, current[1]))
+        batchers += [(k, b) for m, k, b in self._stale if m is model]
+        self._stale = [(m, k, b) for m, k, b in self._stale if m is not model]
+        for kind, batcher in batchers:
             await batcher.stop(drain=True)
+            # its last batches count in /metrics after it is gone
+            self.metrics.absorb(labels.get((model.name, kind), model.name), batcher.stats)
         # on the loop thread, as a plain unload always did: an OpenVINO model closed from a worker
         # thread made the process die of SIGSEGV at its exit (measured: unload, then SIGTERM)
         model.close()
@@ -171,33 +175,35 @@ class Server:
             return False
         return any(m.name == model.name for m in self.registry.loaded())  # unloaded since: no grace
 
-    def _graced(self, model: LoadedModel) -> DynamicBatcher[Any, Any] | None:
-        """A replaced version in its grace: its batcher off the table (retire stops it), if it has one."""
-        return next((b for m, b in self._stale if m is model), None)
+    def _graced(self, model: LoadedModel, kind: str) -> DynamicBatcher[Any, Any] | None:
+        """A replaced version in its grace: its batcher of ``kind`` off the table (retire stops it),
+        if it has one."""
+        return next((b for m, k, b in self._stale if m is model and k == kind), None)
 
     def _batcher(
-        self,
-        table: dict[str, tuple[LoadedModel, DynamicBatcher[Any, Any]]],
-        model: LoadedModel,
-        make: Callable[[], DynamicBatcher[Any, Any]],
+        self, kind: str, model: LoadedModel, make: Callable[[], DynamicBatcher[Any, Any]]
     ) -> DynamicBatcher[Any, Any]:
-        """``model``'s batcher in ``table`` (its kind's), made by ``make`` the first time; a version
-        replaced a moment ago gets one off the table (:meth:`_in_grace`), one no longer loaded none."""
+        """``model``'s batcher of ``kind`` (``tensor`` or ``text``), made by ``make`` the first time;
+        a version replaced a moment ago gets one off the table (:meth:`_in_grace`), one no longer
+        loaded none."""
+        table: dict[str, tuple[LoadedModel, DynamicBatcher[Any, Any]]] = (
+            self._tensor if kind == "tensor" else self._text
+        )
         current = table.get(model.name)
         if current is not None and current[0] is model:
             return current[1]
         grace = self._in_grace(model)
-        graced = self._graced(model) if grace else None
+        graced = self._graced(model, kind) if grace else None
         if graced is not None:
             return graced
         if not grace:
             self._check_held(model)
             if current is not None:  # another version: stopped when the registry retires it
-                self._stale.append(current)
+                self._stale.append((current[0], kind, current[1]))
         batcher = make()
         batcher.start()
         if grace:  # replaced a moment ago: off the table, stopped when it is retired
-            self._stale.append((model, batcher))
+            self._stale.append((model, kind, batcher))
         else:
             table[model.name] = (model, batcher)
         return batcher
@@ -208,7 +214,7 @@ class Server:
                 run_tensor_batch(model), group=tensor_group(model), rows=lambda r: r.rows, **self._batcher_kwargs(model)
             )
 
-        return self._batcher(self._tensor, model, make)
+        return self._batcher("tensor", model, make)
 
     async def text_batcher(self, model: LoadedModel) -> DynamicBatcher[TextItem, tuple[Array, int]]:
         def run(items: list[TextItem]) -> list[tuple[Array, int]]:
@@ -226,7 +232,7 @@ class Server:
 
             return DynamicBatcher(run, length=width, **self._batcher_kwargs(model))
 
-        return self._batcher(self._text, model, make)
+        return self._batcher("text", model, make)
 
     # -- work -------------------------------------------------------------------------------------
     async def embed(self, model: LoadedModel, texts: list[str]) -> tuple[Array, list[int]]:
@@ -322,11 +328,23 @@ class Server:
         raise InputError(f"body: not valid {encoding} data", field="Content-Encoding")
 
     # -- metrics ----------------------------------------------------------------------------------
+    def _metric_labels(self) -> dict[tuple[str, str], str]:
+        """(model name, batcher kind) -> its label in /metrics: the name, ``<name>:text`` for a text
+        batcher beside a tensor batcher of the same name."""
+        tensor = {*self._tensor, *(m.name for m, k, _ in self._stale if k == "tensor")}
+        names = {*tensor, *self._text, *(m.name for m, _, _ in self._stale)}
+        out = {(name, "tensor"): name for name in names}
+        out.update({(name, "text"): f"{name}:text" if name in tensor else name for name in names})
+        return out
+
     def render_metrics(self) -> str:
-        stats: dict[str, BatchStats] = {}
-        for name, (_, b) in self._tensor.items():
-            stats[name] = b.stats
-        for name, (_, tb) in self._text.items():
-            stats[name if name not in stats else f"{name}:text"] = tb.stats
+        labels = self._metric_labels()
+        stats: dict[str, list[BatchStats]] = {}
+        running: list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]] = [
+            (m, "tensor", b) for m, b in self._tensor.values()
+        ]
+        running += [(m, "text", b) for m, b in self._text.values()]
+        for m, kind, b in [*running, *self._stale]:  # a replaced version in its grace counts too
+            stats.setdefault(labels[(m.name, kind)], []).append(b.stats)
         models = [ModelInfo.of(m) for m in self.registry.loaded()]
         return self.metrics.render(stats, models)

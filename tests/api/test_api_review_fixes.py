@@ -245,3 +245,50 @@ def test_no_grace_for_a_version_closed_at_once_or_whose_name_was_unloaded(tmp_pa
 
     asyncio.run(asyncio.wait_for(closed_at_once(), 30))
     asyncio.run(asyncio.wait_for(name_unloaded(), 30))
+
+
+def _series(text: str, name: str) -> float:
+    (line,) = [x for x in text.splitlines() if x.startswith(name + " ") or x.startswith(name + "{")]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_a_replaced_versions_queue_and_batches_stay_in_the_metrics(tmp_path: Path) -> None:
+    """/metrics read only the batchers on the table: during a swap the old version's queue (its
+    grace) was invisible, and once it was retired its batches left the batch-size histogram, a
+    counter that then went backwards."""
+    old_session = BlockingSession(tensor_model(tmp_path, name="ref").session)
+    old = tensor_model(tmp_path, session=old_session)
+    new = tensor_model(tmp_path, version=2)
+    registry = make_registry([old], extra={"tabular": lambda: new})
+    app = create_app(registry=registry, config=ApiConfig(auth=False, max_batch_size=1), audit=None, keys=None)
+    server = app.state["server"]
+    server.replaced_grace_s = 3.0
+    feeds = {"x": np.array(X, dtype=np.float32), "ids": np.array(IDS)}
+
+    async def main() -> None:
+        server.attach()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY))
+            await asyncio.to_thread(old_session.entered.wait, 10)
+            await asyncio.to_thread(registry.add, new)
+            r = await c.post("/v2/models/tabular/infer", json=BODY)
+            assert r.status_code == 200 and r.json()["model_version"] == "2", r.text
+            queued = asyncio.ensure_future(server.infer(old, feeds, None))  # found version 1 before the swap
+            graced = server._graced(old, "tensor")
+            assert graced is not None and server._graced(old, "text") is None
+            while graced.stats.queue_depth < 1:
+                await asyncio.sleep(0.005)
+            text = (await c.get("/metrics")).text
+            assert _series(text, "inferbox_queue_depth") == 1, text
+            assert _series(text, "inferbox_batch_size_count") == 1  # version 2's; version 1's is running
+            old_session.release.set()
+            assert (await first).json()["model_version"] == "1"
+            assert set(await queued) == {"y", "z"}
+            await server.retired(old)
+            assert server._stale == []
+            text = (await c.get("/metrics")).text
+            assert _series(text, "inferbox_batch_size_count") == 3, text  # both versions' batches
+            assert _series(text, "inferbox_queue_depth") == 0
+        await server.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
