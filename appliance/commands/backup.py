@@ -310,7 +310,7 @@ def check(
     """
     from appliance.audit.trust import settings_pace
     from appliance.backup.restore import check_archive
-    from appliance.commands.options import foreign_owner
+    from appliance.commands.options import foreign_owner, open_folder
 
     under = scratch or Path(tempfile.gettempdir())
     owner = foreign_owner(under)
@@ -319,6 +319,12 @@ def check(
             f"--scratch {under} belongs to {owner} (or a folder on the way to it does), and check runs as root: "
             f"{owner} could swap the unpacked folder for a link and have the archive's keys written anywhere; "
             "pass --scratch with a folder root owns"
+        )
+    problem = open_folder(under)
+    if problem is not None:
+        raise click.UsageError(
+            f"--scratch {under}: {problem}; check runs as root, and whoever can change a folder on the way could "
+            "swap the unpacked folder for a link and have the archive's keys written anywhere"
         )
     try:
         key = _load_identity(archive, identity)

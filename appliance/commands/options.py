@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shlex
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +18,7 @@ __all__ = [
     "build_settings",
     "existing_home",
     "foreign_owner",
+    "open_folder",
     "refuse_root_in_foreign_state",
     "state_options",
     "state_paths",
@@ -74,16 +77,59 @@ def foreign_owner(path: Path) -> str | None:
         return f"#{uid}"
 
 
-def _first_foreign_uid(path: Path) -> int | None:
+def _walk(path: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every existing part of absolute ``path`` from ``/`` down, as the kernel walks it (links not
+    followed), with its ``lstat``; it stops at the first part that is not there (root would make it
+    under the parts walked). Another error (a share that maps root to nobody) is raised."""
     current = Path(path.anchor)
     for part in path.parts[1:]:
         current = current / part
         try:
-            uid = current.lstat().st_uid
-        except OSError:  # not made yet (root would make it under the parts checked), or not reachable
-            return None
-        if uid != 0:
-            return uid
+            info = current.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        yield current, info
+
+
+def _first_foreign_uid(path: Path) -> int | None:
+    try:
+        return next((info.st_uid for _, info in _walk(path) if info.st_uid != 0), None)
+    except OSError:  # not reachable: open_folder says so
+        return None
+
+
+def open_folder(path: Path) -> str | None:
+    """Run as root, what lets another user change a folder on the way to ``path`` that root owns
+    (walked as :func:`foreign_owner` walks it): a group other than root's, or everyone, may write
+    into it without the sticky bit (so they can rename what root made there and put a link in its
+    place), or its owner cannot be read at all; said in words with the fix. None when not root,
+    or when there is none."""
+    import grp
+
+    if os.geteuid() != 0:
+        return None
+    for walked in (path if path.is_absolute() else Path.cwd() / path, Path(os.path.realpath(path))):
+        try:
+            for part, info in _walk(walked):
+                if not stat.S_ISDIR(info.st_mode) or info.st_mode & stat.S_ISVTX:
+                    continue
+                if info.st_mode & stat.S_IWOTH:
+                    return f"everyone may write into {part} (fix: chmod o-w {shlex.quote(str(part))})"
+                if info.st_mode & stat.S_IWGRP and info.st_gid != 0:
+                    try:
+                        group = grp.getgrgid(info.st_gid).gr_name
+                    except KeyError:
+                        group = f"#{info.st_gid}"
+                    return (
+                        f"group {group} may write into {part} "
+                        f"(fix: chmod g-w {shlex.quote(str(part))}, or run the command as the folder's owner)"
+                    )
+        except OSError as exc:
+            where = exc.filename or walked
+            return (
+                f"root cannot read who owns {where} ({exc.strerror or exc}; a network share that maps root to "
+                f"nobody?) (fix: run the command as the user who owns the state)"
+            )
     return None
 
 
@@ -102,7 +148,6 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
     (mode 0600, owned by root: the next start fails), and whoever runs as that user can replace
     the folders root works in with links to anywhere between two of its steps.  ``also``: what
     else the user must do for the command to work as the owner (``{owner}`` is filled in)."""
-    import shlex
 
     from runtime.errors import ConfigError
 
@@ -111,6 +156,13 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
         if owner is not None:
             break
     else:
+        for path in (*state_paths(settings), *extra):
+            problem = open_folder(path)
+            if problem is not None:
+                raise ConfigError(
+                    f"{problem}: this command runs as root and writes under {path}, and whoever can change a "
+                    f"folder on the way could swap what root writes there for links"
+                )
         return
     if path not in state_paths(settings):  # the state is root's; only where this command writes besides is not
         raise ConfigError(
@@ -143,7 +195,6 @@ def _this_command() -> str:
     """``<venv>/bin/inferbox`` and the arguments this process was run with, quoted, so that the line runs
     as printed; where they are not known (the CLI called in-process, ``python -m appliance``), the
     subcommand and ``...`` for its arguments."""
-    import shlex
 
     exe = Path(sys.executable).parent / "inferbox"
     program = str(exe) if exe.is_file() else "inferbox"

@@ -250,3 +250,58 @@ def test_the_line_to_run_carries_the_arguments_typed(served: Path, monkeypatch: 
     line = result.stderr.split("run it as inferbox: ", 1)[1].strip()
     words = shlex.split(line)
     assert words[-6:] == argv[1:] and "..." not in words
+
+
+def test_a_folder_of_roots_that_a_group_or_everyone_may_write_into_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root's own folder is no safer than another user's when a group (not root's) or everyone may write
+    into it without the sticky bit: they can rename what root made there and put a link in its place."""
+    from appliance.commands.options import open_folder
+
+    shared = tmp_path / "shared"
+    home = shared / "state"
+    home.mkdir(parents=True)
+    if os.geteuid() == 0:
+        os.chown(shared, -1, 4242)  # a group not root's (as another user, the folder has that user's group)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("appliance.commands.options.foreign_owner", lambda p: None)  # every part is root's
+    assert open_folder(home) is None and run(home, "keys", "list").exit_code == 0
+    shared.chmod(0o2770)  # a group's folder, as /var/local (root:staff 2775) is on Debian
+    problem = open_folder(home / "sub")
+    assert problem is not None and f"may write into {shared} (fix: chmod g-w {shared}" in problem, problem
+    refused = run(home, "keys", "list")
+    assert refused.exit_code == 2 and "chmod g-w" in refused.stderr, refused.output
+    shared.chmod(0o757)  # everyone may write
+    assert f"everyone may write into {shared} (fix: chmod o-w {shared})" in (open_folder(home) or "")
+    shared.chmod(0o1777)  # as /tmp: the sticky bit keeps others from renaming root's entries
+    assert open_folder(home) is None
+    shared.chmod(0o755)
+    assert open_folder(home) is None
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    shared.chmod(0o777)
+    assert open_folder(home) is None  # not root: nothing to refuse
+    shared.chmod(0o755)
+
+
+def test_a_folder_whose_owner_root_cannot_read_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A share that maps root to nobody answers root's stat with EACCES; that let the command through."""
+    from appliance.commands.options import open_folder
+
+    share = tmp_path / "nfs"
+    share.mkdir()
+    real_lstat = Path.lstat
+
+    def lstat(self: Path) -> os.stat_result:
+        if self == share:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_lstat(self)
+
+    monkeypatch.setattr(Path, "lstat", lstat)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    monkeypatch.setattr("appliance.commands.options.foreign_owner", lambda p: None)
+    problem = open_folder(share / "state")
+    assert problem is not None and f"root cannot read who owns {share} (Permission denied" in problem
+    refused = run(share / "state", "keys", "list")
+    assert refused.exit_code == 2 and "run the command as the user who owns the state" in refused.stderr
+    assert open_folder(tmp_path / "elsewhere" / "state") is None  # not there yet: root would make it
