@@ -119,8 +119,9 @@ class Metrics:
         self.durations: dict[str, Histogram] = {}
         self.queue: dict[str, Histogram] = {}
         self.inference: dict[str, Histogram] = {}
-        #: rows per batch by model label, across the batchers a model had (versions replace them)
-        self.batch_size: dict[str, Histogram] = {}
+        #: batch size -> batches, by model label, of the batchers that are gone (a replaced or
+        #: unloaded version's): the histogram counts on from them
+        self.retired_batch_sizes: dict[str, dict[int, int]] = {}
         self.in_flight = 0
 
     def request_started(self) -> None:
@@ -135,22 +136,23 @@ class Metrics:
             self.durations.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
     def _absorb(self, model: str, stats: BatchStats) -> None:
-        queue_times, inference_times, batch_rows = stats.drain()
+        queue_times, inference_times = stats.drain()
         q = self.queue.setdefault(model, Histogram(LATENCY_BUCKETS))
         for t in queue_times:
             q.observe(t)
         h = self.inference.setdefault(model, Histogram(LATENCY_BUCKETS))
         for t in inference_times:
             h.observe(t)
-        b = self.batch_size.setdefault(model, Histogram(BATCH_BUCKETS))
-        for rows in batch_rows:
-            b.observe(rows)
 
     def absorb(self, model: str, stats: BatchStats) -> None:
-        """Take the batches ``stats`` saw since the last scrape into ``model``'s histograms: for a
-        batcher that is going away (its model version retired), whose counts must outlive it."""
+        """Keep what the batcher behind ``stats`` counted under ``model`` after it is gone (its model
+        version retired): its recent times, and its batch sizes, which the next version's batcher
+        goes on from. Call once, after it stopped, and pass it to :meth:`render` no more."""
         with self._lock:
             self._absorb(model, stats)
+            sizes = self.retired_batch_sizes.setdefault(model, {})
+            for size, n in stats.batch_sizes.items():
+                sizes[size] = sizes.get(size, 0) + n
 
     def render(self, batchers: Mapping[str, Sequence[BatchStats]], models: Sequence[ModelInfo]) -> str:
         """The exposition text. ``batchers``: every running batcher's stats by model label, those of
@@ -192,7 +194,14 @@ class Metrics:
             for model, h in sorted(self.inference.items()):
                 out += h.lines("inferbox_inference_seconds", [("model", model)])
             out += ["# HELP inferbox_batch_size Rows per batch run.", "# TYPE inferbox_batch_size histogram"]
-            for model, h in sorted(self.batch_size.items()):
+            for model in sorted({*self.retired_batch_sizes, *batchers}):
+                h = Histogram(BATCH_BUCKETS)
+                for sizes in (
+                    self.retired_batch_sizes.get(model, {}),
+                    *(s.batch_sizes for s in batchers.get(model, ())),
+                ):
+                    for size, n in sizes.items():
+                        h.observe(size, n)
                 out += h.lines("inferbox_batch_size", [("model", model)])
         out += ["# HELP inferbox_queue_depth Requests waiting in the batch queue.", "# TYPE inferbox_queue_depth gauge"]
         for model, all_stats in sorted(batchers.items()):

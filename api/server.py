@@ -51,6 +51,14 @@ class TextItem:
         self.length = len(tokens)
 
 
+def metric_label(model: LoadedModel, kind: str) -> str:
+    """A batcher's ``model`` label in /metrics: the model's name for the kind of batcher it mostly
+    has (``text`` for a text model, ``tensor`` otherwise), ``<name>:<kind>`` for the other one (a
+    text model run on raw tensors). It depends on nothing but the model, so a series never moves."""
+    main = "text" if model.is_text else "tensor"
+    return model.name if kind == main else f"{model.name}:{kind}"
+
+
 class Server:
     def __init__(
         self, registry: ModelRegistry, config: ApiConfig, metrics: Metrics, clock: Callable[[], float]
@@ -64,6 +72,8 @@ class Server:
         #: batchers of a model version another one replaced, until that version is retired, with
         #: their kind (``tensor`` or ``text``)
         self._stale: list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]] = []
+        #: batchers of a retired version answering what they accepted before they stop
+        self._draining: list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]] = []
         #: models the registry let go of -> their retirement (batchers stopped, then closed)
         self._retiring: dict[int, concurrent.futures.Future[None]] = {}
         #: how long a replaced version still takes the requests that found it (:meth:`retire`)
@@ -122,19 +132,20 @@ class Server:
                 await asyncio.wait_for(self._no_grace.wait(), self.replaced_grace_s)
         self._ended.add(id(model))  # before its batchers are collected: none is made for it after
         weakref.finalize(model, self._ended.discard, id(model))
-        labels = self._metric_labels()
-        batchers: list[tuple[str, DynamicBatcher[Any, Any]]] = []
+        batchers: list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]] = []
         for kind, table in (("tensor", self._tensor), ("text", self._text)):
             current = table.get(model.name)
             if current is not None and current[0] is model:
                 del table[model.name]
-                batchers.append((kind, current[1]))
-        batchers += [(k, b) for m, k, b in self._stale if m is model]
-        self._stale = [(m, k, b) for m, k, b in self._stale if m is not model]
-        for kind, batcher in batchers:
-            await batcher.stop(drain=True)
-            # its last batches count in /metrics after it is gone
-            self.metrics.absorb(labels.get((model.name, kind), model.name), batcher.stats)
+                batchers.append((model, kind, current[1]))
+        batchers += [entry for entry in self._stale if entry[0] is model]
+        self._stale = [entry for entry in self._stale if entry[0] is not model]
+        self._draining += batchers  # /metrics still shows their queues while they answer them
+        for entry in batchers:
+            await entry[2].stop(drain=True)
+            # gone from /metrics' batchers and into its retired counts at once (no await between)
+            self._draining.remove(entry)
+            self.metrics.absorb(metric_label(model, entry[1]), entry[2].stats)
         # on the loop thread, as a plain unload always did: an OpenVINO model closed from a worker
         # thread made the process die of SIGSEGV at its exit (measured: unload, then SIGTERM)
         model.close()
@@ -328,23 +339,14 @@ class Server:
         raise InputError(f"body: not valid {encoding} data", field="Content-Encoding")
 
     # -- metrics ----------------------------------------------------------------------------------
-    def _metric_labels(self) -> dict[tuple[str, str], str]:
-        """(model name, batcher kind) -> its label in /metrics: the name, ``<name>:text`` for a text
-        batcher beside a tensor batcher of the same name."""
-        tensor = {*self._tensor, *(m.name for m, k, _ in self._stale if k == "tensor")}
-        names = {*tensor, *self._text, *(m.name for m, _, _ in self._stale)}
-        out = {(name, "tensor"): name for name in names}
-        out.update({(name, "text"): f"{name}:text" if name in tensor else name for name in names})
-        return out
-
     def render_metrics(self) -> str:
-        labels = self._metric_labels()
         stats: dict[str, list[BatchStats]] = {}
         running: list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]] = [
             (m, "tensor", b) for m, b in self._tensor.values()
         ]
         running += [(m, "text", b) for m, b in self._text.values()]
-        for m, kind, b in [*running, *self._stale]:  # a replaced version in its grace counts too
-            stats.setdefault(labels[(m.name, kind)], []).append(b.stats)
+        # a replaced version in its grace, and one retired but still answering, count too
+        for m, kind, b in [*running, *self._stale, *self._draining]:
+            stats.setdefault(metric_label(m, kind), []).append(b.stats)
         models = [ModelInfo.of(m) for m in self.registry.loaded()]
         return self.metrics.render(stats, models)

@@ -132,17 +132,14 @@ class BatchStats:
     inference_seconds: float = 0.0
     #: every batch size seen (rows) -> count
     batch_sizes: dict[int, int] = field(default_factory=dict)
-    #: recent per-item queue times, per-batch inference times and rows (for histograms); drained
-    #: by readers
+    #: recent per-item queue times and per-batch inference times (for histograms); drained by readers
     queue_times: list[float] = field(default_factory=list)
     inference_times: list[float] = field(default_factory=list)
-    batch_rows: list[int] = field(default_factory=list)
 
-    def drain(self) -> tuple[list[float], list[float], list[int]]:
-        """The recent queue times, inference times and batch rows, taken (the lists start empty again)."""
-        q, i, r = self.queue_times, self.inference_times, self.batch_rows
-        self.queue_times, self.inference_times, self.batch_rows = [], [], []
-        return q, i, r
+    def drain(self) -> tuple[list[float], list[float]]:
+        q, i = self.queue_times, self.inference_times
+        self.queue_times, self.inference_times = [], []
+        return q, i
 
 
 @dataclass(eq=False)
@@ -522,6 +519,5 @@ class DynamicBatcher(Generic[Item, Result]):
         stats.inference_seconds += elapsed
         stats.inference_times.append(elapsed)
         stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
-        stats.batch_rows.append(rows)
         if len(stats.queue_times) > 10_000:  # nobody drains: keep memory bounded
             stats.drain()

@@ -254,15 +254,15 @@ def _series(text: str, name: str) -> float:
 
 def test_a_replaced_versions_queue_and_batches_stay_in_the_metrics(tmp_path: Path) -> None:
     """/metrics read only the batchers on the table: during a swap the old version's queue (its
-    grace) was invisible, and once it was retired its batches left the batch-size histogram, a
-    counter that then went backwards."""
+    grace, then its drain) was invisible, and once it was retired its batches left the batch-size
+    histogram, a counter that then went backwards."""
     old_session = BlockingSession(tensor_model(tmp_path, name="ref").session)
     old = tensor_model(tmp_path, session=old_session)
     new = tensor_model(tmp_path, version=2)
     registry = make_registry([old], extra={"tabular": lambda: new})
     app = create_app(registry=registry, config=ApiConfig(auth=False, max_batch_size=1), audit=None, keys=None)
     server = app.state["server"]
-    server.replaced_grace_s = 3.0
+    server.replaced_grace_s = 1.0
     feeds = {"x": np.array(X, dtype=np.float32), "ids": np.array(IDS)}
 
     async def main() -> None:
@@ -271,9 +271,9 @@ def test_a_replaced_versions_queue_and_batches_stay_in_the_metrics(tmp_path: Pat
             first = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY))
             await asyncio.to_thread(old_session.entered.wait, 10)
             await asyncio.to_thread(registry.add, new)
+            queued = asyncio.ensure_future(server.infer(old, feeds, None))  # found version 1 before the swap
             r = await c.post("/v2/models/tabular/infer", json=BODY)
             assert r.status_code == 200 and r.json()["model_version"] == "2", r.text
-            queued = asyncio.ensure_future(server.infer(old, feeds, None))  # found version 1 before the swap
             graced = server._graced(old, "tensor")
             assert graced is not None and server._graced(old, "text") is None
             while graced.stats.queue_depth < 1:
@@ -281,14 +281,31 @@ def test_a_replaced_versions_queue_and_batches_stay_in_the_metrics(tmp_path: Pat
             text = (await c.get("/metrics")).text
             assert _series(text, "inferbox_queue_depth") == 1, text
             assert _series(text, "inferbox_batch_size_count") == 1  # version 2's; version 1's is running
+            while not server._draining:  # the grace is over: version 1 answers what it holds, then stops
+                await asyncio.sleep(0.01)
+            assert _series((await c.get("/metrics")).text, "inferbox_queue_depth") == 1
             old_session.release.set()
             assert (await first).json()["model_version"] == "1"
             assert set(await queued) == {"y", "z"}
             await server.retired(old)
-            assert server._stale == []
+            assert server._stale == [] and server._draining == []
             text = (await c.get("/metrics")).text
             assert _series(text, "inferbox_batch_size_count") == 3, text  # both versions' batches
             assert _series(text, "inferbox_queue_depth") == 0
+            assert (await c.post("/v2/models/tabular/infer", json=BODY)).status_code == 200
+            assert _series((await c.get("/metrics")).text, "inferbox_batch_size_count") == 4
         await server.stop()
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_batchers_metric_label_depends_on_the_model_alone(tmp_path: Path) -> None:
+    """A text batcher was ``<name>:text`` only while a tensor batcher of the name ran, so its history
+    moved between series; now the model's main kind keeps the name and the other kind is suffixed."""
+    from api.server import metric_label
+
+    from .conftest import text_model
+
+    text, tensor = text_model(tmp_path), tensor_model(tmp_path)
+    assert metric_label(text, "text") == text.name and metric_label(text, "tensor") == f"{text.name}:tensor"
+    assert metric_label(tensor, "tensor") == tensor.name and metric_label(tensor, "text") == f"{tensor.name}:text"
