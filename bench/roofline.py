@@ -46,6 +46,7 @@ precise efficiency.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -364,6 +365,12 @@ def gemm_rates(flags: set[str] | None = None, *, n: int = 1024, seconds: float =
     return rates
 
 
+@functools.lru_cache(maxsize=4)
+def _measured(flags: frozenset[str], seconds: float) -> dict[str, float]:
+    """:func:`gemm_rates`, once a process: every part of one run holds its rows to the same clock."""
+    return gemm_rates(set(flags), seconds=seconds)
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -397,7 +404,7 @@ def machine_peaks(
     """Read this machine's CPU facts (or ``cpuinfo`` text) and its NVIDIA GPUs' names (or
     ``gpus``) and compute their peaks. With ``measure`` > 0 (or given ``gemm`` rates: compute
     kind -> ops/s), the clock is raised to what bare matrix products prove (:func:`clock_floor`;
-    ``measure`` times them here with :func:`gemm_rates`, that many seconds a kind)."""
+    ``measure`` times them here with :func:`gemm_rates`, that many seconds a kind, once a process)."""
     from bench.common import physical_cores
 
     if cpuinfo is None:
@@ -430,7 +437,7 @@ def machine_peaks(
         ghz, source = float(mhz_m.group(1)) / 1000.0, "/proc/cpuinfo cpu MHz"
     cores = physical_cores()
     units = fma_units(vendor, family, model_no)
-    rates = dict(gemm) if gemm is not None else (gemm_rates(flags, seconds=measure) if measure > 0 else {})
+    rates = dict(gemm) if gemm is not None else (dict(_measured(frozenset(flags), measure)) if measure > 0 else {})
     floor, kind = clock_floor(rates, ops_per_cycle(flags, units), cores)
     if floor > ghz:
         source = (

@@ -389,15 +389,13 @@ def test_the_clock_is_raised_to_what_a_bare_matrix_product_proves() -> None:
 
 
 def test_bare_matrix_products_run_in_openvino_here() -> None:
-    """The rates that bound the clock are real OpenVINO runs on this box, one per compute kind
-    the ISA offers, and none beats the peak they are used to prove."""
+    """The rates that bound the clock are real OpenVINO runs on this box, one per compute kind the
+    ISA offers, and a part of the run measures them once for all its rows."""
     rates = roofline.gemm_rates({"avx512_vnni"}, n=128, seconds=0.02)
     assert set(rates) == {"fp32", "int8"}
     assert all(r > 1e8 for r in rates.values())
-    m = roofline.machine_peaks(gpus=[], gemm=rates)
-    for kind, rate in rates.items():
-        peak = m.peak(kind)
-        assert peak is not None and rate <= peak[1] * (1 + 1e-9)
+    first = roofline.machine_peaks(gpus=[], measure=0.01)
+    assert first.gemm and roofline.machine_peaks(gpus=[], measure=0.01).gemm == first.gemm  # measured once
 
 
 def test_a_row_that_ran_on_a_gpu_is_held_to_the_gpus_peak_not_the_cpus() -> None:

@@ -320,11 +320,12 @@ def check(
             f"{owner} could swap the unpacked folder for a link and have the archive's keys written anywhere; "
             "pass --scratch with a folder root owns"
         )
-    problem = open_folder(under)
-    if problem is not None:
+    found = open_folder(under)
+    if found is not None:
         raise click.UsageError(
-            f"--scratch {under}: {problem}; check runs as root, and whoever can change a folder on the way could "
-            "swap the unpacked folder for a link and have the archive's keys written anywhere"
+            f"--scratch {under}: {found[0]}; check runs as root, and whoever can change a folder on the way could "
+            "swap the unpacked folder for a link and have the archive's keys written anywhere; pass --scratch with "
+            "a folder root owns that only root may change"
         )
     try:
         key = _load_identity(archive, identity)

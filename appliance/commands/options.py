@@ -98,12 +98,12 @@ def _first_foreign_uid(path: Path) -> int | None:
         return None
 
 
-def open_folder(path: Path) -> str | None:
+def open_folder(path: Path) -> tuple[str, str] | None:
     """Run as root, what lets another user change a folder on the way to ``path`` that root owns
-    (walked as :func:`foreign_owner` walks it): a group other than root's, or everyone, may write
-    into it without the sticky bit (so they can rename what root made there and put a link in its
-    place), or its owner cannot be read at all; said in words with the fix. None when not root,
-    or when there is none."""
+    (walked as :func:`foreign_owner` walks it), and its fix: a group, or everyone, may write into
+    it without the sticky bit (so they can rename what root made there and put a link in its
+    place), or its owner cannot be read at all. Root's own group counts only when a user other
+    than root is in it. None when not root, or when there is none."""
     import grp
 
     if os.geteuid() != 0:
@@ -113,24 +113,35 @@ def open_folder(path: Path) -> str | None:
             for part, info in _walk(walked):
                 if not stat.S_ISDIR(info.st_mode) or info.st_mode & stat.S_ISVTX:
                     continue
+                quoted = shlex.quote(str(part))
                 if info.st_mode & stat.S_IWOTH:
-                    return f"everyone may write into {part} (fix: chmod o-w {shlex.quote(str(part))})"
-                if info.st_mode & stat.S_IWGRP and info.st_gid != 0:
+                    return f"everyone may write into {part}", f"chmod o-w {quoted}"
+                if info.st_mode & stat.S_IWGRP and (info.st_gid != 0 or _root_group_shared()):
                     try:
                         group = grp.getgrgid(info.st_gid).gr_name
                     except KeyError:
                         group = f"#{info.st_gid}"
-                    return (
-                        f"group {group} may write into {part} "
-                        f"(fix: chmod g-w {shlex.quote(str(part))}, or run the command as the folder's owner)"
-                    )
+                    return f"group {group} may write into {part}", f"chmod g-w {quoted}"
         except OSError as exc:
-            where = exc.filename or walked
             return (
-                f"root cannot read who owns {where} ({exc.strerror or exc}; a network share that maps root to "
-                f"nobody?) (fix: run the command as the user who owns the state)"
+                f"root cannot read who owns {exc.filename or walked} ({exc.strerror or exc}; a network share "
+                "that maps root to nobody?)",
+                "run the command as the user who owns the state",
             )
     return None
+
+
+def _root_group_shared() -> bool:
+    """A user other than root is in group 0 (as a member, or as their primary group)."""
+    import grp
+    import pwd
+
+    try:
+        if any(member != "root" for member in grp.getgrgid(0).gr_mem):
+            return True
+    except KeyError:
+        pass
+    return any(user.pw_gid == 0 and user.pw_uid != 0 for user in pwd.getpwall())
 
 
 def state_paths(settings: Settings) -> list[Path]:
@@ -157,11 +168,11 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
             break
     else:
         for path in (*state_paths(settings), *extra):
-            problem = open_folder(path)
-            if problem is not None:
+            found = open_folder(path)
+            if found is not None:
                 raise ConfigError(
-                    f"{problem}: this command runs as root and writes under {path}, and whoever can change a "
-                    f"folder on the way could swap what root writes there for links"
+                    f"{found[0]}: this command runs as root and writes under {path}, and whoever can change a "
+                    f"folder on the way could swap what root writes there for links (fix: {found[1]})"
                 )
         return
     if path not in state_paths(settings):  # the state is root's; only where this command writes besides is not

@@ -262,18 +262,26 @@ def test_a_folder_of_roots_that_a_group_or_everyone_may_write_into_is_refused(
     shared = tmp_path / "shared"
     home = shared / "state"
     home.mkdir(parents=True)
-    if os.geteuid() == 0:
-        os.chown(shared, -1, 4242)  # a group not root's (as another user, the folder has that user's group)
+    as_root = os.geteuid() == 0
+    if as_root:  # root's group first: harmless while only root is in it
+        os.chown(shared, -1, 0)
+        shared.chmod(0o775)
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr("appliance.commands.options.foreign_owner", lambda p: None)  # every part is root's
+    if as_root:
+        assert open_folder(home) is None and run(home, "keys", "list").exit_code == 0
+        monkeypatch.setattr("appliance.commands.options._root_group_shared", lambda: True)  # e.g. OpenShift's
+        assert open_folder(home) == (f"group root may write into {shared}", f"chmod g-w {shared}")
+        os.chown(shared, -1, 4242)  # a group not root's (as another user, the folder has that user's group)
+    shared.chmod(0o755)
     assert open_folder(home) is None and run(home, "keys", "list").exit_code == 0
     shared.chmod(0o2770)  # a group's folder, as /var/local (root:staff 2775) is on Debian
-    problem = open_folder(home / "sub")
-    assert problem is not None and f"may write into {shared} (fix: chmod g-w {shared}" in problem, problem
+    found = open_folder(home / "sub")
+    assert found is not None and found[0].endswith(f"may write into {shared}") and found[1] == f"chmod g-w {shared}"
     refused = run(home, "keys", "list")
-    assert refused.exit_code == 2 and "chmod g-w" in refused.stderr, refused.output
+    assert refused.exit_code == 2 and f"(fix: chmod g-w {shared})" in refused.stderr, refused.output
     shared.chmod(0o757)  # everyone may write
-    assert f"everyone may write into {shared} (fix: chmod o-w {shared})" in (open_folder(home) or "")
+    assert open_folder(home) == (f"everyone may write into {shared}", f"chmod o-w {shared}")
     shared.chmod(0o1777)  # as /tmp: the sticky bit keeps others from renaming root's entries
     assert open_folder(home) is None
     shared.chmod(0o755)
@@ -300,8 +308,8 @@ def test_a_folder_whose_owner_root_cannot_read_is_refused(tmp_path: Path, monkey
     monkeypatch.setattr(Path, "lstat", lstat)
     monkeypatch.setattr("os.geteuid", lambda: 0)
     monkeypatch.setattr("appliance.commands.options.foreign_owner", lambda p: None)
-    problem = open_folder(share / "state")
-    assert problem is not None and f"root cannot read who owns {share} (Permission denied" in problem
+    found = open_folder(share / "state")
+    assert found is not None and found[0].startswith(f"root cannot read who owns {share} (Permission denied")
     refused = run(share / "state", "keys", "list")
-    assert refused.exit_code == 2 and "run the command as the user who owns the state" in refused.stderr
+    assert refused.exit_code == 2 and "(fix: run the command as the user who owns the state)" in refused.stderr
     assert open_folder(tmp_path / "elsewhere" / "state") is None  # not there yet: root would make it
