@@ -744,7 +744,7 @@ def run(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure every runner; print the table (through ``echo``); write ``inprocess.json`` (+ PNG)."""
-    from bench.roofline import machine_peaks
+    from bench.roofline import gemm_rates, machine_peaks
 
     threads = physical_cores()
     result: dict[str, Any] = {"part": "inprocess", "quick": cfg.quick, "threads": threads}
@@ -868,6 +868,9 @@ def run(
     # (AVX512_BF16 / AMX), but on a CPU without it autocast emulates bf16 and fp32 is faster.
     best_pt = max((r for r in (ref32, ref16) if r), key=lambda r: r["b32x128_per_s"], default={})
     result["best_pytorch"] = best_pt.get("runner")
+    # measured again after the rows: the clock they ran at may have been higher than at the start
+    peaks = peaks.with_rates(gemm_rates(seconds=0.1 if cfg.quick else 0.4))
+    result["machine"] = peaks.to_dict()
     flops_item = flops.get("flops_per_item") if "skipped" not in flops else None
     for r in rows:
         if "skipped" in r:

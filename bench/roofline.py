@@ -46,11 +46,10 @@ precise efficiency.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +198,30 @@ class MachinePeaks:
             out["gpu"] = self.gpu
             out["gpu_peak_gops"] = {k: v / 1e9 for k, v in self.gpu_peaks.items()}
         return out
+
+    def with_rates(self, rates: Mapping[str, float]) -> MachinePeaks:
+        """These peaks after bare matrix products measured again (a run's clock moves: other
+        tenants, turbo): each kind's best rate is kept, and the clock rises to what the rates
+        prove if that is higher (:func:`clock_floor`); the CPU's peaks scale with it."""
+        best = dict(self.gemm)
+        for kind, rate in rates.items():
+            best[kind] = max(rate, best.get(kind, 0.0))
+        hz = self.cores * self.ghz * 1e9
+        per_cycle = {k: v / hz for k, v in self.peaks.items()} if hz > 0 else {}
+        floor, kind = clock_floor(best, per_cycle, self.cores)
+        if floor <= self.ghz:
+            return replace(self, gemm=best)
+        source = self.clock_source
+        if "raised to" not in source:
+            source = f"{source} {self.ghz:.2f} GHz" if self.ghz else "no clock reported"
+        source = source.split(", raised to")[0] + f", raised to what a bare {kind} matrix product proves"
+        return replace(
+            self,
+            ghz=floor,
+            clock_source=source,
+            peaks={k: v * floor / self.ghz for k, v in self.peaks.items()} if self.ghz else self.peaks,
+            gemm=best,
+        )
 
     def peak(self, kind: str, device: str = "cpu") -> tuple[str, float] | None:
         """The peak a row of compute ``kind`` that ran on ``device`` (:func:`device_of`) is held
@@ -365,12 +388,6 @@ def gemm_rates(flags: set[str] | None = None, *, n: int = 1024, seconds: float =
     return rates
 
 
-@functools.lru_cache(maxsize=4)
-def _measured(flags: frozenset[str], seconds: float) -> dict[str, float]:
-    """:func:`gemm_rates`, once a process: every part of one run holds its rows to the same clock."""
-    return gemm_rates(set(flags), seconds=seconds)
-
-
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -404,7 +421,7 @@ def machine_peaks(
     """Read this machine's CPU facts (or ``cpuinfo`` text) and its NVIDIA GPUs' names (or
     ``gpus``) and compute their peaks. With ``measure`` > 0 (or given ``gemm`` rates: compute
     kind -> ops/s), the clock is raised to what bare matrix products prove (:func:`clock_floor`;
-    ``measure`` times them here with :func:`gemm_rates`, that many seconds a kind, once a process)."""
+    ``measure`` times them here with :func:`gemm_rates`, that many seconds a kind)."""
     from bench.common import physical_cores
 
     if cpuinfo is None:
@@ -437,7 +454,7 @@ def machine_peaks(
         ghz, source = float(mhz_m.group(1)) / 1000.0, "/proc/cpuinfo cpu MHz"
     cores = physical_cores()
     units = fma_units(vendor, family, model_no)
-    rates = dict(gemm) if gemm is not None else (dict(_measured(frozenset(flags), measure)) if measure > 0 else {})
+    rates = dict(gemm) if gemm is not None else (gemm_rates(flags, seconds=measure) if measure > 0 else {})
     floor, kind = clock_floor(rates, ops_per_cycle(flags, units), cores)
     if floor > ghz:
         source = (
