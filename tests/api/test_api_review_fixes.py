@@ -85,15 +85,22 @@ def test_audit_paging_and_times_are_checked(tmp_path: Path) -> None:
     assert reader.calls[-1]["until"] == "2026-05-02T00:00:00.000000Z"
 
 
-def _replace_model_while_a_batch_runs(tmp_path: Path, unload: bool) -> None:
-    """A request is inside the old version's session when the model is replaced (a new version
-    loads) or unloaded: it is answered from the old version, which is closed only afterwards;
-    the next request runs the new version (or gets a 404)."""
+def _swap_setup(tmp_path: Path) -> tuple[BlockingSession, Any, Any, Any, Any]:
+    """Version 1 of ``tabular`` on a session that blocks until released, version 2 ready to replace
+    it, and an app that runs one row a batch."""
     old_session = BlockingSession(tensor_model(tmp_path, name="ref").session)
     old = tensor_model(tmp_path, session=old_session)
     new = tensor_model(tmp_path, version=2)
     registry = make_registry([old], extra={"tabular": lambda: new})
     app = create_app(registry=registry, config=ApiConfig(auth=False, max_batch_size=1), audit=None, keys=None)
+    return old_session, old, new, registry, app
+
+
+def _replace_model_while_a_batch_runs(tmp_path: Path, unload: bool) -> None:
+    """A request is inside the old version's session when the model is replaced (a new version
+    loads) or unloaded: it is answered from the old version, which is closed only afterwards;
+    the next request runs the new version (or gets a 404)."""
+    old_session, old, new, registry, app = _swap_setup(tmp_path)
     server = app.state["server"]
     server.replaced_grace_s = 3.0  # longer than the test takes to reach the old version again
 
@@ -256,11 +263,7 @@ def test_a_replaced_versions_queue_and_batches_stay_in_the_metrics(tmp_path: Pat
     """/metrics read only the batchers on the table: during a swap the old version's queue (its
     grace, then its drain) was invisible, and once it was retired its batches left the batch-size
     histogram, a counter that then went backwards."""
-    old_session = BlockingSession(tensor_model(tmp_path, name="ref").session)
-    old = tensor_model(tmp_path, session=old_session)
-    new = tensor_model(tmp_path, version=2)
-    registry = make_registry([old], extra={"tabular": lambda: new})
-    app = create_app(registry=registry, config=ApiConfig(auth=False, max_batch_size=1), audit=None, keys=None)
+    old_session, old, new, registry, app = _swap_setup(tmp_path)
     server = app.state["server"]
     server.replaced_grace_s = 1.0
     feeds = {"x": np.array(X, dtype=np.float32), "ids": np.array(IDS)}
