@@ -11,20 +11,19 @@ import shutil
 import sqlite3
 import tarfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from appliance.audit.log import AuditLog
 from appliance.audit.verify import verify_db
 from appliance.backup import restore as restore_mod
 from appliance.backup.create import _older, box_name, create_backup
 from appliance.backup.manifest import MANIFEST, ROOT, SIGNING_KEY, SIGNING_PUB
-from appliance.cli import main
 from appliance.keys import KeyStore
 from appliance.settings import load_settings
 from runtime.repository import Repository
@@ -32,18 +31,9 @@ from runtime.signing import load_public_key
 from tests.runtime.conftest import publish_mlp
 
 from . import audit_tamper as T
+from .conftest import run_cli as run
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in list(os.environ):
-        if key.startswith("INFERBOX_") or key == "STATE_DIRECTORY":
-            monkeypatch.delenv(key)
-    yield
-
-
-def run(home: Path, *args: str, **env: str) -> Result:
-    return CliRunner().invoke(main, list(args), env={"INFERBOX_HOME": str(home), **env}, catch_exceptions=False)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def sha256(path: Path) -> str:

@@ -21,7 +21,9 @@ from runtime.repository import Repository
 
 # the fixtures of a real box, shared with test_backup (the tests take them by name: F811)
 # ruff: noqa: F811
-from tests.appliance.test_backup import box, built, clean_env, last_record, run  # noqa: F401
+from tests.appliance.test_backup import box, built, last_record, run  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 HEADER = len(crypt.MAGIC)
 

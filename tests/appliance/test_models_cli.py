@@ -9,16 +9,14 @@ import json
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from appliance.audit.log import AuditLog
-from appliance.cli import main
 from appliance.models import importing
 from appliance.settings import load_settings
 from runtime.package import MANIFEST, SIGNATURE, finalize_package, read_package, staging_dir
@@ -26,17 +24,9 @@ from runtime.repository import Repository
 from runtime.signing import key_id, load_private_key, load_public_key, verify
 from tests.runtime.conftest import build_mlp, publish_mlp
 
+from .conftest import run_cli as run
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in list(os.environ):
-        if key.startswith("INFERBOX_") or key == "STATE_DIRECTORY":
-            monkeypatch.delenv(key)
-    yield
-
-
-def run(home: Path, *args: str, **env: str) -> Result:
-    return CliRunner().invoke(main, list(args), env={"INFERBOX_HOME": str(home), **env}, catch_exceptions=False)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def import_build(boxes: dict[str, Path], **env: str) -> Result:
