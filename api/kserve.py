@@ -71,7 +71,7 @@ def _model(request: Req, name: str, version: int | None) -> LoadedModel:
 
 def _text_output(model: LoadedModel) -> tuple[str, list[int]]:
     cfg = model.manifest.text
-    name = (cfg.output if cfg is not None and cfg.output else "") or model.manifest.outputs[0].name
+    name = model.text_output_name
     dim = -1
     for spec in model.manifest.outputs:
         if spec.name == name and spec.shape:

@@ -172,8 +172,8 @@ class MachinePeaks:
     ghz: float
     clock_source: str
     fma_units: int
-    #: kind ("fp32-avx512", "bf16-amx", ...) -> ops per second
-    peaks: dict[str, float]
+    #: kind ("fp32-avx512", "bf16-amx", ...) -> ops per core and cycle (:func:`ops_per_cycle`)
+    per_cycle: dict[str, float]
     #: compute kind ("fp32", "bf16", "int8") -> ops per second a bare matrix product reached
     #: here (:func:`gemm_rates`; empty when not measured)
     gemm: dict[str, float] = field(default_factory=dict)
@@ -181,6 +181,14 @@ class MachinePeaks:
     #: when it is not in :data:`GPU_PEAKS`)
     gpu: str | None = None
     gpu_peaks: dict[str, float] = field(default_factory=dict)
+    #: the clock as reported, in words ("/proc/cpuinfo cpu MHz 2.60 GHz"), before any rate raised it
+    reported_clock: str = "no clock reported"
+
+    @property
+    def peaks(self) -> dict[str, float]:
+        """Kind ("fp32-avx512", "bf16-amx", ...) -> ops per second on every core at :attr:`ghz`."""
+        hz = self.cores * self.ghz * 1e9
+        return {k: hz * v for k, v in self.per_cycle.items()}
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -206,22 +214,11 @@ class MachinePeaks:
         best = dict(self.gemm)
         for kind, rate in rates.items():
             best[kind] = max(rate, best.get(kind, 0.0))
-        hz = self.cores * self.ghz * 1e9
-        per_cycle = {k: v / hz for k, v in self.peaks.items()} if hz > 0 else {}
-        floor, kind = clock_floor(best, per_cycle, self.cores)
+        floor, kind = clock_floor(best, self.per_cycle, self.cores)
         if floor <= self.ghz:
             return replace(self, gemm=best)
-        source = self.clock_source
-        if "raised to" not in source:
-            source = f"{source} {self.ghz:.2f} GHz" if self.ghz else "no clock reported"
-        source = source.split(", raised to")[0] + f", raised to what a bare {kind} matrix product proves"
-        return replace(
-            self,
-            ghz=floor,
-            clock_source=source,
-            peaks={k: v * floor / self.ghz for k, v in self.peaks.items()} if self.ghz else self.peaks,
-            gemm=best,
-        )
+        source = f"{self.reported_clock}, raised to what a bare {kind} matrix product proves"
+        return replace(self, ghz=floor, clock_source=source, gemm=best)
 
     def peak(self, kind: str, device: str = "cpu") -> tuple[str, float] | None:
         """The peak a row of compute ``kind`` that ran on ``device`` (:func:`device_of`) is held
@@ -455,27 +452,21 @@ def machine_peaks(
     cores = physical_cores()
     units = fma_units(vendor, family, model_no)
     rates = dict(gemm) if gemm is not None else (gemm_rates(flags, seconds=measure) if measure > 0 else {})
-    floor, kind = clock_floor(rates, ops_per_cycle(flags, units), cores)
-    if floor > ghz:
-        source = (
-            f"{source} {ghz:.2f} GHz" if ghz else "no clock reported"
-        ) + f", raised to what a bare {kind} matrix product proves"
-        ghz = floor
-    units, peaks = peaks_from(flags, vendor=vendor, cores=cores, ghz=ghz, family=family, model=model_no)
     if gpus is None:
         from runtime.hardware import nvidia_gpus
 
         gpus = [g.name for g in nvidia_gpus()]
     gpu = gpus[0] if gpus else None
-    return MachinePeaks(
+    reported = MachinePeaks(
         cpu=cpu,
         vendor=vendor,
         cores=cores,
         ghz=ghz,
         clock_source=source,
         fma_units=units,
-        peaks=peaks,
-        gemm=rates,
+        per_cycle=ops_per_cycle(flags, units),
         gpu=gpu,
         gpu_peaks=gpu_peaks(gpu) if gpu else {},
+        reported_clock=f"{source} {ghz:.2f} GHz" if ghz else "no clock reported",
     )
+    return reported.with_rates(rates)

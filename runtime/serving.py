@@ -93,10 +93,14 @@ class LoadedModel:
         spec = self._text_output()
         return spec is not None and len(spec.shape) == 2 and spec.shape[-1] == 1
 
-    def _text_output(self) -> TensorSpec | None:
+    @property
+    def text_output_name(self) -> str:
         """The output a text model answers from (``text.output``, else the first)."""
         config = self.manifest.text
-        name = (config.output if config is not None else None) or self.manifest.outputs[0].name
+        return (config.output if config is not None else None) or self.manifest.outputs[0].name
+
+    def _text_output(self) -> TensorSpec | None:
+        name = self.text_output_name
         return next((o for o in self.manifest.outputs if o.name == name), None)
 
     @property
@@ -218,7 +222,7 @@ class LoadedModel:
             raise InputError(f"model {self.name!r} is not a text model; send tensors", field="model")
         config = self.manifest.text
         encoded = self.text.pad(tokens, multiple=self.pad_multiple)
-        output = config.output or self.manifest.outputs[0].name
+        output = self.text_output_name
         result = self.session.run(dict(encoded.feeds), [output])
         return postprocess({output: result[output]}, encoded.attention_mask, config)
 

@@ -65,16 +65,19 @@ def foreign_owner(path: Path) -> str | None:
 
     if os.geteuid() != 0:
         return None
-    # every part as the kernel walks it, ".." included (abspath would drop the folder before it)
-    uid = _first_foreign_uid(path if path.is_absolute() else Path.cwd() / path)
-    if uid is None:
-        uid = _first_foreign_uid(Path(os.path.realpath(path)))
+    uid = next((u for walked in _both_ways(path) if (u := _first_foreign_uid(walked)) is not None), None)
     if uid is None:
         return None
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"#{uid}"
+
+
+def _both_ways(path: Path) -> tuple[Path, Path]:
+    """``path`` as the kernel walks it, every part and ".." included (abspath would drop the folder
+    before a ".."), and its real path (the folders its links lead through)."""
+    return path if path.is_absolute() else Path.cwd() / path, Path(os.path.realpath(path))
 
 
 def _walk(path: Path) -> Iterator[tuple[Path, os.stat_result]]:
@@ -108,7 +111,7 @@ def open_folder(path: Path) -> tuple[str, str] | None:
 
     if os.geteuid() != 0:
         return None
-    for walked in (path if path.is_absolute() else Path.cwd() / path, Path(os.path.realpath(path))):
+    for walked in _both_ways(path):
         try:
             for part, info in _walk(walked):
                 if not stat.S_ISDIR(info.st_mode) or info.st_mode & stat.S_ISVTX:
@@ -159,7 +162,6 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
     (mode 0600, owned by root: the next start fails), and whoever runs as that user can replace
     the folders root works in with links to anywhere between two of its steps.  ``also``: what
     else the user must do for the command to work as the owner (``{owner}`` is filled in)."""
-
     from runtime.errors import ConfigError
 
     for path in (*state_paths(settings), *extra):
