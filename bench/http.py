@@ -126,12 +126,14 @@ async def closed_loop(
     warmup: int = 0,
     clock: Callable[[], float] = time.perf_counter,
     transport: Any = None,
+    verify: Any = True,
 ) -> dict[str, Any]:
     """C workers, each sending its next request when the last one answered.
 
     Stops after ``max_requests`` requests or ``duration_s`` seconds, whichever
     comes first.  Returns requests/s, latency p50/p99 (ms) and error counts.
-    ``transport`` (an ``httpx.AsyncBaseTransport``) replaces the network, for tests.
+    ``transport`` (an ``httpx.AsyncBaseTransport``) replaces the network, for tests;
+    ``verify``: httpx's (an ``ssl.SSLContext`` for a private CA or a client certificate).
     """
     import httpx
 
@@ -142,7 +144,7 @@ async def closed_loop(
     first_error: list[str] = []
     counter = 0
 
-    async with httpx.AsyncClient(limits=limits, timeout=120.0, transport=transport) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=120.0, transport=transport, verify=verify) as client:
         for i in range(warmup):
             await client.post(url, content=bodies[i % len(bodies)], headers=hdrs)
 

@@ -29,7 +29,9 @@ value, which install extra).  The tree::
     ├── RequestTimeoutError         request waited longer than its timeout (504)
     ├── AuditError                  the audit log cannot be written or read
     │   └── VerificationError       the chain or a checkpoint does not verify
-    └── BatchError                  spool / job problems
+    ├── BatchError                  spool / job problems
+    ├── BackupError                 a backup cannot be written or restored
+    └── BenchError                  a load test cannot run (server, key, model named)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = [
     "BackendUnavailableError",
     "BackupError",
     "BatchError",
+    "BenchError",
     "CalibrationError",
     "ConfigError",
     "ExportError",
@@ -190,6 +193,10 @@ class VerificationError(AuditError):
 
 class BatchError(InferboxError):
     pass
+
+
+class BenchError(InferboxError):
+    """A benchmark cannot run: the server is unreachable, refuses the key, lacks the model (it names the fix)."""
 
 
 class BackupError(InferboxError):

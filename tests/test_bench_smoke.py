@@ -1056,3 +1056,51 @@ def test_results_page_shows_the_audit_cpu_split(tmp_path: Path) -> None:
     assert "| audit | loop | inference | audit_writer | other | total |" in page
     assert "| off | 500 | 3000 | 0 | 50 | 3550 |" in page
     assert "| on | 500 | 3000 | 120 | 50 | 3670 |" in page
+
+
+def test_the_load_tests_metrics_reader_keeps_labels_that_hold_braces() -> None:
+    from bench.remote import INFER_ROUTE, metrics_delta, parse_metrics
+
+    def scrape(served: int, batches: int, rows: int, cpu: float) -> str:
+        return "\n".join(
+            [
+                "# HELP inferbox_requests_total HTTP requests by model, route and status.",
+                f'inferbox_requests_total{{model="m",route="{INFER_ROUTE}",status="200"}} {served}',
+                f'inferbox_requests_total{{model="m",route="{INFER_ROUTE}",status="400"}} 7',
+                f'inferbox_requests_total{{model="other",route="{INFER_ROUTE}",status="200"}} 99',
+                f'inferbox_batch_size_sum{{model="m"}} {rows}',
+                f'inferbox_batch_size_count{{model="m"}} {batches}',
+                f'inferbox_thread_cpu_seconds_total{{thread="loop"}} {cpu}',
+                f'inferbox_thread_cpu_seconds_total{{thread="inference"}} {2 * cpu}',
+                'odd{a="x\\"}"} 1',
+                "not a sample",
+            ]
+        )
+
+    before, after = parse_metrics(scrape(10, 4, 8, 1.0)), parse_metrics(scrape(40, 14, 38, 1.5))
+    assert before[("odd", frozenset({("a", 'x\\"}')}))] == 1.0
+    delta = metrics_delta(before, after, "m", 30, INFER_ROUTE)
+    assert delta == {"batch_rows_mean": 3.0, "server_cpu_ms": pytest.approx(50.0), "served": 30.0}
+    assert "served" not in metrics_delta(before, after, "m", 30)  # no route: no count to compare
+
+
+def test_the_load_tests_tensor_rows_follow_the_metadata() -> None:
+    import json
+
+    from bench.remote import tensor_bodies
+    from runtime.errors import BenchError
+
+    inputs = [
+        {"name": "x", "datatype": "FP32", "shape": [-1, 3, 2]},
+        {"name": "ids", "datatype": "INT64", "shape": [-1, 4]},
+    ]
+    bodies = [json.loads(b) for b in tensor_bodies(inputs, count=3)]
+    assert len({json.dumps(b) for b in bodies}) == 3  # random rows, not one repeated
+    for body in bodies:
+        x, ids = body["inputs"]
+        assert (x["shape"], len(x["data"]), ids["shape"], ids["data"]) == ([1, 3, 2], 6, [1, 4], [0, 0, 0, 0])
+        assert all(0.0 <= v < 1.0 for v in x["data"])
+    with pytest.raises(BenchError, match="dynamic dimension other than the batch"):
+        tensor_bodies([{"name": "x", "datatype": "FP32", "shape": [-1, -1]}])
+    with pytest.raises(BenchError, match="is BYTES"):
+        tensor_bodies([{"name": "a", "datatype": "BYTES", "shape": [-1]}, *inputs])

@@ -663,6 +663,19 @@ def test_mutual_tls_serves_https_and_refuses_everything_else(
             )
             assert answer.status_code == status, answer.text
         assert "bound to a client certificate" in answer.text
+        # the operator's load test reaches it too: the private CA verifies it, the client certificate opens it
+        key_file = tmp_path / "admin.key"
+        key_file.write_text(key)
+        load = ["bench", "minilm", "--url", url, "--key-file", str(key_file), "--concurrency", "2", "--duration", "1"]
+        untrusted = CliRunner().invoke(main, [*load, "--quick"])
+        assert untrusted.exit_code != 0 and "pass --ca-file" in untrusted.output, untrusted.output
+        tls_args = ["--ca-file", str(tls_files.ca), "--client-cert", str(tls_files.client_cert)]
+        tls_args += ["--client-key", str(tls_files.client_key)]
+        loaded = CliRunner().invoke(main, [*load, *tls_args, "--quick", "--json"])
+        assert loaded.exit_code == 0, loaded.output
+        report = json.loads(loaded.stdout)
+        assert report["client"] == "httpx"  # wrk would not verify the server, so it never gets the key
+        assert [r["ok"] > 0 and r["errors"] == {} for r in report["rows"]] == [True, True], report["rows"]
     finally:
         _stop(proc)
     assert "HTTPS (mutual-tls)" in log.read_text(errors="replace")

@@ -10,14 +10,21 @@ A thin shell over the in-process part of the benchmark suite, for every
 - a tensor or image model (:func:`bench.tensors.run`): batch-1 latency and
   rows/s in calls of 32 on the package's own sample inputs, agreement with the
   plain fp32 candidate, and the fraction of the CPU's peak.
+
+With ``--url`` it times nothing in this process: it loads a running server
+(:mod:`bench.remote`) at each ``--concurrency`` level, with the key from
+``--key-file`` or ``INFERBOX_API_KEY`` (never from the command line, where
+``ps`` would show it), and fails when any request failed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -56,7 +63,54 @@ def _import_bench() -> None:
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
-    help="Also keep inprocess.json (and a PNG chart) in this folder.",
+    help="Also keep inprocess.json (and a PNG chart) in this folder (remote.json with --url).",
+)
+@click.option(
+    "--url",
+    default=None,
+    help="Load the running server at this URL (http[s]://host:port) instead of timing in this process.",
+)
+@click.option(
+    "--key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --url: a file holding the API key (scope infer) [env INFERBOX_API_KEY].",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="With an https --url: the CA certificate(s) that signed the server's certificate.",
+)
+@click.option(
+    "--client-cert",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="With an https --url: a client certificate (PEM) for mutual TLS.",
+)
+@click.option(
+    "--client-key",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help="The private key of --client-cert, when it is not in the same file.",
+)
+@click.option(
+    "--concurrency",
+    default="1,8,32",
+    show_default=True,
+    help="With --url: the closed-loop client counts to measure, comma-separated.",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0.5, max=3600),
+    default=None,
+    help="With --url: seconds per endpoint and level [default 10; 2 with --quick].",
+)
+@click.option(
+    "--texts",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="With --url on a text model: a UTF-8 file of the texts to send, one per line [default: a mixed corpus].",
 )
 def bench(
     model: str,
@@ -66,9 +120,37 @@ def bench(
     quick: bool,
     with_pytorch: bool,
     out: Path | None,
+    url: str | None,
+    key_file: Path | None,
+    ca_file: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    concurrency: str,
+    duration: float | None,
+    texts: Path | None,
 ) -> None:
-    """Time every admissible (backend, variant, precision) of MODEL here and print the table."""
+    """Time every admissible (backend, variant, precision) of MODEL here and print the table;
+    with --url, load a running server instead (requests/s and latency per concurrency level)."""
     _import_bench()
+    remote_only = {
+        "--key-file": key_file,
+        "--ca-file": ca_file,
+        "--client-cert": client_cert,
+        "--client-key": client_key,
+        "--duration": duration,
+        "--texts": texts,
+    }
+    if url is None:
+        given = [name for name, value in remote_only.items() if value is not None]
+        if given or concurrency != "1,8,32":
+            raise click.UsageError(f"{', '.join(given) or '--concurrency'} goes with --url (a running server to load)")
+    else:
+        if with_pytorch:
+            raise click.UsageError("--with-pytorch times PyTorch in this process; it does not go with --url")
+        _bench_remote(
+            model, url, key_file, ca_file, client_cert, client_key, concurrency, duration, texts, quick, out, as_json
+        )
+        return
     from bench.common import Config
     from bench.inprocess import run
     from runtime.repository import Repository
@@ -95,6 +177,97 @@ def bench(
         json.dump(result, sys.stdout, indent=2, default=str)
         click.echo()
     _fail_unless_measured(model, result)
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        levels = []
+    if not levels or any(not 1 <= c <= 1024 for c in levels):
+        raise click.BadParameter(f"{text!r}: give client counts from 1 to 1024, comma-separated (e.g. 1,8,32)")
+    return levels
+
+
+def _api_key(key_file: Path | None) -> str | None:
+    """The key from ``key_file``, else ``INFERBOX_API_KEY``, else None (a server without auth)."""
+    if key_file is None:
+        return os.environ.get("INFERBOX_API_KEY", "").strip() or None
+    try:
+        key = key_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(
+            f"cannot read {key_file}: {getattr(exc, 'strerror', None) or exc}", param_hint="--key-file"
+        ) from None
+    if not key or any(c.isspace() for c in key):
+        raise click.BadParameter(
+            f"{key_file} must hold one API key (ibx_...) and nothing else", param_hint="--key-file"
+        )
+    return key
+
+
+def _bench_remote(
+    model: str,
+    url: str,
+    key_file: Path | None,
+    ca_file: Path | None,
+    client_cert: Path | None,
+    client_key: Path | None,
+    concurrency: str,
+    duration: float | None,
+    texts: Path | None,
+    quick: bool,
+    out: Path | None,
+    as_json: bool,
+) -> None:
+    from urllib.parse import urlsplit
+
+    from bench.common import Config
+    from bench.remote import Target, read_texts, run
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise click.BadParameter(
+            f"{url!r}: give the server's base URL, http://host:port or https://host:port", param_hint="--url"
+        )
+    base = url.strip().rstrip("/")
+    if base.startswith("http://") and (ca_file or client_cert or client_key):
+        raise click.UsageError("--ca-file / --client-cert / --client-key need an https:// --url")
+    if client_key is not None and client_cert is None:
+        raise click.UsageError("--client-key goes with --client-cert")
+    target = Target(base, model, _api_key(key_file), ca_file, client_cert, client_key)
+    levels = _levels(concurrency)
+
+    def echo(line: str) -> None:
+        click.echo(line, err=as_json)
+
+    with tempfile.TemporaryDirectory(prefix="inferbox-bench-") as tmp:
+        cfg = Config(out=out or Path(tmp), quick=quick, model=model)
+        result = run(
+            cfg, target, levels=levels, duration_s=duration, texts=read_texts(texts) if texts else None, echo=echo
+        )
+    if as_json:
+        json.dump(result, sys.stdout, indent=2, default=str)
+        click.echo()
+    else:
+        click.echo(result["table"])
+        if "metrics" in result:
+            click.echo(f"server figures: {result['metrics']}")
+    _fail_unless_loaded(result)
+
+
+def _fail_unless_loaded(result: dict[str, Any]) -> None:
+    """Exit 1 when a level got no answer or any request failed, naming where and the first error."""
+    bad = []
+    for row in result["rows"]:
+        where = f"{row['endpoint']} c={row['concurrency']}"
+        if "skipped" in row:
+            bad.append(f"{where}: {row['skipped']}")
+        elif row.get("errors"):
+            first = f" (first: {row['first_error']})" if row.get("first_error") else ""
+            bad.append(f"{where}: {sum(row['errors'].values())} failed requests {row['errors']}{first}")
+    if bad:
+        raise click.ClickException("requests failed under load: " + "; ".join(bad))
 
 
 def _fail_unless_measured(model: str, result: dict[str, object]) -> None:

@@ -1,0 +1,442 @@
+"""``inferbox bench MODEL --url URL``: load a running inferbox server as its clients would.
+
+The suite's HTTP part (:mod:`bench.http`) starts its own server; an operator
+wants the numbers of the server that is installed: its TLS, its keys, its audit
+log, its settings.  This part only sends requests:
+
+1. ``GET /v2/models/MODEL`` with the key: the model's inputs and task, and a
+   clear error before any load when the server is not there, refuses the key,
+   or does not serve the model;
+2. one request per endpoint, which must answer 200 (else the server's own
+   message is the error);
+3. per endpoint and concurrency level, a warm-up and then a closed loop of C
+   clients (each sends its next request when the last one answered) for
+   ``duration_s`` seconds: requests/s, items/s, p50/p99 latency, errors.
+
+Endpoints: a text model gets one text per request on ``/v2/models/M/infer``
+(one BYTES input) and, for an embedding model, on ``/v1/embeddings``; the
+texts are the suite's mixed corpus or the operator's own (``--texts``, one per
+line).  A tensor model gets one row of random values per request, shaped by
+its metadata.
+
+Where ``/metrics`` is readable with the key, each row also says what the
+server did meanwhile: rows per batch, time in the batch queue, and the server
+process's CPU per request (all of the server's traffic counts, not only ours).
+
+The client is ``wrk`` for plain ``http://`` when it is installed (a C client:
+on a small box a Python client eats a share of the CPU the server is measured
+on); otherwise httpx, which also verifies an ``https://`` server (``--ca-file``)
+and presents a client certificate (mutual TLS).  wrk verifies no certificate,
+so it never carries the key to an ``https://`` server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import wrk
+from bench.common import Config, format_table, skipped, write_json
+from bench.http import closed_loop, request_body, row_failure
+from runtime.errors import BenchError
+
+__all__ = [
+    "LEVELS",
+    "Plan",
+    "Target",
+    "error_message",
+    "metrics_delta",
+    "parse_metrics",
+    "plans_for",
+    "preflight",
+    "read_texts",
+    "run",
+    "tensor_bodies",
+]
+
+#: concurrency levels, and seconds of each level's measured run and warm-up (quick: 2 s / 0.5 s)
+LEVELS = (1, 8, 32)
+ROW_S = 10.0
+WARMUP_S = 2.0
+#: distinct request bodies of a tensor model (random rows)
+TENSOR_BODIES = 16
+
+#: the route template of ``/v2/models/<name>/infer`` in the server's metrics
+INFER_ROUTE = "/v2/models/{name}/infer"
+_FLOAT_TYPES = {"FP16": "float16", "FP32": "float32", "FP64": "float64", "BF16": "float32"}
+_INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """The server to load: its base URL, the model, and how to reach it (key, CA, client certificate)."""
+
+    base_url: str
+    model: str
+    key: str | None = None
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    @property
+    def tls(self) -> bool:
+        return self.base_url.startswith("https://")
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx verifies the server with: the system's CAs, or ``ca_file``, plus the client certificate."""
+        if not self.tls or (self.ca_file is None and self.client_cert is None):
+            return True
+        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file is not None else None)
+        if self.client_cert is not None:
+            key = str(self.client_key) if self.client_key is not None else None
+            context.load_cert_chain(str(self.client_cert), key)
+        return context
+
+    def client(self) -> str:
+        """``wrk`` (plain http, installed, no client certificate) or ``httpx``."""
+        return "wrk" if not self.tls and wrk.available() else "httpx"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One endpoint's load: its label, path, request bodies and items per request."""
+
+    label: str
+    path: str
+    bodies: list[bytes]
+    items: int = 1
+    #: the route template the server's metrics count this endpoint's requests under
+    route: str | None = None
+
+
+def error_message(status: int, text: str) -> str:
+    """The server's own message from an error answer (inferbox's, KServe's or OpenAI's shape)."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return f"{status}: {text.strip()[:300]}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return f"{status}: {str(error if error else text)[:300]}"
+
+
+def preflight(target: Target, *, timeout: float = 30.0) -> dict[str, Any]:
+    """The model's metadata from the server, or :class:`BenchError` naming what to fix."""
+    import httpx
+
+    url = f"{target.base_url}/v2/models/{target.model}"
+    try:
+        with httpx.Client(verify=target.verify(), timeout=timeout) as http:
+            resp = http.get(url, headers=target.headers)
+    except ssl.SSLError as exc:
+        raise BenchError(f"--client-cert / --ca-file: cannot use them ({exc})") from None
+    except httpx.ConnectError as exc:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            raise BenchError(
+                f"{target.base_url}: its TLS certificate is not trusted ({exc}); pass --ca-file with the CA "
+                "certificate that signed it"
+            ) from None
+        raise BenchError(
+            f"cannot reach {target.base_url} ({exc}); check that `inferbox serve` runs there and the scheme, "
+            "host and port of --url"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise BenchError(f"{target.base_url}: {type(exc).__name__}: {exc}") from None
+    if resp.status_code == 200:
+        try:
+            meta = resp.json()
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict) or not isinstance(meta.get("inputs"), list):
+            raise BenchError(f"{url} did not answer model metadata; is --url an inferbox server?")
+        return meta
+    message = error_message(resp.status_code, resp.text)
+    if resp.status_code == 401:
+        raise BenchError(
+            f"the server refused the key ({message}); pass --key-file with a key of scope infer "
+            "(`inferbox keys create --scope infer`) or set INFERBOX_API_KEY"
+        )
+    if resp.status_code == 403:
+        raise BenchError(f"the key may not use model {target.model!r} ({message}); use a key of scope infer")
+    if resp.status_code == 404:
+        raise BenchError(
+            f"the server does not serve model {target.model!r} ({message}); `GET /v2/repository/index` "
+            "lists what it has"
+        )
+    raise BenchError(f"{url} answered {message}")
+
+
+def read_texts(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 file, or :class:`BenchError` naming the fix."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise BenchError(f"--texts: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BenchError(f"--texts: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise BenchError(f"--texts: {path} holds no text; put one text per line")
+    return texts
+
+
+def tensor_bodies(inputs: Sequence[Mapping[str, Any]], count: int = TENSOR_BODIES, seed: int = 0) -> list[bytes]:
+    """``count`` KServe v2 requests of one row each: random values in [0, 1) for float inputs,
+    zeros for integer ones (valid token ids and indices), ``False`` for booleans.  The first
+    dimension is the batch; any other dynamic one cannot be guessed: :class:`BenchError`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    specs: list[tuple[str, str, list[int]]] = []
+    for spec in inputs:
+        name, datatype, shape = str(spec.get("name")), str(spec.get("datatype")), list(spec.get("shape") or [])
+        if datatype not in _FLOAT_TYPES and datatype not in _INT_TYPES and datatype != "BOOL":
+            raise BenchError(f"input {name!r} is {datatype}; the load test sends numbers, booleans or text")
+        dims = [1 if i == 0 and d in (-1, None) else d for i, d in enumerate(shape)] or [1]
+        if any(not isinstance(d, int) or d < 0 for d in dims):
+            raise BenchError(
+                f"input {name!r} has the shape {shape}: a dynamic dimension other than the batch; "
+                "the load test cannot guess its size"
+            )
+        specs.append((name, datatype, dims))
+    bodies = []
+    for _ in range(count):
+        tensors = []
+        for name, datatype, dims in specs:
+            n = int(np.prod(dims))
+            if datatype in _FLOAT_TYPES:
+                data: list[Any] = rng.random(n).astype(_FLOAT_TYPES[datatype]).astype(float).tolist()
+            else:
+                data = [False] * n if datatype == "BOOL" else [0] * n
+            tensors.append({"name": name, "shape": dims, "datatype": datatype, "data": data})
+        bodies.append(json.dumps({"inputs": tensors}).encode())
+    return bodies
+
+
+def plans_for(meta: Mapping[str, Any], model: str, texts: Sequence[str]) -> list[Plan]:
+    """The endpoints to load for a model with metadata ``meta`` (see the module's docstring)."""
+    inputs = list(meta.get("inputs") or [])
+    infer = f"/v2/models/{model}/infer"
+    if len(inputs) == 1 and inputs[0].get("datatype") == "BYTES":
+        plans = [Plan(infer, infer, [request_body(infer, model, t) for t in texts], route=INFER_ROUTE)]
+        task = (meta.get("parameters") or {}).get("task")
+        if task == "feature-extraction":
+            v1 = [request_body("/v1/embeddings", model, t) for t in texts]
+            plans.insert(0, Plan("/v1/embeddings", "/v1/embeddings", v1, route="/v1/embeddings"))
+        return plans
+    return [Plan(infer, infer, tensor_bodies(inputs), route=INFER_ROUTE)]
+
+
+#: a sample line: name, optional labels (quoted values may hold braces: route="/v2/models/{name}"), value
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Prometheus text exposition -> {(name, labels): value} (comments and bad lines skipped)."""
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m is None:
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        labels = frozenset(_LABEL.findall(m.group(2) or ""))
+        out[(m.group(1), labels)] = value
+    return out
+
+
+def _total(samples: Mapping[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
+
+
+def metrics_delta(
+    before: Mapping[tuple[str, frozenset[tuple[str, str]]], float],
+    after: Mapping[tuple[str, frozenset[tuple[str, str]]], float],
+    model: str,
+    requests: int,
+    route: str | None = None,
+) -> dict[str, float]:
+    """What the server did between two scrapes: ``batch_rows_mean``, ``queue_ms_mean``,
+    ``server_cpu_ms`` per request (of ``requests``) and, given the ``route`` template the server
+    counts under, ``served`` (its 200 answers for ``model`` there); a figure whose series is
+    missing is left out."""
+
+    def delta(name: str, **labels: str) -> float:
+        return _total(after, name, **labels) - _total(before, name, **labels)
+
+    out: dict[str, float] = {}
+    batches = delta("inferbox_batch_size_count", model=model)
+    if batches > 0:
+        out["batch_rows_mean"] = delta("inferbox_batch_size_sum", model=model) / batches
+    queued = delta("inferbox_queue_seconds_count", model=model)
+    if queued > 0:
+        out["queue_ms_mean"] = 1000.0 * delta("inferbox_queue_seconds_sum", model=model) / queued
+    cpu = delta("inferbox_thread_cpu_seconds_total")
+    if cpu > 0 and requests > 0:
+        out["server_cpu_ms"] = 1000.0 * cpu / requests
+    if route is not None and any(n == "inferbox_requests_total" for n, _ in after):
+        out["served"] = delta("inferbox_requests_total", model=model, route=route, status="200")
+    return out
+
+
+class _Scraper:
+    """``/metrics`` with the key; after one refusal (a 401/403 under ``metrics_auth``) it stops asking."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.why_not: str | None = None
+
+    def __call__(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+        import httpx
+
+        if self.why_not is not None:
+            return None
+        try:
+            with httpx.Client(verify=self.target.verify(), timeout=30.0) as http:
+                resp = http.get(f"{self.target.base_url}/metrics", headers=self.target.headers)
+        except httpx.HTTPError as exc:
+            self.why_not = f"/metrics: {type(exc).__name__}: {exc}"
+            return None
+        if resp.status_code != 200:
+            self.why_not = (
+                f"/metrics answered {error_message(resp.status_code, resp.text)} (a key of scope metrics:read reads it)"
+            )
+            return None
+        return parse_metrics(resp.text)
+
+
+def _probe(target: Target, plan: Plan) -> None:
+    """One request of ``plan``: a 200, or :class:`BenchError` with the server's message."""
+    import httpx
+
+    try:
+        with httpx.Client(verify=target.verify(), timeout=120.0) as http:
+            resp = http.post(
+                target.base_url + plan.path,
+                content=plan.bodies[0],
+                headers={"Content-Type": "application/json", **target.headers},
+            )
+    except httpx.HTTPError as exc:
+        raise BenchError(f"{plan.label}: {type(exc).__name__}: {exc}") from None
+    if resp.status_code != 200:
+        raise BenchError(f"{plan.label}: the first request was answered {error_message(resp.status_code, resp.text)}")
+
+
+def _load(target: Target, plan: Plan, concurrency: int, duration_s: float) -> dict[str, Any]:
+    if target.client() == "wrk":
+        return wrk.run(
+            target.base_url, plan.path, plan.bodies, target.headers, concurrency=concurrency, duration_s=duration_s
+        )
+    row = asyncio.run(
+        closed_loop(
+            target.base_url + plan.path,
+            plan.bodies,
+            headers=target.headers,
+            concurrency=concurrency,
+            max_requests=1 << 62,
+            duration_s=duration_s,
+            verify=target.verify(),
+        )
+    )
+    row["client"] = "httpx"
+    return row
+
+
+COLUMNS = (
+    "endpoint",
+    "concurrency",
+    "rps",
+    "items_per_s",
+    "p50_ms",
+    "p99_ms",
+    "ok",
+    "errors",
+    "batch_rows_mean",
+    "queue_ms_mean",
+    "server_cpu_ms",
+)
+
+
+def run(
+    cfg: Config,
+    target: Target,
+    *,
+    levels: Sequence[int] = LEVELS,
+    duration_s: float | None = None,
+    texts: Sequence[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Load ``target`` level by level (see the module's docstring); with ``cfg.out`` keeps ``remote.json``."""
+    from bench.http import server_texts
+
+    meta = preflight(target)
+    plans = plans_for(meta, target.model, texts if texts is not None else server_texts(cfg))
+    for plan in plans:
+        _probe(target, plan)
+    duration = duration_s if duration_s is not None else cfg.pick(2.0, ROW_S)
+    warmup = cfg.pick(0.5, WARMUP_S)
+    scrape = _Scraper(target)
+    params = meta.get("parameters") or {}
+    echo(
+        f"{target.base_url}: {target.model} v{','.join(meta.get('versions') or ['?'])} on {params.get('backend', '?')} "
+        f"({params.get('variant', '?')}, {params.get('exec_precision', '?')}); client {target.client()}"
+    )
+    if (
+        target.client() == "httpx"
+        and not wrk.available()
+        and re.match(r"https?://(127\.|localhost|\[::1\])", target.base_url)
+    ):
+        echo(
+            "  note: wrk is not installed; the Python client shares this box's CPU with the server (apt-get install wrk)"
+        )
+    rows: list[dict[str, Any]] = []
+    for plan in plans:
+        for c in levels:
+            if warmup > 0:
+                _load(target, plan, c, warmup)
+            before = scrape()
+            row = _load(target, plan, c, duration)
+            after = scrape() if before is not None else None
+            failure = row_failure(row)
+            if failure is not None:
+                rows.append({"endpoint": plan.label, "concurrency": c, **skipped(failure)})
+                echo(f"  {plan.label} c={c}: {failure}")
+                continue
+            row |= {"endpoint": plan.label, "texts_per_request": plan.items, "items_per_s": row["rps"] * plan.items}
+            if before is not None and after is not None:
+                row |= metrics_delta(before, after, target.model, int(row["requests"]), plan.route)
+            rows.append(row)
+            echo(
+                f"  {plan.label} c={c}: {row['rps']:.1f} req/s, p50 {row.get('p50_ms', 0):.1f} ms, errors {row['errors']}"
+            )
+    result: dict[str, Any] = {
+        "part": "remote",
+        "quick": cfg.quick,
+        "url": target.base_url,
+        "model": target.model,
+        "served_by": {k: params.get(k) for k in ("backend", "variant", "exec_precision")},
+        "client": target.client(),
+        "duration_s": duration,
+        "rows": rows,
+        "table": format_table(COLUMNS, rows),
+    }
+    if scrape.why_not is not None:
+        result["metrics"] = f"not read: {scrape.why_not}"
+    if cfg.out is not None:
+        write_json(Path(cfg.out) / "remote.json", result)
+    return result

@@ -1,0 +1,173 @@
+"""``inferbox bench MODEL --url URL``: the load test an operator runs against the installed server.
+
+A real ``inferbox serve`` (auth and audit on) with the real MiniLM package, and one
+with a tensor package; the command is run as a user runs it.  What it reports is
+checked against what the server itself counted in ``/metrics``.  (Over mutual TLS:
+``test_e2e_serve.test_mutual_tls_serves_https_and_refuses_everything_else``.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from appliance.cli import main
+from tests.test_e2e_serve import Served, _free_port, _start, _stop, cli
+
+
+@pytest.fixture(scope="module")
+def server(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    home = tmp_path_factory.mktemp("bench-remote-home")
+    proc, url, log = _start(minilm_repository, home)
+    key = (home / "keys" / "first-admin.key").read_text().strip()
+    try:
+        yield Served(url=url, home=home, repository=minilm_repository, key=key, proc=proc, log=log)
+    finally:
+        _stop(proc)
+
+
+def bench(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, ["bench", *args], env={"INFERBOX_API_KEY": "", **(env or {})})
+
+
+def loaded(result: Result) -> dict[str, Any]:
+    assert result.exit_code == 0, result.output
+    out: dict[str, Any] = json.loads(result.stdout)
+    return out
+
+
+@pytest.mark.parametrize("client", ["default", "python"])
+def test_the_load_test_measures_each_endpoint_and_level_as_the_server_counted_it(
+    server: Served, tmp_path: Path, client: str
+) -> None:
+    """``default``: wrk where it is installed, else httpx; ``python``: httpx (no wrk on PATH)."""
+    key_file = tmp_path / "key"
+    key_file.write_text(server.key + "\n")
+    result = bench(
+        "minilm", "--url", server.url + "/", "--key-file", str(key_file), "--concurrency", "1,3",
+        "--duration", "1", "--quick", "--json", "--out", str(tmp_path / "out"),
+        env={"PATH": str(tmp_path)} if client == "python" else None,
+    )  # fmt: skip
+    report = loaded(result)
+    assert report["client"] == ("wrk" if client == "default" and shutil.which("wrk") else "httpx")
+    assert server.key not in result.output  # the key is never printed
+    assert report["served_by"]["backend"] in ("ov-cpu", "ort-cpu")
+    rows = report["rows"]
+    assert [(r["endpoint"], r["concurrency"]) for r in rows] == [
+        ("/v1/embeddings", 1),
+        ("/v1/embeddings", 3),
+        ("/v2/models/minilm/infer", 1),
+        ("/v2/models/minilm/infer", 3),
+    ]
+    for row in rows:
+        assert row["errors"] == {} and row["ok"] > 0, row
+        assert row["rps"] == pytest.approx(row["ok"] / row["seconds"])
+        assert row["p50_ms"] <= row["p99_ms"]
+        # the server's own count of 200s on that route: every answer the client counted, and at
+        # most the requests wrk left in flight when its window ended (twice: warm-up and run)
+        assert row["ok"] <= row["served"] <= row["ok"] + 2 * row["concurrency"], row
+        assert row["batch_rows_mean"] >= 1.0 and row["queue_ms_mean"] >= 0.0, row
+        assert row["server_cpu_ms"] > 0, row
+    # one client never has company in its batches
+    assert rows[0]["batch_rows_mean"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "out" / "remote.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_the_load_test_sends_the_operators_own_texts(server: Served, tmp_path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    mine = ["first customer text", "second customer text, a little longer than the first"]
+    texts = tmp_path / "texts.txt"
+    texts.write_text(f"{mine[0]}\n\n   \n{mine[1]}\n")
+    tokenizer = Tokenizer.from_file(str(server.repository / "minilm" / "1" / "tokenizer" / "tokenizer.json"))
+    tokenizer.no_padding()
+    lengths = {str(len(e.ids)) for e in tokenizer.encode_batch(mine)}
+    last = _records_after(server, 0)[-1]["seq"]
+    report = loaded(
+        bench(
+            "minilm",
+            "--url",
+            server.url,
+            "--concurrency",
+            "2",
+            "--duration",
+            "1",
+            "--quick",
+            "--json",
+            "--texts",
+            str(texts),
+            env={"INFERBOX_API_KEY": server.key},
+        )
+    )
+    # the audit records (no payload, but the token count) of every /v1/embeddings request: one of the two texts
+    embedded = [r for r in _records_after(server, last) if r["action"] == "POST /v1/embeddings"]
+    assert len(embedded) >= report["rows"][0]["served"] > 0
+    assert {r["details"]["tokens"] for r in embedded} == lengths
+
+
+def _records_after(server: Served, seq: int) -> list[dict[str, Any]]:
+    """Every audit record after ``seq``, page by page."""
+    out: list[dict[str, Any]] = []
+    while True:
+        page = httpx.get(
+            f"{server.url}/v1/audit", params={"after_seq": seq, "limit": 1000}, headers=server.headers(), timeout=60
+        ).json()
+        out += page["records"]
+        if page["next_after_seq"] is None:
+            return out
+        seq = page["next_after_seq"]
+
+
+def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path: Path) -> None:
+    refused = bench("minilm", "--url", server.url, "--quick", env={"INFERBOX_API_KEY": "ibx_000000000000_" + "x" * 43})
+    assert refused.exit_code != 0 and "refused the key" in refused.output and "--key-file" in refused.output
+    assert "Traceback" not in refused.output
+    unknown = bench("nosuch", "--url", server.url, "--quick", env={"INFERBOX_API_KEY": server.key})
+    assert unknown.exit_code != 0 and "does not serve model 'nosuch'" in unknown.output
+    port = _free_port()
+    down = bench("minilm", "--url", f"http://127.0.0.1:{port}", "--quick")
+    assert down.exit_code != 0 and f"cannot reach http://127.0.0.1:{port}" in down.output
+    assert "Traceback" not in down.output
+    key_file = tmp_path / "two-keys"
+    key_file.write_text(f"{server.key}\n{server.key}\n")
+    two = bench("minilm", "--url", server.url, "--key-file", str(key_file))
+    assert two.exit_code == 2 and "must hold one API key" in two.output
+    assert server.key not in two.output
+    for args, message in (
+        (("--url", "ftp://127.0.0.1:1"), "give the server's base URL"),
+        (("--url", server.url, "--concurrency", "0,8"), "client counts from 1 to 1024"),
+        (("--url", server.url, "--with-pytorch"), "does not go with --url"),
+        (("--url", server.url, "--ca-file", str(key_file)), "need an https:// --url"),
+        (("--concurrency", "4"), "goes with --url"),
+        (("--texts", str(key_file)), "--texts goes with --url"),
+    ):
+        wrong = bench("minilm", *args)
+        assert wrong.exit_code == 2 and message in wrong.output, (args, wrong.output)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    nothing = bench("minilm", "--url", server.url, "--texts", str(empty), env={"INFERBOX_API_KEY": server.key})
+    assert nothing.exit_code != 0 and "holds no text" in nothing.output
+
+
+def test_the_load_test_of_a_tensor_model_sends_rows_its_metadata_describes(tmp_path: Path) -> None:
+    from tests.appliance.test_models_cli import publish
+
+    home = tmp_path / "tensor-home"
+    made = cli("signing-key", "create", home=home, repository=home / "models")
+    assert made.returncode == 0, made.stderr
+    publish(home)
+    proc, url, _log = _start(home / "models", home, "--no-auth")
+    try:
+        report = loaded(bench("mlp", "--url", url, "--concurrency", "2", "--duration", "1", "--quick", "--json"))
+        (row,) = report["rows"]
+        assert row["endpoint"] == "/v2/models/mlp/infer" and row["errors"] == {} and row["ok"] > 0, row
+        assert row["ok"] <= row["served"] <= row["ok"] + 4, row
+    finally:
+        _stop(proc)
