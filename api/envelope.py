@@ -175,11 +175,20 @@ def envelope(
                 if not message.get("more_body", False):
                     complete.set()
 
+        body_read = False
+
         async def app_receive() -> Message:
             # A streaming response (static files) waits for http.disconnect until the client has
             # its answer; the client waits for the answer, which this envelope holds until the app
-            # returns.  Once the app has sent its last chunk, tell it the exchange is over.
-            return await _receive_until(receive, complete)
+            # returns.  Once the app has sent its last chunk, tell it the exchange is over.  The
+            # request's body comes straight through: racing each chunk against the answer cost
+            # two futures and an asyncio.wait (~10 us) on every request.
+            nonlocal body_read
+            if body_read or complete.is_set():
+                return await _receive_until(receive, complete)
+            message = await receive()
+            body_read = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
 
         status = 500
         try:

@@ -69,6 +69,28 @@ def test_real_http_round(served: tuple[str, str, MemoryAudit], tmp_path: Path) -
     assert [e.status for e in audit.events] == [401, 200, 200]  # health and /metrics are not audited
 
 
+def test_a_body_in_many_chunks_and_a_streamed_file_pass_the_envelope(served: tuple[str, str, MemoryAudit]) -> None:
+    """The envelope hands the request body's chunks straight through and ends a streamed answer
+    it holds (the docs' 1 MB script goes out in many chunks) over a real connection."""
+    base, key, audit = served
+    body = b'{"model": "minilm", "input": ["sent ten bytes at a time"]}'
+
+    def slowly() -> Iterator[bytes]:
+        for i in range(0, len(body), 10):
+            time.sleep(0.01)  # separate reads on the server side, not a timing assertion
+            yield body[i : i + 10]
+
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=base, timeout=20) as c:
+        chunked = c.post("/v1/embeddings", content=slowly(), headers=headers)
+        whole = c.post("/v1/embeddings", content=body, headers=headers)
+        assert chunked.status_code == whole.status_code == 200, chunked.text
+        assert chunked.json()["data"] == whole.json()["data"]
+        script = c.get("/docs/assets/swagger-ui-bundle.js")
+        assert script.status_code == 200 and len(script.content) > 500_000
+    assert audit.events[0].input_digest == audit.events[1].input_digest  # the same bytes arrived
+
+
 def test_metrics_show_the_thread_cpu_split_only_where_it_can_be_read() -> None:
     from api.metrics import Metrics
     from runtime.threads import ThreadCpu
