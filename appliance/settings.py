@@ -319,6 +319,11 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
     return flat
 
 
+#: INFERBOX_ variables that are not settings: the config file's path, and the API key a client
+#: command (``inferbox bench --url``) sends
+NOT_SETTINGS_ENV = frozenset({"INFERBOX_CONFIG", "INFERBOX_API_KEY"})
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -333,12 +338,12 @@ def load_settings(
             problems.append(f"unknown setting {k!r}")
 
     env_values: dict[str, str] = {}
-    known_env = {"INFERBOX_" + f.name.upper() for f in FIELDS} | {"INFERBOX_CONFIG"}
+    known_env = {"INFERBOX_" + f.name.upper() for f in FIELDS} | NOT_SETTINGS_ENV
     for key, value in env.items():
         if key.startswith("INFERBOX_"):
             if key not in known_env:
                 problems.append(f"environment variable {key} is not an inferbox setting")
-            elif key != "INFERBOX_CONFIG":
+            elif key not in NOT_SETTINGS_ENV:
                 env_values[key.removeprefix("INFERBOX_").lower()] = value
 
     # home decides where the default config file is; resolve it first.

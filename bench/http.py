@@ -144,7 +144,10 @@ async def closed_loop(
     first_error: list[str] = []
     counter = 0
 
-    async with httpx.AsyncClient(limits=limits, timeout=120.0, transport=transport, verify=verify) as client:
+    # trust_env=False: no proxy from the environment between the client and the server it measures
+    async with httpx.AsyncClient(
+        limits=limits, timeout=120.0, transport=transport, verify=verify, trust_env=False
+    ) as client:
         for i in range(warmup):
             await client.post(url, content=bodies[i % len(bodies)], headers=hdrs)
 

@@ -36,8 +36,10 @@ import asyncio
 import json
 import re
 import ssl
+import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ __all__ = [
     "LEVELS",
     "Plan",
     "Target",
+    "check_key",
     "error_message",
     "metrics_delta",
     "parse_metrics",
@@ -60,10 +63,11 @@ __all__ = [
     "tensor_bodies",
 ]
 
-#: concurrency levels, and seconds of each level's measured run and warm-up (quick: 2 s / 0.5 s)
+#: concurrency levels, and whole seconds (wrk's unit) of each level's measured run and warm-up
+#: (quick: 2 s / 1 s)
 LEVELS = (1, 8, 32)
-ROW_S = 10.0
-WARMUP_S = 2.0
+ROW_S = 10
+WARMUP_S = 2
 #: distinct request bodies of a tensor model (random rows)
 TENSOR_BODIES = 16
 
@@ -79,7 +83,7 @@ class Target:
 
     base_url: str
     model: str
-    key: str | None = None
+    key: str | None = field(default=None, repr=False)
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
@@ -92,15 +96,35 @@ class Target:
     def tls(self) -> bool:
         return self.base_url.startswith("https://")
 
-    def verify(self) -> ssl.SSLContext | bool:
-        """What httpx verifies the server with: the system's CAs, or ``ca_file``, plus the client certificate."""
-        if not self.tls or (self.ca_file is None and self.client_cert is None):
-            return True
-        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file is not None else None)
+    @cached_property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """How an ``https://`` server is verified (the system's CAs, or ``ca_file``) and what client
+        certificate is shown; built once (an encrypted key is refused, never prompted for)."""
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file is not None else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise BenchError(f"--ca-file: cannot use {self.ca_file} ({exc})") from None
         if self.client_cert is not None:
+
+            def no_passphrase() -> str:
+                raise BenchError("--client-key: the key is encrypted; give one without a passphrase")
+
             key = str(self.client_key) if self.client_key is not None else None
-            context.load_cert_chain(str(self.client_cert), key)
+            try:
+                context.load_cert_chain(str(self.client_cert), key, password=no_passphrase)
+            except (OSError, ssl.SSLError) as exc:
+                raise BenchError(f"--client-cert / --client-key: cannot use them ({exc})") from None
         return context
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's ``verify``: the TLS context, or True for plain http (nothing to verify)."""
+        return self.ssl_context if self.ssl_context is not None else True
+
+    def scrub(self, text: str) -> str:
+        """``text`` (an exception's message) with the key, wherever it appears, replaced."""
+        return text.replace(self.key, "<api key>") if self.key else text
 
     def client(self) -> str:
         """``wrk`` (plain http, installed, no client certificate) or ``httpx``."""
@@ -117,6 +141,16 @@ class Plan:
     items: int = 1
     #: the route template the server's metrics count this endpoint's requests under
     route: str | None = None
+
+
+def check_key(key: str, source: str) -> str:
+    """``key`` when it can be one API key in a header (printable ASCII, no spaces), else
+    :class:`BenchError` naming ``source`` (never the key)."""
+    if not re.fullmatch(r"[\x21-\x7e]+", key):
+        raise BenchError(
+            f"{source} must hold one API key (ibx_...) and nothing else: no spaces, line breaks or other characters"
+        )
+    return key
 
 
 def error_message(status: int, text: str) -> str:
@@ -137,34 +171,27 @@ def preflight(target: Target, *, timeout: float = 30.0) -> dict[str, Any]:
 
     url = f"{target.base_url}/v2/models/{target.model}"
     try:
-        with httpx.Client(verify=target.verify(), timeout=timeout) as http:
+        with _client(target, timeout) as http:
             resp = http.get(url, headers=target.headers)
-    except ssl.SSLError as exc:
-        raise BenchError(f"--client-cert / --ca-file: cannot use them ({exc})") from None
     except httpx.ConnectError as exc:
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
             raise BenchError(
-                f"{target.base_url}: its TLS certificate is not trusted ({exc}); pass --ca-file with the CA "
-                "certificate that signed it"
+                f"{target.base_url}: its TLS certificate is not trusted ({target.scrub(str(exc))}); pass "
+                "--ca-file with the CA certificate that signed it"
             ) from None
         raise BenchError(
-            f"cannot reach {target.base_url} ({exc}); check that `inferbox serve` runs there and the scheme, "
-            "host and port of --url"
+            f"cannot reach {target.base_url} ({target.scrub(str(exc))}); check that `inferbox serve` runs there "
+            "and the scheme, host and port of --url"
         ) from None
-    except httpx.HTTPError as exc:
-        raise BenchError(f"{target.base_url}: {type(exc).__name__}: {exc}") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise BenchError(f"{target.base_url}: {type(exc).__name__}: {target.scrub(str(exc))}") from None
     if resp.status_code == 200:
-        try:
-            meta = resp.json()
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict) or not isinstance(meta.get("inputs"), list):
-            raise BenchError(f"{url} did not answer model metadata; is --url an inferbox server?")
-        return meta
+        return _metadata(resp, url)
     message = error_message(resp.status_code, resp.text)
     if resp.status_code == 401:
+        said = "refused the key" if target.key else "needs an API key"
         raise BenchError(
-            f"the server refused the key ({message}); pass --key-file with a key of scope infer "
+            f"the server {said} ({message}); pass --key-file with a key of scope infer "
             "(`inferbox keys create --scope infer`) or set INFERBOX_API_KEY"
         )
     if resp.status_code == 403:
@@ -175,6 +202,33 @@ def preflight(target: Target, *, timeout: float = 30.0) -> dict[str, Any]:
             "lists what it has"
         )
     raise BenchError(f"{url} answered {message}")
+
+
+def _client(target: Target, timeout: float) -> Any:
+    """An httpx client for ``target``: its TLS context, and no proxy or other settings from the
+    environment (an ``HTTP_PROXY`` would otherwise see the key of a plain-http server)."""
+    import httpx
+
+    return httpx.Client(verify=target.verify(), timeout=timeout, trust_env=False)
+
+
+def _metadata(resp: Any, url: str) -> dict[str, Any]:
+    """A model metadata answer, checked for the fields the load test reads."""
+    try:
+        meta = resp.json()
+    except ValueError:
+        meta = None
+    ok = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("inputs"), list)
+        and all(isinstance(i, dict) for i in meta["inputs"])
+        and isinstance(meta.get("parameters", {}), dict)
+        and isinstance(meta.get("versions", []), list)
+        and all(isinstance(v, str) for v in meta.get("versions", []))
+    )
+    if not ok:
+        raise BenchError(f"{url} did not answer model metadata; is --url an inferbox server?")
+    return dict(meta)
 
 
 def read_texts(path: Path) -> list[str]:
@@ -224,11 +278,17 @@ def tensor_bodies(inputs: Sequence[Mapping[str, Any]], count: int = TENSOR_BODIE
     return bodies
 
 
+def takes_text(meta: Mapping[str, Any]) -> bool:
+    """True for a text model (one BYTES input)."""
+    inputs = list(meta.get("inputs") or [])
+    return len(inputs) == 1 and inputs[0].get("datatype") == "BYTES"
+
+
 def plans_for(meta: Mapping[str, Any], model: str, texts: Sequence[str]) -> list[Plan]:
     """The endpoints to load for a model with metadata ``meta`` (see the module's docstring)."""
     inputs = list(meta.get("inputs") or [])
     infer = f"/v2/models/{model}/infer"
-    if len(inputs) == 1 and inputs[0].get("datatype") == "BYTES":
+    if takes_text(meta):
         plans = [Plan(infer, infer, [request_body(infer, model, t) for t in texts], route=INFER_ROUTE)]
         task = (meta.get("parameters") or {}).get("task")
         if task == "feature-extraction":
@@ -307,10 +367,10 @@ class _Scraper:
         if self.why_not is not None:
             return None
         try:
-            with httpx.Client(verify=self.target.verify(), timeout=30.0) as http:
+            with _client(self.target, 30.0) as http:
                 resp = http.get(f"{self.target.base_url}/metrics", headers=self.target.headers)
         except httpx.HTTPError as exc:
-            self.why_not = f"/metrics: {type(exc).__name__}: {exc}"
+            self.why_not = f"/metrics: {type(exc).__name__}: {self.target.scrub(str(exc))}"
             return None
         if resp.status_code != 200:
             self.why_not = (
@@ -325,23 +385,26 @@ def _probe(target: Target, plan: Plan) -> None:
     import httpx
 
     try:
-        with httpx.Client(verify=target.verify(), timeout=120.0) as http:
+        with _client(target, 120.0) as http:
             resp = http.post(
                 target.base_url + plan.path,
                 content=plan.bodies[0],
                 headers={"Content-Type": "application/json", **target.headers},
             )
     except httpx.HTTPError as exc:
-        raise BenchError(f"{plan.label}: {type(exc).__name__}: {exc}") from None
+        raise BenchError(f"{plan.label}: {type(exc).__name__}: {target.scrub(str(exc))}") from None
     if resp.status_code != 200:
         raise BenchError(f"{plan.label}: the first request was answered {error_message(resp.status_code, resp.text)}")
 
 
 def _load(target: Target, plan: Plan, concurrency: int, duration_s: float) -> dict[str, Any]:
     if target.client() == "wrk":
-        return wrk.run(
-            target.base_url, plan.path, plan.bodies, target.headers, concurrency=concurrency, duration_s=duration_s
-        )
+        try:
+            return wrk.run(
+                target.base_url, plan.path, plan.bodies, target.headers, concurrency=concurrency, duration_s=duration_s
+            )
+        except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+            raise BenchError(f"{plan.label} c={concurrency}: wrk failed: {target.scrub(str(exc))}") from None
     row = asyncio.run(
         closed_loop(
             target.base_url + plan.path,
@@ -377,19 +440,22 @@ def run(
     target: Target,
     *,
     levels: Sequence[int] = LEVELS,
-    duration_s: float | None = None,
+    duration_s: int | None = None,
     texts: Sequence[str] | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Load ``target`` level by level (see the module's docstring); with ``cfg.out`` keeps ``remote.json``."""
+    """Load ``target`` level by level (see the module's docstring); with ``cfg.out`` keeps ``remote.json``.
+    ``texts``: what a text model is sent (default: the suite's mixed corpus)."""
     from bench.http import server_texts
 
     meta = preflight(target)
+    if texts is not None and not takes_text(meta):
+        raise BenchError(f"--texts: model {target.model!r} takes tensors, not text; leave --texts out")
     plans = plans_for(meta, target.model, texts if texts is not None else server_texts(cfg))
     for plan in plans:
         _probe(target, plan)
-    duration = duration_s if duration_s is not None else cfg.pick(2.0, ROW_S)
-    warmup = cfg.pick(0.5, WARMUP_S)
+    duration = duration_s if duration_s is not None else cfg.pick(2, ROW_S)
+    warmup = cfg.pick(1, WARMUP_S)
     scrape = _Scraper(target)
     params = meta.get("parameters") or {}
     echo(

@@ -68,15 +68,14 @@ def test_the_load_test_measures_each_endpoint_and_level_as_the_server_counted_it
     ]
     for row in rows:
         assert row["errors"] == {} and row["ok"] > 0, row
-        assert row["rps"] == pytest.approx(row["ok"] / row["seconds"])
         assert row["p50_ms"] <= row["p99_ms"]
         # the server's own count of 200s on that route: every answer the client counted, and at
         # most the requests wrk left in flight when its window ended (twice: warm-up and run)
         assert row["ok"] <= row["served"] <= row["ok"] + 2 * row["concurrency"], row
         assert row["batch_rows_mean"] >= 1.0 and row["queue_ms_mean"] >= 0.0, row
         assert row["server_cpu_ms"] > 0, row
-    # one client never has company in its batches
-    assert rows[0]["batch_rows_mean"] == pytest.approx(1.0)
+    # one client has no company in its batches (but for one request wrk may leave in flight)
+    assert rows[0]["batch_rows_mean"] <= 1.05, rows[0]
     assert json.loads((tmp_path / "out" / "remote.json").read_text())["rows"] == json.loads(json.dumps(rows))
 
 
@@ -106,9 +105,10 @@ def test_the_load_test_sends_the_operators_own_texts(server: Served, tmp_path: P
             env={"INFERBOX_API_KEY": server.key},
         )
     )
-    # the audit records (no payload, but the token count) of every /v1/embeddings request: one of the two texts
+    # the audit records (no payload, but the token count) of every /v1/embeddings request (the load's,
+    # its probe's and its warm-up's): one of the two texts, and nothing else
+    assert report["rows"][0]["served"] > 0
     embedded = [r for r in _records_after(server, last) if r["action"] == "POST /v1/embeddings"]
-    assert len(embedded) >= report["rows"][0]["served"] > 0
     assert {r["details"]["tokens"] for r in embedded} == lengths
 
 
@@ -125,35 +125,85 @@ def _records_after(server: Served, seq: int) -> list[dict[str, Any]]:
         seq = page["next_after_seq"]
 
 
+def stopped(result: Result, message: str, code: int = 2) -> None:
+    """The command stopped with ``code`` and ``message``, and no exception reached the user."""
+    assert result.exit_code == code and isinstance(result.exception, SystemExit), result.output
+    assert message in result.output, result.output
+
+
 def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path: Path) -> None:
-    refused = bench("minilm", "--url", server.url, "--quick", env={"INFERBOX_API_KEY": "ibx_000000000000_" + "x" * 43})
-    assert refused.exit_code != 0 and "refused the key" in refused.output and "--key-file" in refused.output
-    assert "Traceback" not in refused.output
+    wrong_key = "ibx_000000000000_" + "x" * 43
+    refused = bench("minilm", "--url", server.url, "--quick", env={"INFERBOX_API_KEY": wrong_key})
+    stopped(refused, "the server refused the key")
+    assert "--key-file" in refused.output
+    stopped(bench("minilm", "--url", server.url, "--quick"), "the server needs an API key")
     unknown = bench("nosuch", "--url", server.url, "--quick", env={"INFERBOX_API_KEY": server.key})
-    assert unknown.exit_code != 0 and "does not serve model 'nosuch'" in unknown.output
+    stopped(unknown, "does not serve model 'nosuch'")
     port = _free_port()
-    down = bench("minilm", "--url", f"http://127.0.0.1:{port}", "--quick")
-    assert down.exit_code != 0 and f"cannot reach http://127.0.0.1:{port}" in down.output
-    assert "Traceback" not in down.output
-    key_file = tmp_path / "two-keys"
-    key_file.write_text(f"{server.key}\n{server.key}\n")
-    two = bench("minilm", "--url", server.url, "--key-file", str(key_file))
-    assert two.exit_code == 2 and "must hold one API key" in two.output
-    assert server.key not in two.output
+    stopped(bench("minilm", "--url", f"http://127.0.0.1:{port}", "--quick"), f"cannot reach http://127.0.0.1:{port}")
+    # a key that is not one key (two keys, a line break): named by where it came from, never printed
+    two_keys = tmp_path / "two-keys"
+    two_keys.write_text(f"{server.key}\n{server.key}\n")
+    for result in (
+        bench("minilm", "--url", server.url, "--key-file", str(two_keys)),
+        bench("minilm", "--url", server.url, env={"INFERBOX_API_KEY": f"{server.key}\n{server.key}"}),
+        bench("minilm", "--url", server.url, env={"INFERBOX_API_KEY": f"{server.key}\u00e9"}),
+    ):
+        stopped(result, "must hold one API key")
+        assert server.key not in result.output
+    bom = tmp_path / "bom.key"
+    bom.write_bytes(b"\xef\xbb\xbf" + server.key.encode() + b"\r\n")  # a key file saved by a Windows editor
+    loaded(
+        bench(
+            "minilm",
+            "--url",
+            server.url,
+            "--key-file",
+            str(bom),
+            "--concurrency",
+            "1",
+            "--duration",
+            "1",
+            "--quick",
+            "--json",
+        )
+    )
+    cert = tmp_path / "client.pem"
+    cert.write_text("not a certificate")
     for args, message in (
         (("--url", "ftp://127.0.0.1:1"), "give the server's base URL"),
+        (("--url", "http://127.0.0.1:port"), "give the server's base URL"),
+        (("--url", "http://[::1"), "give the server's base URL"),
+        (("--url", server.url + "/prefix"), "with no path, user or password"),
+        (("--url", server.url.replace("://", "://user:secret@")), "with no path, user or password"),
         (("--url", server.url, "--concurrency", "0,8"), "client counts from 1 to 1024"),
+        (("--url", server.url, "--duration", "0"), "--duration"),
         (("--url", server.url, "--with-pytorch"), "does not go with --url"),
-        (("--url", server.url, "--ca-file", str(key_file)), "need an https:// --url"),
+        (("--url", server.url, "--ca-file", str(two_keys)), "need an https:// --url"),
+        (("--url", server.url.replace("http://", "https://"), "--client-key", str(cert)), "--client-key goes with"),
         (("--concurrency", "4"), "goes with --url"),
-        (("--texts", str(key_file)), "--texts goes with --url"),
+        (("--texts", str(two_keys)), "--texts goes with --url"),
     ):
-        wrong = bench("minilm", *args)
-        assert wrong.exit_code == 2 and message in wrong.output, (args, wrong.output)
+        stopped(bench("minilm", *args), message)
+    https = server.url.replace("http://", "https://")
+    stopped(
+        bench("minilm", "--url", https, "--client-cert", str(cert)), "--client-cert / --client-key: cannot use them"
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     nothing = bench("minilm", "--url", server.url, "--texts", str(empty), env={"INFERBOX_API_KEY": server.key})
-    assert nothing.exit_code != 0 and "holds no text" in nothing.output
+    stopped(nothing, "holds no text")
+
+
+def test_the_key_variable_leaves_the_other_commands_working(tmp_path: Path) -> None:
+    """``INFERBOX_API_KEY`` is for the load test; every other command reads the settings beside it."""
+    shown = CliRunner().invoke(
+        main, ["config", "--home", str(tmp_path)], env={"INFERBOX_API_KEY": "ibx_000000000000_" + "x" * 43}
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "ibx_000000000000" not in shown.output
+    wrong = CliRunner().invoke(main, ["config", "--home", str(tmp_path)], env={"INFERBOX_API_KYE": "x"})
+    stopped(wrong, "INFERBOX_API_KYE is not an inferbox setting")
 
 
 def test_the_load_test_of_a_tensor_model_sends_rows_its_metadata_describes(tmp_path: Path) -> None:
@@ -169,5 +219,8 @@ def test_the_load_test_of_a_tensor_model_sends_rows_its_metadata_describes(tmp_p
         (row,) = report["rows"]
         assert row["endpoint"] == "/v2/models/mlp/infer" and row["errors"] == {} and row["ok"] > 0, row
         assert row["ok"] <= row["served"] <= row["ok"] + 4, row
+        texts = tmp_path / "texts.txt"
+        texts.write_text("a text\n")
+        stopped(bench("mlp", "--url", url, "--texts", str(texts)), "takes tensors, not text")
     finally:
         _stop(proc)

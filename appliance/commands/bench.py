@@ -102,9 +102,9 @@ def _import_bench() -> None:
 )
 @click.option(
     "--duration",
-    type=click.FloatRange(min=0.5, max=3600),
+    type=click.IntRange(min=1, max=3600),
     default=None,
-    help="With --url: seconds per endpoint and level [default 10; 2 with --quick].",
+    help="With --url: whole seconds per endpoint and level [default 10; 2 with --quick].",
 )
 @click.option(
     "--texts",
@@ -126,7 +126,7 @@ def bench(
     client_cert: Path | None,
     client_key: Path | None,
     concurrency: str,
-    duration: float | None,
+    duration: int | None,
     texts: Path | None,
 ) -> None:
     """Time every admissible (backend, variant, precision) of MODEL here and print the table;
@@ -190,20 +190,48 @@ def _levels(text: str) -> list[int]:
 
 
 def _api_key(key_file: Path | None) -> str | None:
-    """The key from ``key_file``, else ``INFERBOX_API_KEY``, else None (a server without auth)."""
+    """The key from ``key_file``, else ``INFERBOX_API_KEY``, else None (a server without auth);
+    either must be one key (:func:`bench.remote.check_key`)."""
+    from bench.remote import check_key
+
     if key_file is None:
-        return os.environ.get("INFERBOX_API_KEY", "").strip() or None
+        key = os.environ.get("INFERBOX_API_KEY", "").strip()
+        return check_key(key, "INFERBOX_API_KEY") if key else None
     try:
-        key = key_file.read_text(encoding="utf-8").strip()
+        key = key_file.read_text(encoding="utf-8-sig").strip()
     except (OSError, UnicodeDecodeError) as exc:
         raise click.BadParameter(
             f"cannot read {key_file}: {getattr(exc, 'strerror', None) or exc}", param_hint="--key-file"
         ) from None
-    if not key or any(c.isspace() for c in key):
+    return check_key(key, f"--key-file {key_file}")
+
+
+def _base_url(url: str) -> str:
+    """``url`` as the base the routes are added to, or a usage error: http(s), a host, a port
+    that is a number, and nothing else (no path, whose routes wrk would not follow, no user or
+    password, which would be echoed and reach wrk's command line)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url.strip())
+        _ = parts.port  # a port that is not a number raises ValueError
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
         raise click.BadParameter(
-            f"{key_file} must hold one API key (ibx_...) and nothing else", param_hint="--key-file"
+            f"{url!r}: give the server's base URL, http://host:port or https://host:port, with no path, "
+            "user or password",
+            param_hint="--url",
         )
-    return key
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _bench_remote(
@@ -214,23 +242,16 @@ def _bench_remote(
     client_cert: Path | None,
     client_key: Path | None,
     concurrency: str,
-    duration: float | None,
+    duration: int | None,
     texts: Path | None,
     quick: bool,
     out: Path | None,
     as_json: bool,
 ) -> None:
-    from urllib.parse import urlsplit
-
     from bench.common import Config
     from bench.remote import Target, read_texts, run
 
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise click.BadParameter(
-            f"{url!r}: give the server's base URL, http://host:port or https://host:port", param_hint="--url"
-        )
-    base = url.strip().rstrip("/")
+    base = _base_url(url)
     if base.startswith("http://") and (ca_file or client_cert or client_key):
         raise click.UsageError("--ca-file / --client-cert / --client-key need an https:// --url")
     if client_key is not None and client_cert is None:
