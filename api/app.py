@@ -22,7 +22,7 @@ from api.docs import docs_routes, openapi_config
 from api.envelope import envelope
 from api.errors import exception_handlers
 from api.metrics import CONTENT_TYPE, Metrics
-from api.protocols import AuditReader, AuditSink, KeyVerifier
+from api.protocols import AuditReader, AuditSink, AuditStatsSource, KeyVerifier
 from api.server import Server
 from runtime.errors import ConfigError
 from runtime.serving import ModelRegistry
@@ -65,7 +65,7 @@ def create_app(
     """
     if config.auth and keys is None:
         raise ConfigError("auth is on but no key store was given; pass keys=KeyStore(...) or set auth = false")
-    metrics = Metrics()
+    metrics = Metrics(audit_stats=audit.stats if isinstance(audit, AuditStatsSource) else None)
     server = Server(registry, config, metrics, clock)
     authenticator = Authenticator(
         keys, enabled=config.auth, default_rate=config.rate_limit_per_minute, limiter=RateLimiter(clock)

@@ -11,6 +11,10 @@ when ``allow_fallback`` let it run elsewhere),
 ``static_shapes{model}`` (static-shape copies compiled so far, OpenVINO) and
 ``thread_cpu_seconds_total{thread}`` (this process's CPU by thread kind: ``loop``,
 ``inference``, ``audit``, ``other``; Linux only, :class:`runtime.threads.ThreadCpu`).
+With the audit log on: ``audit_records_total``, ``audit_commit_seconds`` (a summary:
+``_sum`` the commits' time, ``_count`` the commits, each one fsync, so records over
+commits is the group commit's size) and ``audit_pending_records`` (requests waiting for
+their record to be durable).
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from api.protocols import AuditStats
 from runtime.batcher import BatchStats
 from runtime.threads import ThreadCpu
 
@@ -112,9 +117,13 @@ class ModelInfo:
 class Metrics:
     """Process-local metrics; thread-safe. Render with :meth:`render`."""
 
-    def __init__(self, thread_cpu: ThreadCpu | None = None) -> None:
+    def __init__(
+        self, thread_cpu: ThreadCpu | None = None, audit_stats: Callable[[], AuditStats] | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self.thread_cpu = thread_cpu if thread_cpu is not None else ThreadCpu()
+        #: the audit log's figures (None: audit off, or a sink that keeps none)
+        self.audit_stats = audit_stats
         self.requests: dict[tuple[str, str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.queue: dict[str, Histogram] = {}
@@ -241,4 +250,27 @@ class Metrics:
                 "# TYPE inferbox_thread_cpu_seconds_total counter",
             ]
             out += [f"inferbox_thread_cpu_seconds_total{_labels([('thread', k)])} {_num(v)}" for k, v in cpu.items()]
+        out += self._audit_lines()
         return "\n".join(out) + "\n"
+
+    def _audit_lines(self) -> list[str]:
+        if self.audit_stats is None:
+            return []
+        try:
+            audit = self.audit_stats()
+        except Exception:  # a scrape never fails for these series: they are left out
+            logger.exception("could not read the audit log's figures")
+            return []
+        return [
+            "# HELP inferbox_audit_records_total Records the audit log has committed.",
+            "# TYPE inferbox_audit_records_total counter",
+            f"inferbox_audit_records_total {audit.records}",
+            "# HELP inferbox_audit_commit_seconds The audit log's write transactions (each one fsync): their "
+            "time and count.",
+            "# TYPE inferbox_audit_commit_seconds summary",
+            f"inferbox_audit_commit_seconds_sum {_num(audit.commit_seconds)}",
+            f"inferbox_audit_commit_seconds_count {audit.commits}",
+            "# HELP inferbox_audit_pending_records Records waiting to be committed (their requests wait too).",
+            "# TYPE inferbox_audit_pending_records gauge",
+            f"inferbox_audit_pending_records {audit.pending}",
+        ]

@@ -8,11 +8,20 @@ The API never imports SQLite or the appliance: ``create_app()`` receives an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import msgspec
 
-__all__ = ["AuditEvent", "AuditReader", "AuditSink", "Digest", "KeyVerifier", "Principal"]
+__all__ = [
+    "AuditEvent",
+    "AuditReader",
+    "AuditSink",
+    "AuditStats",
+    "AuditStatsSource",
+    "Digest",
+    "KeyVerifier",
+    "Principal",
+]
 
 Outcome = Literal["success", "failure"]
 
@@ -65,6 +74,26 @@ class AuditSink(Protocol):
     async def record(self, event: AuditEvent) -> None:
         """Append ``event``; return only once it is durable (group commit)."""
         ...
+
+
+class AuditStats(msgspec.Struct, frozen=True, kw_only=True):
+    """What an audit log has done since it opened, for ``/metrics``."""
+
+    #: records appended (committed)
+    records: int
+    #: write transactions committed, each one fsync (group commit: many records each)
+    commits: int
+    #: seconds the committed append transactions took, first statement to durable commit
+    commit_seconds: float
+    #: records handed to the writer and not yet committed (requests waiting for their record)
+    pending: int
+
+
+@runtime_checkable
+class AuditStatsSource(Protocol):
+    """An audit sink that can say what it has done (the appliance's audit log)."""
+
+    def stats(self) -> AuditStats: ...
 
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):

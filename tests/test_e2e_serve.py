@@ -277,6 +277,10 @@ def test_metrics_split_the_servers_cpu_by_thread(served: Served) -> None:
     assert seconds["loop"] > 0 and seconds["inference"] > 0
     names = {p.read_text().strip() for p in Path(f"/proc/{served.proc.pid}/task").glob("*/comm")}
     assert "audit-writer" in names and any(n.startswith("infer-minilm") for n in names), names
+    # the audit log's group commit: records, commits (one fsync each), nobody waiting after the answers
+    audit = {m[0]: float(m[1]) for m in re.findall(r"^inferbox_audit_(\w+) (\S+)$", text, re.MULTILINE)}
+    assert audit["records_total"] >= 10 and 1 <= audit["commit_seconds_count"] <= audit["records_total"], audit
+    assert audit["commit_seconds_sum"] > 0 and audit["pending_records"] == 0, audit
 
 
 def test_binary_tensor_extension_over_real_http(served: Served) -> None:

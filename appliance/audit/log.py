@@ -26,6 +26,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from api.protocols import AuditEvent, Digest
+from api.protocols import AuditEvent, AuditStats, Digest
 from appliance.audit.canonical import AuditRecord, checked_event, format_time, leaf_hash, parse_time
 from appliance.audit.checkpoint import Checkpoint, Pace, sign_next
 from appliance.audit.digest import DigestKeyring
@@ -123,6 +124,10 @@ class AuditLog:
         self.keyring = DigestKeyring(digest_keys_dir, rotate_days=digest_key_days, clock=clock)
         self.commits = 0  #: committed write transactions (group commit metric)
         self.records_written = 0
+        #: seconds the writes' transactions took (BEGIN to a durable COMMIT)
+        self.commit_seconds = 0.0
+        #: records handed to the writer thread and not yet written (guarded by _handover_lock)
+        self._pending = 0
         self._key = signing_key
         self._clock = clock
         self._max_batch = max_batch
@@ -216,6 +221,7 @@ class AuditLog:
             pending = self._handover.setdefault(loop, [])
             pending.append(_Item(event, loop=loop, afuture=fut))
             first = len(pending) == 1
+            self._pending += 1
         if first:
             loop.call_soon(self._hand_over, loop)
         return await fut
@@ -229,6 +235,14 @@ class AuditLog:
             if group:
                 self._queue.put(group)
 
+    def stats(self) -> AuditStats:
+        """Records and commits so far, the commits' time, and the records waiting (``/metrics``)."""
+        with self._handover_lock:
+            pending = self._pending
+        return AuditStats(
+            records=self.records_written, commits=self.commits, commit_seconds=self.commit_seconds, pending=pending
+        )
+
     # -- synchronous API ---------------------------------------------------
 
     def append(self, event: AuditEvent) -> int:
@@ -241,6 +255,8 @@ class AuditLog:
                 raise outcome
             return outcome
         fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+        with self._handover_lock:
+            self._pending += 1
         self._queue.put(_Item(event, future=fut))
         return fut.result()
 
@@ -422,6 +438,7 @@ class AuditLog:
         """Append ``events`` in one transaction: each one's seq, or why that one was rejected."""
         with self._lock:
             conn = self._connection()
+            started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 outcomes, signed = self._append_in_transaction(conn, events)
@@ -430,6 +447,7 @@ class AuditLog:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            self.commit_seconds += time.perf_counter() - started
             self.commits += 1
             self.records_written += sum(1 for o in outcomes if not isinstance(o, AuditError))
         for cp in signed:
@@ -552,6 +570,9 @@ class AuditLog:
             log.error("audit append failed: %s", exc)
             err = exc if isinstance(exc, AuditError) else AuditError(f"audit log {self.db_path}: append failed: {exc}")
             outcomes = [(None, err)] * len(items)
+        finally:
+            with self._handover_lock:
+                self._pending -= len(items)
         # One wake-up per event loop for the whole group (call_soon_threadsafe writes to the
         # loop's self-pipe each time), not one per record.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | None, BaseException | None]]]

@@ -109,3 +109,28 @@ def test_metrics_show_the_thread_cpu_split_only_where_it_can_be_read() -> None:
 
     text = Metrics(thread_cpu=ThreadCpu(broken)).render({}, [])  # the scrape still answers
     assert "inferbox_thread_cpu_seconds_total" not in text and "inferbox_in_flight_requests 0" in text
+
+
+def test_metrics_show_the_audit_logs_figures_where_it_keeps_them() -> None:
+    from api.metrics import Metrics
+    from api.protocols import AuditStats
+
+    figures = AuditStats(records=120, commits=20, commit_seconds=0.25, pending=3)
+    text = Metrics(audit_stats=lambda: figures).render({}, [])
+    for line in (
+        "# TYPE inferbox_audit_records_total counter",
+        "inferbox_audit_records_total 120",
+        "# TYPE inferbox_audit_commit_seconds summary",
+        "inferbox_audit_commit_seconds_sum 0.25",
+        "inferbox_audit_commit_seconds_count 20",
+        "# TYPE inferbox_audit_pending_records gauge",
+        "inferbox_audit_pending_records 3",
+    ):
+        assert line in text.splitlines(), line
+    assert "inferbox_audit" not in Metrics().render({}, [])  # audit off: no series
+
+    def broken() -> AuditStats:
+        raise RuntimeError("the log is closing")
+
+    text = Metrics(audit_stats=broken).render({}, [])  # the scrape still answers
+    assert "inferbox_audit" not in text and "inferbox_in_flight_requests 0" in text

@@ -54,6 +54,32 @@ def test_group_commit_uses_fewer_transactions_than_records(tmp_path: Path, key: 
     assert report.ok and report.last_seq == 300
 
 
+def test_the_logs_figures_count_records_commits_and_the_records_still_waiting(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    log = _log(tmp_path, key, checkpoint_every=1000)
+    log.start()
+
+    async def main() -> tuple[int, list[int]]:
+        log._lock.acquire()  # the writer blocks on its next write: what was handed over waits
+        try:
+            tasks = [asyncio.ensure_future(log.record_seq(T.event(i))) for i in range(5)]
+            await asyncio.sleep(0.05)  # the tasks hand their records over; not a timing assertion
+            waiting = log.stats().pending
+        finally:
+            log._lock.release()
+        return waiting, list(await asyncio.gather(*tasks))
+
+    waiting, seqs = asyncio.run(main())
+    assert waiting == 5 and sorted(seqs) == [1, 2, 3, 4, 5]
+    log.append(T.event(5))  # the synchronous path counts too
+    figures = log.stats()
+    assert figures.pending == 0 and figures.records == 6
+    assert 2 <= figures.commits <= 6 and figures.commits == log.commits  # the sync append is its own commit
+    assert figures.commit_seconds > 0.0
+    log.close()
+
+
 def test_one_loop_iteration_of_records_reaches_the_writer_as_one_group(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     """The answers of one batch are recorded in one loop iteration: they reach the writer's queue
     as one item, so its thread wakes once for them (each wake-up pre-empted an inference thread)."""
