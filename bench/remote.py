@@ -20,8 +20,9 @@ line).  A tensor model gets one row of random values per request, shaped by
 its metadata.
 
 Where ``/metrics`` is readable with the key, each row also says what the
-server did meanwhile: rows per batch, time in the batch queue, and the server
-process's CPU per request (all of the server's traffic counts, not only ours).
+server did meanwhile: rows per batch, time in the batch queue, the server
+process's CPU per request and, with its audit log on, the records per commit
+and a commit's time (all of the server's traffic counts, not only ours).
 
 The client is ``wrk`` for plain ``http://`` when it is installed (a C client:
 on a small box a Python client eats a share of the CPU the server is measured
@@ -332,9 +333,10 @@ def metrics_delta(
     route: str | None = None,
 ) -> dict[str, float]:
     """What the server did between two scrapes: ``batch_rows_mean``, ``queue_ms_mean``,
-    ``server_cpu_ms`` per request (of ``requests``) and, given the ``route`` template the server
-    counts under, ``served`` (its 200 answers for ``model`` there); a figure whose series is
-    missing is left out."""
+    ``server_cpu_ms`` per request (of ``requests``), with its audit log on
+    ``audit_records_per_commit`` and ``audit_commit_ms`` (its group commit), and, given the
+    ``route`` template the server counts under, ``served`` (its 200 answers for ``model``
+    there); a figure whose series is missing is left out."""
 
     def delta(name: str, **labels: str) -> float:
         return _total(after, name, **labels) - _total(before, name, **labels)
@@ -349,6 +351,10 @@ def metrics_delta(
     cpu = delta("inferbox_thread_cpu_seconds_total")
     if cpu > 0 and requests > 0:
         out["server_cpu_ms"] = 1000.0 * cpu / requests
+    commits = delta("inferbox_audit_commit_seconds_count")
+    if commits > 0:
+        out["audit_records_per_commit"] = delta("inferbox_audit_records_total") / commits
+        out["audit_commit_ms"] = 1000.0 * delta("inferbox_audit_commit_seconds_sum") / commits
     if route is not None and any(n == "inferbox_requests_total" for n, _ in after):
         out["served"] = delta("inferbox_requests_total", model=model, route=route, status="200")
     return out
@@ -432,6 +438,7 @@ COLUMNS = (
     "batch_rows_mean",
     "queue_ms_mean",
     "server_cpu_ms",
+    "audit_records_per_commit",
 )
 
 

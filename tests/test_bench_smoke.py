@@ -1072,6 +1072,9 @@ def test_the_load_tests_metrics_reader_keeps_labels_that_hold_braces() -> None:
                 f'inferbox_batch_size_count{{model="m"}} {batches}',
                 f'inferbox_thread_cpu_seconds_total{{thread="loop"}} {cpu}',
                 f'inferbox_thread_cpu_seconds_total{{thread="inference"}} {2 * cpu}',
+                f"inferbox_audit_records_total {served}",
+                f"inferbox_audit_commit_seconds_sum {cpu / 10}",
+                f"inferbox_audit_commit_seconds_count {batches}",
                 'odd{a="x\\"}"} 1',
                 "not a sample",
             ]
@@ -1080,7 +1083,13 @@ def test_the_load_tests_metrics_reader_keeps_labels_that_hold_braces() -> None:
     before, after = parse_metrics(scrape(10, 4, 8, 1.0)), parse_metrics(scrape(40, 14, 38, 1.5))
     assert before[("odd", frozenset({("a", 'x\\"}')}))] == 1.0
     delta = metrics_delta(before, after, "m", 30, INFER_ROUTE)
-    assert delta == {"batch_rows_mean": 3.0, "server_cpu_ms": pytest.approx(50.0), "served": 30.0}
+    assert delta == {
+        "batch_rows_mean": 3.0,
+        "server_cpu_ms": pytest.approx(50.0),
+        "served": 30.0,
+        "audit_records_per_commit": 3.0,
+        "audit_commit_ms": pytest.approx(5.0),
+    }
     assert "served" not in metrics_delta(before, after, "m", 30)  # no route: no count to compare
 
 

@@ -74,6 +74,8 @@ def test_the_load_test_measures_each_endpoint_and_level_as_the_server_counted_it
         assert row["ok"] <= row["served"] <= row["ok"] + 2 * row["concurrency"], row
         assert row["batch_rows_mean"] >= 1.0 and row["queue_ms_mean"] >= 0.0, row
         assert row["server_cpu_ms"] > 0, row
+        # the server's audit log is on: every answer waited for a commit of one record or more
+        assert row["audit_records_per_commit"] >= 1.0 and row["audit_commit_ms"] > 0, row
     # one client has no company in its batches (but for one request wrk may leave in flight)
     assert rows[0]["batch_rows_mean"] <= 1.05, rows[0]
     assert json.loads((tmp_path / "out" / "remote.json").read_text())["rows"] == json.loads(json.dumps(rows))
