@@ -184,7 +184,7 @@ def envelope(
             # request's body comes straight through: racing each chunk against the answer cost
             # two futures and an asyncio.wait (~10 us) on every request.
             nonlocal body_read
-            if body_read or complete.is_set():
+            if body_read or start_message is not None:  # an answer has begun: it may be held
                 return await _receive_until(receive, complete)
             message = await receive()
             body_read = message["type"] != "http.request" or not message.get("more_body", False)

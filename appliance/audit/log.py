@@ -124,8 +124,8 @@ class AuditLog:
         self.keyring = DigestKeyring(digest_keys_dir, rotate_days=digest_key_days, clock=clock)
         self.commits = 0  #: committed write transactions (group commit metric)
         self.records_written = 0
-        #: seconds the writes' transactions took (BEGIN to a durable COMMIT)
-        self.commit_seconds = 0.0
+        #: what /metrics shows: replaced whole (never torn) after each append transaction
+        self._stats = AuditStats(records=0, commits=0, commit_seconds=0.0, pending=0)
         #: records handed to the writer thread and not yet written (guarded by _handover_lock)
         self._pending = 0
         self._key = signing_key
@@ -236,12 +236,13 @@ class AuditLog:
                 self._queue.put(group)
 
     def stats(self) -> AuditStats:
-        """Records and commits so far, the commits' time, and the records waiting (``/metrics``)."""
+        """What this writer's appends have done since it opened: records, their transactions and
+        those transactions' time (one snapshot, so records over commits is a group's size), and the
+        records waiting for their turn (``/metrics``).  Checkpoint and prune transactions are not
+        appends and are not counted here."""
         with self._handover_lock:
             pending = self._pending
-        return AuditStats(
-            records=self.records_written, commits=self.commits, commit_seconds=self.commit_seconds, pending=pending
-        )
+        return msgspec.structs.replace(self._stats, pending=pending)
 
     # -- synchronous API ---------------------------------------------------
 
@@ -447,9 +448,17 @@ class AuditLog:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            self.commit_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
             self.commits += 1
-            self.records_written += sum(1 for o in outcomes if not isinstance(o, AuditError))
+            written = sum(1 for o in outcomes if not isinstance(o, AuditError))
+            self.records_written += written
+            last = self._stats
+            self._stats = msgspec.structs.replace(
+                last,
+                records=last.records + written,
+                commits=last.commits + 1,
+                commit_seconds=last.commit_seconds + seconds,
+            )
         for cp in signed:
             self._notify(cp)
         return outcomes

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -89,6 +90,38 @@ def test_a_body_in_many_chunks_and_a_streamed_file_pass_the_envelope(served: tup
         script = c.get("/docs/assets/swagger-ui-bundle.js")
         assert script.status_code == 200 and len(script.content) > 500_000
     assert audit.events[0].input_digest == audit.events[1].input_digest  # the same bytes arrived
+
+
+def test_a_listener_waiting_after_the_answer_began_is_told_the_exchange_is_over() -> None:
+    """A streaming answer listens for the disconnect while it sends (Litestar's streaming
+    response), here before the client has sent its whole body: once the answer is complete the
+    listener hears ``http.disconnect`` instead of waiting for a client that waits for the answer."""
+    import asyncio
+
+    from api.envelope import envelope
+    from api.metrics import Metrics
+
+    heard: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        listener = asyncio.ensure_future(receive())
+        await asyncio.sleep(0)  # the listener now waits on receive
+        await send({"type": "http.response.body", "body": b"done", "more_body": False})
+        heard.append((await asyncio.wait_for(listener, 5))["type"])
+
+    async def receive() -> Any:
+        await asyncio.Event().wait()  # the rest of the client's body never comes
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    wrapped = envelope(app, audit=None, metrics=Metrics(), clock=lambda: 1.0)
+    scope = {"type": "http", "method": "POST", "path": "/stream", "headers": []}
+    asyncio.run(wrapped(scope, receive, send))
+    assert heard == ["http.disconnect"] and sent[-1]["body"] == b"done"
 
 
 def test_metrics_show_the_thread_cpu_split_only_where_it_can_be_read() -> None:
