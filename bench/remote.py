@@ -11,7 +11,10 @@ log, its settings.  This part only sends requests:
    message is the error);
 3. per endpoint and concurrency level, a warm-up and then a closed loop of C
    clients (each sends its next request when the last one answered) for
-   ``duration_s`` seconds: requests/s, items/s, p50/p99 latency, errors.
+   ``duration_s`` seconds: requests/s, items/s, p50/p99 latency, errors; or,
+   given ``rates``, an open loop per rate (:mod:`bench.openloop`: requests on
+   a fixed schedule, latency from when each was due), which says what an
+   answer takes at a given load, the figure capacity planning needs.
 
 Endpoints: a text model gets one text per request on ``/v2/models/M/infer``
 (one BYTES input) and, for an embedding model, on ``/v1/embeddings``; the
@@ -47,6 +50,7 @@ from typing import Any
 from bench import wrk
 from bench.common import Config, format_table, skipped, write_json
 from bench.http import closed_loop, request_body, row_failure
+from bench.openloop import open_loop
 from runtime.errors import BenchError
 
 __all__ = [
@@ -426,6 +430,47 @@ def _load(target: Target, plan: Plan, concurrency: int, duration_s: float) -> di
     return row
 
 
+def _load_open(target: Target, plan: Plan, rate: float, duration_s: float) -> dict[str, Any]:
+    return asyncio.run(
+        open_loop(
+            target.base_url,
+            plan.path,
+            plan.bodies,
+            headers=target.headers,
+            rate=rate,
+            duration_s=duration_s,
+            ssl_context=target.ssl_context,
+        )
+    )
+
+
+def _step(target: Target, plan: Plan, kind: str, level: float, seconds: float) -> dict[str, Any]:
+    """One level's load: an open loop at ``level`` requests/s (``kind`` "rate"), else a closed
+    loop of ``level`` clients."""
+    if kind == "rate":
+        return _load_open(target, plan, level, seconds)
+    return _load(target, plan, int(level), seconds)
+
+
+#: the open loop's columns
+RATE_COLUMNS = (
+    "endpoint",
+    "rate",
+    "rps",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "ok",
+    "errors",
+    "dropped",
+    "late_ms_p99",
+    "client_cpu_ms",
+    "batch_rows_mean",
+    "queue_ms_mean",
+    "server_cpu_ms",
+    "audit_records_per_commit",
+    "audit_commit_ms",
+)
 COLUMNS = (
     "endpoint",
     "concurrency",
@@ -439,6 +484,7 @@ COLUMNS = (
     "queue_ms_mean",
     "server_cpu_ms",
     "audit_records_per_commit",
+    "audit_commit_ms",
 )
 
 
@@ -447,11 +493,13 @@ def run(
     target: Target,
     *,
     levels: Sequence[int] = LEVELS,
+    rates: Sequence[float] | None = None,
     duration_s: int | None = None,
     texts: Sequence[str] | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Load ``target`` level by level (see the module's docstring); with ``cfg.out`` keeps ``remote.json``.
+    ``rates``: open-loop requests/s levels instead of the closed loop's client counts ``levels``;
     ``texts``: what a text model is sent (default: the suite's mixed corpus)."""
     from bench.http import server_texts
 
@@ -465,37 +513,38 @@ def run(
     warmup = cfg.pick(1, WARMUP_S)
     scrape = _Scraper(target)
     params = meta.get("parameters") or {}
+    client = "open loop" if rates else target.client()
     echo(
         f"{target.base_url}: {target.model} v{','.join(meta.get('versions') or ['?'])} on {params.get('backend', '?')} "
-        f"({params.get('variant', '?')}, {params.get('exec_precision', '?')}); client {target.client()}"
+        f"({params.get('variant', '?')}, {params.get('exec_precision', '?')}); client {client}"
     )
-    if (
-        target.client() == "httpx"
-        and not wrk.available()
-        and re.match(r"https?://(127\.|localhost|\[::1\])", target.base_url)
-    ):
+    if client == "httpx" and not wrk.available() and re.match(r"https?://(127\.|localhost|\[::1\])", target.base_url):
         echo(
             "  note: wrk is not installed; the Python client shares this box's CPU with the server (apt-get install wrk)"
         )
+    steps: list[tuple[str, float]] = [("rate", r) for r in rates] if rates else [("concurrency", c) for c in levels]
     rows: list[dict[str, Any]] = []
     for plan in plans:
-        for c in levels:
+        for kind, level in steps:
+            where = f"{plan.label} {level:g}/s" if kind == "rate" else f"{plan.label} c={level:g}"
             if warmup > 0:
-                _load(target, plan, c, warmup)
+                _step(target, plan, kind, level, warmup)
             before = scrape()
-            row = _load(target, plan, c, duration)
+            row = _step(target, plan, kind, level, duration)
             after = scrape() if before is not None else None
             failure = row_failure(row)
             if failure is not None:
-                rows.append({"endpoint": plan.label, "concurrency": c, **skipped(failure)})
-                echo(f"  {plan.label} c={c}: {failure}")
+                rows.append({"endpoint": plan.label, kind: level, **skipped(failure)})
+                echo(f"  {where}: {failure}")
                 continue
             row |= {"endpoint": plan.label, "texts_per_request": plan.items, "items_per_s": row["rps"] * plan.items}
             if before is not None and after is not None:
                 row |= metrics_delta(before, after, target.model, int(row["requests"]), plan.route)
             rows.append(row)
+            dropped = f", dropped {row['dropped']}" if row.get("dropped") else ""
             echo(
-                f"  {plan.label} c={c}: {row['rps']:.1f} req/s, p50 {row.get('p50_ms', 0):.1f} ms, errors {row['errors']}"
+                f"  {where}: {row['rps']:.1f} req/s, p50 {row.get('p50_ms', 0):.1f} ms, "
+                f"p99 {row.get('p99_ms', 0):.1f} ms, errors {row['errors']}{dropped}"
             )
     result: dict[str, Any] = {
         "part": "remote",
@@ -503,10 +552,10 @@ def run(
         "url": target.base_url,
         "model": target.model,
         "served_by": {k: params.get(k) for k in ("backend", "variant", "exec_precision")},
-        "client": target.client(),
+        "client": client,
         "duration_s": duration,
         "rows": rows,
-        "table": format_table(COLUMNS, rows),
+        "table": format_table(RATE_COLUMNS if rates else COLUMNS, rows),
     }
     if scrape.why_not is not None:
         result["metrics"] = f"not read: {scrape.why_not}"

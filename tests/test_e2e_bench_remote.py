@@ -81,6 +81,29 @@ def test_the_load_test_measures_each_endpoint_and_level_as_the_server_counted_it
     assert json.loads((tmp_path / "out" / "remote.json").read_text())["rows"] == json.loads(json.dumps(rows))
 
 
+def test_the_open_loop_reports_latency_at_a_given_load(server: Served) -> None:
+    result = bench(
+        "minilm", "--url", server.url, "--rate", "10,20", "--duration", "1", "--quick", "--json",
+        env={"INFERBOX_API_KEY": server.key},
+    )  # fmt: skip
+    report = loaded(result)
+    assert report["client"] == "open loop" and server.key not in result.output
+    rows = report["rows"]
+    assert [(r["endpoint"], r["rate"]) for r in rows] == [
+        ("/v1/embeddings", 10.0),
+        ("/v1/embeddings", 20.0),
+        ("/v2/models/minilm/infer", 10.0),
+        ("/v2/models/minilm/infer", 20.0),
+    ]
+    for row in rows:
+        assert row["errors"] == {} and row["dropped"] == 0, row
+        assert row["ok"] == row["scheduled"] == row["rate"], row  # one second of the schedule, all answered
+        # the open loop waits for every answer before the scrape after it: the server's count is exact
+        assert row["served"] == row["ok"], row
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"], row
+        assert row["client_cpu_ms"] > 0 and row["connections"] >= 1, row
+
+
 def test_the_load_test_sends_the_operators_own_texts(server: Served, tmp_path: Path) -> None:
     from tokenizers import Tokenizer
 
@@ -179,6 +202,9 @@ def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path
         (("--url", server.url + "/prefix"), "with no path, user or password"),
         (("--url", server.url.replace("://", "://user:secret@")), "with no path, user or password"),
         (("--url", server.url, "--concurrency", "0,8"), "client counts from 1 to 1024"),
+        (("--url", server.url, "--rate", "0"), "requests per second from 0.1"),
+        (("--url", server.url, "--rate", "5", "--concurrency", "2"), "two ways; give one"),
+        (("--rate", "5"), "--rate goes with --url"),
         (("--url", server.url, "--duration", "0"), "--duration"),
         (("--url", server.url, "--with-pytorch"), "does not go with --url"),
         (("--url", server.url, "--ca-file", str(two_keys)), "need an https:// --url"),

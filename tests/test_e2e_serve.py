@@ -680,6 +680,11 @@ def test_mutual_tls_serves_https_and_refuses_everything_else(
         report = json.loads(loaded.stdout)
         assert report["client"] == "httpx"  # wrk would not verify the server, so it never gets the key
         assert [r["ok"] > 0 and r["errors"] == {} for r in report["rows"]] == [True, True], report["rows"]
+        opened = CliRunner().invoke(
+            main, [*load[:-4], "--rate", "5", "--duration", "1", *tls_args, "--quick", "--json"]
+        )
+        assert opened.exit_code == 0, opened.output  # the open loop's own client over the same mutual TLS
+        assert [(r["ok"], r["errors"]) for r in json.loads(opened.stdout)["rows"]] == [(5, {}), (5, {})]
     finally:
         _stop(proc)
     assert "HTTPS (mutual-tls)" in log.read_text(errors="replace")

@@ -12,7 +12,8 @@ A thin shell over the in-process part of the benchmark suite, for every
   plain fp32 candidate, and the fraction of the CPU's peak.
 
 With ``--url`` it times nothing in this process: it loads a running server
-(:mod:`bench.remote`) at each ``--concurrency`` level, with the key from
+(:mod:`bench.remote`) at each ``--concurrency`` level (a closed loop) or each
+``--rate`` (an open loop: latency at a given load), with the key from
 ``--key-file`` or ``INFERBOX_API_KEY`` (never from the command line, where
 ``ps`` would show it), and fails when any request failed.
 """
@@ -96,9 +97,14 @@ def _import_bench() -> None:
 )
 @click.option(
     "--concurrency",
-    default="1,8,32",
-    show_default=True,
-    help="With --url: the closed-loop client counts to measure, comma-separated.",
+    default=None,
+    help="With --url: the closed-loop client counts to measure, comma-separated [default 1,8,32].",
+)
+@click.option(
+    "--rate",
+    default=None,
+    help="With --url, instead of --concurrency: open-loop loads to measure in requests/s, comma-separated "
+    "(e.g. 50,100,200): latency at a given load, counted from when each request was due.",
 )
 @click.option(
     "--duration",
@@ -125,7 +131,8 @@ def bench(
     ca_file: Path | None,
     client_cert: Path | None,
     client_key: Path | None,
-    concurrency: str,
+    concurrency: str | None,
+    rate: str | None,
     duration: int | None,
     texts: Path | None,
 ) -> None:
@@ -137,18 +144,32 @@ def bench(
         "--ca-file": ca_file,
         "--client-cert": client_cert,
         "--client-key": client_key,
+        "--concurrency": concurrency,
+        "--rate": rate,
         "--duration": duration,
         "--texts": texts,
     }
     if url is None:
         given = [name for name, value in remote_only.items() if value is not None]
-        if given or concurrency != "1,8,32":
-            raise click.UsageError(f"{', '.join(given) or '--concurrency'} goes with --url (a running server to load)")
+        if given:
+            raise click.UsageError(f"{', '.join(given)} goes with --url (a running server to load)")
     else:
         if with_pytorch:
             raise click.UsageError("--with-pytorch times PyTorch in this process; it does not go with --url")
         _bench_remote(
-            model, url, key_file, ca_file, client_cert, client_key, concurrency, duration, texts, quick, out, as_json
+            model,
+            url,
+            key_file,
+            ca_file,
+            client_cert,
+            client_key,
+            concurrency,
+            rate,
+            duration,
+            texts,
+            quick,
+            out,
+            as_json,
         )
         return
     from bench.common import Config
@@ -187,6 +208,19 @@ def _levels(text: str) -> list[int]:
     if not levels or any(not 1 <= c <= 1024 for c in levels):
         raise click.BadParameter(f"{text!r}: give client counts from 1 to 1024, comma-separated (e.g. 1,8,32)")
     return levels
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        rates = []
+    if not rates or any(not 0.1 <= r <= 100_000 for r in rates):
+        raise click.BadParameter(
+            f"{text!r}: give requests per second from 0.1 to 100000, comma-separated (e.g. 50,100,200)",
+            param_hint="--rate",
+        )
+    return rates
 
 
 def _api_key(key_file: Path | None) -> str | None:
@@ -241,7 +275,8 @@ def _bench_remote(
     ca_file: Path | None,
     client_cert: Path | None,
     client_key: Path | None,
-    concurrency: str,
+    concurrency: str | None,
+    rate: str | None,
     duration: int | None,
     texts: Path | None,
     quick: bool,
@@ -257,16 +292,18 @@ def _bench_remote(
     if client_key is not None and client_cert is None:
         raise click.UsageError("--client-key goes with --client-cert")
     target = Target(base, model, _api_key(key_file), ca_file, client_cert, client_key)
-    levels = _levels(concurrency)
+    if concurrency is not None and rate is not None:
+        raise click.UsageError("--concurrency (a closed loop) and --rate (an open loop) are two ways; give one")
+    levels = _levels(concurrency or "1,8,32")
+    rates = _rates(rate) if rate is not None else None
 
     def echo(line: str) -> None:
         click.echo(line, err=as_json)
 
     with tempfile.TemporaryDirectory(prefix="inferbox-bench-") as tmp:
         cfg = Config(out=out or Path(tmp), quick=quick, model=model)
-        result = run(
-            cfg, target, levels=levels, duration_s=duration, texts=read_texts(texts) if texts else None, echo=echo
-        )
+        sent = read_texts(texts) if texts else None
+        result = run(cfg, target, levels=levels, rates=rates, duration_s=duration, texts=sent, echo=echo)
     if as_json:
         json.dump(result, sys.stdout, indent=2, default=str)
         click.echo()
@@ -281,7 +318,7 @@ def _fail_unless_loaded(result: dict[str, Any]) -> None:
     """Exit 1 when a level got no answer or any request failed, naming where and the first error."""
     bad = []
     for row in result["rows"]:
-        where = f"{row['endpoint']} c={row['concurrency']}"
+        where = f"{row['endpoint']} " + (f"{row['rate']:g}/s" if "rate" in row else f"c={row['concurrency']}")
         if "skipped" in row:
             bad.append(f"{where}: {row['skipped']}")
         elif row.get("errors"):

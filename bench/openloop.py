@@ -1,0 +1,125 @@
+"""An open-loop load: requests start on a fixed schedule, whatever pace the answers come at.
+
+A closed loop (wrk, :func:`bench.http.closed_loop`) asks how much C clients get
+out of a server.  Capacity planning asks the other question: at R requests a
+second, how long does an answer take?  Here request ``i`` is due at
+``start + i / R`` and its latency counts from when it was due, not from when
+the client got round to sending it, so neither a client that fell behind nor a
+server that kept it waiting for a connection is hidden (coordinated omission).
+``late_ms_p99`` says how far behind the schedule the client itself started
+requests: when it is large, the client, not the server, set the pace.
+
+A request due while ``max_outstanding`` are still unanswered is not sent and
+counts as ``dropped``: at that rate the server does not keep up.  The client is
+:class:`bench.http1.Pool` (~10 times less CPU a request than httpx), since on
+an appliance without a network the load runs on the box it measures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from bench.common import percentile
+from bench.http1 import TRANSPORT_ERRORS, Pool
+
+__all__ = ["MAX_OUTSTANDING", "open_loop"]
+
+#: requests in flight at most; one more due is dropped
+MAX_OUTSTANDING = 512
+
+
+async def open_loop(
+    base_url: str,
+    path: str,
+    bodies: Sequence[bytes],
+    *,
+    headers: dict[str, str],
+    rate: float,
+    duration_s: float,
+    ssl_context: ssl.SSLContext | None = None,
+    max_outstanding: int = MAX_OUTSTANDING,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Any]:
+    """``POST base_url + path`` at ``rate`` requests a second for ``duration_s`` seconds, one
+    body after the other.
+
+    Returns the offered ``rate``, the achieved ``rps`` (answers over the time until the last
+    one), latency p50/p90/p99 (ms, from each request's due time), ``ok``, ``errors`` by status,
+    ``dropped``, ``late_ms_p99``, the client's own CPU per request (``client_cpu_ms``) and the
+    ``connections`` it opened.
+    """
+    if rate <= 0 or duration_s <= 0:
+        raise ValueError("rate and duration_s must be > 0")
+    pool = Pool(base_url, headers, ssl_context=ssl_context)
+    latencies: list[float] = []
+    lateness: list[float] = []
+    errors: dict[str, int] = {}
+    first_error: list[str] = []
+    outstanding = 0
+    dropped = 0
+    last_done = 0.0
+    scheduled = max(1, round(rate * duration_s))
+    cpu0 = time.process_time()
+
+    async def one(body: bytes, due: float) -> None:
+        nonlocal outstanding, last_done
+        lateness.append(clock() - due)
+        try:
+            answer = await pool.post(path, body)
+            status = str(answer.status)
+            if answer.status != 200 and not first_error:
+                first_error.append(f"{answer.status}: {answer.body[:300].decode('utf-8', 'replace')}")
+        except TRANSPORT_ERRORS as exc:
+            status = type(exc).__name__
+            if not first_error:
+                first_error.append(f"{status}: {exc}")
+        finally:
+            outstanding -= 1
+        done = clock()
+        last_done = max(last_done, done)
+        if status == "200":
+            latencies.append(done - due)
+        else:
+            errors[status] = errors.get(status, 0) + 1
+
+    start = clock()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for i in range(scheduled):
+            due = start + i / rate
+            wait = due - clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if outstanding >= max_outstanding:
+                dropped += 1
+                continue
+            outstanding += 1
+            tasks.append(asyncio.ensure_future(one(bodies[i % len(bodies)], due)))
+        await asyncio.gather(*tasks)
+    finally:
+        await pool.close()
+    elapsed = max(duration_s, last_done - start)
+    out: dict[str, Any] = {
+        "rate": rate,
+        "scheduled": scheduled,
+        "requests": len(tasks),
+        "ok": len(latencies),
+        "errors": errors,
+        "dropped": dropped,
+        "seconds": elapsed,
+        "rps": len(latencies) / elapsed,
+        "late_ms_p99": percentile(lateness, 99) * 1000 if lateness else 0.0,
+        "client_cpu_ms": 1000.0 * (time.process_time() - cpu0) / max(1, len(tasks)),
+        "connections": pool.opened,
+        "client": "open loop",
+    }
+    if latencies:
+        for q in (50, 90, 99):
+            out[f"p{q}_ms"] = percentile(latencies, q) * 1000
+    if first_error:
+        out["first_error"] = first_error[0]
+    return out

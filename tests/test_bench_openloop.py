@@ -1,0 +1,129 @@
+"""The open loop's client (:mod:`bench.http1`) and schedule (:mod:`bench.openloop`) against a
+small HTTP server run in the test, which answers in each of the ways a server may."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from bench.http1 import Pool
+from bench.openloop import open_loop
+
+Handler = Callable[[bytes, bytes], tuple[bytes, bool]]
+
+
+@asynccontextmanager
+async def server(answer: Handler, *, delay: float = 0.0) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """An HTTP/1.1 server on 127.0.0.1: ``answer(head, body)`` gives the raw answer and whether to
+    close the connection after it; yields its URL and the request heads it read."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+                body = await reader.readexactly(length)
+                heads.append(head)
+                if delay:
+                    await asyncio.sleep(delay)
+                raw, close = answer(head, body)
+                writer.write(raw)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    srv = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", heads
+    finally:
+        srv.close()
+
+
+def echo(head: bytes, body: bytes) -> tuple[bytes, bool]:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), False
+
+
+def test_the_client_reads_every_kind_of_answer_and_keeps_connections_it_may() -> None:
+    answers = {
+        b"/length": (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", False),
+        b"/chunked": (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n2\r\nde\r\n0\r\nT: 1\r\n\r\n",
+            False,
+        ),
+        b"/close": (b"HTTP/1.1 503 Busy\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbusy", True),
+        b"/until-eof": (b"HTTP/1.0 200 OK\r\n\r\nto the end", True),
+    }
+
+    def answer(head: bytes, body: bytes) -> tuple[bytes, bool]:
+        return answers[head.split(b" ")[1]]
+
+    async def main() -> tuple[list[tuple[int, bytes]], int, list[bytes]]:
+        async with server(answer) as (url, heads):
+            pool = Pool(url, {"Authorization": "Bearer k"})
+            got = []
+            for path in ("/length", "/chunked", "/length", "/close", "/length", "/until-eof", "/length"):
+                a = await pool.post(path, b'{"x": 1}')
+                got.append((a.status, a.body))
+            await pool.close()
+            return got, pool.opened, heads
+
+    got, opened, heads = asyncio.run(main())
+    assert got == [
+        (200, b"hello"), (200, b"abcde"), (200, b"hello"), (503, b"busy"),
+        (200, b"hello"), (200, b"to the end"), (200, b"hello"),
+    ]  # fmt: skip
+    assert opened == 3  # one kept alive through three answers, then a new one after each close
+    assert heads[0].startswith(b"POST /length HTTP/1.1\r\n") and b"\r\nAuthorization: Bearer k\r\n" in heads[0]
+    assert b"\r\nContent-Length: 8\r\n" in heads[0]
+    with pytest.raises(ValueError, match="line break"):
+        Pool("http://127.0.0.1:1", {"Authorization": "Bearer k\r\nX-Evil: 1"})
+
+
+def test_the_open_loop_keeps_its_schedule_and_counts_every_answer() -> None:
+    async def main() -> dict[str, object]:
+        async with server(echo) as (url, heads):
+            row = await open_loop(url, "/infer", [b"a", b"bb"], headers={}, rate=200, duration_s=0.5)
+            assert len(heads) == 100
+            return row
+
+    row = asyncio.run(main())
+    assert (row["scheduled"], row["requests"], row["ok"], row["errors"], row["dropped"]) == (100, 100, 100, {}, 0)
+    assert row["rps"] == pytest.approx(100 / row["seconds"])  # type: ignore[operator]
+    assert 1 <= row["connections"] <= 100  # type: ignore[operator]
+
+
+def test_the_open_loop_counts_latency_from_when_a_request_was_due_and_drops_past_its_limit() -> None:
+    """A server that takes a second: five requests fill the limit, the fifteen due meanwhile are
+    dropped, and the five answered count their full second from their due times."""
+
+    async def main() -> dict[str, object]:
+        async with server(echo, delay=1.0) as (url, _heads):
+            return await open_loop(url, "/slow", [b"x"], headers={}, rate=100, duration_s=0.2, max_outstanding=5)
+
+    row = asyncio.run(main())
+    assert (row["scheduled"], row["requests"], row["ok"], row["dropped"]) == (20, 5, 5, 15)
+    assert row["p50_ms"] >= 1000.0 and row["p99_ms"] >= row["p50_ms"]  # type: ignore[operator]
+
+
+def test_the_open_loop_names_an_answer_that_never_came() -> None:
+    async def main() -> dict[str, object]:
+        async with server(echo) as (url, _heads):
+            closed = url.rsplit(":", 1)[0] + ":1"  # nothing listens on port 1
+            return await open_loop(closed, "/", [b"x"], headers={}, rate=50, duration_s=0.1)
+
+    row = asyncio.run(main())
+    assert row["ok"] == 0 and row["errors"] == {"ConnectionRefusedError": 5}, row
+    assert "ConnectionRefusedError" in str(row["first_error"])
