@@ -11,7 +11,7 @@ requests: when it is large, the client, not the server, set the pace.
 
 A request due while ``max_outstanding`` are still unanswered is not sent and
 counts as ``dropped``: at that rate the server does not keep up.  The client is
-:class:`bench.http1.Pool` (~10 times less CPU a request than httpx), since on
+:class:`bench.http1.Pool` (a fifth or less of httpx's CPU a request), since on
 an appliance without a network the load runs on the box it measures.
 """
 
