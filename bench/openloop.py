@@ -18,8 +18,11 @@ an appliance without a network the load runs on the box it measures.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import ssl
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +30,8 @@ from bench.common import percentile
 from bench.http1 import TRANSPORT_ERRORS, Pool
 
 __all__ = ["MAX_OUTSTANDING", "open_loop"]
+
+logger = logging.getLogger(__name__)
 
 #: requests in flight at most; one more due is dropped
 MAX_OUTSTANDING = 512
@@ -52,17 +57,20 @@ async def open_loop(
     ``dropped``, ``late_ms_p99``, the client's own CPU per request (``client_cpu_ms``) and the
     ``connections`` it opened.
     """
-    if rate <= 0 or duration_s <= 0:
-        raise ValueError("rate and duration_s must be > 0")
+    scheduled = math.ceil(rate * duration_s - 1e-9)  # the requests due in [0, duration_s)
+    if rate <= 0 or scheduled < 1:
+        raise ValueError(f"{rate:g} requests/s in {duration_s:g} s is no request; raise the rate or the duration")
     pool = Pool(base_url, headers, ssl_context=ssl_context)
-    latencies: list[float] = []
-    lateness: list[float] = []
+    # 8 bytes a request (a long run at a high rate keeps millions of them)
+    latencies: array[float] = array("d")
+    lateness: array[float] = array("d")
     errors: dict[str, int] = {}
     first_error: list[str] = []
     outstanding = 0
     dropped = 0
+    sent = 0
     last_done = 0.0
-    scheduled = max(1, round(rate * duration_s))
+    running: set[asyncio.Task[None]] = set()
     cpu0 = time.process_time()
 
     async def one(body: bytes, due: float) -> None:
@@ -73,10 +81,12 @@ async def open_loop(
             status = str(answer.status)
             if answer.status != 200 and not first_error:
                 first_error.append(f"{answer.status}: {answer.body[:300].decode('utf-8', 'replace')}")
-        except TRANSPORT_ERRORS as exc:
+        except Exception as exc:  # a transport error, or any other: an error of this request, never a crash
             status = type(exc).__name__
             if not first_error:
                 first_error.append(f"{status}: {exc}")
+            if not isinstance(exc, TRANSPORT_ERRORS):
+                logger.exception("open loop: request failed")
         finally:
             outstanding -= 1
         done = clock()
@@ -87,33 +97,37 @@ async def open_loop(
             errors[status] = errors.get(status, 0) + 1
 
     start = clock()
-    tasks: list[asyncio.Task[None]] = []
     try:
         for i in range(scheduled):
             due = start + i / rate
-            wait = due - clock()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            # Yield even when behind: answers that came meanwhile are read and their
+            # requests leave ``outstanding``; never yielding, a client that fell behind
+            # would start requests up to the limit and then drop the rest itself.
+            await asyncio.sleep(max(0.0, due - clock()))
             if outstanding >= max_outstanding:
                 dropped += 1
                 continue
             outstanding += 1
-            tasks.append(asyncio.ensure_future(one(bodies[i % len(bodies)], due)))
-        await asyncio.gather(*tasks)
+            sent += 1
+            task = asyncio.ensure_future(one(bodies[i % len(bodies)], due))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        while running:
+            await asyncio.wait(set(running))
     finally:
         await pool.close()
     elapsed = max(duration_s, last_done - start)
     out: dict[str, Any] = {
         "rate": rate,
         "scheduled": scheduled,
-        "requests": len(tasks),
+        "requests": sent,
         "ok": len(latencies),
         "errors": errors,
         "dropped": dropped,
         "seconds": elapsed,
         "rps": len(latencies) / elapsed,
         "late_ms_p99": percentile(lateness, 99) * 1000 if lateness else 0.0,
-        "client_cpu_ms": 1000.0 * (time.process_time() - cpu0) / max(1, len(tasks)),
+        "client_cpu_ms": 1000.0 * (time.process_time() - cpu0) / max(1, sent),
         "connections": pool.opened,
         "client": "open loop",
     }

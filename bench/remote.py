@@ -511,6 +511,9 @@ def run(
         _probe(target, plan)
     duration = duration_s if duration_s is not None else cfg.pick(2, ROW_S)
     warmup = cfg.pick(1, WARMUP_S)
+    for r in rates or ():
+        if r * duration < 1:
+            raise BenchError(f"--rate {r:g}: no request would be due in {duration} s; raise the rate or --duration")
     scrape = _Scraper(target)
     params = meta.get("parameters") or {}
     client = "open loop" if rates else target.client()
@@ -527,8 +530,8 @@ def run(
     for plan in plans:
         for kind, level in steps:
             where = f"{plan.label} {level:g}/s" if kind == "rate" else f"{plan.label} c={level:g}"
-            if warmup > 0:
-                _step(target, plan, kind, level, warmup)
+            if warmup > 0:  # an open loop warms up for one request at least
+                _step(target, plan, kind, level, max(warmup, 1.0 / level) if kind == "rate" else warmup)
             before = scrape()
             row = _step(target, plan, kind, level, duration)
             after = scrape() if before is not None else None

@@ -205,6 +205,8 @@ def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path
         (("--url", server.url, "--rate", "0"), "requests per second from 0.1"),
         (("--url", server.url, "--rate", "5", "--concurrency", "2"), "two ways; give one"),
         (("--rate", "5"), "--rate goes with --url"),
+        (("--url", server.url, "--concurrency", ""), "client counts from 1 to 1024"),
+        (("--url", "http://b\u00fccher..example:8080"), "give the server's base URL"),
         (("--url", server.url, "--duration", "0"), "--duration"),
         (("--url", server.url, "--with-pytorch"), "does not go with --url"),
         (("--url", server.url, "--ca-file", str(two_keys)), "need an https:// --url"),
@@ -213,6 +215,10 @@ def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path
         (("--texts", str(two_keys)), "--texts goes with --url"),
     ):
         stopped(bench("minilm", *args), message)
+    slow = bench(
+        "minilm", "--url", server.url, "--rate", "0.2", "--duration", "2", env={"INFERBOX_API_KEY": server.key}
+    )
+    stopped(slow, "no request would be due in 2 s")
     https = server.url.replace("http://", "https://")
     stopped(
         bench("minilm", "--url", https, "--client-cert", str(cert)), "--client-cert / --client-key: cannot use them"

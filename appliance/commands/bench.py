@@ -249,7 +249,8 @@ def _base_url(url: str) -> str:
     try:
         parts = urlsplit(url.strip())
         _ = parts.port  # a port that is not a number raises ValueError
-    except ValueError:
+        (parts.hostname or "").encode("idna")  # nor can a name that has no DNS form be reached
+    except (ValueError, UnicodeError):
         parts = None
     if (
         parts is None
@@ -294,7 +295,7 @@ def _bench_remote(
     target = Target(base, model, _api_key(key_file), ca_file, client_cert, client_key)
     if concurrency is not None and rate is not None:
         raise click.UsageError("--concurrency (a closed loop) and --rate (an open loop) are two ways; give one")
-    levels = _levels(concurrency or "1,8,32")
+    levels = _levels(concurrency if concurrency is not None else "1,8,32")
     rates = _rates(rate) if rate is not None else None
 
     def echo(line: str) -> None:
