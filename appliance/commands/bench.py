@@ -137,7 +137,8 @@ def bench(
     texts: Path | None,
 ) -> None:
     """Time every admissible (backend, variant, precision) of MODEL here and print the table;
-    with --url, load a running server instead (requests/s and latency per concurrency level)."""
+    with --url, load a running server instead: requests/s and latency per concurrency level, or
+    latency at a given load with --rate."""
     _import_bench()
     remote_only = {
         "--key-file": key_file,
