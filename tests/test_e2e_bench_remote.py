@@ -205,6 +205,7 @@ def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path
         (("--url", server.url, "--rate", "0"), "requests per second from 0.1"),
         (("--url", server.url, "--rate", "5", "--concurrency", "2"), "two ways; give one"),
         (("--rate", "5"), "--rate goes with --url"),
+        (("--url", server.url, "--home", str(tmp_path)), "--home / --repository pick a local package"),
         (("--url", server.url, "--concurrency", ""), "client counts from 1 to 1024"),
         (("--url", "http://b\u00fccher..example:8080"), "give the server's base URL"),
         (("--url", server.url, "--duration", "0"), "--duration"),

@@ -157,6 +157,8 @@ def bench(
     else:
         if with_pytorch:
             raise click.UsageError("--with-pytorch times PyTorch in this process; it does not go with --url")
+        if home is not None or repository is not None:
+            raise click.UsageError("--home / --repository pick a local package; --url loads a server: leave them out")
         _bench_remote(
             model,
             url,
