@@ -151,6 +151,9 @@ class AuditLog:
         self._handover: dict[asyncio.AbstractEventLoop, list[_Item]] = {}
         self._handover_lock = threading.Lock()
         self._closed = False
+        #: set (under _handover_lock) when close() begins: no record is taken after it, so none
+        #: can reach the queue after the writer has stopped and wait there for ever
+        self._closing = False
 
     @classmethod
     def open(cls, settings: Settings, **kwargs: object) -> AuditLog:
@@ -218,6 +221,8 @@ class AuditLog:
         # writer together: one wake-up of its thread per group instead of one per request.
         # At ~330 req/s it woke ~490 times a second, each time pre-empting an inference thread.
         with self._handover_lock:
+            if self._closing:
+                raise AuditError("the audit log is closing (the service is stopping); the record was not taken")
             pending = self._handover.setdefault(loop, [])
             pending.append(_Item(event, loop=loop, afuture=fut))
             first = len(pending) == 1
@@ -257,6 +262,8 @@ class AuditLog:
             return outcome
         fut: concurrent.futures.Future[int] = concurrent.futures.Future()
         with self._handover_lock:
+            if self._closing:
+                raise AuditError("the audit log is closing (the service is stopping); the record was not taken")
             self._pending += 1
         self._queue.put(_Item(event, future=fut))
         return fut.result()
@@ -268,6 +275,8 @@ class AuditLog:
         with self._lock:
             self._connection()
         self._closed = False
+        with self._handover_lock:
+            self._closing = False
         self._thread = named_thread(self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -276,6 +285,8 @@ class AuditLog:
         if self._closed:
             return
         if self._thread is not None:
+            with self._handover_lock:
+                self._closing = True
             self._hand_over()  # records of a loop iteration still running go before the stop
             self._queue.put(_STOP)
             self._thread.join()

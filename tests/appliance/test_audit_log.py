@@ -82,6 +82,47 @@ def test_the_logs_figures_count_records_commits_and_the_records_still_waiting(
     log.close()
 
 
+def test_a_record_that_arrives_while_the_log_closes_is_refused_not_left_waiting(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """Between the writer's stop and the log's closed state a record used to be taken and never
+    written: its request waited for ever.  Now it is refused at once (the API answers 503)."""
+    log = _log(tmp_path, key)
+    log.start()
+    assert log.append(T.event(0)) == 1
+    outcomes: list[object] = []
+    writer = log._thread
+    assert writer is not None
+    stop_writer = writer.join
+
+    async def late() -> None:
+        try:
+            outcomes.append(await asyncio.wait_for(log.record_seq(T.event(1)), 2))
+        except (AuditError, TimeoutError) as exc:
+            outcomes.append(exc)
+
+    def late_append() -> None:
+        try:
+            outcomes.append(log.append(T.event(2)))
+        except AuditError as exc:
+            outcomes.append(exc)
+
+    def join_then_record(timeout: float | None = None) -> None:
+        stop_writer(timeout)  # the writer has stopped; close() has not finished
+        asyncio.run(late())
+        sync = threading.Thread(target=late_append, daemon=True)
+        sync.start()
+        sync.join(2)
+
+    writer.join = join_then_record  # type: ignore[method-assign]
+    log.close()
+    assert len(outcomes) == 2 and all(isinstance(o, AuditError) for o in outcomes), outcomes
+    assert "closing" in str(outcomes[0])
+    log.start()  # a log started again takes records again
+    assert log.append(T.event(3)) == 2
+    log.close()
+
+
 def test_one_loop_iteration_of_records_reaches_the_writer_as_one_group(tmp_path: Path, key: Ed25519PrivateKey) -> None:
     """The answers of one batch are recorded in one loop iteration: they reach the writer's queue
     as one item, so its thread wakes once for them (each wake-up pre-empted an inference thread)."""
