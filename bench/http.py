@@ -23,6 +23,12 @@ arrival order costs against sorting the whole corpus.  ``server_cpu_ms`` is the
 server process's CPU time per request, which the client sharing the box does
 not change.
 
+An informative fourth view (no target): the open loop (:mod:`bench.openloop`)
+on ``/v1/embeddings`` at :data:`OPEN_FRACTIONS` of the c=32 row's requests/s,
+latency counted from when each request was due: what an answer takes at a
+given share of the server's capacity, the figure a service-level objective is
+written in.
+
 The target line (c=32 >= 0.85 of in-process) is judged on a third measurement,
 :func:`alternate`: the server at c=32 on ``/v1/embeddings`` and the in-process
 reference in turn, in short windows (server, in-process, in-process, server,
@@ -643,6 +649,7 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
             except Exception as exc:  # the rows still count; the target then falls back to the c=32 row
                 logger.warning("alternating server / in-process windows failed: %s", exc)
                 result["alternating"] = skipped(f"{type(exc).__name__}: {exc}")
+            result["open_loop"] = _open_loop(cfg, srv, package.name, texts, result["rows"])
     except Exception as exc:
         logger.warning("http bench failed: %s", exc)
         result.update(skipped(f"{type(exc).__name__}: {exc}"))
@@ -675,6 +682,62 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
     ) or str(cfg.out / "http.png")
     write_json(cfg.out / "http.json", result)
     return result
+
+
+#: the open loop's rates, as shares of the c=32 closed-loop row's requests/s on /v1/embeddings
+OPEN_FRACTIONS = (0.5, 0.8)
+OPEN_COLUMNS = (
+    "fraction",
+    "rate",
+    "rps",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "ok",
+    "dropped",
+    "late_ms_p99",
+    "client_cpu_ms",
+)
+
+
+def _open_loop(
+    cfg: Config, srv: Any, model: str, texts: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """The open loop at :data:`OPEN_FRACTIONS` of the c=32 row's rate (a warm-up, then a row each)."""
+    from bench.openloop import open_loop
+
+    c32 = next(
+        (r for r in rows if r.get("endpoint") == "/v1/embeddings" and r.get("concurrency") == 32 and not is_skipped(r)),
+        None,
+    )
+    if c32 is None or not c32.get("rps"):
+        return skipped("no c=32 row on /v1/embeddings to take the rates from")
+    bodies = [request_body("/v1/embeddings", model, t) for t in texts]
+    duration, warmup = cfg.pick(2.0, ROW_S), cfg.pick(1.0, WARMUP_S)
+    out: list[dict[str, Any]] = []
+    try:
+        for fraction in OPEN_FRACTIONS:
+            rate = round(fraction * float(c32["rps"]), 1)
+
+            def load(seconds: float, rate: float = rate) -> dict[str, Any]:
+                return run_loop(
+                    open_loop(
+                        srv.base_url, "/v1/embeddings", bodies, headers=srv.headers, rate=rate, duration_s=seconds
+                    )
+                )
+
+            load(warmup)
+            row = load(duration)
+            print(
+                f"  open loop {fraction:.0%} of c=32 ({rate}/s): {row['rps']:.1f} answered/s, "
+                f"p50 {row.get('p50_ms', 0):.1f} ms, p99 {row.get('p99_ms', 0):.1f} ms, dropped {row['dropped']}",
+                flush=True,
+            )
+            out.append({"fraction": fraction, **row})
+    except Exception as exc:  # informative only: the closed-loop rows and the target stand without it
+        logger.warning("open loop failed: %s", exc)
+        return skipped(f"{type(exc).__name__}: {exc}")
+    return {"closed_loop_c32_rps": c32["rps"], "rows": out, "table": format_table(OPEN_COLUMNS, out)}
 
 
 def _cpu_of(pid: int) -> Callable[[], float | None] | None:

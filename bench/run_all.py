@@ -182,6 +182,24 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _open_loop_section(open_loop: Any) -> list[str]:
+    """The HTTP part's open loop (no target): latency at shares of the closed loop's c=32 rate."""
+    from bench.http import OPEN_COLUMNS
+
+    if not isinstance(open_loop, dict):
+        return []
+    if is_skipped(open_loop):
+        return [f"Open loop: skipped ({open_loop['skipped']}).", ""]
+    return [
+        "Open loop on /v1/embeddings (no target; requests on a fixed schedule at a share of the c=32 closed "
+        f"loop's {open_loop['closed_loop_c32_rps']:.1f} requests/s, latency counted from when each was due; "
+        "the client shares the box's CPU, `client_cpu_ms`):",
+        "",
+        markdown_table(OPEN_COLUMNS, open_loop.get("rows") or []),
+        "",
+    ]
+
+
 def _http_context(c32: dict[str, Any] | None) -> str:
     """The c=32 row's load client (a Python client shares the cores with the server) and its
     ratio to the same 32 single-text callers through the server's batching in process."""
@@ -401,6 +419,7 @@ def render_readme(report: dict[str, Any]) -> str:
         ]
     elif isinstance(alternating, dict) and "skipped" in alternating:
         lines += [f"Server and in-process in turn: skipped ({alternating['skipped']}).", ""]
+    lines += _open_loop_section(_get(parts, "http", "open_loop"))
     lines += _section(
         "Audit on / off (POST /v1/embeddings, c=32; four live servers, short windows in turn)",
         parts.get("audit_onoff"),

@@ -814,6 +814,54 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
     assert "c=32 340.0 items/s (5.00 CPU ms; 380.0 before the server runs, 300.0 after)" in page
     assert "order server inprocess inprocess server): server 90.0, 95.0 items/s; in-process 100.0, 100.0" in page
     assert "ratio of the means 0.925" in page
+    assert "Open loop" not in page  # a run without one says nothing of it
+    parts["http"]["open_loop"] = {  # type: ignore[index]
+        "closed_loop_c32_rps": 400.0,
+        "rows": [{"fraction": 0.5, "rate": 200.0, "rps": 199.5, "p50_ms": 9.0, "p99_ms": 31.0, "dropped": 0}],
+    }
+    page = run_all.render_readme(report)
+    assert "at a share of the c=32 closed loop's 400.0 requests/s" in page
+    assert "| 0.5 | 200 | 200 | 9.00 | - | 31.00 | - | 0 |" in page
+    parts["http"]["open_loop"] = common.skipped("no c=32 row")  # type: ignore[index]
+    assert "Open loop: skipped (no c=32 row)." in run_all.render_readme(report)
+
+
+def test_the_http_parts_open_loop_runs_at_shares_of_the_c32_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a small threaded HTTP server: the rates follow the c=32 row, every request due is
+    answered, and without a c=32 row the view is skipped with its reason."""
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        srv = SimpleNamespace(base_url=f"http://127.0.0.1:{httpd.server_address[1]}", headers={})
+        monkeypatch.setattr(bench_http, "OPEN_FRACTIONS", (0.5,))
+        cfg = common.Config(out=tmp_path, quick=True)
+        rows = [{"endpoint": "/v1/embeddings", "concurrency": 32, "rps": 41.0}]
+        got = bench_http._open_loop(cfg, srv, "m", ["a text"], rows)
+        (row,) = got["rows"]
+        assert (row["fraction"], row["rate"], row["ok"], row["dropped"], row["errors"]) == (0.5, 20.5, 41, 0, {})
+        assert got["closed_loop_c32_rps"] == 41.0 and "p99_ms" in got["table"]
+        assert "no c=32 row" in bench_http._open_loop(cfg, srv, "m", ["x"], rows[:0])["skipped"]
+    finally:
+        httpd.shutdown()
 
 
 def _level(items_per_s: float) -> dict[str, float]:
