@@ -24,6 +24,7 @@ from typing import Any
 
 from api.metrics import Metrics
 from api.protocols import AuditEvent, AuditSink, Principal
+from runtime.errors import AuditError
 
 __all__ = ["RequestContext", "client_certificate", "context_of", "envelope", "utc_iso"]
 
@@ -205,8 +206,15 @@ def envelope(
             if audit is not None and not _unaudited(scope, status):
                 try:
                     await audit.record(_event(ctx, audit, status, body, clock()))
+                except AuditError as exc:  # a refusal that names its reason (closing, a bad field)
+                    logger.warning("audit record refused for request %s (%s); answering 503", request_id, exc)
+                    refused = True
                 except Exception:
                     logger.exception("audit record failed for request %s; answering 503", request_id)
+                    refused = True
+                else:
+                    refused = False
+                if refused:
                     status = 503
                     body = _error(
                         scope, 503, f"the audit log cannot be written; request refused (request id {request_id})"

@@ -152,8 +152,10 @@ class AuditLog:
         self._handover_lock = threading.Lock()
         self._closed = False
         #: set (under _handover_lock) when close() begins: no record is taken after it, so none
-        #: can reach the queue after the writer has stopped and wait there for ever
+        #: can reach the queue after the writer has stopped and wait there for ever.  Every put on
+        #: the queue happens under that lock too, so none can slip in behind the stop marker
         self._closing = False
+        self._close_lock = threading.Lock()
 
     @classmethod
     def open(cls, settings: Settings, **kwargs: object) -> AuditLog:
@@ -213,7 +215,9 @@ class AuditLog:
         await self.record_seq(event)
 
     async def record_seq(self, event: AuditEvent) -> int:
-        if self._thread is None or self._closed:
+        if self._closed:
+            raise AuditError("the audit log is closed (the service is stopping); the record was not taken")
+        if self._thread is None:
             raise AuditError("the audit log is not started; call AuditLog.start() (the app lifespan does)")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
@@ -234,11 +238,14 @@ class AuditLog:
     def _hand_over(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Queue the waiting records of ``loop`` (every loop when None) as one group each."""
         with self._handover_lock:
-            loops = [loop] if loop is not None else list(self._handover)
-            groups = [self._handover.pop(lp, []) for lp in loops]
-        for group in groups:
+            self._hand_over_locked(loop)
+
+    def _hand_over_locked(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        loops = [loop] if loop is not None else list(self._handover)
+        for lp in loops:
+            group = self._handover.pop(lp, [])
             if group:
-                self._queue.put(group)
+                self._queue.put(group)  # never blocks (an unbounded queue)
 
     def stats(self) -> AuditStats:
         """What this writer's appends have done since it opened: records, their transactions and
@@ -265,7 +272,7 @@ class AuditLog:
             if self._closing:
                 raise AuditError("the audit log is closing (the service is stopping); the record was not taken")
             self._pending += 1
-        self._queue.put(_Item(event, future=fut))
+            self._queue.put(_Item(event, future=fut))
         return fut.result()
 
     def start(self) -> None:
@@ -282,14 +289,19 @@ class AuditLog:
 
     def close(self) -> None:
         """Drain the queue, write a checkpoint (clean shutdown) and close the database."""
+        with self._close_lock:  # a second caller waits, then finds it closed
+            self._close()
+
+    def _close(self) -> None:
         if self._closed:
             return
-        if self._thread is not None:
+        writer = self._thread
+        if writer is not None:
             with self._handover_lock:
                 self._closing = True
-            self._hand_over()  # records of a loop iteration still running go before the stop
-            self._queue.put(_STOP)
-            self._thread.join()
+                self._hand_over_locked()  # records of a loop iteration still running go before the stop
+                self._queue.put(_STOP)
+            writer.join()
             self._thread = None
         self._closed = True
         with self._read_lock:

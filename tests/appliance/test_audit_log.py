@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import stat
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,45 @@ def test_a_record_that_arrives_while_the_log_closes_is_refused_not_left_waiting(
     assert "closing" in str(outcomes[0])
     log.start()  # a log started again takes records again
     assert log.append(T.event(3)) == 2
+    log.close()
+
+
+def test_two_closes_at_once_stop_the_writer_once_and_a_new_start_writes_again(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    log = _log(tmp_path, key)
+    log.start()
+    assert log.append(T.event(0)) == 1
+    errors: list[BaseException] = []
+    writer_thread = log._thread
+    assert writer_thread is not None
+    stop_writer = writer_thread.join
+
+    def slow_join(timeout: float | None = None) -> None:
+        time.sleep(0.2)  # the second closer arrives while the first waits for the writer
+        stop_writer(timeout)
+
+    writer_thread.join = slow_join  # type: ignore[method-assign]
+
+    def close() -> None:
+        try:
+            log.close()
+        except BaseException as exc:  # what a second closer met is the finding
+            errors.append(exc)
+
+    closers = [threading.Thread(target=close) for _ in range(2)]
+    for t in closers:
+        t.start()
+        time.sleep(0.05)
+    for t in closers:
+        t.join(10)
+    assert errors == [] and not any(t.is_alive() for t in closers)
+    log.start()  # no second stop marker left behind for the new writer
+    seqs: list[int] = []
+    writer = threading.Thread(target=lambda: seqs.append(log.append(T.event(1))), daemon=True)
+    writer.start()
+    writer.join(10)
+    assert seqs == [2]
     log.close()
 
 
