@@ -694,6 +694,7 @@ OPEN_COLUMNS = (
     "p90_ms",
     "p99_ms",
     "ok",
+    "errors",
     "dropped",
     "late_ms_p99",
     "client_cpu_ms",
@@ -703,7 +704,11 @@ OPEN_COLUMNS = (
 def _open_loop(
     cfg: Config, srv: Any, model: str, texts: Sequence[str], rows: Sequence[dict[str, Any]]
 ) -> dict[str, Any]:
-    """The open loop at :data:`OPEN_FRACTIONS` of the c=32 row's rate (a warm-up, then a row each)."""
+    """The open loop at :data:`OPEN_FRACTIONS` of the c=32 row's rate (a warm-up, then a row each).
+
+    A row in which any request failed is that failure with its reason, not numbers (the
+    percentiles of the answers that came would hide the rest); a failed warm-up ends the view
+    (a dead or hung server would cost each load the client's timeout)."""
     from bench.openloop import open_loop
 
     c32 = next(
@@ -720,14 +725,24 @@ def _open_loop(
             rate = round(fraction * float(c32["rps"]), 1)
 
             def load(seconds: float, rate: float = rate) -> dict[str, Any]:
-                return run_loop(
+                # plain asyncio, as `inferbox bench --url --rate` runs it: the same client CPU figures
+                return asyncio.run(
                     open_loop(
                         srv.base_url, "/v1/embeddings", bodies, headers=srv.headers, rate=rate, duration_s=seconds
                     )
                 )
 
-            load(warmup)
+            failure = row_failure(load(warmup), any_error=True)
+            if failure is not None:
+                out.append({"fraction": fraction, "rate": rate, **skipped(f"warming up: {failure}")})
+                print(f"  open loop {fraction:.0%} of c=32: warming up failed: {failure}", flush=True)
+                break
             row = load(duration)
+            failure = row_failure(row, any_error=True)
+            if failure is not None:
+                out.append({"fraction": fraction, "rate": rate, **skipped(failure)})
+                print(f"  open loop {fraction:.0%} of c=32: {failure}", flush=True)
+                continue
             print(
                 f"  open loop {fraction:.0%} of c=32 ({rate}/s): {row['rps']:.1f} answered/s, "
                 f"p50 {row.get('p50_ms', 0):.1f} ms, p99 {row.get('p99_ms', 0):.1f} ms, dropped {row['dropped']}",
@@ -737,7 +752,8 @@ def _open_loop(
     except Exception as exc:  # informative only: the closed-loop rows and the target stand without it
         logger.warning("open loop failed: %s", exc)
         return skipped(f"{type(exc).__name__}: {exc}")
-    return {"closed_loop_c32_rps": c32["rps"], "rows": out, "table": format_table(OPEN_COLUMNS, out)}
+    measured = [r for r in out if not is_skipped(r)]
+    return {"closed_loop_c32_rps": c32["rps"], "rows": out, "table": format_table(OPEN_COLUMNS, measured)}
 
 
 def _cpu_of(pid: int) -> Callable[[], float | None] | None:

@@ -195,7 +195,13 @@ def _open_loop_section(open_loop: Any) -> list[str]:
         f"loop's {open_loop['closed_loop_c32_rps']:.1f} requests/s, latency counted from when each was due; "
         "the client shares the box's CPU, `client_cpu_ms`):",
         "",
-        markdown_table(OPEN_COLUMNS, open_loop.get("rows") or []),
+        markdown_table(OPEN_COLUMNS, [r for r in open_loop.get("rows") or [] if not is_skipped(r)]),
+        "",
+        *[
+            f"- open loop at {r['fraction']:.0%} ({r['rate']}/s): not measured: {r['skipped']}"
+            for r in open_loop.get("rows") or []
+            if is_skipped(r)
+        ],
         "",
     ]
 

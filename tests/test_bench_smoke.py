@@ -821,7 +821,9 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
     }
     page = run_all.render_readme(report)
     assert "at a share of the c=32 closed loop's 400.0 requests/s" in page
-    assert "| 0.5 | 200 | 200 | 9.00 | - | 31.00 | - | 0 |" in page
+    assert "| 0.5 | 200 | 200 | 9.00 | - | 31.00 | - | - | 0 |" in page
+    parts["http"]["open_loop"]["rows"].append({"fraction": 0.8, "rate": 320.0, **common.skipped("503 x 4")})  # type: ignore[index]
+    assert "- open loop at 80% (320.0/s): not measured: 503 x 4" in run_all.render_readme(report)
     parts["http"]["open_loop"] = common.skipped("no c=32 row")  # type: ignore[index]
     assert "Open loop: skipped (no c=32 row)." in run_all.render_readme(report)
 
@@ -860,8 +862,20 @@ def test_the_http_parts_open_loop_runs_at_shares_of_the_c32_rate(
         assert (row["fraction"], row["rate"], row["ok"], row["dropped"], row["errors"]) == (0.5, 20.5, 41, 0, {})
         assert got["closed_loop_c32_rps"] == 41.0 and "p99_ms" in got["table"]
         assert "no c=32 row" in bench_http._open_loop(cfg, srv, "m", ["x"], rows[:0])["skipped"]
+        # a server that is gone: the warm-up's failure is the view's, with its reason, and the
+        # next share is not tried
+        monkeypatch.setattr(bench_http, "OPEN_FRACTIONS", (0.5, 0.8))
+        port = httpd.server_address[1]
+        httpd.shutdown()
+        httpd.server_close()
+        gone = bench_http._open_loop(
+            cfg, SimpleNamespace(base_url=f"http://127.0.0.1:{port}", headers={}), "m", ["x"], rows
+        )
+        (row,) = gone["rows"]
+        assert "warming up: no successful request: ConnectionRefusedError" in row["skipped"], row
     finally:
         httpd.shutdown()
+        httpd.server_close()
 
 
 def _level(items_per_s: float) -> dict[str, float]:
