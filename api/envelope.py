@@ -206,15 +206,11 @@ def envelope(
             if audit is not None and not _unaudited(scope, status):
                 try:
                     await audit.record(_event(ctx, audit, status, body, clock()))
-                except AuditError as exc:  # a refusal that names its reason (closing, a bad field)
-                    logger.warning("audit record refused for request %s (%s); answering 503", request_id, exc)
-                    refused = True
-                except Exception:
-                    logger.exception("audit record failed for request %s; answering 503", request_id)
-                    refused = True
-                else:
-                    refused = False
-                if refused:
+                except Exception as exc:
+                    if isinstance(exc, AuditError):  # a refusal that names its reason (closing, a bad field)
+                        logger.warning("audit record refused for request %s (%s); answering 503", request_id, exc)
+                    else:
+                        logger.exception("audit record failed for request %s; answering 503", request_id)
                     status = 503
                     body = _error(
                         scope, 503, f"the audit log cannot be written; request refused (request id {request_id})"

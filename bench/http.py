@@ -64,6 +64,7 @@ from bench.common import (
     write_json,
 )
 from bench.corpus import mixed_corpus
+from bench.openloop import COLUMNS as OPEN_LOOP_COLUMNS
 
 __all__ = [
     "ENDPOINTS",
@@ -686,19 +687,7 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
 
 #: the open loop's rates, as shares of the c=32 closed-loop row's requests/s on /v1/embeddings
 OPEN_FRACTIONS = (0.5, 0.8)
-OPEN_COLUMNS = (
-    "fraction",
-    "rate",
-    "rps",
-    "p50_ms",
-    "p90_ms",
-    "p99_ms",
-    "ok",
-    "errors",
-    "dropped",
-    "late_ms_p99",
-    "client_cpu_ms",
-)
+OPEN_COLUMNS = ("fraction", *OPEN_LOOP_COLUMNS)
 
 
 def _open_loop(

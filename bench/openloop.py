@@ -29,12 +29,14 @@ from typing import Any
 from bench.common import percentile
 from bench.http1 import TRANSPORT_ERRORS, Pool
 
-__all__ = ["MAX_OUTSTANDING", "open_loop"]
+__all__ = ["COLUMNS", "MAX_OUTSTANDING", "open_loop"]
 
 logger = logging.getLogger(__name__)
 
 #: requests in flight at most; one more due is dropped
 MAX_OUTSTANDING = 512
+#: the figures of an :func:`open_loop` row, in the order a table shows them
+COLUMNS = ("rate", "rps", "p50_ms", "p90_ms", "p99_ms", "ok", "errors", "dropped", "late_ms_p99", "client_cpu_ms")
 
 
 async def open_loop(

@@ -50,6 +50,7 @@ from typing import Any
 from bench import wrk
 from bench.common import Config, format_table, skipped, write_json
 from bench.http import closed_loop, request_body, row_failure
+from bench.openloop import COLUMNS as OPEN_LOOP_COLUMNS
 from bench.openloop import open_loop
 from runtime.errors import BenchError
 
@@ -59,6 +60,7 @@ __all__ = [
     "Target",
     "check_key",
     "error_message",
+    "level_name",
     "metrics_delta",
     "parse_metrics",
     "plans_for",
@@ -452,40 +454,18 @@ def _step(target: Target, plan: Plan, kind: str, level: float, seconds: float) -
     return _load(target, plan, int(level), seconds)
 
 
-#: the open loop's columns
-RATE_COLUMNS = (
-    "endpoint",
-    "rate",
-    "rps",
-    "p50_ms",
-    "p90_ms",
-    "p99_ms",
-    "ok",
-    "errors",
-    "dropped",
-    "late_ms_p99",
-    "client_cpu_ms",
-    "batch_rows_mean",
-    "queue_ms_mean",
-    "server_cpu_ms",
-    "audit_records_per_commit",
-    "audit_commit_ms",
-)
-COLUMNS = (
-    "endpoint",
-    "concurrency",
-    "rps",
-    "items_per_s",
-    "p50_ms",
-    "p99_ms",
-    "ok",
-    "errors",
-    "batch_rows_mean",
-    "queue_ms_mean",
-    "server_cpu_ms",
-    "audit_records_per_commit",
-    "audit_commit_ms",
-)
+#: what the server did meanwhile (:func:`metrics_delta`), after each row's own figures
+SERVER_COLUMNS = ("batch_rows_mean", "queue_ms_mean", "server_cpu_ms", "audit_records_per_commit", "audit_commit_ms")
+#: the closed loop's table, and the open loop's
+COLUMNS = ("endpoint", "concurrency", "rps", "items_per_s", "p50_ms", "p99_ms", "ok", "errors", *SERVER_COLUMNS)
+RATE_COLUMNS = ("endpoint", *OPEN_LOOP_COLUMNS, *SERVER_COLUMNS)
+
+
+def level_name(row: Mapping[str, Any]) -> str:
+    """Where a row was measured, for messages: ``<endpoint> c=<clients>`` or ``<endpoint> <rate>/s``."""
+    if "rate" in row:
+        return f"{row['endpoint']} {row['rate']:g}/s"
+    return f"{row['endpoint']} c={row['concurrency']}"
 
 
 def run(
@@ -529,7 +509,7 @@ def run(
     rows: list[dict[str, Any]] = []
     for plan in plans:
         for kind, level in steps:
-            where = f"{plan.label} {level:g}/s" if kind == "rate" else f"{plan.label} c={level:g}"
+            where = level_name({"endpoint": plan.label, kind: int(level) if kind == "concurrency" else level})
             if warmup > 0:  # an open loop warms up for one request at least
                 _step(target, plan, kind, level, max(warmup, 1.0 / level) if kind == "rate" else warmup)
             before = scrape()

@@ -203,27 +203,17 @@ def bench(
     _fail_unless_measured(model, result)
 
 
-def _levels(text: str) -> list[int]:
+def _numbers(text: str, kind: type[float], low: float, high: float, what: str, option: str, example: str) -> list[Any]:
+    """Comma-separated numbers of ``kind`` within ``[low, high]``, or a usage error naming ``option``."""
     try:
-        levels = [int(part) for part in text.split(",") if part.strip()]
+        values = [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        levels = []
-    if not levels or any(not 1 <= c <= 1024 for c in levels):
-        raise click.BadParameter(f"{text!r}: give client counts from 1 to 1024, comma-separated (e.g. 1,8,32)")
-    return levels
-
-
-def _rates(text: str) -> list[float]:
-    try:
-        rates = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        rates = []
-    if not rates or any(not 0.1 <= r <= 100_000 for r in rates):
+        values = []
+    if not values or any(not low <= v <= high for v in values):
         raise click.BadParameter(
-            f"{text!r}: give requests per second from 0.1 to 100000, comma-separated (e.g. 50,100,200)",
-            param_hint="--rate",
+            f"{text!r}: give {what} from {low:g} to {high:g}, comma-separated (e.g. {example})", param_hint=option
         )
-    return rates
+    return values
 
 
 def _api_key(key_file: Path | None) -> str | None:
@@ -298,8 +288,9 @@ def _bench_remote(
     target = Target(base, model, _api_key(key_file), ca_file, client_cert, client_key)
     if concurrency is not None and rate is not None:
         raise click.UsageError("--concurrency (a closed loop) and --rate (an open loop) are two ways; give one")
-    levels = _levels(concurrency if concurrency is not None else "1,8,32")
-    rates = _rates(rate) if rate is not None else None
+    clients = concurrency if concurrency is not None else "1,8,32"
+    levels = _numbers(clients, int, 1, 1024, "client counts", "--concurrency", "1,8,32")
+    rates = _numbers(rate, float, 0.1, 100_000, "requests per second", "--rate", "50,100,200") if rate else None
 
     def echo(line: str) -> None:
         click.echo(line, err=as_json)
@@ -320,9 +311,11 @@ def _bench_remote(
 
 def _fail_unless_loaded(result: dict[str, Any]) -> None:
     """Exit 1 when a level got no answer or any request failed, naming where and the first error."""
+    from bench.remote import level_name
+
     bad = []
     for row in result["rows"]:
-        where = f"{row['endpoint']} " + (f"{row['rate']:g}/s" if "rate" in row else f"c={row['concurrency']}")
+        where = level_name(row)
         if "skipped" in row:
             bad.append(f"{where}: {row['skipped']}")
         elif row.get("errors"):
