@@ -7,14 +7,16 @@ log, its settings.  This part only sends requests:
 1. ``GET /v2/models/MODEL`` with the key: the model's inputs and task, and a
    clear error before any load when the server is not there, refuses the key,
    or does not serve the model;
-2. one request per endpoint, which must answer 200 (else the server's own
-   message is the error);
+2. ``PROBES`` requests per endpoint, one after the other, each of which must
+   answer 200 (else the server's own message is the error);
 3. per endpoint and concurrency level, a warm-up and then a closed loop of C
    clients (each sends its next request when the last one answered) for
    ``duration_s`` seconds: requests/s, items/s, p50/p99 latency, errors; or,
    given ``rates``, an open loop per rate (:mod:`bench.openloop`: requests on
    a fixed schedule, latency from when each was due), which says what an
-   answer takes at a given load, the figure capacity planning needs.
+   answer takes at a given load, the figure capacity planning needs; given a
+   p99 target, each rate is judged against it, or, without ``rates``, the
+   highest rate that keeps it is searched (:mod:`bench.capacity`).
 
 Endpoints: a text model gets one text per request on ``/v2/models/M/infer``
 (one BYTES input) and, for an embedding model, on ``/v1/embeddings``; the
@@ -47,7 +49,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from bench import wrk
+from bench import capacity, wrk
 from bench.common import Config, format_table, skipped, write_json
 from bench.http import closed_loop, request_body, row_failure
 from bench.openloop import COLUMNS as OPEN_LOOP_COLUMNS
@@ -55,9 +57,12 @@ from bench.openloop import open_loop
 from runtime.errors import BenchError
 
 __all__ = [
+    "CAPACITY_COLUMNS",
     "LEVELS",
+    "MAX_RATE",
     "Plan",
     "Target",
+    "capacity_line",
     "check_key",
     "error_message",
     "level_name",
@@ -67,6 +72,7 @@ __all__ = [
     "preflight",
     "read_texts",
     "run",
+    "start_rate",
     "tensor_bodies",
 ]
 
@@ -77,6 +83,11 @@ ROW_S = 10
 WARMUP_S = 2
 #: distinct request bodies of a tensor model (random rows)
 TENSOR_BODIES = 16
+#: requests per endpoint before any load: each must answer 200; the later ones' latency is where a
+#: capacity search starts
+PROBES = 5
+#: the capacity search's ceiling unless the operator gives one (requests/s)
+MAX_RATE = 10_000.0
 
 #: the route template of ``/v2/models/<name>/infer`` in the server's metrics
 INFER_ROUTE = "/v2/models/{name}/infer"
@@ -392,21 +403,30 @@ class _Scraper:
         return parse_metrics(resp.text)
 
 
-def _probe(target: Target, plan: Plan) -> None:
-    """One request of ``plan``: a 200, or :class:`BenchError` with the server's message."""
+def _probe(target: Target, plan: Plan) -> list[float]:
+    """``PROBES`` requests of ``plan`` one after the other, each of which must answer 200 (else
+    :class:`BenchError` with the server's message): their latencies in seconds."""
+    import time
+
     import httpx
 
+    latencies = []
     try:
         with _client(target, 120.0) as http:
-            resp = http.post(
-                target.base_url + plan.path,
-                content=plan.bodies[0],
-                headers={"Content-Type": "application/json", **target.headers},
-            )
+            for i in range(PROBES):
+                began = time.perf_counter()
+                resp = http.post(
+                    target.base_url + plan.path,
+                    content=plan.bodies[i % len(plan.bodies)],
+                    headers={"Content-Type": "application/json", **target.headers},
+                )
+                latencies.append(time.perf_counter() - began)
+                if resp.status_code != 200:
+                    which = "the first request" if i == 0 else f"request {i + 1} of {PROBES}"
+                    raise BenchError(f"{plan.label}: {which} was answered {error_message(resp.status_code, resp.text)}")
     except httpx.HTTPError as exc:
         raise BenchError(f"{plan.label}: {type(exc).__name__}: {target.scrub(str(exc))}") from None
-    if resp.status_code != 200:
-        raise BenchError(f"{plan.label}: the first request was answered {error_message(resp.status_code, resp.text)}")
+    return latencies
 
 
 def _load(target: Target, plan: Plan, concurrency: int, duration_s: float) -> dict[str, Any]:
@@ -468,27 +488,83 @@ def level_name(row: Mapping[str, Any]) -> str:
     return f"{row['endpoint']} c={row['concurrency']}"
 
 
+def _window(
+    target: Target,
+    plan: Plan,
+    kind: str,
+    level: float,
+    seconds: float,
+    warmup: float,
+    scrape: _Scraper,
+    echo: Callable[[str], None],
+    p99_ms: float | None = None,
+) -> dict[str, Any]:
+    """One level of ``plan``: a warm-up, then its measured run with what the server did meanwhile;
+    a level with no answer is a skipped row.  With ``p99_ms`` the row says whether it met it."""
+    where = level_name({"endpoint": plan.label, kind: int(level) if kind == "concurrency" else level})
+    if warmup > 0:  # an open loop warms up for one request at least
+        _step(target, plan, kind, level, max(warmup, 1.0 / level) if kind == "rate" else warmup)
+    before = scrape()
+    row = _step(target, plan, kind, level, seconds)
+    after = scrape() if before is not None else None
+    failure = row_failure(row)
+    if failure is not None:
+        row = {"endpoint": plan.label, kind: level, **skipped(failure)}
+        line = f"  {where}: {failure}"
+    else:
+        row |= {"endpoint": plan.label, "texts_per_request": plan.items, "items_per_s": row["rps"] * plan.items}
+        if before is not None and after is not None:
+            row |= metrics_delta(before, after, target.model, int(row["requests"]), plan.route)
+        dropped = f", dropped {row['dropped']}" if row.get("dropped") else ""
+        line = (
+            f"  {where}: {row['rps']:.1f} req/s, p50 {row.get('p50_ms', 0):.1f} ms, "
+            f"p99 {row.get('p99_ms', 0):.1f} ms, errors {row['errors']}{dropped}"
+        )
+    if p99_ms is not None:
+        why = capacity.miss(row, p99_ms)
+        row["meets"] = why is None
+        if why is not None:
+            row["missed"] = why
+        line += " - met" if why is None else f" - missed: {why}"
+    echo(line)
+    return row
+
+
+def start_rate(latencies: Sequence[float], max_rate: float) -> float:
+    """Where a capacity search starts: one client's rate (the median of the probes after the
+    first, which meets a cold server), within ``[MIN_RATE, max_rate]``, to two figures."""
+    warm = sorted(latencies[1:] or latencies)
+    rate = 1.0 / max(warm[len(warm) // 2], 1e-4)
+    return min(max(float(f"{rate:.2g}"), capacity.MIN_RATE), max_rate)
+
+
 def run(
     cfg: Config,
     target: Target,
     *,
     levels: Sequence[int] = LEVELS,
     rates: Sequence[float] | None = None,
+    p99_ms: float | None = None,
+    max_rate: float = MAX_RATE,
     duration_s: int | None = None,
     texts: Sequence[str] | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Load ``target`` level by level (see the module's docstring); with ``cfg.out`` keeps ``remote.json``.
+
     ``rates``: open-loop requests/s levels instead of the closed loop's client counts ``levels``;
-    ``texts``: what a text model is sent (default: the suite's mixed corpus)."""
+    ``p99_ms`` with ``rates``: each level is judged against that p99 (``meets``); without them:
+    search each endpoint's capacity at that p99 (:func:`bench.capacity.search`, up to
+    ``max_rate``), kept under ``capacity``.  ``texts``: what a text model is sent (default: the
+    suite's mixed corpus)."""
     from bench.http import server_texts
 
+    searching = p99_ms is not None and not rates
     meta = preflight(target)
     if texts is not None and not takes_text(meta):
         raise BenchError(f"--texts: model {target.model!r} takes tensors, not text; leave --texts out")
     plans = plans_for(meta, target.model, texts if texts is not None else server_texts(cfg))
-    for plan in plans:
-        _probe(target, plan)
+    probes = {plan.label: _probe(target, plan) for plan in plans}
     duration = duration_s if duration_s is not None else cfg.pick(2, ROW_S)
     warmup = cfg.pick(1, WARMUP_S)
     for r in rates or ():
@@ -496,7 +572,7 @@ def run(
             raise BenchError(f"--rate {r:g}: no request would be due in {duration} s; raise the rate or --duration")
     scrape = _Scraper(target)
     params = meta.get("parameters") or {}
-    client = "open loop" if rates else target.client()
+    client = "open loop" if rates or searching else target.client()
     echo(
         f"{target.base_url}: {target.model} v{','.join(meta.get('versions') or ['?'])} on {params.get('backend', '?')} "
         f"({params.get('variant', '?')}, {params.get('exec_precision', '?')}); client {client}"
@@ -507,29 +583,26 @@ def run(
         )
     steps: list[tuple[str, float]] = [("rate", r) for r in rates] if rates else [("concurrency", c) for c in levels]
     rows: list[dict[str, Any]] = []
+    found: list[dict[str, Any]] = []
     for plan in plans:
-        for kind, level in steps:
-            where = level_name({"endpoint": plan.label, kind: int(level) if kind == "concurrency" else level})
-            if warmup > 0:  # an open loop warms up for one request at least
-                _step(target, plan, kind, level, max(warmup, 1.0 / level) if kind == "rate" else warmup)
-            before = scrape()
-            row = _step(target, plan, kind, level, duration)
-            after = scrape() if before is not None else None
-            failure = row_failure(row)
-            if failure is not None:
-                rows.append({"endpoint": plan.label, kind: level, **skipped(failure)})
-                echo(f"  {where}: {failure}")
-                continue
-            row |= {"endpoint": plan.label, "texts_per_request": plan.items, "items_per_s": row["rps"] * plan.items}
-            if before is not None and after is not None:
-                row |= metrics_delta(before, after, target.model, int(row["requests"]), plan.route)
-            rows.append(row)
-            dropped = f", dropped {row['dropped']}" if row.get("dropped") else ""
-            echo(
-                f"  {where}: {row['rps']:.1f} req/s, p50 {row.get('p50_ms', 0):.1f} ms, "
-                f"p99 {row.get('p99_ms', 0):.1f} ms, errors {row['errors']}{dropped}"
-            )
-    result: dict[str, Any] = {
+        if not searching:
+            for kind, level in steps:
+                rows.append(_window(target, plan, kind, level, duration, warmup, scrape, echo, p99_ms))
+            continue
+        assert p99_ms is not None
+        first = start_rate(probes[plan.label], max_rate)
+        echo(f"  {plan.label}: searching the highest rate with p99 <= {p99_ms:g} ms, from {first:g}/s")
+
+        def measure(rate: float, plan: Plan = plan) -> dict[str, Any]:
+            return _window(target, plan, "rate", rate, duration, warmup, scrape, echo, p99_ms)
+
+        # a whole-second window holds one request at least from MIN_RATE (1/s) up
+        result = capacity.search(measure, p99_ms, first, max_rate=max_rate)
+        rows.extend(result.pop("rows"))
+        found.append({"endpoint": plan.label, **result})
+        echo(f"  {plan.label}: {capacity_line(found[-1])}")
+    columns = RATE_COLUMNS if rates or searching else COLUMNS
+    out: dict[str, Any] = {
         "part": "remote",
         "quick": cfg.quick,
         "url": target.base_url,
@@ -538,10 +611,49 @@ def run(
         "client": client,
         "duration_s": duration,
         "rows": rows,
-        "table": format_table(RATE_COLUMNS if rates else COLUMNS, rows),
+        "table": format_table((*columns, "meets") if p99_ms is not None else columns, rows),
     }
+    if p99_ms is not None:
+        out["p99_target_ms"] = p99_ms
+    if searching:
+        out["max_rate"] = max_rate
+        out["capacity"] = found
+        out["capacity_table"] = format_table(CAPACITY_COLUMNS, found)
     if scrape.why_not is not None:
-        result["metrics"] = f"not read: {scrape.why_not}"
+        out["metrics"] = f"not read: {scrape.why_not}"
     if cfg.out is not None:
-        write_json(Path(cfg.out) / "remote.json", result)
-    return result
+        write_json(Path(cfg.out) / "remote.json", out)
+    return out
+
+
+#: the capacity search's summary, one row per endpoint
+CAPACITY_COLUMNS = (
+    "endpoint", "p99_target_ms", "rate", "p99_ms", "confirm_p99_ms", "next_rate", "next_missed"
+)  # fmt: skip
+
+
+def capacity_line(found: Mapping[str, Any]) -> str:
+    """One endpoint's capacity search in words: the rate, what bounded it, whether it held again."""
+    target = f"p99 <= {found['p99_target_ms']:g} ms"
+    if found["rate"] is None:
+        return f"no rate from {capacity.MIN_RATE:g}/s up met {target} (at {found['next_rate']:g}/s: {found['next_missed']})"
+    line = f"{found['rate']:g} requests/s with {target} (p99 {found['p99_ms']:.1f} ms)"
+    if found["at_max_rate"]:
+        line += "; that is the --max-rate, so the server may take more"
+    elif found["next_rate"] is not None:
+        line += f"; {found['next_rate']:g}/s missed it ({found['next_missed']})"
+        if found["windows_spent"]:
+            line += f"; the search stopped after {capacity.MAX_WINDOWS} windows, wider than {capacity.RESOLUTION:g}x"
+    late = found.get("next_late_ms_p99")
+    if late is not None and late > found["p99_target_ms"] / 4:
+        line += (
+            f"; the client itself fell {late:.0f} ms behind its schedule there, so that miss may be the client's: "
+            "run the load from another box"
+        )
+    if "confirmed" in found:
+        line += (
+            f"; again at {found['rate']:g}/s: p99 {found['confirm_p99_ms']:.1f} ms"
+            if found["confirmed"]
+            else f"; again at {found['rate']:g}/s it missed ({found['confirm_missed']}): the box's spread is near the target"
+        )
+    return line

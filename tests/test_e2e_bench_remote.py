@@ -104,6 +104,48 @@ def test_the_open_loop_reports_latency_at_a_given_load(server: Served) -> None:
         assert row["client_cpu_ms"] > 0 and row["connections"] >= 1, row
 
 
+def test_a_p99_target_judges_each_rate_and_fails_the_run_that_misses_it(server: Served) -> None:
+    env = {"INFERBOX_API_KEY": server.key}
+    kept = loaded(bench("minilm", "--url", server.url, "--rate", "5", "--p99-ms", "60000", "--duration", "1", "--quick", "--json", env=env))  # fmt: skip
+    assert kept["p99_target_ms"] == 60000 and "capacity" not in kept
+    assert [r["meets"] for r in kept["rows"]] == [True, True] and all("missed" not in r for r in kept["rows"])
+    missed = bench("minilm", "--url", server.url, "--rate", "5", "--p99-ms", "0.001", "--duration", "1", "--quick", env=env)  # fmt: skip
+    stopped(missed, "the p99 target of 0.001 ms was missed: /v1/embeddings 5/s: p99 ", code=1)
+    assert "/v2/models/minilm/infer 5/s: p99 " in missed.output and "meets" in missed.output
+
+
+def test_the_capacity_search_finds_the_highest_rate_that_keeps_the_target(server: Served, tmp_path: Path) -> None:
+    env = {"INFERBOX_API_KEY": server.key}
+    # a target any rate keeps, and a ceiling: one window and its confirmation per endpoint
+    report = loaded(
+        bench(
+            "minilm", "--url", server.url, "--p99-ms", "60000", "--max-rate", "8", "--duration", "1", "--quick",
+            "--json", "--out", str(tmp_path),
+            env=env,
+        )
+    )  # fmt: skip
+    assert report["client"] == "open loop" and report["max_rate"] == 8
+    assert [(f["endpoint"], f["rate"], f["at_max_rate"], f["confirmed"]) for f in report["capacity"]] == [
+        ("/v1/embeddings", 8.0, True, True),
+        ("/v2/models/minilm/infer", 8.0, True, True),
+    ]
+    rows = report["rows"]
+    assert [(r["endpoint"], r["rate"], r.get("confirming", False)) for r in rows] == [
+        ("/v1/embeddings", 8.0, False),
+        ("/v1/embeddings", 8.0, True),
+        ("/v2/models/minilm/infer", 8.0, False),
+        ("/v2/models/minilm/infer", 8.0, True),
+    ]
+    for row in rows:
+        assert row["meets"] and row["errors"] == {} and row["served"] == row["ok"] == 8, row
+    assert json.loads((tmp_path / "remote.json").read_text())["capacity"] == report["capacity"]
+    # a target no rate keeps: down to 1/s, then a failure naming why, and the table all the same
+    none = bench("minilm", "--url", server.url, "--p99-ms", "0.001", "--max-rate", "4", "--duration", "1", "--quick", env=env)  # fmt: skip
+    stopped(none, "/v1/embeddings: no rate from 1/s up met p99 <= 0.001 ms (at 1/s: p99 ", code=1)
+    assert "/v2/models/minilm/infer: no rate from 1/s up met" in none.output
+    assert none.output.count("/v1/embeddings 4/s") == 1 and "/v1/embeddings 1/s" in none.output
+
+
 def test_the_load_test_sends_the_operators_own_texts(server: Served, tmp_path: Path) -> None:
     from tokenizers import Tokenizer
 
@@ -214,6 +256,11 @@ def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path
         (("--url", server.url.replace("http://", "https://"), "--client-key", str(cert)), "--client-key goes with"),
         (("--concurrency", "4"), "goes with --url"),
         (("--texts", str(two_keys)), "--texts goes with --url"),
+        (("--p99-ms", "100"), "--p99-ms goes with --url"),
+        (("--url", server.url, "--p99-ms", "100", "--concurrency", "8"), "--p99-ms is judged on the open loop"),
+        (("--url", server.url, "--max-rate", "100"), "--max-rate bounds the capacity search"),
+        (("--url", server.url, "--p99-ms", "100", "--rate", "5", "--max-rate", "9"), "--max-rate bounds the"),
+        (("--url", server.url, "--p99-ms", "0"), "--p99-ms"),
     ):
         stopped(bench("minilm", *args), message)
     slow = bench(

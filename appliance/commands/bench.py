@@ -15,7 +15,10 @@ With ``--url`` it times nothing in this process: it loads a running server
 (:mod:`bench.remote`) at each ``--concurrency`` level (a closed loop) or each
 ``--rate`` (an open loop: latency at a given load), with the key from
 ``--key-file`` or ``INFERBOX_API_KEY`` (never from the command line, where
-``ps`` would show it), and fails when any request failed.
+``ps`` would show it), and fails when any request failed.  ``--p99-ms`` is a
+latency target: each ``--rate`` must meet it, or, without ``--rate``, the
+command searches each endpoint's capacity at it (:mod:`bench.capacity`) and
+fails only when no rate met it.
 """
 
 from __future__ import annotations
@@ -107,6 +110,19 @@ def _import_bench() -> None:
     "(e.g. 50,100,200): latency at a given load, counted from when each request was due.",
 )
 @click.option(
+    "--p99-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --url: a latency target in ms. With --rate, each rate must meet it (else exit 1); without, "
+    "search each endpoint's capacity: the highest open-loop rate whose p99 stays within it.",
+)
+@click.option(
+    "--max-rate",
+    type=click.FloatRange(min=1, max=100_000),
+    default=None,
+    help="With --p99-ms and no --rate: the highest rate the search may offer, requests/s [default 10000].",
+)
+@click.option(
     "--duration",
     type=click.IntRange(min=1, max=3600),
     default=None,
@@ -133,12 +149,14 @@ def bench(
     client_key: Path | None,
     concurrency: str | None,
     rate: str | None,
+    p99_ms: float | None,
+    max_rate: float | None,
     duration: int | None,
     texts: Path | None,
 ) -> None:
     """Time every admissible (backend, variant, precision) of MODEL here and print the table;
-    with --url, load a running server instead: requests/s and latency per concurrency level, or
-    latency at a given load with --rate."""
+    with --url, load a running server instead: requests/s and latency per concurrency level,
+    latency at a given load with --rate, or the highest load that keeps a p99 target (--p99-ms)."""
     _import_bench()
     remote_only = {
         "--key-file": key_file,
@@ -147,6 +165,8 @@ def bench(
         "--client-key": client_key,
         "--concurrency": concurrency,
         "--rate": rate,
+        "--p99-ms": p99_ms,
+        "--max-rate": max_rate,
         "--duration": duration,
         "--texts": texts,
     }
@@ -168,6 +188,8 @@ def bench(
             client_key,
             concurrency,
             rate,
+            p99_ms,
+            max_rate,
             duration,
             texts,
             quick,
@@ -271,6 +293,8 @@ def _bench_remote(
     client_key: Path | None,
     concurrency: str | None,
     rate: str | None,
+    p99_ms: float | None,
+    max_rate: float | None,
     duration: int | None,
     texts: Path | None,
     quick: bool,
@@ -278,7 +302,7 @@ def _bench_remote(
     as_json: bool,
 ) -> None:
     from bench.common import Config
-    from bench.remote import Target, read_texts, run
+    from bench.remote import MAX_RATE, Target, capacity_line, read_texts, run
 
     base = _base_url(url)
     if base.startswith("http://") and (ca_file or client_cert or client_key):
@@ -288,6 +312,13 @@ def _bench_remote(
     target = Target(base, model, _api_key(key_file), ca_file, client_cert, client_key)
     if concurrency is not None and rate is not None:
         raise click.UsageError("--concurrency (a closed loop) and --rate (an open loop) are two ways; give one")
+    if p99_ms is not None and concurrency is not None:
+        raise click.UsageError(
+            "--p99-ms is judged on the open loop (latency from when each request was due): give --rate, "
+            "or leave both out to search the capacity"
+        )
+    if max_rate is not None and (p99_ms is None or rate is not None):
+        raise click.UsageError("--max-rate bounds the capacity search: it goes with --p99-ms and without --rate")
     clients = concurrency if concurrency is not None else "1,8,32"
     levels = _numbers(clients, int, 1, 1024, "client counts", "--concurrency", "1,8,32")
     rates = _numbers(rate, float, 0.1, 100_000, "requests per second", "--rate", "50,100,200") if rate else None
@@ -298,19 +329,47 @@ def _bench_remote(
     with tempfile.TemporaryDirectory(prefix="inferbox-bench-") as tmp:
         cfg = Config(out=out or Path(tmp), quick=quick, model=model)
         sent = read_texts(texts) if texts else None
-        result = run(cfg, target, levels=levels, rates=rates, duration_s=duration, texts=sent, echo=echo)
+        result = run(
+            cfg,
+            target,
+            levels=levels,
+            rates=rates,
+            p99_ms=p99_ms,
+            max_rate=max_rate if max_rate is not None else MAX_RATE,
+            duration_s=duration,
+            texts=sent,
+            echo=echo,
+        )
     if as_json:
         json.dump(result, sys.stdout, indent=2, default=str)
         click.echo()
     else:
         click.echo(result["table"])
+        if "capacity" in result:
+            click.echo(result["capacity_table"])
+            for found in result["capacity"]:
+                click.echo(f"{found['endpoint']}: {capacity_line(found)}")
         if "metrics" in result:
             click.echo(f"server figures: {result['metrics']}")
-    _fail_unless_loaded(result)
+    if "capacity" in result:
+        _fail_unless_found(result)
+    else:
+        _fail_unless_loaded(result)
+
+
+def _fail_unless_found(result: dict[str, Any]) -> None:
+    """Exit 1 when on some endpoint no rate met the p99 target (the windows that missed it under
+    load, with their errors, are the search's findings, not a failure)."""
+    from bench.remote import capacity_line
+
+    lost = [f"{f['endpoint']}: {capacity_line(f)}" for f in result["capacity"] if f["rate"] is None]
+    if lost:
+        raise click.ClickException("; ".join(lost))
 
 
 def _fail_unless_loaded(result: dict[str, Any]) -> None:
-    """Exit 1 when a level got no answer or any request failed, naming where and the first error."""
+    """Exit 1 when a level got no answer or any request failed, naming where and the first error,
+    or (given ``--p99-ms``) a level missed the target."""
     from bench.remote import level_name
 
     bad = []
@@ -323,6 +382,9 @@ def _fail_unless_loaded(result: dict[str, Any]) -> None:
             bad.append(f"{where}: {sum(row['errors'].values())} failed requests {row['errors']}{first}")
     if bad:
         raise click.ClickException("requests failed under load: " + "; ".join(bad))
+    missed = [f"{level_name(row)}: {row['missed']}" for row in result["rows"] if "missed" in row]
+    if missed:
+        raise click.ClickException(f"the p99 target of {result['p99_target_ms']:g} ms was missed: " + "; ".join(missed))
 
 
 def _fail_unless_measured(model: str, result: dict[str, object]) -> None:

@@ -1,0 +1,142 @@
+"""The capacity at a latency target: the highest open-loop rate whose p99 stays within it.
+
+"How many requests a second does this box take with p99 <= 100 ms?" is the
+sizing question an operator signs off.  :func:`search` answers it with open-loop
+windows (:mod:`bench.openloop`: latency counted from when each request was due,
+so a server that falls behind cannot hide it): from a first rate it doubles
+while the target is met and halves while it is missed, until one rate met it
+and another missed it; then it bisects (geometric means) until the two are
+within ``resolution`` of each other, or the window budget is spent.  A window
+meets the target when every request was answered 200, none was dropped and
+its p99 is within the target (:func:`miss`).
+
+The answer is the highest rate that met it, next to the lowest rate above it
+that missed it (the resolution the search reached).  That rate then runs once
+more (``confirm``): on a noisy box a single window can meet a target it misses
+the next time, and the report says so rather than hide it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from bench.openloop import MAX_OUTSTANDING
+
+__all__ = ["MAX_WINDOWS", "MIN_RATE", "RESOLUTION", "miss", "search"]
+
+#: the search stops bisecting when the missed rate is within this factor of the met one
+RESOLUTION = 1.1
+#: windows a search may run (the confirmation not counted)
+MAX_WINDOWS = 12
+#: the lowest rate tried (requests/s): below it, nothing met the target
+MIN_RATE = 1.0
+
+
+def miss(row: Mapping[str, Any], p99_ms: float) -> str | None:
+    """Why an open-loop window missed a p99 target of ``p99_ms``, or None when it met it."""
+    if "skipped" in row:
+        return str(row["skipped"])
+    errors = row.get("errors") or {}
+    if errors:
+        return f"{sum(errors.values())} failed requests {dict(errors)}"
+    if row.get("dropped"):
+        return f"{row['dropped']} requests dropped ({MAX_OUTSTANDING} were in flight)"
+    p99 = row.get("p99_ms")
+    if p99 is None:
+        return "no request was answered"
+    if p99 > p99_ms:
+        return f"p99 {p99:.1f} ms > {p99_ms:g} ms"
+    return None
+
+
+def _figures(rate: float) -> float:
+    """``rate`` to three significant figures (the search's steps are 5 % or more apart)."""
+    return float(f"{rate:.3g}")
+
+
+def search(
+    measure: Callable[[float], dict[str, Any]],
+    p99_ms: float,
+    start: float,
+    *,
+    max_rate: float,
+    min_rate: float = MIN_RATE,
+    resolution: float = RESOLUTION,
+    max_windows: int = MAX_WINDOWS,
+    confirm: bool = True,
+) -> dict[str, Any]:
+    """Search the highest rate in ``[min_rate, max_rate]`` whose window meets ``p99_ms``.
+
+    ``measure(rate)`` runs one open-loop window and returns its row (:func:`bench.openloop.open_loop`
+    with anything else the caller adds).  Returns ``rows`` (every window in the order run, each
+    with ``meets`` and, when missed, ``missed``), ``rate`` (the capacity, None when no rate met it),
+    its ``p99_ms``, ``next_rate`` / ``next_missed`` (the lowest rate above it that missed, if any),
+    ``at_max_rate`` (it met ``max_rate``, so the capacity may be higher), ``windows_spent`` (the
+    budget ran out before the resolution), and ``confirmed`` / ``confirm_p99_ms`` /
+    ``confirm_missed`` for the second window at the answer.
+    """
+    if not 0 < min_rate <= max_rate:
+        raise ValueError(f"the rates to search must satisfy 0 < {min_rate:g} <= {max_rate:g}")
+    rows: list[dict[str, Any]] = []
+    met: dict[float, dict[str, Any]] = {}
+    missed: dict[float, dict[str, Any]] = {}
+
+    def window(rate: float) -> None:
+        row = dict(measure(rate))
+        why = miss(row, p99_ms)
+        row["meets"] = why is None
+        if why is None:
+            met[rate] = row
+        else:
+            row["missed"] = why
+            missed[rate] = row
+        rows.append(row)
+
+    def bounds() -> tuple[float | None, float | None]:
+        lo = max(met, default=None)
+        above = [r for r in missed if lo is None or r > lo]
+        return lo, min(above, default=None)
+
+    floor, ceiling = _figures(min_rate), min(_figures(max_rate), max_rate)  # never over the ceiling given
+    rate = min(max(_figures(start), floor), ceiling)
+    while len(rows) < max_windows:
+        window(rate)
+        lo, hi = bounds()
+        if lo is not None and hi is not None:
+            if hi / lo <= resolution:
+                break
+            rate = _figures(math.sqrt(lo * hi))
+        elif lo is not None:  # everything tried met it: go up, up to the ceiling
+            if lo >= ceiling:
+                break
+            rate = min(_figures(lo * 2), ceiling)
+        else:  # everything tried missed it: go down, down to the floor
+            assert hi is not None
+            if hi <= floor:
+                break
+            rate = max(_figures(hi / 2), floor)
+    lo, hi = bounds()
+    out: dict[str, Any] = {
+        "p99_target_ms": p99_ms,
+        "rate": lo,
+        "p99_ms": met[lo]["p99_ms"] if lo is not None else None,
+        "next_rate": hi,
+        "next_missed": missed[hi]["missed"] if hi is not None else None,
+        # the client's own lag behind the schedule there: large, and the miss may be the client's
+        "next_late_ms_p99": missed[hi].get("late_ms_p99") if hi is not None else None,
+        "at_max_rate": lo is not None and lo >= ceiling,
+        "windows_spent": lo is not None and hi is not None and hi / lo > resolution,
+        "rows": rows,
+    }
+    if lo is not None and confirm:
+        again = dict(measure(lo))
+        why = miss(again, p99_ms)
+        again["meets"] = why is None
+        again["confirming"] = True
+        if why is not None:
+            again["missed"] = why
+        rows.append(again)
+        out |= {"confirmed": why is None, "confirm_p99_ms": again.get("p99_ms"), "confirm_missed": why}
+    return out

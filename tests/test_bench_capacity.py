@@ -1,0 +1,146 @@
+"""The capacity search (:mod:`bench.capacity`) on servers whose answer to each rate the test
+decides, and its words (:func:`bench.remote.capacity_line`, :func:`bench.remote.start_rate`).
+The search against a real server: ``test_e2e_bench_remote``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from bench.capacity import MAX_WINDOWS, MIN_RATE, RESOLUTION, miss, search
+from bench.remote import capacity_line, start_rate
+
+
+def window(rate: float, p99_ms: float, **extra: Any) -> dict[str, Any]:
+    """An open-loop row as :func:`bench.openloop.open_loop` gives it."""
+    return {"rate": rate, "rps": rate, "p50_ms": p99_ms / 2, "p99_ms": p99_ms, "errors": {}, "dropped": 0, **extra}
+
+
+def knee(capacity: float, tried: list[float] | None = None) -> Callable[[float], dict[str, Any]]:
+    """A server whose p99 is 20 ms up to ``capacity`` requests/s and 400 ms past it."""
+
+    def measure(rate: float) -> dict[str, Any]:
+        if tried is not None:
+            tried.append(rate)
+        return window(rate, 20.0 if rate <= capacity else 400.0)
+
+    return measure
+
+
+@pytest.mark.parametrize(("capacity", "start"), [(437.0, 150.0), (437.0, 5000.0), (30.0, 300.0), (2.5, 40.0)])
+def test_the_search_brackets_the_knee_to_its_resolution(capacity: float, start: float) -> None:
+    tried: list[float] = []
+    found = search(knee(capacity, tried), 100.0, start, max_rate=10_000)
+    assert found["rate"] is not None and found["next_rate"] is not None
+    # the answer met the target and the rate above it missed it, within the resolution
+    assert found["rate"] <= capacity < found["next_rate"] <= found["rate"] * RESOLUTION
+    assert found["p99_ms"] == 20.0 and found["next_missed"] == "p99 400.0 ms > 100 ms"
+    assert not found["at_max_rate"] and not found["windows_spent"]
+    assert found["confirmed"] and found["confirm_p99_ms"] == 20.0
+    rows = found["rows"]
+    assert [r["rate"] for r in rows] == tried
+    assert len(rows) <= MAX_WINDOWS + 1  # and the confirmation
+    assert rows[-1]["confirming"] and rows[-1]["rate"] == found["rate"]
+    for row in rows:
+        assert row["meets"] == (row["rate"] <= capacity)
+        assert ("missed" in row) == (not row["meets"])
+    # rates a table can show: three significant figures
+    assert all(float(f"{r:.3g}") == r for r in tried)
+
+
+def test_a_server_that_meets_every_rate_is_searched_up_to_the_ceiling_only() -> None:
+    tried: list[float] = []
+    found = search(knee(1e9, tried), 100.0, 100.0, max_rate=1234.0)
+    assert tried == [100.0, 200.0, 400.0, 800.0, 1230.0, 1230.0]  # never over the ceiling given
+    assert found["rate"] == 1230.0 and found["at_max_rate"] and found["next_rate"] is None
+    assert "the --max-rate, so the server may take more" in capacity_line(found)
+
+
+def test_a_target_no_rate_meets_goes_down_to_the_floor_and_says_so() -> None:
+    tried: list[float] = []
+    found = search(knee(0.0, tried), 100.0, 8.0, max_rate=100.0)
+    assert tried == [8.0, 4.0, 2.0, MIN_RATE]  # no confirmation of nothing
+    assert found["rate"] is None and found["next_rate"] == MIN_RATE and "confirmed" not in found
+    assert capacity_line(found) == "no rate from 1/s up met p99 <= 100 ms (at 1/s: p99 400.0 ms > 100 ms)"
+
+
+def test_failed_requests_and_drops_miss_the_target_whatever_the_latency() -> None:
+    def measure(rate: float) -> dict[str, Any]:
+        if rate > 300:
+            return window(rate, 5.0, errors={"503": 7})
+        if rate > 150:
+            return window(rate, 5.0, dropped=3)
+        return window(rate, 5.0)
+
+    found = search(measure, 100.0, 400.0, max_rate=10_000)
+    assert 136 <= found["rate"] <= 150 < found["next_rate"]
+    reasons = {r["missed"] for r in found["rows"] if "missed" in r}
+    assert "3 requests dropped (512 were in flight)" in reasons
+    assert "7 failed requests {'503': 7}" in reasons
+
+
+def test_a_capacity_that_does_not_hold_a_second_time_is_reported_as_such() -> None:
+    calls: dict[float, int] = {}
+
+    def measure(rate: float) -> dict[str, Any]:
+        calls[rate] = calls.get(rate, 0) + 1
+        return window(rate, 20.0 if rate <= 400 and calls[rate] == 1 else 130.0)
+
+    found = search(measure, 100.0, 100.0, max_rate=10_000)
+    assert found["rate"] is not None and found["confirmed"] is False
+    assert found["confirm_missed"] == "p99 130.0 ms > 100 ms"
+    assert "it missed (p99 130.0 ms > 100 ms): the box's spread is near the target" in capacity_line(found)
+
+
+def test_the_search_doubles_then_bisects_geometrically() -> None:
+    tried: list[float] = []
+    found = search(knee(437.0, tried), 100.0, 150.0, max_rate=10_000)
+    # up by doubling until a miss, then geometric means: 424 = sqrt(300 x 600), 504, 462; 462 / 424 < 1.1
+    assert tried == [150.0, 300.0, 600.0, 424.0, 504.0, 462.0, 424.0]
+    assert (found["rate"], found["next_rate"]) == (424.0, 462.0)
+    assert capacity_line(found) == (
+        "424 requests/s with p99 <= 100 ms (p99 20.0 ms); 462/s missed it (p99 400.0 ms > 100 ms); "
+        "again at 424/s: p99 20.0 ms"
+    )
+
+
+def test_the_window_budget_ends_a_search_and_the_report_says_so() -> None:
+    found = search(knee(437.0), 100.0, 1.0, max_rate=1e6, max_windows=5)
+    assert len(found["rows"]) == 6  # five windows and the confirmation
+    assert found["rate"] == 16.0 and found["next_rate"] is None  # still doubling: not bracketed
+    found = search(knee(437.0), 100.0, 100.0, max_rate=1e6, max_windows=5)
+    assert found["windows_spent"] and found["next_rate"] / found["rate"] > RESOLUTION
+    assert "the search stopped after" in capacity_line(found)
+
+
+def test_a_late_client_is_named_as_the_possible_bound() -> None:
+    def measure(rate: float) -> dict[str, Any]:
+        return window(rate, 20.0) if rate <= 400 else window(rate, 300.0, late_ms_p99=180.0)
+
+    line = capacity_line(search(measure, 100.0, 100.0, max_rate=10_000))
+    assert "the client itself fell 180 ms behind its schedule there" in line
+
+
+@pytest.mark.parametrize(
+    ("row", "why"),
+    [
+        (window(10, 99.9), None),
+        (window(10, 100.0), None),
+        (window(10, 100.1), "p99 100.1 ms > 100 ms"),
+        ({"rate": 10, "skipped": "no request was answered: ConnectError"}, "no request was answered: ConnectError"),
+        ({"rate": 10, "errors": {}, "dropped": 0}, "no request was answered"),
+    ],
+)
+def test_miss_names_why_a_window_missed(row: dict[str, Any], why: str | None) -> None:
+    assert miss(row, 100.0) == why
+
+
+def test_a_search_starts_at_one_warm_clients_rate() -> None:
+    # the first probe met a cold server; the median of the rest is one client's pace
+    assert start_rate([2.0, 0.005, 0.004, 0.006, 0.005], 10_000) == 200.0
+    assert start_rate([2.0, 0.00003, 0.00003], 10_000) == 10_000  # within the ceiling
+    assert start_rate([30.0, 20.0, 25.0], 10_000) == MIN_RATE  # and the floor
+    with pytest.raises(ValueError, match="0 < 5 <= 2"):
+        search(knee(1.0), 100.0, 1.0, min_rate=5, max_rate=2)
