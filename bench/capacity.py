@@ -73,17 +73,23 @@ def search(
     with anything else the caller adds).  Returns ``rows`` (every window in the order run, each
     with ``meets`` and, when missed, ``missed``), ``rate`` (the capacity, None when no rate met it),
     its ``p99_ms``, ``next_rate`` / ``next_missed`` (the lowest rate above it that missed, if any),
-    ``at_max_rate`` (it met ``max_rate``, so the capacity may be higher), ``windows_spent`` (the
-    budget ran out before the resolution), and ``confirmed`` / ``confirm_p99_ms`` /
-    ``confirm_missed`` for the second window at the answer.
+    ``lowest_rate`` tried, ``at_max_rate`` (it met ``max_rate``, so the capacity may be higher),
+    ``windows_spent`` (it stopped on ``max_windows``: before the resolution, or still rising or
+    falling), and ``confirmed`` / ``confirm_p99_ms`` / ``confirm_missed`` / ``confirm_failed``
+    (no answer, or errors) for the second window at the answer.
     """
-    if not 0 < min_rate <= max_rate:
-        raise ValueError(f"the rates to search must satisfy 0 < {min_rate:g} <= {max_rate:g}")
+    if not 0 < min_rate <= max_rate < math.inf:
+        raise ValueError(f"the rates to search must satisfy 0 < {min_rate:g} <= {max_rate:g} < inf")
+    if max_windows < 1 or not resolution > 1 or not 0 < p99_ms < math.inf:
+        raise ValueError("a search needs a window, a resolution over 1 and a finite p99 target over 0 ms")
     rows: list[dict[str, Any]] = []
     met: dict[float, dict[str, Any]] = {}
     missed: dict[float, dict[str, Any]] = {}
 
+    tried: list[float] = []
+
     def window(rate: float) -> None:
+        tried.append(rate)
         row = dict(measure(rate))
         why = miss(row, p99_ms)
         row["meets"] = why is None
@@ -99,23 +105,21 @@ def search(
         above = [r for r in missed if lo is None or r > lo]
         return lo, min(above, default=None)
 
-    floor, ceiling = _figures(min_rate), min(_figures(max_rate), max_rate)  # never over the ceiling given
+    floor, ceiling = _figures(min_rate), max_rate
     rate = min(max(_figures(start), floor), ceiling)
-    while len(rows) < max_windows:
+    done = False  # the search reached its resolution, the ceiling or the floor (else: its window budget)
+    while not done and len(rows) < max_windows:
         window(rate)
         lo, hi = bounds()
         if lo is not None and hi is not None:
-            if hi / lo <= resolution:
-                break
+            done = hi / lo <= resolution
             rate = _figures(math.sqrt(lo * hi))
         elif lo is not None:  # everything tried met it: go up, up to the ceiling
-            if lo >= ceiling:
-                break
+            done = lo >= ceiling
             rate = min(_figures(lo * 2), ceiling)
         else:  # everything tried missed it: go down, down to the floor
             assert hi is not None
-            if hi <= floor:
-                break
+            done = hi <= floor
             rate = max(_figures(hi / 2), floor)
     lo, hi = bounds()
     out: dict[str, Any] = {
@@ -126,8 +130,12 @@ def search(
         "next_missed": missed[hi]["missed"] if hi is not None else None,
         # the client's own lag behind the schedule there: large, and the miss may be the client's
         "next_late_ms_p99": missed[hi].get("late_ms_p99") if hi is not None else None,
+        "lowest_rate": min(tried),
         "at_max_rate": lo is not None and lo >= ceiling,
-        "windows_spent": lo is not None and hi is not None and hi / lo > resolution,
+        "max_windows": max_windows,
+        "resolution": resolution,
+        # it stopped on its window budget: not bracketed to the resolution, or still rising or falling
+        "windows_spent": not done,
         "rows": rows,
     }
     if lo is not None and confirm:
@@ -138,5 +146,11 @@ def search(
         if why is not None:
             again["missed"] = why
         rows.append(again)
-        out |= {"confirmed": why is None, "confirm_p99_ms": again.get("p99_ms"), "confirm_missed": why}
+        out |= {
+            "confirmed": why is None,
+            "confirm_p99_ms": again.get("p99_ms"),
+            "confirm_missed": why,
+            # not a slow answer but none, or an error: the server, not the box's spread
+            "confirm_failed": "skipped" in again or bool(again.get("errors")),
+        }
     return out

@@ -7,8 +7,9 @@ log, its settings.  This part only sends requests:
 1. ``GET /v2/models/MODEL`` with the key: the model's inputs and task, and a
    clear error before any load when the server is not there, refuses the key,
    or does not serve the model;
-2. ``PROBES`` requests per endpoint, one after the other, each of which must
-   answer 200 (else the server's own message is the error);
+2. one request per endpoint (``PROBES`` one after the other before a capacity
+   search), each of which must answer 200 (else the server's own message is
+   the error);
 3. per endpoint and concurrency level, a warm-up and then a closed loop of C
    clients (each sends its next request when the last one answered) for
    ``duration_s`` seconds: requests/s, items/s, p50/p99 latency, errors; or,
@@ -42,6 +43,7 @@ import asyncio
 import json
 import re
 import ssl
+import statistics
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -83,8 +85,8 @@ ROW_S = 10
 WARMUP_S = 2
 #: distinct request bodies of a tensor model (random rows)
 TENSOR_BODIES = 16
-#: requests per endpoint before any load: each must answer 200; the later ones' latency is where a
-#: capacity search starts
+#: requests per endpoint before a capacity search (one before any other load), each of which must
+#: answer 200: the later ones' latency is where the search starts
 PROBES = 5
 #: the capacity search's ceiling unless the operator gives one (requests/s)
 MAX_RATE = 10_000.0
@@ -403,8 +405,8 @@ class _Scraper:
         return parse_metrics(resp.text)
 
 
-def _probe(target: Target, plan: Plan) -> list[float]:
-    """``PROBES`` requests of ``plan`` one after the other, each of which must answer 200 (else
+def _probe(target: Target, plan: Plan, count: int = 1) -> list[float]:
+    """``count`` requests of ``plan`` one after the other, each of which must answer 200 (else
     :class:`BenchError` with the server's message): their latencies in seconds."""
     import time
 
@@ -413,7 +415,7 @@ def _probe(target: Target, plan: Plan) -> list[float]:
     latencies = []
     try:
         with _client(target, 120.0) as http:
-            for i in range(PROBES):
+            for i in range(count):
                 began = time.perf_counter()
                 resp = http.post(
                     target.base_url + plan.path,
@@ -422,7 +424,7 @@ def _probe(target: Target, plan: Plan) -> list[float]:
                 )
                 latencies.append(time.perf_counter() - began)
                 if resp.status_code != 200:
-                    which = "the first request" if i == 0 else f"request {i + 1} of {PROBES}"
+                    which = "the first request" if i == 0 else f"request {i + 1} of {count}"
                     raise BenchError(f"{plan.label}: {which} was answered {error_message(resp.status_code, resp.text)}")
     except httpx.HTTPError as exc:
         raise BenchError(f"{plan.label}: {type(exc).__name__}: {target.scrub(str(exc))}") from None
@@ -533,8 +535,7 @@ def _window(
 def start_rate(latencies: Sequence[float], max_rate: float) -> float:
     """Where a capacity search starts: one client's rate (the median of the probes after the
     first, which meets a cold server), within ``[MIN_RATE, max_rate]``, to two figures."""
-    warm = sorted(latencies[1:] or latencies)
-    rate = 1.0 / max(warm[len(warm) // 2], 1e-4)
+    rate = 1.0 / max(statistics.median(latencies[1:] or latencies), 1e-4)
     return min(max(float(f"{rate:.2g}"), capacity.MIN_RATE), max_rate)
 
 
@@ -564,7 +565,7 @@ def run(
     if texts is not None and not takes_text(meta):
         raise BenchError(f"--texts: model {target.model!r} takes tensors, not text; leave --texts out")
     plans = plans_for(meta, target.model, texts if texts is not None else server_texts(cfg))
-    probes = {plan.label: _probe(target, plan) for plan in plans}
+    probes = {plan.label: _probe(target, plan, PROBES if searching else 1) for plan in plans}
     duration = duration_s if duration_s is not None else cfg.pick(2, ROW_S)
     warmup = cfg.pick(1, WARMUP_S)
     for r in rates or ():
@@ -635,15 +636,19 @@ CAPACITY_COLUMNS = (
 def capacity_line(found: Mapping[str, Any]) -> str:
     """One endpoint's capacity search in words: the rate, what bounded it, whether it held again."""
     target = f"p99 <= {found['p99_target_ms']:g} ms"
+    budget = f"the search stopped after {found['max_windows']} windows"
     if found["rate"] is None:
-        return f"no rate from {capacity.MIN_RATE:g}/s up met {target} (at {found['next_rate']:g}/s: {found['next_missed']})"
+        line = f"no rate from {found['lowest_rate']:g}/s up met {target} (at {found['next_rate']:g}/s: {found['next_missed']})"
+        return line + (f"; {budget}, still going down" if found["windows_spent"] else "")
     line = f"{found['rate']:g} requests/s with {target} (p99 {found['p99_ms']:.1f} ms)"
     if found["at_max_rate"]:
-        line += "; that is the --max-rate, so the server may take more"
-    elif found["next_rate"] is not None:
+        line += "; that is the search's ceiling (--max-rate), so the server may take more"
+    elif found["next_rate"] is None:
+        line += f"; {budget}, still going up, so the server may take more"
+    else:
         line += f"; {found['next_rate']:g}/s missed it ({found['next_missed']})"
         if found["windows_spent"]:
-            line += f"; the search stopped after {capacity.MAX_WINDOWS} windows, wider than {capacity.RESOLUTION:g}x"
+            line += f"; {budget}, wider apart than {found['resolution']:g}x"
     late = found.get("next_late_ms_p99")
     if late is not None and late > found["p99_target_ms"] / 4:
         line += (
@@ -651,9 +656,11 @@ def capacity_line(found: Mapping[str, Any]) -> str:
             "run the load from another box"
         )
     if "confirmed" in found:
-        line += (
-            f"; again at {found['rate']:g}/s: p99 {found['confirm_p99_ms']:.1f} ms"
-            if found["confirmed"]
-            else f"; again at {found['rate']:g}/s it missed ({found['confirm_missed']}): the box's spread is near the target"
-        )
+        again = f"again at {found['rate']:g}/s"
+        if found["confirmed"]:
+            line += f"; {again}: p99 {found['confirm_p99_ms']:.1f} ms"
+        elif found.get("confirm_failed"):
+            line += f"; {again} requests failed ({found['confirm_missed']})"
+        else:
+            line += f"; {again} it missed ({found['confirm_missed']}): the box's spread is near the target"
     return line

@@ -53,9 +53,10 @@ def test_the_search_brackets_the_knee_to_its_resolution(capacity: float, start: 
 def test_a_server_that_meets_every_rate_is_searched_up_to_the_ceiling_only() -> None:
     tried: list[float] = []
     found = search(knee(1e9, tried), 100.0, 100.0, max_rate=1234.0)
-    assert tried == [100.0, 200.0, 400.0, 800.0, 1230.0, 1230.0]  # never over the ceiling given
-    assert found["rate"] == 1230.0 and found["at_max_rate"] and found["next_rate"] is None
-    assert "the --max-rate, so the server may take more" in capacity_line(found)
+    assert tried == [100.0, 200.0, 400.0, 800.0, 1234.0, 1234.0]  # the ceiling given, never over it
+    assert found["rate"] == 1234.0 and found["at_max_rate"] and found["next_rate"] is None
+    assert not found["windows_spent"]
+    assert "that is the search's ceiling (--max-rate), so the server may take more" in capacity_line(found)
 
 
 def test_a_target_no_rate_meets_goes_down_to_the_floor_and_says_so() -> None:
@@ -64,6 +65,13 @@ def test_a_target_no_rate_meets_goes_down_to_the_floor_and_says_so() -> None:
     assert tried == [8.0, 4.0, 2.0, MIN_RATE]  # no confirmation of nothing
     assert found["rate"] is None and found["next_rate"] == MIN_RATE and "confirmed" not in found
     assert capacity_line(found) == "no rate from 1/s up met p99 <= 100 ms (at 1/s: p99 400.0 ms > 100 ms)"
+    # a budget spent on the way down says where it stopped, not that 1/s was tried
+    found = search(knee(0.0), 100.0, 9000.0, max_rate=10_000, max_windows=4)
+    assert [r["rate"] for r in found["rows"]] == [9000.0, 4500.0, 2250.0, 1120.0] and found["windows_spent"]
+    assert capacity_line(found) == (
+        "no rate from 1120/s up met p99 <= 100 ms (at 1120/s: p99 400.0 ms > 100 ms); "
+        "the search stopped after 4 windows, still going down"
+    )
 
 
 def test_failed_requests_and_drops_miss_the_target_whatever_the_latency() -> None:
@@ -89,9 +97,25 @@ def test_a_capacity_that_does_not_hold_a_second_time_is_reported_as_such() -> No
         return window(rate, 20.0 if rate <= 400 and calls[rate] == 1 else 130.0)
 
     found = search(measure, 100.0, 100.0, max_rate=10_000)
-    assert found["rate"] is not None and found["confirmed"] is False
+    assert found["rate"] is not None and found["confirmed"] is False and found["confirm_failed"] is False
     assert found["confirm_missed"] == "p99 130.0 ms > 100 ms"
     assert "it missed (p99 130.0 ms > 100 ms): the box's spread is near the target" in capacity_line(found)
+
+
+def test_a_capacity_whose_second_window_failed_blames_the_server_not_the_spread() -> None:
+    seen: set[float] = set()
+
+    def measure(rate: float) -> dict[str, Any]:
+        if rate <= 400 and rate in seen:  # the server went away after the search
+            return {"rate": rate, "skipped": "no successful request: ConnectionRefusedError"}
+        seen.add(rate)
+        return window(rate, 20.0 if rate <= 400 else 400.0)
+
+    found = search(measure, 100.0, 100.0, max_rate=10_000)
+    assert found["confirm_failed"] is True and not found["confirmed"]
+    assert capacity_line(found).endswith(
+        f"again at {found['rate']:g}/s requests failed (no successful request: ConnectionRefusedError)"
+    )
 
 
 def test_the_search_doubles_then_bisects_geometrically() -> None:
@@ -109,10 +133,14 @@ def test_the_search_doubles_then_bisects_geometrically() -> None:
 def test_the_window_budget_ends_a_search_and_the_report_says_so() -> None:
     found = search(knee(437.0), 100.0, 1.0, max_rate=1e6, max_windows=5)
     assert len(found["rows"]) == 6  # five windows and the confirmation
-    assert found["rate"] == 16.0 and found["next_rate"] is None  # still doubling: not bracketed
+    assert found["rate"] == 16.0 and found["next_rate"] is None and found["windows_spent"]  # still doubling
+    assert capacity_line(found) == (
+        "16 requests/s with p99 <= 100 ms (p99 20.0 ms); the search stopped after 5 windows, still going up, "
+        "so the server may take more; again at 16/s: p99 20.0 ms"
+    )
     found = search(knee(437.0), 100.0, 100.0, max_rate=1e6, max_windows=5)
     assert found["windows_spent"] and found["next_rate"] / found["rate"] > RESOLUTION
-    assert "the search stopped after" in capacity_line(found)
+    assert "; the search stopped after 5 windows, wider apart than 1.1x" in capacity_line(found)
 
 
 def test_a_late_client_is_named_as_the_possible_bound() -> None:
@@ -140,7 +168,36 @@ def test_miss_names_why_a_window_missed(row: dict[str, Any], why: str | None) ->
 def test_a_search_starts_at_one_warm_clients_rate() -> None:
     # the first probe met a cold server; the median of the rest is one client's pace
     assert start_rate([2.0, 0.005, 0.004, 0.006, 0.005], 10_000) == 200.0
+    assert start_rate([2.0, 0.004, 0.004, 0.006, 0.006], 10_000) == 200.0  # between the middle two
     assert start_rate([2.0, 0.00003, 0.00003], 10_000) == 10_000  # within the ceiling
     assert start_rate([30.0, 20.0, 25.0], 10_000) == MIN_RATE  # and the floor
     with pytest.raises(ValueError, match="0 < 5 <= 2"):
         search(knee(1.0), 100.0, 1.0, min_rate=5, max_rate=2)
+    with pytest.raises(ValueError, match="< inf"):
+        search(knee(1.0), 100.0, 1.0, max_rate=float("nan"))
+    for windows, resolution, p99_ms in ((0, 1.1, 100.0), (12, 1.0, 100.0), (12, 1.1, float("nan"))):
+        with pytest.raises(ValueError, match="a search needs a window"):
+            search(knee(1.0), p99_ms, 1.0, max_rate=10.0, max_windows=windows, resolution=resolution)
+
+
+def test_a_judged_rate_that_failed_is_named_with_every_other_miss() -> None:
+    """``--rate`` with ``--p99-ms``: one exit naming each rate that missed, a failed one included."""
+    import click
+
+    from appliance.commands.bench import _fail_unless_loaded
+
+    rows = [
+        window(100.0, 130.0, endpoint="/v1/embeddings", meets=False, missed="p99 130.0 ms > 100 ms"),
+        window(200.0, 5.0, endpoint="/v1/embeddings", errors={"503": 4}, first_error="503: busy"),
+        window(50.0, 20.0, endpoint="/v1/embeddings", meets=True),
+    ]
+    rows[1] |= {"meets": False, "missed": miss(rows[1], 100.0)}
+    with pytest.raises(click.ClickException) as caught:
+        _fail_unless_loaded({"rows": rows, "p99_target_ms": 100.0})
+    assert caught.value.message == (
+        "the p99 target of 100 ms was missed: /v1/embeddings 100/s: p99 130.0 ms > 100 ms; "
+        "/v1/embeddings 200/s: 4 failed requests {'503': 4} (first error: 503: busy)"
+    )
+    with pytest.raises(click.ClickException, match="requests failed under load: /v1/embeddings 200/s: 4 failed"):
+        _fail_unless_loaded({"rows": [{k: v for k, v in rows[1].items() if k not in ("meets", "missed")}]})
+    _fail_unless_loaded({"rows": rows[2:], "p99_target_ms": 100.0})  # all met: no exit

@@ -261,6 +261,8 @@ def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path
         (("--url", server.url, "--max-rate", "100"), "--max-rate bounds the capacity search"),
         (("--url", server.url, "--p99-ms", "100", "--rate", "5", "--max-rate", "9"), "--max-rate bounds the"),
         (("--url", server.url, "--p99-ms", "0"), "--p99-ms"),
+        (("--url", server.url, "--p99-ms", "nan"), "give a finite number"),
+        (("--url", server.url, "--p99-ms", "100", "--max-rate", "nan"), "give a finite number"),
     ):
         stopped(bench("minilm", *args), message)
     slow = bench(
