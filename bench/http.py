@@ -27,7 +27,9 @@ An informative fourth view (no target): the open loop (:mod:`bench.openloop`)
 on ``/v1/embeddings`` at :data:`OPEN_FRACTIONS` of the c=32 row's requests/s,
 latency counted from when each request was due: what an answer takes at a
 given share of the server's capacity, the figure a service-level objective is
-written in.
+written in.  A fifth (no target either) is that objective's own figure: the
+highest open-loop rate whose p99 stays within :data:`CAPACITY_P99_MS`
+(:func:`bench.capacity.search`, as ``inferbox bench --url --p99-ms`` runs it).
 
 The target line (c=32 >= 0.85 of in-process) is judged on a third measurement,
 :func:`alternate`: the server at c=32 on ``/v1/embeddings`` and the in-process
@@ -651,6 +653,7 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
                 logger.warning("alternating server / in-process windows failed: %s", exc)
                 result["alternating"] = skipped(f"{type(exc).__name__}: {exc}")
             result["open_loop"] = _open_loop(cfg, srv, package.name, texts, result["rows"])
+            result["capacity"] = _capacity(cfg, srv, package.name, texts, result["rows"])
     except Exception as exc:
         logger.warning("http bench failed: %s", exc)
         result.update(skipped(f"{type(exc).__name__}: {exc}"))
@@ -664,6 +667,8 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
     result["inprocess"] = around(before, after)
     ref = result["inprocess"].get("items_per_s")
     batcher = result["inprocess"].get("batcher") or {}
+    if result["capacity"].get("rate") is not None:
+        result["capacity"]["vs_inprocess"] = ratio(result["capacity"]["rate"], ref)
     for r in result["rows"]:
         if is_skipped(r):
             continue
@@ -700,11 +705,8 @@ def _open_loop(
     (a dead or hung server would cost each load the client's timeout)."""
     from bench.openloop import open_loop
 
-    c32 = next(
-        (r for r in rows if r.get("endpoint") == "/v1/embeddings" and r.get("concurrency") == 32 and not is_skipped(r)),
-        None,
-    )
-    if c32 is None or not c32.get("rps"):
+    c32 = _c32(rows)
+    if c32 is None:
         return skipped("no c=32 row on /v1/embeddings to take the rates from")
     bodies = [request_body("/v1/embeddings", model, t) for t in texts]
     duration, warmup = cfg.pick(2.0, ROW_S), cfg.pick(1.0, WARMUP_S)
@@ -743,6 +745,65 @@ def _open_loop(
         return skipped(f"{type(exc).__name__}: {exc}")
     measured = [r for r in out if not is_skipped(r)]
     return {"closed_loop_c32_rps": c32["rps"], "rows": out, "table": format_table(OPEN_COLUMNS, measured)}
+
+
+#: the service-level view's p99 target (ms): the highest open-loop rate that keeps it
+CAPACITY_P99_MS = 100.0
+
+
+def _capacity(
+    cfg: Config, srv: Any, model: str, texts: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """The capacity at p99 <= :data:`CAPACITY_P99_MS` on ``/v1/embeddings`` (no target;
+    :func:`bench.capacity.search`, as ``inferbox bench --url --p99-ms`` runs it): from half the c=32
+    row's rate, up to one and a half times it, each window warmed up."""
+    from bench.capacity import search
+    from bench.openloop import open_loop
+
+    c32 = _c32(rows)
+    if c32 is None:
+        return skipped("no c=32 row on /v1/embeddings to start from")
+    bodies = [request_body("/v1/embeddings", model, t) for t in texts]
+    duration, warmup = cfg.pick(2.0, ROW_S), cfg.pick(1.0, WARMUP_S)
+
+    def load(rate: float, seconds: float) -> dict[str, Any]:
+        return asyncio.run(
+            open_loop(srv.base_url, "/v1/embeddings", bodies, headers=srv.headers, rate=rate, duration_s=seconds)
+        )
+
+    def measure(rate: float) -> dict[str, Any]:
+        load(rate, warmup)
+        row = load(rate, duration)
+        print(
+            f"  capacity search {rate:g}/s: p99 {row.get('p99_ms', float('nan')):.1f} ms, errors {row['errors']}, "
+            f"dropped {row['dropped']}",
+            flush=True,
+        )
+        return row
+
+    rps = float(c32["rps"])
+    try:
+        found = search(measure, CAPACITY_P99_MS, rps / 2, max_rate=max(1.0, 1.5 * rps))
+    except Exception as exc:  # informative only, as the open loop
+        logger.warning("capacity search failed: %s", exc)
+        return skipped(f"{type(exc).__name__}: {exc}")
+    found["closed_loop_c32_rps"] = rps
+    found["vs_closed_loop_c32"] = ratio(found["rate"], rps) if found["rate"] is not None else None
+    found["table"] = format_table(CAPACITY_ROW_COLUMNS, found["rows"])
+    return found
+
+
+#: a capacity search's windows, as the results page shows them
+CAPACITY_ROW_COLUMNS = ("rate", "rps", "p50_ms", "p99_ms", "errors", "dropped", "meets", "confirming")
+
+
+def _c32(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The measured c=32 row on ``/v1/embeddings`` with a rate, if there is one."""
+    c32 = next(
+        (r for r in rows if r.get("endpoint") == "/v1/embeddings" and r.get("concurrency") == 32 and not is_skipped(r)),
+        None,
+    )
+    return c32 if c32 is not None and c32.get("rps") else None
 
 
 def _cpu_of(pid: int) -> Callable[[], float | None] | None:

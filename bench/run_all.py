@@ -206,6 +206,32 @@ def _open_loop_section(open_loop: Any) -> list[str]:
     ]
 
 
+def _capacity_section(found: Any) -> list[str]:
+    """The HTTP part's capacity at a p99 target (no target of its own): the search's windows and answer."""
+    from bench.http import CAPACITY_ROW_COLUMNS
+    from bench.remote import capacity_line
+
+    if not isinstance(found, dict):
+        return []
+    if is_skipped(found):
+        return [f"Capacity at a p99 target: skipped ({found['skipped']}).", ""]
+    shares = [
+        f"{found[key]:.2f} of {what}"
+        for key, what in (("vs_closed_loop_c32", "the c=32 closed loop"), ("vs_inprocess", "in-process"))
+        if isinstance(found.get(key), float)
+    ]
+    return [
+        f"Capacity at p99 <= {found['p99_target_ms']:g} ms on /v1/embeddings (no target; the highest open-loop rate "
+        "that keeps it, `inferbox bench --url --p99-ms` on this server; every window below, the last run again at "
+        "the answer):",
+        "",
+        markdown_table(CAPACITY_ROW_COLUMNS, found.get("rows") or []),
+        "",
+        f"{capacity_line(found)}" + (f" ({', '.join(shares)})." if shares else "."),
+        "",
+    ]
+
+
 def _http_context(c32: dict[str, Any] | None) -> str:
     """The c=32 row's load client (a Python client shares the cores with the server) and its
     ratio to the same 32 single-text callers through the server's batching in process."""
@@ -426,6 +452,7 @@ def render_readme(report: dict[str, Any]) -> str:
     elif isinstance(alternating, dict) and "skipped" in alternating:
         lines += [f"Server and in-process in turn: skipped ({alternating['skipped']}).", ""]
     lines += _open_loop_section(_get(parts, "http", "open_loop"))
+    lines += _capacity_section(_get(parts, "http", "capacity"))
     lines += _section(
         "Audit on / off (POST /v1/embeddings, c=32; four live servers, short windows in turn)",
         parts.get("audit_onoff"),

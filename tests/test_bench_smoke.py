@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from itertools import count
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -826,16 +827,44 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
     assert "- open loop at 80% (320.0/s): not measured: 503 x 4" in run_all.render_readme(report)
     parts["http"]["open_loop"] = common.skipped("no c=32 row")  # type: ignore[index]
     assert "Open loop: skipped (no c=32 row)." in run_all.render_readme(report)
+    assert "Capacity at" not in run_all.render_readme(report)  # a run without a search says nothing of it
+    parts["http"]["capacity"] = {  # type: ignore[index]
+        "p99_target_ms": 100.0,
+        "rate": 436.0,
+        "p99_ms": 99.5,
+        "next_rate": 476.0,
+        "next_missed": "p99 148.2 ms > 100 ms",
+        "lowest_rate": 218.0,
+        "at_max_rate": False,
+        "max_windows": 12,
+        "resolution": 1.1,
+        "windows_spent": False,
+        "confirmed": True,
+        "confirm_failed": False,
+        "confirm_p99_ms": 95.8,
+        "vs_closed_loop_c32": 0.83,
+        "vs_inprocess": 0.61,
+        "rows": [
+            {"rate": 436.0, "rps": 434.0, "p50_ms": 36.7, "p99_ms": 99.5, "errors": {}, "dropped": 0, "meets": True},
+            {"rate": 436.0, "rps": 435.0, "p99_ms": 95.8, "meets": True, "confirming": True},
+        ],
+    }
+    page = run_all.render_readme(report)
+    assert "Capacity at p99 <= 100 ms on /v1/embeddings" in page
+    assert "| 436 | 434 | 36.70 | 99.50 | {} | 0 | yes | - |\n| 436 | 435 | - | 95.80 | - | - | yes | yes |" in page
+    assert (
+        "436 requests/s with p99 <= 100 ms (p99 99.5 ms); 476/s missed it (p99 148.2 ms > 100 ms); again at "
+        "436/s: p99 95.8 ms (0.83 of the c=32 closed loop, 0.61 of in-process)." in page
+    )
+    parts["http"]["capacity"] = common.skipped("no c=32 row")  # type: ignore[index]
+    assert "Capacity at a p99 target: skipped (no c=32 row)." in run_all.render_readme(report)
 
 
-def test_the_http_parts_open_loop_runs_at_shares_of_the_c32_rate(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Against a small threaded HTTP server: the rates follow the c=32 row, every request due is
-    answered, and without a c=32 row the view is skipped with its reason."""
+@contextlib.contextmanager
+def _answering_server() -> Iterator[Any]:
+    """A small threaded HTTP/1.1 server on 127.0.0.1 answering every POST ``200 {}``: yields it."""
     import http.server
     import threading
-    from types import SimpleNamespace
 
     class Answer(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -853,6 +882,20 @@ def test_the_http_parts_open_loop_runs_at_shares_of_the_c32_rate(
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_the_http_parts_open_loop_runs_at_shares_of_the_c32_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a small threaded HTTP server: the rates follow the c=32 row, every request due is
+    answered, and without a c=32 row the view is skipped with its reason."""
+    from types import SimpleNamespace
+
+    with _answering_server() as httpd:
         srv = SimpleNamespace(base_url=f"http://127.0.0.1:{httpd.server_address[1]}", headers={})
         monkeypatch.setattr(bench_http, "OPEN_FRACTIONS", (0.5,))
         cfg = common.Config(out=tmp_path, quick=True)
@@ -873,9 +916,28 @@ def test_the_http_parts_open_loop_runs_at_shares_of_the_c32_rate(
         )
         (row,) = gone["rows"]
         assert "warming up: no successful request: ConnectionRefusedError" in row["skipped"], row
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+
+
+def test_the_http_parts_capacity_search_runs_from_the_c32_rate_to_its_ceiling(tmp_path: Path) -> None:
+    """A server that keeps any rate: the search starts at half the c=32 row's rate, doubles to one
+    and a half times it (its ceiling) and runs the answer again; every request due is answered."""
+    from types import SimpleNamespace
+
+    cfg = common.Config(out=tmp_path, quick=True)  # 1 s warm-up and 2 s a window
+    rows = [{"endpoint": "/v1/embeddings", "concurrency": 32, "rps": 2.0}]
+    with _answering_server() as httpd:
+        srv = SimpleNamespace(base_url=f"http://127.0.0.1:{httpd.server_address[1]}", headers={})
+        found = bench_http._capacity(cfg, srv, "m", ["a text"], rows)
+        assert "no c=32 row" in bench_http._capacity(cfg, srv, "m", ["x"], rows[:0])["skipped"]
+    assert [(r["rate"], r["ok"], r["meets"], r.get("confirming", False)) for r in found["rows"]] == [
+        (1.0, 2, True, False),
+        (2.0, 4, True, False),
+        (3.0, 6, True, False),
+        (3.0, 6, True, True),
+    ]
+    assert (found["rate"], found["at_max_rate"], found["confirmed"]) == (3.0, True, True)
+    assert found["p99_target_ms"] == bench_http.CAPACITY_P99_MS and found["vs_closed_loop_c32"] == 1.5
+    assert "meets" in found["table"]
 
 
 def _level(items_per_s: float) -> dict[str, float]:
