@@ -27,6 +27,7 @@ import queue
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -74,6 +75,17 @@ class _Item:
 
 
 _STOP = object()
+
+#: every AuditLog of this process, for :func:`_after_fork_in_child`
+_LOGS: weakref.WeakSet[AuditLog] = weakref.WeakSet()
+_FORK_HOOK: list[bool] = []  # registered once, by the first AuditLog (never at import)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: each log forgets its writer and gets
+    fresh locks (one the parent's writer or a request held at the fork would stay held for ever)."""
+    for log in list(_LOGS):
+        log._forget_parent()
 
 
 def _items(queued: object) -> list[_Item]:
@@ -156,6 +168,24 @@ class AuditLog:
         #: the queue happens under that lock too, so none can slip in behind the stop marker
         self._closing = False
         self._close_lock = threading.Lock()
+        if not _FORK_HOOK:
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            _FORK_HOOK.append(True)
+        _LOGS.add(self)
+
+    def _forget_parent(self) -> None:
+        """In a forked child: not started (records go straight to the database, or to a writer
+        that :meth:`start` makes here), nothing waiting, every lock new; connections are
+        reopened by :meth:`_connection` (a connection never crosses a fork)."""
+        self._lock = threading.RLock()
+        self._read_lock = threading.Lock()
+        self._handover_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._queue = queue.SimpleQueue()
+        self._handover = {}
+        self._pending = 0
+        self._thread = None
+        self._closing = False
 
     @classmethod
     def open(cls, settings: Settings, **kwargs: object) -> AuditLog:

@@ -124,3 +124,42 @@ def test_a_forked_child_opens_its_own_connection(setup: tuple[Path, Path, Ed2551
     log.close()
     report = verify_db(db, key.public_key())
     assert report.ok and report.last_seq == 3
+
+
+def test_a_child_forked_while_the_writer_runs_and_a_lock_is_held_writes_on_its_own(
+    setup: tuple[Path, Path, Ed25519PrivateKey],
+) -> None:
+    """The writer thread does not cross a fork, and a lock held at the fork (here by a request
+    handing its record over) would stay held in the child for ever: the child's log starts
+    afresh, so its record is written (straight to the database) instead of waiting for ever."""
+    import threading
+
+    db, _, key = setup
+    log = AuditLog(db, signing_key=key, digest_keys_dir=db.parent / "digest")
+    log.start()
+    assert log.append(_fork_event("parent")) == 1
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with log._handover_lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=_append_in_child, args=(log,))
+        child.start()
+    finally:
+        release.set()
+        holder.join()
+    child.join(timeout=30)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    assert child.exitcode == 0, "the child's append never returned"
+    assert log.append(_fork_event("parent")) == 3  # the parent's writer goes on, after the child's record
+    log.close()
+    report = verify_db(db, key.public_key())
+    assert report.ok and report.last_seq >= 3
