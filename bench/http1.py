@@ -80,6 +80,10 @@ class Pool:
         self._head = "".join(f"{k}: {v}\r\n" for k, v in fields.items()).encode("latin-1")
         self._idle: list[_Conn] = []
         self.opened = 0
+        #: requests sent again on a new connection: a kept-alive one closed before any answer byte
+        #: (a server's idle close; or a server that read the request and closed without answering,
+        #: which then saw it twice)
+        self.resent = 0
 
     async def _open(self) -> _Conn:
         async with asyncio.timeout(self.timeout):
@@ -111,6 +115,7 @@ class Pool:
                 if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
                     raise  # an answer began: the server did answer, badly
                 # closed by the server between our last answer and this request: send it again
+                self.resent += 1
         return await self._exchange(await self._open(), request)
 
     async def _exchange(self, conn: _Conn, request: bytes) -> Answer:

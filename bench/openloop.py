@@ -56,8 +56,8 @@ async def open_loop(
 
     Returns the offered ``rate``, the achieved ``rps`` (answers over the time until the last
     one), latency p50/p90/p99 (ms, from each request's due time), ``ok``, ``errors`` by status,
-    ``dropped``, ``late_ms_p99``, the client's own CPU per request (``client_cpu_ms``) and the
-    ``connections`` it opened.
+    ``dropped``, ``late_ms_p99``, the client's own CPU per request (``client_cpu_ms``), the
+    ``connections`` it opened and the requests it ``resent`` (:attr:`bench.http1.Pool.resent`).
     """
     scheduled = math.ceil(rate * duration_s - 1e-9)  # the requests due in [0, duration_s)
     if rate <= 0 or scheduled < 1:
@@ -131,6 +131,7 @@ async def open_loop(
         "late_ms_p99": percentile(lateness, 99) * 1000 if lateness else 0.0,
         "client_cpu_ms": 1000.0 * (time.process_time() - cpu0) / max(1, sent),
         "connections": pool.opened,
+        "resent": pool.resent,
         "client": "open loop",
     }
     if latencies:

@@ -188,6 +188,31 @@ def test_the_client_reuses_only_connections_whose_answer_ended_where_the_server_
     assert opened == [1, 2, 2, 3, 3, 3, 3, 3], opened
 
 
+def test_a_request_sent_again_after_a_close_without_answer_is_counted() -> None:
+    """A kept-alive connection the server closes on reading the next request, without an answer
+    byte, looks like an idle close: the client sends it again once, and counts it (the server
+    then saw it twice)."""
+    seen: list[bytes] = []
+
+    def answer(head: bytes, body: bytes) -> tuple[bytes, bool]:
+        path = head.split(b" ")[1]
+        seen.append(path)
+        if path == b"/drop-once" and seen.count(path) == 1:
+            return b"", True
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False
+
+    async def main() -> tuple[list[int], int, int]:
+        async with server(answer) as (url, _heads):
+            pool = Pool(url, {})
+            statuses = [(await pool.post(p, b"{}")).status for p in ("/first", "/drop-once", "/after")]
+            await pool.close()
+            return statuses, pool.resent, pool.opened
+
+    statuses, resent, opened = asyncio.run(main())
+    assert statuses == [200, 200, 200] and seen == [b"/first", b"/drop-once", b"/drop-once", b"/after"]
+    assert (resent, opened) == (1, 2)
+
+
 def test_the_open_loop_names_an_answer_that_never_came() -> None:
     async def main() -> dict[str, object]:
         async with server(echo) as (url, _heads):
