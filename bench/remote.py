@@ -70,6 +70,7 @@ __all__ = [
     "level_name",
     "metrics_delta",
     "parse_metrics",
+    "pick_endpoint",
     "plans_for",
     "preflight",
     "read_texts",
@@ -318,6 +319,19 @@ def plans_for(meta: Mapping[str, Any], model: str, texts: Sequence[str]) -> list
     return [Plan(infer, infer, tensor_bodies(inputs), route=INFER_ROUTE)]
 
 
+#: what ``--endpoint`` names: the start of a plan's path
+ENDPOINTS = {"v1": "/v1/", "v2": "/v2/"}
+
+
+def pick_endpoint(plans: Sequence[Plan], endpoint: str, model: str) -> list[Plan]:
+    """The plan ``endpoint`` (``v1`` or ``v2``) names, or :class:`BenchError` naming those there are."""
+    chosen = [p for p in plans if p.path.startswith(ENDPOINTS[endpoint])]
+    if not chosen:
+        there = ", ".join(p.label for p in plans)
+        raise BenchError(f"--endpoint {endpoint}: model {model!r} is served on {there} only; leave --endpoint out")
+    return chosen
+
+
 #: a sample line: name, optional labels (quoted values may hold braces: route="/v2/models/{name}"), value
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -549,6 +563,7 @@ def run(
     max_rate: float = MAX_RATE,
     duration_s: int | None = None,
     texts: Sequence[str] | None = None,
+    endpoint: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Load ``target`` level by level (see the module's docstring); with ``cfg.out`` keeps ``remote.json``.
@@ -557,7 +572,7 @@ def run(
     ``p99_ms`` with ``rates``: each level is judged against that p99 (``meets``); without them:
     search each endpoint's capacity at that p99 (:func:`bench.capacity.search`, up to
     ``max_rate``), kept under ``capacity``.  ``texts``: what a text model is sent (default: the
-    suite's mixed corpus)."""
+    suite's mixed corpus); ``endpoint``: ``v1`` or ``v2``, that one only (default: each the model has)."""
     from bench.http import server_texts
 
     searching = p99_ms is not None and not rates
@@ -565,6 +580,8 @@ def run(
     if texts is not None and not takes_text(meta):
         raise BenchError(f"--texts: model {target.model!r} takes tensors, not text; leave --texts out")
     plans = plans_for(meta, target.model, texts if texts is not None else server_texts(cfg))
+    if endpoint is not None:
+        plans = pick_endpoint(plans, endpoint, target.model)
     probes = {plan.label: _probe(target, plan, PROBES if searching else 1) for plan in plans}
     duration = duration_s if duration_s is not None else cfg.pick(2, ROW_S)
     warmup = cfg.pick(1, WARMUP_S)

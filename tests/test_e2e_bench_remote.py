@@ -140,10 +140,10 @@ def test_the_capacity_search_finds_the_highest_rate_that_keeps_the_target(server
         assert row["meets"] and row["errors"] == {} and row["served"] == row["ok"] == 8, row
     assert json.loads((tmp_path / "remote.json").read_text())["capacity"] == report["capacity"]
     # a target no rate keeps: down to 1/s, then a failure naming why, and the table all the same
-    none = bench("minilm", "--url", server.url, "--p99-ms", "0.001", "--max-rate", "4", "--duration", "1", "--quick", env=env)  # fmt: skip
-    stopped(none, "/v1/embeddings: no rate from 1/s up met p99 <= 0.001 ms (at 1/s: p99 ", code=1)
-    assert "/v2/models/minilm/infer: no rate from 1/s up met" in none.output
-    assert none.output.count("/v1/embeddings 4/s") == 1 and "/v1/embeddings 1/s" in none.output
+    none = bench("minilm", "--url", server.url, "--p99-ms", "0.001", "--max-rate", "4", "--endpoint", "v2", "--duration", "1", "--quick", env=env)  # fmt: skip
+    stopped(none, "/v2/models/minilm/infer: no rate from 1/s up met p99 <= 0.001 ms (at 1/s: p99 ", code=1)
+    assert "/v1/embeddings" not in none.output  # --endpoint v2: that one only
+    assert none.output.count("/v2/models/minilm/infer 4/s") == 1 and "/v2/models/minilm/infer 1/s" in none.output
 
 
 def test_the_load_test_sends_the_operators_own_texts(server: Served, tmp_path: Path) -> None:
@@ -262,6 +262,8 @@ def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path
         (("--url", server.url, "--p99-ms", "100", "--rate", "5", "--max-rate", "9"), "--max-rate bounds the"),
         (("--url", server.url, "--p99-ms", "0"), "--p99-ms"),
         (("--url", server.url, "--p99-ms", "nan"), "give a finite number"),
+        (("--endpoint", "v1"), "--endpoint goes with --url"),
+        (("--url", server.url, "--endpoint", "v3"), "'v3' is not one of 'v1', 'v2'"),
         (("--url", server.url, "--p99-ms", "100", "--max-rate", "nan"), "give a finite number"),
     ):
         stopped(bench("minilm", *args), message)
@@ -306,5 +308,6 @@ def test_the_load_test_of_a_tensor_model_sends_rows_its_metadata_describes(tmp_p
         texts = tmp_path / "texts.txt"
         texts.write_text("a text\n")
         stopped(bench("mlp", "--url", url, "--texts", str(texts)), "takes tensors, not text")
+        stopped(bench("mlp", "--url", url, "--endpoint", "v1"), "model 'mlp' is served on /v2/models/mlp/infer only")
     finally:
         _stop(proc)

@@ -133,6 +133,12 @@ def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) ->
     help="With --p99-ms and no --rate: the highest rate the search may offer, requests/s [default 10000].",
 )
 @click.option(
+    "--endpoint",
+    type=click.Choice(["v1", "v2"]),
+    default=None,
+    help="With --url: load only /v1/embeddings (v1) or /v2/models/MODEL/infer (v2) [default: each the model has].",
+)
+@click.option(
     "--duration",
     type=click.IntRange(min=1, max=3600),
     default=None,
@@ -161,6 +167,7 @@ def bench(
     rate: str | None,
     p99_ms: float | None,
     max_rate: float | None,
+    endpoint: str | None,
     duration: int | None,
     texts: Path | None,
 ) -> None:
@@ -177,6 +184,7 @@ def bench(
         "--rate": rate,
         "--p99-ms": p99_ms,
         "--max-rate": max_rate,
+        "--endpoint": endpoint,
         "--duration": duration,
         "--texts": texts,
     }
@@ -200,6 +208,7 @@ def bench(
             rate,
             p99_ms,
             max_rate,
+            endpoint,
             duration,
             texts,
             quick,
@@ -305,6 +314,7 @@ def _bench_remote(
     rate: str | None,
     p99_ms: float | None,
     max_rate: float | None,
+    endpoint: str | None,
     duration: int | None,
     texts: Path | None,
     quick: bool,
@@ -348,6 +358,7 @@ def _bench_remote(
             max_rate=max_rate if max_rate is not None else MAX_RATE,
             duration_s=duration,
             texts=sent,
+            endpoint=endpoint,
             echo=echo,
         )
     if as_json:
