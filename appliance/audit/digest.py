@@ -87,6 +87,18 @@ class DigestKeyring:
         log.info("created audit digest key %s", key_id)
         return key_id
 
+    # -- fork safety (the audit log's fork hooks) ------------------------------------------------
+    def hold_for_fork(self) -> None:
+        """Wait for a key being read or made, and hold off the next, until the fork is done."""
+        self._lock.acquire()
+
+    def release_after_fork(self) -> None:
+        self._lock.release()
+
+    def forget_parent(self) -> None:
+        """In a forked child: a new lock (the parent's was held across the fork)."""
+        self._lock = threading.Lock()
+
     def current(self) -> tuple[str, bytes]:
         """The key id and key to digest with now (rotating when the newest is too old)."""
         now = self._clock()

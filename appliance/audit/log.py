@@ -76,16 +76,39 @@ class _Item:
 
 _STOP = object()
 
-#: every AuditLog of this process, for :func:`_after_fork_in_child`
+#: every AuditLog of this process, for the fork hooks below
 _LOGS: weakref.WeakSet[AuditLog] = weakref.WeakSet()
 _FORK_HOOK: list[bool] = []  # registered once, by the first AuditLog (never at import)
+#: per forking thread, the logs :func:`_before_fork` holds until its fork is done
+_FORKING = threading.local()
+
+
+def _before_fork() -> None:
+    """No statement of a log's connections, and no digest key being made, while the process
+    forks: SQLite keeps its file locks' bookkeeping in process memory, so a child forked inside
+    the writer's transaction would find the write lock held for ever (every record of its would
+    fail with "database is locked")."""
+    held: list[AuditLog] = []
+    _FORKING.held = held
+    for log in list(_LOGS):
+        log._hold_for_fork()
+        held.append(log)
+
+
+def _after_fork_in_parent() -> None:
+    held: list[AuditLog] = getattr(_FORKING, "held", [])
+    for log in reversed(held):
+        log._release_after_fork()
+    held.clear()
 
 
 def _after_fork_in_child() -> None:
     """A forked child has none of its parent's threads: each log forgets its writer and gets
-    fresh locks (one the parent's writer or a request held at the fork would stay held for ever)."""
-    for log in list(_LOGS):
+    fresh locks (one held at the fork, by the hook above or a request, would stay held for ever)."""
+    held: list[AuditLog] = getattr(_FORKING, "held", [])
+    for log in held:
         log._forget_parent()
+    held.clear()
 
 
 def _items(queued: object) -> list[_Item]:
@@ -169,23 +192,40 @@ class AuditLog:
         self._closing = False
         self._close_lock = threading.Lock()
         if not _FORK_HOOK:
-            os.register_at_fork(after_in_child=_after_fork_in_child)
+            os.register_at_fork(
+                before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+            )
             _FORK_HOOK.append(True)
         _LOGS.add(self)
 
+    def _hold_for_fork(self) -> None:
+        """Wait for the statements and the digest key in progress (in the order reads take them)."""
+        self._read_lock.acquire()
+        self._lock.acquire()
+        self.keyring.hold_for_fork()
+
+    def _release_after_fork(self) -> None:
+        self.keyring.release_after_fork()
+        self._lock.release()
+        self._read_lock.release()
+
     def _forget_parent(self) -> None:
         """In a forked child: not started (records go straight to the database, or to a writer
-        that :meth:`start` makes here), nothing waiting, every lock new; connections are
-        reopened by :meth:`_connection` (a connection never crosses a fork)."""
+        that :meth:`start` makes here), nothing waiting, nothing counted, every lock new;
+        connections are reopened by :meth:`_connection` (a connection never crosses a fork)."""
         self._lock = threading.RLock()
         self._read_lock = threading.Lock()
         self._handover_lock = threading.Lock()
         self._close_lock = threading.Lock()
+        self.keyring.forget_parent()
         self._queue = queue.SimpleQueue()
         self._handover = {}
         self._pending = 0
         self._thread = None
         self._closing = False
+        self.commits = 0
+        self.records_written = 0
+        self._stats = AuditStats(records=0, commits=0, commit_seconds=0.0, pending=0)
 
     @classmethod
     def open(cls, settings: Settings, **kwargs: object) -> AuditLog:
@@ -337,6 +377,8 @@ class AuditLog:
         with self._read_lock:
             if self._reader is not None and self._reader_pid == os.getpid():
                 self._reader.close()
+            elif self._reader is not None:
+                self._inherited.append(self._reader)  # another process's connection: leave it alone
             self._reader = None
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():

@@ -147,7 +147,7 @@ def test_a_child_forked_while_the_writer_runs_and_a_lock_is_held_writes_on_its_o
 
     holder = threading.Thread(target=hold)
     holder.start()
-    held.wait(10)
+    assert held.wait(10)
     try:
         child = multiprocessing.get_context("fork").Process(target=_append_in_child, args=(log,))
         child.start()
@@ -163,3 +163,42 @@ def test_a_child_forked_while_the_writer_runs_and_a_lock_is_held_writes_on_its_o
     log.close()
     report = verify_db(db, key.public_key())
     assert report.ok and report.last_seq >= 3
+
+
+def test_a_child_forked_while_the_writer_is_in_its_transaction_can_write(
+    setup: tuple[Path, Path, Ed25519PrivateKey],
+) -> None:
+    """SQLite keeps its file locks' bookkeeping in process memory: a child forked inside the
+    parent's write transaction would find the write lock held for ever ("database is locked"
+    after the busy timeout, on every record).  The fork waits for the transaction instead."""
+    import threading
+    import time
+
+    db, _, key = setup
+    log = AuditLog(db, signing_key=key, digest_keys_dir=db.parent / "digest")
+    log.start()
+    assert log.append(_fork_event("parent")) == 1
+    inside = threading.Event()
+
+    def transaction() -> None:  # what the writer does for each group, held open a little longer
+        with log._lock:
+            conn = log._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            inside.set()
+            time.sleep(0.5)
+            conn.execute("COMMIT")
+
+    writer = threading.Thread(target=transaction)
+    writer.start()
+    assert inside.wait(10)
+    child = multiprocessing.get_context("fork").Process(target=_append_in_child, args=(log,))
+    child.start()  # waits for the transaction
+    writer.join()
+    child.join(timeout=25)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+    assert child.exitcode == 0, "the child could not write (the parent's write lock crossed the fork)"
+    assert log.append(_fork_event("parent")) == 3
+    log.close()
+    assert verify_db(db, key.public_key()).ok
