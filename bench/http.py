@@ -67,6 +67,7 @@ from bench.common import (
 )
 from bench.corpus import mixed_corpus
 from bench.openloop import COLUMNS as OPEN_LOOP_COLUMNS
+from runtime.errors import BenchError
 
 __all__ = [
     "ENDPOINTS",
@@ -756,41 +757,57 @@ def _capacity(
 ) -> dict[str, Any]:
     """The capacity at p99 <= :data:`CAPACITY_P99_MS` on ``/v1/embeddings`` (no target;
     :func:`bench.capacity.search`, as ``inferbox bench --url --p99-ms`` runs it): from half the c=32
-    row's rate, up to one and a half times it, each window warmed up."""
+    row's rate, within an eighth and one and a half times it, each window warmed up, at most
+    :data:`CAPACITY_WINDOWS` windows and the confirmation (~1 minute here).  A warm-up in which a
+    request failed ends it with that reason, as the open loop's does (a dead or hung server would
+    cost each window the client's timeout)."""
     from bench.capacity import search
     from bench.openloop import open_loop
 
     c32 = _c32(rows)
     if c32 is None:
         return skipped("no c=32 row on /v1/embeddings to start from")
-    bodies = [request_body("/v1/embeddings", model, t) for t in texts]
     duration, warmup = cfg.pick(2.0, ROW_S), cfg.pick(1.0, WARMUP_S)
-
-    def load(rate: float, seconds: float) -> dict[str, Any]:
-        return asyncio.run(
-            open_loop(srv.base_url, "/v1/embeddings", bodies, headers=srv.headers, rate=rate, duration_s=seconds)
-        )
-
-    def measure(rate: float) -> dict[str, Any]:
-        load(rate, warmup)
-        row = load(rate, duration)
-        print(
-            f"  capacity search {rate:g}/s: p99 {row.get('p99_ms', float('nan')):.1f} ms, errors {row['errors']}, "
-            f"dropped {row['dropped']}",
-            flush=True,
-        )
-        return row
-
     rps = float(c32["rps"])
     try:
-        found = search(measure, CAPACITY_P99_MS, rps / 2, max_rate=max(1.0, 1.5 * rps))
-    except Exception as exc:  # informative only, as the open loop
+        bodies = [request_body("/v1/embeddings", model, t) for t in texts]
+
+        def load(rate: float, seconds: float) -> dict[str, Any]:
+            return asyncio.run(
+                open_loop(srv.base_url, "/v1/embeddings", bodies, headers=srv.headers, rate=rate, duration_s=seconds)
+            )
+
+        def measure(rate: float) -> dict[str, Any]:
+            failure = row_failure(load(rate, warmup), any_error=True)
+            if failure is not None:
+                raise BenchError(f"warming up at {rate:g}/s: {failure}")
+            row = load(rate, duration)
+            print(
+                f"  capacity search {rate:g}/s: p99 {row.get('p99_ms', float('nan')):.1f} ms, errors {row['errors']}, "
+                f"dropped {row['dropped']}",
+                flush=True,
+            )
+            return row
+
+        found = search(
+            measure,
+            CAPACITY_P99_MS,
+            rps / 2,
+            min_rate=max(1.0, rps / 8),
+            max_rate=max(1.0, 1.5 * rps),
+            max_windows=CAPACITY_WINDOWS,
+        )
+        found["closed_loop_c32_rps"] = rps
+        found["vs_closed_loop_c32"] = ratio(found["rate"], rps) if found["rate"] is not None else None
+        found["table"] = format_table(CAPACITY_ROW_COLUMNS, found["rows"])
+    except Exception as exc:  # informative only, as the open loop: the closed-loop rows stand without it
         logger.warning("capacity search failed: %s", exc)
         return skipped(f"{type(exc).__name__}: {exc}")
-    found["closed_loop_c32_rps"] = rps
-    found["vs_closed_loop_c32"] = ratio(found["rate"], rps) if found["rate"] is not None else None
-    found["table"] = format_table(CAPACITY_ROW_COLUMNS, found["rows"])
     return found
+
+
+#: the suite's search: at most this many windows (the confirmation not counted)
+CAPACITY_WINDOWS = 6
 
 
 #: a capacity search's windows, as the results page shows them

@@ -115,7 +115,9 @@ class Pool:
                 if isinstance(exc, asyncio.IncompleteReadError) and exc.partial:
                     raise  # an answer began: the server did answer, badly
                 # closed by the server between our last answer and this request: send it again
-                self.resent += 1
+                fresh = await self._open()
+                self.resent += 1  # counted once it can go out again
+                return await self._exchange(fresh, request)
         return await self._exchange(await self._open(), request)
 
     async def _exchange(self, conn: _Conn, request: bytes) -> Answer:

@@ -627,6 +627,7 @@ def run(
         "model": target.model,
         "served_by": {k: params.get(k) for k in ("backend", "variant", "exec_precision")},
         "client": client,
+        "endpoint": endpoint,
         "duration_s": duration,
         "rows": rows,
         "table": format_table((*columns, "meets") if p99_ms is not None else columns, rows),
@@ -659,7 +660,7 @@ def capacity_line(found: Mapping[str, Any]) -> str:
         return line + (f"; {budget}, still going down" if found["windows_spent"] else "")
     line = f"{found['rate']:g} requests/s with {target} (p99 {found['p99_ms']:.1f} ms)"
     if found["at_max_rate"]:
-        line += "; that is the search's ceiling (--max-rate), so the server may take more"
+        line += "; that is the search's ceiling, so the server may take more"
     elif found["next_rate"] is None:
         line += f"; {budget}, still going up, so the server may take more"
     else:

@@ -56,7 +56,7 @@ def test_a_server_that_meets_every_rate_is_searched_up_to_the_ceiling_only() -> 
     assert tried == [100.0, 200.0, 400.0, 800.0, 1234.0, 1234.0]  # the ceiling given, never over it
     assert found["rate"] == 1234.0 and found["at_max_rate"] and found["next_rate"] is None
     assert not found["windows_spent"]
-    assert "that is the search's ceiling (--max-rate), so the server may take more" in capacity_line(found)
+    assert "that is the search's ceiling, so the server may take more" in capacity_line(found)
 
 
 def test_a_target_no_rate_meets_goes_down_to_the_floor_and_says_so() -> None:

@@ -929,6 +929,10 @@ def test_the_http_parts_capacity_search_runs_from_the_c32_rate_to_its_ceiling(tm
         srv = SimpleNamespace(base_url=f"http://127.0.0.1:{httpd.server_address[1]}", headers={})
         found = bench_http._capacity(cfg, srv, "m", ["a text"], rows)
         assert "no c=32 row" in bench_http._capacity(cfg, srv, "m", ["x"], rows[:0])["skipped"]
+        port = httpd.server_address[1]
+    # a server that is gone: the first warm-up's failure ends the search with its reason
+    gone = bench_http._capacity(cfg, SimpleNamespace(base_url=f"http://127.0.0.1:{port}", headers={}), "m", ["x"], rows)
+    assert "warming up at 1/s: no successful request: ConnectionRefusedError" in gone["skipped"], gone
     assert [(r["rate"], r["ok"], r["meets"], r.get("confirming", False)) for r in found["rows"]] == [
         (1.0, 2, True, False),
         (2.0, 4, True, False),
