@@ -655,30 +655,36 @@ def capacity_line(found: Mapping[str, Any]) -> str:
     """One endpoint's capacity search in words: the rate, what bounded it, whether it held again."""
     target = f"p99 <= {found['p99_target_ms']:g} ms"
     budget = f"the search stopped after {found['max_windows']} windows"
+    not_held = list(found.get("not_held") or [])
+    nxt = found["next_rate"]
     if found["rate"] is None:
-        line = f"no rate from {found['lowest_rate']:g}/s up met {target} (at {found['next_rate']:g}/s: {found['next_missed']})"
-        return line + (f"; {budget}, still going down" if found["windows_spent"] else "")
-    line = f"{found['rate']:g} requests/s with {target} (p99 {found['p99_ms']:.1f} ms)"
-    if found["at_max_rate"]:
-        line += "; that is the search's ceiling, so the server may take more"
-    elif found["next_rate"] is None:
-        line += f"; {budget}, still going up, so the server may take more"
+        line = f"no rate from {found['lowest_rate']:g}/s up met {target} (at {nxt:g}/s: {found['next_missed']})"
+        line += f"; {budget}, still going down" if found["windows_spent"] else ""
     else:
-        line += f"; {found['next_rate']:g}/s missed it ({found['next_missed']})"
-        if found["windows_spent"]:
-            line += f"; {budget}, wider apart than {found['resolution']:g}x"
+        again = f", again {found['confirm_p99_ms']:.1f} ms" if found["confirmed"] else ""
+        line = f"{found['rate']:g} requests/s with {target} (p99 {found['p99_ms']:.1f} ms{again})"
+        if found["at_max_rate"]:
+            line += "; that is the search's ceiling, so the server may take more"
+        elif nxt is None:
+            line += f"; {budget}, still going up, so the server may take more"
+        else:
+            held = "met it once, then missed it" if nxt in not_held else "missed it"
+            line += f"; {nxt:g}/s {held} ({found['next_missed']})"
+            if found["windows_spent"]:
+                line += f"; {budget}, wider apart than {found['resolution']:g}x"
+    others = [r for r in not_held if r != nxt]
+    if others:
+        line += f"; {', '.join(f'{r:g}/s' for r in others)} also met it once, then missed it"
+    if not_held:
+        line += ": the box's spread is near the target"
     late = found.get("next_late_ms_p99")
     if late is not None and late > found["p99_target_ms"] / 4:
         line += (
             f"; the client itself fell {late:.0f} ms behind its schedule there, so that miss may be the client's: "
             "run the load from another box"
         )
-    if "confirmed" in found:
-        again = f"again at {found['rate']:g}/s"
-        if found["confirmed"]:
-            line += f"; {again}: p99 {found['confirm_p99_ms']:.1f} ms"
-        elif found.get("confirm_failed"):
-            line += f"; {again} requests failed ({found['confirm_missed']})"
-        else:
-            line += f"; {again} it missed ({found['confirm_missed']}): the box's spread is near the target"
+    if found.get("confirm_failed"):
+        line += f"; its second window failed ({found['confirm_missed']}): the server, not the box's spread"
+    elif found["rate"] is not None and not found["confirmed"]:
+        line += "; met in one window only (no second window was left to confirm it)"
     return line

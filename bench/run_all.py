@@ -220,7 +220,7 @@ def _capacity_section(found: Any) -> list[str]:
         for key, what in (("vs_closed_loop_c32", "the c=32 closed loop"), ("vs_inprocess", "in-process"))
         if isinstance(found.get(key), float)
     ]
-    again = ", the last run again at the answer" if "confirmed" in found else ""
+    again = ", `confirming` the second windows" if any(r.get("confirming") for r in found.get("rows") or []) else ""
     return [
         f"Capacity at p99 <= {found['p99_target_ms']:g} ms on /v1/embeddings (no target; the highest open-loop rate "
         f"that keeps it, `inferbox bench --url --p99-ms` on this server; every window below{again}):",

@@ -63,7 +63,7 @@ def test_a_target_no_rate_meets_goes_down_to_the_floor_and_says_so() -> None:
     tried: list[float] = []
     found = search(knee(0.0, tried), 100.0, 8.0, max_rate=100.0)
     assert tried == [8.0, 4.0, 2.0, MIN_RATE]  # no confirmation of nothing
-    assert found["rate"] is None and found["next_rate"] == MIN_RATE and "confirmed" not in found
+    assert found["rate"] is None and found["next_rate"] == MIN_RATE and not found["confirmed"]
     assert capacity_line(found) == "no rate from 1/s up met p99 <= 100 ms (at 1/s: p99 400.0 ms > 100 ms)"
     # a budget spent on the way down says where it stopped, not that 1/s was tried
     found = search(knee(0.0), 100.0, 9000.0, max_rate=10_000, max_windows=4)
@@ -89,17 +89,43 @@ def test_failed_requests_and_drops_miss_the_target_whatever_the_latency() -> Non
     assert "7 failed requests {'503': 7}" in reasons
 
 
-def test_a_capacity_that_does_not_hold_a_second_time_is_reported_as_such() -> None:
+def noisy(capacity: float, unlucky: set[float]) -> Callable[[float], dict[str, Any]]:
+    """The knee of :func:`knee`, but a rate in ``unlucky`` misses the target in its second window."""
     calls: dict[float, int] = {}
 
     def measure(rate: float) -> dict[str, Any]:
         calls[rate] = calls.get(rate, 0) + 1
-        return window(rate, 20.0 if rate <= 400 and calls[rate] == 1 else 130.0)
+        lucky = rate <= capacity and (calls[rate] == 1 or rate not in unlucky)
+        return window(rate, 20.0 if lucky else 130.0)
 
-    found = search(measure, 100.0, 100.0, max_rate=10_000)
-    assert found["rate"] is not None and found["confirmed"] is False and found["confirm_failed"] is False
-    assert found["confirm_missed"] == "p99 130.0 ms > 100 ms"
-    assert "it missed (p99 130.0 ms > 100 ms): the box's spread is near the target" in capacity_line(found)
+    return measure
+
+
+def test_a_rate_that_does_not_hold_a_second_time_counts_as_missed_and_the_next_one_down_is_tried() -> None:
+    # the knee at 437 from 150/s: 150, 300, 600, 424, 504, 462; 424 met once and then missed
+    found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000)
+    assert [(r["rate"], r["meets"], r.get("confirming", False)) for r in found["rows"][-2:]] == [
+        (424.0, False, True),
+        (300.0, True, True),
+    ]
+    assert (found["rate"], found["confirmed"], found["confirm_p99_ms"]) == (300.0, True, 20.0)
+    assert (found["next_rate"], found["not_held"], found["confirm_failed"]) == (424.0, [424.0], False)
+    assert capacity_line(found) == (
+        "300 requests/s with p99 <= 100 ms (p99 20.0 ms, again 20.0 ms); 424/s met it once, then missed it "
+        "(p99 130.0 ms > 100 ms): the box's spread is near the target"
+    )
+    # two that do not hold: the answer is the next one down, met in one window only
+    found = search(noisy(437.0, {424.0, 300.0}), 100.0, 150.0, max_rate=10_000)
+    assert (found["rate"], found["confirmed"], found["not_held"]) == (150.0, False, [424.0, 300.0])
+    assert capacity_line(found) == (
+        "150 requests/s with p99 <= 100 ms (p99 20.0 ms); 300/s met it once, then missed it (p99 130.0 ms > 100 ms)"
+        "; 424/s also met it once, then missed it: the box's spread is near the target; met in one window only "
+        "(no second window was left to confirm it)"
+    )
+    # without confirmation the answer is the highest rate met once, and says so
+    found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000, confirm=False)
+    assert (found["rate"], found["confirmed"], found["not_held"]) == (424.0, False, [])
+    assert "met in one window only" in capacity_line(found)
 
 
 def test_a_capacity_whose_second_window_failed_blames_the_server_not_the_spread() -> None:
@@ -112,9 +138,10 @@ def test_a_capacity_whose_second_window_failed_blames_the_server_not_the_spread(
         return window(rate, 20.0 if rate <= 400 else 400.0)
 
     found = search(measure, 100.0, 100.0, max_rate=10_000)
-    assert found["confirm_failed"] is True and not found["confirmed"]
+    assert found["confirm_failed"] is True and not found["confirmed"] and found["not_held"] == []
+    assert found["rate"] == found["rows"][-1]["rate"]  # the search stopped at the failed window
     assert capacity_line(found).endswith(
-        f"again at {found['rate']:g}/s requests failed (no successful request: ConnectionRefusedError)"
+        "; its second window failed (no successful request: ConnectionRefusedError): the server, not the box's spread"
     )
 
 
@@ -125,8 +152,7 @@ def test_the_search_doubles_then_bisects_geometrically() -> None:
     assert tried == [150.0, 300.0, 600.0, 424.0, 504.0, 462.0, 424.0]
     assert (found["rate"], found["next_rate"]) == (424.0, 462.0)
     assert capacity_line(found) == (
-        "424 requests/s with p99 <= 100 ms (p99 20.0 ms); 462/s missed it (p99 400.0 ms > 100 ms); "
-        "again at 424/s: p99 20.0 ms"
+        "424 requests/s with p99 <= 100 ms (p99 20.0 ms, again 20.0 ms); 462/s missed it (p99 400.0 ms > 100 ms)"
     )
 
 
@@ -135,8 +161,8 @@ def test_the_window_budget_ends_a_search_and_the_report_says_so() -> None:
     assert len(found["rows"]) == 6  # five windows and the confirmation
     assert found["rate"] == 16.0 and found["next_rate"] is None and found["windows_spent"]  # still doubling
     assert capacity_line(found) == (
-        "16 requests/s with p99 <= 100 ms (p99 20.0 ms); the search stopped after 5 windows, still going up, "
-        "so the server may take more; again at 16/s: p99 20.0 ms"
+        "16 requests/s with p99 <= 100 ms (p99 20.0 ms, again 20.0 ms); the search stopped after 5 windows, "
+        "still going up, so the server may take more"
     )
     found = search(knee(437.0), 100.0, 100.0, max_rate=1e6, max_windows=5)
     assert found["windows_spent"] and found["next_rate"] / found["rate"] > RESOLUTION

@@ -841,6 +841,7 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
         "windows_spent": False,
         "confirmed": True,
         "confirm_failed": False,
+        "not_held": [],
         "confirm_p99_ms": 95.8,
         "vs_closed_loop_c32": 0.83,
         "vs_inprocess": 0.61,
@@ -853,9 +854,10 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
     assert "Capacity at p99 <= 100 ms on /v1/embeddings" in page
     assert "| 436 | 434 | 36.70 | 99.50 | {} | 0 | yes | - |\n| 436 | 435 | - | 95.80 | - | - | yes | yes |" in page
     assert (
-        "436 requests/s with p99 <= 100 ms (p99 99.5 ms); 476/s missed it (p99 148.2 ms > 100 ms); again at "
-        "436/s: p99 95.8 ms (0.83 of the c=32 closed loop, 0.61 of in-process)." in page
+        "436 requests/s with p99 <= 100 ms (p99 99.5 ms, again 95.8 ms); 476/s missed it (p99 148.2 ms > 100 ms) "
+        "(0.83 of the c=32 closed loop, 0.61 of in-process)." in page
     )
+    assert "every window below, `confirming` the second windows):" in page
     parts["http"]["capacity"] = common.skipped("no c=32 row")  # type: ignore[index]
     assert "Capacity at a p99 target: skipped (no c=32 row)." in run_all.render_readme(report)
 
