@@ -64,12 +64,12 @@ def test_a_target_no_rate_meets_goes_down_to_the_floor_and_says_so() -> None:
     found = search(knee(0.0, tried), 100.0, 8.0, max_rate=100.0)
     assert tried == [8.0, 4.0, 2.0, MIN_RATE]  # no confirmation of nothing
     assert found["rate"] is None and found["next_rate"] == MIN_RATE and not found["confirmed"]
-    assert capacity_line(found) == "no rate from 1/s up met p99 <= 100 ms (at 1/s: p99 400.0 ms > 100 ms)"
+    assert capacity_line(found) == "no rate from 1/s up met p99 <= 100 ms twice (at 1/s: p99 400.0 ms > 100 ms)"
     # a budget spent on the way down says where it stopped, not that 1/s was tried
     found = search(knee(0.0), 100.0, 9000.0, max_rate=10_000, max_windows=4)
     assert [r["rate"] for r in found["rows"]] == [9000.0, 4500.0, 2250.0, 1120.0] and found["windows_spent"]
     assert capacity_line(found) == (
-        "no rate from 1120/s up met p99 <= 100 ms (at 1120/s: p99 400.0 ms > 100 ms); "
+        "no rate from 1120/s up met p99 <= 100 ms twice (at 1120/s: p99 400.0 ms > 100 ms); "
         "the search stopped after 4 windows, still going down"
     )
 
@@ -121,6 +121,13 @@ def test_a_rate_that_does_not_hold_a_second_time_counts_as_missed_and_the_next_o
         "150 requests/s with p99 <= 100 ms (p99 20.0 ms); 300/s met it once, then missed it (p99 130.0 ms > 100 ms)"
         "; 424/s also met it once, then missed it: the box's spread is near the target; met in one window only "
         "(no second window was left to confirm it)"
+    )
+    # the only rate that met it did not hold: no answer, and the line says what happened there
+    found = search(noisy(10.0, {10.0}), 100.0, 10.0, max_rate=10_000)
+    assert found["rate"] is None and found["not_held"] == [10.0] and found["next_rate"] == 10.0
+    assert capacity_line(found) == (
+        "no rate from 10/s up met p99 <= 100 ms twice (10/s met it once, then missed it: p99 130.0 ms > 100 ms)"
+        ": the box's spread is near the target"
     )
     # without confirmation the answer is the highest rate met once, and says so
     found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000, confirm=False)
