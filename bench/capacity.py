@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.openloop import MAX_OUTSTANDING
 
-__all__ = ["CONFIRMATIONS", "MAX_WINDOWS", "MIN_RATE", "RESOLUTION", "miss", "search"]
+__all__ = ["CONFIRMATIONS", "MAX_WINDOWS", "MIN_RATE", "RESOLUTION", "judge", "miss", "search"]
 
 #: the search stops bisecting when the missed rate is within this factor of the met one
 RESOLUTION = 1.1
@@ -54,6 +54,16 @@ def miss(row: Mapping[str, Any], p99_ms: float) -> str | None:
     if p99 > p99_ms:
         return f"p99 {p99:.1f} ms > {p99_ms:g} ms"
     return None
+
+
+def judge(row: dict[str, Any], p99_ms: float) -> str | None:
+    """Mark ``row`` with ``meets`` (and ``missed``, why, when it did not) against ``p99_ms``;
+    returns the reason it missed, or None."""
+    why = miss(row, p99_ms)
+    row["meets"] = why is None
+    if why is not None:
+        row["missed"] = why
+    return why
 
 
 def _figures(rate: float) -> float:
@@ -99,13 +109,7 @@ def search(
     def window(rate: float) -> None:
         tried.append(rate)
         row = dict(measure(rate))
-        why = miss(row, p99_ms)
-        row["meets"] = why is None
-        if why is None:
-            met[rate] = row
-        else:
-            row["missed"] = why
-            missed[rate] = row
+        (met if judge(row, p99_ms) is None else missed)[rate] = row
         rows.append(row)
 
     def bounds() -> tuple[float | None, float | None]:
@@ -137,14 +141,11 @@ def search(
     failed = False  # a second window got no answer or errors: the server, not the box's spread
     lo, _ = bounds()
     while confirm and lo is not None and len(again) < confirmations:
-        row = dict(measure(lo))
-        why = miss(row, p99_ms)
-        row |= {"meets": why is None, "confirming": True}
+        row = dict(measure(lo), confirming=True)
         rows.append(row)
         again[lo] = row
-        if why is None:
+        if judge(row, p99_ms) is None:
             break
-        row["missed"] = why
         failed = "skipped" in row or bool(row.get("errors"))
         if failed:
             break

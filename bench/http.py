@@ -704,7 +704,6 @@ def _open_loop(
     A row in which any request failed is that failure with its reason, not numbers (the
     percentiles of the answers that came would hide the rest); a failed warm-up ends the view
     (a dead or hung server would cost each load the client's timeout)."""
-    from bench.openloop import open_loop
 
     c32 = _c32(rows)
     if c32 is None:
@@ -716,20 +715,12 @@ def _open_loop(
         for fraction in OPEN_FRACTIONS:
             rate = round(fraction * float(c32["rps"]), 1)
 
-            def load(seconds: float, rate: float = rate) -> dict[str, Any]:
-                # plain asyncio, as `inferbox bench --url --rate` runs it: the same client CPU figures
-                return asyncio.run(
-                    open_loop(
-                        srv.base_url, "/v1/embeddings", bodies, headers=srv.headers, rate=rate, duration_s=seconds
-                    )
-                )
-
-            failure = row_failure(load(warmup), any_error=True)
+            failure = row_failure(_open_load(srv, bodies, rate, warmup), any_error=True)
             if failure is not None:
                 out.append({"fraction": fraction, "rate": rate, **skipped(f"warming up: {failure}")})
                 print(f"  open loop {fraction:.0%} of c=32: warming up failed: {failure}", flush=True)
                 break
-            row = load(duration)
+            row = _open_load(srv, bodies, rate, duration)
             failure = row_failure(row, any_error=True)
             if failure is not None:
                 out.append({"fraction": fraction, "rate": rate, **skipped(failure)})
@@ -748,6 +739,16 @@ def _open_loop(
     return {"closed_loop_c32_rps": c32["rps"], "rows": out, "table": format_table(OPEN_COLUMNS, measured)}
 
 
+def _open_load(srv: Any, bodies: Sequence[bytes], rate: float, seconds: float) -> dict[str, Any]:
+    """One open-loop load of ``/v1/embeddings`` on ``srv``, on plain asyncio as ``inferbox bench
+    --url --rate`` runs it (the same client CPU figures)."""
+    from bench.openloop import open_loop
+
+    return asyncio.run(
+        open_loop(srv.base_url, "/v1/embeddings", bodies, headers=srv.headers, rate=rate, duration_s=seconds)
+    )
+
+
 #: the service-level view's p99 target (ms): the highest open-loop rate that keeps it
 CAPACITY_P99_MS = 100.0
 
@@ -762,7 +763,6 @@ def _capacity(
     request failed ends it with that reason, as the open loop's does (a dead or hung server would
     cost each window the client's timeout)."""
     from bench.capacity import search
-    from bench.openloop import open_loop
 
     c32 = _c32(rows)
     if c32 is None:
@@ -772,16 +772,11 @@ def _capacity(
     try:
         bodies = [request_body("/v1/embeddings", model, t) for t in texts]
 
-        def load(rate: float, seconds: float) -> dict[str, Any]:
-            return asyncio.run(
-                open_loop(srv.base_url, "/v1/embeddings", bodies, headers=srv.headers, rate=rate, duration_s=seconds)
-            )
-
         def measure(rate: float) -> dict[str, Any]:
-            failure = row_failure(load(rate, warmup), any_error=True)
+            failure = row_failure(_open_load(srv, bodies, rate, warmup), any_error=True)
             if failure is not None:
                 raise BenchError(f"warming up at {rate:g}/s: {failure}")
-            row = load(rate, duration)
+            row = _open_load(srv, bodies, rate, duration)
             print(
                 f"  capacity search {rate:g}/s: p99 {row.get('p99_ms', float('nan')):.1f} ms, errors {row['errors']}, "
                 f"dropped {row['dropped']}",

@@ -537,10 +537,7 @@ def _window(
             f"p99 {row.get('p99_ms', 0):.1f} ms, errors {row['errors']}{dropped}"
         )
     if p99_ms is not None:
-        why = capacity.miss(row, p99_ms)
-        row["meets"] = why is None
-        if why is not None:
-            row["missed"] = why
+        why = capacity.judge(row, p99_ms)
         line += " - met" if why is None else f" - missed: {why}"
     echo(line)
     return row

@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from itertools import count
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -862,34 +861,6 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
     assert "Capacity at a p99 target: skipped (no c=32 row)." in run_all.render_readme(report)
 
 
-@contextlib.contextmanager
-def _answering_server() -> Iterator[Any]:
-    """A small threaded HTTP/1.1 server on 127.0.0.1 answering every POST ``200 {}``: yields it."""
-    import http.server
-    import threading
-
-    class Answer(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield httpd
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
 def test_the_http_parts_open_loop_runs_at_shares_of_the_c32_rate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -897,27 +868,21 @@ def test_the_http_parts_open_loop_runs_at_shares_of_the_c32_rate(
     answered, and without a c=32 row the view is skipped with its reason."""
     from types import SimpleNamespace
 
-    with _answering_server() as httpd:
-        srv = SimpleNamespace(base_url=f"http://127.0.0.1:{httpd.server_address[1]}", headers={})
-        monkeypatch.setattr(bench_http, "OPEN_FRACTIONS", (0.5,))
-        cfg = common.Config(out=tmp_path, quick=True)
-        rows = [{"endpoint": "/v1/embeddings", "concurrency": 32, "rps": 41.0}]
+    cfg = common.Config(out=tmp_path, quick=True)
+    rows = [{"endpoint": "/v1/embeddings", "concurrency": 32, "rps": 41.0}]
+    monkeypatch.setattr(bench_http, "OPEN_FRACTIONS", (0.5,))
+    with _recording_server() as (url, _seen):
+        srv = SimpleNamespace(base_url=url, headers={})
         got = bench_http._open_loop(cfg, srv, "m", ["a text"], rows)
-        (row,) = got["rows"]
-        assert (row["fraction"], row["rate"], row["ok"], row["dropped"], row["errors"]) == (0.5, 20.5, 41, 0, {})
-        assert got["closed_loop_c32_rps"] == 41.0 and "p99_ms" in got["table"]
         assert "no c=32 row" in bench_http._open_loop(cfg, srv, "m", ["x"], rows[:0])["skipped"]
-        # a server that is gone: the warm-up's failure is the view's, with its reason, and the
-        # next share is not tried
-        monkeypatch.setattr(bench_http, "OPEN_FRACTIONS", (0.5, 0.8))
-        port = httpd.server_address[1]
-        httpd.shutdown()
-        httpd.server_close()
-        gone = bench_http._open_loop(
-            cfg, SimpleNamespace(base_url=f"http://127.0.0.1:{port}", headers={}), "m", ["x"], rows
-        )
-        (row,) = gone["rows"]
-        assert "warming up: no successful request: ConnectionRefusedError" in row["skipped"], row
+    (row,) = got["rows"]
+    assert (row["fraction"], row["rate"], row["ok"], row["dropped"], row["errors"]) == (0.5, 20.5, 41, 0, {})
+    assert got["closed_loop_c32_rps"] == 41.0 and "p99_ms" in got["table"]
+    # a server that is gone: the warm-up's failure is the view's, with its reason, and the
+    # next share is not tried
+    monkeypatch.setattr(bench_http, "OPEN_FRACTIONS", (0.5, 0.8))
+    (row,) = bench_http._open_loop(cfg, srv, "m", ["x"], rows)["rows"]
+    assert "warming up: no successful request: ConnectionRefusedError" in row["skipped"], row
 
 
 def test_the_http_parts_capacity_search_runs_from_the_c32_rate_to_its_ceiling(tmp_path: Path) -> None:
@@ -927,13 +892,12 @@ def test_the_http_parts_capacity_search_runs_from_the_c32_rate_to_its_ceiling(tm
 
     cfg = common.Config(out=tmp_path, quick=True)  # 1 s warm-up and 2 s a window
     rows = [{"endpoint": "/v1/embeddings", "concurrency": 32, "rps": 2.0}]
-    with _answering_server() as httpd:
-        srv = SimpleNamespace(base_url=f"http://127.0.0.1:{httpd.server_address[1]}", headers={})
+    with _recording_server() as (url, _seen):
+        srv = SimpleNamespace(base_url=url, headers={})
         found = bench_http._capacity(cfg, srv, "m", ["a text"], rows)
         assert "no c=32 row" in bench_http._capacity(cfg, srv, "m", ["x"], rows[:0])["skipped"]
-        port = httpd.server_address[1]
     # a server that is gone: the first warm-up's failure ends the search with its reason
-    gone = bench_http._capacity(cfg, SimpleNamespace(base_url=f"http://127.0.0.1:{port}", headers={}), "m", ["x"], rows)
+    gone = bench_http._capacity(cfg, srv, "m", ["x"], rows)
     assert "warming up at 1/s: no successful request: ConnectionRefusedError" in gone["skipped"], gone
     assert [(r["rate"], r["ok"], r["meets"], r.get("confirming", False)) for r in found["rows"]] == [
         (1.0, 2, True, False),
@@ -1106,6 +1070,7 @@ def _recording_server(status: int = 200) -> Iterator[tuple[str, list[tuple[str, 
         yield f"http://127.0.0.1:{server.server_address[1]}", seen
     finally:
         server.shutdown()
+        server.server_close()  # its port refuses connections from here on
 
 
 def test_batch_job_size_follows_the_in_process_speed() -> None:

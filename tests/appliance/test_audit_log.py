@@ -83,17 +83,22 @@ def test_the_logs_figures_count_records_commits_and_the_records_still_waiting(
     log.close()
 
 
+def _writing(tmp_path: Path, key: Ed25519PrivateKey) -> tuple[AuditLog, threading.Thread]:
+    """A started log with one record, and its writer thread (whose ``join`` a test may wrap)."""
+    log = _log(tmp_path, key)
+    log.start()
+    assert log.append(T.event(0)) == 1
+    assert log._thread is not None
+    return log, log._thread
+
+
 def test_a_record_that_arrives_while_the_log_closes_is_refused_not_left_waiting(
     tmp_path: Path, key: Ed25519PrivateKey
 ) -> None:
     """Between the writer's stop and the log's closed state a record used to be taken and never
     written: its request waited for ever.  Now it is refused at once (the API answers 503)."""
-    log = _log(tmp_path, key)
-    log.start()
-    assert log.append(T.event(0)) == 1
+    log, writer = _writing(tmp_path, key)
     outcomes: list[object] = []
-    writer = log._thread
-    assert writer is not None
     stop_writer = writer.join
 
     async def late() -> None:
@@ -127,12 +132,8 @@ def test_a_record_that_arrives_while_the_log_closes_is_refused_not_left_waiting(
 def test_two_closes_at_once_stop_the_writer_once_and_a_new_start_writes_again(
     tmp_path: Path, key: Ed25519PrivateKey
 ) -> None:
-    log = _log(tmp_path, key)
-    log.start()
-    assert log.append(T.event(0)) == 1
+    log, writer_thread = _writing(tmp_path, key)
     errors: list[BaseException] = []
-    writer_thread = log._thread
-    assert writer_thread is not None
     stop_writer = writer_thread.join
 
     def slow_join(timeout: float | None = None) -> None:

@@ -8,6 +8,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
@@ -112,6 +115,24 @@ def _append_in_child(log: AuditLog) -> None:
     os._exit(0)
 
 
+def _started_with_a_record(db: Path, key: Ed25519PrivateKey) -> AuditLog:
+    """A log whose writer runs, with the parent's first record in it."""
+    log = AuditLog(db, signing_key=key, digest_keys_dir=db.parent / "digest")
+    log.start()
+    assert log.append(_fork_event("parent")) == 1
+    return log
+
+
+def _exit_code(child: BaseProcess, timeout: float) -> int | None:
+    """The child's exit code, or None when it had not ended within ``timeout`` (then killed)."""
+    child.join(timeout=timeout)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        return None
+    return child.exitcode
+
+
 def test_a_forked_child_opens_its_own_connection(setup: tuple[Path, Path, Ed25519PrivateKey]) -> None:
     db, _, key = setup
     log = AuditLog(db, signing_key=key, digest_keys_dir=db.parent / "digest")
@@ -132,12 +153,8 @@ def test_a_child_forked_while_the_writer_runs_and_a_lock_is_held_writes_on_its_o
     """The writer thread does not cross a fork, and a lock held at the fork (here by a request
     handing its record over) would stay held in the child for ever: the child's log starts
     afresh, so its record is written (straight to the database) instead of waiting for ever."""
-    import threading
-
     db, _, key = setup
-    log = AuditLog(db, signing_key=key, digest_keys_dir=db.parent / "digest")
-    log.start()
-    assert log.append(_fork_event("parent")) == 1
+    log = _started_with_a_record(db, key)
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -154,11 +171,7 @@ def test_a_child_forked_while_the_writer_runs_and_a_lock_is_held_writes_on_its_o
     finally:
         release.set()
         holder.join()
-    child.join(timeout=30)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
-    assert child.exitcode == 0, "the child's append never returned"
+    assert _exit_code(child, 30) == 0, "the child's append never returned"
     assert log.append(_fork_event("parent")) == 3  # the parent's writer goes on, after the child's record
     log.close()
     report = verify_db(db, key.public_key())
@@ -171,13 +184,8 @@ def test_a_child_forked_while_the_writer_is_in_its_transaction_can_write(
     """SQLite keeps its file locks' bookkeeping in process memory: a child forked inside the
     parent's write transaction would find the write lock held for ever ("database is locked"
     after the busy timeout, on every record).  The fork waits for the transaction instead."""
-    import threading
-    import time
-
     db, _, key = setup
-    log = AuditLog(db, signing_key=key, digest_keys_dir=db.parent / "digest")
-    log.start()
-    assert log.append(_fork_event("parent")) == 1
+    log = _started_with_a_record(db, key)
     inside = threading.Event()
 
     def transaction() -> None:  # what the writer does for each group, held open a little longer
@@ -194,11 +202,7 @@ def test_a_child_forked_while_the_writer_is_in_its_transaction_can_write(
     child = multiprocessing.get_context("fork").Process(target=_append_in_child, args=(log,))
     child.start()  # waits for the transaction
     writer.join()
-    child.join(timeout=25)
-    if child.exitcode is None:
-        child.kill()
-        child.join()
-    assert child.exitcode == 0, "the child could not write (the parent's write lock crossed the fork)"
+    assert _exit_code(child, 25) == 0, "the child could not write (the parent's write lock crossed the fork)"
     assert log.append(_fork_event("parent")) == 3
     log.close()
     assert verify_db(db, key.public_key()).ok
