@@ -15,8 +15,10 @@ above it that missed it (the resolution the search reached).  The highest of
 many noisy windows is the luckiest one, so the rate found runs once more
 (``confirm``): missed the second time, it counts as missed and the next rate
 down that met the target runs again in its place, up to ``confirmations``
-second windows.  The report names the rates that did not hold, and says when
-the answer could not be confirmed.
+second windows.  When no rate that met it is left, the search goes on down
+below the lowest miss (two resolution steps, then halving) as long as a second
+window is left to confirm what it finds.  The report names the rates that did
+not hold, and says when the answer could not be confirmed.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def search(
     ``windows_spent`` (it stopped on ``max_windows``: before the resolution, or still rising or
     falling), ``confirmed`` / ``confirm_p99_ms`` (the answer's second window met the target, and
     its p99), ``not_held`` (rates that met it once and missed it in their second window, which
-    then count as missed), ``confirm_missed`` (the last second window's miss) and
+    then count as missed), ``descended`` (rates run below them when none that met it was left),
+    ``confirm_missed`` (the last second window's miss) and
     ``confirm_failed`` (a second window got no answer or errors: the search stopped there).
     """
     if not 0 < min_rate <= max_rate < math.inf:
@@ -136,11 +139,22 @@ def search(
     # The answer must meet the target twice: the highest of many noisy windows is the luckiest,
     # so a rate that met it once and misses it again counts as missed, and the next one down is
     # tried again in its place (up to ``confirmations`` second windows).
+    # When every rate that met it once misses it again, the search goes on down below the
+    # lowest miss (two resolution steps, then halving) while second windows are left to confirm,
+    # at most ``confirmations`` windows down.
     again: dict[float, dict[str, Any]] = {}
     not_held: list[float] = []  # met once, missed the second time
+    descended: list[float] = []  # first windows run after the search, below a rate that did not hold
     failed = False  # a second window got no answer or errors: the server, not the box's spread
-    lo, _ = bounds()
-    while confirm and lo is not None and len(again) < confirmations:
+    while confirm and len(again) < confirmations:
+        lo, hi = bounds()
+        if lo is None:
+            if not not_held or hi is None or hi <= floor or len(descended) >= confirmations:
+                break
+            rate = max(_figures(hi / (2.0 if descended else resolution**2)), floor)
+            descended.append(rate)
+            window(rate)
+            continue
         row = dict(measure(lo), confirming=True)
         rows.append(row)
         again[lo] = row
@@ -152,7 +166,6 @@ def search(
         not_held.append(lo)
         del met[lo]
         missed[lo] = row
-        lo, _ = bounds()
     lo, hi = bounds()
     second = again.get(lo) if lo is not None else None
     out: dict[str, Any] = {
@@ -173,6 +186,7 @@ def search(
         "confirmed": second is not None and bool(second["meets"]),
         "confirm_p99_ms": second.get("p99_ms") if second is not None else None,
         "not_held": not_held,
+        "descended": descended,
         "confirm_failed": failed,
         "confirm_missed": next((r["missed"] for r in reversed(again.values()) if "missed" in r), None),
         "rows": rows,

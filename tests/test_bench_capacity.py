@@ -122,17 +122,57 @@ def test_a_rate_that_does_not_hold_a_second_time_counts_as_missed_and_the_next_o
         "; 424/s also met it once, then missed it: the box's spread is near the target; met in one window only "
         "(no second window was left to confirm it)"
     )
-    # the only rate that met it did not hold: no answer, and the line says what happened there
+    # the only rate that met it did not hold: the search goes on down, two resolution steps
     found = search(noisy(10.0, {10.0}), 100.0, 10.0, max_rate=10_000)
-    assert found["rate"] is None and found["not_held"] == [10.0] and found["next_rate"] == 10.0
+    assert (found["rate"], found["confirmed"], found["descended"]) == (8.26, True, [8.26])
+    assert (found["not_held"], found["next_rate"], found["lowest_rate"]) == ([10.0], 10.0, 8.26)
+    assert [(r["rate"], r["meets"], r.get("confirming", False)) for r in found["rows"][-3:]] == [
+        (10.0, False, True),
+        (8.26, True, False),
+        (8.26, True, True),
+    ]
     assert capacity_line(found) == (
-        "no rate from 10/s up met p99 <= 100 ms twice (10/s met it once, then missed it: p99 130.0 ms > 100 ms)"
-        ": the box's spread is near the target"
+        "8.26 requests/s with p99 <= 100 ms (p99 20.0 ms, again 20.0 ms); 10/s met it once, then missed it "
+        "(p99 130.0 ms > 100 ms): the box's spread is near the target"
+    )
+    # the rate found there does not hold either: no second window is left, no answer, and the line
+    # says what happened
+    found = search(noisy(10.0, {10.0, 8.26}), 100.0, 10.0, max_rate=10_000)
+    assert (found["rate"], found["not_held"], found["next_rate"]) == (None, [10.0, 8.26], 8.26)
+    assert capacity_line(found) == (
+        "no rate from 8.26/s up met p99 <= 100 ms twice (8.26/s met it once, then missed it: p99 130.0 ms > 100 ms)"
+        "; 10/s also met it once, then missed it: the box's spread is near the target"
     )
     # without confirmation the answer is the highest rate met once, and says so
     found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000, confirm=False)
     assert (found["rate"], found["confirmed"], found["not_held"]) == (424.0, False, [])
     assert "met in one window only" in capacity_line(found)
+
+
+def lucky_once(capacity: float, lucky: float, calls: list[float]) -> Callable[[float], dict[str, Any]]:
+    """The knee of :func:`knee` at ``capacity``, but ``lucky`` (above it) meets the target in its first window."""
+
+    def measure(rate: float) -> dict[str, Any]:
+        calls.append(rate)
+        met = rate <= capacity or (rate == lucky and calls.count(rate) == 1)
+        return window(rate, 20.0 if met else 130.0)
+
+    return measure
+
+
+def test_below_a_rate_that_did_not_hold_a_miss_halves_the_rate_within_the_budget() -> None:
+    # 10/s met once by luck (the knee is at 5), 8.26 misses, 4.13 meets twice
+    calls: list[float] = []
+    found = search(lucky_once(5.0, 10.0, calls), 100.0, 10.0, max_rate=10_000)
+    assert (found["rate"], found["confirmed"], found["descended"]) == (4.13, True, [8.26, 4.13])
+    assert (found["next_rate"], found["not_held"]) == (8.26, [10.0])
+    assert calls[-4:] == [10.0, 8.26, 4.13, 4.13]
+    # every window down misses: the descent stops after ``confirmations`` windows
+    found = search(lucky_once(1.0, 10.0, []), 100.0, 10.0, max_rate=10_000)
+    assert found["rate"] is None and found["descended"] == [8.26, 4.13]
+    # and never goes below the floor
+    found = search(noisy(1.0, {1.0}), 100.0, 1.0, max_rate=10_000)
+    assert found["rate"] is None and found["descended"] == [] and found["not_held"] == [1.0]
 
 
 def test_a_capacity_whose_second_window_failed_blames_the_server_not_the_spread() -> None:
