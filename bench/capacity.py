@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.openloop import MAX_OUTSTANDING
 
-__all__ = ["CONFIRMATIONS", "MAX_WINDOWS", "MIN_RATE", "RESOLUTION", "judge", "miss", "search"]
+__all__ = ["CONFIRMATIONS", "MAX_WINDOWS", "MIN_RATE", "RESOLUTION", "figures", "judge", "miss", "search"]
 
 #: the search stops bisecting when the missed rate is within this factor of the met one
 RESOLUTION = 1.1
@@ -68,7 +68,7 @@ def judge(row: dict[str, Any], p99_ms: float) -> str | None:
     return why
 
 
-def _figures(rate: float) -> float:
+def figures(rate: float) -> float:
     """``rate`` to three significant figures (the search's steps are 5 % or more apart)."""
     return float(f"{rate:.3g}")
 
@@ -120,22 +120,22 @@ def search(
         above = [r for r in missed if lo is None or r > lo]
         return lo, min(above, default=None)
 
-    floor, ceiling = _figures(min_rate), max_rate
-    rate = min(max(_figures(start), floor), ceiling)
+    floor, ceiling = figures(min_rate), max_rate
+    rate = min(max(figures(start), floor), ceiling)
     done = False  # the search reached its resolution, the ceiling or the floor (else: its window budget)
     while not done and len(rows) < max_windows:
         window(rate)
         lo, hi = bounds()
         if lo is not None and hi is not None:
             done = hi / lo <= resolution
-            rate = _figures(math.sqrt(lo * hi))
+            rate = figures(math.sqrt(lo * hi))
         elif lo is not None:  # everything tried met it: go up, up to the ceiling
             done = lo >= ceiling
-            rate = min(_figures(lo * 2), ceiling)
+            rate = min(figures(lo * 2), ceiling)
         else:  # everything tried missed it: go down, down to the floor
             assert hi is not None
             done = hi <= floor
-            rate = max(_figures(hi / 2), floor)
+            rate = max(figures(hi / 2), floor)
     # The answer must meet the target twice: the highest of many noisy windows is the luckiest,
     # so a rate that met it once and misses it again counts as missed, and the next one down is
     # tried again in its place (up to ``confirmations`` second windows).
@@ -151,7 +151,7 @@ def search(
         if lo is None:
             if not not_held or hi is None or hi <= floor or len(descended) >= confirmations:
                 break
-            rate = max(_figures(hi / (2.0 if descended else resolution**2)), floor)
+            rate = max(figures(hi / (2.0 if descended else resolution**2)), floor)
             descended.append(rate)
             window(rate)
             continue

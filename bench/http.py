@@ -83,6 +83,7 @@ __all__ = [
     "run_loop",
     "server_batching",
     "server_texts",
+    "text_groups",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,13 +113,21 @@ COLUMNS = (
 )
 
 
-def request_body(endpoint: str, model: str, text: str) -> bytes:
-    """The JSON body of one request carrying ``text``."""
+def request_body(endpoint: str, model: str, text: str | Sequence[str]) -> bytes:
+    """The JSON body of one request carrying ``text``, or the list of texts ``text``."""
+    texts = [text] if isinstance(text, str) else list(text)
     if endpoint == "/v1/embeddings":
-        body: dict[str, Any] = {"model": model, "input": text}
+        body: dict[str, Any] = {"model": model, "input": text if isinstance(text, str) else texts}
     else:
-        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+        body = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
     return json.dumps(body).encode()
+
+
+def text_groups(texts: Sequence[str], per_request: int) -> list[list[str]]:
+    """``texts`` in groups of ``per_request`` for one request each, every group full (the last
+    wraps round to the first texts); one group at least."""
+    count = max(1, len(texts) // per_request)
+    return [[texts[(i * per_request + j) % len(texts)] for j in range(per_request)] for i in range(count)]
 
 
 def endpoint_path(endpoint: str, model: str) -> str:
@@ -236,8 +245,7 @@ def measure_endpoints(
     ]
     if multi is not None and "/v1/embeddings" in endpoints:
         k, multi_levels = multi
-        chunks = [list(texts[i : i + k]) for i in range(0, len(texts) - k + 1, k)]
-        bodies = [json.dumps({"model": model, "input": chunk}).encode() for chunk in chunks]
+        bodies = [request_body("/v1/embeddings", model, group) for group in text_groups(texts, k)]
         plans.append((f"/v1/embeddings x{k}", "/v1/embeddings", bodies, k, multi_levels))
     rows: list[dict[str, Any]] = []
     for label, path, bodies, per_request, plan_levels in plans:

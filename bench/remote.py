@@ -23,7 +23,8 @@ Endpoints: a text model gets one text per request on ``/v2/models/M/infer``
 (one BYTES input) and, for an embedding model, on ``/v1/embeddings``; the
 texts are the suite's mixed corpus or the operator's own (``--texts``, one per
 line).  A tensor model gets one row of random values per request, shaped by
-its metadata.
+its metadata.  ``per_request`` (``--batch-size``) puts that many texts, or rows,
+in each request instead, as a client that batches its calls sends them.
 
 Where ``/metrics`` is readable with the key, each row also says what the
 server did meanwhile: rows per batch, time in the batch queue, the server
@@ -53,7 +54,7 @@ from typing import Any
 
 from bench import capacity, wrk
 from bench.common import Config, format_table, skipped, write_json
-from bench.http import closed_loop, request_body, row_failure
+from bench.http import closed_loop, request_body, row_failure, text_groups
 from bench.openloop import COLUMNS as OPEN_LOOP_COLUMNS
 from bench.openloop import open_loop
 from runtime.errors import BenchError
@@ -162,6 +163,8 @@ class Plan:
     items: int = 1
     #: the route template the server's metrics count this endpoint's requests under
     route: str | None = None
+    #: what one item is: a text, or a tensor model's row
+    unit: str = "texts"
 
 
 def check_key(key: str, source: str) -> str:
@@ -266,10 +269,13 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
-def tensor_bodies(inputs: Sequence[Mapping[str, Any]], count: int = TENSOR_BODIES, seed: int = 0) -> list[bytes]:
-    """``count`` KServe v2 requests of one row each: random values in [0, 1) for float inputs,
+def tensor_bodies(
+    inputs: Sequence[Mapping[str, Any]], count: int = TENSOR_BODIES, seed: int = 0, rows: int = 1
+) -> list[bytes]:
+    """``count`` KServe v2 requests of ``rows`` rows each: random values in [0, 1) for float inputs,
     zeros for integer ones (valid token ids and indices), ``False`` for booleans.  The first
-    dimension is the batch; any other dynamic one cannot be guessed: :class:`BenchError`."""
+    dimension is the batch; any other dynamic one cannot be guessed, nor can a fixed batch take
+    other than its size: :class:`BenchError`."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -278,7 +284,13 @@ def tensor_bodies(inputs: Sequence[Mapping[str, Any]], count: int = TENSOR_BODIE
         name, datatype, shape = str(spec.get("name")), str(spec.get("datatype")), list(spec.get("shape") or [])
         if datatype not in _FLOAT_TYPES and datatype not in _INT_TYPES and datatype != "BOOL":
             raise BenchError(f"input {name!r} is {datatype}; the load test sends numbers, booleans or text")
-        dims = [1 if i == 0 and d in (-1, None) else d for i, d in enumerate(shape)] or [1]
+        fixed = bool(shape) and shape[0] not in (-1, None)
+        if fixed and rows != 1 and shape[0] != rows:
+            raise BenchError(
+                f"input {name!r} has the shape {shape}: a fixed batch of {shape[0]}; "
+                f"--batch-size {rows} cannot be sent (leave --batch-size out)"
+            )
+        dims = [rows if i == 0 and d in (-1, None) else d for i, d in enumerate(shape)] or [rows]
         if any(not isinstance(d, int) or d < 0 for d in dims):
             raise BenchError(
                 f"input {name!r} has the shape {shape}: a dynamic dimension other than the batch; "
@@ -305,18 +317,20 @@ def takes_text(meta: Mapping[str, Any]) -> bool:
     return len(inputs) == 1 and inputs[0].get("datatype") == "BYTES"
 
 
-def plans_for(meta: Mapping[str, Any], model: str, texts: Sequence[str]) -> list[Plan]:
-    """The endpoints to load for a model with metadata ``meta`` (see the module's docstring)."""
+def plans_for(meta: Mapping[str, Any], model: str, texts: Sequence[str], per_request: int = 1) -> list[Plan]:
+    """The endpoints to load for a model with metadata ``meta`` (see the module's docstring),
+    ``per_request`` texts (or rows) in each request."""
     inputs = list(meta.get("inputs") or [])
     infer = f"/v2/models/{model}/infer"
     if takes_text(meta):
-        plans = [Plan(infer, infer, [request_body(infer, model, t) for t in texts], route=INFER_ROUTE)]
+        groups: list[str] | list[list[str]] = list(texts) if per_request == 1 else text_groups(texts, per_request)
+        plans = [Plan(infer, infer, [request_body(infer, model, g) for g in groups], per_request, INFER_ROUTE)]
         task = (meta.get("parameters") or {}).get("task")
         if task == "feature-extraction":
-            v1 = [request_body("/v1/embeddings", model, t) for t in texts]
-            plans.insert(0, Plan("/v1/embeddings", "/v1/embeddings", v1, route="/v1/embeddings"))
+            v1 = [request_body("/v1/embeddings", model, g) for g in groups]
+            plans.insert(0, Plan("/v1/embeddings", "/v1/embeddings", v1, per_request, "/v1/embeddings"))
         return plans
-    return [Plan(infer, infer, tensor_bodies(inputs), route=INFER_ROUTE)]
+    return [Plan(infer, infer, tensor_bodies(inputs, rows=per_request), per_request, INFER_ROUTE, unit="rows")]
 
 
 #: what ``--endpoint`` names: the start of a plan's path
@@ -561,6 +575,7 @@ def run(
     duration_s: int | None = None,
     texts: Sequence[str] | None = None,
     endpoint: str | None = None,
+    per_request: int = 1,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Load ``target`` level by level (see the module's docstring); with ``cfg.out`` keeps ``remote.json``.
@@ -569,14 +584,15 @@ def run(
     ``p99_ms`` with ``rates``: each level is judged against that p99 (``meets``); without them:
     search each endpoint's capacity at that p99 (:func:`bench.capacity.search`, up to
     ``max_rate``), kept under ``capacity``.  ``texts``: what a text model is sent (default: the
-    suite's mixed corpus); ``endpoint``: ``v1`` or ``v2``, that one only (default: each the model has)."""
+    suite's mixed corpus); ``endpoint``: ``v1`` or ``v2``, that one only (default: each the model has);
+    ``per_request``: texts (a tensor model: rows) in each request, as a client that batches sends them."""
     from bench.http import server_texts
 
     searching = p99_ms is not None and not rates
     meta = preflight(target)
     if texts is not None and not takes_text(meta):
         raise BenchError(f"--texts: model {target.model!r} takes tensors, not text; leave --texts out")
-    plans = plans_for(meta, target.model, texts if texts is not None else server_texts(cfg))
+    plans = plans_for(meta, target.model, texts if texts is not None else server_texts(cfg), per_request)
     if endpoint is not None:
         plans = pick_endpoint(plans, endpoint, target.model)
     probes = {plan.label: _probe(target, plan, PROBES if searching else 1) for plan in plans}
@@ -591,6 +607,7 @@ def run(
     echo(
         f"{target.base_url}: {target.model} v{','.join(meta.get('versions') or ['?'])} on {params.get('backend', '?')} "
         f"({params.get('variant', '?')}, {params.get('exec_precision', '?')}); client {client}"
+        + (f"; {per_request} {plans[0].unit} per request" if per_request > 1 else "")
     )
     if client == "httpx" and not wrk.available() and re.match(r"https?://(127\.|localhost|\[::1\])", target.base_url):
         echo(
@@ -614,7 +631,7 @@ def run(
         # a whole-second window holds one request at least from MIN_RATE (1/s) up
         result = capacity.search(measure, p99_ms, first, max_rate=max_rate)
         rows.extend(result.pop("rows"))
-        found.append({"endpoint": plan.label, **result})
+        found.append({"endpoint": plan.label, "per_request": plan.items, "unit": plan.unit, **result})
         echo(f"  {plan.label}: {capacity_line(found[-1])}")
     columns = RATE_COLUMNS if rates or searching else COLUMNS
     out: dict[str, Any] = {
@@ -625,6 +642,7 @@ def run(
         "served_by": {k: params.get(k) for k in ("backend", "variant", "exec_precision")},
         "client": client,
         "endpoint": endpoint,
+        "per_request": per_request,
         "duration_s": duration,
         "rows": rows,
         "table": format_table((*columns, "meets") if p99_ms is not None else columns, rows),
@@ -660,7 +678,9 @@ def capacity_line(found: Mapping[str, Any]) -> str:
         line += f"; {budget}, still going down" if found["windows_spent"] else ""
     else:
         again = f", again {found['confirm_p99_ms']:.1f} ms" if found["confirmed"] else ""
-        line = f"{found['rate']:g} requests/s with {target} (p99 {found['p99_ms']:.1f} ms{again})"
+        per, unit = found.get("per_request", 1), found.get("unit", "texts")
+        items = f" of {per} {unit} ({capacity.figures(found['rate'] * per):g} {unit}/s)" if per > 1 else ""
+        line = f"{found['rate']:g} requests/s{items} with {target} (p99 {found['p99_ms']:.1f} ms{again})"
         if found["at_max_rate"]:
             line += "; that is the search's ceiling, so the server may take more"
         elif nxt is None:

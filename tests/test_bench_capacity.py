@@ -143,6 +143,9 @@ def test_a_rate_that_does_not_hold_a_second_time_counts_as_missed_and_the_next_o
         "no rate from 8.26/s up met p99 <= 100 ms twice (8.26/s met it once, then missed it: p99 130.0 ms > 100 ms)"
         "; 10/s also met it once, then missed it: the box's spread is near the target"
     )
+    # a client that batches: the line gives the texts a second too
+    batched = {**search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000), "per_request": 32, "unit": "texts"}
+    assert capacity_line(batched).startswith("300 requests/s of 32 texts (9600 texts/s) with p99 <= 100 ms")
     # without confirmation the answer is the highest rate met once, and says so
     found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000, confirm=False)
     assert (found["rate"], found["confirmed"], found["not_held"]) == (424.0, False, [])

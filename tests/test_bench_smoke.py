@@ -1208,3 +1208,22 @@ def test_the_load_tests_tensor_rows_follow_the_metadata() -> None:
         tensor_bodies([{"name": "x", "datatype": "FP32", "shape": [-1, -1]}])
     with pytest.raises(BenchError, match="is BYTES"):
         tensor_bodies([{"name": "a", "datatype": "BYTES", "shape": [-1]}, *inputs])
+    # a client that batches: the batch dimension takes the rows; a fixed batch takes its own size only
+    (body,) = [json.loads(b) for b in tensor_bodies(inputs, count=1, rows=5)]
+    assert [(t["shape"], len(t["data"])) for t in body["inputs"]] == [([5, 3, 2], 30), ([5, 4], 20)]
+    fixed = [{"name": "x", "datatype": "FP32", "shape": [2, 3]}]
+    assert json.loads(tensor_bodies(fixed, count=1, rows=2)[0])["inputs"][0]["shape"] == [2, 3]
+    with pytest.raises(BenchError, match="a fixed batch of 2; --batch-size 4 cannot be sent"):
+        tensor_bodies(fixed, rows=4)
+
+
+def test_a_client_that_batches_sends_full_groups_of_texts() -> None:
+    import json
+
+    from bench.http import request_body, text_groups
+
+    assert text_groups(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"]]
+    assert text_groups(["a", "b"], 3) == [["a", "b", "a"]]  # fewer texts than a request: they wrap round
+    assert json.loads(request_body("/v1/embeddings", "m", ["a", "b"])) == {"model": "m", "input": ["a", "b"]}
+    v2 = json.loads(request_body("/v2/infer", "m", ["a", "b"]))["inputs"][0]
+    assert (v2["shape"], v2["data"]) == ([2], ["a", "b"])

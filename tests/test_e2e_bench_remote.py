@@ -180,6 +180,30 @@ def test_the_load_test_sends_the_operators_own_texts(server: Served, tmp_path: P
     assert {r["details"]["tokens"] for r in embedded} == lengths
 
 
+def test_a_client_that_batches_sends_that_many_texts_a_request(server: Served, tmp_path: Path) -> None:
+    """``--batch-size 3`` with two texts of the operator's: every request carries three (the list
+    wraps round), as the server's audit records say.  (Its batches are no proof: the batcher
+    may split a request's texts between length buckets.)"""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("first customer text\nsecond customer text, a little longer than the first\n")
+    last = _records_after(server, 0)[-1]["seq"]
+    result = bench(
+        "minilm", "--url", server.url, "--concurrency", "2", "--duration", "1", "--quick", "--json",
+        "--texts", str(texts), "--batch-size", "3", env={"INFERBOX_API_KEY": server.key},
+    )  # fmt: skip
+    report = loaded(result)
+    assert report["per_request"] == 3
+    for row in report["rows"]:
+        assert row["errors"] == {} and row["ok"] > 0 and row["texts_per_request"] == 3, row
+        assert row["items_per_s"] == pytest.approx(3 * row["rps"]), row
+    embedded = [r for r in _records_after(server, last) if r["action"] == "POST /v1/embeddings"]
+    assert embedded and {r["details"]["inputs"] for r in embedded} == {"3"}
+    # more texts a request than the server takes: its own message, before any load
+    refused = bench("minilm", "--url", server.url, "--batch-size", "300", "--duration", "1", "--quick",
+                    env={"INFERBOX_API_KEY": server.key})  # fmt: skip
+    assert refused.exit_code != 0 and "over the limit of 256" in refused.output, refused.output
+
+
 def _records_after(server: Served, seq: int) -> list[dict[str, Any]]:
     """Every audit record after ``seq``, page by page."""
     out: list[dict[str, Any]] = []
@@ -266,6 +290,8 @@ def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path
         (("--endpoint", "v1"), "--endpoint goes with --url"),
         (("--url", server.url, "--endpoint", "v3"), "'v3' is not one of 'v1', 'v2'"),
         (("--url", server.url, "--p99-ms", "100", "--max-rate", "nan"), "give a finite number"),
+        (("--batch-size", "4"), "--batch-size goes with --url"),
+        (("--url", server.url, "--batch-size", "0"), "--batch-size"),
     ):
         stopped(bench("minilm", *args), message)
     slow = bench(
@@ -306,6 +332,11 @@ def test_the_load_test_of_a_tensor_model_sends_rows_its_metadata_describes(tmp_p
         (row,) = report["rows"]
         assert row["endpoint"] == "/v2/models/mlp/infer" and row["errors"] == {} and row["ok"] > 0, row
         assert row["ok"] <= row["served"] <= row["ok"] + 4, row
+        # a client that batches: four rows a request, as the server counted them in its batches
+        report = loaded(bench("mlp", "--url", url, "--concurrency", "2", "--duration", "1", "--quick", "--json",
+                              "--batch-size", "4"))  # fmt: skip
+        (row,) = report["rows"]
+        assert row["errors"] == {} and row["texts_per_request"] == 4 and row["batch_rows_mean"] >= 4.0, row
         texts = tmp_path / "texts.txt"
         texts.write_text("a text\n")
         stopped(bench("mlp", "--url", url, "--texts", str(texts)), "takes tensors, not text")

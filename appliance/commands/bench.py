@@ -150,6 +150,13 @@ def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) ->
     default=None,
     help="With --url on a text model: a UTF-8 file of the texts to send, one per line [default: a mixed corpus].",
 )
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1, max=65_536),
+    default=None,
+    help="With --url: texts (a tensor model: rows) in each request, as a client that batches sends them "
+    "[default 1]; the server's max_inputs bounds it.",
+)
 def bench(
     model: str,
     home: Path | None,
@@ -170,6 +177,7 @@ def bench(
     endpoint: str | None,
     duration: int | None,
     texts: Path | None,
+    batch_size: int | None,
 ) -> None:
     """Time every admissible (backend, variant, precision) of MODEL here and print the table;
     with --url, load a running server instead: requests/s and latency per concurrency level,
@@ -187,6 +195,7 @@ def bench(
         "--endpoint": endpoint,
         "--duration": duration,
         "--texts": texts,
+        "--batch-size": batch_size,
     }
     if url is None:
         given = [name for name, value in remote_only.items() if value is not None]
@@ -211,6 +220,7 @@ def bench(
             endpoint,
             duration,
             texts,
+            batch_size or 1,
             quick,
             out,
             as_json,
@@ -317,6 +327,7 @@ def _bench_remote(
     endpoint: str | None,
     duration: int | None,
     texts: Path | None,
+    batch_size: int,
     quick: bool,
     out: Path | None,
     as_json: bool,
@@ -359,6 +370,7 @@ def _bench_remote(
             duration_s=duration,
             texts=sent,
             endpoint=endpoint,
+            per_request=batch_size,
             echo=echo,
         )
     if as_json:
