@@ -96,8 +96,9 @@ def search(
     falling), ``confirmed`` / ``confirm_p99_ms`` (the answer's second window met the target, and
     its p99), ``not_held`` (rates that met it once and missed it in their second window, which
     then count as missed), ``descended`` (rates run below them when none that met it was left),
-    ``confirm_missed`` (the last second window's miss) and
-    ``confirm_failed`` (a second window got no answer or errors: the search stopped there).
+    ``descent_spent`` (those windows were spent above ``min_rate`` with no answer),
+    ``confirm_missed`` (the last miss after the search) and ``confirm_failed`` / ``failed_in``
+    (a window after the search got no answer or errors, and which: the search stopped there).
     """
     if not 0 < min_rate <= max_rate < math.inf:
         raise ValueError(f"the rates to search must satisfy 0 < {min_rate:g} <= {max_rate:g} < inf")
@@ -145,7 +146,9 @@ def search(
     again: dict[float, dict[str, Any]] = {}
     not_held: list[float] = []  # met once, missed the second time
     descended: list[float] = []  # first windows run after the search, below a rate that did not hold
-    failed = False  # a second window got no answer or errors: the server, not the box's spread
+    failed = False  # a window after the search got no answer or errors: the server, not the box's spread
+    failed_in: str | None = None  # which window that was
+    last_miss: str | None = None  # the last miss after the search
     while confirm and len(again) < confirmations:
         lo, hi = bounds()
         if lo is None:
@@ -154,19 +157,25 @@ def search(
             rate = max(figures(hi / (2.0 if descended else resolution**2)), floor)
             descended.append(rate)
             window(rate)
-            continue
-        row = dict(measure(lo), confirming=True)
-        rows.append(row)
-        again[lo] = row
-        if judge(row, p99_ms) is None:
+            row, where = rows[-1], "a window down from there"
+        else:
+            row = dict(measure(lo), confirming=True)
+            rows.append(row)
+            again[lo] = row
+            if judge(row, p99_ms) is None:
+                break
+            where = "its second window"
+        last_miss = row.get("missed", last_miss)
+        if "skipped" in row or row.get("errors"):  # a failed second window leaves its rate as met once
+            failed, failed_in = True, where
             break
-        failed = "skipped" in row or bool(row.get("errors"))
-        if failed:
-            break
-        not_held.append(lo)
-        del met[lo]
-        missed[lo] = row
+        if lo is not None:  # met once, missed the second time: it counts as missed
+            not_held.append(lo)
+            del met[lo]
+            missed[lo] = row
     lo, hi = bounds()
+    # it stopped on its budget going down: nothing held, and the last rate down was above the floor
+    stopped_down = lo is None and bool(descended) and not failed and min(descended) > floor
     second = again.get(lo) if lo is not None else None
     out: dict[str, Any] = {
         "p99_target_ms": p99_ms,
@@ -177,6 +186,7 @@ def search(
         # the client's own lag behind the schedule there: large, and the miss may be the client's
         "next_late_ms_p99": missed[hi].get("late_ms_p99") if hi is not None else None,
         "lowest_rate": min(tried),
+        "min_rate": floor,
         "at_max_rate": lo is not None and lo >= ceiling,
         "max_windows": max_windows,
         "resolution": resolution,
@@ -187,8 +197,10 @@ def search(
         "confirm_p99_ms": second.get("p99_ms") if second is not None else None,
         "not_held": not_held,
         "descended": descended,
+        "descent_spent": stopped_down,
         "confirm_failed": failed,
-        "confirm_missed": next((r["missed"] for r in reversed(again.values()) if "missed" in r), None),
+        "failed_in": failed_in,
+        "confirm_missed": last_miss,
         "rows": rows,
     }
     return out

@@ -124,9 +124,9 @@ def request_body(endpoint: str, model: str, text: str | Sequence[str]) -> bytes:
 
 
 def text_groups(texts: Sequence[str], per_request: int) -> list[list[str]]:
-    """``texts`` in groups of ``per_request`` for one request each, every group full (the last
-    wraps round to the first texts); one group at least."""
-    count = max(1, len(texts) // per_request)
+    """``texts`` in groups of ``per_request`` for one request each, every text in one group at
+    least and every group full (the last wraps round to the first texts)."""
+    count = max(1, -(-len(texts) // per_request))
     return [[texts[(i * per_request + j) % len(texts)] for j in range(per_request)] for i in range(count)]
 
 

@@ -269,13 +269,29 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
+def batch_rows(inputs: Sequence[Mapping[str, Any]], rows: int | None) -> int:
+    """The rows each request of a tensor model carries: ``rows`` (default 1) in a dynamic batch
+    dimension; a batch fixed by the model's shape takes its own size only (another ``rows``:
+    :class:`BenchError`)."""
+    for spec in inputs:
+        shape = list(spec.get("shape") or [])
+        if shape and isinstance(shape[0], int) and shape[0] >= 0:
+            if rows is not None and rows != shape[0]:
+                raise BenchError(
+                    f"input {spec.get('name')!r} has the shape {shape}: a fixed batch of {shape[0]}; "
+                    f"--batch-size {rows} cannot be sent (leave --batch-size out)"
+                )
+            return int(shape[0])
+    return 1 if rows is None else rows
+
+
 def tensor_bodies(
     inputs: Sequence[Mapping[str, Any]], count: int = TENSOR_BODIES, seed: int = 0, rows: int = 1
 ) -> list[bytes]:
-    """``count`` KServe v2 requests of ``rows`` rows each: random values in [0, 1) for float inputs,
-    zeros for integer ones (valid token ids and indices), ``False`` for booleans.  The first
-    dimension is the batch; any other dynamic one cannot be guessed, nor can a fixed batch take
-    other than its size: :class:`BenchError`."""
+    """``count`` KServe v2 requests of ``rows`` rows each (:func:`batch_rows`): random values in
+    [0, 1) for float inputs, zeros for integer ones (valid token ids and indices), ``False`` for
+    booleans.  The first dimension is the batch; any other dynamic one cannot be guessed:
+    :class:`BenchError`."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -284,12 +300,6 @@ def tensor_bodies(
         name, datatype, shape = str(spec.get("name")), str(spec.get("datatype")), list(spec.get("shape") or [])
         if datatype not in _FLOAT_TYPES and datatype not in _INT_TYPES and datatype != "BOOL":
             raise BenchError(f"input {name!r} is {datatype}; the load test sends numbers, booleans or text")
-        fixed = bool(shape) and shape[0] not in (-1, None)
-        if fixed and rows != 1 and shape[0] != rows:
-            raise BenchError(
-                f"input {name!r} has the shape {shape}: a fixed batch of {shape[0]}; "
-                f"--batch-size {rows} cannot be sent (leave --batch-size out)"
-            )
         dims = [rows if i == 0 and d in (-1, None) else d for i, d in enumerate(shape)] or [rows]
         if any(not isinstance(d, int) or d < 0 for d in dims):
             raise BenchError(
@@ -317,12 +327,13 @@ def takes_text(meta: Mapping[str, Any]) -> bool:
     return len(inputs) == 1 and inputs[0].get("datatype") == "BYTES"
 
 
-def plans_for(meta: Mapping[str, Any], model: str, texts: Sequence[str], per_request: int = 1) -> list[Plan]:
+def plans_for(meta: Mapping[str, Any], model: str, texts: Sequence[str], per_request: int | None = None) -> list[Plan]:
     """The endpoints to load for a model with metadata ``meta`` (see the module's docstring),
-    ``per_request`` texts (or rows) in each request."""
+    ``per_request`` texts (or rows) in each request (default: one, or a fixed batch's size)."""
     inputs = list(meta.get("inputs") or [])
     infer = f"/v2/models/{model}/infer"
     if takes_text(meta):
+        per_request = per_request or 1
         groups: list[str] | list[list[str]] = list(texts) if per_request == 1 else text_groups(texts, per_request)
         plans = [Plan(infer, infer, [request_body(infer, model, g) for g in groups], per_request, INFER_ROUTE)]
         task = (meta.get("parameters") or {}).get("task")
@@ -330,7 +341,8 @@ def plans_for(meta: Mapping[str, Any], model: str, texts: Sequence[str], per_req
             v1 = [request_body("/v1/embeddings", model, g) for g in groups]
             plans.insert(0, Plan("/v1/embeddings", "/v1/embeddings", v1, per_request, "/v1/embeddings"))
         return plans
-    return [Plan(infer, infer, tensor_bodies(inputs, rows=per_request), per_request, INFER_ROUTE, unit="rows")]
+    rows = batch_rows(inputs, per_request)
+    return [Plan(infer, infer, tensor_bodies(inputs, rows=rows), rows, INFER_ROUTE, unit="rows")]
 
 
 #: what ``--endpoint`` names: the start of a plan's path
@@ -542,7 +554,12 @@ def _window(
         row = {"endpoint": plan.label, kind: level, **skipped(failure)}
         line = f"  {where}: {failure}"
     else:
-        row |= {"endpoint": plan.label, "texts_per_request": plan.items, "items_per_s": row["rps"] * plan.items}
+        row |= {
+            "endpoint": plan.label,
+            "per_request": plan.items,
+            "unit": plan.unit,
+            "items_per_s": row["rps"] * plan.items,
+        }
         if before is not None and after is not None:
             row |= metrics_delta(before, after, target.model, int(row["requests"]), plan.route)
         dropped = f", dropped {row['dropped']}" if row.get("dropped") else ""
@@ -575,7 +592,7 @@ def run(
     duration_s: int | None = None,
     texts: Sequence[str] | None = None,
     endpoint: str | None = None,
-    per_request: int = 1,
+    per_request: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Load ``target`` level by level (see the module's docstring); with ``cfg.out`` keeps ``remote.json``.
@@ -607,7 +624,7 @@ def run(
     echo(
         f"{target.base_url}: {target.model} v{','.join(meta.get('versions') or ['?'])} on {params.get('backend', '?')} "
         f"({params.get('variant', '?')}, {params.get('exec_precision', '?')}); client {client}"
-        + (f"; {per_request} {plans[0].unit} per request" if per_request > 1 else "")
+        + (f"; {plans[0].items} {plans[0].unit} per request" if plans[0].items > 1 else "")
     )
     if client == "httpx" and not wrk.available() and re.match(r"https?://(127\.|localhost|\[::1\])", target.base_url):
         echo(
@@ -642,7 +659,8 @@ def run(
         "served_by": {k: params.get(k) for k in ("backend", "variant", "exec_precision")},
         "client": client,
         "endpoint": endpoint,
-        "per_request": per_request,
+        "per_request": plans[0].items,
+        "unit": plans[0].unit,
         "duration_s": duration,
         "rows": rows,
         "table": format_table((*columns, "meets") if p99_ms is not None else columns, rows),
@@ -666,6 +684,12 @@ CAPACITY_COLUMNS = (
 )  # fmt: skip
 
 
+def _count(value: float) -> str:
+    """``value`` to three figures, in plain digits (``1,740``, not ``1.74e+03``)."""
+    value = capacity.figures(value)
+    return f"{value:,.0f}" if value >= 100 else f"{value:g}"
+
+
 def capacity_line(found: Mapping[str, Any]) -> str:
     """One endpoint's capacity search in words: the rate, what bounded it, whether it held again."""
     target = f"p99 <= {found['p99_target_ms']:g} ms"
@@ -676,10 +700,11 @@ def capacity_line(found: Mapping[str, Any]) -> str:
         at = f"{nxt:g}/s met it once, then missed it" if nxt in not_held else f"at {nxt:g}/s"
         line = f"no rate from {found['lowest_rate']:g}/s up met {target} twice ({at}: {found['next_missed']})"
         line += f"; {budget}, still going down" if found["windows_spent"] else ""
+
     else:
         again = f", again {found['confirm_p99_ms']:.1f} ms" if found["confirmed"] else ""
         per, unit = found.get("per_request", 1), found.get("unit", "texts")
-        items = f" of {per} {unit} ({capacity.figures(found['rate'] * per):g} {unit}/s)" if per > 1 else ""
+        items = f" of {per} {unit} ({_count(found['rate'] * per)} {unit}/s)" if per > 1 else ""
         line = f"{found['rate']:g} requests/s{items} with {target} (p99 {found['p99_ms']:.1f} ms{again})"
         if found["at_max_rate"]:
             line += "; that is the search's ceiling, so the server may take more"
@@ -695,6 +720,12 @@ def capacity_line(found: Mapping[str, Any]) -> str:
         line += f"; {', '.join(f'{r:g}/s' for r in others)} also met it once, then missed it"
     if not_held:
         line += ": the box's spread is near the target"
+    if found.get("descent_spent"):
+        down = len(found["descended"])
+        line += (
+            f"; the search stopped {down} window{'s' if down > 1 else ''} down from the rates that did not hold, "
+            f"above its floor of {found['min_rate']:g}/s, so a lower rate may meet it"
+        )
     late = found.get("next_late_ms_p99")
     if late is not None and late > found["p99_target_ms"] / 4:
         line += (
@@ -702,7 +733,8 @@ def capacity_line(found: Mapping[str, Any]) -> str:
             "run the load from another box"
         )
     if found.get("confirm_failed"):
-        line += f"; its second window failed ({found['confirm_missed']}): the server, not the box's spread"
+        where = found.get("failed_in") or "its second window"
+        line += f"; {where} failed ({found['confirm_missed']}): the server, not the box's spread"
     elif found["rate"] is not None and not found["confirmed"]:
         line += "; met in one window only (no second window was left to confirm it)"
     return line

@@ -141,11 +141,12 @@ def test_a_rate_that_does_not_hold_a_second_time_counts_as_missed_and_the_next_o
     assert (found["rate"], found["not_held"], found["next_rate"]) == (None, [10.0, 8.26], 8.26)
     assert capacity_line(found) == (
         "no rate from 8.26/s up met p99 <= 100 ms twice (8.26/s met it once, then missed it: p99 130.0 ms > 100 ms)"
-        "; 10/s also met it once, then missed it: the box's spread is near the target"
+        "; 10/s also met it once, then missed it: the box's spread is near the target; the search stopped 1 window "
+        "down from the rates that did not hold, above its floor of 1/s, so a lower rate may meet it"
     )
     # a client that batches: the line gives the texts a second too
     batched = {**search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000), "per_request": 32, "unit": "texts"}
-    assert capacity_line(batched).startswith("300 requests/s of 32 texts (9600 texts/s) with p99 <= 100 ms")
+    assert capacity_line(batched).startswith("300 requests/s of 32 texts (9,600 texts/s) with p99 <= 100 ms")
     # without confirmation the answer is the highest rate met once, and says so
     found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000, confirm=False)
     assert (found["rate"], found["confirmed"], found["not_held"]) == (424.0, False, [])
@@ -170,12 +171,42 @@ def test_below_a_rate_that_did_not_hold_a_miss_halves_the_rate_within_the_budget
     assert (found["rate"], found["confirmed"], found["descended"]) == (4.13, True, [8.26, 4.13])
     assert (found["next_rate"], found["not_held"]) == (8.26, [10.0])
     assert calls[-4:] == [10.0, 8.26, 4.13, 4.13]
-    # every window down misses: the descent stops after ``confirmations`` windows
+    assert not found["descent_spent"]
+    # every window down misses: the descent stops after ``confirmations`` windows, and says so
     found = search(lucky_once(1.0, 10.0, []), 100.0, 10.0, max_rate=10_000)
-    assert found["rate"] is None and found["descended"] == [8.26, 4.13]
-    # and never goes below the floor
+    assert found["rate"] is None and found["descended"] == [8.26, 4.13] and found["descent_spent"]
+    assert capacity_line(found).endswith(
+        "; the search stopped 2 windows down from the rates that did not hold, above its floor of 1/s, "
+        "so a lower rate may meet it"
+    )
+    # three confirmations: three windows down at most, and three second windows at most
+    calls.clear()
+    found = search(lucky_once(0.5, 10.0, calls), 100.0, 10.0, max_rate=10_000, min_rate=0.1, confirmations=3)
+    assert found["descended"] == [8.26, 4.13, 2.06] and found["rate"] is None
+    assert sum(1 for r in found["rows"] if r.get("confirming")) == 1  # only 10/s ever met it
+    # never below the floor: from 1.1/s one window down is the floor itself
+    found = search(lucky_once(0.5, 1.1, []), 100.0, 1.1, max_rate=10_000)
+    assert found["descended"] == [1.0] and not found["descent_spent"]  # it reached the floor
     found = search(noisy(1.0, {1.0}), 100.0, 1.0, max_rate=10_000)
     assert found["rate"] is None and found["descended"] == [] and found["not_held"] == [1.0]
+
+
+def test_a_window_down_that_failed_stops_the_search_and_blames_the_server() -> None:
+    calls: list[float] = []
+    lucky = lucky_once(5.0, 10.0, calls)
+
+    def measure(rate: float) -> dict[str, Any]:
+        if rate < 10.0 and calls.count(10.0) == 2:  # the server went away after 10/s's second window
+            return {"rate": rate, "skipped": "no successful request: ConnectionRefusedError"}
+        return lucky(rate)
+
+    found = search(measure, 100.0, 10.0, max_rate=10_000)
+    assert found["descended"] == [8.26] and found["confirm_failed"] and found["failed_in"] == "a window down from there"
+    assert found["rate"] is None and not found["descent_spent"]
+    assert capacity_line(found).endswith(
+        "; a window down from there failed (no successful request: ConnectionRefusedError): "
+        "the server, not the box's spread"
+    )
 
 
 def test_a_capacity_whose_second_window_failed_blames_the_server_not_the_spread() -> None:

@@ -1010,8 +1010,9 @@ def test_measure_endpoints_adds_a_batching_client_counted_in_items(
     assert all(r["items_per_s"] == pytest.approx(r["rps"] * r["texts_per_request"]) for r in rows)
     bodies = [json.loads(body) for path, _, body in seen if path == "/v1/embeddings"]
     multi = [b for b in bodies if isinstance(b["input"], list)]
-    # whole chunks of 4 texts only (10 texts -> 2 bodies), each sent as one request
-    assert multi and {tuple(b["input"]) for b in multi} <= {tuple(f"text {i}" for i in range(j, j + 4)) for j in (0, 4)}
+    # full groups of 4 texts (10 texts -> 3 bodies, the last wrapping round), each sent as one request
+    groups = {tuple(f"text {i % 10}" for i in range(j, j + 4)) for j in (0, 4, 8)}
+    assert multi and {tuple(b["input"]) for b in multi} <= groups
 
 
 def test_a_level_where_every_request_failed_is_skipped_with_the_error_not_zero(
@@ -1191,7 +1192,7 @@ def test_the_load_tests_metrics_reader_keeps_labels_that_hold_braces() -> None:
 def test_the_load_tests_tensor_rows_follow_the_metadata() -> None:
     import json
 
-    from bench.remote import tensor_bodies
+    from bench.remote import batch_rows, plans_for, tensor_bodies
     from runtime.errors import BenchError
 
     inputs = [
@@ -1213,8 +1214,18 @@ def test_the_load_tests_tensor_rows_follow_the_metadata() -> None:
     assert [(t["shape"], len(t["data"])) for t in body["inputs"]] == [([5, 3, 2], 30), ([5, 4], 20)]
     fixed = [{"name": "x", "datatype": "FP32", "shape": [2, 3]}]
     assert json.loads(tensor_bodies(fixed, count=1, rows=2)[0])["inputs"][0]["shape"] == [2, 3]
-    with pytest.raises(BenchError, match="a fixed batch of 2; --batch-size 4 cannot be sent"):
-        tensor_bodies(fixed, rows=4)
+    # a fixed batch counts its own rows, given or not; another size is refused
+    assert (batch_rows(fixed, None), batch_rows(fixed, 2), batch_rows(inputs, None), batch_rows(inputs, 7)) == (
+        2,
+        2,
+        1,
+        7,
+    )
+    (plan,) = plans_for({"inputs": fixed}, "m", [])
+    assert (plan.items, plan.unit) == (2, "rows")
+    for wrong in (1, 4):
+        with pytest.raises(BenchError, match=f"a fixed batch of 2; --batch-size {wrong} cannot be sent"):
+            plans_for({"inputs": fixed}, "m", [], wrong)
 
 
 def test_a_client_that_batches_sends_full_groups_of_texts() -> None:
@@ -1222,7 +1233,8 @@ def test_a_client_that_batches_sends_full_groups_of_texts() -> None:
 
     from bench.http import request_body, text_groups
 
-    assert text_groups(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"]]
+    assert text_groups(["a", "b", "c", "d"], 2) == [["a", "b"], ["c", "d"]]
+    assert text_groups(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"], ["e", "a"]]  # every text sent
     assert text_groups(["a", "b"], 3) == [["a", "b", "a"]]  # fewer texts than a request: they wrap round
     assert json.loads(request_body("/v1/embeddings", "m", ["a", "b"])) == {"model": "m", "input": ["a", "b"]}
     v2 = json.loads(request_body("/v2/infer", "m", ["a", "b"]))["inputs"][0]
