@@ -15,9 +15,12 @@ above it that missed it (the resolution the search reached).  The highest of
 many noisy windows is the luckiest one, so the rate found runs once more
 (``confirm``): missed the second time, it counts as missed and the next rate
 down that met the target runs again in its place, up to ``confirmations``
-second windows.  When no rate that met it is left, the search goes on down
-below the lowest miss (two resolution steps, then halving) as long as a second
-window is left to confirm what it finds.  The report names the rates that did
+second windows.  Below a rate that did not hold, the search goes on as long
+as a second window is left to confirm what it finds (``confirmations`` more
+windows at most): it bisects again between the next rate that met it and the
+rate that did not hold when they are wider apart than ``resolution``, and goes
+on down below the lowest miss (two resolution steps, then halving) when no
+rate that met it is left.  The report names the rates that did
 not hold, and says when the answer could not be confirmed.
 """
 
@@ -95,7 +98,8 @@ def search(
     ``windows_spent`` (it stopped on ``max_windows``: before the resolution, or still rising or
     falling), ``confirmed`` / ``confirm_p99_ms`` (the answer's second window met the target, and
     its p99), ``not_held`` (rates that met it once and missed it in their second window, which
-    then count as missed), ``descended`` (rates run below them when none that met it was left),
+    then count as missed), ``descended`` (first windows run below them: bisecting again, or going
+    down when none that met it was left),
     ``descent_spent`` (those windows were spent above ``min_rate`` with no answer),
     ``confirm_missed`` (the last miss after the search) and ``confirm_failed`` / ``failed_in``
     (a window after the search got no answer or errors, and which: the search stopped there).
@@ -140,9 +144,11 @@ def search(
     # The answer must meet the target twice: the highest of many noisy windows is the luckiest,
     # so a rate that met it once and misses it again counts as missed, and the next one down is
     # tried again in its place (up to ``confirmations`` second windows).
-    # When every rate that met it once misses it again, the search goes on down below the
-    # lowest miss (two resolution steps, then halving) while second windows are left to confirm,
-    # at most ``confirmations`` windows down.
+    # Below a rate that did not hold, the search goes on while second windows are left to confirm
+    # what it finds, with at most ``confirmations`` more first windows: when the rate that met it
+    # next is more than ``resolution`` below, it bisects between the two again (a lone unlucky
+    # window must not halve the answer); when none met it, it goes on down below the lowest miss
+    # (two resolution steps, then halving).
     again: dict[float, dict[str, Any]] = {}
     not_held: list[float] = []  # met once, missed the second time
     descended: list[float] = []  # first windows run after the search, below a rate that did not hold
@@ -151,13 +157,21 @@ def search(
     last_miss: str | None = None  # the last miss after the search
     while confirm and len(again) < confirmations:
         lo, hi = bounds()
-        if lo is None:
-            if not not_held or hi is None or hi <= floor or len(descended) >= confirmations:
+        wide = lo is not None and hi is not None and hi / lo > resolution
+        if not_held and len(descended) < confirmations and (wide or lo is None):
+            if lo is None and (hi is None or hi <= floor):
                 break
-            rate = max(figures(hi / (2.0 if descended else resolution**2)), floor)
+            if lo is not None and hi is not None:
+                rate = figures(math.sqrt(lo * hi))
+            else:
+                assert hi is not None
+                rate = max(figures(hi / (2.0 if descended else resolution**2)), floor)
             descended.append(rate)
             window(rate)
             row, where = rows[-1], "a window down from there"
+            lo = None  # a first window: a miss there counts as missed, nothing more
+        elif lo is None:
+            break
         else:
             row = dict(measure(lo), confirming=True)
             rows.append(row)

@@ -9,6 +9,12 @@ server that kept it waiting for a connection is hidden (coordinated omission).
 ``late_ms_p99`` says how far behind the schedule the client itself started
 requests: when it is large, the client, not the server, set the pace.
 
+Arrivals are ``constant`` (evenly spaced, as above) or ``poisson``: the same
+number of requests, with independent, exponentially distributed gaps of mean
+``1 / R`` (a fresh draw each run unless seeded), as many independent callers
+send them.  Bursts then meet a busy server, so the tail at a given rate is longer:
+the more conservative figure to size a box by.
+
 A request due while ``max_outstanding`` are still unanswered is not sent and
 counts as ``dropped``: at that rate the server does not keep up.  The client is
 :class:`bench.http1.Pool` (a fifth or less of httpx's CPU a request), since on
@@ -18,25 +24,41 @@ an appliance without a network the load runs on the box it measures.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
+import random
 import ssl
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from bench.common import percentile
 from bench.http1 import TRANSPORT_ERRORS, Pool
 
-__all__ = ["COLUMNS", "MAX_OUTSTANDING", "open_loop"]
+__all__ = ["ARRIVALS", "COLUMNS", "MAX_OUTSTANDING", "open_loop", "schedule"]
 
 logger = logging.getLogger(__name__)
 
 #: requests in flight at most; one more due is dropped
 MAX_OUTSTANDING = 512
+#: how requests arrive: evenly spaced, or with exponential gaps (a Poisson process)
+ARRIVALS = ("constant", "poisson")
 #: the figures of an :func:`open_loop` row, in the order a table shows them
 COLUMNS = ("rate", "rps", "p50_ms", "p90_ms", "p99_ms", "ok", "errors", "dropped", "late_ms_p99", "client_cpu_ms")
+
+
+def schedule(rate: float, count: int, arrivals: str = "constant", seed: int | None = None) -> Iterator[float]:
+    """When each of ``count`` requests is due, in seconds from the start, at ``rate`` a second:
+    ``i / rate`` (``constant``), or the first at 0 and then gaps drawn from an exponential
+    distribution of mean ``1 / rate`` (``poisson``; ``seed`` repeats a draw, None draws afresh)."""
+    if arrivals not in ARRIVALS:
+        raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
+    if arrivals == "constant":
+        return (i / rate for i in range(count))
+    rng = random.Random(seed)
+    return itertools.accumulate((rng.expovariate(rate) for _ in range(count - 1)), initial=0.0)
 
 
 async def open_loop(
@@ -50,18 +72,21 @@ async def open_loop(
     ssl_context: ssl.SSLContext | None = None,
     max_outstanding: int = MAX_OUTSTANDING,
     clock: Callable[[], float] = time.perf_counter,
+    arrivals: str = "constant",
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """``POST base_url + path`` at ``rate`` requests a second for ``duration_s`` seconds, one
-    body after the other.
+    body after the other, the requests due as :func:`schedule` says (``arrivals``, ``seed``).
 
     Returns the offered ``rate``, the achieved ``rps`` (answers over the time until the last
     one), latency p50/p90/p99 (ms, from each request's due time), ``ok``, ``errors`` by status,
     ``dropped``, ``late_ms_p99``, the client's own CPU per request (``client_cpu_ms``), the
     ``connections`` it opened and the requests it ``resent`` (:attr:`bench.http1.Pool.resent`).
     """
-    scheduled = math.ceil(rate * duration_s - 1e-9)  # the requests due in [0, duration_s)
+    scheduled = math.ceil(rate * duration_s - 1e-9)  # the requests due in [0, duration_s) when evenly spaced
     if rate <= 0 or scheduled < 1:
         raise ValueError(f"{rate:g} requests/s in {duration_s:g} s is no request; raise the rate or the duration")
+    offsets = schedule(rate, scheduled, arrivals, seed)
     pool = Pool(base_url, headers, ssl_context=ssl_context)
     # 8 bytes a request (a long run at a high rate keeps millions of them)
     latencies: array[float] = array("d")
@@ -100,8 +125,8 @@ async def open_loop(
 
     start = clock()
     try:
-        for i in range(scheduled):
-            due = start + i / rate
+        for i, offset in enumerate(offsets):
+            due = start + offset
             # Yield even when behind: answers that came meanwhile are read and their
             # requests leave ``outstanding``; never yielding, a client that fell behind
             # would start requests up to the limit and then drop the rest itself.
@@ -121,6 +146,7 @@ async def open_loop(
     elapsed = max(duration_s, last_done - start)
     out: dict[str, Any] = {
         "rate": rate,
+        "arrivals": arrivals,
         "scheduled": scheduled,
         "requests": sent,
         "ok": len(latencies),

@@ -47,7 +47,7 @@ import ssl
 import statistics
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,8 @@ class Plan:
     route: str | None = None
     #: what one item is: a text, or a tensor model's row
     unit: str = "texts"
+    #: how an open loop's requests arrive (:data:`bench.openloop.ARRIVALS`)
+    arrivals: str = "constant"
 
 
 def check_key(key: str, source: str) -> str:
@@ -504,6 +506,7 @@ def _load_open(target: Target, plan: Plan, rate: float, duration_s: float) -> di
             rate=rate,
             duration_s=duration_s,
             ssl_context=target.ssl_context,
+            arrivals=plan.arrivals,
         )
     )
 
@@ -593,6 +596,7 @@ def run(
     texts: Sequence[str] | None = None,
     endpoint: str | None = None,
     per_request: int | None = None,
+    arrivals: str = "constant",
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Load ``target`` level by level (see the module's docstring); with ``cfg.out`` keeps ``remote.json``.
@@ -602,7 +606,8 @@ def run(
     search each endpoint's capacity at that p99 (:func:`bench.capacity.search`, up to
     ``max_rate``), kept under ``capacity``.  ``texts``: what a text model is sent (default: the
     suite's mixed corpus); ``endpoint``: ``v1`` or ``v2``, that one only (default: each the model has);
-    ``per_request``: texts (a tensor model: rows) in each request, as a client that batches sends them."""
+    ``per_request``: texts (a tensor model: rows) in each request, as a client that batches sends them;
+    ``arrivals``: how the open loop's requests arrive (evenly spaced, or ``poisson``)."""
     from bench.http import server_texts
 
     searching = p99_ms is not None and not rates
@@ -612,6 +617,7 @@ def run(
     plans = plans_for(meta, target.model, texts if texts is not None else server_texts(cfg), per_request)
     if endpoint is not None:
         plans = pick_endpoint(plans, endpoint, target.model)
+    plans = [replace(plan, arrivals=arrivals) for plan in plans]
     probes = {plan.label: _probe(target, plan, PROBES if searching else 1) for plan in plans}
     duration = duration_s if duration_s is not None else cfg.pick(2, ROW_S)
     warmup = cfg.pick(1, WARMUP_S)
@@ -621,6 +627,8 @@ def run(
     scrape = _Scraper(target)
     params = meta.get("parameters") or {}
     client = "open loop" if rates or searching else target.client()
+    if client == "open loop" and arrivals != "constant":
+        client += f", {arrivals} arrivals"
     echo(
         f"{target.base_url}: {target.model} v{','.join(meta.get('versions') or ['?'])} on {params.get('backend', '?')} "
         f"({params.get('variant', '?')}, {params.get('exec_precision', '?')}); client {client}"
@@ -648,7 +656,9 @@ def run(
         # a whole-second window holds one request at least from MIN_RATE (1/s) up
         result = capacity.search(measure, p99_ms, first, max_rate=max_rate)
         rows.extend(result.pop("rows"))
-        found.append({"endpoint": plan.label, "per_request": plan.items, "unit": plan.unit, **result})
+        found.append(
+            {"endpoint": plan.label, "per_request": plan.items, "unit": plan.unit, "arrivals": arrivals, **result}
+        )
         echo(f"  {plan.label}: {capacity_line(found[-1])}")
     columns = RATE_COLUMNS if rates or searching else COLUMNS
     out: dict[str, Any] = {
@@ -661,6 +671,7 @@ def run(
         "endpoint": endpoint,
         "per_request": plans[0].items,
         "unit": plans[0].unit,
+        "arrivals": arrivals if rates or searching else None,
         "duration_s": duration,
         "rows": rows,
         "table": format_table((*columns, "meets") if p99_ms is not None else columns, rows),
@@ -705,7 +716,8 @@ def capacity_line(found: Mapping[str, Any]) -> str:
         again = f", again {found['confirm_p99_ms']:.1f} ms" if found["confirmed"] else ""
         per, unit = found.get("per_request", 1), found.get("unit", "texts")
         items = f" of {per} {unit} ({_count(found['rate'] * per)} {unit}/s)" if per > 1 else ""
-        line = f"{found['rate']:g} requests/s{items} with {target} (p99 {found['p99_ms']:.1f} ms{again})"
+        poisson = " arriving at random (Poisson)" if found.get("arrivals") == "poisson" else ""
+        line = f"{found['rate']:g} requests/s{items}{poisson} with {target} (p99 {found['p99_ms']:.1f} ms{again})"
         if found["at_max_rate"]:
             line += "; that is the search's ceiling, so the server may take more"
         elif nxt is None:

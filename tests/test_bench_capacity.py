@@ -101,52 +101,70 @@ def noisy(capacity: float, unlucky: set[float]) -> Callable[[float], dict[str, A
     return measure
 
 
-def test_a_rate_that_does_not_hold_a_second_time_counts_as_missed_and_the_next_one_down_is_tried() -> None:
-    # the knee at 437 from 150/s: 150, 300, 600, 424, 504, 462; 424 met once and then missed
+def test_a_rate_that_does_not_hold_a_second_time_counts_as_missed_and_the_search_bisects_below_it() -> None:
+    # the knee at 437 from 150/s: 150, 300, 600, 424, 504, 462; 424 met once and then missed, so
+    # the next rate that met it (300) is 1.41x below: bisect again (357, 389), then confirm 389
     found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000)
-    assert [(r["rate"], r["meets"], r.get("confirming", False)) for r in found["rows"][-2:]] == [
+    assert [(r["rate"], r["meets"], r.get("confirming", False)) for r in found["rows"][-4:]] == [
         (424.0, False, True),
-        (300.0, True, True),
+        (357.0, True, False),
+        (389.0, True, False),
+        (389.0, True, True),
     ]
-    assert (found["rate"], found["confirmed"], found["confirm_p99_ms"]) == (300.0, True, 20.0)
+    assert (found["rate"], found["confirmed"], found["confirm_p99_ms"], found["descended"]) == (
+        389.0,
+        True,
+        20.0,
+        [357.0, 389.0],
+    )
     assert (found["next_rate"], found["not_held"], found["confirm_failed"]) == (424.0, [424.0], False)
     assert capacity_line(found) == (
-        "300 requests/s with p99 <= 100 ms (p99 20.0 ms, again 20.0 ms); 424/s met it once, then missed it "
+        "389 requests/s with p99 <= 100 ms (p99 20.0 ms, again 20.0 ms); 424/s met it once, then missed it "
         "(p99 130.0 ms > 100 ms): the box's spread is near the target"
     )
+    # the next rate that met it within the resolution: it is confirmed at once, no window spent
+    found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000, resolution=1.5)
+    assert (found["rate"], found["confirmed"], found["descended"], found["not_held"]) == (300.0, True, [], [424.0])
     # two that do not hold: the answer is the next one down, met in one window only
-    found = search(noisy(437.0, {424.0, 300.0}), 100.0, 150.0, max_rate=10_000)
-    assert (found["rate"], found["confirmed"], found["not_held"]) == (150.0, False, [424.0, 300.0])
+    found = search(noisy(437.0, {424.0, 389.0}), 100.0, 150.0, max_rate=10_000)
+    assert (found["rate"], found["confirmed"], found["not_held"]) == (357.0, False, [424.0, 389.0])
     assert capacity_line(found) == (
-        "150 requests/s with p99 <= 100 ms (p99 20.0 ms); 300/s met it once, then missed it (p99 130.0 ms > 100 ms)"
+        "357 requests/s with p99 <= 100 ms (p99 20.0 ms); 389/s met it once, then missed it (p99 130.0 ms > 100 ms)"
         "; 424/s also met it once, then missed it: the box's spread is near the target; met in one window only "
         "(no second window was left to confirm it)"
     )
-    # the only rate that met it did not hold: the search goes on down, two resolution steps
+    # the only rate that met it did not hold: the search goes on down, two resolution steps, then
+    # bisects between what met it there and the rate that did not hold
     found = search(noisy(10.0, {10.0}), 100.0, 10.0, max_rate=10_000)
-    assert (found["rate"], found["confirmed"], found["descended"]) == (8.26, True, [8.26])
+    assert (found["rate"], found["confirmed"], found["descended"]) == (9.09, True, [8.26, 9.09])
     assert (found["not_held"], found["next_rate"], found["lowest_rate"]) == ([10.0], 10.0, 8.26)
-    assert [(r["rate"], r["meets"], r.get("confirming", False)) for r in found["rows"][-3:]] == [
+    assert [(r["rate"], r["meets"], r.get("confirming", False)) for r in found["rows"][-4:]] == [
         (10.0, False, True),
         (8.26, True, False),
-        (8.26, True, True),
+        (9.09, True, False),
+        (9.09, True, True),
     ]
     assert capacity_line(found) == (
-        "8.26 requests/s with p99 <= 100 ms (p99 20.0 ms, again 20.0 ms); 10/s met it once, then missed it "
+        "9.09 requests/s with p99 <= 100 ms (p99 20.0 ms, again 20.0 ms); 10/s met it once, then missed it "
         "(p99 130.0 ms > 100 ms): the box's spread is near the target"
     )
-    # the rate found there does not hold either: no second window is left, no answer, and the line
-    # says what happened
-    found = search(noisy(10.0, {10.0, 8.26}), 100.0, 10.0, max_rate=10_000)
-    assert (found["rate"], found["not_held"], found["next_rate"]) == (None, [10.0, 8.26], 8.26)
-    assert capacity_line(found) == (
-        "no rate from 8.26/s up met p99 <= 100 ms twice (8.26/s met it once, then missed it: p99 130.0 ms > 100 ms)"
-        "; 10/s also met it once, then missed it: the box's spread is near the target; the search stopped 1 window "
-        "down from the rates that did not hold, above its floor of 1/s, so a lower rate may meet it"
+    # the rate found there does not hold either: no second window is left, and the answer is the
+    # rate below it, met once
+    found = search(noisy(10.0, {10.0, 9.09}), 100.0, 10.0, max_rate=10_000)
+    assert (found["rate"], found["confirmed"], found["not_held"], found["next_rate"]) == (
+        8.26,
+        False,
+        [10.0, 9.09],
+        9.09,
     )
+    assert capacity_line(found).endswith("met in one window only (no second window was left to confirm it)")
     # a client that batches: the line gives the texts a second too
     batched = {**search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000), "per_request": 32, "unit": "texts"}
-    assert capacity_line(batched).startswith("300 requests/s of 32 texts (9,600 texts/s) with p99 <= 100 ms")
+    assert capacity_line(batched).startswith("389 requests/s of 32 texts (12,400 texts/s) with p99 <= 100 ms")
+    poisson = {**batched, "arrivals": "poisson"}
+    assert capacity_line(poisson).startswith(
+        "389 requests/s of 32 texts (12,400 texts/s) arriving at random (Poisson) with p99 <= 100 ms"
+    )
     # without confirmation the answer is the highest rate met once, and says so
     found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000, confirm=False)
     assert (found["rate"], found["confirmed"], found["not_held"]) == (424.0, False, [])

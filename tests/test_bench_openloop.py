@@ -4,6 +4,7 @@ small HTTP server run in the test, which answers in each of the ways a server ma
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from bench.http1 import Pool
-from bench.openloop import open_loop
+from bench.openloop import open_loop, schedule
 
 Handler = Callable[[bytes, bytes], tuple[bytes, bool]]
 #: when the last server() read each request
@@ -109,6 +110,42 @@ def test_the_open_loop_keeps_its_schedule_and_counts_every_answer() -> None:
     # spread over the half second, not sent at once: the first fifth arrived in the first fifth of it
     spread = [t - arrivals[0] for t in arrivals]
     assert spread[-1] >= 0.4 and sum(1 for t in spread if t < 0.1) <= 30, spread
+
+
+def test_poisson_arrivals_have_exponential_gaps_of_the_rates_mean() -> None:
+    even = list(schedule(50.0, 5))
+    assert even == [0.0, 0.02, 0.04, 0.06, 0.08]
+    drawn = list(schedule(50.0, 20_000, "poisson", seed=7))
+    assert drawn[0] == 0.0 and drawn == sorted(drawn) and drawn == list(schedule(50.0, 20_000, "poisson", seed=7))
+    gaps = [b - a for a, b in itertools.pairwise(drawn)]
+    mean = sum(gaps) / len(gaps)
+    sd = (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5
+    # an exponential distribution: the mean 1/rate, the standard deviation equal to the mean
+    # (evenly spaced gaps have none), and about 1 - 1/e of the gaps shorter than the mean
+    assert mean == pytest.approx(0.02, rel=0.03) and sd == pytest.approx(mean, rel=0.05)
+    assert sum(g < mean for g in gaps) / len(gaps) == pytest.approx(0.632, abs=0.015)
+    assert list(schedule(50.0, 3, "poisson")) != list(schedule(50.0, 3, "poisson"))  # a fresh draw unseeded
+    with pytest.raises(ValueError, match="arrivals must be one of constant, poisson"):
+        schedule(50.0, 3, "bursty")
+
+
+def test_the_open_loop_sends_poisson_arrivals_and_says_so() -> None:
+    async def main() -> dict[str, object]:
+        async with server(echo) as (url, heads):
+            row = await open_loop(
+                url, "/infer", [b"a"], headers={}, rate=200, duration_s=0.5, arrivals="poisson", seed=3
+            )
+            assert len(heads) == 100
+            return row
+
+    row = asyncio.run(main())
+    assert (row["arrivals"], row["scheduled"], row["ok"], row["errors"], row["dropped"]) == ("poisson", 100, 100, {}, 0)
+    # as drawn: the server read each request at its due time (give or take the loop's lag), not evenly
+    due = list(schedule(200.0, 100, "poisson", seed=3))
+    seen = sorted(t - arrivals[0] for t in arrivals)
+    assert max(abs(a - b) for a, b in zip(seen, due, strict=True)) < 0.1
+    gaps = [b - a for a, b in itertools.pairwise(due)]
+    assert max(gaps) > 3 * min(gaps) + 0.01  # not evenly spaced
 
 
 def test_a_client_that_fell_behind_catches_up_instead_of_dropping() -> None:

@@ -104,6 +104,18 @@ def test_the_open_loop_reports_latency_at_a_given_load(server: Served) -> None:
         assert row["client_cpu_ms"] > 0 and row["connections"] >= 1, row
 
 
+def test_the_open_loop_sends_poisson_arrivals_when_asked(server: Served) -> None:
+    result = bench(
+        "minilm", "--url", server.url, "--rate", "20", "--arrivals", "poisson", "--endpoint", "v1",
+        "--duration", "1", "--quick", "--json", env={"INFERBOX_API_KEY": server.key},
+    )  # fmt: skip
+    report = loaded(result)
+    assert (report["client"], report["arrivals"]) == ("open loop, poisson arrivals", "poisson")
+    (row,) = report["rows"]
+    assert row["arrivals"] == "poisson" and row["errors"] == {} and row["dropped"] == 0, row
+    assert row["ok"] == row["scheduled"] == 20 and row["served"] == row["ok"], row
+
+
 def test_a_p99_target_judges_each_rate_and_fails_the_run_that_misses_it(server: Served) -> None:
     env = {"INFERBOX_API_KEY": server.key}
     kept = loaded(bench("minilm", "--url", server.url, "--rate", "5", "--p99-ms", "60000", "--endpoint", "v1", "--duration", "1", "--quick", "--json", env=env))  # fmt: skip
@@ -291,6 +303,9 @@ def test_the_load_test_names_the_fix_when_it_cannot_run(server: Served, tmp_path
         (("--url", server.url, "--endpoint", "v3"), "'v3' is not one of 'v1', 'v2'"),
         (("--url", server.url, "--p99-ms", "100", "--max-rate", "nan"), "give a finite number"),
         (("--batch-size", "4"), "--batch-size goes with --url"),
+        (("--arrivals", "poisson"), "--arrivals goes with --url"),
+        (("--url", server.url, "--arrivals", "poisson"), "--arrivals shapes the open loop"),
+        (("--url", server.url, "--rate", "5", "--arrivals", "bursty"), "'bursty' is not one of 'constant', 'poisson'"),
         (("--url", server.url, "--batch-size", "0"), "--batch-size"),
     ):
         stopped(bench("minilm", *args), message)

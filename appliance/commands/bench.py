@@ -157,6 +157,13 @@ def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) ->
     help="With --url: texts (a tensor model: rows) in each request, as a client that batches sends them "
     "[default 1]; the server's max_inputs bounds it.",
 )
+@click.option(
+    "--arrivals",
+    type=click.Choice(["constant", "poisson"]),
+    default=None,
+    help="With --rate or --p99-ms: how the open loop's requests arrive, evenly spaced (constant) or at random "
+    "as from many independent callers (poisson, the longer tail) [default constant].",
+)
 def bench(
     model: str,
     home: Path | None,
@@ -178,6 +185,7 @@ def bench(
     duration: int | None,
     texts: Path | None,
     batch_size: int | None,
+    arrivals: str | None,
 ) -> None:
     """Time every admissible (backend, variant, precision) of MODEL here and print the table;
     with --url, load a running server instead: requests/s and latency per concurrency level,
@@ -196,6 +204,7 @@ def bench(
         "--duration": duration,
         "--texts": texts,
         "--batch-size": batch_size,
+        "--arrivals": arrivals,
     }
     if url is None:
         given = [name for name, value in remote_only.items() if value is not None]
@@ -221,6 +230,7 @@ def bench(
             duration,
             texts,
             batch_size,
+            arrivals,
             quick,
             out,
             as_json,
@@ -328,6 +338,7 @@ def _bench_remote(
     duration: int | None,
     texts: Path | None,
     batch_size: int | None,
+    arrivals: str | None,
     quick: bool,
     out: Path | None,
     as_json: bool,
@@ -347,6 +358,11 @@ def _bench_remote(
         raise click.UsageError(
             "--p99-ms is judged on the open loop (latency from when each request was due): give --rate, "
             "or leave both out to search the capacity"
+        )
+    if arrivals is not None and rate is None and p99_ms is None:
+        raise click.UsageError(
+            "--arrivals shapes the open loop: give --rate, or --p99-ms to search the capacity "
+            "(a closed loop's clients send when answered)"
         )
     if max_rate is not None and (p99_ms is None or rate is not None):
         raise click.UsageError("--max-rate bounds the capacity search: it goes with --p99-ms and without --rate")
@@ -371,6 +387,7 @@ def _bench_remote(
             texts=sent,
             endpoint=endpoint,
             per_request=batch_size,
+            arrivals=arrivals or "constant",
             echo=echo,
         )
     if as_json:
