@@ -767,8 +767,8 @@ def _capacity(
     """The capacity at p99 <= :data:`CAPACITY_P99_MS` on ``/v1/embeddings`` (no target;
     :func:`bench.capacity.search`, as ``inferbox bench --url --p99-ms`` runs it): from half the c=32
     row's rate, within an eighth and one and a half times it, each window warmed up, at most
-    :data:`CAPACITY_WINDOWS` windows, up to two second windows and two windows down when the only rates that
-    met it did not hold (~1 minute here).  A warm-up in which a
+    :data:`CAPACITY_WINDOWS` windows, up to two second windows and two more windows below a rate that did not
+    hold (~1 minute here).  A warm-up in which a
     request failed ends it with that reason, as the open loop's does (a dead or hung server would
     cost each window the client's timeout)."""
     from bench.capacity import search
