@@ -100,7 +100,8 @@ def search(
     its p99), ``not_held`` (rates that met it once and missed it in their second window, which
     then count as missed), ``descended`` (first windows run below them: bisecting again, or going
     down when none that met it was left),
-    ``descent_spent`` (those windows were spent above ``min_rate`` with no answer),
+    ``down`` (those run while none that met it was left), ``descent_spent`` (they were spent
+    above ``min_rate`` with no answer),
     ``confirm_missed`` (the last miss after the search) and ``confirm_failed`` / ``failed_in``
     (a window after the search got no answer or errors, and which: the search stopped there).
     """
@@ -152,6 +153,7 @@ def search(
     again: dict[float, dict[str, Any]] = {}
     not_held: list[float] = []  # met once, missed the second time
     descended: list[float] = []  # first windows run after the search, below a rate that did not hold
+    down: list[float] = []  # those of them run while no rate that met it was left
     failed = False  # a window after the search got no answer or errors: the server, not the box's spread
     failed_in: str | None = None  # which window that was
     last_miss: str | None = None  # the last miss after the search
@@ -163,12 +165,15 @@ def search(
                 break
             if lo is not None and hi is not None:
                 rate = figures(math.sqrt(lo * hi))
+                where = f"the window at {rate:g}/s, between {lo:g}/s and {hi:g}/s"
             else:
                 assert hi is not None
-                rate = max(figures(hi / (2.0 if descended else resolution**2)), floor)
+                rate = max(figures(hi / (2.0 if down else resolution**2)), floor)
+                down.append(rate)
+                where = f"the window at {rate:g}/s, below {hi:g}/s"
             descended.append(rate)
             window(rate)
-            row, where = rows[-1], "a window down from there"
+            row = rows[-1]
             lo = None  # a first window: a miss there counts as missed, nothing more
         elif lo is None:
             break
@@ -189,7 +194,7 @@ def search(
             missed[lo] = row
     lo, hi = bounds()
     # it stopped on its budget going down: nothing held, and the last rate down was above the floor
-    stopped_down = lo is None and bool(descended) and not failed and min(descended) > floor
+    stopped_down = lo is None and bool(down) and not failed and min(down) > floor
     second = again.get(lo) if lo is not None else None
     out: dict[str, Any] = {
         "p99_target_ms": p99_ms,
@@ -211,6 +216,7 @@ def search(
         "confirm_p99_ms": second.get("p99_ms") if second is not None else None,
         "not_held": not_held,
         "descended": descended,
+        "down": down,
         "descent_spent": stopped_down,
         "confirm_failed": failed,
         "failed_in": failed_in,

@@ -10,9 +10,9 @@ server that kept it waiting for a connection is hidden (coordinated omission).
 requests: when it is large, the client, not the server, set the pace.
 
 Arrivals are ``constant`` (evenly spaced, as above) or ``poisson``: the same
-number of requests, with independent, exponentially distributed gaps of mean
-``1 / R`` (a fresh draw each run unless seeded), as many independent callers
-send them.  Bursts then meet a busy server, so the tail at a given rate is longer:
+number of requests in the same window, due at independent uniform times (a
+Poisson process given its count: its gaps are exponential with mean ``1 / R``;
+a fresh draw each run unless seeded), as many independent callers send them.  Bursts then meet a busy server, so the tail at a given rate is longer:
 the more conservative figure to size a box by.
 
 A request due while ``max_outstanding`` are still unanswered is not sent and
@@ -24,7 +24,6 @@ an appliance without a network the load runs on the box it measures.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import random
@@ -51,14 +50,30 @@ COLUMNS = ("rate", "rps", "p50_ms", "p90_ms", "p99_ms", "ok", "errors", "dropped
 
 def schedule(rate: float, count: int, arrivals: str = "constant", seed: int | None = None) -> Iterator[float]:
     """When each of ``count`` requests is due, in seconds from the start, at ``rate`` a second:
-    ``i / rate`` (``constant``), or the first at 0 and then gaps drawn from an exponential
-    distribution of mean ``1 / rate`` (``poisson``; ``seed`` repeats a draw, None draws afresh)."""
+    ``i / rate`` (``constant``), or (``poisson``) the first at 0 and the others at independent
+    uniform times in ``[0, count / rate)``, in order: a Poisson process given its count, whose
+    gaps are exponential with mean ``1 / rate`` while the window keeps its length (``seed``
+    repeats a draw, None draws afresh).  Lazily, so a long run holds no list of times: the uniform
+    order statistics are the partial sums of ``count`` exponential draws over their total, drawn
+    twice from the same seed."""
     if arrivals not in ARRIVALS:
         raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
     if arrivals == "constant":
         return (i / rate for i in range(count))
-    rng = random.Random(seed)
-    return itertools.accumulate((rng.expovariate(rate) for _ in range(count - 1)), initial=0.0)
+    if seed is None:
+        seed = random.SystemRandom().getrandbits(64)
+    first = random.Random(seed)
+    scale = (count / rate) / math.fsum(first.expovariate(1.0) for _ in range(count))
+
+    def due() -> Iterator[float]:
+        rng = random.Random(seed)
+        t = 0.0
+        yield 0.0
+        for _ in range(count - 1):
+            t += rng.expovariate(1.0)
+            yield t * scale
+
+    return due()
 
 
 async def open_loop(

@@ -555,6 +555,8 @@ def _window(
     failure = row_failure(row)
     if failure is not None:
         row = {"endpoint": plan.label, kind: level, **skipped(failure)}
+        if kind == "rate":
+            row["arrivals"] = plan.arrivals
         line = f"  {where}: {failure}"
     else:
         row |= {
@@ -725,7 +727,7 @@ def capacity_line(found: Mapping[str, Any]) -> str:
         else:
             held = "met it once, then missed it" if nxt in not_held else "missed it"
             line += f"; {nxt:g}/s {held} ({found['next_missed']})"
-            if found["windows_spent"]:
+            if found["windows_spent"] and nxt / found["rate"] > found["resolution"]:
                 line += f"; {budget}, wider apart than {found['resolution']:g}x"
     others = [r for r in not_held if r != nxt]
     if others:
@@ -733,7 +735,7 @@ def capacity_line(found: Mapping[str, Any]) -> str:
     if not_held:
         line += ": the box's spread is near the target"
     if found.get("descent_spent"):
-        down = len(found["descended"])
+        down = len(found["down"])
         line += (
             f"; the search stopped {down} window{'s' if down > 1 else ''} down from the rates that did not hold, "
             f"above its floor of {found['min_rate']:g}/s, so a lower rate may meet it"
@@ -747,6 +749,8 @@ def capacity_line(found: Mapping[str, Any]) -> str:
     if found.get("confirm_failed"):
         where = found.get("failed_in") or "its second window"
         line += f"; {where} failed ({found['confirm_missed']}): the server, not the box's spread"
+        if found["rate"] is not None and where != "its second window":
+            line += f"; {found['rate']:g}/s met it in one window only"
     elif found["rate"] is not None and not found["confirmed"]:
         line += "; met in one window only (no second window was left to confirm it)"
     return line

@@ -219,10 +219,14 @@ def test_a_window_down_that_failed_stops_the_search_and_blames_the_server() -> N
         return lucky(rate)
 
     found = search(measure, 100.0, 10.0, max_rate=10_000)
-    assert found["descended"] == [8.26] and found["confirm_failed"] and found["failed_in"] == "a window down from there"
+    assert (
+        found["descended"] == [8.26]
+        and found["confirm_failed"]
+        and found["failed_in"] == "the window at 8.26/s, below 10/s"
+    )
     assert found["rate"] is None and not found["descent_spent"]
     assert capacity_line(found).endswith(
-        "; a window down from there failed (no successful request: ConnectionRefusedError): "
+        "; the window at 8.26/s, below 10/s failed (no successful request: ConnectionRefusedError): "
         "the server, not the box's spread"
     )
 
@@ -326,3 +330,52 @@ def test_a_judged_rate_that_failed_is_named_with_every_other_miss() -> None:
     with pytest.raises(click.ClickException, match="requests failed under load: /v1/embeddings 200/s: 4 failed"):
         _fail_unless_loaded({"rows": [{k: v for k, v in rows[1].items() if k not in ("meets", "missed")}]})
     _fail_unless_loaded({"rows": rows[2:], "p99_target_ms": 100.0})  # all met: no exit
+
+
+def scripted(script: dict[float, list[bool | str]]) -> Callable[[float], dict[str, Any]]:
+    """A server that answers each rate's windows in turn as ``script`` says: met, missed, or "err"."""
+    seen: dict[float, int] = {}
+
+    def measure(rate: float) -> dict[str, Any]:
+        k = seen[rate] = seen.get(rate, 0) + 1
+        out = script[rate][k - 1]
+        if out == "err":
+            return window(rate, 10.0, errors={"503": 3})
+        return window(rate, 50.0 if out else 150.0)
+
+    return measure
+
+
+def test_what_the_windows_below_a_rate_that_did_not_hold_report() -> None:
+    # a window between the rates failed: the answer below it was never confirmed, and the line says so
+    found = search(
+        scripted({50: [1], 100: [1, 0], 200: [0], 141: [0], 119: [0], 109: [0], 70.7: ["err"]}),
+        100.0, 50.0, max_rate=10_000,
+    )  # fmt: skip
+    assert (found["rate"], found["confirmed"], found["confirm_failed"]) == (50.0, False, True)
+    assert found["failed_in"] == "the window at 70.7/s, between 50/s and 100/s"
+    assert capacity_line(found).endswith(
+        "; the window at 70.7/s, between 50/s and 100/s failed (3 failed requests {'503': 3}): the server, "
+        "not the box's spread; 50/s met it in one window only"
+    )
+    # both windows went between the rates, none below the lowest: nothing says it stopped going down
+    found = search(
+        scripted({50: [1, 0], 100: [1, 0], 200: [0], 141: [0], 119: [0], 109: [0], 70.7: [0], 59.5: [0]}),
+        100.0, 50.0, max_rate=10_000,
+    )  # fmt: skip
+    assert (found["rate"], found["descended"], found["down"], found["descent_spent"]) == (None, [70.7, 59.5], [], False)
+    assert "windows down" not in capacity_line(found)
+    # the main search spent its windows wide apart, and bisecting again below the rate that did not
+    # hold closed the gap: the line does not say they are wider apart than the resolution
+    script: dict[float, list[bool | str]] = {52.2: [1], 104: [1], 208: [1], 416: [1], 832: [1], 1660: [0], 1180: [1]}
+    found = search(scripted({**script, 1400: [1, 0], 1290: [1, 1]}), 100.0, 52.2, max_rate=10_000, max_windows=8)
+    assert (found["rate"], found["confirmed"], found["next_rate"], found["windows_spent"]) == (
+        1290.0,
+        True,
+        1400.0,
+        True,
+    )
+    assert "wider apart" not in capacity_line(found)
+    found = search(scripted({**script, 1400: [1, 1]}), 100.0, 52.2, max_rate=10_000, max_windows=8)
+    assert (found["rate"], found["next_rate"]) == (1400.0, 1660.0)
+    assert capacity_line(found).endswith("the search stopped after 8 windows, wider apart than 1.1x")
