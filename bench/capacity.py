@@ -13,7 +13,7 @@ its p99 is within the target (:func:`miss`).
 The answer is the highest rate that met it twice, next to the lowest rate
 above it that missed it (the resolution the search reached).  The highest of
 many noisy windows is the luckiest one, so the rate found runs once more
-(``confirm``): missed the second time, it counts as missed and the next rate
+(a second window): missed the second time, it counts as missed and the next rate
 down that met the target runs again in its place, up to ``confirmations``
 second windows.  Below a rate that did not hold, the search goes on as long
 as a second window is left to confirm what it finds (``confirmations`` more
@@ -85,7 +85,6 @@ def search(
     min_rate: float = MIN_RATE,
     resolution: float = RESOLUTION,
     max_windows: int = MAX_WINDOWS,
-    confirm: bool = True,
     confirmations: int = CONFIRMATIONS,
 ) -> dict[str, Any]:
     """Search the highest rate in ``[min_rate, max_rate]`` whose window meets ``p99_ms``.
@@ -154,47 +153,45 @@ def search(
     not_held: list[float] = []  # met once, missed the second time
     descended: list[float] = []  # first windows run after the search, below a rate that did not hold
     down: list[float] = []  # those of them run while no rate that met it was left
-    failed = False  # a window after the search got no answer or errors: the server, not the box's spread
-    failed_in: str | None = None  # which window that was
+    failed_in: str | None = None  # a window after the search that got no answer or errors (the server)
     last_miss: str | None = None  # the last miss after the search
-    while confirm and len(again) < confirmations:
+    while len(again) < confirmations:
         lo, hi = bounds()
-        wide = lo is not None and hi is not None and hi / lo > resolution
-        if not_held and len(descended) < confirmations and (wide or lo is None):
-            if lo is None and (hi is None or hi <= floor):
-                break
+        if not_held and len(descended) < confirmations and (lo is None or (hi is not None and hi / lo > resolution)):
+            # a first window below a rate that did not hold: a miss there counts as missed, nothing more
             if lo is not None and hi is not None:
                 rate = figures(math.sqrt(lo * hi))
                 where = f"the window at {rate:g}/s, between {lo:g}/s and {hi:g}/s"
-            else:
-                assert hi is not None
+            elif hi is not None and hi > floor:
                 rate = max(figures(hi / (2.0 if down else resolution**2)), floor)
                 down.append(rate)
                 where = f"the window at {rate:g}/s, below {hi:g}/s"
+            else:
+                break
             descended.append(rate)
             window(rate)
             row = rows[-1]
-            lo = None  # a first window: a miss there counts as missed, nothing more
-        elif lo is None:
-            break
-        else:
+        elif lo is not None:
             row = dict(measure(lo), confirming=True)
             rows.append(row)
             again[lo] = row
             if judge(row, p99_ms) is None:
                 break
             where = "its second window"
+        else:
+            break
         last_miss = row.get("missed", last_miss)
         if "skipped" in row or row.get("errors"):  # a failed second window leaves its rate as met once
-            failed, failed_in = True, where
+            failed_in = where
             break
-        if lo is not None:  # met once, missed the second time: it counts as missed
+        if row.get("confirming"):  # met once, missed the second time: it counts as missed
+            assert lo is not None
             not_held.append(lo)
             del met[lo]
             missed[lo] = row
     lo, hi = bounds()
     # it stopped on its budget going down: nothing held, and the last rate down was above the floor
-    stopped_down = lo is None and bool(down) and not failed and min(down) > floor
+    stopped_down = lo is None and bool(down) and failed_in is None and min(down) > floor
     second = again.get(lo) if lo is not None else None
     out: dict[str, Any] = {
         "p99_target_ms": p99_ms,
@@ -218,7 +215,7 @@ def search(
         "descended": descended,
         "down": down,
         "descent_spent": stopped_down,
-        "confirm_failed": failed,
+        "confirm_failed": failed_in is not None,
         "failed_in": failed_in,
         "confirm_missed": last_miss,
         "rows": rows,

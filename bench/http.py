@@ -712,7 +712,6 @@ def _open_loop(
     A row in which any request failed is that failure with its reason, not numbers (the
     percentiles of the answers that came would hide the rest); a failed warm-up ends the view
     (a dead or hung server would cost each load the client's timeout)."""
-
     c32 = _c32(rows)
     if c32 is None:
         return skipped("no c=32 row on /v1/embeddings to take the rates from")
@@ -768,9 +767,8 @@ def _capacity(
     :func:`bench.capacity.search`, as ``inferbox bench --url --p99-ms`` runs it): from half the c=32
     row's rate, within an eighth and one and a half times it, each window warmed up, at most
     :data:`CAPACITY_WINDOWS` windows, up to two second windows and two more windows below a rate that did not
-    hold (~1 minute here).  A warm-up in which a
-    request failed ends it with that reason, as the open loop's does (a dead or hung server would
-    cost each window the client's timeout)."""
+    hold (~1 minute here).  A warm-up in which a request failed ends it with that reason, as the open
+    loop's does (a dead or hung server would cost each window the client's timeout)."""
     from bench.capacity import search
 
     c32 = _c32(rows)

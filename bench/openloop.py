@@ -12,8 +12,9 @@ requests: when it is large, the client, not the server, set the pace.
 Arrivals are ``constant`` (evenly spaced, as above) or ``poisson``: the same
 number of requests in the same window, due at independent uniform times (a
 Poisson process given its count: its gaps are exponential with mean ``1 / R``;
-a fresh draw each run unless seeded), as many independent callers send them.  Bursts then meet a busy server, so the tail at a given rate is longer:
-the more conservative figure to size a box by.
+a fresh draw each run unless seeded), as many independent callers send them.
+Bursts then meet a busy server, so the tail at a given rate is longer: the
+more conservative figure to size a box by.
 
 A request due while ``max_outstanding`` are still unanswered is not sent and
 counts as ``dropped``: at that rate the server does not keep up.  The client is

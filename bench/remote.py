@@ -713,7 +713,6 @@ def capacity_line(found: Mapping[str, Any]) -> str:
         at = f"{nxt:g}/s met it once, then missed it" if nxt in not_held else f"at {nxt:g}/s"
         line = f"no rate from {found['lowest_rate']:g}/s up met {target} twice ({at}: {found['next_missed']})"
         line += f"; {budget}, still going down" if found["windows_spent"] else ""
-
     else:
         again = f", again {found['confirm_p99_ms']:.1f} ms" if found["confirmed"] else ""
         per, unit = found.get("per_request", 1), found.get("unit", "texts")

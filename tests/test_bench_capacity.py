@@ -166,7 +166,7 @@ def test_a_rate_that_does_not_hold_a_second_time_counts_as_missed_and_the_search
         "389 requests/s of 32 texts (12,400 texts/s) arriving at random (Poisson) with p99 <= 100 ms"
     )
     # without confirmation the answer is the highest rate met once, and says so
-    found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000, confirm=False)
+    found = search(noisy(437.0, {424.0}), 100.0, 150.0, max_rate=10_000, confirmations=0)
     assert (found["rate"], found["confirmed"], found["not_held"]) == (424.0, False, [])
     assert "met in one window only" in capacity_line(found)
 
