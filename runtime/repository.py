@@ -10,6 +10,7 @@ an old signed version cannot be replayed as a newer one.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from runtime.package import Package, list_versions, read_package
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["RepoEntry", "Repository"]
+__all__ = ["RepoEntry", "Repository", "VersionFolder"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,16 @@ class RepoEntry:
     #: the package's identity (sha256 of manifest.json) when ``ok``
     sha256: str | None = None
     signed_by: str | None = None
+
+
+@dataclass(frozen=True)
+class VersionFolder:
+    """One version folder to open, or (``version`` 0, ``error`` set) a model folder that cannot be listed."""
+
+    name: str
+    version: int
+    path: Path
+    error: OSError | PackageError | None = None
 
 
 class Repository:
@@ -107,29 +118,36 @@ class Repository:
             )
         return package
 
+    def folders(self) -> Iterator[VersionFolder]:
+        """Every version folder of every model, in order; a model folder that cannot be listed is one
+        entry of version 0 with its error, so that every listing shows it and goes on.  Raises
+        ``OSError`` only when the repository's own folder cannot be listed."""
+        for name in self.models():
+            try:
+                versions = self.versions(name)
+            except (OSError, PackageError) as exc:
+                yield VersionFolder(name, 0, self.root / name, exc)
+                continue
+            for version in versions:
+                yield VersionFolder(name, version, self.path(name, version))
+
     def entries(self, *, verify_hashes: bool = True) -> list[RepoEntry]:
         """Every version folder with its verification result. Never raises."""
         out: list[RepoEntry] = []
         try:
-            names = self.models()
+            folders = list(self.folders())
         except OSError:
             return out
-        for name in names:
-            try:
-                versions = self.versions(name)
-            except (OSError, PackageError) as exc:  # version 0: the model's folder, not a version of it
-                out.append(RepoEntry(name, 0, self.root / name, ok=False, error=f"{type(exc).__name__}: {exc}"))
+        for folder in folders:
+            name, version, path = folder.name, folder.version, folder.path
+            if folder.error is not None:
+                out.append(RepoEntry(name, 0, path, ok=False, error=f"{type(folder.error).__name__}: {folder.error}"))
                 continue
-            for version in versions:
-                path = self.path(name, version)
-                try:
-                    package = self.open(name, version, verify_hashes=verify_hashes)
-                except Exception as exc:  # doctor / the repository index report it; they never crash
-                    out.append(RepoEntry(name, version, path, ok=False, error=f"{type(exc).__name__}: {exc}"))
-                else:
-                    out.append(
-                        RepoEntry(
-                            name, version, path, ok=True, error=None, sha256=package.sha256, signed_by=package.signed_by
-                        )
-                    )
+            try:
+                package = self.open(name, version, verify_hashes=verify_hashes)
+            except Exception as exc:  # doctor / the repository index report it; they never crash
+                out.append(RepoEntry(name, version, path, ok=False, error=f"{type(exc).__name__}: {exc}"))
+            else:
+                sha256, signed_by = package.sha256, package.signed_by
+                out.append(RepoEntry(name, version, path, ok=True, error=None, sha256=sha256, signed_by=signed_by))
         return out

@@ -105,7 +105,6 @@ def model_reports(
     cache_path: Path | None = None,
 ) -> list[ModelReport]:
     """Verify each package (all of ``repository``, or the folder ``package``) and decide for it. Never raises."""
-    from runtime.errors import PackageError
     from runtime.package import read_package
     from runtime.repository import Repository
     from runtime.selection import rank
@@ -137,14 +136,13 @@ def model_reports(
         return [report(package.name, None, package, partial(read_package, package, public_key=public_key))]
     repo = Repository(repository, public_key=public_key)
     out: list[ModelReport] = []
-    for name in repo.models():
-        try:
-            versions = repo.versions(name)
-        except PackageError as exc:  # an unreadable model folder: reported, the others still are
-            out.append(ModelReport(name, None, repository / name, ok=False, error=f"{type(exc).__name__}: {exc}"))
+    for folder in repo.folders():
+        if folder.error is not None:  # an unreadable model folder: reported, the others still are
+            error = f"{type(folder.error).__name__}: {folder.error}"
+            out.append(ModelReport(folder.name, None, folder.path, ok=False, error=error))
             continue
-        for version in versions:
-            out.append(report(name, version, repo.path(name, version), partial(repo.open, name, version)))
+        opener = partial(repo.open, folder.name, folder.version)
+        out.append(report(folder.name, folder.version, folder.path, opener))
     return out
 
 

@@ -50,22 +50,19 @@ def list_packages(settings: Settings, *, verify: bool = False) -> list[Listed]:
     keys = box_keys(settings)
     own = key_id(keys[0]) if settings.signing_key.exists() and keys else None
     out: list[Listed] = []
-    for name in repo.models():
-        try:
-            versions = repo.versions(name)
-        except PackageError as exc:  # an unreadable model folder: one broken row, the others still listed
-            out.append(Listed(name, 0, repo.root / name, ok=False, problem=str(exc), sha256="", signed=""))
+    for folder in repo.folders():
+        name, version, path = folder.name, folder.version, folder.path
+        if folder.error is not None:  # an unreadable model folder: one broken row, the others still listed
+            out.append(Listed(name, 0, path, ok=False, problem=str(folder.error), sha256="", signed=""))
             continue
-        for version in versions:
-            path = repo.path(name, version)
-            problem = ""
-            try:
-                repo.open(name, version, verify_hashes=verify)
-            except PackageError as exc:
-                problem = str(exc)
-            except OSError as exc:
-                problem = f"cannot read it: {exc}"
-            out.append(_describe(name, version, path, problem, keys, own))
+        problem = ""
+        try:
+            repo.open(name, version, verify_hashes=verify)
+        except PackageError as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = f"cannot read it: {exc}"
+        out.append(_describe(name, version, path, problem, keys, own))
     return out
 
 

@@ -291,3 +291,28 @@ def test_unsigned_package_refused_when_a_public_key_is_set(home: Path, monkeypat
     assert code == 1
     assert "SignatureError" in data["models"][0]["error"]
     assert "manifest.sig" in data["models"][0]["error"]
+
+
+def test_an_unreadable_model_folder_is_reported_and_the_others_still_are(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model folder doctor cannot list (root copied it in, mode 0700) is one refused row naming the fix;
+    the models beside it are still verified and decided for (the repository's one walk, `folders`)."""
+    import os
+
+    from runtime import package as package_mod
+
+    (home / "models" / "locked" / "1").mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if Path(str(path)) == home / "models" / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(package_mod.os, "scandir", scandir)
+    code, report = doctor_json("--home", str(home))
+    assert code == 1
+    rows = {m["name"]: m for m in report["models"]}
+    assert rows["tiny"]["ok"] is True and rows["tiny"]["choice"]
+    assert rows["locked"]["ok"] is False and "chown -R inferbox:" in rows["locked"]["error"]
