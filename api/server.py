@@ -39,6 +39,10 @@ Array = npt.NDArray[Any]
 #: reading their body or tokenizing) this long, then answers what it accepted and closes: without it
 #: such a request got a 429 in the middle of a gap-free swap (seen once in four runs of the e2e test)
 REPLACED_GRACE_S = 2.0
+#: characters of a request tokenized on the event loop (~15 ms here); a larger request is tokenized
+#: in a worker thread (the tokenizer lets go of the GIL there), so that it never holds up the other
+#: clients' requests and the health probes (one 15 MB text once held them for 55 s)
+INLINE_CHARS = 16_384
 
 
 class TextItem:
@@ -258,7 +262,7 @@ class Server:
                 f"input: {len(texts)} texts is over the limit of {self.config.max_inputs} per request",
                 field="input",
             )
-        tokens = model.tokenize(texts, truncate=self.config.truncate)
+        tokens = await _off_loop_if_large(_chars(texts), model.tokenize, texts, truncate=self.config.truncate)
         batcher = await self.text_batcher(model)
         # all of the request's texts are queued or none (a full queue refuses the whole request,
         # leaving nothing of it to compute); a failed text or a client gone withdraws the rest
@@ -277,7 +281,8 @@ class Server:
                 f"documents: {len(documents)} documents is over the limit of {self.config.max_inputs} per request",
                 field="documents",
             )
-        tokens = model.tokenize_pairs(query, documents, truncate=self.config.truncate)
+        chars = _chars([query]) + _chars(documents)
+        tokens = await _off_loop_if_large(chars, model.tokenize_pairs, query, documents, truncate=self.config.truncate)
         batcher = await self.text_batcher(model)
         results = await batcher.submit_many([TextItem(t) for t in tokens])
         logits = np.array([float(r[0].reshape(-1)[0]) for r in results], dtype=np.float64)
@@ -350,3 +355,20 @@ class Server:
             stats.setdefault(metric_label(m, kind), []).append(b.stats)
         models = [ModelInfo.of(m) for m in self.registry.loaded()]
         return self.metrics.render(stats, models)
+
+
+def _chars(texts: object) -> int:
+    """Characters of the strings in ``texts`` (a list of anything: the tokenizer names what is not a string)."""
+    if isinstance(texts, str):
+        return len(texts)
+    if not isinstance(texts, list | tuple):
+        return 0
+    return sum(len(t) for t in texts if isinstance(t, str))
+
+
+async def _off_loop_if_large(chars: int, fn: Callable[..., list[Tokens]], *args: Any, **kwargs: Any) -> list[Tokens]:
+    """``fn(*args, **kwargs)`` here when the request has at most :data:`INLINE_CHARS` characters, else in a
+    worker thread (a thread hand-off costs more than tokenizing a few sentences on the loop)."""
+    if chars <= INLINE_CHARS:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)

@@ -8,6 +8,16 @@ are truncated (keeping the special tokens; :attr:`Tokens.truncated` says so) or 
 an :class:`~runtime.errors.InputError` naming the input; so is a text that has no tokens at all
 (with a tokenizer that adds no special tokens, ``""`` would pool to a zero vector).
 
+A text is read up to :attr:`TextEncoder.max_chars` characters (:data:`CHARS_PER_TOKEN` for each token
+the model reads): the tokenizer reads the whole of a text before it truncates, so one 15 MB text
+held a worker (the server's event loop, before it moved large requests off it) for 55 s to keep its
+first 256 tokens.  A text cut there counts as truncated.  Prose takes 4-6 characters a token, so
+only a text whose first ``max_length`` tokens are spread over more than ``max_chars`` characters
+(long runs of blanks, words over the tokenizer's longest, which it reads as one unknown token) can
+tokenize differently than it would whole; and a pair whose query and document are both cut there
+may give the odd token of its ``max_length`` to the other one (which is longer is judged on what
+was read).
+
 A :class:`TextEncoder` is never mutated after construction, so one encoder may
 be shared by threads.
 """
@@ -30,6 +40,7 @@ if TYPE_CHECKING:
     from runtime.manifest import TextConfig
 
 __all__ = [
+    "CHARS_PER_TOKEN",
     "DEFAULT_INPUT_MAP",
     "FEED_KINDS",
     "Encoded",
@@ -43,6 +54,8 @@ __all__ = [
 FEED_KINDS = ("input_ids", "attention_mask", "token_type_ids")
 #: used when a TextConfig has an empty input_map
 DEFAULT_INPUT_MAP = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+#: characters of a text read for each token the model reads (:attr:`TextEncoder.max_chars`)
+CHARS_PER_TOKEN = 32
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,7 @@ class Tokens:
 
     ids: list[int]
     type_ids: list[int]
-    #: cut to the model's max_length (the text had more tokens)
+    #: cut to the model's max_length (the text had more tokens), or to its max_chars first
     truncated: bool = False
 
     def __len__(self) -> int:
@@ -81,6 +94,8 @@ class TextEncoder:
             raise ManifestError(f"text.max_length = {config.max_length}: must be at least 1; fix the manifest")
         self.config = config
         self.max_length = config.max_length
+        #: characters of one text read; the rest is cut before tokenizing (see the module docstring)
+        self.max_chars = config.max_length * CHARS_PER_TOKEN
         self.input_map = input_map
         padding = tokenizer.padding or {}
         self._pad_id = int(padding.get("pad_id", _find_pad_id(tokenizer)))
@@ -115,28 +130,39 @@ class TextEncoder:
             ) from exc
         return cls(tokenizer, config)
 
-    def _prepare(self, texts: Sequence[str]) -> list[str]:
-        return self._prepare_named(texts, "input")
-
-    def _prepare_named(self, texts: Sequence[str], field: str) -> list[str]:
+    def _prepare(self, texts: Sequence[str], field: str = "input") -> tuple[list[str], set[int]]:
+        """The texts as the tokenizer reads them (lower-cased when the model asks), each cut to
+        :attr:`max_chars`, and the indices of those cut there."""
         if isinstance(texts, str):
             raise InputError(f"{field}: must be a list of strings, not one string", field=field)
         out = []
+        cut: set[int] = set()
+        limit = self.max_chars
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"{field}[{i}] must be a string, got {type(t).__name__}", field=f"{field}[{i}]")
-            out.append(t.lower() if self.config.do_lower_case else t)
-        return out
+            read = t
+            if len(t) > limit:
+                read = t[:limit]
+                cut.add(i)
+            out.append(read.lower() if self.config.do_lower_case else read)
+        return out, cut
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text including special tokens, without truncation."""
-        prepared = self._prepare(texts)
-        return [len(e.ids) for e in self._plain.encode_batch(prepared)] if prepared else []
+    def _refuse_cut(self, cut: set[int], field: str, truncate: bool) -> None:
+        """Without truncation, a text over :attr:`max_chars` is an InputError naming it."""
+        if cut and not truncate:
+            i = min(cut)
+            raise InputError(
+                f"{field}[{i}] is over {self.max_chars} characters, more than the model's maximum of "
+                f"{self.max_length} tokens can hold; shorten the text or enable truncation",
+                field=f"{field}[{i}]",
+            )
 
     def tokenize(self, texts: Sequence[str], *, truncate: bool = True) -> list[Tokens]:
         """Each text's tokens (special tokens included), truncated to ``max_length`` when ``truncate``;
         a longer text without truncation, or a text of no tokens at all -> InputError naming it."""
-        prepared = self._prepare(texts)
+        prepared, chars_cut = self._prepare(texts)
+        self._refuse_cut(chars_cut, "input", truncate)
         encodings = list(self._plain.encode_batch(prepared)) if prepared else []
         for i, e in enumerate(encodings):
             if not e.ids:  # a tokenizer without [CLS]/[SEP] on "" or "  ": nothing to embed
@@ -156,7 +182,7 @@ class TextEncoder:
         if long:
             for i, e in zip(long, self._truncating.encode_batch([prepared[i] for i in long]), strict=True):
                 encodings[i] = e
-        cut = set(long)
+        cut = set(long) | chars_cut
         return [Tokens(e.ids, e.type_ids, truncated=i in cut) for i, e in enumerate(encodings)]
 
     def tokenize_pairs(self, query: str, documents: Sequence[str], *, truncate: bool = True) -> list[Tokens]:
@@ -172,13 +198,22 @@ class TextEncoder:
         and document: over 20 GB)."""
         if not isinstance(query, str):
             raise InputError("query: must be a string", field="query")
-        (prepared_query,) = self._prepare([query])
-        prepared = self._prepare_named(documents, "documents")
+        (prepared_query,), query_cut = self._prepare([query])
+        if query_cut and not truncate:
+            raise InputError(
+                f"query: is over {self.max_chars} characters, more than the model's maximum of {self.max_length} "
+                "tokens can hold; shorten it or enable truncation",
+                field="query",
+            )
+        prepared, chars_cut = self._prepare(documents, "documents")
+        self._refuse_cut(chars_cut, "documents", truncate)
         if not prepared:
             return []
+        if query_cut:  # every pair holds the cut query
+            chars_cut = set(range(len(prepared)))
         template = self._pair_template
         if template is None:  # a post-processor this cannot mirror: the tokenizer pairs them itself
-            return self._tokenize_pairs_slowly(prepared_query, prepared, truncate=truncate)
+            return self._tokenize_pairs_slowly(prepared_query, prepared, truncate=truncate, chars_cut=chars_cut)
         q = self._plain.encode(prepared_query, add_special_tokens=False)
         docs = self._plain.encode_batch(prepared, add_special_tokens=False)
         budget = self.max_length - template.specials
@@ -195,7 +230,7 @@ class TextEncoder:
             cut = self._pair_is_cut(i, n_q + n_d + template.specials, truncate)
             keep_q, keep_d = longest_first(n_q, n_d, budget) if cut else (n_q, n_d)
             ids, types = template.join(q_ids[:keep_q], d_ids[:keep_d])
-            out.append(Tokens(ids, types, truncated=cut))
+            out.append(Tokens(ids, types, truncated=cut or i in chars_cut))
         return out
 
     def _pair_is_cut(self, i: int, total: int, truncate: bool) -> bool:
@@ -212,7 +247,9 @@ class TextEncoder:
             )
         return cut
 
-    def _tokenize_pairs_slowly(self, query: str, documents: list[str], *, truncate: bool) -> list[Tokens]:
+    def _tokenize_pairs_slowly(
+        self, query: str, documents: list[str], *, truncate: bool, chars_cut: set[int]
+    ) -> list[Tokens]:
         """Each pair through the tokenizer (exact for any post-processor; no protection from the
         cost of a long query and document)."""
         out: list[Tokens] = []
@@ -221,7 +258,7 @@ class TextEncoder:
             cut = self._pair_is_cut(i, len(pair.ids), truncate)
             if cut:
                 pair = self._truncating.encode(query, d)
-            out.append(Tokens(pair.ids, pair.type_ids, truncated=cut))
+            out.append(Tokens(pair.ids, pair.type_ids, truncated=cut or i in chars_cut))
         return out
 
     def pad(self, tokens: Sequence[Tokens], *, multiple: int = 1) -> Encoded:

@@ -255,3 +255,49 @@ def test_probes_and_scrapes_are_not_audited_but_metadata_is(client_factory: Any,
     assert audit.events == []
     assert c.get("/v2").status_code == 200
     assert [e.action for e in audit.events] == ["GET /v2"]
+
+
+def test_a_large_request_is_tokenized_off_the_event_loop(tmp_path: Path) -> None:
+    """One request of a long text once held the event loop while it was tokenized (a 15 MB text: 55 s in
+    which no other client and no health probe was answered).  A request over INLINE_CHARS characters is
+    tokenized in a worker thread; while it is, a small request is answered (on the loop, as before)."""
+    import dataclasses
+    import threading
+
+    from api.server import INLINE_CHARS
+    from runtime.text import TextEncoder
+
+    from .conftest import TOKENIZER_DIR, text_model
+
+    class Gated(TextEncoder):
+        release = threading.Event()
+        entered = threading.Event()
+        threads: list[int] = []
+
+        def tokenize(self, texts: Any, *, truncate: bool = True) -> Any:
+            self.threads.append(threading.get_ident())
+            if sum(len(t) for t in texts) > INLINE_CHARS:
+                self.entered.set()
+                assert self.release.wait(10), "the large request's tokenizing was never released"
+            return super().tokenize(texts, truncate=truncate)
+
+    base = text_model(tmp_path)
+    assert base.manifest.text is not None
+    gated = Gated.from_dir(TOKENIZER_DIR, base.manifest.text)
+    model = dataclasses.replace(base, text=gated)
+    app = create_app(registry=make_registry([model]), config=ApiConfig(auth=False), audit=None, keys=None)
+    large = {"model": "minilm", "input": ["the patient was discharged " * 1_000]}  # 27,000 characters
+
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.ensure_future(c.post("/v1/embeddings", json=large))
+            await asyncio.to_thread(gated.entered.wait, 10)
+            small = await c.post("/v1/embeddings", json={"model": "minilm", "input": ["hello"]})
+            assert small.status_code == 200  # answered while the large one is still being tokenized
+            gated.release.set()
+            answer = await first
+            assert answer.status_code == 200 and answer.headers["x-truncated-inputs"] == "0"
+        assert gated.threads[0] != loop_thread and gated.threads[1] == loop_thread
+
+    asyncio.run(asyncio.wait_for(main(), 30))

@@ -84,8 +84,7 @@ def test_pads_to_a_multiple_when_asked_but_never_past_the_maximum(encoder: TextE
 
 def test_truncation_and_counting(encoder: TextEncoder, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
     long = "word " * 40
-    counts = encoder.count_tokens([long, "hi"])
-    assert counts == [42, 3]
+    assert [t.truncated for t in encoder.tokenize([long, "hi"])] == [True, False]
     enc = encoder.encode([long, "hi"])
     assert enc.lengths == [16, 3]
     assert enc.feeds["input_ids"].shape == (2, 16)
@@ -269,6 +268,9 @@ def test_pairs_equal_the_tokenizer_encoding_each_pair_truncation_included(
     tok = _pair_tokenizers(minilm_dir)[kind]
     encoder = TextEncoder(Tokenizer.from_str(tok.to_str()), TextConfig(max_length=max_length, input_map=MINILM_MAP))
     assert encoder._pair_template is not None  # the fast path is the one under test
+    # every text read whole: with both texts cut at max_chars, which one is longer (so which of the two
+    # keeps the odd token) is judged on what was read (test_a_pair_is_read_up_to_max_chars_too)
+    encoder.max_chars = 1 << 30
     whole = Tokenizer.from_str(tok.to_str())
     whole.no_padding()
     whole.no_truncation()
@@ -322,3 +324,40 @@ def test_a_max_length_with_no_room_for_a_pair_is_named(minilm_dir: Path) -> None
     encoder = TextEncoder.from_dir(minilm_dir, TextConfig(max_length=3, input_map=MINILM_MAP))
     with pytest.raises(ManifestError, match="no room for a pair"):
         encoder.tokenize_pairs("hello world", ["good day"], truncate=True)
+
+
+def test_a_text_is_read_up_to_max_chars_and_counts_as_cut_there(encoder: TextEncoder, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The tokenizer reads a whole text before it truncates: one 15 MB text held the server's event loop
+    for 55 s to keep 256 tokens.  A text is read up to max_chars (CHARS_PER_TOKEN a token): prose tokenizes
+    as it would whole; what lies past max_chars is not read, and the text counts as truncated."""
+    from runtime.text import CHARS_PER_TOKEN
+
+    assert encoder.max_chars == 16 * CHARS_PER_TOKEN
+    prose = "The patient was discharged after three days. " * 2_000  # 90,000 characters
+    (tokens,) = encoder.tokenize([prose])
+    want = hf_tokenizer(prose, truncation=True, max_length=16)["input_ids"]
+    assert tokens.ids == want and tokens.truncated
+    blanks = " " * encoder.max_chars + "hello"  # its one word lies past what is read
+    short, cut = encoder.tokenize(["hello", blanks])
+    assert not short.truncated and len(short.ids) == 3
+    assert cut.truncated and len(cut.ids) == 2  # [CLS] [SEP]: "hello" was not read
+    (edge,) = encoder.tokenize([" " * (encoder.max_chars - 5) + "hello"])  # within max_chars: read whole
+    assert edge.ids == short.ids and not edge.truncated
+    with pytest.raises(InputError) as err:
+        encoder.tokenize(["hello", blanks], truncate=False)
+    assert err.value.field == "input[1]" and f"over {encoder.max_chars} characters" in str(err.value)
+
+
+def test_a_pair_is_read_up_to_max_chars_too(minilm_dir: Path) -> None:
+    encoder = TextEncoder.from_dir(minilm_dir, TextConfig(max_length=24, input_map=MINILM_MAP))
+    blanks = " " * encoder.max_chars + "refund"
+    plain, cut = encoder.tokenize_pairs("card", ["refund", blanks])
+    assert not plain.truncated and cut.truncated and cut.ids == plain.ids[:3] + plain.ids[-1:]  # "refund" not read
+    both = encoder.tokenize_pairs(blanks, ["refund", "card"])
+    assert all(t.truncated for t in both)  # every pair holds the cut query
+    with pytest.raises(InputError) as err:
+        encoder.tokenize_pairs("card", ["refund", blanks], truncate=False)
+    assert err.value.field == "documents[1]"
+    with pytest.raises(InputError) as err:
+        encoder.tokenize_pairs(blanks, ["refund"], truncate=False)
+    assert err.value.field == "query" and "characters" in str(err.value)
