@@ -99,6 +99,23 @@ def newest_copy(folder: Path, log_id: str) -> Path | None:
     return None if best is None else best[1]
 
 
+def other_logs(folder: Path, log_id: str) -> dict[str, Path]:
+    """The newest copy in ``folder`` of each log other than ``log_id`` (by their headers; files that are
+    not readable exports are left out: they are no evidence of a log)."""
+    best: dict[str, tuple[str, Path]] = {}
+    for path in sorted(folder.glob("audit-*.jsonl")):
+        try:
+            with path.open("rb") as f:
+                header = _DECODER.decode(f.readline())
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        if not isinstance(header, Header) or header.log_id == log_id:
+            continue
+        if header.log_id not in best or header.exported_at > best[header.log_id][0]:
+            best[header.log_id] = (header.exported_at, path)
+    return {log: path for log, (_, path) in sorted(best.items())}
+
+
 Leaves = Callable[[Sequence[int]], dict[int, str]]  #: seqs -> the leaf hashes of those the log holds
 
 

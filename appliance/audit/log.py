@@ -111,6 +111,14 @@ def _after_fork_in_child() -> None:
     held.clear()
 
 
+def _no_log_in(path: Path) -> bool:
+    """No audit log at ``path`` yet: no file, or an empty one (SQLite makes the log in it)."""
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
+
+
 def _items(queued: object) -> list[_Item]:
     """What the writer's queue holds, one record or a group, as a list."""
     if isinstance(queued, list):
@@ -251,10 +259,20 @@ class AuditLog:
             if self._conn is not None:
                 # inherited across a fork: never use it, never close it here (keep it referenced)
                 self._inherited.append(self._conn)
+            fresh = _no_log_in(self.db_path)
             self._conn = connect(self.db_path)
             self._pid = os.getpid()
             ensure_schema(self._conn)
             self._log_id = read_log_id(self._conn)
+            if fresh and self.keyring.key_ids():
+                log.warning(
+                    "the audit log %s was missing or empty, and this box has digest keys from records it wrote "
+                    "before: a new log %s was started. If the old log was lost, restore it from a backup "
+                    "(docs/operations.md); `inferbox audit ship` alerts while the ship folder holds the old "
+                    "log's copies",
+                    self.db_path,
+                    self._log_id,
+                )
         return self._conn
 
     def _read_connection(self) -> sqlite3.Connection:

@@ -406,6 +406,8 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
     view = db_view(settings.audit_db)
     since: datetime | None = None
     previous = newest_copy(folder, view.log_id)
+    if previous is None:
+        _refuse_a_replaced_log(folder, view.log_id, keys)
     if previous is not None:
         data = previous.read_bytes()
         pace = settings_pace(settings)
@@ -429,6 +431,36 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
     summary = _export_to(settings, "inferbox audit ship", started, window, since, None, out)
     held = f"; the log holds the previous copy {previous.name}" if previous is not None else " (the first copy)"
     click.echo(f"shipped records {summary.first_seq}..{summary.last_seq} ({summary.records}) to {out}{held}")
+
+
+def _refuse_a_replaced_log(folder: Path, log_id: str, keys: Sequence[Ed25519PublicKey]) -> None:
+    """Before a log's first copy: the folder must hold no copy of another log that this box's keys signed.
+
+    Such a copy means this box kept a log before the one it holds now: its database was deleted,
+    emptied or swapped, and the box started a new one without a word.  Shipping the new log's first
+    copy beside the old ones would hide that; so it is an ALERT (exit 1), as a cut back is.  Copies of
+    other boxes' logs (signed by keys this box does not trust) may share the folder."""
+    from appliance.audit.compare import other_logs
+    from appliance.audit.verify import verify_export_bytes
+    from runtime.errors import AuditError
+
+    for other, path in other_logs(folder, log_id).items():
+        try:
+            ours = verify_export_bytes(path.read_bytes(), keys).ok
+        except (OSError, AuditError):
+            ours = False
+        if ours:
+            click.echo(
+                f"ALERT: {folder} holds copies of the log {other} (the newest: {path.name}), signed by this box's "
+                f"key, but none of the log the box holds now ({log_id}): the box's audit log was deleted, emptied "
+                "or replaced, and a new one was started"
+            )
+            click.echo(
+                "nothing was shipped. Restore the old log from a backup (docs/operations.md, 'Backup and restore') "
+                "if it was lost; if the box was set up anew on purpose, move the old copies to another folder "
+                "(keep them) and run ship again; see docs/audit.md (On a failed verify)"
+            )
+            sys.exit(1)
 
 
 @audit.command()

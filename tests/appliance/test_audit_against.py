@@ -262,6 +262,38 @@ def test_ship_refuses_and_alerts_when_the_log_lost_what_the_last_copy_holds(
     assert code == 1 and "does not verify" in out and "Traceback" not in out, out
 
 
+def test_ship_alerts_when_the_box_started_a_new_log_beside_its_old_copies(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted or emptied audit.db is made anew at the next write (the service's start): the log then
+    verifies alone, and its first copy used to be shipped beside the old log's copies without a word.  Now
+    copies of another log signed by this box's key and none of this one is an ALERT, as a cut back is;
+    another box's copies (its own key) may share the folder."""
+    home = _ship_home(tmp_path, key, monkeypatch)
+    share = tmp_path / "share"
+    share.mkdir()
+    other_box = T.cli_home(tmp_path / "other", Ed25519PrivateKey.generate())
+    assert _cli("ship", "--home", str(other_box), "--to", str(share))[0] == 0
+    code, out = _cli("ship", "--home", str(home), "--to", str(share))
+    assert code == 0 and "(the first copy)" in out, out  # the other box's copy is no alarm
+    for name in ("audit.db", "audit.db-wal", "audit.db-shm"):
+        (home / name).unlink(missing_ok=True)
+    _more(home, key, 3, first=300)  # the service starts again: a new log, which verifies on its own
+    assert _cli("verify", "--home", str(home))[0] == 0
+    code, out = _cli("ship", "--home", str(home), "--to", str(share))
+    assert code == 1 and "ALERT" in out and "none of the log the box holds now" in out, out
+    assert "nothing was shipped" in out and "Traceback" not in out
+    assert len(list(share.glob("audit-*.jsonl"))) == 2
+    # set up anew on purpose: the old copies moved away, the new log ships
+    kept = tmp_path / "old-copies"
+    kept.mkdir()
+    own_old = [c for c in share.glob("audit-*.jsonl") if verify_export(c, key.public_key()).ok]
+    assert len(own_old) == 1
+    own_old[0].rename(kept / own_old[0].name)
+    code, out = _cli("ship", "--home", str(home), "--to", str(share))
+    assert code == 0 and "(the first copy)" in out, out
+
+
 def test_ship_says_where_to_ship_and_never_creates_a_missing_mount(
     tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -271,3 +303,26 @@ def test_ship_says_where_to_ship_and_never_creates_a_missing_mount(
     code, out = _cli("ship", "--home", str(home), "--to", str(tmp_path / "not-mounted"))
     assert code == 1 and "is the off-box share mounted?" in out
     assert not (tmp_path / "not-mounted").exists()
+
+
+def test_a_new_log_on_a_box_that_wrote_records_before_is_logged_as_a_warning(
+    tmp_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The digest keys outlive a deleted audit.db: a new log beside them says so in the service's log."""
+    import logging
+
+    def start(home: Path) -> None:
+        log = AuditLog(home / "audit.db", signing_key=key, digest_keys_dir=home / "keys" / "digest")
+        log.append(T.event(0))
+        log.digest(b"x")  # a request's digest: the box's first digest key
+        log.close()
+
+    with caplog.at_level(logging.WARNING, logger="appliance.audit.log"):
+        start(tmp_path)  # a new box: no warning
+        assert not [r for r in caplog.records if "a new log" in r.getMessage()]
+        start(tmp_path)  # the same log again: no warning
+        assert not [r for r in caplog.records if "a new log" in r.getMessage()]
+        (tmp_path / "audit.db").write_bytes(b"")  # emptied
+        start(tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "a new log" in r.getMessage()]
+    assert len(warned) == 1 and str(tmp_path / "audit.db") in warned[0], warned
