@@ -35,10 +35,14 @@ _DETAILS = msgspec.json.Decoder(dict[str, str])
 _BEFORE_DETAILS = operator.attrgetter(*COLUMNS[: COLUMNS.index("details")])
 
 
+def _details_text(details: dict[str, str]) -> str:
+    """The one spelling of a record's details in the database: compact JSON, keys sorted."""
+    return msgspec.json.encode(dict(sorted(details.items()))).decode("utf-8")
+
+
 def record_row(record: AuditRecord) -> tuple[object, ...]:
     """``record`` as a row of ``records`` (``COLUMNS`` order; details as sorted JSON)."""
-    details = msgspec.json.encode(dict(sorted(record.details.items()))).decode("utf-8")
-    return (*_BEFORE_DETAILS(record), details, record.leaf_hash)
+    return (*_BEFORE_DETAILS(record), _details_text(record.details), record.leaf_hash)
 
 
 def insert_record(conn: sqlite3.Connection, record: AuditRecord) -> None:
@@ -58,6 +62,11 @@ def _record(log_id: str, row: tuple[object, ...]) -> AuditRecord:
     except (msgspec.DecodeError, msgspec.ValidationError):
         # keep the row verifiable: an unreadable details column fails its leaf hash
         details = {"<unreadable details>": str(raw)}
+    else:
+        if _details_text(details) != raw:
+            # written in no other spelling: another one was edited in (a key given twice reads as its last
+            # value here and as its first to SQLite's json_extract, which the client-certificate query uses)
+            details = {"<details not as written>": str(raw)}
     try:
         return msgspec.convert({**values, "details": details, "log_id": log_id}, AuditRecord, strict=False)
     except msgspec.ValidationError:
