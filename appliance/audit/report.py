@@ -63,8 +63,7 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
             ],
             "never_stored": ["request bodies", "texts", "tensors", "Authorization headers", "API-key secrets"],
         },
-        "recipients": "none off the box: no telemetry, no cloud calls; exports are written only when an "
-        "operator runs `inferbox audit export`",
+        "recipients": _recipients(settings),
         "retention": {
             "audit_retention_days": settings.retention_days,
             "min_retention_days": settings.min_retention_days,
@@ -78,12 +77,50 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
             "HMAC-SHA256 pseudonymised digests (GDPR Art. 32(1)(a)); keys rotated, kept for retention",
             "per-key API scopes; reading or exporting the audit log needs its own scope and is itself logged",
             "offline verifier (`inferbox audit verify`) with the public key only",
-            "TLS: terminate in front of the appliance (reverse proxy) or on a trusted local network; "
-            f"the API listens on {settings.host}:{settings.port}",
+            _transport(settings),
             "authentication " + ("required" if settings.auth else "DISABLED (auth = false)"),
         ],
         "models": _models(settings.repository),
     }
+
+
+def _recipients(settings: Settings) -> str:
+    """Where data of the box goes off it: nothing is sent anywhere, but the operator may have set folders."""
+    out = [
+        "none off the box: no telemetry, no cloud calls; exports are written only when an operator runs "
+        "`inferbox audit export`"
+    ]
+    if settings.ship_dir is not None:
+        out.append(
+            f"audit log copies (records, never payloads) to {settings.ship_dir} by `inferbox audit ship` "
+            "(ship_dir; hourly with the ship timer)"
+        )
+    if settings.backup_dir is not None:
+        held = (
+            f"encrypted to the key {settings.backup_encrypt_to}"
+            if settings.backup_encrypt_to is not None
+            else "NOT encrypted (backup_encrypt_to unset): they hold the signing and digest keys"
+        )
+        out.append(
+            f"backups of the state (audit log, key hashes, models, batch jobs and their outputs) to "
+            f"{settings.backup_dir} by `inferbox backup create` (backup_dir), {held}"
+        )
+    return "; ".join(out)
+
+
+def _transport(settings: Settings) -> str:
+    where = f"the API listens on {settings.host}:{settings.port}"
+    if settings.tls_cert is None:
+        return (
+            f"plain HTTP ({where}): refused on a network address unless allow_plaintext; terminate TLS in front "
+            "of the appliance or set tls_cert and tls_key"
+        )
+    clients = (
+        "client certificates required (tls_client_ca)"
+        if settings.tls_client_ca is not None
+        else "no client certificates"
+    )
+    return f"HTTPS ({where}; certificate {settings.tls_cert}), {clients}"
 
 
 def format_facts(facts: dict[str, Any], indent: int = 0) -> str:

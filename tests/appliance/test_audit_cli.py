@@ -118,6 +118,21 @@ def test_report_and_public_key(home: Path) -> None:
     assert facts["recipients"].startswith("none off the box")
     code, out = _run("report", "--home", str(home))
     assert code == 0 and "technical measures" in out
+    assert "plain HTTP" in json.dumps(facts["technical_measures"])
+
+
+def test_report_names_every_folder_data_leaves_the_box_for(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Art. 30 record said nothing left the box but `audit export`, with the hourly ship and the daily
+    backups set; and it advised a TLS proxy on a box that serves HTTPS itself."""
+    monkeypatch.setenv("INFERBOX_SHIP_DIR", "/mnt/audit-share")
+    monkeypatch.setenv("INFERBOX_BACKUP_DIR", "/mnt/backups")
+    code, out = _run("report", "--home", str(home), "--json")
+    assert code == 0, out
+    recipients = json.loads(out)["recipients"]
+    assert "/mnt/audit-share" in recipients and "/mnt/backups" in recipients and "NOT encrypted" in recipients
+    monkeypatch.setenv("INFERBOX_BACKUP_ENCRYPT_TO", "/etc/inferbox/backup.pub")
+    code, out = _run("report", "--home", str(home), "--json")
+    assert "encrypted to the key /etc/inferbox/backup.pub" in json.loads(out)["recipients"], out
     code, out = _run("public-key", "--home", str(home))
     assert code == 0 and out == (home / "keys" / "signing.key.pub").read_text()
 
