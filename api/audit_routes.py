@@ -64,7 +64,7 @@ def _fingerprint(value: str) -> str:
 
 @get(
     "/v1/audit",
-    opt={"scope": "audit:read"},
+    opt={"scope": "audit:read", "audit_event": "audit_read"},
     security=KEY,
     operation_class=documented(
         AuditPage,

@@ -115,6 +115,14 @@ async def auth_guard(connection: Any, handler: Any) -> None:
     """
     ctx = context_of(connection.scope)
     ctx.route = str(connection.scope.get("path_template", ""))
+    # what the route does, known before the key is checked: a request refused here (a 429 of the rate
+    # limit) is recorded as the inference or model change it asked for, not as a metadata read
+    event = handler.opt.get("audit_event")
+    if event is not None:
+        ctx.event = event
+        named = connection.path_params.get("name")
+        if isinstance(named, str) and not ctx.model_name:
+            ctx.ask_model(named)
     needed = handler.opt.get("scope")
     if needed is None:
         return

@@ -69,7 +69,8 @@ class RequestContext:
     model_sha256: str = ""
     backend: str = ""
     variant: str = ""
-    raw_body: bytes = b""
+    #: the body as read (None: not read, as for a request refused before its handler read it)
+    raw_body: bytes | None = None
     details: dict[str, str] = field(default_factory=dict)
     #: SHA-256 of the client certificate the connection presented (mutual TLS), for key bindings
     client_cert_sha256: str | None = None
@@ -264,7 +265,8 @@ def _unaudited(scope: Scope, status: int) -> bool:
 
 
 def _event(ctx: RequestContext, audit: AuditSink, status: int, body: bytes, ended: float) -> AuditEvent:
-    digest_in = audit.digest(ctx.raw_body)
+    # a body never read (refused before it, or none) has no digest: the digest of b"" would say it was empty
+    digest_in = audit.digest(ctx.raw_body).hexdigest if ctx.raw_body is not None else ""
     digest_out = audit.digest(body)
     event = ctx.event
     if status in (401, 403) and event not in ("key_create", "key_revoke"):
@@ -285,8 +287,8 @@ def _event(ctx: RequestContext, audit: AuditSink, status: int, body: bytes, ende
         model_sha256=ctx.model_sha256,
         backend=ctx.backend,
         variant=ctx.variant,
-        input_digest=digest_in.hexdigest,
+        input_digest=digest_in,
         output_digest=digest_out.hexdigest,
-        digest_key_id=digest_in.key_id,
+        digest_key_id=digest_out.key_id,
         details=dict(ctx.details),
     )

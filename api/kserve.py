@@ -286,7 +286,7 @@ async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> 
 
 @post(
     ["/v2/models/{name:str}/infer", "/v2/models/{name:str}/versions/{version:int}/infer"],
-    opt={"scope": "infer"},
+    opt={"scope": "infer", "audit_event": "inference"},
     status_code=200,
     security=KEY,
     operation_class=documented(
@@ -349,7 +349,7 @@ async def repository_index(request: Req) -> Response[bytes]:
 
 @post(
     "/v2/repository/models/{name:str}/load",
-    opt={"scope": "models:admin"},
+    opt={"scope": "models:admin", "audit_event": "model_load"},
     status_code=200,
     security=KEY,
     operation_class=documented(
@@ -378,7 +378,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
 
 @post(
     "/v2/repository/models/{name:str}/unload",
-    opt={"scope": "models:admin"},
+    opt={"scope": "models:admin", "audit_event": "model_unload"},
     status_code=200,
     security=KEY,
     operation_class=documented(

@@ -165,7 +165,7 @@ async def inference_body(request: Req, kind: type[B]) -> tuple[Server, RequestCo
 
 @post(
     "/v1/embeddings",
-    opt={"scope": "infer"},
+    opt={"scope": "infer", "audit_event": "inference"},
     status_code=200,
     security=KEY,
     operation_class=documented(

@@ -127,7 +127,7 @@ def _documents(value: list[Any]) -> list[str]:
 
 @post(
     ["/v1/rerank", "/v2/rerank"],
-    opt={"scope": "infer"},
+    opt={"scope": "infer", "audit_event": "inference"},
     status_code=200,
     security=KEY,
     operation_class=documented(

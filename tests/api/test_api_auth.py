@@ -160,3 +160,27 @@ def test_audit_records_actor_and_model(client_factory: Any, store: KeyStore, aud
     assert event.input_digest == audit.digest(r.request.content).hexdigest
     assert event.output_digest == audit.digest(r.content).hexdigest
     assert event.request_id == r.headers["x-request-id"]
+
+
+def test_a_refused_inference_is_recorded_as_one_and_without_a_digest_of_a_body_never_read(
+    client_factory: Any, store: KeyStore, audit: MemoryAudit
+) -> None:
+    """A request refused before its body was read recorded the digest of b"" (as if it had sent nothing:
+    an auditor holding the real input would conclude it never came), and one refused by the rate limit
+    was recorded as a metadata read with no model (missed by ?event=inference)."""
+    c = client_factory(keys=store)
+    _, key = store.create(["infer"], rate_limit_per_minute=1)
+    body = infer_json({"x": X, "ids": IDS})
+    assert c.post("/v2/models/tabular/infer", json=body, headers=_h(key)).status_code == 200
+    ok = audit.events[-1]
+    assert ok.event == "inference" and ok.input_digest and ok.input_digest != audit.digest(b"").hexdigest
+    r = c.post("/v2/models/tabular/infer", json=body, headers=_h(key))
+    assert r.status_code == 429
+    limited = audit.events[-1]
+    assert limited.event == "inference" and limited.outcome == "failure" and limited.model_name == "tabular"
+    assert limited.input_digest == "" and limited.output_digest == audit.digest(r.content).hexdigest
+    assert limited.digest_key_id  # the output's digest key
+    r = c.post("/v1/embeddings", json={"model": "minilm", "input": ["hello"]}, headers=_h("ib_not-a-key"))
+    assert r.status_code == 401
+    refused = audit.events[-1]
+    assert refused.event == "auth_failure" and refused.input_digest == ""
