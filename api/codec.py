@@ -347,7 +347,7 @@ def decode_infer_request(
             ) from None
         if isinstance(exc, UnicodeDecodeError):
             raise not_utf8(exc) from None
-        raise InputError(f"body: not valid JSON: {exc}", field="body") from None
+        raise not_json(exc, header) from None
     if not req.inputs:
         raise InputError("inputs: at least one input is required", field="inputs")
     if len(req.inputs) > max_inputs:
@@ -472,6 +472,21 @@ def _bool_parameter(parameters: dict[str, Any], key: str, where: str) -> bool:
 def not_utf8(exc: UnicodeDecodeError) -> InputError:
     """The 400 for a JSON body whose strings are not UTF-8 (a Latin-1 or cp1252 client)."""
     return InputError(f"body: not UTF-8 text ({exc.reason}); send JSON in UTF-8", field="body")
+
+
+#: a \uD800-\uDBFF escape not followed by the \uDC00-\uDFFF escape that completes its pair
+_LONE_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+
+
+def not_json(exc: Exception, body: bytes) -> InputError:
+    """The 400 for a body msgspec cannot read as JSON.  A lone high surrogate escape (``"\\ud800"``) is
+    one it calls "Input data was truncated", which sends a client looking for a cut body that is whole."""
+    message = str(exc)
+    if "truncated" in message and _LONE_HIGH_SURROGATE.search(body):
+        message = (
+            "a \\uD800-\\uDBFF escape without the \\uDC00-\\uDFFF escape after it (a lone surrogate is no character)"
+        )
+    return InputError(f"body: not valid JSON: {message}", field="body")
 
 
 def field_of(message: str) -> str:

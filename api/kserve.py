@@ -8,7 +8,7 @@ embedding output (FP32 ``[-1, D]``): send strings, get vectors.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -16,7 +16,16 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 
 from api.classification import classify
-from api.codec import InferenceResponse, InferRequest, datatype_of, decode_infer_request, encode_infer_response
+from api.codec import (
+    InferenceResponse,
+    InferRequest,
+    datatype_of,
+    decode_infer_request,
+    encode_infer_response,
+    field_of,
+    not_json,
+    not_utf8,
+)
 from api.docs import KEY, documented
 from api.envelope import context_of
 from api.errors import KServeError
@@ -36,6 +45,8 @@ from api.schemas import (
 from api.server import Server
 from runtime.errors import InputError, ModelNotFoundError
 from runtime.serving import LoadedModel
+
+_Body = TypeVar("_Body")
 
 __all__ = ["EXTENSIONS", "TEXT_INPUT", "embedding_dim", "model_metadata", "routes"]
 
@@ -330,15 +341,8 @@ class RepositoryIndexRequest(msgspec.Struct, kw_only=True):
 )
 async def repository_index(request: Req) -> Response[bytes]:
     server = _server(request)
-    body = await server.read_body(request)
-    ready_only = False
-    if body.strip():
-        try:
-            ready_only = msgspec.json.decode(body, type=RepositoryIndexRequest).ready
-        except msgspec.ValidationError as exc:
-            raise InputError(f"body: {exc}", field="ready") from None
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"body: not valid JSON: {exc}", field="body") from None
+    asked = _optional_body(await server.read_body(request), RepositoryIndexRequest)
+    ready_only = asked is not None and asked.ready
     entries = [
         {"name": e.name, "version": str(e.version), "state": e.state, "reason": e.reason}
         for e in server.registry.index()
@@ -370,8 +374,15 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     ctx = context_of(request.scope)
     ctx.event = "model_load"
     ctx.ask_model(name)
-    await server.read_body(request)
-    model = await anyio.to_thread.run_sync(server.registry.load, name, None)
+    _optional_body(await server.read_body(request), RepositoryModelRequest)
+    try:
+        model = await anyio.to_thread.run_sync(server.registry.load, name, None)
+    except ModelNotFoundError:  # its message names the repository's folder on the box: not for clients
+        known = sorted({e.name for e in server.registry.index()})
+        raise ModelNotFoundError(
+            f"model {name!r} is not in the repository (models there: {', '.join(known) or 'none'}); put it there "
+            "on the box with `inferbox export` or `inferbox models import`"
+        ) from None
     ctx.set_model(model)
     return _json({})
 
@@ -397,12 +408,26 @@ async def repository_unload(request: Req, name: str) -> Response[bytes]:
     ctx = context_of(request.scope)
     ctx.event = "model_unload"
     ctx.ask_model(name)
-    await server.read_body(request)
+    _optional_body(await server.read_body(request), RepositoryModelRequest)
     model = server.registry.get(name)
     ctx.set_model(model)
     server.registry.unload(name)  # new requests: 404 from here on
     await server.retired(model)  # its batches done, its session closed
     return _json({})
+
+
+def _optional_body(body: bytes, kind: type[_Body]) -> _Body | None:
+    """A repository route's optional JSON body as ``kind`` (None when empty); a 400 naming what is wrong."""
+    if not body.strip():
+        return None
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise InputError(f"body: {exc}", field=field_of(str(exc))) from None
+    except UnicodeDecodeError as exc:
+        raise not_utf8(exc) from None
+    except msgspec.DecodeError as exc:
+        raise not_json(exc, body) from None
 
 
 routes: list[HTTPRouteHandler] = [

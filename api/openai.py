@@ -18,7 +18,7 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 from msgspec import Meta
 
-from api.codec import field_of, json_depth, not_utf8
+from api.codec import field_of, json_depth, not_json, not_utf8
 from api.docs import KEY, documented
 from api.envelope import RequestContext, context_of
 from api.errors import OpenAIError
@@ -130,7 +130,7 @@ async def decode_body(request: Req, server: Server, kind: type[T]) -> T:
     except UnicodeDecodeError as exc:
         raise not_utf8(exc) from None
     except (msgspec.DecodeError, RecursionError) as exc:
-        raise InputError(f"body: not valid JSON: {exc}", field="body") from None
+        raise not_json(exc, body) from None
 
 
 def model_named(request: Req, server: Server, name: str) -> LoadedModel:

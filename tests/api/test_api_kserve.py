@@ -272,3 +272,29 @@ def test_repository_index_load_unload(client_factory: Any, tmp_path: Path) -> No
 
 def test_bytes_length_prefix_is_little_endian() -> None:
     assert encode_bytes_elements(["ab"]) == struct.pack("<I", 2) + b"ab"
+
+
+def test_repository_routes_check_their_bodies_and_keep_the_box_s_paths(client_factory: Any, tmp_path: Path) -> None:
+    """load / unload read their body and never parsed it (200 for "this is not json"); a model not in the
+    repository answered with the repository's folder on the box (runtime.repository's CLI wording)."""
+    from runtime.errors import ModelNotFoundError
+    from runtime.serving import ModelRegistry
+
+    folder = "/var/lib/inferbox/models"
+
+    def loader(name: str, version: int | None) -> Any:
+        raise ModelNotFoundError(f"model {name!r} is not in the repository {folder} (models there: tabular)")
+
+    registry = ModelRegistry(loader, lambda: [IndexEntry("tabular", 1, "READY", "")])
+    registry.add(tensor_model(tmp_path))
+    c = client_factory(registry=registry)
+    r = c.post("/v2/repository/models/ghost/load")
+    assert r.status_code == 404 and folder not in r.text and "models there: tabular" in r.text, r.text
+    for route in ("/v2/repository/models/tabular/load", "/v2/repository/models/tabular/unload"):
+        r = c.post(route, content=b"this is not json")
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"], (route, r.text)
+        r = c.post(route, json={"parameters": 5})
+        assert r.status_code == 400 and "parameters" in r.json()["error"], (route, r.text)
+    r = c.post("/v2/repository/index", json={"ready": "yes"})
+    assert r.status_code == 400 and "ready" in r.json()["error"]
+    assert c.post("/v2/repository/models/tabular/unload", json={"parameters": {}}).status_code == 200

@@ -312,3 +312,24 @@ def test_a_batchers_metric_label_depends_on_the_model_alone(tmp_path: Path) -> N
     text, tensor = text_model(tmp_path), tensor_model(tmp_path)
     assert metric_label(text, "text") == text.name and metric_label(text, "tensor") == f"{text.name}:tensor"
     assert metric_label(tensor, "tensor") == tensor.name and metric_label(tensor, "text") == f"{tensor.name}:text"
+
+
+def test_a_lone_surrogate_escape_is_named_not_called_a_truncated_body(client_factory: Any) -> None:
+    """msgspec calls `"abc\\ud800"` "Input data was truncated": the client went looking for a cut body."""
+    c = client_factory()
+    lone = b'{"model": "minilm", "input": ["abc\\ud800"]}'
+    for route, body in (
+        ("/v1/embeddings", lone),
+        (
+            "/v2/models/minilm/infer",
+            b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["\\ud800"]}]}',
+        ),
+        ("/v2/repository/models/minilm/unload", b'{"parameters": {"a": "\\ud800"}}'),
+    ):
+        r = c.post(route, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "lone surrogate" in r.text and "truncated" not in r.text, (route, r.text)
+    paired = b'{"model": "minilm", "input": ["\\ud83d\\ude00'  # a whole pair, then really cut
+    r = c.post("/v1/embeddings", content=paired, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "truncated" in r.text and "surrogate" not in r.text, r.text
+    ok = b'{"model": "minilm", "input": ["\\ud83d\\ude00"]}'
+    assert c.post("/v1/embeddings", content=ok, headers={"content-type": "application/json"}).status_code == 200
