@@ -132,6 +132,15 @@ def insert_forged(db: Path, at: int) -> None:
     insert_record(conn, msgspec.structs.replace(forged, leaf_hash=leaf_hash(forged)))
 
 
+def append_forged(db: Path, recorded_at: str) -> None:
+    """Append a well-formed forged record after the head (in the window no checkpoint signs yet)."""
+    head = records(db)[-1]
+    forged = msgspec.structs.replace(
+        head, seq=head.seq + 1, prev_hash=head.leaf_hash, actor="intruder", recorded_at=recorded_at
+    )
+    insert_record(raw(db), msgspec.structs.replace(forged, leaf_hash=leaf_hash(forged)))
+
+
 def swap_records(db: Path, a: int, b: int) -> None:
     """Swap the contents of two records, keeping each row's seq (a reordering)."""
     recs = {r.seq: r for r in records(db)}
