@@ -288,7 +288,8 @@ def check_chain(
     covered = 0
     # the newest recorded_at (and its seq) since the last regular checkpoint size walked past (pace rule)
     segment_max: tuple[str, int] | None = None
-    segment_min: tuple[str, int] | None = None  #: the earliest recorded_at after the newest checkpoint
+    #: the newest signed checkpoint before the record walked, for its date (None: not found yet)
+    dated_after: Checkpoint | None = None
     edge_before = [before] if before is not None else []
     edge_after = [after] if after is not None else []
     walk = itertools.chain(
@@ -336,6 +337,13 @@ def check_chain(
             problems.append(Problem(seq, f"record {seq}: a field changed (its leaf hash does not match its fields)"))
             broken = True
             continue
+        if dated_after is None:
+            dated_after = _newest_before(newest_at, seq)
+        early = _dated_back(rec, dated_after)
+        if early is not None:
+            problems.append(early)
+        if seq in newest_at:
+            dated_after = newest_at[seq]
         signed = heads.get(seq)
         if signed is not None and signed.head_hash != computed:
             problems.append(
@@ -354,12 +362,9 @@ def check_chain(
         expected_seq = seq + 1
         if not is_edge or rec is before:
             if seq in newest_at:
-                segment_max = segment_min = None
-            else:
-                if segment_max is None or rec.recorded_at > segment_max[0]:
-                    segment_max = (rec.recorded_at, seq)
-                if segment_min is None or rec.recorded_at < segment_min[0]:
-                    segment_min = (rec.recorded_at, seq)
+                segment_max = None
+            elif segment_max is None or rec.recorded_at > segment_max[0]:
+                segment_max = (rec.recorded_at, seq)
         if is_edge:
             continue
         if not first_seq:
@@ -383,15 +388,7 @@ def check_chain(
         covered = max(covered, anchor.size) if count == 0 and before is None else covered
     if not broken and check_pace and last_in_window is not None and (to_head or after is not None or until):
         problems.extend(
-            _pace_problems(
-                first_seq,
-                last_in_window.seq,
-                (segment_min, segment_max),
-                regular,
-                newest_at,
-                legacy_pace,
-                legacy_start,
-            )
+            _pace_problems(first_seq, last_in_window.seq, segment_max, regular, newest_at, legacy_pace, legacy_start)
         )
     if not broken and window:
         problems.extend(_window_problems(first_in_window, last_in_window, before, after, since, until, regular))
@@ -421,10 +418,39 @@ def check_chain(
     )
 
 
+def _newest_before(newest_at: dict[int, Checkpoint], seq: int) -> Checkpoint | None:
+    earlier = [size for size in newest_at if size < seq]
+    return newest_at[max(earlier)] if earlier else None
+
+
+def _dated_back(rec: AuditRecord, cp: Checkpoint | None) -> Problem | None:
+    """A record dated more than the signed interval before the newest checkpoint before it.
+
+    The writer dates each record after the checkpoint before it (a checkpoint and its records share
+    one time, taken in the transaction that writes them).  A record dated earlier was dated back: a
+    record forged into the window no checkpoint signs yet, to land in a report of another day (the
+    next checkpoint then signs it in); or the box's clock was set back that far.  Checkpoints from
+    before signed pace (format 1) set no bound."""
+    if cp is None or cp.pace is None:
+        return None
+    try:
+        early = parse_time(cp.created_at) - parse_time(rec.recorded_at) > cp.pace.interval
+    except AuditError:
+        return None  # a malformed time fails the record's own checks
+    if not early:
+        return None
+    return Problem(
+        rec.seq,
+        f"record {rec.seq} is dated {rec.recorded_at}, more than {_minutes(cp.pace.interval)} minutes before the "
+        f"signed checkpoint before it (size {cp.size}, {cp.created_at}), but the writer dates each record after "
+        "the checkpoint before it: dated back (a forged record), or the box's clock was set back that far",
+    )
+
+
 def _pace_problems(
     start: int,
     end: int,
-    segment: tuple[tuple[str, int] | None, tuple[str, int] | None],
+    segment_max: tuple[str, int] | None,
     regular: Sequence[Checkpoint],
     newest_at: dict[int, Checkpoint],
     legacy_pace: Pace | None,
@@ -436,13 +462,8 @@ def _pace_problems(
     records or the checkpoint interval have passed since the newest checkpoint
     and, if so, signs one in that same transaction.  So in an honest log every
     record is covered by a checkpoint, except fewer than ``checkpoint_every``
-    records written less than the interval after the newest checkpoint.  ``segment``: the earliest and
-    the latest ``recorded_at`` (with its seq) of the records after that checkpoint.  The writer dates
-    each record after the checkpoint before it, so one dated more than the interval before it was dated
-    back (a forged record in the unsigned window, to land in a report of another day), or the clock
-    stepped back that far.
+    records written less than the interval after the newest checkpoint.
     """
-    segment_min, segment_max = segment
     if end in newest_at:
         return []
     earlier = [s for s in newest_at if s < end]
@@ -489,22 +510,6 @@ def _pace_problems(
                 f"no signed checkpoint covers them (checkpoints deleted?){legacy}",
             )
         )
-    if segment_min is not None:
-        written, seq = segment_min
-        try:
-            early = parse_time(cp.created_at) - parse_time(written) > pace.interval
-        except AuditError:
-            early = False  # a malformed time fails the record's own checks
-        if early:
-            out.append(
-                Problem(
-                    seq,
-                    f"record {seq} is dated {written}, more than {_minutes(pace.interval)} minutes before the "
-                    f"newest signed checkpoint before it (size {cp.size}, {cp.created_at}), but the writer dates "
-                    f"each record after the checkpoint before it: dated back (a forged record), or the box's "
-                    f"clock was set back that far",
-                )
-            )
     if segment_max is not None:
         written, seq = segment_max
         try:

@@ -295,3 +295,20 @@ def test_a_record_in_the_unsigned_window_dated_as_the_writer_would_still_verifie
     newest = T.checkpoints(db)[-1].created_at
     T.append_forged(db, newest)
     assert verify_db(db, key.public_key()).ok
+
+
+def test_a_record_dated_back_is_caught_after_the_next_checkpoint_signs_it_in(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    """The forged record does not stay in the unsigned window: the service's next write extends the chain
+    from it and signs a checkpoint over it.  Its date still cannot be before the checkpoint before it."""
+    clock = T.FakeClock()
+    db = T.build_log(tmp_path, key, 10, checkpoint_every=4, clock=clock)
+    T.append_forged(db, "2025-01-15T09:00:00.000000Z")
+    log = AuditLog(db, signing_key=key, digest_keys_dir=tmp_path / "keys" / "digest", checkpoint_every=4, clock=clock)
+    clock.advance(seconds=1)
+    log.append(T.event(99))
+    log.close()
+    assert max(c.size for c in T.checkpoints(db)) == 12  # signed in
+    report = verify_db(db, key.public_key())
+    assert not report.ok and report.first_bad_seq == 11 and "dated back" in report.problems[0].what, report.problems
