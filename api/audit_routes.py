@@ -30,6 +30,8 @@ __all__ = ["MAX_PAGE", "MAX_SEQ", "routes"]
 MAX_PAGE = 1000
 #: SQLite's largest integer: the highest sequence number a record can have
 MAX_SEQ = 2**63 - 1
+#: characters of a filter value kept in the audit_read record (values are ids and times: a longer one is cut)
+MAX_FILTER_CHARS = 200
 
 
 def _utc(value: str | None, field: str) -> str | None:
@@ -120,6 +122,23 @@ async def read_audit(
         client_cert_sha256=client_cert_sha256,
     )
     rows = [msgspec.to_builtins(r) for r in records]
+    asked = {
+        "after_seq": after_seq,
+        "limit": limit,
+        "event": event,
+        "actor": actor,
+        "model": model,
+        "outcome": outcome,
+        "request_id": request_id,
+        "job_id": job_id,
+        "since": since,
+        "until": until,
+        "client_cert_sha256": client_cert_sha256,
+    }
+    # what was read, as `inferbox audit tail` records it: the filters given and the records answered
+    details = context_of(request.scope).details
+    details.update({k: str(v)[:MAX_FILTER_CHARS] for k, v in asked.items() if v is not None and v != 0})
+    details["records"] = str(len(rows))
     cursor = rows[-1]["seq"] if len(rows) == limit else None
     return {"records": rows, "next_after_seq": cursor}
 

@@ -333,3 +333,27 @@ def test_a_lone_surrogate_escape_is_named_not_called_a_truncated_body(client_fac
     assert r.status_code == 400 and "truncated" in r.text and "surrogate" not in r.text, r.text
     ok = b'{"model": "minilm", "input": ["\\ud83d\\ude00"]}'
     assert c.post("/v1/embeddings", content=ok, headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_a_read_of_the_audit_log_records_what_was_asked_and_how_many_records_it_got(tmp_path: Path) -> None:
+    """`GET /v1/audit` was recorded as an audit_read with no details: which records a key looked at could
+    not be told (`inferbox audit tail` records its count)."""
+    from litestar.testing import TestClient
+
+    from .conftest import MemoryAudit, RecordingReader
+
+    sink = MemoryAudit()
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]),
+        config=ApiConfig(auth=False),
+        audit=sink,
+        keys=None,
+        audit_reader=RecordingReader(),
+    )
+    with TestClient(app) as c:
+        r = c.get("/v1/audit", params={"event": "inference", "actor": "k" * 500, "limit": 5})
+        assert r.status_code == 200, r.text
+    read = sink.events[-1]
+    assert read.event == "audit_read"
+    assert read.details["event"] == "inference" and read.details["limit"] == "5" and read.details["records"] == "0"
+    assert read.details["actor"] == "k" * 200 and "after_seq" not in read.details
