@@ -37,7 +37,8 @@ __all__ = ["CONTENT_TYPE", "Histogram", "Metrics", "ModelInfo"]
 
 logger = logging.getLogger(__name__)
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Prometheus' text format; Litestar adds "; charset=utf-8" to a text/ type (given here too, it sent it twice)
+CONTENT_TYPE = "text/plain; version=0.0.4"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

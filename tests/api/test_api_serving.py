@@ -150,7 +150,7 @@ def test_metrics_series(client_factory: Any) -> None:
     assert c.post("/v1/embeddings", json={"input": ["a", "b"], "model": "minilm"}).status_code == 200
     assert c.post("/v2/models/tabular/infer", json={"inputs": []}).status_code == 400
     r = c.get("/metrics")
-    assert r.headers["content-type"].startswith("text/plain")
+    assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"  # one charset (it was sent twice)
     text = r.text
     for series in [
         'inferbox_requests_total{model="tabular",route="/v2/models/{name}/infer",status="200"} 1',
