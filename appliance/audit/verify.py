@@ -487,7 +487,8 @@ def _pace_problems(
                 f"no signed checkpoint covers records {start}..{end}: the writer signs one with a log's "
                 f"first records, every checkpoint_every records, every checkpoint_minutes and at close "
                 f"(checkpoints deleted?). A log started by an inferbox before checkpoint format 2, whose "
-                f"writer stopped before its first checkpoint, verifies with --legacy-start",
+                f"writer stopped before its first checkpoint, verifies with --legacy-start (its database: an "
+                f"export of it cannot show where such a log began)",
             )
         ]
     cp = newest_at[max(earlier)]

@@ -223,6 +223,10 @@ def verify(
         raise click.UsageError("give --db or --export, not both")
     if max_age is not None and export_path:
         raise click.UsageError("--max-age checks a live database, not an export")
+    if legacy_start and export_path:
+        raise click.UsageError(
+            "--legacy-start is for a database (--db, or the home's audit.db); an export says itself how its log began"
+        )
     settings = build_settings(home=home, repository=repository)
     keys = _trusted_keys(settings, public_keys)
     pace = settings_pace(settings, checkpoint_every, checkpoint_minutes)

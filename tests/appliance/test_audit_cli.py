@@ -164,3 +164,11 @@ def test_a_closed_pipe_is_not_reported_as_a_file_problem(home: Path) -> None:
     proc.wait(timeout=60)
     assert proc.returncode == 141  # 128 + SIGPIPE: not 1, which audit verify uses for "failed"
     assert "error:" not in err and "Traceback" not in err and "Broken pipe" not in err, err
+
+
+def test_legacy_start_with_an_export_is_refused_not_ignored(home: Path, tmp_path: Path) -> None:
+    """The flag did nothing for --export, though a truncated export's message pointed to it."""
+    out_file = tmp_path / "export.jsonl"
+    assert _run("export", "--home", str(home), "--out", str(out_file))[0] == 0
+    code, out = _run("verify", "--home", str(home), "--export", str(out_file), "--legacy-start")
+    assert code == 2 and "--legacy-start is for a database" in out, out
