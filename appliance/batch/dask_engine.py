@@ -38,7 +38,7 @@ from typing import Any
 
 from appliance.batch.model import BatchModel, LoaderFactory
 from appliance.batch.unit import ChunkOutcome, ChunkTask, run_chunk, verify_chunk
-from appliance.batch.worker import BatchWorker, RunSummary
+from appliance.batch.worker import BatchWorker, RunSummary, machine_error
 from runtime.errors import BatchError
 
 __all__ = ["DaskEngine", "dask_unit", "loaded_models", "local_cluster"]
@@ -248,6 +248,7 @@ class DaskEngine:
         limit = threads * self.in_flight_per_thread
         in_flight: dict[Any, Any] = {}
         while True:
+            self.worker.reclaim_dead()  # another coordinator of this host killed: its chunks now
             self.worker.fail_exhausted(summary)
             self.worker.finish_ready(summary)
             while len(in_flight) < limit:
@@ -276,6 +277,9 @@ class DaskEngine:
                 try:
                     outcome = future.result()
                 except Exception as exc:  # KilledWorker, or the unit's own error
+                    if machine_error(exc):  # the chunk is not at fault: its attempt is not spent
+                        self.worker.give_back(lease)
+                        raise
                     self.worker.fail_chunk(lease, exc, summary)
                     continue
                 self.worker.record(outcome)

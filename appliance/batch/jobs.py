@@ -73,8 +73,21 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
 
 _JOB_SELECT = (
     "SELECT j.*, (SELECT COUNT(*) FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state = 'done') "
-    "AS chunks_done FROM batch_jobs j "
+    "AS chunks_done, (SELECT COALESCE(SUM(c.ok), 0) FROM batch_chunks c WHERE c.job_id = j.job_id "
+    "AND c.state = 'done') AS ok_done, (SELECT COALESCE(SUM(c.rejected), 0) FROM batch_chunks c "
+    "WHERE c.job_id = j.job_id AND c.state = 'done') AS rejected_done FROM batch_jobs j "
 )
+
+
+# a claim is taken when no other worker holds one that has not expired (``?`` = worker, now)
+_CLAIM_SQL = {
+    "start": "UPDATE batch_jobs SET claim_worker = ?, claim_until = ? WHERE job_id = ? AND audit_started = 0 "
+    "AND (claim_worker IS NULL OR claim_worker = ? OR claim_until < ?)",
+    "finish": "UPDATE batch_jobs SET claim_worker = ?, claim_until = ? WHERE job_id = ? "
+    "AND state IN ('queued', 'running') AND NOT EXISTS (SELECT 1 FROM batch_chunks c "
+    "WHERE c.job_id = batch_jobs.job_id AND c.state != 'done') "
+    "AND (claim_worker IS NULL OR claim_worker = ? OR claim_until < ?)",
+}
 
 
 def _retry_hint(job_id: str) -> str:
@@ -130,6 +143,8 @@ class JobStore:
                 "error": str,
                 "model_sha256": str,
                 "pair_field": str,
+                "claim_worker": str,
+                "claim_until": float,
             },
             pk="job_id",
             not_null=["model", "format", "state", "input_path", "out_dir"],
@@ -150,6 +165,9 @@ class JobStore:
             self._conn.execute("ALTER TABLE batch_jobs ADD COLUMN model_sha256 TEXT DEFAULT ''")
         if "pair_field" not in columns:  # from before pair jobs
             self._conn.execute("ALTER TABLE batch_jobs ADD COLUMN pair_field TEXT DEFAULT ''")
+        if "claim_worker" not in columns:  # from before jobs were claimed for their start and finish
+            self._conn.execute("ALTER TABLE batch_jobs ADD COLUMN claim_worker TEXT")
+            self._conn.execute("ALTER TABLE batch_jobs ADD COLUMN claim_until FLOAT")
         self.db.table(CHUNKS).create(
             {
                 "job_id": str,
@@ -255,6 +273,11 @@ class JobStore:
             r["merkle_root"] = r["merkle_root"] or ""
             r["model_sha256"] = r.get("model_sha256") or ""
             r["pair_field"] = r.get("pair_field") or ""
+            r.pop("claim_worker", None)
+            r.pop("claim_until", None)
+            ok_done, rejected_done = r.pop("ok_done"), r.pop("rejected_done")
+            if r["state"] != "done":  # the counts so far: the row's are written when the job finishes
+                r["ok"], r["rejected"] = ok_done, rejected_done
             out.append(msgspec.convert(r, Job))
         return out
 
@@ -295,7 +318,7 @@ class JobStore:
             )
             conn.execute(
                 "UPDATE batch_jobs SET state = CASE WHEN started_at IS NULL THEN 'queued' ELSE 'running' END, "
-                "error = '', ended_at = NULL WHERE job_id = ?",
+                "error = '', ended_at = NULL, claim_worker = NULL, claim_until = NULL WHERE job_id = ?",
                 (job_id,),
             )
             left = conn.execute(
@@ -303,14 +326,45 @@ class JobStore:
             ).fetchone()
         return int(left[0])
 
-    def mark_audit_started(self, job_id: str) -> None:
-        with self._tx() as conn:
-            conn.execute("UPDATE batch_jobs SET audit_started = 1 WHERE job_id = ?", (job_id,))
+    def claim_job(self, job_id: str, worker: str, until: float, *, step: str) -> bool:
+        """Claim a job's one-off ``step`` for ``worker`` until ``until`` (compare-and-set); whether it got it.
 
-    def fail_job(self, job_id: str, error: str) -> None:
+        ``step`` "start": the job has no ``batch_start`` yet; "finish": it is queued or running and
+        every chunk is done.  A claim held by another worker that has not expired refuses it;
+        ``worker``'s own claim is taken again.
+        """
+        with self._tx() as conn:
+            cur = conn.execute(_CLAIM_SQL[step], (worker, until, job_id, worker, self.clock()))
+            return cur.rowcount == 1
+
+    def release_claim(self, job_id: str, worker: str) -> None:
+        """Free ``worker``'s claim of a job (a step it could not complete)."""
         with self._tx() as conn:
             conn.execute(
-                "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ? WHERE job_id = ? AND state != 'done'",
+                "UPDATE batch_jobs SET claim_worker = NULL, claim_until = NULL WHERE job_id = ? AND claim_worker = ?",
+                (job_id, worker),
+            )
+
+    def mark_audit_started(self, job_id: str) -> None:
+        """``batch_start`` is written: no worker writes it again (and the claim for it is freed)."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE batch_jobs SET audit_started = 1, claim_worker = NULL, claim_until = NULL WHERE job_id = ?",
+                (job_id,),
+            )
+
+    def fail_job(self, job_id: str, error: str, *, chunk: int | None = None) -> None:
+        """Fail a job with ``error`` as it is (and its ``chunk``, when one failed it for good)."""
+        with self._tx() as conn:
+            if chunk is not None:
+                conn.execute(
+                    "UPDATE batch_chunks SET state = 'failed', error = ?, lease_until = NULL "
+                    "WHERE job_id = ? AND idx = ? AND state != 'done'",
+                    (error, job_id, chunk),
+                )
+            conn.execute(
+                "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ?, claim_worker = NULL, "
+                "claim_until = NULL WHERE job_id = ? AND state != 'done'",
                 (error, _iso(self.clock()), job_id),
             )
 
@@ -343,8 +397,8 @@ class JobStore:
     def finish(self, job_id: str, *, ok: int, rejected: int, merkle_root: str) -> None:
         with self._tx() as conn:
             conn.execute(
-                "UPDATE batch_jobs SET state = 'done', ok = ?, rejected = ?, merkle_root = ?, ended_at = ? "
-                "WHERE job_id = ?",
+                "UPDATE batch_jobs SET state = 'done', ok = ?, rejected = ?, merkle_root = ?, ended_at = ?, "
+                "error = '', claim_worker = NULL, claim_until = NULL WHERE job_id = ?",
                 (ok, rejected, merkle_root, _iso(self.clock()), job_id),
             )
 
@@ -470,8 +524,11 @@ class JobStore:
         return None if row is None or row[0] is None else float(row[0])
 
     def leased_workers(self) -> list[str]:
-        """Workers holding a lease now."""
-        rows = self._rows("SELECT DISTINCT worker FROM batch_chunks WHERE state = 'leased' ORDER BY worker")
+        """Workers holding a lease (of a chunk, or a claim of a job) now."""
+        rows = self._rows(
+            "SELECT worker FROM batch_chunks WHERE state = 'leased' UNION "
+            "SELECT claim_worker FROM batch_jobs WHERE claim_worker IS NOT NULL ORDER BY 1"
+        )
         return [r["worker"] for r in rows]
 
     def renew(self, worker: str, chunks: list[tuple[str, int]], lease_s: float) -> int:
@@ -487,13 +544,26 @@ class JobStore:
             return cur.rowcount
 
     def expire_worker(self, worker: str) -> int:
-        """Give every chunk leased by ``worker`` (known dead) back; return how many."""
+        """Give every chunk leased by ``worker`` (known dead) back, and free its claims; return how many chunks."""
         with self._tx() as conn:
             cur = conn.execute(
                 "UPDATE batch_chunks SET state = 'pending', lease_until = NULL WHERE state = 'leased' AND worker = ?",
                 (worker,),
             )
+            conn.execute(
+                "UPDATE batch_jobs SET claim_worker = NULL, claim_until = NULL WHERE claim_worker = ?", (worker,)
+            )
             return cur.rowcount
+
+    def give_back(self, job_id: str, idx: int, worker: str) -> None:
+        """Give a chunk back at once without counting the attempt: it did not fail, the machine did
+        (a read-only outbox, a full disk); the next run takes it."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE batch_chunks SET state = 'pending', lease_until = NULL, attempts = MAX(attempts - 1, 0) "
+                "WHERE job_id = ? AND idx = ? AND state = 'leased' AND worker = ?",
+                (job_id, idx, worker),
+            )
 
     def integrity_check(self) -> str:
         row = self._conn.execute("PRAGMA integrity_check").fetchone()

@@ -33,6 +33,7 @@ from runtime.manifest import TensorSpec
 __all__ = [
     "MAX_RECORD_BYTES",
     "ChunkPlan",
+    "InputChangedError",
     "RawRecord",
     "RecordError",
     "csv_header",
@@ -79,6 +80,11 @@ class RawRecord:
     raw: bytes
     obj: dict[str, Any] | None
     error: str | None = None
+
+
+class InputChangedError(BatchError):
+    """The job's input no longer matches the chunks planned at accept: no attempt or retry of
+    the job can help, only submitting the file again as a new job."""
 
 
 class RecordError(ValueError):
@@ -240,7 +246,7 @@ def read_chunk(path: Path, fmt: str, plan: ChunkPlan) -> Iterator[RawRecord]:
         header, _ = csv_header(path)
     bounds = list(_text_records(data, 0, csv_mode=fmt == "csv"))
     if len(bounds) != plan.rec_count:
-        raise BatchError(
+        raise InputChangedError(
             f"chunk {plan.idx} of {path} holds {len(bounds)} records, the plan says {plan.rec_count}: "
             "the input file changed after it was accepted; submit it again as a new job"
         )
@@ -269,7 +275,8 @@ def _jsonl_record(index: int, raw: bytes, text: str) -> RawRecord:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        return RawRecord(index, raw, None, f"not valid JSON: {exc.msg} at column {exc.colno}")
+        # some of json's messages end in "at" ("Invalid control character at"): one "at" here
+        return RawRecord(index, raw, None, f"not valid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}")
     except RecursionError:
         return RawRecord(index, raw, None, "not valid JSON: nested too deeply")
     except ValueError as exc:  # e.g. an integer of more than 4300 digits

@@ -6,7 +6,8 @@ Layout under ``settings.spool``::
     new/<job>/      complete, waiting for a worker (``inferbox-batch.path`` watches it)
     cur/<job>/      accepted: the job is in the state database
     bad/<job>/      a folder in new/ that cannot be accepted (no readable job.json, a job id
-                    that is not its folder's name, ...): set aside, logged, the reason in
+                    that is not its folder's name, ...), or a plain file found in new/ (moved
+                    into a folder of its name): set aside, logged, the reason in
                     ``bad/<job>/REASON``
 
 Each job folder holds ``job.json`` (:class:`JobRequest`) and ``input.<format>``.
@@ -42,6 +43,7 @@ __all__ = [
     "new_job_id",
     "pending",
     "read_request",
+    "strays",
     "submit",
 ]
 
@@ -259,6 +261,16 @@ def pending(spool: Path) -> list[Path]:
     if not new.is_dir():
         return []
     return sorted(p for p in new.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def strays(spool: Path) -> list[Path]:
+    """Entries in ``new/`` that are not job folders (a file copied there by hand): ``submit``
+    only renames whole folders into ``new/``, so none of them is being written.  Dot-files are
+    left alone (an editor's or a copy tool's)."""
+    new = spool / "new"
+    if not new.is_dir():
+        return []
+    return sorted(p for p in new.iterdir() if not p.name.startswith(".") and not p.is_dir())
 
 
 def accept(spool: Path, job_id: str) -> Path:

@@ -26,6 +26,7 @@ model already loaded here for that version and package is reused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -44,8 +45,8 @@ import msgspec
 from api.protocols import AuditEvent, Digest
 from appliance.batch.jobs import Job, JobStore, Lease
 from appliance.batch.model import BatchModel, LatestVersion, ModelLoader
-from appliance.batch.readers import plan_chunks
-from appliance.batch.spool import JobRequest, accept, pending, read_request
+from appliance.batch.readers import InputChangedError, plan_chunks
+from appliance.batch.spool import JobRequest, accept, pending, read_request, strays
 from appliance.batch.unit import ChunkOutcome, ChunkTask, check_model_fits, run_chunk, verify_chunk
 from appliance.batch.writers import atomic_write, rejects_name, remove_temp_files
 from runtime.errors import BatchError, InferboxError
@@ -57,6 +58,7 @@ __all__ = [
     "WorkerConfig",
     "finish_outputs",
     "keyed_digests",
+    "machine_error",
     "merkle_root_of",
     "retry_delay",
 ]
@@ -64,6 +66,22 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RETRY = "fix the cause, then `inferbox batch retry {job_id}`"
+
+#: errors of the machine, not of a job: a chunk or a finish that meets one stops the run (the
+#: next run resumes) instead of spending the job's attempts
+_MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def machine_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the machine's fault (disk full, read-only or not writable, the state
+    database unusable), which no attempt of a chunk can fix."""
+    if isinstance(exc, sqlite3.Error):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _MACHINE_ERRNOS
+
+
+class _TakenError(Exception):
+    """A spool entry vanished while it was being accepted: another worker took it."""
 
 
 class AuditAppender(Protocol):
@@ -257,14 +275,31 @@ class BatchWorker:
         """Record every job waiting in ``spool/new`` and move it to ``spool/cur``.
 
         An entry that cannot be accepted is set aside in ``spool/bad/`` (logged, with a
-        ``REASON`` file) and the others are still accepted.  State database and file system
-        errors (disk full, read-only) stop the run: nothing is set aside for them.
+        ``REASON`` file) and the others are still accepted; so is a plain file there (no job
+        folder: ``submit`` renames whole folders into ``new/``).  An entry that vanishes meanwhile
+        was taken by another worker: it is skipped.  State database and file system errors (disk
+        full, read-only) stop the run: nothing is set aside for them.
         """
         accepted = []
+        for stray in strays(self.spool):
+            with contextlib.suppress(_TakenError):
+                self._set_aside(
+                    stray,
+                    f"{stray.name} in {stray.parent} is a file, not a job folder; submit input files "
+                    "with `inferbox batch submit FILE --model NAME`",
+                )
+                if summary is not None:
+                    summary.refused.append(stray.name)
         for job_dir in pending(self.spool):
             try:
                 job_id = self._accept_one(job_dir, summary)
-            except (OSError, sqlite3.Error):
+            except _TakenError:
+                log.debug("spool entry %s was taken by another worker", job_dir.name)
+                continue
+            except (OSError, sqlite3.Error) as exc:
+                if isinstance(exc, FileNotFoundError) and not job_dir.exists():
+                    log.debug("spool entry %s was taken by another worker", job_dir.name)
+                    continue
                 raise
             except Exception as exc:
                 job_id = None
@@ -286,6 +321,8 @@ class BatchWorker:
         try:
             request = read_request(job_dir)
         except BatchError as exc:
+            if not job_dir.exists():
+                raise _TakenError(job_id) from exc
             self._set_aside(job_dir, str(exc))
             return None
         if request.job_id != job_id:
@@ -305,6 +342,8 @@ class BatchWorker:
                 plans, error = [], str(exc)
             except Exception as exc:  # anything else about this input fails this job only
                 plans, error = [], f"{job_dir / input_name} cannot be read: {type(exc).__name__}: {exc}"
+            if error and not job_dir.exists():
+                raise _TakenError(job_id)  # moved to cur/ by the worker that recorded it: its input is fine
             if error:
                 log.error("batch job %s failed: %s", job_id, error)
                 self._audit_failure(request, error)  # before the state: at least once, like every event
@@ -314,18 +353,33 @@ class BatchWorker:
         elif cur.exists():
             self._set_aside(job_dir, f"spool entry {job_id}: a job {job_id} was accepted before (in {cur})")
             return None
+        if not job_dir.exists():
+            raise _TakenError(job_id)  # recorded by this worker or another, moved to cur/ by the other
         accept(self.spool, job_id)
         return job_id
 
-    def _set_aside(self, job_dir: Path, reason: str) -> None:
-        """Move a spool entry to ``spool/bad/`` (a unique name there), with its reason."""
-        log.error("%s; set aside in %s", reason, self.spool / "bad")
+    def _set_aside(self, entry: Path, reason: str) -> None:
+        """Move a spool entry to ``spool/bad/`` (a unique name there), with its reason; a plain
+        file goes into a folder of its name there, beside the ``REASON``.  Raises ``_TakenError`` when
+        the entry vanished first (another worker accepted or set it aside)."""
         bad = self.spool / "bad"
         bad.mkdir(exist_ok=True)
-        target = bad / job_dir.name
+        target = bad / entry.name
         if target.exists():
-            target = bad / f"{job_dir.name}.{int(self.clock())}-{secrets.token_hex(3)}"
-        job_dir.rename(target)
+            target = bad / f"{entry.name}.{int(self.clock())}-{secrets.token_hex(3)}"
+        try:
+            if entry.is_dir():
+                entry.rename(target)
+            else:
+                target.mkdir()
+                entry.rename(target / entry.name)
+        except FileNotFoundError as exc:
+            if entry.exists() or entry.is_symlink():
+                raise
+            with contextlib.suppress(OSError):
+                target.rmdir()  # the folder made for a file that another worker took
+            raise _TakenError(entry.name) from exc
+        log.error("%s; set aside in %s", reason, bad)
         with contextlib.suppress(OSError):
             (target / "REASON").write_text(reason + "\n", encoding="utf-8")
 
@@ -360,9 +414,17 @@ class BatchWorker:
             canary=self.store.canary_chunk(job.job_id, lease.plan.idx),
         )
 
-    def start_job(self, job: Job, model: BatchModel) -> None:
-        """Write ``batch_start`` once (at least once if the worker dies right after)."""
+    def start_job(self, job: Job, model: BatchModel, until: float | None = None) -> None:
+        """Write ``batch_start`` once (at least once if the worker dies right after).
+
+        The worker that claims the job's start (compare-and-set, until ``until``: its chunk's
+        lease) writes it; another worker starting a chunk of the job then goes on without.  A
+        claim whose worker died is freed with its chunk's lease, and that chunk's next run writes it.
+        """
         if job.audit_started:
+            return
+        until = self.clock() + self.config.lease_s if until is None else until
+        if not self.store.claim_job(job.job_id, self.worker_id, until, step="start"):
             return
         if self.audit is not None:
             now = _utc(self.clock())
@@ -401,9 +463,22 @@ class BatchWorker:
             self.store.fail_job(job.job_id, message)
         if self.audit is not None:
             now = _utc(self.clock())
-            self.audit.append(self._event("batch_end", job, None, "failure", now, now, {"error": message[:500]}))
+            # the job as it is now: a lease taken before the job's version was pinned holds no version
+            with contextlib.suppress(BatchError, sqlite3.Error):
+                job = self.store.require_job(job.job_id)
+            model = self._loaded(job)
+            self.audit.append(self._event("batch_end", job, model, "failure", now, now, {"error": message[:500]}))
         if summary is not None:
             summary.failed.append(job.job_id)
+
+    def _loaded(self, job: Job) -> BatchModel | None:
+        """The model loaded here for the job's pinned version and package, if any (no load)."""
+        if job.version is None:
+            return None
+        model = self._models.get((job.model, job.version))
+        if model is None or (job.model_sha256 and model.package_sha256 != job.model_sha256):
+            return None
+        return model
 
     def _audit_failure(self, request: JobRequest, message: str) -> None:
         if self.audit is not None:
@@ -432,7 +507,7 @@ class BatchWorker:
         except Exception as exc:  # a load that failed some other way counts as an attempt of the chunk
             self.fail_chunk(lease, exc, summary)
             return None
-        self.start_job(job, model)
+        self.start_job(job, model, lease.lease_until)
         task = self.task_for(msgspec.structs.replace(lease, job=job))
         return model, msgspec.structs.replace(task, backend=model.backend, variant=model.variant)
 
@@ -445,12 +520,27 @@ class BatchWorker:
         job_id = task.job_id
         try:
             outcome = verify_chunk(task) or run_chunk(task, model, on_step=lambda s: self.progress(f"{s} {job_id}"))
+        except InputChangedError as exc:  # no attempt or retry can help: the job fails at once
+            log.error("batch job %s failed: %s", job_id, exc)
+            self.store.fail_job(job_id, str(exc), chunk=lease.plan.idx)
+            self._job_failed(self.store.require_job(job_id), str(exc), summary, marked=True)
+            return False
         except Exception as exc:
+            if machine_error(exc):
+                self.give_back(lease)
+                raise
+            self.fail_chunk(lease, exc, summary)  # first: a batch_end failure names the model it ran on
             self.forget_model(task.model, task.version)
-            self.fail_chunk(lease, exc, summary)
             return False
         self.record(outcome)
         return True
+
+    def give_back(self, lease: Lease) -> None:
+        """Give a chunk back without spending its attempt (the machine failed, not the chunk): the
+        next run takes it at once.  Quiet about a second error (the state database may be the
+        failing part): the first one is what stops the run."""
+        with contextlib.suppress(OSError, sqlite3.Error):
+            self.store.give_back(lease.job.job_id, lease.plan.idx, self.worker_id)
 
     def lease(self) -> Lease | None:
         return self.store.lease(self.worker_id, self.config.lease_s, self.config.max_attempts)
@@ -508,19 +598,31 @@ class BatchWorker:
         log.info("batch job %s done: %d ok, %d rejected", job_id, ok, rejected)
 
     def finish_ready(self, summary: RunSummary) -> None:
-        """Finish every job whose chunks are all done; one that cannot be finished is failed."""
+        """Finish every job whose chunks are all done; one that cannot be finished is failed.
+
+        A worker finishes a job only once it holds the job's claim (compare-and-set): a job that
+        another worker is finishing is left to it.  An error of the machine frees the claim and
+        stops the run (the next run finishes the job)."""
         for job_id in self.store.finishable():
+            until = self.clock() + self.config.lease_s
+            if not self.store.claim_job(job_id, self.worker_id, until, step="finish"):
+                continue
             try:
                 self.finish(job_id)
-            except sqlite3.Error:
-                raise
             except Exception as exc:
-                job = self.store.require_job(job_id)
-                message = f"finishing the job failed: {type(exc).__name__}: {exc}; {_RETRY.format(job_id=job_id)}"
-                log.error("batch job %s: %s", job_id, message)
-                self._job_failed(job, message, summary)
-                continue
+                if not machine_error(exc):
+                    self._finish_failed(job_id, exc, summary)
+                    continue
+                with contextlib.suppress(OSError, sqlite3.Error):
+                    self.store.release_claim(job_id, self.worker_id)
+                raise
             summary.finished.append(job_id)
+
+    def _finish_failed(self, job_id: str, exc: Exception, summary: RunSummary) -> None:
+        job = self.store.require_job(job_id)
+        message = f"finishing the job failed: {type(exc).__name__}: {exc}; {_RETRY.format(job_id=job_id)}"
+        log.error("batch job %s: %s", job_id, message)
+        self._job_failed(job, message, summary)
 
     def _event(
         self,
@@ -532,6 +634,7 @@ class BatchWorker:
         ended: str,
         details: dict[str, str],
     ) -> AuditEvent:
+        sha256 = job.model_sha256 if isinstance(job, Job) else ""  # the pinned package, when no model is at hand
         return AuditEvent(
             event=event,
             action=f"inferbox batch run ({event.removeprefix('batch_')})",
@@ -544,23 +647,26 @@ class BatchWorker:
             job_id=job.job_id,
             model_name=job.model,
             model_version=str(model.version if model is not None else job.version or ""),
-            model_sha256=model.package_sha256 if model is not None else "",
+            model_sha256=model.package_sha256 if model is not None else sha256,
             backend=model.backend if model is not None else "",
             variant=model.variant if model is not None else "",
             details=details,
         )
 
     # -- loops ---------------------------------------------------------------------------
-    def run_once(self, *, wait_for_retries: bool = True) -> RunSummary:
+    def run_once(self, *, wait_for_retries: bool = True, stop: threading.Event | None = None) -> RunSummary:
         """Accept new jobs, then run chunks until none can be leased; finish the jobs that are complete.
 
         With ``wait_for_retries`` a chunk given back after a failure is waited for (its backoff)
-        and retried in this run; without (``--watch``), a later round takes it.
+        and retried in this run; without (``--watch``), a later round takes it.  Each round takes
+        back the leases of workers of this host that died meanwhile (one query), so a worker
+        killed beside this one does not leave its chunk until the lease expires.  Once ``stop``
+        is set the run ends after the chunk in progress.
         """
         summary = RunSummary()
         summary.accepted = self.accept_new(summary)
-        self.reclaim_dead()
-        while True:
+        while stop is None or not stop.is_set():
+            self.reclaim_dead()
             self.fail_exhausted(summary)
             self.finish_ready(summary)
             lease = self.lease()
@@ -575,6 +681,6 @@ class BatchWorker:
     def watch(self, stop: threading.Event, poll_s: float = 2.0) -> None:
         """``run_once`` until ``stop`` is set, waiting ``poll_s`` between empty rounds."""
         while not stop.is_set():
-            summary = self.run_once(wait_for_retries=False)
+            summary = self.run_once(wait_for_retries=False, stop=stop)
             if not (summary.accepted or summary.chunks):
                 stop.wait(poll_s)

@@ -54,8 +54,16 @@ def environment_error(exc: OSError | sqlite3.Error) -> BatchError:
         fix = (
             f"free space {place} (or raise the quota / file size limit), then run the command again (work done is kept)"
         )
-    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "the inferbox home must be writable by this user: fix its permissions, or pass --home / set INFERBOX_HOME"
+    elif exc.errno == errno.EROFS:
+        fix = (
+            "the inferbox home must be writable by this user: its file system is mounted read-only, remount it "
+            "read-write (or pass --home / set INFERBOX_HOME), then run the command again (work done is kept)"
+        )
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = (
+            "the inferbox home must be writable by this user: fix its permissions (or an immutable flag: "
+            "lsattr), or pass --home / set INFERBOX_HOME, then run the command again (work done is kept)"
+        )
     else:
         fix = "check that path, its free space and its permissions, then run the command again"
     return BatchError(f"{exc.strerror or exc}{where}; {fix}")

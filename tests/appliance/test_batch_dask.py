@@ -262,10 +262,11 @@ def test_dask_worker_refuses_a_variant_other_than_the_one_the_audit_log_records(
         error = store.require_job(job_id).error
         assert "opened on this Dask worker as fake int8-elsewhere" in error
         assert "runs on fake fake" in error and "a job never mixes variants" in error
-        # both chunks failed in flight: the job failed once, with one batch_end
+        # both chunks failed in flight: the job failed once, with one batch_end, which names the
+        # variant the job runs on (the coordinator's, as batch_start does)
         assert [(e.event, e.outcome, e.variant) for e in audit.events] == [
             ("batch_start", "success", "fake"),
-            ("batch_end", "failure", ""),
+            ("batch_end", "failure", "fake"),
         ]
     finally:
         store.close()
