@@ -39,6 +39,14 @@ class Field:
     maximum: float | None = None
 
 
+#: most threads (and streams) of a session: far above any CPU's cores, far below the C int that
+#: onnxruntime and OpenVINO take (a larger value passed validation and crashed there)
+MAX_THREADS = 1024
+#: most uvicorn worker processes (each holds its own copy of every model)
+MAX_WORKERS = 256
+#: longest span in days (100 years; Python's timedelta overflows past 999999999 days)
+MAX_DAYS = 36500
+
 FIELDS: tuple[Field, ...] = (
     # paths ([paths]); None means "derived from home"
     Field("home", Path, None, "paths", "state directory (models, databases, keys)"),
@@ -48,7 +56,7 @@ FIELDS: tuple[Field, ...] = (
     # server
     Field("host", str, "127.0.0.1", "server", "address to listen on"),
     Field("port", int, 8080, "server", "TCP port", minimum=1, maximum=65535),
-    Field("workers", int, 1, "server", "uvicorn worker processes", minimum=1),
+    Field("workers", int, 1, "server", "uvicorn worker processes", minimum=1, maximum=MAX_WORKERS),
     Field("auth", bool, True, "server", "require API keys"),
     Field("docs", bool, True, "server", "serve OpenAPI docs at /docs"),
     Field("metrics_auth", bool, False, "server", "/metrics needs an API key with the metrics:read scope"),
@@ -76,7 +84,13 @@ FIELDS: tuple[Field, ...] = (
     Field("autotune", bool, False, "models", "time every admissible candidate at load and keep the fastest"),
     Field("allow_fallback", bool, False, "models", "accept a session that silently runs on another device (recorded)"),
     Field(
-        "threads", int, 0, "models", "intra-op threads per session (0 = physical cores, split among streams)", minimum=0
+        "threads",
+        int,
+        0,
+        "models",
+        "intra-op threads per session (0 = physical cores, split among streams)",
+        minimum=0,
+        maximum=MAX_THREADS,
     ),
     Field(
         "streams",
@@ -85,6 +99,7 @@ FIELDS: tuple[Field, ...] = (
         "models",
         "sessions per served model running batches side by side (0 = auto: 2 on a CPU)",
         minimum=0,
+        maximum=MAX_THREADS,
     ),
     Field(
         "static_shapes",
@@ -110,10 +125,34 @@ FIELDS: tuple[Field, ...] = (
     # audit
     Field("audit", bool, True, "audit", "write the tamper-evident audit log"),
     Field("checkpoint_every", int, 1000, "audit", "sign a checkpoint every N records", minimum=1),
-    Field("checkpoint_minutes", float, 10.0, "audit", "sign a checkpoint every T minutes even when idle", minimum=0.01),
-    Field("retention_days", int, 365, "audit", "audit records are kept this long", minimum=1),
-    Field("min_retention_days", int, 183, "audit", "prune refuses to cut newer records unless forced", minimum=0),
-    Field("digest_key_days", int, 30, "audit", "rotate the HMAC digest key after this many days", minimum=1),
+    Field(
+        "checkpoint_minutes",
+        float,
+        10.0,
+        "audit",
+        "sign a checkpoint every T minutes even when idle",
+        minimum=0.01,
+        maximum=MAX_DAYS * 24 * 60,
+    ),
+    Field("retention_days", int, 365, "audit", "audit records are kept this long", minimum=1, maximum=MAX_DAYS),
+    Field(
+        "min_retention_days",
+        int,
+        183,
+        "audit",
+        "prune refuses to cut newer records unless forced",
+        minimum=0,
+        maximum=MAX_DAYS,
+    ),
+    Field(
+        "digest_key_days",
+        int,
+        30,
+        "audit",
+        "rotate the HMAC digest key after this many days",
+        minimum=1,
+        maximum=MAX_DAYS,
+    ),
     Field(
         "ship_dir",
         Path,
@@ -281,12 +320,17 @@ def _coerce(field: Field, raw: Any, where: str, problems: list[str]) -> Any:
         problems.append(f"{label}: {value!r} is not one of {', '.join(field.choices)}")
         return None
     if field.minimum is not None and isinstance(value, int | float) and value < field.minimum:
-        problems.append(f"{label}: {value!r} is below the minimum {field.minimum:g}")
+        problems.append(f"{label}: {_shown(value)} is below the minimum {field.minimum:g}")
         return None
     if field.maximum is not None and isinstance(value, int | float) and value > field.maximum:
-        problems.append(f"{label}: {value!r} is above the maximum {field.maximum:g}")
+        problems.append(f"{label}: {_shown(value)} is above the maximum {field.maximum:g}")
         return None
     return value
+
+
+def _shown(value: float) -> str:
+    """A number for a message: ``1e+300`` rather than the 301 digits of ``int(1e300)``."""
+    return f"{value:.6g}" if abs(value) >= 1e15 else repr(value)
 
 
 def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:

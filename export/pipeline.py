@@ -24,7 +24,7 @@ import logging
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -63,7 +63,7 @@ from runtime.backends.base import OpenOptions, Session
 from runtime.errors import BackendError, ExportError, GateError, SourceError
 from runtime.manifest import Accuracy, Attempt, Manifest, Timing, Variant, fixed_batch
 
-__all__ = ["ONNX_BACKENDS", "OV_BACKENDS", "export_model", "run_answers", "run_outputs"]
+__all__ = ["ONNX_BACKENDS", "OV_BACKENDS", "check_output_gates", "export_model", "run_answers", "run_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +357,7 @@ class _Exporter:
         self.say("source", f"preparing {spec.task} model from {_describe(spec.source)}")
         p = self.prepared = _prepare(spec, staging, self)
         self.complete_references(p)
+        check_output_gates(spec.gates, p)
         self.gate = gates_for(
             spec.task, spec.gates, labelled=p.validation_labels is not None, other_outputs=bool(p.output_references)
         )
@@ -706,6 +707,22 @@ def _metrics(
         for metric in ("max_abs_diff", "max_rel_diff"):
             m[metric] = max(tm[metric] for tm in per.values())
     return {k: round(v, 6) for k, v in m.items()}
+
+
+def check_output_gates(gates: Mapping[str, float], p: Prepared) -> None:
+    """A ``METRIC[NAME]`` gate must name an output measured on its own: known once the source is
+    read, checked before any variant is built (else it failed as "not measured" at the end)."""
+    measured = set(p.output_references)
+    if measured and metric_kind(p.task) == "tensor":
+        measured.add(p.output)
+    for key in gates:
+        metric, bracket, rest = key.partition("[")
+        if bracket and rest[:-1] not in measured:
+            shown = ", ".join(sorted(measured)) if measured else "none: its answer is the only output gated"
+            raise ExportError(
+                f"gate {key!r}: the model has no output {rest[:-1]!r} measured on its own (outputs: {shown}); "
+                f"gate one of those, or the worst of them as --gate {metric}=VALUE"
+            )
 
 
 def _describe(source: Any) -> str:

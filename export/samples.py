@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from runtime.errors import CalibrationError
 
-__all__ = ["default_texts", "read_arrays", "read_texts"]
+__all__ = ["check_shapes", "default_texts", "read_arrays", "read_texts"]
 
 _MAX_ERRORS = 5
 #: UTF-8, with or without a byte-order mark
@@ -137,6 +137,8 @@ def read_arrays(
         arrays = _read_jsonl_arrays(path, expected)
     else:
         raise CalibrationError(f"sample file {path}: unknown format {path.suffix!r}; use .npz or .jsonl")
+    if not arrays:
+        raise CalibrationError(f"sample file {path} holds no rows; add at least one row per input")
     if expected is not None:
         missing = [k for k in expected if k not in arrays]
         if missing:
@@ -148,15 +150,25 @@ def read_arrays(
                 f"sample file {path}: input {k!r} is a single value (shape ()); give one row per sample, "
                 "an array of shape [N, ...]"
             )
+        if len(a) == 0:
+            raise CalibrationError(f"sample file {path}: input {k!r} holds no rows; add at least one row")
         if npz:  # JSONL rows were checked as they were read, by line
             _check_finite_rows(path, k, a)
     sizes = {len(a) for a in arrays.values()}
-    if len(sizes) != 1 or 0 in sizes:
-        raise CalibrationError(f"sample file {path}: inputs have different or zero batch sizes {sorted(sizes)}")
-    for k, want in (shapes or {}).items():
+    if len(sizes) != 1:
+        raise CalibrationError(f"sample file {path}: inputs have different batch sizes {sorted(sizes)}")
+    check_shapes(path, arrays, shapes or {})
+    return arrays
+
+
+def check_shapes(
+    path: Path, arrays: Mapping[str, npt.NDArray[np.generic]], shapes: Mapping[str, Sequence[int | None]]
+) -> None:
+    """The samples read from ``path`` against ``shapes`` (see :func:`read_arrays`): a source that
+    reads its files before it knows the model's shapes checks them here once it does."""
+    for k, want in shapes.items():
         if k in arrays:
             _check_shape(path, k, arrays[k], want)
-    return arrays
 
 
 def _lines(path: Path) -> list[str]:

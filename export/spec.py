@@ -9,6 +9,7 @@ one output's of a model with several (``--gate max_max_rel_diff[logits]=0.01``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
     "ExportSpec",
     "Progress",
     "check_gate",
+    "check_gates",
     "check_version",
     "gates_for",
     "metric_kind",
@@ -62,6 +64,18 @@ DEFAULT_GATES: dict[str, dict[str, float]] = {
 BATCH_GATE = {"max_batch_rel_diff": 0.01}
 #: extra default when the validation samples carry labels (digits: INT8 within 1 point of the reference)
 LABEL_GATE = {"max_label_accuracy_drop": 0.01}
+#: the metrics validation computes per metric family (export.validate; a classifier's max_abs_diff /
+#: max_rel_diff: of a single score or of its other outputs) besides batch_rel_diff: a gate on any
+#: other metric could never hold, and is refused before any work is done
+METRICS: dict[MetricKind, tuple[str, ...]] = {
+    "embeddings": ("cosine_mean", "cosine_min", "topk_agreement"),
+    "classification": ("top1_agreement", "max_prob_diff", "max_abs_diff", "max_rel_diff"),
+    "tensor": ("max_abs_diff", "max_rel_diff"),
+}
+#: classification metrics measured when the validation samples carry labels
+LABEL_METRICS = ("label_accuracy", "reference_label_accuracy", "label_accuracy_drop")
+#: metrics also measured per output (``max_rel_diff[NAME]``) of a model with several
+PER_OUTPUT_METRICS = ("max_abs_diff", "max_rel_diff")
 
 #: (warmup runs, timed runs) per scenario
 TIMING_RUNS: dict[str, tuple[int, int]] = {"quick": (1, 2), "full": (3, 20)}
@@ -123,9 +137,51 @@ def parse_gate(text: str) -> tuple[str, float]:
             f"gate {text!r} is not KEY=VALUE with KEY starting min_ or max_ (e.g. --gate min_cosine_min=0.98)"
         )
     try:
-        return key, float(value)
+        number = float(value)
     except ValueError:
         raise ExportError(f"gate {text!r}: {value!r} is not a number (e.g. --gate {key}=0.98)") from None
+    if not math.isfinite(number):
+        raise ExportError(f"gate {text!r}: {value.strip()!r} is not a finite number (e.g. --gate {key}=0.98)")
+    return key, number
+
+
+def _known_metrics(task: str, *, labelled: bool = False) -> tuple[str, ...]:
+    """The metrics an export of ``task`` measures (what a gate may hold), ``labelled``: with labels."""
+    kind = metric_kind(task)
+    labels = LABEL_METRICS if labelled and kind == "classification" else ()
+    return (*METRICS[kind], *labels, *(k[4:] for k in BATCH_GATE))
+
+
+def check_gates(task: str, gates: Mapping[str, Any], *, labelled: bool = False) -> None:
+    """Gate overrides checked before any work: ``min_``/``max_`` + a metric ``task`` measures (per
+    output ``METRIC[NAME]`` for :data:`PER_OUTPUT_METRICS`), a finite number.  Which outputs a
+    ``[NAME]`` may name is known once the source is read (see export.pipeline)."""
+    known = _known_metrics(task, labelled=labelled)
+    per_output = [m for m in PER_OUTPUT_METRICS if m in known]
+    for key, value in gates.items():
+        if not _measured(str(key), known, per_output):
+            forms = [*known, *(f"{m}[NAME]" for m in per_output)]
+            raise ExportError(
+                f"gate {key!r}: a {task} export measures no {str(key)[4:]!r}; gate min_ or max_ + one of "
+                f"{', '.join(forms)} (e.g. --gate {_example(task)})"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ExportError(f"gate {key!r}: {value!r} is not a finite number (e.g. --gate {key}=0.98)")
+
+
+def _measured(key: str, known: Sequence[str], per_output: Sequence[str]) -> bool:
+    """``key`` is ``min_``/``max_`` + a metric in ``known``, or + ``METRIC[NAME]`` of ``per_output``."""
+    if not key.startswith(("min_", "max_")):
+        return False
+    base, bracket, rest = key[4:].partition("[")
+    if bracket:
+        return base in per_output and len(rest) > 1 and rest.endswith("]")
+    return base in known
+
+
+def _example(task: str) -> str:
+    key, value = next(iter(DEFAULT_GATES[metric_kind(task)].items()))
+    return f"{key}={value:g}"
 
 
 def parse_variants(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -185,6 +241,7 @@ class ExportSpec:
 
     def __post_init__(self) -> None:
         metric_kind(self.task)
+        check_gates(self.task, self.gates, labelled=self.validation_labels is not None)
         if self.timing not in TIMING_RUNS:
             raise ExportError(f"timing {self.timing!r} is not one of {', '.join(TIMING_RUNS)}")
         parse_variants(self.variants)

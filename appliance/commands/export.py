@@ -163,9 +163,12 @@ def export_cmd(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # entry point: the appliance never downloads
     from export.pipeline import export_model
     from export.report import format_report, report_dict
-    from export.spec import ExportSpec, parse_gate, parse_variants
+    from export.spec import ExportSpec, check_gates, parse_gate, parse_variants
 
     settings = build_settings(home=home, repository=repository)
+    overrides = dict(parse_gate(g) for g in gates)
+    check_gates(task, overrides)  # before the source is loaded: a typo is found at once
+    variant_ids = parse_variants(variants)
     src, example = _source(source)
     spec = ExportSpec(
         source=src,
@@ -175,8 +178,8 @@ def export_cmd(
         version=version,
         calibration=calibration,
         validation=validation,
-        gates=dict(parse_gate(g) for g in gates),
-        variants=parse_variants(variants),
+        gates=overrides,
+        variants=variant_ids,
         timing=timing,
         threads=resolve_threads(settings),
         example_inputs=example,

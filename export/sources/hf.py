@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from export.samples import default_texts, read_arrays, read_texts
+from export.samples import check_shapes, default_texts, read_arrays, read_texts
 from export.sources import Feeds, Prepared, hash_path, onnx_io, tile_rows
 from export.spec import STREAM_BATCH, STREAM_SCENARIO, STREAM_TOKENS
-from runtime.errors import CalibrationError, SourceError
+from runtime.errors import CalibrationError, ManifestError, SourceError
 from runtime.manifest import TensorSpec, TextConfig
 
 if TYPE_CHECKING:
@@ -62,10 +62,17 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
         raise SourceError(f"{folder} has no tokenizer.json; a text task needs the fast tokenizer file in the folder")
     if spec.task == "feature-extraction":
         _st_pipeline(folder)  # refuse modules the package cannot reproduce before the slow export
+    if spec.task in _TEXT_TASKS:
+        return _prepare_text(spec, folder, staging, config)
+    return _prepare_image(spec, folder, staging, config)
+
+
+def _export_base(spec: ExportSpec, folder: Path, staging: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The slow part: the fp32 ONNX export, and the fields of :class:`Prepared` it gives."""
     onnx_path = staging / "onnx" / "model.onnx"
     _export_onnx(folder, spec.task, onnx_path)
     inputs, outputs = onnx_io(onnx_path)
-    base: dict[str, Any] = {
+    return {
         "kind": "hf",
         "task": spec.task,
         "source": str(folder.resolve()),
@@ -76,9 +83,70 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
         "reference_name": "pytorch",
         "bert": _bert_dims(config),
     }
-    if spec.task in _TEXT_TASKS:
-        return _prepare_text(spec, folder, staging, config, base)
-    return _prepare_image(spec, folder, config, base)
+
+
+#: the transformers class the reference is loaded with, per task
+_AUTO_CLASSES = {
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+}
+#: tasks whose head (the classifier) must come from the checkpoint
+_HEAD_TASKS = ("text-classification", "image-classification")
+_SHOWN_KEYS = 5
+
+
+def _load_model(folder: Path, task: str, config: dict[str, Any]) -> Any:
+    """The folder's PyTorch model for ``task`` (the reference), loaded once, before the slow export.
+
+    Weights that do not load are a SourceError naming them (optimum would report a missing
+    TensorFlow instead).  For a classifier, weights the checkpoint lacks are refused: transformers
+    only warns and draws them at random, and so would the ONNX export, each its own draw, so the
+    accuracy check compared two random heads (and could sign a package holding one)."""
+    from runtime.offline import stay_offline
+
+    stay_offline()
+    import transformers
+
+    auto = getattr(transformers, _AUTO_CLASSES[task])
+    try:
+        model, info = auto.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    except Exception as exc:
+        raise SourceError(
+            f"the model in {folder} does not load ({type(exc).__name__}: {exc}); repair or replace its weights "
+            "(model.safetensors or pytorch_model.bin: save the model again with transformers' save_pretrained)"
+        ) from exc
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    if missing and task in _HEAD_TASKS:
+        raise SourceError(_missing_head(folder, task, config, missing))
+    return model.eval()
+
+
+def _missing_head(folder: Path, task: str, config: dict[str, Any], missing: list[str]) -> str:
+    """Why a classifier cannot be exported from ``folder``: the weights its checkpoint lacks."""
+    archs = config.get("architectures")
+    arch = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else "not given"
+    more = f" and {len(missing) - _SHOWN_KEYS} more" if len(missing) > _SHOWN_KEYS else ""
+    keys = ", ".join(missing[:_SHOWN_KEYS]) + more
+    fix = "export it with --task feature-extraction, or " if task == "text-classification" else ""
+    return (
+        f"the model in {folder} has no classification head for {task} (architectures: {arch}; weights missing "
+        f"from the checkpoint: {keys}), so it would be drawn at random; {fix}fine-tune a classifier first"
+    )
+
+
+def _check_tokenizer(folder: Path) -> None:
+    """The folder's tokenizer.json must load (checked before the slow export, naming the source file)."""
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise SourceError(
+            f"{path}: cannot load the tokenizer ({exc}); repair or replace it (save the tokenizer again with "
+            "transformers: AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
+        ) from exc
 
 
 def _read_json(path: Path) -> Any:
@@ -239,11 +307,18 @@ def _texts(given: Path | Sequence[str] | Any, kind: str) -> list[str]:
     return texts
 
 
-def _prepare_text(
-    spec: ExportSpec, folder: Path, staging: Path, config: dict[str, Any], base: dict[str, Any]
-) -> Prepared:
+def _prepare_text(spec: ExportSpec, folder: Path, staging: Path, config: dict[str, Any]) -> Prepared:
     from runtime.text import FEED_KINDS, TextEncoder
 
+    # what is wrong with the folder or the sample files is found before the slow export
+    max_length = _max_length(spec, folder, config)
+    _check_tokenizer(folder)
+    val_texts = _texts(spec.validation, "validation")
+    cal_texts = _texts(spec.calibration, "calibration")
+    model = _load_model(folder, spec.task, config)
+    if (folder / "modules.json").is_file():
+        model = None  # loaded to check it: the reference is sentence-transformers' own load of the folder
+    base = _export_base(spec, folder, staging, config)
     tok_dir = staging / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -262,19 +337,23 @@ def _prepare_text(
         # a sentence-transformers folder pools (and normalizes) as its modules say; plain: mean, normalized
         pooling, normalize = _st_pipeline(folder) or ("mean", True)
     text = TextConfig(
-        max_length=_max_length(spec, folder, config),
+        max_length=max_length,
         input_map={n: n for n in names},
         output=output,
         pooling=pooling,  # type: ignore[arg-type]
         normalize=normalize,
     )
-    encoder = TextEncoder.from_dir(tok_dir, text)
+    try:
+        encoder = TextEncoder.from_dir(tok_dir, text)
+    except ManifestError as exc:  # the runtime's words name the staging copy and a re-export
+        raise SourceError(
+            f"{folder / 'tokenizer.json'}: the tokenizer cannot be used ({exc}); repair or replace it "
+            "(save the tokenizer again with transformers)"
+        ) from exc
 
     def encode(texts: list[str]) -> Feeds:
         return dict(encoder.encode(texts, truncate=True).feeds)
 
-    val_texts = _texts(spec.validation, "validation")
-    cal_texts = _texts(spec.calibration, "calibration")
     cross_encoder = not embeddings and _one_label(config)
     if cross_encoder:
         # a reranker reads (query, document) pairs ([CLS] q [SEP] d [SEP], type ids 0/1): validated
@@ -292,9 +371,9 @@ def _prepare_text(
         validation = [encode(val_texts[i : i + VALIDATION_BATCH]) for i in range(0, len(val_texts), VALIDATION_BATCH)]
         calibration = [encode([t]) for t in cal_texts]
     if embeddings:
-        reference = _embed_reference(folder, val_texts, validation, text.max_length)
+        reference = _embed_reference(folder, model, val_texts, validation, text.max_length)
     else:
-        reference = _logits_reference(folder, "AutoModelForSequenceClassification", validation)
+        reference = _logits_reference(model, validation)
     lengths = [int(b["attention_mask"].sum(axis=1).max()) if "attention_mask" in b else 0 for b in validation]
     typical = min(128, text.max_length)
     stream_tokens = min(STREAM_TOKENS, text.max_length)
@@ -360,8 +439,11 @@ def _timing_feeds(encode: Any, text: str, batch: int, length: int) -> Feeds:
     return out
 
 
-def _embed_reference(folder: Path, texts: list[str], batches: list[Feeds], max_length: int) -> npt.NDArray[np.float32]:
-    """Sentence embeddings from the original model: sentence-transformers when the folder is one."""
+def _embed_reference(
+    folder: Path, hf: Any, texts: list[str], batches: list[Feeds], max_length: int
+) -> npt.NDArray[np.float32]:
+    """Sentence embeddings from the original model (``hf``, loaded by :func:`_load_model`):
+    sentence-transformers when the folder is one."""
     if (folder / "modules.json").is_file():
         from sentence_transformers import SentenceTransformer
 
@@ -371,9 +453,7 @@ def _embed_reference(folder: Path, texts: list[str], batches: list[Feeds], max_l
         emb = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=False)
         return np.asarray(emb, dtype=np.float32)
     import torch
-    from transformers import AutoModel
 
-    hf = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
     out = []
     with torch.inference_mode():
         for b in batches:
@@ -384,11 +464,10 @@ def _embed_reference(folder: Path, texts: list[str], batches: list[Feeds], max_l
     return np.concatenate(out).astype(np.float32)
 
 
-def _logits_reference(folder: Path, auto_class: str, batches: list[Feeds]) -> npt.NDArray[np.float32]:
+def _logits_reference(model: Any, batches: list[Feeds]) -> npt.NDArray[np.float32]:
+    """The logits of the original model (loaded by :func:`_load_model`) on the validation batches."""
     import torch
-    import transformers
 
-    model = getattr(transformers, auto_class).from_pretrained(str(folder), local_files_only=True).eval()
     out = []
     with torch.inference_mode():
         for b in batches:
@@ -403,21 +482,30 @@ def _labels(config: dict[str, Any]) -> list[str] | None:
     return [str(id2label.get(str(i), id2label.get(i, i))) for i in range(len(id2label))]
 
 
-def _prepare_image(spec: ExportSpec, folder: Path, config: dict[str, Any], base: dict[str, Any]) -> Prepared:
+def _prepare_image(spec: ExportSpec, folder: Path, staging: Path, config: dict[str, Any]) -> Prepared:
+    expected = {"pixel_values": "float32"}
+
+    def read(given: Any) -> Any:
+        return read_arrays(Path(given), expected) if isinstance(given, str | Path) else given
+
+    # sample files are read before the slow export; their image size is checked against the graph's after it
+    val_given, cal_given = read(spec.validation), read(spec.calibration)
+    model = _load_model(folder, spec.task, config)
+    base = _export_base(spec, folder, staging, config)
     inputs = base["inputs"]
     if [i.name for i in inputs] != ["pixel_values"]:
         raise SourceError(f"image-classification expects one input pixel_values; the graph has {inputs}")
-    expected = {"pixel_values": "float32"}
     shape = _image_shape(folder, config, inputs[0].shape)
     # the graph leaves every axis dynamic; the model only accepts this image size
     base["inputs"] = [TensorSpec(name="pixel_values", dtype=inputs[0].dtype, shape=[-1, *shape])]
     rng = np.random.default_rng(0)
 
-    def samples(given: Any, n: int) -> Feeds:
+    def samples(given: Any, source: Any, n: int) -> Feeds:
         if given is None:
             return {"pixel_values": rng.standard_normal((n, *shape)).astype(np.float32)}
-        if isinstance(given, str | Path):
-            return read_arrays(Path(given), expected, shapes={"pixel_values": shape})
+        if isinstance(source, str | Path):
+            check_shapes(Path(source), given, {"pixel_values": shape})
+            return dict(given)
         pixels = np.asarray(given["pixel_values"], dtype=np.float32)
         if pixels.ndim != 1 + len(shape) or tuple(pixels.shape[1:]) != tuple(shape):
             raise CalibrationError(
@@ -426,12 +514,12 @@ def _prepare_image(spec: ExportSpec, folder: Path, config: dict[str, Any], base:
             )
         return {"pixel_values": pixels}
 
-    val = samples(spec.validation, 64)
-    cal = samples(spec.calibration, 32)
+    val = samples(val_given, spec.validation, 64)
+    cal = samples(cal_given, spec.calibration, 32)
     n = len(val["pixel_values"])
     validation = [{"pixel_values": val["pixel_values"][i : i + 32]} for i in range(0, n, 32)]
     calibration = [{"pixel_values": cal["pixel_values"][i : i + 1]} for i in range(len(cal["pixel_values"]))]
-    reference = _logits_reference(folder, "AutoModelForImageClassification", validation)
+    reference = _logits_reference(model, validation)
     return Prepared(
         **base,
         validation=validation,

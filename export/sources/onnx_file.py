@@ -132,13 +132,6 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
     if spec.task != "tensor":
         raise SourceError(f"an ONNX file imports as task 'tensor', not {spec.task!r}; pass --task tensor")
     inputs, outputs = onnx_io(path)
-    onnx_path = staging / "onnx" / "model.onnx"
-    onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    external = external_files(path)
-    if external:
-        inline_external_data(path, onnx_path)
-    else:
-        shutil.copyfile(path, onnx_path)
     expected = {i.name: i.dtype for i in inputs}
 
     def samples(given: Any, n: int, seed: int) -> Feeds:
@@ -155,8 +148,15 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
             raise SourceError(f"samples need the same number of rows (at least one) in every input; got {rows}")
         return arrays
 
-    val = samples(spec.validation, 64, 1)
+    val = samples(spec.validation, 64, 1)  # sample files are read before the (large) file is copied
     cal = samples(spec.calibration, 32, 2)
+    onnx_path = staging / "onnx" / "model.onnx"
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    external = external_files(path)
+    if external:
+        inline_external_data(path, onnx_path)
+    else:
+        shutil.copyfile(path, onnx_path)
     n = len(next(iter(val.values())))
     # a file whose inputs fix the batch axis (exported with batch 1, say) takes exactly that many
     # rows per call: validation, calibration and timing run in calls of that size

@@ -42,11 +42,19 @@ def load_factory(ref: str) -> Any:
     if module_spec is None or module_spec.loader is None:
         raise SourceError(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the customer's code: a SyntaxError, a missing import, anything
+        raise SourceError(f"{path} failed to import ({type(exc).__name__}: {exc}); fix the file") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise SourceError(f"{path} has no callable {attr!r}")
-    return factory()
+    try:
+        return factory()
+    except Exception as exc:  # a corrupt or missing checkpoint, a bug in the factory
+        raise SourceError(
+            f"{ref}: the factory raised {type(exc).__name__}: {exc}; fix the factory or the files it loads"
+        ) from exc
 
 
 def generate_like(example: Mapping[str, npt.NDArray[np.generic]], n: int, seed: int) -> Feeds:
@@ -89,6 +97,9 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
     names = list(example)
     out_names = list(spec.output_names or ["output"])
     module = module.eval()
+    # sample files are read before the export: a bad one is found before the slow part
+    val = _arrays(spec.validation, example, 64, 1)
+    cal = _arrays(spec.calibration, example, 32, 2)
     onnx_path = staging / "onnx" / "model.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     # only the inputs' batch axis is named: torch carries the name to each output axis that really is
@@ -112,8 +123,6 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
             f"torch.onnx.export failed for {type(module).__name__} ({type(exc).__name__}: {exc})"
         ) from exc
     inputs, outputs = onnx_io(onnx_path)
-    val = _arrays(spec.validation, example, 64, 1)
-    cal = _arrays(spec.calibration, example, 32, 2)
     n = len(next(iter(val.values())))
     validation = [{k: v[i : i + 32] for k, v in val.items()} for i in range(0, n, 32)]
     calibration = [{k: v[i : i + 1] for k, v in cal.items()} for i in range(len(next(iter(cal.values()))))]
