@@ -353,8 +353,9 @@ class JobStore:
                 (job_id,),
             )
 
-    def fail_job(self, job_id: str, error: str, *, chunk: int | None = None) -> None:
-        """Fail a job with ``error`` as it is (and its ``chunk``, when one failed it for good)."""
+    def fail_job(self, job_id: str, error: str, *, chunk: int | None = None) -> bool:
+        """Fail a job with ``error`` as it is (and its ``chunk``, when one failed it for good); whether
+        this call failed it (False: it had failed, or was done, before)."""
         with self._tx() as conn:
             if chunk is not None:
                 conn.execute(
@@ -362,11 +363,12 @@ class JobStore:
                     "WHERE job_id = ? AND idx = ? AND state != 'done'",
                     (error, job_id, chunk),
                 )
-            conn.execute(
+            cur = conn.execute(
                 "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ?, claim_worker = NULL, "
-                "claim_until = NULL WHERE job_id = ? AND state != 'done'",
+                "claim_until = NULL WHERE job_id = ? AND state IN ('queued', 'running')",
                 (error, _iso(self.clock()), job_id),
             )
+            return cur.rowcount == 1
 
     def finishable(self) -> list[str]:
         """Jobs not yet done or failed whose every chunk is done."""

@@ -307,21 +307,40 @@ def _tokenizer(model: BatchModel, task: ChunkTask) -> Callable[[list[Any]], Sequ
     """Texts -> tokens; for a pair job, (text, pair) -> the pair's tokens, as ``/v1/rerank`` forms them
     (a run of records with the same first text, one query and its documents, tokenizes it once)."""
     if not task.pair_field:
-        return lambda texts: model.tokenize(texts, truncate=task.truncate)
+
+        def texts(batch: list[str]) -> Sequence[Sized]:
+            try:
+                return model.tokenize(batch, truncate=task.truncate)
+            except InputError as exc:
+                raise InputError(_in_job_terms(str(exc), task)) from None
+
+        return texts
 
     def pairs(batch: list[tuple[str, str]]) -> Sequence[Sized]:
         out: list[Sized] = []
         for first, run in itertools.groupby(batch, key=lambda pair: pair[0]):
             try:
                 out.extend(model.tokenize_pairs(first, [second for _, second in run], truncate=task.truncate))
-            except InputError as exc:  # in the route's terms (documents[i], the query): say the fields
-                fields = f"{task.text_field!r} and {task.pair_field!r}"
-                text = re.sub(r"documents\[\d+\] with the query", f"the pair of {fields}", str(exc))
-                text = text.replace("shorten the query or the document", f"shorten {fields}")
-                raise InputError(text.replace("enable truncation", "set truncate = true")) from None
+            except InputError as exc:
+                raise InputError(_in_job_terms(str(exc), task)) from None
         return out
 
     return pairs
+
+
+def _in_job_terms(message: str, task: ChunkTask) -> str:
+    """A tokenizer's refusal in the API's terms (``input[i]``, ``documents[i]``, the query: places in
+    a request) said in the job's: its fields, and its setting ``truncate``."""
+    text_field = repr(task.text_field)
+    if task.pair_field:
+        fields = f"{text_field} and {task.pair_field!r}"
+        message = re.sub(r"documents\[\d+\] with the query", f"the pair of {fields}", message)
+        message = re.sub(r"documents\[\d+\]", repr(task.pair_field), message)
+        message = re.sub(r"^query:", text_field, message)
+        message = message.replace("shorten the query or the document", f"shorten {fields}")
+    else:
+        message = re.sub(r"input\[\d+\]", text_field, message)
+    return message.replace("enable truncation", "set truncate = true")
 
 
 def _tokenize(model: BatchModel, texts: list[Any], task: ChunkTask, canary: _Canary) -> list[Sized | _Failed]:

