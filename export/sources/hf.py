@@ -116,7 +116,10 @@ def _load_model(folder: Path, task: str, config: dict[str, Any]) -> Any:
             f"the model in {folder} does not load ({type(exc).__name__}: {exc}); repair or replace its weights "
             "(model.safetensors or pytorch_model.bin: save the model again with transformers' save_pretrained)"
         ) from exc
-    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    # a buffer the checkpoint lacks (BatchNorm's num_batches_tracked, Swin's relative_position_index) is
+    # rebuilt the same way every time, or unused in eval mode: only weights would be drawn at random
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = sorted(str(k) for k in info.get("missing_keys") or () if str(k) not in buffers)
     if missing and task in _HEAD_TASKS:
         raise SourceError(_missing_head(folder, task, config, missing))
     return model.eval()

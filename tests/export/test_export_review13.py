@@ -5,6 +5,7 @@ here; the slow ONNX export is replaced by one that fails the test if it is reach
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -286,3 +287,27 @@ def test_a_factory_that_raises_is_an_error_naming_the_file(tmp_path: Path, code:
     result = _invoke(tmp_path / "home", "export", f"{src}:build", "--task", "tensor", "--name", "net")
     assert result.exit_code == 2, (result.output, result.exception)
     assert str(src) in result.output and expected in result.output and "Traceback" not in result.output
+
+
+def test_a_classifier_whose_checkpoint_lacks_only_buffers_is_not_refused(tmp_path: Path) -> None:
+    """BatchNorm's num_batches_tracked (dropped by some tools) is a buffer, unused in eval mode: the
+    head check refused such an image classifier as headless, naming buffers as its missing weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path / "resnet"
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 8], depths=[1, 1], num_labels=3)
+    ResNetForImageClassification(config).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    kept = {k: v for k, v in load_file(weights).items() if "num_batches_tracked" not in k}
+    save_file(kept, weights, metadata={"format": "pt"})
+    model = hf._load_model(folder, "image-classification", json.loads((folder / "config.json").read_text()))
+    assert model is not None
+    head = next(k for k in kept if k.startswith("classifier") and k.endswith("weight"))
+    del kept[head]  # a real weight of the head missing: still refused
+    save_file(kept, weights, metadata={"format": "pt"})
+    with pytest.raises(SourceError, match="no classification head") as caught:
+        hf._load_model(folder, "image-classification", json.loads((folder / "config.json").read_text()))
+    assert head in str(caught.value) and "num_batches_tracked" not in str(caught.value)
