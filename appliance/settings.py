@@ -329,8 +329,15 @@ def _coerce(field: Field, raw: Any, where: str, problems: list[str]) -> Any:
 
 
 def _shown(value: float) -> str:
-    """A number for a message: ``1e+300`` rather than the 301 digits of ``int(1e300)``."""
-    return f"{value:.6g}" if abs(value) >= 1e15 else repr(value)
+    """A number for a message: ``1e+300`` rather than the 301 digits of ``int(1e300)``; an integer past
+    what a float holds (400 digits) by its first digits and its length."""
+    if abs(value) < 1e15:
+        return repr(value)
+    try:
+        return f"{value:.6g}"
+    except OverflowError:
+        digits = str(abs(int(value)))
+        return f"{'-' if value < 0 else ''}{digits[:6]}... ({len(digits)} digits)"
 
 
 def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:

@@ -59,6 +59,9 @@ def test_integral_floats_and_the_port_range_edges_are_accepted(tmp_path: Path) -
         ("", {"INFERBOX_MIN_RETENTION_DAYS": "1000000000"}, "min_retention_days (env"),
         ("", {"INFERBOX_DIGEST_KEY_DAYS": "1000000000"}, "digest_key_days (env"),
         ("", {"INFERBOX_CHECKPOINT_MINUTES": "1e300"}, "checkpoint_minutes (env"),
+        # past what a float holds: the message itself once raised OverflowError (a traceback)
+        ("", {"INFERBOX_THREADS": "9" * 400}, "threads (env INFERBOX_THREADS): 999999... (400 digits) is above"),
+        (f"[models]\nstreams = -{'9' * 400}\n", {}, "-999999... (400 digits) is below the minimum 0"),
     ],
 )
 def test_counts_past_what_the_libraries_take_are_refused_naming_the_setting(
