@@ -287,7 +287,8 @@ def test_a_text_the_model_refuses_is_rejected_and_its_batch_mates_still_run(tmp_
     job_dir = _run_texts(tmp_path, ["a", "b BAD", "c", "d"], Picky(), batch_size=4)
     rejects = [json.loads(x) for x in (job_dir / "rejects.jsonl").read_text().splitlines()]
     assert [(r["id"], r["reason"]) for r in rejects] == [
-        (1, "the model refused the input: input[0]: 600 tokens is over the model's maximum of 512")
+        # named by the record's field, not the tokenizer's place in its sub-batch (input[0])
+        (1, "the model refused the input: 'text': 600 tokens is over the model's maximum of 512")
     ]
     rows = [json.loads(x) for x in (job_dir / "part-00000.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [0, 2, 3]
