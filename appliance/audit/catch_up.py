@@ -57,6 +57,9 @@ class CatchUp:
     copies_last_seq: int = 0
     #: the log's head before anything was appended (the backup's last record)
     backup_last_seq: int = 0
+    #: keys the appended records revoke that the restored key store had active: revoked there too
+    #: (:func:`appliance.backup.restore.restore_backup`; a leaked key revoked after the backup stays revoked)
+    keys_revoked_again: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)

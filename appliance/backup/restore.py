@@ -13,6 +13,7 @@ back to the backup.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import re
@@ -655,11 +656,15 @@ def _after_placing(
     notes: list[str],
     placed: int,
 ) -> RestoreResult:
-    """Relocate batch jobs, record the restore, verify the log."""
+    """Relocate batch jobs, bring the keys forward, record the restore, verify the log."""
     if checked.manifest.home != str(settings.home) and settings.state_db.exists():
         moved = _relocate_jobs(settings.state_db, checked.manifest.home, settings.home)
         if moved:
             notes.append(f"{moved} batch job(s) now point at {settings.home} instead of {checked.manifest.home}")
+    if caught_up is not None and caught_up.records and settings.state_db.exists() and settings.audit_db.exists():
+        revoked, key_notes = _key_changes_since_backup(settings, caught_up.backup_last_seq)
+        notes.extend(key_notes)
+        caught_up = dataclasses.replace(caught_up, keys_revoked_again=revoked)
     if record is not None:
         record(checked, caught_up, settings)
     audit = None
@@ -669,6 +674,56 @@ def _after_placing(
 
         audit = verify_db(settings.audit_db, trusted_keys(settings.signing_key, settings.keys_dir))
     return RestoreResult(checked, placed, audit, notes, caught_up, settings)
+
+
+def _key_changes_since_backup(settings: Settings, backup_last_seq: int) -> tuple[list[str], list[str]]:
+    """The key changes the records brought forward (after the backup's last one) hold, made true of the
+    restored key store: a key revoked after the backup is revoked again (at its revocation's time); one
+    created after it is not here (only its hash was kept, in a state database newer than the backup)
+    and is named.  (The keys revoked again, notes for the operator.)"""
+    from appliance.audit.canonical import parse_time
+    from appliance.audit.schema import connect
+    from appliance.keys import KeyStore
+
+    conn = connect(settings.audit_db, read_only=True)
+    try:
+        rows = conn.execute(
+            "SELECT seq, event, credential_id, recorded_at FROM records WHERE seq > ? AND outcome = 'success' "
+            "AND event IN ('key_create', 'key_revoke') ORDER BY seq",
+            (backup_last_seq,),
+        ).fetchall()
+    finally:
+        conn.close()
+    revoked: list[str] = []
+    notes: list[str] = []
+    created: dict[str, int] = {}
+    when = [datetime.now(UTC)]  # a revocation is dated when it was made, not when it is restored
+    store = KeyStore(settings.state_db, clock=lambda: when[0])
+    try:
+        active = {k.id for k in store.list() if k.revoked_at is None}
+        known = {k.id for k in store.list()}
+        for seq, event, key_id, recorded_at in rows:
+            if event == "key_create":
+                created[str(key_id)] = int(seq)
+            elif key_id in active:
+                when[0] = parse_time(str(recorded_at))
+                store.revoke(str(key_id))
+                active.discard(key_id)
+                revoked.append(str(key_id))
+                notes.append(
+                    f"key {key_id} was revoked after the backup (audit seq {seq}, {recorded_at}): revoked here too"
+                )
+            else:
+                created.pop(str(key_id), None)  # created and revoked after the backup: nothing to do
+    finally:
+        store.close()
+    for key_id, seq in created.items():
+        if key_id not in known:
+            notes.append(
+                f"key {key_id} was created after the backup (audit seq {seq}) and is not on this box (the backup "
+                "holds the key hashes of its own time): give its user a new key with `inferbox keys create`"
+            )
+    return revoked, notes
 
 
 def _mkdirs(folder: Path) -> list[Path]:

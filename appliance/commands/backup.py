@@ -502,6 +502,8 @@ def _record_restore(
     if caught_up is not None and caught_up.records:
         details["caught_up_to_seq"] = str(caught_up.last_seq)
         details["caught_up_from"] = caught_up.folder
+        if caught_up.keys_revoked_again:
+            details["keys_revoked_again"] = ",".join(caught_up.keys_revoked_again)
     record_cli_event(settings, "backup_restore", "inferbox backup restore", started, details)
 
 
@@ -524,6 +526,11 @@ def _next_steps(settings: Settings, manifest: BackupManifest, caught_up: CatchUp
             "backup; the log records this restore. Off-box copies (`audit ship`) made since hold the later records, "
             "and the next `inferbox audit ship` into that folder reports the cut back (ALERT) as it must: keep "
             "those copies, move them to a subfolder, and ship starts a new series from the restored log."
+        )
+        out.append(
+            f"  - API keys are as they were at {manifest.created_at}: a key revoked since is active again, so "
+            "revoke it again (`inferbox keys list`, `inferbox keys revoke ID`); restoring with --audit-from the "
+            "off-box copies does that itself"
         )
     if manifest.config_file:
         out.append(

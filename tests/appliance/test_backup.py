@@ -1066,3 +1066,55 @@ def test_a_failed_publish_on_a_box_without_an_audit_log_writes_none(
     failed = run(home, "backup", "create", "--same-disk", "--to", str(box["out"]))
     assert failed.exit_code == 2 and "Input/output error" in failed.stderr
     assert not (home / "audit.db").exists()
+
+
+def _key(home: Path, *args: str) -> str:
+    made = run(home, "keys", "create", "--scope", "infer", "--json", *args)
+    assert made.exit_code == 0, made.output
+    return str(json.loads(made.stdout)["id"])
+
+
+def _keys(home: Path) -> dict[str, Any]:
+    listed = run(home, "keys", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    return {k["id"]: k for k in json.loads(listed.stdout)}
+
+
+def test_a_key_revoked_after_the_backup_stays_revoked_when_the_log_is_brought_forward(
+    box: dict[str, Any], tmp_path: Path
+) -> None:
+    """The archive's key store predates the revocation: restored as it was, a leaked key revoked after the
+    backup answered 200 again, while the log brought forward said it was revoked.  Now the restore revokes
+    it again (dated as it was revoked), names the keys created since (not on the box) and records both."""
+    ship = tmp_path / "ship"
+    ship.mkdir()
+    leaked, kept = _key(box["home"]), _key(box["home"])
+    archive = create(box)
+    assert run(box["home"], "keys", "revoke", leaked).exit_code == 0
+    later = _key(box["home"])
+    assert _ship(box["home"], ship).exit_code == 0
+    revoked_at = _keys(box["home"])[leaked]["revoked_at"]
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(archive), "--audit-from", str(ship))
+    assert result.exit_code == 0, result.output
+    keys = _keys(new)
+    # dated by the revocation's audit record (written just after it), not by the restore
+    again = datetime.fromisoformat(keys[leaked]["revoked_at"]) - datetime.fromisoformat(revoked_at)
+    assert timedelta(0) <= again < timedelta(seconds=5) and keys[kept]["revoked_at"] is None
+    assert later not in keys
+    assert f"key {leaked} was revoked after the backup" in result.output
+    assert f"key {later} was created after the backup" in result.output
+    log = AuditLog.open(load_settings({"home": new}))
+    try:
+        restore = log.tail(1)[0]
+    finally:
+        log.close()
+    assert restore.event == "backup_restore" and restore.details["keys_revoked_again"] == leaked
+    assert run(new, "audit", "verify").exit_code == 0
+
+
+def test_without_the_copies_the_restore_says_revoked_keys_are_active_again(box: dict[str, Any], tmp_path: Path) -> None:
+    archive = create(box)
+    result = run(tmp_path / "new", "backup", "restore", str(archive), "--no-catch-up")
+    assert result.exit_code == 0, result.output
+    assert "a key revoked since is active again" in result.output
