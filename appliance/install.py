@@ -549,12 +549,40 @@ def install(
             "or pass --root DIR to install into a folder tree (images, tests)"
         )
     report = InstallReport()
+    options = _keep_installed_folders(options, report)
     previous_umask = os.umask(0o022)  # the venv and the units must be readable by the service user
     try:
         _install(options, run, root, live, is_root, report, say)
     finally:
         os.umask(previous_umask)
     return report
+
+
+#: (option, its unit, the variable the unit sets, the folder used when none is given)
+_FOLDERS = (
+    ("ship_dir", "inferbox-audit-ship.service", "INFERBOX_SHIP_DIR", DEFAULT_SHIP_DIR),
+    ("backup_dir", "inferbox-backup.service", "INFERBOX_BACKUP_DIR", DEFAULT_BACKUP_DIR),
+)
+
+
+def _keep_installed_folders(options: InstallOptions, report: InstallReport) -> InstallOptions:
+    """``options`` with the ship and backup folders the installed units already name, where not given
+    again: running install again (an upgrade) without ``--ship-dir`` / ``--backup-dir`` rewrote the
+    units to the default folders while their timers stayed enabled."""
+    kept: dict[str, Path] = {}
+    for name, unit, variable, default in _FOLDERS:
+        if getattr(options, name) is not None:
+            continue
+        try:
+            installed = _service_environment(options.root, unit)[0].get(variable)
+        except OSError:
+            continue
+        if installed and Path(installed) != default:
+            kept[name] = Path(installed)
+            report.notes.append(
+                f"kept --{name.replace('_', '-')} {installed} from the installed {unit} (give the option to change it)"
+            )
+    return dataclasses.replace(options, **kept) if kept else options  # type: ignore[arg-type]
 
 
 def _service_owner(report: InstallReport) -> tuple[int, int] | None:

@@ -293,3 +293,31 @@ def test_backup_encrypt_to_installs_the_public_key_and_sets_it_for_every_backup(
         main, ["install", "--root", str(wrong), "--no-venv", "--backup-encrypt-to", str(off_box / "backup.key")]
     )
     assert bad.exit_code == 2 and "--backup-encrypt-to" in bad.output and not wrong.exists()
+
+
+def test_installing_again_keeps_the_ship_and_backup_folders_the_units_name(tmp_path: Path) -> None:
+    """An upgrade (install run again without --ship-dir / --backup-dir) rewrote the units to the default
+    folders, left their timers enabled, and said the timers were not enabled."""
+    first = install(
+        InstallOptions(
+            root=tmp_path,
+            venv=False,
+            prefix=Path("/opt/ib"),
+            ship_dir=Path("/srv/offbox"),
+            backup_dir=Path("/srv/backups"),
+        )
+    )
+    assert not [n for n in first.notes if "kept --" in n]
+    again = install(InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib")))
+    units = tmp_path / "etc/systemd/system"
+    ship = (units / "inferbox-audit-ship.service").read_text()
+    backup = (units / "inferbox-backup.service").read_text()
+    assert "Environment=INFERBOX_SHIP_DIR=/srv/offbox\n" in ship and "ReadWritePaths=/srv/offbox\n" in ship
+    assert "Environment=INFERBOX_BACKUP_DIR=/srv/backups\n" in backup and "RequiresMountsFor=/srv/backups\n" in backup
+    assert (units / "timers.target.wants/inferbox-audit-ship.timer").is_symlink()
+    assert (units / "timers.target.wants/inferbox-backup.timer").is_symlink()
+    assert not [n for n in again.notes if "is not enabled" in n], again.notes
+    assert any("kept --ship-dir /srv/offbox" in n for n in again.notes)
+    moved = install(InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib"), ship_dir=Path("/srv/other")))
+    assert "INFERBOX_SHIP_DIR=/srv/other\n" in (units / "inferbox-audit-ship.service").read_text()
+    assert any("kept --backup-dir /srv/backups" in n for n in moved.notes)
