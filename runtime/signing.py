@@ -101,6 +101,10 @@ def write_private_key(key: Ed25519PrivateKey, path: Path, *, overwrite: bool = F
     fsync_dir(parent)
 
 
+#: a PEM Ed25519 private key is ~120 bytes: a file far larger is not one
+_MAX_KEY_BYTES = 1 << 14
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read a PEM private key; refuse one that group or others can read."""
     path = Path(path)
@@ -114,12 +118,20 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"signing key {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise ConfigError(
-                f"signing key {path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"run `chmod 600 {path}`"
-            )
-        data = f.read()
+        data = f.read(_MAX_KEY_BYTES + 1)
+    # what the file is comes first: "chmod 600" is the wrong fix for a public key or /etc/passwd
+    if b"-----BEGIN PUBLIC KEY-----" in data:
+        raise ConfigError(
+            f"signing key {path} is a public key; give the private key (signing.key): its public half is what "
+            "`inferbox signing-key show` and `inferbox audit public-key` print"
+        )
+    if len(data) > _MAX_KEY_BYTES or b"PRIVATE KEY-----" not in data:
+        raise ConfigError(f"signing key {path} is not a PEM private key; {_CREATE_HINT}")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"signing key {path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run `chmod 600 {path}`"
+        )
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:

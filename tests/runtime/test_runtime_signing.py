@@ -26,6 +26,7 @@ from runtime.signing import (
     sign,
     verify,
     write_private_key,
+    write_public_key,
 )
 
 
@@ -86,6 +87,24 @@ def test_load_refuses_a_key_others_can_read(tmp_path: Path, mode: int) -> None:
         load_private_key(path)
 
 
+def test_a_public_key_or_another_file_is_named_before_its_mode(tmp_path: Path) -> None:
+    """A public key given where the private one belongs (mode 0644, as public keys are) was told to
+    `chmod 600` it, then that it was no private key; /etc/passwd got the same chmod advice."""
+    private = tmp_path / "signing.key"
+    write_private_key(generate_private_key(), private)
+    public = write_public_key(load_private_key(private), private)
+    assert public.stat().st_mode & 0o077
+    with pytest.raises(ConfigError, match="is a public key; give the private key") as caught:
+        load_private_key(public)
+    assert "chmod" not in str(caught.value)
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    other.chmod(0o644)
+    with pytest.raises(ConfigError, match="is not a PEM private key") as caught:
+        load_private_key(other)
+    assert "chmod" not in str(caught.value)
+
+
 def test_load_missing_key_names_the_command(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inferbox signing-key create"):
         load_private_key(tmp_path / "nope.key")
@@ -102,7 +121,7 @@ def test_load_refuses_a_non_ed25519_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not Ed25519"):
         load_private_key(path)
     path.write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match="not an unencrypted PEM"):
+    with pytest.raises(ConfigError, match="not a PEM private key"):
         load_private_key(path)
     with pytest.raises(ConfigError, match="not Ed25519"):
         load_public_key(
