@@ -668,6 +668,11 @@ def _install(
 
     # 5. signing key (0600) and its public half
     key_path = state / "keys" / "signing.key"
+    if key_path.is_symlink():  # a link (dangling too) is never the box's key, nor written through
+        raise InstallError(
+            f"{key_path} is a link (to {os.readlink(key_path)}), where the signing key belongs: move it away "
+            "(a key kept elsewhere: set signing_key in inferbox.toml instead) and run install again"
+        )
     if key_path.exists():
         report.kept.append(str(key_path))
     else:

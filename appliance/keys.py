@@ -24,6 +24,7 @@ import re
 import secrets
 import sqlite3
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -212,6 +213,9 @@ class KeyStore:
             raise InputError(f"--expires: {_iso(expires)} is in the past", field="expires")
         if rate_limit_per_minute < 0:
             raise InputError("rate_limit_per_minute: must be >= 0", field="rate_limit_per_minute")
+        if any(unicodedata.category(c).startswith("C") for c in name):
+            # `keys list` prints one key a line: a newline in a name could forge another key's line
+            raise InputError("--name: control characters (a newline, a tab) are not allowed in a name", field="name")
         key_id = secrets.token_hex(6)
         secret = f"ibx_{key_id}_{secrets.token_urlsafe(32)}"
         record = KeyRecord(

@@ -185,7 +185,11 @@ def create(
 
     settings = build_settings(home=home, repository=repository)
     recipient_path = encrypt_to or settings.backup_encrypt_to
-    recipient = load_recipient(recipient_path) if recipient_path is not None else None
+    try:
+        recipient = load_recipient(recipient_path) if recipient_path is not None else None
+    except BackupError as exc:  # say where the path came from: the flag, or the setting and its source
+        where = "--encrypt-to" if encrypt_to else f"backup_encrypt_to ({settings.sources.get('backup_encrypt_to')})"
+        raise BackupError(f"{where}: {exc}") from None
     target = folder or settings.backup_dir
     if target is None:
         raise click.UsageError(

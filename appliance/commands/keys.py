@@ -153,7 +153,12 @@ def create(
         finally:
             store.close()
         if record is not None:
-            details = {"scopes": ",".join(rec.scopes), "name": name, "expires_at": rec.expires_at or ""}
+            details = {
+                "scopes": ",".join(rec.scopes),
+                "name": name,
+                "expires_at": rec.expires_at or "",
+                "rate_limit_per_minute": str(rec.rate_limit_per_minute),
+            }
             if bound is not None:
                 details["client_cert_sha256"] = bound
             record(_event("key_create", "inferbox keys create", rec.id, details, started))

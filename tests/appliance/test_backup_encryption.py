@@ -291,3 +291,14 @@ def test_the_setting_encrypts_the_scheduled_backups_and_keep_prunes_plain_and_en
     (archive,) = [p for p in box["out"].glob("inferbox-backup-*.tar.enc") if p not in older]
     assert crypt.encrypted_to(archive) == crypt.recipient_id(crypt.load_recipient(keys["public"]))
     assert sorted(box["out"].iterdir()) == [older[1], archive]  # the oldest went, plain or not
+
+
+def test_a_missing_recipient_key_names_the_setting_it_came_from(box: dict[str, Any], tmp_path: Path) -> None:
+    """A missing key file ("cannot read the recipient key /x.pub") did not say it came from backup_encrypt_to."""
+    missing = tmp_path / "gone.pub"
+    (box["home"] / "inferbox.toml").write_text(f"[backup]\nbackup_encrypt_to = {str(missing)!r}\n")
+    made = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]))
+    assert made.exit_code == 2 and "backup_encrypt_to (file" in made.output and str(missing) in made.output
+    flag = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]), "--encrypt-to", str(missing))
+    assert flag.exit_code == 2 and "--encrypt-to" in flag.output and "does not exist" in flag.output
+    assert not list(box["out"].iterdir())

@@ -321,3 +321,14 @@ def test_installing_again_keeps_the_ship_and_backup_folders_the_units_name(tmp_p
     moved = install(InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib"), ship_dir=Path("/srv/other")))
     assert "INFERBOX_SHIP_DIR=/srv/other\n" in (units / "inferbox-audit-ship.service").read_text()
     assert any("kept --backup-dir /srv/backups" in n for n in moved.notes)
+
+
+def test_a_link_where_the_signing_key_belongs_is_named_not_told_to_force(tmp_path: Path) -> None:
+    """A dangling link at keys/signing.key made install say "already exists; pass --force", a flag install
+    does not have."""
+    key = tmp_path / "var/lib/inferbox/keys/signing.key"
+    key.parent.mkdir(parents=True)
+    key.symlink_to(tmp_path / "nowhere.key")
+    result = CliRunner().invoke(main, ["install", "--root", str(tmp_path), "--no-venv", "--prefix", "/opt/ib"])
+    assert result.exit_code != 0 and "is a link" in result.output and "--force" not in result.output, result.output
+    assert not (tmp_path / "nowhere.key").exists()

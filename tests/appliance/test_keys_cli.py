@@ -69,10 +69,19 @@ def test_create_and_revoke_are_recorded(env: dict[str, str], monkeypatch: pytest
         yield events.append
 
     monkeypatch.setattr(keys_cmd, "recorder_factory", recorder)
-    made = json.loads(_run(env, "keys", "create", "--scope", "infer", "--json").stdout)
+    made = json.loads(_run(env, "keys", "create", "--scope", "infer", "--rate-limit", "7", "--json").stdout)
     _run(env, "keys", "revoke", made["id"])
     assert [(e.event, e.credential_id) for e in events] == [("key_create", made["id"]), ("key_revoke", made["id"])]
     assert made["key"] not in repr(events)
+    assert events[0].details["rate_limit_per_minute"] == "7"  # the record said all but the key's rate limit
+
+
+def test_a_name_with_a_control_character_is_refused(env: dict[str, str]) -> None:
+    """`keys list` prints a key a line: a newline in a name could forge another key's line."""
+    forged = "ops\nabcdef123456  keys:admin  active"
+    r = _run(env, "keys", "create", "--scope", "infer", "--name", forged)
+    assert r.exit_code == 2 and "--name" in r.stderr and "control characters" in r.stderr
+    assert _run(env, "keys", "create", "--scope", "infer", "--name", "Ops team, ünïcode").exit_code == 0
 
 
 def test_keys_is_a_registered_command(env: dict[str, str]) -> None:
