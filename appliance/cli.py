@@ -79,16 +79,28 @@ class LazyGroup(click.Group):
         except OSError as exc:
             _fail(f"{_os_problem(exc)}; check the path and its permissions")
         except sqlite3.Error as exc:
-            _fail(
-                f"a database in the state folder cannot be used ({exc}); check that the state folder and its "
-                "*.db files belong to the user running the command and are writable (on an installed box run it "
-                "as the inferbox user: sudo -u inferbox env INFERBOX_HOME=/var/lib/inferbox ...)"
-            )
+            _fail(_database_problem(exc))
         except subprocess.CalledProcessError as exc:
             command = " ".join(str(a) for a in exc.cmd) if isinstance(exc.cmd, list | tuple) else str(exc.cmd)
             _fail(f"`{command}` failed with exit code {exc.returncode} (its output is above); fix that and run again")
         finally:
             os.umask(previous_umask)
+
+
+def _database_problem(exc: sqlite3.Error) -> str:
+    """What to do about a database error: who may write the file, or the file's own content."""
+    text = str(exc)
+    if any(word in text.lower() for word in ("readonly", "unable to open", "permission", "locked")):
+        return (
+            f"a database in the state folder cannot be used ({exc}); check that the state folder and its "
+            "*.db files belong to the user running the command and are writable (on an installed box run it "
+            "as the inferbox user: sudo -u inferbox env INFERBOX_HOME=/var/lib/inferbox ...)"
+        )
+    return (
+        f"a database in the state folder cannot be read ({exc}): it is damaged, or was changed by hand; "
+        "`inferbox audit verify` says what of the audit log is wrong, and a backup restores the state "
+        "(docs/operations.md, 'Backup and restore')"
+    )
 
 
 def _os_problem(exc: OSError) -> str:

@@ -172,3 +172,15 @@ def test_legacy_start_with_an_export_is_refused_not_ignored(home: Path, tmp_path
     assert _run("export", "--home", str(home), "--out", str(out_file))[0] == 0
     code, out = _run("verify", "--home", str(home), "--export", str(out_file), "--legacy-start")
     assert code == 2 and "--legacy-start is for a database" in out, out
+
+
+def test_a_database_changed_by_hand_is_called_damaged_not_a_permissions_problem(home: Path) -> None:
+    """A text column that is not UTF-8 (edited in) made `audit tail` advise checking who owns the files."""
+    conn = sqlite3.connect(home / "audit.db")
+    conn.execute("DROP TRIGGER records_no_update")
+    conn.execute("UPDATE records SET actor = CAST(x'ff' AS TEXT) WHERE seq = 3")
+    conn.commit()
+    conn.close()
+    result = CliRunner().invoke(main, ["audit", "tail", "--home", str(home)])
+    assert result.exit_code == 2, result.output
+    assert "damaged, or was changed by hand" in result.output and "belong to the user" not in result.output
