@@ -16,9 +16,10 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from msgspec import Meta
 
-from api.envelope import context_of
+from api.envelope import CLIENT_GONE, context_of
 from runtime.errors import (
     AuthError,
+    ClientGoneError,
     ForbiddenError,
     InferboxError,
     InputError,
@@ -86,6 +87,8 @@ class OpenAIError(msgspec.Struct):
 
 
 def status_of(exc: BaseException) -> int:
+    if isinstance(exc, ClientGoneError):
+        return CLIENT_GONE
     if isinstance(exc, PayloadTooLargeError):
         return 413
     if isinstance(exc, InputError):

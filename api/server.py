@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from litestar import Request
+from litestar.exceptions import InternalServerException
 
 from api.config import ApiConfig
 from api.envelope import context_of
 from api.metrics import Metrics, ModelInfo
 from runtime.batcher import BatchStats, DynamicBatcher
-from runtime.errors import BackendError, InputError, OverloadError, PayloadTooLargeError
+from runtime.errors import BackendError, ClientGoneError, InputError, OverloadError, PayloadTooLargeError
 from runtime.scores import sigmoid
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
@@ -314,11 +315,14 @@ class Server:
             )
         parts: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLargeError(f"body: over the limit of {limit} bytes (max_body_bytes)", field="body")
-            parts.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"body: over the limit of {limit} bytes (max_body_bytes)", field="body")
+                parts.append(chunk)
+        except InternalServerException as exc:  # Litestar's word for the client closing mid-body
+            raise ClientGoneError(f"the client closed the connection after {size} bytes of its body") from exc
         raw = b"".join(parts)
         context_of(request.scope).raw_body = raw
         encoding = request.headers.get("content-encoding", "identity").strip().lower()

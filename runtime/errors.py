@@ -45,6 +45,7 @@ __all__ = [
     "BatchError",
     "BenchError",
     "CalibrationError",
+    "ClientGoneError",
     "ConfigError",
     "ExportError",
     "FallbackError",
@@ -177,6 +178,11 @@ class OverloadError(InferboxError):
 
 class RequestTimeoutError(InferboxError):
     pass
+
+
+class ClientGoneError(InferboxError):
+    """The client closed the connection before its answer (a body cut short): nothing to answer, no fault
+    of the server (status 499, as nginx records it; logged without a traceback)."""
 
 
 class AuditError(InferboxError):

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import msgspec
 import numpy as np
+import pytest
 
 from api.app import create_app
 from api.config import ApiConfig
@@ -301,3 +302,99 @@ def test_a_large_request_is_tokenized_off_the_event_loop(tmp_path: Path) -> None
         assert gated.threads[0] != loop_thread and gated.threads[1] == loop_thread
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def _asgi_call(app: Any, path: str, messages: list[dict[str, Any]], hangup: asyncio.Event) -> Any:
+    """One request straight through ASGI: ``messages`` as the body, then (once ``hangup`` is set) the
+    client's disconnect; what the app sent is returned."""
+    sent: list[dict[str, Any]] = []
+    queue = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        if queue:
+            return queue.pop(0)
+        await hangup.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def run() -> list[dict[str, Any]]:
+        await app(scope, receive, send)
+        return sent
+
+    return run()
+
+
+def test_a_request_whose_client_hung_up_is_withdrawn_not_computed(tmp_path: Path) -> None:
+    """Nothing listened for the client leaving while its request waited: four abandoned requests of 256
+    texts were computed for nobody and held a live client's request for 28 s.  Now the request is
+    cancelled: its rows still queued are withdrawn (never run), it is recorded as 499, nothing is sent."""
+    inner = tensor_model(tmp_path, name="ref").session
+    session = BlockingSession(inner)
+    audit = MemoryAudit()
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path, session=session)]),
+        config=ApiConfig(auth=False, max_batch_size=1),
+        audit=audit,
+        keys=None,
+    )
+
+    async def main() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            first = asyncio.ensure_future(c.post("/v2/models/tabular/infer", json=BODY))
+            await asyncio.to_thread(session.entered.wait, 10)  # the first holds the session
+            hangup = asyncio.Event()
+            body = msgspec.json.encode(infer_json({"x": X * 3, "ids": IDS}))
+            abandoned = asyncio.ensure_future(
+                _asgi_call(app, "/v2/models/tabular/infer", [{"type": "http.request", "body": body}], hangup)
+            )
+            await _until(lambda: _stats(app).queue_depth == 1, "the second request queued")
+            hangup.set()  # its client goes away
+            sent = await asyncio.wait_for(abandoned, 10)
+            assert sent == []  # nobody to answer
+            await _until(lambda: _stats(app).queue_depth == 0, "its row withdrawn")
+            session.release.set()
+            assert (await first).status_code == 200
+        assert session.calls == [1]  # the abandoned row never ran
+        gone = [e for e in audit.events if e.status == 499]
+        assert len(gone) == 1 and gone[0].outcome == "failure" and gone[0].event == "inference"
+        assert "closed the connection" in gone[0].details["error"]
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_client_gone_mid_body_is_recorded_as_gone_not_as_a_server_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that closed the connection halfway through its body was a 500 with a traceback in the
+    log, counted by any 5xx alert."""
+    import logging
+
+    audit = MemoryAudit()
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]), config=ApiConfig(auth=False), audit=audit, keys=None
+    )
+    raw = msgspec.json.encode(BODY)
+    half = [{"type": "http.request", "body": raw[: len(raw) // 2], "more_body": True}]
+    hangup = asyncio.Event()
+    hangup.set()
+    with caplog.at_level(logging.INFO):
+        asyncio.run(asyncio.wait_for(_asgi_call(app, "/v2/models/tabular/infer", half, hangup), 30))
+    assert [(e.status, e.outcome) for e in audit.events] == [(499, "failure")]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
