@@ -28,6 +28,8 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_queue_delay_s: float = 0.002
     queue_limit: int = 1024
     request_timeout_s: float = 30.0
+    #: server processes, each with its own models (a repository load / unload reaches one of them)
+    workers: int = 1
     #: name and version reported by ``GET /v2``
     server_name: str = "inferbox"
     server_version: str = "0.1.0"
@@ -49,6 +51,7 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
             "max_queue_delay_s": float(settings.max_queue_delay_ms) / 1000.0,
             "queue_limit": int(settings.queue_limit),
             "request_timeout_s": float(settings.request_timeout_s),
+            "workers": int(getattr(settings, "workers", 1)),
         }
         values.update(overrides)
         return cls(**values)

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import msgspec
 import numpy as np
 from litestar import Request, Response, get, post
+from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
 from api.classification import classify
@@ -375,6 +376,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     ctx.event = "model_load"
     ctx.ask_model(name)
     _optional_body(await server.read_body(request), RepositoryModelRequest)
+    _one_worker(server, "load")
     try:
         model = await anyio.to_thread.run_sync(server.registry.load, name, None)
     except ModelNotFoundError:  # its message names the repository's folder on the box: not for clients
@@ -409,11 +411,27 @@ async def repository_unload(request: Req, name: str) -> Response[bytes]:
     ctx.event = "model_unload"
     ctx.ask_model(name)
     _optional_body(await server.read_body(request), RepositoryModelRequest)
+    _one_worker(server, "unload")
     model = server.registry.get(name)
     ctx.set_model(model)
     server.registry.unload(name)  # new requests: 404 from here on
     await server.retired(model)  # its batches done, its session closed
     return _json({})
+
+
+def _one_worker(server: Server, what: str) -> None:
+    """A load or unload reaches the one worker process that took the request: with several, the others
+    kept the old state (a review saw 7 of 20 requests answered by the old version after a load)."""
+    workers = server.config.workers
+    if workers > 1:
+        raise HTTPException(
+            status_code=409,
+            detail=(
+                f"this server runs {workers} worker processes, each holding its own models: a {what} here would "
+                "change one of them. Restart the service to load the newest version of each model on all of them "
+                "(systemctl restart inferbox-api), or serve with workers = 1 to use the repository routes"
+            ),
+        )
 
 
 def _optional_body(body: bytes, kind: type[_Body]) -> _Body | None:

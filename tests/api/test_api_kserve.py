@@ -298,3 +298,25 @@ def test_repository_routes_check_their_bodies_and_keep_the_box_s_paths(client_fa
     r = c.post("/v2/repository/index", json={"ready": "yes"})
     assert r.status_code == 400 and "ready" in r.json()["error"]
     assert c.post("/v2/repository/models/tabular/unload", json={"parameters": {}}).status_code == 200
+
+
+def test_with_several_workers_the_repository_routes_say_they_would_reach_one(
+    client_factory: Any, tmp_path: Path
+) -> None:
+    """Each worker process holds its own models: a load or unload changed the one that took the request
+    (after one load, 7 of 20 requests were still answered by the old version)."""
+    from litestar.testing import TestClient
+
+    from api.app import create_app
+    from api.config import ApiConfig
+
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]), config=ApiConfig(auth=False, workers=2), audit=None, keys=None
+    )
+    with TestClient(app) as c:
+        for route in ("/v2/repository/models/tabular/load", "/v2/repository/models/tabular/unload"):
+            r = c.post(route)
+            assert r.status_code == 409 and "2 worker processes" in r.json()["error"], r.text
+            assert "systemctl restart inferbox-api" in r.json()["error"]
+        assert c.post("/v2/models/tabular/infer", json=infer_json({"x": X, "ids": IDS})).status_code == 200
+        assert c.post("/v2/repository/index").status_code == 200
