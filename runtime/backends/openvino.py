@@ -22,10 +22,12 @@ time per session).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
     from runtime.hardware import HardwareProfile, OvDevice
 
-__all__ = ["OV_BACKENDS", "PAD_MULTIPLES", "OpenVinoBackend", "OvSession", "ov_precision_name"]
+__all__ = ["OV_BACKENDS", "PAD_MULTIPLES", "OpenVinoBackend", "OvSession", "cache_lock", "ov_precision_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,23 @@ def _device_precisions(device: OvDevice) -> tuple[str, ...]:
     if "FP16" in caps and not device.name.startswith("CPU"):
         out.append("fp16")
     return tuple(out)
+
+
+@contextlib.contextmanager
+def cache_lock(cache_dir: str | None) -> Iterator[None]:
+    """Hold ``<cache_dir>/.compile.lock`` (an exclusive flock) while a model compiles with the cache:
+    the server's workers, a second server and the batch worker share one cache, and OpenVINO writing a
+    blob another process maps killed that process with SIGBUS (seen with two servers starting on an
+    empty cache).  Within the lock a process finds the blob whole, or writes it alone."""
+    if cache_dir is None:
+        yield
+        return
+    with open(Path(cache_dir) / ".compile.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 class _Copy:
@@ -326,7 +345,8 @@ class OpenVinoBackend:
         except Exception as exc:
             raise BackendError(f"{self.name} cannot read {model_path}: {exc}") from exc
         try:
-            compiled = core.compile_model(model, self.device, config)
+            with cache_lock(config.get("CACHE_DIR")):
+                compiled = core.compile_model(model, self.device, config)
         except Exception as exc:
             text = str(exc)
             if (

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -469,3 +470,38 @@ def test_ort_provider_that_raises_at_creation(tiny_mlp: Path, monkeypatch: pytes
     session = OrtBackend("ort-cuda").open(tiny_mlp, OpenOptions(intra_op_threads=1, allow_fallback=True))
     assert session.fallback == "CUDAExecutionProvider -> CPUExecutionProvider"
     assert set(session.run({"x": _x(1)})) == {"hidden", "logits"}
+
+
+def test_a_compile_with_the_cache_holds_the_cache_lock_another_process_waits_for(
+    tmp_path: Path, tiny_mlp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two servers (or a server's workers, or the batch worker) share cache/openvino: one that mapped a
+    blob another was writing died of SIGBUS.  A compile with the cache holds an exclusive flock on
+    <cache>/openvino/.compile.lock, which another process cannot take meanwhile."""
+    import subprocess
+    import sys
+
+    backend = OpenVinoBackend("ov-cpu")
+    core = backend._get_core()
+    seen: list[int] = []
+    real = core.compile_model
+    probe = (
+        "import fcntl, sys\n"
+        "f = open(sys.argv[1], 'a+b')\n"
+        "try:\n    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(7)\n"
+    )
+    lock = tmp_path / "openvino" / ".compile.lock"
+
+    class Watched:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(core, name)
+
+        def compile_model(self, *args: Any) -> Any:
+            seen.append(subprocess.run([sys.executable, "-c", probe, str(lock)], check=False).returncode)
+            return real(*args)
+
+    monkeypatch.setattr(backend, "_core", Watched())
+    backend.open(tiny_mlp, OpenOptions(intra_op_threads=1, exec_precision="fp32", cache_dir=tmp_path))
+    assert seen == [7]  # held during the compile
+    done = subprocess.run([sys.executable, "-c", probe, str(lock)], check=False)
+    assert done.returncode == 0  # and let go after it
