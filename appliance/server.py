@@ -306,6 +306,21 @@ def _event(event: str, action: str, outcome: str = "success", **details: str) ->
     )
 
 
+def _load_event(loaded: LoadedModel, /, **details: str) -> Any:
+    """``model_load`` at start, its columns naming the model as an API load's do (so that
+    ``?event=model_load&model=NAME`` finds the loads at start too)."""
+    import msgspec
+
+    return msgspec.structs.replace(
+        _event("model_load", f"load {loaded.name}/{loaded.version}", **details),
+        model_name=loaded.name,
+        model_version=str(loaded.version),
+        model_sha256=loaded.package_sha256,
+        backend=loaded.backend,
+        variant=loaded.variant,
+    )
+
+
 def build_app(
     settings: Settings,
     *,
@@ -352,13 +367,10 @@ def build_app(
         audit.append(_event("config", "settings at start", **config_details))
         for model in registry.loaded():
             audit.append(
-                _event(
-                    "model_load",
-                    f"load {model.name}/{model.version}",
+                _load_event(
+                    model,
                     model=f"{model.name}/{model.version}",
                     sha256=model.package_sha256,
-                    backend=model.backend,
-                    variant=model.variant,
                     exec_precision=model.exec_precision,
                     fallback=model.session.fallback or "",
                 )

@@ -488,6 +488,12 @@ def test_audit_log_records_requests_verifies_and_holds_no_payload(served: Served
     lines = [json.loads(line) for line in export.read_text().splitlines()]
     events = [line.get("event") for line in lines]
     assert "service_start" in events and "service_stop" in events and "inference" in events
+    # the load at start names its model in the record's columns, as an API load does (a filter by model
+    # found the loads of the repository routes, not the one that served from the start)
+    (load,) = [
+        line for line in lines if line.get("event") == "model_load" and line.get("action", "").startswith("load ")
+    ]
+    assert load["model_name"] == "minilm" and len(load["model_sha256"]) == 64 and load["backend"] and load["variant"]
     # The canary: neither the request text nor any key secret is stored anywhere.
     # ``ibx_<id>_<secret>``: the secret is token_urlsafe and may itself hold "_".
     key_secret = served.key.split("_", 2)[2]
