@@ -400,9 +400,15 @@ class ModelRegistry:
             try:
                 model = self._loader(name, version)
             except InferboxError as exc:
-                if version is not None:
+                # the version that failed, so that the repository index gives the reason (the newest on
+                # disk when none was asked: the loader opens the newest)
+                tried = version
+                if tried is None:
+                    tried = max((e.version for e in self._index() if e.name == name), default=None)
+                logger.warning("model %s version %s did not load: %s", name, tried if tried is not None else "?", exc)
+                if tried is not None:
                     with self._lock:
-                        self._errors[(name, version)] = str(exc)
+                        self._errors[(name, tried)] = str(exc)
                 raise
             with self._lock:
                 self._errors.pop((name, model.version), None)

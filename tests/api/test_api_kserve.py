@@ -320,3 +320,25 @@ def test_with_several_workers_the_repository_routes_say_they_would_reach_one(
             assert "systemctl restart inferbox-api" in r.json()["error"]
         assert c.post("/v2/models/tabular/infer", json=infer_json({"x": X, "ids": IDS})).status_code == 200
         assert c.post("/v2/repository/index").status_code == 200
+
+
+def test_a_failed_load_of_the_newest_version_gives_its_reason_in_the_index_and_the_log(
+    client_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A load without a version (the newest) that failed kept no reason (the index said "") and logged
+    nothing: the operator saw a 409 and an UNAVAILABLE row without a word why."""
+    import logging
+
+    from runtime.errors import IntegrityError
+    from runtime.serving import ModelRegistry
+
+    def loader(name: str, version: int | None) -> Any:
+        raise IntegrityError("openvino/model.int8.bin does not match its hash in the manifest")
+
+    registry = ModelRegistry(loader, lambda: [IndexEntry("tabular", 1, "UNAVAILABLE", "")])
+    c = client_factory(registry=registry)
+    with caplog.at_level(logging.WARNING, logger="runtime.serving"):
+        assert c.post("/v2/repository/models/tabular/load").status_code == 409
+    (row,) = c.post("/v2/repository/index").json()
+    assert row["state"] == "UNAVAILABLE" and "does not match its hash" in row["reason"]
+    assert any("tabular version 1 did not load" in r.getMessage() for r in caplog.records)
