@@ -104,6 +104,7 @@ def serve(
         log.warning("plain HTTP on %s (allow_plaintext): a TLS proxy in front must terminate HTTPS", settings.host)
     from appliance.server import hold_sighup, prepare
 
+    _check_port(settings.host, settings.port)  # before the models load and the start is recorded
     hold_sighup()  # a reload (SIGHUP) during the start must not end the service
     with _refusal():  # an empty serving-only repository, a default model that did not build
         prepared = prepare(settings)
@@ -156,6 +157,31 @@ def serve(
     click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True)
     server.run()
     hold_sighup()  # the loop's handler went with the loop: a late SIGHUP must not end the exit early
+
+
+def _check_port(host: str, port: int) -> None:
+    """The address must be free to listen on, said before the models load: a second server on a used port
+    loaded its models and recorded a start (service_start, model_load) before uvicorn failed to bind."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise click.ClickException(
+                    f"{host}:{port} is in use (another inferbox serve on this box? `ss -ltnp 'sport = :{port}'` "
+                    "names it): stop it, or serve on another port (--port, INFERBOX_PORT)"
+                ) from None
+            if exc.errno == errno.EACCES:
+                raise click.ClickException(
+                    f"cannot listen on {host}:{port} ({exc.strerror}): a port below 1024 needs root or "
+                    "CAP_NET_BIND_SERVICE; serve on a port above 1023 (--port), behind a proxy if need be"
+                ) from None
+            raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
 @contextlib.contextmanager

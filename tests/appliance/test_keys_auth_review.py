@@ -170,3 +170,18 @@ def test_model_with_an_already_narrowed_scope_is_refused(tmp_path: Path) -> None
         store.close()
     r = _run("keys", "list", "--json", env={"INFERBOX_HOME": str(tmp_path), "INFERBOX_AUDIT": "false"})
     assert len(json.loads(r.stdout)) == 2
+
+
+def test_serve_on_a_port_in_use_says_so_before_it_loads_or_records_anything(tmp_path: Path) -> None:
+    """A second server on a used port loaded its models and recorded service_start, config and model_load
+    before uvicorn failed to bind: the log showed a start that never served."""
+    import socket
+
+    home = tmp_path / "home"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = CliRunner().invoke(main, ["serve", "--home", str(home), "--port", str(port)])
+    assert r.exit_code == 1 and f"127.0.0.1:{port} is in use" in r.output and "--port" in r.output, r.output
+    assert not (home / "audit.db").exists() and not (home / "models").exists()
