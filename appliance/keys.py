@@ -35,7 +35,15 @@ from api.protocols import Principal
 from appliance.sqlite import enable_wal, open_read_only
 from runtime.errors import AuthError, ConfigError, InputError
 
-__all__ = ["SCOPES", "KeyRecord", "KeyStore", "bound_key_ids", "certificate_sha256", "parse_expiry"]
+__all__ = [
+    "SCOPES",
+    "FirstKeyExistsError",
+    "KeyRecord",
+    "KeyStore",
+    "bound_key_ids",
+    "certificate_sha256",
+    "parse_expiry",
+]
 
 SCOPES = ("infer", "models:admin", "keys:admin", "audit:read", "metrics:read")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -143,6 +151,10 @@ def _check_scopes(scopes: Sequence[str], model: str | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+class FirstKeyExistsError(InputError):
+    """``KeyStore.create(first=True)`` on a store that holds a key (another process made the first one)."""
+
+
 class KeyStore:
     """SQLite-backed API keys. Thread-safe; one connection, serialized by a lock."""
 
@@ -197,10 +209,13 @@ class KeyStore:
         name: str = "",
         rate_limit_per_minute: int = 0,
         client_cert_sha256: str | None = None,
+        first: bool = False,
     ) -> tuple[KeyRecord, str]:
         """A new key: its record and the secret (shown once; only its hash is kept).
 
         ``client_cert_sha256``: bind the key to a client certificate (see :func:`certificate_sha256`).
+        ``first``: only when the store holds no key yet (checked in the insert's transaction: two servers
+        first started at once on one home each made a first admin key); else :class:`FirstKeyExistsError`.
         """
         checked = _check_scopes(scopes, model)
         if client_cert_sha256 is not None and not _SHA256.fullmatch(client_cert_sha256):
@@ -229,6 +244,8 @@ class KeyStore:
             client_cert_sha256=client_cert_sha256,
         )
         with self._write() as conn:
+            if first and conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]:
+                raise FirstKeyExistsError("the store already holds a key")
             conn.execute(
                 "INSERT INTO api_keys (id, name, scopes, key_sha256, created_at, expires_at, revoked_at, "
                 "rate_limit_per_minute, client_cert_sha256) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",

@@ -67,7 +67,12 @@ def ensure_signing_key(settings: Settings) -> None:
     from runtime.signing import generate_private_key, write_private_key, write_public_key
 
     key = generate_private_key()
-    write_private_key(key, settings.signing_key)
+    try:
+        write_private_key(key, settings.signing_key)
+    except ConfigError:
+        if settings.signing_key.is_file() and not settings.signing_key.is_symlink():
+            return  # another server first started on this home at the same moment made it
+        raise
     # the public half, for auditors (audit verify --public-key) and for requiring signed packages
     pub = write_public_key(key, settings.signing_key)
     log.info("created signing key %s (mode 0600) and its public key %s", settings.signing_key, pub)
@@ -165,12 +170,14 @@ def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:
 
     admin_key = admin_id = None
     if settings.auth:
-        from appliance.keys import KeyStore
+        from appliance.keys import FirstKeyExistsError, KeyStore
 
         store = KeyStore(settings.state_db)
         try:
             if store.count() == 0:
                 admin_id, admin_key = _create_first_admin_key(settings, store)
+        except FirstKeyExistsError:
+            pass  # another server started on this home at the same moment made it (and shows it)
         finally:
             store.close()
     return Prepared(built_default=built, admin_key=admin_key, admin_key_id=admin_id)
@@ -210,7 +217,7 @@ def _create_first_admin_key(settings: Settings, store: Any) -> tuple[str, str]:
     try:
         started = utc_now()
         name = "first admin (created by serve)"
-        record, secret = store.create(ADMIN_SCOPES, name=name)
+        record, secret = store.create(ADMIN_SCOPES, name=name, first=True)
         if audit is not None:
             audit.append(
                 AuditEvent(

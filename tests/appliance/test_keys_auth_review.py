@@ -185,3 +185,25 @@ def test_serve_on_a_port_in_use_says_so_before_it_loads_or_records_anything(tmp_
         r = CliRunner().invoke(main, ["serve", "--home", str(home), "--port", str(port)])
     assert r.exit_code == 1 and f"127.0.0.1:{port} is in use" in r.output and "--port" in r.output, r.output
     assert not (home / "audit.db").exists() and not (home / "models").exists()
+
+
+def test_a_signing_key_another_first_start_made_meanwhile_is_kept_not_a_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two servers first started at once on one home: the second found no key, then could not write
+    one ("already exists; ... pass --force", a flag serve lacks) and exited 78."""
+    from appliance import server
+    from runtime import signing
+
+    settings = load_settings({"home": tmp_path}, environ={})
+    settings.signing_key.parent.mkdir(parents=True)
+    theirs = signing.generate_private_key()
+    real = signing.write_private_key
+
+    def racing(key: Any, path: Path) -> None:
+        real(theirs, path)  # the other server, a moment earlier
+        real(key, path)
+
+    monkeypatch.setattr(signing, "write_private_key", racing)
+    server.ensure_signing_key(settings)
+    assert signing.key_id(signing.load_private_key(settings.signing_key)) == signing.key_id(theirs)

@@ -126,3 +126,21 @@ def test_parse_expiry() -> None:
     assert parse_expiry("2027-01-02T03:04:05+01:00").utcoffset() == timedelta(hours=1)
     with pytest.raises(InputError, match="expires"):
         parse_expiry("next tuesday")
+
+
+def test_a_first_key_is_made_once_though_two_starts_both_found_the_store_empty(tmp_path: Path) -> None:
+    """Two servers first started at once on one home each counted no key and each made a first admin key."""
+    from appliance.keys import FirstKeyExistsError
+
+    one, two = KeyStore(tmp_path / "state.db"), KeyStore(tmp_path / "state.db")
+    try:
+        assert one.count() == two.count() == 0  # both look before either creates
+        one.create(["keys:admin"], first=True)
+        with pytest.raises(FirstKeyExistsError):
+            two.create(["keys:admin"], first=True)
+        assert two.count() == 1
+        two.create(["infer"])  # an ordinary key is not first
+        assert one.count() == 2
+    finally:
+        one.close()
+        two.close()
