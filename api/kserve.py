@@ -377,6 +377,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     ctx.ask_model(name)
     _optional_body(await server.read_body(request), RepositoryModelRequest)
     _one_worker(server, "load")
+    before = next((m for m in server.registry.loaded() if m.name == name), None)
     try:
         model = await anyio.to_thread.run_sync(server.registry.load, name, None)
     except ModelNotFoundError:  # its message names the repository's folder on the box: not for clients
@@ -386,6 +387,9 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
             "on the box with `inferbox export` or `inferbox models import`"
         ) from None
     ctx.set_model(model)
+    if before is not None and before is not model:  # one record of the swap: what this load replaced
+        ctx.details["replaced_version"] = str(before.version)
+        ctx.details["replaced_sha256"] = before.package_sha256
     return _json({})
 
 

@@ -342,3 +342,21 @@ def test_a_failed_load_of_the_newest_version_gives_its_reason_in_the_index_and_t
     (row,) = c.post("/v2/repository/index").json()
     assert row["state"] == "UNAVAILABLE" and "does not match its hash" in row["reason"]
     assert any("tabular version 1 did not load" in r.getMessage() for r in caplog.records)
+
+
+def test_a_load_that_replaces_a_version_says_which_in_its_record(
+    client_factory: Any, tmp_path: Path, audit: Any
+) -> None:
+    """A swap wrote model_load for the new version and nothing about the one it replaced."""
+    old = tensor_model(tmp_path, version=1)
+    new = tensor_model(tmp_path, version=2)
+    registry = make_registry(
+        [old],
+        on_disk=[IndexEntry("tabular", 1, "READY", ""), IndexEntry("tabular", 2, "UNAVAILABLE", "")],
+        extra={"tabular": lambda: new},
+    )
+    c = client_factory(registry=registry)
+    assert c.post("/v2/repository/models/tabular/load").status_code == 200
+    load = audit.events[-1]
+    assert load.event == "model_load" and load.model_version == "2"
+    assert load.details["replaced_version"] == "1" and load.details["replaced_sha256"] == old.package_sha256
