@@ -23,7 +23,6 @@ import contextlib
 import logging
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -782,6 +781,7 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
         finalize_package,
         next_version,
         staging_dir,
+        work_dir,
     )
 
     say: Progress = progress or _log_progress
@@ -804,8 +804,12 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
     exporter = _Exporter(spec, say)
     try:
         # the toolchain (NNCF's progress bars, optimum) prints to stdout; keep stdout for the caller's report
-        with tempfile.TemporaryDirectory(prefix="inferbox-work-") as work, contextlib.redirect_stdout(sys.stderr):
-            manifest = exporter.run(staging, Path(work))
+        work = work_dir(staging)  # beside staging: a killed export's is cleaned with it (not left in /tmp)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                manifest = exporter.run(staging, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         manifest = msgspec.structs.replace(manifest, version=version)
         if spec.before_finalize is not None:
             spec.before_finalize(staging)

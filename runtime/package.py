@@ -73,6 +73,7 @@ __all__ = [
     "resign",
     "sha256_file",
     "staging_dir",
+    "work_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -583,10 +584,20 @@ def staging_dir(repository: Path) -> Path:
     raise PackageError(f"could not make a staging folder in {root}; check that folder", path=str(root))
 
 
+def work_dir(staging: Path) -> Path:
+    """A scratch folder for the export building ``staging`` (the toolchain's intermediate files), beside it
+    as ``<staging>.work``: :func:`clean_stale_staging` removes it with its owner's folder.  In the system's
+    temporary folder, an export killed there left it for ever (nothing knew whose it was)."""
+    work = staging.with_name(staging.name + ".work")
+    work.mkdir(mode=0o700, exist_ok=True)
+    return work
+
+
 def discard_staging(staging: Path) -> None:
     """Remove a staging folder and end its owner lock (a failed or finished export)."""
     staging = Path(staging)
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging.with_name(staging.name + ".work"), ignore_errors=True)
     _release_staging(staging)
 
 
@@ -629,9 +640,19 @@ def clean_stale_staging(repository: Path, *, now: float | None = None) -> list[s
                 if folder.is_dir() and not folder.is_symlink():
                     shutil.rmtree(folder, ignore_errors=True)
                     removed.append(folder.name)
+                work = folder.with_name(folder.name + ".work")
+                if work.is_dir() and not work.is_symlink():
+                    shutil.rmtree(work, ignore_errors=True)
+                    removed.append(work.name)
                 entry.unlink(missing_ok=True)
             finally:
                 os.close(fd)
+        elif entry.name.endswith(".work") and entry.is_dir():
+            owner = entry.with_name(entry.name[: -len(".work")])
+            # its owner's lock lives as long as the export: none means the export ended or died
+            if not _lock_path(owner).exists() and owner not in _STAGING_LOCKS:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
         elif entry.is_dir() and not _lock_path(entry).exists() and entry not in _STAGING_LOCKS:
             try:
                 age = now - entry.stat().st_mtime

@@ -121,3 +121,31 @@ def test_staging_without_lock_is_removed_only_when_old(tmp_path: Path) -> None:
     assert clean_stale_staging(tmp_path, now=mtime + 60) == []
     assert clean_stale_staging(tmp_path, now=mtime + 2 * 24 * 3600) == ["pkg-old"]
     assert not old.exists()
+
+
+_DIE_WORKING = """
+import os, sys
+from pathlib import Path
+from runtime.package import staging_dir, work_dir
+staging = staging_dir(Path(sys.argv[1]))
+(work_dir(staging) / "intermediate.onnx").write_bytes(b"x" * 1024)
+os._exit(9)  # killed mid-export: its scratch folder was left in /tmp for ever
+"""
+
+
+def test_the_scratch_folder_of_a_dead_export_goes_with_its_staging(tmp_path: Path) -> None:
+    from runtime.package import work_dir
+
+    repo = tmp_path / "repo"
+    subprocess.run([sys.executable, "-c", _DIE_WORKING, str(repo)], check=False, cwd=Path(__file__).parents[2])
+    (dead,) = [p.name for p in (repo / STAGING).iterdir() if p.name.endswith(".work")]
+    live = staging_dir(repo)
+    live_work = work_dir(live)  # this process's: held, so never removed
+    removed = clean_stale_staging(repo)
+    assert dead in removed and not (repo / STAGING / dead).exists()
+    assert live_work.is_dir() and live.is_dir()
+    discard_staging(live)  # and a discarded staging takes its scratch folder with it
+    assert list((repo / STAGING).iterdir()) == []
+    orphan = repo / STAGING / "pkg-gone.work"  # its owner's lock is gone: the export ended or died
+    orphan.mkdir()
+    assert clean_stale_staging(repo) == ["pkg-gone.work"]
