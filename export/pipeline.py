@@ -329,6 +329,8 @@ class _Exporter:
         )
         self.say("validate", f"{variant_id} [{recipe}] {summary}")
         reason = f"{description}; {summary}"
+        if not keep and cand.passed:  # passed, yet dropped: say why (the report read "dropped ... pass")
+            reason += "; not kept: --variants did not ask for it (built as the base of another variant)"
         self.attempts.append(
             Attempt(variant=variant_id, recipe=recipe, kept=keep, reason=reason, accuracy=cand.accuracy)
         )

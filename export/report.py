@@ -19,6 +19,7 @@ _KEY_METRICS = (
     "label_accuracy",
     "max_abs_diff",
     "max_rel_diff",
+    "batch_rel_diff",
 )
 
 

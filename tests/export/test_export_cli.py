@@ -77,6 +77,10 @@ def test_export_table_and_gate_override(exported: tuple[Path, Result], tiny_onnx
     assert int8 and not any(a.kept for a in int8)
     assert all(a.accuracy[0].gate["max_max_rel_diff"] == 1e-9 for a in int8 if a.accuracy)
     assert "onnx-int8" in result.stdout and "dropped" in result.stdout
+    # the optimized copy INT8 is made from passed, but was not asked for: the report says why it was dropped
+    (opt,) = [a for a in pkg.manifest.attempts if a.variant == "onnx-opt"]
+    assert not opt.kept and "not kept: --variants did not ask for it" in opt.reason
+    assert "batch_rel_diff=" in result.stdout  # a gate on every task is shown with the others
 
 
 def test_sign_requires_key_and_signs(tmp_path: Path, tiny_onnx: Path) -> None:
