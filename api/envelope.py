@@ -74,6 +74,9 @@ class RequestContext:
     details: dict[str, str] = field(default_factory=dict)
     #: SHA-256 of the client certificate the connection presented (mutual TLS), for key bindings
     client_cert_sha256: str | None = None
+    #: the request changes the server's state (a model load or unload): a client that hangs up does not
+    #: cancel it, so that its record says what happened, not a 499 for a change that took effect
+    finish_when_gone: bool = False
 
     def ask_model(self, name: str) -> None:
         """The request names model ``name`` (for the audit record, before it is looked up)."""
@@ -209,7 +212,7 @@ def envelope(
                     listener = None
                     listen()
                 return
-            if running and this is not None:
+            if running and this is not None and not ctx.finish_when_gone:
                 gone = True
                 this.cancel()
 
@@ -303,8 +306,10 @@ async def _read_until(read: asyncio.Future[Message], complete: asyncio.Event) ->
         return {"type": "http.disconnect"}
     finished: asyncio.Future[Any] = asyncio.ensure_future(complete.wait())
     pending: set[asyncio.Future[Any]] = {read, finished}
-    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-    finished.cancel()
+    try:
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # cancelled too (the client left): never a waiter left pending ("Task was destroyed")
+        finished.cancel()
     if read.done():
         return read.result()
     return {"type": "http.disconnect"}

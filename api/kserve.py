@@ -376,6 +376,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     ctx.event = "model_load"
     ctx.ask_model(name)
     _optional_body(await server.read_body(request), RepositoryModelRequest)
+    ctx.finish_when_gone = True  # from here the change happens: its record must say so
     _one_worker(server, "load")
     before = next((m for m in server.registry.loaded() if m.name == name), None)
     try:
@@ -415,6 +416,7 @@ async def repository_unload(request: Req, name: str) -> Response[bytes]:
     ctx.event = "model_unload"
     ctx.ask_model(name)
     _optional_body(await server.read_body(request), RepositoryModelRequest)
+    ctx.finish_when_gone = True  # from here the change happens: its record must say so
     _one_worker(server, "unload")
     model = server.registry.get(name)
     ctx.set_model(model)

@@ -360,3 +360,44 @@ def test_a_load_that_replaces_a_version_says_which_in_its_record(
     load = audit.events[-1]
     assert load.event == "model_load" and load.model_version == "2"
     assert load.details["replaced_version"] == "1" and load.details["replaced_sha256"] == old.package_sha256
+
+
+def test_a_load_whose_client_hung_up_finishes_and_is_recorded_as_done(tmp_path: Path, audit: Any) -> None:
+    """A disconnect cancels a request; a load (run in a thread, which goes on) was then recorded as a failed
+    499 while the model did load: the log denied a change that happened."""
+    import asyncio
+    import threading
+
+    from api.app import create_app
+    from api.config import ApiConfig
+
+    from .test_api_serving import _asgi_call
+
+    entered, release = threading.Event(), threading.Event()
+    spare = tensor_model(tmp_path, name="spare", version=2)
+
+    def slow() -> Any:
+        entered.set()
+        assert release.wait(10)
+        return spare
+
+    registry = make_registry([], on_disk=[IndexEntry("spare", 2, "UNAVAILABLE", "")], extra={"spare": slow})
+    app = create_app(registry=registry, config=ApiConfig(auth=False), audit=audit, keys=None)
+
+    async def main() -> list[Any]:
+        hangup = asyncio.Event()
+        call = asyncio.ensure_future(
+            _asgi_call(app, "/v2/repository/models/spare/load", [{"type": "http.request", "body": b""}], hangup)
+        )
+        await asyncio.to_thread(entered.wait, 10)
+        hangup.set()  # the client goes while the model loads
+        for _ in range(20):
+            await asyncio.sleep(0)
+        release.set()
+        return await asyncio.wait_for(call, 10)
+
+    sent = asyncio.run(main())
+    assert sent and sent[0]["status"] == 200  # answered (to nobody), not cancelled
+    assert [m.name for m in registry.loaded()] == ["spare"]
+    load = audit.events[-1]
+    assert (load.event, load.status, load.outcome, load.model_version) == ("model_load", 200, "success", "2")

@@ -398,3 +398,35 @@ def test_a_client_gone_mid_body_is_recorded_as_gone_not_as_a_server_error(
         asyncio.run(asyncio.wait_for(_asgi_call(app, "/v2/models/tabular/infer", half, hangup), 30))
     assert [(e.status, e.outcome) for e in audit.events] == [(499, "failure")]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_a_listener_left_waiting_when_the_client_goes_leaves_no_pending_task(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A streamed answer's disconnect listener waits on the read after the body and on the answer's end;
+    cancelled when the client left, its waiter on the answer's end was left pending ("Task was destroyed
+    but it is pending!" in the log)."""
+    import gc
+    import logging
+
+    from api.envelope import envelope
+    from api.metrics import Metrics
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # the body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await receive()  # a streaming answer's listener: cancelled when the client goes
+        await send({"type": "http.response.body", "body": b"never", "more_body": False})
+
+    handle = envelope(app, audit=None, metrics=Metrics(), clock=lambda: 0.0)
+    hangup = asyncio.Event()
+    hangup.set()
+    loop = asyncio.new_event_loop()  # as a server's: it goes on, nothing cancels what is left pending
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            loop.run_until_complete(_asgi_call(handle, "/x", [{"type": "http.request", "body": b""}], hangup))
+            loop.run_until_complete(asyncio.sleep(0))
+            gc.collect()
+    finally:
+        loop.close()
+    assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
