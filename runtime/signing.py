@@ -120,7 +120,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
             raise ConfigError(f"signing key {path} is not a regular file")
         data = f.read(_MAX_KEY_BYTES + 1)
     # what the file is comes first: "chmod 600" is the wrong fix for a public key or /etc/passwd
-    if b"-----BEGIN PUBLIC KEY-----" in data:
+    if b"-----BEGIN PUBLIC KEY-----" in data and b"PRIVATE KEY-----" not in data:
         raise ConfigError(
             f"signing key {path} is a public key; give the private key (signing.key): its public half is what "
             "`inferbox signing-key show` and `inferbox audit public-key` print"

@@ -105,6 +105,18 @@ def test_a_public_key_or_another_file_is_named_before_its_mode(tmp_path: Path) -
     assert "chmod" not in str(caught.value)
 
 
+def test_a_file_holding_the_private_key_and_its_public_half_still_loads(tmp_path: Path) -> None:
+    """Only a file with no private block is "a public key": one holding both (cat key pub > file) loaded
+    before and must still."""
+    private = tmp_path / "signing.key"
+    key = generate_private_key()
+    write_private_key(key, private)
+    both = tmp_path / "both.key"
+    both.write_bytes(private.read_bytes() + public_key_pem(key).encode())
+    both.chmod(0o600)
+    assert key_id(load_private_key(both)) == key_id(key)
+
+
 def test_load_missing_key_names_the_command(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inferbox signing-key create"):
         load_private_key(tmp_path / "nope.key")
