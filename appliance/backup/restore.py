@@ -661,10 +661,12 @@ def _after_placing(
         moved = _relocate_jobs(settings.state_db, checked.manifest.home, settings.home)
         if moved:
             notes.append(f"{moved} batch job(s) now point at {settings.home} instead of {checked.manifest.home}")
-    if caught_up is not None and caught_up.records and settings.state_db.exists() and settings.audit_db.exists():
-        revoked, key_notes = _key_changes_since_backup(settings, caught_up.backup_last_seq)
+    if settings.state_db.exists() and settings.audit_db.exists():
+        last = caught_up.backup_last_seq if caught_up is not None else _backup_last_seq(checked)
+        revoked, key_notes = _key_changes_since_backup(settings, last)
         notes.extend(key_notes)
-        caught_up = dataclasses.replace(caught_up, keys_revoked_again=revoked)
+        if caught_up is not None:
+            caught_up = dataclasses.replace(caught_up, keys_revoked_again=revoked)
     if record is not None:
         record(checked, caught_up, settings)
     audit = None
@@ -676,11 +678,18 @@ def _after_placing(
     return RestoreResult(checked, placed, audit, notes, caught_up, settings)
 
 
+def _backup_last_seq(checked: Checked) -> int:
+    audit = checked.manifest.audit
+    return audit.last_seq if audit is not None else 0
+
+
 def _key_changes_since_backup(settings: Settings, backup_last_seq: int) -> tuple[list[str], list[str]]:
-    """The key changes the records brought forward (after the backup's last one) hold, made true of the
-    restored key store: a key revoked after the backup is revoked again (at its revocation's time); one
-    created after it is not here (only its hash was kept, in a state database newer than the backup)
-    and is named.  (The keys revoked again, notes for the operator.)"""
+    """The key changes the restored log holds, made true of the restored key store: every ``key_revoke``
+    (the key store's snapshot is taken before the log's, so a key revoked while the backup ran, or after
+    it, is active in it; a revocation is never undone, so applying all of them is safe) is applied again,
+    dated when it was made; a key created after the backup's last record (brought forward from the
+    off-box copies) is not here (only its hash was kept, in a state database newer than the backup) and
+    is named.  (The keys revoked again, notes for the operator.)"""
     from appliance.audit.canonical import parse_time
     from appliance.audit.schema import connect
     from appliance.keys import KeyStore
@@ -688,8 +697,8 @@ def _key_changes_since_backup(settings: Settings, backup_last_seq: int) -> tuple
     conn = connect(settings.audit_db, read_only=True)
     try:
         rows = conn.execute(
-            "SELECT seq, event, credential_id, recorded_at FROM records WHERE seq > ? AND outcome = 'success' "
-            "AND event IN ('key_create', 'key_revoke') ORDER BY seq",
+            "SELECT seq, event, credential_id, recorded_at FROM records WHERE outcome = 'success' "
+            "AND (event = 'key_revoke' OR (event = 'key_create' AND seq > ?)) ORDER BY seq",
             (backup_last_seq,),
         ).fetchall()
     finally:
@@ -711,7 +720,8 @@ def _key_changes_since_backup(settings: Settings, backup_last_seq: int) -> tuple
                 active.discard(key_id)
                 revoked.append(str(key_id))
                 notes.append(
-                    f"key {key_id} was revoked after the backup (audit seq {seq}, {recorded_at}): revoked here too"
+                    f"key {key_id} was revoked (audit seq {seq}, {recorded_at}) after the backup's key store was "
+                    "taken: revoked here too"
                 )
             else:
                 created.pop(str(key_id), None)  # created and revoked after the backup: nothing to do

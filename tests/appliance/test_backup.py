@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from click.testing import Result
 
@@ -1102,7 +1103,7 @@ def test_a_key_revoked_after_the_backup_stays_revoked_when_the_log_is_brought_fo
     again = datetime.fromisoformat(keys[leaked]["revoked_at"]) - datetime.fromisoformat(revoked_at)
     assert timedelta(0) <= again < timedelta(seconds=5) and keys[kept]["revoked_at"] is None
     assert later not in keys
-    assert f"key {leaked} was revoked after the backup" in result.output
+    assert f"key {leaked} was revoked (audit seq" in result.output
     assert f"key {later} was created after the backup" in result.output
     log = AuditLog.open(load_settings({"home": new}))
     try:
@@ -1118,3 +1119,35 @@ def test_without_the_copies_the_restore_says_revoked_keys_are_active_again(box: 
     result = run(tmp_path / "new", "backup", "restore", str(archive), "--no-catch-up")
     assert result.exit_code == 0, result.output
     assert "a key revoked since is active again" in result.output
+
+
+def test_a_key_revoked_while_the_backup_ran_is_revoked_on_the_restored_box(tmp_path: Path) -> None:
+    """The key store is snapshotted before the log: a key revoked between the two snapshots is active in
+    the archive while its key_revoke record is in the archive's own log (before the backup's last seq)."""
+    from api.protocols import AuditEvent
+    from appliance.backup.restore import _key_changes_since_backup
+    from appliance.keys import KeyStore
+    from runtime.signing import generate_private_key, write_private_key
+
+    settings = load_settings({"home": tmp_path}, environ={})
+    write_private_key(generate_private_key(), settings.signing_key)
+    store = KeyStore(settings.state_db)
+    record, _ = store.create(["infer"])
+    store.close()
+    log = AuditLog.open(settings)
+    try:
+        log.append(
+            msgspec.convert(
+                {**msgspec.to_builtins(T.event(0)), "event": "key_revoke", "credential_id": record.id}, AuditEvent
+            )
+        )
+        last = log.tail(1)[0].seq
+    finally:
+        log.close()
+    revoked, notes = _key_changes_since_backup(settings, backup_last_seq=last)  # the revoke is not after it
+    assert revoked == [record.id] and any(record.id in n for n in notes)
+    store = KeyStore(settings.state_db)
+    try:
+        assert store.get(record.id).revoked_at is not None
+    finally:
+        store.close()
