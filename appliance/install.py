@@ -560,8 +560,8 @@ def install(
 
 #: (option, its unit, the variable the unit sets, the folder used when none is given)
 _FOLDERS = (
-    ("ship_dir", "inferbox-audit-ship.service", "INFERBOX_SHIP_DIR", DEFAULT_SHIP_DIR),
-    ("backup_dir", "inferbox-backup.service", "INFERBOX_BACKUP_DIR", DEFAULT_BACKUP_DIR),
+    ("ship_dir", "inferbox-audit-ship.service", "INFERBOX_SHIP_DIR", DEFAULT_SHIP_DIR, SHIP_TIMER),
+    ("backup_dir", "inferbox-backup.service", "INFERBOX_BACKUP_DIR", DEFAULT_BACKUP_DIR, BACKUP_TIMER),
 )
 
 
@@ -570,14 +570,15 @@ def _keep_installed_folders(options: InstallOptions, report: InstallReport) -> I
     again: running install again (an upgrade) without ``--ship-dir`` / ``--backup-dir`` rewrote the
     units to the default folders while their timers stayed enabled."""
     kept: dict[str, Path] = {}
-    for name, unit, variable, default in _FOLDERS:
+    for name, unit, variable, default, timer in _FOLDERS:
         if getattr(options, name) is not None:
             continue
         try:
             installed = _service_environment(options.root, unit)[0].get(variable)
         except OSError:
             continue
-        if installed and Path(installed) != default:
+        enabled = (_under(options.root, UNIT_DIR) / "timers.target.wants" / timer).is_symlink()
+        if installed and (Path(installed) != default or enabled):  # the default folder, given on purpose
             kept[name] = Path(installed)
             report.notes.append(
                 f"kept --{name.replace('_', '-')} {installed} from the installed {unit} (give the option to change it)"

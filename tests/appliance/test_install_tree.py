@@ -332,3 +332,23 @@ def test_a_link_where_the_signing_key_belongs_is_named_not_told_to_force(tmp_pat
     result = CliRunner().invoke(main, ["install", "--root", str(tmp_path), "--no-venv", "--prefix", "/opt/ib"])
     assert result.exit_code != 0 and "is a link" in result.output and "--force" not in result.output, result.output
     assert not (tmp_path / "nowhere.key").exists()
+
+
+def test_installing_again_keeps_the_default_folders_when_they_were_given(tmp_path: Path) -> None:
+    """--ship-dir /mnt/inferbox-audit (the default folder, given on purpose) enabled the timer; a second
+    run without it then said the timers were not enabled while they were."""
+    install(
+        InstallOptions(
+            root=tmp_path,
+            venv=False,
+            prefix=Path("/opt/ib"),
+            ship_dir=Path("/mnt/inferbox-audit"),
+            backup_dir=Path("/mnt/inferbox-backup"),
+        )
+    )
+    again = install(InstallOptions(root=tmp_path, venv=False, prefix=Path("/opt/ib")))
+    assert not [n for n in again.notes if "is not enabled" in n], again.notes
+    units = tmp_path / "etc/systemd/system"
+    assert (units / "timers.target.wants/inferbox-audit-ship.timer").is_symlink()
+    fresh = install(InstallOptions(root=tmp_path / "other", venv=False, prefix=Path("/opt/ib")))
+    assert len([n for n in fresh.notes if "is not enabled" in n]) == 2  # never given: still said
