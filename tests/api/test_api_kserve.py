@@ -362,16 +362,21 @@ def test_a_load_that_replaces_a_version_says_which_in_its_record(
     assert load.details["replaced_version"] == "1" and load.details["replaced_sha256"] == old.package_sha256
 
 
-def test_a_load_whose_client_hung_up_finishes_and_is_recorded_as_done(tmp_path: Path, audit: Any) -> None:
+def test_a_load_whose_client_hung_up_finishes_and_is_recorded_as_done(
+    tmp_path: Path, audit: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A disconnect cancels a request; a load (run in a thread, which goes on) was then recorded as a failed
     499 while the model did load: the log denied a change that happened."""
     import asyncio
     import threading
 
+    import api.envelope
     from api.app import create_app
     from api.config import ApiConfig
 
     from .test_api_serving import _asgi_call
+
+    monkeypatch.setattr(api.envelope, "DISCONNECT_AFTER_S", 0.0)  # listen at once (0.25 s in service)
 
     entered, release = threading.Event(), threading.Event()
     spare = tensor_model(tmp_path, name="spare", version=2)

@@ -341,10 +341,15 @@ def _asgi_call(app: Any, path: str, messages: list[dict[str, Any]], hangup: asyn
     return run()
 
 
-def test_a_request_whose_client_hung_up_is_withdrawn_not_computed(tmp_path: Path) -> None:
+def test_a_request_whose_client_hung_up_is_withdrawn_not_computed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Nothing listened for the client leaving while its request waited: four abandoned requests of 256
     texts were computed for nobody and held a live client's request for 28 s.  Now the request is
     cancelled: its rows still queued are withdrawn (never run), it is recorded as 499, nothing is sent."""
+    import api.envelope
+
+    monkeypatch.setattr(api.envelope, "DISCONNECT_AFTER_S", 0.0)  # listen at once (0.25 s in service)
     inner = tensor_model(tmp_path, name="ref").session
     session = BlockingSession(inner)
     audit = MemoryAudit()
