@@ -192,8 +192,7 @@ async def model_ready(request: Req, name: str, version: int | None = None) -> Re
 
 async def _infer(request: Req, name: str, version: int | None) -> Response[bytes]:
     server = _server(request)
-    ctx = context_of(request.scope)
-    ctx.event = "inference"
+    ctx = context_of(request.scope)  # the route's audit_event (the guard set it): an inference
     model = _model(request, name, version)
     body = await server.read_body(request)
     c = server.config
@@ -373,11 +372,9 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
 
     server = _server(request)
     ctx = context_of(request.scope)
-    ctx.event = "model_load"
-    ctx.ask_model(name)
     _optional_body(await server.read_body(request), RepositoryModelRequest)
-    ctx.finish_when_gone = True  # from here the change happens: its record must say so
     _one_worker(server, "load")
+    ctx.finish_when_gone = True  # from here the change happens: its record must say so
     before = next((m for m in server.registry.loaded() if m.name == name), None)
     try:
         model = await anyio.to_thread.run_sync(server.registry.load, name, None)
@@ -413,11 +410,9 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
 async def repository_unload(request: Req, name: str) -> Response[bytes]:
     server = _server(request)
     ctx = context_of(request.scope)
-    ctx.event = "model_unload"
-    ctx.ask_model(name)
     _optional_body(await server.read_body(request), RepositoryModelRequest)
-    ctx.finish_when_gone = True  # from here the change happens: its record must say so
     _one_worker(server, "unload")
+    ctx.finish_when_gone = True  # from here the change happens: its record must say so
     model = server.registry.get(name)
     ctx.set_model(model)
     server.registry.unload(name)  # new requests: 404 from here on

@@ -155,10 +155,9 @@ B = TypeVar("B", bound=_NamesModel)
 
 async def inference_body(request: Req, kind: type[B]) -> tuple[Server, RequestContext, B, LoadedModel]:
     """An inference route's start: its body decoded as ``kind`` and the model it names, which
-    the key may use (the request is recorded as an ``inference``)."""
+    the key may use (recorded as an ``inference``: the route's ``audit_event``, set by the guard)."""
     server: Server = request.app.state["server"]
     ctx = context_of(request.scope)
-    ctx.event = "inference"
     req = await decode_body(request, server, kind)
     return server, ctx, req, model_named(request, server, req.model)
 
