@@ -288,8 +288,9 @@ def check_chain(
     covered = 0
     # the newest recorded_at (and its seq) since the last regular checkpoint size walked past (pace rule)
     segment_max: tuple[str, int] | None = None
-    #: the newest signed checkpoint before the record walked, for its date (None: not found yet)
-    dated_after: Checkpoint | None = None
+    #: the newest signed checkpoint before the record walked and the earliest date a record after it
+    #: may have (parsed once per checkpoint, not once per record); None: not found yet
+    dated_after: tuple[Checkpoint | None, datetime | None] | None = None
     edge_before = [before] if before is not None else []
     edge_after = [after] if after is not None else []
     walk = itertools.chain(
@@ -338,12 +339,12 @@ def check_chain(
             broken = True
             continue
         if dated_after is None:
-            dated_after = _newest_before(newest_at, seq)
-        early = _dated_back(rec, dated_after)
+            dated_after = _earliest_after(_newest_before(newest_at, seq))
+        early = _dated_back(rec, *dated_after)
         if early is not None:
             problems.append(early)
         if seq in newest_at:
-            dated_after = newest_at[seq]
+            dated_after = _earliest_after(newest_at[seq])
         signed = heads.get(seq)
         if signed is not None and signed.head_hash != computed:
             problems.append(
@@ -423,18 +424,28 @@ def _newest_before(newest_at: dict[int, Checkpoint], seq: int) -> Checkpoint | N
     return newest_at[max(earlier)] if earlier else None
 
 
-def _dated_back(rec: AuditRecord, cp: Checkpoint | None) -> Problem | None:
+def _earliest_after(cp: Checkpoint | None) -> tuple[Checkpoint | None, datetime | None]:
+    """``cp`` and the earliest date a record after it may have (None: no bound; see :func:`_dated_back`)."""
+    if cp is None or cp.pace is None:
+        return cp, None
+    try:
+        return cp, parse_time(cp.created_at) - cp.pace.interval
+    except AuditError:
+        return cp, None  # a malformed time fails the checkpoint's own checks
+
+
+def _dated_back(rec: AuditRecord, cp: Checkpoint | None, earliest: datetime | None) -> Problem | None:
     """A record dated more than the signed interval before the newest checkpoint before it.
 
     The writer dates each record after the checkpoint before it (a checkpoint and its records share
     one time, taken in the transaction that writes them).  A record dated earlier was dated back: a
     record forged into the window no checkpoint signs yet, to land in a report of another day (the
     next checkpoint then signs it in); or the box's clock was set back that far.  Checkpoints from
-    before signed pace (format 1) set no bound."""
-    if cp is None or cp.pace is None:
+    before signed pace (format 1) set no bound (``earliest`` None)."""
+    if cp is None or cp.pace is None or earliest is None:
         return None
     try:
-        early = parse_time(cp.created_at) - parse_time(rec.recorded_at) > cp.pace.interval
+        early = parse_time(rec.recorded_at) < earliest
     except AuditError:
         return None  # a malformed time fails the record's own checks
     if not early:

@@ -709,8 +709,9 @@ def _key_changes_since_backup(settings: Settings, backup_last_seq: int) -> tuple
     when = [datetime.now(UTC)]  # a revocation is dated when it was made, not when it is restored
     store = KeyStore(settings.state_db, clock=lambda: when[0])
     try:
-        active = {k.id for k in store.list() if k.revoked_at is None}
-        known = {k.id for k in store.list()}
+        keys = store.list()
+        active = {k.id for k in keys if k.revoked_at is None}
+        known = {k.id for k in keys}
         for seq, event, key_id, recorded_at in rows:
             if event == "key_create":
                 created[str(key_id)] = int(seq)
