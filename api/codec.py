@@ -347,6 +347,15 @@ def decode_infer_request(
             ) from None
         if isinstance(exc, UnicodeDecodeError):
             raise not_utf8(exc) from None
+        if header_length is not None and header_length < len(body):
+            # a stale or wrong header cuts the JSON short (tritonclient writes it into the caller's
+            # headers dict, so a dict reused for a JSON-only request still carries the old length)
+            raise InputError(
+                f"Inference-Header-Content-Length: the first {header_length} bytes of the {len(body)} byte body "
+                f"are not valid JSON ({exc}); send the byte length of the body's JSON part, "
+                "or no such header for a body that is all JSON",
+                field="Inference-Header-Content-Length",
+            ) from None
         raise not_json(exc, header) from None
     if not req.inputs:
         raise InputError("inputs: at least one input is required", field="inputs")

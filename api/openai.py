@@ -10,6 +10,7 @@ to the model's maximum length are listed by index in the ``X-Truncated-Inputs`` 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import msgspec
@@ -94,6 +95,21 @@ class EmbeddingsResponse(msgspec.Struct):
     object: Literal["list"] = "list"
 
 
+#: token ids are the client's tokenizer's, not the model's; LangChain's OpenAIEmbeddings sends them
+#: unless told not to, so the message names its switch
+IDS_NOT_TEXT = (
+    "token arrays are not accepted; send text (LangChain's OpenAIEmbeddings: pass check_embedding_ctx_length=False)"
+)
+
+
+def _created(model: LoadedModel) -> int:
+    """The package's creation time as Unix seconds (OpenAI's ``created``); 0 if unreadable."""
+    try:
+        return int(dt.datetime.fromisoformat(model.manifest.provenance.created_at).timestamp())
+    except ValueError:
+        return 0
+
+
 def _texts(value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -103,7 +119,7 @@ def _texts(value: Any) -> list[str]:
         raise InputError("input: must not be empty", field="input")
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            what = "token arrays are not accepted; send text" if isinstance(item, list | int) else "must be a string"
+            what = IDS_NOT_TEXT if isinstance(item, list | int) else "must be a string"
             raise InputError(f"input[{i}]: {what}", field=f"input[{i}]")
     return list(value)
 
@@ -223,7 +239,7 @@ async def list_models(request: Req) -> Response[bytes]:
     # a key narrowed to some models sees only those: the names of the others are not its business
     principal = context_of(request.scope).principal
     data = [
-        {"id": m.name, "object": "model", "created": 0, "owned_by": "inferbox"}
+        {"id": m.name, "object": "model", "created": _created(m), "owned_by": "inferbox"}
         for m in server.registry.loaded()
         if principal is None or principal.allows("infer", m.name)
     ]

@@ -262,3 +262,23 @@ def test_json_bytes_data_of_an_empty_shape_may_be_nested(client_factory: Any) ->
         r = c.post("/v2/models/minilm/infer", json=body)
         assert r.status_code == 200, (shape, r.text)  # no texts, answered [0, D]
         assert r.json()["outputs"][0]["shape"][0] == 0
+
+
+def test_a_header_length_that_cuts_the_json_short_is_named(client_factory: Any) -> None:
+    """A stale Inference-Header-Content-Length (tritonclient writes it into a reused headers dict) on
+    a JSON-only body was answered 'body: not valid JSON: Input data was truncated'."""
+    c = client_factory()
+    inputs = [
+        {"name": "x", "datatype": "FP32", "shape": list(X.shape), "data": X.ravel().tolist()},
+        {"name": "ids", "datatype": "INT64", "shape": list(IDS.shape), "data": IDS.ravel().tolist()},
+    ]
+    body = msgspec.json.encode({"inputs": inputs})
+    r = _post(c, body, len(body) - 10)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error.startswith(f"Inference-Header-Content-Length: the first {len(body) - 10} bytes")
+    assert "no such header for a body that is all JSON" in error
+    # the whole body as the header's length is plain JSON, and broken JSON is still named as such
+    assert _post(c, body, len(body)).status_code == 200
+    r = _post(c, b'{"inputs": [', len(b'{"inputs": ['))
+    assert r.status_code == 400 and "body: not valid JSON" in r.json()["error"]

@@ -112,8 +112,14 @@ def test_invalid_json_is_400(client_factory: Any) -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"input": [1, 2], "model": "minilm"}, "input[0]: token arrays are not accepted; send text"),
-        ({"input": [[1, 2, 3]], "model": "minilm"}, "input[0]: token arrays are not accepted; send text"),
+        (
+            {"input": [1, 2], "model": "minilm"},
+            "input[0]: token arrays are not accepted; send text (LangChain's OpenAIEmbeddings: pass check_embedding_ctx_length=False)",
+        ),
+        (
+            {"input": [[1, 2, 3]], "model": "minilm"},
+            "input[0]: token arrays are not accepted; send text (LangChain's OpenAIEmbeddings: pass check_embedding_ctx_length=False)",
+        ),
         ({"input": "x", "model": "minilm", "dimensions": 0}, "cannot shorten them; omit dimensions"),
     ],
 )
