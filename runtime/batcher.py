@@ -35,7 +35,8 @@ A full queue raises :class:`~runtime.errors.OverloadError` (``retry_after`` from
 the measured service rate); an item not finished within ``timeout_s`` raises
 :class:`~runtime.errors.RequestTimeoutError` and, if it was still queued, is
 dropped and never run; so are the queued items of a request whose caller is cancelled or
-one of whose items failed.  No Litestar here: plain asyncio.
+one of whose items failed.  A batch that raises is run again an item at a time, so an
+error reaches only the items that cause it.  No Litestar here: plain asyncio.
 """
 
 from __future__ import annotations
@@ -458,18 +459,41 @@ class DynamicBatcher(Generic[Item, Result]):
                 self._post(self._fail_expired, expired)
                 continue
             start = self._clock()
-            results: Sequence[Result] | None = None
-            error: Exception | None = None
-            try:
-                results = self._run_batch([e.item for e in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
-            except Exception as exc:
-                error = exc
+            outcomes = self._run(batch)
             elapsed = self._clock() - start
             with self._cond:
                 self._running.difference_update(batch)
-            self._post(self._deliver, batch, results, error, start, elapsed)
+            self._post(self._deliver, batch, outcomes, start, elapsed)
+
+    def _call(self, items: list[Item]) -> Sequence[Result]:
+        results = self._run_batch(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+        return results
+
+    def _run(self, batch: list[_Entry[Item, Result]]) -> list[Result | Exception]:
+        """Each entry's result or error.  A batch that fails is run again an item at a time, so
+        one client's bad input (a token id outside the vocabulary, a value the graph refuses)
+        fails only its own request, not the others that shared its batch, and their errors
+        do not carry its message to them."""
+        try:
+            return list(self._call([e.item for e in batch]))
+        except Exception as exc:
+            if len(batch) == 1:
+                return [exc]
+            logger.info(
+                "batcher %s: a batch of %d items failed (%s); running them one at a time",
+                self.name,
+                len(batch),
+                type(exc).__name__,
+            )
+        outcomes: list[Result | Exception] = []
+        for entry in batch:
+            try:
+                outcomes.append(self._call([entry.item])[0])
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         loop = self._loop
@@ -492,27 +516,24 @@ class DynamicBatcher(Generic[Item, Result]):
     def _deliver(
         self,
         batch: list[_Entry[Item, Result]],
-        results: Sequence[Result] | None,
-        error: Exception | None,
+        outcomes: list[Result | Exception],
         start: float,
         elapsed: float,
     ) -> None:
         stats = self.stats
         rows = sum(e.rows for e in batch)
-        for entry in batch:
+        for entry, outcome in zip(batch, outcomes, strict=True):
             wait = start - entry.enqueued
             stats.queue_seconds += wait
             stats.queue_times.append(wait)
-        if error is not None or results is None:
-            stats.failed += len(batch)
-            for entry in batch:
+            if isinstance(outcome, Exception):
+                stats.failed += 1
                 if not entry.future.done():
-                    entry.future.set_exception(error or RuntimeError("the batch produced no results"))
-        else:
-            for entry, result in zip(batch, results, strict=True):
+                    entry.future.set_exception(outcome)
+            else:
+                stats.completed += 1
                 if not entry.future.done():
-                    entry.future.set_result(result)
-            stats.completed += len(batch)
+                    entry.future.set_result(outcome)
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * max(elapsed, 0.0)
         stats.batches += 1
         stats.rows += rows

@@ -236,6 +236,38 @@ def test_batch_errors_reach_every_caller() -> None:
     run(main())
 
 
+def test_a_bad_item_fails_only_its_own_caller_not_its_batch_mates() -> None:
+    """One client's bad input (a token id outside the vocabulary) failed the whole batch: every
+    request in it got that client's 400, quoting its input, and a failure record (review 14)."""
+
+    class Picky(Gate):
+        def __call__(self, items: list[object]) -> list[object]:
+            out = super().__call__(items)
+            if "BAD" in items:
+                raise InputError("the model rejected the input: idx=999999", field="inputs")
+            return out
+
+    async def main() -> None:
+        gate = Picky()
+        b = make(gate)
+        b.start()
+        first = asyncio.ensure_future(b.submit("a"))
+        await _entered(gate)  # the thread is busy: the next three queue and form one batch
+        rest = [asyncio.ensure_future(b.submit(x)) for x in ("b", "BAD", "d")]
+        await asyncio.sleep(0)  # let the submits enqueue (not an assertion)
+        gate.release.set()
+        assert await first == ("done", "a")
+        assert await rest[0] == ("done", "b") and await rest[2] == ("done", "d")
+        with pytest.raises(InputError, match="999999"):
+            await rest[1]
+        # the batch of three failed, then each item ran alone
+        assert gate.batches == [["a"], ["b", "BAD", "d"], ["b"], ["BAD"], ["d"]]
+        assert (b.stats.completed, b.stats.failed, b.stats.batches) == (3, 1, 2)
+        await b.stop()
+
+    run(main())
+
+
 def test_stop_fails_queued_items() -> None:
     async def main() -> None:
         gate = Gate()
