@@ -64,6 +64,34 @@ def _fingerprint(value: str) -> str:
     return digits
 
 
+#: the query parameters of GET /v1/audit (the handler's own arguments)
+PARAMETERS = (
+    "after_seq",
+    "limit",
+    "event",
+    "actor",
+    "model",
+    "outcome",
+    "request_id",
+    "job_id",
+    "since",
+    "until",
+    "client_cert_sha256",
+)
+#: a record's field names that a reader may try as filters, and the parameter that filters on them
+SPELLED_AS = {"model_name": "model", "event_type": "event", "seq": "after_seq", "ts": "since"}
+
+
+def _known_parameters(request: Request[Any, Any, Any]) -> None:
+    """An unknown filter is a 400, not ignored: ``?model_name=x`` answered the whole log, which an
+    auditor would read as every record being about ``x``."""
+    unknown = sorted(set(request.query_params) - set(PARAMETERS))
+    if unknown:
+        name = unknown[0]
+        hint = f"use {SPELLED_AS[name]}" if name in SPELLED_AS else f"the filters are {', '.join(PARAMETERS)}"
+        raise InputError(f"{name}: not a parameter of /v1/audit; {hint}", field=name)
+
+
 @get(
     "/v1/audit",
     opt={"scope": "audit:read", "audit_event": "audit_read"},
@@ -98,6 +126,7 @@ async def read_audit(
     reader: AuditReader | None = request.app.state.get("audit_reader")
     if reader is None:
         raise NotFoundException("the audit log is off on this server (setting audit = false)")
+    _known_parameters(request)
     if not 1 <= limit <= MAX_PAGE:
         raise InputError(f"limit: must be between 1 and {MAX_PAGE}, got {limit}", field="limit")
     if not 0 <= after_seq <= MAX_SEQ:

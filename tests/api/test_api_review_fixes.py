@@ -357,3 +357,21 @@ def test_a_read_of_the_audit_log_records_what_was_asked_and_how_many_records_it_
     assert read.event == "audit_read"
     assert read.details["event"] == "inference" and read.details["limit"] == "5" and read.details["records"] == "0"
     assert read.details["actor"] == "k" * 200 and "after_seq" not in read.details
+
+
+def test_an_unknown_audit_filter_is_a_400_not_the_whole_log(tmp_path: Path) -> None:
+    """`?model_name=doesnotexist` (the record's own field name) answered every record, as did a
+    misspelt `?evnt=`: an auditor would read the answer as filtered (review 14)."""
+    from litestar.testing import TestClient
+
+    app, reader = audit_api_app(tmp_path)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        calls = len(reader.calls)
+        r = c.get("/v1/audit", params={"model_name": "doesnotexist"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model_name"
+        assert "use model" in r.json()["error"]["message"]
+        r = c.get("/v1/audit", params={"evnt": "x", "limit": "5"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "evnt"
+        assert "event" in r.json()["error"]["message"]
+        assert len(reader.calls) == calls  # nothing was read
+        assert c.get("/v1/audit", params={"model": "m", "event": "inference"}).status_code == 200
