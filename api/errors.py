@@ -13,10 +13,11 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from msgspec import Meta
 
-from api.envelope import CLIENT_GONE, context_of
+from api.auth import Authenticator
+from api.envelope import CLIENT_GONE, RequestContext, context_of
 from runtime.errors import (
     AuthError,
     ClientGoneError,
@@ -141,6 +142,21 @@ def _validation_message(exc: HTTPException) -> tuple[str, str | None]:
     return "; ".join(parts), str(named[0]["key"])
 
 
+def _no_route(request: Request[Any, Any, Any], ctx: RequestContext) -> str:
+    """A path no route matches: no guard ran, so the key it carried was never read and its record
+    said ``anonymous``, like a request with no key (and like ``auth = false``).  The key is read
+    here only to name who asked; the answer is the same 404 whatever it is."""
+    auth: Authenticator | None = request.app.state.get("auth")
+    header = request.headers.get("authorization")
+    if auth is not None and header:
+        try:
+            ctx.principal = auth.principal(header, ctx.client_cert_sha256)
+        except AuthError as exc:
+            if exc.key_id is not None:  # a real key, refused: the record names it, as the guard's do
+                ctx.details["refused_key_id"] = exc.key_id
+    return f"no route {request.method} {request.url.path}; docs/api.md lists the routes"
+
+
 def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     ctx = context_of(request.scope)
     status = status_of(exc)
@@ -158,6 +174,8 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         message = str(exc)
     elif isinstance(exc, ValidationException):
         message, param = _validation_message(exc)
+    elif isinstance(exc, NotFoundException) and not ctx.route:
+        message = _no_route(request, ctx)
     elif isinstance(exc, HTTPException) and status < 500:
         message = str(exc.detail)
         if exc.extra:

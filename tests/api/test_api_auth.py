@@ -184,3 +184,22 @@ def test_a_refused_inference_is_recorded_as_one_and_without_a_digest_of_a_body_n
     assert r.status_code == 401
     refused = audit.events[-1]
     assert refused.event == "auth_failure" and refused.input_digest == ""
+
+
+def test_a_path_no_route_matches_records_the_key_that_asked(
+    client_factory: Any, store: KeyStore, audit: MemoryAudit
+) -> None:
+    """No guard runs for an unknown path, so its record said `anonymous` whether a valid key, a
+    revoked key or none came with it (review 14)."""
+    c = client_factory(keys=store)
+    good_rec, good = store.create(["infer"])
+    gone_rec, gone = store.create(["infer"])
+    store.revoke(gone_rec.id)
+    for headers in (_h(good), _h(gone), {}):
+        r = c.get("/v2/modelz/tabular", headers=headers)
+        assert r.status_code == 404
+        assert r.json()["error"] == "no route GET /v2/modelz/tabular; docs/api.md lists the routes"
+    valid, revoked, none = audit.events[-3:]
+    assert valid.actor == valid.credential_id == good_rec.id and valid.status == 404
+    assert revoked.actor == "anonymous" and revoked.details["refused_key_id"] == gone_rec.id
+    assert none.actor == "anonymous" and "refused_key_id" not in none.details
