@@ -24,6 +24,7 @@ from runtime.errors import (
     ForbiddenError,
     InferboxError,
     InputError,
+    ModelKindError,
     ModelNotFoundError,
     OverloadError,
     PackageError,
@@ -185,8 +186,11 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         logger.error("request %s failed", ctx.request_id, exc_info=exc)
         message = f"internal error; the server log has the details under request id {ctx.request_id}"
     ctx.details.setdefault("error", type(exc).__name__)
-    # OpenAI's model_not_found only for a model that is not there, not for a path that is not
-    known = not (status == 404 and not isinstance(exc, ModelNotFoundError))
+    # OpenAI's model_not_found only for a model that is not there, not for a path that is not, nor
+    # for a loaded model of another kind
+    known = status != 404 or (isinstance(exc, ModelNotFoundError) and not isinstance(exc, ModelKindError))
+    if isinstance(exc, ModelKindError):
+        param = "model"
     body = error_body(request.url.path, status, message, param, code=True if known else None)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 

@@ -26,7 +26,7 @@ from api.errors import OpenAIError
 from api.kserve import embedding_dim
 from api.schemas import ModelList
 from api.server import Server
-from runtime.errors import ForbiddenError, InputError, ModelNotFoundError
+from runtime.errors import ForbiddenError, InputError, ModelKindError
 from runtime.serving import LoadedModel
 
 __all__ = ["TRUNCATED_HEADER", "EmbeddingsBody", "EmbeddingsRequest", "EmbeddingsResponse", "inference_body", "routes"]
@@ -205,7 +205,7 @@ async def inference_body(request: Req, kind: type[B]) -> tuple[Server, RequestCo
 async def embeddings(request: Req) -> Response[bytes]:
     server, ctx, req, model = await inference_body(request, EmbeddingsBody)
     if not model.is_embedding:
-        raise ModelNotFoundError(f"model: {req.model!r} is not an embedding model; see GET /v1/models")
+        raise ModelKindError(f"model: {req.model!r} is not an embedding model; see GET /v1/models")
     texts = _texts(req.input)
     _check_dimensions(req.dimensions, embedding_dim(model), model.name)
     vectors, counts, truncated = await server.embed_texts(model, texts)

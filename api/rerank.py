@@ -30,7 +30,7 @@ from msgspec import Meta
 from api.docs import KEY, documented
 from api.errors import OpenAIError
 from api.openai import TRUNCATED_HEADER, inference_body
-from runtime.errors import InputError, ModelNotFoundError
+from runtime.errors import InputError, ModelKindError
 
 __all__ = ["RerankBody", "RerankRequest", "RerankResponse", "routes"]
 
@@ -161,7 +161,7 @@ def _documents(value: list[Any]) -> list[str]:
 async def rerank(request: Req) -> Response[bytes]:
     server, ctx, req, model = await inference_body(request, RerankBody)
     if not model.is_reranker:
-        raise ModelNotFoundError(
+        raise ModelKindError(
             f"model: {req.model!r} is not a reranker (a cross-encoder exported as text-classification with "
             "one label); see GET /v1/models"
         )

@@ -108,6 +108,11 @@ class ModelNotFoundError(InferboxError):
     pass
 
 
+class ModelKindError(ModelNotFoundError):
+    """The model is loaded but is not the kind the route serves (``/v1/embeddings`` given a
+    classifier): still a 404 for the route, but OpenAI's ``model_not_found`` would say it is not there."""
+
+
 class BackendError(InferboxError):
     pass
 

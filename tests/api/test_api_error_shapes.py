@@ -33,6 +33,19 @@ def test_a_path_that_does_not_exist_is_not_a_missing_model(client_factory: Any) 
     assert _openai(c.post("/v1/embeddings", json={"model": "nope", "input": "a"}), 404)["code"] == "model_not_found"
 
 
+def test_a_loaded_model_of_another_kind_is_not_a_missing_model(client_factory: Any) -> None:
+    """`/v1/embeddings` given a tensor model, or `/v1/rerank` an embedding model, answered code
+    model_not_found, which docs/api.md keeps for a model that is not there (review 14)."""
+    c = client_factory()
+    for path, body in (
+        ("/v1/embeddings", {"model": "tabular", "input": "a"}),
+        ("/v1/rerank", {"model": "minilm", "query": "q", "documents": ["d"]}),
+    ):
+        error = _openai(c.post(path, json=body), 404)
+        assert error["code"] is None and error["param"] == "model", (path, error)
+        assert error["message"].startswith("model: ") and "GET /v1/models" in error["message"]
+
+
 def test_a_bad_query_parameter_is_named_without_internals(client_factory: Any) -> None:
     c = client_factory()
     error = _openai(c.get("/v1/audit", params={"limit": "x"}), 400)

@@ -68,7 +68,7 @@ def test_models_list(client_factory: Any) -> None:
         ({"input": "x", "model": "minilm", "dimensions": 4}, 400, "dimensions"),
         ({"input": "x"}, 400, "model"),
         ({"input": "x", "model": "nope"}, 404, None),
-        ({"input": "x", "model": "tabular"}, 404, None),
+        ({"input": "x", "model": "tabular"}, 404, "model"),  # loaded, but not an embedding model
     ],
 )
 def test_errors_are_openai_shaped(client_factory: Any, body: dict[str, Any], status: int, param: str | None) -> None:
