@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 __all__ = ["ORT_BACKENDS", "OrtBackend", "OrtSession", "ort_backend"]
 
 logger = logging.getLogger(__name__)
+#: ``warnings.catch_warnings`` swaps process-wide state: two opens overlapping (a model's streams
+#: open side by side) could leave the filters at "always" or swallow each other's warnings
+_CATCHING = threading.Lock()
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -231,7 +235,7 @@ class OrtBackend:
                 os.environ[TF32_OVERRIDE],
             )
         fallback: str | None = None
-        with warnings.catch_warnings(record=True) as caught:
+        with _CATCHING, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 session = onnxruntime.InferenceSession(str(model_path), so, providers=providers)
@@ -250,8 +254,7 @@ class OrtBackend:
                     session = onnxruntime.InferenceSession(str(model_path), so, providers=[CPU])
                 except Exception as exc2:
                     raise BackendError(f"{self.name} cannot open {model_path}: {exc2}") from exc2
-        for w in caught:
-            logger.info("%s: onnxruntime warned: %s", self.name, w.message)
+        _report(self.name, caught)
         active = list(session.get_providers())
         if not active or active[0] != requested:
             message = (
@@ -274,3 +277,13 @@ class OrtBackend:
 
 def ort_backend(name: str) -> OrtBackend:
     return OrtBackend(name)
+
+
+def _report(backend: str, caught: list[warnings.WarningMessage]) -> None:
+    """Log onnxruntime's warnings from an open; hand on those other threads raised meanwhile (the
+    event loop's, say), which the process-wide catch took from them."""
+    for w in caught:
+        if "onnxruntime" in Path(w.filename).parts:
+            logger.info("%s: onnxruntime warned: %s", backend, w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

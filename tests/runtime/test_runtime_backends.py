@@ -505,3 +505,30 @@ def test_a_compile_with_the_cache_holds_the_cache_lock_another_process_waits_for
     assert seen == [7]  # held during the compile
     done = subprocess.run([sys.executable, "-c", probe, str(lock)], check=False)
     assert done.returncode == 0  # and let go after it
+
+
+def test_an_ort_open_hands_on_warnings_other_threads_raised_meanwhile(
+    tiny_mlp: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The open catches warnings process-wide: a Litestar DeprecationWarning the event loop raised
+    during it was logged as "onnxruntime warned" (review 14). Now only onnxruntime's own are logged
+    as its; the others go on to Python's warnings as if nothing had caught them."""
+    import warnings
+
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+
+    def opening(*args: Any, **kwargs: Any) -> Any:
+        warnings.warn("from elsewhere", DeprecationWarning, stacklevel=1)  # this file: not onnxruntime's
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", opening)
+    before = list(warnings.filters)
+    with (
+        caplog.at_level(logging.INFO, logger="runtime.backends.ort"),
+        pytest.warns(DeprecationWarning, match="from elsewhere"),
+    ):
+        OrtBackend("ort-cpu").open(tiny_mlp, FP32).close()
+    assert not [r for r in caplog.records if "from elsewhere" in r.getMessage()]
+    assert warnings.filters == before
