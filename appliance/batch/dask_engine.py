@@ -11,9 +11,13 @@ it gives up (``KilledWorker``) the coordinator releases the chunk and leases
 it again.  Either way the unit starts from scratch and renames files with
 deterministic names, so the outputs are those of a local run.
 The coordinator renews the leases of the chunks it has in flight (a chunk
-queued on the cluster is not leased again), and gives them back when it stops
-on an error.  A worker refuses a chunk when it opens the model on another
-backend or variant than the coordinator did (the one the audit log records).
+queued on the cluster is not leased again).  When it stops for the machine (a
+scheduler unreachable, lost or left without workers, a local cluster that
+cannot start, SIGINT) it gives the chunks it holds back without spending
+their attempts: only a chunk whose task failed (or killed its Dask workers:
+``KilledWorker``) spends one.  A worker refuses a chunk when it opens the
+model on another backend or variant than the coordinator did (the one the
+audit log records).
 
 Without ``scheduler`` a :class:`distributed.LocalCluster` is started (worker
 processes, one thread each, on 127.0.0.1; no dashboard: the scheduler's HTTP
@@ -32,11 +36,13 @@ import logging
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from typing import Any
 
 from appliance.batch.model import BatchModel, LoaderFactory
+from appliance.batch.readers import InputChangedError
 from appliance.batch.unit import ChunkOutcome, ChunkTask, run_chunk, verify_chunk
 from appliance.batch.worker import BatchWorker, RunSummary, machine_error
 from runtime.errors import BatchError
@@ -44,6 +50,27 @@ from runtime.errors import BatchError
 __all__ = ["DaskEngine", "dask_unit", "loaded_models", "local_cluster"]
 
 log = logging.getLogger(__name__)
+
+#: how long a scheduler may have no worker (when the run starts, or later mid-job) before the run
+#: stops with an error that says so; its tasks would wait there for good
+WORKER_WAIT_S = 60.0
+
+#: the loggers whose records Dask writes with a traceback, or over several lines (a lost scheduler,
+#: a task that failed): condensed to one line each while the engine runs (:func:`_one_line_logs`)
+_DASK_LOGGERS = (
+    "distributed",
+    "distributed.client",
+    "distributed.core",
+    "distributed.utils",
+    "distributed.batched",
+    "distributed.comm.tcp",
+    "distributed.deploy.spec",
+    "distributed.nanny",
+    "distributed.scheduler",
+    "distributed.worker",
+    "tornado.application",
+    "asyncio",
+)
 
 #: per Dask worker process: (loader key, name, version) -> model, created once
 _MODELS: dict[tuple[str, str, int | None], BatchModel] = {}
@@ -58,6 +85,38 @@ def _distributed() -> Any:
         raise BatchError(
             "--engine dask needs dask.distributed; install the batch extra: pip install 'inferbox[batch]'"
         ) from exc
+
+
+class _OneLine(logging.Filter):
+    """A record with a traceback or several lines, as one line (the exception's type and text kept):
+    the engine's own error names what happened and the fix; Dask's stack traces only bury it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None and "\n" not in text:
+            return True
+        if exc is not None:
+            text = f"{text} ({type(exc).__name__}: {exc})" if text.strip() else f"{type(exc).__name__}: {exc}"
+        record.msg, record.args = " ".join(text.split())[:500], None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+_ONE_LINE = _OneLine()
+
+
+@contextlib.contextmanager
+def _one_line_logs() -> Iterator[None]:
+    """Dask's records condensed to one line each for the duration (this process's loggers)."""
+    loggers = [logging.getLogger(name) for name in _DASK_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_ONE_LINE)  # a set: adding it twice (nested) keeps one
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_ONE_LINE)
 
 
 def _loader_key(factory: LoaderFactory) -> str:
@@ -77,13 +136,18 @@ def _load(factory: LoaderFactory, task: ChunkTask, *, fresh: bool = False) -> Ba
     return model
 
 
-def dask_unit(task: ChunkTask, factory: LoaderFactory) -> ChunkOutcome:
+def dask_unit(task: ChunkTask, factory: LoaderFactory, *, one_line_logs: bool = False) -> ChunkOutcome:
     """Run one chunk on a Dask worker (the model is loaded on the first chunk, then reused).
 
     The task names the job's pinned version and package, and the backend and variant the
     coordinator opened it on; another package, or the same opened otherwise, is refused.  A chunk
-    that fails drops the model here (a session left broken is not reused).
+    that fails drops the model here (a session left broken is not reused).  ``one_line_logs``
+    (workers of a local cluster, which write to the coordinator's stderr): this worker's report
+    of a failed task ("Compute Failed" and a traceback) is one line; the coordinator logs the
+    error too.
     """
+    if one_line_logs:
+        logging.getLogger("distributed.worker").addFilter(_ONE_LINE)
     model = _load(factory, task)
     if task.model_sha256 and model.package_sha256 != task.model_sha256:
         model = _load(factory, task, fresh=True)  # reinstalled since this worker loaded it?
@@ -125,16 +189,23 @@ def local_cluster(n_workers: int = 2) -> Iterator[Any]:
     distributed = _distributed()
     import dask
 
-    with dask.config.set({"distributed.scheduler.http.routes": []}):
-        cluster = distributed.LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-            scheduler_port=0,
-            scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-        )
+    try:
+        with dask.config.set({"distributed.scheduler.http.routes": []}):
+            cluster = distributed.LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                host="127.0.0.1",
+                scheduler_port=0,
+                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+            )
+    except (OSError, TimeoutError, RuntimeError) as exc:  # RuntimeError: "Cluster failed to start: ..."
+        raise BatchError(
+            f"cannot start a local Dask cluster on 127.0.0.1 ({_one_line(exc)}); check that the loopback "
+            "interface is up and that processes may listen on it, or run with --engine local (or "
+            "--scheduler tcp://host:8786)"
+        ) from exc
     try:
         yield cluster
     finally:
@@ -153,6 +224,7 @@ class DaskEngine:
         n_workers: int = 2,
         in_flight_per_thread: int = 2,
         on_submit: Callable[[ChunkTask], None] | None = None,
+        worker_wait_s: float = WORKER_WAIT_S,
     ) -> None:
         self.worker = worker
         self.factory = factory
@@ -160,6 +232,8 @@ class DaskEngine:
         self.n_workers = n_workers
         self.in_flight_per_thread = in_flight_per_thread
         self.on_submit = on_submit or (lambda _task: None)
+        self.worker_wait_s = worker_wait_s
+        self._workerless_since: float | None = None  # when the scheduler was first seen with no worker
         self.client: Any = None
         _distributed()  # not installed: said now, not once there is work
         self._keep: contextlib.ExitStack | None = None  # set by :meth:`watch`: the connection outlives a round
@@ -173,23 +247,27 @@ class DaskEngine:
             return
         distributed = _distributed()
         try:
-            if self.scheduler:
-                try:
-                    client = distributed.Client(self.scheduler)
-                except (OSError, TimeoutError, ValueError, TypeError) as exc:
-                    raise BatchError(
-                        f"cannot reach the Dask scheduler {self.scheduler} ({exc}); check that it runs and the "
-                        "address (--scheduler tcp://host:8786), or leave out --scheduler for a local cluster"
-                    ) from exc
-                with client:
-                    self.client = client
-                    yield client
-                return
-            with local_cluster(self.n_workers) as cluster, distributed.Client(cluster) as client:
-                self.client = client
-                yield client
+            with _one_line_logs():
+                yield from self._connect(distributed)
         finally:
             self.client = None
+
+    def _connect(self, distributed: Any) -> Iterator[Any]:
+        if self.scheduler:
+            try:
+                client = distributed.Client(self.scheduler)
+            except (OSError, TimeoutError, ValueError, TypeError) as exc:
+                raise BatchError(
+                    f"cannot reach the Dask scheduler {self.scheduler} ({_one_line(exc)}); check that it runs and "
+                    "the address (--scheduler tcp://host:8786), or leave out --scheduler for a local cluster"
+                ) from exc
+            with client:
+                self.client = client
+                yield client
+            return
+        with local_cluster(self.n_workers) as cluster, distributed.Client(cluster) as client:
+            self.client = client
+            yield client
 
     def _submit(self, client: Any, lease: Any, summary: RunSummary) -> Any | None:
         prepared = self.worker.prepare(lease, summary)
@@ -200,19 +278,22 @@ class DaskEngine:
             dask_unit,
             task,
             self.factory,
+            one_line_logs=not self.scheduler,
             key=f"inferbox-chunk-{task.job_id}-{lease.plan.idx}-{lease.attempts}",
             pure=False,
         )
         self.on_submit(task)
         return future
 
-    def run_once(self, *, wait_for_retries: bool = True) -> RunSummary:
+    def run_once(self, *, wait_for_retries: bool = True, stop: threading.Event | None = None) -> RunSummary:
         """Accept new jobs and run every leasable chunk on the cluster; finish complete jobs.
 
         A local cluster is started only when there is a chunk to run (a remote scheduler is
         reached every time: a wrong address is said even with nothing to do).  Chunks
         stay leased while they wait on the cluster (renewed every third of ``lease_s``); if the
-        run stops on an error (the scheduler lost, SIGINT), the chunks in flight are given back.
+        run stops on an error (the scheduler unreachable or lost, SIGINT), the chunks it holds
+        are given back without spending their attempts.  Once ``stop`` is set no chunk is
+        submitted; the ones in flight are waited for.
         """
         summary = RunSummary()
         summary.accepted = self.worker.accept_new(summary)
@@ -230,28 +311,30 @@ class DaskEngine:
             if self._keep is not None and self.client is None:
                 self._keep.enter_context(self.connected())  # kept open across rounds
             with self.connected() as client:
-                self._work(client, first, summary, wait_for_retries)
+                self._work(client, first, summary, wait_for_retries, stop)
         except BaseException:
-            # whatever is still leased here runs nowhere now: the next run takes it at once
+            # what is still leased here runs nowhere now, and did not fail (the machine did): the
+            # next run takes it at once, its attempts as they were
             with contextlib.suppress(Exception):
-                self.worker.store.expire_worker(self.worker.worker_id)
+                self.worker.store.expire_worker(self.worker.worker_id, spent=False)
             raise
         return summary
 
-    def _work(self, client: Any, first: Any, summary: RunSummary, wait_for_retries: bool) -> None:
-        wait = _distributed().wait
-        lease_s = self.worker.config.lease_s
-        try:
-            threads = max(1, sum(client.nthreads().values()))
-        except OSError as exc:
-            raise self._lost(exc) from exc
-        limit = threads * self.in_flight_per_thread
+    def _work(
+        self, client: Any, first: Any, summary: RunSummary, wait_for_retries: bool, stop: threading.Event | None
+    ) -> None:
+        self._await_workers(client)
+        limit = max(1, self._nthreads(client)) * self.in_flight_per_thread
         in_flight: dict[Any, Any] = {}
         while True:
             self.worker.reclaim_dead()  # another coordinator of this host killed: its chunks now
             self.worker.fail_exhausted(summary)
             self.worker.finish_ready(summary)
-            while len(in_flight) < limit:
+            stopping = stop is not None and stop.is_set()
+            if stopping and first is not None:
+                self.worker.give_back(first)  # stopped before it was submitted
+                first = None
+            while not stopping and len(in_flight) < limit:
                 lease, first = first or self.worker.lease(), None
                 if lease is None:
                     break
@@ -259,39 +342,102 @@ class DaskEngine:
                 if future is not None:
                     in_flight[future] = lease
             if not in_flight:
-                if wait_for_retries and self.worker.wait_for_retry():
+                if not stopping and wait_for_retries and self.worker.wait_for_retry():
                     continue
                 break
             # a chunk waiting on the cluster (queued behind others, or rerun after a worker died)
             # keeps its lease: else this or another coordinator would take it again
             chunks = [(lease.job.job_id, lease.plan.idx) for lease in in_flight.values()]
-            self.worker.store.renew(self.worker.worker_id, chunks, lease_s)
-            try:
-                done, _ = wait(list(in_flight), timeout=lease_s / 3, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                continue
-            except (CancelledError, OSError) as exc:
-                raise self._lost(exc) from exc
-            for future in done:
-                lease = in_flight.pop(future)
-                try:
-                    outcome = future.result()
-                except Exception as exc:  # KilledWorker, or the unit's own error
-                    if machine_error(exc):  # the chunk is not at fault: its attempt is not spent
-                        self.worker.give_back(lease)
-                        raise
-                    self.worker.fail_chunk(lease, exc, summary)
-                    continue
-                self.worker.record(outcome)
-                summary.chunks += 1
+            self.worker.store.renew(self.worker.worker_id, chunks, self.worker.config.lease_s)
+            for future in self._wait(client, list(in_flight)):
+                self._collect(future, in_flight.pop(future), summary)
+
+    def _wait(self, client: Any, futures: list[Any]) -> list[Any]:
+        """The futures done within a tick (none when the tick ran out)."""
+        tick = min(self.worker.config.lease_s / 3, self.worker_wait_s / 4)
+        try:
+            done, _ = _distributed().wait(futures, timeout=tick, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            self._check_workers(client)
+            return []
+        except (CancelledError, OSError) as exc:
+            raise self._lost(exc) from exc
+        return list(done)
+
+    def _collect(self, future: Any, lease: Any, summary: RunSummary) -> None:
+        """Record a finished chunk, or its failure: a failed task spends an attempt of the chunk."""
+        try:
+            outcome = future.result()
+        except CancelledError as exc:  # the scheduler went away: it cancels every future
+            raise self._lost(exc) from exc
+        except InputChangedError as exc:  # no attempt or retry can help: the job fails at once
+            self._input_changed(lease, exc, summary)
+            return
+        except Exception as exc:  # KilledWorker, or the unit's own error
+            if machine_error(exc):  # the chunk is not at fault: its attempt is not spent
+                self.worker.give_back(lease)
+                raise
+            self.worker.fail_chunk(lease, exc, summary)
+            return
+        self.worker.record(outcome)
+        summary.chunks += 1
+
+    def _input_changed(self, lease: Any, exc: InputChangedError, summary: RunSummary) -> None:
+        """As the local worker: the job fails at once (one worker fails it, and says so)."""
+        job_id = lease.job.job_id
+        log.error("batch job %s failed: %s", job_id, exc)
+        store = self.worker.store
+        if store.fail_job(job_id, str(exc), chunk=lease.plan.idx):
+            self.worker._job_failed(store.require_job(job_id), str(exc), summary, marked=True)
+
+    def _nthreads(self, client: Any) -> int:
+        try:
+            return int(sum(client.nthreads().values()))
+        except OSError as exc:
+            raise self._lost(exc) from exc
+
+    def _await_workers(self, client: Any) -> None:
+        """Wait up to ``worker_wait_s`` for the scheduler's first worker (its tasks would wait for good)."""
+        self._workerless_since = None
+        try:
+            client.wait_for_workers(1, timeout=self.worker_wait_s)
+        except TimeoutError as exc:
+            raise self._no_workers("has no worker") from exc
+        except OSError as exc:
+            raise self._lost(exc) from exc
+
+    def _check_workers(self, client: Any) -> None:
+        """Stop once the scheduler has had no worker for ``worker_wait_s`` (all of them gone mid-job)."""
+        if self._nthreads(client) > 0:
+            self._workerless_since = None
+            return
+        now = time.monotonic()
+        if self._workerless_since is None:
+            self._workerless_since = now
+            log.warning("the Dask scheduler %s has no worker left; waiting for one", self._where())
+        elif now - self._workerless_since >= self.worker_wait_s:
+            raise self._no_workers("has had no worker")
+
+    def _no_workers(self, state: str) -> BatchError:
+        fix = (
+            f"start workers on it (dask worker {self.scheduler}), or leave out --scheduler for a local cluster"
+            if self.scheduler
+            else "its worker processes could not start or stay up (memory? see the log above)"
+        )
+        return BatchError(
+            f"the Dask scheduler {self._where()} {state} for {self.worker_wait_s:g} s; the chunks in flight are "
+            f"given back and finished chunks are kept: {fix}, then run the command again"
+        )
+
+    def _where(self) -> str:
+        return self.scheduler or "of the local cluster"
 
     def _lost(self, exc: BaseException) -> BatchError:
-        where = self.scheduler or "of the local cluster"
         # Dask's own text spans lines and lists task keys: one line here
-        reason = type(exc).__name__ if isinstance(exc, CancelledError) else " ".join(f"{exc}".split())[:200]
+        reason = type(exc).__name__ if isinstance(exc, CancelledError) else _one_line(exc)
         return BatchError(
-            f"lost the connection to the Dask scheduler {where} ({reason}); the chunks in flight are given "
-            "back and finished chunks are kept: check the scheduler, then run the command again"
+            f"lost the connection to the Dask scheduler {self._where()} ({reason}); the chunks in flight are "
+            "given back and finished chunks are kept: check the scheduler, then run the command again"
         )
 
     def watch(self, stop: threading.Event, poll_s: float = 2.0) -> None:
@@ -301,8 +447,13 @@ class DaskEngine:
             self._keep = stack
             try:
                 while not stop.is_set():
-                    summary = self.run_once(wait_for_retries=False)
+                    summary = self.run_once(wait_for_retries=False, stop=stop)
                     if not (summary.accepted or summary.chunks):
                         stop.wait(poll_s)
             finally:
                 self._keep = None
+
+
+def _one_line(exc: BaseException) -> str:
+    """Dask's error text on one line, at most 200 characters."""
+    return " ".join(f"{exc}".split())[:200]

@@ -545,12 +545,17 @@ class JobStore:
             )
             return cur.rowcount
 
-    def expire_worker(self, worker: str) -> int:
-        """Give every chunk leased by ``worker`` (known dead) back, and free its claims; return how many chunks."""
+    def expire_worker(self, worker: str, *, spent: bool = True) -> int:
+        """Give every chunk leased by ``worker`` (known dead) back, and free its claims; return how many chunks.
+
+        With ``spent=False`` each chunk's attempt is taken back too (as :meth:`give_back` does): the
+        worker stopped for its machine (a Dask scheduler lost or unreachable, SIGINT), not the chunks."""
         with self._tx() as conn:
             cur = conn.execute(
-                "UPDATE batch_chunks SET state = 'pending', lease_until = NULL WHERE state = 'leased' AND worker = ?",
-                (worker,),
+                "UPDATE batch_chunks SET state = 'pending', lease_until = NULL, "
+                "attempts = CASE WHEN ? THEN attempts ELSE MAX(attempts - 1, 0) END "
+                "WHERE state = 'leased' AND worker = ?",
+                (spent, worker),
             )
             conn.execute(
                 "UPDATE batch_jobs SET claim_worker = NULL, claim_until = NULL WHERE claim_worker = ?", (worker,)
