@@ -276,14 +276,18 @@ class KeyStore:
 
     def revoke(self, key_id: str) -> KeyRecord:
         """Revoke a key at once (idempotent); an unknown id is an error."""
+        return self.revoke_once(key_id)[0]
+
+    def revoke_once(self, key_id: str) -> tuple[KeyRecord, bool]:
+        """Revoke a key at once: (its record, whether this call revoked it).  A key revoked already
+        keeps its ``revoked_at`` and gives False (of two revokes at once, one gives True); an unknown
+        id is an error."""
         with self._write() as conn:
             cur = conn.execute(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (_iso(self._clock()), key_id)
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (_iso(self._clock()), key_id)
             )
-            found = cur.rowcount
-        if not found:
-            raise InputError(f"key {key_id!r} does not exist; see `inferbox keys list`", field="id")
-        return self.get(key_id)
+            changed = cur.rowcount == 1
+        return self.get(key_id), changed  # get: an unknown id is an InputError
 
     def count(self) -> int:
         with self._lock:

@@ -80,6 +80,9 @@ class RawRecord:
     raw: bytes
     obj: dict[str, Any] | None
     error: str | None = None
+    #: the ``id`` of a record that cannot be used all the same: a CSV row short of fields that still
+    #: reaches the ``id`` column (its reject then names that id, not its index)
+    known_id: str | None = None
 
 
 class InputChangedError(BatchError):
@@ -308,8 +311,19 @@ def _csv_record(index: int, raw: bytes, text: str, header: list[str]) -> RawReco
         return RawRecord(index, raw, None, "not valid CSV: unbalanced quotes")
     row = rows[0]
     if len(row) != len(header):
-        return RawRecord(index, raw, None, f"row has {len(row)} fields, the header has {len(header)}")
+        reason = f"row has {len(row)} fields, the header has {len(header)}"
+        return RawRecord(index, raw, None, reason, known_id=_short_row_id(row, header))
     return RawRecord(index, raw, dict(zip(header, row, strict=True)))
+
+
+def _short_row_id(row: list[str], header: list[str]) -> str | None:
+    """The ``id`` column of a row with fewer fields than the header, when the row reaches it (the
+    fields left out are taken to be the last ones, as a cut row has); None otherwise.  A row with
+    more fields has a comma too many somewhere, so no column of it is known."""
+    if len(row) >= len(header) or "id" not in header:
+        return None
+    column = len(header) - 1 - header[::-1].index("id")  # the last one, as a whole row's dict keeps
+    return row[column] if column < len(row) else None
 
 
 def _read_parquet(path: Path, plan: ChunkPlan) -> Iterator[RawRecord]:
@@ -334,16 +348,16 @@ def _read_parquet(path: Path, plan: ChunkPlan) -> Iterator[RawRecord]:
 
 
 def record_id(record: RawRecord) -> str | int:
-    """The record's ``id`` field when it has a usable one, else its index in the file.
+    """The record's ``id`` field when it has a usable one (also a short CSV row's, see
+    :attr:`RawRecord.known_id`), else its index in the file.
 
     A string id must be writable as UTF-8 (JSON may carry a lone surrogate such as ``"\\ud800"``).
     """
-    if record.obj is not None:
-        value = record.obj.get("id")
-        if isinstance(value, str) and value and _utf8_ok(value):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    value = record.obj.get("id") if record.obj is not None else record.known_id
+    if isinstance(value, str) and value and _utf8_ok(value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     return record.index
 
 

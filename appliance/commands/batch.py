@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from appliance.commands.options import build_settings, state_options
+from appliance.commands.options import build_settings, refusal, state_options
 from appliance.settings import Settings
 from runtime.errors import BatchError
 
@@ -125,8 +125,8 @@ def _actor(environ: dict[str, str]) -> str:
 
 @batch.command()
 @state_options
-@click.option("--once", "mode", flag_value="once", default=True, help="Work until nothing is left, then exit.")
-@click.option("--watch", "mode", flag_value="watch", help="Keep working the spool until SIGTERM.")
+@click.option("--once", is_flag=True, help="Work until nothing is left, then exit [default].")
+@click.option("--watch", is_flag=True, help="Keep working the spool until SIGTERM.")
 @click.option("--engine", type=click.Choice(["local", "dask"]), default="local", show_default=True)
 @click.option("--scheduler", default=None, help="Dask scheduler (tcp://host:8786) [default: a local cluster].")
 @click.option(
@@ -143,7 +143,8 @@ def _actor(environ: dict[str, str]) -> str:
 def run(
     home: Path | None,
     repository: Path | None,
-    mode: str,
+    once: bool,
+    watch: bool,
     engine: str,
     scheduler: str | None,
     dask_workers: int,
@@ -157,7 +158,13 @@ def run(
     from appliance.batch.model import repository_latest
     from appliance.batch.worker import BatchWorker, WorkerConfig
 
-    settings = build_settings(home=home, repository=repository)
+    if once and watch:
+        # two flags, not one switch: with both given, the last one would win silently (a --watch
+        # that runs until killed where a script meant to finish)
+        raise click.UsageError("--once (finish and exit) and --watch (run until SIGTERM) are two ways; give one")
+    mode = "watch" if watch else "once"
+    with refusal():  # a configuration the service's restarts cannot mend: exit 78, not 2
+        settings = build_settings(home=home, repository=repository)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if scheduler and engine != "dask":
         raise BatchError("--scheduler needs --engine dask")

@@ -199,15 +199,20 @@ def list_keys(home: Path | None, repository: Path | None, as_json: bool) -> None
 @state_options
 @click.argument("key_id")
 def revoke(home: Path | None, repository: Path | None, key_id: str) -> None:
-    """Revoke a key at once."""
+    """Revoke a key at once (a key revoked already is left as it is)."""
     settings = _settings(home, repository)
     started = _now()
     with recorder_factory(settings) as record:
         store = KeyStore(settings.state_db)
         try:
-            rec = store.revoke(key_id)
+            rec, changed = store.revoke_once(key_id)
         finally:
             store.close()
+        if not changed:
+            # nothing changed, so nothing is recorded (as `models import` of a package already
+            # there): the log's key_revoke record is the revocation's one, with its time
+            click.echo(f"key {rec.id} was already revoked at {rec.revoked_at}; nothing changed")
+            return
         if record is not None:
             record(_event("key_revoke", "inferbox keys revoke", rec.id, {}, started))
     click.echo(f"revoked key {rec.id}")

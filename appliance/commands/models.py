@@ -130,6 +130,7 @@ def pack(
     """
     from appliance.models.archive import Packed, pack_package
     from appliance.server import public_key_of
+    from runtime.package import read_signature
     from runtime.repository import Repository
 
     settings = build_settings(home=home, repository=repository)
@@ -165,15 +166,28 @@ def pack(
     click.echo(f"packed {package.name} version {package.version} into {packed.path} ({_mb(packed.size)})")
     click.echo(f"  package (identity): {package.sha256}")
     click.echo(f"  file sha256:        {packed.sha256}")
+    signed = read_signature(package.path) is not None
     click.echo(
         f"  signed by key {signed_by}"
         if signed_by
-        else "  NOT signed by a key of this box: the serving box needs the signer's key, or --allow-unsigned"
+        else "  NOT signed by a key of this box: the serving box needs the signer's public key"
+        if signed
+        else "  NOT signed: the serving box takes it only with --allow-unsigned"
     )
     click.echo(
-        f"on the serving box: inferbox models import {packed.path.name} --publisher-key <this box's public key> "
+        f"on the serving box: inferbox models import {packed.path.name} {_trust_flag(signed_by, signed)} "
         f"--expect-sha256 {package.sha256}"
     )
+
+
+def _trust_flag(signed_by: str | None, signed: bool) -> str:
+    """What `models import` needs to trust the package: the key that signed it, or, for a package that
+    carries no signature, --allow-unsigned (--publisher-key alone refuses it)."""
+    if signed_by:
+        return "--publisher-key <this box's public key>"
+    if signed:
+        return "--publisher-key <the public key of the box that signed it>"
+    return "--allow-unsigned"
 
 
 @models.command(name="import")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import stat
@@ -15,16 +16,35 @@ import click
 from appliance.settings import Settings, load_settings
 
 __all__ = [
+    "EXIT_CONFIG",
     "build_settings",
     "existing_home",
     "foreign_owner",
     "open_folder",
+    "refusal",
     "refuse_root_in_foreign_state",
     "state_options",
     "state_paths",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: exit status of a refused configuration (sysexits' EX_CONFIG): the units do not restart on it
+EXIT_CONFIG = 78
+
+
+@contextlib.contextmanager
+def refusal() -> Iterator[None]:
+    """A :class:`ConfigError` (what a service command refuses: its settings, files they name, a
+    repository it cannot serve) ends the command with :data:`EXIT_CONFIG`, which the units do not
+    restart (``RestartPreventExitStatus=78``): a restart cannot mend a configuration."""
+    from runtime.errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def state_options(func: F) -> F:

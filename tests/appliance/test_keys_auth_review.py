@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import appliance.commands.keys as keys_cmd
 from appliance.cli import main
-from appliance.commands.serve import EXIT_CONFIG
+from appliance.commands.options import EXIT_CONFIG
 from appliance.exposure import check_auth_off_is_loopback, is_loopback
 from appliance.keys import KeyStore
 from appliance.settings import load_settings

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from appliance.cli import main
 from appliance.commands.doctor import server_report
-from appliance.commands.serve import EXIT_CONFIG
+from appliance.commands.options import EXIT_CONFIG
 from appliance.exposure import check_plaintext
 from appliance.settings import load_settings
 from appliance.tls import plan_tls, server_context, ssl_options
