@@ -344,6 +344,8 @@ def gemm_rates(flags: set[str] | None = None, *, n: int = 1024, seconds: float =
     try:
         import openvino as ov
         import openvino.opset13 as ops
+
+        from runtime.offline import openvino_core
     except ImportError:
         return {}
     flags = flags if flags is not None else _cpu_flags()
@@ -355,7 +357,7 @@ def gemm_rates(flags: set[str] | None = None, *, n: int = 1024, seconds: float =
     rng = np.random.default_rng(0)
     weight = (rng.random((n, n), dtype=np.float32) - 0.5).astype(np.float32)
     feed = (rng.random((n, n), dtype=np.float32) - 0.5).astype(np.float32)
-    core = ov.Core()
+    core = openvino_core()  # the process's one Core (runtime.offline says why)
     rates: dict[str, float] = {}
     for kind, precision, int8 in kinds:
         x = ops.parameter([n, n], np.float32, name="x")

@@ -79,11 +79,9 @@ def save(model: Any, xml_path: Path) -> None:
 def bf16_supported() -> bool:
     """True when OpenVINO's CPU plugin lists BF16 among its optimization capabilities."""
     try:
-        from runtime.offline import import_openvino
+        from runtime.offline import openvino_core
 
-        ov = import_openvino()
-
-        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception as exc:  # a missing plugin means "no"
         logger.info("cannot read OpenVINO CPU capabilities: %s", exc)
         return False
@@ -91,12 +89,10 @@ def bf16_supported() -> bool:
 
 def count_ov_ops(xml_path: Path) -> dict[str, int]:
     """op type -> count in an IR (FakeQuantize / FakeConvert mark full INT8, int8 Constants weight compression)."""
-    from runtime.offline import import_openvino
-
-    ov = import_openvino()
+    from runtime.offline import openvino_core
 
     counts: dict[str, int] = {}
-    for op in ov.Core().read_model(str(xml_path)).get_ops():
+    for op in openvino_core().read_model(str(xml_path)).get_ops():
         t = op.get_type_name()
         if t == "Constant" and op.get_element_type().get_type_name() in ("i8", "u8"):
             t = "Constant:int8"

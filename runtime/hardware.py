@@ -410,14 +410,14 @@ def _ov_precision(value: object) -> str | None:
 
 def _probe_ov(notes: list[str]) -> OvInfo | None:
     try:
-        from runtime.offline import import_openvino
+        from runtime.offline import import_openvino, openvino_core
 
         openvino = import_openvino()
     except ImportError as exc:
         notes.append(f"openvino not installed ({exc}): {_INSTALL_HINT}")
         return None
     try:
-        core = openvino.Core()
+        core = openvino_core()
         names = list(core.available_devices)
     except Exception as exc:
         notes.append(f"openvino {openvino.__version__} cannot list devices: {exc}")

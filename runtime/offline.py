@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any
 
-__all__ = ["OFFLINE_ENV", "TELEMETRY_MODULES", "import_openvino", "stay_offline"]
+__all__ = ["OFFLINE_ENV", "TELEMETRY_MODULES", "import_openvino", "openvino_core", "stay_offline"]
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +59,22 @@ def import_openvino() -> Any:
     import openvino
 
     return openvino
+
+
+#: the one Core, once made (see :func:`openvino_core`)
+_CORE: dict[str, Any] = {}
+_CORE_LOCK = threading.Lock()
+
+
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core`` (thread-safe; nothing here sets properties on it).
+
+    One, kept for the life of the process, because OpenVINO's CPU plugin swaps the thread's
+    alternate signal stack when a Core creates it and puts the one it saw back when that Core
+    goes: two Cores released first-in-first-out leave the thread on a freed stack, and the next
+    signal (Ctrl-C, the service's SIGTERM or SIGHUP) is a segmentation fault (reproduced with two
+    Cores, openvino 2026.x)."""
+    with _CORE_LOCK:
+        if "core" not in _CORE:
+            _CORE["core"] = import_openvino().Core()
+        return _CORE["core"]

@@ -310,12 +310,11 @@ class OpenVinoBackend:
     def _get_core(self) -> Any:
         if self._core is None:
             try:
-                from runtime.offline import import_openvino
+                from runtime.offline import openvino_core
 
-                openvino = import_openvino()
+                self._core = openvino_core()
             except ImportError as exc:
                 raise BackendUnavailableError(f"openvino not installed ({exc}): pip install inferbox") from exc
-            self._core = openvino.Core()
         return self._core
 
     def compile_config(self, options: OpenOptions) -> dict[str, Any]:

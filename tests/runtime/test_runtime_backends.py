@@ -532,3 +532,39 @@ def test_an_ort_open_hands_on_warnings_other_threads_raised_meanwhile(
         OrtBackend("ort-cpu").open(tiny_mlp, FP32).close()
     assert not [r for r in caplog.records if "from elsewhere" in r.getMessage()]
     assert warnings.filters == before
+
+
+def test_openvino_sessions_closed_first_in_first_out_leave_signals_working(tiny_mlp_ir: Path, tmp_path: Path) -> None:
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack per Core and puts back the one
+    it saw: with a Core per open, two sessions closed in the order they were opened left the thread
+    on a freed stack, and the next signal (Ctrl-C, SIGTERM, SIGHUP) was a segmentation fault. It
+    broke a test process that had exported in-process, and then its SIGHUP test (review 14)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fifo.py"
+    script.write_text(
+        "import gc, os, signal, sys, time\n"
+        "from runtime.backends.base import OpenOptions\n"
+        "from runtime.backends.openvino import OpenVinoBackend\n"
+        "from runtime.hardware import probe_hardware\n"
+        "probe_hardware()\n"
+        "first = OpenVinoBackend('ov-cpu').open(sys.argv[1], OpenOptions(exec_precision='fp32'))\n"
+        "second = OpenVinoBackend('ov-cpu').open(sys.argv[1], OpenOptions(exec_precision='fp32'))\n"
+        "first.close(); del first; gc.collect()\n"
+        "second.close(); del second; gc.collect()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT); time.sleep(1)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted cleanly')\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run(
+        [sys.executable, str(script), str(tiny_mlp_ir)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0 and "interrupted cleanly" in run.stdout, (run.returncode, run.stderr[-2000:])
