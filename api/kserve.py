@@ -118,6 +118,9 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
             "variant": model.variant,
             "backend": model.backend,
             "exec_precision": model.exec_precision,
+            # what the loaded session proved it runs on (providers / OpenVINO execution devices,
+            # e.g. the device AUTO picked), comma-joined
+            "active": ",".join(model.session.active),
             # what the session fell back from and to (allow_fallback), or empty
             "fallback": getattr(model.session, "fallback", None) or "",
             # class names of the main output, by index (what `classification` answers with), or empty
@@ -400,7 +403,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
         Empty,
         KServeError,
         "Closed: new requests get 404, the ones already accepted were answered first.",
-        (400, 404, 413),
+        (400, 404, 409, 413),
         body=RepositoryModelRequest,
         body_required=False,
         examples={"empty": ("No parameters", {})},

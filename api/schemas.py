@@ -216,6 +216,13 @@ class ModelParameters(msgspec.Struct):
     variant: Annotated[str, Meta(description="The package variant being served, e.g. onnx-int8 or openvino-fp32.")]
     backend: str
     exec_precision: Annotated[str, Meta(description="The precision the proved session runs in.")]
+    active: Annotated[
+        str,
+        Meta(
+            description="What the loaded session proved it runs on: its providers or OpenVINO execution devices "
+            "(the device AUTO picked), comma-joined."
+        ),
+    ]
     fallback: Annotated[str, Meta(description="What the session fell back from and to (allow_fallback), or empty.")]
     labels: Annotated[list[str], Meta(description="The main output's class names by index, or empty.")]
 

@@ -270,6 +270,11 @@ class Settings:
     def cache_dir(self) -> Path:
         return self.home / "cache"
 
+    @property
+    def decision_cache(self) -> Path:
+        """Autotune's decisions (read only with autotune on; ``serve --autotune --retune`` re-times)."""
+        return self.cache_dir / "decisions.json"
+
     def public_dict(self) -> dict[str, Any]:
         """Settings as plain values (paths as strings), for logs and the audit log."""
         out: dict[str, Any] = {}
@@ -326,6 +331,34 @@ def _coerce(field: Field, raw: Any, where: str, problems: list[str]) -> Any:
         problems.append(f"{label}: {_shown(value)} is above the maximum {field.maximum:g}")
         return None
     return value
+
+
+def _check_backend(values: Mapping[str, Any], sources: Mapping[str, str], problems: list[str]) -> None:
+    """``backend`` must name a registered backend (or be ``auto``): a typo loaded no model at all and
+    logged why for every candidate.  The names come from the registry's table; nothing is probed."""
+    from runtime.backends.registry import BACKENDS
+
+    backend = values.get("backend")
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        problems.append(
+            f"backend ({sources.get('backend')}): {backend!r} is not a backend; "
+            f"use auto or one of {', '.join(BACKENDS)}"
+        )
+
+
+def _check_queue_delay(values: Mapping[str, Any], sources: Mapping[str, str], problems: list[str]) -> None:
+    """``max_queue_delay_ms`` must be at most half of ``request_timeout_s``: a lone request may wait that
+    long for company before its batch runs, and one that waited past its timeout gets 504 (a delay
+    above the timeout timed out every request that came alone)."""
+    delay, timeout = values.get("max_queue_delay_ms"), values.get("request_timeout_s")
+    if delay is None or timeout is None or delay <= timeout * 1000 / 2:
+        return
+    problems.append(
+        f"max_queue_delay_ms ({sources.get('max_queue_delay_ms')}): {_shown(delay)} ms is more than half of "
+        f"request_timeout_s ({sources.get('request_timeout_s')}) = {_shown(timeout)} s, so requests would time "
+        f"out waiting for a batch to fill; lower max_queue_delay_ms to at most {_shown(timeout * 500)} or raise "
+        f"request_timeout_s to at least {_shown(delay / 500)}"
+    )
 
 
 def _shown(value: float) -> str:
@@ -421,6 +454,8 @@ def load_settings(
         values[f.name] = None if raw is None else _coerce(f, raw, src, problems)
         sources[f.name] = src
 
+    _check_backend(values, sources, problems)
+    _check_queue_delay(values, sources, problems)
     if problems:
         raise ConfigError(problems)
     values["home"] = values["home"] or home

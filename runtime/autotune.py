@@ -3,8 +3,9 @@
 :func:`autotune` opens each admissible candidate of a ranked :class:`Decision`,
 runs the package's sample inputs (``warmup`` times untimed, then ``runs`` times
 timed) and keeps the one with the lowest median.  :class:`DecisionCache` keeps
-decisions in a small JSON file keyed by hardware fingerprint, package sha256
-and preference; :func:`decide` glues ranking, cache and autotune together.
+decisions in a small JSON file (``<home>/cache/decisions.json``) keyed by hardware
+fingerprint, package sha256 and preference; :func:`decide` glues ranking, cache and
+autotune together, and reads the cache only when autotune is on.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "cache_key",
     "decide",
     "load_samples",
+    "recall",
     "session_opener",
 ]
 
@@ -291,6 +293,35 @@ class DecisionCache:
         return removed
 
 
+def recall(
+    package: PackageLike,
+    probes: Sequence[Probe],
+    preference: Preference,
+    *,
+    fingerprint: str,
+    cache: DecisionCache,
+) -> Decision:
+    """What a load with autotune on would use, timing nothing (``inferbox doctor``): the cached
+    decision while its choice is still admissible in the fresh ranking, else the ranking."""
+    ranked = rank(probes, package.manifest, preference)
+    if ranked.choice is None:
+        return ranked
+    return _cached(cache, cache_key(fingerprint, package.sha256, preference), ranked) or ranked
+
+
+def _cached(cache: DecisionCache, key: str, ranked: Decision) -> Decision | None:
+    """The cached decision under ``key`` while its choice is still admissible in ``ranked`` (a backend
+    may have disappeared); None otherwise."""
+    hit = cache.get(key)
+    if hit is None or hit.choice is None:
+        return None
+    still = ranked.verdict(hit.choice)
+    if still is not None and still.admissible:
+        return hit
+    log.info("cached choice %s for %s is no longer admissible; re-deciding", hit.choice, key)
+    return None
+
+
 def decide(
     package: PackageLike,
     probes: Sequence[Probe],
@@ -306,25 +337,23 @@ def decide(
     runs: int = 7,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Decision:
-    """Rank; then use a cached decision (unless ``force``) or autotune and cache the result.
+    """Rank; with ``autotune``, use a cached decision (unless ``force``) or autotune and cache the result.
 
-    A cached choice is used only while it is still admissible in the fresh
-    ranking (a backend may have disappeared).  Without ``autotune`` (or without
-    samples / ``open_session``) the ranking is returned and nothing is cached.
+    Without ``autotune`` the ranking is returned and the cache is neither read nor written: an
+    operator who turned autotune off gets the ranking, not what an earlier ``serve --autotune``
+    timed (the cache is ``<home>/cache/decisions.json``; ``serve --autotune --retune`` re-times).
+    A cached choice is used only while it is still admissible in the fresh ranking (a backend may
+    have disappeared).  Without samples / ``open_session`` the ranking is returned and nothing is
+    cached.
     """
     ranked = rank(probes, package.manifest, preference)
-    if ranked.choice is None:
+    if ranked.choice is None or not autotune:
         return ranked
     key = cache_key(fingerprint, package.sha256, preference)
     if cache is not None and not force:
-        hit = cache.get(key)
-        if hit is not None and hit.choice is not None:
-            still = ranked.verdict(hit.choice)
-            if still is not None and still.admissible:
-                return hit
-            log.info("cached choice %s for %s is no longer admissible; re-deciding", hit.choice, key)
-    if not autotune:
-        return ranked
+        hit = _cached(cache, key, ranked)
+        if hit is not None:
+            return hit
     if samples is None:
         samples = load_samples(package)
     if samples is None or open_session is None:

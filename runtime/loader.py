@@ -36,9 +36,24 @@ from runtime.verified import VerifiedCopy
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["LoaderOptions", "Opened", "load_model", "open_first", "preference_for", "repository_index"]
+__all__ = [
+    "FAKE_BACKEND_WARNING",
+    "LoaderOptions",
+    "Opened",
+    "load_model",
+    "open_first",
+    "preference_for",
+    "repository_index",
+]
 
 log = logging.getLogger(__name__)
+
+#: said at every load on the ``fake`` backend (and by ``serve`` / ``doctor`` when it is set): its
+#: answers are not the model's, and nothing gates them
+FAKE_BACKEND_WARNING = (
+    "the fake backend answers made-up outputs (no model runs, no accuracy gate) and is for tests only; "
+    "set backend = auto (or a real backend) to serve the model"
+)
 
 
 @dataclass(frozen=True)
@@ -172,6 +187,8 @@ def _load(package: VerifiedCopy, opts: LoaderOptions, probes: Sequence[Probe] | 
         f"; FALLBACK from {choice}: {session.fallback}" if session.fallback else "",
         f"; {len(opened.failed)} candidate(s) before it failed their proof" if opened.failed else "",
     )
+    if opened.backend == "fake":
+        log.warning("%s is loaded on the fake backend: %s", where, FAKE_BACKEND_WARNING)
     loaded = LoadedModel(
         name=manifest.name,
         version=manifest.version,

@@ -29,9 +29,13 @@ small batches on one stream's session), when every timed candidate has one: on
 server's batches 5 % faster on one.  A candidate without a timing is estimated as
 the backend's speed class times :data:`PRECISION_SPEEDUP` of its precision
 (int8 > bf16 > fp16 > fp32); such candidates rank above every timed one when
-their estimate beats the estimate of every timed one (a GPU the exporting
-machine did not have), else below them.  Ties are broken by backend name,
-variant id and precision, so the order is deterministic.
+they run on an accelerator (:func:`runs_on_cpu` is false: a GPU or NPU the
+exporting machine did not have, whose timings are a CPU's and do not compare),
+or when their estimate beats the estimate of every timed one; else below them.
+So on a CUDA box the untimed ``ort-tensorrt`` and ``ort-cuda`` candidates come
+before every timed CPU one, and when TensorRT's session cannot be proved the
+loader opens CUDA next.  Ties are broken by backend name, variant id and
+precision, so the order is deterministic.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ __all__ = [
     "preference_hash",
     "rank",
     "require_choice",
+    "runs_on_cpu",
 ]
 
 #: Exec precisions in the order they are tried when nothing else decides.
@@ -134,6 +139,16 @@ def preference_hash(preference: Preference) -> str:
     """A short stable hash of the preference (part of the decision-cache key)."""
     raw = json.dumps(asdict(preference), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def runs_on_cpu(probe: Probe) -> bool:
+    """Whether ``probe``'s backend computes on the CPU: its device is the CPU, or it is OpenVINO's
+    ``AUTO`` and the only device AUTO can pick here is the CPU (the ``devices`` its probe lists)."""
+    device = probe.device.lower()
+    if device == "auto":
+        covered = [d for d in probe.details.get("devices", "").split(",") if d]
+        return bool(covered) and all(d.split(".")[0].lower() == "cpu" for d in covered)
+    return device == "cpu"
 
 
 def _is_fake(probe: Probe) -> bool:
@@ -319,10 +334,10 @@ def rank(probes: Sequence[Probe], manifest: Manifest, preference: Preference) ->
     timed_estimates = [est for _, _, m, est, _ in admissible if m is not None]
     top_timed = max(timed_estimates) if timed_estimates else None
 
-    def tier(measured: tuple[float, str] | None, estimate: float) -> int:
+    def tier(measured: tuple[float, str] | None, estimate: float, probe: Probe) -> int:
         if measured is not None:
             return 1
-        if top_timed is None or estimate > top_timed:
+        if top_timed is None or estimate > top_timed or not runs_on_cpu(probe):
             return 2
         return 0
 
@@ -330,7 +345,7 @@ def rank(probes: Sequence[Probe], manifest: Manifest, preference: Preference) ->
     ordered = sorted(
         admissible,
         key=lambda item: (
-            -tier(item[2], item[3]),
+            -tier(item[2], item[3], item[1]),
             -(item[2][0] if item[2] is not None else item[3]),
             item[0].backend,
             item[0].variant,
@@ -347,6 +362,8 @@ def rank(probes: Sequence[Probe], manifest: Manifest, preference: Preference) ->
                 f"no timing on this box; ranked by backend class (speed class {probe.speed_class} x {eff} "
                 f"{PRECISION_SPEEDUP.get(eff, 1.0):g} = {estimate:.4g})"
             )
+            if top_timed is not None and not runs_on_cpu(probe):
+                how += "; an accelerator, ranked above the timed candidates"
         verdicts.append(Verdict(cand, True, f"#{position}: {how}", score))
     choice = verdicts[0].candidate if verdicts else None
     return Decision(choice=choice, verdicts=(*verdicts, *rejected), source="rank")

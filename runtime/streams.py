@@ -82,8 +82,12 @@ def plan_for(
     objective: str = "throughput",
 ) -> tuple[int, int]:
     """:func:`plan_streams` for ``backend`` on the device its probe reports (the loader and
-    ``inferbox doctor`` both ask this)."""
-    device = next((p.device for p in probes if p.name == backend), "cpu")
+    ``inferbox doctor`` both ask this).  OpenVINO's ``AUTO`` where the CPU is the only device it
+    can pick is the CPU (:func:`runtime.selection.runs_on_cpu`), and gets the CPU's streams."""
+    from runtime.selection import runs_on_cpu
+
+    probe = next((p for p in probes if p.name == backend), None)
+    device = "cpu" if probe is None or runs_on_cpu(probe) else probe.device
     return plan_streams(setting, device, cores, threads=threads, objective=objective)
 
 

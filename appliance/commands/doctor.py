@@ -88,10 +88,10 @@ class ModelReport:
 def _decide(
     package: Package, probes: list[Probe], preference: Preference, fingerprint: str, cache_path: Path
 ) -> Decision:
-    from runtime.autotune import DecisionCache, decide
+    from runtime.autotune import DecisionCache, recall
 
-    # a cached autotune result is what `serve` would use; otherwise the ranking
-    return decide(package, probes, preference, fingerprint=fingerprint, cache=DecisionCache(cache_path), autotune=False)
+    # with autotune on, a cached autotune result is what `serve` would use; otherwise the ranking
+    return recall(package, probes, preference, fingerprint=fingerprint, cache=DecisionCache(cache_path))
 
 
 def model_reports(
@@ -257,6 +257,10 @@ def server_report(settings: Settings) -> dict[str, Any]:
         "problem": None,
         "warning": None,
     }
+    if settings.backend == "fake":
+        from runtime.loader import FAKE_BACKEND_WARNING
+
+        _warn(out, f"backend = fake ({settings.sources.get('backend')}): {FAKE_BACKEND_WARNING}")
     try:
         plan = check_exposure(settings)
     except ConfigError as exc:
@@ -357,18 +361,13 @@ def doctor(
     """
     import msgspec
 
-    from runtime.backends.registry import BACKENDS, probe_all
-    from runtime.errors import ConfigError
+    from runtime.backends.registry import probe_all
     from runtime.hardware import cpu_budget, probe_hardware
     from runtime.loader import LoaderOptions, preference_for
     from runtime.streams import plan_for
 
+    # an unknown backend name is refused here, by the settings (appliance.settings)
     settings = build_settings(home=home, repository=repository, backend=backend)
-    if settings.backend != "auto" and settings.backend not in BACKENDS:
-        raise ConfigError(
-            f"backend ({settings.sources.get('backend')}): {settings.backend!r} is not a backend; "
-            f"use auto or one of {', '.join(BACKENDS)}"
-        )
     public_key = None
     if settings.public_key is not None:
         from runtime.signing import load_public_key
@@ -386,7 +385,8 @@ def doctor(
         public_key=public_key,
         package=package,
         fingerprint=hardware.fingerprint(),
-        cache_path=settings.cache_dir / "decisions.json",
+        # `serve` reads its autotune decisions only with autotune on (runtime.autotune.decide)
+        cache_path=settings.decision_cache if settings.autotune else None,
     )
     budget = cpu_budget(settings.workers)
     cores = budget.threads

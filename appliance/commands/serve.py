@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from appliance.commands.options import build_settings, state_options
+from appliance.commands.options import EXIT_CONFIG, build_settings, refusal, state_options
 from appliance.exposure import is_loopback
 
 if TYPE_CHECKING:
+    from appliance.settings import Settings
     from appliance.tls import TlsPlan
 
 __all__ = ["ADMIN_KEY_FILE", "EXIT_CONFIG", "serve"]
 
 ADMIN_KEY_FILE = "first-admin.key"
-#: exit status of a refused configuration (sysexits' EX_CONFIG): the unit does not restart on it
-EXIT_CONFIG = 78
 
 
 @click.command()
@@ -32,6 +29,12 @@ EXIT_CONFIG = 78
 @click.option("--workers", type=int, default=None, help="Worker processes [env INFERBOX_WORKERS; default 1].")
 @click.option("--backend", default=None, help="Force a backend (ort-cpu, ov-cpu, ...) [default auto].")
 @click.option("--autotune/--no-autotune", default=None, help="Time every admissible candidate at load.")
+@click.option(
+    "--retune",
+    is_flag=True,
+    default=False,
+    help="With --autotune: forget the cached autotune decisions (<home>/cache/decisions.json) and time again.",
+)
 @click.option(
     "--tls-cert",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -60,6 +63,7 @@ def serve(
     workers: int | None,
     backend: str | None,
     autotune: bool | None,
+    retune: bool,
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_client_ca: Path | None,
@@ -75,7 +79,7 @@ def serve(
     from appliance.server import public_key_of
     from appliance.tls import ssl_options
 
-    with _refusal():  # the configuration, checked before anything loads (and before workers fork)
+    with refusal():  # the configuration, checked before anything loads (and before workers fork)
         settings = build_settings(
             home=home,
             repository=repository,
@@ -92,8 +96,13 @@ def serve(
         )
         tls = check_exposure(settings)
         public_key_of(settings)  # the key packages must be signed with: a missing file is named here
+        _refuse_retune_without_autotune(settings, retune)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger(__name__)
+    if settings.backend == "fake":
+        from runtime.loader import FAKE_BACKEND_WARNING
+
+        log.warning("backend = fake (%s): %s", settings.sources.get("backend", ""), FAKE_BACKEND_WARNING)
     if not settings.auth:
         log.warning("auth is off (%s): every client on this machine has every scope", settings.sources.get("auth", ""))
         if settings.metrics_auth:
@@ -106,7 +115,9 @@ def serve(
 
     _check_port(settings.host, settings.port)  # before the models load and the start is recorded
     hold_sighup()  # a reload (SIGHUP) during the start must not end the service
-    with _refusal():  # an empty serving-only repository, a default model that did not build
+    if retune:  # before the models load (and before workers fork): every one is timed again
+        _forget_decisions(settings, log)
+    with refusal():  # an empty serving-only repository, a default model that did not build
         prepared = prepare(settings)
     if prepared.built_default:
         click.echo(f"built the default model into {settings.repository}", err=True)
@@ -140,7 +151,7 @@ def serve(
 
         reloader = CertificateReloader(settings, tls)
         tls_options = {"ssl_context_factory": reloader.context_factory, "http": tls_options.get("http", "auto")}
-    with _refusal():
+    with refusal():
         app = build_app(settings, reloads=True, reloader=reloader)
     config = uvicorn.Config(
         app,
@@ -157,6 +168,24 @@ def serve(
     click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True)
     server.run()
     hold_sighup()  # the loop's handler went with the loop: a late SIGHUP must not end the exit early
+
+
+def _refuse_retune_without_autotune(settings: Settings, retune: bool) -> None:
+    from runtime.errors import ConfigError
+
+    if retune and not settings.autotune:
+        raise ConfigError(
+            f"--retune re-times the autotune decisions, but autotune is off ({settings.sources.get('autotune')}): "
+            "add --autotune (or set autotune = true)"
+        )
+
+
+def _forget_decisions(settings: Settings, log: logging.Logger) -> None:
+    """Empty the autotune decision cache, so that every model loaded now is timed again."""
+    from runtime.autotune import DecisionCache
+
+    removed = DecisionCache(settings.decision_cache).clear()
+    log.info("--retune: forgot %d cached autotune decision(s) in %s; timing again", removed, settings.decision_cache)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -182,19 +211,6 @@ def _check_port(host: str, port: int) -> None:
                     "CAP_NET_BIND_SERVICE; serve on a port above 1023 (--port), behind a proxy if need be"
                 ) from None
             raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
-
-
-@contextlib.contextmanager
-def _refusal() -> Iterator[None]:
-    """A :class:`ConfigError` (what serve refuses: its settings, files they name, a repository it
-    cannot serve) ends the command with :data:`EXIT_CONFIG`, which the unit does not restart."""
-    from runtime.errors import ConfigError
-
-    try:
-        yield
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
 
 
 def _log_certificate(log: logging.Logger, tls: TlsPlan) -> None:
@@ -224,7 +240,6 @@ def _hand_over_admin_key(keys_dir: Path, key_id: str, secret: str) -> None:
 
     Printing it to a non-terminal stderr would put a secret in the journal.
     """
-    import sys
 
     hint = "use it as `Authorization: Bearer <key>`; create narrower keys with `inferbox keys create`"
     if sys.stderr.isatty():

@@ -260,7 +260,7 @@ def test_one_package_folder(home: Path, tmp_path: Path) -> None:
     assert "stray.txt" in result.output
 
 
-def test_cached_autotune_decision_is_shown(home: Path) -> None:
+def test_cached_autotune_decision_is_shown(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from runtime.autotune import DecisionCache, cache_key
     from runtime.hardware import probe_hardware
     from runtime.loader import LoaderOptions, preference_for
@@ -275,6 +275,11 @@ def test_cached_autotune_decision_is_shown(home: Path) -> None:
     cache = DecisionCache(home / "cache" / "decisions.json")
     # keyed by the preference `serve` ranks with (streams auto: the stream timings)
     cache.put(cache_key(probe_hardware().fingerprint(), sha, preference_for(LoaderOptions(streams=0))), tuned)
+    # `serve` reads the cache only with autotune on (review 14), and doctor shows what it would run
+    result = doctor("--home", str(home))
+    assert result.exit_code == 0
+    assert "(by cache)" not in result.output and "autotuned: median" not in result.output
+    monkeypatch.setenv("INFERBOX_AUTOTUNE", "true")
     result = doctor("--home", str(home))
     assert result.exit_code == 0
     assert "choice: ort-cpu/onnx-fp32/fp32 (by cache)" in result.output

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from runtime.autotune import DecisionCache, autotune, cache_key, decide, load_samples
+from runtime.autotune import DecisionCache, autotune, cache_key, decide, load_samples, recall
 from runtime.backends.base import Probe
 from runtime.errors import BackendError, PackageError, UnsafePathError
 from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Variant
@@ -309,27 +309,28 @@ def test_decide_cache_hit_force_and_fingerprint(tmp_path: Path) -> None:
     costs[OV16] = 0.001
     d2 = decide(pkg, probes(), Preference(), fingerprint="box1", autotune=True, force=False, **kw)
     assert (d2.source, d2.choice, len(calls)) == ("cache", ORT, 3)
-    # a hit is used even without autotune (it is better information than the ranking)
+    # without autotune the cache is not read: the ranking (review 14: `autotune = false` after a
+    # `serve --autotune` still served the cached pick, "decided by cache")
     d3 = decide(pkg, probes(), Preference(), fingerprint="box1", autotune=False, force=False, **kw)
-    assert (d3.source, d3.choice) == ("cache", ORT)
+    assert (d3.source, d3.choice) == ("rank", OV16)
+    assert recall(pkg, probes(), Preference(), fingerprint="box1", cache=cache).source == "cache"
     # force re-times and overwrites
     d4 = decide(pkg, probes(), Preference(), fingerprint="box1", autotune=True, force=True, **kw)
     assert (d4.source, d4.choice, len(calls)) == ("autotune", OV16, 6)
     assert cache.get(cache_key("box1", pkg.sha256, Preference())).choice == OV16  # type: ignore[union-attr]
     # another box (fingerprint) or another package or preference: miss
-    d5 = decide(pkg, probes(), Preference(), fingerprint="box2", autotune=False, force=False, **kw)
-    assert d5.source == "rank"
+    assert recall(pkg, probes(), Preference(), fingerprint="box2", cache=cache).source == "rank"
     other = Pkg(pkg.manifest, "b" * 64, tmp_path)
-    assert decide(other, probes(), Preference(), fingerprint="box1", autotune=False, force=False, **kw).source == "rank"
+    assert recall(other, probes(), Preference(), fingerprint="box1", cache=cache).source == "rank"
     latency = Preference(objective="latency")
-    assert decide(pkg, probes(), latency, fingerprint="box1", autotune=False, force=False, **kw).source == "rank"
+    assert recall(pkg, probes(), latency, fingerprint="box1", cache=cache).source == "rank"
     # cached choice no longer admissible (bf16 gone from this box): re-decided
-    d6 = decide(pkg, probes(ov_bf16=False), Preference(), fingerprint="box1", autotune=False, force=False, **kw)
+    d6 = recall(pkg, probes(ov_bf16=False), Preference(), fingerprint="box1", cache=cache)
     assert (d6.source, d6.choice) == ("rank", OV32)
     # clear one: miss again
     assert cache.clear(cache_key("box1", pkg.sha256, Preference())) == 1
-    d7 = decide(pkg, probes(), Preference(), fingerprint="box1", autotune=False, force=False, **kw)
-    assert d7.source == "rank"
+    assert recall(pkg, probes(), Preference(), fingerprint="box1", cache=cache).source == "rank"
+    assert len(calls) == 6  # recall never times
 
 
 def test_decide_without_samples_falls_back_to_ranking(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
