@@ -595,6 +595,27 @@ def _service_owner(report: InstallReport) -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def _off_box_note(flag: str, folder: Path, root: Path) -> str | None:
+    """A warning when ``folder`` (under ``root``) is missing or on the state folder's disk: `audit
+    ship` refuses a folder that is not there and `backup create` one on the box's own disk (neither
+    creates it: an unmounted share must not fill the box), so the timer would fail every run."""
+    where = root / folder.relative_to("/")
+    if not where.is_dir():
+        return (
+            f"WARNING: {flag} {folder} does not exist (yet): its timer fails until a disk or share of "
+            "another machine is mounted there"
+        )
+    state = root / STATE_DIR.relative_to("/")
+    beside = state if state.exists() else root
+    if os.stat(where).st_dev == os.stat(beside).st_dev:
+        return (
+            f"WARNING: {flag} {folder} is on the same filesystem as {STATE_DIR if state.exists() else '/'}: "
+            "mount the other machine's disk or share there first; a copy on the box's own disk is lost with it "
+            "(backup create refuses one)"
+        )
+    return None
+
+
 def _install(
     options: InstallOptions,
     run: Callable[[Sequence[str]], Any],
@@ -716,14 +737,21 @@ def _install(
         if owner is not None:
             _state_tree(state, report, owner)
 
-    # 8. would the API start with the configuration already on this box (an upgrade)?
+    # 8. the off-box folders the timers write to: said now, not by a failed timer run tonight
+    for flag, folder in (("--ship-dir", options.ship_dir), ("--backup-dir", options.backup_dir)):
+        if folder is not None:
+            note = _off_box_note(flag, folder, root)
+            if note is not None:
+                report.notes.append(note)
+
+    # 9. would the API start with the configuration already on this box (an upgrade)?
     problem = serving_problem(root)
     if problem is not None:
         report.notes.append(
             f"WARNING: {problem}; fix it before the service restarts (docs/operations.md, 'Serving the network')"
         )
 
-    # 9. enable
+    # 10. enable
     enable = dict(ENABLE)
     if options.ship_dir is not None:
         enable[SHIP_TIMER] = "timers.target"

@@ -352,3 +352,24 @@ def test_installing_again_keeps_the_default_folders_when_they_were_given(tmp_pat
     assert (units / "timers.target.wants/inferbox-audit-ship.timer").is_symlink()
     fresh = install(InstallOptions(root=tmp_path / "other", venv=False, prefix=Path("/opt/ib")))
     assert len([n for n in fresh.notes if "is not enabled" in n]) == 2  # never given: still said
+
+
+def test_a_ship_or_backup_folder_that_is_missing_or_on_the_boxs_disk_is_warned_of(tmp_path: Path) -> None:
+    """The reviewer's box: --backup-dir to a folder not yet mounted passed silently, and the nightly
+    backup failed every run (backup create refuses a missing folder and one on the box's disk)."""
+    args = ["install", "--root", str(tmp_path), "--no-venv", "--prefix", "/opt/ib"]
+    missing = CliRunner().invoke(main, [*args, "--backup-dir", "/srv/bk", "--ship-dir", "/srv/ship"])
+    assert missing.exit_code == 0, missing.output
+    assert "WARNING: --backup-dir /srv/bk does not exist (yet)" in missing.output
+    assert "WARNING: --ship-dir /srv/ship does not exist (yet)" in missing.output
+    (tmp_path / "srv/bk").mkdir(parents=True)
+    same = CliRunner().invoke(main, [*args, "--backup-dir", "/srv/bk"])
+    assert same.exit_code == 0 and "WARNING: --backup-dir /srv/bk is on the same filesystem as" in same.output
+
+
+def test_a_folder_on_another_filesystem_gets_no_warning() -> None:
+    from appliance.install import _off_box_note
+
+    other = Path("/dev/shm")
+    assert Path("/").stat().st_dev != other.stat().st_dev  # tmpfs: what a mounted share looks like
+    assert _off_box_note("--backup-dir", other, Path("/")) is None
