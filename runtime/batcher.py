@@ -35,8 +35,9 @@ A full queue raises :class:`~runtime.errors.OverloadError` (``retry_after`` from
 the measured service rate); an item not finished within ``timeout_s`` raises
 :class:`~runtime.errors.RequestTimeoutError` and, if it was still queued, is
 dropped and never run; so are the queued items of a request whose caller is cancelled or
-one of whose items failed.  A batch that raises is run again an item at a time, so an
-error reaches only the items that cause it.  No Litestar here: plain asyncio.
+one of whose items failed.  A batch that one client's input makes fail is split in halves
+and run again, so that error reaches only the items that cause it (:meth:`DynamicBatcher._run`).
+No Litestar here: plain asyncio.
 """
 
 from __future__ import annotations
@@ -472,28 +473,35 @@ class DynamicBatcher(Generic[Item, Result]):
         return results
 
     def _run(self, batch: list[_Entry[Item, Result]]) -> list[Result | Exception]:
-        """Each entry's result or error.  A batch that fails is run again an item at a time, so
-        one client's bad input (a token id outside the vocabulary, a value the graph refuses)
-        fails only its own request, not the others that shared its batch, and their errors
-        do not carry its message to them."""
+        """Each entry's result or error.  A batch that one client's input makes fail (an
+        :class:`InputError`: a token id outside the vocabulary, a value the graph refuses) is split
+        in halves, and each half run again (split again while it fails), so only the items that
+        cause it fail and the others that shared the batch never see its message.  Halving, not
+        one call per item: one bad item among n costs about 2*log2(n) more calls, so a client
+        sending bad input on purpose cannot multiply the work by the batch size.  Any other error
+        (a backend that fails every call) fails the batch at once."""
         try:
             return list(self._call([e.item for e in batch]))
-        except Exception as exc:
+        except InputError as exc:
             if len(batch) == 1:
                 return [exc]
-            logger.info(
-                "batcher %s: a batch of %d items failed (%s); running them one at a time",
-                self.name,
-                len(batch),
-                type(exc).__name__,
-            )
-        outcomes: list[Result | Exception] = []
-        for entry in batch:
-            try:
-                outcomes.append(self._call([entry.item])[0])
-            except Exception as exc:
-                outcomes.append(exc)
-        return outcomes
+            logger.info("batcher %s: a batch of %d items failed on an input; splitting it", self.name, len(batch))
+        except Exception as exc:
+            return [exc] * len(batch)
+        mid = len(batch) // 2
+        return [*self._retry(batch[:mid]), *self._retry(batch[mid:])]
+
+    def _retry(self, part: list[_Entry[Item, Result]]) -> list[Result | Exception]:
+        """``part`` of a failed batch, run again without the entries nobody waits for any more: a
+        caller gone or timed out (its answer is not read), or all of them when the batcher stops
+        (:meth:`stop` has answered them)."""
+        now = self._clock()
+        alive = [not self._stopping and not e.future.done() and e.deadline > now for e in part]
+        expired = RequestTimeoutError(f"the request waited longer than its timeout for model {self.name!r}")
+        if not any(alive):
+            return [expired] * len(part)
+        ran = iter(self._run([e for e, keep in zip(part, alive, strict=True) if keep]))
+        return [next(ran) if keep else expired for keep in alive]
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         loop = self._loop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Hashable
+from typing import Any
 
 import pytest
 
@@ -260,12 +261,92 @@ def test_a_bad_item_fails_only_its_own_caller_not_its_batch_mates() -> None:
         assert await rest[0] == ("done", "b") and await rest[2] == ("done", "d")
         with pytest.raises(InputError, match="999999"):
             await rest[1]
-        # the batch of three failed, then each item ran alone
-        assert gate.batches == [["a"], ["b", "BAD", "d"], ["b"], ["BAD"], ["d"]]
+        # the batch of three failed, then its halves ran, the failing half split again
+        assert gate.batches == [["a"], ["b", "BAD", "d"], ["b"], ["BAD", "d"], ["BAD"], ["d"]]
         assert (b.stats.completed, b.stats.failed, b.stats.batches) == (3, 1, 2)
         await b.stop()
 
     run(main())
+
+
+def _failing_on(bad: set[object], error: Exception) -> tuple[list[list[object]], object]:
+    calls: list[list[object]] = []
+
+    def run_batch(items: list[object]) -> list[object]:
+        calls.append(list(items))
+        if bad & set(items):
+            raise error
+        return items
+
+    return calls, run_batch
+
+
+def test_one_bad_item_costs_a_logarithmic_number_of_extra_calls_not_one_per_item() -> None:
+    """Retrying item by item let one client multiply the work by the batch size (own review 14):
+    a batch of 32 with one bad item cost 33 calls; halving costs 1 + 2 * log2(32) = 11."""
+    calls, run_batch = _failing_on({"bad"}, InputError("bad input", field="inputs"))
+    b: DynamicBatcher[object, object] = DynamicBatcher(
+        run_batch,  # type: ignore[arg-type]
+        max_batch_size=32,
+        max_delay_s=0.0,
+        queue_limit=64,
+        timeout_s=10.0,
+    )
+    entries = [_entry(b, x) for x in [*range(20), "bad", *range(20, 31)]]
+    outcomes = b._run(entries)
+    assert len(calls) == 11
+    assert [isinstance(o, InputError) for o in outcomes] == [x.item == "bad" for x in entries]
+    assert [o for o, e in zip(outcomes, entries, strict=True) if e.item != "bad"] == [
+        e.item for e in entries if e.item != "bad"
+    ]
+
+
+def test_an_error_not_of_the_input_fails_the_batch_without_a_retry() -> None:
+    """A backend that fails every call (a lost device) is not called again for each half."""
+    calls, run_batch = _failing_on({1}, RuntimeError("device lost"))
+    b: DynamicBatcher[object, object] = DynamicBatcher(
+        run_batch,  # type: ignore[arg-type]
+        max_batch_size=8,
+        max_delay_s=0.0,
+        queue_limit=8,
+        timeout_s=10.0,
+    )
+    outcomes = b._run([_entry(b, x) for x in range(8)])
+    assert len(calls) == 1 and all(isinstance(o, RuntimeError) for o in outcomes)
+
+
+def test_a_retry_skips_the_items_nobody_waits_for() -> None:
+    """Items whose caller timed out or left were still run one by one after the batch failed."""
+    now = [0.0]
+    calls, run_batch = _failing_on({"bad"}, InputError("bad input", field="inputs"))
+    b: DynamicBatcher[object, object] = DynamicBatcher(
+        run_batch,  # type: ignore[arg-type]
+        max_batch_size=8,
+        max_delay_s=0.0,
+        queue_limit=8,
+        timeout_s=10.0,
+        clock=lambda: now[0],
+    )
+    late, gone, bad, alive = (_entry(b, x) for x in ("late", "gone", "bad", "alive"))
+    late.deadline = 1.0
+    gone.future.cancel()
+    now[0] = 2.0  # the first call took so long that "late" is past its deadline
+    outcomes = b._run([late, gone, bad, alive])
+    assert calls[0] == ["late", "gone", "bad", "alive"]
+    assert all("late" not in c and "gone" not in c for c in calls[1:])
+    assert isinstance(outcomes[0], RequestTimeoutError) and isinstance(outcomes[2], InputError)
+    assert outcomes[3] == "alive"
+
+
+def _entry(b: DynamicBatcher[object, object], item: object) -> Any:
+    from runtime.batcher import _Entry
+
+    loop = asyncio.new_event_loop()
+    try:
+        future = loop.create_future()
+    finally:
+        loop.close()
+    return _Entry(item=item, rows=1, group=None, enqueued=0.0, deadline=float("inf"), future=future)
 
 
 def test_stop_fails_queued_items() -> None:
