@@ -12,6 +12,7 @@ import os
 import signal
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,9 @@ def run(
     mode = "watch" if watch else "once"
     with refusal():  # a configuration the service's restarts cannot mend: exit 78, not 2
         settings = build_settings(home=home, repository=repository)
+        from appliance.server import public_key_of
+
+        public_key_of(settings)  # the key packages must be signed with: named before anything is made
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if scheduler and engine != "dask":
         raise BatchError("--scheduler needs --engine dask")
@@ -183,7 +187,7 @@ def run(
             spool=settings.spool,
             outbox=settings.outbox,
             store=store,
-            loader=factory(),
+            loader=_loader(factory),
             audit=audit,
             config=WorkerConfig(
                 chunk_size=chunk_size,
@@ -228,6 +232,13 @@ def run(
     store.close()
     if audit is not None:
         audit.close()
+
+
+def _loader(factory: Callable[[], Any]) -> Any:
+    """The batch loader; a configuration it refuses (a model it cannot be set up for) exits 78 as
+    the settings do: the unit's restarts cannot mend it."""
+    with refusal():
+        return factory()
 
 
 @batch.command()

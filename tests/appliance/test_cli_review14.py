@@ -58,7 +58,12 @@ def test_batch_run_once_alone_still_runs_and_exits(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("env", "named"),
-    [({"INFERBOX_NO_SUCH_SETTING": "1"}, "INFERBOX_NO_SUCH_SETTING"), ({"INFERBOX_PORT": "http"}, "port")],
+    [
+        ({"INFERBOX_NO_SUCH_SETTING": "1"}, "INFERBOX_NO_SUCH_SETTING"),
+        ({"INFERBOX_PORT": "http"}, "port"),
+        # found after the settings load (own review 14: it exited 2, after making the signing key)
+        ({"INFERBOX_PUBLIC_KEY": "/nonexistent/pub.pem"}, "/nonexistent/pub.pem"),
+    ],
 )
 def test_batch_run_refuses_its_configuration_with_the_exit_the_unit_does_not_restart(
     tmp_path: Path, env: dict[str, str], named: str
@@ -70,6 +75,7 @@ def test_batch_run_refuses_its_configuration_with_the_exit_the_unit_does_not_res
     result = run_cli(tmp_path / "home", "batch", "run", "--once", "--loader", FAKE, **env)
     assert result.exit_code == EXIT_CONFIG == 78, result.output
     assert result.output.startswith("error: ") and named in result.output
+    assert not (tmp_path / "home" / "keys" / "signing.key").exists()  # refused before anything was made
     unit = (Path(__file__).resolve().parents[2] / "appliance/systemd/inferbox-batch.service").read_text()
     assert "\nRestartPreventExitStatus=78\n" in unit
 
