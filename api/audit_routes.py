@@ -90,6 +90,15 @@ def _known_parameters(request: Request[Any, Any, Any]) -> None:
         name = unknown[0]
         hint = f"use {SPELLED_AS[name]}" if name in SPELLED_AS else f"the filters are {', '.join(PARAMETERS)}"
         raise InputError(f"{name}: not a parameter of /v1/audit; {hint}", field=name)
+    # `?event=a&event=b` answered only b's records, read as "a or b" (own review 14)
+    names = [name for name, _ in request.query_params.multi_items()]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        name = repeated[0]
+        raise InputError(
+            f"{name}: given more than once; each filter takes one value (ask once per value and join the pages)",
+            field=name,
+        )
 
 
 @get(

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException, ValidationException
 from msgspec import Meta
 
 from api.auth import Authenticator
@@ -143,18 +143,22 @@ def _validation_message(exc: HTTPException) -> tuple[str, str | None]:
     return "; ".join(parts), str(named[0]["key"])
 
 
-def _no_route(request: Request[Any, Any, Any], ctx: RequestContext) -> str:
-    """A path no route matches: no guard ran, so the key it carried was never read and its record
-    said ``anonymous``, like a request with no key (and like ``auth = false``).  The key is read
-    here only to name who asked; the answer is the same 404 whatever it is."""
+def _no_route(request: Request[Any, Any, Any], ctx: RequestContext, exc: HTTPException) -> str:
+    """A path no route matches (404), or a method it does not take (405): no guard ran, so the key
+    it carried was never read and its record said ``anonymous``, like a request with no key (and
+    like ``auth = false``).  The key is read here only to name who asked; the answer is the same
+    whatever it is."""
     auth: Authenticator | None = request.app.state.get("auth")
     header = request.headers.get("authorization")
     if auth is not None and header:
         try:
             ctx.principal = auth.principal(header, ctx.client_cert_sha256)
-        except AuthError as exc:
-            if exc.key_id is not None:  # a real key, refused: the record names it, as the guard's do
-                ctx.details["refused_key_id"] = exc.key_id
+        except AuthError as refused:
+            if refused.key_id is not None:  # a real key, refused: the record names it, as the guard's do
+                ctx.details["refused_key_id"] = refused.key_id
+    if isinstance(exc, MethodNotAllowedException):
+        allowed = (exc.headers or {}).get("allow", "")
+        return f"{request.url.path} does not take {request.method}; it takes {allowed} (docs/api.md)"
     return f"no route {request.method} {request.url.path}; docs/api.md lists the routes"
 
 
@@ -175,8 +179,9 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
         message = str(exc)
     elif isinstance(exc, ValidationException):
         message, param = _validation_message(exc)
-    elif isinstance(exc, NotFoundException) and not ctx.route:
-        message = _no_route(request, ctx)
+    elif isinstance(exc, NotFoundException | MethodNotAllowedException) and not ctx.route:
+        message = _no_route(request, ctx, exc)
+        headers.update(exc.headers or {})  # a 405's Allow
     elif isinstance(exc, HTTPException) and status < 500:
         message = str(exc.detail)
         if exc.extra:

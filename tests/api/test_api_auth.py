@@ -203,3 +203,8 @@ def test_a_path_no_route_matches_records_the_key_that_asked(
     assert valid.actor == valid.credential_id == good_rec.id and valid.status == 404
     assert revoked.actor == "anonymous" and revoked.details["refused_key_id"] == gone_rec.id
     assert none.actor == "anonymous" and "refused_key_id" not in none.details
+    # a method the path does not take is the same case (own review 14: recorded as anonymous)
+    r = c.get("/v1/embeddings", headers=_h(good))
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert r.json()["error"]["message"].startswith("/v1/embeddings does not take GET; it takes POST")
+    assert audit.events[-1].actor == good_rec.id and audit.events[-1].status == 405

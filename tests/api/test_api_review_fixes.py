@@ -373,5 +373,9 @@ def test_an_unknown_audit_filter_is_a_400_not_the_whole_log(tmp_path: Path) -> N
         r = c.get("/v1/audit", params={"evnt": "x", "limit": "5"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "evnt"
         assert "event" in r.json()["error"]["message"]
+        r = c.get("/v1/audit?event=metadata&event=audit_read")  # answered only audit_read (own review 14)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "event"
+        assert "more than once" in r.json()["error"]["message"]
+        assert c.get("/v1/audit?limit=2&limit=1000").status_code == 400
         assert len(reader.calls) == calls  # nothing was read
         assert c.get("/v1/audit", params={"model": "m", "event": "inference"}).status_code == 200
