@@ -285,13 +285,7 @@ def test_one_bad_item_costs_a_logarithmic_number_of_extra_calls_not_one_per_item
     """Retrying item by item let one client multiply the work by the batch size (own review 14):
     a batch of 32 with one bad item cost 33 calls; halving costs 1 + 2 * log2(32) = 11."""
     calls, run_batch = _failing_on({"bad"}, InputError("bad input", field="inputs"))
-    b: DynamicBatcher[object, object] = DynamicBatcher(
-        run_batch,  # type: ignore[arg-type]
-        max_batch_size=32,
-        max_delay_s=0.0,
-        queue_limit=64,
-        timeout_s=10.0,
-    )
+    b = make(run_batch, max_batch_size=32, queue_limit=64)  # type: ignore[arg-type]
     entries = [_entry(b, x) for x in [*range(20), "bad", *range(20, 31)]]
     outcomes = b._run(entries)
     assert len(calls) == 11
@@ -304,13 +298,7 @@ def test_one_bad_item_costs_a_logarithmic_number_of_extra_calls_not_one_per_item
 def test_an_error_not_of_the_input_fails_the_batch_without_a_retry() -> None:
     """A backend that fails every call (a lost device) is not called again for each half."""
     calls, run_batch = _failing_on({1}, RuntimeError("device lost"))
-    b: DynamicBatcher[object, object] = DynamicBatcher(
-        run_batch,  # type: ignore[arg-type]
-        max_batch_size=8,
-        max_delay_s=0.0,
-        queue_limit=8,
-        timeout_s=10.0,
-    )
+    b = make(run_batch, max_batch_size=8)  # type: ignore[arg-type]
     outcomes = b._run([_entry(b, x) for x in range(8)])
     assert len(calls) == 1 and all(isinstance(o, RuntimeError) for o in outcomes)
 
@@ -319,14 +307,7 @@ def test_a_retry_skips_the_items_nobody_waits_for() -> None:
     """Items whose caller timed out or left were still run one by one after the batch failed."""
     now = [0.0]
     calls, run_batch = _failing_on({"bad"}, InputError("bad input", field="inputs"))
-    b: DynamicBatcher[object, object] = DynamicBatcher(
-        run_batch,  # type: ignore[arg-type]
-        max_batch_size=8,
-        max_delay_s=0.0,
-        queue_limit=8,
-        timeout_s=10.0,
-        clock=lambda: now[0],
-    )
+    b = make(run_batch, max_batch_size=8, clock=lambda: now[0])  # type: ignore[arg-type]
     late, gone, bad, alive = (_entry(b, x) for x in ("late", "gone", "bad", "alive"))
     late.deadline = 1.0
     gone.future.cancel()
