@@ -79,6 +79,10 @@ _HEADERS = {
         description="The indices (comma-separated) of the texts cut to the model's maximum length; absent when "
         "none was.",
     ),
+    "X-Model-Version": OpenAPIHeader(
+        schema=_STRING,
+        description="The version of the model package that answered (the body names only the model).",
+    ),
     "Inference-Header-Content-Length": OpenAPIHeader(
         schema=_INTEGER, description="The byte length of the JSON part of a binary answer; the outputs' bytes follow."
     ),

@@ -29,10 +29,31 @@ from api.server import Server
 from runtime.errors import ForbiddenError, InputError, ModelKindError
 from runtime.serving import LoadedModel
 
-__all__ = ["TRUNCATED_HEADER", "EmbeddingsBody", "EmbeddingsRequest", "EmbeddingsResponse", "inference_body", "routes"]
+__all__ = [
+    "MODEL_VERSION_HEADER",
+    "TRUNCATED_HEADER",
+    "EmbeddingsBody",
+    "EmbeddingsRequest",
+    "EmbeddingsResponse",
+    "inference_body",
+    "routes",
+]
 
 #: indices of the texts cut to the model's max_length, comma-separated (absent when none was)
 TRUNCATED_HEADER = "X-Truncated-Inputs"
+#: the version of the package that answered (OpenAI's and Cohere's bodies name only the model;
+#: KServe's carry ``model_version``): a client can tell an answer from before a swap from one after
+MODEL_VERSION_HEADER = "X-Model-Version"
+
+
+def answer_headers(model: LoadedModel, truncated: list[int]) -> dict[str, str]:
+    """The headers of a text answer: the version that answered, and the texts cut to the model's
+    max_length (usage counts only what the model saw) by index."""
+    headers = {MODEL_VERSION_HEADER: str(model.version)}
+    if truncated:
+        headers[TRUNCATED_HEADER] = ",".join(map(str, truncated))
+    return headers
+
 
 Req = Request[Any, Any, Any]
 T = TypeVar("T")
@@ -199,7 +220,7 @@ async def inference_body(request: Req, kind: type[B]) -> tuple[Server, RequestCo
         description="OpenAI's embeddings API (the openai client with base_url=http://<host>/v1 works). "
         "The body may be gzip or deflate (Content-Encoding).",
         tag=OPENAI,
-        answer_headers=(TRUNCATED_HEADER,),
+        answer_headers=(MODEL_VERSION_HEADER, TRUNCATED_HEADER),
     ),
 )
 async def embeddings(request: Req) -> Response[bytes]:
@@ -223,9 +244,7 @@ async def embeddings(request: Req) -> Response[bytes]:
     out = EmbeddingsResponse(
         data=data, model=model.name, usage=EmbeddingsUsage(prompt_tokens=total, total_tokens=total)
     )
-    # texts cut to the model's max_length (usage counts only what the model saw): their indices
-    headers = {TRUNCATED_HEADER: ",".join(map(str, truncated))} if truncated else None
-    return Response(msgspec.json.encode(out), media_type="application/json", headers=headers)
+    return Response(msgspec.json.encode(out), media_type="application/json", headers=answer_headers(model, truncated))
 
 
 @get(

@@ -29,7 +29,7 @@ from msgspec import Meta
 
 from api.docs import KEY, documented
 from api.errors import OpenAIError
-from api.openai import TRUNCATED_HEADER, inference_body
+from api.openai import MODEL_VERSION_HEADER, TRUNCATED_HEADER, answer_headers, inference_body
 from runtime.errors import InputError, ModelKindError
 
 __all__ = ["RerankBody", "RerankRequest", "RerankResponse", "routes"]
@@ -155,7 +155,7 @@ def _documents(value: list[Any]) -> list[str]:
         description="Cohere's rerank API (/v2/rerank is where cohere.ClientV2(base_url=...) posts): a "
         "cross-encoder scores each (query, document) pair. The body may be gzip or deflate (Content-Encoding).",
         tag="Rerank",
-        answer_headers=(TRUNCATED_HEADER,),
+        answer_headers=(MODEL_VERSION_HEADER, TRUNCATED_HEADER),
     ),
 )
 async def rerank(request: Req) -> Response[bytes]:
@@ -187,8 +187,7 @@ async def rerank(request: Req) -> Response[bytes]:
     out = RerankResponse(
         id=ctx.request_id, model=model.name, results=results, usage=RerankUsage(total_tokens=total), meta=meta
     )
-    headers = {TRUNCATED_HEADER: ",".join(map(str, truncated))} if truncated else None
-    return Response(msgspec.json.encode(out), media_type="application/json", headers=headers)
+    return Response(msgspec.json.encode(out), media_type="application/json", headers=answer_headers(model, truncated))
 
 
 routes: list[HTTPRouteHandler] = [rerank]

@@ -130,3 +130,15 @@ def test_the_handler_names_what_is_wrong_not_the_documented_schema(
     (api.openai.EmbeddingsRequest) is for readers only and would answer msgspec's terse text."""
     r = client_factory().post("/v1/embeddings", json=body)
     assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_the_answer_names_the_version_that_answered(client_factory: Any) -> None:
+    """OpenAI's body names only the model: a client could not tell an answer from before a swap
+    (repository load of a new version) from one after it, which KServe's model_version says."""
+    c = client_factory()
+    r = c.post("/v1/embeddings", json={"input": ["short", "x " * 1000], "model": "minilm"})
+    assert r.status_code == 200
+    version = c.get("/v2/models/minilm").json()["versions"][-1]
+    assert r.headers["x-model-version"] == version
+    assert r.headers["x-truncated-inputs"] == "1"  # beside it, as before
+    assert c.post("/v1/embeddings", json={"input": "x", "model": "minilm"}).headers["x-model-version"] == version

@@ -60,6 +60,7 @@ def test_top_n_and_return_documents(client_factory: Any, tmp_path: Path) -> None
         "/v1/rerank", json={"model": "rr", "query": QUERY, "documents": docs, "top_n": 2, "return_documents": True}
     )
     assert r.status_code == 200, r.text
+    assert r.headers["x-model-version"] == c.get("/v2/models/rr").json()["versions"][-1]
     top = r.json()["results"]
     assert [x["index"] for x in top] == [x["index"] for x in full][:2]
     texts = [DOCS[0], DOCS[1], DOCS[2]]
