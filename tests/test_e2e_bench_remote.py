@@ -19,18 +19,13 @@ import pytest
 from click.testing import CliRunner, Result
 
 from appliance.cli import main
-from tests.test_e2e_serve import Served, _free_port, _start, _stop, cli
+from tests.test_e2e_serve import Served, _free_port, _start, _stop, cli, serving
 
 
 @pytest.fixture(scope="module")
 def server(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    home = tmp_path_factory.mktemp("bench-remote-home")
-    proc, url, log = _start(minilm_repository, home)
-    key = (home / "keys" / "first-admin.key").read_text().strip()
-    try:
-        yield Served(url=url, home=home, repository=minilm_repository, key=key, proc=proc, log=log)
-    finally:
-        _stop(proc)
+    with serving(minilm_repository, tmp_path_factory.mktemp("bench-remote-home")) as srv:
+        yield srv
 
 
 def bench(*args: str, env: dict[str, str] | None = None) -> Result:

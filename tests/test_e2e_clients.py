@@ -19,20 +19,15 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.test_e2e_serve import Served, _start, _stop
+from tests.test_e2e_serve import Served, serving
 
 TEXTS = ["The patient was discharged after three days.", "Quarterly revenue rose 12 %."]
 
 
 @pytest.fixture(scope="module")
 def served(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    home = tmp_path_factory.mktemp("clients-home")
-    proc, url, log = _start(minilm_repository, home)
-    key = (home / "keys" / "first-admin.key").read_text().strip()
-    try:
-        yield Served(url=url, home=home, repository=minilm_repository, key=key, proc=proc, log=log)
-    finally:
-        _stop(proc)
+    with serving(minilm_repository, tmp_path_factory.mktemp("clients-home")) as srv:
+        yield srv
 
 
 def _reference(served: Served, texts: list[str]) -> np.ndarray:

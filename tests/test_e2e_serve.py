@@ -7,6 +7,7 @@ shutdown path (final checkpoint) runs before the audit assertions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -124,18 +125,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
 
 
-@pytest.fixture(scope="module")
-def served(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    home = tmp_path_factory.mktemp("serve-home")
-    proc, url, log = _start(minilm_repository, home)
-    key_file = home / "keys" / "first-admin.key"
-    key = key_file.read_text().strip()
-    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-    srv = Served(url=url, home=home, repository=minilm_repository, key=key, proc=proc, log=log)
+@contextlib.contextmanager
+def serving(repository: Path, home: Path) -> Iterator[Served]:
+    """A real ``inferbox serve`` on ``home`` with its first admin key, stopped with SIGTERM after."""
+    proc, url, log = _start(repository, home)
+    key = (home / "keys" / "first-admin.key").read_text().strip()
     try:
-        yield srv
+        yield Served(url=url, home=home, repository=repository, key=key, proc=proc, log=log)
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def served(minilm_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with serving(minilm_repository, tmp_path_factory.mktemp("serve-home")) as srv:
+        assert oct((srv.home / "keys" / "first-admin.key").stat().st_mode & 0o777) == "0o600"
+        yield srv
 
 
 def _embed(srv: Served, texts: list[str] | str, key: str | None = None) -> httpx.Response:

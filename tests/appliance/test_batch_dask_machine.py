@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import threading
 from collections.abc import Iterator
@@ -21,28 +20,11 @@ import pytest
 from appliance.batch import fake
 from appliance.batch.dask_engine import DaskEngine, local_cluster
 from appliance.batch.jobs import JobStore
-from appliance.batch.spool import submit
-from appliance.batch.worker import BatchWorker, WorkerConfig
 from runtime.errors import BatchError
+from tests.appliance.test_batch_dask import _one_job
 
 #: nothing listens here (the ports this project's tests may use: 18120-18124 on 127.0.0.1)
 NOWHERE = "tcp://127.0.0.1:18120"
-
-
-def _one_job(root: Path, records: int, chunk_size: int = 2, **config: Any) -> tuple[str, JobStore, BatchWorker]:
-    src = root / "in.jsonl"
-    root.mkdir(parents=True, exist_ok=True)
-    src.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(records)))
-    job_id = submit(root / "spool", src, model="fake-embed")
-    store = JobStore(root / "state.db")
-    worker = BatchWorker(
-        spool=root / "spool",
-        outbox=root / "outbox",
-        store=store,
-        loader=fake.loader,
-        config=WorkerConfig(chunk_size=chunk_size, batch_size=chunk_size, **config),
-    )
-    return job_id, store, worker
 
 
 def _chunks(store: JobStore) -> list[tuple[str, int]]:
