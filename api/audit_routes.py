@@ -10,6 +10,7 @@ cursor for the next page (null at the end).
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,8 +92,8 @@ def _known_parameters(request: Request[Any, Any, Any]) -> None:
         hint = f"use {SPELLED_AS[name]}" if name in SPELLED_AS else f"the filters are {', '.join(PARAMETERS)}"
         raise InputError(f"{name}: not a parameter of /v1/audit; {hint}", field=name)
     # `?event=a&event=b` answered only b's records, read as "a or b" (own review 14)
-    names = [name for name, _ in request.query_params.multi_items()]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    repeated = sorted(name for name, n in counts.items() if n > 1)
     if repeated:
         name = repeated[0]
         raise InputError(

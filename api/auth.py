@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from api.envelope import context_of
+from api.envelope import RequestContext, context_of
 from api.protocols import KeyVerifier, Principal
 from runtime.errors import AuthError, ForbiddenError, OverloadError
 
@@ -105,6 +105,18 @@ class Authenticator:
         self.limiter.take(principal.key_id, rate)
 
 
+def identify(auth: Authenticator, authorization: str | None, ctx: RequestContext) -> Principal:
+    """The key's principal, set on the request context; a real key refused is named there for the
+    audit record (``refused_key_id``) before the AuthError goes on."""
+    try:
+        ctx.principal = auth.principal(authorization, ctx.client_cert_sha256)
+    except AuthError as exc:
+        if exc.key_id is not None:
+            ctx.details["refused_key_id"] = exc.key_id
+        raise
+    return ctx.principal
+
+
 async def auth_guard(connection: Any, handler: Any) -> None:
     """Litestar guard for every route; sets the request context's route and principal.
 
@@ -127,12 +139,6 @@ async def auth_guard(connection: Any, handler: Any) -> None:
     if needed is None:
         return
     auth: Authenticator = connection.app.state["auth"]
-    try:
-        principal = auth.principal(connection.headers.get("authorization"), ctx.client_cert_sha256)
-    except AuthError as exc:
-        if exc.key_id is not None:  # a real key, refused: the audit record names it
-            ctx.details["refused_key_id"] = exc.key_id
-        raise
-    ctx.principal = principal
+    principal = identify(auth, connection.headers.get("authorization"), ctx)
     model = connection.path_params.get("name") if needed == "infer" else None
     auth.check(principal, needed, model, any_model=needed == "infer" and model is None)

@@ -7,6 +7,7 @@ trace or an exception's text: a generic message and the request id only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Annotated, Any
@@ -16,7 +17,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException, ValidationException
 from msgspec import Meta
 
-from api.auth import Authenticator
+from api.auth import Authenticator, identify
 from api.envelope import CLIENT_GONE, RequestContext, context_of
 from runtime.errors import (
     AuthError,
@@ -151,11 +152,8 @@ def _no_route(request: Request[Any, Any, Any], ctx: RequestContext, exc: HTTPExc
     auth: Authenticator | None = request.app.state.get("auth")
     header = request.headers.get("authorization")
     if auth is not None and header:
-        try:
-            ctx.principal = auth.principal(header, ctx.client_cert_sha256)
-        except AuthError as refused:
-            if refused.key_id is not None:  # a real key, refused: the record names it, as the guard's do
-                ctx.details["refused_key_id"] = refused.key_id
+        with contextlib.suppress(AuthError):  # refused: the answer stays this one
+            identify(auth, header, ctx)
     if isinstance(exc, MethodNotAllowedException):
         allowed = (exc.headers or {}).get("allow", "")
         return f"{request.url.path} does not take {request.method}; it takes {allowed} (docs/api.md)"
@@ -169,8 +167,7 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     param: str | None = None
     if (isinstance(exc, InferboxError) and status < 500) or isinstance(exc, PackageError | SelectionError):
         message = str(exc)
-        if isinstance(exc, InputError):
-            param = exc.field
+        param = getattr(exc, "field", None)  # InputError's field; "model" for a model of another kind
         if isinstance(exc, AuthError) and not isinstance(exc, ForbiddenError):
             headers["WWW-Authenticate"] = 'Bearer realm="inferbox"'
         if isinstance(exc, OverloadError):
@@ -194,8 +191,6 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     # OpenAI's model_not_found only for a model that is not there, not for a path that is not, nor
     # for a loaded model of another kind
     known = status != 404 or (isinstance(exc, ModelNotFoundError) and not isinstance(exc, ModelKindError))
-    if isinstance(exc, ModelKindError):
-        param = "model"
     body = error_body(request.url.path, status, message, param, code=True if known else None)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 

@@ -256,7 +256,7 @@ def model_loader(
         threads=settings.threads,
         allow_fallback=settings.allow_fallback,
         autotune=settings.autotune,
-        decision_cache=settings.cache_dir / "decisions.json",
+        decision_cache=settings.decision_cache,
         cache_dir=settings.cache_dir,
         streams=streams,
         workload=workload,

@@ -497,11 +497,14 @@ class DynamicBatcher(Generic[Item, Result]):
         (:meth:`stop` has answered them)."""
         now = self._clock()
         alive = [not self._stopping and not e.future.done() and e.deadline > now for e in part]
-        expired = RequestTimeoutError(f"the request waited longer than its timeout for model {self.name!r}")
+        expired = self._timed_out()
         if not any(alive):
             return [expired] * len(part)
         ran = iter(self._run([e for e, keep in zip(part, alive, strict=True) if keep]))
         return [next(ran) if keep else expired for keep in alive]
+
+    def _timed_out(self) -> RequestTimeoutError:
+        return RequestTimeoutError(f"the request waited longer than its timeout for model {self.name!r}")
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:
         loop = self._loop
@@ -517,9 +520,7 @@ class DynamicBatcher(Generic[Item, Result]):
         for entry in expired:
             if not entry.future.done():
                 self.stats.timed_out += 1
-                entry.future.set_exception(
-                    RequestTimeoutError(f"the request waited longer than its timeout for model {self.name!r}")
-                )
+                entry.future.set_exception(self._timed_out())
 
     def _deliver(
         self,

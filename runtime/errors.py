@@ -112,6 +112,9 @@ class ModelKindError(ModelNotFoundError):
     """The model is loaded but is not the kind the route serves (``/v1/embeddings`` given a
     classifier): still a 404 for the route, but OpenAI's ``model_not_found`` would say it is not there."""
 
+    #: the request field at fault, as :class:`InputError` names it
+    field = "model"
+
 
 class BackendError(InferboxError):
     pass

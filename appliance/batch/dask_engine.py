@@ -42,9 +42,8 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from appliance.batch.model import BatchModel, LoaderFactory
-from appliance.batch.readers import InputChangedError
 from appliance.batch.unit import ChunkOutcome, ChunkTask, run_chunk, verify_chunk
-from appliance.batch.worker import BatchWorker, RunSummary, machine_error
+from appliance.batch.worker import BatchWorker, RunSummary
 from runtime.errors import BatchError
 
 __all__ = ["DaskEngine", "dask_unit", "loaded_models", "local_cluster"]
@@ -370,25 +369,11 @@ class DaskEngine:
             outcome = future.result()
         except CancelledError as exc:  # the scheduler went away: it cancels every future
             raise self._lost(exc) from exc
-        except InputChangedError as exc:  # no attempt or retry can help: the job fails at once
-            self._input_changed(lease, exc, summary)
-            return
-        except Exception as exc:  # KilledWorker, or the unit's own error
-            if machine_error(exc):  # the chunk is not at fault: its attempt is not spent
-                self.worker.give_back(lease)
-                raise
-            self.worker.fail_chunk(lease, exc, summary)
+        except Exception as exc:  # KilledWorker, an input changed, or the unit's own error: as the local worker
+            self.worker.chunk_failed(lease, exc, summary)
             return
         self.worker.record(outcome)
         summary.chunks += 1
-
-    def _input_changed(self, lease: Any, exc: InputChangedError, summary: RunSummary) -> None:
-        """As the local worker: the job fails at once (one worker fails it, and says so)."""
-        job_id = lease.job.job_id
-        log.error("batch job %s failed: %s", job_id, exc)
-        store = self.worker.store
-        if store.fail_job(job_id, str(exc), chunk=lease.plan.idx):
-            self.worker._job_failed(store.require_job(job_id), str(exc), summary, marked=True)
 
     def _nthreads(self, client: Any) -> int:
         try:

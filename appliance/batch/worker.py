@@ -520,19 +520,29 @@ class BatchWorker:
         job_id = task.job_id
         try:
             outcome = verify_chunk(task) or run_chunk(task, model, on_step=lambda s: self.progress(f"{s} {job_id}"))
-        except InputChangedError as exc:  # no attempt or retry can help: the job fails at once
+        except Exception as exc:
+            if self.chunk_failed(lease, exc, summary):  # first: a batch_end failure names the model it ran on
+                self.forget_model(task.model, task.version)
+            return False
+        self.record(outcome)
+        return True
+
+    def chunk_failed(self, lease: Lease, exc: Exception, summary: RunSummary | None) -> bool:
+        """A chunk's run raised ``exc`` (here, or on a Dask worker): True when it spent an attempt.
+
+        An input changed since it was accepted fails the job at once (no attempt or retry can
+        help); an error of the machine gives the chunk back unspent and is raised again; any
+        other error spends an attempt of the chunk."""
+        if isinstance(exc, InputChangedError):
+            job_id = lease.job.job_id
             log.error("batch job %s failed: %s", job_id, exc)
             if self.store.fail_job(job_id, str(exc), chunk=lease.plan.idx):  # one worker fails it, and says so
                 self._job_failed(self.store.require_job(job_id), str(exc), summary, marked=True)
             return False
-        except Exception as exc:
-            if machine_error(exc):
-                self.give_back(lease)
-                raise
-            self.fail_chunk(lease, exc, summary)  # first: a batch_end failure names the model it ran on
-            self.forget_model(task.model, task.version)
-            return False
-        self.record(outcome)
+        if machine_error(exc):
+            self.give_back(lease)
+            raise exc
+        self.fail_chunk(lease, exc, summary)
         return True
 
     def give_back(self, lease: Lease) -> None:

@@ -12,7 +12,6 @@ import os
 import signal
 import sqlite3
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,11 +182,13 @@ def run(
             ensure_signing_key(settings)
             audit = AuditLog.open(settings)
         store = JobStore(settings.state_db)
+        with refusal():  # a configuration the loader refuses exits 78 too: restarts cannot mend it
+            loader_fn = factory()
         worker = BatchWorker(
             spool=settings.spool,
             outbox=settings.outbox,
             store=store,
-            loader=_loader(factory),
+            loader=loader_fn,
             audit=audit,
             config=WorkerConfig(
                 chunk_size=chunk_size,
@@ -232,13 +233,6 @@ def run(
     store.close()
     if audit is not None:
         audit.close()
-
-
-def _loader(factory: Callable[[], Any]) -> Any:
-    """The batch loader; a configuration it refuses (a model it cannot be set up for) exits 78 as
-    the settings do: the unit's restarts cannot mend it."""
-    with refusal():
-        return factory()
 
 
 @batch.command()

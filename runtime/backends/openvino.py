@@ -261,7 +261,6 @@ class OpenVinoBackend:
             raise BackendUnavailableError(f"unknown OpenVINO backend {name!r}; known: {sorted(OV_BACKENDS)}")
         self.name = name
         self.device, self.speed_class, self._hint = OV_BACKENDS[name]
-        self._core: Any = None
 
     def probe(self, profile: HardwareProfile | None = None) -> Probe:
         if profile is None:
@@ -308,14 +307,12 @@ class OpenVinoBackend:
         )
 
     def _get_core(self) -> Any:
-        if self._core is None:
-            try:
-                from runtime.offline import openvino_core
+        from runtime.offline import openvino_core
 
-                self._core = openvino_core()
-            except ImportError as exc:
-                raise BackendUnavailableError(f"openvino not installed ({exc}): pip install inferbox") from exc
-        return self._core
+        try:
+            return openvino_core()
+        except ImportError as exc:
+            raise BackendUnavailableError(f"openvino not installed ({exc}): pip install inferbox") from exc
 
     def compile_config(self, options: OpenOptions) -> dict[str, Any]:
         """The compile_model config for ``options`` (precision always explicit)."""

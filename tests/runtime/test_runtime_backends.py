@@ -500,7 +500,7 @@ def test_a_compile_with_the_cache_holds_the_cache_lock_another_process_waits_for
             seen.append(subprocess.run([sys.executable, "-c", probe, str(lock)], check=False).returncode)
             return real(*args)
 
-    monkeypatch.setattr(backend, "_core", Watched())
+    monkeypatch.setattr(backend, "_get_core", Watched)
     backend.open(tiny_mlp, OpenOptions(intra_op_threads=1, exec_precision="fp32", cache_dir=tmp_path))
     assert seen == [7]  # held during the compile
     done = subprocess.run([sys.executable, "-c", probe, str(lock)], check=False)
