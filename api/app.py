@@ -15,7 +15,7 @@ from typing import Any
 
 from litestar import Litestar, Request, Response, get
 
-from api import audit_routes, kserve, openai, rerank
+from api import audit_routes, kserve, openai, rerank, triton
 from api.auth import Authenticator, RateLimiter, auth_guard
 from api.config import ApiConfig
 from api.docs import docs_routes, openapi_config
@@ -82,7 +82,7 @@ def create_app(
             await server.stop()
 
     metrics_handler = keyed_metrics_route if config.metrics_auth else metrics_route
-    handlers = [*kserve.routes, *openai.routes, *rerank.routes, *audit_routes.routes, metrics_handler]
+    handlers = [*kserve.routes, *triton.routes, *openai.routes, *rerank.routes, *audit_routes.routes, metrics_handler]
     openapi = openapi_config("inferbox", config.server_version, handlers) if config.docs else None
     docs = docs_routes() if config.docs else []
     app = Litestar(

@@ -299,7 +299,12 @@ def envelope(
             if listener is not None and not listener.done():
                 listener.cancel()
             metrics.request_finished(
-                model=ctx.metric_model, route=ctx.route or "unmatched", status=status, seconds=clock() - ctx.started
+                model=ctx.metric_model,
+                route=ctx.route or "unmatched",
+                status=status,
+                seconds=clock() - ctx.started,
+                version=ctx.model_version,
+                inference=ctx.event == "inference",
             )
 
     return handle

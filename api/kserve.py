@@ -49,9 +49,10 @@ from runtime.serving import LoadedModel
 
 _Body = TypeVar("_Body")
 
-__all__ = ["EXTENSIONS", "TEXT_INPUT", "embedding_dim", "model_metadata", "routes"]
+__all__ = ["EXTENSIONS", "TEXT_INPUT", "embedding_dim", "find_model", "model_metadata", "routes"]
 
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+#: the last two are served by :mod:`api.triton`
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics"]
 TEXT_INPUT = "text"
 #: output name of a text embedding model whose pooling runs in the server
 POOLED_OUTPUT = "sentence_embedding"
@@ -73,7 +74,8 @@ def _server(request: Req) -> Server:
     return server
 
 
-def _model(request: Req, name: str, version: int | None) -> LoadedModel:
+def find_model(request: Req, name: str, version: int | None) -> LoadedModel:
+    """The loaded model a request names, set on its context (for the audit record); a 404 if none."""
     ctx = context_of(request.scope)
     ctx.ask_model(name)
     model = _server(request).registry.get(name, version)
@@ -165,7 +167,7 @@ async def health_ready(request: Req) -> Response[bytes]:
     ),
 )
 async def metadata(request: Req, name: str, version: int | None = None) -> Response[bytes]:
-    return _json(model_metadata(_model(request, name, version)))
+    return _json(model_metadata(find_model(request, name, version)))
 
 
 @get(
@@ -184,7 +186,7 @@ async def metadata(request: Req, name: str, version: int | None = None) -> Respo
 async def model_ready(request: Req, name: str, version: int | None = None) -> Response[bytes]:
     server = _server(request)
     try:
-        _model(request, name, version)
+        find_model(request, name, version)
     except ModelNotFoundError:
         known = any(e.name == name and (version is None or e.version == version) for e in server.registry.index())
         if not known:
@@ -196,7 +198,7 @@ async def model_ready(request: Req, name: str, version: int | None = None) -> Re
 async def _infer(request: Req, name: str, version: int | None) -> Response[bytes]:
     server = _server(request)
     ctx = context_of(request.scope)  # the route's audit_event (the guard set it): an inference
-    model = _model(request, name, version)
+    model = find_model(request, name, version)
     body = await server.read_body(request)
     c = server.config
     req = decode_infer_request(

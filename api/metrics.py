@@ -132,18 +132,38 @@ class Metrics:
         #: batch size -> batches, by model label, of the batchers that are gone (a replaced or
         #: unloaded version's): the histogram counts on from them
         self.retired_batch_sizes: dict[str, dict[int, int]] = {}
+        #: inference requests by (model, version): [succeeded, their seconds, failed, their seconds]
+        #: (Triton's statistics extension, :mod:`api.triton`)
+        self.outcomes: dict[tuple[str, str], list[float]] = {}
         self.in_flight = 0
 
     def request_started(self) -> None:
         with self._lock:
             self.in_flight += 1
 
-    def request_finished(self, *, model: str, route: str, status: int, seconds: float) -> None:
+    def request_finished(
+        self, *, model: str, route: str, status: int, seconds: float, version: str = "", inference: bool = False
+    ) -> None:
+        """One request answered; ``inference``: it asked model ``model`` (version ``version``, found)
+        for an inference, counted as succeeded (status below 400) or failed per version too."""
         with self._lock:
             self.in_flight -= 1
             key = (model, route, str(status))
             self.requests[key] = self.requests.get(key, 0) + 1
             self.durations.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
+            if inference and model:
+                counts = self.outcomes.get((model, version))
+                if counts is None:
+                    counts = self.outcomes[(model, version)] = [0, 0.0, 0, 0.0]
+                at = 0 if status < 400 else 2
+                counts[at] += 1
+                counts[at + 1] += seconds
+
+    def outcomes_of(self, model: str, version: str) -> tuple[int, float, int, float]:
+        """Inference requests of ``model`` version ``version``: succeeded, their seconds, failed, theirs."""
+        with self._lock:
+            ok, ok_s, failed, failed_s = self.outcomes.get((model, version), (0, 0.0, 0, 0.0))
+        return int(ok), ok_s, int(failed), failed_s
 
     def _absorb(self, model: str, stats: BatchStats) -> None:
         queue_times, inference_times = stats.drain()

@@ -348,6 +348,13 @@ class Server:
         raise InputError(f"body: not valid {encoding} data", field="Content-Encoding")
 
     # -- metrics ----------------------------------------------------------------------------------
+    def batch_stats_of(self, model: LoadedModel) -> list[BatchStats]:
+        """The counters of every batcher of this model version still running: its current ones, and
+        those of a replaced version in its grace or answering what it accepted."""
+        found = [b.stats for m, b in self._tensor.values() if m is model]
+        found += [b.stats for m, b in self._text.values() if m is model]
+        return found + [b.stats for m, _, b in [*self._stale, *self._draining] if m is model]
+
     def render_metrics(self) -> str:
         stats: dict[str, list[BatchStats]] = {}
         running: list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]] = [

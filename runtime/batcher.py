@@ -125,6 +125,8 @@ class BatchStats:
     queue_depth: int = 0
     submitted: int = 0
     completed: int = 0
+    #: rows of the completed entries (a text is one row; a tensor request its first dimension)
+    completed_rows: int = 0
     rejected: int = 0
     timed_out: int = 0
     failed: int = 0
@@ -132,8 +134,15 @@ class BatchStats:
     rows: int = 0
     queue_seconds: float = 0.0
     inference_seconds: float = 0.0
+    #: each answered entry's batch time, summed (a batch of n entries adds its time n times): what the
+    #: entries spent being computed, as Triton's ``compute_infer`` counts it per request
+    entry_inference_seconds: float = 0.0
+    #: wall-clock time (``time.time()``) the last batch was answered; 0.0 before the first
+    last_batch_at: float = 0.0
     #: every batch size seen (rows) -> count
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    #: every batch size seen (rows) -> the batches' time, summed
+    batch_seconds: dict[int, float] = field(default_factory=dict)
     #: recent per-item queue times and per-batch inference times (for histograms); drained by readers
     queue_times: list[float] = field(default_factory=list)
     inference_times: list[float] = field(default_factory=list)
@@ -541,6 +550,7 @@ class DynamicBatcher(Generic[Item, Result]):
                     entry.future.set_exception(outcome)
             else:
                 stats.completed += 1
+                stats.completed_rows += entry.rows
                 if not entry.future.done():
                     entry.future.set_result(outcome)
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * max(elapsed, 0.0)
@@ -548,6 +558,9 @@ class DynamicBatcher(Generic[Item, Result]):
         stats.rows += rows
         stats.inference_seconds += elapsed
         stats.inference_times.append(elapsed)
+        stats.entry_inference_seconds += elapsed * len(batch)
+        stats.last_batch_at = time.time()
         stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
+        stats.batch_seconds[rows] = stats.batch_seconds.get(rows, 0.0) + elapsed
         if len(stats.queue_times) > 10_000:  # nobody drains: keep memory bounded
             stats.drain()

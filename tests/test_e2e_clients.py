@@ -126,6 +126,30 @@ def test_tritonclient_health_and_metadata(served: Served) -> None:
     assert {"name": "minilm", "version": "1", "state": "READY"}.items() <= index[0].items()
 
 
+def test_tritonclient_reads_the_config_and_the_statistics(served: Served) -> None:
+    import tritonclient.http as th
+
+    client = _triton(served)
+    config = client.get_model_config("minilm", headers=dict(served.headers()))
+    assert config["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [-1]}]
+    assert config["output"] == [{"name": "sentence_embedding", "data_type": "TYPE_FP32", "dims": [-1, 384]}]
+    assert config["max_batch_size"] == 0 and config["instance_group"][0]["kind"] == "KIND_CPU"
+
+    def minilm() -> dict[str, Any]:
+        stats = client.get_inference_statistics("minilm", "1", headers=dict(served.headers()))
+        assert [s["name"] for s in stats["model_stats"]] == ["minilm"]
+        return dict(stats["model_stats"][0])
+
+    before = minilm()
+    client.infer("minilm", [_bytes_input(th, TEXTS, binary=True)], headers=dict(served.headers()))
+    after = minilm()
+    assert after["inference_count"] - before["inference_count"] == len(TEXTS)
+    ok = after["inference_stats"]["success"]
+    assert ok["count"] - before["inference_stats"]["success"]["count"] == 1 and ok["ns"] > 0
+    assert after["execution_count"] > before["execution_count"]
+    assert after["last_inference"] >= before["last_inference"]
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary-extension", "json"])
 def test_tritonclient_infer_matches_the_openai_route(served: Served, binary: bool) -> None:
     import tritonclient.http as th

@@ -34,7 +34,13 @@ def test_server_metadata_and_health(client_factory: Any) -> None:
     assert c.get("/v2").json() == {
         "name": "inferbox",
         "version": "0.1.0",
-        "extensions": ["binary_tensor_data", "classification", "model_repository"],
+        "extensions": [
+            "binary_tensor_data",
+            "classification",
+            "model_repository",
+            "model_configuration",
+            "statistics",
+        ],
     }
     assert c.get("/v2/health/live").json() == {"live": True}
     r = c.get("/v2/health/ready")
