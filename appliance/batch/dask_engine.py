@@ -15,9 +15,12 @@ queued on the cluster is not leased again).  When it stops for the machine (a
 scheduler unreachable, lost or left without workers, a local cluster that
 cannot start, SIGINT) it gives the chunks it holds back without spending
 their attempts: only a chunk whose task failed (or killed its Dask workers:
-``KilledWorker``) spends one.  A worker refuses a chunk when it opens the
-model on another backend or variant than the coordinator did (the one the
-audit log records).
+``KilledWorker``) spends one, and so does a chunk that was on a worker that
+went away (died, or was stopped) when the run stops because none is left: a
+worker without a nanny is not restarted, so Dask never says ``KilledWorker``
+there, and a chunk that kills workers was run again on every restart, for good.
+A worker refuses a chunk when it opens the model on another backend or
+variant than the coordinator did (the one the audit log records).
 
 Without ``scheduler`` a :class:`distributed.LocalCluster` is started (worker
 processes, one thread each, on 127.0.0.1; no dashboard: the scheduler's HTTP
@@ -348,8 +351,11 @@ class DaskEngine:
             # keeps its lease: else this or another coordinator would take it again
             chunks = [(lease.job.job_id, lease.plan.idx) for lease in in_flight.values()]
             self.worker.store.renew(self.worker.worker_id, chunks, self.worker.config.lease_s)
-            for future in self._wait(client, list(in_flight)):
+            done = self._wait(client, list(in_flight))
+            for future in done:
                 self._collect(future, in_flight.pop(future), summary)
+            if not done:
+                self._check_workers(client, in_flight, summary)
 
     def _wait(self, client: Any, futures: list[Any]) -> list[Any]:
         """The futures done within a tick (none when the tick ran out)."""
@@ -357,7 +363,6 @@ class DaskEngine:
         try:
             done, _ = _distributed().wait(futures, timeout=tick, return_when="FIRST_COMPLETED")
         except TimeoutError:
-            self._check_workers(client)
             return []
         except (CancelledError, OSError) as exc:
             raise self._lost(exc) from exc
@@ -391,8 +396,11 @@ class DaskEngine:
         except OSError as exc:
             raise self._lost(exc) from exc
 
-    def _check_workers(self, client: Any) -> None:
-        """Stop once the scheduler has had no worker for ``worker_wait_s`` (all of them gone mid-job)."""
+    def _check_workers(self, client: Any, in_flight: dict[Any, Any], summary: RunSummary) -> None:
+        """Stop once the scheduler has had no worker for ``worker_wait_s`` (all of them gone mid-job).
+        A chunk that was on a worker that died (not one that left) spends its attempt first: a worker
+        without a nanny is not restarted, so Dask never gives up on the chunk with ``KilledWorker``,
+        and a chunk that kills workers would otherwise be given back, and run again, for good."""
         if self._nthreads(client) > 0:
             self._workerless_since = None
             return
@@ -401,6 +409,12 @@ class DaskEngine:
             self._workerless_since = now
             log.warning("the Dask scheduler %s has no worker left; waiting for one", self._where())
         elif now - self._workerless_since >= self.worker_wait_s:
+            died = _deaths(client, [future.key for future in in_flight])
+            for future, lease in list(in_flight.items()):
+                deaths = died.get(future.key, 0)
+                if deaths:
+                    del in_flight[future]
+                    self.worker.chunk_failed(lease, _worker_died(deaths), summary)
             raise self._no_workers("has had no worker")
 
     def _no_workers(self, state: str) -> BatchError:
@@ -437,6 +451,31 @@ class DaskEngine:
                         stop.wait(poll_s)
             finally:
                 self._keep = None
+
+
+def _deaths(client: Any, keys: list[Any]) -> dict[Any, int]:
+    """How many workers died (not left: ``suspicious`` in Dask's terms) while running each task of
+    ``keys``, as the scheduler counts them; empty when it cannot say (it refuses to run code)."""
+
+    def suspicious(keys: list[Any], dask_scheduler: Any = None) -> dict[Any, int]:
+        # defined here so that it travels by value: the scheduler need not have inferbox installed
+        tasks = dask_scheduler.tasks
+        return {k: int(tasks[k].suspicious) for k in keys if k in tasks}
+
+    try:
+        return dict(client.run_on_scheduler(suspicious, keys))
+    except Exception as exc:  # the run stops anyway: the chunks are given back as before
+        log.warning("could not ask the Dask scheduler which chunks were on a worker that died: %s", _one_line(exc))
+        return {}
+
+
+def _worker_died(deaths: int) -> BatchError:
+    workers = "worker" if deaths == 1 else f"{deaths} workers"
+    return BatchError(
+        f"the Dask {workers} running it went away mid-chunk (died, or was stopped) and none was left; a worker "
+        "without a nanny is not restarted, so Dask never gives up on such a chunk: a record that crashes the "
+        "model, or too little memory for the chunk, does this"
+    )
 
 
 def _one_line(exc: BaseException) -> str:

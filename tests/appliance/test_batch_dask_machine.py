@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +140,42 @@ def test_a_task_that_kills_its_worker_still_spends_an_attempt(tmp_path: Path) ->
         store.close()
 
 
+@contextlib.contextmanager
+def _worker_without_nanny(address: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``dask worker --no-nanny`` process on ``address`` (nothing restarts it when it dies)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-nanny", "--nthreads", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_chunk_that_kills_a_worker_without_nanny_spends_an_attempt(tmp_path: Path) -> None:
+    # A worker started without a nanny is not restarted, so Dask never says KilledWorker: the run
+    # ends with "no worker". Before, that gave the chunk back unspent, and every restart ran the
+    # chunk that kills workers again, for good.
+    job_id, store, worker = _one_job(tmp_path, 2, max_attempts=1)
+    killer = functools.partial(os._exit, 3)  # the factory kills the Dask worker process running the task
+    try:
+        with _bare_scheduler() as cluster, _worker_without_nanny(cluster.scheduler_address) as proc:
+            with distributed.Client(cluster.scheduler_address) as client:
+                client.wait_for_workers(1, timeout=60)
+            engine = DaskEngine(worker, killer, scheduler=cluster.scheduler_address, worker_wait_s=1.0)
+            raised = _run_guarded(engine, cluster)
+            assert proc.wait(30) == 3
+        assert isinstance(raised, BatchError) and "has had no worker for 1 s" in str(raised)
+        job = store.require_job(job_id)
+        assert _chunks(store) == [("failed", 1)] and job.state == "failed"
+        assert "the Dask worker running it went away mid-chunk (died, or was stopped)" in job.error
+    finally:
+        store.close()
+
+
 def test_a_scheduler_without_workers_ends_the_run_with_one_line(tmp_path: Path) -> None:
     _, store, worker = _one_job(tmp_path, 4)
     try:
@@ -154,7 +192,7 @@ def test_a_scheduler_without_workers_ends_the_run_with_one_line(tmp_path: Path) 
 
 
 def test_workers_that_all_leave_mid_job_end_the_run(tmp_path: Path) -> None:
-    _, store, worker = _one_job(tmp_path, 16, lease_s=3.0)
+    job_id, store, worker = _one_job(tmp_path, 16, lease_s=3.0)
     try:
         with local_cluster(n_workers=1) as cluster:
             gone: list[bool] = []
@@ -171,7 +209,11 @@ def test_workers_that_all_leave_mid_job_end_the_run(tmp_path: Path) -> None:
         assert "has had no worker for 1 s" in str(raised)
         chunks = _chunks(store)
         assert ("done", 1) in chunks and ("leased", 1) not in chunks
-        assert {c for c in chunks if c[0] != "done"} == {("pending", 0)}
+        # the chunks that were on the worker spent their attempt (Dask counts a worker that leaves
+        # while running a task against the task, as when it dies); those still queued did not
+        assert ("pending", 1) in chunks and ("pending", 0) in chunks
+        assert {c for c in chunks if c[0] != "done"} == {("pending", 0), ("pending", 1)}
+        assert store.require_job(job_id).state == "running"
     finally:
         store.close()
 
