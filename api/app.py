@@ -8,9 +8,13 @@ lifespan that stops the batchers on shutdown.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, get
@@ -22,6 +26,7 @@ from api.docs import docs_routes, openapi_config
 from api.envelope import envelope
 from api.errors import exception_handlers
 from api.metrics import CONTENT_TYPE, Metrics
+from api.metrics_share import WRITE_EVERY_S, MetricsShare
 from api.protocols import AuditReader, AuditSink, AuditStatsSource, KeyVerifier
 from api.server import Server
 from runtime.errors import ConfigError
@@ -29,10 +34,27 @@ from runtime.serving import ModelRegistry
 
 __all__ = ["create_app"]
 
+logger = logging.getLogger(__name__)
+
 
 async def _metrics(request: Request[Any, Any, Any]) -> Response[str]:
     server: Server = request.app.state["server"]
-    return Response(server.render_metrics(), media_type=CONTENT_TYPE)
+    text = server.render_metrics()
+    share: MetricsShare | None = request.app.state["metrics_share"]
+    if share is not None:  # several workers: theirs added up, whichever of them was asked
+        text = await asyncio.to_thread(share.collect, text)
+    return Response(text, media_type=CONTENT_TYPE)
+
+
+async def _publish_metrics(server: Server, share: MetricsShare) -> None:
+    """Write this worker's series for the others every :data:`api.metrics_share.WRITE_EVERY_S`."""
+    while True:
+        try:
+            text = server.render_metrics()
+            await asyncio.to_thread(share.write, text)
+        except OSError:  # the folder gone (the service stopping) or full: the next turn tries again
+            logger.warning("could not write this worker's metrics to %s", share.folder, exc_info=True)
+        await asyncio.sleep(WRITE_EVERY_S)
 
 
 #: open, as Prometheus scrapes by default; with ``metrics_auth`` the keyed route instead
@@ -67,6 +89,7 @@ def create_app(
         raise ConfigError("auth is on but no key store was given; pass keys=KeyStore(...) or set auth = false")
     metrics = Metrics(audit_stats=audit.stats if isinstance(audit, AuditStatsSource) else None)
     server = Server(registry, config, metrics, clock)
+    share = MetricsShare(Path(config.metrics_folder)) if config.metrics_folder else None
     authenticator = Authenticator(
         keys, enabled=config.auth, default_rate=config.rate_limit_per_minute, limiter=RateLimiter(clock)
     )
@@ -76,9 +99,14 @@ def create_app(
         if config.docs:  # the OpenAPI document (~40 ms) is built here, not on the open /docs's first request
             _build_document(app)
         server.attach()
+        publisher = asyncio.create_task(_publish_metrics(server, share)) if share is not None else None
         try:
             yield
         finally:
+            if publisher is not None:
+                publisher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher
             await server.stop()
 
     metrics_handler = keyed_metrics_route if config.metrics_auth else metrics_route
@@ -100,5 +128,6 @@ def create_app(
     app.state["auth"] = authenticator
     app.state["config"] = config
     app.state["audit_reader"] = audit_reader
+    app.state["metrics_share"] = share
     app.asgi_handler = envelope(app.asgi_handler, audit=audit, metrics=metrics, clock=clock)  # type: ignore[assignment,arg-type]
     return app

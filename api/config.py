@@ -30,6 +30,9 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     request_timeout_s: float = 30.0
     #: server processes, each with its own models (a repository load / unload reaches one of them)
     workers: int = 1
+    #: with several workers: the folder where each writes its metrics, so that any of them answers
+    #: ``/metrics`` with all of them added up (:mod:`api.metrics_share`); empty: this process only
+    metrics_folder: str = ""
     #: name and version reported by ``GET /v2``
     server_name: str = "inferbox"
     server_version: str = "0.1.0"

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from appliance.settings import Settings, load_settings
+from appliance.settings import METRICS_DIR_ENV, Settings, load_settings
 from runtime.errors import ConfigError, InferboxError
 
 if TYPE_CHECKING:
@@ -412,7 +412,8 @@ def build_app(
 
     return create_app(
         registry=registry,
-        config=ApiConfig.from_settings(settings),
+        # a worker of --workers N: where the workers pool their metrics (set by run_workers)
+        config=ApiConfig.from_settings(settings, metrics_folder=os.environ.get(METRICS_DIR_ENV, "")),
         audit=audit,
         keys=keys,
         lifespan=[resources],

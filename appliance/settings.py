@@ -24,7 +24,7 @@ from typing import Any
 from runtime.backends.static_shapes import DEFAULT_STATIC_SHAPES
 from runtime.errors import ConfigError
 
-__all__ = ["FIELDS", "Field", "Settings", "default_home", "load_settings"]
+__all__ = ["FIELDS", "METRICS_DIR_ENV", "Field", "Settings", "default_home", "load_settings"]
 
 
 @dataclass(frozen=True)
@@ -405,7 +405,9 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
 
 #: INFERBOX_ variables that are not settings: the config file's path, and the API key a client
 #: command (``inferbox bench --url``) sends
-NOT_SETTINGS_ENV = frozenset({"INFERBOX_CONFIG", "INFERBOX_API_KEY"})
+#: set by ``serve --workers N`` for its workers: where each writes its metrics (:mod:`api.metrics_share`)
+METRICS_DIR_ENV = "INFERBOX_METRICS_DIR"
+NOT_SETTINGS_ENV = frozenset({"INFERBOX_CONFIG", "INFERBOX_API_KEY", METRICS_DIR_ENV})
 
 
 def load_settings(

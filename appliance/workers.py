@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+from appliance.settings import METRICS_DIR_ENV
 
 __all__ = ["run_workers", "worker_ssl_context"]
 
@@ -75,6 +79,9 @@ def run_workers(options: dict[str, Any]) -> None:
     relay = NotifyRelay.for_workers()  # systemd hears this process only: the workers' READY / WATCHDOG via it
     if relay is not None:
         relay.start()
+    # each worker writes its metrics here, and any of them answers a scrape with all of them added up
+    metrics = tempfile.mkdtemp(prefix="inferbox-metrics-")
+    os.environ[METRICS_DIR_ENV] = metrics
     try:
         sock = config.bind_socket()
         supervisor = Supervisor(config, sockets=[sock])
@@ -82,6 +89,8 @@ def run_workers(options: dict[str, Any]) -> None:
     finally:
         if relay is not None:
             relay.stop()
+        os.environ.pop(METRICS_DIR_ENV, None)
+        shutil.rmtree(metrics, ignore_errors=True)
         if config.uds and os.path.exists(config.uds):
             os.remove(config.uds)
     if not supervisor.stopped_by_signal:

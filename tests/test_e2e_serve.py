@@ -823,6 +823,36 @@ def test_unload_load_and_stop_leave_a_clean_exit(minilm_repository: Path, tmp_pa
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_metrics_of_several_workers_add_up_whichever_worker_answers(minilm_repository: Path, tmp_path: Path) -> None:
+    """``--workers 2``: the kernel hands each connection to either worker, and each counts only its
+    own requests; every scrape must still give all of them (before: about half, up and down)."""
+    proc, url, log = _start(minilm_repository, tmp_path / "metrics-home", "--workers", "2", "--no-auth")
+    series = 'inferbox_requests_total{model="minilm",route="/v1/embeddings",status="200"}'
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics", timeout=30).text  # a new connection: either worker answers
+        samples = (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))
+        return {k: float(v) for k, _, v in samples}
+
+    try:
+        deadline = time.monotonic() + 120
+        while scrape().get("inferbox_workers") != 2:  # the second worker may still be loading its model
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)  # polling for start-up, not an assertion
+        sent = 40
+        for i in range(sent):  # a new connection each: the requests are spread over both workers
+            r = httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": f"text {i}"}, timeout=60)
+            assert r.status_code == 200
+        time.sleep(2.5)  # each worker writes its series every second
+        for _ in range(8):
+            seen = scrape()
+            assert seen[series] == sent, seen.get(series)
+            assert seen['inferbox_request_duration_seconds_count{route="/v1/embeddings"}'] == sent
+            assert seen["inferbox_workers"] == 2 and seen["inferbox_in_flight_requests"] == 1  # this scrape
+    finally:
+        _stop(proc)
+
+
 def test_workers_under_systemd_are_heard_through_the_main_process(minilm_repository: Path, tmp_path: Path) -> None:
     """``--workers 2`` with a Type=notify unit's NotifyAccess=main: READY=1, WATCHDOG=1 and
     STOPPING=1 all come from the process systemd started (uvicorn's supervisor), which relays its

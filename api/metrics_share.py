@@ -1,0 +1,197 @@
+"""``/metrics`` of ``serve --workers N``: every worker's series added up, whichever worker is scraped.
+
+Each worker process holds its own counters, and the kernel hands a scrape to any of them, so
+without this each scrape showed one worker's counts (the ``requests_total`` of two workers
+read about half the requests, and went down and up between scrapes, which Prometheus takes
+for restarts). So each worker writes its exposition text to ``<folder>/<pid>.prom`` every
+:data:`WRITE_EVERY_S` (:class:`MetricsShare`), and a scrape answers its own series, as they are
+now, merged with the others' (:func:`merge`):
+
+- counters, histograms and summaries: summed over every worker, the ones that died too
+  (uvicorn starts another in its place, from zero: the sum goes on, never down). A worker's
+  file not written for :data:`STALE_S` is a dead worker's; its counters are folded into
+  ``retired.prom`` and the file removed;
+- gauges: summed over the live workers (``in_flight_requests``, ``queue_depth``, the audit
+  log's pending records), except :data:`SAME_IN_EVERY_WORKER` (``model_info``,
+  ``static_shapes``): the largest;
+- ``inferbox_workers``: the live workers whose series are in the answer.
+
+A scrape sees the other workers as they were at most ``WRITE_EVERY_S`` ago: scrape less
+often than that (Prometheus' default is 15 s), or two scrapes in a row can see a counter
+step back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["SAME_IN_EVERY_WORKER", "STALE_S", "WRITE_EVERY_S", "MetricsShare", "merge"]
+
+logger = logging.getLogger(__name__)
+
+#: how often each worker writes its series
+WRITE_EVERY_S = 1.0
+#: a worker's file older than this is a dead worker's (it writes every WRITE_EVERY_S)
+STALE_S = 10.0
+#: gauges every worker reports alike (one value per model, not a share of the work): the largest
+SAME_IN_EVERY_WORKER = frozenset({"inferbox_model_info", "inferbox_static_shapes"})
+RETIRED = "retired.prom"
+_SUMMED = ("counter", "histogram", "summary")
+
+#: (sample name, labels text) -> value
+Samples = dict[tuple[str, str], float]
+
+
+class _Families:
+    """What the exposition texts declare: each family's HELP and TYPE lines, in order of first sight."""
+
+    def __init__(self) -> None:
+        self.types: dict[str, str] = {}
+        self.headers: dict[str, list[str]] = {}
+        #: sample keys by family, in order of first sight
+        self.samples: dict[str, list[tuple[str, str]]] = {}
+
+    def family_of(self, name: str) -> str:
+        if name in self.types:
+            return name
+        base, _, suffix = name.rpartition("_")
+        if suffix in ("bucket", "sum", "count") and self.types.get(base) in ("histogram", "summary"):
+            return base
+        return name
+
+    def read(self, text: str) -> Samples:
+        samples: Samples = {}
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    self.headers.setdefault(family, [])
+                    if not any(h.split(" ", 3)[1] == parts[1] for h in self.headers[family]):
+                        self.headers[family].append(line)
+                    if parts[1] == "TYPE" and len(parts) == 4:
+                        self.types[family] = parts[3]
+                continue
+            series, _, value = line.rpartition(" ")
+            name, brace, labels = series.partition("{")
+            key = (name, brace + labels)
+            try:
+                samples[key] = float(value)
+            except ValueError:
+                continue
+            keys = self.samples.setdefault(self.family_of(name), [])
+            if key not in keys:
+                keys.append(key)
+        return samples
+
+    def kind(self, name: str) -> str:
+        return self.types.get(self.family_of(name), "untyped")
+
+
+def _number(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def merge(live: list[str], retired: list[str]) -> str:
+    """One exposition text of the workers' texts: ``live`` (running workers) and ``retired``
+    (dead workers' counters)."""
+    families = _Families()
+    live_samples = [families.read(t) for t in live]
+    retired_samples = [families.read(t) for t in retired]
+    out: list[str] = []
+    for family, keys in families.samples.items():
+        out += families.headers.get(family, [])
+        kind = families.types.get(family, "untyped")
+        for key in keys:
+            name, labels = key
+            values = [s[key] for s in live_samples if key in s]
+            if kind in _SUMMED:
+                values += [s[key] for s in retired_samples if key in s]
+            if not values:
+                continue
+            value = max(values) if family in SAME_IN_EVERY_WORKER else sum(values)
+            out.append(f"{name}{labels} {_number(value)}")
+    out += [
+        "# HELP inferbox_workers Worker processes whose series this answer adds up.",
+        "# TYPE inferbox_workers gauge",
+        f"inferbox_workers {len(live)}",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _counters_only(text: str) -> str:
+    """The summed series of ``text`` (what a dead worker leaves behind), with their headers."""
+    families = _Families()
+    samples = families.read(text)
+    out: list[str] = []
+    for family, keys in families.samples.items():
+        if families.types.get(family) not in _SUMMED:
+            continue
+        out += families.headers.get(family, [])
+        out += [f"{name}{labels} {_number(samples[(name, labels)])}" for name, labels in keys]
+    return "\n".join(out) + "\n"
+
+
+class MetricsShare:
+    """This worker's part of the shared metrics folder (see the module)."""
+
+    def __init__(self, folder: Path, pid: int | None = None) -> None:
+        self.folder = folder
+        self.pid = os.getpid() if pid is None else pid
+        self.path = folder / f"{self.pid}.prom"
+
+    def write(self, text: str) -> None:
+        """Publish this worker's series (atomically: a reader sees the old text or the new one)."""
+        tmp = self.folder / f".{self.pid}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.folder / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def collect(self, own: str) -> str:
+        """``own`` (this worker's series, now) merged with the other workers'; a dead worker's file is
+        folded into the retired counters on the way.  Its own file is left as the publisher wrote it:
+        ``own`` counts this scrape as a request in flight, which the next scrape, answered by another
+        worker, would count again."""
+        now = time.time()
+        live = [own]
+        with self._locked():
+            retired_path = self.folder / RETIRED
+            retired = [retired_path.read_text(encoding="utf-8")] if retired_path.exists() else []
+            for path in sorted(self.folder.glob("*.prom")):
+                if path.name == RETIRED or path == self.path:
+                    continue
+                try:
+                    text = path.read_text(encoding="utf-8")
+                    age = now - path.stat().st_mtime
+                except FileNotFoundError:  # folded by another worker a moment ago
+                    continue
+                if age <= STALE_S:
+                    live.append(text)
+                    continue
+                retired.append(text)
+                folded = _counters_only(merge([], retired))
+                tmp = self.folder / ".retired.tmp"
+                tmp.write_text(folded, encoding="utf-8")
+                os.replace(tmp, retired_path)
+                path.unlink(missing_ok=True)
+                retired = [folded]
+                logger.info("metrics: worker %s stopped writing; its counters are kept", path.stem)
+        return merge(live, retired)

@@ -1,0 +1,78 @@
+"""``/metrics`` of several workers: their series added up (api.metrics_share), a dead worker's kept."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from api.metrics import Metrics, ModelInfo
+from api.metrics_share import STALE_S, MetricsShare, merge
+
+
+def _worker(requests: int, in_flight: int, seconds: float) -> str:
+    """A worker's real exposition text: ``requests`` answered (each ``seconds`` long), ``in_flight`` open."""
+    m = Metrics()
+    for _ in range(requests + in_flight):
+        m.request_started()
+    for _ in range(requests):
+        m.request_finished(model="minilm", route="/v1/embeddings", status=200, seconds=seconds)
+    info = ModelInfo("minilm", "1", "ov-cpu", "ov-int8", "bf16", streams=2, static_shapes=3)
+    return m.render({}, [info])
+
+
+def _value(text: str, series: str) -> float:
+    found = [line.rpartition(" ")[2] for line in text.splitlines() if line.rpartition(" ")[0] == series]
+    assert len(found) == 1, (series, text)
+    return float(found[0])
+
+
+REQUESTS = 'inferbox_requests_total{model="minilm",route="/v1/embeddings",status="200"}'
+COUNT = 'inferbox_request_duration_seconds_count{route="/v1/embeddings"}'
+BUCKET = 'inferbox_request_duration_seconds_bucket{route="/v1/embeddings",le="0.01"}'
+SUM = 'inferbox_request_duration_seconds_sum{route="/v1/embeddings"}'
+
+
+def test_counters_and_histograms_add_up_and_gauges_count_the_live_workers_only() -> None:
+    a, b = _worker(5, 1, 0.003), _worker(7, 2, 0.5)
+    merged = merge([a, b], [])
+    assert _value(merged, REQUESTS) == 12
+    assert _value(merged, COUNT) == 12 and _value(merged, BUCKET) == 5  # only a's were under 10 ms
+    assert abs(_value(merged, SUM) - (5 * 0.003 + 7 * 0.5)) < 1e-9
+    assert _value(merged, "inferbox_in_flight_requests") == 3
+    # the same in every worker: not doubled
+    assert _value(merged, 'inferbox_static_shapes{model="minilm"}') == 3
+    assert [line for line in merged.splitlines() if line.startswith("inferbox_model_info")] == [
+        line for line in a.splitlines() if line.startswith("inferbox_model_info")
+    ]
+    assert _value(merged, "inferbox_workers") == 2
+    # each family is declared once, before its samples
+    assert merged.count("# TYPE inferbox_requests_total counter") == 1
+    assert merged.index("# TYPE inferbox_requests_total") < merged.index(REQUESTS)
+
+    with_dead = merge([a], [b])  # b died: its counts stay, its open requests do not
+    assert _value(with_dead, REQUESTS) == 12 and _value(with_dead, "inferbox_in_flight_requests") == 1
+    assert _value(with_dead, "inferbox_workers") == 1
+
+
+def test_a_dead_workers_file_is_folded_into_the_retired_counters(tmp_path: Path) -> None:
+    first, second = MetricsShare(tmp_path, pid=101), MetricsShare(tmp_path, pid=102)
+    second.write(_worker(7, 2, 0.5))
+    answer = first.collect(_worker(5, 1, 0.003))
+    assert _value(answer, REQUESTS) == 12 and _value(answer, "inferbox_workers") == 2
+
+    old = time.time() - STALE_S - 1
+    os.utime(second.path, (old, old))  # 102 stopped writing: dead
+    answer = first.collect(_worker(6, 0, 0.003))
+    assert _value(answer, REQUESTS) == 13 and _value(answer, "inferbox_in_flight_requests") == 0
+    assert _value(answer, "inferbox_workers") == 1
+    assert not second.path.exists() and (tmp_path / "retired.prom").exists()
+    # its replacement starts from zero; the sum goes on from where it was, never down
+    MetricsShare(tmp_path, pid=103).write(_worker(1, 0, 0.003))
+    answer = first.collect(_worker(6, 0, 0.003))
+    assert _value(answer, REQUESTS) == 14 and _value(answer, "inferbox_workers") == 2
+    # a second dead worker adds to the retired counters, not in place of them
+    os.utime(tmp_path / "103.prom", (old, old))
+    answer = first.collect(_worker(6, 0, 0.003))
+    assert _value(answer, REQUESTS) == 14 and _value(answer, COUNT) == 14
+    assert "inferbox_in_flight_requests" in answer and "inferbox_static_shapes" in answer
