@@ -208,3 +208,22 @@ def test_a_path_no_route_matches_records_the_key_that_asked(
     assert r.status_code == 405 and "POST" in r.headers["allow"]
     assert r.json()["error"]["message"].startswith("/v1/embeddings does not take GET; it takes POST")
     assert audit.events[-1].actor == good_rec.id and audit.events[-1].status == 405
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "scope"),
+    [
+        ("post", "/v2/repository/models/tabular/load", "models:admin"),
+        ("post", "/v2/repository/models/tabular/unload", "models:admin"),
+        ("post", "/v2/repository/index", "models:admin"),
+        ("get", "/v1/audit", "audit:read"),
+    ],
+)
+def test_an_inference_key_is_refused_on_admin_routes(
+    client_factory: Any, store: KeyStore, method: str, path: str, scope: str
+) -> None:
+    c = client_factory(keys=store)
+    _, infer_key = store.create(["infer"])
+    r = getattr(c, method)(path, headers={"Authorization": f"Bearer {infer_key}"})
+    assert r.status_code == 403, (r.status_code, r.text)
+    assert scope in r.text

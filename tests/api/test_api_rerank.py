@@ -169,3 +169,15 @@ def test_v2_rerank_errors_have_the_shape_of_v1_not_kserve(client_factory: Any, t
     for path in ("/v1/rerank", "/v2/rerank"):
         r = c.post(path, json={"model": "rr", "query": QUERY, "documents": []})
         assert r.status_code == 400 and r.json()["error"]["param"] == "documents", (path, r.text)
+
+
+def test_equal_scores_keep_the_lower_index_first(client_factory: Any, tmp_path: Path) -> None:
+    # "ties: lower index first": with more than 16 documents numpy's default sort is not stable
+    c = client_factory([reranker(tmp_path)])
+    docs = ["refunds take five days", "the weather is fine", "card payments"] * 10  # ten of each score
+    r = c.post("/v1/rerank", json={"model": "rr", "query": "how do I get a refund", "documents": docs})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    by_index = {x["index"]: x["relevance_score"] for x in results}
+    assert len(set(by_index.values())) == 3  # ties, or the test proves nothing
+    assert [x["index"] for x in results] == sorted(range(len(docs)), key=lambda i: (-by_index[i], i))

@@ -245,3 +245,32 @@ def test_cli_show_without_key_names_the_fix(cli_env: Path) -> None:
     result = CliRunner().invoke(main, ["signing-key", "show", "--home", str(cli_env)])
     assert result.exit_code == 2
     assert "inferbox signing-key create" in result.output
+
+
+@pytest.mark.parametrize("signer", ["none", "other"])
+def test_load_model_refuses_a_package_the_key_did_not_sign(tmp_path: Path, signer: str) -> None:
+    # what serve and the batch worker call: the key must reach it, not only read_package
+    from runtime.loader import LoaderOptions, load_model
+    from tests.runtime.conftest import publish_mlp
+
+    trusted = generate_private_key()
+    key = None if signer == "none" else generate_private_key()
+    publish_mlp(tmp_path / "repo", ["ort-cpu"], "mlp", signing_key=key)
+    options = LoaderOptions(backend="ort-cpu", public_key=trusted.public_key())
+    with pytest.raises(SignatureError):
+        load_model(tmp_path / "repo", "mlp", options=options)
+
+
+def test_load_model_takes_a_package_the_key_signed(tmp_path: Path) -> None:
+    from runtime.loader import LoaderOptions, load_model
+    from tests.runtime.conftest import publish_mlp
+
+    trusted = generate_private_key()
+    publish_mlp(tmp_path / "repo", ["ort-cpu"], "mlp", signing_key=trusted)
+    model = load_model(
+        tmp_path / "repo", "mlp", options=LoaderOptions(backend="ort-cpu", public_key=trusted.public_key())
+    )
+    try:
+        assert model.name == "mlp"
+    finally:
+        model.close()

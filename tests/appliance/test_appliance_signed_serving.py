@@ -1,0 +1,31 @@
+"""With ``public_key`` set, the server loads only the packages that key signed (the settings
+reach the loader: ``read_package`` refusing them alone proves nothing about serving)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance import server as server_mod
+from appliance.settings import load_settings
+from runtime.signing import generate_private_key, public_key_pem
+from tests.runtime.conftest import publish_mlp
+
+
+@pytest.mark.parametrize("signer", ["none", "other", "trusted"])
+def test_the_registry_loads_only_packages_the_public_key_signed(tmp_path: Path, signer: str) -> None:
+    home = tmp_path / "home"
+    trusted = generate_private_key()
+    (home / "keys").mkdir(parents=True)
+    pub = home / "keys" / "trusted.pub"
+    pub.write_text(public_key_pem(trusted))
+    (home / "inferbox.toml").write_text(f'[paths]\npublic_key = "{pub}"\n')
+    key = {"none": None, "other": generate_private_key(), "trusted": trusted}[signer]
+    publish_mlp(home / "models", ["ort-cpu"], "mlp", signing_key=key)
+    registry = server_mod.build_registry(load_settings({"home": home}))
+    try:
+        loaded = [m.name for m in registry.loaded()]
+    finally:
+        registry.close()
+    assert loaded == (["mlp"] if signer == "trusted" else [])
