@@ -1,4 +1,5 @@
-"""Every option of every ``inferbox`` command is documented in docs/cli.md, where that command is.
+"""Every option of every ``inferbox`` command is documented in docs/cli.md, where that command is,
+and every ``inferbox COMMAND ... --option`` the docs write is an option that command has.
 
 ``test_appliance_cli.py`` holds the commands and subcommands to the reference; this holds their
 options to it: each long name (``--poll-seconds``, and a ``--x/--no-x`` pair's both halves) must
@@ -116,3 +117,43 @@ def test_a_named_option_is_told_from_a_longer_one() -> None:
     assert _named("--json", "`--json`") and not _named("--json", "`--json-out`")
     bullets, rest = _split_bullets("intro --all\n- `inferbox g a --x`\n  more --y\n- `inferbox g b`\nend")
     assert bullets == ["- `inferbox g a --x`\n  more --y", "- `inferbox g b`"] and rest == "intro --all\nend"
+
+
+#: an ``inferbox`` command line as the docs write it: in one code span, or up to the line's end
+_INVOCATION = re.compile(r"inferbox ([a-z][a-z-]*(?: [a-z][a-z-]*)?)([^`\n|]*)")
+
+
+def _invocations(text: str) -> list[tuple[int, str, set[str]]]:
+    """Each ``inferbox PATH ... --x`` in ``text``: its line, the command path (a group: its name),
+    and the long options written after it (a shell comment after ``#`` is not the command's)."""
+    known = {path for path, _ in _commands()}
+    found = []
+    for m in _INVOCATION.finditer(text):
+        words = m.group(1).split()
+        path = " ".join(words) if " ".join(words) in known else words[0]
+        if path not in known:
+            continue  # prose ("inferbox serves ..."), not a command line
+        options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", m.group(2).split("#")[0]))
+        if options:
+            found.append((text[: m.start()].count("\n") + 1, path, options))
+    return found
+
+
+def test_every_option_the_docs_give_a_command_is_one_of_its_own() -> None:
+    """An option renamed or removed in the code, or given to the wrong command, is not left in an
+    example an operator would copy."""
+    commands = _commands()
+    wrong = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line, path, options in _invocations(doc.read_text(encoding="utf-8")):
+            # a group named alone may be followed by any of its subcommands' options
+            own = {o for p, c in commands if p == path or p.startswith(path + " ") for o in _long_names(c)}
+            unknown = sorted(options - own - COMMON)
+            if unknown:
+                wrong.append(f"{doc.name}:{line}: inferbox {path} has no {', '.join(unknown)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_an_invocation_is_read_up_to_its_code_span_and_without_its_comment() -> None:
+    got = _invocations("run `inferbox serve --port 9000` then --later\n`inferbox keys create --scope x # --not`")
+    assert got == [(1, "serve", {"--port"}), (2, "keys create", {"--scope"})]
