@@ -3,14 +3,17 @@
 Each worker process holds its own counters, and the kernel hands a scrape to any of them, so
 without this each scrape showed one worker's counts (the ``requests_total`` of two workers
 read about half the requests, and went down and up between scrapes, which Prometheus takes
-for restarts). So each worker writes its exposition text to ``<folder>/<pid>.prom`` every
+for restarts). So each worker writes its exposition text to ``<folder>/<pid>-<token>.prom`` every
 :data:`WRITE_EVERY_S` (:class:`MetricsShare`), and a scrape answers its own series, as they are
 now, merged with the others' (:func:`merge`):
 
 - counters, histograms and summaries: summed over every worker, the ones that died too
-  (uvicorn starts another in its place, from zero: the sum goes on, never down). A worker's
-  file not written for :data:`STALE_S` is a dead worker's; its counters are folded into
-  ``retired.prom`` and the file removed;
+  (uvicorn starts another in its place, from zero: the sum goes on, never down). A file whose
+  process is gone is a dead worker's; its counters are folded into ``retired.prom`` and the
+  file removed (judged by the process, not the file's age: a clock stepped forward, or a worker
+  stalled for a while, made a live worker's file look old, and its counters were then counted
+  twice for good). The token keeps a new worker that gets a dead one's pid from writing over
+  the dead one's counters;
 - gauges: summed over the live workers (``in_flight_requests``, ``queue_depth``, the audit
   log's pending records), except :data:`SAME_IN_EVERY_WORKER` (``model_info``,
   ``static_shapes``): the largest;
@@ -27,18 +30,16 @@ import contextlib
 import fcntl
 import logging
 import os
-import time
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["SAME_IN_EVERY_WORKER", "STALE_S", "WRITE_EVERY_S", "MetricsShare", "merge"]
+__all__ = ["SAME_IN_EVERY_WORKER", "WRITE_EVERY_S", "MetricsShare", "merge"]
 
 logger = logging.getLogger(__name__)
 
 #: how often each worker writes its series
 WRITE_EVERY_S = 1.0
-#: a worker's file older than this is a dead worker's (it writes every WRITE_EVERY_S)
-STALE_S = 10.0
 #: gauges every worker reports alike (one value per model, not a share of the work): the largest
 SAME_IN_EVERY_WORKER = frozenset({"inferbox_model_info", "inferbox_static_shapes"})
 RETIRED = "retired.prom"
@@ -148,11 +149,11 @@ class MetricsShare:
     def __init__(self, folder: Path, pid: int | None = None) -> None:
         self.folder = folder
         self.pid = os.getpid() if pid is None else pid
-        self.path = folder / f"{self.pid}.prom"
+        self.path = folder / f"{self.pid}-{secrets.token_hex(4)}.prom"
 
     def write(self, text: str) -> None:
         """Publish this worker's series (atomically: a reader sees the old text or the new one)."""
-        tmp = self.folder / f".{self.pid}.tmp"
+        tmp = self.folder / f".{self.path.stem}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.path)
 
@@ -170,7 +171,6 @@ class MetricsShare:
         folded into the retired counters on the way.  Its own file is left as the publisher wrote it:
         ``own`` counts this scrape as a request in flight, which the next scrape, answered by another
         worker, would count again."""
-        now = time.time()
         live = [own]
         with self._locked():
             retired_path = self.folder / RETIRED
@@ -180,10 +180,9 @@ class MetricsShare:
                     continue
                 try:
                     text = path.read_text(encoding="utf-8")
-                    age = now - path.stat().st_mtime
                 except FileNotFoundError:  # folded by another worker a moment ago
                     continue
-                if age <= STALE_S:
+                if _alive(path.stem.partition("-")[0]):
                     live.append(text)
                     continue
                 retired.append(text)
@@ -193,5 +192,18 @@ class MetricsShare:
                 os.replace(tmp, retired_path)
                 path.unlink(missing_ok=True)
                 retired = [folded]
-                logger.info("metrics: worker %s stopped writing; its counters are kept", path.stem)
+                logger.info("metrics: worker %s is gone; its counters are kept", path.stem.partition("-")[0])
         return merge(live, retired)
+
+
+def _alive(pid_text: str) -> bool:
+    """Whether process ``pid_text`` runs (a file not named by a pid counts as live: never folded)."""
+    if not pid_text.isdigit():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process with that pid: not a worker of ours, but alive
+        return True
+    return True

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from api.metrics import Metrics, ModelInfo
-from api.metrics_share import STALE_S, MetricsShare, merge
+from api.metrics_share import MetricsShare, merge
 
 
 def _worker(requests: int, in_flight: int, seconds: float) -> str:
@@ -55,24 +57,43 @@ def test_counters_and_histograms_add_up_and_gauges_count_the_live_workers_only()
     assert _value(with_dead, "inferbox_workers") == 1
 
 
+def _dead_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def test_a_dead_workers_file_is_folded_into_the_retired_counters(tmp_path: Path) -> None:
-    first, second = MetricsShare(tmp_path, pid=101), MetricsShare(tmp_path, pid=102)
+    first = MetricsShare(tmp_path)  # this process: alive
+    second = MetricsShare(tmp_path, pid=os.getppid())  # alive too
     second.write(_worker(7, 2, 0.5))
     answer = first.collect(_worker(5, 1, 0.003))
     assert _value(answer, REQUESTS) == 12 and _value(answer, "inferbox_workers") == 2
 
-    old = time.time() - STALE_S - 1
-    os.utime(second.path, (old, old))  # 102 stopped writing: dead
+    # a live worker's file that looks old (a clock stepped forward, a stalled loop) is still live:
+    # judged by its age, its counters were folded into the retired ones and counted twice for good
+    old = time.time() - 3600
+    os.utime(second.path, (old, old))
+    answer = first.collect(_worker(5, 1, 0.003))
+    assert _value(answer, REQUESTS) == 12 and _value(answer, "inferbox_workers") == 2
+    assert not (tmp_path / "retired.prom").exists()
+
+    gone = MetricsShare(tmp_path, pid=_dead_pid())
+    gone.write(_worker(3, 2, 0.5))
     answer = first.collect(_worker(6, 0, 0.003))
-    assert _value(answer, REQUESTS) == 13 and _value(answer, "inferbox_in_flight_requests") == 0
-    assert _value(answer, "inferbox_workers") == 1
-    assert not second.path.exists() and (tmp_path / "retired.prom").exists()
-    # its replacement starts from zero; the sum goes on from where it was, never down
-    MetricsShare(tmp_path, pid=103).write(_worker(1, 0, 0.003))
+    assert _value(answer, REQUESTS) == 16 and _value(answer, "inferbox_in_flight_requests") == 2  # gone's 2 not
+    assert _value(answer, "inferbox_workers") == 2
+    assert not gone.path.exists() and (tmp_path / "retired.prom").exists()
+    # a new worker given the dead one's pid writes its own file, not over the dead one's counts
+    again = MetricsShare(tmp_path, pid=gone.pid)
+    assert again.path != gone.path
+    again.write(_worker(1, 0, 0.003))
     answer = first.collect(_worker(6, 0, 0.003))
-    assert _value(answer, REQUESTS) == 14 and _value(answer, "inferbox_workers") == 2
+    assert _value(answer, REQUESTS) == 17  # (its pid is really gone here, so it is folded in turn)
     # a second dead worker adds to the retired counters, not in place of them
-    os.utime(tmp_path / "103.prom", (old, old))
+    dead2 = MetricsShare(tmp_path, pid=_dead_pid())
+    dead2.write(_worker(4, 0, 0.003))
     answer = first.collect(_worker(6, 0, 0.003))
-    assert _value(answer, REQUESTS) == 14 and _value(answer, COUNT) == 14
+    assert _value(answer, REQUESTS) == 21 and _value(answer, COUNT) == 21
     assert "inferbox_in_flight_requests" in answer and "inferbox_static_shapes" in answer
