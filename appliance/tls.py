@@ -32,8 +32,10 @@ __all__ = [
     "EXPIRY_WARNING_DAYS",
     "CertificateInfo",
     "TlsPlan",
+    "expiry_warning",
     "plan_tls",
     "ssl_options",
+    "validity_problem",
 ]
 
 #: forward-secret AEAD suites for TLS 1.2 (TLS 1.3's suites are all of that kind and not set here)
@@ -202,6 +204,27 @@ def certificate_info(cert: Path) -> CertificateInfo:
         sha256=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
         names=names,
     )
+
+
+def validity_problem(path: Path, cert: CertificateInfo, now: datetime | None = None) -> str | None:
+    """Why clients refuse ``cert`` (the file ``path``) now: expired or not valid yet; None when current."""
+    moment = now or datetime.now(UTC)
+    if cert.days_left(moment) < 0:
+        return f"the TLS certificate {path} expired on {cert.not_after.date()}: clients will refuse it"
+    if cert.not_before > moment:
+        return (
+            f"the TLS certificate {path} is not valid before {cert.not_before.isoformat()}: clients will refuse "
+            "it until then (or this box's clock is wrong)"
+        )
+    return None
+
+
+def expiry_warning(path: Path, cert: CertificateInfo, now: datetime | None = None) -> str | None:
+    """The warning for a current certificate that expires within :data:`EXPIRY_WARNING_DAYS`; else None."""
+    days = cert.days_left(now)
+    if 0 <= days < EXPIRY_WARNING_DAYS:
+        return f"the TLS certificate {path} expires in {days:.0f} days ({cert.not_after.date()}): renew it"
+    return None
 
 
 def ssl_options(plan: TlsPlan | None) -> dict[str, Any]:

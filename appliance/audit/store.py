@@ -176,12 +176,19 @@ class LastCheckpoint(NamedTuple):
     interval_us: int
 
 
+LAST_CHECKPOINT_SQL = (
+    "SELECT size, created_at, every, interval_us FROM checkpoints WHERE +kind = 'checkpoint' ORDER BY id DESC LIMIT 1"
+)
+
+
 def last_checkpoint(conn: sqlite3.Connection) -> LastCheckpoint | None:
-    """The newest regular checkpoint: size, created_at and the pace it signs (schema migrated)."""
-    found = conn.execute(
-        "SELECT size, created_at, every, interval_us FROM checkpoints WHERE kind = 'checkpoint' "
-        "ORDER BY id DESC LIMIT 1"
-    ).fetchone()
+    """The newest regular checkpoint: size, created_at and the pace it signs (schema migrated).
+
+    Read in every append's transaction and on every idle tick, so it must not grow with the log:
+    ``+kind`` keeps SQLite off the ``(kind, size)`` index, which made it sort every checkpoint
+    ever signed (22 ms at 38k checkpoints, nine months of idle ones; the audit writer's CPU went
+    from 1 % to 19 % under the same load); the newest rows come first by id instead."""
+    found = conn.execute(LAST_CHECKPOINT_SQL).fetchone()
     if found is None:
         return None
     return LastCheckpoint(int(found[0]), str(found[1]), int(found[2]), int(found[3]))

@@ -59,3 +59,27 @@ def test_a_record_due_by_time_is_signed_before_close(tmp_path: Path) -> None:
             assert [c.size for c in load_checkpoints(conn)] == [0, 4]
     finally:
         log.close()
+
+
+def test_the_newest_checkpoint_is_read_without_sorting_them_all(tmp_path: Path) -> None:
+    # read in every append's transaction: it must not cost more as checkpoints pile up for months
+    from appliance.audit.schema import connect
+    from appliance.audit.store import LAST_CHECKPOINT_SQL, last_checkpoint
+
+    clock, db = T.FakeClock(), tmp_path / "audit.db"
+    log = AuditLog(db, signing_key=Ed25519PrivateKey.generate(), digest_keys_dir=tmp_path / "d", clock=clock)
+    try:
+        for i in range(3):
+            log.append(T.event(i))
+            log.checkpoint()
+    finally:
+        log.close()
+    conn = connect(db)
+    try:
+        plan = " ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + LAST_CHECKPOINT_SQL))
+        assert "TEMP B-TREE" not in plan, plan
+        newest = conn.execute("SELECT size FROM checkpoints WHERE kind = 'checkpoint' ORDER BY id DESC").fetchone()
+        found = last_checkpoint(conn)
+        assert found is not None and found.size == newest[0] == 3
+    finally:
+        conn.close()
