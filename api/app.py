@@ -77,10 +77,16 @@ def create_app(
     audit: AuditSink | None,
     keys: KeyVerifier | None,
     clock: Callable[[], float] = time.time,
+    monotonic: Callable[[], float] = time.monotonic,
     lifespan: Sequence[Callable[[Litestar], AbstractAsyncContextManager[None]]] = (),
     audit_reader: AuditReader | None = None,
 ) -> Litestar:
     """A Litestar app serving ``registry``. ``audit=None``: audit off; ``keys`` is required when auth is on.
+
+    ``clock``: the wall clock (audit records, request times); ``monotonic``: what the rate limits
+    and the batchers' deadlines count with, so that the wall clock stepping (NTP, a restored VM)
+    neither locks keys out for the step (a bucket refilled by a negative time) nor expires every
+    queued request at once.
 
     ``lifespan``: extra context managers entered at startup, before serving (e.g. start and
     close the audit log, load the models); the batchers stop before they exit.
@@ -88,10 +94,10 @@ def create_app(
     if config.auth and keys is None:
         raise ConfigError("auth is on but no key store was given; pass keys=KeyStore(...) or set auth = false")
     metrics = Metrics(audit_stats=audit.stats if isinstance(audit, AuditStatsSource) else None)
-    server = Server(registry, config, metrics, clock)
+    server = Server(registry, config, metrics, monotonic)
     share = MetricsShare(Path(config.metrics_folder)) if config.metrics_folder else None
     authenticator = Authenticator(
-        keys, enabled=config.auth, default_rate=config.rate_limit_per_minute, limiter=RateLimiter(clock)
+        keys, enabled=config.auth, default_rate=config.rate_limit_per_minute, limiter=RateLimiter(monotonic)
     )
 
     @asynccontextmanager

@@ -51,7 +51,8 @@ class RateLimiter:
             b = self._buckets.get(key_id)
             if b is None:
                 b = self._buckets[key_id] = _Bucket(float(per_minute), now)
-            b.tokens = min(float(per_minute), b.tokens + (now - b.updated) * rate)
+            # never a negative refill: a clock that stepped back would lock the key out for the step
+            b.tokens = min(float(per_minute), b.tokens + max(0.0, now - b.updated) * rate)
             b.updated = now
             if b.tokens < 1.0:
                 wait = (1.0 - b.tokens) / rate

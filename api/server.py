@@ -71,6 +71,7 @@ class Server:
         self.registry = registry
         self.config = config
         self.metrics = metrics
+        #: monotonic: the batchers' deadlines
         self.clock = clock
         self._tensor: dict[str, tuple[LoadedModel, DynamicBatcher[TensorRequest, dict[str, Array]]]] = {}
         self._text: dict[str, tuple[LoadedModel, DynamicBatcher[TextItem, tuple[Array, int]]]] = {}

@@ -260,8 +260,8 @@ def client_factory(tmp_path: Path, audit: MemoryAudit) -> Iterator[Callable[...,
             registry = make_registry(models if models is not None else [tensor_model(tmp_path), text_model(tmp_path)])
         config.setdefault("auth", keys is not None)
         kwargs: dict[str, Any] = {}
-        if clock is not None:
-            kwargs["clock"] = clock
+        if clock is not None:  # both clocks: the tests step time for the rate limits and deadlines too
+            kwargs["clock"] = kwargs["monotonic"] = clock
         app = create_app(
             registry=registry,
             config=ApiConfig(**config),

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from api.auth import RateLimiter
 from appliance.keys import KeyStore
 
 from .conftest import MemoryAudit, infer_json
@@ -227,3 +228,33 @@ def test_an_inference_key_is_refused_on_admin_routes(
     r = getattr(c, method)(path, headers={"Authorization": f"Bearer {infer_key}"})
     assert r.status_code == 403, (r.status_code, r.text)
     assert scope in r.text
+
+
+def test_the_wall_clock_stepping_back_locks_no_key_out(tmp_path: Path, store: KeyStore) -> None:
+    # NTP or a restored VM steps the wall clock back an hour: the rate limit counts with the
+    # monotonic clock (before: Retry-After 3,630 s for a key that had used its 2 a minute)
+    from litestar.testing import TestClient
+
+    from api.app import create_app
+    from api.config import ApiConfig
+
+    from .conftest import make_registry, tensor_model
+
+    wall = [1_000_000.0]
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]),
+        config=ApiConfig(rate_limit_per_minute=2),
+        audit=None,
+        keys=store,
+        clock=lambda: wall[0],
+    )
+    _, key = store.create(["infer"])
+    with TestClient(app) as c:
+        assert [c.get("/v2/models/tabular", headers=_h(key)).status_code for _ in range(2)] == [200, 200]
+        wall[0] -= 3600
+        r = c.get("/v2/models/tabular", headers=_h(key))
+        assert r.status_code == 429 and float(r.headers["retry-after"]) <= 31, r.headers
+    limiter = RateLimiter(lambda: wall[0])
+    limiter.take("k", 60)
+    wall[0] -= 3600
+    limiter.take("k", 60)  # a limiter given a clock that steps back refills nothing, takes nothing more
