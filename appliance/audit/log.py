@@ -187,6 +187,8 @@ class AuditLog:
         self._inherited: list[sqlite3.Connection] = []
         self._log_id = ""
         self._opened_at = clock()
+        #: the clock was seen behind the newest checkpoint (warned once, until it caught up)
+        self._warned_behind = False
         #: one item, a list of items (one event-loop iteration's records), or _STOP
         self._queue: queue.SimpleQueue[_Item | list[_Item] | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -544,9 +546,34 @@ class AuditLog:
             log_id=self._log_id,
             size=size,
             head_hash=head_hash,
-            created_at=created_at if created_at is not None else format_time(self._clock()),
+            created_at=created_at if created_at is not None else format_time(self._dated(last_checkpoint(conn))[0]),
             pace=self.pace,
         )
+
+    def _dated(self, last: LastCheckpoint | None) -> tuple[datetime, float]:
+        """The time to date what a transaction writes, and how many seconds the clock reads behind it.
+
+        The clock, but never before the newest checkpoint: the verifier takes a record dated more than
+        the signed interval before the checkpoint before it for a forged one, so a wall clock set
+        back that far (NTP stepping a fast clock, a VM restored from a snapshot) left every later
+        record failing ``audit verify`` for good, and prune, ship and backup refusing with it.  The
+        records say by how much the clock was behind (``details.clock_behind_s``)."""
+        now = self._clock()
+        if last is None:
+            return now, 0.0
+        floor = parse_time(last.created_at)
+        if now >= floor:
+            return now, 0.0
+        behind = (floor - now).total_seconds()
+        if not self._warned_behind:
+            self._warned_behind = True
+            log.warning(
+                "the clock reads %.0f s before the audit log's newest checkpoint (%s): it was set back; "
+                "records are dated at that checkpoint, with details.clock_behind_s, until it catches up",
+                behind,
+                last.created_at,
+            )
+        return floor, behind
 
     def _write_batch(self, events: list[AuditEvent]) -> list[int | AuditError]:
         """Append ``events`` in one transaction: each one's seq, or why that one was rejected."""
@@ -581,7 +608,11 @@ class AuditLog:
     ) -> tuple[list[int | AuditError], list[Checkpoint]]:
         """Append ``events`` inside the caller's write transaction (and sign the checkpoints due)."""
         size, prev = head(conn, self._log_id)  # inside the write lock: no other writer moves it
-        recorded_at = format_time(self._clock())
+        dated, behind = self._dated(last_checkpoint(conn))
+        if not behind:
+            self._warned_behind = False
+        recorded_at = format_time(dated)
+        clock_note = {"clock_behind_s": f"{behind:.3f}"} if behind else {}
         outcomes: list[int | AuditError] = []
         records: list[AuditRecord] = []
         for given in events:
@@ -615,7 +646,7 @@ class AuditLog:
                     input_digest=event.input_digest,
                     output_digest=event.output_digest,
                     digest_key_id=event.digest_key_id,
-                    details=dict(event.details),
+                    details={**event.details, **clock_note},
                 )
                 try:
                     leaf = leaf_hash(rec)

@@ -10,6 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.audit.checkpoint import load_checkpoints
+from appliance.audit.canonical import parse_time
 from appliance.audit.log import AuditLog
 
 from . import audit_tamper as T
@@ -83,3 +84,39 @@ def test_the_newest_checkpoint_is_read_without_sorting_them_all(tmp_path: Path) 
         assert found is not None and found.size == newest[0] == 3
     finally:
         conn.close()
+
+
+def test_a_clock_set_back_leaves_a_log_that_verifies(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # NTP stepping a fast clock back 15 minutes (more than the 10-minute interval): before, every
+    # later record failed `audit verify` as "dated back", for good, and prune, ship and backup refused
+    from appliance.audit.verify import verify_db
+
+    key, clock, db = Ed25519PrivateKey.generate(), T.FakeClock(), tmp_path / "audit.db"
+    log = AuditLog(db, signing_key=key, digest_keys_dir=tmp_path / "d", clock=clock)
+    try:
+        for i in range(5):
+            log.append(T.event(i))
+            clock.advance(seconds=1)
+        log.checkpoint()
+        signed_at = clock.now
+        clock.advance(minutes=-15)
+        for i in range(5, 10):
+            log.append(T.event(i))
+            clock.advance(seconds=1)
+        clock.advance(minutes=20)  # caught up
+        log.append(T.event(10))
+    finally:
+        log.close()
+    report = verify_db(db, key.public_key())
+    assert report.ok, report.problems
+    reader = AuditLog(db, signing_key=key, digest_keys_dir=tmp_path / "d")
+    try:
+        records = {r.seq: r for r in reader.tail(20)}
+    finally:
+        reader.close()
+    behind = [r for r in records.values() if "clock_behind_s" in r.details]
+    assert [r.seq for r in behind] == [6, 7, 8, 9, 10]
+    assert float(behind[0].details["clock_behind_s"]) == pytest.approx(15 * 60, abs=1)
+    assert all(parse_time(r.recorded_at) >= signed_at for r in behind)
+    assert "clock_behind_s" not in records[11].details
+    assert sum("the clock reads" in r.getMessage() for r in caplog.records) == 1
