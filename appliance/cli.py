@@ -90,6 +90,11 @@ class LazyGroup(click.Group):
 def _database_problem(exc: sqlite3.Error) -> str:
     """What to do about a database error: who may write the file, or the file's own content."""
     text = str(exc)
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in text.lower():
+        return (
+            f"the disk holding the state folder is full ({exc}); nothing was damaged: free space on it "
+            "(df -h on the state folder; `inferbox audit prune` trims the audit log) and run the command again"
+        )
     if any(word in text.lower() for word in ("readonly", "unable to open", "permission", "locked")):
         return (
             f"a database in the state folder cannot be used ({exc}); check that the state folder and its "

@@ -191,7 +191,8 @@ class KeyStore:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite rolled back already on a full disk: its error is the one to see
+                    conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
 

@@ -531,7 +531,8 @@ class AuditLog:
             cp = self._sign_head(conn)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite rolled back already on a full disk: its error is the one to see
+                conn.execute("ROLLBACK")
             raise
         self.commits += 1
         self._notify(cp)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.audit.checkpoint import load_checkpoints
 from appliance.audit.canonical import parse_time
+from appliance.audit.checkpoint import load_checkpoints
 from appliance.audit.log import AuditLog
 
 from . import audit_tamper as T
@@ -120,3 +121,30 @@ def test_a_clock_set_back_leaves_a_log_that_verifies(tmp_path: Path, caplog: pyt
     assert all(parse_time(r.recorded_at) >= signed_at for r in behind)
     assert "clock_behind_s" not in records[11].details
     assert sum("the clock reads" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_full_disk_is_said_as_a_full_disk_not_as_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a home on a full disk: SQLite rolls the transaction back itself and says "full"; a second
+    # ROLLBACK replaced that with "cannot rollback - no transaction is active", and the CLI told the
+    # operator the database was damaged and to restore a backup, instead of freeing space
+    import sqlite3
+
+    from appliance.cli import _database_problem
+
+    log = AuditLog(tmp_path / "audit.db", signing_key=Ed25519PrivateKey.generate(), digest_keys_dir=tmp_path / "d")
+    try:
+        log.append(T.event(0))
+
+        def full(conn: sqlite3.Connection, created_at: str | None = None) -> Any:
+            conn.execute("ROLLBACK")  # as SQLite does on SQLITE_FULL
+            raise sqlite3.OperationalError("database or disk is full")
+
+        with monkeypatch.context() as m:
+            m.setattr(log, "_sign_head", full)
+            with pytest.raises(sqlite3.OperationalError, match="disk is full") as failed:
+                log.checkpoint()
+        message = _database_problem(failed.value)
+        assert "is full" in message and "free space" in message and "damaged, or" not in message
+        log.append(T.event(1))  # space freed: it goes on
+    finally:
+        log.close()
