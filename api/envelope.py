@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from api.metrics import Metrics
-from api.protocols import AuditEvent, AuditSink, Principal
+from api.protocols import AuditEvent, AuditSink, AuditStatsSource, Principal
 from runtime.errors import AuditError
 
 __all__ = ["CLIENT_GONE", "RequestContext", "client_certificate", "context_of", "envelope", "utc_iso"]
@@ -272,7 +272,11 @@ def envelope(
                     await audit.record(_event(ctx, audit, status, body, clock()))
                 except Exception as exc:
                     if isinstance(exc, AuditError):  # a refusal that names its reason (closing, a bad field)
-                        logger.warning("audit record refused for request %s (%s); answering 503", request_id, exc)
+                        # a log that cannot be written says so itself, once: not a line per request
+                        quiet = isinstance(audit, AuditStatsSource) and audit.stats().failing
+                        (logger.debug if quiet else logger.warning)(
+                            "audit record refused for request %s (%s); answering 503", request_id, exc
+                        )
                     else:
                         logger.exception("audit record failed for request %s; answering 503", request_id)
                     status = 503

@@ -150,11 +150,19 @@ async def health_live() -> Response[bytes]:
 @get(
     "/v2/health/ready",
     operation_class=documented(
-        Ready, KServeError, "A model is loaded.", tag=HEALTH, also={503: ("No model is loaded yet.", Ready)}
+        Ready,
+        KServeError,
+        "A model is loaded and the audit log can be written.",
+        tag=HEALTH,
+        also={503: ("No model is loaded yet, or the audit log cannot be written (a full disk).", Ready)},
     ),
 )
 async def health_ready(request: Req) -> Response[bytes]:
-    ready = bool(_server(request).registry.loaded())
+    server = _server(request)
+    audit = server.metrics.audit_stats
+    # every request is refused with 503 while the audit log cannot be written: a load balancer must
+    # send them elsewhere (it answered 200 while all 3,000 requests of a review got 503)
+    ready = bool(server.registry.loaded()) and not (audit is not None and audit().failing)
     return _json({"ready": ready}, status=200 if ready else 503)
 
 

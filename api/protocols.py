@@ -87,6 +87,9 @@ class AuditStats(msgspec.Struct, frozen=True, kw_only=True):
     commit_seconds: float
     #: records handed to the writer and not yet committed (requests waiting for their record)
     pending: int
+    #: the last append failed (a full disk, a read-only folder): requests are refused with 503 and
+    #: ``/v2/health/ready`` says not ready, until an append succeeds again
+    failing: bool = False
 
 
 @runtime_checkable

@@ -189,6 +189,9 @@ class AuditLog:
         self._opened_at = clock()
         #: the clock was seen behind the newest checkpoint (warned once, until it caught up)
         self._warned_behind = False
+        #: the last append failed, and the records refused since it began to fail
+        self._failing = False
+        self._refused = 0
         #: one item, a list of items (one event-loop iteration's records), or _STOP
         self._queue: queue.SimpleQueue[_Item | list[_Item] | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -344,7 +347,7 @@ class AuditLog:
         appends and are not counted here."""
         with self._handover_lock:
             pending = self._pending
-        return msgspec.structs.replace(self._stats, pending=pending)
+        return msgspec.structs.replace(self._stats, pending=pending, failing=self._failing)
 
     # -- synchronous API ---------------------------------------------------
 
@@ -721,9 +724,23 @@ class AuditLog:
                 for o in self._write_batch([i.event for i in items])
             ]
         except Exception as exc:
-            log.error("audit append failed: %s", exc)
+            # said once when the log starts failing and once when it writes again, not once per
+            # request (a full disk made two lines for each of 3,000 refused requests)
+            if not self._failing:
+                log.error(
+                    "audit append failed: %s; every request is answered 503 and /v2/health/ready says not ready "
+                    "until the log can be written again (a full disk? free space in %s)",
+                    exc,
+                    self.db_path.parent,
+                )
+            self._failing = True
+            self._refused += len(items)
             err = exc if isinstance(exc, AuditError) else AuditError(f"audit log {self.db_path}: append failed: {exc}")
             outcomes = [(None, err)] * len(items)
+        else:
+            if self._failing:
+                log.warning("the audit log is written again; %d records were refused meanwhile", self._refused)
+                self._failing, self._refused = False, 0
         finally:
             with self._handover_lock:
                 self._pending -= len(items)

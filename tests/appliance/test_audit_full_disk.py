@@ -1,0 +1,53 @@
+"""A server whose audit log cannot be written (a full disk): every request is refused with 503, so
+``/v2/health/ready`` says not ready (a load balancer sends the traffic elsewhere), and the log says
+so once when the writes start failing and once when they work again, not once per request."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from litestar.testing import TestClient
+
+from api.app import create_app
+from api.config import ApiConfig
+from appliance.audit.log import AuditLog
+from tests.api.conftest import make_registry, text_model
+
+
+def test_a_log_that_cannot_be_written_makes_the_server_not_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = AuditLog(tmp_path / "audit.db", signing_key=Ed25519PrivateKey.generate(), digest_keys_dir=tmp_path / "d")
+    log.start()
+    app = create_app(registry=make_registry([text_model(tmp_path)]), config=ApiConfig(auth=False), audit=log, keys=None)
+    body = {"model": "minilm", "input": "a"}
+    try:
+        with TestClient(app) as c:
+            assert c.post("/v1/embeddings", json=body).status_code == 200
+            assert c.get("/v2/health/ready").status_code == 200
+            real = log._write_batch
+
+            def full(events: list[Any]) -> Any:
+                raise sqlite3.OperationalError("database or disk is full")
+
+            caplog.set_level(logging.DEBUG)
+            monkeypatch.setattr(log, "_write_batch", full)
+            assert [c.post("/v1/embeddings", json=body).status_code for _ in range(5)] == [503] * 5
+            ready = c.get("/v2/health/ready")
+            assert ready.status_code == 503 and ready.json() == {"ready": False}
+            loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+            assert len(loud) == 1 and "audit append failed" in loud[0].getMessage(), [r.getMessage() for r in loud]
+            assert "free space in" in loud[0].getMessage()
+
+            monkeypatch.setattr(log, "_write_batch", real)  # space freed
+            assert c.post("/v1/embeddings", json=body).status_code == 200
+            assert c.get("/v2/health/ready").status_code == 200
+            again = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the audit log is written")]
+            assert again == ["the audit log is written again; 5 records were refused meanwhile"]
+    finally:
+        log.close()
