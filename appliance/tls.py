@@ -223,7 +223,10 @@ def expiry_warning(path: Path, cert: CertificateInfo, now: datetime | None = Non
     """The warning for a current certificate that expires within :data:`EXPIRY_WARNING_DAYS`; else None."""
     days = cert.days_left(now)
     if 0 <= days < EXPIRY_WARNING_DAYS:
-        return f"the TLS certificate {path} expires in {days:.0f} days ({cert.not_after.date()}): renew it"
+        return (
+            f"the TLS certificate {path} expires in {days:.0f} days ({cert.not_after.date()}): renew it, then "
+            "systemctl reload inferbox-api"
+        )
     return None
 
 

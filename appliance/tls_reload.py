@@ -9,6 +9,12 @@ loaded from one private copy of their bytes, so the check and the load see the
 same certificate and key even if the files change meanwhile; a failed check
 leaves the running certificate in place.
 
+A certificate that clients would refuse (expired, or not valid yet) is refused
+too: loading it would swap a working certificate for one no handshake accepts.
+One that expires within :data:`~appliance.tls.EXPIRY_WARNING_DAYS` loads, with
+a warning in the log, as at start (the start-up check is the only other time a
+long-running server says so).
+
 A certificate whose key is of another kind (RSA after ECDSA) is refused:
 OpenSSL keeps one certificate per key kind, so the old one would go on serving
 the clients that prefer its kind.
@@ -21,6 +27,7 @@ stay trusted.  A changed bundle is named in the outcome: a restart applies it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import ssl
 import tempfile
@@ -30,10 +37,20 @@ from pathlib import Path
 from typing import Any
 
 from appliance.settings import Settings
-from appliance.tls import CertificateInfo, TlsPlan, certificate_info, plan_tls, server_context
+from appliance.tls import (
+    CertificateInfo,
+    TlsPlan,
+    certificate_info,
+    expiry_warning,
+    plan_tls,
+    server_context,
+    validity_problem,
+)
 from runtime.errors import ConfigError
 
 __all__ = ["CertificateReloader", "Reloaded"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,8 @@ class Reloaded:
     before: CertificateInfo
     after: CertificateInfo
     client_ca_changed: bool
+    #: the new certificate expires within EXPIRY_WARNING_DAYS (logged by the reload too); else None
+    expiry_warning: str | None = None
 
 
 def _digest(path: Path | None) -> str:
@@ -140,8 +159,15 @@ class CertificateReloader:
             cert, key = _write_pair(Path(folder), pair)
             try:
                 server_context(cert, key, None)  # this very pair belongs together (else nothing is loaded)
+                after = certificate_info(cert)
             except ConfigError as exc:
                 raise _named(exc, Path(folder), plan) from None
+            if (problem := validity_problem(plan.cert, after)) is not None:
+                # new handshakes would fail where the running certificate still works
+                raise ConfigError(
+                    f"{problem}, so it is not loaded; put a current certificate and its key at {plan.cert} and "
+                    f"{plan.key}, then systemctl reload inferbox-api"
+                )
             running, renewed = _key_kind(self._pair[0]), _key_kind(pair[0])
             if running != renewed:
                 # OpenSSL keeps one certificate per key type: the old one would go on serving beside it
@@ -154,7 +180,14 @@ class CertificateReloader:
             except ssl.SSLError as exc:  # checked a moment ago on the same bytes: not expected
                 self._restore()
                 raise ConfigError(f"OpenSSL refused the renewed certificate: {exc.reason or exc}") from None
-            after = certificate_info(cert)
         self._pair, self.broken = pair, False
         before, self.plan = self.plan.certificate, TlsPlan(plan.cert, plan.key, plan.client_ca, after)
-        return Reloaded(before=before, after=after, client_ca_changed=_digest(plan.client_ca) != self._client_ca)
+        warning = expiry_warning(plan.cert, after)
+        if warning is not None:  # loaded, but due for renewal: said as at start
+            log.warning("SIGHUP: %s", warning)
+        return Reloaded(
+            before=before,
+            after=after,
+            client_ca_changed=_digest(plan.client_ca) != self._client_ca,
+            expiry_warning=warning,
+        )

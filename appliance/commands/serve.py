@@ -214,12 +214,9 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _log_certificate(log: logging.Logger, tls: TlsPlan) -> None:
-    from datetime import UTC, datetime
-
-    from appliance.tls import EXPIRY_WARNING_DAYS
+    from appliance.tls import expiry_warning, validity_problem
 
     cert = tls.certificate
-    days = cert.days_left()
     log.info(
         "HTTPS (%s): certificate %s, sha256 %s, valid until %s",
         tls.mode,
@@ -227,12 +224,10 @@ def _log_certificate(log: logging.Logger, tls: TlsPlan) -> None:
         cert.sha256,
         cert.not_after.isoformat(),
     )
-    if days < 0:
-        log.error("the TLS certificate %s expired on %s: clients will refuse it", tls.cert, cert.not_after.date())
-    elif cert.not_before > datetime.now(UTC):
-        log.error("the TLS certificate %s is not valid before %s: clients will refuse it", tls.cert, cert.not_before)
-    elif days < EXPIRY_WARNING_DAYS:
-        log.warning("the TLS certificate %s expires in %.0f days (%s)", tls.cert, days, cert.not_after.date())
+    if (problem := validity_problem(tls.cert, cert)) is not None:
+        log.error("%s", problem)
+    elif (warning := expiry_warning(tls.cert, cert)) is not None:
+        log.warning("%s", warning)
 
 
 def _hand_over_admin_key(keys_dir: Path, key_id: str, secret: str) -> None:

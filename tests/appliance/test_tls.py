@@ -241,3 +241,31 @@ def test_every_refusal_before_serving_exits_config_not_a_restartable_2(
     monkeypatch.setattr(server_mod, "prepare", failing_prepare)
     result = CliRunner().invoke(main, ["serve", "--home", str(tmp_path / "h2")], env={})
     assert result.exit_code == EXIT_CONFIG and "building the default model" in result.output
+
+
+def test_the_start_up_log_names_an_expired_certificate_and_one_near_expiry(
+    tmp_path: Path, tls_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from appliance.commands.serve import _log_certificate
+
+    log = logging.getLogger("test.serve")
+    caplog.set_level(logging.INFO, logger="test.serve")
+    for files, level, said in (
+        (tls_factory(server_days=-1, server_start_days=-60), logging.ERROR, "expired on"),
+        (tls_factory(server_days=30, server_start_days=2), logging.ERROR, "is not valid before"),
+        (tls_factory(server_days=5), logging.WARNING, "expires in 5 days"),
+    ):
+        caplog.clear()
+        plan = plan_tls(settings(tmp_path, tls_cert=files.cert, tls_key=files.key))
+        assert plan is not None
+        _log_certificate(log, plan)
+        (record,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert record.levelno == level and said in record.getMessage() and str(files.cert) in record.getMessage()
+    caplog.clear()
+    fresh = tls_factory(server_days=90)
+    plan = plan_tls(settings(tmp_path, tls_cert=fresh.cert, tls_key=fresh.key))
+    assert plan is not None
+    _log_certificate(log, plan)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -289,3 +289,64 @@ def test_key_kinds_are_openssls_slots(tmp_path: Path, tls_files: Any) -> None:
     assert _key_kind(tls_files.cert.read_bytes()) == "EC"
     rsa_cert, _ = _rsa_pair(tmp_path, None)
     assert _key_kind(rsa_cert.read_bytes()) == "RSA"
+
+
+@pytest.mark.parametrize(
+    ("days", "start_days", "said"),
+    [(-1, -60, "expired on"), (90, 2, "is not valid before")],
+    ids=["expired", "not-valid-yet"],
+)
+def test_a_certificate_clients_would_refuse_is_not_loaded(
+    tmp_path: Path, tls_files: Any, tls_factory: Any, days: float, start_days: float, said: str
+) -> None:
+    """An expired renewal was loaded and recorded as a success: every new handshake then failed."""
+    settings = _settings(tmp_path, tls_files)
+    reloader, context = _reloader(settings)
+    old = certificate_info(tls_files.cert).sha256
+    _renew(settings, tls_factory(server_days=days, server_start_days=start_days))
+    with pytest.raises(ConfigError) as err:
+        reloader.reload()
+    text = str(err.value)
+    assert said in text and str(settings.tls_cert) in text and "not loaded" in text
+    assert "systemctl reload inferbox-api" in text  # the fix: a current certificate, then reload again
+    assert _served_fingerprint(context) == old and reloader.plan.certificate.sha256 == old
+    assert not reloader.broken
+
+
+def test_sighup_with_an_expired_certificate_logs_and_records_a_failure(
+    tmp_path: Path, tls_files: Any, tls_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = _settings(tmp_path, tls_files)
+    reloader, context = _reloader(settings)
+    audit = _Audit()
+    _renew(settings, tls_factory(server_days=-1, server_start_days=-60))
+    reload_certificate(reloader, audit)  # type: ignore[arg-type]
+    (failed,) = audit.events
+    assert (failed.event, failed.outcome) == ("tls_reload", "failure")
+    assert failed.details["tls_cert_sha256"] == certificate_info(tls_files.cert).sha256  # still served
+    assert "expired on" in failed.details["reason"]
+    (record,) = [r for r in caplog.records if r.name == "appliance.server"]
+    assert record.levelno == logging.ERROR and "the running one stays" in record.getMessage()
+    assert "expired on" in record.getMessage() and "reloaded the certificate" not in caplog.text
+    assert _served_fingerprint(context) == certificate_info(tls_files.cert).sha256
+
+
+def test_a_reloaded_certificate_near_its_expiry_is_warned_of_as_at_start(
+    tmp_path: Path, tls_files: Any, tls_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 30-day warning was said at start only: a server up for months never warned."""
+    caplog.set_level(logging.INFO)
+    settings = _settings(tmp_path, tls_files)
+    reloader, context = _reloader(settings)
+    soon = tls_factory(server_days=10)
+    _renew(settings, soon)
+    reload_certificate(reloader, _Audit())  # type: ignore[arg-type]
+    assert _served_fingerprint(context) == certificate_info(soon.cert).sha256  # loaded all the same
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    text = warning.getMessage()
+    assert "expires in 10 days" in text and str(settings.tls_cert) in text and "renew it" in text
+    caplog.clear()
+    _renew(settings, tls_factory(server_days=90))
+    assert reloader.reload().expiry_warning is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
