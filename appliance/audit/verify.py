@@ -195,6 +195,18 @@ def _sequence_problems(checkpoints: Sequence[Checkpoint], valid_ids: set[int]) -
     return problems
 
 
+def _unknown_key_hint(cp: Checkpoint, public_key: PublicKeys) -> str:
+    """For a checkpoint naming a key none of the trusted ones is: the likelier cause than a forgery."""
+    keys = (public_key,) if isinstance(public_key, Ed25519PublicKey) else tuple(public_key)
+    if cp.key_id in {signing.key_id(k) for k in keys}:
+        return ""
+    return (
+        f" (if the log's signing key was replaced, `inferbox signing-key create --force`, the retired key's public "
+        f"key may be missing from <home>/keys/retired/: put it there as {cp.key_id}.pub, or pass it with "
+        "--public-key; if it never was, this checkpoint was not signed by the log's key)"
+    )
+
+
 def check_chain(
     log_id: str,
     records: Iterable[AuditRecord],
@@ -241,7 +253,9 @@ def check_chain(
         elif not is_hex64(cp.head_hash) or cp.size < 0:
             problems.append(Problem(cp.size, f"{cp.kind} at size {cp.size} has a malformed head hash or size"))
         elif (why := signature_problem(cp, public_key)) is not None:
-            problems.append(Problem(max(cp.size, 1), f"bad checkpoint signature: {why}"))
+            problems.append(
+                Problem(max(cp.size, 1), f"bad checkpoint signature: {why}{_unknown_key_hint(cp, public_key)}")
+            )
         else:
             valid.append(cp)
     problems.extend(_sequence_problems(checkpoints, {id(cp) for cp in valid}))

@@ -1,20 +1,37 @@
-"""``inferbox signing-key``: create or show the Ed25519 key that signs packages and audit checkpoints."""
+"""``inferbox signing-key``: create or show the Ed25519 key that signs packages and audit checkpoints.
+
+``create --force`` over the box's signing key retires the old one: its public half goes to
+``<home>/keys/retired/<key id>.pub``, which ``audit verify``, ``audit prune``, ``audit ship``
+and ``backup create`` trust besides the signing key (:func:`appliance.audit.trust.trusted_keys`).
+The audit log keeps the checkpoints the old key signed for good, so without it every one of
+those commands would refuse the log as if it had been tampered with.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from appliance.commands.options import build_settings, refuse_root_in_foreign_state, state_options
+from runtime.durable import fsync_dir, publish_new
+from runtime.errors import ConfigError
 from runtime.signing import (
     generate_private_key,
     key_id,
     load_private_key,
+    load_public_key,
+    public_key_path,
     public_key_pem,
     write_private_key,
     write_public_key,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 __all__ = ["signing_key"]
 
@@ -32,16 +49,30 @@ def signing_key() -> None:
     default=None,
     help="Where to write the private key [default: the signing_key setting, <home>/keys/signing.key].",
 )
-@click.option("--force", is_flag=True, help="Replace an existing key (packages signed with it stop verifying).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing key; the box's old key is retired to <home>/keys/retired/ (the audit log's "
+    "old checkpoints keep verifying; packages signed with it stop verifying).",
+)
 def create(home: Path | None, repository: Path | None, out: Path | None, force: bool) -> None:
     """Write a new private key (mode 0600) and <key>.pub; print the public key."""
     settings = build_settings(home=home, repository=repository)
     path = out if out is not None else settings.signing_key
     refuse_root_in_foreign_state(settings, extra=(path,))  # a key root writes there, the owner cannot read
+    retired = None
+    if force and _same_file(path, settings.signing_key) and (path.exists() or path.is_symlink()):
+        retired = _retire(path, settings.keys_dir / "retired")  # before the key it keeps is gone
     key = generate_private_key()
     write_private_key(key, path, overwrite=force)
     pem = public_key_pem(key)
     pub = write_public_key(key, path)
+    if retired is not None:
+        click.echo(
+            f"retired key: {retired[1]} (key id {retired[0]}): audit verify, prune, ship and backups keep "
+            "trusting the checkpoints it signed; restart inferbox-api and the batch worker so they sign "
+            "with the new key"
+        )
     click.echo(f"private key: {path} (mode 0600; back it up, never copy it to serving machines)")
     click.echo(f"public key:  {pub}")
     click.echo(f"key id:      {key_id(key)}")
@@ -68,3 +99,64 @@ def show(home: Path | None, repository: Path | None, key_path: Path | None) -> N
     key = load_private_key(path)
     click.echo(f"key id: {key_id(key)}")
     click.echo(public_key_pem(key), nl=False)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.absolute() == b.absolute() or a.resolve() == b.resolve()
+
+
+def _old_public_key(path: Path, retired: Path) -> Ed25519PublicKey:
+    """The public half of the key at ``path``: from the key itself (whatever its mode: it is being
+    replaced), else from ``<key>.pub``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        private = serialization.load_pem_private_key(path.read_bytes()[: 1 << 14], password=None)
+        if isinstance(private, Ed25519PrivateKey):
+            return private.public_key()
+    except (OSError, ValueError, TypeError):
+        pass
+    pub = public_key_path(path)
+    try:
+        return load_public_key(pub)
+    except ConfigError:
+        raise ConfigError(
+            f"the signing key {path} is not a readable Ed25519 key and {pub} is not its public key, so the old "
+            f"key cannot be retired to {retired}/ and audit checkpoints it signed would stop verifying: put its "
+            f"public key in {retired}/ by hand, or if it never signed anything, move {path} aside and run "
+            "`inferbox signing-key create` without --force"
+        ) from None
+
+
+def _retire(path: Path, retired: Path) -> tuple[str, Path]:
+    """Keep the public half of the key at ``path`` in ``retired``; return its key id and file (an existing
+    file holding the same key, under any name, is kept as it is)."""
+    old = _old_public_key(path, retired)
+    kid = key_id(old)
+    retired.mkdir(parents=True, exist_ok=True)
+    for existing in sorted(retired.glob("*.pub")):  # retired already (the docs' `cp` before this did it)
+        try:
+            if key_id(load_public_key(existing)) == kid:
+                return kid, existing
+        except ConfigError:
+            continue
+    target = retired / f"{kid}.pub"
+    tmp = retired / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            os.fchmod(fh.fileno(), 0o644)  # a public key: auditors get it (the umask filters os.open's mode)
+            fh.write(public_key_pem(old))
+            fh.flush()
+            os.fsync(fh.fileno())
+        publish_new(tmp, target)  # never over a file of that name: it holds another key (checked above)
+    except FileExistsError:
+        raise ConfigError(
+            f"{target} exists but does not hold the public key of {path} (key id {kid}); move it aside and run "
+            "the command again"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(retired)
+    return kid, target

@@ -1,0 +1,111 @@
+"""``signing-key create --force`` retires the old key: the audit log's old checkpoints keep verifying.
+
+Before, the old public key was thrown away: ``audit verify`` then said "bad checkpoint signature ...
+names signing key X, the trusted key is Y", which reads like tampering, and prune, ship and backups
+refused the log.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+from appliance.audit.verify import verify_db
+from runtime.signing import generate_private_key, key_id, load_private_key, load_public_key, public_key_pem
+
+from .conftest import run_cli
+
+
+def _box(tmp_path: Path) -> tuple[Path, str]:
+    """A box with a signing key and audit records it signed (through the CLI); the key's id."""
+    home = tmp_path / "home"
+    home.mkdir()
+    assert run_cli(home, "signing-key", "create").exit_code == 0
+    made = run_cli(home, "keys", "create", "--scope", "infer", "--json")  # recorded in the audit log
+    assert made.exit_code == 0, made.output
+    verified = run_cli(home, "audit", "verify")
+    assert verified.exit_code == 0 and verified.stdout.startswith("OK"), verified.output
+    return home, key_id(load_private_key(home / "keys" / "signing.key"))
+
+
+def test_force_retires_the_old_key_and_the_log_keeps_verifying(tmp_path: Path) -> None:
+    home, old_id = _box(tmp_path)
+    old_pem = (home / "keys" / "signing.key.pub").read_text()
+    rotated = run_cli(home, "signing-key", "create", "--force")
+    assert rotated.exit_code == 0, rotated.output
+    retired = home / "keys" / "retired" / f"{old_id}.pub"
+    assert f"retired key: {retired} (key id {old_id})" in rotated.stdout
+    assert retired.read_text() == old_pem and stat.S_IMODE(retired.stat().st_mode) == 0o644
+    new_id = key_id(load_private_key(home / "keys" / "signing.key"))
+    assert new_id != old_id
+
+    # records signed after the rotation: the log holds checkpoints of both keys
+    assert run_cli(home, "keys", "create", "--scope", "infer", "--json").exit_code == 0
+    verified = run_cli(home, "audit", "verify", "--json")
+    assert verified.exit_code == 0, verified.output
+    report = json.loads(verified.stdout)
+    assert report["ok"] is True and sorted(report["key_ids"]) == sorted([old_id, new_id])
+
+    # the retired key taken away: the failure says where the missing key belongs, not only "bad signature"
+    retired.unlink()
+    failed = run_cli(home, "audit", "verify")
+    assert failed.exit_code == 1
+    assert f"names signing key '{old_id}'" in failed.stdout
+    assert "keys/retired/" in failed.stdout and f"{old_id}.pub" in failed.stdout and "--public-key" in failed.stdout
+
+
+def test_a_key_retired_by_hand_before_is_not_written_twice(tmp_path: Path) -> None:
+    """The docs' old first step (`cp signing.key.pub retired/old.pub`) already kept it."""
+    home, _ = _box(tmp_path)
+    retired = home / "keys" / "retired"
+    retired.mkdir()
+    (retired / "old.pub").write_text((home / "keys" / "signing.key.pub").read_text())
+    rotated = run_cli(home, "signing-key", "create", "--force")
+    assert rotated.exit_code == 0, rotated.output
+    assert f"retired key: {retired / 'old.pub'}" in rotated.stdout
+    assert sorted(p.name for p in retired.iterdir()) == ["old.pub"]
+    assert run_cli(home, "audit", "verify").exit_code == 0
+
+
+def test_an_unreadable_old_key_is_retired_from_its_public_half_or_refused(tmp_path: Path) -> None:
+    home, old_id = _box(tmp_path)
+    key = home / "keys" / "signing.key"
+    key.write_text("damaged\n")  # the private key lost; its .pub still names it
+    assert run_cli(home, "signing-key", "create", "--force").exit_code == 0
+    assert key_id(load_public_key(home / "keys" / "retired" / f"{old_id}.pub")) == old_id
+    assert run_cli(home, "audit", "verify").exit_code == 0
+
+    current = key.read_bytes()
+    key.write_text("damaged\n")
+    (home / "keys" / "signing.key.pub").write_text("damaged too\n")
+    refused = run_cli(home, "signing-key", "create", "--force")
+    assert refused.exit_code != 0
+    assert "cannot be retired" in refused.output and str(home / "keys" / "retired") in refused.output
+    assert "Traceback" not in refused.output
+    assert key.read_text() == "damaged\n"  # nothing replaced: the operator decides
+    key.write_bytes(current)
+
+
+def test_a_key_written_elsewhere_is_not_retired_into_the_box(tmp_path: Path) -> None:
+    """A build box's package key (--out) is none of this box's audit keys: retiring it would make
+    the box trust it."""
+    home, _ = _box(tmp_path)
+    other = tmp_path / "build" / "package.key"
+    assert run_cli(home, "signing-key", "create", "--out", str(other)).exit_code == 0
+    again = run_cli(home, "signing-key", "create", "--out", str(other), "--force")
+    assert again.exit_code == 0 and "retired key" not in again.stdout
+    assert not (home / "keys" / "retired").exists()
+
+
+def test_a_foreign_file_under_the_retired_name_is_not_overwritten(tmp_path: Path) -> None:
+    home, old_id = _box(tmp_path)
+    retired = home / "keys" / "retired"
+    retired.mkdir()
+    squatter = retired / f"{old_id}.pub"
+    squatter.write_text(public_key_pem(generate_private_key()))
+    before = (home / "keys" / "signing.key").read_bytes()
+    refused = run_cli(home, "signing-key", "create", "--force")
+    assert refused.exit_code != 0 and "move it aside" in refused.output
+    assert (home / "keys" / "signing.key").read_bytes() == before  # the old key stays until it is retired
+    assert verify_db(home / "audit.db", [load_private_key(home / "keys" / "signing.key").public_key()]).ok
