@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["enable_wal", "open_read_only"]
+__all__ = ["WAL_SIZE_LIMIT", "enable_wal", "open_read_only"]
 
 #: pause between tries while another process holds the lock the journal-mode switch needs
 RETRY_S = 0.01
@@ -26,6 +26,10 @@ def open_read_only(path: Path, *, timeout_s: float = 5.0, any_thread: bool = Fal
         isolation_level=None,
         check_same_thread=not any_thread,
     )
+
+
+#: bytes the WAL file is cut back to after a checkpoint (SQLite keeps its largest size otherwise)
+WAL_SIZE_LIMIT = 16 << 20
 
 
 def enable_wal(
@@ -48,6 +52,9 @@ def enable_wal(
         try:
             row = conn.execute("PRAGMA journal_mode=WAL").fetchone()
             if row is not None and str(row[0]).lower() == "wal":
+                # a large transaction (an audit prune of 200k records) grew the WAL to 120 MB, and
+                # it stayed that size for good: cut back to this once a checkpoint has emptied it
+                conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
                 return
             problem = f"journal mode stayed {row[0] if row else None!r}"
         except sqlite3.OperationalError as exc:

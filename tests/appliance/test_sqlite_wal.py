@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from appliance.sqlite import enable_wal
+from appliance.sqlite import WAL_SIZE_LIMIT, enable_wal
 
 
 class Flaky:
@@ -22,6 +22,8 @@ class Flaky:
         self.calls = 0
 
     def execute(self, sql: str) -> Any:
+        if sql.startswith("PRAGMA journal_size_limit"):
+            return None
         assert sql == "PRAGMA journal_mode=WAL"
         self.calls += 1
         outcome = self.failures.pop(0) if self.failures else "wal"
@@ -104,3 +106,20 @@ def test_processes_opening_fresh_files_together_all_succeed(tmp_path: Path) -> N
         results = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in results]
         assert [out.strip() for out, _ in results] == ["wal"] * 4
+
+
+def test_a_large_transaction_does_not_leave_the_wal_large_for_good(tmp_path: Path) -> None:
+    # an audit prune of 200k records left a 120 MB WAL beside the database, for good
+    db = tmp_path / "state.db"
+    conn = sqlite3.connect(db, isolation_level=None)
+    enable_wal(conn, timeout_s=5)
+    conn.execute("CREATE TABLE t (x BLOB)")
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO t VALUES (?)", [(b"x" * 4096,) for _ in range(5 * WAL_SIZE_LIMIT // 4 // 4096)])
+    conn.execute("COMMIT")
+    wal = tmp_path / "state.db-wal"
+    assert wal.stat().st_size > WAL_SIZE_LIMIT
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    conn.execute("INSERT INTO t VALUES (x'00')")  # the next write starts the WAL over: cut back
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    conn.close()
