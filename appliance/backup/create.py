@@ -161,6 +161,27 @@ def _release(folder: Path, fd: int) -> None:
     os.close(fd)
 
 
+#: room left on the state disk after the snapshots (the service keeps writing meanwhile)
+SNAPSHOT_MARGIN = 64 << 20
+
+
+def _check_snapshot_space(settings: Settings) -> None:
+    """The databases are copied into the state folder first (SQLite on a share is not reliable): its
+    disk needs room for them, whatever room the backup folder has.  Said before anything is written
+    (it read "a database could not be copied (database or disk is full)" once the log outgrew the
+    free space, and every nightly backup failed without naming the disk)."""
+    databases = [settings.state_db, settings.audit_db]
+    need = sum(p.stat().st_size for db in databases for p in (db, db.with_name(db.name + "-wal")) if p.is_file())
+    need += SNAPSHOT_MARGIN
+    free = shutil.disk_usage(settings.home).free
+    if free < need:
+        raise BackupError(
+            f"the backup first copies the databases into the state folder {settings.home}: that needs "
+            f"{need / 1e6:.0f} MB free on its disk and it has {free / 1e6:.0f} MB; free space there "
+            "(`inferbox audit prune` trims the audit log; docs/audit.md, Retention) and run the backup again"
+        )
+
+
 def _snapshot(source: Path, target: Path) -> None:
     """A consistent copy of the SQLite database ``source`` (the live one keeps being written)."""
     src = open_read_only(source, timeout_s=30.0)
@@ -436,6 +457,7 @@ def create_backup(
     if final.exists():
         raise BackupError(f"{final} already exists; wait a second and run the backup again")
     skipped: list[str] = []
+    _check_snapshot_space(settings)
     # the snapshots on the box's own disk (SQLite on a network share is not reliable), the archive
     # on the target folder (renamed into place there)
     local, local_lock = _claim(settings.home, ".backup-")

@@ -296,6 +296,27 @@ def test_the_folder_must_exist_and_be_off_the_state_folder_and_its_disk(box: dic
     assert not list((box["home"] / "backups").iterdir())
 
 
+def test_too_little_room_on_the_state_disk_is_said_before_anything_is_written(
+    box: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the databases are snapshotted into the state folder first: its disk needs the room, not the target's
+    import appliance.backup.create as create_mod
+
+    real = shutil.disk_usage
+
+    def tight(path: Any) -> Any:
+        usage = real(path)
+        if Path(path) == box["home"]:
+            return usage._replace(free=1 << 20)
+        return usage
+
+    monkeypatch.setattr(create_mod.shutil, "disk_usage", tight)
+    result = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]))
+    assert result.exit_code == 2, result.output
+    assert f"state folder {box['home']}" in result.stderr and "MB free on its disk and it has 1 MB" in result.stderr
+    assert list(box["out"].iterdir()) == [] and not list(box["home"].glob(".backup-*"))
+
+
 def test_a_failed_record_leaves_no_archive(box: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     import appliance.commands.audit as audit_cmd
 
