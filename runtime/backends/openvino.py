@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +46,15 @@ if TYPE_CHECKING:
 
     from runtime.hardware import HardwareProfile, OvDevice
 
-__all__ = ["OV_BACKENDS", "PAD_MULTIPLES", "OpenVinoBackend", "OvSession", "cache_lock", "ov_precision_name"]
+__all__ = [
+    "OV_BACKENDS",
+    "PAD_MULTIPLES",
+    "OpenVinoBackend",
+    "OvSession",
+    "cache_lock",
+    "model_cache",
+    "ov_precision_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +96,34 @@ def _device_precisions(device: OvDevice) -> tuple[str, ...]:
     if "FP16" in caps and not device.name.startswith("CPU"):
         out.append("fp16")
     return tuple(out)
+
+
+#: a model's compiled blobs no load has used for this long are removed (its package was replaced or
+#: removed; a later load compiles again), as the verified copies are (runtime.verified)
+CACHE_STALE_S = 30 * 24 * 3600
+
+
+def model_cache(root: Path, model_path: Path) -> Path:
+    """``<root>/<key>``: the folder of one model file's compiled blobs (a package version's variant: its
+    verified copy's path names the package), touched at each use.  Folders, and blobs of the flat
+    layout before, that no load used for :data:`CACHE_STALE_S` are removed: OpenVINO names a blob by a
+    hash of the model and never removes one, so ``<home>/cache/openvino`` grew with every version
+    and precision ever loaded."""
+    folder = root / hashlib.sha256(str(model_path.resolve()).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder)
+    cutoff = time.time() - CACHE_STALE_S
+    for entry in root.iterdir():
+        try:
+            if entry == folder or entry.is_symlink() or entry.stat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)  # a process mapping a blob keeps it (unlinked)
+            elif entry.suffix == ".blob":
+                entry.unlink(missing_ok=True)
+        except OSError:
+            continue
+    return folder
 
 
 @contextlib.contextmanager
@@ -335,13 +374,16 @@ class OpenVinoBackend:
 
     def open(self, model_path: Path, options: OpenOptions) -> OvSession:
         config = self.compile_config(options)
+        shared = config.get("CACHE_DIR")  # its lock is every process's and every model's
+        if shared is not None:
+            config["CACHE_DIR"] = str(model_cache(Path(shared), model_path))
         core = self._get_core()
         try:
             model = core.read_model(str(model_path))
         except Exception as exc:
             raise BackendError(f"{self.name} cannot read {model_path}: {exc}") from exc
         try:
-            with cache_lock(config.get("CACHE_DIR")):
+            with cache_lock(shared):
                 compiled = core.compile_model(model, self.device, config)
         except Exception as exc:
             text = str(exc)

@@ -310,9 +310,36 @@ def test_openvino_config_options(tmp_path: Path, tiny_mlp: Path) -> None:
     session = backend.open(tiny_mlp, options)
     compiled = session._compiled
     assert compiled.get_property("NUM_STREAMS") == 2
-    assert any((tmp_path / "openvino").iterdir())  # the compiled blob was cached
+    (folder,) = [p for p in (tmp_path / "openvino").iterdir() if p.is_dir()]
+    assert any(folder.glob("*.blob"))  # the compiled blob was cached, in the model's own folder
     with pytest.raises(BackendError, match="exec_precision 'int4'"):
         backend.compile_config(OpenOptions(exec_precision="int4"))
+
+
+def test_compiled_blobs_no_load_used_for_30_days_are_removed(tmp_path: Path, tiny_mlp: Path) -> None:
+    # OpenVINO never removes a blob: <home>/cache/openvino grew with every version ever loaded
+    import os
+    import time
+
+    from runtime.backends.openvino import CACHE_STALE_S, model_cache
+
+    root = tmp_path / "openvino"
+    old_folder, recent = root / "0123456789abcdef", root / "fedcba9876543210"
+    for folder in (old_folder, recent):
+        folder.mkdir(parents=True)
+        (folder / "x.blob").write_bytes(b"blob")
+    flat = root / "1234.blob"  # the layout before: blobs straight in the cache
+    flat.write_bytes(b"blob")
+    lock = root / ".compile.lock"
+    lock.write_bytes(b"")
+    stale = time.time() - CACHE_STALE_S - 60
+    for path in (old_folder, flat, lock):
+        os.utime(path, (stale, stale))
+    os.utime(recent, (time.time() - 3600, time.time() - 3600))
+    mine = model_cache(root, tiny_mlp)
+    assert mine.is_dir() and mine == model_cache(root, tiny_mlp)  # one folder per model file
+    assert not old_folder.exists() and not flat.exists()
+    assert recent.exists() and lock.exists()
 
 
 # ---------------------------------------------------------------- ORT fallback proof
