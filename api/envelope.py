@@ -66,6 +66,8 @@ class RequestContext:
     #: series on the open ``/metrics``)
     metric_model: str = ""
     model_version: str = ""
+    #: ``id()`` of the loaded model found (its Triton statistics count per load)
+    model_instance: int = 0
     model_sha256: str = ""
     backend: str = ""
     variant: str = ""
@@ -86,6 +88,7 @@ class RequestContext:
         """Record the serving facts of a :class:`runtime.serving.LoadedModel`."""
         self.model_name = self.metric_model = model.name
         self.model_version = str(model.version)
+        self.model_instance = id(model)
         self.model_sha256 = model.package_sha256
         self.backend = model.backend
         self.variant = model.variant
@@ -308,6 +311,7 @@ def envelope(
                 status=status,
                 seconds=clock() - ctx.started,
                 version=ctx.model_version,
+                instance=ctx.model_instance,
                 inference=ctx.event == "inference",
             )
 

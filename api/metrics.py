@@ -132,9 +132,10 @@ class Metrics:
         #: batch size -> batches, by model label, of the batchers that are gone (a replaced or
         #: unloaded version's): the histogram counts on from them
         self.retired_batch_sizes: dict[str, dict[int, int]] = {}
-        #: inference requests by (model, version): [succeeded, their seconds, failed, their seconds]
-        #: (Triton's statistics extension, :mod:`api.triton`)
-        self.outcomes: dict[tuple[str, str], list[float]] = {}
+        #: inference requests by (model, version, id of the loaded model): [succeeded, their seconds,
+        #: failed, their seconds] (Triton's statistics extension, :mod:`api.triton`): a version loaded
+        #: again counts from zero, as its batchers do; dropped when the loaded model retires
+        self.outcomes: dict[tuple[str, str, int], list[float]] = {}
         self.in_flight = 0
 
     def request_started(self) -> None:
@@ -142,28 +143,42 @@ class Metrics:
             self.in_flight += 1
 
     def request_finished(
-        self, *, model: str, route: str, status: int, seconds: float, version: str = "", inference: bool = False
+        self,
+        *,
+        model: str,
+        route: str,
+        status: int,
+        seconds: float,
+        version: str = "",
+        instance: int = 0,
+        inference: bool = False,
     ) -> None:
-        """One request answered; ``inference``: it asked model ``model`` (version ``version``, found)
-        for an inference, counted as succeeded (status below 400) or failed per version too."""
+        """One request answered; ``inference``: it asked model ``model`` (version ``version``, the
+        loaded model ``instance``) for an inference, counted as succeeded (status below 400) or failed
+        per loaded version too."""
         with self._lock:
             self.in_flight -= 1
             key = (model, route, str(status))
             self.requests[key] = self.requests.get(key, 0) + 1
             self.durations.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
             if inference and model:
-                counts = self.outcomes.get((model, version))
+                counts = self.outcomes.get((model, version, instance))
                 if counts is None:
-                    counts = self.outcomes[(model, version)] = [0, 0.0, 0, 0.0]
+                    counts = self.outcomes[(model, version, instance)] = [0, 0.0, 0, 0.0]
                 at = 0 if status < 400 else 2
                 counts[at] += 1
                 counts[at + 1] += seconds
 
-    def outcomes_of(self, model: str, version: str) -> tuple[int, float, int, float]:
-        """Inference requests of ``model`` version ``version``: succeeded, their seconds, failed, theirs."""
+    def outcomes_of(self, model: str, version: str, instance: int) -> tuple[int, float, int, float]:
+        """Inference requests of a loaded model: succeeded, their seconds, failed, theirs."""
         with self._lock:
-            ok, ok_s, failed, failed_s = self.outcomes.get((model, version), (0, 0.0, 0, 0.0))
+            ok, ok_s, failed, failed_s = self.outcomes.get((model, version, instance), (0, 0.0, 0, 0.0))
         return int(ok), ok_s, int(failed), failed_s
+
+    def forget_outcomes(self, model: str, version: str, instance: int) -> None:
+        """The loaded model retired: its counts go with it (and its id may be reused)."""
+        with self._lock:
+            self.outcomes.pop((model, version, instance), None)
 
     def _absorb(self, model: str, stats: BatchStats) -> None:
         queue_times, inference_times = stats.drain()

@@ -152,6 +152,7 @@ class Server:
             # gone from /metrics' batchers and into its retired counts at once (no await between)
             self._draining.remove(entry)
             self.metrics.absorb(metric_label(model, entry[1]), entry[2].stats)
+        self.metrics.forget_outcomes(model.name, str(model.version), id(model))
         # on the loop thread, as a plain unload always did: an OpenVINO model closed from a worker
         # thread made the process die of SIGSEGV at its exit (measured: unload, then SIGTERM)
         model.close()

@@ -14,10 +14,10 @@ in this worker process:
 - ``success`` / ``fail``: inference requests answered below 400 / from 400 on (a
   400 for a bad input, a 504 timeout, a 499 whose client left), on any route
   (KServe, ``/v1/embeddings``, rerank) and their time from arrival to answer;
-- ``queue``: the entries that left the batch queue (a text is one entry, a tensor
-  request one) and their wait; ``compute_infer``: the same entries and their
-  batch's time (a batch of n entries counts its time n times, as Triton counts
-  it per request);
+- ``queue`` / ``compute_infer``: per request answered in full, as Triton counts
+  them: the time it waited before its first batch began, and the time of the
+  batches that ran its texts (each batch once), so that ``ns / count`` is a
+  request's average, comparable with ``success``;
 - ``inference_count``: rows answered; ``execution_count``: batches run;
   ``batch_stats``: batches by rows, with their time;
 - ``compute_input`` / ``compute_output`` / ``cache_hit``: zero (padding and
@@ -197,8 +197,8 @@ def statistics_of(model: LoadedModel, server: Server) -> ModelStatistic:
     """``model``'s counters: its batchers' (every kind, a replaced one's still answering too) and its
     inference requests' outcomes."""
     batches = server.batch_stats_of(model)
-    ok, ok_s, failed, failed_s = server.metrics.outcomes_of(model.name, str(model.version))
-    entries = sum(s.completed + s.failed for s in batches)
+    ok, ok_s, failed, failed_s = server.metrics.outcomes_of(model.name, str(model.version), id(model))
+    requests = sum(s.requests for s in batches)
     sizes: dict[int, list[float]] = {}
     for s in batches:
         for size, n in s.batch_sizes.items():
@@ -214,9 +214,9 @@ def statistics_of(model: LoadedModel, server: Server) -> ModelStatistic:
         inference_stats=InferStatistics(
             success=Duration(ok, _ns(ok_s)),
             fail=Duration(failed, _ns(failed_s)),
-            queue=Duration(entries, _ns(sum(s.queue_seconds for s in batches))),
+            queue=Duration(requests, _ns(sum(s.request_queue_seconds for s in batches))),
             compute_input=_NONE,
-            compute_infer=Duration(entries, _ns(sum(s.entry_inference_seconds for s in batches))),
+            compute_infer=Duration(requests, _ns(sum(s.request_inference_seconds for s in batches))),
             compute_output=_NONE,
             cache_hit=_NONE,
             cache_miss=_NONE,

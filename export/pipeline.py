@@ -777,7 +777,7 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
     import msgspec
 
     from runtime.package import (
-        check_model_name,
+        check_new_model_name,
         clean_stale_staging,
         discard_staging,
         finalize_package,
@@ -787,7 +787,7 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
     )
 
     say: Progress = progress or _log_progress
-    check_model_name(spec.name)
+    check_new_model_name(spec.name)
     check_version(spec.version)
     repository = Path(spec.repository)
     pinned = spec.version is not None

@@ -134,9 +134,12 @@ class BatchStats:
     rows: int = 0
     queue_seconds: float = 0.0
     inference_seconds: float = 0.0
-    #: each answered entry's batch time, summed (a batch of n entries adds its time n times): what the
-    #: entries spent being computed, as Triton's ``compute_infer`` counts it per request
-    entry_inference_seconds: float = 0.0
+    #: requests (``submit`` / ``submit_many`` calls) answered in full, the time each waited before its
+    #: first batch began, and the time of the batches that ran its items (each batch once), summed:
+    #: Triton's per-request ``queue`` and ``compute_infer``
+    requests: int = 0
+    request_queue_seconds: float = 0.0
+    request_inference_seconds: float = 0.0
     #: wall-clock time (``time.time()``) the last batch was answered; 0.0 before the first
     last_batch_at: float = 0.0
     #: every batch size seen (rows) -> count
@@ -163,6 +166,8 @@ class _Entry(Generic[Item, Result]):
     future: asyncio.Future[Result]
     length: int | None = None
     started: bool = False
+    #: the batch that answered it: (its start, its time)
+    ran: tuple[float, float] | None = None
 
 
 class DynamicBatcher(Generic[Item, Result]):
@@ -341,6 +346,12 @@ class DynamicBatcher(Generic[Item, Result]):
                 f"the request waited longer than its timeout ({timeout:g} s) for model {self.name!r}; "
                 "retry later or raise request_timeout_s"
             )
+        batches = {e.ran for e in entries if e.ran is not None}
+        if batches:
+            stats = self.stats
+            stats.requests += 1
+            stats.request_queue_seconds += max(0.0, min(start for start, _ in batches) - now)
+            stats.request_inference_seconds += sum(elapsed for _, elapsed in batches)
         return [f.result() for f in futures]
 
     def _arrived(self, now: float) -> None:
@@ -541,6 +552,7 @@ class DynamicBatcher(Generic[Item, Result]):
         stats = self.stats
         rows = sum(e.rows for e in batch)
         for entry, outcome in zip(batch, outcomes, strict=True):
+            entry.ran = (start, elapsed)
             wait = start - entry.enqueued
             stats.queue_seconds += wait
             stats.queue_times.append(wait)
@@ -558,7 +570,6 @@ class DynamicBatcher(Generic[Item, Result]):
         stats.rows += rows
         stats.inference_seconds += elapsed
         stats.inference_times.append(elapsed)
-        stats.entry_inference_seconds += elapsed * len(batch)
         stats.last_batch_at = time.time()
         stats.batch_sizes[rows] = stats.batch_sizes.get(rows, 0) + 1
         stats.batch_seconds[rows] = stats.batch_seconds.get(rows, 0.0) + elapsed

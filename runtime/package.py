@@ -57,6 +57,7 @@ __all__ = [
     "STAGING",
     "Package",
     "check_model_name",
+    "check_new_model_name",
     "check_onnx_external_data",
     "check_rel_path",
     "clean_stale_staging",
@@ -536,6 +537,22 @@ def check_model_name(name: str) -> None:
         )
 
 
+#: names a new package may not take: ``GET /v2/models/stats`` is every model's statistics (Triton's
+#: route), so a model called that would lose its metadata route
+RESERVED_NAMES = frozenset({"stats"})
+
+
+def check_new_model_name(name: str) -> None:
+    """:func:`check_model_name`, and not a name the API's routes take (for a package being published)."""
+    check_model_name(name)
+    if name.lower() in RESERVED_NAMES:
+        raise ManifestError(
+            f"model name {name!r} is taken by the API (GET /v2/models/{name} lists every model's statistics); "
+            "choose another name (--name)",
+            path=name,
+        )
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -686,7 +703,7 @@ def finalize_package(
     staging = Path(staging)
     repository = Path(repository)
     try:
-        check_model_name(manifest.name)
+        check_new_model_name(manifest.name)
         if manifest.version < 1:
             raise ManifestError(f"version {manifest.version} is not usable; pass --version N with N >= 1")
         if next_free:

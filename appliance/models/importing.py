@@ -41,7 +41,7 @@ from runtime.package import (
     MANIFEST,
     SIGNATURE,
     Package,
-    check_model_name,
+    check_new_model_name,
     clean_stale_staging,
     discard_staging,
     list_versions,
@@ -157,7 +157,7 @@ def _stage(
     except PackageError as exc:
         raise type(exc)(f"{source} is not a whole package: {str(exc).replace(str(staging), where)}") from None
     name, version = package.name, package.version
-    check_model_name(name)  # the manifest names the folder it goes to: no '..', '/' or absolute path
+    check_new_model_name(name)  # the manifest names the folder it goes to: no '..', '/' or absolute path
     if version < 1:
         raise ManifestError(f"{source}: version {version} is not usable (versions are 1 or more)", path=where)
     if named is not None and named != (name, version):

@@ -843,3 +843,14 @@ def test_manifest_round_trip(manifest: Manifest) -> None:
     assert back == manifest
     assert encode_manifest(back) == data  # canonical: the same bytes, so the same sha256 and signature
     assert data.endswith(b"\n")
+
+
+def test_a_package_may_not_take_a_name_the_api_routes_take(tmp_path: Path) -> None:
+    # GET /v2/models/stats is every model's statistics: a model called "stats" would lose its metadata
+    from runtime.errors import ManifestError
+    from tests.runtime.conftest import publish_mlp
+
+    with pytest.raises(ManifestError, match=r"model name 'stats' is taken by the API.*--name"):
+        publish_mlp(tmp_path / "repo", ["ort-cpu"], "stats")
+    assert not (tmp_path / "repo" / "stats").exists()
+    publish_mlp(tmp_path / "repo", ["ort-cpu"], "statistics")  # only the route's own name is taken
