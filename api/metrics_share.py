@@ -68,7 +68,7 @@ class _Families:
 
     def read(self, text: str) -> Samples:
         samples: Samples = {}
-        for line in text.splitlines():
+        for line in text.split("\n"):  # not splitlines(): a label value may hold U+2028
             if not line:
                 continue
             if line.startswith("#"):
@@ -150,15 +150,19 @@ class MetricsShare:
         self.folder = folder
         self.pid = os.getpid() if pid is None else pid
         self.path = folder / f"{self.pid}-{secrets.token_hex(4)}.prom"
+        self._failing = False
 
     def write(self, text: str) -> None:
-        """Publish this worker's series (atomically: a reader sees the old text or the new one)."""
+        """Publish this worker's series (atomically: a reader sees the old text or the new one); the
+        folder is made again if it went (a tmp cleaner)."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self.folder / f".{self.path.stem}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.path)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         with (self.folder / ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -167,6 +171,26 @@ class MetricsShare:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def collect(self, own: str) -> str:
+        """:meth:`gather`, or this worker's own series when the folder cannot be read or written
+        (said once, until it works again): a scrape never fails for it."""
+        try:
+            text = self.gather(own)
+        except OSError as exc:
+            if not self._failing:
+                logger.warning(
+                    "metrics: cannot read the workers' folder %s (%s); /metrics answers this worker's series only "
+                    "until it can",
+                    self.folder,
+                    exc,
+                )
+            self._failing = True
+            return merge([own], [])
+        if self._failing:
+            logger.info("metrics: the workers' folder %s works again", self.folder)
+        self._failing = False
+        return text
+
+    def gather(self, own: str) -> str:
         """``own`` (this worker's series, now) merged with the other workers'; a dead worker's file is
         folded into the retired counters on the way.  Its own file is left as the publisher wrote it:
         ``own`` counts this scrape as a request in flight, which the next scrape, answered by another
@@ -197,13 +221,21 @@ class MetricsShare:
 
 
 def _alive(pid_text: str) -> bool:
-    """Whether process ``pid_text`` runs (a file not named by a pid counts as live: never folded)."""
+    """Whether process ``pid_text`` runs and is a worker of ours: a child of this worker's parent (the
+    supervisor), so that an unrelated process given a dead worker's pid does not keep its file live.
+    A file not named by a pid counts as live (never folded)."""
     if not pid_text.isdigit():
         return True
+    pid = int(pid_text)
     try:
-        os.kill(int(pid_text), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process with that pid: not a worker of ours, but alive
+    except PermissionError:  # another user's process has that pid now: not one of our workers
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:  # no /proc (or it ended meanwhile): the signal check above decides
         return True
-    return True
+    fields = stat.rpartition(")")[2].split()  # after "pid (name)": state, ppid, ...
+    return len(fields) < 2 or int(fields[1]) == os.getppid()

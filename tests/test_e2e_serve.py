@@ -848,7 +848,8 @@ def test_metrics_of_several_workers_add_up_whichever_worker_answers(minilm_repos
             seen = scrape()
             assert seen[series] == sent, seen.get(series)
             assert seen['inferbox_request_duration_seconds_count{route="/v1/embeddings"}'] == sent
-            assert seen["inferbox_workers"] == 2 and seen["inferbox_in_flight_requests"] == 1  # this scrape
+            # this scrape (the other worker's snapshot may hold the scrape before: gauges are approximate)
+            assert seen["inferbox_workers"] == 2 and seen["inferbox_in_flight_requests"] >= 1
     finally:
         _stop(proc)
 

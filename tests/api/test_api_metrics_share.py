@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def _dead_pid() -> int:
 
 def test_a_dead_workers_file_is_folded_into_the_retired_counters(tmp_path: Path) -> None:
     first = MetricsShare(tmp_path)  # this process: alive
-    second = MetricsShare(tmp_path, pid=os.getppid())  # alive too
+    second = MetricsShare(tmp_path, pid=os.getpid())  # alive too, and a child of the same parent
     second.write(_worker(7, 2, 0.5))
     answer = first.collect(_worker(5, 1, 0.003))
     assert _value(answer, REQUESTS) == 12 and _value(answer, "inferbox_workers") == 2
@@ -91,9 +92,35 @@ def test_a_dead_workers_file_is_folded_into_the_retired_counters(tmp_path: Path)
     again.write(_worker(1, 0, 0.003))
     answer = first.collect(_worker(6, 0, 0.003))
     assert _value(answer, REQUESTS) == 17  # (its pid is really gone here, so it is folded in turn)
+    # an unrelated process that was given a worker's pid (not a child of the workers' parent): gone
+    stranger = MetricsShare(tmp_path, pid=os.getppid())
+    stranger.write(_worker(0, 5, 0.003))
+    answer = first.collect(_worker(6, 0, 0.003))
+    assert _value(answer, "inferbox_in_flight_requests") == 2 and not stranger.path.exists()  # its 5 are not
     # a second dead worker adds to the retired counters, not in place of them
     dead2 = MetricsShare(tmp_path, pid=_dead_pid())
     dead2.write(_worker(4, 0, 0.003))
     answer = first.collect(_worker(6, 0, 0.003))
     assert _value(answer, REQUESTS) == 21 and _value(answer, COUNT) == 21
     assert "inferbox_in_flight_requests" in answer and "inferbox_static_shapes" in answer
+
+
+def test_a_folder_that_went_away_is_made_again_and_a_scrape_never_fails(tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "metrics"
+    share = MetricsShare(folder)
+    share.write(_worker(2, 0, 0.003))
+    shutil.rmtree(folder)  # a tmp cleaner
+    assert _value(share.collect(_worker(3, 0, 0.003)), REQUESTS) == 3  # before: FileNotFoundError, a 500
+    share.write(_worker(3, 0, 0.003))
+    assert share.path.exists()
+    folder.chmod(0o500)  # cannot be written: the scrape answers this worker's own series
+    try:
+        if os.geteuid() != 0:
+            other = MetricsShare(folder, pid=os.getpid())
+            with contextlib.suppress(OSError):
+                other.write(_worker(1, 0, 0.003))
+            assert _value(share.collect(_worker(4, 0, 0.003)), REQUESTS) >= 4
+    finally:
+        folder.chmod(0o700)
