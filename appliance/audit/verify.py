@@ -13,11 +13,13 @@ See ``docs/audit.md`` for what it cannot detect.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -57,6 +59,7 @@ __all__ = [
     "verify_db",
     "verify_export",
     "verify_export_bytes",
+    "verify_export_stream",
 ]
 
 #: Bytes of an export that may change without the verifier noticing: none.
@@ -655,6 +658,12 @@ def verify_db(
 _DECODER = msgspec.json.Decoder(Line)
 _RANK = {Header: 0, RecordLine: 2, CheckpointLine: 4, Trailer: 5}
 
+#: what the second read of an export does with each line (one byte per line, kept from the first read)
+_SKIP, _DECODE, _CHECKPOINT = 0, 1, 2
+
+#: called with every well-formed line of an export as it is verified, in file order (see :func:`verify_export`)
+Each = Callable[[Line], None]
+
 
 def _rank(line: Line) -> int:
     if isinstance(line, EdgeLine):
@@ -662,13 +671,19 @@ def _rank(line: Line) -> int:
     return _RANK[type(line)]
 
 
-def verify_export(path: Path, public_key: PublicKeys, *, legacy_pace: Pace | None = None) -> VerifyReport:
-    """Verify a JSONL export on its own (records, edges, checkpoints, prune anchors, signed trailer)."""
+def verify_export(
+    path: Path, public_key: PublicKeys, *, legacy_pace: Pace | None = None, each: Each | None = None
+) -> VerifyReport:
+    """Verify a JSONL export on its own (records, edges, checkpoints, prune anchors, signed trailer).
+
+    The file is streamed (read twice, line by line: memory does not grow with its records); ``each``:
+    see :func:`verify_export_stream`.
+    """
     try:
-        data = Path(path).read_bytes()
+        with Path(path).open("rb") as f:
+            return verify_export_stream(f, public_key, legacy_pace=legacy_pace, each=each)
     except OSError as exc:
         raise AuditError(f"cannot read export {path}: {exc.strerror}") from exc
-    return verify_export_bytes(data, public_key, legacy_pace=legacy_pace)
 
 
 def _trailer_problem(trailer: Trailer, public_key: PublicKeys) -> str | None:
@@ -689,75 +704,181 @@ def _trailer_problem(trailer: Trailer, public_key: PublicKeys) -> str | None:
 
 def verify_export_bytes(data: bytes, public_key: PublicKeys, *, legacy_pace: Pace | None = None) -> VerifyReport:
     """:func:`verify_export` on the export's bytes."""
-    problems: list[Problem] = []
-    if not data.endswith(b"\n"):
-        problems.append(Problem(None, "export does not end with a newline (truncated?)"))
-    raw_lines = data.split(b"\n")
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()
-    parsed: list[tuple[int, Line]] = []
-    offset = 0
-    trailer_at = -1
-    for number, raw in enumerate(raw_lines, start=1):
-        try:
-            line = _DECODER.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            problems.append(Problem(None, f"line {number}: not a valid export line ({exc})"))
-        else:
-            if encode_line(line) != raw + b"\n":
-                problems.append(Problem(None, f"line {number}: not in canonical form (edited by hand?)"))
+    return verify_export_stream(io.BytesIO(data), public_key, legacy_pace=legacy_pace)
+
+
+class _Scan:
+    """What the first read of an export keeps: everything but its records (one byte per line for those)."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self.ends_with_newline = False
+        self.line_problems: list[Problem] = []
+        self.kinds = bytearray()  #: per line, for the second read
+        self.first_parsed: tuple[int, bool] | None = None  #: (line number, is a header) of the first good line
+        self.header: Header | None = None
+        self.headers = 0
+        self.trailer: tuple[int, Trailer] | None = None  #: the first trailer and its line number
+        self.trailers = 0
+        self.body_sha = ""  #: of the bytes before the last trailer line
+        self.whole_sha = ""  #: of every byte
+        self.checkpoints: list[CheckpointLine] = []
+        self.before: EdgeLine | None = None  #: the first edge record of each side, and how many
+        self.befores = 0
+        self.after: EdgeLine | None = None
+        self.afters = 0
+        self.first_record: int | None = None  #: seqs of the first and last record lines
+        self.last_record: int | None = None
+        self.disordered = False
+
+    def read(self, f: BinaryIO) -> None:
+        digest = hashlib.sha256()
+        top = 0
+        for raw in f:
+            self.lines += 1
+            number = self.lines
+            self.ends_with_newline = raw.endswith(b"\n")
+            text = raw[:-1] if self.ends_with_newline else raw
+            kind = _SKIP
+            try:
+                line = _DECODER.decode(text)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.line_problems.append(Problem(None, f"line {number}: not a valid export line ({exc})"))
             else:
-                parsed.append((number, line))
-                if isinstance(line, Trailer):
-                    trailer_at = offset
-        offset += len(raw) + 1
-    headers = [ln for _, ln in parsed if isinstance(ln, Header)]
-    trailers = [(n, ln) for n, ln in parsed if isinstance(ln, Trailer)]
-    if len(headers) != 1 or not parsed or not isinstance(parsed[0][1], Header) or parsed[0][0] != 1:
+                if encode_line(line) != text + b"\n":
+                    self.line_problems.append(Problem(None, f"line {number}: not in canonical form (edited by hand?)"))
+                else:
+                    if isinstance(line, Trailer):
+                        self.body_sha = digest.hexdigest()  # every byte before this line
+                    kind = self._take(number, line)
+                    rank = _rank(line)
+                    self.disordered = self.disordered or rank < top
+                    top = max(top, rank)
+            self.kinds.append(kind)
+            digest.update(raw)
+        self.whole_sha = digest.hexdigest()
+
+    def _take(self, number: int, line: Line) -> int:
+        if self.first_parsed is None:
+            self.first_parsed = (number, isinstance(line, Header))
+        if isinstance(line, RecordLine):
+            if self.first_record is None:
+                self.first_record = line.seq
+            self.last_record = line.seq
+            return _DECODE
+        if isinstance(line, CheckpointLine):
+            self.checkpoints.append(line)
+            return _CHECKPOINT
+        if isinstance(line, Header):
+            self.headers += 1
+            self.header = self.header or line
+        elif isinstance(line, Trailer):
+            self.trailers += 1
+            self.trailer = self.trailer or (number, line)
+        elif line.side == "before":
+            self.befores += 1
+            self.before = self.before or line
+        else:
+            self.afters += 1
+            self.after = self.after or line
+        return _DECODE
+
+
+class _Records:
+    """The second read of an export: its record lines, for :func:`check_chain`, and every line for ``each``."""
+
+    def __init__(self, f: BinaryIO, scan: _Scan, each: Each | None) -> None:
+        self._f = f
+        self._scan = scan
+        self._each = each
+        self.unchanged: bool | None = None  #: the bytes read twice were the same (None: not read through yet)
+
+    def __iter__(self) -> Iterator[RecordLine]:
+        scan, each = self._scan, self._each
+        self._f.seek(0)
+        digest = hashlib.sha256()
+        checkpoints = iter(scan.checkpoints)
+        number = 0
+        for number, raw in enumerate(self._f, start=1):
+            digest.update(raw)
+            kind = scan.kinds[number - 1] if number <= len(scan.kinds) else _SKIP
+            if kind == _SKIP:
+                continue
+            line: Line | None
+            if kind == _CHECKPOINT:
+                line = next(checkpoints, None)  # the very objects the first read kept
+            else:
+                try:
+                    line = _DECODER.decode(raw[:-1] if raw.endswith(b"\n") else raw)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    line = None  # changed since the first read: caught below
+            if line is None:
+                continue
+            if each is not None:
+                each(line)
+            if isinstance(line, RecordLine):
+                yield line
+        self.unchanged = number == scan.lines and digest.hexdigest() == scan.whole_sha
+
+
+def verify_export_stream(
+    f: BinaryIO, public_key: PublicKeys, *, legacy_pace: Pace | None = None, each: Each | None = None
+) -> VerifyReport:
+    """:func:`verify_export` on an open, seekable binary file.
+
+    It is read twice, line by line, and never held whole: the first read checks every line (well-formed,
+    canonical, in order), hashes the bytes for the signed trailer and keeps the header, edge records and
+    checkpoints; the second feeds the records to :func:`check_chain` one at a time and fails the report
+    if the bytes differ from the first read's.  ``each`` is called during the second read with every
+    well-formed line in file order (header, edges, records, checkpoints, trailer): a caller follows the
+    export as it is verified (:mod:`appliance.audit.compare`); what it learns counts only if the report
+    is ok.
+    """
+    scan = _Scan()
+    scan.read(f)
+    problems: list[Problem] = []
+    if not scan.ends_with_newline:
+        problems.append(Problem(None, "export does not end with a newline (truncated?)"))
+    problems.extend(scan.line_problems)
+    scan.line_problems = []
+    first = scan.first_parsed
+    if scan.headers != 1 or first is None or not first[1] or first[0] != 1:
         problems.append(Problem(None, "export must start with exactly one header line"))
-    if len(trailers) != 1 or trailers[0][0] != len(raw_lines):
+    if scan.trailers != 1 or scan.trailer is None or scan.trailer[0] != scan.lines:
         problems.append(Problem(None, "export must end with exactly one signed trailer line"))
     else:
-        trailer = trailers[0][1]
-        body = data[:trailer_at]
-        if trailer.lines != len(raw_lines) - 1:
-            problems.append(Problem(None, f"trailer counts {trailer.lines} lines, the export has {len(raw_lines) - 1}"))
-        if hashlib.sha256(body).hexdigest() != trailer.sha256:
+        trailer = scan.trailer[1]
+        if trailer.lines != scan.lines - 1:
+            problems.append(Problem(None, f"trailer counts {trailer.lines} lines, the export has {scan.lines - 1}"))
+        if scan.body_sha != trailer.sha256:
             problems.append(Problem(None, "export bytes changed after it was signed (trailer sha256 differs)"))
         if (why := _trailer_problem(trailer, public_key)) is not None:
             problems.append(Problem(None, why))
-    header = headers[0] if headers else None
+    header = scan.header
     if header is None:
         return _report("", problems)
     if header.format not in (EXPORT_FORMAT, EXPORT_FORMAT_V1):
         problems.append(Problem(None, f"export format {header.format!r} is not {EXPORT_FORMAT}"))
-    ranks = [_rank(ln) for _, ln in parsed]
-    if ranks != sorted(ranks):
+    if scan.disordered:
         problems.append(
             Problem(None, "export lines out of order: header, edge before, records, edge after, checkpoints, trailer")
         )
-    records = [ln for _, ln in parsed if isinstance(ln, RecordLine)]
-    checkpoints: list[Checkpoint] = [ln for _, ln in parsed if isinstance(ln, CheckpointLine)]
-    edges = [ln for _, ln in parsed if isinstance(ln, EdgeLine)]
-    befores = [e for e in edges if e.side == "before"]
-    afters = [e for e in edges if e.side == "after"]
     v2 = header.format == EXPORT_FORMAT
-    if edges and not v2:
+    if (scan.befores or scan.afters) and not v2:
         problems.append(Problem(None, f"edge lines in an export of format {header.format}"))
-    if len(befores) > 1 or len(afters) > 1:
+    if scan.befores > 1 or scan.afters > 1:
         problems.append(Problem(None, "an export holds at most one edge record on each side"))
-    if (befores and header.since is None) or (afters and header.until is None):
+    if (scan.befores and header.since is None) or (scan.afters and header.until is None):
         problems.append(Problem(None, "edge records in an export that is not bounded on that side"))
-    before = befores[0] if befores else None
-    after = afters[0] if afters else None
-    if records:
-        if records[0].seq != header.first_seq:
+    before, after = scan.before, scan.after
+    if scan.first_record is not None and scan.last_record is not None:
+        if scan.first_record != header.first_seq:
             problems.append(Problem(header.first_seq, f"export header says it starts at seq {header.first_seq}"))
-        if records[-1].seq != header.last_seq:
+        if scan.last_record != header.last_seq:
             problems.append(
                 Problem(
-                    min(records[-1].seq, header.last_seq) + 1,
-                    f"export header says it ends at seq {header.last_seq}, the last record is {records[-1].seq}",
+                    min(scan.last_record, header.last_seq) + 1,
+                    f"export header says it ends at seq {header.last_seq}, the last record is {scan.last_record}",
                 )
             )
     elif header.first_seq:
@@ -769,10 +890,12 @@ def verify_export_bytes(data: bytes, public_key: PublicKeys, *, legacy_pace: Pac
         to_head = header.until is None or after is None
     else:
         from_start, to_head = header.since is None, header.until is None
-    return check_chain(
+    records = _Records(f, scan, each)
+    walk = iter(records)
+    report = check_chain(
         header.log_id,
-        records,
-        checkpoints,
+        walk,
+        scan.checkpoints,
         public_key,
         from_start=from_start,
         to_head=to_head,
@@ -787,3 +910,10 @@ def verify_export_bytes(data: bytes, public_key: PublicKeys, *, legacy_pace: Pac
         # checkpoint_every records (its header is covered by the signed trailer)
         legacy_start=not v2,
     )
+    for _ in walk:  # the lines after the last record, for each (check_chain reads every record)
+        pass
+    if not records.unchanged:
+        report = _with_problems(
+            report, [Problem(None, "the export changed while it was being verified: verify it again")]
+        )
+    return report

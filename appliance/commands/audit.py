@@ -33,6 +33,7 @@ from appliance.commands.options import build_settings, refuse_root_in_foreign_st
 if TYPE_CHECKING:
     from api.protocols import AuditEvent
     from appliance.audit.checkpoint import Pace
+    from appliance.audit.compare import Held, LogView
     from appliance.audit.exporter import ExportSummary
     from appliance.audit.verify import VerifyReport
     from appliance.settings import Settings
@@ -261,25 +262,35 @@ def _hold_to_copies(
     export_path: Path | None,
     db_path: Path,
 ) -> VerifyReport:
-    """``report`` with every way the log disagrees with the earlier exports ``against``."""
-    from appliance.audit.compare import Copy, compare_with, db_view, export_view, read_copy
-    from appliance.audit.verify import verify_export_bytes
+    """``report`` with every way the log disagrees with the earlier exports ``against``.
 
-    copies: list[Copy] = []
+    Each copy is verified and compared as it is streamed (:func:`appliance.audit.compare.hold_to`):
+    memory does not grow with the copies' records."""
+    from appliance.audit.compare import db_view, export_file_view
+
+    view = export_file_view(export_path) if export_path else db_view(db_path)
+    held: list[str] = []
+    unverified: list[tuple[int | None, str]] = []
     problems: list[tuple[int | None, str]] = []
     for path in against:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise click.ClickException(f"cannot read the off-box copy {path}: {exc.strerror}") from exc
-        own = verify_export_bytes(data, keys, legacy_pace=pace)
-        if not own.ok:
-            problems.append((None, f"the off-box copy {path} does not verify on its own: {own.summary()}"))
+        check = _hold_to_copy(view, path, keys, pace, what="the off-box copy")
+        if not check.report.ok:
+            unverified.append((None, f"the off-box copy {path} does not verify on its own: {check.report.summary()}"))
             continue
-        copies.append(read_copy(path, data))
-    view = export_view(read_copy(export_path)) if export_path else db_view(db_path)
-    problems.extend(compare_with(view, copies))
-    return report.compared([c.name for c in copies], problems)
+        held.append(check.name)
+        problems.extend(check.problems)
+    return report.compared(held, [*unverified, *problems])
+
+
+def _hold_to_copy(view: LogView, path: Path, keys: Sequence[Ed25519PublicKey], pace: Pace, *, what: str) -> Held:
+    """Verify the copy at ``path`` and hold ``view`` to it (streamed); an unreadable copy is a clear error."""
+    from appliance.audit.compare import hold_to
+
+    try:
+        with path.open("rb") as f:
+            return hold_to(view, f, str(path), keys, legacy_pace=pace)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {what} {path}: {exc.strerror}") from exc
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -386,11 +397,13 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
     unchanged: ``verify --against``); if the log no longer holds it, nothing is
     shipped and the command exits 1 (an alert: a cut back or a rewrite). Then
     it exports the records from the copy's last one to the head, as
-    ``audit-<log id>-<UTC time>.jsonl``. Recorded as audit_export.
+    ``audit-<log id>-<UTC time>.jsonl``. Recorded as audit_export. The first
+    run (no copy yet) verifies the whole log first, and ships nothing if it
+    does not verify (exit 1). The copy is read as a stream: memory does not
+    grow with its records.
     """
-    from appliance.audit.compare import compare_with, db_view, newest_copy, read_copy
+    from appliance.audit.compare import db_view, newest_copy
     from appliance.audit.trust import settings_pace
-    from appliance.audit.verify import verify_export_bytes
 
     settings = build_settings(home=home, repository=repository)
     folder = to or settings.ship_dir
@@ -407,28 +420,28 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
             "(ship never creates it, so a missing mount is not mistaken for an empty copy)"
         )
     keys = _trusted_keys(settings, public_keys)
+    pace = settings_pace(settings)
     view = db_view(settings.audit_db)
     since: datetime | None = None
     previous = newest_copy(folder, view.log_id)
     if previous is None:
         _refuse_a_replaced_log(folder, view.log_id, keys)
+        _refuse_a_log_that_does_not_verify(settings, keys, pace)
     if previous is not None:
-        data = previous.read_bytes()
-        pace = settings_pace(settings)
-        own = verify_export_bytes(data, keys, legacy_pace=pace)
-        if not own.ok:
-            click.echo(f"ALERT: the newest off-box copy {previous} does not verify: {printable(own.summary())}")
+        check = _hold_to_copy(view, previous, keys, pace, what="the newest off-box copy")
+        if not check.report.ok:
+            click.echo(
+                f"ALERT: the newest off-box copy {previous} does not verify: {printable(check.report.summary())}"
+            )
             click.echo("nothing was shipped; see docs/audit.md (On a failed verify)")
             sys.exit(1)
-        copy = read_copy(previous, data)
-        problems = compare_with(view, [copy])
-        if problems:
+        if check.problems:
             click.echo(f"ALERT: the log no longer holds the off-box copy {previous}:")
-            for seq, what in problems[:20]:
+            for seq, what in check.problems[:20]:
                 click.echo(f"  seq {seq if seq is not None else '-'}: {printable(what)}")
             click.echo("nothing was shipped; see docs/audit.md (On a failed verify)")
             sys.exit(1)
-        since = _date(copy.last_recorded_at) if copy.last_recorded_at else None
+        since = _date(check.last_recorded_at) if check.last_recorded_at else None
     started = _now()
     out = folder / f"audit-{view.log_id}-{started.strftime('%Y%m%dT%H%M%S%fZ')}.jsonl"
     window = {"since": "" if since is None else since.isoformat(), "until": "", "out": str(out)}
@@ -445,12 +458,12 @@ def _refuse_a_replaced_log(folder: Path, log_id: str, keys: Sequence[Ed25519Publ
     copy beside the old ones would hide that; so it is an ALERT (exit 1), as a cut back is.  Copies of
     other boxes' logs (signed by keys this box does not trust) may share the folder."""
     from appliance.audit.compare import other_logs
-    from appliance.audit.verify import verify_export_bytes
+    from appliance.audit.verify import verify_export
     from runtime.errors import AuditError
 
     for other, path in other_logs(folder, log_id).items():
         try:
-            ours = verify_export_bytes(path.read_bytes(), keys).ok
+            ours = verify_export(path, keys).ok
         except (OSError, AuditError):
             ours = False
         if ours:
@@ -465,6 +478,25 @@ def _refuse_a_replaced_log(folder: Path, log_id: str, keys: Sequence[Ed25519Publ
                 "(keep them) and run ship again; see docs/audit.md (On a failed verify)"
             )
             sys.exit(1)
+
+
+def _refuse_a_log_that_does_not_verify(settings: Settings, keys: Sequence[Ed25519PublicKey], pace: Pace) -> None:
+    """Before a log's first copy: the log must verify (as ``audit verify`` checks it), or nothing is shipped.
+
+    The first copy is the whole log, and every later run holds the log to it: a log already broken
+    would be shipped, and the next run would then raise an ALERT about its own copy."""
+    from appliance.audit.verify import verify_db
+
+    report = verify_db(settings.audit_db, keys, legacy_pace=pace)
+    if not report.ok:
+        click.echo(f"ALERT: the audit log {settings.audit_db} does not verify: {printable(report.summary())}")
+        for p in report.problems[:20]:
+            click.echo(f"  seq {p.seq if p.seq is not None else '-'}: {printable(p.what)}")
+        click.echo(
+            "nothing was shipped (a first copy of a broken log would only move the alarm to the next run); "
+            "see docs/audit.md (On a failed verify)"
+        )
+        sys.exit(1)
 
 
 @audit.command()
