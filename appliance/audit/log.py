@@ -187,8 +187,6 @@ class AuditLog:
         self._inherited: list[sqlite3.Connection] = []
         self._log_id = ""
         self._opened_at = clock()
-        #: the clock was seen behind the newest checkpoint (warned once, until it caught up)
-        self._warned_behind = False
         #: the last append failed, and the records refused since it began to fail
         self._failing = False
         self._refused = 0
@@ -498,9 +496,12 @@ class AuditLog:
     # -- internals ----------------------------------------------------------
 
     def _time_due(self, conn: sqlite3.Connection) -> bool:
+        """An idle checkpoint is due: the interval has passed since the newest one, or the clock reads
+        earlier than it (set back: the log goes on from a checkpoint at the clock's time)."""
         last = last_checkpoint(conn)
         since = parse_time(last.created_at) if last is not None else self._opened_at
-        return self._clock() - since >= self._pace_after(last)[1]
+        now = self._clock()
+        return now < since or now - since >= self._pace_after(last)[1]
 
     def _pace_after(self, last: LastCheckpoint | None) -> tuple[int, timedelta]:
         """(every, interval) this writer keeps after ``last``: its own, or the one ``last`` signs if stricter."""
@@ -550,34 +551,9 @@ class AuditLog:
             log_id=self._log_id,
             size=size,
             head_hash=head_hash,
-            created_at=created_at if created_at is not None else format_time(self._dated(last_checkpoint(conn))[0]),
+            created_at=created_at if created_at is not None else format_time(self._clock()),
             pace=self.pace,
         )
-
-    def _dated(self, last: LastCheckpoint | None) -> tuple[datetime, float]:
-        """The time to date what a transaction writes, and how many seconds the clock reads behind it.
-
-        The clock, but never before the newest checkpoint: the verifier takes a record dated more than
-        the signed interval before the checkpoint before it for a forged one, so a wall clock set
-        back that far (NTP stepping a fast clock, a VM restored from a snapshot) left every later
-        record failing ``audit verify`` for good, and prune, ship and backup refusing with it.  The
-        records say by how much the clock was behind (``details.clock_behind_s``)."""
-        now = self._clock()
-        if last is None:
-            return now, 0.0
-        floor = parse_time(last.created_at)
-        if now >= floor:
-            return now, 0.0
-        behind = (floor - now).total_seconds()
-        if not self._warned_behind:
-            self._warned_behind = True
-            log.warning(
-                "the clock reads %.0f s before the audit log's newest checkpoint (%s): it was set back; "
-                "records are dated at that checkpoint, with details.clock_behind_s, until it catches up",
-                behind,
-                last.created_at,
-            )
-        return floor, behind
 
     def _write_batch(self, events: list[AuditEvent]) -> list[int | AuditError]:
         """Append ``events`` in one transaction: each one's seq, or why that one was rejected."""
@@ -612,11 +588,7 @@ class AuditLog:
     ) -> tuple[list[int | AuditError], list[Checkpoint]]:
         """Append ``events`` inside the caller's write transaction (and sign the checkpoints due)."""
         size, prev = head(conn, self._log_id)  # inside the write lock: no other writer moves it
-        dated, behind = self._dated(last_checkpoint(conn))
-        if not behind:
-            self._warned_behind = False
-        recorded_at = format_time(dated)
-        clock_note = {"clock_behind_s": f"{behind:.3f}"} if behind else {}
+        recorded_at = format_time(self._clock())
         outcomes: list[int | AuditError] = []
         records: list[AuditRecord] = []
         for given in events:
@@ -650,7 +622,7 @@ class AuditLog:
                     input_digest=event.input_digest,
                     output_digest=event.output_digest,
                     digest_key_id=event.digest_key_id,
-                    details={**event.details, **clock_note},
+                    details=dict(event.details),
                 )
                 try:
                     leaf = leaf_hash(rec)
@@ -666,9 +638,22 @@ class AuditLog:
         signed: list[Checkpoint] = []
         if records:
             last = last_checkpoint(conn)
-            if last is None:
+            behind = last is not None and parse_time(recorded_at) < parse_time(last.created_at)
+            if last is None or behind:
                 # a log's first records (or a log without checkpoints): sign the head they extend
-                # first (size 0 for a new log), so every record follows a signed checkpoint and its pace
+                # first (size 0 for a new log), so every record follows a signed checkpoint and its pace.
+                # And the clock reading earlier than the newest checkpoint (set back: NTP stepping a
+                # fast clock, a VM restored from a snapshot, a clock that was once ahead): sign the head
+                # again at the clock's time, so the records are dated truly, after a checkpoint (the
+                # verifier takes a record dated over the interval before the checkpoint before it for a
+                # forged one: every later record failed `audit verify`, and prune, ship and backup with it)
+                if last is not None:
+                    log.warning(
+                        "the clock reads %s, before the audit log's newest checkpoint (%s): it was set back; "
+                        "a checkpoint is signed at the clock's time and the log goes on from it",
+                        recorded_at,
+                        last.created_at,
+                    )
                 genesis = self._sign_head(conn, recorded_at)
                 last = LastCheckpoint(genesis.size, genesis.created_at, genesis.every, genesis.interval_us)
                 signed.append(genesis)
@@ -711,10 +696,24 @@ class AuditLog:
                 self._flush(_items(late))
 
     def _tick(self) -> None:
+        if self._failing:
+            # try a real write (a checkpoint of the head): the requests that would show the log works
+            # again are refused while /v2/health/ready says not ready, so a load balancer sends none
+            try:
+                self.checkpoint()
+            except Exception:
+                return  # still failing: said when it began
+            self._written_again()
+            return
         try:
             self.maybe_checkpoint()
         except Exception:
             log.exception("audit idle checkpoint failed")
+
+    def _written_again(self) -> None:
+        if self._failing:
+            log.warning("the audit log is written again; %d records were refused meanwhile", self._refused)
+            self._failing, self._refused = False, 0
 
     def _flush(self, items: list[_Item]) -> None:
         outcomes: list[tuple[int | None, BaseException | None]]
@@ -727,20 +726,26 @@ class AuditLog:
             # said once when the log starts failing and once when it writes again, not once per
             # request (a full disk made two lines for each of 3,000 refused requests)
             if not self._failing:
+                text = str(exc).lower()
+                hint = (
+                    f"a full disk: free space in {self.db_path.parent}"
+                    if "full" in text or "no space" in text
+                    else "another process holds the database (a long audit prune?)"
+                    if "locked" in text or "busy" in text
+                    else f"check {self.db_path} and its folder"
+                )
                 log.error(
                     "audit append failed: %s; every request is answered 503 and /v2/health/ready says not ready "
-                    "until the log can be written again (a full disk? free space in %s)",
+                    "until the log can be written again (%s)",
                     exc,
-                    self.db_path.parent,
+                    hint,
                 )
             self._failing = True
             self._refused += len(items)
             err = exc if isinstance(exc, AuditError) else AuditError(f"audit log {self.db_path}: append failed: {exc}")
             outcomes = [(None, err)] * len(items)
         else:
-            if self._failing:
-                log.warning("the audit log is written again; %d records were refused meanwhile", self._refused)
-                self._failing, self._refused = False, 0
+            self._written_again()
         finally:
             with self._handover_lock:
                 self._pending -= len(items)

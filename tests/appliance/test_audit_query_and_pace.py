@@ -99,28 +99,55 @@ def test_a_clock_set_back_leaves_a_log_that_verifies(tmp_path: Path, caplog: pyt
             log.append(T.event(i))
             clock.advance(seconds=1)
         log.checkpoint()
-        signed_at = clock.now
         clock.advance(minutes=-15)
+        stepped = clock.now
         for i in range(5, 10):
             log.append(T.event(i))
             clock.advance(seconds=1)
-        clock.advance(minutes=20)  # caught up
-        log.append(T.event(10))
+        with sqlite3.connect(db) as conn:
+            cps = load_checkpoints(conn)
     finally:
         log.close()
-    report = verify_db(db, key.public_key())
-    assert report.ok, report.problems
+    assert verify_db(db, key.public_key()).ok
+    # a checkpoint at the clock's time after the step, and the records dated truly after it
+    assert [c.size for c in cps][-2:] == [5, 5] and parse_time(cps[-1].created_at) == stepped
     reader = AuditLog(db, signing_key=key, digest_keys_dir=tmp_path / "d")
     try:
         records = {r.seq: r for r in reader.tail(20)}
     finally:
         reader.close()
-    behind = [r for r in records.values() if "clock_behind_s" in r.details]
-    assert [r.seq for r in behind] == [6, 7, 8, 9, 10]
-    assert float(behind[0].details["clock_behind_s"]) == pytest.approx(15 * 60, abs=1)
-    assert all(parse_time(r.recorded_at) >= signed_at for r in behind)
-    assert "clock_behind_s" not in records[11].details
-    assert sum("the clock reads" in r.getMessage() for r in caplog.records) == 1
+    assert parse_time(records[6].recorded_at) == stepped
+    assert sum("it was set back" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_clock_once_ahead_does_not_freeze_the_records_times(tmp_path: Path) -> None:
+    # a clock a year ahead for two minutes signs a checkpoint dated then; once corrected, the records
+    # must keep their true times and the idle checkpoints their pace (a floor at the newest
+    # checkpoint's time would date them all at that one instant for a year)
+    from appliance.audit.verify import verify_db
+
+    key, clock, db = Ed25519PrivateKey.generate(), T.FakeClock(), tmp_path / "audit.db"
+    log = AuditLog(db, signing_key=key, digest_keys_dir=tmp_path / "d", clock=clock)
+    try:
+        log.append(T.event(0))
+        clock.advance(days=365)
+        log.append(T.event(1))
+        log.checkpoint()
+        clock.advance(days=-365, minutes=2)
+        times = []
+        for i in range(2, 6):
+            clock.advance(hours=1)
+            log.append(T.event(i))
+            times.append(clock.now)
+    finally:
+        log.close()
+    assert verify_db(db, key.public_key()).ok
+    reader = AuditLog(db, signing_key=key, digest_keys_dir=tmp_path / "d")
+    try:
+        records = {r.seq: r for r in reader.tail(20)}
+    finally:
+        reader.close()
+    assert [parse_time(records[s].recorded_at) for s in (3, 4, 5, 6)] == times
 
 
 def test_a_full_disk_is_said_as_a_full_disk_not_as_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
