@@ -47,13 +47,23 @@ async def _metrics(request: Request[Any, Any, Any]) -> Response[str]:
 
 
 async def _publish_metrics(server: Server, share: MetricsShare) -> None:
-    """Write this worker's series for the others every :data:`api.metrics_share.WRITE_EVERY_S`."""
+    """Write this worker's series for the others every :data:`api.metrics_share.WRITE_EVERY_S`; a
+    failure is said once, and its end once (not every second)."""
+    failing = False
     while True:
         try:
             text = server.render_metrics()
             await asyncio.to_thread(share.write, text)
-        except OSError:  # the folder gone (the service stopping) or full: the next turn tries again
-            logger.warning("could not write this worker's metrics to %s", share.folder, exc_info=True)
+        except OSError as exc:  # the folder unwritable or its disk full: the next turn tries again
+            if not failing:
+                logger.warning(
+                    "could not write this worker's metrics to %s (%s); trying every second", share.folder, exc
+                )
+            failing = True
+        else:
+            if failing:
+                logger.info("this worker's metrics are written to %s again", share.folder)
+            failing = False
         await asyncio.sleep(WRITE_EVERY_S)
 
 

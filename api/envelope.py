@@ -16,6 +16,7 @@ import hashlib
 import logging
 import re
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class RequestContext:
     started: float
     origin: str
     action: str
+    #: ``time.monotonic()`` at arrival: the request's duration (the wall clock may step meanwhile)
+    arrived: float = 0.0
     event: str = "metadata"
     route: str = ""
     principal: Principal | None = None
@@ -166,6 +169,7 @@ def envelope(
         ctx = RequestContext(
             request_id=request_id,
             started=clock(),
+            arrived=time.monotonic(),
             origin=str(client[0]),
             action=f"{scope.get('method', '')} {scope.get('path', '')}",
         )
@@ -309,7 +313,7 @@ def envelope(
                 model=ctx.metric_model,
                 route=ctx.route or "unmatched",
                 status=status,
-                seconds=clock() - ctx.started,
+                seconds=time.monotonic() - ctx.arrived,
                 version=ctx.model_version,
                 instance=ctx.model_instance,
                 inference=ctx.event == "inference",

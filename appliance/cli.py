@@ -93,7 +93,7 @@ def _database_problem(exc: sqlite3.Error) -> str:
     if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in text.lower():
         return (
             f"the disk holding the state folder is full ({exc}); nothing was damaged: free space on it "
-            "(df -h on the state folder; `inferbox audit prune` trims the audit log) and run the command again"
+            "(df -h on the state folder) and run the command again"
         )
     if any(word in text.lower() for word in ("readonly", "unable to open", "permission", "locked")):
         return (

@@ -178,7 +178,8 @@ def _check_snapshot_space(settings: Settings) -> None:
         raise BackupError(
             f"the backup first copies the databases into the state folder {settings.home}: that needs "
             f"{need / 1e6:.0f} MB free on its disk and it has {free / 1e6:.0f} MB; free space there "
-            "(`inferbox audit prune` trims the audit log; docs/audit.md, Retention) and run the backup again"
+            "(a prune does not shrink the audit database: the space must come from elsewhere on that disk) "
+            "and run the backup again"
         )
 
 

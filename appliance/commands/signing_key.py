@@ -61,7 +61,8 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
     path = out if out is not None else settings.signing_key
     refuse_root_in_foreign_state(settings, extra=(path,))  # a key root writes there, the owner cannot read
     retired = None
-    if force and _same_file(path, settings.signing_key) and (path.exists() or path.is_symlink()):
+    # only the configured path itself: a link to it given as --out is replaced, not the key it points at
+    if force and path.absolute() == settings.signing_key.absolute() and (path.exists() or path.is_symlink()):
         retired = _retire(path, settings.keys_dir / "retired")  # before the key it keeps is gone
     key = generate_private_key()
     write_private_key(key, path, overwrite=force)
@@ -99,10 +100,6 @@ def show(home: Path | None, repository: Path | None, key_path: Path | None) -> N
     key = load_private_key(path)
     click.echo(f"key id: {key_id(key)}")
     click.echo(public_key_pem(key), nl=False)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    return a.absolute() == b.absolute() or a.resolve() == b.resolve()
 
 
 def _old_public_key(path: Path, retired: Path) -> Ed25519PublicKey:

@@ -258,3 +258,32 @@ def test_the_wall_clock_stepping_back_locks_no_key_out(tmp_path: Path, store: Ke
     limiter.take("k", 60)
     wall[0] -= 3600
     limiter.take("k", 60)  # a limiter given a clock that steps back refills nothing, takes nothing more
+
+
+def test_a_request_during_which_the_wall_clock_steps_back_lasts_what_it_lasted(tmp_path: Path) -> None:
+    # its duration counts with the monotonic clock: the wall clock stepping back an hour mid-request
+    # made /metrics' duration sum -3600, which Prometheus takes for a counter reset
+    from litestar.testing import TestClient
+
+    from api.app import create_app
+    from api.config import ApiConfig
+
+    from .conftest import make_registry, tensor_model
+
+    readings = iter([1_000_000.0])
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]),
+        config=ApiConfig(auth=False),
+        audit=None,
+        keys=None,
+        clock=lambda: next(readings, 1_000_000.0 - 3600),
+    )
+    with TestClient(app) as c:
+        assert c.get("/v2/models/tabular").status_code == 200
+        text = c.get("/metrics").text
+    sums = [
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("inferbox_request_duration_seconds_sum")
+    ]
+    assert sums and all(0 <= s < 60 for s in sums), sums

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from api.metrics import Metrics, ModelInfo
 from api.metrics_share import MetricsShare, merge
@@ -124,3 +125,29 @@ def test_a_folder_that_went_away_is_made_again_and_a_scrape_never_fails(tmp_path
             assert _value(share.collect(_worker(4, 0, 0.003)), REQUESTS) >= 4
     finally:
         folder.chmod(0o700)
+
+
+def test_a_publisher_that_cannot_write_says_so_once(tmp_path: Path, monkeypatch: Any, caplog: Any) -> None:
+    import asyncio
+    import logging
+
+    import api.app as app_module
+    from api.config import ApiConfig
+    from api.server import Server
+    from tests.api.conftest import make_registry
+
+    blocker = tmp_path / "metrics"
+    blocker.write_text("a file where the folder should be")
+    share = MetricsShare(blocker)
+    server = Server(make_registry([]), ApiConfig(), Metrics(), time.monotonic)
+    monkeypatch.setattr(app_module, "WRITE_EVERY_S", 0.01)
+    caplog.set_level(logging.WARNING)
+
+    async def run() -> None:
+        task = asyncio.create_task(app_module._publish_metrics(server, share))
+        await asyncio.sleep(0.2)
+        task.cancel()
+
+    asyncio.run(run())
+    said = [r for r in caplog.records if "could not write this worker's metrics" in r.getMessage()]
+    assert len(said) == 1 and not said[0].exc_info

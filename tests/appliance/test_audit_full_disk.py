@@ -36,6 +36,7 @@ def test_a_log_that_cannot_be_written_makes_the_server_not_ready(
         with TestClient(app) as c:
             assert c.post("/v1/embeddings", json=body).status_code == 200
             assert c.get("/v2/health/ready").status_code == 200
+
             def full(*args: Any) -> Any:
                 raise sqlite3.OperationalError("database or disk is full")
 

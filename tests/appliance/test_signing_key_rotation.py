@@ -98,6 +98,18 @@ def test_a_key_written_elsewhere_is_not_retired_into_the_box(tmp_path: Path) -> 
     assert not (home / "keys" / "retired").exists()
 
 
+def test_a_link_to_the_box_key_given_as_out_retires_nothing(tmp_path: Path) -> None:
+    # --out a link to the key: the link is replaced, the box's key is not, so nothing is retired
+    # (before: "retired key ..." printed, the box's own key put among the retired ones)
+    home, old_id = _box(tmp_path)
+    link = tmp_path / "link.key"
+    link.symlink_to(home / "keys" / "signing.key")
+    made = run_cli(home, "signing-key", "create", "--out", str(link), "--force")
+    assert made.exit_code == 0 and "retired key" not in made.stdout, made.output
+    assert not (home / "keys" / "retired").exists()
+    assert key_id(load_private_key(home / "keys" / "signing.key")) == old_id
+
+
 def test_a_foreign_file_under_the_retired_name_is_not_overwritten(tmp_path: Path) -> None:
     home, old_id = _box(tmp_path)
     retired = home / "keys" / "retired"
