@@ -90,6 +90,7 @@ def create_app(
     monotonic: Callable[[], float] = time.monotonic,
     lifespan: Sequence[Callable[[Litestar], AbstractAsyncContextManager[None]]] = (),
     audit_reader: AuditReader | None = None,
+    certificate_expiry: Callable[[], float | None] | None = None,
 ) -> Litestar:
     """A Litestar app serving ``registry``. ``audit=None``: audit off; ``keys`` is required when auth is on.
 
@@ -100,10 +101,15 @@ def create_app(
 
     ``lifespan``: extra context managers entered at startup, before serving (e.g. start and
     close the audit log, load the models); the batchers stop before they exit.
+    ``certificate_expiry``: when the served TLS certificate expires (Unix seconds; None over HTTP),
+    a ``/metrics`` gauge an alert can watch.
     """
     if config.auth and keys is None:
         raise ConfigError("auth is on but no key store was given; pass keys=KeyStore(...) or set auth = false")
-    metrics = Metrics(audit_stats=audit.stats if isinstance(audit, AuditStatsSource) else None)
+    metrics = Metrics(
+        audit_stats=audit.stats if isinstance(audit, AuditStatsSource) else None,
+        certificate_expiry=certificate_expiry,
+    )
     server = Server(registry, config, metrics, monotonic)
     share = MetricsShare(Path(config.metrics_folder)) if config.metrics_folder else None
     authenticator = Authenticator(

@@ -119,12 +119,17 @@ class Metrics:
     """Process-local metrics; thread-safe. Render with :meth:`render`."""
 
     def __init__(
-        self, thread_cpu: ThreadCpu | None = None, audit_stats: Callable[[], AuditStats] | None = None
+        self,
+        thread_cpu: ThreadCpu | None = None,
+        audit_stats: Callable[[], AuditStats] | None = None,
+        certificate_expiry: Callable[[], float | None] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self.thread_cpu = thread_cpu if thread_cpu is not None else ThreadCpu()
         #: the audit log's figures (None: audit off, or a sink that keeps none)
         self.audit_stats = audit_stats
+        #: when the served TLS certificate expires, Unix seconds (None: plain HTTP)
+        self.certificate_expiry = certificate_expiry
         self.requests: dict[tuple[str, str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.queue: dict[str, Histogram] = {}
@@ -287,7 +292,19 @@ class Metrics:
             ]
             out += [f"inferbox_thread_cpu_seconds_total{_labels([('thread', k)])} {_num(v)}" for k, v in cpu.items()]
         out += self._audit_lines()
+        out += self._certificate_lines()
         return "\n".join(out) + "\n"
+
+    def _certificate_lines(self) -> list[str]:
+        expiry = self.certificate_expiry() if self.certificate_expiry is not None else None
+        if expiry is None:
+            return []
+        return [
+            "# HELP inferbox_tls_certificate_expiry_timestamp_seconds When the served TLS certificate expires "
+            "(Unix time; alert on it minus time() below 30 days: the server warns only at start and reload).",
+            "# TYPE inferbox_tls_certificate_expiry_timestamp_seconds gauge",
+            f"inferbox_tls_certificate_expiry_timestamp_seconds {_num(expiry)}",
+        ]
 
     def _audit_lines(self) -> list[str]:
         if self.audit_stats is None:

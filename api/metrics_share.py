@@ -41,7 +41,9 @@ logger = logging.getLogger(__name__)
 #: how often each worker writes its series
 WRITE_EVERY_S = 1.0
 #: gauges every worker reports alike (one value per model, not a share of the work): the largest
-SAME_IN_EVERY_WORKER = frozenset({"inferbox_model_info", "inferbox_static_shapes"})
+SAME_IN_EVERY_WORKER = frozenset(
+    {"inferbox_model_info", "inferbox_static_shapes", "inferbox_tls_certificate_expiry_timestamp_seconds"}
+)
 RETIRED = "retired.prom"
 _SUMMED = ("counter", "histogram", "summary")
 

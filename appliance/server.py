@@ -414,11 +414,32 @@ def build_app(
         registry=registry,
         # a worker of --workers N: where the workers pool their metrics (set by run_workers)
         config=ApiConfig.from_settings(settings, metrics_folder=os.environ.get(METRICS_DIR_ENV, "")),
+        certificate_expiry=_certificate_expiry(settings, reloader),
         audit=audit,
         keys=keys,
         lifespan=[resources],
         audit_reader=audit,
     )
+
+
+def _certificate_expiry(settings: Settings, reloader: CertificateReloader | None) -> Callable[[], float | None]:
+    """When the served certificate expires (Unix seconds), for ``/metrics``: the reloader's, which
+    follows each reload; a worker of ``--workers N`` serves the one it started with; None over HTTP."""
+    if reloader is not None:
+        live = reloader
+
+        def followed() -> float:  # read at each scrape: a reload replaces the plan
+            return live.plan.certificate.not_after.timestamp()
+
+        return followed
+    from appliance.tls import plan_tls
+
+    try:
+        plan = plan_tls(settings)
+    except (InferboxError, OSError):  # serve checked the files before it started the workers, and said why
+        plan = None
+    expiry = None if plan is None else plan.certificate.not_after.timestamp()
+    return lambda: expiry
 
 
 def hold_sighup() -> None:

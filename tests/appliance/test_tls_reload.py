@@ -350,3 +350,28 @@ def test_a_reloaded_certificate_near_its_expiry_is_warned_of_as_at_start(
     _renew(settings, tls_factory(server_days=90))
     assert reloader.reload().expiry_warning is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_metrics_give_the_served_certificates_expiry_and_follow_a_reload(
+    tmp_path: Path, tls_files: Any, tls_factory: Any
+) -> None:
+    # a server up for months warned of an expiring certificate only at start and at reload: /metrics
+    # gives its expiry for an alert, after each reload too
+    from api.metrics import Metrics
+    from appliance.server import _certificate_expiry
+
+    settings = _settings(tmp_path, tls_files)
+    reloader, _ = _reloader(settings)
+    expiry = _certificate_expiry(settings, reloader)
+    assert expiry() == certificate_info(tls_files.cert).not_after.timestamp()
+    renewed = tls_factory(server_days=400)
+    _renew(settings, renewed)
+    reload_certificate(reloader, _Audit())  # type: ignore[arg-type]
+    assert expiry() == certificate_info(renewed.cert).not_after.timestamp()
+    line = f"inferbox_tls_certificate_expiry_timestamp_seconds {int(expiry())}"
+    assert line in Metrics(certificate_expiry=expiry).render({}, []).splitlines()
+    # a worker of --workers N (no reloader) gives the certificate it started with; plain HTTP gives none
+    assert _certificate_expiry(settings, None)() == certificate_info(renewed.cert).not_after.timestamp()
+    plain = load_settings({"home": tmp_path / "plain"})
+    assert _certificate_expiry(plain, None)() is None
+    assert "tls_certificate" not in Metrics(certificate_expiry=_certificate_expiry(plain, None)).render({}, [])
