@@ -49,7 +49,16 @@ from runtime.serving import LoadedModel
 
 _Body = TypeVar("_Body")
 
-__all__ = ["EXTENSIONS", "TEXT_INPUT", "embedding_dim", "find_model", "model_metadata", "routes"]
+__all__ = [
+    "EXTENSIONS",
+    "TEXT_INPUT",
+    "embedding_dim",
+    "find_model",
+    "json_answer",
+    "model_metadata",
+    "routes",
+    "server_of",
+]
 
 #: the last two are served by :mod:`api.triton`
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics"]
@@ -64,11 +73,11 @@ HEALTH = "Health"
 REPOSITORY = "Model repository"
 
 
-def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
+def json_answer(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
     return Response(msgspec.json.encode(value), status_code=status, media_type="application/json", headers=headers)
 
 
-def _server(request: Req) -> Server:
+def server_of(request: Req) -> Server:
     server = request.app.state["server"]
     assert isinstance(server, Server)
     return server
@@ -78,7 +87,7 @@ def find_model(request: Req, name: str, version: int | None) -> LoadedModel:
     """The loaded model a request names, set on its context (for the audit record); a 404 if none."""
     ctx = context_of(request.scope)
     ctx.ask_model(name)
-    model = _server(request).registry.get(name, version)
+    model = server_of(request).registry.get(name, version)
     ctx.set_model(model)
     return model
 
@@ -138,13 +147,13 @@ def model_metadata(model: LoadedModel) -> dict[str, Any]:
     operation_class=documented(ServerMetadata, KServeError, "The server's name, version and extensions.", tag=KSERVE),
 )
 async def server_metadata(request: Req) -> Response[bytes]:
-    c = _server(request).config
-    return _json({"name": c.server_name, "version": c.server_version, "extensions": EXTENSIONS})
+    c = server_of(request).config
+    return json_answer({"name": c.server_name, "version": c.server_version, "extensions": EXTENSIONS})
 
 
 @get("/v2/health/live", operation_class=documented(Live, KServeError, "The server is up.", tag=HEALTH))
 async def health_live() -> Response[bytes]:
-    return _json({"live": True})
+    return json_answer({"live": True})
 
 
 @get(
@@ -158,12 +167,12 @@ async def health_live() -> Response[bytes]:
     ),
 )
 async def health_ready(request: Req) -> Response[bytes]:
-    server = _server(request)
+    server = server_of(request)
     audit = server.metrics.audit_stats
     # every request is refused with 503 while the audit log cannot be written: a load balancer must
     # send them elsewhere (it answered 200 while all 3,000 requests of a review got 503)
     ready = bool(server.registry.loaded()) and not (audit is not None and audit().failing)
-    return _json({"ready": ready}, status=200 if ready else 503)
+    return json_answer({"ready": ready}, status=200 if ready else 503)
 
 
 @get(
@@ -175,7 +184,7 @@ async def health_ready(request: Req) -> Response[bytes]:
     ),
 )
 async def metadata(request: Req, name: str, version: int | None = None) -> Response[bytes]:
-    return _json(model_metadata(find_model(request, name, version)))
+    return json_answer(model_metadata(find_model(request, name, version)))
 
 
 @get(
@@ -192,19 +201,19 @@ async def metadata(request: Req, name: str, version: int | None = None) -> Respo
     ),
 )
 async def model_ready(request: Req, name: str, version: int | None = None) -> Response[bytes]:
-    server = _server(request)
+    server = server_of(request)
     try:
         find_model(request, name, version)
     except ModelNotFoundError:
         known = any(e.name == name and (version is None or e.version == version) for e in server.registry.index())
         if not known:
             raise
-        return _json({"name": name, "ready": False}, status=503)
-    return _json({"name": name, "ready": True})
+        return json_answer({"name": name, "ready": False}, status=503)
+    return json_answer({"name": name, "ready": True})
 
 
 async def _infer(request: Req, name: str, version: int | None) -> Response[bytes]:
-    server = _server(request)
+    server = server_of(request)
     ctx = context_of(request.scope)  # the route's audit_event (the guard set it): an inference
     model = find_model(request, name, version)
     body = await server.read_body(request)
@@ -353,7 +362,7 @@ class RepositoryIndexRequest(msgspec.Struct, kw_only=True):
     ),
 )
 async def repository_index(request: Req) -> Response[bytes]:
-    server = _server(request)
+    server = server_of(request)
     asked = _optional_body(await server.read_body(request), RepositoryIndexRequest)
     ready_only = asked is not None and asked.ready
     entries = [
@@ -361,7 +370,7 @@ async def repository_index(request: Req) -> Response[bytes]:
         for e in server.registry.index()
         if not ready_only or e.state == "READY"
     ]
-    return _json(entries)
+    return json_answer(entries)
 
 
 @post(
@@ -383,7 +392,7 @@ async def repository_index(request: Req) -> Response[bytes]:
 async def repository_load(request: Req, name: str) -> Response[bytes]:
     import anyio.to_thread
 
-    server = _server(request)
+    server = server_of(request)
     ctx = context_of(request.scope)
     _optional_body(await server.read_body(request), RepositoryModelRequest)
     _one_worker(server, "load")
@@ -401,7 +410,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     if before is not None and before is not model:  # one record of the swap: what this load replaced
         ctx.details["replaced_version"] = str(before.version)
         ctx.details["replaced_sha256"] = before.package_sha256
-    return _json({})
+    return json_answer({})
 
 
 @post(
@@ -421,7 +430,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     ),
 )
 async def repository_unload(request: Req, name: str) -> Response[bytes]:
-    server = _server(request)
+    server = server_of(request)
     ctx = context_of(request.scope)
     _optional_body(await server.read_body(request), RepositoryModelRequest)
     _one_worker(server, "unload")
@@ -430,7 +439,7 @@ async def repository_unload(request: Req, name: str) -> Response[bytes]:
     ctx.set_model(model)
     server.registry.unload(name)  # new requests: 404 from here on
     await server.retired(model)  # its batches done, its session closed
-    return _json({})
+    return json_answer({})
 
 
 def _one_worker(server: Server, what: str) -> None:

@@ -350,21 +350,22 @@ class Server:
         raise InputError(f"body: not valid {encoding} data", field="Content-Encoding")
 
     # -- metrics ----------------------------------------------------------------------------------
-    def batch_stats_of(self, model: LoadedModel) -> list[BatchStats]:
-        """The counters of every batcher of this model version still running: its current ones, and
-        those of a replaced version in its grace or answering what it accepted."""
-        found = [b.stats for m, b in self._tensor.values() if m is model]
-        found += [b.stats for m, b in self._text.values() if m is model]
-        return found + [b.stats for m, _, b in [*self._stale, *self._draining] if m is model]
-
-    def render_metrics(self) -> str:
-        stats: dict[str, list[BatchStats]] = {}
+    def _running(self) -> list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]]:
+        """Every batcher still running, with its model and kind: the current ones, and those of a
+        replaced version in its grace or of a retired one still answering what it accepted."""
         running: list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]] = [
             (m, "tensor", b) for m, b in self._tensor.values()
         ]
         running += [(m, "text", b) for m, b in self._text.values()]
-        # a replaced version in its grace, and one retired but still answering, count too
-        for m, kind, b in [*running, *self._stale, *self._draining]:
+        return [*running, *self._stale, *self._draining]
+
+    def batch_stats_of(self, model: LoadedModel) -> list[BatchStats]:
+        """The counters of every running batcher of this model version (:meth:`_running`)."""
+        return [b.stats for m, _, b in self._running() if m is model]
+
+    def render_metrics(self) -> str:
+        stats: dict[str, list[BatchStats]] = {}
+        for m, kind, b in self._running():
             stats.setdefault(metric_label(m, kind), []).append(b.stats)
         models = [ModelInfo.of(m) for m in self.registry.loaded()]
         return self.metrics.render(stats, models)

@@ -38,7 +38,7 @@ from msgspec import Meta
 from api.docs import KEY, documented
 from api.envelope import context_of
 from api.errors import KServeError
-from api.kserve import find_model, model_metadata
+from api.kserve import find_model, json_answer, model_metadata, server_of
 from api.server import Server
 from runtime.serving import LoadedModel
 
@@ -228,16 +228,6 @@ def statistics_of(model: LoadedModel, server: Server) -> ModelStatistic:
     )
 
 
-def _server(request: Req) -> Server:
-    server = request.app.state["server"]
-    assert isinstance(server, Server)
-    return server
-
-
-def _json(value: Any) -> Response[bytes]:
-    return Response(msgspec.json.encode(value), media_type="application/json")
-
-
 @get(
     ["/v2/models/{name:str}/config", "/v2/models/{name:str}/versions/{version:int}/config"],
     opt={"scope": "infer"},
@@ -247,7 +237,7 @@ def _json(value: Any) -> Response[bytes]:
     ),
 )
 async def model_config(request: Req, name: str, version: int | None = None) -> Response[bytes]:
-    return _json(config_of(find_model(request, name, version), _server(request)))
+    return json_answer(config_of(find_model(request, name, version), server_of(request)))
 
 
 @get(
@@ -260,7 +250,7 @@ async def model_config(request: Req, name: str, version: int | None = None) -> R
 )
 async def model_statistics(request: Req, name: str, version: int | None = None) -> Response[bytes]:
     model = find_model(request, name, version)
-    return _json(ModelStatistics([statistics_of(model, _server(request))]))
+    return json_answer(ModelStatistics([statistics_of(model, server_of(request))]))
 
 
 @get(
@@ -272,14 +262,11 @@ async def model_statistics(request: Req, name: str, version: int | None = None) 
     ),
 )
 async def all_statistics(request: Req) -> Response[bytes]:
-    server = _server(request)
+    server = server_of(request)
     principal = context_of(request.scope).principal
-    shown = [
-        m
-        for m in server.registry.loaded()
-        if principal is None or principal.key_id == "anonymous" or principal.allows("infer", m.name)
-    ]
-    return _json(ModelStatistics([statistics_of(m, server) for m in shown]))
+    # as /v1/models: a key narrowed to some models sees only those (auth off: ANONYMOUS allows them all)
+    shown = [m for m in server.registry.loaded() if principal is None or principal.allows("infer", m.name)]
+    return json_answer(ModelStatistics([statistics_of(m, server) for m in shown]))
 
 
 routes = [model_config, model_statistics, all_statistics]

@@ -38,7 +38,7 @@ from runtime.errors import IntegrityError, UnsafePathError
 from runtime.manifest import Manifest
 from runtime.package import Package, _open_nofollow, check_rel_path
 
-__all__ = ["VerifiedCopy"]
+__all__ = ["STALE_S", "VerifiedCopy", "remove_unused"]
 
 _CHUNK = 1 << 20
 
@@ -65,7 +65,7 @@ class VerifiedCopy:
         root = base / source.sha256
         root.mkdir(exist_ok=True, mode=0o700)
         os.utime(root)  # in use: kept by the sweep below
-        _sweep(base, keep=root)
+        remove_unused(base, keep=root)
         return cls(source, root)
 
     @property
@@ -165,15 +165,21 @@ class VerifiedCopy:
 STALE_S = 30 * 24 * 3600
 
 
-def _sweep(base: Path, *, keep: Path) -> None:
-    """Remove copies of packages no load has used for :data:`STALE_S` (a later load copies again)."""
+def remove_unused(base: Path, *, keep: Path, older_than_s: float = STALE_S, suffix: str | None = None) -> None:
+    """Remove the folders in ``base`` no load has touched for ``older_than_s`` (and, with ``suffix``, the
+    files of that suffix): a later load makes them again.  ``keep``, the one in use now, and links stay;
+    a process still mapping a removed file keeps it (it is unlinked, not truncated)."""
     import time
 
-    cutoff = time.time() - STALE_S
+    cutoff = time.time() - older_than_s
     for entry in base.iterdir():
         try:
-            if entry != keep and entry.is_dir() and not entry.is_symlink() and entry.stat().st_mtime < cutoff:
+            if entry == keep or entry.is_symlink() or entry.stat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
+            elif suffix is not None and entry.suffix == suffix:
+                entry.unlink(missing_ok=True)
         except OSError:
             continue
 

@@ -27,7 +27,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -99,7 +98,7 @@ def _device_precisions(device: OvDevice) -> tuple[str, ...]:
 
 
 #: a model's compiled blobs no load has used for this long are removed (its package was replaced or
-#: removed; a later load compiles again), as the verified copies are (runtime.verified)
+#: removed; a later load compiles again), as the verified copies are (runtime.verified.STALE_S)
 CACHE_STALE_S = 30 * 24 * 3600
 
 
@@ -109,20 +108,12 @@ def model_cache(root: Path, model_path: Path) -> Path:
     layout before, that no load used for :data:`CACHE_STALE_S` are removed: OpenVINO names a blob by a
     hash of the model and never removes one, so ``<home>/cache/openvino`` grew with every version
     and precision ever loaded."""
+    from runtime.verified import remove_unused
+
     folder = root / hashlib.sha256(str(model_path.resolve()).encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     os.utime(folder)
-    cutoff = time.time() - CACHE_STALE_S
-    for entry in root.iterdir():
-        try:
-            if entry == folder or entry.is_symlink() or entry.stat().st_mtime >= cutoff:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)  # a process mapping a blob keeps it (unlinked)
-            elif entry.suffix == ".blob":
-                entry.unlink(missing_ok=True)
-        except OSError:
-            continue
+    remove_unused(root, keep=folder, older_than_s=CACHE_STALE_S, suffix=".blob")
     return folder
 
 

@@ -16,11 +16,12 @@ from runtime.backends.base import Probe, Session
 from runtime.errors import FallbackError
 from runtime.hardware import probe_hardware
 from runtime.loader import LoaderOptions, load_model, open_first, preference_for
-from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Timing, Variant
+from runtime.manifest import Accuracy, Manifest, Timing, Variant
 from runtime.repository import Repository
 from runtime.selection import Candidate, Decision, Preference, Verdict, rank, runs_on_cpu
 from runtime.streams import plan_for
 from tests.runtime.conftest import publish_mlp
+from tests.runtime.test_runtime_selection import manifest
 
 # -- 5. ranking on a CUDA box -----------------------------------------------------------------------
 
@@ -85,21 +86,10 @@ def _exported_on_a_cpu() -> Manifest:
             timings=timings,
         )
 
-    return Manifest(
-        name="minilm",
-        version=1,
-        task="feature-extraction",
-        inputs=[TensorSpec(name="input_ids", dtype="int64", shape=[-1, -1])],
-        outputs=[TensorSpec(name="sentence_embedding", dtype="float32", shape=[-1, 384])],
-        variants=[
-            variant("onnx-fp32", "onnx", "fp32", ort, [_timing("ort-cpu", 106.8)]),
-            variant("ov-fp32", "openvino", "fp32", ov, [_timing("ov-cpu", 122.6)]),
-            variant("ov-int8", "openvino", "int8", ov, [_timing("ov-cpu", 298.7)]),
-        ],
-        files=[],
-        provenance=Provenance(
-            source_kind="onnx", source="t", source_sha256="0" * 64, created_at="2026-12-06T00:00:00Z"
-        ),
+    return manifest(
+        variant("onnx-fp32", "onnx", "fp32", ort, [_timing("ort-cpu", 106.8)]),
+        variant("ov-fp32", "openvino", "fp32", ov, [_timing("ov-cpu", 122.6)]),
+        variant("ov-int8", "openvino", "int8", ov, [_timing("ov-cpu", 298.7)]),
     )
 
 
