@@ -37,6 +37,7 @@ from export.provenance import provenance_of
 from export.sources import Feeds, Prepared, join_parts, tile_rows, weights_precision
 from export.spec import (
     QUICK_STREAM_MIN_S,
+    RANKED_SCENARIOS,
     STREAM_ROUNDS,
     STREAM_SCENARIO,
     TIMING_BUDGET_S,
@@ -95,14 +96,16 @@ class _Candidate:
 
 
 @dataclass(frozen=True)
-class _StreamJob:
-    """The stream scenario of one kept (variant, backend, precision), timed at the end."""
+class _TimingJob:
+    """A ranked scenario of one kept (variant, backend, precision), timed at the end side by side."""
 
     variant: str
     backend: str
     precision: str
     path: Path
-    threads: int
+    #: a stream's share of the cores (the stream scenario), or None: the export's threads
+    threads: int | None
+    scenario: str
     feeds: Feeds
     seq_len: int | None
 
@@ -118,8 +121,8 @@ class _Exporter:
         #: the float precision the source's weights are stored in (fp16 sources stay fp16)
         self.stored: Literal["fp32", "fp16"] = "fp32"
         self._bf16: bool | None = None
-        #: stream scenarios waiting for :meth:`time_streams`
-        self._streams: list[_StreamJob] = []
+        #: ranked scenarios waiting for :meth:`time_side_by_side`
+        self._queued: list[_TimingJob] = []
 
     # ---------------------------------------------------------------- running
     def open(self, backend: str, path: Path, precision: str, *, threads: int | None = None) -> Session:
@@ -206,8 +209,8 @@ class _Exporter:
         return cand
 
     def time(self, cand: _Candidate, variant_id: str) -> list[Timing]:
-        """Every scenario but the stream one on the candidate's sessions; the stream scenario is
-        queued for :meth:`time_streams`."""
+        """The scenarios nothing ranks by, now, on the candidate's sessions; the ranked ones
+        (:data:`~export.spec.RANKED_SCENARIOS`) are queued for :meth:`time_side_by_side`."""
         p = self.prepared
         assert p is not None
         warmup, runs = TIMING_RUNS[self.spec.timing]
@@ -219,9 +222,14 @@ class _Exporter:
                 if scenario == STREAM_SCENARIO:
                     streams, threads = self.stream_plan(backend)
                     if streams > 1 and cand.path is not None:  # else b32 ranks it: one session here
-                        self._streams.append(
-                            _StreamJob(variant_id, backend, precision, cand.path, threads, feeds, seq_len)
+                        self._queued.append(
+                            _TimingJob(variant_id, backend, precision, cand.path, threads, scenario, feeds, seq_len)
                         )
+                    continue
+                if scenario in RANKED_SCENARIOS and cand.path is not None:
+                    self._queued.append(
+                        _TimingJob(variant_id, backend, precision, cand.path, None, scenario, feeds, seq_len)
+                    )
                     continue
                 m = time_session(
                     session, feeds, warmup=warmup, runs=runs, budget_s=TIMING_BUDGET_S, min_s=min_s, windows=windows
@@ -229,51 +237,76 @@ class _Exporter:
                 timings.append(_timing(backend, precision, scenario, seq_len, self.spec.threads, m))
         return timings
 
-    def time_streams(self, clock: Callable[[], float] = perf_counter) -> None:
-        """The stream scenario of every kept candidate, timed side by side: STREAM_ROUNDS rounds,
-        every candidate in turn in each, and a candidate's best round counts.  Timed each right
-        after its variant was built, ~20 s apart, two candidates read this box's drift (its speed
-        moves by 20 % between minutes; serve ranks by these figures)."""
-        jobs, self._streams = self._streams, []
+    def time_side_by_side(self, clock: Callable[[], float] = perf_counter) -> None:
+        """The ranked scenarios of every kept candidate, timed side by side: STREAM_ROUNDS rounds,
+        in each every scenario in turn and each one on every candidate in turn (one session per
+        candidate and thread count, open for all rounds), and a candidate's best round counts.
+        Timed each right after its variant was built, minutes apart, two candidates read this
+        box's drift (its speed moves by 20 % between minutes; serve and the batch worker rank by
+        these figures)."""
+        jobs, self._queued = self._queued, []
         if not jobs:
             return
         warmup, runs = TIMING_RUNS[self.spec.timing]
         full = self.spec.timing == "full"
         # quick timing (a first `serve` builds with it) still ranks serve's choice: rounds too,
-        # short ones (the scenario's calls are small: ~1-2 s for MiniLM's five candidates)
+        # short ones (MiniLM's stream calls are small: ~1-2 s for its five candidates)
         rounds = STREAM_ROUNDS
         min_s = (TIMING_MIN_S if full else QUICK_STREAM_MIN_S) / rounds
-        self.say("time", f"stream scenario: {len(jobs)} candidate(s) side by side, {rounds} round(s)")
-        opened: list[tuple[_StreamJob, Session]] = []
+        budget_s = TIMING_BUDGET_S / rounds
+        keys = [(job.variant, job.backend, job.precision, job.path, job.threads) for job in jobs]
+        self.say("time", f"ranked scenarios: {len(set(keys))} session(s) side by side, {rounds} round(s)")
+        sessions: dict[tuple[str, str, str, Path, int | None], Session] = {}
+        best: dict[int, Measured] = {}
         try:
-            for job in jobs:
+            for key in dict.fromkeys(keys):
+                variant, backend, precision, path, threads = key
                 try:
-                    opened.append((job, self.open(job.backend, job.path, job.precision, threads=job.threads)))
+                    sessions[key] = self.open(backend, path, precision, threads=threads)
                 except BackendError as exc:
-                    logger.warning("%s on %s/%s: no stream timing: %s", job.variant, job.backend, job.precision, exc)
-            best: dict[int, Measured] = {}
+                    logger.warning("%s on %s/%s: not timed: %s", variant, backend, precision, exc)
+            # scenario by scenario within a round, so one scenario's candidates are timed close together
+            scenarios = list(dict.fromkeys(job.scenario for job in jobs))
             for r in range(rounds):
-                for i, (job, session) in enumerate(opened):
-                    m = time_session(
-                        session,
-                        job.feeds,
-                        warmup=warmup if r == 0 else 1,
-                        runs=runs,
-                        budget_s=TIMING_BUDGET_S,
-                        min_s=min_s,
-                        clock=clock,
-                    )
-                    if i not in best or m.items_per_s > best[i].items_per_s:
-                        best[i] = m
+                for scenario in scenarios:
+                    for i, job in enumerate(jobs):
+                        session = sessions.get(keys[i])
+                        if job.scenario != scenario or session is None:
+                            continue
+                        m = time_session(
+                            session,
+                            job.feeds,
+                            warmup=warmup if r == 0 else 1,
+                            runs=runs,
+                            budget_s=budget_s,
+                            min_s=min_s,
+                            clock=clock,
+                        )
+                        if i not in best or m.items_per_s > best[i].items_per_s:
+                            best[i] = m
         finally:
-            for _, session in opened:
+            for session in sessions.values():
                 session.close()
         extra: dict[str, list[Timing]] = {}
-        for i, (job, _) in enumerate(opened):
-            timing = _timing(job.backend, job.precision, STREAM_SCENARIO, job.seq_len, job.threads, best[i])
-            extra.setdefault(job.variant, []).append(timing)
+        for i, m in best.items():
+            job = jobs[i]
+            threads = job.threads if job.threads is not None else self.spec.threads
+            extra.setdefault(job.variant, []).append(
+                _timing(job.backend, job.precision, job.scenario, job.seq_len, threads, m)
+            )
+        listed = list(self.prepared.timing) if self.prepared is not None else []
+
+        def in_order(timings: list[Timing]) -> list[Timing]:
+            """Each (backend, precision)'s scenarios in the order the source lists them."""
+            pairs = list(dict.fromkeys((t.backend, t.exec_precision) for t in timings))
+            rank = {s: n for n, s in enumerate(listed)}
+            return sorted(
+                timings,
+                key=lambda t: (pairs.index((t.backend, t.exec_precision)), rank.get(t.scenario, len(rank))),
+            )
+
         self.variants = [
-            msgspec.structs.replace(v, timings=[*v.timings, *extra[v.id]]) if v.id in extra else v
+            msgspec.structs.replace(v, timings=in_order([*v.timings, *extra[v.id]])) if v.id in extra else v
             for v in self.variants
         ]
 
@@ -393,7 +426,7 @@ class _Exporter:
             self.openvino_fp32(fp32, staging)
         if "ov-int8" in wanted:
             self.openvino_int8(fp32, staging, work)
-        self.time_streams()
+        self.time_side_by_side()
         if not keep_fp32:
             fp32.unlink()
         if not self.variants:

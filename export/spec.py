@@ -27,6 +27,7 @@ __all__ = [
     "BATCH_GATE",
     "DEFAULT_GATES",
     "QUICK_STREAM_MIN_S",
+    "RANKED_SCENARIOS",
     "STREAM_BATCH",
     "STREAM_ROUNDS",
     "STREAM_SCENARIO",
@@ -93,10 +94,15 @@ TIMING_WINDOWS = 3
 #: them 5 % faster than OpenVINO on one thread while OpenVINO led at batch 32 x 128 on two.
 STREAM_BATCH = 4
 STREAM_TOKENS = 32
-#: the stream scenarios of all candidates are timed side by side at the end of an export, in this
-#: many rounds ("full"); a candidate's best round counts
+#: the scenarios the runtime ranks candidates by (:mod:`runtime.selection`: ``b1`` for latency,
+#: ``b32-typical`` for throughput, ``stream`` for a server running streams) are timed side by side
+#: at the end of an export, in this many rounds; a candidate's best round counts.  Timed right
+#: after each variant was built, minutes apart, they read the box's drift: on 2 AVX2 cores a build
+#: timed OpenVINO fp32 7 % ahead of ORT at batch 32 while ORT ran it 9-17 % faster in alternating
+#: windows (2026-12-06), and the batch worker, ranked by that figure, ran the slower one
 STREAM_ROUNDS = 3
-#: with "quick" timing the stream scenario is still timed side by side, for this long in all
+RANKED_SCENARIOS: tuple[str, ...] = ("b1", "b32-typical", STREAM_SCENARIO)
+#: with "quick" timing the ranked scenarios are still timed side by side, for this long each in all
 QUICK_STREAM_MIN_S = 0.3
 
 #: progress callback: (step name, human message)

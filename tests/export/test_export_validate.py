@@ -153,13 +153,15 @@ def test_runs_must_be_positive() -> None:
 
 
 @pytest.mark.parametrize("timing", ["full", "quick"])
-def test_stream_scenarios_are_timed_side_by_side_in_rounds_and_the_best_round_counts(
+def test_ranked_scenarios_are_timed_side_by_side_in_rounds_and_the_best_round_counts(
     tmp_path: Path, timing: str
 ) -> None:
     """Two candidates of equal speed on a box that slows down as time passes: timed one after
     the other each would read the drift; in alternating rounds both see the same box (also with
-    quick timing, which a first ``serve`` builds with: its ranking picks what serve runs)."""
-    from export.pipeline import _Exporter, _StreamJob
+    quick timing, which a first ``serve`` builds with: its ranking picks what serve runs).  Each
+    candidate's stream scenario runs on a stream's session, its b1 and b32-typical on one
+    session of the export's threads, the same session for both."""
+    from export.pipeline import _Exporter, _TimingJob
     from export.spec import STREAM_ROUNDS, STREAM_SCENARIO, ExportSpec
     from runtime.manifest import Variant
 
@@ -181,31 +183,74 @@ def test_stream_scenarios_are_timed_side_by_side_in_rounds_and_the_best_round_co
         def close(self) -> None:
             self.closed = True
 
-    spec = ExportSpec(source=tmp_path, task="tensor", name="m", repository=tmp_path, timing=timing)
+    spec = ExportSpec(source=tmp_path, task="tensor", name="m", repository=tmp_path, timing=timing, threads=2)
     exporter = _Exporter(spec, lambda step, message: None)
     exporter.variants = [
         Variant(id=v, format="openvino", precision="fp32", files=[], backends=[], recipe="t") for v in ("a", "b")
     ]
-    sessions: dict[str, Drifting] = {}
+    sessions: list[tuple[str, int | None, Drifting]] = []
 
     def open_(backend: str, path: Path, precision: str, *, threads: int | None = None) -> Drifting:
-        sessions[path.name] = Drifting(path.name)
-        return sessions[path.name]
+        sessions.append((path.name, threads, Drifting(f"{path.name}/{threads}")))
+        return sessions[-1][2]
 
     exporter.open = open_  # type: ignore[method-assign]
     feeds = {"x": np.zeros((4, 2), np.float32)}
     for v in ("a", "b"):
-        exporter._streams.append(_StreamJob(v, "ov-cpu", "fp32", tmp_path / v, 1, feeds, 32))
-    exporter.time_streams(clock=lambda: now[0])
-    # rounds alternate: a, b, a, b, a, b
+        exporter._queued.append(_TimingJob(v, "ov-cpu", "fp32", tmp_path / v, 1, STREAM_SCENARIO, feeds, 32))
+        for scenario in ("b1", "b32-typical"):
+            exporter._queued.append(_TimingJob(v, "ov-cpu", "fp32", tmp_path / v, None, scenario, feeds, 128))
+    exporter.time_side_by_side(clock=lambda: now[0])
+    # one stream session and one session of the export's threads per candidate, all closed
+    assert [(name, threads) for name, threads, _ in sessions] == [("a", 1), ("a", None), ("b", 1), ("b", None)]
+    assert all(s.closed for _, _, s in sessions)
+    # in each round scenario by scenario, each on a then b: a's stream session, b's, then a's
+    # session of the export's threads for b1, b's, and again for b32-typical
     runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
-    assert runs == ["a", "b"] * STREAM_ROUNDS
-    assert all(s.closed for s in sessions.values())
-    stream = {v.id: [t for t in v.timings if t.scenario == STREAM_SCENARIO] for v in exporter.variants}
-    assert [len(t) for t in stream.values()] == [1, 1]
-    a, b = stream["a"][0].items_per_s, stream["b"][0].items_per_s
-    # side by side the two read the same box (within 5 %); one after the other (1 s each) b's
-    # best window would come a second later, at 10 % slower
-    assert a == pytest.approx(b, rel=0.05)
-    assert stream["a"][0].threads == 1 and stream["a"][0].seq_len == 32
-    assert exporter._streams == []
+    assert runs == ["a/1", "b/1", "a/None", "b/None", "a/None", "b/None"] * STREAM_ROUNDS
+    for scenario in (STREAM_SCENARIO, "b1", "b32-typical"):
+        got = {v.id: [t for t in v.timings if t.scenario == scenario] for v in exporter.variants}
+        assert [len(t) for t in got.values()] == [1, 1], scenario
+        a, b = got["a"][0], got["b"][0]
+        # side by side the two read the same box (within 5 %); one after the other (1 s each) b's
+        # best window would come a second later, at 10 % slower
+        assert a.items_per_s == pytest.approx(b.items_per_s, rel=0.05), scenario
+        assert a.threads == (1 if scenario == STREAM_SCENARIO else 2)
+        assert a.seq_len == (32 if scenario == STREAM_SCENARIO else 128)
+    assert exporter._queued == []
+
+
+def test_only_the_ranked_scenarios_wait_for_the_side_by_side_timing(tmp_path: Path) -> None:
+    """b32-max ranks nothing and is timed at once on the validated session; b1, b32-typical and
+    (with streams) stream are queued, b1 and b32-typical on the export's threads."""
+    from export.pipeline import _Candidate, _Exporter
+    from export.sources import Prepared
+    from export.spec import STREAM_SCENARIO, ExportSpec
+
+    class Timed:
+        input_names = ("x",)
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+            self.calls += 1
+            return {"y": feeds["x"]}
+
+        def close(self) -> None:
+            pass
+
+    spec = ExportSpec(source=tmp_path, task="tensor", name="m", repository=tmp_path, timing="quick", threads=2)
+    exporter = _Exporter(spec, lambda step, message: None)
+    feeds = {"x": np.zeros((4, 2), np.float32)}
+    exporter.prepared = Prepared.__new__(Prepared)
+    exporter.prepared.timing = {s: (feeds, 8) for s in ("b1", "b32-typical", "b32-max", STREAM_SCENARIO)}
+    exporter.stream_plan = lambda backend: (2, 1)  # type: ignore[method-assign]
+    session = Timed()
+    timings = exporter.time(_Candidate([], {("ov-cpu", "fp32"): session}, tmp_path / "m.xml"), "v")
+    assert [t.scenario for t in timings] == ["b32-max"] and session.calls > 0
+    assert [(j.scenario, j.threads) for j in exporter._queued] == [
+        ("b1", None),
+        ("b32-typical", None),
+        (STREAM_SCENARIO, 1),
+    ]
