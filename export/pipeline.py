@@ -36,9 +36,9 @@ import numpy.typing as npt
 from export.provenance import provenance_of
 from export.sources import Feeds, Prepared, join_parts, tile_rows, weights_precision
 from export.spec import (
-    QUICK_STREAM_MIN_S,
+    QUICK_RANKED_MIN_S,
+    RANKED_ROUNDS,
     RANKED_SCENARIOS,
-    STREAM_ROUNDS,
     STREAM_SCENARIO,
     TIMING_BUDGET_S,
     TIMING_MIN_S,
@@ -238,7 +238,7 @@ class _Exporter:
         return timings
 
     def time_side_by_side(self, clock: Callable[[], float] = perf_counter) -> None:
-        """The ranked scenarios of every kept candidate, timed side by side: STREAM_ROUNDS rounds,
+        """The ranked scenarios of every kept candidate, timed side by side: RANKED_ROUNDS rounds,
         in each every scenario in turn and each one on every candidate in turn (one session per
         candidate and thread count, open for all rounds), and a candidate's best round counts.
         Timed each right after its variant was built, minutes apart, two candidates read this
@@ -250,9 +250,9 @@ class _Exporter:
         warmup, runs = TIMING_RUNS[self.spec.timing]
         full = self.spec.timing == "full"
         # quick timing (a first `serve` builds with it) still ranks serve's choice: rounds too,
-        # short ones (MiniLM's stream calls are small: ~1-2 s for its five candidates)
-        rounds = STREAM_ROUNDS
-        min_s = (TIMING_MIN_S if full else QUICK_STREAM_MIN_S) / rounds
+        # short ones
+        rounds = RANKED_ROUNDS
+        min_s = (TIMING_MIN_S if full else QUICK_RANKED_MIN_S) / rounds
         budget_s = TIMING_BUDGET_S / rounds
         # the calls of one timing spread over the rounds; a quick build's sessions are warm after
         # round 0 (a warm-up call a round made a first `serve` on 2 AVX2 cores ~25 s slower: its
@@ -300,11 +300,11 @@ class _Exporter:
                 _timing(job.backend, job.precision, job.scenario, job.seq_len, threads, m)
             )
         listed = list(self.prepared.timing) if self.prepared is not None else []
+        rank = {s: n for n, s in enumerate(listed)}
 
         def in_order(timings: list[Timing]) -> list[Timing]:
             """Each (backend, precision)'s scenarios in the order the source lists them."""
             pairs = list(dict.fromkeys((t.backend, t.exec_precision) for t in timings))
-            rank = {s: n for n, s in enumerate(listed)}
             return sorted(
                 timings,
                 key=lambda t: (pairs.index((t.backend, t.exec_precision)), rank.get(t.scenario, len(rank))),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from runtime.errors import ExportError, SourceError
-from runtime.selection import STREAM_SCENARIO
+from runtime.selection import RANKED_SCENARIOS, STREAM_SCENARIO
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_GATE",
     "DEFAULT_GATES",
-    "QUICK_STREAM_MIN_S",
+    "QUICK_RANKED_MIN_S",
+    "RANKED_ROUNDS",
     "RANKED_SCENARIOS",
     "STREAM_BATCH",
-    "STREAM_ROUNDS",
     "STREAM_SCENARIO",
     "STREAM_TOKENS",
     "TASKS",
@@ -94,16 +94,15 @@ TIMING_WINDOWS = 3
 #: them 5 % faster than OpenVINO on one thread while OpenVINO led at batch 32 x 128 on two.
 STREAM_BATCH = 4
 STREAM_TOKENS = 32
-#: the scenarios the runtime ranks candidates by (:mod:`runtime.selection`: ``b1`` for latency,
-#: ``b32-typical`` for throughput, ``stream`` for a server running streams) are timed side by side
-#: at the end of an export, in this many rounds; a candidate's best round counts.  Timed right
+#: the scenarios the runtime ranks candidates by (:data:`runtime.selection.RANKED_SCENARIOS`: ``b1``
+#: for latency, ``b32-typical`` for throughput, ``stream`` for a server running streams) are timed
+#: side by side at the end of an export, in this many rounds; a candidate's best round counts.  Timed right
 #: after each variant was built, minutes apart, they read the box's drift: on 2 AVX2 cores a build
 #: timed OpenVINO fp32 7 % ahead of ORT at batch 32 while ORT ran it 9-17 % faster in alternating
 #: windows (2026-12-06), and the batch worker, ranked by that figure, ran the slower one
-STREAM_ROUNDS = 3
-RANKED_SCENARIOS: tuple[str, ...] = ("b1", "b32-typical", STREAM_SCENARIO)
+RANKED_ROUNDS = 3
 #: with "quick" timing the ranked scenarios are still timed side by side, for this long each in all
-QUICK_STREAM_MIN_S = 0.3
+QUICK_RANKED_MIN_S = 0.3
 
 #: progress callback: (step name, human message)
 Progress = Callable[[str, str], None]

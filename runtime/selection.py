@@ -52,8 +52,11 @@ from runtime.manifest import Accuracy, Manifest, Variant
 
 __all__ = [
     "EXEC_PRECISIONS",
+    "LATENCY_SCENARIO",
     "PRECISION_SPEEDUP",
+    "RANKED_SCENARIOS",
     "STREAM_SCENARIO",
+    "THROUGHPUT_SCENARIO",
     "Candidate",
     "Decision",
     "Preference",
@@ -250,6 +253,12 @@ def _rejection(
 
 #: the timing scenario of a server's batches on one stream's session (timed by ``export``)
 STREAM_SCENARIO = "stream"
+#: the timing scenario a latency objective ranks by (batch 1)
+LATENCY_SCENARIO = "b1"
+#: the timing scenario a throughput objective ranks by (batch 32 of typical texts; else any b32*)
+THROUGHPUT_SCENARIO = "b32-typical"
+#: every scenario the ranking reads (``export`` times these side by side)
+RANKED_SCENARIOS: tuple[str, ...] = (LATENCY_SCENARIO, THROUGHPUT_SCENARIO, STREAM_SCENARIO)
 
 
 def _measured(
@@ -268,12 +277,12 @@ def _measured(
             f"({best.threads} thread(s), batch {best.batch}, a server's batches)"
         )
     if objective == "latency":
-        b1 = [t for t in timings if t.scenario == "b1" and t.p50_ms > 0]
+        b1 = [t for t in timings if t.scenario == LATENCY_SCENARIO and t.p50_ms > 0]
         if not b1:
             return None
         best = min(b1, key=lambda t: t.p50_ms)
         return 1000.0 / best.p50_ms, f"measured b1 p50 {best.p50_ms:.3g} ms at export"
-    typical = [t for t in timings if t.scenario == "b32-typical"]
+    typical = [t for t in timings if t.scenario == THROUGHPUT_SCENARIO]
     pool = typical or [t for t in timings if t.scenario.startswith("b32")]
     if not pool:
         return None

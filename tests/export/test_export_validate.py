@@ -162,7 +162,7 @@ def test_ranked_scenarios_are_timed_side_by_side_in_rounds_and_the_best_round_co
     candidate's stream scenario runs on a stream's session, its b1 and b32-typical on one
     session of the export's threads, the same session for both."""
     from export.pipeline import _Exporter, _TimingJob
-    from export.spec import STREAM_ROUNDS, STREAM_SCENARIO, ExportSpec
+    from export.spec import RANKED_ROUNDS, STREAM_SCENARIO, ExportSpec
     from runtime.manifest import Variant
 
     now = [0.0]
@@ -207,7 +207,7 @@ def test_ranked_scenarios_are_timed_side_by_side_in_rounds_and_the_best_round_co
     # in each round scenario by scenario, each on a then b: a's stream session, b's, then a's
     # session of the export's threads for b1, b's, and again for b32-typical
     runs = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
-    assert runs == ["a/1", "b/1", "a/None", "b/None", "a/None", "b/None"] * STREAM_ROUNDS
+    assert runs == ["a/1", "b/1", "a/None", "b/None", "a/None", "b/None"] * RANKED_ROUNDS
     for scenario in (STREAM_SCENARIO, "b1", "b32-typical"):
         got = {v.id: [t for t in v.timings if t.scenario == scenario] for v in exporter.variants}
         assert [len(t) for t in got.values()] == [1, 1], scenario
