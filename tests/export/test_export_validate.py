@@ -254,3 +254,91 @@ def test_only_the_ranked_scenarios_wait_for_the_side_by_side_timing(tmp_path: Pa
         ("b32-typical", None),
         (STREAM_SCENARIO, 1),
     ]
+
+
+def _padded_text_batches(lengths: list[list[int]]) -> list[dict[str, Any]]:
+    """Validation batches of token ids (row r of batch b: ids b*100+r+1...), right-padded to
+    each batch's longest row, with their attention masks."""
+    batches = []
+    for b, rows in enumerate(lengths):
+        width = max(rows)
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for r, n in enumerate(rows):
+            ids[r, :n] = b * 100 + r + 1
+            mask[r, :n] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def test_rows_answered_alone_are_the_most_padded_of_every_batch() -> None:
+    """ALONE_ROWS of each batch, the ones with the fewest real tokens, up to ALONE_MAX."""
+    from export.pipeline import ALONE_MAX, ALONE_ROWS, alone_rows
+    from export.sources import Prepared
+    from runtime.manifest import TextConfig
+
+    assert ALONE_ROWS == 4
+    p = Prepared.__new__(Prepared)
+    p.inputs = []
+    p.text = TextConfig(input_map={"input_ids": "input_ids", "attention_mask": "attention_mask"})
+    p.validation = _padded_text_batches([[9, 8, 7, 6, 2, 9], [3, 12, 12, 12, 12, 1, 12, 12]])
+    assert alone_rows(p) == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1), (1, 2), (1, 5)]
+    p.validation = _padded_text_batches([[5] * 8] * (ALONE_MAX // ALONE_ROWS + 3))
+    picked = alone_rows(p)
+    assert len(picked) == ALONE_MAX and picked[:5] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+
+
+def test_the_batch_gate_sees_an_answer_that_moves_only_when_a_short_text_is_padded(tmp_path: Path) -> None:
+    """A model whose answer to a short text moves when the text is padded far beyond it (OpenVINO's
+    run-time INT8 quantization on the AVX2 box did that), in the fifth validation batch only: the
+    gate finds it there and drops the variant; the same model without the fault passes."""
+    from export.pipeline import _Exporter
+    from export.sources import Prepared
+    from export.spec import ExportSpec, gates_for
+    from runtime.manifest import TextConfig
+
+    lengths = [[6, 7, 8, 9, 10, 11, 12, 12]] * 4 + [[2, 16, 16, 16, 16, 16, 16, 16]]
+    validation = _padded_text_batches(lengths)
+
+    def answers(feeds: dict[str, Any], faulty: bool) -> Any:
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        real = mask.sum(axis=1)
+        first = ids[:, 0].astype(np.float32)
+        out = np.stack([np.sin(first), np.cos(first), real / 16.0, np.ones_like(first)], axis=1)
+        if faulty:  # a 2-token text in a 16-wide call
+            out[:, 0] += np.where((real <= 2) & (ids.shape[1] >= 16), 0.05, 0.0)
+        return out.astype(np.float32)
+
+    class Model:
+        input_names = ("input_ids", "attention_mask")
+
+        def __init__(self, faulty: bool) -> None:
+            self.faulty = faulty
+
+        def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+            return {"y": answers(feeds, self.faulty)}
+
+        def close(self) -> None:
+            pass
+
+    p = Prepared.__new__(Prepared)
+    p.task, p.inputs, p.validation = "feature-extraction", [], validation
+    p.text = TextConfig(input_map={"input_ids": "input_ids", "attention_mask": "attention_mask"}, output="y")
+    p.output, p.output_references, p.reference_name = "y", {}, "onnx-fp32"
+    # the reference: every row answered alone (what the fault never touches)
+    p.reference = np.concatenate(
+        [
+            answers({k: v[i : i + 1, : int(b["attention_mask"][i].sum())] for k, v in b.items()}, True)
+            for b in validation
+            for i in range(len(b["input_ids"]))
+        ]
+    )
+    spec = ExportSpec(source=tmp_path, task="feature-extraction", name="m", repository=tmp_path, threads=1)
+    for faulty in (False, True):
+        exporter = _Exporter(spec, lambda step, message: None)
+        exporter.prepared = p
+        exporter.gate = gates_for("feature-extraction", {})
+        exporter.open = lambda backend, path, precision, *, threads=None, f=faulty: Model(f)  # type: ignore[method-assign]
+        (accuracy,) = exporter.validate(tmp_path / "m.onnx", "onnx").accuracy
+        assert accuracy.passed is not faulty, accuracy.metrics
+        assert accuracy.metrics["batch_rel_diff"] == (pytest.approx(0.05, rel=1e-3) if faulty else 0.0)
