@@ -209,8 +209,9 @@ class _Exporter:
         return cand
 
     def time(self, cand: _Candidate, variant_id: str) -> list[Timing]:
-        """The scenarios nothing ranks by, now, on the candidate's sessions; the ranked ones
-        (:data:`~export.spec.RANKED_SCENARIOS`) are queued for :meth:`time_side_by_side`."""
+        """The scenarios nothing ranks by, now, on the candidate's sessions (with full timing
+        only); the ranked ones (:data:`~export.spec.RANKED_SCENARIOS`) are queued for
+        :meth:`time_side_by_side`."""
         p = self.prepared
         assert p is not None
         warmup, runs = TIMING_RUNS[self.spec.timing]
@@ -225,6 +226,10 @@ class _Exporter:
                         self._queued.append(
                             _TimingJob(variant_id, backend, precision, cand.path, threads, scenario, feeds, seq_len)
                         )
+                    continue
+                if scenario not in RANKED_SCENARIOS and not full:
+                    # quick timing (a first `serve`'s build, tests) times what the ranking reads
+                    # only: b32-max's calls took ~7 s a candidate of a 200 s build on 2 AVX2 cores
                     continue
                 if scenario in RANKED_SCENARIOS and cand.path is not None:
                     self._queued.append(

@@ -87,7 +87,8 @@ def test_variants_backends_and_timings(package) -> None:  # type: ignore[no-unty
         for a in v.accuracy:
             if a.passed:
                 got = {t.scenario for t in v.timings if t.exec_precision == a.exec_precision}
-                want = {"b1", "b32-typical", "b32-max"} | ({"stream"} if streams > 1 else set())
+                # built with quick timing (as a first `serve`): the scenarios the ranking reads only
+                want = {"b1", "b32-typical"} | ({"stream"} if streams > 1 else set())
                 assert got == want, (v.id, a.exec_precision)
         for t in v.timings:
             assert t.p50_ms > 0 and t.p99_ms >= t.p50_ms and t.items_per_s > 0

@@ -220,9 +220,11 @@ def test_ranked_scenarios_are_timed_side_by_side_in_rounds_and_the_best_round_co
     assert exporter._queued == []
 
 
-def test_only_the_ranked_scenarios_wait_for_the_side_by_side_timing(tmp_path: Path) -> None:
-    """b32-max ranks nothing and is timed at once on the validated session; b1, b32-typical and
-    (with streams) stream are queued, b1 and b32-typical on the export's threads."""
+@pytest.mark.parametrize("timing", ["full", "quick"])
+def test_only_the_ranked_scenarios_wait_for_the_side_by_side_timing(tmp_path: Path, timing: str) -> None:
+    """b32-max ranks nothing and is timed at once on the validated session with full timing, not
+    at all with quick timing (a first `serve`'s build: what the ranking reads only); b1,
+    b32-typical and (with streams) stream are queued, b1 and b32-typical on the export's threads."""
     from export.pipeline import _Candidate, _Exporter
     from export.sources import Prepared
     from export.spec import STREAM_SCENARIO, ExportSpec
@@ -240,7 +242,7 @@ def test_only_the_ranked_scenarios_wait_for_the_side_by_side_timing(tmp_path: Pa
         def close(self) -> None:
             pass
 
-    spec = ExportSpec(source=tmp_path, task="tensor", name="m", repository=tmp_path, timing="quick", threads=2)
+    spec = ExportSpec(source=tmp_path, task="tensor", name="m", repository=tmp_path, timing=timing, threads=2)
     exporter = _Exporter(spec, lambda step, message: None)
     feeds = {"x": np.zeros((4, 2), np.float32)}
     exporter.prepared = Prepared.__new__(Prepared)
@@ -248,7 +250,10 @@ def test_only_the_ranked_scenarios_wait_for_the_side_by_side_timing(tmp_path: Pa
     exporter.stream_plan = lambda backend: (2, 1)  # type: ignore[method-assign]
     session = Timed()
     timings = exporter.time(_Candidate([], {("ov-cpu", "fp32"): session}, tmp_path / "m.xml"), "v")
-    assert [t.scenario for t in timings] == ["b32-max"] and session.calls > 0
+    if timing == "full":
+        assert [t.scenario for t in timings] == ["b32-max"] and session.calls > 0
+    else:
+        assert timings == [] and session.calls == 0
     assert [(j.scenario, j.threads) for j in exporter._queued] == [
         ("b1", None),
         ("b32-typical", None),
