@@ -698,10 +698,10 @@ ALONE_MAX = 64
 def alone_rows(p: Prepared) -> list[tuple[int, int]]:
     """(batch, row) of the validation rows :func:`run_alone` answers alone: :data:`ALONE_ROWS` of
     every batch, up to :data:`ALONE_MAX`; of a text batch the ones with the fewest real tokens,
-    the most padded in it.  A short text padded to its batch's longest is where an answer's
-    dependence on its batch shows: OpenVINO's INT8 with activations quantized at run time
-    (``nncf-quantize-dynamic-down``) kept MiniLM's first eight rows within 0.0051 on the AVX2 box
-    and moved a short request's answer by 0.024 when the server batched it (the most padded
+    the most padded in it: short texts are where an answer's dependence on its batch showed.
+    OpenVINO's INT8 with activations quantized at run time (``nncf-quantize-dynamic-down``) kept
+    MiniLM's first eight rows (of the first two batches) within 0.0051 on the AVX2 box and moved
+    a short request's answer by 0.024 when the server batched it with 7 or more others (these
     rows of the 230: 0.0139, all 230: 0.0163)."""
     batches = p.validation if (fixed_batch(p.inputs) or 1) == 1 else p.validation[:2]
     mask_name = None

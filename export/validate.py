@@ -20,9 +20,9 @@
   (:func:`batch_rel_diff`, :func:`export.pipeline.alone_rows`).  A server batches
   whoever's requests arrive together, so an answer must not depend on them:
   per-tensor dynamic INT8 (one activation scale for the whole batch) fails this
-  (~0.1 on MiniLM), fp32 / bf16 / static INT8 do not (< 1e-5); OpenVINO's
-  run-time activation quantization fails it on an AVX2 box (a short text
-  padded in a batch: 0.014).
+  (~0.1 on MiniLM), fp32 / bf16 / static INT8 do not (< 1e-3); OpenVINO's
+  run-time activation quantization fails it on an AVX2 box (short texts in
+  batches of 8 or more: 0.014).
 """
 
 from __future__ import annotations
