@@ -656,6 +656,14 @@ def row_aligned(answer: npt.NDArray[np.float32], rows: int) -> bool:
     return answer.ndim >= 1 and answer.shape[0] == rows
 
 
+def _mask_name(p: Prepared) -> str | None:
+    """The graph input a text model's attention mask feeds (``attention_mask`` unless its
+    input map names another), or None for a model without text."""
+    if p.text is None:
+        return None
+    return next((g for g, kind in p.text.input_map.items() if kind == "attention_mask"), "attention_mask")
+
+
 def _rows(batch: Feeds) -> int:
     return len(next(iter(batch.values())))
 
@@ -668,12 +676,12 @@ def run_outputs(
     from runtime.text import postprocess
 
     wanted = set(session.input_names)
+    mask_name = _mask_name(p) if p.task == "feature-extraction" else None
     out = []
     others: dict[str, list[npt.NDArray[np.float32]]] = {k: [] for k in p.output_references}
     for b in batches:
         res = session.run({k: v for k, v in b.items() if k in wanted})
-        if p.text is not None and p.task == "feature-extraction":
-            mask_name = next((g for g, kind in p.text.input_map.items() if kind == "attention_mask"), "attention_mask")
+        if p.text is not None and mask_name is not None:
             out.append(postprocess(res, b[mask_name], p.text))
         else:
             out.append(np.asarray(res[p.output], dtype=np.float32))
@@ -704,9 +712,7 @@ def alone_rows(p: Prepared) -> list[tuple[int, int]]:
     a short request's answer by 0.024 when the server batched it with 7 or more others (these
     rows of the 230: 0.0139, all 230: 0.0163)."""
     batches = p.validation if (fixed_batch(p.inputs) or 1) == 1 else p.validation[:2]
-    mask_name = None
-    if p.text is not None:
-        mask_name = next((g for g, kind in p.text.input_map.items() if kind == "attention_mask"), "attention_mask")
+    mask_name = _mask_name(p)
     picked: list[tuple[int, int]] = []
     for b, batch in enumerate(batches):
         n = len(next(iter(batch.values())))
@@ -733,9 +739,7 @@ def run_alone(
     # a model that fixes its batch axis to B rows: a row "alone" is a call of that row B times
     # (a request's rows still share one call, so what one row does to another must be measured)
     fixed = fixed_batch(p.inputs) or 1
-    mask_name = None
-    if p.text is not None:
-        mask_name = next((g for g, kind in p.text.input_map.items() if kind == "attention_mask"), "attention_mask")
+    mask_name = _mask_name(p)
     offsets = np.cumsum([0] + [_rows(b) for b in p.validation]).tolist()
     for b, i in alone_rows(p):
         row = {k: v[i : i + 1] for k, v in p.validation[b].items()}
