@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import wrk
+from bench.capacity import figures
 from bench.common import (
     Config,
     format_table,
@@ -687,7 +688,7 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
                 logger.warning("alternating server / in-process windows failed: %s", exc)
                 result["alternating"] = skipped(f"{type(exc).__name__}: {exc}")
             result["open_loop"] = _open_loop(cfg, srv, package.name, texts, result["rows"])
-            result["capacity"] = _capacity(cfg, srv, package.name, texts, result["rows"])
+            result["capacity"] = _capacity(cfg, srv, package.name, texts, result["rows"], open_loop=result["open_loop"])
     except Exception as exc:
         logger.warning("http bench failed: %s", exc)
         result.update(skipped(f"{type(exc).__name__}: {exc}"))
@@ -747,7 +748,7 @@ def _open_loop(
     out: list[dict[str, Any]] = []
     try:
         for fraction in OPEN_FRACTIONS:
-            rate = round(fraction * float(c32["rps"]), 1)
+            rate = figures(fraction * float(c32["rps"]))  # as the capacity search rounds its rates
 
             failure = row_failure(_open_load(srv, bodies, rate, warmup), any_error=True)
             if failure is not None:
@@ -788,14 +789,22 @@ CAPACITY_P99_MS = 100.0
 
 
 def _capacity(
-    cfg: Config, srv: Any, model: str, texts: Sequence[str], rows: Sequence[dict[str, Any]]
+    cfg: Config,
+    srv: Any,
+    model: str,
+    texts: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    *,
+    open_loop: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The capacity at p99 <= :data:`CAPACITY_P99_MS` on ``/v1/embeddings`` (no target;
     :func:`bench.capacity.search`, as ``inferbox bench --url --p99-ms`` runs it): from half the c=32
     row's rate, within an eighth and one and a half times it, each window warmed up, at most
     :data:`CAPACITY_WINDOWS` windows, up to two second windows and two more windows below a rate that did not
     hold (~1 minute here).  A warm-up in which a request failed ends it with that reason, as the open
-    loop's does (a dead or hung server would cost each window the client's timeout)."""
+    loop's does (a dead or hung server would cost each window the client's timeout).  A first window
+    at a rate ``open_loop`` measured (its 50 % share is the search's start) is that row, run the
+    same way minutes before (``open_loop: true``), not run again; a second window runs."""
     from bench.capacity import search
 
     c32 = _c32(rows)
@@ -805,8 +814,18 @@ def _capacity(
     rps = float(c32["rps"])
     try:
         bodies = [request_body("/v1/embeddings", model, t) for t in texts]
+        measured = {
+            float(r["rate"]): r
+            for r in (open_loop or {}).get("rows") or ()
+            if isinstance(r, dict) and not is_skipped(r) and "rate" in r
+        }
 
         def measure(rate: float) -> dict[str, Any]:
+            if rate in measured:
+                row = {k: v for k, v in measured.pop(rate).items() if k != "fraction"} | {"open_loop": True}
+                p99 = row.get("p99_ms", float("nan"))
+                print(f"  capacity search {rate:g}/s: the open loop's window (p99 {p99:.1f} ms)", flush=True)
+                return row
             failure = row_failure(_open_load(srv, bodies, rate, warmup), any_error=True)
             if failure is not None:
                 raise BenchError(f"warming up at {rate:g}/s: {failure}")

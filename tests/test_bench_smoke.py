@@ -976,6 +976,26 @@ def test_the_http_parts_capacity_search_runs_from_the_c32_rate_to_its_ceiling(tm
     assert "meets" in found["table"]
 
 
+def test_the_capacity_search_takes_the_open_loops_window_at_its_first_rate(tmp_path: Path) -> None:
+    """The open loop's 50 % share is the search's start: that window is not run again (8 s of the
+    suite), its second window is; a rate the open loop did not measure runs."""
+    from types import SimpleNamespace
+
+    cfg = common.Config(out=tmp_path, quick=True)  # 1 s warm-up and 2 s a window
+    rows = [{"endpoint": "/v1/embeddings", "concurrency": 32, "rps": 2.0}]
+    earlier = {"fraction": 0.5, "rate": 1.0, "ok": 2, "errors": {}, "dropped": 0, "rps": 1.0, "p99_ms": 7.0}
+    open_loop = {"rows": [earlier, {"fraction": 0.8, **common.skipped("503 x 2")}]}
+    with _recording_server() as (url, seen):
+        srv = SimpleNamespace(base_url=url, headers={})
+        found = bench_http._capacity(cfg, srv, "m", ["a text"], rows, open_loop=open_loop)
+    got = [(r["rate"], r.get("open_loop", False), r.get("confirming", False)) for r in found["rows"]]
+    assert got == [(1.0, True, False), (2.0, False, False), (3.0, False, False), (3.0, False, True)]
+    assert found["rows"][0]["p99_ms"] == 7.0 and "fraction" not in found["rows"][0]
+    # the windows run: 2/s and 3/s twice, each after a 1 s warm-up at its rate (none at 1/s)
+    assert len(seen) == (2 + 4) + (3 + 6) * 2
+    assert open_loop["rows"][0] is earlier and "open_loop" not in earlier  # the open loop's own row stays
+
+
 def _level(items_per_s: float) -> dict[str, float]:
     return {"items_per_s": items_per_s, "cpu_ms_per_item": 5.0}
 
