@@ -168,7 +168,9 @@ def targets(parts: dict[str, Any]) -> list[dict[str, Any]]:
     name = f"b32x128 throughput vs the best PyTorch ({best_pt}; best gate-passing candidate)"
     h2h = _get(parts, "inprocess", "head_to_head")
     if isinstance(h2h, dict) and "ratio" in h2h:  # alternating in one process: the drift cancels
-        where = f"{h2h['candidate']} vs {h2h['baseline']}, ABBA x {h2h['rounds']}"
+        from bench.inprocess import h2h_order
+
+        where = f"{h2h['candidate']} vs {h2h['baseline']}, {h2h_order(h2h)}"
         add(f"{name[:-1]}, head to head)", h2h["ratio"], 2.0, True, where)
     else:  # the one-shot table (say why the head to head is missing)
         where = best_tp["runner"] if best_tp else "inprocess"
@@ -399,8 +401,12 @@ def render_readme(report: dict[str, Any]) -> str:
         lines += _section("In-process (items/s; latency in ms; x_ = throughput ratio)", parts.get("inprocess"), COLUMNS)
     h2h = _get(parts, "inprocess", "head_to_head")
     if isinstance(h2h, dict) and "ratio" in h2h:
+        from bench.inprocess import h2h_order
+
+        n = int(h2h.get("side_by_side") or 1)
+        opened = "both open" if n == 1 else f"the baseline and {n} candidates open"
         lines += [
-            f"Head to head, b32x128, both open in one process, batches alternating ABBA x {h2h['rounds']} "
+            f"Head to head, b32x128, {opened} in one process, batches in turn {h2h_order(h2h)} "
             f"(the target's figure; the rows above were measured minutes apart): {h2h['candidate']} "
             f"{h2h['candidate_per_s']:.1f}/s vs {h2h['baseline']} {h2h['baseline_per_s']:.1f}/s = "
             f"{h2h['ratio']:.2f}x.",

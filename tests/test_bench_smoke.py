@@ -624,6 +624,33 @@ def test_head_to_head_alternates_abba_and_divides_median_times() -> None:
     assert (h["baseline"], h["candidate"], h["rounds"]) == ("torch", "ov", 2)
 
 
+def test_two_candidates_side_by_side_share_the_baselines_calls_abccba() -> None:
+    from bench.inprocess import h2h_order, head_to_heads
+
+    now = [0.0]
+    calls: list[str] = []
+
+    def runner(label: str, seconds: float) -> Runner:
+        def encode(texts: object) -> None:
+            calls.append(label)
+            now[0] += seconds
+
+        return Runner(label=label, encode=encode, settle=lambda: calls.append(f"{label} settled"))
+
+    base, a, b = runner("torch", 0.4), runner("ort", 0.2), runner("ov", 0.1)
+    got = head_to_heads(base, [a, b], ["x"] * 32, rounds=2, clock=lambda: now[0], sleep=lambda s: None)
+    warmups = ["torch", "ort", "ort", "ort settled", "ov", "ov", "ov settled"]
+    assert calls == [*warmups, *(["torch", "ort", "ov", "ov", "ort", "torch"] * 2)]
+    assert [(h["candidate"], h["ratio"], h["baseline_per_s"]) for h in got] == [
+        ("ort", pytest.approx(2.0), pytest.approx(80.0)),
+        ("ov", pytest.approx(4.0), pytest.approx(80.0)),
+    ]
+    assert {h["side_by_side"] for h in got} == {2} and h2h_order(got[0]) == "ABCCBA x 2"
+    # one candidate: the plain ABBA round, as before
+    (alone,) = head_to_heads(base, [a], ["x"] * 32, rounds=3, clock=lambda: now[0], sleep=lambda s: None)
+    assert "side_by_side" not in alone and h2h_order(alone) == "ABBA x 3"
+
+
 def test_the_target_takes_the_best_of_the_head_to_heads_and_keeps_the_others() -> None:
     from bench.inprocess import best_head_to_head
 
@@ -876,6 +903,10 @@ def test_results_page_shows_the_head_to_head_and_both_http_references(tmp_path: 
     page = run_all.render_readme(report)
     assert "ABBA x 10" in page and "a 171.0/s vs pytorch bf16 autocast 90.0/s = 1.90x" in page
     assert "Also head to head (the next best rows of the table): b 1.61x; skipped: b2 did not open." in page
+    side = {**parts["inprocess"]["head_to_head"], "side_by_side": 2}  # type: ignore[index]
+    parts2 = {**parts, "inprocess": {**parts["inprocess"], "head_to_head": side}}  # type: ignore[dict-item]
+    both = run_all.render_readme({**report, "parts": parts2})
+    assert "the baseline and 2 candidates open in one process, batches in turn ABCCBA x 10" in both
     assert "at 480.0 items/s" in page and "500.0 before the server runs, 460.0 after" in page
     assert "c=32 340.0 items/s (5.00 CPU ms; 380.0 before the server runs, 300.0 after)" in page
     assert "order server inprocess inprocess server): server 90.0, 95.0 items/s; in-process 100.0, 100.0" in page
