@@ -78,6 +78,7 @@ __all__ = [
     "closed_loop",
     "inprocess_reference",
     "measure_endpoints",
+    "measure_reference",
     "reference_model",
     "request_body",
     "row_failure",
@@ -338,6 +339,20 @@ class Reference:
         self.streams = [_encoder(m) for m in streams]
         self.encode = _encoder(model)
 
+    def figures(self, texts: Sequence[str], budget_s: float, *, passes: int = 1) -> dict[str, Any]:
+        """:meth:`throughput` with the candidate and its stream count (``texts``: those it opened
+        with, or :meth:`with_texts`'s)."""
+        return {
+            "candidate": str(self.chosen),
+            "stream_count": max(1, len(self.streams)),
+            **self.throughput(texts, budget_s, passes=passes),
+        }
+
+    def with_texts(self, texts: Sequence[str]) -> Reference:
+        """The same sessions, for ``texts`` (their token counts) instead of the ones it opened with."""
+        lengths = [len(t) for t in self.model.tokenize(list(texts), truncate=True)]
+        return Reference(self.chosen, self.model, self._stream_models, lengths)
+
     def throughput(self, texts: Sequence[str], budget_s: float, *, passes: int = 1) -> dict[str, float]:
         """Items/s on ``texts`` in length-sorted batches of 32 and the process's CPU ms per item,
         each way: ``one_session`` / ``one_session_cpu_ms_per_item`` and, with several streams,
@@ -457,24 +472,37 @@ def inprocess_reference(
     with reference_model(cfg, texts, streams=streams) as ref:
         if ref is None:
             return skipped("no admissible candidate for the package on this box")
-        sorted_corpus = ref.throughput(texts, budget_s or cfg.pick(5.0, REFERENCE_S), passes=passes)
-        model = ref.served()
-        batcher: dict[str, Any] = {}
-        for c in levels:
-            try:
-                batcher[str(c)] = run_loop(
-                    server_batching(
-                        model,
-                        texts,
-                        concurrency=c,
-                        duration_s=cfg.pick(1.0, BATCHER_S),
-                        warmup_s=cfg.pick(0.3, BATCHER_WARMUP_S),
-                    )
+        return measure_reference(ref, cfg, texts, levels, passes=passes, budget_s=budget_s)
+
+
+def measure_reference(
+    ref: Reference,
+    cfg: Config,
+    texts: Sequence[str],
+    levels: Sequence[int] = LEVELS,
+    *,
+    passes: int = 2,
+    budget_s: float | None = None,
+) -> dict[str, Any]:
+    """:func:`inprocess_reference` on an opened :func:`reference_model` of ``texts``."""
+    sorted_corpus = ref.figures(texts, budget_s or cfg.pick(5.0, REFERENCE_S), passes=passes)
+    model = ref.served()
+    batcher: dict[str, Any] = {}
+    for c in levels:
+        try:
+            batcher[str(c)] = run_loop(
+                server_batching(
+                    model,
+                    texts,
+                    concurrency=c,
+                    duration_s=cfg.pick(1.0, BATCHER_S),
+                    warmup_s=cfg.pick(0.3, BATCHER_WARMUP_S),
                 )
-            except Exception as exc:  # one level failing keeps the sorted reference and the others
-                logger.warning("in-process batcher reference at c=%d failed: %s", c, exc)
-                batcher[str(c)] = skipped(f"{type(exc).__name__}: {exc}")
-    return {"candidate": str(ref.chosen), "stream_count": max(1, len(ref.streams)), **sorted_corpus, "batcher": batcher}
+            )
+        except Exception as exc:  # one level failing keeps the sorted reference and the others
+            logger.warning("in-process batcher reference at c=%d failed: %s", c, exc)
+            batcher[str(c)] = skipped(f"{type(exc).__name__}: {exc}")
+    return {**sorted_corpus, "batcher": batcher}
 
 
 def around(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -575,11 +603,15 @@ def alternate(server: Callable[[], float], inprocess: Callable[[], float], round
     }
 
 
-def _alternate(cfg: Config, srv: Any, model_name: str, texts: Sequence[str]) -> dict[str, Any]:
-    """:func:`alternate` for ``srv`` at c=32 on /v1/embeddings against the server's candidate here."""
+def _alternate(
+    cfg: Config, srv: Any, model_name: str, texts: Sequence[str], opened: Reference | None = None
+) -> dict[str, Any]:
+    """:func:`alternate` for ``srv`` at c=32 on /v1/embeddings against the server's candidate here
+    (``opened``: that candidate already open for ``texts``, else it is opened here)."""
     window = cfg.pick(1.0, ALTERNATE_S)
     windows: list[dict[str, float]] = []
-    with reference_model(cfg, texts) as ref:
+    with contextlib.ExitStack() as stack:
+        ref = opened if opened is not None else stack.enter_context(reference_model(cfg, texts))
         if ref is None:
             return skipped("no admissible candidate for the package on this box")
 
@@ -667,12 +699,22 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
         write_json(cfg.out / "http.json", result)
         return result
     texts = server_texts(cfg)
+    # the server's candidate, opened once here for the reference before the server's runs and for
+    # the alternating windows (an opening, its streams' first calls included, took 14 s on 2 AVX2
+    # cores); it idles while the server's rows run
+    stack = contextlib.ExitStack()
+    opened: Reference | None = None
     try:
-        before = inprocess_reference(cfg, texts)
+        opened = stack.enter_context(reference_model(cfg, texts))
+        before = (
+            measure_reference(opened, cfg, texts)
+            if opened is not None
+            else skipped("no admissible candidate for the package on this box")
+        )
     except Exception as exc:
         before = skipped(f"{type(exc).__name__}: {exc}")
     try:
-        with running_server(package.path.parent.parent, fresh_home(root, "http"), audit=audit) as srv:
+        with stack, running_server(package.path.parent.parent, fresh_home(root, "http"), audit=audit) as srv:
             result["server"] = {
                 "mode": srv.mode,
                 "ready_s": srv.ready_s,
@@ -683,7 +725,7 @@ def _run(cfg: Config, root: Path, *, audit: bool = True) -> dict[str, Any]:
                 srv.base_url, srv.headers, package.name, texts, cfg, server_cpu_s=_cpu_of(srv.pid)
             )
             try:
-                result["alternating"] = _alternate(cfg, srv, package.name, texts)
+                result["alternating"] = _alternate(cfg, srv, package.name, texts, opened)
             except Exception as exc:  # the rows still count; the target then falls back to the c=32 row
                 logger.warning("alternating server / in-process windows failed: %s", exc)
                 result["alternating"] = skipped(f"{type(exc).__name__}: {exc}")

@@ -165,6 +165,24 @@ def test_the_in_process_reference_names_its_faster_way_and_that_ways_cpu() -> No
     assert alone["cpu_ms_per_item"] == alone["one_session_cpu_ms_per_item"] and "streams_per_s" not in alone
 
 
+def test_an_opened_reference_measures_other_texts_by_their_own_token_counts() -> None:
+    """The batch part opens its reference once (probe texts) and measures the job's texts on it."""
+
+    class Tokenizing(_FakeModel):
+        def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
+            return [[0] * len(t.split()) for t in texts]
+
+    model, stream = Tokenizing(0.0001), Tokenizing(0.0001)
+    probe = Reference("ort-cpu/onnx-fp32/fp32", model, [stream, stream], [1, 1])
+    job = [" ".join(["w"] * (i % 7 + 1)) for i in range(40)]
+    other = probe.with_texts(job)
+    assert other.lengths == [i % 7 + 1 for i in range(40)] and probe.lengths == [1, 1]
+    assert other.model is model and len(other.streams) == 2  # the same sessions, not opened again
+    figures = other.figures(job, 0.2)
+    assert figures["candidate"] == "ort-cpu/onnx-fp32/fp32" and figures["stream_count"] == 2
+    assert figures["items_per_s"] > 0 and figures["way"] in ("one_session", "streams")
+
+
 def test_inferbox_bench_without_pytorch_says_so_and_scores_accuracy_against_the_plainest_fp32(
     minilm_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
