@@ -603,19 +603,29 @@ def test_server_batching_fails_whole_and_stops_its_batcher() -> None:
     assert not [t for t in threading.enumerate() if t.name == "batcher-broken"]
 
 
-def test_head_to_head_alternates_abba_and_divides_median_times() -> None:
-    now = [0.0]
-    calls: list[str] = []
+class _Clocked:
+    """Runners whose calls advance a fake clock by their own cost and are recorded in order."""
 
-    def runner(label: str, seconds: float) -> Runner:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls: list[str] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def runner(self, label: str, seconds: float) -> Runner:
         def encode(texts: object) -> None:
-            calls.append(label)
-            now[0] += seconds
+            self.calls.append(label)
+            self.now += seconds
 
-        return Runner(label=label, encode=encode, settle=lambda: calls.append(f"{label} settled"))
+        return Runner(label=label, encode=encode, settle=lambda: self.calls.append(f"{label} settled"))
 
-    base, cand = runner("torch", 0.4), runner("ov", 0.2)
-    h = head_to_head(base, cand, ["x"] * 32, rounds=2, clock=lambda: now[0], sleep=lambda s: None)
+
+def test_head_to_head_alternates_abba_and_divides_median_times() -> None:
+    t = _Clocked()
+    calls = t.calls
+    base, cand = t.runner("torch", 0.4), t.runner("ov", 0.2)
+    h = head_to_head(base, cand, ["x"] * 32, rounds=2, clock=t.clock, sleep=lambda s: None)
     # one warm-up for the baseline, two for the candidate (a repeated shape gets its static copy)
     # and the wait for what they started, then baseline, candidate, candidate, baseline per round
     assert calls == ["torch", "ov", "ov", "ov settled", *(["torch", "ov", "ov", "torch"] * 2)]
@@ -627,18 +637,10 @@ def test_head_to_head_alternates_abba_and_divides_median_times() -> None:
 def test_two_candidates_side_by_side_share_the_baselines_calls_abccba() -> None:
     from bench.inprocess import h2h_order, head_to_heads
 
-    now = [0.0]
-    calls: list[str] = []
-
-    def runner(label: str, seconds: float) -> Runner:
-        def encode(texts: object) -> None:
-            calls.append(label)
-            now[0] += seconds
-
-        return Runner(label=label, encode=encode, settle=lambda: calls.append(f"{label} settled"))
-
-    base, a, b = runner("torch", 0.4), runner("ort", 0.2), runner("ov", 0.1)
-    got = head_to_heads(base, [a, b], ["x"] * 32, rounds=2, clock=lambda: now[0], sleep=lambda s: None)
+    t = _Clocked()
+    calls = t.calls
+    base, a, b = t.runner("torch", 0.4), t.runner("ort", 0.2), t.runner("ov", 0.1)
+    got = head_to_heads(base, [a, b], ["x"] * 32, rounds=2, clock=t.clock, sleep=lambda s: None)
     warmups = ["torch", "ort", "ort", "ort settled", "ov", "ov", "ov settled"]
     assert calls == [*warmups, *(["torch", "ort", "ov", "ov", "ort", "torch"] * 2)]
     assert [(h["candidate"], h["ratio"], h["baseline_per_s"]) for h in got] == [
@@ -647,7 +649,7 @@ def test_two_candidates_side_by_side_share_the_baselines_calls_abccba() -> None:
     ]
     assert {h["side_by_side"] for h in got} == {2} and h2h_order(got[0]) == "ABCCBA x 2"
     # one candidate: the plain ABBA round, as before
-    (alone,) = head_to_heads(base, [a], ["x"] * 32, rounds=3, clock=lambda: now[0], sleep=lambda s: None)
+    (alone,) = head_to_heads(base, [a], ["x"] * 32, rounds=3, clock=t.clock, sleep=lambda s: None)
     assert "side_by_side" not in alone and h2h_order(alone) == "ABBA x 3"
 
 
