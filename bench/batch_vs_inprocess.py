@@ -143,14 +143,15 @@ def _run(cfg: Config, root: Path) -> dict[str, Any]:
     try:
         # the batch worker's candidate opened once, here, for the probe and both references: each
         # opening (the sessions of its streams and their first calls) took 12-13 s on 2 AVX2 cores
+        probe_texts = mixed_corpus(PROBE, seed=31)
         with contextlib.ExitStack() as stack:
             try:
-                model = stack.enter_context(reference_model(cfg, mixed_corpus(PROBE, seed=31), streams=False))
+                model = stack.enter_context(reference_model(cfg, probe_texts, streams=False))
             except Exception as exc:  # the jobs still run; the reference says why it is missing
                 logger.warning("batch bench: the in-process reference did not open: %s", exc)
                 model, ref_error = None, f"{type(exc).__name__}: {exc}"
             if not n:
-                probe = model.figures(mixed_corpus(PROBE, seed=31), 5.0) if model is not None else {}
+                probe = model.figures(probe_texts, 5.0) if model is not None else {}
                 n = job_size(probe.get("items_per_s"))
             texts = mixed_corpus(n, seed=31)
             home = fresh_home(root, "batch")
