@@ -26,8 +26,13 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy runtime export api appliance bench
 
+# a pytest-xdist worker per core (at most 4), a test file per worker at a time: one worker builds the
+# MiniLM package while the others run the tests that do not need it (tests/conftest.py).
+# PYTEST_ARGS="-n 0 ..." runs one test at a time.
+PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder
+
 pytest: setup
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
