@@ -69,7 +69,12 @@ def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) ->
 @click.argument("model")
 @state_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (progress goes to stderr).")
-@click.option("--quick", is_flag=True, help="Few runs and a small corpus: a check in seconds, not a measurement.")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="Few runs and a small corpus: a check, not a measurement (10-15 s a candidate on 2 cores; "
+    "with --url, 2 s per endpoint and level).",
+)
 @click.option("--with-pytorch", is_flag=True, help="Also measure the PyTorch baselines (needs torch installed).")
 @click.option(
     "--out",
