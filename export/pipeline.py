@@ -33,6 +33,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from export.chatter import quieted
 from export.provenance import provenance_of
 from export.sources import Feeds, Prepared, join_parts, tile_rows, weights_precision
 from export.spec import (
@@ -876,10 +877,11 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
     staging = staging_dir(repository)
     exporter = _Exporter(spec, say)
     try:
-        # the toolchain (NNCF's progress bars, optimum) prints to stdout; keep stdout for the caller's report
+        # the toolchain (NNCF's progress bars, optimum) prints to stdout; keep stdout for the caller's
+        # report; its log lines below WARNING stay out of the log (export.chatter)
         work = work_dir(staging)  # beside staging: a killed export's is cleaned with it (not left in /tmp)
         try:
-            with contextlib.redirect_stdout(sys.stderr):
+            with contextlib.redirect_stdout(sys.stderr), quieted():
                 manifest = exporter.run(staging, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)

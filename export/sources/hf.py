@@ -453,7 +453,9 @@ def _embed_reference(
         model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
         model.max_seq_length = max_length
         # the folder's own modules decide pooling and normalization (checked by _st_pipeline)
-        emb = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=False)
+        emb = model.encode(
+            texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=False, show_progress_bar=False
+        )
         return np.asarray(emb, dtype=np.float32)
     import torch
 

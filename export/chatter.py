@@ -1,0 +1,87 @@
+"""Keep the toolchain's own log lines out of an export's log (``inferbox serve``'s first build included).
+
+ONNX Runtime's quantizer logs on the root logger: a line per tensor it leaves
+alone (70 for MiniLM) and a warning per recipe that asks for a pre-processing
+step the pipeline already does its own way; its transformers optimizer logs
+every fusion (``fusion_base``, ``onnx_model``); NNCF logs each node it leaves
+in fp32 on its own ``nncf`` logger.  On a first ``make run`` that was ~140
+lines around the pipeline's ~25, which already say what was fused, quantized
+and why a recipe failed.  :func:`quieted` drops ONNX Runtime's records below
+WARNING (and that one warning) and NNCF's below WARNING while an export runs,
+unless the root logger is at DEBUG, where an operator asked for everything.
+Every other warning and error still reaches the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+__all__ = ["quieted"]
+
+#: loggers of libraries that log under their own name; WARNING and above still pass
+OWN_LOGGERS = ("nncf",)
+#: ONNX Runtime's quantizer asks for its pre-processing script on every call (the pipeline's
+#: inputs are already shape-inferred ONNX it validates end to end)
+PREPROCESS_ADVICE = "consider"
+
+
+def _onnxruntime_dir() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(next(iter(spec.submodule_search_locations)), "")
+
+
+class _OnnxRuntimeChatter(logging.Filter):
+    """Drops records made in ONNX Runtime's Python files below WARNING, and its pre-processing advice."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.pathname.startswith(self.folder):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        message = record.getMessage()
+        return not (record.levelno == logging.WARNING and PREPROCESS_ADVICE in message and "pre-process" in message)
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def quieted() -> Iterator[None]:
+    """While the block runs, the toolchain's chatter stays out of the log (see the module)."""
+    root = logging.getLogger()
+    folder = _onnxruntime_dir()
+    if root.getEffectiveLevel() <= logging.DEBUG or folder is None:
+        yield
+        return
+    chatter, below = _OnnxRuntimeChatter(folder), _BelowWarning()
+    # records made on the root logger (the quantizer's logging.info) pass the root logger's
+    # filters; those of named loggers (fusion_base, ...) only its handlers'.  NNCF's logger gets
+    # a filter, not a level: importing nncf (inside the block, the first time) sets its level.
+    handlers = list(root.handlers)
+    root.addFilter(chatter)
+    for handler in handlers:
+        handler.addFilter(chatter)
+    own = [logging.getLogger(name) for name in OWN_LOGGERS]
+    for logger in own:
+        logger.addFilter(below)
+    try:
+        yield
+    finally:
+        root.removeFilter(chatter)
+        for handler in handlers:
+            handler.removeFilter(chatter)
+        for logger in own:
+            logger.removeFilter(below)
