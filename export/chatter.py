@@ -23,9 +23,9 @@ __all__ = ["quieted"]
 
 #: loggers of libraries that log under their own name; WARNING and above still pass
 OWN_LOGGERS = ("nncf",)
-#: ONNX Runtime's quantizer asks for its pre-processing script on every call (the pipeline's
-#: inputs are already shape-inferred ONNX it validates end to end)
-PREPROCESS_ADVICE = "consider"
+#: in ONNX Runtime's warning that asks for its pre-processing script on every quantizer call (the
+#: pipeline's inputs are already shape-inferred ONNX it validates end to end)
+PREPROCESS_ADVICE = "pre-process"
 
 
 def _onnxruntime_dir() -> str | None:
@@ -49,8 +49,7 @@ class _OnnxRuntimeChatter(logging.Filter):
             return True
         if record.levelno < logging.WARNING:
             return False
-        message = record.getMessage()
-        return not (record.levelno == logging.WARNING and PREPROCESS_ADVICE in message and "pre-process" in message)
+        return not (record.levelno == logging.WARNING and PREPROCESS_ADVICE in record.getMessage())
 
 
 class _BelowWarning(logging.Filter):
