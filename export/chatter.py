@@ -4,12 +4,14 @@ ONNX Runtime's quantizer logs on the root logger: a line per tensor it leaves
 alone (70 for MiniLM) and a warning per recipe that asks for a pre-processing
 step the pipeline already does its own way; its transformers optimizer logs
 every fusion (``fusion_base``, ``onnx_model``); NNCF logs each node it leaves
-in fp32 on its own ``nncf`` logger.  On a first ``make run`` that was ~140
-lines around the pipeline's ~25, which already say what was fused, quantized
-and why a recipe failed.  :func:`quieted` drops ONNX Runtime's records below
-WARNING (and that one warning) and NNCF's below WARNING while an export runs,
-unless the root logger is at DEBUG, where an operator asked for everything.
-Every other warning and error still reaches the log.
+in fp32 on its own ``nncf`` logger, and draws a progress bar per step of each
+OpenVINO INT8 recipe (4-5 lines a recipe in a log, each step a second or two).
+On a first ``make run`` that was ~140 lines around the pipeline's ~25, which
+already say what was fused, quantized and why a recipe failed.  :func:`quieted`
+drops ONNX Runtime's records below WARNING (and that one warning), NNCF's below
+WARNING and its progress bars while an export runs, unless the root logger is at
+DEBUG, where an operator asked for everything.  Every other warning and error
+still reaches the log.
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ class _OnnxRuntimeChatter(logging.Filter):
         return not (record.levelno == logging.WARNING and PREPROCESS_ADVICE in record.getMessage())
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """NNCF's progress bars (``rich`` on its shared console, where NNCF passes none) draw nothing."""
+    try:
+        import rich
+    except ImportError:  # no rich, no NNCF: nothing draws them
+        yield
+        return
+    console = rich.get_console()
+    was = console.quiet
+    console.quiet = True
+    try:
+        yield
+    finally:
+        console.quiet = was
+
+
 class _BelowWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING
@@ -77,7 +96,8 @@ def quieted() -> Iterator[None]:
     for logger in own:
         logger.addFilter(below)
     try:
-        yield
+        with _no_progress_bars():
+            yield
     finally:
         root.removeFilter(chatter)
         for handler in handlers:

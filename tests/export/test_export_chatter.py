@@ -119,3 +119,31 @@ def test_an_export_logs_its_own_steps_and_none_of_the_toolchains(
     steps = [r.getMessage() for r in caplog.records if r.name == "export.pipeline"]
     assert any("onnx-int8 recipe" in m for m in steps), steps
     assert _from_onnxruntime(caplog.records) == [], [r.getMessage() for r in _from_onnxruntime(caplog.records)]
+
+
+def _draw_a_progress_bar() -> None:
+    from nncf.common.logging.track_progress import track
+
+    for _ in track(range(3), description="Statistics collection"):
+        pass
+
+
+def test_nncfs_progress_bars_draw_nothing_inside_and_again_after(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with quieted():
+        _draw_a_progress_bar()
+    inside = capsys.readouterr()
+    assert "Statistics collection" not in inside.out + inside.err
+    _draw_a_progress_bar()
+    after = capsys.readouterr()
+    assert "Statistics collection" in after.out + after.err, "the console stayed quiet after the block"
+
+
+def test_at_debug_the_progress_bars_draw(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with quieted():
+        _draw_a_progress_bar()
+    drawn = capsys.readouterr()
+    assert "Statistics collection" in drawn.out + drawn.err
