@@ -877,8 +877,8 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
     staging = staging_dir(repository)
     exporter = _Exporter(spec, say)
     try:
-        # the toolchain (NNCF's progress bars, optimum) prints to stdout; keep stdout for the caller's
-        # report; its log lines below WARNING stay out of the log (export.chatter)
+        # the toolchain (optimum; NNCF's progress bars at log level debug) prints to stdout: keep stdout
+        # for the caller's report; its log lines below WARNING and NNCF's bars stay out (export.chatter)
         work = work_dir(staging)  # beside staging: a killed export's is cleaned with it (not left in /tmp)
         try:
             with contextlib.redirect_stdout(sys.stderr), quieted():
