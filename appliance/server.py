@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.settings import METRICS_DIR_ENV, Settings, load_settings
 from runtime.errors import ConfigError, InferboxError
+from runtime.logs import configure as configure_logging
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -87,7 +88,7 @@ def _build_default_child(repository: str, name: str, threads: int, signing_key: 
     from runtime.signing import load_private_key
 
     stay_offline()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO)
     try:
         build_default(
             Path(repository),
@@ -503,7 +504,10 @@ def app_factory() -> Litestar:
 
     stay_offline()
     try:
-        return build_app(load_settings(), announces_ready=True)
+        settings = load_settings()
+        # a spawned worker starts with logging unset: its records went bare (warnings) or nowhere (info)
+        configure_logging(settings.log_level)
+        return build_app(settings, announces_ready=True)
     except Exception:
         # uvicorn restarts a worker that dies, forever, except one exiting with its start-up failure
         # code (3), after which it stops the service: serve then exits 1 and systemd restarts it

@@ -20,6 +20,7 @@ import click
 from appliance.commands.options import build_settings, refusal, state_options
 from appliance.settings import Settings
 from runtime.errors import BatchError
+from runtime.logs import configure as configure_logging
 
 __all__ = ["batch", "settings_loader"]
 
@@ -168,7 +169,7 @@ def run(
         from appliance.server import public_key_of
 
         public_key_of(settings)  # the key packages must be signed with: named before anything is made
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     if scheduler and engine != "dask":
         raise BatchError("--scheduler needs --engine dask")
     factory = functools.partial(settings_loader, loader, settings)

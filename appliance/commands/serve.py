@@ -12,6 +12,7 @@ import click
 
 from appliance.commands.options import EXIT_CONFIG, build_settings, refusal, state_options
 from appliance.exposure import is_loopback
+from runtime.logs import configure as configure_logging
 
 if TYPE_CHECKING:
     from appliance.settings import Settings
@@ -97,7 +98,7 @@ def serve(
         tls = check_exposure(settings)
         public_key_of(settings)  # the key packages must be signed with: a missing file is named here
         _refuse_retune_without_autotune(settings, retune)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     log = logging.getLogger(__name__)
     if settings.backend == "fake":
         from runtime.loader import FAKE_BACKEND_WARNING

@@ -1,0 +1,50 @@
+"""One log line a record: what a client put in a name cannot start a line of its own."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from runtime.logs import FORMAT, OneLineFormatter, one_line
+
+ROOT = Path(__file__).resolve().parents[2]
+FORGED = "2026-12-07 11:99:99,000 ERROR forged: audit disabled"
+
+
+def _record(msg: str, *args: object, exc_info: object = None) -> logging.LogRecord:
+    return logging.LogRecord("runtime.serving", logging.WARNING, __file__, 1, msg, args, exc_info)  # type: ignore[arg-type]
+
+
+def test_control_characters_of_a_message_are_escaped_and_tabs_kept() -> None:
+    assert one_line("a\nb\r\x00c\x1b[31m\x7f\x85d\u2028e\tf") == "a\\nb\\r\\x00c\\x1b[31m\\x7f\\x85d\\u2028e\tf"
+    assert one_line("caf\u00e9 \u20ac") == "caf\u00e9 \u20ac"  # text is text
+
+
+def test_a_name_with_a_newline_makes_one_line() -> None:
+    line = OneLineFormatter(FORMAT).format(_record("model %s did not load", f"x\n{FORGED}"))
+    assert "\n" not in line and line.endswith(f"model x\\n{FORGED} did not load")
+
+
+def test_a_traceback_stays_as_python_writes_it_and_the_record_is_left_alone() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = _record("failed: %s", "a\nb", exc_info=sys.exc_info())
+    text = OneLineFormatter(FORMAT).format(record)
+    first, *rest = text.splitlines()
+    assert first.endswith("failed: a\\nb") and rest[0] == "Traceback (most recent call last):"
+    assert record.getMessage() == "failed: a\nb"  # other handlers (pytest's, a test's) see it unchanged
+
+
+def test_configure_writes_one_line_records_to_stderr() -> None:
+    code = (
+        "import logging; from runtime.logs import configure; configure('info'); "
+        f"logging.getLogger('t').info('model %s', {('x' + chr(10) + FORGED)!r})"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True, timeout=60
+    )
+    (line,) = done.stderr.splitlines()
+    assert line.endswith(f"INFO t: model x\\n{FORGED}")
