@@ -20,9 +20,9 @@ from typing import Any
 
 from api.envelope import RequestContext, context_of
 from api.protocols import KeyVerifier, Principal
-from runtime.errors import AuthError, ForbiddenError, OverloadError
+from runtime.errors import AuthError, ForbiddenError, OverloadError, shown
 
-__all__ = ["ANONYMOUS", "Authenticator", "RateLimiter", "auth_guard"]
+__all__ = ["ANONYMOUS", "Authenticator", "RateLimiter", "auth_guard", "authorization_of", "identify"]
 
 #: the principal when auth is off: every scope
 ANONYMOUS = Principal(key_id="anonymous", scopes=("infer", "models:admin", "keys:admin", "audit:read", "metrics:read"))
@@ -100,10 +100,20 @@ class Authenticator:
         else:
             ok = principal.allows(scope, model)
         if not ok:
-            what = f"{scope} on model {model!r}" if model else scope
+            what = f"{scope} on model {shown(model)}" if model else scope
             raise ForbiddenError(f"key {principal.key_id} lacks the scope {what}; create a key with --scope {scope}")
         rate = principal.rate_limit_per_minute or self.default_rate
         self.limiter.take(principal.key_id, rate)
+
+
+def authorization_of(headers: Any) -> str | None:
+    """The request's one ``Authorization`` header (``None`` without one); two or more are refused: a
+    proxy that adds its own key ahead of the client's, or the client's after it, must not decide
+    silently which of them is checked (the first one won)."""
+    values: list[str] = headers.getall("authorization", [])
+    if len(values) > 1:
+        raise AuthError(f"Authorization: sent {len(values)} times; send one 'Authorization: Bearer <api key>'")
+    return values[0] if values else None
 
 
 def identify(auth: Authenticator, authorization: str | None, ctx: RequestContext) -> Principal:
@@ -140,6 +150,6 @@ async def auth_guard(connection: Any, handler: Any) -> None:
     if needed is None:
         return
     auth: Authenticator = connection.app.state["auth"]
-    principal = identify(auth, connection.headers.get("authorization"), ctx)
+    principal = identify(auth, authorization_of(connection.headers), ctx)
     model = connection.path_params.get("name") if needed == "infer" else None
     auth.check(principal, needed, model, any_model=needed == "infer" and model is None)

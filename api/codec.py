@@ -206,7 +206,32 @@ def _flatten_strings(data: Any, where: str, shape: tuple[int, ...]) -> list[str]
         raise InputError(
             f"{where}.data: shape {list(shape)} needs {expected} elements, data has {len(out)}", field=f"{where}.data"
         )
+    if not _flat_or_shaped(data, shape):
+        # numbers refuse ragged lists (numpy does); strings were taken in any nesting with the right count
+        raise InputError(
+            f"{where}.data: nested lists do not match shape {list(shape)}; send the strings flat, or nested "
+            "exactly as the shape",
+            field=f"{where}.data",
+        )
     return out
+
+
+def _flat_or_shaped(data: Any, shape: tuple[int, ...]) -> bool:
+    """``data`` (strings in lists, as many as ``shape`` holds: :func:`_flatten_strings` counted them) is
+    one string, a flat list, or lists nested exactly as ``shape``."""
+    if not isinstance(data, list) or all(isinstance(item, str) for item in data):
+        return True
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth == len(shape):
+            if not isinstance(item, str):
+                return False
+        elif not isinstance(item, list) or len(item) != shape[depth]:
+            return False
+        else:
+            stack.extend((x, depth + 1) for x in item)
+    return True
 
 
 #: how a refused JSON array reads in an error, by numpy's kind for it
@@ -385,6 +410,11 @@ def decode_infer_request(
                 field=f"{where}.shape",
             )
         size = inp.parameters.get("binary_data_size")
+        if size is not None and inp.data is not None:  # the data was dropped unread, and the binary used
+            raise InputError(
+                f"{where}: has both data and parameters.binary_data_size; send the tensor one way",
+                field=f"{where}.data",
+            )
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise InputError(

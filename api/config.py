@@ -28,6 +28,8 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_queue_delay_s: float = 0.002
     queue_limit: int = 1024
     request_timeout_s: float = 30.0
+    #: seconds a request's body may take to arrive in full (then 408)
+    body_timeout_s: float = 60.0
     #: server processes, each with its own models (a repository load / unload reaches one of them)
     workers: int = 1
     #: with several workers: the folder where each writes its metrics, so that any of them answers
@@ -54,6 +56,7 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
             "max_queue_delay_s": float(settings.max_queue_delay_ms) / 1000.0,
             "queue_limit": int(settings.queue_limit),
             "request_timeout_s": float(settings.request_timeout_s),
+            "body_timeout_s": float(settings.body_timeout_s),
             "workers": int(getattr(settings, "workers", 1)),
         }
         values.update(overrides)

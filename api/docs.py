@@ -55,6 +55,7 @@ _STATUS = {
     403: "The key lacks the scope for this route or model.",
     404: "No such model (or version) is loaded.",
     409: "The model's package cannot be used (integrity, signature, or no backend can run it).",
+    408: "The body did not arrive in full within body_timeout_s.",
     413: "The body is over max_body_bytes (as sent or decompressed).",
     429: "The key's rate limit or the model's queue is full; retry after Retry-After seconds.",
     500: "Internal error: the message holds the request id, the server log the details.",

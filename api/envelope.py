@@ -173,6 +173,10 @@ def envelope(
             origin=str(client[0]),
             action=f"{scope.get('method', '')} {scope.get('path', '')}",
         )
+        if scope.get("method") == "HEAD":
+            # HEAD is GET without the content (RFC 9110, 9.3.2): a load balancer's HEAD probe of
+            # /v2/health/ready was a 405.  The route answers as for GET; the server sends no body.
+            scope = {**scope, "method": "GET"}
         certificate = client_certificate(scope)
         if certificate is not None:  # mutual TLS: who the organisation's CA says the caller is
             ctx.details["client_cert"], ctx.details["client_cert_sha256"] = certificate
@@ -349,8 +353,8 @@ UNAUDITED_PREFIXES = ("/docs",)
 
 def _unaudited(scope: Scope, status: int) -> bool:
     path = str(scope.get("path", ""))
-    if status in (401, 403):  # an auth failure is always recorded (a refused scrape with metrics_auth)
-        return False
+    if status in (401, 403, 405):  # an auth failure is always recorded (a refused scrape with metrics_auth),
+        return False  # and a method the path does not take (a probe is a GET)
     return path in UNAUDITED_PATHS or path.startswith(UNAUDITED_PREFIXES)
 
 

@@ -17,10 +17,11 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException, ValidationException
 from msgspec import Meta
 
-from api.auth import Authenticator, identify
+from api.auth import Authenticator, authorization_of, identify
 from api.envelope import CLIENT_GONE, RequestContext, context_of
 from runtime.errors import (
     AuthError,
+    BodyTimeoutError,
     ClientGoneError,
     ForbiddenError,
     InferboxError,
@@ -44,6 +45,7 @@ _OPENAI_TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
@@ -69,11 +71,11 @@ class OpenAIErrorDetail(msgspec.Struct):
     type: Annotated[
         str,
         Meta(
-            description="invalid_request_error (400, 404, 413), authentication_error (401), permission_error (403), "
-            "rate_limit_error (429) or server_error"
+            description="invalid_request_error (400, 404, 408, 413), authentication_error (401), "
+            "permission_error (403), rate_limit_error (429) or server_error"
         ),
     ]
-    param: Annotated[str | None, Meta(description="The field the message is about (a 400 or 413), else null.")]
+    param: Annotated[str | None, Meta(description="The field the message is about (a 400, 408 or 413), else null.")]
     code: Annotated[
         str | None,
         Meta(
@@ -94,6 +96,8 @@ def status_of(exc: BaseException) -> int:
         return CLIENT_GONE
     if isinstance(exc, PayloadTooLargeError):
         return 413
+    if isinstance(exc, BodyTimeoutError):
+        return 408
     if isinstance(exc, InputError):
         return 400
     if isinstance(exc, ModelNotFoundError):
@@ -150,10 +154,11 @@ def _no_route(request: Request[Any, Any, Any], ctx: RequestContext, exc: HTTPExc
     like ``auth = false``).  The key is read here only to name who asked; the answer is the same
     whatever it is."""
     auth: Authenticator | None = request.app.state.get("auth")
-    header = request.headers.get("authorization")
-    if auth is not None and header:
+    if auth is not None:
         with contextlib.suppress(AuthError):  # refused: the answer stays this one
-            identify(auth, header, ctx)
+            header = authorization_of(request.headers)
+            if header:
+                identify(auth, header, ctx)
     if isinstance(exc, MethodNotAllowedException):
         allowed = (exc.headers or {}).get("allow", "")
         return f"{request.url.path} does not take {request.method}; it takes {allowed} (docs/api.md)"

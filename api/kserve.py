@@ -43,8 +43,8 @@ from api.schemas import (
     RepositoryModelRequest,
     ServerMetadata,
 )
-from api.server import Server
-from runtime.errors import InputError, ModelNotFoundError
+from api.server import INLINE_BODY_BYTES, Server, off_loop_if_large
+from runtime.errors import InputError, ModelNotFoundError, shown
 from runtime.serving import LoadedModel
 
 _Body = TypeVar("_Body")
@@ -218,7 +218,10 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
     model = find_model(request, name, version)
     body = await server.read_body(request)
     c = server.config
-    req = decode_infer_request(
+    req = await off_loop_if_large(
+        len(body),
+        INLINE_BODY_BYTES,
+        decode_infer_request,
         body,
         header_length=_header_length(request.headers.get(HEADER_LENGTH), len(body)),
         max_inputs=c.max_inputs,
@@ -326,7 +329,7 @@ async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> 
         InferenceResponse,
         KServeError,
         "The outputs (application/octet-stream with Inference-Header-Content-Length when an output is binary).",
-        (400, 404, 413, 504),
+        (400, 404, 408, 413, 504),
         body=InferenceRequest,
         examples=INFER_EXAMPLES,
         description=INFER_DESCRIPTION,
@@ -354,7 +357,7 @@ class RepositoryIndexRequest(msgspec.Struct, kw_only=True):
         list[RepositoryEntry],
         KServeError,
         "The models in the repository, loaded or not (scope models:admin).",
-        (400, 413),
+        (400, 408, 413),
         body=RepositoryIndexRequest,
         body_required=False,
         examples={"ready": ("Only the loaded models", {"ready": True})},
@@ -382,7 +385,7 @@ async def repository_index(request: Req) -> Response[bytes]:
         Empty,
         KServeError,
         "Loaded (the newest version); serving went on meanwhile.",
-        (400, 404, 409, 413),
+        (400, 404, 408, 409, 413),
         body=RepositoryModelRequest,
         body_required=False,
         examples={"empty": ("No parameters", {})},
@@ -403,7 +406,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     except ModelNotFoundError:  # its message names the repository's folder on the box: not for clients
         known = sorted({e.name for e in server.registry.index()})
         raise ModelNotFoundError(
-            f"model {name!r} is not in the repository (models there: {', '.join(known) or 'none'}); put it there "
+            f"model {shown(name)} is not in the repository (models there: {', '.join(known) or 'none'}); put it there "
             "on the box with `inferbox export` or `inferbox models import`"
         ) from None
     ctx.set_model(model)
@@ -422,7 +425,7 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
         Empty,
         KServeError,
         "Closed: new requests get 404, the ones already accepted were answered first.",
-        (400, 404, 409, 413),
+        (400, 404, 408, 409, 413),
         body=RepositoryModelRequest,
         body_required=False,
         examples={"empty": ("No parameters", {})},

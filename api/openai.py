@@ -25,8 +25,8 @@ from api.envelope import RequestContext, context_of
 from api.errors import OpenAIError
 from api.kserve import embedding_dim
 from api.schemas import ModelList
-from api.server import Server
-from runtime.errors import ForbiddenError, InputError, ModelKindError
+from api.server import INLINE_BODY_BYTES, Server, off_loop_if_large
+from runtime.errors import ForbiddenError, InputError, ModelKindError, shown
 from runtime.serving import LoadedModel
 
 __all__ = [
@@ -160,7 +160,7 @@ async def decode_body(request: Req, server: Server, kind: type[T]) -> T:
     if depth > server.config.max_json_depth:
         raise InputError(f"body: JSON nesting depth {depth} is over the limit", field="body")
     try:
-        return msgspec.json.decode(body, type=kind)
+        return await off_loop_if_large(len(body), INLINE_BODY_BYTES, msgspec.json.decode, body, type=kind)
     except msgspec.ValidationError as exc:
         field = field_of(str(exc))
         raise InputError(f"{field}: {exc}", field=field) from None
@@ -177,7 +177,7 @@ def model_named(request: Req, server: Server, name: str) -> LoadedModel:
     principal = ctx.principal
     # the scope first: a key for one model learns nothing about the others (not even which are loaded)
     if principal is not None and principal.key_id != "anonymous" and not principal.allows("infer", name):
-        raise ForbiddenError(f"key {principal.key_id} lacks the scope infer on model {name[:200]!r}")
+        raise ForbiddenError(f"key {principal.key_id} lacks the scope infer on model {shown(name)}")
     model = server.registry.get(name)
     ctx.set_model(model)
     return model
@@ -208,7 +208,7 @@ async def inference_body(request: Req, kind: type[B]) -> tuple[Server, RequestCo
         EmbeddingsResponse,
         OpenAIError,
         "The embeddings.",
-        (400, 404, 413, 504),
+        (400, 404, 408, 413, 504),
         body=EmbeddingsRequest,
         examples={
             "texts": (

@@ -134,7 +134,7 @@ def _documents(value: list[Any]) -> list[str]:
         RerankResponse,
         OpenAIError,
         "The documents ranked against the query.",
-        (400, 404, 413, 504),
+        (400, 404, 408, 413, 504),
         body=RerankRequest,
         examples={
             "rerank": (

@@ -14,7 +14,7 @@ import logging
 import weakref
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,14 +25,23 @@ from api.config import ApiConfig
 from api.envelope import context_of
 from api.metrics import Metrics, ModelInfo
 from runtime.batcher import BatchStats, DynamicBatcher
-from runtime.errors import BackendError, ClientGoneError, InputError, OverloadError, PayloadTooLargeError
+from runtime.errors import (
+    BackendError,
+    BodyTimeoutError,
+    ClientGoneError,
+    InputError,
+    OverloadError,
+    PayloadTooLargeError,
+)
 from runtime.scores import sigmoid
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
 
-__all__ = ["Server", "TextItem"]
+__all__ = ["INLINE_BODY_BYTES", "INLINE_CHARS", "Server", "TextItem", "off_loop_if_large"]
 
 logger = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
 
 Array = npt.NDArray[Any]
 
@@ -44,6 +53,11 @@ REPLACED_GRACE_S = 2.0
 #: in a worker thread (the tokenizer lets go of the GIL there), so that it never holds up the other
 #: clients' requests and the health probes (one 15 MB text once held them for 55 s)
 INLINE_CHARS = 16_384
+#: bytes of a request body decoded on the event loop; a larger body is decoded in a worker thread.  A
+#: 16 MB infer request took 1.2-2.1 s to decode into arrays, all of it on the loop: no other client and
+#: no health probe was answered meanwhile.  The decoder holds the GIL for each of its C calls, so the
+#: loop still waits out the longest one (~0.4 s for 8 M numbers), not the whole decode.
+INLINE_BODY_BYTES = 65_536
 
 
 class TextItem:
@@ -265,7 +279,9 @@ class Server:
                 f"input: {len(texts)} texts is over the limit of {self.config.max_inputs} per request",
                 field="input",
             )
-        tokens = await _off_loop_if_large(_chars(texts), model.tokenize, texts, truncate=self.config.truncate)
+        tokens = await off_loop_if_large(
+            _chars(texts), INLINE_CHARS, model.tokenize, texts, truncate=self.config.truncate
+        )
         batcher = await self.text_batcher(model)
         # all of the request's texts are queued or none (a full queue refuses the whole request,
         # leaving nothing of it to compute); a failed text or a client gone withdraws the rest
@@ -285,7 +301,9 @@ class Server:
                 field="documents",
             )
         chars = _chars([query]) + _chars(documents)
-        tokens = await _off_loop_if_large(chars, model.tokenize_pairs, query, documents, truncate=self.config.truncate)
+        tokens = await off_loop_if_large(
+            chars, INLINE_CHARS, model.tokenize_pairs, query, documents, truncate=self.config.truncate
+        )
         batcher = await self.text_batcher(model)
         results = await batcher.submit_many([TextItem(t) for t in tokens])
         logits = np.array([float(r[0].reshape(-1)[0]) for r in results], dtype=np.float64)
@@ -317,14 +335,26 @@ class Server:
             )
         parts: list[bytes] = []
         size = 0
+        seconds = self.config.body_timeout_s
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLargeError(f"body: over the limit of {limit} bytes (max_body_bytes)", field="body")
-                parts.append(chunk)
+            # a client that sends part of its body and then nothing held its request (and a
+            # connection) open for as long as it liked: 140 s for 1 of 100 bytes, until it left
+            async with asyncio.timeout(seconds):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLargeError(
+                            f"body: over the limit of {limit} bytes (max_body_bytes)", field="body"
+                        )
+                    parts.append(chunk)
         except InternalServerException as exc:  # Litestar's word for the client closing mid-body
             raise ClientGoneError(f"the client closed the connection after {size} bytes of its body") from exc
+        except TimeoutError:
+            raise BodyTimeoutError(
+                f"body: {size} bytes arrived in {seconds:g} s, and not the rest (body_timeout_s); send the whole "
+                "body at once",
+                field="body",
+            ) from None
         raw = b"".join(parts)
         context_of(request.scope).raw_body = raw
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -345,6 +375,19 @@ class Server:
             if len(out) > limit or inflater.unconsumed_tail:
                 raise PayloadTooLargeError(
                     f"body: over the limit of {limit} bytes after decompression (max_body_bytes)", field="body"
+                )
+            # a cut stream inflated to a cut body, and bytes after its end (a second gzip member, or
+            # anything) were dropped unread: both answered as if the body were whole
+            if not inflater.eof:
+                raise InputError(
+                    f"body: the {encoding} data ends before its end marker (a cut body?); send the whole of it",
+                    field="Content-Encoding",
+                )
+            if inflater.unused_data:
+                raise InputError(
+                    f"body: {len(inflater.unused_data)} bytes follow the end of the {encoding} data (a second "
+                    "gzip member?); send the body as one compressed stream",
+                    field="Content-Encoding",
                 )
             return out
         raise InputError(f"body: not valid {encoding} data", field="Content-Encoding")
@@ -380,9 +423,9 @@ def _chars(texts: object) -> int:
     return sum(len(t) for t in texts if isinstance(t, str))
 
 
-async def _off_loop_if_large(chars: int, fn: Callable[..., list[Tokens]], *args: Any, **kwargs: Any) -> list[Tokens]:
-    """``fn(*args, **kwargs)`` here when the request has at most :data:`INLINE_CHARS` characters, else in a
-    worker thread (a thread hand-off costs more than tokenizing a few sentences on the loop)."""
-    if chars <= INLINE_CHARS:
+async def off_loop_if_large(size: int, inline: int, fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
+    """``fn(*args, **kwargs)`` here when the work's ``size`` (characters to tokenize, bytes to decode) is
+    at most ``inline``, else in a worker thread (a hand-off costs more than a few sentences' work)."""
+    if size <= inline:
         return fn(*args, **kwargs)
     return await asyncio.to_thread(fn, *args, **kwargs)

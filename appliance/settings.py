@@ -118,6 +118,14 @@ FIELDS: tuple[Field, ...] = (
     Field("request_timeout_s", float, 30.0, "batching", "a request waiting longer gets 504", minimum=0.001),
     # limits
     Field("max_body_bytes", int, 16 << 20, "limits", "largest request body, also after decompression", minimum=1),
+    Field(
+        "body_timeout_s",
+        float,
+        60.0,
+        "limits",
+        "a request body not received in full within this many seconds gets 408",
+        minimum=0.001,
+    ),
     Field("max_inputs", int, 256, "limits", "most inputs (texts / batch rows) per request", minimum=1),
     Field("max_tensor_elements", int, 16 * 1024 * 1024, "limits", "most elements in one tensor", minimum=1),
     Field("max_json_depth", int, 32, "limits", "deepest JSON nesting accepted", minimum=1),
@@ -227,6 +235,7 @@ class Settings:
     queue_limit: int
     request_timeout_s: float
     max_body_bytes: int
+    body_timeout_s: float
     max_inputs: int
     max_tensor_elements: int
     max_json_depth: int

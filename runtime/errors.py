@@ -18,7 +18,8 @@ value, which install extra).  The tree::
     │   └── FallbackError           the session silently runs somewhere else
     ├── SelectionError              no (backend, variant) can run this package
     ├── InputError                  request data does not fit the model (field named)
-    │   └── PayloadTooLargeError    request body over the size limit, also after decompression (413)
+    │   ├── PayloadTooLargeError    request body over the size limit, also after decompression (413)
+    │   └── BodyTimeoutError        request body not received in full in time (408)
     ├── ExportError                 the export pipeline failed
     │   ├── SourceError             bad source: missing file, wrong task, unreadable ONNX
     │   ├── CalibrationError        calibration / validation sample file has bad rows
@@ -44,6 +45,7 @@ __all__ = [
     "BackupError",
     "BatchError",
     "BenchError",
+    "BodyTimeoutError",
     "CalibrationError",
     "ClientGoneError",
     "ConfigError",
@@ -65,6 +67,7 @@ __all__ = [
     "SourceError",
     "UnsafePathError",
     "VerificationError",
+    "shown",
 ]
 
 
@@ -149,6 +152,10 @@ class PayloadTooLargeError(InputError):
     pass
 
 
+class BodyTimeoutError(InputError):
+    """The request's body did not arrive in full within ``body_timeout_s`` (a stalled or slow client)."""
+
+
 class ExportError(InferboxError):
     pass
 
@@ -215,3 +222,15 @@ class BenchError(InferboxError):
 
 class BackupError(InferboxError):
     """A backup cannot be written, or an archive cannot be restored (it names the file and the fix)."""
+
+
+#: how much of a name a client gave an error message repeats
+SHOWN_CHARS = 100
+
+
+def shown(name: str) -> str:
+    """``repr`` of a name a client gave (a model, an input), cut to :data:`SHOWN_CHARS` characters: an
+    error answer repeats what was asked for, not the 100 kB a client sent (nor its newlines raw)."""
+    if len(name) <= SHOWN_CHARS:
+        return repr(name)
+    return f"{name[:SHOWN_CHARS]!r}... ({len(name)} characters)"

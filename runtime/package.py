@@ -25,6 +25,7 @@ place: a version appears whole or not at all.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -520,6 +521,10 @@ def list_versions(repository: Path, name: str) -> list[int]:
             f"(on an installed box: sudo chown -R inferbox: {folder})",
             path=str(folder),
         ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # a name no folder can have: no such model (it was a 500)
+            return []
+        raise
     return sorted(int(n) for n in names if _VERSION_RE.fullmatch(n))
 
 

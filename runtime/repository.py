@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.errors import ManifestError, ModelNotFoundError, PackageError
+from runtime.errors import ManifestError, ModelNotFoundError, PackageError, shown
 from runtime.package import Package, list_versions, read_package
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class Repository:
             available = self.models()
             have = ", ".join(available) if available else "none"
             raise ModelNotFoundError(
-                f"model {name!r} is not in the repository {self.root} (models there: {have}); "
+                f"model {shown(name)} is not in the repository {self.root} (models there: {have}); "
                 f"build the default model with `inferbox init`, or add one with `inferbox export`"
             )
         return versions[-1]
@@ -103,7 +103,7 @@ class Repository:
             if not known:
                 self.latest(name)  # raises the "no such model" error
             raise ModelNotFoundError(
-                f"model {name!r} has no version {version} in {self.root} (versions: "
+                f"model {shown(name)} has no version {version} in {self.root} (versions: "
                 f"{', '.join(map(str, known))}); omit the version for the latest, or export it with "
                 f"`inferbox export --version {version}`"
             )

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from runtime.backends.base import Session
-from runtime.errors import InferboxError, InputError, ModelNotFoundError
+from runtime.errors import InferboxError, InputError, ModelNotFoundError, shown
 from runtime.manifest import Manifest, TensorSpec
 from runtime.text import TextEncoder, Tokens, postprocess
 
@@ -147,7 +147,7 @@ class LoadedModel:
         for i, name in enumerate(outputs):
             if name not in known:
                 raise InputError(
-                    f"outputs[{i}].name: model {self.name!r} has no output {name!r}; it has {known}",
+                    f"outputs[{i}].name: model {self.name!r} has no output {shown(name)}; it has {known}",
                     field=f"outputs[{i}].name",
                 )
         return list(outputs)
@@ -158,7 +158,7 @@ class LoadedModel:
         for name in inputs:
             if name not in specs:
                 raise InputError(
-                    f"inputs: model {self.name!r} has no input {name!r}; it has {list(specs)}",
+                    f"inputs: model {self.name!r} has no input {shown(name)}; it has {list(specs)}",
                     field=f"inputs[{name}]",
                 )
         batch: int | None = None
@@ -375,11 +375,11 @@ class ModelRegistry:
             model = self._models.get(name)
         if model is None:
             raise ModelNotFoundError(
-                f"model {name!r} is not loaded; loaded models: {sorted(self._models)} "
+                f"model {shown(name)} is not loaded; loaded models: {sorted(self._models)} "
                 "(load it with POST /v2/repository/models/{name}/load)"
             )
         if version is not None and model.version != version:
-            raise ModelNotFoundError(f"model {name!r} version {version} is not loaded; version {model.version} is")
+            raise ModelNotFoundError(f"model {shown(name)} version {version} is not loaded; version {model.version} is")
         return model
 
     def load(self, name: str, version: int | None = None) -> LoadedModel:
@@ -405,7 +405,9 @@ class ModelRegistry:
                 tried = version
                 if tried is None:
                     tried = max((e.version for e in self._index() if e.name == name), default=None)
-                logger.warning("model %s version %s did not load: %s", name, tried if tried is not None else "?", exc)
+                logger.warning(
+                    "model %s version %s did not load: %s", shown(name), tried if tried is not None else "?", exc
+                )
                 if tried is not None:
                     with self._lock:
                         self._errors[(name, tried)] = str(exc)
@@ -415,7 +417,7 @@ class ModelRegistry:
                 unloaded = current is not None and self._models.get(name) is not current
             if unloaded:  # unloaded while the newer version opened: an unload that answered 200 stands
                 model.close()
-                raise ModelNotFoundError(f"model {name!r} was unloaded while version {model.version} was loading")
+                raise ModelNotFoundError(f"model {shown(name)} was unloaded while version {model.version} was loading")
             self.add(model)
         return model
 
@@ -423,7 +425,7 @@ class ModelRegistry:
         with self._lock:
             model = self._models.pop(name, None)
         if model is None:
-            raise ModelNotFoundError(f"model {name!r} is not loaded; loaded models: {sorted(self._models)}")
+            raise ModelNotFoundError(f"model {shown(name)} is not loaded; loaded models: {sorted(self._models)}")
         self._notify("unload", model)
         self.retire(model)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -386,6 +388,46 @@ def test_keys_through_the_cli_govern_access(served: Served) -> None:
     revoked = cli("keys", "revoke", scoped["id"], home=served.home, repository=served.repository)
     assert revoked.returncode == 0, revoked.stderr
     assert _embed(served, "x", key=scoped["key"]).status_code == 401
+
+
+def _post_with_two_keys(srv: Served, first: str, second: str) -> tuple[int, bytes]:
+    """A POST with two Authorization lines, as a proxy adding its own key sends it (httpx joins them)."""
+    host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({"model": "minilm", "input": "x"}).encode()
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/embeddings")
+        for key in (first, second):
+            conn.putheader("Authorization", f"Bearer {key}")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        answer = conn.getresponse()
+        return answer.status, answer.read()
+    finally:
+        conn.close()
+
+
+def test_two_keys_on_one_request_are_refused_and_names_cannot_forge_log_lines(served: Served) -> None:
+    """Two Authorization lines let the first one in whatever the second said; and a model name with a
+    newline wrote a log line of the client's choosing (``... ERROR forged: audit disabled``)."""
+    for first, second in ((served.key, "ibx_000000000000_wrong"), ("ibx_000000000000_wrong", served.key)):
+        status, body = _post_with_two_keys(served, first, second)
+        assert status == 401 and b"sent 2 times" in body, (status, body)
+    forged = "2026-12-07 11:99:99,000 ERROR forged: audit disabled"
+    name = urllib.parse.quote(f"x\n{forged}\x00", safe="")
+    r = httpx.post(f"{served.url}/v2/repository/models/{name}/load", headers=served.headers(), timeout=60)
+    assert r.status_code == 404, r.text
+    lines = served.log.read_text(errors="replace").splitlines()
+    assert not any(line.startswith(forged[:23]) for line in lines), lines[-5:]
+    assert any(f"\\n{forged}\\x00" in line for line in lines), lines[-5:]  # there, escaped on its own line
+
+
+def test_a_head_probe_is_answered_over_real_http(served: Served) -> None:
+    """uvicorn sends no body for a HEAD; the route answered 405 before HEAD was taken as GET."""
+    for path in ("/v2/health/ready", "/v2/health/live"):
+        r = httpx.head(f"{served.url}{path}", timeout=30)
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
 
 
 def test_readme_curl_command_works(served: Served) -> None:

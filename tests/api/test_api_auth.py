@@ -77,6 +77,34 @@ def test_missing_wrong_revoked_expired_are_401(
     assert good not in repr(audit.events) and soon not in repr(audit.events)
 
 
+def test_two_authorization_headers_are_refused_whichever_comes_first(
+    client_factory: Any, store: KeyStore, audit: MemoryAudit
+) -> None:
+    """The first of two Authorization headers was checked and the other ignored: a valid key then
+    garbage was let in, garbage then the valid key was not (a proxy adding its own key decided).
+    The test client joins the two into one line (``Bearer a, Bearer b``), which no key matches;
+    uvicorn hands them over apart (tests/test_e2e_serve.py sends them so)."""
+    from litestar.datastructures import Headers
+
+    from api.auth import authorization_of
+    from runtime.errors import AuthError
+
+    def headers(*values: bytes) -> Headers:
+        return Headers.from_scope({"type": "http", "headers": [(b"authorization", v) for v in values]})  # type: ignore[arg-type]
+
+    assert authorization_of(headers()) is None
+    assert authorization_of(headers(b"Bearer a")) == "Bearer a"
+    for pair in ((b"Bearer a", b"Bearer b"), (b"Bearer a", b"Bearer a")):
+        with pytest.raises(AuthError, match="sent 2 times"):
+            authorization_of(headers(*pair))
+    c = client_factory(keys=store)
+    _, good = store.create(["infer"])
+    for pair in ([good, "ibx_nothing"], ["ibx_nothing", good]):
+        r = c.get("/v2/models/tabular", headers=[("Authorization", f"Bearer {key}") for key in pair])
+        assert r.status_code == 401 and audit.events[-1].event == "auth_failure", (pair, r.text)
+    assert c.get("/v2/models/tabular", headers=_h(good)).status_code == 200
+
+
 def test_scopes_403(client_factory: Any, store: KeyStore) -> None:
     c = client_factory(keys=store)
     _, only_minilm = store.create(["infer:minilm"])

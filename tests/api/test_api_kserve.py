@@ -306,6 +306,34 @@ def test_repository_routes_check_their_bodies_and_keep_the_box_s_paths(client_fa
     assert c.post("/v2/repository/models/tabular/unload", json={"parameters": {}}).status_code == 200
 
 
+def test_a_model_name_no_folder_can_have_is_not_found_and_not_repeated_in_full(
+    client_factory: Any, tmp_path: Path
+) -> None:
+    """A name over the file system's 255 bytes made the load's folder listing fail (ENAMETOOLONG: a 500);
+    and an answer repeated a name of any length (a 100 kB model name made a 100 kB 404)."""
+    from runtime.repository import Repository
+    from runtime.serving import ModelRegistry
+
+    repository = Repository(tmp_path / "models")
+
+    def loader(name: str, version: int | None) -> Any:
+        repository.open(name, version)
+        raise AssertionError("no package is there")
+
+    registry = ModelRegistry(loader, lambda: [])
+    registry.add(tensor_model(tmp_path))
+    c = client_factory(registry=registry)
+    for name in ("a" * 256, "\u20ac" * 90, "b" * 5000):
+        r = c.post(f"/v2/repository/models/{name}/load")
+        assert r.status_code == 404, (len(name), r.text)
+        assert len(r.text) < 600, r.text
+        assert (f"({len(name)} characters)" in r.json()["error"]) is (len(name) > 100), r.text
+    r = c.post("/v1/embeddings", json={"model": "m" * 100_000, "input": "x"})
+    assert r.status_code == 404 and len(r.text) < 600, r.text[:300]
+    r = c.post(f"/v2/models/{'c' * 3000}/infer", json=infer_json({"x": X, "ids": IDS}))
+    assert r.status_code == 404 and len(r.text) < 600, r.text[:300]
+
+
 def test_with_several_workers_the_repository_routes_say_they_would_reach_one(
     client_factory: Any, tmp_path: Path
 ) -> None:
@@ -347,7 +375,7 @@ def test_a_failed_load_of_the_newest_version_gives_its_reason_in_the_index_and_t
         assert c.post("/v2/repository/models/tabular/load").status_code == 409
     (row,) = c.post("/v2/repository/index").json()
     assert row["state"] == "UNAVAILABLE" and "does not match its hash" in row["reason"]
-    assert any("tabular version 1 did not load" in r.getMessage() for r in caplog.records)
+    assert any("'tabular' version 1 did not load" in r.getMessage() for r in caplog.records)
 
 
 def test_a_load_that_replaces_a_version_says_which_in_its_record(

@@ -255,6 +255,41 @@ def test_json_bytes_data_of_nested_empty_lists_is_refused_early(client_factory: 
     assert c.post("/v2/models/minilm/infer", json=nested).status_code == 200
 
 
+def test_json_bytes_data_must_be_flat_or_nested_as_its_shape(client_factory: Any) -> None:
+    """Ragged lists of strings with the right count were taken (numbers are refused so, by numpy)."""
+    c = client_factory()
+    for data in ([["a"], ["b", "c", "d"]], [["a", ["b"]], ["c", "d"]], ["a", ["b", "c"], "d"], [["a", "b", "c", "d"]]):
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 2], "data": data}]}
+        r = c.post("/v2/models/minilm/infer", json=body)
+        assert r.status_code == 400, (data, r.text)
+        assert "inputs[0].data: nested lists do not match shape [2, 2]" in r.json()["error"], r.text
+    for data in (["a", "b", "c", "d"], [["a", "b"], ["c", "d"]]):
+        body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2, 2], "data": data}]}
+        assert c.post("/v2/models/minilm/infer", json=body).status_code == 200, data
+
+
+def test_an_input_with_data_and_binary_data_size_is_refused(client_factory: Any) -> None:
+    """The JSON data was dropped unread and the binary bytes used: a client sending both got an
+    answer for one of them without a word."""
+    c = client_factory()
+    raw = encode_bytes_elements(["hello"])
+    header = msgspec.json.encode(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "data": ["other"],
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    )
+    r = _post(c, header + raw, len(header), model="minilm")
+    assert r.status_code == 400 and "both data and parameters.binary_data_size" in r.json()["error"], r.text
+
+
 def test_json_bytes_data_of_an_empty_shape_may_be_nested(client_factory: Any) -> None:
     c = client_factory()
     for shape, data in (([2, 0], [[], []]), ([3, 0], [[], [], []]), ([2, 2, 0], [[[], []], [[], []]])):

@@ -145,6 +145,23 @@ def test_body_limits_including_a_gzip_bomb(client_factory: Any) -> None:
     assert r.status_code == 400 and "Content-Encoding" in r.json()["error"]
 
 
+def test_a_cut_or_padded_gzip_body_is_refused_naming_content_encoding(client_factory: Any) -> None:
+    """Bytes after the gzip stream's end (a second member, or junk) were dropped unread and a cut stream
+    inflated to a cut body: each was answered as if the body were whole (200, or "not valid JSON")."""
+    c = client_factory()
+    packed = gzip.compress(msgspec.json.encode(BODY))
+    for body, says in [
+        (packed + b"GARBAGE" * 100, "700 bytes follow the end"),
+        (packed + gzip.compress(b"{}"), "follow the end of the gzip data"),
+        (packed[: len(packed) // 2], "ends before its end marker"),
+    ]:
+        r = c.post("/v2/models/tabular/infer", content=body, headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 400 and says in r.json()["error"], r.text
+        assert "Content-Encoding" in r.json()["error"] or "gzip" in r.json()["error"]
+    r = c.post("/v1/embeddings", content=packed + b"x", headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "Content-Encoding", r.text
+
+
 def test_metrics_series(client_factory: Any) -> None:
     c = client_factory()
     assert c.post("/v2/models/tabular/infer", json=BODY).status_code == 200
@@ -258,6 +275,28 @@ def test_probes_and_scrapes_are_not_audited_but_metadata_is(client_factory: Any,
     assert [e.action for e in audit.events] == ["GET /v2"]
 
 
+def test_head_answers_as_get_without_a_body(client_factory: Any, audit: Any) -> None:
+    """A load balancer's HEAD probe was a 405 (RFC 9110: HEAD is GET without the content)."""
+    c = client_factory()
+    for path in ("/v2/health/live", "/v2/health/ready", "/metrics"):
+        r = c.head(path)
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
+        assert int(r.headers["content-length"]) == len(c.get(path).content) or path == "/metrics"
+    assert audit.events == []
+    r = c.head("/v2")
+    assert r.status_code == 200 and r.content == b""
+    assert [e.action for e in audit.events] == ["HEAD /v2"]
+    assert c.head("/v1/embeddings").status_code == 405  # a POST route
+
+
+def test_a_method_a_probe_path_does_not_take_is_audited(client_factory: Any, audit: Any) -> None:
+    """PUT /metrics (a 405) left no record: probe paths were skipped whatever was asked of them."""
+    c = client_factory()
+    for path in ("/metrics", "/v2/health/live"):
+        assert c.put(path).status_code == 405
+    assert [(e.action, e.status) for e in audit.events] == [("PUT /metrics", 405), ("PUT /v2/health/live", 405)]
+
+
 def test_a_large_request_is_tokenized_off_the_event_loop(tmp_path: Path) -> None:
     """One request of a long text once held the event loop while it was tokenized (a 15 MB text: 55 s in
     which no other client and no health probe was answered).  A request over INLINE_CHARS characters is
@@ -302,6 +341,34 @@ def test_a_large_request_is_tokenized_off_the_event_loop(tmp_path: Path) -> None
         assert gated.threads[0] != loop_thread and gated.threads[1] == loop_thread
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_a_large_body_is_decoded_off_the_event_loop(client_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 16 MB infer body took 1.2-2.1 s to decode into arrays on the event loop, and a health probe
+    waited that long.  A body over INLINE_BODY_BYTES is decoded in a worker thread; a small one is not."""
+    import api.server
+    from api.server import INLINE_BODY_BYTES
+
+    handed: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def recording(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        handed.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(api.server.asyncio, "to_thread", recording)
+    c = client_factory()
+    assert c.post("/v2/models/tabular/infer", json=BODY).status_code == 200
+    assert c.post("/v1/embeddings", json={"model": "minilm", "input": ["hello"]}).status_code == 200
+    assert handed == []
+    zeros = [0.0] * (INLINE_BODY_BYTES // 4)
+    large = {"inputs": [{"name": "x", "shape": [1, len(zeros)], "datatype": "FP32", "data": zeros}]}
+    r = c.post("/v2/models/tabular/infer", json=large)
+    assert r.status_code == 400 and "x" in r.json()["error"], r.text  # the wrong shape, named after the decode
+    assert handed == ["decode_infer_request"]
+    r = c.post("/v1/embeddings", json={"model": "minilm", "input": 5, "pad": "p" * INLINE_BODY_BYTES})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+    assert handed == ["decode_infer_request", msgspec.json.decode.__name__]
 
 
 def _asgi_call(app: Any, path: str, messages: list[dict[str, Any]], hangup: asyncio.Event) -> Any:
@@ -403,6 +470,23 @@ def test_a_client_gone_mid_body_is_recorded_as_gone_not_as_a_server_error(
         asyncio.run(asyncio.wait_for(_asgi_call(app, "/v2/models/tabular/infer", half, hangup), 30))
     assert [(e.status, e.outcome) for e in audit.events] == [(499, "failure")]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("path", ["/v2/models/tabular/infer", "/v1/embeddings"])
+def test_a_body_that_stalls_is_answered_408_naming_body_timeout_s(tmp_path: Path, path: str) -> None:
+    """A client that sent part of its body and then nothing held its request open as long as it liked
+    (140 s for 1 of 100 bytes, until it left); nothing answered it."""
+    audit = MemoryAudit()
+    config = ApiConfig(auth=False, body_timeout_s=0.3)
+    app = create_app(registry=make_registry([tensor_model(tmp_path)]), config=config, audit=audit, keys=None)
+    part = [{"type": "http.request", "body": b'{"inputs": [', "more_body": True}]
+    never = asyncio.Event()  # the client neither sends the rest nor leaves
+    sent = asyncio.run(asyncio.wait_for(_asgi_call(app, path, part, never), 30))
+    start, body = sent[0], msgspec.json.decode(sent[-1]["body"])
+    assert start["status"] == 408, sent
+    message = body["error"]["message"] if path.startswith("/v1") else body["error"]
+    assert "12 bytes arrived in 0.3 s" in message and "body_timeout_s" in message, message
+    assert [(e.status, e.outcome) for e in audit.events] == [(408, "failure")]
 
 
 def test_a_listener_left_waiting_when_the_client_goes_leaves_no_pending_task(
