@@ -255,22 +255,28 @@ def read_request(job_dir: Path) -> JobRequest:
         raise BatchError(f"spool entry {job_dir} has no valid job.json ({exc}); remove it and submit again") from exc
 
 
+def _folder(path: Path) -> bool:
+    """A real folder: a link to one is no job (``submit`` renames folders, it makes no links); a link
+    in ``new/`` to a folder elsewhere was accepted and run, and set aside, written into."""
+    return path.is_dir() and not path.is_symlink()
+
+
 def pending(spool: Path) -> list[Path]:
     """Job folders in ``new/``, oldest first (job ids sort by time)."""
     new = spool / "new"
     if not new.is_dir():
         return []
-    return sorted(p for p in new.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in new.iterdir() if _folder(p) and not p.name.startswith("."))
 
 
 def strays(spool: Path) -> list[Path]:
-    """Entries in ``new/`` that are not job folders (a file copied there by hand): ``submit``
+    """Entries in ``new/`` that are not job folders (a file copied there by hand, a link): ``submit``
     only renames whole folders into ``new/``, so none of them is being written.  Dot-files are
     left alone (an editor's or a copy tool's)."""
     new = spool / "new"
     if not new.is_dir():
         return []
-    return sorted(p for p in new.iterdir() if not p.name.startswith(".") and not p.is_dir())
+    return sorted(p for p in new.iterdir() if not p.name.startswith(".") and not _folder(p))
 
 
 def accept(spool: Path, job_id: str) -> Path:

@@ -285,8 +285,8 @@ class BatchWorker:
             with contextlib.suppress(_TakenError):
                 self._set_aside(
                     stray,
-                    f"{stray.name} in {stray.parent} is a file, not a job folder; submit input files "
-                    "with `inferbox batch submit FILE --model NAME`",
+                    f"{stray.name} in {stray.parent} is {'a link' if stray.is_symlink() else 'a file'}, not a "
+                    "job folder; submit input files with `inferbox batch submit FILE --model NAME`",
                 )
                 if summary is not None:
                     summary.refused.append(stray.name)
@@ -360,7 +360,8 @@ class BatchWorker:
 
     def _set_aside(self, entry: Path, reason: str) -> None:
         """Move a spool entry to ``spool/bad/`` (a unique name there), with its reason; a plain
-        file goes into a folder of its name there, beside the ``REASON``.  Raises ``_TakenError`` when
+        file or a link goes into a folder of its name there, beside the ``REASON`` (written through a
+        link, it overwrote a file where the link pointed).  Raises ``_TakenError`` when
         the entry vanished first (another worker accepted or set it aside)."""
         bad = self.spool / "bad"
         bad.mkdir(exist_ok=True)
@@ -368,7 +369,7 @@ class BatchWorker:
         if target.exists():
             target = bad / f"{entry.name}.{int(self.clock())}-{secrets.token_hex(3)}"
         try:
-            if entry.is_dir():
+            if entry.is_dir() and not entry.is_symlink():
                 entry.rename(target)
             else:
                 target.mkdir()

@@ -175,6 +175,12 @@ def run(
     factory = functools.partial(settings_loader, loader, settings)
     audit: Any = None
     store: JobStore | None = None
+    worker: BatchWorker | None = None
+    if mode == "once":
+        # systemd stops the batch service (systemctl stop, a reboot) with SIGTERM, which ended the run
+        # where it was: the chunk in progress stayed leased and its attempt was spent, so three stops
+        # failed the job. Now it stops as Ctrl-C does: the chunk is given back, its attempt unspent.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if settings.audit:
             from appliance.audit import AuditLog
@@ -224,7 +230,15 @@ def run(
             # rounds of run_once(wait_for_retries=False): a later round takes a chunk due for a retry
             # (the Dask engine keeps one cluster for all rounds)
             runner.watch(stop, poll_seconds)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | SystemExit) and store is not None and worker is not None:
+            # stopped from outside (Ctrl-C, SIGTERM), not by its chunk: what it held is given back,
+            # attempts unspent, and the next run resumes it
+            with contextlib.suppress(Exception):
+                if store.expire_worker(worker.worker_id, spent=False):
+                    log.warning(
+                        "stopped: the chunk in progress is given back; the next `inferbox batch run` resumes it"
+                    )
         # closing must not hide the error that stopped the run (e.g. a full disk)
         for resource in (store, audit):
             if resource is not None:
@@ -234,6 +248,10 @@ def run(
     store.close()
     if audit is not None:
         audit.close()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @batch.command()

@@ -389,6 +389,28 @@ def test_a_plain_file_in_spool_new_is_set_aside_with_its_reason(tmp_path: Path) 
     assert spool.strays(tmp_path / "spool") == []
 
 
+def test_a_link_in_spool_new_is_set_aside_without_writing_where_it_points(tmp_path: Path) -> None:
+    """A link in new/ to a folder elsewhere was accepted and run as a job when that folder held one,
+    and set aside otherwise, its REASON written through the link (over a file of that name there)."""
+    box = Box(tmp_path)
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "REASON").write_text("IMPORTANT DATA\n")
+    outside = tmp_path / "outside-job"
+    job_id = box.submit(_lines(3))
+    (tmp_path / "spool/new" / job_id).rename(outside)  # a whole job folder, now outside the spool
+    (tmp_path / "spool/new/evil").symlink_to(victim, target_is_directory=True)
+    (tmp_path / "spool/new" / job_id).symlink_to(outside, target_is_directory=True)
+    summary = box.worker.run_once()
+    assert summary.accepted == [] and sorted(summary.refused) == sorted(["evil", job_id])
+    assert (victim / "REASON").read_text() == "IMPORTANT DATA\n"
+    assert (outside / "job.json").is_file() and not (tmp_path / "spool/cur" / job_id).exists()
+    for name in ("evil", job_id):
+        bad = tmp_path / "spool/bad" / name
+        assert not bad.is_symlink() and (bad / name).is_symlink()
+        assert "is a link, not a job folder" in (bad / "REASON").read_text()
+
+
 def test_a_stray_file_another_worker_set_aside_first_is_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

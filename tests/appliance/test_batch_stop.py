@@ -1,0 +1,77 @@
+"""``inferbox batch run --once`` stopped from outside (SIGTERM from systemd, Ctrl-C): the chunk in
+progress is given back with its attempt unspent, and the next run finishes the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from appliance.batch.jobs import JobStore
+
+SLOW_LOADER = """
+import functools
+from appliance.batch import fake
+
+def settings_loader(settings):
+    return functools.partial(fake.loader, delay_s=0.05)
+"""
+
+
+def _leased(state_db: Path) -> list[tuple[int, str, int]]:
+    if not state_db.exists():
+        return []
+    conn = sqlite3.connect(state_db)
+    try:
+        return conn.execute("SELECT idx, state, attempts FROM batch_chunks ORDER BY idx").fetchall()
+    except sqlite3.OperationalError:  # the schema not made yet
+        return []
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: signal.Signals) -> None:
+    """SIGTERM ended the run where it was: the chunk stayed leased with its attempt spent, and the
+    third `systemctl stop` (or reboot) in a chunk failed its job ("stopped 3 times before finishing")."""
+    (tmp_path / "slowfake.py").write_text(SLOW_LOADER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH", "")) if p)
+    home = tmp_path / "home"
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": f"record {i}"}) + "\n" for i in range(200)))
+    base = [sys.executable, "-m", "appliance", "batch"]
+    submitted = subprocess.run(
+        [*base, "submit", str(src), "--model", "fake-embed", "--home", str(home)],
+        capture_output=True, text=True, env=env, check=True, timeout=120,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip()
+    run = [*base, "run", "--once", "--home", str(home), "--loader", "slowfake:settings_loader", "--chunk-size", "200"]
+    for _ in range(3):  # three stops: the job failed on the third before
+        proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.monotonic() + 120
+        while not any(state == "leased" for _, state, _ in _leased(home / "state.db")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)  # polling for the lease, not an assertion
+        time.sleep(0.3)  # into the chunk's model calls (200 records, 0.05 s a call)
+        proc.send_signal(stop)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == (143 if stop == signal.SIGTERM else 1), (proc.returncode, err)
+        assert "Traceback" not in err, err
+        assert "the chunk in progress is given back" in err, err
+        assert _leased(home / "state.db") == [(0, "pending", 0)]  # given back, its attempt unspent
+    done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0 and "finished 1" in done.stdout, (done.stdout, done.stderr)
+    store = JobStore(home / "state.db")
+    try:
+        job = store.require_job(job_id)
+    finally:
+        store.close()
+    assert job.state == "done" and job.ok == 200
