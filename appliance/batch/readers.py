@@ -236,6 +236,12 @@ def _parquet_file(path: Path) -> Any:
 
 def read_chunk(path: Path, fmt: str, plan: ChunkPlan) -> Iterator[RawRecord]:
     """The records of one chunk, in file order."""
+    if not path.is_file():
+        # its chunks failed with FileNotFoundError three times, 25 s of backoff apart, and then the
+        # job said `batch retry`, which failed again the same way: only a new submission can help
+        raise InputChangedError(
+            f"the job's input {path} is gone (removed after the job was accepted); submit the file again as a new job"
+        )
     if fmt == "parquet":
         yield from _read_parquet(path, plan)
         return

@@ -18,6 +18,7 @@ Each job folder holds ``job.json`` (:class:`JobRequest`) and ``input.<format>``.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import os
 import secrets
@@ -43,6 +44,7 @@ __all__ = [
     "new_job_id",
     "pending",
     "read_request",
+    "remove_stale_staging",
     "strays",
     "submit",
 ]
@@ -153,10 +155,37 @@ def check_encoding(source: Path) -> None:
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
+    """Copy ``src`` whole, or refuse a file that changed while it was copied (still being written)."""
     with src.open("rb") as fin, dst.open("wb") as fout:
+        before = os.fstat(fin.fileno())
         shutil.copyfileobj(fin, fout, 1 << 20)
         fout.flush()
         os.fsync(fout.fileno())
+        after = os.stat(src)
+        copied = fout.tell()
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or copied != after.st_size:
+        raise BatchError(
+            f"{src} changed while it was copied into the spool (still being written?); submit it once it is "
+            "complete (the job would have held part of it)"
+        )
+
+
+def _warn_if_cut(src: Path, format_: str) -> None:
+    """A text input whose last line has no newline may be a file still being written: the job holds
+    what was there (a snapshot 1.2 s into a write held 129 of 400 records, the last one cut)."""
+    if format_ == "parquet":
+        return
+    with src.open("rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+    if last not in (b"\n", b"\r"):
+        log.warning(
+            "%s does not end with a newline: if it is still being written, the job holds only what is there now "
+            "(its last record may be cut)",
+            src,
+        )
 
 
 def submit(
@@ -202,16 +231,23 @@ def submit(
                 f"{source.name} has no column {pair_field!r} (its header is {header}); "
                 "pass --pair-field with the column that holds each pair's second text"
             )
-    if format_ == "parquet" and pair_field:
+        for name in dict.fromkeys(n for n in (text_field, pair_field, "id") if n):
+            if header.count(name) > 1:  # the last one was read, silently (id,text,text embedded the second)
+                raise BatchError(
+                    f"{source.name} has {header.count(name)} columns named {name!r} (its header is {header}); "
+                    "rename all but one of them, so that the right one is read"
+                )
+    if format_ == "parquet":
+        # a file without the text column was taken, and every row of it rejected (a "done" job)
         import pyarrow.parquet as pq
 
         try:
             names = pq.read_schema(source).names
-        except Exception as exc:  # not Parquet: the job's reader names it per record
+        except Exception as exc:  # not Parquet: the job fails, naming it (docs/batch.md)
             log.debug("no Parquet schema in %s: %s", source, exc)
             names = None
         for flag, name in (("--text-field", text_field), ("--pair-field", pair_field)):
-            if names is not None and name not in names:
+            if name and names is not None and name not in names:
                 raise BatchError(
                     f"{source.name} has no column {name!r} (its columns are {names}); pass {flag} with the column"
                 )
@@ -232,6 +268,7 @@ def submit(
     staging.mkdir()
     try:
         _copy_durably(source, staging / f"input.{format_}")
+        _warn_if_cut(staging / f"input.{format_}", format_)
         with (staging / "job.json").open("wb") as f:
             f.write(msgspec.json.encode(request))
             f.flush()
@@ -253,6 +290,37 @@ def read_request(job_dir: Path) -> JobRequest:
         return msgspec.json.decode((job_dir / "job.json").read_bytes(), type=JobRequest)
     except (OSError, msgspec.DecodeError) as exc:
         raise BatchError(f"spool entry {job_dir} has no valid job.json ({exc}); remove it and submit again") from exc
+
+
+#: a folder in ``tmp/`` none of whose files changed for this long is a submit that died mid-copy
+STALE_STAGING_S = 24 * 3600.0
+
+
+def remove_stale_staging(spool: Path, now: float, older_than_s: float = STALE_STAGING_S) -> list[str]:
+    """Remove what killed submits left in ``tmp/`` (nothing else removed it: a 300 MB copy stayed
+    for good); a folder is stale when neither it nor a file in it changed for ``older_than_s``
+    (a copy in progress changes its file).  Returns the names removed."""
+    staging = spool / "tmp"
+    removed: list[str] = []
+    try:
+        entries = list(staging.iterdir())
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        try:
+            changed = max(p.lstat().st_mtime for p in (entry, *(entry.iterdir() if _folder(entry) else ())))
+        except OSError:  # gone meanwhile (its submit finished), or not readable: left alone
+            continue
+        if now - changed < older_than_s:
+            continue
+        if _folder(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        log.warning("removed %s: a submit that stopped mid-copy left it (unchanged for a day)", entry)
+        removed.append(entry.name)
+    return removed
 
 
 def _folder(path: Path) -> bool:

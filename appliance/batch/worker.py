@@ -46,7 +46,7 @@ from api.protocols import AuditEvent, Digest
 from appliance.batch.jobs import Job, JobStore, Lease
 from appliance.batch.model import BatchModel, LatestVersion, ModelLoader
 from appliance.batch.readers import InputChangedError, plan_chunks
-from appliance.batch.spool import JobRequest, accept, pending, read_request, strays
+from appliance.batch.spool import JobRequest, accept, pending, read_request, remove_stale_staging, strays
 from appliance.batch.unit import ChunkOutcome, ChunkTask, check_model_fits, run_chunk, verify_chunk
 from appliance.batch.writers import atomic_write, rejects_name, remove_temp_files
 from runtime.errors import BatchError, InferboxError
@@ -281,6 +281,7 @@ class BatchWorker:
         full, read-only) stop the run: nothing is set aside for them.
         """
         accepted = []
+        remove_stale_staging(self.spool, time.time())  # file times are the wall clock's, not self.clock's
         for stray in strays(self.spool):
             with contextlib.suppress(_TakenError):
                 self._set_aside(
@@ -339,9 +340,11 @@ class BatchWorker:
             try:
                 plans = plan_chunks(job_dir / input_name, request.format, self.config.chunk_size)
             except (BatchError, OSError) as exc:
-                plans, error = [], str(exc)
+                # named where the input will be: the folder moves to cur/ below (the error named a
+                # path in new/ that no longer existed when an operator read it)
+                plans, error = [], str(exc).replace(str(job_dir / input_name), str(cur / input_name))
             except Exception as exc:  # anything else about this input fails this job only
-                plans, error = [], f"{job_dir / input_name} cannot be read: {type(exc).__name__}: {exc}"
+                plans, error = [], f"{cur / input_name} cannot be read: {type(exc).__name__}: {exc}"
             if error and not job_dir.exists():
                 raise _TakenError(job_id)  # moved to cur/ by the worker that recorded it: its input is fine
             if error:

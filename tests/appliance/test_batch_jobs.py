@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -259,6 +260,88 @@ def test_submit_checks_the_csv_text_column(tmp_path: Path) -> None:
     with pytest.raises(BatchError, match=r"has no column 'text' \(its header is \['id', 'body'\]\); pass --text-field"):
         submit(tmp_path / "spool", src, model="fake-embed")
     assert submit(tmp_path / "spool", src, model="fake-embed", text_field="body")
+
+
+def test_submit_refuses_a_csv_with_two_columns_of_a_name_it_reads(tmp_path: Path) -> None:
+    """id,text,text was taken, and the last 'text' column embedded without a word."""
+    src = tmp_path / "in.csv"
+    for header, name in (("id,text,text", "text"), ("id,id,text", "id"), ("q,d,q", "q")):
+        src.write_text(f"{header}\n1,a,b\n")
+        with pytest.raises(BatchError, match=rf"has 2 columns named '{name}' .*rename all but one"):
+            submit(tmp_path / "spool", src, model="fake-embed", text_field="q" if name == "q" else "text")
+    src.write_text("id,text,note,note\n1,a,b,c\n")  # a column it does not read may repeat
+    assert submit(tmp_path / "spool", src, model="fake-embed")
+
+
+def test_submit_refuses_a_parquet_file_without_the_text_column(tmp_path: Path) -> None:
+    """A Parquet file without the column was taken, and each of its rows rejected (a 'done' job);
+    only with --pair-field were the columns checked."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "body": ["a", "b"]}), src)
+    with pytest.raises(BatchError, match=r"has no column 'text' \(its columns are \['id', 'body'\]\)"):
+        submit(tmp_path / "spool", src, model="fake-embed")
+    assert submit(tmp_path / "spool", src, model="fake-embed", text_field="body")
+
+
+def test_what_a_killed_submit_left_in_spool_tmp_is_removed_after_a_day(tmp_path: Path) -> None:
+    """A submit killed mid-copy left spool/tmp/<job>/input.jsonl (300 MB in a probe) for good."""
+    import time
+
+    from appliance.batch.spool import STALE_STAGING_S
+
+    spool = tmp_path / "spool"
+    dead, live = spool / "tmp/20260101T000000Z-dead0000", spool / "tmp/20260101T000000Z-live0000"
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "input.jsonl").write_text('{"text": "half a cop')
+    old = time.time() - STALE_STAGING_S - 60
+    for path in (dead, dead / "input.jsonl", live):
+        os.utime(path, (old, old))  # live's file is still being written: its time is now
+    store = JobStore(tmp_path / "state.db")
+    w = BatchWorker(spool=spool, outbox=tmp_path / "outbox", store=store, loader=fake.loader)
+    try:
+        w.accept_new()
+    finally:
+        store.close()
+    assert sorted(p.name for p in (spool / "tmp").iterdir()) == [live.name]
+
+
+def test_submit_refuses_a_file_written_while_it_is_copied_and_warns_of_a_cut_last_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file still being written was taken as it stood (129 of 400 records, the last one cut) and
+    its job said done, without a word."""
+    import logging
+    import shutil
+
+    from appliance.batch import spool as spool_module
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "text": "a"}\n')
+    copy = shutil.copyfileobj
+
+    def writer_goes_on(fin: Any, fout: Any, length: int = 0) -> None:
+        copy(fin, fout, length)
+        with src.open("a") as more:
+            more.write('{"id": 2, "text": "b"}\n')
+
+    monkeypatch.setattr(spool_module.shutil, "copyfileobj", writer_goes_on)
+    with pytest.raises(BatchError, match="changed while it was copied into the spool"):
+        submit(tmp_path / "spool", src, model="fake-embed")
+    assert pending(tmp_path / "spool") == [] and list((tmp_path / "spool/tmp").iterdir()) == []
+    monkeypatch.undo()
+    src.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": "gr')
+    with caplog.at_level(logging.WARNING, logger="appliance.batch.spool"):
+        assert submit(tmp_path / "spool", src, model="fake-embed")
+    assert any("does not end with a newline" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    src.write_text('{"id": 1, "text": "a"}\n')
+    with caplog.at_level(logging.WARNING, logger="appliance.batch.spool"):
+        assert submit(tmp_path / "spool", src, model="fake-embed")
+    assert caplog.records == []
 
 
 def test_a_spool_entry_without_job_json_is_set_aside(tmp_path: Path) -> None:

@@ -451,6 +451,28 @@ def test_an_input_changed_after_acceptance_fails_its_job_at_once_naming_only_the
     assert [e.outcome for e in audit.events if e.event == "batch_end"] == ["failure"]
 
 
+@pytest.mark.parametrize("name", ["input.jsonl", "input.parquet"])
+def test_an_input_removed_after_acceptance_fails_its_job_at_once_naming_the_resubmit(tmp_path: Path, name: str) -> None:
+    """Its chunks failed with FileNotFoundError three times, two backoffs apart, and the job then
+    said `batch retry`, which could only fail the same way."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    box = Box(tmp_path)
+    if name.endswith(".parquet"):
+        src = tmp_path / "in.parquet"
+        pq.write_table(pa.table({"id": [1, 2], "text": ["a", "b"]}), src)
+        job_id = box.submit(src)
+    else:
+        job_id = box.submit(_lines(3))
+    box.worker.accept_new()
+    (tmp_path / "spool/cur" / job_id / name).unlink()
+    assert box.worker.run_once().failed == [job_id]
+    assert box.clock.slept == []
+    error = box.store.require_job(job_id).error
+    assert "is gone (removed after the job was accepted); submit the file again" in error and "retry" not in error
+
+
 def test_a_raw_control_character_is_named_once_in_the_reject_reason(tmp_path: Path) -> None:
     box = Box(tmp_path)
     job_id = box.submit(['{"id": 1, "text": "a\x01b"}'])

@@ -333,6 +333,19 @@ def test_a_crash_right_after_recording_an_unreadable_input_leaves_the_job_failed
     assert "is not a readable Parquet file" in ends[0].details["error"]
 
 
+def test_an_unreadable_input_is_named_where_it_lies_once_accepted(tmp_path: Path) -> None:
+    """The failed job's error named spool/new/<job>/input.parquet, which had moved to cur/ by then."""
+    box = Box(tmp_path)
+    src = tmp_path / "bad.parquet"
+    src.write_text("this is not parquet")
+    job_id = box.submit(src)
+    assert box.worker.run_once().failed == [job_id]
+    error = box.store.require_job(job_id).error
+    where = tmp_path / "spool" / "cur" / job_id / "input.parquet"
+    assert f"{where} is not a readable Parquet file" in error and where.is_file(), error
+    assert "/new/" not in error
+
+
 def test_status_shows_a_job_recorded_before_a_crash_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = _clean_home(tmp_path, monkeypatch)
     src = _jsonl(tmp_path / "in.jsonl", GOOD)
