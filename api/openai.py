@@ -146,6 +146,8 @@ def _texts(value: Any) -> list[str]:
 
 
 def _check_dimensions(wanted: int | None, dim: int, model: str) -> None:
+    if wanted is not None and wanted < 1:  # "cannot shorten them" answered 0 and -1 too
+        raise InputError(f"dimensions: must be a whole number >= 1, got {wanted}; or omit it", field="dimensions")
     if wanted is not None and dim > 0 and wanted != dim:
         raise InputError(
             f"dimensions: model {model!r} gives {dim} dimensions and cannot shorten them; omit dimensions",
