@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 import click
 import msgspec
 
-from appliance.commands.options import build_settings, refuse_root_in_foreign_state, state_options
+from appliance.commands.options import build_settings, existing_home, refuse_root_in_foreign_state, state_options
 
 if TYPE_CHECKING:
     from api.protocols import AuditEvent
@@ -229,6 +229,8 @@ def verify(
             "--legacy-start is for a database (--db, or the home's audit.db); an export says itself how its log began"
         )
     settings = build_settings(home=home, repository=repository)
+    if db_path is None and export_path is None:  # the home's own log: a mistyped home is not an empty log
+        existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
     keys = _trusted_keys(settings, public_keys)
     pace = settings_pace(settings, checkpoint_every, checkpoint_minutes)
     if export_path:
@@ -313,6 +315,7 @@ def export(home: Path | None, repository: Path | None, since: str | None, until:
     (or copied to stdout) only once its audit_export record is durable.
     """
     settings = build_settings(home=home, repository=repository)
+    existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
     started = _now()
     window = {"since": since or "", "until": until or "", "out": str(out) if out else "-"}
     summary = _export_to(settings, "inferbox audit export", started, window, _date(since), _date(until), out)
@@ -406,6 +409,7 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
     from appliance.audit.trust import settings_pace
 
     settings = build_settings(home=home, repository=repository)
+    existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
     folder = to or settings.ship_dir
     if folder is not None:
         refuse_root_in_foreign_state(settings, extra=(folder,))  # the copies root writes there
@@ -508,6 +512,7 @@ def tail(home: Path | None, repository: Path | None, count: int, as_json: bool) 
     from appliance.audit.log import AuditLog
 
     settings = build_settings(home=home, repository=repository)
+    existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
     started = _now()
     with AuditLog.open(settings) as log:
         records = log.tail(count)
@@ -541,6 +546,7 @@ def prune(home: Path | None, repository: Path | None, before: str, force: bool, 
     from runtime.errors import InferboxError
 
     settings = build_settings(home=home, repository=repository)
+    existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
     started = _now()
     action = "inferbox audit prune"
     asked = {"before": before, "force": str(force).lower()}

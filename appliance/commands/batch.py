@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from appliance.commands.options import build_settings, refusal, state_options
+from appliance.commands.options import build_settings, existing_home, refusal, state_options
 from appliance.settings import Settings
 from runtime.errors import BatchError
 from runtime.logs import configure as configure_logging
@@ -113,6 +113,7 @@ def submit(
     from appliance.batch.spool import submit as submit_file
 
     settings = build_settings(home=home, repository=repository)
+    existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
     job_id = submit_file(
         settings.spool, file, model=model, version=model_version, fmt=fmt, text_field=text_field, pair_field=pair_field
     )
@@ -166,6 +167,7 @@ def run(
     mode = "watch" if watch else "once"
     with refusal():  # a configuration the service's restarts cannot mend: exit 78, not 2
         settings = build_settings(home=home, repository=repository)
+        existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
         from appliance.server import public_key_of
 
         public_key_of(settings)  # the key packages must be signed with: named before anything is made
@@ -262,6 +264,7 @@ def retry(home: Path | None, repository: Path | None, job_id: str) -> None:
     from appliance.batch.jobs import JobStore
 
     settings = build_settings(home=home, repository=repository)
+    existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
     store = JobStore(settings.state_db)
     try:
         left = store.retry_job(job_id)
@@ -284,6 +287,7 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
     from appliance.batch.spool import pending
 
     settings = build_settings(home=home, repository=repository)
+    existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
     queued = [p.name for p in pending(settings.spool)]
     store = JobStore(settings.state_db)
     try:

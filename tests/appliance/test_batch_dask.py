@@ -124,6 +124,7 @@ def test_cli_batch_run_engine_dask(tmp_path: Path, cluster: Any, monkeypatch: py
         if key.startswith("INFERBOX_"):
             monkeypatch.delenv(key)
     home = tmp_path / "home"
+    home.mkdir()
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(7)))
     runner = CliRunner()

@@ -282,6 +282,7 @@ def test_a_local_cluster_that_cannot_start_says_so_in_one_line(
     for name in [k for k in os.environ if k.startswith("INFERBOX_")]:
         monkeypatch.delenv(name)
     env = {"INFERBOX_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n')
     runner = CliRunner()

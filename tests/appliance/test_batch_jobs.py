@@ -198,6 +198,7 @@ def test_cli_submit_run_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         if key.startswith("INFERBOX_"):
             monkeypatch.delenv(key)
     home = tmp_path / "home"
+    home.mkdir()
     runner = CliRunner()
     src = tmp_path / "in.csv"
     src.write_text("id,body\n1,hello\n2,\n3,world\n")

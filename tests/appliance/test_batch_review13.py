@@ -285,6 +285,7 @@ def test_batch_run_on_a_read_only_outbox_exits_2_with_one_line_naming_the_path(
         if key.startswith("INFERBOX_"):
             monkeypatch.delenv(key)
     home = tmp_path / "home"
+    home.mkdir()
     src = tmp_path / "in.jsonl"
     src.write_text("".join(line + "\n" for line in _lines(3)))
     runner = CliRunner()

@@ -463,7 +463,9 @@ def _clean_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for key in list(os.environ):
         if key.startswith("INFERBOX_"):
             monkeypatch.delenv(key)
-    return tmp_path / "home"
+    home = tmp_path / "home"
+    home.mkdir()  # batch and audit commands refuse a home that is not there (a mistyped --home)
+    return home
 
 
 def _cli(*args: str) -> Any:

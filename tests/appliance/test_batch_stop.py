@@ -45,6 +45,7 @@ def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: s
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH", "")) if p)
     home = tmp_path / "home"
+    home.mkdir()
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": i, "text": f"record {i}"}) + "\n" for i in range(200)))
     base = [sys.executable, "-m", "appliance", "batch"]

@@ -47,6 +47,7 @@ def test_batch_run_refuses_once_with_watch_before_touching_anything(tmp_path: Pa
 
 def test_batch_run_once_alone_still_runs_and_exits(tmp_path: Path) -> None:
     home = tmp_path / "home"
+    home.mkdir()
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": 1, "text": "hello"}\n')
     assert run_cli(home, "batch", "submit", str(src), "--model", "fake-embed").exit_code == 0
@@ -72,6 +73,7 @@ def test_batch_run_refuses_its_configuration_with_the_exit_the_unit_does_not_res
     until the start limit left it and its .path unit failed (review 14)."""
     from appliance.commands.options import EXIT_CONFIG
 
+    (tmp_path / "home").mkdir()
     result = run_cli(tmp_path / "home", "batch", "run", "--once", "--loader", FAKE, **env)
     assert result.exit_code == EXIT_CONFIG == 78, result.output
     assert result.output.startswith("error: ") and named in result.output
@@ -162,6 +164,7 @@ def test_pack_of_a_signed_package_still_names_the_publisher_key(tmp_path: Path) 
 
 def test_a_short_csv_row_is_rejected_under_its_id(tmp_path: Path) -> None:
     home = tmp_path / "home"
+    home.mkdir()
     src = tmp_path / "in.csv"
     src.write_text('id,text\n1,hello\n2,"quoted, text"\n3\n')
     job_id = run_cli(home, "batch", "submit", str(src), "--model", "fake-embed").stdout.strip()

@@ -99,6 +99,33 @@ def test_keys_refuse_a_home_that_does_not_exist(tmp_path: Path, args: tuple[str,
     assert not typo.exists()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("batch", "submit", "IN", "--model", "minilm"),
+        ("batch", "run", "--once"),
+        ("batch", "status"),
+        ("batch", "retry", "20260101T000000Z-deadbeef"),
+        ("audit", "tail"),
+        ("audit", "verify"),
+        ("audit", "export"),
+        ("models", "list"),
+    ],
+)
+def test_batch_audit_and_models_refuse_a_home_that_does_not_exist(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """`batch submit --home <typo>` made a new state folder and put the job in its spool, where no
+    worker looks; `audit tail` pointed at `signing-key create`, which made a home with an empty log;
+    `models list` said there were no packages (exit 0)."""
+    typo = tmp_path / "hoem"
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a"}\n')
+    argv = [str(src) if a == "IN" else a for a in args]
+    r = CliRunner().invoke(main, argv, env={"INFERBOX_HOME": str(typo)})
+    assert r.exit_code in (2, 78), r.output  # 78: batch run, so that its unit does not restart it
+    assert f"no state folder at {typo}" in r.stderr and "Traceback" not in r.output
+    assert not typo.exists()
+
+
 def test_key_store_does_not_create_a_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no state folder at"):
         KeyStore(tmp_path / "missing" / "state.db")
@@ -183,7 +210,7 @@ def test_serve_on_a_port_in_use_says_so_before_it_loads_or_records_anything(tmp_
         taken.listen()
         port = taken.getsockname()[1]
         r = CliRunner().invoke(main, ["serve", "--home", str(home), "--port", str(port)])
-    assert r.exit_code == 1 and f"127.0.0.1:{port} is in use" in r.output and "--port" in r.output, r.output
+    assert r.exit_code == 2 and f"error: 127.0.0.1:{port} is in use" in r.output and "--port" in r.output, r.output
     assert not (home / "audit.db").exists() and not (home / "models").exists()
 
 
