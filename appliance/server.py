@@ -100,6 +100,10 @@ def _build_default_child(repository: str, name: str, threads: int, signing_key: 
     except InferboxError as exc:
         log.error("building the default model failed: %s", exc)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the terminal's whole process group: the parent says "Aborted!" and the next
+        # start builds again; this child printed a stack trace from wherever the export was
+        sys.exit(130)
 
 
 def prepare(settings: Settings, *, build_default: bool = True) -> Prepared:

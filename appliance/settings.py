@@ -293,6 +293,14 @@ class Settings:
         return out
 
 
+def _did_you_mean(name: str, *, prefix: str = "") -> str:
+    """``"; did you mean X?"`` for the setting whose name is closest to ``name`` (a typo), else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(_BY_NAME), n=1, cutoff=0.75)
+    return f"; did you mean {prefix}{close[0].upper() if prefix else close[0]}?" if close else ""
+
+
 def _coerce(field: Field, raw: Any, where: str, problems: list[str]) -> Any:
     label = f"{field.name} ({where})"
     try:
@@ -310,7 +318,10 @@ def _coerce(field: Field, raw: Any, where: str, problems: list[str]) -> Any:
                 raise ValueError("expected an integer")
             if isinstance(raw, float) and not (math.isfinite(raw) and raw.is_integer()):
                 raise ValueError("expected a whole number (a fraction would be cut off)")
-            value = int(raw)
+            try:
+                value = int(raw)
+            except ValueError:  # int()'s own words: "invalid literal for int() with base 10: 'abc'"
+                raise ValueError("expected a whole number") from None
         elif field.type is float:
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
@@ -400,7 +411,7 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
             for k, v in value.items():
                 f = _BY_NAME.get(k)
                 if f is None:
-                    problems.append(f"config file {path}: unknown key [{key}] {k}")
+                    problems.append(f"config file {path}: unknown key [{key}] {k}{_did_you_mean(k)}")
                 elif f.section != key:
                     problems.append(f"config file {path}: {k} belongs in [{f.section}], not [{key}]")
                 else:
@@ -408,7 +419,7 @@ def _read_toml(path: Path, problems: list[str]) -> dict[str, Any]:
         elif key in _BY_NAME:
             flat[key] = value
         else:
-            problems.append(f"config file {path}: unknown key {key}")
+            problems.append(f"config file {path}: unknown key {key}{_did_you_mean(key)}")
     return flat
 
 
@@ -430,14 +441,15 @@ def load_settings(
     problems: list[str] = []
     for k in cli:
         if k not in _BY_NAME:
-            problems.append(f"unknown setting {k!r}")
+            problems.append(f"unknown setting {k!r}{_did_you_mean(k)}")
 
     env_values: dict[str, str] = {}
     known_env = {"INFERBOX_" + f.name.upper() for f in FIELDS} | NOT_SETTINGS_ENV
     for key, value in env.items():
         if key.startswith("INFERBOX_"):
             if key not in known_env:
-                problems.append(f"environment variable {key} is not an inferbox setting")
+                guess = _did_you_mean(key.removeprefix("INFERBOX_").lower(), prefix="INFERBOX_")
+                problems.append(f"environment variable {key} is not an inferbox setting{guess}")
             elif key not in NOT_SETTINGS_ENV:
                 env_values[key.removeprefix("INFERBOX_").lower()] = value
 

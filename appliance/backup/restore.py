@@ -498,6 +498,8 @@ def _place(placed: list[tuple[Path, Path]], settings: Settings) -> None:
     try:
         for src, dest in [m for m in placed if m not in databases] + databases:
             made += _mkdirs(dest.parent)
+            if dest.suffix == ".pub":  # a public key (the signing key's, a retired one's) is for anyone to read,
+                os.chmod(src, 0o644)  # as the first start wrote it; it came out of the archive 0600
             _move(src, dest)
             done.append((src, dest))
         for folder in {d.parent for _, d in placed}:

@@ -195,6 +195,10 @@ def _check_port(host: str, port: int) -> None:
     import errno
     import socket
 
+    from runtime.errors import InferboxError
+
+    # `error: ...` and exit 2, as every error the CLI raises on purpose (click's "Error:" and exit 1 were
+    # the odd ones out); not 78: a port held by a server still stopping is free on the unit's restart
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
@@ -202,16 +206,16 @@ def _check_port(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise click.ClickException(
+                raise InferboxError(
                     f"{host}:{port} is in use (another inferbox serve on this box? `ss -ltnp 'sport = :{port}'` "
                     "names it): stop it, or serve on another port (--port, INFERBOX_PORT)"
                 ) from None
             if exc.errno == errno.EACCES:
-                raise click.ClickException(
+                raise InferboxError(
                     f"cannot listen on {host}:{port} ({exc.strerror}): a port below 1024 needs root or "
                     "CAP_NET_BIND_SERVICE; serve on a port above 1023 (--port), behind a proxy if need be"
                 ) from None
-            raise click.ClickException(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+            raise InferboxError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
 def _log_certificate(log: logging.Logger, tls: TlsPlan) -> None:

@@ -38,3 +38,24 @@ def test_the_server_loads_models_with_its_worker_count(tmp_path: Path, monkeypat
     with pytest.raises(LookupError):
         server.batch_loader(settings)("m", None)
     assert seen[-1].workers == 1
+
+
+def test_ctrl_c_during_the_first_start_build_exits_the_child_without_a_stack_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C reaches the terminal's whole process group: the build's child printed a stack trace
+    ("Process inferbox-build-default: Traceback ...") beside the parent's "Aborted!"."""
+    import export.default
+    from appliance.server import _build_default_child
+    from runtime.signing import generate_private_key, write_private_key
+
+    write_private_key(generate_private_key(), tmp_path / "signing.key")
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.default, "build_default", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        _build_default_child(str(tmp_path / "models"), "minilm", 1, str(tmp_path / "signing.key"))
+    assert exited.value.code == 130
+    assert "Traceback" not in capsys.readouterr().err

@@ -126,6 +126,27 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert str(err.value).startswith("invalid settings:\n  - ")
 
 
+def test_a_misspelt_setting_is_named_with_the_closest_one_and_a_word_for_an_integer(tmp_path: Path) -> None:
+    """INFERBOX_PROT was refused without a hint, and INFERBOX_PORT=abc said "invalid literal for int()
+    with base 10" (Python's words, not an operator's)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[server]\nprot = 9000\n[batching]\nmax_batch = 8\n")
+    env = env_for(tmp_path, INFERBOX_CONFIG=str(cfg), INFERBOX_PROT="1", INFERBOX_PORT="abc", INFERBOX_ZZZ="1")
+    with pytest.raises(ConfigError) as err:
+        load_settings({"treads": 2}, environ=env)
+    problems = err.value.problems
+    for want in [
+        "unknown setting 'treads'; did you mean threads?",
+        "environment variable INFERBOX_PROT is not an inferbox setting; did you mean INFERBOX_PORT?",
+        "environment variable INFERBOX_ZZZ is not an inferbox setting",  # exactly: no guess when none is close
+        f"config file {cfg}: unknown key [server] prot; did you mean port?",
+        f"config file {cfg}: unknown key [batching] max_batch; did you mean max_batch_size?",
+        "port (env INFERBOX_PORT): 'abc' is not valid: expected a whole number",
+    ]:
+        assert want in problems, (want, problems)
+    assert not any("int()" in p for p in problems)
+
+
 @pytest.mark.parametrize(
     ("field", "raw", "message"),
     [

@@ -107,6 +107,8 @@ def test_round_trip_restores_keys_log_packages_and_batch_results(box: dict[str, 
     assert KeyStore(new / "state.db").verify(box["key"]).scopes == ("infer",)
     assert Repository(new / "models").open("mlp").manifest.name == "mlp"
     assert sha256(new / "keys" / "signing.key") == sha256(box["home"] / "keys" / "signing.key")
+    assert oct((new / "keys" / "signing.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((new / "keys" / "signing.key.pub").stat().st_mode & 0o777) == "0o644"  # was 0600, as archived
     assert not (new / "keys" / "first-admin.key").exists()
     outbox = sorted(p.relative_to(box["home"]) for p in (box["home"] / "outbox").rglob("*") if p.is_file())
     assert outbox and all(sha256(new / p) == sha256(box["home"] / p) for p in outbox)
