@@ -154,7 +154,7 @@ def _no_route(request: Request[Any, Any, Any], ctx: RequestContext, exc: HTTPExc
     like ``auth = false``).  The key is read here only to name who asked; the answer is the same
     whatever it is."""
     auth: Authenticator | None = request.app.state.get("auth")
-    if auth is not None:
+    if auth is not None and auth.enabled and auth.keys is not None:
         with contextlib.suppress(AuthError):  # refused: the answer stays this one
             header = authorization_of(request.headers)
             if header:
@@ -177,6 +177,9 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
             headers["WWW-Authenticate"] = 'Bearer realm="inferbox"'
         if isinstance(exc, OverloadError):
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        if isinstance(exc, BodyTimeoutError):
+            # a kept-alive connection after a 408 let the same stalled client trickle on for ever
+            headers["Connection"] = "close"
     elif isinstance(exc, RequestTimeoutError):
         message = str(exc)
     elif isinstance(exc, ValidationException):

@@ -3,12 +3,15 @@
 A log line repeats what a request named (a model, a file, a header's value), and a newline in it
 started a line of the client's choosing in the journal (``2026-12-07 11:41:08,349 ERROR forged: audit
 disabled``).  :class:`OneLineFormatter` writes every control character of a record's message as an
-escape (``\\n``, ``\\x00``); a traceback the record carries stays as Python writes it.
+escape (``\\n``, ``\\x00``); a traceback the record carries keeps its lines, and only the
+exception's own words (``ValueError: <what a client sent>``) are escaped.
 """
 
 from __future__ import annotations
 
 import logging
+import traceback
+from types import TracebackType
 
 __all__ = ["FORMAT", "OneLineFormatter", "configure", "one_line"]
 
@@ -33,6 +36,19 @@ class OneLineFormatter(logging.Formatter):
             return super().formatMessage(record)
         finally:
             record.message = message
+
+    def formatException(  # noqa: N802 (logging's name)
+        self, ei: tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+    ) -> str:
+        if ei[1] is None:
+            return super().formatException(ei)
+        lines: list[str] = []
+        for chunk in traceback.TracebackException.from_exception(ei[1]).format(chain=True):
+            # the stack's lines and the chain's separators are Python's; the rest is an exception's
+            # text (its message, its notes), which may hold a client's newline
+            ours = chunk.startswith(("Traceback (most recent call last):", "  ", "\n"))
+            lines.append(chunk if ours else one_line(chunk.rstrip("\n")) + "\n")
+        return "".join(lines).rstrip("\n")
 
 
 def configure(level: int | str) -> None:

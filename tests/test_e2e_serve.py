@@ -475,6 +475,19 @@ def test_audit_is_readable_over_the_api_with_its_own_scope(served: Served) -> No
     assert bad.status_code == 400 and "limit" in bad.text
 
 
+def test_a_parquet_file_without_the_text_column_is_refused_for_a_text_model(served: Served, tmp_path: Path) -> None:
+    """Submit reads the model's manifest for the hint: a text model's Parquet job without its text
+    column became a 'done' job with every row rejected (a tensor model's columns are its inputs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "job.parquet"
+    pq.write_table(pa.table({"id": [1], "body": ["hello"]}), source)
+    refused = cli("batch", "submit", str(source), "--model", "minilm", home=served.home, repository=served.repository)
+    assert refused.returncode == 2 and "has no column 'text'" in refused.stderr, refused.stderr
+    assert not list((served.home / "spool" / "new").glob("*"))  # nothing spooled
+
+
 def test_batch_job_results_equal_the_api_and_share_the_audit_chain(served: Served, tmp_path: Path) -> None:
     texts = ["short", "", "a claim about a broken windscreen", 42, "Der Vertrag endet am 31. Dezember."]
     source = tmp_path / "job.jsonl"

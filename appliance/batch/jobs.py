@@ -195,8 +195,10 @@ class JobStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
         try:
+            # inside the try: a signal handled as BEGIN returns (SIGTERM to `batch run --once`, Ctrl-C)
+            # left the transaction open, and the give-back after it could not start its own
+            self._conn.execute("BEGIN IMMEDIATE")
             yield self._conn
             self._conn.execute("COMMIT")
         except BaseException:

@@ -236,9 +236,11 @@ def _parquet_file(path: Path) -> Any:
 
 def read_chunk(path: Path, fmt: str, plan: ChunkPlan) -> Iterator[RawRecord]:
     """The records of one chunk, in file order."""
-    if not path.is_file():
+    if not path.is_file() and path.parent.parent.is_dir():
         # its chunks failed with FileNotFoundError three times, 25 s of backoff apart, and then the
-        # job said `batch retry`, which failed again the same way: only a new submission can help
+        # job said `batch retry`, which failed again the same way: only a new submission can help.
+        # (A Dask worker without the spool at all, cur/ missing, is not told so: a mount it lacks
+        # fails the chunk's attempt there, and another worker may run it.)
         raise InputChangedError(
             f"the job's input {path} is gone (removed after the job was accepted); submit the file again as a new job"
         )

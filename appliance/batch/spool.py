@@ -197,11 +197,14 @@ def submit(
     fmt: str | None = None,
     text_field: str = "text",
     pair_field: str = "",
+    text_model: bool | None = None,
     now: Callable[[], float] = time.time,
 ) -> str:
     """Place ``source`` in the spool atomically; return the job id.
 
     ``pair_field``: score (``text_field``, ``pair_field``) pairs with a text classifier.
+    ``text_model``: whether the model reads text (None: not known), so that a Parquet file is held
+    to a text column only for a text model (a tensor model's columns are its inputs).
     """
     if not source.is_file():
         raise BatchError(f"input file {source} does not exist or is not a file; pass a JSONL, CSV or Parquet file")
@@ -237,8 +240,9 @@ def submit(
                     f"{source.name} has {header.count(name)} columns named {name!r} (its header is {header}); "
                     "rename all but one of them, so that the right one is read"
                 )
-    if format_ == "parquet":
-        # a file without the text column was taken, and every row of it rejected (a "done" job)
+    if format_ == "parquet" and (pair_field or text_model):
+        # a text model's file without the text column was taken, and every row of it rejected (a "done"
+        # job); a tensor model's Parquet columns are its inputs, and a model not known here is not judged
         import pyarrow.parquet as pq
 
         try:

@@ -115,9 +115,30 @@ def submit(
     settings = build_settings(home=home, repository=repository)
     existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
     job_id = submit_file(
-        settings.spool, file, model=model, version=model_version, fmt=fmt, text_field=text_field, pair_field=pair_field
+        settings.spool,
+        file,
+        model=model,
+        version=model_version,
+        fmt=fmt,
+        text_field=text_field,
+        pair_field=pair_field,
+        text_model=_is_text_model(settings, model, model_version),
     )
     click.echo(job_id)
+
+
+def _is_text_model(settings: Settings, model: str, version: int | None) -> bool | None:
+    """Whether ``model`` (as the repository holds it now) reads text; None when that cannot be told
+    (not installed yet: the job names it when it runs).  Only a hint for submit's checks."""
+    from runtime.manifest import decode_manifest
+    from runtime.repository import Repository
+
+    try:
+        repo = Repository(settings.repository)
+        found = repo.path(model, version if version is not None else repo.latest(model))
+        return decode_manifest((found / "manifest.json").read_bytes()).text is not None
+    except Exception:  # any reason it cannot be read: no hint, the job's run says what is wrong
+        return None
 
 
 def _actor(environ: dict[str, str]) -> str:
@@ -246,14 +267,23 @@ def run(
             if resource is not None:
                 with contextlib.suppress(Exception):
                     resource.close()
+        if isinstance(exc, _Terminated):
+            # end as SIGTERM ends a process: systemd takes that for a clean stop, an exit status of
+            # 143 for a failure (the unit would show failed after every `systemctl stop`)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         raise
     store.close()
     if audit is not None:
         audit.close()
 
 
+class _Terminated(SystemExit):
+    """SIGTERM, raised where the run was so that it can give back what it held."""
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    raise _Terminated(128 + signum)
 
 
 @batch.command()

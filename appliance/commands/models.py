@@ -74,7 +74,9 @@ def list_cmd(home: Path | None, repository: Path | None, verify: bool, as_json: 
     from appliance.models.listing import list_packages
 
     # the home's repository of a home that is not there is no empty repository: a mistyped --home
-    settings = _settings(home, repository) if repository is None else build_settings(home=home, repository=repository)
+    settings = build_settings(home=home, repository=repository)
+    if settings.sources.get("repository", "default") == "default":  # <home>/models: the home must be there
+        settings = _settings(home, repository)
     listed = list_packages(settings, verify=verify)
     if as_json:
         click.echo(json.dumps([{**item.__dict__, "path": str(item.path)} for item in listed], indent=2))

@@ -371,7 +371,13 @@ def test_a_large_body_is_decoded_off_the_event_loop(client_factory: Any, monkeyp
     assert handed == ["decode_infer_request", msgspec.json.decode.__name__]
 
 
-def _asgi_call(app: Any, path: str, messages: list[dict[str, Any]], hangup: asyncio.Event) -> Any:
+def _asgi_call(
+    app: Any,
+    path: str,
+    messages: list[dict[str, Any]],
+    hangup: asyncio.Event,
+    headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+) -> Any:
     """One request straight through ASGI: ``messages`` as the body, then (once ``hangup`` is set) the
     client's disconnect; what the app sent is returned."""
     sent: list[dict[str, Any]] = []
@@ -396,7 +402,7 @@ def _asgi_call(app: Any, path: str, messages: list[dict[str, Any]], hangup: asyn
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
+        "headers": [(b"content-type", b"application/json"), (b"host", b"t"), *headers],
         "client": ("127.0.0.1", 5000),
         "server": ("127.0.0.1", 80),
     }
@@ -484,9 +490,22 @@ def test_a_body_that_stalls_is_answered_408_naming_body_timeout_s(tmp_path: Path
     sent = asyncio.run(asyncio.wait_for(_asgi_call(app, path, part, never), 30))
     start, body = sent[0], msgspec.json.decode(sent[-1]["body"])
     assert start["status"] == 408, sent
+    assert (b"connection", b"close") in [(bytes(k).lower(), bytes(v)) for k, v in start["headers"]]  # no trickle on
     message = body["error"]["message"] if path.startswith("/v1") else body["error"]
     assert "12 bytes arrived in 0.3 s" in message and "body_timeout_s" in message, message
     assert [(e.status, e.outcome) for e in audit.events] == [(408, "failure")]
+
+
+def test_two_authorization_headers_are_no_reason_to_refuse_with_auth_off(tmp_path: Path) -> None:
+    """With auth off every request is anonymous; two Authorization lines (a proxy adding its own)
+    were refused 401 there too.  (The test client joins two headers into one: raw ASGI here.)"""
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]), config=ApiConfig(auth=False), audit=None, keys=None
+    )
+    body = [{"type": "http.request", "body": msgspec.json.encode(BODY)}]
+    two = [(b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")]
+    sent = asyncio.run(asyncio.wait_for(_asgi_call(app, "/v2/models/tabular/infer", body, asyncio.Event(), two), 30))
+    assert sent[0]["status"] == 200, sent
 
 
 def test_a_listener_left_waiting_when_the_client_goes_leaves_no_pending_task(

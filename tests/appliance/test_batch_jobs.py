@@ -283,8 +283,13 @@ def test_submit_refuses_a_parquet_file_without_the_text_column(tmp_path: Path) -
     src = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": [1, 2], "body": ["a", "b"]}), src)
     with pytest.raises(BatchError, match=r"has no column 'text' \(its columns are \['id', 'body'\]\)"):
-        submit(tmp_path / "spool", src, model="fake-embed")
-    assert submit(tmp_path / "spool", src, model="fake-embed", text_field="body")
+        submit(tmp_path / "spool", src, model="fake-embed", text_model=True)
+    assert submit(tmp_path / "spool", src, model="fake-embed", text_field="body", text_model=True)
+    # a tensor model's columns are its inputs, and a model not in the repository is not judged here
+    tensor = tmp_path / "tensor.parquet"
+    pq.write_table(pa.table({"id": [1], "x": [[1.0, 2.0, 3.0, 4.0]]}), tensor)
+    assert submit(tmp_path / "spool", tensor, model="fake-tabular", text_model=False)
+    assert submit(tmp_path / "spool", tensor, model="fake-tabular", text_model=None)
 
 
 def test_what_a_killed_submit_left_in_spool_tmp_is_removed_after_a_day(tmp_path: Path) -> None:

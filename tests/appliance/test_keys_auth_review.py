@@ -126,6 +126,14 @@ def test_batch_audit_and_models_refuse_a_home_that_does_not_exist(tmp_path: Path
     assert not typo.exists()
 
 
+def test_models_list_of_a_repository_named_by_its_setting_needs_no_home(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    repository.mkdir()
+    env = {"INFERBOX_HOME": str(tmp_path / "hoem"), "INFERBOX_REPOSITORY": str(repository)}
+    r = CliRunner().invoke(main, ["models", "list"], env=env)
+    assert r.exit_code == 0 and "no packages in" in r.output, r.output
+
+
 def test_key_store_does_not_create_a_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no state folder at"):
         KeyStore(tmp_path / "missing" / "state.db")

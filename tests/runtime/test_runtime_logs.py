@@ -27,14 +27,22 @@ def test_a_name_with_a_newline_makes_one_line() -> None:
     assert "\n" not in line and line.endswith(f"model x\\n{FORGED} did not load")
 
 
-def test_a_traceback_stays_as_python_writes_it_and_the_record_is_left_alone() -> None:
+def test_a_traceback_keeps_its_lines_but_not_the_exception_s_newlines() -> None:
+    """A 500's traceback ends with the exception's text, which may hold what a client sent."""
     try:
-        raise ValueError("boom")
+        try:
+            raise KeyError("inner")
+        except KeyError as inner:
+            raise ValueError(f"model x\n{FORGED}") from inner
     except ValueError:
         record = _record("failed: %s", "a\nb", exc_info=sys.exc_info())
     text = OneLineFormatter(FORMAT).format(record)
     first, *rest = text.splitlines()
     assert first.endswith("failed: a\\nb") and rest[0] == "Traceback (most recent call last):"
+    assert rest[-1] == f"ValueError: model x\\n{FORGED}"
+    assert "The above exception was the direct cause of the following exception:" in rest
+    assert sum(line.startswith("  File ") for line in rest) == 2  # the stack, line by line
+    assert not any(line.startswith(FORGED[:10]) for line in rest)
     assert record.getMessage() == "failed: a\nb"  # other handlers (pytest's, a test's) see it unchanged
 
 
