@@ -494,6 +494,7 @@ def test_batch_job_results_equal_the_api_and_share_the_audit_chain(served: Serve
     source.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
     submitted = cli("batch", "submit", str(source), "--model", "minilm", home=served.home, repository=served.repository)
     assert submitted.returncode == 0, submitted.stderr
+    assert "warning" not in submitted.stderr, submitted.stderr  # the repository holds minilm
     job = submitted.stdout.strip().split()[-1]
     # The batch worker is a second process appending to the same audit chain as the running API.
     ran = cli("batch", "run", "--once", home=served.home, repository=served.repository)

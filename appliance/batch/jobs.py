@@ -30,7 +30,7 @@ from appliance.batch.spool import JobRequest
 from appliance.sqlite import enable_wal
 from runtime.errors import BatchError
 
-__all__ = ["Job", "JobStore", "Lease"]
+__all__ = ["Activity", "Job", "JobStore", "Lease"]
 
 JOBS = "batch_jobs"
 CHUNKS = "batch_chunks"
@@ -69,6 +69,13 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
     worker: str
     lease_until: float
     attempts: int
+
+
+class Activity(msgspec.Struct, frozen=True, kw_only=True):
+    """An unfinished job's chunks (and claims) held by a worker now, and its next retry's time."""
+
+    held: int
+    retry_at: float | None
 
 
 _JOB_SELECT = (
@@ -526,6 +533,24 @@ class JobStore:
             (max_attempts,),
         ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
+
+    def activity(self) -> dict[str, Activity]:
+        """What is happening to each unfinished job now: how many of its chunks (and claims) a worker
+        holds, and when its earliest chunk given back after a failure may run again.  A job none holds
+        is waiting for a run: its state stays ``running`` once started (``batch status`` says so)."""
+        now = self.clock()
+        rows = self._rows(
+            "SELECT j.job_id, "
+            "(SELECT COUNT(*) FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state = 'leased' "
+            "AND c.lease_until >= ?) + (j.claim_worker IS NOT NULL AND j.claim_until >= ?) AS held, "
+            "(SELECT MIN(c.lease_until) FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state = 'pending' "
+            "AND c.lease_until > ?) AS retry_at FROM batch_jobs j WHERE j.state IN ('queued', 'running')",
+            (now, now, now),
+        )
+        return {
+            r["job_id"]: Activity(held=int(r["held"]), retry_at=None if r["retry_at"] is None else float(r["retry_at"]))
+            for r in rows
+        }
 
     def leased_workers(self) -> list[str]:
         """Workers holding a lease (of a chunk, or a claim of a job) now."""

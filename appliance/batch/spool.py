@@ -188,6 +188,35 @@ def _warn_if_cut(src: Path, format_: str) -> None:
         )
 
 
+def _warn_if_empty(src: Path, format_: str) -> None:
+    """A file without a record is taken (an export that found nothing is not an error), but said so:
+    its job ended "done" with 0 records, and nothing told the operator who sent an empty file."""
+    start = 0
+    if format_ == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            if pq.read_metadata(src).num_rows > 0:
+                return
+        except Exception:  # not Parquet: the job fails, naming it
+            return
+    else:
+        if format_ == "csv":
+            from appliance.batch.readers import csv_header
+
+            _, start = csv_header(src)
+        with src.open("rb") as f:
+            f.seek(start)
+            while block := f.read(1 << 20):
+                if block.strip():
+                    return
+    log.warning("%s holds no records (%s): the job will finish with nothing to do", src, _empty_what(format_))
+
+
+def _empty_what(format_: str) -> str:
+    return {"csv": "a header, no rows", "parquet": "0 rows"}.get(format_, "no JSON lines")
+
+
 def submit(
     spool: Path,
     source: Path,
@@ -273,6 +302,7 @@ def submit(
     try:
         _copy_durably(source, staging / f"input.{format_}")
         _warn_if_cut(staging / f"input.{format_}", format_)
+        _warn_if_empty(staging / f"input.{format_}", format_)
         with (staging / "job.json").open("wb") as f:
             f.write(msgspec.json.encode(request))
             f.flush()

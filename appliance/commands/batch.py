@@ -12,8 +12,9 @@ import os
 import signal
 import sqlite3
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +22,9 @@ from appliance.commands.options import build_settings, existing_home, refusal, s
 from appliance.settings import Settings
 from runtime.errors import BatchError
 from runtime.logs import configure as configure_logging
+
+if TYPE_CHECKING:
+    from appliance.batch.jobs import Activity
 
 __all__ = ["batch", "settings_loader"]
 
@@ -114,6 +118,7 @@ def submit(
 
     settings = build_settings(home=home, repository=repository)
     existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
+    text_model, missing = _model_hint(settings, model, model_version)
     job_id = submit_file(
         settings.spool,
         file,
@@ -122,23 +127,48 @@ def submit(
         fmt=fmt,
         text_field=text_field,
         pair_field=pair_field,
-        text_model=_is_text_model(settings, model, model_version),
+        text_model=text_model,
     )
     click.echo(job_id)
+    if missing:  # after the job id: a script reading stdout gets it either way
+        click.echo(f"warning: {missing}", err=True)
 
 
-def _is_text_model(settings: Settings, model: str, version: int | None) -> bool | None:
-    """Whether ``model`` (as the repository holds it now) reads text; None when that cannot be told
-    (not installed yet: the job names it when it runs).  Only a hint for submit's checks."""
+def _model_hint(settings: Settings, model: str, version: int | None) -> tuple[bool | None, str]:
+    """Whether ``model`` (as the repository holds it now) reads text (None: cannot be told), and what
+    to warn of when the repository does not hold it: the job is taken (the model may be installed
+    before it runs), but a mistyped name was told only when the job ran and failed."""
     from runtime.manifest import decode_manifest
     from runtime.repository import Repository
 
+    repo = Repository(settings.repository)
     try:
-        repo = Repository(settings.repository)
-        found = repo.path(model, version if version is not None else repo.latest(model))
-        return decode_manifest((found / "manifest.json").read_bytes()).text is not None
+        known = repo.versions(model)
+    except Exception:  # unreadable: no hint, the job's run says what is wrong
+        return None, ""
+    if not known or (version is not None and version not in known):
+        wanted = f"model {model!r}" + ("" if version is None else f" version {version}")
+        have = "versions " + ", ".join(map(str, known)) if known else "models: " + (", ".join(repo.models()) or "none")
+        return None, (
+            f"{wanted} is not in the repository {settings.repository} ({have}); the job fails when it runs "
+            "unless it is installed first (`inferbox models list` shows what is there)"
+        )
+    try:
+        found = repo.path(model, version if version is not None else known[-1])
+        return decode_manifest((found / "manifest.json").read_bytes()).text is not None, ""
     except Exception:  # any reason it cannot be read: no hint, the job's run says what is wrong
-        return None
+        return None, ""
+
+
+def _activity_line(now: Activity) -> str:
+    """What an unfinished job's state does not say: whether a worker is at it (a stopped `batch run`
+    left a job "running" that nothing ran)."""
+    if now.held:
+        return f"a worker holds {now.held} of its chunks now"
+    if now.retry_at is not None:
+        at = datetime.fromtimestamp(now.retry_at, UTC).strftime("%H:%M:%S UTC")
+        return f"waiting: a chunk that failed is tried again from {at} by `inferbox batch run` (or the batch service)"
+    return "waiting: no worker is at it now; `inferbox batch run` (or the batch service) goes on with it"
 
 
 def _actor(environ: dict[str, str]) -> str:
@@ -329,12 +359,22 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
         queued = [q for q in queued if store.job(q) is None]
         if job_id is not None and job_id not in queued and not jobs:
             jobs = [store.require_job(job_id)]
+        activity = store.activity()
     finally:
         store.close()
     if job_id is not None:
         queued = [q for q in queued if q == job_id]
     if as_json:
-        body = {"jobs": [msgspec.to_builtins(j) for j in jobs], "spooled": queued}
+        body = {
+            "jobs": [
+                {
+                    **msgspec.to_builtins(j),
+                    **({"activity": msgspec.to_builtins(activity[j.job_id])} if j.job_id in activity else {}),
+                }
+                for j in jobs
+            ],
+            "spooled": queued,
+        }
         click.echo(json.dumps(body, indent=2))
         return
     for q in queued:
@@ -348,6 +388,8 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
             line += f"  -> {j.out_dir}"
         if j.error:
             line += f"\n    error: {j.error}"
+        if j.job_id in activity:
+            line += f"\n    {_activity_line(activity[j.job_id])}"
         click.echo(line)
     if not queued and not jobs:
         click.echo("no batch jobs")

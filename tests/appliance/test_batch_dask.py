@@ -129,7 +129,7 @@ def test_cli_batch_run_engine_dask(tmp_path: Path, cluster: Any, monkeypatch: py
     src.write_text("".join(json.dumps({"id": i, "text": f"t{i}"}) + "\n" for i in range(7)))
     runner = CliRunner()
     r = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)])
-    job_id = r.output.strip()
+    job_id = r.stdout.strip()
     args = ["batch", "run", "--once", "--engine", "dask", "--scheduler", cluster.scheduler_address, "--chunk-size", "3"]
     r = runner.invoke(main, [*args, "--home", str(home), "--loader", "appliance.batch.fake:settings_loader"])
     assert r.exit_code == 0, r.output

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from appliance.batch import fake
-from appliance.batch.jobs import JobStore
+from appliance.batch.jobs import Activity, JobStore
 from appliance.batch.readers import plan_chunks
 from appliance.batch.spool import accept, pending, read_request, submit
 from appliance.batch.unit import run_chunk
@@ -113,6 +113,27 @@ def test_an_expired_lease_is_taken_again_and_done_once(tmp_path: Path) -> None:
     store.close()
 
 
+def test_activity_says_whether_a_worker_is_at_a_job_now(tmp_path: Path) -> None:
+    """A job stays "running" once started; what `batch status` adds is whether anything runs it."""
+    clock = Clock()
+    store = JobStore(tmp_path / "state.db", clock=clock)
+    job_id = submit(tmp_path / "spool", _input(tmp_path), model="fake-embed")
+    _worker(tmp_path, store, clock, "otherhost:1").accept_new()
+    assert store.activity() == {job_id: Activity(held=0, retry_at=None)}  # queued, nothing at it
+    lease = store.lease("otherhost:1", 60)
+    assert lease is not None
+    assert store.activity()[job_id].held == 1
+    clock.t += 61  # the worker died: its lease ran out
+    assert store.activity()[job_id].held == 0
+    assert not store.release(job_id, 0, error="boom", max_attempts=3, retry_after_s=25)  # not failed: retried
+    assert store.activity() == {job_id: Activity(held=0, retry_at=clock.t + 25)}
+    clock.t += 26  # its time has come: nothing waits on a clock any more
+    assert store.activity() == {job_id: Activity(held=0, retry_at=None)}
+    _worker(tmp_path, store, clock, "otherhost:2").run_once()
+    assert store.require_job(job_id).state == "done" and store.activity() == {}  # only unfinished jobs
+    store.close()
+
+
 def test_a_dead_local_workers_lease_is_reclaimed_at_once(tmp_path: Path) -> None:
     clock = Clock()
     store = JobStore(tmp_path / "state.db", clock=clock)
@@ -206,7 +227,9 @@ def test_cli_submit_run_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         main, ["batch", "submit", str(src), "--model", "fake-embed", "--text-field", "body", "--home", str(home)]
     )
     assert r.exit_code == 0, r.output
-    job_id = r.output.strip()
+    job_id = r.stdout.strip()  # the job id alone on stdout; the warning on stderr, after it
+    assert r.stderr.startswith("warning: model 'fake-embed' is not in the repository"), r.stderr
+    assert "(models: none); the job fails when it runs unless it is installed first" in r.stderr, r.stderr
     r = runner.invoke(main, ["batch", "status", "--home", str(home)])
     assert f"{job_id}  spooled" in r.output
     r = runner.invoke(
@@ -313,6 +336,46 @@ def test_what_a_killed_submit_left_in_spool_tmp_is_removed_after_a_day(tmp_path:
     finally:
         store.close()
     assert sorted(p.name for p in (spool / "tmp").iterdir()) == [live.name]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("in.jsonl", b"", "no JSON lines"),
+        ("in.jsonl", b"\n  \n", "no JSON lines"),
+        ("in.csv", b"id,text\n", "a header, no rows"),
+        ("in.parquet", None, "0 rows"),
+    ],
+)
+def test_submit_takes_a_file_without_records_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, content: bytes | None, said: str
+) -> None:
+    """An empty input's job ended "done" with 0 records, and nothing said the file was empty."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / name
+    if content is None:
+        pq.write_table(pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}), src)
+    else:
+        src.write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="appliance.batch.spool"):
+        assert submit(tmp_path / "spool", src, model="fake-embed")
+    said_so = [r.getMessage() for r in caplog.records if "holds no records" in r.getMessage()]
+    assert len(said_so) == 1, said_so
+    assert said_so[0].endswith(
+        f"input.{src.suffix[1:]} holds no records ({said}): the job will finish with nothing to do"
+    )
+    caplog.clear()
+    if content is None:
+        pq.write_table(pa.table({"id": [1], "text": ["a"]}), src)
+    else:
+        src.write_bytes(content + (b"1,a\n" if name.endswith(".csv") else b'{"text": "a"}\n'))
+    with caplog.at_level(logging.WARNING, logger="appliance.batch.spool"):
+        assert submit(tmp_path / "spool", src, model="fake-embed")
+    assert not [r for r in caplog.records if "holds no records" in r.getMessage()]
 
 
 def test_submit_refuses_a_file_written_while_it_is_copied_and_warns_of_a_cut_last_line(

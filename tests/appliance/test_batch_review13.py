@@ -290,7 +290,7 @@ def test_batch_run_on_a_read_only_outbox_exits_2_with_one_line_naming_the_path(
     src.write_text("".join(line + "\n" for line in _lines(3)))
     runner = CliRunner()
     job_id = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)])
-    job_id_text = job_id.output.strip()
+    job_id_text = job_id.stdout.strip()
     monkeypatch.setattr(unit, "atomic_write", _read_only)
     result = runner.invoke(main, ["batch", "run", "--once", "--home", str(home), "--loader", FAKE])
     assert result.exit_code == 2, result.output  # old code: 0, after failing the job

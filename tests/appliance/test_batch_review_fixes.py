@@ -350,7 +350,7 @@ def test_status_shows_a_job_recorded_before_a_crash_once(tmp_path: Path, monkeyp
     home = _clean_home(tmp_path, monkeypatch)
     src = _jsonl(tmp_path / "in.jsonl", GOOD)
     job_id = CliRunner().invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)])
-    job_id = job_id.output.strip()
+    job_id = job_id.stdout.strip()
     store = JobStore(home / "state.db")
     worker = BatchWorker(spool=home / "spool", outbox=home / "outbox", store=store, loader=fake.loader)
     monkeypatch.setattr(worker_module, "accept", _crash)
@@ -729,7 +729,7 @@ def test_a_released_chunk_is_not_leased_before_its_retry_time(tmp_path: Path) ->
 def test_batch_retry_runs_a_failed_job_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = _clean_home(tmp_path, monkeypatch)
     src = _jsonl(tmp_path / "in.jsonl", GOOD)
-    job_id = _cli("batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)).output.strip()
+    job_id = _cli("batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)).stdout.strip()
     clock = Clock()
     store = JobStore(home / "state.db", clock=clock)
     broken = True
@@ -761,7 +761,7 @@ def test_batch_retry_runs_a_failed_job_again(tmp_path: Path, monkeypatch: pytest
     assert r.exit_code == 2 and f"job {job_id} is done; only a failed job can be retried" in r.output
     bad = tmp_path / "bad.parquet"
     bad.write_text("not parquet")
-    bad_id = _cli("batch", "submit", str(bad), "--model", "fake-embed", "--home", str(home)).output.strip()
+    bad_id = _cli("batch", "submit", str(bad), "--model", "fake-embed", "--home", str(home)).stdout.strip()
     r = _cli("batch", "run", "--once", "--home", str(home), "--loader", FAKE)
     assert "failed 1" in r.output
     r = _cli("batch", "retry", bad_id, "--home", str(home))

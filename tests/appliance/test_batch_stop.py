@@ -70,6 +70,12 @@ def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: s
         assert "Traceback" not in err, err
         assert "the chunk in progress is given back" in err, err
         assert _leased(home / "state.db") == [(0, "pending", 0)]  # given back, its attempt unspent
+    # the job is "running" since its first chunk was leased; status says that nothing runs it now
+    shown = subprocess.run(
+        [*base, "status", job_id, "--home", str(home)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert shown.returncode == 0 and f"{job_id}  running" in shown.stdout, (shown.stdout, shown.stderr)
+    assert "waiting: no worker is at it now; `inferbox batch run`" in shown.stdout, shown.stdout
     done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0 and "finished 1" in done.stdout, (done.stdout, done.stderr)
     store = JobStore(home / "state.db")
