@@ -56,8 +56,13 @@ CONF_DIR = Path("/etc/inferbox")
 BACKUP_PUB = CONF_DIR / "backup.pub"
 UNIT_DIR = Path("/etc/systemd/system")
 SYSUSERS = Path("/usr/lib/sysusers.d/inferbox.conf")
-#: unit -> the target whose .wants it is enabled in (the batch timer is optional: not enabled by default)
-ENABLE = {"inferbox-api.service": "multi-user.target", "inferbox-batch.path": "paths.target"}
+#: unit -> the target whose .wants it is enabled in (the batch timer resumes a job a shutdown stopped:
+#: the path unit starts the worker only for a new submission)
+ENABLE = {
+    "inferbox-api.service": "multi-user.target",
+    "inferbox-batch.path": "paths.target",
+    "inferbox-batch.timer": "timers.target",
+}
 #: enabled too when an off-box folder is given (``--ship-dir``)
 SHIP_TIMER = "inferbox-audit-ship.timer"
 #: the ship unit's folder when none is given (the timer then stays disabled)

@@ -51,7 +51,9 @@ def test_install_under_root_builds_the_whole_tree(tmp_path: Path) -> None:
     wants = units / "multi-user.target.wants/inferbox-api.service"
     assert wants.is_symlink() and str(wants.readlink()) == "/etc/systemd/system/inferbox-api.service"
     assert (units / "paths.target.wants/inferbox-batch.path").is_symlink()
-    assert not (units / "timers.target.wants").exists()  # the timers are optional
+    # the batch timer resumes a job a shutdown stopped; the ship and backup timers need their folders
+    assert [p.name for p in (units / "timers.target.wants").iterdir()] == ["inferbox-batch.timer"]
+    assert "OnBootSec=2min" in (units / "inferbox-batch.timer").read_text()
     assert "not enabled: mount a folder of another machine" in result.output
 
     # a second run keeps the key and the configuration
@@ -100,9 +102,9 @@ def test_install_live_runs_the_commands_it_should(tmp_path: Path, monkeypatch: p
         ["/usr/bin/python3", "-m", "venv", str(venv)],
         [str(venv / "bin/python"), "-m", "pip", "install", "--upgrade", "/src/inferbox"],
         ["systemctl", "daemon-reload"],
-        ["systemctl", "enable", "inferbox-api.service", "inferbox-batch.path"],
+        ["systemctl", "enable", "inferbox-api.service", "inferbox-batch.path", "inferbox-batch.timer"],
     ]
-    assert report.enabled == ["inferbox-api.service", "inferbox-batch.path"]
+    assert report.enabled == ["inferbox-api.service", "inferbox-batch.path", "inferbox-batch.timer"]
 
 
 def test_ship_dir_enables_the_hourly_ship_timer_and_is_the_one_folder_it_writes(tmp_path: Path) -> None:
@@ -115,7 +117,7 @@ def test_ship_dir_enables_the_hourly_ship_timer_and_is_the_one_folder_it_writes(
     assert "ReadWritePaths=/srv/offbox\n" in ship and "Environment=INFERBOX_SHIP_DIR=/srv/offbox\n" in ship
     assert "RequiresMountsFor=/srv/offbox\n" in ship
     assert (units / "timers.target.wants/inferbox-audit-ship.timer").is_symlink()
-    assert not (units / "timers.target.wants/inferbox-batch.timer").exists()
+    assert (units / "timers.target.wants/inferbox-batch.timer").is_symlink()
     assert (tmp_path / "opt/ib/share/doc/inferbox/audit.md").is_file()  # the unit's Documentation=
     relative = CliRunner().invoke(main, ["install", "--root", str(tmp_path), "--no-venv", "--ship-dir", "offbox"])
     assert relative.exit_code == 2 and "--ship-dir" in relative.output and "absolute" in relative.output
