@@ -229,6 +229,7 @@ def run(
     audit: Any = None
     store: JobStore | None = None
     worker: BatchWorker | None = None
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
     if mode == "once":
         # systemd stops the batch service (systemctl stop, a reboot) with SIGTERM, which ended the run
         # where it was: the chunk in progress stayed leased and its attempt was spent, so three stops
@@ -303,6 +304,9 @@ def run(
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
         raise
+    finally:
+        if previous_sigterm is not None:  # a run inside a longer process (a test, a script) leaves it as found
+            signal.signal(signal.SIGTERM, previous_sigterm)
     store.close()
     if audit is not None:
         audit.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -232,11 +233,13 @@ def test_cli_submit_run_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "(models: none); the job fails when it runs unless it is installed first" in r.stderr, r.stderr
     r = runner.invoke(main, ["batch", "status", "--home", str(home)])
     assert f"{job_id}  spooled" in r.output
+    sigterm = signal.getsignal(signal.SIGTERM)
     r = runner.invoke(
         main, ["batch", "run", "--once", "--home", str(home), "--loader", "appliance.batch.fake:settings_loader"]
     )
     assert r.exit_code == 0, r.output
     assert "accepted 1 job(s), ran 1 chunk(s), finished 1, failed 0" in r.output
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # a run in this process left its handler behind
     r = runner.invoke(main, ["batch", "status", job_id, "--json", "--home", str(home)])
     body = json.loads(r.output)
     assert body["spooled"] == []

@@ -21,7 +21,7 @@ import functools
 from appliance.batch import fake
 
 def settings_loader(settings):
-    return functools.partial(fake.loader, delay_s=0.05)
+    return functools.partial(fake.loader, delay_s=0.5)
 """
 
 
@@ -61,7 +61,9 @@ def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: s
         while not any(state == "leased" for _, state, _ in _leased(home / "state.db")):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)  # polling for the lease, not an assertion
-        time.sleep(0.3)  # into the chunk's model calls (200 records, 0.05 s a call)
+        # into the chunk's model calls (200 records, 7 calls of 0.5 s): with 0.05 s a call the chunk
+        # was done (0.4 s) before the signal came, once, on a busy box
+        time.sleep(0.3)
         proc.send_signal(stop)
         _, err = proc.communicate(timeout=60)
         # SIGTERM: ended by the signal once the chunk is given back (systemd's clean stop; exit 143 is
