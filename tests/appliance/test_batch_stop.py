@@ -37,6 +37,14 @@ def _leased(state_db: Path) -> list[tuple[int, str, int]]:
         conn.close()
 
 
+def _ctrl_c_as_a_terminal() -> None:
+    """The run's SIGINT as a terminal's Ctrl-C has it.  A test run started in the background by a
+    non-interactive shell (`sh -c 'make test &'`) hands every process SIGINT ignored, and Python
+    keeps it so: the Ctrl-C case then ran its job to the end (exit 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: signal.Signals) -> None:
     """SIGTERM ended the run where it was: the chunk stayed leased with its attempt spent, and the
@@ -56,13 +64,15 @@ def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: s
     job_id = submitted.stdout.strip()
     run = [*base, "run", "--once", "--home", str(home), "--loader", "slowfake:settings_loader", "--chunk-size", "200"]
     for _ in range(3):  # three stops: the job failed on the third before
-        proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_ctrl_c_as_a_terminal
+        )
         deadline = time.monotonic() + 120
         while not any(state == "leased" for _, state, _ in _leased(home / "state.db")):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)  # polling for the lease, not an assertion
-        # into the chunk's model calls (200 records, 7 calls of 0.5 s): with 0.05 s a call the chunk
-        # was done (0.4 s) before the signal came, once, on a busy box
+        # into the chunk's model calls (200 records, 7 calls of 0.5 s; at 0.05 s a call the chunk took
+        # 0.4 s, too close to the signal's 0.3 s on a busy box)
         time.sleep(0.3)
         proc.send_signal(stop)
         _, err = proc.communicate(timeout=60)

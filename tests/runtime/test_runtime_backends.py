@@ -572,8 +572,9 @@ def test_openvino_sessions_closed_first_in_first_out_leave_signals_working(tiny_
     script = tmp_path / "fifo.py"
     script.write_text(
         "import gc, os, signal, sys, time\n"
-        # a disposition or mask inherited from the test worker (SIGINT ignored or blocked there) made
-        # the signal a no-op once in a full run: exit 0, nothing printed; the stack is what is tested
+        # a test run started in the background by a non-interactive shell (`sh -c 'make test &'`)
+        # hands every process SIGINT ignored, and the signal was a no-op (exit 0, nothing printed);
+        # the alternate signal stack is what is tested
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
         "from runtime.backends.base import OpenOptions\n"
