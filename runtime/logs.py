@@ -10,6 +10,7 @@ exception's own words (``ValueError: <what a client sent>``) are escaped.
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 from types import TracebackType
 
@@ -37,18 +38,50 @@ class OneLineFormatter(logging.Formatter):
         finally:
             record.message = message
 
+    def format(self, record: logging.LogRecord) -> str:
+        # the traceback text another handler's formatter left on the record (``exc_text``) is not
+        # escaped: format it here every time, and leave the record as it was
+        cached = record.exc_text
+        record.exc_text = None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
+
     def formatException(  # noqa: N802 (logging's name)
         self, ei: tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
     ) -> str:
         if ei[1] is None:
             return super().formatException(ei)
         lines: list[str] = []
+        words: list[str] = []  # an exception's text, chunk by chunk (Python yields a note line by line)
         for chunk in traceback.TracebackException.from_exception(ei[1]).format(chain=True):
-            # the stack's lines and the chain's separators are Python's; the rest is an exception's
-            # text (its message, its notes), which may hold a client's newline
-            ours = chunk.startswith(("Traceback (most recent call last):", "  ", "\n"))
-            lines.append(chunk if ours else one_line(chunk.rstrip("\n")) + "\n")
+            # the stack's frames, its headers and the chain's and groups' separators are Python's;
+            # every other chunk is an exception's text (its message, its notes, a grouped exception's
+            # message), which may hold a client's newline: one line each run of them
+            if _PYTHONS.fullmatch(chunk) is None:
+                words.append(chunk)
+                continue
+            if words:
+                lines.append(one_line("".join(words).rstrip("\n")) + "\n")
+                words.clear()
+            lines.append(chunk)
+        if words:
+            lines.append(one_line("".join(words).rstrip("\n")))
         return "".join(lines).rstrip("\n")
+
+
+#: a chunk of :meth:`traceback.TracebackException.format` that Python writes, not an exception's text
+#: (the margins ``  | `` and ``+`` are an exception group's)
+_PYTHONS = re.compile(
+    r"[ |+]*(?:Exception Group )?Traceback \(most recent call last\):\n"
+    r"|[ |]*File \"[^\n]*\", line \d+, in [^\n]*\n(?:[ |]*    [^\n]*\n)*"
+    r"|[ |]*\[Previous line repeated \d+ more times?\]\n"
+    r"|[ |]*\n[ |]*(?:The above exception was the direct cause of the following exception:"
+    r"|During handling of the above exception, another exception occurred:)\n[ |]*\n"
+    r"|[ |]*\+-+(?: (?:\d+|\.\.\.) -+)?\n"
+    r"|[ |]*and \d+ more exceptions?\n",
+)
 
 
 def configure(level: int | str) -> None:

@@ -46,6 +46,45 @@ def test_a_traceback_keeps_its_lines_but_not_the_exception_s_newlines() -> None:
     assert record.getMessage() == "failed: a\nb"  # other handlers (pytest's, a test's) see it unchanged
 
 
+def _forged_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.lstrip(" |").startswith(FORGED)]
+
+
+def test_notes_and_grouped_exceptions_cannot_start_a_line_either() -> None:
+    """Python yields a note line by line, and a grouped exception's message behind a margin
+    (``    | ``): both got through as lines of their own."""
+    noted = ValueError("noted")
+    noted.add_note(f"\n{FORGED}")
+    noted.add_note(f"  {FORGED}")
+    group = ExceptionGroup(f"group\n{FORGED}", [ValueError(f"a\n{FORGED}"), TypeError(f"b\n{FORGED}")])
+    for exc in (noted, group):
+        try:
+            raise exc
+        except Exception:
+            record = _record("failed", exc_info=sys.exc_info())
+        text = OneLineFormatter(FORMAT).format(record)
+        assert _forged_lines(text) == [], text
+        assert sum(line.lstrip(" |").startswith("File ") for line in text.splitlines()) >= 1, text
+    assert f"ValueError: noted\\n\\n{FORGED}\\n  {FORGED}" in OneLineFormatter(FORMAT).format(
+        _record("failed", exc_info=(ValueError, noted, noted.__traceback__))
+    )
+    deep = RecursionError("maximum recursion depth exceeded")
+    assert "RecursionError: maximum recursion depth exceeded" in OneLineFormatter(FORMAT).format(
+        _record("failed", exc_info=(RecursionError, deep, None))
+    )
+
+
+def test_a_traceback_another_formatter_left_on_the_record_is_not_reused() -> None:
+    try:
+        raise ValueError(f"x\n{FORGED}")
+    except ValueError:
+        record = _record("failed", exc_info=sys.exc_info())
+    plain = logging.Formatter(FORMAT).format(record)  # another handler's, first: it caches exc_text
+    assert FORGED in plain.splitlines()[-1] and record.exc_text
+    assert _forged_lines(OneLineFormatter(FORMAT).format(record)) == []
+    assert record.exc_text and FORGED in record.exc_text.splitlines()[-1]  # the record left as it was
+
+
 def test_configure_writes_one_line_records_to_stderr() -> None:
     code = (
         "import logging; from runtime.logs import configure; configure('info'); "
