@@ -170,7 +170,7 @@ def _copy_durably(src: Path, dst: Path) -> None:
         )
 
 
-def _warn_if_cut(src: Path, format_: str) -> None:
+def _warn_if_cut(src: Path, format_: str, shown: Path) -> None:
     """A text input whose last line has no newline may be a file still being written: the job holds
     what was there (a snapshot 1.2 s into a write held 129 of 400 records, the last one cut)."""
     if format_ == "parquet":
@@ -184,11 +184,11 @@ def _warn_if_cut(src: Path, format_: str) -> None:
         log.warning(
             "%s does not end with a newline: if it is still being written, the job holds only what is there now "
             "(its last record may be cut)",
-            src,
+            shown,
         )
 
 
-def _warn_if_empty(src: Path, format_: str) -> None:
+def _warn_if_empty(src: Path, format_: str, shown: Path) -> None:
     """A file without a record is taken (an export that found nothing is not an error), but said so:
     its job ended "done" with 0 records, and nothing told the operator who sent an empty file."""
     start = 0
@@ -210,7 +210,7 @@ def _warn_if_empty(src: Path, format_: str) -> None:
             while block := f.read(1 << 20):
                 if block.strip():
                     return
-    log.warning("%s holds no records (%s): the job will finish with nothing to do", src, _empty_what(format_))
+    log.warning("%s holds no records (%s): the job will finish with nothing to do", shown, _empty_what(format_))
 
 
 def _empty_what(format_: str) -> str:
@@ -301,8 +301,9 @@ def submit(
     staging.mkdir()
     try:
         _copy_durably(source, staging / f"input.{format_}")
-        _warn_if_cut(staging / f"input.{format_}", format_)
-        _warn_if_empty(staging / f"input.{format_}", format_)
+        # what was copied is judged, the file the operator named is named
+        _warn_if_cut(staging / f"input.{format_}", format_, source)
+        _warn_if_empty(staging / f"input.{format_}", format_, source)
         with (staging / "job.json").open("wb") as f:
             f.write(msgspec.json.encode(request))
             f.flush()

@@ -144,11 +144,11 @@ def _model_hint(settings: Settings, model: str, version: int | None) -> tuple[bo
     repo = Repository(settings.repository)
     try:
         known = repo.versions(model)
+        have = "versions " + ", ".join(map(str, known)) if known else "models: " + (", ".join(repo.models()) or "none")
     except Exception:  # unreadable: no hint, the job's run says what is wrong
         return None, ""
     if not known or (version is not None and version not in known):
         wanted = f"model {model!r}" + ("" if version is None else f" version {version}")
-        have = "versions " + ", ".join(map(str, known)) if known else "models: " + (", ".join(repo.models()) or "none")
         return None, (
             f"{wanted} is not in the repository {settings.repository} ({have}); the job fails when it runs "
             "unless it is installed first (`inferbox models list` shows what is there)"
@@ -164,7 +164,8 @@ def _activity_line(now: Activity) -> str:
     """What an unfinished job's state does not say: whether a worker is at it (a stopped `batch run`
     left a job "running" that nothing ran)."""
     if now.held:
-        return f"a worker holds {now.held} of its chunks now"
+        # a lease not yet expired: a worker killed with kill -9 still holds it until --lease-seconds pass
+        return f"a worker is at it now ({now.held} lease(s) of its chunks or of its start or finish not yet expired)"
     if now.retry_at is not None:
         at = datetime.fromtimestamp(now.retry_at, UTC).strftime("%H:%M:%S UTC")
         return f"waiting: a chunk that failed is tried again from {at} by `inferbox batch run` (or the batch service)"
@@ -230,12 +231,12 @@ def run(
     store: JobStore | None = None
     worker: BatchWorker | None = None
     previous_sigterm = signal.getsignal(signal.SIGTERM)
-    if mode == "once":
-        # systemd stops the batch service (systemctl stop, a reboot) with SIGTERM, which ended the run
-        # where it was: the chunk in progress stayed leased and its attempt was spent, so three stops
-        # failed the job. Now it stops as Ctrl-C does: the chunk is given back, its attempt unspent.
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        if mode == "once":
+            # systemd stops the batch service (systemctl stop, a reboot) with SIGTERM, which ended the
+            # run where it was: the chunk in progress stayed leased and its attempt was spent, so three
+            # stops failed the job. Now it stops as Ctrl-C does: the chunk is given back, unspent.
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if settings.audit:
             from appliance.audit import AuditLog
             from appliance.server import ensure_signing_key
@@ -285,6 +286,9 @@ def run(
             # (the Dask engine keeps one cluster for all rounds)
             runner.watch(stop, poll_seconds)
     except BaseException as exc:
+        if isinstance(exc, _Terminated):
+            # a second SIGTERM (systemd's, or an impatient operator's) must not cut the give-back short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if isinstance(exc, KeyboardInterrupt | SystemExit) and store is not None and worker is not None:
             # stopped from outside (Ctrl-C, SIGTERM), not by its chunk: what it held is given back,
             # attempts unspent, and the next run resumes it
