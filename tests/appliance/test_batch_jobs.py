@@ -135,6 +135,53 @@ def test_activity_says_whether_a_worker_is_at_a_job_now(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_signal_as_a_transaction_begins_leaves_none_open(tmp_path: Path) -> None:
+    """Ctrl-C (or `batch run --once`'s SIGTERM) handled just as BEGIN IMMEDIATE returned left the
+    transaction open, and the give-back after it could not start its own."""
+    clock = Clock()
+    store = JobStore(tmp_path / "state.db", clock=clock)
+    job_id = submit(tmp_path / "spool", _input(tmp_path), model="fake-embed")
+    _worker(tmp_path, store, clock, "otherhost:1").accept_new()
+    assert store.lease("otherhost:1", 60) is not None
+    real = store._conn
+
+    class Interrupted:
+        """The connection, with a KeyboardInterrupt raised as its BEGIN returns."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def execute(self, sql: str, *args: Any) -> Any:
+            cursor = real.execute(sql, *args)
+            if sql.startswith("BEGIN"):
+                raise KeyboardInterrupt
+            return cursor
+
+    store._conn = Interrupted()  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        store.give_back(job_id, 0, "otherhost:1")
+    store._conn = real
+    assert not real.in_transaction
+    assert store.expire_worker("otherhost:1", spent=False) == 1  # the give-back that follows a stop
+    store.close()
+
+
+def test_an_input_gone_from_the_spool_fails_its_job_but_a_missing_mount_does_not(tmp_path: Path) -> None:
+    """A removed input fails its job at once (InputChangedError); a Dask worker that lacks the spool
+    mount altogether (no cur/ there) is not told so: its attempt fails and another worker may run it."""
+    from appliance.batch.readers import InputChangedError, read_chunk
+
+    src = _input(tmp_path, 4)
+    plan = plan_chunks(src, "jsonl", 4)[0]
+    job = tmp_path / "spool" / "cur" / "job-1"
+    job.mkdir(parents=True)
+    with pytest.raises(InputChangedError, match="is gone"):
+        list(read_chunk(job / "input.jsonl", "jsonl", plan))
+    with pytest.raises(FileNotFoundError):
+        list(read_chunk(tmp_path / "not-mounted" / "cur" / "job-1" / "input.jsonl", "jsonl", plan))
+    assert [r for r in read_chunk(src, "jsonl", plan)]  # the file itself reads
+
+
 def test_a_dead_local_workers_lease_is_reclaimed_at_once(tmp_path: Path) -> None:
     clock = Clock()
     store = JobStore(tmp_path / "state.db", clock=clock)
