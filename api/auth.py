@@ -72,9 +72,14 @@ class Authenticator:
         self.default_rate = default_rate
         self.limiter = limiter
 
+    @property
+    def checks_keys(self) -> bool:
+        """Whether a request's key is checked at all (off: every request is :data:`ANONYMOUS`)."""
+        return self.enabled and self.keys is not None
+
     def principal(self, authorization: str | None, client_cert_sha256: str | None = None) -> Principal:
         """``client_cert_sha256``: the fingerprint of the certificate the connection presented (mutual TLS)."""
-        if not self.enabled or self.keys is None:
+        if not self.checks_keys or self.keys is None:  # (the second test narrows the type)
             return ANONYMOUS
         if not authorization:
             raise AuthError("Authorization: missing; send 'Authorization: Bearer <api key>'")
@@ -116,9 +121,12 @@ def authorization_of(headers: Any) -> str | None:
     return values[0] if values else None
 
 
-def identify(auth: Authenticator, authorization: str | None, ctx: RequestContext) -> Principal:
-    """The key's principal, set on the request context; a real key refused is named there for the
-    audit record (``refused_key_id``) before the AuthError goes on."""
+def identify(auth: Authenticator, headers: Any, ctx: RequestContext) -> Principal:
+    """The principal of the request's key (its ``headers``), set on the request context; a real key
+    refused is named there for the audit record (``refused_key_id``) before the AuthError goes on.
+    With auth off the headers are not read: a proxy's second Authorization header is no reason to
+    refuse an anonymous request."""
+    authorization = authorization_of(headers) if auth.checks_keys else None
     try:
         ctx.principal = auth.principal(authorization, ctx.client_cert_sha256)
     except AuthError as exc:
@@ -150,8 +158,6 @@ async def auth_guard(connection: Any, handler: Any) -> None:
     if needed is None:
         return
     auth: Authenticator = connection.app.state["auth"]
-    # with auth off every request is anonymous: a proxy's second Authorization header is not refused
-    header = authorization_of(connection.headers) if auth.enabled and auth.keys is not None else None
-    principal = identify(auth, header, ctx)
+    principal = identify(auth, connection.headers, ctx)
     model = connection.path_params.get("name") if needed == "infer" else None
     auth.check(principal, needed, model, any_model=needed == "infer" and model is None)

@@ -17,7 +17,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException, ValidationException
 from msgspec import Meta
 
-from api.auth import Authenticator, authorization_of, identify
+from api.auth import Authenticator, identify
 from api.envelope import CLIENT_GONE, RequestContext, context_of
 from runtime.errors import (
     AuthError,
@@ -154,11 +154,9 @@ def _no_route(request: Request[Any, Any, Any], ctx: RequestContext, exc: HTTPExc
     like ``auth = false``).  The key is read here only to name who asked; the answer is the same
     whatever it is."""
     auth: Authenticator | None = request.app.state.get("auth")
-    if auth is not None and auth.enabled and auth.keys is not None:
-        with contextlib.suppress(AuthError):  # refused: the answer stays this one
-            header = authorization_of(request.headers)
-            if header:
-                identify(auth, header, ctx)
+    if auth is not None and auth.checks_keys:
+        with contextlib.suppress(AuthError):  # refused, or no key: the answer stays this one
+            identify(auth, request.headers, ctx)
     if isinstance(exc, MethodNotAllowedException):
         allowed = (exc.headers or {}).get("allow", "")
         return f"{request.url.path} does not take {request.method}; it takes {allowed} (docs/api.md)"
