@@ -44,6 +44,11 @@ __all__ = ["audit", "cli_event", "printable", "record_cli_event"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _existing(settings: Settings) -> Settings:
+    """``settings``, refusing a home that does not exist: a mistyped home is not an empty audit log."""
+    return existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -230,7 +235,7 @@ def verify(
         )
     settings = build_settings(home=home, repository=repository)
     if db_path is None and export_path is None:  # the home's own log: a mistyped home is not an empty log
-        existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
+        _existing(settings)
     keys = _trusted_keys(settings, public_keys)
     pace = settings_pace(settings, checkpoint_every, checkpoint_minutes)
     if export_path:
@@ -315,7 +320,7 @@ def export(home: Path | None, repository: Path | None, since: str | None, until:
     (or copied to stdout) only once its audit_export record is durable.
     """
     settings = build_settings(home=home, repository=repository)
-    existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
+    _existing(settings)
     started = _now()
     window = {"since": since or "", "until": until or "", "out": str(out) if out else "-"}
     summary = _export_to(settings, "inferbox audit export", started, window, _date(since), _date(until), out)
@@ -409,7 +414,7 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
     from appliance.audit.trust import settings_pace
 
     settings = build_settings(home=home, repository=repository)
-    existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
+    _existing(settings)
     folder = to or settings.ship_dir
     if folder is not None:
         refuse_root_in_foreign_state(settings, extra=(folder,))  # the copies root writes there
@@ -512,7 +517,7 @@ def tail(home: Path | None, repository: Path | None, count: int, as_json: bool) 
     from appliance.audit.log import AuditLog
 
     settings = build_settings(home=home, repository=repository)
-    existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
+    _existing(settings)
     started = _now()
     with AuditLog.open(settings) as log:
         records = log.tail(count)
@@ -546,7 +551,7 @@ def prune(home: Path | None, repository: Path | None, before: str, force: bool, 
     from runtime.errors import InferboxError
 
     settings = build_settings(home=home, repository=repository)
-    existing_home(settings, "audit", "the audit log lives in the state folder the server uses")
+    _existing(settings)
     started = _now()
     action = "inferbox audit prune"
     asked = {"before": before, "force": str(force).lower()}

@@ -116,8 +116,7 @@ def submit(
     """Place FILE in the spool atomically and print the job id."""
     from appliance.batch.spool import submit as submit_file
 
-    settings = build_settings(home=home, repository=repository)
-    existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
+    settings = _settings(home, repository)
     text_model, missing = _model_hint(settings, model, model_version)
     job_id = submit_file(
         settings.spool,
@@ -172,6 +171,12 @@ def _activity_line(now: Activity) -> str:
     return "waiting: no worker is at it now; `inferbox batch run` (or the batch service) goes on with it"
 
 
+def _settings(home: Path | None, repository: Path | None) -> Settings:
+    """The settings, refusing a state folder that does not exist (a mistyped or default home)."""
+    settings = build_settings(home=home, repository=repository)
+    return existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
+
+
 def _actor(environ: dict[str, str]) -> str:
     """The systemd unit when run by systemd (``$INVOCATION_ID`` is set), else ``cli``."""
     return "inferbox-batch.service" if environ.get("INVOCATION_ID") else "cli"
@@ -218,8 +223,7 @@ def run(
         raise click.UsageError("--once (finish and exit) and --watch (run until SIGTERM) are two ways; give one")
     mode = "watch" if watch else "once"
     with refusal():  # a configuration the service's restarts cannot mend: exit 78, not 2
-        settings = build_settings(home=home, repository=repository)
-        existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
+        settings = _settings(home, repository)
         from appliance.server import public_key_of
 
         public_key_of(settings)  # the key packages must be signed with: named before anything is made
@@ -331,8 +335,7 @@ def retry(home: Path | None, repository: Path | None, job_id: str) -> None:
     """Queue the failed job JOB_ID again: its chunks not done are retried (attempts reset), done ones kept."""
     from appliance.batch.jobs import JobStore
 
-    settings = build_settings(home=home, repository=repository)
-    existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
+    settings = _settings(home, repository)
     store = JobStore(settings.state_db)
     try:
         left = store.retry_job(job_id)
@@ -354,8 +357,7 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
     from appliance.batch.jobs import JobStore
     from appliance.batch.spool import pending
 
-    settings = build_settings(home=home, repository=repository)
-    existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
+    settings = _settings(home, repository)
     queued = [p.name for p in pending(settings.spool)]
     store = JobStore(settings.state_db)
     try:
