@@ -69,14 +69,17 @@ def test_an_imported_version_is_loaded_into_a_running_server_and_audited(tmp_pat
         states = {(e["name"], e["version"]): e["state"] for e in index}
         assert states == {("mlp", "1"): "READY", ("mlp", "2"): "UNAVAILABLE"}, index
         # load alone swaps the newest version in; a client sending meanwhile never sees a gap
-        statuses: list[tuple[int, str]] = []
+        # (a request already in flight when load answers may still be served by version 1, so only
+        # requests sent after the answer must see version 2)
+        statuses: list[tuple[int, str, bool]] = []
         swapped = threading.Event()
 
         def client() -> None:
             with httpx.Client(timeout=60) as http:
-                while not swapped.is_set() or len(statuses) < 5:
+                while sum(after for _, _, after in statuses) < 2 or len(statuses) < 5:
+                    after = swapped.is_set()
                     resp = http.post(f"{url}/v2/models/mlp/infer", json=body)
-                    statuses.append((resp.status_code, resp.json().get("model_version", resp.text)))
+                    statuses.append((resp.status_code, resp.json().get("model_version", resp.text), after))
 
         sender = threading.Thread(target=client)
         sender.start()
@@ -85,8 +88,9 @@ def test_an_imported_version_is_loaded_into_a_running_server_and_audited(tmp_pat
         finally:
             swapped.set()
             sender.join(60)
-        assert statuses and {code for code, _ in statuses} == {200}, statuses
-        assert statuses[-1][1] == "2"
+        assert statuses and {code for code, _, _ in statuses} == {200}, statuses
+        served_after = [version for _, version, after in statuses if after]
+        assert len(served_after) >= 2 and set(served_after) == {"2"}, statuses
         version, logits = served_logits()
         assert version == "2"
         np.testing.assert_allclose(logits, expected(2), rtol=1e-5, atol=1e-6)
