@@ -4,8 +4,9 @@ With ``tls_client_ca`` every connection carries a certificate that one of the
 operator's CAs signed: who is calling, vouched for by the organisation's PKI.
 The audit log should say so next to the API key.  uvicorn verifies the
 certificate but does not pass it on (it fills no ``scope["extensions"]["tls"]``),
-so :class:`ClientCertificateProtocol` (uvicorn's httptools protocol, which
-``serve`` uses for mutual TLS) reads it once per connection, after the
+so :class:`ClientCertificateProtocol` (the protocol ``serve`` uses for mutual TLS:
+:class:`appliance.http_protocol.HeaderDeadlineProtocol`, uvicorn's httptools one
+with a deadline for headers) reads it once per connection, after the
 handshake, and adds the extension to the scope of every request on that
 connection, as the ASGI TLS extension spells it (``client_cert_chain``: the
 leaf in PEM; ``client_cert_name``: its subject, RFC 4514; ``tls_version``),
@@ -19,7 +20,7 @@ import hashlib
 import ssl
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from appliance.http_protocol import HeaderDeadlineProtocol
 
 __all__ = ["PROTOCOL", "ClientCertificateProtocol", "tls_extension"]
 
@@ -55,8 +56,8 @@ def tls_extension(ssl_object: ssl.SSLObject | None) -> dict[str, Any] | None:
     }
 
 
-class ClientCertificateProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with the client certificate in each request's scope."""
+class ClientCertificateProtocol(HeaderDeadlineProtocol):
+    """The serving protocol, with the client certificate in each request's scope."""
 
     _tls: dict[str, Any] | None = None
 

@@ -126,6 +126,15 @@ FIELDS: tuple[Field, ...] = (
         "a request body not received in full within this many seconds gets 408",
         minimum=0.001,
     ),
+    Field(
+        "header_timeout_s",
+        float,
+        10.0,
+        "limits",
+        "a connection that has not sent a request's headers this many seconds after it opened (or after "
+        "its last answer) is closed, with 408 if the headers began",
+        minimum=0.001,
+    ),
     Field("max_inputs", int, 256, "limits", "most inputs (texts / batch rows) per request", minimum=1),
     Field("max_tensor_elements", int, 16 * 1024 * 1024, "limits", "most elements in one tensor", minimum=1),
     Field("max_json_depth", int, 32, "limits", "deepest JSON nesting accepted", minimum=1),
@@ -236,6 +245,7 @@ class Settings:
     request_timeout_s: float
     max_body_bytes: int
     body_timeout_s: float
+    header_timeout_s: float
     max_inputs: int
     max_tensor_elements: int
     max_json_depth: int

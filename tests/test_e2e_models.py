@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tests.appliance.test_models_cli import publish
-from tests.test_e2e_serve import _start, _stop, cli
+from tests.test_e2e_serve import _start, _stop, assert_header_deadline, cli
 
 
 def test_an_imported_version_is_loaded_into_a_running_server_and_audited(tmp_path: Path) -> None:
@@ -38,7 +38,7 @@ def test_an_imported_version_is_loaded_into_a_running_server_and_audited(tmp_pat
     )  # fmt: skip
     assert first.returncode == 0, first.stderr
 
-    proc, url, log = _start(serving / "models", serving, "--no-auth")
+    proc, url, log = _start(serving / "models", serving, "--no-auth", env={"INFERBOX_HEADER_TIMEOUT_S": "2.5"})
     try:
         x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
         body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 8], "data": x.ravel().tolist()}]}
@@ -95,6 +95,8 @@ def test_an_imported_version_is_loaded_into_a_running_server_and_audited(tmp_pat
         assert version == "2"
         np.testing.assert_allclose(logits, expected(2), rtol=1e-5, atol=1e-6)
         assert not np.allclose(expected(1), expected(2))  # the test can tell the versions apart
+
+        assert_header_deadline(url, "2.5")  # serve's one process has the setting too
 
         removed = cli("models", "remove", "mlp", "1", "--yes", home=serving, repository=serving / "models")
         assert removed.returncode == 0, removed.stderr

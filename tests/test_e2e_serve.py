@@ -127,6 +127,25 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.kill()
 
 
+def assert_header_deadline(url: str, seconds: str) -> None:
+    """The server ``url`` closes a connection that sent nothing, and answers one that sent part of its
+    headers 408 naming ``header_timeout_s`` = ``seconds`` (the setting reached the process that took it)."""
+    address = urllib.parse.urlsplit(url)
+    idle = socket.create_connection((address.hostname, address.port), timeout=60)
+    stalled = socket.create_connection((address.hostname, address.port), timeout=60)
+    with idle, stalled:
+        stalled.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: t\r\n")
+        answers = []
+        for sock in (idle, stalled):
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+            answers.append(got)
+    assert answers[0] == b"", answers
+    assert answers[1].startswith(b"HTTP/1.1 408 "), answers
+    assert f"within {seconds} s (header_timeout_s)".encode() in answers[1], answers
+
+
 @contextlib.contextmanager
 def serving(repository: Path, home: Path) -> Iterator[Served]:
     """A real ``inferbox serve`` on ``home`` with its first admin key, stopped with SIGTERM after."""
@@ -882,7 +901,10 @@ def test_unload_load_and_stop_leave_a_clean_exit(minilm_repository: Path, tmp_pa
 def test_metrics_of_several_workers_add_up_whichever_worker_answers(minilm_repository: Path, tmp_path: Path) -> None:
     """``--workers 2``: the kernel hands each connection to either worker, and each counts only its
     own requests; every scrape must still give all of them (before: about half, up and down)."""
-    proc, url, log = _start(minilm_repository, tmp_path / "metrics-home", "--workers", "2", "--no-auth")
+    proc, url, log = _start(
+        minilm_repository, tmp_path / "metrics-home", "--workers", "2", "--no-auth",
+        env={"INFERBOX_HEADER_TIMEOUT_S": "3"},
+    )  # fmt: skip
     series = 'inferbox_requests_total{model="minilm",route="/v1/embeddings",status="200"}'
 
     def scrape() -> dict[str, float]:
@@ -906,6 +928,8 @@ def test_metrics_of_several_workers_add_up_whichever_worker_answers(minilm_repos
             assert seen['inferbox_request_duration_seconds_count{route="/v1/embeddings"}'] == sent
             # this scrape (the other worker's snapshot may hold the scrape before: gauges are approximate)
             assert seen["inferbox_workers"] == 2 and seen["inferbox_in_flight_requests"] >= 1
+        for _ in range(2):  # whichever worker takes the connections: each has the setting
+            assert_header_deadline(url, "3")
     finally:
         _stop(proc)
 

@@ -126,6 +126,9 @@ def serve(
         _hand_over_admin_key(settings.keys_dir, prepared.admin_key_id or "", prepared.admin_key)
     import uvicorn
 
+    from appliance.http_protocol import HEADER_TIMEOUT_ATTRIBUTE
+    from appliance.http_protocol import PROTOCOL as HTTP_PROTOCOL
+
     if settings.workers > 1:
         from appliance.server import settings_environment
         from appliance.workers import run_workers
@@ -138,8 +141,10 @@ def serve(
                 "workers": settings.workers,
                 "log_level": settings.log_level,
                 "access_log": False,
-                **ssl_options(tls),
-            }
+                "http": HTTP_PROTOCOL,
+                **ssl_options(tls),  # mutual TLS: its own protocol (a HeaderDeadlineProtocol too)
+            },
+            header_timeout_s=settings.header_timeout_s,
         )
         return
 
@@ -151,7 +156,7 @@ def serve(
         from appliance.tls_reload import CertificateReloader
 
         reloader = CertificateReloader(settings, tls)
-        tls_options = {"ssl_context_factory": reloader.context_factory, "http": tls_options.get("http", "auto")}
+        tls_options = {"ssl_context_factory": reloader.context_factory, "http": tls_options.get("http", HTTP_PROTOCOL)}
     with refusal():
         app = build_app(settings, reloads=True, reloader=reloader)
     config = uvicorn.Config(
@@ -161,8 +166,9 @@ def serve(
         log_level=settings.log_level,
         access_log=False,
         lifespan="on",
-        **tls_options,
+        **{"http": HTTP_PROTOCOL, **tls_options},
     )
+    setattr(config, HEADER_TIMEOUT_ATTRIBUTE, settings.header_timeout_s)
     server = _NotifyingServer(config)
     scheme = "http" if tls is None else "https"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -1,0 +1,153 @@
+"""``header_timeout_s``: a connection must get a request's headers in, or go.
+
+uvicorn timed out nothing before the headers: a client that connected and sent nothing, or part of
+its headers and then nothing, held its connection (a file descriptor, a place among the
+connections) for as long as it liked.  A real uvicorn server on 127.0.0.1 with the protocol
+``serve`` uses, and raw sockets, so that the bytes are exactly what the test says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from appliance.http_protocol import HEADER_TIMEOUT_ATTRIBUTE, PROTOCOL
+
+TIMEOUT_S = 0.5
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the body, waits ``?sleep`` seconds, answers 200 with what it read."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    query = scope["query_string"].decode()
+    if query.startswith("sleep="):
+        await asyncio.sleep(float(query.removeprefix("sleep=")))
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = int(probe.getsockname()[1])
+    config = uvicorn.Config(_app, host="127.0.0.1", port=free, http=PROTOCOL, log_level="warning")
+    setattr(config, HEADER_TIMEOUT_ATTRIBUTE, TIMEOUT_S)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+        time.sleep(0.05)  # polling for start-up, not an assertion
+    yield free
+    server.should_exit = True
+    thread.join(30)
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    return sock
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (a 30 s socket timeout fails the test)."""
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+def _request(path: str, body: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+
+
+def test_a_connection_that_sends_nothing_is_closed_unanswered(port: int) -> None:
+    with _connect(port) as sock:
+        assert _read_until_closed(sock) == b""
+
+
+@pytest.mark.parametrize("part", [b"P", b"POST / HTTP/1.1\r\nHost: t\r\n", b"\r\n"])
+def test_part_of_the_headers_then_nothing_is_answered_408_naming_the_setting(
+    port: int, part: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="appliance.http_protocol"), _connect(port) as sock:
+        sock.sendall(part)
+        client = sock.getsockname()
+        got = _read_until_closed(sock)
+    warned = [r.getMessage() for r in caplog.records if r.name == "appliance.http_protocol"]
+    if part == b"\r\n":  # a blank line before a request is no request yet (RFC 9112 2.2): closed, unanswered
+        assert got == b"" and not warned, (got, warned)
+        return
+    assert warned == [
+        f"{client[0]}:{client[1]} sent part of a request's headers and not the rest within 0.5 s "
+        "(header_timeout_s): answered 408"
+    ]
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), got
+    assert b"connection: close" in head.lower() and b"content-type: application/json" in head.lower(), got
+    assert body == (
+        b'{"error": "the request\'s headers did not arrive in full within 0.5 s (header_timeout_s); send them at once"}'
+    )
+
+
+def test_a_slow_trickle_gets_no_more_time_than_a_stall(port: int) -> None:
+    """One byte every 0.1 s: each byte used to put off nothing, and the connection lived for ever."""
+    with _connect(port) as sock:
+        start = time.monotonic()
+        sent = 0
+        try:
+            for byte in b"POST / HTTP/1.1\r\nHost: t\r\nX-Long: " + b"a" * 200:
+                sock.sendall(bytes([byte]))
+                sent += 1
+                time.sleep(0.1)
+        except OSError:  # the server closed it meanwhile
+            pass
+        got = _read_until_closed(sock)
+    assert got.startswith(b"HTTP/1.1 408 "), got
+    assert sent < 200, f"all {sent} bytes went in over {time.monotonic() - start:.1f} s"
+
+
+def test_a_keep_alive_connection_has_the_same_deadline_for_its_next_request(port: int) -> None:
+    with _connect(port) as sock:
+        sock.sendall(_request("/", b"one"))
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"one"), first
+        sock.sendall(b"POST / HT")  # uvicorn's keep-alive timer stops at the first byte
+        got = _read_until_closed(sock)
+    assert got.startswith(b"HTTP/1.1 408 "), got
+
+
+def test_answers_that_take_longer_than_the_deadline_are_not_cut(port: int) -> None:
+    """The deadline is for the headers: a slow body (body_timeout_s's business), a slow answer and
+    a request pipelined behind a slow answer are all answered."""
+    with _connect(port) as sock:
+        sock.sendall(b"POST /?sleep=1.2 HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\nab")
+        time.sleep(1.2)  # the body's rest comes late: after the headers, so no 408
+        sock.sendall(b"cd")
+        time.sleep(0.1)
+        sock.sendall(b"ef" + _request("/?sleep=1.2", b"second"))  # pipelined behind the first
+        got = b""
+        while got.count(b"HTTP/1.1 200 ") < 2 or not got.endswith(b"second"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {got!r}"
+            got += chunk
+    assert got.count(b"HTTP/1.1 200 ") == 2 and b"abcdef" in got, got
