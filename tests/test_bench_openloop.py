@@ -99,17 +99,20 @@ def test_the_client_reads_every_kind_of_answer_and_keeps_connections_it_may() ->
 
 
 def test_the_open_loop_keeps_its_schedule_and_counts_every_answer() -> None:
-    async def main() -> dict[str, object]:
+    async def main() -> tuple[float, dict[str, object]]:
         async with server(echo) as (url, heads):
+            before = time.perf_counter()
             row = await open_loop(url, "/infer", [b"a", b"bb"], headers={}, rate=200, duration_s=0.5)
             assert len(heads) == 100
-            return row
+            return before, row
 
-    row = asyncio.run(main())
+    before, row = asyncio.run(main())
     assert (row["scheduled"], row["requests"], row["ok"], row["errors"], row["dropped"]) == (100, 100, 100, {}, 0)
-    # spread over the half second, not sent at once: the first fifth arrived in the first fifth of it
-    spread = [t - arrivals[0] for t in arrivals]
-    assert spread[-1] >= 0.4 and sum(1 for t in spread if t < 0.1) <= 30, spread
+    # spread over the half second, not sent at once: none arrived before it was due (request k at k / 200 s);
+    # a stalled client sends late, never early (measured from the first arrival, a stall at the start
+    # bunched the first requests and failed this on a busy box)
+    since = [t - before for t in sorted(arrivals)]
+    assert all(t >= k / 200 - 1e-4 for k, t in enumerate(since)), since
 
 
 def test_poisson_arrivals_have_exponential_gaps_of_the_rates_mean() -> None:

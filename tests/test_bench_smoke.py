@@ -393,7 +393,8 @@ def test_bare_matrix_products_run_in_openvino_here() -> None:
     ISA offers."""
     rates = roofline.gemm_rates({"avx512_vnni"}, n=128, seconds=0.02)
     assert set(rates) == {"fp32", "int8"}
-    assert all(r > 1e8 for r in rates.values())
+    # (1e7, not a rate this box could be held to: one product stalled 42 ms on a busy box read as 1e8)
+    assert all(r > 1e7 for r in rates.values())
     assert roofline.machine_peaks(gpus=[], measure=0.01).gemm.keys() >= {"fp32"}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Hashable
 from typing import Any
 
@@ -373,7 +374,8 @@ def test_workers_run_batches_side_by_side_and_stop_waits_for_every_one() -> None
         b.start()
         first, second = (asyncio.ensure_future(b.submit(x)) for x in "ab")
         queued = None
-        for _ in range(200):  # both batches inside run_batch at once
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # both batches inside run_batch at once
             await asyncio.sleep(0.01)
             if len(seen) == 2:
                 queued = asyncio.ensure_future(b.submit("c"))

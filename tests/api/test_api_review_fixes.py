@@ -96,13 +96,19 @@ def _swap_setup(tmp_path: Path) -> tuple[BlockingSession, Any, Any, Any, Any]:
     return old_session, old, new, registry, app
 
 
+def _end_grace(server: Any) -> None:
+    """End a replaced version's grace now, as the server's stop does: the tests give a grace far
+    longer than they need (a short one ran out while a busy box stalled the test) and end it here."""
+    server._no_grace.set()
+
+
 def _replace_model_while_a_batch_runs(tmp_path: Path, unload: bool) -> None:
     """A request is inside the old version's session when the model is replaced (a new version
     loads) or unloaded: it is answered from the old version, which is closed only afterwards;
     the next request runs the new version (or gets a 404)."""
     old_session, old, new, registry, app = _swap_setup(tmp_path)
     server = app.state["server"]
-    server.replaced_grace_s = 3.0  # longer than the test takes to reach the old version again
+    server.replaced_grace_s = 60.0  # ended by _end_grace below
 
     async def main() -> None:
         server.attach()  # what the app's lifespan does (ASGITransport runs none)
@@ -133,6 +139,7 @@ def _replace_model_while_a_batch_runs(tmp_path: Path, unload: bool) -> None:
             assert r.status_code == 200 and r.json()["model_version"] == "1", r.text
             if unload:
                 assert (await change).status_code == 200
+            _end_grace(server)
             await server.retired(old)
             assert old_session.inner._closed
             assert server._stale == []
@@ -212,13 +219,14 @@ def test_a_request_that_found_the_old_version_just_before_a_swap_is_answered_by_
             # after the new version took the name's batcher: the old one still answers what found it
             assert set(await server.infer(found, feeds, None)) == {"y", "z"}
             assert server._tensor["tabular"][0] is new
+            _end_grace(server)
             await server.retired(found)
             with pytest.raises(OverloadError, match="replaced"):
                 await server.infer(found, feeds, None)
             assert server._stale == []
         await server.stop()
 
-    server.replaced_grace_s = 0.5
+    server.replaced_grace_s = 60.0  # ended by _end_grace
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
@@ -265,7 +273,7 @@ def test_a_replaced_versions_queue_and_batches_stay_in_the_metrics(tmp_path: Pat
     histogram, a counter that then went backwards."""
     old_session, old, new, registry, app = _swap_setup(tmp_path)
     server = app.state["server"]
-    server.replaced_grace_s = 1.0
+    server.replaced_grace_s = 60.0  # ended by _end_grace
     feeds = {"x": np.array(X, dtype=np.float32), "ids": np.array(IDS)}
 
     async def main() -> None:
@@ -284,6 +292,7 @@ def test_a_replaced_versions_queue_and_batches_stay_in_the_metrics(tmp_path: Pat
             text = (await c.get("/metrics")).text
             assert _series(text, "inferbox_queue_depth") == 1, text
             assert _series(text, "inferbox_batch_size_count") == 1  # version 2's; version 1's is running
+            _end_grace(server)
             while not server._draining:  # the grace is over: version 1 answers what it holds, then stops
                 await asyncio.sleep(0.01)
             assert _series((await c.get("/metrics")).text, "inferbox_queue_depth") == 1

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,12 +158,13 @@ def _one_job(root: Path, records: int, chunk_size: int = 2, **config: Any) -> tu
 
 
 def test_dask_engine_keeps_the_lease_of_a_chunk_queued_on_the_cluster(tmp_path: Path, cluster: Any) -> None:
-    # 8 chunks of 1 s each, 6 in flight on 2 workers: most wait on the cluster longer than the
-    # 1 s lease; before, the coordinator leased them again while they waited (each ran twice, and
-    # a chunk leased 3 times failed its job as if its worker had died)
-    job_id, store, worker = _one_job(tmp_path, 16, lease_s=1.0, max_attempts=3)
+    # 8 chunks of 3 s each, 6 in flight on 2 workers: most wait on the cluster longer than the
+    # 3 s lease; before, the coordinator leased them again while they waited (each ran twice, and
+    # a chunk leased 3 times failed its job as if its worker had died).  (A 1 s lease, renewed every
+    # 0.33 s, expired whenever one pass of the coordinator stalled 0.67 s on a busy box.)
+    job_id, store, worker = _one_job(tmp_path, 16, lease_s=3.0, max_attempts=3)
     submitted: list[int] = []
-    factory = functools.partial(functools.partial, fake.loader, delay_s=1.0)
+    factory = functools.partial(functools.partial, fake.loader, delay_s=3.0)
     engine = DaskEngine(
         worker,
         factory,
@@ -235,7 +237,8 @@ def test_dask_engine_starts_no_cluster_for_nothing_and_one_for_a_whole_watch(
         watching.start()
         second = None
         try:
-            for _ in range(600):
+            deadline = time.monotonic() + 300  # a LocalCluster start and two jobs, on a busy box
+            while time.monotonic() < deadline:
                 if second is None and (j := store.job(first)) is not None and j.state == "done":
                     second = submit(root / "spool", src, model="fake-embed")  # after some idle rounds
                 if second is not None and (k := store.job(second)) is not None and k.state == "done":

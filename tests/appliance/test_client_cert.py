@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 
 from appliance.client_cert import PROTOCOL, tls_extension
@@ -102,14 +103,10 @@ def test_a_real_uvicorn_passes_the_certificate_to_every_request_on_a_connection(
         client = ssl.create_default_context(cafile=str(tls_files.ca))
         client.load_cert_chain(str(tls_files.client_cert), str(tls_files.client_key))
         with httpx.Client(verify=client, base_url=f"https://127.0.0.1:{port}") as http:
-            for _ in range(100):  # the server thread starting: polled, not timed
-                try:
-                    http.get("/")
-                    break
-                except httpx.TransportError:
-                    import time
-
-                    time.sleep(0.05)
+            deadline = time.monotonic() + 60
+            while not server.started:  # the server thread starting: polled, not timed
+                assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+                time.sleep(0.05)
             seen.clear()
             assert http.get("/a").status_code == 200 and http.get("/b").status_code == 200
     finally:

@@ -4,6 +4,7 @@ under load; and the real loader opening one on the MiniLM package."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,9 +94,12 @@ def test_a_second_call_waits_for_the_wide_one_then_calls_run_narrow_side_by_side
     others = [threading.Thread(target=call, args=(i,)) for i in (1, 2)]
     for t in others:
         t.start()
-    # the others wait while the wide session computes: nothing else may start beside it
-    for t in others:
-        t.join(0.2)
+    # the others wait while the wide session computes: nothing else may start beside it (polled until
+    # both wait: a fixed 0.2 s let a thread that started late find the wide session free again)
+    deadline = time.monotonic() + 30
+    while pool._waiting < 2:
+        assert time.monotonic() < deadline, pool._waiting
+        time.sleep(0.01)
     assert [k for k, _ in log] == ["start"]
     hold.set()
     for t in (first, *others):
