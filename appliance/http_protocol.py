@@ -18,6 +18,7 @@ other limits hold: ``body_timeout_s`` (the body) and ``request_timeout_s`` (the 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -75,6 +76,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self._owed_since is None and not self.pipeline:
             self._owed_since = self.loop.time()  # the next request's (uvicorn's keep-alive timer ends at a byte)
 
+    def send_400_response(self, msg: str) -> None:
+        """Bytes that are no HTTP request: 400 in the API's error shape (uvicorn's is plain text)."""
+        self._owed_since = None
+        self._close_with(b"400 Bad Request", f"not an HTTP/1.1 request the server can read: {msg}")
+
     def _late(self, now: float) -> bool:
         return self._owed_since is not None and now - self._owed_since >= self._header_timeout
 
@@ -94,15 +100,20 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             client,
             self._header_timeout,
         )
-        message = (
-            f'{{"error": "the request\'s headers did not arrive in full within {self._header_timeout:g} s '
-            '(header_timeout_s); send them at once"}'
-        ).encode()
-        head = [b"HTTP/1.1 408 Request Timeout\r\n"]
+        self._close_with(
+            b"408 Request Timeout",
+            f"the request's headers did not arrive in full within {self._header_timeout:g} s (header_timeout_s); "
+            "send them at once",
+        )
+
+    def _close_with(self, status: bytes, error: str) -> None:
+        """Answer ``{"error": error}`` with ``status`` and close: no request reached the app to answer it."""
+        body = json.dumps({"error": error}).encode()
+        head = [b"HTTP/1.1 " + status + b"\r\n"]
         head.extend(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)
-        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(message))
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         head.append(b"connection: close\r\n\r\n")
-        self.transport.write(b"".join(head) + message)
+        self.transport.write(b"".join(head) + body)
         self.transport.close()
 
 

@@ -9,6 +9,7 @@ connections) for as long as it liked.  A real uvicorn server on 127.0.0.1 with t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -105,9 +106,19 @@ def test_part_of_the_headers_then_nothing_is_answered_408_naming_the_setting(
     head, _, body = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 "), got
     assert b"connection: close" in head.lower() and b"content-type: application/json" in head.lower(), got
-    assert body == (
-        b'{"error": "the request\'s headers did not arrive in full within 1.5 s (header_timeout_s); send them at once"}'
-    )
+    assert json.loads(body) == {
+        "error": "the request's headers did not arrive in full within 1.5 s (header_timeout_s); send them at once"
+    }
+
+
+def test_bytes_that_are_no_http_request_get_400_in_the_apis_error_shape(port: int) -> None:
+    """uvicorn answered them in plain text; a client reading ``{"error": ...}`` got nothing to read."""
+    with _connect(port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost t\r\n\r\n")  # a header line without its colon
+        got = _read_until_closed(sock)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), got
+    assert json.loads(body) == {"error": "not an HTTP/1.1 request the server can read: Invalid HTTP request received."}
 
 
 def test_a_slow_trickle_gets_no_more_time_than_a_stall(port: int) -> None:
