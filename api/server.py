@@ -58,6 +58,8 @@ INLINE_CHARS = 16_384
 #: no health probe was answered meanwhile.  The decoder holds the GIL for each of its C calls, so the
 #: loop still waits out the longest one (~0.4 s for 8 M numbers), not the whole decode.
 INLINE_BODY_BYTES = 65_536
+#: a compressed body up to this size is inflated on the event loop (:func:`inflate`)
+INLINE_COMPRESSED_BYTES = 1024
 
 
 class TextItem:
@@ -365,32 +367,9 @@ class Server:
                 f"Content-Encoding: {encoding!r} is not supported; send gzip, deflate or identity",
                 field="Content-Encoding",
             )
-        # wbits 47: zlib or gzip header, auto-detected; raw deflate as a fallback for "deflate"
-        for wbits in (47,) if encoding != "deflate" else (47, -15):
-            inflater = zlib.decompressobj(wbits)
-            try:
-                out = inflater.decompress(raw, limit + 1)
-            except zlib.error:
-                continue
-            if len(out) > limit or inflater.unconsumed_tail:
-                raise PayloadTooLargeError(
-                    f"body: over the limit of {limit} bytes after decompression (max_body_bytes)", field="body"
-                )
-            # a cut stream inflated to a cut body, and bytes after its end (a second gzip member, or
-            # anything) were dropped unread: both answered as if the body were whole
-            if not inflater.eof:
-                raise InputError(
-                    f"body: the {encoding} data ends before its end marker (a cut body?); send the whole of it",
-                    field="Content-Encoding",
-                )
-            if inflater.unused_data:
-                raise InputError(
-                    f"body: {len(inflater.unused_data)} bytes follow the end of the {encoding} data (a second "
-                    "gzip member?); send the body as one compressed stream",
-                    field="Content-Encoding",
-                )
-            return out
-        raise InputError(f"body: not valid {encoding} data", field="Content-Encoding")
+        # zlib inflates at most ~1000-fold: a body of up to 1 KiB is at most ~1 MB (a millisecond or two);
+        # a bigger one, up to max_body_bytes of output (a 16 KB gzip of zeros is 16 MB), in a worker thread
+        return await off_loop_if_large(len(raw), INLINE_COMPRESSED_BYTES, inflate, raw, encoding, limit)
 
     # -- metrics ----------------------------------------------------------------------------------
     def _running(self) -> list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]]:
@@ -421,6 +400,37 @@ def _chars(texts: object) -> int:
     if not isinstance(texts, list | tuple):
         return 0
     return sum(len(t) for t in texts if isinstance(t, str))
+
+
+def inflate(raw: bytes, encoding: str, limit: int) -> bytes:
+    """``raw`` decompressed (``gzip``, ``x-gzip`` or ``deflate``), at most ``limit`` bytes, else 413;
+    a cut stream, bytes after its end or data that is no such stream are a 400."""
+    # wbits 47: zlib or gzip header, auto-detected; raw deflate as a fallback for "deflate"
+    for wbits in (47,) if encoding != "deflate" else (47, -15):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(raw, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise PayloadTooLargeError(
+                f"body: over the limit of {limit} bytes after decompression (max_body_bytes)", field="body"
+            )
+        # a cut stream inflated to a cut body, and bytes after its end (a second gzip member, or
+        # anything) were dropped unread: both answered as if the body were whole
+        if not inflater.eof:
+            raise InputError(
+                f"body: the {encoding} data ends before its end marker (a cut body?); send the whole of it",
+                field="Content-Encoding",
+            )
+        if inflater.unused_data:
+            raise InputError(
+                f"body: {len(inflater.unused_data)} bytes follow the end of the {encoding} data (a second "
+                "gzip member?); send the body as one compressed stream",
+                field="Content-Encoding",
+            )
+        return out
+    raise InputError(f"body: not valid {encoding} data", field="Content-Encoding")
 
 
 async def off_loop_if_large(size: int, inline: int, fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:

@@ -368,7 +368,22 @@ def test_a_large_body_is_decoded_off_the_event_loop(client_factory: Any, monkeyp
     assert handed == ["decode_infer_request"]
     r = c.post("/v1/embeddings", json={"model": "minilm", "input": 5, "pad": "p" * INLINE_BODY_BYTES})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
-    assert handed == ["decode_infer_request", msgspec.json.decode.__name__]
+    # the depth scan too (as long as the decode for 16 MB of brackets): it ran on the loop before
+    pad = b"p" * INLINE_BODY_BYTES
+    deep = b'{"model": "minilm", "input": "x", "a": ' + b"[" * 40 + b"]" * 40 + b', "b": "' + pad + b'"}'
+    r = c.post("/v1/embeddings", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nesting depth 41" in r.json()["error"]["message"], r.text
+    assert handed == ["decode_infer_request", "decode_json", "decode_json"]
+    # a compressed body is inflated off the loop past 1 KiB (a 16 KB gzip of zeros is 16 MB)
+    small = gzip.compress(msgspec.json.encode(BODY))
+    assert len(small) <= 1024
+    assert c.post("/v2/models/tabular/infer", content=small, headers={"content-encoding": "gzip"}).status_code == 200
+    assert handed[3:] == []
+    bomb = gzip.compress(b" " * (17 << 20))  # over max_body_bytes once inflated
+    assert len(bomb) > 1024
+    r = c.post("/v2/models/tabular/infer", content=bomb, headers={"content-encoding": "gzip"})
+    assert r.status_code == 413 and "after decompression" in r.json()["error"], r.text
+    assert handed[3:] == ["inflate"]
 
 
 def _asgi_call(
