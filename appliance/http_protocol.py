@@ -12,7 +12,11 @@ answer, and any byte stops it.
 answer sent on it, to get a request's headers in.  A request whose headers began but did not end
 in time is answered 408 (``Connection: close``); a connection that sent nothing is closed
 unanswered, as a keep-alive connection that went quiet is.  Between the headers and the answer
-other limits hold: ``body_timeout_s`` (the body) and ``request_timeout_s`` (the batch queue).
+other limits hold: ``body_timeout_s`` (the body) and ``request_timeout_s`` (the batch queue).  The
+rest of a body the app answered before reading it (a 401 to an upload) may go on arriving for
+``body_timeout_s`` after the answer (closing at once would reset the connection under the client,
+which may then never read its 401); then the connection is closed.  The deadline is kept within a
+quarter of ``header_timeout_s`` (at most 1 s) of its time.
 """
 
 from __future__ import annotations
@@ -24,87 +28,104 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["DEFAULT_HEADER_TIMEOUT_S", "HEADER_TIMEOUT_ATTRIBUTE", "PROTOCOL", "HeaderDeadlineProtocol"]
+__all__ = ["PROTOCOL", "HeaderDeadlineProtocol", "configure"]
 
 #: what ``serve`` passes as uvicorn's ``http`` option (an import string, so ``--workers`` processes
 #: load it too)
 PROTOCOL = "appliance.http_protocol:HeaderDeadlineProtocol"
 
-#: the attribute of uvicorn's ``Config`` that carries ``header_timeout_s`` to the protocol (uvicorn
-#: hands the protocol its config alone; the attribute goes with it to ``--workers`` processes)
+#: the attributes of uvicorn's ``Config`` that carry ``header_timeout_s`` and ``body_timeout_s`` to the
+#: protocol (uvicorn hands it its config alone; they go with it to ``--workers`` processes): :func:`configure`
 HEADER_TIMEOUT_ATTRIBUTE = "inferbox_header_timeout_s"
+BODY_TIMEOUT_ATTRIBUTE = "inferbox_body_timeout_s"
 DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 60.0
 
 log = logging.getLogger(__name__)
+
+
+def configure(config: Any, *, header_timeout_s: float, body_timeout_s: float) -> None:
+    """Hand the deadlines to :class:`HeaderDeadlineProtocol` on uvicorn's ``config`` (all it gets)."""
+    setattr(config, HEADER_TIMEOUT_ATTRIBUTE, float(header_timeout_s))
+    setattr(config, BODY_TIMEOUT_ATTRIBUTE, float(body_timeout_s))
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol; a request's headers must arrive within ``header_timeout_s``.
 
-    No timer per request: each connection notes since when it owes headers, and one sweep per
-    server, a few times per ``header_timeout_s``, expires those past their deadline.  (Measured on
-    an app that answers "ok", wrk -c32, this box: a timer armed and cancelled per request cost 17 %
-    of uvicorn's requests per second, about 5 us a request; the sweep costs about 4 %, 1 us, which
-    is 0.1 to 0.3 % of a served inference request's time on the event loop.)
+    No timer per request: each connection notes its deadline, and one sweep per server, a few times
+    per ``header_timeout_s``, expires those past it.  (Measured on an app that answers "ok", wrk
+    -c32, this box: a timer armed and cancelled per request cost 17 % of uvicorn's requests per
+    second, about 5 us a request; the sweep costs about 4 %, 1 us, which is 0.1 to 0.3 % of a
+    served inference request's time on the event loop.)
     """
 
-    _owed_since: float | None = None  # loop time since which this connection owes a request's headers
+    _deadline: float | None = None  # loop time by which this connection must have sent what it owes
     _begun = False  # a request's first bytes are in, its headers not yet all
+    _body_pending = False  # the newest request's headers are in, its body not yet all
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self._header_timeout = float(getattr(config, HEADER_TIMEOUT_ATTRIBUTE, DEFAULT_HEADER_TIMEOUT_S))
+        self._body_timeout = float(getattr(config, BODY_TIMEOUT_ATTRIBUTE, DEFAULT_BODY_TIMEOUT_S))
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self._owed_since = self.loop.time()
+        self._deadline = self.loop.time() + self._header_timeout
         _Sweep.watch(self)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._begun = True
-        if self._owed_since is None:  # pipelined behind a request being answered
-            self._owed_since = self.loop.time()
+        if self._deadline is None:  # pipelined behind a request being answered
+            self._deadline = self.loop.time() + self._header_timeout
 
     def on_headers_complete(self) -> None:
         self._begun = False
-        self._owed_since = None
+        self._body_pending = True
+        self._deadline = None  # the body is the app's (body_timeout_s), the answer the batcher's
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self._body_pending = False
+        if self.cycle is not None and self.cycle.response_complete:  # answered before its body was all in
+            self._deadline = self.loop.time() + self._header_timeout  # the next request's headers, from now
+        super().on_message_complete()
+
     def on_response_complete(self) -> None:
+        started_next = bool(self.pipeline)  # super() starts a request pipelined behind this one
         super().on_response_complete()
-        if self._owed_since is None and not self.pipeline:
-            self._owed_since = self.loop.time()  # the next request's (uvicorn's keep-alive timer ends at a byte)
+        if started_next or self.transport.is_closing():
+            return
+        # the next request's headers, from this answer (uvicorn's keep-alive timer ends at a byte); or
+        # the rest of a body the app answered early (a 401 to an upload): as long as a body may take
+        self._deadline = self.loop.time() + (self._body_timeout if self._body_pending else self._header_timeout)
 
     def send_400_response(self, msg: str) -> None:
         """Bytes that are no HTTP request: 400 in the API's error shape (uvicorn's is plain text)."""
-        self._owed_since = None
+        self._deadline = None
         self._close_with(b"400 Bad Request", f"not an HTTP/1.1 request the server can read: {msg}")
 
     def _late(self, now: float) -> bool:
-        return self._owed_since is not None and now - self._owed_since >= self._header_timeout
+        return self._deadline is not None and now >= self._deadline
 
-    def _expire(self) -> None:
+    def _expire(self) -> bool:
+        """Close the connection (408 when a request's headers began); whether a 408 was sent."""
         if self.transport.is_closing():
-            self._owed_since = None
-            return
+            self._deadline = None
+            return False
         if self.cycle is not None and not self.cycle.response_complete:
-            return  # an answer is being made (a request pipelined behind it began): looked at again later
-        self._owed_since = None
+            return False  # an answer is being made (a request pipelined behind it began): looked at again later
+        self._deadline = None
         if not self._begun:
-            self.transport.close()  # nothing sent since it opened (or since the last answer)
-            return
-        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
-        log.warning(
-            "%s sent part of a request's headers and not the rest within %g s (header_timeout_s): answered 408",
-            client,
-            self._header_timeout,
-        )
+            self.transport.close()  # nothing sent since it opened or since the last answer; or a body stalled
+            return False
         self._close_with(
             b"408 Request Timeout",
             f"the request's headers did not arrive in full within {self._header_timeout:g} s (header_timeout_s); "
             "send them at once",
         )
+        return True
 
     def _close_with(self, status: bytes, error: str) -> None:
         """Answer ``{"error": error}`` with ``status`` and close: no request reached the app to answer it."""
@@ -118,13 +139,15 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
 
 class _Sweep:
-    """A server's look at its connections every quarter ``header_timeout_s`` (at most every second),
-    while it has any: those that owe headers past their deadline are expired."""
+    """A server's look at its connections every quarter ``header_timeout_s`` (at most every second,
+    at least every 50 ms), while it has any: those past their deadline are expired.  One warning per
+    look names the clients answered 408 (a few thousand stalled clients are a few lines a second)."""
 
     def __init__(self, protocol: HeaderDeadlineProtocol) -> None:
         self.loop = protocol.loop
         self.connections = protocol.connections
-        self.period = min(1.0, protocol._header_timeout / 4)
+        self.timeout = protocol._header_timeout
+        self.period = max(0.05, min(1.0, self.timeout / 4))
         self.handle: asyncio.TimerHandle | None = self.loop.call_later(self.period, self.run)
 
     @staticmethod
@@ -137,13 +160,25 @@ class _Sweep:
     def run(self) -> None:
         self.handle = None
         now = self.loop.time()
-        try:
-            for connection in list(self.connections):
-                if isinstance(connection, HeaderDeadlineProtocol) and connection._late(now):
-                    connection._expire()
-        finally:  # one connection's failure (logged by the loop) stops no other's deadline
-            if self.connections:
-                self.handle = self.loop.call_later(self.period, self.run)
+        answered: list[str] = []
+        for connection in list(self.connections):
+            if not isinstance(connection, HeaderDeadlineProtocol) or not connection._late(now):
+                continue
+            try:
+                if connection._expire():
+                    client = connection.client
+                    answered.append(f"{client[0]}:{client[1]}" if client else "a client")
+            except Exception:  # one connection's failure stops no other's deadline
+                log.exception("closing a connection past its header_timeout_s failed")
+        if answered:
+            who = answered[0] if len(answered) == 1 else f"{len(answered)} clients ({', '.join(answered[:3])}, ...)"
+            log.warning(
+                "%s sent part of a request's headers and not the rest within %g s (header_timeout_s): answered 408",
+                who,
+                self.timeout,
+            )
+        if self.connections:
+            self.handle = self.loop.call_later(self.period, self.run)
 
 
 #: the attribute of uvicorn's per-server state that holds its :class:`_Sweep`

@@ -48,12 +48,13 @@ def worker_ssl_context(_config: Any, default: Callable[[], ssl.SSLContext]) -> s
         raise SystemExit(3) from None
 
 
-def run_workers(options: dict[str, Any], *, header_timeout_s: float | None = None) -> None:
-    """Serve ``appliance.server:app_factory`` in ``options["workers"]`` processes (uvicorn options)."""
+def run_workers(options: dict[str, Any], *, deadlines: dict[str, float] | None = None) -> None:
+    """Serve ``appliance.server:app_factory`` in ``options["workers"]`` processes (uvicorn options;
+    ``deadlines``: :func:`appliance.http_protocol.configure`'s)."""
     from uvicorn import Config
     from uvicorn.supervisors.multiprocess import Multiprocess
 
-    from appliance.http_protocol import HEADER_TIMEOUT_ATTRIBUTE
+    from appliance.http_protocol import configure
     from appliance.systemd.relay import NotifyRelay
 
     class Supervisor(Multiprocess):
@@ -77,8 +78,8 @@ def run_workers(options: dict[str, Any], *, header_timeout_s: float | None = Non
     if options.get("ssl_certfile"):  # a worker that cannot read them stops the service (see worker_ssl_context)
         options = {**options, "ssl_context_factory": worker_ssl_context}
     config = Config("appliance.server:app_factory", factory=True, **options)
-    if header_timeout_s is not None:  # the workers get the config (pickled), this attribute with it
-        setattr(config, HEADER_TIMEOUT_ATTRIBUTE, header_timeout_s)
+    if deadlines is not None:  # the workers get the config (pickled), these attributes with it
+        configure(config, **deadlines)
     relay = NotifyRelay.for_workers()  # systemd hears this process only: the workers' READY / WATCHDOG via it
     if relay is not None:
         relay.start()

@@ -126,8 +126,10 @@ def serve(
         _hand_over_admin_key(settings.keys_dir, prepared.admin_key_id or "", prepared.admin_key)
     import uvicorn
 
-    from appliance.http_protocol import HEADER_TIMEOUT_ATTRIBUTE
     from appliance.http_protocol import PROTOCOL as HTTP_PROTOCOL
+    from appliance.http_protocol import configure as configure_deadlines
+
+    deadlines = {"header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s}
 
     if settings.workers > 1:
         from appliance.server import settings_environment
@@ -144,7 +146,7 @@ def serve(
                 "http": HTTP_PROTOCOL,
                 **ssl_options(tls),  # mutual TLS: its own protocol (a HeaderDeadlineProtocol too)
             },
-            header_timeout_s=settings.header_timeout_s,
+            deadlines=deadlines,
         )
         return
 
@@ -168,7 +170,7 @@ def serve(
         lifespan="on",
         **{"http": HTTP_PROTOCOL, **tls_options},
     )
-    setattr(config, HEADER_TIMEOUT_ATTRIBUTE, settings.header_timeout_s)
+    configure_deadlines(config, **deadlines)
     server = _NotifyingServer(config)
     scheme = "http" if tls is None else "https"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

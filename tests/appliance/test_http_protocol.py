@@ -20,18 +20,23 @@ from typing import Any
 import pytest
 import uvicorn
 
-from appliance.http_protocol import HEADER_TIMEOUT_ATTRIBUTE, PROTOCOL
+from appliance.http_protocol import PROTOCOL, configure
 
 TIMEOUT_S = 1.5  # long enough that the test's own stalls on a busy box do not reach it
 LATER_S = 2.0  # longer than TIMEOUT_S: a slow body, a slow answer
+BODY_TIMEOUT_S = 4.0  # what the rest of a body answered early may take
 
 
 async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Reads the body, waits ``?sleep`` seconds, answers 200 with what it read."""
+    """Reads the body, waits ``?sleep`` seconds, answers 200 with what it read (``?early``: 401 unread)."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["query_string"] == b"early":  # a 401 before the body is read, as an auth check answers
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"nope"})
         return
     body = b""
     while True:
@@ -51,7 +56,7 @@ def port() -> Iterator[int]:
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))  # bound here, handed to uvicorn: no other process can take the port
     config = uvicorn.Config(_app, http=PROTOCOL, log_level="warning")
-    setattr(config, HEADER_TIMEOUT_ATTRIBUTE, TIMEOUT_S)
+    configure(config, header_timeout_s=TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, daemon=True)
     thread.start()
@@ -167,3 +172,46 @@ def test_answers_that_take_longer_than_the_deadline_are_not_cut(port: int) -> No
             assert chunk, f"closed after {got!r}"
             got += chunk
     assert got.count(b"HTTP/1.1 200 ") == 2 and b"abcdef" in got, got
+
+
+def _answers(sock: socket.socket, count: int, last: bytes) -> bytes:
+    got = b""
+    while got.count(b"HTTP/1.1 ") < count or not got.endswith(last):
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {got!r}"
+        got += chunk
+    return got
+
+
+def test_after_a_pipelined_answer_the_next_request_has_its_whole_deadline(port: int) -> None:
+    """The deadline started when the first answer went out, while the request pipelined behind it was
+    still being answered: a keep-alive request sent soon after its answer found the connection closed."""
+    with _connect(port) as sock:
+        sock.sendall(_request("/", b"one") + _request(f"/?sleep={LATER_S:g}", b"two"))
+        _answers(sock, 2, b"two")
+        time.sleep(0.5)
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\n")  # headers in two packets, well within the deadline
+        time.sleep(0.3)
+        sock.sendall(b"Content-Length: 5\r\n\r\nthree")
+        got = _answers(sock, 1, b"three")
+    assert got.startswith(b"HTTP/1.1 200 "), got
+
+
+def test_a_body_answered_early_may_arrive_then_a_stalled_one_is_closed(port: int) -> None:
+    """A 401 to an upload goes out before the body is read; the upload went on after it and was cut
+    header_timeout_s later (the client's next bytes met a reset: it could lose its 401).  It gets
+    body_timeout_s; a body that stalls after an early answer is then closed."""
+    with _connect(port) as sock:
+        sock.sendall(b"POST /?early HTTP/1.1\r\nHost: t\r\nContent-Length: 30\r\n\r\n")
+        got = _answers(sock, 1, b"nope")
+        assert got.startswith(b"HTTP/1.1 401 "), got
+        for _ in range(3):  # past header_timeout_s, within body_timeout_s
+            time.sleep(TIMEOUT_S / 2 + 0.2)
+            sock.sendall(b"0123456789")
+        sock.sendall(_request("/", b"next"))
+        assert _answers(sock, 1, b"next").startswith(b"HTTP/1.1 200 ")
+    with _connect(port) as sock:
+        sock.sendall(b"POST /?early HTTP/1.1\r\nHost: t\r\nContent-Length: 30\r\n\r\n0123")
+        start = time.monotonic()
+        assert _read_until_closed(sock).startswith(b"HTTP/1.1 401 ")
+    assert time.monotonic() - start >= BODY_TIMEOUT_S - 0.5  # closed after body_timeout_s, not header_timeout_s
