@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -802,13 +803,15 @@ def test_tiny_queue_answers_429_with_retry_after(minilm_repository: Path, tmp_pa
     proc, url, log = _start(minilm_repository, home, "--no-auth", "--no-audit", env=env)
     try:
         text = " ".join(["a long text that keeps the single queue slot busy"] * 20)
+        together = threading.Barrier(24)  # each thread's first request at once: more than 2 arrive together
+
+        def send(i: int) -> httpx.Response:
+            if i < 24:
+                together.wait(60)
+            return httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": text}, timeout=60)
+
         with ThreadPoolExecutor(max_workers=24) as pool:
-            answers = list(
-                pool.map(
-                    lambda _: httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": text}, timeout=60),
-                    range(48),
-                )
-            )
+            answers = list(pool.map(send, range(48)))
         codes = [a.status_code for a in answers]
         assert set(codes) <= {200, 429}, codes
         assert 429 in codes and 200 in codes, codes
