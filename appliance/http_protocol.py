@@ -17,6 +17,12 @@ rest of a body the app answered before reading it (a 401 to an upload) may go on
 ``body_timeout_s`` after the answer (closing at once would reset the connection under the client,
 which may then never read its 401); then the connection is closed.  The deadline is kept within a
 quarter of ``header_timeout_s`` (at most 1 s) of its time.
+
+The other way round, a client that stops reading its answer held the bytes waiting for it (an
+answer of 16 MB, the whole of it: uvicorn writes a body at once) and its connection for ever, and
+closing would wait for it to read them.  Once the bytes waiting pass the transport's high-water
+mark, a client that reads none of them for ``body_timeout_s`` is reset (a slow reader that keeps
+reading is not: each sweep that finds fewer bytes waiting gives it ``body_timeout_s`` more).
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     """
 
     _deadline: float | None = None  # loop time by which this connection must have sent what it owes
+    _read_deadline: float | None = None  # loop time by which the client must have read some of its answer
+    _waiting = 0  # bytes of the answer waiting for the client when it last read some
     _begun = False  # a request's first bytes are in, its headers not yet all
     _body_pending = False  # the newest request's headers are in, its body not yet all
 
@@ -101,13 +109,40 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         # the rest of a body the app answered early (a 401 to an upload): as long as a body may take
         self._deadline = self.loop.time() + (self._body_timeout if self._body_pending else self._header_timeout)
 
+    def pause_writing(self) -> None:
+        """The answer waiting for the client passed the transport's high-water mark: it is not reading."""
+        super().pause_writing()
+        self._read_deadline = self.loop.time() + self._body_timeout
+        self._waiting = self.transport.get_write_buffer_size()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._read_deadline = None
+
     def send_400_response(self, msg: str) -> None:
         """Bytes that are no HTTP request: 400 in the API's error shape (uvicorn's is plain text)."""
         self._deadline = None
         self._close_with(b"400 Bad Request", f"not an HTTP/1.1 request the server can read: {msg}")
 
     def _late(self, now: float) -> bool:
-        return self._deadline is not None and now >= self._deadline
+        return (self._deadline is not None and now >= self._deadline) or self._not_reading(now)
+
+    def _not_reading(self, now: float) -> bool:
+        """Nothing of the answer read for ``body_timeout_s`` (a reader that reads some has more time)."""
+        if self._read_deadline is None:
+            return False
+        waiting = self.transport.get_write_buffer_size()
+        if waiting < self._waiting:
+            self._waiting = waiting
+            self._read_deadline = now + self._body_timeout
+        return now >= self._read_deadline
+
+    def _reset(self) -> int:
+        """Drop a connection whose client stopped reading its answer; the bytes that waited for it."""
+        waiting = int(self.transport.get_write_buffer_size())
+        self._read_deadline = self._deadline = None
+        self.transport.abort()  # close() would wait for the client to read them
+        return waiting
 
     def _expire(self) -> bool:
         """Close the connection (408 when a request's headers began); whether a 408 was sent."""
@@ -147,6 +182,7 @@ class _Sweep:
         self.loop = protocol.loop
         self.connections = protocol.connections
         self.timeout = protocol._header_timeout
+        self.body_timeout = protocol._body_timeout
         self.period = max(0.05, min(1.0, self.timeout / 4))
         self.handle: asyncio.TimerHandle | None = self.loop.call_later(self.period, self.run)
 
@@ -161,24 +197,40 @@ class _Sweep:
         self.handle = None
         now = self.loop.time()
         answered: list[str] = []
+        reset: list[str] = []
+        waiting = 0
         for connection in list(self.connections):
             if not isinstance(connection, HeaderDeadlineProtocol) or not connection._late(now):
                 continue
+            client = f"{connection.client[0]}:{connection.client[1]}" if connection.client else "a client"
             try:
-                if connection._expire():
-                    client = connection.client
-                    answered.append(f"{client[0]}:{client[1]}" if client else "a client")
+                if connection._not_reading(now):
+                    waiting += connection._reset()
+                    reset.append(client)
+                elif connection._expire():
+                    answered.append(client)
             except Exception:  # one connection's failure stops no other's deadline
-                log.exception("closing a connection past its header_timeout_s failed")
+                log.exception("closing a connection past its deadline failed")
         if answered:
-            who = answered[0] if len(answered) == 1 else f"{len(answered)} clients ({', '.join(answered[:3])}, ...)"
             log.warning(
                 "%s sent part of a request's headers and not the rest within %g s (header_timeout_s): answered 408",
-                who,
+                _some(answered),
                 self.timeout,
+            )
+        if reset:
+            log.warning(
+                "%s read none of its answer for %g s (body_timeout_s), %d bytes waiting: connection reset",
+                _some(reset),
+                self.body_timeout,
+                waiting,
             )
         if self.connections:
             self.handle = self.loop.call_later(self.period, self.run)
+
+
+def _some(clients: list[str]) -> str:
+    """One client's address, or how many and the first three."""
+    return clients[0] if len(clients) == 1 else f"{len(clients)} clients ({', '.join(clients[:3])}, ...)"
 
 
 #: the attribute of uvicorn's per-server state that holds its :class:`_Sweep`

@@ -9,6 +9,7 @@ connections) for as long as it liked.  A real uvicorn server on 127.0.0.1 with t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -33,6 +34,11 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         while (message := await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["query_string"].startswith(b"big="):  # an answer of that many bytes, written at once
+        size = int(scope["query_string"].removeprefix(b"big="))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % size)]})
+        await send({"type": "http.response.body", "body": b"x" * size})
         return
     if scope["query_string"] == b"early":  # a 401 before the body is read, as an auth check answers
         await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"4")]})
@@ -215,3 +221,49 @@ def test_a_body_answered_early_may_arrive_then_a_stalled_one_is_closed(port: int
         start = time.monotonic()
         assert _read_until_closed(sock).startswith(b"HTTP/1.1 401 ")
     assert time.monotonic() - start >= BODY_TIMEOUT_S - 0.5  # closed after body_timeout_s, not header_timeout_s
+
+
+BIG = 16 << 20  # far more than the kernel's socket buffers hold
+
+
+def _small_receive_buffer() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    sock.settimeout(30)
+    return sock
+
+
+def test_a_client_that_stops_reading_its_answer_is_reset(port: int, caplog: pytest.LogCaptureFixture) -> None:
+    """It held the 16 MB waiting for it, and its connection, for ever: closing waits for the reader."""
+    with caplog.at_level(logging.WARNING, logger="appliance.http_protocol"), _small_receive_buffer() as sock:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /?big=%d HTTP/1.1\r\nHost: t\r\n\r\n" % BIG)
+        start = time.monotonic()
+        time.sleep(BODY_TIMEOUT_S + 1.5)  # not reading
+        got = 0
+        with contextlib.suppress(ConnectionResetError):  # a reset, or the end: either way no more comes
+            while chunk := sock.recv(1 << 20):
+                got += len(chunk)
+    assert got < BIG / 2, got
+    assert time.monotonic() - start >= BODY_TIMEOUT_S
+    (warned,) = [r.getMessage() for r in caplog.records if r.name == "appliance.http_protocol"]
+    assert "read none of its answer for 4 s (body_timeout_s)" in warned and "connection reset" in warned, warned
+
+
+def test_a_slow_reader_that_keeps_reading_gets_its_whole_answer(port: int) -> None:
+    """body_timeout_s is for a reader that stops, not for the whole answer: 8 MB read over more than
+    body_timeout_s arrive whole."""
+    size = 8 << 20
+    with _small_receive_buffer() as sock:
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /?big=%d HTTP/1.1\r\nHost: t\r\n\r\n" % size)
+        start = time.monotonic()
+        got = b""
+        while not got.endswith(b"x" * 16) or len(got) < size:
+            chunk = sock.recv(128 << 10)
+            assert chunk, len(got)
+            got += chunk
+            time.sleep(0.01 * len(chunk) / (16 << 10))  # about 1.6 MB/s
+        took = time.monotonic() - start
+    assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"x") == size
+    assert took > BODY_TIMEOUT_S, took  # the test's point: the whole read outlasted body_timeout_s
