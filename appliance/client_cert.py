@@ -5,7 +5,7 @@ operator's CAs signed: who is calling, vouched for by the organisation's PKI.
 The audit log should say so next to the API key.  uvicorn verifies the
 certificate but does not pass it on (it fills no ``scope["extensions"]["tls"]``),
 so :class:`ClientCertificateProtocol` (the protocol ``serve`` uses for mutual TLS:
-:class:`appliance.http_protocol.HeaderDeadlineProtocol`, uvicorn's httptools one
+:class:`appliance.http_protocol.DeadlineProtocol`, uvicorn's httptools one
 with a deadline for headers) reads it once per connection, after the
 handshake, and adds the extension to the scope of every request on that
 connection, as the ASGI TLS extension spells it (``client_cert_chain``: the
@@ -20,7 +20,7 @@ import hashlib
 import ssl
 from typing import Any
 
-from appliance.http_protocol import HeaderDeadlineProtocol
+from appliance.http_protocol import DeadlineProtocol
 
 __all__ = ["PROTOCOL", "ClientCertificateProtocol", "tls_extension"]
 
@@ -56,7 +56,7 @@ def tls_extension(ssl_object: ssl.SSLObject | None) -> dict[str, Any] | None:
     }
 
 
-class ClientCertificateProtocol(HeaderDeadlineProtocol):
+class ClientCertificateProtocol(DeadlineProtocol):
     """The serving protocol, with the client certificate in each request's scope."""
 
     _tls: dict[str, Any] | None = None

@@ -1,4 +1,5 @@
-"""uvicorn's HTTP protocol with a deadline for a request's headers (``header_timeout_s``).
+"""uvicorn's HTTP protocol with deadlines for what a client owes: a request's headers
+(``header_timeout_s``) and the reading of its answer (``body_timeout_s``).
 
 uvicorn times out nothing before a request's headers are in: a connection that sends nothing, or
 a few bytes of its headers and then nothing (one more byte now and then: "slowloris"), stays open
@@ -7,7 +8,7 @@ limit: 1024 by default, 65536 in inferbox-api.service), none sending a whole req
 server unable to accept anyone.  uvicorn's keep-alive timeout does not help: it runs only after an
 answer, and any byte stops it.
 
-:class:`HeaderDeadlineProtocol` (uvicorn's httptools protocol, which ``serve`` passes as uvicorn's
+:class:`DeadlineProtocol` (uvicorn's httptools protocol, which ``serve`` passes as uvicorn's
 ``http`` option) gives each connection ``header_timeout_s`` from when it opens, and from each
 answer sent on it, to get a request's headers in.  A request whose headers began but did not end
 in time is answered 408 (``Connection: close``); a connection that sent nothing is closed
@@ -20,9 +21,11 @@ quarter of ``header_timeout_s`` (at most 1 s) of its time.
 
 The other way round, a client that stops reading its answer held the bytes waiting for it (an
 answer of 16 MB, the whole of it: uvicorn writes a body at once) and its connection for ever, and
-closing would wait for it to read them.  Once the bytes waiting pass the transport's high-water
-mark, a client that reads none of them for ``body_timeout_s`` is reset (a slow reader that keeps
-reading is not: each sweep that finds fewer bytes waiting gives it ``body_timeout_s`` more).
+closing would wait for it to read them.  After each answer (and whenever writing pauses), the
+sweep follows it to the client (:mod:`appliance.socket_progress`: the bytes the client
+acknowledged): one that acknowledges nothing more for ``body_timeout_s`` (at least 1 s) is reset;
+a slow reader that keeps reading is not, and neither uvicorn's keep-alive close nor the idle close
+here cuts an answer still on its way (under TLS, a close cut it 30 s later).
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["PROTOCOL", "HeaderDeadlineProtocol", "configure"]
+from appliance.socket_progress import acknowledged, outstanding
+
+__all__ = ["PROTOCOL", "DeadlineProtocol", "configure"]
 
 #: what ``serve`` passes as uvicorn's ``http`` option (an import string, so ``--workers`` processes
 #: load it too)
-PROTOCOL = "appliance.http_protocol:HeaderDeadlineProtocol"
+PROTOCOL = "appliance.http_protocol:DeadlineProtocol"
 
 #: the attributes of uvicorn's ``Config`` that carry ``header_timeout_s`` and ``body_timeout_s`` to the
 #: protocol (uvicorn hands it its config alone; they go with it to ``--workers`` processes): :func:`configure`
@@ -46,29 +51,33 @@ HEADER_TIMEOUT_ATTRIBUTE = "inferbox_header_timeout_s"
 BODY_TIMEOUT_ATTRIBUTE = "inferbox_body_timeout_s"
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_BODY_TIMEOUT_S = 60.0
+#: a client gets at least this long to read some of its answer, whatever body_timeout_s says
+MIN_READ_TIMEOUT_S = 1.0
 
 log = logging.getLogger(__name__)
 
 
 def configure(config: Any, *, header_timeout_s: float, body_timeout_s: float) -> None:
-    """Hand the deadlines to :class:`HeaderDeadlineProtocol` on uvicorn's ``config`` (all it gets)."""
+    """Hand the deadlines to :class:`DeadlineProtocol` on uvicorn's ``config`` (all it gets)."""
     setattr(config, HEADER_TIMEOUT_ATTRIBUTE, float(header_timeout_s))
     setattr(config, BODY_TIMEOUT_ATTRIBUTE, float(body_timeout_s))
 
 
-class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol; a request's headers must arrive within ``header_timeout_s``.
+class DeadlineProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol; a request's headers must arrive within ``header_timeout_s``, and
+    a client must keep reading its answer (``body_timeout_s``).
 
     No timer per request: each connection notes its deadline, and one sweep per server, a few times
     per ``header_timeout_s``, expires those past it.  (Measured on an app that answers "ok", wrk
     -c32, this box: a timer armed and cancelled per request cost 17 % of uvicorn's requests per
-    second, about 5 us a request; the sweep costs about 4 %, 1 us, which is 0.1 to 0.3 % of a
+    second, about 5 us a request; the sweep costs 4-6 %, 1-2 us, which is 0.1 to 0.3 % of a
     served inference request's time on the event loop.)
     """
 
     _deadline: float | None = None  # loop time by which this connection must have sent what it owes
-    _read_deadline: float | None = None  # loop time by which the client must have read some of its answer
-    _waiting = 0  # bytes of the answer waiting for the client when it last read some
+    _answering = False  # an answer may still be on its way to the client (see _watch_reader)
+    _read_deadline: float | None = None  # loop time by which the client must have read more of it
+    _progress: int | None = None  # how far it had got then (bytes acknowledged, or minus those waiting)
     _begun = False  # a request's first bytes are in, its headers not yet all
     _body_pending = False  # the newest request's headers are in, its body not yet all
 
@@ -76,6 +85,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         super().__init__(config, *args, **kwargs)
         self._header_timeout = float(getattr(config, HEADER_TIMEOUT_ATTRIBUTE, DEFAULT_HEADER_TIMEOUT_S))
         self._body_timeout = float(getattr(config, BODY_TIMEOUT_ATTRIBUTE, DEFAULT_BODY_TIMEOUT_S))
+        self._read_timeout = max(MIN_READ_TIMEOUT_S, self._body_timeout)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -103,6 +113,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         started_next = bool(self.pipeline)  # super() starts a request pipelined behind this one
         super().on_response_complete()
+        self._answering = True  # the sweep looks whether it reached the client (a flag here: no syscall)
         if started_next or self.transport.is_closing():
             return
         # the next request's headers, from this answer (uvicorn's keep-alive timer ends at a byte); or
@@ -110,37 +121,46 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self._deadline = self.loop.time() + (self._body_timeout if self._body_pending else self._header_timeout)
 
     def pause_writing(self) -> None:
-        """The answer waiting for the client passed the transport's high-water mark: it is not reading."""
+        """More of an answer waits for the client than the transport's high-water mark."""
         super().pause_writing()
-        self._read_deadline = self.loop.time() + self._body_timeout
-        self._waiting = self.transport.get_write_buffer_size()
+        self._answering = True
 
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._read_deadline = None
+    def timeout_keep_alive_handler(self) -> None:
+        """uvicorn's idle close, not while an answer is still on its way: under TLS, closing sends
+        close_notify, and asyncio cut a slow reader's download 30 s later (ssl_shutdown_timeout)."""
+        if not self.transport.is_closing() and outstanding(self.transport) > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+            return
+        super().timeout_keep_alive_handler()
 
     def send_400_response(self, msg: str) -> None:
         """Bytes that are no HTTP request: 400 in the API's error shape (uvicorn's is plain text)."""
         self._deadline = None
         self._close_with(b"400 Bad Request", f"not an HTTP/1.1 request the server can read: {msg}")
 
-    def _late(self, now: float) -> bool:
-        return (self._deadline is not None and now >= self._deadline) or self._not_reading(now)
+    def _headers_late(self, now: float) -> bool:
+        return self._deadline is not None and now >= self._deadline
 
-    def _not_reading(self, now: float) -> bool:
-        """Nothing of the answer read for ``body_timeout_s`` (a reader that reads some has more time)."""
-        if self._read_deadline is None:
-            return False
-        waiting = self.transport.get_write_buffer_size()
-        if waiting < self._waiting:
-            self._waiting = waiting
-            self._read_deadline = now + self._body_timeout
-        return now >= self._read_deadline
-
-    def _reset(self) -> int:
-        """Drop a connection whose client stopped reading its answer; the bytes that waited for it."""
-        waiting = int(self.transport.get_write_buffer_size())
-        self._read_deadline = self._deadline = None
+    def _watch_reader(self, now: float) -> int | None:
+        """Reset the connection if its client read none of its answer for ``body_timeout_s``: the
+        bytes that waited for it; None while it reads (or has all of it)."""
+        if self.transport.is_closing() and self.transport.get_write_buffer_size() == 0:
+            self._answering = False
+            return None
+        waiting = outstanding(self.transport)
+        if waiting == 0 and not self.flow.write_paused:
+            self._answering, self._read_deadline, self._progress = False, None, None
+            return None
+        got = acknowledged(self.transport)
+        mark = got if got is not None else -waiting
+        if self._progress is None or self._read_deadline is None or mark > self._progress:
+            self._progress, self._read_deadline = mark, now + self._read_timeout
+            return None
+        if now < self._read_deadline:
+            return None
+        self._answering, self._read_deadline, self._deadline = False, None, None
         self.transport.abort()  # close() would wait for the client to read them
         return waiting
 
@@ -151,6 +171,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
             return False
         if self.cycle is not None and not self.cycle.response_complete:
             return False  # an answer is being made (a request pipelined behind it began): looked at again later
+        if not self._begun and self._answering and outstanding(self.transport) > 0:
+            self._deadline = self.loop.time() + self._header_timeout  # idle only once its answer is in
+            return False
         self._deadline = None
         if not self._begun:
             self.transport.close()  # nothing sent since it opened or since the last answer; or a body stalled
@@ -178,16 +201,16 @@ class _Sweep:
     at least every 50 ms), while it has any: those past their deadline are expired.  One warning per
     look names the clients answered 408 (a few thousand stalled clients are a few lines a second)."""
 
-    def __init__(self, protocol: HeaderDeadlineProtocol) -> None:
+    def __init__(self, protocol: DeadlineProtocol) -> None:
         self.loop = protocol.loop
         self.connections = protocol.connections
         self.timeout = protocol._header_timeout
-        self.body_timeout = protocol._body_timeout
+        self.read_timeout = protocol._read_timeout
         self.period = max(0.05, min(1.0, self.timeout / 4))
         self.handle: asyncio.TimerHandle | None = self.loop.call_later(self.period, self.run)
 
     @staticmethod
-    def watch(protocol: HeaderDeadlineProtocol) -> None:
+    def watch(protocol: DeadlineProtocol) -> None:
         state = protocol.server_state
         sweep: _Sweep | None = getattr(state, _SWEEP_ATTRIBUTE, None)
         if sweep is None or sweep.handle is None or sweep.loop is not protocol.loop:
@@ -200,15 +223,14 @@ class _Sweep:
         reset: list[str] = []
         waiting = 0
         for connection in list(self.connections):
-            if not isinstance(connection, HeaderDeadlineProtocol) or not connection._late(now):
+            if not isinstance(connection, DeadlineProtocol):
                 continue
-            client = f"{connection.client[0]}:{connection.client[1]}" if connection.client else "a client"
             try:
-                if connection._not_reading(now):
-                    waiting += connection._reset()
-                    reset.append(client)
-                elif connection._expire():
-                    answered.append(client)
+                if connection._answering and (dropped := connection._watch_reader(now)) is not None:
+                    waiting += dropped
+                    reset.append(_address(connection))
+                elif connection._headers_late(now) and connection._expire():
+                    answered.append(_address(connection))
             except Exception:  # one connection's failure stops no other's deadline
                 log.exception("closing a connection past its deadline failed")
         if answered:
@@ -221,11 +243,16 @@ class _Sweep:
             log.warning(
                 "%s read none of its answer for %g s (body_timeout_s), %d bytes waiting: connection reset",
                 _some(reset),
-                self.body_timeout,
+                self.read_timeout,
                 waiting,
             )
         if self.connections:
             self.handle = self.loop.call_later(self.period, self.run)
+
+
+def _address(connection: DeadlineProtocol) -> str:
+    client = connection.client
+    return f"{client[0]}:{client[1]}" if client else "a client"
 
 
 def _some(clients: list[str]) -> str:

@@ -144,7 +144,7 @@ def serve(
                 "log_level": settings.log_level,
                 "access_log": False,
                 "http": HTTP_PROTOCOL,
-                **ssl_options(tls),  # mutual TLS: its own protocol (a HeaderDeadlineProtocol too)
+                **ssl_options(tls),  # mutual TLS: its own protocol (a DeadlineProtocol too)
             },
             deadlines=deadlines,
         )
