@@ -37,7 +37,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from appliance.socket_progress import acknowledged, outstanding
+from appliance.socket_progress import acknowledged, outstanding, reset
 
 __all__ = ["PROTOCOL", "DeadlineProtocol", "configure"]
 
@@ -129,6 +129,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         """uvicorn's idle close, not while an answer is still on its way: under TLS, closing sends
         close_notify, and asyncio cut a slow reader's download 30 s later (ssl_shutdown_timeout)."""
         if not self.transport.is_closing() and outstanding(self.transport) > 0:
+            self._answering = True
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
@@ -146,11 +147,8 @@ class DeadlineProtocol(HttpToolsProtocol):
     def _watch_reader(self, now: float) -> int | None:
         """Reset the connection if its client read none of its answer for ``body_timeout_s``: the
         bytes that waited for it; None while it reads (or has all of it)."""
-        if self.transport.is_closing() and self.transport.get_write_buffer_size() == 0:
-            self._answering = False
-            return None
         waiting = outstanding(self.transport)
-        if waiting == 0 and not self.flow.write_paused:
+        if waiting == 0 and (self.transport.is_closing() or not self.flow.write_paused):
             self._answering, self._read_deadline, self._progress = False, None, None
             return None
         got = acknowledged(self.transport)
@@ -161,7 +159,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         if now < self._read_deadline:
             return None
         self._answering, self._read_deadline, self._deadline = False, None, None
-        self.transport.abort()  # close() would wait for the client to read them
+        reset(self.transport)  # close() would wait for the client to read them
         return waiting
 
     def _expire(self) -> bool:
@@ -171,8 +169,11 @@ class DeadlineProtocol(HttpToolsProtocol):
             return False
         if self.cycle is not None and not self.cycle.response_complete:
             return False  # an answer is being made (a request pipelined behind it began): looked at again later
-        if not self._begun and self._answering and outstanding(self.transport) > 0:
-            self._deadline = self.loop.time() + self._header_timeout  # idle only once its answer is in
+        if not self._begun and outstanding(self.transport) > 0:
+            # idle only once its answer is in; the watch goes on (under TLS the kernel's queue can run
+            # dry for a moment while the TCP transport beneath still holds megabytes)
+            self._deadline = self.loop.time() + self._header_timeout
+            self._answering = True
             return False
         self._deadline = None
         if not self._begun:
@@ -252,7 +253,10 @@ class _Sweep:
 
 def _address(connection: DeadlineProtocol) -> str:
     client = connection.client
-    return f"{client[0]}:{client[1]}" if client else "a client"
+    if not client:
+        return "a client"
+    host = f"[{client[0]}]" if ":" in client[0] else client[0]
+    return f"{host}:{client[1]}"
 
 
 def _some(clients: list[str]) -> str:
