@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ def create_app(
     lifespan: Sequence[Callable[[Litestar], AbstractAsyncContextManager[None]]] = (),
     audit_reader: AuditReader | None = None,
     certificate_expiry: Callable[[], float | None] | None = None,
+    connection_closes: Callable[[], Mapping[str, int]] | None = None,
 ) -> Litestar:
     """A Litestar app serving ``registry``. ``audit=None``: audit off; ``keys`` is required when auth is on.
 
@@ -102,13 +103,15 @@ def create_app(
     ``lifespan``: extra context managers entered at startup, before serving (e.g. start and
     close the audit log, load the models); the batchers stop before they exit.
     ``certificate_expiry``: when the served TLS certificate expires (Unix seconds; None over HTTP),
-    a ``/metrics`` gauge an alert can watch.
+    a ``/metrics`` gauge an alert can watch.  ``connection_closes``: the HTTP server's count of
+    connections it closed on a client's account, by reason (``/metrics``).
     """
     if config.auth and keys is None:
         raise ConfigError("auth is on but no key store was given; pass keys=KeyStore(...) or set auth = false")
     metrics = Metrics(
         audit_stats=audit.stats if isinstance(audit, AuditStatsSource) else None,
         certificate_expiry=certificate_expiry,
+        connection_closes=connection_closes,
     )
     server = Server(registry, config, metrics, monotonic)
     share = MetricsShare(Path(config.metrics_folder)) if config.metrics_folder else None

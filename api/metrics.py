@@ -9,7 +9,8 @@ the backend and precision the proved session runs in; ``streams``: sessions runn
 batches side by side; ``fallback``: empty, or what the session fell back from and to
 when ``allow_fallback`` let it run elsewhere),
 ``static_shapes{model}`` (static-shape copies compiled so far, OpenVINO) and
-``thread_cpu_seconds_total{thread}`` (this process's CPU by thread kind: ``loop``,
+``connections_closed_total{reason}`` (when the HTTP server tells them: closed on a client's
+account, appliance.http_protocol), ``thread_cpu_seconds_total{thread}`` (this process's CPU by thread kind: ``loop``,
 ``inference``, ``audit``, ``other``; Linux only, :class:`runtime.threads.ThreadCpu`).
 With the audit log on: ``audit_records_total``, ``audit_commit_seconds`` (a summary:
 ``_sum`` the commits' time, ``_count`` the commits, each one fsync, so records over
@@ -123,6 +124,7 @@ class Metrics:
         thread_cpu: ThreadCpu | None = None,
         audit_stats: Callable[[], AuditStats] | None = None,
         certificate_expiry: Callable[[], float | None] | None = None,
+        connection_closes: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self._lock = threading.Lock()
         self.thread_cpu = thread_cpu if thread_cpu is not None else ThreadCpu()
@@ -130,6 +132,8 @@ class Metrics:
         self.audit_stats = audit_stats
         #: when the served TLS certificate expires, Unix seconds (None: plain HTTP)
         self.certificate_expiry = certificate_expiry
+        #: connections the HTTP server closed on a client's account, by reason (None: not told)
+        self.connection_closes = connection_closes
         self.requests: dict[tuple[str, str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.queue: dict[str, Histogram] = {}
@@ -293,7 +297,21 @@ class Metrics:
             out += [f"inferbox_thread_cpu_seconds_total{_labels([('thread', k)])} {_num(v)}" for k, v in cpu.items()]
         out += self._audit_lines()
         out += self._certificate_lines()
+        out += self._connection_lines()
         return "\n".join(out) + "\n"
+
+    def _connection_lines(self) -> list[str]:
+        if self.connection_closes is None:
+            return []
+        closes = self.connection_closes()
+        return [
+            "# HELP inferbox_connections_closed_total Connections the server closed on the client's account: "
+            "header_timeout (headers not in within header_timeout_s: 408), read_timeout (none of an answer read "
+            "within body_timeout_s: reset), bad_request (bytes that are no HTTP request: 400). No request "
+            "reached the API, so they are not in requests_total or the audit log.",
+            "# TYPE inferbox_connections_closed_total counter",
+            *(f"inferbox_connections_closed_total{_labels([('reason', k)])} {n}" for k, n in sorted(closes.items())),
+        ]
 
     def _certificate_lines(self) -> list[str]:
         expiry = self.certificate_expiry() if self.certificate_expiry is not None else None

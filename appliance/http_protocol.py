@@ -39,7 +39,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from appliance.socket_progress import acknowledged, outstanding, reset
 
-__all__ = ["PROTOCOL", "DeadlineProtocol", "configure"]
+__all__ = ["PROTOCOL", "DeadlineProtocol", "closed_connections", "configure"]
 
 #: what ``serve`` passes as uvicorn's ``http`` option (an import string, so ``--workers`` processes
 #: load it too)
@@ -55,6 +55,16 @@ DEFAULT_BODY_TIMEOUT_S = 60.0
 MIN_READ_TIMEOUT_S = 1.0
 
 log = logging.getLogger(__name__)
+
+#: connections this process closed on a client's account, by reason (``/metrics``:
+#: ``inferbox_connections_closed_total``): ``header_timeout`` (a 408), ``read_timeout`` (a reset: the
+#: client read none of its answer), ``bad_request`` (bytes that are no HTTP request)
+_CLOSED = {"header_timeout": 0, "read_timeout": 0, "bad_request": 0}
+
+
+def closed_connections() -> dict[str, int]:
+    """How many connections this process closed on a client's account, by reason (see ``_CLOSED``)."""
+    return dict(_CLOSED)
 
 
 def configure(config: Any, *, header_timeout_s: float, body_timeout_s: float) -> None:
@@ -139,6 +149,7 @@ class DeadlineProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """Bytes that are no HTTP request: 400 in the API's error shape (uvicorn's is plain text)."""
         self._deadline = None
+        _CLOSED["bad_request"] += 1
         self._close_with(b"400 Bad Request", f"not an HTTP/1.1 request the server can read: {msg}")
 
     def _headers_late(self, now: float) -> bool:
@@ -159,6 +170,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         if now < self._read_deadline:
             return None
         self._answering, self._read_deadline, self._deadline = False, None, None
+        _CLOSED["read_timeout"] += 1
         reset(self.transport)  # close() would wait for the client to read them
         return waiting
 
@@ -179,6 +191,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         if not self._begun:
             self.transport.close()  # nothing sent since it opened or since the last answer; or a body stalled
             return False
+        _CLOSED["header_timeout"] += 1
         self._close_with(
             b"408 Request Timeout",
             f"the request's headers did not arrive in full within {self._header_timeout:g} s (header_timeout_s); "

@@ -420,11 +420,19 @@ def build_app(
         # a worker of --workers N: where the workers pool their metrics (set by run_workers)
         config=ApiConfig.from_settings(settings, metrics_folder=os.environ.get(METRICS_DIR_ENV, "")),
         certificate_expiry=_certificate_expiry(settings, reloader),
+        connection_closes=_connection_closes,
         audit=audit,
         keys=keys,
         lifespan=[resources],
         audit_reader=audit,
     )
+
+
+def _connection_closes() -> dict[str, int]:
+    """What the serving protocol (:mod:`appliance.http_protocol`) closed, read at each scrape."""
+    from appliance.http_protocol import closed_connections
+
+    return closed_connections()
 
 
 def _certificate_expiry(settings: Settings, reloader: CertificateReloader | None) -> Callable[[], float | None]:

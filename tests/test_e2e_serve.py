@@ -163,6 +163,16 @@ def assert_header_deadline(url: str, seconds: str) -> None:
     assert answers[0] == b"", answers
     assert answers[1].startswith(b"HTTP/1.1 408 "), answers
     assert f"within {seconds} s (header_timeout_s)".encode() in answers[1], answers
+    # counted where no request shows it (each worker writes its counts every second: polled)
+    series = 'inferbox_connections_closed_total{reason="header_timeout"}'
+    deadline = time.monotonic() + 60
+    while True:
+        lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+        counted = [float(line.rpartition(" ")[2]) for line in lines if line.startswith(series + " ")]
+        if counted and counted[0] >= 1:
+            break
+        assert time.monotonic() < deadline, counted
+        time.sleep(0.5)  # polling, not an assertion
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from appliance.http_protocol import PROTOCOL, configure
+from appliance.http_protocol import PROTOCOL, closed_connections, configure
 
 TIMEOUT_S = 1.5  # long enough that the test's own stalls on a busy box do not reach it
 LATER_S = 2.0  # longer than TIMEOUT_S: a slow body, a slow answer
@@ -112,6 +112,7 @@ def test_a_connection_that_sends_nothing_is_closed_unanswered(port: int) -> None
 def test_part_of_the_headers_then_nothing_is_answered_408_naming_the_setting(
     port: int, part: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
+    before = closed_connections()
     with caplog.at_level(logging.WARNING, logger="appliance.http_protocol"), _connect(port) as sock:
         sock.sendall(part)
         client = sock.getsockname()
@@ -119,7 +120,9 @@ def test_part_of_the_headers_then_nothing_is_answered_408_naming_the_setting(
     warned = [r.getMessage() for r in caplog.records if r.name == "appliance.http_protocol"]
     if part == b"\r\n":  # a blank line before a request is no request yet (RFC 9112 2.2): closed, unanswered
         assert got == b"" and not warned, (got, warned)
+        assert closed_connections() == before  # an idle close is no client's fault
         return
+    assert closed_connections() == {**before, "header_timeout": before["header_timeout"] + 1}
     assert warned == [
         f"{client[0]}:{client[1]} sent part of a request's headers and not the rest within 1.5 s "
         "(header_timeout_s): answered 408"
@@ -134,9 +137,11 @@ def test_part_of_the_headers_then_nothing_is_answered_408_naming_the_setting(
 
 def test_bytes_that_are_no_http_request_get_400_in_the_apis_error_shape(port: int) -> None:
     """uvicorn answered them in plain text; a client reading ``{"error": ...}`` got nothing to read."""
+    before = closed_connections()
     with _connect(port) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost t\r\n\r\n")  # a header line without its colon
         got = _read_until_closed(sock)
+    assert closed_connections() == {**before, "bad_request": before["bad_request"] + 1}
     head, _, body = got.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), got
     assert json.loads(body) == {"error": "not an HTTP/1.1 request the server can read: Invalid HTTP request received."}
@@ -265,6 +270,7 @@ def test_a_client_that_stops_reading_its_answer_is_reset(
     """It held the 16 MB waiting for it, and its connection, for ever: closing waits for the reader.
     (Under TLS the protocol's transport is never paused: the answer waits beneath it.)"""
     port, tls = served
+    before = closed_connections()
     with caplog.at_level(logging.WARNING, logger="appliance.http_protocol"), _client(port, tls) as sock:
         sock.sendall(b"GET /?big=%d HTTP/1.1\r\nHost: t\r\n\r\n" % BIG)
         start = time.monotonic()
@@ -282,6 +288,7 @@ def test_a_client_that_stops_reading_its_answer_is_reset(
     assert reset_after >= BODY_TIMEOUT_S - 0.5, reset_after  # not before body_timeout_s
     (warned,) = _warnings(caplog)
     assert "read none of its answer for 4 s (body_timeout_s)" in warned and "connection reset" in warned, warned
+    assert closed_connections() == {**before, "read_timeout": before["read_timeout"] + 1}
 
 
 def test_a_slow_reader_that_keeps_reading_is_not_reset(
