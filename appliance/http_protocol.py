@@ -37,6 +37,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from appliance.settings import FIELDS
 from appliance.socket_progress import acknowledged, outstanding, reset
 
 __all__ = ["PROTOCOL", "DeadlineProtocol", "closed_connections", "configure"]
@@ -49,8 +50,8 @@ PROTOCOL = "appliance.http_protocol:DeadlineProtocol"
 #: protocol (uvicorn hands it its config alone; they go with it to ``--workers`` processes): :func:`configure`
 HEADER_TIMEOUT_ATTRIBUTE = "inferbox_header_timeout_s"
 BODY_TIMEOUT_ATTRIBUTE = "inferbox_body_timeout_s"
-DEFAULT_HEADER_TIMEOUT_S = 10.0
-DEFAULT_BODY_TIMEOUT_S = 60.0
+#: what the protocol takes without :func:`configure` (uvicorn started elsewhere): the settings' defaults
+DEFAULTS = {f.name: float(f.default) for f in FIELDS if f.name in ("header_timeout_s", "body_timeout_s")}
 #: a client gets at least this long to read some of its answer, whatever body_timeout_s says
 MIN_READ_TIMEOUT_S = 1.0
 
@@ -93,8 +94,8 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        self._header_timeout = float(getattr(config, HEADER_TIMEOUT_ATTRIBUTE, DEFAULT_HEADER_TIMEOUT_S))
-        self._body_timeout = float(getattr(config, BODY_TIMEOUT_ATTRIBUTE, DEFAULT_BODY_TIMEOUT_S))
+        self._header_timeout = float(getattr(config, HEADER_TIMEOUT_ATTRIBUTE, DEFAULTS["header_timeout_s"]))
+        self._body_timeout = float(getattr(config, BODY_TIMEOUT_ATTRIBUTE, DEFAULTS["body_timeout_s"]))
         self._read_timeout = max(MIN_READ_TIMEOUT_S, self._body_timeout)
 
     def connection_made(self, transport: Any) -> None:
@@ -227,7 +228,7 @@ class _Sweep:
     def watch(protocol: DeadlineProtocol) -> None:
         state = protocol.server_state
         sweep: _Sweep | None = getattr(state, _SWEEP_ATTRIBUTE, None)
-        if sweep is None or sweep.handle is None or sweep.loop is not protocol.loop:
+        if sweep is None or sweep.handle is None:  # none yet, or it stopped when the last connection went
             setattr(state, _SWEEP_ATTRIBUTE, _Sweep(protocol))
 
     def run(self) -> None:

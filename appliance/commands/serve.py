@@ -130,6 +130,8 @@ def serve(
     from appliance.http_protocol import configure as configure_deadlines
 
     deadlines = {"header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s}
+    tls_options = ssl_options(tls)
+    http = tls_options.pop("http", HTTP_PROTOCOL)  # mutual TLS: its own protocol (a DeadlineProtocol too)
 
     if settings.workers > 1:
         from appliance.server import settings_environment
@@ -143,8 +145,8 @@ def serve(
                 "workers": settings.workers,
                 "log_level": settings.log_level,
                 "access_log": False,
-                "http": HTTP_PROTOCOL,
-                **ssl_options(tls),  # mutual TLS: its own protocol (a DeadlineProtocol too)
+                "http": http,
+                **tls_options,
             },
             deadlines=deadlines,
         )
@@ -153,12 +155,11 @@ def serve(
     from appliance.server import build_app
 
     reloader = None
-    tls_options = ssl_options(tls)
     if tls is not None:  # one process: it keeps its context, so SIGHUP can load a renewed certificate
         from appliance.tls_reload import CertificateReloader
 
         reloader = CertificateReloader(settings, tls)
-        tls_options = {"ssl_context_factory": reloader.context_factory, "http": tls_options.get("http", HTTP_PROTOCOL)}
+        tls_options = {"ssl_context_factory": reloader.context_factory}
     with refusal():
         app = build_app(settings, reloads=True, reloader=reloader)
     config = uvicorn.Config(
@@ -168,7 +169,8 @@ def serve(
         log_level=settings.log_level,
         access_log=False,
         lifespan="on",
-        **{"http": HTTP_PROTOCOL, **tls_options},
+        http=http,
+        **tls_options,
     )
     configure_deadlines(config, **deadlines)
     server = _NotifyingServer(config)
