@@ -13,6 +13,7 @@ may fail where the other completes (see :class:`_Judge`).  It writes
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import json
@@ -94,12 +95,17 @@ def _digests(records: Sequence[RawRecord]) -> list[str]:
 def _reject(record: RawRecord, reason: str) -> dict[str, Any]:
     if len(reason) > 500:
         reason = reason[:497] + "..."
-    return {
+    out: dict[str, Any] = {
         "index": record.index,
         "id": record_id(record),
         "reason": reason.encode("utf-8", errors="replace").decode("utf-8"),  # an exception may quote a bad text
-        "record": record.raw.decode("utf-8", errors="replace"),
     }
+    try:
+        out["record"] = record.raw.decode("utf-8")
+    except UnicodeDecodeError:  # shown readable, and kept whole: the fixed record must be the same bytes
+        out["record"] = record.raw.decode("utf-8", errors="replace")
+        out["record_base64"] = base64.b64encode(record.raw).decode("ascii")
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Real SQLite, real files, the fake model; time is a test clock (the retry backoff
 
 from __future__ import annotations
 
+import base64
 import csv
 import errno
 import io
@@ -104,6 +105,23 @@ def test_a_text_with_a_lone_surrogate_is_a_reject_and_a_surrogate_id_falls_back_
     assert reject["reason"] == (
         "text field 'text' is not valid Unicode text: it holds a lone surrogate ('\\ud800') at character 4"
     )
+
+
+def test_a_record_that_is_not_utf8_is_rejected_with_its_bytes_kept_whole(tmp_path: Path) -> None:
+    """``record`` is readable text (U+FFFD for the bad bytes); ``record_base64`` keeps the original,
+    so the rejects lose nothing.  A record that is UTF-8 has no ``record_base64``."""
+    box = Box(tmp_path)
+    bad_line = b'{"id": "b", "text": "caf\xe9 in latin-1"}'
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "hello"}\n' + bad_line + b'\n{"id": "c", "text": "x"}\n[1\n')
+    job_id = box.submit(path)
+    assert box.worker.run_once().finished == [job_id]
+    assert [r["id"] for r in box.rows(job_id)] == ["a", "c"]
+    bad, not_json = box.rejects(job_id)
+    assert bad["reason"] == "not valid UTF-8 at byte 24"
+    assert bad["record"] == bad_line.decode("utf-8", errors="replace")
+    assert base64.b64decode(bad["record_base64"]) == bad_line
+    assert not_json["record"] == "[1" and "record_base64" not in not_json
 
 
 def test_a_batch_the_model_fails_on_is_split_and_only_the_culprit_is_rejected(tmp_path: Path) -> None:
