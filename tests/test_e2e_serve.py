@@ -495,6 +495,19 @@ def test_readme_curl_command_works(served: Served) -> None:
 
 
 def test_audit_is_readable_over_the_api_with_its_own_scope(served: Served) -> None:
+    # its own records to read, whatever ran before it in this module (or did not: run alone)
+    for text in ("one", "two", "three"):
+        ok = httpx.post(
+            f"{served.url}/v1/embeddings", json={"model": "minilm", "input": text}, headers=served.headers(), timeout=30
+        )
+        assert ok.status_code == 200, ok.text
+    unknown = httpx.post(
+        f"{served.url}/v1/embeddings",
+        json={"model": "no-such-model", "input": "x"},
+        headers=served.headers(),
+        timeout=30,
+    )
+    assert unknown.status_code == 404, unknown.text
     made = cli("keys", "create", "--scope", "infer", "--json", home=served.home, repository=served.repository)
     infer_only = json.loads(made.stdout)["key"]
     denied = httpx.get(f"{served.url}/v1/audit", headers=served.headers(infer_only), timeout=30)
