@@ -82,12 +82,22 @@ def _start(
     *args: str,
     env: dict[str, str] | None = None,
     client_tls: ssl.SSLContext | None = None,
+    ctrl_c: bool = False,
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     for _attempt in range(3):
-        started = _try_start(repository, home, *args, env=env, client_tls=client_tls)
+        started = _try_start(repository, home, *args, env=env, client_tls=client_tls, ctrl_c=ctrl_c)
         if started is not None:
             return started
     pytest.fail("three free ports were taken before inferbox serve could listen on them")
+
+
+_AS_A_TERMINAL = (
+    "import runpy, signal, sys\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+    "sys.argv[0] = 'inferbox'\n"
+    "runpy.run_module('appliance', run_name='__main__')\n"
+)
 
 
 def _try_start(
@@ -96,16 +106,19 @@ def _try_start(
     *args: str,
     env: dict[str, str] | None = None,
     client_tls: ssl.SSLContext | None = None,
+    ctrl_c: bool = False,
 ) -> tuple[subprocess.Popen[bytes], str, Path] | None:
-    """A started server, or None when the free port was taken meanwhile (another test's server)."""
+    """A started server, or None when the free port was taken meanwhile (another test's server).
+    ``ctrl_c``: SIGINT as a terminal's Ctrl-C has it (a test run started in the background by a
+    non-interactive shell hands every process SIGINT ignored, and Python keeps it so)."""
     port = _free_port()
     log = home.parent / f"{home.name}-server.log"
+    launcher = ["-c", _AS_A_TERMINAL] if ctrl_c else ["-m", "appliance"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "appliance",
+                *launcher,
                 "serve",
                 "--home",
                 str(home),
@@ -940,6 +953,24 @@ def test_unload_load_and_stop_leave_a_clean_exit(minilm_repository: Path, tmp_pa
         )
         verify = cli("audit", "verify", home=home, repository=minilm_repository)
         assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_ctrl_c_stops_the_server_cleanly_with_exit_0(minilm_repository: Path, tmp_path: Path) -> None:
+    """uvicorn raises the Ctrl-C again after its clean shutdown: click printed "Aborted!" and exited 1,
+    and `make run` ended every session with "make: *** [run] Error 1"."""
+    home = tmp_path / "home"
+    proc, url, log = _start(minilm_repository, home, "--no-auth", ctrl_c=True)
+    try:
+        assert httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": "x"}, timeout=60).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        _stop(proc)
+    said = log.read_text(errors="replace")
+    assert proc.returncode == 0, (proc.returncode, said[-3000:])
+    assert "Application shutdown complete" in said and "Aborted!" not in said and "Traceback" not in said, said
+    verify = cli("audit", "verify", home=home, repository=minilm_repository)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
 def test_metrics_of_several_workers_add_up_whichever_worker_answers(minilm_repository: Path, tmp_path: Path) -> None:

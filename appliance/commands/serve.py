@@ -177,7 +177,10 @@ def serve(
     scheme = "http" if tls is None else "https"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again after its clean shutdown: a stop asked for,
+        pass  # not click's "Aborted!" and exit 1 (which `make run` reported as an error)
     hold_sighup()  # the loop's handler went with the loop: a late SIGHUP must not end the exit early
 
 
