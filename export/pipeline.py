@@ -118,6 +118,7 @@ class _Exporter:
         self.attempts: list[Attempt] = []
         self.variants: list[Variant] = []
         self.prepared: Prepared | None = None
+        self.probe: Feeds | None = None  # batch_probe(): a batch for the batch gate when validation's are small
         self.gate: dict[str, float] = {}
         #: the float precision the source's weights are stored in (fp16 sources stay fp16)
         self.stored: Literal["fp32", "fp16"] = "fp32"
@@ -173,6 +174,7 @@ class _Exporter:
                 session = self.open(backend, path, precision)
                 out, others = run_outputs(p, session, p.validation)
                 rows, alone, alone_others = run_alone(p, session)
+                probed = _probe_pairs(p, session, self.probe) if self.probe is not None else []
             except BackendError as exc:
                 logger.warning("%s on %s/%s: %s", path.name, backend, precision, exc)
                 self.say("validate", f"{path.name} cannot run on {backend}/{precision}: {exc}")
@@ -189,6 +191,7 @@ class _Exporter:
                     for lone, joined in pairs
                     if row_aligned(joined, total) and row_aligned(lone, len(rows))
                 ]
+                + probed
             )
             metrics["batch_rel_diff"] = round(batch, 6)
             passed, _ = check_gate(metrics, self.gate)
@@ -402,6 +405,10 @@ class _Exporter:
         self.say("source", f"preparing {spec.task} model from {_describe(spec.source)}")
         p = self.prepared = _prepare(spec, staging, self)
         self.complete_references(p)
+        self.probe, probe_note = batch_probe(p)
+        if probe_note:
+            p.notes["batch_probe"] = probe_note
+            self.say("source", f"batch gate: {probe_note}")
         check_output_gates(spec.gates, p)
         self.gate = gates_for(
             spec.task, spec.gates, labelled=p.validation_labels is not None, other_outputs=bool(p.output_references)
@@ -704,7 +711,57 @@ ALONE_ROWS = 4
 ALONE_MAX = 64
 
 
-def alone_rows(p: Prepared) -> list[tuple[int, int]]:
+#: a validation set whose largest batch holds fewer rows than this gets a probe batch for the batch
+#: gate (:func:`batch_probe`): one row batched with nothing can never show what batching changes
+PROBE_MIN_ROWS = 8
+#: rows of the probe batch
+PROBE_ROWS = 32
+
+
+def batch_probe(p: Prepared) -> tuple[Feeds | None, str]:
+    """A batch measured by the batch gate only (never by the accuracy gate), and what it is, when
+    the validation batches are too small to show how an answer changes with its batch-mates (a
+    validation file of 1 row kept a per-batch dynamic INT8 with ``batch_rel_diff`` 0, a 20-row one
+    dropped it at 0.0117).  Text models: the project's own validation texts (their lengths vary,
+    so rows are padded); other models: the validation and calibration rows together, when they
+    are at least two rows of one shape.  A model fixing its batch axis has its calls measured
+    already (:func:`run_alone`), and a set with big enough batches needs no probe: ``(None, "")``.
+    ``(None, reason)`` when the gate cannot be measured."""
+    largest = max((_rows(b) for b in p.validation), default=0)
+    if largest >= PROBE_MIN_ROWS or fixed_batch(p.inputs) is not None:
+        return None, ""
+    said = f"the validation batches hold at most {largest} row(s)"
+    if p.encode is not None:
+        from export.samples import default_texts
+
+        texts = default_texts("validation")[:PROBE_ROWS]
+        return p.encode(texts), f"{said}: measured on {len(texts)} of the built-in validation texts too"
+    rows = [*p.validation, *p.calibration]
+    try:
+        joined = {k: np.concatenate([b[k] for b in rows])[:PROBE_ROWS] for k in p.validation[0]}
+    except (ValueError, KeyError):  # rows of different shapes (a free axis), or other inputs
+        joined = {}
+    n = min((len(v) for v in joined.values()), default=0)
+    if n < 2:
+        return None, f"{said} and no probe batch could be formed: not measured; give more validation rows"
+    return joined, f"{said}: measured on a batch of {n} validation and calibration rows too"
+
+
+def _probe_pairs(p: Prepared, session: Session, probe: Feeds) -> list[float]:
+    """``batch_rel_diff`` of the probe batch's rows alone against within it, for every output the
+    server returns per row."""
+    out, others = run_outputs(p, session, [probe])
+    rows, alone, alone_others = run_alone(p, session, [probe])
+    total = _rows(probe)
+    pairs = [(alone, out), *((alone_others[k], others[k]) for k in alone_others)]
+    return [
+        batch_rel_diff(lone, joined[rows])
+        for lone, joined in pairs
+        if row_aligned(joined, total) and row_aligned(lone, len(rows))
+    ]
+
+
+def alone_rows(p: Prepared, batches: list[Feeds] | None = None) -> list[tuple[int, int]]:
     """(batch, row) of the validation rows :func:`run_alone` answers alone: :data:`ALONE_ROWS` of
     every batch, up to :data:`ALONE_MAX`; of a text batch the ones with the fewest real tokens,
     the most padded in it: short texts are where an answer's dependence on its batch showed.
@@ -712,7 +769,8 @@ def alone_rows(p: Prepared) -> list[tuple[int, int]]:
     MiniLM's first eight rows (of the first two batches) within 0.0051 on the AVX2 box and moved
     a short request's answer by 0.024 when the server batched it with 7 or more others (these
     rows of the 230: 0.0139, all 230: 0.0163)."""
-    batches = p.validation if (fixed_batch(p.inputs) or 1) == 1 else p.validation[:2]
+    if batches is None:
+        batches = p.validation if (fixed_batch(p.inputs) or 1) == 1 else p.validation[:2]
     mask_name = _mask_name(p)
     picked: list[tuple[int, int]] = []
     for b, batch in enumerate(batches):
@@ -727,9 +785,9 @@ def alone_rows(p: Prepared) -> list[tuple[int, int]]:
 
 
 def run_alone(
-    p: Prepared, session: Session
+    p: Prepared, session: Session, batches: list[Feeds] | None = None
 ) -> tuple[list[int], npt.NDArray[np.float32], dict[str, npt.NDArray[np.float32]]]:
-    """The validation rows :func:`alone_rows` picks, each run as a batch of one.
+    """The validation rows (or those of ``batches``) :func:`alone_rows` picks, each run as a batch of one.
 
     Returns their indices in the concatenated answers, their answers and their other outputs.
     Text rows lose the batch's padding (a lone request is not padded), so the comparison sees
@@ -741,9 +799,10 @@ def run_alone(
     # (a request's rows still share one call, so what one row does to another must be measured)
     fixed = fixed_batch(p.inputs) or 1
     mask_name = _mask_name(p)
-    offsets = np.cumsum([0] + [_rows(b) for b in p.validation]).tolist()
-    for b, i in alone_rows(p):
-        row = {k: v[i : i + 1] for k, v in p.validation[b].items()}
+    source = p.validation if batches is None else batches
+    offsets = np.cumsum([0] + [_rows(b) for b in source]).tolist()
+    for b, i in alone_rows(p, batches):
+        row = {k: v[i : i + 1] for k, v in source[b].items()}
         if mask_name is not None and mask_name in row:
             length = max(1, int(np.asarray(row[mask_name]).sum()))
             row = {k: v[:, :length] if v.ndim == 2 else v for k, v in row.items()}

@@ -17,7 +17,8 @@
 * every task: ``batch_rel_diff``, how much a sample's answer changes with the
   samples batched beside it: max|alone - in batch| / max|in batch| over four
   rows of every validation batch, of a text batch its most padded ones
-  (:func:`batch_rel_diff`, :func:`export.pipeline.alone_rows`).  A server batches
+  (:func:`batch_rel_diff`, :func:`export.pipeline.alone_rows`; validation batches of fewer
+  than 8 rows add a probe batch, :func:`export.pipeline.batch_probe`).  A server batches
   whoever's requests arrive together, so an answer must not depend on them:
   per-tensor dynamic INT8 (one activation scale for the whole batch) fails this
   (~0.1 on MiniLM), fp32 / bf16 / static INT8 do not (< 1e-3); OpenVINO's

@@ -133,12 +133,13 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
         raise SourceError(f"an ONNX file imports as task 'tensor', not {spec.task!r}; pass --task tensor")
     inputs, outputs = onnx_io(path)
     expected = {i.name: i.dtype for i in inputs}
+    shapes = {i.name: list(i.shape[1:]) for i in inputs}  # -1: a free axis
 
     def samples(given: Any, n: int, seed: int) -> Feeds:
         if given is None:
             return generate(inputs, n, seed)
         if isinstance(given, str | Path):
-            return read_arrays(Path(given), expected)
+            return read_arrays(Path(given), expected, shapes=shapes)
         missing = [k for k in expected if k not in given]
         if missing:
             raise SourceError(f"samples lack inputs {missing}; give every input of the model")

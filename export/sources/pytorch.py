@@ -72,15 +72,26 @@ def generate_like(example: Mapping[str, npt.NDArray[np.generic]], n: int, seed: 
 
 
 def _arrays(given: Any, example: Mapping[str, npt.NDArray[np.generic]], n: int, seed: int) -> Feeds:
+    """Samples like ``example``: generated, read from a file, or given as arrays; a row's shape must be
+    the example's (the export keeps every axis but the batch axis at the example's size)."""
     expected = {k: str(v.dtype) for k, v in example.items()}
+    shapes = {k: list(np.shape(v)[1:]) for k, v in example.items()}
     if given is None:
         return generate_like(example, n, seed)
     if isinstance(given, str | Path):
-        return read_arrays(Path(given), expected)
+        return read_arrays(Path(given), expected, shapes=shapes)
     missing = [k for k in example if k not in given]
     if missing:
         raise SourceError(f"samples lack inputs {missing}; give every input of the example")
-    return {k: np.asarray(given[k]).astype(expected[k]) for k in example}
+    arrays = {k: np.asarray(given[k]).astype(expected[k]) for k in example}
+    for k, a in arrays.items():
+        if list(a.shape[1:]) != shapes[k] or len(a) == 0:
+            raise SourceError(
+                f"samples for input {k!r} have shape {list(a.shape)}, the model takes [N, "
+                + ", ".join(map(str, shapes[k]))
+                + "] (the example's shape); give rows of that shape"
+            )
+    return arrays
 
 
 def prepare(spec: ExportSpec, staging: Path) -> Prepared:
@@ -130,7 +141,13 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
     refs: dict[str, list[npt.NDArray[np.float32]]] = {}
     with torch.inference_mode():
         for b in validation:
-            y = module(*(torch.from_numpy(np.ascontiguousarray(b[k])) for k in names))
+            try:
+                y = module(*(torch.from_numpy(np.ascontiguousarray(b[k])) for k in names))
+            except Exception as exc:  # the customer's module, on rows it did not take at the export
+                raise SourceError(
+                    f"{type(module).__name__} failed on the validation samples ({type(exc).__name__}: {exc}); "
+                    "give samples the module takes, shaped like the example inputs"
+                ) from exc
             ys = list(y) if isinstance(y, tuple | list) else [y]
             if len(ys) != len(graph_outputs) or not all(isinstance(t, torch.Tensor) for t in ys):
                 ys = ys[:1]  # nested outputs: the others are compared with the fp32 ONNX file's
