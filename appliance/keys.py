@@ -42,12 +42,31 @@ __all__ = [
     "KeyStore",
     "bound_key_ids",
     "certificate_sha256",
+    "key_id_of",
     "parse_expiry",
 ]
 
 SCOPES = ("infer", "models:admin", "keys:admin", "audit:read", "metrics:read")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _KEY = re.compile(r"ibx_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+_ID = re.compile(r"[0-9a-f]{12}")
+
+
+def key_id_of(given: str) -> str:
+    """The key id in ``given``: an id, or a whole key (``ibx_<id>_<secret>``, what an operator has at
+    hand in ``first-admin.key``), whose secret is never repeated back.  Anything else is an
+    InputError that does not quote it either (it may be a mistyped secret)."""
+    whole = _KEY.fullmatch(given.strip())
+    if whole is not None:
+        return whole.group(1)
+    if _ID.fullmatch(given):
+        return given
+    looks = "a key" if given.startswith("ibx_") else "an id"
+    raise InputError(
+        f"that is not {looks} inferbox issued: a key id is 12 hexadecimal characters (ibx_<id>_...); "
+        "see `inferbox keys list`",
+        field="id",
+    )
 _DUMMY_HASH = hashlib.sha256(b"inferbox: no such key").hexdigest()
 
 _SCHEMA = """
@@ -269,6 +288,7 @@ class KeyStore:
         return [_record(r) for r in rows]
 
     def get(self, key_id: str) -> KeyRecord:
+        key_id = key_id_of(key_id)
         with self._lock:
             rows = list(self.db.query("SELECT * FROM api_keys WHERE id = ?", [key_id]))
         if not rows:
@@ -283,6 +303,7 @@ class KeyStore:
         """Revoke a key at once: (its record, whether this call revoked it).  A key revoked already
         keeps its ``revoked_at`` and gives False (of two revokes at once, one gives True); an unknown
         id is an error."""
+        key_id = key_id_of(key_id)
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (_iso(self._clock()), key_id)

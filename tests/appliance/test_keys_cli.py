@@ -61,6 +61,20 @@ def test_errors_name_the_fix(env: dict[str, str]) -> None:
     assert r.exit_code == 2 and "YYYY-MM-DD" in r.stderr
 
 
+def test_revoke_takes_the_whole_key_and_never_repeats_a_secret(env: dict[str, str]) -> None:
+    """The key from first-admin.key is what an operator has at hand: revoke took only the id, and
+    its error quoted the whole secret back into the terminal (and any log of it)."""
+    made = json.loads(_run(env, "keys", "create", "--scope", "infer", "--json").stdout)
+    r = _run(env, "keys", "revoke", made["key"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"revoked key {made['id']}", r.output
+    assert made["key"] not in r.output
+    secret = made["key"].split("_", 2)[2]
+    for mistyped in (made["key"][:-1], made["key"] + "x", secret):
+        r = _run(env, "keys", "revoke", mistyped)
+        assert r.exit_code == 2 and "a key id is 12 hexadecimal characters" in r.stderr, r.output
+        assert secret[:20] not in r.output, r.output
+
+
 def test_create_and_revoke_are_recorded(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[AuditEvent] = []
 
