@@ -62,6 +62,8 @@ ENABLE = {
     "inferbox-api.service": "multi-user.target",
     "inferbox-batch.path": "paths.target",
     "inferbox-batch.timer": "timers.target",
+    # the whole audit log verified daily: the hourly ship holds the log only to the copy it made last
+    "inferbox-audit-verify.timer": "timers.target",
 }
 #: enabled too when an off-box folder is given (``--ship-dir``)
 SHIP_TIMER = "inferbox-audit-ship.timer"

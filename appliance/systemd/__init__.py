@@ -18,6 +18,8 @@ UNITS: tuple[str, ...] = (
     "inferbox-batch.timer",
     "inferbox-audit-ship.service",
     "inferbox-audit-ship.timer",
+    "inferbox-audit-verify.service",
+    "inferbox-audit-verify.timer",
     "inferbox-backup.service",
     "inferbox-backup.timer",
 )

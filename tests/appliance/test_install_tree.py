@@ -52,7 +52,10 @@ def test_install_under_root_builds_the_whole_tree(tmp_path: Path) -> None:
     assert wants.is_symlink() and str(wants.readlink()) == "/etc/systemd/system/inferbox-api.service"
     assert (units / "paths.target.wants/inferbox-batch.path").is_symlink()
     # the batch timer resumes a job a shutdown stopped; the ship and backup timers need their folders
-    assert [p.name for p in (units / "timers.target.wants").iterdir()] == ["inferbox-batch.timer"]
+    assert sorted(p.name for p in (units / "timers.target.wants").iterdir()) == [
+        "inferbox-audit-verify.timer",
+        "inferbox-batch.timer",
+    ]
     assert "OnBootSec=2min" in (units / "inferbox-batch.timer").read_text()
     assert "not enabled: mount a folder of another machine" in result.output
 
@@ -102,9 +105,21 @@ def test_install_live_runs_the_commands_it_should(tmp_path: Path, monkeypatch: p
         ["/usr/bin/python3", "-m", "venv", str(venv)],
         [str(venv / "bin/python"), "-m", "pip", "install", "--upgrade", "/src/inferbox"],
         ["systemctl", "daemon-reload"],
-        ["systemctl", "enable", "inferbox-api.service", "inferbox-batch.path", "inferbox-batch.timer"],
+        [
+            "systemctl",
+            "enable",
+            "inferbox-api.service",
+            "inferbox-batch.path",
+            "inferbox-batch.timer",
+            "inferbox-audit-verify.timer",
+        ],
     ]
-    assert report.enabled == ["inferbox-api.service", "inferbox-batch.path", "inferbox-batch.timer"]
+    assert report.enabled == [
+        "inferbox-api.service",
+        "inferbox-batch.path",
+        "inferbox-batch.timer",
+        "inferbox-audit-verify.timer",
+    ]
 
 
 def test_ship_dir_enables_the_hourly_ship_timer_and_is_the_one_folder_it_writes(tmp_path: Path) -> None:

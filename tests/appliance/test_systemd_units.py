@@ -46,7 +46,13 @@ def test_verify_catches_a_broken_unit(installed: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "unit",
-    ["inferbox-api.service", "inferbox-batch.service", "inferbox-audit-ship.service", "inferbox-backup.service"],
+    [
+        "inferbox-api.service",
+        "inferbox-batch.service",
+        "inferbox-audit-ship.service",
+        "inferbox-audit-verify.service",
+        "inferbox-backup.service",
+    ],
 )
 def test_security_exposure_is_at_most_2(installed: Path, unit: str) -> None:
     proc = subprocess.run(
@@ -74,7 +80,10 @@ def test_units_carry_the_required_settings() -> None:
     assert "ExecStart=@PREFIX@/venv/bin/inferbox backup create\n" in backup
     assert "ReadWritePaths=@BACKUPDIR@" in backup and "Environment=INFERBOX_BACKUP_DIR=@BACKUPDIR@" in backup
     assert "\nMemoryDenyWriteExecute=yes" in backup
-    for text in (api, batch, ship, backup):
+    verify = (unit_dir() / "inferbox-audit-verify.service").read_text()
+    assert "ExecStart=@PREFIX@/venv/bin/inferbox audit verify\n" in verify
+    assert "\nMemoryDenyWriteExecute=yes" in verify and "ReadWritePaths=" not in verify  # reads the log only
+    for text in (api, batch, ship, backup, verify):
         for key in (
             "User=inferbox",
             "StateDirectory=inferbox",
@@ -91,7 +100,7 @@ def test_units_carry_the_required_settings() -> None:
             "IPAddressDeny=any",
         ):
             assert key in text, key
-        if text not in (ship, backup):
+        if text not in (ship, backup, verify):
             assert "\nMemoryDenyWriteExecute=" not in text  # OpenVINO's JIT breaks under it (see the unit's comment)
 
 
