@@ -681,7 +681,7 @@ def verify_export(
     """
     try:
         with Path(path).open("rb") as f:
-            return verify_export_stream(f, public_key, legacy_pace=legacy_pace, each=each)
+            return verify_export_stream(f, public_key, legacy_pace=legacy_pace, each=each, named=str(path))
     except OSError as exc:
         raise AuditError(f"cannot read export {path}: {exc.strerror}") from exc
 
@@ -822,7 +822,12 @@ class _Records:
 
 
 def verify_export_stream(
-    f: BinaryIO, public_key: PublicKeys, *, legacy_pace: Pace | None = None, each: Each | None = None
+    f: BinaryIO,
+    public_key: PublicKeys,
+    *,
+    legacy_pace: Pace | None = None,
+    each: Each | None = None,
+    named: str | None = None,
 ) -> VerifyReport:
     """:func:`verify_export` on an open, seekable binary file.
 
@@ -832,10 +837,16 @@ def verify_export_stream(
     if the bytes differ from the first read's.  ``each`` is called during the second read with every
     well-formed line in file order (header, edges, records, checkpoints, trailer): a caller follows the
     export as it is verified (:mod:`appliance.audit.compare`); what it learns counts only if the report
-    is ok.
+    is ok.  ``named``: the file's name, for an AuditError (nothing can be verified: exit 2, not the
+    tampered export's 1) when no line of it is an export line at all (a wrong file given).
     """
     scan = _Scan()
     scan.read(f)
+    if named is not None and scan.first_parsed is None:
+        what = (
+            "is empty" if scan.lines == 0 else f"is not an inferbox audit export: none of its {scan.lines} lines is one"
+        )
+        raise AuditError(f"{named} {what}; give a file `inferbox audit export` or `audit ship` wrote")
     problems: list[Problem] = []
     if not scan.ends_with_newline:
         problems.append(Problem(None, "export does not end with a newline (truncated?)"))

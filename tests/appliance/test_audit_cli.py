@@ -184,3 +184,23 @@ def test_a_database_changed_by_hand_is_called_damaged_not_a_permissions_problem(
     result = CliRunner().invoke(main, ["audit", "tail", "--home", str(home)])
     assert result.exit_code == 2, result.output
     assert "damaged, or was changed by hand" in result.output and "belong to the user" not in result.output
+
+
+def test_a_file_that_is_no_export_cannot_be_verified_exit_2_not_tampered(home: Path, tmp_path: Path) -> None:
+    """`verify --export /etc/passwd` said FAILED once per line and exited 1, the tampered export's
+    code; a file with no export line at all is the wrong file (2, as an unreadable one), named once."""
+    key = str(home / "keys" / "signing.key.pub")
+    wrong = tmp_path / "passwd"
+    wrong.write_text("root:x:0:0:root:/root:/bin/bash\n" * 25)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    for path, said in ((wrong, "is not an inferbox audit export: none of its 25 lines is one"), (empty, "is empty")):
+        code, out = _run("verify", "--export", str(path), "--public-key", key)
+        assert code == 2 and f"{path} {said}" in out and out.count("\n") == 1, out
+    # an export with one line left intact is an export that was changed: 1, with its problems
+    good = tmp_path / "export.jsonl"
+    assert _run("export", "--home", str(home), "--out", str(good))[0] == 0
+    lines = good.read_bytes().splitlines(keepends=True)
+    good.write_bytes(lines[0] + b"".join(b"x" + line for line in lines[1:]))
+    code, out = _run("verify", "--export", str(good), "--public-key", key)
+    assert code == 1 and "FAILED" in out, out
