@@ -391,6 +391,20 @@ def _check_queue_delay(values: Mapping[str, Any], sources: Mapping[str, str], pr
     )
 
 
+def _check_retention(values: Mapping[str, Any], sources: Mapping[str, str], problems: list[str]) -> None:
+    """``retention_days`` (the policy the records of processing state) must not be below
+    ``min_retention_days`` (the floor ``audit prune`` keeps): the report stated both, and pruning
+    to the policy was refused."""
+    kept, floor = values.get("retention_days"), values.get("min_retention_days")
+    if kept is None or floor is None or kept >= floor:
+        return
+    problems.append(
+        f"retention_days ({sources.get('retention_days')}): {kept} is below min_retention_days "
+        f"({sources.get('min_retention_days')}) = {floor}, the floor audit prune keeps; raise retention_days to at "
+        f"least {floor} or lower min_retention_days to at most {kept}"
+    )
+
+
 def _shown(value: float) -> str:
     """A number for a message: ``1e+300`` rather than the 301 digits of ``int(1e300)``; an integer past
     what a float holds (400 digits) by its first digits and its length."""
@@ -489,6 +503,7 @@ def load_settings(
 
     _check_backend(values, sources, problems)
     _check_queue_delay(values, sources, problems)
+    _check_retention(values, sources, problems)
     if problems:
         raise ConfigError(problems)
     values["home"] = values["home"] or home

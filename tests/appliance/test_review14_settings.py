@@ -101,6 +101,19 @@ def test_a_queue_delay_of_half_the_timeout_is_accepted(tmp_path: Path) -> None:
         load_settings({"max_queue_delay_ms": 1000.5, "request_timeout_s": 2}, environ={"HOME": str(tmp_path)})
 
 
+def test_a_retention_below_the_prune_floor_is_refused_naming_both(tmp_path: Path) -> None:
+    """The GDPR report stated a retention of 100 days beside a floor of 183, and `audit prune` to
+    the stated retention was refused."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"HOME": str(tmp_path), "INFERBOX_RETENTION_DAYS": "100"})
+    assert "retention_days (env INFERBOX_RETENTION_DAYS): 100 is below min_retention_days (default) = 183" in str(
+        caught.value
+    )
+    assert "raise retention_days to at least 183 or lower min_retention_days to at most 100" in str(caught.value)
+    s = load_settings({"retention_days": 100, "min_retention_days": 100}, environ={"HOME": str(tmp_path)})
+    assert (s.retention_days, s.min_retention_days) == (100, 100)
+
+
 # -- 3. the fake backend, 4b. retune: serve up to the models' load --------------------------------
 
 
