@@ -219,7 +219,7 @@ def _rejection(
     """The first rule the candidate breaks, as a sentence; None when it is admissible."""
     fake = _is_fake(probe)
     if fake and not (preference.backend == probe.name or preference.allow_fake):
-        return "the fake backend is for tests; force backend=fake or allow_fake to use it"
+        return 'the fake backend is for tests (its answers are made up); --backend fake (backend = "fake") forces it'
     if preference.backend not in ("auto", probe.name):
         return f"backend is forced to {preference.backend} (setting backend); set backend=auto to consider others"
     if not probe.usable:

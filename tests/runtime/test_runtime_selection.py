@@ -337,7 +337,7 @@ CASES: list[tuple[str, list[Probe], Manifest, Preference, Candidate | None, dict
         STANDARD,
         Preference(),
         C("ort-cpu", "onnx-fp32", "fp32"),
-        {C("fake", "onnx-fp32", "fp32"): "the fake backend is for tests; force backend=fake or allow_fake"},
+        {C("fake", "onnx-fp32", "fp32"): "the fake backend is for tests (its answers are made up); --backend fake"},
     ),
     (
         "fake-forced-needs-no-gate",
