@@ -77,7 +77,15 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
     click.echo(f"private key: {path} (mode 0600; back it up, never copy it to serving machines)")
     click.echo(f"public key:  {pub}")
     click.echo(f"key id:      {key_id(key)}")
-    click.echo(f"to require signed packages, set public_key = {str(pub)!r} in [paths] of inferbox.toml")
+    if path.absolute() != settings.signing_key.absolute():  # a key for another machine (a build box)
+        click.echo(
+            f"this box signs with {settings.signing_key}, not this key: to sign exports with it, set "
+            f"signing_key = {str(path)!r} in [paths] of inferbox.toml where they are made"
+        )
+    click.echo(
+        f"to require packages signed with it, set public_key = {str(pub)!r} in [paths] of inferbox.toml where "
+        "they are served"
+    )
     click.echo(pem, nl=False)
 
 

@@ -236,6 +236,11 @@ def test_cli_create_out_and_show_key(cli_env: Path, tmp_path: Path) -> None:
     assert _mode(out) == 0o600
     assert (tmp_path / "elsewhere" / "pkg.key.pub").is_file()
     assert not (cli_env / "keys" / "signing.key").exists()
+    # a key for another machine: this box does not sign with it, so the advice names where it must be set
+    assert f"this box signs with {cli_env / 'keys' / 'signing.key'}, not this key" in result.output
+    assert f"set signing_key = '{out}' in [paths] of inferbox.toml where they are made" in result.output
+    assert f"set public_key = '{out}.pub' in [paths] of inferbox.toml where they are served" in result.output
+    assert "this box signs with" not in runner.invoke(main, ["signing-key", "create", "--home", str(cli_env)]).output
     shown = runner.invoke(main, ["signing-key", "show", "--key", str(out)])
     assert shown.exit_code == 0, shown.output
     assert key_id(load_private_key(out)) in shown.output
