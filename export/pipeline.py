@@ -402,7 +402,7 @@ class _Exporter:
     # ---------------------------------------------------------------- steps
     def run(self, staging: Path, work: Path) -> Manifest:
         spec = self.spec
-        self.say("source", f"preparing {spec.task} model from {_describe(spec.source)}")
+        self.say("source", f"preparing {spec.task} model from {spec.source_label or _describe(spec.source)}")
         p = self.prepared = _prepare(spec, staging, self)
         self.complete_references(p)
         self.probe, probe_note = batch_probe(p)
@@ -886,7 +886,13 @@ def _prepare(spec: ExportSpec, staging: Path, exporter: _Exporter) -> Prepared:
             from export.sources import hf
 
             return hf.prepare(spec, staging)
-        raise SourceError(f"source {path} is neither a model folder nor an .onnx file")
+        hint = (
+            "; a PyTorch checkpoint or module file is given as FILE.py:FACTORY, a function that builds the module, "
+            "loads the checkpoint and returns (module, example_inputs) (docs/cli.md)"
+            if path.suffix.lower() in (".pt", ".pth", ".bin", ".ckpt", ".py", ".safetensors")
+            else ""
+        )
+        raise SourceError(f"source {path} is neither a model folder nor an .onnx file{hint}")
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - the export extra brings torch

@@ -239,6 +239,9 @@ class ExportSpec:
     max_length: int | None = None
     #: PyTorch sources: example inputs (input name -> array) fixing names, dtypes and ranks
     example_inputs: Mapping[str, npt.NDArray[np.generic]] | None = None
+    #: a module source's name as the customer gave it (the CLI's ``/abs/path/net.py:build``): recorded
+    #: with the module's class in the provenance, which the class alone did not tell apart
+    source_label: str | None = None
     output_names: Sequence[str] | None = None
     signing_key: Ed25519PrivateKey | None = None
     #: test hook / extension point: called with the staging folder just before finalizing

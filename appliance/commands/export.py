@@ -124,6 +124,12 @@ def _source(source: str) -> tuple[Any, dict[str, Any] | None]:
     return Path(source), None
 
 
+def _label(source: str) -> str:
+    """``FILE.py:FACTORY`` with the file's absolute path: what the provenance and the audit record name."""
+    path_part, _, attr = source.rpartition(":")
+    return f"{Path(path_part).resolve()}:{attr}"
+
+
 @click.command("export")
 @click.argument("source")
 @click.option("--task", required=True, type=click.Choice(_TASKS), help="What the model does.")
@@ -183,6 +189,7 @@ def export_cmd(
         timing=timing,
         threads=resolve_threads(settings),
         example_inputs=example,
+        source_label=_label(source) if example is not None else None,
         signing_key=resolve_signing_key(settings, sign),
     )
     started = datetime.now(UTC)

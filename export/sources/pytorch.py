@@ -155,13 +155,14 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
                 refs.setdefault(name, []).append(t.float().numpy())
     answer = graph_outputs[0]
     rows = [len(next(iter(b.values()))) for b in validation]
+    cls = f"{type(module).__module__}.{type(module).__qualname__}"
     digest = hashlib.sha256()
     for key, tensor in module.state_dict().items():
         digest.update(key.encode() + b"\0" + tensor.detach().cpu().contiguous().numpy().tobytes())
     return Prepared(
         kind="pytorch",
         task=spec.task,
-        source=f"{type(module).__module__}.{type(module).__qualname__}",
+        source=f"{spec.source_label} ({cls})" if spec.source_label else cls,
         source_sha256=digest.hexdigest(),
         onnx_path=onnx_path,
         inputs=inputs,

@@ -143,6 +143,8 @@ def test_sign_requires_key_and_signs(tmp_path: Path, tiny_onnx: Path) -> None:
         (lambda d: _write(d / "garbage.onnx", b"this is not a protobuf"), "tensor", "not a readable ONNX model"),
         (lambda d: d / "model.onnx", "feature-extraction", "task 'tensor'"),
         (lambda d: _write(d / "notes.txt", b"x"), "tensor", "neither a model folder nor an .onnx file"),
+        (lambda d: _write(d / "model.pt", b"x"), "tensor", "a PyTorch checkpoint or module file is given as FILE.py:"),
+        (lambda d: _write(d / "net.py", b"x"), "tensor", "FACTORY, a function that builds the module, loads"),
         (lambda d: d, "feature-extraction", "no config.json"),
     ],
 )
@@ -206,6 +208,9 @@ def test_export_from_module_factory(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["provenance"]["source_kind"] == "pytorch"
+    # the file and factory, not only the class every Sequential shares
+    assert report["provenance"]["source"] == f"{src.resolve()}:build (torch.nn.modules.container.Sequential)"
+    assert f"preparing tensor model from {src.resolve()}:build" in result.stderr
     assert [v["id"] for v in report["variants"]] == ["onnx-fp32", "ov-fp32"]
     assert all(a["reference"] == "pytorch" for v in report["variants"] for a in v["accuracy"])
     bad = _invoke(tmp_path / "home", "export", f"{src}:nope", "--task", "tensor", "--name", "net")
