@@ -44,7 +44,7 @@ def read_texts(path: Path) -> list[str]:
     elif suffix in (".csv", ".tsv"):
         texts = _read_csv_texts(path, "\t" if suffix == ".tsv" else ",")
     else:
-        raise CalibrationError(f"sample file {path}: unknown format {suffix!r}; use .jsonl or .csv")
+        raise CalibrationError(f"sample file {path}: unknown format {suffix!r}; use .jsonl, .csv or .tsv")
     if not texts:
         raise CalibrationError(f"sample file {path} holds no texts; add at least one row")
     return texts
@@ -72,6 +72,8 @@ def _read_jsonl_texts(path: Path) -> list[str]:
             continue
         texts.append(text)
     if errors:
+        if path.suffix.lower() == ".json" and any("not valid JSON" in e for e in errors):
+            errors[0] += "; the file is read as JSON Lines: one string or object per line, not one JSON array"
         _fail(path, errors)
     return texts
 

@@ -76,11 +76,15 @@ class InferboxError(Exception):
 
 
 class ConfigError(InferboxError):
-    """Settings are invalid. ``problems`` lists every problem found at once."""
+    """Settings are invalid. ``problems`` lists every problem found at once; one problem given as a
+    string (a flag, a key file) is the message itself, without the settings list's framing."""
 
     def __init__(self, problems: list[str] | str) -> None:
         self.problems = [problems] if isinstance(problems, str) else list(problems)
-        super().__init__("invalid settings:\n  - " + "\n  - ".join(self.problems))
+        if isinstance(problems, str):
+            super().__init__(problems)
+        else:
+            super().__init__("invalid settings:\n  - " + "\n  - ".join(self.problems))
 
 
 class PackageError(InferboxError):

@@ -59,7 +59,11 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
     if not isinstance(config, dict):
         raise SourceError(f"{folder / 'config.json'} holds no JSON object; is it the model's config.json?")
     if spec.task in _TEXT_TASKS and not (folder / "tokenizer.json").is_file():
-        raise SourceError(f"{folder} has no tokenizer.json; a text task needs the fast tokenizer file in the folder")
+        older = " (it has vocab.txt: an older tokenizer)" if (folder / "vocab.txt").is_file() else ""
+        raise SourceError(
+            f"{folder} has no tokenizer.json{older}; a text task needs the fast tokenizer file in the folder: "
+            "write it with transformers (offline): AutoTokenizer.from_pretrained(FOLDER).save_pretrained(FOLDER)"
+        )
     if spec.task == "feature-extraction":
         _st_pipeline(folder)  # refuse modules the package cannot reproduce before the slow export
     if spec.task in _TEXT_TASKS:

@@ -200,6 +200,31 @@ def test_a_missing_text_sample_file_is_found_before_the_export(headless: Path, t
         export_model(spec)
 
 
+def test_a_json_array_and_a_text_file_are_told_the_formats_read(tmp_path: Path) -> None:
+    from export.samples import read_texts
+
+    array = tmp_path / "texts.json"
+    array.write_text(json.dumps(["good day", "bad night"], indent=2), encoding="utf-8")
+    with pytest.raises(CalibrationError, match="read as JSON Lines: one string or object per line, not one JSON array"):
+        read_texts(array)
+    plain = tmp_path / "texts.txt"
+    plain.write_text("good day\n", encoding="utf-8")
+    with pytest.raises(CalibrationError, match=r"unknown format '\.txt'; use \.jsonl, \.csv or \.tsv"):
+        read_texts(plain)
+
+
+@pytest.mark.usefixtures("no_onnx_export")
+def test_an_older_tokenizer_without_tokenizer_json_is_told_how_to_write_one(headless: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "older"
+    shutil.copytree(headless, folder)
+    (folder / "tokenizer.json").unlink()
+    (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n", encoding="utf-8")
+    with pytest.raises(SourceError) as caught:
+        export_model(_spec(folder, "feature-extraction", tmp_path / "repo"))
+    assert "has no tokenizer.json (it has vocab.txt: an older tokenizer)" in str(caught.value)
+    assert "AutoTokenizer.from_pretrained(FOLDER).save_pretrained(FOLDER)" in str(caught.value)
+
+
 @pytest.mark.usefixtures("no_onnx_export")
 def test_a_csv_without_a_text_column_is_found_before_the_export(headless: Path, tmp_path: Path) -> None:
     csv = tmp_path / "nocol.csv"
