@@ -103,8 +103,9 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
                 f"{self.checkpoints} signed checkpoints{newest}; signed up to seq {self.covered_to}{keys}{copies}"
             )
         first = self.problems[0]
-        where = f"seq {self.first_bad_seq}" if self.first_bad_seq is not None else "export"
-        return f"FAILED at {where}: {first.what} ({len(self.problems)} problem(s))"
+        if self.first_bad_seq is not None:
+            return f"FAILED at seq {self.first_bad_seq}: {first.what} ({len(self.problems)} problem(s))"
+        return f"FAILED: {first.what} ({len(self.problems)} problem(s))"  # the log or export as a whole
 
     def compared(self, copies: Sequence[str], problems: Sequence[tuple[int | None, str]]) -> VerifyReport:
         """This report, held to earlier off-box ``copies`` too (:mod:`appliance.audit.compare`)."""

@@ -313,14 +313,24 @@ def _publish(tmp: Path, out: Path) -> None:
 @click.option("--since", help="ISO 8601 date/time: first record written at or after it [default: the start].")
 @click.option("--until", help="ISO 8601 date/time: records written before it [default: the head].")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Output file [default: stdout].")
-def export(home: Path | None, repository: Path | None, since: str | None, until: str | None, out: Path | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --out file (an earlier export is kept otherwise).")
+def export(
+    home: Path | None, repository: Path | None, since: str | None, until: str | None, out: Path | None, force: bool
+) -> None:
     """Write records and signed checkpoints as JSONL (for an off-box copy); recorded as audit_export.
 
     The export is written to a temporary file first; it is renamed to --out
     (or copied to stdout) only once its audit_export record is durable.
+    An existing --out file is refused unless --force: it may be the copy
+    `audit verify --against` holds the log to.
     """
     settings = build_settings(home=home, repository=repository)
     _existing(settings)
+    if out is not None and not force and (out.exists() or out.is_symlink()):
+        raise click.UsageError(
+            f"{out} exists (an earlier export, perhaps the copy `audit verify --against` holds the log to): "
+            "give another --out, or --force to replace it"
+        )
     started = _now()
     window = {"since": since or "", "until": until or "", "out": str(out) if out else "-"}
     summary = _export_to(settings, "inferbox audit export", started, window, _date(since), _date(until), out)

@@ -107,7 +107,13 @@ def keys() -> None:
 @click.option("--model", default=None, help="Narrow the infer scope to this model.")
 @click.option("--expires", default=None, help="Expiry: YYYY-MM-DD (00:00 UTC) or an ISO 8601 time.")
 @click.option("--name", default="", help="A label for the key (who or what uses it).")
-@click.option("--rate-limit", "rate_limit", type=int, default=0, help="Requests per minute for this key (0 = default).")
+@click.option(
+    "--rate-limit",
+    "rate_limit",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Requests per minute for this key (0 = default).",
+)
 @click.option(
     "--client-cert",
     "client_cert",
@@ -162,6 +168,8 @@ def create(
             if bound is not None:
                 details["client_cert_sha256"] = bound
             record(_event("key_create", "inferbox keys create", rec.id, details, started))
+    if model is not None and (missing := _unknown_model(settings, model)):
+        click.echo(f"warning: {missing}", err=True)  # stderr: a script reading the key from stdout gets it
     if as_json:
         click.echo(json.dumps({"id": rec.id, "key": secret}))
         return
@@ -169,6 +177,24 @@ def create(
     click.echo(f"created key {rec.id} (scopes: {', '.join(rec.scopes)}{binding})")
     click.echo(secret)
     click.echo("This key is shown only once: store it now. Only its hash is kept.", err=True)
+
+
+def _unknown_model(settings: Settings, model: str) -> str:
+    """What to warn of when the repository does not hold ``model``: the key is made (the model may be
+    installed later), but a mistyped name gave a key that every request was refused with."""
+    from runtime.repository import Repository
+
+    repo = Repository(settings.repository)
+    try:
+        if repo.versions(model):
+            return ""
+        have = ", ".join(repo.models()) or "none"
+    except Exception:  # unreadable: no hint (the server says what is wrong)
+        return ""
+    return (
+        f"model {model!r} is not in the repository {settings.repository} (models: {have}); this key is refused "
+        "for every other model, so check the name (`inferbox models list`)"
+    )
 
 
 @keys.command("list")

@@ -204,3 +204,15 @@ def test_a_file_that_is_no_export_cannot_be_verified_exit_2_not_tampered(home: P
     good.write_bytes(lines[0] + b"".join(b"x" + line for line in lines[1:]))
     code, out = _run("verify", "--export", str(good), "--public-key", key)
     assert code == 1 and "FAILED" in out, out
+
+
+def test_an_export_never_replaces_an_earlier_one_unless_forced(home: Path, tmp_path: Path) -> None:
+    """`audit export --out` silently replaced the file there: perhaps the copy kept for --against."""
+    kept = tmp_path / "kept.jsonl"
+    assert _run("export", "--home", str(home), "--out", str(kept))[0] == 0
+    before = kept.read_bytes()
+    code, out = _run("export", "--home", str(home), "--out", str(kept))
+    assert code == 2 and "exists" in out and "--force" in out, out
+    assert kept.read_bytes() == before
+    assert _run("export", "--home", str(home), "--out", str(kept), "--force")[0] == 0
+    assert kept.read_bytes() != before  # the second export holds the first one's audit_export record

@@ -75,6 +75,19 @@ def test_revoke_takes_the_whole_key_and_never_repeats_a_secret(env: dict[str, st
         assert secret[:20] not in r.output, r.output
 
 
+def test_a_key_for_a_model_the_repository_lacks_is_made_with_a_warning(env: dict[str, str], tmp_path: Path) -> None:
+    r = _run(env, "keys", "create", "--scope", "infer", "--model", "minlm", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["key"].startswith("ibx_")  # stdout stays the key alone
+    assert "warning: model 'minlm' is not in the repository" in r.stderr and "models list" in r.stderr
+    assert "warning" not in _run(env, "keys", "create", "--scope", "infer").stderr  # no --model, no warning
+
+
+def test_a_negative_rate_limit_is_refused_naming_the_flag(env: dict[str, str]) -> None:
+    r = _run(env, "keys", "create", "--scope", "infer", "--rate-limit", "-5")
+    assert r.exit_code == 2 and "--rate-limit" in r.stderr and "rate_limit_per_minute" not in r.stderr, r.output
+
+
 def test_create_and_revoke_are_recorded(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     events: list[AuditEvent] = []
 
