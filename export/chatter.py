@@ -11,7 +11,11 @@ already say what was fused, quantized and why a recipe failed.  :func:`quieted`
 drops ONNX Runtime's records below WARNING (and that one warning), NNCF's below
 WARNING and its progress bars while an export runs, unless the root logger is at
 DEBUG, where an operator asked for everything.  Every other warning and error
-still reaches the log.
+still reaches the log, but for three lines an offline operator can do nothing
+about, printed on every first start: transformers' "`torch_dtype` is
+deprecated" (optimum's call, not ours), optimum's advice to install accelerate
+(a check of tied weights MiniLM has none of), and the tracer's warning about
+the constant in transformers' attention-mask code (:data:`KNOWN_NOISE`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 
 __all__ = ["quieted"]
@@ -28,6 +33,24 @@ OWN_LOGGERS = ("nncf",)
 #: in ONNX Runtime's warning that asks for its pre-processing script on every quantizer call (the
 #: pipeline's inputs are already shape-inferred ONNX it validates end to end)
 PREPROCESS_ADVICE = "pre-process"
+
+
+#: logger -> the start of a warning of it that is noise here (see the module)
+KNOWN_NOISE = {
+    "transformers.configuration_utils": "`torch_dtype` is deprecated!",
+    "optimum.exporters.onnx.base": "Weight deduplication check in the ONNX export requires accelerate",
+}
+#: the tracer's warning (a Python warning) about ``torch.tensor(1.0)`` in transformers' mask code
+TRACER_NOISE = r"torch\.tensor results are registered as constants in the trace"
+
+
+class _Noise(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
 
 
 def _onnxruntime_dir() -> str | None:
@@ -95,8 +118,13 @@ def quieted() -> Iterator[None]:
     own = [logging.getLogger(name) for name in OWN_LOGGERS]
     for logger in own:
         logger.addFilter(below)
+    # a logger's filter sees the records made on it: the emitting loggers, made now if not yet imported
+    noise = [(logging.getLogger(name), _Noise(start)) for name, start in KNOWN_NOISE.items()]
+    for logger, noise_filter in noise:
+        logger.addFilter(noise_filter)
     try:
-        with _no_progress_bars():
+        with _no_progress_bars(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=TRACER_NOISE)
             yield
     finally:
         root.removeFilter(chatter)
@@ -104,3 +132,5 @@ def quieted() -> Iterator[None]:
             handler.removeFilter(chatter)
         for logger in own:
             logger.removeFilter(below)
+        for logger, noise_filter in noise:
+            logger.removeFilter(noise_filter)

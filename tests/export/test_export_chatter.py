@@ -147,3 +147,29 @@ def test_at_debug_the_progress_bars_draw(capsys: pytest.CaptureFixture[str], cap
         _draw_a_progress_bar()
     drawn = capsys.readouterr()
     assert "Statistics collection" in drawn.out + drawn.err
+
+
+def test_the_first_starts_known_noise_is_dropped_and_nothing_like_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Three lines an offline operator can do nothing about were in every first start's log."""
+    import warnings
+
+    caplog.set_level(logging.INFO)
+    config, base = (
+        logging.getLogger("transformers.configuration_utils"),
+        logging.getLogger("optimum.exporters.onnx.base"),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning is recorded, but for those quieted's own filter drops
+        with quieted():
+            config.warning("`torch_dtype` is deprecated! Use `dtype` instead!")
+            base.warning("Weight deduplication check in the ONNX export requires accelerate. Please install accelerate")
+            config.warning("`foo` is deprecated! Use `bar` instead!")
+            warnings.warn(
+                "torch.tensor results are registered as constants in the trace. You can safely ignore", stacklevel=1
+            )
+            warnings.warn("Converting a tensor to a Python boolean might cause the trace to be incorrect", stacklevel=1)
+    assert [r.getMessage() for r in caplog.records] == ["`foo` is deprecated! Use `bar` instead!"]
+    assert [str(w.message)[:30] for w in caught] == ["Converting a tensor to a Pytho"]
+    caplog.clear()
+    config.warning("`torch_dtype` is deprecated! Use `dtype` instead!")
+    assert len(caplog.records) == 1, "the filter stayed behind after the block"
