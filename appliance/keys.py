@@ -67,6 +67,8 @@ def key_id_of(given: str) -> str:
         "see `inferbox keys list`",
         field="id",
     )
+
+
 _DUMMY_HASH = hashlib.sha256(b"inferbox: no such key").hexdigest()
 
 _SCHEMA = """

@@ -14,9 +14,11 @@ import re
 import traceback
 from types import TracebackType
 
-__all__ = ["FORMAT", "OneLineFormatter", "configure", "one_line"]
+__all__ = ["FORMAT", "SHOWN_NAMES", "OneLineFormatter", "configure", "one_line"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: a logger's name as a line shows it
+SHOWN_NAMES = {"uvicorn.error": "uvicorn"}
 
 _ESCAPES: dict[int, str] = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x09}
 _ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
@@ -31,12 +33,15 @@ class OneLineFormatter(logging.Formatter):
     """A :class:`logging.Formatter` whose messages never span lines (:func:`one_line`)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
-        message = record.message
+        message, name = record.message, record.name
         record.message = one_line(message)
+        # uvicorn logs its start, its stop and its INFO lines as "uvicorn.error" (serve hands uvicorn's
+        # loggers to the root logger): a grep for errors found every start
+        record.name = SHOWN_NAMES.get(name, name)
         try:
             return super().formatMessage(record)
         finally:
-            record.message = message
+            record.message, record.name = message, name
 
     def format(self, record: logging.LogRecord) -> str:
         # the traceback text another handler's formatter left on the record (``exc_text``) is not

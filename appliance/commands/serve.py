@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -144,6 +145,7 @@ def serve(
                 "port": settings.port,
                 "workers": settings.workers,
                 "log_level": settings.log_level,
+                "log_config": None,  # uvicorn's lines through the root logger: one format (runtime.logs)
                 "access_log": False,
                 "http": http,
                 **tls_options,
@@ -167,6 +169,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's lines through the root logger: one format, no colour codes (runtime.logs)
         access_log=False,
         lifespan="on",
         http=http,
@@ -177,10 +180,10 @@ def serve(
     scheme = "http" if tls is None else "https"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True)
-    try:
+    # uvicorn raises the Ctrl-C again after its clean shutdown: a stop asked for, not click's "Aborted!"
+    # and exit 1 (which `make run` reported as an error)
+    with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again after its clean shutdown: a stop asked for,
-        pass  # not click's "Aborted!" and exit 1 (which `make run` reported as an error)
     hold_sighup()  # the loop's handler went with the loop: a late SIGHUP must not end the exit early
 
 

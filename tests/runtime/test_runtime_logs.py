@@ -95,3 +95,14 @@ def test_configure_writes_one_line_records_to_stderr() -> None:
     )
     (line,) = done.stderr.splitlines()
     assert line.endswith(f"INFO t: model x\\n{FORGED}")
+
+
+def test_uvicorns_info_lines_are_not_shown_under_an_error_logger_name() -> None:
+    """serve hands uvicorn's loggers to the root logger (one format, no colour codes); its start and
+    stop lines come from "uvicorn.error", which a grep for errors then found at every start."""
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "Started server process [%d]", (7,), None)
+    line = OneLineFormatter(FORMAT).format(record)
+    assert line.endswith(" INFO uvicorn: Started server process [7]") and "error" not in line
+    assert record.name == "uvicorn.error"  # other handlers see the record as it was
+    other = logging.LogRecord("uvicorn.errors", logging.INFO, __file__, 1, "x", None, None)
+    assert " uvicorn.errors: x" in OneLineFormatter(FORMAT).format(other)
