@@ -61,7 +61,7 @@ from export.validate import (
     tensor_metrics,
 )
 from runtime.backends.base import OpenOptions, Session
-from runtime.errors import BackendError, ExportError, GateError, SourceError
+from runtime.errors import BackendError, ExportError, GateError, InputError, SourceError
 from runtime.manifest import Accuracy, Attempt, Manifest, Timing, Variant, fixed_batch
 
 __all__ = ["ONNX_BACKENDS", "OV_BACKENDS", "check_output_gates", "export_model", "run_answers", "run_outputs"]
@@ -174,7 +174,7 @@ class _Exporter:
                 session = self.open(backend, path, precision)
                 out, others = run_outputs(p, session, p.validation)
                 rows, alone, alone_others = run_alone(p, session)
-                probed = _probe_pairs(p, session, self.probe) if self.probe is not None else []
+                probed = self.probed(p, session, path, backend, precision)
             except BackendError as exc:
                 logger.warning("%s on %s/%s: %s", path.name, backend, precision, exc)
                 self.say("validate", f"{path.name} cannot run on {backend}/{precision}: {exc}")
@@ -211,6 +211,19 @@ class _Exporter:
             else:
                 session.close()
         return cand
+
+    def probed(self, p: Prepared, session: Session, path: Path, backend: str, precision: str) -> list[float]:
+        """``batch_rel_diff`` of the probe batch on ``session`` (none without a probe).  A probe the
+        session refuses (rows a model cannot take: its own validation still ran) is not measured:
+        said once, never an export or a candidate failed by the probe itself."""
+        if self.probe is None:
+            return []
+        try:
+            return _probe_pairs(p, session, self.probe)
+        except (BackendError, InputError) as exc:
+            self.say("validate", f"{path.name} on {backend}/{precision}: the batch gate's probe was refused ({exc})")
+            p.notes["batch_probe"] += f"; refused by {path.name} on {backend}/{precision}: not measured there"
+            return []
 
     def time(self, cand: _Candidate, variant_id: str) -> list[Timing]:
         """The scenarios nothing ranks by, now, on the candidate's sessions (with full timing
@@ -405,7 +418,7 @@ class _Exporter:
         self.say("source", f"preparing {spec.task} model from {spec.source_label or _describe(spec.source)}")
         p = self.prepared = _prepare(spec, staging, self)
         self.complete_references(p)
-        self.probe, probe_note = batch_probe(p)
+        self.probe, probe_note = batch_probe(p, calibrated=spec.calibration is not None)
         if probe_note:
             p.notes["batch_probe"] = probe_note
             self.say("source", f"batch gate: {probe_note}")
@@ -718,15 +731,16 @@ PROBE_MIN_ROWS = 8
 PROBE_ROWS = 32
 
 
-def batch_probe(p: Prepared) -> tuple[Feeds | None, str]:
+def batch_probe(p: Prepared, *, calibrated: bool = True) -> tuple[Feeds | None, str]:
     """A batch measured by the batch gate only (never by the accuracy gate), and what it is, when
     the validation batches are too small to show how an answer changes with its batch-mates (a
     validation file of 1 row kept a per-batch dynamic INT8 with ``batch_rel_diff`` 0, a 20-row one
     dropped it at 0.0117).  Text models: the project's own validation texts (their lengths vary,
-    so rows are padded); other models: the validation and calibration rows together, when they
-    are at least two rows of one shape.  A model fixing its batch axis has its calls measured
-    already (:func:`run_alone`), and a set with big enough batches needs no probe: ``(None, "")``.
-    ``(None, reason)`` when the gate cannot be measured."""
+    so rows are padded; a cross-encoder's as query-document pairs); other models: the validation
+    rows with the customer's calibration rows (``calibrated``; generated ones may hold values the
+    model refuses), when they share one shape.  A model fixing its batch
+    axis has its calls measured already (:func:`run_alone`), and a set with big enough batches needs
+    no probe: ``(None, "")``.  ``(None, reason)`` when the gate cannot be measured."""
     largest = max((_rows(b) for b in p.validation), default=0)
     if largest >= PROBE_MIN_ROWS or fixed_batch(p.inputs) is not None:
         return None, ""
@@ -736,15 +750,24 @@ def batch_probe(p: Prepared) -> tuple[Feeds | None, str]:
 
         texts = default_texts("validation")[:PROBE_ROWS]
         return p.encode(texts), f"{said}: measured on {len(texts)} of the built-in validation texts too"
-    rows = [*p.validation, *p.calibration]
-    try:
-        joined = {k: np.concatenate([b[k] for b in rows])[:PROBE_ROWS] for k in p.validation[0]}
-    except (ValueError, KeyError):  # rows of different shapes (a free axis), or other inputs
-        joined = {}
+    joined = _stacked([*p.validation, *p.calibration]) if calibrated else {}
     n = min((len(v) for v in joined.values()), default=0)
-    if n < 2:
-        return None, f"{said} and no probe batch could be formed: not measured; give more validation rows"
-    return joined, f"{said}: measured on a batch of {n} validation and calibration rows too"
+    if n > largest:
+        return joined, f"{said}: measured on a batch of {n} validation and calibration rows too"
+    seen = "not measured" if largest < 2 else "measured on those rows only"
+    return None, (
+        f"{said} and no probe batch could be formed ({seen}); give at least {PROBE_MIN_ROWS} validation rows, "
+        "or a calibration file of rows shaped like them"
+    )
+
+
+def _stacked(batches: list[Feeds]) -> Feeds:
+    """The rows of ``batches`` as one batch of at most :data:`PROBE_ROWS` rows; empty when they do not
+    stack (a free axis of different sizes, other inputs)."""
+    try:
+        return {k: np.concatenate([b[k] for b in batches])[:PROBE_ROWS] for k in batches[0]}
+    except (ValueError, KeyError, IndexError):
+        return {}
 
 
 def _probe_pairs(p: Prepared, session: Session, probe: Feeds) -> list[float]:

@@ -60,7 +60,8 @@ class Prepared:
     #: (num_heads, hidden_size) when the ORT transformer optimizer applies (BERT-like)
     bert: tuple[int, int] | None = None
     notes: dict[str, str] = field(default_factory=dict)
-    #: text sources: texts -> feeds (for the reference and the report); None otherwise
+    #: text sources: texts -> feeds as validation's are made (a cross-encoder's: query-document pairs
+    #: of them), for the batch gate's probe (export.pipeline.batch_probe); None otherwise
     encode: Callable[[list[str]], Feeds] | None = None
     #: the reference of every other graph output the server returns (a tensor model's KServe
     #: answer holds all of them), by name, lined up with ``validation``; an output the source

@@ -408,7 +408,7 @@ def _prepare_text(spec: ExportSpec, folder: Path, staging: Path, config: dict[st
             "validation_max_tokens": str(max(lengths, default=0)),
             **({"validation_inputs": "query-document pairs of the samples"} if cross_encoder else {}),
         },
-        encode=encode,
+        encode=(lambda texts: encode_pairs(_pairs(texts))) if cross_encoder else encode,
     )
 
 

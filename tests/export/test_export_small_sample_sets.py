@@ -68,6 +68,47 @@ def test_a_one_row_validation_file_still_measures_the_batch_gate_on_a_tensor_mod
         export_model(spec)
 
 
+def _lookup_onnx(path: Path) -> Path:
+    """``y = table[ids]``: ids outside 0..9 are refused by ONNX Runtime (as a real embedding is)."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10, 4], [float(i) for i in range(40)])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1, 4])],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_probe_never_fails_an_export_its_own_validation_passes(tmp_path: Path) -> None:
+    """Without a calibration file the probe mixed in generated rows (ids 0..255), which the model
+    refused: an export that passed before failed.  Generated rows are never probed, and a probe the
+    model refuses (the customer's calibration rows) is said, not fatal."""
+    np.savez(tmp_path / "two.npz", ids=np.array([[1], [7]], np.int64))
+    source = _lookup_onnx(tmp_path / "lookup.onnx")
+    alone = export_model(
+        _spec(source, "tensor", tmp_path / "repo", variants=("onnx-fp32",), validation=tmp_path / "two.npz")
+    )
+    assert "no probe batch could be formed (measured on those rows only)" in alone.notes["batch_probe"]
+    np.savez(tmp_path / "cal.npz", ids=np.arange(20, dtype=np.int64).reshape(20, 1))  # 10..19: out of range
+    refused = export_model(
+        _spec(
+            source,
+            "tensor",
+            tmp_path / "repo",
+            variants=("onnx-fp32",),
+            validation=tmp_path / "two.npz",
+            calibration=tmp_path / "cal.npz",
+        )
+    )
+    assert "refused by model.onnx on ort-cpu/fp32: not measured there" in refused.notes["batch_probe"]
+    assert [v.id for v in refused.variants] == ["onnx-fp32"]
+
+
 def test_a_tensor_model_whose_answers_do_not_depend_on_the_batch_passes_with_one_row(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "one.npz", x=rng.standard_normal((1, 16)).astype(np.float32))
