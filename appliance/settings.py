@@ -24,7 +24,7 @@ from typing import Any
 from runtime.backends.static_shapes import DEFAULT_STATIC_SHAPES
 from runtime.errors import ConfigError
 
-__all__ = ["FIELDS", "METRICS_DIR_ENV", "Field", "Settings", "default_home", "load_settings"]
+__all__ = ["FIELDS", "METRICS_DIR_ENV", "Field", "Settings", "default_home", "load_settings", "retention_problem"]
 
 
 @dataclass(frozen=True)
@@ -391,17 +391,18 @@ def _check_queue_delay(values: Mapping[str, Any], sources: Mapping[str, str], pr
     )
 
 
-def _check_retention(values: Mapping[str, Any], sources: Mapping[str, str], problems: list[str]) -> None:
-    """``retention_days`` (the policy the records of processing state) must not be below
-    ``min_retention_days`` (the floor ``audit prune`` keeps): the report stated both, and pruning
-    to the policy was refused."""
-    kept, floor = values.get("retention_days"), values.get("min_retention_days")
-    if kept is None or floor is None or kept >= floor:
-        return
-    problems.append(
-        f"retention_days ({sources.get('retention_days')}): {kept} is below min_retention_days "
-        f"({sources.get('min_retention_days')}) = {floor}, the floor audit prune keeps; raise retention_days to at "
-        f"least {floor} or lower min_retention_days to at most {kept}"
+def retention_problem(settings: Settings) -> str | None:
+    """What is wrong when ``retention_days`` (the policy the record of processing states) is below
+    ``min_retention_days`` (the floor ``audit prune`` keeps without ``--force``): the report stated
+    both, and a prune to the policy is refused.  A warning (serve, doctor, the report), not a refusal:
+    a configuration that started before must not stop every service at an upgrade."""
+    kept, floor = settings.retention_days, settings.min_retention_days
+    if kept >= floor:
+        return None
+    return (
+        f"retention_days ({settings.sources.get('retention_days')}) = {kept} is below min_retention_days "
+        f"({settings.sources.get('min_retention_days')}) = {floor}, the floor audit prune keeps without --force; "
+        f"raise retention_days to at least {floor} or lower min_retention_days to at most {kept}"
     )
 
 
@@ -503,7 +504,6 @@ def load_settings(
 
     _check_backend(values, sources, problems)
     _check_queue_delay(values, sources, problems)
-    _check_retention(values, sources, problems)
     if problems:
         raise ConfigError(problems)
     values["home"] = values["home"] or home

@@ -7,6 +7,7 @@ the appliance never stores them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,8 @@ def _log_facts(db_path: Path) -> dict[str, Any]:
 
 def art30_facts(settings: Settings) -> dict[str, Any]:
     """Facts for a GDPR Art. 30(1) record of processing activities, as plain data."""
+    from appliance.settings import retention_problem
+
     return {
         "purposes": [
             "inference (embeddings, classification, other model outputs) on data the customer's own "
@@ -52,8 +55,10 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
             "security and accountability logging of that processing (this audit log)",
         ],
         "categories_of_data": {
-            "processed": "whatever the customer's applications submit (texts, tensors); held in memory for the "
-            "duration of a request or batch job only",
+            "processed": "whatever the customer's applications submit (texts, tensors): an API request's held in "
+            f"memory for the duration of the request only; a batch job's input file kept in {settings.spool}/cur/"
+            f"<job>/ and its results and rejects (a rejected record's raw text) in {settings.outbox}/<job>/ until "
+            "an operator removes them (no automatic deletion)",
             "stored_in_audit_log": [
                 "who: API key id / credential id / service unit (never key secrets)",
                 "what: event, action, model name, version and package sha256, backend and variant, job id",
@@ -67,6 +72,7 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
         "retention": {
             "audit_retention_days": settings.retention_days,
             "min_retention_days": settings.min_retention_days,
+            **({"warning": problem} if (problem := retention_problem(settings)) is not None else {}),
             "digest_key_rotation_days": settings.digest_key_days,
             "audit_log": _log_facts(settings.audit_db),
         },
@@ -108,8 +114,35 @@ def _recipients(settings: Settings) -> str:
     return "; ".join(out)
 
 
+def _last_start(db_path: Path) -> dict[str, Any] | None:
+    """The settings the API last started with (its newest ``config`` record), or None."""
+    if not db_path.is_file():
+        return None
+    conn = open_read_only(db_path)
+    try:
+        row = conn.execute(
+            "SELECT seq, recorded_at, details FROM records WHERE event = 'config' ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+    except Exception:  # an older or damaged database: the configured settings alone are reported
+        return None
+    finally:
+        conn.close()
+    if row is None:
+        return None
+    try:
+        details = json.loads(row[2])
+    except ValueError:
+        return None
+    return {"seq": row[0], "at": row[1], **details} if isinstance(details, dict) else None
+
+
 def _transport(settings: Settings) -> str:
-    where = f"the API listens on {settings.host}:{settings.port}"
+    where = f"the settings say the API listens on {settings.host}:{settings.port}"
+    started = _last_start(settings.audit_db)
+    if started is not None:
+        tls = "HTTPS" if started.get("tls_cert") not in (None, "None", "") else "plain HTTP"
+        ran = f"{started.get('host')}:{started.get('port')}, {tls}"
+        where += f"; it last started with {ran} at {started['at']} (audit record seq {started['seq']})"
     if settings.tls_cert is None:
         return (
             f"plain HTTP ({where}): refused on a network address unless allow_plaintext; terminate TLS in front "

@@ -261,6 +261,10 @@ def server_report(settings: Settings) -> dict[str, Any]:
         from runtime.loader import FAKE_BACKEND_WARNING
 
         _warn(out, f"backend = fake ({settings.sources.get('backend')}): {FAKE_BACKEND_WARNING}")
+    from appliance.settings import retention_problem
+
+    if (retention := retention_problem(settings)) is not None:
+        _warn(out, retention)
     try:
         plan = check_exposure(settings)
     except ConfigError as exc:

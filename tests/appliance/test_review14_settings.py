@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from appliance.audit.report import art30_facts
 from appliance.cli import main
-from appliance.settings import load_settings
+from appliance.commands.doctor import server_report
+from appliance.settings import load_settings, retention_problem
 from runtime.autotune import DecisionCache
 from runtime.backends.registry import BACKENDS
 from runtime.errors import ConfigError
@@ -101,17 +103,19 @@ def test_a_queue_delay_of_half_the_timeout_is_accepted(tmp_path: Path) -> None:
         load_settings({"max_queue_delay_ms": 1000.5, "request_timeout_s": 2}, environ={"HOME": str(tmp_path)})
 
 
-def test_a_retention_below_the_prune_floor_is_refused_naming_both(tmp_path: Path) -> None:
+def test_a_retention_below_the_prune_floor_is_warned_of_naming_both(tmp_path: Path) -> None:
     """The GDPR report stated a retention of 100 days beside a floor of 183, and `audit prune` to
-    the stated retention was refused."""
-    with pytest.raises(ConfigError) as caught:
-        load_settings(environ={"HOME": str(tmp_path), "INFERBOX_RETENTION_DAYS": "100"})
-    assert "retention_days (env INFERBOX_RETENTION_DAYS): 100 is below min_retention_days (default) = 183" in str(
-        caught.value
-    )
-    assert "raise retention_days to at least 183 or lower min_retention_days to at most 100" in str(caught.value)
-    s = load_settings({"retention_days": 100, "min_retention_days": 100}, environ={"HOME": str(tmp_path)})
-    assert (s.retention_days, s.min_retention_days) == (100, 100)
+    the stated retention was refused.  A warning (serve, doctor, the report), not a refusal: a
+    configuration that ran before must not stop every service at an upgrade."""
+    settings = load_settings(environ={"HOME": str(tmp_path), "INFERBOX_RETENTION_DAYS": "100"})
+    problem = retention_problem(settings)
+    assert problem is not None
+    assert "retention_days (env INFERBOX_RETENTION_DAYS) = 100 is below min_retention_days (default) = 183" in problem
+    assert "raise retention_days to at least 183 or lower min_retention_days to at most 100" in problem
+    assert server_report(settings)["warning"] == problem
+    assert art30_facts(settings)["retention"]["warning"] == problem
+    fine = load_settings({"retention_days": 100, "min_retention_days": 100}, environ={"HOME": str(tmp_path)})
+    assert retention_problem(fine) is None and "warning" not in art30_facts(fine)["retention"]
 
 
 # -- 3. the fake backend, 4b. retune: serve up to the models' load --------------------------------
