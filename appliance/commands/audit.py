@@ -234,7 +234,12 @@ def verify(
             "--legacy-start is for a database (--db, or the home's audit.db); an export says itself how its log began"
         )
     settings = build_settings(home=home, repository=repository)
-    if db_path is None and export_path is None:  # the home's own log: a mistyped home is not an empty log
+    own_log = db_path is None and export_path is None
+    if own_log and not settings.audit and settings.home.is_dir() and not settings.audit_db.exists():
+        # a box that keeps no log (audit = false): the daily verify timer has nothing to check, no alert
+        click.echo(f"audit is off ({settings.sources.get('audit')}) and there is no log: nothing to verify")
+        return
+    if own_log:  # the home's own log: a mistyped home is not an empty log
         _existing(settings)
     keys = _trusted_keys(settings, public_keys)
     pace = settings_pace(settings, checkpoint_every, checkpoint_minutes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import stat
 import sys
@@ -224,6 +225,15 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
     )
 
 
+_SECRET = re.compile(r"ibx_([0-9a-f]{12})_[A-Za-z0-9_-]+")
+
+
+def _masked(arg: str) -> str:
+    """An argument with a whole API key (``keys revoke ibx_<id>_<secret>``) as its id alone: the id
+    names the key to the command as well, and the line is printed for anyone to read and run."""
+    return _SECRET.sub(lambda m: m.group(1), arg)
+
+
 def _this_command() -> str:
     """``<venv>/bin/inferbox`` and the arguments this process was run with, quoted, so that the line runs
     as printed; where they are not known (the CLI called in-process, ``python -m appliance``), the
@@ -232,7 +242,7 @@ def _this_command() -> str:
     exe = Path(sys.executable).parent / "inferbox"
     program = str(exe) if exe.is_file() else "inferbox"
     if len(sys.argv) > 1 and Path(sys.argv[0]).name == "inferbox":
-        return shlex.join([program, *sys.argv[1:]])
+        return shlex.join([program, *(_masked(a) for a in sys.argv[1:])])
     ctx = click.get_current_context(silent=True)
     names: list[str] = []
     while ctx is not None and ctx.parent is not None:

@@ -58,11 +58,14 @@ def signing_key() -> None:
 def create(home: Path | None, repository: Path | None, out: Path | None, force: bool) -> None:
     """Write a new private key (mode 0600) and <key>.pub; print the public key."""
     settings = build_settings(home=home, repository=repository)
-    path = out if out is not None else settings.signing_key
+    # absolute: the advice below is set in a file other processes read (under systemd their cwd is /)
+    path = (out if out is not None else settings.signing_key).absolute()
     refuse_root_in_foreign_state(settings, extra=(path,))  # a key root writes there, the owner cannot read
     retired = None
-    # only the configured path itself: a link to it given as --out is replaced, not the key it points at
-    if force and path.absolute() == settings.signing_key.absolute() and (path.exists() or path.is_symlink()):
+    # only the configured path itself (`..` walked, as the kernel does for a path without links): a link to
+    # it given as --out is replaced, not the key it points at
+    the_boxs = os.path.normpath(path) == os.path.normpath(settings.signing_key.absolute())
+    if force and the_boxs and (path.exists() or path.is_symlink()):
         retired = _retire(path, settings.keys_dir / "retired")  # before the key it keeps is gone
     key = generate_private_key()
     write_private_key(key, path, overwrite=force)
@@ -77,7 +80,7 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
     click.echo(f"private key: {path} (mode 0600; back it up, never copy it to serving machines)")
     click.echo(f"public key:  {pub}")
     click.echo(f"key id:      {key_id(key)}")
-    if path.absolute() != settings.signing_key.absolute():  # a key for another machine (a build box)
+    if not the_boxs:  # a key for another machine (a build box)
         click.echo(
             f"this box signs with {settings.signing_key}, not this key: to sign exports with it, set "
             f"signing_key = {str(path)!r} in [paths] of inferbox.toml where they are made"

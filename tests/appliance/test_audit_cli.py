@@ -216,3 +216,20 @@ def test_an_export_never_replaces_an_earlier_one_unless_forced(home: Path, tmp_p
     assert kept.read_bytes() == before
     assert _run("export", "--home", str(home), "--out", str(kept), "--force")[0] == 0
     assert kept.read_bytes() != before  # the second export holds the first one's audit_export record
+
+
+def test_verify_on_a_box_that_keeps_no_log_is_not_an_alert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daily verify timer is enabled on every box: with audit = false it failed every night."""
+    for name in list(os.environ):
+        if name.startswith("INFERBOX_"):
+            monkeypatch.delenv(name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("INFERBOX_AUDIT", "false")
+    code, out = _run("verify", "--home", str(home))
+    assert code == 0 and "audit is off (env INFERBOX_AUDIT) and there is no log: nothing to verify" in out, out
+    code, out = _run("verify", "--home", str(tmp_path / "mistyped"))
+    assert code == 2, out  # a home that is not there is still an error
+    monkeypatch.delenv("INFERBOX_AUDIT")
+    code, out = _run("verify", "--home", str(home))
+    assert code == 2 and "nothing to verify" not in out, out  # audit on and no log: the log is missing

@@ -313,3 +313,17 @@ def test_a_folder_whose_owner_root_cannot_read_is_refused(tmp_path: Path, monkey
     refused = run(share / "state", "keys", "list")
     assert refused.exit_code == 2 and "(fix: run the command as the user who owns the state)" in refused.stderr
     assert open_folder(tmp_path / "elsewhere" / "state") is None  # not there yet: root would make it
+
+
+def test_the_line_to_run_never_repeats_a_whole_key(served: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sudo inferbox keys revoke ibx_<id>_<secret>` printed the secret back in the line to run;
+    the line names the key by its id, which revoke takes as well."""
+    import shlex
+
+    key = "ibx_0123456789ab_" + "A" * 43
+    argv = ["/usr/local/bin/inferbox", "keys", "revoke", key]
+    monkeypatch.setattr("sys.argv", argv)
+    result = run(served, *argv[1:])
+    assert result.exit_code == 2 and "A" * 20 not in result.output, result.output
+    line = result.stderr.split("run it as inferbox: ", 1)[1].strip()
+    assert shlex.split(line)[-3:] == ["keys", "revoke", "0123456789ab"]

@@ -241,6 +241,10 @@ def test_cli_create_out_and_show_key(cli_env: Path, tmp_path: Path) -> None:
     assert f"set signing_key = '{out}' in [paths] of inferbox.toml where they are made" in result.output
     assert f"set public_key = '{out}.pub' in [paths] of inferbox.toml where they are served" in result.output
     assert "this box signs with" not in runner.invoke(main, ["signing-key", "create", "--home", str(cli_env)]).output
+    # a relative --out is advised as an absolute path (the services do not run in this folder)
+    with runner.isolated_filesystem(temp_dir=tmp_path) as here:
+        made = runner.invoke(main, ["signing-key", "create", "--home", str(cli_env), "--out", "build.key"])
+        assert f"set signing_key = '{Path(here) / 'build.key'}'" in made.output, made.output
     shown = runner.invoke(main, ["signing-key", "show", "--key", str(out)])
     assert shown.exit_code == 0, shown.output
     assert key_id(load_private_key(out)) in shown.output
