@@ -2,7 +2,8 @@
 
 The read is itself recorded (event ``audit_read``) by the request envelope, like
 every request.  Filters: ``event``, ``actor``, ``model``, ``outcome``,
-``request_id``, ``job_id``, ``since`` / ``until`` (UTC ISO 8601); paging with
+``request_id``, ``job_id``, ``key_id``, ``status``, ``model_sha256``,
+``client_cert_sha256``, ``since`` / ``until`` (UTC ISO 8601); paging with
 ``after_seq`` + ``limit`` (at most 1000); the answer's ``next_after_seq`` is the
 cursor for the next page (null at the end).
 """
@@ -78,9 +79,19 @@ PARAMETERS = (
     "since",
     "until",
     "client_cert_sha256",
+    "key_id",
+    "status",
+    "model_sha256",
 )
 #: a record's field names that a reader may try as filters, and the parameter that filters on them
-SPELLED_AS = {"model_name": "model", "event_type": "event", "seq": "after_seq", "ts": "since"}
+SPELLED_AS = {
+    "model_name": "model",
+    "event_type": "event",
+    "seq": "after_seq",
+    "ts": "since",
+    "credential_id": "key_id",
+    "refused_key_id": "key_id",
+}
 
 
 def _known_parameters(request: Request[Any, Any, Any]) -> None:
@@ -114,7 +125,9 @@ def _known_parameters(request: Request[Any, Any, Any]) -> None:
         description="The audit log, oldest first, filtered and paged (scope audit:read); 404 when the server "
         "runs without the audit log. since/until: an ISO 8601 date or time (without an offset: UTC). "
         "client_cert_sha256: the records naming that client certificate (requests over mutual TLS with it, "
-        "keys bound to it).",
+        "keys bound to it). key_id: the records of that API key, the requests it was refused on (revoked, "
+        "expired, wrong) included. status: the HTTP status (429 for the rate-limited). model_sha256: a "
+        "model package's hash.",
         tag="Audit",
     ),
 )
@@ -131,6 +144,9 @@ async def read_audit(
     since: str | None = None,
     until: str | None = None,
     client_cert_sha256: str | None = None,
+    key_id: str | None = None,
+    status: int | None = None,
+    model_sha256: str | None = None,
 ) -> dict[str, Any]:
     context_of(request.scope).event = "audit_read"
     reader: AuditReader | None = request.app.state.get("audit_reader")
@@ -142,6 +158,10 @@ async def read_audit(
     if not 0 <= after_seq <= MAX_SEQ:
         raise InputError(f"after_seq: must be between 0 and {MAX_SEQ}, got {after_seq}", field="after_seq")
     since, until = _utc(since, "since"), _utc(until, "until")
+    if since is not None and until is not None and since >= until:
+        raise InputError(
+            f"until: {until} is not after since ({since}); the window is since <= time < until", field="until"
+        )
     if outcome is not None and outcome not in ("success", "failure"):
         raise InputError(f"outcome: must be success or failure, got {outcome!r}", field="outcome")
     if client_cert_sha256 is not None:
@@ -159,6 +179,9 @@ async def read_audit(
         since=since,
         until=until,
         client_cert_sha256=client_cert_sha256,
+        key_id=key_id,
+        status=status,
+        model_sha256=model_sha256,
     )
     rows = [msgspec.to_builtins(r) for r in records]
     asked = {
@@ -173,6 +196,9 @@ async def read_audit(
         "since": since,
         "until": until,
         "client_cert_sha256": client_cert_sha256,
+        "key_id": key_id,
+        "status": status,
+        "model_sha256": model_sha256,
     }
     # what was read, as `inferbox audit tail` records it: the filters given and the records answered
     details = context_of(request.scope).details

@@ -122,11 +122,16 @@ def query_records(
     request_id: str | None = None,
     job_id: str | None = None,
     client_cert_sha256: str | None = None,
+    key_id: str | None = None,
+    status: int | None = None,
+    model_sha256: str | None = None,
 ) -> list[AuditRecord]:
     """Records with ``seq > after_seq`` matching every given filter, oldest first (keyset paging).
 
     ``since`` / ``until`` compare ``recorded_at`` (UTC ISO 8601 strings): ``since <= t < until``.
     ``client_cert_sha256``: the ``details`` fact of that name (requests over mutual TLS).
+    ``key_id``: the records of that API key, those it was refused on too (a revoked, expired or wrong
+    key's request is the anonymous actor's, with the key in ``details.refused_key_id``).
     """
     where = ["seq > ?"]
     params: list[object] = [after_seq]
@@ -143,10 +148,16 @@ def query_records(
         ("outcome", outcome),
         ("request_id", request_id),
         ("job_id", job_id),
+        ("status", status),
+        ("model_sha256", model_sha256),
     ):
         if value is not None:
             where.append(f"{column} = ?")
             params.append(value)
+    if key_id is not None:
+        refused = "CASE WHEN json_valid(details) THEN json_extract(details, '$.refused_key_id') END"
+        where.append(f"(credential_id = ? OR {refused} = ?)")
+        params.extend((key_id, key_id))
     if client_cert_sha256 is not None:
         # CASE: a details column that is not JSON (tampering, which verify reports) must not fail the query
         where.append("CASE WHEN json_valid(details) THEN json_extract(details, '$.client_cert_sha256') END = ?")

@@ -19,15 +19,31 @@ def test_each_filter_is_passed_to_the_query(tmp_path: Path) -> None:
         "outcome": "failure",
         "request_id": "r1",
         "job_id": "j1",
+        "key_id": "0123456789ab",
+        "status": "429",
+        "model_sha256": "ab" * 32,
     }
     with TestClient(app) as c:
         assert c.get("/v1/audit", params=params).status_code == 200
     call = reader.calls[-1]
-    assert {k: call[k] for k in ("event", "actor", "model_name", "outcome", "request_id", "job_id")} == {
+    named = ("event", "actor", "model_name", "outcome", "request_id", "job_id", "key_id", "status", "model_sha256")
+    assert {k: call[k] for k in named} == {
         "event": "inference",
         "actor": "k1",
         "model_name": "minilm",
         "outcome": "failure",
         "request_id": "r1",
         "job_id": "j1",
+        "key_id": "0123456789ab",
+        "status": 429,
+        "model_sha256": "ab" * 32,
     }
+
+
+def test_a_window_whose_until_is_not_after_its_since_is_a_400(tmp_path: Path) -> None:
+    """It answered 200 with no records, read as "nothing happened then"; `audit export` refuses it."""
+    app, _ = audit_api_app(tmp_path)
+    with TestClient(app) as c:
+        bad = c.get("/v1/audit", params={"since": "2026-12-07T18:12:00Z", "until": "2026-12-07T18:00:00Z"})
+        assert bad.status_code == 400 and "until" in bad.text and "is not after since" in bad.text
+        assert c.get("/v1/audit", params={"since": "2026-12-07", "until": "2026-12-08"}).status_code == 200

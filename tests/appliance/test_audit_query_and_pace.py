@@ -26,6 +26,8 @@ from . import audit_tamper as T
         ("outcome", "failure"),
         ("request_id", "req-3"),
         ("job_id", "job-3"),
+        ("status", 429),
+        ("model_sha256", "cd" * 32),
     ],
 )
 def test_each_filter_alone_selects_only_its_records(tmp_path: Path, field: str, value: str) -> None:
@@ -34,6 +36,20 @@ def test_each_filter_alone_selects_only_its_records(tmp_path: Path, field: str, 
         for i in range(6):
             log.append(T.event(i, **({field: value} if i == 3 else {})))
         assert [r.seq for r in log.query(**{field: value}, limit=100)] == [4]
+    finally:
+        log.close()
+
+
+def test_key_id_selects_a_keys_requests_and_those_it_was_refused_on(tmp_path: Path) -> None:
+    """A revoked key's request is the anonymous actor's, the key only in details.refused_key_id: the
+    auditor's "every request of this key" missed it."""
+    log = AuditLog(tmp_path / "audit.db", signing_key=Ed25519PrivateKey.generate(), digest_keys_dir=tmp_path / "d")
+    try:
+        log.append(T.event(0, actor="k1", credential_id="k1"))
+        log.append(T.event(1, actor="k2", credential_id="k2"))
+        log.append(T.event(2, actor="anonymous", credential_id="", status=401, details={"refused_key_id": "k1"}))
+        log.append(T.event(3, actor="anonymous", credential_id="", status=401, details={"refused_key_id": "k2"}))
+        assert [r.seq for r in log.query(key_id="k1", limit=100)] == [1, 3]
     finally:
         log.close()
 
