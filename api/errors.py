@@ -19,6 +19,7 @@ from msgspec import Meta
 
 from api.auth import Authenticator, identify
 from api.envelope import CLIENT_GONE, RequestContext, context_of
+from api.protocols import Principal
 from runtime.errors import (
     AuthError,
     BodyTimeoutError,
@@ -163,6 +164,12 @@ def _no_route(request: Request[Any, Any, Any], ctx: RequestContext, exc: HTTPExc
     return f"no route {request.method} {request.url.path}; docs/api.md lists the routes"
 
 
+def _sees_every_model(principal: Principal | None) -> bool:
+    """Whether the caller may know every loaded model: no key needed (auth off), or a key with
+    ``infer`` on every model or the model administration scope."""
+    return principal is None or principal.allows("infer") or principal.allows("models:admin")
+
+
 def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     ctx = context_of(request.scope)
     status = status_of(exc)
@@ -170,6 +177,8 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     param: str | None = None
     if (isinstance(exc, InferboxError) and status < 500) or isinstance(exc, PackageError | SelectionError):
         message = str(exc)
+        if isinstance(exc, ModelNotFoundError) and not _sees_every_model(ctx.principal):
+            message = exc.narrow  # a key for some models learns nothing of the others, not even which are loaded
         param = getattr(exc, "field", None)  # InputError's field; "model" for a model of another kind
         if isinstance(exc, AuthError) and not isinstance(exc, ForbiddenError):
             headers["WWW-Authenticate"] = 'Bearer realm="inferbox"'

@@ -112,7 +112,15 @@ class SignatureError(PackageError):
 
 
 class ModelNotFoundError(InferboxError):
-    pass
+    """``loaded``: the names of the models that are loaded, where the message lists them; a server
+    answering a key narrowed to some models says :attr:`narrow` instead (the others are not its to know)."""
+
+    def __init__(self, message: str, *, loaded: list[str] | None = None) -> None:
+        self.narrow = message
+        self.loaded = loaded
+        super().__init__(message if loaded is None else message.replace("{loaded}", f"; loaded models: {loaded}"))
+        if loaded is not None:
+            self.narrow = message.replace("{loaded}", "")
 
 
 class ModelKindError(ModelNotFoundError):

@@ -375,8 +375,8 @@ class ModelRegistry:
             model = self._models.get(name)
         if model is None:
             raise ModelNotFoundError(
-                f"model {shown(name)} is not loaded; loaded models: {sorted(self._models)} "
-                "(load it with POST /v2/repository/models/{name}/load)"
+                f"model {shown(name)} is not loaded{{loaded}} (load it with POST /v2/repository/models/{{name}}/load)",
+                loaded=sorted(self._models),
             )
         if version is not None and model.version != version:
             raise ModelNotFoundError(f"model {shown(name)} version {version} is not loaded; version {model.version} is")
@@ -425,7 +425,7 @@ class ModelRegistry:
         with self._lock:
             model = self._models.pop(name, None)
         if model is None:
-            raise ModelNotFoundError(f"model {shown(name)} is not loaded; loaded models: {sorted(self._models)}")
+            raise ModelNotFoundError(f"model {shown(name)} is not loaded{{loaded}}", loaded=sorted(self._models))
         self._notify("unload", model)
         self.retire(model)
 

@@ -315,3 +315,19 @@ def test_a_request_during_which_the_wall_clock_steps_back_lasts_what_it_lasted(t
         if line.startswith("inferbox_request_duration_seconds_sum")
     ]
     assert sums and all(0 <= s < 60 for s in sums), sums
+
+
+def test_a_key_for_a_model_that_is_not_loaded_learns_nothing_of_the_loaded_ones(
+    client_factory: Any, store: KeyStore
+) -> None:
+    """The scope passes (the key may use "ghost"), then the 404 listed every loaded model."""
+    c = client_factory(keys=store)
+    _, only_ghost = store.create(["infer:ghost"])
+    _, every = store.create(["infer"])
+    for key in (only_ghost, every):
+        embed = c.post("/v1/embeddings", json={"input": "x", "model": "ghost"}, headers=_h(key))
+        meta = c.get("/v2/models/ghost", headers=_h(key))
+        assert embed.status_code == meta.status_code == 404
+        assert "model 'ghost' is not loaded" in embed.json()["error"]["message"]
+        listed = "loaded models: ['minilm'" in embed.text and "minilm" in meta.text
+        assert listed is (key == every), (key == every, embed.text, meta.text)
