@@ -19,14 +19,14 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     truncate: bool = True
     # limits
     max_body_bytes: int = 16 << 20
-    max_inputs: int = 256
+    max_inputs: int = 2048
     max_tensor_elements: int = 16 * 1024 * 1024
     max_json_depth: int = 32
     rate_limit_per_minute: int = 0
     # batching
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.002
-    queue_limit: int = 1024
+    queue_limit: int = 4096
     request_timeout_s: float = 30.0
     #: seconds a request's body may take to arrive in full (then 408)
     body_timeout_s: float = 60.0

@@ -24,7 +24,7 @@ from api.docs import KEY, documented
 from api.envelope import RequestContext, context_of
 from api.errors import OpenAIError
 from api.kserve import embedding_dim
-from api.schemas import ModelList
+from api.schemas import ModelCard, ModelList
 from api.server import INLINE_BODY_BYTES, Server, off_loop_if_large
 from runtime.errors import ForbiddenError, InputError, ModelKindError, shown
 from runtime.serving import LoadedModel
@@ -275,4 +275,19 @@ async def list_models(request: Req) -> Response[bytes]:
     return Response(msgspec.json.encode({"object": "list", "data": data}), media_type="application/json")
 
 
-routes: list[HTTPRouteHandler] = [embeddings, list_models]
+@get(
+    "/v1/models/{name:str}",
+    opt={"scope": "infer"},
+    security=KEY,
+    operation_class=documented(
+        ModelCard, OpenAIError, "One loaded model the key may use (OpenAI's retrieve).", (403, 404), tag=OPENAI
+    ),
+)
+async def retrieve_model(request: Req, name: str) -> Response[bytes]:
+    server: Server = request.app.state["server"]
+    loaded = model_named(request, server, name)  # 403 for a model the key may not use, loaded or not
+    card = {"id": loaded.name, "object": "model", "created": _created(loaded), "owned_by": "inferbox"}
+    return Response(msgspec.json.encode(card), media_type="application/json")
+
+
+routes: list[HTTPRouteHandler] = [embeddings, list_models, retrieve_model]

@@ -114,7 +114,7 @@ FIELDS: tuple[Field, ...] = (
     # batching
     Field("max_batch_size", int, 32, "batching", "largest batch the dynamic batcher forms", minimum=1),
     Field("max_queue_delay_ms", float, 2.0, "batching", "longest a request waits for a batch to fill", minimum=0),
-    Field("queue_limit", int, 1024, "batching", "queued requests per model before 429", minimum=1),
+    Field("queue_limit", int, 4096, "batching", "queued texts / rows per model before 429", minimum=1),
     Field("request_timeout_s", float, 30.0, "batching", "a request waiting longer gets 504", minimum=0.001),
     # limits
     Field("max_body_bytes", int, 16 << 20, "limits", "largest request body, also after decompression", minimum=1),
@@ -135,7 +135,7 @@ FIELDS: tuple[Field, ...] = (
         "its last answer) is closed, with 408 if the headers began",
         minimum=0.001,
     ),
-    Field("max_inputs", int, 256, "limits", "most inputs (texts / batch rows) per request", minimum=1),
+    Field("max_inputs", int, 2048, "limits", "most inputs (texts / batch rows) per request (OpenAI's)", minimum=1),
     Field("max_tensor_elements", int, 16 * 1024 * 1024, "limits", "most elements in one tensor", minimum=1),
     Field("max_json_depth", int, 32, "limits", "deepest JSON nesting accepted", minimum=1),
     Field("rate_limit_per_minute", int, 0, "limits", "requests per key per minute (0 = unlimited)", minimum=0),

@@ -321,7 +321,8 @@ class DynamicBatcher(Generic[Item, Result]):
         if full:
             self.stats.rejected += len(entries)
             raise OverloadError(
-                f"the queue of model {self.name!r} is full ({self.queue_limit} requests); retry later",
+                f"the queue of model {self.name!r} is full ({len(self._pending)} of queue_limit {self.queue_limit} "
+                f"texts / rows waiting; this request brings {len(entries)}); retry later",
                 retry_after=self._retry_after(),
             )
         self.stats.submitted += len(entries)

@@ -212,9 +212,9 @@ def test_a_client_that_batches_sends_that_many_texts_a_request(server: Served, t
     assert embedded and {r["details"]["inputs"] for r in embedded} == {"3"}
     assert {r["status"] for r in records} <= {200, 499}, records
     # more texts a request than the server takes: its own message, before any load
-    refused = bench("minilm", "--url", server.url, "--batch-size", "300", "--duration", "1", "--quick",
+    refused = bench("minilm", "--url", server.url, "--batch-size", "2100", "--duration", "1", "--quick",
                     env={"INFERBOX_API_KEY": server.key})  # fmt: skip
-    assert refused.exit_code != 0 and "over the limit of 256" in refused.output, refused.output
+    assert refused.exit_code != 0 and "over the limit of 2048" in refused.output, refused.output
 
 
 def _records_after(server: Served, seq: int) -> list[dict[str, Any]]:

@@ -96,6 +96,10 @@ def test_openai_client_lists_the_loaded_models(served: Served) -> None:
     models = _openai(served).models.list()
     assert [m.id for m in models.data] == ["minilm"]
     assert models.data[0].created > 1_500_000_000  # a Unix time, as the SDK's Model type says
+    assert _openai(served).models.retrieve("minilm") == models.data[0]
+    # up to 2,048 inputs a request, as OpenAI's API (LangChain sends up to 1,000 by default)
+    many = _openai(served).embeddings.create(model="minilm", input=[f"text {i}" for i in range(2048)])
+    assert len(many.data) == 2048 and [d.index for d in many.data] == list(range(2048))
 
 
 # --- tritonclient -------------------------------------------------------------------------------

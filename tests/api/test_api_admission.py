@@ -62,7 +62,7 @@ def test_a_queue_shorter_than_max_inputs_starts_and_refuses_only_a_request_it_ca
     """max_inputs over queue_limit is not refused at start (review 2: that broke tensor-only boxes
     and configs with a short queue on upgrade, though a tensor request is one queue entry); a text
     request of more texts than the queue holds gets a 400 naming input and queue_limit."""
-    Server(make_registry([]), ApiConfig(queue_limit=4), Metrics(), time.monotonic)  # max_inputs 256
+    Server(make_registry([]), ApiConfig(queue_limit=4), Metrics(), time.monotonic)  # max_inputs 2048
     load_settings({"queue_limit": 4}, environ={"HOME": str(tmp_path)})
     c = client_factory(queue_limit=4)
     r = c.post("/v1/embeddings", json={"input": ["a", "b", "c", "d", "e"], "model": "minilm"})

@@ -331,3 +331,17 @@ def test_a_key_for_a_model_that_is_not_loaded_learns_nothing_of_the_loaded_ones(
         assert "model 'ghost' is not loaded" in embed.json()["error"]["message"]
         listed = "loaded models: ['minilm'" in embed.text and "minilm" in meta.text
         assert listed is (key == every), (key == every, embed.text, meta.text)
+
+
+def test_openais_retrieve_model_answers_one_card_a_key_may_use(client_factory: Any, store: KeyStore) -> None:
+    """`client.models.retrieve(name)` got "no route GET /v1/models/minilm"."""
+    c = client_factory(keys=store)
+    _, every = store.create(["infer"])
+    _, only_tabular = store.create(["infer:tabular"])
+    card = c.get("/v1/models/minilm", headers=_h(every))
+    assert card.status_code == 200, card.text
+    assert card.json() == {"id": "minilm", "object": "model", "created": card.json()["created"], "owned_by": "inferbox"}
+    assert card.json() in c.get("/v1/models", headers=_h(every)).json()["data"]
+    assert c.get("/v1/models/minilm", headers=_h(only_tabular)).status_code == 403
+    missing = c.get("/v1/models/ghost", headers=_h(every))
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
