@@ -13,7 +13,7 @@ import pytest
 from api.codec import DATATYPES, encode_bytes_elements
 from runtime.serving import IndexEntry
 
-from .conftest import infer_json, make_registry, tensor_model, text_model
+from .conftest import MAX_LENGTH, infer_json, make_registry, tensor_model, text_model
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4) / 7
 IDS = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64)
@@ -440,3 +440,23 @@ def test_a_load_whose_client_hung_up_finishes_and_is_recorded_as_done(
     assert [m.name for m in registry.loaded()] == ["spare"]
     load = audit.events[-1]
     assert (load.event, load.status, load.outcome, load.model_version) == ("model_load", 200, "success", "2")
+
+
+def test_a_text_models_errors_name_this_requests_fields(client_factory: Any) -> None:
+    """The tokenizer's words are OpenAI's (input[1]); a KServe request has inputs[0].data[1]. A
+    tensor datatype sent to the text model named only "inputs"."""
+    c = client_factory(truncate=False)
+    long = " ".join(["word"] * (MAX_LENGTH * 2))
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["short", long]}]}
+    r = c.post("/v2/models/minilm/infer", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("inputs[0].data[1] has "), r.text
+    assert "input[1]" not in r.text
+    body = {"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    r = c.post("/v2/models/minilm/infer", json=body)
+    assert r.status_code == 400 and r.json()["error"].startswith("inputs[0].datatype: model 'minilm' takes BYTES"), (
+        r.text
+    )
+    # the OpenAI route keeps its own field
+    r = c.post("/v1/embeddings", json={"model": "minilm", "input": ["short", long]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[1]", r.text
