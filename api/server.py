@@ -358,7 +358,8 @@ class Server:
                 field="body",
             ) from None
         raw = b"".join(parts)
-        context_of(request.scope).raw_body = raw
+        ctx = context_of(request.scope)
+        ctx.raw_body = raw  # the audit record's input digest: the body as received, until it is inflated
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
             return raw
@@ -369,7 +370,11 @@ class Server:
             )
         # zlib inflates at most ~1000-fold: a body of up to 1 KiB is at most ~1 MB (a millisecond or two);
         # a bigger one, up to max_body_bytes of output (a 16 KB gzip of zeros is 16 MB), in a worker thread
-        return await off_loop_if_large(len(raw), INLINE_COMPRESSED_BYTES, inflate, raw, encoding, limit)
+        body = await off_loop_if_large(len(raw), INLINE_COMPRESSED_BYTES, inflate, raw, encoding, limit)
+        # the digest is of the body the application wrote: the same body gzipped twice differs (gzip's
+        # header holds a time), and the application's own copy is the uncompressed one
+        ctx.raw_body = body
+        return body
 
     # -- metrics ----------------------------------------------------------------------------------
     def _running(self) -> list[tuple[LoadedModel, str, DynamicBatcher[Any, Any]]]:

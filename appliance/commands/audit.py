@@ -23,7 +23,7 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import click
 import msgspec
@@ -521,6 +521,60 @@ def _refuse_a_log_that_does_not_verify(settings: Settings, keys: Sequence[Ed2551
             "see docs/audit.md (On a failed verify)"
         )
         sys.exit(1)
+
+
+@audit.command()
+@state_options
+@click.argument("candidate", type=click.File("rb"))
+@click.option("--seq", type=click.IntRange(min=1), default=None, help="Check CANDIDATE against this record's input.")
+@click.option("--key-id", default=None, help="Print CANDIDATE's digest under this digest key (e.g. 20261128T141000Z).")
+def digest(
+    home: Path | None, repository: Path | None, candidate: BinaryIO, seq: int | None, key_id: str | None
+) -> None:
+    """Whether CANDIDATE (a request body, byte for byte; - for stdin) is a record's input.
+
+    With --seq N: exit 0 when its digest under record N's digest key is the
+    record's input digest, 1 when not. With --key-id: print its digest under
+    that key. The digest keys stay on the box: an auditor brings the
+    candidate, the operator runs this. Recorded as audit_read.
+    """
+    from appliance.audit.digest import DigestKeyring
+    from appliance.audit.log import AuditLog
+
+    if (seq is None) == (key_id is None):
+        raise click.UsageError("give --seq N (check against record N) or --key-id ID (print the digest), one of them")
+    settings = build_settings(home=home, repository=repository)
+    _existing(settings)
+    started = _now()
+    data = candidate.read()
+    keyring = DigestKeyring(settings.keys_dir / "digest")
+    if key_id is not None:
+        shown = keyring.digest_with(key_id, data).hexdigest
+        record_cli_event(settings, "audit_read", "inferbox audit digest", started, {"key_id": key_id})
+        click.echo(shown)
+        return
+    assert seq is not None
+    with AuditLog.open(settings) as log:
+        found = log.query(after_seq=seq - 1, limit=1)
+    record = found[0] if found and found[0].seq == seq else None
+    facts = {"seq": str(seq), "records": "1" if record is not None else "0"}
+    if record is None or not record.input_digest:
+        record_cli_event(settings, "audit_read", "inferbox audit digest", started, facts)
+        what = "is not in the log (pruned, or not written yet)" if record is None else "has no input digest"
+        raise click.ClickException(f"record {seq} {what}")
+    same = keyring.digest_with(record.digest_key_id, data).hexdigest == record.input_digest
+    facts["matches"] = str(same).lower()
+    record_cli_event(settings, "audit_read", "inferbox audit digest", started, facts)
+    if same:
+        click.echo(
+            f"match: {candidate.name} is the input of record {seq} ({printable(record.action)}, {record.recorded_at})"
+        )
+        return
+    click.echo(
+        f"no match: {candidate.name} is not the input of record {seq} (the body byte for byte, as the application "
+        "sent it before any gzip, is what was digested)"
+    )
+    sys.exit(1)
 
 
 @audit.command()

@@ -345,3 +345,23 @@ def test_openais_retrieve_model_answers_one_card_a_key_may_use(client_factory: A
     assert c.get("/v1/models/minilm", headers=_h(only_tabular)).status_code == 403
     missing = c.get("/v1/models/ghost", headers=_h(every))
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_input_digest_is_of_the_body_the_application_wrote(client_factory: Any, audit: MemoryAudit) -> None:
+    """A gzipped body's digest was of the gzip bytes, whose header holds a time: the same body sent
+    twice had two digests, and neither matched the application's own (uncompressed) copy."""
+    import gzip
+
+    c = client_factory()
+    body = b'{"model": "minilm", "input": "Jane Roe"}'
+    digests = []
+    for mtime in (1, 2):
+        r = c.post("/v1/embeddings", content=gzip.compress(body, mtime=mtime), headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 200, r.text
+        digests.append(audit.events[-1].input_digest)
+    assert c.post("/v1/embeddings", content=body).status_code == 200
+    digests.append(audit.events[-1].input_digest)
+    assert digests == [audit.digest(body).hexdigest] * 3
+    # a body that does not inflate: the digest is of what arrived
+    r = c.post("/v1/embeddings", content=b"junk", headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and audit.events[-1].input_digest == audit.digest(b"junk").hexdigest

@@ -233,3 +233,34 @@ def test_verify_on_a_box_that_keeps_no_log_is_not_an_alert(tmp_path: Path, monke
     monkeypatch.delenv("INFERBOX_AUDIT")
     code, out = _run("verify", "--home", str(home))
     assert code == 2 and "nothing to verify" not in out, out  # audit on and no log: the log is missing
+
+
+def test_digest_tells_whether_a_candidate_body_is_a_records_input(home: Path, tmp_path: Path) -> None:
+    """The docs promised an auditor could check a candidate input; the keys stay on the box and no
+    command did it.  The operator runs this with the auditor's candidate; the check is recorded."""
+    from appliance.audit.log import AuditLog
+
+    body = b'{"model": "minilm", "input": "John Smith IBAN DE89"}'
+    from runtime.signing import load_private_key
+
+    key = load_private_key(home / "keys" / "signing.key")
+    log = AuditLog(home / "audit.db", signing_key=key, digest_keys_dir=home / "keys" / "digest")
+    digest = log.keyring.digest(body)
+    seq = log.append(T.event(99, input_digest=digest.hexdigest, digest_key_id=digest.key_id))
+    log.close()
+    same, other = tmp_path / "same.json", tmp_path / "other.json"
+    same.write_bytes(body)
+    other.write_bytes(body.replace(b": ", b":"))  # the same text, another spelling: another body
+    code, out = _run("digest", "--home", str(home), "--seq", str(seq), str(same))
+    assert code == 0 and out.startswith(f"match: {same} is the input of record {seq}"), out
+    code, out = _run("digest", "--home", str(home), "--seq", str(seq), str(other))
+    assert code == 1 and out.startswith("no match"), out
+    code, out = _run("digest", "--home", str(home), "--key-id", digest.key_id, str(same))
+    assert code == 0 and out.strip() == digest.hexdigest
+    code, out = _run("digest", "--home", str(home), "--seq", "1", str(same))
+    assert code == 1 and "record 1 has no input digest" in out, out
+    code, out = _run("digest", "--home", str(home), str(same))
+    assert code == 2 and "--seq" in out and "--key-id" in out
+    assert _run("verify", "--home", str(home))[0] == 0
+    reads = [r for r in T.records(home / "audit.db") if r.action == "inferbox audit digest"]
+    assert [r.details.get("matches") for r in reads] == ["true", "false", None, None]
