@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "key_id",
     "load_private_key",
     "load_public_key",
+    "load_public_keys",
     "private_key_pem",
     "public_key_path",
     "public_key_pem",
@@ -189,6 +191,30 @@ def load_public_key(path_or_pem: Path | str | bytes) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"{where} is a {type(key).__name__}, not Ed25519")
     return key
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----", re.DOTALL)
+
+
+def load_public_keys(path: Path) -> list[Ed25519PublicKey]:
+    """Every public key in the PEM file ``path``: one, or a bundle of several (``inferbox audit
+    public-key --all``: the signing key and the retired ones, each block after a comment line)."""
+    try:
+        data = Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return [load_public_key(path)]  # its own message
+    except OSError as exc:
+        raise ConfigError(f"public key {path}: cannot read it: {exc.strerror}") from exc
+    blocks = _PEM_BLOCK.findall(data)
+    if len(blocks) <= 1:
+        return [load_public_key(path)]
+    keys = []
+    for n, block in enumerate(blocks, start=1):
+        try:
+            keys.append(load_public_key(block))
+        except ConfigError as exc:
+            raise ConfigError(f"public key {path}, key {n} of {len(blocks)}: {exc}") from None
+    return keys
 
 
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:

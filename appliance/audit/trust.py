@@ -29,13 +29,13 @@ def trusted_keys(signing_key: Path, keys_dir: Path, paths: Sequence[Path] = ()) 
     from runtime import signing
 
     if paths:
-        return [signing.load_public_key(p) for p in paths]
+        return [key for p in paths for key in signing.load_public_keys(p)]  # a file may hold several
     if not signing_key.exists() and not signing_key.is_symlink():
         # off the box (an auditor's machine): a new key would verify nothing; the log's public key is needed
         raise ConfigError(
             f"no signing key here ({signing_key}) to take the public key from: pass the log's public key "
             "with --public-key FILE (on the appliance: `inferbox audit public-key > signing.key.pub`; after a "
-            "rotation, one --public-key per key)"
+            "rotation, `inferbox audit public-key --all` prints every key in one file)"
         )
     keys = [signing.load_private_key(signing_key).public_key()]
     retired = keys_dir / "retired"

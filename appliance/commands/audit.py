@@ -666,9 +666,25 @@ def report(home: Path | None, repository: Path | None, as_json: bool) -> None:
 
 @audit.command("public-key")
 @state_options
-def public_key(home: Path | None, repository: Path | None) -> None:
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Also the retired keys (<home>/keys/retired/): one file that verifies a log signed before and after "
+    "a rotation (--public-key takes it whole).",
+)
+def public_key(home: Path | None, repository: Path | None, every: bool) -> None:
     """Print the public key (PEM) that verifies checkpoints: give it to auditors."""
-    from runtime.signing import load_private_key, public_key_pem
+    from runtime.signing import key_id, load_private_key, load_public_key, public_key_pem
 
     settings = build_settings(home=home, repository=repository, root_ok=True)  # only reads the key
-    click.echo(public_key_pem(load_private_key(settings.signing_key)), nl=False)
+    current = load_private_key(settings.signing_key).public_key()
+    if not every:
+        click.echo(public_key_pem(current), nl=False)
+        return
+    click.echo(f"# key id {key_id(current)}: the signing key ({settings.signing_key})")
+    click.echo(public_key_pem(current), nl=False)
+    for path in sorted((settings.keys_dir / "retired").glob("*.pub")):
+        retired = load_public_key(path)
+        click.echo(f"# key id {key_id(retired)}: retired ({path.name})")
+        click.echo(public_key_pem(retired), nl=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,7 @@ def signing_key() -> None:
 def create(home: Path | None, repository: Path | None, out: Path | None, force: bool) -> None:
     """Write a new private key (mode 0600) and <key>.pub; print the public key."""
     settings = build_settings(home=home, repository=repository)
+    started = datetime.now(UTC)
     # absolute: the advice below is set in a file other processes read (under systemd their cwd is /)
     path = (out if out is not None else settings.signing_key).absolute()
     refuse_root_in_foreign_state(settings, extra=(path,))  # a key root writes there, the owner cannot read
@@ -71,6 +73,17 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
     write_private_key(key, path, overwrite=force)
     pem = public_key_pem(key)
     pub = write_public_key(key, path)
+    if retired is not None and settings.audit and settings.audit_db.exists():
+        # the key that vouches for the log changed: the log says so, in a record signed with the new key
+        from appliance.commands.audit import record_cli_event
+
+        record_cli_event(
+            settings,
+            "signing_key_rotate",
+            "inferbox signing-key create --force",
+            started,
+            {"key_id": key_id(key), "retired_key_id": retired[0], "retired_public_key": retired[1].name},
+        )
     if retired is not None:
         click.echo(
             f"retired key: {retired[1]} (key id {retired[0]}): audit verify, prune, ship and backups keep "

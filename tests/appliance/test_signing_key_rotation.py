@@ -121,3 +121,28 @@ def test_a_foreign_file_under_the_retired_name_is_not_overwritten(tmp_path: Path
     assert refused.exit_code != 0 and "move it aside" in refused.output
     assert (home / "keys" / "signing.key").read_bytes() == before  # the old key stays until it is retired
     assert verify_db(home / "audit.db", [load_private_key(home / "keys" / "signing.key").public_key()]).ok
+
+
+def test_a_rotation_is_recorded_and_one_bundle_of_public_keys_verifies_an_export_off_the_box(tmp_path: Path) -> None:
+    """The key that vouches for the log changed without a record of it; after it, `audit public-key`
+    printed the new key only, which does not verify the checkpoints signed before."""
+    home, old_id = _box(tmp_path)
+    assert run_cli(home, "signing-key", "create", "--force").exit_code == 0
+    new_id = key_id(load_private_key(home / "keys" / "signing.key"))
+    tail = run_cli(home, "audit", "tail", "-n", "5", "--json")
+    rotations = [r for r in map(json.loads, tail.stdout.splitlines()) if r["event"] == "signing_key_rotate"]
+    assert len(rotations) == 1 and rotations[0]["details"]["key_id"] == new_id
+    assert rotations[0]["details"]["retired_key_id"] == old_id
+    export = tmp_path / "export.jsonl"
+    assert run_cli(home, "audit", "export", "--out", str(export)).exit_code == 0
+    bundle = run_cli(home, "audit", "public-key", "--all")
+    assert bundle.exit_code == 0 and f"# key id {new_id}: the signing key" in bundle.stdout
+    assert f"# key id {old_id}: retired ({old_id}.pub)" in bundle.stdout
+    keys = tmp_path / "keys.pem"
+    keys.write_text(bundle.stdout)
+    auditor = tmp_path / "auditor"
+    only_new = tmp_path / "new.pem"
+    only_new.write_text(run_cli(home, "audit", "public-key").stdout)
+    assert run_cli(auditor, "audit", "verify", "--export", str(export), "--public-key", str(only_new)).exit_code == 1
+    verified = run_cli(auditor, "audit", "verify", "--export", str(export), "--public-key", str(keys))
+    assert verified.exit_code == 0 and verified.stdout.startswith("OK"), verified.output
