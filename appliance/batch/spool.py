@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -154,11 +154,19 @@ def check_encoding(source: Path) -> None:
         )
 
 
-def _copy_durably(src: Path, dst: Path) -> None:
-    """Copy ``src`` whole, or refuse a file that changed while it was copied (still being written)."""
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+def _copy_durably(src: Path, dst: Path, hasher: Hasher | None = None) -> None:
+    """Copy ``src`` whole, or refuse a file that changed while it was copied (still being written);
+    ``hasher`` sees every byte copied."""
     with src.open("rb") as fin, dst.open("wb") as fout:
         before = os.fstat(fin.fileno())
-        shutil.copyfileobj(fin, fout, 1 << 20)
+        while chunk := fin.read(1 << 20):
+            fout.write(chunk)
+            if hasher is not None:
+                hasher.update(chunk)
         fout.flush()
         os.fsync(fout.fileno())
         after = os.stat(src)
@@ -228,8 +236,11 @@ def submit(
     pair_field: str = "",
     text_model: bool | None = None,
     now: Callable[[], float] = time.time,
+    hasher: Hasher | None = None,
 ) -> str:
     """Place ``source`` in the spool atomically; return the job id.
+
+    ``hasher`` (an HMAC, say) is fed the bytes of the spooled copy as they are written.
 
     ``pair_field``: score (``text_field``, ``pair_field``) pairs with a text classifier.
     ``text_model``: whether the model reads text (None: not known), so that a Parquet file is held
@@ -300,7 +311,7 @@ def submit(
     staging = spool / "tmp" / job_id
     staging.mkdir()
     try:
-        _copy_durably(source, staging / f"input.{format_}")
+        _copy_durably(source, staging / f"input.{format_}", hasher)
         # what was copied is judged, the file the operator named is named
         _warn_if_cut(staging / f"input.{format_}", format_, source)
         _warn_if_empty(staging / f"input.{format_}", format_, source)

@@ -205,7 +205,9 @@ class BatchWorker:
         self.host = socket.gethostname()
         self.worker_id = worker_id or f"{self.host}:{os.getpid()}"
         self.actor = actor
-        self.origin = f"inferbox-batch.service@{self.host}"
+        # the unit's name only when the unit runs it (a run from a shell said inferbox-batch.service too)
+        unit = actor == "inferbox-batch.service"
+        self.origin = f"inferbox-batch.service@{self.host}" if unit else f"{self.host} pid {os.getpid()}"
         self.progress = progress or (lambda _event: None)
         self.clock = clock
         self.sleep = sleep

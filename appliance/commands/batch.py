@@ -113,22 +113,50 @@ def submit(
     text_field: str,
     pair_field: str,
 ) -> None:
-    """Place FILE in the spool atomically and print the job id."""
+    """Place FILE in the spool atomically and print the job id (recorded as batch_submit)."""
+    import hashlib
+    import hmac
+
+    import msgspec
+
+    from appliance.audit.log import AuditLog
     from appliance.batch.spool import submit as submit_file
+    from appliance.commands.audit import cli_event
 
     settings = _settings(home, repository)
+    started = datetime.now(UTC)
     text_model, missing = _model_hint(settings, model, model_version)
-    job_id = submit_file(
-        settings.spool,
-        file,
-        model=model,
-        version=model_version,
-        fmt=fmt,
-        text_field=text_field,
-        pair_field=pair_field,
-        text_model=text_model,
-    )
-    click.echo(job_id)
+    with contextlib.ExitStack() as stack:
+        if settings.audit:
+            from appliance.server import ensure_signing_key
+
+            ensure_signing_key(settings)  # as batch run does: the box's first record may be this one
+        log = stack.enter_context(AuditLog.open(settings)) if settings.audit else None
+        # the job's input as it was spooled, keyed as every input digest is (`inferbox audit digest`)
+        key_id, key = log.keyring.current() if log is not None else ("", b"")
+        mac = hmac.new(key, digestmod=hashlib.sha256)
+        job_id = submit_file(
+            settings.spool,
+            file,
+            model=model,
+            version=model_version,
+            fmt=fmt,
+            text_field=text_field,
+            pair_field=pair_field,
+            text_model=text_model,
+            hasher=mac,
+        )
+        click.echo(job_id)  # first: a record that fails to commit leaves a spooled job that says its id
+        if log is not None:
+            details = {"input_file": file.name}
+            if model_version is not None:
+                details["model_version"] = str(model_version)
+            event = cli_event("batch_submit", "inferbox batch submit", started, details)
+            log.append(
+                msgspec.structs.replace(
+                    event, job_id=job_id, model_name=model, input_digest=mac.hexdigest(), digest_key_id=key_id
+                )
+            )
     if missing:  # after the job id: a script reading stdout gets it either way
         click.echo(f"warning: {missing}", err=True)
 
@@ -178,8 +206,11 @@ def _settings(home: Path | None, repository: Path | None) -> Settings:
 
 
 def _actor(environ: dict[str, str]) -> str:
-    """The systemd unit when run by systemd (``$INVOCATION_ID`` is set), else ``cli``."""
-    return "inferbox-batch.service" if environ.get("INVOCATION_ID") else "cli"
+    """The systemd unit when run by systemd (``$INVOCATION_ID`` is set), else ``cli:<user>`` (as every
+    other command's records name who ran it)."""
+    from appliance.commands.keys import cli_user
+
+    return "inferbox-batch.service" if environ.get("INVOCATION_ID") else f"cli:{cli_user()}"
 
 
 @batch.command()

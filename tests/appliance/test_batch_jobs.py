@@ -299,7 +299,15 @@ def test_cli_submit_run_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     with AuditLog.open(load_settings({"home": home}, environ={})) as log:
         events = [(e.event, e.job_id, e.actor) for e in log.tail(10) if e.job_id]
-    assert events == [("batch_start", job_id, "cli"), ("batch_end", job_id, "cli")]
+        submitted = next(e for e in log.tail(10) if e.event == "batch_submit")
+    # who put which file in the spool for which model: the input's HMAC, as `audit digest` checks it
+    assert (submitted.model_name, submitted.details["input_file"]) == ("fake-embed", "in.csv")
+    checked = runner.invoke(main, ["audit", "digest", "--seq", str(submitted.seq), str(src), "--home", str(home)])
+    assert checked.exit_code == 0 and checked.output.startswith("match"), checked.output
+    from appliance.commands.keys import cli_user
+
+    who = f"cli:{cli_user()}"  # who ran it, as every other command's records say (it said "cli")
+    assert events == [("batch_submit", job_id, who), ("batch_start", job_id, who), ("batch_end", job_id, who)]
 
 
 def test_watch_works_jobs_until_stopped(tmp_path: Path) -> None:
@@ -433,24 +441,24 @@ def test_submit_refuses_a_file_written_while_it_is_copied_and_warns_of_a_cut_las
     """A file still being written was taken as it stood (129 of 400 records, the last one cut) and
     its job said done, without a word."""
     import logging
-    import shutil
-
-    from appliance.batch import spool as spool_module
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": 1, "text": "a"}\n')
-    copy = shutil.copyfileobj
 
-    def writer_goes_on(fin: Any, fout: Any, length: int = 0) -> None:
-        copy(fin, fout, length)
-        with src.open("a") as more:
-            more.write('{"id": 2, "text": "b"}\n')
+    class WriterGoesOn:
+        """Sees each chunk copied (as the audit's HMAC does); the writer appends once meanwhile."""
 
-    monkeypatch.setattr(spool_module.shutil, "copyfileobj", writer_goes_on)
+        wrote = False
+
+        def update(self, data: bytes) -> None:
+            if not self.wrote:
+                self.wrote = True
+                with src.open("a") as more:
+                    more.write('{"id": 2, "text": "b"}\n')
+
     with pytest.raises(BatchError, match="changed while it was copied into the spool"):
-        submit(tmp_path / "spool", src, model="fake-embed")
+        submit(tmp_path / "spool", src, model="fake-embed", hasher=WriterGoesOn())
     assert pending(tmp_path / "spool") == [] and list((tmp_path / "spool/tmp").iterdir()) == []
-    monkeypatch.undo()
     src.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": "gr')
     with caplog.at_level(logging.WARNING, logger="appliance.batch.spool"):
         assert submit(tmp_path / "spool", src, model="fake-embed")

@@ -496,7 +496,7 @@ def test_a_full_disk_at_submit_is_one_line_naming_the_fix(tmp_path: Path, monkey
     home = _clean_home(tmp_path, monkeypatch)
     src = _jsonl(tmp_path / "in.jsonl", GOOD)
 
-    def full(_src: Path, _dst: Path) -> None:
+    def full(_src: Path, _dst: Path, _hasher: object = None) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(spool, "_copy_durably", full)
