@@ -39,7 +39,7 @@ class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
     ``event``: inference | metadata | admin | auth_failure | key_create |
     key_revoke | model_load | model_unload | config | service_start |
     service_stop | tls_reload | audit_read | audit_export | audit_prune |
-    batch_submit | batch_start | batch_end | backup_create | backup_restore | model_export |
+    batch_submit | batch_start | batch_end | batch_purge | backup_create | backup_restore | model_export |
     model_import | model_remove | model_pack | signing_key_rotate.  ``details`` holds
     small facts (counts, a Merkle root), never data.
     """

@@ -58,7 +58,7 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
             "processed": "whatever the customer's applications submit (texts, tensors): an API request's held in "
             f"memory for the duration of the request only; a batch job's input file kept in {settings.spool}/cur/"
             f"<job>/ and its results and rejects (a rejected record's raw text) in {settings.outbox}/<job>/ until "
-            "an operator removes them (no automatic deletion)",
+            "an operator removes them (`inferbox batch purge`; nothing deletes them by itself)",
             "stored_in_audit_log": [
                 "who: API key id / credential id / service unit (never key secrets)",
                 "what: event, action, model name, version and package sha256, backend and variant, job id",

@@ -379,6 +379,72 @@ def retry(home: Path | None, repository: Path | None, job_id: str) -> None:
 
 @batch.command()
 @state_options
+@click.argument("job_ids", nargs=-1)
+@click.option(
+    "--older-than",
+    "older_than",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Days: every finished job that ended longer ago than this.",
+)
+def purge(home: Path | None, repository: Path | None, job_ids: tuple[str, ...], older_than: float | None) -> None:
+    """Delete finished jobs' data: the spooled input copy and the outputs (results, rejects).
+
+    A job's records stay on the box until this is run: its input file and its
+    rejects hold the raw texts. Only done and failed jobs are purged (a failed
+    one can then not be retried); the job's row (counts, Merkle root) stays.
+    Each purge is recorded as batch_purge before its files go.
+    """
+    import shutil
+
+    import msgspec
+
+    from appliance.batch.jobs import JobStore
+    from appliance.commands.audit import cli_event
+
+    if not job_ids and older_than is None:
+        raise click.UsageError("name the jobs to purge (JOB_ID ...), or --older-than DAYS for every finished one")
+    settings = _settings(home, repository)
+    store = JobStore(settings.state_db)
+    try:
+        jobs = [store.require_job(j) for j in job_ids] if job_ids else store.jobs()
+    finally:
+        store.close()
+    cutoff = None if older_than is None else datetime.now(UTC).timestamp() - older_than * 86400
+    targets = []
+    for job in jobs:
+        if job.state not in ("done", "failed"):
+            if job_ids:
+                raise click.ClickException(f"job {job.job_id} is {job.state}: only a done or failed job is purged")
+            continue
+        if cutoff is not None and (job.ended_at is None or datetime.fromisoformat(job.ended_at).timestamp() > cutoff):
+            continue
+        folders = [p for p in (Path(job.input_path).parent, Path(job.out_dir)) if p.is_dir()]
+        if folders:
+            targets.append((job, folders))
+    if not targets:
+        click.echo("nothing to purge")
+        return
+    with contextlib.ExitStack() as stack:
+        log = None
+        if settings.audit:
+            from appliance.audit.log import AuditLog
+
+            log = stack.enter_context(AuditLog.open(settings))
+        for job, folders in targets:
+            size = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
+            if log is not None:  # before the files go: a purge is never done without its record
+                started = datetime.now(UTC)
+                details = {"state": job.state, "bytes": str(size), "removed": ",".join(str(f) for f in folders)}
+                event = cli_event("batch_purge", "inferbox batch purge", started, details)
+                log.append(msgspec.structs.replace(event, job_id=job.job_id, model_name=job.model))
+            for folder in folders:
+                shutil.rmtree(folder)
+            click.echo(f"purged job {job.job_id} ({job.state}): {size} bytes in {', '.join(map(str, folders))}")
+
+
+@batch.command()
+@state_options
 @click.argument("job_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(home: Path | None, repository: Path | None, job_id: str | None, as_json: bool) -> None:

@@ -573,3 +573,43 @@ def test_the_batch_worker_loads_streams_ranked_for_batches() -> None:
     batch = preference_for(LoaderOptions(streams=0, workload="batch"))
     assert batch.objective == "throughput" and not batch.streams  # ranked by the b32 timings
     assert streams_of(fake.FakeModel()) == 1
+
+
+def test_purge_deletes_a_finished_jobs_input_and_outputs_and_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's input copy and its rejects (raw texts) stayed on the box for ever; the report said
+    inputs were held in memory only."""
+    for key in list(os.environ):
+        if key.startswith("INFERBOX_"):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    home.mkdir()
+    runner = CliRunner()
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "text": "Jane Roe"}\n{"id": 2, "text": 5}\n')
+    base = ["--home", str(home)]
+    done = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", *base]).stdout.strip()
+    loader = ["--loader", "appliance.batch.fake:settings_loader"]
+    assert runner.invoke(main, ["batch", "run", "--once", *base, *loader]).exit_code == 0
+    queued = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", *base]).stdout.strip()
+    assert b"Jane Roe" in (home / "spool" / "cur" / done / "input.jsonl").read_bytes()
+    assert (home / "outbox" / done / "rejects.jsonl").is_file()
+    r = runner.invoke(main, ["batch", "purge", *base])
+    assert r.exit_code == 2 and "--older-than" in r.output
+    r = runner.invoke(main, ["batch", "purge", "--older-than", "1", *base])
+    assert r.exit_code == 0 and r.output.strip() == "nothing to purge", r.output  # it ended just now
+    r = runner.invoke(main, ["batch", "purge", "--older-than", "0", *base])
+    assert r.exit_code == 0 and r.output.startswith(f"purged job {done} (done): "), r.output
+    assert not (home / "spool" / "cur" / done).exists() and not (home / "outbox" / done).exists()
+    assert (home / "spool" / "new" / queued).is_dir()  # not accepted yet: not a finished job
+    status = json.loads(runner.invoke(main, ["batch", "status", done, "--json", *base]).output)
+    assert status["jobs"][0]["state"] == "done" and status["jobs"][0]["ok"] == 1  # the job's row stays
+    from appliance.audit.log import AuditLog
+    from appliance.settings import load_settings
+
+    with AuditLog.open(load_settings({"home": home}, environ={})) as log:
+        purges = [e for e in log.tail(20) if e.event == "batch_purge"]
+    assert [(e.job_id, e.details["state"]) for e in purges] == [(done, "done")]
+    r = runner.invoke(main, ["batch", "purge", done, *base])
+    assert r.exit_code == 0 and r.output.strip() == "nothing to purge"
