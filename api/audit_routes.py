@@ -126,8 +126,8 @@ def _known_parameters(request: Request[Any, Any, Any]) -> None:
         "runs without the audit log. since/until: an ISO 8601 date or time (without an offset: UTC). "
         "client_cert_sha256: the records naming that client certificate (requests over mutual TLS with it, "
         "keys bound to it). key_id: the records of that API key, the requests it was refused on (revoked, "
-        "expired, wrong) included. status: the HTTP status (429 for the rate-limited). model_sha256: a "
-        "model package's hash.",
+        "expired, another client certificate) included. status: the HTTP status (429 for the rate-limited; "
+        "0 for a command's records). model_sha256: a model package's hash (64 hex digits).",
         tag="Audit",
     ),
 )
@@ -166,6 +166,12 @@ async def read_audit(
         raise InputError(f"outcome: must be success or failure, got {outcome!r}", field="outcome")
     if client_cert_sha256 is not None:
         client_cert_sha256 = _fingerprint(client_cert_sha256)
+    if status is not None and not 0 <= status <= 999:
+        raise InputError(
+            f"status: must be between 0 and 999 (an HTTP status, or 0/1 for a command), got {status}", field="status"
+        )
+    if model_sha256 is not None:
+        model_sha256 = model_sha256.strip().lower()  # stored in lower case; an upper-case copy matched nothing
     records = await asyncio.to_thread(
         reader.query,
         after_seq=after_seq,
@@ -202,7 +208,10 @@ async def read_audit(
     }
     # what was read, as `inferbox audit tail` records it: the filters given and the records answered
     details = context_of(request.scope).details
-    details.update({k: str(v)[:MAX_FILTER_CHARS] for k, v in asked.items() if v is not None and v != 0})
+    # every filter given (status=0 too), and after_seq when it is not the start
+    details.update(
+        {k: str(v)[:MAX_FILTER_CHARS] for k, v in asked.items() if v is not None and not (k == "after_seq" and v == 0)}
+    )
     details["records"] = str(len(rows))
     cursor = rows[-1]["seq"] if len(rows) == limit else None
     return {"records": rows, "next_after_seq": cursor}

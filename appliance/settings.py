@@ -24,7 +24,17 @@ from typing import Any
 from runtime.backends.static_shapes import DEFAULT_STATIC_SHAPES
 from runtime.errors import ConfigError
 
-__all__ = ["FIELDS", "METRICS_DIR_ENV", "Field", "Settings", "default_home", "load_settings", "retention_problem"]
+__all__ = [
+    "FIELDS",
+    "METRICS_DIR_ENV",
+    "Field",
+    "Settings",
+    "default_home",
+    "load_settings",
+    "queue_problem",
+    "retention_problem",
+    "setting_warnings",
+]
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,14 @@ FIELDS: tuple[Field, ...] = (
     # batching
     Field("max_batch_size", int, 32, "batching", "largest batch the dynamic batcher forms", minimum=1),
     Field("max_queue_delay_ms", float, 2.0, "batching", "longest a request waits for a batch to fill", minimum=0),
-    Field("queue_limit", int, 4096, "batching", "queued texts / rows per model before 429", minimum=1),
+    Field(
+        "queue_limit",
+        int,
+        4096,
+        "batching",
+        "queued texts (text models) or requests (tensor models) per model before 429",
+        minimum=1,
+    ),
     Field("request_timeout_s", float, 30.0, "batching", "a request waiting longer gets 504", minimum=0.001),
     # limits
     Field("max_body_bytes", int, 16 << 20, "limits", "largest request body, also after decompression", minimum=1),
@@ -404,6 +421,25 @@ def retention_problem(settings: Settings) -> str | None:
         f"({settings.sources.get('min_retention_days')}) = {floor}, the floor audit prune keeps without --force; "
         f"raise retention_days to at least {floor} or lower min_retention_days to at most {kept}"
     )
+
+
+def queue_problem(settings: Settings) -> str | None:
+    """What is wrong when ``max_inputs`` is above ``queue_limit``: a text request of more texts than
+    the queue holds gets a 400 however empty the queue is.  A warning (an older configuration that
+    kept queue_limit 1024 meets the 2,048 inputs OpenAI's clients send), not a refusal."""
+    if settings.max_inputs <= settings.queue_limit:
+        return None
+    return (
+        f"max_inputs ({settings.sources.get('max_inputs')}) = {settings.max_inputs} is above queue_limit "
+        f"({settings.sources.get('queue_limit')}) = {settings.queue_limit}: a text request of more than "
+        f"{settings.queue_limit} texts gets a 400; raise queue_limit to at least {settings.max_inputs} (or lower "
+        "max_inputs)"
+    )
+
+
+def setting_warnings(settings: Settings) -> list[str]:
+    """Every combination of settings that starts but is worth a warning (serve's log, doctor)."""
+    return [p for p in (retention_problem(settings), queue_problem(settings)) if p is not None]
 
 
 def _shown(value: float) -> str:

@@ -322,7 +322,7 @@ class DynamicBatcher(Generic[Item, Result]):
             self.stats.rejected += len(entries)
             raise OverloadError(
                 f"the queue of model {self.name!r} is full ({len(self._pending)} of queue_limit {self.queue_limit} "
-                f"texts / rows waiting; this request brings {len(entries)}); retry later",
+                f"waiting; this request brings {len(entries)}); retry later",
                 retry_after=self._retry_after(),
             )
         self.stats.submitted += len(entries)

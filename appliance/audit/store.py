@@ -130,8 +130,9 @@ def query_records(
 
     ``since`` / ``until`` compare ``recorded_at`` (UTC ISO 8601 strings): ``since <= t < until``.
     ``client_cert_sha256``: the ``details`` fact of that name (requests over mutual TLS).
-    ``key_id``: the records of that API key, those it was refused on too (a revoked, expired or wrong
-    key's request is the anonymous actor's, with the key in ``details.refused_key_id``).
+    ``key_id``: the records of that API key, those it was refused on too (a revoked or expired key's
+    request, or one from another client certificate, is the anonymous actor's, with the key in
+    ``details.refused_key_id``; a wrong secret names no key).
     """
     where = ["seq > ?"]
     params: list[object] = [after_seq]

@@ -552,6 +552,18 @@ class JobStore:
             for r in rows
         }
 
+    def held(self, job_id: str) -> int:
+        """How many of the job's chunks (and its claim) a worker holds now, whatever the job's state (a
+        failed job's other chunks run to their end)."""
+        now = self.clock()
+        rows = self._rows(
+            "SELECT (SELECT COUNT(*) FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state = 'leased' "
+            "AND c.lease_until >= ?) + (j.claim_worker IS NOT NULL AND j.claim_until >= ?) AS held "
+            "FROM batch_jobs j WHERE j.job_id = ?",
+            (now, now, job_id),
+        )
+        return int(rows[0]["held"]) if rows else 0
+
     def leased_workers(self) -> list[str]:
         """Workers holding a lease (of a chunk, or a claim of a job) now."""
         rows = self._rows(

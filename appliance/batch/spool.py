@@ -237,10 +237,13 @@ def submit(
     text_model: bool | None = None,
     now: Callable[[], float] = time.time,
     hasher: Hasher | None = None,
+    on_staged: Callable[[str], None] | None = None,
 ) -> str:
     """Place ``source`` in the spool atomically; return the job id.
 
-    ``hasher`` (an HMAC, say) is fed the bytes of the spooled copy as they are written.
+    ``hasher`` (an HMAC, say) is fed the bytes of the spooled copy as they are written;
+    ``on_staged(job_id)`` runs once the copy is durable and before any worker can see the job (the
+    audit record of the submit): if it raises, nothing is spooled.
 
     ``pair_field``: score (``text_field``, ``pair_field``) pairs with a text classifier.
     ``text_model``: whether the model reads text (None: not known), so that a Parquet file is held
@@ -320,6 +323,8 @@ def submit(
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(staging)
+        if on_staged is not None:
+            on_staged(job_id)
         staging.rename(spool / "new" / job_id)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)

@@ -549,8 +549,10 @@ def digest(
     data = candidate.read()
     keyring = DigestKeyring(settings.keys_dir / "digest")
     if key_id is not None:
-        shown = keyring.digest_with(key_id, data).hexdigest
-        record_cli_event(settings, "audit_read", "inferbox audit digest", started, {"key_id": key_id})
+        try:
+            shown = keyring.digest_with(key_id, data).hexdigest
+        finally:  # recorded, also when the key is not there
+            record_cli_event(settings, "audit_read", "inferbox audit digest", started, {"key_id": key_id[:64]})
         click.echo(shown)
         return
     assert seq is not None
@@ -562,9 +564,11 @@ def digest(
         record_cli_event(settings, "audit_read", "inferbox audit digest", started, facts)
         what = "is not in the log (pruned, or not written yet)" if record is None else "has no input digest"
         raise click.ClickException(f"record {seq} {what}")
-    same = keyring.digest_with(record.digest_key_id, data).hexdigest == record.input_digest
-    facts["matches"] = str(same).lower()
-    record_cli_event(settings, "audit_read", "inferbox audit digest", started, facts)
+    try:
+        same = keyring.digest_with(record.digest_key_id, data).hexdigest == record.input_digest
+        facts["matches"] = str(same).lower()
+    finally:  # record N was read: recorded, also when its digest key is not on the box
+        record_cli_event(settings, "audit_read", "inferbox audit digest", started, facts)
     if same:
         click.echo(
             f"match: {candidate.name} is the input of record {seq} ({printable(record.action)}, {record.recorded_at})"

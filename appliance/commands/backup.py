@@ -110,7 +110,7 @@ def _load_identity(archive: Path, path: Path | None) -> X25519PrivateKey | None:
 def _load_keys(paths: tuple[Path, ...]) -> list[Ed25519PublicKey]:
     from runtime import signing
 
-    return [signing.load_public_key(p) for p in paths]
+    return [key for p in paths for key in signing.load_public_keys(p)]  # a file may hold several (--all)
 
 
 def _integrity(integrity: list[str]) -> None:

@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -135,6 +136,21 @@ def submit(
         # the job's input as it was spooled, keyed as every input digest is (`inferbox audit digest`)
         key_id, key = log.keyring.current() if log is not None else ("", b"")
         mac = hmac.new(key, digestmod=hashlib.sha256)
+
+        def record(job_id: str) -> None:
+            """``batch_submit``, committed before the job is in ``spool/new/`` (no worker sees it yet)."""
+            if log is None:
+                return
+            details = {"input_file": file.name}
+            if model_version is not None:
+                details["model_version"] = str(model_version)
+            event = cli_event("batch_submit", "inferbox batch submit", started, details)
+            log.append(
+                msgspec.structs.replace(
+                    event, job_id=job_id, model_name=model, input_digest=mac.hexdigest(), digest_key_id=key_id
+                )
+            )
+
         job_id = submit_file(
             settings.spool,
             file,
@@ -145,18 +161,9 @@ def submit(
             pair_field=pair_field,
             text_model=text_model,
             hasher=mac,
+            on_staged=record,
         )
-        click.echo(job_id)  # first: a record that fails to commit leaves a spooled job that says its id
-        if log is not None:
-            details = {"input_file": file.name}
-            if model_version is not None:
-                details["model_version"] = str(model_version)
-            event = cli_event("batch_submit", "inferbox batch submit", started, details)
-            log.append(
-                msgspec.structs.replace(
-                    event, job_id=job_id, model_name=model, input_digest=mac.hexdigest(), digest_key_id=key_id
-                )
-            )
+    click.echo(job_id)
     if missing:  # after the job id: a script reading stdout gets it either way
         click.echo(f"warning: {missing}", err=True)
 
@@ -369,12 +376,36 @@ def retry(home: Path | None, repository: Path | None, job_id: str) -> None:
     settings = _settings(home, repository)
     store = JobStore(settings.state_db)
     try:
+        job = store.require_job(job_id)
+        if job.state == "failed" and not Path(job.input_path).is_file():
+            raise click.ClickException(
+                f"job {job_id}'s input copy is gone (`inferbox batch purge` deleted it?): submit the file again"
+            )
         left = store.retry_job(job_id)
     finally:
         store.close()
     click.echo(
         f"job {job_id} queued again: {left} chunk(s) to run; `inferbox batch run` (or the batch service) runs them"
     )
+
+
+def _job_folders(settings: Settings, job: Any) -> list[Path]:
+    """The folders of ``job``'s data, built from the settings and the job id (never taken from the
+    state database as they stand there: a row that names another folder is refused, not followed)."""
+    if not _JOB_ID.fullmatch(job.job_id):
+        raise click.ClickException(f"job id {job.job_id!r} is not one inferbox makes; its data is not purged")
+    folders = [settings.spool / "cur" / job.job_id, settings.outbox / job.job_id]
+    recorded = [Path(job.input_path).parent, Path(job.out_dir)]
+    for built, stored in zip(folders, recorded, strict=True):
+        if os.path.abspath(built) != os.path.abspath(stored):
+            raise click.ClickException(
+                f"job {job.job_id}: its data is recorded at {stored}, not {built} where this home keeps it (a home "
+                "given as a relative path, or moved?); run the command with the home the job was submitted to"
+            )
+    return folders
+
+
+_JOB_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{8}")
 
 
 @batch.command()
@@ -405,23 +436,31 @@ def purge(home: Path | None, repository: Path | None, job_ids: tuple[str, ...], 
     if not job_ids and older_than is None:
         raise click.UsageError("name the jobs to purge (JOB_ID ...), or --older-than DAYS for every finished one")
     settings = _settings(home, repository)
+    named = list(dict.fromkeys(job_ids))  # a job named twice is purged (and recorded) once
     store = JobStore(settings.state_db)
     try:
-        jobs = [store.require_job(j) for j in job_ids] if job_ids else store.jobs()
+        jobs = [store.require_job(j) for j in named] if named else store.jobs()
+        cutoff = None if older_than is None else datetime.now(UTC).timestamp() - older_than * 86400
+        targets = []
+        for job in jobs:
+            if job.state not in ("done", "failed"):
+                if named:
+                    raise click.ClickException(f"job {job.job_id} is {job.state}: only a done or failed job is purged")
+                continue
+            if cutoff is not None and (
+                job.ended_at is None or datetime.fromisoformat(job.ended_at).timestamp() > cutoff
+            ):
+                continue
+            if (held := store.held(job.job_id)) > 0:  # a failed job's other chunks run to their end
+                raise click.ClickException(
+                    f"job {job.job_id}: a worker still holds {held} of its chunks, which would write its outputs "
+                    "again; purge it once they end (`inferbox batch status`)"
+                )
+            folders = [p for p in _job_folders(settings, job) if p.is_dir()]
+            if folders:
+                targets.append((job, folders))
     finally:
         store.close()
-    cutoff = None if older_than is None else datetime.now(UTC).timestamp() - older_than * 86400
-    targets = []
-    for job in jobs:
-        if job.state not in ("done", "failed"):
-            if job_ids:
-                raise click.ClickException(f"job {job.job_id} is {job.state}: only a done or failed job is purged")
-            continue
-        if cutoff is not None and (job.ended_at is None or datetime.fromisoformat(job.ended_at).timestamp() > cutoff):
-            continue
-        folders = [p for p in (Path(job.input_path).parent, Path(job.out_dir)) if p.is_dir()]
-        if folders:
-            targets.append((job, folders))
     if not targets:
         click.echo("nothing to purge")
         return

@@ -261,10 +261,10 @@ def server_report(settings: Settings) -> dict[str, Any]:
         from runtime.loader import FAKE_BACKEND_WARNING
 
         _warn(out, f"backend = fake ({settings.sources.get('backend')}): {FAKE_BACKEND_WARNING}")
-    from appliance.settings import retention_problem
+    from appliance.settings import setting_warnings
 
-    if (retention := retention_problem(settings)) is not None:
-        _warn(out, retention)
+    for warning in setting_warnings(settings):
+        _warn(out, warning)
     try:
         plan = check_exposure(settings)
     except ConfigError as exc:

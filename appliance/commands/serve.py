@@ -109,10 +109,10 @@ def serve(
         log.warning("auth is off (%s): every client on this machine has every scope", settings.sources.get("auth", ""))
         if settings.metrics_auth:
             log.warning("metrics_auth is set, but with auth off /metrics is open like every other route")
-    from appliance.settings import retention_problem
+    from appliance.settings import setting_warnings
 
-    if (retention := retention_problem(settings)) is not None:
-        log.warning("%s", retention)
+    for warning in setting_warnings(settings):
+        log.warning("%s", warning)
     if tls is not None:
         _log_certificate(log, tls)
     elif settings.allow_plaintext and not is_loopback(settings.host):

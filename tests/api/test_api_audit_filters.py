@@ -47,3 +47,14 @@ def test_a_window_whose_until_is_not_after_its_since_is_a_400(tmp_path: Path) ->
         bad = c.get("/v1/audit", params={"since": "2026-12-07T18:12:00Z", "until": "2026-12-07T18:00:00Z"})
         assert bad.status_code == 400 and "until" in bad.text and "is not after since" in bad.text
         assert c.get("/v1/audit", params={"since": "2026-12-07", "until": "2026-12-08"}).status_code == 200
+
+
+def test_status_out_of_range_is_a_400_and_a_hash_in_upper_case_is_matched(tmp_path: Path) -> None:
+    """status=99999999999999999999 was a 500 (SQLite's integer overflow); an upper-case sha256
+    matched nothing (the log stores lower case)."""
+    app, reader = audit_api_app(tmp_path)
+    with TestClient(app) as c:
+        bad = c.get("/v1/audit", params={"status": "99999999999999999999"})
+        assert bad.status_code == 400 and "status" in bad.text
+        assert c.get("/v1/audit", params={"status": "0", "model_sha256": "AB" * 32}).status_code == 200
+    assert reader.calls[-1]["model_sha256"] == "ab" * 32 and reader.calls[-1]["status"] == 0

@@ -264,3 +264,12 @@ def test_digest_tells_whether_a_candidate_body_is_a_records_input(home: Path, tm
     assert _run("verify", "--home", str(home))[0] == 0
     reads = [r for r in T.records(home / "audit.db") if r.action == "inferbox audit digest"]
     assert [r.details.get("matches") for r in reads] == ["true", "false", None, None]
+
+
+def test_digest_records_the_read_also_when_the_key_is_not_there(home: Path, tmp_path: Path) -> None:
+    candidate = tmp_path / "body.json"
+    candidate.write_bytes(b"{}")
+    code, out = _run("digest", "--home", str(home), "--key-id", "20200101T000000Z", str(candidate))
+    assert code == 2 and "digest key 20200101T000000Z is not in" in out, out
+    reads = [r for r in T.records(home / "audit.db") if r.action == "inferbox audit digest"]
+    assert [r.details["key_id"] for r in reads] == ["20200101T000000Z"]

@@ -613,3 +613,63 @@ def test_purge_deletes_a_finished_jobs_input_and_outputs_and_records_it(
     assert [(e.job_id, e.details["state"]) for e in purges] == [(done, "done")]
     r = runner.invoke(main, ["batch", "purge", done, *base])
     assert r.exit_code == 0 and r.output.strip() == "nothing to purge"
+
+
+def test_purge_never_follows_a_row_elsewhere_and_waits_for_held_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """purge removed the folders the state database named: a row naming the home removed the home;
+    and a failed job's other chunks, still running, wrote its outputs again after the purge."""
+    import sqlite3
+
+    for key in list(os.environ):
+        if key.startswith("INFERBOX_"):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    home.mkdir()
+    runner = CliRunner()
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "text": "a"}\n')
+    base = ["--home", str(home), "--loader", "appliance.batch.fake:settings_loader"]
+    job = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)]).stdout
+    job = job.strip()
+    assert runner.invoke(main, ["batch", "run", "--once", *base]).exit_code == 0
+    with sqlite3.connect(home / "state.db") as conn:
+        conn.execute("UPDATE batch_jobs SET out_dir = ? WHERE job_id = ?", (str(home), job))
+    r = runner.invoke(main, ["batch", "purge", job, "--home", str(home)])
+    assert r.exit_code == 1 and f"its data is recorded at {home}, not {home / 'outbox' / job}" in r.output, r.output
+    assert (home / "state.db").is_file() and (home / "outbox" / job).is_dir()
+    with sqlite3.connect(home / "state.db") as conn:
+        conn.execute("UPDATE batch_jobs SET out_dir = ? WHERE job_id = ?", (str(home / "outbox" / job), job))
+        conn.execute("UPDATE batch_chunks SET state = 'leased', lease_until = 9e12 WHERE job_id = ?", (job,))
+    r = runner.invoke(main, ["batch", "purge", job, job, "--home", str(home)])
+    assert r.exit_code == 1 and "a worker still holds 1 of its chunks" in r.output, r.output
+    with sqlite3.connect(home / "state.db") as conn:
+        conn.execute("UPDATE batch_chunks SET state = 'failed', lease_until = NULL WHERE job_id = ?", (job,))
+        conn.execute("UPDATE batch_jobs SET state = 'failed' WHERE job_id = ?", (job,))
+    r = runner.invoke(main, ["batch", "purge", job, job, "--home", str(home)])
+    assert r.exit_code == 0 and r.output.count("purged job") == 1, r.output  # named twice, purged once
+    r = runner.invoke(main, ["batch", "retry", job, "--home", str(home)])
+    assert r.exit_code == 1 and "input copy is gone" in r.output and "submit the file again" in r.output
+
+
+def test_a_submit_whose_record_fails_spools_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job was spooled (and its id printed) before its batch_submit record: a record that failed
+    left a job a script would submit again, run twice."""
+    from appliance.audit import log as audit_log
+
+    for key in list(os.environ):
+        if key.startswith("INFERBOX_"):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    home.mkdir()
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "text": "a"}\n')
+
+    def disk_full(self: object, event: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audit_log.AuditLog, "append", disk_full)
+    r = CliRunner().invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)])
+    assert r.exit_code != 0 and r.stdout == "", r.output
+    assert list((home / "spool" / "new").iterdir()) == [] and list((home / "spool" / "tmp").iterdir()) == []

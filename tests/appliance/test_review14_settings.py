@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 from appliance.audit.report import art30_facts
 from appliance.cli import main
 from appliance.commands.doctor import server_report
-from appliance.settings import load_settings, retention_problem
+from appliance.settings import load_settings, retention_problem, setting_warnings
 from runtime.autotune import DecisionCache
 from runtime.backends.registry import BACKENDS
 from runtime.errors import ConfigError
@@ -116,6 +116,17 @@ def test_a_retention_below_the_prune_floor_is_warned_of_naming_both(tmp_path: Pa
     assert art30_facts(settings)["retention"]["warning"] == problem
     fine = load_settings({"retention_days": 100, "min_retention_days": 100}, environ={"HOME": str(tmp_path)})
     assert retention_problem(fine) is None and "warning" not in art30_facts(fine)["retention"]
+
+
+def test_max_inputs_above_queue_limit_is_warned_of(tmp_path: Path) -> None:
+    """A configuration that kept the old queue_limit (1024) with the new 2,048 inputs: requests of
+    more texts than the queue holds get a 400, which serve and doctor now say at start."""
+    settings = load_settings({"queue_limit": 1024}, environ={"HOME": str(tmp_path)})
+    assert settings.max_inputs == 2048
+    [warning] = setting_warnings(settings)
+    assert "max_inputs (default) = 2048 is above queue_limit (cli) = 1024" in warning
+    assert "raise queue_limit to at least 2048" in warning and server_report(settings)["warning"] == warning
+    assert setting_warnings(load_settings(environ={"HOME": str(tmp_path)})) == []
 
 
 # -- 3. the fake backend, 4b. retune: serve up to the models' load --------------------------------

@@ -283,3 +283,19 @@ def test_load_model_takes_a_package_the_key_signed(tmp_path: Path) -> None:
         assert model.name == "mlp"
     finally:
         model.close()
+
+
+def test_a_bundle_of_public_keys_is_read_whole_where_keys_are_taken(tmp_path: Path) -> None:
+    """`audit public-key --all` writes the signing key and the retired ones in one file; backup's
+    --public-key read its first block only, and restore after a rotation was refused."""
+    from appliance.commands.backup import _load_keys
+    from runtime.signing import load_public_keys
+
+    keys = [generate_private_key().public_key() for _ in range(2)]
+    bundle = tmp_path / "keys.pem"
+    bundle.write_text("".join(f"# key id {key_id(k)}\n{public_key_pem(k)}" for k in keys))
+    assert [key_id(k) for k in load_public_keys(bundle)] == [key_id(k) for k in keys]
+    assert [key_id(k) for k in _load_keys((bundle,))] == [key_id(k) for k in keys]
+    one = tmp_path / "one.pem"
+    one.write_text(public_key_pem(keys[0]))
+    assert [key_id(k) for k in load_public_keys(one)] == [key_id(keys[0])]
