@@ -70,7 +70,7 @@ def test_revoke_takes_the_whole_key_and_never_repeats_a_secret(env: dict[str, st
     assert made["key"] not in r.output
     secret = made["key"].split("_", 2)[2]
     for mistyped in (made["key"][:-1], made["key"] + "x", secret):
-        r = _run(env, "keys", "revoke", mistyped)
+        r = _run(env, "keys", "revoke", "--", mistyped)  # a secret may start with "-"
         assert r.exit_code == 2 and "a key id is 12 hexadecimal characters" in r.stderr, r.output
         assert secret[:20] not in r.output, r.output
 
