@@ -194,6 +194,17 @@ FIELDS: tuple[Field, ...] = (
         "audit",
         "folder on another machine (a mounted share) that `inferbox audit ship` copies the log to",
     ),
+    # batch
+    Field(
+        "batch_retention_days",
+        float,
+        0.0,
+        "batch",
+        "a finished batch job's input copy and outputs are deleted this many days after it ended, by `inferbox "
+        "batch run` (0: kept until `inferbox batch purge`)",
+        minimum=0,
+        maximum=MAX_DAYS,
+    ),
     # backup
     Field(
         "backup_dir",
@@ -275,6 +286,7 @@ class Settings:
     digest_key_days: int
     ship_dir: Path | None
     backup_dir: Path | None
+    batch_retention_days: float
     backup_keep: int
     backup_encrypt_to: Path | None
     #: where each value came from (default / file / env / cli), for `inferbox config`

@@ -58,7 +58,7 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
             "processed": "whatever the customer's applications submit (texts, tensors): an API request's held in "
             f"memory for the duration of the request only; a batch job's input file kept in {settings.spool}/cur/"
             f"<job>/ and its results and rejects (a rejected record's raw text) in {settings.outbox}/<job>/ until "
-            "an operator removes them (`inferbox batch purge`; nothing deletes them by itself)",
+            + _batch_retention(settings),
             "stored_in_audit_log": [
                 "who: API key id / credential id / service unit (never key secrets)",
                 "what: event, action, model name, version and package sha256, backend and variant, job id",
@@ -88,6 +88,12 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
         ],
         "models": _models(settings.repository),
     }
+
+
+def _batch_retention(settings: Settings) -> str:
+    if settings.batch_retention_days > 0:
+        return f"{settings.batch_retention_days:g} days after the job ended (batch_retention_days)"
+    return "an operator removes them (`inferbox batch purge`; batch_retention_days is 0: nothing deletes them)"
 
 
 def _recipients(settings: Settings) -> str:

@@ -269,6 +269,7 @@ def run(
     if scheduler and engine != "dask":
         raise BatchError("--scheduler needs --engine dask")
     factory = functools.partial(settings_loader, loader, settings)
+    actor = _actor(dict(os.environ))
     audit: Any = None
     store: JobStore | None = None
     worker: BatchWorker | None = None
@@ -280,10 +281,15 @@ def run(
             # stops failed the job. Now it stops as Ctrl-C does: the chunk is given back, unspent.
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
         if settings.audit:
-            from appliance.audit import AuditLog
             from appliance.server import ensure_signing_key
 
             ensure_signing_key(settings)
+        if settings.batch_retention_days > 0:  # at each run's start (the batch timer starts one nightly)
+            for line in purge_jobs(settings, [], settings.batch_retention_days, sweep=True, actor=actor):
+                log.info("batch retention (batch_retention_days = %g): %s", settings.batch_retention_days, line)
+        if settings.audit:
+            from appliance.audit import AuditLog
+
             audit = AuditLog.open(settings)
         store = JobStore(settings.state_db)
         with refusal():  # a configuration the loader refuses exits 78 too: restarts cannot mend it
@@ -300,7 +306,7 @@ def run(
                 lease_s=lease_seconds,
                 truncate=settings.truncate,
             ),
-            actor=_actor(dict(os.environ)),
+            actor=actor,
             # the default loader loads from the repository: its latest version is read there, so a
             # model loaded for it is reused (another loader tells "latest" by loading it)
             latest=repository_latest(settings.repository) if loader == DEFAULT_LOADER else None,
@@ -426,6 +432,22 @@ def purge(home: Path | None, repository: Path | None, job_ids: tuple[str, ...], 
     one can then not be retried); the job's row (counts, Merkle root) stays.
     Each purge is recorded as batch_purge before its files go.
     """
+
+    if not job_ids and older_than is None:
+        raise click.UsageError("name the jobs to purge (JOB_ID ...), or --older-than DAYS for every finished one")
+    settings = _settings(home, repository)
+    purged = purge_jobs(settings, list(dict.fromkeys(job_ids)), older_than)  # a job named twice: once
+    for line in purged or ["nothing to purge"]:
+        click.echo(line)
+
+
+def purge_jobs(
+    settings: Settings, named: list[str], older_than: float | None, *, sweep: bool = False, actor: str | None = None
+) -> list[str]:
+    """Delete the data of the finished jobs ``named`` (all, when none is) that ended more than
+    ``older_than`` days ago; a line for each.  A job that may not be purged (not finished, chunks still
+    held, folders not this home's) is a ClickException, or, in a ``sweep`` (``batch run`` applying
+    ``batch_retention_days``), skipped with a warning in the log."""
     import shutil
 
     import msgspec
@@ -433,10 +455,11 @@ def purge(home: Path | None, repository: Path | None, job_ids: tuple[str, ...], 
     from appliance.batch.jobs import JobStore
     from appliance.commands.audit import cli_event
 
-    if not job_ids and older_than is None:
-        raise click.UsageError("name the jobs to purge (JOB_ID ...), or --older-than DAYS for every finished one")
-    settings = _settings(home, repository)
-    named = list(dict.fromkeys(job_ids))  # a job named twice is purged (and recorded) once
+    def refuse(message: str) -> None:
+        if not sweep:
+            raise click.ClickException(message)
+        log.warning("batch retention: %s; left for now", message)
+
     store = JobStore(settings.state_db)
     try:
         jobs = [store.require_job(j) for j in named] if named else store.jobs()
@@ -445,41 +468,48 @@ def purge(home: Path | None, repository: Path | None, job_ids: tuple[str, ...], 
         for job in jobs:
             if job.state not in ("done", "failed"):
                 if named:
-                    raise click.ClickException(f"job {job.job_id} is {job.state}: only a done or failed job is purged")
+                    refuse(f"job {job.job_id} is {job.state}: only a done or failed job is purged")
                 continue
             if cutoff is not None and (
                 job.ended_at is None or datetime.fromisoformat(job.ended_at).timestamp() > cutoff
             ):
                 continue
             if (held := store.held(job.job_id)) > 0:  # a failed job's other chunks run to their end
-                raise click.ClickException(
+                refuse(
                     f"job {job.job_id}: a worker still holds {held} of its chunks, which would write its outputs "
                     "again; purge it once they end (`inferbox batch status`)"
                 )
-            folders = [p for p in _job_folders(settings, job) if p.is_dir()]
+                continue
+            try:
+                folders = [p for p in _job_folders(settings, job) if p.is_dir()]
+            except click.ClickException as exc:
+                refuse(exc.message)
+                continue
             if folders:
                 targets.append((job, folders))
     finally:
         store.close()
-    if not targets:
-        click.echo("nothing to purge")
-        return
+    lines: list[str] = []
     with contextlib.ExitStack() as stack:
-        log = None
-        if settings.audit:
+        audit = None
+        if settings.audit and targets:
             from appliance.audit.log import AuditLog
 
-            log = stack.enter_context(AuditLog.open(settings))
+            audit = stack.enter_context(AuditLog.open(settings))
         for job, folders in targets:
             size = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
-            if log is not None:  # before the files go: a purge is never done without its record
+            if audit is not None:  # before the files go: a purge is never done without its record
                 started = datetime.now(UTC)
                 details = {"state": job.state, "bytes": str(size), "removed": ",".join(str(f) for f in folders)}
-                event = cli_event("batch_purge", "inferbox batch purge", started, details)
-                log.append(msgspec.structs.replace(event, job_id=job.job_id, model_name=job.model))
+                if sweep:
+                    details["batch_retention_days"] = f"{older_than:g}"
+                action = "inferbox batch run (batch_retention_days)" if sweep else "inferbox batch purge"
+                event = cli_event("batch_purge", action, started, details, actor=actor)
+                audit.append(msgspec.structs.replace(event, job_id=job.job_id, model_name=job.model))
             for folder in folders:
                 shutil.rmtree(folder)
-            click.echo(f"purged job {job.job_id} ({job.state}): {size} bytes in {', '.join(map(str, folders))}")
+            lines.append(f"purged job {job.job_id} ({job.state}): {size} bytes in {', '.join(map(str, folders))}")
+    return lines
 
 
 @batch.command()

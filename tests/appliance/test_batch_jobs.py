@@ -673,3 +673,41 @@ def test_a_submit_whose_record_fails_spools_nothing(tmp_path: Path, monkeypatch:
     r = CliRunner().invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)])
     assert r.exit_code != 0 and r.stdout == "", r.output
     assert list((home / "spool" / "new").iterdir()) == [] and list((home / "spool" / "tmp").iterdir()) == []
+
+
+def test_batch_retention_days_purges_old_finished_jobs_at_each_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing deleted a job's data by itself: batch_retention_days makes each `batch run` (the batch
+    timer starts one nightly) purge the finished jobs that ended longer ago, recorded as such."""
+    import sqlite3
+
+    for key in list(os.environ):
+        if key.startswith("INFERBOX_"):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    home.mkdir()
+    runner = CliRunner()
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 1, "text": "a"}\n')
+    run = ["batch", "run", "--once", "--home", str(home), "--loader", "appliance.batch.fake:settings_loader"]
+    old = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)]).stdout
+    old = old.strip()
+    assert runner.invoke(main, run).exit_code == 0
+    with sqlite3.connect(home / "state.db") as conn:  # it ended long ago
+        conn.execute("UPDATE batch_jobs SET ended_at = '2000-01-01T00:00:00.000000Z' WHERE job_id = ?", (old,))
+    new = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)]).stdout
+    new = new.strip()
+    assert runner.invoke(main, run).exit_code == 0  # retention off (0): nothing goes
+    assert (home / "outbox" / old).is_dir()
+    r = runner.invoke(main, run, env={"INFERBOX_BATCH_RETENTION_DAYS": "7"})
+    assert r.exit_code == 0, r.output
+    assert not (home / "outbox" / old).exists() and not (home / "spool" / "cur" / old).exists()
+    assert (home / "outbox" / new).is_dir() and (home / "spool" / "cur" / new).is_dir()  # ended just now
+    from appliance.audit.log import AuditLog
+    from appliance.settings import load_settings
+
+    with AuditLog.open(load_settings({"home": home}, environ={})) as log:
+        [purge] = [e for e in log.tail(30) if e.event == "batch_purge"]
+    assert purge.job_id == old and purge.action == "inferbox batch run (batch_retention_days)"
+    assert purge.details["batch_retention_days"] == "7"
