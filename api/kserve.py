@@ -295,19 +295,6 @@ async def _infer_tensor(server: Server, model: LoadedModel, req: InferRequest) -
     return [(n, result[n]) for n in names]
 
 
-def _in_data(exc: InputError) -> InputError:
-    """``exc`` with OpenAI's ``input`` / ``input[i]`` (what the shared tokenizer names) as this
-    request's ``inputs[0].data`` / ``inputs[0].data[i]``, in its field and where its message names it."""
-    field = getattr(exc, "field", None)
-    if field is None or not (field == "input" or field.startswith("input[")):
-        return exc
-    ours = "inputs[0].data" + field[len("input") :]
-    message = str(exc)
-    exc.field = ours  # the same error (its kind decides the status), renamed
-    exc.args = (ours + message[len(field) :] if message.startswith(field) else message,)
-    return exc
-
-
 async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> list[tuple[str, Any]]:
     out_name, _ = _text_output(model)
     if len(req.inputs) != 1:
@@ -332,10 +319,7 @@ async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> 
                     f"outputs[{i}].name: model {model.name!r} has no output {n!r}; it has [{out_name!r}]",
                     field=f"outputs[{i}].name",
                 )
-    try:
-        vectors, _counts = await server.embed(model, req.inputs[0].texts)
-    except InputError as exc:  # the tokenizer names OpenAI's field (input[i]): this request's is another
-        raise _in_data(exc) from None
+    vectors, _counts = await server.embed(model, req.inputs[0].texts, field="inputs[0].data")
     dim = embedding_dim(model)
     if not len(vectors) and dim > 0:  # no texts: [0, D] as the metadata says, not [0, 0]
         vectors = np.zeros((0, dim), dtype=np.float32)

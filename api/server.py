@@ -269,25 +269,28 @@ class Server:
         return self._batcher("text", model, make)
 
     # -- work -------------------------------------------------------------------------------------
-    async def embed(self, model: LoadedModel, texts: list[str]) -> tuple[Array, list[int]]:
-        """Embeddings [N, D] and token counts; each text is batched on its own (by token count)."""
-        vectors, counts, _truncated = await self.embed_texts(model, texts)
+    async def embed(self, model: LoadedModel, texts: list[str], field: str = "input") -> tuple[Array, list[int]]:
+        """Embeddings [N, D] and token counts; each text is batched on its own (by token count).
+        ``field``: the request's name for the texts, which errors name (``input``, ``inputs[0].data``)."""
+        vectors, counts, _truncated = await self.embed_texts(model, texts, field)
         return vectors, counts
 
-    async def embed_texts(self, model: LoadedModel, texts: list[str]) -> tuple[Array, list[int], list[int]]:
+    async def embed_texts(
+        self, model: LoadedModel, texts: list[str], field: str = "input"
+    ) -> tuple[Array, list[int], list[int]]:
         """:meth:`embed`, and the indices of the texts cut to the model's max_length."""
         if len(texts) > self.config.max_inputs:
             raise InputError(
-                f"input: {len(texts)} texts is over the limit of {self.config.max_inputs} per request",
-                field="input",
+                f"{field}: {len(texts)} texts is over the limit of {self.config.max_inputs} per request",
+                field=field,
             )
         tokens = await off_loop_if_large(
-            _chars(texts), INLINE_CHARS, model.tokenize, texts, truncate=self.config.truncate
+            _chars(texts), INLINE_CHARS, model.tokenize, texts, truncate=self.config.truncate, field=field
         )
         batcher = await self.text_batcher(model)
         # all of the request's texts are queued or none (a full queue refuses the whole request,
         # leaving nothing of it to compute); a failed text or a client gone withdraws the rest
-        results = await batcher.submit_many([TextItem(t) for t in tokens])
+        results = await batcher.submit_many([TextItem(t) for t in tokens], field=field)
         truncated = [i for i, t in enumerate(tokens) if t.truncated]
         if not results:
             return np.zeros((0, 0), dtype=np.float32), [], truncated

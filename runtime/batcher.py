@@ -272,7 +272,9 @@ class DynamicBatcher(Generic[Item, Result]):
         """Queue ``item``; return its result, or raise Overload/RequestTimeout/the batch's error."""
         return (await self.submit_many([item], timeout_s=timeout_s))[0]
 
-    async def submit_many(self, items: Sequence[Item], *, timeout_s: float | None = None) -> list[Result]:
+    async def submit_many(
+        self, items: Sequence[Item], *, timeout_s: float | None = None, field: str = "input"
+    ) -> list[Result]:
         """Queue the items of one request, all or none; return their results in order.
 
         Admission is one check under the lock: when the queue has no room for every item, none
@@ -287,9 +289,9 @@ class DynamicBatcher(Generic[Item, Result]):
             return []
         if len(items) > self.queue_limit:
             raise InputError(
-                f"input: {len(items)} items in one request can never fit the queue of model {self.name!r} "
+                f"{field}: {len(items)} items in one request can never fit the queue of model {self.name!r} "
                 f"({self.queue_limit}, queue_limit); send fewer",
-                field="input",
+                field=field,
             )
         timeout = self.timeout_s if timeout_s is None else timeout_s
         now = self._clock()

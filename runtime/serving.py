@@ -186,11 +186,12 @@ class LoadedModel:
         wanted = self.check_outputs(outputs)
         return dict(self.session.run(feeds, wanted))
 
-    def tokenize(self, texts: Sequence[str], *, truncate: bool) -> list[Tokens]:
-        """Each text's tokens (capped at max_length when truncating); too long and not truncating -> InputError."""
+    def tokenize(self, texts: Sequence[str], *, truncate: bool, field: str = "input") -> list[Tokens]:
+        """Each text's tokens (capped at max_length when truncating); too long and not truncating -> InputError
+        naming ``field[i]``."""
         if self.text is None:
-            raise InputError(f"model {self.name!r} is not a text model; send tensors", field="input")
-        return self.text.tokenize(texts, truncate=truncate)
+            raise InputError(f"model {self.name!r} is not a text model; send tensors", field=field)
+        return self.text.tokenize(texts, truncate=truncate, field=field)
 
     def tokenize_pairs(self, query: str, documents: Sequence[str], *, truncate: bool) -> list[Tokens]:
         """``(query, document)`` pairs tokenized for a cross-encoder (see :attr:`is_reranker`)."""

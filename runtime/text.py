@@ -158,26 +158,27 @@ class TextEncoder:
                 field=f"{field}[{i}]",
             )
 
-    def tokenize(self, texts: Sequence[str], *, truncate: bool = True) -> list[Tokens]:
+    def tokenize(self, texts: Sequence[str], *, truncate: bool = True, field: str = "input") -> list[Tokens]:
         """Each text's tokens (special tokens included), truncated to ``max_length`` when ``truncate``;
-        a longer text without truncation, or a text of no tokens at all -> InputError naming it."""
-        prepared, chars_cut = self._prepare(texts)
-        self._refuse_cut(chars_cut, "input", truncate)
+        a longer text without truncation, or a text of no tokens at all -> InputError naming it as
+        ``field[i]`` (the request's own name for the texts: ``input``, ``inputs[0].data``)."""
+        prepared, chars_cut = self._prepare(texts, field)
+        self._refuse_cut(chars_cut, field, truncate)
         encodings = list(self._plain.encode_batch(prepared)) if prepared else []
         for i, e in enumerate(encodings):
             if not e.ids:  # a tokenizer without [CLS]/[SEP] on "" or "  ": nothing to embed
                 raise InputError(
-                    f"input[{i}] has no tokens after tokenization (empty, or only characters the model's "
+                    f"{field}[{i}] has no tokens after tokenization (empty, or only characters the model's "
                     "tokenizer drops); send some text",
-                    field=f"input[{i}]",
+                    field=f"{field}[{i}]",
                 )
         long = [i for i, e in enumerate(encodings) if len(e.ids) > self.max_length]
         if long and not truncate:
             i = long[0]
             raise InputError(
-                f"input[{i}] has {len(encodings[i].ids)} tokens, over the model's maximum {self.max_length}; "
+                f"{field}[{i}] has {len(encodings[i].ids)} tokens, over the model's maximum {self.max_length}; "
                 "shorten the text or enable truncation",
-                field=f"input[{i}]",
+                field=f"{field}[{i}]",
             )
         if long:
             for i, e in zip(long, self._truncating.encode_batch([prepared[i] for i in long]), strict=True):

@@ -562,7 +562,7 @@ def test_server_batching_runs_single_texts_through_the_servers_batcher() -> None
             self.batches: list[list[int]] = []
             self.threads: set[str] = set()
 
-        def tokenize(self, texts: list[str], *, truncate: bool) -> list[Tokens]:
+        def tokenize(self, texts: list[str], *, truncate: bool, field: str = "input") -> list[Tokens]:
             return [Tokens([1] * len(t.split()), [0] * len(t.split())) for t in texts]
 
         def embed_tokens(self, tokens: list[Tokens]) -> np.ndarray:
@@ -591,7 +591,7 @@ def test_server_batching_fails_whole_and_stops_its_batcher() -> None:
         streams = 1
         pad_multiple = 1
 
-        def tokenize(self, texts: list[str], *, truncate: bool) -> list[Tokens]:
+        def tokenize(self, texts: list[str], *, truncate: bool, field: str = "input") -> list[Tokens]:
             return [Tokens([1], [0]) for _ in texts]
 
         def embed_tokens(self, tokens: list[Tokens]) -> np.ndarray:

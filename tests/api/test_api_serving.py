@@ -314,12 +314,12 @@ def test_a_large_request_is_tokenized_off_the_event_loop(tmp_path: Path) -> None
         entered = threading.Event()
         threads: list[int] = []
 
-        def tokenize(self, texts: Any, *, truncate: bool = True) -> Any:
+        def tokenize(self, texts: Any, *, truncate: bool = True, field: str = "input") -> Any:
             self.threads.append(threading.get_ident())
             if sum(len(t) for t in texts) > INLINE_CHARS:
                 self.entered.set()
                 assert self.release.wait(10), "the large request's tokenizing was never released"
-            return super().tokenize(texts, truncate=truncate)
+            return super().tokenize(texts, truncate=truncate, field=field)
 
     base = text_model(tmp_path)
     assert base.manifest.text is not None
