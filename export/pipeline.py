@@ -180,19 +180,8 @@ class _Exporter:
                 self.say("validate", f"{path.name} cannot run on {backend}/{precision}: {exc}")
                 continue
             metrics = _metrics(p, out, others)
-            # every output the server returns must not depend on the rows batched beside it (the
-            # ones with a row per input row: a server never batches a model with any other kind)
             total = sum(_rows(b) for b in p.validation)
-            pairs = [(alone, out), *((alone_others[k], others[k]) for k in alone_others)]
-            batch = max(
-                [0.0]
-                + [
-                    batch_rel_diff(lone, joined[rows])
-                    for lone, joined in pairs
-                    if row_aligned(joined, total) and row_aligned(lone, len(rows))
-                ]
-                + probed
-            )
+            batch = max([0.0, *_batch_diffs(out, others, rows, alone, alone_others, total), *probed])
             metrics["batch_rel_diff"] = round(batch, 6)
             passed, _ = check_gate(metrics, self.gate)
             cand.accuracy.append(
@@ -775,7 +764,21 @@ def _probe_pairs(p: Prepared, session: Session, probe: Feeds) -> list[float]:
     server returns per row."""
     out, others = run_outputs(p, session, [probe])
     rows, alone, alone_others = run_alone(p, session, [probe])
-    total = _rows(probe)
+    return _batch_diffs(out, others, rows, alone, alone_others, _rows(probe))
+
+
+def _batch_diffs(
+    out: npt.NDArray[np.float32],
+    others: dict[str, npt.NDArray[np.float32]],
+    rows: list[int],
+    alone: npt.NDArray[np.float32],
+    alone_others: dict[str, npt.NDArray[np.float32]],
+    total: int,
+) -> list[float]:
+    """``batch_rel_diff`` of every output the server returns, the ``rows`` answered ``alone`` against
+    the same rows among the ``total`` answered in batches: every output must not depend on the rows
+    batched beside it (those with a row per input row: a server never batches a model with any
+    other kind)."""
     pairs = [(alone, out), *((alone_others[k], others[k]) for k in alone_others)]
     return [
         batch_rel_diff(lone, joined[rows])
