@@ -119,6 +119,12 @@ class DigestKeyring:
         key_id, key = self.current()
         return Digest(key_id=key_id, hexdigest=hmac.new(key, data, hashlib.sha256).hexdigest())
 
+    def hasher(self) -> tuple[str, hmac.HMAC]:
+        """The current key id and an HMAC to feed chunk by chunk (a large file): its hexdigest is what
+        :meth:`digest` gives for the same bytes."""
+        key_id, key = self.current()
+        return key_id, hmac.new(key, digestmod=hashlib.sha256)
+
     def digest_with(self, key_id: str, data: bytes) -> Digest:
         """Recompute a digest under an older key (for an auditor's candidate input)."""
         if _NAME.fullmatch(f"{key_id}.key") is None:

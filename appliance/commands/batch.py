@@ -115,9 +115,6 @@ def submit(
     pair_field: str,
 ) -> None:
     """Place FILE in the spool atomically and print the job id (recorded as batch_submit)."""
-    import hashlib
-    import hmac
-
     import msgspec
 
     from appliance.audit.log import AuditLog
@@ -132,20 +129,19 @@ def submit(
             from appliance.server import ensure_signing_key
 
             ensure_signing_key(settings)  # as batch run does: the box's first record may be this one
-        log = stack.enter_context(AuditLog.open(settings)) if settings.audit else None
+        audit = stack.enter_context(AuditLog.open(settings)) if settings.audit else None
         # the job's input as it was spooled, keyed as every input digest is (`inferbox audit digest`)
-        key_id, key = log.keyring.current() if log is not None else ("", b"")
-        mac = hmac.new(key, digestmod=hashlib.sha256)
+        key_id, mac = audit.keyring.hasher() if audit is not None else ("", None)
 
         def record(job_id: str) -> None:
             """``batch_submit``, committed before the job is in ``spool/new/`` (no worker sees it yet)."""
-            if log is None:
+            if audit is None or mac is None:
                 return
             details = {"input_file": file.name}
             if model_version is not None:
                 details["model_version"] = str(model_version)
             event = cli_event("batch_submit", "inferbox batch submit", started, details)
-            log.append(
+            audit.append(
                 msgspec.structs.replace(
                     event, job_id=job_id, model_name=model, input_digest=mac.hexdigest(), digest_key_id=key_id
                 )
