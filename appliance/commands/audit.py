@@ -538,7 +538,6 @@ def digest(
     that key. The digest keys stay on the box: an auditor brings the
     candidate, the operator runs this. Recorded as audit_read.
     """
-    from appliance.audit.digest import DigestKeyring
     from appliance.audit.log import AuditLog
 
     if (seq is None) == (key_id is None):
@@ -547,28 +546,31 @@ def digest(
     _existing(settings)
     started = _now()
     data = candidate.read()
-    keyring = DigestKeyring(settings.keys_dir / "digest")
-    if key_id is not None:
-        try:
-            shown = keyring.digest_with(key_id, data).hexdigest
-        finally:  # recorded, also when the key is not there
-            record_cli_event(settings, "audit_read", "inferbox audit digest", started, {"key_id": key_id[:64]})
-        click.echo(shown)
-        return
-    assert seq is not None
-    with AuditLog.open(settings) as log:
+    with AuditLog.open(settings) as log:  # one log: read, digested with its keyring, the read recorded
+
+        def recorded(facts: dict[str, str]) -> None:
+            log.append(cli_event("audit_read", "inferbox audit digest", started, facts))
+
+        if key_id is not None:
+            try:
+                shown = log.keyring.digest_with(key_id, data).hexdigest
+            finally:  # recorded, also when the key is not there
+                recorded({"key_id": key_id[:64]})
+            click.echo(shown)
+            return
+        assert seq is not None
         found = log.query(after_seq=seq - 1, limit=1)
-    record = found[0] if found and found[0].seq == seq else None
-    facts = {"seq": str(seq), "records": "1" if record is not None else "0"}
-    if record is None or not record.input_digest:
-        record_cli_event(settings, "audit_read", "inferbox audit digest", started, facts)
-        what = "is not in the log (pruned, or not written yet)" if record is None else "has no input digest"
-        raise click.ClickException(f"record {seq} {what}")
-    try:
-        same = keyring.digest_with(record.digest_key_id, data).hexdigest == record.input_digest
-        facts["matches"] = str(same).lower()
-    finally:  # record N was read: recorded, also when its digest key is not on the box
-        record_cli_event(settings, "audit_read", "inferbox audit digest", started, facts)
+        record = found[0] if found and found[0].seq == seq else None
+        facts = {"seq": str(seq), "records": "1" if record is not None else "0"}
+        if record is None or not record.input_digest:
+            recorded(facts)
+            what = "is not in the log (pruned, or not written yet)" if record is None else "has no input digest"
+            raise click.ClickException(f"record {seq} {what}")
+        try:
+            same = log.keyring.digest_with(record.digest_key_id, data).hexdigest == record.input_digest
+            facts["matches"] = str(same).lower()
+        finally:  # record N was read: recorded, also when its digest key is not on the box
+            recorded(facts)
     if same:
         click.echo(
             f"match: {candidate.name} is the input of record {seq} ({printable(record.action)}, {record.recorded_at})"
