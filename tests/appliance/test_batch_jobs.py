@@ -575,139 +575,123 @@ def test_the_batch_worker_loads_streams_ranked_for_batches() -> None:
     assert streams_of(fake.FakeModel()) == 1
 
 
-def test_purge_deletes_a_finished_jobs_input_and_outputs_and_records_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class _Cli:
+    """A home of its own, driven through the CLI in process (the fixture drops the shell's INFERBOX_*)."""
+
+    def __init__(self, tmp_path: Path, text: str) -> None:
+        self.home = tmp_path / "home"
+        self.home.mkdir()
+        self.src = tmp_path / "in.jsonl"
+        self.src.write_text(text)
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, **env: str) -> Any:
+        return self.runner.invoke(main, [*args, "--home", str(self.home)], env=env or None)
+
+    def submit(self) -> str:
+        return str(self("batch", "submit", str(self.src), "--model", "fake-embed").stdout.strip())
+
+    def run(self, **env: str) -> Any:
+        return self("batch", "run", "--once", "--loader", "appliance.batch.fake:settings_loader", **env)
+
+    def events(self, kind: str) -> list[Any]:
+        from appliance.audit.log import AuditLog
+        from appliance.settings import load_settings
+
+        with AuditLog.open(load_settings({"home": self.home}, environ={})) as log:
+            return [e for e in log.tail(30) if e.event == kind]
+
+    def sql(self, statement: str, *params: object) -> None:
+        import sqlite3
+
+        with sqlite3.connect(self.home / "state.db") as conn:
+            conn.execute(statement, params)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_purge_deletes_a_finished_jobs_input_and_outputs_and_records_it(tmp_path: Path) -> None:
     """A job's input copy and its rejects (raw texts) stayed on the box for ever; the report said
     inputs were held in memory only."""
-    for key in list(os.environ):
-        if key.startswith("INFERBOX_"):
-            monkeypatch.delenv(key)
-    home = tmp_path / "home"
-    home.mkdir()
-    runner = CliRunner()
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"id": 1, "text": "Jane Roe"}\n{"id": 2, "text": 5}\n')
-    base = ["--home", str(home)]
-    done = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", *base]).stdout.strip()
-    loader = ["--loader", "appliance.batch.fake:settings_loader"]
-    assert runner.invoke(main, ["batch", "run", "--once", *base, *loader]).exit_code == 0
-    queued = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", *base]).stdout.strip()
+    cli = _Cli(tmp_path, '{"id": 1, "text": "Jane Roe"}\n{"id": 2, "text": 5}\n')
+    home = cli.home
+    done = cli.submit()
+    assert cli.run().exit_code == 0
+    queued = cli.submit()
     assert b"Jane Roe" in (home / "spool" / "cur" / done / "input.jsonl").read_bytes()
     assert (home / "outbox" / done / "rejects.jsonl").is_file()
-    r = runner.invoke(main, ["batch", "purge", *base])
+    r = cli("batch", "purge")
     assert r.exit_code == 2 and "--older-than" in r.output
-    r = runner.invoke(main, ["batch", "purge", "--older-than", "1", *base])
+    r = cli("batch", "purge", "--older-than", "1")
     assert r.exit_code == 0 and r.output.strip() == "nothing to purge", r.output  # it ended just now
-    r = runner.invoke(main, ["batch", "purge", "--older-than", "0", *base])
+    r = cli("batch", "purge", "--older-than", "0")
     assert r.exit_code == 0 and r.output.startswith(f"purged job {done} (done): "), r.output
     assert not (home / "spool" / "cur" / done).exists() and not (home / "outbox" / done).exists()
     assert (home / "spool" / "new" / queued).is_dir()  # not accepted yet: not a finished job
-    status = json.loads(runner.invoke(main, ["batch", "status", done, "--json", *base]).output)
+    status = json.loads(cli("batch", "status", done, "--json").output)
     assert status["jobs"][0]["state"] == "done" and status["jobs"][0]["ok"] == 1  # the job's row stays
-    from appliance.audit.log import AuditLog
-    from appliance.settings import load_settings
-
-    with AuditLog.open(load_settings({"home": home}, environ={})) as log:
-        purges = [e for e in log.tail(20) if e.event == "batch_purge"]
-    assert [(e.job_id, e.details["state"]) for e in purges] == [(done, "done")]
-    r = runner.invoke(main, ["batch", "purge", done, *base])
+    assert [(e.job_id, e.details["state"]) for e in cli.events("batch_purge")] == [(done, "done")]
+    r = cli("batch", "purge", done)
     assert r.exit_code == 0 and r.output.strip() == "nothing to purge"
 
 
-def test_purge_never_follows_a_row_elsewhere_and_waits_for_held_chunks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("clean_env")
+def test_purge_never_follows_a_row_elsewhere_and_waits_for_held_chunks(tmp_path: Path) -> None:
     """purge removed the folders the state database named: a row naming the home removed the home;
     and a failed job's other chunks, still running, wrote its outputs again after the purge."""
-    import sqlite3
-
-    for key in list(os.environ):
-        if key.startswith("INFERBOX_"):
-            monkeypatch.delenv(key)
-    home = tmp_path / "home"
-    home.mkdir()
-    runner = CliRunner()
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"id": 1, "text": "a"}\n')
-    base = ["--home", str(home), "--loader", "appliance.batch.fake:settings_loader"]
-    job = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)]).stdout
-    job = job.strip()
-    assert runner.invoke(main, ["batch", "run", "--once", *base]).exit_code == 0
-    with sqlite3.connect(home / "state.db") as conn:
-        conn.execute("UPDATE batch_jobs SET out_dir = ? WHERE job_id = ?", (str(home), job))
-    r = runner.invoke(main, ["batch", "purge", job, "--home", str(home)])
+    cli = _Cli(tmp_path, '{"id": 1, "text": "a"}\n')
+    home = cli.home
+    job = cli.submit()
+    assert cli.run().exit_code == 0
+    cli.sql("UPDATE batch_jobs SET out_dir = ? WHERE job_id = ?", str(home), job)
+    r = cli("batch", "purge", job)
     assert r.exit_code == 1 and f"its data is recorded at {home}, not {home / 'outbox' / job}" in r.output, r.output
     assert (home / "state.db").is_file() and (home / "outbox" / job).is_dir()
-    with sqlite3.connect(home / "state.db") as conn:
-        conn.execute("UPDATE batch_jobs SET out_dir = ? WHERE job_id = ?", (str(home / "outbox" / job), job))
-        conn.execute("UPDATE batch_chunks SET state = 'leased', lease_until = 9e12 WHERE job_id = ?", (job,))
-    r = runner.invoke(main, ["batch", "purge", job, job, "--home", str(home)])
+    cli.sql("UPDATE batch_jobs SET out_dir = ? WHERE job_id = ?", str(home / "outbox" / job), job)
+    cli.sql("UPDATE batch_chunks SET state = 'leased', lease_until = 9e12 WHERE job_id = ?", job)
+    r = cli("batch", "purge", job, job)
     assert r.exit_code == 1 and "a worker still holds 1 of its chunks" in r.output, r.output
-    with sqlite3.connect(home / "state.db") as conn:
-        conn.execute("UPDATE batch_chunks SET state = 'failed', lease_until = NULL WHERE job_id = ?", (job,))
-        conn.execute("UPDATE batch_jobs SET state = 'failed' WHERE job_id = ?", (job,))
-    r = runner.invoke(main, ["batch", "purge", job, job, "--home", str(home)])
+    cli.sql("UPDATE batch_chunks SET state = 'failed', lease_until = NULL WHERE job_id = ?", job)
+    cli.sql("UPDATE batch_jobs SET state = 'failed' WHERE job_id = ?", job)
+    r = cli("batch", "purge", job, job)
     assert r.exit_code == 0 and r.output.count("purged job") == 1, r.output  # named twice, purged once
-    r = runner.invoke(main, ["batch", "retry", job, "--home", str(home)])
+    r = cli("batch", "retry", job)
     assert r.exit_code == 1 and "input copy is gone" in r.output and "submit the file again" in r.output
 
 
+@pytest.mark.usefixtures("clean_env")
 def test_a_submit_whose_record_fails_spools_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The job was spooled (and its id printed) before its batch_submit record: a record that failed
     left a job a script would submit again, run twice."""
     from appliance.audit import log as audit_log
 
-    for key in list(os.environ):
-        if key.startswith("INFERBOX_"):
-            monkeypatch.delenv(key)
-    home = tmp_path / "home"
-    home.mkdir()
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"id": 1, "text": "a"}\n')
+    cli = _Cli(tmp_path, '{"id": 1, "text": "a"}\n')
 
     def disk_full(self: object, event: object) -> int:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(audit_log.AuditLog, "append", disk_full)
-    r = CliRunner().invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)])
+    r = cli("batch", "submit", str(cli.src), "--model", "fake-embed")
     assert r.exit_code != 0 and r.stdout == "", r.output
-    assert list((home / "spool" / "new").iterdir()) == [] and list((home / "spool" / "tmp").iterdir()) == []
+    assert list((cli.home / "spool" / "new").iterdir()) == [] and list((cli.home / "spool" / "tmp").iterdir()) == []
 
 
-def test_batch_retention_days_purges_old_finished_jobs_at_each_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("clean_env")
+def test_batch_retention_days_purges_old_finished_jobs_at_each_run(tmp_path: Path) -> None:
     """Nothing deleted a job's data by itself: batch_retention_days makes each `batch run` (the batch
     timer starts one nightly) purge the finished jobs that ended longer ago, recorded as such."""
-    import sqlite3
-
-    for key in list(os.environ):
-        if key.startswith("INFERBOX_"):
-            monkeypatch.delenv(key)
-    home = tmp_path / "home"
-    home.mkdir()
-    runner = CliRunner()
-    src = tmp_path / "in.jsonl"
-    src.write_text('{"id": 1, "text": "a"}\n')
-    run = ["batch", "run", "--once", "--home", str(home), "--loader", "appliance.batch.fake:settings_loader"]
-    old = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)]).stdout
-    old = old.strip()
-    assert runner.invoke(main, run).exit_code == 0
-    with sqlite3.connect(home / "state.db") as conn:  # it ended long ago
-        conn.execute("UPDATE batch_jobs SET ended_at = '2000-01-01T00:00:00.000000Z' WHERE job_id = ?", (old,))
-    new = runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)]).stdout
-    new = new.strip()
-    assert runner.invoke(main, run).exit_code == 0  # retention off (0): nothing goes
+    cli = _Cli(tmp_path, '{"id": 1, "text": "a"}\n')
+    home = cli.home
+    old = cli.submit()
+    assert cli.run().exit_code == 0
+    # it ended long ago
+    cli.sql("UPDATE batch_jobs SET ended_at = '2000-01-01T00:00:00.000000Z' WHERE job_id = ?", old)
+    new = cli.submit()
+    assert cli.run().exit_code == 0  # retention off (0): nothing goes
     assert (home / "outbox" / old).is_dir()
-    r = runner.invoke(main, run, env={"INFERBOX_BATCH_RETENTION_DAYS": "7"})
+    r = cli.run(INFERBOX_BATCH_RETENTION_DAYS="7")
     assert r.exit_code == 0, r.output
     assert not (home / "outbox" / old).exists() and not (home / "spool" / "cur" / old).exists()
     assert (home / "outbox" / new).is_dir() and (home / "spool" / "cur" / new).is_dir()  # ended just now
-    from appliance.audit.log import AuditLog
-    from appliance.settings import load_settings
-
-    with AuditLog.open(load_settings({"home": home}, environ={})) as log:
-        [purge] = [e for e in log.tail(30) if e.event == "batch_purge"]
+    [purge] = cli.events("batch_purge")
     assert purge.job_id == old and purge.action == "inferbox batch run (batch_retention_days)"
     assert purge.details["batch_retention_days"] == "7"
