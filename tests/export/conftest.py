@@ -10,6 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from export.spec import ExportSpec
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -95,3 +97,10 @@ def tiny_bert_parts(words: list[str], **config: object) -> tuple[object, object]
         **config,
     )
     return fast, bert
+
+
+def quick_spec(source: object, task: str, repo: Path, **extra: object) -> ExportSpec:
+    """An export of ``source`` named ``m`` into ``repo``: quick timing, one thread, the fp32 ONNX
+    variant only unless ``variants`` says otherwise."""
+    given: dict[str, object] = {"variants": ("onnx-fp32",), **extra}
+    return ExportSpec(source=source, task=task, name="m", repository=repo, timing="quick", threads=1, **given)  # type: ignore[arg-type]

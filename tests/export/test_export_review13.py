@@ -21,6 +21,7 @@ from export.samples import read_arrays
 from export.sources import hf
 from export.spec import ExportSpec, check_gates, parse_gate
 from runtime.errors import CalibrationError, ExportError, GateError, SourceError
+from tests.export.conftest import quick_spec as _spec
 from tests.export.conftest import tiny_bert_parts
 
 WORDS = ["the", "a", "loan", "bank", "card", "pay", "good", "bad", "day", "night"]
@@ -47,19 +48,6 @@ def no_onnx_export(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the ONNX export started before the bad input was found")
 
     monkeypatch.setattr(hf, "_export_onnx", reached)
-
-
-def _spec(source: object, task: str, repo: Path, **extra: object) -> ExportSpec:
-    return ExportSpec(
-        source=source,
-        task=task,
-        name="m",
-        repository=repo,
-        timing="quick",
-        threads=1,
-        variants=("onnx-fp32",),
-        **extra,  # type: ignore[arg-type]
-    )
 
 
 def _invoke(home: Path, *args: str) -> Result:

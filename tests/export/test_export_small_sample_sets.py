@@ -13,23 +13,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.pipeline import PROBE_MIN_ROWS, export_model
-from export.spec import ExportSpec
 from runtime.errors import CalibrationError, GateError, SourceError
 from tests.export.conftest import build_mlp, tiny_bert_parts
+from tests.export.conftest import quick_spec as _spec
 
 WORDS = ["the", "a", "loan", "bank", "card", "pay", "good", "bad", "day", "night"]
-
-
-def _spec(source: object, task: str, repo: Path, **extra: object) -> ExportSpec:
-    return ExportSpec(
-        source=source,
-        task=task,
-        name="m",
-        repository=repo,
-        timing="quick",
-        threads=1,
-        **extra,  # type: ignore[arg-type]
-    )
 
 
 def _batch_dependent_onnx(path: Path) -> Path:
@@ -59,7 +47,6 @@ def test_a_one_row_validation_file_still_measures_the_batch_gate_on_a_tensor_mod
         source,
         "tensor",
         tmp_path / "repo",
-        variants=("onnx-fp32",),
         validation=tmp_path / "one.npz",
         calibration=tmp_path / "cal.npz",
     )
@@ -90,9 +77,7 @@ def test_a_probe_never_fails_an_export_its_own_validation_passes(tmp_path: Path)
     model refuses (the customer's calibration rows) is said, not fatal."""
     np.savez(tmp_path / "two.npz", ids=np.array([[1], [7]], np.int64))
     source = _lookup_onnx(tmp_path / "lookup.onnx")
-    alone = export_model(
-        _spec(source, "tensor", tmp_path / "repo", variants=("onnx-fp32",), validation=tmp_path / "two.npz")
-    )
+    alone = export_model(_spec(source, "tensor", tmp_path / "repo", validation=tmp_path / "two.npz"))
     assert "no probe batch could be formed (measured on those rows only)" in alone.notes["batch_probe"]
     np.savez(tmp_path / "cal.npz", ids=np.arange(20, dtype=np.int64).reshape(20, 1))  # 10..19: out of range
     refused = export_model(
@@ -100,7 +85,6 @@ def test_a_probe_never_fails_an_export_its_own_validation_passes(tmp_path: Path)
             source,
             "tensor",
             tmp_path / "repo",
-            variants=("onnx-fp32",),
             validation=tmp_path / "two.npz",
             calibration=tmp_path / "cal.npz",
         )
@@ -118,7 +102,6 @@ def test_a_tensor_model_whose_answers_do_not_depend_on_the_batch_passes_with_one
             build_mlp(tmp_path / "mlp.onnx"),
             "tensor",
             tmp_path / "repo",
-            variants=("onnx-fp32",),
             validation=tmp_path / "one.npz",
             calibration=tmp_path / "cal.npz",
         )
@@ -156,7 +139,6 @@ def test_a_validation_set_with_big_enough_batches_gets_no_probe(tmp_path: Path) 
             build_mlp(tmp_path / "mlp.onnx"),
             "tensor",
             tmp_path / "repo",
-            variants=("onnx-fp32",),
             validation=tmp_path / "val.npz",
         )
     )
@@ -167,7 +149,7 @@ def test_a_validation_set_with_big_enough_batches_gets_no_probe(tmp_path: Path) 
 def test_an_onnx_sample_file_of_the_wrong_shape_is_refused_naming_it(tmp_path: Path, which: str) -> None:
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((40, 15), np.float32))
-    spec = _spec(build_mlp(tmp_path / "mlp.onnx"), "tensor", tmp_path / "repo", variants=("onnx-fp32",), **{which: bad})
+    spec = _spec(build_mlp(tmp_path / "mlp.onnx"), "tensor", tmp_path / "repo", **{which: bad})
     with pytest.raises(CalibrationError, match=r"bad\.npz: input 'x' has shape \[40, 15\], the model takes \[N, 16\]"):
         export_model(spec)
     assert not (tmp_path / "repo" / "m").exists()
@@ -184,7 +166,6 @@ def test_a_module_sample_file_of_the_wrong_shape_is_refused_naming_it(tmp_path: 
         module,
         "image-classification",
         tmp_path / "repo",
-        variants=("onnx-fp32",),
         example_inputs={"pixels": np.zeros((1, 1, 8, 8), np.float32)},
         **{which: bad},
     )
@@ -205,7 +186,6 @@ def test_a_module_that_fails_on_the_validation_rows_is_a_source_error(tmp_path: 
         Picky(),
         "tensor",
         tmp_path / "repo",
-        variants=("onnx-fp32",),
         example_inputs={"x": np.zeros((1, 4), np.float32)},
     )
     with pytest.raises(SourceError, match=r"Picky failed on the validation samples \(RuntimeError: one row at a time"):
