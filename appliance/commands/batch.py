@@ -168,22 +168,19 @@ def _model_hint(settings: Settings, model: str, version: int | None) -> tuple[bo
     """Whether ``model`` (as the repository holds it now) reads text (None: cannot be told), and what
     to warn of when the repository does not hold it: the job is taken (the model may be installed
     before it runs), but a mistyped name was told only when the job ran and failed."""
+    from appliance.models.listing import absent
     from runtime.manifest import decode_manifest
     from runtime.repository import Repository
 
+    missing = absent(settings.repository, model, version)
+    if missing is not None:
+        return None, (
+            f"{missing}; the job fails when it runs unless it is installed first (`inferbox models list` shows "
+            "what is there)"
+        )
     repo = Repository(settings.repository)
     try:
         known = repo.versions(model)
-        have = "versions " + ", ".join(map(str, known)) if known else "models: " + (", ".join(repo.models()) or "none")
-    except Exception:  # unreadable: no hint, the job's run says what is wrong
-        return None, ""
-    if not known or (version is not None and version not in known):
-        wanted = f"model {model!r}" + ("" if version is None else f" version {version}")
-        return None, (
-            f"{wanted} is not in the repository {settings.repository} ({have}); the job fails when it runs "
-            "unless it is installed first (`inferbox models list` shows what is there)"
-        )
-    try:
         found = repo.path(model, version if version is not None else known[-1])
         return decode_manifest((found / "manifest.json").read_bytes()).text is not None, ""
     except Exception:  # any reason it cannot be read: no hint, the job's run says what is wrong

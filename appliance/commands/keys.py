@@ -182,19 +182,12 @@ def create(
 def _unknown_model(settings: Settings, model: str) -> str:
     """What to warn of when the repository does not hold ``model``: the key is made (the model may be
     installed later), but a mistyped name gave a key that every request was refused with."""
-    from runtime.repository import Repository
+    from appliance.models.listing import absent
 
-    repo = Repository(settings.repository)
-    try:
-        if repo.versions(model):
-            return ""
-        have = ", ".join(repo.models()) or "none"
-    except Exception:  # unreadable: no hint (the server says what is wrong)
+    missing = absent(settings.repository, model)
+    if missing is None:
         return ""
-    return (
-        f"model {model!r} is not in the repository {settings.repository} (models: {have}); this key is refused "
-        "for every other model, so check the name (`inferbox models list`)"
-    )
+    return f"{missing}; this key is refused for every other model, so check the name (`inferbox models list`)"
 
 
 @keys.command("list")

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from appliance.settings import Settings
 
-__all__ = ["Listed", "list_packages"]
+__all__ = ["Listed", "absent", "list_packages"]
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,19 @@ def _describe(
         created_at=manifest.provenance.created_at,
         source=f"{manifest.provenance.source_kind}: {manifest.provenance.source}",
     )
+
+
+def absent(repository: Path, model: str, version: int | None = None) -> str | None:
+    """What a command that names ``model`` (a batch job, a key for it) should warn of when the
+    repository does not hold it (``version`` of it): "model 'x' is not in the repository R (models:
+    ...)"; None when it does, or when the repository cannot be read (nothing to hint)."""
+    repo = Repository(repository)
+    try:
+        known = repo.versions(model)
+        have = "versions " + ", ".join(map(str, known)) if known else "models: " + (", ".join(repo.models()) or "none")
+    except Exception:  # unreadable: no hint, what runs later says what is wrong
+        return None
+    if known and (version is None or version in known):
+        return None
+    wanted = f"model {model!r}" + ("" if version is None else f" version {version}")
+    return f"{wanted} is not in the repository {repository} ({have})"
