@@ -162,6 +162,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         waiting = outstanding(self.transport)
         if waiting == 0 and (self.transport.is_closing() or not self.flow.write_paused):
             self._answering, self._read_deadline, self._progress = False, None, None
+            self._delivered(now)
             return None
         got = acknowledged(self.transport)
         mark = got if got is not None else -waiting
@@ -174,6 +175,19 @@ class DeadlineProtocol(HttpToolsProtocol):
         _CLOSED["read_timeout"] += 1
         reset(self.transport)  # close() would wait for the client to read them
         return waiting
+
+    def _delivered(self, now: float) -> None:
+        """The answer is all in: the client's time for its next request's headers, and uvicorn's
+        keep-alive, count from now.  Postponed while the answer was on its way, either could fall due
+        a moment after a slow reader got its last byte, and close under its next request."""
+        if self.transport.is_closing() or self._begun or self._deadline is None:
+            return
+        self._deadline = max(self._deadline, now + self._header_timeout)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def _expire(self) -> bool:
         """Close the connection (408 when a request's headers began); whether a 408 was sent."""
