@@ -165,6 +165,9 @@ class AuditLog:
         #: the pace every checkpoint of this writer signs
         self.pace = Pace.of(checkpoint_every, self.checkpoint_interval)
         self.keyring = DigestKeyring(digest_keys_dir, rotate_days=digest_key_days, clock=clock)
+        #: digest keys from records this box wrote before this writer (a key this writer makes, as
+        #: ``batch submit`` does before its first record, is not a sign of a lost log)
+        self._keys_before = bool(self.keyring.key_ids())
         self.commits = 0  #: committed write transactions (group commit metric)
         self.records_written = 0
         #: what /metrics shows: replaced whole (never torn) after each append transaction
@@ -267,7 +270,7 @@ class AuditLog:
             self._pid = os.getpid()
             ensure_schema(self._conn)
             self._log_id = read_log_id(self._conn)
-            if fresh and self.keyring.key_ids():
+            if fresh and self._keys_before:
                 log.warning(
                     "the audit log %s was missing or empty, and this box has digest keys from records it wrote "
                     "before: a new log %s was started. If the old log was lost, restore it from a backup "

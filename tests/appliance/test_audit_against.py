@@ -326,3 +326,18 @@ def test_a_new_log_on_a_box_that_wrote_records_before_is_logged_as_a_warning(
         start(tmp_path)
     warned = [r.getMessage() for r in caplog.records if "a new log" in r.getMessage()]
     assert len(warned) == 1 and str(tmp_path / "audit.db") in warned[0], warned
+
+
+def test_a_digest_key_made_before_a_new_boxs_first_record_is_not_an_old_log(
+    tmp_path: Path, key: Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``batch submit`` keys its input's HMAC before it appends: on a new box that is no lost log."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="appliance.audit.log"):
+        log = AuditLog(tmp_path / "audit.db", signing_key=key, digest_keys_dir=tmp_path / "keys" / "digest")
+        log.keyring.hasher()  # the box's first digest key, before its first record
+        log.append(T.event(0))
+        log.close()
+    assert log.keyring.key_ids()
+    assert not [r for r in caplog.records if "a new log" in r.getMessage()]
