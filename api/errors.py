@@ -177,6 +177,9 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     param: str | None = None
     if (isinstance(exc, InferboxError) and status < 500) or isinstance(exc, PackageError | SelectionError):
         message = str(exc)
+        server = request.app.state.get("server")
+        if isinstance(exc, PackageError | SelectionError) and server is not None:
+            message = server.registry.public(message)  # the repository's files, not the box's paths
         if isinstance(exc, ModelNotFoundError) and not _sees_every_model(ctx.principal):
             message = exc.narrow  # a key for some models learns nothing of the others, not even which are loaded
         param = getattr(exc, "field", None)  # InputError's field; "model" for a model of another kind

@@ -291,6 +291,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
     registry = ModelRegistry(
         model_loader(settings, streams=settings.streams, workers=settings.workers),
         lambda: repository_index(settings.repository, public_key),
+        settings.repository,
     )
     for name in Repository(settings.repository).models():
         try:

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -341,9 +342,12 @@ class ModelRegistry:
         self,
         loader: Callable[[str, int | None], LoadedModel],
         index: Callable[[], list[IndexEntry]],
+        root: Path | None = None,
     ) -> None:
         self._loader = loader
         self._index = index
+        #: the repository's folder on the box: :meth:`public` names its files relative to it
+        self._roots = sorted({f"{r}/" for r in (root, root.resolve())}, key=len, reverse=True) if root else []
         self._lock = threading.RLock()
         #: serializes loads (slow: opening a session) without blocking get()
         self._load_lock = threading.Lock()
@@ -445,10 +449,18 @@ class ModelRegistry:
             if key in loaded:
                 seen[key] = IndexEntry(entry.name, entry.version, "READY", "")
             else:
-                seen[key] = IndexEntry(entry.name, entry.version, "UNAVAILABLE", errors.get(key, entry.reason))
+                reason = self.public(errors.get(key, entry.reason))
+                seen[key] = IndexEntry(entry.name, entry.version, "UNAVAILABLE", reason)
         for name, version in loaded:
             seen.setdefault((name, version), IndexEntry(name, version, "READY", ""))
         return [seen[k] for k in sorted(seen)]
+
+    def public(self, message: str) -> str:
+        """``message`` (a package's or a load's reason) for a client: the repository's files named
+        relative to it (``broken/1/manifest.json``), not by the box's paths."""
+        for root in self._roots:
+            message = message.replace(root, "")
+        return message
 
     def close(self) -> None:
         for model in self.loaded():
