@@ -104,6 +104,12 @@ class OrtSession:
         )
         self.input_names: tuple[str, ...] = tuple(i.name for i in self._inputs)
         self.output_names: tuple[str, ...] = tuple(o.name for o in session.get_outputs())
+        import onnxruntime
+
+        #: a run's failure is the exception :meth:`run` turns into an error (a client's bad input:
+        #: a 400); onnxruntime's own log line for it (stderr, coloured) is not written
+        self._run_options = onnxruntime.RunOptions()
+        self._run_options.log_severity_level = 4
 
     @property
     def threads(self) -> int:
@@ -120,7 +126,7 @@ class OrtSession:
         check_inputs(inputs, self._inputs)
         names = check_outputs(outputs, self.output_names)
         try:
-            results = self._session.run(names, inputs)
+            results = self._session.run(names, inputs, self._run_options)
         except Exception as exc:
             kind = type(exc).__name__
             if kind in ("InvalidArgument", "INVALID_ARGUMENT"):

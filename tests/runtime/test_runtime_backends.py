@@ -600,3 +600,29 @@ def test_openvino_sessions_closed_first_in_first_out_leave_signals_working(tiny_
         check=False,
     )
     assert run.returncode == 0 and "interrupted cleanly" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
+def test_an_input_onnxruntime_rejects_is_an_input_error_and_writes_nothing_to_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A client's out-of-range token id is a 400 for that client; onnxruntime's own coloured
+    ``[E:onnxruntime...]`` line for it went to the service's stderr, one per bad request."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("E", TensorProto.FLOAT, [4, 2], np.arange(8, dtype=np.float32).tolist())
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "i"], ["y"])],
+        "gather",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+        [table],
+    )
+    path = tmp_path / "gather.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    session = OrtBackend("ort-cpu").open(path, OpenOptions())
+    capfd.readouterr()
+    with pytest.raises(InputError, match="out of data bounds"):
+        session.run({"i": np.array([9], np.int64)})
+    np.testing.assert_array_equal(session.run({"i": np.array([1], np.int64)})["y"], [[2.0, 3.0]])
+    assert capfd.readouterr().err == ""
