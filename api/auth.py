@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.envelope import RequestContext, context_of
-from api.protocols import KeyVerifier, Principal
+from api.protocols import SCOPES, KeyVerifier, Principal
 from runtime.errors import AuthError, ForbiddenError, OverloadError, shown
 
 __all__ = ["ANONYMOUS", "Authenticator", "RateLimiter", "auth_guard", "authorization_of", "identify"]
 
 #: the principal when auth is off: every scope
-ANONYMOUS = Principal(key_id="anonymous", scopes=("infer", "models:admin", "keys:admin", "audit:read", "metrics:read"))
+ANONYMOUS = Principal(key_id="anonymous", scopes=SCOPES)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import msgspec
 
 __all__ = [
+    "SCOPES",
     "AuditEvent",
     "AuditReader",
     "AuditSink",
@@ -22,6 +23,9 @@ __all__ = [
     "KeyVerifier",
     "Principal",
 ]
+
+#: every scope a key can hold (docs/api.md, *Authentication*): the first admin key has them all
+SCOPES = ("infer", "models:admin", "keys:admin", "audit:read", "metrics:read")
 
 Outcome = Literal["success", "failure"]
 

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from api.protocols import Principal
+from api.protocols import SCOPES, Principal
 from appliance.sqlite import enable_wal, open_read_only
 from runtime.errors import AuthError, ConfigError, InputError
 
@@ -46,7 +46,6 @@ __all__ = [
     "parse_expiry",
 ]
 
-SCOPES = ("infer", "models:admin", "keys:admin", "audit:read", "metrics:read")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _KEY = re.compile(r"ibx_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 _ID = re.compile(r"[0-9a-f]{12}")

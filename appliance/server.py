@@ -36,8 +36,6 @@ __all__ = ["Prepared", "app_factory", "batch_loader", "build_app", "model_loader
 
 log = logging.getLogger(__name__)
 
-ADMIN_SCOPES = ("infer", "models:admin", "keys:admin", "audit:read", "metrics:read")
-
 
 def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -212,7 +210,7 @@ def _create_first_admin_key(settings: Settings, store: Any) -> tuple[str, str]:
     """The first admin key, recorded as ``key_create`` like ``inferbox keys create`` records its keys.
 
     The audit log is opened before the key is made, so a log that cannot be written stops serve."""
-    from api.protocols import AuditEvent
+    from api.protocols import SCOPES, AuditEvent
 
     audit = None
     if settings.audit:
@@ -222,7 +220,7 @@ def _create_first_admin_key(settings: Settings, store: Any) -> tuple[str, str]:
     try:
         started = utc_now()
         name = "first admin (created by serve)"
-        record, secret = store.create(ADMIN_SCOPES, name=name, first=True)
+        record, secret = store.create(SCOPES, name=name, first=True)
         if audit is not None:
             audit.append(
                 AuditEvent(

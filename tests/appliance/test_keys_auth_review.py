@@ -68,8 +68,9 @@ def test_auth_off_on_loopback_and_auth_on_anywhere_are_accepted(tmp_path: Path) 
 
 
 def test_the_first_admin_key_has_a_key_create_record(tmp_path: Path) -> None:
+    from api.protocols import SCOPES
     from appliance.audit.log import AuditLog
-    from appliance.server import ADMIN_SCOPES, prepare
+    from appliance.server import prepare
 
     settings = load_settings({"home": tmp_path / "home"}, environ={})
     prepared = prepare(settings, build_default=False)
@@ -80,7 +81,7 @@ def test_the_first_admin_key_has_a_key_create_record(tmp_path: Path) -> None:
     finally:
         log.close()
     assert [(r.credential_id, r.actor) for r in created] == [(prepared.admin_key_id, "system:first-start")]
-    assert created[0].details["scopes"] == ",".join(ADMIN_SCOPES)
+    assert created[0].details["scopes"] == ",".join(SCOPES)
     assert prepared.admin_key is not None and prepared.admin_key not in repr(created)
     assert prepare(settings, build_default=False).admin_key is None  # once only
 
