@@ -26,6 +26,7 @@ from api.errors import OpenAIError
 from api.protocols import AuditReader
 from api.schemas import AuditPage
 from runtime.errors import InputError
+from runtime.times import utc_iso
 
 __all__ = ["MAX_PAGE", "MAX_SEQ", "routes"]
 
@@ -51,7 +52,7 @@ def _utc(value: str | None, field: str) -> str | None:
             f"{field}: {value[:64]!r} is not an ISO 8601 date or time (e.g. 2026-05-01 or 2026-05-01T12:00:00Z)",
             field=field,
         ) from None
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_iso(moment)
 
 
 def _fingerprint(value: str) -> str:

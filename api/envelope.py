@@ -20,14 +20,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from api.metrics import Metrics
 from api.protocols import AuditEvent, AuditSink, AuditStatsSource, Principal
 from runtime.errors import AuditError
+from runtime.times import utc_iso
 
-__all__ = ["CLIENT_GONE", "RequestContext", "client_certificate", "context_of", "envelope", "utc_iso"]
+__all__ = ["CLIENT_GONE", "RequestContext", "client_certificate", "context_of", "envelope"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 STATE_KEY = "inferbox_ctx"
-
-
-def utc_iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 #: the longest model name a request may put in its audit record as asked (longer names are cut)

@@ -34,6 +34,7 @@ from typing import Any
 from api.protocols import SCOPES, Principal
 from appliance.sqlite import enable_wal, open_read_only
 from runtime.errors import AuthError, ConfigError, InputError
+from runtime.times import parse_utc_iso, utc_iso
 
 __all__ = [
     "SCOPES",
@@ -92,14 +93,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse_iso(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
 def parse_expiry(text: str) -> datetime:
     """``YYYY-MM-DD`` (the key expires at 00:00 UTC that day) or an ISO 8601 time (UTC if no zone)."""
     try:
@@ -128,7 +121,7 @@ class KeyRecord:
     def state(self, now: datetime) -> str:
         if self.revoked_at is not None:
             return "revoked"
-        if self.expires_at is not None and _parse_iso(self.expires_at) <= now:
+        if self.expires_at is not None and parse_utc_iso(self.expires_at) <= now:
             return "expired"
         return "active"
 
@@ -246,7 +239,7 @@ class KeyStore:
             )
         now = self._clock()
         if expires is not None and expires <= now:
-            raise InputError(f"--expires: {_iso(expires)} is in the past", field="expires")
+            raise InputError(f"--expires: {utc_iso(expires)} is in the past", field="expires")
         if rate_limit_per_minute < 0:
             raise InputError("rate_limit_per_minute: must be >= 0", field="rate_limit_per_minute")
         if any(unicodedata.category(c).startswith("C") for c in name):
@@ -258,8 +251,8 @@ class KeyStore:
             id=key_id,
             name=name,
             scopes=checked,
-            created_at=_iso(now),
-            expires_at=_iso(expires) if expires is not None else None,
+            created_at=utc_iso(now),
+            expires_at=utc_iso(expires) if expires is not None else None,
             revoked_at=None,
             rate_limit_per_minute=rate_limit_per_minute,
             client_cert_sha256=client_cert_sha256,
@@ -307,7 +300,8 @@ class KeyStore:
         key_id = key_id_of(key_id)
         with self._write() as conn:
             cur = conn.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (_iso(self._clock()), key_id)
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (utc_iso(self._clock()), key_id),
             )
             changed = cur.rowcount == 1
         return self.get(key_id), changed  # get: an unknown id is an InputError
@@ -355,7 +349,7 @@ def bound_key_ids(db_path: Path, now: datetime | None = None) -> list[str]:
         rows = conn.execute(
             "SELECT id FROM api_keys WHERE client_cert_sha256 IS NOT NULL AND revoked_at IS NULL "
             "AND (expires_at IS NULL OR expires_at > ?) ORDER BY id",
-            (_iso(now or _now()),),
+            (utc_iso(now or _now()),),
         ).fetchall()
     except sqlite3.OperationalError as exc:
         if "no such" in str(exc):  # no such table / column

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.settings import METRICS_DIR_ENV, Settings, load_settings
 from runtime.errors import ConfigError, InferboxError
 from runtime.logs import configure as configure_logging
+from runtime.times import utc_iso
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -35,10 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["Prepared", "app_factory", "batch_loader", "build_app", "model_loader", "prepare", "public_key_of"]
 
 log = logging.getLogger(__name__)
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass(frozen=True)
@@ -218,7 +215,7 @@ def _create_first_admin_key(settings: Settings, store: Any) -> tuple[str, str]:
 
         audit = AuditLog.open(settings)
     try:
-        started = utc_now()
+        started = utc_iso()
         name = "first admin (created by serve)"
         record, secret = store.create(SCOPES, name=name, first=True)
         if audit is not None:
@@ -231,7 +228,7 @@ def _create_first_admin_key(settings: Settings, store: Any) -> tuple[str, str]:
                     outcome="success",
                     status=0,
                     started_at=started,
-                    ended_at=utc_now(),
+                    ended_at=utc_iso(),
                     credential_id=record.id,
                     details={"scopes": ",".join(record.scopes), "name": name, "expires_at": ""},
                 )
@@ -303,7 +300,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
 def _event(event: str, action: str, outcome: str = "success", **details: str) -> Any:
     from api.protocols import AuditEvent
 
-    now = utc_now()
+    now = utc_iso()
     return AuditEvent(
         event=event,
         action=action,

@@ -20,6 +20,7 @@ import msgspec
 
 from api.protocols import AuditEvent
 from runtime.errors import AuditError
+from runtime.times import utc_iso
 
 __all__ = [
     "DOMAIN",
@@ -108,7 +109,7 @@ def format_time(moment: datetime) -> str:
     """UTC ISO 8601 with microseconds and ``Z`` (the one time format of the log)."""
     if moment.tzinfo is None:
         raise AuditError("audit times must be timezone-aware; pass datetime.now(UTC)")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_iso(moment)
 
 
 def parse_time(text: str) -> datetime:

@@ -49,6 +49,7 @@ from appliance.settings import Settings
 from appliance.sqlite import open_read_only
 from runtime.durable import fsync_dir, publish_new
 from runtime.errors import BackupError, InferboxError
+from runtime.times import utc_iso
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -452,7 +453,7 @@ def create_backup(
             "disk or share there, or pass --same-disk to write there all the same"
         )
     moment = clock()
-    created_at = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    created_at = utc_iso(moment)
     box = box_name(settings)
     final = folder / archive_name(moment, box, encrypted=recipient is not None)
     if final.exists():

@@ -18,7 +18,6 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from appliance.batch.readers import ChunkPlan
 from appliance.batch.spool import JobRequest
 from appliance.sqlite import enable_wal
 from runtime.errors import BatchError
+from runtime.times import utc_iso
 
 __all__ = ["Activity", "Job", "JobStore", "Lease"]
 
@@ -99,10 +99,6 @@ _CLAIM_SQL = {
 
 def _retry_hint(job_id: str) -> str:
     return f"fix the cause, then `inferbox batch retry {job_id}` runs the chunks not done"
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class JobStore:
@@ -235,7 +231,7 @@ class JobStore:
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM batch_jobs WHERE job_id = ?", (request.job_id,)).fetchone():
                 return False
-            now = _iso(self.clock())
+            now = utc_iso(self.clock())
             conn.execute(
                 "INSERT INTO batch_jobs (job_id, model, version, format, text_field, pair_field, input_path, "
                 "out_dir, state, submitted_at, accepted_at, chunks, records, error, ended_at) "
@@ -375,7 +371,7 @@ class JobStore:
             cur = conn.execute(
                 "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ?, claim_worker = NULL, "
                 "claim_until = NULL WHERE job_id = ? AND state IN ('queued', 'running')",
-                (error, _iso(self.clock()), job_id),
+                (error, utc_iso(self.clock()), job_id),
             )
             return cur.rowcount == 1
 
@@ -410,7 +406,7 @@ class JobStore:
             conn.execute(
                 "UPDATE batch_jobs SET state = 'done', ok = ?, rejected = ?, merkle_root = ?, ended_at = ?, "
                 "error = '', claim_worker = NULL, claim_until = NULL WHERE job_id = ?",
-                (ok, rejected, merkle_root, _iso(self.clock()), job_id),
+                (ok, rejected, merkle_root, utc_iso(self.clock()), job_id),
             )
 
     # -- chunks ---------------------------------------------------------------------------
@@ -439,7 +435,7 @@ class JobStore:
             conn.execute(
                 "UPDATE batch_jobs SET state = 'running', started_at = COALESCE(started_at, ?) "
                 "WHERE job_id = ? AND state = 'queued'",
-                (_iso(now), row["job_id"]),
+                (utc_iso(now), row["job_id"]),
             )
         job = self.job(row["job_id"])
         assert job is not None
@@ -483,7 +479,11 @@ class JobStore:
                     return False  # another chunk in flight failed the job first: one batch_end
                 conn.execute(
                     "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ? WHERE job_id = ?",
-                    (f"chunk {idx} failed {row[0]} times: {error}; {_retry_hint(job_id)}", _iso(self.clock()), job_id),
+                    (
+                        f"chunk {idx} failed {row[0]} times: {error}; {_retry_hint(job_id)}",
+                        utc_iso(self.clock()),
+                        job_id,
+                    ),
                 )
                 return True
             conn.execute(
@@ -519,7 +519,7 @@ class JobStore:
                 error = f"{chunk_error}; {_retry_hint(job_id)}"
                 conn.execute(
                     "UPDATE batch_jobs SET state = 'failed', error = ?, ended_at = ? WHERE job_id = ?",
-                    (error, _iso(now), job_id),
+                    (error, utc_iso(now), job_id),
                 )
                 failed.append((job_id, error))
         return failed

@@ -33,6 +33,7 @@ import msgspec
 
 from runtime.durable import fsync_dir
 from runtime.errors import BatchError
+from runtime.times import utc_iso
 
 __all__ = [
     "FORMATS",
@@ -309,7 +310,7 @@ def submit(
         text_field=text_field,
         pair_field=pair_field,
         source=str(source),
-        submitted_at=datetime.fromtimestamp(now(), UTC).isoformat().replace("+00:00", "Z"),
+        submitted_at=utc_iso(now()),
     )
     staging = spool / "tmp" / job_id
     staging.mkdir()

@@ -23,6 +23,7 @@ from api.protocols import AuditEvent
 from appliance.commands.options import build_settings, existing_home, state_options
 from appliance.keys import KeyStore, certificate_sha256, parse_expiry
 from appliance.settings import Settings
+from runtime.times import utc_iso
 
 __all__ = ["Recorder", "cli_user", "keys", "recorder_factory"]
 
@@ -50,10 +51,6 @@ def _audit_log_recorder(settings: Settings) -> Iterator[Recorder | None]:
 
 #: settings -> context manager yielding a recorder (or None: not recorded)
 recorder_factory: Callable[[Settings], AbstractContextManager[Recorder | None]] = _audit_log_recorder
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def cli_user() -> str:
@@ -84,7 +81,7 @@ def _event(kind: str, action: str, key_id: str, details: dict[str, str], started
         outcome="success",
         status=0,
         started_at=started,
-        ended_at=_now(),
+        ended_at=utc_iso(),
         credential_id=key_id,
         details=details,
     )
@@ -136,7 +133,7 @@ def create(
 ) -> None:
     """Create a key and print it once."""
     settings = _settings(home, repository)
-    started = _now()
+    started = utc_iso()
     expiry = parse_expiry(expires) if expires else None
     bound = certificate_sha256(client_cert) if client_cert is not None else None
     if bound is not None and settings.tls_client_ca is None:
@@ -220,7 +217,7 @@ def list_keys(home: Path | None, repository: Path | None, as_json: bool) -> None
 def revoke(home: Path | None, repository: Path | None, key_id: str) -> None:
     """Revoke a key at once (a key revoked already is left as it is)."""
     settings = _settings(home, repository)
-    started = _now()
+    started = utc_iso()
     with recorder_factory(settings) as record:
         store = KeyStore(settings.state_db)
         try:

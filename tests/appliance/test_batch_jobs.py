@@ -56,11 +56,14 @@ def _worker(root: Path, store: JobStore, clock: Clock, worker_id: str, loads: li
 
 def test_submit_is_atomic_and_accept_is_idempotent(tmp_path: Path) -> None:
     src = _input(tmp_path)
-    job_id = submit(tmp_path / "spool", src, model="fake-embed", version=2, text_field="body")
+    job_id = submit(
+        tmp_path / "spool", src, model="fake-embed", version=2, text_field="body", now=lambda: 1_796_673_633.0
+    )
     assert [p.name for p in pending(tmp_path / "spool")] == [job_id]
     assert list((tmp_path / "spool/tmp").iterdir()) == []
     req = read_request(tmp_path / "spool/new" / job_id)
     assert (req.model, req.version, req.format, req.text_field) == ("fake-embed", 2, "jsonl", "body")
+    assert req.submitted_at == "2026-12-07T20:00:33.000000Z"  # the width of every other time of the job
     cur = accept(tmp_path / "spool", job_id)
     assert accept(tmp_path / "spool", job_id) == cur  # a second accept after a crash is fine
     assert pending(tmp_path / "spool") == []
