@@ -531,9 +531,3 @@ def settings_environment(settings: Settings) -> dict[str, str]:
             continue
         env[f"INFERBOX_{key.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
     return env
-
-
-def repository_is_empty(repository: Path) -> bool:
-    from runtime.repository import Repository
-
-    return not Repository(repository).models()

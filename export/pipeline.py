@@ -64,7 +64,7 @@ from runtime.backends.base import OpenOptions, Session
 from runtime.errors import BackendError, ExportError, GateError, InputError, SourceError
 from runtime.manifest import Accuracy, Attempt, Manifest, Timing, Variant, fixed_batch
 
-__all__ = ["ONNX_BACKENDS", "OV_BACKENDS", "check_output_gates", "export_model", "run_answers", "run_outputs"]
+__all__ = ["ONNX_BACKENDS", "OV_BACKENDS", "check_output_gates", "export_model", "run_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -699,11 +699,6 @@ def run_outputs(
             acc.append(np.asarray(res[k], dtype=np.float32))
     rows = [_rows(b) for b in batches]
     return join_parts(out, rows), {k: join_parts(v, rows) for k, v in others.items()}
-
-
-def run_answers(p: Prepared, session: Session, batches: list[Feeds]) -> npt.NDArray[np.float32]:
-    """Run ``batches`` through ``session`` and turn the outputs into the task's answers (concatenated)."""
-    return run_outputs(p, session, batches)[0]
 
 
 #: rows per validation batch that are also answered alone

@@ -35,7 +35,6 @@ __all__ = [
     "leaf_hash",
     "parse_canonical",
     "parse_time",
-    "record_event",
 ]
 
 #: first field of every canonical serialization (domain separation + version)
@@ -251,9 +250,3 @@ def parse_canonical(data: bytes) -> AuditRecord:
 def leaf_hash(record: AuditRecord) -> str:
     """``SHA-256(0x00 || canonical_bytes(record))`` as lower-case hex."""
     return hashlib.sha256(b"\x00" + canonical_bytes(record)).hexdigest()
-
-
-def record_event(record: AuditRecord) -> AuditEvent:
-    """The AuditEvent a record was made from."""
-    values = {name: getattr(record, name) for name in EVENT_FIELDS}
-    return AuditEvent(details=dict(record.details), **values)

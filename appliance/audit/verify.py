@@ -112,10 +112,6 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
         report = _with_problems(self, [Problem(seq, what) for seq, what in problems])
         return msgspec.structs.replace(report, compared_with=list(copies))
 
-    def raise_for_problems(self) -> None:
-        if not self.ok:
-            raise VerificationError(self.summary(), seq=self.first_bad_seq)
-
 
 def _report(
     log_id: str,

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from runtime.hardware import HardwareProfile
 
-__all__ = ["ORT_BACKENDS", "OrtBackend", "OrtSession", "ort_backend"]
+__all__ = ["ORT_BACKENDS", "OrtBackend", "OrtSession"]
 
 logger = logging.getLogger(__name__)
 #: ``warnings.catch_warnings`` swaps process-wide state: two opens overlapping (a model's streams
@@ -279,10 +279,6 @@ class OrtBackend:
         if hasattr(session, "disable_fallback"):
             session.disable_fallback()
         return OrtSession(self.name, session, fallback)
-
-
-def ort_backend(name: str) -> OrtBackend:
-    return OrtBackend(name)
 
 
 def _report(backend: str, caught: list[warnings.WarningMessage]) -> None:
