@@ -6,6 +6,7 @@ value, which install extra).  The tree::
 
     InferboxError
     ├── ConfigError                 settings: bad value, unknown key, bad file
+    │   └── InstallError            `inferbox install` cannot set the box up
     ├── PackageError                a model package cannot be used
     │   ├── ManifestError           manifest.json missing, unreadable or invalid
     │   ├── IntegrityError          a file's sha256/size differs, a file is missing or extra
@@ -13,13 +14,15 @@ value, which install extra).  The tree::
     │   │                           ONNX external data outside the package
     │   └── SignatureError          manifest.sig missing / bad / wrong key
     ├── ModelNotFoundError          no such model or version in the repository
+    │   └── ModelKindError          loaded, but not the kind the route serves (404)
     ├── BackendError                a backend could not open or run a session
     │   ├── BackendUnavailableError the backend's library / device is not here
     │   └── FallbackError           the session silently runs somewhere else
     ├── SelectionError              no (backend, variant) can run this package
     ├── InputError                  request data does not fit the model (field named)
     │   ├── PayloadTooLargeError    request body over the size limit, also after decompression (413)
-    │   └── BodyTimeoutError        request body not received in full in time (408)
+    │   ├── BodyTimeoutError        request body not received in full in time (408)
+    │   └── FirstKeyExistsError     the first admin key exists already (another process made it)
     ├── ExportError                 the export pipeline failed
     │   ├── SourceError             bad source: missing file, wrong task, unreadable ONNX
     │   ├── CalibrationError        calibration / validation sample file has bad rows
@@ -28,9 +31,12 @@ value, which install extra).  The tree::
     │   └── ForbiddenError          key lacks the scope (403)
     ├── OverloadError               queue full (429/503, has retry_after)
     ├── RequestTimeoutError         request waited longer than its timeout (504)
+    ├── ClientGoneError             the client left before its answer (499, no traceback)
     ├── AuditError                  the audit log cannot be written or read
     │   └── VerificationError       the chain or a checkpoint does not verify
     ├── BatchError                  spool / job problems
+    │   ├── InputChangedError       a job's input changed after it was planned
+    │   └── RecordError             one record cannot be used: it goes to the rejects
     ├── BackupError                 a backup cannot be written or restored
     └── BenchError                  a load test cannot run (server, key, model named)
 """

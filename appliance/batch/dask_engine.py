@@ -317,8 +317,14 @@ class DaskEngine:
         except BaseException:
             # what is still leased here runs nowhere now, and did not fail (the machine did): the
             # next run takes it at once, its attempts as they were
-            with contextlib.suppress(Exception):
+            try:
                 self.worker.store.expire_worker(self.worker.worker_id, spent=False)
+            except Exception as gone:  # its lease runs out instead: the chunk is taken again then
+                log.warning(
+                    "the chunks in progress could not be given back (%s); they are taken again when their "
+                    "leases run out",
+                    gone,
+                )
             raise
         return summary
 

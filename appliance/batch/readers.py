@@ -90,8 +90,9 @@ class InputChangedError(BatchError):
     the job can help, only submitting the file again as a new job."""
 
 
-class RecordError(ValueError):
-    """A record that cannot be used; the message is the reject reason."""
+class RecordError(BatchError):
+    """A record that cannot be used; the message is the reject reason (the record goes to the
+    job's rejects, the job goes on)."""
 
 
 def _csv_record_end(data: Buffer, pos: int, n: int) -> int:

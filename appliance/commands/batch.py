@@ -333,11 +333,17 @@ def run(
         if isinstance(exc, KeyboardInterrupt | SystemExit) and store is not None and worker is not None:
             # stopped from outside (Ctrl-C, SIGTERM), not by its chunk: what it held is given back,
             # attempts unspent, and the next run resumes it
-            with contextlib.suppress(Exception):
+            try:
                 if store.expire_worker(worker.worker_id, spent=False):
                     log.warning(
                         "stopped: the chunk in progress is given back; the next `inferbox batch run` resumes it"
                     )
+            except Exception as gone:  # its lease runs out instead: the chunk is taken again then
+                log.warning(
+                    "stopped: the chunk in progress could not be given back (%s); it is taken again "
+                    "when its lease runs out",
+                    gone,
+                )
         # closing must not hide the error that stopped the run (e.g. a full disk)
         for resource in (store, audit):
             if resource is not None:
