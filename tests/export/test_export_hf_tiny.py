@@ -433,3 +433,35 @@ def test_a_batch_pair_job_scores_as_transformers_scores_the_pairs(
     assert [r["id"] for r in rows] == [0, 1, 2, 3] and all(set(r) == {"id", "relevance_score"} for r in rows)
     want, _ = _transformers_pair_scores(folder, manifest.text.max_length, [q for q, _ in pairs], [d for _, d in pairs])
     np.testing.assert_allclose([r["relevance_score"] for r in rows], want, atol=1e-4)
+
+
+def test_coheres_sdk_reranks_through_a_real_server(tinyrerank: tuple[Path, Path, Manifest], tmp_path: Path) -> None:
+    """Cohere's own clients, pointed at a real ``inferbox serve``: ``ClientV2`` posts to /v2/rerank,
+    the v1 ``Client`` to /v1/rerank; both read the answer as Cohere's, with the scores transformers gives."""
+    import cohere
+
+    from tests.test_e2e_serve import serving
+
+    folder, repo, manifest = tinyrerank
+    assert manifest.text is not None
+    query, documents = "refund the card", ["good night", "the bank will refund a card pay", "open the account"]
+    want, _ = _transformers_pair_scores(folder, manifest.text.max_length, [query] * 3, documents)
+    with serving(repo, tmp_path / "home") as srv:
+        v2 = cohere.ClientV2(base_url=srv.url, api_key=srv.key, timeout=60)
+        two = v2.rerank(model="tinyrerank", query=query, documents=documents, top_n=2)
+        v1 = cohere.Client(base_url=srv.url, api_key=srv.key, timeout=60)
+        one = v1.rerank(model="tinyrerank", query=query, documents=documents, return_documents=True)
+        with pytest.raises(cohere.core.ApiError) as refused:
+            cohere.ClientV2(base_url=srv.url, api_key="ibx_000000000000_" + "x" * 43).rerank(
+                model="tinyrerank", query=query, documents=documents
+            )
+    # the serve may pick OpenVINO in bf16 for the tiny model: its scores within 2e-2 of transformers',
+    # and so its order, where two scores are that close, its own
+    order = [r.index for r in one.results]
+    assert sorted(order) == [0, 1, 2]
+    assert all(a.relevance_score >= b.relevance_score for a, b in itertools.pairwise(one.results))
+    assert [r.index for r in two.results] == order[:2]
+    for r in (*two.results, *one.results):
+        assert abs(r.relevance_score - want[r.index]) < 2e-2, (r, want)
+    assert [r.document.text for r in one.results if r.document is not None] == [documents[i] for i in order]
+    assert refused.value.status_code == 401
