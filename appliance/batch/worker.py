@@ -507,6 +507,8 @@ class BatchWorker:
             check_model_fits(model, job.format, job.pair_field)
         except InferboxError as exc:
             self._job_failed(job, str(exc), summary)
+            # the chunk did not run: it is held no longer (a retry runs it, a purge may go on)
+            self.store.give_back(job.job_id, lease.plan.idx, self.worker_id)
             return None
         except sqlite3.Error:
             raise

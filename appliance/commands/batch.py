@@ -383,7 +383,7 @@ def retry(home: Path | None, repository: Path | None, job_id: str) -> None:
     try:
         job = store.require_job(job_id)
         if job.state == "failed" and not Path(job.input_path).is_file():
-            raise click.ClickException(
+            raise BatchError(
                 f"job {job_id}'s input copy is gone (`inferbox batch purge` deleted it?): submit the file again"
             )
         left = store.retry_job(job_id)
@@ -398,12 +398,12 @@ def _job_folders(settings: Settings, job: Any) -> list[Path]:
     """The folders of ``job``'s data, built from the settings and the job id (never taken from the
     state database as they stand there: a row that names another folder is refused, not followed)."""
     if not _JOB_ID.fullmatch(job.job_id):
-        raise click.ClickException(f"job id {job.job_id!r} is not one inferbox makes; its data is not purged")
+        raise BatchError(f"job id {job.job_id!r} is not one inferbox makes; its data is not purged")
     folders = [settings.spool / "cur" / job.job_id, settings.outbox / job.job_id]
     recorded = [Path(job.input_path).parent, Path(job.out_dir)]
     for built, stored in zip(folders, recorded, strict=True):
         if os.path.abspath(built) != os.path.abspath(stored):
-            raise click.ClickException(
+            raise BatchError(
                 f"job {job.job_id}: its data is recorded at {stored}, not {built} where this home keeps it (a home "
                 "given as a relative path, or moved?); run the command with the home the job was submitted to"
             )
@@ -445,7 +445,7 @@ def purge_jobs(
 ) -> list[str]:
     """Delete the data of the finished jobs ``named`` (all, when none is) that ended more than
     ``older_than`` days ago; a line for each.  A job that may not be purged (not finished, chunks still
-    held, folders not this home's) is a ClickException, or, in a ``sweep`` (``batch run`` applying
+    held, folders not this home's) is a BatchError, or, in a ``sweep`` (``batch run`` applying
     ``batch_retention_days``), skipped with a warning in the log."""
     import shutil
 
@@ -456,7 +456,7 @@ def purge_jobs(
 
     def refuse(message: str) -> None:
         if not sweep:
-            raise click.ClickException(message)
+            raise BatchError(message)
         log.warning("batch retention: %s; left for now", message)
 
     store = JobStore(settings.state_db)
@@ -481,8 +481,8 @@ def purge_jobs(
                 continue
             try:
                 folders = [p for p in _job_folders(settings, job) if p.is_dir()]
-            except click.ClickException as exc:
-                refuse(exc.message)
+            except BatchError as exc:
+                refuse(str(exc))
                 continue
             if folders:
                 targets.append((job, folders))
@@ -539,11 +539,14 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
         store.close()
     if job_id is not None:
         queued = [q for q in queued if q == job_id]
+    # a finished job whose outputs are gone (`inferbox batch purge`, or batch_retention_days)
+    deleted = {j.job_id for j in jobs if j.state in ("done", "failed") and not Path(j.out_dir).exists()}
     if as_json:
         body = {
             "jobs": [
                 {
                     **msgspec.to_builtins(j),
+                    **({"outputs_deleted": True} if j.job_id in deleted else {}),
                     **({"activity": msgspec.to_builtins(activity[j.job_id])} if j.job_id in activity else {}),
                 }
                 for j in jobs
@@ -559,7 +562,9 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
             f"{j.job_id}  {j.state:<7} model {j.model}{'' if j.version is None else f' v{j.version}'}  "
             f"chunks {j.chunks_done}/{j.chunks}  records {j.records}  ok {j.ok}  rejected {j.rejected}"
         )
-        if j.state == "done":
+        if j.job_id in deleted:
+            line += "  outputs deleted (batch purge)"
+        elif j.state == "done":
             line += f"  -> {j.out_dir}"
         if j.error:
             line += f"\n    error: {j.error}"

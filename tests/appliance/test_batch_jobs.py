@@ -632,6 +632,9 @@ def test_purge_deletes_a_finished_jobs_input_and_outputs_and_records_it(tmp_path
     assert (home / "spool" / "new" / queued).is_dir()  # not accepted yet: not a finished job
     status = json.loads(cli("batch", "status", done, "--json").output)
     assert status["jobs"][0]["state"] == "done" and status["jobs"][0]["ok"] == 1  # the job's row stays
+    assert status["jobs"][0]["outputs_deleted"] is True
+    shown = cli("batch", "status", done).output
+    assert "outputs deleted (batch purge)" in shown and f"-> {home / 'outbox'}" not in shown, shown
     assert [(e.job_id, e.details["state"]) for e in cli.events("batch_purge")] == [(done, "done")]
     r = cli("batch", "purge", done)
     assert r.exit_code == 0 and r.output.strip() == "nothing to purge"
@@ -647,18 +650,23 @@ def test_purge_never_follows_a_row_elsewhere_and_waits_for_held_chunks(tmp_path:
     assert cli.run().exit_code == 0
     cli.sql("UPDATE batch_jobs SET out_dir = ? WHERE job_id = ?", str(home), job)
     r = cli("batch", "purge", job)
-    assert r.exit_code == 1 and f"its data is recorded at {home}, not {home / 'outbox' / job}" in r.output, r.output
+    assert r.exit_code == 2 and f"its data is recorded at {home}, not {home / 'outbox' / job}" in r.output, r.output
     assert (home / "state.db").is_file() and (home / "outbox" / job).is_dir()
     cli.sql("UPDATE batch_jobs SET out_dir = ? WHERE job_id = ?", str(home / "outbox" / job), job)
     cli.sql("UPDATE batch_chunks SET state = 'leased', lease_until = 9e12 WHERE job_id = ?", job)
     r = cli("batch", "purge", job, job)
-    assert r.exit_code == 1 and "a worker still holds 1 of its chunks" in r.output, r.output
+    assert r.exit_code == 2 and "a worker still holds 1 of its chunks" in r.output, r.output
     cli.sql("UPDATE batch_chunks SET state = 'failed', lease_until = NULL WHERE job_id = ?", job)
     cli.sql("UPDATE batch_jobs SET state = 'failed' WHERE job_id = ?", job)
     r = cli("batch", "purge", job, job)
     assert r.exit_code == 0 and r.output.count("purged job") == 1, r.output  # named twice, purged once
     r = cli("batch", "retry", job)
-    assert r.exit_code == 1 and "input copy is gone" in r.output and "submit the file again" in r.output
+    assert (
+        r.exit_code == 2
+        and r.output.startswith("error: ")
+        and "input copy is gone" in r.output
+        and "submit the file again" in r.output
+    )
 
 
 @pytest.mark.usefixtures("clean_env")

@@ -323,6 +323,9 @@ def test_a_model_the_repository_lacks_fails_its_job_with_the_loaders_error(tmp_p
     assert box.worker.run_once().failed == [job_id]
     assert box.store.require_job(job_id).error == "the loader: model 'no-such-model' is not in the repository"
     assert repo.loads == [("no-such-model", None)]  # "latest" could not be read: the loader tells why
+    # nothing of it is held: the chunk it leased is given back (purge refused a failed job for the
+    # lease's 10 minutes, "a worker still holds 1 of its chunks", with no worker running)
+    assert box.store.held(job_id) == 0
 
 
 def test_repository_latest_reads_the_newest_version_folder_and_its_manifest_hash(tmp_path: Path) -> None:
