@@ -23,7 +23,7 @@ from litestar.handlers import HTTPRouteHandler
 from api.docs import KEY, documented
 from api.envelope import context_of
 from api.errors import OpenAIError
-from api.protocols import AuditReader
+from api.protocols import AuditReader, without_secrets
 from api.schemas import AuditPage
 from runtime.errors import InputError
 from runtime.times import utc_iso
@@ -173,6 +173,9 @@ async def read_audit(
         )
     if model_sha256 is not None:
         model_sha256 = model_sha256.strip().lower()  # stored in lower case; an upper-case copy matched nothing
+    # a whole key given where its id goes: the id is the filter, and the secret is never recorded
+    key_id = None if key_id is None else without_secrets(key_id.strip())
+    actor = None if actor is None else without_secrets(actor)
     records = await asyncio.to_thread(
         reader.query,
         after_seq=after_seq,
@@ -211,7 +214,11 @@ async def read_audit(
     details = context_of(request.scope).details
     # every filter given (status=0 too), and after_seq when it is not the start
     details.update(
-        {k: str(v)[:MAX_FILTER_CHARS] for k, v in asked.items() if v is not None and not (k == "after_seq" and v == 0)}
+        {
+            k: without_secrets(str(v))[:MAX_FILTER_CHARS]
+            for k, v in asked.items()
+            if v is not None and not (k == "after_seq" and v == 0)
+        }
     )
     details["records"] = str(len(rows))
     cursor = rows[-1]["seq"] if len(rows) == limit else None

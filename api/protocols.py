@@ -7,6 +7,7 @@ The API never imports SQLite or the appliance: ``create_app()`` receives an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -22,10 +23,21 @@ __all__ = [
     "Digest",
     "KeyVerifier",
     "Principal",
+    "without_secrets",
 ]
 
 #: every scope a key can hold (docs/api.md, *Authentication*): the first admin key has them all
 SCOPES = ("infer", "models:admin", "keys:admin", "audit:read", "metrics:read")
+
+#: a whole API key as a client sends it (``ibx_<id>_<secret>``); the id is the first group
+_WHOLE_KEY = re.compile(r"ibx_([0-9a-f]{12})_[A-Za-z0-9_-]+")
+
+
+def without_secrets(text: str) -> str:
+    """``text`` with every whole API key in it as its id alone: the id names the key as well, and
+    what is recorded or printed is read by others."""
+    return _WHOLE_KEY.sub(lambda m: m.group(1), text)
+
 
 Outcome = Literal["success", "failure"]
 

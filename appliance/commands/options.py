@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shlex
 import stat
 import sys
@@ -225,13 +224,12 @@ def refuse_root_in_foreign_state(settings: Settings, *, also: str = "", extra: t
     )
 
 
-_SECRET = re.compile(r"ibx_([0-9a-f]{12})_[A-Za-z0-9_-]+")
-
-
 def _masked(arg: str) -> str:
     """An argument with a whole API key (``keys revoke ibx_<id>_<secret>``) as its id alone: the id
     names the key to the command as well, and the line is printed for anyone to read and run."""
-    return _SECRET.sub(lambda m: m.group(1), arg)
+    from api.protocols import without_secrets
+
+    return without_secrets(arg)
 
 
 def _this_command() -> str:

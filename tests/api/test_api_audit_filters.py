@@ -58,3 +58,28 @@ def test_status_out_of_range_is_a_400_and_a_hash_in_upper_case_is_matched(tmp_pa
         assert bad.status_code == 400 and "status" in bad.text
         assert c.get("/v1/audit", params={"status": "0", "model_sha256": "AB" * 32}).status_code == 200
     assert reader.calls[-1]["model_sha256"] == "ab" * 32 and reader.calls[-1]["status"] == 0
+
+
+def test_a_whole_key_given_as_a_filter_is_read_as_its_id_and_its_secret_never_recorded(tmp_path: Path) -> None:
+    """``?key_id=ibx_<id>_<secret>`` put the secret in the audit_read record (append-only, shipped off the
+    box, in every backup), and matched nothing; ``actor`` likewise."""
+    from api.app import create_app
+    from api.config import ApiConfig
+
+    from .conftest import MemoryAudit, RecordingReader, make_registry, tensor_model
+
+    whole = "ibx_0123456789ab_" + "S3cr3t-" * 6 + "x"
+    sink, reader = MemoryAudit(), RecordingReader()
+    app = create_app(
+        registry=make_registry([tensor_model(tmp_path)]),
+        config=ApiConfig(auth=False),
+        audit=sink,
+        keys=None,
+        audit_reader=reader,
+    )
+    with TestClient(app) as c:
+        assert c.get("/v1/audit", params={"key_id": f" {whole} ", "actor": whole}).status_code == 200
+    assert reader.calls[-1]["key_id"] == "0123456789ab" and reader.calls[-1]["actor"] == "0123456789ab"
+    read = sink.events[-1]
+    assert read.event == "audit_read" and read.details["key_id"] == "0123456789ab"
+    assert "S3cr3t" not in repr(read)
