@@ -354,6 +354,17 @@ def _unaudited(scope: Scope, status: int) -> bool:
     return path in UNAUDITED_PATHS or path.startswith(UNAUDITED_PREFIXES)
 
 
+#: the most characters of a client-given text a record keeps (the path of an unknown route, a model name
+#: in a path, a detail): a 64 KB path, sent anonymously, was a 64 KB record, one fsync a request, and a
+#: disk filled at ~40 MB/s without a key
+RECORD_TEXT_MAX = 512
+
+
+def _clip(text: str, limit: int = RECORD_TEXT_MAX) -> str:
+    """``text``, or its first ``limit`` characters and how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text)} characters]"
+
+
 def _event(ctx: RequestContext, audit: AuditSink, status: int, body: bytes, ended: float) -> AuditEvent:
     # a body never read (refused before it, or none) has no digest: the digest of b"" would say it was empty
     digest_in = audit.digest(ctx.raw_body).hexdigest if ctx.raw_body is not None else ""
@@ -363,16 +374,16 @@ def _event(ctx: RequestContext, audit: AuditSink, status: int, body: bytes, ende
         event = "auth_failure"
     return AuditEvent(
         event=event,
-        action=ctx.action,
+        action=_clip(ctx.action),
         actor=ctx.principal.key_id if ctx.principal is not None else "anonymous",
-        origin=ctx.origin,
+        origin=_clip(ctx.origin),
         outcome="success" if status < 400 else "failure",
         status=status,
         started_at=utc_iso(ctx.started),
         ended_at=utc_iso(ended),
         request_id=ctx.request_id,
         credential_id=ctx.principal.key_id if ctx.principal is not None else "",
-        model_name=ctx.model_name,
+        model_name=_clip(ctx.model_name),
         model_version=ctx.model_version,
         model_sha256=ctx.model_sha256,
         backend=ctx.backend,
@@ -380,5 +391,5 @@ def _event(ctx: RequestContext, audit: AuditSink, status: int, body: bytes, ende
         input_digest=digest_in,
         output_digest=digest_out.hexdigest,
         digest_key_id=digest_out.key_id,
-        details=dict(ctx.details),
+        details={k: _clip(v) for k, v in ctx.details.items()},
     )
