@@ -31,6 +31,12 @@ def init(home: Path | None, repository: Path | None, force: bool, timing: str) -
     if versions and not force:
         click.echo(f"{name} is already in {settings.repository} (versions {versions}); use --force to rebuild")
         return
+    from appliance.server import ensure_signing_key
+
+    # as serve's first start does: the box's own key signs the package, and the build is recorded
+    for path in (settings.home, settings.keys_dir):
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_signing_key(settings)
     started = datetime.now(UTC)
     manifest = build_default(
         settings.repository,
@@ -40,5 +46,5 @@ def init(home: Path | None, repository: Path | None, force: bool, timing: str) -
         signing_key=resolve_signing_key(settings, None),
         progress=lambda step, message: click.echo(f"[{step}] {message}", err=True),
     )
-    record_export(settings, manifest, started, "inferbox init")
+    record_export(settings, manifest, started, "inferbox init", create_log=True)
     click.echo(format_report(manifest))

@@ -202,3 +202,18 @@ def test_init_is_idempotent(minilm_repository: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "already in" in result.output
     assert sorted(p.name for p in (minilm_repository / "minilm").iterdir()) == ["1"]
+
+
+def test_init_signs_with_the_boxs_own_key_and_records_the_build(minilm_repository: Path) -> None:
+    """As serve's first start: ``init`` on a new home (the session's build) makes the box's signing
+    key, signs the package with it, and records the build (it left the package unsigned before)."""
+    import sqlite3
+
+    from runtime.signing import load_public_keys
+
+    home = minilm_repository.parent
+    (public,) = load_public_keys(home / "keys" / "signing.key.pub")
+    assert read_package(minilm_repository / "minilm" / "1", public_key=public).signed_by is not None
+    with sqlite3.connect(f"file:{home / 'audit.db'}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT action, model_name FROM records WHERE event = 'model_export'").fetchall()
+    assert rows == [("inferbox init", "minilm")]
