@@ -307,7 +307,8 @@ class Metrics:
         return [
             "# HELP inferbox_connections_closed_total Connections the server closed on the client's account: "
             "header_timeout (headers not in within header_timeout_s: 408), read_timeout (none of an answer read "
-            "within body_timeout_s: reset), bad_request (bytes that are no HTTP request: 400). No request "
+            "within body_timeout_s: reset), bad_request (bytes that are no HTTP request: 400), header_too_large "
+            "(a request line and headers over 64 KiB: 431). No request "
             "reached the API, so they are not in requests_total or the audit log.",
             "# TYPE inferbox_connections_closed_total counter",
             *(f"inferbox_connections_closed_total{_labels([('reason', k)])} {n}" for k, n in sorted(closes.items())),

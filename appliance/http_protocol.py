@@ -54,13 +54,18 @@ BODY_TIMEOUT_ATTRIBUTE = "inferbox_body_timeout_s"
 DEFAULTS = {f.name: float(f.default) for f in FIELDS if f.name in ("header_timeout_s", "body_timeout_s")}
 #: a client gets at least this long to read some of its answer, whatever body_timeout_s says
 MIN_READ_TIMEOUT_S = 1.0
+#: the most bytes a request's line and headers may take (nginx reads 4 x 8 KiB, Node 16 KiB): uvicorn's
+#: httptools mode set no bound, and its parser joins a header's pieces with ``+=``, so three
+#: connections each sending a 60 MB header held the event loop for 5 s (no key needed)
+MAX_HEAD_BYTES = 64 * 1024
 
 log = logging.getLogger(__name__)
 
 #: connections this process closed on a client's account, by reason (``/metrics``:
 #: ``inferbox_connections_closed_total``): ``header_timeout`` (a 408), ``read_timeout`` (a reset: the
-#: client read none of its answer), ``bad_request`` (bytes that are no HTTP request)
-_CLOSED = {"header_timeout": 0, "read_timeout": 0, "bad_request": 0}
+#: client read none of its answer), ``bad_request`` (bytes that are no HTTP request), ``header_too_large``
+#: (a 431: headers over :data:`MAX_HEAD_BYTES`)
+_CLOSED = {"header_timeout": 0, "read_timeout": 0, "bad_request": 0, "header_too_large": 0}
 
 
 def closed_connections() -> dict[str, int]:
@@ -91,6 +96,8 @@ class DeadlineProtocol(HttpToolsProtocol):
     _progress: int | None = None  # how far it had got then (bytes acknowledged, or minus those waiting)
     _begun = False  # a request's first bytes are in, its headers not yet all
     _body_pending = False  # the newest request's headers are in, its body not yet all
+    _head_bytes: int | None = 0  # bytes come in since a request's head began (None: a body is coming)
+    _draining = False  # answered 431: what the client still sends is read and dropped until it stops
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
@@ -109,13 +116,35 @@ class DeadlineProtocol(HttpToolsProtocol):
         if self._deadline is None:  # pipelined behind a request being answered
             self._deadline = self.loop.time() + self._header_timeout
 
+    def data_received(self, data: bytes) -> None:
+        """uvicorn's, with a bound on a request's head: over :data:`MAX_HEAD_BYTES` of it is a 431.
+
+        Counted in whole reads from where a head may begin (the end of the request before it) and
+        reset when a head ends, so a read that also holds a body or pipelined requests does not
+        count against the head that ends in it."""
+        if self._draining:
+            return  # not parsed: the connection ends when the client stops or its time is up
+        if self._head_bytes is not None:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._head_bytes is not None and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            self._head_bytes = None
+            _CLOSED["header_too_large"] += 1
+            self._answer_and_drain(
+                b"431 Request Header Fields Too Large",
+                f"the request's line and headers are over {MAX_HEAD_BYTES // 1024} KiB; send a shorter path or "
+                "fewer or shorter headers",
+            )
+
     def on_headers_complete(self) -> None:
+        self._head_bytes = None
         self._begun = False
         self._body_pending = True
         self._deadline = None  # the body is the app's (body_timeout_s), the answer the batcher's
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._head_bytes = 0  # the next request's head may begin here
         self._body_pending = False
         if self.cycle is not None and self.cycle.response_complete:  # answered before its body was all in
             self._deadline = self.loop.time() + self._header_timeout  # the next request's headers, from now
@@ -191,8 +220,9 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def _expire(self) -> bool:
         """Close the connection (408 when a request's headers began); whether a 408 was sent."""
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._draining:
             self._deadline = None
+            self.transport.close()
             return False
         if self.cycle is not None and not self.cycle.response_complete:
             return False  # an answer is being made (a request pipelined behind it began): looked at again later
@@ -216,13 +246,26 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def _close_with(self, status: bytes, error: str) -> None:
         """Answer ``{"error": error}`` with ``status`` and close: no request reached the app to answer it."""
+        self.transport.write(self._error_answer(status, error))
+        self.transport.close()
+
+    def _answer_and_drain(self, status: bytes, error: str) -> None:
+        """Answer ``{"error": error}`` with ``status`` while the client is still sending: closing with its
+        bytes unread would reset the connection, and the client might never read the answer.  What it
+        sends on is dropped unparsed; the connection ends when it closes, or a header time from now."""
+        self.transport.write(self._error_answer(status, error))
+        self._draining = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the answer is all: a client reading it sees the end at once
+        self._deadline = self.loop.time() + self._header_timeout
+
+    def _error_answer(self, status: bytes, error: str) -> bytes:
         body = json.dumps({"error": error}).encode()
         head = [b"HTTP/1.1 " + status + b"\r\n"]
         head.extend(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         head.append(b"connection: close\r\n\r\n")
-        self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        return b"".join(head) + body
 
 
 class _Sweep:

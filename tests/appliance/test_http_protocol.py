@@ -334,3 +334,33 @@ def test_a_connection_whose_answer_is_still_on_its_way_is_not_idle(served: tuple
         assert time.monotonic() - start > 5.0  # past uvicorn's keep-alive and header_timeout_s
         sock.sendall(_request("/", b"again"))
         assert _answers(sock, 1, b"again").startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_head_over_64_kib_is_answered_431_and_big_bodies_and_pipelines_are_not(port: int) -> None:
+    """uvicorn's httptools mode bounded no header: three clients each sending a 60 MB header held the
+    event loop for seconds (no key needed).  A head over 64 KiB is a 431; a body of any size, or many
+    small requests in one read, is no head."""
+    from appliance.http_protocol import MAX_HEAD_BYTES
+
+    before = closed_connections()
+    with _connect(port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: ")
+        for _ in range(64):  # 1 MB: sent in full (the server reads and drops what follows its answer)
+            sock.sendall(b"a" * 16384)
+        sock.shutdown(socket.SHUT_WR)
+        got = _read_until_closed(sock)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), got[:200]
+    assert "over 64 KiB" in json.loads(body)["error"]
+    assert closed_connections()["header_too_large"] == before["header_too_large"] + 1
+    big = b"x" * (4 * MAX_HEAD_BYTES)
+    many = _request("/", b"y") * 2000  # ~80 KB of small requests, sent at once
+    with _connect(port) as sock:
+        sock.sendall(_request("/", big) + many)
+        want = 2001
+        got = b""
+        while got.count(b"HTTP/1.1 200 ") < want:
+            chunk = sock.recv(1 << 20)
+            assert chunk, got[-300:]
+            got += chunk
+    assert b" 431 " not in got and big in got
