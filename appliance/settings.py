@@ -78,6 +78,14 @@ FIELDS: tuple[Field, ...] = (
         "server",
         "serve plain HTTP on a non-loopback host (only behind a TLS proxy that terminates HTTPS)",
     ),
+    Field(
+        "trusted_proxies",
+        str,
+        None,
+        "server",
+        "addresses or networks (comma-separated) of the proxies whose X-Forwarded-For names a request's "
+        "origin; unset: none, the origin is the connection's peer",
+    ),
     # tls
     Field("tls_cert", Path, None, "tls", "PEM certificate (with its chain) the API serves HTTPS with"),
     Field("tls_key", Path, None, "tls", "PEM private key of tls_cert (unencrypted; mode 0600 or 0640)"),
@@ -256,6 +264,7 @@ class Settings:
     metrics_auth: bool
     log_level: str
     allow_plaintext: bool
+    trusted_proxies: str | None
     tls_cert: Path | None
     tls_key: Path | None
     tls_client_ca: Path | None
@@ -405,6 +414,23 @@ def _check_backend(values: Mapping[str, Any], sources: Mapping[str, str], proble
         )
 
 
+def _check_proxies(values: Mapping[str, Any], sources: Mapping[str, str], problems: list[str]) -> None:
+    """``trusted_proxies``: addresses or networks, each one; ``*`` (uvicorn's "trust anyone") would let
+    every client write its own origin into the audit log, and a typo would be trusted as a literal."""
+    import ipaddress
+
+    for item in str(values.get("trusted_proxies") or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            ipaddress.ip_network(item.strip(), strict=False)
+        except ValueError:
+            problems.append(
+                f"trusted_proxies ({sources.get('trusted_proxies')}): {item.strip()!r} is not an address or a "
+                "network (e.g. 127.0.0.1, 10.0.0.0/24); name each proxy, a comma between them"
+            )
+
+
 def _check_queue_delay(values: Mapping[str, Any], sources: Mapping[str, str], problems: list[str]) -> None:
     """``max_queue_delay_ms`` must be at most half of ``request_timeout_s``: a lone request may wait that
     long for company before its batch runs, and one that waited past its timeout gets 504 (a delay
@@ -551,6 +577,7 @@ def load_settings(
         sources[f.name] = src
 
     _check_backend(values, sources, problems)
+    _check_proxies(values, sources, problems)
     _check_queue_delay(values, sources, problems)
     if problems:
         raise ConfigError(problems)

@@ -1056,3 +1056,29 @@ def test_workers_under_systemd_are_heard_through_the_main_process(minilm_reposit
     states = [data for _, data in heard]
     assert {pid for pid, _ in heard} == {proc.pid}, heard
     assert states.count(b"READY=1") == 1 and b"WATCHDOG=1" in states and states[-1] == b"STOPPING=1", states
+
+
+def test_a_client_cannot_name_its_own_origin_in_the_audit_log(served: Served) -> None:
+    """uvicorn believed X-Forwarded-For from any connection from 127.0.0.1, which on a box served on
+    loopback is every client: a client wrote the origin of its own records.  With no
+    ``trusted_proxies`` the origin is the connection's peer."""
+    from appliance.commands.serve import proxy_options
+    from appliance.settings import load_settings
+    from runtime.errors import ConfigError
+
+    for key in (None, "ibx_000000000000_" + "x" * 43):  # a request and an auth failure
+        r = httpx.get(
+            f"{served.url}/v2",
+            headers={**served.headers(key), "X-Forwarded-For": "6.6.6.6", "X-Request-Id": f"xff-{key is None}"},
+            timeout=30,
+        )
+        assert r.status_code == (200 if key is None else 401), r.text
+        (record,) = httpx.get(
+            f"{served.url}/v1/audit", params={"request_id": f"xff-{key is None}"}, headers=served.headers(), timeout=30
+        ).json()["records"]
+        assert record["origin"] == "127.0.0.1", record
+    assert proxy_options(load_settings({}, environ={})) == {"proxy_headers": False, "forwarded_allow_ips": None}
+    trusted = load_settings({"trusted_proxies": " 127.0.0.1, 10.0.0.0/24 "}, environ={})
+    assert proxy_options(trusted) == {"proxy_headers": True, "forwarded_allow_ips": "127.0.0.1,10.0.0.0/24"}
+    with pytest.raises(ConfigError, match=r"trusted_proxies .*'\*' is not an address or a network"):
+        load_settings({"trusted_proxies": "*"}, environ={})

@@ -152,6 +152,7 @@ def serve(
                 "log_config": None,  # uvicorn's lines through the root logger: one format (runtime.logs)
                 "access_log": False,
                 "http": http,
+                **proxy_options(settings),
                 **tls_options,
             },
             deadlines=deadlines,
@@ -177,6 +178,7 @@ def serve(
         access_log=False,
         lifespan="on",
         http=http,
+        **proxy_options(settings),
         **tls_options,
     )
     configure_deadlines(config, **deadlines)
@@ -207,6 +209,15 @@ def _forget_decisions(settings: Settings, log: logging.Logger) -> None:
 
     removed = DecisionCache(settings.decision_cache).clear()
     log.info("--retune: forgot %d cached autotune decision(s) in %s; timing again", removed, settings.decision_cache)
+
+
+def proxy_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's proxy options: a request's origin (the audit's, the logs') from X-Forwarded-For only
+    when the connection comes from a ``trusted_proxies`` address.  uvicorn's default trusts 127.0.0.1,
+    and on a box served on loopback every client connects from there: any of them named its own
+    origin in the audit log."""
+    trusted = ",".join(p.strip() for p in (settings.trusted_proxies or "").split(",") if p.strip())
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None}
 
 
 def _check_port(host: str, port: int) -> None:
