@@ -539,8 +539,13 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
         store.close()
     if job_id is not None:
         queued = [q for q in queued if q == job_id]
-    # a finished job whose outputs are gone (`inferbox batch purge`, or batch_retention_days)
-    deleted = {j.job_id for j in jobs if j.state in ("done", "failed") and not Path(j.out_dir).exists()}
+    # a finished job whose data is gone (`inferbox batch purge`, or batch_retention_days: its input copy
+    # and its outputs; a job that failed before writing any still has its input copy)
+    deleted = {
+        j.job_id
+        for j in jobs
+        if j.state in ("done", "failed") and not Path(j.out_dir).exists() and not Path(j.input_path).parent.exists()
+    }
     if as_json:
         body = {
             "jobs": [
@@ -563,7 +568,7 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
             f"chunks {j.chunks_done}/{j.chunks}  records {j.records}  ok {j.ok}  rejected {j.rejected}"
         )
         if j.job_id in deleted:
-            line += "  outputs deleted (batch purge)"
+            line += "  input and outputs deleted (batch purge)"
         elif j.state == "done":
             line += f"  -> {j.out_dir}"
         if j.error:

@@ -634,7 +634,7 @@ def test_purge_deletes_a_finished_jobs_input_and_outputs_and_records_it(tmp_path
     assert status["jobs"][0]["state"] == "done" and status["jobs"][0]["ok"] == 1  # the job's row stays
     assert status["jobs"][0]["outputs_deleted"] is True
     shown = cli("batch", "status", done).output
-    assert "outputs deleted (batch purge)" in shown and f"-> {home / 'outbox'}" not in shown, shown
+    assert "input and outputs deleted (batch purge)" in shown and f"-> {home / 'outbox'}" not in shown, shown
     assert [(e.job_id, e.details["state"]) for e in cli.events("batch_purge")] == [(done, "done")]
     r = cli("batch", "purge", done)
     assert r.exit_code == 0 and r.output.strip() == "nothing to purge"
@@ -706,3 +706,17 @@ def test_batch_retention_days_purges_old_finished_jobs_at_each_run(tmp_path: Pat
     [purge] = cli.events("batch_purge")
     assert purge.job_id == old and purge.action == "inferbox batch run (batch_retention_days)"
     assert purge.details["batch_retention_days"] == "7"
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_failed_job_that_wrote_no_outputs_is_not_shown_as_purged(tmp_path: Path) -> None:
+    """``batch status`` said "outputs deleted" for a job that failed before it wrote any (a model
+    the repository lacks): its input copy is still there, nothing was purged."""
+    cli = _Cli(tmp_path, '{"id": 1, "text": "a"}\n')
+    job = str(cli("batch", "submit", str(cli.src), "--model", "nomodel").stdout.strip())
+    assert cli("batch", "run", "--once").exit_code == 0
+    shown = cli("batch", "status", job).output
+    assert " failed " in shown and "deleted" not in shown, shown
+    assert "outputs_deleted" not in json.loads(cli("batch", "status", job, "--json").output)["jobs"][0]
+    assert cli("batch", "purge", job).exit_code == 0  # not held: the chunk its failed run leased is given back
+    assert "input and outputs deleted (batch purge)" in cli("batch", "status", job).output
