@@ -554,7 +554,9 @@ def load_settings(
 
     # home decides where the default config file is; resolve it first.
     home_raw = cli.get("home", env_values.get("home"))
-    home = Path(home_raw).expanduser() if home_raw else default_home(env)
+    # absolute from here: a job stores its folders, a backup its home, and a relative one named another
+    # folder for a command run elsewhere (outputs written under the wrong folder, jobs failed for good)
+    home = Path(os.path.abspath(Path(home_raw).expanduser() if home_raw else default_home(env)))
     if config_file is None:
         explicit = env.get("INFERBOX_CONFIG")
         if explicit:
@@ -581,6 +583,11 @@ def load_settings(
     _check_queue_delay(values, sources, problems)
     if problems:
         raise ConfigError(problems)
+    for f in FIELDS:  # a relative path: from the home in the config file, from here in a flag or variable
+        path = values[f.name]
+        if f.type is Path and path is not None and not path.is_absolute():
+            base = home if sources[f.name].startswith("file ") and f.name != "home" else Path.cwd()
+            values[f.name] = Path(os.path.normpath(base / path))
     values["home"] = values["home"] or home
     values["repository"] = values["repository"] or values["home"] / "models"
     values["signing_key"] = values["signing_key"] or values["home"] / "keys" / "signing.key"

@@ -220,3 +220,21 @@ def test_env_and_cli_agree_on_integers(field: Field, value: int) -> None:
     from_env = load_settings(environ={"HOME": "/nonexistent", f"INFERBOX_{name.upper()}": str(value)})
     from_cli = load_settings({name: value}, environ={"HOME": "/nonexistent"})
     assert getattr(from_env, name) == getattr(from_cli, name) == value
+
+
+def test_relative_paths_are_made_absolute_from_the_home_in_the_file_and_from_here_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative home was kept relative: a batch job stored ``h/spool/cur/...``, and a run from another
+    folder wrote its outputs there and failed the job for good; ``repository = "models"`` in the file
+    named a folder of wherever a command ran (``/models`` under systemd)."""
+    (tmp_path / "box" / "h").mkdir(parents=True)
+    (tmp_path / "box" / "h" / "inferbox.toml").write_text('[paths]\nrepository = "models"\n')
+    monkeypatch.chdir(tmp_path / "box")
+    s = load_settings({"home": "h"}, environ={})
+    assert s.home == tmp_path / "box" / "h"
+    assert s.repository == tmp_path / "box" / "h" / "models"  # the file's: from the home
+    monkeypatch.chdir(tmp_path)
+    s = load_settings({"home": str(tmp_path / "box" / "h")}, environ={"INFERBOX_SHIP_DIR": "ship/../copies"})
+    assert s.repository == tmp_path / "box" / "h" / "models"  # the same, run from elsewhere
+    assert s.ship_dir == tmp_path / "copies"  # a variable's: from here
