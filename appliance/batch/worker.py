@@ -75,9 +75,14 @@ _MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROF
 def machine_error(exc: BaseException) -> bool:
     """Whether ``exc`` is the machine's fault (disk full, read-only or not writable, the state
     database unusable), which no attempt of a chunk can fix."""
-    if isinstance(exc, sqlite3.Error):
-        return True
-    return isinstance(exc, OSError) and exc.errno in _MACHINE_ERRNOS
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:  # also one a load wrapped in its own error
+        if isinstance(cause, sqlite3.Error) or (isinstance(cause, OSError) and cause.errno in _MACHINE_ERRNOS):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class _TakenError(Exception):
@@ -505,19 +510,27 @@ class BatchWorker:
         try:
             model, job = self.model_for(job)
             check_model_fits(model, job.format, job.pair_field)
-        except InferboxError as exc:
-            self._job_failed(job, str(exc), summary)
-            # the chunk did not run: it is held no longer (a retry runs it, a purge may go on)
-            self.store.give_back(job.job_id, lease.plan.idx, self.worker_id)
-            return None
-        except sqlite3.Error:
+        except Exception as exc:
+            if not machine_error(exc):
+                self._not_prepared(lease, job, exc, summary)
+                return None
+            # a full disk (the verified copy, the compiled-model cache) fails no chunk and no job: the
+            # chunk is given back unspent and the run stops, as at any other step
+            self.give_back(lease)
             raise
-        except Exception as exc:  # a load that failed some other way counts as an attempt of the chunk
-            self.fail_chunk(lease, exc, summary)
-            return None
         self.start_job(job, model, lease.lease_until)
         task = self.task_for(msgspec.structs.replace(lease, job=job))
         return model, msgspec.structs.replace(task, backend=model.backend, variant=model.variant)
+
+    def _not_prepared(self, lease: Lease, job: Job, exc: Exception, summary: RunSummary | None) -> None:
+        """A model that is not there or does not fit fails the job; a load that failed some other way
+        counts as an attempt of the chunk."""
+        if isinstance(exc, InferboxError):
+            self._job_failed(job, str(exc), summary)
+            # the chunk did not run: it is held no longer (a retry runs it, a purge may go on)
+            self.store.give_back(job.job_id, lease.plan.idx, self.worker_id)
+        else:
+            self.fail_chunk(lease, exc, summary)
 
     def process(self, lease: Lease, summary: RunSummary | None = None) -> bool:
         """Run one leased chunk here; False when it did not complete (given back, or its job failed)."""

@@ -312,6 +312,36 @@ def test_a_full_disk_is_a_machine_error_and_a_bad_input_is_not() -> None:
     assert not worker_module.machine_error(RuntimeError("the model broke"))
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_full_disk_while_the_model_loads_gives_the_chunk_back_and_fails_nothing(
+    tmp_path: Path, wrapped: bool
+) -> None:
+    """The load writes the verified copy and the compiled-model cache (~80 MB for MiniLM): a full disk
+    there was charged to the chunk, three attempts, and the job failed (exit 0)."""
+    from runtime.errors import BackendError
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    loads: list[str] = []
+
+    def loader(name: str, version: int | None) -> Any:
+        loads.append(name)
+        if len(loads) == 1:
+            if not wrapped:
+                raise full
+            raise BackendError("ov-cpu cannot open the model") from full
+        return fake.loader(name, version)
+
+    box = Box(tmp_path, loader)
+    job_id = box.submit(_lines(3))
+    with pytest.raises((OSError, BackendError)):
+        box.worker.run_once()
+    job = box.store.require_job(job_id)
+    assert job.state in ("queued", "running") and not job.error, job
+    assert box.store.held(job_id) == 0  # given back at once
+    summary = box.worker.run_once()  # space freed: the next run does it all
+    assert summary.finished == [job_id] and box.store.require_job(job_id).ok == 3
+
+
 # -- 5. --watch stops after the chunk in progress -----------------------------------------------------
 
 

@@ -818,7 +818,7 @@ def test_a_job_failed_for_a_missing_model_runs_after_retry_once_it_is_installed(
     box = Box(tmp_path, load)
     job_id = box.submit(_jsonl(tmp_path / "in.jsonl", GOOD))
     assert box.worker.run_once().failed == [job_id]
-    assert box.store._rows("SELECT state FROM batch_chunks") == [{"state": "leased"}]  # left leased by the failure
+    assert box.store._rows("SELECT state FROM batch_chunks") == [{"state": "pending"}]  # given back: it did not run
     installed = True
     assert box.store.retry_job(job_id) == 1
     assert box.worker.run_once().finished == [job_id]  # the lease is given back at once, not after 60 s
