@@ -13,6 +13,7 @@ import re
 import signal
 import sqlite3
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,20 +131,23 @@ def submit(
 
             ensure_signing_key(settings)  # as batch run does: the box's first record may be this one
         audit = stack.enter_context(AuditLog.open(settings)) if settings.audit else None
-        # the job's input as it was spooled, keyed as every input digest is (`inferbox audit digest`)
-        key_id, mac = audit.keyring.hasher() if audit is not None else ("", None)
+        # the job's input as it was spooled, keyed as every input digest is (`inferbox audit digest`); the
+        # key is taken when the copy begins: a submit refused before it makes none (a digest key with no
+        # record beside it reads, at the log's first write, as the trace of a lost log)
+        mac = _KeyedCopy(audit.keyring.hasher) if audit is not None else None
 
         def record(job_id: str) -> None:
             """``batch_submit``, committed before the job is in ``spool/new/`` (no worker sees it yet)."""
             if audit is None or mac is None:
                 return
+            key_id, digest = mac.result()
             details = {"input_file": file.name}
             if model_version is not None:
                 details["model_version"] = str(model_version)
             event = cli_event("batch_submit", "inferbox batch submit", started, details)
             audit.append(
                 msgspec.structs.replace(
-                    event, job_id=job_id, model_name=model, input_digest=mac.hexdigest(), digest_key_id=key_id
+                    event, job_id=job_id, model_name=model, input_digest=digest, digest_key_id=key_id
                 )
             )
 
@@ -162,6 +166,28 @@ def submit(
     click.echo(job_id)
     if missing:  # after the job id: a script reading stdout gets it either way
         click.echo(f"warning: {missing}", err=True)
+
+
+class _KeyedCopy:
+    """An HMAC of the bytes copied, under the digest key current when the first of them (or the
+    result, for an empty file) is asked for: none is made for a submit refused before its copy."""
+
+    def __init__(self, hasher: Callable[[], tuple[str, Any]]) -> None:
+        self._hasher = hasher
+        self._made: tuple[str, Any] | None = None
+
+    def _mac(self) -> tuple[str, Any]:
+        if self._made is None:
+            self._made = self._hasher()
+        return self._made
+
+    def update(self, data: bytes, /) -> None:
+        self._mac()[1].update(data)
+
+    def result(self) -> tuple[str, str]:
+        """(the digest key's id, the HMAC's hex digest)."""
+        key_id, mac = self._mac()
+        return key_id, str(mac.hexdigest())
 
 
 def _model_hint(settings: Settings, model: str, version: int | None) -> tuple[bool | None, str]:

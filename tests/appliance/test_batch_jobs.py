@@ -720,3 +720,24 @@ def test_a_failed_job_that_wrote_no_outputs_is_not_shown_as_purged(tmp_path: Pat
     assert "outputs_deleted" not in json.loads(cli("batch", "status", job, "--json").output)["jobs"][0]
     assert cli("batch", "purge", job).exit_code == 0  # not held: the chunk its failed run leased is given back
     assert "input and outputs deleted (batch purge)" in cli("batch", "status", job).output
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_refused_submit_makes_no_digest_key_and_the_next_one_no_lost_log_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A submit refused before its copy (a CSV without the text column) made a digest key and wrote no
+    record; the next submit's first write then warned that an old audit log had been lost."""
+    import logging
+
+    cli = _Cli(tmp_path, '{"id": 1, "text": "a"}\n')
+    bad = tmp_path / "wrong.csv"
+    bad.write_text("id,note\n1,x\n")
+    refused = cli("batch", "submit", str(bad), "--model", "fake-embed")
+    assert refused.exit_code == 2 and "note" in refused.output, refused.output
+    assert not list((cli.home / "keys" / "digest").glob("*"))
+    with caplog.at_level(logging.WARNING, logger="appliance.audit.log"):
+        job = cli.submit()
+    assert not [r for r in caplog.records if "a new log" in r.getMessage()]
+    (submitted,) = cli.events("batch_submit")
+    assert submitted.job_id == job and submitted.digest_key_id and len(submitted.input_digest) == 64
