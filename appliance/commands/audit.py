@@ -666,7 +666,8 @@ def report(home: Path | None, repository: Path | None, as_json: bool) -> None:
     """Print the GDPR Art. 30 facts the appliance knows (processing, retention, measures)."""
     from appliance.audit.report import art30_facts, format_facts
 
-    facts = art30_facts(build_settings(home=home, repository=repository))
+    # a mistyped home (or root's ~/.inferbox on an installed box) reported an empty box, exit 0
+    facts = art30_facts(_existing(build_settings(home=home, repository=repository)))
     click.echo(json.dumps(facts, indent=2) if as_json else format_facts(facts))
 
 

@@ -110,6 +110,7 @@ def test_keys_refuse_a_home_that_does_not_exist(tmp_path: Path, args: tuple[str,
         ("audit", "tail"),
         ("audit", "verify"),
         ("audit", "export"),
+        ("audit", "report"),
         ("models", "list"),
     ],
 )
