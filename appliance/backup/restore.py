@@ -149,7 +149,7 @@ def unpack(
                     if budget < 0:
                         raise BackupError(
                             f"archive member {member.name!r} says it is {member.size} bytes, more than the archive "
-                            "holds: not an inferbox backup"
+                            "holds: the archive is cut short (an interrupted copy?) or damaged; use another copy"
                         )
                     source = tar.extractfile(member)
                     assert source is not None  # a regular member always has data

@@ -729,6 +729,7 @@ def test_sparse_or_oversized_members_are_refused_before_they_fill_the_disk(box: 
         tar.addfile(info)  # no data: only the header
     checked = run(box["home"], "backup", "check", str(big))
     assert checked.exit_code == 1 and "more than the archive holds" in checked.stdout, checked.output
+    assert "cut short" in checked.stdout and "use another copy" in checked.stdout  # an interrupted copy reads so
     assert sha256(archive)  # the good archive is untouched
 
 
