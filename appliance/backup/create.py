@@ -405,6 +405,22 @@ def _models(settings: Settings) -> tuple[list[ModelEntry], list[str], list[str]]
     return entries, problems, damaged
 
 
+def _one_at_a_time(home: Path) -> int:
+    """The held lock (``<home>/.backup.lock``, a file descriptor) that makes this the box's one backup
+    in progress: two started together (the timer and an operator) wrote two archives of one name, each
+    recorded as made, the second then refused."""
+    fd = os.open(home / ".backup.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BackupError(
+            "another `inferbox backup create` of this box is running (the backup timer?); run this one again "
+            "when it has ended"
+        ) from None
+    return fd
+
+
 def create_backup(
     settings: Settings,
     folder: Path,
@@ -452,6 +468,26 @@ def create_backup(
             "outlive, and the mount point of a share that is not mounted looks just like it; mount the backup "
             "disk or share there, or pass --same-disk to write there all the same"
         )
+    held = _one_at_a_time(settings.home)
+    try:
+        return _create(settings, folder, models, batch, trusted_keys, record, record_failed, keep, recipient, clock)
+    finally:
+        os.close(held)
+
+
+def _create(
+    settings: Settings,
+    folder: Path,
+    models: bool,
+    batch: bool,
+    trusted_keys: Sequence[Ed25519PublicKey] | None,
+    record: Callable[[BackupResult], None] | None,
+    record_failed: Callable[[BackupResult, BaseException], None] | None,
+    keep: int,
+    recipient: X25519PublicKey | None,
+    clock: Callable[[], datetime],
+) -> BackupResult:
+    """:func:`create_backup` once its checks passed, as the box's one backup in progress."""
     moment = clock()
     created_at = utc_iso(moment)
     box = box_name(settings)

@@ -1175,3 +1175,19 @@ def test_a_key_revoked_while_the_backup_ran_is_revoked_on_the_restored_box(tmp_p
         assert store.get(record.id).revoked_at is not None
     finally:
         store.close()
+
+
+def test_a_second_backup_while_one_runs_is_refused_before_it_records_anything(box: dict[str, Any]) -> None:
+    """The timer and an operator in the same second wrote two archives of one name, both recorded as
+    made, the second then refused: one backup of a box runs at a time."""
+    import fcntl
+
+    from tests.appliance.test_audit_cli import _events
+
+    before = _events(box["home"]).count("backup_create")
+    with (box["home"] / ".backup.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        refused = run(box["home"], "backup", "create", "--same-disk", "--to", str(box["out"]))
+    assert refused.exit_code == 2 and "another `inferbox backup create` of this box is running" in refused.stderr
+    assert list(box["out"].iterdir()) == [] and _events(box["home"]).count("backup_create") == before
+    assert create(box).is_file()  # once it has ended
