@@ -68,7 +68,7 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
             ],
             "never_stored": ["request bodies", "texts", "tensors", "Authorization headers", "API-key secrets"],
         },
-        "recipients": _recipients(settings),
+        "recipients": "; ".join([_recipients(settings), *_written_off(settings.audit_db)]),
         "retention": {
             "audit_retention_days": settings.retention_days,
             "min_retention_days": settings.min_retention_days,
@@ -118,6 +118,46 @@ def _recipients(settings: Settings) -> str:
             f"{settings.backup_dir} by `inferbox backup create` (backup_dir), {held}"
         )
     return "; ".join(out)
+
+
+def _written_off(db_path: Path) -> list[str]:
+    """What the log says was written for taking off the box (backups, audit exports), whatever the
+    settings of the shell the report runs in say: an installed box's units set their folders in their
+    own environment, and the report read "none off the box" beside a log of plain backups."""
+    if not db_path.is_file():
+        return []
+    conn = open_read_only(db_path)
+    try:
+        rows = conn.execute(
+            "SELECT event, recorded_at, details FROM records WHERE event IN ('backup_create', 'audit_export') "
+            "AND outcome = 'success' ORDER BY seq"
+        ).fetchall()
+    except Exception:  # an older or damaged database: the configured settings alone are reported
+        return []
+    finally:
+        conn.close()
+    backups: dict[str, list[Any]] = {}  # folder: [count, plain, last]
+    exported, last_export = 0, ""
+    for event, at, raw in rows:
+        try:
+            details = json.loads(raw)
+        except ValueError:
+            continue
+        if event == "audit_export":
+            exported, last_export = exported + 1, str(at)
+            continue
+        seen = backups.setdefault(str(details.get("folder", "?")), [0, 0, ""])
+        seen[0] += 1
+        seen[1] += 0 if str(details.get("archive", "")).endswith(".enc") else 1
+        seen[2] = at
+    out = [
+        f"per the audit log: {n} backup(s) written to {folder} (the last at {last}), "
+        + (f"{plain} of them NOT encrypted" if plain else "all encrypted")
+        for folder, (n, plain, last) in backups.items()
+    ]
+    if exported:
+        out.append(f"per the audit log: {exported} audit export(s) written by an operator (the last at {last_export})")
+    return out
 
 
 def _last_start(db_path: Path) -> dict[str, Any] | None:

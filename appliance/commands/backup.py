@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -207,7 +208,7 @@ def create(
             return
         details = {
             "archive": result.path.name,
-            "folder": str(result.path.parent),
+            "folder": os.path.abspath(result.path.parent),
             "sha256": result.sha256,
             "bytes": str(result.size),
             "parts": ",".join(result.manifest.parts),
@@ -224,7 +225,7 @@ def create(
     def record_failed(result: BackupResult, exc: BaseException) -> None:
         if not recorded:  # nothing was recorded (audit off, no log yet): nothing to take back
             return
-        details = {"archive": result.path.name, "folder": str(result.path.parent), "sha256": result.sha256}
+        details = {"archive": result.path.name, "folder": os.path.abspath(result.path.parent), "sha256": result.sha256}
         details["error"] = f"the archive did not appear: {exc}"[:500]
         record_cli_event(settings, "backup_create", "inferbox backup create", started, details, ok=False)
 

@@ -273,3 +273,20 @@ def test_digest_records_the_read_also_when_the_key_is_not_there(home: Path, tmp_
     assert code == 2 and "digest key 20200101T000000Z is not in" in out, out
     reads = [r for r in T.records(home / "audit.db") if r.action == "inferbox audit digest"]
     assert [r.details["key_id"] for r in reads] == ["20200101T000000Z"]
+
+
+def test_report_names_the_backups_and_exports_the_log_records_whatever_the_shells_settings(
+    home: Path, tmp_path: Path
+) -> None:
+    """On an installed box the units set ship_dir and backup_dir in their own environment: the report,
+    run from a shell, said "none off the box" beside a log of plain backups."""
+    (tmp_path / "bk").mkdir()
+    made = CliRunner().invoke(
+        main, ["backup", "create", "--home", str(home), "--to", str(tmp_path / "bk"), "--same-disk", "--no-models"]
+    )
+    assert made.exit_code == 0, made.output
+    assert _run("export", "--home", str(home), "--out", str(tmp_path / "export.jsonl"))[0] == 0
+    code, out = _run("report", "--home", str(home), "--json")
+    recipients = json.loads(out)["recipients"]
+    assert f"per the audit log: 1 backup(s) written to {tmp_path / 'bk'}" in recipients, recipients
+    assert "1 of them NOT encrypted" in recipients and "1 audit export(s)" in recipients, recipients
