@@ -287,6 +287,7 @@ def test_report_names_the_backups_and_exports_the_log_records_whatever_the_shell
     assert made.exit_code == 0, made.output
     assert _run("export", "--home", str(home), "--out", str(tmp_path / "export.jsonl"))[0] == 0
     code, out = _run("report", "--home", str(home), "--json")
+    assert code == 0, out
     recipients = json.loads(out)["recipients"]
     assert f"per the audit log: 1 backup(s) written to {tmp_path / 'bk'}" in recipients, recipients
     assert "1 of them NOT encrypted" in recipients and "1 audit export(s)" in recipients, recipients
