@@ -162,13 +162,14 @@ def _shown_default(f: Field) -> Any:
         "home": STATE_DIR,
         "repository": STATE_DIR / "models",
         "signing_key": STATE_DIR / "keys" / "signing.key",
-        "public_key": CONF_DIR / "signing.key.pub",
+        "public_key": STATE_DIR / "keys" / "signing.key.pub",
         "ship_dir": DEFAULT_SHIP_DIR,
         "backup_dir": DEFAULT_BACKUP_DIR,
         "backup_encrypt_to": BACKUP_PUB,
         "tls_cert": CONF_DIR / "tls" / "server.crt",
         "tls_key": CONF_DIR / "tls" / "server.key",
         "tls_client_ca": CONF_DIR / "tls" / "clients-ca.crt",
+        "trusted_proxies": "127.0.0.1",
     }
     return derived.get(f.name, f.default)
 
@@ -182,6 +183,7 @@ _UNSET = {
     "tls_cert": "default: unset (plain HTTP, refused on a non-loopback host without allow_plaintext)",
     "tls_key": "default: unset (root:inferbox, mode 0640; docs/operations.md)",
     "tls_client_ca": "default: unset (no client certificates asked for)",
+    "trusted_proxies": "default: unset (no X-Forwarded-For is believed; 127.0.0.1 for a proxy on this box)",
 }
 
 
@@ -537,6 +539,11 @@ def _check_options(options: InstallOptions) -> None:
             )
 
 
+def booted_with_systemd() -> bool:
+    """Whether systemd runs this system (sd_booted(3): /run/systemd/system is a folder)."""
+    return os.path.isdir("/run/systemd/system")
+
+
 def install(
     options: InstallOptions,
     *,
@@ -554,6 +561,14 @@ def install(
         raise InstallError(
             "installing on this system needs root: run it as root (sudo inferbox install ...), "
             "or pass --root DIR to install into a folder tree (images, tests)"
+        )
+    if live and options.enable and not booted_with_systemd():
+        # checked before anything is written: it created the user, the folders and every unit, then
+        # stopped at `systemctl daemon-reload` ("Failed to connect to bus"), half installed
+        raise InstallError(
+            "this system was not started by systemd (no /run/systemd/system: a container?), so the units "
+            "cannot be enabled: pass --no-enable to write them without enabling, or --root DIR to install "
+            "into a folder tree"
         )
     report = InstallReport()
     options = _keep_installed_folders(options, report)

@@ -172,3 +172,18 @@ def test_every_memory_size_install_accepts_systemd_accepts(tmp_path: Path) -> No
     files = [str(tmp_path / f"m{i}.service") for i in range(len(values))]
     proc = subprocess.run([ANALYZE, "verify", "--man=no", *files], capture_output=True, text=True, cwd=tmp_path)
     assert proc.stdout + proc.stderr == ""
+
+
+def test_a_live_install_on_a_system_systemd_did_not_start_refuses_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root in a container, install created the user, the folders and every unit, then stopped at
+    `systemctl daemon-reload` ("Failed to connect to bus"), half installed."""
+    live = _Live(tmp_path, monkeypatch)
+    ran: list[Any] = []
+    monkeypatch.setattr(mod, "booted_with_systemd", lambda: False)
+    options = InstallOptions(root=Path("/"), prefix=Path("/opt/ib"), enable=True, venv=False)
+    with pytest.raises(InstallError, match=r"not started by systemd.*--no-enable"):
+        install(options, run=ran.append, is_root=True)
+    assert ran == [] and not live.root.exists()
+    assert live.install().created  # --no-enable: written, nothing enabled

@@ -94,6 +94,7 @@ def test_install_live_runs_the_commands_it_should(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(mod, "_under", lambda root, path: tmp_path / path.relative_to("/"))
     monkeypatch.setattr(mod.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(mod.os, "fchown", lambda *a: None)
+    monkeypatch.setattr(mod, "booted_with_systemd", lambda: True)
     report = install(
         InstallOptions(root=Path("/"), venv=True, source="/src/inferbox", python="/usr/bin/python3"),
         run=lambda argv: calls.append(list(argv)),

@@ -70,6 +70,8 @@ def test_units_carry_the_required_settings() -> None:
         assert key in api
     assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in api  # systemctl reload: a renewed certificate
     assert "\nLimitNOFILE=65536\n" in api  # a connection is a file descriptor: 1024 is a thousand clients
+    for unit in sorted(unit_dir().glob("*.service")):  # every service holds keys in memory: no core dumps
+        assert "\nLimitCORE=0\n" in unit.read_text(), unit.name
     ship = (unit_dir() / "inferbox-audit-ship.service").read_text()
     assert "ExecStart=@PREFIX@/venv/bin/inferbox batch run --once" in batch
     assert "ExecStart=@PREFIX@/venv/bin/inferbox audit ship\n" in ship
