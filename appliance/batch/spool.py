@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import itertools
+import json
 import logging
 import os
 import secrets
@@ -136,6 +138,17 @@ def _wide_encoding(head: bytes) -> str | None:
     return None
 
 
+#: the magic bytes of compressed files a JSONL / CSV name may hide (a file read as text: every record
+#: rejected as garbage, the job "done")
+_COMPRESSED = (
+    (b"\x1f\x8b", "gzip", "gunzip -k"),
+    (b"PK\x03\x04", "zip", "unzip"),
+    (b"BZh", "bzip2", "bunzip2 -k"),
+    (b"\xfd7zXZ\x00", "xz", "unxz -k"),
+    (b"(\xb5/\xfd", "zstd", "unzstd"),
+)
+
+
 def check_encoding(source: Path) -> None:
     """Refuse a JSONL / CSV file that is UTF-16 or UTF-32 (a BOM, or zero bytes in the columns
     those encodings give Latin text: :func:`_wide_encoding`), naming the fix; otherwise its
@@ -143,6 +156,12 @@ def check_encoding(source: Path) -> None:
     the record holding it is judged on its own (a JSON string may not hold one raw)."""
     with source.open("rb") as f:
         head = f.read(4096)
+    packed = next(((kind, tool) for magic, kind, tool in _COMPRESSED if head.startswith(magic)), None)
+    if packed is not None:
+        raise BatchError(
+            f"{source.name} is a {packed[0]} file, not text; unpack it first (`{packed[1]} {source.name}`) and "
+            "submit what it holds"
+        )
     encoding = next((name for bom, name in _BOMS if head.startswith(bom)), None)
     if encoding is not None:
         encoding = encoding[:6]  # iconv reads the BOM
@@ -153,6 +172,33 @@ def check_encoding(source: Path) -> None:
             f"{source.name} is {encoding[:6]} text, not UTF-8; convert it to UTF-8 first, e.g. "
             f"`iconv -f {encoding} -t UTF-8 {source.name} > {source.stem}.utf8{source.suffix}`"
         )
+
+
+#: how many of a JSONL file's first records :func:`_check_jsonl_fields` reads
+JSONL_SAMPLE = 100
+
+
+def _check_jsonl_fields(source: Path, text_field: str, pair_field: str) -> None:
+    """Refuse a text model's JSONL file whose first records (those that are JSON objects) all lack the
+    text field: every record was rejected, and the job read "done" (CSV and Parquet files are refused
+    so already, from their header).  A file whose first records are all unreadable is judged per record."""
+    keys: dict[str, None] = {}
+    objects = 0
+    with source.open("rb") as f:
+        for line in itertools.islice(f, JSONL_SAMPLE):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                objects += 1
+                keys.update(dict.fromkeys(record))
+    for flag, name in (("--text-field", text_field), ("--pair-field", pair_field)):
+        if name and objects and name not in keys:
+            raise BatchError(
+                f"none of the first {objects} records of {source.name} has a field {name!r} (their fields: "
+                f"{list(keys)[:20]}); pass {flag} with the field that holds the text"
+            )
 
 
 class Hasher(Protocol):
@@ -269,6 +315,13 @@ def submit(
 
         header, _ = csv_header(source)
         if text_field not in header:
+            other = next((s for s in (";", "\t", "|") if len(header) == 1 and s in header[0]), None)
+            if other is not None:  # Excel in German, French, ... writes ";"; a TSV named .csv
+                shown = "a tab" if other == "\t" else repr(other)
+                raise BatchError(
+                    f"{source.name} is separated by {shown}, not by commas (its header reads as one column, "
+                    f"{header[0]!r}); save it as CSV with commas (UTF-8), or as JSONL"
+                )
             raise BatchError(
                 f"{source.name} has no column {text_field!r} (its header is {header}); "
                 "pass --text-field with the column that holds the text"
@@ -299,6 +352,8 @@ def submit(
                 raise BatchError(
                     f"{source.name} has no column {name!r} (its columns are {names}); pass {flag} with the column"
                 )
+    if format_ == "jsonl" and (pair_field or text_model):
+        _check_jsonl_fields(source, text_field, pair_field)
     for sub in ("tmp", "new", "cur"):
         (spool / sub).mkdir(parents=True, exist_ok=True)
     job_id = new_job_id(now)

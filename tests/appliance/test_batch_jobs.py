@@ -376,6 +376,37 @@ def test_submit_refuses_a_parquet_file_without_the_text_column(tmp_path: Path) -
     assert submit(tmp_path / "spool", tensor, model="fake-tabular", text_model=None)
 
 
+def test_submit_refuses_a_jsonl_file_whose_records_lack_the_text_field(tmp_path: Path) -> None:
+    """CSV and Parquet files without the column were refused; a JSONL file whose records had no
+    ``text`` was taken, every record rejected, and the job read "done"."""
+    src = tmp_path / "notes.jsonl"
+    src.write_text("not json\n" + "".join(f'{{"id": {i}, "note": "n"}}\n' for i in range(150)))
+    with pytest.raises(BatchError, match=r"none of the first 99 records .* field 'text' .*\['id', 'note'\]"):
+        submit(tmp_path / "spool", src, model="fake-embed", text_model=True)
+    assert submit(tmp_path / "spool", src, model="fake-embed", text_field="note", text_model=True)
+    assert submit(tmp_path / "spool", src, model="fake-tabular", text_model=None)  # a model not known here
+    src.write_text('{"id": 1, "note": "n"}\n{"id": 2, "text": "t"}\n')  # some records have it: judged per record
+    assert submit(tmp_path / "spool", src, model="fake-embed", text_model=True)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x1f\x8b\x08\x00" + b"\x00" * 40, r"is a gzip file, not text; unpack it first \(`gunzip -k in.csv`\)"),
+        (b"PK\x03\x04" + b"\x00" * 40, "is a zip file"),
+        (b"ID;Text\r\n1;Schmerz\r\n", r"separated by ';', not by commas .* 'ID;Text'"),
+        (b"id\ttext\n1\ta\n", "separated by a tab"),
+    ],
+)
+def test_submit_names_a_compressed_or_semicolon_file_with_its_fix(tmp_path: Path, content: bytes, message: str) -> None:
+    """A gzip file named .jsonl was told `pass --format jsonl`, then every record was rejected as
+    garbage; a German Excel CSV (``;``) was told to pass --text-field 'ID;Text'."""
+    src = tmp_path / "in.csv"
+    src.write_bytes(content)
+    with pytest.raises(BatchError, match=message):
+        submit(tmp_path / "spool", src, model="fake-embed", text_model=True)
+
+
 def test_what_a_killed_submit_left_in_spool_tmp_is_removed_after_a_day(tmp_path: Path) -> None:
     """A submit killed mid-copy left spool/tmp/<job>/input.jsonl (300 MB in a probe) for good."""
     import time
