@@ -619,7 +619,9 @@ class BatchWorker:
         model: BatchModel | None = None
         if self.audit is not None:
             try:
-                model = self.model(job.model, job.version)
+                # a job no chunk pinned (an empty file) resolves "latest" as a chunk does: cached under
+                # (name, None) it was a second copy of the model in a --watch worker
+                model = self.model(job.model, job.version) if job.version is not None else self.model_for(job)[0]
             except Exception:  # the event still records the job; the model fields stay empty
                 model = None
         # the claim again, for lease_s more: the one taken before (a model load for the event can be

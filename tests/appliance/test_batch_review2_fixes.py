@@ -295,6 +295,21 @@ def test_five_jobs_in_one_worker_load_the_model_once(tmp_path: Path) -> None:
     assert {(box.store.require_job(j).version, box.store.require_job(j).model_sha256) for j in jobs} == {(1, "1" * 64)}
 
 
+def test_an_empty_job_before_a_full_one_loads_the_model_once(tmp_path: Path) -> None:
+    """An empty file's job has no chunk to pin its version: its batch_end's model was loaded as
+    (name, None), a second copy of the model beside the pinned one (650 MB RSS against 412)."""
+    from tests.appliance.batch_box import Audit
+
+    repo = Repo()
+    box = Box(tmp_path, repo.load, latest=repo.latest, audit=Audit())
+    empty = box.submit([], name="empty.jsonl")
+    box.worker.run_once(wait_for_retries=False)
+    full = box.submit(_texts(3), name="full.jsonl")
+    box.worker.run_once(wait_for_retries=False)
+    assert [box.store.require_job(j).state for j in (empty, full)] == ["done", "done"]
+    assert repo.loads == [("fake-embed", 1)]
+
+
 def test_a_new_version_or_a_reinstalled_package_is_loaded_once_then_reused(tmp_path: Path) -> None:
     repo = Repo()
     box = Box(tmp_path, repo.load, latest=repo.latest)
