@@ -485,9 +485,14 @@ def purge_jobs(
             raise BatchError(message)
         log.warning("batch retention: %s; left for now", message)
 
+    from appliance.batch.spool import pending
+
+    # a job submitted and not yet accepted by a worker (spool/new): withdrawn whole, never run
+    waiting = {p.name: p for p in pending(settings.spool)} if named and not sweep else {}
     store = JobStore(settings.state_db)
     try:
-        jobs = [store.require_job(j) for j in named] if named else store.jobs()
+        spooled = [j for j in named if j in waiting and store.job(j) is None]
+        jobs = [store.require_job(j) for j in named if j not in spooled] if named else store.jobs()
         cutoff = None if older_than is None else datetime.now(UTC).timestamp() - older_than * 86400
         targets = []
         for job in jobs:
@@ -517,10 +522,12 @@ def purge_jobs(
     lines: list[str] = []
     with contextlib.ExitStack() as stack:
         audit = None
-        if settings.audit and targets:
+        if settings.audit and (targets or spooled):
             from appliance.audit.log import AuditLog
 
             audit = stack.enter_context(AuditLog.open(settings))
+        for job_id in spooled:
+            lines.append(_withdraw(settings, job_id, waiting[job_id], audit, actor))
         for job, folders in targets:
             size = sum(f.stat().st_size for folder in folders for f in folder.rglob("*") if f.is_file())
             if audit is not None:  # before the files go: a purge is never done without its record
@@ -535,6 +542,42 @@ def purge_jobs(
                 shutil.rmtree(folder)
             lines.append(f"purged job {job.job_id} ({job.state}): {size} bytes in {', '.join(map(str, folders))}")
     return lines
+
+
+def _withdraw(settings: Settings, job_id: str, folder: Path, audit: Any, actor: str | None) -> str:
+    """Delete a job no worker has accepted yet (``spool/new/<job>``), recorded as ``batch_purge`` with
+    the state ``spooled``: a file submitted by mistake was always run to its end.  Moved aside first
+    (a rename: a worker accepting it at that moment finds it gone, or has it and the purge is refused),
+    then recorded, then deleted."""
+    import shutil
+
+    import msgspec
+
+    from appliance.batch.spool import read_request
+    from appliance.commands.audit import cli_event
+
+    model = ""
+    with contextlib.suppress(BatchError):
+        model = read_request(folder).model
+    aside = settings.spool / "tmp" / f"{job_id}.withdrawn"
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:
+        raise BatchError(
+            f"job {job_id} was taken by a worker as it was being withdrawn; purge it once it has ended "
+            "(`inferbox batch status`)"
+        ) from None
+    size = sum(f.stat().st_size for f in aside.rglob("*") if f.is_file())
+    if audit is not None:  # before the files go: a purge is never done without its record
+        details = {"state": "spooled", "bytes": str(size), "removed": str(folder)}
+        event = cli_event("batch_purge", "inferbox batch purge", datetime.now(UTC), details, actor=actor)
+        try:
+            audit.append(msgspec.structs.replace(event, job_id=job_id, model_name=model))
+        except BaseException:
+            aside.rename(folder)  # not recorded: not withdrawn
+            raise
+    shutil.rmtree(aside)
+    return f"withdrew job {job_id} (spooled, not yet run): {size} bytes in {folder}"
 
 
 @batch.command()

@@ -772,3 +772,19 @@ def test_a_refused_submit_makes_no_digest_key_and_the_next_one_no_lost_log_warni
     assert not [r for r in caplog.records if "a new log" in r.getMessage()]
     (submitted,) = cli.events("batch_submit")
     assert submitted.job_id == job and submitted.digest_key_id and len(submitted.input_digest) == 64
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_job_no_worker_took_yet_can_be_withdrawn_and_it_is_recorded(tmp_path: Path) -> None:
+    """`batch purge` of a spooled job said "no batch job", while `batch status` listed it: a file of
+    patient data submitted by mistake was always run to its end."""
+    cli = _Cli(tmp_path, '{"id": 1, "text": "Jane Roe"}\n')
+    job = cli.submit()
+    assert f"{job}  spooled" in cli("batch", "status").output
+    r = cli("batch", "purge", job)
+    assert r.exit_code == 0 and r.output.startswith(f"withdrew job {job} (spooled, not yet run): "), r.output
+    assert not (cli.home / "spool" / "new" / job).exists() and not list((cli.home / "spool" / "tmp").iterdir())
+    (record,) = cli.events("batch_purge")
+    assert (record.job_id, record.model_name, record.details["state"]) == (job, "fake-embed", "spooled")
+    assert cli("batch", "status").output.strip() == "no batch jobs"
+    assert "accepted 0 job(s)" in cli.run().output
