@@ -476,6 +476,55 @@ def _relocate_jobs(state_db: Path, old_home: str, new_home: Path) -> int:
         conn.close()
 
 
+def _release_leases(state_db: Path) -> int:
+    """Give back, unspent, the chunks (and finishing claims) the backed-up box's workers held: none of
+    them runs here, and `batch status` said "a worker is at it now" until each lease ran out."""
+    conn = sqlite3.connect(state_db)
+    try:
+        with conn:
+            cur = conn.execute(
+                "UPDATE batch_chunks SET state = 'pending', lease_until = NULL, attempts = MAX(attempts - 1, 0) "
+                "WHERE state = 'leased'"
+            )
+            conn.execute("UPDATE batch_jobs SET claim_worker = NULL, claim_until = NULL WHERE claim_worker IS NOT NULL")
+            return cur.rowcount
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return 0
+        raise
+    finally:
+        conn.close()
+
+
+def _jobs_after_backup(settings: Settings, backup_last_seq: int) -> list[str]:
+    """The jobs the restored log says were submitted after the backup and the restored state does not
+    hold (their input was never backed up): their ids."""
+    audit = sqlite3.connect(f"file:{settings.audit_db}?mode=ro", uri=True)
+    try:
+        submitted = [
+            r[0]
+            for r in audit.execute(
+                "SELECT job_id FROM records WHERE event = 'batch_submit' AND outcome = 'success' AND seq > ? "
+                "ORDER BY seq",
+                (backup_last_seq,),
+            )
+        ]
+    finally:
+        audit.close()
+    if not submitted:
+        return []
+    state = sqlite3.connect(f"file:{settings.state_db}?mode=ro", uri=True)
+    try:
+        try:
+            known = {r[0] for r in state.execute("SELECT job_id FROM batch_jobs")}
+        except sqlite3.OperationalError:
+            known = set()
+    finally:
+        state.close()
+    spooled = settings.spool / "new"
+    return [j for j in dict.fromkeys(submitted) if j and j not in known and not (spooled / j).is_dir()]
+
+
 def _refuse_occupied(settings: Settings) -> None:
     taken = occupied(settings)
     if taken:
@@ -663,10 +712,21 @@ def _after_placing(
         moved = _relocate_jobs(settings.state_db, checked.manifest.home, settings.home)
         if moved:
             notes.append(f"{moved} batch job(s) now point at {settings.home} instead of {checked.manifest.home}")
+    if settings.state_db.exists() and (released := _release_leases(settings.state_db)):
+        notes.append(
+            f"{released} batch chunk(s) the backed-up box's workers held were given back, attempts unspent: "
+            "the next `inferbox batch run` takes them"
+        )
     if settings.state_db.exists() and settings.audit_db.exists():
         last = caught_up.backup_last_seq if caught_up is not None else _backup_last_seq(checked)
         revoked, key_notes = _key_changes_since_backup(settings, last)
         notes.extend(key_notes)
+        lost = _jobs_after_backup(settings, last)
+        if lost:
+            notes.append(
+                f"{len(lost)} batch job(s) submitted after the backup are not on this box (their input was not "
+                f"backed up): submit their files again ({', '.join(lost[:10])}{', ...' if len(lost) > 10 else ''})"
+            )
         if caught_up is not None:
             caught_up = dataclasses.replace(caught_up, keys_revoked_again=revoked)
     if record is not None:

@@ -1191,3 +1191,28 @@ def test_a_second_backup_while_one_runs_is_refused_before_it_records_anything(bo
     assert refused.exit_code == 2 and "another `inferbox backup create` of this box is running" in refused.stderr
     assert list(box["out"].iterdir()) == [] and _events(box["home"]).count("backup_create") == before
     assert create(box).is_file()  # once it has ended
+
+
+def test_a_restore_gives_back_the_old_boxs_leases_and_names_jobs_submitted_after_the_backup(
+    box: dict[str, Any], tmp_path: Path
+) -> None:
+    """A restored mid-job state said "a worker is at it now" for a lease no worker here holds; a job
+    submitted after the backup (its record brought back from the copies) was lost without a word."""
+    import sqlite3
+
+    ship = tmp_path / "ship"
+    ship.mkdir()
+    with sqlite3.connect(box["home"] / "state.db") as db:  # a chunk the old box's worker was running
+        db.execute("UPDATE batch_chunks SET state = 'leased', lease_until = 9e12, worker = 'old:1', attempts = 2")
+    archive = create(box)
+    late = tmp_path / "late.jsonl"
+    late.write_text(json.dumps({"id": 1, "x": [0.5] * 8}) + "\n")
+    job = run(box["home"], "batch", "submit", str(late), "--model", "mlp").stdout.strip()
+    assert _ship(box["home"], ship).exit_code == 0
+    new = tmp_path / "new"
+    result = run(new, "backup", "restore", str(archive), "--audit-from", str(ship))
+    assert result.exit_code == 0, result.output
+    assert "batch chunk(s) the backed-up box's workers held were given back" in result.stdout, result.stdout
+    assert "submitted after the backup are not on this box" in result.stdout and job in result.stdout
+    with sqlite3.connect(new / "state.db") as db:
+        assert db.execute("SELECT DISTINCT state, attempts FROM batch_chunks").fetchall() == [("pending", 1)]
