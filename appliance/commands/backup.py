@@ -483,6 +483,8 @@ def restore(
         for note in result.notes:
             click.echo(f"  note: {note}")
         _integrity(result.checked.integrity)
+        if copies is None and not no_catch_up and m.audit is not None:
+            click.echo(_uncaught_keys_warning(settings, m.created_at), err=True)
         for line in _next_steps(settings, m, c):
             click.echo(line, err=True)
     if result.audit is not None and not result.audit.ok:
@@ -510,6 +512,29 @@ def _record_restore(
         if caught_up.keys_revoked_again:
             details["keys_revoked_again"] = ",".join(caught_up.keys_revoked_again)
     record_cli_event(settings, "backup_restore", "inferbox backup restore", started, details)
+
+
+def _uncaught_keys_warning(settings: Settings, created_at: str) -> str:
+    """A restore with no off-box copies to catch up from (none given, no ship_dir here): every key
+    revoked since the backup is active again, named by the keys now active.  It passed with a line
+    among the next steps, and an installed box sets ship_dir only in the ship unit's environment."""
+    from appliance.keys import KeyStore
+
+    active: list[str] = []
+    if settings.state_db.exists():
+        store = KeyStore(settings.state_db)
+        try:
+            now = datetime.now(UTC)
+            active = [f"{r.id} ({r.name})" if r.name else r.id for r in store.list() if r.state(now) == "active"]
+        finally:
+            store.close()
+    shown = ", ".join(active[:20]) + (", ..." if len(active) > 20 else "") if active else "none"
+    return (
+        f"WARNING: no off-box copies to catch up from (--audit-from FOLDER; ship_dir is not set here), so the "
+        f"log and the API keys are as they were at {created_at}: a key revoked since is ACTIVE again. Active "
+        f"now: {shown}. Restore again with --audit-from the ship folder, or revoke those that must not be "
+        "(`inferbox keys revoke ID`); --no-catch-up says a restore without the copies is meant"
+    )
 
 
 def _next_steps(settings: Settings, manifest: BackupManifest, caught_up: CatchUp | None) -> list[str]:

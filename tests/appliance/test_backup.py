@@ -103,6 +103,11 @@ def test_round_trip_restores_keys_log_packages_and_batch_results(box: dict[str, 
     restored = run(new, "backup", "restore", str(archive))
     assert restored.exit_code == 0, restored.output
     assert "records written after" in restored.stderr
+    # no off-box copies to catch up from: said loudly, naming the keys now active (a revoked one among them?)
+    warning = next(line for line in restored.stderr.splitlines() if line.startswith("WARNING: no off-box copies"))
+    assert "ACTIVE again" in warning and KeyStore(new / "state.db").list()[0].id in warning, warning
+    quiet = run(tmp_path / "third", "backup", "restore", str(archive), "--no-catch-up")
+    assert quiet.exit_code == 0 and "WARNING: no off-box copies" not in quiet.stderr, quiet.output
 
     assert KeyStore(new / "state.db").verify(box["key"]).scopes == ("infer",)
     assert Repository(new / "models").open("mlp").manifest.name == "mlp"
