@@ -157,6 +157,9 @@ def _toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_FIELD = {f.name: f for f in FIELDS}
+
+
 def _shown_default(f: Field) -> Any:
     derived = {
         "home": STATE_DIR,
@@ -176,8 +179,8 @@ def _shown_default(f: Field) -> Any:
 
 _UNSET = {
     "public_key": "default: unset (signatures not required)",
-    "ship_dir": "default: unset (`inferbox audit ship` needs it or --to; the ship unit sets it)",
-    "backup_dir": "default: unset (`inferbox backup create` needs it or --to; the backup unit sets it)",
+    "ship_dir": "default: unset (`inferbox audit ship` needs it or --to; `install --ship-dir` sets it)",
+    "backup_dir": "default: unset (`inferbox backup create` needs it or --to; `install --backup-dir` sets it)",
     "backup_encrypt_to": "default: unset (plain archives; `inferbox backup keygen` makes a key, "
     "`install --backup-encrypt-to` sets it)",
     "tls_cert": "default: unset (plain HTTP, refused on a non-loopback host without allow_plaintext)",
@@ -708,6 +711,24 @@ def _install(
             "backups will be plain tars holding the signing key and the digest keys: make a key off the box "
             "(`inferbox backup keygen --out backup.key`) and run install again with --backup-encrypt-to backup.key.pub"
         )
+    # the off-box folders in the file too, not only in their units' environment: a restore run by hand
+    # caught up from no copies (revoked keys active again), and `audit report` said nothing left the box
+    for name, section, folder in (
+        ("ship_dir", "audit", options.ship_dir),
+        ("backup_dir", "backup", options.backup_dir),
+    ):
+        if folder is None:
+            continue
+        shown = f"# {name} = {_toml_value(_shown_default(_FIELD[name]))}"
+        if shown not in text:
+            raise InstallError(f"the configuration template has no line {shown!r}: a bug in this inferbox")
+        text = text.replace(shown, f"{name} = {_toml_value(folder)}")
+        current = _setting(config, section, name) if config.exists() else None
+        if config.exists() and current != str(folder):
+            report.notes.append(
+                f'{config} is kept as it is and sets {name} = {current!r}: set {name} = "{folder}" in its [{section}] '
+                "table, so that the commands run by hand (audit report, backup restore) know that folder too"
+            )
     _write_new(config, text.encode(), 0o644, report)
 
     # 5. signing key (0600) and its public half

@@ -135,6 +135,10 @@ def test_ship_dir_enables_the_hourly_ship_timer_and_is_the_one_folder_it_writes(
     assert (units / "timers.target.wants/inferbox-audit-ship.timer").is_symlink()
     assert (units / "timers.target.wants/inferbox-batch.timer").is_symlink()
     assert (tmp_path / "opt/ib/share/doc/inferbox/audit.md").is_file()  # the unit's Documentation=
+    # in the configuration too: a restore or `audit report` run by hand knows the folder (the unit's
+    # environment alone left them catching up from nothing and saying nothing left the box)
+    configured = load_settings({"home": tmp_path / "h"}, config_file=tmp_path / "etc/inferbox/inferbox.toml")
+    assert configured.ship_dir == Path("/srv/offbox") and configured.backup_dir is None
     relative = CliRunner().invoke(main, ["install", "--root", str(tmp_path), "--no-venv", "--ship-dir", "offbox"])
     assert relative.exit_code == 2 and "--ship-dir" in relative.output and "absolute" in relative.output
 
@@ -281,7 +285,10 @@ def test_backup_encrypt_to_installs_the_public_key_and_sets_it_for_every_backup(
     installed = root / "etc/inferbox/backup.pub"
     assert _mode(installed) == 0o644 and recipient_id(load_recipient(installed)) == rid  # the unit's user reads it
     config = root / "etc/inferbox/inferbox.toml"
-    assert tomllib.loads(config.read_text())["backup"] == {"backup_encrypt_to": "/etc/inferbox/backup.pub"}
+    assert tomllib.loads(config.read_text())["backup"] == {
+        "backup_encrypt_to": "/etc/inferbox/backup.pub",
+        "backup_dir": "/srv/bk",
+    }
     settings = load_settings(environ={}, config_file=config)
     assert settings.backup_encrypt_to == Path("/etc/inferbox/backup.pub")
     assert "plain tars" not in result.output
