@@ -178,10 +178,8 @@ def check_encoding(source: Path) -> None:
 JSONL_SAMPLE = 100
 
 
-def _check_jsonl_fields(source: Path, text_field: str, pair_field: str) -> None:
-    """Refuse a text model's JSONL file whose first records (those that are JSON objects) all lack the
-    text field: every record was rejected, and the job read "done" (CSV and Parquet files are refused
-    so already, from their header).  A file whose first records are all unreadable is judged per record."""
+def _jsonl_fields(source: Path) -> tuple[int, list[str]]:
+    """How many of a JSONL file's first :data:`JSONL_SAMPLE` lines are JSON objects, and their fields."""
     keys: dict[str, None] = {}
     objects = 0
     with source.open("rb") as f:
@@ -193,6 +191,14 @@ def _check_jsonl_fields(source: Path, text_field: str, pair_field: str) -> None:
             if isinstance(record, dict):
                 objects += 1
                 keys.update(dict.fromkeys(record))
+    return objects, list(keys)
+
+
+def _check_jsonl_fields(source: Path, text_field: str, pair_field: str) -> None:
+    """Refuse a text model's JSONL file whose first records (those that are JSON objects) all lack the
+    text field: every record was rejected, and the job read "done" (CSV and Parquet files are refused
+    so already, from their header).  A file whose first records are all unreadable is judged per record."""
+    objects, keys = _jsonl_fields(source)
     for flag, name in (("--text-field", text_field), ("--pair-field", pair_field)):
         if name and objects and name not in keys:
             raise BatchError(
@@ -223,6 +229,39 @@ def _copy_durably(src: Path, dst: Path, hasher: Hasher | None = None) -> None:
             f"{src} changed while it was copied into the spool (still being written?); submit it once it is "
             "complete (the job would have held part of it)"
         )
+
+
+def _warn_if_no_ids(source: Path, format_: str) -> None:
+    """Say so when the file has no ``id`` column (field): its records are then named by their index
+    from 0 in the outputs and rejects.  An ``ID`` column, read as text, put patient 2's result under
+    id 1 without a word."""
+    fields: list[str] | None = None
+    with contextlib.suppress(Exception):  # a file that cannot be read so is judged per record
+        if format_ == "csv":
+            from appliance.batch.readers import csv_header
+
+            fields = list(csv_header(source)[0])
+        elif format_ == "parquet":
+            import pyarrow.parquet as pq
+
+            fields = list(pq.read_schema(source).names)
+        else:
+            objects, keys = _jsonl_fields(source)
+            fields = keys if objects else None
+    if fields is None or "id" in fields:
+        return
+    alike = [f for f in fields if f.lower() == "id" or f.lower().endswith(("_id", "-id", " id"))]
+    hint = (
+        f" ({', '.join(repr(f) for f in alike)} is not read as the id: rename it to 'id' to keep your ids)"
+        if alike
+        else " (add an 'id' column to keep your own ids)"
+    )
+    log.warning(
+        "%s has no %s 'id': its records are named by their index from 0 in the outputs and rejects%s",
+        source.name,
+        "field" if format_ == "jsonl" else "column",
+        hint,
+    )
 
 
 def _warn_if_cut(src: Path, format_: str, shown: Path) -> None:
@@ -354,6 +393,7 @@ def submit(
                 )
     if format_ == "jsonl" and (pair_field or text_model):
         _check_jsonl_fields(source, text_field, pair_field)
+    _warn_if_no_ids(source, format_)
     for sub in ("tmp", "new", "cur"):
         (spool / sub).mkdir(parents=True, exist_ok=True)
     job_id = new_job_id(now)

@@ -788,3 +788,31 @@ def test_a_job_no_worker_took_yet_can_be_withdrawn_and_it_is_recorded(tmp_path: 
     assert (record.job_id, record.model_name, record.details["state"]) == (job, "fake-embed", "spooled")
     assert cli("batch", "status").output.strip() == "no batch jobs"
     assert "accepted 0 job(s)" in cli.run().output
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "said"),
+    [
+        ("in.csv", "ID,Text\n1,chest pain\n2,broken arm\n", "'ID' is not read as the id"),
+        ("in.jsonl", '{"patient_id": "p1", "text": "a"}\n', "'patient_id' is not read as the id"),
+        ("in.jsonl", '{"text": "a"}\n', "add an 'id' column"),
+    ],
+)
+def test_submit_says_when_the_records_have_no_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, name: str, content: str, said: str
+) -> None:
+    """Only a column named exactly ``id`` names a record: with ``ID,Text`` the outputs said id 1 for the
+    second row (patient 2's "broken arm"), and nothing warned."""
+    import logging
+
+    src = tmp_path / name
+    src.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="appliance.batch.spool"):
+        submit(tmp_path / "spool", src, model="fake-embed", text_field="Text" if name.endswith("csv") else "text")
+    (warned,) = [r.getMessage() for r in caplog.records if "no " in r.getMessage() and "'id'" in r.getMessage()]
+    assert "named by their index from 0" in warned and said in warned, warned
+    caplog.clear()
+    named = tmp_path / "named.jsonl"
+    named.write_text('{"id": "p1", "text": "a"}\n')
+    submit(tmp_path / "spool", named, model="fake-embed")
+    assert not [r for r in caplog.records if "'id'" in r.getMessage()]
