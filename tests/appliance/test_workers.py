@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +21,26 @@ run_workers({"host": "127.0.0.1", "port": int(sys.argv[1]), "workers": 2, "log_l
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _read_until(proc: subprocess.Popen[bytes], marker: bytes, seen: bytes, deadline: float) -> bytes:
+    """``seen`` and what ``proc`` writes until ``marker`` is in it; a server silent past ``deadline``
+    fails the test (a blocking readline waited for ever)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    while marker not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0 and proc.poll() is None, seen.decode(errors="replace")[-3000:]
+        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if ready:
+            chunk = os.read(fd, 65536)
+            assert chunk, seen.decode(errors="replace")[-3000:]  # its output closed: it ended
+            seen += chunk
+    return seen
 
 
 def _run(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     full = {**os.environ, "PYTHONPATH": str(ROOT), "INFERBOX_HOME": str(tmp_path / "home"), **env}
     return subprocess.Popen(
-        [sys.executable, "-c", RUN, str(_port())],
+        [sys.executable, "-c", RUN, "0"],  # port 0: the kernel's free port, no race with another test
         env=full,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -55,16 +65,10 @@ def test_sigterm_is_a_clean_stop_and_sighup_is_logged_not_a_restart(tmp_path: Pa
         {"INFERBOX_REPOSITORY": str(tmp_path / "repo"), "INFERBOX_AUDIT": "false", "INFERBOX_AUTH": "false"},
     )
     try:
-        assert proc.stdout is not None
-        seen = b""
         deadline = time.monotonic() + 120
-        while b"Application startup complete" not in seen:  # a worker serves: read until it says so
-            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")[-3000:]
-            seen += proc.stdout.readline()
+        seen = _read_until(proc, b"Application startup complete", b"", deadline)  # a worker serves
         proc.send_signal(signal.SIGHUP)
-        while b"SIGHUP with 2 workers: ignored" not in seen:
-            assert time.monotonic() < deadline and proc.poll() is None, seen.decode(errors="replace")[-3000:]
-            seen += proc.stdout.readline()
+        seen = _read_until(proc, b"SIGHUP with 2 workers: ignored", seen, deadline)
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
     finally:
@@ -92,7 +96,7 @@ def test_a_worker_that_cannot_load_the_tls_files_stops_the_service(
         "INFERBOX_AUTH": "false",
     }
     proc = subprocess.run(
-        [sys.executable, "-c", run, str(_port()), str(tls_files.cert), str(other.key)],  # a key of another cert
+        [sys.executable, "-c", run, "0", str(tls_files.cert), str(other.key)],  # a key of another cert
         env=full,
         cwd=ROOT,
         capture_output=True,
