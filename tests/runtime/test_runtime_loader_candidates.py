@@ -83,12 +83,22 @@ def test_an_allowed_fallback_reports_the_backend_that_ran(tmp_path: Path, gpu_pr
         model.close()
 
 
-def test_workers_share_the_cores_of_a_threads_0_session(tmp_path: Path) -> None:
+def test_workers_share_the_cores_of_a_threads_0_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an 8-core budget one worker's session takes 8 threads, each of two workers' 4 (on the 2-core CI
+    box both were 1, and a loader that ignored ``workers`` passed)."""
+    import psutil
+
+    import runtime.hardware as hardware
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(hardware, "cgroup_cpu_limit", lambda *a, **k: None)
+    assert (default_threads(1), default_threads(2)) == (8, 4)
     repo = publish_mlp(tmp_path / "models", ["ort-cpu"])
-    for workers in (1, 2):
+    for workers, threads in ((1, 8), (2, 4)):
         model = load_model(repo, "mlp", options=LoaderOptions(backend="ort-cpu", workers=workers))
         try:
-            assert model.session.threads == default_threads(workers)  # type: ignore[attr-defined]
+            assert model.session.threads == threads  # type: ignore[attr-defined]
         finally:
             model.close()
 
