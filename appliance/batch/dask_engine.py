@@ -38,6 +38,7 @@ import importlib
 import logging
 import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -191,6 +192,10 @@ def local_cluster(n_workers: int = 2) -> Iterator[Any]:
     distributed = _distributed()
     import dask
 
+    # the worker processes start with SIGINT ignored: a terminal's Ctrl-C reaches the whole process
+    # group, and each worker printed a KeyboardInterrupt traceback; this process stops them (close)
+    ignored = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignored else None
     try:
         with dask.config.set({"distributed.scheduler.http.routes": []}):
             cluster = distributed.LocalCluster(
@@ -208,6 +213,9 @@ def local_cluster(n_workers: int = 2) -> Iterator[Any]:
             "interface is up and that processes may listen on it, or run with --engine local (or "
             "--scheduler tcp://host:8786)"
         ) from exc
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, previous)
     try:
         yield cluster
     finally:
@@ -314,11 +322,17 @@ class DaskEngine:
                 self._keep.enter_context(self.connected())  # kept open across rounds
             with self.connected() as client:
                 self._work(client, first, summary, wait_for_retries, stop)
-        except BaseException:
+        except BaseException as exc:
             # what is still leased here runs nowhere now, and did not fail (the machine did): the
             # next run takes it at once, its attempts as they were
             try:
-                self.worker.store.expire_worker(self.worker.worker_id, spent=False)
+                given = self.worker.store.expire_worker(self.worker.worker_id, spent=False)
+                if given and isinstance(exc, KeyboardInterrupt | SystemExit):  # stopped from outside
+                    log.warning(
+                        "stopped: the chunk in progress is given back (%d chunk(s)); the next `inferbox batch "
+                        "run` resumes it",
+                        given,
+                    )
             except Exception as gone:  # its lease runs out instead: the chunk is taken again then
                 log.warning(
                     "the chunks in progress could not be given back (%s); they are taken again when their "

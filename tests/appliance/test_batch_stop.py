@@ -3,6 +3,7 @@ progress is given back with its attempt unspent, and the next run finishes the j
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,3 +97,46 @@ def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: s
     finally:
         store.close()
     assert job.state == "done" and job.ok == 200
+
+
+def _own_group_with_a_terminals_ctrl_c() -> None:
+    os.setpgrp()  # a process group of its own, as a shell's foreground job: Ctrl-C reaches every process in it
+    _ctrl_c_as_a_terminal()
+
+
+def test_ctrl_c_of_a_dask_run_gives_back_quietly(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: each Dask worker process printed a
+    KeyboardInterrupt traceback, and the "given back" line was missing."""
+    pytest.importorskip("distributed")
+    (tmp_path / "slowfake.py").write_text(SLOW_LOADER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH", "")) if p)
+    home = tmp_path / "home"
+    home.mkdir()
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "text": f"record {i}"}) + "\n" for i in range(200)))
+    base = [sys.executable, "-m", "appliance", "batch"]
+    subprocess.run(
+        [*base, "submit", str(src), "--model", "fake-embed", "--home", str(home)],
+        capture_output=True, text=True, env=env, check=True, timeout=120,
+    )  # fmt: skip
+    run = [*base, "run", "--once", "--home", str(home), "--loader", "slowfake:settings_loader", "--chunk-size", "200"]
+    proc = subprocess.Popen(
+        [*run, "--engine", "dask", "--dask-workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_own_group_with_a_terminals_ctrl_c,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not any(state == "leased" for _, state, _ in _leased(home / "state.db")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)  # polling for the lease, not an assertion
+        time.sleep(1.0)  # the chunk on its way to the worker process
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "the chunk in progress is given back" in err, err
+    assert _leased(home / "state.db") == [(0, "pending", 0)]  # given back, its attempt unspent
