@@ -48,7 +48,7 @@ def settings_loader(target: str, settings: Settings) -> Any:
     return factory(settings)
 
 
-def environment_error(exc: OSError | sqlite3.Error) -> BatchError:
+def environment_error(exc: OSError | sqlite3.Error, home: Path | None = None) -> BatchError:
     """A disk, permission or database error as one line that names the fix (no stack trace)."""
     if isinstance(exc, sqlite3.Error):
         return BatchError(
@@ -57,7 +57,7 @@ def environment_error(exc: OSError | sqlite3.Error) -> BatchError:
         )
     where = f": {exc.filename}" if exc.filename else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        place = "there" if exc.filename else "in the inferbox home"
+        place = "there" if exc.filename else f"in the inferbox home ({home})" if home else "in the inferbox home"
         fix = (
             f"free space {place} (or raise the quota / file size limit), then run the command again (work done is kept)"
         )
@@ -84,7 +84,7 @@ class _BatchGroup(click.Group):
             raise  # the reader left (`batch status | head`): the CLI ends quietly, no file is at fault
         except (OSError, sqlite3.Error) as exc:
             log.debug("batch command failed", exc_info=True)
-            raise environment_error(exc) from exc
+            raise environment_error(exc, ctx.meta.get("inferbox_home")) from exc
 
 
 @click.group(cls=_BatchGroup)
@@ -228,6 +228,9 @@ def _activity_line(now: Activity) -> str:
 def _settings(home: Path | None, repository: Path | None) -> Settings:
     """The settings, refusing a state folder that does not exist (a mistyped or default home)."""
     settings = build_settings(home=home, repository=repository)
+    context = click.get_current_context(silent=True)
+    if context is not None:  # a disk error's message names the home (environment_error)
+        context.meta["inferbox_home"] = settings.home
     return existing_home(settings, "batch", "batch jobs live in the spool of the state folder the server uses")
 
 

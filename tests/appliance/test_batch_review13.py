@@ -305,6 +305,29 @@ def test_batch_run_on_a_read_only_outbox_exits_2_with_one_line_naming_the_path(
     store.close()
 
 
+def test_a_full_disk_without_a_file_name_is_said_with_the_home_it_fills(tmp_path: Path) -> None:
+    """The outbox's ENOSPC (no file name in the error) said "free space in the inferbox home", naming no
+    path, while docs/batch.md promised one."""
+    from appliance.commands.batch import environment_error
+
+    home = tmp_path / "home"
+    home.mkdir()
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(line + "\n" for line in _lines(3)))
+    runner = CliRunner()
+    runner.invoke(main, ["batch", "submit", str(src), "--model", "fake-embed", "--home", str(home)])
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() says it: no file name
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(unit, "atomic_write", full)
+        result = runner.invoke(main, ["batch", "run", "--once", "--home", str(home), "--loader", FAKE])
+    assert result.exit_code == 2 and f"free space in the inferbox home ({home})" in result.output, result.output
+    named = str(environment_error(OSError(errno.ENOSPC, "No space left on device", "/x/part-1.jsonl"), tmp_path))
+    assert ": /x/part-1.jsonl; free space there" in named, named
+
+
 def test_a_full_disk_is_a_machine_error_and_a_bad_input_is_not() -> None:
     assert worker_module.machine_error(OSError(errno.ENOSPC, "No space left on device"))
     assert worker_module.machine_error(OSError(errno.EACCES, "Permission denied"))
