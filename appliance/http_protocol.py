@@ -35,6 +35,7 @@ import json
 import logging
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from appliance.settings import FIELDS
@@ -97,7 +98,11 @@ class DeadlineProtocol(HttpToolsProtocol):
     _begun = False  # a request's first bytes are in, its headers not yet all
     _body_pending = False  # the newest request's headers are in, its body not yet all
     _head_bytes: int | None = 0  # bytes come in since a request's head began (None: a body is coming)
-    _draining = False  # answered 431: what the client still sends is read and dropped until it stops
+    _quiet_bytes = 0  # bytes come in during a body since the last of it reached the app (trailers, extensions)
+    _head_size = 0  # the request line's and header fields' bytes, as the parser hands them over
+    _oversize = False  # the request's head (or trailers) went over MAX_HEAD_BYTES
+    _draining = False  # refused: what the client still sends is dropped unparsed until it stops
+    _refusal: tuple[bytes, str] | None = None  # an answer that waits for the answers before it
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
@@ -112,6 +117,7 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._head_size = 0
         self._begun = True
         if self._deadline is None:  # pipelined behind a request being answered
             self._deadline = self.loop.time() + self._header_timeout
@@ -119,25 +125,45 @@ class DeadlineProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """uvicorn's, with a bound on a request's head: over :data:`MAX_HEAD_BYTES` of it is a 431.
 
-        Counted in whole reads from where a head may begin (the end of the request before it) and
-        reset when a head ends, so a read that also holds a body or pipelined requests does not
-        count against the head that ends in it."""
+        The parser hands a header field over only once it is whole (joining its pieces with ``+=``),
+        so a head is also counted as it arrives: in whole reads from where a head may begin (the end
+        of the request before it), reset when the head ends; and during a body, the reads since the
+        last of the body reached the app (chunked trailers and chunk extensions are no body).  A
+        read that also holds a body or pipelined requests does not count against them."""
         if self._draining:
             return  # not parsed: the connection ends when the client stops or its time is up
         if self._head_bytes is not None:
             self._head_bytes += len(data)
+        elif self._body_pending:
+            self._quiet_bytes += len(data)
         super().data_received(data)
-        if self._head_bytes is not None and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-            self._head_bytes = None
-            _CLOSED["header_too_large"] += 1
-            self._answer_and_drain(
-                b"431 Request Header Fields Too Large",
-                f"the request's line and headers are over {MAX_HEAD_BYTES // 1024} KiB; send a shorter path or "
-                "fewer or shorter headers",
-            )
+        if self.transport.is_closing() or self._draining:
+            return
+        if (self._head_bytes or 0) > MAX_HEAD_BYTES or (self._body_pending and self._quiet_bytes > MAX_HEAD_BYTES):
+            self._oversize = True
+            self.send_400_response("")
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))  # trailers too: the parser calls this for them
+        super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        """A head that arrived in one read is over the bound once parsed (the reads' count saw it end)."""
+        self._head_size += size
+        if self._head_size > MAX_HEAD_BYTES:
+            self._oversize = True
+            raise _HeadTooLarge("the request's line and headers are too large")  # uvicorn: send_400_response
+
+    def on_body(self, body: bytes) -> None:
+        self._quiet_bytes = 0
+        super().on_body(body)
 
     def on_headers_complete(self) -> None:
-        self._head_bytes = None
+        self._head_bytes, self._quiet_bytes = None, 0
         self._begun = False
         self._body_pending = True
         self._deadline = None  # the body is the app's (body_timeout_s), the answer the batcher's
@@ -155,6 +181,11 @@ class DeadlineProtocol(HttpToolsProtocol):
         super().on_response_complete()
         self._answering = True  # the sweep looks whether it reached the client (a flag here: no syscall)
         if started_next or self.transport.is_closing():
+            return
+        if self._refusal is not None:  # the refusal of a request behind it, now in its turn
+            status, error = self._refusal
+            self._refusal = None
+            self._answer_and_drain(status, error)
             return
         # the next request's headers, from this answer (uvicorn's keep-alive timer ends at a byte); or
         # the rest of a body the app answered early (a 401 to an upload): as long as a body may take
@@ -177,10 +208,32 @@ class DeadlineProtocol(HttpToolsProtocol):
         super().timeout_keep_alive_handler()
 
     def send_400_response(self, msg: str) -> None:
-        """Bytes that are no HTTP request: 400 in the API's error shape (uvicorn's is plain text)."""
+        """Bytes that are no HTTP request: 400 in the API's error shape (uvicorn's is plain text); a
+        head over :data:`MAX_HEAD_BYTES`: 431."""
         self._deadline = None
-        _CLOSED["bad_request"] += 1
-        self._close_with(b"400 Bad Request", f"not an HTTP/1.1 request the server can read: {msg}")
+        if self._oversize:
+            _CLOSED["header_too_large"] += 1
+            self._refuse(
+                b"431 Request Header Fields Too Large",
+                f"the request's line and headers are over {MAX_HEAD_BYTES // 1024} KiB; send a shorter path or "
+                "fewer or shorter headers",
+            )
+        else:
+            _CLOSED["bad_request"] += 1
+            self._refuse(b"400 Bad Request", f"not an HTTP/1.1 request the server can read: {msg}")
+
+    def _refuse(self, status: bytes, error: str) -> None:
+        """Answer a request the server cannot read, in its turn: nothing more is parsed; written now,
+        or once the answers to the requests before it are out (written ahead, it would read as their
+        answer, and theirs would fail); a request whose body its app is still reading is cut off."""
+        self._draining = True
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if answering and self._body_pending:  # its app waits for a body that will not come
+            self.transport.close()
+        elif answering or self.pipeline:
+            self._refusal = (status, error)
+        else:
+            self._answer_and_drain(status, error)
 
     def _headers_late(self, now: float) -> bool:
         return self._deadline is not None and now >= self._deadline
@@ -255,8 +308,10 @@ class DeadlineProtocol(HttpToolsProtocol):
         sends on is dropped unparsed; the connection ends when it closes, or a header time from now."""
         self.transport.write(self._error_answer(status, error))
         self._draining = True
-        if self.transport.can_write_eof():
-            self.transport.write_eof()  # the answer is all: a client reading it sees the end at once
+        if not self.transport.can_write_eof():  # TLS: no half-close; the answer goes, then the connection
+            self.transport.close()
+            return
+        self.transport.write_eof()  # the answer is all: a client reading it sees the end at once
         self._deadline = self.loop.time() + self._header_timeout
 
     def _error_answer(self, status: bytes, error: str) -> bytes:
@@ -266,6 +321,10 @@ class DeadlineProtocol(HttpToolsProtocol):
         head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
         head.append(b"connection: close\r\n\r\n")
         return b"".join(head) + body
+
+
+class _HeadTooLarge(httptools.HttpParserError):
+    """Raised from a parser callback: uvicorn answers any parser error with ``send_400_response``."""
 
 
 class _Sweep:

@@ -364,3 +364,45 @@ def test_a_head_over_64_kib_is_answered_431_and_big_bodies_and_pipelines_are_not
             assert chunk, got[-300:]
             got += chunk
     assert b" 431 " not in got and big in got
+
+
+def test_a_head_over_64_kib_in_one_read_is_answered_431_too(port: int) -> None:
+    """Counted only by reads, a 100 KB header that arrived whole was accepted (200), the same header
+    sent in pieces refused: whether a request was refused depended on how TCP split it."""
+    with _connect(port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * 100_000 + b"\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        got = _read_until_closed(sock)
+    assert got.startswith(b"HTTP/1.1 431 "), got[:200]
+
+
+def test_chunked_trailers_over_64_kib_close_the_connection(port: int) -> None:
+    """Trailers are headers after the body: no bound held them, and three 60 MB trailers held the event
+    loop for seconds, with no key.  The request's app waits for a body that will not come: cut off."""
+    before = closed_connections()["header_too_large"]
+    with _connect(port) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-T: ")
+        with contextlib.suppress(ConnectionError):  # cut off while it sends
+            for _ in range(16):
+                sock.sendall(b"t" * 16384)
+            sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionError):
+            got = _read_until_closed(sock)
+            assert b" 200 " not in got, got[:300]
+    assert closed_connections()["header_too_large"] == before + 1
+
+
+def test_a_431_behind_an_answer_in_flight_is_written_after_it(port: int) -> None:
+    """Written at once, the 431 for a pipelined request went out ahead of the answer to the request
+    before it, which then failed (``write() after write_eof()``): the client took the 431 for its
+    POST's answer while the audit log recorded a 200."""
+    with _connect(port) as sock:
+        sock.sendall(_request("/?sleep=0.5", b"first"))
+        time.sleep(0.1)  # the first request is with its app
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: ")
+        for _ in range(8):
+            sock.sendall(b"b" * 16384)
+        got = _read_until_closed(sock)  # (no half-close: uvicorn ends a connection at the client's)
+    first, _, rest = got.partition(b"\r\n\r\nfirst")
+    assert first.startswith(b"HTTP/1.1 200 "), got[:300]  # the first answer, whole, first
+    assert rest.startswith(b"HTTP/1.1 431 "), got[:400]
