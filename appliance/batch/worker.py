@@ -72,16 +72,33 @@ _RETRY = "fix the cause, then `inferbox batch retry {job_id}`"
 _MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
+#: of those, the ones a model load may meet inside a package error of its own and still be the
+#: machine's (its verified copy, its compiled-model cache): a package file it may not read is the
+#: package's, and fails its job
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
 def machine_error(exc: BaseException) -> bool:
     """Whether ``exc`` is the machine's fault (disk full, read-only or not writable, the state
     database unusable), which no attempt of a chunk can fix."""
+    if isinstance(exc, sqlite3.Error):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _MACHINE_ERRNOS
+
+
+def load_machine_error(exc: BaseException) -> bool:
+    """Whether a model load's ``exc`` is the machine's fault: :func:`machine_error`, or a full or
+    read-only disk behind an error the load raised for it (its cause, or the error it was handling
+    unless it said ``from None``)."""
+    if machine_error(exc):
+        return True
     seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:  # also one a load wrapped in its own error
-        if isinstance(cause, sqlite3.Error) or (isinstance(cause, OSError) and cause.errno in _MACHINE_ERRNOS):
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, sqlite3.Error) or (isinstance(cause, OSError) and cause.errno in _FULL_ERRNOS):
             return True
         seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
     return False
 
 
@@ -511,7 +528,7 @@ class BatchWorker:
             model, job = self.model_for(job)
             check_model_fits(model, job.format, job.pair_field)
         except Exception as exc:
-            if not machine_error(exc):
+            if not load_machine_error(exc):
                 self._not_prepared(lease, job, exc, summary)
                 return None
             # a full disk (the verified copy, the compiled-model cache) fails no chunk and no job: the

@@ -328,6 +328,39 @@ def test_a_full_disk_without_a_file_name_is_said_with_the_home_it_fills(tmp_path
     assert ": /x/part-1.jsonl; free space there" in named, named
 
 
+def test_a_package_file_the_load_may_not_read_fails_its_job_and_the_queue_goes_on(tmp_path: Path) -> None:
+    """Read as the machine's fault, a package file without read permission (inside the package's own
+    error) stopped every run at that job, the first in the queue, and no later job ran."""
+    from runtime.errors import IntegrityError
+
+    def loader(name: str, version: int | None) -> Any:
+        if name == "fake-embed":
+            try:
+                raise PermissionError(errno.EACCES, "Permission denied", "model.onnx")
+            except PermissionError as exc:
+                raise IntegrityError("cannot open model.onnx: Permission denied") from exc
+        return fake.loader(name, version)
+
+    box = Box(tmp_path, loader)
+    stuck = box.submit(_lines(2))
+    after = box.submit(_lines(2), model="fake-classify", name="b.jsonl")
+    summary = box.worker.run_once()
+    assert summary.failed == [stuck] and summary.finished == [after], summary
+    assert "Permission denied" in box.store.require_job(stuck).error
+    full = OSError(errno.ENOSPC, "No space left on device")
+    try:
+        raise IntegrityError("the copy failed") from full
+    except IntegrityError as wrapped:
+        assert worker_module.load_machine_error(wrapped) and not worker_module.machine_error(wrapped)
+    try:
+        try:
+            raise full
+        except OSError:
+            raise IntegrityError("said otherwise") from None
+    except IntegrityError as hidden:
+        assert not worker_module.load_machine_error(hidden)  # `from None`: not its cause
+
+
 def test_a_full_disk_is_a_machine_error_and_a_bad_input_is_not() -> None:
     assert worker_module.machine_error(OSError(errno.ENOSPC, "No space left on device"))
     assert worker_module.machine_error(OSError(errno.EACCES, "Permission denied"))
