@@ -12,6 +12,7 @@ The file is ``$INFERBOX_CONFIG``, else ``<home>/inferbox.toml`` when it exists.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -423,11 +424,14 @@ def _check_proxies(values: Mapping[str, Any], sources: Mapping[str, str], proble
         if not item.strip():
             continue
         try:
-            ipaddress.ip_network(item.strip(), strict=False)
+            ipaddress.ip_network(item.strip())  # strict, as uvicorn reads it (else a literal that never matches)
         except ValueError:
+            meant = ""
+            with contextlib.suppress(ValueError):
+                meant = f" (did you mean {ipaddress.ip_network(item.strip(), strict=False)}?)"
             problems.append(
                 f"trusted_proxies ({sources.get('trusted_proxies')}): {item.strip()!r} is not an address or a "
-                "network (e.g. 127.0.0.1, 10.0.0.0/24); name each proxy, a comma between them"
+                f"network{meant} (e.g. 127.0.0.1, 10.0.0.0/24); name each proxy, a comma between them"
             )
 
 
@@ -583,11 +587,17 @@ def load_settings(
     _check_queue_delay(values, sources, problems)
     if problems:
         raise ConfigError(problems)
-    for f in FIELDS:  # a relative path: from the home in the config file, from here in a flag or variable
+    # a relative path: in the config file, from the home (the home itself: from the file's folder);
+    # in a flag or a variable, from the folder the command runs in
+    in_file = {f.name for f in FIELDS if sources[f.name].startswith("file ")}
+    if values["home"] is not None and not values["home"].is_absolute():
+        base = config_file.parent if "home" in in_file and config_file is not None else Path.cwd()
+        values["home"] = Path(os.path.normpath(base.absolute() / values["home"]))
+    home = values["home"] or home
+    for f in FIELDS:
         path = values[f.name]
         if f.type is Path and path is not None and not path.is_absolute():
-            base = home if sources[f.name].startswith("file ") and f.name != "home" else Path.cwd()
-            values[f.name] = Path(os.path.normpath(base / path))
+            values[f.name] = Path(os.path.normpath((home if f.name in in_file else Path.cwd()) / path))
     values["home"] = values["home"] or home
     values["repository"] = values["repository"] or values["home"] / "models"
     values["signing_key"] = values["signing_key"] or values["home"] / "keys" / "signing.key"

@@ -631,6 +631,9 @@ def test_a_client_cannot_name_its_own_origin_in_the_audit_log(served: Served) ->
     assert proxy_options(trusted) == {"proxy_headers": True, "forwarded_allow_ips": "127.0.0.1,10.0.0.0/24"}
     with pytest.raises(ConfigError, match=r"trusted_proxies .*'\*' is not an address or a network"):
         load_settings({"trusted_proxies": "*"}, environ={})
+    # uvicorn reads networks strictly: host bits set would be a literal that never matches
+    with pytest.raises(ConfigError, match=r"'10.0.0.1/24' is not an address or a network \(did you mean 10.0.0.0/24"):
+        load_settings({"trusted_proxies": "10.0.0.1/24"}, environ={})
 
 
 def test_audit_log_records_requests_verifies_and_holds_no_payload(served: Served) -> None:

@@ -238,3 +238,21 @@ def test_relative_paths_are_made_absolute_from_the_home_in_the_file_and_from_her
     s = load_settings({"home": str(tmp_path / "box" / "h")}, environ={"INFERBOX_SHIP_DIR": "ship/../copies"})
     assert s.repository == tmp_path / "box" / "h" / "models"  # the same, run from elsewhere
     assert s.ship_dir == tmp_path / "copies"  # a variable's: from here
+
+
+def test_a_home_set_in_the_config_file_is_the_base_of_the_files_other_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``home`` and ``repository = "models"`` in one file: the repository was taken from the default home."""
+    (tmp_path / "etc").mkdir()
+    config = tmp_path / "etc" / "inferbox.toml"
+    config.write_text(f'[paths]\nhome = "{tmp_path / "srv"}"\nrepository = "models"\n[tls]\ntls_cert = "tls/s.crt"\n')
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(environ={"HOME": str(tmp_path / "user")}, config_file=config)
+    assert (s.home, s.repository, s.tls_cert) == (
+        tmp_path / "srv",
+        tmp_path / "srv" / "models",
+        tmp_path / "srv" / "tls" / "s.crt",
+    )
+    config.write_text('[paths]\nhome = "../srv"\n')  # relative in the file: from the file's folder
+    assert load_settings(environ={"HOME": str(tmp_path / "user")}, config_file=config).home == tmp_path / "srv"
