@@ -550,8 +550,9 @@ def purge_jobs(
 def _withdraw(settings: Settings, job_id: str, folder: Path, audit: Any, actor: str | None) -> str:
     """Delete a job no worker has accepted yet (``spool/new/<job>``), recorded as ``batch_purge`` with
     the state ``spooled``: a file submitted by mistake was always run to its end.  Moved aside first
-    (a rename: a worker accepting it at that moment finds it gone, or has it and the purge is refused),
-    then recorded, then deleted."""
+    (a rename), then recorded, then deleted.  A worker records a job before it moves the folder to
+    ``spool/cur``: one that recorded it meanwhile gets the folder back where it looks for it (its next
+    accept finishes the move) and the purge is refused."""
     import shutil
 
     import msgspec
@@ -562,14 +563,25 @@ def _withdraw(settings: Settings, job_id: str, folder: Path, audit: Any, actor: 
     model = ""
     with contextlib.suppress(BatchError):
         model = read_request(folder).model
+    from appliance.batch.jobs import JobStore
+
     aside = settings.spool / "tmp" / f"{job_id}.withdrawn"
+    taken = BatchError(
+        f"job {job_id} was taken by a worker as it was being withdrawn; purge it once it has ended "
+        "(`inferbox batch status`)"
+    )
     try:
         folder.rename(aside)
     except FileNotFoundError:
-        raise BatchError(
-            f"job {job_id} was taken by a worker as it was being withdrawn; purge it once it has ended "
-            "(`inferbox batch status`)"
-        ) from None
+        raise taken from None
+    store = JobStore(settings.state_db)
+    try:
+        recorded = store.job(job_id) is not None
+    finally:
+        store.close()
+    if recorded:
+        aside.rename(folder)
+        raise taken
     size = sum(f.stat().st_size for f in aside.rglob("*") if f.is_file())
     if audit is not None:  # before the files go: a purge is never done without its record
         details = {"state": "spooled", "bytes": str(size), "removed": str(folder)}

@@ -816,3 +816,34 @@ def test_submit_says_when_the_records_have_no_id(
     named.write_text('{"id": "p1", "text": "a"}\n')
     submit(tmp_path / "spool", named, model="fake-embed")
     assert not [r for r in caplog.records if "'id'" in r.getMessage()]
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_job_a_worker_records_while_it_is_withdrawn_is_left_to_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker records a job, then moves its folder to spool/cur: a withdrawal between the two left a
+    queued job whose input never arrived (three attempts spent), beside a record saying it was purged."""
+    from appliance.audit.log import AuditLog
+    from appliance.batch.jobs import JobStore
+    from appliance.batch.spool import read_request
+
+    cli = _Cli(tmp_path, '{"id": 1, "text": "a"}\n')
+    job = cli.submit()
+    folder = cli.home / "spool" / "new" / job
+    real_open = AuditLog.open
+
+    def open_as_a_worker_records_the_job(*args: Any, **kwargs: Any) -> AuditLog:
+        store = JobStore(cli.home / "state.db")  # the worker's add_job, at that moment
+        store.add_job(
+            read_request(folder), cli.home / "spool" / "cur" / job / "input.jsonl", cli.home / "outbox" / job, []
+        )
+        store.close()
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(AuditLog, "open", open_as_a_worker_records_the_job)
+    r = cli("batch", "purge", job)
+    assert r.exit_code == 2 and "was taken by a worker as it was being withdrawn" in r.output, r.output
+    assert folder.is_dir()  # back where the worker's next accept finishes the move
+    monkeypatch.setattr(AuditLog, "open", real_open)
+    assert cli.events("batch_purge") == []
