@@ -725,9 +725,12 @@ def _install(
         text = text.replace(shown, f"{name} = {_toml_value(folder)}")
         current = _setting(config, section, name) if config.exists() else None
         if config.exists() and current != str(folder):
+            now = f"sets {name} = {current!r}" if isinstance(current, str) else f"sets no {name}"
+            if current is _UNREADABLE:
+                now = "cannot be read as TOML"
             report.notes.append(
-                f'{config} is kept as it is and sets {name} = {current!r}: set {name} = "{folder}" in its [{section}] '
-                "table, so that the commands run by hand (audit report, backup restore) know that folder too"
+                f'{config} is kept as it is and {now}: set {name} = "{folder}" in its [{section}] table, so '
+                "that the commands run by hand (audit report, backup restore) know that folder too"
             )
     _write_new(config, text.encode(), 0o644, report)
 

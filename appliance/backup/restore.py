@@ -480,20 +480,27 @@ def _release_leases(state_db: Path) -> int:
     """Give back, unspent, the chunks (and finishing claims) the backed-up box's workers held: none of
     them runs here, and `batch status` said "a worker is at it now" until each lease ran out."""
     conn = sqlite3.connect(state_db)
+    released = 0
     try:
-        with conn:
-            cur = conn.execute(
+        for chunks, statement in enumerate(
+            (
                 "UPDATE batch_chunks SET state = 'pending', lease_until = NULL, attempts = MAX(attempts - 1, 0) "
-                "WHERE state = 'leased'"
+                "WHERE state = 'leased'",
+                "UPDATE batch_jobs SET claim_worker = NULL, claim_until = NULL WHERE claim_worker IS NOT NULL",
             )
-            conn.execute("UPDATE batch_jobs SET claim_worker = NULL, claim_until = NULL WHERE claim_worker IS NOT NULL")
-            return cur.rowcount
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return 0
-        raise
+        ):
+            try:
+                with conn:
+                    cur = conn.execute(statement)
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc) or "no such column" in str(exc):  # an older inferbox's database
+                    continue
+                raise
+            if chunks == 0:  # the first statement: the chunks (the claims are not counted)
+                released = cur.rowcount
     finally:
         conn.close()
+    return released
 
 
 def _jobs_after_backup(settings: Settings, backup_last_seq: int) -> list[str]:
@@ -505,8 +512,9 @@ def _jobs_after_backup(settings: Settings, backup_last_seq: int) -> list[str]:
             r[0]
             for r in audit.execute(
                 "SELECT job_id FROM records WHERE event = 'batch_submit' AND outcome = 'success' AND seq > ? "
+                "AND job_id NOT IN (SELECT job_id FROM records WHERE event = 'batch_purge' AND seq > ?) "
                 "ORDER BY seq",
-                (backup_last_seq,),
+                (backup_last_seq, backup_last_seq),
             )
         ]
     finally:

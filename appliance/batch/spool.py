@@ -141,11 +141,11 @@ def _wide_encoding(head: bytes) -> str | None:
 #: the magic bytes of compressed files a JSONL / CSV name may hide (a file read as text: every record
 #: rejected as garbage, the job "done")
 _COMPRESSED = (
-    (b"\x1f\x8b", "gzip", "gunzip -k"),
-    (b"PK\x03\x04", "zip", "unzip"),
-    (b"BZh", "bzip2", "bunzip2 -k"),
-    (b"\xfd7zXZ\x00", "xz", "unxz -k"),
-    (b"(\xb5/\xfd", "zstd", "unzstd"),
+    (b"\x1f\x8b", "gzip", "gzip -dc {name} > unpacked{suffix}"),
+    (b"PK\x03\x04", "zip (or an Excel workbook)", "unzip -p {name} > unpacked{suffix}; a workbook: save it as CSV"),
+    (b"BZh", "bzip2", "bzip2 -dc {name} > unpacked{suffix}"),
+    (b"\xfd7zXZ\x00", "xz", "xz -dc {name} > unpacked{suffix}"),
+    (b"(\xb5/\xfd", "zstd", "zstd -dc {name} > unpacked{suffix}"),
 )
 
 
@@ -156,12 +156,10 @@ def check_encoding(source: Path) -> None:
     the record holding it is judged on its own (a JSON string may not hold one raw)."""
     with source.open("rb") as f:
         head = f.read(4096)
-    packed = next(((kind, tool) for magic, kind, tool in _COMPRESSED if head.startswith(magic)), None)
+    packed = next(((kind, fix) for magic, kind, fix in _COMPRESSED if head.startswith(magic)), None)
     if packed is not None:
-        raise BatchError(
-            f"{source.name} is a {packed[0]} file, not text; unpack it first (`{packed[1]} {source.name}`) and "
-            "submit what it holds"
-        )
+        fix = packed[1].format(name=source.name, suffix=source.suffix)
+        raise BatchError(f"{source.name} is a {packed[0]} file, not text; unpack it first (`{fix}`) and submit that")
     encoding = next((name for bom, name in _BOMS if head.startswith(bom)), None)
     if encoding is not None:
         encoding = encoding[:6]  # iconv reads the BOM

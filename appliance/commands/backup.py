@@ -451,6 +451,11 @@ def restore(
     )
     settings = result.settings or settings
     m = result.checked.manifest
+    uncaught = (
+        _uncaught_keys_warning(settings, m.created_at)
+        if copies is None and not no_catch_up and m.audit is not None
+        else None
+    )
     if as_json:
         payload = {
             "archive": str(archive),
@@ -459,6 +464,7 @@ def restore(
             "manifest": m,
             "audit": result.audit,
             "notes": result.notes,
+            **({"warning": uncaught} if uncaught is not None else {}),
             "caught_up": result.caught_up,
             "integrity": result.checked.integrity,
         }
@@ -483,8 +489,8 @@ def restore(
         for note in result.notes:
             click.echo(f"  note: {note}")
         _integrity(result.checked.integrity)
-        if copies is None and not no_catch_up and m.audit is not None:
-            click.echo(_uncaught_keys_warning(settings, m.created_at), err=True)
+        if uncaught is not None:
+            click.echo(uncaught, err=True)
         for line in _next_steps(settings, m, c):
             click.echo(line, err=True)
     if result.audit is not None and not result.audit.ok:

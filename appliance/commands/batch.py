@@ -457,8 +457,9 @@ def purge(home: Path | None, repository: Path | None, job_ids: tuple[str, ...], 
 
     A job's records stay on the box until this is run: its input file and its
     rejects hold the raw texts. Only done and failed jobs are purged (a failed
-    one can then not be retried); the job's row (counts, Merkle root) stays.
-    Each purge is recorded as batch_purge before its files go.
+    one can then not be retried); the job's row (counts, Merkle root) stays. A
+    named job no worker has taken yet (spooled) is withdrawn, never run. Each
+    purge is recorded as batch_purge before its files go.
     """
 
     if not job_ids and older_than is None:

@@ -108,6 +108,8 @@ def test_round_trip_restores_keys_log_packages_and_batch_results(box: dict[str, 
     assert "ACTIVE again" in warning and KeyStore(new / "state.db").list()[0].id in warning, warning
     quiet = run(tmp_path / "third", "backup", "restore", str(archive), "--no-catch-up")
     assert quiet.exit_code == 0 and "WARNING: no off-box copies" not in quiet.stderr, quiet.output
+    as_json = run(tmp_path / "fourth", "backup", "restore", str(archive), "--json")
+    assert as_json.exit_code == 0 and "ACTIVE again" in json.loads(as_json.stdout)["warning"], as_json.output
 
     assert KeyStore(new / "state.db").verify(box["key"]).scopes == ("infer",)
     assert Repository(new / "models").open("mlp").manifest.name == "mlp"
@@ -1221,3 +1223,21 @@ def test_a_restore_gives_back_the_old_boxs_leases_and_names_jobs_submitted_after
     assert "submitted after the backup are not on this box" in result.stdout and job in result.stdout
     with sqlite3.connect(new / "state.db") as db:
         assert db.execute("SELECT DISTINCT state, attempts FROM batch_chunks").fetchall() == [("pending", 1)]
+
+
+def test_leases_are_given_back_in_a_state_database_of_an_older_inferbox(tmp_path: Path) -> None:
+    """A state database from before finishing claims (no claim_worker column) stopped the restore
+    after its files were placed ("no such column"), and running it again refused the box."""
+    import sqlite3
+
+    from appliance.backup.restore import _release_leases
+
+    db = tmp_path / "state.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE batch_chunks (job_id TEXT, idx INT, state TEXT, lease_until REAL, attempts INT)")
+        conn.execute("CREATE TABLE batch_jobs (job_id TEXT, state TEXT)")
+        conn.execute("INSERT INTO batch_chunks VALUES ('j', 0, 'leased', 9e12, 2)")
+    assert _release_leases(db) == 1
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT state, attempts FROM batch_chunks").fetchall() == [("pending", 1)]
+    assert _release_leases(tmp_path / "none.db") == 0  # no batch tables at all

@@ -392,8 +392,11 @@ def test_submit_refuses_a_jsonl_file_whose_records_lack_the_text_field(tmp_path:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"\x1f\x8b\x08\x00" + b"\x00" * 40, r"is a gzip file, not text; unpack it first \(`gunzip -k in.csv`\)"),
-        (b"PK\x03\x04" + b"\x00" * 40, "is a zip file"),
+        (
+            b"\x1f\x8b\x08\x00" + b"\x00" * 40,
+            r"is a gzip file, not text; unpack it first \(`gzip -dc in.csv > unpacked.csv`\)",
+        ),
+        (b"PK\x03\x04" + b"\x00" * 40, r"is a zip \(or an Excel workbook\) file.*save it as CSV"),
         (b"ID;Text\r\n1;Schmerz\r\n", r"separated by ';', not by commas .* 'ID;Text'"),
         (b"id\ttext\n1\ta\n", "separated by a tab"),
     ],
