@@ -601,6 +601,7 @@ def restore_backup(
     file, used when the target reads none of its own (the restored file decides where things go).
     """
     _refuse_occupied(settings)
+    home, made_home = settings.home, not settings.home.exists()
     settings.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     staging = Path(tempfile.mkdtemp(prefix=".restore-", dir=settings.home))
     try:
@@ -705,6 +706,9 @@ def restore_backup(
             ) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made_home:  # a restore refused before anything was placed leaves no empty home behind
+            with contextlib.suppress(OSError):
+                home.rmdir()
 
 
 def _after_placing(
