@@ -170,6 +170,19 @@ def check_encoding(source: Path) -> None:
             f"{source.name} is {encoding[:6]} text, not UTF-8; convert it to UTF-8 first, e.g. "
             f"`iconv -f {encoding} -t UTF-8 {source.name} > {source.stem}.utf8{source.suffix}`"
         )
+    try:  # a cut multi-byte character at the sample's end is no fault: the decoder waits for it
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as exc:
+        # Excel's "CSV" on Windows, or an old export: each record holding such a byte is rejected
+        log.warning(
+            "%s is not UTF-8 (byte %d of its first 4 KiB): the records holding such bytes will be rejected; a "
+            "Windows or Latin-1 file converts with `iconv -f WINDOWS-1252 -t UTF-8 %s > %s.utf8%s`",
+            source.name,
+            exc.start,
+            source.name,
+            source.stem,
+            source.suffix,
+        )
 
 
 #: how many of a JSONL file's first records :func:`_check_jsonl_fields` reads

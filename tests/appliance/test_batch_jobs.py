@@ -850,3 +850,22 @@ def test_a_job_a_worker_records_while_it_is_withdrawn_is_left_to_the_worker(
     assert folder.is_dir()  # back where the worker's next accept finishes the move
     monkeypatch.setattr(AuditLog, "open", real_open)
     assert cli.events("batch_purge") == []
+
+
+def test_submit_warns_of_a_windows_1252_file_with_the_iconv_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each record with an accented letter was rejected "not valid UTF-8 at byte N", and nothing said
+    the file was Windows-1252 or how to convert it."""
+    import logging
+
+    src = tmp_path / "notes.csv"
+    src.write_bytes("id,text\n1,Schmerz im Rücken\n".encode("cp1252"))
+    with caplog.at_level(logging.WARNING, logger="appliance.batch.spool"):
+        submit(tmp_path / "spool", src, model="fake-embed")
+    (warned,) = [r.getMessage() for r in caplog.records if "not UTF-8" in r.getMessage()]
+    assert "iconv -f WINDOWS-1252 -t UTF-8 notes.csv > notes.utf8.csv" in warned, warned
+    caplog.clear()
+    src.write_bytes("id,text\n1,Schmerz im Rücken\n".encode())
+    submit(tmp_path / "spool", src, model="fake-embed")
+    assert not [r for r in caplog.records if "not UTF-8" in r.getMessage()]
