@@ -615,8 +615,12 @@ class BatchWorker:
         ok = sum(c["ok"] for c in chunks)
         rejected = sum(c["rejected"] for c in chunks)
         root, key_id = merkle_root_of(digests)
+        submitted = ""  # the file the operator named (the spooled copy's request says it)
+        with contextlib.suppress(BatchError):
+            submitted = read_request(Path(job.input_path).parent).source
         summary = {
             "job_id": job_id,
+            "submitted_file": submitted,
             "model": job.model,
             "version": job.version,
             "format": job.format,

@@ -92,6 +92,7 @@ def test_jsonl_text_job_gives_embeddings_and_rejects_with_reasons(env: Env, tmp_
     assert (job.state, job.records, job.ok, job.rejected, job.chunks) == ("done", 8, 3, 5, 3)
     summary = json.loads((env.outbox / job_id / "job.json").read_text())
     assert summary["ok"] == 3 and summary["rejected"] == 5
+    assert summary["submitted_file"] == str(src)  # which file this was: only the spool's copy said
     # Without an audit log there is nothing to prove a record against: no digests are kept at all
     # (a plain SHA-256 of a short record can be reversed by guessing).
     assert summary["merkle_root"] == ""
