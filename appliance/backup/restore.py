@@ -408,6 +408,14 @@ def _is_key(path: Path) -> bool:
 def destination(settings: Settings, rel: str) -> Path | None:
     """Where the archive's file ``rel`` goes on this box (None: kept in the archive only)."""
     top, _, rest = rel.partition("/")
+    if (
+        rel == "inferbox.toml"
+        and settings.config_file is not None
+        and settings.home not in settings.config_file.parents
+    ):
+        # this box reads another configuration (INFERBOX_CONFIG): the archive's goes beside it under a
+        # name no command reads, not where a later command run without that variable would follow it
+        return settings.home / "inferbox.toml.from-backup"
     if rel in ("state.db", "audit.db", "inferbox.toml"):
         return settings.home / rel
     if rel == SIGNING_KEY:
@@ -662,6 +670,11 @@ def restore_backup(
             settings = reloaded
             _refuse_occupied(settings)  # the restored configuration may name another repository
         placed = [(staging / f.path, destination(settings, f.path)) for f in checked.manifest.files]
+        if any(dest is not None and dest.name == "inferbox.toml.from-backup" for _, dest in placed):
+            notes.append(
+                f"the backed-up inferbox.toml is kept as {settings.home / 'inferbox.toml.from-backup'}, not in effect: "
+                f"this restore read {settings.config_file}; compare the two"
+            )
         pairs = [(src, dest) for src, dest in placed if dest is not None]
         targets: dict[Path, str] = {}
         for src, dest in pairs:

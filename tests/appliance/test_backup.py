@@ -1241,3 +1241,20 @@ def test_leases_are_given_back_in_a_state_database_of_an_older_inferbox(tmp_path
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT state, attempts FROM batch_chunks").fetchall() == [("pending", 1)]
     assert _release_leases(tmp_path / "none.db") == 0  # no batch tables at all
+
+
+def test_a_restore_that_reads_another_configuration_keeps_the_archives_aside(
+    box: dict[str, Any], tmp_path: Path
+) -> None:
+    """With INFERBOX_CONFIG the archive's inferbox.toml was placed in the home, unvouched: any later
+    command run without that variable followed it (a repository outside the home, say)."""
+    (box["home"] / "inferbox.toml").write_text("[server]\nport = 8123\n")
+    archive = create(box)
+    config = tmp_path / "operator.toml"
+    config.write_text("[server]\nport = 9000\n")
+    new = tmp_path / "new"
+    restored = run(new, "backup", "restore", str(archive), "--no-catch-up", INFERBOX_CONFIG=str(config))
+    assert restored.exit_code == 0, restored.output
+    assert not (new / "inferbox.toml").exists()
+    assert (new / "inferbox.toml.from-backup").read_text() == "[server]\nport = 8123\n"
+    assert "not in effect" in restored.stdout and str(config) in restored.stdout, restored.stdout
