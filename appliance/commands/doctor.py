@@ -269,6 +269,8 @@ def server_report(settings: Settings) -> dict[str, Any]:
         plan = check_exposure(settings)
     except ConfigError as exc:
         out["problem"] = f"serve would refuse to start: {exc}"
+        if settings.tls_cert is not None:  # "off" beside a refused certificate read as TLS switched off
+            out["tls"] = f"not usable ({settings.tls_cert}): see the problem below"
         return out
     _warn_unusable_bound_keys(settings, plan, out)
     if plan is None:

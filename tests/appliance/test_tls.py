@@ -212,7 +212,10 @@ def test_doctor_names_a_certificate_not_valid_yet(tmp_path: Path, tls_factory: A
     report = server_report(settings(tmp_path, tls_cert=future.cert, tls_key=future.key))
     assert "not valid before" in report["problem"] and "clients will refuse it" in report["problem"]
     report = server_report(settings(tmp_path, host="0.0.0.0"))
-    assert report["problem"].startswith("serve would refuse to start:")
+    assert report["problem"].startswith("serve would refuse to start:") and report["tls"] == "off"
+    # a certificate serve refuses is not "tls: off" (read as TLS switched off)
+    missing = server_report(settings(tmp_path, tls_cert=tmp_path / "gone.crt", tls_key=future.key))
+    assert missing["problem"] and missing["tls"].startswith("not usable"), missing
 
 
 def test_a_settings_error_at_serve_is_a_config_refusal_too(tmp_path: Path) -> None:
