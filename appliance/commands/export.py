@@ -117,8 +117,11 @@ def _source(source: str) -> tuple[Any, dict[str, Any] | None]:
         made = load_factory(source)
         module, example = made if isinstance(made, tuple) else (made, getattr(made, "example_inputs", None))
         if not isinstance(example, dict):
+            got = "nothing" if example is None else f"a {type(example).__name__}"
             raise SourceError(
-                f"{source}: the factory must return (module, example_inputs) or a module with an example_inputs dict"
+                f"{source}: the factory must return (module, example_inputs) or a module with an example_inputs "
+                f"attribute, where example_inputs is a dict of input name -> tensor or array with a batch axis, "
+                f'e.g. {{"x": torch.zeros(1, 8)}} (its keys name the model\'s inputs); it gave {got}'
             )
         return module, example
     return Path(source), None

@@ -215,6 +215,11 @@ def test_export_from_module_factory(tmp_path: Path) -> None:
     assert all(a["reference"] == "pytorch" for v in report["variants"] for a in v["accuracy"])
     bad = _invoke(tmp_path / "home", "export", f"{src}:nope", "--task", "tensor", "--name", "net")
     assert bad.exit_code != 0 and "no callable 'nope'" in bad.output
+    # inputs as a tuple (as torch.onnx.export takes them): the message says what the dict must hold
+    src.write_text(src.read_text().replace("{'features': np.zeros((1, 6), dtype=np.float32)}", "(torch.zeros(1, 6),)"))
+    bad = _invoke(tmp_path / "home", "export", f"{src}:build", "--task", "tensor", "--name", "net2")
+    assert bad.exit_code != 0 and "a dict of input name -> tensor or array" in bad.output, bad.output
+    assert "it gave a tuple" in bad.output, bad.output
 
 
 def test_text_report_lists_requirements(exported: tuple[Path, Result]) -> None:
