@@ -6,10 +6,19 @@ import errno
 import os
 from pathlib import Path
 
-__all__ = ["fsync_dir", "publish_new"]
+__all__ = ["fsync_dir", "publish_new", "write_all"]
 
 #: a filesystem without hard links answers link() with one of these (vfat / exFAT disks, some SMB and NAS shares)
 _NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the file descriptor ``fd``: ``os.write`` may write less than it is given
+    (at a full disk's edge the first call returns short, the next raises), and a short key file would be
+    published whole."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def fsync_dir(path: Path) -> None:

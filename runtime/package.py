@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from runtime.durable import fsync_dir
+from runtime.durable import fsync_dir, write_all
 from runtime.errors import IntegrityError, ManifestError, PackageError, SignatureError, UnsafePathError
 from runtime.manifest import FileEntry, Manifest, decode_manifest, encode_manifest
 from runtime.signing import key_id, sign, verify
@@ -916,9 +916,7 @@ def _file_entries(staging: Path) -> list[FileEntry]:
 def _write_new(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from runtime.durable import fsync_dir
+from runtime.durable import fsync_dir, write_all
 from runtime.errors import ConfigError, SignatureError
 
 __all__ = [
@@ -84,7 +84,7 @@ def write_private_key(key: Ed25519PrivateKey, path: Path, *, overwrite: bool = F
     try:
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, private_key_pem(key))
+            write_all(fd, private_key_pem(key))
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from api.protocols import Digest
-from runtime.durable import fsync_dir
+from runtime.durable import fsync_dir, write_all
 from runtime.errors import AuditError
 
 __all__ = ["KEY_BYTES", "DigestKeyring"]
@@ -74,7 +74,7 @@ class DigestKeyring:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
-                os.write(fd, secrets.token_bytes(KEY_BYTES))
+                write_all(fd, secrets.token_bytes(KEY_BYTES))
                 os.fsync(fd)
             finally:
                 os.close(fd)

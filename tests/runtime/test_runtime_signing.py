@@ -299,3 +299,20 @@ def test_a_bundle_of_public_keys_is_read_whole_where_keys_are_taken(tmp_path: Pa
     one = tmp_path / "one.pem"
     one.write_text(public_key_pem(keys[0]))
     assert [key_id(k) for k in load_public_keys(one)] == [key_id(keys[0])]
+
+
+def test_a_short_write_is_carried_on_to_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signing key and the digest keys were written with one os.write: a short write (a full disk's
+    edge) published a truncated key."""
+    import os
+
+    from runtime import durable
+
+    real = os.write
+    monkeypatch.setattr(durable.os, "write", lambda fd, data: real(fd, bytes(data[:7])))  # 7 bytes a call
+    key = generate_private_key()
+    write_private_key(key, tmp_path / "keys" / "signing.key")
+    monkeypatch.undo()
+    assert load_private_key(tmp_path / "keys" / "signing.key").public_key().public_bytes_raw() == (
+        key.public_key().public_bytes_raw()
+    )
