@@ -9,8 +9,9 @@ composition root or a test may replace.
 
 from __future__ import annotations
 
-import getpass
 import json
+import os
+import pwd
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -53,17 +54,35 @@ def _audit_log_recorder(settings: Settings) -> Iterator[Recorder | None]:
 recorder_factory: Callable[[Settings], AbstractContextManager[Recorder | None]] = _audit_log_recorder
 
 
-def cli_user() -> str:
-    """The login name for a record's ``actor`` (``cli:<user>``), or ``"unknown"`` when there is none.
+#: /proc/self/loginuid when no login set it (a service, a container)
+_NO_LOGIN = 4294967295
 
-    ``getpass.getuser()`` raises when the uid has no passwd entry and no
-    ``LOGNAME`` / ``USER`` is set (containers, ``docker --user 4242``); a command
-    that records what it did must not die on that. Shared with ``inferbox audit``.
+
+def cli_user(loginuid: Path = Path("/proc/self/loginuid")) -> str:
+    """Who runs the command, for a record's ``actor`` (``cli:<user>``): the name of the process's real
+    uid, and, when the kernel's login uid (set at login, kept across ``sudo``) is another user, that
+    login too: ``inferbox (login alice)`` for ``sudo -u inferbox`` run by alice.
+
+    Never from the environment: ``getpass.getuser()`` read ``LOGNAME`` / ``USER`` first, so any user
+    could name someone else as the actor of a key creation or a prune.  A uid without a passwd
+    entry (``docker --user 4242``) is ``uid-4242``.  Shared with ``inferbox audit``.
     """
+    uid = os.getuid()
+    name = _user_name(uid)
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+        login = int(loginuid.read_text().strip())
+    except (OSError, ValueError):
+        login = _NO_LOGIN
+    if login not in (_NO_LOGIN, uid):
+        return f"{name} (login {_user_name(login)})"
+    return name
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid-{uid}"
 
 
 def _settings(home: Path | None, repository: Path | None) -> Settings:

@@ -16,10 +16,10 @@ other side (a log the writer wrote as designed never fails).
 from __future__ import annotations
 
 import asyncio
-import getpass
 import hashlib
 import json
 import os
+import pwd
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -550,19 +550,19 @@ def _cli(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def _no_passwd_entry() -> str:
-    raise KeyError("getpwuid(): uid not found: 4242")
+def _no_passwd_entry(uid: int) -> object:
+    raise KeyError(f"getpwuid(): uid not found: {uid}")
 
 
 def test_prune_without_a_passwd_entry_is_recorded_with_the_prune(
     home: Path, monkeypatch: pytest.MonkeyPatch, key: Ed25519PrivateKey
 ) -> None:
-    monkeypatch.setattr(getpass, "getuser", _no_passwd_entry)
+    monkeypatch.setattr(pwd, "getpwuid", _no_passwd_entry)
     code, out = _cli("prune", "--home", str(home), "--before", "2999-01-01", "--force")
     assert code == 0, out
     assert "pruned 7 records" in out
     recs = T.records(home / "audit.db")
-    assert [(r.event, r.actor, r.outcome) for r in recs] == [("audit_prune", "cli:unknown", "success")]
+    assert [(r.event, r.actor, r.outcome) for r in recs] == [("audit_prune", f"cli:uid-{os.getuid()}", "success")]
     assert recs[0].details["pruned"] == "7"
     assert verify_db(home / "audit.db", key.public_key()).ok
 
@@ -593,12 +593,12 @@ def test_an_export_appears_only_once_its_record_is_durable(
         assert list(out_file.parent.iterdir()) == []  # neither the export nor its temporary file
         result = CliRunner().invoke(main, ["audit", "export", "--home", str(home)])
         assert result.exit_code == 2 and '"type":"header"' not in result.output  # nothing on stdout either
-    monkeypatch.setattr(getpass, "getuser", _no_passwd_entry)
+    monkeypatch.setattr(pwd, "getpwuid", _no_passwd_entry)
     code, out = _cli("export", "--home", str(home), "--out", str(out_file))
     assert code == 0, out
     assert [p.name for p in out_file.parent.iterdir()] == ["export.jsonl"]
     last = T.records(home / "audit.db")[-1]
-    assert (last.event, last.actor) == ("audit_export", "cli:unknown")
+    assert (last.event, last.actor) == ("audit_export", f"cli:uid-{os.getuid()}")
     assert last.details["sha256"] == hashlib.sha256(out_file.read_bytes()).hexdigest()
 
 
@@ -793,3 +793,32 @@ def test_str_and_int_subclasses_are_stored_as_they_are_hashed(tmp_path: Path, ke
     rec = T.records(db)[0]
     assert (rec.status, rec.actor, rec.details) == (200, "key-abc", {"n": "1"})
     assert verify_db(db, key.public_key()).ok
+
+
+def test_the_actor_of_a_command_is_its_uid_not_an_environment_variable(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`LOGNAME=dpo.mueller inferbox keys create ...` run as root was recorded as cli:dpo.mueller: any
+    user could name another as the actor of an admin action."""
+    monkeypatch.setenv("LOGNAME", "dpo.mueller")
+    monkeypatch.setenv("USER", "dpo.mueller")
+    code, out = _cli("export", "--home", str(home), "--out", str(home.parent / "e.jsonl"))
+    assert code == 0, out
+    last = T.records(home / "audit.db")[-1]
+    assert last.actor == f"cli:{pwd.getpwuid(os.getuid()).pw_name}" and "mueller" not in last.actor
+
+
+def test_a_command_run_through_sudo_names_the_login_too(tmp_path: Path) -> None:
+    """`sudo -u inferbox env ... inferbox keys revoke` (as the docs say) was recorded as the service user
+    alone: the kernel's login uid, kept across sudo, names the person."""
+    from appliance.commands.keys import cli_user
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    other = next(p for p in pwd.getpwall() if p.pw_uid != os.getuid())
+    login = tmp_path / "loginuid"
+    login.write_text(f"{other.pw_uid}\n")
+    assert cli_user(login) == f"{me} (login {other.pw_name})"
+    login.write_text(f"{os.getuid()}\n")
+    assert cli_user(login) == me
+    login.write_text("4294967295\n")  # no login set it (a service)
+    assert cli_user(login) == me
