@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 from collections.abc import AsyncGenerator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -314,6 +315,28 @@ def _event(event: str, action: str, outcome: str = "success", **details: str) ->
     )
 
 
+def _record_unaudited_start(settings: Settings) -> None:
+    """A server started with the audit log off on a box that keeps one: it answered with no trace at
+    all, and ``audit verify`` and the report went on as before.  The log gets this start (its settings
+    included, ``audit = False``: the report's last start), and the service's log a warning."""
+    from appliance.audit.log import AuditLog
+
+    source = settings.sources.get("audit", "")
+    log.warning(
+        "audit is off (%s) on a box that keeps an audit log (%s): nothing this server answers is recorded; "
+        "the log records this start",
+        source,
+        settings.audit_db,
+    )
+    try:
+        with AuditLog.open(settings) as audit:
+            audit.append(_event("service_start", "inferbox serve (audit off)", pid=str(os.getpid()), audit="off"))
+            details = {k: str(v) for k, v in settings.public_dict().items()}
+            audit.append(_event("config", "settings at start", **details))
+    except (InferboxError, OSError, sqlite3.Error) as exc:  # a log that cannot be written: the warning stands alone
+        log.warning("the start with audit off could not be recorded in %s: %s", settings.audit_db, exc)
+
+
 def _load_event(loaded: LoadedModel, /, **details: str) -> Any:
     """``model_load`` at start, its columns naming the model as an API load's do (so that
     ``?event=model_load&model=NAME`` finds the loads at start too)."""
@@ -354,6 +377,8 @@ def build_app(
 
         keys = KeyStore(settings.state_db)
     audit: AuditLog | None = None
+    if not settings.audit and settings.audit_db.exists():
+        _record_unaudited_start(settings)
     if settings.audit:
         from appliance.audit.log import AuditLog
 

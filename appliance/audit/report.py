@@ -8,6 +8,7 @@ the appliance never stores them.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,13 +36,37 @@ def _log_facts(db_path: Path) -> dict[str, Any]:
         return {"records": 0, "oldest": None, "newest": None, "checkpoints": 0}
     conn = open_read_only(db_path)
     try:
-        count, oldest, newest = conn.execute(
-            "SELECT count(*), min(recorded_at), max(recorded_at) FROM records"
+        count, oldest, newest, first = conn.execute(
+            "SELECT count(*), min(recorded_at), max(recorded_at), min(seq) FROM records"
         ).fetchone()
         cps = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
+        prunes = conn.execute(
+            "SELECT seq, recorded_at, actor, details FROM records WHERE event = 'audit_prune' AND outcome = 'success' "
+            "ORDER BY seq"
+        ).fetchall()
     finally:
         conn.close()
-    return {"records": count, "oldest": oldest, "newest": newest, "checkpoints": cps}
+    facts: dict[str, Any] = {
+        "records": count,
+        "first_seq": first,
+        "oldest": oldest,
+        "newest": newest,
+        "checkpoints": cps,
+    }
+    removed = []
+    for seq, at, actor, raw in prunes:  # what is gone, and who took it (a prefix: the records before first_seq)
+        try:
+            details = json.loads(raw)
+        except ValueError:
+            continue
+        forced = " with --force (inside min_retention_days)" if details.get("force") == "true" else ""
+        removed.append(
+            f"records 1..{details.get('last_pruned_seq', '?')} ({details.get('pruned', '?')}) removed at {at} by "
+            f"{actor}{forced}, before {details.get('before', '?')} (audit_prune, seq {seq})"
+        )
+    if removed:
+        facts["pruned"] = removed
+    return facts
 
 
 def art30_facts(settings: Settings) -> dict[str, Any]:
@@ -67,6 +92,10 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
                 "HMAC-SHA256 digests of inputs and outputs under a rotating secret key (never payloads)",
             ],
             "never_stored": ["request bodies", "texts", "tensors", "Authorization headers", "API-key secrets"],
+            "stored_as_the_client_sent_it": [
+                "names a client chooses: a model name, an X-Request-Id, a path, a batch file's name (each at most "
+                "512 characters); an application that puts personal data there puts it in this log",
+            ],
         },
         "recipients": "; ".join([_recipients(settings), *_written_off(settings.audit_db)]),
         "retention": {
@@ -80,11 +109,14 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
             "hash-chained audit records (SHA-256 over length-prefixed canonical fields)",
             f"Ed25519-signed checkpoints every {settings.checkpoint_every} records and every "
             f"{settings.checkpoint_minutes:g} minutes; private key outside the database (mode 0600)",
-            "HMAC-SHA256 pseudonymised digests (GDPR Art. 32(1)(a)); keys rotated, kept for retention",
+            "HMAC-SHA256 pseudonymised digests (GDPR Art. 32(1)(a)); keys rotated every "
+            f"{settings.digest_key_days} days and never deleted by a prune (a digest in a shipped copy or a backup "
+            "can still be checked against a candidate text: delete a key under keys/digest/ to end that)",
             "per-key API scopes; reading or exporting the audit log needs its own scope and is itself logged",
             "offline verifier (`inferbox audit verify`) with the public key only",
             _transport(settings),
-            "authentication " + ("required" if settings.auth else "DISABLED (auth = false)"),
+            _switched(settings, "auth", "authentication", "required", "DISABLED (auth = false)"),
+            _switched(settings, "audit", "the audit log", "on", "OFF (audit = false): requests leave no record"),
         ],
         "models": _models(settings.repository),
     }
@@ -129,7 +161,7 @@ def _written_off(db_path: Path) -> list[str]:
     conn = open_read_only(db_path)
     try:
         rows = conn.execute(
-            "SELECT event, recorded_at, details FROM records WHERE event IN ('backup_create', 'audit_export') "
+            "SELECT event, recorded_at, details, action FROM records WHERE event IN ('backup_create', 'audit_export') "
             "AND outcome = 'success' ORDER BY seq"
         ).fetchall()
     except Exception:  # an older or damaged database: the configured settings alone are reported
@@ -137,11 +169,17 @@ def _written_off(db_path: Path) -> list[str]:
     finally:
         conn.close()
     backups: dict[str, list[Any]] = {}  # folder: [count, plain, last]
+    copies: dict[str, list[Any]] = {}  # audit ship's folder: [count, last]
     exported, last_export = 0, ""
-    for event, at, raw in rows:
+    for event, at, raw, action in rows:
         try:
             details = json.loads(raw)
         except ValueError:
+            continue
+        if event == "audit_export" and action == "inferbox audit ship":
+            written = str(details.get("out", "?"))
+            seen_copy = copies.setdefault(os.path.dirname(written) or written, [0, ""])
+            seen_copy[0], seen_copy[1] = seen_copy[0] + 1, str(at)
             continue
         if event == "audit_export":
             exported, last_export = exported + 1, str(at)
@@ -154,6 +192,10 @@ def _written_off(db_path: Path) -> list[str]:
         f"per the audit log: {n} backup(s) written to {folder} (the last at {last}), "
         + (f"{plain} of them NOT encrypted" if plain else "all encrypted")
         for folder, (n, plain, last) in backups.items()
+    ]
+    out += [
+        f"per the audit log: {n} copy(ies) of the log shipped to {folder} by `inferbox audit ship` (the last at {last})"
+        for folder, (n, last) in copies.items()
     ]
     if exported:
         out.append(f"per the audit log: {exported} audit export(s) written by an operator (the last at {last_export})")
@@ -180,6 +222,17 @@ def _last_start(db_path: Path) -> dict[str, Any] | None:
     except ValueError:
         return None
     return {"seq": row[0], "at": row[1], **details} if isinstance(details, dict) else None
+
+
+def _switched(settings: Settings, name: str, what: str, on: str, off: str) -> str:
+    """``what`` on or off as the settings say, and as the API last started (its ``config`` record):
+    a server started with ``--no-auth`` read "authentication required" from the shell's settings."""
+    said = f"{what} {on if getattr(settings, name) else off} (these settings)"
+    started = _last_start(settings.audit_db)
+    if started is None or name not in started:
+        return said
+    ran = str(started[name]) == "True"
+    return f"{said}; {on if ran else off} when the API last started, at {started['at']} (seq {started['seq']})"
 
 
 def _transport(settings: Settings) -> str:

@@ -291,3 +291,26 @@ def test_report_names_the_backups_and_exports_the_log_records_whatever_the_shell
     recipients = json.loads(out)["recipients"]
     assert f"per the audit log: 1 backup(s) written to {tmp_path / 'bk'}" in recipients, recipients
     assert "1 of them NOT encrypted" in recipients and "1 audit export(s)" in recipients, recipients
+
+
+def test_a_start_with_the_audit_log_off_is_recorded_and_the_report_says_so(home: Path, tmp_path: Path) -> None:
+    """`serve --no-audit` on a box that keeps a log answered with no trace at all, and the report said
+    "authentication required" and nothing of the log being off; a prune, and the shipped copies, were
+    not in it either."""
+    from appliance.audit.report import art30_facts
+    from appliance.server import _record_unaudited_start
+    from appliance.settings import load_settings
+
+    assert _run("prune", "--home", str(home), "--before", "2999-01-01", "--force")[0] == 0
+    off = load_settings({"home": home, "audit": False, "auth": False}, environ={})
+    _record_unaudited_start(off)
+    assert _events(home)[-2:] == ["service_start", "config"]
+    (ship := tmp_path / "ship").mkdir()
+    assert _run("ship", "--home", str(home), "--to", str(ship))[0] == 0
+    facts = art30_facts(load_settings({"home": home}, environ={}))
+    measures = " ".join(facts["technical_measures"])
+    assert "authentication required (these settings); DISABLED (auth = false) when the API last started" in measures
+    assert "the audit log on (these settings); OFF (audit = false)" in measures, measures
+    (pruned,) = facts["retention"]["audit_log"]["pruned"]
+    assert "removed at" in pruned and "with --force" in pruned, pruned
+    assert f"copy(ies) of the log shipped to {ship}" in facts["recipients"], facts["recipients"]
