@@ -83,6 +83,8 @@ PARAMETERS = (
     "key_id",
     "status",
     "model_sha256",
+    "model_version",
+    "input_digest",
 )
 #: a record's field names that a reader may try as filters, and the parameter that filters on them
 SPELLED_AS = {
@@ -128,7 +130,9 @@ def _known_parameters(request: Request[Any, Any, Any]) -> None:
         "client_cert_sha256: the records naming that client certificate (requests over mutual TLS with it, "
         "keys bound to it). key_id: the records of that API key, the requests it was refused on (revoked, "
         "expired, another client certificate) included. status: the HTTP status (429 for the rate-limited; "
-        "0 for a command's records). model_sha256: a model package's hash (64 hex digits).",
+        "0 for a command's records). model_sha256: a model package's hash (64 hex digits). model_version: "
+        "with model, that version's records. input_digest: the records of a request whose body had that "
+        "digest (`inferbox audit digest --key-id ID FILE` computes it on the box).",
         tag="Audit",
     ),
 )
@@ -148,6 +152,8 @@ async def read_audit(
     key_id: str | None = None,
     status: int | None = None,
     model_sha256: str | None = None,
+    model_version: str | None = None,
+    input_digest: str | None = None,
 ) -> dict[str, Any]:
     context_of(request.scope).event = "audit_read"
     reader: AuditReader | None = request.app.state.get("audit_reader")
@@ -173,6 +179,8 @@ async def read_audit(
         )
     if model_sha256 is not None:
         model_sha256 = model_sha256.strip().lower()  # stored in lower case; an upper-case copy matched nothing
+    if input_digest is not None:
+        input_digest = input_digest.strip().lower()
     # a whole key given where its id goes: the id is the filter, and the secret is never recorded
     key_id = None if key_id is None else without_secrets(key_id.strip())
     actor = None if actor is None else without_secrets(actor)
@@ -192,6 +200,8 @@ async def read_audit(
         key_id=key_id,
         status=status,
         model_sha256=model_sha256,
+        model_version=model_version,
+        input_digest=input_digest,
     )
     rows = [msgspec.to_builtins(r) for r in records]
     asked = {
@@ -209,6 +219,8 @@ async def read_audit(
         "key_id": key_id,
         "status": status,
         "model_sha256": model_sha256,
+        "model_version": model_version,
+        "input_digest": input_digest,
     }
     # what was read, as `inferbox audit tail` records it: the filters given and the records answered
     details = context_of(request.scope).details

@@ -125,6 +125,8 @@ def query_records(
     key_id: str | None = None,
     status: int | None = None,
     model_sha256: str | None = None,
+    model_version: str | None = None,
+    input_digest: str | None = None,
 ) -> list[AuditRecord]:
     """Records with ``seq > after_seq`` matching every given filter, oldest first (keyset paging).
 
@@ -151,6 +153,8 @@ def query_records(
         ("job_id", job_id),
         ("status", status),
         ("model_sha256", model_sha256),
+        ("model_version", model_version),
+        ("input_digest", input_digest),
     ):
         if value is not None:
             where.append(f"{column} = ?")

@@ -22,11 +22,25 @@ def test_each_filter_is_passed_to_the_query(tmp_path: Path) -> None:
         "key_id": "0123456789ab",
         "status": "429",
         "model_sha256": "ab" * 32,
+        "model_version": "2",
+        "input_digest": "CD" * 32,
     }
     with TestClient(app) as c:
         assert c.get("/v1/audit", params=params).status_code == 200
     call = reader.calls[-1]
-    named = ("event", "actor", "model_name", "outcome", "request_id", "job_id", "key_id", "status", "model_sha256")
+    named = (
+        "event",
+        "actor",
+        "model_name",
+        "outcome",
+        "request_id",
+        "job_id",
+        "key_id",
+        "status",
+        "model_sha256",
+        "model_version",
+        "input_digest",
+    )
     assert {k: call[k] for k in named} == {
         "event": "inference",
         "actor": "k1",
@@ -37,6 +51,8 @@ def test_each_filter_is_passed_to_the_query(tmp_path: Path) -> None:
         "key_id": "0123456789ab",
         "status": 429,
         "model_sha256": "ab" * 32,
+        "model_version": "2",
+        "input_digest": "cd" * 32,  # stored in lower case
     }
 
 

@@ -400,6 +400,10 @@ def test_query_filters_and_pages_by_seq(tmp_path: Path, key: Ed25519PrivateKey) 
     assert [r.seq for r in window] == [3, 4, 5]
     assert log.query(actor="nobody") == []
     assert [r.seq for r in log.tail(2)] == [9, 10]
+    # "which version ran?", "was this body sent?": the version and the input digest are filters too
+    log.append(T.event(10, model_version="2", input_digest="ef" * 32))
+    assert [r.seq for r in log.query(model_name="minilm", model_version="2")] == [11]
+    assert [r.seq for r in log.query(input_digest="ef" * 32)] == [11]
     log.close()
 
 
