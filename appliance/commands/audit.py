@@ -403,6 +403,54 @@ def _export_to(
     return summary
 
 
+def _refuse_lost_copies(settings: Settings, folder: Path, previous: Path | None, new_series: bool) -> None:
+    """Exit 1 (an alert) when the newest copy this log recorded shipping to ``folder`` is not there: a
+    copy deleted from the share was shipped again from the one before it, silently, and a folder
+    emptied of them started again from the first record."""
+    from appliance.sqlite import open_read_only
+
+    if new_series:
+        return
+    conn = open_read_only(settings.audit_db)
+    try:
+        rows = conn.execute(
+            "SELECT seq, recorded_at, details, outcome FROM records WHERE event = 'audit_export' "
+            "AND action = 'inferbox audit ship' ORDER BY seq DESC"
+        ).fetchall()
+    finally:
+        conn.close()
+    here = os.path.abspath(folder)
+    failed: set[str] = set()  # copies whose ship failed after its record (the file never appeared)
+    for seq, at, raw, outcome in rows:
+        try:
+            details = json.loads(raw)
+        except ValueError:
+            continue
+        out = str(details.get("out", ""))
+        if outcome != "success":
+            failed.add(out)
+            continue
+        shipped = Path(out)
+        if os.path.abspath(shipped.parent) != here or out in failed:
+            continue
+        if shipped.is_file():
+            return  # the newest copy recorded for this folder is there
+        held = f"{details.get('first_seq', '?')}..{details.get('last_seq', '?')}"
+        click.echo(
+            f"ALERT: the off-box copy {shipped.name} (records {held}, shipped at {at}, audit_export seq {seq}) "
+            f"is not in {folder}: deleted or moved?"
+        )
+        left = (
+            "no copy of this log is left there" if previous is None else "the copies before it do not hold its records"
+        )
+        click.echo(
+            f"{left}: restore it from the share's own backup; if it was moved aside on purpose, or never arrived "
+            "(a ship cut short), ship again with --new-series"
+        )
+        click.echo("nothing was shipped; see docs/audit.md (On a failed verify)")
+        sys.exit(1)
+
+
 @audit.command()
 @state_options
 @click.option(
@@ -412,7 +460,15 @@ def _export_to(
     help="Folder on another machine (a mounted share) [default: the ship_dir setting].",
 )
 @_public_keys_option("Trusted public key(s) for the copies already there [default: as for verify].")
-def ship(home: Path | None, repository: Path | None, to: Path | None, public_keys: tuple[Path, ...]) -> None:
+@click.option(
+    "--new-series",
+    is_flag=True,
+    help="Ship although the newest copy this log recorded shipping to the folder is not there (moved aside on "
+    "purpose, say after a restore, or a ship cut short before it arrived): without it that is an alert.",
+)
+def ship(
+    home: Path | None, repository: Path | None, to: Path | None, public_keys: tuple[Path, ...], new_series: bool
+) -> None:
     """Copy what the log gained since the last copy to an off-box folder, after checking the log still holds it.
 
     Each run first verifies the newest copy of this log in the folder and holds
@@ -448,6 +504,7 @@ def ship(home: Path | None, repository: Path | None, to: Path | None, public_key
     view = db_view(settings.audit_db)
     since: datetime | None = None
     previous = newest_copy(folder, view.log_id)
+    _refuse_lost_copies(settings, folder, previous, new_series)
     if previous is None:
         _refuse_a_replaced_log(folder, view.log_id, keys)
         _refuse_a_log_that_does_not_verify(settings, keys, pace)

@@ -262,6 +262,32 @@ def test_ship_refuses_and_alerts_when_the_log_lost_what_the_last_copy_holds(
     assert code == 1 and "does not verify" in out and "Traceback" not in out, out
 
 
+def test_ship_alerts_when_a_copy_it_recorded_shipping_is_gone_from_the_share(
+    tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The newest copy deleted from the share: ship shipped its records again from the one before it,
+    exit 0; every copy deleted: it started again from the first record.  The log says what it shipped."""
+    home = _ship_home(tmp_path, key, monkeypatch)
+    share = tmp_path / "share"
+    share.mkdir()
+    assert _cli("ship", "--home", str(home), "--to", str(share))[0] == 0
+    _more(home, key, 3, first=100)
+    assert _cli("ship", "--home", str(home), "--to", str(share))[0] == 0
+    older, newest = sorted(share.glob("audit-*.jsonl"))
+    newest.unlink()
+    _more(home, key, 2, first=200)
+    code, out = _cli("ship", "--home", str(home), "--to", str(share))
+    assert code == 1 and f"ALERT: the off-box copy {newest.name}" in out and "is not in" in out, out
+    assert "the copies before it do not hold its records" in out and sorted(share.glob("audit-*")) == [older]
+    older.unlink()
+    code, out = _cli("ship", "--home", str(home), "--to", str(share))
+    assert code == 1 and "no copy of this log is left there" in out and "--new-series" in out, out
+    code, out = _cli("ship", "--home", str(home), "--to", str(share), "--new-series")  # moved aside on purpose
+    assert code == 0 and "(the first copy)" in out, out
+    code, out = _cli("ship", "--home", str(home), "--to", str(share))  # and the series goes on from it
+    assert code == 0, out
+
+
 def test_ship_alerts_when_the_box_started_a_new_log_beside_its_old_copies(
     tmp_path: Path, key: Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
