@@ -561,7 +561,8 @@ def _next_steps(settings: Settings, manifest: BackupManifest, caught_up: CatchUp
             f"  - records written after {manifest.created_at} (after seq {manifest.audit.last_seq}) are not in this "
             "backup; the log records this restore. Off-box copies (`audit ship`) made since hold the later records, "
             "and the next `inferbox audit ship` into that folder reports the cut back (ALERT) as it must: keep "
-            "those copies, move them to a subfolder, and ship starts a new series from the restored log."
+            "those copies, move them to a subfolder, and `inferbox audit ship --new-series` starts a new series from "
+            "the restored log."
         )
         out.append(
             f"  - API keys are as they were at {manifest.created_at}: a key revoked since is active again, so "
