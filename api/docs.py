@@ -78,7 +78,10 @@ _HEADERS = {
     "X-Truncated-Inputs": OpenAPIHeader(
         schema=_STRING,
         description="The indices (comma-separated) of the texts cut to the model's maximum length; absent when "
-        "none was.",
+        "none was. Over 1 KiB, as ranges (0-999), cut with ',...' if still longer.",
+    ),
+    "X-Truncated-Count": OpenAPIHeader(
+        schema=_INTEGER, description="How many texts were cut to the model's maximum length; absent when none was."
     ),
     "X-Model-Version": OpenAPIHeader(
         schema=_STRING,

@@ -16,6 +16,7 @@ from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
+from api.answer_headers import TRUNCATED_COUNT_HEADER, TRUNCATED_HEADER, truncation_headers
 from api.classification import classify
 from api.codec import (
     InferenceResponse,
@@ -228,8 +229,9 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
         max_tensor_elements=c.max_tensor_elements,
         max_json_depth=c.max_json_depth,
     )
+    cut: list[int] = []  # the texts cut to the model's max_length
     results: list[tuple[str, Any]] = await (
-        _infer_text(server, model, req) if model.is_text else _infer_tensor(server, model, req)
+        _infer_text(server, model, req, cut) if model.is_text else _infer_tensor(server, model, req)
     )
     if req.classification:
         results = _classified(model, req, results)
@@ -244,9 +246,10 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
         parameters=params,
     )
     ctx.details["outputs"] = str(len(results))
+    headers = truncation_headers(cut)
     if header_len is None:
-        return Response(payload, media_type="application/json")
-    return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len)})
+        return Response(payload, media_type="application/json", headers=headers)
+    return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len), **headers})
 
 
 def _classified(model: LoadedModel, req: InferRequest, results: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -295,7 +298,8 @@ async def _infer_tensor(server: Server, model: LoadedModel, req: InferRequest) -
     return [(n, result[n]) for n in names]
 
 
-async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> list[tuple[str, Any]]:
+async def _infer_text(server: Server, model: LoadedModel, req: InferRequest, cut: list[int]) -> list[tuple[str, Any]]:
+    """The text model's answer; ``cut`` gets the indices of the texts cut to its max_length."""
     out_name, _ = _text_output(model)
     if len(req.inputs) != 1:
         raise InputError(
@@ -319,7 +323,8 @@ async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> 
                     f"outputs[{i}].name: model {model.name!r} has no output {n!r}; it has [{out_name!r}]",
                     field=f"outputs[{i}].name",
                 )
-    vectors, _counts = await server.embed(model, req.inputs[0].texts, field="inputs[0].data")
+    vectors, _counts, truncated = await server.embed_texts(model, req.inputs[0].texts, field="inputs[0].data")
+    cut.extend(truncated)
     dim = embedding_dim(model)
     if not len(vectors) and dim > 0:  # no texts: [0, D] as the metadata says, not [0, 0]
         vectors = np.zeros((0, dim), dtype=np.float32)
@@ -341,7 +346,7 @@ async def _infer_text(server: Server, model: LoadedModel, req: InferRequest) -> 
         description=INFER_DESCRIPTION,
         tag=KSERVE,
         binary=True,
-        answer_headers=(HEADER_LENGTH,),
+        answer_headers=(HEADER_LENGTH, TRUNCATED_HEADER, TRUNCATED_COUNT_HEADER),
     ),
 )
 async def infer(request: Req, name: str, version: int | None = None) -> Response[bytes]:

@@ -19,6 +19,7 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 from msgspec import Meta
 
+from api.answer_headers import MODEL_VERSION_HEADER, TRUNCATED_COUNT_HEADER, TRUNCATED_HEADER, answer_headers
 from api.codec import field_of, json_depth, not_json, not_utf8
 from api.docs import KEY, documented
 from api.envelope import RequestContext, context_of
@@ -38,22 +39,6 @@ __all__ = [
     "inference_body",
     "routes",
 ]
-
-#: indices of the texts cut to the model's max_length, comma-separated (absent when none was)
-TRUNCATED_HEADER = "X-Truncated-Inputs"
-#: the version of the package that answered (OpenAI's and Cohere's bodies name only the model;
-#: KServe's carry ``model_version``): a client can tell an answer from before a swap from one after
-MODEL_VERSION_HEADER = "X-Model-Version"
-
-
-def answer_headers(model: LoadedModel, truncated: list[int]) -> dict[str, str]:
-    """The headers of a text answer: the version that answered, and the texts cut to the model's
-    max_length (usage counts only what the model saw) by index."""
-    headers = {MODEL_VERSION_HEADER: str(model.version)}
-    if truncated:
-        headers[TRUNCATED_HEADER] = ",".join(map(str, truncated))
-    return headers
-
 
 Req = Request[Any, Any, Any]
 T = TypeVar("T")
@@ -230,7 +215,7 @@ async def inference_body(request: Req, kind: type[B]) -> tuple[Server, RequestCo
         description="OpenAI's embeddings API (the openai client with base_url=http://<host>/v1 works). "
         "The body may be gzip or deflate (Content-Encoding).",
         tag=OPENAI,
-        answer_headers=(MODEL_VERSION_HEADER, TRUNCATED_HEADER),
+        answer_headers=(MODEL_VERSION_HEADER, TRUNCATED_HEADER, TRUNCATED_COUNT_HEADER),
     ),
 )
 async def embeddings(request: Req) -> Response[bytes]:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from api.answer_headers import TRUNCATED_HEADER
 from api.config import ApiConfig
 from api.metrics import Metrics
-from api.openai import TRUNCATED_HEADER
 from api.server import Server
 from appliance.settings import load_settings
 from runtime.errors import OverloadError
@@ -77,9 +77,28 @@ def test_truncated_texts_are_named_in_a_header(client_factory: Any) -> None:
     r = c.post("/v1/embeddings", json={"input": ["short", long, "fine", long], "model": "minilm"})
     assert r.status_code == 200
     assert r.headers[TRUNCATED_HEADER] == "1,3"
+    assert r.headers["X-Truncated-Count"] == "2"
     r = c.post("/v1/embeddings", json={"input": ["short", ""], "model": "minilm"})
     assert r.status_code == 200
     assert TRUNCATED_HEADER not in r.headers
+    # KServe's text route cuts them too, and said nothing
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": [long, "short"]}]}
+    r = c.post("/v2/models/minilm/infer", json=body)
+    assert r.status_code == 200 and r.headers[TRUNCATED_HEADER] == "0" and r.headers["X-Truncated-Count"] == "1"
+
+
+def test_the_truncated_list_stays_within_a_proxys_header_buffer() -> None:
+    """2,048 indices made a 9 KB header: nginx (4 KiB buffers by default) answered 502 for a 1,000-text
+    LangChain chunk of long documents that the server had answered and recorded."""
+    from api.answer_headers import TRUNCATED_LIST_MAX, truncation_headers
+
+    assert truncation_headers([1, 3]) == {TRUNCATED_HEADER: "1,3", "X-Truncated-Count": "2"}
+    every = truncation_headers(list(range(2048)))
+    assert every == {TRUNCATED_HEADER: "0-2047", "X-Truncated-Count": "2048"}  # ranges over 1 KiB
+    alternate = truncation_headers(list(range(0, 4096, 2)))
+    assert len(alternate[TRUNCATED_HEADER]) <= TRUNCATED_LIST_MAX and alternate[TRUNCATED_HEADER].endswith(",...")
+    assert alternate["X-Truncated-Count"] == "2048"
+    assert truncation_headers([]) == {}
 
 
 @pytest.mark.parametrize(("multiple", "calls"), [(1, [1, 1, 1]), (16, [1, 2])])

@@ -1,0 +1,66 @@
+"""The headers of a text answer, on every route that answers texts (OpenAI's, Cohere's, KServe's).
+
+``X-Truncated-Inputs`` names the texts cut to the model's maximum length by index, comma-separated
+(``1,3``).  A list longer than :data:`TRUNCATED_LIST_MAX` bytes is written as ranges (``0-999``), and
+cut there (ending ``,...``) if still longer: a list of 2,048 indices was a 9 KB header, and a proxy
+with its default 4 KiB header buffer (nginx, ingress-nginx) answered the client 502 for an answer the
+server had made and recorded.  ``X-Truncated-Count`` gives the number, whatever the list shows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.serving import LoadedModel
+
+__all__ = [
+    "MODEL_VERSION_HEADER",
+    "TRUNCATED_COUNT_HEADER",
+    "TRUNCATED_HEADER",
+    "TRUNCATED_LIST_MAX",
+    "answer_headers",
+    "truncation_headers",
+]
+
+#: indices of the texts cut to the model's max_length (absent when none was)
+TRUNCATED_HEADER = "X-Truncated-Inputs"
+#: how many texts were cut (absent when none was)
+TRUNCATED_COUNT_HEADER = "X-Truncated-Count"
+#: the most bytes the index list takes in its header
+TRUNCATED_LIST_MAX = 1024
+#: the version of the package that answered (OpenAI's and Cohere's bodies name only the model;
+#: KServe's carry ``model_version``): a client can tell an answer from before a swap from one after
+MODEL_VERSION_HEADER = "X-Model-Version"
+
+
+def answer_headers(model: LoadedModel, truncated: list[int]) -> dict[str, str]:
+    """The headers of a text answer: the version that answered, and the texts cut to the model's
+    max_length (usage counts only what the model saw) by index."""
+    return {MODEL_VERSION_HEADER: str(model.version), **truncation_headers(truncated)}
+
+
+def truncation_headers(truncated: list[int]) -> dict[str, str]:
+    """``X-Truncated-Inputs`` and ``X-Truncated-Count`` for the texts cut (none when none was)."""
+    if not truncated:
+        return {}
+    listed = ",".join(map(str, truncated))
+    if len(listed) > TRUNCATED_LIST_MAX:
+        listed = _ranges(truncated)
+    if len(listed) > TRUNCATED_LIST_MAX:
+        listed = listed[: listed.rfind(",", 0, TRUNCATED_LIST_MAX - 4)] + ",..."
+    return {TRUNCATED_HEADER: listed, TRUNCATED_COUNT_HEADER: str(len(truncated))}
+
+
+def _ranges(indices: list[int]) -> str:
+    """``0,1,2,5`` as ``0-2,5`` (indices ascending)."""
+    parts: list[str] = []
+    start = end = indices[0]
+    for i in indices[1:]:
+        if i == end + 1:
+            end = i
+            continue
+        parts.append(str(start) if start == end else f"{start}-{end}")
+        start = end = i
+    parts.append(str(start) if start == end else f"{start}-{end}")
+    return ",".join(parts)
