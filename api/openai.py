@@ -123,9 +123,11 @@ def _texts(value: Any) -> list[str]:
         raise InputError("input: must be a string or a list of strings", field="input")
     if not value:
         raise InputError("input: must not be empty", field="input")
+    # token ids: a list of ints (one text's ids), or a list of lists; an int among strings is a stray number
+    ids = all(isinstance(item, int) for item in value) or isinstance(value[0], list)
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            what = IDS_NOT_TEXT if isinstance(item, list | int) else "must be a string"
+            what = IDS_NOT_TEXT if ids and isinstance(item, list | int) else "must be a string"
             raise InputError(f"input[{i}]: {what}", field=f"input[{i}]")
     return list(value)
 

@@ -120,6 +120,7 @@ def test_invalid_json_is_400(client_factory: Any) -> None:
             {"input": [[1, 2, 3]], "model": "minilm"},
             "input[0]: token arrays are not accepted; send text (LangChain's OpenAIEmbeddings: pass check_embedding_ctx_length=False)",
         ),
+        ({"input": ["a", 5], "model": "minilm"}, "input[1]: must be a string"),  # a stray number, not token ids
         ({"input": "x", "model": "minilm", "dimensions": 0}, "dimensions: must be a whole number >= 1, got 0"),
         ({"input": "x", "model": "minilm", "dimensions": -1}, "dimensions: must be a whole number >= 1, got -1"),
         ({"input": "x", "model": "minilm", "dimensions": 100}, "cannot shorten them; omit dimensions"),
