@@ -59,6 +59,7 @@ class RateLimiter:
                 raise OverloadError(
                     f"rate limit of {per_minute} requests per minute reached for key {key_id}; retry later",
                     retry_after=max(1.0, wait),
+                    code="rate_limit_exceeded",
                 )
             b.tokens -= 1.0
 

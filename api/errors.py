@@ -81,7 +81,8 @@ class OpenAIErrorDetail(msgspec.Struct):
         str | None,
         Meta(
             description="invalid_api_key (401), model_not_found (404 for a model that is not there; another "
-            "404 has null), request_too_large (413), rate_limit_exceeded (429), timeout (504), else null"
+            "404 has null), request_too_large (413), rate_limit_exceeded (429: the key's rate limit), server_busy "
+            "(429: the server's queue is full, or the model is being unloaded), timeout (504), else null"
         ),
     ]
 
@@ -209,7 +210,10 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     # OpenAI's model_not_found only for a model that is not there, not for a path that is not, nor
     # for a loaded model of another kind
     known = status != 404 or (isinstance(exc, ModelNotFoundError) and not isinstance(exc, ModelKindError))
-    body = error_body(request.url.path, status, message, param, code=True if known else None)
+    code: str | bool | None = True if known else None
+    if isinstance(exc, OverloadError):  # the key's limit, or the server's queue: the client acts otherwise
+        code = exc.code
+    body = error_body(request.url.path, status, message, param, code=code)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 

@@ -204,8 +204,12 @@ class ForbiddenError(AuthError):
 
 
 class OverloadError(InferboxError):
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+    """429: the server's queue is full (``code`` ``server_busy``: back off from the server), or a key's
+    rate limit is reached (``rate_limit_exceeded``: slow that key down)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0, code: str = "server_busy") -> None:
         self.retry_after = retry_after
+        self.code = code
         super().__init__(message)
 
 

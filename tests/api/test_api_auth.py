@@ -365,3 +365,29 @@ def test_the_input_digest_is_of_the_body_the_application_wrote(client_factory: A
     # a body that does not inflate: the digest is of what arrived
     r = c.post("/v1/embeddings", content=b"junk", headers={"Content-Encoding": "gzip"})
     assert r.status_code == 400 and audit.events[-1].input_digest == audit.digest(b"junk").hexdigest
+
+
+def test_a_keys_rate_limit_and_a_full_queue_are_told_apart(
+    client_factory: Any, store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both answered 429 rate_limit_exceeded: a client could not tell whether to slow its own key down
+    or to back off from a busy server without parsing the message."""
+    from api.server import Server
+    from runtime.errors import OverloadError
+
+    t = [1000.0]
+    c = client_factory(keys=store, rate_limit_per_minute=1, clock=lambda: t[0])
+    _, a = store.create(["infer"])
+    assert c.get("/v1/models", headers=_h(a)).status_code == 200
+    limited = c.get("/v1/models", headers=_h(a))
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limit_exceeded"
+
+    async def full(*args: Any, **kwargs: Any) -> Any:
+        raise OverloadError("the queue of model 'minilm' is full", retry_after=2.0)
+
+    monkeypatch.setattr(Server, "embed_texts", full)
+    _, b = store.create(["infer"])
+    t[0] += 120.0
+    busy = c.post("/v1/embeddings", headers=_h(b), json={"model": "minilm", "input": ["a"]})
+    assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy", busy.text
+    assert busy.headers["retry-after"] == "2"
