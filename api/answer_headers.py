@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from runtime.serving import LoadedModel
 
 __all__ = [
+    "MODEL_VARIANT_HEADER",
     "MODEL_VERSION_HEADER",
     "TRUNCATED_COUNT_HEADER",
     "TRUNCATED_HEADER",
@@ -32,12 +33,20 @@ TRUNCATED_LIST_MAX = 1024
 #: the version of the package that answered (OpenAI's and Cohere's bodies name only the model;
 #: KServe's carry ``model_version``): a client can tell an answer from before a swap from one after
 MODEL_VERSION_HEADER = "X-Model-Version"
+#: what of that package answered: ``backend/variant/precision`` (``ov-cpu/ov-int8/bf16``).  Variants pass
+#: one accuracy gate but do not answer alike (ov-int8 against onnx-fp32: cosine 0.97-0.999 a text): an
+#: index built from one box's answers and queried with another's can tell them apart
+MODEL_VARIANT_HEADER = "X-Model-Variant"
 
 
 def answer_headers(model: LoadedModel, truncated: list[int]) -> dict[str, str]:
     """The headers of a text answer: the version that answered, and the texts cut to the model's
     max_length (usage counts only what the model saw) by index."""
-    return {MODEL_VERSION_HEADER: str(model.version), **truncation_headers(truncated)}
+    return {
+        MODEL_VERSION_HEADER: str(model.version),
+        MODEL_VARIANT_HEADER: f"{model.backend}/{model.variant}/{model.exec_precision}",
+        **truncation_headers(truncated),
+    }
 
 
 def truncation_headers(truncated: list[int]) -> dict[str, str]:

@@ -87,6 +87,11 @@ _HEADERS = {
         schema=_STRING,
         description="The version of the model package that answered (the body names only the model).",
     ),
+    "X-Model-Variant": OpenAPIHeader(
+        schema=_STRING,
+        description="What of that package answered: backend/variant/precision (ov-cpu/ov-int8/bf16). Variants "
+        "pass one accuracy gate but do not answer alike: do not mix their vectors in one index.",
+    ),
     "Inference-Header-Content-Length": OpenAPIHeader(
         schema=_INTEGER, description="The byte length of the JSON part of a binary answer; the outputs' bytes follow."
     ),

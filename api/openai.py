@@ -19,7 +19,13 @@ from litestar import Request, Response, get, post
 from litestar.handlers import HTTPRouteHandler
 from msgspec import Meta
 
-from api.answer_headers import MODEL_VERSION_HEADER, TRUNCATED_COUNT_HEADER, TRUNCATED_HEADER, answer_headers
+from api.answer_headers import (
+    MODEL_VARIANT_HEADER,
+    MODEL_VERSION_HEADER,
+    TRUNCATED_COUNT_HEADER,
+    TRUNCATED_HEADER,
+    answer_headers,
+)
 from api.codec import field_of, json_depth, not_json, not_utf8
 from api.docs import KEY, documented
 from api.envelope import RequestContext, context_of
@@ -217,7 +223,7 @@ async def inference_body(request: Req, kind: type[B]) -> tuple[Server, RequestCo
         description="OpenAI's embeddings API (the openai client with base_url=http://<host>/v1 works). "
         "The body may be gzip or deflate (Content-Encoding).",
         tag=OPENAI,
-        answer_headers=(MODEL_VERSION_HEADER, TRUNCATED_HEADER, TRUNCATED_COUNT_HEADER),
+        answer_headers=(MODEL_VERSION_HEADER, MODEL_VARIANT_HEADER, TRUNCATED_HEADER, TRUNCATED_COUNT_HEADER),
     ),
 )
 async def embeddings(request: Req) -> Response[bytes]:

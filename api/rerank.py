@@ -27,7 +27,13 @@ from litestar import Request, Response, post
 from litestar.handlers import HTTPRouteHandler
 from msgspec import Meta
 
-from api.answer_headers import MODEL_VERSION_HEADER, TRUNCATED_COUNT_HEADER, TRUNCATED_HEADER, answer_headers
+from api.answer_headers import (
+    MODEL_VARIANT_HEADER,
+    MODEL_VERSION_HEADER,
+    TRUNCATED_COUNT_HEADER,
+    TRUNCATED_HEADER,
+    answer_headers,
+)
 from api.docs import KEY, documented
 from api.errors import OpenAIError
 from api.openai import inference_body
@@ -156,7 +162,7 @@ def _documents(value: list[Any]) -> list[str]:
         description="Cohere's rerank API (/v2/rerank is where cohere.ClientV2(base_url=...) posts): a "
         "cross-encoder scores each (query, document) pair. The body may be gzip or deflate (Content-Encoding).",
         tag="Rerank",
-        answer_headers=(MODEL_VERSION_HEADER, TRUNCATED_HEADER, TRUNCATED_COUNT_HEADER),
+        answer_headers=(MODEL_VERSION_HEADER, MODEL_VARIANT_HEADER, TRUNCATED_HEADER, TRUNCATED_COUNT_HEADER),
     ),
 )
 async def rerank(request: Req) -> Response[bytes]:

@@ -145,3 +145,5 @@ def test_the_answer_names_the_version_that_answered(client_factory: Any) -> None
     assert r.headers["x-model-version"] == version
     assert r.headers["x-truncated-inputs"] == "1"  # beside it, as before
     assert c.post("/v1/embeddings", json={"input": "x", "model": "minilm"}).headers["x-model-version"] == version
+    # and what of it answered: variants pass one gate but do not answer alike (an index must not mix them)
+    assert r.headers["x-model-variant"] == "fake/onnx-fp32/fp32"  # the test model: backend/variant/precision
