@@ -302,13 +302,14 @@ class RecordingReader:
         return []
 
 
-def audit_api_app(tmp_path: Path) -> tuple[Any, RecordingReader]:
-    """An app (auth off, no audit sink) whose ``/v1/audit`` reads from a :class:`RecordingReader`."""
+def audit_api_app(tmp_path: Path, audit: MemoryAudit | None = None) -> tuple[Any, RecordingReader]:
+    """An app (auth off; ``audit``: its sink, none by default) whose ``/v1/audit`` reads from a
+    :class:`RecordingReader`."""
     reader = RecordingReader()
     app = create_app(
         registry=make_registry([tensor_model(tmp_path)]),
         config=ApiConfig(auth=False),
-        audit=None,
+        audit=audit,
         keys=None,
         audit_reader=reader,
     )

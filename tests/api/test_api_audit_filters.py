@@ -79,20 +79,11 @@ def test_status_out_of_range_is_a_400_and_a_hash_in_upper_case_is_matched(tmp_pa
 def test_a_whole_key_given_as_a_filter_is_read_as_its_id_and_its_secret_never_recorded(tmp_path: Path) -> None:
     """``?key_id=ibx_<id>_<secret>`` put the secret in the audit_read record (append-only, shipped off the
     box, in every backup), and matched nothing; ``actor`` likewise."""
-    from api.app import create_app
-    from api.config import ApiConfig
-
-    from .conftest import MemoryAudit, RecordingReader, make_registry, tensor_model
+    from .conftest import MemoryAudit
 
     whole = "ibx_0123456789ab_" + "S3cr3t-" * 6 + "x"
-    sink, reader = MemoryAudit(), RecordingReader()
-    app = create_app(
-        registry=make_registry([tensor_model(tmp_path)]),
-        config=ApiConfig(auth=False),
-        audit=sink,
-        keys=None,
-        audit_reader=reader,
-    )
+    sink = MemoryAudit()
+    app, reader = audit_api_app(tmp_path, sink)
     with TestClient(app) as c:
         assert c.get("/v1/audit", params={"key_id": f" {whole} ", "actor": whole}).status_code == 200
     assert reader.calls[-1]["key_id"] == "0123456789ab" and reader.calls[-1]["actor"] == "0123456789ab"
@@ -104,15 +95,10 @@ def test_a_whole_key_given_as_a_filter_is_read_as_its_id_and_its_secret_never_re
 def test_a_long_path_or_model_name_from_a_client_is_clipped_in_its_record(tmp_path: Path) -> None:
     """An unknown 64 KB path, sent with no key, was a 64 KB record: ~40 MB/s of audit log from anyone
     who reaches the port.  A record keeps the first 512 characters and the length."""
-    from api.app import create_app
-    from api.config import ApiConfig
-
-    from .conftest import MemoryAudit, make_registry, tensor_model
+    from .conftest import MemoryAudit
 
     sink = MemoryAudit()
-    app = create_app(
-        registry=make_registry([tensor_model(tmp_path)]), config=ApiConfig(auth=False), audit=sink, keys=None
-    )
+    app, _ = audit_api_app(tmp_path, sink)
     with TestClient(app) as c:
         assert c.get("/v2/" + "A" * 65_000).status_code == 404
         assert c.get("/v2/models/" + "m" * 10_000 + "/ready").status_code in (400, 404)

@@ -46,10 +46,9 @@ def _ctrl_c_as_a_terminal() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: signal.Signals) -> None:
-    """SIGTERM ended the run where it was: the chunk stayed leased with its attempt spent, and the
-    third `systemctl stop` (or reboot) in a chunk failed its job ("stopped 3 times before finishing")."""
+def _submitted(tmp_path: Path) -> tuple[dict[str, str], Path, list[str], str, list[str]]:
+    """A home with a 200-record job submitted, and the slow loader on the path: (the environment,
+    the home, ``python -m appliance batch``, the job id, the ``batch run --once`` command)."""
     (tmp_path / "slowfake.py").write_text(SLOW_LOADER)
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH", "")) if p)
@@ -62,8 +61,15 @@ def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: s
         [*base, "submit", str(src), "--model", "fake-embed", "--home", str(home)],
         capture_output=True, text=True, env=env, check=True, timeout=120,
     )  # fmt: skip
-    job_id = submitted.stdout.strip()
     run = [*base, "run", "--once", "--home", str(home), "--loader", "slowfake:settings_loader", "--chunk-size", "200"]
+    return env, home, base, submitted.stdout.strip(), run
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_once_run_gives_its_chunk_back_unspent(tmp_path: Path, stop: signal.Signals) -> None:
+    """SIGTERM ended the run where it was: the chunk stayed leased with its attempt spent, and the
+    third `systemctl stop` (or reboot) in a chunk failed its job ("stopped 3 times before finishing")."""
+    env, home, base, job_id, run = _submitted(tmp_path)
     for _ in range(3):  # three stops: the job failed on the third before
         proc = subprocess.Popen(
             run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_ctrl_c_as_a_terminal
@@ -108,19 +114,7 @@ def test_ctrl_c_of_a_dask_run_gives_back_quietly(tmp_path: Path) -> None:
     """A terminal's Ctrl-C reaches the whole process group: each Dask worker process printed a
     KeyboardInterrupt traceback, and the "given back" line was missing."""
     pytest.importorskip("distributed")
-    (tmp_path / "slowfake.py").write_text(SLOW_LOADER)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tmp_path), env.get("PYTHONPATH", "")) if p)
-    home = tmp_path / "home"
-    home.mkdir()
-    src = tmp_path / "in.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "text": f"record {i}"}) + "\n" for i in range(200)))
-    base = [sys.executable, "-m", "appliance", "batch"]
-    subprocess.run(
-        [*base, "submit", str(src), "--model", "fake-embed", "--home", str(home)],
-        capture_output=True, text=True, env=env, check=True, timeout=120,
-    )  # fmt: skip
-    run = [*base, "run", "--once", "--home", str(home), "--loader", "slowfake:settings_loader", "--chunk-size", "200"]
+    env, home, _, _, run = _submitted(tmp_path)
     proc = subprocess.Popen(
         [*run, "--engine", "dask", "--dask-workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
