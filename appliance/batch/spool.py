@@ -197,7 +197,7 @@ def _jsonl_fields(source: Path) -> tuple[int, list[str]]:
         for line in itertools.islice(f, JSONL_SAMPLE):
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser (a reject later)
                 continue
             if isinstance(record, dict):
                 objects += 1
@@ -205,11 +205,11 @@ def _jsonl_fields(source: Path) -> tuple[int, list[str]]:
     return objects, list(keys)
 
 
-def _check_jsonl_fields(source: Path, text_field: str, pair_field: str) -> None:
-    """Refuse a text model's JSONL file whose first records (those that are JSON objects) all lack the
-    text field: every record was rejected, and the job read "done" (CSV and Parquet files are refused
-    so already, from their header).  A file whose first records are all unreadable is judged per record."""
-    objects, keys = _jsonl_fields(source)
+def _check_jsonl_fields(source: Path, objects: int, keys: list[str], text_field: str, pair_field: str) -> None:
+    """Refuse a text model's JSONL file whose first records (``objects`` of them JSON objects, with the
+    fields ``keys``) all lack the text field: every record was rejected, and the job read "done" (CSV
+    and Parquet files are refused so already, from their header).  A file whose first records are all
+    unreadable is judged per record."""
     for flag, name in (("--text-field", text_field), ("--pair-field", pair_field)):
         if name and objects and name not in keys:
             raise BatchError(
@@ -242,23 +242,10 @@ def _copy_durably(src: Path, dst: Path, hasher: Hasher | None = None) -> None:
         )
 
 
-def _warn_if_no_ids(source: Path, format_: str) -> None:
-    """Say so when the file has no ``id`` column (field): its records are then named by their index
-    from 0 in the outputs and rejects.  An ``ID`` column, read as text, put patient 2's result under
-    id 1 without a word."""
-    fields: list[str] | None = None
-    with contextlib.suppress(Exception):  # a file that cannot be read so is judged per record
-        if format_ == "csv":
-            from appliance.batch.readers import csv_header
-
-            fields = list(csv_header(source)[0])
-        elif format_ == "parquet":
-            import pyarrow.parquet as pq
-
-            fields = list(pq.read_schema(source).names)
-        else:
-            objects, keys = _jsonl_fields(source)
-            fields = keys if objects else None
+def _warn_if_no_ids(source: Path, format_: str, fields: list[str] | None) -> None:
+    """Say so when the file's ``fields`` (its header, schema, or first JSON objects' keys; None: not
+    known) have no ``id``: its records are then named by their index from 0 in the outputs and
+    rejects.  An ``ID`` column, read as text, put patient 2's result under id 1 without a word."""
     if fields is None or "id" in fields:
         return
     alike = [f for f in fields if f.lower() == "id" or f.lower().endswith(("_id", "-id", " id"))]
@@ -387,24 +374,27 @@ def submit(
                     f"{source.name} has {header.count(name)} columns named {name!r} (its header is {header}); "
                     "rename all but one of them, so that the right one is read"
                 )
-    if format_ == "parquet" and (pair_field or text_model):
-        # a text model's file without the text column was taken, and every row of it rejected (a "done"
-        # job); a tensor model's Parquet columns are its inputs, and a model not known here is not judged
+    fields: list[str] | None = list(header) if format_ == "csv" else None  # the names a record's fields have
+    if format_ == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            names = pq.read_schema(source).names
+            fields = list(pq.read_schema(source).names)
         except Exception as exc:  # not Parquet: the job fails, naming it (docs/batch.md)
             log.debug("no Parquet schema in %s: %s", source, exc)
-            names = None
+        # a text model's file without the text column was taken, and every row of it rejected (a "done"
+        # job); a tensor model's Parquet columns are its inputs, and a model not known here is not judged
         for flag, name in (("--text-field", text_field), ("--pair-field", pair_field)):
-            if name and names is not None and name not in names:
+            if (pair_field or text_model) and name and fields is not None and name not in fields:
                 raise BatchError(
-                    f"{source.name} has no column {name!r} (its columns are {names}); pass {flag} with the column"
+                    f"{source.name} has no column {name!r} (its columns are {fields}); pass {flag} with the column"
                 )
-    if format_ == "jsonl" and (pair_field or text_model):
-        _check_jsonl_fields(source, text_field, pair_field)
-    _warn_if_no_ids(source, format_)
+    if format_ == "jsonl":
+        objects, keys = _jsonl_fields(source)
+        fields = keys if objects else None
+        if pair_field or text_model:
+            _check_jsonl_fields(source, objects, keys, text_field, pair_field)
+    _warn_if_no_ids(source, format_, fields)
     for sub in ("tmp", "new", "cur"):
         (spool / sub).mkdir(parents=True, exist_ok=True)
     job_id = new_job_id(now)
