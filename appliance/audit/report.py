@@ -73,6 +73,7 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
     """Facts for a GDPR Art. 30(1) record of processing activities, as plain data."""
     from appliance.settings import retention_problem
 
+    started = _last_start(settings.audit_db)  # the API's newest `config` record: read once
     return {
         "purposes": [
             "inference (embeddings, classification, other model outputs) on data the customer's own "
@@ -114,9 +115,11 @@ def art30_facts(settings: Settings) -> dict[str, Any]:
             "can still be checked against a candidate text: delete a key under keys/digest/ to end that)",
             "per-key API scopes; reading or exporting the audit log needs its own scope and is itself logged",
             "offline verifier (`inferbox audit verify`) with the public key only",
-            _transport(settings),
-            _switched(settings, "auth", "authentication", "required", "DISABLED (auth = false)"),
-            _switched(settings, "audit", "the audit log", "on", "OFF (audit = false): requests leave no record"),
+            _transport(settings, started),
+            _switched(settings, started, "auth", "authentication", "required", "DISABLED (auth = false)"),
+            _switched(
+                settings, started, "audit", "the audit log", "on", "OFF (audit = false): requests leave no record"
+            ),
         ],
         "models": _models(settings.repository),
     }
@@ -224,20 +227,18 @@ def _last_start(db_path: Path) -> dict[str, Any] | None:
     return {"seq": row[0], "at": row[1], **details} if isinstance(details, dict) else None
 
 
-def _switched(settings: Settings, name: str, what: str, on: str, off: str) -> str:
+def _switched(settings: Settings, started: dict[str, Any] | None, name: str, what: str, on: str, off: str) -> str:
     """``what`` on or off as the settings say, and as the API last started (its ``config`` record):
     a server started with ``--no-auth`` read "authentication required" from the shell's settings."""
     said = f"{what} {on if getattr(settings, name) else off} (these settings)"
-    started = _last_start(settings.audit_db)
     if started is None or name not in started:
         return said
     ran = str(started[name]) == "True"
     return f"{said}; {on if ran else off} when the API last started, at {started['at']} (seq {started['seq']})"
 
 
-def _transport(settings: Settings) -> str:
+def _transport(settings: Settings, started: dict[str, Any] | None) -> str:
     where = f"the settings say the API listens on {settings.host}:{settings.port}"
-    started = _last_start(settings.audit_db)
     if started is not None:
         tls = "HTTPS" if started.get("tls_cert") not in (None, "None", "") else "plain HTTP"
         ran = f"{started.get('host')}:{started.get('port')}, {tls}"
