@@ -394,6 +394,7 @@ def build_app(
                 pid=str(os.getpid()),
                 transport="http" if tls is None else tls.mode,
                 tls_cert_sha256="" if tls is None else tls.certificate.sha256,
+                signing_key_id=audit.signing_key_id,
             )
         )
         config_details = {k: str(v) for k, v in settings.public_dict().items()}

@@ -42,7 +42,9 @@ from appliance.audit.canonical import AuditRecord, checked_event, format_time, l
 from appliance.audit.checkpoint import Checkpoint, Pace, sign_next
 from appliance.audit.digest import DigestKeyring
 from appliance.audit.prune import PruneResult, prune_prefix
+from appliance.audit.rotation import CARRIED_FIELD
 from appliance.audit.schema import connect, ensure_schema, read_log_id
+from appliance.audit.signer import Signer
 from appliance.audit.store import (
     LastCheckpoint,
     head,
@@ -154,6 +156,7 @@ class AuditLog:
         max_batch: int = 512,
         idle_poll_s: float = 1.0,
         on_checkpoint: Callable[[Checkpoint], None] | None = None,
+        signing_key_path: Path | None = None,
     ) -> None:
         if checkpoint_every < 1 or checkpoint_interval_s <= 0:
             raise AuditError("checkpoint_every must be >= 1 and checkpoint_interval_s > 0")
@@ -174,7 +177,9 @@ class AuditLog:
         self._stats = AuditStats(records=0, commits=0, commit_seconds=0.0, pending=0)
         #: records handed to the writer thread and not yet written (guarded by _handover_lock)
         self._pending = 0
-        self._key = signing_key
+        #: the key checkpoints are signed with, read again from ``signing_key_path`` once that file is
+        #: replaced (a rotation: see :mod:`appliance.audit.signer`)
+        self._signer = Signer(signing_key, signing_key_path)
         self._clock = clock
         self._max_batch = max_batch
         self._idle_poll_s = idle_poll_s
@@ -250,6 +255,7 @@ class AuditLog:
         return cls(
             settings.audit_db,
             signing_key=key,
+            signing_key_path=settings.signing_key,
             digest_keys_dir=settings.keys_dir / "digest",
             checkpoint_every=settings.checkpoint_every,
             checkpoint_interval_s=settings.checkpoint_minutes * 60.0,
@@ -297,6 +303,11 @@ class AuditLog:
         with self._lock:
             self._connection()
             return self._log_id
+
+    @property
+    def signing_key_id(self) -> str:
+        """The id of the key this writer signs its checkpoints with (a service's start records it)."""
+        return self._signer.key_id
 
     # -- the AuditSink protocol -------------------------------------------
 
@@ -446,8 +457,11 @@ class AuditLog:
 
         The prefix must verify first (``trusted_keys``: public keys besides this
         writer's that signed checkpoints, e.g. before a key rotation).  ``record``
-        builds the event recording the prune, appended in the prune's own
-        transaction: the prune and its record commit together or not at all.
+        builds the event recording the prune (an ``audit_prune`` event), appended in
+        the prune's own transaction: the prune and its record commit together or not
+        at all.  The key rotations the removed records held go on in that record
+        (:mod:`appliance.audit.rotation`); a prune that would remove one with no
+        record to carry it is refused.
         """
         with self._lock:
             conn = self._connection()
@@ -455,8 +469,15 @@ class AuditLog:
 
             def in_transaction(result: PruneResult) -> None:
                 if record is None:
+                    if result.retired_keys:
+                        raise AuditError("a prune that removes a key rotation needs a record to carry it on")
                     return
-                outcomes, cps = self._append_in_transaction(conn, [record(result)])
+                event = record(result)
+                if result.retired_keys:  # the rotations the prune removed go on in its record
+                    event = msgspec.structs.replace(
+                        event, details={**event.details, CARRIED_FIELD: result.retired_keys}
+                    )
+                outcomes, cps = self._append_in_transaction(conn, [event])
                 if isinstance(outcomes[0], AuditError):
                     raise outcomes[0]
                 self.records_written += 1
@@ -465,12 +486,12 @@ class AuditLog:
             result = prune_prefix(
                 conn,
                 log_id=self._log_id,
-                key=self._key,
+                key=self._signer.current,
                 before=before,
                 now=self._clock(),
                 min_retention_days=min_retention_days,
                 force=force,
-                public_keys=(self._key.public_key(), *trusted_keys),
+                public_keys=trusted_keys,
                 pace=self.pace,
                 in_transaction=in_transaction,
             )
@@ -549,7 +570,7 @@ class AuditLog:
         size, head_hash = head(conn, self._log_id)
         return sign_next(
             conn,
-            self._key,
+            self._signer.current(),  # inside the write transaction: see appliance.audit.signer
             kind="checkpoint",
             log_id=self._log_id,
             size=size,

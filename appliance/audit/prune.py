@@ -32,7 +32,8 @@ from appliance.audit.checkpoint import (
     load_checkpoints,
     sign_next,
 )
-from appliance.audit.store import iter_records
+from appliance.audit.rotation import EVENTS, Retirements
+from appliance.audit.store import iter_events, iter_records
 from runtime.errors import AuditError
 
 __all__ = ["PruneResult", "prune_prefix"]
@@ -43,6 +44,9 @@ class PruneResult:
     pruned: int  #: records removed
     last_pruned_seq: int  #: 0 when nothing was removed
     checkpoint: Checkpoint | None  #: the signed prune anchor, None when nothing was removed
+    #: the key rotations the removed records held (:meth:`appliance.audit.rotation.Retirements.carried`):
+    #: the prune's record must carry them on; "" when none
+    retired_keys: str = ""
 
 
 def _plan(conn: sqlite3.Connection, cutoff: str) -> tuple[int | None, int | None]:
@@ -108,7 +112,7 @@ def prune_prefix(
     conn: sqlite3.Connection,
     *,
     log_id: str,
-    key: Ed25519PrivateKey,
+    key: Ed25519PrivateKey | Callable[[], Ed25519PrivateKey],
     before: datetime,
     now: datetime,
     min_retention_days: int,
@@ -121,7 +125,9 @@ def prune_prefix(
 
     Refuses (``AuditError``) a cut-off later than ``now - min_retention_days``
     unless ``force``, and a log whose prefix does not verify under ``key`` and
-    ``public_keys``.  ``in_transaction(result)`` runs inside the prune's write
+    ``public_keys``.  ``key`` may be a callable that gives the key: it is called
+    inside the write transaction that signs (a running writer's key, read again
+    after a rotation: :mod:`appliance.audit.signer`).  ``in_transaction(result)`` runs inside the prune's write
     transaction before it commits (the caller appends the record of the prune
     there), also when nothing was removed.
     """
@@ -132,7 +138,7 @@ def prune_prefix(
             f"{min_retention_days} days (setting min_retention_days); pick an earlier --before, or pass --force"
         )
     cutoff = format_time(before)
-    trusted = [key.public_key(), *public_keys]
+    trusted = [(key() if callable(key) else key).public_key(), *public_keys]
     # 1. verify the prefix in a read snapshot: writers go on meanwhile
     conn.execute("BEGIN")
     try:
@@ -152,13 +158,16 @@ def prune_prefix(
                 # appended): verify again, here (rare, and the prefix is short then)
                 leaf, last_pruned = _verified_leaf(conn, log_id, last_now, trusted), last_now
             anchor = _still_linked(conn, log_id, last_pruned, leaf, last_now)
+            retirements = Retirements()
+            for rec in iter_events(conn, log_id, EVENTS, last_now):
+                retirements.see(rec)
             token = secrets.token_hex(8)
             conn.execute("INSERT INTO prune_guard (token) VALUES (?)", (token,))
             cur = conn.execute("DELETE FROM records WHERE seq <= ?", (last_now,))
             conn.execute("DELETE FROM prune_guard WHERE token = ?", (token,))
             cp = sign_next(
                 conn,
-                key,
+                key() if callable(key) else key,
                 kind="prune",
                 log_id=log_id,
                 size=last_now,
@@ -166,7 +175,7 @@ def prune_prefix(
                 created_at=format_time(now),
                 pace=pace,
             )
-            result = PruneResult(cur.rowcount, last_now, cp)
+            result = PruneResult(cur.rowcount, last_now, cp, retirements.carried())
         if in_transaction is not None:
             in_transaction(result)
         conn.execute("COMMIT")

@@ -45,6 +45,7 @@ from appliance.audit.exporter import (
     encode_line,
     trailer_signed_bytes,
 )
+from appliance.audit.rotation import Retirements, superseded_prunes
 from appliance.audit.schema import connect, read_log_id
 from appliance.audit.store import iter_records, table_stats
 from runtime import signing
@@ -305,6 +306,7 @@ def check_chain(
     #: the newest signed checkpoint before the record walked and the earliest date a record after it
     #: may have (parsed once per checkpoint, not once per record); None: not found yet
     dated_after: tuple[Checkpoint | None, datetime | None] | None = None
+    retirements = Retirements()
     edge_before = [before] if before is not None else []
     edge_after = [after] if after is not None else []
     walk = itertools.chain(
@@ -352,6 +354,7 @@ def check_chain(
             problems.append(Problem(seq, f"record {seq}: a field changed (its leaf hash does not match its fields)"))
             broken = True
             continue
+        retirements.see(rec)
         if dated_after is None:
             dated_after = _earliest_after(_newest_before(newest_at, seq))
         early = _dated_back(rec, *dated_after)
@@ -387,6 +390,7 @@ def check_chain(
             first_in_window = rec
         last_in_window = rec
         count += 1
+    problems.extend(Problem(seq, what) for seq, what in (*retirements.problems(valid), *superseded_prunes(valid)))
     last_seq = last_in_window.seq if last_in_window is not None else 0
     walked_to = (expected_seq - 1) if expected_seq is not None else 0
     if not broken and to_head and expected_seq is not None:

@@ -75,6 +75,7 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
     pub = write_public_key(key, path)
     if retired is not None and settings.audit and settings.audit_db.exists():
         # the key that vouches for the log changed: the log says so, in a record signed with the new key
+        from appliance.audit.rotation import RULE, RULE_FIELD
         from appliance.commands.audit import record_cli_event
 
         record_cli_event(
@@ -82,13 +83,18 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
             "signing_key_rotate",
             "inferbox signing-key create --force",
             started,
-            {"key_id": key_id(key), "retired_key_id": retired[0], "retired_public_key": retired[1].name},
+            {
+                "key_id": key_id(key),
+                "retired_key_id": retired[0],
+                "retired_public_key": retired[1].name,
+                RULE_FIELD: RULE,
+            },
         )
     if retired is not None:
         click.echo(
             f"retired key: {retired[1]} (key id {retired[0]}): audit verify, prune, ship and backups keep "
-            "trusting the checkpoints it signed; restart inferbox-api and the batch worker so they sign "
-            "with the new key"
+            "trusting the checkpoints it signed before this rotation and none after it; running services "
+            "sign with the new key from their next checkpoint"
         )
     click.echo(f"private key: {path} (mode 0600; back it up, never copy it to serving machines)")
     click.echo(f"public key:  {pub}")
