@@ -107,9 +107,32 @@ _HEADER_LENGTH_PARAMETER = {
 }
 
 
+def _with_items(node: Any) -> Any:
+    """``node`` with ``items: {}`` (any value) in every array schema that has none.
+
+    msgspec writes ``list[Any]`` (a KServe input's ``data``: numbers, booleans or
+    strings, flat or nested) as ``{"type": "array"}``; client generators
+    (openapi-python-client) then drop the property, and with it the request model.
+    """
+    if isinstance(node, dict):
+        out = {k: _with_items(v) for k, v in node.items()}
+        if out.get("type") == "array" and "items" not in out and "prefixItems" not in out:
+            out["items"] = {}
+        return out
+    if isinstance(node, list):
+        return [_with_items(v) for v in node]
+    return node
+
+
+def _json_schemas(types: Iterable[Any]) -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:
+    """``msgspec.json.schema_components`` of ``types`` (refs to ``components/schemas``), every array with items."""
+    schemas, components = msgspec.json.schema_components(tuple(types), ref_template=REF)
+    return tuple(_with_items(s) for s in schemas), _with_items(components)
+
+
 def _schema(tp: Any) -> dict[str, Any]:
     """The JSON schema of ``tp``, referring to ``components/schemas`` for its Structs."""
-    (schema,), _ = msgspec.json.schema_components([tp], ref_template=REF)
+    (schema,), _ = _json_schemas([tp])
     return schema
 
 
@@ -261,7 +284,7 @@ class _Components(Components):
 
     def to_schema(self) -> dict[str, Any]:
         out = super().to_schema()
-        _, ours = msgspec.json.schema_components(self.documented, ref_template=REF)
+        _, ours = _json_schemas(self.documented)
         theirs: dict[str, Any] = out.get("schemas", {})
         if clash := ours.keys() & theirs.keys():
             raise RuntimeError(f"OpenAPI schema names used twice: {sorted(clash)}")

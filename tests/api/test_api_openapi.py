@@ -113,6 +113,25 @@ def doc(client: TestClient[Any]) -> dict[str, Any]:
     return document
 
 
+def _arrays_without_items(node: Any, where: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        if node.get("type") == "array" and "items" not in node and "prefixItems" not in node:
+            yield where
+        for key, value in node.items():
+            yield from _arrays_without_items(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _arrays_without_items(value, f"{where}[{i}]")
+
+
+def test_every_array_says_what_it_holds(doc: dict[str, Any]) -> None:
+    """A KServe input's ``data`` (``list[Any]``) was ``{"type": "array"}``: openapi-python-client dropped
+    the property, and a client generated from the document could not send a tensor."""
+    assert list(_arrays_without_items(doc)) == []
+    data = doc["components"]["schemas"]["InferenceInput"]["properties"]["data"]
+    assert {"type": "array", "items": {}} in data["anyOf"]
+
+
 def _operations(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
     for path, item in doc["paths"].items():
         for method, op in item.items():
