@@ -141,7 +141,14 @@ FIELDS: tuple[Field, ...] = (
         "queued texts (text models) or requests (tensor models) per model before 429",
         minimum=1,
     ),
-    Field("request_timeout_s", float, 30.0, "batching", "a request waiting longer gets 504", minimum=0.001),
+    Field(
+        "request_timeout_s",
+        float,
+        30.0,
+        "batching",
+        "a request waiting longer gets 504 (429 at once when the queue ahead would keep it longer)",
+        minimum=0.001,
+    ),
     # limits
     Field("max_body_bytes", int, 16 << 20, "limits", "largest request body, also after decompression", minimum=1),
     Field(

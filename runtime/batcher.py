@@ -32,7 +32,10 @@ arrivals): a lone client's request, whose next one comes only after its
 answer, runs at once instead of waiting for batch-mates that cannot come.
 
 A full queue raises :class:`~runtime.errors.OverloadError` (``retry_after`` from
-the measured service rate); an item not finished within ``timeout_s`` raises
+the measured service rate), and so does a request that the queue ahead of it
+would keep past its timeout (by the seconds an item took in full batches,
+measured: without it, a client waited out its whole timeout for a 504 that was
+certain when it came); an item not finished within ``timeout_s`` raises
 :class:`~runtime.errors.RequestTimeoutError` and, if it was still queued, is
 dropped and never run; so are the queued items of a request whose caller is cancelled or
 one of whose items failed.  A batch that one client's input makes fail is split in halves
@@ -216,6 +219,9 @@ class DynamicBatcher(Generic[Item, Result]):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: seconds per batch, smoothed; used for Retry-After
         self._batch_seconds = 0.05
+        #: seconds an item took in batches at least half full (as a deep queue runs), smoothed; None
+        #: until one ran: admission by time (:meth:`_wait_estimate`) waits for the measurement
+        self._item_seconds: float | None = None
         #: the share of items that came within max_delay_s of the one before, smoothed (None
         #: before the second item); guarded by _cond
         self._close_arrivals: float | None = None
@@ -311,7 +317,10 @@ class DynamicBatcher(Generic[Item, Result]):
             if self._stopping or self._draining:  # a model being unloaded or replaced: it takes no more
                 raise OverloadError(f"model {self.name!r} is being unloaded; retry later", 1.0)
             full = len(self._pending) + len(entries) > self.queue_limit
-            if not full:
+            late = None if full else self._wait_estimate(len(self._pending) + len(entries))
+            if late is not None and late <= timeout:
+                late = None
+            if not full and late is None:
                 for entry in entries:
                     self._arrived(now)
                     self._pending.append(entry)
@@ -320,6 +329,14 @@ class DynamicBatcher(Generic[Item, Result]):
                     self._cond.notify_all()
                 else:
                     self._cond.notify()
+        if late is not None:
+            self.stats.rejected += len(entries)
+            raise OverloadError(
+                f"model {self.name!r} would answer this request in about {late:.0f} s ({len(self._pending)} items "
+                f"waiting ahead of its {len(entries)}), past its timeout of {timeout:g} s (request_timeout_s); "
+                "retry later",
+                retry_after=self._retry_after(),
+            )
         if full:
             self.stats.rejected += len(entries)
             raise OverloadError(
@@ -386,6 +403,13 @@ class DynamicBatcher(Generic[Item, Result]):
         for entry in entries:
             if not entry.future.done():
                 entry.future.cancel()
+
+    def _wait_estimate(self, items: int) -> float | None:
+        """Seconds until the last of ``items`` queued items is answered, at the measured full-batch
+        pace (under the lock); None before a batch at least half full ran."""
+        if self._item_seconds is None:
+            return None
+        return items * self._item_seconds / self.workers
 
     def _retry_after(self) -> float:
         batches_ahead = math.ceil(len(self._pending) / self.max_batch_size)
@@ -569,6 +593,10 @@ class DynamicBatcher(Generic[Item, Result]):
                 if not entry.future.done():
                     entry.future.set_result(outcome)
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * max(elapsed, 0.0)
+        if 2 * len(batch) >= self.max_batch_size:
+            per_item = max(elapsed, 0.0) / len(batch)
+            last = self._item_seconds
+            self._item_seconds = per_item if last is None else 0.8 * last + 0.2 * per_item
         stats.batches += 1
         stats.rows += rows
         stats.inference_seconds += elapsed

@@ -644,3 +644,35 @@ def test_a_caller_cancelled_after_its_batch_failed_leaves_no_unread_error() -> N
 
     reported = run(main())
     assert not [c for c in reported if "never retrieved" in str(c.get("message", ""))]
+
+
+def test_a_request_the_queue_would_keep_past_its_timeout_is_refused_at_once() -> None:
+    """It was queued, waited out its whole timeout and got a 504 that was certain when it came;
+    now it gets a 429 with Retry-After at once, and nothing of it runs."""
+    now = [0.0]
+    batches: list[list[object]] = []
+
+    def one_second_an_item(items: list[object]) -> list[object]:
+        batches.append(list(items))
+        now[0] += 1.0 * len(items)  # the clock the batcher times its batches with
+        return [("done", i) for i in items]
+
+    async def main() -> None:
+        b = DynamicBatcher(
+            one_second_an_item, max_batch_size=4, max_delay_s=0.0, queue_limit=64, timeout_s=10.0, clock=lambda: now[0]
+        )
+        b.start()
+        # before any full batch was timed nothing is refused by time: 11 items, 11 s, run
+        assert len(await b.submit_many(list(range(11)))) == 11
+        ran = len(batches)
+        with pytest.raises(
+            OverloadError, match=r"about 11 s .*past its timeout of 10 s \(request_timeout_s\)"
+        ) as refused:
+            await b.submit_many([f"late{i}" for i in range(11)])
+        assert refused.value.code == "server_busy" and refused.value.retry_after >= 1
+        assert len(batches) == ran and b.stats.queue_depth == 0 and b.stats.rejected == 11
+        assert len(await b.submit_many(list(range(10)))) == 10  # 10 s: within its timeout
+        assert len(await b.submit_many(list(range(11)), timeout_s=20.0)) == 11  # a longer timeout of its own
+        await b.stop()
+
+    run(main())
