@@ -116,7 +116,11 @@ def create_app(
     server = Server(registry, config, metrics, monotonic)
     share = MetricsShare(Path(config.metrics_folder)) if config.metrics_folder else None
     authenticator = Authenticator(
-        keys, enabled=config.auth, default_rate=config.rate_limit_per_minute, limiter=RateLimiter(monotonic)
+        keys,
+        enabled=config.auth,
+        default_rate=config.rate_limit_per_minute,
+        limiter=RateLimiter(monotonic),
+        default_tokens=config.tokens_per_minute,
     )
 
     @asynccontextmanager

@@ -20,9 +20,17 @@ from typing import Any
 
 from api.envelope import RequestContext, context_of
 from api.protocols import SCOPES, KeyVerifier, Principal
-from runtime.errors import AuthError, ForbiddenError, OverloadError, shown
+from runtime.errors import AuthError, ForbiddenError, InputError, OverloadError, shown
 
-__all__ = ["ANONYMOUS", "Authenticator", "RateLimiter", "auth_guard", "authorization_of", "identify"]
+__all__ = [
+    "ANONYMOUS",
+    "Authenticator",
+    "RateLimiter",
+    "auth_guard",
+    "authorization_of",
+    "identify",
+    "token_charge",
+]
 
 #: the principal when auth is off: every scope
 ANONYMOUS = Principal(key_id="anonymous", scopes=SCOPES)
@@ -35,42 +43,55 @@ class _Bucket:
 
 
 class RateLimiter:
-    """Token buckets per key id: ``per_minute`` tokens, refilled continuously; burst = per_minute."""
+    """Buckets per key id and unit (requests, tokens): ``per_minute`` of the unit, refilled continuously;
+    burst = per_minute."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[tuple[str, str], _Bucket] = {}
 
-    def take(self, key_id: str, per_minute: int) -> None:
+    def take(self, key_id: str, per_minute: int, cost: int = 1, unit: str = "requests") -> None:
+        """Take ``cost`` of ``unit`` from the key's bucket, or raise a 429 (nothing taken) saying when it has them."""
         if per_minute <= 0:
             return
         now = self._clock()
         rate = per_minute / 60.0
         with self._lock:
-            b = self._buckets.get(key_id)
+            b = self._buckets.get((key_id, unit))
             if b is None:
-                b = self._buckets[key_id] = _Bucket(float(per_minute), now)
+                b = self._buckets[key_id, unit] = _Bucket(float(per_minute), now)
             # never a negative refill: a clock that stepped back would lock the key out for the step
             b.tokens = min(float(per_minute), b.tokens + max(0.0, now - b.updated) * rate)
             b.updated = now
-            if b.tokens < 1.0:
-                wait = (1.0 - b.tokens) / rate
+            if b.tokens < cost:
+                wait = (cost - b.tokens) / rate
                 raise OverloadError(
-                    f"rate limit of {per_minute} requests per minute reached for key {key_id}; retry later",
+                    f"rate limit of {per_minute} {unit} per minute reached for key {key_id}"
+                    + (f" (this request brings {cost})" if unit != "requests" else "")
+                    + "; retry later",
                     retry_after=max(1.0, wait),
                     code="rate_limit_exceeded",
                 )
-            b.tokens -= 1.0
+            b.tokens -= cost
 
 
 class Authenticator:
     """Turns an Authorization header into a :class:`Principal`, or raises AuthError/Forbidden/Overload."""
 
-    def __init__(self, keys: KeyVerifier | None, *, enabled: bool, default_rate: int, limiter: RateLimiter) -> None:
+    def __init__(
+        self,
+        keys: KeyVerifier | None,
+        *,
+        enabled: bool,
+        default_rate: int,
+        limiter: RateLimiter,
+        default_tokens: int = 0,
+    ) -> None:
         self.keys = keys
         self.enabled = enabled
         self.default_rate = default_rate
+        self.default_tokens = default_tokens
         self.limiter = limiter
 
     @property
@@ -110,6 +131,33 @@ class Authenticator:
             raise ForbiddenError(f"key {principal.key_id} lacks the scope {what}; create a key with --scope {scope}")
         rate = principal.rate_limit_per_minute or self.default_rate
         self.limiter.take(principal.key_id, rate)
+
+    def token_charge(self, principal: Principal | None) -> Callable[[int, str], None] | None:
+        """What charges a text request's tokens to ``principal``'s tokens-per-minute bucket, once its texts
+        are tokenized (None: no limit).  A request that brings more than a whole minute's tokens can
+        never pass: a 400 naming ``field`` instead of a 429 to retry."""
+        if principal is None or principal is ANONYMOUS:
+            return None
+        per_minute = principal.tokens_per_minute or self.default_tokens
+        if per_minute <= 0:
+            return None
+
+        def charge(tokens: int, field: str) -> None:
+            if tokens > per_minute:
+                raise InputError(
+                    f"{field}: {tokens} tokens in one request is over the limit of {per_minute} tokens per minute "
+                    f"of key {principal.key_id}; send fewer or shorter texts in each request",
+                    field=field,
+                )
+            self.limiter.take(principal.key_id, per_minute, tokens, "tokens")
+
+        return charge
+
+
+def token_charge(request: Any) -> Callable[[int, str], None] | None:
+    """The tokens-per-minute charge of ``request``'s key (:meth:`Authenticator.token_charge`), None when unlimited."""
+    auth: Authenticator | None = request.app.state.get("auth")
+    return auth.token_charge(context_of(request.scope).principal) if auth is not None else None
 
 
 def authorization_of(headers: Any) -> str | None:

@@ -23,6 +23,8 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_tensor_elements: int = 16 * 1024 * 1024
     max_json_depth: int = 32
     rate_limit_per_minute: int = 0
+    #: tokens a key's text requests may bring per minute (0: unlimited); a key's own limit comes first
+    tokens_per_minute: int = 0
     # batching
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.002
@@ -52,6 +54,7 @@ class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
             "max_tensor_elements": int(settings.max_tensor_elements),
             "max_json_depth": int(settings.max_json_depth),
             "rate_limit_per_minute": int(settings.rate_limit_per_minute),
+            "tokens_per_minute": int(getattr(settings, "tokens_per_minute", 0)),
             "max_batch_size": int(settings.max_batch_size),
             "max_queue_delay_s": float(settings.max_queue_delay_ms) / 1000.0,
             "queue_limit": int(settings.queue_limit),

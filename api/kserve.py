@@ -17,6 +17,7 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
 from api.answer_headers import TRUNCATED_COUNT_HEADER, TRUNCATED_HEADER, truncation_headers
+from api.auth import token_charge
 from api.classification import classify
 from api.codec import (
     InferenceResponse,
@@ -44,7 +45,7 @@ from api.schemas import (
     RepositoryModelRequest,
     ServerMetadata,
 )
-from api.server import INLINE_BODY_BYTES, Server, off_loop_if_large
+from api.server import INLINE_BODY_BYTES, Server, TokenCharge, off_loop_if_large
 from runtime.errors import InputError, ModelNotFoundError, shown
 from runtime.serving import LoadedModel
 
@@ -231,7 +232,9 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
     )
     cut: list[int] = []  # the texts cut to the model's max_length
     results: list[tuple[str, Any]] = await (
-        _infer_text(server, model, req, cut) if model.is_text else _infer_tensor(server, model, req)
+        _infer_text(server, model, req, cut, token_charge(request))
+        if model.is_text
+        else _infer_tensor(server, model, req)
     )
     if req.classification:
         results = _classified(model, req, results)
@@ -298,8 +301,11 @@ async def _infer_tensor(server: Server, model: LoadedModel, req: InferRequest) -
     return [(n, result[n]) for n in names]
 
 
-async def _infer_text(server: Server, model: LoadedModel, req: InferRequest, cut: list[int]) -> list[tuple[str, Any]]:
-    """The text model's answer; ``cut`` gets the indices of the texts cut to its max_length."""
+async def _infer_text(
+    server: Server, model: LoadedModel, req: InferRequest, cut: list[int], charge: TokenCharge | None
+) -> list[tuple[str, Any]]:
+    """The text model's answer; ``cut`` gets the indices of the texts cut to its max_length; ``charge``
+    takes their tokens from the key's tokens-per-minute bucket."""
     out_name, _ = _text_output(model)
     if len(req.inputs) != 1:
         raise InputError(
@@ -323,7 +329,9 @@ async def _infer_text(server: Server, model: LoadedModel, req: InferRequest, cut
                     f"outputs[{i}].name: model {model.name!r} has no output {n!r}; it has [{out_name!r}]",
                     field=f"outputs[{i}].name",
                 )
-    vectors, _counts, truncated = await server.embed_texts(model, req.inputs[0].texts, field="inputs[0].data")
+    vectors, _counts, truncated = await server.embed_texts(
+        model, req.inputs[0].texts, field="inputs[0].data", charge=charge
+    )
     cut.extend(truncated)
     dim = embedding_dim(model)
     if not len(vectors) and dim > 0:  # no texts: [0, D] as the metadata says, not [0, 0]

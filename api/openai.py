@@ -26,6 +26,7 @@ from api.answer_headers import (
     TRUNCATED_HEADER,
     answer_headers,
 )
+from api.auth import token_charge
 from api.codec import field_of, json_depth, not_json, not_utf8
 from api.docs import KEY, documented
 from api.envelope import RequestContext, context_of
@@ -232,7 +233,7 @@ async def embeddings(request: Req) -> Response[bytes]:
         raise ModelKindError(f"model: {req.model!r} is not an embedding model; see GET /v1/models")
     texts = _texts(req.input)
     _check_dimensions(req.dimensions, embedding_dim(model), model.name)
-    vectors, counts, truncated = await server.embed_texts(model, texts)
+    vectors, counts, truncated = await server.embed_texts(model, texts, charge=token_charge(request))
     _check_dimensions(req.dimensions, int(vectors.shape[1]), model.name)
     data: list[Embedding] = []
     for i, vec in enumerate(vectors):

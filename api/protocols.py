@@ -121,6 +121,8 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     key_id: str
     scopes: tuple[str, ...]
     rate_limit_per_minute: int = 0
+    #: tokens the key's text requests may bring per minute (0: the server's default, tokens_per_minute)
+    tokens_per_minute: int = 0
     #: the key works only on a connection presenting the client certificate of this SHA-256 (mutual TLS)
     client_cert_sha256: str | None = None
 

@@ -34,6 +34,7 @@ from api.answer_headers import (
     TRUNCATED_HEADER,
     answer_headers,
 )
+from api.auth import token_charge
 from api.docs import KEY, documented
 from api.errors import OpenAIError
 from api.openai import inference_body
@@ -175,7 +176,7 @@ async def rerank(request: Req) -> Response[bytes]:
     if req.top_n is not None and req.top_n < 1:
         raise InputError(f"top_n: must be at least 1, got {req.top_n}", field="top_n")
     documents = _documents(req.documents)
-    scores, counts, truncated = await server.rerank(model, req.query, documents)
+    scores, counts, truncated = await server.rerank(model, req.query, documents, token_charge(request))
     # best first; a stable sort keeps the lower index first among equal scores
     order = np.argsort(-scores, kind="stable")[: req.top_n or len(documents)]
     results = [

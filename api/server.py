@@ -37,11 +37,13 @@ from runtime.scores import sigmoid
 from runtime.serving import LoadedModel, ModelRegistry, TensorRequest, run_tensor_batch, tensor_group
 from runtime.text import Tokens
 
-__all__ = ["INLINE_BODY_BYTES", "INLINE_CHARS", "Server", "TextItem", "off_loop_if_large"]
+__all__ = ["INLINE_BODY_BYTES", "INLINE_CHARS", "Server", "TextItem", "TokenCharge", "off_loop_if_large"]
 
 logger = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
+#: takes a request's tokens (and the field its texts came in, for the error) from its key's bucket
+TokenCharge = Callable[[int, str], None]
 
 Array = npt.NDArray[Any]
 
@@ -280,9 +282,11 @@ class Server:
         return vectors, counts
 
     async def embed_texts(
-        self, model: LoadedModel, texts: list[str], field: str = "input"
+        self, model: LoadedModel, texts: list[str], field: str = "input", charge: TokenCharge | None = None
     ) -> tuple[Array, list[int], list[int]]:
-        """:meth:`embed`, and the indices of the texts cut to the model's max_length."""
+        """:meth:`embed`, and the indices of the texts cut to the model's max_length.  ``charge``: takes
+        the request's tokens from its key's tokens-per-minute bucket (:meth:`api.auth.Authenticator.token_charge`)
+        once they are counted, before anything is queued."""
         if len(texts) > self.config.max_inputs:
             raise InputError(
                 f"{field}: {len(texts)} texts is over the limit of {self.config.max_inputs} per request",
@@ -291,6 +295,8 @@ class Server:
         tokens = await off_loop_if_large(
             _chars(texts), INLINE_CHARS, model.tokenize, texts, truncate=self.config.truncate, field=field
         )
+        if charge is not None:
+            charge(sum(len(t) for t in tokens), field)
         batcher = await self.text_batcher(model)
         # all of the request's texts are queued or none (a full queue refuses the whole request,
         # leaving nothing of it to compute); a failed text or a client gone withdraws the rest
@@ -300,7 +306,9 @@ class Server:
             return np.zeros((0, 0), dtype=np.float32), [], truncated
         return np.stack([r[0] for r in results]), [r[1] for r in results], truncated
 
-    async def rerank(self, model: LoadedModel, query: str, documents: list[str]) -> tuple[Array, list[int], list[int]]:
+    async def rerank(
+        self, model: LoadedModel, query: str, documents: list[str], charge: TokenCharge | None = None
+    ) -> tuple[Array, list[int], list[int]]:
         """A cross-encoder's score of each ``(query, document)`` pair (sigmoid of its logit, as
         sentence-transformers' CrossEncoder gives it), tokens per pair, and the pairs cut to the
         model's max_length.  Pairs share the model's text batcher with its other requests."""
@@ -313,6 +321,8 @@ class Server:
         tokens = await off_loop_if_large(
             chars, INLINE_CHARS, model.tokenize_pairs, query, documents, truncate=self.config.truncate
         )
+        if charge is not None:
+            charge(sum(len(t) for t in tokens), "documents")
         batcher = await self.text_batcher(model)
         results = await batcher.submit_many([TextItem(t) for t in tokens])
         logits = np.array([float(r[0].reshape(-1)[0]) for r in results], dtype=np.float64)

@@ -81,11 +81,15 @@ CREATE TABLE IF NOT EXISTS api_keys (
     expires_at TEXT,
     revoked_at TEXT,
     rate_limit_per_minute INTEGER NOT NULL DEFAULT 0,
-    client_cert_sha256 TEXT
+    client_cert_sha256 TEXT,
+    tokens_per_minute INTEGER NOT NULL DEFAULT 0
 )
 """
 #: added after the first release: tables created before it get the column on open
-_ADDED_COLUMNS = {"client_cert_sha256": "ALTER TABLE api_keys ADD COLUMN client_cert_sha256 TEXT"}
+_ADDED_COLUMNS = {
+    "client_cert_sha256": "ALTER TABLE api_keys ADD COLUMN client_cert_sha256 TEXT",
+    "tokens_per_minute": "ALTER TABLE api_keys ADD COLUMN tokens_per_minute INTEGER NOT NULL DEFAULT 0",
+}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -117,6 +121,8 @@ class KeyRecord:
     rate_limit_per_minute: int = 0
     #: usable only on a mutual-TLS connection presenting the certificate of this SHA-256
     client_cert_sha256: str | None = None
+    #: tokens its text requests may bring per minute (0: the server's tokens_per_minute)
+    tokens_per_minute: int = 0
 
     def state(self, now: datetime) -> str:
         if self.revoked_at is not None:
@@ -135,6 +141,7 @@ class KeyRecord:
             "revoked_at": self.revoked_at,
             "rate_limit_per_minute": self.rate_limit_per_minute,
             "client_cert_sha256": self.client_cert_sha256,
+            "tokens_per_minute": self.tokens_per_minute,
         }
 
 
@@ -224,6 +231,7 @@ class KeyStore:
         rate_limit_per_minute: int = 0,
         client_cert_sha256: str | None = None,
         first: bool = False,
+        tokens_per_minute: int = 0,
     ) -> tuple[KeyRecord, str]:
         """A new key: its record and the secret (shown once; only its hash is kept).
 
@@ -242,6 +250,8 @@ class KeyStore:
             raise InputError(f"--expires: {utc_iso(expires)} is in the past", field="expires")
         if rate_limit_per_minute < 0:
             raise InputError("rate_limit_per_minute: must be >= 0", field="rate_limit_per_minute")
+        if tokens_per_minute < 0:
+            raise InputError("tokens_per_minute: must be >= 0", field="tokens_per_minute")
         if any(unicodedata.category(c).startswith("C") for c in name):
             # `keys list` prints one key a line: a newline in a name could forge another key's line
             raise InputError("--name: control characters (a newline, a tab) are not allowed in a name", field="name")
@@ -256,13 +266,15 @@ class KeyStore:
             revoked_at=None,
             rate_limit_per_minute=rate_limit_per_minute,
             client_cert_sha256=client_cert_sha256,
+            tokens_per_minute=tokens_per_minute,
         )
         with self._write() as conn:
             if first and conn.execute("SELECT COUNT(*) FROM api_keys").fetchone()[0]:
                 raise FirstKeyExistsError("the store already holds a key")
             conn.execute(
                 "INSERT INTO api_keys (id, name, scopes, key_sha256, created_at, expires_at, revoked_at, "
-                "rate_limit_per_minute, client_cert_sha256) VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                "rate_limit_per_minute, client_cert_sha256, tokens_per_minute) "
+                "VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)",
                 (
                     key_id,
                     name,
@@ -272,6 +284,7 @@ class KeyStore:
                     record.expires_at,
                     rate_limit_per_minute,
                     client_cert_sha256,
+                    tokens_per_minute,
                 ),
             )
         return record, secret
@@ -338,6 +351,7 @@ class KeyStore:
             scopes=record.scopes,
             rate_limit_per_minute=record.rate_limit_per_minute,
             client_cert_sha256=record.client_cert_sha256,
+            tokens_per_minute=record.tokens_per_minute,
         )
 
 
@@ -378,6 +392,7 @@ def _record(row: dict[str, Any]) -> KeyRecord:
         revoked_at=row["revoked_at"],
         rate_limit_per_minute=int(row["rate_limit_per_minute"]),
         client_cert_sha256=row.get("client_cert_sha256"),
+        tokens_per_minute=int(row.get("tokens_per_minute") or 0),
     )
 
 

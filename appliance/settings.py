@@ -172,6 +172,14 @@ FIELDS: tuple[Field, ...] = (
     Field("max_tensor_elements", int, 16 * 1024 * 1024, "limits", "most elements in one tensor", minimum=1),
     Field("max_json_depth", int, 32, "limits", "deepest JSON nesting accepted", minimum=1),
     Field("rate_limit_per_minute", int, 0, "limits", "requests per key per minute (0 = unlimited)", minimum=0),
+    Field(
+        "tokens_per_minute",
+        int,
+        0,
+        "limits",
+        "tokens a key's text requests may bring per minute (0 = unlimited)",
+        minimum=0,
+    ),
     # audit
     Field("audit", bool, True, "audit", "write the tamper-evident audit log"),
     Field("checkpoint_every", int, 1000, "audit", "sign a checkpoint every N records", minimum=1),
@@ -295,6 +303,7 @@ class Settings:
     max_tensor_elements: int
     max_json_depth: int
     rate_limit_per_minute: int
+    tokens_per_minute: int
     audit: bool
     checkpoint_every: int
     checkpoint_minutes: float

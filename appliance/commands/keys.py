@@ -128,7 +128,15 @@ def keys() -> None:
     "rate_limit",
     type=click.IntRange(min=0),
     default=0,
-    help="Requests per minute for this key (0 = default).",
+    help="Requests per minute for this key (0 = the rate_limit_per_minute setting).",
+)
+@click.option(
+    "--tokens-per-minute",
+    "tokens_per_minute",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Tokens per minute the key's text requests may bring (texts as the model tokenizes them, the "
+    "usage.prompt_tokens of /v1/embeddings; 0 = the tokens_per_minute setting).",
 )
 @click.option(
     "--client-cert",
@@ -147,6 +155,7 @@ def create(
     expires: str | None,
     name: str,
     rate_limit: int,
+    tokens_per_minute: int,
     client_cert: Path | None,
     as_json: bool,
 ) -> None:
@@ -171,6 +180,7 @@ def create(
                 name=name,
                 rate_limit_per_minute=rate_limit,
                 client_cert_sha256=bound,
+                tokens_per_minute=tokens_per_minute,
             )
         finally:
             store.close()
@@ -180,6 +190,7 @@ def create(
                 "name": name,
                 "expires_at": rec.expires_at or "",
                 "rate_limit_per_minute": str(rec.rate_limit_per_minute),
+                "tokens_per_minute": str(rec.tokens_per_minute),
             }
             if bound is not None:
                 details["client_cert_sha256"] = bound
@@ -227,7 +238,10 @@ def list_keys(home: Path | None, repository: Path | None, as_json: bool) -> None
     for r in records:
         expiry = r.expires_at or "never"
         cert = f"  cert {r.client_cert_sha256[:16]}" if r.client_cert_sha256 else ""
-        click.echo(f"{r.id}  {r.state(now):8}  {','.join(r.scopes):30}  expires {expiry}{cert}  {r.name}")
+        limits = "".join(
+            f"  {n} {unit}/min" for n, unit in ((r.rate_limit_per_minute, "req"), (r.tokens_per_minute, "tokens")) if n
+        )
+        click.echo(f"{r.id}  {r.state(now):8}  {','.join(r.scopes):30}  expires {expiry}{cert}{limits}  {r.name}")
 
 
 @keys.command("revoke")

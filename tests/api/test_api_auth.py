@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -391,3 +392,48 @@ def test_a_keys_rate_limit_and_a_full_queue_are_told_apart(
     busy = c.post("/v1/embeddings", headers=_h(b), json={"model": "minilm", "input": ["a"]})
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy", busy.text
     assert busy.headers["retry-after"] == "2"
+
+
+def test_a_keys_tokens_per_minute_limit_counts_the_tokens_its_texts_bring(
+    client_factory: Any, store: KeyStore, audit: MemoryAudit
+) -> None:
+    """The rate limit counted requests: one key's 2,048 long texts a request starved every other key's
+    single queries at the same limit. A key (or the server's default) may now be held to tokens a minute,
+    counted as the model tokenizes its texts (what usage.prompt_tokens reports)."""
+    skew = [0.0]  # a clock that runs (the batcher waits by it), stepped a minute on below
+    c = client_factory(keys=store, tokens_per_minute=0, clock=lambda: time.monotonic() + skew[0])
+    _, big = store.create(["infer"])  # no limit: the server's default is none
+    one = c.post("/v1/embeddings", headers=_h(big), json={"model": "minilm", "input": ["a few words here"]})
+    assert one.status_code == 200
+    tokens = one.json()["usage"]["prompt_tokens"]
+    assert tokens >= 3
+    _, key = store.create(["infer"], tokens_per_minute=3 * tokens)
+    body = {"model": "minilm", "input": ["a few words here", "a few words here"]}
+    assert c.post("/v1/embeddings", headers=_h(key), json=body).status_code == 200  # 2 of 3 texts' worth
+    limited = c.post("/v1/embeddings", headers=_h(key), json=body)  # 4 > 3 left: nothing taken, nothing run
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert f"{3 * tokens} tokens per minute" in limited.json()["error"]["message"]
+    assert int(limited.headers["retry-after"]) >= 1
+    one_text = {"model": "minilm", "input": ["a few words here"]}
+    assert c.post("/v1/embeddings", headers=_h(key), json=one_text).status_code == 200  # the third fits
+    # the KServe text route and rerank draw on the same bucket; a minute refills it
+    kserve = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a few words here"]}]}
+    assert c.post("/v2/models/minilm/infer", headers=_h(key), json=kserve).status_code == 429
+    skew[0] += 60.0
+    assert c.post("/v2/models/minilm/infer", headers=_h(key), json=kserve).status_code == 200
+    # more than a minute's worth in one request can never pass: a 400 naming the field, not a 429 to retry
+    never = c.post("/v1/embeddings", headers=_h(key), json={"model": "minilm", "input": ["a few words here"] * 4})
+    assert never.status_code == 400 and never.json()["error"]["param"] == "input"
+    assert "send fewer or shorter texts" in never.json()["error"]["message"]
+    # another key has its own bucket; requests without texts are not charged
+    assert c.post("/v1/embeddings", headers=_h(big), json=body).status_code == 200
+    assert c.get("/v1/models", headers=_h(key)).status_code == 200
+
+
+def test_the_servers_tokens_per_minute_holds_keys_without_their_own(client_factory: Any, store: KeyStore) -> None:
+    c = client_factory(keys=store, tokens_per_minute=1)
+    _, key = store.create(["infer"])
+    r = c.post("/v1/embeddings", headers=_h(key), json={"model": "minilm", "input": ["hello"]})
+    assert r.status_code == 400 and "limit of 1 tokens per minute" in r.json()["error"]["message"]
+    _, own = store.create(["infer"], tokens_per_minute=10_000)
+    assert c.post("/v1/embeddings", headers=_h(own), json={"model": "minilm", "input": ["hello"]}).status_code == 200
