@@ -19,6 +19,14 @@ sequence) also signs:
   after a checkpoint to the pace the checkpoint itself signs, not to mutable
   local settings.
 
+Format 3 (``inferbox-audit-checkpoint/3``) is a format 2 checkpoint that also
+signs ``retires``: the ids of the signing keys its signer (the new key)
+retires, comma-separated.  ``inferbox signing-key create --force`` signs one in
+the transaction that records the rotation; from it on, in the order written,
+no checkpoint signed with a retired key is valid (:mod:`appliance.audit.rotation`).
+Checkpoints are never pruned and every export holds them all, so the rule
+outlives the rotation record.
+
 Format 1 checkpoints (written before) keep verifying under their own signed
 bytes; they have no sequence and no pace.
 """
@@ -42,6 +50,7 @@ __all__ = [
     "CHECKPOINT_DOMAIN",
     "CHECKPOINT_DOMAIN_V1",
     "CHECKPOINT_VERSION",
+    "ROTATION_VERSION",
     "Checkpoint",
     "CheckpointKind",
     "Pace",
@@ -59,6 +68,8 @@ __all__ = [
 CHECKPOINT_DOMAIN_V1 = "inferbox-audit-checkpoint/1"
 CHECKPOINT_DOMAIN = "inferbox-audit-checkpoint/2"
 CHECKPOINT_VERSION = 2
+#: the format of a checkpoint that retires keys (``retires``)
+ROTATION_VERSION = 3
 
 CheckpointKind = Literal["checkpoint", "prune"]
 
@@ -96,6 +107,15 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     prev: str = ""  #: SHA-256 (hex) of the previous checkpoint's signature; "" for the first
     every: int = 0  #: the writer's checkpoint_every
     interval_us: int = 0  #: the writer's checkpoint interval, microseconds
+    # format 3
+    retires: str = ""  #: ids of the keys this checkpoint's signer retires, comma-separated
+
+    @property
+    def retired_ids(self) -> tuple[str, ...]:
+        """The key ids this checkpoint retires (format 3; none before)."""
+        if self.version < ROTATION_VERSION:
+            return ()
+        return tuple(k for k in self.retires.split(",") if k)
 
     @property
     def pace(self) -> Pace | None:
@@ -123,6 +143,7 @@ def signed_bytes(
     prev: str = "",
     every: int = 0,
     interval_us: int = 0,
+    retires: str = "",
 ) -> bytes:
     """The bytes a checkpoint's signature covers (format ``version``)."""
     out = bytearray()
@@ -141,6 +162,8 @@ def signed_bytes(
             str(every),
             str(interval_us),
         )
+        if version >= ROTATION_VERSION:
+            values = (*values, retires)
     for value in values:
         _field(out, value)
     return bytes(out)
@@ -158,6 +181,7 @@ def _checkpoint_bytes(cp: Checkpoint) -> bytes:
         prev=cp.prev,
         every=cp.every,
         interval_us=cp.interval_us,
+        retires=cp.retires,
     )
 
 
@@ -177,12 +201,16 @@ def make_checkpoint(
     index: int | None = None,
     prev: str = "",
     pace: Pace | None = None,
+    retires: str = "",
 ) -> Checkpoint:
-    """Sign a checkpoint: format 2 when ``index`` is given (the writer always gives it), else format 1."""
+    """Sign a checkpoint: format 2 when ``index`` is given (the writer always gives it), format 3 when it
+    also ``retires`` keys, else format 1."""
     if index is None:
+        if retires:
+            raise ValueError("a checkpoint that retires keys has a place in the sequence (format 3)")
         version, every, interval_us, index, prev = 1, 0, 0, 0, ""
     else:
-        version = CHECKPOINT_VERSION
+        version = ROTATION_VERSION if retires else CHECKPOINT_VERSION
         every, interval_us = (pace.every, pace.interval_us) if pace is not None else (0, 0)
     data = signed_bytes(
         kind,
@@ -195,6 +223,7 @@ def make_checkpoint(
         prev=prev,
         every=every,
         interval_us=interval_us,
+        retires=retires,
     )
     return Checkpoint(
         kind=kind,
@@ -209,6 +238,7 @@ def make_checkpoint(
         prev=prev,
         every=every,
         interval_us=interval_us,
+        retires=retires,
     )
 
 
@@ -241,8 +271,10 @@ def signature_problem(cp: Checkpoint, public_keys: Ed25519PublicKey | Sequence[E
         names = ", ".join(sorted(trusted)) or "none"
         which = "the trusted key is" if len(trusted) == 1 else "the trusted keys are"
         return f"{cp.kind} at size {cp.size} names signing key {cp.key_id!r}, {which} {names}"
-    if cp.version not in (1, CHECKPOINT_VERSION):
+    if cp.version not in (1, CHECKPOINT_VERSION, ROTATION_VERSION):
         return f"{cp.kind} at size {cp.size}: unknown checkpoint format {cp.version}"
+    if (cp.version == ROTATION_VERSION) != bool(cp.retires):
+        return f"{cp.kind} at size {cp.size}: format {cp.version} with retires {cp.retires!r}"
     try:
         sig = bytes.fromhex(cp.signature)
     except ValueError:
@@ -255,13 +287,14 @@ def signature_problem(cp: Checkpoint, public_keys: Ed25519PublicKey | Sequence[E
 
 _COLUMNS_V1 = ("kind", "log_id", "size", "head_hash", "created_at", "key_id", "signature")
 _COLUMNS_V2 = ("version", "idx", "prev", "every", "interval_us")
+_COLUMNS_V3 = ("retires",)
 
 
 def store_checkpoint(conn: sqlite3.Connection, cp: Checkpoint) -> None:
     """Insert ``cp`` (the caller holds the write transaction; the schema is migrated)."""
     conn.execute(
-        f"INSERT INTO checkpoints ({', '.join(_COLUMNS_V1 + _COLUMNS_V2)}) "  # noqa: S608 (fixed names)
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO checkpoints ({', '.join(_COLUMNS_V1 + _COLUMNS_V2 + _COLUMNS_V3)}) "  # noqa: S608
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             cp.kind,
             cp.log_id,
@@ -275,6 +308,7 @@ def store_checkpoint(conn: sqlite3.Connection, cp: Checkpoint) -> None:
             cp.prev,
             cp.every,
             cp.interval_us,
+            cp.retires,
         ),
     )
 
@@ -289,9 +323,11 @@ def sign_next(
     head_hash: str,
     created_at: str,
     pace: Pace | None,
+    retires: str = "",
 ) -> Checkpoint:
     """Sign the log's next checkpoint (format 2: its place in the sequence, the previous one's
-    link, ``pace``) and store it; the caller holds the write transaction."""
+    link, ``pace``; format 3 when it ``retires`` keys) and store it; the caller holds the write
+    transaction."""
     index, prev = next_in_sequence(conn)
     cp = make_checkpoint(
         key,
@@ -303,6 +339,7 @@ def sign_next(
         index=index,
         prev=prev,
         pace=pace,
+        retires=retires,
     )
     store_checkpoint(conn, cp)
     return cp
@@ -319,9 +356,15 @@ def next_in_sequence(conn: sqlite3.Connection) -> tuple[int, str]:
     return idx + 1, sequence_link(signature)
 
 
-def _has_v2_columns(conn: sqlite3.Connection) -> bool:
+def _columns(conn: sqlite3.Connection) -> tuple[str, ...]:
+    """The checkpoint columns this database has (one not yet migrated has fewer)."""
     names = {str(r[1]) for r in conn.execute("PRAGMA table_info(checkpoints)")}
-    return set(_COLUMNS_V2) <= names
+    columns: tuple[str, ...] = _COLUMNS_V1
+    if set(_COLUMNS_V2) <= names:
+        columns += _COLUMNS_V2
+        if set(_COLUMNS_V3) <= names:
+            columns += _COLUMNS_V3
+    return columns
 
 
 _INT_FIELDS = ("size", "version", "index", "every", "interval_us")
@@ -340,7 +383,7 @@ def _malformed(values: dict[str, object]) -> Checkpoint:
 
 def load_checkpoints(conn: sqlite3.Connection) -> list[Checkpoint]:
     """Every checkpoint, in the order written (a database not yet migrated reads as format 1)."""
-    columns = _COLUMNS_V1 + (_COLUMNS_V2 if _has_v2_columns(conn) else ())
+    columns = _columns(conn)
     rows = conn.execute(f"SELECT {', '.join(columns)} FROM checkpoints ORDER BY id").fetchall()  # noqa: S608
     out: list[Checkpoint] = []
     for row in rows:

@@ -42,7 +42,6 @@ from appliance.audit.canonical import AuditRecord, checked_event, format_time, l
 from appliance.audit.checkpoint import Checkpoint, Pace, sign_next
 from appliance.audit.digest import DigestKeyring
 from appliance.audit.prune import PruneResult, prune_prefix
-from appliance.audit.rotation import CARRIED_FIELD
 from appliance.audit.schema import connect, ensure_schema, read_log_id
 from appliance.audit.signer import Signer
 from appliance.audit.store import (
@@ -436,6 +435,32 @@ class AuditLog:
         with self._lock:
             return self._write_checkpoint()
 
+    def record_rotation(self, event: AuditEvent, retires: Sequence[str]) -> int:
+        """Append ``event`` (the rotation's record) and, in the same transaction, a checkpoint signed with
+        the key file's key (the new one) that retires the keys ``retires`` names (format 3: see
+        :mod:`appliance.audit.rotation`); its seq.  Both commit or neither does."""
+        ids = ",".join(sorted({k for k in retires if k}))
+        if not ids:
+            raise AuditError("a rotation retires at least one key")
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                outcomes, signed = self._append_in_transaction(conn, [event])
+                if isinstance(outcomes[0], AuditError):
+                    raise outcomes[0]
+                signed.append(self._sign_head(conn, retires=ids))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            self.commits += 1
+            self.records_written += 1
+        for cp in signed:
+            self._notify(cp)
+        return outcomes[0]
+
     def maybe_checkpoint(self) -> Checkpoint | None:
         """Sign a checkpoint if the newest is older than the interval (the idle timer calls this)."""
         with self._lock:
@@ -457,11 +482,8 @@ class AuditLog:
 
         The prefix must verify first (``trusted_keys``: public keys besides this
         writer's that signed checkpoints, e.g. before a key rotation).  ``record``
-        builds the event recording the prune (an ``audit_prune`` event), appended in
-        the prune's own transaction: the prune and its record commit together or not
-        at all.  The key rotations the removed records held go on in that record
-        (:mod:`appliance.audit.rotation`); a prune that would remove one with no
-        record to carry it is refused.
+        builds the event recording the prune, appended in the prune's own
+        transaction: the prune and its record commit together or not at all.
         """
         with self._lock:
             conn = self._connection()
@@ -469,15 +491,8 @@ class AuditLog:
 
             def in_transaction(result: PruneResult) -> None:
                 if record is None:
-                    if result.retired_keys:
-                        raise AuditError("a prune that removes a key rotation needs a record to carry it on")
                     return
-                event = record(result)
-                if result.retired_keys:  # the rotations the prune removed go on in its record
-                    event = msgspec.structs.replace(
-                        event, details={**event.details, CARRIED_FIELD: result.retired_keys}
-                    )
-                outcomes, cps = self._append_in_transaction(conn, [event])
+                outcomes, cps = self._append_in_transaction(conn, [record(result)])
                 if isinstance(outcomes[0], AuditError):
                     raise outcomes[0]
                 self.records_written += 1
@@ -566,7 +581,7 @@ class AuditLog:
         self._notify(cp)
         return cp
 
-    def _sign_head(self, conn: sqlite3.Connection, created_at: str | None = None) -> Checkpoint:
+    def _sign_head(self, conn: sqlite3.Connection, created_at: str | None = None, retires: str = "") -> Checkpoint:
         size, head_hash = head(conn, self._log_id)
         return sign_next(
             conn,
@@ -577,6 +592,7 @@ class AuditLog:
             head_hash=head_hash,
             created_at=created_at if created_at is not None else format_time(self._clock()),
             pace=self.pace,
+            retires=retires,
         )
 
     def _write_batch(self, events: list[AuditEvent]) -> list[int | AuditError]:

@@ -32,8 +32,7 @@ from appliance.audit.checkpoint import (
     load_checkpoints,
     sign_next,
 )
-from appliance.audit.rotation import EVENTS, Retirements
-from appliance.audit.store import iter_events, iter_records
+from appliance.audit.store import iter_records
 from runtime.errors import AuditError
 
 __all__ = ["PruneResult", "prune_prefix"]
@@ -44,9 +43,6 @@ class PruneResult:
     pruned: int  #: records removed
     last_pruned_seq: int  #: 0 when nothing was removed
     checkpoint: Checkpoint | None  #: the signed prune anchor, None when nothing was removed
-    #: the key rotations the removed records held (:meth:`appliance.audit.rotation.Retirements.carried`):
-    #: the prune's record must carry them on; "" when none
-    retired_keys: str = ""
 
 
 def _plan(conn: sqlite3.Connection, cutoff: str) -> tuple[int | None, int | None]:
@@ -158,9 +154,6 @@ def prune_prefix(
                 # appended): verify again, here (rare, and the prefix is short then)
                 leaf, last_pruned = _verified_leaf(conn, log_id, last_now, trusted), last_now
             anchor = _still_linked(conn, log_id, last_pruned, leaf, last_now)
-            retirements = Retirements()
-            for rec in iter_events(conn, log_id, EVENTS, last_now):
-                retirements.see(rec)
             token = secrets.token_hex(8)
             conn.execute("INSERT INTO prune_guard (token) VALUES (?)", (token,))
             cur = conn.execute("DELETE FROM records WHERE seq <= ?", (last_now,))
@@ -175,7 +168,7 @@ def prune_prefix(
                 created_at=format_time(now),
                 pace=pace,
             )
-            result = PruneResult(cur.rowcount, last_now, cp, retirements.carried())
+            result = PruneResult(cur.rowcount, last_now, cp)
         if in_transaction is not None:
             in_transaction(result)
         conn.execute("COMMIT")

@@ -1,127 +1,114 @@
-"""A retired signing key signs nothing from the record of its rotation on.
+"""A retired signing key signs nothing after the checkpoint that retired it.
 
-``inferbox signing-key create --force`` records ``signing_key_rotate`` with the
-retired key's id and :data:`RULE` (``details[RULE_FIELD]``); every writer signs
-with the new key from that record on (:mod:`appliance.audit.signer`).  The old
-private key lives on in every backup taken before the rotation, so without
-these rules whoever holds one could append records after the rotation, sign
-them with it, and the log would verify.  The verifier refuses:
+``inferbox signing-key create --force`` records the rotation
+(``signing_key_rotate``) and, in the same transaction, signs a format 3
+checkpoint with the new key whose ``retires`` names the old key and every key
+retired before it (:meth:`appliance.audit.log.AuditLog.record_rotation`).
+Every writer reads the key file again inside the transaction that signs
+(:mod:`appliance.audit.signer`), so no checkpoint after it, in the order
+written, is signed with a retired key.  The old private key lives on in every
+backup taken before the rotation; without this rule whoever holds one could
+append records after the rotation, sign them with it, and the log would verify.
 
-- a checkpoint signed with a retired key that covers the record of its
-  rotation (size >= that record's seq), and a prune anchor signed with it after
-  that record was written (a prune signs an older size, but later);
-- a prune anchor signed with a key that another key had superseded (that key
-  signed a checkpoint before it, and first signed after this one): prunes are
-  signed by the command that runs them, with the box's current key, so only
-  a retired key's holder signs such an anchor, and it may have removed the
-  rotation record with the prefix.
+Checkpoints are never pruned and every export holds all of them, so the rule
+holds in the database, in window exports and in ship copies, after retention
+removed the rotation record.  The verifier also holds the checkpoints' order to
+what writers do: no regular checkpoint smaller than a prune anchor written
+before it (format 1 rows have no signed place, so a forged anchor could
+otherwise be put among them), and no format 1 checkpoint after a later format.
 
-A prune that removes a rotation record carries it on in its own record
-(``details[CARRIED_FIELD]``: JSON ``{key id: [seq, recorded_at]}``), so the
-first rule holds after retention removed the rotation.
-
-A rotation recorded before these rules (no :data:`RULE_FIELD`) is not held to
-the first: then the running services went on signing with the old key until
-they were restarted.  A window export that holds neither the rotation record
-nor a prune record carrying it cannot tell (the whole log is checked on the box).
+A rotation recorded before format 3 retires nothing: its old key stays trusted
+until the next rotation, whose checkpoint retires every key in
+``<home>/keys/retired/``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
-import msgspec
-
-from appliance.audit.canonical import AuditRecord, parse_time
 from appliance.audit.checkpoint import Checkpoint
 
-__all__ = ["CARRIED_FIELD", "EVENTS", "RULE", "RULE_FIELD", "Retirements", "superseded_prunes"]
-
-ROTATE_EVENT = "signing_key_rotate"
-PRUNE_EVENT = "audit_prune"
-#: the records that retire keys: rotations, and prunes carrying the rotations they removed
-EVENTS = (ROTATE_EVENT, PRUNE_EVENT)
-#: the detail that puts a rotation under the rule, and its text (what an auditor reads in the record)
-RULE_FIELD = "retired_key_rule"
-RULE = "the retired key signs no checkpoint from this record on"
-#: the detail of a prune record that carries the rotations it removed
-CARRIED_FIELD = "retired_keys"
-
-_CARRIED = msgspec.json.Decoder(dict[str, tuple[int, str]])
+__all__ = ["order_problems", "retired_by", "retired_signer_problem", "retirement_problems"]
 
 
-class Retirements:
-    """The rotations under the rule among the records seen: retired key id -> (seq, recorded_at)."""
-
-    def __init__(self) -> None:
-        self.retired: dict[str, tuple[int, str]] = {}
-
-    def _retire(self, kid: str, seq: int, at: str) -> None:
-        if kid and (kid not in self.retired or seq < self.retired[kid][0]):
-            self.retired[kid] = (seq, at)
-
-    def see(self, rec: AuditRecord) -> None:
-        """Note ``rec`` if it is a rotation under the rule, or a prune that carries rotations."""
-        if rec.event == ROTATE_EVENT and rec.details.get(RULE_FIELD):
-            kid = rec.details.get("retired_key_id", "")
-            if kid != rec.details.get("key_id"):
-                self._retire(kid, rec.seq, rec.recorded_at)
-        elif rec.event == PRUNE_EVENT and (carried := rec.details.get(CARRIED_FIELD)):
-            try:
-                for kid, (seq, at) in _CARRIED.decode(carried).items():
-                    self._retire(kid, seq, at)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                return  # written only by the prune itself; a record edited since fails its leaf hash anyway
-
-    def carried(self) -> str:
-        """The ``CARRIED_FIELD`` value of a prune that removed the records seen ("" when none retired a key)."""
-        if not self.retired:
-            return ""
-        return msgspec.json.encode(dict(sorted(self.retired.items()))).decode("ascii")
-
-    def problems(self, checkpoints: Iterable[Checkpoint]) -> list[tuple[int, str]]:
-        """(seq, what) for each checkpoint signed with a key after the record that retired it."""
-        found: list[tuple[int, str]] = []
-        for cp in checkpoints:
-            retired = self.retired.get(cp.key_id)
-            if retired is None:
-                continue
-            seq, at = retired
-            if cp.size >= seq or (cp.kind == "prune" and parse_time(cp.created_at) > parse_time(at)):
-                found.append(
-                    (
-                        seq,
-                        f"{cp.kind} at size {cp.size} ({cp.created_at}) is signed with key {cp.key_id}, which "
-                        f"record {seq} retired ({at}): a retired key signs nothing after its rotation, so this "
-                        "checkpoint vouches for nothing (its private key may live on in old backups: a forgery, "
-                        "or a writer that could not read the new key, which its service log names)",
-                    )
-                )
-        return found
+def retired_by(checkpoints: Sequence[Checkpoint]) -> dict[str, Checkpoint]:
+    """Each retired key id -> the first checkpoint (of ``checkpoints``, in the order written) retiring it."""
+    retired: dict[str, Checkpoint] = {}
+    for cp in checkpoints:
+        for kid in cp.retired_ids:
+            if kid != cp.key_id:
+                retired.setdefault(kid, cp)
+    return retired
 
 
-def superseded_prunes(checkpoints: Iterable[Checkpoint]) -> list[tuple[int, str]]:
-    """(seq, what) for each prune anchor signed with a key a later key had superseded before it.
+def _named(cp: Checkpoint) -> str:
+    return f"{cp.kind} at size {cp.size} ({cp.created_at})"
 
-    ``checkpoints``: the valid ones, in the order written.  A key's place is
-    where it first signed; a prune signed with key A after a checkpoint signed
-    with a key B that first signed after A is refused.
+
+def retirement_problems(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, str]]:
+    """(seq, what) for each checkpoint signed with a key that a checkpoint before it retired.
+
+    ``checkpoints``: the ones with a valid signature, in the order written.
     """
-    first: dict[str, int] = {}
-    newest = -1  #: the latest first place among the keys that signed so far
+    retired: dict[str, Checkpoint] = {}
     found: list[tuple[int, str]] = []
-    for place, cp in enumerate(checkpoints):
-        mine = first.setdefault(cp.key_id, place)
-        if cp.kind == "prune" and mine < newest:
-            later = next(k for k, p in first.items() if p == newest)
+    for cp in checkpoints:
+        by = retired.get(cp.key_id)
+        if by is not None:
             found.append(
                 (
                     max(cp.size, 1),
-                    f"prune at size {cp.size} ({cp.created_at}) is signed with key {cp.key_id}, which key {later} "
-                    "had replaced before it: a prune is signed with the box's current key, so this one was signed "
-                    "with a retired key (its private key may live on in old backups) and may have removed the "
-                    "record of that rotation",
+                    f"{_named(cp)} is signed with key {cp.key_id}, which the rotation checkpoint at size {by.size} "
+                    f"({by.created_at}, signed with key {by.key_id}) retired: a retired key signs nothing after "
+                    "its rotation, and its private key may live on in old backups (a forgery; or a writer that "
+                    "could not read the new key, which its service log names)",
                 )
             )
-        newest = max(newest, mine)
+        for kid in cp.retired_ids:
+            if kid != cp.key_id:
+                retired.setdefault(kid, cp)
+    return found
+
+
+def retired_signer_problem(key_id: str, checkpoints: Sequence[Checkpoint], what: str) -> str | None:
+    """Why ``what`` (an export trailer) signed with ``key_id`` is not trusted, when ``checkpoints`` retire
+    that key; None when they do not."""
+    by = retired_by(checkpoints).get(key_id)
+    if by is None:
+        return None
+    return (
+        f"{what} is signed with key {key_id}, which the rotation checkpoint at size {by.size} ({by.created_at}) "
+        "retired: a retired key signs nothing after its rotation"
+    )
+
+
+def order_problems(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, str]]:
+    """(seq, what) for checkpoints out of the order writers write them (``checkpoints``: the valid ones,
+    in the order written): a regular checkpoint smaller than a prune anchor before it, a format 1 one
+    after a later format."""
+    found: list[tuple[int, str]] = []
+    anchor: Checkpoint | None = None
+    newer: Checkpoint | None = None
+    for cp in checkpoints:
+        if cp.version < 2 and newer is not None:
+            found.append(
+                (
+                    max(cp.size, 1),
+                    f"inconsistent checkpoints: the format 1 {_named(cp)} comes after the format "
+                    f"{newer.version} {_named(newer)}; no writer goes back to format 1",
+                )
+            )
+        if cp.version >= 2 and newer is None:
+            newer = cp
+        if cp.kind == "prune":
+            if anchor is None or cp.size > anchor.size:
+                anchor = cp
+        elif anchor is not None and cp.size < anchor.size:
+            found.append(
+                (
+                    max(cp.size, 1),
+                    f"inconsistent checkpoints: {_named(cp)} comes after the prune anchor at size {anchor.size} "
+                    f"({anchor.created_at}), which no writer can sign before it",
+                )
+            )
     return found

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import msgspec
@@ -17,7 +17,6 @@ __all__ = [
     "head",
     "insert_record",
     "insert_records",
-    "iter_events",
     "iter_records",
     "last_checkpoint",
     "query_records",
@@ -93,14 +92,6 @@ def iter_records(
         params.append(last_seq)
     sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
     for row in conn.execute(sql, params):
-        yield _record(log_id, tuple(row))
-
-
-def iter_events(conn: sqlite3.Connection, log_id: str, events: Sequence[str], last_seq: int) -> Iterator[AuditRecord]:
-    """The records of the given ``events`` up to ``last_seq``, in seq order."""
-    marks = ", ".join("?" * len(events))
-    sql = f"{_SELECT} WHERE seq <= ? AND event IN ({marks}) ORDER BY seq"
-    for row in conn.execute(sql, (last_seq, *events)):
         yield _record(log_id, tuple(row))
 
 

@@ -45,7 +45,7 @@ from appliance.audit.exporter import (
     encode_line,
     trailer_signed_bytes,
 )
-from appliance.audit.rotation import Retirements, superseded_prunes
+from appliance.audit.rotation import order_problems, retired_signer_problem, retirement_problems
 from appliance.audit.schema import connect, read_log_id
 from appliance.audit.store import iter_records, table_stats
 from runtime import signing
@@ -282,6 +282,7 @@ def check_chain(
                     f"inconsistent checkpoints: two signed checkpoints disagree on the head at size {cp.size}",
                 )
             )
+    problems.extend(Problem(seq, what) for seq, what in (*retirement_problems(valid), *order_problems(valid)))
     regular = [c for c in valid if c.kind == "checkpoint"]
     #: the newest regular checkpoint at each size (a later one at the same size: an idle checkpoint)
     newest_at: dict[int, Checkpoint] = {}
@@ -306,7 +307,6 @@ def check_chain(
     #: the newest signed checkpoint before the record walked and the earliest date a record after it
     #: may have (parsed once per checkpoint, not once per record); None: not found yet
     dated_after: tuple[Checkpoint | None, datetime | None] | None = None
-    retirements = Retirements()
     edge_before = [before] if before is not None else []
     edge_after = [after] if after is not None else []
     walk = itertools.chain(
@@ -354,7 +354,6 @@ def check_chain(
             problems.append(Problem(seq, f"record {seq}: a field changed (its leaf hash does not match its fields)"))
             broken = True
             continue
-        retirements.see(rec)
         if dated_after is None:
             dated_after = _earliest_after(_newest_before(newest_at, seq))
         early = _dated_back(rec, *dated_after)
@@ -390,7 +389,6 @@ def check_chain(
             first_in_window = rec
         last_in_window = rec
         count += 1
-    problems.extend(Problem(seq, what) for seq, what in (*retirements.problems(valid), *superseded_prunes(valid)))
     last_seq = last_in_window.seq if last_in_window is not None else 0
     walked_to = (expected_seq - 1) if expected_seq is not None else 0
     if not broken and to_head and expected_seq is not None:
@@ -703,6 +701,11 @@ def _trailer_problem(trailer: Trailer, public_key: PublicKeys) -> str | None:
     return None
 
 
+def _signed(checkpoints: Sequence[Checkpoint], public_key: PublicKeys) -> list[Checkpoint]:
+    """The checkpoints signed by a trusted key (a forged one retires nothing)."""
+    return [cp for cp in checkpoints if signature_problem(cp, public_key) is None]
+
+
 def verify_export_bytes(data: bytes, public_key: PublicKeys, *, legacy_pace: Pace | None = None) -> VerifyReport:
     """:func:`verify_export` on the export's bytes."""
     return verify_export_stream(io.BytesIO(data), public_key, legacy_pace=legacy_pace)
@@ -864,7 +867,9 @@ def verify_export_stream(
             problems.append(Problem(None, f"trailer counts {trailer.lines} lines, the export has {scan.lines - 1}"))
         if scan.body_sha != trailer.sha256:
             problems.append(Problem(None, "export bytes changed after it was signed (trailer sha256 differs)"))
-        if (why := _trailer_problem(trailer, public_key)) is not None:
+        if (why := _trailer_problem(trailer, public_key)) is not None or (
+            why := retired_signer_problem(trailer.key_id, _signed(scan.checkpoints, public_key), "the export")
+        ):
             problems.append(Problem(None, why))
     header = scan.header
     if header is None:

@@ -2,15 +2,20 @@
 
 ``create --force`` over the box's signing key retires the old one: its public half goes to
 ``<home>/keys/retired/<key id>.pub``, which ``audit verify``, ``audit prune``, ``audit ship``
-and ``backup create`` trust besides the signing key (:func:`appliance.audit.trust.trusted_keys`).
-The audit log keeps the checkpoints the old key signed for good, so without it every one of
-those commands would refuse the log as if it had been tampered with.
+and ``backup create`` trust besides the signing key (:func:`appliance.audit.trust.trusted_keys`)
+for the checkpoints it signed before.  The audit log keeps those for good, so without it every
+one of those commands would refuse the log as if it had been tampered with.  The rotation is
+recorded with a checkpoint signed with the new key that retires the old one and every key
+retired before it: none of them vouches for anything after it (:mod:`appliance.audit.rotation`).
+A rotation that cannot be recorded puts the old key back: a key replaced without that
+checkpoint would leave the old one trusted for good.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +37,9 @@ from runtime.signing import (
 )
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    from appliance.settings import Settings
 
 __all__ = ["signing_key"]
 
@@ -69,27 +76,13 @@ def create(home: Path | None, repository: Path | None, out: Path | None, force: 
     the_boxs = os.path.normpath(path) == os.path.normpath(settings.signing_key.absolute())
     if force and the_boxs and (path.exists() or path.is_symlink()):
         retired = _retire(path, settings.keys_dir / "retired")  # before the key it keeps is gone
+    old = _old_private_key(path) if retired is not None else None
     key = generate_private_key()
     write_private_key(key, path, overwrite=force)
     pem = public_key_pem(key)
     pub = write_public_key(key, path)
     if retired is not None and settings.audit and settings.audit_db.exists():
-        # the key that vouches for the log changed: the log says so, in a record signed with the new key
-        from appliance.audit.rotation import RULE, RULE_FIELD
-        from appliance.commands.audit import record_cli_event
-
-        record_cli_event(
-            settings,
-            "signing_key_rotate",
-            "inferbox signing-key create --force",
-            started,
-            {
-                "key_id": key_id(key),
-                "retired_key_id": retired[0],
-                "retired_public_key": retired[1].name,
-                RULE_FIELD: RULE,
-            },
-        )
+        _record_rotation(settings, path, key, old, retired, started)
     if retired is not None:
         click.echo(
             f"retired key: {retired[1]} (key id {retired[0]}): audit verify, prune, ship and backups keep "
@@ -130,6 +123,75 @@ def show(home: Path | None, repository: Path | None, key_path: Path | None) -> N
     key = load_private_key(path)
     click.echo(f"key id: {key_id(key)}")
     click.echo(public_key_pem(key), nl=False)
+
+
+def _record_rotation(
+    settings: Settings,
+    path: Path,
+    key: Ed25519PrivateKey,
+    old: Ed25519PrivateKey | None,
+    retired: tuple[str, Path],
+    started: datetime,
+) -> None:
+    """Record the rotation with a checkpoint signed with ``key`` that retires the old key and every key in
+    ``<keys>/retired/`` (one retired before this format retires nothing of its own); if that fails, put
+    ``old`` back (and raise): a new key without that checkpoint would leave the old one trusted for good."""
+    from appliance.audit.log import AuditLog
+    from appliance.commands.audit import cli_event
+    from runtime.errors import InferboxError
+
+    retires = sorted({retired[0], *_retired_ids(retired[1].parent)} - {key_id(key)})
+    event = cli_event(
+        "signing_key_rotate",
+        "inferbox signing-key create --force",
+        started,
+        {
+            "key_id": key_id(key),
+            "retired_key_id": retired[0],
+            "retired_public_key": retired[1].name,
+            "retired_key_ids": ",".join(retires),
+        },
+    )
+    try:
+        with AuditLog.open(settings) as log:
+            log.record_rotation(event, retires)
+    except (InferboxError, OSError, sqlite3.Error) as exc:
+        if old is None:
+            raise ConfigError(
+                f"the new key is in {path} but its rotation could not be recorded in the audit log ({exc}): the "
+                "old key stays trusted until a rotation is recorded; once the log is writable, run `inferbox "
+                "signing-key create --force` again (its record retires every key in keys/retired/)"
+            ) from exc
+        write_private_key(old, path, overwrite=True)
+        write_public_key(old, path)
+        raise ConfigError(
+            f"the rotation could not be recorded in the audit log ({exc}); the old key {retired[0]} was put back "
+            f"in {path}, nothing changed: run the command again once the log is writable"
+        ) from exc
+
+
+def _retired_ids(folder: Path) -> list[str]:
+    """The ids of the public keys in ``folder`` (a file that is not one is left out)."""
+    ids = []
+    for p in sorted(folder.glob("*.pub")):
+        try:
+            ids.append(key_id(load_public_key(p)))
+        except ConfigError:
+            continue
+    return ids
+
+
+def _old_private_key(path: Path) -> Ed25519PrivateKey | None:
+    """The key at ``path``, whatever its mode (it is about to be replaced), to put back if the rotation
+    cannot be recorded; None when it cannot be read."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        private = serialization.load_pem_private_key(path.read_bytes()[: 1 << 14], password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    return private if isinstance(private, Ed25519PrivateKey) else None
 
 
 def _old_public_key(path: Path, retired: Path) -> Ed25519PublicKey:

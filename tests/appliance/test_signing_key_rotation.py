@@ -7,6 +7,7 @@ refused the log.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import stat
@@ -14,16 +15,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from api.protocols import AuditEvent
+from appliance.audit.checkpoint import Checkpoint, load_checkpoints
+from appliance.audit.exporter import export_jsonl
 from appliance.audit.log import AuditLog
 from appliance.audit.prune import prune_prefix
+from appliance.audit.rotation import order_problems, retirement_problems
 from appliance.audit.schema import connect, read_log_id
 from appliance.audit.signer import Signer
 from appliance.audit.trust import trusted_keys
-from appliance.audit.verify import verify_db
+from appliance.audit.verify import verify_db, verify_export_bytes
 from appliance.settings import load_settings
+from runtime.errors import AuditError
 from runtime.signing import (
     generate_private_key,
     key_id,
@@ -172,7 +177,8 @@ def test_a_rotation_is_recorded_and_one_bundle_of_public_keys_verifies_an_export
 # Before: a retired key stayed trusted for every checkpoint, so whoever held its private key (every
 # backup taken before the rotation holds it) could append records after the rotation, sign them with
 # it, and `audit verify` said OK.  The running services kept signing with the old key until restarted,
-# which is why the verifier could not refuse it; they now read the key file again when it is replaced.
+# which is why the verifier could not refuse it; they now read the key file again when it is replaced,
+# and the rotation signs a format 3 checkpoint with the new key that retires the old ones.
 
 
 def _event(action: str) -> AuditEvent:
@@ -193,6 +199,12 @@ def _keys(home: Path) -> list[Ed25519PublicKey]:
     return trusted_keys(home / "keys" / "signing.key", home / "keys")
 
 
+def _forge(home: Path, key: Ed25519PrivateKey, action: str = "forged after the rotation") -> None:
+    """What a holder of ``key`` who can write the database does: append a record, sign a checkpoint."""
+    with AuditLog(home / "audit.db", signing_key=key, digest_keys_dir=home / "keys" / "digest") as forger:
+        forger.append(_event(action))
+
+
 def test_a_running_writer_signs_with_the_new_key_from_its_next_checkpoint(tmp_path: Path) -> None:
     home, old_id = _box(tmp_path)
     running = AuditLog.open(load_settings({"home": home}))  # a service started before the rotation
@@ -210,27 +222,73 @@ def test_a_running_writer_signs_with_the_new_key_from_its_next_checkpoint(tmp_pa
     assert sorted(report.key_ids) == sorted([old_id, new_id])
 
 
+def test_the_rotation_signs_a_checkpoint_that_retires_the_old_key(tmp_path: Path) -> None:
+    home, old_id = _box(tmp_path)
+    assert run_cli(home, "signing-key", "create", "--force").exit_code == 0
+    new_id = key_id(load_private_key(home / "keys" / "signing.key"))
+    conn = connect(home / "audit.db", read_only=True)
+    try:
+        rotation = [cp for cp in load_checkpoints(conn) if cp.retires]
+    finally:
+        conn.close()
+    assert len(rotation) == 1
+    assert rotation[0].version == 3 and rotation[0].key_id == new_id and rotation[0].retired_ids == (old_id,)
+    tail = json.loads(run_cli(home, "audit", "tail", "-n", "1", "--json").stdout.splitlines()[-1])
+    assert tail["event"] == "signing_key_rotate" and tail["details"]["retired_key_ids"] == old_id
+    assert rotation[0].size == tail["seq"]  # the record and its checkpoint: one transaction
+
+
 def test_the_retired_key_cannot_vouch_for_records_after_its_rotation(tmp_path: Path) -> None:
     home, old_id = _box(tmp_path)
     old_key = load_private_key(home / "keys" / "signing.key")  # as a backup taken before holds it
     assert run_cli(home, "signing-key", "create", "--force").exit_code == 0
-    tail = json.loads(run_cli(home, "audit", "tail", "-n", "1", "--json").stdout.splitlines()[-1])
-    assert tail["event"] == "signing_key_rotate" and tail["details"]["retired_key_rule"]
-    rotate_seq = tail["seq"]
-    forger = AuditLog(home / "audit.db", signing_key=old_key, digest_keys_dir=home / "keys" / "digest")
-    with forger:
-        forger.append(_event("forged after the rotation"))
+    _forge(home, old_key)
     report = verify_db(home / "audit.db", _keys(home))
     assert not report.ok
-    assert report.first_bad_seq == rotate_seq
-    assert f"signed with key {old_id}, which record {rotate_seq} retired" in report.problems[0].what
+    assert any(f"signed with key {old_id}, which the rotation checkpoint" in p.what for p in report.problems)
     failed = run_cli(home, "audit", "verify")
     assert failed.exit_code == 1 and "a retired key signs nothing after its rotation" in failed.stdout
+    # a window export made after it (what `audit ship` sends) holds every checkpoint, the rotation's too
+    export = tmp_path / "window.jsonl"
+    since = json.loads(run_cli(home, "audit", "tail", "-n", "1", "--json").stdout.splitlines()[-1])["recorded_at"]
+    assert run_cli(home, "audit", "export", "--since", since, "--out", str(export)).exit_code == 0
+    window = run_cli(home, "audit", "verify", "--export", str(export))
+    assert window.exit_code == 1 and "a retired key signs nothing" in window.stdout
 
 
-def test_a_prune_signed_with_the_retired_key_after_its_rotation_is_refused(tmp_path: Path) -> None:
-    """The forger removes the oldest records with the rotation among them (its record gone, the first rule
-    has nothing to go by) and signs the anchor with the old key."""
+def test_an_export_signed_with_the_retired_key_is_refused(tmp_path: Path) -> None:
+    """An export's trailer signed with any trusted key passed: a retired key's holder could sign a copy
+    of records it wrote itself."""
+    home, old_id = _box(tmp_path)
+    old_key = load_private_key(home / "keys" / "signing.key")
+    assert run_cli(home, "signing-key", "create", "--force").exit_code == 0
+    out = io.BytesIO()
+    export_jsonl(home / "audit.db", out, signing_key=old_key, now=datetime.now(UTC))
+    report = verify_export_bytes(out.getvalue(), _keys(home))
+    assert not report.ok
+    assert any(f"the export is signed with key {old_id}, which the rotation" in p.what for p in report.problems)
+    fine = io.BytesIO()
+    export_jsonl(
+        home / "audit.db", fine, signing_key=load_private_key(home / "keys" / "signing.key"), now=datetime.now(UTC)
+    )
+    assert verify_export_bytes(fine.getvalue(), _keys(home)).ok
+
+
+def test_a_prune_after_the_rotation_removes_its_record_and_not_the_rule(tmp_path: Path) -> None:
+    home, old_id = _box(tmp_path)
+    old_key = load_private_key(home / "keys" / "signing.key")
+    assert run_cli(home, "signing-key", "create", "--force").exit_code == 0
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%d")
+    assert run_cli(home, "audit", "prune", "--before", tomorrow, "--force").exit_code == 0  # the rotation record too
+    assert run_cli(home, "audit", "verify").exit_code == 0
+    _forge(home, old_key, "forged after the prune")
+    report = verify_db(home / "audit.db", _keys(home))
+    assert not report.ok and f"signed with key {old_id}, which the rotation" in report.problems[0].what
+
+
+def test_a_prune_signed_with_the_retired_key_is_refused(tmp_path: Path) -> None:
+    """The forger removes the oldest records with the rotation among them and signs the anchor with the
+    old key: the rotation's checkpoint is still there."""
     home, old_id = _box(tmp_path)
     old_key = load_private_key(home / "keys" / "signing.key")
     assert run_cli(home, "signing-key", "create", "--force").exit_code == 0
@@ -247,35 +305,51 @@ def test_a_prune_signed_with_the_retired_key_after_its_rotation_is_refused(tmp_p
         )
     finally:
         conn.close()
-    assert result.pruned > 0 and result.retired_keys  # the rotation record went with them
+    assert result.pruned > 0
     report = verify_db(home / "audit.db", _keys(home))
     assert not report.ok
-    assert any(
-        f"prune at size {result.last_pruned_seq}" in p.what and f"signed with key {old_id}, which key" in p.what
-        for p in report.problems
-    ), report.problems
+    assert any(f"prune at size {result.last_pruned_seq}" in p.what and old_id in p.what for p in report.problems)
 
 
-def test_a_prune_carries_the_rotations_it_removes_on_in_its_record(tmp_path: Path) -> None:
-    home, old_id = _box(tmp_path)
-    old_key = load_private_key(home / "keys" / "signing.key")
+def test_keys_retired_before_are_retired_by_the_next_rotation(tmp_path: Path) -> None:
+    """A key retired by an inferbox before this rule (its rotation signed no retiring checkpoint) stayed
+    trusted for good; the next rotation retires every key in keys/retired/."""
+    home, _ = _box(tmp_path)
+    legacy = generate_private_key()  # retired long ago, its public half kept as the docs said
+    retired = home / "keys" / "retired"
+    retired.mkdir()
+    (retired / "legacy.pub").write_text(public_key_pem(legacy))
     assert run_cli(home, "signing-key", "create", "--force").exit_code == 0
-    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%d")
-    pruned = run_cli(home, "audit", "prune", "--before", tomorrow, "--force")
-    assert pruned.exit_code == 0, pruned.output
-    tail = json.loads(run_cli(home, "audit", "tail", "-n", "2", "--json").stdout.splitlines()[0])
-    assert tail["event"] == "audit_prune" and old_id in json.loads(tail["details"]["retired_keys"])
-    assert run_cli(home, "audit", "verify").exit_code == 0
-    # the rotation record is gone; the prune's record still says the old key was retired
-    with AuditLog(home / "audit.db", signing_key=old_key, digest_keys_dir=home / "keys" / "digest") as forger:
-        forger.append(_event("forged after the prune"))
+    tail = json.loads(run_cli(home, "audit", "tail", "-n", "1", "--json").stdout.splitlines()[-1])
+    assert key_id(legacy) in tail["details"]["retired_key_ids"].split(",")
+    _forge(home, legacy)
     report = verify_db(home / "audit.db", _keys(home))
-    assert not report.ok and f"signed with key {old_id}, which record" in report.problems[0].what
+    assert not report.ok and f"signed with key {key_id(legacy)}, which the rotation" in report.problems[0].what
 
 
-def test_a_rotation_recorded_before_the_rule_keeps_the_old_keys_checkpoints(tmp_path: Path) -> None:
-    """A rotation from an inferbox before the rule: its services signed with the old key until they
-    restarted, so the log those versions wrote verifies as it did."""
+def test_a_rotation_that_cannot_be_recorded_puts_the_old_key_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key was replaced and the old one retired before the record was written: a record that failed
+    (the log locked, a full disk) left a new key and no retiring checkpoint, and a second run retired
+    only the new key: the old one stayed trusted for good."""
+    home, old_id = _box(tmp_path)
+
+    def locked(self: AuditLog, *args: object) -> int:
+        raise AuditError("database is locked")
+
+    monkeypatch.setattr(AuditLog, "record_rotation", locked)
+    failed = run_cli(home, "signing-key", "create", "--force")
+    assert failed.exit_code == 2 and "Traceback" not in failed.output
+    assert f"the old key {old_id} was put back" in failed.output and "run the command again" in failed.output
+    assert key_id(load_private_key(home / "keys" / "signing.key")) == old_id
+    assert key_id(load_public_key(home / "keys" / "signing.key.pub")) == old_id
+    assert run_cli(home, "audit", "verify").exit_code == 0
+
+
+def test_a_rotation_recorded_before_this_rule_keeps_the_old_keys_checkpoints(tmp_path: Path) -> None:
+    """A rotation from an inferbox before format 3 (a record, no retiring checkpoint): its services
+    signed with the old key until they restarted, so the log those versions wrote verifies as it did."""
     home, old_id = _box(tmp_path)
     old_key = load_private_key(home / "keys" / "signing.key")
     new_key = generate_private_key()
@@ -294,10 +368,40 @@ def test_a_rotation_recorded_before_the_rule_keeps_the_old_keys_checkpoints(tmp_
                 details={"key_id": key_id(new_key), "retired_key_id": old_id},
             )
         )
-    with AuditLog(home / "audit.db", signing_key=old_key, digest_keys_dir=home / "keys" / "digest") as old:
-        old.append(_event("the old service, before its restart"))
+    _forge(home, old_key, "the old service, before its restart")
     report = verify_db(home / "audit.db", [old_key.public_key(), new_key.public_key()])
     assert report.ok, report.problems
+
+
+def _cp(kind: str, size: int, key: str = "k", version: int = 2, retires: str = "") -> Checkpoint:
+    return Checkpoint(
+        kind=kind,  # type: ignore[arg-type]
+        log_id="log",
+        size=size,
+        head_hash="0" * 64,
+        created_at=f"2026-12-07T00:00:{size:02d}.000000Z",
+        key_id=key,
+        signature="",
+        version=version,
+        retires=retires,
+    )
+
+
+def test_checkpoints_are_held_to_the_order_writers_write_them() -> None:
+    """Format 1 rows have no signed place: a prune anchor forged with a retired key could be put among
+    them, before the rotation's checkpoint (a retired key's holder removed records 1..9 that way, the
+    rotation record among them, and wrote on under it)."""
+    honest = [_cp("checkpoint", 3, version=1), _cp("prune", 2), _cp("checkpoint", 5), _cp("prune", 5)]
+    assert order_problems(honest) == []
+    forged_anchor = [_cp("prune", 9, version=1), _cp("checkpoint", 3, version=1), _cp("checkpoint", 6)]
+    assert [seq for seq, _ in order_problems(forged_anchor)] == [3, 6]
+    assert (
+        "no writer goes back to format 1"
+        in order_problems([_cp("checkpoint", 1), _cp("checkpoint", 2, version=1)])[0][1]
+    )
+    rotation = [_cp("checkpoint", 4, "a"), _cp("checkpoint", 5, "b", 3, "a"), _cp("checkpoint", 6, "a")]
+    assert [seq for seq, _ in retirement_problems(rotation)] == [6]
+    assert retirement_problems(rotation[:2]) == []
 
 
 def test_a_replaced_key_that_cannot_be_read_leaves_the_old_one_in_use_and_says_so(
