@@ -5,16 +5,24 @@ started a line of the client's choosing in the journal (``2026-12-07 11:41:08,34
 disabled``).  :class:`OneLineFormatter` writes every control character of a record's message as an
 escape (``\\n``, ``\\x00``); a traceback the record carries keeps its lines, and only the
 exception's own words (``ValueError: <what a client sent>``) are escaped.
+
+Under systemd, with stderr connected to the journal (``JOURNAL_STREAM`` names it), each line
+starts with its syslog priority (``<3>`` an error, ``<4>`` a warning, ``<6>`` info: sd-daemon(3)),
+which journald reads as the entry's priority: without it every line was priority info, and
+``journalctl -p err -u inferbox-api`` found none of the service's errors.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import traceback
 from types import TracebackType
+from typing import IO
 
-__all__ = ["FORMAT", "SHOWN_NAMES", "OneLineFormatter", "configure", "one_line"]
+__all__ = ["FORMAT", "SHOWN_NAMES", "JournalFormatter", "OneLineFormatter", "configure", "one_line", "to_journal"]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: a logger's name as a line shows it
@@ -89,9 +97,43 @@ _PYTHONS = re.compile(
 )
 
 
+class JournalFormatter(OneLineFormatter):
+    """:class:`OneLineFormatter` with each line's syslog priority first (``<3>``), as journald reads it;
+    every line of a traceback too (journald takes each line as an entry)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+def _priority(level: int) -> int:
+    """The syslog priority of a logging level (critical 2, error 3, warning 4, info 6, debug 7)."""
+    if level >= logging.CRITICAL:
+        return 2
+    if level >= logging.ERROR:
+        return 3
+    if level >= logging.WARNING:
+        return 4
+    return 6 if level >= logging.INFO else 7
+
+
+def to_journal(stream: IO[str] | None = None) -> bool:
+    """Whether ``stream`` (stderr) is the journal's: ``JOURNAL_STREAM`` names its device and inode (a
+    command run by hand from a service's shell inherits the variable, not the stream)."""
+    named = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = named.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat((stream if stream is not None else sys.stderr).fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def configure(level: int | str) -> None:
     """The root logger at ``level``, writing one-line records to stderr (as :func:`logging.basicConfig`:
-    nothing changes when the root logger has a handler already)."""
+    nothing changes when the root logger has a handler already); with priorities under systemd."""
     handler = logging.StreamHandler()
-    handler.setFormatter(OneLineFormatter(FORMAT))
+    handler.setFormatter(JournalFormatter(FORMAT) if to_journal(handler.stream) else OneLineFormatter(FORMAT))
     logging.basicConfig(level=level.upper() if isinstance(level, str) else level, handlers=[handler])

@@ -106,3 +106,32 @@ def test_uvicorns_info_lines_are_not_shown_under_an_error_logger_name() -> None:
     assert record.name == "uvicorn.error"  # other handlers see the record as it was
     other = logging.LogRecord("uvicorn.errors", logging.INFO, __file__, 1, "x", None, None)
     assert " uvicorn.errors: x" in OneLineFormatter(FORMAT).format(other)
+
+
+def test_under_systemd_each_line_carries_its_priority_for_the_journal(tmp_path: Path) -> None:
+    """Every line reached the journal as priority info: `journalctl -p err -u inferbox-api` found none
+    of the service's errors. With stderr the stream JOURNAL_STREAM names, lines start with <N>."""
+    code = (
+        "import logging, os, sys; st = os.fstat(2); os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
+        "from runtime.logs import configure; configure('info'); log = logging.getLogger('t')\n"
+        "log.info('started'); log.warning('slow'); log.error('failed')\n"
+        "try:\n    raise ValueError('boom')\nexcept ValueError:\n    log.exception('crashed')\n"
+    )
+    err = tmp_path / "stderr.txt"
+    with err.open("w") as stream:  # a file: its device and inode stand in for the journal's socket
+        subprocess.run([sys.executable, "-c", code], stderr=stream, cwd=ROOT, check=True, timeout=60)
+    lines = err.read_text().splitlines()
+    assert lines[0].startswith("<6>") and lines[0].endswith("INFO t: started")
+    assert lines[1].startswith("<4>") and lines[2].startswith("<3>") and lines[2].endswith("ERROR t: failed")
+    assert len(lines) > 4 and all(line.startswith("<3>") for line in lines[3:])  # the traceback's lines too
+    # the variable inherited by a command run by hand (another stderr): no prefixes
+    other = subprocess.run(
+        [sys.executable, "-c", code.replace("os.fstat(2)", "os.fstat(0)")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert not any(line.startswith("<") for line in other.stderr.splitlines())
