@@ -165,7 +165,13 @@ async def health_live() -> Response[bytes]:
         KServeError,
         "A model is loaded and the audit log can be written.",
         tag=HEALTH,
-        also={503: ("No model is loaded yet, or the audit log cannot be written (a full disk).", Ready)},
+        also={
+            503: (
+                "No model is loaded yet, the audit log cannot be written (a full disk), or the service is "
+                "stopping (shutdown_drain_s).",
+                Ready,
+            )
+        },
     ),
 )
 async def health_ready(request: Req) -> Response[bytes]:
@@ -173,7 +179,8 @@ async def health_ready(request: Req) -> Response[bytes]:
     audit = server.metrics.audit_stats
     # every request is refused with 503 while the audit log cannot be written: a load balancer must
     # send them elsewhere (it answered 200 while all 3,000 requests of a review got 503)
-    ready = bool(server.registry.loaded()) and not (audit is not None and audit().failing)
+    # and while it drains before a stop (shutdown_drain_s): a load balancer takes it out before the port closes
+    ready = bool(server.registry.loaded()) and not (audit is not None and audit().failing) and not server.draining
     return json_answer({"ready": ready}, status=200 if ready else 503)
 
 

@@ -111,6 +111,8 @@ class Server:
         self.replaced_grace_s = REPLACED_GRACE_S
         self._no_grace: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: the service is stopping (SIGTERM, ``shutdown_drain_s``): readiness answers 503 while it still serves
+        self.draining = False
 
     # -- life cycle -------------------------------------------------------------------------------
     def attach(self) -> None:

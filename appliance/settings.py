@@ -87,6 +87,24 @@ FIELDS: tuple[Field, ...] = (
         "addresses or networks (comma-separated) of the proxies whose X-Forwarded-For names a request's "
         "origin; unset: none, the origin is the connection's peer",
     ),
+    Field(
+        "shutdown_drain_s",
+        float,
+        0.0,
+        "server",
+        "on SIGTERM, seconds the API answers readiness 503 and goes on serving before it stops taking "
+        "connections (a load balancer's health-check interval or more; one worker process only)",
+        minimum=0.0,
+    ),
+    Field(
+        "shutdown_timeout_s",
+        float,
+        20.0,
+        "server",
+        "seconds the requests in flight get to finish after it stops taking connections (keep drain + "
+        "this below the unit's TimeoutStopSec, 30 s: the audit log's clean-shutdown checkpoint comes last)",
+        minimum=0.001,
+    ),
     # tls
     Field("tls_cert", Path, None, "tls", "PEM certificate (with its chain) the API serves HTTPS with"),
     Field("tls_key", Path, None, "tls", "PEM private key of tls_cert (unencrypted; mode 0600 or 0640)"),
@@ -281,6 +299,8 @@ class Settings:
     log_level: str
     allow_plaintext: bool
     trusted_proxies: str | None
+    shutdown_drain_s: float
+    shutdown_timeout_s: float
     tls_cert: Path | None
     tls_key: Path | None
     tls_client_ca: Path | None

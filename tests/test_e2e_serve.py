@@ -1082,3 +1082,28 @@ def test_workers_under_systemd_are_heard_through_the_main_process(minilm_reposit
     states = [data for _, data in heard]
     assert {pid for pid, _ in heard} == {proc.pid}, heard
     assert states.count(b"READY=1") == 1 and b"WATCHDOG=1" in states and states[-1] == b"STOPPING=1", states
+
+
+def test_sigterm_with_a_drain_answers_not_ready_while_it_still_serves(minilm_repository: Path, tmp_path: Path) -> None:
+    """The listener closed the moment SIGTERM came: a load balancer that had not yet seen readiness fail
+    sent connections into a closed port. With shutdown_drain_s readiness answers 503 first, requests are
+    still answered, and only then does the port close (the audit log's clean stop after)."""
+    home = tmp_path / "home"
+    proc, url, log = _start(minilm_repository, home, "--no-auth", env={"INFERBOX_SHUTDOWN_DRAIN_S": "4"})
+    try:
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        while httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+            assert time.monotonic() < deadline, "readiness still 200 after SIGTERM"
+            time.sleep(0.05)  # polling, not an assertion
+        assert httpx.get(f"{url}/v2/health/live", timeout=5).status_code == 200
+        served = httpx.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": "x"}, timeout=30)
+        assert served.status_code == 200 and proc.poll() is None
+        proc.wait(timeout=60)
+    finally:
+        _stop(proc)
+    said = log.read_text(errors="replace")
+    assert proc.returncode in (0, -signal.SIGTERM), (proc.returncode, said[-3000:])
+    assert "serving 4 s more before the stop (shutdown_drain_s)" in said and "Traceback" not in said, said
+    verify = cli("audit", "verify", home=home, repository=minilm_repository)
+    assert verify.returncode == 0, verify.stdout + verify.stderr

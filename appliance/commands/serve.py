@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -151,6 +156,7 @@ def serve(
                 "log_level": settings.log_level,
                 "log_config": None,  # uvicorn's lines through the root logger: one format (runtime.logs)
                 "access_log": False,
+                "timeout_graceful_shutdown": math.ceil(settings.shutdown_timeout_s),
                 "http": http,
                 **proxy_options(settings),
                 **tls_options,
@@ -176,13 +182,16 @@ def serve(
         log_level=settings.log_level,
         log_config=None,  # uvicorn's lines through the root logger: one format, no colour codes (runtime.logs)
         access_log=False,
+        # the requests in flight get this long, then the lifespan closes the audit log (its clean-shutdown
+        # checkpoint): without a bound a slow request held the stop until systemd's SIGKILL skipped it
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
         lifespan="on",
         http=http,
         **proxy_options(settings),
         **tls_options,
     )
     configure_deadlines(config, **deadlines)
-    server = _NotifyingServer(config)
+    server = _NotifyingServer(config, drain_s=settings.shutdown_drain_s, on_drain=_draining(app))
     scheme = "http" if tls is None else "https"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True)
@@ -286,19 +295,49 @@ def _hand_over_admin_key(keys_dir: Path, key_id: str, secret: str) -> None:
     )
 
 
-class _NotifyingServer:
-    """uvicorn's server, telling systemd READY=1 only once the socket listens."""
+def _draining(app: Any) -> Callable[[], None]:
+    """What marks ``app``'s server as draining (readiness 503)."""
 
-    def __init__(self, config: Any) -> None:
+    def mark() -> None:
+        server = app.state.get("server") if hasattr(app, "state") else None
+        if server is not None:
+            server.draining = True
+
+    return mark
+
+
+class _NotifyingServer:
+    """uvicorn's server, telling systemd READY=1 only once the socket listens; on SIGTERM with ``drain_s``,
+    it answers readiness 503 (``on_drain``) and goes on serving that long before uvicorn's shutdown (a
+    second signal stops it at once)."""
+
+    def __init__(self, config: Any, *, drain_s: float = 0.0, on_drain: Callable[[], None] | None = None) -> None:
         import uvicorn
 
         class Server(uvicorn.Server):
+            draining: threading.Timer | None = None
+
             async def startup(self, sockets: Any = None) -> None:
                 await super().startup(sockets=sockets)
                 if not self.should_exit:
                     from appliance.systemd.notify import notify
 
                     notify("READY=1")
+
+            def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+                if sig != signal.SIGTERM or drain_s <= 0 or self.draining is not None or self.should_exit:
+                    if self.draining is not None:
+                        self.draining.cancel()
+                    super().handle_exit(sig, frame)
+                    return
+                if on_drain is not None:
+                    on_drain()
+                logging.getLogger(__name__).info(
+                    "SIGTERM: readiness answers 503; serving %g s more before the stop (shutdown_drain_s)", drain_s
+                )
+                self.draining = threading.Timer(drain_s, super().handle_exit, (sig, frame))
+                self.draining.daemon = True
+                self.draining.start()
 
         self._server = Server(config)
 
