@@ -10,6 +10,7 @@ a model cannot run at all (package refused, or no admissible candidate).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -302,6 +303,67 @@ def server_report(settings: Settings) -> dict[str, Any]:
     return out
 
 
+#: free space under which the home is a problem: the audit log refuses records (every request a 503)
+STORAGE_PROBLEM_BYTES = 64 << 20
+#: free space under which it is a warning (or under 5 % of the file system)
+STORAGE_WARNING_BYTES = 1 << 30
+
+
+def storage_report(settings: Settings) -> dict[str, Any]:
+    """The home's file system (free space, read-only) and the audit log's size; read without writing."""
+    out: dict[str, Any] = {"home": str(settings.home), "problem": None, "warning": None}
+    where = settings.home
+    while not where.exists() and where.parent != where:  # a home not made yet: the file system it will be on
+        where = where.parent
+    try:
+        fs = os.statvfs(where)
+    except OSError as exc:
+        out["problem"] = f"the home {settings.home} cannot be read ({exc.strerror})"
+        return out
+    free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+    out.update(free_bytes=free, total_bytes=total, read_only=bool(fs.f_flag & os.ST_RDONLY))
+    db = settings.audit_db
+    out["audit_db_bytes"] = sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.is_file())
+    if out["read_only"]:
+        out["problem"] = (
+            f"the file system of {settings.home} is mounted read-only: the audit log, keys and batch jobs cannot "
+            "be written (every request would get 503)"
+        )
+    elif free < STORAGE_PROBLEM_BYTES:
+        out["problem"] = (
+            f"{_size(free)} free on the file system of {settings.home}: the audit log refuses records at a full "
+            "disk, and every request gets 503; free space (old batch outputs: `inferbox batch purge`; old audit "
+            "records: `inferbox audit prune`; backups)"
+        )
+    elif free < STORAGE_WARNING_BYTES or (total and free < 0.05 * total):
+        _warn(out, f"{_size(free)} free on the file system of {settings.home} ({free / total:.0%} of it)")
+    return out
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _storage_lines(storage: dict[str, Any]) -> list[str]:
+    lines = ["storage"]
+    if "free_bytes" in storage:
+        ro = ", READ-ONLY" if storage["read_only"] else ""
+        lines.append(
+            f"  home:        {storage['home']}: {_size(storage['free_bytes'])} free of "
+            f"{_size(storage['total_bytes'])}{ro}"
+        )
+        lines.append(f"  audit log:   {_size(storage['audit_db_bytes'])}")
+    if storage["warning"]:
+        lines.append(f"  WARNING: {storage['warning']}")
+    if storage["problem"]:
+        lines.append(f"  PROBLEM: {storage['problem']}")
+    return lines
+
+
 def _warn(out: dict[str, Any], text: str) -> None:
     out["warning"] = text if not out["warning"] else f"{out['warning']}; {text}"
 
@@ -362,8 +424,9 @@ def doctor(
 ) -> None:
     """Show the hardware, every backend probe, and what each model would run on (and why not the rest).
 
-    Exits 1 when a model in the repository cannot run at all, or when `serve` would refuse
-    the server settings (plain HTTP on a network address, TLS files wrong, certificate expired).
+    Exits 1 when a model in the repository cannot run at all, when `serve` would refuse
+    the server settings (plain HTTP on a network address, TLS files wrong, certificate expired),
+    or when the home's file system is read-only or nearly full (the audit log refuses records).
     """
     import msgspec
 
@@ -404,6 +467,7 @@ def doctor(
             reports[i] = replace(m, serving=(streams, threads, settings.threads or cores))
     failed = [m for m in reports if not m.runnable]
     server = server_report(settings)
+    storage = storage_report(settings)
     hint = None
     if not reports:
         hint = f"no models in {settings.repository}: run `inferbox init` to build the default model"
@@ -419,7 +483,8 @@ def doctor(
             "repository": str(settings.repository),
             "models": [m.to_dict() for m in reports],
             "server": server,
-            "ok": not failed and server["problem"] is None,
+            "storage": storage,
+            "ok": not failed and server["problem"] is None and storage["problem"] is None,
             "hint": hint,
         }
         click.echo(json.dumps(out, indent=2, default=str))
@@ -436,6 +501,7 @@ def doctor(
             names = ", ".join(f"{m.name}/{m.version}" if m.version is not None else m.name for m in failed)
             lines.append(f"PROBLEM: cannot run {names}; see the reasons above")
         lines.extend(_server_lines(server))
+        lines.extend(_storage_lines(storage))
         click.echo("\n".join(lines))
-    if failed or server["problem"] is not None:
+    if failed or server["problem"] is not None or storage["problem"] is not None:
         sys.exit(1)

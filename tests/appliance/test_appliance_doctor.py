@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,7 +165,17 @@ def test_text_report(home: Path) -> None:
 def test_json_report(home: Path) -> None:
     code, data = doctor_json("--home", str(home))
     assert code == 0
-    assert set(data) == {"hardware", "backends", "preference", "repository", "models", "server", "ok", "hint"}
+    assert set(data) == {
+        "hardware",
+        "backends",
+        "preference",
+        "repository",
+        "models",
+        "server",
+        "storage",
+        "ok",
+        "hint",
+    }
     assert data["server"]["tls"] == "off" and data["server"]["problem"] is None
     assert data["ok"] is True and data["hint"] is None
     hw = data["hardware"]
@@ -321,3 +332,37 @@ def test_an_unreadable_model_folder_is_reported_and_the_others_still_are(
     rows = {m["name"]: m for m in report["models"]}
     assert rows["tiny"]["ok"] is True and rows["tiny"]["choice"]
     assert rows["locked"]["ok"] is False and "chown -R inferbox:" in rows["locked"]["error"]
+
+
+def _filesystem(free: int, total: int = 100 << 30, read_only: bool = False) -> os.statvfs_result:
+    block = 4096
+    flag = os.ST_RDONLY if read_only else 0
+    return os.statvfs_result((block, block, total // block, free // block, free // block, 1000, 1000, 1000, flag, 255))
+
+
+@pytest.mark.parametrize(
+    ("free", "read_only", "exit_code", "said"),
+    [
+        (50 << 30, False, 0, "50.0 GiB free of 100.0 GiB"),
+        (600 << 20, False, 0, "WARNING: 600.0 MiB free"),
+        (10 << 20, False, 1, "PROBLEM: 10.0 MiB free on the file system"),
+        (50 << 30, True, 1, "is mounted read-only"),
+    ],
+    ids=["roomy", "low", "full", "read-only"],
+)
+def test_storage_the_audit_log_needs_is_checked(
+    home: Path, monkeypatch: pytest.MonkeyPatch, free: int, read_only: bool, exit_code: int, said: str
+) -> None:
+    """A full disk made every request a 503 (the audit log refuses records) and doctor said nothing and
+    exited 0."""
+    import appliance.commands.doctor as module
+
+    real = os.statvfs
+    monkeypatch.setattr(
+        module.os, "statvfs", lambda p: _filesystem(free, read_only=read_only) if Path(p) == home else real(p)
+    )
+    result = doctor("--home", str(home))
+    assert result.exit_code == exit_code, result.output
+    assert said in result.output
+    code, report = doctor_json("--home", str(home))
+    assert code == exit_code and report["storage"]["free_bytes"] == free and report["ok"] is (exit_code == 0)
