@@ -191,10 +191,15 @@ def serve(
         **tls_options,
     )
     configure_deadlines(config, **deadlines)
-    server = _NotifyingServer(config, drain_s=settings.shutdown_drain_s, on_drain=_draining(app))
     scheme = "http" if tls is None else "https"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True)
+    server = _NotifyingServer(
+        config,
+        drain_s=settings.shutdown_drain_s,
+        on_drain=_draining(app),
+        # once the socket listens (it was printed before the bind, also when the bind then failed)
+        on_ready=lambda: click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True),
+    )
     # uvicorn raises the Ctrl-C again after its clean shutdown: a stop asked for, not click's "Aborted!"
     # and exit 1 (which `make run` reported as an error)
     with contextlib.suppress(KeyboardInterrupt):
@@ -311,7 +316,14 @@ class _NotifyingServer:
     it answers readiness 503 (``on_drain``) and goes on serving that long before uvicorn's shutdown (a
     second signal stops it at once)."""
 
-    def __init__(self, config: Any, *, drain_s: float = 0.0, on_drain: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        *,
+        drain_s: float = 0.0,
+        on_drain: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -322,6 +334,8 @@ class _NotifyingServer:
                 if not self.should_exit:
                     from appliance.systemd.notify import notify
 
+                    if on_ready is not None:
+                        on_ready()
                     notify("READY=1")
 
             def handle_exit(self, sig: int, frame: FrameType | None) -> None:
