@@ -44,7 +44,13 @@ def _metrics(a: Accuracy) -> str:
 
 
 def format_report(manifest: Manifest) -> str:
-    lines = [f"{manifest.name} version {manifest.version} ({manifest.task})", "", "attempts:"]
+    lines = [f"{manifest.name} version {manifest.version} ({manifest.task})"]
+    notes = manifest.notes
+    for kind in ("validation", "calibration"):
+        if f"{kind}_source" in notes:  # what decided which variants passed: the customer's data or not
+            count = notes.get(f"{kind}_samples", "?")
+            lines.append(f"  {kind}: {count} samples, {notes[f'{kind}_source']}")
+    lines += ["", "attempts:"]
     for at in manifest.attempts:
         verdict = "KEPT" if at.kept else "dropped"
         lines.append(f"  {at.variant:<10} {at.recipe:<36} {verdict:<8} {at.reason}")

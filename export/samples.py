@@ -14,13 +14,28 @@ import json
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from runtime.errors import CalibrationError
 
-__all__ = ["check_shapes", "default_texts", "read_arrays", "read_texts"]
+__all__ = [
+    "GENERATED",
+    "PROJECT_TEXTS",
+    "check_shapes",
+    "default_texts",
+    "read_arrays",
+    "read_texts",
+    "sample_source",
+    "sources_of",
+]
+
+#: what the notes say of samples made up from the inputs' shapes (no file given)
+GENERATED = "GENERATED: random rows shaped like the inputs, not your data (pass --validation / --calibration FILE)"
+#: what they say of the project's own sample texts (no file given)
+PROJECT_TEXTS = "the project's sample texts, not yours (pass --validation / --calibration FILE)"
 
 _MAX_ERRORS = 5
 #: UTF-8, with or without a byte-order mark
@@ -244,6 +259,30 @@ def _read_jsonl_arrays(path: Path, expected: Mapping[str, str] | None) -> dict[s
         return {k: np.stack(v) for k, v in rows.items()}
     except ValueError as exc:
         raise CalibrationError(f"sample file {path}: rows have different shapes ({exc})") from None
+
+
+def sources_of(spec: Any, *, made: str) -> dict[str, str]:
+    """The notes ``validation_source`` and ``calibration_source`` of an export of ``spec`` (an
+    :class:`~export.spec.ExportSpec`) whose samples, when none are given, are ``made``."""
+    val, cal = spec.validation, spec.calibration
+    return {
+        "validation_source": sample_source(val, cal, kind="validation", other="calibration", made=made),
+        "calibration_source": sample_source(cal, val, kind="calibration", other="validation", made=made),
+    }
+
+
+def sample_source(given: object, fallback: object, *, kind: str, other: str, made: str) -> str:
+    """What the ``kind`` samples were, for the manifest's notes and the report: the file (or arrays)
+    given, the ``other`` kind's when only those were given, else ``made`` (:data:`GENERATED`)."""
+    if given is not None:
+        return _described(given)
+    if fallback is not None:
+        return f"{_described(fallback)} (the {other} samples: none were given for {kind})"
+    return made
+
+
+def _described(given: object) -> str:
+    return f"file {Path(given).name}" if isinstance(given, str | Path) else "samples given to the export"
 
 
 def default_texts(kind: str) -> list[str]:

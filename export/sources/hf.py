@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from export.samples import check_shapes, default_texts, read_arrays, read_texts
+from export.samples import GENERATED, PROJECT_TEXTS, check_shapes, default_texts, read_arrays, read_texts, sources_of
 from export.sources import Feeds, Prepared, hash_path, onnx_io, tile_rows
 from export.spec import STREAM_BATCH, STREAM_SCENARIO, STREAM_TOKENS
 from runtime.errors import CalibrationError, ManifestError, SourceError
@@ -320,8 +320,9 @@ def _prepare_text(spec: ExportSpec, folder: Path, staging: Path, config: dict[st
     # what is wrong with the folder or the sample files is found before the slow export
     max_length = _max_length(spec, folder, config)
     _check_tokenizer(folder)
-    val_texts = _texts(spec.validation, "validation")
-    cal_texts = _texts(spec.calibration, "calibration")
+    # the customer's own texts for both when only one kind was given
+    val_texts = _texts(spec.validation if spec.validation is not None else spec.calibration, "validation")
+    cal_texts = _texts(spec.calibration if spec.calibration is not None else spec.validation, "calibration")
     model = _load_model(folder, spec.task, config)
     if (folder / "modules.json").is_file():
         model = None  # loaded to check it: the reference is sentence-transformers' own load of the folder
@@ -405,6 +406,7 @@ def _prepare_text(spec: ExportSpec, folder: Path, staging: Path, config: dict[st
         notes={
             "validation_samples": str(len(val_texts)),
             "calibration_samples": str(len(cal_texts)),
+            **sources_of(spec, made=PROJECT_TEXTS),
             "validation_max_tokens": str(max(lengths, default=0)),
             **({"validation_inputs": "query-document pairs of the samples"} if cross_encoder else {}),
         },
@@ -523,8 +525,9 @@ def _prepare_image(spec: ExportSpec, folder: Path, staging: Path, config: dict[s
             )
         return {"pixel_values": pixels}
 
-    val = samples(val_given, spec.validation, 64)
-    cal = samples(cal_given, spec.calibration, 32)
+    # the customer's own images for both when only one kind was given: random pixels decided what passed
+    val = samples(*((val_given, spec.validation) if val_given is not None else (cal_given, spec.calibration)), 64)
+    cal = samples(*((cal_given, spec.calibration) if cal_given is not None else (val_given, spec.validation)), 32)
     n = len(val["pixel_values"])
     validation = [{"pixel_values": val["pixel_values"][i : i + 32]} for i in range(0, n, 32)]
     calibration = [{"pixel_values": cal["pixel_values"][i : i + 1]} for i in range(len(cal["pixel_values"]))]
@@ -542,7 +545,11 @@ def _prepare_image(spec: ExportSpec, folder: Path, staging: Path, config: dict[s
         output="logits",
         labels=_labels(config),
         validation_labels=spec.validation_labels,
-        notes={"validation_samples": str(n), "calibration_samples": str(len(calibration))},
+        notes={
+            "validation_samples": str(n),
+            "calibration_samples": str(len(calibration)),
+            **sources_of(spec, made=GENERATED),
+        },
     )
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from export.samples import read_arrays
+from export.samples import GENERATED, read_arrays, sources_of
 from export.sources import Feeds, Prepared, hash_files, hash_path, onnx_io, tile_rows
 from export.spec import STREAM_BATCH, STREAM_SCENARIO
 from runtime.errors import SourceError
@@ -149,8 +149,11 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
             raise SourceError(f"samples need the same number of rows (at least one) in every input; got {rows}")
         return arrays
 
-    val = samples(spec.validation, 64, 1)  # sample files are read before the (large) file is copied
-    cal = samples(spec.calibration, 32, 2)
+    # the customer's own rows for both when only one kind was given: random rows decided what passed
+    val_given = spec.validation if spec.validation is not None else spec.calibration
+    cal_given = spec.calibration if spec.calibration is not None else spec.validation
+    val = samples(val_given, 64, 1)  # sample files are read before the (large) file is copied
+    cal = samples(cal_given, 32, 2)
     onnx_path = staging / "onnx" / "model.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     external = external_files(path)
@@ -195,5 +198,9 @@ def prepare(spec: ExportSpec, staging: Path, reference_run: Any) -> Prepared:
         },
         output=output,
         validation_labels=spec.validation_labels,
-        notes={"validation_samples": str(n), "calibration_samples": str(len(calibration))},
+        notes={
+            "validation_samples": str(n),
+            "calibration_samples": str(len(calibration)),
+            **sources_of(spec, made=GENERATED),
+        },
     )

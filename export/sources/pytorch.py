@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from export.samples import read_arrays
+from export.samples import GENERATED, read_arrays, sources_of
 from export.sources import Feeds, Prepared, join_parts, onnx_io, tile_rows
 from export.spec import STREAM_BATCH, STREAM_SCENARIO
 from runtime.errors import SourceError
@@ -109,8 +109,9 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
     out_names = list(spec.output_names or ["output"])
     module = module.eval()
     # sample files are read before the export: a bad one is found before the slow part
-    val = _arrays(spec.validation, example, 64, 1)
-    cal = _arrays(spec.calibration, example, 32, 2)
+    # the customer's own rows for both when only one kind was given: random rows decided what passed
+    val = _arrays(spec.validation if spec.validation is not None else spec.calibration, example, 64, 1)
+    cal = _arrays(spec.calibration if spec.calibration is not None else spec.validation, example, 32, 2)
     onnx_path = staging / "onnx" / "model.onnx"
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     # only the inputs' batch axis is named: torch carries the name to each output axis that really is
@@ -180,5 +181,9 @@ def prepare(spec: ExportSpec, staging: Path) -> Prepared:
         output=answer,
         labels=list(spec.labels) if spec.labels else None,
         validation_labels=spec.validation_labels,
-        notes={"validation_samples": str(n), "calibration_samples": str(len(calibration))},
+        notes={
+            "validation_samples": str(n),
+            "calibration_samples": str(len(calibration)),
+            **sources_of(spec, made=GENERATED),
+        },
     )

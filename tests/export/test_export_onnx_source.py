@@ -296,3 +296,35 @@ def test_a_source_with_fp16_weights_is_labelled_fp16(tmp_path: Path, tiny_onnx: 
     assert out["reference"] == "ort-cpu/onnx-fp32/fp32"
     assert out["flops"]["flops_per_item"] == 2 * (16 * 32 + 32 * 4)
     assert all(r["cos_min"] > 0.99 for r in out["rows"] if "skipped" not in r), out["rows"]
+
+
+def test_the_report_says_whose_samples_decided_what_passed(
+    tmp_path: Path, tiny_onnx: Path, magika_package: tuple[Path, Manifest]
+) -> None:
+    """A tensor model without --validation was validated on random rows (an int8 variant kept or dropped
+    by noise), and the report said "64 validation samples"; with --calibration alone, validation still
+    ran on noise though the customer's rows were at hand."""
+    from export.report import format_report
+    from export.samples import GENERATED
+
+    _, made_up = magika_package  # exported with no samples at all
+    assert made_up.notes["validation_source"] == made_up.notes["calibration_source"] == GENERATED
+    assert f"validation: {made_up.notes['validation_samples']} samples, GENERATED" in format_report(made_up)
+    rows = np.random.default_rng(3).uniform(0, 1, (24, 16)).astype(np.float32)
+    np.savez(tmp_path / "mine.npz", x=rows)
+    manifest = export_model(
+        ExportSpec(
+            source=tiny_onnx,
+            task="tensor",
+            name="mlp",
+            repository=tmp_path / "repo",
+            timing="quick",
+            calibration=tmp_path / "mine.npz",
+            variants=("onnx-fp32", "ov-fp32"),
+        )
+    )
+    assert manifest.notes["calibration_source"] == "file mine.npz"
+    assert (
+        manifest.notes["validation_source"] == "file mine.npz (the calibration samples: none were given for validation)"
+    )
+    assert manifest.notes["validation_samples"] == "24"  # the file's rows, not 64 random ones
