@@ -26,7 +26,8 @@ import msgspec
 
 from appliance.audit.canonical import AuditRecord
 from appliance.audit.checkpoint import Checkpoint, Pace, load_checkpoints, store_checkpoint
-from appliance.audit.exporter import CheckpointLine, EdgeLine, Header, Line, RecordLine
+from appliance.audit.exporter import CheckpointLine, EdgeLine, Header, Line, RecordLine, Trailer
+from appliance.audit.rotation import retired_by
 from appliance.audit.schema import connect, read_log_id
 from appliance.audit.store import head, insert_records, iter_records
 from appliance.audit.verify import check_chain, verify_export_bytes
@@ -68,6 +69,7 @@ class _Copy:
     header: Header
     records: list[AuditRecord]
     checkpoints: list[Checkpoint]
+    signed_by: str = ""  #: the key id of the copy's trailer
 
 
 def _read(path: Path, keys: Sequence[Ed25519PublicKey], legacy_pace: Pace | None) -> _Copy:
@@ -82,6 +84,7 @@ def _read(path: Path, keys: Sequence[Ed25519PublicKey], legacy_pace: Pace | None
             "this log, move it out of the folder"
         )
     header: Header | None = None
+    signed_by = ""
     records: list[AuditRecord] = []
     checkpoints: list[Checkpoint] = []
     for line in data.splitlines():
@@ -94,8 +97,33 @@ def _read(path: Path, keys: Sequence[Ed25519PublicKey], legacy_pace: Pace | None
             records.append(AuditRecord(**fields))
         elif isinstance(item, CheckpointLine):
             checkpoints.append(Checkpoint(**msgspec.structs.asdict(item)))
+        elif isinstance(item, Trailer):
+            signed_by = item.key_id
     assert header is not None  # a verified export has one
-    return _Copy(path, header, records, checkpoints)
+    return _Copy(path, header, records, checkpoints, signed_by)
+
+
+def _agreement_problem(copies: Sequence[_Copy]) -> str | None:
+    """Why the copies are not copies of one log as it was shipped, if they are not: every copy's checkpoints
+    begin the newest copy's, and a copy signed with a key the newest copy's checkpoints retire adds no
+    record past what the newest covers.  Each copy verifies on its own: a copy dropped into the share by
+    whoever holds a retired key (from an old backup), dated before the newest, verified with that key and
+    brought records after the newest copy's into the restored log, which then signed them."""
+    newest = copies[-1]
+    retired = retired_by(newest.checkpoints)
+    covered = max([newest.header.last_seq, *(cp.size for cp in newest.checkpoints)])
+    for c in copies[:-1]:
+        if len(c.checkpoints) > len(newest.checkpoints) or not all(
+            _same(a, b) for a, b in zip(c.checkpoints, newest.checkpoints, strict=False)
+        ):
+            return f"the checkpoints of {c.path} do not begin those of the newest copy {newest.path}"
+        later = [r.seq for r in c.records if r.seq > covered]
+        if later and c.signed_by in retired:
+            return (
+                f"{c.path} is signed with key {c.signed_by}, which the newest copy's checkpoints retire, and holds "
+                f"records (seq {later[0]}..) after all the newest copy {newest.path} holds or signs"
+            )
+    return None
 
 
 def _copies(folder: Path, log_id: str, keys: Sequence[Ed25519PublicKey], legacy_pace: Pace | None) -> list[_Copy]:
@@ -173,6 +201,11 @@ def catch_up(
                     )
         newest = copies[-1]
         names = [str(c.path) for c in copies]
+        if (disagree := _agreement_problem(copies)) is not None:
+            raise AuditError(
+                f"{disagree}: nothing was changed; move the copy that is not the log's out of {folder} (verify "
+                "each with `inferbox audit verify --export FILE --against ...`)"
+            )
         last = max(merged, default=0)
         held = load_checkpoints(conn)
         # where the copies and the backup's log overlap, they must agree (also when there is nothing to add)

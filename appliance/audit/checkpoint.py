@@ -21,8 +21,11 @@ sequence) also signs:
 
 Format 3 (``inferbox-audit-checkpoint/3``) is a format 2 checkpoint that also
 signs ``retires``: the ids of the signing keys its signer (the new key)
-retires, comma-separated.  ``inferbox signing-key create --force`` signs one in
-the transaction that records the rotation; from it on, in the order written,
+retires, comma-separated; and ``pinned``: SHA-256 of the signatures of every
+format 1 checkpoint before it (they have no signed place in the sequence, so
+a retired key's holder could otherwise swap one for a forged prune anchor).
+``inferbox signing-key create --force`` signs one in the transaction that
+records the rotation; from it on, in the order written,
 no checkpoint signed with a retired key is valid (:mod:`appliance.audit.rotation`).
 Checkpoints are never pruned and every export holds them all, so the rule
 outlives the rotation record.
@@ -57,6 +60,7 @@ __all__ = [
     "load_checkpoints",
     "make_checkpoint",
     "next_in_sequence",
+    "pin_of",
     "sequence_link",
     "sign_next",
     "signature_problem",
@@ -109,6 +113,7 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     interval_us: int = 0  #: the writer's checkpoint interval, microseconds
     # format 3
     retires: str = ""  #: ids of the keys this checkpoint's signer retires, comma-separated
+    pinned: str = ""  #: SHA-256 of the format 1 checkpoints' signatures before it ("" when none)
 
     @property
     def retired_ids(self) -> tuple[str, ...]:
@@ -144,6 +149,7 @@ def signed_bytes(
     every: int = 0,
     interval_us: int = 0,
     retires: str = "",
+    pinned: str = "",
 ) -> bytes:
     """The bytes a checkpoint's signature covers (format ``version``)."""
     out = bytearray()
@@ -163,7 +169,7 @@ def signed_bytes(
             str(interval_us),
         )
         if version >= ROTATION_VERSION:
-            values = (*values, retires)
+            values = (*values, retires, pinned)
     for value in values:
         _field(out, value)
     return bytes(out)
@@ -182,7 +188,14 @@ def _checkpoint_bytes(cp: Checkpoint) -> bytes:
         every=cp.every,
         interval_us=cp.interval_us,
         retires=cp.retires,
+        pinned=cp.pinned,
     )
+
+
+def pin_of(format1_signatures: Iterable[str]) -> str:
+    """What a format 3 checkpoint's ``pinned`` holds for the format 1 checkpoints before it."""
+    signatures = list(format1_signatures)
+    return hashlib.sha256("\n".join(signatures).encode("ascii", "replace")).hexdigest() if signatures else ""
 
 
 def sequence_link(previous_signature: str) -> str:
@@ -202,6 +215,7 @@ def make_checkpoint(
     prev: str = "",
     pace: Pace | None = None,
     retires: str = "",
+    pinned: str = "",
 ) -> Checkpoint:
     """Sign a checkpoint: format 2 when ``index`` is given (the writer always gives it), format 3 when it
     also ``retires`` keys, else format 1."""
@@ -224,6 +238,7 @@ def make_checkpoint(
         every=every,
         interval_us=interval_us,
         retires=retires,
+        pinned=pinned,
     )
     return Checkpoint(
         kind=kind,
@@ -239,6 +254,7 @@ def make_checkpoint(
         every=every,
         interval_us=interval_us,
         retires=retires,
+        pinned=pinned,
     )
 
 
@@ -273,7 +289,7 @@ def signature_problem(cp: Checkpoint, public_keys: Ed25519PublicKey | Sequence[E
         return f"{cp.kind} at size {cp.size} names signing key {cp.key_id!r}, {which} {names}"
     if cp.version not in (1, CHECKPOINT_VERSION, ROTATION_VERSION):
         return f"{cp.kind} at size {cp.size}: unknown checkpoint format {cp.version}"
-    if (cp.version == ROTATION_VERSION) != bool(cp.retires):
+    if (cp.version == ROTATION_VERSION) != bool(cp.retires) or (cp.pinned and cp.version < ROTATION_VERSION):
         return f"{cp.kind} at size {cp.size}: format {cp.version} with retires {cp.retires!r}"
     try:
         sig = bytes.fromhex(cp.signature)
@@ -287,14 +303,14 @@ def signature_problem(cp: Checkpoint, public_keys: Ed25519PublicKey | Sequence[E
 
 _COLUMNS_V1 = ("kind", "log_id", "size", "head_hash", "created_at", "key_id", "signature")
 _COLUMNS_V2 = ("version", "idx", "prev", "every", "interval_us")
-_COLUMNS_V3 = ("retires",)
+_COLUMNS_V3 = ("retires", "pinned")
 
 
 def store_checkpoint(conn: sqlite3.Connection, cp: Checkpoint) -> None:
     """Insert ``cp`` (the caller holds the write transaction; the schema is migrated)."""
     conn.execute(
         f"INSERT INTO checkpoints ({', '.join(_COLUMNS_V1 + _COLUMNS_V2 + _COLUMNS_V3)}) "  # noqa: S608
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             cp.kind,
             cp.log_id,
@@ -309,6 +325,7 @@ def store_checkpoint(conn: sqlite3.Connection, cp: Checkpoint) -> None:
             cp.every,
             cp.interval_us,
             cp.retires,
+            cp.pinned,
         ),
     )
 
@@ -329,6 +346,10 @@ def sign_next(
     link, ``pace``; format 3 when it ``retires`` keys) and store it; the caller holds the write
     transaction."""
     index, prev = next_in_sequence(conn)
+    pinned = ""
+    if retires:  # the format 1 checkpoints have no signed place: this one pins them
+        rows = conn.execute("SELECT signature FROM checkpoints WHERE version < 2 ORDER BY id").fetchall()
+        pinned = pin_of(str(r[0]) for r in rows)
     cp = make_checkpoint(
         key,
         kind=kind,
@@ -340,6 +361,7 @@ def sign_next(
         prev=prev,
         pace=pace,
         retires=retires,
+        pinned=pinned,
     )
     store_checkpoint(conn, cp)
     return cp
@@ -361,9 +383,7 @@ def _columns(conn: sqlite3.Connection) -> tuple[str, ...]:
     names = {str(r[1]) for r in conn.execute("PRAGMA table_info(checkpoints)")}
     columns: tuple[str, ...] = _COLUMNS_V1
     if set(_COLUMNS_V2) <= names:
-        columns += _COLUMNS_V2
-        if set(_COLUMNS_V3) <= names:
-            columns += _COLUMNS_V3
+        columns += _COLUMNS_V2 + tuple(c for c in _COLUMNS_V3 if c in names)
     return columns
 
 

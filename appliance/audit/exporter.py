@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import os
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -175,12 +176,17 @@ def export_jsonl(
     db_path: Path,
     out: BinaryIO,
     *,
-    signing_key: Ed25519PrivateKey,
+    signing_key: Ed25519PrivateKey | Callable[[], Ed25519PrivateKey],
     since: datetime | None = None,
     until: datetime | None = None,
     now: datetime,
 ) -> ExportSummary:
-    """Write the records of ``[since, until)`` and every checkpoint to ``out``."""
+    """Write the records of ``[since, until)`` and every checkpoint to ``out``.
+
+    ``signing_key`` may be a callable that reads the key file: it is called after the snapshot, so a
+    copy that holds a rotation's checkpoint is signed with the key the rotation put there (a key read
+    before, the one it retires, made the copy fail every later verify).
+    """
     if since is not None and until is not None and since >= until:
         raise AuditError(
             f"the export window is empty: since ({since.isoformat()}) is not before until ({until.isoformat()}); "
@@ -235,8 +241,9 @@ def export_jsonl(
     finally:
         conn.close()
     body_sha = digest.hexdigest()
-    sig = signing.sign(signing_key, trailer_signed_bytes(count, body_sha))
-    key_id = signing.key_id(signing_key)
+    key = signing_key() if callable(signing_key) else signing_key
+    sig = signing.sign(key, trailer_signed_bytes(count, body_sha))
+    key_id = signing.key_id(key)
     trailer = encode_line(Trailer(lines=count, sha256=body_sha, key_id=key_id, signature=sig.hex()))
     out.write(trailer)
     whole.update(trailer)

@@ -146,7 +146,7 @@ class AuditLog:
         self,
         db_path: Path,
         *,
-        signing_key: Ed25519PrivateKey,
+        signing_key: Ed25519PrivateKey | Signer,
         digest_keys_dir: Path,
         checkpoint_every: int = 1000,
         checkpoint_interval_s: float = 600.0,
@@ -155,7 +155,6 @@ class AuditLog:
         max_batch: int = 512,
         idle_poll_s: float = 1.0,
         on_checkpoint: Callable[[Checkpoint], None] | None = None,
-        signing_key_path: Path | None = None,
     ) -> None:
         if checkpoint_every < 1 or checkpoint_interval_s <= 0:
             raise AuditError("checkpoint_every must be >= 1 and checkpoint_interval_s > 0")
@@ -176,9 +175,9 @@ class AuditLog:
         self._stats = AuditStats(records=0, commits=0, commit_seconds=0.0, pending=0)
         #: records handed to the writer thread and not yet written (guarded by _handover_lock)
         self._pending = 0
-        #: the key checkpoints are signed with, read again from ``signing_key_path`` once that file is
-        #: replaced (a rotation: see :mod:`appliance.audit.signer`)
-        self._signer = Signer(signing_key, signing_key_path)
+        #: the key checkpoints are signed with; a :class:`Signer` read from a file (:meth:`open`) reads it
+        #: again once the file is replaced (a rotation: see :mod:`appliance.audit.signer`)
+        self._signer = signing_key if isinstance(signing_key, Signer) else Signer(signing_key)
         self._clock = clock
         self._max_batch = max_batch
         self._idle_poll_s = idle_poll_s
@@ -248,13 +247,9 @@ class AuditLog:
     @classmethod
     def open(cls, settings: Settings, **kwargs: object) -> AuditLog:
         """The appliance's audit log (``settings.audit_db``, keys under ``settings.keys_dir``)."""
-        from runtime.signing import load_private_key
-
-        key = load_private_key(settings.signing_key)
         return cls(
             settings.audit_db,
-            signing_key=key,
-            signing_key_path=settings.signing_key,
+            signing_key=Signer.read(settings.signing_key),
             digest_keys_dir=settings.keys_dir / "digest",
             checkpoint_every=settings.checkpoint_every,
             checkpoint_interval_s=settings.checkpoint_minutes * 60.0,
@@ -391,12 +386,13 @@ class AuditLog:
         self._thread = named_thread(self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """Drain the queue, write a checkpoint (clean shutdown) and close the database."""
+    def close(self, *, sign: bool = True) -> None:
+        """Drain the queue, write a checkpoint (clean shutdown; ``sign=False``: none, as after a rotation
+        that failed: its key is being taken back) and close the database."""
         with self._close_lock:  # a second caller waits, then finds it closed
-            self._close()
+            self._close(sign)
 
-    def _close(self) -> None:
+    def _close(self, sign: bool = True) -> None:
         if self._closed:
             return
         writer = self._thread
@@ -416,7 +412,8 @@ class AuditLog:
             self._reader = None
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
-                self._write_checkpoint()
+                if sign:
+                    self._write_checkpoint()
                 self._conn.close()
             elif self._conn is not None:
                 self._inherited.append(self._conn)  # another process's connection: leave it alone

@@ -26,9 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from appliance.audit.checkpoint import Checkpoint
+from appliance.audit.checkpoint import ROTATION_VERSION, Checkpoint, pin_of
 
-__all__ = ["order_problems", "retired_by", "retired_signer_problem", "retirement_problems"]
+__all__ = [
+    "ROTATE_EVENT",
+    "order_problems",
+    "pin_problems",
+    "record_problems",
+    "retired_by",
+    "retired_signer_problem",
+    "retirement_problems",
+]
+
+#: the record of a rotation; since format 3 its details name ``retired_key_ids``
+ROTATE_EVENT = "signing_key_rotate"
 
 
 def retired_by(checkpoints: Sequence[Checkpoint]) -> dict[str, Checkpoint]:
@@ -80,6 +91,44 @@ def retired_signer_problem(key_id: str, checkpoints: Sequence[Checkpoint], what:
         f"{what} is signed with key {key_id}, which the rotation checkpoint at size {by.size} ({by.created_at}) "
         "retired: a retired key signs nothing after its rotation"
     )
+
+
+def pin_problems(checkpoints: Sequence[Checkpoint], valid: set[int]) -> list[tuple[int, str]]:
+    """(seq, what) for each valid format 3 checkpoint (``valid``: their ``id()``) whose ``pinned`` is not the
+    format 1 checkpoints before it (``checkpoints``: all of them, in the order written)."""
+    found: list[tuple[int, str]] = []
+    for place, cp in enumerate(checkpoints):
+        if cp.version < ROTATION_VERSION or id(cp) not in valid:
+            continue
+        if cp.pinned != pin_of(c.signature for c in checkpoints[:place] if c.version < 2):
+            found.append(
+                (
+                    max(cp.size, 1),
+                    f"inconsistent checkpoints: the format 1 checkpoints before the rotation {_named(cp)} are not "
+                    "the ones it pinned (one was replaced or removed: a format 1 checkpoint has no signed place, "
+                    "so a retired key's holder could put a forged prune anchor there)",
+                )
+            )
+    return found
+
+
+def record_problems(
+    rotations: Sequence[tuple[int, tuple[str, ...]]], valid: Sequence[Checkpoint]
+) -> list[tuple[int, str]]:
+    """(seq, what) for each rotation record (seq, the key ids it names as retired) with no valid checkpoint at
+    its size retiring them: the two are written in one transaction, so the checkpoint was deleted (with
+    every one after it: a retired key's holder cut the checkpoints back to sign on with that key)."""
+    found: list[tuple[int, str]] = []
+    for seq, ids in rotations:
+        if not any(cp.size == seq and set(ids) <= set(cp.retired_ids) for cp in valid):
+            found.append(
+                (
+                    seq,
+                    f"the key rotation recorded at seq {seq} (retiring {', '.join(ids)}) has no checkpoint retiring "
+                    "those keys at its size: it was deleted, and the checkpoints after it with it",
+                )
+            )
+    return found
 
 
 def order_problems(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, str]]:

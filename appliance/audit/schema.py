@@ -3,7 +3,8 @@
 Tables: ``meta`` (the log id), ``records`` (``seq`` is the rowid, so it is unique
 and ordered), ``checkpoints`` (signed heads and prune anchors; migration 0002
 adds the format 2 columns: version, sequence index and link, writer pace; 0003
-the format 3 column ``retires``, the keys a rotation retires) and
+and 0004 the format 3 columns ``retires`` and ``pinned``: the keys a rotation
+retires and the format 1 checkpoints it pins) and
 ``prune_guard``.  ``BEFORE UPDATE`` / ``BEFORE DELETE`` triggers abort every
 change to records and checkpoints (defence in depth: anyone who can write the
 file can drop them; the hash chain and signatures are the real protection).
@@ -112,8 +113,14 @@ def _checkpoint_v2(db: sqlite_utils.Database) -> None:
 
 @MIGRATIONS(name="0003_checkpoint_retires")
 def _checkpoint_v3(db: sqlite_utils.Database) -> None:
-    """Format 3 checkpoints: the keys a rotation retires (see checkpoint.py)."""
+    """Format 3 checkpoints: the keys a rotation retires (checkpoint.py)."""
     db.execute("ALTER TABLE checkpoints ADD COLUMN retires TEXT NOT NULL DEFAULT ''")
+
+
+@MIGRATIONS(name="0004_checkpoint_pinned")
+def _checkpoint_pinned(db: sqlite_utils.Database) -> None:
+    """Format 3 checkpoints: the format 1 checkpoints a rotation pins (checkpoint.py)."""
+    db.execute("ALTER TABLE checkpoints ADD COLUMN pinned TEXT NOT NULL DEFAULT ''")
 
 
 def connect(db_path: Path, *, busy_timeout_s: float = 30.0, read_only: bool = False) -> sqlite3.Connection:

@@ -35,19 +35,34 @@ def _identity(path: Path) -> _Identity:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _identity_or_none(path: Path) -> _Identity | None:
+    try:
+        return _identity(path)
+    except OSError:
+        return None
+
+
 class Signer:
     """``key``, read from ``path`` (None: a key given in memory, never read again)."""
 
-    def __init__(self, key: Ed25519PrivateKey, path: Path | None = None) -> None:
+    def __init__(self, key: Ed25519PrivateKey, path: Path | None = None, seen: _Identity | None = None) -> None:
         self._key = key
         self._path = path
         self._lock = threading.Lock()
-        self._seen: _Identity | None = None
-        if path is not None:
-            try:
-                self._seen = _identity(path)
-            except OSError:
-                self._seen = None
+        #: the identity of the file ``key`` was read from (None: read again at the first :meth:`current`)
+        self._seen = seen
+
+    @classmethod
+    def read(cls, path: Path) -> Signer:
+        """The key in ``path``, with the identity of the file it was read from: the file is looked at
+        before and after the read, again until both agree (a rotation in between left a writer holding
+        the old key beside the new file's identity, and it never read the key again)."""
+        for _ in range(10):
+            before = _identity_or_none(path)
+            key = signing.load_private_key(path)
+            if before is not None and _identity_or_none(path) == before:
+                return cls(key, path, before)
+        return cls(key, path, None)  # still changing: current() reads it again before it signs
 
     @property
     def key_id(self) -> str:

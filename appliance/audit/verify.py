@@ -45,7 +45,14 @@ from appliance.audit.exporter import (
     encode_line,
     trailer_signed_bytes,
 )
-from appliance.audit.rotation import order_problems, retired_signer_problem, retirement_problems
+from appliance.audit.rotation import (
+    ROTATE_EVENT,
+    order_problems,
+    pin_problems,
+    record_problems,
+    retired_signer_problem,
+    retirement_problems,
+)
 from appliance.audit.schema import connect, read_log_id
 from appliance.audit.store import iter_records, table_stats
 from runtime import signing
@@ -282,7 +289,14 @@ def check_chain(
                     f"inconsistent checkpoints: two signed checkpoints disagree on the head at size {cp.size}",
                 )
             )
-    problems.extend(Problem(seq, what) for seq, what in (*retirement_problems(valid), *order_problems(valid)))
+    problems.extend(
+        Problem(seq, what)
+        for seq, what in (
+            *retirement_problems(valid),
+            *order_problems(valid),
+            *pin_problems(checkpoints, {id(cp) for cp in valid}),
+        )
+    )
     regular = [c for c in valid if c.kind == "checkpoint"]
     #: the newest regular checkpoint at each size (a later one at the same size: an idle checkpoint)
     newest_at: dict[int, Checkpoint] = {}
@@ -307,6 +321,8 @@ def check_chain(
     #: the newest signed checkpoint before the record walked and the earliest date a record after it
     #: may have (parsed once per checkpoint, not once per record); None: not found yet
     dated_after: tuple[Checkpoint | None, datetime | None] | None = None
+    #: the rotation records walked: (seq, the key ids they retire)
+    rotations: list[tuple[int, tuple[str, ...]]] = []
     edge_before = [before] if before is not None else []
     edge_after = [after] if after is not None else []
     walk = itertools.chain(
@@ -354,6 +370,8 @@ def check_chain(
             problems.append(Problem(seq, f"record {seq}: a field changed (its leaf hash does not match its fields)"))
             broken = True
             continue
+        if rec.event == ROTATE_EVENT and (ids := rec.details.get("retired_key_ids")):
+            rotations.append((seq, tuple(k for k in ids.split(",") if k)))
         if dated_after is None:
             dated_after = _earliest_after(_newest_before(newest_at, seq))
         early = _dated_back(rec, *dated_after)
@@ -389,6 +407,7 @@ def check_chain(
             first_in_window = rec
         last_in_window = rec
         count += 1
+    problems.extend(Problem(seq, what) for seq, what in record_problems(rotations, valid))
     last_seq = last_in_window.seq if last_in_window is not None else 0
     walked_to = (expected_seq - 1) if expected_seq is not None else 0
     if not broken and to_head and expected_seq is not None:

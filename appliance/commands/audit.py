@@ -360,7 +360,7 @@ def _export_to(
     tmp: Path | None = None
     sink: IO[bytes]
     try:
-        key = load_private_key(settings.signing_key)
+        load_private_key(settings.signing_key)  # a missing or unreadable key refused before anything is written
         if out is not None:
             tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
             try:
@@ -373,7 +373,15 @@ def _export_to(
         else:
             sink = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
         with sink:
-            summary = export_jsonl(settings.audit_db, sink, signing_key=key, since=lo, until=hi, now=started)
+            # the key file read again once the snapshot is taken (a rotation in between: its new key)
+            summary = export_jsonl(
+                settings.audit_db,
+                sink,
+                signing_key=lambda: load_private_key(settings.signing_key),
+                since=lo,
+                until=hi,
+                now=started,
+            )
             details = {
                 **window,
                 "records": str(summary.records),

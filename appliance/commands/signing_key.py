@@ -153,21 +153,36 @@ def _record_rotation(
         },
     )
     try:
-        with AuditLog.open(settings) as log:
-            log.record_rotation(event, retires)
+        log = AuditLog.open(settings)
     except (InferboxError, OSError, sqlite3.Error) as exc:
-        if old is None:
-            raise ConfigError(
-                f"the new key is in {path} but its rotation could not be recorded in the audit log ({exc}): the "
-                "old key stays trusted until a rotation is recorded; once the log is writable, run `inferbox "
-                "signing-key create --force` again (its record retires every key in keys/retired/)"
-            ) from exc
-        write_private_key(old, path, overwrite=True)
-        write_public_key(old, path)
+        failed: BaseException | None = exc
+    else:
+        try:
+            log.record_rotation(event, retires)
+            failed = None
+        except (InferboxError, OSError, sqlite3.Error) as exc:
+            failed = exc
+        finally:
+            # after a failure no clean-shutdown checkpoint: it would be signed with the key taken back
+            log.close(sign=failed is None)
+    if failed is None:
+        return
+    # a running service may have signed with the new key meanwhile (it reads the key file before each
+    # checkpoint): its public half stays trusted, among the retired keys (the next rotation retires it)
+    kept = _keep_retired(key.public_key(), retired[1].parent)
+    if old is None:
         raise ConfigError(
-            f"the rotation could not be recorded in the audit log ({exc}); the old key {retired[0]} was put back "
-            f"in {path}, nothing changed: run the command again once the log is writable"
-        ) from exc
+            f"the new key is in {path} but its rotation could not be recorded in the audit log ({failed}): the "
+            "old key stays trusted until a rotation is recorded; once the log is writable, run `inferbox "
+            "signing-key create --force` again (its record retires every key in keys/retired/)"
+        ) from failed
+    write_private_key(old, path, overwrite=True)
+    write_public_key(old, path)
+    raise ConfigError(
+        f"the rotation could not be recorded in the audit log ({failed}); the old key {retired[0]} was put back "
+        f"in {path} (the new key's public half is kept as {kept}: a running service may have signed with it "
+        "meanwhile); run the command again once the log is writable"
+    ) from failed
 
 
 def _retired_ids(folder: Path) -> list[str]:
@@ -222,12 +237,18 @@ def _retire(path: Path, retired: Path) -> tuple[str, Path]:
     """Keep the public half of the key at ``path`` in ``retired``; return its key id and file (an existing
     file holding the same key, under any name, is kept as it is)."""
     old = _old_public_key(path, retired)
+    return key_id(old), _keep_retired(old, retired, f"the public key of {path}")
+
+
+def _keep_retired(old: Ed25519PublicKey, retired: Path, what: str = "that key") -> Path:
+    """Keep ``old`` in ``retired`` as ``<key id>.pub``; its file (an existing one holding the same key, under
+    any name, is kept as it is)."""
     kid = key_id(old)
     retired.mkdir(parents=True, exist_ok=True)
     for existing in sorted(retired.glob("*.pub")):  # retired already (the docs' `cp` before this did it)
         try:
             if key_id(load_public_key(existing)) == kid:
-                return kid, existing
+                return existing
         except ConfigError:
             continue
     target = retired / f"{kid}.pub"
@@ -242,10 +263,9 @@ def _retire(path: Path, retired: Path) -> tuple[str, Path]:
         publish_new(tmp, target)  # never over a file of that name: it holds another key (checked above)
     except FileExistsError:
         raise ConfigError(
-            f"{target} exists but does not hold the public key of {path} (key id {kid}); move it aside and run "
-            "the command again"
+            f"{target} exists but does not hold {what} (key id {kid}); move it aside and run the command again"
         ) from None
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(retired)
-    return kid, target
+    return target

@@ -10,14 +10,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sqlite3
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from api.protocols import AuditEvent
+from appliance.audit.canonical import AuditRecord
 from appliance.audit.checkpoint import Checkpoint, load_checkpoints
 from appliance.audit.exporter import export_jsonl
 from appliance.audit.log import AuditLog
@@ -344,7 +348,22 @@ def test_a_rotation_that_cannot_be_recorded_puts_the_old_key_back(
     assert f"the old key {old_id} was put back" in failed.output and "run the command again" in failed.output
     assert key_id(load_private_key(home / "keys" / "signing.key")) == old_id
     assert key_id(load_public_key(home / "keys" / "signing.key.pub")) == old_id
+    # the log was closed without a checkpoint signed with the key taken back (it closed with one, and the
+    # log then held a checkpoint of a key nobody had: verify failed for good); its public half is kept,
+    # for a service that signed with it meanwhile
+    conn = connect(home / "audit.db", read_only=True)
+    try:
+        signers = {cp.key_id for cp in load_checkpoints(conn)}
+    finally:
+        conn.close()
+    assert signers == {old_id}
+    new_pub = [p for p in (home / "keys" / "retired").glob("*.pub") if key_id(load_public_key(p)) != old_id]
+    assert len(new_pub) == 1 and new_pub[0].name in failed.output
     assert run_cli(home, "audit", "verify").exit_code == 0
+    monkeypatch.undo()
+    assert run_cli(home, "signing-key", "create", "--force").exit_code == 0  # again: both retired
+    tail = json.loads(run_cli(home, "audit", "tail", "-n", "1", "--json").stdout.splitlines()[-1])
+    assert sorted(tail["details"]["retired_key_ids"].split(",")) == sorted([old_id, new_pub[0].stem])
 
 
 def test_a_rotation_recorded_before_this_rule_keeps_the_old_keys_checkpoints(tmp_path: Path) -> None:
@@ -410,8 +429,9 @@ def test_a_replaced_key_that_cannot_be_read_leaves_the_old_one_in_use_and_says_s
     path = tmp_path / "signing.key"
     old = generate_private_key()
     write_private_key(old, path)
-    signer = Signer(old, path)
-    assert signer.current() is old  # unchanged: not read again
+    signer = Signer.read(path)
+    old = signer.current()
+    assert signer.current() is old and signer.key_id == key_id(old)  # unchanged: not read again
     write_private_key(generate_private_key(), path, overwrite=True)
     path.chmod(0o644)  # the service refuses a key others can read
     with caplog.at_level(logging.ERROR, logger="appliance.audit.signer"):
@@ -419,3 +439,98 @@ def test_a_replaced_key_that_cannot_be_read_leaves_the_old_one_in_use_and_says_s
     assert "was replaced but cannot be loaded" in caplog.text and "chmod 600" in caplog.text
     path.chmod(0o600)
     assert signer.current() is not old and signer.key_id == key_id(load_private_key(path))
+
+
+def _copy(name: str, checkpoints: list[Checkpoint], seqs: list[int], signed_by: str) -> Any:
+    from appliance.audit.catch_up import _Copy
+    from appliance.audit.exporter import Header
+
+    header = Header(
+        format="x",
+        log_id="log",
+        exported_at=name,
+        since=None,
+        until=None,
+        first_seq=min(seqs, default=0),
+        last_seq=max(seqs, default=0),
+    )
+    records = [msgspec.structs.replace(_RECORD, seq=s) for s in seqs]
+    return _Copy(Path(name), header, records, checkpoints, signed_by)
+
+
+_RECORD = AuditRecord(
+    seq=1,
+    log_id="log",
+    prev_hash="0" * 64,
+    recorded_at="2026-12-07T00:00:00.000000Z",
+    event="config",
+    action="a",
+    actor="t",
+    credential_id="",
+    origin="t",
+    outcome="success",
+    status=0,
+    started_at="2026-12-07T00:00:00.000000Z",
+    ended_at="2026-12-07T00:00:00.000000Z",
+    request_id="",
+    model_name="",
+    model_version="",
+    model_sha256="",
+    backend="",
+    variant="",
+    job_id="",
+    input_digest="",
+    output_digest="",
+    digest_key_id="",
+    details={},
+    leaf_hash="",
+)
+
+
+def test_a_copy_dropped_in_the_share_with_a_retired_key_is_not_caught_up() -> None:
+    """Each copy verified on its own: a copy signed with a retired key (from an old backup), holding the
+    checkpoints before the rotation and records after the newest copy's, brought those records into the
+    restored log, which then signed them with its key."""
+    from appliance.audit.catch_up import _agreement_problem
+
+    before = [_cp("checkpoint", 3, "a"), _cp("checkpoint", 6, "a")]
+    rotation = [*before, _cp("checkpoint", 8, "b", 3, "a")]
+    honest = [_copy("1", before, [1, 2, 3, 4, 5, 6, 7], "a"), _copy("2", rotation, [8], "b")]
+    assert _agreement_problem(honest) is None
+    forged = _copy("0", before, [9, 10, 11], "a")  # after all the newest covers, signed with the retired key
+    assert "which the newest copy's checkpoints retire" in (_agreement_problem([forged, *honest]) or "")
+    other = _copy("0", [_cp("checkpoint", 3, "a"), _cp("checkpoint", 9, "a")], [9], "a")
+    assert "do not begin those of the newest copy" in (_agreement_problem([other, *honest]) or "")
+
+
+def test_checkpoints_cut_back_to_before_the_rotation_are_caught_by_its_record(tmp_path: Path) -> None:
+    """The retired key's holder deleted the checkpoints from the rotation's on, signed the head with the
+    old key and wrote on: with the rotation's checkpoint gone the old key was trusted again, and verify
+    said OK though the rotation record was still there."""
+    home, old_id = _box(tmp_path)
+    old_key = load_private_key(home / "keys" / "signing.key")
+    assert run_cli(home, "signing-key", "create", "--force").exit_code == 0
+    conn = sqlite3.connect(home / "audit.db")
+    try:
+        conn.execute("DROP TRIGGER checkpoints_no_delete")
+        first = conn.execute("SELECT min(id) FROM checkpoints WHERE retires != ''").fetchone()[0]
+        conn.execute("DELETE FROM checkpoints WHERE id >= ?", (first,))
+        conn.commit()
+    finally:
+        conn.close()
+    _forge(home, old_key)
+    report = verify_db(home / "audit.db", _keys(home))
+    assert not report.ok
+    assert any("has no checkpoint retiring those keys" in p.what and old_id in p.what for p in report.problems)
+
+
+def test_a_rotation_pins_the_format_1_checkpoints_before_it() -> None:
+    from appliance.audit.checkpoint import pin_of
+    from appliance.audit.rotation import pin_problems
+
+    v1 = [msgspec.structs.replace(_cp("checkpoint", n, "a", 1), signature=f"{n:02x}" * 64) for n in (2, 4)]
+    rotation = msgspec.structs.replace(_cp("checkpoint", 6, "b", 3, "a"), pinned=pin_of(c.signature for c in v1))
+    honest = [*v1, _cp("checkpoint", 5, "a"), rotation]
+    assert pin_problems(honest, {id(c) for c in honest}) == []
+    swapped = [msgspec.structs.replace(v1[0], kind="prune", size=9, signature="ff" * 64), *honest[1:]]
+    assert [seq for seq, _ in pin_problems(swapped, {id(c) for c in swapped})] == [6]
