@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from api.protocols import AuditStats
-from runtime.batcher import BatchStats
+from runtime.batcher import TIME_BUCKETS, BatchStats
 from runtime.threads import ThreadCpu
 
 if TYPE_CHECKING:
@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 #: Prometheus' text format; Litestar adds "; charset=utf-8" to a text/ type (given here too, it sent it twice)
 CONTENT_TYPE = "text/plain; version=0.0.4"
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: the batchers count their queue and inference times into these bounds themselves (BatchStats)
+LATENCY_BUCKETS = TIME_BUCKETS
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
@@ -78,6 +79,18 @@ class Histogram:
             self.counts[i] += n
         self.total += value * n
         self.count += n
+
+    def add(self, counts: Sequence[int], total: float) -> None:
+        """Add samples counted elsewhere by the same bounds: ``counts[i]`` in bucket ``i``, one more
+        count at the end for those above every bound (:class:`runtime.batcher.BatchStats`), their sum
+        ``total``."""
+        for i, n in enumerate(counts[: len(self.counts)]):
+            self.counts[i] += n
+        self.count += sum(counts)
+        self.total += total
+
+    def merge(self, other: Histogram) -> None:
+        self.add([*other.counts, other.count - sum(other.counts)], other.total)
 
     def lines(self, name: str, labels: Sequence[tuple[str, str]]) -> Iterable[str]:
         running = 0
@@ -136,8 +149,9 @@ class Metrics:
         self.connection_closes = connection_closes
         self.requests: dict[tuple[str, str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
-        self.queue: dict[str, Histogram] = {}
-        self.inference: dict[str, Histogram] = {}
+        #: queue and inference times, by model label, of the batchers that are gone (as the batch sizes)
+        self.retired_queue: dict[str, Histogram] = {}
+        self.retired_inference: dict[str, Histogram] = {}
         #: batch size -> batches, by model label, of the batchers that are gone (a replaced or
         #: unloaded version's): the histogram counts on from them
         self.retired_batch_sizes: dict[str, dict[int, int]] = {}
@@ -189,21 +203,17 @@ class Metrics:
         with self._lock:
             self.outcomes.pop((model, version, instance), None)
 
-    def _absorb(self, model: str, stats: BatchStats) -> None:
-        queue_times, inference_times = stats.drain()
-        q = self.queue.setdefault(model, Histogram(LATENCY_BUCKETS))
-        for t in queue_times:
-            q.observe(t)
-        h = self.inference.setdefault(model, Histogram(LATENCY_BUCKETS))
-        for t in inference_times:
-            h.observe(t)
-
     def absorb(self, model: str, stats: BatchStats) -> None:
         """Keep what the batcher behind ``stats`` counted under ``model`` after it is gone (its model
-        version retired): its recent times, and its batch sizes, which the next version's batcher
-        goes on from. Call once, after it stopped, and pass it to :meth:`render` no more."""
+        version retired): its queue and inference times and its batch sizes, which the next version's
+        batcher goes on from. Call once, after it stopped, and pass it to :meth:`render` no more."""
         with self._lock:
-            self._absorb(model, stats)
+            self.retired_queue.setdefault(model, Histogram(LATENCY_BUCKETS)).add(
+                stats.queue_buckets, stats.queue_seconds
+            )
+            self.retired_inference.setdefault(model, Histogram(LATENCY_BUCKETS)).add(
+                stats.inference_buckets, stats.inference_seconds
+            )
             sizes = self.retired_batch_sizes.setdefault(model, {})
             for size, n in stats.batch_sizes.items():
                 sizes[size] = sizes.get(size, 0) + n
@@ -213,9 +223,6 @@ class Metrics:
         a replaced version still in its grace beside the new version's (their queues add up)."""
         out: list[str] = []
         with self._lock:
-            for model, all_stats in batchers.items():
-                for stats in all_stats:
-                    self._absorb(model, stats)
             out += [
                 "# HELP inferbox_requests_total HTTP requests by model, route and status.",
                 "# TYPE inferbox_requests_total counter",
@@ -239,13 +246,23 @@ class Metrics:
                 "# HELP inferbox_queue_seconds Time a request waited in the batch queue.",
                 "# TYPE inferbox_queue_seconds histogram",
             ]
-            for model, h in sorted(self.queue.items()):
+            for model in sorted({*self.retired_queue, *batchers}):
+                h = Histogram(LATENCY_BUCKETS)
+                if model in self.retired_queue:
+                    h.merge(self.retired_queue[model])
+                for stats in batchers.get(model, ()):
+                    h.add(stats.queue_buckets, stats.queue_seconds)
                 out += h.lines("inferbox_queue_seconds", [("model", model)])
             out += [
                 "# HELP inferbox_inference_seconds Time one batch spent in the session.",
                 "# TYPE inferbox_inference_seconds histogram",
             ]
-            for model, h in sorted(self.inference.items()):
+            for model in sorted({*self.retired_inference, *batchers}):
+                h = Histogram(LATENCY_BUCKETS)
+                if model in self.retired_inference:
+                    h.merge(self.retired_inference[model])
+                for stats in batchers.get(model, ()):
+                    h.add(stats.inference_buckets, stats.inference_seconds)
                 out += h.lines("inferbox_inference_seconds", [("model", model)])
             out += ["# HELP inferbox_batch_size Rows per batch run.", "# TYPE inferbox_batch_size histogram"]
             for model in sorted({*self.retired_batch_sizes, *batchers}):
