@@ -1,9 +1,11 @@
 """Prometheus metrics, written by hand in the text exposition format (no dependency).
 
 Series (all prefixed ``inferbox_``): ``requests_total{model,route,status}``,
-``request_duration_seconds{route}`` (histogram), ``queue_seconds{model}``,
+``request_duration_seconds{route}`` (histogram), ``queue_seconds{model}`` (each item's),
 ``batch_size{model}``, ``inference_seconds{model}`` (histograms, from the
-batchers), ``in_flight_requests``, ``queue_depth{model}``, and
+batchers), ``batcher_items_total{model,outcome}`` (:data:`ITEM_OUTCOMES`),
+``in_flight_requests``, ``queue_depth{model}`` and ``queue_limit{model}`` (items: a text of a
+text request, or a tensor request), and
 ``model_info{model,version,backend,variant,exec_precision,streams,fallback}`` (always 1:
 the backend and precision the proved session runs in; ``streams``: sessions running
 batches side by side; ``fallback``: empty, or what the session fell back from and to
@@ -44,6 +46,18 @@ CONTENT_TYPE = "text/plain; version=0.0.4"
 #: the batchers count their queue and inference times into these bounds themselves (BatchStats)
 LATENCY_BUCKETS = TIME_BUCKETS
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: what became of the items a batcher was given: answered, failed in their batch, refused at the
+#: queue (429), given up on past their timeout (504)
+ITEM_OUTCOMES = ("completed", "failed", "rejected", "timed_out")
+
+
+def _items(stats: BatchStats) -> dict[str, int]:
+    return {
+        "completed": stats.completed,
+        "failed": stats.failed,
+        "rejected": stats.rejected,
+        "timed_out": stats.timed_out,
+    }
 
 
 def _escape(value: str) -> str:
@@ -155,6 +169,8 @@ class Metrics:
         #: batch size -> batches, by model label, of the batchers that are gone (a replaced or
         #: unloaded version's): the histogram counts on from them
         self.retired_batch_sizes: dict[str, dict[int, int]] = {}
+        #: items by outcome (:data:`ITEM_OUTCOMES`), by model label, of the batchers that are gone
+        self.retired_items: dict[str, dict[str, int]] = {}
         #: inference requests by (model, version, id of the loaded model): [succeeded, their seconds,
         #: failed, their seconds] (Triton's statistics extension, :mod:`api.triton`): a version loaded
         #: again counts from zero, as its batchers do; dropped when the loaded model retires
@@ -214,6 +230,9 @@ class Metrics:
             self.retired_inference.setdefault(model, Histogram(LATENCY_BUCKETS)).add(
                 stats.inference_buckets, stats.inference_seconds
             )
+            items = self.retired_items.setdefault(model, dict.fromkeys(ITEM_OUTCOMES, 0))
+            for outcome, n in _items(stats).items():
+                items[outcome] += n
             sizes = self.retired_batch_sizes.setdefault(model, {})
             for size, n in stats.batch_sizes.items():
                 sizes[size] = sizes.get(size, 0) + n
@@ -243,7 +262,8 @@ class Metrics:
                 f"inferbox_in_flight_requests {self.in_flight}",
             ]
             out += [
-                "# HELP inferbox_queue_seconds Time a request waited in the batch queue.",
+                "# HELP inferbox_queue_seconds Time each item waited in the batch queue before its batch began (an "
+                "item: a text of a text request, or a tensor request).",
                 "# TYPE inferbox_queue_seconds histogram",
             ]
             for model in sorted({*self.retired_queue, *batchers}):
@@ -274,10 +294,37 @@ class Metrics:
                     for size, n in sizes.items():
                         h.observe(size, n)
                 out += h.lines("inferbox_batch_size", [("model", model)])
-        out += ["# HELP inferbox_queue_depth Requests waiting in the batch queue.", "# TYPE inferbox_queue_depth gauge"]
+            out += [
+                "# HELP inferbox_batcher_items_total Items the batcher was given, by outcome: completed, failed "
+                "(their batch's error), rejected (the queue full, or too far behind for their timeout: 429), "
+                "timed_out (given up on past their timeout: 504).",
+                "# TYPE inferbox_batcher_items_total counter",
+            ]
+            for model in sorted({*self.retired_items, *batchers}):
+                counts = dict(self.retired_items.get(model, dict.fromkeys(ITEM_OUTCOMES, 0)))
+                for stats in batchers.get(model, ()):
+                    for outcome, n in _items(stats).items():
+                        counts[outcome] += n
+                out += [
+                    f"inferbox_batcher_items_total{_labels([('model', model), ('outcome', k)])} {counts[k]}"
+                    for k in ITEM_OUTCOMES
+                ]
+        out += [
+            "# HELP inferbox_queue_depth Items waiting in the batch queue (a text of a text request, or a tensor "
+            "request); compare with inferbox_queue_limit.",
+            "# TYPE inferbox_queue_depth gauge",
+        ]
         for model, all_stats in sorted(batchers.items()):
             depth = sum(stats.queue_depth for stats in all_stats)
             out.append(f"inferbox_queue_depth{_labels([('model', model)])} {depth}")
+        out += [
+            "# HELP inferbox_queue_limit Items the batch queue holds at most (queue_limit): a request whose items "
+            "do not fit is answered 429.",
+            "# TYPE inferbox_queue_limit gauge",
+        ]
+        for model, all_stats in sorted(batchers.items()):
+            limit = max((stats.queue_limit for stats in all_stats), default=0)
+            out.append(f"inferbox_queue_limit{_labels([('model', model)])} {limit}")
         out += [
             "# HELP inferbox_model_info The backend and variant serving each loaded model.",
             "# TYPE inferbox_model_info gauge",

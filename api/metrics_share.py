@@ -15,7 +15,8 @@ now, merged with the others' (:func:`merge`):
   twice for good). The token keeps a new worker that gets a dead one's pid from writing over
   the dead one's counters;
 - gauges: summed over the live workers (``in_flight_requests``, ``queue_depth``, the audit
-  log's pending records), except :data:`SAME_IN_EVERY_WORKER` (``model_info``,
+  log's pending records; ``queue_limit`` too: each worker has its own queues, so the sums'
+  ratio is the share in use), except :data:`SAME_IN_EVERY_WORKER` (``model_info``,
   ``static_shapes``): the largest;
 - ``inferbox_workers``: the live workers whose series are in the answer.
 

@@ -135,6 +135,8 @@ class BatchStats:
     """Counters for metrics; ``*_seconds`` are sums, ``batches`` counts runs."""
 
     queue_depth: int = 0
+    #: the items the queue holds at most (the batcher's ``queue_limit``)
+    queue_limit: int = 0
     submitted: int = 0
     completed: int = 0
     #: rows of the completed entries (a text is one row; a tensor request its first dimension)
@@ -213,7 +215,7 @@ class DynamicBatcher(Generic[Item, Result]):
         self.workers = workers
         #: written on the event loop (the thread hands its numbers over with the results), except
         #: ``queue_depth``, which whoever changes the queue sets under the lock
-        self.stats = BatchStats()
+        self.stats = BatchStats(queue_limit=queue_limit)
         # shared with the inference thread: guarded by _cond
         self._cond = threading.Condition()
         self._pending: deque[_Entry[Item, Result]] = deque()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from api.metrics import Metrics
 from api.metrics_share import merge
 from runtime.batcher import BatchStats, DynamicBatcher
+from runtime.errors import InputError
 
 
 def _value(text: str, series: str) -> float:
@@ -66,3 +69,94 @@ def test_a_retired_batchers_times_stay_in_the_histograms() -> None:
     metrics.absorb("m", new)
     gone = metrics.render({}, [])  # the name unloaded: its counts are still there
     assert _value(gone, 'inferbox_queue_seconds_count{model="m"}') == 9
+
+
+def test_the_queue_series_say_items_and_the_batchers_outcomes_and_limit_are_exported() -> None:
+    """queue_depth counts items (a 2,000-text request showed 1584 "requests"); queue_limit and the
+    items the batcher refused, timed out or failed were counted but not exported."""
+    stats = BatchStats(queue_depth=7, queue_limit=64, completed=10, failed=2, rejected=30, timed_out=4)
+    text = Metrics().render({"m": [stats]}, [])
+    lines = text.splitlines()
+    for line in (
+        "# TYPE inferbox_queue_limit gauge",
+        'inferbox_queue_limit{model="m"} 64',
+        'inferbox_queue_depth{model="m"} 7',
+        "# TYPE inferbox_batcher_items_total counter",
+        'inferbox_batcher_items_total{model="m",outcome="completed"} 10',
+        'inferbox_batcher_items_total{model="m",outcome="failed"} 2',
+        'inferbox_batcher_items_total{model="m",outcome="rejected"} 30',
+        'inferbox_batcher_items_total{model="m",outcome="timed_out"} 4',
+    ):
+        assert line in lines, line
+    helps = {line.split(" ")[2]: line for line in lines if line.startswith("# HELP ")}
+    assert helps["inferbox_queue_depth"].startswith("# HELP inferbox_queue_depth Items waiting"), helps
+    assert helps["inferbox_queue_seconds"].startswith("# HELP inferbox_queue_seconds Time each item waited"), helps
+
+    # a replaced version's batcher retires: its counts stay (counters never go down)
+    metrics = Metrics()
+    metrics.absorb("m", stats)
+    after = metrics.render({"m": [BatchStats(queue_limit=64, rejected=1)]}, [])
+    assert 'inferbox_batcher_items_total{model="m",outcome="rejected"} 31' in after.splitlines()
+    assert 'inferbox_batcher_items_total{model="m",outcome="completed"} 10' in after.splitlines()
+    assert 'inferbox_queue_depth{model="m"} 0' in after.splitlines()
+
+
+def test_a_real_batcher_counts_its_limit_and_outcomes() -> None:
+    async def main() -> BatchStats:
+        def run(items: list[int]) -> list[int]:
+            if 0 in items:
+                raise ValueError("no zeros")
+            return items
+
+        batcher: DynamicBatcher[int, int] = DynamicBatcher(
+            run, max_batch_size=4, max_delay_s=0.0, queue_limit=3, timeout_s=5.0, name="m"
+        )
+        batcher.start()
+        assert await batcher.submit_many([1, 2]) == [1, 2]
+        with pytest.raises(ValueError, match="no zeros"):
+            await batcher.submit(0)
+        with pytest.raises(InputError):  # more than the queue can ever hold: a 400, not refused for load
+            await batcher.submit_many([1, 2, 3, 4])
+        await batcher.stop()
+        return batcher.stats
+
+    stats = asyncio.run(asyncio.wait_for(main(), 20))
+    assert (stats.queue_limit, stats.completed, stats.failed, stats.rejected) == (3, 2, 1, 0)
+
+
+def _every_family() -> dict[str, bool]:
+    """The families of a /metrics answer with every source on (audit, TLS, HTTP closes, threads,
+    a batcher, a loaded model), several workers' merged: whether each has labels."""
+    from api.metrics import ModelInfo
+    from api.protocols import AuditStats
+    from runtime.threads import ThreadCpu
+
+    metrics = Metrics(
+        thread_cpu=ThreadCpu(lambda: {1: ("loop", 100)}, tick=100),
+        audit_stats=lambda: AuditStats(records=1, commits=1, commit_seconds=0.1, pending=0),
+        certificate_expiry=lambda: 2e9,
+        connection_closes=lambda: {"header_timeout": 1},
+    )
+    text = metrics.render({"m": [BatchStats(queue_limit=4)]}, [ModelInfo("m", "1", "fake", "onnx-fp32", "fp32")])
+    lines = merge([text], []).splitlines()
+    families = [line.split(" ")[2] for line in lines if line.startswith("# TYPE ")]
+    samples = [line.partition(" ")[0] for line in lines if not line.startswith("#")]
+    return {
+        f: any(s.startswith((f"{f}{{", f"{f}_sum{{")) for s in samples)
+        for f in families  # a histogram's le alone is no label of the family
+    }
+
+
+def test_docs_api_md_names_every_metric() -> None:
+    """Each family as docs/api.md writes it: ``name{labels...}`` where it has labels, else ``name``."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text(encoding="utf-8")
+    families = _every_family()
+    assert len(families) > 10
+    missing = []
+    for family, labelled in sorted(families.items()):
+        short = family.removeprefix("inferbox_")
+        if not any(f"`{name}{'{' if labelled else '`'}" in doc for name in (short, family)):
+            missing.append(family)
+    assert not missing, f"docs/api.md (Request ids, audit, metrics) does not name {missing}"
