@@ -16,8 +16,9 @@ account, appliance.http_protocol), ``thread_cpu_seconds_total{thread}`` (this pr
 ``inference``, ``audit``, ``other``; Linux only, :class:`runtime.threads.ThreadCpu`).
 With the audit log on: ``audit_records_total``, ``audit_commit_seconds`` (a summary:
 ``_sum`` the commits' time, ``_count`` the commits, each one fsync, so records over
-commits is the group commit's size) and ``audit_pending_records`` (requests waiting for
-their record to be durable).
+commits is the group commit's size), ``audit_pending_records`` (requests waiting for
+their record to be durable), ``audit_up`` (0 while appends fail) and
+``audit_refused_records_total``.
 """
 
 from __future__ import annotations
@@ -409,4 +410,12 @@ class Metrics:
             "# HELP inferbox_audit_pending_records Records waiting to be committed (their requests wait too).",
             "# TYPE inferbox_audit_pending_records gauge",
             f"inferbox_audit_pending_records {audit.pending}",
+            "# HELP inferbox_audit_up 0 while the audit log cannot be written (a full disk): every request is "
+            "answered 503 and /v2/health/ready says not ready; 1 otherwise.",
+            "# TYPE inferbox_audit_up gauge",
+            f"inferbox_audit_up {0 if audit.failing else 1}",
+            "# HELP inferbox_audit_refused_records_total Records the audit log could not write (their requests "
+            "were answered 503).",
+            "# TYPE inferbox_audit_refused_records_total counter",
+            f"inferbox_audit_refused_records_total {audit.refused}",
         ]

@@ -17,7 +17,8 @@ now, merged with the others' (:func:`merge`):
 - gauges: summed over the live workers (``in_flight_requests``, ``queue_depth``, the audit
   log's pending records; ``queue_limit`` too: each worker has its own queues, so the sums'
   ratio is the share in use), except :data:`SAME_IN_EVERY_WORKER` (``model_info``,
-  ``static_shapes``): the largest;
+  ``static_shapes``): the largest, and :data:`LEAST_OF_EVERY_WORKER` (``audit_up``): the
+  least (one worker that cannot write its audit records answers 503s);
 - ``inferbox_workers``: the live workers whose series are in the answer.
 
 A scrape sees the other workers as they were at most ``WRITE_EVERY_S`` ago: scrape less
@@ -35,7 +36,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["SAME_IN_EVERY_WORKER", "WRITE_EVERY_S", "MetricsShare", "merge"]
+__all__ = ["LEAST_OF_EVERY_WORKER", "SAME_IN_EVERY_WORKER", "WRITE_EVERY_S", "MetricsShare", "merge"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ WRITE_EVERY_S = 1.0
 SAME_IN_EVERY_WORKER = frozenset(
     {"inferbox_model_info", "inferbox_static_shapes", "inferbox_tls_certificate_expiry_timestamp_seconds"}
 )
+#: gauges of a state each worker has on its own, where one worker's trouble is the service's: the least
+LEAST_OF_EVERY_WORKER = frozenset({"inferbox_audit_up"})
 RETIRED = "retired.prom"
 _SUMMED = ("counter", "histogram", "summary")
 
@@ -123,7 +126,12 @@ def merge(live: list[str], retired: list[str]) -> str:
                 values += [s[key] for s in retired_samples if key in s]
             if not values:
                 continue
-            value = max(values) if family in SAME_IN_EVERY_WORKER else sum(values)
+            if family in SAME_IN_EVERY_WORKER:
+                value = max(values)
+            elif family in LEAST_OF_EVERY_WORKER:
+                value = min(values)
+            else:
+                value = sum(values)
             out.append(f"{name}{labels} {_number(value)}")
     out += [
         "# HELP inferbox_workers Worker processes whose series this answer adds up.",

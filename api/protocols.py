@@ -106,6 +106,8 @@ class AuditStats(msgspec.Struct, frozen=True, kw_only=True):
     #: the last append failed (a full disk, a read-only folder): requests are refused with 503 and
     #: ``/v2/health/ready`` says not ready, until an append succeeds again
     failing: bool = False
+    #: records refused because an append failed, since the log opened (never goes down)
+    refused: int = 0
 
 
 @runtime_checkable

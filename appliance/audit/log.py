@@ -196,6 +196,8 @@ class AuditLog:
         #: the last append failed, and the records refused since it began to fail
         self._failing = False
         self._refused = 0
+        #: records refused since the log opened (/metrics: a counter, kept when the log works again)
+        self._refused_total = 0
         #: one item, a list of items (one event-loop iteration's records), or _STOP
         self._queue: queue.SimpleQueue[_Item | list[_Item] | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -242,6 +244,7 @@ class AuditLog:
         self._closing = False
         self.commits = 0
         self.records_written = 0
+        self._refused_total = 0
         self._stats = AuditStats(records=0, commits=0, commit_seconds=0.0, pending=0)
 
     @classmethod
@@ -353,7 +356,7 @@ class AuditLog:
         appends and are not counted here."""
         with self._handover_lock:
             pending = self._pending
-        return msgspec.structs.replace(self._stats, pending=pending, failing=self._failing)
+        return msgspec.structs.replace(self._stats, pending=pending, failing=self._failing, refused=self._refused_total)
 
     # -- synchronous API ---------------------------------------------------
 
@@ -779,6 +782,7 @@ class AuditLog:
                 )
             self._failing = True
             self._refused += len(items)
+            self._refused_total += len(items)
             err = exc if isinstance(exc, AuditError) else AuditError(f"audit log {self.db_path}: append failed: {exc}")
             outcomes = [(None, err)] * len(items)
         else:

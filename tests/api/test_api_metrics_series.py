@@ -160,3 +160,28 @@ def test_docs_api_md_names_every_metric() -> None:
         if not any(f"`{name}{'{' if labelled else '`'}" in doc for name in (short, family)):
             missing.append(family)
     assert not missing, f"docs/api.md (Request ids, audit, metrics) does not name {missing}"
+
+
+def test_the_audit_logs_trouble_shows_in_metrics() -> None:
+    """A failing audit log refuses every request with 503 and said so only in the server log and
+    /v2/health/ready; /metrics showed nothing."""
+    from api.protocols import AuditStats
+
+    failing = AuditStats(records=9, commits=3, commit_seconds=0.1, pending=2, failing=True, refused=40)
+    lines = Metrics(audit_stats=lambda: failing).render({}, []).splitlines()
+    for line in (
+        "# TYPE inferbox_audit_up gauge",
+        "inferbox_audit_up 0",
+        "# TYPE inferbox_audit_refused_records_total counter",
+        "inferbox_audit_refused_records_total 40",
+    ):
+        assert line in lines, line
+    # a sink that says nothing of either (the fields' defaults): up, none refused
+    plain = AuditStats(records=9, commits=3, commit_seconds=0.1, pending=0)
+    lines = Metrics(audit_stats=lambda: plain).render({}, []).splitlines()
+    assert "inferbox_audit_up 1" in lines and "inferbox_audit_refused_records_total 0" in lines
+    # several workers, each with its own writer: the service is down when one of them is
+    down, up = (Metrics(audit_stats=lambda s=s: s).render({}, []) for s in (failing, plain))
+    merged = merge([up, down], []).splitlines()
+    assert "inferbox_audit_up 0" in merged and "inferbox_audit_refused_records_total 40" in merged
+    assert "inferbox_audit_up 1" in merge([up, up], []).splitlines()

@@ -49,6 +49,9 @@ def test_a_log_that_cannot_be_written_makes_the_server_not_ready(
             loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
             assert len(loud) == 1 and "audit append failed" in loud[0].getMessage(), [r.getMessage() for r in loud]
             assert "free space in" in loud[0].getMessage()
+            # /metrics shows it too (it showed nothing: an alert had only the 503s to go on)
+            text = c.get("/metrics").text.splitlines()
+            assert "inferbox_audit_up 0" in text and "inferbox_audit_refused_records_total 5" in text
 
             monkeypatch.undo()  # space freed: with no request sent (a load balancer sends none to a box
             # that is not ready), the writer's own idle write finds out, and the box is ready again
@@ -59,5 +62,8 @@ def test_a_log_that_cannot_be_written_makes_the_server_not_ready(
             assert c.post("/v1/embeddings", json=body).status_code == 200
             again = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the audit log is written")]
             assert again == ["the audit log is written again; 5 records were refused meanwhile"]
+            text = c.get("/metrics").text.splitlines()
+            assert "inferbox_audit_up 1" in text
+            assert "inferbox_audit_refused_records_total 5" in text  # a counter: it does not start again
     finally:
         log.close()
