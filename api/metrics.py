@@ -10,7 +10,8 @@ text request, or a tensor request), and
 the backend and precision the proved session runs in; ``streams``: sessions running
 batches side by side; ``fallback``: empty, or what the session fell back from and to
 when ``allow_fallback`` let it run elsewhere),
-``static_shapes{model}`` (static-shape copies compiled so far, OpenVINO) and
+``model_ready{model,version}`` (1 loaded; 0 a version whose load failed, or a model
+unloaded on request), ``static_shapes{model}`` (static-shape copies compiled so far, OpenVINO) and
 ``connections_closed_total{reason}`` (when the HTTP server tells them: closed on a client's
 account, appliance.http_protocol), ``thread_cpu_seconds_total{thread}`` (this process's CPU by thread kind: ``loop``,
 ``inference``, ``audit``, ``other``; Linux only, :class:`runtime.threads.ThreadCpu`).
@@ -238,9 +239,16 @@ class Metrics:
             for size, n in stats.batch_sizes.items():
                 sizes[size] = sizes.get(size, 0) + n
 
-    def render(self, batchers: Mapping[str, Sequence[BatchStats]], models: Sequence[ModelInfo]) -> str:
+    def render(
+        self,
+        batchers: Mapping[str, Sequence[BatchStats]],
+        models: Sequence[ModelInfo],
+        ready: Sequence[tuple[str, int, bool]] = (),
+    ) -> str:
         """The exposition text. ``batchers``: every running batcher's stats by model label, those of
-        a replaced version still in its grace beside the new version's (their queues add up)."""
+        a replaced version still in its grace beside the new version's (their queues add up);
+        ``ready``: (name, version, ready) of the registry's model versions
+        (:meth:`runtime.serving.ModelRegistry.readiness`)."""
         out: list[str] = []
         with self._lock:
             out += [
@@ -341,6 +349,15 @@ class Metrics:
                 ("fallback", m.fallback),
             ]
             out.append(f"inferbox_model_info{_labels(labels)} 1")
+        out += [
+            "# HELP inferbox_model_ready 1 for each loaded model version; 0 for a version in the repository whose "
+            "last load failed, or a model unloaded on request.",
+            "# TYPE inferbox_model_ready gauge",
+        ]
+        out += [
+            f"inferbox_model_ready{_labels([('model', name), ('version', str(version))])} {int(is_ready)}"
+            for name, version, is_ready in ready
+        ]
         out += [
             "# HELP inferbox_static_shapes Static-shape copies of the model compiled for shapes that repeat.",
             "# TYPE inferbox_static_shapes gauge",

@@ -17,8 +17,9 @@ now, merged with the others' (:func:`merge`):
 - gauges: summed over the live workers (``in_flight_requests``, ``queue_depth``, the audit
   log's pending records; ``queue_limit`` too: each worker has its own queues, so the sums'
   ratio is the share in use), except :data:`SAME_IN_EVERY_WORKER` (``model_info``,
-  ``static_shapes``): the largest, and :data:`LEAST_OF_EVERY_WORKER` (``audit_up``): the
-  least (one worker that cannot write its audit records answers 503s);
+  ``static_shapes``): the largest, and :data:`LEAST_OF_EVERY_WORKER` (``audit_up``,
+  ``model_ready``): the least (one worker that cannot write its audit records answers 503s;
+  a model one worker failed to load is not ready on every worker);
 - ``inferbox_workers``: the live workers whose series are in the answer.
 
 A scrape sees the other workers as they were at most ``WRITE_EVERY_S`` ago: scrape less
@@ -47,7 +48,7 @@ SAME_IN_EVERY_WORKER = frozenset(
     {"inferbox_model_info", "inferbox_static_shapes", "inferbox_tls_certificate_expiry_timestamp_seconds"}
 )
 #: gauges of a state each worker has on its own, where one worker's trouble is the service's: the least
-LEAST_OF_EVERY_WORKER = frozenset({"inferbox_audit_up"})
+LEAST_OF_EVERY_WORKER = frozenset({"inferbox_audit_up", "inferbox_model_ready"})
 RETIRED = "retired.prom"
 _SUMMED = ("counter", "histogram", "summary")
 

@@ -414,7 +414,7 @@ class Server:
         for m, kind, b in self._running():
             stats.setdefault(metric_label(m, kind), []).append(b.stats)
         models = [ModelInfo.of(m) for m in self.registry.loaded()]
-        return self.metrics.render(stats, models)
+        return self.metrics.render(stats, models, self.registry.readiness())
 
 
 def _chars(texts: object) -> int:

@@ -348,11 +348,14 @@ class ModelRegistry:
         self._index = index
         #: the repository's folder on the box: :meth:`public` names its files relative to it
         self._roots = sorted({f"{r}/" for r in (root, root.resolve())}, key=len, reverse=True) if root else []
+        self._root = root
         self._lock = threading.RLock()
         #: serializes loads (slow: opening a session) without blocking get()
         self._load_lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
         self._errors: dict[tuple[str, int], str] = {}
+        #: name -> the version it had, of the models unloaded on request and not loaded since
+        self._unloaded: dict[str, int] = {}
         #: called with (event, model) on "load" / "unload", e.g. to start / stop a batcher
         self.listeners: list[Callable[[str, LoadedModel], None]] = []
         #: what becomes of a model the registry lets go of (unloaded, or replaced by another
@@ -365,6 +368,7 @@ class ModelRegistry:
         with self._lock:
             old = self._models.get(model.name)
             self._models[model.name] = model
+            self._unloaded.pop(model.name, None)
         if old is not None and old is not model:
             self._notify("unload", old)
             self.retire(old)
@@ -429,6 +433,8 @@ class ModelRegistry:
     def unload(self, name: str) -> None:
         with self._lock:
             model = self._models.pop(name, None)
+            if model is not None:
+                self._unloaded[name] = model.version
         if model is None:
             raise ModelNotFoundError(f"model {shown(name)} is not loaded{{loaded}}", loaded=sorted(self._models))
         self._notify("unload", model)
@@ -437,6 +443,24 @@ class ModelRegistry:
     def loaded(self) -> list[LoadedModel]:
         with self._lock:
             return sorted(self._models.values(), key=lambda m: m.name)
+
+    def readiness(self) -> list[tuple[str, int, bool]]:
+        """(name, version, ready) for ``/metrics``, from what the registry holds (no package is read):
+        each loaded version, ready; not ready, each version whose last load failed and each model
+        unloaded on request (the version it had), while its version folder is in the repository (one
+        ``stat`` each, where the registry knows the folder). The names and versions are the
+        repository's: a load picks its version from the index, never from a client."""
+        with self._lock:
+            ready = {(m.name, m.version) for m in self._models.values()}
+            other = {*self._errors, *self._unloaded.items()} - ready
+        root = self._root
+        if root is not None:
+            other = {
+                (name, version)
+                for name, version in other
+                if name and "/" not in name and not name.startswith(".") and (root / name / str(version)).is_dir()
+            }
+        return sorted([*((n, v, True) for n, v in ready), *((n, v, False) for n, v in other)])
 
     def index(self) -> list[IndexEntry]:
         """Every version on disk (from ``index``) plus what is loaded, with READY/UNAVAILABLE."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,7 +139,10 @@ def _every_family() -> dict[str, bool]:
         certificate_expiry=lambda: 2e9,
         connection_closes=lambda: {"header_timeout": 1},
     )
-    text = metrics.render({"m": [BatchStats(queue_limit=4)]}, [ModelInfo("m", "1", "fake", "onnx-fp32", "fp32")])
+    metrics.request_started()
+    metrics.request_finished(model="m", route="/v1/embeddings", status=200, seconds=0.01)
+    info = [ModelInfo("m", "1", "fake", "onnx-fp32", "fp32")]
+    text = metrics.render({"m": [BatchStats(queue_limit=4)]}, info, [("m", 1, True)])
     lines = merge([text], []).splitlines()
     families = [line.split(" ")[2] for line in lines if line.startswith("# TYPE ")]
     samples = [line.partition(" ")[0] for line in lines if not line.startswith("#")]
@@ -185,3 +190,60 @@ def test_the_audit_logs_trouble_shows_in_metrics() -> None:
     merged = merge([up, down], []).splitlines()
     assert "inferbox_audit_up 0" in merged and "inferbox_audit_refused_records_total 40" in merged
     assert "inferbox_audit_up 1" in merge([up, up], []).splitlines()
+
+
+def test_a_model_that_failed_to_load_shows_in_metrics(tmp_path: Path) -> None:
+    """A broken package (here at start) left no trace in /metrics: model_info lists only what loaded."""
+    from litestar.testing import TestClient
+
+    from api.app import create_app
+    from api.config import ApiConfig
+    from runtime.errors import ManifestError
+    from runtime.serving import IndexEntry
+
+    from .conftest import make_registry, tensor_model
+
+    def broken() -> Any:
+        raise ManifestError("broken/2/manifest.json: not valid JSON")
+
+    disk = [IndexEntry("tabular", 1, "UNAVAILABLE"), IndexEntry("broken", 2, "UNAVAILABLE")]
+    registry = make_registry([tensor_model(tmp_path)], on_disk=disk, extra={"broken": broken})
+    with pytest.raises(ManifestError):
+        registry.load("broken")  # as serve loads every model of the repository at start
+    app = create_app(registry=registry, config=ApiConfig(auth=False), audit=None, keys=None)
+    with TestClient(app) as c:
+        lines = c.get("/metrics").text.splitlines()
+        assert "# TYPE inferbox_model_ready gauge" in lines
+        assert 'inferbox_model_ready{model="tabular",version="1"} 1' in lines
+        assert 'inferbox_model_ready{model="broken",version="2"} 0' in lines
+        assert c.post("/v2/repository/models/tabular/unload").status_code == 200
+        lines = c.get("/metrics").text.splitlines()
+        assert 'inferbox_model_ready{model="tabular",version="1"} 0' in lines  # known, not loaded
+        assert c.post("/v2/models/nosuch/infer", json={"inputs": []}).status_code == 404
+        assert c.post("/v2/repository/models/nosuch/load").status_code == 404
+        ready = [line for line in c.get("/metrics").text.splitlines() if line.startswith("inferbox_model_ready{")]
+        assert len(ready) == 2 and not any("nosuch" in line for line in ready)  # never a client's name
+
+
+def test_model_ready_follows_the_repositorys_folders(tmp_path: Path) -> None:
+    """A failed version whose folder was removed since (``inferbox models remove``) is no longer reported."""
+    from runtime.errors import ManifestError
+    from runtime.serving import IndexEntry, ModelRegistry
+
+    def loader(name: str, version: int | None) -> Any:
+        raise ManifestError(f"{name}: broken")
+
+    (tmp_path / "broken" / "3").mkdir(parents=True)
+    registry = ModelRegistry(loader, lambda: [IndexEntry("broken", 3, "UNAVAILABLE")], tmp_path)
+    with pytest.raises(ManifestError):
+        registry.load("broken")
+    assert registry.readiness() == [("broken", 3, False)]
+    (tmp_path / "broken" / "3").rmdir()
+    assert registry.readiness() == []
+
+
+def test_model_ready_of_several_workers_is_the_least() -> None:
+    """Each worker loads the models itself: one that failed makes the version not ready (not 1 + 0)."""
+    up, down = (Metrics().render({}, [], [("m", 1, ok)]) for ok in (True, False))
+    assert 'inferbox_model_ready{model="m",version="1"} 0' in merge([up, down], []).splitlines()
+    assert 'inferbox_model_ready{model="m",version="1"} 1' in merge([up, up], []).splitlines()
