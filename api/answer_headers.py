@@ -21,6 +21,7 @@ __all__ = [
     "TRUNCATED_HEADER",
     "TRUNCATED_LIST_MAX",
     "answer_headers",
+    "model_headers",
     "truncation_headers",
 ]
 
@@ -39,14 +40,19 @@ MODEL_VERSION_HEADER = "X-Model-Version"
 MODEL_VARIANT_HEADER = "X-Model-Variant"
 
 
-def answer_headers(model: LoadedModel, truncated: list[int]) -> dict[str, str]:
-    """The headers of a text answer: the version that answered, and the texts cut to the model's
-    max_length (usage counts only what the model saw) by index."""
+def model_headers(model: LoadedModel) -> dict[str, str]:
+    """``X-Model-Version`` and ``X-Model-Variant`` of ``model``: what answered (or, after a repository
+    load, what serves now)."""
     return {
         MODEL_VERSION_HEADER: str(model.version),
         MODEL_VARIANT_HEADER: f"{model.backend}/{model.variant}/{model.exec_precision}",
-        **truncation_headers(truncated),
     }
+
+
+def answer_headers(model: LoadedModel, truncated: list[int]) -> dict[str, str]:
+    """The headers of a text answer: the version that answered, and the texts cut to the model's
+    max_length (usage counts only what the model saw) by index."""
+    return {**model_headers(model), **truncation_headers(truncated)}
 
 
 def truncation_headers(truncated: list[int]) -> dict[str, str]:

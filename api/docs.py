@@ -85,7 +85,8 @@ _HEADERS = {
     ),
     "X-Model-Version": OpenAPIHeader(
         schema=_STRING,
-        description="The version of the model package that answered (the body names only the model).",
+        description="The version of the model package that answered (an OpenAI or Cohere body names only the "
+        "model); on a repository load's answer, the version that serves now.",
     ),
     "X-Model-Variant": OpenAPIHeader(
         schema=_STRING,

@@ -16,7 +16,14 @@ from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 
-from api.answer_headers import TRUNCATED_COUNT_HEADER, TRUNCATED_HEADER, truncation_headers
+from api.answer_headers import (
+    MODEL_VARIANT_HEADER,
+    MODEL_VERSION_HEADER,
+    TRUNCATED_COUNT_HEADER,
+    TRUNCATED_HEADER,
+    model_headers,
+    truncation_headers,
+)
 from api.auth import token_charge
 from api.classification import classify
 from api.codec import (
@@ -410,12 +417,14 @@ async def repository_index(request: Req) -> Response[bytes]:
     operation_class=documented(
         Empty,
         KServeError,
-        "Loaded (the newest version); serving went on meanwhile.",
+        "Loaded: the newest version in the repository serves (an older one when the loaded version was "
+        "removed: a rollback), X-Model-Version says which; serving went on meanwhile.",
         (400, 404, 408, 409, 413),
         body=RepositoryModelRequest,
         body_required=False,
         examples={"empty": ("No parameters", {})},
         tag=REPOSITORY,
+        answer_headers=(MODEL_VERSION_HEADER, MODEL_VARIANT_HEADER),
     ),
 )
 async def repository_load(request: Req, name: str) -> Response[bytes]:
@@ -430,16 +439,24 @@ async def repository_load(request: Req, name: str) -> Response[bytes]:
     try:
         model = await anyio.to_thread.run_sync(server.registry.load, name, None)
     except ModelNotFoundError:  # its message names the repository's folder on the box: not for clients
-        known = sorted({e.name for e in server.registry.index()})
+        known = sorted({e.name for e in server.registry.index() if e.name != name})
+        still = next((m for m in server.registry.loaded() if m.name == name), None)
+        serving = (
+            f"; version {still.version}, loaded before it was removed, still serves: unload it with "
+            f"POST /v2/repository/models/{name}/unload"
+            if still is not None
+            else ""
+        )
         raise ModelNotFoundError(
             f"model {shown(name)} is not in the repository (models there: {', '.join(known) or 'none'}); put it there "
-            "on the box with `inferbox export` or `inferbox models import`"
+            f"on the box with `inferbox export` or `inferbox models import`{serving}"
         ) from None
     ctx.set_model(model)
     if before is not None and before is not model:  # one record of the swap: what this load replaced
         ctx.details["replaced_version"] = str(before.version)
         ctx.details["replaced_sha256"] = before.package_sha256
-    return json_answer({})
+    # KServe's answer is {}: the headers say which version now serves (a rollback serves an older one)
+    return json_answer({}, headers=model_headers(model))
 
 
 @post(

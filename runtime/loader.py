@@ -301,4 +301,7 @@ def _streams(
 def repository_index(repository: Path, public_key: Ed25519PublicKey | None = None) -> list[IndexEntry]:
     """Every version on disk; never raises (a broken package is UNAVAILABLE with its reason)."""
     entries = Repository(repository, public_key=public_key).entries(verify_hashes=False)
-    return [IndexEntry(e.name, e.version, "UNAVAILABLE", "" if e.ok else (e.error or "unreadable")) for e in entries]
+    return [
+        IndexEntry(e.name, e.version, "UNAVAILABLE", "" if e.ok else (e.error or "unreadable"), e.sha256 or "")
+        for e in entries
+    ]

@@ -51,6 +51,8 @@ class IndexEntry:
     version: int
     state: Literal["READY", "UNAVAILABLE"]
     reason: str = ""
+    #: the package's identity (SHA-256 of its manifest) where it could be read, else ""
+    sha256: str = ""
 
 
 def _is_float(dtype: np.dtype[Any]) -> bool:
@@ -394,15 +396,18 @@ class ModelRegistry:
     def load(self, name: str, version: int | None = None) -> LoadedModel:
         """Open ``name`` (newest version when None) unless that version is loaded; serving goes on meanwhile.
 
-        With ``version`` None and an older version loaded (a newer one was exported or imported since),
-        the newest replaces it, as Triton's load does: the old one answers what it accepted, then closes.
+        With ``version`` None the newest version in the repository serves: when the loaded one is not
+        it (a newer one was exported or imported since, or the loaded one was removed: a rollback, or
+        replaced by another package under its number), the newest replaces it, as Triton's load does:
+        the old one answers what it accepted, then closes.  With no version of ``name`` left in the
+        repository the loader's :class:`~runtime.errors.ModelNotFoundError` is raised and the loaded
+        version goes on serving (a load never unloads).
         """
         with self._load_lock:
             with self._lock:
                 current = self._models.get(name)
             if current is not None and version is None:
-                newest = max((e.version for e in self._index() if e.name == name), default=current.version)
-                if newest <= current.version:
+                if self._newest_is(current):
                     return current
             elif current is not None and current.version == version:
                 return current
@@ -429,6 +434,15 @@ class ModelRegistry:
                 raise ModelNotFoundError(f"model {shown(name)} was unloaded while version {model.version} was loading")
             self.add(model)
         return model
+
+    def _newest_is(self, model: LoadedModel) -> bool:
+        """Whether ``model`` is the newest version of its name in the repository (the same package: a
+        version removed and exported again under its number is another one)."""
+        entries = [e for e in self._index() if e.name == model.name]
+        newest = max(entries, key=lambda e: e.version, default=None)
+        if newest is None or newest.version != model.version:
+            return False
+        return not newest.sha256 or newest.sha256 == model.package_sha256
 
     def unload(self, name: str) -> None:
         with self._lock:

@@ -372,8 +372,9 @@ def _cpu_count() -> int:
 def remove(home: Path | None, repository: Path | None, name: str, version: int, yes: bool, as_json: bool) -> None:
     """Remove one version of a model from the repository (recorded in the audit log first).
 
-    A server serving it keeps its private verified copy until the model is unloaded or the
-    server restarts; it cannot load that version again.
+    A server serving it keeps its private verified copy until the model is unloaded, loaded
+    again (POST /v2/repository/models/NAME/load serves the newest version left: a rollback) or
+    the server restarts; it cannot load that version again.
     """
     from appliance.models.removing import Removed, remove_package
 
@@ -411,3 +412,8 @@ def remove(home: Path | None, repository: Path | None, name: str, version: int, 
     left = ", ".join(map(str, removed.remaining)) if removed.remaining else "none: the model is gone"
     identity = removed.sha256[:16] or "unreadable manifest"
     click.echo(f"removed {name} version {version} ({identity}); versions left: {left}")
+    if removed.remaining and version > max(removed.remaining):
+        click.echo(
+            f"a running server serving version {version} goes on with it until POST /v2/repository/models/{name}/load "
+            f"(a models:admin key) serves version {max(removed.remaining)}, or until it restarts"
+        )

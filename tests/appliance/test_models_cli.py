@@ -370,6 +370,7 @@ def test_remove_records_first_and_takes_the_version_out(boxes: dict[str, Path]) 
     result = run(build, "models", "remove", "mlp", "1", "--yes")
     assert result.exit_code == 0, result.output
     assert "versions left: 2" in result.output
+    assert "running server" not in result.output  # not the newest: nothing serves it
     assert not (build / "models" / "mlp" / "1").exists()
     (rec,) = records(build, "model_remove")
     assert (rec.model_name, rec.model_version, rec.model_sha256) == ("mlp", "1", sha1)
@@ -378,6 +379,14 @@ def test_remove_records_first_and_takes_the_version_out(boxes: dict[str, Path]) 
     assert not (build / "models" / "mlp").exists()  # no empty model folder left
     no_leftovers(build)
     assert "no packages" in run(build, "models", "list").output
+
+
+def test_removing_the_newest_version_says_how_a_running_server_rolls_back(boxes: dict[str, Path]) -> None:
+    build = boxes["build"]
+    publish(build, version=2, seed=1)
+    result = run(build, "models", "remove", "mlp", "2", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "POST /v2/repository/models/mlp/load (a models:admin key) serves version 1" in result.output
     assert run(build, "audit", "verify").exit_code == 0
 
 
