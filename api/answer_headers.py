@@ -1,4 +1,6 @@
-"""The headers of a text answer, on every route that answers texts (OpenAI's, Cohere's, KServe's).
+"""The headers of a model's answer: what answered (``X-Model-Version``, ``X-Model-Variant``: on every
+answer of a model, OpenAI's, Cohere's and KServe's, a tensor model's too) and the texts cut (on the
+routes that answer texts).
 
 ``X-Truncated-Inputs`` names the texts cut to the model's maximum length by index, comma-separated
 (``1,3``).  A list longer than :data:`TRUNCATED_LIST_MAX` bytes is written as ranges (``0-999``), and

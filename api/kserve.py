@@ -263,7 +263,8 @@ async def _infer(request: Req, name: str, version: int | None) -> Response[bytes
         parameters=params,
     )
     ctx.details["outputs"] = str(len(results))
-    headers = truncation_headers(cut)
+    # the body's model_version, also as /v1/embeddings and /v1/rerank say it, with the variant that answered
+    headers = {**model_headers(model), **truncation_headers(cut)}
     if header_len is None:
         return Response(payload, media_type="application/json", headers=headers)
     return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_len), **headers})
@@ -368,7 +369,13 @@ async def _infer_text(
         description=INFER_DESCRIPTION,
         tag=KSERVE,
         binary=True,
-        answer_headers=(HEADER_LENGTH, TRUNCATED_HEADER, TRUNCATED_COUNT_HEADER),
+        answer_headers=(
+            HEADER_LENGTH,
+            MODEL_VERSION_HEADER,
+            MODEL_VARIANT_HEADER,
+            TRUNCATED_HEADER,
+            TRUNCATED_COUNT_HEADER,
+        ),
     ),
 )
 async def infer(request: Req, name: str, version: int | None = None) -> Response[bytes]:

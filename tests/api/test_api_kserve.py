@@ -460,3 +460,35 @@ def test_a_text_models_errors_name_this_requests_fields(client_factory: Any) -> 
     # the OpenAI route keeps its own field
     r = c.post("/v1/embeddings", json={"model": "minilm", "input": ["short", long]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input[1]", r.text
+
+
+def test_kserve_answers_say_which_version_and_variant_answered(
+    client_factory: Any, tmp_path: Path, minilm_repository: Path
+) -> None:
+    """/v1/embeddings and /v1/rerank carried X-Model-Version and X-Model-Variant; KServe's infer carried
+    neither, so a client of it could not tell two variants' vectors (or a swap) apart from the headers.
+    Real ONNX Runtime sessions: the MiniLM package (text) and a tiny MLP package (tensor)."""
+    from runtime.loader import LoaderOptions, load_model
+    from tests.runtime.conftest import publish_mlp
+
+    options = LoaderOptions(backend="ort-cpu")
+    publish_mlp(tmp_path / "models", ["ort-cpu"], "mlp", version=4)
+    mlp = load_model(tmp_path / "models", "mlp", options=options)
+    minilm = load_model(minilm_repository, "minilm", options=options)
+    c = client_factory(registry=make_registry([mlp, minilm]))
+    x = np.ones((2, 8), dtype=np.float32)
+    tensor_json = c.post("/v2/models/mlp/infer", json=infer_json({"x": x}))
+    tensor_binary = c.post(
+        "/v2/models/mlp/versions/4/infer",
+        json=infer_json({"x": x}, parameters={"binary_data_output": True}),
+    )
+    text = c.post(
+        "/v2/models/minilm/infer",
+        json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a short text"]}]},
+    )
+    for r, model in ((tensor_json, mlp), (tensor_binary, mlp), (text, minilm)):
+        assert r.status_code == 200, r.text
+        assert r.headers["X-Model-Version"] == str(model.version)
+        assert r.headers["X-Model-Variant"] == f"{model.backend}/{model.variant}/{model.exec_precision}"
+    assert tensor_json.headers["X-Model-Variant"] == "ort-cpu/onnx-fp32/fp32"
+    assert "Inference-Header-Content-Length" in tensor_binary.headers
