@@ -54,6 +54,7 @@ from api.schemas import (
 )
 from api.server import INLINE_BODY_BYTES, Server, TokenCharge, off_loop_if_large
 from runtime.errors import InputError, ModelNotFoundError, shown
+from runtime.interface import POOLED_OUTPUT  # a text embedding model's output when the server pools
 from runtime.serving import LoadedModel
 
 _Body = TypeVar("_Body")
@@ -72,8 +73,6 @@ __all__ = [
 #: the last two are served by :mod:`api.triton`
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics"]
 TEXT_INPUT = "text"
-#: output name of a text embedding model whose pooling runs in the server
-POOLED_OUTPUT = "sentence_embedding"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 Req = Request[Any, Any, Any]

@@ -62,7 +62,8 @@ from export.validate import (
 )
 from runtime.backends.base import OpenOptions, Session
 from runtime.errors import BackendError, ExportError, GateError, InputError, SourceError
-from runtime.manifest import Accuracy, Attempt, Manifest, Timing, Variant, fixed_batch
+from runtime.interface import check_new_interface, newest_manifest, refusal
+from runtime.manifest import Accuracy, Attempt, Manifest, Provenance, Timing, Variant, fixed_batch
 
 __all__ = ["ONNX_BACKENDS", "OV_BACKENDS", "check_output_gates", "export_model", "run_outputs"]
 
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 ONNX_BACKENDS = ["ort-cpu", "ort-cuda", "ort-tensorrt", "ort-openvino"]
 OV_BACKENDS = ["ov-cpu", "ov-gpu", "ov-npu", "ov-auto"]
 SAMPLE_ROWS = 8
+#: what an export that changes its name's interface may do instead of --new-interface
+INTERFACE_FIX = "Export it under another --name (clients then move to it when they are ready)"
 
 
 def _log_progress(step: str, message: str) -> None:
@@ -401,11 +404,37 @@ class _Exporter:
             )
         cand.close()
 
+    def check_interface(self, p: Prepared) -> None:
+        """The source's interface against the newest version of its name, once the source is read and
+        before the slow steps (variants, validation, timing): a change is refused unless meant."""
+        spec = self.spec
+        provisional = Manifest(
+            name=spec.name,
+            version=0,
+            task=spec.task,  # type: ignore[arg-type]
+            inputs=p.inputs,
+            outputs=p.outputs,
+            variants=[],
+            files=[],
+            provenance=Provenance(source_kind=p.kind, source=p.source, source_sha256=p.source_sha256, created_at=""),
+            text=p.text,
+            labels=p.labels,
+        )
+        check_new_interface(
+            Path(spec.repository),
+            provisional,
+            allowed=spec.new_interface,
+            error=ExportError,
+            what="this export",
+            fix=INTERFACE_FIX,
+        )
+
     # ---------------------------------------------------------------- steps
     def run(self, staging: Path, work: Path) -> Manifest:
         spec = self.spec
         self.say("source", f"preparing {spec.task} model from {spec.source_label or _describe(spec.source)}")
         p = self.prepared = _prepare(spec, staging, self)
+        self.check_interface(p)
         self.complete_references(p)
         self.probe, probe_note = batch_probe(p, calibrated=spec.calibration is not None)
         if probe_note:
@@ -948,6 +977,17 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
     check_new_model_name(spec.name)
     check_version(spec.version)
     repository = Path(spec.repository)
+    newest = None if spec.new_interface else newest_manifest(repository, spec.name)
+    if newest is not None and newest.task != spec.task:  # the rest of the interface is known once the source is read
+        raise ExportError(
+            refusal(
+                spec.name,
+                newest.version,
+                [f"task {newest.task} -> {spec.task}"],
+                what="this export",
+                fix=INTERFACE_FIX,
+            )
+        )
     pinned = spec.version is not None
     # without --version the number is the next free one when the package is written (another
     # export of this model may land first): this one is where it would go now
@@ -978,6 +1018,19 @@ def export_model(spec: ExportSpec, progress: Progress | None = None) -> Manifest
         discard_staging(staging)
         raise
     say("package", f"writing {spec.name} ({len(manifest.variants)} variants)")
-    package = finalize_package(staging, manifest, repository, signing_key=spec.signing_key, next_free=not pinned)
+
+    def same_interface(final: Manifest) -> None:  # under the model's lock: no other version lands meanwhile
+        check_new_interface(
+            repository, final, allowed=spec.new_interface, error=ExportError, what="this export", fix=INTERFACE_FIX
+        )
+
+    package = finalize_package(
+        staging,
+        manifest,
+        repository,
+        signing_key=spec.signing_key,
+        next_free=not pinned,
+        before_publish=same_interface,
+    )
     say("package", f"done: {spec.name} version {package.manifest.version} at {package.path}")
     return package.manifest

@@ -246,6 +246,9 @@ class ExportSpec:
     signing_key: Ed25519PrivateKey | None = None
     #: test hook / extension point: called with the staging folder just before finalizing
     before_finalize: Callable[[Path], None] | None = None
+    #: the new version may change the interface of the name's newest version (task, tensors, embedding
+    #: dimension, labels: :mod:`runtime.interface`); without it such an export is refused
+    new_interface: bool = False
 
     def __post_init__(self) -> None:
         metric_kind(self.task)

@@ -34,7 +34,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -695,6 +695,7 @@ def finalize_package(
     *,
     signing_key: Ed25519PrivateKey | None = None,
     next_free: bool = False,
+    before_publish: Callable[[Manifest], None] | None = None,
 ) -> Package:
     """List, hash, write (and sign) the manifest, verify, then rename ``staging`` to ``<repository>/<name>/<version>``.
 
@@ -703,6 +704,8 @@ def finalize_package(
     is the next free one when the folder is renamed, ``manifest.version`` at least: another
     export of the same model that lands first takes its number and this one the next.  A
     taken version otherwise is a :class:`~runtime.errors.PackageError` naming ``--version``.
+    ``before_publish`` is called with the manifest under the model's lock, before the version
+    appears (what it checks of the other versions holds when it does); it may raise.
     On any failure ``staging`` is removed and no version appears.
     """
     staging = Path(staging)
@@ -728,6 +731,8 @@ def finalize_package(
         _prune_empty_dirs(staging)
         entries = _file_entries(staging)
         with model_lock(repository, manifest.name):
+            if before_publish is not None:
+                before_publish(manifest)
             manifest, target, data = _publish(staging, manifest, repository, entries, signing_key, next_free)
         fsync_dir(target.parent)
         fsync_dir(repository)

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from runtime.backends.base import Session
 from runtime.errors import InferboxError, InputError, ModelNotFoundError, shown
+from runtime.interface import interface_changes
 from runtime.manifest import Manifest, TensorSpec
 from runtime.text import TextEncoder, Tokens, postprocess
 
@@ -433,6 +434,18 @@ class ModelRegistry:
                 model.close()
                 raise ModelNotFoundError(f"model {shown(name)} was unloaded while version {model.version} was loading")
             self.add(model)
+        if current is not None and current is not model:
+            changes = interface_changes(current.manifest, model.manifest)
+            if changes:  # export and import refuse it unless told it is meant: the clients may not know
+                logger.warning(
+                    "model %s version %d replaced version %d with another interface: %s; its clients written for "
+                    "version %d may fail (a text route answering 404, vectors of another dimension)",
+                    shown(name),
+                    model.version,
+                    current.version,
+                    "; ".join(changes),
+                    current.version,
+                )
         return model
 
     def _newest_is(self, model: LoadedModel) -> bool:

