@@ -206,8 +206,36 @@ def export_cmd(
     started = datetime.now(UTC)
     manifest = export_model(spec, progress=_progress)
     record_export(settings, manifest, started, "inferbox export")
+    package = published(settings, manifest, spec.signing_key)
     if as_json:
-        click.echo(json.dumps(report_dict(manifest), indent=2, sort_keys=True))
+        click.echo(json.dumps({**report_dict(manifest), "package": package}, indent=2, sort_keys=True))
     else:
         click.echo(format_report(manifest))
+        click.echo("")
+        click.echo(f"package:   {package['path']}")
+        click.echo(
+            f"identity:  sha256 {package['sha256']} (what `models import --expect-sha256` and the audit log name)"
+        )
+        if package["signed_by"]:
+            click.echo(f"signed by: key {package['signed_by']} ({settings.signing_key})")
+        else:
+            click.echo(
+                "signed by: UNSIGNED: a box that requires signatures (public_key) refuses it; sign exports with "
+                "`inferbox signing-key create` (then every export is signed) or --sign"
+            )
     sys.stdout.flush()
+
+
+def published(settings: Settings, manifest: Manifest, key: Ed25519PrivateKey | None) -> dict[str, str | None]:
+    """Where the package went, its identity (SHA-256 of its manifest) and the id of the key that signed it."""
+    import hashlib
+
+    from runtime.package import read_manifest_bytes
+    from runtime.signing import key_id
+
+    path = settings.repository / manifest.name / str(manifest.version)
+    return {
+        "path": str(path),
+        "sha256": hashlib.sha256(read_manifest_bytes(path)).hexdigest(),
+        "signed_by": key_id(key) if key is not None else None,
+    }

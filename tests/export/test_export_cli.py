@@ -50,6 +50,8 @@ def test_export_json_report_and_package(exported: tuple[Path, Result]) -> None:
     assert pkg.manifest.provenance.source_kind == "onnx"
     assert pkg.manifest.provenance.tool_versions["onnxruntime"] not in ("", "not installed")
     assert pkg.signed_by is None and not (pkg.path / "manifest.sig").exists()
+    # where it went, its identity and its signer (none): the report said nothing of either
+    assert report["package"] == {"path": str(pkg.path), "sha256": pkg.sha256, "signed_by": None}
 
 
 def test_export_table_and_gate_override(exported: tuple[Path, Result], tiny_onnx: Path) -> None:
@@ -72,6 +74,7 @@ def test_export_table_and_gate_override(exported: tuple[Path, Result], tiny_onnx
     assert result.exit_code == 0, result.output
     assert "variants (timings on this box):" in result.stdout
     pkg = read_package(home / "models" / "mlp" / "2")
+    assert f"identity:  sha256 {pkg.sha256}" in result.stdout and "signed by: UNSIGNED" in result.stdout
     assert [v.id for v in pkg.manifest.variants] == ["onnx-fp32"]  # no INT8 recipe can meet a 1e-9 gate
     int8 = [a for a in pkg.manifest.attempts if a.variant == "onnx-int8"]
     assert int8 and not any(a.kept for a in int8)
@@ -118,7 +121,7 @@ def test_sign_requires_key_and_signs(tmp_path: Path, tiny_onnx: Path) -> None:
     )  # key exists: signed by default
     assert result.exit_code == 0, result.output
     pkg = read_package(tmp_path / "models" / "m" / "1", public_key=load_public_key(public_key_pem(key)))
-    assert pkg.signed_by is not None
+    assert pkg.signed_by is not None and f"signed by: key {pkg.signed_by}" in result.stdout
     result = _invoke(
         tmp_path,
         "export",
