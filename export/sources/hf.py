@@ -95,6 +95,14 @@ _AUTO_CLASSES = {
     "text-classification": "AutoModelForSequenceClassification",
     "image-classification": "AutoModelForImageClassification",
 }
+#: the transformers mapping (``transformers.models.auto.modeling_auto``) of the model types with a model per task
+_TASK_MAPPINGS = {
+    "feature-extraction": "MODEL_MAPPING_NAMES",
+    "text-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+}
+#: what a text export serves: encoder models of the BERT family (their graph takes ids, mask and types)
+_TEXT_FAMILIES = "encoder models of the BERT family (bert, distilbert, roberta, xlm-roberta, mpnet, electra, ...)"
 #: tasks whose head (the classifier) must come from the checkpoint
 _HEAD_TASKS = ("text-classification", "image-classification")
 _SHOWN_KEYS = 5
@@ -112,6 +120,7 @@ def _load_model(folder: Path, task: str, config: dict[str, Any]) -> Any:
     stay_offline()
     import transformers
 
+    _check_architecture(folder, task, config)
     auto = getattr(transformers, _AUTO_CLASSES[task])
     try:
         model, info = auto.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
@@ -127,6 +136,40 @@ def _load_model(folder: Path, task: str, config: dict[str, Any]) -> Any:
     if missing and task in _HEAD_TASKS:
         raise SourceError(_missing_head(folder, task, config, missing))
     return model.eval()
+
+
+def _check_architecture(folder: Path, task: str, config: dict[str, Any]) -> None:
+    """Refuse, before anything loads, a model type transformers does not know (advice to upgrade it or
+    to repair the weights was wrong: offline, with good weights), one without a model for ``task`` (a 2 KB
+    list of config classes was the message), and a text generator or encoder-decoder for a text task (it
+    failed after the slow export, on an input the graph had: position_ids, decoder_input_ids)."""
+    import transformers
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    kind = config.get("model_type")
+    known = configuration_auto.CONFIG_MAPPING_NAMES
+    if not isinstance(kind, str) or kind not in known:
+        archs = config.get("architectures")
+        arch = f" (architectures: {', '.join(map(str, archs))})" if isinstance(archs, list) and archs else ""
+        raise SourceError(
+            f"{folder / 'config.json'}: model_type {kind!r}{arch} is not one transformers {transformers.__version__} "
+            "knows, and the appliance never runs a model's own code (trust_remote_code); export the model to ONNX "
+            "where its code runs and give the .onnx file (--task tensor), or give a model of a known type"
+        )
+    text = task in ("feature-extraction", "text-classification")
+    masked = modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if text and (config.get("is_encoder_decoder") or kind not in masked):
+        what = "an encoder-decoder" if config.get("is_encoder_decoder") else "a text generator (decoder)"
+        raise SourceError(
+            f"{folder}: model_type {kind!r} is {what}; a text export serves {_TEXT_FAMILIES}: give such a model "
+            "(a sentence-transformers checkpoint, a fine-tuned BERT classifier)"
+        )
+    if kind not in getattr(modeling_auto, _TASK_MAPPINGS[task]):
+        has = [t for t, mapping in _TASK_MAPPINGS.items() if kind in getattr(modeling_auto, mapping)]
+        raise SourceError(
+            f"{folder}: transformers has no {task} model for model_type {kind!r}"
+            + (f"; it has {', '.join(has)}: pass --task {has[0]}" if has else "")
+        )
 
 
 def _missing_head(folder: Path, task: str, config: dict[str, Any], missing: list[str]) -> str:

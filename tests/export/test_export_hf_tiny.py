@@ -465,3 +465,37 @@ def test_coheres_sdk_reranks_through_a_real_server(tinyrerank: tuple[Path, Path,
         assert abs(r.relevance_score - want[r.index]) < 2e-2, (r, want)
     assert [r.document.text for r in one.results if r.document is not None] == [documents[i] for i in order]
     assert refused.value.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("config", "task", "expected"),
+    [
+        ({"model_type": "gpt2"}, "feature-extraction", "model_type 'gpt2' is a text generator (decoder)"),
+        ({"model_type": "t5", "is_encoder_decoder": True}, "feature-extraction", "'t5' is an encoder-decoder"),
+        (
+            {"model_type": "acme_risk", "architectures": ["AcmeRiskNet"]},
+            "feature-extraction",
+            "model_type 'acme_risk' (architectures: AcmeRiskNet) is not one transformers",
+        ),
+        ({}, "image-classification", "transformers has no image-classification model for model_type 'bert'"),
+    ],
+    ids=["decoder", "encoder-decoder", "unknown", "bert-as-image"],
+)
+def test_an_architecture_it_cannot_export_is_named_before_anything_loads(
+    tmp_path: Path, config: dict[str, object], task: str, expected: str
+) -> None:
+    """gpt2 and t5 failed after the slow export on an input the graph had (position_ids,
+    decoder_input_ids); an unknown architecture was told to upgrade transformers (offline) and to repair
+    its weights; a BERT folder exported as an image classifier got a 2 KB list of config classes."""
+    import json
+
+    from runtime.errors import SourceError
+
+    folder = _tiny_bert_folder(tmp_path / "bert")
+    written = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**written, **config}))
+    with pytest.raises(SourceError) as refused:
+        export_model(ExportSpec(source=folder, task=task, name="x", repository=tmp_path / "r", timing="quick"))
+    assert expected in str(refused.value)
+    assert "pip install" not in str(refused.value) and "repair or replace its weights" not in str(refused.value)
+    assert len(str(refused.value)) < 600
