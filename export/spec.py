@@ -172,6 +172,30 @@ def check_gates(task: str, gates: Mapping[str, Any], *, labelled: bool = False) 
             )
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ExportError(f"gate {key!r}: {value!r} is not a finite number (e.g. --gate {key}=0.98)")
+        if (why := _never_met(str(key), float(value))) is not None:
+            raise ExportError(f"gate {key!r}: {value:g} can never be met ({why}); every variant would fail it")
+
+
+#: the range a metric's values lie in (a gate outside it fails every variant, after the whole export)
+_METRIC_RANGES = {
+    "cosine_mean": (-1.0, 1.0),
+    "cosine_min": (-1.0, 1.0),
+    "topk_agreement": (0.0, 1.0),
+    "top1_agreement": (0.0, 1.0),
+    "label_accuracy": (0.0, 1.0),
+    "max_prob_diff": (0.0, 1.0),
+}
+
+
+def _never_met(key: str, value: float) -> str | None:
+    """Why a ``min_``/``max_`` gate of ``value`` no measurement can meet, or None."""
+    metric = key[4:].partition("[")[0]
+    lo, hi = _METRIC_RANGES.get(metric, (0.0, math.inf))  # the rest are differences: at least 0
+    if key.startswith("min_") and value > hi:
+        return f"{metric} is at most {hi:g}"
+    if key.startswith("max_") and value < lo:
+        return f"{metric} is at least {lo:g}"
+    return None
 
 
 def _measured(key: str, known: Sequence[str], per_output: Sequence[str]) -> bool:

@@ -12,6 +12,7 @@ from export.spec import (
     VARIANT_IDS,
     ExportSpec,
     check_gate,
+    check_gates,
     gates_for,
     parse_gate,
     parse_variants,
@@ -81,3 +82,18 @@ def test_public_surface_is_lazy_and_small() -> None:
     code = "import sys, export, export.spec; print(sorted(m for m in ('torch', 'onnxruntime', 'openvino', 'nncf') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("task", "gate", "why"),
+    [
+        ("feature-extraction", {"min_cosine_mean": 1.5}, "cosine_mean is at most 1"),
+        ("text-classification", {"min_top1_agreement": 1.01}, "top1_agreement is at most 1"),
+        ("tensor", {"max_max_rel_diff": -0.1}, "max_rel_diff is at least 0"),
+    ],
+)
+def test_a_gate_no_variant_can_meet_is_refused_before_the_export(task: str, gate: dict[str, float], why: str) -> None:
+    """--gate min_cosine_mean=1.5 ran the whole export, then every variant failed it."""
+    with pytest.raises(ExportError, match=f"can never be met \\({why}\\)"):
+        check_gates(task, gate)
+    check_gates(task, {next(iter(gate)): 0.5 if "min" in next(iter(gate)) else 0.01})  # in range: fine
