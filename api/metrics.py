@@ -20,11 +20,16 @@ With the audit log on: ``audit_records_total``, ``audit_commit_seconds`` (a summ
 commits is the group commit's size), ``audit_pending_records`` (requests waiting for
 their record to be durable), ``audit_up`` (0 while appends fail) and
 ``audit_refused_records_total``.
+And the standard process series (as Prometheus' client libraries name them):
+``process_cpu_seconds_total``, ``process_resident_memory_bytes``,
+``process_open_fds``, ``process_max_fds``, ``process_start_time_seconds``, and
+``inferbox_build_info{version}`` (always 1).
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,6 +41,8 @@ from runtime.batcher import TIME_BUCKETS, BatchStats
 from runtime.threads import ThreadCpu
 
 if TYPE_CHECKING:
+    import psutil
+
     from runtime.serving import LoadedModel
 
 __all__ = ["CONTENT_TYPE", "Histogram", "Metrics", "ModelInfo"]
@@ -70,6 +77,17 @@ def _labels(pairs: Sequence[tuple[str, str]]) -> str:
     if not pairs:
         return ""
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
+
+
+@functools.cache
+def _version() -> str:
+    """The installed inferbox's version ("unknown" when run from a tree not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("inferbox")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _num(value: float) -> str:
@@ -156,6 +174,7 @@ class Metrics:
         connection_closes: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self._lock = threading.Lock()
+        self._proc: psutil.Process | None = None
         self.thread_cpu = thread_cpu if thread_cpu is not None else ThreadCpu()
         #: the audit log's figures (None: audit off, or a sink that keeps none)
         self.audit_stats = audit_stats
@@ -380,7 +399,58 @@ class Metrics:
         out += self._audit_lines()
         out += self._certificate_lines()
         out += self._connection_lines()
+        out += self._process_lines()
         return "\n".join(out) + "\n"
+
+    def _process_lines(self) -> list[str]:
+        """This process's CPU, memory, open files and start, and the build (the series an SRE's dashboards
+        and alerts expect: memory growth, a file-descriptor limit near, a restart)."""
+        try:
+            proc = self._process()
+            with proc.oneshot():
+                cpu, memory, started = proc.cpu_times(), proc.memory_info(), proc.create_time()
+                fds = proc.num_fds()
+            import resource
+
+            max_fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except Exception:  # a scrape never fails for these series: they are left out
+            logger.exception("could not read this process's figures")
+            return []
+        lines = [
+            "# HELP process_cpu_seconds_total CPU time of this process (user and system).",
+            "# TYPE process_cpu_seconds_total counter",
+            f"process_cpu_seconds_total {_num(cpu.user + cpu.system)}",
+            "# HELP process_resident_memory_bytes Resident memory of this process.",
+            "# TYPE process_resident_memory_bytes gauge",
+            f"process_resident_memory_bytes {memory.rss}",
+            "# HELP process_open_fds Open file descriptors (connections among them).",
+            "# TYPE process_open_fds gauge",
+            f"process_open_fds {fds}",
+        ]
+        if max_fds != resource.RLIM_INFINITY:
+            lines += [
+                "# HELP process_max_fds The process's limit of open file descriptors (LimitNOFILE).",
+                "# TYPE process_max_fds gauge",
+                f"process_max_fds {max_fds}",
+            ]
+        lines += [
+            "# HELP process_start_time_seconds When this process started (Unix time).",
+            "# TYPE process_start_time_seconds gauge",
+            f"process_start_time_seconds {_num(started)}",
+            "# HELP inferbox_build_info The inferbox version serving (always 1).",
+            "# TYPE inferbox_build_info gauge",
+            f"inferbox_build_info{_labels([('version', _version())])} 1",
+        ]
+        return lines
+
+    def _process(self) -> psutil.Process:
+        import os
+
+        import psutil
+
+        if self._proc is None or self._proc.pid != os.getpid():  # a worker forked after it was made
+            self._proc = psutil.Process()
+        return self._proc
 
     def _connection_lines(self) -> list[str]:
         if self.connection_closes is None:

@@ -45,10 +45,18 @@ logger = logging.getLogger(__name__)
 WRITE_EVERY_S = 1.0
 #: gauges every worker reports alike (one value per model, not a share of the work): the largest
 SAME_IN_EVERY_WORKER = frozenset(
-    {"inferbox_model_info", "inferbox_static_shapes", "inferbox_tls_certificate_expiry_timestamp_seconds"}
+    {
+        "inferbox_model_info",
+        "inferbox_static_shapes",
+        "inferbox_tls_certificate_expiry_timestamp_seconds",
+        "inferbox_build_info",
+    }
 )
 #: gauges of a state each worker has on its own, where one worker's trouble is the service's: the least
-LEAST_OF_EVERY_WORKER = frozenset({"inferbox_audit_up", "inferbox_model_ready"})
+#: (the file-descriptor limit nearest, the first start)
+LEAST_OF_EVERY_WORKER = frozenset(
+    {"inferbox_audit_up", "inferbox_model_ready", "process_max_fds", "process_start_time_seconds"}
+)
 RETIRED = "retired.prom"
 _SUMMED = ("counter", "histogram", "summary")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +248,34 @@ def test_model_ready_of_several_workers_is_the_least() -> None:
     up, down = (Metrics().render({}, [], [("m", 1, ok)]) for ok in (True, False))
     assert 'inferbox_model_ready{model="m",version="1"} 0' in merge([up, down], []).splitlines()
     assert 'inferbox_model_ready{model="m",version="1"} 1' in merge([up, up], []).splitlines()
+
+
+def test_the_process_series_an_sre_alerts_on_are_there_and_merge_sensibly() -> None:
+    """No memory, open-files, start-time or build series: the usual alerts (memory growth, the file limit
+    near, a restart) could not be written."""
+    import os
+    import resource
+    import time
+
+    import psutil
+
+    text = Metrics().render({}, [])
+    values = {
+        line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if not line.startswith("#")
+    }
+    me = psutil.Process()
+    assert abs(values["process_resident_memory_bytes"] - me.memory_info().rss) < 256 << 20
+    assert values["process_open_fds"] >= 3 and values["process_start_time_seconds"] == pytest.approx(me.create_time())
+    assert 0 < values["process_cpu_seconds_total"] <= time.process_time() + 1
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert values.get("process_max_fds") == (None if soft == resource.RLIM_INFINITY else soft)
+    assert any(k.startswith('inferbox_build_info{version="') for k in values)
+    assert "# TYPE process_cpu_seconds_total counter" in text and os.getpid() == me.pid
+    # two workers: memory and files add up, the start is the first one's, the build the same
+    other = re.sub(r"(?m)^process_start_time_seconds .*$", "process_start_time_seconds 1", text)
+    merged = {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in merge([text, other], []).splitlines()}
+    assert float(merged["process_open_fds"]) == 2 * values["process_open_fds"]
+    assert merged["process_start_time_seconds"] == "1"
+    assert [k for k in merged if k.startswith("inferbox_build_info")] and all(
+        v == "1" for k, v in merged.items() if k.startswith("inferbox_build_info")
+    )
