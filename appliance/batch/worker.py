@@ -487,13 +487,16 @@ class BatchWorker:
             self._job_failed(job, message, summary, marked=True)
 
     def _job_failed(self, job: Job, message: str, summary: RunSummary | None, *, marked: bool = False) -> None:
+        """The job failed (``marked``: the state says so already): one ERROR line, ``batch_end``."""
         if not marked and not self.store.fail_job(job.job_id, message):
             return  # failed (or done) before, by another worker or an earlier chunk: recorded then
+        # the job as it is now: its error as recorded (with the fix), and a version pinned after the lease
+        with contextlib.suppress(BatchError, sqlite3.Error):
+            job = self.store.require_job(job.job_id)
+        # the one line a job's failure leaves in the journal, above INFO: what an alert can match
+        log.error("batch job %s failed: %s", job.job_id, job.error or message)
         if self.audit is not None:
             now = _utc(self.clock())
-            # the job as it is now: a lease taken before the job's version was pinned holds no version
-            with contextlib.suppress(BatchError, sqlite3.Error):
-                job = self.store.require_job(job.job_id)
             model = self._loaded(job)
             self.audit.append(self._event("batch_end", job, model, "failure", now, now, {"error": message[:500]}))
         if summary is not None:
@@ -516,7 +519,6 @@ class BatchWorker:
     def fail_exhausted(self, summary: RunSummary | None = None) -> None:
         """Fail the jobs whose chunk's worker died ``max_attempts`` times (see :meth:`JobStore.fail_exhausted`)."""
         for job_id, error in self.store.fail_exhausted(self.config.max_attempts):
-            log.error("batch job %s failed: %s", job_id, error)
             self._job_failed(self.store.require_job(job_id), error, summary, marked=True)
 
     def prepare(self, lease: Lease, summary: RunSummary | None = None) -> tuple[BatchModel, ChunkTask] | None:
@@ -543,7 +545,8 @@ class BatchWorker:
         """A model that is not there or does not fit fails the job; a load that failed some other way
         counts as an attempt of the chunk."""
         if isinstance(exc, InferboxError):
-            self._job_failed(job, str(exc), summary)
+            # the package or the model is the operator's to mend (the error says how); a retry then runs it
+            self._job_failed(job, f"{exc}; then `inferbox batch retry {job.job_id}` runs the job", summary)
             # the chunk did not run: it is held no longer (a retry runs it, a purge may go on)
             self.store.give_back(job.job_id, lease.plan.idx, self.worker_id)
         else:
@@ -573,7 +576,6 @@ class BatchWorker:
         other error spends an attempt of the chunk."""
         if isinstance(exc, InputChangedError):
             job_id = lease.job.job_id
-            log.error("batch job %s failed: %s", job_id, exc)
             if self.store.fail_job(job_id, str(exc), chunk=lease.plan.idx):  # one worker fails it, and says so
                 self._job_failed(self.store.require_job(job_id), str(exc), summary, marked=True)
             return False
@@ -685,7 +687,6 @@ class BatchWorker:
     def _finish_failed(self, job_id: str, exc: Exception, summary: RunSummary) -> None:
         job = self.store.require_job(job_id)
         message = f"finishing the job failed: {type(exc).__name__}: {exc}; {_RETRY.format(job_id=job_id)}"
-        log.error("batch job %s: %s", job_id, message)
         self._job_failed(job, message, summary)
 
     def _event(

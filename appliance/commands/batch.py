@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -33,6 +34,11 @@ __all__ = ["batch", "settings_loader"]
 log = logging.getLogger(__name__)
 
 DEFAULT_LOADER = "appliance.server:batch_loader"
+
+#: exit status of a ``batch run --once`` in which a job failed (its ERROR line names the job and the
+#: fix): the run itself went on with the other jobs, and a restart cannot mend the job
+#: (``RestartPreventExitStatus=``); 2 is a machine error, 78 a refused configuration
+EXIT_JOB_FAILED = 3
 
 
 def settings_loader(target: str, settings: Settings) -> Any:
@@ -296,6 +302,7 @@ def run(
     store: JobStore | None = None
     worker: BatchWorker | None = None
     previous_sigterm = signal.getsignal(signal.SIGTERM)
+    failed = False
     try:
         if mode == "once":
             # systemd stops the batch service (systemctl stop, a reboot) with SIGTERM, which ended the
@@ -349,6 +356,7 @@ def run(
                 f"accepted {len(summary.accepted)} job(s), ran {summary.chunks} chunk(s), "
                 f"finished {len(summary.finished)}, failed {len(summary.failed)}{refused}"
             )
+            failed = bool(summary.failed)
         else:
             stop = threading.Event()
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -390,6 +398,8 @@ def run(
     store.close()
     if audit is not None:
         audit.close()
+    if failed:  # each failed job's ERROR line is in the log above
+        sys.exit(EXIT_JOB_FAILED)
 
 
 class _Terminated(SystemExit):

@@ -748,7 +748,7 @@ def test_a_failed_job_that_wrote_no_outputs_is_not_shown_as_purged(tmp_path: Pat
     the repository lacks): its input copy is still there, nothing was purged."""
     cli = _Cli(tmp_path, '{"id": 1, "text": "a"}\n')
     job = str(cli("batch", "submit", str(cli.src), "--model", "nomodel").stdout.strip())
-    assert cli("batch", "run", "--once").exit_code == 0
+    assert cli("batch", "run", "--once").exit_code == 3  # a job failed
     shown = cli("batch", "status", job).output
     assert " failed " in shown and "deleted" not in shown, shown
     assert "outputs_deleted" not in json.loads(cli("batch", "status", job, "--json").output)["jobs"][0]

@@ -336,7 +336,9 @@ def test_a_model_the_repository_lacks_fails_its_job_with_the_loaders_error(tmp_p
     box = Box(tmp_path, repo.load, latest=repo.latest)
     job_id = box.submit(_texts(5), model="no-such-model")
     assert box.worker.run_once().failed == [job_id]
-    assert box.store.require_job(job_id).error == "the loader: model 'no-such-model' is not in the repository"
+    assert box.store.require_job(job_id).error == (
+        f"the loader: model 'no-such-model' is not in the repository; then `inferbox batch retry {job_id}` runs the job"
+    )
     assert repo.loads == [("no-such-model", None)]  # "latest" could not be read: the loader tells why
     # nothing of it is held: the chunk it leased is given back (purge refused a failed job for the
     # lease's 10 minutes, "a worker still holds 1 of its chunks", with no worker running)
