@@ -72,10 +72,16 @@ class Lease(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Activity(msgspec.Struct, frozen=True, kw_only=True):
-    """An unfinished job's chunks (and claims) held by a worker now, and its next retry's time."""
+    """An unfinished job's chunks (and claims) held by a worker now, and its next retry's time.
+
+    ``gone``: leases not yet expired whose worker is known to be gone (``gone_workers``: a process
+    of this host that no longer runs); the next run takes them back at once.  ``held`` counts the others.
+    """
 
     held: int
     retry_at: float | None
+    gone: int = 0
+    gone_workers: list[str] = msgspec.field(default_factory=list)
 
 
 _JOB_SELECT = (
@@ -534,21 +540,45 @@ class JobStore:
         ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    def activity(self) -> dict[str, Activity]:
+    def activity(self, gone: Callable[[str], bool] | None = None) -> dict[str, Activity]:
         """What is happening to each unfinished job now: how many of its chunks (and claims) a worker
         holds, and when its earliest chunk given back after a failure may run again.  A job none holds
-        is waiting for a run: its state stays ``running`` once started (``batch status`` says so)."""
+        is waiting for a run: its state stays ``running`` once started (``batch status`` says so).
+
+        ``gone`` tells a worker id known to be gone (:func:`appliance.batch.holders.gone_here`): its
+        leases are counted apart, not as a worker at the job (a run killed with ``kill -9``)."""
         now = self.clock()
         rows = self._rows(
-            "SELECT j.job_id, "
-            "(SELECT COUNT(*) FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state = 'leased' "
-            "AND c.lease_until >= ?) + (j.claim_worker IS NOT NULL AND j.claim_until >= ?) AS held, "
-            "(SELECT MIN(c.lease_until) FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state = 'pending' "
-            "AND c.lease_until > ?) AS retry_at FROM batch_jobs j WHERE j.state IN ('queued', 'running')",
-            (now, now, now),
+            "SELECT j.job_id, (SELECT MIN(c.lease_until) FROM batch_chunks c WHERE c.job_id = j.job_id "
+            "AND c.state = 'pending' AND c.lease_until > ?) AS retry_at FROM batch_jobs j "
+            "WHERE j.state IN ('queued', 'running')",
+            (now,),
         )
+        holders = self._rows(
+            "SELECT c.job_id, c.worker FROM batch_chunks c JOIN batch_jobs j ON j.job_id = c.job_id "
+            "WHERE j.state IN ('queued', 'running') AND c.state = 'leased' AND c.lease_until >= ? UNION ALL "
+            "SELECT job_id, claim_worker FROM batch_jobs WHERE state IN ('queued', 'running') "
+            "AND claim_worker IS NOT NULL AND claim_until >= ?",
+            (now, now),
+        )
+        verdicts: dict[str, bool] = {}  # one question a worker
+        held: dict[str, int] = {}
+        lost: dict[str, list[str]] = {}
+        for h in holders:
+            worker = str(h["worker"] or "")
+            if worker not in verdicts:
+                verdicts[worker] = gone is not None and bool(worker) and gone(worker)
+            if verdicts[worker]:
+                lost.setdefault(h["job_id"], []).append(worker)
+            else:
+                held[h["job_id"]] = held.get(h["job_id"], 0) + 1
         return {
-            r["job_id"]: Activity(held=int(r["held"]), retry_at=None if r["retry_at"] is None else float(r["retry_at"]))
+            r["job_id"]: Activity(
+                held=held.get(r["job_id"], 0),
+                retry_at=None if r["retry_at"] is None else float(r["retry_at"]),
+                gone=len(lost.get(r["job_id"], [])),
+                gone_workers=sorted(set(lost.get(r["job_id"], []))),
+            )
             for r in rows
         }
 

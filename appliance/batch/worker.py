@@ -43,6 +43,7 @@ from typing import IO, Protocol
 import msgspec
 
 from api.protocols import AuditEvent, Digest
+from appliance.batch.holders import gone_here
 from appliance.batch.jobs import Job, JobStore, Lease
 from appliance.batch.model import BatchModel, LatestVersion, ModelLoader
 from appliance.batch.readers import InputChangedError, plan_chunks
@@ -186,16 +187,6 @@ def finish_outputs(out_dir: Path, chunks: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             (out_dir / rejects_name(i)).unlink()
     remove_temp_files(out_dir)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class BatchWorker:
@@ -413,13 +404,9 @@ class BatchWorker:
 
     def reclaim_dead(self) -> int:
         """Expire at once the leases of dead worker processes on this host."""
-        prefix = f"{self.host}:"
         reclaimed = 0
         for worker in self.store.leased_workers():
-            if not worker.startswith(prefix):
-                continue
-            pid_text = worker[len(prefix) :].split(":")[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(int(pid_text)):
+            if gone_here(worker, self.host):
                 reclaimed += self.store.expire_worker(worker)
         return reclaimed
 

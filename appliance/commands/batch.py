@@ -222,9 +222,20 @@ def _model_hint(settings: Settings, model: str, version: int | None) -> tuple[bo
 def _activity_line(now: Activity) -> str:
     """What an unfinished job's state does not say: whether a worker is at it (a stopped `batch run`
     left a job "running" that nothing ran)."""
+    said = []
     if now.held:
-        # a lease not yet expired: a worker killed with kill -9 still holds it until --lease-seconds pass
-        return f"a worker is at it now ({now.held} lease(s) of its chunks or of its start or finish not yet expired)"
+        # a lease not yet expired: a worker of another host killed with kill -9 still holds it until
+        # --lease-seconds pass (one of this host is known to be gone: below)
+        said.append(
+            f"a worker is at it now ({now.held} lease(s) of its chunks or of its start or finish not yet expired)"
+        )
+    if now.gone:
+        said.append(
+            f"its worker {', '.join(now.gone_workers)} is gone (no such process on this host): the next "
+            f"`inferbox batch run` (or the batch service) takes back its {now.gone} lease(s) at once"
+        )
+    if said:
+        return "; ".join(said)
     if now.retry_at is not None:
         at = datetime.fromtimestamp(now.retry_at, UTC).strftime("%H:%M:%S UTC")
         return f"waiting: a chunk that failed is tried again from {at} by `inferbox batch run` (or the batch service)"
@@ -614,6 +625,7 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
     """Show jobs (or one JOB): state, chunks done, records, ok, rejected; queued spool entries too."""
     import msgspec
 
+    from appliance.batch.holders import gone_here
     from appliance.batch.jobs import JobStore
     from appliance.batch.spool import pending
 
@@ -629,7 +641,7 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
         queued = [q for q in queued if store.job(q) is None]
         if job_id is not None and job_id not in queued and not jobs:
             jobs = [store.require_job(job_id)]
-        activity = store.activity()
+        activity = store.activity(gone=gone_here)  # a run killed with kill -9 on this host is not at work
     finally:
         store.close()
     if job_id is not None:

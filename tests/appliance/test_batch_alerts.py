@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from appliance.batch import fake
+from appliance.batch.jobs import JobStore
+from appliance.batch.worker import BatchWorker
 from appliance.batch.writers import rejects_name
 from runtime.errors import IntegrityError
 
@@ -147,3 +153,53 @@ def test_watch_logs_a_failed_job_and_goes_on(tmp_path: Path, caplog: pytest.LogC
     assert not thread.is_alive()
     assert box.store.require_job(good).state == "done"  # the run went on after the failed job
     assert len(_job_errors(caplog, failed)) == 1
+
+
+# -- a worker killed with kill -9 is not "at it" --------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    """The pid of a process of this host that has exited."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_status_says_a_killed_workers_chunk_is_taken_back_not_that_a_worker_is_at_it(tmp_path: Path) -> None:
+    """After `kill -9` of `batch run`, status said "a worker is at it now" for the lease's 600 s."""
+    home = tmp_path / "home"
+    home.mkdir()
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(line + "\n" for line in _lines(3)))
+    job_id = run_cli(home, "batch", "submit", str(src), "--model", "fake-embed").stdout.strip()
+    store = JobStore(home / "state.db")
+    dead = f"{socket.gethostname()}:{_dead_pid()}"
+    worker = BatchWorker(spool=home / "spool", outbox=home / "outbox", store=store, loader=fake.loader, worker_id=dead)
+    worker.accept_new()
+    assert store.lease(dead, 600) is not None  # what the killed run left: its lease, 600 s to run
+    store.close()
+    shown = run_cli(home, "batch", "status", job_id).stdout
+    assert "a worker is at it" not in shown, shown
+    assert f"its worker {dead} is gone (no such process on this host)" in shown, shown
+    assert "the next `inferbox batch run` (or the batch service) takes back its 1 lease(s) at once" in shown, shown
+    activity = json.loads(run_cli(home, "batch", "status", job_id, "--json").stdout)["jobs"][0]["activity"]
+    assert activity == {"held": 0, "retry_at": None, "gone": 1, "gone_workers": [dead]}, activity
+    result = run_cli(home, "batch", "run", "--once", "--loader", FAKE)  # as said: not 600 s later
+    assert result.exit_code == 0 and "ran 1 chunk(s), finished 1" in result.stdout, result.output
+
+
+def test_activity_tells_the_leases_of_workers_gone_from_this_host(tmp_path: Path) -> None:
+    from appliance.batch.holders import gone_here
+
+    box = Box(tmp_path, chunk_size=1)
+    job_id = box.submit(_lines(3))
+    box.worker.accept_new()
+    here = socket.gethostname()
+    dead, alive = f"{here}:{_dead_pid()}", f"{here}:{os.getpid()}"
+    for worker in (dead, alive, "otherhost:5"):  # a process of another host cannot be asked: held
+        assert box.store.lease(worker, 600) is not None
+    now = box.store.activity(gone=gone_here)[job_id]
+    assert (now.held, now.gone, now.gone_workers) == (2, 1, [dead])
+    assert box.store.activity()[job_id].held == 3  # without the question, as before
+    assert box.worker.reclaim_dead() == 1  # the same judgement takes the dead one's chunk back
+    assert box.store.activity(gone=gone_here)[job_id].gone == 0
