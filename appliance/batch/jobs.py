@@ -61,6 +61,7 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
     error: str
     model_sha256: str = ""  # the pinned package's sha256
     pair_field: str = ""  # each record's second text: the job scores pairs ("" = single texts)
+    last_progress_at: str | None = None  # when a chunk of it was last done (None: none yet)
 
 
 class Lease(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,7 +89,8 @@ _JOB_SELECT = (
     "SELECT j.*, (SELECT COUNT(*) FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state = 'done') "
     "AS chunks_done, (SELECT COALESCE(SUM(c.ok), 0) FROM batch_chunks c WHERE c.job_id = j.job_id "
     "AND c.state = 'done') AS ok_done, (SELECT COALESCE(SUM(c.rejected), 0) FROM batch_chunks c "
-    "WHERE c.job_id = j.job_id AND c.state = 'done') AS rejected_done FROM batch_jobs j "
+    "WHERE c.job_id = j.job_id AND c.state = 'done') AS rejected_done, (SELECT MAX(c.done_at) FROM batch_chunks c "
+    "WHERE c.job_id = j.job_id AND c.state = 'done') AS last_progress_at FROM batch_jobs j "
 )
 
 
@@ -194,12 +196,16 @@ class JobStore:
                 "rejected": int,
                 "digests": str,
                 "error": str,
+                "done_at": str,
             },
             pk=("job_id", "idx"),
             not_null=["state"],
             defaults={"attempts": 0, "ok": 0, "rejected": 0, "error": ""},
             if_not_exists=True,
         )
+        chunk_columns = {row[1] for row in self._conn.execute("PRAGMA table_info(batch_chunks)")}
+        if "done_at" not in chunk_columns:  # from before chunks recorded when they were done
+            self._conn.execute("ALTER TABLE batch_chunks ADD COLUMN done_at TEXT")
         self._conn.execute("CREATE INDEX IF NOT EXISTS batch_chunks_state ON batch_chunks (state, job_id, idx)")
 
     @contextlib.contextmanager
@@ -455,12 +461,12 @@ class JobStore:
         return Lease(job=job, plan=plan, worker=worker, lease_until=until, attempts=row["attempts"] + 1)
 
     def complete(self, job_id: str, idx: int, *, part: str, ok: int, rejected: int, digests: list[str]) -> bool:
-        """Mark a chunk done with its final file name and counts; False if it already was."""
+        """Mark a chunk done with its final file name, counts and time; False if it already was."""
         with self._tx() as conn:
             cur = conn.execute(
                 "UPDATE batch_chunks SET state = 'done', part = ?, ok = ?, rejected = ?, digests = ?, "
-                "lease_until = NULL WHERE job_id = ? AND idx = ? AND state != 'done'",
-                (part, ok, rejected, json.dumps(digests, separators=(",", ":")), job_id, idx),
+                "lease_until = NULL, done_at = ? WHERE job_id = ? AND idx = ? AND state != 'done'",
+                (part, ok, rejected, json.dumps(digests, separators=(",", ":")), utc_iso(self.clock()), job_id, idx),
             )
             return cur.rowcount == 1
 

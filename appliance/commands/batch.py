@@ -14,6 +14,7 @@ import signal
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -240,6 +241,18 @@ def _activity_line(now: Activity) -> str:
         at = datetime.fromtimestamp(now.retry_at, UTC).strftime("%H:%M:%S UTC")
         return f"waiting: a chunk that failed is tried again from {at} by `inferbox batch run` (or the batch service)"
     return "waiting: no worker is at it now; `inferbox batch run` (or the batch service) goes on with it"
+
+
+def _ago(seconds: float) -> str:
+    """A time span as a person reads it: ``45 s``, ``12 min``, ``2 h 5 min``, ``3 d 4 h``."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
 def _settings(home: Path | None, repository: Path | None) -> Settings:
@@ -625,6 +638,7 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
     """Show jobs (or one JOB): state, chunks done, records, ok, rejected; queued spool entries too."""
     import msgspec
 
+    from appliance.batch.backlog import age_s, oldest_waiting, spooled
     from appliance.batch.holders import gone_here
     from appliance.batch.jobs import JobStore
     from appliance.batch.spool import pending
@@ -646,6 +660,9 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
         store.close()
     if job_id is not None:
         queued = [q for q in queued if q == job_id]
+    now = time.time()
+    entries = spooled([settings.spool / "new" / q for q in queued])
+    oldest = oldest_waiting(entries, jobs, now)  # the backlog's age, to alert on
     # a finished job whose data is gone (`inferbox batch purge`, or batch_retention_days: its input copy
     # and its outputs; a job that failed before writing any still has its input copy)
     deleted = {
@@ -664,11 +681,15 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
                 for j in jobs
             ],
             "spooled": queued,
+            "spooled_entries": [msgspec.to_builtins(e) for e in entries],
+            "oldest_waiting": None if oldest is None else msgspec.to_builtins(oldest),
         }
         click.echo(json.dumps(body, indent=2))
         return
-    for q in queued:
-        click.echo(f"{q}  spooled (waiting for `inferbox batch run`)")
+    for e in entries:
+        waited = age_s(e.submitted_at, now)
+        since = "" if waited is None else f", submitted {_ago(waited)} ago"
+        click.echo(f"{e.job_id}  spooled (waiting for `inferbox batch run`){since}")
     for j in jobs:
         line = (
             f"{j.job_id}  {j.state:<7} model {j.model}{'' if j.version is None else f' v{j.version}'}  "
@@ -682,6 +703,11 @@ def status(home: Path | None, repository: Path | None, job_id: str | None, as_js
             line += f"\n    error: {j.error}"
         if j.job_id in activity:
             line += f"\n    {_activity_line(activity[j.job_id])}"
+            progressed = age_s(j.last_progress_at, now)
+            if progressed is not None:
+                line += f"; last chunk done {_ago(progressed)} ago"
         click.echo(line)
     if not queued and not jobs:
         click.echo("no batch jobs")
+    elif job_id is None and oldest is not None:
+        click.echo(f"oldest job waiting: {oldest.job_id} ({oldest.state}), submitted {_ago(oldest.age_s)} ago")

@@ -13,8 +13,10 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,11 @@ import pytest
 
 from appliance.batch import fake
 from appliance.batch.jobs import JobStore
-from appliance.batch.worker import BatchWorker
+from appliance.batch.spool import read_request
+from appliance.batch.worker import BatchWorker, WorkerConfig
 from appliance.batch.writers import rejects_name
 from runtime.errors import IntegrityError
+from runtime.times import utc_iso
 
 from .batch_box import Box
 from .conftest import run_cli
@@ -203,3 +207,68 @@ def test_activity_tells_the_leases_of_workers_gone_from_this_host(tmp_path: Path
     assert box.store.activity()[job_id].held == 3  # without the question, as before
     assert box.worker.reclaim_dead() == 1  # the same judgement takes the dead one's chunk back
     assert box.store.activity(gone=gone_here)[job_id].gone == 0
+
+
+# -- the backlog, dated ---------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_status_dates_spooled_entries_a_jobs_last_chunk_and_the_oldest_job_waiting(tmp_path: Path) -> None:
+    """status --json had no time for a spooled entry, none for a job's progress, and no age of the
+    backlog: nothing to alert on when jobs sat still."""
+    home = tmp_path / "home"
+    home.mkdir()
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(line + "\n" for line in _lines(2)))
+
+    def submit() -> str:
+        return str(run_cli(home, "batch", "submit", str(src), "--model", "fake-embed").stdout.strip())
+
+    done = submit()
+    assert run_cli(home, "batch", "run", "--once", "--loader", FAKE).exit_code == 0
+    stuck = submit()
+    store = JobStore(home / "state.db")
+    worker = BatchWorker(
+        spool=home / "spool",
+        outbox=home / "outbox",
+        store=store,
+        loader=fake.loader,
+        config=WorkerConfig(chunk_size=1),
+        worker_id=f"{socket.gethostname()}:{os.getpid()}",
+    )
+    worker.accept_new()
+    lease = worker.lease()
+    assert lease is not None and worker.process(lease)  # 1 chunk of 2 done, then nothing ran it
+    store.close()
+    with sqlite3.connect(home / "state.db") as conn:  # submitted two hours ago
+        conn.execute("UPDATE batch_jobs SET submitted_at = ? WHERE job_id = ?", (utc_iso(time.time() - 7200), stuck))
+    spooled = submit()
+    body = json.loads(run_cli(home, "batch", "status", "--json").stdout)
+    submitted = read_request(home / "spool" / "new" / spooled).submitted_at
+    assert body["spooled"] == [spooled]  # as it was: a list of ids
+    assert body["spooled_entries"] == [{"job_id": spooled, "model": "fake-embed", "submitted_at": submitted}]
+    jobs = {j["job_id"]: j for j in body["jobs"]}
+    for job_id in (done, stuck):
+        assert jobs[job_id]["started_at"] <= jobs[job_id]["last_progress_at"] <= utc_iso(), jobs[job_id]
+    oldest = body["oldest_waiting"]
+    assert (oldest["job_id"], oldest["state"]) == (stuck, "running") and 7190 < oldest["age_s"] < 7300, oldest
+    shown = run_cli(home, "batch", "status").stdout
+    assert f"{spooled}  spooled (waiting for `inferbox batch run`), submitted " in shown, shown
+    assert "; last chunk done " in shown.split(stuck)[1], shown
+    assert shown.splitlines()[-1] == f"oldest job waiting: {stuck} (running), submitted 2 h 0 min ago", shown
+    one = json.loads(run_cli(home, "batch", "status", done, "--json").stdout)
+    assert one["oldest_waiting"] is None and one["spooled_entries"] == []
+
+
+def test_a_state_database_from_before_chunk_times_opens_and_gets_them(tmp_path: Path) -> None:
+    box = Box(tmp_path)
+    old = box.submit(_lines(2))
+    box.worker.run_once()
+    box.store.close()
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        conn.execute("ALTER TABLE batch_chunks DROP COLUMN done_at")  # as a box before the column had it
+    box = Box(tmp_path)
+    assert box.store.require_job(old).last_progress_at is None  # its chunk ended at a time not recorded
+    new = box.submit(_lines(2), name="b.jsonl")
+    box.worker.run_once()
+    assert box.store.require_job(new).last_progress_at == utc_iso(box.clock.t)

@@ -377,7 +377,8 @@ def test_status_shows_a_job_recorded_before_a_crash_once(tmp_path: Path, monkeyp
     store.close()
     r = CliRunner().invoke(main, ["batch", "status", "--home", str(home)])
     assert r.exit_code == 0, r.output
-    assert r.output.count(job_id) == 1 and "queued" in r.output
+    shown = [line for line in r.output.splitlines() if line.startswith(job_id)]  # the last line names it too
+    assert len(shown) == 1 and "queued" in shown[0], r.output
 
 
 # -- 4. a job runs on one model version and package ----------------------------------------------
