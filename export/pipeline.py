@@ -544,7 +544,19 @@ class _Exporter:
 
         p = self.prepared
         assert p is not None
-        for recipe in ort_recipes(p, fp32, optimized):
+        recipes = ort_recipes(p, fp32, optimized)
+        asked = self.spec.int8_recipe
+        for recipe in recipes:
+            if asked != "auto" and not recipe.name.startswith(asked):
+                self.attempts.append(
+                    Attempt(
+                        variant="onnx-int8",
+                        recipe=recipe.name,
+                        kept=False,
+                        reason=f"not tried: --int8-recipe {asked}",
+                    )
+                )
+                continue
             candidate = work / f"int8-{recipe.name}.onnx"
             self.say("quantize", f"onnx-int8 recipe {recipe.name}")
             try:

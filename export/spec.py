@@ -80,6 +80,9 @@ PER_OUTPUT_METRICS = ("max_abs_diff", "max_rel_diff")
 
 #: (warmup runs, timed runs) per scenario
 TIMING_RUNS: dict[str, tuple[int, int]] = {"quick": (1, 2), "full": (3, 20)}
+#: which ONNX Runtime INT8 recipes an export tries (export.quantize): all in their order, or only the
+#: static ones (calibrated on the samples) or the dynamic ones (activations quantized at run time)
+INT8_RECIPES = ("auto", "static", "dynamic")
 #: seconds of calls per scenario (warm-up included) after which "full" timing stops early
 TIMING_BUDGET_S = 5.0
 #: "full" timing goes on past its runs until the timed calls took this long (a 0.1 s window of
@@ -273,6 +276,8 @@ class ExportSpec:
     #: the new version may change the interface of the name's newest version (task, tensors, embedding
     #: dimension, labels: :mod:`runtime.interface`); without it such an export is refused
     new_interface: bool = False
+    #: the ONNX Runtime INT8 recipes tried: :data:`INT8_RECIPES`
+    int8_recipe: str = "auto"
 
     def __post_init__(self) -> None:
         metric_kind(self.task)
@@ -281,6 +286,8 @@ class ExportSpec:
             raise ExportError(f"timing {self.timing!r} is not one of {', '.join(TIMING_RUNS)}")
         parse_variants(self.variants)
         check_version(self.version)
+        if self.int8_recipe not in INT8_RECIPES:
+            raise ExportError(f"int8 recipe {self.int8_recipe!r} is not one of {', '.join(INT8_RECIPES)}")
 
 
 def check_version(version: int | None) -> None:

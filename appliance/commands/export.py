@@ -153,6 +153,15 @@ def _label(source: str) -> str:
 @click.option("--timing", type=click.Choice(["quick", "full"]), default="full", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option(
+    "--int8-recipe",
+    type=click.Choice(["auto", "static", "dynamic"]),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime INT8 recipes to try: all in order (the first that passes is kept), only static QDQ "
+    "(calibrated on --calibration), or only dynamic (activations quantized at run time). OpenVINO INT8 is "
+    "always calibrated.",
+)
+@click.option(
     "--new-interface",
     is_flag=True,
     help="The new version may change the interface of the name's newest version (task, inputs, outputs, "
@@ -172,6 +181,7 @@ def export_cmd(
     timing: str,
     as_json: bool,
     new_interface: bool,
+    int8_recipe: str,
     home: Path | None,
     repository: Path | None,
 ) -> None:
@@ -202,6 +212,7 @@ def export_cmd(
         source_label=_label(source) if example is not None else None,
         signing_key=resolve_signing_key(settings, sign),
         new_interface=new_interface,
+        int8_recipe=int8_recipe,
     )
     started = datetime.now(UTC)
     manifest = export_model(spec, progress=_progress)

@@ -12,7 +12,7 @@ from export.quantize import count_ops
 from export.spec import ExportSpec
 from runtime.backends.base import OpenOptions
 from runtime.backends.registry import get_backend
-from runtime.errors import GateError, SourceError
+from runtime.errors import ExportError, GateError, SourceError
 from runtime.manifest import Manifest
 from runtime.package import read_package
 
@@ -328,3 +328,33 @@ def test_the_report_says_whose_samples_decided_what_passed(
         manifest.notes["validation_source"] == "file mine.npz (the calibration samples: none were given for validation)"
     )
     assert manifest.notes["validation_samples"] == "24"  # the file's rows, not 64 random ones
+
+
+@pytest.mark.parametrize("asked", ["static", "dynamic"])
+def test_the_int8_recipes_tried_can_be_chosen(tmp_path: Path, tiny_onnx: Path, asked: str) -> None:
+    """Static QDQ was only the fourth recipe for a transformer and could not be asked for: a calibration
+    file then fed no ONNX Runtime variant when a dynamic recipe passed first."""
+    manifest = export_model(
+        ExportSpec(
+            source=tiny_onnx,
+            task="tensor",
+            name="mlp",
+            repository=tmp_path / "repo",
+            timing="quick",
+            variants=("onnx-fp32", "onnx-int8"),
+            int8_recipe=asked,
+            validation={"x": np.random.default_rng(0).uniform(0, 1, (32, 16)).astype(np.float32)},
+        )
+    )
+    int8 = [a for a in manifest.attempts if a.variant == "onnx-int8"]
+    tried = [a.recipe for a in int8 if a.reason != f"not tried: --int8-recipe {asked}"]
+    skipped = [a.recipe for a in int8 if a.reason == f"not tried: --int8-recipe {asked}"]
+    assert tried and all(r.startswith(asked) for r in tried), int8
+    assert not any(r.startswith(asked) for r in skipped)
+    if asked == "dynamic":  # a small MLP's first recipe is static QDQ: passed over, said so
+        assert "static-qdq" in skipped
+
+
+def test_an_unknown_int8_recipe_is_refused_before_any_work(tmp_path: Path, tiny_onnx: Path) -> None:
+    with pytest.raises(ExportError, match="int8 recipe 'fast' is not one of auto, static, dynamic"):
+        ExportSpec(source=tiny_onnx, task="tensor", name="m", repository=tmp_path, int8_recipe="fast")
