@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import sqlite_utils
 
+from appliance.batch.holders import gone_here
 from appliance.batch.readers import ChunkPlan
 from appliance.batch.spool import JobRequest
 from appliance.sqlite import enable_wal
@@ -588,17 +589,19 @@ class JobStore:
             for r in rows
         }
 
-    def held(self, job_id: str) -> int:
+    def held(self, job_id: str, gone: Callable[[str], bool] = gone_here) -> int:
         """How many of the job's chunks (and its claim) a worker holds now, whatever the job's state (a
-        failed job's other chunks run to their end)."""
+        failed job's other chunks run to their end); a lease of a worker gone from this host is held by
+        nobody (after a ``kill -9`` purge was refused until the lease ran out, 10 minutes, while
+        ``batch status`` said the worker was gone)."""
         now = self.clock()
         rows = self._rows(
-            "SELECT (SELECT COUNT(*) FROM batch_chunks c WHERE c.job_id = j.job_id AND c.state = 'leased' "
-            "AND c.lease_until >= ?) + (j.claim_worker IS NOT NULL AND j.claim_until >= ?) AS held "
-            "FROM batch_jobs j WHERE j.job_id = ?",
-            (now, now, job_id),
+            "SELECT worker FROM batch_chunks WHERE job_id = ? AND state = 'leased' AND lease_until >= ? "
+            "UNION ALL SELECT claim_worker FROM batch_jobs WHERE job_id = ? AND claim_worker IS NOT NULL "
+            "AND claim_until >= ?",
+            (job_id, now, job_id, now),
         )
-        return int(rows[0]["held"]) if rows else 0
+        return sum(1 for r in rows if not gone(str(r["worker"])))
 
     def leased_workers(self) -> list[str]:
         """Workers holding a lease (of a chunk, or a claim of a job) now."""

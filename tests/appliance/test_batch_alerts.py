@@ -205,6 +205,8 @@ def test_activity_tells_the_leases_of_workers_gone_from_this_host(tmp_path: Path
     now = box.store.activity(gone=gone_here)[job_id]
     assert (now.held, now.gone, now.gone_workers) == (2, 1, [dead])
     assert box.store.activity()[job_id].held == 3  # without the question, as before
+    # what purge asks: the dead worker's lease holds nothing back (it refused purge for the lease's 600 s)
+    assert box.store.held(job_id) == 2 and box.store.held(job_id, gone=lambda _worker: False) == 3
     assert box.worker.reclaim_dead() == 1  # the same judgement takes the dead one's chunk back
     assert box.store.activity(gone=gone_here)[job_id].gone == 0
 
