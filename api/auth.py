@@ -75,6 +75,13 @@ class RateLimiter:
                 )
             b.tokens -= cost
 
+    def give_back(self, key_id: str, per_minute: int, cost: int, unit: str) -> None:
+        """Return ``cost`` taken by :meth:`take` for a request the server then refused (nothing of it ran)."""
+        with self._lock:
+            b = self._buckets.get((key_id, unit))
+            if b is not None:
+                b.tokens = min(float(per_minute), b.tokens + cost)
+
 
 class Authenticator:
     """Turns an Authorization header into a :class:`Principal`, or raises AuthError/Forbidden/Overload."""
@@ -132,17 +139,18 @@ class Authenticator:
         rate = principal.rate_limit_per_minute or self.default_rate
         self.limiter.take(principal.key_id, rate)
 
-    def token_charge(self, principal: Principal | None) -> Callable[[int, str], None] | None:
+    def token_charge(self, principal: Principal | None) -> Callable[[int, str], Callable[[], None]] | None:
         """What charges a text request's tokens to ``principal``'s tokens-per-minute bucket, once its texts
-        are tokenized (None: no limit).  A request that brings more than a whole minute's tokens can
-        never pass: a 400 naming ``field`` instead of a 429 to retry."""
+        are tokenized (None: no limit); it returns what gives them back, for a request the server then
+        refuses (a full queue: not the key's doing).  A request that brings more than a whole minute's
+        tokens can never pass: a 400 naming ``field`` instead of a 429 to retry."""
         if principal is None or principal is ANONYMOUS:
             return None
         per_minute = principal.tokens_per_minute or self.default_tokens
         if per_minute <= 0:
             return None
 
-        def charge(tokens: int, field: str) -> None:
+        def charge(tokens: int, field: str) -> Callable[[], None]:
             if tokens > per_minute:
                 raise InputError(
                     f"{field}: {tokens} tokens in one request is over the limit of {per_minute} tokens per minute "
@@ -150,11 +158,12 @@ class Authenticator:
                     field=field,
                 )
             self.limiter.take(principal.key_id, per_minute, tokens, "tokens")
+            return lambda: self.limiter.give_back(principal.key_id, per_minute, tokens, "tokens")
 
         return charge
 
 
-def token_charge(request: Any) -> Callable[[int, str], None] | None:
+def token_charge(request: Any) -> Callable[[int, str], Callable[[], None]] | None:
     """The tokens-per-minute charge of ``request``'s key (:meth:`Authenticator.token_charge`), None when unlimited."""
     auth: Authenticator | None = request.app.state.get("auth")
     return auth.token_charge(context_of(request.scope).principal) if auth is not None else None

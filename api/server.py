@@ -42,8 +42,9 @@ __all__ = ["INLINE_BODY_BYTES", "INLINE_CHARS", "Server", "TextItem", "TokenChar
 logger = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
-#: takes a request's tokens (and the field its texts came in, for the error) from its key's bucket
-TokenCharge = Callable[[int, str], None]
+#: takes a request's tokens (and the field its texts came in, for the error) from its key's bucket;
+#: returns what gives them back
+TokenCharge = Callable[[int, str], Callable[[], None]]
 
 Array = npt.NDArray[Any]
 
@@ -297,12 +298,11 @@ class Server:
         tokens = await off_loop_if_large(
             _chars(texts), INLINE_CHARS, model.tokenize, texts, truncate=self.config.truncate, field=field
         )
-        if charge is not None:
-            charge(sum(len(t) for t in tokens), field)
+        refund = charge(sum(len(t) for t in tokens), field) if charge is not None else None
         batcher = await self.text_batcher(model)
         # all of the request's texts are queued or none (a full queue refuses the whole request,
         # leaving nothing of it to compute); a failed text or a client gone withdraws the rest
-        results = await batcher.submit_many([TextItem(t) for t in tokens], field=field)
+        results = await _admitted(batcher, [TextItem(t) for t in tokens], field, refund)
         truncated = [i for i, t in enumerate(tokens) if t.truncated]
         if not results:
             return np.zeros((0, 0), dtype=np.float32), [], truncated
@@ -323,10 +323,9 @@ class Server:
         tokens = await off_loop_if_large(
             chars, INLINE_CHARS, model.tokenize_pairs, query, documents, truncate=self.config.truncate
         )
-        if charge is not None:
-            charge(sum(len(t) for t in tokens), "documents")
+        refund = charge(sum(len(t) for t in tokens), "documents") if charge is not None else None
         batcher = await self.text_batcher(model)
-        results = await batcher.submit_many([TextItem(t) for t in tokens])
+        results = await _admitted(batcher, [TextItem(t) for t in tokens], "documents", refund)
         logits = np.array([float(r[0].reshape(-1)[0]) for r in results], dtype=np.float64)
         if not bool(np.isfinite(logits).all()):  # would be "relevance_score": null, which clients cannot parse
             raise BackendError(f"model {model.name!r} answered NaN or Inf for a document; its package needs a look")
@@ -415,6 +414,29 @@ class Server:
             stats.setdefault(metric_label(m, kind), []).append(b.stats)
         models = [ModelInfo.of(m) for m in self.registry.loaded()]
         return self.metrics.render(stats, models, self.registry.readiness())
+
+
+async def _admitted(
+    batcher: DynamicBatcher[TextItem, tuple[Array, int]],
+    items: list[TextItem],
+    field: str,
+    refund: Callable[[], None] | None,
+) -> list[tuple[Array, int]]:
+    """``batcher.submit_many(items)``; a request it refused before queuing anything (a full queue, a wait
+    past the timeout, more items than the queue holds), or an unload refused, gets its tokens back
+    (``refund``): nothing of it ran, and the refusal was not its key's doing."""
+    queued = False
+
+    def on_queued() -> None:
+        nonlocal queued
+        queued = True
+
+    try:
+        return await batcher.submit_many(items, field=field, on_queued=on_queued)
+    except (OverloadError, InputError) as exc:
+        if refund is not None and (not queued or isinstance(exc, OverloadError)):
+            refund()
+        raise
 
 
 def _chars(texts: object) -> int:

@@ -82,6 +82,8 @@ PLAN_WINDOW = 2
 #: COMPANY_SHARE
 ARRIVAL_SMOOTHING = 0.25
 COMPANY_SHARE = 0.5
+#: seconds the measured full-batch pace counts for admission by time after it was last measured
+ESTIMATE_TTL_S = 60.0
 #: upper bounds (seconds) of the queue- and inference-time histograms of /metrics (api.metrics),
 #: counted into as each batch is answered: a histogram of raw samples kept until the next scrape lost
 #: every sample past 10,000 (12,000 texts between two scrapes counted 1,984)
@@ -230,6 +232,7 @@ class DynamicBatcher(Generic[Item, Result]):
         #: seconds an item took in batches at least half full (as a deep queue runs), smoothed; None
         #: until one ran: admission by time (:meth:`_wait_estimate`) waits for the measurement
         self._item_seconds: float | None = None
+        self._item_measured = 0.0  #: when it was last measured (the batcher's clock)
         #: the share of items that came within max_delay_s of the one before, smoothed (None
         #: before the second item); guarded by _cond
         self._close_arrivals: float | None = None
@@ -287,7 +290,12 @@ class DynamicBatcher(Generic[Item, Result]):
         return (await self.submit_many([item], timeout_s=timeout_s))[0]
 
     async def submit_many(
-        self, items: Sequence[Item], *, timeout_s: float | None = None, field: str = "input"
+        self,
+        items: Sequence[Item],
+        *,
+        timeout_s: float | None = None,
+        field: str = "input",
+        on_queued: Callable[[], None] | None = None,
     ) -> list[Result]:
         """Queue the items of one request, all or none; return their results in order.
 
@@ -296,6 +304,7 @@ class DynamicBatcher(Generic[Item, Result]):
         behind to compute).  When one item fails (its batch's error, a timeout, a stop), or the
         caller is cancelled (the client went away), the request's items still queued are
         withdrawn and never run; the error (or the cancellation) goes on to the caller.
+        ``on_queued`` is called once the items are queued (an error before it: nothing of the request ran).
         """
         if self._loop is None:
             raise RuntimeError("DynamicBatcher.start() was not called")
@@ -325,7 +334,8 @@ class DynamicBatcher(Generic[Item, Result]):
             if self._stopping or self._draining:  # a model being unloaded or replaced: it takes no more
                 raise OverloadError(f"model {self.name!r} is being unloaded; retry later", 1.0)
             full = len(self._pending) + len(entries) > self.queue_limit
-            late = None if full else self._wait_estimate(len(self._pending) + len(entries))
+            # only with items waiting ahead: a request on an empty queue runs first, whatever the estimate
+            late = None if full or not self._pending else self._wait_estimate(len(self._pending) + len(entries), now)
             if late is not None and late <= timeout:
                 late = None
             if not full and late is None:
@@ -353,6 +363,8 @@ class DynamicBatcher(Generic[Item, Result]):
                 retry_after=self._retry_after(),
             )
         self.stats.submitted += len(entries)
+        if on_queued is not None:  # admitted: an error from here on comes from running them (or a stop)
+            on_queued()
         futures = [e.future for e in entries]
         try:
             _done, waiting = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
@@ -412,10 +424,12 @@ class DynamicBatcher(Generic[Item, Result]):
             if not entry.future.done():
                 entry.future.cancel()
 
-    def _wait_estimate(self, items: int) -> float | None:
+    def _wait_estimate(self, items: int, now: float) -> float | None:
         """Seconds until the last of ``items`` queued items is answered, at the measured full-batch
-        pace (under the lock); None before a batch at least half full ran."""
-        if self._item_seconds is None:
+        pace (under the lock); None before a batch at least half full ran, or when none has for
+        :data:`ESTIMATE_TTL_S` (a slow warm-up batch, say, must not refuse requests for good: the
+        large requests that would measure the pace again are the ones refused)."""
+        if self._item_seconds is None or now - self._item_measured > ESTIMATE_TTL_S:
             return None
         return items * self._item_seconds / self.workers
 
@@ -606,6 +620,7 @@ class DynamicBatcher(Generic[Item, Result]):
             per_item = max(elapsed, 0.0) / len(batch)
             last = self._item_seconds
             self._item_seconds = per_item if last is None else 0.8 * last + 0.2 * per_item
+            self._item_measured = start + elapsed
         stats.batches += 1
         stats.rows += rows
         stats.inference_seconds += elapsed

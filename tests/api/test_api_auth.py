@@ -437,3 +437,22 @@ def test_the_servers_tokens_per_minute_holds_keys_without_their_own(client_facto
     assert r.status_code == 400 and "limit of 1 tokens per minute" in r.json()["error"]["message"]
     _, own = store.create(["infer"], tokens_per_minute=10_000)
     assert c.post("/v1/embeddings", headers=_h(own), json={"model": "minilm", "input": ["hello"]}).status_code == 200
+
+
+def test_a_request_the_server_refuses_gets_its_tokens_back(client_factory: Any, store: KeyStore) -> None:
+    """The tokens were taken before the batcher admitted the request: a full queue (or more texts than it
+    holds) spent them, and the key's next request got rate_limit_exceeded, "slow that key down", for the
+    server's refusal."""
+    c = client_factory(keys=store, queue_limit=2, max_inputs=2048)
+    _, probe = store.create(["infer"])
+    one = c.post("/v1/embeddings", headers=_h(probe), json={"model": "minilm", "input": ["a few words here"]})
+    tokens = one.json()["usage"]["prompt_tokens"]
+    _, key = store.create(["infer"], tokens_per_minute=3 * tokens)
+    three = {"model": "minilm", "input": ["a few words here"] * 3}
+    refused = c.post("/v1/embeddings", headers=_h(key), json=three)  # 3 texts, a queue of 2: never queued
+    assert refused.status_code == 400 and "queue_limit" in refused.text, refused.text
+    for _ in range(3):  # all three texts' worth still there
+        ok = c.post("/v1/embeddings", headers=_h(key), json={"model": "minilm", "input": ["a few words here"]})
+        assert ok.status_code == 200, ok.text
+    spent = c.post("/v1/embeddings", headers=_h(key), json={"model": "minilm", "input": ["a few words here"]})
+    assert spent.status_code == 429 and spent.json()["error"]["code"] == "rate_limit_exceeded"

@@ -663,16 +663,48 @@ def test_a_request_the_queue_would_keep_past_its_timeout_is_refused_at_once() ->
         )
         b.start()
         # before any full batch was timed nothing is refused by time: 11 items, 11 s, run
-        assert len(await b.submit_many(list(range(11)))) == 11
+        assert len(await b.submit_many(list(range(11)))) == 11  # and the pace is measured: 1 s an item
+        # on an empty queue a request runs first, whatever the estimate says (a slow warm-up batch
+        # refused every large request on an idle server)
+        assert len(await b.submit_many(list(range(12)))) == 12
+        gate = threading.Event()
+        original = b._run_batch
+
+        def held(items: list[object]) -> list[object]:
+            assert gate.wait(10)
+            return original(items)
+
+        b._run_batch = held  # type: ignore[method-assign]
+        running = asyncio.ensure_future(b.submit("running"))  # taken, held: the queue empties
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(b.submit("queued"))  # one item waiting ahead
+        await asyncio.sleep(0.05)
         ran = len(batches)
         with pytest.raises(
-            OverloadError, match=r"about 11 s .*past its timeout of 10 s \(request_timeout_s\)"
+            OverloadError, match=r"about 11 s \(1 items waiting ahead of its 10\), past its timeout of 10 s"
         ) as refused:
-            await b.submit_many([f"late{i}" for i in range(11)])
+            await b.submit_many([f"late{i}" for i in range(10)])
         assert refused.value.code == "server_busy" and refused.value.retry_after >= 1
-        assert len(batches) == ran and b.stats.queue_depth == 0 and b.stats.rejected == 11
-        assert len(await b.submit_many(list(range(10)))) == 10  # 10 s: within its timeout
-        assert len(await b.submit_many(list(range(11)), timeout_s=20.0)) == 11  # a longer timeout of its own
+        assert len(batches) == ran and b.stats.queue_depth == 1 and b.stats.rejected == 10
+        fits = asyncio.ensure_future(b.submit_many(list(range(6))))  # 1 + 6 items: 7 s, within
+        longer = asyncio.ensure_future(b.submit_many(list(range(11)), timeout_s=20.0))  # 1 + 6 + 11: its own 20 s
+        await asyncio.sleep(0.05)
+        assert b.stats.queue_depth == 18
+        gate.set()
+        assert [len(r) for r in await asyncio.gather(fits, longer)] == [6, 11]
+        await asyncio.gather(running, queued)
+        # a pace measured over a minute ago counts no more
+        gate.clear()
+        running = asyncio.ensure_future(b.submit("running", timeout_s=1000.0))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(b.submit("queued", timeout_s=1000.0))
+        await asyncio.sleep(0.05)
+        now[0] += 61.0
+        stale = asyncio.ensure_future(b.submit_many([f"x{i}" for i in range(30)], timeout_s=1000.0))
+        await asyncio.sleep(0.05)
+        assert b.stats.rejected == 10 and b.stats.queue_depth == 31
+        gate.set()
+        await asyncio.gather(running, queued, stale)
         await b.stop()
 
     run(main())
