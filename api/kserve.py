@@ -74,6 +74,8 @@ __all__ = [
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics"]
 TEXT_INPUT = "text"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: seconds an audit append may wait on another process's lock before readiness says not ready
+AUDIT_STALL_S = 5.0
 
 Req = Request[Any, Any, Any]
 KSERVE = "KServe v2"
@@ -173,8 +175,8 @@ async def health_live() -> Response[bytes]:
         tag=HEALTH,
         also={
             503: (
-                "No model is loaded yet, the audit log cannot be written (a full disk), or the service is "
-                "stopping (shutdown_drain_s).",
+                "No model is loaded yet, the audit log cannot be written (a full disk) or its append has waited "
+                "over 5 s (another process holding its lock), or the service is stopping (shutdown_drain_s).",
                 Ready,
             )
         },
@@ -185,8 +187,14 @@ async def health_ready(request: Req) -> Response[bytes]:
     audit = server.metrics.audit_stats
     # every request is refused with 503 while the audit log cannot be written: a load balancer must
     # send them elsewhere (it answered 200 while all 3,000 requests of a review got 503)
-    # and while it drains before a stop (shutdown_drain_s): a load balancer takes it out before the port closes
-    ready = bool(server.registry.loaded()) and not (audit is not None and audit().failing) and not server.draining
+    # and while it drains before a stop (shutdown_drain_s): a load balancer takes it out before the port closes;
+    # and while an append waits past AUDIT_STALL_S on another process's lock (a prune): every request waits
+    stats = audit() if audit is not None else None
+    ready = (
+        bool(server.registry.loaded())
+        and not (stats is not None and (stats.failing or stats.stalled_s > AUDIT_STALL_S))
+        and not server.draining
+    )
     return json_answer({"ready": ready}, status=200 if ready else 503)
 
 

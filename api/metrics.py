@@ -18,8 +18,8 @@ account, appliance.http_protocol), ``thread_cpu_seconds_total{thread}`` (this pr
 With the audit log on: ``audit_records_total``, ``audit_commit_seconds`` (a summary:
 ``_sum`` the commits' time, ``_count`` the commits, each one fsync, so records over
 commits is the group commit's size), ``audit_pending_records`` (requests waiting for
-their record to be durable), ``audit_up`` (0 while appends fail) and
-``audit_refused_records_total``.
+their record to be durable), ``audit_up`` (0 while appends fail),
+``audit_refused_records_total`` and ``audit_write_stalled_seconds`` (the append in progress).
 And the standard process series (as Prometheus' client libraries name them):
 ``process_cpu_seconds_total``, ``process_resident_memory_bytes``,
 ``process_open_fds``, ``process_max_fds``, ``process_start_time_seconds``, and
@@ -505,4 +505,9 @@ class Metrics:
             "were answered 503).",
             "# TYPE inferbox_audit_refused_records_total counter",
             f"inferbox_audit_refused_records_total {audit.refused}",
+            "# HELP inferbox_audit_write_stalled_seconds How long the audit append in progress has waited "
+            "(another process holding the database's write lock: a prune, a copy); 0 when none is under way. "
+            "Past 5 s /v2/health/ready says not ready: the requests wait on it.",
+            "# TYPE inferbox_audit_write_stalled_seconds gauge",
+            f"inferbox_audit_write_stalled_seconds {_num(audit.stalled_s)}",
         ]

@@ -43,13 +43,15 @@ logger = logging.getLogger(__name__)
 
 #: how often each worker writes its series
 WRITE_EVERY_S = 1.0
-#: gauges every worker reports alike (one value per model, not a share of the work): the largest
+#: gauges every worker reports alike (one value per model, not a share of the work): the largest; and
+#: the open files, which are held to each worker's own limit (process_max_fds): the worker nearest it
 SAME_IN_EVERY_WORKER = frozenset(
     {
         "inferbox_model_info",
         "inferbox_static_shapes",
         "inferbox_tls_certificate_expiry_timestamp_seconds",
         "inferbox_build_info",
+        "process_open_fds",
     }
 )
 #: gauges of a state each worker has on its own, where one worker's trouble is the service's: the least

@@ -108,6 +108,9 @@ class AuditStats(msgspec.Struct, frozen=True, kw_only=True):
     failing: bool = False
     #: records refused because an append failed, since the log opened (never goes down)
     refused: int = 0
+    #: seconds the append in progress has waited so far (another process holding the database's write
+    #: lock: a long prune, a copy): 0 when none is under way
+    stalled_s: float = 0.0
 
 
 @runtime_checkable

@@ -196,6 +196,8 @@ class AuditLog:
         #: the last append failed, and the records refused since it began to fail
         self._failing = False
         self._refused = 0
+        #: when the append in progress began (time.monotonic), None when none is (stats(): stalled_s)
+        self._writing_since: float | None = None
         #: records refused since the log opened (/metrics: a counter, kept when the log works again)
         self._refused_total = 0
         #: one item, a list of items (one event-loop iteration's records), or _STOP
@@ -356,7 +358,11 @@ class AuditLog:
         appends and are not counted here."""
         with self._handover_lock:
             pending = self._pending
-        return msgspec.structs.replace(self._stats, pending=pending, failing=self._failing, refused=self._refused_total)
+        since = self._writing_since
+        stalled = max(0.0, time.monotonic() - since) if since is not None else 0.0
+        return msgspec.structs.replace(
+            self._stats, pending=pending, failing=self._failing, refused=self._refused_total, stalled_s=stalled
+        )
 
     # -- synchronous API ---------------------------------------------------
 
@@ -597,6 +603,13 @@ class AuditLog:
 
     def _write_batch(self, events: list[AuditEvent]) -> list[int | AuditError]:
         """Append ``events`` in one transaction: each one's seq, or why that one was rejected."""
+        self._writing_since = time.monotonic()  # stats(): how long the requests have waited on it
+        try:
+            return self._write_batch_now(events)
+        finally:
+            self._writing_since = None
+
+    def _write_batch_now(self, events: list[AuditEvent]) -> list[int | AuditError]:
         with self._lock:
             conn = self._connection()
             started = time.perf_counter()

@@ -271,10 +271,13 @@ def test_the_process_series_an_sre_alerts_on_are_there_and_merge_sensibly() -> N
     assert values.get("process_max_fds") == (None if soft == resource.RLIM_INFINITY else soft)
     assert any(k.startswith('inferbox_build_info{version="') for k in values)
     assert "# TYPE process_cpu_seconds_total counter" in text and os.getpid() == me.pid
-    # two workers: memory and files add up, the start is the first one's, the build the same
+    # two workers: memory adds up; open files are each worker's against its own limit: the most; the
+    # start is the first one's, the build the same
     other = re.sub(r"(?m)^process_start_time_seconds .*$", "process_start_time_seconds 1", text)
+    other = re.sub(r"(?m)^process_open_fds .*$", "process_open_fds 4000", other)
     merged = {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in merge([text, other], []).splitlines()}
-    assert float(merged["process_open_fds"]) == 2 * values["process_open_fds"]
+    assert float(merged["process_open_fds"]) == 4000  # not the sum: open over max stays one worker's share
+    assert float(merged["process_resident_memory_bytes"]) == 2 * values["process_resident_memory_bytes"]
     assert merged["process_start_time_seconds"] == "1"
     assert [k for k in merged if k.startswith("inferbox_build_info")] and all(
         v == "1" for k, v in merged.items() if k.startswith("inferbox_build_info")

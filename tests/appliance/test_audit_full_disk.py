@@ -67,3 +67,49 @@ def test_a_log_that_cannot_be_written_makes_the_server_not_ready(
             assert "inferbox_audit_refused_records_total 5" in text  # a counter: it does not start again
     finally:
         log.close()
+
+
+def test_an_append_waiting_on_another_process_s_lock_makes_the_server_not_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prune (or any process) holding the audit database's write lock held every request for up to the
+    busy timeout (30 s) while readiness said 200 and /metrics showed nothing but a pending record."""
+    import threading
+
+    from api import kserve
+
+    monkeypatch.setattr(kserve, "AUDIT_STALL_S", 0.3)
+    log = AuditLog(
+        tmp_path / "audit.db",
+        signing_key=Ed25519PrivateKey.generate(),
+        digest_keys_dir=tmp_path / "d",
+        idle_poll_s=0.05,
+    )
+    log.start()
+    app = create_app(registry=make_registry([text_model(tmp_path)]), config=ApiConfig(auth=False), audit=log, keys=None)
+    body = {"model": "minilm", "input": "a"}
+    try:
+        with TestClient(app) as c:
+            assert c.post("/v1/embeddings", json=body).status_code == 200
+            other = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # another process's long write
+            answers: list[int] = []
+            waiting = threading.Thread(target=lambda: answers.append(c.post("/v1/embeddings", json=body).status_code))
+            waiting.start()
+            deadline = time.monotonic() + 10
+            while c.get("/v2/health/ready").status_code == 200:
+                assert time.monotonic() < deadline, "still ready while the append waits"
+                time.sleep(0.05)  # polling, not an assertion
+            stalled = [
+                line
+                for line in c.get("/metrics").text.splitlines()
+                if line.startswith("inferbox_audit_write_stalled_seconds ")
+            ]
+            assert float(stalled[0].split()[1]) > 0.3
+            other.execute("ROLLBACK")
+            other.close()
+            waiting.join(30)
+            assert answers == [200]  # it waited, then was answered: nothing refused
+            assert c.get("/v2/health/ready").status_code == 200
+    finally:
+        log.close()
