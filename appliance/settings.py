@@ -517,7 +517,29 @@ def queue_problem(settings: Settings) -> str | None:
 
 def setting_warnings(settings: Settings) -> list[str]:
     """Every combination of settings that starts but is worth a warning (serve's log, doctor)."""
-    return [p for p in (retention_problem(settings), queue_problem(settings)) if p is not None]
+    found = (retention_problem(settings), queue_problem(settings), shutdown_problem(settings))
+    return [p for p in found if p is not None]
+
+
+#: the API unit's TimeoutStopSec (appliance/systemd/inferbox-api.service): systemd's SIGKILL after it
+UNIT_STOP_TIMEOUT_S = 30.0
+
+
+def shutdown_problem(settings: Settings) -> str | None:
+    """A drain that does nothing (several workers), or a stop longer than the unit waits for."""
+    if settings.shutdown_drain_s > 0 and settings.workers > 1:
+        return (
+            f"shutdown_drain_s = {settings.shutdown_drain_s:g} does nothing with workers = {settings.workers}: "
+            "only one worker process drains before a stop"
+        )
+    longest = settings.shutdown_drain_s + math.ceil(settings.shutdown_timeout_s)
+    if longest >= UNIT_STOP_TIMEOUT_S:
+        return (
+            f"shutdown_drain_s + shutdown_timeout_s = {longest:g} s is not below the unit's TimeoutStopSec "
+            f"({UNIT_STOP_TIMEOUT_S:g} s): a slow stop is killed before the audit log's clean-shutdown "
+            "checkpoint; lower them, or raise TimeoutStopSec in a drop-in"
+        )
+    return None
 
 
 def _shown(value: float) -> str:

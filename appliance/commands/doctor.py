@@ -323,7 +323,11 @@ def storage_report(settings: Settings) -> dict[str, Any]:
     free, total = fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
     out.update(free_bytes=free, total_bytes=total, read_only=bool(fs.f_flag & os.ST_RDONLY))
     db = settings.audit_db
-    out["audit_db_bytes"] = sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.is_file())
+    try:
+        out["audit_db_bytes"] = sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.is_file())
+    except OSError as exc:  # a home this user cannot read (another user's, mode 0700)
+        out["audit_db_bytes"] = None
+        _warn(out, f"the audit log {db} cannot be read by this user ({exc.strerror})")
     if out["read_only"]:
         out["problem"] = (
             f"the file system of {settings.home} is mounted read-only: the audit log, keys and batch jobs cannot "
@@ -356,7 +360,8 @@ def _storage_lines(storage: dict[str, Any]) -> list[str]:
             f"  home:        {storage['home']}: {_size(storage['free_bytes'])} free of "
             f"{_size(storage['total_bytes'])}{ro}"
         )
-        lines.append(f"  audit log:   {_size(storage['audit_db_bytes'])}")
+        if storage["audit_db_bytes"] is not None:
+            lines.append(f"  audit log:   {_size(storage['audit_db_bytes'])}")
     if storage["warning"]:
         lines.append(f"  WARNING: {storage['warning']}")
     if storage["problem"]:

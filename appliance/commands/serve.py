@@ -339,7 +339,14 @@ class _NotifyingServer:
                     notify("READY=1")
 
             def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-                if sig != signal.SIGTERM or drain_s <= 0 or self.draining is not None or self.should_exit:
+                # no drain before the start finished (readiness never said 200) nor on a second signal
+                if (
+                    sig != signal.SIGTERM
+                    or drain_s <= 0
+                    or not self.started
+                    or self.draining is not None
+                    or self.should_exit
+                ):
                     if self.draining is not None:
                         self.draining.cancel()
                     super().handle_exit(sig, frame)

@@ -366,3 +366,20 @@ def test_storage_the_audit_log_needs_is_checked(
     assert said in result.output
     code, report = doctor_json("--home", str(home))
     assert code == exit_code and report["storage"]["free_bytes"] == free and report["ok"] is (exit_code == 0)
+
+
+def test_an_audit_log_this_user_cannot_read_is_a_warning_not_a_traceback(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = Path.is_file
+
+    def denied(self: Path) -> bool:
+        if self.name.startswith("audit.db"):
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    result = doctor("--home", str(home))
+    assert "Traceback" not in result.output and "cannot be read by this user (Permission denied)" in result.output
+    code, report = doctor_json("--home", str(home))
+    assert code == 0 and report["storage"]["audit_db_bytes"] is None and report["storage"]["problem"] is None

@@ -188,3 +188,20 @@ def test_retune_without_autotune_is_refused_and_keeps_the_cache(
     assert result.exit_code == 78
     assert "--retune re-times the autotune decisions, but autotune is off (default): add --autotune" in result.output
     assert cache.keys() == ["box:pkg:pref"]
+
+
+def test_a_drain_that_does_nothing_or_a_stop_longer_than_the_unit_waits_is_warned(tmp_path: Path) -> None:
+    """shutdown_drain_s did nothing with several workers, and drain + timeout past the unit's
+    TimeoutStopSec had systemd kill the stop before the audit log's clean-shutdown checkpoint: silently."""
+    from appliance.settings import UNIT_STOP_TIMEOUT_S
+
+    unit = (Path(__file__).resolve().parents[2] / "appliance" / "systemd" / "inferbox-api.service").read_text()
+    assert f"TimeoutStopSec={UNIT_STOP_TIMEOUT_S:g}s" in unit  # the number the warning is held to
+    env = {"HOME": str(tmp_path)}
+    (warning,) = setting_warnings(
+        load_settings(environ={**env, "INFERBOX_SHUTDOWN_DRAIN_S": "5", "INFERBOX_WORKERS": "2"})
+    )
+    assert "does nothing with workers = 2" in warning
+    (warning,) = setting_warnings(load_settings(environ={**env, "INFERBOX_SHUTDOWN_DRAIN_S": "15"}))
+    assert "= 35 s is not below the unit's TimeoutStopSec (30 s)" in warning
+    assert setting_warnings(load_settings(environ={**env, "INFERBOX_SHUTDOWN_DRAIN_S": "5"})) == []
