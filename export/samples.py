@@ -277,7 +277,11 @@ def sample_source(given: object, fallback: object, *, kind: str, other: str, mad
     if given is not None:
         return _described(given)
     if fallback is not None:
-        return f"{_described(fallback)} (the {other} samples: none were given for {kind})"
+        # one set for both: a static INT8 variant is checked on the rows it was calibrated on
+        return (
+            f"{_described(fallback)} (the {other} samples: none were given for {kind}; the calibrated INT8 "
+            "variants' gates are in-sample)"
+        )
     return made
 
 

@@ -79,9 +79,8 @@ def interface_changes(old: Manifest, new: Manifest) -> list[str]:
     return changes
 
 
-def newest_manifest(repository: Path, name: str, *, other_than: int | None = None) -> Manifest | None:
-    """The manifest of the newest version of ``name`` in ``repository`` that reads (``other_than``: not
-    that version), or None when there is none."""
+def newest_manifest(repository: Path, name: str) -> Manifest | None:
+    """The manifest of the newest version of ``name`` in ``repository`` that reads, or None when there is none."""
     from runtime.package import MANIFEST, list_versions
 
     try:
@@ -89,8 +88,6 @@ def newest_manifest(repository: Path, name: str, *, other_than: int | None = Non
     except (InferboxError, OSError):
         return None
     for version in sorted(versions, reverse=True):
-        if version == other_than:
-            continue
         path = Path(repository) / name / str(version) / MANIFEST
         try:
             manifest = decode_manifest(path.read_bytes(), where=str(path))
@@ -109,15 +106,15 @@ def check_new_interface(
     error: type[InferboxError],
     what: str,
     fix: str,
-    other_than: int | None = None,
 ) -> None:
     """Raise ``error`` when ``new`` changes the interface of the newest version of its name in
     ``repository`` (unless ``allowed``: ``--new-interface``).  ``what`` names the new version
-    (``"the new version"``), ``fix`` says what else to do than pass ``--new-interface``."""
+    (``"the new version"``), ``fix`` says what else to do than pass ``--new-interface``.  A version
+    older than the newest (an old one imported again) is not compared: it does not become what serves."""
     if allowed:
         return
-    old = newest_manifest(repository, new.name, other_than=other_than)
-    if old is None:
+    old = newest_manifest(repository, new.name)
+    if old is None or 0 < new.version < old.version:  # 0: an export's version, not known yet (the next)
         return
     changes = interface_changes(old, new)
     if changes:

@@ -128,3 +128,17 @@ def test_a_version_with_another_interface_landing_during_an_export_stops_it(tmp_
         export_model(spec)
     assert _versions(tmp_path, "mlp") == ["1", "2"]
     assert not any((repository / ".staging").iterdir())
+
+
+def test_an_older_version_imported_again_is_not_held_to_the_newest(tmp_path: Path) -> None:
+    """Importing version 1 beside a newer version 3 of another interface was refused, though version 1 never
+    becomes what the name serves (the check's reason)."""
+    build, serving = tmp_path / "build" / "models", tmp_path / "serving"
+    serving.mkdir(parents=True)
+    assert run(serving, "signing-key", "create").exit_code == 0
+    publish_embedder(build, "tinybert", version=1, dim=8)
+    publish_embedder(build, "tinybert", version=3, dim=16)
+    assert _import(serving, build / "tinybert" / "3").exit_code == 0
+    older = _import(serving, build / "tinybert" / "1")
+    assert older.exit_code == 0, older.output
+    assert _versions(serving, "tinybert") == ["1", "3"]

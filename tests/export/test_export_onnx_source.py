@@ -325,7 +325,8 @@ def test_the_report_says_whose_samples_decided_what_passed(
     )
     assert manifest.notes["calibration_source"] == "file mine.npz"
     assert (
-        manifest.notes["validation_source"] == "file mine.npz (the calibration samples: none were given for validation)"
+        manifest.notes["validation_source"] == "file mine.npz (the calibration samples: none were given for "
+        "validation; the calibrated INT8 variants' gates are in-sample)"
     )
     assert manifest.notes["validation_samples"] == "24"  # the file's rows, not 64 random ones
 
