@@ -116,7 +116,9 @@ def _os_problem(exc: OSError) -> str:
 
 
 def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    from runtime.logs import error_prefix
+
+    click.echo(f"{error_prefix()}error: {message}", err=True)
     sys.exit(2)
 
 

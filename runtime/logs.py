@@ -22,7 +22,16 @@ import traceback
 from types import TracebackType
 from typing import IO
 
-__all__ = ["FORMAT", "SHOWN_NAMES", "JournalFormatter", "OneLineFormatter", "configure", "one_line", "to_journal"]
+__all__ = [
+    "FORMAT",
+    "SHOWN_NAMES",
+    "JournalFormatter",
+    "OneLineFormatter",
+    "configure",
+    "error_prefix",
+    "one_line",
+    "to_journal",
+]
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: a logger's name as a line shows it
@@ -129,6 +138,13 @@ def to_journal(stream: IO[str] | None = None) -> bool:
     except (AttributeError, OSError, ValueError):
         return False
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def error_prefix() -> str:
+    """``<3>`` (the syslog priority err) when stderr is the journal, else nothing: for a command's own
+    ``error: ...`` line (a unit's fatal refusal went to the journal as info: ``journalctl -p err`` did
+    not show why the unit failed)."""
+    return f"<{_priority(logging.ERROR)}>" if to_journal() else ""
 
 
 def configure(level: int | str) -> None:

@@ -43,7 +43,9 @@ def refusal() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
+        from runtime.logs import error_prefix
+
+        click.echo(f"{error_prefix()}error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
 
 

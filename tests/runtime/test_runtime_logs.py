@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,23 @@ def test_under_systemd_each_line_carries_its_priority_for_the_journal(tmp_path: 
         stdin=subprocess.DEVNULL,
     )
     assert not any(line.startswith("<") for line in other.stderr.splitlines())
+
+
+def test_a_commands_fatal_error_line_carries_the_err_priority_under_systemd(tmp_path: Path) -> None:
+    """A unit's fatal refusal (a port in use, a bad setting) went to the journal as info: `journalctl -p err`
+    did not show why the unit failed."""
+    err = tmp_path / "stderr.txt"
+    err.touch()
+    st = err.stat()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERBOX_")}
+    with err.open("w") as stream:
+        done = subprocess.run(
+            [sys.executable, "-m", "appliance", "keys", "list", "--home", str(tmp_path / "no-such-home")],
+            stderr=stream,
+            cwd=ROOT,
+            env={**env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert err.read_text().startswith("<3>error: "), err.read_text()
