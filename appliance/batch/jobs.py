@@ -561,13 +561,7 @@ class JobStore:
             "WHERE j.state IN ('queued', 'running')",
             (now,),
         )
-        holders = self._rows(
-            "SELECT c.job_id, c.worker FROM batch_chunks c JOIN batch_jobs j ON j.job_id = c.job_id "
-            "WHERE j.state IN ('queued', 'running') AND c.state = 'leased' AND c.lease_until >= ? UNION ALL "
-            "SELECT job_id, claim_worker FROM batch_jobs WHERE state IN ('queued', 'running') "
-            "AND claim_worker IS NOT NULL AND claim_until >= ?",
-            (now, now),
-        )
+        holders = self._lease_holders(now)
         verdicts: dict[str, bool] = {}  # one question a worker
         held: dict[str, int] = {}
         lost: dict[str, list[str]] = {}
@@ -594,14 +588,23 @@ class JobStore:
         failed job's other chunks run to their end); a lease of a worker gone from this host is held by
         nobody (after a ``kill -9`` purge was refused until the lease ran out, 10 minutes, while
         ``batch status`` said the worker was gone)."""
-        now = self.clock()
-        rows = self._rows(
-            "SELECT worker FROM batch_chunks WHERE job_id = ? AND state = 'leased' AND lease_until >= ? "
-            "UNION ALL SELECT claim_worker FROM batch_jobs WHERE job_id = ? AND claim_worker IS NOT NULL "
-            "AND claim_until >= ?",
-            (job_id, now, job_id, now),
+        return sum(1 for r in self._lease_holders(self.clock(), job_id) if not gone(str(r["worker"] or "")))
+
+    def _lease_holders(self, now: float, job_id: str | None = None) -> list[dict[str, Any]]:
+        """``job_id`` and ``worker`` of every lease held at ``now`` (a chunk's, or a job's claim): of the
+        job ``job_id`` whatever its state, else of every unfinished job."""
+        params: tuple[object, ...]
+        if job_id is None:
+            jobs, params = "j.state IN ('queued', 'running')", (now, now)
+        else:
+            jobs, params = "j.job_id = ?", (job_id, now, job_id, now)
+        return self._rows(
+            "SELECT c.job_id, c.worker FROM batch_chunks c JOIN batch_jobs j ON j.job_id = c.job_id "  # noqa: S608
+            f"WHERE {jobs} AND c.state = 'leased' AND c.lease_until >= ? UNION ALL "
+            f"SELECT j.job_id, j.claim_worker FROM batch_jobs j WHERE {jobs} "
+            "AND j.claim_worker IS NOT NULL AND j.claim_until >= ?",
+            params,
         )
-        return sum(1 for r in rows if not gone(str(r["worker"])))
 
     def leased_workers(self) -> list[str]:
         """Workers holding a lease (of a chunk, or a claim of a job) now."""

@@ -212,15 +212,9 @@ def _old_private_key(path: Path) -> Ed25519PrivateKey | None:
 def _old_public_key(path: Path, retired: Path) -> Ed25519PublicKey:
     """The public half of the key at ``path``: from the key itself (whatever its mode: it is being
     replaced), else from ``<key>.pub``."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    try:
-        private = serialization.load_pem_private_key(path.read_bytes()[: 1 << 14], password=None)
-        if isinstance(private, Ed25519PrivateKey):
-            return private.public_key()
-    except (OSError, ValueError, TypeError):
-        pass
+    private = _old_private_key(path)
+    if private is not None:
+        return private.public_key()
     pub = public_key_path(path)
     try:
         return load_public_key(pub)

@@ -379,6 +379,7 @@ def test_remove_records_first_and_takes_the_version_out(boxes: dict[str, Path]) 
     assert not (build / "models" / "mlp").exists()  # no empty model folder left
     no_leftovers(build)
     assert "no packages" in run(build, "models", "list").output
+    assert run(build, "audit", "verify").exit_code == 0
 
 
 def test_removing_the_newest_version_says_how_a_running_server_rolls_back(boxes: dict[str, Path]) -> None:
