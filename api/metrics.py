@@ -79,6 +79,22 @@ def _labels(pairs: Sequence[tuple[str, str]]) -> str:
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in pairs) + "}"
 
 
+def _time_histograms(
+    name: str, retired: Mapping[str, Histogram], batchers: Mapping[str, Sequence[BatchStats]], kind: str
+) -> list[str]:
+    """The ``name`` histogram per model: the gone batchers' counts (``retired``) and the running ones'
+    ``<kind>_buckets`` / ``<kind>_seconds``."""
+    out: list[str] = []
+    for model in sorted({*retired, *batchers}):
+        h = Histogram(LATENCY_BUCKETS)
+        if model in retired:
+            h.merge(retired[model])
+        for stats in batchers.get(model, ()):
+            h.add(getattr(stats, f"{kind}_buckets"), getattr(stats, f"{kind}_seconds"))
+        out += h.lines(name, [("model", model)])
+    return out
+
+
 @functools.cache
 def _version() -> str:
     """The installed inferbox's version ("unknown" when run from a tree not installed)."""
@@ -294,24 +310,12 @@ class Metrics:
                 "item: a text of a text request, or a tensor request).",
                 "# TYPE inferbox_queue_seconds histogram",
             ]
-            for model in sorted({*self.retired_queue, *batchers}):
-                h = Histogram(LATENCY_BUCKETS)
-                if model in self.retired_queue:
-                    h.merge(self.retired_queue[model])
-                for stats in batchers.get(model, ()):
-                    h.add(stats.queue_buckets, stats.queue_seconds)
-                out += h.lines("inferbox_queue_seconds", [("model", model)])
+            out += _time_histograms("inferbox_queue_seconds", self.retired_queue, batchers, "queue")
             out += [
                 "# HELP inferbox_inference_seconds Time one batch spent in the session.",
                 "# TYPE inferbox_inference_seconds histogram",
             ]
-            for model in sorted({*self.retired_inference, *batchers}):
-                h = Histogram(LATENCY_BUCKETS)
-                if model in self.retired_inference:
-                    h.merge(self.retired_inference[model])
-                for stats in batchers.get(model, ()):
-                    h.add(stats.inference_buckets, stats.inference_seconds)
-                out += h.lines("inferbox_inference_seconds", [("model", model)])
+            out += _time_histograms("inferbox_inference_seconds", self.retired_inference, batchers, "inference")
             out += ["# HELP inferbox_batch_size Rows per batch run.", "# TYPE inferbox_batch_size histogram"]
             for model in sorted({*self.retired_batch_sizes, *batchers}):
                 h = Histogram(BATCH_BUCKETS)
