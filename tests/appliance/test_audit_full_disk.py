@@ -20,9 +20,8 @@ from appliance.audit.log import AuditLog
 from tests.api.conftest import make_registry, text_model
 
 
-def test_a_log_that_cannot_be_written_makes_the_server_not_ready(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def _served_log(tmp_path: Path) -> tuple[AuditLog, Any]:
+    """A started audit log (its writer polling often) and an app that records into it."""
     log = AuditLog(
         tmp_path / "audit.db",
         signing_key=Ed25519PrivateKey.generate(),
@@ -31,6 +30,13 @@ def test_a_log_that_cannot_be_written_makes_the_server_not_ready(
     )
     log.start()
     app = create_app(registry=make_registry([text_model(tmp_path)]), config=ApiConfig(auth=False), audit=log, keys=None)
+    return log, app
+
+
+def test_a_log_that_cannot_be_written_makes_the_server_not_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    log, app = _served_log(tmp_path)
     body = {"model": "minilm", "input": "a"}
     try:
         with TestClient(app) as c:
@@ -79,14 +85,7 @@ def test_an_append_waiting_on_another_process_s_lock_makes_the_server_not_ready(
     from api import kserve
 
     monkeypatch.setattr(kserve, "AUDIT_STALL_S", 0.3)
-    log = AuditLog(
-        tmp_path / "audit.db",
-        signing_key=Ed25519PrivateKey.generate(),
-        digest_keys_dir=tmp_path / "d",
-        idle_poll_s=0.05,
-    )
-    log.start()
-    app = create_app(registry=make_registry([text_model(tmp_path)]), config=ApiConfig(auth=False), audit=log, keys=None)
+    log, app = _served_log(tmp_path)
     body = {"model": "minilm", "input": "a"}
     try:
         with TestClient(app) as c:
