@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import ssl
 import sys
 import tempfile
@@ -48,9 +49,27 @@ def worker_ssl_context(_config: Any, default: Callable[[], ssl.SSLContext]) -> s
         raise SystemExit(3) from None
 
 
-def run_workers(options: dict[str, Any], *, deadlines: dict[str, float] | None = None) -> None:
+def _how_it_ended(exitcode: int | None) -> str:
+    """A process's end in words: ``killed by SIGKILL``, ``exit code 1``."""
+    if exitcode is None:
+        return "end unknown"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def run_workers(
+    options: dict[str, Any],
+    *,
+    deadlines: dict[str, float] | None = None,
+    on_listening: Callable[[], None] | None = None,
+) -> None:
     """Serve ``appliance.server:app_factory`` in ``options["workers"]`` processes (uvicorn options;
-    ``deadlines``: :func:`appliance.http_protocol.configure`'s)."""
+    ``deadlines``: :func:`appliance.http_protocol.configure`'s; ``on_listening``: called once the socket
+    is bound, before the workers start)."""
     from uvicorn import Config
     from uvicorn.supervisors.multiprocess import Multiprocess
 
@@ -59,6 +78,23 @@ def run_workers(options: dict[str, Any], *, deadlines: dict[str, float] | None =
 
     class Supervisor(Multiprocess):
         stopped_by_signal = False
+        restarts = 0
+
+        def keep_subprocess_alive(self) -> None:
+            # uvicorn starts another worker in a dead one's place and says so at INFO ("Child process
+            # died"): a worker killed again and again (out of memory) went unseen in the journal
+            before = list(self.processes)
+            super().keep_subprocess_alive()
+            for old, new in zip(before, self.processes, strict=False):
+                if new is not old:
+                    self.restarts += 1
+                    log.warning(
+                        "worker process %s died (%s); started %s in its place (%d since the service started)",
+                        old.pid,
+                        _how_it_ended(old.exitcode),
+                        new.pid,
+                        self.restarts,
+                    )
 
         def handle_int(self) -> None:
             self.stopped_by_signal = True
@@ -88,6 +124,8 @@ def run_workers(options: dict[str, Any], *, deadlines: dict[str, float] | None =
     os.environ[METRICS_DIR_ENV] = metrics
     try:
         sock = config.bind_socket()
+        if on_listening is not None:
+            on_listening()
         supervisor = Supervisor(config, sockets=[sock])
         supervisor.run()
     finally:

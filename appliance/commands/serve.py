@@ -162,6 +162,7 @@ def serve(
                 **tls_options,
             },
             deadlines=deadlines,
+            on_listening=lambda: click.echo(f"inferbox serving on {_url(settings, tls)}", err=True),
         )
         return
 
@@ -191,14 +192,13 @@ def serve(
         **tls_options,
     )
     configure_deadlines(config, **deadlines)
-    scheme = "http" if tls is None else "https"
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = _url(settings, tls)
     server = _NotifyingServer(
         config,
         drain_s=settings.shutdown_drain_s,
         on_drain=_draining(app),
         # once the socket listens (it was printed before the bind, also when the bind then failed)
-        on_ready=lambda: click.echo(f"inferbox serving on {scheme}://{host}:{settings.port}", err=True),
+        on_ready=lambda: click.echo(f"inferbox serving on {url}", err=True),
     )
     # uvicorn raises the Ctrl-C again after its clean shutdown: a stop asked for, not click's "Aborted!"
     # and exit 1 (which `make run` reported as an error)
@@ -298,6 +298,12 @@ def _hand_over_admin_key(keys_dir: Path, key_id: str, secret: str) -> None:
         f"created the first admin key (id {key_id}) in {path} (mode 0600): read it, then delete the file. {hint}",
         err=True,
     )
+
+
+def _url(settings: Settings, tls: Any) -> str:
+    """Where the API listens, as a client writes it."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{'http' if tls is None else 'https'}://{host}:{settings.port}"
 
 
 def _draining(app: Any) -> Callable[[], None]:

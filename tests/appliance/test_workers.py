@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -37,10 +38,10 @@ def _read_until(proc: subprocess.Popen[bytes], marker: bytes, seen: bytes, deadl
     return seen
 
 
-def _run(tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _run(tmp_path: Path, env: dict[str, str], run: str = RUN) -> subprocess.Popen[bytes]:
     full = {**os.environ, "PYTHONPATH": str(ROOT), "INFERBOX_HOME": str(tmp_path / "home"), **env}
     return subprocess.Popen(
-        [sys.executable, "-c", RUN, "0"],  # port 0: the kernel's free port, no race with another test
+        [sys.executable, "-c", run, "0"],  # port 0: the kernel's free port, no race with another test
         env=full,
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -106,3 +107,30 @@ def test_a_worker_that_cannot_load_the_tls_files_stops_the_service(
     assert proc.returncode == 1, out[-3000:]
     assert "could not load the TLS certificate and key" in out and out.count("Child process") < 6
     assert "failed to start, stopping the parent process" in out  # uvicorn's reading of exit 3
+
+
+def test_a_worker_that_dies_is_a_warning_naming_how(tmp_path: Path) -> None:
+    """uvicorn starts another worker in a dead one's place and said so at INFO ("Child process died"):
+    a worker killed again and again (out of memory) went unseen at `journalctl -p warning`."""
+    import psutil
+
+    (tmp_path / "repo").mkdir()
+    proc = _run(
+        tmp_path,
+        {"INFERBOX_REPOSITORY": str(tmp_path / "repo"), "INFERBOX_AUDIT": "false", "INFERBOX_AUTH": "false"},
+        "from runtime.logs import configure\nconfigure('info')\n" + RUN,  # serve's log format
+    )
+    try:
+        deadline = time.monotonic() + 120
+        seen = _read_until(proc, b"Application startup complete", b"", deadline)
+        started = [int(p) for p in re.findall(rb"Started server process \[(\d+)\]", seen)]
+        victim = next(c.pid for c in psutil.Process(proc.pid).children() if c.pid in started)
+        os.kill(victim, signal.SIGKILL)
+        seen = _read_until(proc, f"worker process {victim} died (killed by SIGKILL)".encode(), seen, deadline)
+        assert b"WARNING" in seen.split(f"worker process {victim} died".encode())[0].rsplit(b"\n", 1)[-1]
+        assert b"(1 since the service started)" in seen
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
