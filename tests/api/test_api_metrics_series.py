@@ -282,3 +282,21 @@ def test_the_process_series_an_sre_alerts_on_are_there_and_merge_sensibly() -> N
     assert [k for k in merged if k.startswith("inferbox_build_info")] and all(
         v == "1" for k, v in merged.items() if k.startswith("inferbox_build_info")
     )
+
+
+def test_the_shipped_alert_rules_use_only_series_the_server_writes() -> None:
+    """docs/prometheus-alerts.yml (an SRE's rules, checked against a real Prometheus in review): a series
+    renamed or dropped would leave an alert that never fires, silently."""
+    from pathlib import Path
+
+    import yaml
+
+    rules = yaml.safe_load((Path(__file__).resolve().parents[2] / "docs" / "prometheus-alerts.yml").read_text())
+    families = set(_every_family()) | {"process_max_fds"}  # written when the process has a file limit
+    used: set[str] = set()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            assert rule["alert"].startswith("Inferbox") and rule["expr"].strip()
+            for name in re.findall(r"\b((?:inferbox|process)_[a-z_]+)", rule["expr"]):
+                used.add(re.sub(r"_(bucket|sum|count)$", "", name))
+    assert used and used <= families, sorted(used - families)
