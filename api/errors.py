@@ -213,6 +213,9 @@ def _handle(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     code: str | bool | None = True if known else None
     if isinstance(exc, OverloadError):  # the key's limit, or the server's queue: the client acts otherwise
         code = exc.code
+        server = request.app.state.get("server")
+        if server is not None:
+            server.metrics.request_refused(exc.code)
     body = error_body(request.url.path, status, message, param, code=code)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 

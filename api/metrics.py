@@ -45,7 +45,10 @@ if TYPE_CHECKING:
 
     from runtime.serving import LoadedModel
 
-__all__ = ["CONTENT_TYPE", "Histogram", "Metrics", "ModelInfo"]
+__all__ = ["CONTENT_TYPE", "REFUSAL_CODES", "Histogram", "Metrics", "ModelInfo"]
+
+#: the codes of a 429 (runtime.errors.OverloadError.code)
+REFUSAL_CODES = ("rate_limit_exceeded", "server_busy")
 
 logger = logging.getLogger(__name__)
 
@@ -199,6 +202,8 @@ class Metrics:
         #: connections the HTTP server closed on a client's account, by reason (None: not told)
         self.connection_closes = connection_closes
         self.requests: dict[tuple[str, str, str], int] = {}
+        #: 429 answers by their code (both codes written from 0: an alert's rate() sees the first burst)
+        self.refused: dict[str, int] = dict.fromkeys(REFUSAL_CODES, 0)
         self.durations: dict[str, Histogram] = {}
         #: queue and inference times, by model label, of the batchers that are gone (as the batch sizes)
         self.retired_queue: dict[str, Histogram] = {}
@@ -217,6 +222,12 @@ class Metrics:
     def request_started(self) -> None:
         with self._lock:
             self.in_flight += 1
+
+    def request_refused(self, code: str) -> None:
+        """One request answered 429, by ``code``: ``rate_limit_exceeded`` (its key's limit: that client
+        slows down) or ``server_busy`` (the server's queue: capacity is short)."""
+        with self._lock:
+            self.refused[code] = self.refused.get(code, 0) + 1
 
     def request_finished(
         self,
@@ -294,6 +305,16 @@ class Metrics:
                 out.append(
                     f"inferbox_requests_total{_labels([('model', model), ('route', route), ('status', status)])} {n}"
                 )
+            out += [
+                "# HELP inferbox_refused_requests_total Requests answered 429, by code: rate_limit_exceeded (a "
+                "key's limit of requests or tokens: that client slows down), server_busy (the queue full, or too "
+                "far behind for the request's timeout, or a model being unloaded: capacity is short).",
+                "# TYPE inferbox_refused_requests_total counter",
+                *(
+                    f"inferbox_refused_requests_total{_labels([('code', k)])} {n}"
+                    for k, n in sorted(self.refused.items())
+                ),
+            ]
             out += [
                 "# HELP inferbox_request_duration_seconds Request latency by route.",
                 "# TYPE inferbox_request_duration_seconds histogram",

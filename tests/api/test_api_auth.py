@@ -392,6 +392,10 @@ def test_a_keys_rate_limit_and_a_full_queue_are_told_apart(
     busy = c.post("/v1/embeddings", headers=_h(b), json={"model": "minilm", "input": ["a"]})
     assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy", busy.text
     assert busy.headers["retry-after"] == "2"
+    # and /metrics tells them apart (one requests_total{status="429"} series held both)
+    lines = c.get("/metrics").text.splitlines()
+    assert 'inferbox_refused_requests_total{code="rate_limit_exceeded"} 1' in lines
+    assert 'inferbox_refused_requests_total{code="server_busy"} 1' in lines
 
 
 def test_a_keys_tokens_per_minute_limit_counts_the_tokens_its_texts_bring(
