@@ -185,10 +185,10 @@ def test_a_rotation_is_recorded_and_one_bundle_of_public_keys_verifies_an_export
 # and the rotation signs a format 3 checkpoint with the new key that retires the old ones.
 
 
-def _event(action: str) -> AuditEvent:
+def _event(action: str, event: str = "config", details: dict[str, str] | None = None) -> AuditEvent:
     now = utc_iso()
     return AuditEvent(
-        event="config",
+        event=event,
         action=action,
         actor="test",
         origin="test",
@@ -196,6 +196,7 @@ def _event(action: str) -> AuditEvent:
         status=0,
         started_at=now,
         ended_at=now,
+        details=details or {},
     )
 
 
@@ -373,20 +374,8 @@ def test_a_rotation_recorded_before_this_rule_keeps_the_old_keys_checkpoints(tmp
     old_key = load_private_key(home / "keys" / "signing.key")
     new_key = generate_private_key()
     with AuditLog(home / "audit.db", signing_key=new_key, digest_keys_dir=home / "keys" / "digest") as log:
-        now = utc_iso()
-        log.append(
-            AuditEvent(
-                event="signing_key_rotate",
-                action="inferbox signing-key create --force",
-                actor="cli:test",
-                origin="test",
-                outcome="success",
-                status=0,
-                started_at=now,
-                ended_at=now,
-                details={"key_id": key_id(new_key), "retired_key_id": old_id},
-            )
-        )
+        details = {"key_id": key_id(new_key), "retired_key_id": old_id}
+        log.append(_event("inferbox signing-key create --force", "signing_key_rotate", details))
     _forge(home, old_key, "the old service, before its restart")
     report = verify_db(home / "audit.db", [old_key.public_key(), new_key.public_key()])
     assert report.ok, report.problems

