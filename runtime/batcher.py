@@ -334,10 +334,10 @@ class DynamicBatcher(Generic[Item, Result]):
             if self._stopping or self._draining:  # a model being unloaded or replaced: it takes no more
                 raise OverloadError(f"model {self.name!r} is being unloaded; retry later", 1.0)
             full = len(self._pending) + len(entries) > self.queue_limit
-            # only with items waiting ahead: a request on an empty queue runs first, whatever the estimate
-            late = None if full or not self._pending else self._wait_estimate(len(self._pending) + len(entries), now)
-            if late is not None and late <= timeout:
-                late = None
+            late: float | None = None  # the estimated wait, when it is past the request's timeout
+            if not full and self._pending:  # items waiting ahead: on an empty queue a request runs first
+                wait = self._wait_estimate(len(self._pending) + len(entries), now)
+                late = wait if wait is not None and wait > timeout else None
             if not full and late is None:
                 for entry in entries:
                     self._arrived(now)
