@@ -425,6 +425,8 @@ async def _admitted(
     """``batcher.submit_many(items)``; a request it refused before queuing anything (a full queue, a wait
     past the timeout, more items than the queue holds), or an unload refused, gets its tokens back
     (``refund``): nothing of it ran, and the refusal was not its key's doing."""
+    if refund is None:  # a key without a token limit: nothing to give back
+        return await batcher.submit_many(items, field=field)
     queued = False
 
     def on_queued() -> None:
@@ -434,7 +436,7 @@ async def _admitted(
     try:
         return await batcher.submit_many(items, field=field, on_queued=on_queued)
     except (OverloadError, InputError) as exc:
-        if refund is not None and (not queued or isinstance(exc, OverloadError)):
+        if not queued or isinstance(exc, OverloadError):
             refund()
         raise
 
